@@ -1,0 +1,14 @@
+//! fleetcast's wire contract, version 1: every event, the subject and bucket names, the signed
+//! release manifest, and the two encodings. It knows nothing of NATS or tokio, so every service
+//! (and any outside tool) can depend on it without pulling in a transport.
+
+pub mod codec;
+pub mod keys;
+pub mod manifest;
+pub mod names;
+pub mod schema;
+pub mod v1;
+
+pub use codec::{CONTENT_TYPE, DecodeError, Encoding};
+pub use keys::{KeyError, PublicKey, SecretKey, TrustedKeys};
+pub use manifest::{FileEntry, Manifest, SignedManifest, TrustError, VerifiedManifest};

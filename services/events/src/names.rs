@@ -1,0 +1,111 @@
+//! Every subject, stream, consumer, bucket and key name in one place. Subjects are versioned
+//! (`fleetcast.v1.…`) so a v2 can run beside v1 during an upgrade of fleetcast itself.
+
+/// CI announces a release whose archive it uploaded to the incoming store (JSON).
+pub const RELEASE_PUBLISHED: &str = "fleetcast.v1.release.published";
+/// The watcher validated an archive and put it in the incoming store.
+pub const PACKAGE_DETECTED: &str = "fleetcast.v1.package.detected";
+/// The watcher refused an archive (from the drop folder or from CI).
+pub const PACKAGE_REJECTED: &str = "fleetcast.v1.package.rejected";
+/// The signer signed the release's file manifest.
+pub const RELEASE_SIGNED: &str = "fleetcast.v1.release.signed";
+/// The signer or the distributor refused a release.
+pub const RELEASE_REJECTED: &str = "fleetcast.v1.release.rejected";
+/// The distributor stored every chunk and the chunk index: the release can be announced.
+pub const RELEASE_STORED: &str = "fleetcast.v1.release.stored";
+
+/// Stream holding the release pipeline's events (published, detected, signed, stored, rejected).
+pub const RELEASES_STREAM: &str = "FLEETCAST_RELEASES";
+pub const RELEASES_STREAM_SUBJECTS: [&str; 2] =
+    ["fleetcast.v1.release.>", "fleetcast.v1.package.>"];
+
+/// Stream of content-addressed chunks: one subject per chunk, at most one message per subject,
+/// read with direct get so a fetch never creates a consumer on the server.
+pub const CHUNKS_STREAM: &str = "FLEETCAST_CHUNKS";
+pub const CHUNK_SUBJECT_PREFIX: &str = "fleetcast.v1.chunk.";
+
+/// Stream of agent status and heartbeats, kept for a limited age.
+pub const STATUS_STREAM: &str = "FLEETCAST_STATUS";
+pub const STATUS_STREAM_SUBJECTS: [&str; 1] = ["fleetcast.v1.agent.>"];
+
+/// Archives waiting to be signed and chunked (object store).
+pub const INCOMING_BUCKET: &str = "fleetcast-incoming";
+/// Release records: state of every app+version through the pipeline, with its signed manifest.
+pub const RELEASES_BUCKET: &str = "fleetcast-releases";
+/// Chunk index of every stored release (transport data, checked against the signed manifest).
+pub const INDEX_BUCKET: &str = "fleetcast-index";
+/// The signer's own memory: last version signed per app (the "strictly newer" policy).
+pub const SIGNER_BUCKET: &str = "fleetcast-signer";
+/// Desired version per app and ring, watched by agents.
+pub const DESIRED_BUCKET: &str = "fleetcast-desired";
+
+/// Durable consumers: one name per role, so several instances of a role share the work.
+pub const WATCHER_CONSUMER: &str = "watcher";
+pub const SIGNER_CONSUMER: &str = "signer";
+pub const DISTRIBUTOR_CONSUMER: &str = "distributor";
+
+/// Subject of one chunk, named by the hex BLAKE3 of its uncompressed content.
+pub fn chunk_subject(chunk_hex: &str) -> String {
+    format!("{CHUNK_SUBJECT_PREFIX}{chunk_hex}")
+}
+
+pub fn agent_status_subject(agent_id: &str) -> String {
+    format!("fleetcast.v1.agent.{agent_id}.status")
+}
+
+pub fn agent_heartbeat_subject(agent_id: &str) -> String {
+    format!("fleetcast.v1.agent.{agent_id}.heartbeat")
+}
+
+/// Key of a release in the releases and index buckets: `<app>.<version>`. KV keys may not hold
+/// `+`, which semver uses for build metadata, so it becomes `_` (never valid in semver).
+pub fn release_key(app: &str, version: &semver::Version) -> String {
+    format!("{app}.{}", version.to_string().replace('+', "_"))
+}
+
+/// Object name of a release's archive in the incoming store.
+pub fn archive_object(app: &str, version: &semver::Version) -> String {
+    format!("{app}-{version}.zip")
+}
+
+pub fn desired_key(app: &str, ring: &str) -> String {
+    format!("{app}.{ring}")
+}
+
+/// App names are used in subjects, keys and file names, so they are kept to a safe alphabet.
+pub fn validate_app_name(app: &str) -> Result<(), String> {
+    let ok_len = (1..=64).contains(&app.len());
+    let mut chars = app.chars();
+    let ok_first = chars
+        .next()
+        .is_some_and(|c| c.is_ascii_lowercase() || c.is_ascii_digit());
+    let ok_rest = app
+        .chars()
+        .all(|c| c.is_ascii_lowercase() || c.is_ascii_digit() || c == '-' || c == '_');
+    if ok_len && ok_first && ok_rest {
+        Ok(())
+    } else {
+        Err(format!(
+            "app name {app:?} must be 1-64 characters of a-z, 0-9, '-' and '_', starting with a letter or digit"
+        ))
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn release_key_escapes_build_metadata() {
+        let v = semver::Version::parse("1.2.3-rc.1+build.5").expect("valid");
+        assert_eq!(release_key("collector", &v), "collector.1.2.3-rc.1_build.5");
+    }
+
+    #[test]
+    fn app_names() {
+        assert!(validate_app_name("collector-2").is_ok());
+        for bad in ["", "-x", "Upper", "a.b", "a b", "a>", &"x".repeat(65)] {
+            assert!(validate_app_name(bad).is_err(), "{bad:?} accepted");
+        }
+    }
+}

@@ -1,0 +1,278 @@
+//! Version 1 of every event and stored record. Field names are the contract: add optional fields,
+//! never rename; a breaking change is a `v2` module with its own subjects.
+
+use schemars::JsonSchema;
+use semver::Version;
+use serde::{Deserialize, Serialize};
+use time::OffsetDateTime;
+
+use crate::manifest::SignedManifest;
+
+/// Published by CI (`fleetcast publish`) after uploading the archive to the incoming store. JSON.
+#[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize, JsonSchema)]
+#[serde(deny_unknown_fields)]
+pub struct ReleasePublished {
+    pub app: String,
+    #[schemars(with = "String")]
+    pub version: Version,
+    /// Name of the archive in the incoming object store.
+    pub object: String,
+    pub size: u64,
+    /// BLAKE3 of the whole archive, hex: the watcher refuses an object that does not match.
+    pub blake3: String,
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub published_by: Option<String>,
+}
+
+/// Where a package came from.
+#[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize, JsonSchema)]
+#[serde(tag = "kind", rename_all = "snake_case")]
+pub enum PackageSource {
+    /// Dropped into the watched folder as `file`.
+    DropFolder { file: String },
+    /// Published by CI as a `release.published` event.
+    Ci {
+        #[serde(default, skip_serializing_if = "Option::is_none")]
+        published_by: Option<String>,
+    },
+}
+
+/// The watcher validated an archive and stored it as `object` in the incoming store.
+#[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize, JsonSchema)]
+#[serde(deny_unknown_fields)]
+pub struct PackageDetected {
+    pub app: String,
+    #[schemars(with = "String")]
+    pub version: Version,
+    pub object: String,
+    pub size: u64,
+    pub blake3: String,
+    pub source: PackageSource,
+}
+
+/// Why something was refused: a stable code for machines, a precise message for people.
+#[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize, JsonSchema)]
+#[serde(deny_unknown_fields)]
+pub struct Rejection {
+    pub code: RejectCode,
+    pub message: String,
+}
+
+#[derive(Debug, Clone, Copy, PartialEq, Eq, Serialize, Deserialize, JsonSchema)]
+#[serde(rename_all = "snake_case")]
+pub enum RejectCode {
+    /// File name is not `NAME-VERSION.zip` with a semver version, or the app name is unsafe.
+    InvalidName,
+    /// Not a readable zip: corrupt, truncated, or an entry whose data does not match its header.
+    CorruptArchive,
+    /// An entry path with `..` components.
+    PathTraversal,
+    /// An entry path that is absolute.
+    AbsolutePath,
+    /// A symbolic link whose target leaves the package.
+    LinkOutsidePackage,
+    /// Two entries with the same path.
+    DuplicateEntry,
+    TooManyEntries,
+    /// Total or single-entry uncompressed size over the limit.
+    TooLarge,
+    /// Compression ratio over the limit (zip bomb).
+    CompressionRatio,
+    /// An event that does not decode or is not valid.
+    InvalidEvent,
+    /// The archive named by an event is missing or differs from what the event says.
+    ArchiveMismatch,
+    /// The version is not strictly newer than the last one signed for the app.
+    VersionNotNewer,
+    /// The app is not in the signer's list of known apps.
+    UnknownApp,
+    /// The signed manifest does not verify or does not match the archive.
+    ManifestMismatch,
+}
+
+/// The watcher refused a package. Nothing was stored for it.
+#[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize, JsonSchema)]
+#[serde(deny_unknown_fields)]
+pub struct PackageRejected {
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub app: Option<String>,
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    #[schemars(with = "Option<String>")]
+    pub version: Option<Version>,
+    pub source: PackageSource,
+    pub reason: Rejection,
+}
+
+/// The signer hashed every file and signed the manifest.
+#[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize, JsonSchema)]
+#[serde(deny_unknown_fields)]
+pub struct ReleaseSigned {
+    pub app: String,
+    #[schemars(with = "String")]
+    pub version: Version,
+    pub object: String,
+    /// BLAKE3 of the archive the signer read.
+    pub blake3: String,
+    pub manifest: SignedManifest,
+}
+
+/// A pipeline stage refused a release.
+#[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize, JsonSchema)]
+#[serde(deny_unknown_fields)]
+pub struct ReleaseRejected {
+    pub app: String,
+    #[schemars(with = "String")]
+    pub version: Version,
+    /// `signer` or `distributor`.
+    pub stage: String,
+    pub reason: Rejection,
+}
+
+/// Every chunk and the chunk index are stored: agents can fetch the release.
+#[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize, JsonSchema)]
+#[serde(deny_unknown_fields)]
+pub struct ReleaseStored {
+    pub app: String,
+    #[schemars(with = "String")]
+    pub version: Version,
+    pub files: u64,
+    /// Sum of the files' uncompressed sizes.
+    pub total_bytes: u64,
+    pub chunks: u64,
+    /// Chunks this release added to the store (the others were already there).
+    pub new_chunks: u64,
+    /// Compressed bytes this release added to the store.
+    pub new_stored_bytes: u64,
+    /// Key of the chunk index in the index bucket.
+    pub index_key: String,
+}
+
+/// A release's progress through the pipeline, as kept in the releases bucket.
+#[derive(Debug, Clone, Copy, PartialEq, Eq, Serialize, Deserialize, JsonSchema)]
+#[serde(rename_all = "snake_case")]
+pub enum ReleaseState {
+    Signed,
+    Stored,
+    Rejected,
+}
+
+/// Record of one app+version in the releases bucket (JSON, read by the CLI and the tracker).
+#[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize, JsonSchema)]
+#[serde(deny_unknown_fields)]
+pub struct ReleaseRecord {
+    pub app: String,
+    #[schemars(with = "String")]
+    pub version: Version,
+    pub state: ReleaseState,
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub reason: Option<Rejection>,
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub manifest: Option<SignedManifest>,
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub stored: Option<ReleaseStored>,
+    #[serde(with = "time::serde::rfc3339")]
+    #[schemars(with = "String")]
+    pub updated: OffsetDateTime,
+}
+
+/// How each file of a release is cut into chunks. Transport data, not signed: every chunk
+/// verifies against its name and every assembled file against the signed manifest.
+#[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize, JsonSchema)]
+#[serde(deny_unknown_fields)]
+pub struct ChunkIndex {
+    pub app: String,
+    #[schemars(with = "String")]
+    pub version: Version,
+    pub files: Vec<FileChunks>,
+}
+
+#[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize, JsonSchema)]
+#[serde(deny_unknown_fields)]
+pub struct FileChunks {
+    pub path: String,
+    pub chunks: Vec<ChunkRef>,
+}
+
+#[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize, JsonSchema)]
+#[serde(deny_unknown_fields)]
+pub struct ChunkRef {
+    /// BLAKE3 of the chunk's uncompressed content, hex; also its subject's last token.
+    pub id: String,
+    /// Uncompressed length.
+    pub len: u32,
+}
+
+/// Desired version of an app for one ring, written by the tracker and watched by agents.
+#[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize, JsonSchema)]
+#[serde(deny_unknown_fields)]
+pub struct DesiredState {
+    pub app: String,
+    pub ring: String,
+    #[schemars(with = "String")]
+    pub version: Version,
+    pub manifest: SignedManifest,
+    pub index_key: String,
+}
+
+/// An agent's state for one app (a first cut; the agent issue extends it).
+#[derive(Debug, Clone, Copy, PartialEq, Eq, Serialize, Deserialize, JsonSchema)]
+#[serde(rename_all = "snake_case")]
+pub enum AppState {
+    Running,
+    Downloading,
+    Verifying,
+    Switching,
+    HealthChecking,
+    RolledBack,
+    Failed,
+    Stopped,
+}
+
+#[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize, JsonSchema)]
+#[serde(deny_unknown_fields)]
+pub struct AgentStatus {
+    pub agent_id: String,
+    pub app: String,
+    pub state: AppState,
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    #[schemars(with = "Option<String>")]
+    pub version: Option<Version>,
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub progress_bytes: Option<u64>,
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub reason: Option<String>,
+    #[serde(with = "time::serde::rfc3339")]
+    #[schemars(with = "String")]
+    pub at: OffsetDateTime,
+}
+
+#[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize, JsonSchema)]
+#[serde(deny_unknown_fields)]
+pub struct AgentHeartbeat {
+    pub agent_id: String,
+    pub host: String,
+    pub ring: String,
+    #[serde(default)]
+    pub labels: std::collections::BTreeMap<String, String>,
+    pub apps: Vec<AppHeartbeat>,
+    #[serde(with = "time::serde::rfc3339")]
+    #[schemars(with = "String")]
+    pub at: OffsetDateTime,
+}
+
+#[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize, JsonSchema)]
+#[serde(deny_unknown_fields)]
+pub struct AppHeartbeat {
+    pub app: String,
+    pub state: AppState,
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    #[schemars(with = "Option<String>")]
+    pub running: Option<Version>,
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    #[schemars(with = "Option<String>")]
+    pub staged: Option<Version>,
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    #[schemars(with = "Option<String>")]
+    pub previous: Option<Version>,
+    pub uptime_s: u64,
+}

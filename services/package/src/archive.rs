@@ -1,0 +1,540 @@
+//! A zip archive is hostile until proven otherwise. [`Package::open`] checks the whole central
+//! directory against the limits and path rules before a single byte of content is trusted, and
+//! every read of an entry is bounded by the size the directory declared.
+
+use std::collections::{HashMap, HashSet};
+use std::fs::File;
+use std::io::{self, Read};
+use std::path::Path;
+
+use fleetcast_events::manifest::FileEntry;
+use fleetcast_events::v1::{RejectCode, Rejection};
+use serde::Deserialize;
+use zip::ZipArchive;
+
+/// Limits against zip bombs, from each service's config (`limits.*`).
+#[derive(Debug, Clone, Deserialize, PartialEq, Eq)]
+#[serde(deny_unknown_fields, default)]
+pub struct ArchiveLimits {
+    pub max_entries: usize,
+    /// Sum of the uncompressed sizes of all entries.
+    pub max_total_bytes: u64,
+    /// Uncompressed / compressed, per entry (for entries of at least 1 MiB) and for the archive.
+    pub max_ratio: u64,
+}
+
+impl Default for ArchiveLimits {
+    fn default() -> Self {
+        ArchiveLimits {
+            max_entries: 50_000,
+            max_total_bytes: 8 << 30,
+            max_ratio: 200,
+        }
+    }
+}
+
+/// Below this size a high ratio is harmless (a small file of zeros) and not checked per entry.
+const RATIO_FLOOR: u64 = 1 << 20;
+/// A symlink's target is read into memory; real ones are short.
+const MAX_LINK_TARGET: u64 = 4096;
+
+#[derive(Debug, thiserror::Error)]
+pub enum ArchiveError {
+    #[error("not a readable zip archive: {0}")]
+    Corrupt(String),
+    #[error("entry {0:?} escapes the package with '..'")]
+    PathTraversal(String),
+    #[error("entry {0:?} has an absolute path")]
+    AbsolutePath(String),
+    #[error("entry {path:?} has an invalid path: {reason}")]
+    InvalidPath { path: String, reason: String },
+    #[error("symbolic link {path:?} points outside the package (to {target:?})")]
+    LinkOutside { path: String, target: String },
+    #[error("entry {0:?} appears more than once")]
+    Duplicate(String),
+    #[error("archive has {count} entries, the limit is {limit}")]
+    TooManyEntries { count: usize, limit: usize },
+    #[error("archive unpacks to {total} bytes, the limit is {limit}")]
+    TooLarge { total: u64, limit: u64 },
+    #[error("{what} has compression ratio {ratio}:1, the limit is {limit}:1")]
+    Ratio {
+        what: String,
+        ratio: u64,
+        limit: u64,
+    },
+    #[error("cannot read the archive: {0}")]
+    Io(#[from] io::Error),
+}
+
+impl ArchiveError {
+    pub fn code(&self) -> RejectCode {
+        match self {
+            ArchiveError::Corrupt(_) | ArchiveError::Io(_) | ArchiveError::InvalidPath { .. } => {
+                RejectCode::CorruptArchive
+            }
+            ArchiveError::PathTraversal(_) => RejectCode::PathTraversal,
+            ArchiveError::AbsolutePath(_) => RejectCode::AbsolutePath,
+            ArchiveError::LinkOutside { .. } => RejectCode::LinkOutsidePackage,
+            ArchiveError::Duplicate(_) => RejectCode::DuplicateEntry,
+            ArchiveError::TooManyEntries { .. } => RejectCode::TooManyEntries,
+            ArchiveError::TooLarge { .. } => RejectCode::TooLarge,
+            ArchiveError::Ratio { .. } => RejectCode::CompressionRatio,
+        }
+    }
+
+    pub fn rejection(&self) -> Rejection {
+        Rejection {
+            code: self.code(),
+            message: self.to_string(),
+        }
+    }
+}
+
+impl From<zip::result::ZipError> for ArchiveError {
+    fn from(e: zip::result::ZipError) -> Self {
+        ArchiveError::Corrupt(e.to_string())
+    }
+}
+
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub enum EntryKind {
+    File { mode: u32 },
+    Dir,
+    Symlink { target: String },
+}
+
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub struct Entry {
+    /// Index in the zip's central directory.
+    pub index: usize,
+    /// Normalised relative path (no trailing '/').
+    pub path: String,
+    pub kind: EntryKind,
+    /// Uncompressed size the directory declares; reads are held to it.
+    pub size: u64,
+}
+
+/// An archive whose directory passed every check.
+pub struct Package {
+    zip: ZipArchive<File>,
+    entries: Vec<Entry>,
+}
+
+impl Package {
+    pub fn open(path: &Path, limits: &ArchiveLimits) -> Result<Package, ArchiveError> {
+        let file = File::open(path)?;
+        let archive_len = file.metadata()?.len();
+        let mut zip = ZipArchive::new(file)?;
+        if zip.len() > limits.max_entries {
+            return Err(ArchiveError::TooManyEntries {
+                count: zip.len(),
+                limit: limits.max_entries,
+            });
+        }
+        if zip.has_duplicate_names() {
+            // The zip crate keeps one entry per name, so the repeated name itself is not recoverable.
+            return Err(ArchiveError::Duplicate(
+                "a name in the central directory".into(),
+            ));
+        }
+        let mut entries = Vec::with_capacity(zip.len());
+        let mut seen = HashSet::new();
+        let mut total: u64 = 0;
+        for index in 0..zip.len() {
+            let f = zip.by_index_raw(index)?;
+            let raw_name = String::from_utf8(f.name_raw().to_vec()).map_err(|_| {
+                ArchiveError::Corrupt(format!("entry {index} has a non-UTF-8 name"))
+            })?;
+            let path = check_entry_path(&raw_name)?;
+            if !seen.insert(path.clone()) {
+                return Err(ArchiveError::Duplicate(path));
+            }
+            let size = f.size();
+            total = total.saturating_add(size);
+            if total > limits.max_total_bytes {
+                return Err(ArchiveError::TooLarge {
+                    total,
+                    limit: limits.max_total_bytes,
+                });
+            }
+            let ratio = size / f.compressed_size().max(1);
+            if size >= RATIO_FLOOR && ratio > limits.max_ratio {
+                return Err(ArchiveError::Ratio {
+                    what: format!("entry {path:?}"),
+                    ratio,
+                    limit: limits.max_ratio,
+                });
+            }
+            let kind = if f.is_symlink() {
+                EntryKind::Symlink {
+                    target: String::new(),
+                } // read below, once the raw borrow ends
+            } else if f.is_dir() || raw_name.ends_with('/') {
+                EntryKind::Dir
+            } else {
+                // Permission bits only: setuid/setgid/sticky from an archive are never honoured.
+                EntryKind::File {
+                    mode: f.unix_mode().map_or(0o644, |m| m & 0o777),
+                }
+            };
+            drop(f);
+            let kind = match kind {
+                EntryKind::Symlink { .. } => EntryKind::Symlink {
+                    target: read_link_target(&mut zip, index, &path)?,
+                },
+                other => other,
+            };
+            entries.push(Entry {
+                index,
+                path,
+                kind,
+                size,
+            });
+        }
+        let ratio = total / archive_len.max(1);
+        if total >= RATIO_FLOOR && ratio > limits.max_ratio {
+            return Err(ArchiveError::Ratio {
+                what: "the archive".into(),
+                ratio,
+                limit: limits.max_ratio,
+            });
+        }
+        check_links(&entries)?;
+        Ok(Package { zip, entries })
+    }
+
+    pub fn entries(&self) -> &[Entry] {
+        &self.entries
+    }
+
+    /// Regular files, in archive order.
+    pub fn files(&self) -> impl Iterator<Item = &Entry> {
+        self.entries
+            .iter()
+            .filter(|e| matches!(e.kind, EntryKind::File { .. }))
+    }
+
+    /// Reads one entry's content, failing if it yields more or fewer bytes than declared or its
+    /// CRC is wrong (the zip crate checks the CRC at the end of the entry).
+    pub fn read_entry(
+        &mut self,
+        index: usize,
+        mut sink: impl FnMut(&[u8]) -> io::Result<()>,
+    ) -> Result<u64, ArchiveError> {
+        let mut f = self.zip.by_index(index)?;
+        let declared = f.size();
+        let name = f.name().map(|n| n.into_owned()).unwrap_or_default();
+        let mut buf = vec![0u8; 256 * 1024];
+        let mut read: u64 = 0;
+        loop {
+            let n = f
+                .read(&mut buf)
+                .map_err(|e| ArchiveError::Corrupt(format!("entry {name:?}: {e}")))?;
+            if n == 0 {
+                break;
+            }
+            read += n as u64;
+            if read > declared {
+                return Err(ArchiveError::Corrupt(format!(
+                    "entry {name:?} holds more than its declared {declared} bytes"
+                )));
+            }
+            sink(&buf[..n])?;
+        }
+        if read != declared {
+            return Err(ArchiveError::Corrupt(format!(
+                "entry {name:?} holds {read} bytes, {declared} declared"
+            )));
+        }
+        Ok(read)
+    }
+
+    /// A reader over one entry, for streaming consumers (chunking). It fails on more bytes than
+    /// declared; the zip crate fails it on a CRC mismatch at the end.
+    pub fn entry_reader(&mut self, index: usize) -> Result<impl Read + '_, ArchiveError> {
+        let f = self.zip.by_index(index)?;
+        let declared = f.size();
+        Ok(BoundedReader {
+            inner: f,
+            left: declared,
+        })
+    }
+
+    /// Every file's path, mode, size and BLAKE3, read from the archive itself: what the signer
+    /// signs and what the distributor checks before chunking.
+    pub fn file_manifest(&mut self) -> Result<Vec<FileEntry>, ArchiveError> {
+        let entries = self.entries.clone();
+        let mut out = Vec::new();
+        for entry in entries {
+            match &entry.kind {
+                EntryKind::Dir => {}
+                EntryKind::Symlink { target } => out.push(FileEntry {
+                    path: entry.path.clone(),
+                    mode: 0o777,
+                    size: target.len() as u64,
+                    blake3: blake3::hash(target.as_bytes()).to_hex().to_string(),
+                    link: Some(target.clone()),
+                }),
+                EntryKind::File { mode } => {
+                    let mut hasher = blake3::Hasher::new();
+                    let size = self.read_entry(entry.index, |b| {
+                        hasher.update(b);
+                        Ok(())
+                    })?;
+                    out.push(FileEntry {
+                        path: entry.path.clone(),
+                        mode: *mode,
+                        size,
+                        blake3: hasher.finalize().to_hex().to_string(),
+                        link: None,
+                    });
+                }
+            }
+        }
+        Ok(out)
+    }
+}
+
+struct BoundedReader<R> {
+    inner: R,
+    left: u64,
+}
+
+impl<R: Read> Read for BoundedReader<R> {
+    fn read(&mut self, buf: &mut [u8]) -> io::Result<usize> {
+        let n = self.inner.read(buf)?;
+        if n as u64 > self.left {
+            return Err(io::Error::new(
+                io::ErrorKind::InvalidData,
+                "entry holds more than its declared size",
+            ));
+        }
+        self.left -= n as u64;
+        if n == 0 && self.left > 0 && !buf.is_empty() {
+            return Err(io::Error::new(
+                io::ErrorKind::UnexpectedEof,
+                "entry is shorter than its declared size",
+            ));
+        }
+        Ok(n)
+    }
+}
+
+/// Classifies a raw entry name: absolute, traversal, otherwise-invalid, or a clean relative path.
+fn check_entry_path(raw: &str) -> Result<String, ArchiveError> {
+    let bytes = raw.as_bytes();
+    let drive = bytes.len() >= 2 && bytes[1] == b':' && bytes[0].is_ascii_alphabetic();
+    if raw.starts_with('/') || raw.starts_with('\\') || drive {
+        return Err(ArchiveError::AbsolutePath(raw.to_string()));
+    }
+    if raw.split(['/', '\\']).any(|part| part == "..") {
+        return Err(ArchiveError::PathTraversal(raw.to_string()));
+    }
+    let path = raw.strip_suffix('/').unwrap_or(raw);
+    fleetcast_events::manifest::check_relative_path(path).map_err(|reason| {
+        ArchiveError::InvalidPath {
+            path: raw.to_string(),
+            reason,
+        }
+    })?;
+    Ok(path.to_string())
+}
+
+fn read_link_target(
+    zip: &mut ZipArchive<File>,
+    index: usize,
+    path: &str,
+) -> Result<String, ArchiveError> {
+    let f = zip.by_index(index)?;
+    if f.size() > MAX_LINK_TARGET {
+        return Err(ArchiveError::LinkOutside {
+            path: path.into(),
+            target: format!("<{} bytes>", f.size()),
+        });
+    }
+    let mut target = String::new();
+    f.take(MAX_LINK_TARGET)
+        .read_to_string(&mut target)
+        .map_err(|e| ArchiveError::Corrupt(format!("symbolic link {path:?}: {e}")))?;
+    Ok(target)
+}
+
+/// A link must resolve, lexically, inside the package; and no entry or link may pass through
+/// another link, since then the lexical answer and the file system's could differ.
+fn check_links(entries: &[Entry]) -> Result<(), ArchiveError> {
+    let links: HashMap<&str, &str> = entries
+        .iter()
+        .filter_map(|e| match &e.kind {
+            EntryKind::Symlink { target } => Some((e.path.as_str(), target.as_str())),
+            _ => None,
+        })
+        .collect();
+    if links.is_empty() {
+        return Ok(());
+    }
+    let through_link = |path: &str| {
+        let mut prefix = String::new();
+        let parts: Vec<&str> = path.split('/').collect();
+        for part in &parts[..parts.len().saturating_sub(1)] {
+            if !prefix.is_empty() {
+                prefix.push('/');
+            }
+            prefix.push_str(part);
+            if links.contains_key(prefix.as_str()) {
+                return true;
+            }
+        }
+        false
+    };
+    for entry in entries {
+        if through_link(&entry.path) {
+            return Err(ArchiveError::LinkOutside {
+                path: entry.path.clone(),
+                target: "a path through another link".into(),
+            });
+        }
+    }
+    for (path, target) in &links {
+        let outside = || ArchiveError::LinkOutside {
+            path: path.to_string(),
+            target: target.to_string(),
+        };
+        if target.is_empty()
+            || target.starts_with('/')
+            || target.contains('\\')
+            || target.contains('\0')
+        {
+            return Err(outside());
+        }
+        let mut stack: Vec<&str> = path.split('/').collect();
+        stack.pop(); // relative to the link's own folder
+        for part in target.split('/') {
+            match part {
+                "" | "." => {}
+                ".." => {
+                    if stack.pop().is_none() {
+                        return Err(outside());
+                    }
+                }
+                p => stack.push(p),
+            }
+        }
+        let resolved = stack.join("/");
+        if resolved.is_empty() || through_link(&format!("{resolved}/x")) {
+            return Err(outside());
+        }
+    }
+    Ok(())
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+    use std::io::Write;
+    use zip::write::SimpleFileOptions;
+
+    fn zip_of(build: impl FnOnce(&mut zip::ZipWriter<File>)) -> tempfile::NamedTempFile {
+        let tmp = tempfile::NamedTempFile::new().expect("tmp");
+        let mut w = zip::ZipWriter::new(tmp.reopen().expect("reopen"));
+        build(&mut w);
+        w.finish().expect("finish");
+        tmp
+    }
+
+    fn opts() -> SimpleFileOptions {
+        SimpleFileOptions::default().unix_permissions(0o755)
+    }
+
+    #[test]
+    fn clean_package_lists_files_with_hashes() {
+        let z = zip_of(|w| {
+            w.add_directory("bin/", opts()).expect("dir");
+            w.start_file("bin/app", opts()).expect("file");
+            w.write_all(b"#!/bin/sh\necho hi\n").expect("write");
+            w.add_symlink("bin/app-link", "app", opts()).expect("link");
+        });
+        let mut p = Package::open(z.path(), &ArchiveLimits::default()).expect("valid");
+        let files = p.file_manifest().expect("manifest");
+        assert_eq!(files.len(), 2);
+        assert_eq!(files[0].path, "bin/app");
+        assert_eq!(files[0].mode, 0o755);
+        assert_eq!(
+            files[0].blake3,
+            blake3::hash(b"#!/bin/sh\necho hi\n").to_hex().to_string()
+        );
+        assert_eq!(files[1].link.as_deref(), Some("app"));
+    }
+
+    fn code_of(z: &tempfile::NamedTempFile, limits: &ArchiveLimits) -> RejectCode {
+        match Package::open(z.path(), limits) {
+            Ok(_) => panic!("accepted a hostile archive"),
+            Err(e) => e.code(),
+        }
+    }
+
+    #[test]
+    fn hostile_paths_and_links() {
+        let l = ArchiveLimits::default();
+        let z = zip_of(|w| w.start_file("../evil", opts()).expect("f"));
+        assert_eq!(code_of(&z, &l), RejectCode::PathTraversal);
+        let z = zip_of(|w| w.start_file("/etc/cron.d/evil", opts()).expect("f"));
+        assert_eq!(code_of(&z, &l), RejectCode::AbsolutePath);
+        let z = zip_of(|w| w.add_symlink("lib", "../../etc", opts()).expect("l"));
+        assert_eq!(code_of(&z, &l), RejectCode::LinkOutsidePackage);
+        let z = zip_of(|w| w.add_symlink("lib", "/etc/passwd", opts()).expect("l"));
+        assert_eq!(code_of(&z, &l), RejectCode::LinkOutsidePackage);
+        let z = zip_of(|w| {
+            w.add_symlink("d", "sub", opts()).expect("l");
+            w.start_file("d/x", opts()).expect("f");
+        });
+        assert_eq!(code_of(&z, &l), RejectCode::LinkOutsidePackage);
+    }
+
+    #[test]
+    fn limits() {
+        let z = zip_of(|w| {
+            for i in 0..5 {
+                w.start_file(format!("f{i}"), opts()).expect("f");
+            }
+        });
+        let few = ArchiveLimits {
+            max_entries: 4,
+            ..Default::default()
+        };
+        assert_eq!(code_of(&z, &few), RejectCode::TooManyEntries);
+
+        let z = zip_of(|w| {
+            w.start_file("zeros", opts()).expect("f");
+            w.write_all(&vec![0u8; 4 << 20]).expect("w");
+        });
+        assert_eq!(
+            code_of(&z, &ArchiveLimits::default()),
+            RejectCode::CompressionRatio
+        );
+        let small = ArchiveLimits {
+            max_total_bytes: 1 << 20,
+            ..Default::default()
+        };
+        assert_eq!(code_of(&z, &small), RejectCode::TooLarge);
+    }
+
+    #[test]
+    fn truncated_or_garbage() {
+        let z = zip_of(|w| {
+            w.start_file("a", opts()).expect("f");
+            w.write_all(&[7u8; 1000]).expect("w");
+        });
+        let bytes = std::fs::read(z.path()).expect("read");
+        let t = tempfile::NamedTempFile::new().expect("tmp");
+        std::fs::write(t.path(), &bytes[..bytes.len() / 2]).expect("write");
+        assert_eq!(
+            code_of(&t, &ArchiveLimits::default()),
+            RejectCode::CorruptArchive
+        );
+        std::fs::write(t.path(), b"this is not a zip").expect("write");
+        assert_eq!(
+            code_of(&t, &ArchiveLimits::default()),
+            RejectCode::CorruptArchive
+        );
+    }
+}
