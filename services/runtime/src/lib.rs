@@ -1,1 +1,12 @@
+//! The small toolkit every fleetcast service shares: layered settings, tracing, shutdown, the
+//! NATS connection, the streams/buckets/stores the services need, and the consume loop.
 
+pub mod bus;
+pub mod consume;
+pub mod settings;
+pub mod shutdown;
+pub mod telemetry;
+
+pub use bus::{Bus, BusError};
+pub use settings::{NatsSettings, SettingsError, load_settings};
+pub use shutdown::shutdown_on_signals;

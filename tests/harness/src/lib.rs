@@ -1,1 +1,185 @@
+//! Test harness: a real nats-server with JetStream on an ephemeral loopback port and a temporary
+//! store, which can be stopped and restarted (same port, same store) and is always killed and
+//! cleaned up on drop. Also builders for test packages, hostile ones included.
 
+pub mod fixtures;
+
+use std::net::{SocketAddr, TcpListener, TcpStream};
+use std::path::{Path, PathBuf};
+use std::process::{Child, Command, Stdio};
+use std::time::{Duration, Instant};
+
+use anyhow::{Context, bail};
+
+/// Version installed by `ops/install-nats-server` into `.tools/`.
+const PROJECT_BINARY: &str = ".tools/nats-server/bin/nats-server";
+
+pub struct NatsServer {
+    child: Option<Child>,
+    port: u16,
+    binary: PathBuf,
+    config: PathBuf,
+    store: tempfile::TempDir,
+}
+
+/// Finds nats-server: `NATS_SERVER_BIN`, then the project's own install, then `PATH`.
+pub fn nats_server_binary() -> anyhow::Result<PathBuf> {
+    if let Some(path) = std::env::var_os("NATS_SERVER_BIN") {
+        return Ok(PathBuf::from(path));
+    }
+    let project = workspace_root().join(PROJECT_BINARY);
+    if project.is_file() {
+        return Ok(project);
+    }
+    if let Some(paths) = std::env::var_os("PATH") {
+        for dir in std::env::split_paths(&paths) {
+            let candidate = dir.join("nats-server");
+            if candidate.is_file() {
+                return Ok(candidate);
+            }
+        }
+    }
+    bail!("nats-server not found: set NATS_SERVER_BIN or run ops/install-nats-server")
+}
+
+pub fn workspace_root() -> PathBuf {
+    Path::new(env!("CARGO_MANIFEST_DIR"))
+        .join("../..")
+        .canonicalize()
+        .unwrap_or_else(|_| PathBuf::from("."))
+}
+
+impl NatsServer {
+    /// Starts a server and waits until JetStream answers.
+    pub async fn start() -> anyhow::Result<NatsServer> {
+        let store = tempfile::Builder::new()
+            .prefix("fleetcast-nats-")
+            .tempdir()?;
+        let port = free_port()?;
+        let config = store.path().join("nats.conf");
+        std::fs::write(
+            &config,
+            format!(
+                "listen: 127.0.0.1:{port}\nmax_payload: 8MB\njetstream {{\n  store_dir: \"{}\"\n}}\n",
+                store.path().join("js").display()
+            ),
+        )?;
+        let mut server = NatsServer {
+            child: None,
+            port,
+            binary: nats_server_binary()?,
+            config,
+            store,
+        };
+        server.spawn().await?;
+        Ok(server)
+    }
+
+    pub fn url(&self) -> String {
+        format!("nats://127.0.0.1:{}", self.port)
+    }
+
+    pub fn store_dir(&self) -> &Path {
+        self.store.path()
+    }
+
+    /// Kills the server (SIGKILL: a crash, not a clean shutdown).
+    pub fn stop(&mut self) {
+        if let Some(mut child) = self.child.take() {
+            let _ = child.kill();
+            let _ = child.wait();
+        }
+    }
+
+    /// Starts it again on the same port with the same store.
+    pub async fn restart(&mut self) -> anyhow::Result<()> {
+        self.stop();
+        self.spawn().await
+    }
+
+    async fn spawn(&mut self) -> anyhow::Result<()> {
+        let log = std::fs::File::create(self.store.path().join("nats.log"))?;
+        let child = Command::new(&self.binary)
+            .arg("-c")
+            .arg(&self.config)
+            .stdout(Stdio::null())
+            .stderr(log)
+            .spawn()
+            .with_context(|| format!("starting {}", self.binary.display()))?;
+        self.child = Some(child);
+        self.wait_ready().await
+    }
+
+    /// Ready means a client can connect and JetStream answers an account query.
+    async fn wait_ready(&mut self) -> anyhow::Result<()> {
+        let deadline = Instant::now() + Duration::from_secs(20);
+        let addr = SocketAddr::from(([127, 0, 0, 1], self.port));
+        loop {
+            if let Some(child) = self.child.as_mut()
+                && let Some(status) = child.try_wait()?
+            {
+                let log =
+                    std::fs::read_to_string(self.store.path().join("nats.log")).unwrap_or_default();
+                bail!("nats-server exited with {status}: {log}");
+            }
+            if TcpStream::connect_timeout(&addr, Duration::from_millis(200)).is_ok()
+                && let Ok(client) = async_nats::connect(self.url()).await
+                && async_nats::jetstream::new(client)
+                    .query_account()
+                    .await
+                    .is_ok()
+            {
+                return Ok(());
+            }
+            if Instant::now() > deadline {
+                bail!("nats-server on port {} not ready after 20 s", self.port);
+            }
+            tokio::time::sleep(Duration::from_millis(50)).await;
+        }
+    }
+}
+
+impl Drop for NatsServer {
+    fn drop(&mut self) {
+        self.stop();
+    }
+}
+
+fn free_port() -> anyhow::Result<u16> {
+    let listener = TcpListener::bind("127.0.0.1:0")?;
+    Ok(listener.local_addr()?.port())
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[tokio::test]
+    async fn server_starts_restarts_and_cleans_up() {
+        let mut server = NatsServer::start().await.expect("start");
+        let client = async_nats::connect(server.url()).await.expect("connect");
+        let js = async_nats::jetstream::new(client);
+        js.create_stream(async_nats::jetstream::stream::Config {
+            name: "T".into(),
+            subjects: vec!["t".into()],
+            ..Default::default()
+        })
+        .await
+        .expect("stream");
+        js.publish("t", "x".into())
+            .await
+            .expect("publish")
+            .await
+            .expect("ack");
+        server.restart().await.expect("restart");
+        let client = async_nats::connect(server.url()).await.expect("reconnect");
+        let mut stream = async_nats::jetstream::new(client)
+            .get_stream("T")
+            .await
+            .expect("stream kept");
+        assert_eq!(stream.info().await.expect("info").state.messages, 1);
+        let dir = server.store_dir().to_path_buf();
+        drop(server);
+        assert!(!dir.exists());
+    }
+}

@@ -1,0 +1,131 @@
+//! The loop every event-driven service runs: a durable pull consumer shared by all instances of
+//! the role (so several instances split the work like a queue group), explicit acks, progress
+//! acks while a long job runs, and redelivery of whatever was not acked (crash, restart).
+
+use std::future::Future;
+use std::time::Duration;
+
+use async_nats::jetstream::{self, AckKind, consumer::pull};
+use futures::StreamExt;
+use tokio_util::sync::CancellationToken;
+
+use crate::bus::BusError;
+
+/// What to do with a message once the handler is done with it.
+#[derive(Debug)]
+pub enum Outcome {
+    /// Handled (including "rejected, with a rejected event published"): never deliver again.
+    Done,
+    /// A transient failure (NATS hiccup, store unavailable): deliver again after a delay.
+    Retry(String),
+}
+
+#[derive(Debug, Clone)]
+pub struct ConsumerSpec {
+    pub durable: &'static str,
+    pub filter_subject: &'static str,
+    /// A job not acked (nor marked in progress) within this time is handed to another instance.
+    pub ack_wait: Duration,
+}
+
+/// Runs `handler` for every message until `shutdown`. A message is acked only after its handler
+/// returned `Done`; while the handler runs, progress acks keep the message ours.
+pub async fn run_consumer<F, Fut>(
+    stream: &jetstream::stream::Stream,
+    spec: ConsumerSpec,
+    shutdown: CancellationToken,
+    mut handler: F,
+) -> Result<(), BusError>
+where
+    F: FnMut(jetstream::Message) -> Fut,
+    Fut: Future<Output = Outcome>,
+{
+    let setup = |e: &dyn std::fmt::Display| BusError::Setup {
+        what: format!("consumer {}", spec.durable),
+        reason: e.to_string(),
+    };
+    let consumer: jetstream::consumer::Consumer<pull::Config> = stream
+        .get_or_create_consumer(
+            spec.durable,
+            pull::Config {
+                durable_name: Some(spec.durable.into()),
+                filter_subject: spec.filter_subject.into(),
+                ack_policy: jetstream::consumer::AckPolicy::Explicit,
+                ack_wait: spec.ack_wait,
+                max_ack_pending: 64,
+                ..Default::default()
+            },
+        )
+        .await
+        .map_err(|e| setup(&e))?;
+    let progress_every = spec.ack_wait / 3;
+    while !shutdown.is_cancelled() {
+        let mut messages = match consumer.stream().max_messages_per_batch(1).messages().await {
+            Ok(m) => m,
+            Err(e) => {
+                tracing::warn!(durable = spec.durable, error = %e, "cannot pull, retrying");
+                tokio::select! {
+                    _ = shutdown.cancelled() => break,
+                    _ = tokio::time::sleep(Duration::from_secs(1)) => continue,
+                }
+            }
+        };
+        loop {
+            let next = tokio::select! {
+                _ = shutdown.cancelled() => return Ok(()),
+                next = messages.next() => next,
+            };
+            let message = match next {
+                Some(Ok(m)) => m,
+                Some(Err(e)) => {
+                    tracing::debug!(durable = spec.durable, error = %e, "pull stream hiccup");
+                    continue;
+                }
+                None => break,
+            };
+            let acker = message.clone();
+            let job = handler(message);
+            tokio::pin!(job);
+            let mut ticker = tokio::time::interval_at(
+                tokio::time::Instant::now() + progress_every,
+                progress_every,
+            );
+            let outcome = loop {
+                tokio::select! {
+                    outcome = &mut job => break outcome,
+                    _ = ticker.tick() => {
+                        if let Err(e) = acker.ack_with(AckKind::Progress).await {
+                            tracing::debug!(error = %e, "progress ack failed");
+                        }
+                    }
+                }
+            };
+            let ack = match outcome {
+                Outcome::Done => acker.double_ack().await,
+                Outcome::Retry(reason) => {
+                    tracing::warn!(durable = spec.durable, %reason, "will retry");
+                    acker
+                        .ack_with(AckKind::Nak(Some(Duration::from_secs(2))))
+                        .await
+                }
+            };
+            if let Err(e) = ack {
+                // Not fatal: the message is redelivered and handlers are idempotent.
+                tracing::warn!(durable = spec.durable, error = %e, "ack failed");
+            }
+        }
+    }
+    Ok(())
+}
+
+/// Decodes an event according to its `Content-Type` header.
+pub fn decode<T: serde::de::DeserializeOwned>(
+    message: &jetstream::Message,
+) -> Result<T, fleetcast_events::DecodeError> {
+    let content_type = message
+        .headers
+        .as_ref()
+        .and_then(|h| h.get(fleetcast_events::CONTENT_TYPE))
+        .map(|v| v.as_str().to_string());
+    fleetcast_events::codec::decode(content_type.as_deref(), &message.payload)
+}

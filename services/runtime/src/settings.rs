@@ -1,0 +1,164 @@
+//! Layered configuration: built-in defaults (the settings struct's `Default`) → an optional TOML
+//! file → `FLEETCAST_<SERVICE>_*` environment variables (`__` separates nested keys, e.g.
+//! `FLEETCAST_WATCHER_NATS__URL`). Settings structs use `deny_unknown_fields`, so a misspelt key
+//! is an error, and serde's errors name the key at fault.
+
+use std::path::{Path, PathBuf};
+use std::time::Duration;
+
+use serde::{Deserialize, de::DeserializeOwned};
+
+#[derive(Debug, thiserror::Error)]
+pub enum SettingsError {
+    #[error("configuration file {path}: {reason}")]
+    File { path: PathBuf, reason: String },
+    #[error("invalid configuration: {0}")]
+    Invalid(String),
+    #[error("invalid value for `{key}`: {reason}")]
+    Value { key: String, reason: String },
+}
+
+/// Loads settings for `service` (lowercase, e.g. "watcher").
+pub fn load_settings<T: DeserializeOwned>(
+    service: &str,
+    file: Option<&Path>,
+) -> Result<T, SettingsError> {
+    load_settings_from(service, file, std::env::vars())
+}
+
+/// As [`load_settings`] with an explicit environment, so tests don't touch the process's own.
+pub fn load_settings_from<T: DeserializeOwned>(
+    service: &str,
+    file: Option<&Path>,
+    env: impl IntoIterator<Item = (String, String)>,
+) -> Result<T, SettingsError> {
+    let mut builder = config::Config::builder();
+    if let Some(path) = file {
+        if !path.is_file() {
+            return Err(SettingsError::File {
+                path: path.into(),
+                reason: "not found".into(),
+            });
+        }
+        builder = builder.add_source(config::File::from(path).format(config::FileFormat::Toml));
+    }
+    let prefix = format!("FLEETCAST_{}_", service.to_uppercase());
+    let vars: config::Map<String, String> = env
+        .into_iter()
+        .filter(|(k, _)| k.starts_with(&prefix))
+        .map(|(k, v)| (k.to_string(), v))
+        .collect();
+    builder = builder.add_source(
+        config::Environment::with_prefix(&format!("FLEETCAST_{}", service.to_uppercase()))
+            .prefix_separator("_")
+            .separator("__")
+            .try_parsing(true)
+            .source(Some(vars)),
+    );
+    let merged = builder.build().map_err(|e| match file {
+        Some(path) => SettingsError::File {
+            path: path.into(),
+            reason: e.to_string(),
+        },
+        None => SettingsError::Invalid(e.to_string()),
+    })?;
+    merged
+        .try_deserialize()
+        .map_err(|e| SettingsError::Invalid(e.to_string()))
+}
+
+/// How a service reaches NATS.
+#[derive(Debug, Clone, Deserialize, PartialEq, Eq)]
+#[serde(deny_unknown_fields, default)]
+pub struct NatsSettings {
+    /// Comma-separated server URLs, e.g. `nats://127.0.0.1:4222`.
+    pub url: String,
+    /// Optional `.creds` file (JWT + nkey) for this service's identity.
+    pub credentials: Option<PathBuf>,
+    /// How long one request (KV get, direct get, publish ack) may take.
+    #[serde(with = "humantime_serde")]
+    pub request_timeout: Duration,
+}
+
+impl Default for NatsSettings {
+    fn default() -> Self {
+        NatsSettings {
+            url: "nats://127.0.0.1:4222".into(),
+            credentials: None,
+            request_timeout: Duration::from_secs(10),
+        }
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[derive(Debug, Deserialize, PartialEq)]
+    #[serde(deny_unknown_fields, default)]
+    struct Demo {
+        nats: NatsSettings,
+        drop_dir: PathBuf,
+        max_entries: u64,
+    }
+
+    impl Default for Demo {
+        fn default() -> Self {
+            Demo {
+                nats: NatsSettings::default(),
+                drop_dir: "drop".into(),
+                max_entries: 10,
+            }
+        }
+    }
+
+    fn env(pairs: &[(&str, &str)]) -> Vec<(String, String)> {
+        pairs
+            .iter()
+            .map(|(k, v)| (k.to_string(), v.to_string()))
+            .collect()
+    }
+
+    #[test]
+    fn defaults_then_file_then_environment() {
+        let dir = tempfile::tempdir().expect("tmp");
+        let file = dir.path().join("demo.toml");
+        std::fs::write(
+            &file,
+            "drop_dir = \"/srv/drop\"\nmax_entries = 5\n[nats]\nurl = \"nats://a:1\"\n",
+        )
+        .expect("write");
+        let s: Demo = load_settings_from("demo", None, env(&[])).expect("defaults");
+        assert_eq!(s, Demo::default());
+        let s: Demo = load_settings_from(
+            "demo",
+            Some(&file),
+            env(&[
+                ("FLEETCAST_DEMO_MAX_ENTRIES", "7"),
+                ("FLEETCAST_DEMO_NATS__REQUEST_TIMEOUT", "3s"),
+            ]),
+        )
+        .expect("layered");
+        assert_eq!(s.drop_dir, PathBuf::from("/srv/drop"));
+        assert_eq!(s.max_entries, 7);
+        assert_eq!(s.nats.url, "nats://a:1");
+        assert_eq!(s.nats.request_timeout, Duration::from_secs(3));
+    }
+
+    #[test]
+    fn unknown_keys_and_bad_values_name_the_key() {
+        let e = load_settings_from::<Demo>("demo", None, env(&[("FLEETCAST_DEMO_DROP_DRI", "x")]))
+            .expect_err("unknown key");
+        assert!(e.to_string().contains("drop_dri"), "{e}");
+        let e = load_settings_from::<Demo>(
+            "demo",
+            None,
+            env(&[("FLEETCAST_DEMO_MAX_ENTRIES", "many")]),
+        )
+        .expect_err("bad value");
+        assert!(e.to_string().contains("max_entries"), "{e}");
+        let e = load_settings_from::<Demo>("demo", Some(Path::new("/nonexistent.toml")), env(&[]))
+            .expect_err("missing file");
+        assert!(e.to_string().contains("nonexistent"), "{e}");
+    }
+}
