@@ -1,1 +1,243 @@
+//! The distributor: for each signed release, verifies the signed manifest against the archive,
+//! stores the chunks the store lacks (content-addressed, compressed) and the chunk index, then
+//! announces `release.stored`. All instances share one durable consumer (one queue group), and
+//! a release already stored is a no-op.
 
+mod ingest;
+mod settings;
+
+use std::sync::Arc;
+
+use async_nats::jetstream::Message;
+use fleetcast_events::names::{
+    self, RELEASE_REJECTED, RELEASE_SIGNED, RELEASE_STORED, release_key,
+};
+use fleetcast_events::v1::*;
+use fleetcast_events::{Encoding, TrustedKeys};
+use fleetcast_runtime::consume::{ConsumerSpec, Outcome, decode, reject_event, run_consumer};
+use fleetcast_runtime::releases::FetchError;
+use fleetcast_runtime::{Bus, BusError};
+use time::OffsetDateTime;
+use tokio_util::sync::CancellationToken;
+
+pub use ingest::{ChunkStore, IngestError, IngestReport, ingest};
+pub use settings::Settings;
+
+pub const SERVICE: &str = "distributor";
+
+#[derive(Debug, thiserror::Error)]
+pub enum DistributorError {
+    #[error(transparent)]
+    Settings(#[from] fleetcast_runtime::SettingsError),
+    #[error(transparent)]
+    Bus(#[from] BusError),
+}
+
+pub async fn run(settings: Settings, shutdown: CancellationToken) -> Result<(), DistributorError> {
+    settings.validate()?;
+    let trusted = settings.trusted()?;
+    let bus = match Bus::connect(&settings.nats, SERVICE, &shutdown).await {
+        Err(BusError::Cancelled) => return Ok(()),
+        other => other?,
+    };
+    let distributor = Distributor {
+        store: ChunkStore::new(bus.clone()),
+        bus: bus.clone(),
+        settings: Arc::new(settings),
+        trusted: Arc::new(trusted),
+    };
+    let spec = ConsumerSpec {
+        durable: names::DISTRIBUTOR_CONSUMER,
+        filter_subject: RELEASE_SIGNED,
+        ack_wait: distributor.settings.ack_wait,
+    };
+    run_consumer(&bus.releases_stream, spec, shutdown, |msg| {
+        let d = distributor.clone();
+        async move { d.handle(&msg).await }
+    })
+    .await?;
+    Ok(())
+}
+
+#[derive(Clone)]
+struct Distributor {
+    bus: Bus,
+    settings: Arc<Settings>,
+    trusted: Arc<TrustedKeys>,
+    store: ChunkStore,
+}
+
+impl Distributor {
+    async fn handle(&self, msg: &Message) -> Outcome {
+        let event: ReleaseSigned = match decode(msg) {
+            Ok(e) => e,
+            Err(e) => {
+                let reason = Rejection {
+                    code: RejectCode::InvalidEvent,
+                    message: e.to_string(),
+                };
+                return reject_event(&self.bus, SERVICE, RELEASE_SIGNED, reason).await;
+            }
+        };
+        if let Err(message) = names::validate_app_name(&event.app) {
+            return reject_event(
+                &self.bus,
+                SERVICE,
+                RELEASE_SIGNED,
+                Rejection {
+                    code: RejectCode::InvalidEvent,
+                    message,
+                },
+            )
+            .await;
+        }
+        let record = match self.bus.release_record(&event.app, &event.version).await {
+            Ok(r) => r,
+            Err(e) => return Outcome::Retry(e),
+        };
+        if record
+            .as_ref()
+            .is_some_and(|r| r.state == ReleaseState::Stored)
+        {
+            tracing::info!(app = %event.app, version = %event.version, "already stored, nothing to do");
+            return Outcome::Done;
+        }
+        let verified = match event
+            .manifest
+            .verify(&self.trusted, OffsetDateTime::now_utc())
+        {
+            Ok(v) if v.app == event.app && v.version == event.version => v,
+            Ok(v) => {
+                let message = format!(
+                    "manifest is for {} {}, the event for {} {}",
+                    v.app, v.version, event.app, event.version
+                );
+                return self
+                    .reject(&event, RejectCode::ManifestMismatch, message)
+                    .await;
+            }
+            Err(e) => {
+                return self
+                    .reject(&event, RejectCode::ManifestMismatch, e.to_string())
+                    .await;
+            }
+        };
+        let fetched = match self
+            .bus
+            .fetch_archive(&event.object, &self.settings.work_dir())
+            .await
+        {
+            Ok(f) => f,
+            Err(FetchError::NotFound(object)) => {
+                return self
+                    .reject(
+                        &event,
+                        RejectCode::ArchiveMismatch,
+                        format!("archive {object} is not in the incoming store"),
+                    )
+                    .await;
+            }
+            Err(e) => return Outcome::Retry(e.to_string()),
+        };
+        if fetched.blake3 != event.blake3 {
+            let message = format!(
+                "archive BLAKE3 is {}, the signed release says {}",
+                fetched.blake3, event.blake3
+            );
+            return self
+                .reject(&event, RejectCode::ArchiveMismatch, message)
+                .await;
+        }
+        let report = match ingest(
+            &self.store,
+            fetched.file.path(),
+            &verified,
+            &self.settings.limits,
+            self.settings.concurrency,
+        )
+        .await
+        {
+            Ok(r) => r,
+            Err(IngestError::Rejected(r)) => return self.reject(&event, r.code, r.message).await,
+            Err(IngestError::Transient(e)) => return Outcome::Retry(e),
+        };
+        match self.finish(&event, &report).await {
+            Ok(()) => Outcome::Done,
+            Err(e) => Outcome::Retry(e),
+        }
+    }
+
+    /// Index, event, record, in that order: each step is repeatable, and the record that makes a
+    /// redelivery a no-op is written only once everything else is done.
+    async fn finish(&self, event: &ReleaseSigned, report: &IngestReport) -> Result<(), String> {
+        let key = release_key(&event.app, &event.version);
+        let index = Encoding::MsgPack
+            .encode(&report.index)
+            .map_err(|e| e.to_string())?;
+        self.bus
+            .index
+            .put(&key, index.into())
+            .await
+            .map_err(|e| format!("storing chunk index {key}: {e}"))?;
+        let stored = ReleaseStored {
+            app: event.app.clone(),
+            version: event.version.clone(),
+            files: report.files,
+            total_bytes: report.total_bytes,
+            chunks: report.chunks,
+            new_chunks: report.new_chunks,
+            new_stored_bytes: report.new_stored_bytes,
+            index_key: key.clone(),
+        };
+        let msg_id = format!("stored.{key}");
+        self.bus
+            .publish_event(RELEASE_STORED, &stored, Encoding::MsgPack, Some(&msg_id))
+            .await
+            .map_err(|e| e.to_string())?;
+        self.bus
+            .put_release_record(&ReleaseRecord {
+                app: event.app.clone(),
+                version: event.version.clone(),
+                state: ReleaseState::Stored,
+                reason: None,
+                manifest: Some(event.manifest.clone()),
+                stored: Some(stored),
+                updated: OffsetDateTime::now_utc(),
+            })
+            .await?;
+        if let Err(e) = self.bus.incoming.delete(&event.object).await {
+            tracing::warn!(object = %event.object, error = %e, "stored, but the incoming archive was not deleted");
+        }
+        tracing::info!(
+            app = %event.app, version = %event.version, chunks = report.chunks, new_chunks = report.new_chunks,
+            new_stored_bytes = report.new_stored_bytes, "release stored"
+        );
+        Ok(())
+    }
+
+    async fn reject(&self, event: &ReleaseSigned, code: RejectCode, message: String) -> Outcome {
+        let reason = Rejection { code, message };
+        tracing::warn!(app = %event.app, version = %event.version, code = ?reason.code, reason = %reason.message, "release rejected");
+        if let Err(e) = self
+            .bus
+            .record_rejection(&event.app, &event.version, &reason, true)
+            .await
+        {
+            return Outcome::Retry(e);
+        }
+        let rejected = ReleaseRejected {
+            app: event.app.clone(),
+            version: event.version.clone(),
+            stage: SERVICE.into(),
+            reason,
+        };
+        match self
+            .bus
+            .publish_event(RELEASE_REJECTED, &rejected, Encoding::Json, None)
+            .await
+        {
+            Ok(()) => Outcome::Done,
+            Err(e) => Outcome::Retry(e.to_string()),
+        }
+    }
+}

@@ -14,6 +14,9 @@ pub const RELEASE_REJECTED: &str = "fleetcast.v1.release.rejected";
 /// The distributor stored every chunk and the chunk index: the release can be announced.
 pub const RELEASE_STORED: &str = "fleetcast.v1.release.stored";
 
+/// A service received an event it could not decode or that was not valid.
+pub const EVENT_REJECTED: &str = "fleetcast.v1.release.event_rejected";
+
 /// Stream holding the release pipeline's events (published, detected, signed, stored, rejected).
 pub const RELEASES_STREAM: &str = "FLEETCAST_RELEASES";
 pub const RELEASES_STREAM_SUBJECTS: [&str; 2] =
@@ -63,9 +66,11 @@ pub fn release_key(app: &str, version: &semver::Version) -> String {
     format!("{app}.{}", version.to_string().replace('+', "_"))
 }
 
-/// Object name of a release's archive in the incoming store.
-pub fn archive_object(app: &str, version: &semver::Version) -> String {
-    format!("{app}-{version}.zip")
+/// Object name of an archive in the incoming store. It carries the archive's hash, so a second
+/// upload of the same app+version with other content can never overwrite the first.
+pub fn archive_object(app: &str, version: &semver::Version, blake3_hex: &str) -> String {
+    let short: String = blake3_hex.chars().take(16).collect();
+    format!("{app}-{version}-{short}.zip")
 }
 
 pub fn desired_key(app: &str, ring: &str) -> String {

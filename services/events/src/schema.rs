@@ -16,6 +16,7 @@ pub fn all() -> Vec<(&'static str, Schema)> {
         one::<PackageRejected>("package-rejected"),
         one::<ReleaseSigned>("release-signed"),
         one::<ReleaseRejected>("release-rejected"),
+        one::<EventRejected>("event-rejected"),
         one::<ReleaseStored>("release-stored"),
         one::<ReleaseRecord>("release-record"),
         one::<ChunkIndex>("chunk-index"),

@@ -103,6 +103,16 @@ pub struct PackageRejected {
     pub reason: Rejection,
 }
 
+/// A service refused an event it could not decode or that broke the contract. Nothing was done.
+#[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize, JsonSchema)]
+#[serde(deny_unknown_fields)]
+pub struct EventRejected {
+    /// The service that refused it: `watcher`, `signer` or `distributor`.
+    pub stage: String,
+    pub subject: String,
+    pub reason: Rejection,
+}
+
 /// The signer hashed every file and signed the manifest.
 #[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize, JsonSchema)]
 #[serde(deny_unknown_fields)]

@@ -129,3 +129,31 @@ pub fn decode<T: serde::de::DeserializeOwned>(
         .map(|v| v.as_str().to_string());
     fleetcast_events::codec::decode(content_type.as_deref(), &message.payload)
 }
+
+/// Publishes `event_rejected` for a message that could not be decoded or broke the contract,
+/// so the refusal is visible, then lets the message go: retrying a malformed event is pointless.
+pub async fn reject_event(
+    bus: &crate::Bus,
+    stage: &str,
+    subject: &str,
+    reason: fleetcast_events::v1::Rejection,
+) -> Outcome {
+    tracing::warn!(%stage, %subject, reason = %reason.message, "event rejected");
+    let event = fleetcast_events::v1::EventRejected {
+        stage: stage.into(),
+        subject: subject.into(),
+        reason,
+    };
+    let published = bus
+        .publish_event(
+            fleetcast_events::names::EVENT_REJECTED,
+            &event,
+            fleetcast_events::Encoding::Json,
+            None,
+        )
+        .await;
+    match published {
+        Ok(()) => Outcome::Done,
+        Err(e) => Outcome::Retry(e.to_string()),
+    }
+}

@@ -3,6 +3,8 @@
 
 pub mod bus;
 pub mod consume;
+pub mod releases;
+pub mod service;
 pub mod settings;
 pub mod shutdown;
 pub mod telemetry;

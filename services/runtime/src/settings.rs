@@ -14,22 +14,26 @@ pub enum SettingsError {
     File { path: PathBuf, reason: String },
     #[error("invalid configuration: {0}")]
     Invalid(String),
+    /// A value that parsed but is not acceptable (checked by the service's `validate`).
     #[error("invalid value for `{key}`: {reason}")]
     Value { key: String, reason: String },
 }
 
-/// Loads settings for `service` (lowercase, e.g. "watcher").
+/// Loads settings for `service` (lowercase, e.g. "watcher"). `list_keys` name the keys whose
+/// environment value is a comma-separated list (e.g. `trusted_keys`).
 pub fn load_settings<T: DeserializeOwned>(
     service: &str,
     file: Option<&Path>,
+    list_keys: &[&str],
 ) -> Result<T, SettingsError> {
-    load_settings_from(service, file, std::env::vars())
+    load_settings_from(service, file, list_keys, std::env::vars())
 }
 
 /// As [`load_settings`] with an explicit environment, so tests don't touch the process's own.
 pub fn load_settings_from<T: DeserializeOwned>(
     service: &str,
     file: Option<&Path>,
+    list_keys: &[&str],
     env: impl IntoIterator<Item = (String, String)>,
 ) -> Result<T, SettingsError> {
     let mut builder = config::Config::builder();
@@ -48,13 +52,19 @@ pub fn load_settings_from<T: DeserializeOwned>(
         .filter(|(k, _)| k.starts_with(&prefix))
         .map(|(k, v)| (k.to_string(), v))
         .collect();
-    builder = builder.add_source(
+    let mut environment =
         config::Environment::with_prefix(&format!("FLEETCAST_{}", service.to_uppercase()))
             .prefix_separator("_")
             .separator("__")
             .try_parsing(true)
-            .source(Some(vars)),
-    );
+            .source(Some(vars));
+    if !list_keys.is_empty() {
+        environment = environment.list_separator(",");
+        for key in list_keys {
+            environment = environment.with_list_parse_key(key);
+        }
+    }
+    builder = builder.add_source(environment);
     let merged = builder.build().map_err(|e| match file {
         Some(path) => SettingsError::File {
             path: path.into(),
@@ -128,11 +138,12 @@ mod tests {
             "drop_dir = \"/srv/drop\"\nmax_entries = 5\n[nats]\nurl = \"nats://a:1\"\n",
         )
         .expect("write");
-        let s: Demo = load_settings_from("demo", None, env(&[])).expect("defaults");
+        let s: Demo = load_settings_from("demo", None, &[], env(&[])).expect("defaults");
         assert_eq!(s, Demo::default());
         let s: Demo = load_settings_from(
             "demo",
             Some(&file),
+            &[],
             env(&[
                 ("FLEETCAST_DEMO_MAX_ENTRIES", "7"),
                 ("FLEETCAST_DEMO_NATS__REQUEST_TIMEOUT", "3s"),
@@ -147,18 +158,21 @@ mod tests {
 
     #[test]
     fn unknown_keys_and_bad_values_name_the_key() {
-        let e = load_settings_from::<Demo>("demo", None, env(&[("FLEETCAST_DEMO_DROP_DRI", "x")]))
-            .expect_err("unknown key");
+        let e =
+            load_settings_from::<Demo>("demo", None, &[], env(&[("FLEETCAST_DEMO_DROP_DRI", "x")]))
+                .expect_err("unknown key");
         assert!(e.to_string().contains("drop_dri"), "{e}");
         let e = load_settings_from::<Demo>(
             "demo",
             None,
+            &[],
             env(&[("FLEETCAST_DEMO_MAX_ENTRIES", "many")]),
         )
         .expect_err("bad value");
         assert!(e.to_string().contains("max_entries"), "{e}");
-        let e = load_settings_from::<Demo>("demo", Some(Path::new("/nonexistent.toml")), env(&[]))
-            .expect_err("missing file");
+        let e =
+            load_settings_from::<Demo>("demo", Some(Path::new("/nonexistent.toml")), &[], env(&[]))
+                .expect_err("missing file");
         assert!(e.to_string().contains("nonexistent"), "{e}");
     }
 }

@@ -1,1 +1,334 @@
+//! The signer: the only process that holds the release-signing key. For each detected package
+//! it reads the archive itself (trusting nothing the watcher said but the object's name), hashes
+//! every file, applies policy (known app, version strictly newer than the last one signed) and
+//! signs the file manifest → `release.signed`, or `release.rejected` with the reason.
 
+mod settings;
+
+use std::sync::Arc;
+
+use async_nats::jetstream::Message;
+use fleetcast_events::names::{self, PACKAGE_DETECTED, RELEASE_REJECTED, RELEASE_SIGNED};
+use fleetcast_events::v1::*;
+use fleetcast_events::{Encoding, Manifest, SecretKey, SignedManifest};
+use fleetcast_package::Package;
+use fleetcast_runtime::consume::{ConsumerSpec, Outcome, decode, reject_event, run_consumer};
+use fleetcast_runtime::releases::FetchError;
+use fleetcast_runtime::{Bus, BusError};
+use serde::{Deserialize, Serialize};
+use time::OffsetDateTime;
+use tokio_util::sync::CancellationToken;
+
+pub use settings::Settings;
+
+pub const SERVICE: &str = "signer";
+
+#[derive(Debug, thiserror::Error)]
+pub enum SignerError {
+    #[error(transparent)]
+    Settings(#[from] fleetcast_runtime::SettingsError),
+    #[error(transparent)]
+    Bus(#[from] BusError),
+    #[error("cannot load signing key {path}: {reason}")]
+    Key { path: String, reason: String },
+}
+
+/// The signer's memory per app (in its own bucket): what it signed last, so "strictly newer" is
+/// enforced across restarts and a redelivered event re-announces instead of being refused.
+#[derive(Debug, Serialize, Deserialize)]
+struct LastSigned {
+    version: semver::Version,
+    signed: ReleaseSigned,
+}
+
+pub async fn run(settings: Settings, shutdown: CancellationToken) -> Result<(), SignerError> {
+    settings.validate()?;
+    let key = load_key(&settings)?;
+    tracing::info!(key_id = %key.public().id(), "signing key loaded");
+    let bus = match Bus::connect(&settings.nats, SERVICE, &shutdown).await {
+        Err(BusError::Cancelled) => return Ok(()),
+        other => other?,
+    };
+    let signer = Signer {
+        bus: bus.clone(),
+        settings: Arc::new(settings),
+        key: Arc::new(key),
+    };
+    let spec = ConsumerSpec {
+        durable: names::SIGNER_CONSUMER,
+        filter_subject: PACKAGE_DETECTED,
+        ack_wait: signer.settings.ack_wait,
+    };
+    run_consumer(&bus.releases_stream, spec, shutdown, |msg| {
+        let signer = signer.clone();
+        async move { signer.handle(&msg).await }
+    })
+    .await?;
+    Ok(())
+}
+
+fn load_key(settings: &Settings) -> Result<SecretKey, SignerError> {
+    let path = settings.key_file.display().to_string();
+    let fail = |reason: String| SignerError::Key {
+        path: path.clone(),
+        reason,
+    };
+    let text = std::fs::read_to_string(&settings.key_file).map_err(|e| fail(e.to_string()))?;
+    #[cfg(unix)]
+    {
+        use std::os::unix::fs::PermissionsExt;
+        if let Ok(meta) = std::fs::metadata(&settings.key_file)
+            && meta.permissions().mode() & 0o077 != 0
+        {
+            tracing::warn!(path = %path, "signing key is readable by group or others; chmod 600 it");
+        }
+    }
+    SecretKey::from_text(&text).map_err(|e| fail(e.to_string()))
+}
+
+#[derive(Clone)]
+struct Signer {
+    bus: Bus,
+    settings: Arc<Settings>,
+    key: Arc<SecretKey>,
+}
+
+impl Signer {
+    async fn handle(&self, msg: &Message) -> Outcome {
+        let event: PackageDetected = match decode(msg) {
+            Ok(e) => e,
+            Err(e) => {
+                return reject_event(
+                    &self.bus,
+                    SERVICE,
+                    PACKAGE_DETECTED,
+                    Rejection {
+                        code: RejectCode::InvalidEvent,
+                        message: e.to_string(),
+                    },
+                )
+                .await;
+            }
+        };
+        if let Err(message) = names::validate_app_name(&event.app) {
+            return reject_event(
+                &self.bus,
+                SERVICE,
+                PACKAGE_DETECTED,
+                Rejection {
+                    code: RejectCode::InvalidEvent,
+                    message,
+                },
+            )
+            .await;
+        }
+        let (last, revision) = match self.last_signed(&event.app).await {
+            Ok(found) => found,
+            Err(e) => return Outcome::Retry(e),
+        };
+        if let Some(last) = &last {
+            if last.version == event.version && last.signed.blake3 == event.blake3 {
+                // Redelivery after signing: announce again (deduplicated by message id).
+                return self.announce(&last.signed).await;
+            }
+            if event.version <= last.version {
+                let message = format!(
+                    "version {} is not newer than {}, the last one signed for {}",
+                    event.version, last.version, event.app
+                );
+                return self
+                    .reject(
+                        &event,
+                        Rejection {
+                            code: RejectCode::VersionNotNewer,
+                            message,
+                        },
+                    )
+                    .await;
+            }
+        }
+        if !self.settings.known_apps.is_empty() && !self.settings.known_apps.contains(&event.app) {
+            let message = format!("app {:?} is not in the signer's known_apps", event.app);
+            return self
+                .reject(
+                    &event,
+                    Rejection {
+                        code: RejectCode::UnknownApp,
+                        message,
+                    },
+                )
+                .await;
+        }
+        let fetched = match self
+            .bus
+            .fetch_archive(&event.object, &self.settings.work_dir())
+            .await
+        {
+            Ok(f) => f,
+            Err(FetchError::NotFound(object)) => {
+                let message = format!("archive {object} is not in the incoming store");
+                return self
+                    .reject(
+                        &event,
+                        Rejection {
+                            code: RejectCode::ArchiveMismatch,
+                            message,
+                        },
+                    )
+                    .await;
+            }
+            Err(e) => return Outcome::Retry(e.to_string()),
+        };
+        if fetched.blake3 != event.blake3 {
+            let message = format!(
+                "archive BLAKE3 is {}, the event says {}",
+                fetched.blake3, event.blake3
+            );
+            return self
+                .reject(
+                    &event,
+                    Rejection {
+                        code: RejectCode::ArchiveMismatch,
+                        message,
+                    },
+                )
+                .await;
+        }
+        let limits = self.settings.limits.clone();
+        let path = fetched.file.path().to_path_buf();
+        let files = match tokio::task::spawn_blocking(move || {
+            Package::open(&path, &limits)?.file_manifest()
+        })
+        .await
+        {
+            Ok(Ok(files)) => files,
+            Ok(Err(e)) => return self.reject(&event, e.rejection()).await,
+            Err(e) => return Outcome::Retry(format!("hashing task failed: {e}")),
+        };
+        let now = OffsetDateTime::now_utc()
+            .replace_nanosecond(0)
+            .unwrap_or_else(|_| OffsetDateTime::now_utc());
+        let manifest = Manifest {
+            app: event.app.clone(),
+            version: event.version.clone(),
+            files,
+            created: now,
+            expires: now + self.settings.manifest_ttl,
+        };
+        let signed_manifest = match SignedManifest::sign(&manifest, &self.key) {
+            Ok(s) => s,
+            Err(e) => return Outcome::Retry(format!("cannot serialise manifest: {e}")),
+        };
+        let signed = ReleaseSigned {
+            app: event.app.clone(),
+            version: event.version.clone(),
+            object: event.object.clone(),
+            blake3: event.blake3.clone(),
+            manifest: signed_manifest,
+        };
+        // Compare-and-set: two signers racing on the same app cannot both sign.
+        let record = LastSigned {
+            version: event.version.clone(),
+            signed: signed.clone(),
+        };
+        let bytes = match Encoding::Json.encode(&record) {
+            Ok(b) => b,
+            Err(e) => return Outcome::Retry(e.to_string()),
+        };
+        let stored = match revision {
+            None => self
+                .bus
+                .signer_state
+                .create(&event.app, bytes.into())
+                .await
+                .map(|_| ())
+                .map_err(|e| e.to_string()),
+            Some(rev) => self
+                .bus
+                .signer_state
+                .update(&event.app, bytes.into(), rev)
+                .await
+                .map(|_| ())
+                .map_err(|e| e.to_string()),
+        };
+        if let Err(e) = stored {
+            return Outcome::Retry(format!(
+                "signer state for {} changed meanwhile: {e}",
+                event.app
+            ));
+        }
+        let release = ReleaseRecord {
+            app: signed.app.clone(),
+            version: signed.version.clone(),
+            state: ReleaseState::Signed,
+            reason: None,
+            manifest: Some(signed.manifest.clone()),
+            stored: None,
+            updated: OffsetDateTime::now_utc(),
+        };
+        if let Err(e) = self.bus.put_release_record(&release).await {
+            return Outcome::Retry(e);
+        }
+        tracing::info!(app = %signed.app, version = %signed.version, files = manifest.files.len(), "release signed");
+        self.announce(&signed).await
+    }
+
+    async fn last_signed(&self, app: &str) -> Result<(Option<LastSigned>, Option<u64>), String> {
+        match self
+            .bus
+            .signer_state
+            .entry(app)
+            .await
+            .map_err(|e| e.to_string())?
+        {
+            Some(entry) if matches!(entry.operation, async_nats::jetstream::kv::Operation::Put) => {
+                let last = Encoding::Json
+                    .decode(&entry.value)
+                    .map_err(|e| format!("signer state for {app}: {e}"))?;
+                Ok((Some(last), Some(entry.revision)))
+            }
+            Some(entry) => Ok((None, Some(entry.revision))),
+            None => Ok((None, None)),
+        }
+    }
+
+    async fn announce(&self, signed: &ReleaseSigned) -> Outcome {
+        let msg_id = format!("signed.{}", signed.object);
+        match self
+            .bus
+            .publish_event(RELEASE_SIGNED, signed, Encoding::MsgPack, Some(&msg_id))
+            .await
+        {
+            Ok(()) => Outcome::Done,
+            Err(e) => Outcome::Retry(e.to_string()),
+        }
+    }
+
+    async fn reject(&self, event: &PackageDetected, reason: Rejection) -> Outcome {
+        tracing::warn!(app = %event.app, version = %event.version, code = ?reason.code, reason = %reason.message, "release rejected");
+        if let Err(e) = self
+            .bus
+            .record_rejection(&event.app, &event.version, &reason, false)
+            .await
+        {
+            return Outcome::Retry(e);
+        }
+        if let Err(e) = self.bus.incoming.delete(&event.object).await {
+            tracing::debug!(object = %event.object, error = %e, "rejected archive not deleted");
+        }
+        let rejected = ReleaseRejected {
+            app: event.app.clone(),
+            version: event.version.clone(),
+            stage: SERVICE.into(),
+            reason,
+        };
+        match self
+            .bus
+            .publish_event(RELEASE_REJECTED, &rejected, Encoding::Json, None)
+            .await
+        {
+            Ok(()) => Outcome::Done,
+            Err(e) => Outcome::Retry(e.to_string()),
+        }
+    }
+}

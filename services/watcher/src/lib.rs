@@ -1,1 +1,261 @@
+//! The watcher: turns a complete `NAME-VERSION.zip` in the drop folder, or a release CI
+//! published, into a validated archive in the incoming store and a `package.detected` event.
+//! A package it refuses gets a `package.rejected` event with the reason; a dropped file is then
+//! moved to `rejected/` so it is not retried forever.
 
+mod drop_folder;
+mod settings;
+
+use std::path::Path;
+use std::sync::Arc;
+
+use fleetcast_events::Encoding;
+use fleetcast_events::names::{self, PACKAGE_DETECTED, PACKAGE_REJECTED, RELEASE_PUBLISHED};
+use fleetcast_events::v1::{
+    PackageDetected, PackageRejected, PackageSource, RejectCode, Rejection, ReleasePublished,
+};
+use fleetcast_package::{ArchiveError, ArchiveLimits, Package};
+use fleetcast_runtime::consume::{ConsumerSpec, Outcome, decode, reject_event, run_consumer};
+use fleetcast_runtime::releases::FetchError;
+use fleetcast_runtime::{Bus, BusError};
+use semver::Version;
+use tokio_util::sync::CancellationToken;
+
+pub use settings::Settings;
+
+pub const SERVICE: &str = "watcher";
+
+#[derive(Debug, thiserror::Error)]
+pub enum WatcherError {
+    #[error(transparent)]
+    Settings(#[from] fleetcast_runtime::SettingsError),
+    #[error(transparent)]
+    Bus(#[from] BusError),
+    #[error("cannot watch drop folder {path}: {reason}")]
+    Watch { path: String, reason: String },
+}
+
+pub async fn run(settings: Settings, shutdown: CancellationToken) -> Result<(), WatcherError> {
+    settings.validate()?;
+    let bus = match Bus::connect(&settings.nats, SERVICE, &shutdown).await {
+        Err(BusError::Cancelled) => return Ok(()),
+        other => other?,
+    };
+    let watcher = Watcher {
+        bus,
+        settings: Arc::new(settings),
+    };
+    let ci = {
+        let w = watcher.clone();
+        let shutdown = shutdown.clone();
+        tokio::spawn(async move { w.consume_ci_releases(shutdown).await })
+    };
+    let folder = drop_folder::watch(watcher.clone(), shutdown.clone()).await;
+    shutdown.cancel();
+    match ci.await {
+        Ok(result) => result?,
+        Err(e) => tracing::error!(error = %e, "CI consumer task failed"),
+    }
+    folder
+}
+
+#[derive(Clone)]
+pub(crate) struct Watcher {
+    bus: Bus,
+    settings: Arc<Settings>,
+}
+
+/// What validation found out about an archive file.
+pub(crate) struct Inspected {
+    pub size: u64,
+    pub blake3: String,
+}
+
+/// Validates an archive's structure against the limits and hashes the whole file.
+pub(crate) fn inspect(path: &Path, limits: &ArchiveLimits) -> Result<Inspected, ArchiveError> {
+    Package::open(path, limits)?;
+    let mut hasher = blake3::Hasher::new();
+    let size = hasher.update_reader(std::fs::File::open(path)?)?.count();
+    Ok(Inspected {
+        size,
+        blake3: hasher.finalize().to_hex().to_string(),
+    })
+}
+
+impl Watcher {
+    async fn consume_ci_releases(&self, shutdown: CancellationToken) -> Result<(), BusError> {
+        let spec = ConsumerSpec {
+            durable: names::WATCHER_CONSUMER,
+            filter_subject: RELEASE_PUBLISHED,
+            ack_wait: self.settings.ack_wait,
+        };
+        let stream = self.bus.releases_stream.clone();
+        run_consumer(&stream, spec, shutdown, |msg| async move {
+            self.handle_ci_release(&msg).await
+        })
+        .await
+    }
+
+    async fn handle_ci_release(&self, msg: &async_nats::jetstream::Message) -> Outcome {
+        let event: ReleasePublished = match decode(msg) {
+            Ok(e) => e,
+            Err(e) => {
+                let reason = Rejection {
+                    code: RejectCode::InvalidEvent,
+                    message: e.to_string(),
+                };
+                return reject_event(&self.bus, SERVICE, RELEASE_PUBLISHED, reason).await;
+            }
+        };
+        let source = PackageSource::Ci {
+            published_by: event.published_by.clone(),
+        };
+        let reject = |code, message: String| Rejection { code, message };
+        if let Err(message) = names::validate_app_name(&event.app) {
+            return self
+                .reject_package(
+                    Some(&event.app),
+                    Some(&event.version),
+                    source,
+                    reject(RejectCode::InvalidName, message),
+                    None,
+                )
+                .await;
+        }
+        let expected = names::archive_object(&event.app, &event.version, &event.blake3);
+        if event.object != expected || event.blake3.len() != 64 {
+            let message = format!(
+                "object must be named {expected:?} after the archive's BLAKE3, got {:?}",
+                event.object
+            );
+            return self
+                .reject_package(
+                    Some(&event.app),
+                    Some(&event.version),
+                    source,
+                    reject(RejectCode::InvalidEvent, message),
+                    None,
+                )
+                .await;
+        }
+        let fetched = match self
+            .bus
+            .fetch_archive(&event.object, &self.settings.work_dir())
+            .await
+        {
+            Ok(f) => f,
+            Err(FetchError::NotFound(object)) => {
+                let rejection = reject(
+                    RejectCode::ArchiveMismatch,
+                    format!("archive {object} was not uploaded"),
+                );
+                return self
+                    .reject_package(
+                        Some(&event.app),
+                        Some(&event.version),
+                        source,
+                        rejection,
+                        None,
+                    )
+                    .await;
+            }
+            Err(e @ FetchError::Transient { .. }) => return Outcome::Retry(e.to_string()),
+        };
+        if fetched.blake3 != event.blake3 || fetched.size != event.size {
+            let message = format!(
+                "uploaded archive has {} bytes, BLAKE3 {}; the event says {} bytes, {}",
+                fetched.size, fetched.blake3, event.size, event.blake3
+            );
+            let rejection = reject(RejectCode::ArchiveMismatch, message);
+            return self
+                .reject_package(
+                    Some(&event.app),
+                    Some(&event.version),
+                    source,
+                    rejection,
+                    Some(&event.object),
+                )
+                .await;
+        }
+        let limits = self.settings.limits.clone();
+        let path = fetched.file.path().to_path_buf();
+        match tokio::task::spawn_blocking(move || Package::open(&path, &limits).map(|_| ())).await {
+            Ok(Ok(())) => {}
+            Ok(Err(e)) => {
+                return self
+                    .reject_package(
+                        Some(&event.app),
+                        Some(&event.version),
+                        source,
+                        e.rejection(),
+                        Some(&event.object),
+                    )
+                    .await;
+            }
+            Err(e) => return Outcome::Retry(format!("validation task failed: {e}")),
+        }
+        let detected = PackageDetected {
+            app: event.app,
+            version: event.version,
+            object: event.object,
+            size: fetched.size,
+            blake3: fetched.blake3,
+            source,
+        };
+        match self.announce(&detected).await {
+            Ok(()) => Outcome::Done,
+            Err(e) => Outcome::Retry(e.to_string()),
+        }
+    }
+
+    /// Publishes `package.detected`, idempotently (the message id names the exact archive).
+    async fn announce(&self, detected: &PackageDetected) -> Result<(), BusError> {
+        let msg_id = format!("detected.{}", detected.object);
+        self.bus
+            .publish_event(PACKAGE_DETECTED, detected, Encoding::MsgPack, Some(&msg_id))
+            .await?;
+        tracing::info!(app = %detected.app, version = %detected.version, object = %detected.object, "package detected");
+        Ok(())
+    }
+
+    /// Publishes `package.rejected`, records the rejection, and removes the uploaded archive so
+    /// nothing is kept for a refused package.
+    async fn reject_package(
+        &self,
+        app: Option<&str>,
+        version: Option<&Version>,
+        source: PackageSource,
+        reason: Rejection,
+        object: Option<&str>,
+    ) -> Outcome {
+        tracing::warn!(app = ?app, version = ?version.map(|v| v.to_string()), code = ?reason.code, reason = %reason.message, "package rejected");
+        if let Some(object) = object
+            && let Err(e) = self.bus.incoming.delete(object).await
+        {
+            tracing::warn!(%object, error = %e, "cannot delete rejected archive");
+        }
+        if let (Some(app), Some(version)) = (app, version)
+            && names::validate_app_name(app).is_ok()
+            && let Err(e) = self
+                .bus
+                .record_rejection(app, version, &reason, false)
+                .await
+        {
+            return Outcome::Retry(e);
+        }
+        let event = PackageRejected {
+            app: app.map(String::from),
+            version: version.cloned(),
+            source,
+            reason,
+        };
+        match self
+            .bus
+            .publish_event(PACKAGE_REJECTED, &event, Encoding::Json, None)
+            .await
+        {
+            Ok(()) => Outcome::Done,
+            Err(e) => Outcome::Retry(e.to_string()),
+        }
+    }
+}

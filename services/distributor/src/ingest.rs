@@ -1,0 +1,281 @@
+//! Turning a verified release into stored chunks. A blocking thread reads the archive, checks
+//! every entry against the signed manifest, and cuts each file's uncompressed content into
+//! chunks, hashing the whole file as it goes; the async side stores the chunks the store lacks,
+//! a bounded number at a time, and builds the chunk index.
+
+use std::collections::{HashMap, HashSet};
+use std::path::{Path, PathBuf};
+use std::sync::{Arc, Mutex};
+
+use async_nats::jetstream::context::PublishErrorKind;
+use async_nats::jetstream::message::PublishMessage;
+use async_nats::jetstream::stream::DirectGetErrorKind;
+use fleetcast_events::VerifiedManifest;
+use fleetcast_events::manifest::FileEntry;
+use fleetcast_events::names::chunk_subject;
+use fleetcast_events::v1::{ChunkIndex, FileChunks, RejectCode, Rejection};
+use fleetcast_package::chunking::{self, ChunkId, chunk_ref};
+use fleetcast_package::{ArchiveLimits, EntryKind, Package};
+use fleetcast_runtime::Bus;
+use futures::StreamExt;
+use futures::stream::FuturesUnordered;
+
+#[derive(Debug)]
+pub enum IngestError {
+    /// The archive does not match its signed manifest, or cannot be read: refuse the release.
+    Rejected(Rejection),
+    /// NATS or the local disk failed: try again later.
+    Transient(String),
+}
+
+#[derive(Debug, Clone)]
+pub struct IngestReport {
+    pub index: ChunkIndex,
+    pub files: u64,
+    pub total_bytes: u64,
+    pub chunks: u64,
+    pub new_chunks: u64,
+    pub new_stored_bytes: u64,
+}
+
+/// Chunks known to be in the store are remembered, so re-ingesting shared content costs
+/// hashing only. Bounded: past this many it starts over (the store itself is the truth).
+const MAX_KNOWN: usize = 4_000_000;
+
+/// The content-addressed chunk store: one subject per chunk in the chunks stream.
+#[derive(Clone)]
+pub struct ChunkStore {
+    bus: Bus,
+    known: Arc<Mutex<HashSet<ChunkId>>>,
+}
+
+enum Stored {
+    New(u64),
+    Existing,
+}
+
+impl ChunkStore {
+    pub fn new(bus: Bus) -> Self {
+        ChunkStore {
+            bus,
+            known: Arc::default(),
+        }
+    }
+
+    fn is_known(&self, id: &ChunkId) -> bool {
+        self.known.lock().is_ok_and(|k| k.contains(id))
+    }
+
+    fn remember(&self, id: ChunkId) {
+        if let Ok(mut known) = self.known.lock() {
+            if known.len() >= MAX_KNOWN {
+                known.clear();
+            }
+            known.insert(id);
+        }
+    }
+
+    /// Stores a chunk unless the store has it. The publish carries "expected last subject
+    /// sequence 0", so when two distributors race on the same chunk the server keeps one.
+    async fn store(&self, id: ChunkId, data: Vec<u8>) -> Result<Stored, String> {
+        if self.is_known(&id) {
+            return Ok(Stored::Existing);
+        }
+        let subject = chunk_subject(&id.to_hex());
+        match self
+            .bus
+            .chunks
+            .direct_get_last_for_subject(subject.clone())
+            .await
+        {
+            Ok(_) => {
+                self.remember(id);
+                return Ok(Stored::Existing);
+            }
+            Err(e) if matches!(e.kind(), DirectGetErrorKind::NotFound) => {}
+            Err(e) => return Err(format!("checking chunk {id}: {e}")),
+        }
+        let compressed = tokio::task::spawn_blocking(move || chunking::compress(&data))
+            .await
+            .map_err(|e| e.to_string())?
+            .map_err(|e| format!("compressing chunk {id}: {e}"))?;
+        let len = compressed.len() as u64;
+        let publish = PublishMessage::build()
+            .payload(compressed.into())
+            .expected_last_subject_sequence(0);
+        let ack = self
+            .bus
+            .js
+            .send_publish(subject, publish)
+            .await
+            .map_err(|e| format!("storing chunk {id}: {e}"))?;
+        match ack.await {
+            Ok(_) => {
+                self.remember(id);
+                Ok(Stored::New(len))
+            }
+            Err(e) if matches!(e.kind(), PublishErrorKind::WrongLastSequence) => {
+                self.remember(id);
+                Ok(Stored::Existing)
+            }
+            Err(e) => Err(format!("storing chunk {id}: {e}")),
+        }
+    }
+}
+
+struct Work {
+    file: usize,
+    id: ChunkId,
+    data: Vec<u8>,
+}
+
+fn mismatch(message: String) -> IngestError {
+    IngestError::Rejected(Rejection {
+        code: RejectCode::ManifestMismatch,
+        message,
+    })
+}
+
+/// Chunks and stores every file of `archive`, which must match `manifest` exactly.
+pub async fn ingest(
+    store: &ChunkStore,
+    archive: &Path,
+    manifest: &VerifiedManifest,
+    limits: &ArchiveLimits,
+    concurrency: usize,
+) -> Result<IngestReport, IngestError> {
+    let files = manifest.files.clone();
+    let mut index: Vec<FileChunks> = files
+        .iter()
+        .map(|f| FileChunks {
+            path: f.path.clone(),
+            chunks: Vec::new(),
+        })
+        .collect();
+    let (tx, mut rx) = tokio::sync::mpsc::channel::<Work>(64);
+    let (path, limits_owned) = (PathBuf::from(archive), limits.clone());
+    let producer = tokio::task::spawn_blocking(move || produce(&path, &files, &limits_owned, tx));
+
+    let mut inflight = FuturesUnordered::new();
+    let (mut chunks, mut new_chunks, mut new_stored_bytes) = (0u64, 0u64, 0u64);
+    let mut failure = None;
+    let mut done = false;
+    while !(done && inflight.is_empty()) {
+        tokio::select! {
+            Some(result) = inflight.next(), if !inflight.is_empty() => match result {
+                Ok(Stored::New(bytes)) => {
+                    new_chunks += 1;
+                    new_stored_bytes += bytes;
+                }
+                Ok(Stored::Existing) => {}
+                Err(e) => {
+                    failure.get_or_insert(e);
+                    rx.close(); // stop the reader; finish what is in flight
+                }
+            },
+            work = rx.recv(), if !done && inflight.len() < concurrency => match work {
+                Some(w) => {
+                    chunks += 1;
+                    index[w.file].chunks.push(chunk_ref(&w.id, w.data.len()));
+                    inflight.push(store.store(w.id, w.data));
+                }
+                None => done = true,
+            },
+        }
+    }
+    let produced = producer
+        .await
+        .map_err(|e| IngestError::Transient(format!("reader task failed: {e}")))?;
+    if let Some(e) = failure {
+        return Err(IngestError::Transient(e));
+    }
+    produced?;
+    let total_bytes = manifest.files.iter().map(|f| f.size).sum();
+    Ok(IngestReport {
+        index: ChunkIndex {
+            app: manifest.app.clone(),
+            version: manifest.version.clone(),
+            files: index,
+        },
+        files: manifest.files.len() as u64,
+        total_bytes,
+        chunks,
+        new_chunks,
+        new_stored_bytes,
+    })
+}
+
+/// The blocking half: checks the archive against the manifest and feeds chunks to `tx`.
+fn produce(
+    path: &Path,
+    files: &[FileEntry],
+    limits: &ArchiveLimits,
+    tx: tokio::sync::mpsc::Sender<Work>,
+) -> Result<(), IngestError> {
+    let mut package =
+        Package::open(path, limits).map_err(|e| IngestError::Rejected(e.rejection()))?;
+    let entries: HashMap<String, (usize, EntryKind, u64)> = package
+        .entries()
+        .iter()
+        .filter(|e| !matches!(e.kind, EntryKind::Dir))
+        .map(|e| (e.path.clone(), (e.index, e.kind.clone(), e.size)))
+        .collect();
+    if entries.len() != files.len() {
+        return Err(mismatch(format!(
+            "archive has {} files, the signed manifest {}",
+            entries.len(),
+            files.len()
+        )));
+    }
+    let mut plan = Vec::with_capacity(files.len());
+    for (i, file) in files.iter().enumerate() {
+        let Some((index, kind, size)) = entries.get(&file.path) else {
+            return Err(mismatch(format!(
+                "{} is in the signed manifest but not in the archive",
+                file.path
+            )));
+        };
+        match kind {
+            EntryKind::Symlink { target } if file.link.as_deref() == Some(target.as_str()) => {}
+            EntryKind::File { mode }
+                if file.link.is_none() && *mode == file.mode && *size == file.size =>
+            {
+                plan.push((i, *index))
+            }
+            _ => {
+                return Err(mismatch(format!(
+                    "{} differs from the signed manifest (kind, mode, size or link)",
+                    file.path
+                )));
+            }
+        }
+    }
+    for (i, zip_index) in plan {
+        let file = &files[i];
+        let mut hasher = blake3::Hasher::new();
+        let mut size = 0u64;
+        let reader = package
+            .entry_reader(zip_index)
+            .map_err(|e| IngestError::Rejected(e.rejection()))?;
+        for chunk in chunking::chunks(reader) {
+            let (id, data) = chunk.map_err(|e| {
+                IngestError::Rejected(Rejection {
+                    code: RejectCode::CorruptArchive,
+                    message: format!("{}: {e}", file.path),
+                })
+            })?;
+            hasher.update(&data);
+            size += data.len() as u64;
+            if tx.blocking_send(Work { file: i, id, data }).is_err() {
+                return Ok(()); // the store side stopped and reports why
+            }
+        }
+        if size != file.size || hasher.finalize().to_hex().as_str() != file.blake3 {
+            return Err(mismatch(format!(
+                "{} content does not match its signed hash",
+                file.path
+            )));
+        }
+    }
+    Ok(())
+}

@@ -1,0 +1,66 @@
+use std::path::PathBuf;
+use std::time::Duration;
+
+use fleetcast_package::ArchiveLimits;
+use fleetcast_runtime::{NatsSettings, SettingsError};
+use serde::Deserialize;
+
+#[derive(Debug, Clone, Deserialize)]
+#[serde(deny_unknown_fields, default)]
+pub struct Settings {
+    pub nats: NatsSettings,
+    /// The Ed25519 secret key file (`fleetcast keygen`). Only the signer ever reads it.
+    pub key_file: PathBuf,
+    /// Apps the signer will sign; empty means any app.
+    pub known_apps: Vec<String>,
+    /// How long a signed manifest stays valid.
+    #[serde(with = "humantime_serde")]
+    pub manifest_ttl: Duration,
+    pub work_dir: Option<PathBuf>,
+    #[serde(with = "humantime_serde")]
+    pub ack_wait: Duration,
+    pub limits: ArchiveLimits,
+}
+
+impl Default for Settings {
+    fn default() -> Self {
+        Settings {
+            nats: NatsSettings::default(),
+            key_file: PathBuf::from("keys/signing.key"),
+            known_apps: Vec::new(),
+            manifest_ttl: Duration::from_secs(365 * 24 * 3600),
+            work_dir: None,
+            ack_wait: Duration::from_secs(30),
+            limits: ArchiveLimits::default(),
+        }
+    }
+}
+
+impl Settings {
+    pub const LIST_KEYS: &'static [&'static str] = &["known_apps"];
+
+    pub fn validate(&self) -> Result<(), SettingsError> {
+        let bad = |key: &str, reason: String| {
+            Err(SettingsError::Value {
+                key: key.into(),
+                reason,
+            })
+        };
+        if self.ack_wait < Duration::from_secs(1) {
+            return bad("ack_wait", "must be at least 1s".into());
+        }
+        if self.manifest_ttl < Duration::from_secs(60) {
+            return bad("manifest_ttl", "must be at least 1m".into());
+        }
+        for app in &self.known_apps {
+            if let Err(reason) = fleetcast_events::names::validate_app_name(app) {
+                return bad("known_apps", reason);
+            }
+        }
+        Ok(())
+    }
+
+    pub fn work_dir(&self) -> PathBuf {
+        self.work_dir.clone().unwrap_or_else(std::env::temp_dir)
+    }
+}

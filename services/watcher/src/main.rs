@@ -1,0 +1,7 @@
+fn main() -> std::process::ExitCode {
+    fleetcast_runtime::service::service_main(
+        fleetcast_watcher::SERVICE,
+        &[],
+        fleetcast_watcher::run,
+    )
+}

@@ -1,0 +1,82 @@
+use std::path::PathBuf;
+use std::time::Duration;
+
+use fleetcast_package::ArchiveLimits;
+use fleetcast_runtime::{NatsSettings, SettingsError};
+use serde::Deserialize;
+
+#[derive(Debug, Clone, Deserialize)]
+#[serde(deny_unknown_fields, default)]
+pub struct Settings {
+    pub nats: NatsSettings,
+    /// Folder CI or a person drops `NAME-VERSION.zip` files into.
+    pub drop_dir: PathBuf,
+    /// Where refused files go (default `<drop_dir>/rejected`), each with a `.reason.txt`.
+    pub rejected_dir: Option<PathBuf>,
+    /// Where accepted files go once uploaded (default `<drop_dir>/processed`).
+    pub processed_dir: Option<PathBuf>,
+    /// Scratch space for archives fetched from the store (default: the system temp folder).
+    pub work_dir: Option<PathBuf>,
+    /// A file is complete once its size and modification time stayed the same this long.
+    #[serde(with = "humantime_serde")]
+    pub settle: Duration,
+    /// Full rescan of the drop folder, in case a file-system event was missed.
+    #[serde(with = "humantime_serde")]
+    pub rescan: Duration,
+    #[serde(with = "humantime_serde")]
+    pub ack_wait: Duration,
+    pub limits: ArchiveLimits,
+}
+
+impl Default for Settings {
+    fn default() -> Self {
+        Settings {
+            nats: NatsSettings::default(),
+            drop_dir: PathBuf::from("drop"),
+            rejected_dir: None,
+            processed_dir: None,
+            work_dir: None,
+            settle: Duration::from_secs(1),
+            rescan: Duration::from_secs(30),
+            ack_wait: Duration::from_secs(30),
+            limits: ArchiveLimits::default(),
+        }
+    }
+}
+
+impl Settings {
+    pub fn validate(&self) -> Result<(), SettingsError> {
+        let bad = |key: &str, reason: &str| {
+            Err(SettingsError::Value {
+                key: key.into(),
+                reason: reason.into(),
+            })
+        };
+        if self.ack_wait < Duration::from_secs(1) {
+            return bad("ack_wait", "must be at least 1s");
+        }
+        if self.settle.is_zero() {
+            return bad("settle", "must be more than 0");
+        }
+        if self.rescan < Duration::from_secs(1) {
+            return bad("rescan", "must be at least 1s");
+        }
+        Ok(())
+    }
+
+    pub fn rejected_dir(&self) -> PathBuf {
+        self.rejected_dir
+            .clone()
+            .unwrap_or_else(|| self.drop_dir.join("rejected"))
+    }
+
+    pub fn processed_dir(&self) -> PathBuf {
+        self.processed_dir
+            .clone()
+            .unwrap_or_else(|| self.drop_dir.join("processed"))
+    }
+
+    pub fn work_dir(&self) -> PathBuf {
+        self.work_dir.clone().unwrap_or_else(std::env::temp_dir)
+    }
+}
