@@ -1,1 +1,200 @@
-fn main() {}
+//! `fleetcast`: the operator and CI command.
+
+use std::path::PathBuf;
+use std::process::ExitCode;
+use std::time::Duration;
+
+use clap::{Parser, Subcommand};
+use fleetcast_cli as cli;
+use fleetcast_events::v1::{ReleaseRecord, ReleaseState};
+use indicatif::{ProgressBar, ProgressStyle};
+
+#[derive(Parser)]
+#[command(
+    name = "fleetcast",
+    version,
+    about = "Publish releases and steer fleetcast"
+)]
+struct Args {
+    /// NATS server URL.
+    #[arg(
+        long,
+        global = true,
+        env = "FLEETCAST_NATS_URL",
+        default_value = "nats://127.0.0.1:4222"
+    )]
+    nats_url: String,
+    #[command(subcommand)]
+    command: Command,
+}
+
+#[derive(Subcommand)]
+enum Command {
+    /// Create an Ed25519 signing key pair (the secret goes to the signer only).
+    Keygen {
+        #[arg(long, default_value = "keys")]
+        dir: PathBuf,
+        #[arg(long, default_value = "signing")]
+        name: String,
+        /// Replace existing key files.
+        #[arg(long)]
+        force: bool,
+    },
+    /// Upload a release archive and announce it (the CI path).
+    Publish {
+        /// NAME-VERSION.zip, or any zip with --app and --version.
+        archive: PathBuf,
+        #[arg(long)]
+        app: Option<String>,
+        #[arg(long)]
+        version: Option<semver::Version>,
+        /// Who published it (e.g. the CI job), recorded in the event.
+        #[arg(long, env = "FLEETCAST_PUBLISHED_BY")]
+        published_by: Option<String>,
+        /// Wait until the release is stored or rejected; exit non-zero if rejected.
+        #[arg(long)]
+        wait: bool,
+        #[arg(long, default_value = "10m", value_parser = humantime_parse)]
+        timeout: Duration,
+    },
+    /// List releases and their state.
+    Releases {
+        #[arg(long)]
+        app: Option<String>,
+        /// Print JSON instead of a table.
+        #[arg(long)]
+        json: bool,
+    },
+}
+
+fn humantime_parse(s: &str) -> Result<Duration, String> {
+    humantime_serde::re::humantime::parse_duration(s)
+        .map_err(|e| format!("{s:?}: {e} (try 90s, 10m or 1h)"))
+}
+
+fn main() -> ExitCode {
+    let args = Args::parse();
+    fleetcast_runtime::telemetry::init_tracing();
+    let runtime = match tokio::runtime::Builder::new_multi_thread()
+        .enable_all()
+        .build()
+    {
+        Ok(rt) => rt,
+        Err(e) => {
+            eprintln!("error: cannot start: {e}");
+            return ExitCode::FAILURE;
+        }
+    };
+    match runtime.block_on(execute(args)) {
+        Ok(code) => code,
+        Err(e) => {
+            eprintln!("error: {e:#}");
+            ExitCode::FAILURE
+        }
+    }
+}
+
+async fn execute(args: Args) -> anyhow::Result<ExitCode> {
+    match args.command {
+        Command::Keygen { dir, name, force } => {
+            let (secret, public, id) = cli::keygen(&dir, &name, force)?;
+            println!(
+                "key id {id}\nsecret key: {} (give it to the signer only)\npublic key: {}",
+                secret.display(),
+                public.display()
+            );
+            Ok(ExitCode::SUCCESS)
+        }
+        Command::Publish {
+            archive,
+            app,
+            version,
+            published_by,
+            wait,
+            timeout,
+        } => {
+            let bus = cli::connect(&args.nats_url, Duration::from_secs(10)).await?;
+            let bar = ProgressBar::new(0);
+            bar.set_style(
+                ProgressStyle::with_template(
+                    "uploading {bar:40} {bytes}/{total_bytes} {bytes_per_sec} {eta}",
+                )
+                .unwrap_or_else(|_| ProgressStyle::default_bar()),
+            );
+            let progress = |done: u64, total: u64| {
+                bar.set_length(total);
+                bar.set_position(done);
+            };
+            let request = cli::PublishRequest {
+                archive: &archive,
+                app,
+                version,
+                published_by,
+                progress: Some(&progress),
+            };
+            let event = cli::publish(&bus, request).await?;
+            bar.finish_and_clear();
+            println!(
+                "published {} {} ({} bytes, blake3 {})",
+                event.app, event.version, event.size, event.blake3
+            );
+            if !wait {
+                return Ok(ExitCode::SUCCESS);
+            }
+            let record = cli::wait_for_release(&bus, &event.app, &event.version, timeout).await?;
+            print_records(&[record.clone()]);
+            Ok(if record.state == ReleaseState::Stored {
+                ExitCode::SUCCESS
+            } else {
+                ExitCode::from(3)
+            })
+        }
+        Command::Releases { app, json } => {
+            let bus = cli::connect(&args.nats_url, Duration::from_secs(10)).await?;
+            let records = cli::releases(&bus, app.as_deref()).await?;
+            if json {
+                println!("{}", serde_json::to_string_pretty(&records)?);
+            } else if records.is_empty() {
+                println!("no releases");
+            } else {
+                print_records(&records);
+            }
+            Ok(ExitCode::SUCCESS)
+        }
+    }
+}
+
+fn print_records(records: &[ReleaseRecord]) {
+    println!(
+        "{:<20} {:<16} {:<9} {:>6} {:>12} {:>7} {:>7}  {}",
+        "APP", "VERSION", "STATE", "FILES", "BYTES", "CHUNKS", "NEW", "NOTE"
+    );
+    for r in records {
+        let state = format!("{:?}", r.state).to_lowercase();
+        let (files, bytes, chunks, new) = match &r.stored {
+            Some(s) => (
+                s.files.to_string(),
+                s.total_bytes.to_string(),
+                s.chunks.to_string(),
+                s.new_chunks.to_string(),
+            ),
+            None => ("-".into(), "-".into(), "-".into(), "-".into()),
+        };
+        let note = r
+            .reason
+            .as_ref()
+            .map(|x| format!("{:?}: {}", x.code, x.message))
+            .unwrap_or_default();
+        println!(
+            "{:<20} {:<16} {:<9} {:>6} {:>12} {:>7} {:>7}  {}",
+            r.app,
+            r.version.to_string(),
+            state,
+            files,
+            bytes,
+            chunks,
+            new,
+            note
+        );
+    }
+}

@@ -1,1 +1,296 @@
+//! The release pipeline assembled for end-to-end tests: a real nats-server, a signing key, and
+//! the watcher, signer and distributor running as tasks that can be started, killed (aborted
+//! mid-job, so nothing is acked) and started again.
 
+use std::collections::HashMap;
+use std::path::PathBuf;
+use std::time::Duration;
+
+use anyhow::{Context, bail};
+use async_nats::jetstream::consumer::{DeliverPolicy, pull};
+use fleetcast_events::names::{self, release_key};
+use fleetcast_events::v1::{ChunkIndex, ReleaseRecord};
+use fleetcast_events::{Encoding, SecretKey, TrustedKeys};
+use fleetcast_harness::NatsServer;
+use fleetcast_package::chunking::{self, ChunkId};
+use fleetcast_runtime::{Bus, NatsSettings};
+use futures::StreamExt;
+use serde::de::DeserializeOwned;
+use tokio::task::JoinHandle;
+use tokio_util::sync::CancellationToken;
+
+pub const TIMEOUT: Duration = Duration::from_secs(60);
+
+pub struct Pipeline {
+    pub nats: NatsServer,
+    pub dir: tempfile::TempDir,
+    pub key: SecretKey,
+    services: HashMap<String, (CancellationToken, JoinHandle<()>)>,
+}
+
+impl Pipeline {
+    /// A nats-server and a key pair; no services yet.
+    pub async fn new() -> anyhow::Result<Pipeline> {
+        fleetcast_runtime::telemetry::init_tracing();
+        let nats = NatsServer::start().await?;
+        let dir = tempfile::Builder::new()
+            .prefix("fleetcast-e2e-")
+            .tempdir()?;
+        let key = SecretKey::generate()?;
+        std::fs::create_dir_all(dir.path().join("keys"))?;
+        let key_file = dir.path().join("keys/signing.key");
+        std::fs::write(&key_file, key.to_text())?;
+        std::fs::set_permissions(
+            &key_file,
+            std::os::unix::fs::PermissionsExt::from_mode(0o600),
+        )?;
+        Ok(Pipeline {
+            nats,
+            dir,
+            key,
+            services: HashMap::new(),
+        })
+    }
+
+    /// A pipeline with one watcher, signer and distributor running.
+    pub async fn start() -> anyhow::Result<Pipeline> {
+        let mut p = Pipeline::new().await?;
+        p.start_watcher();
+        p.start_signer();
+        p.start_distributor("distributor");
+        Ok(p)
+    }
+
+    pub fn nats_settings(&self) -> NatsSettings {
+        NatsSettings {
+            url: self.nats.url(),
+            request_timeout: Duration::from_secs(5),
+            ..Default::default()
+        }
+    }
+
+    pub fn drop_dir(&self) -> PathBuf {
+        self.dir.path().join("drop")
+    }
+
+    pub fn work_dir(&self) -> PathBuf {
+        self.dir.path().join("work")
+    }
+
+    pub fn trusted(&self) -> TrustedKeys {
+        TrustedKeys::new(vec![self.key.public()])
+    }
+
+    pub fn watcher_settings(&self) -> fleetcast_watcher::Settings {
+        fleetcast_watcher::Settings {
+            nats: self.nats_settings(),
+            drop_dir: self.drop_dir(),
+            work_dir: Some(self.work_dir()),
+            settle: Duration::from_millis(400),
+            ack_wait: Duration::from_secs(2),
+            ..Default::default()
+        }
+    }
+
+    pub fn signer_settings(&self) -> fleetcast_signer::Settings {
+        fleetcast_signer::Settings {
+            nats: self.nats_settings(),
+            key_file: self.dir.path().join("keys/signing.key"),
+            work_dir: Some(self.work_dir()),
+            ack_wait: Duration::from_secs(2),
+            ..Default::default()
+        }
+    }
+
+    pub fn distributor_settings(&self) -> fleetcast_distributor::Settings {
+        fleetcast_distributor::Settings {
+            nats: self.nats_settings(),
+            trusted_keys: vec![self.key.public().to_text()],
+            work_dir: Some(self.work_dir()),
+            ack_wait: Duration::from_secs(2),
+            ..Default::default()
+        }
+    }
+
+    pub fn start_watcher(&mut self) {
+        self.start_watcher_with(self.watcher_settings());
+    }
+
+    pub fn start_watcher_with(&mut self, settings: fleetcast_watcher::Settings) {
+        self.spawn("watcher", move |token| async move {
+            if let Err(e) = fleetcast_watcher::run(settings, token).await {
+                tracing::error!(error = %e, "watcher failed");
+            }
+        });
+    }
+
+    pub fn start_signer(&mut self) {
+        let settings = self.signer_settings();
+        self.spawn("signer", move |token| async move {
+            if let Err(e) = fleetcast_signer::run(settings, token).await {
+                tracing::error!(error = %e, "signer failed");
+            }
+        });
+    }
+
+    pub fn start_distributor(&mut self, name: &str) {
+        let settings = self.distributor_settings();
+        self.spawn(name, move |token| async move {
+            if let Err(e) = fleetcast_distributor::run(settings, token).await {
+                tracing::error!(error = %e, "distributor failed");
+            }
+        });
+    }
+
+    fn spawn<F, Fut>(&mut self, name: &str, f: F)
+    where
+        F: FnOnce(CancellationToken) -> Fut,
+        Fut: std::future::Future<Output = ()> + Send + 'static,
+    {
+        let token = CancellationToken::new();
+        let handle = tokio::spawn(f(token.clone()));
+        if let Some((old, handle)) = self.services.insert(name.into(), (token, handle)) {
+            old.cancel();
+            handle.abort();
+        }
+    }
+
+    /// Kills a service the hard way: its task is dropped wherever it is, nothing is acked.
+    pub fn kill(&mut self, name: &str) {
+        if let Some((token, handle)) = self.services.remove(name) {
+            handle.abort();
+            token.cancel();
+        }
+    }
+
+    pub async fn bus(&self) -> anyhow::Result<Bus> {
+        fleetcast_cli::connect(&self.nats.url(), Duration::from_secs(20)).await
+    }
+
+    /// Waits for the first event on `subject` (from the stream's start) that `accept` takes.
+    pub async fn wait_event<T: DeserializeOwned>(
+        &self,
+        subject: &str,
+        accept: impl Fn(&T) -> bool,
+    ) -> anyhow::Result<T> {
+        let bus = self.bus().await?;
+        let consumer = bus
+            .releases_stream
+            .create_consumer(pull::OrderedConfig {
+                filter_subject: subject.into(),
+                deliver_policy: DeliverPolicy::All,
+                ..Default::default()
+            })
+            .await?;
+        let mut messages = consumer.messages().await?;
+        let found = tokio::time::timeout(TIMEOUT, async {
+            while let Some(msg) = messages.next().await {
+                let msg = msg?;
+                let content_type = msg
+                    .headers
+                    .as_ref()
+                    .and_then(|h| h.get(fleetcast_events::CONTENT_TYPE))
+                    .map(|v| v.to_string());
+                if let Ok(event) =
+                    fleetcast_events::codec::decode::<T>(content_type.as_deref(), &msg.payload)
+                    && accept(&event)
+                {
+                    return Ok(event);
+                }
+            }
+            bail!("event stream ended")
+        })
+        .await;
+        found.with_context(|| format!("no matching event on {subject} within {TIMEOUT:?}"))?
+    }
+
+    /// How many events were published on `subject`.
+    pub async fn count_events(&self, subject: &str) -> anyhow::Result<u64> {
+        let bus = self.bus().await?;
+        let stream = bus.releases_stream.clone();
+        let info = stream.info_with_subjects(subject).await?;
+        let mut total = 0;
+        let mut subjects = info;
+        while let Some(entry) = subjects.next().await {
+            total += entry?.1 as u64;
+        }
+        Ok(total)
+    }
+
+    /// Messages in the chunk stream.
+    pub async fn stored_chunks(&self) -> anyhow::Result<u64> {
+        let mut chunks = self.bus().await?.chunks;
+        Ok(chunks.info().await?.state.messages)
+    }
+}
+
+/// A release read back the way an agent will: the record's signed manifest (verified), the
+/// chunk index, every chunk fetched by direct get and verified, every file reassembled and
+/// checked against the manifest. Returns path → content.
+pub async fn reassemble(
+    bus: &Bus,
+    trusted: &TrustedKeys,
+    app: &str,
+    version: &semver::Version,
+) -> anyhow::Result<HashMap<String, Vec<u8>>> {
+    let record: ReleaseRecord = bus
+        .release_record(app, version)
+        .await
+        .map_err(anyhow::Error::msg)?
+        .context("no release record")?;
+    let manifest = record
+        .manifest
+        .context("record has no manifest")?
+        .verify(trusted, time::OffsetDateTime::now_utc())?;
+    let index_bytes = bus
+        .index
+        .get(release_key(app, version))
+        .await?
+        .context("no chunk index")?;
+    let index: ChunkIndex = Encoding::MsgPack.decode(&index_bytes)?;
+    let mut files = HashMap::new();
+    for (entry, chunks) in manifest.files.iter().zip(&index.files) {
+        anyhow::ensure!(
+            entry.path == chunks.path,
+            "index and manifest disagree on file order"
+        );
+        if entry.link.is_some() {
+            continue;
+        }
+        let mut content = Vec::with_capacity(entry.size as usize);
+        for c in &chunks.chunks {
+            let id = ChunkId::from_hex(&c.id)?;
+            let msg = bus
+                .chunks
+                .direct_get_last_for_subject(names::chunk_subject(&c.id))
+                .await?;
+            content.extend_from_slice(chunking::verify(&id, c.len, &msg.payload)?.data());
+        }
+        anyhow::ensure!(
+            blake3::hash(&content).to_hex().as_str() == entry.blake3,
+            "{} does not match the manifest",
+            entry.path
+        );
+        files.insert(entry.path.clone(), content);
+    }
+    Ok(files)
+}
+
+/// Chunk ids of a stored release.
+pub async fn chunk_ids(
+    bus: &Bus,
+    app: &str,
+    version: &semver::Version,
+) -> anyhow::Result<std::collections::HashSet<String>> {
+    let bytes = bus
+        .index
+        .get(release_key(app, version))
+        .await?
+        .context("no chunk index")?;
+    let index: ChunkIndex = Encoding::MsgPack.decode(&bytes)?;
+    Ok(index
+        .files
+        .into_iter()
+        .flat_map(|f| f.chunks.into_iter().map(|c| c.id))
+        .collect())
+}

@@ -1,0 +1,207 @@
+//! The `fleetcast` operator command's actions, as a library so end-to-end tests drive exactly
+//! what CI runs.
+
+use std::path::{Path, PathBuf};
+use std::time::Duration;
+
+use anyhow::{Context, bail};
+use fleetcast_events::names::{self, RELEASE_PUBLISHED};
+use fleetcast_events::v1::{ReleasePublished, ReleaseRecord, ReleaseState};
+use fleetcast_events::{Encoding, SecretKey};
+use fleetcast_package::{ArchiveLimits, Package, parse_package_file_name};
+use fleetcast_runtime::{Bus, NatsSettings};
+use futures::StreamExt;
+use semver::Version;
+use tokio_util::sync::CancellationToken;
+
+/// Connects and ensures the streams and stores exist, or fails after `timeout` with a message
+/// that says where it tried.
+pub async fn connect(url: &str, timeout: Duration) -> anyhow::Result<Bus> {
+    let settings = NatsSettings {
+        url: url.into(),
+        ..Default::default()
+    };
+    let cancel = CancellationToken::new();
+    let guard = cancel.clone();
+    let timer = tokio::spawn(async move {
+        tokio::time::sleep(timeout).await;
+        guard.cancel();
+    });
+    let bus = Bus::connect(&settings, "fleetcast-cli", &cancel).await;
+    timer.abort();
+    bus.with_context(|| format!("cannot reach NATS at {url} within {timeout:?}"))
+}
+
+/// Writes `<dir>/<name>.key` (secret, mode 0600) and `<dir>/<name>.pub`.
+pub fn keygen(dir: &Path, name: &str, force: bool) -> anyhow::Result<(PathBuf, PathBuf, String)> {
+    std::fs::create_dir_all(dir).with_context(|| format!("creating {}", dir.display()))?;
+    let secret_path = dir.join(format!("{name}.key"));
+    let public_path = dir.join(format!("{name}.pub"));
+    if !force && (secret_path.exists() || public_path.exists()) {
+        bail!(
+            "{} or {} already exists (use --force to replace)",
+            secret_path.display(),
+            public_path.display()
+        );
+    }
+    let key = SecretKey::generate()?;
+    write_private(&secret_path, key.to_text().as_bytes())?;
+    std::fs::write(&public_path, key.public().to_text())
+        .with_context(|| format!("writing {}", public_path.display()))?;
+    Ok((secret_path, public_path, key.public().id()))
+}
+
+fn write_private(path: &Path, bytes: &[u8]) -> anyhow::Result<()> {
+    use std::io::Write;
+    let mut options = std::fs::OpenOptions::new();
+    options.write(true).create(true).truncate(true);
+    #[cfg(unix)]
+    std::os::unix::fs::OpenOptionsExt::mode(&mut options, 0o600);
+    let mut file = options
+        .open(path)
+        .with_context(|| format!("writing {}", path.display()))?;
+    file.write_all(bytes)?;
+    file.sync_all()?;
+    Ok(())
+}
+
+pub struct PublishRequest<'a> {
+    pub archive: &'a Path,
+    pub app: Option<String>,
+    pub version: Option<Version>,
+    pub published_by: Option<String>,
+    /// Called with (bytes uploaded so far, total) during the upload.
+    pub progress: Option<&'a (dyn Fn(u64, u64) + Sync)>,
+}
+
+/// The CI path: check the archive locally (fail early, with the same rules the watcher applies),
+/// upload it to the incoming store under its hash-derived name, and publish `release.published`.
+pub async fn publish(bus: &Bus, req: PublishRequest<'_>) -> anyhow::Result<ReleasePublished> {
+    let file_name = req
+        .archive
+        .file_name()
+        .and_then(|n| n.to_str())
+        .unwrap_or_default();
+    let (app, version) = match (req.app, req.version) {
+        (Some(app), Some(version)) => (app, version),
+        (app, version) => {
+            let parsed = parse_package_file_name(file_name)
+                .map_err(|e| anyhow::anyhow!("{e}; or give --app and --version"))?;
+            (app.unwrap_or(parsed.app), version.unwrap_or(parsed.version))
+        }
+    };
+    names::validate_app_name(&app).map_err(anyhow::Error::msg)?;
+    let path = req.archive.to_path_buf();
+    let (size, blake3) = tokio::task::spawn_blocking(move || -> anyhow::Result<(u64, String)> {
+        Package::open(&path, &ArchiveLimits::default())
+            .with_context(|| format!("{} is not a valid package", path.display()))?;
+        let mut hasher = blake3::Hasher::new();
+        let file =
+            std::fs::File::open(&path).with_context(|| format!("reading {}", path.display()))?;
+        let size = hasher.update_reader(file)?.count();
+        Ok((size, hasher.finalize().to_hex().to_string()))
+    })
+    .await??;
+    let object = names::archive_object(&app, &version, &blake3);
+    let file = tokio::fs::File::open(req.archive)
+        .await
+        .with_context(|| format!("opening {}", req.archive.display()))?;
+    let mut reader = ProgressReader {
+        inner: file,
+        done: 0,
+        total: size,
+        progress: req.progress,
+    };
+    bus.incoming
+        .put(object.as_str(), &mut reader)
+        .await
+        .map_err(|e| anyhow::anyhow!("uploading {object}: {e}"))?;
+    let event = ReleasePublished {
+        app,
+        version,
+        object,
+        size,
+        blake3,
+        published_by: req.published_by,
+    };
+    bus.publish_event(
+        RELEASE_PUBLISHED,
+        &event,
+        Encoding::Json,
+        Some(&format!("published.{}", event.object)),
+    )
+    .await?;
+    Ok(event)
+}
+
+struct ProgressReader<'a, R> {
+    inner: R,
+    done: u64,
+    total: u64,
+    progress: Option<&'a (dyn Fn(u64, u64) + Sync)>,
+}
+
+impl<R: tokio::io::AsyncRead + Unpin> tokio::io::AsyncRead for ProgressReader<'_, R> {
+    fn poll_read(
+        mut self: std::pin::Pin<&mut Self>,
+        cx: &mut std::task::Context<'_>,
+        buf: &mut tokio::io::ReadBuf<'_>,
+    ) -> std::task::Poll<std::io::Result<()>> {
+        let before = buf.filled().len();
+        let poll = std::pin::Pin::new(&mut self.inner).poll_read(cx, buf);
+        let read = (buf.filled().len() - before) as u64;
+        self.done += read;
+        if let Some(progress) = self.progress {
+            progress(self.done, self.total);
+        }
+        poll
+    }
+}
+
+/// Waits until the release is stored or rejected, reading its record (which the watcher, signer
+/// and distributor keep), and returns it.
+pub async fn wait_for_release(
+    bus: &Bus,
+    app: &str,
+    version: &Version,
+    timeout: Duration,
+) -> anyhow::Result<ReleaseRecord> {
+    let deadline = tokio::time::Instant::now() + timeout;
+    loop {
+        if let Some(record) = bus
+            .release_record(app, version)
+            .await
+            .map_err(anyhow::Error::msg)?
+            && record.state != ReleaseState::Signed
+        {
+            return Ok(record);
+        }
+        if tokio::time::Instant::now() >= deadline {
+            bail!("{app} {version} was neither stored nor rejected within {timeout:?}");
+        }
+        tokio::time::sleep(Duration::from_millis(200)).await;
+    }
+}
+
+/// Every release record, newest version first within each app.
+pub async fn releases(bus: &Bus, app: Option<&str>) -> anyhow::Result<Vec<ReleaseRecord>> {
+    let mut keys = match bus.releases.keys().await {
+        Ok(keys) => keys,
+        Err(e) => bail!("listing releases: {e}"),
+    };
+    let mut out = Vec::new();
+    while let Some(key) = keys.next().await {
+        let key = key?;
+        if app.is_some_and(|a| !key.starts_with(&format!("{a}."))) {
+            continue;
+        }
+        if let Some(bytes) = bus.releases.get(&key).await? {
+            match Encoding::Json.decode::<ReleaseRecord>(&bytes) {
+                Ok(record) => out.push(record),
+                Err(e) => tracing::warn!(%key, error = %e, "unreadable release record"),
+            }
+        }
+    }
+    out.sort_by(|a, b| a.app.cmp(&b.app).then(b.version.cmp(&a.version)));
+    Ok(out)
+}
