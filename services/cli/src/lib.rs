@@ -112,10 +112,9 @@ pub async fn publish(bus: &Bus, req: PublishRequest<'_>) -> anyhow::Result<Relea
         total: size,
         progress: req.progress,
     };
-    bus.incoming
-        .put(object.as_str(), &mut reader)
+    bus.upload_archive(&object, &mut reader)
         .await
-        .map_err(|e| anyhow::anyhow!("uploading {object}: {e}"))?;
+        .map_err(anyhow::Error::msg)?;
     let event = ReleasePublished {
         app,
         version,

@@ -142,7 +142,7 @@ async fn execute(args: Args) -> anyhow::Result<ExitCode> {
                 return Ok(ExitCode::SUCCESS);
             }
             let record = cli::wait_for_release(&bus, &event.app, &event.version, timeout).await?;
-            print_records(&[record.clone()]);
+            print_records(std::slice::from_ref(&record));
             Ok(if record.state == ReleaseState::Stored {
                 ExitCode::SUCCESS
             } else {
@@ -166,8 +166,8 @@ async fn execute(args: Args) -> anyhow::Result<ExitCode> {
 
 fn print_records(records: &[ReleaseRecord]) {
     println!(
-        "{:<20} {:<16} {:<9} {:>6} {:>12} {:>7} {:>7}  {}",
-        "APP", "VERSION", "STATE", "FILES", "BYTES", "CHUNKS", "NEW", "NOTE"
+        "{:<20} {:<16} {:<9} {:>6} {:>12} {:>7} {:>7}  NOTE",
+        "APP", "VERSION", "STATE", "FILES", "BYTES", "CHUNKS", "NEW"
     );
     for r in records {
         let state = format!("{:?}", r.state).to_lowercase();

@@ -227,7 +227,7 @@ fn produce(
             files.len()
         )));
     }
-    let mut plan = Vec::with_capacity(files.len());
+    let mut plan: Vec<(usize, usize)> = Vec::with_capacity(files.len());
     for (i, file) in files.iter().enumerate() {
         let Some((index, kind, size)) = entries.get(&file.path) else {
             return Err(mismatch(format!(
@@ -250,7 +250,57 @@ fn produce(
             }
         }
     }
-    for (i, zip_index) in plan {
+    // Files are spread over the cores, largest first, each worker with its own reader of the
+    // archive: inflating, chunking and hashing are what bound re-ingest speed.
+    let workers = std::thread::available_parallelism()
+        .map_or(1, |n| n.get())
+        .min(plan.len())
+        .max(1);
+    let mut shares: Vec<(u64, Vec<(usize, usize)>)> = vec![(0, Vec::new()); workers];
+    plan.sort_by_key(|(i, _)| std::cmp::Reverse(files[*i].size));
+    for item in plan {
+        if let Some(least) = shares.iter_mut().min_by_key(|(load, _)| *load) {
+            least.0 += files[item.0].size;
+            least.1.push(item);
+        }
+    }
+    drop(package);
+    std::thread::scope(|scope| {
+        let handles: Vec<_> = shares
+            .into_iter()
+            .map(|(_, share)| {
+                let tx = tx.clone();
+                scope.spawn(move || chunk_files(path, files, limits, &share, &tx))
+            })
+            .collect();
+        drop(tx);
+        let mut result = Ok(());
+        for handle in handles {
+            let outcome = handle
+                .join()
+                .unwrap_or_else(|_| Err(IngestError::Transient("chunking thread panicked".into())));
+            if result.is_ok() {
+                result = outcome;
+            }
+        }
+        result
+    })
+}
+
+/// One worker's share of the files: `(manifest index, zip index)` pairs.
+fn chunk_files(
+    path: &Path,
+    files: &[FileEntry],
+    limits: &ArchiveLimits,
+    share: &[(usize, usize)],
+    tx: &tokio::sync::mpsc::Sender<Work>,
+) -> Result<(), IngestError> {
+    if share.is_empty() {
+        return Ok(());
+    }
+    let mut package =
+        Package::open(path, limits).map_err(|e| IngestError::Rejected(e.rejection()))?;
+    for &(i, zip_index) in share {
         let file = &files[i];
         let mut hasher = blake3::Hasher::new();
         let mut size = 0u64;

@@ -122,6 +122,7 @@ impl Distributor {
                     .await;
             }
         };
+        let started = std::time::Instant::now();
         let fetched = match self
             .bus
             .fetch_archive(&event.object, &self.settings.work_dir())
@@ -148,6 +149,7 @@ impl Distributor {
                 .reject(&event, RejectCode::ArchiveMismatch, message)
                 .await;
         }
+        let fetch_ms = started.elapsed().as_millis() as u64;
         let report = match ingest(
             &self.store,
             fetched.file.path(),
@@ -161,6 +163,8 @@ impl Distributor {
             Err(IngestError::Rejected(r)) => return self.reject(&event, r.code, r.message).await,
             Err(IngestError::Transient(e)) => return Outcome::Retry(e),
         };
+        let ingest_ms = started.elapsed().as_millis() as u64 - fetch_ms;
+        tracing::info!(app = %event.app, version = %event.version, fetch_ms, ingest_ms, "release ingested");
         match self.finish(&event, &report).await {
             Ok(()) => Outcome::Done,
             Err(e) => Outcome::Retry(e),

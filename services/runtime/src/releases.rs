@@ -27,7 +27,29 @@ pub struct FetchedArchive {
     pub blake3: String,
 }
 
+/// Object-store chunk size for archives: larger than the 128 KiB default, so a fetch is fewer,
+/// bigger messages (well under the 1 MB default `max_payload` of a NATS server).
+const ARCHIVE_CHUNK_SIZE: usize = 512 * 1024;
+
 impl Bus {
+    /// Uploads an archive to the incoming store as `object`.
+    pub async fn upload_archive(
+        &self,
+        object: &str,
+        data: &mut (impl tokio::io::AsyncRead + Unpin),
+    ) -> Result<(), String> {
+        let meta = async_nats::jetstream::object_store::ObjectMetadata {
+            name: object.into(),
+            chunk_size: Some(ARCHIVE_CHUNK_SIZE),
+            ..Default::default()
+        };
+        self.incoming
+            .put(meta, data)
+            .await
+            .map(|_| ())
+            .map_err(|e| format!("uploading {object}: {e}"))
+    }
+
     pub async fn fetch_archive(
         &self,
         object: &str,

@@ -185,11 +185,7 @@ impl Watcher {
         let mut file = tokio::fs::File::open(path)
             .await
             .map_err(|e| e.to_string())?;
-        self.bus
-            .incoming
-            .put(object.as_str(), &mut file)
-            .await
-            .map_err(|e| format!("upload {object}: {e}"))?;
+        self.bus.upload_archive(&object, &mut file).await?;
         let detected = PackageDetected {
             app: name.app,
             version: name.version,

@@ -1,0 +1,455 @@
+//! Ingest benchmark: a generated ~256 MiB package (incompressible data, text, real ELF
+//! binaries from this machine) and a v2 with ~1% of its bytes changed, pushed through a real
+//! distributor on a real nats-server.
+//!
+//! - `ingest_mib_s`: `release.signed` published → `release.stored` received, first time: the
+//!   distributor fetches the archive from the incoming store, checks it against the signed
+//!   manifest, chunks, hashes, compresses and stores every chunk.
+//! - `reingest_mib_s`: the same content again as a new version, same distributor (it remembers
+//!   the chunks it stored); `reingest_cold_mib_s`: with a freshly started distributor, which must
+//!   ask the store about every chunk.
+//! - `pipeline_mib_s`: the whole CI path for v1 on a fresh server: `fleetcast publish` (upload)
+//!   → watcher → signer → distributor → `release.stored`.
+//! - references: single-thread FastCDC+BLAKE3 and zstd-3 over the same uncompressed bytes.
+
+use std::io::Write;
+use std::path::{Path, PathBuf};
+use std::time::{Duration, Instant};
+
+use anyhow::{Context, bail};
+use fleetcast_events::names::{RELEASE_SIGNED, RELEASE_STORED, archive_object};
+use fleetcast_events::v1::{ReleaseSigned, ReleaseStored};
+use fleetcast_events::{Encoding, Manifest, SecretKey, SignedManifest};
+use fleetcast_harness::NatsServer;
+use fleetcast_harness::fixtures::pseudo_random;
+use fleetcast_package::chunking;
+use fleetcast_package::{ArchiveLimits, Package};
+use fleetcast_runtime::{Bus, NatsSettings};
+use futures::StreamExt;
+use tokio_util::sync::CancellationToken;
+use zip::write::SimpleFileOptions;
+
+const MIB: f64 = 1024.0 * 1024.0;
+
+struct File {
+    path: String,
+    data: Vec<u8>,
+    compressible: bool,
+}
+
+pub async fn run() -> anyhow::Result<String> {
+    let dir = tempfile::Builder::new()
+        .prefix("fleetcast-bench-")
+        .tempdir()?;
+    eprintln!("generating packages in {}", dir.path().display());
+    let v1 = generate_v1();
+    let (v2, changed) = make_v2(&v1);
+    let total: usize = v1.iter().map(|f| f.data.len()).sum();
+    let v1_zip = dir.path().join("bench-1.0.0.zip");
+    let v2_zip = dir.path().join("bench-2.0.0.zip");
+    write_zip(&v1, &v1_zip)?;
+    write_zip(&v2, &v2_zip)?;
+
+    eprintln!("reference speeds");
+    let reference_chunk_hash = reference_chunk_hash(&v1);
+    let reference_compress = reference_compress(&v1);
+    drop(v2);
+
+    let key = SecretKey::generate()?;
+    let nats = NatsServer::start().await?;
+    let settings = NatsSettings {
+        url: nats.url(),
+        request_timeout: Duration::from_secs(30),
+        ..Default::default()
+    };
+    let cancel = CancellationToken::new();
+    let bus = Bus::connect(&settings, "bench", &cancel).await?;
+    let work = dir.path().join("work");
+    let mut distributor = start_distributor(&settings, &key, &work);
+
+    eprintln!("first ingest");
+    let first = ingest_once(&bus, &key, &v1_zip, "1.0.0").await?;
+    eprintln!("re-ingest, warm distributor");
+    let again = ingest_once(&bus, &key, &v1_zip, "1.0.1").await?;
+    distributor.cancel();
+    distributor = start_distributor(&settings, &key, &work);
+    eprintln!("re-ingest, fresh distributor");
+    let cold = ingest_once(&bus, &key, &v1_zip, "1.0.2").await?;
+    eprintln!("v2");
+    let v2_stored = ingest_once(&bus, &key, &v2_zip, "2.0.0").await?;
+    distributor.cancel();
+    drop(nats);
+
+    eprintln!("whole pipeline from fleetcast publish");
+    let pipeline = whole_pipeline(&key, &v1_zip, dir.path()).await?;
+
+    let mib = total as f64 / MIB;
+    let json = serde_json::json!({
+        "package_mib": round(mib),
+        "zip_mib": round(std::fs::metadata(&v1_zip)?.len() as f64 / MIB),
+        "ingest_mib_s": round(mib / first.0.as_secs_f64()),
+        "reingest_mib_s": round(mib / again.0.as_secs_f64()),
+        "reingest_cold_mib_s": round(mib / cold.0.as_secs_f64()),
+        "pipeline_mib_s": round(mib / pipeline.as_secs_f64()),
+        "reference_chunk_hash_mib_s": round(reference_chunk_hash),
+        "reference_compress_mib_s": round(reference_compress),
+        "chunks": first.1.chunks,
+        "stored_mib": round(first.1.new_stored_bytes as f64 / MIB),
+        "reingest_new_chunks": again.1.new_chunks + cold.1.new_chunks,
+        "v2_changed_bytes": changed,
+        "v2_stored_bytes": v2_stored.1.new_stored_bytes,
+        "v2_new_chunks": v2_stored.1.new_chunks,
+    });
+    Ok(json.to_string())
+}
+
+fn round(x: f64) -> f64 {
+    (x * 10.0).round() / 10.0
+}
+
+fn start_distributor(settings: &NatsSettings, key: &SecretKey, work: &Path) -> CancellationToken {
+    let token = CancellationToken::new();
+    let s = fleetcast_distributor::Settings {
+        nats: settings.clone(),
+        trusted_keys: vec![key.public().to_text()],
+        work_dir: Some(work.to_path_buf()),
+        ..Default::default()
+    };
+    let t = token.clone();
+    tokio::spawn(async move {
+        if let Err(e) = fleetcast_distributor::run(s, t).await {
+            eprintln!("distributor failed: {e}");
+        }
+    });
+    token
+}
+
+/// Uploads and signs (untimed, as the signer would), then times signed → stored.
+async fn ingest_once(
+    bus: &Bus,
+    key: &SecretKey,
+    zip: &Path,
+    version: &str,
+) -> anyhow::Result<(Duration, ReleaseStored)> {
+    let version = semver::Version::parse(version)?;
+    let path = zip.to_path_buf();
+    let files = tokio::task::spawn_blocking(move || {
+        Package::open(&path, &ArchiveLimits::default())?.file_manifest()
+    })
+    .await??;
+    let blake3 = {
+        let mut h = blake3::Hasher::new();
+        h.update_reader(std::fs::File::open(zip)?)?;
+        h.finalize().to_hex().to_string()
+    };
+    let object = archive_object("bench", &version, &blake3);
+    let mut file = tokio::fs::File::open(zip).await?;
+    bus.upload_archive(&object, &mut file)
+        .await
+        .map_err(anyhow::Error::msg)?;
+    let now = time::OffsetDateTime::now_utc();
+    let manifest = Manifest {
+        app: "bench".into(),
+        version: version.clone(),
+        files,
+        created: now,
+        expires: now + time::Duration::days(1),
+    };
+    let signed = ReleaseSigned {
+        app: "bench".into(),
+        version: version.clone(),
+        object,
+        blake3,
+        manifest: SignedManifest::sign(&manifest, key)?,
+    };
+    let mut stored_events = bus.client.subscribe(RELEASE_STORED).await?;
+    let start = Instant::now();
+    bus.publish_event(RELEASE_SIGNED, &signed, Encoding::MsgPack, None)
+        .await?;
+    let stored = wait_stored(&mut stored_events, &version).await?;
+    Ok((start.elapsed(), stored))
+}
+
+async fn wait_stored(
+    sub: &mut async_nats::Subscriber,
+    version: &semver::Version,
+) -> anyhow::Result<ReleaseStored> {
+    let deadline = tokio::time::sleep(Duration::from_secs(600));
+    tokio::pin!(deadline);
+    loop {
+        tokio::select! {
+            _ = &mut deadline => bail!("release {version} not stored within 10 minutes"),
+            msg = sub.next() => {
+                let msg = msg.context("subscription ended")?;
+                let ct = msg.headers.as_ref().and_then(|h| h.get(fleetcast_events::CONTENT_TYPE)).map(|v| v.to_string());
+                let stored: ReleaseStored = fleetcast_events::codec::decode(ct.as_deref(), &msg.payload)?;
+                if stored.version == *version {
+                    return Ok(stored);
+                }
+            }
+        }
+    }
+}
+
+/// The CI path on a fresh server: publish → watcher → signer → distributor.
+async fn whole_pipeline(key: &SecretKey, zip: &Path, dir: &Path) -> anyhow::Result<Duration> {
+    let nats = NatsServer::start().await?;
+    let settings = NatsSettings {
+        url: nats.url(),
+        request_timeout: Duration::from_secs(30),
+        ..Default::default()
+    };
+    let key_file = dir.join("signing.key");
+    std::fs::write(&key_file, key.to_text())?;
+    let cancel = CancellationToken::new();
+    let work = dir.join("work2");
+    let w = fleetcast_watcher::Settings {
+        nats: settings.clone(),
+        drop_dir: dir.join("drop"),
+        work_dir: Some(work.clone()),
+        ..Default::default()
+    };
+    let s = fleetcast_signer::Settings {
+        nats: settings.clone(),
+        key_file,
+        work_dir: Some(work.clone()),
+        ..Default::default()
+    };
+    let (c1, c2) = (cancel.clone(), cancel.clone());
+    tokio::spawn(async move {
+        fleetcast_watcher::run(w, c1)
+            .await
+            .map_err(|e| eprintln!("watcher: {e}"))
+    });
+    tokio::spawn(async move {
+        fleetcast_signer::run(s, c2)
+            .await
+            .map_err(|e| eprintln!("signer: {e}"))
+    });
+    let distributor = start_distributor(&settings, key, &work);
+    let bus = Bus::connect(&settings, "bench", &cancel).await?;
+    let version = semver::Version::new(1, 0, 0);
+    let mut stored_events = bus.client.subscribe(RELEASE_STORED).await?;
+    let start = Instant::now();
+    let request = fleetcast_cli::PublishRequest {
+        archive: zip,
+        app: None,
+        version: None,
+        published_by: None,
+        progress: None,
+    };
+    fleetcast_cli::publish(&bus, request).await?;
+    wait_stored(&mut stored_events, &version).await?;
+    let elapsed = start.elapsed();
+    cancel.cancel();
+    distributor.cancel();
+    Ok(elapsed)
+}
+
+fn reference_chunk_hash(files: &[File]) -> f64 {
+    let total: usize = files.iter().map(|f| f.data.len()).sum();
+    let start = Instant::now();
+    let mut n = 0usize;
+    for f in files {
+        for c in fastcdc::v2020::FastCDC::new(
+            &f.data,
+            chunking::MIN_CHUNK,
+            chunking::AVG_CHUNK,
+            chunking::MAX_CHUNK,
+        ) {
+            n += blake3::hash(&f.data[c.offset..c.offset + c.length]).as_bytes()[0] as usize;
+        }
+    }
+    std::hint::black_box(n);
+    total as f64 / MIB / start.elapsed().as_secs_f64()
+}
+
+fn reference_compress(files: &[File]) -> f64 {
+    let total: usize = files.iter().map(|f| f.data.len()).sum();
+    let start = Instant::now();
+    let mut out = 0usize;
+    for f in files {
+        for part in f.data.chunks(chunking::AVG_CHUNK) {
+            out += zstd::bulk::compress(part, chunking::ZSTD_LEVEL)
+                .map(|c| c.len())
+                .unwrap_or(0);
+        }
+    }
+    std::hint::black_box(out);
+    total as f64 / MIB / start.elapsed().as_secs_f64()
+}
+
+/// ~96 MiB incompressible, ~64 MiB text, ~96 MiB of this machine's ELF binaries.
+fn generate_v1() -> Vec<File> {
+    let mut files = Vec::new();
+    for i in 0..4 {
+        files.push(File {
+            path: format!("assets/blob{i}.bin"),
+            data: pseudo_random(24 << 20, 100 + i),
+            compressible: false,
+        });
+    }
+    for i in 0..8 {
+        files.push(File {
+            path: format!("share/log{i}.txt"),
+            data: text(8 << 20, i),
+            compressible: true,
+        });
+    }
+    let mut elf_total = 0usize;
+    for path in elf_files() {
+        if elf_total >= 96 << 20 {
+            break;
+        }
+        if let Ok(data) = std::fs::read(&path) {
+            elf_total += data.len();
+            let name = path
+                .file_name()
+                .map(|n| n.to_string_lossy().into_owned())
+                .unwrap_or_default();
+            files.push(File {
+                path: format!("lib/{name}"),
+                data,
+                compressible: true,
+            });
+        }
+    }
+    if elf_total < 96 << 20 {
+        // A machine with few binaries: make up the mix with more text.
+        files.push(File {
+            path: "share/filler.txt".into(),
+            data: text((96 << 20) - elf_total, 99),
+            compressible: true,
+        });
+    }
+    files
+}
+
+fn elf_files() -> Vec<PathBuf> {
+    let mut out = Vec::new();
+    for dir in [
+        "/usr/lib/x86_64-linux-gnu",
+        "/usr/lib/aarch64-linux-gnu",
+        "/usr/bin",
+    ] {
+        let Ok(entries) = std::fs::read_dir(dir) else {
+            continue;
+        };
+        let mut paths: Vec<PathBuf> = entries.flatten().map(|e| e.path()).collect();
+        paths.sort();
+        for p in paths {
+            let Ok(meta) = std::fs::symlink_metadata(&p) else {
+                continue;
+            };
+            if !meta.is_file() || meta.len() < 256 << 10 || meta.len() > 24 << 20 {
+                continue;
+            }
+            let mut magic = [0u8; 4];
+            if std::fs::File::open(&p)
+                .and_then(|mut f| std::io::Read::read_exact(&mut f, &mut magic))
+                .is_ok()
+                && magic == *b"\x7fELF"
+            {
+                out.push(p);
+            }
+        }
+    }
+    out
+}
+
+fn text(len: usize, seed: u64) -> Vec<u8> {
+    const WORDS: [&str; 16] = [
+        "request",
+        "served",
+        "latency",
+        "ms",
+        "status",
+        "200",
+        "collector",
+        "metric",
+        "host",
+        "cpu",
+        "disk",
+        "ok",
+        "warn",
+        "retry",
+        "upstream",
+        "bytes",
+    ];
+    let noise = pseudo_random(len / 4 + 64, seed);
+    let mut out = Vec::with_capacity(len + 128);
+    let mut i = 0;
+    while out.len() < len {
+        let r = noise[i % noise.len()] as usize;
+        let _ = write!(
+            out,
+            "2026-11-{:02}T{:02}:{:02} {} {} {}\n",
+            r % 28 + 1,
+            r % 24,
+            i % 60,
+            WORDS[r % 16],
+            WORDS[(r / 16) % 16],
+            i * 7 + r
+        );
+        i += 1;
+    }
+    out.truncate(len);
+    out
+}
+
+/// v2: an in-place patch, an insertion in the middle of a large file, a rewritten file and a new
+/// file, all random bytes; about 1% of the package. Returns the files and the changed bytes.
+fn make_v2(v1: &[File]) -> (Vec<File>, u64) {
+    let mut v2: Vec<File> = v1
+        .iter()
+        .map(|f| File {
+            path: f.path.clone(),
+            data: f.data.clone(),
+            compressible: f.compressible,
+        })
+        .collect();
+    let mut changed = 0u64;
+    // In-place patch of 512 KiB in a text file.
+    let patch = pseudo_random(512 << 10, 7001);
+    v2[4].data[3 << 20..(3 << 20) + patch.len()].copy_from_slice(&patch);
+    changed += patch.len() as u64;
+    // Insertion of 512 KiB in the middle of a large incompressible file.
+    let insert = pseudo_random(512 << 10, 7002);
+    let mid = v2[0].data.len() / 2;
+    v2[0].data.splice(mid..mid, insert.iter().copied());
+    changed += insert.len() as u64;
+    // A rewritten file: the last binary replaced by random bytes of the same size (≤ 1 MiB).
+    let idx = v2
+        .iter()
+        .rposition(|f| f.path.starts_with("lib/") && f.data.len() <= 1 << 20)
+        .unwrap_or(v2.len() - 1);
+    let len = v2[idx].data.len();
+    v2[idx].data = pseudo_random(len, 7003);
+    changed += len as u64;
+    // A new file.
+    v2.push(File {
+        path: "share/new.bin".into(),
+        data: pseudo_random(768 << 10, 7004),
+        compressible: false,
+    });
+    changed += 768 << 10;
+    (v2, changed)
+}
+
+fn write_zip(files: &[File], path: &Path) -> anyhow::Result<()> {
+    let mut w = zip::ZipWriter::new(std::io::BufWriter::new(std::fs::File::create(path)?));
+    for f in files {
+        let method = if f.compressible {
+            zip::CompressionMethod::Deflated
+        } else {
+            zip::CompressionMethod::Stored
+        };
+        let opts = SimpleFileOptions::default()
+            .compression_method(method)
+            .unix_permissions(0o644);
+        w.start_file(f.path.as_str(), opts)?;
+        w.write_all(&f.data)?;
+    }
+    w.finish()?.flush()?;
+    Ok(())
+}
