@@ -74,7 +74,7 @@ fn humantime_parse(s: &str) -> Result<Duration, String> {
 
 fn main() -> ExitCode {
     let args = Args::parse();
-    fleetcast_runtime::telemetry::init_tracing();
+    fleetcast_runtime::telemetry::init_tracing_with_default("warn");
     let runtime = match tokio::runtime::Builder::new_multi_thread()
         .enable_all()
         .build()

@@ -229,6 +229,7 @@ pub async fn connect(
                     async_nats::Event::Disconnected => {
                         tracing::warn!("disconnected from NATS, reconnecting")
                     }
+                    async_nats::Event::Closed => tracing::debug!("NATS connection closed"),
                     other => tracing::warn!(event = %other, "NATS connection event"),
                 }
             });
