@@ -212,8 +212,7 @@ fn produce(
     limits: &ArchiveLimits,
     tx: tokio::sync::mpsc::Sender<Work>,
 ) -> Result<(), IngestError> {
-    let package =
-        Package::open(path, limits).map_err(|e| IngestError::Rejected(e.rejection()))?;
+    let package = Package::open(path, limits).map_err(|e| IngestError::Rejected(e.rejection()))?;
     let entries: HashMap<String, (usize, EntryKind, u64)> = package
         .entries()
         .iter()
