@@ -381,9 +381,9 @@ fn text(len: usize, seed: u64) -> Vec<u8> {
     let mut i = 0;
     while out.len() < len {
         let r = noise[i % noise.len()] as usize;
-        let _ = write!(
+        let _ = writeln!(
             out,
-            "2026-11-{:02}T{:02}:{:02} {} {} {}\n",
+            "2026-11-{:02}T{:02}:{:02} {} {} {}",
             r % 28 + 1,
             r % 24,
             i % 60,

@@ -74,15 +74,27 @@ pub struct PublishRequest<'a> {
     pub progress: Option<&'a (dyn Fn(u64, u64) + Sync)>,
 }
 
-/// The CI path: check the archive locally (fail early, with the same rules the watcher applies),
-/// upload it to the incoming store under its hash-derived name, and publish `release.published`.
-pub async fn publish(bus: &Bus, req: PublishRequest<'_>) -> anyhow::Result<ReleasePublished> {
-    let file_name = req
-        .archive
+/// An archive checked locally and named: what `publish` uploads.
+pub struct PreparedRelease {
+    pub archive: PathBuf,
+    pub app: String,
+    pub version: Version,
+    pub size: u64,
+    pub blake3: String,
+}
+
+/// Checks the archive locally with the same rules the watcher applies (so CI fails early, even
+/// without NATS) and works out its app, version and hash.
+pub async fn prepare_release(
+    archive: &Path,
+    app: Option<String>,
+    version: Option<Version>,
+) -> anyhow::Result<PreparedRelease> {
+    let file_name = archive
         .file_name()
         .and_then(|n| n.to_str())
         .unwrap_or_default();
-    let (app, version) = match (req.app, req.version) {
+    let (app, version) = match (app, version) {
         (Some(app), Some(version)) => (app, version),
         (app, version) => {
             let parsed = parse_package_file_name(file_name)
@@ -91,26 +103,55 @@ pub async fn publish(bus: &Bus, req: PublishRequest<'_>) -> anyhow::Result<Relea
         }
     };
     names::validate_app_name(&app).map_err(anyhow::Error::msg)?;
-    let path = req.archive.to_path_buf();
+    let path = archive.to_path_buf();
     let (size, blake3) = tokio::task::spawn_blocking(move || -> anyhow::Result<(u64, String)> {
+        let file =
+            std::fs::File::open(&path).with_context(|| format!("reading {}", path.display()))?;
         Package::open(&path, &ArchiveLimits::default())
             .with_context(|| format!("{} is not a valid package", path.display()))?;
         let mut hasher = blake3::Hasher::new();
-        let file =
-            std::fs::File::open(&path).with_context(|| format!("reading {}", path.display()))?;
         let size = hasher.update_reader(file)?.count();
         Ok((size, hasher.finalize().to_hex().to_string()))
     })
     .await??;
+    Ok(PreparedRelease {
+        archive: archive.to_path_buf(),
+        app,
+        version,
+        size,
+        blake3,
+    })
+}
+
+/// The CI path: check the archive, upload it to the incoming store under its hash-derived name,
+/// and publish `release.published`.
+pub async fn publish(bus: &Bus, req: PublishRequest<'_>) -> anyhow::Result<ReleasePublished> {
+    let prepared = prepare_release(req.archive, req.app, req.version).await?;
+    publish_prepared(bus, prepared, req.published_by, req.progress).await
+}
+
+pub async fn publish_prepared(
+    bus: &Bus,
+    prepared: PreparedRelease,
+    published_by: Option<String>,
+    progress: Option<&(dyn Fn(u64, u64) + Sync)>,
+) -> anyhow::Result<ReleasePublished> {
+    let PreparedRelease {
+        archive,
+        app,
+        version,
+        size,
+        blake3,
+    } = prepared;
     let object = names::archive_object(&app, &version, &blake3);
-    let file = tokio::fs::File::open(req.archive)
+    let file = tokio::fs::File::open(&archive)
         .await
-        .with_context(|| format!("opening {}", req.archive.display()))?;
+        .with_context(|| format!("opening {}", archive.display()))?;
     let mut reader = ProgressReader {
         inner: file,
         done: 0,
         total: size,
-        progress: req.progress,
+        progress,
     };
     bus.upload_archive(&object, &mut reader)
         .await
@@ -121,15 +162,11 @@ pub async fn publish(bus: &Bus, req: PublishRequest<'_>) -> anyhow::Result<Relea
         object,
         size,
         blake3,
-        published_by: req.published_by,
+        published_by,
     };
-    bus.publish_event(
-        RELEASE_PUBLISHED,
-        &event,
-        Encoding::Json,
-        Some(&format!("published.{}", event.object)),
-    )
-    .await?;
+    let msg_id = format!("published.{}", event.object);
+    bus.publish_event(RELEASE_PUBLISHED, &event, Encoding::Json, Some(&msg_id))
+        .await?;
     Ok(event)
 }
 

@@ -54,8 +54,12 @@ enum Command {
         /// Wait until the release is stored or rejected; exit non-zero if rejected.
         #[arg(long)]
         wait: bool,
+        /// How long --wait waits.
         #[arg(long, default_value = "10m", value_parser = humantime_parse)]
         timeout: Duration,
+        /// How long to try reaching NATS before giving up.
+        #[arg(long, default_value = "10s", value_parser = humantime_parse)]
+        connect_timeout: Duration,
     },
     /// List releases and their state.
     Releases {
@@ -112,27 +116,20 @@ async fn execute(args: Args) -> anyhow::Result<ExitCode> {
             published_by,
             wait,
             timeout,
+            connect_timeout,
         } => {
-            let bus = cli::connect(&args.nats_url, Duration::from_secs(10)).await?;
-            let bar = ProgressBar::new(0);
+            let prepared = cli::prepare_release(&archive, app, version).await?;
+            let bus = cli::connect(&args.nats_url, connect_timeout).await?;
+            let bar = ProgressBar::new(prepared.size);
             bar.set_style(
                 ProgressStyle::with_template(
                     "uploading {bar:40} {bytes}/{total_bytes} {bytes_per_sec} {eta}",
                 )
                 .unwrap_or_else(|_| ProgressStyle::default_bar()),
             );
-            let progress = |done: u64, total: u64| {
-                bar.set_length(total);
-                bar.set_position(done);
-            };
-            let request = cli::PublishRequest {
-                archive: &archive,
-                app,
-                version,
-                published_by,
-                progress: Some(&progress),
-            };
-            let event = cli::publish(&bus, request).await?;
+            let progress = |done: u64, _total: u64| bar.set_position(done);
+            let event =
+                cli::publish_prepared(&bus, prepared, published_by, Some(&progress)).await?;
             bar.finish_and_clear();
             println!(
                 "published {} {} ({} bytes, blake3 {})",

@@ -10,10 +10,10 @@ use std::sync::{Arc, Mutex};
 use async_nats::jetstream::context::PublishErrorKind;
 use async_nats::jetstream::message::PublishMessage;
 use async_nats::jetstream::stream::DirectGetErrorKind;
-use fleetcast_events::VerifiedManifest;
 use fleetcast_events::manifest::FileEntry;
 use fleetcast_events::names::chunk_subject;
 use fleetcast_events::v1::{ChunkIndex, FileChunks, RejectCode, Rejection};
+use fleetcast_events::{Encoding, VerifiedManifest};
 use fleetcast_package::chunking::{self, ChunkId, chunk_ref};
 use fleetcast_package::{ArchiveLimits, EntryKind, Package};
 use fleetcast_runtime::Bus;
@@ -47,6 +47,8 @@ const MAX_KNOWN: usize = 4_000_000;
 pub struct ChunkStore {
     bus: Bus,
     known: Arc<Mutex<HashSet<ChunkId>>>,
+    /// Chunk indexes already read into `known`.
+    learned: Arc<Mutex<HashSet<String>>>,
 }
 
 enum Stored {
@@ -59,6 +61,38 @@ impl ChunkStore {
         ChunkStore {
             bus,
             known: Arc::default(),
+            learned: Arc::default(),
+        }
+    }
+
+    /// Reads the chunk indexes of the app's stored releases into the known set, so a fresh
+    /// distributor re-ingesting mostly unchanged content does not ask the store about every
+    /// chunk. Sound because an index is written only after all its chunks were stored, and
+    /// chunks are never deleted. Best effort: on any error the store is asked instead.
+    pub async fn learn_app(&self, app: &str) {
+        let Ok(mut keys) = self.bus.index.keys().await else {
+            return;
+        };
+        let prefix = format!("{app}.");
+        while let Some(Ok(key)) = keys.next().await {
+            let seen = self.learned.lock().map_or(true, |l| l.contains(&key));
+            if !key.starts_with(&prefix) || seen {
+                continue;
+            }
+            let Ok(Some(bytes)) = self.bus.index.get(&key).await else {
+                continue;
+            };
+            let Ok(index) = Encoding::MsgPack.decode::<ChunkIndex>(&bytes) else {
+                continue;
+            };
+            for chunk in index.files.iter().flat_map(|f| &f.chunks) {
+                if let Ok(id) = ChunkId::from_hex(&chunk.id) {
+                    self.remember(id);
+                }
+            }
+            if let Ok(mut learned) = self.learned.lock() {
+                learned.insert(key);
+            }
         }
     }
 

@@ -149,6 +149,7 @@ impl Distributor {
                 .reject(&event, RejectCode::ArchiveMismatch, message)
                 .await;
         }
+        self.store.learn_app(&event.app).await;
         let fetch_ms = started.elapsed().as_millis() as u64;
         let report = match ingest(
             &self.store,

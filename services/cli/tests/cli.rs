@@ -1,0 +1,129 @@
+//! The `fleetcast` binary as CI and operators run it.
+
+use std::process::{Command, Output};
+
+use fleetcast_harness::fixtures::{hostile, sample_package};
+
+fn fleetcast(args: &[&str], nats_url: &str) -> Output {
+    Command::new(env!("CARGO_BIN_EXE_fleetcast"))
+        .args(args)
+        .env("FLEETCAST_NATS_URL", nats_url)
+        .output()
+        .expect("run fleetcast")
+}
+
+fn text(out: &[u8]) -> String {
+    String::from_utf8_lossy(out).into_owned()
+}
+
+#[test]
+fn keygen_writes_a_private_secret_and_refuses_to_overwrite() {
+    let dir = tempfile::tempdir().expect("tmp");
+    let d = dir.path().to_str().expect("utf8");
+    let out = fleetcast(&["keygen", "--dir", d], "nats://127.0.0.1:1");
+    assert!(out.status.success(), "{}", text(&out.stderr));
+    use std::os::unix::fs::PermissionsExt;
+    let mode = std::fs::metadata(dir.path().join("signing.key"))
+        .expect("key")
+        .permissions()
+        .mode();
+    assert_eq!(mode & 0o777, 0o600);
+    let public = std::fs::read_to_string(dir.path().join("signing.pub")).expect("pub");
+    assert!(fleetcast_events::PublicKey::from_text(&public).is_ok());
+    let again = fleetcast(&["keygen", "--dir", d], "nats://127.0.0.1:1");
+    assert!(!again.status.success());
+    assert!(text(&again.stderr).contains("already exists"));
+}
+
+#[test]
+fn publish_fails_clearly_on_a_bad_package_or_no_nats() {
+    let dir = tempfile::tempdir().expect("tmp");
+    let evil = dir.path().join("evil-1.0.0.zip");
+    std::fs::write(&evil, hostile::path_traversal()).expect("zip");
+    let out = fleetcast(
+        &["publish", evil.to_str().expect("utf8")],
+        "nats://127.0.0.1:1",
+    );
+    assert_eq!(out.status.code(), Some(1));
+    let err = text(&out.stderr);
+    assert!(
+        err.contains("not a valid package") && err.contains(".."),
+        "{err}"
+    );
+
+    let unnamed = dir.path().join("release.zip");
+    sample_package("1.0.0").write_to(&unnamed).expect("zip");
+    let out = fleetcast(
+        &["publish", unnamed.to_str().expect("utf8")],
+        "nats://127.0.0.1:1",
+    );
+    assert!(
+        text(&out.stderr).contains("--app and --version"),
+        "{}",
+        text(&out.stderr)
+    );
+
+    let good = dir.path().join("collector-1.0.0.zip");
+    sample_package("1.0.0").write_to(&good).expect("zip");
+    let listener = std::net::TcpListener::bind("127.0.0.1:0").expect("port");
+    let url = format!("nats://{}", listener.local_addr().expect("addr"));
+    drop(listener); // nothing listens there now
+    let out = fleetcast(
+        &[
+            "publish",
+            good.to_str().expect("utf8"),
+            "--connect-timeout",
+            "1s",
+        ],
+        &url,
+    );
+    assert_eq!(out.status.code(), Some(1));
+    assert!(
+        text(&out.stderr).contains("cannot reach NATS"),
+        "{}",
+        text(&out.stderr)
+    );
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn publish_wait_exits_zero_when_stored_and_three_when_rejected() {
+    let p = fleetcast_e2e::Pipeline::start().await.expect("pipeline");
+    let url = p.nats.url();
+    let zip = p.dir.path().join("collector-2.0.0.zip");
+    sample_package("2.0.0").write_to(&zip).expect("zip");
+    let zip_arg = zip.to_str().expect("utf8").to_string();
+    let u = url.clone();
+    let out = tokio::task::spawn_blocking(move || {
+        fleetcast(&["publish", &zip_arg, "--wait", "--timeout", "60s"], &u)
+    })
+    .await
+    .expect("join");
+    assert!(
+        out.status.success(),
+        "{}\n{}",
+        text(&out.stdout),
+        text(&out.stderr)
+    );
+    assert!(text(&out.stdout).contains("stored"));
+
+    let old = p.dir.path().join("collector-1.0.0.zip");
+    sample_package("1.0.0").write_to(&old).expect("zip");
+    let old_arg = old.to_str().expect("utf8").to_string();
+    let u = url.clone();
+    let out = tokio::task::spawn_blocking(move || {
+        fleetcast(&["publish", &old_arg, "--wait", "--timeout", "60s"], &u)
+    })
+    .await
+    .expect("join");
+    assert_eq!(out.status.code(), Some(3), "{}", text(&out.stdout));
+    assert!(text(&out.stdout).contains("VersionNotNewer"));
+
+    let out = tokio::task::spawn_blocking(move || fleetcast(&["releases"], &url))
+        .await
+        .expect("join");
+    let listing = text(&out.stdout);
+    assert!(
+        listing.contains("2.0.0") && listing.contains("stored") && listing.contains("rejected"),
+        "{listing}"
+    );
+}
