@@ -129,7 +129,7 @@ impl ChunkStore {
             Err(e) if matches!(e.kind(), DirectGetErrorKind::NotFound) => {}
             Err(e) => return Err(format!("checking chunk {id}: {e}")),
         }
-        let compressed = tokio::task::spawn_blocking(move || chunking::compress(&data))
+        let compressed = tokio::task::spawn_blocking(move || chunking::encode_stored(&data))
             .await
             .map_err(|e| e.to_string())?
             .map_err(|e| format!("compressing chunk {id}: {e}"))?;

@@ -11,7 +11,7 @@ use fleetcast_events::v1::ChunkRef;
 pub const MIN_CHUNK: usize = 16 * 1024;
 pub const AVG_CHUNK: usize = 64 * 1024;
 pub const MAX_CHUNK: usize = 256 * 1024;
-/// zstd level: level 3 is zstd's default, a good speed/ratio point for mixed content.
+/// zstd level for chunks worth compressing: zstd's default, a good speed/ratio point.
 pub const ZSTD_LEVEL: i32 = 3;
 
 /// A chunk's name: the BLAKE3 of its uncompressed content.
@@ -95,17 +95,54 @@ pub fn chunk_ref(id: &ChunkId, len: usize) -> ChunkRef {
     }
 }
 
-pub fn compress(data: &[u8]) -> io::Result<Vec<u8>> {
-    zstd::bulk::compress(data, ZSTD_LEVEL)
+/// First byte of a stored chunk: how the rest is encoded.
+const STORED_RAW: u8 = 0;
+const STORED_ZSTD: u8 = 1;
+/// Bytes sampled to decide whether a chunk is worth compressing.
+const SAMPLE: usize = 8 * 1024;
+
+/// A chunk as stored: one encoding byte, then the content raw or as a zstd frame. A chunk whose
+/// first 8 KiB do not shrink at zstd level 1 (already compressed, encrypted or random data) is
+/// stored raw: compressing it would cost CPU and save nothing.
+pub fn encode_stored(data: &[u8]) -> io::Result<Vec<u8>> {
+    let sample = &data[..data.len().min(SAMPLE)];
+    let worth_it =
+        sample.len() < 512 || zstd::bulk::compress(sample, 1)?.len() < sample.len() * 15 / 16;
+    if worth_it {
+        let mut out = Vec::with_capacity(data.len() / 2 + 64);
+        out.push(STORED_ZSTD);
+        out.extend_from_slice(&zstd::bulk::compress(data, ZSTD_LEVEL)?);
+        if out.len() <= data.len() {
+            return Ok(out);
+        }
+    }
+    let mut out = Vec::with_capacity(data.len() + 1);
+    out.push(STORED_RAW);
+    out.extend_from_slice(data);
+    Ok(out)
 }
 
-/// Decompresses a stored chunk (never past the maximum chunk size, so a hostile store cannot
-/// make it expand without bound) and checks its length and name.
+/// Decodes a stored chunk (never past the maximum chunk size, so a hostile store cannot make
+/// it expand without bound) and checks its length and name.
 pub fn verify(id: &ChunkId, expected_len: u32, stored: &[u8]) -> Result<VerifiedChunk, ChunkError> {
-    let data = zstd::bulk::decompress(stored, MAX_CHUNK).map_err(|e| ChunkError::Decompress {
+    let bad = |reason: String| ChunkError::Decompress {
         id: id.to_hex(),
-        reason: e.to_string(),
-    })?;
+        reason,
+    };
+    let data = match stored.split_first() {
+        Some((&STORED_ZSTD, frame)) => {
+            zstd::bulk::decompress(frame, MAX_CHUNK).map_err(|e| bad(e.to_string()))?
+        }
+        Some((&STORED_RAW, raw)) if raw.len() <= MAX_CHUNK => raw.to_vec(),
+        Some((&STORED_RAW, raw)) => {
+            return Err(bad(format!(
+                "{} bytes, over the maximum chunk size",
+                raw.len()
+            )));
+        }
+        Some((other, _)) => return Err(bad(format!("unknown encoding {other}"))),
+        None => return Err(bad("empty".into())),
+    };
     if data.len() != expected_len as usize {
         return Err(ChunkError::Length {
             id: id.to_hex(),
@@ -162,9 +199,10 @@ mod tests {
     fn verify_accepts_good_and_refuses_bad_chunks() {
         let data = pseudo_random(100_000, 1);
         let id = ChunkId::of(&data);
-        let stored = compress(&data).expect("compress");
+        let stored = encode_stored(&data).expect("encode");
+        assert_eq!(stored[0], STORED_RAW, "random data was compressed");
         assert_eq!(verify(&id, 100_000, &stored).expect("ok").data(), &data[..]);
-        let other = compress(&pseudo_random(100_000, 2)).expect("compress");
+        let other = encode_stored(&pseudo_random(100_000, 2)).expect("encode");
         assert!(matches!(
             verify(&id, 100_000, &other),
             Err(ChunkError::Hash { .. })
@@ -177,7 +215,17 @@ mod tests {
             verify(&id, 100_000, b"garbage"),
             Err(ChunkError::Decompress { .. })
         ));
-        let bomb = compress(&vec![0u8; 4 * MAX_CHUNK]).expect("compress");
+        let text = b"fleetcast ".repeat(10_000);
+        let packed = encode_stored(&text).expect("encode");
+        assert!(packed[0] == STORED_ZSTD && packed.len() < 1000);
+        assert_eq!(
+            verify(&ChunkId::of(&text), text.len() as u32, &packed)
+                .expect("ok")
+                .data(),
+            &text[..]
+        );
+        let mut bomb = vec![STORED_ZSTD];
+        bomb.extend(zstd::bulk::compress(&vec![0u8; 4 * MAX_CHUNK], 3).expect("compress"));
         assert!(matches!(
             verify(&id, 100_000, &bomb),
             Err(ChunkError::Decompress { .. })

@@ -230,15 +230,15 @@ impl Watcher {
 fn move_into(path: &Path, dir: &Path, note: Option<&str>) {
     let Some(name) = path.file_name() else { return };
     let dest = dir.join(name);
-    if let Err(e) = std::fs::rename(path, &dest) {
-        tracing::error!(file = %path.display(), dest = %dest.display(), error = %e, "cannot move file");
-        return;
-    }
+    // The note first: whoever sees the moved file can read why.
     if let Some(note) = note {
-        let mut reason_file = dest.into_os_string();
+        let mut reason_file = dest.clone().into_os_string();
         reason_file.push(".reason.txt");
         if let Err(e) = std::fs::write(&reason_file, note) {
             tracing::warn!(error = %e, "cannot write rejection note");
         }
+    }
+    if let Err(e) = std::fs::rename(path, &dest) {
+        tracing::error!(file = %path.display(), dest = %dest.display(), error = %e, "cannot move file");
     }
 }

@@ -339,7 +339,11 @@ async fn killed_distributor_and_restarted_nats_still_store_the_release_exactly_o
     let mut p = Pipeline::new().await.expect("pipeline");
     p.start_watcher();
     p.start_signer();
-    let package = PackageBuilder::new().file("big.bin", pseudo_random(24 << 20, 5), 0o644);
+    // Compressible (so storing takes a while) and unique, so a kill lands mid-job.
+    let text: Vec<u8> = (0..1_200_000u32)
+        .flat_map(|i| format!("line {i} of the log {}\n", i % 977).into_bytes())
+        .collect();
+    let package = PackageBuilder::new().file("big.log", text, 0o644);
     std::fs::create_dir_all(p.drop_dir()).expect("dir");
     package
         .write_to(&p.drop_dir().join("collector-1.0.0.zip"))
@@ -349,12 +353,13 @@ async fn killed_distributor_and_restarted_nats_still_store_the_release_exactly_o
         .expect("signed");
 
     // Distributor killed mid-job: once some chunks are stored, before it finishes.
+    let mut chunks = p.bus().await.expect("bus").chunks;
     p.start_distributor("distributor");
-    for _ in 0..400 {
-        if p.stored_chunks().await.expect("chunks") > 0 {
+    for _ in 0..2000 {
+        if chunks.info().await.expect("info").state.messages > 0 {
             break;
         }
-        tokio::time::sleep(Duration::from_millis(10)).await;
+        tokio::time::sleep(Duration::from_millis(2)).await;
     }
     p.kill("distributor");
     assert_eq!(
