@@ -58,4 +58,19 @@ mod tests {
             "schemas out of date: {stale:?}; run FLEETCAST_BLESS=1 cargo test -p fleetcast-events schemas"
         );
     }
+
+    /// The examples under `schemas/examples/` (what CI and operators copy) decode as the types.
+    #[test]
+    fn examples_decode() {
+        use crate::v1::{PackageRejected, ReleasePublished, ReleaseRejected};
+        let dir = PathBuf::from(env!("CARGO_MANIFEST_DIR")).join("../../schemas/examples");
+        let read = |name: &str| std::fs::read(dir.join(name)).expect("example file");
+        let published: ReleasePublished =
+            serde_json::from_slice(&read("release-published.json")).expect("release-published");
+        assert_eq!(published.app, "collector");
+        let _: PackageRejected =
+            serde_json::from_slice(&read("package-rejected.json")).expect("package-rejected");
+        let _: ReleaseRejected =
+            serde_json::from_slice(&read("release-rejected.json")).expect("release-rejected");
+    }
 }
