@@ -1,0 +1,7 @@
+//! The agent: runs on every host, supervises the application and (next) updates it safely.
+//!
+//! Built so far: the supervisor ([`supervisor`]), which starts the app as a child in its own
+//! process group, restarts it with backoff, pauses a crash loop, and stops it gracefully.
+
+pub mod crash_policy;
+pub mod supervisor;
