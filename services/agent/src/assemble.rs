@@ -1,0 +1,345 @@
+//! Builds `versions/<v>.partial/` from a signed manifest and its chunk index: chunks already on
+//! the host (in installed versions, or written by an interrupted attempt) are reused, the rest
+//! fetched with bounded concurrency; every chunk is verified against its name before it is
+//! written, every file against the signed manifest before the folder is renamed to
+//! `versions/<v>/`. Memory stays at about `concurrency` chunks.
+
+use std::collections::{HashMap, HashSet};
+use std::fs::File;
+use std::io;
+use std::os::unix::fs::{FileExt, PermissionsExt};
+use std::path::{Path, PathBuf};
+use std::sync::Arc;
+
+use fleetcast_events::VerifiedManifest;
+use fleetcast_events::names::chunk_subject;
+use fleetcast_events::v1::ChunkIndex;
+use fleetcast_package::chunking::{self, ChunkError, ChunkId, MAX_CHUNK, VerifiedChunk};
+use futures::StreamExt;
+use futures::stream::FuturesUnordered;
+
+use crate::install::{InstallRoot, sync_dir};
+
+#[derive(Debug, thiserror::Error)]
+pub enum AssembleError {
+    #[error("chunk index does not fit the signed manifest: {0}")]
+    BadIndex(String),
+    #[error("refused a chunk: {0}")]
+    Chunk(#[from] ChunkError),
+    #[error("cannot fetch chunk {id}: {reason}")]
+    Fetch { id: String, reason: String },
+    #[error("{path}: {source}")]
+    Io { path: PathBuf, source: io::Error },
+    #[error("{0} does not match the signed manifest after assembly")]
+    FileMismatch(String),
+}
+
+impl AssembleError {
+    /// Worth trying again later (the store or network), as opposed to bad data.
+    pub fn is_transient(&self) -> bool {
+        matches!(self, AssembleError::Fetch { .. } | AssembleError::Io { .. })
+    }
+}
+
+fn io_err(path: &Path) -> impl FnOnce(io::Error) -> AssembleError + '_ {
+    move |source| AssembleError::Io {
+        path: path.to_path_buf(),
+        source,
+    }
+}
+
+/// A chunk from somewhere else, verified, with the bytes it cost to transfer.
+pub struct Fetched {
+    pub chunk: VerifiedChunk,
+    pub wire_bytes: u64,
+}
+
+/// Where missing chunks come from.
+pub trait ChunkSource {
+    fn fetch(&self, id: &ChunkId, len: u32)
+    -> impl Future<Output = Result<Fetched, AssembleError>>;
+}
+
+/// The chunk store: direct get on the chunk's own subject, so no consumer is created per fetch.
+pub struct NatsChunks {
+    pub stream: async_nats::jetstream::stream::Stream,
+}
+
+impl ChunkSource for NatsChunks {
+    async fn fetch(&self, id: &ChunkId, len: u32) -> Result<Fetched, AssembleError> {
+        let hex = id.to_hex();
+        let message = self
+            .stream
+            .direct_get_last_for_subject(chunk_subject(&hex))
+            .await
+            .map_err(|e| AssembleError::Fetch {
+                id: hex,
+                reason: e.to_string(),
+            })?;
+        let chunk = chunking::verify(id, len, &message.payload)?;
+        Ok(Fetched {
+            chunk,
+            wire_bytes: message.payload.len() as u64,
+        })
+    }
+}
+
+/// Chunks present in installed versions: id → (file, offset, length), from their indexes.
+#[derive(Default)]
+pub struct LocalChunks {
+    places: HashMap<ChunkId, (PathBuf, u64, u32)>,
+}
+
+impl LocalChunks {
+    /// Learns the chunks of an installed version from its folder and chunk index.
+    pub fn add_version(&mut self, dir: &Path, index: &ChunkIndex) {
+        for file in &index.files {
+            let mut offset = 0u64;
+            for c in &file.chunks {
+                if let Ok(id) = ChunkId::from_hex(&c.id) {
+                    self.places
+                        .entry(id)
+                        .or_insert_with(|| (dir.join(&file.path), offset, c.len));
+                }
+                offset += u64::from(c.len);
+            }
+        }
+    }
+
+    /// Reads a chunk from disk; `None` if it is not there (any more) or no longer matches.
+    fn read(&self, id: &ChunkId) -> Option<Vec<u8>> {
+        let (path, offset, len) = self.places.get(id)?;
+        read_verified(path, *offset, *len, id)
+    }
+}
+
+fn read_verified(path: &Path, offset: u64, len: u32, id: &ChunkId) -> Option<Vec<u8>> {
+    let file = File::open(path).ok()?;
+    let mut buf = vec![0u8; len as usize];
+    file.read_exact_at(&mut buf, offset).ok()?;
+    (ChunkId::of(&buf) == *id).then_some(buf)
+}
+
+#[derive(Debug, Default, Clone, PartialEq, Eq)]
+pub struct AssembleReport {
+    pub fetched_chunks: u64,
+    /// Bytes transferred from the store (compressed as stored).
+    pub fetched_bytes: u64,
+    pub reused_chunks: u64,
+    /// Chunks already in place from an interrupted attempt.
+    pub resumed_chunks: u64,
+}
+
+struct Job {
+    file: Arc<File>,
+    path: PathBuf,
+    offset: u64,
+    id: ChunkId,
+    len: u32,
+}
+
+/// Assembles `manifest`'s version into its partial folder and renames it into place. Returns
+/// at once if the version is already installed.
+pub async fn assemble(
+    root: &InstallRoot,
+    manifest: &VerifiedManifest,
+    index: &ChunkIndex,
+    local: &LocalChunks,
+    remote: &impl ChunkSource,
+    concurrency: usize,
+) -> Result<AssembleReport, AssembleError> {
+    let final_dir = root.version_dir(&manifest.version);
+    if final_dir.is_dir() {
+        return Ok(AssembleReport::default());
+    }
+    check_index(manifest, index)?;
+    let partial = root.partial_dir(&manifest.version);
+    std::fs::create_dir_all(&partial).map_err(io_err(&partial))?;
+    let mut report = AssembleReport::default();
+
+    // Regular files first, so no write can pass through a link the manifest creates.
+    let mut jobs = Vec::new();
+    for (entry, chunks) in manifest.files.iter().zip(&index.files) {
+        if entry.link.is_some() {
+            continue;
+        }
+        let path = partial.join(&entry.path);
+        if let Some(parent) = path.parent() {
+            std::fs::create_dir_all(parent).map_err(io_err(parent))?;
+        }
+        let file = std::fs::OpenOptions::new()
+            .read(true)
+            .write(true)
+            .create(true)
+            .truncate(false)
+            .open(&path)
+            .map_err(io_err(&path))?;
+        file.set_len(entry.size).map_err(io_err(&path))?;
+        let file = Arc::new(file);
+        let mut offset = 0u64;
+        for c in &chunks.chunks {
+            let id = ChunkId::from_hex(&c.id)?;
+            if read_verified(&path, offset, c.len, &id).is_some() {
+                report.resumed_chunks += 1;
+            } else {
+                jobs.push(Job {
+                    file: file.clone(),
+                    path: path.clone(),
+                    offset,
+                    id,
+                    len: c.len,
+                });
+            }
+            offset += u64::from(c.len);
+        }
+    }
+
+    let mut pending = jobs.into_iter();
+    let mut inflight = FuturesUnordered::new();
+    loop {
+        while inflight.len() < concurrency.max(1) {
+            let Some(job) = pending.next() else { break };
+            inflight.push(async move {
+                let (data, fetched) = match local.read(&job.id) {
+                    Some(data) => (data, None),
+                    None => {
+                        let f = remote.fetch(&job.id, job.len).await?;
+                        let wire = f.wire_bytes;
+                        (f.chunk.into_data(), Some(wire))
+                    }
+                };
+                job.file
+                    .write_all_at(&data, job.offset)
+                    .map_err(io_err(&job.path))?;
+                Ok::<_, AssembleError>(fetched)
+            });
+        }
+        match inflight.next().await {
+            Some(Ok(Some(wire))) => {
+                report.fetched_chunks += 1;
+                report.fetched_bytes += wire;
+            }
+            Some(Ok(None)) => report.reused_chunks += 1,
+            Some(Err(e)) => return Err(e),
+            None => break,
+        }
+    }
+
+    // Every file against the signed manifest, then permissions, links, and durability.
+    for entry in manifest.files.iter().filter(|e| e.link.is_none()) {
+        let path = partial.join(&entry.path);
+        let mut hasher = blake3::Hasher::new();
+        let file = File::open(&path).map_err(io_err(&path))?;
+        hasher.update_reader(&file).map_err(io_err(&path))?;
+        if hasher.finalize().to_hex().as_str() != entry.blake3 {
+            // Drop it so a retry fetches it afresh instead of resuming bad bytes.
+            let _ = std::fs::remove_file(&path);
+            return Err(AssembleError::FileMismatch(entry.path.clone()));
+        }
+        std::fs::set_permissions(&path, std::fs::Permissions::from_mode(entry.mode & 0o777))
+            .map_err(io_err(&path))?;
+        file.sync_all().map_err(io_err(&path))?;
+    }
+    for entry in &manifest.files {
+        if let Some(target) = &entry.link {
+            let path = partial.join(&entry.path);
+            if let Some(parent) = path.parent() {
+                std::fs::create_dir_all(parent).map_err(io_err(parent))?;
+            }
+            let _ = std::fs::remove_file(&path);
+            std::os::unix::fs::symlink(target, &path).map_err(io_err(&path))?;
+        }
+    }
+    sync_tree(&partial).map_err(io_err(&partial))?;
+    std::fs::rename(&partial, &final_dir).map_err(io_err(&final_dir))?;
+    sync_dir(final_dir.parent().unwrap_or(root.root())).map_err(io_err(&final_dir))?;
+    Ok(report)
+}
+
+/// The index must describe exactly the manifest's files, in order, with chunk lengths that add
+/// up to each file's size; links must stay inside the version and no path may pass through one.
+fn check_index(manifest: &VerifiedManifest, index: &ChunkIndex) -> Result<(), AssembleError> {
+    let bad = |m: String| Err(AssembleError::BadIndex(m));
+    if index.app != manifest.app
+        || index.version != manifest.version
+        || index.files.len() != manifest.files.len()
+    {
+        return bad(format!(
+            "index is for {} {} with {} files",
+            index.app,
+            index.version,
+            index.files.len()
+        ));
+    }
+    let links: HashSet<&str> = manifest
+        .files
+        .iter()
+        .filter(|f| f.link.is_some())
+        .map(|f| f.path.as_str())
+        .collect();
+    for (entry, chunks) in manifest.files.iter().zip(&index.files) {
+        if entry.path != chunks.path {
+            return bad(format!("file {} listed as {}", entry.path, chunks.path));
+        }
+        let mut prefix = String::new();
+        for part in entry
+            .path
+            .split('/')
+            .collect::<Vec<_>>()
+            .iter()
+            .rev()
+            .skip(1)
+            .rev()
+        {
+            if !prefix.is_empty() {
+                prefix.push('/');
+            }
+            prefix.push_str(part);
+            if links.contains(prefix.as_str()) {
+                return bad(format!("{} passes through the link {prefix}", entry.path));
+            }
+        }
+        if let Some(target) = &entry.link {
+            let depth = entry.path.matches('/').count() as i64;
+            let mut level = depth;
+            for part in target.split('/') {
+                match part {
+                    "" | "." => {}
+                    ".." => level -= 1,
+                    _ => level += 1,
+                }
+                if level < 0 || target.starts_with('/') {
+                    return bad(format!(
+                        "link {} points outside the version ({target})",
+                        entry.path
+                    ));
+                }
+            }
+            continue;
+        }
+        let total: u64 = chunks.chunks.iter().map(|c| u64::from(c.len)).sum();
+        if total != entry.size
+            || chunks
+                .chunks
+                .iter()
+                .any(|c| c.len == 0 || c.len as usize > MAX_CHUNK)
+        {
+            return bad(format!(
+                "chunks of {} add up to {total} bytes, the manifest says {}",
+                entry.path, entry.size
+            ));
+        }
+    }
+    Ok(())
+}
+
+/// fsync every folder below `dir` (files were synced as they were verified).
+fn sync_tree(dir: &Path) -> io::Result<()> {
+    for entry in std::fs::read_dir(dir)? {
+        let entry = entry?;
+        if entry.file_type()?.is_dir() {
+            sync_tree(&entry.path())?;
+        }
+    }
+    sync_dir(dir)
+}
