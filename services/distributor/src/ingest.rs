@@ -12,7 +12,7 @@ use async_nats::jetstream::message::PublishMessage;
 use async_nats::jetstream::stream::DirectGetErrorKind;
 use fleetcast_events::manifest::FileEntry;
 use fleetcast_events::names::chunk_subject;
-use fleetcast_events::v1::{ChunkIndex, FileChunks, RejectCode, Rejection};
+use fleetcast_events::v1::{ChunkIndex, ChunkRef, FileChunks, RejectCode, Rejection};
 use fleetcast_events::{Encoding, VerifiedManifest};
 use fleetcast_package::chunking::{self, ChunkId, chunk_ref};
 use fleetcast_package::{ArchiveLimits, EntryKind, Package};
@@ -49,7 +49,19 @@ pub struct ChunkStore {
     known: Arc<Mutex<HashSet<ChunkId>>>,
     /// Chunk indexes already read into `known`.
     learned: Arc<Mutex<HashSet<String>>>,
+    /// Files stored before, by BLAKE3: their chunk lists, so an unchanged file is never read
+    /// again (and a release whose files are all known needs no archive at all).
+    files: Arc<Mutex<HashMap<String, KnownFile>>>,
 }
+
+#[derive(Clone)]
+struct KnownFile {
+    size: u64,
+    chunks: Vec<ChunkRef>,
+}
+
+/// Bound on remembered files; past it the map starts over.
+const MAX_KNOWN_FILES: usize = 200_000;
 
 enum Stored {
     New(u64),
@@ -62,6 +74,7 @@ impl ChunkStore {
             bus,
             known: Arc::default(),
             learned: Arc::default(),
+            files: Arc::default(),
         }
     }
 
@@ -90,10 +103,50 @@ impl ChunkStore {
                     self.remember(id);
                 }
             }
+            self.remember_files(&index);
             if let Ok(mut learned) = self.learned.lock() {
                 learned.insert(key);
             }
         }
+    }
+
+    /// Records the files of a stored release (those whose index carries their hash).
+    pub fn remember_files(&self, index: &ChunkIndex) {
+        let Ok(mut files) = self.files.lock() else {
+            return;
+        };
+        if files.len() >= MAX_KNOWN_FILES {
+            files.clear();
+        }
+        for f in &index.files {
+            if let Some(hash) = &f.blake3 {
+                let size = f.chunks.iter().map(|c| u64::from(c.len)).sum();
+                files.insert(
+                    hash.clone(),
+                    KnownFile {
+                        size,
+                        chunks: f.chunks.clone(),
+                    },
+                );
+            }
+        }
+    }
+
+    /// The chunk list of a file stored before with this hash and size.
+    fn known_file(&self, blake3: &str, size: u64) -> Option<Vec<ChunkRef>> {
+        let files = self.files.lock().ok()?;
+        files
+            .get(blake3)
+            .filter(|f| f.size == size)
+            .map(|f| f.chunks.clone())
+    }
+
+    /// Whether ingesting `manifest` needs its archive: false when every file is known.
+    pub fn needs_archive(&self, manifest: &VerifiedManifest) -> bool {
+        manifest
+            .files
+            .iter()
+            .any(|f| f.link.is_none() && self.known_file(&f.blake3, f.size).is_none())
     }
 
     fn is_known(&self, id: &ChunkId) -> bool {
@@ -170,28 +223,59 @@ fn mismatch(message: String) -> IngestError {
     })
 }
 
-/// Chunks and stores every file of `archive`, which must match `manifest` exactly.
+/// Chunks and stores every file of `manifest` that was not stored before. `archive` (which must
+/// match the manifest exactly) is needed only when some file is new.
 pub async fn ingest(
     store: &ChunkStore,
-    archive: &Path,
+    archive: Option<&Path>,
     manifest: &VerifiedManifest,
     limits: &ArchiveLimits,
     concurrency: usize,
 ) -> Result<IngestReport, IngestError> {
     let files = manifest.files.clone();
-    let mut index: Vec<FileChunks> = files
+    let reuse: Vec<Option<Vec<ChunkRef>>> = files
         .iter()
-        .map(|f| FileChunks {
-            path: f.path.clone(),
-            chunks: Vec::new(),
+        .map(|f| {
+            if f.link.is_some() {
+                None
+            } else {
+                store.known_file(&f.blake3, f.size)
+            }
         })
         .collect();
+    let mut chunks = reuse.iter().flatten().map(|c| c.len() as u64).sum::<u64>();
+    let mut index: Vec<FileChunks> = files
+        .iter()
+        .zip(&reuse)
+        .map(|(f, known)| FileChunks {
+            path: f.path.clone(),
+            blake3: f.link.is_none().then(|| f.blake3.clone()),
+            chunks: known.clone().unwrap_or_default(),
+        })
+        .collect();
+    let skip: Vec<bool> = reuse.iter().map(Option::is_some).collect();
+    let needed = files.iter().zip(&skip).any(|(f, s)| f.link.is_none() && !s);
     let (tx, mut rx) = tokio::sync::mpsc::channel::<Work>(64);
-    let (path, limits_owned) = (PathBuf::from(archive), limits.clone());
-    let producer = tokio::task::spawn_blocking(move || produce(&path, &files, &limits_owned, tx));
+    let producer = match (needed, archive) {
+        (false, _) => {
+            drop(tx);
+            None
+        }
+        (true, None) => {
+            return Err(IngestError::Transient(
+                "some files are new, but no archive was fetched".into(),
+            ));
+        }
+        (true, Some(archive)) => {
+            let (path, limits_owned) = (PathBuf::from(archive), limits.clone());
+            Some(tokio::task::spawn_blocking(move || {
+                produce(&path, &files, &skip, &limits_owned, tx)
+            }))
+        }
+    };
 
     let mut inflight = FuturesUnordered::new();
-    let (mut chunks, mut new_chunks, mut new_stored_bytes) = (0u64, 0u64, 0u64);
+    let (mut new_chunks, mut new_stored_bytes) = (0u64, 0u64);
     let mut failure = None;
     let mut done = false;
     while !(done && inflight.is_empty()) {
@@ -217,9 +301,12 @@ pub async fn ingest(
             },
         }
     }
-    let produced = producer
-        .await
-        .map_err(|e| IngestError::Transient(format!("reader task failed: {e}")))?;
+    let produced = match producer {
+        Some(p) => p
+            .await
+            .map_err(|e| IngestError::Transient(format!("reader task failed: {e}")))?,
+        None => Ok(()),
+    };
     if let Some(e) = failure {
         return Err(IngestError::Transient(e));
     }
@@ -243,6 +330,7 @@ pub async fn ingest(
 fn produce(
     path: &Path,
     files: &[FileEntry],
+    skip: &[bool],
     limits: &ArchiveLimits,
     tx: tokio::sync::mpsc::Sender<Work>,
 ) -> Result<(), IngestError> {
@@ -273,7 +361,11 @@ fn produce(
             EntryKind::File { mode }
                 if file.link.is_none() && *mode == file.mode && *size == file.size =>
             {
-                plan.push((i, *index))
+                // Known files were checked for kind, mode and size above; their content is
+                // already stored under the manifest's hash.
+                if !skip[i] {
+                    plan.push((i, *index))
+                }
             }
             _ => {
                 return Err(mismatch(format!(

@@ -123,37 +123,39 @@ impl Distributor {
             }
         };
         let started = std::time::Instant::now();
-        let fetched = match self
-            .bus
-            .fetch_archive(&event.object, &self.settings.work_dir())
-            .await
-        {
-            Ok(f) => f,
-            Err(FetchError::NotFound(object)) => {
-                return self
-                    .reject(
-                        &event,
-                        RejectCode::ArchiveMismatch,
-                        format!("archive {object} is not in the incoming store"),
-                    )
-                    .await;
-            }
-            Err(e) => return Outcome::Retry(e.to_string()),
-        };
-        if fetched.blake3 != event.blake3 {
-            let message = format!(
-                "archive BLAKE3 is {}, the signed release says {}",
-                fetched.blake3, event.blake3
-            );
-            return self
-                .reject(&event, RejectCode::ArchiveMismatch, message)
-                .await;
-        }
         self.store.learn_app(&event.app).await;
+        // A release whose files were all stored before needs no archive: nothing to read.
+        let fetched = if self.store.needs_archive(&verified) {
+            match self
+                .bus
+                .fetch_archive(&event.object, &self.settings.work_dir())
+                .await
+            {
+                Ok(f) if f.blake3 == event.blake3 => Some(f),
+                Ok(f) => {
+                    let message = format!(
+                        "archive BLAKE3 is {}, the signed release says {}",
+                        f.blake3, event.blake3
+                    );
+                    return self
+                        .reject(&event, RejectCode::ArchiveMismatch, message)
+                        .await;
+                }
+                Err(FetchError::NotFound(object)) => {
+                    let message = format!("archive {object} is not in the incoming store");
+                    return self
+                        .reject(&event, RejectCode::ArchiveMismatch, message)
+                        .await;
+                }
+                Err(e) => return Outcome::Retry(e.to_string()),
+            }
+        } else {
+            None
+        };
         let fetch_ms = started.elapsed().as_millis() as u64;
         let report = match ingest(
             &self.store,
-            fetched.file.path(),
+            fetched.as_ref().map(|f| f.file.path()),
             &verified,
             &self.settings.limits,
             self.settings.concurrency,
@@ -184,6 +186,7 @@ impl Distributor {
             .put(&key, index.into())
             .await
             .map_err(|e| format!("storing chunk index {key}: {e}"))?;
+        self.store.remember_files(&report.index);
         let stored = ReleaseStored {
             app: event.app.clone(),
             version: event.version.clone(),

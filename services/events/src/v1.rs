@@ -200,6 +200,10 @@ pub struct ChunkIndex {
 #[serde(deny_unknown_fields)]
 pub struct FileChunks {
     pub path: String,
+    /// BLAKE3 of the whole file (from the signed manifest), so a later release with the same
+    /// file can reuse this chunk list without reading the file again.
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub blake3: Option<String>,
     pub chunks: Vec<ChunkRef>,
 }
 

@@ -147,6 +147,25 @@ async fn ci_publish_gives_the_same_result_and_v2_stores_only_new_chunks() {
         p.stored_chunks().await.expect("chunks"),
         chunks_before + fresh
     );
+    // v1's content again as 1.0.1 (CI re-releasing unchanged files): every file is known, so
+    // nothing is read or stored, and the release is still complete.
+    let request = fleetcast_cli::PublishRequest {
+        archive: &zip,
+        app: None,
+        version: Some(v("1.2.0")),
+        published_by: None,
+        progress: None,
+    };
+    fleetcast_cli::publish(&bus, request)
+        .await
+        .expect("publish again");
+    let again: ReleaseStored = p
+        .wait_event(RELEASE_STORED, |e: &ReleaseStored| e.version == v("1.2.0"))
+        .await
+        .expect("stored");
+    let v1_chunks = record.stored.as_ref().expect("v1 summary").chunks;
+    assert_eq!((again.new_chunks, again.chunks), (0, v1_chunks));
+    assert_reassembles(&p, "collector", "1.2.0", &v1).await;
     // Archives are dropped from the incoming store once stored.
     let mut listing = bus.incoming.list().await.expect("list");
     use futures::StreamExt;
