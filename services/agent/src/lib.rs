@@ -7,5 +7,7 @@
 
 pub mod assemble;
 pub mod crash_policy;
+pub mod health;
 pub mod install;
+pub mod journal;
 pub mod supervisor;

@@ -1,0 +1,195 @@
+//! The health gate a new version must pass before it is committed: it stays up for `stay_up`
+//! (any exit fails the gate, with its code or signal), then an optional HTTP probe must answer
+//! 2xx and an optional command must exit 0, each within its timeout and a few attempts.
+
+use std::time::Duration;
+
+use serde::Deserialize;
+use tokio::io::{AsyncReadExt, AsyncWriteExt};
+use tokio::sync::broadcast;
+
+use crate::supervisor::Event;
+
+#[derive(Debug, Clone, PartialEq, Eq, Deserialize)]
+#[serde(deny_unknown_fields, default)]
+pub struct HealthGate {
+    #[serde(with = "humantime_serde")]
+    pub stay_up: Duration,
+    /// `http://127.0.0.1:PORT/PATH` answered with 2xx.
+    pub http: Option<String>,
+    /// A command (program and arguments) that must exit 0, run in the version's folder.
+    pub command: Option<Vec<String>>,
+    #[serde(with = "humantime_serde")]
+    pub probe_timeout: Duration,
+    pub probe_attempts: u32,
+    #[serde(with = "humantime_serde")]
+    pub probe_interval: Duration,
+}
+
+impl Default for HealthGate {
+    fn default() -> Self {
+        HealthGate {
+            stay_up: Duration::from_secs(5),
+            http: None,
+            command: None,
+            probe_timeout: Duration::from_secs(3),
+            probe_attempts: 5,
+            probe_interval: Duration::from_secs(1),
+        }
+    }
+}
+
+/// Why a version failed its gate: the reason reported with `rolled_back`.
+#[derive(Debug, Clone, PartialEq, Eq, thiserror::Error)]
+pub enum GateFailure {
+    #[error("exited during the health gate (code {code:?}, signal {signal:?})")]
+    Exited {
+        code: Option<i32>,
+        signal: Option<i32>,
+    },
+    #[error("could not be started: {0}")]
+    SpawnFailed(String),
+    #[error("health probe {url} failed: {detail}")]
+    Http { url: String, detail: String },
+    #[error("health command failed: {0}")]
+    Command(String),
+}
+
+/// Runs the gate against the supervisor's events for the freshly started version.
+pub async fn run_gate(
+    gate: &HealthGate,
+    events: &mut broadcast::Receiver<Event>,
+    cwd: &std::path::Path,
+) -> Result<(), GateFailure> {
+    let deadline = tokio::time::sleep(gate.stay_up);
+    tokio::pin!(deadline);
+    loop {
+        tokio::select! {
+            _ = &mut deadline => break,
+            event = events.recv() => match event {
+                Ok(Event::Exited { code, signal }) => return Err(GateFailure::Exited { code, signal }),
+                Ok(Event::SpawnFailed { reason }) => return Err(GateFailure::SpawnFailed(reason)),
+                Ok(_) | Err(broadcast::error::RecvError::Lagged(_)) => {}
+                Err(broadcast::error::RecvError::Closed) => return Err(GateFailure::SpawnFailed("supervisor gone".into())),
+            },
+        }
+    }
+    if let Some(url) = &gate.http {
+        retry(gate, || http_probe(url, gate.probe_timeout))
+            .await
+            .map_err(|detail| GateFailure::Http {
+                url: url.clone(),
+                detail,
+            })?;
+    }
+    if let Some(command) = &gate.command {
+        retry(gate, || command_probe(command, cwd, gate.probe_timeout))
+            .await
+            .map_err(GateFailure::Command)?;
+    }
+    // A crash right at the end of the gate still counts.
+    while let Ok(event) = events.try_recv() {
+        if let Event::Exited { code, signal } = event {
+            return Err(GateFailure::Exited { code, signal });
+        }
+    }
+    Ok(())
+}
+
+async fn retry<F, Fut>(gate: &HealthGate, mut probe: F) -> Result<(), String>
+where
+    F: FnMut() -> Fut,
+    Fut: Future<Output = Result<(), String>>,
+{
+    let mut last = String::from("no attempt");
+    for attempt in 0..gate.probe_attempts.max(1) {
+        if attempt > 0 {
+            tokio::time::sleep(gate.probe_interval).await;
+        }
+        match probe().await {
+            Ok(()) => return Ok(()),
+            Err(e) => last = e,
+        }
+    }
+    Err(last)
+}
+
+/// One `GET` over plain HTTP/1.1 to a loopback address. Deliberately tiny: probes are local,
+/// unencrypted and need only the status line, so a full HTTP client would be dead weight.
+pub async fn http_probe(url: &str, timeout: Duration) -> Result<(), String> {
+    let rest = url
+        .strip_prefix("http://")
+        .ok_or_else(|| format!("{url}: only http:// probes are supported"))?;
+    let (authority, path) = rest
+        .split_once('/')
+        .map_or((rest, "/".to_string()), |(a, p)| (a, format!("/{p}")));
+    let attempt = async {
+        let mut stream = tokio::net::TcpStream::connect(authority)
+            .await
+            .map_err(|e| e.to_string())?;
+        let request = format!(
+            "GET {path} HTTP/1.1\r\nHost: {authority}\r\nConnection: close\r\nUser-Agent: fleetcast-agent\r\n\r\n"
+        );
+        stream
+            .write_all(request.as_bytes())
+            .await
+            .map_err(|e| e.to_string())?;
+        let mut response = Vec::new();
+        stream
+            .take(64 * 1024)
+            .read_to_end(&mut response)
+            .await
+            .map_err(|e| e.to_string())?;
+        let text = String::from_utf8_lossy(&response);
+        let status: u16 = text
+            .split_whitespace()
+            .nth(1)
+            .and_then(|s| s.parse().ok())
+            .ok_or("no HTTP status line")?;
+        if (200..300).contains(&status) {
+            Ok(())
+        } else {
+            let body = text
+                .split("\r\n\r\n")
+                .nth(1)
+                .unwrap_or_default()
+                .chars()
+                .take(200)
+                .collect::<String>();
+            Err(format!("status {status}: {}", body.trim()))
+        }
+    };
+    tokio::time::timeout(timeout, attempt)
+        .await
+        .map_err(|_| format!("no answer within {timeout:?}"))?
+}
+
+async fn command_probe(
+    command: &[String],
+    cwd: &std::path::Path,
+    timeout: Duration,
+) -> Result<(), String> {
+    let (program, args) = command.split_first().ok_or("empty command")?;
+    let run = tokio::process::Command::new(program)
+        .args(args)
+        .current_dir(cwd)
+        .kill_on_drop(true)
+        .output();
+    let output = tokio::time::timeout(timeout, run)
+        .await
+        .map_err(|_| format!("{program}: no exit within {timeout:?}"))?
+        .map_err(|e| format!("{program}: {e}"))?;
+    if output.status.success() {
+        Ok(())
+    } else {
+        let stderr = String::from_utf8_lossy(&output.stderr)
+            .chars()
+            .take(300)
+            .collect::<String>();
+        Err(format!(
+            "{program} exited with {}: {}",
+            output.status,
+            stderr.trim()
+        ))
+    }
+}
