@@ -1,8 +1,9 @@
 use std::path::PathBuf;
 use std::time::Duration;
 
-use fleetcast_events::{PublicKey, TrustedKeys};
+use fleetcast_events::TrustedKeys;
 use fleetcast_package::ArchiveLimits;
+use fleetcast_runtime::settings::invalid;
 use fleetcast_runtime::{NatsSettings, SettingsError};
 use serde::Deserialize;
 
@@ -40,47 +41,18 @@ impl Settings {
     pub const LIST_KEYS: &'static [&'static str] = &["trusted_keys", "trusted_key_files"];
 
     pub fn validate(&self) -> Result<(), SettingsError> {
-        let bad = |key: &str, reason: String| {
-            Err(SettingsError::Value {
-                key: key.into(),
-                reason,
-            })
-        };
         if !(1..=1024).contains(&self.concurrency) {
-            return bad("concurrency", "must be between 1 and 1024".into());
+            return invalid("concurrency", "must be between 1 and 1024");
         }
         if self.ack_wait < Duration::from_secs(1) {
-            return bad("ack_wait", "must be at least 1s".into());
+            return invalid("ack_wait", "must be at least 1s");
         }
         self.trusted().map(|_| ())
     }
 
     /// The pinned keys, every one parsed; at least one is required.
     pub fn trusted(&self) -> Result<TrustedKeys, SettingsError> {
-        let mut keys = Vec::new();
-        for text in &self.trusted_keys {
-            keys.push(
-                PublicKey::from_text(text).map_err(|e| SettingsError::Value {
-                    key: "trusted_keys".into(),
-                    reason: e.to_string(),
-                })?,
-            );
-        }
-        for path in &self.trusted_key_files {
-            let err = |reason: String| SettingsError::Value {
-                key: "trusted_key_files".into(),
-                reason: format!("{}: {reason}", path.display()),
-            };
-            let text = std::fs::read_to_string(path).map_err(|e| err(e.to_string()))?;
-            keys.push(PublicKey::from_text(&text).map_err(|e| err(e.to_string()))?);
-        }
-        if keys.is_empty() {
-            return Err(SettingsError::Value {
-                key: "trusted_keys".into(),
-                reason: "at least one trusted public key is required".into(),
-            });
-        }
-        Ok(TrustedKeys::new(keys))
+        fleetcast_runtime::settings::trusted_keys(&self.trusted_keys, &self.trusted_key_files)
     }
 
     pub fn work_dir(&self) -> PathBuf {

@@ -19,6 +19,14 @@ pub enum SettingsError {
     Value { key: String, reason: String },
 }
 
+/// The error a `validate` returns for an unacceptable value, naming its key.
+pub fn invalid<T>(key: &str, reason: impl Into<String>) -> Result<T, SettingsError> {
+    Err(SettingsError::Value {
+        key: key.into(),
+        reason: reason.into(),
+    })
+}
+
 /// Loads settings for `service` (lowercase, e.g. "watcher"). `list_keys` name the keys whose
 /// environment value is a comma-separated list (e.g. `trusted_keys`).
 pub fn load_settings<T: DeserializeOwned>(
@@ -98,6 +106,38 @@ impl Default for NatsSettings {
             request_timeout: Duration::from_secs(10),
         }
     }
+}
+
+/// The pinned public keys of a verifier's settings (`trusted_keys` inline, base64, and
+/// `trusted_key_files`), every one parsed; at least one is required.
+pub fn trusted_keys(
+    texts: &[String],
+    files: &[PathBuf],
+) -> Result<fleetcast_events::TrustedKeys, SettingsError> {
+    use fleetcast_events::PublicKey;
+    let mut keys = Vec::new();
+    for text in texts {
+        let key = PublicKey::from_text(text).map_err(|e| SettingsError::Value {
+            key: "trusted_keys".into(),
+            reason: e.to_string(),
+        })?;
+        keys.push(key);
+    }
+    for path in files {
+        let err = |reason: String| SettingsError::Value {
+            key: "trusted_key_files".into(),
+            reason: format!("{}: {reason}", path.display()),
+        };
+        let text = std::fs::read_to_string(path).map_err(|e| err(e.to_string()))?;
+        keys.push(PublicKey::from_text(&text).map_err(|e| err(e.to_string()))?);
+    }
+    if keys.is_empty() {
+        return Err(SettingsError::Value {
+            key: "trusted_keys".into(),
+            reason: "at least one trusted public key is required".into(),
+        });
+    }
+    Ok(fleetcast_events::TrustedKeys::new(keys))
 }
 
 #[cfg(test)]

@@ -2,6 +2,7 @@ use std::path::PathBuf;
 use std::time::Duration;
 
 use fleetcast_package::ArchiveLimits;
+use fleetcast_runtime::settings::invalid;
 use fleetcast_runtime::{NatsSettings, SettingsError};
 use serde::Deserialize;
 
@@ -40,21 +41,15 @@ impl Settings {
     pub const LIST_KEYS: &'static [&'static str] = &["known_apps"];
 
     pub fn validate(&self) -> Result<(), SettingsError> {
-        let bad = |key: &str, reason: String| {
-            Err(SettingsError::Value {
-                key: key.into(),
-                reason,
-            })
-        };
         if self.ack_wait < Duration::from_secs(1) {
-            return bad("ack_wait", "must be at least 1s".into());
+            return invalid("ack_wait", "must be at least 1s");
         }
         if self.manifest_ttl < Duration::from_secs(60) {
-            return bad("manifest_ttl", "must be at least 1m".into());
+            return invalid("manifest_ttl", "must be at least 1m");
         }
         for app in &self.known_apps {
             if let Err(reason) = fleetcast_events::names::validate_app_name(app) {
-                return bad("known_apps", reason);
+                return invalid("known_apps", reason);
             }
         }
         Ok(())

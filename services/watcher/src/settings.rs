@@ -2,6 +2,7 @@ use std::path::PathBuf;
 use std::time::Duration;
 
 use fleetcast_package::ArchiveLimits;
+use fleetcast_runtime::settings::invalid;
 use fleetcast_runtime::{NatsSettings, SettingsError};
 use serde::Deserialize;
 
@@ -46,20 +47,14 @@ impl Default for Settings {
 
 impl Settings {
     pub fn validate(&self) -> Result<(), SettingsError> {
-        let bad = |key: &str, reason: &str| {
-            Err(SettingsError::Value {
-                key: key.into(),
-                reason: reason.into(),
-            })
-        };
         if self.ack_wait < Duration::from_secs(1) {
-            return bad("ack_wait", "must be at least 1s");
+            return invalid("ack_wait", "must be at least 1s");
         }
         if self.settle.is_zero() {
-            return bad("settle", "must be more than 0");
+            return invalid("settle", "must be more than 0");
         }
         if self.rescan < Duration::from_secs(1) {
-            return bad("rescan", "must be at least 1s");
+            return invalid("rescan", "must be at least 1s");
         }
         Ok(())
     }

@@ -1,0 +1,117 @@
+use std::collections::BTreeMap;
+use std::path::PathBuf;
+use std::time::Duration;
+
+use fleetcast_runtime::settings::invalid;
+use fleetcast_runtime::{NatsSettings, SettingsError};
+use serde::Deserialize;
+
+use crate::crash_policy::CrashPolicy;
+use crate::health::HealthGate;
+
+#[derive(Debug, Clone, Deserialize)]
+#[serde(deny_unknown_fields, default)]
+pub struct Settings {
+    pub nats: NatsSettings,
+    /// This host's name in the fleet (default: the host name).
+    pub agent_id: String,
+    pub ring: String,
+    pub labels: BTreeMap<String, String>,
+    /// Install folders, journals and state: `<data_dir>/apps/<app>/`.
+    pub data_dir: PathBuf,
+    /// Release-signing public keys (base64) and files holding them.
+    pub trusted_keys: Vec<String>,
+    pub trusted_key_files: Vec<PathBuf>,
+    /// Complete versions kept on disk per app (current and previous always are).
+    pub keep_versions: usize,
+    /// Chunks fetched at once (memory stays near this many chunks).
+    pub concurrency: usize,
+    #[serde(with = "humantime_serde")]
+    pub heartbeat: Duration,
+    /// Slow re-read of the desired state, a last resort behind the watch.
+    #[serde(with = "humantime_serde")]
+    pub recheck: Duration,
+    pub apps: Vec<AppSettings>,
+}
+
+#[derive(Debug, Clone, Deserialize, PartialEq)]
+#[serde(deny_unknown_fields)]
+pub struct AppSettings {
+    pub name: String,
+    /// Program (relative to the version's folder, or absolute) and arguments.
+    pub command: Vec<String>,
+    #[serde(default)]
+    pub env: BTreeMap<String, String>,
+    #[serde(default)]
+    pub health: HealthGate,
+    #[serde(default)]
+    pub crash: CrashPolicy,
+    /// Drain time between the stop signal and SIGKILL.
+    #[serde(default = "default_grace", with = "humantime_serde")]
+    pub grace: Duration,
+}
+
+fn default_grace() -> Duration {
+    Duration::from_secs(10)
+}
+
+impl Default for Settings {
+    fn default() -> Self {
+        Settings {
+            nats: NatsSettings::default(),
+            agent_id: std::fs::read_to_string("/etc/hostname")
+                .map(|h| h.trim().to_string())
+                .unwrap_or_else(|_| "agent".into()),
+            ring: "default".into(),
+            labels: BTreeMap::new(),
+            data_dir: PathBuf::from("/var/lib/fleetcast/agent"),
+            trusted_keys: Vec::new(),
+            trusted_key_files: Vec::new(),
+            keep_versions: 3,
+            concurrency: 8,
+            heartbeat: Duration::from_secs(15),
+            recheck: Duration::from_secs(300),
+            apps: Vec::new(),
+        }
+    }
+}
+
+impl Settings {
+    pub const LIST_KEYS: &'static [&'static str] = &["trusted_keys", "trusted_key_files"];
+
+    pub fn validate(&self) -> Result<(), SettingsError> {
+        if self.agent_id.is_empty()
+            || !self
+                .agent_id
+                .chars()
+                .all(|c| c.is_ascii_alphanumeric() || c == '-' || c == '_')
+        {
+            return invalid(
+                "agent_id",
+                format!("{:?} must be letters, digits, '-' or '_'", self.agent_id),
+            );
+        }
+        if fleetcast_events::names::validate_app_name(&self.ring).is_err() {
+            return invalid("ring", format!("{:?} is not a valid ring name", self.ring));
+        }
+        if self.keep_versions < 2 {
+            return invalid("keep_versions", "must be at least 2 (current and previous)");
+        }
+        if !(1..=256).contains(&self.concurrency) {
+            return invalid("concurrency", "must be between 1 and 256");
+        }
+        for app in &self.apps {
+            if let Err(reason) = fleetcast_events::names::validate_app_name(&app.name) {
+                return invalid("apps.name", reason);
+            }
+            if app.command.is_empty() {
+                return invalid(
+                    "apps.command",
+                    format!("app {} has an empty command", app.name),
+                );
+            }
+        }
+        fleetcast_runtime::settings::trusted_keys(&self.trusted_keys, &self.trusted_key_files)
+            .map(|_| ())
+    }
+}

@@ -1,0 +1,339 @@
+//! One app on this host: keeps it running (through the supervisor) and moves it to the desired
+//! version: verify → assemble (nothing running is touched) → drain and stop → atomic switch →
+//! start → health gate → commit, or roll back to the previous version and never retry the
+//! failed one automatically. The journal is written before every disruptive step, and a
+//! restarted agent first applies [`Journal::recovery`].
+
+use std::path::PathBuf;
+
+use fleetcast_events::names::agent_status_subject;
+use fleetcast_events::v1::{AgentStatus, AppHeartbeat, AppState, ChunkIndex, DesiredState};
+use fleetcast_events::{Encoding, TrustedKeys, VerifiedManifest};
+use fleetcast_runtime::Bus;
+use semver::Version;
+use time::OffsetDateTime;
+use tokio::time::Instant;
+
+use crate::assemble::{AssembleError, LocalChunks, NatsChunks, assemble};
+use crate::health::run_gate;
+use crate::install::InstallRoot;
+use crate::journal::{Journal, Step};
+use crate::settings::AppSettings;
+use crate::supervisor::{ProcessSpec, StopPolicy, Supervisor};
+
+#[derive(Debug, thiserror::Error)]
+pub enum UpdateError {
+    /// Bad or hostile input: refused, the running app untouched. Not retried for this input.
+    #[error("refused: {0}")]
+    Refused(String),
+    /// The store, network or disk failed: retried on the next signal or re-check.
+    #[error("will retry: {0}")]
+    Transient(String),
+}
+
+pub struct AppRunner {
+    pub settings: AppSettings,
+    agent_id: String,
+    root: InstallRoot,
+    journal_path: PathBuf,
+    journal: Journal,
+    supervisor: Supervisor,
+    trusted: TrustedKeys,
+    bus: Bus,
+    keep: usize,
+    concurrency: usize,
+    state: AppState,
+    running_since: Option<Instant>,
+}
+
+impl AppRunner {
+    pub fn new(
+        settings: AppSettings,
+        agent_id: &str,
+        data_dir: &std::path::Path,
+        trusted: TrustedKeys,
+        bus: Bus,
+        keep: usize,
+        concurrency: usize,
+    ) -> Result<AppRunner, UpdateError> {
+        let app_dir = data_dir.join("apps").join(&settings.name);
+        let root = InstallRoot::new(&app_dir)
+            .map_err(|e| UpdateError::Transient(format!("{}: {e}", app_dir.display())))?;
+        let journal_path = app_dir.join("journal.json");
+        let journal = Journal::load(&journal_path)
+            .map_err(|e| UpdateError::Refused(format!("journal unreadable: {e}")))?;
+        let stop = StopPolicy {
+            grace: settings.grace,
+            ..Default::default()
+        };
+        let supervisor = Supervisor::new(&settings.name, settings.crash.clone(), stop);
+        Ok(AppRunner {
+            settings,
+            agent_id: agent_id.into(),
+            root,
+            journal_path,
+            journal,
+            supervisor,
+            trusted,
+            bus,
+            keep,
+            concurrency,
+            state: AppState::Stopped,
+            running_since: None,
+        })
+    }
+
+    pub fn journal(&self) -> &Journal {
+        &self.journal
+    }
+
+    fn save(&self) -> Result<(), UpdateError> {
+        self.journal
+            .save(&self.journal_path)
+            .map_err(|e| UpdateError::Transient(format!("journal: {e}")))
+    }
+
+    fn spec(&self, version: &Version) -> ProcessSpec {
+        let dir = self.root.version_dir(version);
+        let program = PathBuf::from(&self.settings.command[0]);
+        let program = if program.is_absolute() {
+            program
+        } else {
+            dir.join(program)
+        };
+        ProcessSpec {
+            program,
+            args: self.settings.command[1..].to_vec(),
+            env: self.settings.env.clone(),
+            cwd: dir,
+        }
+    }
+
+    async fn run_version(&mut self, version: &Version) -> Result<(), UpdateError> {
+        if self.root.current().as_ref() != Some(version) {
+            self.root
+                .switch_to(version)
+                .map_err(|e| UpdateError::Transient(format!("switch to {version}: {e}")))?;
+        }
+        self.supervisor.start(self.spec(version)).await;
+        self.running_since = Some(Instant::now());
+        Ok(())
+    }
+
+    /// First thing after (re)start: finish or revert what the journal says was in progress,
+    /// then run the committed version.
+    pub async fn recover(&mut self) -> Result<(), UpdateError> {
+        let recovery = self.journal.recovery();
+        if self.journal.step != Step::Idle {
+            tracing::warn!(app = %self.settings.name, step = ?self.journal.step, "recovering an interrupted update");
+        }
+        if let Some(refused) = recovery.refuse {
+            self.journal.refused.insert(refused);
+        }
+        self.journal.step = Step::Idle;
+        self.journal.committed = recovery.run.clone();
+        self.save()?;
+        if let Some(version) = recovery.run {
+            self.run_version(&version).await?;
+            self.report(AppState::Running, Some(version), None).await;
+        }
+        Ok(())
+    }
+
+    /// Brings the app to `desired`. Idempotent: a replayed or repeated announcement is a no-op.
+    pub async fn apply(&mut self, desired: &DesiredState) -> Result<(), UpdateError> {
+        let manifest = desired
+            .manifest
+            .verify(&self.trusted, OffsetDateTime::now_utc())
+            .map_err(|e| UpdateError::Refused(format!("manifest: {e}")))?;
+        if manifest.app != self.settings.name || manifest.version != desired.version {
+            return Err(UpdateError::Refused(format!(
+                "signed manifest is for {} {}, the announcement for {} {}",
+                manifest.app, manifest.version, self.settings.name, desired.version
+            )));
+        }
+        let target = manifest.version.clone();
+        if self.journal.committed.as_ref() == Some(&target) || self.journal.is_refused(&target) {
+            return Ok(());
+        }
+        if self
+            .journal
+            .highest_accepted
+            .as_ref()
+            .is_some_and(|h| target < *h)
+        {
+            return Err(UpdateError::Refused(format!(
+                "{target} is older than {}, already accepted (replayed announcement?)",
+                self.journal
+                    .highest_accepted
+                    .as_ref()
+                    .map(ToString::to_string)
+                    .unwrap_or_default()
+            )));
+        }
+        self.journal.highest_accepted = Some(target.clone());
+        self.journal.step = Step::Staging {
+            target: target.clone(),
+        };
+        self.save()?;
+        self.report(AppState::Downloading, Some(target.clone()), None)
+            .await;
+        self.stage(&manifest, &desired.index_key).await?;
+        self.switch(target).await
+    }
+
+    async fn stage(
+        &mut self,
+        manifest: &VerifiedManifest,
+        index_key: &str,
+    ) -> Result<(), UpdateError> {
+        let bytes = self
+            .bus
+            .index
+            .get(index_key)
+            .await
+            .map_err(|e| UpdateError::Transient(format!("chunk index {index_key}: {e}")))?
+            .ok_or_else(|| UpdateError::Transient(format!("chunk index {index_key} not found")))?;
+        let index: ChunkIndex = Encoding::MsgPack
+            .decode(&bytes)
+            .map_err(|e| UpdateError::Refused(format!("chunk index: {e}")))?;
+        let mut local = LocalChunks::default();
+        for v in self.root.installed() {
+            let meta = self.root.meta_dir(&v).join("index.msgpack");
+            if let Ok(Ok(idx)) =
+                std::fs::read(&meta).map(|b| Encoding::MsgPack.decode::<ChunkIndex>(&b))
+            {
+                local.add_version(&self.root.version_dir(&v), &idx);
+            }
+        }
+        let store = NatsChunks {
+            stream: self.bus.chunks.clone(),
+        };
+        let report = assemble(
+            &self.root,
+            manifest,
+            &index,
+            &local,
+            &store,
+            self.concurrency,
+        )
+        .await
+        .map_err(|e| match e {
+            e if e.is_transient() => UpdateError::Transient(e.to_string()),
+            AssembleError::Chunk(_) => {
+                UpdateError::Transient(format!("{e} (the store may be repaired; will retry)"))
+            }
+            e => UpdateError::Refused(e.to_string()),
+        })?;
+        tracing::info!(app = %manifest.app, version = %manifest.version, ?report, "version staged");
+        let meta = self.root.meta_dir(&manifest.version);
+        let written = std::fs::create_dir_all(&meta)
+            .and_then(|_| std::fs::write(meta.join("index.msgpack"), &bytes));
+        if let Err(e) = written {
+            tracing::warn!(error = %e, "chunk index not kept; later updates will fetch more");
+        }
+        Ok(())
+    }
+
+    /// The disruptive part: stop, switch, start, gate; commit or roll back.
+    async fn switch(&mut self, target: Version) -> Result<(), UpdateError> {
+        let from = self.journal.committed.clone();
+        self.journal.step = Step::Switching {
+            from: from.clone(),
+            target: target.clone(),
+        };
+        self.save()?;
+        self.report(AppState::Switching, Some(target.clone()), None)
+            .await;
+        let mut events = self.supervisor.subscribe();
+        self.supervisor.stop().await;
+        self.run_version(&target).await?;
+        self.journal.step = Step::HealthChecking {
+            from: from.clone(),
+            target: target.clone(),
+        };
+        self.save()?;
+        self.report(AppState::HealthChecking, Some(target.clone()), None)
+            .await;
+        let cwd = self.root.version_dir(&target);
+        match run_gate(&self.settings.health, &mut events, &cwd).await {
+            Ok(()) => {
+                self.journal.previous = from.clone();
+                self.journal.committed = Some(target.clone());
+                self.journal.step = Step::Idle;
+                self.save()?;
+                let mut protect = vec![target.clone()];
+                protect.extend(from);
+                if let Err(e) = self.root.prune(self.keep, &protect) {
+                    tracing::warn!(error = %e, "old versions not pruned");
+                }
+                self.report(AppState::Running, Some(target), None).await;
+                Ok(())
+            }
+            Err(failure) => {
+                let reason = failure.to_string();
+                tracing::warn!(app = %self.settings.name, version = %target, %reason, "health gate failed, rolling back");
+                self.journal.step = Step::RollingBack {
+                    from: from.clone(),
+                    target: target.clone(),
+                    reason: reason.clone(),
+                };
+                self.save()?;
+                self.supervisor.stop().await;
+                if let Some(from) = &from {
+                    self.run_version(from).await?;
+                }
+                self.journal
+                    .refused
+                    .insert((target.clone(), reason.clone()));
+                self.journal.step = Step::Idle;
+                self.save()?;
+                self.report(AppState::RolledBack, Some(target), Some(reason))
+                    .await;
+                Ok(())
+            }
+        }
+    }
+
+    async fn report(&mut self, state: AppState, version: Option<Version>, reason: Option<String>) {
+        self.state = state;
+        let status = AgentStatus {
+            agent_id: self.agent_id.clone(),
+            app: self.settings.name.clone(),
+            state,
+            version,
+            progress_bytes: None,
+            reason,
+            at: OffsetDateTime::now_utc(),
+        };
+        let subject = agent_status_subject(&self.agent_id);
+        if let Err(e) = self
+            .bus
+            .publish_event(&subject, &status, Encoding::MsgPack, None)
+            .await
+        {
+            tracing::warn!(error = %e, "status not published");
+        }
+    }
+
+    pub fn heartbeat(&self) -> AppHeartbeat {
+        let staged = match &self.journal.step {
+            Step::Staging { target }
+            | Step::Switching { target, .. }
+            | Step::HealthChecking { target, .. } => Some(target.clone()),
+            _ => None,
+        };
+        AppHeartbeat {
+            app: self.settings.name.clone(),
+            state: self.state,
+            running: self.journal.committed.clone(),
+            staged,
+            previous: self.journal.previous.clone(),
+            uptime_s: self.running_since.map_or(0, |t| t.elapsed().as_secs()),
+        }
+    }
+
+    pub async fn stop(&mut self) {
+        self.supervisor.stop().await;
+    }
+}
