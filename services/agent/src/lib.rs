@@ -7,6 +7,7 @@
 
 pub mod assemble;
 pub mod crash_policy;
+pub mod fault;
 pub mod health;
 pub mod install;
 pub mod journal;

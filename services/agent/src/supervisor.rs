@@ -95,6 +95,17 @@ pub struct Supervisor {
 
 impl Supervisor {
     pub fn new(app: &str, crash: CrashPolicy, stop: StopPolicy) -> Supervisor {
+        Supervisor::with_pid_file(app, crash, stop, None)
+    }
+
+    /// As `new`, recording the running process in `pid_file` so that an agent restarted after
+    /// a crash can find and stop what its predecessor left running ([`reap_orphan`]).
+    pub fn with_pid_file(
+        app: &str,
+        crash: CrashPolicy,
+        stop: StopPolicy,
+        pid_file: Option<PathBuf>,
+    ) -> Supervisor {
         let (commands, rx) = mpsc::channel(8);
         let (events, _) = broadcast::channel(256);
         let task = Task {
@@ -103,6 +114,7 @@ impl Supervisor {
             stop,
             events: events.clone(),
             history: CrashHistory::default(),
+            pid_file,
         };
         tokio::spawn(task.run(rx));
         Supervisor { commands, events }
@@ -148,9 +160,31 @@ struct Task {
     stop: StopPolicy,
     events: broadcast::Sender<Event>,
     history: CrashHistory,
+    pid_file: Option<PathBuf>,
 }
 
 impl Task {
+    fn record_pid(&self, pid: Option<u32>) {
+        let Some(path) = &self.pid_file else { return };
+        let result = match pid.and_then(|p| start_time(p).map(|t| (p, t))) {
+            Some((pid, start)) => {
+                let tmp = path.with_extension("tmp");
+                std::fs::write(&tmp, format!("{pid} {start}\n"))
+                    .and_then(|_| std::fs::rename(&tmp, path))
+            }
+            None => std::fs::remove_file(path).or_else(|e| {
+                if e.kind() == std::io::ErrorKind::NotFound {
+                    Ok(())
+                } else {
+                    Err(e)
+                }
+            }),
+        };
+        if let Err(e) = result {
+            tracing::warn!(app = %self.app, error = %e, "pid file not updated");
+        }
+    }
+
     fn emit(&self, event: Event) {
         tracing::info!(app = %self.app, ?event, "supervisor");
         let _ = self.events.send(event);
@@ -190,6 +224,7 @@ impl Task {
                             Ok(s) => (s.code(), std::os::unix::process::ExitStatusExt::signal(&s)),
                             Err(_) => (None, None),
                         };
+                        self.record_pid(None);
                         self.emit(Event::Exited { code, signal });
                         kill_group(pid, Signal::SIGKILL); // whatever it left behind
                         self.after_crash(started, spec)
@@ -250,6 +285,7 @@ impl Task {
                 if let Some(err) = child.stderr.take() {
                     tokio::spawn(forward(self.app.clone(), "stderr", err));
                 }
+                self.record_pid(Some(pid));
                 self.emit(Event::Started { pid });
                 State::Running {
                     child,
@@ -277,6 +313,7 @@ impl Task {
         if !graceful {
             let _ = child.wait().await;
         }
+        self.record_pid(None);
         self.emit(Event::Stopped { graceful });
         if graceful {
             StopOutcome::Drained
@@ -300,4 +337,52 @@ async fn forward(app: String, stream: &'static str, pipe: impl tokio::io::AsyncR
     while let Ok(Some(line)) = lines.next_line().await {
         tracing::info!(target: "app", %app, stream, "{line}");
     }
+}
+
+/// A process's start time (clock ticks since boot), which tells a live process from a later one
+/// that happens to reuse its pid.
+fn start_time(pid: u32) -> Option<u64> {
+    let stat = std::fs::read_to_string(format!("/proc/{pid}/stat")).ok()?;
+    // Fields after the command name (which may hold spaces) start after the last ')'.
+    stat.rsplit_once(')')?
+        .1
+        .split_whitespace()
+        .nth(19)?
+        .parse()
+        .ok()
+}
+
+/// Stops the app a previous agent process left running (it was killed before it could stop
+/// it): drain signal to the recorded process group, `grace`, then SIGKILL. Only when the pid
+/// still names the same process (same start time). Returns whether something was stopped.
+pub async fn reap_orphan(pid_file: &std::path::Path, signal: Signal, grace: Duration) -> bool {
+    let Ok(text) = std::fs::read_to_string(pid_file) else {
+        return false;
+    };
+    let _ = std::fs::remove_file(pid_file);
+    let mut parts = text.split_whitespace().map(str::parse::<u64>);
+    let (Some(Ok(pid)), Some(Ok(start))) = (parts.next(), parts.next()) else {
+        return false;
+    };
+    let Ok(pid) = u32::try_from(pid) else {
+        return false;
+    };
+    if start_time(pid) != Some(start) {
+        return false;
+    }
+    tracing::warn!(pid, "stopping the app a previous agent left running");
+    kill_group(pid, signal);
+    let deadline = Instant::now() + grace;
+    while start_time(pid) == Some(start) && !is_zombie(pid) && Instant::now() < deadline {
+        tokio::time::sleep(Duration::from_millis(20)).await;
+    }
+    kill_group(pid, Signal::SIGKILL);
+    true
+}
+
+fn is_zombie(pid: u32) -> bool {
+    std::fs::read_to_string(format!("/proc/{pid}/stat")).is_ok_and(|s| {
+        s.rsplit_once(')')
+            .is_some_and(|(_, rest)| rest.trim_start().starts_with('Z'))
+    })
 }

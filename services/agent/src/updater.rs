@@ -15,6 +15,7 @@ use time::OffsetDateTime;
 use tokio::time::Instant;
 
 use crate::assemble::{AssembleError, LocalChunks, NatsChunks, assemble};
+use crate::fault;
 use crate::health::run_gate;
 use crate::install::InstallRoot;
 use crate::journal::{Journal, Step};
@@ -66,7 +67,12 @@ impl AppRunner {
             grace: settings.grace,
             ..Default::default()
         };
-        let supervisor = Supervisor::new(&settings.name, settings.crash.clone(), stop);
+        let supervisor = Supervisor::with_pid_file(
+            &settings.name,
+            settings.crash.clone(),
+            stop,
+            Some(app_dir.join("app.pid")),
+        );
         Ok(AppRunner {
             settings,
             agent_id: agent_id.into(),
@@ -114,6 +120,12 @@ impl AppRunner {
             self.root
                 .switch_to(version)
                 .map_err(|e| UpdateError::Transient(format!("switch to {version}: {e}")))?;
+            let rolling_back = matches!(self.journal.step, Step::RollingBack { .. });
+            fault::hit(if rolling_back {
+                "rollback-switched"
+            } else {
+                "switched"
+            });
         }
         self.supervisor.start(self.spec(version)).await;
         self.running_since = Some(Instant::now());
@@ -123,6 +135,14 @@ impl AppRunner {
     /// First thing after (re)start: finish or revert what the journal says was in progress,
     /// then run the committed version.
     pub async fn recover(&mut self) -> Result<(), UpdateError> {
+        // A previous agent killed mid-flight may have left the app running.
+        let pid_file = self.root.root().join("app.pid");
+        crate::supervisor::reap_orphan(
+            &pid_file,
+            nix::sys::signal::Signal::SIGTERM,
+            self.settings.grace,
+        )
+        .await;
         let recovery = self.journal.recovery();
         if self.journal.step != Step::Idle {
             tracing::warn!(app = %self.settings.name, step = ?self.journal.step, "recovering an interrupted update");
@@ -176,9 +196,11 @@ impl AppRunner {
             target: target.clone(),
         };
         self.save()?;
+        fault::hit("staging-journaled");
         self.report(AppState::Downloading, Some(target.clone()), None)
             .await;
         self.stage(&manifest, &desired.index_key).await?;
+        fault::hit("staged");
         self.switch(target).await
     }
 
@@ -243,25 +265,31 @@ impl AppRunner {
             target: target.clone(),
         };
         self.save()?;
+        fault::hit("switching-journaled");
         self.report(AppState::Switching, Some(target.clone()), None)
             .await;
         let mut events = self.supervisor.subscribe();
         self.supervisor.stop().await;
+        fault::hit("old-stopped");
         self.run_version(&target).await?;
+        fault::hit("new-started");
         self.journal.step = Step::HealthChecking {
             from: from.clone(),
             target: target.clone(),
         };
         self.save()?;
+        fault::hit("health-journaled");
         self.report(AppState::HealthChecking, Some(target.clone()), None)
             .await;
         let cwd = self.root.version_dir(&target);
         match run_gate(&self.settings.health, &mut events, &cwd).await {
             Ok(()) => {
+                fault::hit("gate-passed");
                 self.journal.previous = from.clone();
                 self.journal.committed = Some(target.clone());
                 self.journal.step = Step::Idle;
                 self.save()?;
+                fault::hit("committed");
                 let mut protect = vec![target.clone()];
                 protect.extend(from);
                 if let Err(e) = self.root.prune(self.keep, &protect) {
@@ -279,10 +307,13 @@ impl AppRunner {
                     reason: reason.clone(),
                 };
                 self.save()?;
+                fault::hit("rollback-journaled");
                 self.supervisor.stop().await;
+                fault::hit("rollback-stopped");
                 if let Some(from) = &from {
                     self.run_version(from).await?;
                 }
+                fault::hit("rollback-started");
                 self.journal
                     .refused
                     .insert((target.clone(), reason.clone()));

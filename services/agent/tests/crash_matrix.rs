@@ -1,0 +1,237 @@
+//! Crash matrix: the agent binary (built with `fault-points`) is aborted at every step of an
+//! update, as a kill -9 would, then started again. Each case must end with exactly one complete
+//! version running (the new one, or the old one with the bad one refused) and a clean journal.
+
+use std::path::{Path, PathBuf};
+use std::process::{Child, Command, Stdio};
+use std::time::Duration;
+
+use fleetcast_agent::fault::POINTS;
+use fleetcast_agent::journal::{Journal, Step};
+use fleetcast_e2e::Pipeline;
+use fleetcast_events::Encoding;
+use fleetcast_events::names::{RELEASE_STORED, desired_key, release_key};
+use fleetcast_events::v1::{DesiredState, ReleaseStored};
+use fleetcast_harness::fixtures::PackageBuilder;
+use semver::Version;
+
+fn v(s: &str) -> Version {
+    Version::parse(s).expect("version")
+}
+
+fn app_package(version: &str, healthy: bool) -> PackageBuilder {
+    let script = if healthy {
+        format!("#!/bin/sh\necho {version} > \"$STATE_DIR/running\"\nexec sleep 300\n")
+    } else {
+        "#!/bin/sh\nexit 3\n".to_string()
+    };
+    PackageBuilder::new().file("bin/run", script, 0o755)
+}
+
+async fn release(p: &Pipeline, version: &str, healthy: bool) {
+    std::fs::create_dir_all(p.drop_dir()).expect("dir");
+    app_package(version, healthy)
+        .write_to(&p.drop_dir().join(format!("shapp-{version}.zip")))
+        .expect("drop");
+    let want = v(version);
+    p.wait_event(RELEASE_STORED, move |e: &ReleaseStored| e.version == want)
+        .await
+        .expect("stored");
+}
+
+async fn desire(p: &Pipeline, version: &str) {
+    let bus = p.bus().await.expect("bus");
+    let record = bus
+        .release_record("shapp", &v(version))
+        .await
+        .expect("record")
+        .expect("some");
+    let desired = DesiredState {
+        app: "shapp".into(),
+        ring: "default".into(),
+        version: v(version),
+        manifest: record.manifest.expect("manifest"),
+        index_key: release_key("shapp", &v(version)),
+    };
+    bus.desired
+        .put(
+            desired_key("shapp", "default"),
+            Encoding::Json.encode(&desired).expect("encode").into(),
+        )
+        .await
+        .expect("put");
+}
+
+struct Case {
+    config: PathBuf,
+    data: PathBuf,
+    state: PathBuf,
+}
+
+impl Case {
+    fn new(p: &Pipeline, dir: &Path, name: &str) -> Case {
+        let (data, state) = (dir.join(name).join("data"), dir.join(name).join("state"));
+        std::fs::create_dir_all(&state).expect("state");
+        let config = dir.join(name).join("agent.toml");
+        std::fs::write(
+            &config,
+            format!(
+                "agent_id = \"crash\"\ndata_dir = \"{}\"\ntrusted_keys = [\"{}\"]\nheartbeat = \"1s\"\nrecheck = \"2s\"\n\
+                 [nats]\nurl = \"{}\"\n[[apps]]\nname = \"shapp\"\ncommand = [\"bin/run\"]\ngrace = \"2s\"\n\
+                 [apps.env]\nSTATE_DIR = \"{}\"\n[apps.health]\nstay_up = \"300ms\"\n",
+                data.display(),
+                p.key.public().to_text().trim(),
+                p.nats.url(),
+                state.display()
+            ),
+        )
+        .expect("config");
+        Case {
+            config,
+            data,
+            state,
+        }
+    }
+
+    fn agent(&self, fault: Option<&str>) -> Child {
+        let mut cmd = Command::new(env!("CARGO_BIN_EXE_fleetcast-agent"));
+        cmd.arg("--config")
+            .arg(&self.config)
+            .env("RUST_LOG", "warn")
+            .stdout(Stdio::null())
+            .stderr(Stdio::null());
+        if let Some(point) = fault {
+            cmd.env("FLEETCAST_AGENT_FAULT", point);
+        }
+        cmd.spawn().expect("start agent")
+    }
+
+    fn journal(&self) -> Journal {
+        Journal::load(&self.data.join("apps/shapp/journal.json")).unwrap_or_default()
+    }
+
+    /// Processes of this case's app still alive (found by their environment).
+    fn app_processes(&self) -> usize {
+        let needle = format!("STATE_DIR={}\0", self.state.display());
+        std::fs::read_dir("/proc")
+            .into_iter()
+            .flatten()
+            .flatten()
+            .filter(|e| {
+                e.file_name()
+                    .to_str()
+                    .is_some_and(|n| n.bytes().all(|b| b.is_ascii_digit()))
+            })
+            .filter(|e| {
+                let stat = std::fs::read_to_string(e.path().join("stat")).unwrap_or_default();
+                let zombie = stat
+                    .rsplit_once(')')
+                    .is_some_and(|(_, r)| r.trim_start().starts_with('Z'));
+                !zombie
+                    && std::fs::read(e.path().join("environ"))
+                        .is_ok_and(|env| env.windows(needle.len()).any(|w| w == needle.as_bytes()))
+            })
+            .count()
+    }
+
+    fn running(&self) -> String {
+        std::fs::read_to_string(self.state.join("running"))
+            .unwrap_or_default()
+            .trim()
+            .to_string()
+    }
+}
+
+async fn until(what: &str, check: impl Fn() -> bool) {
+    for _ in 0..1200 {
+        if check() {
+            return;
+        }
+        tokio::time::sleep(Duration::from_millis(50)).await;
+    }
+    panic!("timed out waiting for: {what}");
+}
+
+fn stop(mut agent: Child) {
+    let pid = nix::unistd::Pid::from_raw(agent.id() as i32);
+    let _ = nix::sys::signal::kill(pid, nix::sys::signal::Signal::SIGTERM);
+    let _ = agent.wait();
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn every_crash_point_ends_with_one_complete_version_running() {
+    let p = Pipeline::start().await.expect("pipeline");
+    release(&p, "1.0.0", true).await;
+    release(&p, "2.0.0", true).await;
+    release(&p, "3.0.0", false).await;
+    let dir = tempfile::tempdir().expect("tmp");
+    let mut covered = Vec::new();
+    // (target, points it passes): a healthy v2 never reaches the rollback points, a crashing
+    // v3 never passes its gate.
+    for (target, healthy) in [("2.0.0", true), ("3.0.0", false)] {
+        for point in POINTS {
+            let reached = if healthy {
+                !point.starts_with("rollback")
+            } else {
+                !matches!(*point, "gate-passed" | "committed")
+            };
+            if !reached {
+                continue;
+            }
+            let case = Case::new(&p, dir.path(), &format!("{target}-{point}"));
+            // v1 installed and running.
+            desire(&p, "1.0.0").await;
+            let agent = case.agent(None);
+            until("v1 committed", || {
+                case.journal().committed == Some(v("1.0.0")) && case.running() == "1.0.0"
+            })
+            .await;
+            stop(agent);
+            assert_eq!(
+                case.app_processes(),
+                0,
+                "{point}: app left running by a clean stop"
+            );
+
+            // The update, killed at `point`.
+            desire(&p, target).await;
+            let mut agent = case.agent(Some(point));
+            let status = tokio::task::spawn_blocking(move || agent.wait())
+                .await
+                .expect("join")
+                .expect("wait");
+            assert!(
+                !status.success(),
+                "{target} {point}: the agent did not stop at its fault point"
+            );
+
+            // Restarted: it finishes or reverts, and converges.
+            let agent = case.agent(None);
+            let expected = if healthy { v(target) } else { v("1.0.0") };
+            until(&format!("{target} {point}: converged"), || {
+                let j = case.journal();
+                j.step == Step::Idle
+                    && j.committed.as_ref() == Some(&expected)
+                    && (healthy || j.is_refused(&v(target)))
+                    && case.running() == expected.to_string()
+                    && case.app_processes() == 1
+            })
+            .await;
+            assert!(
+                !case
+                    .data
+                    .join(format!("apps/shapp/versions/{target}.partial"))
+                    .exists(),
+                "{point}: partial left behind"
+            );
+            stop(agent);
+            until(
+                &format!("{target} {point}: app stopped with the agent"),
+                || case.app_processes() == 0,
+            )
+            .await;
+            covered.push(format!("{target}:{point}"));
+        }
+    }
+    assert_eq!(covered.len(), 9 + 11, "{covered:?}");
+}
