@@ -8,58 +8,11 @@ use std::time::Duration;
 
 use fleetcast_agent::fault::POINTS;
 use fleetcast_agent::journal::{Journal, Step};
-use fleetcast_e2e::Pipeline;
-use fleetcast_events::Encoding;
-use fleetcast_events::names::{RELEASE_STORED, desired_key, release_key};
-use fleetcast_events::v1::{DesiredState, ReleaseStored};
-use fleetcast_harness::fixtures::PackageBuilder;
+use fleetcast_e2e::{Pipeline, script_app};
 use semver::Version;
 
 fn v(s: &str) -> Version {
     Version::parse(s).expect("version")
-}
-
-fn app_package(version: &str, healthy: bool) -> PackageBuilder {
-    let script = if healthy {
-        format!("#!/bin/sh\necho {version} > \"$STATE_DIR/running\"\nexec sleep 300\n")
-    } else {
-        "#!/bin/sh\nexit 3\n".to_string()
-    };
-    PackageBuilder::new().file("bin/run", script, 0o755)
-}
-
-async fn release(p: &Pipeline, version: &str, healthy: bool) {
-    std::fs::create_dir_all(p.drop_dir()).expect("dir");
-    app_package(version, healthy)
-        .write_to(&p.drop_dir().join(format!("shapp-{version}.zip")))
-        .expect("drop");
-    let want = v(version);
-    p.wait_event(RELEASE_STORED, move |e: &ReleaseStored| e.version == want)
-        .await
-        .expect("stored");
-}
-
-async fn desire(p: &Pipeline, version: &str) {
-    let bus = p.bus().await.expect("bus");
-    let record = bus
-        .release_record("shapp", &v(version))
-        .await
-        .expect("record")
-        .expect("some");
-    let desired = DesiredState {
-        app: "shapp".into(),
-        ring: "default".into(),
-        version: v(version),
-        manifest: record.manifest.expect("manifest"),
-        index_key: release_key("shapp", &v(version)),
-    };
-    bus.desired
-        .put(
-            desired_key("shapp", "default"),
-            Encoding::Json.encode(&desired).expect("encode").into(),
-        )
-        .await
-        .expect("put");
 }
 
 struct Case {
@@ -161,9 +114,12 @@ fn stop(mut agent: Child) {
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn every_crash_point_ends_with_one_complete_version_running() {
     let p = Pipeline::start().await.expect("pipeline");
-    release(&p, "1.0.0", true).await;
-    release(&p, "2.0.0", true).await;
-    release(&p, "3.0.0", false).await;
+    p.release("shapp", "1.0.0", &script_app("1.0.0", true))
+        .await;
+    p.release("shapp", "2.0.0", &script_app("2.0.0", true))
+        .await;
+    p.release("shapp", "3.0.0", &script_app("3.0.0", false))
+        .await;
     let dir = tempfile::tempdir().expect("tmp");
     let mut covered = Vec::new();
     // (target, points it passes): a healthy v2 never reaches the rollback points, a crashing
@@ -180,7 +136,7 @@ async fn every_crash_point_ends_with_one_complete_version_running() {
             }
             let case = Case::new(&p, dir.path(), &format!("{target}-{point}"));
             // v1 installed and running.
-            desire(&p, "1.0.0").await;
+            p.desire("shapp", "default", "1.0.0").await;
             let agent = case.agent(None);
             until("v1 committed", || {
                 case.journal().committed == Some(v("1.0.0")) && case.running() == "1.0.0"
@@ -194,7 +150,7 @@ async fn every_crash_point_ends_with_one_complete_version_running() {
             );
 
             // The update, killed at `point`.
-            desire(&p, target).await;
+            p.desire("shapp", "default", target).await;
             let mut agent = case.agent(Some(point));
             let status = tokio::task::spawn_blocking(move || agent.wait())
                 .await

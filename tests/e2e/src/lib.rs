@@ -294,3 +294,64 @@ pub async fn chunk_ids(
         .flat_map(|f| f.chunks.into_iter().map(|c| c.id))
         .collect())
 }
+
+/// A test application as a shell script: a healthy one records which version runs in
+/// `$STATE_DIR/running` and idles; an unhealthy one exits with code 3 at once.
+pub fn script_app(version: &str, healthy: bool) -> fleetcast_harness::fixtures::PackageBuilder {
+    let script = if healthy {
+        format!("#!/bin/sh\necho {version} > \"$STATE_DIR/running\"\nexec sleep 300\n")
+    } else {
+        "#!/bin/sh\necho crashing >&2\nexit 3\n".to_string()
+    };
+    fleetcast_harness::fixtures::PackageBuilder::new()
+        .file("bin/run", script, 0o755)
+        .file("VERSION", version.to_string(), 0o644)
+}
+
+impl Pipeline {
+    /// Drops `package` as `<app>-<version>.zip` and waits until it is stored.
+    pub async fn release(
+        &self,
+        app: &str,
+        version: &str,
+        package: &fleetcast_harness::fixtures::PackageBuilder,
+    ) {
+        std::fs::create_dir_all(self.drop_dir()).expect("drop dir");
+        package
+            .write_to(&self.drop_dir().join(format!("{app}-{version}.zip")))
+            .expect("drop");
+        let (want_app, want) = (
+            app.to_string(),
+            semver::Version::parse(version).expect("version"),
+        );
+        self.wait_event(
+            names::RELEASE_STORED,
+            move |e: &fleetcast_events::v1::ReleaseStored| e.app == want_app && e.version == want,
+        )
+        .await
+        .expect("stored");
+    }
+
+    /// Writes the desired state for `app` in `ring`, as the tracker will.
+    pub async fn desire(&self, app: &str, ring: &str, version: &str) {
+        let bus = self.bus().await.expect("bus");
+        let version = semver::Version::parse(version).expect("version");
+        let record = bus
+            .release_record(app, &version)
+            .await
+            .expect("record")
+            .expect("release stored");
+        let desired = fleetcast_events::v1::DesiredState {
+            app: app.into(),
+            ring: ring.into(),
+            version: version.clone(),
+            manifest: record.manifest.expect("signed manifest"),
+            index_key: release_key(app, &version),
+        };
+        let bytes = Encoding::Json.encode(&desired).expect("encode");
+        bus.desired
+            .put(names::desired_key(app, ring), bytes.into())
+            .await
+            .expect("put desired");
+    }
+}

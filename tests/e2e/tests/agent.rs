@@ -7,60 +7,12 @@ use std::time::Duration;
 
 use fleetcast_agent::journal::Journal;
 use fleetcast_agent::settings::AppSettings;
-use fleetcast_e2e::{Pipeline, TIMEOUT};
-use fleetcast_events::Encoding;
-use fleetcast_events::names::{RELEASE_STORED, desired_key, release_key};
-use fleetcast_events::v1::{DesiredState, ReleaseStored};
-use fleetcast_harness::fixtures::PackageBuilder;
+use fleetcast_e2e::{Pipeline, TIMEOUT, script_app};
 use semver::Version;
 use tokio_util::sync::CancellationToken;
 
 fn v(s: &str) -> Version {
     Version::parse(s).expect("version")
-}
-
-/// An app that records which version runs, then idles; or one that crashes at once.
-fn app_package(version: &str, healthy: bool) -> PackageBuilder {
-    let script = if healthy {
-        format!("#!/bin/sh\necho {version} > \"$STATE_DIR/running\"\nexec sleep 300\n")
-    } else {
-        "#!/bin/sh\necho crashing >&2\nexit 3\n".to_string()
-    };
-    PackageBuilder::new()
-        .file("bin/run", script, 0o755)
-        .file("VERSION", version.to_string(), 0o644)
-}
-
-async fn release(p: &Pipeline, version: &str, healthy: bool) {
-    std::fs::create_dir_all(p.drop_dir()).expect("dir");
-    app_package(version, healthy)
-        .write_to(&p.drop_dir().join(format!("shapp-{version}.zip")))
-        .expect("drop");
-    let want = v(version);
-    p.wait_event(RELEASE_STORED, move |e: &ReleaseStored| e.version == want)
-        .await
-        .expect("stored");
-}
-
-async fn desire(p: &Pipeline, version: &str) {
-    let bus = p.bus().await.expect("bus");
-    let record = bus
-        .release_record("shapp", &v(version))
-        .await
-        .expect("record")
-        .expect("some");
-    let desired = DesiredState {
-        app: "shapp".into(),
-        ring: "default".into(),
-        version: v(version),
-        manifest: record.manifest.expect("manifest"),
-        index_key: release_key("shapp", &v(version)),
-    };
-    let bytes = Encoding::Json.encode(&desired).expect("encode");
-    bus.desired
-        .put(desired_key("shapp", "default"), bytes.into())
-        .await
-        .expect("put");
 }
 
 async fn eventually(what: &str, check: impl Fn() -> bool) {
@@ -128,14 +80,16 @@ async fn agent_updates_rolls_back_a_crashing_version_and_converges_after_being_o
     std::fs::create_dir_all(&state).expect("state");
     let journal = data.join("apps/shapp/journal.json");
 
-    release(&p, "1.0.0", true).await;
-    desire(&p, "1.0.0").await;
+    p.release("shapp", "1.0.0", &script_app("1.0.0", true))
+        .await;
+    p.desire("shapp", "default", "1.0.0").await;
     let agent = start_agent(&p, &data, &state);
     eventually("v1 running", || running(&state) == "1.0.0").await;
 
     // Happy path: v2 replaces v1, v1 is kept as previous.
-    release(&p, "2.0.0", true).await;
-    desire(&p, "2.0.0").await;
+    p.release("shapp", "2.0.0", &script_app("2.0.0", true))
+        .await;
+    p.desire("shapp", "default", "2.0.0").await;
     eventually("v2 committed", || {
         Journal::load(&journal).is_ok_and(|j| j.committed == Some(v("2.0.0")))
     })
@@ -146,8 +100,9 @@ async fn agent_updates_rolls_back_a_crashing_version_and_converges_after_being_o
     assert!(data.join("apps/shapp/versions/1.0.0").is_dir());
 
     // A version that crashes at start is rolled back with its reason and never retried.
-    release(&p, "3.0.0", false).await;
-    desire(&p, "3.0.0").await;
+    p.release("shapp", "3.0.0", &script_app("3.0.0", false))
+        .await;
+    p.desire("shapp", "default", "3.0.0").await;
     eventually("v3 refused", || {
         Journal::load(&journal).is_ok_and(|j| j.is_refused(&v("3.0.0")))
     })
@@ -160,8 +115,9 @@ async fn agent_updates_rolls_back_a_crashing_version_and_converges_after_being_o
 
     // Offline while v4 is announced: converges when it comes back, without any resend.
     agent.stop().await;
-    release(&p, "4.0.0", true).await;
-    desire(&p, "4.0.0").await;
+    p.release("shapp", "4.0.0", &script_app("4.0.0", true))
+        .await;
+    p.desire("shapp", "default", "4.0.0").await;
     std::fs::remove_file(state.join("running")).expect("reset marker");
     let agent = start_agent(&p, &data, &state);
     eventually("v4 after restart", || running(&state) == "4.0.0").await;
