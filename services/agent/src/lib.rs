@@ -176,7 +176,8 @@ async fn app_loop(
             match runner.apply(&desired).await {
                 Ok(()) => retry_delay = Duration::from_secs(1),
                 Err(UpdateError::Refused(reason)) => {
-                    tracing::warn!(%app, version = %desired.version, %reason, "update refused")
+                    tracing::warn!(%app, version = %desired.version, %reason, "update refused");
+                    runner.refused(&desired.version, &reason).await;
                 }
                 Err(UpdateError::Transient(reason)) => {
                     tracing::warn!(%app, version = %desired.version, %reason, retry_in = ?retry_delay, "update failed, will retry");

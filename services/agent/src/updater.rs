@@ -347,6 +347,18 @@ impl AppRunner {
         }
     }
 
+    /// Reports a refused announcement; what runs is unchanged.
+    pub async fn refused(&mut self, version: &Version, reason: &str) {
+        let state = self.state;
+        self.report(
+            AppState::Refused,
+            Some(version.clone()),
+            Some(reason.to_string()),
+        )
+        .await;
+        self.state = state;
+    }
+
     pub fn heartbeat(&self) -> AppHeartbeat {
         let staged = match &self.journal.step {
             Step::Staging { target }

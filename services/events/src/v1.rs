@@ -238,6 +238,9 @@ pub enum AppState {
     Switching,
     HealthChecking,
     RolledBack,
+    /// An announcement was refused (bad signature, expired, older than accepted, …); the app
+    /// keeps running the version it ran.
+    Refused,
     Failed,
     Stopped,
 }

@@ -174,34 +174,16 @@ impl Pipeline {
         accept: impl Fn(&T) -> bool,
     ) -> anyhow::Result<T> {
         let bus = self.bus().await?;
-        let consumer = bus
-            .releases_stream
-            .create_consumer(pull::OrderedConfig {
-                filter_subject: subject.into(),
-                deliver_policy: DeliverPolicy::All,
-                ..Default::default()
-            })
-            .await?;
-        let mut messages = consumer.messages().await?;
-        let found = tokio::time::timeout(TIMEOUT, async {
-            while let Some(msg) = messages.next().await {
-                let msg = msg?;
-                let content_type = msg
-                    .headers
-                    .as_ref()
-                    .and_then(|h| h.get(fleetcast_events::CONTENT_TYPE))
-                    .map(|v| v.to_string());
-                if let Ok(event) =
-                    fleetcast_events::codec::decode::<T>(content_type.as_deref(), &msg.payload)
-                    && accept(&event)
-                {
-                    return Ok(event);
-                }
-            }
-            bail!("event stream ended")
-        })
-        .await;
-        found.with_context(|| format!("no matching event on {subject} within {TIMEOUT:?}"))?
+        wait_on(&bus.releases_stream, subject, accept).await
+    }
+
+    /// As `wait_event`, for agent status and heartbeats.
+    pub async fn wait_status<T: DeserializeOwned>(
+        &self,
+        accept: impl Fn(&T) -> bool,
+    ) -> anyhow::Result<T> {
+        let bus = self.bus().await?;
+        wait_on(&bus.status_stream, "fleetcast.v1.agent.>", accept).await
     }
 
     /// How many events were published on `subject`.
@@ -354,4 +336,38 @@ impl Pipeline {
             .await
             .expect("put desired");
     }
+}
+
+async fn wait_on<T: DeserializeOwned>(
+    stream: &async_nats::jetstream::stream::Stream,
+    subject: &str,
+    accept: impl Fn(&T) -> bool,
+) -> anyhow::Result<T> {
+    let consumer = stream
+        .create_consumer(pull::OrderedConfig {
+            filter_subject: subject.into(),
+            deliver_policy: DeliverPolicy::All,
+            ..Default::default()
+        })
+        .await?;
+    let mut messages = consumer.messages().await?;
+    let found = tokio::time::timeout(TIMEOUT, async {
+        while let Some(msg) = messages.next().await {
+            let msg = msg?;
+            let content_type = msg
+                .headers
+                .as_ref()
+                .and_then(|h| h.get(fleetcast_events::CONTENT_TYPE))
+                .map(|v| v.to_string());
+            if let Ok(event) =
+                fleetcast_events::codec::decode::<T>(content_type.as_deref(), &msg.payload)
+                && accept(&event)
+            {
+                return Ok(event);
+            }
+        }
+        bail!("event stream ended")
+    })
+    .await;
+    found.with_context(|| format!("no matching event on {subject} within {TIMEOUT:?}"))?
 }

@@ -33,6 +33,20 @@ fn running(state: &Path) -> String {
         .to_string()
 }
 
+/// A host's folders: (guard, data dir, app state dir, journal path).
+fn host_dirs() -> (
+    tempfile::TempDir,
+    std::path::PathBuf,
+    std::path::PathBuf,
+    std::path::PathBuf,
+) {
+    let host = tempfile::tempdir().expect("tmp");
+    let (data, state) = (host.path().join("data"), host.path().join("state"));
+    std::fs::create_dir_all(&state).expect("state");
+    let journal = data.join("apps/shapp/journal.json");
+    (host, data, state, journal)
+}
+
 /// A running agent; `stop` waits until it has stopped its app (no stray processes).
 struct Agent(CancellationToken, tokio::task::JoinHandle<()>);
 
@@ -75,10 +89,7 @@ fn start_agent(p: &Pipeline, data: &Path, state: &Path) -> Agent {
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn agent_updates_rolls_back_a_crashing_version_and_converges_after_being_offline() {
     let p = Pipeline::start().await.expect("pipeline");
-    let host = tempfile::tempdir().expect("tmp");
-    let (data, state) = (host.path().join("data"), host.path().join("state"));
-    std::fs::create_dir_all(&state).expect("state");
-    let journal = data.join("apps/shapp/journal.json");
+    let (_host, data, state, journal) = host_dirs();
 
     p.release("shapp", "1.0.0", &script_app("1.0.0", true))
         .await;
@@ -125,5 +136,103 @@ async fn agent_updates_rolls_back_a_crashing_version_and_converges_after_being_o
         Journal::load(&journal).is_ok_and(|j| j.committed == Some(v("4.0.0")))
     })
     .await;
+    agent.stop().await;
+}
+
+/// Writes a desired state for `shapp` carrying `manifest` as it is (however it was signed).
+async fn desire_raw(p: &Pipeline, version: &str, manifest: fleetcast_events::SignedManifest) {
+    let bus = p.bus().await.expect("bus");
+    let desired = fleetcast_events::v1::DesiredState {
+        app: "shapp".into(),
+        ring: "default".into(),
+        version: v(version),
+        manifest,
+        index_key: fleetcast_events::names::release_key("shapp", &v("2.0.0")),
+    };
+    let bytes = fleetcast_events::Encoding::Json
+        .encode(&desired)
+        .expect("encode");
+    bus.desired
+        .put(
+            fleetcast_events::names::desired_key("shapp", "default"),
+            bytes.into(),
+        )
+        .await
+        .expect("put");
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn bad_announcements_are_refused_and_the_app_keeps_running() {
+    use fleetcast_events::v1::{AgentStatus, AppState};
+    use fleetcast_events::{Manifest, SecretKey, SignedManifest};
+
+    let p = Pipeline::start().await.expect("pipeline");
+    let (_host, data, state, journal) = host_dirs();
+    p.release("shapp", "1.0.0", &script_app("1.0.0", true))
+        .await;
+    p.release("shapp", "2.0.0", &script_app("2.0.0", true))
+        .await;
+    p.desire("shapp", "default", "2.0.0").await;
+    let agent = start_agent(&p, &data, &state);
+    eventually("v2 running", || running(&state) == "2.0.0").await;
+
+    let bus = p.bus().await.expect("bus");
+    let good = bus
+        .release_record("shapp", &v("2.0.0"))
+        .await
+        .expect("record")
+        .expect("some")
+        .manifest
+        .expect("manifest");
+    let signed_as = |version: &str, key: &SecretKey, expires_in: time::Duration| {
+        let mut m: Manifest = serde_json::from_str(&good.manifest).expect("manifest json");
+        m.version = v(version);
+        m.expires = time::OffsetDateTime::now_utc() + expires_in;
+        SignedManifest::sign(&m, key).expect("sign")
+    };
+    let mut tampered = good.clone();
+    tampered.manifest = tampered.manifest.replace("\"2.0.0\"", "\"9.0.0\"");
+    let cases = [
+        ("9.0.0", tampered, "does not match"),
+        (
+            "9.1.0",
+            signed_as(
+                "9.1.0",
+                &SecretKey::generate().expect("key"),
+                time::Duration::days(1),
+            ),
+            "unknown keys",
+        ),
+        (
+            "9.2.0",
+            signed_as("9.2.0", &p.key, -time::Duration::hours(1)),
+            "expired",
+        ),
+    ];
+    for (version, manifest, why) in cases {
+        desire_raw(&p, version, manifest).await;
+        let want = v(version);
+        let refused: AgentStatus = p
+            .wait_status(move |s: &AgentStatus| {
+                s.state == AppState::Refused && s.version.as_ref() == Some(&want)
+            })
+            .await
+            .expect("refused status");
+        let reason = refused.reason.unwrap_or_default();
+        assert!(reason.contains(why), "{version}: {reason}");
+    }
+    // A replayed, validly signed, older announcement cannot downgrade.
+    p.desire("shapp", "default", "1.0.0").await;
+    let refused: AgentStatus = p
+        .wait_status(|s: &AgentStatus| {
+            s.state == AppState::Refused && s.version == Some(v("1.0.0"))
+        })
+        .await
+        .expect("replay refused");
+    assert!(refused.reason.unwrap_or_default().contains("older"));
+
+    let j = Journal::load(&journal).expect("journal");
+    assert_eq!(j.committed, Some(v("2.0.0")));
+    assert_eq!(running(&state), "2.0.0");
     agent.stop().await;
 }
