@@ -241,3 +241,29 @@ pub async fn releases(bus: &Bus, app: Option<&str>) -> anyhow::Result<Vec<Releas
     out.sort_by(|a, b| a.app.cmp(&b.app).then(b.version.cmp(&a.version)));
     Ok(out)
 }
+
+/// Writes the desired state of `app` in `ring`: the stored release's signed manifest and chunk
+/// index key, which agents watching that key verify and install.
+pub async fn desire(bus: &Bus, app: &str, ring: &str, version: &Version) -> anyhow::Result<()> {
+    names::validate_app_name(ring).map_err(|e| anyhow::anyhow!("ring: {e}"))?;
+    let record = bus
+        .release_record(app, version)
+        .await
+        .map_err(anyhow::Error::msg)?
+        .with_context(|| format!("{app} {version} is not a known release"))?;
+    let (ReleaseState::Stored, Some(manifest)) = (record.state, record.manifest) else {
+        bail!("{app} {version} is not stored (state {:?})", record.state);
+    };
+    let desired = fleetcast_events::v1::DesiredState {
+        app: app.into(),
+        ring: ring.into(),
+        version: version.clone(),
+        manifest,
+        index_key: names::release_key(app, version),
+    };
+    let bytes = Encoding::Json.encode(&desired)?;
+    bus.desired
+        .put(names::desired_key(app, ring), bytes.into())
+        .await?;
+    Ok(())
+}

@@ -61,6 +61,14 @@ enum Command {
         #[arg(long, default_value = "10s", value_parser = humantime_parse)]
         connect_timeout: Duration,
     },
+    /// Set the version an app's agents in a ring should run (what the tracker does during a
+    /// rollout; by hand, it deploys at once).
+    Desire {
+        app: String,
+        version: semver::Version,
+        #[arg(long, default_value = "default")]
+        ring: String,
+    },
     /// List releases and their state.
     Releases {
         #[arg(long)]
@@ -145,6 +153,12 @@ async fn execute(args: Args) -> anyhow::Result<ExitCode> {
             } else {
                 ExitCode::from(3)
             })
+        }
+        Command::Desire { app, version, ring } => {
+            let bus = cli::connect(&args.nats_url, Duration::from_secs(10)).await?;
+            cli::desire(&bus, &app, &ring, &version).await?;
+            println!("{app} in ring {ring} should now run {version}");
+            Ok(ExitCode::SUCCESS)
         }
         Command::Releases { app, json } => {
             let bus = cli::connect(&args.nats_url, Duration::from_secs(10)).await?;

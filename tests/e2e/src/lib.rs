@@ -314,27 +314,13 @@ impl Pipeline {
         .expect("stored");
     }
 
-    /// Writes the desired state for `app` in `ring`, as the tracker will.
+    /// Writes the desired state for `app` in `ring`, as the tracker will (`fleetcast desire`).
     pub async fn desire(&self, app: &str, ring: &str, version: &str) {
         let bus = self.bus().await.expect("bus");
         let version = semver::Version::parse(version).expect("version");
-        let record = bus
-            .release_record(app, &version)
+        fleetcast_cli::desire(&bus, app, ring, &version)
             .await
-            .expect("record")
-            .expect("release stored");
-        let desired = fleetcast_events::v1::DesiredState {
-            app: app.into(),
-            ring: ring.into(),
-            version: version.clone(),
-            manifest: record.manifest.expect("signed manifest"),
-            index_key: release_key(app, &version),
-        };
-        let bytes = Encoding::Json.encode(&desired).expect("encode");
-        bus.desired
-            .put(names::desired_key(app, ring), bytes.into())
-            .await
-            .expect("put desired");
+            .expect("desire");
     }
 }
 
