@@ -236,3 +236,45 @@ async fn bad_announcements_are_refused_and_the_app_keeps_running() {
     assert_eq!(running(&state), "2.0.0");
     agent.stop().await;
 }
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_nats_restart_in_the_middle_of_a_download_still_converges() {
+    let mut p = Pipeline::start().await.expect("pipeline");
+    let (_host, data, state, journal) = host_dirs();
+    p.release("shapp", "1.0.0", &script_app("1.0.0", true))
+        .await;
+    p.desire("shapp", "default", "1.0.0").await;
+    let agent = start_agent(&p, &data, &state);
+    eventually("v1 running", || running(&state) == "1.0.0").await;
+
+    // v2 carries 32 MiB of unique data, so the download takes a while.
+    let big = script_app("2.0.0", true).file(
+        "data/blob",
+        fleetcast_harness::fixtures::pseudo_random(64 << 20, 77),
+        0o644,
+    );
+    p.release("shapp", "2.0.0", &big).await;
+    p.desire("shapp", "default", "2.0.0").await;
+    let partial = data.join("apps/shapp/versions/2.0.0.partial");
+    for _ in 0..20_000 {
+        if partial.exists() {
+            break;
+        }
+        tokio::time::sleep(Duration::from_millis(1)).await;
+    }
+    p.nats.stop();
+    let j = Journal::load(&journal).expect("journal");
+    assert_ne!(
+        j.committed,
+        Some(v("2.0.0")),
+        "the download finished before NATS stopped; make v2 bigger"
+    );
+    p.nats.restart().await.expect("restart nats");
+    eventually("v2 committed", || {
+        Journal::load(&journal).is_ok_and(|j| j.committed == Some(v("2.0.0")))
+    })
+    .await;
+    assert_eq!(running(&state), "2.0.0");
+    assert!(!partial.exists());
+    agent.stop().await;
+}
