@@ -14,6 +14,7 @@ pub mod journal;
 pub mod settings;
 pub mod supervisor;
 pub mod updater;
+pub mod window;
 
 use std::time::Duration;
 
@@ -74,6 +75,8 @@ pub async fn run(settings: Settings, shutdown: CancellationToken) -> Result<(), 
             app: app.name.clone(),
             source,
         })?;
+        let mut runner = runner;
+        runner.set_windows(settings.windows()?);
         let (tx, rx) = watch::channel(runner.heartbeat());
         beats.push(rx);
         let key = desired_key(&app.name, &settings.ring);
@@ -178,6 +181,13 @@ async fn app_loop(
                 Err(UpdateError::Refused(reason)) => {
                     tracing::warn!(%app, version = %desired.version, %reason, "update refused");
                     runner.refused(&desired.version, &reason).await;
+                }
+                Err(UpdateError::NotNow(opens)) => {
+                    let wait = (opens - OffsetDateTime::now_utc()).max(time::Duration::ZERO);
+                    tracing::info!(%app, version = %desired.version, %opens, "staged; waiting for the update window");
+                    retry_at = Some(
+                        tokio::time::Instant::now() + Duration::try_from(wait).unwrap_or_default(),
+                    );
                 }
                 Err(UpdateError::Transient(reason)) => {
                     tracing::warn!(%app, version = %desired.version, %reason, retry_in = ?retry_delay, "update failed, will retry");

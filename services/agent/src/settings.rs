@@ -31,6 +31,8 @@ pub struct Settings {
     /// Slow re-read of the desired state, a last resort behind the watch.
     #[serde(with = "humantime_serde")]
     pub recheck: Duration,
+    /// UTC ranges (`"22:00-04:00"`) in which updates may switch; empty means any time.
+    pub update_windows: Vec<String>,
     pub apps: Vec<AppSettings>,
 }
 
@@ -71,13 +73,15 @@ impl Default for Settings {
             concurrency: 8,
             heartbeat: Duration::from_secs(15),
             recheck: Duration::from_secs(300),
+            update_windows: Vec::new(),
             apps: Vec::new(),
         }
     }
 }
 
 impl Settings {
-    pub const LIST_KEYS: &'static [&'static str] = &["trusted_keys", "trusted_key_files"];
+    pub const LIST_KEYS: &'static [&'static str] =
+        &["trusted_keys", "trusted_key_files", "update_windows"];
 
     pub fn validate(&self) -> Result<(), SettingsError> {
         if self.agent_id.is_empty()
@@ -100,6 +104,7 @@ impl Settings {
         if !(1..=256).contains(&self.concurrency) {
             return invalid("concurrency", "must be between 1 and 256");
         }
+        self.windows()?;
         for app in &self.apps {
             if let Err(reason) = fleetcast_events::names::validate_app_name(&app.name) {
                 return invalid("apps.name", reason);
@@ -113,5 +118,16 @@ impl Settings {
         }
         fleetcast_runtime::settings::trusted_keys(&self.trusted_keys, &self.trusted_key_files)
             .map(|_| ())
+    }
+
+    /// The parsed update windows.
+    pub fn windows(&self) -> Result<Vec<crate::window::Window>, SettingsError> {
+        self.update_windows
+            .iter()
+            .map(|w| {
+                w.parse()
+                    .or_else(|reason: String| invalid("update_windows", reason))
+            })
+            .collect()
     }
 }

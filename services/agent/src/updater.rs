@@ -30,6 +30,9 @@ pub enum UpdateError {
     /// The store, network or disk failed: retried on the next signal or re-check.
     #[error("will retry: {0}")]
     Transient(String),
+    /// Staged; the switch waits for the update window opening at this instant.
+    #[error("outside the update window until {0}")]
+    NotNow(OffsetDateTime),
 }
 
 pub struct AppRunner {
@@ -43,6 +46,7 @@ pub struct AppRunner {
     bus: Bus,
     keep: usize,
     concurrency: usize,
+    windows: Vec<crate::window::Window>,
     state: AppState,
     running_since: Option<Instant>,
 }
@@ -84,9 +88,15 @@ impl AppRunner {
             bus,
             keep,
             concurrency,
+            windows: Vec::new(),
             state: AppState::Stopped,
             running_since: None,
         })
+    }
+
+    /// Restricts switching to these UTC windows (downloading is never restricted).
+    pub fn set_windows(&mut self, windows: Vec<crate::window::Window>) {
+        self.windows = windows;
     }
 
     pub fn journal(&self) -> &Journal {
@@ -201,6 +211,15 @@ impl AppRunner {
             .await;
         self.stage(&manifest, &desired.index_key).await?;
         fault::hit("staged");
+        let now = OffsetDateTime::now_utc();
+        if !crate::window::allows(&self.windows, now) {
+            self.report(AppState::WaitingForWindow, Some(target.clone()), None)
+                .await;
+            return Err(UpdateError::NotNow(crate::window::next_open(
+                &self.windows,
+                now,
+            )));
+        }
         self.switch(target).await
     }
 

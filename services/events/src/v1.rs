@@ -238,6 +238,8 @@ pub enum AppState {
     Switching,
     HealthChecking,
     RolledBack,
+    /// Downloaded and verified; waiting for the local update window to switch.
+    WaitingForWindow,
     /// An announcement was refused (bad signature, expired, older than accepted, …); the app
     /// keeps running the version it ran.
     Refused,

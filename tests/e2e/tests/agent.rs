@@ -58,6 +58,10 @@ impl Agent {
 }
 
 fn start_agent(p: &Pipeline, data: &Path, state: &Path) -> Agent {
+    start_agent_with(p, data, state, Vec::new())
+}
+
+fn start_agent_with(p: &Pipeline, data: &Path, state: &Path, update_windows: Vec<String>) -> Agent {
     let health = fleetcast_agent::health::HealthGate {
         stay_up: Duration::from_millis(500),
         ..Default::default()
@@ -76,6 +80,7 @@ fn start_agent(p: &Pipeline, data: &Path, state: &Path) -> Agent {
             crash: Default::default(),
             grace: Duration::from_secs(5),
         }],
+        update_windows,
         ..Default::default()
     };
     let token = CancellationToken::new();
@@ -276,5 +281,50 @@ async fn a_nats_restart_in_the_middle_of_a_download_still_converges() {
     .await;
     assert_eq!(running(&state), "2.0.0");
     assert!(!partial.exists());
+    agent.stop().await;
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn outside_its_update_window_the_agent_downloads_but_does_not_switch() {
+    use fleetcast_events::v1::{AgentStatus, AppState};
+    let p = Pipeline::start().await.expect("pipeline");
+    let (_host, data, state, journal) = host_dirs();
+    p.release("shapp", "1.0.0", &script_app("1.0.0", true))
+        .await;
+    p.release("shapp", "2.0.0", &script_app("2.0.0", true))
+        .await;
+    p.desire("shapp", "default", "1.0.0").await;
+    // A one-minute window twelve hours from now.
+    let opens = time::OffsetDateTime::now_utc() + time::Duration::hours(12);
+    let closes = opens + time::Duration::minutes(1);
+    let window = format!(
+        "{:02}:{:02}-{:02}:{:02}",
+        opens.hour(),
+        opens.minute(),
+        closes.hour(),
+        closes.minute()
+    );
+    // Every switch waits for the window, the first install too: v1 is installed first by an
+    // agent without windows.
+    let agent = start_agent(&p, &data, &state);
+    eventually("v1 running", || running(&state) == "1.0.0").await;
+    agent.stop().await;
+    let agent = start_agent_with(&p, &data, &state, vec![window]);
+    eventually("v1 running again", || running(&state) == "1.0.0").await;
+    p.desire("shapp", "default", "2.0.0").await;
+    let waiting: AgentStatus = p
+        .wait_status(|s: &AgentStatus| {
+            s.state == AppState::WaitingForWindow && s.version == Some(v("2.0.0"))
+        })
+        .await
+        .expect("waiting status");
+    assert_eq!(waiting.app, "shapp");
+    assert!(
+        data.join("apps/shapp/versions/2.0.0").is_dir(),
+        "v2 was not downloaded ahead of the window"
+    );
+    let j = Journal::load(&journal).expect("journal");
+    assert_eq!(j.committed, Some(v("1.0.0")));
+    assert_eq!(running(&state), "1.0.0");
     agent.stop().await;
 }
