@@ -32,11 +32,11 @@ use futures::StreamExt;
 use tokio_util::sync::CancellationToken;
 use zip::write::SimpleFileOptions;
 
-const MIB: f64 = 1024.0 * 1024.0;
+pub(crate) const MIB: f64 = 1024.0 * 1024.0;
 
-struct File {
+pub(crate) struct File {
     path: String,
-    data: Vec<u8>,
+    pub(crate) data: Vec<u8>,
     compressible: bool,
 }
 
@@ -59,14 +59,7 @@ pub async fn run() -> anyhow::Result<String> {
     drop(v2);
 
     let key = SecretKey::generate()?;
-    let nats = NatsServer::start().await?;
-    let settings = NatsSettings {
-        url: nats.url(),
-        request_timeout: Duration::from_secs(30),
-        ..Default::default()
-    };
-    let cancel = CancellationToken::new();
-    let bus = Bus::connect(&settings, "bench", &cancel).await?;
+    let (nats, settings, bus) = fresh_store().await?;
     let work = dir.path().join("work");
     let mut distributor = start_distributor(&settings, &key, &work);
 
@@ -108,11 +101,27 @@ pub async fn run() -> anyhow::Result<String> {
     Ok(json.to_string())
 }
 
-fn round(x: f64) -> f64 {
+/// A nats-server of its own and a connection to it with every stream and bucket.
+pub(crate) async fn fresh_store() -> anyhow::Result<(NatsServer, NatsSettings, Bus)> {
+    let nats = NatsServer::start().await?;
+    let settings = NatsSettings {
+        url: nats.url(),
+        request_timeout: Duration::from_secs(30),
+        ..Default::default()
+    };
+    let bus = Bus::connect(&settings, "bench", &CancellationToken::new()).await?;
+    Ok((nats, settings, bus))
+}
+
+pub(crate) fn round(x: f64) -> f64 {
     (x * 10.0).round() / 10.0
 }
 
-fn start_distributor(settings: &NatsSettings, key: &SecretKey, work: &Path) -> CancellationToken {
+pub(crate) fn start_distributor(
+    settings: &NatsSettings,
+    key: &SecretKey,
+    work: &Path,
+) -> CancellationToken {
     let token = CancellationToken::new();
     let s = fleetcast_distributor::Settings {
         nats: settings.clone(),
@@ -130,7 +139,7 @@ fn start_distributor(settings: &NatsSettings, key: &SecretKey, work: &Path) -> C
 }
 
 /// Uploads and signs (untimed, as the signer would), then times signed → stored.
-async fn ingest_once(
+pub(crate) async fn ingest_once(
     bus: &Bus,
     key: &SecretKey,
     zip: &Path,
@@ -286,7 +295,7 @@ fn reference_compress(files: &[File]) -> f64 {
 }
 
 /// ~96 MiB incompressible, ~64 MiB text, ~96 MiB of this machine's ELF binaries.
-fn generate_v1() -> Vec<File> {
+pub(crate) fn generate_v1() -> Vec<File> {
     let mut files = Vec::new();
     for i in 0..4 {
         files.push(File {
@@ -405,7 +414,7 @@ fn text(len: usize, seed: u64) -> Vec<u8> {
 
 /// v2: an in-place patch, an insertion in the middle of a large file, a rewritten file and a new
 /// file, all random bytes; about 1% of the package. Returns the files and the changed bytes.
-fn make_v2(v1: &[File]) -> (Vec<File>, u64) {
+pub(crate) fn make_v2(v1: &[File]) -> (Vec<File>, u64) {
     let mut v2: Vec<File> = v1
         .iter()
         .map(|f| File {
@@ -442,7 +451,7 @@ fn make_v2(v1: &[File]) -> (Vec<File>, u64) {
     (v2, changed)
 }
 
-fn write_zip(files: &[File], path: &Path) -> anyhow::Result<()> {
+pub(crate) fn write_zip(files: &[File], path: &Path) -> anyhow::Result<()> {
     let mut w = zip::ZipWriter::new(std::io::BufWriter::new(std::fs::File::create(path)?));
     for f in files {
         let method = if f.compressible {

@@ -1,6 +1,7 @@
 //! `ops/bench <name>`: benchmarks that print one JSON object on their last line. Each measures a
 //! reference on the same data in the same run, so ratios hold on a noisy machine.
 
+mod agent;
 mod ingest;
 
 use std::process::ExitCode;
@@ -20,8 +21,9 @@ fn main() -> ExitCode {
     };
     let result = match which.as_str() {
         "ingest" => runtime.block_on(ingest::run()),
+        "agent" => runtime.block_on(agent::run()),
         _ => {
-            eprintln!("usage: ops/bench ingest");
+            eprintln!("usage: ops/bench ingest|agent");
             return ExitCode::from(2);
         }
     };

@@ -47,6 +47,8 @@ pub struct AppRunner {
     keep: usize,
     concurrency: usize,
     windows: Vec<crate::window::Window>,
+    /// Bytes fetched from the store for the update in progress (or the last one).
+    fetched_bytes: u64,
     state: AppState,
     running_since: Option<Instant>,
 }
@@ -89,6 +91,7 @@ impl AppRunner {
             keep,
             concurrency,
             windows: Vec::new(),
+            fetched_bytes: 0,
             state: AppState::Stopped,
             running_since: None,
         })
@@ -202,6 +205,7 @@ impl AppRunner {
             )));
         }
         self.journal.highest_accepted = Some(target.clone());
+        self.fetched_bytes = 0;
         self.journal.step = Step::Staging {
             target: target.clone(),
         };
@@ -267,6 +271,7 @@ impl AppRunner {
             e => UpdateError::Refused(e.to_string()),
         })?;
         tracing::info!(app = %manifest.app, version = %manifest.version, ?report, "version staged");
+        self.fetched_bytes = report.fetched_bytes;
         let meta = self.root.meta_dir(&manifest.version);
         let written = std::fs::create_dir_all(&meta)
             .and_then(|_| std::fs::write(meta.join("index.msgpack"), &bytes));
@@ -352,7 +357,7 @@ impl AppRunner {
             app: self.settings.name.clone(),
             state,
             version,
-            progress_bytes: None,
+            progress_bytes: Some(self.fetched_bytes),
             reason,
             at: OffsetDateTime::now_utc(),
         };
