@@ -15,7 +15,6 @@ use fleetcast_events::names::{
 use fleetcast_events::v1::*;
 use fleetcast_events::{Encoding, TrustedKeys};
 use fleetcast_runtime::consume::{ConsumerSpec, Outcome, decode, reject_event, run_consumer};
-use fleetcast_runtime::releases::FetchError;
 use fleetcast_runtime::{Bus, BusError};
 use time::OffsetDateTime;
 use tokio_util::sync::CancellationToken;
@@ -126,28 +125,17 @@ impl Distributor {
         self.store.learn_app(&event.app).await;
         // A release whose files were all stored before needs no archive: nothing to read.
         let fetched = if self.store.needs_archive(&verified) {
+            let work_dir = self.settings.work_dir();
             match self
                 .bus
-                .fetch_archive(&event.object, &self.settings.work_dir())
+                .fetch_archive(&event.object, &event.blake3, None, &work_dir)
                 .await
             {
-                Ok(f) if f.blake3 == event.blake3 => Some(f),
-                Ok(f) => {
-                    let message = format!(
-                        "archive BLAKE3 is {}, the signed release says {}",
-                        f.blake3, event.blake3
-                    );
-                    return self
-                        .reject(&event, RejectCode::ArchiveMismatch, message)
-                        .await;
-                }
-                Err(FetchError::NotFound(object)) => {
-                    let message = format!("archive {object} is not in the incoming store");
-                    return self
-                        .reject(&event, RejectCode::ArchiveMismatch, message)
-                        .await;
-                }
-                Err(e) => return Outcome::Retry(e.to_string()),
+                Ok(f) => Some(f),
+                Err(e) => match e.rejection() {
+                    Some(r) => return self.reject(&event, r.code, r.message).await,
+                    None => return Outcome::Retry(e.to_string()),
+                },
             }
         } else {
             None

@@ -16,8 +16,28 @@ use crate::bus::Bus;
 pub enum FetchError {
     #[error("archive {0} is not in the incoming store")]
     NotFound(String),
+    /// The stored archive is not the one the event names.
+    #[error("archive {object} has {got}; the event says {want}")]
+    Mismatch {
+        object: String,
+        got: String,
+        want: String,
+    },
     #[error("cannot fetch archive {object}: {reason}")]
     Transient { object: String, reason: String },
+}
+
+impl FetchError {
+    /// The rejection to report for a missing or different archive; `None` when worth retrying.
+    pub fn rejection(&self) -> Option<Rejection> {
+        match self {
+            FetchError::NotFound(_) | FetchError::Mismatch { .. } => Some(Rejection {
+                code: fleetcast_events::v1::RejectCode::ArchiveMismatch,
+                message: self.to_string(),
+            }),
+            FetchError::Transient { .. } => None,
+        }
+    }
 }
 
 /// An archive copied to a local temporary file (removed on drop), with its size and BLAKE3.
@@ -50,9 +70,13 @@ impl Bus {
             .map_err(|e| format!("uploading {object}: {e}"))
     }
 
+    /// Copies `object` to a temporary file, hashing it on the way, and checks that it is the
+    /// archive the event announced: its BLAKE3, and its size when the event gives one.
     pub async fn fetch_archive(
         &self,
         object: &str,
+        blake3: &str,
+        size: Option<u64>,
         work_dir: &Path,
     ) -> Result<FetchedArchive, FetchError> {
         let transient = |e: &dyn std::fmt::Display| FetchError::Transient {
@@ -75,7 +99,7 @@ impl Bus {
         let mut out = tokio::fs::File::from_std(file.reopen().map_err(|e| transient(&e))?);
         let mut hasher = blake3::Hasher::new();
         let mut buf = vec![0u8; 256 * 1024];
-        let mut size = 0u64;
+        let mut read = 0u64;
         loop {
             let n = reader.read(&mut buf).await.map_err(|e| transient(&e))?;
             if n == 0 {
@@ -83,13 +107,22 @@ impl Bus {
             }
             hasher.update(&buf[..n]);
             out.write_all(&buf[..n]).await.map_err(|e| transient(&e))?;
-            size += n as u64;
+            read += n as u64;
         }
         out.flush().await.map_err(|e| transient(&e))?;
+        let got = hasher.finalize().to_hex().to_string();
+        if got != blake3 || size.is_some_and(|want| want != read) {
+            let want_size = size.map_or(String::new(), |s| format!("{s} bytes, "));
+            return Err(FetchError::Mismatch {
+                object: object.into(),
+                got: format!("{read} bytes, BLAKE3 {got}"),
+                want: format!("{want_size}BLAKE3 {blake3}"),
+            });
+        }
         Ok(FetchedArchive {
             file,
-            size,
-            blake3: hasher.finalize().to_hex().to_string(),
+            size: read,
+            blake3: got,
         })
     }
 

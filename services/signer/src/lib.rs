@@ -13,7 +13,6 @@ use fleetcast_events::v1::*;
 use fleetcast_events::{Encoding, Manifest, SecretKey, SignedManifest};
 use fleetcast_package::Package;
 use fleetcast_runtime::consume::{ConsumerSpec, Outcome, decode, reject_event, run_consumer};
-use fleetcast_runtime::releases::FetchError;
 use fleetcast_runtime::{Bus, BusError};
 use serde::{Deserialize, Serialize};
 use time::OffsetDateTime;
@@ -159,41 +158,18 @@ impl Signer {
                 )
                 .await;
         }
+        let work_dir = self.settings.work_dir();
         let fetched = match self
             .bus
-            .fetch_archive(&event.object, &self.settings.work_dir())
+            .fetch_archive(&event.object, &event.blake3, Some(event.size), &work_dir)
             .await
         {
             Ok(f) => f,
-            Err(FetchError::NotFound(object)) => {
-                let message = format!("archive {object} is not in the incoming store");
-                return self
-                    .reject(
-                        &event,
-                        Rejection {
-                            code: RejectCode::ArchiveMismatch,
-                            message,
-                        },
-                    )
-                    .await;
-            }
-            Err(e) => return Outcome::Retry(e.to_string()),
+            Err(e) => match e.rejection() {
+                Some(reason) => return self.reject(&event, reason).await,
+                None => return Outcome::Retry(e.to_string()),
+            },
         };
-        if fetched.blake3 != event.blake3 {
-            let message = format!(
-                "archive BLAKE3 is {}, the event says {}",
-                fetched.blake3, event.blake3
-            );
-            return self
-                .reject(
-                    &event,
-                    Rejection {
-                        code: RejectCode::ArchiveMismatch,
-                        message,
-                    },
-                )
-                .await;
-        }
         let limits = self.settings.limits.clone();
         let path = fetched.file.path().to_path_buf();
         let files = match tokio::task::spawn_blocking(move || {

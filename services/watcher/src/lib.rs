@@ -113,13 +113,7 @@ impl Watcher {
         let reject = |code, message: String| Rejection { code, message };
         if let Err(message) = names::validate_app_name(&event.app) {
             return self
-                .reject_package(
-                    Some(&event.app),
-                    Some(&event.version),
-                    source,
-                    reject(RejectCode::InvalidName, message),
-                    None,
-                )
+                .reject_ci(&event, reject(RejectCode::InvalidName, message), None)
                 .await;
         }
         let expected = names::archive_object(&event.app, &event.version, &event.blake3);
@@ -129,67 +123,33 @@ impl Watcher {
                 event.object
             );
             return self
-                .reject_package(
-                    Some(&event.app),
-                    Some(&event.version),
-                    source,
-                    reject(RejectCode::InvalidEvent, message),
-                    None,
-                )
+                .reject_ci(&event, reject(RejectCode::InvalidEvent, message), None)
                 .await;
         }
+        let work_dir = self.settings.work_dir();
         let fetched = match self
             .bus
-            .fetch_archive(&event.object, &self.settings.work_dir())
+            .fetch_archive(&event.object, &event.blake3, Some(event.size), &work_dir)
             .await
         {
             Ok(f) => f,
-            Err(FetchError::NotFound(object)) => {
-                let rejection = reject(
-                    RejectCode::ArchiveMismatch,
-                    format!("archive {object} was not uploaded"),
-                );
-                return self
-                    .reject_package(
-                        Some(&event.app),
-                        Some(&event.version),
-                        source,
-                        rejection,
-                        None,
-                    )
-                    .await;
-            }
-            Err(e @ FetchError::Transient { .. }) => return Outcome::Retry(e.to_string()),
+            Err(e) => match e.rejection() {
+                // A different archive is removed; a missing one has nothing to remove.
+                Some(r) => {
+                    let object =
+                        matches!(e, FetchError::Mismatch { .. }).then_some(event.object.as_str());
+                    return self.reject_ci(&event, r, object).await;
+                }
+                None => return Outcome::Retry(e.to_string()),
+            },
         };
-        if fetched.blake3 != event.blake3 || fetched.size != event.size {
-            let message = format!(
-                "uploaded archive has {} bytes, BLAKE3 {}; the event says {} bytes, {}",
-                fetched.size, fetched.blake3, event.size, event.blake3
-            );
-            let rejection = reject(RejectCode::ArchiveMismatch, message);
-            return self
-                .reject_package(
-                    Some(&event.app),
-                    Some(&event.version),
-                    source,
-                    rejection,
-                    Some(&event.object),
-                )
-                .await;
-        }
         let limits = self.settings.limits.clone();
         let path = fetched.file.path().to_path_buf();
         match tokio::task::spawn_blocking(move || Package::open(&path, &limits).map(|_| ())).await {
             Ok(Ok(())) => {}
             Ok(Err(e)) => {
                 return self
-                    .reject_package(
-                        Some(&event.app),
-                        Some(&event.version),
-                        source,
-                        e.rejection(),
-                        Some(&event.object),
-                    )
+                    .reject_ci(&event, e.rejection(), Some(&event.object))
                     .await;
             }
             Err(e) => return Outcome::Retry(format!("validation task failed: {e}")),
@@ -216,6 +176,26 @@ impl Watcher {
             .await?;
         tracing::info!(app = %detected.app, version = %detected.version, object = %detected.object, "package detected");
         Ok(())
+    }
+
+    /// Rejects a release CI published (removing `object` from the store when given).
+    async fn reject_ci(
+        &self,
+        event: &ReleasePublished,
+        reason: Rejection,
+        object: Option<&str>,
+    ) -> Outcome {
+        let source = PackageSource::Ci {
+            published_by: event.published_by.clone(),
+        };
+        self.reject_package(
+            Some(&event.app),
+            Some(&event.version),
+            source,
+            reason,
+            object,
+        )
+        .await
     }
 
     /// Publishes `package.rejected`, records the rejection, and removes the uploaded archive so
