@@ -14,7 +14,9 @@ use fleetcast_events::names::{
 };
 use fleetcast_events::v1::*;
 use fleetcast_events::{Encoding, TrustedKeys};
-use fleetcast_runtime::consume::{ConsumerSpec, Outcome, decode, reject_event, run_consumer};
+use fleetcast_runtime::consume::{
+    ConsumerSpec, Outcome, decode_or_reject, reject_event, run_consumer,
+};
 use fleetcast_runtime::{Bus, BusError};
 use time::OffsetDateTime;
 use tokio_util::sync::CancellationToken;
@@ -68,15 +70,9 @@ struct Distributor {
 
 impl Distributor {
     async fn handle(&self, msg: &Message) -> Outcome {
-        let event: ReleaseSigned = match decode(msg) {
+        let event: ReleaseSigned = match decode_or_reject(&self.bus, SERVICE, msg).await {
             Ok(e) => e,
-            Err(e) => {
-                let reason = Rejection {
-                    code: RejectCode::InvalidEvent,
-                    message: e.to_string(),
-                };
-                return reject_event(&self.bus, SERVICE, RELEASE_SIGNED, reason).await;
-            }
+            Err(outcome) => return outcome,
         };
         if let Err(message) = names::validate_app_name(&event.app) {
             return reject_event(

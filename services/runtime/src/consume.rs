@@ -157,3 +157,22 @@ pub async fn reject_event(
         Err(e) => Outcome::Retry(e.to_string()),
     }
 }
+
+/// Decodes an event, or refuses it with an `event_rejected` event. `Err` carries the outcome the
+/// handler returns.
+pub async fn decode_or_reject<T: serde::de::DeserializeOwned>(
+    bus: &crate::Bus,
+    stage: &str,
+    message: &jetstream::Message,
+) -> Result<T, Outcome> {
+    match decode(message) {
+        Ok(event) => Ok(event),
+        Err(e) => {
+            let reason = fleetcast_events::v1::Rejection {
+                code: fleetcast_events::v1::RejectCode::InvalidEvent,
+                message: e.to_string(),
+            };
+            Err(reject_event(bus, stage, &message.subject, reason).await)
+        }
+    }
+}

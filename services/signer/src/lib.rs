@@ -12,7 +12,9 @@ use fleetcast_events::names::{self, PACKAGE_DETECTED, RELEASE_REJECTED, RELEASE_
 use fleetcast_events::v1::*;
 use fleetcast_events::{Encoding, Manifest, SecretKey, SignedManifest};
 use fleetcast_package::Package;
-use fleetcast_runtime::consume::{ConsumerSpec, Outcome, decode, reject_event, run_consumer};
+use fleetcast_runtime::consume::{
+    ConsumerSpec, Outcome, decode_or_reject, reject_event, run_consumer,
+};
 use fleetcast_runtime::{Bus, BusError};
 use serde::{Deserialize, Serialize};
 use time::OffsetDateTime;
@@ -94,20 +96,9 @@ struct Signer {
 
 impl Signer {
     async fn handle(&self, msg: &Message) -> Outcome {
-        let event: PackageDetected = match decode(msg) {
+        let event: PackageDetected = match decode_or_reject(&self.bus, SERVICE, msg).await {
             Ok(e) => e,
-            Err(e) => {
-                return reject_event(
-                    &self.bus,
-                    SERVICE,
-                    PACKAGE_DETECTED,
-                    Rejection {
-                        code: RejectCode::InvalidEvent,
-                        message: e.to_string(),
-                    },
-                )
-                .await;
-            }
+            Err(outcome) => return outcome,
         };
         if let Err(message) = names::validate_app_name(&event.app) {
             return reject_event(

@@ -15,7 +15,7 @@ use fleetcast_events::v1::{
     PackageDetected, PackageRejected, PackageSource, RejectCode, Rejection, ReleasePublished,
 };
 use fleetcast_package::{ArchiveError, ArchiveLimits, Package};
-use fleetcast_runtime::consume::{ConsumerSpec, Outcome, decode, reject_event, run_consumer};
+use fleetcast_runtime::consume::{ConsumerSpec, Outcome, decode_or_reject, run_consumer};
 use fleetcast_runtime::releases::FetchError;
 use fleetcast_runtime::{Bus, BusError};
 use semver::Version;
@@ -97,15 +97,9 @@ impl Watcher {
     }
 
     async fn handle_ci_release(&self, msg: &async_nats::jetstream::Message) -> Outcome {
-        let event: ReleasePublished = match decode(msg) {
+        let event: ReleasePublished = match decode_or_reject(&self.bus, SERVICE, msg).await {
             Ok(e) => e,
-            Err(e) => {
-                let reason = Rejection {
-                    code: RejectCode::InvalidEvent,
-                    message: e.to_string(),
-                };
-                return reject_event(&self.bus, SERVICE, RELEASE_PUBLISHED, reason).await;
-            }
+            Err(outcome) => return outcome,
         };
         let source = PackageSource::Ci {
             published_by: event.published_by.clone(),
