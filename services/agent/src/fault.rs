@@ -6,6 +6,7 @@
 pub const POINTS: &[&str] = &[
     "staging-journaled",
     "staged",
+    "pre-switch-done",
     "switching-journaled",
     "old-stopped",
     "switched",

@@ -2,42 +2,19 @@
 //! (any exit fails the gate, with its code or signal), then an optional HTTP probe must answer
 //! 2xx and an optional command must exit 0, each within its timeout and a few attempts.
 
+use std::collections::BTreeMap;
+use std::path::Path;
+use std::process::Stdio;
 use std::time::Duration;
 
-use serde::Deserialize;
+use nix::sys::signal::{Signal, killpg};
+use nix::unistd::Pid;
 use tokio::io::{AsyncReadExt, AsyncWriteExt};
 use tokio::sync::broadcast;
 
 use crate::supervisor::Event;
 
-#[derive(Debug, Clone, PartialEq, Eq, Deserialize)]
-#[serde(deny_unknown_fields, default)]
-pub struct HealthGate {
-    #[serde(with = "humantime_serde")]
-    pub stay_up: Duration,
-    /// `http://127.0.0.1:PORT/PATH` answered with 2xx.
-    pub http: Option<String>,
-    /// A command (program and arguments) that must exit 0, run in the version's folder.
-    pub command: Option<Vec<String>>,
-    #[serde(with = "humantime_serde")]
-    pub probe_timeout: Duration,
-    pub probe_attempts: u32,
-    #[serde(with = "humantime_serde")]
-    pub probe_interval: Duration,
-}
-
-impl Default for HealthGate {
-    fn default() -> Self {
-        HealthGate {
-            stay_up: Duration::from_secs(5),
-            http: None,
-            command: None,
-            probe_timeout: Duration::from_secs(3),
-            probe_attempts: 5,
-            probe_interval: Duration::from_secs(1),
-        }
-    }
-}
+pub use fleetcast_package::HealthGate;
 
 /// Why a version failed its gate: the reason reported with `rolled_back`.
 #[derive(Debug, Clone, PartialEq, Eq, thiserror::Error)]
@@ -59,7 +36,8 @@ pub enum GateFailure {
 pub async fn run_gate(
     gate: &HealthGate,
     events: &mut broadcast::Receiver<Event>,
-    cwd: &std::path::Path,
+    cwd: &Path,
+    env: &BTreeMap<String, String>,
 ) -> Result<(), GateFailure> {
     let deadline = tokio::time::sleep(gate.stay_up);
     tokio::pin!(deadline);
@@ -83,7 +61,7 @@ pub async fn run_gate(
             })?;
     }
     if let Some(command) = &gate.command {
-        retry(gate, || command_probe(command, cwd, gate.probe_timeout))
+        retry(gate, || run_command(command, cwd, env, gate.probe_timeout))
             .await
             .map_err(GateFailure::Command)?;
     }
@@ -164,32 +142,53 @@ pub async fn http_probe(url: &str, timeout: Duration) -> Result<(), String> {
         .map_err(|_| format!("no answer within {timeout:?}"))?
 }
 
-async fn command_probe(
+/// Runs a command (health probe or hook) to completion in its own process group: a program
+/// in `cwd` (the version's folder) or on PATH. Past `timeout` the whole group is killed, so a
+/// hung migration leaves nothing behind. The error carries the exit status and stderr's end.
+pub async fn run_command(
     command: &[String],
-    cwd: &std::path::Path,
+    cwd: &Path,
+    env: &BTreeMap<String, String>,
     timeout: Duration,
 ) -> Result<(), String> {
     let (program, args) = command.split_first().ok_or("empty command")?;
-    let run = tokio::process::Command::new(program)
+    let child = tokio::process::Command::new(crate::supervisor::program_path(program, cwd))
         .args(args)
         .current_dir(cwd)
+        .envs(env)
+        .stdin(Stdio::null())
+        .stdout(Stdio::piped())
+        .stderr(Stdio::piped())
+        .process_group(0)
         .kill_on_drop(true)
-        .output();
-    let output = tokio::time::timeout(timeout, run)
-        .await
-        .map_err(|_| format!("{program}: no exit within {timeout:?}"))?
+        .spawn()
         .map_err(|e| format!("{program}: {e}"))?;
+    let group = child.id().map(|id| Pid::from_raw(id as i32));
+    let output = match tokio::time::timeout(timeout, child.wait_with_output()).await {
+        Ok(output) => output.map_err(|e| format!("{program}: {e}"))?,
+        Err(_) => {
+            if let Some(group) = group {
+                let _ = killpg(group, Signal::SIGKILL);
+            }
+            return Err(format!("{program}: no exit within {timeout:?}, killed"));
+        }
+    };
+    for line in String::from_utf8_lossy(&output.stdout).lines() {
+        tracing::info!(command = %program, "{line}");
+    }
     if output.status.success() {
         Ok(())
     } else {
-        let stderr = String::from_utf8_lossy(&output.stderr)
+        let stderr = String::from_utf8_lossy(&output.stderr);
+        let tail: String = stderr
+            .trim()
             .chars()
+            .rev()
             .take(300)
-            .collect::<String>();
-        Err(format!(
-            "{program} exited with {}: {}",
-            output.status,
-            stderr.trim()
-        ))
+            .collect::<Vec<_>>()
+            .into_iter()
+            .rev()
+            .collect();
+        Err(format!("{program} exited with {}: {tail}", output.status))
     }
 }

@@ -40,7 +40,9 @@ pub struct Settings {
 #[serde(deny_unknown_fields)]
 pub struct AppSettings {
     pub name: String,
-    /// Program (relative to the version's folder, or absolute) and arguments.
+    /// Program (in the version's folder, or on PATH) and arguments. May be left empty when
+    /// every package names its own in its `fleetcast.toml`, which wins over this.
+    #[serde(default)]
     pub command: Vec<String>,
     #[serde(default)]
     pub env: BTreeMap<String, String>,
@@ -108,12 +110,6 @@ impl Settings {
         for app in &self.apps {
             if let Err(reason) = fleetcast_events::names::validate_app_name(&app.name) {
                 return invalid("apps.name", reason);
-            }
-            if app.command.is_empty() {
-                return invalid(
-                    "apps.command",
-                    format!("app {} has an empty command", app.name),
-                );
             }
         }
         fleetcast_runtime::settings::trusted_keys(&self.trusted_keys, &self.trusted_key_files)

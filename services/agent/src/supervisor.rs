@@ -7,7 +7,7 @@
 //! published as [`Event`]s (the agent turns them into status events).
 
 use std::collections::BTreeMap;
-use std::path::PathBuf;
+use std::path::{Path, PathBuf};
 use std::process::Stdio;
 use std::time::Duration;
 
@@ -27,6 +27,17 @@ pub struct ProcessSpec {
     pub args: Vec<String>,
     pub env: BTreeMap<String, String>,
     pub cwd: PathBuf,
+}
+
+/// A program named by a command: relative names are looked up in the version's folder
+/// first (`bin/app`, `run.sh`), then on PATH (`sh`); absolute paths are taken as they are.
+pub fn program_path(program: &str, dir: &Path) -> PathBuf {
+    let local = dir.join(program);
+    if local.exists() {
+        local
+    } else {
+        PathBuf::from(program)
+    }
 }
 
 /// How to stop it.

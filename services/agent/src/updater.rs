@@ -9,6 +9,7 @@ use std::path::PathBuf;
 use fleetcast_events::names::agent_status_subject;
 use fleetcast_events::v1::{AgentStatus, AppHeartbeat, AppState, ChunkIndex, DesiredState};
 use fleetcast_events::{Encoding, TrustedKeys, VerifiedManifest};
+use fleetcast_package::package_config::{self, Hook, Hooks, PackageConfig};
 use fleetcast_runtime::Bus;
 use semver::Version;
 use time::OffsetDateTime;
@@ -21,6 +22,13 @@ use crate::install::InstallRoot;
 use crate::journal::{Journal, Step};
 use crate::settings::AppSettings;
 use crate::supervisor::{ProcessSpec, StopPolicy, Supervisor};
+
+/// How one version runs (see [`AppRunner::launch`]).
+struct Launch {
+    spec: ProcessSpec,
+    health: crate::health::HealthGate,
+    hooks: Hooks,
+}
 
 #[derive(Debug, thiserror::Error)]
 pub enum UpdateError {
@@ -112,20 +120,74 @@ impl AppRunner {
             .map_err(|e| UpdateError::Transient(format!("journal: {e}")))
     }
 
-    fn spec(&self, version: &Version) -> ProcessSpec {
+    /// How `version` runs: the agent's config for this app, with the package's own
+    /// `fleetcast.toml` (verified with the rest of the version) over it.
+    fn launch(&self, version: &Version) -> Result<Launch, String> {
         let dir = self.root.version_dir(version);
-        let program = PathBuf::from(&self.settings.command[0]);
-        let program = if program.is_absolute() {
-            program
-        } else {
-            dir.join(program)
+        let file = dir.join(package_config::FILE_NAME);
+        let package = match std::fs::symlink_metadata(&file) {
+            Ok(meta) if meta.is_file() && meta.len() <= package_config::MAX_SIZE => {
+                let text = std::fs::read_to_string(&file)
+                    .map_err(|e| format!("{}: {e}", file.display()))?;
+                PackageConfig::parse(&text)?
+            }
+            Ok(_) => {
+                return Err(format!(
+                    "{} must be a regular file of at most {} bytes",
+                    package_config::FILE_NAME,
+                    package_config::MAX_SIZE
+                ));
+            }
+            Err(e) if e.kind() == std::io::ErrorKind::NotFound => PackageConfig::default(),
+            Err(e) => return Err(format!("{}: {e}", file.display())),
         };
-        ProcessSpec {
-            program,
-            args: self.settings.command[1..].to_vec(),
-            env: self.settings.env.clone(),
-            cwd: dir,
+        let command = package
+            .command
+            .unwrap_or_else(|| self.settings.command.clone());
+        let Some((program, args)) = command.split_first() else {
+            return Err(format!(
+                "no command to run {} {version}: neither the agent's config nor the package's {} names one",
+                self.settings.name,
+                package_config::FILE_NAME
+            ));
+        };
+        // The package's environment is a default; the host's config wins.
+        let mut env = package.env;
+        env.extend(self.settings.env.clone());
+        Ok(Launch {
+            spec: ProcessSpec {
+                program: crate::supervisor::program_path(program, &dir),
+                args: args.to_vec(),
+                env,
+                cwd: dir,
+            },
+            health: package
+                .health
+                .unwrap_or_else(|| self.settings.health.clone()),
+            hooks: package.hooks,
+        })
+    }
+
+    /// Runs one of the package's hooks for `target`, with the app's environment plus what a
+    /// migration needs to know.
+    async fn run_hook(
+        &self,
+        name: &str,
+        hook: &Hook,
+        launch: &Launch,
+        target: &Version,
+        from: Option<&Version>,
+    ) -> Result<(), String> {
+        let mut env = launch.spec.env.clone();
+        env.insert("FLEETCAST_APP".into(), self.settings.name.clone());
+        env.insert("FLEETCAST_VERSION".into(), target.to_string());
+        if let Some(from) = from {
+            env.insert("FLEETCAST_FROM_VERSION".into(), from.to_string());
         }
+        tracing::info!(app = %self.settings.name, version = %target, hook = name, "running hook");
+        crate::health::run_command(&hook.command, &launch.spec.cwd, &env, hook.timeout)
+            .await
+            .map_err(|e| format!("{name} hook failed: {e}"))
     }
 
     async fn run_version(&mut self, version: &Version) -> Result<(), UpdateError> {
@@ -140,7 +202,10 @@ impl AppRunner {
                 "switched"
             });
         }
-        self.supervisor.start(self.spec(version)).await;
+        let launch = self
+            .launch(version)
+            .map_err(|e| UpdateError::Transient(format!("cannot run {version}: {e}")))?;
+        self.supervisor.start(launch.spec).await;
         self.running_since = Some(Instant::now());
         Ok(())
     }
@@ -213,8 +278,28 @@ impl AppRunner {
         fault::hit("staging-journaled");
         self.report(AppState::Downloading, Some(target.clone()), None)
             .await;
-        self.stage(&manifest, &desired.index_key).await?;
+        let prepared = self.prepare(&manifest, &desired.index_key).await;
+        if let Err(UpdateError::Refused(_)) = &prepared {
+            // Nothing running was touched; the journal says so again.
+            self.journal.step = Step::Idle;
+            self.save()?;
+        }
+        let launch = prepared?;
+        self.switch(target, launch).await
+    }
+
+    /// Everything before the disruptive step: stage the version, check how it runs, wait for
+    /// the window, run the package's pre-switch hook. A failing hook refuses the version for
+    /// good (like a failed health gate), with the app still on the old version.
+    async fn prepare(
+        &mut self,
+        manifest: &VerifiedManifest,
+        index_key: &str,
+    ) -> Result<Launch, UpdateError> {
+        let target = manifest.version.clone();
+        self.stage(manifest, index_key).await?;
         fault::hit("staged");
+        let launch = self.launch(&target).map_err(UpdateError::Refused)?;
         let now = OffsetDateTime::now_utc();
         if !crate::window::allows(&self.windows, now) {
             self.report(AppState::WaitingForWindow, Some(target.clone()), None)
@@ -224,7 +309,18 @@ impl AppRunner {
                 now,
             )));
         }
-        self.switch(target).await
+        if let Some(hook) = &launch.hooks.pre_switch {
+            let from = self.journal.committed.clone();
+            if let Err(reason) = self
+                .run_hook("pre-switch", hook, &launch, &target, from.as_ref())
+                .await
+            {
+                self.journal.refused.insert((target, reason.clone()));
+                return Err(UpdateError::Refused(reason));
+            }
+            fault::hit("pre-switch-done");
+        }
+        Ok(launch)
     }
 
     async fn stage(
@@ -282,7 +378,7 @@ impl AppRunner {
     }
 
     /// The disruptive part: stop, switch, start, gate; commit or roll back.
-    async fn switch(&mut self, target: Version) -> Result<(), UpdateError> {
+    async fn switch(&mut self, target: Version, launch: Launch) -> Result<(), UpdateError> {
         let from = self.journal.committed.clone();
         self.journal.step = Step::Switching {
             from: from.clone(),
@@ -305,8 +401,20 @@ impl AppRunner {
         fault::hit("health-journaled");
         self.report(AppState::HealthChecking, Some(target.clone()), None)
             .await;
-        let cwd = self.root.version_dir(&target);
-        match run_gate(&self.settings.health, &mut events, &cwd).await {
+        let mut verdict = run_gate(
+            &launch.health,
+            &mut events,
+            &launch.spec.cwd,
+            &launch.spec.env,
+        )
+        .await
+        .map_err(|failure| failure.to_string());
+        if let (Ok(()), Some(hook)) = (&verdict, &launch.hooks.post_switch) {
+            verdict = self
+                .run_hook("post-switch", hook, &launch, &target, from.as_ref())
+                .await;
+        }
+        match verdict {
             Ok(()) => {
                 fault::hit("gate-passed");
                 self.journal.previous = from.clone();
@@ -322,8 +430,7 @@ impl AppRunner {
                 self.report(AppState::Running, Some(target), None).await;
                 Ok(())
             }
-            Err(failure) => {
-                let reason = failure.to_string();
+            Err(reason) => {
                 tracing::warn!(app = %self.settings.name, version = %target, %reason, "health gate failed, rolling back");
                 self.journal.step = Step::RollingBack {
                     from: from.clone(),

@@ -116,10 +116,21 @@ async fn every_crash_point_ends_with_one_complete_version_running() {
     let p = Pipeline::start().await.expect("pipeline");
     p.release("shapp", "1.0.0", &script_app("1.0.0", true))
         .await;
-    p.release("shapp", "2.0.0", &script_app("2.0.0", true))
-        .await;
-    p.release("shapp", "3.0.0", &script_app("3.0.0", false))
-        .await;
+    // Both updates carry a pre-switch hook (a "migration" that leaves a mark), so the matrix
+    // covers the step between it and the switch too.
+    let hook = "[hooks.pre_switch]\ncommand = [\"/bin/sh\", \"-c\", \"echo $FLEETCAST_VERSION >> \\\"$STATE_DIR/migrations\\\"\"]\ntimeout = \"10s\"\n";
+    p.release(
+        "shapp",
+        "2.0.0",
+        &script_app("2.0.0", true).file("fleetcast.toml", hook, 0o644),
+    )
+    .await;
+    p.release(
+        "shapp",
+        "3.0.0",
+        &script_app("3.0.0", false).file("fleetcast.toml", hook, 0o644),
+    )
+    .await;
     let dir = tempfile::tempdir().expect("tmp");
     let mut covered = Vec::new();
     // (target, points it passes): a healthy v2 never reaches the rollback points, a crashing
@@ -189,5 +200,5 @@ async fn every_crash_point_ends_with_one_complete_version_running() {
             covered.push(format!("{target}:{point}"));
         }
     }
-    assert_eq!(covered.len(), 9 + 11, "{covered:?}");
+    assert_eq!(covered.len(), 10 + 12, "{covered:?}");
 }

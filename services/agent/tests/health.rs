@@ -57,7 +57,7 @@ async fn gate_for(script: &str, gate: HealthGate) -> Result<(), GateFailure> {
         cwd: dir.path().into(),
     };
     sup.start(spec).await;
-    let result = run_gate(&gate, &mut events, dir.path()).await;
+    let result = run_gate(&gate, &mut events, dir.path(), &Default::default()).await;
     sup.stop().await;
     result
 }

@@ -78,6 +78,8 @@ pub enum RejectCode {
     TooLarge,
     /// Compression ratio over the limit (zip bomb).
     CompressionRatio,
+    /// The package's own `fleetcast.toml` does not parse or is not valid.
+    InvalidPackageConfig,
     /// An event that does not decode or is not valid.
     InvalidEvent,
     /// The archive named by an event is missing or differs from what the event says.

@@ -12,6 +12,8 @@ use fleetcast_events::v1::{RejectCode, Rejection};
 use serde::Deserialize;
 use zip::ZipArchive;
 
+use crate::package_config::{self, PackageConfig};
+
 /// Limits against zip bombs, from each service's config (`limits.*`).
 #[derive(Debug, Clone, Deserialize, PartialEq, Eq)]
 #[serde(deny_unknown_fields, default)]
@@ -62,6 +64,8 @@ pub enum ArchiveError {
         ratio: u64,
         limit: u64,
     },
+    #[error("{0}")]
+    PackageConfig(String),
     #[error("cannot read the archive: {0}")]
     Io(#[from] io::Error),
 }
@@ -79,6 +83,7 @@ impl ArchiveError {
             ArchiveError::TooManyEntries { .. } => RejectCode::TooManyEntries,
             ArchiveError::TooLarge { .. } => RejectCode::TooLarge,
             ArchiveError::Ratio { .. } => RejectCode::CompressionRatio,
+            ArchiveError::PackageConfig(_) => RejectCode::InvalidPackageConfig,
         }
     }
 
@@ -247,6 +252,42 @@ impl Package {
             )));
         }
         Ok(read)
+    }
+
+    /// The package's own `fleetcast.toml`, parsed and checked; `None` when it has none.
+    pub fn config(&mut self) -> Result<Option<PackageConfig>, ArchiveError> {
+        let Some(entry) = self
+            .entries
+            .iter()
+            .find(|e| e.path == package_config::FILE_NAME)
+            .cloned()
+        else {
+            return Ok(None);
+        };
+        if !matches!(entry.kind, EntryKind::File { .. }) {
+            return Err(ArchiveError::PackageConfig(format!(
+                "{} must be a regular file",
+                entry.path
+            )));
+        }
+        if entry.size > package_config::MAX_SIZE {
+            return Err(ArchiveError::PackageConfig(format!(
+                "{} is {} bytes, the limit is {}",
+                entry.path,
+                entry.size,
+                package_config::MAX_SIZE
+            )));
+        }
+        let mut text = Vec::new();
+        self.read_entry(entry.index, |b| {
+            text.extend_from_slice(b);
+            Ok(())
+        })?;
+        let text = String::from_utf8(text)
+            .map_err(|_| ArchiveError::PackageConfig(format!("{} is not UTF-8", entry.path)))?;
+        PackageConfig::parse(&text)
+            .map(Some)
+            .map_err(ArchiveError::PackageConfig)
     }
 
     /// A reader over one entry, for streaming consumers (chunking). It fails on more bytes than

@@ -1,10 +1,13 @@
 //! What a package is and how it becomes chunks, as pure logic (no NATS, no async): file names,
-//! hostile-archive validation, file manifests, content-defined chunking, chunk verification.
+//! hostile-archive validation, file manifests, content-defined chunking, chunk verification,
+//! the package's own `fleetcast.toml`.
 
 pub mod archive;
 pub mod chunking;
 pub mod name;
+pub mod package_config;
 
 pub use archive::{ArchiveError, ArchiveLimits, Entry, EntryKind, Package};
 pub use chunking::{ChunkError, ChunkId, VerifiedChunk};
 pub use name::{PackageName, parse_package_file_name};
+pub use package_config::{HealthGate, PackageConfig};

@@ -73,7 +73,8 @@ pub(crate) struct Inspected {
 
 /// Validates an archive's structure against the limits and hashes the whole file.
 pub(crate) fn inspect(path: &Path, limits: &ArchiveLimits) -> Result<Inspected, ArchiveError> {
-    Package::open(path, limits)?;
+    // The package's own fleetcast.toml is checked here so a bad one fails CI, not hosts.
+    Package::open(path, limits)?.config()?;
     let mut hasher = blake3::Hasher::new();
     let size = hasher.update_reader(std::fs::File::open(path)?)?.count();
     Ok(Inspected {

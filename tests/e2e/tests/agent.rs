@@ -47,6 +47,25 @@ fn host_dirs() -> (
     (host, data, state, journal)
 }
 
+/// A host whose agent runs v1 of `shapp`: where most tests start.
+async fn host_on_v1(
+    p: &Pipeline,
+) -> (
+    tempfile::TempDir,
+    std::path::PathBuf,
+    std::path::PathBuf,
+    std::path::PathBuf,
+    Agent,
+) {
+    let (host, data, state, journal) = host_dirs();
+    p.release("shapp", "1.0.0", &script_app("1.0.0", true))
+        .await;
+    p.desire("shapp", "default", "1.0.0").await;
+    let agent = start_agent(p, &data, &state);
+    eventually("v1 running", || running(&state) == "1.0.0").await;
+    (host, data, state, journal, agent)
+}
+
 /// A running agent; `stop` waits until it has stopped its app (no stray processes).
 struct Agent(CancellationToken, tokio::task::JoinHandle<()>);
 
@@ -94,13 +113,7 @@ fn start_agent_with(p: &Pipeline, data: &Path, state: &Path, update_windows: Vec
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn agent_updates_rolls_back_a_crashing_version_and_converges_after_being_offline() {
     let p = Pipeline::start().await.expect("pipeline");
-    let (_host, data, state, journal) = host_dirs();
-
-    p.release("shapp", "1.0.0", &script_app("1.0.0", true))
-        .await;
-    p.desire("shapp", "default", "1.0.0").await;
-    let agent = start_agent(&p, &data, &state);
-    eventually("v1 running", || running(&state) == "1.0.0").await;
+    let (_host, data, state, journal, agent) = host_on_v1(&p).await;
 
     // Happy path: v2 replaces v1, v1 is kept as previous.
     p.release("shapp", "2.0.0", &script_app("2.0.0", true))
@@ -142,6 +155,22 @@ async fn agent_updates_rolls_back_a_crashing_version_and_converges_after_being_o
     })
     .await;
     agent.stop().await;
+}
+
+/// Waits for the agent to report `state` for `version`; its reason.
+async fn status_reason(
+    p: &Pipeline,
+    state: fleetcast_events::v1::AppState,
+    version: &str,
+) -> String {
+    let want = v(version);
+    let status: fleetcast_events::v1::AgentStatus = p
+        .wait_status(move |s: &fleetcast_events::v1::AgentStatus| {
+            s.state == state && s.version.as_ref() == Some(&want)
+        })
+        .await
+        .expect("status");
+    status.reason.unwrap_or_default()
 }
 
 /// Writes a desired state for `shapp` carrying `manifest` as it is (however it was signed).
@@ -216,14 +245,7 @@ async fn bad_announcements_are_refused_and_the_app_keeps_running() {
     ];
     for (version, manifest, why) in cases {
         desire_raw(&p, version, manifest).await;
-        let want = v(version);
-        let refused: AgentStatus = p
-            .wait_status(move |s: &AgentStatus| {
-                s.state == AppState::Refused && s.version.as_ref() == Some(&want)
-            })
-            .await
-            .expect("refused status");
-        let reason = refused.reason.unwrap_or_default();
+        let reason = status_reason(&p, AppState::Refused, version).await;
         assert!(reason.contains(why), "{version}: {reason}");
     }
     // A replayed, validly signed, older announcement cannot downgrade.
@@ -245,12 +267,7 @@ async fn bad_announcements_are_refused_and_the_app_keeps_running() {
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn a_nats_restart_in_the_middle_of_a_download_still_converges() {
     let mut p = Pipeline::start().await.expect("pipeline");
-    let (_host, data, state, journal) = host_dirs();
-    p.release("shapp", "1.0.0", &script_app("1.0.0", true))
-        .await;
-    p.desire("shapp", "default", "1.0.0").await;
-    let agent = start_agent(&p, &data, &state);
-    eventually("v1 running", || running(&state) == "1.0.0").await;
+    let (_host, data, state, journal, agent) = host_on_v1(&p).await;
 
     // v2 carries 32 MiB of unique data, so the download takes a while.
     let big = script_app("2.0.0", true).file(
@@ -326,5 +343,116 @@ async fn outside_its_update_window_the_agent_downloads_but_does_not_switch() {
     let j = Journal::load(&journal).expect("journal");
     assert_eq!(j.committed, Some(v("1.0.0")));
     assert_eq!(running(&state), "1.0.0");
+    agent.stop().await;
+}
+
+/// A package of `shapp` that runs with its own `fleetcast.toml`: its command (`bin/own`,
+/// writing `<version>-own` and its pid), and `hooks` appended to the file.
+fn own_package(version: &str, hooks: &str) -> fleetcast_harness::fixtures::PackageBuilder {
+    script_app(version, true)
+        .file(
+            "bin/own",
+            "#!/bin/sh\necho \"$1\" > \"$STATE_DIR/running\"\necho $$ > \"$STATE_DIR/pid\"\nexec sleep 300\n",
+            0o755,
+        )
+        .file(
+            "fleetcast.toml",
+            format!("command = [\"bin/own\", \"{version}-own\"]\n{hooks}"),
+            0o644,
+        )
+}
+
+fn sh_hook(name: &str, script: &str, timeout: &str) -> String {
+    format!(
+        "[hooks.{name}]\ncommand = [\"/bin/sh\", \"-c\", {script:?}]\ntimeout = \"{timeout}\"\n"
+    )
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_package_brings_its_command_and_hooks_and_a_failing_hook_protects_the_running_app() {
+    use fleetcast_events::v1::AppState;
+    let p = Pipeline::start().await.expect("pipeline");
+    let (_host, _data, state, journal, agent) = host_on_v1(&p).await;
+
+    // v2: its own command; a pre-switch "migration" told where it comes from and goes to; a
+    // post-switch hook that sees the new version already serving.
+    let hooks = sh_hook(
+        "pre_switch",
+        "echo \"$FLEETCAST_FROM_VERSION->$FLEETCAST_VERSION\" >> \"$STATE_DIR/migrations\"",
+        "10s",
+    ) + &sh_hook(
+        "post_switch",
+        "cp \"$STATE_DIR/running\" \"$STATE_DIR/post\"",
+        "10s",
+    );
+    p.release("shapp", "2.0.0", &own_package("2.0.0", &hooks))
+        .await;
+    p.desire("shapp", "default", "2.0.0").await;
+    eventually("v2 committed", || {
+        Journal::load(&journal).is_ok_and(|j| j.committed == Some(v("2.0.0")))
+    })
+    .await;
+    assert_eq!(running(&state), "2.0.0-own", "the package's command runs");
+    let read = |f: &str| std::fs::read_to_string(state.join(f)).unwrap_or_default();
+    assert_eq!(read("migrations").trim(), "1.0.0->2.0.0");
+    assert_eq!(read("post").trim(), "2.0.0-own");
+    let pid = read("pid");
+
+    // v3: the migration fails, v4: it hangs past its timeout. Both are refused before the
+    // running app is touched (same process), the hung one is killed, neither is retried.
+    let failing = sh_hook("pre_switch", "echo migration broke >&2; exit 4", "10s");
+    let hanging = sh_hook(
+        "pre_switch",
+        "echo $$ > \"$STATE_DIR/hook.pid\"; exec sleep 600",
+        "1s",
+    );
+    for (version, hooks, why) in [
+        (
+            "3.0.0",
+            failing,
+            "exited with exit status: 4: migration broke",
+        ),
+        ("4.0.0", hanging, "no exit within 1s, killed"),
+    ] {
+        p.release("shapp", version, &own_package(version, &hooks))
+            .await;
+        p.desire("shapp", "default", version).await;
+        let reason = status_reason(&p, AppState::Refused, version).await;
+        assert!(reason.contains("pre-switch hook failed"), "{reason}");
+        assert!(reason.contains(why), "{version}: {reason}");
+        let j = Journal::load(&journal).expect("journal");
+        assert_eq!(j.committed, Some(v("2.0.0")));
+        assert!(j.is_refused(&v(version)));
+        assert_eq!(read("pid"), pid, "{version}: the running app was restarted");
+        assert_eq!(running(&state), "2.0.0-own");
+    }
+    let hook_pid: i32 = read("hook.pid").trim().parse().expect("hook pid");
+    eventually("hung hook killed", || {
+        std::fs::read_to_string(format!("/proc/{hook_pid}/stat")).map_or(true, |s| {
+            s.rsplit_once(')')
+                .is_some_and(|(_, r)| r.trim_start().starts_with('Z'))
+        })
+    })
+    .await;
+
+    // v5: the post-switch hook fails after the switch → rolled back, v2 serves again.
+    let post_fails = sh_hook(
+        "post_switch",
+        "echo cache warm-up failed >&2; exit 1",
+        "10s",
+    );
+    p.release("shapp", "5.0.0", &own_package("5.0.0", &post_fails))
+        .await;
+    p.desire("shapp", "default", "5.0.0").await;
+    let reason = status_reason(&p, AppState::RolledBack, "5.0.0").await;
+    assert!(
+        reason.contains("post-switch hook failed") && reason.contains("cache warm-up failed"),
+        "{reason}"
+    );
+    eventually("v2 serving again", || running(&state) == "2.0.0-own").await;
+    assert_eq!(
+        Journal::load(&journal).expect("journal").committed,
+        Some(v("2.0.0"))
+    );
     agent.stop().await;
 }

@@ -238,6 +238,11 @@ async fn hostile_packages_are_rejected_with_their_reason_and_nothing_is_stored()
             RejectCode::CorruptArchive,
         ),
         (
+            "config-1.0.0.zip",
+            hostile::bad_package_config(),
+            RejectCode::InvalidPackageConfig,
+        ),
+        (
             "collector-latest.zip",
             sample_package("1.0.0").build(),
             RejectCode::InvalidName,

@@ -114,6 +114,14 @@ pub mod hostile {
             .build()
     }
 
+    /// A package whose own `fleetcast.toml` names an empty command.
+    pub fn bad_package_config() -> Vec<u8> {
+        PackageBuilder::new()
+            .file("bin/ok", "x", 0o755)
+            .file("fleetcast.toml", "command = []\n", 0o644)
+            .build()
+    }
+
     pub fn absolute_path() -> Vec<u8> {
         PackageBuilder::new()
             .file("/etc/passwd", "root::0:0::/:/bin/sh", 0o644)
