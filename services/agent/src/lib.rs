@@ -1,9 +1,11 @@
-//! The agent: runs on every host, supervises the application and (next) updates it safely.
+//! The agent: runs on every host, supervises the applications of its config and moves each to
+//! its desired version safely.
 //!
-//! Built so far: the supervisor ([`supervisor`]), which starts the app as a child in its own
-//! process group, restarts it with backoff, pauses a crash loop, and stops it gracefully; the
-//! install layout with its atomic switch ([`install`]); and the assembly of a verified version
-//! from reused and fetched chunks ([`assemble`]).
+//! [`supervisor`] runs the app in its own process group (backoff, crash-loop pause, drain);
+//! [`install`] keeps versions side by side with an atomic `current`; [`assemble`] builds a
+//! verified version from reused and fetched chunks; [`health`] is the gate a new version must
+//! pass; [`journal`] makes every step recoverable; [`updater`] runs the update and rollback;
+//! [`window`] holds switches to the update windows; [`fault`] has the crash-matrix points.
 
 pub mod assemble;
 pub mod crash_policy;
@@ -59,24 +61,15 @@ pub async fn run(settings: Settings, shutdown: CancellationToken) -> Result<(), 
         Err(BusError::Cancelled) => return Ok(()),
         other => other?,
     };
+    let host = std::sync::Arc::new(settings.clone());
     let mut tasks = Vec::new();
     let mut beats = Vec::new();
     for app in &settings.apps {
-        let runner = AppRunner::new(
-            app.clone(),
-            &settings.agent_id,
-            &settings.data_dir,
-            trusted.clone(),
-            bus.clone(),
-            settings.keep_versions,
-            settings.concurrency,
-        )
-        .map_err(|source| AgentError::App {
-            app: app.name.clone(),
-            source,
-        })?;
-        let mut runner = runner;
-        runner.set_windows(settings.windows()?);
+        let runner = AppRunner::new(app.clone(), host.clone(), trusted.clone(), bus.clone())
+            .map_err(|source| AgentError::App {
+                app: app.name.clone(),
+                source,
+            })?;
         let (tx, rx) = watch::channel(runner.heartbeat());
         beats.push(rx);
         let key = desired_key(&app.name, &settings.ring);
@@ -184,7 +177,7 @@ async fn app_loop(
                 }
                 Err(UpdateError::NotNow(opens)) => {
                     let wait = (opens - OffsetDateTime::now_utc()).max(time::Duration::ZERO);
-                    tracing::info!(%app, version = %desired.version, %opens, "staged; waiting for the update window");
+                    tracing::info!(%app, version = %desired.version, %opens, "staged; the switch waits");
                     retry_at = Some(
                         tokio::time::Instant::now() + Duration::try_from(wait).unwrap_or_default(),
                     );

@@ -33,6 +33,10 @@ pub struct Settings {
     pub recheck: Duration,
     /// UTC ranges (`"22:00-04:00"`) in which updates may switch; empty means any time.
     pub update_windows: Vec<String>,
+    /// When a rollout asks for slots and no slot service answers, ask again after this long
+    /// (meanwhile the staged version waits; the running app is untouched).
+    #[serde(with = "humantime_serde")]
+    pub slot_retry: Duration,
     pub apps: Vec<AppSettings>,
 }
 
@@ -76,6 +80,7 @@ impl Default for Settings {
             heartbeat: Duration::from_secs(15),
             recheck: Duration::from_secs(300),
             update_windows: Vec::new(),
+            slot_retry: Duration::from_secs(10),
             apps: Vec::new(),
         }
     }

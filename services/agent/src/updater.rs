@@ -5,9 +5,13 @@
 //! restarted agent first applies [`Journal::recovery`].
 
 use std::path::PathBuf;
+use std::sync::Arc;
+use std::time::Duration;
 
-use fleetcast_events::names::agent_status_subject;
-use fleetcast_events::v1::{AgentStatus, AppHeartbeat, AppState, ChunkIndex, DesiredState};
+use fleetcast_events::names::{agent_status_subject, slot_subject};
+use fleetcast_events::v1::{
+    AgentStatus, AppHeartbeat, AppState, ChunkIndex, DesiredState, SlotReply, SlotRequest,
+};
 use fleetcast_events::{Encoding, TrustedKeys, VerifiedManifest};
 use fleetcast_package::package_config::{self, Hook, Hooks, PackageConfig};
 use fleetcast_runtime::Bus;
@@ -20,8 +24,12 @@ use crate::fault;
 use crate::health::run_gate;
 use crate::install::InstallRoot;
 use crate::journal::{Journal, Step};
-use crate::settings::AppSettings;
+use crate::settings::{AppSettings, Settings};
 use crate::supervisor::{ProcessSpec, StopPolicy, Supervisor};
+
+/// Bounds on the slot service's "ask again after": neither a busy loop nor a forgotten host.
+const SLOT_RETRY_MIN: Duration = Duration::from_millis(100);
+const SLOT_RETRY_MAX: Duration = Duration::from_secs(600);
 
 /// How one version runs (see [`AppRunner::launch`]).
 struct Launch {
@@ -38,23 +46,22 @@ pub enum UpdateError {
     /// The store, network or disk failed: retried on the next signal or re-check.
     #[error("will retry: {0}")]
     Transient(String),
-    /// Staged; the switch waits for the update window opening at this instant.
-    #[error("outside the update window until {0}")]
+    /// Staged; the switch waits (update window, rollout slot) until this instant.
+    #[error("staged; the switch waits until {0}")]
     NotNow(OffsetDateTime),
 }
 
 pub struct AppRunner {
     pub settings: AppSettings,
-    agent_id: String,
+    /// The agent's own settings (id, ring, limits, windows).
+    host: Arc<Settings>,
+    windows: Vec<crate::window::Window>,
     root: InstallRoot,
     journal_path: PathBuf,
     journal: Journal,
     supervisor: Supervisor,
     trusted: TrustedKeys,
     bus: Bus,
-    keep: usize,
-    concurrency: usize,
-    windows: Vec<crate::window::Window>,
     /// Bytes fetched from the store for the update in progress (or the last one).
     fetched_bytes: u64,
     state: AppState,
@@ -64,19 +71,19 @@ pub struct AppRunner {
 impl AppRunner {
     pub fn new(
         settings: AppSettings,
-        agent_id: &str,
-        data_dir: &std::path::Path,
+        host: Arc<Settings>,
         trusted: TrustedKeys,
         bus: Bus,
-        keep: usize,
-        concurrency: usize,
     ) -> Result<AppRunner, UpdateError> {
-        let app_dir = data_dir.join("apps").join(&settings.name);
+        let app_dir = host.data_dir.join("apps").join(&settings.name);
         let root = InstallRoot::new(&app_dir)
             .map_err(|e| UpdateError::Transient(format!("{}: {e}", app_dir.display())))?;
         let journal_path = app_dir.join("journal.json");
         let journal = Journal::load(&journal_path)
             .map_err(|e| UpdateError::Refused(format!("journal unreadable: {e}")))?;
+        let windows = host
+            .windows()
+            .map_err(|e| UpdateError::Refused(e.to_string()))?;
         let stop = StopPolicy {
             grace: settings.grace,
             ..Default::default()
@@ -89,25 +96,18 @@ impl AppRunner {
         );
         Ok(AppRunner {
             settings,
-            agent_id: agent_id.into(),
+            host,
+            windows,
             root,
             journal_path,
             journal,
             supervisor,
             trusted,
             bus,
-            keep,
-            concurrency,
-            windows: Vec::new(),
             fetched_bytes: 0,
             state: AppState::Stopped,
             running_since: None,
         })
-    }
-
-    /// Restricts switching to these UTC windows (downloading is never restricted).
-    pub fn set_windows(&mut self, windows: Vec<crate::window::Window>) {
-        self.windows = windows;
     }
 
     pub fn journal(&self) -> &Journal {
@@ -166,6 +166,41 @@ impl AppRunner {
                 .unwrap_or_else(|| self.settings.health.clone()),
             hooks: package.hooks,
         })
+    }
+
+    /// Asks the rollout's slot service for leave to switch. Refused: ask again when it says.
+    /// Nobody answers (no tracker yet, tracker down, timeout): wait and ask again after
+    /// `slot_retry`, never switch without a slot, because the rollout asked for a limit and a
+    /// silent service must not turn into the whole fleet switching at once. The version stays
+    /// staged meanwhile, so the switch is quick once a slot is granted.
+    async fn request_slot(&mut self, target: &Version) -> Result<(), UpdateError> {
+        let request = SlotRequest {
+            agent_id: self.host.agent_id.clone(),
+            app: self.settings.name.clone(),
+            ring: self.host.ring.clone(),
+            version: target.clone(),
+        };
+        let answer: Result<SlotReply, _> = self
+            .bus
+            .request_event(&slot_subject(&self.settings.name), &request, Encoding::Json)
+            .await;
+        let (wait, reason) = match answer {
+            Ok(reply) if reply.granted => {
+                tracing::info!(app = %self.settings.name, version = %target, "rollout slot granted");
+                return Ok(());
+            }
+            Ok(reply) => (
+                Duration::from_millis(reply.retry_after_ms).clamp(SLOT_RETRY_MIN, SLOT_RETRY_MAX),
+                reply.reason.unwrap_or_else(|| "no slot free".into()),
+            ),
+            Err(e) => (self.host.slot_retry, e.to_string()),
+        };
+        tracing::info!(app = %self.settings.name, version = %target, %reason, retry_in = ?wait, "waiting for a rollout slot");
+        self.report(AppState::WaitingForSlot, Some(target.clone()), Some(reason))
+            .await;
+        Err(UpdateError::NotNow(
+            OffsetDateTime::now_utc() + time::Duration::try_from(wait).unwrap_or_default(),
+        ))
     }
 
     /// Runs one of the package's hooks for `target`, with the app's environment plus what a
@@ -278,7 +313,7 @@ impl AppRunner {
         fault::hit("staging-journaled");
         self.report(AppState::Downloading, Some(target.clone()), None)
             .await;
-        let prepared = self.prepare(&manifest, &desired.index_key).await;
+        let prepared = self.prepare(&manifest, desired).await;
         if let Err(UpdateError::Refused(_)) = &prepared {
             // Nothing running was touched; the journal says so again.
             self.journal.step = Step::Idle;
@@ -289,15 +324,16 @@ impl AppRunner {
     }
 
     /// Everything before the disruptive step: stage the version, check how it runs, wait for
-    /// the window, run the package's pre-switch hook. A failing hook refuses the version for
-    /// good (like a failed health gate), with the app still on the old version.
+    /// the window and, if the rollout asks, a slot; run the package's pre-switch hook. A
+    /// failing hook refuses the version for good (like a failed health gate), with the app
+    /// still on the old version.
     async fn prepare(
         &mut self,
         manifest: &VerifiedManifest,
-        index_key: &str,
+        desired: &DesiredState,
     ) -> Result<Launch, UpdateError> {
         let target = manifest.version.clone();
-        self.stage(manifest, index_key).await?;
+        self.stage(manifest, &desired.index_key).await?;
         fault::hit("staged");
         let launch = self.launch(&target).map_err(UpdateError::Refused)?;
         let now = OffsetDateTime::now_utc();
@@ -308,6 +344,9 @@ impl AppRunner {
                 &self.windows,
                 now,
             )));
+        }
+        if desired.slot {
+            self.request_slot(&target).await?;
         }
         if let Some(hook) = &launch.hooks.pre_switch {
             let from = self.journal.committed.clone();
@@ -356,7 +395,7 @@ impl AppRunner {
             &index,
             &local,
             &store,
-            self.concurrency,
+            self.host.concurrency,
         )
         .await
         .map_err(|e| match e {
@@ -424,7 +463,7 @@ impl AppRunner {
                 fault::hit("committed");
                 let mut protect = vec![target.clone()];
                 protect.extend(from);
-                if let Err(e) = self.root.prune(self.keep, &protect) {
+                if let Err(e) = self.root.prune(self.host.keep_versions, &protect) {
                     tracing::warn!(error = %e, "old versions not pruned");
                 }
                 self.report(AppState::Running, Some(target), None).await;
@@ -460,7 +499,7 @@ impl AppRunner {
     async fn report(&mut self, state: AppState, version: Option<Version>, reason: Option<String>) {
         self.state = state;
         let status = AgentStatus {
-            agent_id: self.agent_id.clone(),
+            agent_id: self.host.agent_id.clone(),
             app: self.settings.name.clone(),
             state,
             version,
@@ -468,7 +507,7 @@ impl AppRunner {
             reason,
             at: OffsetDateTime::now_utc(),
         };
-        let subject = agent_status_subject(&self.agent_id);
+        let subject = agent_status_subject(&self.host.agent_id);
         if let Err(e) = self
             .bus
             .publish_event(&subject, &status, Encoding::MsgPack, None)

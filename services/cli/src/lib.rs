@@ -260,6 +260,7 @@ pub async fn desire(bus: &Bus, app: &str, ring: &str, version: &Version) -> anyh
         version: version.clone(),
         manifest,
         index_key: names::release_key(app, version),
+        slot: false,
     };
     let bytes = Encoding::Json.encode(&desired)?;
     bus.desired

@@ -52,6 +52,11 @@ pub fn chunk_subject(chunk_hex: &str) -> String {
     format!("{CHUNK_SUBJECT_PREFIX}{chunk_hex}")
 }
 
+/// Rollout slot requests for one app (request/reply, answered by the tracker).
+pub fn slot_subject(app: &str) -> String {
+    format!("fleetcast.v1.slot.{app}")
+}
+
 pub fn agent_status_subject(agent_id: &str) -> String {
     format!("fleetcast.v1.agent.{agent_id}.status")
 }

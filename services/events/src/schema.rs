@@ -23,6 +23,8 @@ pub fn all() -> Vec<(&'static str, Schema)> {
         one::<crate::manifest::Manifest>("manifest"),
         one::<crate::manifest::SignedManifest>("signed-manifest"),
         one::<DesiredState>("desired-state"),
+        one::<SlotRequest>("slot-request"),
+        one::<SlotReply>("slot-reply"),
         one::<AgentStatus>("agent-status"),
         one::<AgentHeartbeat>("agent-heartbeat"),
     ]

@@ -228,6 +228,36 @@ pub struct DesiredState {
     pub version: Version,
     pub manifest: SignedManifest,
     pub index_key: String,
+    /// The rollout limits how many hosts switch at once: before its disruptive step an agent
+    /// asks the slot service ([`SlotRequest`] on `fleetcast.v1.slot.<app>`) and waits for a
+    /// grant. Downloading never waits for a slot.
+    #[serde(default, skip_serializing_if = "std::ops::Not::not")]
+    pub slot: bool,
+}
+
+/// An agent asking for a rollout slot before it stops its app to switch (request/reply).
+#[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize, JsonSchema)]
+#[serde(deny_unknown_fields)]
+pub struct SlotRequest {
+    pub agent_id: String,
+    pub app: String,
+    pub ring: String,
+    #[schemars(with = "String")]
+    pub version: Version,
+}
+
+/// The slot service's answer. A grant holds until the agent reports the outcome (`running` or
+/// `rolled_back`) or the service's lease runs out; a refusal says when to ask again.
+#[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize, JsonSchema)]
+#[serde(deny_unknown_fields)]
+pub struct SlotReply {
+    pub granted: bool,
+    /// Ask again after this long (ignored when granted); the agent bounds it.
+    #[serde(default)]
+    pub retry_after_ms: u64,
+    /// Why not (all slots taken, rollout paused, …), shown in the agent's status.
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub reason: Option<String>,
 }
 
 /// An agent's state for one app (a first cut; the agent issue extends it).
@@ -242,6 +272,8 @@ pub enum AppState {
     RolledBack,
     /// Downloaded and verified; waiting for the local update window to switch.
     WaitingForWindow,
+    /// Downloaded and verified; waiting for a rollout slot (the reason says why).
+    WaitingForSlot,
     /// An announcement was refused (bad signature, expired, older than accepted, …); the app
     /// keeps running the version it ran.
     Refused,

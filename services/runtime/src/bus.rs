@@ -24,6 +24,9 @@ pub enum BusError {
     Encode { subject: String, reason: String },
     #[error("cannot publish to {subject}: {reason}")]
     Publish { subject: String, reason: String },
+    /// A request nobody answered (no responders, timeout) or whose reply does not decode.
+    #[error("no usable answer on {subject}: {reason}")]
+    Request { subject: String, reason: String },
 }
 
 /// A connected client with handles to every stream, bucket and store.
@@ -154,6 +157,38 @@ impl Bus {
 
     /// Publishes an event to JetStream and waits for the stream's ack. `msg_id` makes the publish
     /// idempotent within the stream's duplicate window (a retried handler publishes once).
+    /// A core NATS request carrying an event (content type in its header); the reply is
+    /// decoded by its own content type (JSON when it names none).
+    pub async fn request_event<T: Serialize, R: serde::de::DeserializeOwned>(
+        &self,
+        subject: &str,
+        event: &T,
+        encoding: Encoding,
+    ) -> Result<R, BusError> {
+        let fail = |reason: String| BusError::Request {
+            subject: subject.into(),
+            reason,
+        };
+        let payload = encoding.encode(event).map_err(|e| BusError::Encode {
+            subject: subject.into(),
+            reason: e.to_string(),
+        })?;
+        let mut headers = HeaderMap::new();
+        headers.insert(CONTENT_TYPE, encoding.content_type());
+        let reply = self
+            .client
+            .request_with_headers(subject.to_string(), headers, payload.into())
+            .await
+            .map_err(|e| fail(e.to_string()))?;
+        let content_type = reply
+            .headers
+            .as_ref()
+            .and_then(|h| h.get(CONTENT_TYPE))
+            .map(|v| v.to_string());
+        fleetcast_events::codec::decode(content_type.as_deref(), &reply.payload)
+            .map_err(|e| fail(format!("reply does not decode: {e}")))
+    }
+
     pub async fn publish_event<T: Serialize>(
         &self,
         subject: &str,

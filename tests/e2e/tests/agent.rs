@@ -77,15 +77,21 @@ impl Agent {
 }
 
 fn start_agent(p: &Pipeline, data: &Path, state: &Path) -> Agent {
-    start_agent_with(p, data, state, Vec::new())
+    start_agent_with(p, data, state, |_| {})
 }
 
-fn start_agent_with(p: &Pipeline, data: &Path, state: &Path, update_windows: Vec<String>) -> Agent {
+/// An agent for `shapp` with the tests' settings, changed by `tweak`.
+fn start_agent_with(
+    p: &Pipeline,
+    data: &Path,
+    state: &Path,
+    tweak: impl FnOnce(&mut fleetcast_agent::Settings),
+) -> Agent {
     let health = fleetcast_agent::health::HealthGate {
         stay_up: Duration::from_millis(500),
         ..Default::default()
     };
-    let settings = fleetcast_agent::Settings {
+    let mut settings = fleetcast_agent::Settings {
         nats: p.nats_settings(),
         agent_id: "host-1".into(),
         data_dir: data.to_path_buf(),
@@ -99,9 +105,9 @@ fn start_agent_with(p: &Pipeline, data: &Path, state: &Path, update_windows: Vec
             crash: Default::default(),
             grace: Duration::from_secs(5),
         }],
-        update_windows,
         ..Default::default()
     };
+    tweak(&mut settings);
     let token = CancellationToken::new();
     let t = token.clone();
     Agent(
@@ -175,13 +181,25 @@ async fn status_reason(
 
 /// Writes a desired state for `shapp` carrying `manifest` as it is (however it was signed).
 async fn desire_raw(p: &Pipeline, version: &str, manifest: fleetcast_events::SignedManifest) {
+    desire_state(p, version, manifest, "2.0.0", false).await;
+}
+
+/// Writes a desired state for `shapp` in ring `default`, its chunk index that of `index_of`.
+async fn desire_state(
+    p: &Pipeline,
+    version: &str,
+    manifest: fleetcast_events::SignedManifest,
+    index_of: &str,
+    slot: bool,
+) {
     let bus = p.bus().await.expect("bus");
     let desired = fleetcast_events::v1::DesiredState {
         app: "shapp".into(),
         ring: "default".into(),
         version: v(version),
         manifest,
-        index_key: fleetcast_events::names::release_key("shapp", &v("2.0.0")),
+        index_key: fleetcast_events::names::release_key("shapp", &v(index_of)),
+        slot,
     };
     let bytes = fleetcast_events::Encoding::Json
         .encode(&desired)
@@ -193,6 +211,19 @@ async fn desire_raw(p: &Pipeline, version: &str, manifest: fleetcast_events::Sig
         )
         .await
         .expect("put");
+}
+
+/// The stored, signed manifest of a release of `shapp`.
+async fn stored_manifest(p: &Pipeline, version: &str) -> fleetcast_events::SignedManifest {
+    p.bus()
+        .await
+        .expect("bus")
+        .release_record("shapp", &v(version))
+        .await
+        .expect("record")
+        .expect("some")
+        .manifest
+        .expect("manifest")
 }
 
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
@@ -210,14 +241,7 @@ async fn bad_announcements_are_refused_and_the_app_keeps_running() {
     let agent = start_agent(&p, &data, &state);
     eventually("v2 running", || running(&state) == "2.0.0").await;
 
-    let bus = p.bus().await.expect("bus");
-    let good = bus
-        .release_record("shapp", &v("2.0.0"))
-        .await
-        .expect("record")
-        .expect("some")
-        .manifest
-        .expect("manifest");
+    let good = stored_manifest(&p, "2.0.0").await;
     let signed_as = |version: &str, key: &SecretKey, expires_in: time::Duration| {
         let mut m: Manifest = serde_json::from_str(&good.manifest).expect("manifest json");
         m.version = v(version);
@@ -326,7 +350,7 @@ async fn outside_its_update_window_the_agent_downloads_but_does_not_switch() {
     let agent = start_agent(&p, &data, &state);
     eventually("v1 running", || running(&state) == "1.0.0").await;
     agent.stop().await;
-    let agent = start_agent_with(&p, &data, &state, vec![window]);
+    let agent = start_agent_with(&p, &data, &state, |s| s.update_windows = vec![window]);
     eventually("v1 running again", || running(&state) == "1.0.0").await;
     p.desire("shapp", "default", "2.0.0").await;
     let waiting: AgentStatus = p
@@ -454,5 +478,98 @@ async fn a_package_brings_its_command_and_hooks_and_a_failing_hook_protects_the_
         Journal::load(&journal).expect("journal").committed,
         Some(v("2.0.0"))
     );
+    agent.stop().await;
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_rollout_with_slots_switches_only_once_granted_and_waits_while_nobody_answers() {
+    use fleetcast_events::v1::{AppState, SlotReply, SlotRequest};
+    use futures::StreamExt;
+    let p = Pipeline::start().await.expect("pipeline");
+    let (_host, data, state, journal) = host_dirs();
+    p.release("shapp", "1.0.0", &script_app("1.0.0", true))
+        .await;
+    p.release("shapp", "2.0.0", &script_app("2.0.0", true))
+        .await;
+    p.desire("shapp", "default", "1.0.0").await;
+    let agent = start_agent_with(&p, &data, &state, |s| {
+        s.slot_retry = Duration::from_millis(300)
+    });
+    eventually("v1 running", || running(&state) == "1.0.0").await;
+
+    // The rollout asks for slots; no slot service runs: staged, waiting, still on v1.
+    desire_state(
+        &p,
+        "2.0.0",
+        stored_manifest(&p, "2.0.0").await,
+        "2.0.0",
+        true,
+    )
+    .await;
+    let reason = status_reason(&p, AppState::WaitingForSlot, "2.0.0").await;
+    assert!(reason.contains("fleetcast.v1.slot.shapp"), "{reason}");
+    assert!(
+        data.join("apps/shapp/versions/2.0.0").is_dir(),
+        "not staged"
+    );
+    let bus = p.bus().await.expect("bus");
+    let mut requests = bus
+        .client
+        .subscribe(fleetcast_events::names::slot_subject("shapp"))
+        .await
+        .expect("subscribe");
+    // Still waiting after several retries with nobody answering... then a slot service: it
+    // refuses the first request (all slots taken) and grants the next.
+    assert_eq!(running(&state), "1.0.0");
+    assert_eq!(
+        Journal::load(&journal).expect("journal").committed,
+        Some(v("1.0.0"))
+    );
+    for grant in [false, true] {
+        let msg = tokio::time::timeout(TIMEOUT, requests.next())
+            .await
+            .expect("a slot request")
+            .expect("subscription");
+        let request: SlotRequest = serde_json::from_slice(&msg.payload).expect("request");
+        assert_eq!(
+            (
+                request.agent_id.as_str(),
+                request.ring.as_str(),
+                request.version.clone()
+            ),
+            ("host-1", "default", v("2.0.0"))
+        );
+        assert_eq!(
+            running(&state),
+            "1.0.0",
+            "switched before a slot was granted"
+        );
+        let reply = SlotReply {
+            granted: grant,
+            retry_after_ms: 200,
+            reason: (!grant).then(|| "ring default: 1 of 1 slots taken".to_string()),
+        };
+        bus.client
+            .publish(
+                msg.reply.expect("reply subject"),
+                serde_json::to_vec(&reply).expect("encode").into(),
+            )
+            .await
+            .expect("reply");
+        if !grant {
+            // The refusal's reason is what the agent reports while it waits.
+            p.wait_status(|s: &fleetcast_events::v1::AgentStatus| {
+                s.state == AppState::WaitingForSlot
+                    && s.reason.as_deref() == Some("ring default: 1 of 1 slots taken")
+            })
+            .await
+            .expect("waiting with the service's reason");
+        }
+    }
+    eventually("v2 committed", || {
+        Journal::load(&journal).is_ok_and(|j| j.committed == Some(v("2.0.0")))
+    })
+    .await;
+    assert_eq!(running(&state), "2.0.0");
     agent.stop().await;
 }
