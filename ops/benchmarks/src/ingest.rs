@@ -40,6 +40,16 @@ pub(crate) struct File {
     compressible: bool,
 }
 
+impl File {
+    pub(crate) fn text(path: &str, text: &str) -> File {
+        File {
+            path: path.into(),
+            data: text.as_bytes().to_vec(),
+            compressible: true,
+        }
+    }
+}
+
 pub async fn run() -> anyhow::Result<String> {
     let dir = tempfile::Builder::new()
         .prefix("fleetcast-bench-")
@@ -164,6 +174,7 @@ pub(crate) async fn ingest_once(
         .map_err(anyhow::Error::msg)?;
     let now = time::OffsetDateTime::now_utc();
     let manifest = Manifest {
+        rollback_from: None,
         app: app.into(),
         version: version.clone(),
         files,

@@ -289,22 +289,19 @@ impl AppRunner {
         if self.journal.committed.as_ref() == Some(&target) || self.journal.is_refused(&target) {
             return Ok(());
         }
+        if let Some(highest) = self.journal.highest_accepted.clone()
+            && target < highest
+        {
+            self.accept_rollback(&manifest, &highest)?;
+        }
         if self
             .journal
             .highest_accepted
             .as_ref()
-            .is_some_and(|h| target < *h)
+            .is_none_or(|h| target > *h)
         {
-            return Err(UpdateError::Refused(format!(
-                "{target} is older than {}, already accepted (replayed announcement?)",
-                self.journal
-                    .highest_accepted
-                    .as_ref()
-                    .map(ToString::to_string)
-                    .unwrap_or_default()
-            )));
+            self.journal.highest_accepted = Some(target.clone());
         }
-        self.journal.highest_accepted = Some(target.clone());
         self.fetched_bytes = 0;
         self.journal.step = Step::Staging {
             target: target.clone(),
@@ -321,6 +318,42 @@ impl AppRunner {
         }
         let launch = prepared?;
         self.switch(target, launch).await
+    }
+
+    /// An announcement older than the highest version accepted: only a signed rollback
+    /// directive covering that version moves the app back. It withdraws the versions it
+    /// replaces for good (a replayed announcement of one of them is refused); once a version
+    /// above it was accepted, the directive itself is a replay and refused.
+    fn accept_rollback(
+        &mut self,
+        manifest: &VerifiedManifest,
+        highest: &Version,
+    ) -> Result<(), UpdateError> {
+        let target = &manifest.version;
+        let Some(from) = &manifest.rollback_from else {
+            return Err(UpdateError::Refused(format!(
+                "{target} is older than {highest}, already accepted (replayed announcement?)"
+            )));
+        };
+        if from < highest || from <= target {
+            return Err(UpdateError::Refused(format!(
+                "rollback directive to {target} covers versions up to {from}, but {highest} was accepted since (replayed directive?)"
+            )));
+        }
+        tracing::warn!(app = %self.settings.name, version = %target, replaces_up_to = %from, "signed rollback directive accepted");
+        let reason = format!("withdrawn by a signed rollback to {target}");
+        let withdrawn = [
+            self.journal.committed.clone(),
+            Some(highest.clone()),
+            Some(from.clone()),
+        ];
+        for version in withdrawn.into_iter().flatten() {
+            if version > *target && version <= *from {
+                self.journal.refused.insert((version, reason.clone()));
+            }
+        }
+        self.journal.highest_accepted = Some(from.clone());
+        Ok(())
     }
 
     /// Everything before the disruptive step: stage the version, check how it runs, wait for
@@ -406,7 +439,8 @@ impl AppRunner {
             e => UpdateError::Refused(e.to_string()),
         })?;
         tracing::info!(app = %manifest.app, version = %manifest.version, ?report, "version staged");
-        self.fetched_bytes = report.fetched_bytes;
+        // What this update took from the store: the chunks and the chunk index itself.
+        self.fetched_bytes = report.fetched_bytes + bytes.len() as u64;
         let meta = self.root.meta_dir(&manifest.version);
         let written = std::fs::create_dir_all(&meta)
             .and_then(|_| std::fs::write(meta.join("index.msgpack"), &bytes));

@@ -25,6 +25,13 @@ pub struct Manifest {
     #[serde(with = "time::serde::rfc3339")]
     #[schemars(with = "String")]
     pub expires: OffsetDateTime,
+    /// Set on a signed rollback directive: this (older) version replaces every version up to
+    /// and including `rollback_from`. Agents accept it although it is older than what they
+    /// accepted, withdraw the versions it replaces, and refuse it once they accepted a version
+    /// above `rollback_from` (a replayed directive cannot downgrade them later).
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    #[schemars(with = "Option<String>")]
+    pub rollback_from: Option<semver::Version>,
 }
 
 #[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize, JsonSchema)]
@@ -182,6 +189,7 @@ mod tests {
 
     fn manifest(now: OffsetDateTime) -> Manifest {
         Manifest {
+            rollback_from: None,
             app: "collector".into(),
             version: semver::Version::new(2, 0, 0),
             files: vec![FileEntry {

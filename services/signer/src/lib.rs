@@ -176,6 +176,7 @@ impl Signer {
             .replace_nanosecond(0)
             .unwrap_or_else(|_| OffsetDateTime::now_utc());
         let manifest = Manifest {
+            rollback_from: None,
             app: event.app.clone(),
             version: event.version.clone(),
             files,

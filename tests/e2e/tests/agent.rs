@@ -26,6 +26,14 @@ async fn eventually(what: &str, check: impl Fn() -> bool) {
     }
 }
 
+/// Waits until the journal says `version` is committed.
+async fn committed(journal: &Path, version: &str) {
+    eventually(&format!("{version} committed"), || {
+        Journal::load(journal).is_ok_and(|j| j.committed == Some(v(version)))
+    })
+    .await;
+}
+
 fn running(state: &Path) -> String {
     std::fs::read_to_string(state.join("running"))
         .unwrap_or_default()
@@ -125,10 +133,7 @@ async fn agent_updates_rolls_back_a_crashing_version_and_converges_after_being_o
     p.release("shapp", "2.0.0", &script_app("2.0.0", true))
         .await;
     p.desire("shapp", "default", "2.0.0").await;
-    eventually("v2 committed", || {
-        Journal::load(&journal).is_ok_and(|j| j.committed == Some(v("2.0.0")))
-    })
-    .await;
+    committed(&journal, "2.0.0").await;
     assert_eq!(running(&state), "2.0.0");
     let j = Journal::load(&journal).expect("journal");
     assert_eq!(j.previous, Some(v("1.0.0")));
@@ -156,10 +161,7 @@ async fn agent_updates_rolls_back_a_crashing_version_and_converges_after_being_o
     std::fs::remove_file(state.join("running")).expect("reset marker");
     let agent = start_agent(&p, &data, &state);
     eventually("v4 after restart", || running(&state) == "4.0.0").await;
-    eventually("v4 committed", || {
-        Journal::load(&journal).is_ok_and(|j| j.committed == Some(v("4.0.0")))
-    })
-    .await;
+    committed(&journal, "4.0.0").await;
     agent.stop().await;
 }
 
@@ -316,10 +318,7 @@ async fn a_nats_restart_in_the_middle_of_a_download_still_converges() {
         "the download finished before NATS stopped; make v2 bigger"
     );
     p.nats.restart().await.expect("restart nats");
-    eventually("v2 committed", || {
-        Journal::load(&journal).is_ok_and(|j| j.committed == Some(v("2.0.0")))
-    })
-    .await;
+    committed(&journal, "2.0.0").await;
     assert_eq!(running(&state), "2.0.0");
     assert!(!partial.exists());
     agent.stop().await;
@@ -412,10 +411,7 @@ async fn a_package_brings_its_command_and_hooks_and_a_failing_hook_protects_the_
     p.release("shapp", "2.0.0", &own_package("2.0.0", &hooks))
         .await;
     p.desire("shapp", "default", "2.0.0").await;
-    eventually("v2 committed", || {
-        Journal::load(&journal).is_ok_and(|j| j.committed == Some(v("2.0.0")))
-    })
-    .await;
+    committed(&journal, "2.0.0").await;
     assert_eq!(running(&state), "2.0.0-own", "the package's command runs");
     let read = |f: &str| std::fs::read_to_string(state.join(f)).unwrap_or_default();
     assert_eq!(read("migrations").trim(), "1.0.0->2.0.0");
@@ -566,10 +562,56 @@ async fn a_rollout_with_slots_switches_only_once_granted_and_waits_while_nobody_
             .expect("waiting with the service's reason");
         }
     }
-    eventually("v2 committed", || {
-        Journal::load(&journal).is_ok_and(|j| j.committed == Some(v("2.0.0")))
-    })
-    .await;
+    committed(&journal, "2.0.0").await;
     assert_eq!(running(&state), "2.0.0");
+    agent.stop().await;
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_signed_rollback_directive_moves_back_once_and_cannot_be_replayed() {
+    use fleetcast_events::v1::AppState;
+    use fleetcast_events::{Manifest, SignedManifest};
+    let p = Pipeline::start().await.expect("pipeline");
+    let (_host, _data, state, journal, agent) = host_on_v1(&p).await;
+    p.release("shapp", "2.0.0", &script_app("2.0.0", true))
+        .await;
+    p.desire("shapp", "default", "2.0.0").await;
+    committed(&journal, "2.0.0").await;
+
+    // The directive: v1's manifest re-signed as replacing everything up to v2 (what the signer
+    // issues when an operator rolls back).
+    let stored = stored_manifest(&p, "1.0.0").await;
+    let mut m: Manifest = serde_json::from_str(&stored.manifest).expect("manifest json");
+    m.rollback_from = Some(v("2.0.0"));
+    m.expires = time::OffsetDateTime::now_utc() + time::Duration::days(1);
+    let directive = SignedManifest::sign(&m, &p.key).expect("sign");
+    desire_state(&p, "1.0.0", directive.clone(), "1.0.0", false).await;
+    committed(&journal, "1.0.0").await;
+    assert_eq!(running(&state), "1.0.0");
+    let j = Journal::load(&journal).expect("journal");
+    let withdrawn = j.refused.iter().find(|(ver, _)| *ver == v("2.0.0"));
+    assert!(
+        withdrawn.is_some_and(|(_, why)| why.contains("withdrawn by a signed rollback")),
+        "{:?}",
+        j.refused
+    );
+
+    // The withdrawn v2 announced again is ignored; a fixed v3 goes through (straight from v1:
+    // v2 never ran in between).
+    p.desire("shapp", "default", "2.0.0").await;
+    p.release("shapp", "3.0.0", &script_app("3.0.0", true))
+        .await;
+    p.desire("shapp", "default", "3.0.0").await;
+    committed(&journal, "3.0.0").await;
+    assert_eq!(
+        Journal::load(&journal).expect("journal").previous,
+        Some(v("1.0.0"))
+    );
+
+    // The directive replayed after v3 cannot take the host back.
+    desire_state(&p, "1.0.0", directive, "1.0.0", false).await;
+    let reason = status_reason(&p, AppState::Refused, "1.0.0").await;
+    assert!(reason.contains("replayed directive"), "{reason}");
+    assert_eq!(running(&state), "3.0.0");
     agent.stop().await;
 }
