@@ -1,16 +1,26 @@
-//! Agent benchmark: a real agent process supervising a trivial app (`sleep`), installing the
-//! ingest benchmark's ~256 MiB v1 and then updating to its v2 (~1% changed) from a real store.
+//! Agent benchmark: a real agent process (built with the `agent` profile, as shipped)
+//! supervising the demo app, installing the ingest benchmark's ~256 MiB v1 and then updating to
+//! its v2 (~1% changed) from a real store.
 //!
-//! - `idle_rss_mib` / `idle_cpu_ticks_10s`: the agent with one running app, doing nothing
-//!   (ticks of user+system CPU over 10 s; the issue asks for 60 s, 10 s keeps the run short).
+//! - `idle_rss_mib` / `idle_cpu_ticks_60s`: the agent with its app running, doing nothing (clock
+//!   ticks of user+system CPU over 60 s, 100 ticks a second).
 //! - `update_peak_rss_mib`: the agent's peak RSS (VmHWM) over both installs.
-//! - `fetched_bytes` (v1→v2) vs `changed_bytes`, and `full_download_bytes` (v1 from nothing).
-//! - `downtime_ms`: the `switching` status (old app about to stop) to the `running` status of
-//!   v2 (started, health gate of 0 s passed): an upper bound on the app's downtime.
+//! - `fetched_bytes` (v1→v2: chunks, chunk index and the desired state with its signed
+//!   manifest) vs `changed_bytes`; `full_download_bytes` (v1 from nothing, same count).
+//! - `bita_fetched_bytes`: what `bita clone --seed v1.zip v2.cba` takes from the archive (its
+//!   chunks plus the archive header it must read), bita's defaults; `bita_chunk_bytes` without
+//!   the header.
+//! - `downtime_ms`: the last `/version` answer from v1 to the first from v2, polled every
+//!   millisecond by this process; `app_start_ms`: the demo app's own start (spawn → first
+//!   `/health` answer), median of 5 direct starts. The target is on their difference.
 //! - `switch_p99_us`: the atomic `current` switch alone, 1,000 times.
 
+use std::io::{Read, Write};
+use std::net::TcpStream;
 use std::path::{Path, PathBuf};
 use std::process::{Child, Command, Stdio};
+use std::sync::Arc;
+use std::sync::atomic::{AtomicBool, Ordering};
 use std::time::{Duration, Instant};
 
 use anyhow::{Context, bail};
@@ -21,16 +31,22 @@ use fleetcast_events::v1::{AgentStatus, AppState};
 use futures::StreamExt;
 
 use crate::ingest::{
-    MIB, fresh_store, generate_v1, ingest_once, make_v2, round, start_distributor, write_zip,
+    File, MIB, fresh_store, generate_v1, ingest_once, make_v2, round, start_distributor, write_zip,
 };
+
+const IDLE: Duration = Duration::from_secs(60);
 
 pub async fn run() -> anyhow::Result<String> {
     let dir = tempfile::Builder::new()
         .prefix("fleetcast-bench-agent-")
         .tempdir()?;
     eprintln!("generating packages in {}", dir.path().display());
-    let v1 = generate_v1();
-    let (v2, changed) = make_v2(&v1);
+    let mut v1 = generate_v1();
+    let (mut v2, mut changed) = make_v2(&v1);
+    // The demo app serves the VERSION file of the folder it runs in.
+    v1.push(File::text("VERSION", "1.0.0"));
+    v2.push(File::text("VERSION", "2.0.0"));
+    changed += 5;
     let package: usize = v1.iter().map(|f| f.data.len()).sum();
     let (v1_zip, v2_zip) = (
         dir.path().join("bench-1.0.0.zip"),
@@ -48,6 +64,8 @@ pub async fn run() -> anyhow::Result<String> {
     ingest_once(&bus, &key, &v2_zip, "bench", "2.0.0").await?;
     distributor.cancel();
 
+    let demo_app = sibling_binary("fleetcast-demo-app")?;
+    let port = free_port()?;
     let mut statuses = bus.client.subscribe("fleetcast.v1.agent.*.status").await?;
     let data = dir.path().join("agent");
     let config = dir.path().join("agent.toml");
@@ -55,11 +73,14 @@ pub async fn run() -> anyhow::Result<String> {
         &config,
         format!(
             "agent_id = \"bench\"\ndata_dir = \"{}\"\ntrusted_keys = [\"{}\"]\n[nats]\nurl = \"{}\"\n\
-             [[apps]]\nname = \"bench\"\ncommand = [\"/bin/sh\", \"-c\", \"exec sleep 3600\"]\ngrace = \"2s\"\n\
-             [apps.health]\nstay_up = \"0s\"\n",
+             [[apps]]\nname = \"bench\"\ncommand = [\"{}\"]\ngrace = \"5s\"\n\
+             [apps.env]\nFLEETCAST_DEMO_APP_PORT = \"{port}\"\nRUST_LOG = \"warn\"\n\
+             [apps.health]\nstay_up = \"0s\"\nhttp = \"http://127.0.0.1:{port}/health\"\n\
+             probe_interval = \"5ms\"\nprobe_attempts = 2000\nprobe_timeout = \"1s\"\n",
             data.display(),
             key.public().to_text().trim(),
-            nats.url()
+            nats.url(),
+            demo_app.display(),
         ),
     )?;
     let mut agent = spawn_agent(&config)?;
@@ -67,20 +88,24 @@ pub async fn run() -> anyhow::Result<String> {
 
     eprintln!("v1 from nothing");
     fleetcast_cli::desire(&bus, "bench", "default", &semver::Version::new(1, 0, 0)).await?;
+    let desired_v1 = desired_bytes(&bus).await?;
     let first = wait_running(&mut statuses, "1.0.0").await?;
     wait_committed(&journal, "1.0.0").await?;
 
-    eprintln!("idle");
+    eprintln!("idle for {} s", IDLE.as_secs());
     tokio::time::sleep(Duration::from_secs(3)).await;
     let idle_rss = rss_kib(agent.id(), "VmRSS")?;
     let ticks_before = cpu_ticks(agent.id())?;
-    tokio::time::sleep(Duration::from_secs(10)).await;
+    tokio::time::sleep(IDLE).await;
     let idle_ticks = cpu_ticks(agent.id())? - ticks_before;
 
-    eprintln!("v1 -> v2");
+    eprintln!("v1 -> v2, polling /version");
+    let poller = Poller::start(port);
     fleetcast_cli::desire(&bus, "bench", "default", &semver::Version::new(2, 0, 0)).await?;
-    let (switching, running) = wait_switch(&mut statuses, "2.0.0").await?;
+    let desired_v2 = desired_bytes(&bus).await?;
+    let running = wait_running(&mut statuses, "2.0.0").await?;
     wait_committed(&journal, "2.0.0").await?;
+    let downtime = poller.finish()?;
     let peak_rss = rss_kib(agent.id(), "VmHWM")?;
     let _ = nix::sys::signal::kill(
         nix::unistd::Pid::from_raw(agent.id() as i32),
@@ -88,24 +113,214 @@ pub async fn run() -> anyhow::Result<String> {
     );
     let _ = agent.wait();
 
-    let downtime = running.at - switching.at;
+    eprintln!("demo app start time");
+    let app_start = app_start_ms(&demo_app, &dir.path().join("bench-app"))?;
+    eprintln!("bita");
+    let bita = bita_fetch(&v1_zip, &v2_zip, dir.path())?;
+
     let json = serde_json::json!({
         "idle_rss_mib": round(idle_rss as f64 / 1024.0),
-        "idle_cpu_ticks_10s": idle_ticks,
+        "idle_cpu_ticks_60s": idle_ticks,
         "update_peak_rss_mib": round(peak_rss as f64 / 1024.0),
         "package_mib": round(package as f64 / MIB),
         "changed_bytes": changed,
-        "fetched_bytes": running.progress_bytes.unwrap_or_default(),
-        "full_download_bytes": first.progress_bytes.unwrap_or_default(),
-        "downtime_ms": downtime.whole_milliseconds(),
+        "fetched_bytes": running.progress_bytes.unwrap_or_default() + desired_v2,
+        "bita_fetched_bytes": bita.chunks + bita.header,
+        "bita_chunk_bytes": bita.chunks,
+        "full_download_bytes": first.progress_bytes.unwrap_or_default() + desired_v1,
+        "downtime_ms": round(downtime.as_secs_f64() * 1000.0),
+        "app_start_ms": round(app_start.as_secs_f64() * 1000.0),
         "switch_p99_us": switch_p99_us(dir.path())?,
     });
     Ok(json.to_string())
 }
 
+/// A binary built next to this one (`ops/bench` builds them), or where `FLEETCAST_BENCH_<NAME>`
+/// says (the agent is built with its own profile; bita lives in .tools).
+fn sibling_binary(name: &str) -> anyhow::Result<PathBuf> {
+    let var = format!(
+        "FLEETCAST_BENCH_{}",
+        name.trim_start_matches("fleetcast-")
+            .to_uppercase()
+            .replace('-', "_")
+    );
+    let path = match std::env::var_os(&var) {
+        Some(p) => PathBuf::from(p),
+        None => std::env::current_exe()?
+            .parent()
+            .context("exe folder")?
+            .join(name),
+    };
+    if !path.is_file() {
+        bail!(
+            "{} not found (ops/bench builds it; or set {var})",
+            path.display()
+        );
+    }
+    Ok(path)
+}
+
+fn free_port() -> anyhow::Result<u16> {
+    Ok(std::net::TcpListener::bind("127.0.0.1:0")?
+        .local_addr()?
+        .port())
+}
+
+/// Size of the desired-state value the agent receives (it carries the signed manifest).
+async fn desired_bytes(bus: &fleetcast_runtime::Bus) -> anyhow::Result<u64> {
+    let key = fleetcast_events::names::desired_key("bench", "default");
+    Ok(bus.desired.get(&key).await?.context("desired state")?.len() as u64)
+}
+
+/// One `GET path` on loopback; the body when the answer is 200.
+fn http_get(port: u16, path: &str) -> Option<String> {
+    let addr = std::net::SocketAddr::from(([127, 0, 0, 1], port));
+    let mut stream = TcpStream::connect_timeout(&addr, Duration::from_millis(100)).ok()?;
+    stream
+        .set_read_timeout(Some(Duration::from_millis(500)))
+        .ok()?;
+    write!(
+        stream,
+        "GET {path} HTTP/1.1\r\nHost: 127.0.0.1\r\nConnection: close\r\n\r\n"
+    )
+    .ok()?;
+    let mut response = String::new();
+    stream.read_to_string(&mut response).ok()?;
+    let (head, body) = response.split_once("\r\n\r\n")?;
+    head.starts_with("HTTP/1.1 200")
+        .then(|| body.trim().to_string())
+}
+
+/// Polls `/version` every millisecond on its own thread, keeping the answers' times.
+struct Poller {
+    stop: Arc<AtomicBool>,
+    thread: std::thread::JoinHandle<Vec<(Instant, Option<String>)>>,
+}
+
+impl Poller {
+    fn start(port: u16) -> Poller {
+        let stop = Arc::new(AtomicBool::new(false));
+        let flag = stop.clone();
+        let thread = std::thread::spawn(move || {
+            let mut samples = Vec::new();
+            while !flag.load(Ordering::Relaxed) {
+                samples.push((Instant::now(), http_get(port, "/version")));
+                std::thread::sleep(Duration::from_millis(1));
+            }
+            samples
+        });
+        Poller { stop, thread }
+    }
+
+    /// From the last answer of v1 to the first answer of v2.
+    fn finish(self) -> anyhow::Result<Duration> {
+        self.stop.store(true, Ordering::Relaxed);
+        let samples = self
+            .thread
+            .join()
+            .map_err(|_| anyhow::anyhow!("poller panicked"))?;
+        let first_v2 = samples
+            .iter()
+            .find(|(_, v)| v.as_deref() == Some("2.0.0"))
+            .map(|(t, _)| *t)
+            .context("v2 never answered")?;
+        let last_v1 = samples
+            .iter()
+            .filter(|(t, v)| *t < first_v2 && v.as_deref() == Some("1.0.0"))
+            .map(|(t, _)| *t)
+            .next_back()
+            .context("v1 never answered")?;
+        Ok(first_v2 - last_v1)
+    }
+}
+
+/// The demo app's own start time: spawn → first `/health` answer, median of 5.
+fn app_start_ms(demo_app: &Path, dir: &Path) -> anyhow::Result<Duration> {
+    std::fs::create_dir_all(dir)?;
+    let mut times = Vec::new();
+    for _ in 0..5 {
+        let port = free_port()?;
+        let start = Instant::now();
+        let mut child = Command::new(demo_app)
+            .current_dir(dir)
+            .env("FLEETCAST_DEMO_APP_PORT", port.to_string())
+            .env("RUST_LOG", "warn")
+            .stdout(Stdio::null())
+            .spawn()?;
+        let deadline = start + Duration::from_secs(30);
+        while http_get(port, "/health").is_none() {
+            if Instant::now() > deadline {
+                let _ = child.kill();
+                bail!("the demo app did not answer within 30 s");
+            }
+            std::thread::sleep(Duration::from_millis(1));
+        }
+        times.push(start.elapsed());
+        let _ = child.kill();
+        let _ = child.wait();
+    }
+    times.sort();
+    Ok(times[times.len() / 2])
+}
+
+struct BitaFetch {
+    /// Chunk data bita reports fetching from the archive.
+    chunks: u64,
+    /// The archive header (chunk dictionary) every clone reads first.
+    header: u64,
+}
+
+/// `bita compress` v2, then `bita clone` it with v1 as seed; bita's defaults.
+fn bita_fetch(v1: &Path, v2: &Path, dir: &Path) -> anyhow::Result<BitaFetch> {
+    let bita = sibling_binary("bita")?;
+    let cba = dir.join("bench-2.0.0.cba");
+    let out = Command::new(&bita)
+        .arg("compress")
+        .arg("--input")
+        .arg(v2)
+        .arg(&cba)
+        .output()?;
+    if !out.status.success() {
+        bail!("bita compress: {}", String::from_utf8_lossy(&out.stderr));
+    }
+    let out = Command::new(&bita)
+        .arg("clone")
+        .arg("--verify-output")
+        .arg("--seed")
+        .arg(v1)
+        .arg(&cba)
+        .arg(dir.join("bench-2.0.0.cloned.zip"))
+        .output()?;
+    let log =
+        String::from_utf8_lossy(&out.stdout).to_string() + &String::from_utf8_lossy(&out.stderr);
+    if !out.status.success() {
+        bail!("bita clone: {log}");
+    }
+    // "Fetched 1.6 MiB (1674182 bytes) from archive …" or "Fetched 812 bytes from archive …".
+    let line = log
+        .lines()
+        .find(|l| l.contains("Fetched ") && l.contains(" from archive"))
+        .with_context(|| format!("no fetch figure in bita's output: {log}"))?;
+    let figure = line.split("Fetched ").nth(1).unwrap_or_default();
+    let chunks = match figure.split_once('(') {
+        Some((_, rest)) => rest.split_whitespace().next(),
+        None => figure.split_whitespace().next(),
+    }
+    .and_then(|n| n.parse().ok())
+    .with_context(|| format!("cannot read {line:?}"))?;
+    // Header: 14-byte pre-header (magic, dictionary size as u64 LE at 6..14), the dictionary,
+    // then 8 bytes of chunk data offset and a 64-byte checksum.
+    let mut pre = [0u8; 14];
+    std::fs::File::open(&cba)?.read_exact(&mut pre)?;
+    let dictionary = u64::from_le_bytes(pre[6..14].try_into()?);
+    Ok(BitaFetch {
+        chunks,
+        header: 14 + dictionary + 72,
+    })
+}
+
 fn spawn_agent(config: &Path) -> anyhow::Result<Child> {
-    let exe = std::env::current_exe()?;
-    let bin: PathBuf = exe.parent().context("exe folder")?.join("fleetcast-agent");
+    let bin = sibling_binary("fleetcast-agent")?;
     Command::new(&bin)
         .arg("--config")
         .arg(config)
@@ -143,21 +358,6 @@ async fn wait_running(
         }
         if matches!(s.state, AppState::RolledBack | AppState::Refused) {
             bail!("{version}: {:?} {:?}", s.state, s.reason);
-        }
-    }
-}
-
-async fn wait_switch(
-    sub: &mut async_nats::Subscriber,
-    version: &str,
-) -> anyhow::Result<(AgentStatus, AgentStatus)> {
-    loop {
-        let s = next_status(sub).await?;
-        if s.state == AppState::Switching
-            && s.version.as_ref().is_some_and(|v| v.to_string() == version)
-        {
-            let running = wait_running(sub, version).await?;
-            return Ok((s, running));
         }
     }
 }
