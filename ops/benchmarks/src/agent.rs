@@ -3,10 +3,12 @@
 //! its v2 (~1% changed) from a real store.
 //!
 //! - `idle_rss_mib` / `idle_cpu_ticks_60s`: the agent with its app running, doing nothing (clock
-//!   ticks of user+system CPU over 60 s, 100 ticks a second).
+//!   ticks of user+system CPU over 60 s, 100 ticks a second; RSS at the end of that minute).
+//!   `idle_rss_anon_mib` (heap, stacks) and `idle_rss_file_mib` (code and libraries) split it.
 //! - `update_peak_rss_mib`: the agent's peak RSS (VmHWM) over both installs.
 //! - `fetched_bytes` (v1→v2: chunks, chunk index and the desired state with its signed
 //!   manifest) vs `changed_bytes`; `full_download_bytes` (v1 from nothing, same count).
+//!   `full_install_s`: v1 announced → running (download, verify, write, start, gate).
 //! - `bita_fetched_bytes`: what `bita clone --seed v1.zip v2.cba` takes from the archive (its
 //!   chunks plus the archive header it must read), bita's defaults; `bita_chunk_bytes` without
 //!   the header.
@@ -34,7 +36,14 @@ use crate::ingest::{
     File, MIB, fresh_store, generate_v1, ingest_once, make_v2, round, start_distributor, write_zip,
 };
 
-const IDLE: Duration = Duration::from_secs(60);
+/// The idle minute (`FLEETCAST_BENCH_IDLE_S` shortens it for quick experiments).
+fn idle() -> Duration {
+    let secs = std::env::var("FLEETCAST_BENCH_IDLE_S")
+        .ok()
+        .and_then(|s| s.parse().ok())
+        .unwrap_or(60);
+    Duration::from_secs(secs)
+}
 
 pub async fn run() -> anyhow::Result<String> {
     let dir = tempfile::Builder::new()
@@ -87,17 +96,24 @@ pub async fn run() -> anyhow::Result<String> {
     let journal = data.join("apps/bench/journal.json");
 
     eprintln!("v1 from nothing");
+    let install_start = Instant::now();
     fleetcast_cli::desire(&bus, "bench", "default", &semver::Version::new(1, 0, 0)).await?;
     let desired_v1 = desired_bytes(&bus).await?;
     let first = wait_running(&mut statuses, "1.0.0").await?;
+    let full_install = install_start.elapsed();
     wait_committed(&journal, "1.0.0").await?;
 
-    eprintln!("idle for {} s", IDLE.as_secs());
+    eprintln!("idle for {} s", idle().as_secs());
     tokio::time::sleep(Duration::from_secs(3)).await;
-    let idle_rss = rss_kib(agent.id(), "VmRSS")?;
     let ticks_before = cpu_ticks(agent.id())?;
-    tokio::time::sleep(IDLE).await;
+    tokio::time::sleep(idle()).await;
     let idle_ticks = cpu_ticks(agent.id())? - ticks_before;
+    // Memory at the end of the idle minute: what an idle agent holds, steady.
+    let idle_rss = rss_kib(agent.id(), "VmRSS")?;
+    let (idle_anon, idle_file) = (
+        rss_kib(agent.id(), "RssAnon")?,
+        rss_kib(agent.id(), "RssFile")?,
+    );
 
     eprintln!("v1 -> v2, polling /version");
     let poller = Poller::start(port);
@@ -120,6 +136,8 @@ pub async fn run() -> anyhow::Result<String> {
 
     let json = serde_json::json!({
         "idle_rss_mib": round(idle_rss as f64 / 1024.0),
+        "idle_rss_anon_mib": round(idle_anon as f64 / 1024.0),
+        "idle_rss_file_mib": round(idle_file as f64 / 1024.0),
         "idle_cpu_ticks_60s": idle_ticks,
         "update_peak_rss_mib": round(peak_rss as f64 / 1024.0),
         "package_mib": round(package as f64 / MIB),
@@ -128,6 +146,7 @@ pub async fn run() -> anyhow::Result<String> {
         "bita_fetched_bytes": bita.chunks + bita.header,
         "bita_chunk_bytes": bita.chunks,
         "full_download_bytes": first.progress_bytes.unwrap_or_default() + desired_v1,
+        "full_install_s": round(full_install.as_secs_f64()),
         "downtime_ms": round(downtime.as_secs_f64() * 1000.0),
         "app_start_ms": round(app_start.as_secs_f64() * 1000.0),
         "switch_p99_us": switch_p99_us(dir.path())?,

@@ -13,6 +13,7 @@ pub mod fault;
 pub mod health;
 pub mod install;
 pub mod journal;
+mod memory;
 pub mod settings;
 pub mod supervisor;
 pub mod updater;
@@ -169,7 +170,10 @@ async fn app_loop(
                     continue;
                 }
             };
-            match runner.apply(&desired).await {
+            let outcome = runner.apply(&desired).await;
+            // An update's buffers are free now; hand them back so an idle agent stays small.
+            memory::release_freed();
+            match outcome {
                 Ok(()) => retry_delay = Duration::from_secs(1),
                 Err(UpdateError::Refused(reason)) => {
                     tracing::warn!(%app, version = %desired.version, %reason, "update refused");

@@ -16,7 +16,49 @@ struct Args {
     config: Option<PathBuf>,
 }
 
+/// A service on the multi-threaded runtime (the pipeline services: CPU-bound work in parallel).
 pub fn service_main<S, F, Fut, E>(service: &str, list_keys: &[&str], run: F) -> ExitCode
+where
+    S: DeserializeOwned,
+    F: FnOnce(S, CancellationToken) -> Fut,
+    Fut: Future<Output = Result<(), E>>,
+    E: Display,
+{
+    main_on(
+        tokio::runtime::Builder::new_multi_thread(),
+        service,
+        list_keys,
+        run,
+    )
+}
+
+/// A service on one thread: the agent, which runs on every host and mostly waits, so an extra
+/// worker thread would cost memory (its stack and allocator arena) for nothing.
+pub fn service_main_single_thread<S, F, Fut, E>(
+    service: &str,
+    list_keys: &[&str],
+    run: F,
+) -> ExitCode
+where
+    S: DeserializeOwned,
+    F: FnOnce(S, CancellationToken) -> Fut,
+    Fut: Future<Output = Result<(), E>>,
+    E: Display,
+{
+    main_on(
+        tokio::runtime::Builder::new_current_thread(),
+        service,
+        list_keys,
+        run,
+    )
+}
+
+fn main_on<S, F, Fut, E>(
+    mut builder: tokio::runtime::Builder,
+    service: &str,
+    list_keys: &[&str],
+    run: F,
+) -> ExitCode
 where
     S: DeserializeOwned,
     F: FnOnce(S, CancellationToken) -> Fut,
@@ -32,10 +74,7 @@ where
             return ExitCode::from(2);
         }
     };
-    let runtime = match tokio::runtime::Builder::new_multi_thread()
-        .enable_all()
-        .build()
-    {
+    let runtime = match builder.enable_all().build() {
         Ok(rt) => rt,
         Err(e) => {
             tracing::error!(error = %e, "cannot start the async runtime");
