@@ -50,7 +50,12 @@ impl Default for Settings {
 }
 
 fn main() -> ExitCode {
-    fleetcast_runtime::service::service_main("demo_app", &[], run)
+    fleetcast_runtime::service::service_main(
+        "demo_app",
+        &[],
+        fleetcast_runtime::service::Threads::PerCore,
+        run,
+    )
 }
 
 async fn run(

@@ -16,47 +16,20 @@ struct Args {
     config: Option<PathBuf>,
 }
 
-/// A service on the multi-threaded runtime (the pipeline services: CPU-bound work in parallel).
-pub fn service_main<S, F, Fut, E>(service: &str, list_keys: &[&str], run: F) -> ExitCode
-where
-    S: DeserializeOwned,
-    F: FnOnce(S, CancellationToken) -> Fut,
-    Fut: Future<Output = Result<(), E>>,
-    E: Display,
-{
-    main_on(
-        tokio::runtime::Builder::new_multi_thread(),
-        service,
-        list_keys,
-        run,
-    )
+/// How many threads run a service's async work.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub enum Threads {
+    /// One per core: the pipeline services, whose work is CPU-bound and parallel.
+    PerCore,
+    /// One: the agent, which runs on every host and mostly waits; another worker would cost
+    /// memory (its stack and allocator arena) for nothing.
+    One,
 }
 
-/// A service on one thread: the agent, which runs on every host and mostly waits, so an extra
-/// worker thread would cost memory (its stack and allocator arena) for nothing.
-pub fn service_main_single_thread<S, F, Fut, E>(
+pub fn service_main<S, F, Fut, E>(
     service: &str,
     list_keys: &[&str],
-    run: F,
-) -> ExitCode
-where
-    S: DeserializeOwned,
-    F: FnOnce(S, CancellationToken) -> Fut,
-    Fut: Future<Output = Result<(), E>>,
-    E: Display,
-{
-    main_on(
-        tokio::runtime::Builder::new_current_thread(),
-        service,
-        list_keys,
-        run,
-    )
-}
-
-fn main_on<S, F, Fut, E>(
-    mut builder: tokio::runtime::Builder,
-    service: &str,
-    list_keys: &[&str],
+    threads: Threads,
     run: F,
 ) -> ExitCode
 where
@@ -73,6 +46,10 @@ where
             tracing::error!(error = %e, "{service}: bad configuration");
             return ExitCode::from(2);
         }
+    };
+    let mut builder = match threads {
+        Threads::PerCore => tokio::runtime::Builder::new_multi_thread(),
+        Threads::One => tokio::runtime::Builder::new_current_thread(),
     };
     let runtime = match builder.enable_all().build() {
         Ok(rt) => rt,
