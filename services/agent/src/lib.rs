@@ -17,7 +17,6 @@ mod memory;
 pub mod settings;
 pub mod supervisor;
 pub mod updater;
-pub mod window;
 
 use std::time::Duration;
 

@@ -122,7 +122,7 @@ impl Settings {
     }
 
     /// The parsed update windows.
-    pub fn windows(&self) -> Result<Vec<crate::window::Window>, SettingsError> {
+    pub fn windows(&self) -> Result<Vec<fleetcast_runtime::window::Window>, SettingsError> {
         self.update_windows
             .iter()
             .map(|w| {

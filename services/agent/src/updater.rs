@@ -55,7 +55,7 @@ pub struct AppRunner {
     pub settings: AppSettings,
     /// The agent's own settings (id, ring, limits, windows).
     host: Arc<Settings>,
-    windows: Vec<crate::window::Window>,
+    windows: Vec<fleetcast_runtime::window::Window>,
     root: InstallRoot,
     journal_path: PathBuf,
     journal: Journal,
@@ -370,10 +370,10 @@ impl AppRunner {
         fault::hit("staged");
         let launch = self.launch(&target).map_err(UpdateError::Refused)?;
         let now = OffsetDateTime::now_utc();
-        if !crate::window::allows(&self.windows, now) {
+        if !fleetcast_runtime::window::allows(&self.windows, now) {
             self.report(AppState::WaitingForWindow, Some(target.clone()), None)
                 .await;
-            return Err(UpdateError::NotNow(crate::window::next_open(
+            return Err(UpdateError::NotNow(fleetcast_runtime::window::next_open(
                 &self.windows,
                 now,
             )));

@@ -1,5 +1,6 @@
 //! The small toolkit every fleetcast service shares: layered settings, tracing, shutdown, the
-//! NATS connection, the streams/buckets/stores the services need, and the consume loop.
+//! NATS connection, the streams/buckets/stores the services need, the consume loop, and UTC
+//! time windows (agents' update windows, the tracker's maintenance windows).
 
 pub mod bus;
 pub mod consume;
@@ -8,6 +9,7 @@ pub mod service;
 pub mod settings;
 pub mod shutdown;
 pub mod telemetry;
+pub mod window;
 
 pub use bus::{Bus, BusError};
 pub use settings::{NatsSettings, SettingsError, load_settings};

@@ -1,6 +1,7 @@
-//! Local update windows: UTC time-of-day ranges (`"22:00-04:00"` wraps midnight) in which the
-//! agent may take the disruptive step. Downloading and verifying happen at any time, so the
-//! switch is quick when a window opens. No windows means always.
+//! UTC time-of-day windows (`"22:00-04:00"` wraps midnight): an agent's local update windows
+//! and the tracker's maintenance windows, in which the disruptive step (the switch) may happen.
+//! Downloading and verifying happen at any time, so the switch is quick when a window opens.
+//! No windows means always.
 
 use std::fmt;
 use std::str::FromStr;

@@ -1,0 +1,216 @@
+//! The fleet inventory, folded from agents' heartbeats and status events: per agent its id,
+//! host, labels, ring and per app the running, staged and previous version, state and last
+//! error. Times are the tracker's own clock when the report arrived (agents' clocks may be
+//! off), so staleness is judged on one clock.
+
+use std::collections::BTreeMap;
+use std::time::Duration;
+
+use fleetcast_events::v1::{AgentHeartbeat, AgentStatus, AppState};
+use semver::Version;
+use serde::{Deserialize, Serialize};
+use time::OffsetDateTime;
+
+#[derive(Debug, Clone, Default, PartialEq, Eq, Serialize, Deserialize)]
+pub struct Fleet {
+    pub agents: BTreeMap<String, AgentView>,
+}
+
+#[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize)]
+pub struct AgentView {
+    pub agent_id: String,
+    pub host: String,
+    pub ring: String,
+    pub labels: BTreeMap<String, String>,
+    pub apps: BTreeMap<String, AppView>,
+    #[serde(with = "time::serde::rfc3339")]
+    pub last_seen: OffsetDateTime,
+}
+
+#[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize)]
+pub struct AppView {
+    pub state: AppState,
+    pub running: Option<Version>,
+    pub staged: Option<Version>,
+    pub previous: Option<Version>,
+    pub uptime_s: u64,
+    /// The last refusal or rollback, with its reason.
+    pub last_error: Option<AppError>,
+}
+
+#[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize)]
+pub struct AppError {
+    pub version: Option<Version>,
+    pub state: AppState,
+    pub reason: String,
+    #[serde(with = "time::serde::rfc3339")]
+    pub at: OffsetDateTime,
+}
+
+impl Fleet {
+    /// A heartbeat replaces what the agent said about itself (ring, labels, per-app state).
+    pub fn heartbeat(&mut self, hb: &AgentHeartbeat, now: OffsetDateTime) {
+        let agent = self.agent(&hb.agent_id, now);
+        agent.host.clone_from(&hb.host);
+        agent.ring.clone_from(&hb.ring);
+        agent.labels.clone_from(&hb.labels);
+        agent.last_seen = now;
+        for app in &hb.apps {
+            let view = agent
+                .apps
+                .entry(app.app.clone())
+                .or_insert_with(|| AppView {
+                    state: app.state,
+                    running: None,
+                    staged: None,
+                    previous: None,
+                    uptime_s: 0,
+                    last_error: None,
+                });
+            view.state = app.state;
+            view.running.clone_from(&app.running);
+            view.staged.clone_from(&app.staged);
+            view.previous.clone_from(&app.previous);
+            view.uptime_s = app.uptime_s;
+        }
+    }
+
+    /// A status event updates one app between heartbeats.
+    pub fn status(&mut self, st: &AgentStatus, now: OffsetDateTime) {
+        let agent = self.agent(&st.agent_id, now);
+        agent.last_seen = now;
+        let view = agent.apps.entry(st.app.clone()).or_insert_with(|| AppView {
+            state: st.state,
+            running: None,
+            staged: None,
+            previous: None,
+            uptime_s: 0,
+            last_error: None,
+        });
+        // A refusal says nothing about what runs; every other state is the app's own.
+        if st.state != AppState::Refused {
+            view.state = st.state;
+        }
+        match st.state {
+            AppState::Running => view.running.clone_from(&st.version),
+            AppState::RolledBack | AppState::Refused => {
+                view.last_error = Some(AppError {
+                    version: st.version.clone(),
+                    state: st.state,
+                    reason: st.reason.clone().unwrap_or_default(),
+                    at: now,
+                });
+            }
+            _ => {}
+        }
+    }
+
+    fn agent(&mut self, id: &str, now: OffsetDateTime) -> &mut AgentView {
+        self.agents
+            .entry(id.to_string())
+            .or_insert_with(|| AgentView {
+                agent_id: id.to_string(),
+                host: String::new(),
+                ring: "default".into(),
+                labels: BTreeMap::new(),
+                apps: BTreeMap::new(),
+                last_seen: now,
+            })
+    }
+
+    /// Removes agents silent for longer than `prune_after`; returns their ids.
+    pub fn prune(&mut self, now: OffsetDateTime, prune_after: Duration) -> Vec<String> {
+        let gone: Vec<String> = self
+            .agents
+            .values()
+            .filter(|a| silent_for(a, now) > prune_after)
+            .map(|a| a.agent_id.clone())
+            .collect();
+        for id in &gone {
+            self.agents.remove(id);
+        }
+        gone
+    }
+}
+
+/// How long an agent has been silent.
+pub fn silent_for(agent: &AgentView, now: OffsetDateTime) -> Duration {
+    Duration::try_from(now - agent.last_seen).unwrap_or_default()
+}
+
+impl AgentView {
+    /// Missed its heartbeats: shown as stale, left out of rollout denominators.
+    pub fn is_stale(&self, now: OffsetDateTime, stale_after: Duration) -> bool {
+        silent_for(self, now) > stale_after
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+    use fleetcast_events::v1::AppHeartbeat;
+
+    fn v(s: &str) -> Version {
+        Version::parse(s).expect("version")
+    }
+
+    #[test]
+    fn heartbeats_and_statuses_fold_into_the_inventory() {
+        let t0 = OffsetDateTime::UNIX_EPOCH + time::Duration::days(20_000);
+        let mut fleet = Fleet::default();
+        fleet.heartbeat(
+            &AgentHeartbeat {
+                agent_id: "a1".into(),
+                host: "host-a1".into(),
+                ring: "canary".into(),
+                labels: BTreeMap::from([("dc".into(), "x".into())]),
+                apps: vec![AppHeartbeat {
+                    app: "demo".into(),
+                    state: AppState::Running,
+                    running: Some(v("1.0.0")),
+                    staged: None,
+                    previous: None,
+                    uptime_s: 5,
+                }],
+                at: t0,
+            },
+            t0,
+        );
+        let status = |state, version: &str, reason: Option<&str>| AgentStatus {
+            agent_id: "a1".into(),
+            app: "demo".into(),
+            state,
+            version: Some(v(version)),
+            progress_bytes: None,
+            reason: reason.map(String::from),
+            at: t0,
+        };
+        fleet.status(&status(AppState::Running, "2.0.0", None), t0);
+        fleet.status(
+            &status(AppState::Refused, "0.9.0", Some("older than 2.0.0")),
+            t0,
+        );
+        let a = &fleet.agents["a1"];
+        assert_eq!(a.ring, "canary");
+        let app = &a.apps["demo"];
+        assert_eq!(app.running, Some(v("2.0.0")));
+        assert_eq!(
+            app.state,
+            AppState::Running,
+            "a refusal does not change what runs"
+        );
+        assert_eq!(
+            app.last_error.as_ref().map(|e| e.reason.as_str()),
+            Some("older than 2.0.0")
+        );
+
+        let later = t0 + time::Duration::minutes(2);
+        assert!(a.is_stale(later, Duration::from_secs(60)));
+        assert!(!a.is_stale(t0, Duration::from_secs(60)));
+        assert!(fleet.prune(later, Duration::from_secs(600)).is_empty());
+        assert_eq!(
+            fleet.prune(later + time::Duration::hours(1), Duration::from_secs(600)),
+            vec!["a1".to_string()]
+        );
+    }
+}

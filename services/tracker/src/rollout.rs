@@ -1,0 +1,718 @@
+//! The rollout state machine: a pure function of (policy, fleet, now) and what happened to this
+//! rollout so far. The service around it only applies its effects (write a ring's desired
+//! state, announce a halt) and persists it, so a restarted tracker continues where it was.
+//!
+//! A rollout moves ring by ring. A ring's hosts get the desired state asking for a rollout
+//! slot; the slots (at most `parallel` at a time) pace the switches. The ring completes when
+//! every live host of it reported the new version running (or failed, below the threshold);
+//! after its soak the next ring starts. Failures at or over the threshold halt the rollout with
+//! the reasons, and later rings never receive the version. Stale hosts are not waited for.
+
+use std::collections::BTreeMap;
+use std::time::Duration;
+
+use fleetcast_events::v1::{AgentStatus, AppState, SlotReply, SlotRequest};
+use semver::Version;
+use serde::{Deserialize, Serialize};
+use time::OffsetDateTime;
+
+use crate::fleet::Fleet;
+use crate::policy::{AppPolicy, Approval};
+
+#[derive(Debug, Clone, Copy, PartialEq, Eq, Serialize, Deserialize)]
+#[serde(rename_all = "snake_case")]
+pub enum Phase {
+    /// Hosts of the first ring may download; nobody switches before `approve`.
+    AwaitingApproval,
+    Running,
+    /// Stopped by its failure threshold; the reason says which hosts failed and why.
+    Halted,
+    /// Every ring completed.
+    Completed,
+    /// Stopped by an operator.
+    Aborted,
+}
+
+#[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize)]
+pub struct Rollout {
+    pub app: String,
+    pub version: Version,
+    pub phase: Phase,
+    /// No new slots while paused (hosts already switching finish).
+    pub paused: bool,
+    /// Index in the policy's rings of the ring being rolled out.
+    pub ring: usize,
+    #[serde(with = "time::serde::rfc3339")]
+    pub ring_started: OffsetDateTime,
+    /// When the current ring completed; the next starts after its soak.
+    #[serde(with = "time::serde::rfc3339::option")]
+    pub ring_completed: Option<OffsetDateTime>,
+    /// Hosts holding a slot, with their lease's end (a host that dies frees its slot).
+    pub slots: BTreeMap<String, Lease>,
+    /// Hosts that rolled this version back or refused it, with the reason.
+    pub failures: BTreeMap<String, String>,
+    /// Why it halted or was aborted.
+    pub reason: Option<String>,
+    #[serde(with = "time::serde::rfc3339")]
+    pub created: OffsetDateTime,
+}
+
+#[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize)]
+pub struct Lease {
+    pub ring: String,
+    #[serde(with = "time::serde::rfc3339")]
+    pub until: OffsetDateTime,
+}
+
+/// What the service must do after a step.
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub enum Effect {
+    /// Write this ring's desired state: this version, slots required.
+    Desire {
+        ring: String,
+    },
+    Halted {
+        reason: String,
+    },
+    Completed,
+}
+
+/// One ring's counts, as the API, CLI and dashboard show them.
+#[derive(Debug, Clone, Default, PartialEq, Eq, Serialize, Deserialize)]
+pub struct RingProgress {
+    pub ring: String,
+    /// Live hosts of the ring that run this app: the denominator.
+    pub targets: usize,
+    pub done: usize,
+    pub failed: usize,
+    pub switching: usize,
+    /// Hosts of the ring that missed their heartbeats (not counted in `targets`).
+    pub stale: usize,
+}
+
+/// The knobs of the tracker that the state machine needs.
+#[derive(Debug, Clone, Copy)]
+pub struct Timing {
+    pub stale_after: Duration,
+    pub slot_lease: Duration,
+}
+
+impl Rollout {
+    /// A rollout for a stored release. The first ring's hosts get the desired state at once
+    /// (download early), even while the rollout waits for approval.
+    pub fn start(
+        app: &str,
+        version: Version,
+        policy: &AppPolicy,
+        now: OffsetDateTime,
+    ) -> (Rollout, Vec<Effect>) {
+        let rollout = Rollout {
+            app: app.into(),
+            version,
+            phase: match policy.approval {
+                Approval::Auto => Phase::Running,
+                Approval::Manual => Phase::AwaitingApproval,
+            },
+            paused: false,
+            ring: 0,
+            ring_started: now,
+            ring_completed: None,
+            slots: BTreeMap::new(),
+            failures: BTreeMap::new(),
+            reason: None,
+            created: now,
+        };
+        let effects = policy
+            .rings
+            .first()
+            .map(|r| Effect::Desire {
+                ring: r.name.clone(),
+            })
+            .into_iter()
+            .collect();
+        (rollout, effects)
+    }
+
+    pub fn is_active(&self) -> bool {
+        matches!(self.phase, Phase::AwaitingApproval | Phase::Running)
+    }
+
+    pub fn approve(&mut self, now: OffsetDateTime) -> Result<(), String> {
+        match self.phase {
+            Phase::AwaitingApproval => {
+                self.phase = Phase::Running;
+                self.ring_started = now;
+                Ok(())
+            }
+            Phase::Running => Ok(()),
+            other => Err(format!("cannot approve a rollout that is {other:?}")),
+        }
+    }
+
+    pub fn set_paused(&mut self, paused: bool) -> Result<(), String> {
+        if !self.is_active() {
+            return Err(format!("the rollout is {:?}", self.phase));
+        }
+        self.paused = paused;
+        Ok(())
+    }
+
+    pub fn abort(&mut self, reason: String) {
+        if self.is_active() {
+            self.phase = Phase::Aborted;
+            self.reason = Some(reason);
+            self.slots.clear();
+        }
+    }
+
+    /// An agent's status: a result for this version frees its slot, a failure is recorded.
+    pub fn record_status(&mut self, status: &AgentStatus) {
+        if status.app != self.app || status.version.as_ref() != Some(&self.version) {
+            return;
+        }
+        match status.state {
+            AppState::Running => {
+                self.slots.remove(&status.agent_id);
+            }
+            AppState::RolledBack | AppState::Refused => {
+                self.slots.remove(&status.agent_id);
+                self.failures.insert(
+                    status.agent_id.clone(),
+                    status
+                        .reason
+                        .clone()
+                        .unwrap_or_else(|| "no reason given".into()),
+                );
+            }
+            _ => {}
+        }
+    }
+
+    /// Counts per ring, in policy order.
+    pub fn progress(
+        &self,
+        policy: &AppPolicy,
+        fleet: &Fleet,
+        now: OffsetDateTime,
+        timing: Timing,
+    ) -> Vec<RingProgress> {
+        policy
+            .rings
+            .iter()
+            .map(|ring| {
+                let mut p = RingProgress {
+                    ring: ring.name.clone(),
+                    ..Default::default()
+                };
+                for agent in fleet.agents.values().filter(|a| a.ring == ring.name) {
+                    let Some(app) = agent.apps.get(&self.app) else {
+                        continue;
+                    };
+                    if agent.is_stale(now, timing.stale_after) {
+                        p.stale += 1;
+                        continue;
+                    }
+                    p.targets += 1;
+                    if app.running.as_ref() == Some(&self.version) {
+                        p.done += 1;
+                    } else if self.failures.contains_key(&agent.agent_id) {
+                        p.failed += 1;
+                    } else if self.slots.contains_key(&agent.agent_id) {
+                        p.switching += 1;
+                    }
+                }
+                p
+            })
+            .collect()
+    }
+
+    /// Moves the rollout on: frees finished and expired slots, halts on the failure
+    /// threshold, completes rings, starts the next after its soak.
+    pub fn tick(
+        &mut self,
+        policy: &AppPolicy,
+        fleet: &Fleet,
+        now: OffsetDateTime,
+        timing: Timing,
+    ) -> Vec<Effect> {
+        self.slots.retain(|agent, lease| {
+            let done = fleet
+                .agents
+                .get(agent)
+                .and_then(|a| a.apps.get(&self.app))
+                .is_some_and(|app| app.running.as_ref() == Some(&self.version));
+            lease.until > now && !done
+        });
+        let mut effects = Vec::new();
+        if self.phase != Phase::Running || self.paused {
+            return effects;
+        }
+        // Chained: an empty ring with no soak completes at once and the next one starts.
+        while let Some(ring) = policy.rings.get(self.ring) {
+            let progress = self.progress(policy, fleet, now, timing);
+            let Some(p) = progress.get(self.ring) else {
+                break;
+            };
+            let threshold = ring.max_failures.of(p.targets).max(1);
+            if p.failed >= threshold && p.done + p.failed >= ring.min_results {
+                let reasons: Vec<String> = self
+                    .failures
+                    .iter()
+                    .filter(|(agent, _)| {
+                        fleet
+                            .agents
+                            .get(*agent)
+                            .is_some_and(|a| a.ring == ring.name)
+                    })
+                    .map(|(agent, why)| format!("{agent}: {why}"))
+                    .collect();
+                let reason = format!(
+                    "ring {}: {} of {} hosts failed (threshold {threshold}): {}",
+                    ring.name,
+                    p.failed,
+                    p.targets,
+                    reasons.join("; ")
+                );
+                self.phase = Phase::Halted;
+                self.reason = Some(reason.clone());
+                self.slots.clear();
+                effects.push(Effect::Halted { reason });
+                return effects;
+            }
+            if p.done + p.failed < p.targets {
+                break;
+            }
+            let completed = *self.ring_completed.get_or_insert(now);
+            if now < completed + ring.soak {
+                break;
+            }
+            match policy.rings.get(self.ring + 1) {
+                Some(next) => {
+                    self.ring += 1;
+                    self.ring_started = now;
+                    self.ring_completed = None;
+                    effects.push(Effect::Desire {
+                        ring: next.name.clone(),
+                    });
+                }
+                None => {
+                    self.phase = Phase::Completed;
+                    effects.push(Effect::Completed);
+                    break;
+                }
+            }
+        }
+        effects
+    }
+
+    /// An agent asks to switch. Granted while its ring is the one rolling out (or done), the
+    /// rollout runs, the ring's window is open and a slot is free.
+    pub fn request_slot(
+        &mut self,
+        policy: &AppPolicy,
+        fleet: &Fleet,
+        request: &SlotRequest,
+        now: OffsetDateTime,
+        timing: Timing,
+    ) -> SlotReply {
+        let refuse = |retry: Duration, reason: String| SlotReply {
+            granted: false,
+            retry_after_ms: retry.as_millis() as u64,
+            reason: Some(reason),
+        };
+        let grant = SlotReply {
+            granted: true,
+            retry_after_ms: 0,
+            reason: None,
+        };
+        if request.version != self.version {
+            return refuse(
+                Duration::from_secs(30),
+                format!(
+                    "{} is rolling out {}, not {}",
+                    self.app, self.version, request.version
+                ),
+            );
+        }
+        let Some(ring_index) = policy.ring_index(&request.ring) else {
+            return refuse(
+                Duration::from_secs(60),
+                format!("ring {} is not in the policy of {}", request.ring, self.app),
+            );
+        };
+        match self.phase {
+            Phase::Completed => return grant,
+            Phase::Halted | Phase::Aborted => {
+                return refuse(
+                    Duration::from_secs(60),
+                    format!(
+                        "rollout {:?}: {}",
+                        self.phase,
+                        self.reason.clone().unwrap_or_default()
+                    ),
+                );
+            }
+            Phase::AwaitingApproval => {
+                return refuse(
+                    Duration::from_secs(5),
+                    format!(
+                        "waiting for approval (fleetcast approve {} {})",
+                        self.app, self.version
+                    ),
+                );
+            }
+            Phase::Running => {}
+        }
+        if self.paused {
+            return refuse(Duration::from_secs(5), "rollout paused".into());
+        }
+        if ring_index > self.ring {
+            return refuse(
+                Duration::from_secs(10),
+                format!("ring {} has not started", request.ring),
+            );
+        }
+        let ring = &policy.rings[ring_index];
+        let windows = ring.windows().unwrap_or_default();
+        if !fleetcast_runtime::window::allows(&windows, now) {
+            let opens = fleetcast_runtime::window::next_open(&windows, now);
+            let wait = Duration::try_from(opens - now).unwrap_or(Duration::from_secs(60));
+            return refuse(
+                wait,
+                format!(
+                    "ring {} is outside its maintenance window until {opens}",
+                    ring.name
+                ),
+            );
+        }
+        let until = now + timing.slot_lease;
+        if let Some(lease) = self.slots.get_mut(&request.agent_id) {
+            lease.until = until;
+            return grant;
+        }
+        if ring_index == self.ring {
+            let targets = self.progress(policy, fleet, now, timing)[ring_index].targets;
+            let limit = ring.parallel.of(targets).max(1);
+            let taken = self.slots.values().filter(|l| l.ring == ring.name).count();
+            if taken >= limit {
+                return refuse(
+                    Duration::from_secs(1),
+                    format!("ring {}: {taken} of {limit} slots taken", ring.name),
+                );
+            }
+        }
+        self.slots.insert(
+            request.agent_id.clone(),
+            Lease {
+                ring: ring.name.clone(),
+                until,
+            },
+        );
+        grant
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+    use crate::fleet::{AgentView, AppView};
+    use crate::policy::{Amount, RingPolicy};
+
+    const TIMING: Timing = Timing {
+        stale_after: Duration::from_secs(60),
+        slot_lease: Duration::from_secs(600),
+    };
+
+    fn v(s: &str) -> Version {
+        Version::parse(s).expect("version")
+    }
+
+    fn t0() -> OffsetDateTime {
+        OffsetDateTime::UNIX_EPOCH + time::Duration::days(20_000) + time::Duration::hours(12)
+    }
+
+    fn ring(name: &str, parallel: Amount, soak_s: u64) -> RingPolicy {
+        RingPolicy {
+            name: name.into(),
+            parallel,
+            soak: Duration::from_secs(soak_s),
+            max_failures: Amount::Count(2),
+            min_results: 1,
+            windows: vec![],
+        }
+    }
+
+    fn policy() -> AppPolicy {
+        AppPolicy {
+            approval: Approval::Auto,
+            rings: vec![
+                ring("canary", Amount::Count(1), 30),
+                ring("broad", Amount::Percent(50), 0),
+            ],
+        }
+    }
+
+    /// One canary host and four broad hosts, all on 1.0.0, seen at `t0`.
+    fn fleet() -> Fleet {
+        let mut fleet = Fleet::default();
+        for (id, ring) in [
+            ("c1", "canary"),
+            ("b1", "broad"),
+            ("b2", "broad"),
+            ("b3", "broad"),
+            ("b4", "broad"),
+        ] {
+            fleet.agents.insert(
+                id.into(),
+                AgentView {
+                    agent_id: id.into(),
+                    host: id.into(),
+                    ring: ring.into(),
+                    labels: BTreeMap::new(),
+                    apps: BTreeMap::from([(
+                        "demo".to_string(),
+                        AppView {
+                            state: AppState::Running,
+                            running: Some(v("1.0.0")),
+                            staged: None,
+                            previous: None,
+                            uptime_s: 1,
+                            last_error: None,
+                        },
+                    )]),
+                    last_seen: t0(),
+                },
+            );
+        }
+        fleet
+    }
+
+    fn ask(r: &mut Rollout, fleet: &Fleet, agent: &str, now: OffsetDateTime) -> SlotReply {
+        let ring = fleet.agents[agent].ring.clone();
+        r.request_slot(
+            &policy(),
+            fleet,
+            &SlotRequest {
+                agent_id: agent.into(),
+                app: "demo".into(),
+                ring,
+                version: v("2.0.0"),
+            },
+            now,
+            TIMING,
+        )
+    }
+
+    fn switched(fleet: &mut Fleet, r: &mut Rollout, agent: &str) {
+        let status = AgentStatus {
+            agent_id: agent.into(),
+            app: "demo".into(),
+            state: AppState::Running,
+            version: Some(v("2.0.0")),
+            progress_bytes: None,
+            reason: None,
+            at: t0(),
+        };
+        fleet.status(&status, t0());
+        r.record_status(&status);
+    }
+
+    fn failed(r: &mut Rollout, agent: &str, why: &str) {
+        r.record_status(&AgentStatus {
+            agent_id: agent.into(),
+            app: "demo".into(),
+            state: AppState::RolledBack,
+            version: Some(v("2.0.0")),
+            progress_bytes: None,
+            reason: Some(why.into()),
+            at: t0(),
+        });
+    }
+
+    #[test]
+    fn rings_go_in_order_with_their_slots_and_soak() {
+        let (p, mut fleet, now) = (policy(), fleet(), t0());
+        let (mut r, effects) = Rollout::start("demo", v("2.0.0"), &p, now);
+        assert_eq!(
+            effects,
+            vec![Effect::Desire {
+                ring: "canary".into()
+            }]
+        );
+        let refused = ask(&mut r, &fleet, "b1", now);
+        assert!(!refused.granted);
+        assert!(
+            refused
+                .reason
+                .unwrap_or_default()
+                .contains("has not started")
+        );
+        assert!(ask(&mut r, &fleet, "c1", now).granted);
+        assert!(
+            ask(&mut r, &fleet, "c1", now).granted,
+            "asking again keeps the slot"
+        );
+        assert_eq!(r.tick(&p, &fleet, now, TIMING), vec![]);
+
+        switched(&mut fleet, &mut r, "c1");
+        assert_eq!(r.tick(&p, &fleet, now, TIMING), vec![], "canary soaks 30 s");
+        let later = now + time::Duration::seconds(31);
+        assert_eq!(
+            r.tick(&p, &fleet, later, TIMING),
+            vec![Effect::Desire {
+                ring: "broad".into()
+            }]
+        );
+        // 50% of four broad hosts: two at a time.
+        assert!(ask(&mut r, &fleet, "b1", later).granted);
+        assert!(ask(&mut r, &fleet, "b2", later).granted);
+        let full = ask(&mut r, &fleet, "b3", later);
+        assert!(!full.granted);
+        assert_eq!(
+            full.reason.as_deref(),
+            Some("ring broad: 2 of 2 slots taken")
+        );
+        switched(&mut fleet, &mut r, "b1");
+        assert!(
+            ask(&mut r, &fleet, "b3", later).granted,
+            "a finished host frees its slot"
+        );
+        for agent in ["b2", "b3", "b4"] {
+            switched(&mut fleet, &mut r, agent);
+        }
+        assert_eq!(r.tick(&p, &fleet, later, TIMING), vec![Effect::Completed]);
+        assert_eq!(r.phase, Phase::Completed);
+        let progress = r.progress(&p, &fleet, later, TIMING);
+        assert_eq!((progress[1].targets, progress[1].done), (4, 4));
+    }
+
+    #[test]
+    fn failures_over_the_threshold_halt_before_later_rings_get_the_version() {
+        let mut p = policy();
+        p.rings[0] = ring("canary", Amount::Count(1), 0);
+        let mut fleet = fleet();
+        for id in ["c2", "c3"] {
+            let mut a = fleet.agents["c1"].clone();
+            a.agent_id = id.into();
+            fleet.agents.insert(id.into(), a);
+        }
+        let now = t0();
+        let (mut r, _) = Rollout::start("demo", v("2.0.0"), &p, now);
+        assert!(ask(&mut r, &fleet, "c1", now).granted);
+        failed(&mut r, "c1", "exited during the health gate (code Some(3))");
+        assert_eq!(
+            r.tick(&p, &fleet, now, TIMING),
+            vec![],
+            "one failure is under the threshold of 2"
+        );
+        assert!(ask(&mut r, &fleet, "c2", now).granted);
+        failed(&mut r, "c2", "health probe failed: status 503");
+        let effects = r.tick(&p, &fleet, now, TIMING);
+        let [Effect::Halted { reason }] = effects.as_slice() else {
+            panic!("not halted: {effects:?}");
+        };
+        assert!(reason.contains("2 of 3 hosts failed"), "{reason}");
+        assert!(
+            reason.contains("c1: exited") && reason.contains("c2: health probe"),
+            "{reason}"
+        );
+        assert_eq!(r.phase, Phase::Halted);
+        let refused = ask(&mut r, &fleet, "c3", now);
+        assert!(!refused.granted && refused.reason.unwrap_or_default().contains("Halted"));
+        assert_eq!(
+            r.tick(&p, &fleet, now + time::Duration::hours(1), TIMING),
+            vec![]
+        );
+    }
+
+    #[test]
+    fn stale_hosts_do_not_hang_a_ring_and_late_hosts_still_converge() {
+        let p = AppPolicy::default();
+        let mut fleet = fleet();
+        for a in fleet.agents.values_mut() {
+            a.ring = "default".into();
+        }
+        let now = t0() + time::Duration::minutes(5);
+        // b4 went silent five minutes ago; the others just reported.
+        for (id, a) in fleet.agents.iter_mut() {
+            if id != "b4" {
+                a.last_seen = now;
+            }
+        }
+        let (mut r, _) = Rollout::start("demo", v("2.0.0"), &p, now);
+        for agent in ["c1", "b1", "b2", "b3"] {
+            switched(&mut fleet, &mut r, agent);
+            fleet.agents.get_mut(agent).expect("agent").last_seen = now;
+        }
+        assert_eq!(r.tick(&p, &fleet, now, TIMING), vec![Effect::Completed]);
+        assert_eq!(r.progress(&p, &fleet, now, TIMING)[0].stale, 1);
+        // b4 comes back: it still gets its slot.
+        let reply = r.request_slot(
+            &p,
+            &fleet,
+            &SlotRequest {
+                agent_id: "b4".into(),
+                app: "demo".into(),
+                ring: "default".into(),
+                version: v("2.0.0"),
+            },
+            now,
+            TIMING,
+        );
+        assert!(reply.granted);
+    }
+
+    #[test]
+    fn approval_pause_windows_and_expired_leases() {
+        let mut p = policy();
+        p.approval = Approval::Manual;
+        let fleet = fleet();
+        let now = t0();
+        let (mut r, effects) = Rollout::start("demo", v("2.0.0"), &p, now);
+        assert_eq!(
+            effects.len(),
+            1,
+            "the first ring may download while awaiting approval"
+        );
+        assert!(!ask(&mut r, &fleet, "c1", now).granted);
+        r.approve(now).expect("approve");
+        r.set_paused(true).expect("pause");
+        assert_eq!(
+            ask(&mut r, &fleet, "c1", now).reason.as_deref(),
+            Some("rollout paused")
+        );
+        r.set_paused(false).expect("resume");
+        assert!(ask(&mut r, &fleet, "c1", now).granted);
+        // The canary host dies with its slot; the lease runs out and frees it.
+        let mut p2 = p.clone();
+        p2.rings[0].windows = vec!["00:00-01:00".into()];
+        r.tick(&p, &fleet, now + time::Duration::minutes(11), TIMING);
+        assert!(r.slots.is_empty(), "expired lease kept");
+        // Outside the ring's window (it is noon): refused until it opens.
+        let mut other = fleet.clone();
+        other.agents.get_mut("c1").expect("c1").last_seen = now;
+        let reply = r.request_slot(
+            &p2,
+            &other,
+            &SlotRequest {
+                agent_id: "c1".into(),
+                app: "demo".into(),
+                ring: "canary".into(),
+                version: v("2.0.0"),
+            },
+            now,
+            TIMING,
+        );
+        assert!(!reply.granted);
+        assert!(
+            reply
+                .reason
+                .unwrap_or_default()
+                .contains("maintenance window")
+        );
+        assert!(reply.retry_after_ms >= 11 * 3600 * 1000);
+        r.abort("operator".into());
+        assert_eq!(r.phase, Phase::Aborted);
+        assert!(r.approve(now).is_err());
+    }
+}
