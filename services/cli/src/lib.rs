@@ -10,7 +10,10 @@ use fleetcast_events::v1::{ReleasePublished, ReleaseRecord, ReleaseState};
 use fleetcast_events::{Encoding, SecretKey};
 use fleetcast_package::{ArchiveLimits, Package, parse_package_file_name};
 use fleetcast_runtime::{Bus, NatsSettings};
+use fleetcast_tracker::api::{Command, Reply, RolloutView};
+use fleetcast_tracker::rollout::Phase;
 use futures::StreamExt;
+use indicatif::{MultiProgress, ProgressBar, ProgressStyle};
 use semver::Version;
 use tokio_util::sync::CancellationToken;
 
@@ -242,29 +245,67 @@ pub async fn releases(bus: &Bus, app: Option<&str>) -> anyhow::Result<Vec<Releas
     Ok(out)
 }
 
-/// Writes the desired state of `app` in `ring`: the stored release's signed manifest and chunk
-/// index key, which agents watching that key verify and install.
+/// Writes the desired state of `app` in `ring` (no rollout slots: every host switches at once).
 pub async fn desire(bus: &Bus, app: &str, ring: &str, version: &Version) -> anyhow::Result<()> {
-    names::validate_app_name(ring).map_err(|e| anyhow::anyhow!("ring: {e}"))?;
-    let record = bus
-        .release_record(app, version)
+    bus.desire(app, ring, version, false)
         .await
-        .map_err(anyhow::Error::msg)?
-        .with_context(|| format!("{app} {version} is not a known release"))?;
-    let (ReleaseState::Stored, Some(manifest)) = (record.state, record.manifest) else {
-        bail!("{app} {version} is not stored (state {:?})", record.state);
-    };
-    let desired = fleetcast_events::v1::DesiredState {
-        app: app.into(),
-        ring: ring.into(),
-        version: version.clone(),
-        manifest,
-        index_key: names::release_key(app, version),
-        slot: false,
-    };
-    let bytes = Encoding::Json.encode(&desired)?;
-    bus.desired
-        .put(names::desired_key(app, ring), bytes.into())
-        .await?;
-    Ok(())
+        .map_err(anyhow::Error::msg)
+}
+
+/// Sends an operator command to the tracker (request/reply on `fleetcast.v1.tracker.command`).
+pub async fn tracker(bus: &Bus, command: &Command) -> anyhow::Result<Reply> {
+    let answer = tokio::time::timeout(
+        Duration::from_secs(10),
+        bus.client
+            .request(names::TRACKER_COMMAND, serde_json::to_vec(command)?.into()),
+    )
+    .await
+    .context("the tracker did not answer within 10 s")?
+    .map_err(|e| anyhow::anyhow!("no tracker answered: {e}"))?;
+    Ok(serde_json::from_slice(&answer.payload)?)
+}
+
+/// Follows `app`'s rollout until it completes, halts or is aborted, with a bar per ring
+/// (hosts done of the ring's live hosts). Returns how it ended.
+pub async fn watch_rollout(bus: &Bus, app: &str) -> anyhow::Result<RolloutView> {
+    let bars = MultiProgress::new();
+    let style = ProgressStyle::with_template("{prefix:>12} [{bar:30}] {pos}/{len} {msg}")?
+        .progress_chars("=> ");
+    let header = bars.add(ProgressBar::new_spinner());
+    let mut rings: Vec<ProgressBar> = Vec::new();
+    loop {
+        let reply = tracker(bus, &Command::Show { app: app.into() }).await?;
+        let Some(view) = reply.rollout else {
+            bail!("{}", reply.message);
+        };
+        let r = &view.rollout;
+        let phase = match (r.phase, r.paused) {
+            (_, true) => "paused".to_string(),
+            (Phase::AwaitingApproval, _) => format!("awaiting approval (fleetcast approve {app})"),
+            (phase, _) => format!("{phase:?}").to_lowercase(),
+        };
+        header.set_message(format!("{app} {}: {phase}", r.version));
+        for (i, ring) in view.rings.iter().enumerate() {
+            if rings.len() <= i {
+                let bar = bars.add(ProgressBar::new(0).with_style(style.clone()));
+                bar.set_prefix(ring.ring.clone());
+                rings.push(bar);
+            }
+            let bar = &rings[i];
+            bar.set_length(ring.targets as u64);
+            bar.set_position(ring.done as u64);
+            bar.set_message(format!(
+                "{} failed, {} switching, {} stale",
+                ring.failed, ring.switching, ring.stale
+            ));
+        }
+        if !r.is_active() {
+            header.finish();
+            for bar in &rings {
+                bar.finish();
+            }
+            return Ok(view);
+        }
+        tokio::time::sleep(Duration::from_millis(500)).await;
+    }
 }

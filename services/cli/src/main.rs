@@ -7,6 +7,7 @@ use std::time::Duration;
 use clap::{Parser, Subcommand};
 use fleetcast_cli as cli;
 use fleetcast_events::v1::{ReleaseRecord, ReleaseState};
+use fleetcast_tracker::rollout::Phase;
 use indicatif::{ProgressBar, ProgressStyle};
 
 #[derive(Parser)]
@@ -69,6 +70,32 @@ enum Command {
         #[arg(long, default_value = "default")]
         ring: String,
     },
+    /// The fleet at a glance: agents per app, version and ring, and every app's rollout.
+    Status,
+    /// Every agent: ring, per app the running version and state, last error (tracker's view).
+    Agents,
+    /// Rollouts.
+    Rollout {
+        #[command(subcommand)]
+        action: RolloutAction,
+    },
+    /// Let a rollout that waits for approval start switching hosts.
+    Approve {
+        app: String,
+        /// Refuse if the app's rollout is of another version.
+        version: Option<semver::Version>,
+    },
+    /// Stop handing out rollout slots (hosts already switching finish).
+    Pause {
+        app: String,
+    },
+    Resume {
+        app: String,
+    },
+    /// Stop a rollout for good (hosts already switched stay switched).
+    Abort {
+        app: String,
+    },
     /// List releases and their state.
     Releases {
         #[arg(long)]
@@ -77,6 +104,13 @@ enum Command {
         #[arg(long)]
         json: bool,
     },
+}
+
+#[derive(Subcommand)]
+enum RolloutAction {
+    /// Live progress per ring until the rollout completes (exit 0), halts (exit 3) or is
+    /// aborted (exit 4): what CI waits on.
+    Watch { app: String },
 }
 
 fn humantime_parse(s: &str) -> Result<Duration, String> {
@@ -160,6 +194,68 @@ async fn execute(args: Args) -> anyhow::Result<ExitCode> {
             println!("{app} in ring {ring} should now run {version}");
             Ok(ExitCode::SUCCESS)
         }
+        Command::Status => {
+            let bus = cli::connect(&args.nats_url, Duration::from_secs(10)).await?;
+            let reply = cli::tracker(&bus, &fleetcast_tracker::api::Command::Status).await?;
+            print_status(&reply);
+            Ok(ExitCode::SUCCESS)
+        }
+        Command::Agents => {
+            let bus = cli::connect(&args.nats_url, Duration::from_secs(10)).await?;
+            let reply = cli::tracker(&bus, &fleetcast_tracker::api::Command::Status).await?;
+            print_agents(&reply.agents);
+            Ok(ExitCode::SUCCESS)
+        }
+        Command::Rollout {
+            action: RolloutAction::Watch { app },
+        } => {
+            let bus = cli::connect(&args.nats_url, Duration::from_secs(10)).await?;
+            let view = cli::watch_rollout(&bus, &app).await?;
+            let r = &view.rollout;
+            let reason = r.reason.clone().unwrap_or_default();
+            Ok(match r.phase {
+                Phase::Completed => {
+                    println!("{app} {}: completed", r.version);
+                    ExitCode::SUCCESS
+                }
+                Phase::Halted => {
+                    println!("{app} {}: halted: {reason}", r.version);
+                    ExitCode::from(3)
+                }
+                _ => {
+                    println!("{app} {}: aborted: {reason}", r.version);
+                    ExitCode::from(4)
+                }
+            })
+        }
+        Command::Approve { app, version } => {
+            steer(
+                &args.nats_url,
+                fleetcast_tracker::api::Command::Approve { app, version },
+            )
+            .await
+        }
+        Command::Pause { app } => {
+            steer(
+                &args.nats_url,
+                fleetcast_tracker::api::Command::Pause { app },
+            )
+            .await
+        }
+        Command::Resume { app } => {
+            steer(
+                &args.nats_url,
+                fleetcast_tracker::api::Command::Resume { app },
+            )
+            .await
+        }
+        Command::Abort { app } => {
+            steer(
+                &args.nats_url,
+                fleetcast_tracker::api::Command::Abort { app },
+            )
+            .await
+        }
         Command::Releases { app, json } => {
             let bus = cli::connect(&args.nats_url, Duration::from_secs(10)).await?;
             let records = cli::releases(&bus, app.as_deref()).await?;
@@ -171,6 +267,97 @@ async fn execute(args: Args) -> anyhow::Result<ExitCode> {
                 print_records(&records);
             }
             Ok(ExitCode::SUCCESS)
+        }
+    }
+}
+
+/// Sends a steering command; prints the tracker's answer; exit 1 when it refused.
+async fn steer(
+    nats_url: &str,
+    command: fleetcast_tracker::api::Command,
+) -> anyhow::Result<ExitCode> {
+    let bus = cli::connect(nats_url, Duration::from_secs(10)).await?;
+    let reply = cli::tracker(&bus, &command).await?;
+    println!("{}", reply.message);
+    Ok(if reply.ok {
+        ExitCode::SUCCESS
+    } else {
+        ExitCode::FAILURE
+    })
+}
+
+fn print_status(reply: &fleetcast_tracker::api::Reply) {
+    use std::collections::BTreeMap;
+    let mut counts: BTreeMap<(String, String, String), usize> = BTreeMap::new();
+    let stale = reply.agents.iter().filter(|a| a.stale).count();
+    for row in reply.agents.iter().filter(|a| !a.stale) {
+        for (app, view) in &row.agent.apps {
+            let version = view
+                .running
+                .as_ref()
+                .map_or("-".to_string(), ToString::to_string);
+            *counts
+                .entry((app.clone(), version, row.agent.ring.clone()))
+                .or_default() += 1;
+        }
+    }
+    println!("{} agents ({stale} stale)", reply.agents.len());
+    println!(
+        "{:<20} {:<16} {:<12} {:>6}",
+        "APP", "VERSION", "RING", "AGENTS"
+    );
+    for ((app, version, ring), n) in counts {
+        println!("{app:<20} {version:<16} {ring:<12} {n:>6}");
+    }
+    for view in &reply.rollouts {
+        let r = &view.rollout;
+        let phase = format!("{:?}", r.phase).to_lowercase();
+        let paused = if r.paused { " (paused)" } else { "" };
+        println!("\nrollout {} {}: {phase}{paused}", r.app, r.version);
+        for ring in &view.rings {
+            println!(
+                "  {:<12} {}/{} done, {} failed, {} switching, {} stale",
+                ring.ring, ring.done, ring.targets, ring.failed, ring.switching, ring.stale
+            );
+        }
+        if let Some(reason) = &r.reason {
+            println!("  reason: {reason}");
+        }
+    }
+}
+
+fn print_agents(agents: &[fleetcast_tracker::api::AgentRow]) {
+    println!(
+        "{:<20} {:<12} {:<16} {:<12} {:<16}  LAST ERROR",
+        "AGENT", "RING", "APP", "RUNNING", "STATE"
+    );
+    for row in agents {
+        let a = &row.agent;
+        let stale = if row.stale { " (stale)" } else { "" };
+        for (app, view) in &a.apps {
+            let running = view
+                .running
+                .as_ref()
+                .map_or("-".to_string(), ToString::to_string);
+            let state = format!("{:?}", view.state).to_lowercase();
+            let error = view
+                .last_error
+                .as_ref()
+                .map(|e| {
+                    let version = e
+                        .version
+                        .as_ref()
+                        .map(ToString::to_string)
+                        .unwrap_or_default();
+                    format!("{version}: {}", e.reason)
+                })
+                .unwrap_or_default();
+            println!(
+                "{:<20} {:<12} {app:<16} {running:<12} {:<16}  {error}",
+                format!("{}{stale}", a.agent_id),
+                a.ring,
+                state
+            );
         }
     }
 }

@@ -181,11 +181,7 @@ impl Distributor {
             new_stored_bytes: report.new_stored_bytes,
             index_key: key.clone(),
         };
-        let msg_id = format!("stored.{key}");
-        self.bus
-            .publish_event(RELEASE_STORED, &stored, Encoding::MsgPack, Some(&msg_id))
-            .await
-            .map_err(|e| e.to_string())?;
+        // The record first: whoever reacts to `release.stored` (the tracker) finds it stored.
         self.bus
             .put_release_record(&ReleaseRecord {
                 app: event.app.clone(),
@@ -193,10 +189,15 @@ impl Distributor {
                 state: ReleaseState::Stored,
                 reason: None,
                 manifest: Some(event.manifest.clone()),
-                stored: Some(stored),
+                stored: Some(stored.clone()),
                 updated: OffsetDateTime::now_utc(),
             })
             .await?;
+        let msg_id = format!("stored.{key}");
+        self.bus
+            .publish_event(RELEASE_STORED, &stored, Encoding::MsgPack, Some(&msg_id))
+            .await
+            .map_err(|e| e.to_string())?;
         if let Err(e) = self.bus.incoming.delete(&event.object).await {
             tracing::warn!(object = %event.object, error = %e, "stored, but the incoming archive was not deleted");
         }

@@ -41,11 +41,20 @@ pub const INDEX_BUCKET: &str = "fleetcast-index";
 pub const SIGNER_BUCKET: &str = "fleetcast-signer";
 /// Desired version per app and ring, watched by agents.
 pub const DESIRED_BUCKET: &str = "fleetcast-desired";
+/// The tracker's inventory: one key per agent, plus the status-stream position it reflects.
+pub const FLEET_BUCKET: &str = "fleetcast-fleet";
+/// The tracker's rollouts: one key per app (its current or last rollout).
+pub const ROLLOUTS_BUCKET: &str = "fleetcast-rollouts";
+/// Operators' commands to the tracker (request/reply, JSON): approve, pause, resume, abort, show.
+pub const TRACKER_COMMAND: &str = "fleetcast.v1.tracker.command";
+/// Every app's slot requests, for the tracker's queue subscription.
+pub const SLOT_REQUESTS: &str = "fleetcast.v1.slot.*";
 
 /// Durable consumers: one name per role, so several instances of a role share the work.
 pub const WATCHER_CONSUMER: &str = "watcher";
 pub const SIGNER_CONSUMER: &str = "signer";
 pub const DISTRIBUTOR_CONSUMER: &str = "distributor";
+pub const TRACKER_CONSUMER: &str = "tracker";
 
 /// Subject of one chunk, named by the hex BLAKE3 of its uncompressed content.
 pub fn chunk_subject(chunk_hex: &str) -> String {

@@ -41,6 +41,8 @@ pub struct Bus {
     pub index: kv::Store,
     pub signer_state: kv::Store,
     pub desired: kv::Store,
+    pub fleet: kv::Store,
+    pub rollouts: kv::Store,
     pub incoming: object_store::ObjectStore,
 }
 
@@ -129,6 +131,8 @@ impl Bus {
         let index = kv_bucket(&js, INDEX_BUCKET, 1).await?;
         let signer_state = kv_bucket(&js, SIGNER_BUCKET, 10).await?;
         let desired = kv_bucket(&js, DESIRED_BUCKET, 10).await?;
+        let fleet = kv_bucket(&js, FLEET_BUCKET, 1).await?;
+        let rollouts = kv_bucket(&js, ROLLOUTS_BUCKET, 10).await?;
         let incoming = match js.get_object_store(INCOMING_BUCKET).await {
             Ok(store) => store,
             Err(_) => js
@@ -151,6 +155,8 @@ impl Bus {
             index,
             signer_state,
             desired,
+            fleet,
+            rollouts,
             incoming,
         })
     }

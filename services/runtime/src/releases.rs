@@ -145,6 +145,46 @@ impl Bus {
         }
     }
 
+    /// Writes the desired state of `app` in `ring`: the stored release's signed manifest and
+    /// chunk index key, which agents watching that key verify and install; `slot` makes them
+    /// ask the tracker for a rollout slot before switching.
+    pub async fn desire(
+        &self,
+        app: &str,
+        ring: &str,
+        version: &Version,
+        slot: bool,
+    ) -> Result<(), String> {
+        fleetcast_events::names::validate_app_name(ring).map_err(|e| format!("ring: {e}"))?;
+        let record = self
+            .release_record(app, version)
+            .await?
+            .ok_or_else(|| format!("{app} {version} is not a known release"))?;
+        let (ReleaseState::Stored, Some(manifest)) = (record.state, record.manifest) else {
+            return Err(format!(
+                "{app} {version} is not stored (state {:?})",
+                record.state
+            ));
+        };
+        let desired = fleetcast_events::v1::DesiredState {
+            app: app.into(),
+            ring: ring.into(),
+            version: version.clone(),
+            manifest,
+            index_key: release_key(app, version),
+            slot,
+        };
+        let bytes = Encoding::Json.encode(&desired).map_err(|e| e.to_string())?;
+        self.desired
+            .put(
+                fleetcast_events::names::desired_key(app, ring),
+                bytes.into(),
+            )
+            .await
+            .map_err(|e| e.to_string())?;
+        Ok(())
+    }
+
     pub async fn put_release_record(&self, record: &ReleaseRecord) -> Result<(), String> {
         let bytes = Encoding::Json.encode(record).map_err(|e| e.to_string())?;
         self.releases

@@ -1,8 +1,89 @@
 //! The tracker: keeps the fleet inventory from agents' reports and drives staged rollouts.
 //!
 //! [`policy`] is the per-app rollout policy, [`fleet`] the inventory, [`rollout`] the pure
-//! state machine.
+//! state machine; [`service`] runs them on the bus, [`http`] serves the API, [`api`] holds what
+//! operators exchange with it.
 
+pub mod api;
 pub mod fleet;
+pub mod http;
 pub mod policy;
 pub mod rollout;
+pub mod service;
+pub mod settings;
+
+use std::sync::Arc;
+
+use fleetcast_runtime::{Bus, BusError};
+use tokio_util::sync::CancellationToken;
+
+pub use settings::Settings;
+
+pub const SERVICE: &str = "tracker";
+
+#[derive(Debug, thiserror::Error)]
+pub enum TrackerError {
+    #[error(transparent)]
+    Settings(#[from] fleetcast_runtime::SettingsError),
+    #[error(transparent)]
+    Bus(#[from] BusError),
+    #[error("{0}")]
+    Failed(String),
+}
+
+pub async fn run(settings: Settings, shutdown: CancellationToken) -> Result<(), TrackerError> {
+    settings.validate()?;
+    let bus = match Bus::connect(&settings.nats, SERVICE, &shutdown).await {
+        Err(BusError::Cancelled) => return Ok(()),
+        other => other?,
+    };
+    let listener = tokio::net::TcpListener::bind(settings.listen)
+        .await
+        .map_err(|e| TrackerError::Failed(format!("cannot listen on {}: {e}", settings.listen)))?;
+    let tracker = service::Tracker::load(bus, Arc::new(settings))
+        .await
+        .map_err(TrackerError::Failed)?;
+    tracing::info!(listen = %tracker.settings.listen, "tracker serving");
+    let mut tasks = tokio::task::JoinSet::new();
+    tasks.spawn(tracker.clone().follow_reports(shutdown.clone()));
+    tasks.spawn(tracker.clone().run_ticks(shutdown.clone()));
+    let failed = |what: &'static str| move |e: String| tracing::error!(%e, "{what} stopped");
+    {
+        let (t, s) = (tracker.clone(), shutdown.clone());
+        tasks.spawn(async move {
+            t.follow_releases(s)
+                .await
+                .unwrap_or_else(failed("release consumer"))
+        });
+    }
+    {
+        let (t, s) = (tracker.clone(), shutdown.clone());
+        tasks.spawn(async move {
+            t.serve_slots(s)
+                .await
+                .unwrap_or_else(failed("slot service"))
+        });
+    }
+    {
+        let (t, s) = (tracker.clone(), shutdown.clone());
+        tasks.spawn(async move {
+            t.serve_commands(s)
+                .await
+                .unwrap_or_else(failed("command service"))
+        });
+    }
+    {
+        let s = shutdown.clone();
+        let app = http::router(tracker.clone());
+        tasks.spawn(async move {
+            if let Err(e) = axum::serve(listener, app)
+                .with_graceful_shutdown(async move { s.cancelled().await })
+                .await
+            {
+                tracing::error!(error = %e, "HTTP server stopped");
+            }
+        });
+    }
+    while tasks.join_next().await.is_some() {}
+    Ok(())
+}

@@ -155,6 +155,86 @@ impl Pipeline {
         }
     }
 
+    /// Stops a service the way a signal would (an agent stops its app first), and waits.
+    pub async fn stop(&mut self, name: &str) {
+        if let Some((token, handle)) = self.services.remove(name) {
+            token.cancel();
+            let _ = handle.await;
+        }
+    }
+
+    pub fn tracker_settings(&self) -> fleetcast_tracker::Settings {
+        fleetcast_tracker::Settings {
+            nats: self.nats_settings(),
+            listen: std::net::SocketAddr::from(([127, 0, 0, 1], 0)),
+            tick: Duration::from_millis(200),
+            stale_after: Duration::from_secs(5),
+            ..Default::default()
+        }
+    }
+
+    pub fn start_tracker_with(&mut self, settings: fleetcast_tracker::Settings) {
+        self.spawn("tracker", move |token| async move {
+            if let Err(e) = fleetcast_tracker::run(settings, token).await {
+                tracing::error!(error = %e, "tracker failed");
+            }
+        });
+    }
+
+    /// Sends an operator command to the tracker, as the CLI does.
+    pub async fn tracker_command(
+        &self,
+        command: &fleetcast_tracker::api::Command,
+    ) -> anyhow::Result<fleetcast_tracker::api::Reply> {
+        fleetcast_cli::tracker(&self.bus().await?, command).await
+    }
+
+    /// An agent `id` in `ring` supervising `shapp` (a [`script_app`]), its state under `host`:
+    /// `data/` for its installs, `state/` where the app writes which version runs.
+    pub fn agent_settings(
+        &self,
+        id: &str,
+        ring: &str,
+        host: &std::path::Path,
+    ) -> fleetcast_agent::Settings {
+        let state = host.join("state");
+        let _ = std::fs::create_dir_all(&state);
+        fleetcast_agent::Settings {
+            nats: self.nats_settings(),
+            agent_id: id.into(),
+            ring: ring.into(),
+            data_dir: host.join("data"),
+            trusted_keys: vec![self.key.public().to_text()],
+            heartbeat: Duration::from_secs(1),
+            slot_retry: Duration::from_millis(500),
+            apps: vec![fleetcast_agent::settings::AppSettings {
+                name: "shapp".into(),
+                command: vec!["bin/run".into()],
+                env: std::collections::BTreeMap::from([(
+                    "STATE_DIR".to_string(),
+                    state.display().to_string(),
+                )]),
+                health: fleetcast_agent::health::HealthGate {
+                    stay_up: Duration::from_millis(300),
+                    ..Default::default()
+                },
+                crash: Default::default(),
+                grace: Duration::from_secs(5),
+            }],
+            ..Default::default()
+        }
+    }
+
+    /// Runs an agent in this process, as service `agent-<id>`.
+    pub fn start_agent(&mut self, settings: fleetcast_agent::Settings) {
+        let name = format!("agent-{}", settings.agent_id);
+        self.spawn(&name, move |token| async move {
+            if let Err(e) = fleetcast_agent::run(settings, token).await {
+                tracing::error!(error = %e, "agent failed");
+            }
+        });
+    }
+
     /// Kills a service the hard way: its task is dropped wherever it is, nothing is acked.
     pub fn kill(&mut self, name: &str) {
         if let Some((token, handle)) = self.services.remove(name) {

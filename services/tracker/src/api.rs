@@ -1,0 +1,71 @@
+//! What operators exchange with the tracker: commands over NATS (request/reply on
+//! `fleetcast.v1.tracker.command`, JSON) and the views the HTTP API and CLI show.
+
+use semver::Version;
+use serde::{Deserialize, Serialize};
+
+use crate::fleet::AgentView;
+use crate::rollout::{RingProgress, Rollout};
+
+#[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize)]
+#[serde(rename_all = "snake_case", tag = "command")]
+pub enum Command {
+    /// Every agent and every app's rollout.
+    Status,
+    /// The app's current rollout with its progress per ring.
+    Show {
+        app: String,
+    },
+    Approve {
+        app: String,
+        version: Option<Version>,
+    },
+    Pause {
+        app: String,
+    },
+    Resume {
+        app: String,
+    },
+    Abort {
+        app: String,
+    },
+}
+
+#[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize)]
+pub struct Reply {
+    pub ok: bool,
+    pub message: String,
+    pub rollout: Option<RolloutView>,
+    /// `Status` only.
+    #[serde(default)]
+    pub rollouts: Vec<RolloutView>,
+    #[serde(default)]
+    pub agents: Vec<AgentRow>,
+}
+
+impl Reply {
+    pub fn failed(message: String) -> Reply {
+        Reply {
+            ok: false,
+            message,
+            rollout: None,
+            rollouts: Vec::new(),
+            agents: Vec::new(),
+        }
+    }
+}
+
+#[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize)]
+pub struct RolloutView {
+    #[serde(flatten)]
+    pub rollout: Rollout,
+    pub rings: Vec<RingProgress>,
+}
+
+/// An agent as the API shows it.
+#[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize)]
+pub struct AgentRow {
+    #[serde(flatten)]
+    pub agent: AgentView,
+    pub stale: bool,
+}

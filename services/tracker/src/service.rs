@@ -1,0 +1,576 @@
+//! The tracker service around the pure parts: folds agents' reports into the inventory, starts
+//! a rollout for each stored release, answers slot requests and operators' commands, moves the
+//! rollouts on every tick, writes the desired states they call for, and saves everything to
+//! JetStream KV so a restart continues where it was.
+
+use std::collections::{BTreeMap, BTreeSet};
+use std::sync::Arc;
+
+use async_nats::jetstream::consumer::{DeliverPolicy, pull};
+use fleetcast_events::names::{self, FLEET_BUCKET, SLOT_REQUESTS, TRACKER_COMMAND};
+use fleetcast_events::v1::{AgentHeartbeat, AgentStatus, ReleaseStored, SlotReply, SlotRequest};
+use fleetcast_events::{CONTENT_TYPE, Encoding};
+use fleetcast_runtime::Bus;
+use fleetcast_runtime::consume::{ConsumerSpec, Outcome, decode_or_reject, run_consumer};
+use futures::StreamExt;
+use time::OffsetDateTime;
+use tokio::sync::Mutex;
+use tokio_util::sync::CancellationToken;
+
+use crate::api::{AgentRow, Command, Reply, RolloutView};
+use crate::fleet::{AgentView, Fleet};
+use crate::rollout::{Effect, Rollout};
+use crate::settings::Settings;
+
+const SERVICE: &str = "tracker";
+/// The key holding the status-stream position the saved inventory reflects (agent ids have no
+/// dots, so it cannot collide with one).
+const CURSOR_KEY: &str = "cursor.status";
+
+pub struct Tracker {
+    pub bus: Bus,
+    pub settings: Arc<Settings>,
+    state: Mutex<State>,
+}
+
+#[derive(Default)]
+struct State {
+    fleet: Fleet,
+    /// Per app: its current (or last) rollout.
+    rollouts: BTreeMap<String, Rollout>,
+    dirty_agents: BTreeSet<String>,
+    dirty_rollouts: BTreeSet<String>,
+    /// Last status-stream sequence folded into `fleet`.
+    cursor: u64,
+}
+
+impl Tracker {
+    /// Loads the saved inventory and rollouts.
+    pub async fn load(bus: Bus, settings: Arc<Settings>) -> Result<Arc<Tracker>, String> {
+        let mut state = State::default();
+        let mut keys = bus.fleet.keys().await.map_err(|e| e.to_string())?;
+        while let Some(key) = keys.next().await {
+            let key = key.map_err(|e| e.to_string())?;
+            let Some(bytes) = bus.fleet.get(&key).await.map_err(|e| e.to_string())? else {
+                continue;
+            };
+            if key == CURSOR_KEY {
+                state.cursor = String::from_utf8_lossy(&bytes).trim().parse().unwrap_or(0);
+            } else {
+                match serde_json::from_slice::<AgentView>(&bytes) {
+                    Ok(agent) => {
+                        state.fleet.agents.insert(key, agent);
+                    }
+                    Err(e) => tracing::warn!(%key, error = %e, "unreadable agent record skipped"),
+                }
+            }
+        }
+        let mut keys = bus.rollouts.keys().await.map_err(|e| e.to_string())?;
+        while let Some(key) = keys.next().await {
+            let key = key.map_err(|e| e.to_string())?;
+            if let Some(bytes) = bus.rollouts.get(&key).await.map_err(|e| e.to_string())? {
+                match serde_json::from_slice::<Rollout>(&bytes) {
+                    Ok(r) => {
+                        state.rollouts.insert(key, r);
+                    }
+                    Err(e) => tracing::warn!(%key, error = %e, "unreadable rollout skipped"),
+                }
+            }
+        }
+        tracing::info!(
+            agents = state.fleet.agents.len(),
+            rollouts = state.rollouts.len(),
+            cursor = state.cursor,
+            "state loaded"
+        );
+        Ok(Arc::new(Tracker {
+            bus,
+            settings,
+            state: Mutex::new(state),
+        }))
+    }
+
+    /// Folds every agent report from the status stream, from where the saved state left off.
+    pub async fn follow_reports(self: Arc<Self>, shutdown: CancellationToken) {
+        while !shutdown.is_cancelled() {
+            let start = self.state.lock().await.cursor + 1;
+            let consumer = self
+                .bus
+                .status_stream
+                .create_consumer(pull::OrderedConfig {
+                    filter_subject: "fleetcast.v1.agent.>".into(),
+                    deliver_policy: DeliverPolicy::ByStartSequence {
+                        start_sequence: start,
+                    },
+                    ..Default::default()
+                })
+                .await;
+            let mut messages = match consumer {
+                Ok(c) => match c.messages().await {
+                    Ok(m) => m,
+                    Err(e) => {
+                        tracing::warn!(error = %e, "cannot read agent reports, retrying");
+                        tokio::time::sleep(std::time::Duration::from_secs(1)).await;
+                        continue;
+                    }
+                },
+                Err(e) => {
+                    tracing::warn!(error = %e, "cannot follow agent reports, retrying");
+                    tokio::time::sleep(std::time::Duration::from_secs(1)).await;
+                    continue;
+                }
+            };
+            loop {
+                let next = tokio::select! {
+                    _ = shutdown.cancelled() => return,
+                    next = messages.next() => next,
+                };
+                match next {
+                    Some(Ok(msg)) => self.fold_report(&msg).await,
+                    Some(Err(e)) => {
+                        tracing::debug!(error = %e, "report stream hiccup");
+                    }
+                    None => break,
+                }
+            }
+        }
+    }
+
+    async fn fold_report(&self, msg: &async_nats::jetstream::Message) {
+        let Ok(seq) = msg.info().map(|i| i.stream_sequence) else {
+            return;
+        };
+        let content_type = msg
+            .headers
+            .as_ref()
+            .and_then(|h| h.get(CONTENT_TYPE))
+            .map(|v| v.to_string());
+        let now = OffsetDateTime::now_utc();
+        let mut state = self.state.lock().await;
+        let state = &mut *state;
+        state.cursor = state.cursor.max(seq);
+        if msg.subject.ends_with(".heartbeat") {
+            match fleetcast_events::codec::decode::<AgentHeartbeat>(
+                content_type.as_deref(),
+                &msg.payload,
+            ) {
+                Ok(hb) if valid_agent_id(&hb.agent_id) => {
+                    state.fleet.heartbeat(&hb, now);
+                    state.dirty_agents.insert(hb.agent_id);
+                }
+                Ok(hb) => {
+                    tracing::warn!(agent = %hb.agent_id, "heartbeat with an invalid agent id ignored")
+                }
+                Err(e) => {
+                    tracing::warn!(subject = %msg.subject, error = %e, "heartbeat does not decode; ignored")
+                }
+            }
+        } else if msg.subject.ends_with(".status") {
+            match fleetcast_events::codec::decode::<AgentStatus>(
+                content_type.as_deref(),
+                &msg.payload,
+            ) {
+                Ok(st) if valid_agent_id(&st.agent_id) => {
+                    state.fleet.status(&st, now);
+                    state.dirty_agents.insert(st.agent_id.clone());
+                    if let Some(rollout) = state.rollouts.get_mut(&st.app) {
+                        rollout.record_status(&st);
+                        state.dirty_rollouts.insert(st.app.clone());
+                    }
+                }
+                Ok(st) => {
+                    tracing::warn!(agent = %st.agent_id, "status with an invalid agent id ignored")
+                }
+                Err(e) => {
+                    tracing::warn!(subject = %msg.subject, error = %e, "status does not decode; ignored")
+                }
+            }
+        }
+    }
+
+    /// Starts a rollout for every stored release newer than the app's current one.
+    pub async fn follow_releases(
+        self: Arc<Self>,
+        shutdown: CancellationToken,
+    ) -> Result<(), String> {
+        let spec = ConsumerSpec {
+            durable: names::TRACKER_CONSUMER,
+            filter_subject: names::RELEASE_STORED,
+            ack_wait: std::time::Duration::from_secs(30),
+        };
+        let me = self.clone();
+        run_consumer(&self.bus.releases_stream, spec, shutdown, move |msg| {
+            let me = me.clone();
+            async move {
+                let stored: ReleaseStored = match decode_or_reject(&me.bus, SERVICE, &msg).await {
+                    Ok(e) => e,
+                    Err(outcome) => return outcome,
+                };
+                me.start_rollout(&stored).await
+            }
+        })
+        .await
+        .map_err(|e| e.to_string())
+    }
+
+    async fn start_rollout(&self, stored: &ReleaseStored) -> Outcome {
+        let policy = self.settings.policy(&stored.app);
+        let now = OffsetDateTime::now_utc();
+        let effects = {
+            let mut state = self.state.lock().await;
+            match state.rollouts.get(&stored.app) {
+                // A redelivery (its effects may not have been carried out): the current ring's
+                // desired state again, which is idempotent.
+                Some(r) if r.version == stored.version => {
+                    let ring = policy.rings.get(r.ring).map(|ring| ring.name.clone());
+                    match ring {
+                        Some(ring) if r.is_active() => vec![Effect::Desire { ring }],
+                        _ => return Outcome::Done,
+                    }
+                }
+                // An older release stored late: nothing to start.
+                Some(r) if r.version > stored.version => return Outcome::Done,
+                _ => {
+                    let (rollout, effects) =
+                        Rollout::start(&stored.app, stored.version.clone(), &policy, now);
+                    tracing::info!(app = %stored.app, version = %stored.version, phase = ?rollout.phase, "rollout started");
+                    state.rollouts.insert(stored.app.clone(), rollout);
+                    state.dirty_rollouts.insert(stored.app.clone());
+                    effects
+                }
+            }
+        };
+        match self.apply(&stored.app, &stored.version, effects).await {
+            Ok(()) => Outcome::Done,
+            Err(e) => Outcome::Retry(e),
+        }
+    }
+
+    /// Carries out a rollout's effects.
+    async fn apply(
+        &self,
+        app: &str,
+        version: &semver::Version,
+        effects: Vec<Effect>,
+    ) -> Result<(), String> {
+        for effect in effects {
+            match effect {
+                Effect::Desire { ring } => {
+                    self.bus.desire(app, &ring, version, true).await?;
+                    tracing::info!(%app, %version, %ring, "ring started: desired state written");
+                }
+                Effect::Halted { reason } => {
+                    tracing::warn!(%app, %version, %reason, "rollout halted");
+                }
+                Effect::Completed => tracing::info!(%app, %version, "rollout completed"),
+            }
+        }
+        Ok(())
+    }
+
+    /// Every tick: move rollouts on, prune the inventory, save what changed.
+    pub async fn run_ticks(self: Arc<Self>, shutdown: CancellationToken) {
+        let mut ticker = tokio::time::interval(self.settings.tick);
+        loop {
+            tokio::select! {
+                _ = shutdown.cancelled() => break,
+                _ = ticker.tick() => {}
+            }
+            let now = OffsetDateTime::now_utc();
+            let mut todo = Vec::new();
+            {
+                let mut state = self.state.lock().await;
+                let state = &mut *state;
+                for (app, rollout) in state.rollouts.iter_mut() {
+                    let before = rollout.clone();
+                    let effects = rollout.tick(
+                        &self.settings.policy(app),
+                        &state.fleet,
+                        now,
+                        self.settings.timing(),
+                    );
+                    if *rollout != before {
+                        state.dirty_rollouts.insert(app.clone());
+                    }
+                    if !effects.is_empty() {
+                        todo.push((app.clone(), rollout.version.clone(), effects));
+                    }
+                }
+                for gone in state.fleet.prune(now, self.settings.prune_after) {
+                    tracing::info!(agent = %gone, "silent agent pruned");
+                    state.dirty_agents.insert(gone);
+                }
+            }
+            for (app, version, effects) in todo {
+                if let Err(e) = self.apply(&app, &version, effects).await {
+                    tracing::warn!(%app, error = %e, "rollout effect failed; retried next tick");
+                    // The ring's desired state is written again on the next ring change at the
+                    // latest; make the failure visible now.
+                }
+            }
+            if let Err(e) = self.save().await {
+                tracing::warn!(error = %e, "state not saved; retried next tick");
+            }
+        }
+        let _ = self.save().await;
+    }
+
+    async fn save(&self) -> Result<(), String> {
+        let (agents, rollouts, cursor) = {
+            let mut state = self.state.lock().await;
+            let agents: Vec<(String, Option<Vec<u8>>)> = std::mem::take(&mut state.dirty_agents)
+                .into_iter()
+                .map(|id| {
+                    let bytes = state
+                        .fleet
+                        .agents
+                        .get(&id)
+                        .and_then(|a| serde_json::to_vec(a).ok());
+                    (id, bytes)
+                })
+                .collect();
+            let rollouts: Vec<(String, Vec<u8>)> = std::mem::take(&mut state.dirty_rollouts)
+                .into_iter()
+                .filter_map(|app| {
+                    let bytes = serde_json::to_vec(state.rollouts.get(&app)?).ok()?;
+                    Some((app, bytes))
+                })
+                .collect();
+            (agents, rollouts, state.cursor)
+        };
+        for (app, bytes) in rollouts {
+            self.bus
+                .rollouts
+                .put(&app, bytes.into())
+                .await
+                .map_err(|e| e.to_string())?;
+        }
+        for (id, bytes) in agents {
+            let written = match bytes {
+                Some(b) => self
+                    .bus
+                    .fleet
+                    .put(&id, b.into())
+                    .await
+                    .map(|_| ())
+                    .map_err(|e| e.to_string()),
+                None => self.bus.fleet.delete(&id).await.map_err(|e| e.to_string()),
+            };
+            written.map_err(|e| format!("{FLEET_BUCKET}/{id}: {e}"))?;
+        }
+        // The cursor last: after a crash, reports since the saved agents are folded again,
+        // which is harmless (folding is idempotent per report).
+        self.bus
+            .fleet
+            .put(CURSOR_KEY, cursor.to_string().into_bytes().into())
+            .await
+            .map_err(|e| e.to_string())?;
+        Ok(())
+    }
+
+    /// Answers requests on `subject` (in a queue group, so several trackers could share
+    /// them) with what `answer` makes of each.
+    async fn serve<F, Fut>(
+        &self,
+        subject: &str,
+        shutdown: CancellationToken,
+        answer: F,
+    ) -> Result<(), String>
+    where
+        F: Fn(async_nats::Message) -> Fut,
+        Fut: std::future::Future<Output = Vec<u8>>,
+    {
+        let mut requests = self
+            .bus
+            .client
+            .queue_subscribe(subject.to_string(), "tracker".into())
+            .await
+            .map_err(|e| e.to_string())?;
+        loop {
+            let msg = tokio::select! {
+                _ = shutdown.cancelled() => return Ok(()),
+                msg = requests.next() => match msg { Some(m) => m, None => return Ok(()) },
+            };
+            let Some(reply_to) = msg.reply.clone() else {
+                continue;
+            };
+            let reply = answer(msg).await;
+            if let Err(e) = self.bus.client.publish(reply_to, reply.into()).await {
+                tracing::debug!(%subject, error = %e, "reply not sent");
+            }
+        }
+    }
+
+    /// Answers agents' slot requests.
+    pub async fn serve_slots(self: Arc<Self>, shutdown: CancellationToken) -> Result<(), String> {
+        let this = &*self;
+        this.serve(SLOT_REQUESTS, shutdown, |msg| async move {
+            let content_type = msg
+                .headers
+                .as_ref()
+                .and_then(|h| h.get(CONTENT_TYPE))
+                .map(|v| v.to_string());
+            let reply = match fleetcast_events::codec::decode::<SlotRequest>(
+                content_type.as_deref(),
+                &msg.payload,
+            ) {
+                Ok(request) => this.slot(&request).await,
+                Err(e) => SlotReply {
+                    granted: false,
+                    retry_after_ms: 60_000,
+                    reason: Some(format!("slot request does not decode: {e}")),
+                },
+            };
+            Encoding::Json.encode(&reply).unwrap_or_default()
+        })
+        .await
+    }
+
+    async fn slot(&self, request: &SlotRequest) -> SlotReply {
+        let now = OffsetDateTime::now_utc();
+        let mut state = self.state.lock().await;
+        let state = &mut *state;
+        let Some(rollout) = state.rollouts.get_mut(&request.app) else {
+            return SlotReply {
+                granted: false,
+                retry_after_ms: 30_000,
+                reason: Some(format!("no rollout of {}", request.app)),
+            };
+        };
+        let reply = rollout.request_slot(
+            &self.settings.policy(&request.app),
+            &state.fleet,
+            request,
+            now,
+            self.settings.timing(),
+        );
+        state.dirty_rollouts.insert(request.app.clone());
+        tracing::debug!(agent = %request.agent_id, app = %request.app, granted = reply.granted, reason = ?reply.reason, "slot request");
+        reply
+    }
+
+    /// Operators' commands (the CLI).
+    pub async fn serve_commands(
+        self: Arc<Self>,
+        shutdown: CancellationToken,
+    ) -> Result<(), String> {
+        let this = &*self;
+        this.serve(TRACKER_COMMAND, shutdown, |msg| async move {
+            let reply = match serde_json::from_slice::<Command>(&msg.payload) {
+                Ok(command) => this.command(command).await,
+                Err(e) => Reply::failed(format!("not a command: {e}")),
+            };
+            serde_json::to_vec(&reply).unwrap_or_default()
+        })
+        .await
+    }
+
+    pub async fn command(&self, command: Command) -> Reply {
+        let now = OffsetDateTime::now_utc();
+        let app = match &command {
+            Command::Status => {
+                return Reply {
+                    ok: true,
+                    message: String::new(),
+                    rollout: None,
+                    rollouts: self.rollouts().await,
+                    agents: self.agents().await,
+                };
+            }
+            Command::Show { app }
+            | Command::Approve { app, .. }
+            | Command::Pause { app }
+            | Command::Resume { app }
+            | Command::Abort { app } => app.clone(),
+        };
+        let mut state = self.state.lock().await;
+        let state = &mut *state;
+        let Some(rollout) = state.rollouts.get_mut(&app) else {
+            return Reply::failed(format!("no rollout of {app}"));
+        };
+        let result = match command {
+            Command::Status | Command::Show { .. } => Ok(String::new()),
+            Command::Approve { version, .. } => match version {
+                Some(v) if v != rollout.version => {
+                    Err(format!("{app} is rolling out {}, not {v}", rollout.version))
+                }
+                _ => rollout
+                    .approve(now)
+                    .map(|()| format!("{app} {} approved", rollout.version)),
+            },
+            Command::Pause { .. } => rollout
+                .set_paused(true)
+                .map(|()| format!("{app} {} paused", rollout.version)),
+            Command::Resume { .. } => rollout
+                .set_paused(false)
+                .map(|()| format!("{app} {} resumed", rollout.version)),
+            Command::Abort { .. } => {
+                rollout.abort("aborted by an operator".into());
+                Ok(format!("{app} {} aborted", rollout.version))
+            }
+        };
+        state.dirty_rollouts.insert(app.clone());
+        let view = RolloutView {
+            rollout: rollout.clone(),
+            rings: rollout.progress(
+                &self.settings.policy(&app),
+                &state.fleet,
+                now,
+                self.settings.timing(),
+            ),
+        };
+        let (ok, message) = match result {
+            Ok(m) => (true, m),
+            Err(m) => (false, m),
+        };
+        Reply {
+            ok,
+            message,
+            rollout: Some(view),
+            rollouts: Vec::new(),
+            agents: Vec::new(),
+        }
+    }
+
+    /// Every rollout with its progress (HTTP API).
+    pub async fn rollouts(&self) -> Vec<RolloutView> {
+        let now = OffsetDateTime::now_utc();
+        let state = self.state.lock().await;
+        state
+            .rollouts
+            .iter()
+            .map(|(app, r)| RolloutView {
+                rollout: r.clone(),
+                rings: r.progress(
+                    &self.settings.policy(app),
+                    &state.fleet,
+                    now,
+                    self.settings.timing(),
+                ),
+            })
+            .collect()
+    }
+
+    /// Every agent, stale ones marked (HTTP API).
+    pub async fn agents(&self) -> Vec<AgentRow> {
+        let now = OffsetDateTime::now_utc();
+        let state = self.state.lock().await;
+        state
+            .fleet
+            .agents
+            .values()
+            .map(|a| AgentRow {
+                agent: a.clone(),
+                stale: a.is_stale(now, self.settings.stale_after),
+            })
+            .collect()
+    }
+}
+
+fn valid_agent_id(id: &str) -> bool {
+    !id.is_empty()
+        && id.len() <= 128
+        && id
+            .chars()
+            .all(|c| c.is_ascii_alphanumeric() || c == '-' || c == '_')
+}

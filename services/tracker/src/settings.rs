@@ -1,0 +1,74 @@
+use std::collections::BTreeMap;
+use std::net::SocketAddr;
+use std::time::Duration;
+
+use fleetcast_runtime::settings::invalid;
+use fleetcast_runtime::{NatsSettings, SettingsError};
+use serde::Deserialize;
+
+use crate::policy::AppPolicy;
+use crate::rollout::Timing;
+
+#[derive(Debug, Clone, Deserialize)]
+#[serde(deny_unknown_fields, default)]
+pub struct Settings {
+    pub nats: NatsSettings,
+    /// HTTP API and dashboard.
+    pub listen: SocketAddr,
+    /// An agent silent this long is stale: shown as such, left out of rollout denominators.
+    #[serde(with = "humantime_serde")]
+    pub stale_after: Duration,
+    /// …and forgotten after this long.
+    #[serde(with = "humantime_serde")]
+    pub prune_after: Duration,
+    /// A slot not finished within this is freed (the host died or hung).
+    #[serde(with = "humantime_serde")]
+    pub slot_lease: Duration,
+    /// How often rollouts are moved on and state is saved.
+    #[serde(with = "humantime_serde")]
+    pub tick: Duration,
+    /// Rollout policy per app; apps not listed get [`AppPolicy::default`].
+    pub apps: BTreeMap<String, AppPolicy>,
+}
+
+impl Default for Settings {
+    fn default() -> Self {
+        Settings {
+            nats: NatsSettings::default(),
+            listen: SocketAddr::from(([127, 0, 0, 1], 8430)),
+            stale_after: Duration::from_secs(45),
+            prune_after: Duration::from_secs(7 * 24 * 3600),
+            slot_lease: Duration::from_secs(600),
+            tick: Duration::from_secs(1),
+            apps: BTreeMap::new(),
+        }
+    }
+}
+
+impl Settings {
+    pub fn validate(&self) -> Result<(), SettingsError> {
+        for (app, policy) in &self.apps {
+            if let Err(reason) = fleetcast_events::names::validate_app_name(app) {
+                return invalid("apps", reason);
+            }
+            if let Err(reason) = policy.validate() {
+                return invalid("apps", format!("{app}: {reason}"));
+            }
+        }
+        if self.prune_after < self.stale_after {
+            return invalid("prune_after", "must not be shorter than stale_after");
+        }
+        Ok(())
+    }
+
+    pub fn policy(&self, app: &str) -> AppPolicy {
+        self.apps.get(app).cloned().unwrap_or_default()
+    }
+
+    pub fn timing(&self) -> Timing {
+        Timing {
+            stale_after: self.stale_after,
+            slot_lease: self.slot_lease,
+        }
+    }
+}

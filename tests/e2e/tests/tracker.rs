@@ -1,0 +1,340 @@
+//! The tracker with real agents: releases roll out ring by ring, with no more hosts switching
+//! at once than the ring allows (checked from the agents' own status events), and a version
+//! that fails crosses the threshold and halts before later rings receive it.
+
+use std::time::Duration;
+
+use fleetcast_e2e::{Pipeline, TIMEOUT, script_app};
+use fleetcast_events::v1::{AgentStatus, AppState, DesiredState};
+use fleetcast_tracker::api::Command;
+use fleetcast_tracker::policy::{Amount, AppPolicy, Approval, RingPolicy};
+use fleetcast_tracker::rollout::Phase;
+use futures::StreamExt;
+use semver::Version;
+
+fn v(s: &str) -> Version {
+    Version::parse(s).expect("version")
+}
+
+fn ring(name: &str, parallel: usize, max_failures: usize) -> RingPolicy {
+    RingPolicy {
+        name: name.into(),
+        parallel: Amount::Count(parallel),
+        soak: Duration::ZERO,
+        max_failures: Amount::Count(max_failures),
+        min_results: 1,
+        windows: vec![],
+    }
+}
+
+/// A pipeline, a tracker with `policy` for `shapp`, and agents `(id, ring)`, all known to the
+/// tracker before anything is released.
+async fn fleet(policy: AppPolicy, agents: &[(&str, &str)]) -> (Pipeline, tempfile::TempDir) {
+    let mut p = Pipeline::start().await.expect("pipeline");
+    let mut settings = p.tracker_settings();
+    settings.apps.insert("shapp".into(), policy);
+    p.start_tracker_with(settings);
+    let hosts = tempfile::tempdir().expect("tmp");
+    for (id, ring) in agents {
+        let s = p.agent_settings(id, ring, &hosts.path().join(id));
+        p.start_agent(s);
+    }
+    let bus = p.bus().await.expect("bus");
+    let deadline = tokio::time::Instant::now() + TIMEOUT;
+    loop {
+        let known = bus.fleet.keys().await.expect("keys").count().await;
+        // Every agent, plus the tracker's cursor key.
+        if known > agents.len() {
+            break;
+        }
+        assert!(
+            tokio::time::Instant::now() < deadline,
+            "agents never reported"
+        );
+        tokio::time::sleep(Duration::from_millis(100)).await;
+    }
+    (p, hosts)
+}
+
+async fn rollout_phase(p: &Pipeline, want: Phase) -> fleetcast_tracker::api::RolloutView {
+    let deadline = tokio::time::Instant::now() + TIMEOUT;
+    loop {
+        // A tracker just (re)started may not answer yet.
+        let reply = p
+            .tracker_command(&Command::Show {
+                app: "shapp".into(),
+            })
+            .await;
+        if let Some(r) = reply
+            .ok()
+            .and_then(|r| r.rollout)
+            .filter(|r| r.rollout.phase == want)
+        {
+            return r;
+        }
+        assert!(
+            tokio::time::Instant::now() < deadline,
+            "rollout never {want:?}"
+        );
+        tokio::time::sleep(Duration::from_millis(200)).await;
+    }
+}
+
+/// Every status event so far, in order.
+async fn statuses(p: &Pipeline) -> Vec<AgentStatus> {
+    let bus = p.bus().await.expect("bus");
+    let mut out = Vec::new();
+    let consumer = bus
+        .status_stream
+        .create_consumer(async_nats::jetstream::consumer::pull::OrderedConfig {
+            filter_subject: "fleetcast.v1.agent.*.status".into(),
+            ..Default::default()
+        })
+        .await
+        .expect("consumer");
+    let pending = bus
+        .status_stream
+        .clone()
+        .info()
+        .await
+        .expect("info")
+        .state
+        .messages;
+    let mut messages = consumer.messages().await.expect("messages");
+    while let Ok(Some(Ok(msg))) =
+        tokio::time::timeout(Duration::from_millis(500), messages.next()).await
+    {
+        let ct = msg
+            .headers
+            .as_ref()
+            .and_then(|h| h.get(fleetcast_events::CONTENT_TYPE))
+            .map(|v| v.to_string());
+        if let Ok(s) = fleetcast_events::codec::decode::<AgentStatus>(ct.as_deref(), &msg.payload) {
+            out.push(s);
+        }
+        if msg.info().is_ok_and(|i| i.stream_sequence >= pending) {
+            break;
+        }
+    }
+    out
+}
+
+/// Per agent, the span from its `switching` to its result for `version`.
+fn spans(
+    all: &[AgentStatus],
+    version: &Version,
+) -> Vec<(String, time::OffsetDateTime, time::OffsetDateTime)> {
+    let mut out = Vec::new();
+    for s in all
+        .iter()
+        .filter(|s| s.state == AppState::Switching && s.version.as_ref() == Some(version))
+    {
+        let end = all
+            .iter()
+            .find(|e| {
+                e.agent_id == s.agent_id
+                    && e.version.as_ref() == Some(version)
+                    && matches!(e.state, AppState::Running | AppState::RolledBack)
+                    && e.at >= s.at
+            })
+            .map(|e| e.at)
+            .expect("every switch ends");
+        out.push((s.agent_id.clone(), s.at, end));
+    }
+    out
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn rings_roll_out_in_order_with_no_more_hosts_switching_than_allowed() {
+    let policy = AppPolicy {
+        approval: Approval::Auto,
+        rings: vec![ring("canary", 1, 1), ring("broad", 1, 1)],
+    };
+    let agents = [
+        ("c1", "canary"),
+        ("b1", "broad"),
+        ("b2", "broad"),
+        ("b3", "broad"),
+    ];
+    let (p, _hosts) = fleet(policy, &agents).await;
+
+    p.release("shapp", "1.0.0", &script_app("1.0.0", true))
+        .await;
+    rollout_phase(&p, Phase::Completed).await;
+    p.release("shapp", "2.0.0", &script_app("2.0.0", true))
+        .await;
+    let done = rollout_phase(&p, Phase::Completed).await;
+    assert_eq!(done.rollout.version, v("2.0.0"));
+    for ring in &done.rings {
+        assert_eq!(ring.done, ring.targets, "{ring:?}");
+    }
+    assert_eq!(done.rings.iter().map(|r| r.targets).sum::<usize>(), 4);
+
+    let all = statuses(&p).await;
+    for version in [v("1.0.0"), v("2.0.0")] {
+        let spans = spans(&all, &version);
+        assert_eq!(spans.len(), 4, "{version}: {spans:?}");
+        let canary_end = spans
+            .iter()
+            .find(|s| s.0 == "c1")
+            .map(|s| s.2)
+            .expect("canary");
+        for (agent, start, end) in &spans {
+            if agent != "c1" {
+                assert!(
+                    *start >= canary_end,
+                    "{version}: {agent} switched before the canary finished"
+                );
+            }
+            // parallel = 1 in both rings: no two spans of a ring overlap.
+            for (other, o_start, o_end) in &spans {
+                let same_ring = (agent == "c1") == (other == "c1");
+                if other != agent && same_ring {
+                    assert!(
+                        end <= o_start || o_end <= start,
+                        "{version}: {agent} and {other} switched at the same time"
+                    );
+                }
+            }
+        }
+    }
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_failing_version_halts_the_rollout_before_later_rings_get_it() {
+    let policy = AppPolicy {
+        approval: Approval::Auto,
+        rings: vec![ring("canary", 2, 1), ring("broad", 2, 1)],
+    };
+    let agents = [("c1", "canary"), ("c2", "canary"), ("b1", "broad")];
+    let (p, _hosts) = fleet(policy, &agents).await;
+    p.release("shapp", "1.0.0", &script_app("1.0.0", true))
+        .await;
+    rollout_phase(&p, Phase::Completed).await;
+
+    p.release("shapp", "2.0.0", &script_app("2.0.0", false))
+        .await;
+    let halted = rollout_phase(&p, Phase::Halted).await;
+    let reason = halted.rollout.reason.unwrap_or_default();
+    assert!(reason.contains("ring canary"), "{reason}");
+    assert!(
+        reason.contains("code Some(3)"),
+        "the agents' reason is shown: {reason}"
+    );
+    // The broad ring never received 2.0.0.
+    let bus = p.bus().await.expect("bus");
+    let broad = bus
+        .desired
+        .get(fleetcast_events::names::desired_key("shapp", "broad"))
+        .await
+        .expect("get")
+        .expect("broad desired state");
+    let broad: DesiredState = fleetcast_events::Encoding::Json
+        .decode(&broad)
+        .expect("decode");
+    assert_eq!(broad.version, v("1.0.0"));
+    let spans = spans(&statuses(&p).await, &v("2.0.0"));
+    assert!(spans.iter().all(|s| s.0 != "b1"), "b1 switched: {spans:?}");
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn manual_approval_downloads_early_and_an_operator_steers_the_rollout() {
+    let policy = AppPolicy {
+        approval: Approval::Manual,
+        rings: vec![ring("default", 1, 1)],
+    };
+    let agents = [("h1", "default"), ("h2", "default")];
+    let (p, hosts) = fleet(policy, &agents).await;
+    p.release("shapp", "1.0.0", &script_app("1.0.0", true))
+        .await;
+    let waiting = rollout_phase(&p, Phase::AwaitingApproval).await;
+    assert_eq!(waiting.rollout.version, v("1.0.0"));
+    // Downloaded ahead of the approval, switched by nobody.
+    for (id, _) in agents {
+        let staged = hosts.path().join(id).join("data/apps/shapp/versions/1.0.0");
+        let deadline = tokio::time::Instant::now() + TIMEOUT;
+        while !staged.is_dir() {
+            assert!(
+                tokio::time::Instant::now() < deadline,
+                "{id} did not download early"
+            );
+            tokio::time::sleep(Duration::from_millis(100)).await;
+        }
+        assert!(
+            !hosts.path().join(id).join("state/running").exists(),
+            "{id} switched before approval"
+        );
+    }
+    let wrong = p
+        .tracker_command(&Command::Approve {
+            app: "shapp".into(),
+            version: Some(v("9.9.9")),
+        })
+        .await
+        .expect("approve");
+    assert!(!wrong.ok, "approving another version is refused");
+    let approved = p
+        .tracker_command(&Command::Approve {
+            app: "shapp".into(),
+            version: None,
+        })
+        .await
+        .expect("approve");
+    assert!(approved.ok, "{}", approved.message);
+    // `fleetcast rollout watch` ends when the rollout does.
+    let bus = p.bus().await.expect("bus");
+    let done = fleetcast_cli::watch_rollout(&bus, "shapp")
+        .await
+        .expect("watch");
+    assert_eq!(done.rollout.phase, Phase::Completed);
+    assert_eq!(done.rings[0].done, 2);
+
+    // v2: approved, then aborted: the watch reports it and nobody else switches later.
+    p.release("shapp", "2.0.0", &script_app("2.0.0", true))
+        .await;
+    rollout_phase(&p, Phase::AwaitingApproval).await;
+    let paused = p
+        .tracker_command(&Command::Pause {
+            app: "shapp".into(),
+        })
+        .await
+        .expect("pause");
+    assert!(paused.ok && paused.rollout.is_some_and(|r| r.rollout.paused));
+    let aborted = p
+        .tracker_command(&Command::Abort {
+            app: "shapp".into(),
+        })
+        .await
+        .expect("abort");
+    assert!(aborted.ok, "{}", aborted.message);
+    let ended = fleetcast_cli::watch_rollout(&bus, "shapp")
+        .await
+        .expect("watch");
+    assert_eq!(ended.rollout.phase, Phase::Aborted);
+    assert_eq!(
+        ended.rollout.reason.as_deref(),
+        Some("aborted by an operator")
+    );
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_tracker_restarted_mid_rollout_continues_where_it_was() {
+    let policy = AppPolicy {
+        approval: Approval::Auto,
+        rings: vec![ring("canary", 1, 1), ring("broad", 1, 1)],
+    };
+    let agents = [("c1", "canary"), ("b1", "broad"), ("b2", "broad")];
+    let (mut p, _hosts) = fleet(policy.clone(), &agents).await;
+    p.release("shapp", "1.0.0", &script_app("1.0.0", true))
+        .await;
+    // Stopped as soon as the first host runs 1.0.0, while the others still wait.
+    p.wait_status(|s: &AgentStatus| s.state == AppState::Running && s.version == Some(v("1.0.0")))
+        .await
+        .expect("first host switched");
+    p.kill("tracker");
+    let mut settings = p.tracker_settings();
+    settings.apps.insert("shapp".into(), policy);
+    p.start_tracker_with(settings);
+    let done = rollout_phase(&p, Phase::Completed).await;
+    assert_eq!(done.rings.iter().map(|r| r.done).sum::<usize>(), 3);
+}
