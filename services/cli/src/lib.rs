@@ -266,8 +266,13 @@ pub async fn tracker(bus: &Bus, command: &Command) -> anyhow::Result<Reply> {
 }
 
 /// Follows `app`'s rollout until it completes, halts or is aborted, with a bar per ring
-/// (hosts done of the ring's live hosts). Returns how it ended.
-pub async fn watch_rollout(bus: &Bus, app: &str) -> anyhow::Result<RolloutView> {
+/// (hosts done of the ring's live hosts). Returns how it ended. With `version`, first waits
+/// for the rollout of that version to exist (CI publishes, then watches at once).
+pub async fn watch_rollout(
+    bus: &Bus,
+    app: &str,
+    version: Option<&Version>,
+) -> anyhow::Result<RolloutView> {
     let bars = MultiProgress::new();
     let style = ProgressStyle::with_template("{prefix:>12} [{bar:30}] {pos}/{len} {msg}")?
         .progress_chars("=> ");
@@ -275,8 +280,19 @@ pub async fn watch_rollout(bus: &Bus, app: &str) -> anyhow::Result<RolloutView> 
     let mut rings: Vec<ProgressBar> = Vec::new();
     loop {
         let reply = tracker(bus, &Command::Show { app: app.into() }).await?;
-        let Some(view) = reply.rollout else {
-            bail!("{}", reply.message);
+        let view = match (reply.rollout, version) {
+            (Some(view), Some(v)) if view.rollout.version < *v => None,
+            (Some(view), _) => Some(view),
+            (None, Some(_)) => None,
+            (None, None) => bail!("{}", reply.message),
+        };
+        let Some(view) = view else {
+            if let Some(v) = version {
+                header.set_message(format!("waiting for the rollout of {app} {v}"));
+                header.tick();
+            }
+            tokio::time::sleep(Duration::from_millis(500)).await;
+            continue;
         };
         let r = &view.rollout;
         let phase = match (r.phase, r.paused) {

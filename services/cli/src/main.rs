@@ -110,7 +110,12 @@ enum Command {
 enum RolloutAction {
     /// Live progress per ring until the rollout completes (exit 0), halts (exit 3) or is
     /// aborted (exit 4): what CI waits on.
-    Watch { app: String },
+    Watch {
+        app: String,
+        /// Wait for the rollout of this version (e.g. the one CI just published).
+        #[arg(long)]
+        version: Option<semver::Version>,
+    },
 }
 
 fn humantime_parse(s: &str) -> Result<Duration, String> {
@@ -207,10 +212,10 @@ async fn execute(args: Args) -> anyhow::Result<ExitCode> {
             Ok(ExitCode::SUCCESS)
         }
         Command::Rollout {
-            action: RolloutAction::Watch { app },
+            action: RolloutAction::Watch { app, version },
         } => {
             let bus = cli::connect(&args.nats_url, Duration::from_secs(10)).await?;
-            let view = cli::watch_rollout(&bus, &app).await?;
+            let view = cli::watch_rollout(&bus, &app, version.as_ref()).await?;
             let r = &view.rollout;
             let reason = r.reason.clone().unwrap_or_default();
             Ok(match r.phase {

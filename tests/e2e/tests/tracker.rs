@@ -283,7 +283,7 @@ async fn manual_approval_downloads_early_and_an_operator_steers_the_rollout() {
     assert!(approved.ok, "{}", approved.message);
     // `fleetcast rollout watch` ends when the rollout does.
     let bus = p.bus().await.expect("bus");
-    let done = fleetcast_cli::watch_rollout(&bus, "shapp")
+    let done = fleetcast_cli::watch_rollout(&bus, "shapp", None)
         .await
         .expect("watch");
     assert_eq!(done.rollout.phase, Phase::Completed);
@@ -307,7 +307,7 @@ async fn manual_approval_downloads_early_and_an_operator_steers_the_rollout() {
         .await
         .expect("abort");
     assert!(aborted.ok, "{}", aborted.message);
-    let ended = fleetcast_cli::watch_rollout(&bus, "shapp")
+    let ended = fleetcast_cli::watch_rollout(&bus, "shapp", None)
         .await
         .expect("watch");
     assert_eq!(ended.rollout.phase, Phase::Aborted);
