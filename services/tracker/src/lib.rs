@@ -1,12 +1,13 @@
 //! The tracker: keeps the fleet inventory from agents' reports and drives staged rollouts.
 //!
 //! [`policy`] is the per-app rollout policy, [`fleet`] the inventory, [`rollout`] the pure
-//! state machine; [`service`] runs them on the bus, [`http`] serves the API, [`api`] holds what
-//! operators exchange with it.
+//! state machine; [`service`] runs them on the bus, [`http`] serves the API, the dashboard and
+//! [`metrics`], [`api`] holds what operators exchange with it.
 
 pub mod api;
 pub mod fleet;
 pub mod http;
+pub mod metrics;
 pub mod policy;
 pub mod rollout;
 pub mod service;

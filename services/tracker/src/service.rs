@@ -42,6 +42,8 @@ struct State {
     dirty_rollouts: BTreeSet<String>,
     /// Last status-stream sequence folded into `fleet`.
     cursor: u64,
+    /// How long the last report took from the stream to here (seconds).
+    report_lag_s: f64,
 }
 
 impl Tracker {
@@ -137,7 +139,7 @@ impl Tracker {
     }
 
     async fn fold_report(&self, msg: &async_nats::jetstream::Message) {
-        let Ok(seq) = msg.info().map(|i| i.stream_sequence) else {
+        let Ok((seq, published)) = msg.info().map(|i| (i.stream_sequence, i.published)) else {
             return;
         };
         let content_type = msg
@@ -149,6 +151,7 @@ impl Tracker {
         let mut state = self.state.lock().await;
         let state = &mut *state;
         state.cursor = state.cursor.max(seq);
+        state.report_lag_s = (now - published).as_seconds_f64().max(0.0);
         if msg.subject.ends_with(".heartbeat") {
             match fleetcast_events::codec::decode::<AgentHeartbeat>(
                 content_type.as_deref(),
@@ -549,6 +552,12 @@ impl Tracker {
                 ),
             })
             .collect()
+    }
+
+    /// The Prometheus exposition (HTTP `/metrics`).
+    pub async fn metrics(&self) -> String {
+        let lag = self.state.lock().await.report_lag_s;
+        crate::metrics::render(&self.agents().await, &self.rollouts().await, lag)
     }
 
     /// Every agent, stale ones marked (HTTP API).

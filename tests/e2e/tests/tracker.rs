@@ -30,8 +30,22 @@ fn ring(name: &str, parallel: usize, max_failures: usize) -> RingPolicy {
 /// A pipeline, a tracker with `policy` for `shapp`, and agents `(id, ring)`, all known to the
 /// tracker before anything is released.
 async fn fleet(policy: AppPolicy, agents: &[(&str, &str)]) -> (Pipeline, tempfile::TempDir) {
+    let (p, hosts, _) = fleet_on(policy, agents).await;
+    (p, hosts)
+}
+
+/// As [`fleet`]; also returns the tracker's HTTP port.
+async fn fleet_on(
+    policy: AppPolicy,
+    agents: &[(&str, &str)],
+) -> (Pipeline, tempfile::TempDir, u16) {
     let mut p = Pipeline::start().await.expect("pipeline");
     let mut settings = p.tracker_settings();
+    let port = std::net::TcpListener::bind("127.0.0.1:0")
+        .and_then(|l| l.local_addr())
+        .expect("free port")
+        .port();
+    settings.listen = std::net::SocketAddr::from(([127, 0, 0, 1], port));
     settings.apps.insert("shapp".into(), policy);
     p.start_tracker_with(settings);
     let hosts = tempfile::tempdir().expect("tmp");
@@ -53,7 +67,7 @@ async fn fleet(policy: AppPolicy, agents: &[(&str, &str)]) -> (Pipeline, tempfil
         );
         tokio::time::sleep(Duration::from_millis(100)).await;
     }
-    (p, hosts)
+    (p, hosts, port)
 }
 
 async fn rollout_phase(p: &Pipeline, want: Phase) -> fleetcast_tracker::api::RolloutView {
@@ -337,4 +351,106 @@ async fn a_tracker_restarted_mid_rollout_continues_where_it_was() {
     p.start_tracker_with(settings);
     let done = rollout_phase(&p, Phase::Completed).await;
     assert_eq!(done.rings.iter().map(|r| r.done).sum::<usize>(), 3);
+}
+
+/// `GET path` from the tracker's HTTP server: the body.
+fn http_get(port: u16, path: &str) -> String {
+    use std::io::{Read, Write};
+    let mut s = std::net::TcpStream::connect(("127.0.0.1", port)).expect("connect");
+    write!(
+        s,
+        "GET {path} HTTP/1.1\r\nHost: localhost\r\nConnection: close\r\n\r\n"
+    )
+    .expect("send");
+    let mut response = String::new();
+    s.read_to_string(&mut response).expect("read");
+    response
+        .split_once("\r\n\r\n")
+        .map(|(_, b)| b.to_string())
+        .unwrap_or_default()
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn the_dashboard_shows_the_fleet_rollouts_and_failures_as_a_person_sees_them() {
+    let policy = AppPolicy {
+        approval: Approval::Auto,
+        rings: vec![ring("canary", 1, 1), ring("broad", 2, 1)],
+    };
+    let agents = [("c1", "canary"), ("b1", "broad"), ("b2", "broad")];
+    let (p, _hosts, port) = fleet_on(policy, &agents).await;
+    p.release("shapp", "1.0.0", &script_app("1.0.0", true))
+        .await;
+    rollout_phase(&p, Phase::Completed).await;
+    p.release("shapp", "2.0.0", &script_app("2.0.0", false))
+        .await;
+    rollout_phase(&p, Phase::Halted).await;
+
+    // Headless Chromium loads the page, runs its script against the live API, and the DOM it
+    // ends with is what a person would see.
+    let url = format!("http://127.0.0.1:{port}/");
+    let chromium = std::env::var("FLEETCAST_CHROMIUM").unwrap_or_else(|_| "chromium".into());
+    let profile = tempfile::tempdir().expect("profile dir");
+    let out = tokio::task::spawn_blocking({
+        let profile = profile.path().to_path_buf();
+        move || {
+            std::process::Command::new(&chromium)
+                .args([
+                    "--headless",
+                    "--no-sandbox",
+                    "--disable-gpu",
+                    "--virtual-time-budget=5000",
+                ])
+                .arg(format!("--user-data-dir={}", profile.display()))
+                .arg("--dump-dom")
+                .arg(&url)
+                .output()
+        }
+    })
+    .await
+    .expect("join")
+    .expect("chromium runs (apt-get install chromium; .ci/run installs it)");
+    let dom = String::from_utf8_lossy(&out.stdout);
+    assert!(
+        dom.contains("data-loaded=\"true\""),
+        "the page never loaded its data: {dom}"
+    );
+    assert!(
+        dom.contains("3 agents, 0 stale"),
+        "fleet summary missing: {dom}"
+    );
+    assert!(
+        dom.contains("<td>shapp</td><td>1.0.0</td><td>broad</td><td>2</td>"),
+        "fleet by version and ring: {dom}"
+    );
+    assert!(dom.contains("shapp 2.0.0"), "rollout missing: {dom}");
+    assert!(dom.contains("phase halted"), "halted phase missing: {dom}");
+    assert!(
+        dom.contains("ring canary: 1 of 1 hosts failed"),
+        "halt reason missing: {dom}"
+    );
+    assert!(
+        dom.contains("c1: exited during the health gate"),
+        "failed host and its reason: {dom}"
+    );
+    assert!(dom.contains("data-agent=\"b2\""), "agent rows: {dom}");
+
+    // The same view for machines.
+    let metrics = http_get(port, "/metrics");
+    assert!(
+        metrics.contains(
+            "fleetcast_rollout_phase{app=\"shapp\",version=\"2.0.0\",phase=\"halted\"} 1"
+        ),
+        "{metrics}"
+    );
+    assert!(
+        metrics.contains("fleetcast_agents{state=\"live\"} 3"),
+        "{metrics}"
+    );
+    assert!(
+        metrics.contains("fleetcast_rollout_hosts{app=\"shapp\",version=\"2.0.0\",ring=\"canary\",result=\"failed\"} 1"),
+        "{metrics}"
+    );
+    let broad: serde_json::Value =
+        serde_json::from_str(&http_get(port, "/api/agents?ring=broad")).expect("json");
+    assert_eq!(broad.as_array().map(Vec::len), Some(2), "{broad}");
 }
