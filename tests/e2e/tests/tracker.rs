@@ -454,3 +454,119 @@ async fn the_dashboard_shows_the_fleet_rollouts_and_failures_as_a_person_sees_th
         serde_json::from_str(&http_get(port, "/api/agents?ring=broad")).expect("json");
     assert_eq!(broad.as_array().map(Vec::len), Some(2), "{broad}");
 }
+
+/// Waits until the tracker sees agent `id` as stale (`true`) or live (`false`).
+async fn agent_stale(p: &Pipeline, id: &str, stale: bool) {
+    let deadline = tokio::time::Instant::now() + TIMEOUT;
+    loop {
+        if let Ok(reply) = p.tracker_command(&Command::Status).await
+            && reply
+                .agents
+                .iter()
+                .any(|a| a.agent.agent_id == id && a.stale == stale)
+        {
+            return;
+        }
+        assert!(
+            tokio::time::Instant::now() < deadline,
+            "{id} never stale={stale}"
+        );
+        tokio::time::sleep(Duration::from_millis(200)).await;
+    }
+}
+
+fn running(hosts: &tempfile::TempDir, id: &str) -> String {
+    std::fs::read_to_string(hosts.path().join(id).join("state/running"))
+        .unwrap_or_default()
+        .trim()
+        .to_string()
+}
+
+async fn converged(hosts: &tempfile::TempDir, id: &str, version: &str) {
+    let deadline = tokio::time::Instant::now() + TIMEOUT;
+    while running(hosts, id) != version {
+        assert!(
+            tokio::time::Instant::now() < deadline,
+            "{id} never ran {version}"
+        );
+        tokio::time::sleep(Duration::from_millis(100)).await;
+    }
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_stale_host_does_not_block_completion_and_converges_when_it_returns() {
+    let policy = AppPolicy {
+        approval: Approval::Auto,
+        rings: vec![ring("default", 3, 1)],
+    };
+    let agents = [("h1", "default"), ("h2", "default"), ("h3", "default")];
+    let (mut p, hosts) = fleet(policy, &agents).await;
+    p.release("shapp", "1.0.0", &script_app("1.0.0", true))
+        .await;
+    rollout_phase(&p, Phase::Completed).await;
+
+    // h3's host goes down; the tracker marks it stale (stale_after is 5 s in the tests).
+    p.stop("agent-h3").await;
+    agent_stale(&p, "h3", true).await;
+    p.release("shapp", "2.0.0", &script_app("2.0.0", true))
+        .await;
+    let done = rollout_phase(&p, Phase::Completed).await;
+    assert_eq!(done.rollout.version, v("2.0.0"));
+    assert_eq!(
+        (
+            done.rings[0].targets,
+            done.rings[0].done,
+            done.rings[0].stale
+        ),
+        (2, 2, 1)
+    );
+    assert_eq!(running(&hosts, "h3"), "1.0.0");
+
+    // It comes back: it reads its desired state, gets a slot and converges.
+    let settings = p.agent_settings("h3", "default", &hosts.path().join("h3"));
+    p.start_agent(settings);
+    converged(&hosts, "h3", "2.0.0").await;
+    agent_stale(&p, "h3", false).await;
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn hosts_cut_off_from_nats_during_the_announcement_converge_after_reconnecting() {
+    use fleetcast_harness::proxy::Proxy;
+    let mut p = Pipeline::start().await.expect("pipeline");
+    let mut settings = p.tracker_settings();
+    settings.stale_after = Duration::from_secs(60);
+    p.start_tracker_with(settings);
+    let hosts = tempfile::tempdir().expect("tmp");
+    // h2 and h3 reach NATS through proxies that can cut their link.
+    let mut proxies = Vec::new();
+    for id in ["h1", "h2", "h3"] {
+        let mut s = p.agent_settings(id, "default", &hosts.path().join(id));
+        if id != "h1" {
+            let proxy = Proxy::start(p.nats.addr()).await.expect("proxy");
+            s.nats.url = proxy.url();
+            proxies.push(proxy);
+        }
+        p.start_agent(s);
+    }
+    p.release("shapp", "1.0.0", &script_app("1.0.0", true))
+        .await;
+    for id in ["h1", "h2", "h3"] {
+        converged(&hosts, id, "1.0.0").await;
+    }
+
+    for proxy in &proxies {
+        proxy.cut();
+    }
+    p.release("shapp", "2.0.0", &script_app("2.0.0", true))
+        .await;
+    converged(&hosts, "h1", "2.0.0").await;
+    assert_eq!(running(&hosts, "h2"), "1.0.0", "h2 updated while cut off");
+    for proxy in &proxies {
+        proxy.restore();
+    }
+    for id in ["h2", "h3"] {
+        converged(&hosts, id, "2.0.0").await;
+    }
+    let done = rollout_phase(&p, Phase::Completed).await;
+    assert_eq!(done.rings[0].done, 3);
+}

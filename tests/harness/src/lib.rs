@@ -3,6 +3,7 @@
 //! cleaned up on drop. Also builders for test packages, hostile ones included.
 
 pub mod fixtures;
+pub mod proxy;
 
 use std::net::{SocketAddr, TcpListener, TcpStream};
 use std::path::{Path, PathBuf};
@@ -77,6 +78,10 @@ impl NatsServer {
 
     pub fn url(&self) -> String {
         format!("nats://127.0.0.1:{}", self.port)
+    }
+
+    pub fn addr(&self) -> SocketAddr {
+        SocketAddr::from(([127, 0, 0, 1], self.port))
     }
 
     pub fn store_dir(&self) -> &Path {
