@@ -281,7 +281,8 @@ pub async fn watch_rollout(
     loop {
         let reply = tracker(bus, &Command::Show { app: app.into() }).await?;
         let view = match (reply.rollout, version) {
-            (Some(view), Some(v)) if view.rollout.version < *v => None,
+            // Another version's rollout (an earlier one, or the one a rollback replaces).
+            (Some(view), Some(v)) if view.rollout.version != *v => None,
             (Some(view), _) => Some(view),
             (None, Some(_)) => None,
             (None, None) => bail!("{}", reply.message),
@@ -324,4 +325,48 @@ pub async fn watch_rollout(
         }
         tokio::time::sleep(Duration::from_millis(500)).await;
     }
+}
+
+/// Asks for a rollback of `app` (or one `ring`) to `to`, an earlier stored release; it replaces
+/// every version up to the newest stored one. The signer issues the directive, the tracker
+/// rolls it out. Returns the newest version it replaces.
+pub async fn request_rollback(
+    bus: &Bus,
+    app: &str,
+    to: &Version,
+    ring: Option<&str>,
+) -> anyhow::Result<Version> {
+    let stored: Vec<Version> = releases(bus, Some(app))
+        .await?
+        .into_iter()
+        .filter(|r| r.state == ReleaseState::Stored)
+        .map(|r| r.version)
+        .collect();
+    if !stored.contains(to) {
+        bail!("{app} {to} is not a stored release");
+    }
+    let from = stored
+        .into_iter()
+        .max()
+        .filter(|newest| newest > to)
+        .with_context(|| format!("no stored release of {app} newer than {to} to roll back from"))?;
+    let request = fleetcast_events::v1::RollbackRequested {
+        app: app.into(),
+        to: to.clone(),
+        from: from.clone(),
+        ring: ring.map(String::from),
+        requested_by: std::env::var("USER").unwrap_or_else(|_| "fleetcast".into()),
+    };
+    let msg_id = format!(
+        "rollback-requested.{app}.{to}.{from}.{}",
+        ring.unwrap_or("all")
+    );
+    bus.publish_event(
+        names::ROLLBACK_REQUESTED,
+        &request,
+        Encoding::Json,
+        Some(&msg_id),
+    )
+    .await?;
+    Ok(from)
 }

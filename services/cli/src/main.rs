@@ -96,6 +96,16 @@ enum Command {
     Abort {
         app: String,
     },
+    /// Move an app (or one ring) back to an earlier stored release: the signer issues a signed
+    /// rollback directive and the tracker rolls it out ring by ring.
+    Rollback {
+        app: String,
+        #[arg(long)]
+        to: semver::Version,
+        /// Only this ring.
+        #[arg(long)]
+        ring: Option<String>,
+    },
     /// List releases and their state.
     Releases {
         #[arg(long)]
@@ -260,6 +270,14 @@ async fn execute(args: Args) -> anyhow::Result<ExitCode> {
                 fleetcast_tracker::api::Command::Abort { app },
             )
             .await
+        }
+        Command::Rollback { app, to, ring } => {
+            let bus = cli::connect(&args.nats_url, Duration::from_secs(10)).await?;
+            let from = cli::request_rollback(&bus, &app, &to, ring.as_deref()).await?;
+            println!(
+                "rollback of {app} to {to} (replacing up to {from}) requested; follow it with: fleetcast rollout watch {app} --version {to}"
+            );
+            Ok(ExitCode::SUCCESS)
         }
         Command::Releases { app, json } => {
             let bus = cli::connect(&args.nats_url, Duration::from_secs(10)).await?;

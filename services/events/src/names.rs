@@ -13,6 +13,10 @@ pub const RELEASE_SIGNED: &str = "fleetcast.v1.release.signed";
 pub const RELEASE_REJECTED: &str = "fleetcast.v1.release.rejected";
 /// The distributor stored every chunk and the chunk index: the release can be announced.
 pub const RELEASE_STORED: &str = "fleetcast.v1.release.stored";
+/// An operator asks to move an app (or one ring) back to an earlier stored version.
+pub const ROLLBACK_REQUESTED: &str = "fleetcast.v1.release.rollback_requested";
+/// The signer's rollback directive: the earlier version's manifest re-signed to replace later ones.
+pub const ROLLBACK_SIGNED: &str = "fleetcast.v1.release.rollback_signed";
 
 /// A service received an event it could not decode or that was not valid.
 pub const EVENT_REJECTED: &str = "fleetcast.v1.release.event_rejected";
@@ -55,6 +59,8 @@ pub const WATCHER_CONSUMER: &str = "watcher";
 pub const SIGNER_CONSUMER: &str = "signer";
 pub const DISTRIBUTOR_CONSUMER: &str = "distributor";
 pub const TRACKER_CONSUMER: &str = "tracker";
+pub const SIGNER_ROLLBACK_CONSUMER: &str = "signer-rollback";
+pub const TRACKER_ROLLBACK_CONSUMER: &str = "tracker-rollback";
 
 /// Subject of one chunk, named by the hex BLAKE3 of its uncompressed content.
 pub fn chunk_subject(chunk_hex: &str) -> String {

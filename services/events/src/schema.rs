@@ -18,6 +18,8 @@ pub fn all() -> Vec<(&'static str, Schema)> {
         one::<ReleaseRejected>("release-rejected"),
         one::<EventRejected>("event-rejected"),
         one::<ReleaseStored>("release-stored"),
+        one::<RollbackRequested>("rollback-requested"),
+        one::<RollbackSigned>("rollback-signed"),
         one::<ReleaseRecord>("release-record"),
         one::<ChunkIndex>("chunk-index"),
         one::<crate::manifest::Manifest>("manifest"),

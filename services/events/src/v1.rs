@@ -128,6 +128,36 @@ pub struct ReleaseSigned {
     pub manifest: SignedManifest,
 }
 
+/// An operator asks to move `app` back to `to`, an earlier stored release, replacing every
+/// version up to `from` (`fleetcast rollback`); only in `ring` when given.
+#[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize, JsonSchema)]
+#[serde(deny_unknown_fields)]
+pub struct RollbackRequested {
+    pub app: String,
+    #[schemars(with = "String")]
+    pub to: Version,
+    #[schemars(with = "String")]
+    pub from: Version,
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub ring: Option<String>,
+    pub requested_by: String,
+}
+
+/// The signer's rollback directive: `to`'s manifest re-signed with `rollback_from = from`, which
+/// agents accept once although it is older than what they run.
+#[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize, JsonSchema)]
+#[serde(deny_unknown_fields)]
+pub struct RollbackSigned {
+    pub app: String,
+    #[schemars(with = "String")]
+    pub to: Version,
+    #[schemars(with = "String")]
+    pub from: Version,
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub ring: Option<String>,
+    pub manifest: SignedManifest,
+}
+
 /// A pipeline stage refused a release.
 #[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize, JsonSchema)]
 #[serde(deny_unknown_fields)]

@@ -59,7 +59,9 @@ impl Bus {
         let client = connect(settings, name, shutdown).await?;
         let mut delay = Duration::from_millis(200);
         loop {
-            match Bus::ensure(client.clone(), settings).await {
+            // Boxed: setting up every stream and bucket is a large future, and callers' own
+            // futures (tests' included) should not carry it on their stacks.
+            match Box::pin(Bus::ensure(client.clone(), settings)).await {
                 Ok(bus) => return Ok(bus),
                 Err(e) => {
                     tracing::warn!(error = %e, "JetStream not ready, retrying");

@@ -166,6 +166,19 @@ impl Bus {
                 record.state
             ));
         };
+        self.desire_with(app, ring, version, manifest, slot).await
+    }
+
+    /// As [`Bus::desire`], with the signed manifest given (a rollback directive).
+    pub async fn desire_with(
+        &self,
+        app: &str,
+        ring: &str,
+        version: &Version,
+        manifest: fleetcast_events::SignedManifest,
+        slot: bool,
+    ) -> Result<(), String> {
+        fleetcast_events::names::validate_app_name(ring).map_err(|e| format!("ring: {e}"))?;
         let desired = fleetcast_events::v1::DesiredState {
             app: app.into(),
             ring: ring.into(),

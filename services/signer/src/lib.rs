@@ -60,11 +60,23 @@ pub async fn run(settings: Settings, shutdown: CancellationToken) -> Result<(), 
         filter_subject: PACKAGE_DETECTED,
         ack_wait: signer.settings.ack_wait,
     };
-    run_consumer(&bus.releases_stream, spec, shutdown, |msg| {
-        let signer = signer.clone();
-        async move { signer.handle(&msg).await }
-    })
-    .await?;
+    let rollbacks = ConsumerSpec {
+        durable: names::SIGNER_ROLLBACK_CONSUMER,
+        filter_subject: names::ROLLBACK_REQUESTED,
+        ack_wait: signer.settings.ack_wait,
+    };
+    let (releases, directives) = tokio::join!(
+        run_consumer(&bus.releases_stream, spec, shutdown.clone(), |msg| {
+            let signer = signer.clone();
+            async move { signer.handle(&msg).await }
+        }),
+        run_consumer(&bus.releases_stream, rollbacks, shutdown, |msg| {
+            let signer = signer.clone();
+            async move { signer.handle_rollback(&msg).await }
+        }),
+    );
+    releases?;
+    directives?;
     Ok(())
 }
 
@@ -95,6 +107,104 @@ struct Signer {
 }
 
 impl Signer {
+    /// A rollback request: `to` must be a release this signer signed and the distributor
+    /// stored; its manifest is re-signed with `rollback_from = from` and a short expiry.
+    async fn handle_rollback(&self, msg: &Message) -> Outcome {
+        let request: RollbackRequested = match decode_or_reject(&self.bus, SERVICE, msg).await {
+            Ok(e) => e,
+            Err(outcome) => return outcome,
+        };
+        let refuse = |message: String| async move {
+            tracing::warn!(%message, "rollback refused");
+            reject_event(
+                &self.bus,
+                SERVICE,
+                names::ROLLBACK_REQUESTED,
+                Rejection {
+                    code: RejectCode::InvalidEvent,
+                    message,
+                },
+            )
+            .await
+        };
+        if let Err(e) = names::validate_app_name(&request.app) {
+            return refuse(e).await;
+        }
+        if let Some(Err(e)) = request.ring.as_deref().map(names::validate_app_name) {
+            return refuse(format!("ring: {e}")).await;
+        }
+        if request.to >= request.from {
+            return refuse(format!(
+                "a rollback goes to an earlier version: {} is not before {}",
+                request.to, request.from
+            ))
+            .await;
+        }
+        let record = match self.bus.release_record(&request.app, &request.to).await {
+            Ok(r) => r,
+            Err(e) => return Outcome::Retry(e),
+        };
+        let Some(stored) = record
+            .filter(|r| r.state == ReleaseState::Stored)
+            .and_then(|r| r.manifest)
+        else {
+            return refuse(format!(
+                "{} {} is not a stored release",
+                request.app, request.to
+            ))
+            .await;
+        };
+        // Only what this signer signed is re-signed.
+        let ours = fleetcast_events::TrustedKeys::new(vec![self.key.public()]);
+        let now = OffsetDateTime::now_utc()
+            .replace_nanosecond(0)
+            .unwrap_or_else(|_| OffsetDateTime::now_utc());
+        let verified = match stored.verify(&ours, now) {
+            Ok(v) => v,
+            Err(e) => {
+                return refuse(format!("stored manifest of {}: {e}", request.to)).await;
+            }
+        };
+        let mut manifest: Manifest = (*verified).clone();
+        manifest.rollback_from = Some(request.from.clone());
+        manifest.created = now;
+        manifest.expires = now + self.settings.rollback_ttl;
+        let signed = match SignedManifest::sign(&manifest, &self.key) {
+            Ok(s) => s,
+            Err(e) => return Outcome::Retry(format!("cannot serialise manifest: {e}")),
+        };
+        let directive = RollbackSigned {
+            app: request.app.clone(),
+            to: request.to.clone(),
+            from: request.from.clone(),
+            ring: request.ring.clone(),
+            manifest: signed,
+        };
+        let msg_id = format!(
+            "rollback-signed.{}.{}.{}.{}",
+            request.app,
+            request.to,
+            request.from,
+            request.ring.as_deref().unwrap_or("all")
+        );
+        match self
+            .bus
+            .publish_event(
+                names::ROLLBACK_SIGNED,
+                &directive,
+                Encoding::Json,
+                Some(&msg_id),
+            )
+            .await
+        {
+            Ok(()) => {
+                tracing::info!(app = %request.app, to = %request.to, from = %request.from, "rollback directive signed");
+                Outcome::Done
+            }
+            Err(e) => Outcome::Retry(e.to_string()),
+        }
+    }
+
     async fn handle(&self, msg: &Message) -> Outcome {
         let event: PackageDetected = match decode_or_reject(&self.bus, SERVICE, msg).await {
             Ok(e) => e,

@@ -17,6 +17,9 @@ pub struct Settings {
     /// How long a signed manifest stays valid.
     #[serde(with = "humantime_serde")]
     pub manifest_ttl: Duration,
+    /// Rollback directives expire sooner: they exist for an incident, not for a year.
+    #[serde(with = "humantime_serde")]
+    pub rollback_ttl: Duration,
     pub work_dir: Option<PathBuf>,
     #[serde(with = "humantime_serde")]
     pub ack_wait: Duration,
@@ -30,6 +33,7 @@ impl Default for Settings {
             key_file: PathBuf::from("keys/signing.key"),
             known_apps: Vec::new(),
             manifest_ttl: Duration::from_secs(365 * 24 * 3600),
+            rollback_ttl: Duration::from_secs(7 * 24 * 3600),
             work_dir: None,
             ack_wait: Duration::from_secs(30),
             limits: ArchiveLimits::default(),

@@ -60,6 +60,14 @@ pub async fn run(settings: Settings, shutdown: CancellationToken) -> Result<(), 
     {
         let (t, s) = (tracker.clone(), shutdown.clone());
         tasks.spawn(async move {
+            t.follow_rollbacks(s)
+                .await
+                .unwrap_or_else(failed("rollback consumer"))
+        });
+    }
+    {
+        let (t, s) = (tracker.clone(), shutdown.clone());
+        tasks.spawn(async move {
             t.serve_slots(s)
                 .await
                 .unwrap_or_else(failed("slot service"))

@@ -53,6 +53,13 @@ pub struct Rollout {
     pub failures: BTreeMap<String, String>,
     /// Why it halted or was aborted.
     pub reason: Option<String>,
+    /// A rollback: the signer's directive (the earlier version's manifest re-signed), which
+    /// the desired states carry instead of the release's own manifest.
+    #[serde(default)]
+    pub directive: Option<fleetcast_events::SignedManifest>,
+    /// A rollback of one ring only.
+    #[serde(default)]
+    pub only_ring: Option<String>,
     #[serde(with = "time::serde::rfc3339")]
     pub created: OffsetDateTime,
 }
@@ -120,6 +127,8 @@ impl Rollout {
             slots: BTreeMap::new(),
             failures: BTreeMap::new(),
             reason: None,
+            directive: None,
+            only_ring: None,
             created: now,
         };
         let effects = policy
@@ -130,6 +139,23 @@ impl Rollout {
             })
             .into_iter()
             .collect();
+        (rollout, effects)
+    }
+
+    /// A rollback to `to` through the signer's `directive`: no approval (it answers an
+    /// incident), otherwise paced like a release by `policy` (the one ring's, for a ring).
+    pub fn start_rollback(
+        app: &str,
+        to: Version,
+        directive: fleetcast_events::SignedManifest,
+        only_ring: Option<String>,
+        policy: &AppPolicy,
+        now: OffsetDateTime,
+    ) -> (Rollout, Vec<Effect>) {
+        let (mut rollout, effects) = Rollout::start(app, to, policy, now);
+        rollout.phase = Phase::Running;
+        rollout.directive = Some(directive);
+        rollout.only_ring = only_ring;
         (rollout, effects)
     }
 

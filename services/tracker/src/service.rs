@@ -8,7 +8,9 @@ use std::sync::Arc;
 
 use async_nats::jetstream::consumer::{DeliverPolicy, pull};
 use fleetcast_events::names::{self, FLEET_BUCKET, SLOT_REQUESTS, TRACKER_COMMAND};
-use fleetcast_events::v1::{AgentHeartbeat, AgentStatus, ReleaseStored, SlotReply, SlotRequest};
+use fleetcast_events::v1::{
+    AgentHeartbeat, AgentStatus, ReleaseStored, RollbackSigned, SlotReply, SlotRequest,
+};
 use fleetcast_events::{CONTENT_TYPE, Encoding};
 use fleetcast_runtime::Bus;
 use fleetcast_runtime::consume::{ConsumerSpec, Outcome, decode_or_reject, run_consumer};
@@ -216,6 +218,89 @@ impl Tracker {
         .map_err(|e| e.to_string())
     }
 
+    /// Starts a rollback rollout for every rollback directive the signer issues.
+    pub async fn follow_rollbacks(
+        self: Arc<Self>,
+        shutdown: CancellationToken,
+    ) -> Result<(), String> {
+        let spec = ConsumerSpec {
+            durable: names::TRACKER_ROLLBACK_CONSUMER,
+            filter_subject: names::ROLLBACK_SIGNED,
+            ack_wait: std::time::Duration::from_secs(30),
+        };
+        let me = self.clone();
+        run_consumer(&self.bus.releases_stream, spec, shutdown, move |msg| {
+            let me = me.clone();
+            async move {
+                let signed: RollbackSigned = match decode_or_reject(&me.bus, SERVICE, &msg).await {
+                    Ok(e) => e,
+                    Err(outcome) => return outcome,
+                };
+                me.start_rollback(signed).await
+            }
+        })
+        .await
+        .map_err(|e| e.to_string())
+    }
+
+    async fn start_rollback(&self, signed: RollbackSigned) -> Outcome {
+        let now = OffsetDateTime::now_utc();
+        let (rollout, effects) = {
+            let mut state = self.state.lock().await;
+            // The same directive for the same scope: a redelivery. (Two requests within one
+            // second sign identical directives; a different ring is a different rollback.)
+            let redelivered = state.rollouts.get(&signed.app).is_some_and(|r| {
+                r.version == signed.to
+                    && r.directive.as_ref() == Some(&signed.manifest)
+                    && r.only_ring == signed.ring
+            });
+            if !redelivered {
+                let mut probe =
+                    Rollout::start(&signed.app, signed.to.clone(), &Default::default(), now).0;
+                probe.only_ring.clone_from(&signed.ring);
+                let policy = self.settings.policy_for(&probe);
+                let (rollout, _) = Rollout::start_rollback(
+                    &signed.app,
+                    signed.to.clone(),
+                    signed.manifest.clone(),
+                    signed.ring.clone(),
+                    &policy,
+                    now,
+                );
+                tracing::warn!(app = %signed.app, to = %signed.to, from = %signed.from, ring = ?signed.ring, "rollback started");
+                state.rollouts.insert(signed.app.clone(), rollout);
+                state.dirty_rollouts.insert(signed.app.clone());
+            }
+            let Some(rollout) = state.rollouts.get(&signed.app).cloned() else {
+                return Outcome::Done;
+            };
+            let ring = self
+                .settings
+                .policy_for(&rollout)
+                .rings
+                .get(rollout.ring)
+                .map(|r| r.name.clone());
+            let effects: Vec<Effect> = ring
+                .filter(|_| rollout.is_active())
+                .map(|ring| Effect::Desire { ring })
+                .into_iter()
+                .collect();
+            (rollout, effects)
+        };
+        match self
+            .apply(
+                &rollout.app,
+                &rollout.version,
+                rollout.directive.as_ref(),
+                effects,
+            )
+            .await
+        {
+            Ok(()) => Outcome::Done,
+            Err(e) => Outcome::Retry(e),
+        }
+    }
+
     async fn start_rollout(&self, stored: &ReleaseStored) -> Outcome {
         let policy = self.settings.policy(&stored.app);
         let now = OffsetDateTime::now_utc();
@@ -243,7 +328,10 @@ impl Tracker {
                 }
             }
         };
-        match self.apply(&stored.app, &stored.version, effects).await {
+        match self
+            .apply(&stored.app, &stored.version, None, effects)
+            .await
+        {
             Ok(()) => Outcome::Done,
             Err(e) => Outcome::Retry(e),
         }
@@ -254,12 +342,20 @@ impl Tracker {
         &self,
         app: &str,
         version: &semver::Version,
+        directive: Option<&fleetcast_events::SignedManifest>,
         effects: Vec<Effect>,
     ) -> Result<(), String> {
         for effect in effects {
             match effect {
                 Effect::Desire { ring } => {
-                    self.bus.desire(app, &ring, version, true).await?;
+                    match directive {
+                        Some(manifest) => {
+                            self.bus
+                                .desire_with(app, &ring, version, manifest.clone(), true)
+                                .await?
+                        }
+                        None => self.bus.desire(app, &ring, version, true).await?,
+                    }
                     tracing::info!(%app, %version, %ring, "ring started: desired state written");
                 }
                 Effect::Halted { reason } => {
@@ -287,7 +383,7 @@ impl Tracker {
                 for (app, rollout) in state.rollouts.iter_mut() {
                     let before = rollout.clone();
                     let effects = rollout.tick(
-                        &self.settings.policy(app),
+                        &self.settings.policy_for(rollout),
                         &state.fleet,
                         now,
                         self.settings.timing(),
@@ -296,7 +392,12 @@ impl Tracker {
                         state.dirty_rollouts.insert(app.clone());
                     }
                     if !effects.is_empty() {
-                        todo.push((app.clone(), rollout.version.clone(), effects));
+                        todo.push((
+                            app.clone(),
+                            rollout.version.clone(),
+                            rollout.directive.clone(),
+                            effects,
+                        ));
                     }
                 }
                 for gone in state.fleet.prune(now, self.settings.prune_after) {
@@ -304,8 +405,11 @@ impl Tracker {
                     state.dirty_agents.insert(gone);
                 }
             }
-            for (app, version, effects) in todo {
-                if let Err(e) = self.apply(&app, &version, effects).await {
+            for (app, version, directive, effects) in todo {
+                if let Err(e) = self
+                    .apply(&app, &version, directive.as_ref(), effects)
+                    .await
+                {
                     tracing::warn!(%app, error = %e, "rollout effect failed; retried next tick");
                     // The ring's desired state is written again on the next ring change at the
                     // latest; make the failure visible now.
@@ -441,7 +545,7 @@ impl Tracker {
             };
         };
         let reply = rollout.request_slot(
-            &self.settings.policy(&request.app),
+            &self.settings.policy_for(rollout),
             &state.fleet,
             request,
             now,
@@ -516,7 +620,7 @@ impl Tracker {
         let view = RolloutView {
             rollout: rollout.clone(),
             rings: rollout.progress(
-                &self.settings.policy(&app),
+                &self.settings.policy_for(rollout),
                 &state.fleet,
                 now,
                 self.settings.timing(),
@@ -541,11 +645,11 @@ impl Tracker {
         let state = self.state.lock().await;
         state
             .rollouts
-            .iter()
-            .map(|(app, r)| RolloutView {
+            .values()
+            .map(|r| RolloutView {
                 rollout: r.clone(),
                 rings: r.progress(
-                    &self.settings.policy(app),
+                    &self.settings.policy_for(r),
                     &state.fleet,
                     now,
                     self.settings.timing(),

@@ -7,7 +7,7 @@ use fleetcast_runtime::{NatsSettings, SettingsError};
 use serde::Deserialize;
 
 use crate::policy::AppPolicy;
-use crate::rollout::Timing;
+use crate::rollout::{Rollout, Timing};
 
 #[derive(Debug, Clone, Deserialize)]
 #[serde(deny_unknown_fields, default)]
@@ -63,6 +63,30 @@ impl Settings {
 
     pub fn policy(&self, app: &str) -> AppPolicy {
         self.apps.get(app).cloned().unwrap_or_default()
+    }
+
+    /// The policy a rollout runs under: its app's, narrowed to one ring for a ring rollback.
+    pub fn policy_for(&self, rollout: &Rollout) -> AppPolicy {
+        self.policy_narrowed(&rollout.app, rollout.only_ring.as_deref())
+    }
+
+    /// `app`'s policy, with only `ring` when given (a ring it lacks gets the default ring's).
+    pub fn policy_narrowed(&self, app: &str, ring: Option<&str>) -> AppPolicy {
+        let mut policy = self.policy(app);
+        if let Some(only) = ring {
+            let ring = policy
+                .rings
+                .iter()
+                .find(|r| r.name == only)
+                .cloned()
+                .unwrap_or_else(|| {
+                    let mut ring = AppPolicy::default().rings.remove(0);
+                    ring.name = only.to_string();
+                    ring
+                });
+            policy.rings = vec![ring];
+        }
+        policy
     }
 
     pub fn timing(&self) -> Timing {

@@ -297,9 +297,7 @@ async fn manual_approval_downloads_early_and_an_operator_steers_the_rollout() {
     assert!(approved.ok, "{}", approved.message);
     // `fleetcast rollout watch` ends when the rollout does.
     let bus = p.bus().await.expect("bus");
-    let done = fleetcast_cli::watch_rollout(&bus, "shapp", None)
-        .await
-        .expect("watch");
+    let done = watch(&bus, None).await;
     assert_eq!(done.rollout.phase, Phase::Completed);
     assert_eq!(done.rings[0].done, 2);
 
@@ -321,9 +319,7 @@ async fn manual_approval_downloads_early_and_an_operator_steers_the_rollout() {
         .await
         .expect("abort");
     assert!(aborted.ok, "{}", aborted.message);
-    let ended = fleetcast_cli::watch_rollout(&bus, "shapp", None)
-        .await
-        .expect("watch");
+    let ended = watch(&bus, None).await;
     assert_eq!(ended.rollout.phase, Phase::Aborted);
     assert_eq!(
         ended.rollout.reason.as_deref(),
@@ -351,6 +347,17 @@ async fn a_tracker_restarted_mid_rollout_continues_where_it_was() {
     p.start_tracker_with(settings);
     let done = rollout_phase(&p, Phase::Completed).await;
     assert_eq!(done.rings.iter().map(|r| r.done).sum::<usize>(), 3);
+}
+
+/// `fleetcast rollout watch shapp [--version V]`, bounded in time.
+async fn watch(
+    bus: &fleetcast_runtime::Bus,
+    version: Option<&Version>,
+) -> fleetcast_tracker::api::RolloutView {
+    tokio::time::timeout(TIMEOUT, fleetcast_cli::watch_rollout(bus, "shapp", version))
+        .await
+        .expect("the rollout never ended")
+        .expect("watch")
 }
 
 /// `GET path` from the tracker's HTTP server: the body.
@@ -569,4 +576,54 @@ async fn hosts_cut_off_from_nats_during_the_announcement_converge_after_reconnec
     }
     let done = rollout_phase(&p, Phase::Completed).await;
     assert_eq!(done.rings[0].done, 3);
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_rollback_goes_through_the_signer_and_rolls_out_ring_by_ring() {
+    let policy = AppPolicy {
+        approval: Approval::Auto,
+        rings: vec![ring("canary", 1, 1), ring("broad", 2, 1)],
+    };
+    let agents = [("c1", "canary"), ("b1", "broad"), ("b2", "broad")];
+    let (p, hosts) = fleet(policy, &agents).await;
+    p.release("shapp", "1.0.0", &script_app("1.0.0", true))
+        .await;
+    rollout_phase(&p, Phase::Completed).await;
+    p.release("shapp", "2.0.0", &script_app("2.0.0", true))
+        .await;
+    let v2 = rollout_phase(&p, Phase::Completed).await;
+    assert_eq!(v2.rollout.version, v("2.0.0"));
+
+    // One ring first: only the canary goes back.
+    let bus = p.bus().await.expect("bus");
+    let from = fleetcast_cli::request_rollback(&bus, "shapp", &v("1.0.0"), Some("canary"))
+        .await
+        .expect("rollback");
+    assert_eq!(from, v("2.0.0"));
+    let back = watch(&bus, Some(&v("1.0.0"))).await;
+    assert_eq!(back.rollout.phase, Phase::Completed);
+    assert!(
+        back.rollout.directive.is_some(),
+        "carried by the signer's directive"
+    );
+    converged(&hosts, "c1", "1.0.0").await;
+    assert_eq!(
+        running(&hosts, "b1"),
+        "2.0.0",
+        "the broad ring was not rolled back"
+    );
+
+    // Then the whole app.
+    fleetcast_cli::request_rollback(&bus, "shapp", &v("1.0.0"), None)
+        .await
+        .expect("rollback");
+    for id in ["b1", "b2"] {
+        converged(&hosts, id, "1.0.0").await;
+    }
+    // A rollback to a version never stored is refused before anything is signed.
+    assert!(
+        fleetcast_cli::request_rollback(&bus, "shapp", &v("0.5.0"), None)
+            .await
+            .is_err()
+    );
 }
