@@ -41,6 +41,14 @@ pub(crate) struct File {
 }
 
 impl File {
+    pub(crate) fn bin(path: &str, data: Vec<u8>) -> File {
+        File {
+            path: path.into(),
+            data,
+            compressible: false,
+        }
+    }
+
     pub(crate) fn text(path: &str, text: &str) -> File {
         File {
             path: path.into(),

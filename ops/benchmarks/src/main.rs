@@ -2,6 +2,7 @@
 //! reference on the same data in the same run, so ratios hold on a noisy machine.
 
 mod agent;
+mod fleet;
 mod ingest;
 
 use std::process::ExitCode;
@@ -22,8 +23,9 @@ fn main() -> ExitCode {
     let result = match which.as_str() {
         "ingest" => runtime.block_on(ingest::run()),
         "agent" => runtime.block_on(agent::run()),
+        "fleet" => runtime.block_on(fleet::run()),
         _ => {
-            eprintln!("usage: ops/bench ingest|agent");
+            eprintln!("usage: ops/bench ingest|agent|fleet");
             return ExitCode::from(2);
         }
     };

@@ -133,6 +133,7 @@ impl Bus {
         let index = kv_bucket(&js, INDEX_BUCKET, 1).await?;
         let signer_state = kv_bucket(&js, SIGNER_BUCKET, 10).await?;
         let desired = kv_bucket(&js, DESIRED_BUCKET, 10).await?;
+        allow_consumers(&js, DESIRED_BUCKET, DESIRED_WATCHERS).await?;
         let fleet = kv_bucket(&js, FLEET_BUCKET, 1).await?;
         let rollouts = kv_bucket(&js, ROLLOUTS_BUCKET, 10).await?;
         let incoming = match js.get_object_store(INCOMING_BUCKET).await {
@@ -228,6 +229,33 @@ impl Bus {
             .map_err(|e| fail(&e))?;
         Ok(())
     }
+}
+
+/// Every agent watches its desired-state key: one ordered consumer each on the bucket's stream.
+/// nats-server 2.15 caps a stream at 1,000 consumers unless the stream says otherwise, which a
+/// fleet passes quickly, so the bucket says how many it needs.
+const DESIRED_WATCHERS: i32 = 1_000_000;
+
+async fn allow_consumers(
+    js: &jetstream::Context,
+    bucket: &str,
+    consumers: i32,
+) -> Result<(), BusError> {
+    let fail = |e: &dyn std::fmt::Display| BusError::Setup {
+        what: format!("{bucket} consumer limit"),
+        reason: e.to_string(),
+    };
+    let mut stream = js
+        .get_stream(format!("KV_{bucket}"))
+        .await
+        .map_err(|e| fail(&e))?;
+    let mut config = stream.info().await.map_err(|e| fail(&e))?.config.clone();
+    if config.max_consumers >= consumers {
+        return Ok(());
+    }
+    config.max_consumers = consumers;
+    js.update_stream(config).await.map_err(|e| fail(&e))?;
+    Ok(())
 }
 
 async fn kv_bucket(

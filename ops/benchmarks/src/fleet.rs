@@ -1,0 +1,284 @@
+//! Fleet benchmark: a tracker and `FLEETCAST_BENCH_AGENTS` (default 1,000) real agent instances
+//! in this process (each with its own NATS connection, install folder and journal), each
+//! supervising a trivial real process (`sleep`). v1 (1 MiB of random data) is rolled out, then
+//! v2 with that MiB replaced, one ring, no concurrency limit.
+//!
+//! - `announce_p100_ms`: v2's desired state written (seen by a watch here) → the last agent's
+//!   first reaction to it (its `downloading` status).
+//! - `converge_s`: v2's signed release published to the distributor → the tracker sees every
+//!   agent running v2 (its rollout completed with all of them done).
+//! - `floor_s`, same run: as many plain clients, each with its own connection, fetching the
+//!   same changed chunks straight from NATS by direct get.
+//! - `cpu_s`: user + system CPU of this process and nats-server during the v2 rollout.
+
+use std::collections::HashSet;
+use std::path::Path;
+use std::time::{Duration, Instant};
+
+use anyhow::{Context, bail};
+use fleetcast_events::names::{chunk_subject, desired_key};
+use fleetcast_events::v1::{AgentStatus, AppState, ChunkIndex};
+use fleetcast_events::{Encoding, SecretKey};
+use fleetcast_harness::fixtures::pseudo_random;
+use fleetcast_tracker::api::Command;
+use fleetcast_tracker::rollout::Phase;
+use futures::StreamExt;
+use tokio_util::sync::CancellationToken;
+
+use crate::ingest::{File, fresh_store, ingest_once, round, start_distributor, write_zip};
+
+pub async fn run() -> anyhow::Result<String> {
+    let agents: usize = std::env::var("FLEETCAST_BENCH_AGENTS")
+        .ok()
+        .and_then(|s| s.parse().ok())
+        .unwrap_or(1000);
+    let dir = tempfile::Builder::new()
+        .prefix("fleetcast-bench-fleet-")
+        .tempdir()?;
+    let key = SecretKey::generate()?;
+    let (nats, settings, bus) = fresh_store().await?;
+    let distributor = start_distributor(&settings, &key, &dir.path().join("work"));
+    let shutdown = CancellationToken::new();
+
+    let tracker = {
+        let s = fleetcast_tracker::Settings {
+            nats: settings.clone(),
+            listen: std::net::SocketAddr::from(([127, 0, 0, 1], 0)),
+            tick: Duration::from_millis(200),
+            stale_after: Duration::from_secs(120),
+            ..Default::default()
+        };
+        let token = shutdown.clone();
+        tokio::spawn(async move { fleetcast_tracker::run(s, token).await })
+    };
+
+    eprintln!("starting {agents} agents");
+    let mut handles = Vec::new();
+    for i in 0..agents {
+        let s = fleetcast_agent::Settings {
+            nats: settings.clone(),
+            agent_id: format!("a{i:05}"),
+            data_dir: dir.path().join("agents").join(format!("a{i:05}")),
+            trusted_keys: vec![key.public().to_text()],
+            slot_retry: Duration::from_secs(1),
+            apps: vec![fleetcast_agent::settings::AppSettings {
+                name: "fleet".into(),
+                command: vec!["/bin/sleep".into(), "3600".into()],
+                env: Default::default(),
+                health: fleetcast_agent::health::HealthGate {
+                    stay_up: Duration::ZERO,
+                    ..Default::default()
+                },
+                crash: Default::default(),
+                grace: Duration::from_secs(2),
+            }],
+            ..Default::default()
+        };
+        let token = shutdown.clone();
+        handles.push(tokio::spawn(
+            async move { fleetcast_agent::run(s, token).await },
+        ));
+    }
+    wait_known(&bus, agents).await?;
+
+    let v1 = vec![File::bin("data.bin", pseudo_random(1 << 20, 1))];
+    let v2 = vec![File::bin("data.bin", pseudo_random(1 << 20, 2))];
+    let (v1_zip, v2_zip) = (
+        dir.path().join("fleet-1.zip"),
+        dir.path().join("fleet-2.zip"),
+    );
+    write_zip(&v1, &v1_zip)?;
+    write_zip(&v2, &v2_zip)?;
+
+    eprintln!("v1 to every agent");
+    ingest_once(&bus, &key, &v1_zip, "fleet", "1.0.0").await?;
+    wait_completed(&bus, "1.0.0", agents).await?;
+
+    eprintln!("v2 to every agent");
+    let mut desired = bus.desired.watch(desired_key("fleet", "default")).await?;
+    let mut statuses = bus.client.subscribe("fleetcast.v1.agent.*.status").await?;
+    let cpu_before = cpu_ticks(std::process::id())? + cpu_ticks(nats.pid().context("nats pid")?)?;
+    let start = Instant::now();
+    let (_, stored) = ingest_once(&bus, &key, &v2_zip, "fleet", "2.0.0").await?;
+    let desired_at = loop {
+        let entry = desired.next().await.context("desired watch ended")??;
+        let d: fleetcast_events::v1::DesiredState = Encoding::Json.decode(&entry.value)?;
+        if d.version == semver::Version::new(2, 0, 0) {
+            break time::OffsetDateTime::now_utc();
+        }
+    };
+    // Every agent's first reaction to v2.
+    let mut reacted = HashSet::new();
+    let mut last_reaction = desired_at;
+    let deadline = tokio::time::Instant::now() + Duration::from_secs(600);
+    while reacted.len() < agents {
+        let msg = tokio::time::timeout_at(deadline, statuses.next())
+            .await
+            .context("not every agent reacted to v2 within 10 minutes")?
+            .context("status subscription ended")?;
+        let ct = msg
+            .headers
+            .as_ref()
+            .and_then(|h| h.get(fleetcast_events::CONTENT_TYPE))
+            .map(|v| v.to_string());
+        let s: AgentStatus = fleetcast_events::codec::decode(ct.as_deref(), &msg.payload)?;
+        if s.version == Some(semver::Version::new(2, 0, 0))
+            && s.state == AppState::Downloading
+            && reacted.insert(s.agent_id)
+        {
+            last_reaction = last_reaction.max(s.at);
+        }
+    }
+    wait_completed(&bus, "2.0.0", agents).await?;
+    let converge = start.elapsed();
+    let cpu_after = cpu_ticks(std::process::id())? + cpu_ticks(nats.pid().context("nats pid")?)?;
+
+    eprintln!("floor: {agents} plain clients fetching the changed chunks");
+    let index: ChunkIndex = Encoding::MsgPack.decode(
+        &bus.index
+            .get(&stored.index_key)
+            .await?
+            .context("v2 index")?,
+    )?;
+    let old: ChunkIndex = Encoding::MsgPack.decode(
+        &bus.index
+            .get(fleetcast_events::names::release_key(
+                "fleet",
+                &semver::Version::new(1, 0, 0),
+            ))
+            .await?
+            .context("v1 index")?,
+    )?;
+    let old_ids: HashSet<&str> = old
+        .files
+        .iter()
+        .flat_map(|f| f.chunks.iter().map(|c| c.id.as_str()))
+        .collect();
+    let changed: Vec<String> = index
+        .files
+        .iter()
+        .flat_map(|f| f.chunks.iter())
+        .filter(|c| !old_ids.contains(c.id.as_str()))
+        .map(|c| c.id.clone())
+        .collect();
+    let floor = floor(&settings.url, agents, &changed).await?;
+
+    shutdown.cancel();
+    for h in handles {
+        let _ = h.await;
+    }
+    let _ = tracker.await;
+    distributor.cancel();
+
+    let json = serde_json::json!({
+        "agents": agents,
+        "delta_mib": 1,
+        "announce_p100_ms": (last_reaction - desired_at).whole_milliseconds().max(0),
+        "converge_s": round3(converge.as_secs_f64()),
+        "floor_s": round3(floor.as_secs_f64()),
+        "converge_vs_floor": round(converge.as_secs_f64() / floor.as_secs_f64().max(1e-3)),
+        "cpu_s": round((cpu_after - cpu_before) as f64 / 100.0),
+        "supervised": "one /bin/sleep process per agent",
+    });
+    Ok(json.to_string())
+}
+
+fn round3(x: f64) -> f64 {
+    (x * 1000.0).round() / 1000.0
+}
+
+/// Until the tracker knows `n` agents.
+async fn wait_known(bus: &fleetcast_runtime::Bus, n: usize) -> anyhow::Result<()> {
+    let deadline = Instant::now() + Duration::from_secs(300);
+    loop {
+        let reply = fleetcast_cli::tracker(bus, &Command::Status).await;
+        if let Ok(r) = reply
+            && r.agents.len() >= n
+        {
+            return Ok(());
+        }
+        if Instant::now() > deadline {
+            bail!("the tracker never saw {n} agents");
+        }
+        tokio::time::sleep(Duration::from_millis(250)).await;
+    }
+}
+
+async fn wait_completed(
+    bus: &fleetcast_runtime::Bus,
+    version: &str,
+    n: usize,
+) -> anyhow::Result<()> {
+    let want = semver::Version::parse(version)?;
+    let deadline = Instant::now() + Duration::from_secs(600);
+    loop {
+        if let Ok(reply) = fleetcast_cli::tracker(
+            bus,
+            &Command::Show {
+                app: "fleet".into(),
+            },
+        )
+        .await
+            && let Some(view) = reply.rollout
+            && view.rollout.version == want
+        {
+            let done: usize = view.rings.iter().map(|r| r.done).sum();
+            match view.rollout.phase {
+                Phase::Completed if done >= n => return Ok(()),
+                Phase::Halted | Phase::Aborted => {
+                    bail!("rollout of {version}: {:?}", view.rollout.reason)
+                }
+                _ => {}
+            }
+        }
+        if Instant::now() > deadline {
+            bail!("{version} never reached {n} agents");
+        }
+        tokio::time::sleep(Duration::from_millis(50)).await;
+    }
+}
+
+/// `n` clients, each with its own connection, fetching `chunks` by direct get.
+async fn floor(url: &str, n: usize, chunks: &[String]) -> anyhow::Result<Duration> {
+    let mut clients = Vec::new();
+    for _ in 0..n {
+        let client = async_nats::connect(url).await?;
+        let js = async_nats::jetstream::new(client);
+        clients.push(
+            js.get_stream(fleetcast_events::names::CHUNKS_STREAM)
+                .await?,
+        );
+    }
+    let start = Instant::now();
+    let mut tasks = Vec::new();
+    for stream in clients {
+        let chunks = chunks.to_vec();
+        tasks.push(tokio::spawn(async move {
+            let mut bytes = 0usize;
+            for id in chunks {
+                bytes += stream
+                    .direct_get_last_for_subject(chunk_subject(&id))
+                    .await?
+                    .payload
+                    .len();
+            }
+            Ok::<_, anyhow::Error>(bytes)
+        }));
+    }
+    for t in tasks {
+        t.await??;
+    }
+    Ok(start.elapsed())
+}
+
+fn cpu_ticks(pid: u32) -> anyhow::Result<u64> {
+    let stat = std::fs::read_to_string(Path::new("/proc").join(pid.to_string()).join("stat"))?;
+    let fields: Vec<&str> = stat
+        .rsplit_once(')')
+        .context("stat")?
+        .1
+        .split_whitespace()
+        .collect();
+    Ok(fields.get(11).context("utime")?.parse::<u64>()?
+        + fields.get(12).context("stime")?.parse::<u64>()?)
+}
