@@ -10,6 +10,8 @@
 //! - `floor_s`, same run: as many plain clients, each with its own connection, fetching the
 //!   same changed chunks straight from NATS by direct get.
 //! - `cpu_s`: user + system CPU of this process and nats-server during the v2 rollout.
+//!
+//! The agents' folders are in /dev/shm when it exists (see `hosts` below).
 
 use std::collections::HashSet;
 use std::path::Path;
@@ -35,6 +37,18 @@ pub async fn run() -> anyhow::Result<String> {
     let dir = tempfile::Builder::new()
         .prefix("fleetcast-bench-fleet-")
         .tempdir()?;
+    // The agents' install folders live in memory when possible: 1,000 simulated hosts share one
+    // disk here, and their fsyncs (journal, files) would queue behind each other as they never
+    // do on 1,000 real hosts.
+    let hosts = match tempfile::Builder::new()
+        .prefix("fleetcast-bench-hosts-")
+        .tempdir_in("/dev/shm")
+    {
+        Ok(d) => d,
+        Err(_) => tempfile::Builder::new()
+            .prefix("fleetcast-bench-hosts-")
+            .tempdir()?,
+    };
     let key = SecretKey::generate()?;
     let (nats, settings, bus) = fresh_store().await?;
     let distributor = start_distributor(&settings, &key, &dir.path().join("work"));
@@ -58,7 +72,7 @@ pub async fn run() -> anyhow::Result<String> {
         let s = fleetcast_agent::Settings {
             nats: settings.clone(),
             agent_id: format!("a{i:05}"),
-            data_dir: dir.path().join("agents").join(format!("a{i:05}")),
+            data_dir: hosts.path().join(format!("a{i:05}")),
             trusted_keys: vec![key.public().to_text()],
             slot_retry: Duration::from_secs(1),
             apps: vec![fleetcast_agent::settings::AppSettings {
