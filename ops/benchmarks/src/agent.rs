@@ -353,13 +353,8 @@ async fn next_status(sub: &mut async_nats::Subscriber) -> anyhow::Result<AgentSt
     let msg = tokio::time::timeout(Duration::from_secs(600), sub.next())
         .await?
         .context("status subscription ended")?;
-    let ct = msg
-        .headers
-        .as_ref()
-        .and_then(|h| h.get(fleetcast_events::CONTENT_TYPE))
-        .map(|v| v.to_string());
-    Ok(fleetcast_events::codec::decode(
-        ct.as_deref(),
+    Ok(fleetcast_runtime::consume::decode_payload(
+        msg.headers.as_ref(),
         &msg.payload,
     )?)
 }
@@ -402,7 +397,7 @@ fn rss_kib(pid: u32, field: &str) -> anyhow::Result<u64> {
     Ok(line.split_whitespace().nth(1).context("value")?.parse()?)
 }
 
-fn cpu_ticks(pid: u32) -> anyhow::Result<u64> {
+pub(crate) fn cpu_ticks(pid: u32) -> anyhow::Result<u64> {
     let stat = std::fs::read_to_string(format!("/proc/{pid}/stat"))?;
     let fields: Vec<&str> = stat
         .rsplit_once(')')

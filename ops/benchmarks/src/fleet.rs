@@ -14,7 +14,6 @@
 //! The agents' folders are in /dev/shm when it exists (see `hosts` below).
 
 use std::collections::HashSet;
-use std::path::Path;
 use std::time::{Duration, Instant};
 
 use anyhow::{Context, bail};
@@ -27,6 +26,7 @@ use fleetcast_tracker::rollout::Phase;
 use futures::StreamExt;
 use tokio_util::sync::CancellationToken;
 
+use crate::agent::cpu_ticks;
 use crate::ingest::{File, fresh_store, ingest_once, round, start_distributor, write_zip};
 
 pub async fn run() -> anyhow::Result<String> {
@@ -130,12 +130,8 @@ pub async fn run() -> anyhow::Result<String> {
             .await
             .context("not every agent reacted to v2 within 10 minutes")?
             .context("status subscription ended")?;
-        let ct = msg
-            .headers
-            .as_ref()
-            .and_then(|h| h.get(fleetcast_events::CONTENT_TYPE))
-            .map(|v| v.to_string());
-        let s: AgentStatus = fleetcast_events::codec::decode(ct.as_deref(), &msg.payload)?;
+        let s: AgentStatus =
+            fleetcast_runtime::consume::decode_payload(msg.headers.as_ref(), &msg.payload)?;
         if s.version == Some(semver::Version::new(2, 0, 0))
             && s.state == AppState::Downloading
             && reacted.insert(s.agent_id)
@@ -283,16 +279,4 @@ async fn floor(url: &str, n: usize, chunks: &[String]) -> anyhow::Result<Duratio
         t.await??;
     }
     Ok(start.elapsed())
-}
-
-fn cpu_ticks(pid: u32) -> anyhow::Result<u64> {
-    let stat = std::fs::read_to_string(Path::new("/proc").join(pid.to_string()).join("stat"))?;
-    let fields: Vec<&str> = stat
-        .rsplit_once(')')
-        .context("stat")?
-        .1
-        .split_whitespace()
-        .collect();
-    Ok(fields.get(11).context("utime")?.parse::<u64>()?
-        + fields.get(12).context("stime")?.parse::<u64>()?)
 }

@@ -215,8 +215,8 @@ async fn wait_stored(
             _ = &mut deadline => bail!("release {version} not stored within 10 minutes"),
             msg = sub.next() => {
                 let msg = msg.context("subscription ended")?;
-                let ct = msg.headers.as_ref().and_then(|h| h.get(fleetcast_events::CONTENT_TYPE)).map(|v| v.to_string());
-                let stored: ReleaseStored = fleetcast_events::codec::decode(ct.as_deref(), &msg.payload)?;
+                let stored: ReleaseStored =
+                    fleetcast_runtime::consume::decode_payload(msg.headers.as_ref(), &msg.payload)?;
                 if stored.version == *version {
                     return Ok(stored);
                 }

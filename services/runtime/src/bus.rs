@@ -178,23 +178,13 @@ impl Bus {
             subject: subject.into(),
             reason,
         };
-        let payload = encoding.encode(event).map_err(|e| BusError::Encode {
-            subject: subject.into(),
-            reason: e.to_string(),
-        })?;
-        let mut headers = HeaderMap::new();
-        headers.insert(CONTENT_TYPE, encoding.content_type());
+        let (headers, payload) = encode_event(subject, event, encoding)?;
         let reply = self
             .client
             .request_with_headers(subject.to_string(), headers, payload.into())
             .await
             .map_err(|e| fail(e.to_string()))?;
-        let content_type = reply
-            .headers
-            .as_ref()
-            .and_then(|h| h.get(CONTENT_TYPE))
-            .map(|v| v.to_string());
-        fleetcast_events::codec::decode(content_type.as_deref(), &reply.payload)
+        crate::consume::decode_payload(reply.headers.as_ref(), &reply.payload)
             .map_err(|e| fail(format!("reply does not decode: {e}")))
     }
 
@@ -205,12 +195,7 @@ impl Bus {
         encoding: Encoding,
         msg_id: Option<&str>,
     ) -> Result<(), BusError> {
-        let payload = encoding.encode(event).map_err(|e| BusError::Encode {
-            subject: subject.into(),
-            reason: e.to_string(),
-        })?;
-        let mut headers = HeaderMap::new();
-        headers.insert(CONTENT_TYPE, encoding.content_type());
+        let (headers, payload) = encode_event(subject, event, encoding)?;
         let mut msg = jetstream::message::PublishMessage::build()
             .payload(payload.into())
             .headers(headers);
@@ -229,6 +214,21 @@ impl Bus {
             .map_err(|e| fail(&e))?;
         Ok(())
     }
+}
+
+/// An event's payload and the headers naming its encoding.
+fn encode_event<T: Serialize>(
+    subject: &str,
+    event: &T,
+    encoding: Encoding,
+) -> Result<(HeaderMap, Vec<u8>), BusError> {
+    let payload = encoding.encode(event).map_err(|e| BusError::Encode {
+        subject: subject.into(),
+        reason: e.to_string(),
+    })?;
+    let mut headers = HeaderMap::new();
+    headers.insert(CONTENT_TYPE, encoding.content_type());
+    Ok((headers, payload))
 }
 
 /// Every agent watches its desired-state key: one ordered consumer each on the bucket's stream.

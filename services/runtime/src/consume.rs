@@ -118,16 +118,23 @@ where
     Ok(())
 }
 
-/// Decodes an event according to its `Content-Type` header.
+/// Decodes a consumed event according to its `Content-Type` header.
 pub fn decode<T: serde::de::DeserializeOwned>(
     message: &jetstream::Message,
 ) -> Result<T, fleetcast_events::DecodeError> {
-    let content_type = message
-        .headers
-        .as_ref()
+    decode_payload(message.headers.as_ref(), &message.payload)
+}
+
+/// Decodes any NATS payload (a reply, a core message) by the `Content-Type` in its headers;
+/// JSON when there is none.
+pub fn decode_payload<T: serde::de::DeserializeOwned>(
+    headers: Option<&async_nats::HeaderMap>,
+    payload: &[u8],
+) -> Result<T, fleetcast_events::DecodeError> {
+    let content_type = headers
         .and_then(|h| h.get(fleetcast_events::CONTENT_TYPE))
         .map(|v| v.as_str().to_string());
-    fleetcast_events::codec::decode(content_type.as_deref(), &message.payload)
+    fleetcast_events::codec::decode(content_type.as_deref(), payload)
 }
 
 /// Publishes `event_rejected` for a message that could not be decoded or broke the contract,

@@ -7,11 +7,11 @@ use std::collections::{BTreeMap, BTreeSet};
 use std::sync::Arc;
 
 use async_nats::jetstream::consumer::{DeliverPolicy, pull};
+use fleetcast_events::Encoding;
 use fleetcast_events::names::{self, FLEET_BUCKET, SLOT_REQUESTS, TRACKER_COMMAND};
 use fleetcast_events::v1::{
     AgentHeartbeat, AgentStatus, ReleaseStored, RollbackSigned, SlotReply, SlotRequest,
 };
-use fleetcast_events::{CONTENT_TYPE, Encoding};
 use fleetcast_runtime::Bus;
 use fleetcast_runtime::consume::{ConsumerSpec, Outcome, decode_or_reject, run_consumer};
 use futures::StreamExt;
@@ -144,21 +144,13 @@ impl Tracker {
         let Ok((seq, published)) = msg.info().map(|i| (i.stream_sequence, i.published)) else {
             return;
         };
-        let content_type = msg
-            .headers
-            .as_ref()
-            .and_then(|h| h.get(CONTENT_TYPE))
-            .map(|v| v.to_string());
         let now = OffsetDateTime::now_utc();
         let mut state = self.state.lock().await;
         let state = &mut *state;
         state.cursor = state.cursor.max(seq);
         state.report_lag_s = (now - published).as_seconds_f64().max(0.0);
         if msg.subject.ends_with(".heartbeat") {
-            match fleetcast_events::codec::decode::<AgentHeartbeat>(
-                content_type.as_deref(),
-                &msg.payload,
-            ) {
+            match fleetcast_runtime::consume::decode::<AgentHeartbeat>(msg) {
                 Ok(hb) if valid_agent_id(&hb.agent_id) => {
                     state.fleet.heartbeat(&hb, now);
                     state.dirty_agents.insert(hb.agent_id);
@@ -171,10 +163,7 @@ impl Tracker {
                 }
             }
         } else if msg.subject.ends_with(".status") {
-            match fleetcast_events::codec::decode::<AgentStatus>(
-                content_type.as_deref(),
-                &msg.payload,
-            ) {
+            match fleetcast_runtime::consume::decode::<AgentStatus>(msg) {
                 Ok(st) if valid_agent_id(&st.agent_id) => {
                     state.fleet.status(&st, now);
                     state.dirty_agents.insert(st.agent_id.clone());
@@ -512,13 +501,8 @@ impl Tracker {
     pub async fn serve_slots(self: Arc<Self>, shutdown: CancellationToken) -> Result<(), String> {
         let this = &*self;
         this.serve(SLOT_REQUESTS, shutdown, |msg| async move {
-            let content_type = msg
-                .headers
-                .as_ref()
-                .and_then(|h| h.get(CONTENT_TYPE))
-                .map(|v| v.to_string());
-            let reply = match fleetcast_events::codec::decode::<SlotRequest>(
-                content_type.as_deref(),
+            let reply = match fleetcast_runtime::consume::decode_payload::<SlotRequest>(
+                msg.headers.as_ref(),
                 &msg.payload,
             ) {
                 Ok(request) => this.slot(&request).await,

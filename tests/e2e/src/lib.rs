@@ -420,13 +420,7 @@ async fn wait_on<T: DeserializeOwned>(
     let found = tokio::time::timeout(TIMEOUT, async {
         while let Some(msg) = messages.next().await {
             let msg = msg?;
-            let content_type = msg
-                .headers
-                .as_ref()
-                .and_then(|h| h.get(fleetcast_events::CONTENT_TYPE))
-                .map(|v| v.to_string());
-            if let Ok(event) =
-                fleetcast_events::codec::decode::<T>(content_type.as_deref(), &msg.payload)
+            if let Ok(event) = fleetcast_runtime::consume::decode::<T>(&msg)
                 && accept(&event)
             {
                 return Ok(event);

@@ -1,12 +1,10 @@
 //! The agent end to end: a real pipeline stores releases, the desired state is written to the
 //! bucket the agent watches, and the agent supervises real processes through each update.
 
-use std::collections::BTreeMap;
 use std::path::Path;
 use std::time::Duration;
 
 use fleetcast_agent::journal::Journal;
-use fleetcast_agent::settings::AppSettings;
 use fleetcast_e2e::{Pipeline, TIMEOUT, script_app};
 use semver::Version;
 use tokio_util::sync::CancellationToken;
@@ -88,33 +86,21 @@ fn start_agent(p: &Pipeline, data: &Path, state: &Path) -> Agent {
     start_agent_with(p, data, state, |_| {})
 }
 
-/// An agent for `shapp` with the tests' settings, changed by `tweak`.
+/// An agent for `shapp` with the tests' settings (the pipeline's, on the host that holds
+/// `data` and `state`), changed by `tweak`.
 fn start_agent_with(
     p: &Pipeline,
     data: &Path,
     state: &Path,
     tweak: impl FnOnce(&mut fleetcast_agent::Settings),
 ) -> Agent {
-    let health = fleetcast_agent::health::HealthGate {
-        stay_up: Duration::from_millis(500),
-        ..Default::default()
-    };
-    let mut settings = fleetcast_agent::Settings {
-        nats: p.nats_settings(),
-        agent_id: "host-1".into(),
-        data_dir: data.to_path_buf(),
-        trusted_keys: vec![p.key.public().to_text()],
-        heartbeat: Duration::from_secs(1),
-        apps: vec![AppSettings {
-            name: "shapp".into(),
-            command: vec!["bin/run".into()],
-            env: BTreeMap::from([("STATE_DIR".to_string(), state.display().to_string())]),
-            health,
-            crash: Default::default(),
-            grace: Duration::from_secs(5),
-        }],
-        ..Default::default()
-    };
+    let host = data.parent().expect("data is inside its host folder");
+    let mut settings = p.agent_settings("host-1", "default", host);
+    assert_eq!(
+        settings.apps[0].env["STATE_DIR"],
+        state.display().to_string()
+    );
+    settings.apps[0].health.stay_up = Duration::from_millis(500);
     tweak(&mut settings);
     let token = CancellationToken::new();
     let t = token.clone();

@@ -118,12 +118,7 @@ async fn statuses(p: &Pipeline) -> Vec<AgentStatus> {
     while let Ok(Some(Ok(msg))) =
         tokio::time::timeout(Duration::from_millis(500), messages.next()).await
     {
-        let ct = msg
-            .headers
-            .as_ref()
-            .and_then(|h| h.get(fleetcast_events::CONTENT_TYPE))
-            .map(|v| v.to_string());
-        if let Ok(s) = fleetcast_events::codec::decode::<AgentStatus>(ct.as_deref(), &msg.payload) {
+        if let Ok(s) = fleetcast_runtime::consume::decode::<AgentStatus>(&msg) {
             out.push(s);
         }
         if msg.info().is_ok_and(|i| i.stream_sequence >= pending) {
