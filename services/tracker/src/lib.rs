@@ -48,39 +48,22 @@ pub async fn run(settings: Settings, shutdown: CancellationToken) -> Result<(), 
     let mut tasks = tokio::task::JoinSet::new();
     tasks.spawn(tracker.clone().follow_reports(shutdown.clone()));
     tasks.spawn(tracker.clone().run_ticks(shutdown.clone()));
-    let failed = |what: &'static str| move |e: String| tracing::error!(%e, "{what} stopped");
-    {
-        let (t, s) = (tracker.clone(), shutdown.clone());
-        tasks.spawn(async move {
-            t.follow_releases(s)
-                .await
-                .unwrap_or_else(failed("release consumer"))
-        });
-    }
-    {
-        let (t, s) = (tracker.clone(), shutdown.clone());
-        tasks.spawn(async move {
-            t.follow_rollbacks(s)
-                .await
-                .unwrap_or_else(failed("rollback consumer"))
-        });
-    }
-    {
-        let (t, s) = (tracker.clone(), shutdown.clone());
-        tasks.spawn(async move {
-            t.serve_slots(s)
-                .await
-                .unwrap_or_else(failed("slot service"))
-        });
-    }
-    {
-        let (t, s) = (tracker.clone(), shutdown.clone());
-        tasks.spawn(async move {
-            t.serve_commands(s)
-                .await
-                .unwrap_or_else(failed("command service"))
-        });
-    }
+    tasks.spawn(logged(
+        "release consumer",
+        tracker.clone().follow_releases(shutdown.clone()),
+    ));
+    tasks.spawn(logged(
+        "rollback consumer",
+        tracker.clone().follow_rollbacks(shutdown.clone()),
+    ));
+    tasks.spawn(logged(
+        "slot service",
+        tracker.clone().serve_slots(shutdown.clone()),
+    ));
+    tasks.spawn(logged(
+        "command service",
+        tracker.clone().serve_commands(shutdown.clone()),
+    ));
     {
         let s = shutdown.clone();
         let app = http::router(tracker.clone());
@@ -95,4 +78,11 @@ pub async fn run(settings: Settings, shutdown: CancellationToken) -> Result<(), 
     }
     while tasks.join_next().await.is_some() {}
     Ok(())
+}
+
+/// Runs one of the tracker's loops, logging why it stopped if it could not go on.
+async fn logged(what: &'static str, work: impl Future<Output = Result<(), String>>) {
+    if let Err(e) = work.await {
+        tracing::error!(error = %e, "{what} stopped");
+    }
 }

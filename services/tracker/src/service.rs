@@ -187,24 +187,13 @@ impl Tracker {
         self: Arc<Self>,
         shutdown: CancellationToken,
     ) -> Result<(), String> {
-        let spec = ConsumerSpec {
-            durable: names::TRACKER_CONSUMER,
-            filter_subject: names::RELEASE_STORED,
-            ack_wait: std::time::Duration::from_secs(30),
-        };
-        let me = self.clone();
-        run_consumer(&self.bus.releases_stream, spec, shutdown, move |msg| {
-            let me = me.clone();
-            async move {
-                let stored: ReleaseStored = match decode_or_reject(&me.bus, SERVICE, &msg).await {
-                    Ok(e) => e,
-                    Err(outcome) => return outcome,
-                };
-                me.start_rollout(&stored).await
-            }
-        })
+        self.follow(
+            names::TRACKER_CONSUMER,
+            names::RELEASE_STORED,
+            shutdown,
+            |me, stored: ReleaseStored| async move { me.start_rollout(&stored).await },
+        )
         .await
-        .map_err(|e| e.to_string())
     }
 
     /// Starts a rollback rollout for every rollback directive the signer issues.
@@ -212,20 +201,42 @@ impl Tracker {
         self: Arc<Self>,
         shutdown: CancellationToken,
     ) -> Result<(), String> {
+        self.follow(
+            names::TRACKER_ROLLBACK_CONSUMER,
+            names::ROLLBACK_SIGNED,
+            shutdown,
+            |me, signed: RollbackSigned| async move { me.start_rollback(signed).await },
+        )
+        .await
+    }
+
+    /// Follows one event subject of the releases stream with a durable consumer: each event
+    /// decoded (or refused as malformed) and handed to `handle`.
+    async fn follow<E, F, Fut>(
+        self: Arc<Self>,
+        durable: &'static str,
+        subject: &'static str,
+        shutdown: CancellationToken,
+        handle: F,
+    ) -> Result<(), String>
+    where
+        E: serde::de::DeserializeOwned,
+        F: Fn(Arc<Tracker>, E) -> Fut + Copy,
+        Fut: std::future::Future<Output = Outcome>,
+    {
         let spec = ConsumerSpec {
-            durable: names::TRACKER_ROLLBACK_CONSUMER,
-            filter_subject: names::ROLLBACK_SIGNED,
+            durable,
+            filter_subject: subject,
             ack_wait: std::time::Duration::from_secs(30),
         };
         let me = self.clone();
         run_consumer(&self.bus.releases_stream, spec, shutdown, move |msg| {
             let me = me.clone();
             async move {
-                let signed: RollbackSigned = match decode_or_reject(&me.bus, SERVICE, &msg).await {
-                    Ok(e) => e,
-                    Err(outcome) => return outcome,
-                };
-                me.start_rollback(signed).await
+                match decode_or_reject(&me.bus, SERVICE, &msg).await {
+                    Ok(event) => handle(me, event).await,
+                    Err(outcome) => outcome,
+                }
             }
         })
         .await
