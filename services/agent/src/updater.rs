@@ -225,7 +225,13 @@ impl AppRunner {
             .map_err(|e| format!("{name} hook failed: {e}"))
     }
 
-    async fn run_version(&mut self, version: &Version) -> Result<(), UpdateError> {
+    /// Switches `current` to `version` if needed and starts it; `launch` when the caller has
+    /// already read how it runs (the switch, where every millisecond is downtime).
+    async fn run_version(
+        &mut self,
+        version: &Version,
+        launch: Option<&Launch>,
+    ) -> Result<(), UpdateError> {
         if self.root.current().as_ref() != Some(version) {
             self.root
                 .switch_to(version)
@@ -237,10 +243,15 @@ impl AppRunner {
                 "switched"
             });
         }
-        let launch = self
-            .launch(version)
-            .map_err(|e| UpdateError::Transient(format!("cannot run {version}: {e}")))?;
-        self.supervisor.start(launch.spec).await;
+        let spec = match launch {
+            Some(launch) => launch.spec.clone(),
+            None => {
+                self.launch(version)
+                    .map_err(|e| UpdateError::Transient(format!("cannot run {version}: {e}")))?
+                    .spec
+            }
+        };
+        self.supervisor.start(spec).await;
         self.running_since = Some(Instant::now());
         Ok(())
     }
@@ -267,7 +278,7 @@ impl AppRunner {
         self.journal.committed = recovery.run.clone();
         self.save()?;
         if let Some(version) = recovery.run {
-            self.run_version(&version).await?;
+            self.run_version(&version, None).await?;
             self.report(AppState::Running, Some(version), None).await;
         }
         Ok(())
@@ -464,7 +475,7 @@ impl AppRunner {
         let mut events = self.supervisor.subscribe();
         self.supervisor.stop().await;
         fault::hit("old-stopped");
-        self.run_version(&target).await?;
+        self.run_version(&target, Some(&launch)).await?;
         fault::hit("new-started");
         self.journal.step = Step::HealthChecking {
             from: from.clone(),
@@ -515,7 +526,7 @@ impl AppRunner {
                 self.supervisor.stop().await;
                 fault::hit("rollback-stopped");
                 if let Some(from) = &from {
-                    self.run_version(from).await?;
+                    self.run_version(from, None).await?;
                 }
                 fault::hit("rollback-started");
                 self.journal
