@@ -30,7 +30,7 @@ use tokio::sync::watch;
 use tokio_util::sync::CancellationToken;
 
 pub use settings::Settings;
-use updater::{AppRunner, UpdateError};
+use updater::{AppRunner, Applied, UpdateError};
 
 pub const SERVICE: &str = "agent";
 
@@ -73,23 +73,30 @@ pub async fn run(settings: Settings, shutdown: CancellationToken) -> Result<(), 
         let (tx, rx) = watch::channel(runner.heartbeat());
         beats.push(rx);
         let key = desired_key(&app.name, &settings.ring);
+        let recheck = spread(&settings.agent_id, &app.name, settings.recheck);
         tasks.push(tokio::spawn(app_loop(
             runner,
             bus.clone(),
             key,
-            settings.recheck,
+            recheck,
             tx,
             shutdown.clone(),
         )));
     }
-    let mut ticker = tokio::time::interval(settings.heartbeat);
+    let host_name = std::fs::read_to_string("/etc/hostname")
+        .map(|h| h.trim().to_string())
+        .unwrap_or_default();
+    // The first beat at once (the tracker learns of the agent), the next ones on the agent's
+    // own phase.
+    let mut ticker = spread(&settings.agent_id, "heartbeat", settings.heartbeat);
+    ticker.reset_immediately();
     loop {
         tokio::select! {
             _ = shutdown.cancelled() => break,
             _ = ticker.tick() => {
                 let beat = AgentHeartbeat {
                     agent_id: settings.agent_id.clone(),
-                    host: std::fs::read_to_string("/etc/hostname").map(|h| h.trim().to_string()).unwrap_or_default(),
+                    host: host_name.clone(),
                     ring: settings.ring.clone(),
                     labels: settings.labels.clone(),
                     apps: beats.iter().map(|b| b.borrow().clone()).collect(),
@@ -108,13 +115,32 @@ pub async fn run(settings: Settings, shutdown: CancellationToken) -> Result<(), 
     Ok(())
 }
 
-/// One app: recover, then follow its desired-state key (watch, plus a slow re-check, plus
-/// retries with backoff after transient failures).
+/// A ticker of `period` whose first tick comes after a phase in `0..period` drawn from the
+/// agent's id and `what`: agents started together (a fleet booted at once, or reconnected after
+/// an outage) then spread their heartbeats and re-checks over the period instead of all
+/// sending them in the same instant, which would delay the announcements that arrive then.
+fn spread(agent_id: &str, what: &str, period: Duration) -> tokio::time::Interval {
+    let hash = blake3::hash(format!("{agent_id}/{what}").as_bytes());
+    let mut bytes = [0u8; 8];
+    bytes.copy_from_slice(&hash.as_bytes()[..8]);
+    let nanos = period.as_nanos().max(1);
+    let phase = Duration::from_nanos((u128::from(u64::from_le_bytes(bytes)) % nanos) as u64);
+    let mut ticker = tokio::time::interval_at(
+        tokio::time::Instant::now() + phase,
+        period.max(Duration::from_millis(1)),
+    );
+    ticker.set_missed_tick_behavior(tokio::time::MissedTickBehavior::Delay);
+    ticker
+}
+
+/// One app: recover, then follow its desired-state key (announcements as they are written,
+/// the stored value at start, after every reconnect and on a slow re-check, retries with
+/// backoff after transient failures).
 async fn app_loop(
     mut runner: AppRunner,
     bus: Bus,
     key: String,
-    recheck: Duration,
+    mut ticker: tokio::time::Interval,
     beat: watch::Sender<fleetcast_events::v1::AppHeartbeat>,
     shutdown: CancellationToken,
 ) {
@@ -125,37 +151,55 @@ async fn app_loop(
     let _ = beat.send(runner.heartbeat());
     let mut retry_delay = Duration::from_secs(1);
     let mut retry_at: Option<tokio::time::Instant> = None;
-    let mut ticker = tokio::time::interval(recheck);
-    loop {
-        let mut updates = match bus.desired.watch(&key).await {
-            Ok(w) => w,
+    // Announcements arrive on a plain subscription to the subject a put of the key is
+    // published on: the server fans one message out to every agent at once, where a KV watch
+    // would cost a JetStream consumer per agent, each delivering on its own. A subscription
+    // misses what is written while it is disconnected, hence the reads of the stored value.
+    let subject = format!("{}{key}", bus.desired.prefix);
+    let mut connections = bus.connections.clone();
+    let stored = async |bus: &Bus| match bus.desired.get(&key).await {
+        Ok(value) => value.map(|b| b.to_vec()),
+        Err(e) => {
+            tracing::debug!(%key, error = %e, "desired state not read");
+            None
+        }
+    };
+    let mut client_alive = true;
+    'follow: loop {
+        let mut announcements = match bus.client.subscribe(subject.clone()).await {
+            Ok(s) => s,
             Err(e) => {
-                tracing::warn!(%app, error = %e, "cannot watch desired state, retrying");
+                tracing::warn!(%app, error = %e, "cannot subscribe to announcements, retrying");
                 tokio::select! {
-                    _ = shutdown.cancelled() => break,
+                    _ = shutdown.cancelled() => break 'follow,
                     _ = tokio::time::sleep(Duration::from_secs(1)) => continue,
                 }
             }
         };
+        connections.mark_unchanged();
+        let mut read_stored = true;
         loop {
-            let desired: Option<Vec<u8>> = tokio::select! {
-                _ = shutdown.cancelled() => {
-                    runner.stop().await;
-                    return;
-                }
-                entry = updates.next() => match entry {
-                    Some(Ok(entry)) if matches!(entry.operation, async_nats::jetstream::kv::Operation::Put) => Some(entry.value.to_vec()),
-                    Some(Ok(_)) => None,
-                    Some(Err(e)) => {
-                        tracing::debug!(%app, error = %e, "watch hiccup");
-                        None
+            let desired: Option<Vec<u8>> = if std::mem::take(&mut read_stored) {
+                stored(&bus).await
+            } else {
+                tokio::select! {
+                    _ = shutdown.cancelled() => break 'follow,
+                    message = announcements.next() => match message {
+                        // A delete or purge of the key carries its operation in a header.
+                        Some(m) if m.headers.as_ref().is_some_and(|h| h.get("KV-Operation").is_some()) => None,
+                        Some(m) => Some(m.payload.to_vec()),
+                        None => break, // subscription ended: make it again
+                    },
+                    changed = connections.changed(), if client_alive => {
+                        // An error: the client is gone (shutting down); stop asking.
+                        client_alive = changed.is_ok();
+                        if client_alive { stored(&bus).await } else { None }
                     }
-                    None => break, // watch ended: recreate it
-                },
-                _ = ticker.tick() => bus.desired.get(&key).await.ok().flatten().map(|b| b.to_vec()),
-                _ = async { tokio::time::sleep_until(retry_at.unwrap_or_else(tokio::time::Instant::now)).await }, if retry_at.is_some() => {
-                    retry_at = None;
-                    bus.desired.get(&key).await.ok().flatten().map(|b| b.to_vec())
+                    _ = ticker.tick() => stored(&bus).await,
+                    _ = async { tokio::time::sleep_until(retry_at.unwrap_or_else(tokio::time::Instant::now)).await }, if retry_at.is_some() => {
+                        retry_at = None;
+                        stored(&bus).await
+                    }
                 }
             };
             let Some(bytes) = desired else { continue };
@@ -170,10 +214,12 @@ async fn app_loop(
                 }
             };
             let outcome = runner.apply(&desired).await;
-            // An update's buffers are free now; hand them back so an idle agent stays small.
-            memory::release_freed();
+            if !matches!(outcome, Ok(Applied::AlreadyDone)) {
+                // An update's buffers are free now; hand them back so an idle agent stays small.
+                memory::release_freed_soon();
+            }
             match outcome {
-                Ok(()) => retry_delay = Duration::from_secs(1),
+                Ok(_) => retry_delay = Duration::from_secs(1),
                 Err(UpdateError::Refused(reason)) => {
                     tracing::warn!(%app, version = %desired.version, %reason, "update refused");
                     runner.refused(&desired.version, &reason).await;
@@ -194,4 +240,5 @@ async fn app_loop(
             let _ = beat.send(runner.heartbeat());
         }
     }
+    runner.stop().await;
 }

@@ -2,13 +2,41 @@
 //! per-thread arenas (measured: ~3.5 MiB of an idle agent's 11 MiB after a 256 MiB update), and
 //! `malloc_trim` is its documented way to give it back. Called at a quiet point: after an
 //! update attempt, not during one (it briefly locks every arena).
+//!
+//! A trim walks the whole process's heap, so updates that end together (several apps, or the
+//! fleet benchmark's thousand agents in one process) share one: [`release_freed_soon`] trims
+//! once, a moment after the first request, for every request made meanwhile.
+
+use std::sync::atomic::{AtomicBool, Ordering};
+use std::time::Duration;
+
+/// A trim is scheduled and has not run yet.
+static PENDING: AtomicBool = AtomicBool::new(false);
+
+/// How long requests gather before the one trim that serves them.
+const GATHER: Duration = Duration::from_secs(1);
+
+/// Returns freed memory to the OS shortly (within [`GATHER`]), once for every request made
+/// until then. Needs a tokio runtime.
+pub(crate) fn release_freed_soon() {
+    if PENDING.swap(true, Ordering::AcqRel) {
+        return;
+    }
+    tokio::spawn(async {
+        tokio::time::sleep(GATHER).await;
+        // Cleared first: a request arriving during the trim schedules another, so the memory
+        // it freed is returned too.
+        PENDING.store(false, Ordering::Release);
+        release_freed();
+    });
+}
 
 #[cfg(all(target_os = "linux", target_env = "gnu"))]
 #[expect(
     unsafe_code,
     reason = "malloc_trim is a C function; the only unsafe call in fleetcast"
 )]
-pub(crate) fn release_freed() {
+fn release_freed() {
     // SAFETY: malloc_trim takes a padding size and has no caller-side invariants; it only
     // releases memory the allocator already considers free.
     let released = unsafe { libc::malloc_trim(0) } != 0;
@@ -17,4 +45,4 @@ pub(crate) fn release_freed() {
 
 /// Other allocators (musl, macOS) do not hold freed memory this way.
 #[cfg(not(all(target_os = "linux", target_env = "gnu")))]
-pub(crate) fn release_freed() {}
+fn release_freed() {}

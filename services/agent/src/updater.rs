@@ -51,6 +51,16 @@ pub enum UpdateError {
     NotNow(OffsetDateTime),
 }
 
+/// What [`AppRunner::apply`] did with an announcement it accepted.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub enum Applied {
+    /// The version was already running (or refused before): a replay, nothing touched.
+    AlreadyDone,
+    /// The version was installed and switched to (or rolled back from, with its reason
+    /// reported).
+    Updated,
+}
+
 pub struct AppRunner {
     pub settings: AppSettings,
     /// The agent's own settings (id, ring, limits, windows).
@@ -285,7 +295,7 @@ impl AppRunner {
     }
 
     /// Brings the app to `desired`. Idempotent: a replayed or repeated announcement is a no-op.
-    pub async fn apply(&mut self, desired: &DesiredState) -> Result<(), UpdateError> {
+    pub async fn apply(&mut self, desired: &DesiredState) -> Result<Applied, UpdateError> {
         let manifest = desired
             .manifest
             .verify(&self.trusted, OffsetDateTime::now_utc())
@@ -298,7 +308,7 @@ impl AppRunner {
         }
         let target = manifest.version.clone();
         if self.journal.committed.as_ref() == Some(&target) || self.journal.is_refused(&target) {
-            return Ok(());
+            return Ok(Applied::AlreadyDone);
         }
         if let Some(highest) = self.journal.highest_accepted.clone()
             && target < highest
@@ -328,7 +338,8 @@ impl AppRunner {
             self.save()?;
         }
         let launch = prepared?;
-        self.switch(target, launch).await
+        self.switch(target, launch).await?;
+        Ok(Applied::Updated)
     }
 
     /// An announcement older than the highest version accepted: only a signed rollback

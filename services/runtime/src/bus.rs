@@ -8,6 +8,7 @@ use async_nats::{ConnectOptions, HeaderMap};
 use fleetcast_events::names::*;
 use fleetcast_events::{CONTENT_TYPE, Encoding};
 use serde::Serialize;
+use tokio::sync::watch;
 use tokio_util::sync::CancellationToken;
 
 use crate::settings::NatsSettings;
@@ -44,6 +45,9 @@ pub struct Bus {
     pub fleet: kv::Store,
     pub rollouts: kv::Store,
     pub incoming: object_store::ObjectStore,
+    /// How many times the client has connected: it changes on every reconnect, after which
+    /// a core subscription's holder re-reads what it may have missed while disconnected.
+    pub connections: watch::Receiver<u64>,
 }
 
 /// Largest chunk as stored (a 256 KiB chunk that zstd could not shrink, plus its frame).
@@ -56,12 +60,12 @@ impl Bus {
         name: &str,
         shutdown: &CancellationToken,
     ) -> Result<Bus, BusError> {
-        let client = connect(settings, name, shutdown).await?;
+        let (client, connections) = connect(settings, name, shutdown).await?;
         let mut delay = Duration::from_millis(200);
         loop {
             // Boxed: setting up every stream and bucket is a large future, and callers' own
             // futures (tests' included) should not carry it on their stacks.
-            match Box::pin(Bus::ensure(client.clone(), settings)).await {
+            match Box::pin(Bus::ensure(client.clone(), connections.clone(), settings)).await {
                 Ok(bus) => return Ok(bus),
                 Err(e) => {
                     tracing::warn!(error = %e, "JetStream not ready, retrying");
@@ -77,6 +81,7 @@ impl Bus {
 
     pub async fn ensure(
         client: async_nats::Client,
+        connections: watch::Receiver<u64>,
         settings: &NatsSettings,
     ) -> Result<Bus, BusError> {
         let js = jetstream::ContextBuilder::new()
@@ -99,6 +104,7 @@ impl Bus {
                 max_age: Duration::from_secs(90 * 24 * 3600),
                 duplicate_window: Duration::from_secs(300),
                 storage: stream::StorageType::File,
+                num_replicas: settings.replicas,
                 ..Default::default()
             })
             .await
@@ -112,6 +118,7 @@ impl Bus {
                 max_message_size: MAX_CHUNK_MESSAGE,
                 allow_direct: true,
                 storage: stream::StorageType::File,
+                num_replicas: settings.replicas,
                 ..Default::default()
             })
             .await
@@ -125,17 +132,18 @@ impl Bus {
                     .collect(),
                 max_age: Duration::from_secs(7 * 24 * 3600),
                 storage: stream::StorageType::File,
+                num_replicas: settings.replicas,
                 ..Default::default()
             })
             .await
             .map_err(|e| setup(STATUS_STREAM)(e.into()))?;
-        let releases = kv_bucket(&js, RELEASES_BUCKET, 10).await?;
-        let index = kv_bucket(&js, INDEX_BUCKET, 1).await?;
-        let signer_state = kv_bucket(&js, SIGNER_BUCKET, 10).await?;
-        let desired = kv_bucket(&js, DESIRED_BUCKET, 10).await?;
+        let releases = kv_bucket(&js, RELEASES_BUCKET, 10, settings.replicas).await?;
+        let index = kv_bucket(&js, INDEX_BUCKET, 1, settings.replicas).await?;
+        let signer_state = kv_bucket(&js, SIGNER_BUCKET, 10, settings.replicas).await?;
+        let desired = kv_bucket(&js, DESIRED_BUCKET, 10, settings.replicas).await?;
         allow_consumers(&js, DESIRED_BUCKET, DESIRED_WATCHERS).await?;
-        let fleet = kv_bucket(&js, FLEET_BUCKET, 1).await?;
-        let rollouts = kv_bucket(&js, ROLLOUTS_BUCKET, 10).await?;
+        let fleet = kv_bucket(&js, FLEET_BUCKET, 1, settings.replicas).await?;
+        let rollouts = kv_bucket(&js, ROLLOUTS_BUCKET, 10, settings.replicas).await?;
         let incoming = match js.get_object_store(INCOMING_BUCKET).await {
             Ok(store) => store,
             Err(_) => js
@@ -143,6 +151,7 @@ impl Bus {
                     bucket: INCOMING_BUCKET.into(),
                     description: Some("release archives waiting to be signed and chunked".into()),
                     storage: stream::StorageType::File,
+                    num_replicas: settings.replicas,
                     ..Default::default()
                 })
                 .await
@@ -161,6 +170,7 @@ impl Bus {
             fleet,
             rollouts,
             incoming,
+            connections,
         })
     }
 
@@ -262,6 +272,7 @@ async fn kv_bucket(
     js: &jetstream::Context,
     bucket: &str,
     history: i64,
+    replicas: usize,
 ) -> Result<kv::Store, BusError> {
     if let Ok(store) = js.get_key_value(bucket).await {
         return Ok(store);
@@ -270,6 +281,7 @@ async fn kv_bucket(
         bucket: bucket.into(),
         history,
         storage: stream::StorageType::File,
+        num_replicas: replicas,
         ..Default::default()
     })
     .await
@@ -279,14 +291,18 @@ async fn kv_bucket(
     })
 }
 
-/// Connects with unlimited reconnects; connection changes are logged, never fatal.
+/// Connects with unlimited reconnects; connection changes are logged, never fatal. The
+/// receiver counts connections (see [`Bus::connections`]).
 pub async fn connect(
     settings: &NatsSettings,
     name: &str,
     shutdown: &CancellationToken,
-) -> Result<async_nats::Client, BusError> {
+) -> Result<(async_nats::Client, watch::Receiver<u64>), BusError> {
     let mut delay = Duration::from_millis(200);
+    let (count, connections) = watch::channel(0u64);
+    let count = std::sync::Arc::new(count);
     loop {
+        let count = count.clone();
         let mut options = ConnectOptions::new()
             .name(name)
             .max_reconnects(None)
@@ -294,14 +310,20 @@ pub async fn connect(
             .reconnect_delay_callback(|attempts| {
                 Duration::from_millis((100 * attempts as u64).min(2_000))
             })
-            .event_callback(|event| async move {
-                match event {
-                    async_nats::Event::Connected => tracing::info!("connected to NATS"),
-                    async_nats::Event::Disconnected => {
-                        tracing::warn!("disconnected from NATS, reconnecting")
+            .event_callback(move |event| {
+                let count = count.clone();
+                async move {
+                    match event {
+                        async_nats::Event::Connected => {
+                            tracing::info!("connected to NATS");
+                            count.send_modify(|n| *n += 1);
+                        }
+                        async_nats::Event::Disconnected => {
+                            tracing::warn!("disconnected from NATS, reconnecting")
+                        }
+                        async_nats::Event::Closed => tracing::debug!("NATS connection closed"),
+                        other => tracing::warn!(event = %other, "NATS connection event"),
                     }
-                    async_nats::Event::Closed => tracing::debug!("NATS connection closed"),
-                    other => tracing::warn!(event = %other, "NATS connection event"),
                 }
             });
         if let Some(creds) = &settings.credentials {
@@ -314,7 +336,7 @@ pub async fn connect(
                 })?;
         }
         match options.connect(settings.url.as_str()).await {
-            Ok(client) => return Ok(client),
+            Ok(client) => return Ok((client, connections)),
             Err(e) => {
                 tracing::warn!(url = %settings.url, error = %e, "NATS not reachable yet, retrying");
                 tokio::select! {
