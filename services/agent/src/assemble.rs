@@ -16,7 +16,7 @@ use fleetcast_events::names::chunk_subject;
 use fleetcast_events::v1::ChunkIndex;
 use fleetcast_package::chunking::{self, ChunkError, ChunkId, MAX_CHUNK, VerifiedChunk};
 use futures::StreamExt;
-use futures::stream::FuturesUnordered;
+use futures::stream::FuturesOrdered;
 
 use crate::install::{InstallRoot, sync_dir};
 
@@ -132,10 +132,49 @@ pub struct AssembleReport {
 
 struct Job {
     file: Arc<File>,
+    /// Which of the files being hashed.
+    index: usize,
     path: PathBuf,
     offset: u64,
     id: ChunkId,
     len: u32,
+    /// Inside what an interrupted attempt wrote.
+    resumable: bool,
+}
+
+enum Source {
+    /// Fetched from the store, with the bytes it cost.
+    Fetched(u64),
+    /// Copied from an installed version.
+    Reused,
+    /// Already in place from an interrupted attempt.
+    Resumed,
+}
+
+/// A regular file being assembled, hashed in order as its chunks arrive.
+struct Hashing<'a> {
+    entry: &'a fleetcast_events::manifest::FileEntry,
+    path: PathBuf,
+    file: Arc<File>,
+    hasher: blake3::Hasher,
+    chunks_left: usize,
+}
+
+impl Hashing<'_> {
+    /// The whole file against the signed manifest, then its permissions and durability.
+    fn finish(&mut self) -> Result<(), AssembleError> {
+        if self.hasher.finalize().to_hex().as_str() != self.entry.blake3 {
+            // Dropped so a retry fetches it afresh instead of resuming bad bytes.
+            let _ = std::fs::remove_file(&self.path);
+            return Err(AssembleError::FileMismatch(self.entry.path.clone()));
+        }
+        std::fs::set_permissions(
+            &self.path,
+            std::fs::Permissions::from_mode(self.entry.mode & 0o777),
+        )
+        .map_err(io_err(&self.path))?;
+        self.file.sync_all().map_err(io_err(&self.path))
+    }
 }
 
 /// Assembles `manifest`'s version into its partial folder and renames it into place. Returns
@@ -157,8 +196,12 @@ pub async fn assemble(
     std::fs::create_dir_all(&partial).map_err(io_err(&partial))?;
     let mut report = AssembleReport::default();
 
-    // Regular files first, so no write can pass through a link the manifest creates.
+    // Regular files first, so no write can pass through a link the manifest creates. Every
+    // chunk of every file is a job, in file order: the results come back in that order, so
+    // each file's hash is computed from the verified chunks as they arrive instead of reading
+    // the file back.
     let mut jobs = Vec::new();
+    let mut files = Vec::new();
     for (entry, chunks) in manifest.files.iter().zip(&index.files) {
         if entry.link.is_some() {
             continue;
@@ -174,72 +217,83 @@ pub async fn assemble(
             .truncate(false)
             .open(&path)
             .map_err(io_err(&path))?;
+        // Only what an interrupted attempt wrote can be resumed: a new file has nothing to
+        // read back.
+        let written = file.metadata().map_err(io_err(&path))?.len();
         file.set_len(entry.size).map_err(io_err(&path))?;
         let file = Arc::new(file);
         let mut offset = 0u64;
         for c in &chunks.chunks {
             let id = ChunkId::from_hex(&c.id)?;
-            if read_verified(&path, offset, c.len, &id).is_some() {
-                report.resumed_chunks += 1;
-            } else {
-                jobs.push(Job {
-                    file: file.clone(),
-                    path: path.clone(),
-                    offset,
-                    id,
-                    len: c.len,
-                });
-            }
+            jobs.push(Job {
+                file: file.clone(),
+                index: files.len(),
+                path: path.clone(),
+                offset,
+                id,
+                len: c.len,
+                resumable: offset + u64::from(c.len) <= written,
+            });
             offset += u64::from(c.len);
         }
+        files.push(Hashing {
+            entry,
+            path,
+            file,
+            hasher: blake3::Hasher::new(),
+            chunks_left: chunks.chunks.len(),
+        });
+    }
+    // Files without chunks (empty) are complete already.
+    for f in files.iter_mut().filter(|f| f.chunks_left == 0) {
+        f.finish()?;
     }
 
     let mut pending = jobs.into_iter();
-    let mut inflight = FuturesUnordered::new();
+    let mut inflight = FuturesOrdered::new();
     loop {
         while inflight.len() < concurrency.max(1) {
             let Some(job) = pending.next() else { break };
-            inflight.push(async move {
-                let (data, fetched) = match local.read(&job.id) {
-                    Some(data) => (data, None),
+            inflight.push_back(async move {
+                if job.resumable
+                    && let Some(data) = read_verified(&job.path, job.offset, job.len, &job.id)
+                {
+                    return Ok((job.index, data, Source::Resumed));
+                }
+                let (data, source) = match local.read(&job.id) {
+                    Some(data) => (data, Source::Reused),
                     None => {
                         let f = remote.fetch(&job.id, job.len).await?;
                         let wire = f.wire_bytes;
-                        (f.chunk.into_data(), Some(wire))
+                        (f.chunk.into_data(), Source::Fetched(wire))
                     }
                 };
                 job.file
                     .write_all_at(&data, job.offset)
                     .map_err(io_err(&job.path))?;
-                Ok::<_, AssembleError>(fetched)
+                Ok::<_, AssembleError>((job.index, data, source))
             });
         }
-        match inflight.next().await {
-            Some(Ok(Some(wire))) => {
+        let Some(result) = inflight.next().await else {
+            break;
+        };
+        let (index, data, source) = result?;
+        match source {
+            Source::Fetched(wire) => {
                 report.fetched_chunks += 1;
                 report.fetched_bytes += wire;
             }
-            Some(Ok(None)) => report.reused_chunks += 1,
-            Some(Err(e)) => return Err(e),
-            None => break,
+            Source::Reused => report.reused_chunks += 1,
+            Source::Resumed => report.resumed_chunks += 1,
+        }
+        let file = &mut files[index];
+        file.hasher.update(&data);
+        file.chunks_left -= 1;
+        if file.chunks_left == 0 {
+            file.finish()?;
         }
     }
 
-    // Every file against the signed manifest, then permissions, links, and durability.
-    for entry in manifest.files.iter().filter(|e| e.link.is_none()) {
-        let path = partial.join(&entry.path);
-        let mut hasher = blake3::Hasher::new();
-        let file = File::open(&path).map_err(io_err(&path))?;
-        hasher.update_reader(&file).map_err(io_err(&path))?;
-        if hasher.finalize().to_hex().as_str() != entry.blake3 {
-            // Drop it so a retry fetches it afresh instead of resuming bad bytes.
-            let _ = std::fs::remove_file(&path);
-            return Err(AssembleError::FileMismatch(entry.path.clone()));
-        }
-        std::fs::set_permissions(&path, std::fs::Permissions::from_mode(entry.mode & 0o777))
-            .map_err(io_err(&path))?;
-        file.sync_all().map_err(io_err(&path))?;
-    }
     for entry in &manifest.files {
         if let Some(target) = &entry.link {
             let path = partial.join(&entry.path);
