@@ -17,7 +17,7 @@ use serde::{Deserialize, Serialize};
 use time::OffsetDateTime;
 
 use crate::fleet::Fleet;
-use crate::policy::{AppPolicy, Approval};
+use crate::policy::{Amount, AppPolicy, Approval};
 
 #[derive(Debug, Clone, Copy, PartialEq, Eq, Serialize, Deserialize)]
 #[serde(rename_all = "snake_case")]
@@ -252,6 +252,26 @@ impl Rollout {
             .collect()
     }
 
+    /// Live agents of `ring` that run this app (the targets [`Rollout::progress`] counts): what
+    /// a percentage of the ring is of.
+    fn ring_targets(
+        &self,
+        ring: &str,
+        fleet: &Fleet,
+        now: OffsetDateTime,
+        timing: Timing,
+    ) -> usize {
+        fleet
+            .agents
+            .values()
+            .filter(|a| {
+                a.ring == ring
+                    && a.apps.contains_key(&self.app)
+                    && !a.is_stale(now, timing.stale_after)
+            })
+            .count()
+    }
+
     /// Moves the rollout on: frees finished and expired slots, halts on the failure
     /// threshold, completes rings, starts the next after its soak.
     pub fn tick(
@@ -417,8 +437,16 @@ impl Rollout {
             return grant;
         }
         if ring_index == self.ring {
-            let targets = self.progress(policy, fleet, now, timing)[ring_index].targets;
-            let limit = ring.parallel.of(targets).max(1);
+            // Only a percentage needs the ring's size, counted over the fleet: done for every
+            // request of a 1,000-agent ring it was most of the tracker's work.
+            let limit = match ring.parallel {
+                Amount::Count(n) => n.max(1),
+                Amount::Percent(100) => usize::MAX,
+                Amount::Percent(_) => ring
+                    .parallel
+                    .of(self.ring_targets(&ring.name, fleet, now, timing))
+                    .max(1),
+            };
             let taken = self.slots.values().filter(|l| l.ring == ring.name).count();
             if taken >= limit {
                 return refuse(

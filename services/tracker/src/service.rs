@@ -33,7 +33,14 @@ pub struct Tracker {
     pub bus: Bus,
     pub settings: Arc<Settings>,
     state: Mutex<State>,
+    /// An agent reported on a rollout: move it on now rather than at the next tick, so a ring
+    /// completes (or halts) when its last report arrives.
+    reported: tokio::sync::Notify,
 }
+
+/// After a report wakes the rollouts, how long others may gather before they are moved on
+/// (a thousand agents reporting within a second cost a few passes, not a thousand).
+const REPORTS_GATHER: std::time::Duration = std::time::Duration::from_millis(20);
 
 #[derive(Default)]
 struct State {
@@ -91,6 +98,7 @@ impl Tracker {
             bus,
             settings,
             state: Mutex::new(state),
+            reported: tokio::sync::Notify::new(),
         }))
     }
 
@@ -170,6 +178,7 @@ impl Tracker {
                     if let Some(rollout) = state.rollouts.get_mut(&st.app) {
                         rollout.record_status(&st);
                         state.dirty_rollouts.insert(st.app.clone());
+                        self.reported.notify_one();
                     }
                 }
                 Ok(st) => {
@@ -374,6 +383,7 @@ impl Tracker {
             tokio::select! {
                 _ = shutdown.cancelled() => break,
                 _ = ticker.tick() => {}
+                _ = self.reported.notified() => tokio::time::sleep(REPORTS_GATHER).await,
             }
             let now = OffsetDateTime::now_utc();
             let mut todo = Vec::new();
