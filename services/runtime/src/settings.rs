@@ -96,6 +96,10 @@ pub struct NatsSettings {
     /// How long one request (KV get, direct get, publish ack) may take.
     #[serde(with = "humantime_serde")]
     pub request_timeout: Duration,
+    /// JetStream replicas of the streams and buckets this service creates when they do not
+    /// exist yet: 1 on a single server, 3 on a cluster (a server can then fail without losing
+    /// or stopping anything). Existing ones keep theirs.
+    pub replicas: usize,
 }
 
 impl Default for NatsSettings {
@@ -104,6 +108,7 @@ impl Default for NatsSettings {
             url: "nats://127.0.0.1:4222".into(),
             credentials: None,
             request_timeout: Duration::from_secs(10),
+            replicas: 1,
         }
     }
 }
