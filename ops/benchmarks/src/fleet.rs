@@ -3,8 +3,8 @@
 //! supervising a trivial real process (`sleep`). v1 (1 MiB of random data) is rolled out, then
 //! v2 with that MiB replaced, one ring, no concurrency limit.
 //!
-//! - `announce_p100_ms`: v2's desired state written (seen by a watch here) → the last agent's
-//!   first reaction to it (its `downloading` status).
+//! - `announce_p100_ms`: v2's desired state written (the server's timestamp on the KV entry) →
+//!   the last agent's first reaction to it (the time on its `downloading` status).
 //! - `converge_s`: v2's signed release published to the distributor → the tracker sees every
 //!   agent running v2 (its rollout completed with all of them done).
 //! - `floor_s`, same run: as many plain clients, each with its own connection, fetching the
@@ -66,33 +66,40 @@ pub async fn run() -> anyhow::Result<String> {
         tokio::spawn(async move { fleetcast_tracker::run(s, token).await })
     };
 
-    eprintln!("starting {agents} agents");
-    let mut handles = Vec::new();
-    for i in 0..agents {
-        let s = fleetcast_agent::Settings {
-            nats: settings.clone(),
-            agent_id: format!("a{i:05}"),
-            data_dir: hosts.path().join(format!("a{i:05}")),
-            trusted_keys: vec![key.public().to_text()],
-            slot_retry: Duration::from_secs(1),
-            apps: vec![fleetcast_agent::settings::AppSettings {
-                name: "fleet".into(),
-                command: vec!["/bin/sleep".into(), "3600".into()],
-                env: Default::default(),
-                health: fleetcast_agent::health::HealthGate {
-                    stay_up: Duration::ZERO,
-                    ..Default::default()
-                },
-                crash: Default::default(),
-                grace: Duration::from_secs(2),
-            }],
-            ..Default::default()
-        };
-        let token = shutdown.clone();
-        handles.push(tokio::spawn(
-            async move { fleetcast_agent::run(s, token).await },
-        ));
+    // The agents run in a few processes of their own, as the hosts' agents would: one process
+    // holding all of them would make every app start copy and close its thousands of file
+    // descriptors, and share one allocator and scheduler.
+    let processes: usize = std::env::var("FLEETCAST_BENCH_AGENT_PROCESSES")
+        .ok()
+        .and_then(|s| s.parse().ok())
+        .unwrap_or(4)
+        .clamp(1, agents.max(1));
+    eprintln!("starting {agents} agents in {processes} processes");
+    let mut children = Vec::new();
+    for p in 0..processes {
+        let (from, to) = (agents * p / processes, agents * (p + 1) / processes);
+        children.push(
+            tokio::process::Command::new(std::env::current_exe()?)
+                .arg(AGENTS_COMMAND)
+                .env("FLEETCAST_BENCH_FLEET_NATS", &settings.url)
+                .env("FLEETCAST_BENCH_FLEET_HOSTS", hosts.path())
+                .env("FLEETCAST_BENCH_FLEET_KEY", key.public().to_text())
+                .env("FLEETCAST_BENCH_FLEET_RANGE", format!("{from}..{to}"))
+                .stdin(std::process::Stdio::piped())
+                .kill_on_drop(true)
+                .spawn()
+                .context("starting an agents process")?,
+        );
     }
+    let pids: Vec<u32> = children.iter().filter_map(|c| c.id()).collect();
+    let fleet_cpu = || -> anyhow::Result<u64> {
+        let mut ticks =
+            cpu_ticks(std::process::id())? + cpu_ticks(nats.pid().context("nats pid")?)?;
+        for pid in &pids {
+            ticks += cpu_ticks(*pid)?;
+        }
+        Ok(ticks)
+    };
     wait_known(&bus, agents).await?;
 
     let v1 = vec![File::bin("data.bin", pseudo_random(1 << 20, 1))];
@@ -111,37 +118,53 @@ pub async fn run() -> anyhow::Result<String> {
     eprintln!("v2 to every agent");
     let mut desired = bus.desired.watch(desired_key("fleet", "default")).await?;
     let mut statuses = bus.client.subscribe("fleetcast.v1.agent.*.status").await?;
-    let cpu_before = cpu_ticks(std::process::id())? + cpu_ticks(nats.pid().context("nats pid")?)?;
+    let cpu_before = fleet_cpu()?;
     let start = Instant::now();
     let (_, stored) = ingest_once(&bus, &key, &v2_zip, "fleet", "2.0.0").await?;
     let desired_at = loop {
         let entry = desired.next().await.context("desired watch ended")??;
         let d: fleetcast_events::v1::DesiredState = Encoding::Json.decode(&entry.value)?;
         if d.version == semver::Version::new(2, 0, 0) {
-            break time::OffsetDateTime::now_utc();
+            // When the server stored it (same clock as the agents' reports).
+            break entry.created;
         }
     };
-    // Every agent's first reaction to v2.
+    let desired_s = start.elapsed().as_secs_f64();
+    // Every agent's reports on v2, until each runs it: when each state was last entered, so
+    // the figures say where the time goes. The first `downloading` is an agent's reaction.
     let mut reacted = HashSet::new();
-    let mut last_reaction = desired_at;
+    let mut running = HashSet::new();
+    let mut reactions_ms = Vec::with_capacity(agents);
+    let mut phases: std::collections::BTreeMap<String, Vec<i128>> = Default::default();
     let deadline = tokio::time::Instant::now() + Duration::from_secs(600);
-    while reacted.len() < agents {
+    while running.len() < agents {
         let msg = tokio::time::timeout_at(deadline, statuses.next())
             .await
-            .context("not every agent reacted to v2 within 10 minutes")?
+            .context("not every agent ran v2 within 10 minutes")?
             .context("status subscription ended")?;
         let s: AgentStatus =
             fleetcast_runtime::consume::decode_payload(msg.headers.as_ref(), &msg.payload)?;
-        if s.version == Some(semver::Version::new(2, 0, 0))
-            && s.state == AppState::Downloading
-            && reacted.insert(s.agent_id)
-        {
-            last_reaction = last_reaction.max(s.at);
+        if s.version != Some(semver::Version::new(2, 0, 0)) {
+            continue;
+        }
+        phases
+            .entry(format!("{:?}", s.state))
+            .or_default()
+            .push((s.at - desired_at).whole_milliseconds());
+        match s.state {
+            AppState::Downloading if reacted.insert(s.agent_id.clone()) => {
+                reactions_ms.push((s.at - desired_at).whole_milliseconds().max(0));
+            }
+            AppState::Running => {
+                running.insert(s.agent_id);
+            }
+            _ => {}
         }
     }
+    let all_running_s = start.elapsed().as_secs_f64();
     wait_completed(&bus, "2.0.0", agents).await?;
     let converge = start.elapsed();
-    let cpu_after = cpu_ticks(std::process::id())? + cpu_ticks(nats.pid().context("nats pid")?)?;
+    let cpu_after = fleet_cpu()?;
 
     eprintln!("floor: {agents} plain clients fetching the changed chunks");
     let index: ChunkIndex = Encoding::MsgPack.decode(
@@ -173,24 +196,111 @@ pub async fn run() -> anyhow::Result<String> {
         .collect();
     let floor = floor(&settings.url, agents, &changed).await?;
 
-    shutdown.cancel();
-    for h in handles {
-        let _ = h.await;
+    // Closing their stdin stops the agents processes.
+    for mut child in children {
+        drop(child.stdin.take());
+        let _ = child.wait().await;
     }
+    shutdown.cancel();
     let _ = tracker.await;
     distributor.cancel();
 
     let json = serde_json::json!({
         "agents": agents,
         "delta_mib": 1,
-        "announce_p100_ms": (last_reaction - desired_at).whole_milliseconds().max(0),
+        "announce_p100_ms": percentile(&reactions_ms, 100),
         "converge_s": round3(converge.as_secs_f64()),
         "floor_s": round3(floor.as_secs_f64()),
         "converge_vs_floor": round(converge.as_secs_f64() / floor.as_secs_f64().max(1e-3)),
         "cpu_s": round((cpu_after - cpu_before) as f64 / 100.0),
+        // Where converge_s goes: release published → desired state written → every agent's
+        // last report of each state (seconds after the desired state) → all running → tracker.
+        "breakdown": {
+            "desired_written_s": round3(desired_s),
+            "reports_after_desired_ms": phases
+                .iter()
+                .map(|(state, ms)| {
+                    let spread = serde_json::json!({
+                        "reports": ms.len(),
+                        "p50": percentile(ms, 50),
+                        "p90": percentile(ms, 90),
+                        "p100": percentile(ms, 100),
+                    });
+                    (state.clone(), spread)
+                })
+                .collect::<serde_json::Map<_, _>>(),
+            "all_running_s": round3(all_running_s),
+        },
+        "agent_processes": processes,
         "supervised": "one /bin/sleep process per agent",
     });
     Ok(json.to_string())
+}
+
+/// The `p`th percentile (nearest rank) of `values`; 0 for none.
+fn percentile(values: &[i128], p: usize) -> i128 {
+    let mut sorted = values.to_vec();
+    sorted.sort_unstable();
+    match sorted.len() {
+        0 => 0,
+        n => sorted[((n * p).div_ceil(100)).clamp(1, n) - 1],
+    }
+}
+
+/// The bench's hidden command that runs a share of the fleet's agents (see [`run_agents`]).
+pub const AGENTS_COMMAND: &str = "fleet-agents";
+
+/// Runs agents `FLEETCAST_BENCH_FLEET_RANGE` (e.g. `0..250`) against the given NATS, each with
+/// its own connection, folder and journal, supervising `/bin/sleep`, until stdin closes.
+pub async fn run_agents() -> anyhow::Result<String> {
+    let var = |name: &str| std::env::var(name).with_context(|| format!("{name} not set"));
+    let url = var("FLEETCAST_BENCH_FLEET_NATS")?;
+    let hosts = std::path::PathBuf::from(var("FLEETCAST_BENCH_FLEET_HOSTS")?);
+    let key = var("FLEETCAST_BENCH_FLEET_KEY")?;
+    let range = var("FLEETCAST_BENCH_FLEET_RANGE")?;
+    let (from, to) = range.split_once("..").context("range is FROM..TO")?;
+    let (from, to): (usize, usize) = (from.parse()?, to.parse()?);
+    let nats = fleetcast_runtime::NatsSettings {
+        url,
+        request_timeout: Duration::from_secs(30),
+        ..Default::default()
+    };
+    let shutdown = CancellationToken::new();
+    let mut handles = Vec::new();
+    for i in from..to {
+        let s = fleetcast_agent::Settings {
+            nats: nats.clone(),
+            agent_id: format!("a{i:05}"),
+            data_dir: hosts.join(format!("a{i:05}")),
+            trusted_keys: vec![key.clone()],
+            slot_retry: Duration::from_secs(1),
+            apps: vec![fleetcast_agent::settings::AppSettings {
+                name: "fleet".into(),
+                command: vec!["/bin/sleep".into(), "3600".into()],
+                env: Default::default(),
+                health: fleetcast_agent::health::HealthGate {
+                    stay_up: Duration::ZERO,
+                    ..Default::default()
+                },
+                crash: Default::default(),
+                grace: Duration::from_secs(2),
+            }],
+            ..Default::default()
+        };
+        let token = shutdown.clone();
+        handles.push(tokio::spawn(
+            async move { fleetcast_agent::run(s, token).await },
+        ));
+    }
+    // Until the bench closes our stdin (or exits).
+    let mut stdin = tokio::io::stdin();
+    let mut sink = Vec::new();
+    let _ = tokio::io::AsyncReadExt::read_to_end(&mut stdin, &mut sink).await;
+    shutdown.cancel();
+    for h in handles {
+        let _ = h.await;
+    }
+    Ok(String::new())
 }
 
 fn round3(x: f64) -> f64 {
