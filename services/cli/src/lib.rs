@@ -30,7 +30,7 @@ pub async fn connect(url: &str, timeout: Duration) -> anyhow::Result<Bus> {
         tokio::time::sleep(timeout).await;
         guard.cancel();
     });
-    let bus = Bus::connect(&settings, "fleetcast-cli", &cancel).await;
+    let bus = Bus::attach(&settings, "fleetcast-cli", &cancel).await;
     timer.abort();
     bus.with_context(|| format!("cannot reach NATS at {url} within {timeout:?}"))
 }

@@ -54,18 +54,46 @@ pub struct Bus {
 const MAX_CHUNK_MESSAGE: i32 = 300 * 1024;
 
 impl Bus {
-    /// Connects (retrying with backoff until `shutdown`) and ensures every resource exists.
+    /// Connects (retrying with backoff until `shutdown`) and creates every stream and bucket
+    /// that does not exist yet, with `settings.replicas`: what the fleetcast services do.
     pub async fn connect(
         settings: &NatsSettings,
         name: &str,
         shutdown: &CancellationToken,
+    ) -> Result<Bus, BusError> {
+        Bus::open(settings, name, shutdown, Resources::Create).await
+    }
+
+    /// Connects and binds to the streams and buckets the services created, waiting until they
+    /// exist: what agents and the CLI do. They never create one, so none ends up with their
+    /// defaults (a single replica on a cluster), and their credentials need no right to.
+    pub async fn attach(
+        settings: &NatsSettings,
+        name: &str,
+        shutdown: &CancellationToken,
+    ) -> Result<Bus, BusError> {
+        Bus::open(settings, name, shutdown, Resources::Bind).await
+    }
+
+    async fn open(
+        settings: &NatsSettings,
+        name: &str,
+        shutdown: &CancellationToken,
+        resources: Resources,
     ) -> Result<Bus, BusError> {
         let (client, connections) = connect(settings, name, shutdown).await?;
         let mut delay = Duration::from_millis(200);
         loop {
             // Boxed: setting up every stream and bucket is a large future, and callers' own
             // futures (tests' included) should not carry it on their stacks.
-            match Box::pin(Bus::ensure(client.clone(), connections.clone(), settings)).await {
+            match Box::pin(Bus::ensure(
+                client.clone(),
+                connections.clone(),
+                settings,
+                resources,
+            ))
+            .await
+            {
                 Ok(bus) => return Ok(bus),
                 Err(e) => {
                     tracing::warn!(error = %e, "JetStream not ready, retrying");
@@ -79,10 +107,11 @@ impl Bus {
         }
     }
 
-    pub async fn ensure(
+    async fn ensure(
         client: async_nats::Client,
         connections: watch::Receiver<u64>,
         settings: &NatsSettings,
+        resources: Resources,
     ) -> Result<Bus, BusError> {
         let js = jetstream::ContextBuilder::new()
             .timeout(settings.request_timeout)
@@ -94,8 +123,10 @@ impl Bus {
                 reason: e.to_string(),
             }
         };
-        let releases_stream = js
-            .get_or_create_stream(stream::Config {
+        let releases_stream = stream_with(
+            &js,
+            resources,
+            stream::Config {
                 name: RELEASES_STREAM.into(),
                 subjects: RELEASES_STREAM_SUBJECTS
                     .iter()
@@ -106,11 +137,13 @@ impl Bus {
                 storage: stream::StorageType::File,
                 num_replicas: settings.replicas,
                 ..Default::default()
-            })
-            .await
-            .map_err(|e| setup(RELEASES_STREAM)(e.into()))?;
-        let chunks = js
-            .get_or_create_stream(stream::Config {
+            },
+        )
+        .await?;
+        let chunks = stream_with(
+            &js,
+            resources,
+            stream::Config {
                 name: CHUNKS_STREAM.into(),
                 subjects: vec![format!("{CHUNK_SUBJECT_PREFIX}*")],
                 // A chunk is immutable and named by its content: one message per subject.
@@ -120,11 +153,13 @@ impl Bus {
                 storage: stream::StorageType::File,
                 num_replicas: settings.replicas,
                 ..Default::default()
-            })
-            .await
-            .map_err(|e| setup(CHUNKS_STREAM)(e.into()))?;
-        let status_stream = js
-            .get_or_create_stream(stream::Config {
+            },
+        )
+        .await?;
+        let status_stream = stream_with(
+            &js,
+            resources,
+            stream::Config {
                 name: STATUS_STREAM.into(),
                 subjects: STATUS_STREAM_SUBJECTS
                     .iter()
@@ -134,18 +169,18 @@ impl Bus {
                 storage: stream::StorageType::File,
                 num_replicas: settings.replicas,
                 ..Default::default()
-            })
-            .await
-            .map_err(|e| setup(STATUS_STREAM)(e.into()))?;
-        let releases = kv_bucket(&js, RELEASES_BUCKET, 10, settings.replicas).await?;
-        let index = kv_bucket(&js, INDEX_BUCKET, 1, settings.replicas).await?;
-        let signer_state = kv_bucket(&js, SIGNER_BUCKET, 10, settings.replicas).await?;
-        let desired = kv_bucket(&js, DESIRED_BUCKET, 10, settings.replicas).await?;
-        allow_consumers(&js, DESIRED_BUCKET, DESIRED_WATCHERS).await?;
-        let fleet = kv_bucket(&js, FLEET_BUCKET, 1, settings.replicas).await?;
-        let rollouts = kv_bucket(&js, ROLLOUTS_BUCKET, 10, settings.replicas).await?;
+            },
+        )
+        .await?;
+        let releases = kv_bucket(&js, resources, RELEASES_BUCKET, 10, settings.replicas).await?;
+        let index = kv_bucket(&js, resources, INDEX_BUCKET, 1, settings.replicas).await?;
+        let signer_state = kv_bucket(&js, resources, SIGNER_BUCKET, 10, settings.replicas).await?;
+        let desired = kv_bucket(&js, resources, DESIRED_BUCKET, 10, settings.replicas).await?;
+        let fleet = kv_bucket(&js, resources, FLEET_BUCKET, 1, settings.replicas).await?;
+        let rollouts = kv_bucket(&js, resources, ROLLOUTS_BUCKET, 10, settings.replicas).await?;
         let incoming = match js.get_object_store(INCOMING_BUCKET).await {
             Ok(store) => store,
+            Err(e) if resources == Resources::Bind => return Err(not_set_up(INCOMING_BUCKET, &e)),
             Err(_) => js
                 .create_object_store(object_store::Config {
                     bucket: INCOMING_BUCKET.into(),
@@ -241,41 +276,52 @@ fn encode_event<T: Serialize>(
     Ok((headers, payload))
 }
 
-/// Every agent watches its desired-state key: one ordered consumer each on the bucket's stream.
-/// nats-server 2.15 caps a stream at 1,000 consumers unless the stream says otherwise, which a
-/// fleet passes quickly, so the bucket says how many it needs.
-const DESIRED_WATCHERS: i32 = 1_000_000;
+/// Whether a client creates the streams and buckets that are missing or only binds to them.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+enum Resources {
+    Create,
+    Bind,
+}
 
-async fn allow_consumers(
-    js: &jetstream::Context,
-    bucket: &str,
-    consumers: i32,
-) -> Result<(), BusError> {
-    let fail = |e: &dyn std::fmt::Display| BusError::Setup {
-        what: format!("{bucket} consumer limit"),
-        reason: e.to_string(),
-    };
-    let mut stream = js
-        .get_stream(format!("KV_{bucket}"))
-        .await
-        .map_err(|e| fail(&e))?;
-    let mut config = stream.info().await.map_err(|e| fail(&e))?.config.clone();
-    if config.max_consumers >= consumers {
-        return Ok(());
+fn not_set_up(what: &str, e: &dyn std::fmt::Display) -> BusError {
+    BusError::Setup {
+        what: what.into(),
+        reason: format!("not set up yet (a fleetcast service creates it): {e}"),
     }
-    config.max_consumers = consumers;
-    js.update_stream(config).await.map_err(|e| fail(&e))?;
-    Ok(())
+}
+
+async fn stream_with(
+    js: &jetstream::Context,
+    resources: Resources,
+    config: stream::Config,
+) -> Result<stream::Stream, BusError> {
+    let name = config.name.clone();
+    match resources {
+        Resources::Create => js
+            .get_or_create_stream(config)
+            .await
+            .map_err(|e| BusError::Setup {
+                what: name,
+                reason: e.to_string(),
+            }),
+        Resources::Bind => js
+            .get_stream(&name)
+            .await
+            .map_err(|e| not_set_up(&name, &e)),
+    }
 }
 
 async fn kv_bucket(
     js: &jetstream::Context,
+    resources: Resources,
     bucket: &str,
     history: i64,
     replicas: usize,
 ) -> Result<kv::Store, BusError> {
-    if let Ok(store) = js.get_key_value(bucket).await {
-        return Ok(store);
+    match js.get_key_value(bucket).await {
+        Ok(store) => return Ok(store),
+        Err(e) if resources == Resources::Bind => return Err(not_set_up(bucket, &e)),
+        Err(_) => {}
     }
     js.create_key_value(kv::Config {
         bucket: bucket.into(),
@@ -298,6 +344,25 @@ pub async fn connect(
     name: &str,
     shutdown: &CancellationToken,
 ) -> Result<(async_nats::Client, watch::Receiver<u64>), BusError> {
+    // Several servers (a cluster's nodes) as a comma-separated list: the client tries them in
+    // turn and learns the rest of the cluster from the one it reaches.
+    let servers = settings
+        .url
+        .split(',')
+        .map(str::trim)
+        .filter(|u| !u.is_empty())
+        .map(|u| u.parse::<async_nats::ServerAddr>())
+        .collect::<Result<Vec<_>, _>>()
+        .map_err(|e| BusError::Connect {
+            url: settings.url.clone(),
+            reason: e.to_string(),
+        })?;
+    if servers.is_empty() {
+        return Err(BusError::Connect {
+            url: settings.url.clone(),
+            reason: "no server URL".into(),
+        });
+    }
     let mut delay = Duration::from_millis(200);
     let (count, connections) = watch::channel(0u64);
     let count = std::sync::Arc::new(count);
@@ -335,7 +400,7 @@ pub async fn connect(
                     reason: format!("credentials {}: {e}", creds.display()),
                 })?;
         }
-        match options.connect(settings.url.as_str()).await {
+        match options.connect(servers.as_slice()).await {
             Ok(client) => return Ok((client, connections)),
             Err(e) => {
                 tracing::warn!(url = %settings.url, error = %e, "NATS not reachable yet, retrying");
