@@ -23,6 +23,8 @@ pub const TIMEOUT: Duration = Duration::from_secs(60);
 
 pub struct Pipeline {
     pub nats: NatsServer,
+    /// The other nodes when `nats` is one of a cluster's.
+    pub cluster: Vec<NatsServer>,
     pub dir: tempfile::TempDir,
     pub key: SecretKey,
     services: HashMap<String, (CancellationToken, JoinHandle<()>)>,
@@ -31,8 +33,21 @@ pub struct Pipeline {
 impl Pipeline {
     /// A nats-server and a key pair; no services yet.
     pub async fn new() -> anyhow::Result<Pipeline> {
+        Pipeline::on(vec![NatsServer::start().await?])
+    }
+
+    /// As [`Pipeline::new`] on a JetStream cluster of `nodes` servers: every client gets all
+    /// their URLs, and streams and buckets are created with one replica per node.
+    pub async fn new_cluster(nodes: usize) -> anyhow::Result<Pipeline> {
+        Pipeline::on(NatsServer::start_cluster(nodes).await?)
+    }
+
+    fn on(mut servers: Vec<NatsServer>) -> anyhow::Result<Pipeline> {
         fleetcast_runtime::telemetry::init_tracing();
-        let nats = NatsServer::start().await?;
+        if servers.is_empty() {
+            bail!("no nats-server");
+        }
+        let nats = servers.remove(0);
         let dir = tempfile::Builder::new()
             .prefix("fleetcast-e2e-")
             .tempdir()?;
@@ -46,6 +61,7 @@ impl Pipeline {
         )?;
         Ok(Pipeline {
             nats,
+            cluster: servers,
             dir,
             key,
             services: HashMap::new(),
@@ -62,9 +78,14 @@ impl Pipeline {
     }
 
     pub fn nats_settings(&self) -> NatsSettings {
+        let urls: Vec<String> = std::iter::once(&self.nats)
+            .chain(&self.cluster)
+            .map(|n| n.url())
+            .collect();
         NatsSettings {
-            url: self.nats.url(),
+            url: urls.join(","),
             request_timeout: Duration::from_secs(5),
+            replicas: urls.len(),
             ..Default::default()
         }
     }
@@ -88,6 +109,7 @@ impl Pipeline {
             work_dir: Some(self.work_dir()),
             settle: Duration::from_millis(400),
             ack_wait: Duration::from_secs(2),
+            metrics_listen: any_port(),
             ..Default::default()
         }
     }
@@ -98,6 +120,7 @@ impl Pipeline {
             key_file: self.dir.path().join("keys/signing.key"),
             work_dir: Some(self.work_dir()),
             ack_wait: Duration::from_secs(2),
+            metrics_listen: any_port(),
             ..Default::default()
         }
     }
@@ -108,6 +131,7 @@ impl Pipeline {
             trusted_keys: vec![self.key.public().to_text()],
             work_dir: Some(self.work_dir()),
             ack_wait: Duration::from_secs(2),
+            metrics_listen: any_port(),
             ..Default::default()
         }
     }
@@ -243,8 +267,17 @@ impl Pipeline {
         }
     }
 
+    /// The tests' own connection. It creates what is missing, as the services do, so a test
+    /// can write before any service runs.
     pub async fn bus(&self) -> anyhow::Result<Bus> {
-        fleetcast_cli::connect(&self.nats.url(), Duration::from_secs(20)).await
+        let cancel = CancellationToken::new();
+        tokio::time::timeout(
+            Duration::from_secs(20),
+            Bus::connect(&self.nats_settings(), "e2e", &cancel),
+        )
+        .await
+        .context("NATS not reachable within 20 s")?
+        .context("connecting")
     }
 
     /// Waits for the first event on `subject` (from the stream's start) that `accept` takes.
@@ -284,6 +317,12 @@ impl Pipeline {
         let mut chunks = self.bus().await?.chunks;
         Ok(chunks.info().await?.state.messages)
     }
+}
+
+/// A loopback address on a port the system picks: tests run side by side, so the services'
+/// default ports (8431-8433) would clash.
+pub fn any_port() -> std::net::SocketAddr {
+    std::net::SocketAddr::from(([127, 0, 0, 1], 0))
 }
 
 /// A release read back the way an agent will: the record's signed manifest (verified), the

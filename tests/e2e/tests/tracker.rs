@@ -40,7 +40,19 @@ async fn fleet_on(
     agents: &[(&str, &str)],
 ) -> (Pipeline, tempfile::TempDir, u16) {
     let mut p = Pipeline::start().await.expect("pipeline");
-    let mut settings = p.tracker_settings();
+    let settings = p.tracker_settings();
+    let (hosts, port) = fleet_in(&mut p, settings, policy, agents).await;
+    (p, hosts, port)
+}
+
+/// The tracker (with `settings`) and agents of [`fleet`] in pipeline `p`; the hosts and the
+/// tracker's HTTP port.
+async fn fleet_in(
+    p: &mut Pipeline,
+    mut settings: fleetcast_tracker::Settings,
+    policy: AppPolicy,
+    agents: &[(&str, &str)],
+) -> (tempfile::TempDir, u16) {
     let port = std::net::TcpListener::bind("127.0.0.1:0")
         .and_then(|l| l.local_addr())
         .expect("free port")
@@ -67,7 +79,7 @@ async fn fleet_on(
         );
         tokio::time::sleep(Duration::from_millis(100)).await;
     }
-    (p, hosts, port)
+    (hosts, port)
 }
 
 async fn rollout_phase(p: &Pipeline, want: Phase) -> fleetcast_tracker::api::RolloutView {
@@ -621,4 +633,61 @@ async fn a_rollback_goes_through_the_signer_and_rolls_out_ring_by_ring() {
             .await
             .is_err()
     );
+}
+
+/// Production runs NATS as a 3-node JetStream cluster with every stream and bucket replicated
+/// three times: a node lost in the middle of a rollout must not stop it.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_rollout_completes_when_a_node_of_the_nats_cluster_dies_in_the_middle() {
+    let mut p = Pipeline::new_cluster(3).await.expect("cluster");
+    p.start_watcher();
+    p.start_signer();
+    p.start_distributor("distributor-1");
+    p.start_distributor("distributor-2");
+    let policy = AppPolicy {
+        approval: Approval::Auto,
+        rings: vec![ring("canary", 1, 1), ring("broad", 1, 1)],
+    };
+    let agents = [("c1", "canary"), ("b1", "broad"), ("b2", "broad")];
+    // Agents' reports pause while the cluster moves the lost node's leaderships (seconds):
+    // they must not count as gone meanwhile, or their ring would complete without them.
+    let settings = fleetcast_tracker::Settings {
+        stale_after: Duration::from_secs(60),
+        ..p.tracker_settings()
+    };
+    let (hosts, _) = fleet_in(&mut p, settings, policy, &agents).await;
+    let bus = p.bus().await.expect("bus");
+    let replicas = bus
+        .desired
+        .stream
+        .clone()
+        .info()
+        .await
+        .expect("info")
+        .config
+        .num_replicas;
+    assert_eq!(replicas, 3, "buckets are replicated on every node");
+
+    p.release("shapp", "1.0.0", &script_app("1.0.0", true))
+        .await;
+    for (id, _) in agents {
+        converged(&hosts, id, "1.0.0").await;
+    }
+    p.release("shapp", "2.0.0", &script_app("2.0.0", true))
+        .await;
+    // Killed once the canary runs 2.0.0, with the broad ring still to come (one at a time).
+    converged(&hosts, "c1", "2.0.0").await;
+    assert_ne!(
+        running(&hosts, "b2"),
+        "2.0.0",
+        "the broad ring had not finished"
+    );
+    p.nats.stop();
+    for (id, _) in agents {
+        converged(&hosts, id, "2.0.0").await;
+    }
+    let done = rollout_phase(&p, Phase::Completed).await;
+    assert_eq!(done.rollout.version, v("2.0.0"));
+    assert_eq!(done.rings.iter().map(|r| r.done).sum::<usize>(), 3);
+    assert_eq!(done.rings.iter().map(|r| r.stale).sum::<usize>(), 0);
 }

@@ -1,6 +1,7 @@
 //! Test harness: a real nats-server with JetStream on an ephemeral loopback port and a temporary
 //! store, which can be stopped and restarted (same port, same store) and is always killed and
-//! cleaned up on drop. Also builders for test packages, hostile ones included.
+//! cleaned up on drop; or a cluster of them. Also builders for test packages, hostile ones
+//! included.
 
 pub mod fixtures;
 pub mod proxy;
@@ -53,27 +54,59 @@ pub fn workspace_root() -> PathBuf {
 impl NatsServer {
     /// Starts a server and waits until JetStream answers.
     pub async fn start() -> anyhow::Result<NatsServer> {
+        let mut server = NatsServer::configure(free_port()?, "")?;
+        server.spawn().await?;
+        Ok(server)
+    }
+
+    /// Starts `nodes` servers forming one JetStream cluster on loopback, and waits until each
+    /// answers JetStream requests (the cluster has elected its meta leader).
+    pub async fn start_cluster(nodes: usize) -> anyhow::Result<Vec<NatsServer>> {
+        let ports = (0..nodes)
+            .map(|_| Ok((free_port()?, free_port()?)))
+            .collect::<anyhow::Result<Vec<(u16, u16)>>>()?;
+        let routes: Vec<String> = ports
+            .iter()
+            .map(|(_, route)| format!("nats://127.0.0.1:{route}"))
+            .collect();
+        let mut servers = Vec::new();
+        for (i, (port, route)) in ports.iter().enumerate() {
+            let routes = routes.join(", ");
+            let cluster = format!(
+                "server_name: n{i}\ncluster {{\n  name: fleetcast-test\n  listen: 127.0.0.1:{route}\n  routes: [{routes}]\n}}\n"
+            );
+            servers.push(NatsServer::configure(*port, &cluster)?);
+        }
+        // All started before any is waited for: JetStream needs a quorum to answer.
+        for server in &mut servers {
+            server.launch()?;
+        }
+        for server in &mut servers {
+            server.wait_ready().await?;
+        }
+        Ok(servers)
+    }
+
+    /// A server's config on `port` with its own store, plus `extra` lines; not started.
+    fn configure(port: u16, extra: &str) -> anyhow::Result<NatsServer> {
         let store = tempfile::Builder::new()
             .prefix("fleetcast-nats-")
             .tempdir()?;
-        let port = free_port()?;
         let config = store.path().join("nats.conf");
         std::fs::write(
             &config,
             format!(
-                "listen: 127.0.0.1:{port}\nmax_payload: 8MB\njetstream {{\n  store_dir: \"{}\"\n}}\n",
-                store.path().join("js").display()
+                "listen: 127.0.0.1:{port}\nmax_payload: 8MB\njetstream {{\n  store_dir: \"{}\"\n}}\n{extra}",
+                store.path().join("js").display(),
             ),
         )?;
-        let mut server = NatsServer {
+        Ok(NatsServer {
             child: None,
             port,
             binary: nats_server_binary()?,
             config,
             store,
-        };
-        server.spawn().await?;
-        Ok(server)
+        })
     }
 
     pub fn url(&self) -> String {
@@ -108,6 +141,11 @@ impl NatsServer {
     }
 
     async fn spawn(&mut self) -> anyhow::Result<()> {
+        self.launch()?;
+        self.wait_ready().await
+    }
+
+    fn launch(&mut self) -> anyhow::Result<()> {
         let log = std::fs::File::create(self.store.path().join("nats.log"))?;
         let child = Command::new(&self.binary)
             .arg("-c")
@@ -117,7 +155,7 @@ impl NatsServer {
             .spawn()
             .with_context(|| format!("starting {}", self.binary.display()))?;
         self.child = Some(child);
-        self.wait_ready().await
+        Ok(())
     }
 
     /// Ready means a client can connect and JetStream answers an account query.
