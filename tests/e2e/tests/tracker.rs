@@ -635,6 +635,50 @@ async fn a_rollback_goes_through_the_signer_and_rolls_out_ring_by_ring() {
     );
 }
 
+/// A ring outside its maintenance window downloads the release early but switches nobody; each
+/// host says why it waits.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_ring_outside_its_maintenance_window_downloads_but_does_not_switch() {
+    let hour = time::OffsetDateTime::now_utc().hour();
+    // One hour that starts two hours from now (UTC): closed for the whole test.
+    let window = format!("{:02}:00-{:02}:00", (hour + 2) % 24, (hour + 3) % 24);
+    let policy = AppPolicy {
+        approval: Approval::Auto,
+        rings: vec![RingPolicy {
+            windows: vec![window],
+            ..ring("default", 2, 1)
+        }],
+    };
+    let agents = [("h1", "default"), ("h2", "default")];
+    let (p, hosts) = fleet(policy, &agents).await;
+    p.release("shapp", "1.0.0", &script_app("1.0.0", true))
+        .await;
+    for (id, _) in agents {
+        let waiting = p
+            .wait_status(|s: &AgentStatus| {
+                s.agent_id == id
+                    && s.state == AppState::WaitingForSlot
+                    && s.reason
+                        .as_deref()
+                        .is_some_and(|r| r.contains("maintenance window"))
+            })
+            .await
+            .expect("waits for the window");
+        assert_eq!(waiting.version, Some(v("1.0.0")));
+        assert!(
+            hosts
+                .path()
+                .join(id)
+                .join("data/apps/shapp/versions/1.0.0")
+                .is_dir(),
+            "{id} downloaded early"
+        );
+        assert_eq!(running(&hosts, id), "", "{id} switched outside the window");
+    }
+    let view = rollout_phase(&p, Phase::Running).await;
+    assert_eq!(view.rings[0].done, 0);
+}
+
 /// Production runs NATS as a 3-node JetStream cluster with every stream and bucket replicated
 /// three times: a node lost in the middle of a rollout must not stop it.
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
