@@ -55,11 +55,20 @@ pub fn load_settings_from<T: DeserializeOwned>(
         builder = builder.add_source(config::File::from(path).format(config::FileFormat::Toml));
     }
     let prefix = format!("FLEETCAST_{}_", service.to_uppercase());
-    let vars: config::Map<String, String> = env
+    let mut vars: config::Map<String, String> = env
         .into_iter()
         .filter(|(k, _)| k.starts_with(&prefix))
         .map(|(k, v)| (k.to_string(), v))
         .collect();
+    // An empty list variable is an empty list (the parser would make it one empty string).
+    let mut empty_lists = Vec::new();
+    for key in list_keys {
+        let var = format!("{prefix}{}", key.to_uppercase().replace('.', "__"));
+        if vars.get(&var).is_some_and(|v| v.trim().is_empty()) {
+            vars.remove(&var);
+            empty_lists.push(*key);
+        }
+    }
     let mut environment =
         config::Environment::with_prefix(&format!("FLEETCAST_{}", service.to_uppercase()))
             .prefix_separator("_")
@@ -73,6 +82,11 @@ pub fn load_settings_from<T: DeserializeOwned>(
         }
     }
     builder = builder.add_source(environment);
+    for key in empty_lists {
+        builder = builder
+            .set_override(key, Vec::<String>::new())
+            .map_err(|e| SettingsError::Invalid(e.to_string()))?;
+    }
     let merged = builder.build().map_err(|e| match file {
         Some(path) => SettingsError::File {
             path: path.into(),
@@ -199,6 +213,28 @@ mod tests {
         assert_eq!(s.max_entries, 7);
         assert_eq!(s.nats.url, "nats://a:1");
         assert_eq!(s.nats.request_timeout, Duration::from_secs(3));
+    }
+
+    #[test]
+    fn list_variables_split_on_commas_and_empty_means_none() {
+        #[derive(Debug, Deserialize, Default)]
+        #[serde(deny_unknown_fields, default)]
+        struct Lists {
+            apps: Vec<String>,
+        }
+        let apps = |value: &str| {
+            load_settings_from::<Lists>(
+                "demo",
+                None,
+                &["apps"],
+                env(&[("FLEETCAST_DEMO_APPS", value)]),
+            )
+            .expect("lists")
+            .apps
+        };
+        assert_eq!(apps("a,b"), vec!["a", "b"]);
+        assert!(apps("").is_empty());
+        assert!(apps(" ").is_empty());
     }
 
     #[test]
