@@ -281,7 +281,12 @@ pub async fn watch_rollout(
     loop {
         let reply = tracker(bus, &Command::Show { app: app.into() }).await?;
         let view = match (reply.rollout, version) {
-            // Another version's rollout (an earlier one, or the one a rollback replaces).
+            // A newer release replaced the one watched: it will never run.
+            (Some(view), Some(v)) if view.rollout.version > *v => bail!(
+                "{app} {v} will not roll out: superseded by {}",
+                view.rollout.version
+            ),
+            // An earlier version's rollout: the watched one is not stored yet.
             (Some(view), Some(v)) if view.rollout.version != *v => None,
             (Some(view), _) => Some(view),
             (None, Some(_)) => None,
