@@ -14,6 +14,7 @@ pub mod health;
 pub mod install;
 pub mod journal;
 mod memory;
+mod metrics;
 pub mod settings;
 pub mod supervisor;
 pub mod updater;
@@ -23,6 +24,7 @@ use std::time::Duration;
 use fleetcast_events::Encoding;
 use fleetcast_events::names::{agent_heartbeat_subject, desired_key};
 use fleetcast_events::v1::{AgentHeartbeat, DesiredState};
+use fleetcast_runtime::observe::{self, Endpoint, ObserveError};
 use fleetcast_runtime::{Bus, BusError};
 use futures::StreamExt;
 use time::OffsetDateTime;
@@ -40,6 +42,8 @@ pub enum AgentError {
     Settings(#[from] fleetcast_runtime::SettingsError),
     #[error(transparent)]
     Bus(#[from] BusError),
+    #[error(transparent)]
+    Observe(#[from] ObserveError),
     #[error("app {app}: {source}")]
     App { app: String, source: UpdateError },
 }
@@ -51,7 +55,15 @@ pub async fn run(settings: Settings, shutdown: CancellationToken) -> Result<(), 
         &settings.trusted_keys,
         &settings.trusted_key_files,
     )?;
-    let bus = match Bus::connect(
+    // Opt-in: nothing of it exists (no task, no listener) unless `metrics_listen` is set.
+    let mut observed = None;
+    if let Some(addr) = settings.metrics_listen {
+        let metrics = metrics::AgentMetrics::new();
+        let endpoint = Endpoint::new(metrics::IDENTITY, metrics.clone());
+        let serving = observe::serve(addr, endpoint.clone(), &shutdown).await?;
+        observed = Some((metrics, endpoint, serving));
+    }
+    let bus = match Bus::attach(
         &settings.nats,
         &format!("agent-{}", settings.agent_id),
         &shutdown,
@@ -61,6 +73,9 @@ pub async fn run(settings: Settings, shutdown: CancellationToken) -> Result<(), 
         Err(BusError::Cancelled) => return Ok(()),
         other => other?,
     };
+    if let Some((_, endpoint, _)) = &observed {
+        endpoint.connected(&bus.client);
+    }
     let host = std::sync::Arc::new(settings.clone());
     let mut tasks = Vec::new();
     let mut beats = Vec::new();
@@ -71,6 +86,9 @@ pub async fn run(settings: Settings, shutdown: CancellationToken) -> Result<(), 
                 source,
             })?;
         let (tx, rx) = watch::channel(runner.heartbeat());
+        if let Some((metrics, _, _)) = &observed {
+            tasks.push(tokio::spawn(metrics.follow(rx.clone())));
+        }
         beats.push(rx);
         let key = desired_key(&app.name, &settings.ring);
         let recheck = spread(&settings.agent_id, &app.name, settings.recheck);
@@ -157,10 +175,14 @@ async fn app_loop(
     // misses what is written while it is disconnected, hence the reads of the stored value.
     let subject = format!("{}{key}", bus.desired.prefix);
     let mut connections = bus.connections.clone();
+    // A read that fails (the server just came back, a cluster is moving leaders) is tried
+    // again soon: after a reconnect it may be the only way to learn of an announcement.
+    let read_failed = std::sync::atomic::AtomicBool::new(false);
     let stored = async |bus: &Bus| match bus.desired.get(&key).await {
         Ok(value) => value.map(|b| b.to_vec()),
         Err(e) => {
-            tracing::debug!(%key, error = %e, "desired state not read");
+            tracing::debug!(%key, error = %e, "desired state not read, retrying");
+            read_failed.store(true, std::sync::atomic::Ordering::Relaxed);
             None
         }
     };
@@ -202,6 +224,10 @@ async fn app_loop(
                     }
                 }
             };
+            if read_failed.swap(false, std::sync::atomic::Ordering::Relaxed) {
+                let soon = tokio::time::Instant::now() + Duration::from_secs(1);
+                retry_at = Some(retry_at.map_or(soon, |at| at.min(soon)));
+            }
             let Some(bytes) = desired else { continue };
             let desired: DesiredState = match Encoding::Json
                 .decode(&bytes)

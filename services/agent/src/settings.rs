@@ -1,4 +1,5 @@
 use std::collections::BTreeMap;
+use std::net::SocketAddr;
 use std::path::PathBuf;
 use std::time::Duration;
 
@@ -37,6 +38,10 @@ pub struct Settings {
     /// (meanwhile the staged version waits; the running app is untouched).
     #[serde(with = "humantime_serde")]
     pub slot_retry: Duration,
+    /// Off by default (the agent runs on every host and stays small): when set, e.g.
+    /// `127.0.0.1:8434`, `GET /health` (503 while NATS is unreachable) and `GET /metrics` (each
+    /// app's state, running version, uptime, updates and rollbacks) are served there.
+    pub metrics_listen: Option<SocketAddr>,
     pub apps: Vec<AppSettings>,
 }
 
@@ -81,6 +86,7 @@ impl Default for Settings {
             recheck: Duration::from_secs(300),
             update_windows: Vec::new(),
             slot_retry: Duration::from_secs(10),
+            metrics_listen: None,
             apps: Vec::new(),
         }
     }

@@ -334,7 +334,7 @@ fn print_status(reply: &fleetcast_tracker::api::Reply) {
     }
     for view in &reply.rollouts {
         let r = &view.rollout;
-        let phase = format!("{:?}", r.phase).to_lowercase();
+        let phase = fleetcast_runtime::metrics::label_value(&r.phase);
         let paused = if r.paused { " (paused)" } else { "" };
         println!("\nrollout {} {}: {phase}{paused}", r.app, r.version);
         for ring in &view.rings {
@@ -362,7 +362,7 @@ fn print_agents(agents: &[fleetcast_tracker::api::AgentRow]) {
                 .running
                 .as_ref()
                 .map_or("-".to_string(), ToString::to_string);
-            let state = format!("{:?}", view.state).to_lowercase();
+            let state = fleetcast_runtime::metrics::label_value(&view.state);
             let error = view
                 .last_error
                 .as_ref()
@@ -391,7 +391,7 @@ fn print_records(records: &[ReleaseRecord]) {
         "APP", "VERSION", "STATE", "FILES", "BYTES", "CHUNKS", "NEW"
     );
     for r in records {
-        let state = format!("{:?}", r.state).to_lowercase();
+        let state = fleetcast_runtime::metrics::label_value(&r.state);
         let (files, bytes, chunks, new) = match &r.stored {
             Some(s) => (
                 s.files.to_string(),

@@ -4,6 +4,7 @@
 //! a release already stored is a no-op.
 
 mod ingest;
+mod metrics;
 mod settings;
 
 use std::sync::Arc;
@@ -17,6 +18,7 @@ use fleetcast_events::{Encoding, TrustedKeys};
 use fleetcast_runtime::consume::{
     ConsumerSpec, Outcome, decode_or_reject, reject_event, run_consumer,
 };
+use fleetcast_runtime::observe::{self, Endpoint, ObserveError};
 use fleetcast_runtime::{Bus, BusError};
 use time::OffsetDateTime;
 use tokio_util::sync::CancellationToken;
@@ -32,20 +34,27 @@ pub enum DistributorError {
     Settings(#[from] fleetcast_runtime::SettingsError),
     #[error(transparent)]
     Bus(#[from] BusError),
+    #[error(transparent)]
+    Observe(#[from] ObserveError),
 }
 
 pub async fn run(settings: Settings, shutdown: CancellationToken) -> Result<(), DistributorError> {
     settings.validate()?;
     let trusted = settings.trusted()?;
+    let metrics = Arc::new(metrics::Metrics::new());
+    let endpoint = Endpoint::new(metrics::IDENTITY, metrics.clone());
+    let _serving = observe::serve(settings.metrics_listen, endpoint.clone(), &shutdown).await?;
     let bus = match Bus::connect(&settings.nats, SERVICE, &shutdown).await {
         Err(BusError::Cancelled) => return Ok(()),
         other => other?,
     };
+    endpoint.connected(&bus.client);
     let distributor = Distributor {
         store: ChunkStore::new(bus.clone()),
         bus: bus.clone(),
         settings: Arc::new(settings),
         trusted: Arc::new(trusted),
+        metrics,
     };
     let spec = ConsumerSpec {
         durable: names::DISTRIBUTOR_CONSUMER,
@@ -66,16 +75,25 @@ struct Distributor {
     settings: Arc<Settings>,
     trusted: Arc<TrustedKeys>,
     store: ChunkStore,
+    metrics: Arc<metrics::Metrics>,
 }
 
 impl Distributor {
     async fn handle(&self, msg: &Message) -> Outcome {
+        let outcome = self.store_release(msg).await;
+        if matches!(outcome, Outcome::Retry(_)) {
+            self.metrics.failures.inc();
+        }
+        outcome
+    }
+
+    async fn store_release(&self, msg: &Message) -> Outcome {
         let event: ReleaseSigned = match decode_or_reject(&self.bus, SERVICE, msg).await {
             Ok(e) => e,
-            Err(outcome) => return outcome,
+            Err(outcome) => return self.invalid_event(outcome),
         };
         if let Err(message) = names::validate_app_name(&event.app) {
-            return reject_event(
+            let outcome = reject_event(
                 &self.bus,
                 SERVICE,
                 RELEASE_SIGNED,
@@ -85,6 +103,7 @@ impl Distributor {
                 },
             )
             .await;
+            return self.invalid_event(outcome);
         }
         let record = match self.bus.release_record(&event.app, &event.version).await {
             Ok(r) => r,
@@ -152,10 +171,22 @@ impl Distributor {
         };
         let ingest_ms = started.elapsed().as_millis() as u64 - fetch_ms;
         tracing::info!(app = %event.app, version = %event.version, fetch_ms, ingest_ms, "release ingested");
+        self.metrics.ingested(&report);
         match self.finish(&event, &report).await {
-            Ok(()) => Outcome::Done,
+            Ok(()) => {
+                self.metrics.stored.inc();
+                Outcome::Done
+            }
             Err(e) => Outcome::Retry(e),
         }
+    }
+
+    /// Counts a signed release refused as an invalid event once the refusal is published.
+    fn invalid_event(&self, outcome: Outcome) -> Outcome {
+        if matches!(outcome, Outcome::Done) {
+            self.metrics.rejected(RejectCode::InvalidEvent);
+        }
+        outcome
     }
 
     /// Index, event, record, in that order: each step is repeatable, and the record that makes a
@@ -229,7 +260,10 @@ impl Distributor {
             .publish_event(RELEASE_REJECTED, &rejected, Encoding::Json, None)
             .await
         {
-            Ok(()) => Outcome::Done,
+            Ok(()) => {
+                self.metrics.rejected(code);
+                Outcome::Done
+            }
             Err(e) => Outcome::Retry(e.to_string()),
         }
     }

@@ -1,3 +1,4 @@
+use std::net::SocketAddr;
 use std::path::PathBuf;
 use std::time::Duration;
 
@@ -21,6 +22,10 @@ pub struct Settings {
     #[serde(with = "humantime_serde")]
     pub ack_wait: Duration,
     pub limits: ArchiveLimits,
+    /// `GET /health` and `GET /metrics` (Prometheus) are served here: default
+    /// `127.0.0.1:8433` (the tracker has 8430, the watcher 8431, the signer 8432). In a
+    /// container, `0.0.0.0:8433` lets Prometheus reach it; port 0 takes any free port.
+    pub metrics_listen: SocketAddr,
 }
 
 impl Default for Settings {
@@ -33,6 +38,7 @@ impl Default for Settings {
             concurrency: 32,
             ack_wait: Duration::from_secs(30),
             limits: ArchiveLimits::default(),
+            metrics_listen: SocketAddr::from(([127, 0, 0, 1], 8433)),
         }
     }
 }

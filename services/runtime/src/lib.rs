@@ -1,9 +1,12 @@
 //! The small toolkit every fleetcast service shares: layered settings, tracing, shutdown, the
-//! NATS connection, the streams/buckets/stores the services need, the consume loop, and UTC
-//! time windows (agents' update windows, the tracker's maintenance windows).
+//! NATS connection, the streams/buckets/stores the services need, the consume loop, UTC time
+//! windows (agents' update windows, the tracker's maintenance windows), Prometheus metrics and
+//! the `/health` + `/metrics` endpoint operators watch.
 
 pub mod bus;
 pub mod consume;
+pub mod metrics;
+pub mod observe;
 pub mod releases;
 pub mod service;
 pub mod settings;

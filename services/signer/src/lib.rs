@@ -3,6 +3,7 @@
 //! every file, applies policy (known app, version strictly newer than the last one signed) and
 //! signs the file manifest → `release.signed`, or `release.rejected` with the reason.
 
+mod metrics;
 mod settings;
 
 use std::sync::Arc;
@@ -15,6 +16,7 @@ use fleetcast_package::Package;
 use fleetcast_runtime::consume::{
     ConsumerSpec, Outcome, decode_or_reject, reject_event, run_consumer,
 };
+use fleetcast_runtime::observe::{self, Endpoint, ObserveError};
 use fleetcast_runtime::{Bus, BusError};
 use serde::{Deserialize, Serialize};
 use time::OffsetDateTime;
@@ -30,6 +32,8 @@ pub enum SignerError {
     Settings(#[from] fleetcast_runtime::SettingsError),
     #[error(transparent)]
     Bus(#[from] BusError),
+    #[error(transparent)]
+    Observe(#[from] ObserveError),
     #[error("cannot load signing key {path}: {reason}")]
     Key { path: String, reason: String },
 }
@@ -46,14 +50,19 @@ pub async fn run(settings: Settings, shutdown: CancellationToken) -> Result<(), 
     settings.validate()?;
     let key = load_key(&settings)?;
     tracing::info!(key_id = %key.public().id(), "signing key loaded");
+    let metrics = Arc::new(metrics::Metrics::new());
+    let endpoint = Endpoint::new(metrics::IDENTITY, metrics.clone());
+    let _serving = observe::serve(settings.metrics_listen, endpoint.clone(), &shutdown).await?;
     let bus = match Bus::connect(&settings.nats, SERVICE, &shutdown).await {
         Err(BusError::Cancelled) => return Ok(()),
         other => other?,
     };
+    endpoint.connected(&bus.client);
     let signer = Signer {
         bus: bus.clone(),
         settings: Arc::new(settings),
         key: Arc::new(key),
+        metrics,
     };
     let spec = ConsumerSpec {
         durable: names::SIGNER_CONSUMER,
@@ -104,6 +113,7 @@ struct Signer {
     bus: Bus,
     settings: Arc<Settings>,
     key: Arc<SecretKey>,
+    metrics: Arc<metrics::Metrics>,
 }
 
 impl Signer {
@@ -112,11 +122,16 @@ impl Signer {
     async fn handle_rollback(&self, msg: &Message) -> Outcome {
         let request: RollbackRequested = match decode_or_reject(&self.bus, SERVICE, msg).await {
             Ok(e) => e,
-            Err(outcome) => return outcome,
+            Err(outcome) => {
+                if matches!(outcome, Outcome::Done) {
+                    self.metrics.rollbacks_refused.inc();
+                }
+                return outcome;
+            }
         };
         let refuse = |message: String| async move {
             tracing::warn!(%message, "rollback refused");
-            reject_event(
+            let outcome = reject_event(
                 &self.bus,
                 SERVICE,
                 names::ROLLBACK_REQUESTED,
@@ -125,7 +140,11 @@ impl Signer {
                     message,
                 },
             )
-            .await
+            .await;
+            if matches!(outcome, Outcome::Done) {
+                self.metrics.rollbacks_refused.inc();
+            }
+            outcome
         };
         if let Err(e) = names::validate_app_name(&request.app) {
             return refuse(e).await;
@@ -199,6 +218,7 @@ impl Signer {
         {
             Ok(()) => {
                 tracing::info!(app = %request.app, to = %request.to, from = %request.from, "rollback directive signed");
+                self.metrics.rollbacks_signed.inc();
                 Outcome::Done
             }
             Err(e) => Outcome::Retry(e.to_string()),
@@ -208,10 +228,10 @@ impl Signer {
     async fn handle(&self, msg: &Message) -> Outcome {
         let event: PackageDetected = match decode_or_reject(&self.bus, SERVICE, msg).await {
             Ok(e) => e,
-            Err(outcome) => return outcome,
+            Err(outcome) => return self.invalid_event(outcome),
         };
         if let Err(message) = names::validate_app_name(&event.app) {
-            return reject_event(
+            let outcome = reject_event(
                 &self.bus,
                 SERVICE,
                 PACKAGE_DETECTED,
@@ -221,6 +241,7 @@ impl Signer {
                 },
             )
             .await;
+            return self.invalid_event(outcome);
         }
         let (last, revision) = match self.last_signed(&event.app).await {
             Ok(found) => found,
@@ -348,6 +369,8 @@ impl Signer {
             return Outcome::Retry(e);
         }
         tracing::info!(app = %signed.app, version = %signed.version, files = manifest.files.len(), "release signed");
+        // Counted here, once: a redelivery finds it in the signer's state and only announces.
+        self.metrics.signed.inc();
         self.announce(&signed).await
     }
 
@@ -382,6 +405,14 @@ impl Signer {
         }
     }
 
+    /// Counts a detected package refused as an invalid event once the refusal is published.
+    fn invalid_event(&self, outcome: Outcome) -> Outcome {
+        if matches!(outcome, Outcome::Done) {
+            self.metrics.rejected(RejectCode::InvalidEvent);
+        }
+        outcome
+    }
+
     async fn reject(&self, event: &PackageDetected, reason: Rejection) -> Outcome {
         tracing::warn!(app = %event.app, version = %event.version, code = ?reason.code, reason = %reason.message, "release rejected");
         if let Err(e) = self
@@ -394,6 +425,7 @@ impl Signer {
         if let Err(e) = self.bus.incoming.delete(&event.object).await {
             tracing::debug!(object = %event.object, error = %e, "rejected archive not deleted");
         }
+        let code = reason.code;
         let rejected = ReleaseRejected {
             app: event.app.clone(),
             version: event.version.clone(),
@@ -405,7 +437,10 @@ impl Signer {
             .publish_event(RELEASE_REJECTED, &rejected, Encoding::Json, None)
             .await
         {
-            Ok(()) => Outcome::Done,
+            Ok(()) => {
+                self.metrics.rejected(code);
+                Outcome::Done
+            }
             Err(e) => Outcome::Retry(e.to_string()),
         }
     }

@@ -1,3 +1,4 @@
+use std::net::SocketAddr;
 use std::path::PathBuf;
 use std::time::Duration;
 
@@ -24,6 +25,10 @@ pub struct Settings {
     #[serde(with = "humantime_serde")]
     pub ack_wait: Duration,
     pub limits: ArchiveLimits,
+    /// `GET /health` and `GET /metrics` (Prometheus) are served here: default
+    /// `127.0.0.1:8432` (the tracker has 8430, the watcher 8431, the distributor 8433). In a
+    /// container, `0.0.0.0:8432` lets Prometheus reach it; port 0 takes any free port.
+    pub metrics_listen: SocketAddr,
 }
 
 impl Default for Settings {
@@ -37,6 +42,7 @@ impl Default for Settings {
             work_dir: None,
             ack_wait: Duration::from_secs(30),
             limits: ArchiveLimits::default(),
+            metrics_listen: SocketAddr::from(([127, 0, 0, 1], 8432)),
         }
     }
 }

@@ -1,14 +1,16 @@
 //! HTTP: the dashboard (`/`), the JSON API (`/api/agents`: the inventory, stale ones marked;
 //! `/api/rollouts`: each app's rollout with its progress per ring; both filter with `?app=`,
-//! `?ring=`), Prometheus `/metrics`, `/health`.
+//! `?ring=`), Prometheus `/metrics`, `/health` (both as every service serves them, from
+//! `fleetcast_runtime::observe`, with the tracker's own gauges added to `/metrics`).
 
 use std::sync::Arc;
 
 use axum::extract::{Query, State};
-use axum::http::header;
 use axum::response::{Html, IntoResponse};
 use axum::routing::get;
 use axum::{Json, Router};
+use fleetcast_runtime::metrics::Exposition;
+use fleetcast_runtime::observe;
 use serde::Deserialize;
 
 use crate::api::{AgentRow, RolloutView};
@@ -17,7 +19,7 @@ use crate::service::Tracker;
 pub fn router(tracker: Arc<Tracker>) -> Router {
     Router::new()
         .route("/", get(|| async { Html(include_str!("dashboard.html")) }))
-        .route("/health", get(|| async { "ok" }))
+        .route("/health", get(health))
         .route("/metrics", get(metrics))
         .route("/api/agents", get(agents))
         .route("/api/rollouts", get(rollouts))
@@ -60,9 +62,19 @@ async fn rollouts(
     Json(views)
 }
 
+/// 503 while the tracker is cut off from NATS: it then neither hears agents nor moves rollouts.
+async fn health(State(tracker): State<Arc<Tracker>>) -> impl IntoResponse {
+    observe::health_response(Some(&tracker.bus.client))
+}
+
 async fn metrics(State(tracker): State<Arc<Tracker>>) -> impl IntoResponse {
-    (
-        [(header::CONTENT_TYPE, "text/plain; version=0.0.4")],
-        tracker.metrics().await,
-    )
+    let mut out = Exposition::new();
+    observe::write_identity(
+        &mut out,
+        &crate::metrics::IDENTITY,
+        Some(&tracker.bus.client),
+    );
+    let mut body = out.into_string();
+    body.push_str(&tracker.metrics().await);
+    observe::metrics_response(body)
 }

@@ -1,42 +1,24 @@
 //! Prometheus text exposition of the tracker's view: agents per state, per app version and
-//! ring, rollout progress and phase, and how far behind the agents' reports it is.
+//! ring, rollout progress and phase, and how far behind the agents' reports it is (all gauges,
+//! computed from the tracker's state at every scrape).
 
 use std::collections::BTreeMap;
-use std::fmt::Write;
+
+use fleetcast_runtime::metrics::{Exposition, label_value};
+use fleetcast_runtime::observe::Identity;
 
 use crate::api::{AgentRow, RolloutView};
 
-/// `name{labels} value` lines with their HELP and TYPE (all gauges).
-struct Exposition(String);
-
-impl Exposition {
-    fn family(&mut self, name: &str, help: &str) {
-        let _ = writeln!(self.0, "# HELP {name} {help}\n# TYPE {name} gauge");
-    }
-
-    fn sample(&mut self, name: &str, labels: &[(&str, &str)], value: f64) {
-        let labels: Vec<String> = labels
-            .iter()
-            .map(|(k, v)| format!("{k}=\"{}\"", escape(v)))
-            .collect();
-        if labels.is_empty() {
-            let _ = writeln!(self.0, "{name} {value}");
-        } else {
-            let _ = writeln!(self.0, "{name}{{{}}} {value}", labels.join(","));
-        }
-    }
-}
-
-/// Label values escape backslash, double quote and newline.
-fn escape(v: &str) -> String {
-    v.replace('\\', "\\\\")
-        .replace('"', "\\\"")
-        .replace('\n', "\\n")
-}
+/// What the tracker reports about itself, as every service does.
+pub const IDENTITY: Identity = Identity {
+    build_info: "fleetcast_tracker_build_info",
+    nats_connected: "fleetcast_tracker_nats_connected",
+    version: env!("CARGO_PKG_VERSION"),
+};
 
 pub fn render(agents: &[AgentRow], rollouts: &[RolloutView], report_lag_s: f64) -> String {
-    let mut out = Exposition(String::new());
-    out.family(
+    let mut out = Exposition::new();
+    out.gauge(
         "fleetcast_agents",
         "Agents known to the tracker, live or stale.",
     );
@@ -48,7 +30,7 @@ pub fn render(agents: &[AgentRow], rollouts: &[RolloutView], report_lag_s: f64) 
     );
     out.sample("fleetcast_agents", &[("state", "stale")], stale as f64);
 
-    out.family(
+    out.gauge(
         "fleetcast_app_agents",
         "Live agents per app, running version, ring and app state.",
     );
@@ -59,10 +41,7 @@ pub fn render(agents: &[AgentRow], rollouts: &[RolloutView], report_lag_s: f64) 
                 .running
                 .as_ref()
                 .map_or_else(|| "none".into(), ToString::to_string);
-            let state = serde_json::to_value(view.state)
-                .ok()
-                .and_then(|v| v.as_str().map(String::from))
-                .unwrap_or_default();
+            let state = label_value(&view.state);
             *counts
                 .entry((app.clone(), version, row.agent.ring.clone(), state))
                 .or_default() += 1;
@@ -81,7 +60,7 @@ pub fn render(agents: &[AgentRow], rollouts: &[RolloutView], report_lag_s: f64) 
         );
     }
 
-    out.family(
+    out.gauge(
         "fleetcast_rollout_hosts",
         "Hosts of each ring of each app's current rollout: targets, done, failed, switching, stale.",
     );
@@ -108,15 +87,12 @@ pub fn render(agents: &[AgentRow], rollouts: &[RolloutView], report_lag_s: f64) 
             }
         }
     }
-    out.family(
+    out.gauge(
         "fleetcast_rollout_phase",
         "1 for the phase each app's current rollout is in.",
     );
     for view in rollouts {
-        let phase = serde_json::to_value(view.rollout.phase)
-            .ok()
-            .and_then(|v| v.as_str().map(String::from))
-            .unwrap_or_default();
+        let phase = label_value(&view.rollout.phase);
         out.sample(
             "fleetcast_rollout_phase",
             &[
@@ -127,18 +103,10 @@ pub fn render(agents: &[AgentRow], rollouts: &[RolloutView], report_lag_s: f64) 
             1.0,
         );
     }
-    out.family(
+    out.gauge(
         "fleetcast_tracker_report_lag_seconds",
         "How long the last agent report took from the status stream to the tracker.",
     );
     out.sample("fleetcast_tracker_report_lag_seconds", &[], report_lag_s);
-    out.0
-}
-
-#[cfg(test)]
-mod tests {
-    #[test]
-    fn label_values_are_escaped() {
-        assert_eq!(super::escape("a\"b\\c\nd"), "a\\\"b\\\\c\\nd");
-    }
+    out.into_string()
 }

@@ -4,6 +4,7 @@
 //! moved to `rejected/` so it is not retried forever.
 
 mod drop_folder;
+mod metrics;
 mod settings;
 
 use std::path::Path;
@@ -16,6 +17,7 @@ use fleetcast_events::v1::{
 };
 use fleetcast_package::{ArchiveError, ArchiveLimits, Package};
 use fleetcast_runtime::consume::{ConsumerSpec, Outcome, decode_or_reject, run_consumer};
+use fleetcast_runtime::observe::{self, Endpoint, ObserveError};
 use fleetcast_runtime::releases::FetchError;
 use fleetcast_runtime::{Bus, BusError};
 use semver::Version;
@@ -31,19 +33,26 @@ pub enum WatcherError {
     Settings(#[from] fleetcast_runtime::SettingsError),
     #[error(transparent)]
     Bus(#[from] BusError),
+    #[error(transparent)]
+    Observe(#[from] ObserveError),
     #[error("cannot watch drop folder {path}: {reason}")]
     Watch { path: String, reason: String },
 }
 
 pub async fn run(settings: Settings, shutdown: CancellationToken) -> Result<(), WatcherError> {
     settings.validate()?;
+    let metrics = Arc::new(metrics::Metrics::new());
+    let endpoint = Endpoint::new(metrics::IDENTITY, metrics.clone());
+    let _serving = observe::serve(settings.metrics_listen, endpoint.clone(), &shutdown).await?;
     let bus = match Bus::connect(&settings.nats, SERVICE, &shutdown).await {
         Err(BusError::Cancelled) => return Ok(()),
         other => other?,
     };
+    endpoint.connected(&bus.client);
     let watcher = Watcher {
         bus,
         settings: Arc::new(settings),
+        metrics,
     };
     let ci = {
         let w = watcher.clone();
@@ -63,6 +72,7 @@ pub async fn run(settings: Settings, shutdown: CancellationToken) -> Result<(), 
 pub(crate) struct Watcher {
     bus: Bus,
     settings: Arc<Settings>,
+    metrics: Arc<metrics::Metrics>,
 }
 
 /// What validation found out about an archive file.
@@ -100,7 +110,12 @@ impl Watcher {
     async fn handle_ci_release(&self, msg: &async_nats::jetstream::Message) -> Outcome {
         let event: ReleasePublished = match decode_or_reject(&self.bus, SERVICE, msg).await {
             Ok(e) => e,
-            Err(outcome) => return outcome,
+            Err(outcome) => {
+                if matches!(outcome, Outcome::Done) {
+                    self.metrics.rejected(RejectCode::InvalidEvent);
+                }
+                return outcome;
+            }
         };
         let source = PackageSource::Ci {
             published_by: event.published_by.clone(),
@@ -169,6 +184,7 @@ impl Watcher {
         self.bus
             .publish_event(PACKAGE_DETECTED, detected, Encoding::MsgPack, Some(&msg_id))
             .await?;
+        self.metrics.detected(&detected.source);
         tracing::info!(app = %detected.app, version = %detected.version, object = %detected.object, "package detected");
         Ok(())
     }
@@ -218,6 +234,7 @@ impl Watcher {
         {
             return Outcome::Retry(e);
         }
+        let code = reason.code;
         let event = PackageRejected {
             app: app.map(String::from),
             version: version.cloned(),
@@ -229,7 +246,10 @@ impl Watcher {
             .publish_event(PACKAGE_REJECTED, &event, Encoding::Json, None)
             .await
         {
-            Ok(()) => Outcome::Done,
+            Ok(()) => {
+                self.metrics.rejected(code);
+                Outcome::Done
+            }
             Err(e) => Outcome::Retry(e.to_string()),
         }
     }

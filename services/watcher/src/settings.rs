@@ -1,3 +1,4 @@
+use std::net::SocketAddr;
 use std::path::PathBuf;
 use std::time::Duration;
 
@@ -27,6 +28,10 @@ pub struct Settings {
     #[serde(with = "humantime_serde")]
     pub ack_wait: Duration,
     pub limits: ArchiveLimits,
+    /// `GET /health` and `GET /metrics` (Prometheus) are served here: default
+    /// `127.0.0.1:8431` (the tracker has 8430, the signer 8432, the distributor 8433). In a
+    /// container, `0.0.0.0:8431` lets Prometheus reach it; port 0 takes any free port.
+    pub metrics_listen: SocketAddr,
 }
 
 impl Default for Settings {
@@ -41,6 +46,7 @@ impl Default for Settings {
             rescan: Duration::from_secs(30),
             ack_wait: Duration::from_secs(30),
             limits: ArchiveLimits::default(),
+            metrics_listen: SocketAddr::from(([127, 0, 0, 1], 8431)),
         }
     }
 }
