@@ -19,20 +19,16 @@ use tokio_util::sync::CancellationToken;
 
 /// Connects and ensures the streams and stores exist, or fails after `timeout` with a message
 /// that says where it tried.
-pub async fn connect(url: &str, timeout: Duration) -> anyhow::Result<Bus> {
-    let settings = NatsSettings {
-        url: url.into(),
-        ..Default::default()
-    };
+pub async fn connect(settings: &NatsSettings, timeout: Duration) -> anyhow::Result<Bus> {
     let cancel = CancellationToken::new();
     let guard = cancel.clone();
     let timer = tokio::spawn(async move {
         tokio::time::sleep(timeout).await;
         guard.cancel();
     });
-    let bus = Bus::attach(&settings, "fleetcast-cli", &cancel).await;
+    let bus = Bus::attach(settings, "fleetcast-cli", &cancel).await;
     timer.abort();
-    bus.with_context(|| format!("cannot reach NATS at {url} within {timeout:?}"))
+    bus.with_context(|| format!("cannot reach NATS at {} within {timeout:?}", settings.url))
 }
 
 /// Writes `<dir>/<name>.key` (secret, mode 0600) and `<dir>/<name>.pub`.
@@ -281,12 +277,7 @@ pub async fn watch_rollout(
     loop {
         let reply = tracker(bus, &Command::Show { app: app.into() }).await?;
         let view = match (reply.rollout, version) {
-            // A newer release replaced the one watched: it will never run.
-            (Some(view), Some(v)) if view.rollout.version > *v => bail!(
-                "{app} {v} will not roll out: superseded by {}",
-                view.rollout.version
-            ),
-            // An earlier version's rollout: the watched one is not stored yet.
+            // Another version's rollout (an earlier one, or the one a rollback replaces).
             (Some(view), Some(v)) if view.rollout.version != *v => None,
             (Some(view), _) => Some(view),
             (None, Some(_)) => None,

@@ -17,7 +17,7 @@ use indicatif::{ProgressBar, ProgressStyle};
     about = "Publish releases and steer fleetcast"
 )]
 struct Args {
-    /// NATS server URL.
+    /// NATS server URL (a cluster's nodes: comma-separated).
     #[arg(
         long,
         global = true,
@@ -25,8 +25,49 @@ struct Args {
         default_value = "nats://127.0.0.1:4222"
     )]
     nats_url: String,
+    /// NATS `.creds` file (JWT + nkey) of this operator or CI job.
+    #[arg(long, global = true, env = "FLEETCAST_NATS_CREDENTIALS")]
+    nats_credentials: Option<PathBuf>,
+    /// TLS: the CA certificate (PEM) the server's certificate must chain to.
+    #[arg(long, global = true, env = "FLEETCAST_NATS_TLS_CA")]
+    nats_tls_ca: Option<PathBuf>,
+    /// TLS: this client's certificate (PEM), with --nats-tls-key.
+    #[arg(
+        long,
+        global = true,
+        env = "FLEETCAST_NATS_TLS_CERT",
+        requires = "nats_tls_key"
+    )]
+    nats_tls_cert: Option<PathBuf>,
+    /// TLS: this client's key (PEM), with --nats-tls-cert.
+    #[arg(
+        long,
+        global = true,
+        env = "FLEETCAST_NATS_TLS_KEY",
+        requires = "nats_tls_cert"
+    )]
+    nats_tls_key: Option<PathBuf>,
     #[command(subcommand)]
     command: Command,
+}
+
+impl Args {
+    /// The same NATS settings a service reads from `[nats]`.
+    fn nats(&self) -> fleetcast_runtime::NatsSettings {
+        fleetcast_runtime::NatsSettings {
+            url: self.nats_url.clone(),
+            credentials: self.nats_credentials.clone(),
+            tls: self
+                .nats_tls_ca
+                .clone()
+                .map(|ca_file| fleetcast_runtime::TlsSettings {
+                    ca_file,
+                    cert_file: self.nats_tls_cert.clone(),
+                    key_file: self.nats_tls_key.clone(),
+                }),
+            ..Default::default()
+        }
+    }
 }
 
 #[derive(Subcommand)]
@@ -156,6 +197,7 @@ fn main() -> ExitCode {
 }
 
 async fn execute(args: Args) -> anyhow::Result<ExitCode> {
+    let nats = args.nats();
     match args.command {
         Command::Keygen { dir, name, force } => {
             let (secret, public, id) = cli::keygen(&dir, &name, force)?;
@@ -176,7 +218,7 @@ async fn execute(args: Args) -> anyhow::Result<ExitCode> {
             connect_timeout,
         } => {
             let prepared = cli::prepare_release(&archive, app, version).await?;
-            let bus = cli::connect(&args.nats_url, connect_timeout).await?;
+            let bus = cli::connect(&nats, connect_timeout).await?;
             let bar = ProgressBar::new(prepared.size);
             bar.set_style(
                 ProgressStyle::with_template(
@@ -204,19 +246,19 @@ async fn execute(args: Args) -> anyhow::Result<ExitCode> {
             })
         }
         Command::Desire { app, version, ring } => {
-            let bus = cli::connect(&args.nats_url, Duration::from_secs(10)).await?;
+            let bus = cli::connect(&nats, Duration::from_secs(10)).await?;
             cli::desire(&bus, &app, &ring, &version).await?;
             println!("{app} in ring {ring} should now run {version}");
             Ok(ExitCode::SUCCESS)
         }
         Command::Status => {
-            let bus = cli::connect(&args.nats_url, Duration::from_secs(10)).await?;
+            let bus = cli::connect(&nats, Duration::from_secs(10)).await?;
             let reply = cli::tracker(&bus, &fleetcast_tracker::api::Command::Status).await?;
             print_status(&reply);
             Ok(ExitCode::SUCCESS)
         }
         Command::Agents => {
-            let bus = cli::connect(&args.nats_url, Duration::from_secs(10)).await?;
+            let bus = cli::connect(&nats, Duration::from_secs(10)).await?;
             let reply = cli::tracker(&bus, &fleetcast_tracker::api::Command::Status).await?;
             print_agents(&reply.agents);
             Ok(ExitCode::SUCCESS)
@@ -224,7 +266,7 @@ async fn execute(args: Args) -> anyhow::Result<ExitCode> {
         Command::Rollout {
             action: RolloutAction::Watch { app, version },
         } => {
-            let bus = cli::connect(&args.nats_url, Duration::from_secs(10)).await?;
+            let bus = cli::connect(&nats, Duration::from_secs(10)).await?;
             let view = cli::watch_rollout(&bus, &app, version.as_ref()).await?;
             let r = &view.rollout;
             let reason = r.reason.clone().unwrap_or_default();
@@ -245,34 +287,22 @@ async fn execute(args: Args) -> anyhow::Result<ExitCode> {
         }
         Command::Approve { app, version } => {
             steer(
-                &args.nats_url,
+                &nats,
                 fleetcast_tracker::api::Command::Approve { app, version },
             )
             .await
         }
         Command::Pause { app } => {
-            steer(
-                &args.nats_url,
-                fleetcast_tracker::api::Command::Pause { app },
-            )
-            .await
+            steer(&nats, fleetcast_tracker::api::Command::Pause { app }).await
         }
         Command::Resume { app } => {
-            steer(
-                &args.nats_url,
-                fleetcast_tracker::api::Command::Resume { app },
-            )
-            .await
+            steer(&nats, fleetcast_tracker::api::Command::Resume { app }).await
         }
         Command::Abort { app } => {
-            steer(
-                &args.nats_url,
-                fleetcast_tracker::api::Command::Abort { app },
-            )
-            .await
+            steer(&nats, fleetcast_tracker::api::Command::Abort { app }).await
         }
         Command::Rollback { app, to, ring } => {
-            let bus = cli::connect(&args.nats_url, Duration::from_secs(10)).await?;
+            let bus = cli::connect(&nats, Duration::from_secs(10)).await?;
             let from = cli::request_rollback(&bus, &app, &to, ring.as_deref()).await?;
             println!(
                 "rollback of {app} to {to} (replacing up to {from}) requested; follow it with: fleetcast rollout watch {app} --version {to}"
@@ -280,7 +310,7 @@ async fn execute(args: Args) -> anyhow::Result<ExitCode> {
             Ok(ExitCode::SUCCESS)
         }
         Command::Releases { app, json } => {
-            let bus = cli::connect(&args.nats_url, Duration::from_secs(10)).await?;
+            let bus = cli::connect(&nats, Duration::from_secs(10)).await?;
             let records = cli::releases(&bus, app.as_deref()).await?;
             if json {
                 println!("{}", serde_json::to_string_pretty(&records)?);
@@ -296,10 +326,10 @@ async fn execute(args: Args) -> anyhow::Result<ExitCode> {
 
 /// Sends a steering command; prints the tracker's answer; exit 1 when it refused.
 async fn steer(
-    nats_url: &str,
+    nats: &fleetcast_runtime::NatsSettings,
     command: fleetcast_tracker::api::Command,
 ) -> anyhow::Result<ExitCode> {
-    let bus = cli::connect(nats_url, Duration::from_secs(10)).await?;
+    let bus = cli::connect(nats, Duration::from_secs(10)).await?;
     let reply = cli::tracker(&bus, &command).await?;
     println!("{}", reply.message);
     Ok(if reply.ok {

@@ -391,6 +391,23 @@ pub async fn connect(
                     }
                 }
             });
+        if let Some(tls) = &settings.tls {
+            options = options
+                .require_tls(true)
+                .add_root_certificates(tls.ca_file.clone());
+            match (&tls.cert_file, &tls.key_file) {
+                (Some(cert), Some(key)) => {
+                    options = options.add_client_certificate(cert.clone(), key.clone())
+                }
+                (None, None) => {}
+                _ => {
+                    return Err(BusError::Connect {
+                        url: settings.url.clone(),
+                        reason: "nats.tls: cert_file and key_file go together".into(),
+                    });
+                }
+            }
+        }
         if let Some(creds) = &settings.credentials {
             options = options
                 .credentials_file(creds)

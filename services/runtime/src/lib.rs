@@ -15,5 +15,5 @@ pub mod telemetry;
 pub mod window;
 
 pub use bus::{Bus, BusError};
-pub use settings::{NatsSettings, SettingsError, load_settings};
+pub use settings::{NatsSettings, SettingsError, TlsSettings, load_settings};
 pub use shutdown::shutdown_on_signals;

@@ -110,6 +110,9 @@ pub struct NatsSettings {
     /// How long one request (KV get, direct get, publish ack) may take.
     #[serde(with = "humantime_serde")]
     pub request_timeout: Duration,
+    /// TLS for the NATS connection: set, the client accepts only a TLS connection to a server
+    /// whose certificate chains to `ca_file`, and presents its own certificate if given.
+    pub tls: Option<TlsSettings>,
     /// JetStream replicas of the streams and buckets this service creates when they do not
     /// exist yet: 1 on a single server, 3 on a cluster (a server can then fail without losing
     /// or stopping anything). Existing ones keep theirs.
@@ -121,10 +124,23 @@ impl Default for NatsSettings {
         NatsSettings {
             url: "nats://127.0.0.1:4222".into(),
             credentials: None,
+            tls: None,
             request_timeout: Duration::from_secs(10),
             replicas: 1,
         }
     }
+}
+
+/// TLS of a NATS connection (`[nats.tls]`), the same for every fleetcast program.
+#[derive(Debug, Clone, Deserialize, PartialEq, Eq)]
+#[serde(deny_unknown_fields)]
+pub struct TlsSettings {
+    /// PEM file with the CA certificate(s) the server's certificate must chain to.
+    pub ca_file: PathBuf,
+    /// PEM files with this client's certificate and its key, for servers that verify clients
+    /// (`verify: true` in nats-server's `tls` block). Both or neither.
+    pub cert_file: Option<PathBuf>,
+    pub key_file: Option<PathBuf>,
 }
 
 /// The pinned public keys of a verifier's settings (`trusted_keys` inline, base64, and

@@ -25,6 +25,8 @@ pub struct Pipeline {
     pub nats: NatsServer,
     /// The other nodes when `nats` is one of a cluster's.
     pub cluster: Vec<NatsServer>,
+    /// The certificates when NATS requires TLS with client certificates.
+    pub pki: Option<fleetcast_harness::tls::TestPki>,
     pub dir: tempfile::TempDir,
     pub key: SecretKey,
     services: HashMap<String, (CancellationToken, JoinHandle<()>)>,
@@ -40,6 +42,15 @@ impl Pipeline {
     /// their URLs, and streams and buckets are created with one replica per node.
     pub async fn new_cluster(nodes: usize) -> anyhow::Result<Pipeline> {
         Pipeline::on(NatsServer::start_cluster(nodes).await?)
+    }
+
+    /// As [`Pipeline::new`] on a server that takes only TLS connections with a client
+    /// certificate; every service and agent gets the certificates through its NATS settings.
+    pub async fn new_tls() -> anyhow::Result<Pipeline> {
+        let pki = fleetcast_harness::tls::TestPki::generate()?;
+        let mut p = Pipeline::on(vec![NatsServer::start_tls(&pki).await?])?;
+        p.pki = Some(pki);
+        Ok(p)
     }
 
     fn on(mut servers: Vec<NatsServer>) -> anyhow::Result<Pipeline> {
@@ -62,6 +73,7 @@ impl Pipeline {
         Ok(Pipeline {
             nats,
             cluster: servers,
+            pki: None,
             dir,
             key,
             services: HashMap::new(),
@@ -86,6 +98,14 @@ impl Pipeline {
             url: urls.join(","),
             request_timeout: Duration::from_secs(5),
             replicas: urls.len(),
+            tls: self.pki.as_ref().map(|pki| {
+                let (cert, key) = pki.pair("client");
+                fleetcast_runtime::TlsSettings {
+                    ca_file: pki.ca(),
+                    cert_file: Some(cert),
+                    key_file: Some(key),
+                }
+            }),
             ..Default::default()
         }
     }

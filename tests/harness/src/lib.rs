@@ -5,6 +5,7 @@
 
 pub mod fixtures;
 pub mod proxy;
+pub mod tls;
 
 use std::net::{SocketAddr, TcpListener, TcpStream};
 use std::path::{Path, PathBuf};
@@ -19,6 +20,8 @@ const PROJECT_BINARY: &str = ".tools/nats-server/bin/nats-server";
 pub struct NatsServer {
     child: Option<Child>,
     port: u16,
+    /// CA, client certificate and key, when the server requires TLS with client certificates.
+    tls: Option<(PathBuf, PathBuf, PathBuf)>,
     binary: PathBuf,
     config: PathBuf,
     store: tempfile::TempDir,
@@ -55,6 +58,23 @@ impl NatsServer {
     /// Starts a server and waits until JetStream answers.
     pub async fn start() -> anyhow::Result<NatsServer> {
         let mut server = NatsServer::configure(free_port()?, "")?;
+        server.spawn().await?;
+        Ok(server)
+    }
+
+    /// Starts a server that accepts only TLS connections from clients with a certificate signed
+    /// by `pki`'s CA.
+    pub async fn start_tls(pki: &tls::TestPki) -> anyhow::Result<NatsServer> {
+        let (cert, key) = pki.pair("server");
+        let config = format!(
+            "tls {{\n  cert_file: \"{}\"\n  key_file: \"{}\"\n  ca_file: \"{}\"\n  verify: true\n  timeout: 2\n}}\n",
+            cert.display(),
+            key.display(),
+            pki.ca().display()
+        );
+        let mut server = NatsServer::configure(free_port()?, &config)?;
+        let (cert, key) = pki.pair("client");
+        server.tls = Some((pki.ca(), cert, key));
         server.spawn().await?;
         Ok(server)
     }
@@ -103,6 +123,7 @@ impl NatsServer {
         Ok(NatsServer {
             child: None,
             port,
+            tls: None,
             binary: nats_server_binary()?,
             config,
             store,
@@ -158,6 +179,17 @@ impl NatsServer {
         Ok(())
     }
 
+    /// How a test client connects (TLS with the test client certificate when required).
+    pub fn client_options(&self) -> async_nats::ConnectOptions {
+        match &self.tls {
+            Some((ca, cert, key)) => async_nats::ConnectOptions::new()
+                .require_tls(true)
+                .add_root_certificates(ca.clone())
+                .add_client_certificate(cert.clone(), key.clone()),
+            None => async_nats::ConnectOptions::new(),
+        }
+    }
+
     /// Ready means a client can connect and JetStream answers an account query.
     async fn wait_ready(&mut self) -> anyhow::Result<()> {
         let deadline = Instant::now() + Duration::from_secs(20);
@@ -171,7 +203,7 @@ impl NatsServer {
                 bail!("nats-server exited with {status}: {log}");
             }
             if TcpStream::connect_timeout(&addr, Duration::from_millis(200)).is_ok()
-                && let Ok(client) = async_nats::connect(self.url()).await
+                && let Ok(client) = self.client_options().connect(self.url()).await
                 && async_nats::jetstream::new(client)
                     .query_account()
                     .await
