@@ -238,6 +238,13 @@ async fn bad_announcements_are_refused_and_the_app_keeps_running() {
     };
     let mut tampered = good.clone();
     tampered.manifest = tampered.manifest.replace("\"2.0.0\"", "\"9.0.0\"");
+    // Wrong software: a valid release of another app, announced under this app's key.
+    let other_app = {
+        let mut m: Manifest = serde_json::from_str(&good.manifest).expect("manifest json");
+        m.app = "otherapp".into();
+        m.version = v("9.3.0");
+        SignedManifest::sign(&m, &p.key).expect("sign")
+    };
     let cases = [
         ("9.0.0", tampered, "does not match"),
         (
@@ -254,6 +261,7 @@ async fn bad_announcements_are_refused_and_the_app_keeps_running() {
             signed_as("9.2.0", &p.key, -time::Duration::hours(1)),
             "expired",
         ),
+        ("9.3.0", other_app, "otherapp"),
     ];
     for (version, manifest, why) in cases {
         desire_raw(&p, version, manifest).await;
