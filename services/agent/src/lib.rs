@@ -187,6 +187,9 @@ async fn app_loop(
         }
     };
     let mut client_alive = true;
+    // A desired state that was accepted but could not be finished yet (window, slot,
+    // transient failure): the retry applies it again.
+    let mut pending: Option<(semver::Version, Vec<u8>)> = None;
     'follow: loop {
         let mut announcements = match bus.client.subscribe(subject.clone()).await {
             Ok(s) => s,
@@ -220,7 +223,12 @@ async fn app_loop(
                     _ = ticker.tick() => stored(&bus).await,
                     _ = async { tokio::time::sleep_until(retry_at.unwrap_or_else(tokio::time::Instant::now)).await }, if retry_at.is_some() => {
                         retry_at = None;
-                        stored(&bus).await
+                        // The announcement that has to wait, as received: a read of the store
+                        // now may come from a replica that has not caught up with it yet.
+                        match &pending {
+                            Some((_, bytes)) => Some(bytes.clone()),
+                            None => stored(&bus).await,
+                        }
                     }
                 }
             };
@@ -245,12 +253,21 @@ async fn app_loop(
                 memory::release_freed_soon();
             }
             match outcome {
-                Ok(_) => retry_delay = Duration::from_secs(1),
+                Ok(_) => {
+                    retry_delay = Duration::from_secs(1);
+                    pending = None;
+                }
                 Err(UpdateError::Refused(reason)) => {
                     tracing::warn!(%app, version = %desired.version, %reason, "update refused");
                     runner.refused(&desired.version, &reason).await;
+                    // An older state read from a lagging replica does not cancel a newer one
+                    // still waiting.
+                    if pending.as_ref().is_some_and(|(v, _)| *v == desired.version) {
+                        pending = None;
+                    }
                 }
                 Err(UpdateError::NotNow(opens)) => {
+                    pending = Some((desired.version.clone(), bytes.clone()));
                     let wait = (opens - OffsetDateTime::now_utc()).max(time::Duration::ZERO);
                     tracing::info!(%app, version = %desired.version, %opens, "staged; the switch waits");
                     retry_at = Some(
@@ -258,6 +275,7 @@ async fn app_loop(
                     );
                 }
                 Err(UpdateError::Transient(reason)) => {
+                    pending = Some((desired.version.clone(), bytes.clone()));
                     tracing::warn!(%app, version = %desired.version, %reason, retry_in = ?retry_delay, "update failed, will retry");
                     retry_at = Some(tokio::time::Instant::now() + retry_delay);
                     retry_delay = (retry_delay * 2).min(Duration::from_secs(60));
