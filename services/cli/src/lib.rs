@@ -295,7 +295,7 @@ pub async fn watch_rollout(
         let phase = match (r.phase, r.paused) {
             (_, true) => "paused".to_string(),
             (Phase::AwaitingApproval, _) => format!("awaiting approval (fleetcast approve {app})"),
-            (phase, _) => format!("{phase:?}").to_lowercase(),
+            (phase, _) => fleetcast_runtime::metrics::label_value(&phase),
         };
         header.set_message(format!("{app} {}: {phase}", r.version));
         for (i, ring) in view.rings.iter().enumerate() {

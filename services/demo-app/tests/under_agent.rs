@@ -10,7 +10,7 @@ use std::time::Duration;
 use fleetcast_agent::health::HealthGate;
 use fleetcast_agent::journal::Journal;
 use fleetcast_agent::settings::AppSettings;
-use fleetcast_e2e::{Pipeline, TIMEOUT};
+use fleetcast_e2e::{Pipeline, TIMEOUT, eventually};
 use fleetcast_events::v1::{AgentStatus, AppState};
 use fleetcast_harness::fixtures::PackageBuilder;
 use semver::Version;
@@ -115,11 +115,10 @@ async fn the_demo_app_is_updated_drained_and_rolled_back_by_a_real_agent() {
         std::fs::read_to_string(&marker).expect("v1 was killed, not drained"),
         "1.0.0"
     );
-    let deadline = tokio::time::Instant::now() + TIMEOUT;
-    while Journal::load(&journal).map_or(true, |j| j.committed != Some(v("2.0.0"))) {
-        assert!(tokio::time::Instant::now() < deadline, "v2 never committed");
-        tokio::time::sleep(Duration::from_millis(50)).await;
-    }
+    eventually("v2 committed", || {
+        Journal::load(&journal).is_ok_and(|j| j.committed == Some(v("2.0.0")))
+    })
+    .await;
     assert_eq!(
         Journal::load(&journal).expect("journal").previous,
         Some(v("1.0.0"))

@@ -3,7 +3,7 @@
 //! mid-job, so nothing is acked) and started again.
 
 use std::collections::HashMap;
-use std::path::PathBuf;
+use std::path::{Path, PathBuf};
 use std::time::Duration;
 
 use anyhow::{Context, bail};
@@ -414,6 +414,26 @@ pub async fn chunk_ids(
         .into_iter()
         .flat_map(|f| f.chunks.into_iter().map(|c| c.id))
         .collect())
+}
+
+/// Waits until `check` holds; fails the test after [`TIMEOUT`], naming `what` it waited for.
+pub async fn eventually(what: &str, check: impl Fn() -> bool) {
+    let deadline = tokio::time::Instant::now() + TIMEOUT;
+    while !check() {
+        assert!(
+            tokio::time::Instant::now() < deadline,
+            "timed out waiting for: {what}"
+        );
+        tokio::time::sleep(Duration::from_millis(50)).await;
+    }
+}
+
+/// The version a [`script_app`] says runs, from its `STATE_DIR` (empty: none yet).
+pub fn running(state: &Path) -> String {
+    std::fs::read_to_string(state.join("running"))
+        .unwrap_or_default()
+        .trim()
+        .to_string()
 }
 
 /// A test application as a shell script: a healthy one records which version runs in

@@ -5,23 +5,12 @@ use std::path::Path;
 use std::time::Duration;
 
 use fleetcast_agent::journal::Journal;
-use fleetcast_e2e::{Pipeline, TIMEOUT, script_app};
+use fleetcast_e2e::{Pipeline, TIMEOUT, eventually, running, script_app};
 use semver::Version;
 use tokio_util::sync::CancellationToken;
 
 fn v(s: &str) -> Version {
     Version::parse(s).expect("version")
-}
-
-async fn eventually(what: &str, check: impl Fn() -> bool) {
-    let deadline = tokio::time::Instant::now() + TIMEOUT;
-    while !check() {
-        assert!(
-            tokio::time::Instant::now() < deadline,
-            "timed out waiting for: {what}"
-        );
-        tokio::time::sleep(Duration::from_millis(50)).await;
-    }
 }
 
 /// Waits until the journal says `version` is committed.
@@ -30,13 +19,6 @@ async fn committed(journal: &Path, version: &str) {
         Journal::load(journal).is_ok_and(|j| j.committed == Some(v(version)))
     })
     .await;
-}
-
-fn running(state: &Path) -> String {
-    std::fs::read_to_string(state.join("running"))
-        .unwrap_or_default()
-        .trim()
-        .to_string()
 }
 
 /// A host's folders: (guard, data dir, app state dir, journal path).

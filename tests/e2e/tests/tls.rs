@@ -5,7 +5,7 @@
 
 use std::time::Duration;
 
-use fleetcast_e2e::{Pipeline, TIMEOUT, script_app};
+use fleetcast_e2e::{Pipeline, eventually, running, script_app};
 
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn every_service_and_agent_talk_tls_and_clients_without_a_certificate_are_refused() {
@@ -20,15 +20,11 @@ async fn every_service_and_agent_talk_tls_and_clients_without_a_certificate_are_
 
     p.release("shapp", "1.0.0", &script_app("1.0.0", true))
         .await;
-    let running = host.join("state/running");
-    let deadline = tokio::time::Instant::now() + TIMEOUT;
-    while std::fs::read_to_string(&running).unwrap_or_default().trim() != "1.0.0" {
-        assert!(
-            tokio::time::Instant::now() < deadline,
-            "the agent never ran 1.0.0 over TLS"
-        );
-        tokio::time::sleep(Duration::from_millis(100)).await;
-    }
+    let state = host.join("state");
+    eventually("the agent runs 1.0.0 over TLS", || {
+        running(&state) == "1.0.0"
+    })
+    .await;
 
     let pki = p.pki.as_ref().expect("pki");
     let refused = |options: async_nats::ConnectOptions| {

@@ -4,7 +4,7 @@
 
 use std::time::Duration;
 
-use fleetcast_e2e::{Pipeline, TIMEOUT, script_app};
+use fleetcast_e2e::{Pipeline, TIMEOUT, eventually, script_app};
 use fleetcast_events::v1::{AgentStatus, AppState, DesiredState};
 use fleetcast_tracker::api::Command;
 use fleetcast_tracker::policy::{Amount, AppPolicy, Approval, RingPolicy};
@@ -273,14 +273,7 @@ async fn manual_approval_downloads_early_and_an_operator_steers_the_rollout() {
     // Downloaded ahead of the approval, switched by nobody.
     for (id, _) in agents {
         let staged = hosts.path().join(id).join("data/apps/shapp/versions/1.0.0");
-        let deadline = tokio::time::Instant::now() + TIMEOUT;
-        while !staged.is_dir() {
-            assert!(
-                tokio::time::Instant::now() < deadline,
-                "{id} did not download early"
-            );
-            tokio::time::sleep(Duration::from_millis(100)).await;
-        }
+        eventually(&format!("{id} downloads early"), || staged.is_dir()).await;
         assert!(
             !hosts.path().join(id).join("state/running").exists(),
             "{id} switched before approval"
@@ -489,22 +482,16 @@ async fn agent_stale(p: &Pipeline, id: &str, stale: bool) {
     }
 }
 
+/// The version host `id`'s app runs.
 fn running(hosts: &tempfile::TempDir, id: &str) -> String {
-    std::fs::read_to_string(hosts.path().join(id).join("state/running"))
-        .unwrap_or_default()
-        .trim()
-        .to_string()
+    fleetcast_e2e::running(&hosts.path().join(id).join("state"))
 }
 
 async fn converged(hosts: &tempfile::TempDir, id: &str, version: &str) {
-    let deadline = tokio::time::Instant::now() + TIMEOUT;
-    while running(hosts, id) != version {
-        assert!(
-            tokio::time::Instant::now() < deadline,
-            "{id} never ran {version}"
-        );
-        tokio::time::sleep(Duration::from_millis(100)).await;
-    }
+    eventually(&format!("{id} runs {version}"), || {
+        running(hosts, id) == version
+    })
+    .await;
 }
 
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
