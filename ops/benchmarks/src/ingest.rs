@@ -194,7 +194,7 @@ pub(crate) async fn ingest_once(
         version: version.clone(),
         object,
         blake3,
-        manifest: SignedManifest::sign(&manifest, key)?,
+        manifest: SignedManifest::sign(&manifest, &[key])?,
     };
     let mut stored_events = bus.client.subscribe(RELEASE_STORED).await?;
     let start = Instant::now();

@@ -98,10 +98,7 @@ impl InstallRoot {
     }
 }
 
-/// Makes a folder's entries (renames, new files) durable.
-pub fn sync_dir(dir: &Path) -> io::Result<()> {
-    std::fs::File::open(dir)?.sync_all()
-}
+pub use fleetcast_runtime::fs::sync_dir;
 
 #[cfg(test)]
 mod tests {

@@ -7,7 +7,7 @@
 
 use std::collections::BTreeSet;
 use std::io;
-use std::path::{Path, PathBuf};
+use std::path::Path;
 
 use semver::Version;
 use serde::{Deserialize, Serialize};
@@ -80,16 +80,7 @@ impl Journal {
     /// Writes the journal so that a crash at any instant leaves the old or the new one.
     pub fn save(&self, path: &Path) -> io::Result<()> {
         let bytes = serde_json::to_vec_pretty(self).map_err(io::Error::other)?;
-        let mut tmp = PathBuf::from(path);
-        tmp.set_extension("tmp");
-        {
-            use std::io::Write;
-            let mut file = std::fs::File::create(&tmp)?;
-            file.write_all(&bytes)?;
-            file.sync_all()?;
-        }
-        std::fs::rename(&tmp, path)?;
-        crate::install::sync_dir(path.parent().unwrap_or(Path::new(".")))
+        fleetcast_runtime::fs::write_atomic(path, &bytes)
     }
 
     pub fn is_refused(&self, version: &Version) -> bool {

@@ -51,10 +51,7 @@ pub enum AgentError {
 /// Runs every configured app and keeps it on its desired version until `shutdown`.
 pub async fn run(settings: Settings, shutdown: CancellationToken) -> Result<(), AgentError> {
     settings.validate()?;
-    let trusted = fleetcast_runtime::settings::trusted_keys(
-        &settings.trusted_keys,
-        &settings.trusted_key_files,
-    )?;
+    let trust = std::sync::Arc::new(settings.trust()?);
     // Opt-in: nothing of it exists (no task, no listener) unless `metrics_listen` is set.
     let mut observed = None;
     if let Some(addr) = settings.metrics_listen {
@@ -76,11 +73,16 @@ pub async fn run(settings: Settings, shutdown: CancellationToken) -> Result<(), 
     if let Some((_, endpoint, _)) = &observed {
         endpoint.connected(&bus.client);
     }
+    // Roots published while the agent was away are walked before any announcement is
+    // judged, so a release signed by a newly rotated key is not refused first.
+    if let Err(e) = trust.refresh(&bus.trust).await {
+        tracing::warn!(error = %e, "trust not refreshed at start");
+    }
     let host = std::sync::Arc::new(settings.clone());
     let mut tasks = Vec::new();
     let mut beats = Vec::new();
     for app in &settings.apps {
-        let runner = AppRunner::new(app.clone(), host.clone(), trusted.clone(), bus.clone())
+        let runner = AppRunner::new(app.clone(), host.clone(), trust.clone(), bus.clone())
             .map_err(|source| AgentError::App {
                 app: app.name.clone(),
                 source,
@@ -97,10 +99,17 @@ pub async fn run(settings: Settings, shutdown: CancellationToken) -> Result<(), 
             bus.clone(),
             key,
             recheck,
+            trust.root_updates(),
             tx,
             shutdown.clone(),
         )));
     }
+    tasks.push(tokio::spawn(trust.clone().follow(
+        bus.clone(),
+        settings.recheck,
+        shutdown.clone(),
+    )));
+    let mut was_stale = false;
     let host_name = std::fs::read_to_string("/etc/hostname")
         .map(|h| h.trim().to_string())
         .unwrap_or_default();
@@ -112,12 +121,21 @@ pub async fn run(settings: Settings, shutdown: CancellationToken) -> Result<(), 
         tokio::select! {
             _ = shutdown.cancelled() => break,
             _ = ticker.tick() => {
+                let metadata = trust.status(OffsetDateTime::now_utc(), settings.max_metadata_age());
+                if metadata.stale != was_stale {
+                    was_stale = metadata.stale;
+                    match &metadata.reason {
+                        Some(reason) => tracing::warn!(%reason, "stale metadata"),
+                        None => tracing::info!("metadata fresh again"),
+                    }
+                }
                 let beat = AgentHeartbeat {
                     agent_id: settings.agent_id.clone(),
                     host: host_name.clone(),
                     ring: settings.ring.clone(),
                     labels: settings.labels.clone(),
                     apps: beats.iter().map(|b| b.borrow().clone()).collect(),
+                    metadata: Some(metadata),
                     at: OffsetDateTime::now_utc(),
                 };
                 let subject = agent_heartbeat_subject(&settings.agent_id);
@@ -159,6 +177,7 @@ async fn app_loop(
     bus: Bus,
     key: String,
     mut ticker: tokio::time::Interval,
+    mut roots: watch::Receiver<u64>,
     beat: watch::Sender<fleetcast_events::v1::AppHeartbeat>,
     shutdown: CancellationToken,
 ) {
@@ -221,6 +240,8 @@ async fn app_loop(
                         if client_alive { stored(&bus).await } else { None }
                     }
                     _ = ticker.tick() => stored(&bus).await,
+                    // A new root may accept what the old one refused.
+                    Ok(()) = roots.changed() => stored(&bus).await,
                     _ = async { tokio::time::sleep_until(retry_at.unwrap_or_else(tokio::time::Instant::now)).await }, if retry_at.is_some() => {
                         retry_at = None;
                         // The announcement that has to wait, as received: a read of the store

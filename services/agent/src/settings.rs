@@ -20,9 +20,17 @@ pub struct Settings {
     pub labels: BTreeMap<String, String>,
     /// Install folders, journals and state: `<data_dir>/apps/<app>/`.
     pub data_dir: PathBuf,
-    /// Release-signing public keys (base64) and files holding them.
+    /// The first root of trust (`fleetcast root`): the agent follows its rotations from there
+    /// and keeps the newest in `<data_dir>/trust/`. Recommended over pinned keys.
+    pub trusted_root_file: Option<PathBuf>,
+    /// Or release-signing public keys pinned here (base64) and files holding them: these never
+    /// rotate without a config change.
     pub trusted_keys: Vec<String>,
     pub trusted_key_files: Vec<PathBuf>,
+    /// When the signer's newest timestamp the agent holds is older than this, the agent reports
+    /// stale metadata (an announcement may be withheld); `0s` turns the check off.
+    #[serde(with = "humantime_serde")]
+    pub max_metadata_age: Duration,
     /// Complete versions kept on disk per app (current and previous always are).
     pub keep_versions: usize,
     /// Chunks fetched at once (memory stays near this many chunks).
@@ -78,8 +86,10 @@ impl Default for Settings {
             ring: "default".into(),
             labels: BTreeMap::new(),
             data_dir: PathBuf::from("/var/lib/fleetcast/agent"),
+            trusted_root_file: None,
             trusted_keys: Vec::new(),
             trusted_key_files: Vec::new(),
+            max_metadata_age: Duration::from_secs(15 * 60),
             keep_versions: 3,
             concurrency: 8,
             heartbeat: Duration::from_secs(15),
@@ -123,8 +133,22 @@ impl Settings {
                 return invalid("apps.name", reason);
             }
         }
-        fleetcast_runtime::settings::trusted_keys(&self.trusted_keys, &self.trusted_key_files)
-            .map(|_| ())
+        self.trust().map(|_| ())
+    }
+
+    /// The agent's trust, with its state kept in `<data_dir>/trust/` (outside the apps'
+    /// install folders).
+    pub fn trust(&self) -> Result<fleetcast_runtime::Trust, SettingsError> {
+        fleetcast_runtime::Trust::load(
+            &self.trusted_keys,
+            &self.trusted_key_files,
+            self.trusted_root_file.as_deref(),
+            Some(&self.data_dir.join("trust")),
+        )
+    }
+
+    pub fn max_metadata_age(&self) -> Option<Duration> {
+        Some(self.max_metadata_age).filter(|d| !d.is_zero())
     }
 
     /// The parsed update windows.

@@ -12,9 +12,9 @@ use fleetcast_events::names::{agent_status_subject, slot_subject};
 use fleetcast_events::v1::{
     AgentStatus, AppHeartbeat, AppState, ChunkIndex, DesiredState, SlotReply, SlotRequest,
 };
-use fleetcast_events::{Encoding, TrustedKeys, VerifiedManifest};
+use fleetcast_events::{Encoding, VerifiedManifest};
 use fleetcast_package::package_config::{self, Hook, Hooks, PackageConfig};
-use fleetcast_runtime::Bus;
+use fleetcast_runtime::{Bus, Trust};
 use semver::Version;
 use time::OffsetDateTime;
 use tokio::time::Instant;
@@ -70,7 +70,7 @@ pub struct AppRunner {
     journal_path: PathBuf,
     journal: Journal,
     supervisor: Supervisor,
-    trusted: TrustedKeys,
+    trust: Arc<Trust>,
     bus: Bus,
     /// Bytes fetched from the store for the update in progress (or the last one).
     fetched_bytes: u64,
@@ -82,7 +82,7 @@ impl AppRunner {
     pub fn new(
         settings: AppSettings,
         host: Arc<Settings>,
-        trusted: TrustedKeys,
+        trust: Arc<Trust>,
         bus: Bus,
     ) -> Result<AppRunner, UpdateError> {
         let app_dir = host.data_dir.join("apps").join(&settings.name);
@@ -112,7 +112,7 @@ impl AppRunner {
             journal_path,
             journal,
             supervisor,
-            trusted,
+            trust,
             bus,
             fetched_bytes: 0,
             state: AppState::Stopped,
@@ -296,9 +296,11 @@ impl AppRunner {
 
     /// Brings the app to `desired`. Idempotent: a replayed or repeated announcement is a no-op.
     pub async fn apply(&mut self, desired: &DesiredState) -> Result<Applied, UpdateError> {
-        let manifest = desired
-            .manifest
-            .verify(&self.trusted, OffsetDateTime::now_utc())
+        let now = OffsetDateTime::now_utc();
+        let manifest = self
+            .trust
+            .keys(now)
+            .and_then(|keys| desired.manifest.verify(&keys, now))
             .map_err(|e| UpdateError::Refused(format!("manifest: {e}")))?;
         if manifest.app != self.settings.name || manifest.version != desired.version {
             return Err(UpdateError::Refused(format!(

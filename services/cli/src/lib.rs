@@ -1,6 +1,8 @@
 //! The `fleetcast` operator command's actions, as a library so end-to-end tests drive exactly
 //! what CI runs.
 
+pub mod root;
+
 use std::path::{Path, PathBuf};
 use std::time::Duration;
 

@@ -147,6 +147,11 @@ enum Command {
         #[arg(long)]
         ring: Option<String>,
     },
+    /// The root of trust: which keys sign releases, rotated without touching agents.
+    Root {
+        #[command(subcommand)]
+        action: RootAction,
+    },
     /// List releases and their state.
     Releases {
         #[arg(long)]
@@ -155,6 +160,42 @@ enum Command {
         #[arg(long)]
         json: bool,
     },
+}
+
+#[derive(Subcommand)]
+enum RootAction {
+    /// Write a new, unsigned root (then each root key holder runs `root sign`).
+    New {
+        /// Where to write it.
+        file: PathBuf,
+        /// 1 for the first root; a rotation is the published version plus one.
+        #[arg(long, default_value_t = 1)]
+        version: u64,
+        /// Root key: a public key file or its base64 text (repeat for each).
+        #[arg(long = "root-key", required = true)]
+        root_keys: Vec<String>,
+        #[arg(long, default_value_t = 1)]
+        root_threshold: usize,
+        /// Release-signing key (the signer's public key; repeat for each).
+        #[arg(long = "signing-key", required = true)]
+        signing_keys: Vec<String>,
+        #[arg(long, default_value_t = 1)]
+        signing_threshold: usize,
+        /// How long the root stays valid.
+        #[arg(long, default_value = "365d", value_parser = humantime_parse)]
+        expires_in: Duration,
+    },
+    /// Add your signature with a root secret key (offline, on the key holder's machine). A
+    /// rotation needs the threshold of the old root's keys and of the new one's.
+    Sign {
+        file: PathBuf,
+        #[arg(long)]
+        key: PathBuf,
+    },
+    /// Check a root as agents will, against the one published before it, and publish it.
+    Publish { file: PathBuf },
+    /// Show the newest published root.
+    Show,
 }
 
 #[derive(Subcommand)]
@@ -167,6 +208,67 @@ enum RolloutAction {
         #[arg(long)]
         version: Option<semver::Version>,
     },
+}
+
+async fn root(
+    nats: &fleetcast_runtime::NatsSettings,
+    action: RootAction,
+) -> anyhow::Result<ExitCode> {
+    use cli::root;
+    match action {
+        RootAction::New {
+            file,
+            version,
+            root_keys,
+            root_threshold,
+            signing_keys,
+            signing_threshold,
+            expires_in,
+        } => {
+            let signed = root::new_root(
+                version,
+                root::role(&root_keys, root_threshold)?,
+                root::role(&signing_keys, signing_threshold)?,
+                expires_in,
+            )?;
+            root::write(&file, &signed)?;
+            println!(
+                "{}
+written to {} (unsigned: each root key holder runs `fleetcast root sign`)",
+                root::describe(&signed.unverified()?),
+                file.display()
+            );
+        }
+        RootAction::Sign { file, key } => {
+            let mut signed = root::read(&file)?;
+            let id = root::sign(&mut signed, &key)?;
+            root::write(&file, &signed)?;
+            println!(
+                "signed by {id}; {} signature(s) in {}",
+                signed.signatures.len(),
+                file.display()
+            );
+        }
+        RootAction::Publish { file } => {
+            let signed = root::read(&file)?;
+            let bus = cli::connect(nats, Duration::from_secs(10)).await?;
+            let (newest, published) = root::publish(&bus, &signed).await?;
+            let what = if published {
+                "published"
+            } else {
+                "already published; the newest is"
+            };
+            println!("{what} {}", root::describe(newest.root()));
+        }
+        RootAction::Show => {
+            let bus = cli::connect(nats, Duration::from_secs(10)).await?;
+            match root::published(&bus).await? {
+                Some(root) => println!("{}", root::describe(root.root())),
+                None => println!("no root published (verifiers use pinned keys)"),
+            }
+        }
+    }
+    Ok(ExitCode::SUCCESS)
 }
 
 fn humantime_parse(s: &str) -> Result<Duration, String> {
@@ -245,6 +347,7 @@ async fn execute(args: Args) -> anyhow::Result<ExitCode> {
                 ExitCode::from(3)
             })
         }
+        Command::Root { action } => root(&nats, action).await,
         Command::Desire { app, version, ring } => {
             let bus = cli::connect(&nats, Duration::from_secs(10)).await?;
             cli::desire(&bus, &app, &ring, &version).await?;
@@ -386,7 +489,13 @@ fn print_agents(agents: &[fleetcast_tracker::api::AgentRow]) {
     );
     for row in agents {
         let a = &row.agent;
-        let stale = if row.stale { " (stale)" } else { "" };
+        let stale = if row.stale {
+            " (stale)"
+        } else if a.metadata.as_ref().is_some_and(|m| m.stale) {
+            " (stale metadata)"
+        } else {
+            ""
+        };
         for (app, view) in &a.apps {
             let running = view
                 .running

@@ -8,18 +8,19 @@ mod metrics;
 mod settings;
 
 use std::sync::Arc;
+use std::time::Duration;
 
 use async_nats::jetstream::Message;
+use fleetcast_events::Encoding;
 use fleetcast_events::names::{
     self, RELEASE_REJECTED, RELEASE_SIGNED, RELEASE_STORED, release_key,
 };
 use fleetcast_events::v1::*;
-use fleetcast_events::{Encoding, TrustedKeys};
 use fleetcast_runtime::consume::{
     ConsumerSpec, Outcome, decode_or_reject, reject_event, run_consumer,
 };
 use fleetcast_runtime::observe::{self, Endpoint, ObserveError};
-use fleetcast_runtime::{Bus, BusError};
+use fleetcast_runtime::{Bus, BusError, Trust};
 use time::OffsetDateTime;
 use tokio_util::sync::CancellationToken;
 
@@ -49,11 +50,20 @@ pub async fn run(settings: Settings, shutdown: CancellationToken) -> Result<(), 
         other => other?,
     };
     endpoint.connected(&bus.client);
+    let trusted = Arc::new(trusted);
+    if let Err(e) = trusted.refresh(&bus.trust).await {
+        tracing::warn!(error = %e, "trust not refreshed at start");
+    }
+    let following = tokio::spawn(trusted.clone().follow(
+        bus.clone(),
+        Duration::from_secs(300),
+        shutdown.clone(),
+    ));
     let distributor = Distributor {
         store: ChunkStore::new(bus.clone()),
         bus: bus.clone(),
         settings: Arc::new(settings),
-        trusted: Arc::new(trusted),
+        trusted,
         metrics,
     };
     let spec = ConsumerSpec {
@@ -66,6 +76,7 @@ pub async fn run(settings: Settings, shutdown: CancellationToken) -> Result<(), 
         async move { d.handle(&msg).await }
     })
     .await?;
+    let _ = following.await;
     Ok(())
 }
 
@@ -73,7 +84,7 @@ pub async fn run(settings: Settings, shutdown: CancellationToken) -> Result<(), 
 struct Distributor {
     bus: Bus,
     settings: Arc<Settings>,
-    trusted: Arc<TrustedKeys>,
+    trusted: Arc<Trust>,
     store: ChunkStore,
     metrics: Arc<metrics::Metrics>,
 }
@@ -116,9 +127,11 @@ impl Distributor {
             tracing::info!(app = %event.app, version = %event.version, "already stored, nothing to do");
             return Outcome::Done;
         }
-        let verified = match event
-            .manifest
-            .verify(&self.trusted, OffsetDateTime::now_utc())
+        let now = OffsetDateTime::now_utc();
+        let verified = match self
+            .trusted
+            .keys(now)
+            .and_then(|keys| event.manifest.verify(&keys, now))
         {
             Ok(v) if v.app == event.app && v.version == event.version => v,
             Ok(v) => {

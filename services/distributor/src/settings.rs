@@ -2,16 +2,17 @@ use std::net::SocketAddr;
 use std::path::PathBuf;
 use std::time::Duration;
 
-use fleetcast_events::TrustedKeys;
 use fleetcast_package::ArchiveLimits;
 use fleetcast_runtime::settings::invalid;
-use fleetcast_runtime::{NatsSettings, SettingsError};
+use fleetcast_runtime::{NatsSettings, SettingsError, Trust};
 use serde::Deserialize;
 
 #[derive(Debug, Clone, Deserialize)]
 #[serde(deny_unknown_fields, default)]
 pub struct Settings {
     pub nats: NatsSettings,
+    /// The first root of trust (`fleetcast root`); rotations are followed from there. Or:
+    pub trusted_root_file: Option<PathBuf>,
     /// Public keys (base64, as `fleetcast keygen` writes them) whose signatures are accepted.
     pub trusted_keys: Vec<String>,
     /// Files holding such public keys.
@@ -32,6 +33,7 @@ impl Default for Settings {
     fn default() -> Self {
         Settings {
             nats: NatsSettings::default(),
+            trusted_root_file: None,
             trusted_keys: Vec::new(),
             trusted_key_files: Vec::new(),
             work_dir: None,
@@ -56,9 +58,15 @@ impl Settings {
         self.trusted().map(|_| ())
     }
 
-    /// The pinned keys, every one parsed; at least one is required.
-    pub fn trusted(&self) -> Result<TrustedKeys, SettingsError> {
-        fleetcast_runtime::settings::trusted_keys(&self.trusted_keys, &self.trusted_key_files)
+    /// The root or the pinned keys, every one parsed (kept in memory: a restart walks the
+    /// published roots again from the configured one).
+    pub fn trusted(&self) -> Result<Trust, SettingsError> {
+        Trust::load(
+            &self.trusted_keys,
+            &self.trusted_key_files,
+            self.trusted_root_file.as_deref(),
+            None,
+        )
     }
 
     pub fn work_dir(&self) -> PathBuf {

@@ -3,6 +3,8 @@
 
 use base64::{Engine, engine::general_purpose::STANDARD as B64};
 use ed25519_dalek::{Signer, SigningKey, Verifier, VerifyingKey};
+use schemars::JsonSchema;
+use serde::{Deserialize, Serialize};
 
 #[derive(Debug, thiserror::Error)]
 pub enum KeyError {
@@ -83,21 +85,138 @@ impl PublicKey {
     }
 }
 
-/// The public keys a verifier accepts signatures from (pinned in its config).
-#[derive(Clone, Debug, Default)]
-pub struct TrustedKeys(Vec<PublicKey>);
+/// One signature over a signed document's exact text.
+#[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize, JsonSchema)]
+#[serde(deny_unknown_fields)]
+pub struct Signature {
+    pub key_id: String,
+    /// Ed25519 signature of the signed text, base64.
+    pub signature: String,
+}
+
+impl Signature {
+    pub fn new(key: &SecretKey, text: &str) -> Self {
+        Signature {
+            key_id: key.public().id(),
+            signature: B64.encode(key.sign(text.as_bytes())),
+        }
+    }
+}
+
+/// Why signed metadata (a manifest, a root, a timestamp) is not trusted.
+#[derive(Debug, thiserror::Error, PartialEq, Eq)]
+pub enum TrustError {
+    #[error("unsigned")]
+    Unsigned,
+    #[error("signed only by keys that are not trusted ({0})")]
+    UnknownKey(String),
+    #[error("signature by key {0} does not match (tampered or forged)")]
+    BadSignature(String),
+    #[error("{valid} valid signature(s) from trusted keys, {needed} needed")]
+    BelowThreshold { valid: usize, needed: usize },
+    #[error("malformed: {0}")]
+    Malformed(String),
+    #[error("expired at {0}")]
+    Expired(String),
+    #[error("lists an unsafe path: {0}")]
+    UnsafePath(String),
+    #[error("root version {found} where {expected} was expected")]
+    RootVersion { expected: u64, found: u64 },
+    #[error("the trusted root (version {version}) expired at {at}; a newer root is needed")]
+    RootExpired { version: u64, at: String },
+    #[error("timestamp issued at {found} is older than the one already seen ({seen})")]
+    TimestampReplayed { found: String, seen: String },
+}
+
+/// The public keys a verifier accepts signatures from, and how many of them must sign: pinned
+/// in its config (threshold 1), or a role of the trusted root.
+#[derive(Clone, Debug, PartialEq, Eq)]
+pub struct TrustedKeys {
+    keys: Vec<PublicKey>,
+    threshold: usize,
+}
+
+impl Default for TrustedKeys {
+    fn default() -> Self {
+        TrustedKeys::new(Vec::new())
+    }
+}
 
 impl TrustedKeys {
+    /// Any one of `keys` suffices.
     pub fn new(keys: Vec<PublicKey>) -> Self {
-        TrustedKeys(keys)
+        TrustedKeys { keys, threshold: 1 }
+    }
+
+    /// `threshold` distinct keys of `keys` must sign; it must be between 1 and their number.
+    pub fn with_threshold(keys: Vec<PublicKey>, threshold: usize) -> Result<Self, String> {
+        let mut ids: Vec<String> = keys.iter().map(PublicKey::id).collect();
+        ids.sort();
+        ids.dedup();
+        if threshold == 0 || threshold > ids.len() {
+            return Err(format!(
+                "threshold {threshold} must be between 1 and the {} distinct key(s)",
+                ids.len()
+            ));
+        }
+        Ok(TrustedKeys { keys, threshold })
     }
 
     pub fn get(&self, id: &str) -> Option<&PublicKey> {
-        self.0.iter().find(|k| k.id() == id)
+        self.keys.iter().find(|k| k.id() == id)
     }
 
     pub fn is_empty(&self) -> bool {
-        self.0.is_empty()
+        self.keys.is_empty()
+    }
+
+    pub fn threshold(&self) -> usize {
+        self.threshold
+    }
+
+    /// Whether at least the threshold of distinct trusted keys signed `text`. Each trusted key
+    /// is checked at most once, so a flood of signatures costs no more than the key count.
+    pub fn check(&self, text: &str, signatures: &[Signature]) -> Result<(), TrustError> {
+        if signatures.is_empty() {
+            return Err(TrustError::Unsigned);
+        }
+        let mut checked: Vec<&str> = Vec::new();
+        let mut valid = 0;
+        let mut bad = None;
+        for sig in signatures {
+            let Some(key) = self.get(&sig.key_id) else {
+                continue;
+            };
+            if checked.contains(&sig.key_id.as_str()) {
+                continue;
+            }
+            checked.push(&sig.key_id);
+            let ok = B64
+                .decode(&sig.signature)
+                .is_ok_and(|bytes| key.verify(text.as_bytes(), &bytes));
+            if ok {
+                valid += 1;
+                if valid >= self.threshold {
+                    return Ok(());
+                }
+            } else {
+                bad.get_or_insert_with(|| sig.key_id.clone());
+            }
+        }
+        Err(match (valid, bad) {
+            (0, Some(id)) => TrustError::BadSignature(id),
+            (0, None) => TrustError::UnknownKey(
+                signatures
+                    .iter()
+                    .map(|s| s.key_id.as_str())
+                    .collect::<Vec<_>>()
+                    .join(", "),
+            ),
+            (valid, _) => TrustError::BelowThreshold {
+                valid,
+                needed: self.threshold,
+            },
+        })
     }
 }
 
@@ -127,5 +246,36 @@ mod tests {
             PublicKey::from_text("AAAA"),
             Err(KeyError::Length(3))
         ));
+    }
+
+    #[test]
+    fn threshold_counts_distinct_trusted_keys() {
+        let keys: Vec<SecretKey> = (0..3)
+            .map(|_| SecretKey::generate().expect("key"))
+            .collect();
+        let trusted = TrustedKeys::with_threshold(keys.iter().map(SecretKey::public).collect(), 2)
+            .expect("threshold");
+        let one = vec![Signature::new(&keys[0], "text")];
+        assert_eq!(
+            trusted.check("text", &one),
+            Err(TrustError::BelowThreshold {
+                valid: 1,
+                needed: 2
+            })
+        );
+        // The same key twice is still one key.
+        let twice = vec![one[0].clone(), one[0].clone()];
+        assert!(matches!(
+            trusted.check("text", &twice),
+            Err(TrustError::BelowThreshold { valid: 1, .. })
+        ));
+        let two = vec![one[0].clone(), Signature::new(&keys[2], "text")];
+        assert_eq!(trusted.check("text", &two), Ok(()));
+        assert!(matches!(
+            trusted.check("other text", &two),
+            Err(TrustError::BadSignature(_))
+        ));
+        assert!(TrustedKeys::with_threshold(vec![keys[0].public(), keys[0].public()], 2).is_err());
+        assert!(TrustedKeys::with_threshold(vec![keys[0].public()], 0).is_err());
     }
 }

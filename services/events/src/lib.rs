@@ -7,8 +7,10 @@ pub mod keys;
 pub mod manifest;
 pub mod names;
 pub mod schema;
+pub mod trust;
 pub mod v1;
 
 pub use codec::{CONTENT_TYPE, DecodeError, Encoding};
-pub use keys::{KeyError, PublicKey, SecretKey, TrustedKeys};
-pub use manifest::{FileEntry, Manifest, SignedManifest, TrustError, VerifiedManifest};
+pub use keys::{KeyError, PublicKey, SecretKey, Signature, TrustError, TrustedKeys};
+pub use manifest::{FileEntry, Manifest, SignedManifest, VerifiedManifest};
+pub use trust::{Role, Root, SignedMetadata, Timestamp, TrustedRoot};

@@ -4,12 +4,11 @@
 //! signature first and parses afterwards, so no canonical-JSON rules are needed and nothing
 //! unsigned is ever interpreted.
 
-use base64::{Engine, engine::general_purpose::STANDARD as B64};
 use schemars::JsonSchema;
 use serde::{Deserialize, Serialize};
 use time::OffsetDateTime;
 
-use crate::keys::{SecretKey, TrustedKeys};
+use crate::keys::{SecretKey, Signature, TrustError, TrustedKeys};
 
 #[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize, JsonSchema)]
 #[serde(deny_unknown_fields)]
@@ -54,31 +53,7 @@ pub struct FileEntry {
 pub struct SignedManifest {
     /// The manifest as the exact JSON text that was signed.
     pub manifest: String,
-    pub signatures: Vec<ManifestSignature>,
-}
-
-#[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize, JsonSchema)]
-#[serde(deny_unknown_fields)]
-pub struct ManifestSignature {
-    pub key_id: String,
-    /// Ed25519 signature of the manifest text, base64.
-    pub signature: String,
-}
-
-#[derive(Debug, thiserror::Error, PartialEq, Eq)]
-pub enum TrustError {
-    #[error("manifest is unsigned")]
-    Unsigned,
-    #[error("manifest is signed only by unknown keys ({0})")]
-    UnknownKey(String),
-    #[error("signature by key {0} does not match the manifest (tampered or forged)")]
-    BadSignature(String),
-    #[error("manifest is malformed: {0}")]
-    Malformed(String),
-    #[error("manifest expired at {0}")]
-    Expired(String),
-    #[error("manifest lists an unsafe path: {0}")]
-    UnsafePath(String),
+    pub signatures: Vec<Signature>,
 }
 
 /// A manifest whose signature and expiry were checked. Only [`SignedManifest::verify`] makes one,
@@ -94,15 +69,13 @@ impl std::ops::Deref for VerifiedManifest {
 }
 
 impl SignedManifest {
-    pub fn sign(manifest: &Manifest, key: &SecretKey) -> Result<Self, serde_json::Error> {
+    /// Signed by every key of `keys` (as many as the trusted root's signing threshold asks).
+    pub fn sign(manifest: &Manifest, keys: &[&SecretKey]) -> Result<Self, serde_json::Error> {
         let text = serde_json::to_string(manifest)?;
-        let signature = B64.encode(key.sign(text.as_bytes()));
+        let signatures = keys.iter().map(|k| Signature::new(k, &text)).collect();
         Ok(SignedManifest {
             manifest: text,
-            signatures: vec![ManifestSignature {
-                key_id: key.public().id(),
-                signature,
-            }],
+            signatures,
         })
     }
 
@@ -111,36 +84,7 @@ impl SignedManifest {
         keys: &TrustedKeys,
         now: OffsetDateTime,
     ) -> Result<VerifiedManifest, TrustError> {
-        if self.signatures.is_empty() {
-            return Err(TrustError::Unsigned);
-        }
-        let mut bad = None;
-        let mut good = false;
-        for sig in &self.signatures {
-            let Some(key) = keys.get(&sig.key_id) else {
-                continue;
-            };
-            let valid = B64
-                .decode(&sig.signature)
-                .is_ok_and(|bytes| key.verify(self.manifest.as_bytes(), &bytes));
-            if valid {
-                good = true;
-                break;
-            }
-            bad = Some(sig.key_id.clone());
-        }
-        if !good {
-            return Err(match bad {
-                Some(id) => TrustError::BadSignature(id),
-                None => TrustError::UnknownKey(
-                    self.signatures
-                        .iter()
-                        .map(|s| s.key_id.as_str())
-                        .collect::<Vec<_>>()
-                        .join(", "),
-                ),
-            });
-        }
+        keys.check(&self.manifest, &self.signatures)?;
         let manifest: Manifest = serde_json::from_str(&self.manifest)
             .map_err(|e| TrustError::Malformed(e.to_string()))?;
         if now > manifest.expires {
@@ -213,7 +157,7 @@ mod tests {
     #[test]
     fn signed_manifest_verifies() {
         let (key, trusted, now) = setup();
-        let signed = SignedManifest::sign(&manifest(now), &key).expect("sign");
+        let signed = SignedManifest::sign(&manifest(now), &[&key]).expect("sign");
         let verified = signed.verify(&trusted, now).expect("verify");
         assert_eq!(*verified, manifest(now));
     }
@@ -221,7 +165,7 @@ mod tests {
     #[test]
     fn unsigned_tampered_unknown_expired_are_refused() {
         let (key, trusted, now) = setup();
-        let signed = SignedManifest::sign(&manifest(now), &key).expect("sign");
+        let signed = SignedManifest::sign(&manifest(now), &[&key]).expect("sign");
 
         let mut unsigned = signed.clone();
         unsigned.signatures.clear();
@@ -260,7 +204,7 @@ mod tests {
         ] {
             let mut m = manifest(now);
             m.files[0].path = bad.into();
-            let signed = SignedManifest::sign(&m, &key).expect("sign");
+            let signed = SignedManifest::sign(&m, &[&key]).expect("sign");
             assert!(
                 matches!(signed.verify(&trusted, now), Err(TrustError::UnsafePath(_))),
                 "{bad}"

@@ -45,6 +45,16 @@ pub const INDEX_BUCKET: &str = "fleetcast-index";
 pub const SIGNER_BUCKET: &str = "fleetcast-signer";
 /// Desired version per app and ring, watched by agents.
 pub const DESIRED_BUCKET: &str = "fleetcast-desired";
+/// The root of trust and freshness, read by every verifier: `root.<N>` holds each root version
+/// (operators publish them, signed offline) so a verifier can walk from the root it has to the
+/// newest; `timestamp` holds the signer's latest timestamp.
+pub const TRUST_BUCKET: &str = "fleetcast-trust";
+pub const TIMESTAMP_KEY: &str = "timestamp";
+
+pub fn root_key(version: u64) -> String {
+    format!("root.{version}")
+}
+
 /// The tracker's inventory: one key per agent, plus the status-stream position it reflects.
 pub const FLEET_BUCKET: &str = "fleetcast-fleet";
 /// The tracker's rollouts: one key per app (its current or last rollout).

@@ -338,9 +338,28 @@ pub struct AgentHeartbeat {
     #[serde(default)]
     pub labels: std::collections::BTreeMap<String, String>,
     pub apps: Vec<AppHeartbeat>,
+    /// How current the agent's signed metadata is (absent from agents before fleetcast 0.2).
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub metadata: Option<MetadataStatus>,
     #[serde(with = "time::serde::rfc3339")]
     #[schemars(with = "String")]
     pub at: OffsetDateTime,
+}
+
+/// A verifier's view of its trust metadata: which root it trusts, the freshest timestamp it
+/// holds, and whether that view is too old (a broker withholding updates) or its root expired.
+#[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize, JsonSchema)]
+#[serde(deny_unknown_fields)]
+pub struct MetadataStatus {
+    /// 0 when the agent pins its keys instead of following a root.
+    pub root_version: u64,
+    /// When the freshest signer timestamp it holds was issued.
+    #[serde(default, with = "time::serde::rfc3339::option")]
+    #[schemars(with = "Option<String>")]
+    pub timestamp: Option<OffsetDateTime>,
+    pub stale: bool,
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub reason: Option<String>,
 }
 
 #[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize, JsonSchema)]

@@ -44,6 +44,8 @@ pub struct Bus {
     pub desired: kv::Store,
     pub fleet: kv::Store,
     pub rollouts: kv::Store,
+    /// Roots and the signer's timestamp (see `fleetcast_events::trust`).
+    pub trust: kv::Store,
     pub incoming: object_store::ObjectStore,
     /// How many times the client has connected: it changes on every reconnect, after which
     /// a core subscription's holder re-reads what it may have missed while disconnected.
@@ -81,7 +83,8 @@ impl Bus {
         shutdown: &CancellationToken,
         resources: Resources,
     ) -> Result<Bus, BusError> {
-        let (client, connections) = connect(settings, name, shutdown).await?;
+        // Boxed, as `ensure` below: async-nats's connect is a large future.
+        let (client, connections) = Box::pin(connect(settings, name, shutdown)).await?;
         let mut delay = Duration::from_millis(200);
         loop {
             // Boxed: setting up every stream and bucket is a large future, and callers' own
@@ -178,6 +181,7 @@ impl Bus {
         let desired = kv_bucket(&js, resources, DESIRED_BUCKET, 10, settings.replicas).await?;
         let fleet = kv_bucket(&js, resources, FLEET_BUCKET, 1, settings.replicas).await?;
         let rollouts = kv_bucket(&js, resources, ROLLOUTS_BUCKET, 10, settings.replicas).await?;
+        let trust = kv_bucket(&js, resources, TRUST_BUCKET, 1, settings.replicas).await?;
         let incoming = match js.get_object_store(INCOMING_BUCKET).await {
             Ok(store) => store,
             Err(e) if resources == Resources::Bind => return Err(not_set_up(INCOMING_BUCKET, &e)),
@@ -204,6 +208,7 @@ impl Bus {
             desired,
             fleet,
             rollouts,
+            trust,
             incoming,
             connections,
         })
@@ -391,6 +396,9 @@ pub async fn connect(
                     }
                 }
             });
+        if let Some(prefix) = &settings.inbox_prefix {
+            options = options.custom_inbox_prefix(prefix);
+        }
         if let Some(tls) = &settings.tls {
             options = options
                 .require_tls(true)

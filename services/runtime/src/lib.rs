@@ -5,6 +5,7 @@
 
 pub mod bus;
 pub mod consume;
+pub mod fs;
 pub mod metrics;
 pub mod observe;
 pub mod releases;
@@ -12,8 +13,10 @@ pub mod service;
 pub mod settings;
 pub mod shutdown;
 pub mod telemetry;
+pub mod trust;
 pub mod window;
 
 pub use bus::{Bus, BusError};
 pub use settings::{NatsSettings, SettingsError, TlsSettings, load_settings};
 pub use shutdown::shutdown_on_signals;
+pub use trust::Trust;

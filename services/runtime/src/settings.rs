@@ -117,6 +117,9 @@ pub struct NatsSettings {
     /// exist yet: 1 on a single server, 3 on a cluster (a server can then fail without losing
     /// or stopping anything). Existing ones keep theirs.
     pub replicas: usize,
+    /// Prefix of this client's reply subjects (default `_INBOX`). An agent whose NATS identity
+    /// may read only its own replies uses `_INBOX.<agent id>` (see `ops/nats/gen-accounts`).
+    pub inbox_prefix: Option<String>,
 }
 
 impl Default for NatsSettings {
@@ -127,6 +130,7 @@ impl Default for NatsSettings {
             tls: None,
             request_timeout: Duration::from_secs(10),
             replicas: 1,
+            inbox_prefix: None,
         }
     }
 }

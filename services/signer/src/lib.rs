@@ -7,17 +7,19 @@ mod metrics;
 mod settings;
 
 use std::sync::Arc;
+use std::time::Duration;
 
 use async_nats::jetstream::Message;
 use fleetcast_events::names::{self, PACKAGE_DETECTED, RELEASE_REJECTED, RELEASE_SIGNED};
 use fleetcast_events::v1::*;
-use fleetcast_events::{Encoding, Manifest, SecretKey, SignedManifest};
+use fleetcast_events::{Encoding, Manifest, SecretKey, SignedManifest, SignedMetadata, Timestamp};
 use fleetcast_package::Package;
 use fleetcast_runtime::consume::{
     ConsumerSpec, Outcome, decode_or_reject, reject_event, run_consumer,
 };
 use fleetcast_runtime::observe::{self, Endpoint, ObserveError};
-use fleetcast_runtime::{Bus, BusError};
+use fleetcast_runtime::{Bus, BusError, Trust};
+use futures::StreamExt;
 use serde::{Deserialize, Serialize};
 use time::OffsetDateTime;
 use tokio_util::sync::CancellationToken;
@@ -48,8 +50,20 @@ struct LastSigned {
 
 pub async fn run(settings: Settings, shutdown: CancellationToken) -> Result<(), SignerError> {
     settings.validate()?;
-    let key = load_key(&settings)?;
-    tracing::info!(key_id = %key.public().id(), "signing key loaded");
+    let keys = std::iter::once(&settings.key_file)
+        .chain(&settings.extra_key_files)
+        .map(|path| load_key(path))
+        .collect::<Result<Vec<_>, _>>()?;
+    for key in &keys {
+        tracing::info!(key_id = %key.public().id(), "signing key loaded");
+    }
+    // Only with a root: checks that what is signed will be accepted under the current root.
+    let trust = settings
+        .trusted_root_file
+        .as_deref()
+        .map(|root| Trust::load(&[], &[], Some(root), None))
+        .transpose()?
+        .map(Arc::new);
     let metrics = Arc::new(metrics::Metrics::new());
     let endpoint = Endpoint::new(metrics::IDENTITY, metrics.clone());
     let _serving = observe::serve(settings.metrics_listen, endpoint.clone(), &shutdown).await?;
@@ -61,9 +75,19 @@ pub async fn run(settings: Settings, shutdown: CancellationToken) -> Result<(), 
     let signer = Signer {
         bus: bus.clone(),
         settings: Arc::new(settings),
-        key: Arc::new(key),
+        keys: Arc::new(keys),
+        trust: trust.clone(),
         metrics,
     };
+    if let Some(trust) = &trust
+        && let Err(e) = trust.refresh(&bus.trust).await
+    {
+        tracing::warn!(error = %e, "trust not refreshed at start");
+    }
+    let following = trust.map(|trust| {
+        tokio::spawn(trust.follow(bus.clone(), Duration::from_secs(300), shutdown.clone()))
+    });
+    let timestamps = tokio::spawn(signer.clone().publish_timestamps(shutdown.clone()));
     let spec = ConsumerSpec {
         durable: names::SIGNER_CONSUMER,
         filter_subject: PACKAGE_DETECTED,
@@ -84,22 +108,26 @@ pub async fn run(settings: Settings, shutdown: CancellationToken) -> Result<(), 
             async move { signer.handle_rollback(&msg).await }
         }),
     );
+    let _ = timestamps.await;
+    if let Some(following) = following {
+        let _ = following.await;
+    }
     releases?;
     directives?;
     Ok(())
 }
 
-fn load_key(settings: &Settings) -> Result<SecretKey, SignerError> {
-    let path = settings.key_file.display().to_string();
+fn load_key(file: &std::path::Path) -> Result<SecretKey, SignerError> {
+    let path = file.display().to_string();
     let fail = |reason: String| SignerError::Key {
         path: path.clone(),
         reason,
     };
-    let text = std::fs::read_to_string(&settings.key_file).map_err(|e| fail(e.to_string()))?;
+    let text = std::fs::read_to_string(file).map_err(|e| fail(e.to_string()))?;
     #[cfg(unix)]
     {
         use std::os::unix::fs::PermissionsExt;
-        if let Ok(meta) = std::fs::metadata(&settings.key_file)
+        if let Ok(meta) = std::fs::metadata(file)
             && meta.permissions().mode() & 0o077 != 0
         {
             tracing::warn!(path = %path, "signing key is readable by group or others; chmod 600 it");
@@ -108,15 +136,99 @@ fn load_key(settings: &Settings) -> Result<SecretKey, SignerError> {
     SecretKey::from_text(&text).map_err(|e| fail(e.to_string()))
 }
 
+/// Now, to the second: signed times carry no sub-second noise.
+fn now_seconds() -> OffsetDateTime {
+    let now = OffsetDateTime::now_utc();
+    now.replace_nanosecond(0).unwrap_or(now)
+}
+
 #[derive(Clone)]
 struct Signer {
     bus: Bus,
     settings: Arc<Settings>,
-    key: Arc<SecretKey>,
+    keys: Arc<Vec<SecretKey>>,
+    trust: Option<Arc<Trust>>,
     metrics: Arc<metrics::Metrics>,
 }
 
 impl Signer {
+    fn key_refs(&self) -> Vec<&SecretKey> {
+        self.keys.iter().collect()
+    }
+
+    /// Signs `manifest` with every key, and checks the result is what the current root
+    /// accepts: a release signed with keys the root revoked (or too few for its threshold)
+    /// would be announced only to be refused by every host.
+    fn sign_manifest(&self, manifest: &Manifest) -> Result<SignedManifest, String> {
+        let signed = SignedManifest::sign(manifest, &self.key_refs())
+            .map_err(|e| format!("cannot serialise manifest: {e}"))?;
+        if let Some(trust) = &self.trust {
+            let now = OffsetDateTime::now_utc();
+            trust
+                .keys(now)
+                .and_then(|keys| signed.verify(&keys, now))
+                .map_err(|e| {
+                    let message = format!(
+                        "the signer's keys are not accepted under root version {}: {e}; \
+                         waiting for the keys or the root to be fixed",
+                        trust.root_version()
+                    );
+                    tracing::error!(%message);
+                    message
+                })?;
+        }
+        Ok(signed)
+    }
+
+    /// Publishes a fresh timestamp every `timestamp_interval`: the newest version signed per
+    /// app, under the current root. Agents that stop receiving them report stale metadata.
+    async fn publish_timestamps(self, shutdown: CancellationToken) {
+        let mut ticker = tokio::time::interval(self.settings.timestamp_interval);
+        ticker.set_missed_tick_behavior(tokio::time::MissedTickBehavior::Delay);
+        loop {
+            tokio::select! {
+                _ = shutdown.cancelled() => return,
+                _ = ticker.tick() => {}
+            }
+            if let Err(e) = self.publish_timestamp().await {
+                tracing::warn!(error = %e, "timestamp not published");
+            }
+        }
+    }
+
+    async fn publish_timestamp(&self) -> Result<(), String> {
+        let mut releases = std::collections::BTreeMap::new();
+        let mut apps = self
+            .bus
+            .signer_state
+            .keys()
+            .await
+            .map_err(|e| e.to_string())?;
+        while let Some(app) = apps.next().await {
+            let app = app.map_err(|e| e.to_string())?;
+            if let (Some(last), _) = self.last_signed(&app).await? {
+                releases.insert(app, last.version);
+            }
+        }
+        let issued = now_seconds();
+        let timestamp = Timestamp {
+            issued,
+            expires: issued + self.settings.timestamp_ttl,
+            root_version: self.trust.as_ref().map_or(0, |t| t.root_version()),
+            releases,
+        };
+        let signed =
+            SignedMetadata::sign(&timestamp, &self.key_refs()).map_err(|e| e.to_string())?;
+        let bytes = Encoding::Json.encode(&signed).map_err(|e| e.to_string())?;
+        self.bus
+            .trust
+            .put(names::TIMESTAMP_KEY, bytes.into())
+            .await
+            .map_err(|e| e.to_string())?;
+        self.metrics.timestamps.inc();
+        Ok(())
+    }
+
     /// A rollback request: `to` must be a release this signer signed and the distributor
     /// stored; its manifest is re-signed with `rollback_from = from` and a short expiry.
     async fn handle_rollback(&self, msg: &Message) -> Outcome {
@@ -174,10 +286,9 @@ impl Signer {
             .await;
         };
         // Only what this signer signed is re-signed.
-        let ours = fleetcast_events::TrustedKeys::new(vec![self.key.public()]);
-        let now = OffsetDateTime::now_utc()
-            .replace_nanosecond(0)
-            .unwrap_or_else(|_| OffsetDateTime::now_utc());
+        let ours =
+            fleetcast_events::TrustedKeys::new(self.keys.iter().map(SecretKey::public).collect());
+        let now = now_seconds();
         let verified = match stored.verify(&ours, now) {
             Ok(v) => v,
             Err(e) => {
@@ -188,9 +299,9 @@ impl Signer {
         manifest.rollback_from = Some(request.from.clone());
         manifest.created = now;
         manifest.expires = now + self.settings.rollback_ttl;
-        let signed = match SignedManifest::sign(&manifest, &self.key) {
+        let signed = match self.sign_manifest(&manifest) {
             Ok(s) => s,
-            Err(e) => return Outcome::Retry(format!("cannot serialise manifest: {e}")),
+            Err(e) => return Outcome::Retry(e),
         };
         let directive = RollbackSigned {
             app: request.app.clone(),
@@ -303,9 +414,7 @@ impl Signer {
             Ok(Err(e)) => return self.reject(&event, e.rejection()).await,
             Err(e) => return Outcome::Retry(format!("hashing task failed: {e}")),
         };
-        let now = OffsetDateTime::now_utc()
-            .replace_nanosecond(0)
-            .unwrap_or_else(|_| OffsetDateTime::now_utc());
+        let now = now_seconds();
         let manifest = Manifest {
             rollback_from: None,
             app: event.app.clone(),
@@ -314,9 +423,9 @@ impl Signer {
             created: now,
             expires: now + self.settings.manifest_ttl,
         };
-        let signed_manifest = match SignedManifest::sign(&manifest, &self.key) {
+        let signed_manifest = match self.sign_manifest(&manifest) {
             Ok(s) => s,
-            Err(e) => return Outcome::Retry(format!("cannot serialise manifest: {e}")),
+            Err(e) => return Outcome::Retry(e),
         };
         let signed = ReleaseSigned {
             app: event.app.clone(),

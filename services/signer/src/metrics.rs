@@ -15,6 +15,7 @@ pub(crate) struct Metrics {
     rejected: CounterVec,
     pub(crate) rollbacks_signed: Counter,
     pub(crate) rollbacks_refused: Counter,
+    pub(crate) timestamps: Counter,
 }
 
 impl Metrics {
@@ -37,6 +38,10 @@ impl Metrics {
                 "fleetcast_signer_rollbacks_refused_total",
                 "Rollback requests refused (not an earlier stored release, or not signed by this key).",
             ),
+            timestamps: Counter::new(
+                "fleetcast_signer_timestamps_published_total",
+                "Timestamps published to the trust bucket (agents' freshness signal).",
+            ),
         }
     }
 
@@ -51,5 +56,6 @@ impl Collect for Metrics {
         self.rejected.render(out);
         self.rollbacks_signed.render(out);
         self.rollbacks_refused.render(out);
+        self.timestamps.render(out);
     }
 }

@@ -13,6 +13,21 @@ pub struct Settings {
     pub nats: NatsSettings,
     /// The Ed25519 secret key file (`fleetcast keygen`). Only the signer ever reads it.
     pub key_file: PathBuf,
+    /// More secret key files, when the root's signing threshold asks for more than one
+    /// signature: every manifest, directive and timestamp is signed with each.
+    pub extra_key_files: Vec<PathBuf>,
+    /// The first root of trust, when releases are signed under one (`fleetcast root`): the
+    /// signer follows its rotations and will not announce what the current root's signing
+    /// keys would not accept (the release waits, with an error logged, until keys and root
+    /// agree).
+    pub trusted_root_file: Option<PathBuf>,
+    /// How often a fresh timestamp is published (agents report stale metadata when theirs
+    /// grows older than their `max_metadata_age`).
+    #[serde(with = "humantime_serde")]
+    pub timestamp_interval: Duration,
+    /// How long one timestamp stays valid.
+    #[serde(with = "humantime_serde")]
+    pub timestamp_ttl: Duration,
     /// Apps the signer will sign; empty means any app.
     pub known_apps: Vec<String>,
     /// How long a signed manifest stays valid.
@@ -36,6 +51,10 @@ impl Default for Settings {
         Settings {
             nats: NatsSettings::default(),
             key_file: PathBuf::from("keys/signing.key"),
+            extra_key_files: Vec::new(),
+            trusted_root_file: None,
+            timestamp_interval: Duration::from_secs(60),
+            timestamp_ttl: Duration::from_secs(3600),
             known_apps: Vec::new(),
             manifest_ttl: Duration::from_secs(365 * 24 * 3600),
             rollback_ttl: Duration::from_secs(7 * 24 * 3600),
@@ -48,7 +67,7 @@ impl Default for Settings {
 }
 
 impl Settings {
-    pub const LIST_KEYS: &'static [&'static str] = &["known_apps"];
+    pub const LIST_KEYS: &'static [&'static str] = &["known_apps", "extra_key_files"];
 
     pub fn validate(&self) -> Result<(), SettingsError> {
         if self.ack_wait < Duration::from_secs(1) {
@@ -56,6 +75,12 @@ impl Settings {
         }
         if self.manifest_ttl < Duration::from_secs(60) {
             return invalid("manifest_ttl", "must be at least 1m");
+        }
+        if self.timestamp_interval < Duration::from_secs(1) {
+            return invalid("timestamp_interval", "must be at least 1s");
+        }
+        if self.timestamp_ttl <= self.timestamp_interval {
+            return invalid("timestamp_ttl", "must be longer than timestamp_interval");
         }
         for app in &self.known_apps {
             if let Err(reason) = fleetcast_events::names::validate_app_name(app) {

@@ -6,7 +6,7 @@
 use std::collections::BTreeMap;
 use std::time::Duration;
 
-use fleetcast_events::v1::{AgentHeartbeat, AgentStatus, AppState};
+use fleetcast_events::v1::{AgentHeartbeat, AgentStatus, AppState, MetadataStatus};
 use semver::Version;
 use serde::{Deserialize, Serialize};
 use time::OffsetDateTime;
@@ -23,6 +23,9 @@ pub struct AgentView {
     pub ring: String,
     pub labels: BTreeMap<String, String>,
     pub apps: BTreeMap<String, AppView>,
+    /// The agent's trust metadata as it last reported it (root version, freshness).
+    #[serde(default)]
+    pub metadata: Option<MetadataStatus>,
     #[serde(with = "time::serde::rfc3339")]
     pub last_seen: OffsetDateTime,
 }
@@ -54,6 +57,7 @@ impl Fleet {
         agent.host.clone_from(&hb.host);
         agent.ring.clone_from(&hb.ring);
         agent.labels.clone_from(&hb.labels);
+        agent.metadata.clone_from(&hb.metadata);
         agent.last_seen = now;
         for app in &hb.apps {
             let view = agent
@@ -114,6 +118,7 @@ impl Fleet {
                 ring: "default".into(),
                 labels: BTreeMap::new(),
                 apps: BTreeMap::new(),
+                metadata: None,
                 last_seen: now,
             })
     }
@@ -172,6 +177,12 @@ mod tests {
                     previous: None,
                     uptime_s: 5,
                 }],
+                metadata: Some(MetadataStatus {
+                    root_version: 2,
+                    timestamp: None,
+                    stale: true,
+                    reason: Some("no timestamp".into()),
+                }),
                 at: t0,
             },
             t0,
@@ -192,6 +203,11 @@ mod tests {
         );
         let a = &fleet.agents["a1"];
         assert_eq!(a.ring, "canary");
+        assert!(
+            a.metadata
+                .as_ref()
+                .is_some_and(|m| m.stale && m.root_version == 2)
+        );
         let app = &a.apps["demo"];
         assert_eq!(app.running, Some(v("2.0.0")));
         assert_eq!(

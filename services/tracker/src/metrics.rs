@@ -29,6 +29,19 @@ pub fn render(agents: &[AgentRow], rollouts: &[RolloutView], report_lag_s: f64) 
         (agents.len() - stale) as f64,
     );
     out.sample("fleetcast_agents", &[("state", "stale")], stale as f64);
+    out.gauge(
+        "fleetcast_agents_stale_metadata",
+        "Live agents whose signed metadata is too old or whose root expired (updates may be withheld).",
+    );
+    let stale_metadata = agents
+        .iter()
+        .filter(|a| !a.stale && a.agent.metadata.as_ref().is_some_and(|m| m.stale))
+        .count();
+    out.sample(
+        "fleetcast_agents_stale_metadata",
+        &[],
+        stale_metadata as f64,
+    );
 
     out.gauge(
         "fleetcast_app_agents",

@@ -523,6 +523,7 @@ mod tests {
                     host: id.into(),
                     ring: ring.into(),
                     labels: BTreeMap::new(),
+                    metadata: None,
                     apps: BTreeMap::from([(
                         "demo".to_string(),
                         AppView {

@@ -27,6 +27,9 @@ pub struct Pipeline {
     pub cluster: Vec<NatsServer>,
     /// The certificates when NATS requires TLS with client certificates.
     pub pki: Option<fleetcast_harness::tls::TestPki>,
+    /// The NATS identities when the server authenticates clients and holds them to their
+    /// role's permissions ([`Pipeline::new_with_permissions`]).
+    pub accounts: Option<fleetcast_harness::accounts::Accounts>,
     pub dir: tempfile::TempDir,
     pub key: SecretKey,
     services: HashMap<String, (CancellationToken, JoinHandle<()>)>,
@@ -53,6 +56,23 @@ impl Pipeline {
         Ok(p)
     }
 
+    /// As [`Pipeline::new`] on a server with fleetcast's accounts and per-role permissions
+    /// (`ops/nats/gen-accounts`, issued for `agents`). The tests' own connection
+    /// ([`Pipeline::bus`]) is the `admin` identity; services, agents and the CLI are given
+    /// their own with [`Pipeline::nats_settings_as`] and [`Pipeline::agent_nats_settings`]
+    /// (the `start_*_as_role` helpers do it).
+    pub async fn new_with_permissions(
+        agents: &[fleetcast_harness::accounts::AgentSpec],
+    ) -> anyhow::Result<Pipeline> {
+        let accounts = fleetcast_harness::accounts::Accounts::generate(agents)?;
+        let server =
+            NatsServer::start_with_config(&accounts.auth_conf()?, Some(&accounts.creds("admin")))
+                .await?;
+        let mut p = Pipeline::on(vec![server])?;
+        p.accounts = Some(accounts);
+        Ok(p)
+    }
+
     fn on(mut servers: Vec<NatsServer>) -> anyhow::Result<Pipeline> {
         fleetcast_runtime::telemetry::init_tracing();
         if servers.is_empty() {
@@ -74,6 +94,7 @@ impl Pipeline {
             nats,
             cluster: servers,
             pki: None,
+            accounts: None,
             dir,
             key,
             services: HashMap::new(),
@@ -98,6 +119,7 @@ impl Pipeline {
             url: urls.join(","),
             request_timeout: Duration::from_secs(5),
             replicas: urls.len(),
+            credentials: self.accounts.as_ref().map(|a| a.creds("admin")),
             tls: self.pki.as_ref().map(|pki| {
                 let (cert, key) = pki.pair("client");
                 fleetcast_runtime::TlsSettings {
@@ -108,6 +130,64 @@ impl Pipeline {
             }),
             ..Default::default()
         }
+    }
+
+    /// The NATS settings of a `role` (`watcher`, `signer`, `distributor`, `tracker`, `ci`,
+    /// `operator`, `admin`) of a pipeline with permissions; else as [`Pipeline::nats_settings`].
+    pub fn nats_settings_as(&self, role: &str) -> NatsSettings {
+        NatsSettings {
+            credentials: self.accounts.as_ref().map(|a| a.creds(role)),
+            ..self.nats_settings()
+        }
+    }
+
+    /// An agent's own NATS settings: its credentials and the inbox only it may read.
+    pub fn agent_nats_settings(&self, id: &str) -> NatsSettings {
+        match &self.accounts {
+            Some(a) => NatsSettings {
+                credentials: Some(a.agent_creds(id)),
+                inbox_prefix: Some(fleetcast_harness::accounts::agent_inbox_prefix(id)),
+                ..self.nats_settings()
+            },
+            None => self.nats_settings(),
+        }
+    }
+
+    /// The watcher, signer and distributor, each with its own role's identity.
+    pub fn start_pipeline_as_roles(&mut self) {
+        let mut watcher = self.watcher_settings();
+        watcher.nats = self.nats_settings_as("watcher");
+        self.start_watcher_with(watcher);
+        let mut signer = self.signer_settings();
+        signer.nats = self.nats_settings_as("signer");
+        self.start_signer_with(signer);
+        let mut distributor = self.distributor_settings();
+        distributor.nats = self.nats_settings_as("distributor");
+        self.start_distributor_with("distributor", distributor);
+    }
+
+    /// The tracker with its own role's identity.
+    pub fn start_tracker_as_role(&mut self, mut settings: fleetcast_tracker::Settings) {
+        settings.nats = self.nats_settings_as("tracker");
+        self.start_tracker_with(settings);
+    }
+
+    /// An agent with its own identity (see [`Pipeline::agent_nats_settings`]).
+    pub fn start_agent_as_itself(&mut self, mut settings: fleetcast_agent::Settings) {
+        settings.nats = self.agent_nats_settings(&settings.agent_id);
+        self.start_agent(settings);
+    }
+
+    /// A connection as `role`, binding to what the services created (as the CLI does).
+    pub async fn bus_as(&self, role: &str) -> anyhow::Result<Bus> {
+        let cancel = CancellationToken::new();
+        tokio::time::timeout(
+            Duration::from_secs(20),
+            Bus::attach(&self.nats_settings_as(role), role, &cancel),
+        )
+        .await
+        .context("NATS not reachable within 20 s")?
+        .with_context(|| format!("connecting as {role}"))
     }
 
     pub fn drop_dir(&self) -> PathBuf {
@@ -173,6 +253,26 @@ impl Pipeline {
         self.spawn("signer", move |token| async move {
             if let Err(e) = fleetcast_signer::run(settings, token).await {
                 tracing::error!(error = %e, "signer failed");
+            }
+        });
+    }
+
+    pub fn start_signer_with(&mut self, settings: fleetcast_signer::Settings) {
+        self.spawn("signer", move |token| async move {
+            if let Err(e) = fleetcast_signer::run(settings, token).await {
+                tracing::error!(error = %e, "signer failed");
+            }
+        });
+    }
+
+    pub fn start_distributor_with(
+        &mut self,
+        name: &str,
+        settings: fleetcast_distributor::Settings,
+    ) {
+        self.spawn(name, move |token| async move {
+            if let Err(e) = fleetcast_distributor::run(settings, token).await {
+                tracing::error!(error = %e, "distributor failed");
             }
         });
     }
@@ -293,7 +393,8 @@ impl Pipeline {
         let cancel = CancellationToken::new();
         tokio::time::timeout(
             Duration::from_secs(20),
-            Bus::connect(&self.nats_settings(), "e2e", &cancel),
+            // Boxed: tests hold many of these futures, and a test thread's stack is small.
+            Box::pin(Bus::connect(&self.nats_settings(), "e2e", &cancel)),
         )
         .await
         .context("NATS not reachable within 20 s")?
@@ -426,6 +527,51 @@ pub async fn eventually(what: &str, check: impl Fn() -> bool) {
         );
         tokio::time::sleep(Duration::from_millis(50)).await;
     }
+}
+
+/// `GET path` from the tracker's HTTP server on `port`: the body.
+pub fn http_get(port: u16, path: &str) -> String {
+    use std::io::{Read, Write};
+    let mut s = std::net::TcpStream::connect(("127.0.0.1", port)).expect("connect");
+    write!(
+        s,
+        "GET {path} HTTP/1.1\r\nHost: localhost\r\nConnection: close\r\n\r\n"
+    )
+    .expect("send");
+    let mut response = String::new();
+    s.read_to_string(&mut response).expect("read");
+    response
+        .split_once("\r\n\r\n")
+        .map(|(_, b)| b.to_string())
+        .unwrap_or_default()
+}
+
+/// The tracker's dashboard on `port` as a person sees it: headless Chromium loads the page,
+/// runs its script against the live API, and this is the DOM it ends with.
+pub async fn dashboard_dom(port: u16) -> String {
+    let url = format!("http://127.0.0.1:{port}/");
+    let chromium = std::env::var("FLEETCAST_CHROMIUM").unwrap_or_else(|_| "chromium".into());
+    let profile = tempfile::tempdir().expect("profile dir");
+    let out = tokio::task::spawn_blocking({
+        let profile = profile.path().to_path_buf();
+        move || {
+            std::process::Command::new(&chromium)
+                .args([
+                    "--headless",
+                    "--no-sandbox",
+                    "--disable-gpu",
+                    "--virtual-time-budget=5000",
+                ])
+                .arg(format!("--user-data-dir={}", profile.display()))
+                .arg("--dump-dom")
+                .arg(&url)
+                .output()
+        }
+    })
+    .await
+    .expect("join")
+    .expect("chromium runs (apt-get install chromium; .ci/run installs it)");
+    String::from_utf8_lossy(&out.stdout).into_owned()
 }
 
 /// The version a [`script_app`] says runs, from its `STATE_DIR` (empty: none yet).

@@ -216,7 +216,7 @@ async fn bad_announcements_are_refused_and_the_app_keeps_running() {
         let mut m: Manifest = serde_json::from_str(&good.manifest).expect("manifest json");
         m.version = v(version);
         m.expires = time::OffsetDateTime::now_utc() + expires_in;
-        SignedManifest::sign(&m, key).expect("sign")
+        SignedManifest::sign(&m, &[key]).expect("sign")
     };
     let mut tampered = good.clone();
     tampered.manifest = tampered.manifest.replace("\"2.0.0\"", "\"9.0.0\"");
@@ -225,7 +225,7 @@ async fn bad_announcements_are_refused_and_the_app_keeps_running() {
         let mut m: Manifest = serde_json::from_str(&good.manifest).expect("manifest json");
         m.app = "otherapp".into();
         m.version = v("9.3.0");
-        SignedManifest::sign(&m, &p.key).expect("sign")
+        SignedManifest::sign(&m, &[&p.key]).expect("sign")
     };
     let cases = [
         ("9.0.0", tampered, "does not match"),
@@ -236,7 +236,7 @@ async fn bad_announcements_are_refused_and_the_app_keeps_running() {
                 &SecretKey::generate().expect("key"),
                 time::Duration::days(1),
             ),
-            "unknown keys",
+            "not trusted",
         ),
         (
             "9.2.0",
@@ -560,7 +560,7 @@ async fn a_signed_rollback_directive_moves_back_once_and_cannot_be_replayed() {
     let mut m: Manifest = serde_json::from_str(&stored.manifest).expect("manifest json");
     m.rollback_from = Some(v("2.0.0"));
     m.expires = time::OffsetDateTime::now_utc() + time::Duration::days(1);
-    let directive = SignedManifest::sign(&m, &p.key).expect("sign");
+    let directive = SignedManifest::sign(&m, &[&p.key]).expect("sign");
     desire_state(&p, "1.0.0", directive.clone(), "1.0.0", false).await;
     committed(&journal, "1.0.0").await;
     assert_eq!(running(&state), "1.0.0");

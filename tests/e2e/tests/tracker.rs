@@ -360,23 +360,6 @@ async fn watch(
         .expect("watch")
 }
 
-/// `GET path` from the tracker's HTTP server: the body.
-fn http_get(port: u16, path: &str) -> String {
-    use std::io::{Read, Write};
-    let mut s = std::net::TcpStream::connect(("127.0.0.1", port)).expect("connect");
-    write!(
-        s,
-        "GET {path} HTTP/1.1\r\nHost: localhost\r\nConnection: close\r\n\r\n"
-    )
-    .expect("send");
-    let mut response = String::new();
-    s.read_to_string(&mut response).expect("read");
-    response
-        .split_once("\r\n\r\n")
-        .map(|(_, b)| b.to_string())
-        .unwrap_or_default()
-}
-
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn the_dashboard_shows_the_fleet_rollouts_and_failures_as_a_person_sees_them() {
     let policy = AppPolicy {
@@ -392,31 +375,8 @@ async fn the_dashboard_shows_the_fleet_rollouts_and_failures_as_a_person_sees_th
         .await;
     rollout_phase(&p, Phase::Halted).await;
 
-    // Headless Chromium loads the page, runs its script against the live API, and the DOM it
-    // ends with is what a person would see.
-    let url = format!("http://127.0.0.1:{port}/");
-    let chromium = std::env::var("FLEETCAST_CHROMIUM").unwrap_or_else(|_| "chromium".into());
-    let profile = tempfile::tempdir().expect("profile dir");
-    let out = tokio::task::spawn_blocking({
-        let profile = profile.path().to_path_buf();
-        move || {
-            std::process::Command::new(&chromium)
-                .args([
-                    "--headless",
-                    "--no-sandbox",
-                    "--disable-gpu",
-                    "--virtual-time-budget=5000",
-                ])
-                .arg(format!("--user-data-dir={}", profile.display()))
-                .arg("--dump-dom")
-                .arg(&url)
-                .output()
-        }
-    })
-    .await
-    .expect("join")
-    .expect("chromium runs (apt-get install chromium; .ci/run installs it)");
-    let dom = String::from_utf8_lossy(&out.stdout);
+    let dom = fleetcast_e2e::dashboard_dom(port).await;
+
     assert!(
         dom.contains("data-loaded=\"true\""),
         "the page never loaded its data: {dom}"
@@ -442,7 +402,7 @@ async fn the_dashboard_shows_the_fleet_rollouts_and_failures_as_a_person_sees_th
     assert!(dom.contains("data-agent=\"b2\""), "agent rows: {dom}");
 
     // The same view for machines.
-    let metrics = http_get(port, "/metrics");
+    let metrics = fleetcast_e2e::http_get(port, "/metrics");
     assert!(
         metrics.contains(
             "fleetcast_rollout_phase{app=\"shapp\",version=\"2.0.0\",phase=\"halted\"} 1"
@@ -458,7 +418,8 @@ async fn the_dashboard_shows_the_fleet_rollouts_and_failures_as_a_person_sees_th
         "{metrics}"
     );
     let broad: serde_json::Value =
-        serde_json::from_str(&http_get(port, "/api/agents?ring=broad")).expect("json");
+        serde_json::from_str(&fleetcast_e2e::http_get(port, "/api/agents?ring=broad"))
+            .expect("json");
     assert_eq!(broad.as_array().map(Vec::len), Some(2), "{broad}");
 }
 

@@ -3,6 +3,7 @@
 //! cleaned up on drop; or a cluster of them. Also builders for test packages, hostile ones
 //! included.
 
+pub mod accounts;
 pub mod fixtures;
 pub mod proxy;
 pub mod tls;
@@ -14,6 +15,9 @@ use std::time::{Duration, Instant};
 
 use anyhow::{Context, bail};
 
+/// Where the added part of a server's configuration starts.
+const CONFIG_MARK: &str = "# added configuration\n";
+
 /// Version installed by `ops/install-nats-server` into `.tools/`.
 const PROJECT_BINARY: &str = ".tools/nats-server/bin/nats-server";
 
@@ -22,6 +26,8 @@ pub struct NatsServer {
     port: u16,
     /// CA, client certificate and key, when the server requires TLS with client certificates.
     tls: Option<(PathBuf, PathBuf, PathBuf)>,
+    /// The text of a `.creds` file, when the server authenticates clients.
+    credentials: Option<String>,
     binary: PathBuf,
     config: PathBuf,
     store: tempfile::TempDir,
@@ -79,6 +85,68 @@ impl NatsServer {
         Ok(server)
     }
 
+    /// Starts a server with `config` added to its own (listen address, JetStream store): e.g.
+    /// the accounts `ops/nats/gen-accounts` writes ([`accounts::Accounts::auth_conf`]). With
+    /// `credentials` (a `.creds` file), the harness and [`NatsServer::client_options`] connect
+    /// with it; the identity needs JetStream's account info (`$JS.API.INFO`) to see the server
+    /// ready.
+    pub async fn start_with_config(
+        config: &str,
+        credentials: Option<&Path>,
+    ) -> anyhow::Result<NatsServer> {
+        let mut server = NatsServer::configure(free_port()?, config)?;
+        if let Some(path) = credentials {
+            server.credentials = Some(
+                std::fs::read_to_string(path)
+                    .with_context(|| format!("reading {}", path.display()))?,
+            );
+        }
+        server.spawn().await?;
+        Ok(server)
+    }
+
+    /// Replaces the added configuration (as given to [`NatsServer::start_with_config`]) and
+    /// has the running server reload it (SIGHUP), as an operator does after re-issuing
+    /// accounts. Returns once the server has logged the reload.
+    pub async fn reload_with_config(&mut self, config: &str) -> anyhow::Result<()> {
+        let base = std::fs::read_to_string(&self.config)?;
+        let head = base
+            .split_once(CONFIG_MARK)
+            .map_or(base.as_str(), |(head, _)| head);
+        std::fs::write(&self.config, format!("{head}{CONFIG_MARK}{config}"))?;
+        let log = self.store.path().join("nats.log");
+        let reloads = |text: &str| text.matches("Reloaded server configuration").count();
+        let before = reloads(&std::fs::read_to_string(&log).unwrap_or_default());
+        let pid = self.pid().context("server not running")?;
+        let status = Command::new("kill")
+            .arg("-HUP")
+            .arg(pid.to_string())
+            .status()?;
+        if !status.success() {
+            bail!("kill -HUP {pid} failed");
+        }
+        let deadline = Instant::now() + Duration::from_secs(20);
+        loop {
+            let text = std::fs::read_to_string(&log).unwrap_or_default();
+            if reloads(&text) > before {
+                break;
+            }
+            if let Some(failed) = text.lines().find(|l| l.contains("Failed to reload")) {
+                bail!("nats-server did not reload: {failed}");
+            }
+            if Instant::now() > deadline {
+                bail!("nats-server did not reload within 20 s: {text}");
+            }
+            tokio::time::sleep(Duration::from_millis(50)).await;
+        }
+        Ok(())
+    }
+
+    /// The server's log so far (permission violations, authentication failures, …).
+    pub fn log(&self) -> String {
+        std::fs::read_to_string(self.store.path().join("nats.log")).unwrap_or_default()
+    }
+
     /// Starts `nodes` servers forming one JetStream cluster on loopback, and waits until each
     /// answers JetStream requests (the cluster has elected its meta leader).
     pub async fn start_cluster(nodes: usize) -> anyhow::Result<Vec<NatsServer>> {
@@ -116,7 +184,7 @@ impl NatsServer {
         std::fs::write(
             &config,
             format!(
-                "listen: 127.0.0.1:{port}\nmax_payload: 8MB\njetstream {{\n  store_dir: \"{}\"\n}}\n{extra}",
+                "listen: 127.0.0.1:{port}\nmax_payload: 8MB\njetstream {{\n  store_dir: \"{}\"\n}}\n{CONFIG_MARK}{extra}",
                 store.path().join("js").display(),
             ),
         )?;
@@ -124,6 +192,7 @@ impl NatsServer {
             child: None,
             port,
             tls: None,
+            credentials: None,
             binary: nats_server_binary()?,
             config,
             store,
@@ -181,6 +250,16 @@ impl NatsServer {
 
     /// How a test client connects (TLS with the test client certificate when required).
     pub fn client_options(&self) -> async_nats::ConnectOptions {
+        let options = self.tls_options();
+        match &self.credentials {
+            Some(creds) => options
+                .credentials(creds)
+                .expect("credentials were read when the server started"),
+            None => options,
+        }
+    }
+
+    fn tls_options(&self) -> async_nats::ConnectOptions {
         match &self.tls {
             Some((ca, cert, key)) => async_nats::ConnectOptions::new()
                 .require_tls(true)

@@ -1,0 +1,502 @@
+//! NATS least privilege: a nats-server with the accounts and per-role permissions that
+//! `ops/nats/gen-accounts` issues. The whole path works with every program under its own
+//! identity (CI, the pipeline's services, the tracker, operators, one identity per agent), and
+//! each forbidden action is refused. NATS refuses a publish or a subscription by dropping it
+//! and telling the client asynchronously (`-ERR 'Permissions Violation …'`, a connection event
+//! in async-nats, never an error from `publish`): each test waits for that event, and checks
+//! with the admin identity that nothing changed.
+
+use std::path::Path;
+use std::sync::{Arc, Mutex};
+use std::time::Duration;
+
+use fleetcast_e2e::{Pipeline, TIMEOUT, eventually, running, script_app};
+use fleetcast_events::names;
+use fleetcast_events::v1::ReleaseState;
+use fleetcast_harness::accounts::{AgentSpec, agent_inbox_prefix};
+
+/// The trust bucket (roots and the signer's timestamp; `names::TRUST_BUCKET`).
+const TRUST_BUCKET: &str = "fleetcast-trust";
+
+/// The server errors a client was told about.
+#[derive(Clone, Default)]
+struct Violations(Arc<Mutex<Vec<String>>>);
+
+impl Violations {
+    fn seen(&self, what: &str, subject: &str) -> bool {
+        let quoted = format!("\"{subject}\"");
+        self.0
+            .lock()
+            .expect("lock")
+            .iter()
+            .any(|e| e.contains("Permissions Violation") && e.contains(what) && e.contains(&quoted))
+    }
+
+    /// Waits until the server refused a publish to `subject`.
+    async fn publish_refused(&self, subject: &str) {
+        eventually(&format!("publish to {subject} refused"), || {
+            self.seen("Publish", subject)
+        })
+        .await;
+    }
+
+    /// Waits until the server refused a subscription to `subject`.
+    async fn subscription_refused(&self, subject: &str) {
+        eventually(&format!("subscription to {subject} refused"), || {
+            self.seen("Subscription", subject)
+        })
+        .await;
+    }
+}
+
+/// A plain client with `creds` (and the inbox prefix an agent uses), recording server errors.
+async fn client_as(
+    p: &Pipeline,
+    creds: &Path,
+    inbox_prefix: Option<String>,
+) -> (async_nats::Client, Violations) {
+    let violations = Violations::default();
+    let seen = violations.clone();
+    let mut options = async_nats::ConnectOptions::new()
+        .credentials_file(creds)
+        .await
+        .expect("credentials")
+        .request_timeout(Some(Duration::from_secs(5)))
+        .event_callback(move |event| {
+            let seen = seen.clone();
+            async move {
+                if let async_nats::Event::ServerError(e) = event {
+                    seen.0.lock().expect("lock").push(e.to_string());
+                }
+            }
+        });
+    if let Some(prefix) = inbox_prefix {
+        options = options.custom_inbox_prefix(prefix);
+    }
+    let client = options.connect(p.nats.url()).await.expect("connect");
+    (client, violations)
+}
+
+fn fleet() -> Vec<AgentSpec> {
+    vec![
+        AgentSpec::new("h1", "default", &["shapp"]),
+        AgentSpec::new("h2", "default", &["shapp"]),
+    ]
+}
+
+/// The allowed path, end to end: CI publishes (upload + announcement) and waits for the
+/// record, the watcher, signer and distributor store the release, the tracker rolls it out,
+/// two agents each with their own identity download, verify and run it, and report; CI
+/// follows the rollout; the next release comes through the drop folder. Not one permission
+/// violation in the server's log: every role has what it uses.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_release_reaches_every_agent_with_each_program_under_its_own_identity() {
+    let mut p = Pipeline::new_with_permissions(&fleet())
+        .await
+        .expect("pipeline");
+    p.start_pipeline_as_roles();
+    p.start_tracker_as_role(p.tracker_settings());
+    let hosts = tempfile::tempdir().expect("tmp");
+    for id in ["h1", "h2"] {
+        let settings = p.agent_settings(id, "default", &hosts.path().join(id));
+        p.start_agent_as_itself(settings);
+    }
+
+    // CI: `fleetcast publish --wait` with the ci identity.
+    let ci = p.bus_as("ci").await.expect("ci connects");
+    let zip = hosts.path().join("shapp-1.0.0.zip");
+    script_app("1.0.0", true).write_to(&zip).expect("zip");
+    fleetcast_cli::publish(
+        &ci,
+        fleetcast_cli::PublishRequest {
+            archive: &zip,
+            app: None,
+            version: None,
+            published_by: Some("ci".into()),
+            progress: None,
+        },
+    )
+    .await
+    .expect("ci publishes");
+    let v1 = semver::Version::parse("1.0.0").expect("version");
+    let record = fleetcast_cli::wait_for_release(&ci, "shapp", &v1, TIMEOUT)
+        .await
+        .expect("ci reads the record");
+    assert_eq!(record.state, ReleaseState::Stored, "{record:?}");
+    for id in ["h1", "h2"] {
+        let state = hosts.path().join(id).join("state");
+        eventually(&format!("{id} runs 1.0.0"), || running(&state) == "1.0.0").await;
+    }
+    // CI follows the rollout (`fleetcast rollout watch`), an operator asks the tracker.
+    let view = tokio::time::timeout(
+        TIMEOUT,
+        fleetcast_cli::watch_rollout(&ci, "shapp", Some(&v1)),
+    )
+    .await
+    .expect("rollout ends")
+    .expect("ci watches the rollout");
+    assert!(!view.rollout.is_active(), "{view:?}");
+    let operator = p.bus_as("operator").await.expect("operator connects");
+    let reply = fleetcast_cli::tracker(
+        &operator,
+        &fleetcast_tracker::api::Command::Show {
+            app: "shapp".into(),
+        },
+    )
+    .await
+    .expect("operator asks the tracker");
+    assert!(reply.ok, "{reply:?}");
+    let releases = fleetcast_cli::releases(&operator, Some("shapp"))
+        .await
+        .expect("operator lists releases");
+    assert_eq!(releases.len(), 1);
+
+    // The drop-folder path (the watcher uploads), and an update of both agents.
+    p.release("shapp", "1.1.0", &script_app("1.1.0", true))
+        .await;
+    for id in ["h1", "h2"] {
+        let state = hosts.path().join(id).join("state");
+        eventually(&format!("{id} runs 1.1.0"), || running(&state) == "1.1.0").await;
+    }
+    // Each agent reported under its own subject.
+    for id in ["h1", "h2"] {
+        let subject = names::agent_status_subject(id);
+        assert!(
+            p.bus()
+                .await
+                .expect("admin")
+                .status_stream
+                .get_last_raw_message_by_subject(&subject)
+                .await
+                .is_ok(),
+            "no status from {id}"
+        );
+    }
+    let log = p.nats.log();
+    let violations: Vec<&str> = log
+        .lines()
+        .filter(|l| l.contains("Publish Violation") || l.contains("Subscription Violation"))
+        .collect();
+    assert!(violations.is_empty(), "{}", violations.join("\n"));
+}
+
+/// An agent's credentials let it do nothing but read what it needs and report about itself:
+/// no desired state written, no other agent's status, no release event, no other agent's
+/// replies, no other app's or ring's desired state, no stream deleted or purged.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn an_agent_identity_is_refused_everything_but_its_own_business() {
+    let mut p = Pipeline::new_with_permissions(&fleet())
+        .await
+        .expect("pipeline");
+    p.start_pipeline_as_roles();
+    p.release("shapp", "1.0.0", &script_app("1.0.0", true))
+        .await;
+    p.desire("shapp", "default", "1.0.0").await;
+    let admin = p.bus().await.expect("admin");
+    let desired_before = admin
+        .desired
+        .get("shapp.default")
+        .await
+        .expect("get")
+        .expect("desired state");
+
+    let accounts = p.accounts.as_ref().expect("accounts");
+    let (h1, refused) = client_as(
+        &p,
+        &accounts.agent_creds("h1"),
+        Some(agent_inbox_prefix("h1")),
+    )
+    .await;
+    let js = async_nats::jetstream::new(h1.clone());
+
+    // What it may do: read its own desired state, report its own status.
+    let desired = js
+        .get_key_value(names::DESIRED_BUCKET)
+        .await
+        .expect("bind desired");
+    assert_eq!(
+        desired.get("shapp.default").await.expect("own desired"),
+        Some(desired_before.clone())
+    );
+    js.publish(names::agent_status_subject("h1"), "{}".into())
+        .await
+        .expect("publish")
+        .await
+        .expect("own status stored");
+
+    // Write desired state: its own key, another ring's.
+    for key in ["shapp.default", "shapp.canary"] {
+        let subject = format!("$KV.{}.{key}", names::DESIRED_BUCKET);
+        h1.publish(subject.clone(), "{\"app\":\"evil\"}".into())
+            .await
+            .expect("sent");
+        refused.publish_refused(&subject).await;
+    }
+    assert_eq!(
+        admin.desired.get("shapp.default").await.expect("get"),
+        Some(desired_before),
+        "desired state unchanged"
+    );
+    assert_eq!(
+        admin.desired.get("shapp.canary").await.expect("get"),
+        None,
+        "no desired state written for another ring"
+    );
+
+    // Another agent's status and heartbeat; release events; another app's slots.
+    let releases_before = p.count_events("fleetcast.v1.>").await.expect("count");
+    for subject in [
+        names::agent_status_subject("h2"),
+        names::agent_heartbeat_subject("h2"),
+        names::RELEASE_PUBLISHED.to_string(),
+        names::RELEASE_SIGNED.to_string(),
+        names::RELEASE_STORED.to_string(),
+        names::ROLLBACK_SIGNED.to_string(),
+        names::slot_subject("otherapp"),
+        names::TRACKER_COMMAND.to_string(),
+    ] {
+        h1.publish(subject.clone(), "{}".into())
+            .await
+            .expect("sent");
+        refused.publish_refused(&subject).await;
+    }
+    assert!(
+        admin
+            .status_stream
+            .get_last_raw_message_by_subject("fleetcast.v1.agent.h2.>")
+            .await
+            .is_err(),
+        "no report stored as h2"
+    );
+    assert_eq!(
+        p.count_events("fleetcast.v1.>").await.expect("count"),
+        releases_before,
+        "no release event stored"
+    );
+
+    // Another agent's replies, another app's or ring's desired state, by subscription or by
+    // direct get.
+    for subject in [
+        format!("{}.>", agent_inbox_prefix("h2")),
+        "_INBOX.>".to_string(),
+        format!("$KV.{}.otherapp.default", names::DESIRED_BUCKET),
+        format!("$KV.{}.shapp.canary", names::DESIRED_BUCKET),
+        format!("$KV.{}.>", names::DESIRED_BUCKET),
+    ] {
+        let _sub = h1.subscribe(subject.clone()).await.expect("sent");
+        refused.subscription_refused(&subject).await;
+    }
+    let other_app = format!(
+        "$JS.API.DIRECT.GET.KV_{0}.$KV.{0}.otherapp.default",
+        names::DESIRED_BUCKET
+    );
+    h1.publish(other_app.clone(), "".into())
+        .await
+        .expect("sent");
+    refused.publish_refused(&other_app).await;
+
+    // Delete or purge a stream, delete a consumer, write the trust bucket.
+    for subject in [
+        format!("$JS.API.STREAM.DELETE.{}", names::CHUNKS_STREAM),
+        format!("$JS.API.STREAM.PURGE.KV_{}", names::DESIRED_BUCKET),
+        format!("$JS.API.STREAM.UPDATE.{}", names::STATUS_STREAM),
+        format!("$JS.API.CONSUMER.DELETE.{}.tracker", names::RELEASES_STREAM),
+        format!("$KV.{}.timestamp", TRUST_BUCKET),
+        format!("$KV.{}.root.2", TRUST_BUCKET),
+    ] {
+        h1.publish(subject.clone(), "{}".into())
+            .await
+            .expect("sent");
+        refused.publish_refused(&subject).await;
+    }
+    assert!(
+        tokio::time::timeout(TIMEOUT, js.delete_stream(names::CHUNKS_STREAM))
+            .await
+            .expect("answer or time-out")
+            .is_err(),
+        "deleting a stream through the API fails"
+    );
+    let mut chunks = admin
+        .js
+        .get_stream(names::CHUNKS_STREAM)
+        .await
+        .expect("the chunk stream still exists");
+    assert!(chunks.info().await.expect("info").state.messages > 0);
+    // The server logs what it refused (what the allowed-path test finds none of).
+    let log = p.nats.log();
+    assert!(log.contains("Publish Violation") && log.contains("Subscription Violation"));
+}
+
+/// An agent that does not use its own inbox prefix cannot even make a request: the shared
+/// `_INBOX` is not its to read.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn an_agent_without_its_inbox_prefix_gets_no_replies() {
+    let mut p = Pipeline::new_with_permissions(&fleet())
+        .await
+        .expect("pipeline");
+    p.start_pipeline_as_roles();
+    let accounts = p.accounts.as_ref().expect("accounts");
+    let (h1, refused) = client_as(&p, &accounts.agent_creds("h1"), None).await;
+    let js = async_nats::jetstream::new(h1.clone());
+    assert!(
+        js.get_key_value(names::DESIRED_BUCKET).await.is_err(),
+        "a request without the agent's inbox gets no answer"
+    );
+    eventually("the shared inbox refused", || {
+        refused
+            .0
+            .lock()
+            .expect("lock")
+            .iter()
+            .any(|e| e.contains("Permissions Violation for Subscription to \"_INBOX."))
+    })
+    .await;
+}
+
+/// Every other role is held to its own job: CI cannot sign, store, desire or delete; the
+/// watcher and distributor cannot sign; the signer cannot store or desire or replace the root
+/// of trust; the tracker cannot sign or store chunks; operators cannot delete streams or
+/// forge the signer's timestamp. And a client without credentials is turned away.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn every_role_is_refused_what_is_not_its_job() {
+    let mut p = Pipeline::new_with_permissions(&fleet())
+        .await
+        .expect("pipeline");
+    p.start_pipeline_as_roles();
+    let delete_chunks = format!("$JS.API.STREAM.DELETE.{}", names::CHUNKS_STREAM);
+    let desired = format!("$KV.{}.shapp.default", names::DESIRED_BUCKET);
+    let table: [(&str, Vec<String>); 6] = [
+        (
+            "ci",
+            vec![
+                names::RELEASE_SIGNED.into(),
+                names::RELEASE_STORED.into(),
+                names::agent_status_subject("h1"),
+                desired.clone(),
+                format!("$KV.{}.shapp.1.0.0", names::RELEASES_BUCKET),
+                names::chunk_subject("00"),
+                delete_chunks.clone(),
+            ],
+        ),
+        (
+            "watcher",
+            vec![
+                names::RELEASE_SIGNED.into(),
+                names::RELEASE_STORED.into(),
+                desired.clone(),
+                delete_chunks.clone(),
+            ],
+        ),
+        (
+            "signer",
+            vec![
+                names::RELEASE_STORED.into(),
+                names::chunk_subject("00"),
+                desired.clone(),
+                format!("$KV.{}.root.2", TRUST_BUCKET),
+                delete_chunks.clone(),
+            ],
+        ),
+        (
+            "distributor",
+            vec![
+                names::RELEASE_SIGNED.into(),
+                names::ROLLBACK_SIGNED.into(),
+                format!("$KV.{}.shapp", names::SIGNER_BUCKET),
+                desired.clone(),
+                delete_chunks.clone(),
+            ],
+        ),
+        (
+            "tracker",
+            vec![
+                names::RELEASE_SIGNED.into(),
+                names::ROLLBACK_SIGNED.into(),
+                names::chunk_subject("00"),
+                format!("$KV.{}.shapp.1.0.0", names::RELEASES_BUCKET),
+                delete_chunks.clone(),
+            ],
+        ),
+        (
+            "operator",
+            vec![
+                names::RELEASE_SIGNED.into(),
+                names::RELEASE_STORED.into(),
+                format!("$KV.{}.timestamp", TRUST_BUCKET),
+                format!("$KV.{}.shapp.1.0.0", names::RELEASES_BUCKET),
+                delete_chunks.clone(),
+                format!("$JS.API.STREAM.PURGE.{}", names::RELEASES_STREAM),
+            ],
+        ),
+    ];
+    let accounts = p.accounts.as_ref().expect("accounts");
+    for (role, subjects) in &table {
+        let (client, refused) = client_as(&p, &accounts.creds(role), None).await;
+        for subject in subjects {
+            client
+                .publish(subject.clone(), "{}".into())
+                .await
+                .expect("sent");
+            refused.publish_refused(subject).await;
+        }
+    }
+    assert_eq!(
+        p.count_events(names::RELEASE_SIGNED).await.expect("count"),
+        0
+    );
+    assert!(
+        p.bus()
+            .await
+            .expect("admin")
+            .js
+            .get_stream(names::CHUNKS_STREAM)
+            .await
+            .is_ok()
+    );
+
+    // No credentials, or an agent's credentials revoked: the connection is refused.
+    let anonymous = tokio::time::timeout(TIMEOUT, async_nats::connect(p.nats.url())).await;
+    assert!(
+        !matches!(anonymous, Ok(Ok(ref c)) if c.flush().await.is_ok()),
+        "a client without credentials is refused"
+    );
+}
+
+/// An agent's identity revoked (a host decommissioned or compromised): once the servers load
+/// the re-issued accounts, its credentials no longer connect; the other agent's still do.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_revoked_agent_is_turned_away() {
+    let mut p = Pipeline::new_with_permissions(&fleet())
+        .await
+        .expect("pipeline");
+    let accounts = p.accounts.as_ref().expect("accounts");
+    let h2_creds = accounts.agent_creds("h2");
+    let kept = std::fs::read_to_string(&h2_creds).expect("h2 creds");
+    accounts.revoke("h2").expect("revoke");
+    let conf = accounts.auth_conf().expect("auth.conf");
+    p.nats.reload_with_config(&conf).await.expect("reload");
+    let stale = tempfile::NamedTempFile::new().expect("tmp");
+    std::fs::write(stale.path(), kept).expect("write");
+    let connect = |creds: std::path::PathBuf| {
+        let url = p.nats.url();
+        async move {
+            let options = async_nats::ConnectOptions::new()
+                .credentials_file(creds)
+                .await
+                .expect("creds");
+            match tokio::time::timeout(TIMEOUT, options.connect(url)).await {
+                Ok(Ok(client)) => client.flush().await.is_ok(),
+                _ => false,
+            }
+        }
+    };
+    assert!(
+        !connect(stale.path().to_path_buf()).await,
+        "the revoked agent is refused"
+    );
+    let accounts = p.accounts.as_ref().expect("accounts");
+    assert!(
+        connect(accounts.agent_creds("h1")).await,
+        "h1 still connects"
+    );
+}

@@ -1,0 +1,104 @@
+//! NATS identities for tests, issued by the same tool operators use (`ops/nats/gen-accounts`):
+//! an operator, the FLEETCAST account with one scoped signing key per role, a `.creds` file
+//! per role and per agent, in a temporary folder.
+
+use std::path::{Path, PathBuf};
+use std::process::Command;
+
+use anyhow::{Context, bail};
+
+/// One agent of the fleet: its id, ring and apps (what its credentials are scoped to).
+#[derive(Debug, Clone)]
+pub struct AgentSpec {
+    pub id: String,
+    pub ring: String,
+    pub apps: Vec<String>,
+}
+
+impl AgentSpec {
+    pub fn new(id: &str, ring: &str, apps: &[&str]) -> AgentSpec {
+        AgentSpec {
+            id: id.into(),
+            ring: ring.into(),
+            apps: apps.iter().map(|a| a.to_string()).collect(),
+        }
+    }
+
+    fn arg(&self) -> String {
+        format!("{}={}:{}", self.id, self.ring, self.apps.join(","))
+    }
+}
+
+pub struct Accounts {
+    dir: tempfile::TempDir,
+}
+
+impl Accounts {
+    /// Runs `ops/nats/gen-accounts` for `agents` into a new temporary folder.
+    pub fn generate(agents: &[AgentSpec]) -> anyhow::Result<Accounts> {
+        let dir = tempfile::Builder::new()
+            .prefix("fleetcast-accounts-")
+            .tempdir()?;
+        let accounts = Accounts { dir };
+        accounts.run(agents.iter().map(|a| vec!["--agent".into(), a.arg()]))?;
+        Ok(accounts)
+    }
+
+    /// Issues more agents (or the same ones again) into the same folder.
+    pub fn add(&self, agents: &[AgentSpec]) -> anyhow::Result<()> {
+        self.run(agents.iter().map(|a| vec!["--agent".into(), a.arg()]))
+    }
+
+    /// Revokes an agent's (or a role's) credentials: `auth_conf` then lists its key as revoked.
+    pub fn revoke(&self, id: &str) -> anyhow::Result<()> {
+        self.run(std::iter::once(vec!["--revoke".into(), id.into()]))
+    }
+
+    fn run(&self, args: impl Iterator<Item = Vec<String>>) -> anyhow::Result<()> {
+        let script = crate::workspace_root().join("ops/nats/gen-accounts");
+        let python = std::env::var_os("PYTHON").unwrap_or_else(|| "python3".into());
+        let out = Command::new(&python)
+            .arg(&script)
+            .arg("--dir")
+            .arg(self.dir.path())
+            .args(args.flatten())
+            .output()
+            .with_context(|| format!("running {}", script.display()))?;
+        if !out.status.success() {
+            bail!(
+                "{} failed: {}",
+                script.display(),
+                String::from_utf8_lossy(&out.stderr)
+            );
+        }
+        Ok(())
+    }
+
+    /// The server's part: operator, accounts (to add to a server's configuration).
+    pub fn auth_conf(&self) -> anyhow::Result<String> {
+        Ok(std::fs::read_to_string(self.dir.path().join("auth.conf"))?)
+    }
+
+    /// A role's credentials: `ci`, `operator`, `watcher`, `signer`, `distributor`, `tracker`,
+    /// `admin`.
+    pub fn creds(&self, role: &str) -> PathBuf {
+        self.dir.path().join("creds").join(format!("{role}.creds"))
+    }
+
+    /// An agent's own credentials.
+    pub fn agent_creds(&self, id: &str) -> PathBuf {
+        self.dir
+            .path()
+            .join("creds/agents")
+            .join(format!("{id}.creds"))
+    }
+
+    pub fn dir(&self) -> &Path {
+        self.dir.path()
+    }
+}
+
+/// The inbox prefix an agent's identity may receive replies on.
+pub fn agent_inbox_prefix(id: &str) -> String {
+    format!("_INBOX.{id}")
+}
