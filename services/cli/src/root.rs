@@ -93,7 +93,13 @@ pub fn check(
 pub async fn published(bus: &Bus) -> anyhow::Result<Option<TrustedRoot>> {
     let mut current: Option<TrustedRoot> = None;
     loop {
-        let version = current.as_ref().map_or(1, |r| r.version() + 1);
+        let version = match &current {
+            None => 1,
+            Some(r) => match r.version().checked_add(1) {
+                Some(v) => v,
+                None => return Ok(current),
+            },
+        };
         let key = root_key(version);
         let Some(bytes) = bus.trust.get(&key).await.with_context(|| key.clone())? else {
             return Ok(current);
@@ -126,7 +132,10 @@ pub async fn publish(bus: &Bus, signed: &SignedMetadata) -> anyhow::Result<(Trus
             return Ok((newest.clone(), false));
         }
     }
-    let expected = previous.as_ref().map_or(1, |r| r.version() + 1);
+    let expected = previous
+        .as_ref()
+        .map_or(Some(1), |r| r.version().checked_add(1))
+        .context("the published root has the largest version; none can follow it")?;
     if root.version != expected {
         bail!(
             "this is root version {}, the next to publish is {expected}",

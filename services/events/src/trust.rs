@@ -142,7 +142,13 @@ impl TrustedRoot {
     pub fn next(&self, signed: &SignedMetadata) -> Result<Self, TrustError> {
         self.root_keys.check(&signed.signed, &signed.signatures)?;
         let root: Root = signed.parse()?;
-        let expected = self.root.version + 1;
+        // A root at the largest version has no successor (found by fuzzing: the sum overflowed).
+        let Some(expected) = self.root.version.checked_add(1) else {
+            return Err(TrustError::Malformed(format!(
+                "root version {} has no successor",
+                self.root.version
+            )));
+        };
         if root.version != expected {
             return Err(TrustError::RootVersion {
                 expected,
@@ -272,6 +278,15 @@ mod tests {
                 found: 2
             })
         );
+    }
+
+    #[test]
+    fn the_largest_root_version_has_no_successor() {
+        let rk = keys(2);
+        let sk = keys(1);
+        let last = sign(&root(u64::MAX, &rk, &sk), &[&rk[0], &rk[1]]);
+        let trusted = TrustedRoot::bootstrap(&last).expect("root");
+        assert!(matches!(trusted.next(&last), Err(TrustError::Malformed(_))));
     }
 
     #[test]

@@ -231,7 +231,10 @@ impl Trust {
             if matches!(self.state().anchor, Anchor::Pinned(_)) {
                 break;
             }
-            let key = root_key(self.root_version() + 1);
+            let Some(next) = self.root_version().checked_add(1) else {
+                break;
+            };
+            let key = root_key(next);
             let Some(bytes) = store.get(&key).await.map_err(|e| format!("{key}: {e}"))? else {
                 break;
             };

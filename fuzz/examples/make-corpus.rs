@@ -1,0 +1,755 @@
+//! Writes the seed corpus, `fuzz/corpus/<target>/<name>`: valid inputs of each kind, so the
+//! fuzzer starts from the formats' real shape, and the hostile ones the pipeline must refuse
+//! (named after the attack), then runs every seed once through its target's checks.
+//!
+//! `cargo run --release --manifest-path fuzz/Cargo.toml --example make-corpus`.
+//! Deterministic: running it again rewrites the same bytes.
+
+use std::io::Write;
+use std::path::Path;
+
+use base64::{Engine, engine::general_purpose::STANDARD as B64};
+use fleetcast_events::v1::*;
+use fleetcast_events::{Encoding, SecretKey, SignedManifest};
+use fleetcast_fuzz::{now, signed_json};
+use fleetcast_package::chunking;
+use serde_json::{Value, json};
+use time::Duration;
+use zip::write::SimpleFileOptions;
+
+/// A seed: its file name and bytes.
+type Seed = (String, Vec<u8>);
+/// A target's name, its seeds, and the checks it runs on one input.
+type Target = (&'static str, Vec<Seed>, fn(&[u8]));
+
+fn main() {
+    let root = Path::new(env!("CARGO_MANIFEST_DIR")).join("corpus");
+    let targets: [Target; 4] = [
+        ("archive", archives(), fleetcast_fuzz::archive),
+        ("manifest", manifests(), fleetcast_fuzz::manifest),
+        ("event", events(), fleetcast_fuzz::event),
+        ("chunk_index", chunk_indexes(), fleetcast_fuzz::chunk_index),
+    ];
+    let mut total = 0;
+    for (target, seeds, check) in targets {
+        let dir = root.join(target);
+        let _ = std::fs::remove_dir_all(&dir);
+        std::fs::create_dir_all(&dir).expect("corpus folder");
+        for (name, bytes) in &seeds {
+            check(bytes);
+            std::fs::write(dir.join(name), bytes).expect("write seed");
+            total += bytes.len();
+        }
+        println!("{target}: {} seeds", seeds.len());
+    }
+    println!("{total} bytes in all");
+}
+
+fn seed(name: &str, bytes: impl Into<Vec<u8>>) -> Seed {
+    (name.to_string(), bytes.into())
+}
+
+/// xorshift: incompressible bytes without an RNG crate.
+fn pseudo_random(len: usize, seed: u64) -> Vec<u8> {
+    let mut x = seed.wrapping_mul(0x9E37_79B9_7F4A_7C15) | 1;
+    (0..len)
+        .map(|_| {
+            x ^= x << 13;
+            x ^= x >> 7;
+            x ^= x << 17;
+            x as u8
+        })
+        .collect()
+}
+
+enum Item<'a> {
+    File(&'a str, &'a [u8], u32),
+    Link(&'a str, &'a str),
+    Dir(&'a str),
+}
+
+fn zip_of(items: &[Item]) -> Vec<u8> {
+    zip_with(items, SimpleFileOptions::default())
+}
+
+fn zip_with(items: &[Item], base: SimpleFileOptions) -> Vec<u8> {
+    let mut w = zip::ZipWriter::new(std::io::Cursor::new(Vec::new()));
+    for item in items {
+        match *item {
+            Item::File(path, data, mode) => {
+                w.start_file(path, base.unix_permissions(mode))
+                    .expect("zip entry");
+                w.write_all(data).expect("zip write");
+            }
+            Item::Link(path, target) => w.add_symlink(path, target, base).expect("zip link"),
+            Item::Dir(path) => w.add_directory(path, base).expect("zip dir"),
+        }
+    }
+    w.finish().expect("zip finish").into_inner()
+}
+
+/// Replaces every occurrence of `from` (local headers and central directory alike).
+fn patch(mut bytes: Vec<u8>, from: &[u8], to: &[u8]) -> Vec<u8> {
+    assert_eq!(from.len(), to.len());
+    let mut i = 0;
+    while i + from.len() <= bytes.len() {
+        if &bytes[i..i + from.len()] == from {
+            bytes[i..i + to.len()].copy_from_slice(to);
+        }
+        i += 1;
+    }
+    bytes
+}
+
+fn find(bytes: &[u8], what: &[u8]) -> usize {
+    bytes
+        .windows(what.len())
+        .rposition(|w| w == what)
+        .expect("signature present")
+}
+
+const CENTRAL: &[u8] = b"PK\x01\x02";
+const EOCD: &[u8] = b"PK\x05\x06";
+
+fn archives() -> Vec<Seed> {
+    use Item::*;
+    let config = b"command = [\"bin/collector\", \"--fast\"]\n[env]\nMODE = \"agent\"\n\
+        [health]\nstay_up = \"5s\"\nhttp = \"http://127.0.0.1:8080/health\"\n\
+        [hooks.pre_switch]\ncommand = [\"bin/migrate\"]\ntimeout = \"2m\"\n";
+    let valid = zip_of(&[
+        Dir("bin/"),
+        File("bin/collector", b"#!/bin/sh\necho collector 1.0.0\n", 0o755),
+        File(
+            "config/default.toml",
+            "interval = \"10s\"\n".repeat(20).as_bytes(),
+            0o644,
+        ),
+        File("data/blob.bin", &pseudo_random(600, 42), 0o644),
+        File("fleetcast.toml", config, 0o644),
+        File("VERSION", b"1.0.0", 0o644),
+        Link("bin/current", "collector"),
+        Link("config/up", "../bin"),
+    ]);
+    let one = zip_of(&[File("a", &[7u8; 300], 0o644)]);
+    let stored = zip_with(
+        &[File("a", b"stored content", 0o644)],
+        SimpleFileOptions::default().compression_method(zip::CompressionMethod::Stored),
+    );
+    // Central directory fields of the one entry in `stored`: sizes at +20 and +24.
+    let cd = find(&stored, CENTRAL);
+    let set = |mut b: Vec<u8>, at: usize, v: &[u8]| {
+        b[at..at + v.len()].copy_from_slice(v);
+        b
+    };
+    let eocd = find(&one, EOCD);
+    let mut out = vec![
+        seed("valid-package.zip", valid.clone()),
+        seed("valid-stored.zip", stored.clone()),
+        seed(
+            "valid-zip64.zip",
+            zip_with(
+                &[File("big", b"small but zip64", 0o644)],
+                SimpleFileOptions::default().large_file(true),
+            ),
+        ),
+        seed(
+            "empty-archive.zip",
+            b"PK\x05\x06"
+                .iter()
+                .copied()
+                .chain([0u8; 18])
+                .collect::<Vec<_>>(),
+        ),
+        seed(
+            "path-traversal.zip",
+            zip_of(&[
+                File("bin/ok", b"x", 0o755),
+                File("../../etc/cron.d/evil", b"* * * * * root sh", 0o644),
+            ]),
+        ),
+        seed(
+            "path-traversal-inner.zip",
+            zip_of(&[File("a/../../b", b"x", 0o644)]),
+        ),
+        seed(
+            "backslash-traversal.zip",
+            zip_of(&[File("a\\..\\..\\b", b"x", 0o644)]),
+        ),
+        seed(
+            "absolute-path.zip",
+            zip_of(&[File("/etc/passwd", b"root::0:0::/:/bin/sh", 0o644)]),
+        ),
+        seed(
+            "drive-path.zip",
+            zip_of(&[File("C:/windows/x", b"x", 0o644)]),
+        ),
+        seed(
+            "symlink-outside.zip",
+            zip_of(&[
+                File("bin/ok", b"x", 0o755),
+                Link("bin/shadow", "../../../etc/shadow"),
+            ]),
+        ),
+        seed(
+            "symlink-absolute.zip",
+            zip_of(&[Link("lib", "/etc/passwd")]),
+        ),
+        seed("symlink-to-root.zip", zip_of(&[Link("a/self", "..")])),
+        seed(
+            "link-through-link.zip",
+            zip_of(&[Link("d", "sub"), File("d/x", b"x", 0o644)]),
+        ),
+        seed(
+            "link-to-link-dir.zip",
+            zip_of(&[Dir("sub/"), Link("d", "sub"), Link("e", "d/x")]),
+        ),
+        seed(
+            "symlink-long-target.zip",
+            zip_of(&[Link("l", &"a/".repeat(2100))]),
+        ),
+        seed(
+            "duplicate-entries.zip",
+            patch(
+                zip_of(&[
+                    File("bin/app", b"good", 0o755),
+                    File("bin/apq", b"evil", 0o755),
+                ]),
+                b"bin/apq",
+                b"bin/app",
+            ),
+        ),
+        seed(
+            "duplicate-after-normalising.zip",
+            zip_of(&[Dir("bin/"), File("bin", b"x", 0o644)]),
+        ),
+        seed("setuid-mode.zip", zip_of(&[File("bin/su", b"x", 0o4755)])),
+        seed(
+            "non-utf8-name.zip",
+            patch(
+                zip_of(&[File("bin/xx", b"x", 0o644)]),
+                b"bin/xx",
+                b"bin/\xff\xfe",
+            ),
+        ),
+        seed(
+            "nul-in-name.zip",
+            patch(
+                zip_of(&[File("bin/xx", b"x", 0o644)]),
+                b"bin/xx",
+                b"bin/x\0",
+            ),
+        ),
+        seed(
+            "zip-bomb.zip",
+            zip_of(&[File("bomb", &vec![0u8; 3 << 20], 0o644)]),
+        ),
+        seed(
+            "zip-bomb-spread.zip",
+            zip_of(
+                &(0..4)
+                    .map(|i| File(["z0", "z1", "z2", "z3"][i], &[0u8; 600_000], 0o644))
+                    .collect::<Vec<_>>(),
+            ),
+        ),
+        seed(
+            "bad-package-config.zip",
+            zip_of(&[
+                File("bin/ok", b"x", 0o755),
+                File("fleetcast.toml", b"command = []\n", 0o644),
+            ]),
+        ),
+        seed(
+            "package-config-not-utf8.zip",
+            zip_of(&[File("fleetcast.toml", b"command = [\"\xff\"]\n", 0o644)]),
+        ),
+        seed(
+            "package-config-is-link.zip",
+            zip_of(&[File("x", b"x", 0o644), Link("fleetcast.toml", "x")]),
+        ),
+        seed(
+            "package-config-huge-timeout.zip",
+            zip_of(&[File(
+                "fleetcast.toml",
+                b"[hooks.post_switch]\ncommand = [\"x\"]\ntimeout = \"99999999999999999999y\"\n",
+                0o644,
+            )]),
+        ),
+        seed("truncated.zip", valid[..valid.len() / 2].to_vec()),
+        seed(
+            "truncated-central-directory.zip",
+            valid[..valid.len() - 30].to_vec(),
+        ),
+        seed("corrupt-content.zip", {
+            let mut b = zip_of(&[File("data.bin", &pseudo_random(3000, 5), 0o644)]);
+            for x in &mut b[600..610] {
+                *x ^= 0xff;
+            }
+            b
+        }),
+        seed("crc-mismatch.zip", {
+            let mut b = stored.clone();
+            b[cd + 16] ^= 0xff;
+            b[14] ^= 0xff;
+            b
+        }),
+        seed(
+            "huge-declared-size.zip",
+            set(stored.clone(), cd + 24, &[0xff; 4]),
+        ),
+        seed(
+            "lying-compressed-size.zip",
+            set(stored.clone(), cd + 20, &[0xff, 0xff, 0xff, 0x7f]),
+        ),
+        seed(
+            "declared-shorter.zip",
+            set(stored.clone(), cd + 24, &[2, 0, 0, 0]),
+        ),
+        seed(
+            "eocd-claims-65535-entries.zip",
+            set(
+                set(one.clone(), eocd + 8, &[0xff, 0xff]),
+                eocd + 10,
+                &[0xff, 0xff],
+            ),
+        ),
+        seed(
+            "eocd-offset-out-of-range.zip",
+            set(one.clone(), eocd + 16, &[0xff, 0xff, 0xff, 0x7f]),
+        ),
+        seed(
+            "eocd-size-out-of-range.zip",
+            set(one.clone(), eocd + 12, &[0xff, 0xff, 0xff, 0x7f]),
+        ),
+        seed("eocd-only.zip", one[eocd..].to_vec()),
+        seed(
+            "unknown-compression-method.zip",
+            set(set(stored.clone(), cd + 10, &[99, 0]), 8, &[99, 0]),
+        ),
+        seed("not-a-zip", b"this is not a zip".to_vec()),
+    ];
+    // Prefixed with junk (a self-extracting stub): offsets no longer match.
+    let mut prefixed = b"#!/bin/sh\nexit 0\n".to_vec();
+    prefixed.extend_from_slice(&stored);
+    out.push(seed("junk-prefix.zip", prefixed));
+    out
+}
+
+/// Seeds are written as JSON values, the wire form, and turned into MessagePack through the
+/// Rust type: so they need no struct literals that each new optional field would break.
+fn sample_manifest() -> Value {
+    json!({
+        "app": "collector",
+        "version": "1.2.3",
+        "files": [
+            {"path": "bin/collector", "mode": 0o755, "size": 3, "blake3": blake3_hex(b"abc")},
+            {"path": "bin/current", "mode": 0o777, "size": 9, "blake3": blake3_hex(b"collector"),
+             "link": "collector"},
+        ],
+        "created": rfc3339(now() - Duration::days(1)),
+        "expires": rfc3339(now() + Duration::days(30)),
+    })
+}
+
+fn rfc3339(t: time::OffsetDateTime) -> String {
+    t.format(&time::format_description::well_known::Rfc3339)
+        .expect("format")
+}
+
+fn blake3_hex(data: &[u8]) -> String {
+    chunking::ChunkId::of(data).to_hex()
+}
+
+fn text(v: &Value) -> String {
+    serde_json::to_string(v).expect("json")
+}
+
+/// The value as a signed manifest (JSON), signed by the test key.
+fn signed(m: &Value) -> Value {
+    signed_json(&text(m))
+}
+
+fn bytes(v: &Value) -> Vec<u8> {
+    text(v).into_bytes()
+}
+
+/// `v` decoded as `T` (it must: a seed that does not decode tests nothing valid) and encoded
+/// as MessagePack, with named fields as the services send.
+fn msgpack<T: serde::Serialize + serde::de::DeserializeOwned>(v: &Value) -> Vec<u8> {
+    let value: T = serde_json::from_value(v.clone())
+        .unwrap_or_else(|e| panic!("seed {v} does not decode: {e}"));
+    Encoding::MsgPack.encode(&value).expect("msgpack")
+}
+
+fn manifests() -> Vec<Seed> {
+    let m = sample_manifest();
+    let good = signed(&m);
+    let with = |f: &dyn Fn(&mut Value)| {
+        let mut m = sample_manifest();
+        f(&mut m);
+        bytes(&signed(&m))
+    };
+    let edit = |f: &dyn Fn(&mut Value)| {
+        let mut s = good.clone();
+        f(&mut s);
+        bytes(&s)
+    };
+    let other_key =
+        SecretKey::from_text("CQkJCQkJCQkJCQkJCQkJCQkJCQkJCQkJCQkJCQkJCQk=").expect("key");
+    let unknown = json!({
+        "manifest": text(&m),
+        "signatures": [{
+            "key_id": other_key.public().id(),
+            "signature": B64.encode(other_key.sign(text(&m).as_bytes())),
+        }],
+    });
+    let mut prerelease = m.clone();
+    prerelease["version"] = "1.2.3-rc.1+build.5".into();
+    let deep = format!("{}{}", "[".repeat(5000), "]".repeat(5000));
+    vec![
+        seed("signed-valid.json", bytes(&good)),
+        seed("signed-valid.msgpack", msgpack::<SignedManifest>(&good)),
+        seed("manifest-text.json", text(&m)),
+        seed("manifest-prerelease.json", text(&prerelease)),
+        seed("rollback-directive.json", with(&|m| m["rollback_from"] = "1.3.0".into())),
+        seed("signed-by-unknown-key.json", bytes(&unknown)),
+        seed("tampered.json", edit(&|s| {
+            let t = s["manifest"].as_str().expect("text").replace("1.2.3", "1.2.4");
+            s["manifest"] = t.into();
+        })),
+        seed("unsigned.json", edit(&|s| s["signatures"] = json!([]))),
+        seed("signature-not-base64.json", edit(&|s| s["signatures"][0]["signature"] = "!!not base64!!".into())),
+        seed("signature-too-short.json", edit(&|s| s["signatures"][0]["signature"] = "AAAA".into())),
+        seed("same-signature-twice.json", edit(&|s| {
+            let sig = s["signatures"][0].clone();
+            s["signatures"] = json!([sig.clone(), sig]);
+        })),
+        seed("many-unknown-signatures.json", edit(&|s| {
+            let mut sigs: Vec<Value> = (0..20)
+                .map(|i| json!({"key_id": format!("{i:016x}"), "signature": "AAAA"}))
+                .collect();
+            sigs.push(s["signatures"][0].clone());
+            s["signatures"] = sigs.into();
+        })),
+        seed("expired.json", with(&|m| m["expires"] = rfc3339(now() - Duration::seconds(1)).into())),
+        seed("path-traversal.json", with(&|m| m["files"][0]["path"] = "../../etc/passwd".into())),
+        seed("absolute-path.json", with(&|m| m["files"][0]["path"] = "/etc/passwd".into())),
+        seed("drive-path.json", with(&|m| m["files"][0]["path"] = "c:\\x".into())),
+        seed("nul-in-path.json", with(&|m| m["files"][0]["path"] = "bin/x\0y".into())),
+        seed("empty-path.json", with(&|m| m["files"][0]["path"] = "".into())),
+        seed("duplicate-path.json", with(&|m| m["files"][1]["path"] = "bin/collector".into())),
+        seed("link-outside.json", with(&|m| m["files"][1]["link"] = "../../../etc/shadow".into())),
+        seed("bad-app-name.json", with(&|m| m["app"] = "../collector".into())),
+        seed("huge-numbers.json", br#"{"app":"collector","version":"1.0.0","files":[{"path":"a","mode":4294967296,"size":18446744073709551616,"blake3":""}],"created":"2026-01-01T00:00:00Z","expires":"9999-12-31T23:59:60Z"}"#.to_vec()),
+        seed("odd-dates.json", br#"{"app":"collector","version":"1.0.0","files":[],"created":"0000-01-01T00:00:00-23:59","expires":"2026-12-31T23:59:60.999999999+23:59"}"#.to_vec()),
+        seed("unknown-field.json", br#"{"manifest":"{}","signatures":[],"threshold":2}"#.to_vec()),
+        seed("deep-nesting.json", deep),
+        seed("not-json", b"{\"manifest\": \"\\ud800\", ".to_vec()),
+        // Roots and timestamps (the trust metadata): as texts, which the target also re-signs.
+        seed("root-text.json", text(&root(1, 1, 1))),
+        seed("root-threshold-above-keys.json", text(&root(1, 3, 1))),
+        seed("root-threshold-zero.json", text(&root(1, 0, 1))),
+        seed("root-version-max.json", text(&root(u64::MAX, 1, 1))),
+        seed("root-bad-key.json", text(&json!({
+            "version": 1, "expires": rfc3339(now() + Duration::days(1)),
+            "root": {"keys": ["AAAA"], "threshold": 1},
+            "signing": {"keys": [], "threshold": 1},
+        }))),
+        seed("root-signed-by-nobody.json", bytes(&json!({"signed": text(&root(1, 1, 1)), "signatures": []}))),
+        seed("timestamp-text.json", text(&json!({
+            "issued": rfc3339(now()), "expires": rfc3339(now() + Duration::hours(1)),
+            "root_version": 3, "releases": {"collector": "1.2.3", "../x": "not-a-version"},
+        }))),
+        seed("timestamp-expired.json", text(&json!({
+            "issued": rfc3339(now() - Duration::hours(2)), "expires": rfc3339(now() - Duration::hours(1)),
+            "root_version": 0, "releases": {},
+        }))),
+    ]
+}
+
+/// A root whose root role is the test key with `threshold`, and `signing` copies of it.
+fn root(version: u64, threshold: usize, signing: usize) -> Value {
+    let key = fleetcast_fuzz::test_key()
+        .public()
+        .to_text()
+        .trim()
+        .to_string();
+    json!({
+        "version": version,
+        "expires": rfc3339(now() + Duration::days(365)),
+        "root": {"keys": [key.clone()], "threshold": threshold},
+        "signing": {"keys": vec![key; signing], "threshold": 1},
+    })
+}
+
+fn events() -> Vec<Seed> {
+    let good = signed(&sample_manifest());
+    let rejection =
+        json!({"code": "path_traversal", "message": "entry \"../x\" escapes the package"});
+    let stored = json!({
+        "app": "collector", "version": "1.2.3", "files": 2, "total_bytes": 12, "chunks": 2,
+        "new_chunks": 1, "new_stored_bytes": 10, "index_key": "collector.1.2.3",
+    });
+    let index = sample_index();
+    let app = json!({
+        "app": "collector", "state": "running", "running": "1.2.3", "previous": "1.0.0",
+        "uptime_s": 3600,
+    });
+    let mut out = Vec::new();
+    macro_rules! both {
+        ($name:expr, $ty:ty, $value:expr) => {{
+            let value: Value = $value;
+            out.push(seed(&format!("{}.json", $name), bytes(&value)));
+            out.push(seed(&format!("{}.msgpack", $name), msgpack::<$ty>(&value)));
+        }};
+    }
+    both!(
+        "release-published",
+        ReleasePublished,
+        json!({
+            "app": "collector", "version": "1.2.3", "object": "collector-1.2.3-0123456789abcdef.zip",
+            "size": 1234, "blake3": "ab".repeat(32), "published_by": "ci",
+        })
+    );
+    both!(
+        "package-source",
+        PackageSource,
+        json!({"kind": "drop_folder", "file": "collector-1.2.3.zip"})
+    );
+    both!(
+        "package-detected",
+        PackageDetected,
+        json!({
+            "app": "collector", "version": "1.2.3", "object": "collector-1.2.3.zip", "size": 1,
+            "blake3": "cd".repeat(32), "source": {"kind": "ci"},
+        })
+    );
+    both!("rejection", Rejection, rejection.clone());
+    both!("reject-code", RejectCode, json!("compression_ratio"));
+    both!(
+        "package-rejected",
+        PackageRejected,
+        json!({
+            "app": "collector", "source": {"kind": "drop_folder", "file": "x.zip"},
+            "reason": rejection.clone(),
+        })
+    );
+    both!(
+        "event-rejected",
+        EventRejected,
+        json!({
+            "stage": "signer", "subject": "fleetcast.v1.package.detected", "reason": rejection.clone(),
+        })
+    );
+    both!(
+        "release-signed",
+        ReleaseSigned,
+        json!({
+            "app": "collector", "version": "1.2.3", "object": "collector-1.2.3.zip",
+            "blake3": "ef".repeat(32), "manifest": good.clone(),
+        })
+    );
+    both!(
+        "rollback-requested",
+        RollbackRequested,
+        json!({
+            "app": "collector", "to": "1.0.0", "from": "1.2.3", "ring": "canary", "requested_by": "ops",
+        })
+    );
+    both!(
+        "rollback-signed",
+        RollbackSigned,
+        json!({
+            "app": "collector", "to": "1.0.0", "from": "1.2.3", "manifest": good.clone(),
+        })
+    );
+    both!(
+        "release-rejected",
+        ReleaseRejected,
+        json!({
+            "app": "collector", "version": "1.2.3", "stage": "distributor", "reason": rejection.clone(),
+        })
+    );
+    both!("release-stored", ReleaseStored, stored.clone());
+    both!("release-state", ReleaseState, json!("stored"));
+    both!(
+        "release-record",
+        ReleaseRecord,
+        json!({
+            "app": "collector", "version": "1.2.3", "state": "stored", "reason": rejection.clone(),
+            "manifest": good.clone(), "stored": stored, "updated": rfc3339(now()),
+        })
+    );
+    both!("chunk-index", ChunkIndex, index.clone());
+    both!("file-chunks", FileChunks, index["files"][0].clone());
+    both!(
+        "chunk-ref",
+        ChunkRef,
+        index["files"][0]["chunks"][0].clone()
+    );
+    both!(
+        "desired-state",
+        DesiredState,
+        json!({
+            "app": "collector", "ring": "canary", "version": "1.2.3", "manifest": good.clone(),
+            "index_key": "collector.1.2.3", "slot": true,
+        })
+    );
+    both!(
+        "slot-request",
+        SlotRequest,
+        json!({
+            "agent_id": "host-1", "app": "collector", "ring": "canary", "version": "1.2.3",
+        })
+    );
+    both!(
+        "slot-reply",
+        SlotReply,
+        json!({
+            "granted": false, "retry_after_ms": 5000, "reason": "all slots taken",
+        })
+    );
+    both!("app-state", AppState, json!("waiting_for_slot"));
+    both!(
+        "agent-status",
+        AgentStatus,
+        json!({
+            "agent_id": "host-1", "app": "collector", "state": "refused", "version": "1.2.3",
+            "progress_bytes": 10, "reason": "manifest expired", "at": rfc3339(now()),
+        })
+    );
+    both!(
+        "agent-heartbeat",
+        AgentHeartbeat,
+        json!({
+            "agent_id": "host-1", "host": "host-1.example", "ring": "canary",
+            "labels": {"site": "paris"}, "apps": [app.clone()], "at": rfc3339(now()),
+        })
+    );
+    both!("app-heartbeat", AppHeartbeat, app);
+    // Hostile encodings.
+    out.extend([
+        seed(
+            "msgpack-array32-huge-len",
+            b"\xdd\xff\xff\xff\xff\xa1a".to_vec(),
+        ),
+        seed(
+            "msgpack-map32-huge-len",
+            b"\xdf\xff\xff\xff\xff\xa3app".to_vec(),
+        ),
+        seed(
+            "msgpack-str32-huge-len",
+            b"\x81\xa3app\xdb\xff\xff\xff\xffab".to_vec(),
+        ),
+        seed(
+            "msgpack-bin32-huge-len",
+            b"\x81\xa3app\xc6\xff\xff\xff\xffab".to_vec(),
+        ),
+        seed("msgpack-deep-nesting", [0x91u8].repeat(5000)),
+        seed(
+            "msgpack-ext-and-nil",
+            b"\x82\xa3app\xd4\x01\x00\xa7version\xc0".to_vec(),
+        ),
+        seed(
+            "msgpack-positional-struct",
+            b"\x93\xa9collector\xa51.2.3\x90".to_vec(),
+        ),
+        seed("msgpack-invalid-utf8", b"\x81\xa3app\xa2\xff\xfe".to_vec()),
+        seed(
+            "json-deep-nesting",
+            format!("{}{}", "{\"a\":".repeat(3000), "}".repeat(3000)),
+        ),
+        seed("json-truncated", bytes(&index)[..40].to_vec()),
+        seed(
+            "json-bad-semver",
+            br#"{"agent_id":"a","app":"b","ring":"c","version":"01.2.3"}"#.to_vec(),
+        ),
+        seed(
+            "json-huge-semver",
+            format!(
+                r#"{{"agent_id":"a","app":"b","ring":"c","version":"1.2.{}"}}"#,
+                "9".repeat(40)
+            ),
+        ),
+        seed(
+            "json-leap-second",
+            br#"{"agent_id":"a","app":"b","state":"running","at":"2016-12-31T23:59:60Z"}"#.to_vec(),
+        ),
+        seed(
+            "json-bad-date",
+            br#"{"agent_id":"a","app":"b","state":"running","at":"2026-02-30T25:61:00+99:00"}"#
+                .to_vec(),
+        ),
+        seed(
+            "json-unknown-variant",
+            br#"{"kind":"usb_stick","file":"x"}"#.to_vec(),
+        ),
+        seed(
+            "json-duplicate-field",
+            br#"{"granted":true,"granted":false}"#.to_vec(),
+        ),
+        seed(
+            "json-escapes",
+            br#"{"code":"invalid_name","message":"\u0000\ud83d\ude00\\"}"#.to_vec(),
+        ),
+    ]);
+    out
+}
+
+fn sample_index() -> Value {
+    json!({
+        "app": "collector",
+        "version": "1.2.3",
+        "files": [
+            {"path": "bin/collector", "blake3": blake3_hex(b"abc"),
+             "chunks": [{"id": blake3_hex(b"abc"), "len": 3}]},
+            {"path": "data/empty", "chunks": []},
+        ],
+    })
+}
+
+fn chunk_indexes() -> Vec<Seed> {
+    let index = sample_index();
+    let with = |id: &str| {
+        let mut i = index.clone();
+        i["files"][0]["chunks"][0]["id"] = id.into();
+        msgpack::<ChunkIndex>(&i)
+    };
+    let text = b"fleetcast ".repeat(2000);
+    let zeros_bomb = {
+        let mut b = vec![1u8];
+        b.extend(zstd::bulk::compress(&vec![0u8; 2 << 20], 3).expect("zstd"));
+        b
+    };
+    // A frame without its content size in the header (streamed).
+    let streamed = {
+        let mut b = vec![1u8];
+        let mut enc = zstd::stream::Encoder::new(Vec::new(), 3).expect("zstd");
+        enc.write_all(&text).expect("zstd");
+        b.extend(enc.finish().expect("zstd"));
+        b
+    };
+    let zstd_text = chunking::encode_stored(&text).expect("encode");
+    let mut lying_size = zstd_text.clone();
+    // Frame header: magic (4), descriptor, then the content size; claim far more.
+    lying_size[6] = 0xff;
+    vec![
+        seed("index.msgpack", msgpack::<ChunkIndex>(&index)),
+        seed("index.json", bytes(&index)),
+        seed("index-bad-hex-id.msgpack", with(&"zz".repeat(32))),
+        seed("index-uppercase-id.msgpack", with(&blake3_hex(b"abc").to_uppercase())),
+        seed("index-short-id.msgpack", with("abc")),
+        seed("index-huge-file-count.msgpack", b"\x83\xa3app\xa1a\xa7version\xa51.0.0\xa5files\xdd\xff\xff\xff\xff".to_vec()),
+        seed("index-huge-chunk-count.msgpack", b"\x83\xa3app\xa1a\xa7version\xa51.0.0\xa5files\x91\x82\xa4path\xa1p\xa6chunks\xdd\x7f\xff\xff\xff".to_vec()),
+        seed("index-len-over-u32.json", br#"{"app":"a","version":"1.0.0","files":[{"path":"p","chunks":[{"id":"","len":4294967296}]}]}"#.to_vec()),
+        seed("chunk-raw", chunking::encode_stored(&pseudo_random(2000, 3)).expect("encode")),
+        seed("chunk-zstd", zstd_text),
+        seed("chunk-zstd-bomb", zeros_bomb),
+        seed("chunk-zstd-streamed", streamed),
+        seed("chunk-zstd-lying-size", lying_size),
+        seed("chunk-zstd-skippable-frame", b"\x01\x50\x2a\x4d\x18\x04\x00\x00\x00abcd".to_vec()),
+        seed("chunk-unknown-encoding", b"\x07abc".to_vec()),
+        seed("chunk-empty-raw", vec![0u8]),
+        seed("file-content", text.clone()),
+        seed("file-content-random", pseudo_random(40_000, 11)),
+    ]
+}
