@@ -15,6 +15,9 @@ pub struct Settings {
     pub nats: NatsSettings,
     /// HTTP API and dashboard.
     pub listen: SocketAddr,
+    /// Serve them over HTTPS with this certificate and key (PEM): set it whenever `listen` is
+    /// reachable from other machines.
+    pub tls: Option<fleetcast_runtime::https::HttpsSettings>,
     /// An agent silent this long is stale: shown as such, left out of rollout denominators.
     #[serde(with = "humantime_serde")]
     pub stale_after: Duration,
@@ -36,6 +39,7 @@ impl Default for Settings {
         Settings {
             nats: NatsSettings::default(),
             listen: SocketAddr::from(([127, 0, 0, 1], 8430)),
+            tls: None,
             stale_after: Duration::from_secs(45),
             prune_after: Duration::from_secs(7 * 24 * 3600),
             slot_lease: Duration::from_secs(600),

@@ -60,3 +60,96 @@ async fn every_service_and_agent_talk_tls_and_clients_without_a_certificate_are_
         .expect("a client with the CA's certificate connects");
     ok.flush().await.expect("flush");
 }
+
+/// `GET path` over HTTPS to 127.0.0.1:`port`, trusting only the CA in `ca`: the response.
+async fn https_get(port: u16, ca: &std::path::Path, path: &str) -> std::io::Result<String> {
+    use rustls::pki_types::pem::PemObject;
+    use tokio::io::{AsyncReadExt, AsyncWriteExt};
+
+    let mut roots = rustls::RootCertStore::empty();
+    for cert in
+        rustls::pki_types::CertificateDer::pem_file_iter(ca).map_err(std::io::Error::other)?
+    {
+        roots
+            .add(cert.map_err(std::io::Error::other)?)
+            .map_err(std::io::Error::other)?;
+    }
+    let config = rustls::ClientConfig::builder_with_provider(std::sync::Arc::new(
+        rustls::crypto::ring::default_provider(),
+    ))
+    .with_safe_default_protocol_versions()
+    .map_err(std::io::Error::other)?
+    .with_root_certificates(roots)
+    .with_no_client_auth();
+    let tcp = tokio::net::TcpStream::connect(("127.0.0.1", port)).await?;
+    let name = rustls::pki_types::ServerName::IpAddress(std::net::Ipv4Addr::LOCALHOST.into());
+    let mut tls = tokio_rustls::TlsConnector::from(std::sync::Arc::new(config))
+        .connect(name, tcp)
+        .await?;
+    tls.write_all(
+        format!("GET {path} HTTP/1.1\r\nHost: 127.0.0.1\r\nConnection: close\r\n\r\n").as_bytes(),
+    )
+    .await?;
+    let mut response = String::new();
+    tls.read_to_string(&mut response).await?;
+    Ok(response)
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn the_tracker_serves_its_api_and_dashboard_over_https_only() {
+    let mut p = Pipeline::new().await.expect("pipeline");
+    let pki = fleetcast_harness::tls::TestPki::generate().expect("pki");
+    let (cert_file, key_file) = pki.pair("server");
+    let port = std::net::TcpListener::bind("127.0.0.1:0")
+        .and_then(|l| l.local_addr())
+        .expect("free port")
+        .port();
+    p.start_tracker_with(fleetcast_tracker::Settings {
+        listen: std::net::SocketAddr::from(([127, 0, 0, 1], port)),
+        tls: Some(fleetcast_runtime::https::HttpsSettings {
+            cert_file,
+            key_file,
+        }),
+        ..p.tracker_settings()
+    });
+    let deadline = tokio::time::Instant::now() + fleetcast_e2e::TIMEOUT;
+    let health = loop {
+        match https_get(port, &pki.ca(), "/health").await {
+            Ok(r) if r.starts_with("HTTP/1.1 200") => break r,
+            other => {
+                assert!(
+                    tokio::time::Instant::now() < deadline,
+                    "no HTTPS answer: {other:?}"
+                );
+                tokio::time::sleep(Duration::from_millis(100)).await;
+            }
+        }
+    };
+    assert!(health.contains("ok"), "{health}");
+    let page = https_get(port, &pki.ca(), "/").await.expect("dashboard");
+    assert!(page.contains("<title>"), "{page}");
+
+    // In clear, nothing HTTP answers; a client that does not trust the CA is refused.
+    let plain = {
+        use tokio::io::{AsyncReadExt, AsyncWriteExt};
+        let mut tcp = tokio::net::TcpStream::connect(("127.0.0.1", port))
+            .await
+            .expect("connect");
+        let mut answer = Vec::new();
+        // The server may close or reset the connection: either way, no HTTP answer.
+        if tcp
+            .write_all(b"GET /health HTTP/1.1\r\nHost: 127.0.0.1\r\nConnection: close\r\n\r\n")
+            .await
+            .is_ok()
+        {
+            let _ = tcp.read_to_end(&mut answer).await;
+        }
+        String::from_utf8_lossy(&answer).into_owned()
+    };
+    assert!(
+        !plain.contains("HTTP/1.1 200"),
+        "answered in clear: {plain}"
+    );
+    let other = fleetcast_harness::tls::TestPki::generate().expect("other pki");
+    assert!(https_get(port, &other.ca(), "/health").await.is_err());
+}
