@@ -446,6 +446,14 @@ pub fn any_port() -> std::net::SocketAddr {
     std::net::SocketAddr::from(([127, 0, 0, 1], 0))
 }
 
+/// A loopback address free right now, for a server whose address the test must know before it
+/// starts (the tracker's HTTP port).
+pub fn free_addr() -> std::net::SocketAddr {
+    std::net::TcpListener::bind("127.0.0.1:0")
+        .and_then(|l| l.local_addr())
+        .expect("free port")
+}
+
 /// A release read back the way an agent will: the record's signed manifest (verified), the
 /// chunk index, every chunk fetched by direct get and verified, every file reassembled and
 /// checked against the manifest. Returns path → content.

@@ -5,7 +5,7 @@ use std::future::Future;
 use std::net::SocketAddr;
 use std::time::Duration;
 
-use fleetcast_e2e::{Pipeline, TIMEOUT, script_app};
+use fleetcast_e2e::{Pipeline, TIMEOUT, free_addr, script_app};
 use fleetcast_events::names::{RELEASE_REJECTED, RELEASE_STORED, ROLLBACK_SIGNED};
 use fleetcast_events::v1::{RejectCode, ReleaseRejected, ReleaseStored, RollbackSigned};
 use fleetcast_harness::fixtures::sample_package;
@@ -15,13 +15,6 @@ use tokio_util::sync::CancellationToken;
 
 fn v(s: &str) -> Version {
     Version::parse(s).expect("version")
-}
-
-/// A loopback address on a port free right now: the test must know it to ask.
-fn free_addr() -> SocketAddr {
-    std::net::TcpListener::bind("127.0.0.1:0")
-        .and_then(|l| l.local_addr())
-        .expect("free port")
 }
 
 /// `GET path` → status and body; `None` while nothing answers.

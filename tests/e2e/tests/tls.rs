@@ -100,10 +100,7 @@ async fn the_tracker_serves_its_api_and_dashboard_over_https_only() {
     let mut p = Pipeline::new().await.expect("pipeline");
     let pki = fleetcast_harness::tls::TestPki::generate().expect("pki");
     let (cert_file, key_file) = pki.pair("server");
-    let port = std::net::TcpListener::bind("127.0.0.1:0")
-        .and_then(|l| l.local_addr())
-        .expect("free port")
-        .port();
+    let port = fleetcast_e2e::free_addr().port();
     p.start_tracker_with(fleetcast_tracker::Settings {
         listen: std::net::SocketAddr::from(([127, 0, 0, 1], port)),
         tls: Some(fleetcast_runtime::https::HttpsSettings {

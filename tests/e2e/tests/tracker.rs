@@ -53,10 +53,7 @@ async fn fleet_in(
     policy: AppPolicy,
     agents: &[(&str, &str)],
 ) -> (tempfile::TempDir, u16) {
-    let port = std::net::TcpListener::bind("127.0.0.1:0")
-        .and_then(|l| l.local_addr())
-        .expect("free port")
-        .port();
+    let port = fleetcast_e2e::free_addr().port();
     settings.listen = std::net::SocketAddr::from(([127, 0, 0, 1], port));
     settings.apps.insert("shapp".into(), policy);
     p.start_tracker_with(settings);

@@ -206,10 +206,7 @@ async fn an_agent_whose_timestamps_stop_reports_stale_metadata_and_the_tracker_s
         ..p.signer_settings()
     };
     p.start_signer_with(signer.clone());
-    let port = std::net::TcpListener::bind("127.0.0.1:0")
-        .and_then(|l| l.local_addr())
-        .expect("free port")
-        .port();
+    let port = fleetcast_e2e::free_addr().port();
     p.start_tracker_with(fleetcast_tracker::Settings {
         listen: std::net::SocketAddr::from(([127, 0, 0, 1], port)),
         ..p.tracker_settings()
