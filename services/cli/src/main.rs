@@ -304,7 +304,7 @@ async fn execute(args: Args) -> anyhow::Result<ExitCode> {
         Command::Keygen { dir, name, force } => {
             let (secret, public, id) = cli::keygen(&dir, &name, force)?;
             println!(
-                "key id {id}\nsecret key: {} (give it to the signer only)\npublic key: {}",
+                "key id {id}\nsecret key: {} (keep it secret: a signing key goes to the signer only, a root key stays offline with its holder)\npublic key: {}",
                 secret.display(),
                 public.display()
             );
