@@ -2,7 +2,7 @@
 //! key. A key is named by its id, the first 16 hex digits of the BLAKE3 of the public key.
 
 use base64::{Engine, engine::general_purpose::STANDARD as B64};
-use ed25519_dalek::{Signer, SigningKey, Verifier, VerifyingKey};
+use ed25519_dalek::{Signer, SigningKey, VerifyingKey};
 use schemars::JsonSchema;
 use serde::{Deserialize, Serialize};
 
