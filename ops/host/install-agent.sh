@@ -2,7 +2,7 @@
 # Installs (or updates, or removes) the fleetcast agent on a Linux host with systemd.
 #
 #   install-agent.sh --binary ./fleetcast-agent --nats-url nats://nats.example.net:4222 \
-#       --trusted-key-file signing.pub --ring canary --app collector='bin/collector --config c.yaml'
+#       --trusted-root-file root-1.json --ring canary --app collector='bin/collector --config c.yaml'
 #   install-agent.sh --binary ./fleetcast-agent            # later: update the binary and unit only
 #   install-agent.sh --uninstall [--purge]
 #
@@ -24,7 +24,9 @@
 #   --nats-url URL           NATS server, e.g. nats://hub.example.net:4222 or a site's leaf node;
 #                            a cluster's nodes as a comma-separated list
 #   --credentials FILE       a NATS .creds file for this agent (copied to /etc/fleetcast)
-#   --trusted-key-file FILE  a release-signing public key file (repeatable)
+#   --trusted-root-file FILE the first root of trust (`fleetcast root`; recommended: signing keys
+#                            then rotate without touching this host)
+#   --trusted-key-file FILE  or a pinned release-signing public key file (repeatable)
 #   --trusted-key TEXT       the same, inline (repeatable)
 #   --agent-id ID            this host's id in the fleet (default: the short host name)
 #   --ring RING              its ring (default: default)
@@ -55,16 +57,17 @@ say() { echo "install-agent: $*"; }
 
 binary="" nats_url="" credentials="" agent_id="" ring="default" apps_file=""
 overwrite=false uninstall=false purge=false
-key_files=() keys=() apps=()
+key_files=() keys=() apps=() root_file=""
 while [[ $# -gt 0 ]]; do
     case "$1" in
-        --binary | --nats-url | --credentials | --trusted-key-file | --trusted-key | \
+        --binary | --nats-url | --credentials | --trusted-root-file | --trusted-key-file | --trusted-key | \
             --agent-id | --ring | --app | --apps-file)
             [[ $# -ge 2 ]] || die "$1 needs a value"
             case "$1" in
                 --binary) binary="$2" ;;
                 --nats-url) nats_url="$2" ;;
                 --credentials) credentials="$2" ;;
+                --trusted-root-file) root_file="$2" ;;
                 --trusted-key-file) key_files+=("$2") ;;
                 --trusted-key) keys+=("$2") ;;
                 --agent-id) agent_id="$2" ;;
@@ -85,7 +88,7 @@ while [[ $# -gt 0 ]]; do
     esac
 done
 [[ "$(id -u)" == 0 ]] || die "run as root"
-for value in "$binary" "$nats_url" "$credentials" "$agent_id" "$ring" "$apps_file" \
+for value in "$binary" "$nats_url" "$credentials" "$agent_id" "$ring" "$apps_file" "$root_file" \
     "${key_files[@]}" "${keys[@]}" "${apps[@]}"; do
     [[ "$value" != *[[:cntrl:]]* ]] || die "control character in ${value@Q}"
 done
@@ -163,8 +166,8 @@ install -d -m 0750 -o "$user" -g "$user" "$state_dir"
 # 4. The config, from the options, unless one is there already.
 if [[ ! -f "$config" ]] || $overwrite; then
     [[ -n "$nats_url" ]] || die "--nats-url is needed to write $config"
-    [[ ${#key_files[@]} -gt 0 || ${#keys[@]} -gt 0 ]] ||
-        die "a --trusted-key-file or --trusted-key is needed to write $config"
+    [[ -n "$root_file" || ${#key_files[@]} -gt 0 || ${#keys[@]} -gt 0 ]] ||
+        die "a --trusted-root-file, --trusted-key-file or --trusted-key is needed to write $config"
     [[ ${#apps[@]} -gt 0 || -n "$apps_file" ]] || die "an --app or --apps-file is needed to write $config"
     if [[ -z "$agent_id" ]]; then
         host="$(uname -n)"
@@ -178,7 +181,12 @@ if [[ ! -f "$config" ]] || $overwrite; then
     done
 
     # Keys and credentials first, into /etc/fleetcast where the agent can read but not write.
-    key_list="" inline_list="" creds_line=""
+    key_list="" inline_list="" creds_line="" root_line=""
+    if [[ -n "$root_file" ]]; then
+        [[ -f "$root_file" ]] || die "root file $root_file not found"
+        install_file "$root_file" "$conf_dir/keys/root-1.json" 0644 root:root
+        root_line="trusted_root_file = $(toml_string "$conf_dir/keys/root-1.json")"
+    fi
     for f in "${key_files[@]}"; do
         [[ -f "$f" ]] || die "trusted key file $f not found"
         dest="$conf_dir/keys/$(basename "$f")"
@@ -189,7 +197,9 @@ if [[ ! -f "$config" ]] || $overwrite; then
     if [[ -n "$credentials" ]]; then
         [[ -f "$credentials" ]] || die "credentials file $credentials not found"
         install_file "$credentials" "$conf_dir/agent.creds" 0640 "root:$user"
-        creds_line="credentials = $(toml_string "$conf_dir/agent.creds")"
+        # Replies under the agent's own prefix: with a per-agent identity (ops/nats/gen-accounts)
+        # it may read no other.
+        creds_line="credentials = $(toml_string "$conf_dir/agent.creds")"$'\n'"inbox_prefix = $(toml_string "_INBOX.$agent_id")"
     fi
     if [[ -n "$apps_file" ]]; then
         [[ -f "$apps_file" ]] || die "$apps_file not found"
@@ -205,6 +215,7 @@ if [[ ! -f "$config" ]] || $overwrite; then
         echo "agent_id = $(toml_string "$agent_id")"
         echo "ring = $(toml_string "$ring")"
         echo "data_dir = $(toml_string "$state_dir/agent")"
+        [[ -z "$root_line" ]] || echo "$root_line"
         [[ -z "$key_list" ]] || echo "trusted_key_files = [$key_list]"
         [[ -z "$inline_list" ]] || echo "trusted_keys = [$inline_list]"
         echo
