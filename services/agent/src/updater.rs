@@ -334,10 +334,20 @@ impl AppRunner {
         self.report(AppState::Downloading, Some(target.clone()), None)
             .await;
         let prepared = self.prepare(&manifest, desired).await;
-        if let Err(UpdateError::Refused(_)) = &prepared {
-            // Nothing running was touched; the journal says so again.
-            self.journal.step = Step::Idle;
-            self.save()?;
+        match &prepared {
+            Err(UpdateError::Refused(_)) => {
+                // Nothing running was touched; the journal says so again.
+                self.journal.step = Step::Idle;
+                self.save()?;
+            }
+            // The store or network failed (a slow store times out every fetch): nothing
+            // running was touched and the update is retried, but say so and why, or the host
+            // reads as downloading for as long as the store keeps failing.
+            Err(e @ UpdateError::Transient(_)) => {
+                self.report(AppState::Failed, Some(target.clone()), Some(e.to_string()))
+                    .await;
+            }
+            _ => {}
         }
         let launch = prepared?;
         self.switch(target, launch).await?;
@@ -606,5 +616,94 @@ impl AppRunner {
 
     pub async fn stop(&mut self) {
         self.supervisor.stop().await;
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use std::collections::BTreeMap;
+
+    use fleetcast_events::names::release_key;
+    use fleetcast_events::{FileEntry, Manifest, SignedManifest};
+
+    use super::*;
+
+    /// A staging that fails for want of the store (here its chunk index cannot be had, as when
+    /// a slow store times out) is reported as a failure with its reason, the heartbeat says so
+    /// too, and nothing is refused or installed: the retry can still succeed.
+    #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+    async fn a_transient_staging_failure_is_reported_and_nothing_is_installed() {
+        let p = fleetcast_e2e::Pipeline::new().await.expect("pipeline");
+        let bus = p.bus().await.expect("bus");
+        let host = tempfile::tempdir().expect("tmp");
+        let app = AppSettings {
+            name: "shapp".into(),
+            command: vec!["bin/run".into()],
+            env: BTreeMap::new(),
+            health: Default::default(),
+            crash: Default::default(),
+            grace: Duration::from_secs(1),
+        };
+        let settings = Settings {
+            agent_id: "unit-1".into(),
+            data_dir: host.path().join("data"),
+            trusted_keys: vec![p.key.public().to_text()],
+            apps: vec![app.clone()],
+            ..Default::default()
+        };
+        let trust = Arc::new(settings.trust().expect("trust"));
+        let mut runner =
+            AppRunner::new(app, Arc::new(settings), trust, bus.clone()).expect("runner");
+        let version = Version::new(1, 0, 0);
+        let now = OffsetDateTime::now_utc();
+        let manifest = Manifest {
+            app: "shapp".into(),
+            version: version.clone(),
+            files: vec![FileEntry {
+                path: "bin/run".into(),
+                mode: 0o755,
+                size: 3,
+                blake3: blake3::hash(b"hi\n").to_hex().to_string(),
+                link: None,
+            }],
+            created: now,
+            expires: now + time::Duration::hours(1),
+            rollback_from: None,
+        };
+        let desired = DesiredState {
+            app: "shapp".into(),
+            ring: "default".into(),
+            version: version.clone(),
+            manifest: SignedManifest::sign(&manifest, &[&p.key]).expect("sign"),
+            index_key: release_key("shapp", &version), // never stored
+            slot: false,
+        };
+
+        let outcome = runner.apply(&desired).await;
+        assert!(
+            matches!(outcome, Err(UpdateError::Transient(_))),
+            "{outcome:?}"
+        );
+        let want = version.clone();
+        let status: AgentStatus = p
+            .wait_status(move |s: &AgentStatus| {
+                s.agent_id == "unit-1"
+                    && s.state == AppState::Failed
+                    && s.version == Some(want.clone())
+            })
+            .await
+            .expect("the failure is reported");
+        let reason = status.reason.unwrap_or_default();
+        assert!(
+            reason.contains("will retry") && reason.contains("not found"),
+            "{reason}"
+        );
+        let beat = runner.heartbeat();
+        assert_eq!(beat.state, AppState::Failed);
+        assert_eq!(beat.staged, Some(version.clone()));
+        assert_eq!(beat.running, None);
+        assert!(!runner.journal().is_refused(&version));
+        assert!(runner.root.installed().is_empty());
+        assert_eq!(runner.root.current(), None);
     }
 }

@@ -37,7 +37,7 @@ pub struct AppView {
     pub staged: Option<Version>,
     pub previous: Option<Version>,
     pub uptime_s: u64,
-    /// The last refusal or rollback, with its reason.
+    /// The last refusal, rollback or failed download, with its reason.
     pub last_error: Option<AppError>,
 }
 
@@ -97,7 +97,9 @@ impl Fleet {
         }
         match st.state {
             AppState::Running => view.running.clone_from(&st.version),
-            AppState::RolledBack | AppState::Refused => {
+            // A failed download (the store timed out) is retried, not counted against the
+            // rollout, but its reason is what an operator needs to see.
+            AppState::RolledBack | AppState::Refused | AppState::Failed => {
                 view.last_error = Some(AppError {
                     version: st.version.clone(),
                     state: st.state,
