@@ -250,12 +250,12 @@ pub async fn desire(bus: &Bus, app: &str, ring: &str, version: &Version) -> anyh
         .map_err(anyhow::Error::msg)
 }
 
-/// Sends an operator command to the tracker (request/reply on `fleetcast.v1.tracker.command`).
+/// Sends an operator command to the tracker (request/reply on the command's subject).
 pub async fn tracker(bus: &Bus, command: &Command) -> anyhow::Result<Reply> {
     let answer = tokio::time::timeout(
         Duration::from_secs(10),
         bus.client
-            .request(names::TRACKER_COMMAND, serde_json::to_vec(command)?.into()),
+            .request(command.subject(), serde_json::to_vec(command)?.into()),
     )
     .await
     .context("the tracker did not answer within 10 s")?

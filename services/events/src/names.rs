@@ -59,8 +59,14 @@ pub fn root_key(version: u64) -> String {
 pub const FLEET_BUCKET: &str = "fleetcast-fleet";
 /// The tracker's rollouts: one key per app (its current or last rollout).
 pub const ROLLOUTS_BUCKET: &str = "fleetcast-rollouts";
-/// Operators' commands to the tracker (request/reply, JSON): approve, pause, resume, abort, show.
+/// Operators' commands that steer a rollout (request/reply, JSON): approve, pause, resume,
+/// abort. On a subject of their own so that a credential that may only look (CI's) cannot
+/// steer.
 pub const TRACKER_COMMAND: &str = "fleetcast.v1.tracker.command";
+/// Questions to the tracker (request/reply, JSON): status, show.
+pub const TRACKER_QUERY: &str = "fleetcast.v1.tracker.query";
+/// Both, for the tracker's subscription.
+pub const TRACKER_REQUESTS: &str = "fleetcast.v1.tracker.*";
 /// Every app's slot requests, for the tracker's queue subscription.
 pub const SLOT_REQUESTS: &str = "fleetcast.v1.slot.*";
 

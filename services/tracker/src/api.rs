@@ -1,5 +1,6 @@
-//! What operators exchange with the tracker: commands over NATS (request/reply on
-//! `fleetcast.v1.tracker.command`, JSON) and the views the HTTP API and CLI show.
+//! What operators exchange with the tracker: commands over NATS (request/reply, JSON: questions
+//! on `fleetcast.v1.tracker.query`, steering on `fleetcast.v1.tracker.command`) and the views
+//! the HTTP API and CLI show.
 
 use semver::Version;
 use serde::{Deserialize, Serialize};
@@ -29,6 +30,20 @@ pub enum Command {
     Abort {
         app: String,
     },
+}
+
+impl Command {
+    /// The subject it is sent on: questions and steering apart, so NATS permissions can let a
+    /// credential ask (CI's `rollout watch`) without letting it steer.
+    pub fn subject(&self) -> &'static str {
+        match self {
+            Command::Status | Command::Show { .. } => fleetcast_events::names::TRACKER_QUERY,
+            Command::Approve { .. }
+            | Command::Pause { .. }
+            | Command::Resume { .. }
+            | Command::Abort { .. } => fleetcast_events::names::TRACKER_COMMAND,
+        }
+    }
 }
 
 #[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize)]

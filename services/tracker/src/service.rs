@@ -8,7 +8,7 @@ use std::sync::Arc;
 
 use async_nats::jetstream::consumer::{DeliverPolicy, pull};
 use fleetcast_events::Encoding;
-use fleetcast_events::names::{self, FLEET_BUCKET, SLOT_REQUESTS, TRACKER_COMMAND};
+use fleetcast_events::names::{self, FLEET_BUCKET, SLOT_REQUESTS, TRACKER_REQUESTS};
 use fleetcast_events::v1::{
     AgentHeartbeat, AgentStatus, ReleaseStored, RollbackSigned, SlotReply, SlotRequest,
 };
@@ -567,8 +567,14 @@ impl Tracker {
         shutdown: CancellationToken,
     ) -> Result<(), String> {
         let this = &*self;
-        this.serve(TRACKER_COMMAND, shutdown, |msg| async move {
+        this.serve(TRACKER_REQUESTS, shutdown, |msg| async move {
             let reply = match serde_json::from_slice::<Command>(&msg.payload) {
+                // Only on its own subject: permissions on the subject decide who may steer.
+                Ok(command) if command.subject() != msg.subject.as_str() => Reply::failed(format!(
+                    "this command is sent on {}, not {}",
+                    command.subject(),
+                    msg.subject
+                )),
                 Ok(command) => this.command(command).await,
                 Err(e) => Reply::failed(format!("not a command: {e}")),
             };

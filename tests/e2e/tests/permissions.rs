@@ -254,6 +254,7 @@ async fn an_agent_identity_is_refused_everything_but_its_own_business() {
         names::ROLLBACK_SIGNED.to_string(),
         names::slot_subject("otherapp"),
         names::TRACKER_COMMAND.to_string(),
+        names::TRACKER_QUERY.to_string(),
     ] {
         h1.publish(subject.clone(), "{}".into())
             .await
@@ -376,6 +377,8 @@ async fn every_role_is_refused_what_is_not_its_job() {
                 format!("$KV.{}.shapp.1.0.0", names::RELEASES_BUCKET),
                 names::chunk_subject("00"),
                 delete_chunks.clone(),
+                // It may ask the tracker (rollout watch), not steer it.
+                names::TRACKER_COMMAND.into(),
             ],
         ),
         (
