@@ -375,7 +375,16 @@ async fn execute(args: Args) -> anyhow::Result<ExitCode> {
             let reason = r.reason.clone().unwrap_or_default();
             Ok(match r.phase {
                 Phase::Completed => {
-                    println!("{app} {}: completed", r.version);
+                    let done: usize = view.rings.iter().map(|ring| ring.done).sum();
+                    println!("{app} {}: completed on {done} host(s)", r.version);
+                    if done == 0 {
+                        // Not a failure (no live host runs the app: nothing to update), but
+                        // rarely what CI meant; say so where its log shows it.
+                        eprintln!(
+                            "warning: no live host reported {app} {}: check the app name and that its agents are connected (fleetcast agents)",
+                            r.version
+                        );
+                    }
                     ExitCode::SUCCESS
                 }
                 Phase::Halted => {
