@@ -279,6 +279,9 @@ pub async fn watch_rollout(
     loop {
         let reply = tracker(bus, &Command::Show { app: app.into() }).await?;
         let view = match (reply.rollout, version) {
+            // The awaited version's rollout was replaced (by a newer release, or a rollback):
+            // it will not come. The caller sees another version and says so.
+            (Some(view), Some(v)) if view.rollout.superseded.contains(v) => return Ok(view),
             // Another version's rollout (an earlier one, or the one a rollback replaces).
             (Some(view), Some(v)) if view.rollout.version != *v => None,
             (Some(view), _) => Some(view),

@@ -201,7 +201,8 @@ enum RootAction {
 #[derive(Subcommand)]
 enum RolloutAction {
     /// Live progress per ring until the rollout completes (exit 0), halts (exit 3) or is
-    /// aborted (exit 4): what CI waits on.
+    /// aborted (exit 4), or, with --version, is superseded by a newer release or a rollback
+    /// before it ends (exit 5): what CI waits on.
     Watch {
         app: String,
         /// Wait for the rollout of this version (e.g. the one CI just published).
@@ -373,6 +374,18 @@ async fn execute(args: Args) -> anyhow::Result<ExitCode> {
             let view = cli::watch_rollout(&bus, &app, version.as_ref()).await?;
             let r = &view.rollout;
             let reason = r.reason.clone().unwrap_or_default();
+            if let Some(v) = version.as_ref().filter(|v| **v != r.version) {
+                let by = if r.directive.is_some() {
+                    "a rollback to"
+                } else {
+                    "the rollout of"
+                };
+                println!(
+                    "{app} {v}: superseded by {by} {} before it ended",
+                    r.version
+                );
+                return Ok(ExitCode::from(5));
+            }
             Ok(match r.phase {
                 Phase::Completed => {
                     let done: usize = view.rings.iter().map(|ring| ring.done).sum();

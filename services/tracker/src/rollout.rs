@@ -62,7 +62,14 @@ pub struct Rollout {
     pub only_ring: Option<String>,
     #[serde(with = "time::serde::rfc3339")]
     pub created: OffsetDateTime,
+    /// Versions whose rollouts ended without completing because this one (or one it replaced)
+    /// took their place: a newer release, or a rollback. `rollout watch --version` of one of
+    /// them then ends instead of waiting for ever. The last [`SUPERSEDED_KEPT`].
+    #[serde(default)]
+    pub superseded: Vec<Version>,
 }
+
+pub const SUPERSEDED_KEPT: usize = 20;
 
 #[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize)]
 pub struct Lease {
@@ -130,6 +137,7 @@ impl Rollout {
             directive: None,
             only_ring: None,
             created: now,
+            superseded: Vec::new(),
         };
         let effects = policy
             .rings
@@ -157,6 +165,25 @@ impl Rollout {
         rollout.directive = Some(directive);
         rollout.only_ring = only_ring;
         (rollout, effects)
+    }
+
+    /// Takes the place of `previous` (the app's rollout until now): it, if it had not ended,
+    /// and what it superseded are superseded now.
+    pub fn replacing(&mut self, previous: Option<&Rollout>) {
+        let Some(previous) = previous else { return };
+        self.superseded.clone_from(&previous.superseded);
+        if previous.is_active() && previous.version != self.version {
+            self.mark_superseded(previous.version.clone());
+        }
+    }
+
+    /// `version` will not be rolled out (a release stored after a newer one started).
+    pub fn mark_superseded(&mut self, version: Version) {
+        if !self.superseded.contains(&version) {
+            self.superseded.push(version);
+        }
+        let excess = self.superseded.len().saturating_sub(SUPERSEDED_KEPT);
+        self.superseded.drain(..excess);
     }
 
     pub fn is_active(&self) -> bool {
@@ -504,6 +531,30 @@ mod tests {
                 ring("broad", Amount::Percent(50), 0),
             ],
         }
+    }
+
+    #[test]
+    fn a_rollout_replaced_before_it_ended_is_superseded_and_remembered() {
+        let policy = policy();
+        let (mut v2, _) = Rollout::start("demo", v("2.0.0"), &policy, t0());
+        let (mut v3, _) = Rollout::start("demo", v("3.0.0"), &policy, t0());
+        v3.replacing(Some(&v2));
+        assert_eq!(v3.superseded, vec![v("2.0.0")]);
+        // A rollback replacing v3 keeps the list and adds v3.
+        let (mut back, _) = Rollout::start("demo", v("1.0.0"), &policy, t0());
+        back.replacing(Some(&v3));
+        assert_eq!(back.superseded, vec![v("2.0.0"), v("3.0.0")]);
+        // A rollout that had ended (completed, halted, aborted) was not superseded.
+        v2.phase = Phase::Completed;
+        let (mut v4, _) = Rollout::start("demo", v("4.0.0"), &policy, t0());
+        v4.replacing(Some(&v2));
+        assert!(v4.superseded.is_empty());
+        // Bounded.
+        for minor in 0..(SUPERSEDED_KEPT as u64 + 5) {
+            v4.mark_superseded(Version::new(3, minor, 0));
+        }
+        assert_eq!(v4.superseded.len(), SUPERSEDED_KEPT);
+        assert_eq!(v4.superseded.last(), Some(&Version::new(3, 24, 0)));
     }
 
     /// One canary host and four broad hosts, all on 1.0.0, seen at `t0`.

@@ -268,7 +268,7 @@ impl Tracker {
                     Rollout::start(&signed.app, signed.to.clone(), &Default::default(), now).0;
                 probe.only_ring.clone_from(&signed.ring);
                 let policy = self.settings.policy_for(&probe);
-                let (rollout, _) = Rollout::start_rollback(
+                let (mut rollout, _) = Rollout::start_rollback(
                     &signed.app,
                     signed.to.clone(),
                     signed.manifest.clone(),
@@ -276,6 +276,7 @@ impl Tracker {
                     &policy,
                     now,
                 );
+                rollout.replacing(state.rollouts.get(&signed.app));
                 tracing::warn!(app = %signed.app, to = %signed.to, from = %signed.from, ring = ?signed.ring, "rollback started");
                 state.rollouts.insert(signed.app.clone(), rollout);
                 state.dirty_rollouts.insert(signed.app.clone());
@@ -325,11 +326,19 @@ impl Tracker {
                         _ => return Outcome::Done,
                     }
                 }
-                // An older release stored late: nothing to start.
-                Some(r) if r.version > stored.version => return Outcome::Done,
-                _ => {
-                    let (rollout, effects) =
+                // An older release stored late: nothing to start; whoever waits for it learns
+                // that it was superseded.
+                Some(r) if r.version > stored.version => {
+                    if let Some(r) = state.rollouts.get_mut(&stored.app) {
+                        r.mark_superseded(stored.version.clone());
+                    }
+                    state.dirty_rollouts.insert(stored.app.clone());
+                    return Outcome::Done;
+                }
+                previous => {
+                    let (mut rollout, effects) =
                         Rollout::start(&stored.app, stored.version.clone(), &policy, now);
+                    rollout.replacing(previous);
                     tracing::info!(app = %stored.app, version = %stored.version, phase = ?rollout.phase, "rollout started");
                     state.rollouts.insert(stored.app.clone(), rollout);
                     state.dirty_rollouts.insert(stored.app.clone());

@@ -322,6 +322,17 @@ async fn manual_approval_downloads_early_and_an_operator_steers_the_rollout() {
         ended.rollout.reason.as_deref(),
         Some("aborted by an operator")
     );
+
+    // v3 waits for approval when v4 arrives: whoever waits for v3 (CI's
+    // `rollout watch --version 3.0.0`, exit 5) learns that it was superseded.
+    p.release("shapp", "3.0.0", &script_app("3.0.0", true))
+        .await;
+    rollout_phase(&p, Phase::AwaitingApproval).await;
+    p.release("shapp", "4.0.0", &script_app("4.0.0", true))
+        .await;
+    let superseded = watch(&bus, Some(&v("3.0.0"))).await;
+    assert_eq!(superseded.rollout.version, v("4.0.0"));
+    assert!(superseded.rollout.superseded.contains(&v("3.0.0")));
 }
 
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
