@@ -57,7 +57,13 @@ pub async fn run(settings: Settings, shutdown: CancellationToken) -> Result<(), 
     if let Some(addr) = settings.metrics_listen {
         let metrics = metrics::AgentMetrics::new();
         let endpoint = Endpoint::new(metrics::IDENTITY, metrics.clone());
-        let serving = observe::serve(addr, endpoint.clone(), &shutdown).await?;
+        let serving = observe::serve(
+            addr,
+            settings.metrics_tls.as_ref(),
+            endpoint.clone(),
+            &shutdown,
+        )
+        .await?;
         observed = Some((metrics, endpoint, serving));
     }
     let bus = match Bus::attach(

@@ -50,6 +50,8 @@ pub struct Settings {
     /// `127.0.0.1:8434`, `GET /health` (503 while NATS is unreachable) and `GET /metrics` (each
     /// app's state, running version, uptime, updates and rollbacks) are served there.
     pub metrics_listen: Option<SocketAddr>,
+    /// …over HTTPS with this certificate and key (PEM).
+    pub metrics_tls: Option<fleetcast_runtime::https::HttpsSettings>,
     pub apps: Vec<AppSettings>,
 }
 
@@ -97,6 +99,7 @@ impl Default for Settings {
             update_windows: Vec::new(),
             slot_retry: Duration::from_secs(10),
             metrics_listen: None,
+            metrics_tls: None,
             apps: Vec::new(),
         }
     }

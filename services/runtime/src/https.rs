@@ -48,6 +48,47 @@ impl HttpsSettings {
     }
 }
 
+/// What an HTTP endpoint serves on: plain, or TLS when a certificate is configured.
+pub enum HttpListener {
+    Plain(TcpListener),
+    Tls(TlsListener),
+}
+
+impl HttpListener {
+    pub fn new(listener: TcpListener, tls: Option<&HttpsSettings>) -> Result<Self, String> {
+        Ok(match tls {
+            None => HttpListener::Plain(listener),
+            Some(tls) => HttpListener::Tls(TlsListener::new(listener, tls)?),
+        })
+    }
+
+    /// Serves `app` until `shutdown`.
+    pub async fn serve(
+        self,
+        app: axum::Router,
+        shutdown: tokio_util::sync::CancellationToken,
+    ) -> std::io::Result<()> {
+        match self {
+            HttpListener::Plain(l) => serve_on(l, app, shutdown).await,
+            HttpListener::Tls(l) => serve_on(l, app, shutdown).await,
+        }
+    }
+}
+
+async fn serve_on<L>(
+    listener: L,
+    app: axum::Router,
+    shutdown: tokio_util::sync::CancellationToken,
+) -> std::io::Result<()>
+where
+    L: axum::serve::Listener,
+    L::Addr: std::fmt::Debug,
+{
+    axum::serve(listener, app)
+        .with_graceful_shutdown(shutdown.cancelled_owned())
+        .await
+}
+
 /// Connections that completed their TLS handshake, for `axum::serve`.
 pub struct TlsListener {
     ready: mpsc::Receiver<(TlsStream<TcpStream>, SocketAddr)>,

@@ -147,6 +147,7 @@ impl Serving {
 /// and `/health` says "not connected" while it connects.
 pub async fn serve(
     addr: SocketAddr,
+    tls: Option<&crate::https::HttpsSettings>,
     endpoint: Arc<Endpoint>,
     shutdown: &CancellationToken,
 ) -> Result<Serving, ObserveError> {
@@ -158,11 +159,10 @@ pub async fn serve(
     let local = listener.local_addr().map_err(fail)?;
     let stop = shutdown.child_token();
     let stopped = stop.clone();
+    let listener = crate::https::HttpListener::new(listener, tls)
+        .map_err(|reason| ObserveError::Listen { addr, reason })?;
     tokio::spawn(async move {
-        if let Err(e) = axum::serve(listener, router(endpoint))
-            .with_graceful_shutdown(stopped.cancelled_owned())
-            .await
-        {
+        if let Err(e) = listener.serve(router(endpoint), stopped).await {
             tracing::error!(error = %e, "/health and /metrics endpoint stopped");
         }
     });
@@ -222,6 +222,7 @@ mod tests {
         let shutdown = CancellationToken::new();
         let serving = serve(
             SocketAddr::from(([127, 0, 0, 1], 0)),
+            None,
             Endpoint::new(IDENTITY, Arc::new(Nothing)),
             &shutdown,
         )

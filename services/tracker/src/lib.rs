@@ -15,7 +15,7 @@ pub mod settings;
 
 use std::sync::Arc;
 
-use fleetcast_runtime::https::TlsListener;
+use fleetcast_runtime::https::HttpListener;
 use fleetcast_runtime::{Bus, BusError};
 use tokio_util::sync::CancellationToken;
 
@@ -43,13 +43,8 @@ pub async fn run(settings: Settings, shutdown: CancellationToken) -> Result<(), 
         .await
         .map_err(|e| TrackerError::Failed(format!("cannot listen on {}: {e}", settings.listen)))?;
     // HTTPS when a certificate is configured (the API and dashboard then never go in clear).
-    let http = match &settings.tls {
-        None => Http::Plain(listener),
-        Some(tls) => Http::Tls(
-            TlsListener::new(listener, tls)
-                .map_err(|e| TrackerError::Failed(format!("tls: {e}")))?,
-        ),
-    };
+    let http = HttpListener::new(listener, settings.tls.as_ref())
+        .map_err(|e| TrackerError::Failed(format!("tls: {e}")))?;
     let tracker = service::Tracker::load(bus, Arc::new(settings))
         .await
         .map_err(TrackerError::Failed)?;
@@ -77,36 +72,13 @@ pub async fn run(settings: Settings, shutdown: CancellationToken) -> Result<(), 
         let s = shutdown.clone();
         let app = http::router(tracker.clone());
         tasks.spawn(async move {
-            let served = match http {
-                Http::Plain(l) => serve_http(l, app, s).await,
-                Http::Tls(l) => serve_http(l, app, s).await,
-            };
-            if let Err(e) = served {
+            if let Err(e) = http.serve(app, s).await {
                 tracing::error!(error = %e, "HTTP server stopped");
             }
         });
     }
     while tasks.join_next().await.is_some() {}
     Ok(())
-}
-
-enum Http {
-    Plain(tokio::net::TcpListener),
-    Tls(TlsListener),
-}
-
-async fn serve_http<L>(
-    listener: L,
-    app: axum::Router,
-    shutdown: CancellationToken,
-) -> std::io::Result<()>
-where
-    L: axum::serve::Listener,
-    L::Addr: std::fmt::Debug,
-{
-    axum::serve(listener, app)
-        .with_graceful_shutdown(async move { shutdown.cancelled().await })
-        .await
 }
 
 /// Runs one of the tracker's loops, logging why it stopped if it could not go on.

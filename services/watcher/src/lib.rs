@@ -43,7 +43,13 @@ pub async fn run(settings: Settings, shutdown: CancellationToken) -> Result<(), 
     settings.validate()?;
     let metrics = Arc::new(metrics::Metrics::new());
     let endpoint = Endpoint::new(metrics::IDENTITY, metrics.clone());
-    let _serving = observe::serve(settings.metrics_listen, endpoint.clone(), &shutdown).await?;
+    let _serving = observe::serve(
+        settings.metrics_listen,
+        settings.metrics_tls.as_ref(),
+        endpoint.clone(),
+        &shutdown,
+    )
+    .await?;
     let bus = match Bus::connect(&settings.nats, SERVICE, &shutdown).await {
         Err(BusError::Cancelled) => return Ok(()),
         other => other?,

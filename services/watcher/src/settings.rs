@@ -32,6 +32,9 @@ pub struct Settings {
     /// `127.0.0.1:8431` (the tracker has 8430, the signer 8432, the distributor 8433). In a
     /// container, `0.0.0.0:8431` lets Prometheus reach it; port 0 takes any free port.
     pub metrics_listen: SocketAddr,
+    /// Serve `/health` and `/metrics` over HTTPS with this certificate and key (PEM), for when
+    /// `metrics_listen` is reachable from other machines.
+    pub metrics_tls: Option<fleetcast_runtime::https::HttpsSettings>,
 }
 
 impl Default for Settings {
@@ -47,6 +50,7 @@ impl Default for Settings {
             ack_wait: Duration::from_secs(30),
             limits: ArchiveLimits::default(),
             metrics_listen: SocketAddr::from(([127, 0, 0, 1], 8431)),
+            metrics_tls: None,
         }
     }
 }

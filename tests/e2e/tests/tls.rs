@@ -96,7 +96,7 @@ async fn https_get(port: u16, ca: &std::path::Path, path: &str) -> std::io::Resu
 }
 
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
-async fn the_tracker_serves_its_api_and_dashboard_over_https_only() {
+async fn the_tracker_and_every_service_serve_http_over_https_only() {
     let mut p = Pipeline::new().await.expect("pipeline");
     let pki = fleetcast_harness::tls::TestPki::generate().expect("pki");
     let (cert_file, key_file) = pki.pair("server");
@@ -149,4 +149,29 @@ async fn the_tracker_serves_its_api_and_dashboard_over_https_only() {
     );
     let other = fleetcast_harness::tls::TestPki::generate().expect("other pki");
     assert!(https_get(port, &other.ca(), "/health").await.is_err());
+
+    // A service's /health and /metrics (all share runtime::observe): the signer's.
+    let (cert_file, key_file) = pki.pair("server");
+    let metrics = fleetcast_e2e::free_addr();
+    p.start_signer_with(fleetcast_signer::Settings {
+        metrics_listen: metrics,
+        metrics_tls: Some(fleetcast_runtime::https::HttpsSettings {
+            cert_file,
+            key_file,
+        }),
+        ..p.signer_settings()
+    });
+    let deadline = tokio::time::Instant::now() + fleetcast_e2e::TIMEOUT;
+    loop {
+        match https_get(metrics.port(), &pki.ca(), "/metrics").await {
+            Ok(r) if r.contains("fleetcast_signer_build_info") => break,
+            other => {
+                assert!(
+                    tokio::time::Instant::now() < deadline,
+                    "no HTTPS metrics: {other:?}"
+                );
+                tokio::time::sleep(Duration::from_millis(100)).await;
+            }
+        }
+    }
 }
