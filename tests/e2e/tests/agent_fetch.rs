@@ -212,4 +212,30 @@ async fn an_interrupted_download_resumes_and_a_tampered_chunk_is_refused() {
         !other.version_dir(&v("1.0.0")).exists(),
         "a tampered version was installed"
     );
+
+    // Endless data: a chunk that decompresses to 64 MiB (a few KiB stored) is cut off at the
+    // largest chunk size and refused; one stored larger than that is refused by the store.
+    let mut bomb = vec![1u8]; // the zstd encoding
+    bomb.extend(zstd::bulk::compress(&vec![0u8; 64 << 20], 19).expect("compress"));
+    assert!(bomb.len() < 64 << 10, "{} bytes", bomb.len());
+    bus.js
+        .publish(chunk_subject(&victim.id), bomb.into())
+        .await
+        .expect("publish")
+        .await
+        .expect("ack");
+    let err = assemble(&other, &m, &i, &LocalChunks::default(), &store, 4)
+        .await
+        .expect_err("endless chunk");
+    assert!(
+        matches!(err, AssembleError::Chunk(ChunkError::Decompress { .. })),
+        "{err}"
+    );
+    assert!(!other.version_dir(&v("1.0.0")).exists());
+    let oversized = bus
+        .js
+        .publish(chunk_subject(&victim.id), vec![0u8; 512 << 10].into())
+        .await
+        .expect("publish");
+    assert!(oversized.await.is_err(), "the store took a 512 KiB chunk");
 }
