@@ -145,7 +145,7 @@ pub async fn run(settings: Settings, shutdown: CancellationToken) -> Result<(), 
                     at: OffsetDateTime::now_utc(),
                 };
                 let subject = agent_heartbeat_subject(&settings.agent_id);
-                if let Err(e) = bus.publish_event(&subject, &beat, Encoding::MsgPack, None).await {
+                if let Err(e) = bus.report_event(&subject, &beat, Encoding::MsgPack).await {
                     tracing::debug!(error = %e, "heartbeat not published");
                 }
             }

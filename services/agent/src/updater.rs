@@ -578,7 +578,7 @@ impl AppRunner {
         let subject = agent_status_subject(&self.host.agent_id);
         if let Err(e) = self
             .bus
-            .publish_event(&subject, &status, Encoding::MsgPack, None)
+            .report_event(&subject, &status, Encoding::MsgPack)
             .await
         {
             tracing::warn!(error = %e, "status not published");

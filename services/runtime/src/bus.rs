@@ -266,6 +266,29 @@ impl Bus {
     }
 }
 
+impl Bus {
+    /// Publishes a report without waiting for the stream's ack: what agents send about
+    /// themselves (status, heartbeats). The stream captures it all the same; a lost one is not
+    /// sent again in any case (the next heartbeat says it all again), so waiting for an ack
+    /// per report would only cost a round trip and, across a fleet announced to at once, a
+    /// server reply per host.
+    pub async fn report_event<T: Serialize>(
+        &self,
+        subject: &str,
+        event: &T,
+        encoding: Encoding,
+    ) -> Result<(), BusError> {
+        let (headers, payload) = encode_event(subject, event, encoding)?;
+        self.client
+            .publish_with_headers(subject.to_string(), headers, payload.into())
+            .await
+            .map_err(|e| BusError::Publish {
+                subject: subject.into(),
+                reason: e.to_string(),
+            })
+    }
+}
+
 /// An event's payload and the headers naming its encoding.
 fn encode_event<T: Serialize>(
     subject: &str,
