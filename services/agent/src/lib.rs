@@ -81,9 +81,7 @@ pub async fn run(settings: Settings, shutdown: CancellationToken) -> Result<(), 
     }
     // Roots published while the agent was away are walked before any announcement is
     // judged, so a release signed by a newly rotated key is not refused first.
-    if let Err(e) = trust.refresh(&bus.trust).await {
-        tracing::warn!(error = %e, "trust not refreshed at start");
-    }
+    let following = trust.clone().start_following(bus.clone()).await;
     let host = std::sync::Arc::new(settings.clone());
     let mut tasks = Vec::new();
     let mut beats = Vec::new();
@@ -110,11 +108,9 @@ pub async fn run(settings: Settings, shutdown: CancellationToken) -> Result<(), 
             shutdown.clone(),
         )));
     }
-    tasks.push(tokio::spawn(trust.clone().follow(
-        bus.clone(),
-        settings.recheck,
-        shutdown.clone(),
-    )));
+    tasks.push(tokio::spawn(
+        following.run(settings.recheck, shutdown.clone()),
+    ));
     let mut was_stale = false;
     let host_name = std::fs::read_to_string("/etc/hostname")
         .map(|h| h.trim().to_string())

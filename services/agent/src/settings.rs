@@ -109,6 +109,7 @@ impl Settings {
     pub const LIST_KEYS: &'static [&'static str] =
         &["trusted_keys", "trusted_key_files", "update_windows"];
 
+    /// Every setting but the trust ones (see [`Settings::trust`]).
     pub fn validate(&self) -> Result<(), SettingsError> {
         if self.agent_id.is_empty()
             || !self
@@ -136,7 +137,9 @@ impl Settings {
                 return invalid("apps.name", reason);
             }
         }
-        self.trust().map(|_| ())
+        // The trust settings are checked where they are loaded, once ([`Settings::trust`]):
+        // loading reads the root files and the state folder.
+        Ok(())
     }
 
     /// The agent's trust, with its state kept in `<data_dir>/trust/` (outside the apps'

@@ -8,7 +8,6 @@ mod metrics;
 mod settings;
 
 use std::sync::Arc;
-use std::time::Duration;
 
 use async_nats::jetstream::Message;
 use fleetcast_events::Encoding;
@@ -20,7 +19,7 @@ use fleetcast_runtime::consume::{
     ConsumerSpec, Outcome, decode_or_reject, reject_event, run_consumer,
 };
 use fleetcast_runtime::observe::{self, Endpoint, ObserveError};
-use fleetcast_runtime::{Bus, BusError, Trust};
+use fleetcast_runtime::{Bus, BusError, Trust, trust};
 use time::OffsetDateTime;
 use tokio_util::sync::CancellationToken;
 
@@ -44,27 +43,21 @@ pub async fn run(settings: Settings, shutdown: CancellationToken) -> Result<(), 
     let trusted = settings.trusted()?;
     let metrics = Arc::new(metrics::Metrics::new());
     let endpoint = Endpoint::new(metrics::IDENTITY, metrics.clone());
-    let _serving = observe::serve(
+    let Some((bus, _serving)) = observe::serve_and_connect::<DistributorError>(
+        SERVICE,
+        &settings.nats,
         settings.metrics_listen,
         settings.metrics_tls.as_ref(),
-        endpoint.clone(),
+        endpoint,
         &shutdown,
     )
-    .await?;
-    let bus = match Bus::connect(&settings.nats, SERVICE, &shutdown).await {
-        Err(BusError::Cancelled) => return Ok(()),
-        other => other?,
+    .await?
+    else {
+        return Ok(());
     };
-    endpoint.connected(&bus.client);
     let trusted = Arc::new(trusted);
-    if let Err(e) = trusted.refresh(&bus.trust).await {
-        tracing::warn!(error = %e, "trust not refreshed at start");
-    }
-    let following = tokio::spawn(trusted.clone().follow(
-        bus.clone(),
-        Duration::from_secs(300),
-        shutdown.clone(),
-    ));
+    let following = trusted.clone().start_following(bus.clone()).await;
+    let following = tokio::spawn(following.run(trust::SERVICE_RECHECK, shutdown.clone()));
     let distributor = Distributor {
         store: ChunkStore::new(bus.clone()),
         bus: bus.clone(),

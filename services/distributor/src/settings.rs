@@ -52,6 +52,7 @@ impl Default for Settings {
 impl Settings {
     pub const LIST_KEYS: &'static [&'static str] = &["trusted_keys", "trusted_key_files"];
 
+    /// Every setting but the trust ones (see [`Settings::trusted`]).
     pub fn validate(&self) -> Result<(), SettingsError> {
         if !(1..=1024).contains(&self.concurrency) {
             return invalid("concurrency", "must be between 1 and 1024");
@@ -59,7 +60,8 @@ impl Settings {
         if self.ack_wait < Duration::from_secs(1) {
             return invalid("ack_wait", "must be at least 1s");
         }
-        self.trusted().map(|_| ())
+        // The trust settings are checked where they are loaded, once ([`Settings::trusted`]).
+        Ok(())
     }
 
     /// The root or the pinned keys, every one parsed (kept in memory: a restart walks the

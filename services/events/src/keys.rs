@@ -134,7 +134,8 @@ pub enum TrustError {
 /// in its config (threshold 1), or a role of the trusted root.
 #[derive(Clone, Debug, PartialEq, Eq)]
 pub struct TrustedKeys {
-    keys: Vec<PublicKey>,
+    /// Each key with its id, computed once: every signature is looked up by id.
+    keys: Vec<(String, PublicKey)>,
     threshold: usize,
 }
 
@@ -147,12 +148,16 @@ impl Default for TrustedKeys {
 impl TrustedKeys {
     /// Any one of `keys` suffices.
     pub fn new(keys: Vec<PublicKey>) -> Self {
-        TrustedKeys { keys, threshold: 1 }
+        TrustedKeys {
+            keys: keys.into_iter().map(|k| (k.id(), k)).collect(),
+            threshold: 1,
+        }
     }
 
     /// `threshold` distinct keys of `keys` must sign; it must be between 1 and their number.
     pub fn with_threshold(keys: Vec<PublicKey>, threshold: usize) -> Result<Self, String> {
-        let mut ids: Vec<String> = keys.iter().map(PublicKey::id).collect();
+        let keys = TrustedKeys::new(keys).keys;
+        let mut ids: Vec<&str> = keys.iter().map(|(id, _)| id.as_str()).collect();
         ids.sort();
         ids.dedup();
         if threshold == 0 || threshold > ids.len() {
@@ -165,7 +170,7 @@ impl TrustedKeys {
     }
 
     pub fn get(&self, id: &str) -> Option<&PublicKey> {
-        self.keys.iter().find(|k| k.id() == id)
+        self.keys.iter().find(|(k, _)| k == id).map(|(_, key)| key)
     }
 
     pub fn is_empty(&self) -> bool {

@@ -19,7 +19,9 @@ use axum::response::IntoResponse;
 use axum::routing::get;
 use tokio_util::sync::{CancellationToken, DropGuard};
 
+use crate::https::HttpsSettings;
 use crate::metrics::{self, Collect, Exposition};
+use crate::{Bus, BusError, NatsSettings};
 
 #[derive(Debug, thiserror::Error)]
 pub enum ObserveError {
@@ -147,7 +149,7 @@ impl Serving {
 /// and `/health` says "not connected" while it connects.
 pub async fn serve(
     addr: SocketAddr,
-    tls: Option<&crate::https::HttpsSettings>,
+    tls: Option<&HttpsSettings>,
     endpoint: Arc<Endpoint>,
     shutdown: &CancellationToken,
 ) -> Result<Serving, ObserveError> {
@@ -171,6 +173,30 @@ pub async fn serve(
         addr: local,
         _stop: stop.drop_guard(),
     })
+}
+
+/// How a pipeline service starts: its endpoint first (an address it cannot listen on is a
+/// configuration error found at once, and `/health` says "not connected" meanwhile), then
+/// NATS, creating the streams and buckets that are missing ([`Bus::connect`]). `None`: shut
+/// down before NATS was reachable.
+pub async fn serve_and_connect<E>(
+    service: &str,
+    nats: &NatsSettings,
+    listen: SocketAddr,
+    tls: Option<&HttpsSettings>,
+    endpoint: Arc<Endpoint>,
+    shutdown: &CancellationToken,
+) -> Result<Option<(Bus, Serving)>, E>
+where
+    E: From<ObserveError> + From<BusError>,
+{
+    let serving = serve(listen, tls, endpoint.clone(), shutdown).await?;
+    let bus = match Bus::connect(nats, service, shutdown).await {
+        Err(BusError::Cancelled) => return Ok(None),
+        other => other?,
+    };
+    endpoint.connected(&bus.client);
+    Ok(Some((bus, serving)))
 }
 
 /// Binds, waiting briefly while the address is in use: a service restarted within its process

@@ -20,6 +20,10 @@ use tokio_util::sync::CancellationToken;
 use crate::Bus;
 use crate::settings::SettingsError;
 
+/// How often a service (signer, distributor) reads the trust bucket again behind the
+/// subscription; agents use their own `recheck`.
+pub const SERVICE_RECHECK: Duration = Duration::from_secs(300);
+
 const ROOT_FILE: &str = "root.json";
 const TIMESTAMP_FILE: &str = "timestamp.json";
 /// A walk forward stops after this many roots at once (a hostile store cannot keep a verifier
@@ -226,7 +230,7 @@ impl Trust {
 
     /// Walks forward through every published root after the current one, then takes the
     /// stored timestamp.
-    pub async fn refresh(&self, store: &kv::Store) -> Result<(), String> {
+    async fn refresh(&self, store: &kv::Store) -> Result<(), String> {
         for _ in 0..MAX_ROOTS_PER_REFRESH {
             if matches!(self.state().anchor, Anchor::Pinned(_)) {
                 break;
@@ -264,50 +268,97 @@ impl Trust {
         }
     }
 
-    /// Keeps the trust current until `shutdown`: new roots and timestamps as they are
-    /// published (a plain subscription to the bucket's put subjects, as for desired states),
-    /// a full refresh at start, after every reconnect and every `recheck`.
-    pub async fn follow(self: Arc<Self>, bus: Bus, recheck: Duration, shutdown: CancellationToken) {
-        let prefix = bus.trust.prefix.clone();
+    /// Subscribes to the trust bucket's updates (a plain subscription to its put subjects, as
+    /// for desired states), then reads what is published: roots walked in order, the
+    /// timestamp. When this returns the trust is as current as the store, so a caller can
+    /// judge announcements at once; [`Following::run`] keeps it current.
+    pub async fn start_following(self: Arc<Self>, bus: Bus) -> Following {
         let mut connections = bus.connections.clone();
-        let mut ticker = tokio::time::interval(recheck.max(Duration::from_secs(1)));
+        connections.mark_unchanged();
+        let updates = self.subscribe_and_refresh(&bus).await;
+        Following {
+            trust: self,
+            bus,
+            connections,
+            updates,
+        }
+    }
+
+    /// Subscribes first, then reads the store, so nothing published in between is missed.
+    /// `None`: the subscription failed (the store was still read).
+    async fn subscribe_and_refresh(&self, bus: &Bus) -> Option<async_nats::Subscriber> {
+        let updates = bus
+            .client
+            .subscribe(format!("{}>", bus.trust.prefix))
+            .await
+            .map_err(|e| tracing::warn!(error = %e, "cannot subscribe to trust updates, retrying"))
+            .ok();
+        if let Err(e) = self.refresh(&bus.trust).await {
+            tracing::warn!(error = %e, "trust not refreshed");
+        }
+        updates
+    }
+}
+
+/// A verifier's trust being kept current (see [`Trust::start_following`]).
+pub struct Following {
+    trust: Arc<Trust>,
+    bus: Bus,
+    connections: tokio::sync::watch::Receiver<u64>,
+    updates: Option<async_nats::Subscriber>,
+}
+
+impl Following {
+    /// Until `shutdown`: new roots and timestamps as they are published, a full refresh after
+    /// every reconnect and every `recheck`.
+    pub async fn run(self, recheck: Duration, shutdown: CancellationToken) {
+        let Following {
+            trust,
+            bus,
+            mut connections,
+            mut updates,
+        } = self;
+        let timestamp_subject = format!("{}{TIMESTAMP_KEY}", bus.trust.prefix);
+        let recheck = recheck.max(Duration::from_secs(1));
+        // The first re-check one period from now: the store was just read.
+        let mut ticker = tokio::time::interval_at(tokio::time::Instant::now() + recheck, recheck);
         ticker.set_missed_tick_behavior(tokio::time::MissedTickBehavior::Delay);
         loop {
-            let mut updates = match bus.client.subscribe(format!("{prefix}>")).await {
-                Ok(s) => s,
-                Err(e) => {
-                    tracing::warn!(error = %e, "cannot subscribe to trust updates, retrying");
+            let mut subscription = match updates.take() {
+                Some(s) => s,
+                None => {
                     tokio::select! {
                         _ = shutdown.cancelled() => return,
-                        _ = tokio::time::sleep(Duration::from_secs(1)) => continue,
+                        _ = tokio::time::sleep(Duration::from_secs(1)) => {}
                     }
+                    connections.mark_unchanged();
+                    updates = trust.subscribe_and_refresh(&bus).await;
+                    continue;
                 }
             };
-            connections.mark_unchanged();
-            let mut refresh = true;
             loop {
-                if std::mem::take(&mut refresh)
-                    && let Err(e) = self.refresh(&bus.trust).await
-                {
-                    tracing::warn!(error = %e, "trust not refreshed");
-                }
-                tokio::select! {
+                let refresh = tokio::select! {
                     _ = shutdown.cancelled() => return,
-                    message = updates.next() => match message {
-                        Some(m) if m.subject.as_str() == format!("{prefix}{TIMESTAMP_KEY}") => {
-                            self.take_timestamp(&m.payload);
+                    message = subscription.next() => match message {
+                        Some(m) if m.subject.as_str() == timestamp_subject => {
+                            trust.take_timestamp(&m.payload);
+                            false
                         }
                         // A new root: walk to it in order (it may not be the next one).
-                        Some(_) => refresh = true,
+                        Some(_) => true,
+                        // The subscription ended: make it again.
                         None => break,
                     },
                     changed = connections.changed() => {
                         if changed.is_err() {
                             return;
                         }
-                        refresh = true;
+                        true
                     }
-                    _ = ticker.tick() => refresh = true,
+                    _ = ticker.tick() => true,
+                };
+                if refresh && let Err(e) = trust.refresh(&bus.trust).await {
+                    tracing::warn!(error = %e, "trust not refreshed");
                 }
             }
         }

@@ -7,7 +7,6 @@ mod metrics;
 mod settings;
 
 use std::sync::Arc;
-use std::time::Duration;
 
 use async_nats::jetstream::Message;
 use fleetcast_events::names::{self, PACKAGE_DETECTED, RELEASE_REJECTED, RELEASE_SIGNED};
@@ -18,7 +17,7 @@ use fleetcast_runtime::consume::{
     ConsumerSpec, Outcome, decode_or_reject, reject_event, run_consumer,
 };
 use fleetcast_runtime::observe::{self, Endpoint, ObserveError};
-use fleetcast_runtime::{Bus, BusError, Trust};
+use fleetcast_runtime::{Bus, BusError, Trust, trust};
 use futures::StreamExt;
 use serde::{Deserialize, Serialize};
 use time::OffsetDateTime;
@@ -66,18 +65,18 @@ pub async fn run(settings: Settings, shutdown: CancellationToken) -> Result<(), 
         .map(Arc::new);
     let metrics = Arc::new(metrics::Metrics::new());
     let endpoint = Endpoint::new(metrics::IDENTITY, metrics.clone());
-    let _serving = observe::serve(
+    let Some((bus, _serving)) = observe::serve_and_connect::<SignerError>(
+        SERVICE,
+        &settings.nats,
         settings.metrics_listen,
         settings.metrics_tls.as_ref(),
-        endpoint.clone(),
+        endpoint,
         &shutdown,
     )
-    .await?;
-    let bus = match Bus::connect(&settings.nats, SERVICE, &shutdown).await {
-        Err(BusError::Cancelled) => return Ok(()),
-        other => other?,
+    .await?
+    else {
+        return Ok(());
     };
-    endpoint.connected(&bus.client);
     let signer = Signer {
         bus: bus.clone(),
         settings: Arc::new(settings),
@@ -85,14 +84,15 @@ pub async fn run(settings: Settings, shutdown: CancellationToken) -> Result<(), 
         trust: trust.clone(),
         metrics,
     };
-    if let Some(trust) = &trust
-        && let Err(e) = trust.refresh(&bus.trust).await
-    {
-        tracing::warn!(error = %e, "trust not refreshed at start");
-    }
-    let following = trust.map(|trust| {
-        tokio::spawn(trust.follow(bus.clone(), Duration::from_secs(300), shutdown.clone()))
-    });
+    let following = match trust {
+        Some(trust) => {
+            let following = trust.start_following(bus.clone()).await;
+            Some(tokio::spawn(
+                following.run(trust::SERVICE_RECHECK, shutdown.clone()),
+            ))
+        }
+        None => None,
+    };
     let timestamps = tokio::spawn(signer.clone().publish_timestamps(shutdown.clone()));
     let spec = ConsumerSpec {
         durable: names::SIGNER_CONSUMER,

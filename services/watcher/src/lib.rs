@@ -43,18 +43,18 @@ pub async fn run(settings: Settings, shutdown: CancellationToken) -> Result<(), 
     settings.validate()?;
     let metrics = Arc::new(metrics::Metrics::new());
     let endpoint = Endpoint::new(metrics::IDENTITY, metrics.clone());
-    let _serving = observe::serve(
+    let Some((bus, _serving)) = observe::serve_and_connect::<WatcherError>(
+        SERVICE,
+        &settings.nats,
         settings.metrics_listen,
         settings.metrics_tls.as_ref(),
-        endpoint.clone(),
+        endpoint,
         &shutdown,
     )
-    .await?;
-    let bus = match Bus::connect(&settings.nats, SERVICE, &shutdown).await {
-        Err(BusError::Cancelled) => return Ok(()),
-        other => other?,
+    .await?
+    else {
+        return Ok(());
     };
-    endpoint.connected(&bus.client);
     let watcher = Watcher {
         bus,
         settings: Arc::new(settings),
