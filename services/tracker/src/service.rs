@@ -42,6 +42,11 @@ pub struct Tracker {
 /// (a thousand agents reporting within a second cost a few passes, not a thousand).
 const REPORTS_GATHER: std::time::Duration = std::time::Duration::from_millis(20);
 
+/// How often the agents' records are saved: they are only read at a restart, and the status
+/// stream's cursor saved with them makes the replay exact, so saving them on every pass (one
+/// every few tens of milliseconds while a fleet reports) would only cost writes.
+const AGENTS_SAVE_PERIOD: std::time::Duration = std::time::Duration::from_secs(1);
+
 #[derive(Default)]
 struct State {
     fleet: Fleet,
@@ -51,6 +56,8 @@ struct State {
     dirty_rollouts: BTreeSet<String>,
     /// Last status-stream sequence folded into `fleet`.
     cursor: u64,
+    /// When the agents were last saved.
+    agents_saved: Option<tokio::time::Instant>,
     /// How long the last report took from the stream to here (seconds).
     report_lag_s: f64,
 }
@@ -434,27 +441,39 @@ impl Tracker {
                     // latest; make the failure visible now.
                 }
             }
-            if let Err(e) = self.save().await {
+            if let Err(e) = self.save(false).await {
                 tracing::warn!(error = %e, "state not saved; retried next tick");
             }
         }
-        let _ = self.save().await;
+        let _ = self.save(true).await;
     }
 
-    async fn save(&self) -> Result<(), String> {
+    /// Saves the rollouts that changed and, at most every [`AGENTS_SAVE_PERIOD`] (or when
+    /// `all`), the agents that changed with the status-stream cursor they reflect.
+    async fn save(&self, all: bool) -> Result<(), String> {
         let (agents, rollouts, cursor) = {
             let mut state = self.state.lock().await;
-            let agents: Vec<(String, Option<Vec<u8>>)> = std::mem::take(&mut state.dirty_agents)
-                .into_iter()
-                .map(|id| {
-                    let bytes = state
-                        .fleet
-                        .agents
-                        .get(&id)
-                        .and_then(|a| serde_json::to_vec(a).ok());
-                    (id, bytes)
-                })
-                .collect();
+            let state = &mut *state;
+            let agents_due = all
+                || state
+                    .agents_saved
+                    .is_none_or(|at| at.elapsed() >= AGENTS_SAVE_PERIOD);
+            let agents: Vec<(String, Option<Vec<u8>>)> = if agents_due {
+                state.agents_saved = Some(tokio::time::Instant::now());
+                std::mem::take(&mut state.dirty_agents)
+                    .into_iter()
+                    .map(|id| {
+                        let bytes = state
+                            .fleet
+                            .agents
+                            .get(&id)
+                            .and_then(|a| serde_json::to_vec(a).ok());
+                        (id, bytes)
+                    })
+                    .collect()
+            } else {
+                Vec::new()
+            };
             let rollouts: Vec<(String, Vec<u8>)> = std::mem::take(&mut state.dirty_rollouts)
                 .into_iter()
                 .filter_map(|app| {
@@ -462,27 +481,43 @@ impl Tracker {
                     Some((app, bytes))
                 })
                 .collect();
-            (agents, rollouts, state.cursor)
+            (agents_due.then_some(agents), rollouts, state.cursor)
         };
         for (app, bytes) in rollouts {
-            self.bus
-                .rollouts
-                .put(&app, bytes.into())
-                .await
-                .map_err(|e| e.to_string())?;
+            if let Err(e) = self.bus.rollouts.put(&app, bytes.into()).await {
+                self.state.lock().await.dirty_rollouts.insert(app);
+                return Err(e.to_string());
+            }
         }
-        for (id, bytes) in agents {
-            let written = match bytes {
-                Some(b) => self
-                    .bus
-                    .fleet
-                    .put(&id, b.into())
-                    .await
-                    .map(|_| ())
-                    .map_err(|e| e.to_string()),
-                None => self.bus.fleet.delete(&id).await.map_err(|e| e.to_string()),
-            };
-            written.map_err(|e| format!("{FLEET_BUCKET}/{id}: {e}"))?;
+        let Some(agents) = agents else {
+            return Ok(());
+        };
+        // Many at once: a rollout's reports change hundreds of agents between two saves.
+        let failed: Vec<(String, String)> = futures::stream::iter(agents)
+            .map(|(id, bytes)| async move {
+                let written = match bytes {
+                    Some(b) => self
+                        .bus
+                        .fleet
+                        .put(&id, b.into())
+                        .await
+                        .map(|_| ())
+                        .map_err(|e| e.to_string()),
+                    None => self.bus.fleet.delete(&id).await.map_err(|e| e.to_string()),
+                };
+                written.err().map(|e| (id, e))
+            })
+            .buffer_unordered(64)
+            .filter_map(std::future::ready)
+            .collect()
+            .await;
+        if let Some((id, reason)) = failed.first() {
+            let reason = format!("{FLEET_BUCKET}/{id}: {reason}");
+            let mut state = self.state.lock().await;
+            state
+                .dirty_agents
+                .extend(failed.into_iter().map(|(id, _)| id));
+            return Err(reason);
         }
         // The cursor last: after a crash, reports since the saved agents are folded again,
         // which is harmless (folding is idempotent per report).
