@@ -91,7 +91,7 @@ pub async fn run(settings: Settings, shutdown: CancellationToken) -> Result<(), 
                 app: app.name.clone(),
                 source,
             })?;
-        let (tx, rx) = watch::channel(runner.heartbeat());
+        let (tx, rx) = watch::channel(runner.snapshot());
         if let Some((metrics, _, _)) = &observed {
             tasks.push(tokio::spawn(metrics.follow(rx.clone())));
         }
@@ -136,7 +136,7 @@ pub async fn run(settings: Settings, shutdown: CancellationToken) -> Result<(), 
                     host: host_name.clone(),
                     ring: settings.ring.clone(),
                     labels: settings.labels.clone(),
-                    apps: beats.iter().map(|b| b.borrow().clone()).collect(),
+                    apps: beats.iter().map(|b| b.borrow().beat.clone()).collect(),
                     metadata: Some(metadata),
                     at: OffsetDateTime::now_utc(),
                 };
@@ -180,14 +180,14 @@ async fn app_loop(
     key: String,
     mut ticker: tokio::time::Interval,
     mut roots: watch::Receiver<u64>,
-    beat: watch::Sender<fleetcast_events::v1::AppHeartbeat>,
+    beat: watch::Sender<updater::Snapshot>,
     shutdown: CancellationToken,
 ) {
     let app = runner.settings.name.clone();
     if let Err(e) = runner.recover().await {
         tracing::error!(%app, error = %e, "recovery failed");
     }
-    let _ = beat.send(runner.heartbeat());
+    let _ = beat.send(runner.snapshot());
     let mut retry_delay = Duration::from_secs(1);
     let mut retry_at: Option<tokio::time::Instant> = None;
     // Announcements arrive on a plain subscription to the subject a put of the key is
@@ -304,7 +304,7 @@ async fn app_loop(
                     retry_delay = (retry_delay * 2).min(Duration::from_secs(60));
                 }
             }
-            let _ = beat.send(runner.heartbeat());
+            let _ = beat.send(runner.snapshot());
         }
     }
     runner.stop().await;

@@ -1,17 +1,20 @@
 //! The agent's `/metrics`, served only when `metrics_listen` is set: every host runs an agent,
 //! and most fleets watch them through the tracker's `/metrics` instead.
 //!
-//! Everything comes from the heartbeat values the app loops already hand to the heartbeat loop
-//! (state, running version, uptime); updates and rollbacks are counted from the changes between
-//! successive values, so the updater needs to know nothing of metrics.
+//! Everything comes from the values the app loops already hand to the heartbeat loop: the
+//! heartbeat (state, running version, uptime) and the runner's counts of updates and rollbacks.
+//! The counts are kept by the runner itself, not read from changes between values: two failed
+//! updates in a row look the same as one, and a watch channel keeps only the latest value.
 
 use std::sync::{Arc, Mutex, PoisonError};
 
-use fleetcast_events::v1::{AppHeartbeat, AppState};
+use fleetcast_events::v1::AppState;
 use fleetcast_runtime::metrics::{Collect, Exposition, label_value};
 use fleetcast_runtime::observe::Identity;
 use tokio::sync::watch;
 use tokio::time::Instant;
+
+use crate::updater::Snapshot;
 
 pub(crate) const IDENTITY: Identity = Identity {
     build_info: "fleetcast_agent_build_info",
@@ -24,45 +27,24 @@ pub(crate) struct AgentMetrics {
     apps: Mutex<Vec<AppView>>,
 }
 
-/// The last heartbeat value of one app and what the values so far showed.
+/// The last value of one app.
 struct AppView {
-    beat: AppHeartbeat,
-    /// When `beat` was taken: its uptime is as of then, and a value is taken only when an
+    last: Snapshot,
+    /// When `last` was taken: its uptime is as of then, and a value is taken only when an
     /// update attempt ends (or on a re-check), so the uptime is extrapolated from here.
     seen: Instant,
-    updates: u64,
-    rollbacks: u64,
 }
 
 impl AppView {
-    fn new(beat: AppHeartbeat, now: Instant) -> Self {
-        AppView {
-            beat,
-            seen: now,
-            updates: 0,
-            rollbacks: 0,
-        }
-    }
-
-    /// A new value: the running version changed (an update, or a rollback an operator
-    /// ordered, which moves to an older version), or the agent rolled an update back by itself.
-    /// Two failed updates in a row with nothing else between show as one transition into
-    /// `rolled_back`, and count once.
-    fn observe(&mut self, beat: AppHeartbeat, now: Instant) {
-        if beat.running.is_some() && beat.running != self.beat.running {
-            self.updates += 1;
-        }
-        if beat.state == AppState::RolledBack && self.beat.state != AppState::RolledBack {
-            self.rollbacks += 1;
-        }
-        self.beat = beat;
-        self.seen = now;
+    fn new(last: Snapshot, now: Instant) -> Self {
+        AppView { last, seen: now }
     }
 
     fn uptime_s(&self, now: Instant) -> f64 {
-        let running = self.beat.running.is_some() && self.beat.state != AppState::Stopped;
+        let beat = &self.last.beat;
+        let running = beat.running.is_some() && beat.state != AppState::Stopped;
         if running {
-            self.beat.uptime_s as f64 + now.duration_since(self.seen).as_secs_f64().floor()
+            beat.uptime_s as f64 + now.duration_since(self.seen).as_secs_f64().floor()
         } else {
             0.0
         }
@@ -77,7 +59,7 @@ impl AgentMetrics {
     /// Follows one app's heartbeat values until its loop ends (the sender is dropped).
     pub(crate) fn follow(
         self: &Arc<Self>,
-        mut beats: watch::Receiver<AppHeartbeat>,
+        mut beats: watch::Receiver<Snapshot>,
     ) -> impl Future<Output = ()> + use<> {
         let index = {
             let mut apps = self.lock();
@@ -90,9 +72,9 @@ impl AgentMetrics {
         let me = self.clone();
         async move {
             while beats.changed().await.is_ok() {
-                let beat = beats.borrow_and_update().clone();
+                let last = beats.borrow_and_update().clone();
                 if let Some(view) = me.lock().get_mut(index) {
-                    view.observe(beat, Instant::now());
+                    *view = AppView::new(last, Instant::now());
                 }
             }
         }
@@ -114,15 +96,16 @@ impl Collect for AgentMetrics {
         );
         for view in apps.iter() {
             let version = view
+                .last
                 .beat
                 .running
                 .as_ref()
                 .map_or_else(|| "none".into(), ToString::to_string);
-            let state = label_value(&view.beat.state);
+            let state = label_value(&view.last.beat.state);
             out.sample(
                 "fleetcast_agent_app_state",
                 &[
-                    ("app", &view.beat.app),
+                    ("app", &view.last.beat.app),
                     ("state", &state),
                     ("version", &version),
                 ],
@@ -136,7 +119,7 @@ impl Collect for AgentMetrics {
         for view in apps.iter() {
             out.sample(
                 "fleetcast_agent_app_uptime_seconds",
-                &[("app", &view.beat.app)],
+                &[("app", &view.last.beat.app)],
                 view.uptime_s(now),
             );
         }
@@ -147,8 +130,8 @@ impl Collect for AgentMetrics {
         for view in apps.iter() {
             out.sample(
                 "fleetcast_agent_updates_total",
-                &[("app", &view.beat.app)],
-                view.updates as f64,
+                &[("app", &view.last.beat.app)],
+                view.last.counts.updates as f64,
             );
         }
         out.counter(
@@ -158,8 +141,8 @@ impl Collect for AgentMetrics {
         for view in apps.iter() {
             out.sample(
                 "fleetcast_agent_rollbacks_total",
-                &[("app", &view.beat.app)],
-                view.rollbacks as f64,
+                &[("app", &view.last.beat.app)],
+                view.last.counts.rollbacks as f64,
             );
         }
     }
@@ -169,52 +152,45 @@ impl Collect for AgentMetrics {
 mod tests {
     use std::time::Duration;
 
+    use fleetcast_events::v1::AppHeartbeat;
+
     use super::*;
+    use crate::updater::Counts;
 
-    fn beat(state: AppState, running: Option<&str>, uptime_s: u64) -> AppHeartbeat {
-        AppHeartbeat {
-            app: "web".into(),
-            state,
-            running: running.map(|v| semver::Version::parse(v).expect("version")),
-            staged: None,
-            previous: None,
-            uptime_s,
+    fn snap(state: AppState, running: Option<&str>, uptime_s: u64, counts: Counts) -> Snapshot {
+        Snapshot {
+            beat: AppHeartbeat {
+                app: "web".into(),
+                state,
+                running: running.map(|v| semver::Version::parse(v).expect("version")),
+                staged: None,
+                previous: None,
+                uptime_s,
+            },
+            counts,
         }
-    }
-
-    #[test]
-    fn updates_and_rollbacks_are_counted_from_heartbeat_changes() {
-        let t0 = Instant::now();
-        // At start the journal's version, then recovered: neither is an update.
-        let mut view = AppView::new(beat(AppState::Stopped, Some("1.0.0"), 0), t0);
-        view.observe(beat(AppState::Running, Some("1.0.0"), 0), t0);
-        assert_eq!((view.updates, view.rollbacks), (0, 0));
-        view.observe(beat(AppState::Running, Some("1.1.0"), 0), t0);
-        // Re-checks repeat the same value.
-        view.observe(beat(AppState::Running, Some("1.1.0"), 30), t0);
-        assert_eq!((view.updates, view.rollbacks), (1, 0));
-        view.observe(beat(AppState::RolledBack, Some("1.1.0"), 0), t0);
-        view.observe(beat(AppState::RolledBack, Some("1.1.0"), 40), t0);
-        assert_eq!((view.updates, view.rollbacks), (1, 1));
-        view.observe(beat(AppState::Running, Some("1.3.0"), 0), t0);
-        assert_eq!((view.updates, view.rollbacks), (2, 1));
     }
 
     #[test]
     fn uptime_goes_on_between_heartbeat_values() {
         let t0 = Instant::now();
-        let view = AppView::new(beat(AppState::Running, Some("1.0.0"), 10), t0);
+        let none = Counts::default();
+        let view = AppView::new(snap(AppState::Running, Some("1.0.0"), 10, none), t0);
         assert_eq!(view.uptime_s(t0 + Duration::from_millis(5_500)), 15.0);
-        let none = AppView::new(beat(AppState::Downloading, None, 0), t0);
-        assert_eq!(none.uptime_s(t0 + Duration::from_secs(5)), 0.0);
+        let idle = AppView::new(snap(AppState::Downloading, None, 0, none), t0);
+        assert_eq!(idle.uptime_s(t0 + Duration::from_secs(5)), 0.0);
     }
 
     #[tokio::test]
-    async fn exports_each_app_from_its_heartbeat_values() {
+    async fn exports_each_app_from_its_latest_value() {
         let metrics = AgentMetrics::new();
-        let (tx, rx) = watch::channel(beat(AppState::Stopped, None, 0));
+        let (tx, rx) = watch::channel(snap(AppState::Stopped, None, 0, Counts::default()));
         let follow = tokio::spawn(metrics.follow(rx));
-        tx.send(beat(AppState::Running, Some("2.0.0"), 0))
+        let counts = Counts {
+            updates: 1,
+            rollbacks: 2,
+        };
+        tx.send(snap(AppState::RolledBack, Some("2.0.0"), 0, counts))
             .expect("send");
         drop(tx);
         follow.await.expect("follow ends with its app loop");
@@ -222,10 +198,10 @@ mod tests {
         metrics.collect(&mut out);
         let text = out.into_string();
         for line in [
-            "fleetcast_agent_app_state{app=\"web\",state=\"running\",version=\"2.0.0\"} 1\n",
+            "fleetcast_agent_app_state{app=\"web\",state=\"rolled_back\",version=\"2.0.0\"} 1\n",
             "fleetcast_agent_app_uptime_seconds{app=\"web\"} 0\n",
             "fleetcast_agent_updates_total{app=\"web\"} 1\n",
-            "fleetcast_agent_rollbacks_total{app=\"web\"} 0\n",
+            "fleetcast_agent_rollbacks_total{app=\"web\"} 2\n",
         ] {
             assert!(text.contains(line), "{line} missing from\n{text}");
         }

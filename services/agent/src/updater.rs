@@ -61,6 +61,23 @@ pub enum Applied {
     Updated,
 }
 
+/// What one app's runner has done since the agent started (the agent's `/metrics`).
+#[derive(Debug, Clone, Copy, Default, PartialEq, Eq)]
+pub struct Counts {
+    /// The running version changed: updates, and rollbacks an operator ordered.
+    pub updates: u64,
+    /// Updates the agent rolled back by itself (health gate or post-switch hook failed).
+    pub rollbacks: u64,
+}
+
+/// One app's heartbeat value with its counts: what the app loop hands to the heartbeat loop
+/// and the metrics.
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub struct Snapshot {
+    pub beat: AppHeartbeat,
+    pub counts: Counts,
+}
+
 pub struct AppRunner {
     pub settings: AppSettings,
     /// The agent's own settings (id, ring, limits, windows).
@@ -76,6 +93,7 @@ pub struct AppRunner {
     fetched_bytes: u64,
     state: AppState,
     running_since: Option<Instant>,
+    counts: Counts,
 }
 
 impl AppRunner {
@@ -117,6 +135,7 @@ impl AppRunner {
             fetched_bytes: 0,
             state: AppState::Stopped,
             running_since: None,
+            counts: Counts::default(),
         })
     }
 
@@ -529,6 +548,9 @@ impl AppRunner {
                 self.journal.step = Step::Idle;
                 self.save()?;
                 fault::hit("committed");
+                if from.as_ref() != Some(&target) {
+                    self.counts.updates += 1;
+                }
                 let mut protect = vec![target.clone()];
                 protect.extend(from);
                 if let Err(e) = self.root.prune(self.host.keep_versions, &protect) {
@@ -557,6 +579,7 @@ impl AppRunner {
                     .insert((target.clone(), reason.clone()));
                 self.journal.step = Step::Idle;
                 self.save()?;
+                self.counts.rollbacks += 1;
                 self.report(AppState::RolledBack, Some(target), Some(reason))
                     .await;
                 Ok(())
@@ -611,6 +634,13 @@ impl AppRunner {
             staged,
             previous: self.journal.previous.clone(),
             uptime_s: self.running_since.map_or(0, |t| t.elapsed().as_secs()),
+        }
+    }
+
+    pub fn snapshot(&self) -> Snapshot {
+        Snapshot {
+            beat: self.heartbeat(),
+            counts: self.counts,
         }
     }
 

@@ -262,6 +262,16 @@ async fn an_agent_asked_to_serves_its_apps_state_version_and_rollbacks() {
         text.contains("fleetcast_agent_app_uptime_seconds{app=\"shapp\"} "),
         "{text}"
     );
+    // A second failed update right after the first: counted again (both leave the app
+    // rolled back on 1.0.0, so the heartbeat alone cannot tell them apart).
+    p.release("shapp", "3.0.0", &script_app("3.0.0", false))
+        .await;
+    p.desire("shapp", "canary", "3.0.0").await;
+    let lines = [
+        "fleetcast_agent_updates_total{app=\"shapp\"} 1".to_string(),
+        "fleetcast_agent_rollbacks_total{app=\"shapp\"} 2".into(),
+    ];
+    metrics_with(addr, &lines).await;
     let build = format!(
         "fleetcast_agent_build_info{{version=\"{}\"}} 1",
         env!("CARGO_PKG_VERSION")
