@@ -171,9 +171,12 @@ fn spread(agent_id: &str, what: &str, period: Duration) -> tokio::time::Interval
     ticker
 }
 
+/// How long after a read made on (re)connecting it is made again (see `app_loop`).
+const CONFIRM_READ_AFTER: Duration = Duration::from_secs(3);
+
 /// One app: recover, then follow its desired-state key (announcements as they are written,
-/// the stored value at start, after every reconnect and on a slow re-check, retries with
-/// backoff after transient failures).
+/// the stored value at start and after every reconnect, each read once more shortly after, and
+/// on a slow re-check, retries with backoff after transient failures).
 async fn app_loop(
     mut runner: AppRunner,
     bus: Bus,
@@ -224,8 +227,13 @@ async fn app_loop(
         };
         connections.mark_unchanged();
         let mut read_stored = true;
+        // Each read made because the connection was (re)made is made once more a little later:
+        // a read is served by any replica of the bucket, and one that has not applied a write
+        // made while this agent was away would hide it until the slow re-check.
+        let mut confirm_at: Option<tokio::time::Instant> = None;
         loop {
             let desired: Option<Vec<u8>> = if std::mem::take(&mut read_stored) {
+                confirm_at = Some(tokio::time::Instant::now() + CONFIRM_READ_AFTER);
                 stored(&bus).await
             } else {
                 tokio::select! {
@@ -239,7 +247,16 @@ async fn app_loop(
                     changed = connections.changed(), if client_alive => {
                         // An error: the client is gone (shutting down); stop asking.
                         client_alive = changed.is_ok();
-                        if client_alive { stored(&bus).await } else { None }
+                        if client_alive {
+                            confirm_at = Some(tokio::time::Instant::now() + CONFIRM_READ_AFTER);
+                            stored(&bus).await
+                        } else {
+                            None
+                        }
+                    }
+                    _ = async { tokio::time::sleep_until(confirm_at.unwrap_or_else(tokio::time::Instant::now)).await }, if confirm_at.is_some() => {
+                        confirm_at = None;
+                        stored(&bus).await
                     }
                     _ = ticker.tick() => stored(&bus).await,
                     // A new root may accept what the old one refused.
