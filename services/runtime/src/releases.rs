@@ -47,6 +47,17 @@ pub struct FetchedArchive {
     pub blake3: String,
 }
 
+/// The waits before "not found" is believed. The event naming an object is published after
+/// the object was stored, but in a cluster the lookup may be answered by a replica that has
+/// not applied it yet (direct gets are served by any replica), and a release must not be
+/// rejected for that.
+const NOT_FOUND_PATIENCE: [std::time::Duration; 4] = [
+    std::time::Duration::from_millis(250),
+    std::time::Duration::from_millis(500),
+    std::time::Duration::from_secs(1),
+    std::time::Duration::from_secs(2),
+];
+
 /// Object-store chunk size for archives: larger than the 128 KiB default, so a fetch is fewer,
 /// bigger messages (well under the 1 MB default `max_payload` of a NATS server).
 const ARCHIVE_CHUNK_SIZE: usize = 512 * 1024;
@@ -83,12 +94,16 @@ impl Bus {
             object: object.into(),
             reason: e.to_string(),
         };
-        let mut reader = match self.incoming.get(object).await {
-            Ok(r) => r,
-            Err(e) if matches!(e.kind(), GetErrorKind::NotFound) => {
-                return Err(FetchError::NotFound(object.into()));
+        let mut patience = NOT_FOUND_PATIENCE.iter();
+        let mut reader = loop {
+            match self.incoming.get(object).await {
+                Ok(r) => break r,
+                Err(e) if matches!(e.kind(), GetErrorKind::NotFound) => match patience.next() {
+                    Some(wait) => tokio::time::sleep(*wait).await,
+                    None => return Err(FetchError::NotFound(object.into())),
+                },
+                Err(e) => return Err(transient(&e)),
             }
-            Err(e) => return Err(transient(&e)),
         };
         std::fs::create_dir_all(work_dir).map_err(|e| transient(&e))?;
         let file = tempfile::Builder::new()
