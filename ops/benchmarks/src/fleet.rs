@@ -4,7 +4,11 @@
 //! v2 with that MiB replaced, one ring, no concurrency limit.
 //!
 //! - `announce_p100_ms`: v2's desired state written (the server's timestamp on the KV entry) →
-//!   the last agent's first reaction to it (the time on its `downloading` status).
+//!   the last agent's first reaction to it (the time on its `downloading` status, sent once it
+//!   has checked the announcement's signature and journaled it).
+//! - `announce_floor_ms`, same run (median of three, before v2): one message published to as
+//!   many plain clients, each with its own connection in the agents' processes → the last one
+//!   to get it. What the server and this machine take to reach 1,000 connections at all.
 //! - `converge_s`: v2's signed release published to the distributor → the tracker sees every
 //!   agent running v2 (its rollout completed with all of them done).
 //! - `floor_s`, same run: as many plain clients, each with its own connection, fetching the
@@ -115,6 +119,14 @@ pub async fn run() -> anyhow::Result<String> {
     ingest_once(&bus, &key, &v1_zip, "fleet", "1.0.0").await?;
     wait_completed(&bus, "1.0.0", agents).await?;
 
+    let mut floors = Vec::new();
+    for _ in 0..3 {
+        floors.push(announce_floor(&bus, agents).await?);
+        tokio::time::sleep(Duration::from_millis(500)).await;
+    }
+    eprintln!("announce floor: {floors:?} ms");
+    let announce_floor_ms = percentile(&floors, 50);
+
     eprintln!("v2 to every agent");
     let mut desired = bus.desired.watch(desired_key("fleet", "default")).await?;
     let mut statuses = bus.client.subscribe("fleetcast.v1.agent.*.status").await?;
@@ -209,6 +221,10 @@ pub async fn run() -> anyhow::Result<String> {
         "agents": agents,
         "delta_mib": 1,
         "announce_p100_ms": percentile(&reactions_ms, 100),
+        "announce_floor_ms": announce_floor_ms,
+        "announce_vs_floor": round(
+            percentile(&reactions_ms, 100) as f64 / (announce_floor_ms.max(1) as f64)
+        ),
         "converge_s": round3(converge.as_secs_f64()),
         "floor_s": round3(floor.as_secs_f64()),
         "converge_vs_floor": round(converge.as_secs_f64() / floor.as_secs_f64().max(1e-3)),
@@ -245,6 +261,29 @@ fn percentile(values: &[i128], p: usize) -> i128 {
         0 => 0,
         n => sorted[((n * p).div_ceil(100)).clamp(1, n) - 1],
     }
+}
+
+/// The announcement floor: a message on this subject, each plain listener publishes on
+/// [`HEARD_SUBJECT`] when (its wall clock, nanoseconds) it got it.
+const ANNOUNCE_SUBJECT: &str = "fleetcast-bench.announce";
+const HEARD_SUBJECT: &str = "fleetcast-bench.heard";
+
+/// One message published to `n` plain listeners (see [`run_agents`]) → the last one to hear it.
+async fn announce_floor(bus: &fleetcast_runtime::Bus, n: usize) -> anyhow::Result<i128> {
+    let mut heard = bus.client.subscribe(HEARD_SUBJECT).await?;
+    bus.client.flush().await?;
+    let sent = time::OffsetDateTime::now_utc().unix_timestamp_nanos();
+    bus.client.publish(ANNOUNCE_SUBJECT, "".into()).await?;
+    let mut last = sent;
+    for _ in 0..n {
+        let msg = tokio::time::timeout(Duration::from_secs(60), heard.next())
+            .await
+            .context("not every listener heard the announcement")?
+            .context("subscription ended")?;
+        let at: i128 = std::str::from_utf8(&msg.payload)?.parse()?;
+        last = last.max(at);
+    }
+    Ok((last - sent) / 1_000_000)
 }
 
 /// The bench's hidden command that runs a share of the fleet's agents (see [`run_agents`]).
@@ -292,6 +331,25 @@ pub async fn run_agents() -> anyhow::Result<String> {
             async move { fleetcast_agent::run(s, token).await },
         ));
     }
+    // The announcement floor's listeners: as many plain clients as agents here, each with its
+    // own connection, saying when a message on ANNOUNCE_SUBJECT reached it.
+    let mut listeners = Vec::new();
+    for _ in from..to {
+        let client = async_nats::connect(nats.url.as_str()).await?;
+        let mut sub = client.subscribe(ANNOUNCE_SUBJECT).await?;
+        listeners.push(tokio::spawn(async move {
+            while sub.next().await.is_some() {
+                let heard = time::OffsetDateTime::now_utc().unix_timestamp_nanos();
+                if client
+                    .publish(HEARD_SUBJECT, heard.to_string().into())
+                    .await
+                    .is_err()
+                {
+                    break;
+                }
+            }
+        }));
+    }
     // Until the bench closes our stdin (or exits).
     let mut stdin = tokio::io::stdin();
     let mut sink = Vec::new();
@@ -299,6 +357,9 @@ pub async fn run_agents() -> anyhow::Result<String> {
     shutdown.cancel();
     for h in handles {
         let _ = h.await;
+    }
+    for l in listeners {
+        l.abort();
     }
     Ok(String::new())
 }
