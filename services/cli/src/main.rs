@@ -120,23 +120,9 @@ enum Command {
         #[command(subcommand)]
         action: RolloutAction,
     },
-    /// Let a rollout that waits for approval start switching hosts.
-    Approve {
-        app: String,
-        /// Refuse if the app's rollout is of another version.
-        version: Option<semver::Version>,
-    },
-    /// Stop handing out rollout slots (hosts already switching finish).
-    Pause {
-        app: String,
-    },
-    Resume {
-        app: String,
-    },
-    /// Stop a rollout for good (hosts already switched stay switched).
-    Abort {
-        app: String,
-    },
+    /// approve, pause, resume, abort: steering a rollout.
+    #[command(flatten)]
+    Steer(fleetcast_tracker::api::Command),
     /// Move an app (or one ring) back to an earlier stored release: the signer issues a signed
     /// rollback directive and the tracker rolls it out ring by ring.
     Rollback {
@@ -410,22 +396,7 @@ async fn execute(args: Args) -> anyhow::Result<ExitCode> {
                 }
             })
         }
-        Command::Approve { app, version } => {
-            steer(
-                &nats,
-                fleetcast_tracker::api::Command::Approve { app, version },
-            )
-            .await
-        }
-        Command::Pause { app } => {
-            steer(&nats, fleetcast_tracker::api::Command::Pause { app }).await
-        }
-        Command::Resume { app } => {
-            steer(&nats, fleetcast_tracker::api::Command::Resume { app }).await
-        }
-        Command::Abort { app } => {
-            steer(&nats, fleetcast_tracker::api::Command::Abort { app }).await
-        }
+        Command::Steer(command) => steer(&nats, command).await,
         Command::Rollback { app, to, ring } => {
             let bus = cli::connect(&nats, Duration::from_secs(10)).await?;
             let from = cli::request_rollback(&bus, &app, &to, ring.as_deref()).await?;

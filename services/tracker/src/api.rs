@@ -8,28 +8,30 @@ use serde::{Deserialize, Serialize};
 use crate::fleet::AgentView;
 use crate::rollout::{RingProgress, Rollout};
 
+/// With the `cli` feature, the steering commands are also the `fleetcast` CLI's subcommands of
+/// the same names (their doc comments are its help), so they are declared once.
 #[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize)]
+#[cfg_attr(feature = "cli", derive(clap::Subcommand))]
 #[serde(rename_all = "snake_case", tag = "command")]
 pub enum Command {
     /// Every agent and every app's rollout.
+    #[cfg_attr(feature = "cli", command(skip))]
     Status,
     /// The app's current rollout with its progress per ring.
-    Show {
-        app: String,
-    },
+    #[cfg_attr(feature = "cli", command(skip))]
+    Show { app: String },
+    /// Let a rollout that waits for approval start switching hosts.
     Approve {
         app: String,
+        /// Refuse if the app's rollout is of another version.
         version: Option<Version>,
     },
-    Pause {
-        app: String,
-    },
-    Resume {
-        app: String,
-    },
-    Abort {
-        app: String,
-    },
+    /// Stop handing out rollout slots (hosts already switching finish).
+    Pause { app: String },
+    /// Hand out rollout slots again after a pause.
+    Resume { app: String },
+    /// Stop a rollout for good (hosts already switched stay switched).
+    Abort { app: String },
 }
 
 impl Command {
