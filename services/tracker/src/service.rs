@@ -449,48 +449,54 @@ impl Tracker {
     }
 
     /// Saves the rollouts that changed and, at most every [`AGENTS_SAVE_PERIOD`] (or when
-    /// `all`), the agents that changed with the status-stream cursor they reflect.
+    /// `all`), the agents that changed with the status-stream cursor they reflect. Whatever
+    /// could not be written stays marked as changed for the next pass.
     async fn save(&self, all: bool) -> Result<(), String> {
-        let (agents, rollouts, cursor) = {
+        let rollouts: Vec<(String, Vec<u8>)> = {
             let mut state = self.state.lock().await;
             let state = &mut *state;
-            let agents_due = all
-                || state
-                    .agents_saved
-                    .is_none_or(|at| at.elapsed() >= AGENTS_SAVE_PERIOD);
-            let agents: Vec<(String, Option<Vec<u8>>)> = if agents_due {
-                state.agents_saved = Some(tokio::time::Instant::now());
-                std::mem::take(&mut state.dirty_agents)
-                    .into_iter()
-                    .map(|id| {
-                        let bytes = state
-                            .fleet
-                            .agents
-                            .get(&id)
-                            .and_then(|a| serde_json::to_vec(a).ok());
-                        (id, bytes)
-                    })
-                    .collect()
-            } else {
-                Vec::new()
-            };
-            let rollouts: Vec<(String, Vec<u8>)> = std::mem::take(&mut state.dirty_rollouts)
+            std::mem::take(&mut state.dirty_rollouts)
                 .into_iter()
                 .filter_map(|app| {
                     let bytes = serde_json::to_vec(state.rollouts.get(&app)?).ok()?;
                     Some((app, bytes))
                 })
-                .collect();
-            (agents_due.then_some(agents), rollouts, state.cursor)
+                .collect()
         };
-        for (app, bytes) in rollouts {
+        let mut unsaved = rollouts.into_iter();
+        while let Some((app, bytes)) = unsaved.next() {
             if let Err(e) = self.bus.rollouts.put(&app, bytes.into()).await {
-                self.state.lock().await.dirty_rollouts.insert(app);
+                let mut state = self.state.lock().await;
+                state.dirty_rollouts.insert(app);
+                state.dirty_rollouts.extend(unsaved.map(|(app, _)| app));
                 return Err(e.to_string());
             }
         }
-        let Some(agents) = agents else {
-            return Ok(());
+        // The agents and the cursor are taken together, so the cursor saved never runs ahead
+        // of the records saved with it.
+        let (agents, cursor) = {
+            let mut state = self.state.lock().await;
+            let state = &mut *state;
+            let due = all
+                || state
+                    .agents_saved
+                    .is_none_or(|at| at.elapsed() >= AGENTS_SAVE_PERIOD);
+            if !due {
+                return Ok(());
+            }
+            state.agents_saved = Some(tokio::time::Instant::now());
+            let agents: Vec<(String, Option<Vec<u8>>)> = std::mem::take(&mut state.dirty_agents)
+                .into_iter()
+                .map(|id| {
+                    let bytes = state
+                        .fleet
+                        .agents
+                        .get(&id)
+                        .and_then(|a| serde_json::to_vec(a).ok());
+                    (id, bytes)
+                })
+                .collect();
+            (agents, state.cursor)
         };
         // Many at once: a rollout's reports change hundreds of agents between two saves.
         let failed: Vec<(String, String)> = futures::stream::iter(agents)
