@@ -136,7 +136,7 @@ impl Collect for AgentMetrics {
         }
         out.counter(
             "fleetcast_agent_rollbacks_total",
-            "Updates the agent rolled back by itself (health gate failed) since it started.",
+            "Updates the agent rolled back by itself (health gate or post-switch hook failed) since it started.",
         );
         for view in apps.iter() {
             out.sample(

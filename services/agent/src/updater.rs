@@ -301,6 +301,9 @@ impl AppRunner {
             tracing::warn!(app = %self.settings.name, step = ?self.journal.step, "recovering an interrupted update");
         }
         if let Some(refused) = recovery.refuse {
+            // A rollback the killed agent had begun and this one finishes: counted here, as
+            // the killed one never got to.
+            self.counts.rollbacks += 1;
             self.journal.refused.insert(refused);
         }
         self.journal.step = Step::Idle;
