@@ -22,7 +22,7 @@ pub mod updater;
 use std::time::Duration;
 
 use fleetcast_events::Encoding;
-use fleetcast_events::names::{agent_heartbeat_subject, desired_key};
+use fleetcast_events::names::{DESIRED_SUBJECT_PREFIX, agent_heartbeat_subject, desired_key};
 use fleetcast_events::v1::{AgentHeartbeat, DesiredState};
 use fleetcast_runtime::observe::{self, Endpoint, ObserveError};
 use fleetcast_runtime::{Bus, BusError};
@@ -174,6 +174,43 @@ fn spread(agent_id: &str, what: &str, period: Duration) -> tokio::time::Interval
 /// How long after a read made on (re)connecting it is made again (see `app_loop`).
 const CONFIRM_READ_AFTER: Duration = Duration::from_secs(3);
 
+/// Reads in a row whose revision is older than one read before, ignored before it is believed.
+const MAX_STALE_READS: u32 = 5;
+
+/// The revisions of the desired state read so far. A read is served by any replica of the
+/// bucket, and one that is behind answers with an older revision than a read before it: its
+/// value is ignored (it would cancel a newer version waiting for its window, or be reported as
+/// a replayed announcement) and the store read again soon. After [`MAX_STALE_READS`] such
+/// reads in a row the older revision is believed: the bucket may have been made anew.
+#[derive(Debug, Default)]
+struct Reads {
+    newest: u64,
+    stale_in_a_row: u32,
+}
+
+impl Reads {
+    /// Whether an announcement of `revision` is to be acted on: not when a read already
+    /// brought a later one (the two can cross).
+    fn pushed(&mut self, revision: u64) -> bool {
+        if revision < self.newest {
+            return false;
+        }
+        self.newest = revision;
+        true
+    }
+
+    /// Whether a read of `revision` is to be acted on.
+    fn fresh(&mut self, revision: u64) -> bool {
+        if revision < self.newest && self.stale_in_a_row < MAX_STALE_READS {
+            self.stale_in_a_row += 1;
+            return false;
+        }
+        self.newest = revision;
+        self.stale_in_a_row = 0;
+        true
+    }
+}
+
 /// One app: recover, then follow its desired-state key (announcements as they are written,
 /// the stored value at start and after every reconnect, each read once more shortly after, and
 /// on a slow re-check, retries with backoff after transient failures).
@@ -193,17 +230,32 @@ async fn app_loop(
     let _ = beat.send(runner.snapshot());
     let mut retry_delay = Duration::from_secs(1);
     let mut retry_at: Option<tokio::time::Instant> = None;
-    // Announcements arrive on a plain subscription to the subject a put of the key is
-    // published on: the server fans one message out to every agent at once, where a KV watch
-    // would cost a JetStream consumer per agent, each delivering on its own. A subscription
-    // misses what is written while it is disconnected, hence the reads of the stored value.
-    let subject = format!("{}{key}", bus.desired.prefix);
+    // Announcements arrive on a plain subscription to the subject the server republishes each
+    // write of the key on (with its revision): the server fans one message out to every agent
+    // at once, where a KV watch would cost a JetStream consumer per agent, each delivering on
+    // its own, and a plain subject crosses leaf nodes. A subscription misses what is written
+    // while it is disconnected, hence the reads of the stored value.
+    let subject = format!("{DESIRED_SUBJECT_PREFIX}{key}");
     let mut connections = bus.connections.clone();
     // A read that fails (the server just came back, a cluster is moving leaders) is tried
     // again soon: after a reconnect it may be the only way to learn of an announcement.
     let read_failed = std::sync::atomic::AtomicBool::new(false);
-    let stored = async |bus: &Bus| match bus.desired.get(&key).await {
-        Ok(value) => value.map(|b| b.to_vec()),
+    let reads = std::sync::Mutex::new(Reads::default());
+    let stored = async |bus: &Bus| match bus.desired.entry(&key).await {
+        Ok(Some(entry)) => {
+            let fresh = reads
+                .lock()
+                .unwrap_or_else(std::sync::PoisonError::into_inner)
+                .fresh(entry.revision);
+            if !fresh {
+                tracing::debug!(%key, revision = entry.revision, "read from a replica that is behind; reading again");
+                read_failed.store(true, std::sync::atomic::Ordering::Relaxed);
+                return None;
+            }
+            (entry.operation == async_nats::jetstream::kv::Operation::Put)
+                .then(|| entry.value.to_vec())
+        }
+        Ok(None) => None,
         Err(e) => {
             tracing::debug!(%key, error = %e, "desired state not read, retrying");
             read_failed.store(true, std::sync::atomic::Ordering::Relaxed);
@@ -239,9 +291,25 @@ async fn app_loop(
                 tokio::select! {
                     _ = shutdown.cancelled() => break 'follow,
                     message = announcements.next() => match message {
-                        // A delete or purge of the key carries its operation in a header.
-                        Some(m) if m.headers.as_ref().is_some_and(|h| h.get("KV-Operation").is_some()) => None,
-                        Some(m) => Some(m.payload.to_vec()),
+                        Some(m) => {
+                            let headers = m.headers.as_ref();
+                            let revision = headers
+                                .and_then(|h| h.get("Nats-Sequence"))
+                                .and_then(|v| v.as_str().parse::<u64>().ok());
+                            let newer = revision.is_none_or(|r| {
+                                reads.lock().unwrap_or_else(std::sync::PoisonError::into_inner).pushed(r)
+                            });
+                            if !newer {
+                                // Overtaken by a read of a later revision; read again to be sure.
+                                read_failed.store(true, std::sync::atomic::Ordering::Relaxed);
+                                None
+                            } else if headers.is_some_and(|h| h.get("KV-Operation").is_some()) {
+                                // A delete or purge of the key carries its operation in a header.
+                                None
+                            } else {
+                                Some(m.payload.to_vec())
+                            }
+                        }
                         None => break, // subscription ended: make it again
                     },
                     changed = connections.changed(), if client_alive => {
@@ -325,4 +393,34 @@ async fn app_loop(
         }
     }
     runner.stop().await;
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn reads_behind_an_earlier_read_are_ignored_a_few_times_then_believed() {
+        let mut reads = Reads::default();
+        assert!(reads.fresh(7));
+        assert!(
+            reads.fresh(7),
+            "the same revision again is acted on (idempotent)"
+        );
+        assert!(reads.fresh(9));
+        // A replica behind: ignored, and again after a newer read.
+        assert!(!reads.fresh(8));
+        assert!(reads.fresh(10));
+        for _ in 0..MAX_STALE_READS {
+            assert!(!reads.fresh(2));
+        }
+        // Still 2 after that many reads: the bucket was made anew; from now on it is the base.
+        assert!(reads.fresh(2));
+        assert!(reads.fresh(3));
+        assert!(!reads.fresh(2));
+        // Announcements: one older than a read is dropped; a newer one moves the base on.
+        assert!(!reads.pushed(1));
+        assert!(reads.pushed(4));
+        assert!(!reads.fresh(3));
+    }
 }

@@ -113,6 +113,21 @@ pub fn desired_key(app: &str, ring: &str) -> String {
     format!("{app}.{ring}")
 }
 
+/// Where the server republishes every write of the desired-state bucket (the bucket's
+/// `republish` setting), with the entry's revision in the `Nats-Sequence` header: what agents
+/// subscribe to. A plain subject, unlike the bucket's own `$KV.…` subjects, which a NATS leaf
+/// node does not pass on, so agents behind one would only learn of a write when they read.
+pub const DESIRED_SUBJECT_PREFIX: &str = "fleetcast.v1.desired.";
+
+/// Where the server republishes every write of the trust bucket (roots, the timestamp), for
+/// the same reason.
+pub const TRUST_SUBJECT_PREFIX: &str = "fleetcast.v1.trust.";
+
+/// The subject the desired state of `app` in `ring` is republished on.
+pub fn desired_subject(app: &str, ring: &str) -> String {
+    format!("{DESIRED_SUBJECT_PREFIX}{}", desired_key(app, ring))
+}
+
 /// App names are used in subjects, keys and file names, so they are kept to a safe alphabet.
 pub fn validate_app_name(app: &str) -> Result<(), String> {
     let ok_len = (1..=64).contains(&app.len());

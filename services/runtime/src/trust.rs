@@ -10,7 +10,7 @@ use std::sync::{Arc, Mutex};
 use std::time::Duration;
 
 use async_nats::jetstream::kv;
-use fleetcast_events::names::{TIMESTAMP_KEY, root_key};
+use fleetcast_events::names::{TIMESTAMP_KEY, TRUST_SUBJECT_PREFIX, root_key};
 use fleetcast_events::v1::MetadataStatus;
 use fleetcast_events::{SignedMetadata, Timestamp, TrustError, TrustedKeys, TrustedRoot};
 use futures::StreamExt;
@@ -268,8 +268,8 @@ impl Trust {
         }
     }
 
-    /// Subscribes to the trust bucket's updates (a plain subscription to its put subjects, as
-    /// for desired states), then reads what is published: roots walked in order, the
+    /// Subscribes to the trust bucket's updates (a plain subscription to the subjects the server
+    /// republishes its writes on, as for desired states), then reads what is published: roots walked in order, the
     /// timestamp. When this returns the trust is as current as the store, so a caller can
     /// judge announcements at once; [`Following::run`] keeps it current.
     pub async fn start_following(self: Arc<Self>, bus: Bus) -> Following {
@@ -289,7 +289,7 @@ impl Trust {
     async fn subscribe_and_refresh(&self, bus: &Bus) -> Option<async_nats::Subscriber> {
         let updates = bus
             .client
-            .subscribe(format!("{}>", bus.trust.prefix))
+            .subscribe(format!("{TRUST_SUBJECT_PREFIX}>"))
             .await
             .map_err(|e| tracing::warn!(error = %e, "cannot subscribe to trust updates, retrying"))
             .ok();
@@ -318,7 +318,7 @@ impl Following {
             mut connections,
             mut updates,
         } = self;
-        let timestamp_subject = format!("{}{TIMESTAMP_KEY}", bus.trust.prefix);
+        let timestamp_subject = format!("{TRUST_SUBJECT_PREFIX}{TIMESTAMP_KEY}");
         let recheck = recheck.max(Duration::from_secs(1));
         // The first re-check one period from now: the store was just read.
         let mut ticker = tokio::time::interval_at(tokio::time::Instant::now() + recheck, recheck);

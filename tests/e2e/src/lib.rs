@@ -47,6 +47,13 @@ impl Pipeline {
         Pipeline::on(NatsServer::start_cluster(nodes).await?)
     }
 
+    /// As [`Pipeline::new`] on a JetStream hub, with a leaf node for a remote site's agents
+    /// (`ops/nats/leaf-site.conf`): point an agent's `nats.url` at the returned server.
+    pub async fn new_with_leaf() -> anyhow::Result<(Pipeline, NatsServer)> {
+        let (hub, leaf) = NatsServer::start_hub_and_leaf().await?;
+        Ok((Pipeline::on(vec![hub])?, leaf))
+    }
+
     /// As [`Pipeline::new`] on a server that takes only TLS connections with a client
     /// certificate; every service and agent gets the certificates through its NATS settings.
     pub async fn new_tls() -> anyhow::Result<Pipeline> {

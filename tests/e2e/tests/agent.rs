@@ -591,3 +591,33 @@ async fn a_signed_rollback_directive_moves_back_once_and_cannot_be_replayed() {
     assert_eq!(running(&state), "3.0.0");
     agent.stop().await;
 }
+
+/// A remote site's agent behind a leaf node (`ops/nats/leaf-site.conf`, no JetStream of its
+/// own) learns of a new desired state as it is written: its slow re-check is an hour here, so
+/// only the announcement can bring it. A leaf node does not pass the bucket's own `$KV.…`
+/// subjects on; the server republishes each write on a plain subject, which it does.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn an_agent_behind_a_leaf_node_gets_each_announcement_as_it_is_written() {
+    let (mut p, leaf) = Pipeline::new_with_leaf().await.expect("hub and leaf");
+    p.start_watcher();
+    p.start_signer();
+    p.start_distributor("distributor");
+    p.release("shapp", "1.0.0", &script_app("1.0.0", true))
+        .await;
+    p.release("shapp", "2.0.0", &script_app("2.0.0", true))
+        .await;
+    let host = tempfile::tempdir().expect("tmp");
+    let mut settings = p.agent_settings("site-1", "canary", host.path());
+    settings.nats.url = leaf.url();
+    settings.recheck = Duration::from_secs(3600);
+    p.start_agent(settings);
+    let state = host.path().join("state");
+
+    p.desire("shapp", "canary", "1.0.0").await;
+    eventually("site-1 runs 1.0.0", || running(&state) == "1.0.0").await;
+    // Past the agent's reads made on connecting (at start and 3 s later): from here on only
+    // an announcement can tell it of 2.0.0.
+    tokio::time::sleep(Duration::from_secs(4)).await;
+    p.desire("shapp", "canary", "2.0.0").await;
+    eventually("site-1 runs 2.0.0", || running(&state) == "2.0.0").await;
+}

@@ -255,6 +255,9 @@ async fn an_agent_identity_is_refused_everything_but_its_own_business() {
         names::slot_subject("otherapp"),
         names::TRACKER_COMMAND.to_string(),
         names::TRACKER_QUERY.to_string(),
+        // Only the server republishes writes of the desired state and the trust.
+        names::desired_subject("shapp", "default"),
+        format!("{}{}", names::TRUST_SUBJECT_PREFIX, names::TIMESTAMP_KEY),
     ] {
         h1.publish(subject.clone(), "{}".into())
             .await
@@ -283,6 +286,9 @@ async fn an_agent_identity_is_refused_everything_but_its_own_business() {
         format!("$KV.{}.otherapp.default", names::DESIRED_BUCKET),
         format!("$KV.{}.shapp.canary", names::DESIRED_BUCKET),
         format!("$KV.{}.>", names::DESIRED_BUCKET),
+        names::desired_subject("otherapp", "default"),
+        names::desired_subject("shapp", "canary"),
+        format!("{}>", names::DESIRED_SUBJECT_PREFIX),
     ] {
         let _sub = h1.subscribe(subject.clone()).await.expect("sent");
         refused.subscription_refused(&subject).await;

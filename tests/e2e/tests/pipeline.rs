@@ -454,3 +454,59 @@ async fn two_distributors_store_each_chunk_once_and_announce_once() {
     assert_eq!(p.stored_chunks().await.expect("chunks"), unique);
     assert_reassembles(&p, "collector", "1.0.0", &package).await;
 }
+
+/// A desired-state bucket made before fleetcast set its republish setting (an upgrade) gets it
+/// when a service starts: every write then also goes out on a plain subject, which leaf nodes
+/// pass on.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_bucket_made_before_the_republish_setting_gets_it() {
+    use async_nats::jetstream::kv;
+    use futures::StreamExt;
+    let p = Pipeline::new().await.expect("pipeline");
+    let client = p
+        .nats
+        .client_options()
+        .connect(p.nats.url())
+        .await
+        .expect("connect");
+    let js = async_nats::jetstream::new(client.clone());
+    js.create_key_value(kv::Config {
+        bucket: DESIRED_BUCKET.into(),
+        history: 10,
+        ..Default::default()
+    })
+    .await
+    .expect("old bucket");
+
+    let bus = p.bus().await.expect("bus");
+    let mut stream = bus.desired.stream.clone();
+    let republish = stream.info().await.expect("info").config.republish.clone();
+    assert_eq!(
+        republish.map(|r| (r.source, r.destination)),
+        Some((
+            format!("$KV.{DESIRED_BUCKET}.>"),
+            format!("{DESIRED_SUBJECT_PREFIX}>")
+        ))
+    );
+    let mut announcements = client
+        .subscribe(format!("{DESIRED_SUBJECT_PREFIX}shapp.canary"))
+        .await
+        .expect("subscribe");
+    client.flush().await.expect("flush");
+    let revision = bus
+        .desired
+        .put("shapp.canary", "v".into())
+        .await
+        .expect("put");
+    let message = tokio::time::timeout(fleetcast_e2e::TIMEOUT, announcements.next())
+        .await
+        .expect("republished")
+        .expect("subscription open");
+    assert_eq!(message.payload.as_ref(), b"v");
+    let sequence = message
+        .headers
+        .as_ref()
+        .and_then(|h| h.get("Nats-Sequence"))
+        .map(|v| v.as_str().to_string());
+    assert_eq!(sequence, Some(revision.to_string()), "with its revision");
+}

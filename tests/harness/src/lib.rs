@@ -175,19 +175,60 @@ impl NatsServer {
         Ok(servers)
     }
 
+    /// A hub (JetStream in domain `fleetcast`, as `ops/nats/cluster-common.conf`, accepting
+    /// leaf nodes) and a leaf node connected to it, configured by the shipped
+    /// `ops/nats/leaf-site.conf` (no JetStream of its own: its clients use the hub's through
+    /// it). Returns once JetStream answers through the leaf.
+    pub async fn start_hub_and_leaf() -> anyhow::Result<(NatsServer, NatsServer)> {
+        let leaf_port = free_port()?;
+        let mut hub = NatsServer::configure(free_port()?, "")?;
+        // A later `jetstream` block replaces the first: the same store, in the hub's domain.
+        let extra = format!(
+            "jetstream {{\n  store_dir: \"{}\"\n  domain: fleetcast\n}}\nleafnodes {{\n  listen: 127.0.0.1:{leaf_port}\n}}\n",
+            hub.store.path().join("js").display()
+        );
+        let base = std::fs::read_to_string(&hub.config)?;
+        std::fs::write(&hub.config, format!("{base}{extra}"))?;
+        hub.spawn().await?;
+
+        let shipped = std::fs::read_to_string(workspace_root().join("ops/nats/leaf-site.conf"))?;
+        let port = free_port()?;
+        let mut lines = Vec::new();
+        for line in shipped.lines() {
+            lines.push(if line.starts_with("listen:") {
+                format!("listen: 127.0.0.1:{port}")
+            } else if line.starts_with("http:") {
+                continue;
+            } else {
+                line.replace(
+                    "$FLEETCAST_HUB_LEAF_URL",
+                    &format!("\"nats-leaf://127.0.0.1:{leaf_port}\""),
+                )
+            });
+        }
+        let mut leaf = NatsServer::from_config(port, |_| lines.join("\n"))?;
+        leaf.spawn().await?;
+        Ok((hub, leaf))
+    }
+
     /// A server's config on `port` with its own store, plus `extra` lines; not started.
     fn configure(port: u16, extra: &str) -> anyhow::Result<NatsServer> {
+        NatsServer::from_config(port, |store| {
+            format!(
+                "listen: 127.0.0.1:{port}\nmax_payload: 8MB\njetstream {{\n  store_dir: \"{}\"\n}}\n{CONFIG_MARK}{extra}",
+                store.join("js").display(),
+            )
+        })
+    }
+
+    /// A server on `port` with its own folder and the config `text` makes for that folder;
+    /// not started.
+    fn from_config(port: u16, text: impl FnOnce(&Path) -> String) -> anyhow::Result<NatsServer> {
         let store = tempfile::Builder::new()
             .prefix("fleetcast-nats-")
             .tempdir()?;
         let config = store.path().join("nats.conf");
-        std::fs::write(
-            &config,
-            format!(
-                "listen: 127.0.0.1:{port}\nmax_payload: 8MB\njetstream {{\n  store_dir: \"{}\"\n}}\n{CONFIG_MARK}{extra}",
-                store.path().join("js").display(),
-            ),
-        )?;
+        std::fs::write(&config, text(store.path()))?;
         Ok(NatsServer {
             child: None,
             port,
