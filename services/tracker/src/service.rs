@@ -21,7 +21,7 @@ use tokio_util::sync::CancellationToken;
 
 use crate::api::{AgentRow, Command, Reply, RolloutView};
 use crate::fleet::{AgentView, Fleet};
-use crate::rollout::{Effect, Rollout};
+use crate::rollout::{Effect, Phase, Rollout};
 use crate::settings::Settings;
 
 const SERVICE: &str = "tracker";
@@ -58,6 +58,11 @@ struct State {
     cursor: u64,
     /// When the agents were last saved.
     agents_saved: Option<tokio::time::Instant>,
+    /// Rings whose desired state a rollout called for but could not be written yet (NATS
+    /// failing, a cluster moving leaders): app → (version, ring). Written again on every pass
+    /// while that rollout is still the app's and has not halted or been aborted; the rollout
+    /// has moved on and will not ask again.
+    unwritten: BTreeSet<(String, semver::Version, String)>,
     /// How long the last report took from the stream to here (seconds).
     report_lag_s: f64,
 }
@@ -93,6 +98,21 @@ impl Tracker {
                     }
                     Err(e) => tracing::warn!(%key, error = %e, "unreadable rollout skipped"),
                 }
+            }
+        }
+        // A tracker that stopped between moving a rollout to its next ring and writing that
+        // ring's desired state would otherwise never write it: the write is made again (the
+        // same state again is a no-op for agents).
+        for rollout in state.rollouts.values() {
+            if matches!(rollout.phase, Phase::Halted | Phase::Aborted) {
+                continue;
+            }
+            if let Some(ring) = settings.policy_for(rollout).rings.get(rollout.ring) {
+                state.unwritten.insert((
+                    rollout.app.clone(),
+                    rollout.version.clone(),
+                    ring.name.clone(),
+                ));
             }
         }
         tracing::info!(
@@ -431,14 +451,23 @@ impl Tracker {
                     state.dirty_agents.insert(gone);
                 }
             }
+            self.write_unwritten().await;
             for (app, version, directive, effects) in todo {
-                if let Err(e) = self
-                    .apply(&app, &version, directive.as_ref(), effects)
-                    .await
-                {
-                    tracing::warn!(%app, error = %e, "rollout effect failed; retried next tick");
-                    // The ring's desired state is written again on the next ring change at the
-                    // latest; make the failure visible now.
+                for effect in effects {
+                    let ring = match &effect {
+                        Effect::Desire { ring } => Some(ring.clone()),
+                        _ => None,
+                    };
+                    if let Err(e) = self
+                        .apply(&app, &version, directive.as_ref(), vec![effect])
+                        .await
+                    {
+                        tracing::warn!(%app, error = %e, "rollout effect failed; retried next tick");
+                        if let Some(ring) = ring {
+                            let mut state = self.state.lock().await;
+                            state.unwritten.insert((app.clone(), version.clone(), ring));
+                        }
+                    }
                 }
             }
             if let Err(e) = self.save(false).await {
@@ -446,6 +475,44 @@ impl Tracker {
             }
         }
         let _ = self.save(true).await;
+    }
+
+    /// Writes the desired states that could not be written before (see `State::unwritten`),
+    /// for rollouts that are still their app's and still going (or completed).
+    async fn write_unwritten(&self) {
+        let todo: Vec<_> = {
+            let mut state = self.state.lock().await;
+            let state = &mut *state;
+            let rollouts = &state.rollouts;
+            state.unwritten.retain(|(app, version, _)| {
+                rollouts.get(app).is_some_and(|r| {
+                    r.version == *version && !matches!(r.phase, Phase::Halted | Phase::Aborted)
+                })
+            });
+            state
+                .unwritten
+                .iter()
+                .filter_map(|entry| {
+                    let directive = rollouts.get(&entry.0)?.directive.clone();
+                    Some((entry.clone(), directive))
+                })
+                .collect()
+        };
+        for ((app, version, ring), directive) in todo {
+            let effect = vec![Effect::Desire { ring: ring.clone() }];
+            match self.apply(&app, &version, directive.as_ref(), effect).await {
+                Ok(()) => {
+                    self.state
+                        .lock()
+                        .await
+                        .unwritten
+                        .remove(&(app, version, ring));
+                }
+                Err(e) => {
+                    tracing::warn!(%app, %version, %ring, error = %e, "desired state still not written; retried next tick");
+                }
+            }
+        }
     }
 
     /// Saves the rollouts that changed and, at most every [`AGENTS_SAVE_PERIOD`] (or when
