@@ -456,9 +456,8 @@ pub fn any_port() -> std::net::SocketAddr {
 /// A loopback address free right now, for a server whose address the test must know before it
 /// starts (the tracker's HTTP port).
 pub fn free_addr() -> std::net::SocketAddr {
-    std::net::TcpListener::bind("127.0.0.1:0")
-        .and_then(|l| l.local_addr())
-        .expect("free port")
+    let port = fleetcast_harness::free_port().expect("free port");
+    std::net::SocketAddr::from(([127, 0, 0, 1], port))
 }
 
 /// A release read back the way an agent will: the record's signed manifest (verified), the

@@ -345,7 +345,19 @@ impl Drop for NatsServer {
     }
 }
 
-fn free_port() -> anyhow::Result<u16> {
+/// A loopback port nothing listens on, for a server a test starts next. Drawn below Linux's
+/// ephemeral range (32768 and up): a port from that range can be taken by any outgoing
+/// connection between this check and the server's bind, and a test run opens thousands.
+pub fn free_port() -> anyhow::Result<u16> {
+    use std::hash::{BuildHasher, Hasher};
+    for attempt in 0u64..200 {
+        let mut hasher = std::collections::hash_map::RandomState::new().build_hasher();
+        hasher.write_u64(attempt);
+        let port = 20_000 + (hasher.finish() % 12_000) as u16;
+        if TcpListener::bind(("127.0.0.1", port)).is_ok() {
+            return Ok(port);
+        }
+    }
     let listener = TcpListener::bind("127.0.0.1:0")?;
     Ok(listener.local_addr()?.port())
 }
