@@ -175,17 +175,32 @@ impl Bus {
             },
         )
         .await?;
-        let releases = kv_bucket(&js, resources, RELEASES_BUCKET, 10, settings.replicas).await?;
-        let index = kv_bucket(&js, resources, INDEX_BUCKET, 1, settings.replicas).await?;
-        let signer_state = kv_bucket(&js, resources, SIGNER_BUCKET, 10, settings.replicas).await?;
-        let desired = kv_bucket(&js, resources, DESIRED_BUCKET, 10, settings.replicas)
-            .republished(DESIRED_SUBJECT_PREFIX)
-            .await?;
-        let fleet = kv_bucket(&js, resources, FLEET_BUCKET, 1, settings.replicas).await?;
-        let rollouts = kv_bucket(&js, resources, ROLLOUTS_BUCKET, 10, settings.replicas).await?;
-        let trust = kv_bucket(&js, resources, TRUST_BUCKET, 1, settings.replicas)
-            .republished(TRUST_SUBJECT_PREFIX)
-            .await?;
+        let releases =
+            kv_bucket(&js, resources, RELEASES_BUCKET, 10, settings.replicas, None).await?;
+        let index = kv_bucket(&js, resources, INDEX_BUCKET, 1, settings.replicas, None).await?;
+        let signer_state =
+            kv_bucket(&js, resources, SIGNER_BUCKET, 10, settings.replicas, None).await?;
+        let desired = kv_bucket(
+            &js,
+            resources,
+            DESIRED_BUCKET,
+            10,
+            settings.replicas,
+            Some(DESIRED_SUBJECT_PREFIX),
+        )
+        .await?;
+        let fleet = kv_bucket(&js, resources, FLEET_BUCKET, 1, settings.replicas, None).await?;
+        let rollouts =
+            kv_bucket(&js, resources, ROLLOUTS_BUCKET, 10, settings.replicas, None).await?;
+        let trust = kv_bucket(
+            &js,
+            resources,
+            TRUST_BUCKET,
+            1,
+            settings.replicas,
+            Some(TRUST_SUBJECT_PREFIX),
+        )
+        .await?;
         let incoming = match js.get_object_store(INCOMING_BUCKET).await {
             Ok(store) => store,
             Err(e) if resources == Resources::Bind => return Err(not_set_up(INCOMING_BUCKET, &e)),
@@ -343,98 +358,55 @@ async fn stream_with(
     }
 }
 
-fn kv_bucket<'a>(
-    js: &'a jetstream::Context,
+/// Looks up a KV bucket, or creates it when missing (and allowed). With `republish`, the server
+/// republishes every write of its keys on that prefix + key (see [`DESIRED_SUBJECT_PREFIX`]
+/// for why).
+async fn kv_bucket(
+    js: &jetstream::Context,
     resources: Resources,
-    bucket: &'a str,
+    bucket: &str,
     history: i64,
     replicas: usize,
-) -> KvBucket<'a> {
-    KvBucket {
-        js,
-        resources,
-        bucket,
-        history,
-        replicas,
-        republish: None,
-    }
-}
-
-/// A KV bucket to look up, or create when missing (see [`kv_bucket`]); awaited to get it.
-struct KvBucket<'a> {
-    js: &'a jetstream::Context,
-    resources: Resources,
-    bucket: &'a str,
-    history: i64,
-    replicas: usize,
-    republish: Option<stream::Republish>,
-}
-
-impl<'a> KvBucket<'a> {
-    /// Has the server republish every write of the bucket's keys on `prefix` + key (see
-    /// [`DESIRED_SUBJECT_PREFIX`] for why).
-    fn republished(mut self, prefix: &str) -> Self {
-        self.republish = Some(stream::Republish {
-            source: format!("$KV.{}.>", self.bucket),
-            destination: format!("{prefix}>"),
-            headers_only: false,
-        });
-        self
-    }
-
-    async fn lookup(self) -> Result<kv::Store, BusError> {
-        match self.js.get_key_value(self.bucket).await {
-            Ok(store) => {
-                if self.resources == Resources::Create
-                    && let Some(republish) = self.republish
-                {
-                    add_republish(self.js, &store, republish).await;
-                }
-                return Ok(store);
+    republish: Option<&str>,
+) -> Result<kv::Store, BusError> {
+    let republish = republish.map(|prefix| stream::Republish {
+        source: format!("$KV.{bucket}.>"),
+        destination: format!("{prefix}>"),
+        headers_only: false,
+    });
+    match js.get_key_value(bucket).await {
+        Ok(store) => {
+            if resources == Resources::Create
+                && let Some(republish) = republish
+            {
+                add_republish(js, &store, republish).await;
             }
-            Err(e) if self.resources == Resources::Bind => {
-                return Err(not_set_up(self.bucket, &e));
-            }
-            Err(_) => {}
+            return Ok(store);
         }
-        self.js
-            .create_key_value(kv::Config {
-                bucket: self.bucket.into(),
-                history: self.history,
-                storage: stream::StorageType::File,
-                num_replicas: self.replicas,
-                republish: self.republish,
-                ..Default::default()
-            })
-            .await
-            .map_err(|e| BusError::Setup {
-                what: self.bucket.into(),
-                reason: e.to_string(),
-            })
+        Err(e) if resources == Resources::Bind => return Err(not_set_up(bucket, &e)),
+        Err(_) => {}
     }
-}
-
-impl<'a> std::future::IntoFuture for KvBucket<'a> {
-    type Output = Result<kv::Store, BusError>;
-    type IntoFuture = std::pin::Pin<Box<dyn Future<Output = Self::Output> + Send + 'a>>;
-
-    fn into_future(self) -> Self::IntoFuture {
-        Box::pin(self.lookup())
-    }
+    js.create_key_value(kv::Config {
+        bucket: bucket.into(),
+        history,
+        storage: stream::StorageType::File,
+        num_replicas: replicas,
+        republish,
+        ..Default::default()
+    })
+    .await
+    .map_err(|e| BusError::Setup {
+        what: bucket.into(),
+        reason: e.to_string(),
+    })
 }
 
 /// Adds the republish setting to a bucket made before fleetcast set it. Only the roles that
 /// write the bucket may update its stream (the tracker the desired states, the signer the
 /// trust); for the others a refusal is only logged.
 async fn add_republish(js: &jetstream::Context, store: &kv::Store, republish: stream::Republish) {
-    let mut stream = store.stream.clone();
-    let config = match stream.info().await {
-        Ok(info) => info.config.clone(),
-        Err(e) => {
-            tracing::warn!(bucket = %store.name, error = %e, "cannot check the bucket's republish setting");
-            return;
-        }
-    };
+    // As the lookup just read it.
+    let config = store.stream.cached_info().config.clone();
     if config.republish.as_ref() == Some(&republish) {
         return;
     }
