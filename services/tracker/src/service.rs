@@ -382,7 +382,8 @@ impl Tracker {
         }
     }
 
-    /// Carries out a rollout's effects.
+    /// Carries out a rollout's effects. A ring's desired state that cannot be written is kept
+    /// to be written again (see `State::unwritten`); the first such error is returned.
     async fn apply(
         &self,
         app: &str,
@@ -390,18 +391,15 @@ impl Tracker {
         directive: Option<&fleetcast_events::SignedManifest>,
         effects: Vec<Effect>,
     ) -> Result<(), String> {
+        let mut failed = Ok(());
         for effect in effects {
             match effect {
                 Effect::Desire { ring } => {
-                    match directive {
-                        Some(manifest) => {
-                            self.bus
-                                .desire_with(app, &ring, version, manifest.clone(), true)
-                                .await?
-                        }
-                        None => self.bus.desire(app, &ring, version, true).await?,
+                    if let Err(e) = self.write_desired(app, version, directive, &ring).await {
+                        let key = (app.to_string(), version.clone(), ring);
+                        self.state.lock().await.unwritten.insert(key);
+                        failed = failed.and(Err(e));
                     }
-                    tracing::info!(%app, %version, %ring, "ring started: desired state written");
                 }
                 Effect::Halted { reason } => {
                     tracing::warn!(%app, %version, %reason, "rollout halted");
@@ -409,6 +407,26 @@ impl Tracker {
                 Effect::Completed => tracing::info!(%app, %version, "rollout completed"),
             }
         }
+        failed
+    }
+
+    /// Writes `ring`'s desired state: `version`, or the rollback `directive`.
+    async fn write_desired(
+        &self,
+        app: &str,
+        version: &semver::Version,
+        directive: Option<&fleetcast_events::SignedManifest>,
+        ring: &str,
+    ) -> Result<(), String> {
+        match directive {
+            Some(manifest) => {
+                self.bus
+                    .desire_with(app, ring, version, manifest.clone(), true)
+                    .await?
+            }
+            None => self.bus.desire(app, ring, version, true).await?,
+        }
+        tracing::info!(%app, %version, %ring, "ring started: desired state written");
         Ok(())
     }
 
@@ -453,21 +471,11 @@ impl Tracker {
             }
             self.write_unwritten().await;
             for (app, version, directive, effects) in todo {
-                for effect in effects {
-                    let ring = match &effect {
-                        Effect::Desire { ring } => Some(ring.clone()),
-                        _ => None,
-                    };
-                    if let Err(e) = self
-                        .apply(&app, &version, directive.as_ref(), vec![effect])
-                        .await
-                    {
-                        tracing::warn!(%app, error = %e, "rollout effect failed; retried next tick");
-                        if let Some(ring) = ring {
-                            let mut state = self.state.lock().await;
-                            state.unwritten.insert((app.clone(), version.clone(), ring));
-                        }
-                    }
+                if let Err(e) = self
+                    .apply(&app, &version, directive.as_ref(), effects)
+                    .await
+                {
+                    tracing::warn!(%app, error = %e, "rollout effect failed; retried next tick");
                 }
             }
             if let Err(e) = self.save(false).await {
@@ -499,8 +507,10 @@ impl Tracker {
                 .collect()
         };
         for ((app, version, ring), directive) in todo {
-            let effect = vec![Effect::Desire { ring: ring.clone() }];
-            match self.apply(&app, &version, directive.as_ref(), effect).await {
+            match self
+                .write_desired(&app, &version, directive.as_ref(), &ring)
+                .await
+            {
                 Ok(()) => {
                     self.state
                         .lock()
