@@ -5,7 +5,7 @@
 //!
 //! - `announce_p100_ms`: v2's desired state written (the server's timestamp on the KV entry) →
 //!   the last agent's first reaction to it (the time on its `downloading` status, sent once it
-//!   has checked the announcement's signature and journaled it).
+//!   has checked the announcement's signature).
 //! - `announce_floor_ms`, same run (median of three, before v2): one message published to as
 //!   many plain clients, each with its own connection in the agents' processes → the last one
 //!   to get it. What the server and this machine take to reach 1,000 connections at all.

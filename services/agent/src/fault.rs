@@ -4,8 +4,9 @@
 
 /// Every point, in the order an update passes them.
 pub const POINTS: &[&str] = &[
-    "staging-journaled",
+    "downloading",
     "staged",
+    "staging-journaled",
     "pre-switch-done",
     "switching-journaled",
     "old-stopped",

@@ -22,7 +22,7 @@ pub mod updater;
 use std::time::Duration;
 
 use fleetcast_events::Encoding;
-use fleetcast_events::names::{DESIRED_SUBJECT_PREFIX, agent_heartbeat_subject, desired_key};
+use fleetcast_events::names::{agent_heartbeat_subject, desired_key, desired_subject};
 use fleetcast_events::v1::{AgentHeartbeat, DesiredState};
 use fleetcast_runtime::observe::{self, Endpoint, ObserveError};
 use fleetcast_runtime::{Bus, BusError};
@@ -96,12 +96,11 @@ pub async fn run(settings: Settings, shutdown: CancellationToken) -> Result<(), 
             tasks.push(tokio::spawn(metrics.follow(rx.clone())));
         }
         beats.push(rx);
-        let key = desired_key(&app.name, &settings.ring);
         let recheck = spread(&settings.agent_id, &app.name, settings.recheck);
         tasks.push(tokio::spawn(app_loop(
             runner,
             bus.clone(),
-            key,
+            settings.ring.clone(),
             recheck,
             trust.root_updates(),
             tx,
@@ -217,7 +216,7 @@ impl Reads {
 async fn app_loop(
     mut runner: AppRunner,
     bus: Bus,
-    key: String,
+    ring: String,
     mut ticker: tokio::time::Interval,
     mut roots: watch::Receiver<u64>,
     beat: watch::Sender<updater::Snapshot>,
@@ -235,7 +234,8 @@ async fn app_loop(
     // at once, where a KV watch would cost a JetStream consumer per agent, each delivering on
     // its own, and a plain subject crosses leaf nodes. A subscription misses what is written
     // while it is disconnected, hence the reads of the stored value.
-    let subject = format!("{DESIRED_SUBJECT_PREFIX}{key}");
+    let subject = desired_subject(&app, &ring);
+    let key = desired_key(&app, &ring);
     let mut connections = bus.connections.clone();
     // A read that fails (the server just came back, a cluster is moving leaders) is tried
     // again soon: after a reconnect it may be the only way to learn of an announcement.

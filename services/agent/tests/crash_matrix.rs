@@ -200,5 +200,5 @@ async fn every_crash_point_ends_with_one_complete_version_running() {
             covered.push(format!("{target}:{point}"));
         }
     }
-    assert_eq!(covered.len(), 10 + 12, "{covered:?}");
+    assert_eq!(covered.len(), 11 + 13, "{covered:?}");
 }
