@@ -16,6 +16,9 @@
 //!   millisecond by this process; `app_start_ms`: the demo app's own start (spawn → first
 //!   `/health` answer), median of 5 direct starts. The target is on their difference.
 //! - `switch_p99_us`: the atomic `current` switch alone, 1,000 times.
+//! - `reaction_ms`: v2's desired state written (the server's timestamp) → the agent's
+//!   `downloading` report (sent once it has checked the signed manifest), as shipped: what an
+//!   idle host takes to act on an announcement.
 
 use std::io::{Read, Write};
 use std::net::TcpStream;
@@ -98,8 +101,8 @@ pub async fn run() -> anyhow::Result<String> {
     eprintln!("v1 from nothing");
     let install_start = Instant::now();
     fleetcast_cli::desire(&bus, "bench", "default", &semver::Version::new(1, 0, 0)).await?;
-    let desired_v1 = desired_bytes(&bus).await?;
-    let first = wait_running(&mut statuses, "1.0.0").await?;
+    let (desired_v1, _) = desired_entry(&bus).await?;
+    let (first, _) = wait_running(&mut statuses, "1.0.0").await?;
     let full_install = install_start.elapsed();
     wait_committed(&journal, "1.0.0").await?;
 
@@ -118,8 +121,9 @@ pub async fn run() -> anyhow::Result<String> {
     eprintln!("v1 -> v2, polling /version");
     let poller = Poller::start(port);
     fleetcast_cli::desire(&bus, "bench", "default", &semver::Version::new(2, 0, 0)).await?;
-    let desired_v2 = desired_bytes(&bus).await?;
-    let running = wait_running(&mut statuses, "2.0.0").await?;
+    let (desired_v2, desired_at) = desired_entry(&bus).await?;
+    let (running, reacted_at) = wait_running(&mut statuses, "2.0.0").await?;
+    let reaction = reacted_at.context("no downloading report for 2.0.0")? - desired_at;
     wait_committed(&journal, "2.0.0").await?;
     let downtime = poller.finish()?;
     let peak_rss = rss_kib(agent.id(), "VmHWM")?;
@@ -150,6 +154,7 @@ pub async fn run() -> anyhow::Result<String> {
         "downtime_ms": round(downtime.as_secs_f64() * 1000.0),
         "app_start_ms": round(app_start.as_secs_f64() * 1000.0),
         "switch_p99_us": switch_p99_us(dir.path())?,
+        "reaction_ms": round(reaction.as_seconds_f64() * 1000.0),
     });
     Ok(json.to_string())
 }
@@ -185,10 +190,14 @@ fn free_port() -> anyhow::Result<u16> {
         .port())
 }
 
-/// Size of the desired-state value the agent receives (it carries the signed manifest).
-async fn desired_bytes(bus: &fleetcast_runtime::Bus) -> anyhow::Result<u64> {
+/// Size of the desired-state value the agent receives (it carries the signed manifest), and
+/// when the server stored it.
+async fn desired_entry(
+    bus: &fleetcast_runtime::Bus,
+) -> anyhow::Result<(u64, time::OffsetDateTime)> {
     let key = fleetcast_events::names::desired_key("bench", "default");
-    Ok(bus.desired.get(&key).await?.context("desired state")?.len() as u64)
+    let entry = bus.desired.entry(&key).await?.context("desired state")?;
+    Ok((entry.value.len() as u64, entry.created))
 }
 
 /// One `GET path` on loopback; the body when the answer is 200.
@@ -359,19 +368,26 @@ async fn next_status(sub: &mut async_nats::Subscriber) -> anyhow::Result<AgentSt
     )?)
 }
 
+/// The `running` report of `version`, and when the first `downloading` one was sent.
 async fn wait_running(
     sub: &mut async_nats::Subscriber,
     version: &str,
-) -> anyhow::Result<AgentStatus> {
+) -> anyhow::Result<(AgentStatus, Option<time::OffsetDateTime>)> {
+    let mut downloading = None;
     loop {
         let s = next_status(sub).await?;
-        if s.state == AppState::Running
-            && s.version.as_ref().is_some_and(|v| v.to_string() == version)
-        {
-            return Ok(s);
-        }
         if matches!(s.state, AppState::RolledBack | AppState::Refused) {
             bail!("{version}: {:?} {:?}", s.state, s.reason);
+        }
+        if s.version.as_ref().is_none_or(|v| v.to_string() != version) {
+            continue;
+        }
+        match s.state {
+            AppState::Downloading => {
+                downloading.get_or_insert(s.at);
+            }
+            AppState::Running => return Ok((s, downloading)),
+            _ => {}
         }
     }
 }
