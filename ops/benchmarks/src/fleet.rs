@@ -89,8 +89,9 @@ pub async fn run() -> anyhow::Result<String> {
                 .env("FLEETCAST_BENCH_FLEET_HOSTS", hosts.path())
                 .env("FLEETCAST_BENCH_FLEET_KEY", key.public().to_text())
                 .env("FLEETCAST_BENCH_FLEET_RANGE", format!("{from}..{to}"))
+                // Not killed when the bench fails: its stdin closing stops it, and it stops its
+                // agents' apps first (a killed agent leaves them running, by design).
                 .stdin(std::process::Stdio::piped())
-                .kill_on_drop(true)
                 .spawn()
                 .context("starting an agents process")?,
         );
@@ -366,10 +367,13 @@ pub async fn run_agents() -> anyhow::Result<String> {
             }
         }));
     }
-    // Until the bench closes our stdin (or exits).
+    // Until the bench closes our stdin (or exits), or Ctrl-C reaches the whole process group.
     let mut stdin = tokio::io::stdin();
     let mut sink = Vec::new();
-    let _ = tokio::io::AsyncReadExt::read_to_end(&mut stdin, &mut sink).await;
+    tokio::select! {
+        _ = tokio::io::AsyncReadExt::read_to_end(&mut stdin, &mut sink) => {}
+        _ = tokio::signal::ctrl_c() => {}
+    }
     shutdown.cancel();
     for h in handles {
         let _ = h.await;
