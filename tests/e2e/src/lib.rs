@@ -33,6 +33,49 @@ pub struct Pipeline {
     pub dir: tempfile::TempDir,
     pub key: SecretKey,
     services: HashMap<String, (CancellationToken, JoinHandle<()>)>,
+    /// The data folders of the agents started, whose apps are killed with the pipeline.
+    agent_dirs: Vec<PathBuf>,
+}
+
+impl Drop for Pipeline {
+    /// The test's runtime stops right after: the agents' tasks are dropped where they are and
+    /// cannot stop their apps (each in its own process group), which would outlive the test.
+    fn drop(&mut self) {
+        for (token, handle) in self.services.values() {
+            token.cancel();
+            handle.abort();
+        }
+        kill_processes_under(&self.agent_dirs);
+    }
+}
+
+/// Kills (SIGKILL, with their process groups) the processes whose working folder is under one
+/// of `dirs`, the apps agents ran there: found in `/proc`, as the folder itself (a test's
+/// `TempDir` dropped before the pipeline) may be gone already.
+fn kill_processes_under(dirs: &[PathBuf]) {
+    use nix::sys::signal::{Signal, kill, killpg};
+    use nix::unistd::{Pid, getpgid, getpgrp};
+    let Ok(processes) = std::fs::read_dir("/proc") else {
+        return;
+    };
+    for entry in processes.flatten() {
+        let Some(pid) = entry.file_name().to_str().and_then(|s| s.parse().ok()) else {
+            continue;
+        };
+        let Ok(cwd) = std::fs::read_link(entry.path().join("cwd")) else {
+            continue;
+        };
+        let cwd = cwd.to_string_lossy();
+        let cwd = Path::new(cwd.strip_suffix(" (deleted)").unwrap_or(&cwd));
+        if !dirs.iter().any(|dir| cwd.starts_with(dir)) {
+            continue;
+        }
+        let pid = Pid::from_raw(pid);
+        let _ = match getpgid(Some(pid)) {
+            Ok(group) if group != getpgrp() => killpg(group, Signal::SIGKILL),
+            _ => kill(pid, Signal::SIGKILL),
+        };
+    }
 }
 
 impl Pipeline {
@@ -105,6 +148,7 @@ impl Pipeline {
             dir,
             key,
             services: HashMap::new(),
+            agent_dirs: Vec::new(),
         })
     }
 
@@ -379,6 +423,7 @@ impl Pipeline {
     /// Runs an agent in this process, as service `agent-<id>`.
     pub fn start_agent(&mut self, settings: fleetcast_agent::Settings) {
         let name = format!("agent-{}", settings.agent_id);
+        self.agent_dirs.push(settings.data_dir.clone());
         self.spawn(&name, move |token| async move {
             if let Err(e) = fleetcast_agent::run(settings, token).await {
                 tracing::error!(error = %e, "agent failed");
