@@ -369,9 +369,9 @@ impl AppRunner {
             // reads as downloading for as long as the store keeps failing. The acceptance is
             // kept (no replay below it) across a restart while it retries.
             Err(e @ UpdateError::Transient(_)) => {
-                self.save()?;
                 self.report(AppState::Failed, Some(target.clone()), Some(e.to_string()))
                     .await;
+                self.save()?;
             }
             _ => {}
         }
