@@ -5,8 +5,8 @@
 /// Every point, in the order an update passes them.
 pub const POINTS: &[&str] = &[
     "downloading",
-    "staged",
     "staging-journaled",
+    "staged",
     "pre-switch-done",
     "switching-journaled",
     "old-stopped",

@@ -18,8 +18,7 @@ pub enum Step {
     /// Nothing in progress.
     #[default]
     Idle,
-    /// `target` is staged (or, in memory only, being assembled into its partial folder); the
-    /// running app is untouched.
+    /// Assembling `target` into its partial folder; the running app is untouched.
     Staging { target: Version },
     /// Stopping `from`, switching `current` to `target`, starting it.
     Switching {

@@ -348,15 +348,17 @@ impl AppRunner {
             self.journal.highest_accepted = Some(target.clone());
         }
         self.fetched_bytes = 0;
-        // Not journaled yet: until the version is staged nothing on the host has changed, and
-        // a crash loses only the download. The journal is written once it is (see `prepare`),
-        // so the reaction to an announcement waits for no fsync.
         self.journal.step = Step::Staging {
             target: target.clone(),
         };
+        // Reported first, so the fleet hears of the reaction without waiting for the disk; the
+        // acceptance (highest version, withdrawn versions) is then on disk before anything is
+        // fetched: a restart mid-download does not forget it and take a replayed older version.
         self.report(AppState::Downloading, Some(target.clone()), None)
             .await;
         fault::hit("downloading");
+        self.save()?;
+        fault::hit("staging-journaled");
         let prepared = self.prepare(&manifest, desired).await;
         match &prepared {
             Err(UpdateError::Refused(_)) => {
@@ -366,12 +368,10 @@ impl AppRunner {
             }
             // The store or network failed (a slow store times out every fetch): nothing
             // running was touched and the update is retried, but say so and why, or the host
-            // reads as downloading for as long as the store keeps failing. The acceptance is
-            // kept (no replay below it) across a restart while it retries.
+            // reads as downloading for as long as the store keeps failing.
             Err(e @ UpdateError::Transient(_)) => {
                 self.report(AppState::Failed, Some(target.clone()), Some(e.to_string()))
                     .await;
-                self.save()?;
             }
             _ => {}
         }
@@ -428,10 +428,6 @@ impl AppRunner {
         let target = manifest.version.clone();
         self.stage(manifest, &desired.index_key).await?;
         fault::hit("staged");
-        // The acceptance (highest version, staged target) is durable before the update waits
-        // for a window, a slot or a hook, or touches what runs.
-        self.save()?;
-        fault::hit("staging-journaled");
         let launch = self.launch(&target).map_err(UpdateError::Refused)?;
         let now = OffsetDateTime::now_utc();
         if !fleetcast_runtime::window::allows(&self.windows, now) {
