@@ -34,6 +34,9 @@ fn main() -> ExitCode {
             return ExitCode::from(2);
         }
     };
+    // Not waited for: the agents processes' blocking read of stdin would hold their exit (after
+    // Ctrl-C) until the bench closes it.
+    runtime.shutdown_background();
     match result {
         Ok(json) if json.is_empty() => ExitCode::SUCCESS,
         Ok(json) => {
