@@ -25,6 +25,9 @@ use crate::rollout::{Effect, Phase, Rollout};
 use crate::settings::Settings;
 
 const SERVICE: &str = "tracker";
+/// Longest pull of agent reports: a stalled report consumer is replaced after about this long.
+const REPORT_PULL_EXPIRES: std::time::Duration = std::time::Duration::from_secs(4);
+
 /// The key holding the status-stream position the saved inventory reflects (agent ids have no
 /// dots, so it cannot collide with one).
 const CURSOR_KEY: &str = "cursor.status";
@@ -130,6 +133,10 @@ impl Tracker {
     }
 
     /// Folds every agent report from the status stream, from where the saved state left off.
+    /// The consumer is ordered: one replica, on the stream's leader. When that server dies the
+    /// client makes a new one after two missed idle heartbeats, each half a pull's expiry
+    /// ([`REPORT_PULL_EXPIRES`]); with the client's default (30 s) the tracker went deaf, and
+    /// rollouts stood still, for half a minute.
     pub async fn follow_reports(self: Arc<Self>, shutdown: CancellationToken) {
         while !shutdown.is_cancelled() {
             let start = self.state.lock().await.cursor + 1;
@@ -141,6 +148,7 @@ impl Tracker {
                     deliver_policy: DeliverPolicy::ByStartSequence {
                         start_sequence: start,
                     },
+                    max_expires: REPORT_PULL_EXPIRES,
                     ..Default::default()
                 })
                 .await;

@@ -682,7 +682,26 @@ async fn a_rollout_completes_when_a_node_of_the_nats_cluster_dies_in_the_middle(
         "2.0.0",
         "the broad ring had not finished"
     );
-    p.nats.stop();
+    // The node killed is the status stream's leader: it also holds the tracker's consumer of
+    // agent reports (an ordered consumer has one replica), which must be replaced.
+    let leader = bus
+        .status_stream
+        .clone()
+        .info()
+        .await
+        .expect("info")
+        .cluster
+        .as_ref()
+        .and_then(|c| c.leader.clone())
+        .expect("status stream leader");
+    match leader
+        .strip_prefix('n')
+        .and_then(|i| i.parse::<usize>().ok())
+    {
+        Some(0) => p.nats.stop(),
+        Some(i) => p.cluster[i - 1].stop(),
+        None => panic!("unknown node {leader}"),
+    }
     for (id, _) in agents {
         converged(&hosts, id, "2.0.0").await;
     }
