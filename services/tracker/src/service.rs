@@ -62,7 +62,7 @@ struct State {
     /// When the agents were last saved.
     agents_saved: Option<tokio::time::Instant>,
     /// Rings whose desired state a rollout called for but could not be written yet (NATS
-    /// failing, a cluster moving leaders): app → (version, ring). Written again on every pass
+    /// failing, a cluster moving leaders), as (app, version, ring). Written again on every pass
     /// while that rollout is still the app's and has not halted or been aborted; the rollout
     /// has moved on and will not ask again.
     unwritten: BTreeSet<(String, semver::Version, String)>,
