@@ -96,7 +96,7 @@ pub async fn run() -> anyhow::Result<String> {
         ),
     )?;
     let mut agent = spawn_agent(&config)?;
-    let journal = data.join("apps/bench/journal.json");
+    let journal = data.join("apps/bench");
 
     eprintln!("v1 from nothing");
     let install_start = Instant::now();

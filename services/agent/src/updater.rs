@@ -4,7 +4,6 @@
 //! failed one automatically. The journal is written before every disruptive step, and a
 //! restarted agent first applies [`Journal::recovery`].
 
-use std::path::PathBuf;
 use std::sync::Arc;
 use std::time::Duration;
 
@@ -23,7 +22,7 @@ use crate::assemble::{AssembleError, LocalChunks, NatsChunks, assemble};
 use crate::fault;
 use crate::health::run_gate;
 use crate::install::InstallRoot;
-use crate::journal::{Journal, Step};
+use crate::journal::{Journal, JournalFile, Step};
 use crate::settings::{AppSettings, Settings};
 use crate::supervisor::{ProcessSpec, StopPolicy, Supervisor};
 
@@ -84,7 +83,7 @@ pub struct AppRunner {
     host: Arc<Settings>,
     windows: Vec<fleetcast_runtime::window::Window>,
     root: InstallRoot,
-    journal_path: PathBuf,
+    journal_file: JournalFile,
     journal: Journal,
     supervisor: Supervisor,
     trust: Arc<Trust>,
@@ -106,8 +105,7 @@ impl AppRunner {
         let app_dir = host.data_dir.join("apps").join(&settings.name);
         let root = InstallRoot::new(&app_dir)
             .map_err(|e| UpdateError::Transient(format!("{}: {e}", app_dir.display())))?;
-        let journal_path = app_dir.join("journal.json");
-        let journal = Journal::load(&journal_path)
+        let (journal_file, journal) = JournalFile::open(&app_dir)
             .map_err(|e| UpdateError::Refused(format!("journal unreadable: {e}")))?;
         let windows = host
             .windows()
@@ -127,7 +125,7 @@ impl AppRunner {
             host,
             windows,
             root,
-            journal_path,
+            journal_file,
             journal,
             supervisor,
             trust,
@@ -143,9 +141,9 @@ impl AppRunner {
         &self.journal
     }
 
-    fn save(&self) -> Result<(), UpdateError> {
-        self.journal
-            .save(&self.journal_path)
+    fn save(&mut self) -> Result<(), UpdateError> {
+        self.journal_file
+            .save(&self.journal)
             .map_err(|e| UpdateError::Transient(format!("journal: {e}")))
     }
 

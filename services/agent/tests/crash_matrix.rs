@@ -60,7 +60,7 @@ impl Case {
     }
 
     fn journal(&self) -> Journal {
-        Journal::load(&self.data.join("apps/shapp/journal.json")).unwrap_or_default()
+        Journal::load(&self.data.join("apps/shapp")).unwrap_or_default()
     }
 
     /// Processes of this case's app still alive (found by their environment).

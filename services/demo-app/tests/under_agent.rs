@@ -96,7 +96,7 @@ async fn the_demo_app_is_updated_drained_and_rolled_back_by_a_real_agent() {
         }],
         ..Default::default()
     };
-    let journal = host.path().join("data/apps/demo/journal.json");
+    let journal = host.path().join("data/apps/demo");
     let shutdown = CancellationToken::new();
     let agent = tokio::spawn({
         let shutdown = shutdown.clone();

@@ -21,7 +21,7 @@ async fn committed(journal: &Path, version: &str) {
     .await;
 }
 
-/// A host's folders: (guard, data dir, app state dir, journal path).
+/// A host's folders: (guard, data dir, app state dir, the app's folder holding its journal).
 fn host_dirs() -> (
     tempfile::TempDir,
     std::path::PathBuf,
@@ -31,7 +31,7 @@ fn host_dirs() -> (
     let host = tempfile::tempdir().expect("tmp");
     let (data, state) = (host.path().join("data"), host.path().join("state"));
     std::fs::create_dir_all(&state).expect("state");
-    let journal = data.join("apps/shapp/journal.json");
+    let journal = data.join("apps/shapp");
     (host, data, state, journal)
 }
 

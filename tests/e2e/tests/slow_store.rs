@@ -59,7 +59,7 @@ async fn a_store_that_trickles_bytes_delays_the_update_but_never_half_installs_i
     settings.nats.request_timeout = Duration::from_secs(1);
     let state = host.path().join("state");
     let app_dir = host.path().join("data/apps/shapp");
-    let journal = app_dir.join("journal.json");
+    let journal = app_dir.clone();
     let committed =
         |version: &str| Journal::load(&journal).expect("journal").committed == Some(v(version));
 
