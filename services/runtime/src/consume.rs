@@ -11,6 +11,13 @@ use tokio_util::sync::CancellationToken;
 
 use crate::bus::BusError;
 
+/// How long one pull waits on the server: the client's idle heartbeat is half of it, and two
+/// missed heartbeats make it pull again. When a cluster node dies, a pull waiting on it (a
+/// consumer leader, or an ordered consumer's only replica) is lost with it: the consumer then
+/// resumes within seconds, where the client's default (30 s) left services deaf for half a
+/// minute.
+pub const PULL_EXPIRES: Duration = Duration::from_secs(4);
+
 /// What to do with a message once the handler is done with it.
 #[derive(Debug)]
 pub enum Outcome {
@@ -60,7 +67,12 @@ where
         .map_err(|e| setup(&e))?;
     let progress_every = spec.ack_wait / 3;
     while !shutdown.is_cancelled() {
-        let mut messages = match consumer.stream().max_messages_per_batch(1).messages().await {
+        let pulls = consumer
+            .stream()
+            .max_messages_per_batch(1)
+            .expires(PULL_EXPIRES)
+            .heartbeat(PULL_EXPIRES / 2);
+        let mut messages = match pulls.messages().await {
             Ok(m) => m,
             Err(e) => {
                 tracing::warn!(durable = spec.durable, error = %e, "cannot pull, retrying");

@@ -13,7 +13,9 @@ use fleetcast_events::v1::{
     AgentHeartbeat, AgentStatus, ReleaseStored, RollbackSigned, SlotReply, SlotRequest,
 };
 use fleetcast_runtime::Bus;
-use fleetcast_runtime::consume::{ConsumerSpec, Outcome, decode_or_reject, run_consumer};
+use fleetcast_runtime::consume::{
+    ConsumerSpec, Outcome, PULL_EXPIRES, decode_or_reject, run_consumer,
+};
 use futures::StreamExt;
 use time::OffsetDateTime;
 use tokio::sync::Mutex;
@@ -25,8 +27,6 @@ use crate::rollout::{Effect, Phase, Rollout};
 use crate::settings::Settings;
 
 const SERVICE: &str = "tracker";
-/// Longest pull of agent reports: a stalled report consumer is replaced after about this long.
-const REPORT_PULL_EXPIRES: std::time::Duration = std::time::Duration::from_secs(4);
 
 /// The key holding the status-stream position the saved inventory reflects (agent ids have no
 /// dots, so it cannot collide with one).
@@ -135,7 +135,7 @@ impl Tracker {
     /// Folds every agent report from the status stream, from where the saved state left off.
     /// The consumer is ordered: one replica, on the stream's leader. When that server dies the
     /// client makes a new one after two missed idle heartbeats, each half a pull's expiry
-    /// ([`REPORT_PULL_EXPIRES`]); with the client's default (30 s) the tracker went deaf, and
+    /// ([`PULL_EXPIRES`]); with the client's default (30 s) the tracker went deaf, and
     /// rollouts stood still, for half a minute.
     pub async fn follow_reports(self: Arc<Self>, shutdown: CancellationToken) {
         while !shutdown.is_cancelled() {
@@ -148,7 +148,7 @@ impl Tracker {
                     deliver_policy: DeliverPolicy::ByStartSequence {
                         start_sequence: start,
                     },
-                    max_expires: REPORT_PULL_EXPIRES,
+                    max_expires: PULL_EXPIRES,
                     ..Default::default()
                 })
                 .await;
