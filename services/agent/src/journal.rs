@@ -174,7 +174,13 @@ impl JournalFile {
                 Err(reason) => torn.push(reason),
             }
         }
-        if let Some(journal) = best {
+        if let Some((i, journal)) = file.newest.zip(best) {
+            // What was read may still be only in the page cache (the last agent killed between
+            // its write and its sync): made durable before anything is built on it, as the
+            // next save overwrites the other slot, which may be the only copy on disk. Its
+            // name too, in case that agent died before syncing the folder.
+            std::fs::File::open(app_dir.join(SLOTS[i]))?.sync_data()?;
+            fleetcast_runtime::fs::sync_dir(app_dir)?;
             return Ok((file, journal));
         }
         // No valid record. Both slots torn is damage no crash makes; one torn and the other
@@ -352,12 +358,40 @@ mod tests {
         }
     }
 
-    /// Tears the slot written last: its record cut halfway, as a crash mid-write leaves it.
-    fn tear_newest(dir: &Path) {
+    /// Tears the slot written last as a crash mid-write leaves it: its record cut halfway, or
+    /// (`in_place`) whole in length but with a byte of its body from another write (a digit
+    /// changed: still valid JSON, so only the checksum tells).
+    fn tear_newest(dir: &Path, in_place: bool) {
         let (file, _) = JournalFile::open(dir).expect("open");
         let path = dir.join(SLOTS[file.newest.expect("a slot written")]);
-        let bytes = std::fs::read(&path).expect("read");
-        std::fs::write(&path, &bytes[..bytes.len() / 2]).expect("write");
+        let mut bytes = std::fs::read(&path).expect("read");
+        if in_place {
+            let body = bytes.iter().position(|&b| b == b'\n').expect("header") + 1;
+            let digit = bytes[body..]
+                .iter()
+                .position(u8::is_ascii_digit)
+                .expect("a version in the body");
+            bytes[body + digit] = if bytes[body + digit] == b'9' {
+                b'8'
+            } else {
+                b'9'
+            };
+        } else {
+            bytes.truncate(bytes.len() / 2);
+        }
+        std::fs::write(&path, &bytes).expect("write");
+    }
+
+    /// A slot file's length and the length its header gives the record.
+    fn lengths(path: &Path) -> (usize, usize) {
+        let text = std::fs::read_to_string(path).expect("slot");
+        let (header, _) = text.split_once('\n').expect("header");
+        let body: usize = header
+            .split(' ')
+            .nth(2)
+            .and_then(|n| n.parse().ok())
+            .expect("length");
+        (text.len(), header.len() + 1 + body)
     }
 
     #[test]
@@ -383,8 +417,8 @@ mod tests {
         // A shorter record over a longer one leaves nothing stale behind it.
         save_all(dir.path(), [&Journal::default(), &Journal::default()]);
         for name in SLOTS {
-            let text = std::fs::read_to_string(dir.path().join(name)).expect("slot");
-            assert!(text.ends_with('}'), "{text}");
+            let (file, record) = lengths(&dir.path().join(name));
+            assert_eq!(file, record, "{name}");
         }
     }
 
@@ -394,13 +428,13 @@ mod tests {
         let before = sample();
         let after = journal(Step::Idle);
         save_all(dir.path(), [&journal(Step::Idle), &before, &after]);
-        tear_newest(dir.path());
+        tear_newest(dir.path(), true);
         assert_eq!(Journal::load(dir.path()).expect("load"), before);
         // The next save overwrites the torn slot, not the good one.
         let next = journal(Step::Staging { target: v("3.0.0") });
         save_all(dir.path(), [&next]);
         assert_eq!(Journal::load(dir.path()).expect("load"), next);
-        tear_newest(dir.path());
+        tear_newest(dir.path(), false);
         assert_eq!(Journal::load(dir.path()).expect("load"), before);
     }
 
@@ -408,7 +442,7 @@ mod tests {
     fn a_torn_first_save_is_a_fresh_host_and_two_torn_slots_an_error() {
         let dir = tempfile::tempdir().expect("tmp");
         save_all(dir.path(), [&sample()]);
-        tear_newest(dir.path());
+        tear_newest(dir.path(), false);
         assert_eq!(Journal::load(dir.path()).expect("load"), Journal::default());
         save_all(dir.path(), [&sample(), &sample()]);
         for name in SLOTS {
@@ -435,7 +469,7 @@ mod tests {
         save_all(dir.path(), [&first]);
         assert!(legacy.exists());
         // The first save torn: the legacy journal still says what was.
-        tear_newest(dir.path());
+        tear_newest(dir.path(), true);
         assert_eq!(Journal::load(dir.path()).expect("load"), sample());
         save_all(dir.path(), [&first]);
         assert_eq!(Journal::load(dir.path()).expect("load"), first);

@@ -60,7 +60,8 @@ impl Case {
     }
 
     fn journal(&self) -> Journal {
-        Journal::load(&self.data.join("apps/shapp")).unwrap_or_default()
+        // A journal that does not load after a crash is itself a failure, not a fresh host.
+        Journal::load(&self.data.join("apps/shapp")).expect("journal loads after the crash")
     }
 
     /// Processes of this case's app still alive (found by their environment).
