@@ -11,11 +11,11 @@ use tokio_util::sync::CancellationToken;
 
 use crate::bus::BusError;
 
-/// How long one pull waits on the server: the client's idle heartbeat is half of it, and two
-/// missed heartbeats make it pull again. When a cluster node dies, a pull waiting on it (a
-/// consumer leader, or an ordered consumer's only replica) is lost with it: the consumer then
-/// resumes within seconds, where the client's default (30 s) left services deaf for half a
-/// minute.
+/// How long one pull waits on the server. A pull lost with a dead cluster node (the
+/// consumer's leader) ends 5 s after this on the client's own timer, and the next pull reaches
+/// the new leader; with the client's default (30 s) services stayed deaf for over half a
+/// minute. The tracker's ordered report consumer, which has one replica, uses it too (its
+/// idle heartbeat is half of it; two missed make the client replace the consumer).
 pub const PULL_EXPIRES: Duration = Duration::from_secs(4);
 
 /// What to do with a message once the handler is done with it.
@@ -67,13 +67,17 @@ where
         .map_err(|e| setup(&e))?;
     let progress_every = spec.ack_wait / 3;
     while !shutdown.is_cancelled() {
-        let pulls = consumer
-            .stream()
-            .max_messages_per_batch(1)
+        // One message at a time, asked for only once the last one is done: none waits in this
+        // instance's buffer, its ack_wait running, while a long job runs (another instance
+        // takes it instead), and every pull goes to the consumer's current leader.
+        let pull = consumer
+            .batch()
+            .max_messages(1)
             .expires(PULL_EXPIRES)
-            .heartbeat(PULL_EXPIRES / 2);
-        let mut messages = match pulls.messages().await {
-            Ok(m) => m,
+            .messages()
+            .await;
+        let mut pull = match pull {
+            Ok(p) => p,
             Err(e) => {
                 tracing::warn!(durable = spec.durable, error = %e, "cannot pull, retrying");
                 tokio::select! {
@@ -82,49 +86,48 @@ where
                 }
             }
         };
-        loop {
-            let next = tokio::select! {
-                _ = shutdown.cancelled() => return Ok(()),
-                next = messages.next() => next,
-            };
-            let message = match next {
-                Some(Ok(m)) => m,
-                Some(Err(e)) => {
-                    tracing::debug!(durable = spec.durable, error = %e, "pull stream hiccup");
-                    continue;
-                }
-                None => break,
-            };
-            let acker = message.clone();
-            let job = handler(message);
-            tokio::pin!(job);
-            let mut ticker = tokio::time::interval_at(
-                tokio::time::Instant::now() + progress_every,
-                progress_every,
-            );
-            let outcome = loop {
-                tokio::select! {
-                    outcome = &mut job => break outcome,
-                    _ = ticker.tick() => {
-                        if let Err(e) = acker.ack_with(AckKind::Progress).await {
-                            tracing::debug!(error = %e, "progress ack failed");
-                        }
+        let next = tokio::select! {
+            _ = shutdown.cancelled() => return Ok(()),
+            next = pull.next() => next,
+        };
+        let message = match next {
+            Some(Ok(m)) => m,
+            Some(Err(e)) => {
+                tracing::debug!(durable = spec.durable, error = %e, "pull hiccup");
+                continue;
+            }
+            // Nothing came within the pull's expiry: ask again.
+            None => continue,
+        };
+        // The pull is over (one message); nothing more comes on its subscription.
+        drop(pull);
+        let acker = message.clone();
+        let job = handler(message);
+        tokio::pin!(job);
+        let mut ticker =
+            tokio::time::interval_at(tokio::time::Instant::now() + progress_every, progress_every);
+        let outcome = loop {
+            tokio::select! {
+                outcome = &mut job => break outcome,
+                _ = ticker.tick() => {
+                    if let Err(e) = acker.ack_with(AckKind::Progress).await {
+                        tracing::debug!(error = %e, "progress ack failed");
                     }
                 }
-            };
-            let ack = match outcome {
-                Outcome::Done => acker.double_ack().await,
-                Outcome::Retry(reason) => {
-                    tracing::warn!(durable = spec.durable, %reason, "will retry");
-                    acker
-                        .ack_with(AckKind::Nak(Some(Duration::from_secs(2))))
-                        .await
-                }
-            };
-            if let Err(e) = ack {
-                // Not fatal: the message is redelivered and handlers are idempotent.
-                tracing::warn!(durable = spec.durable, error = %e, "ack failed");
             }
+        };
+        let ack = match outcome {
+            Outcome::Done => acker.double_ack().await,
+            Outcome::Retry(reason) => {
+                tracing::warn!(durable = spec.durable, %reason, "will retry");
+                acker
+                    .ack_with(AckKind::Nak(Some(Duration::from_secs(2))))
+                    .await
+            }
+        };
+        if let Err(e) = ack {
+            // Not fatal: the message is redelivered and handlers are idempotent.
+            tracing::warn!(durable = spec.durable, error = %e, "ack failed");
         }
     }
     Ok(())
