@@ -192,9 +192,16 @@ impl Tracker {
                     continue;
                 }
             };
+            // The client counts two missed idle heartbeats before it replaces the consumer, but
+            // after the first it re-arms its heartbeat timer only when the stream is polled
+            // again, and nothing may wake it (async-nats 0.51): after the status stream's
+            // leader died the tracker then heard nothing for 45 s, until a request of the
+            // client's own timed out. Polled every second, the second miss is counted.
+            let mut nudge = tokio::time::interval(std::time::Duration::from_secs(1));
             loop {
                 let next = tokio::select! {
                     _ = shutdown.cancelled() => return,
+                    _ = nudge.tick() => continue,
                     next = messages.next() => next,
                 };
                 match next {
