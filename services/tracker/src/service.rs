@@ -220,6 +220,10 @@ impl Tracker {
             return;
         };
         let now = OffsetDateTime::now_utc();
+        // When the agent was last heard of is when the stream took its report: a report
+        // replayed after a restart (up to AGENTS_SAVE_MAX old) does not make an agent that has
+        // gone silent since look alive. Never later than now (clocks differ a little).
+        let seen = published.min(now);
         let mut state = self.state.lock().await;
         let state = &mut *state;
         state.cursor = state.cursor.max(seq);
@@ -227,7 +231,7 @@ impl Tracker {
         if msg.subject.ends_with(".heartbeat") {
             match fleetcast_runtime::consume::decode::<AgentHeartbeat>(msg) {
                 Ok(hb) if valid_agent_id(&hb.agent_id) => {
-                    state.fleet.heartbeat(&hb, now);
+                    state.fleet.heartbeat(&hb, seen);
                     state.dirty_agents.insert(hb.agent_id);
                 }
                 Ok(hb) => {
@@ -241,7 +245,7 @@ impl Tracker {
             match fleetcast_runtime::consume::decode::<AgentStatus>(msg) {
                 Ok(st) if valid_agent_id(&st.agent_id) => {
                     state.last_status = Some(tokio::time::Instant::now());
-                    state.fleet.status(&st, now);
+                    state.fleet.status(&st, seen);
                     state.dirty_agents.insert(st.agent_id.clone());
                     if let Some(rollout) = state.rollouts.get_mut(&st.app) {
                         rollout.record_status(&st);
