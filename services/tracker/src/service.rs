@@ -28,6 +28,9 @@ use crate::settings::Settings;
 
 const SERVICE: &str = "tracker";
 
+/// How long the report stream may stay quiet before it is polled again (see `follow_reports`).
+const IDLE_POLL: std::time::Duration = std::time::Duration::from_secs(1);
+
 /// The key holding the status-stream position the saved inventory reflects (agent ids have no
 /// dots, so it cannot collide with one).
 const CURSOR_KEY: &str = "cursor.status";
@@ -196,14 +199,22 @@ impl Tracker {
             // after the first it re-arms its heartbeat timer only when the stream is polled
             // again, and nothing may wake it (async-nats 0.51): after the status stream's
             // leader died the tracker then heard nothing for 45 s, until a request of the
-            // client's own timed out. Polled every second, the second miss is counted.
-            let mut nudge = tokio::time::interval(std::time::Duration::from_secs(1));
+            // client's own timed out. Polled again after each quiet second, the second miss is
+            // counted (and a burst of reports is not interrupted).
+            let quiet = tokio::time::sleep(IDLE_POLL);
+            tokio::pin!(quiet);
             loop {
                 let next = tokio::select! {
                     _ = shutdown.cancelled() => return,
-                    _ = nudge.tick() => continue,
+                    _ = &mut quiet => {
+                        quiet.as_mut().reset(tokio::time::Instant::now() + IDLE_POLL);
+                        continue;
+                    }
                     next = messages.next() => next,
                 };
+                quiet
+                    .as_mut()
+                    .reset(tokio::time::Instant::now() + IDLE_POLL);
                 match next {
                     Some(Ok(msg)) => self.fold_report(&msg).await,
                     Some(Err(e)) => {
