@@ -201,20 +201,13 @@ impl Tracker {
             // leader died the tracker then heard nothing for 45 s, until a request of the
             // client's own timed out. Polled again after each quiet second, the second miss is
             // counted (and a burst of reports is not interrupted).
-            let quiet = tokio::time::sleep(IDLE_POLL);
-            tokio::pin!(quiet);
             loop {
                 let next = tokio::select! {
                     _ = shutdown.cancelled() => return,
-                    _ = &mut quiet => {
-                        quiet.as_mut().reset(tokio::time::Instant::now() + IDLE_POLL);
-                        continue;
-                    }
-                    next = messages.next() => next,
+                    next = tokio::time::timeout(IDLE_POLL, messages.next()) => next,
                 };
-                quiet
-                    .as_mut()
-                    .reset(tokio::time::Instant::now() + IDLE_POLL);
+                // A quiet second: poll again.
+                let Ok(next) = next else { continue };
                 match next {
                     Some(Ok(msg)) => self.fold_report(&msg).await,
                     Some(Err(e)) => {
