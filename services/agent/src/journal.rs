@@ -115,6 +115,9 @@ pub struct JournalFile {
     newest: Option<usize>,
     /// Each slot file's length, `None` while it does not exist.
     lens: [Option<u64>; 2],
+    /// Each slot file, open for writing once first saved to: a save is then one write and one
+    /// sync, without a path lookup, open and close each time.
+    files: [Option<std::fs::File>; 2],
     /// A journal from before the slots (`journal.json`, written by temporary file and rename),
     /// kept until both slots hold a whole record.
     legacy: bool,
@@ -161,6 +164,7 @@ impl JournalFile {
             seq: 0,
             newest: None,
             lens,
+            files: [None, None],
             legacy: legacy.is_some(),
         };
         let mut best: Option<Journal> = None;
@@ -208,12 +212,16 @@ impl JournalFile {
             Some(i) => 1 - i,
             None => 0,
         };
-        let path = self.dir.join(SLOTS[slot]);
-        let file = std::fs::OpenOptions::new()
-            .write(true)
-            .create(true)
-            .truncate(false)
-            .open(&path)?;
+        let file = match &mut self.files[slot] {
+            Some(file) => file,
+            none => none.insert(
+                std::fs::OpenOptions::new()
+                    .write(true)
+                    .create(true)
+                    .truncate(false)
+                    .open(self.dir.join(SLOTS[slot]))?,
+            ),
+        };
         file.write_all_at(&record, 0)?;
         let len = record.len() as u64;
         // A shorter record than the slot held: the rest would only be ignored, but a person
