@@ -458,6 +458,10 @@ impl AppRunner {
         manifest: &VerifiedManifest,
         index_key: &str,
     ) -> Result<(), UpdateError> {
+        if !self.root.version_dir(&manifest.version).is_dir() {
+            // The rest of the fleet is still taking the announcement (see the setting).
+            tokio::time::sleep(self.host.fetch_delay).await;
+        }
         let bytes = self
             .bus
             .index
