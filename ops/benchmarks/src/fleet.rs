@@ -72,11 +72,14 @@ pub async fn run() -> anyhow::Result<String> {
 
     // The agents run in a few processes of their own, as the hosts' agents would: one process
     // holding all of them would make every app start copy and close its thousands of file
-    // descriptors, and share one allocator and scheduler.
+    // descriptors, and share one allocator and scheduler. Eight (of 125 agents) rather than
+    // four: with four, perf showed a core idle for milliseconds of the announcement while a
+    // process waited for its turn on the other; eight spread more evenly (announce_p100_ms
+    // 37-45 against 43-49, interleaved runs).
     let processes: usize = std::env::var("FLEETCAST_BENCH_AGENT_PROCESSES")
         .ok()
         .and_then(|s| s.parse().ok())
-        .unwrap_or(4)
+        .unwrap_or(8)
         .clamp(1, agents.max(1));
     eprintln!("starting {agents} agents in {processes} processes");
     let mut children = Vec::new();
