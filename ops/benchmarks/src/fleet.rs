@@ -72,8 +72,8 @@ pub async fn run() -> anyhow::Result<String> {
 
     // The agents run in a few processes of their own, as the hosts' agents would: one process
     // holding all of them would make every app start copy and close its thousands of file
-    // descriptors, and share one allocator and scheduler. Eight (of 125 agents) rather than
-    // four: with four, perf showed a core idle for milliseconds of the announcement while a
+    // descriptors, and share one allocator and scheduler. Eight processes of 125 agents rather
+    // than four of 250: with four, perf showed a core idle for milliseconds of the announcement while a
     // process waited for its turn on the other; eight spread more evenly (announce_p100_ms
     // 37-45 against 43-49, interleaved runs).
     let processes: usize = std::env::var("FLEETCAST_BENCH_AGENT_PROCESSES")

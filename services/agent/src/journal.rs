@@ -115,8 +115,8 @@ pub struct JournalFile {
     newest: Option<usize>,
     /// Each slot file's length, `None` while it does not exist.
     lens: [Option<u64>; 2],
-    /// Each slot file, open for writing once first saved to: a save is then one write and one
-    /// sync, without a path lookup, open and close each time.
+    /// Each slot file, open for writing once synced at open or first saved to: a save is then
+    /// one write and one sync, without a path lookup, open and close each time.
     files: [Option<std::fs::File>; 2],
     /// A journal from before the slots (`journal.json`, written by temporary file and rename),
     /// kept until both slots hold a whole record.
@@ -157,7 +157,12 @@ impl JournalFile {
                 )
             })),
             Err(e) if e.kind() == io::ErrorKind::NotFound => None,
-            Err(e) => return Err(e),
+            Err(e) => {
+                return Err(io::Error::new(
+                    e.kind(),
+                    format!("{}: {e}", legacy_path.display()),
+                ));
+            }
         };
         let mut file = JournalFile {
             dir: app_dir.to_path_buf(),
@@ -183,8 +188,10 @@ impl JournalFile {
             // its write and its sync): made durable before anything is built on it, as the
             // next save overwrites the other slot, which may be the only copy on disk. Its
             // name too, in case that agent died before syncing the folder.
-            std::fs::File::open(app_dir.join(SLOTS[i]))?.sync_data()?;
+            let slot = open_slot(&app_dir.join(SLOTS[i]))?;
+            slot.sync_data()?;
             fleetcast_runtime::fs::sync_dir(app_dir)?;
+            file.files[i] = Some(slot);
             return Ok((file, journal));
         }
         // No valid record. Both slots torn is damage no crash makes; one torn and the other
@@ -214,13 +221,7 @@ impl JournalFile {
         };
         let file = match &mut self.files[slot] {
             Some(file) => file,
-            none => none.insert(
-                std::fs::OpenOptions::new()
-                    .write(true)
-                    .create(true)
-                    .truncate(false)
-                    .open(self.dir.join(SLOTS[slot]))?,
-            ),
+            none => none.insert(open_slot(&self.dir.join(SLOTS[slot]))?),
         };
         file.write_all_at(&record, 0)?;
         let len = record.len() as u64;
@@ -245,6 +246,15 @@ impl JournalFile {
         }
         Ok(())
     }
+}
+
+/// A slot file, for writing (created if missing, never truncated: the record overwrites it).
+fn open_slot(path: &Path) -> io::Result<std::fs::File> {
+    std::fs::OpenOptions::new()
+        .write(true)
+        .create(true)
+        .truncate(false)
+        .open(path)
 }
 
 /// A slot's record, or why it is not whole.

@@ -59,9 +59,8 @@ async fn a_store_that_trickles_bytes_delays_the_update_but_never_half_installs_i
     settings.nats.request_timeout = Duration::from_secs(1);
     let state = host.path().join("state");
     let app_dir = host.path().join("data/apps/shapp");
-    let journal = app_dir.clone();
     let committed =
-        |version: &str| Journal::load(&journal).expect("journal").committed == Some(v(version));
+        |version: &str| Journal::load(&app_dir).expect("journal").committed == Some(v(version));
 
     p.release("shapp", "1.0.0", &script_app("1.0.0", true))
         .await;
@@ -99,7 +98,7 @@ async fn a_store_that_trickles_bytes_delays_the_update_but_never_half_installs_i
     assert_eq!(beat.apps[0].staged, Some(v("2.0.0")), "{beat:?}");
 
     // Meanwhile nothing was half-installed and nothing running was touched.
-    let j = Journal::load(&journal).expect("journal");
+    let j = Journal::load(&app_dir).expect("journal");
     assert_eq!(j.committed, Some(v("1.0.0")));
     assert_eq!(j.step, Step::Staging { target: v("2.0.0") });
     assert!(
@@ -122,7 +121,7 @@ async fn a_store_that_trickles_bytes_delays_the_update_but_never_half_installs_i
     proxy.throttle(None);
     eventually("2.0.0 running", || running(&state) == "2.0.0").await;
     eventually("2.0.0 committed", || committed("2.0.0")).await;
-    let j = Journal::load(&journal).expect("journal");
+    let j = Journal::load(&app_dir).expect("journal");
     assert_eq!(j.step, Step::Idle);
     assert_eq!(j.previous, Some(v("1.0.0")));
     assert!(!app_dir.join("versions/2.0.0.partial").exists());
