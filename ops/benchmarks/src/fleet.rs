@@ -330,6 +330,8 @@ pub async fn run_agents() -> anyhow::Result<String> {
                 },
                 crash: Default::default(),
                 grace: Duration::from_secs(2),
+                user: None,
+                group: None,
             }],
             ..Default::default()
         };

@@ -168,11 +168,12 @@ impl Hashing<'_> {
             let _ = std::fs::remove_file(&self.path);
             return Err(AssembleError::FileMismatch(self.entry.path.clone()));
         }
-        std::fs::set_permissions(
-            &self.path,
-            std::fs::Permissions::from_mode(self.entry.mode & 0o777),
-        )
-        .map_err(io_err(&self.path))?;
+        // Read-only for everyone, no setuid/setgid/sticky bit, whatever the package says.
+        self.file
+            .set_permissions(std::fs::Permissions::from_mode(
+                crate::isolation::installed_mode(self.entry.mode),
+            ))
+            .map_err(io_err(&self.path))?;
         self.file.sync_all().map_err(io_err(&self.path))
     }
 }
@@ -193,6 +194,11 @@ pub async fn assemble(
     }
     check_index(manifest, index)?;
     let partial = root.partial_dir(&manifest.version);
+    if partial.is_dir() {
+        // An interrupted attempt may have sealed files (or, just before its rename, the whole
+        // folder): writable for the agent again, so it can be resumed without root.
+        crate::isolation::unseal_tree(&partial).map_err(io_err(&partial))?;
+    }
     std::fs::create_dir_all(&partial).map_err(io_err(&partial))?;
     let mut report = AssembleReport::default();
 
@@ -304,6 +310,8 @@ pub async fn assemble(
             std::os::unix::fs::symlink(target, &path).map_err(io_err(&path))?;
         }
     }
+    // No write bit anywhere in an installed version: the app cannot change its own code.
+    crate::isolation::seal_tree(&partial).map_err(io_err(&partial))?;
     sync_tree(&partial).map_err(io_err(&partial))?;
     std::fs::rename(&partial, &final_dir).map_err(io_err(&final_dir))?;
     sync_dir(final_dir.parent().unwrap_or(root.root())).map_err(io_err(&final_dir))?;

@@ -12,6 +12,8 @@ use nix::unistd::Pid;
 use tokio::io::{AsyncReadExt, AsyncWriteExt};
 use tokio::sync::broadcast;
 
+use crate::isolation::RunAs;
+use crate::output::{MAX_CAPTURE, read_tail};
 use crate::supervisor::Event;
 
 pub use fleetcast_package::HealthGate;
@@ -38,6 +40,7 @@ pub async fn run_gate(
     events: &mut broadcast::Receiver<Event>,
     cwd: &Path,
     env: &BTreeMap<String, String>,
+    run_as: Option<RunAs>,
 ) -> Result<(), GateFailure> {
     let deadline = tokio::time::sleep(gate.stay_up);
     tokio::pin!(deadline);
@@ -61,9 +64,11 @@ pub async fn run_gate(
             })?;
     }
     if let Some(command) = &gate.command {
-        retry(gate, || run_command(command, cwd, env, gate.probe_timeout))
-            .await
-            .map_err(GateFailure::Command)?;
+        retry(gate, || {
+            run_command(command, cwd, env, run_as, gate.probe_timeout)
+        })
+        .await
+        .map_err(GateFailure::Command)?;
     }
     // A crash right at the end of the gate still counts.
     while let Ok(event) = events.try_recv() {
@@ -142,17 +147,20 @@ pub async fn http_probe(url: &str, timeout: Duration) -> Result<(), String> {
         .map_err(|_| format!("no answer within {timeout:?}"))?
 }
 
-/// Runs a command (health probe or hook) to completion in its own process group: a program
-/// in `cwd` (the version's folder) or on PATH. Past `timeout` the whole group is killed, so a
-/// hung migration leaves nothing behind. The error carries the exit status and stderr's end.
+/// Runs a command (health probe or hook) to completion in its own process group, as the app's
+/// user: a program in `cwd` (the version's folder) or on PATH. Past `timeout` the whole group is
+/// killed, so a hung migration leaves nothing behind. Its output is kept to its last
+/// [`MAX_CAPTURE`] bytes; the error carries the exit status and stderr's end.
 pub async fn run_command(
     command: &[String],
     cwd: &Path,
     env: &BTreeMap<String, String>,
+    run_as: Option<RunAs>,
     timeout: Duration,
 ) -> Result<(), String> {
     let (program, args) = command.split_first().ok_or("empty command")?;
-    let child = tokio::process::Command::new(crate::supervisor::program_path(program, cwd))
+    let mut builder = tokio::process::Command::new(crate::supervisor::program_path(program, cwd));
+    builder
         .args(args)
         .current_dir(cwd)
         .envs(env)
@@ -160,11 +168,30 @@ pub async fn run_command(
         .stdout(Stdio::piped())
         .stderr(Stdio::piped())
         .process_group(0)
-        .kill_on_drop(true)
-        .spawn()
-        .map_err(|e| format!("{program}: {e}"))?;
+        .kill_on_drop(true);
+    if let Some(run_as) = run_as {
+        run_as.apply(&mut builder);
+    }
+    let mut child = builder.spawn().map_err(|e| format!("{program}: {e}"))?;
     let group = child.id().map(|id| Pid::from_raw(id as i32));
-    let output = match tokio::time::timeout(timeout, child.wait_with_output()).await {
+    let (stdout, stderr) = (child.stdout.take(), child.stderr.take());
+    let finished = async {
+        let out = async {
+            match stdout {
+                Some(pipe) => read_tail(pipe, MAX_CAPTURE).await,
+                None => Ok((Vec::new(), false)),
+            }
+        };
+        let err = async {
+            match stderr {
+                Some(pipe) => read_tail(pipe, MAX_CAPTURE).await,
+                None => Ok((Vec::new(), false)),
+            }
+        };
+        let (out, err, status) = tokio::join!(out, err, child.wait());
+        Ok::<_, std::io::Error>((out?, err?, status?))
+    };
+    let ((stdout, _), (stderr, _), status) = match tokio::time::timeout(timeout, finished).await {
         Ok(output) => output.map_err(|e| format!("{program}: {e}"))?,
         Err(_) => {
             if let Some(group) = group {
@@ -173,13 +200,13 @@ pub async fn run_command(
             return Err(format!("{program}: no exit within {timeout:?}, killed"));
         }
     };
-    for line in String::from_utf8_lossy(&output.stdout).lines() {
+    for line in String::from_utf8_lossy(&stdout).lines() {
         tracing::info!(command = %program, "{line}");
     }
-    if output.status.success() {
+    if status.success() {
         Ok(())
     } else {
-        let stderr = String::from_utf8_lossy(&output.stderr);
+        let stderr = String::from_utf8_lossy(&stderr);
         let tail: String = stderr
             .trim()
             .chars()
@@ -189,6 +216,6 @@ pub async fn run_command(
             .into_iter()
             .rev()
             .collect();
-        Err(format!("{program} exited with {}: {tail}", output.status))
+        Err(format!("{program} exited with {status}: {tail}"))
     }
 }

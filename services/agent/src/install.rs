@@ -6,6 +6,10 @@
 //! <root>/meta/<v>/               its signed manifest and chunk index (for reuse and audit)
 //! <root>/current -> versions/<v> what runs; switched by an atomic rename of a new symlink
 //! ```
+//!
+//! Only the agent writes here: `<root>` and `versions/` are 0711 (an app running as its own
+//! user passes through to its version, lists and changes nothing), an installed version is
+//! sealed read-only (see [`crate::isolation`]) and unsealed only to be pruned.
 
 use std::io;
 use std::path::{Path, PathBuf};
@@ -22,6 +26,9 @@ impl InstallRoot {
         let root = root.into();
         std::fs::create_dir_all(root.join("versions"))?;
         std::fs::create_dir_all(root.join("meta"))?;
+        for dir in [root.clone(), root.join("versions")] {
+            crate::isolation::ensure_mode(&dir, crate::isolation::PASS_THROUGH)?;
+        }
         Ok(InstallRoot { root })
     }
 
@@ -89,7 +96,7 @@ impl InstallRoot {
             if protect.contains(&v) {
                 continue;
             }
-            std::fs::remove_dir_all(self.version_dir(&v))?;
+            crate::isolation::remove_installed(&self.version_dir(&v))?;
             let _ = std::fs::remove_dir_all(self.meta_dir(&v));
             removed.push(v);
         }
@@ -126,6 +133,14 @@ mod tests {
         assert_eq!(root.current(), Some(v("2.0.0")));
         assert!(dir.path().join("current").join(".").is_dir());
         assert_eq!(root.installed(), vec![v("1.0.0"), v("1.1.0"), v("2.0.0")]);
+        // Installed versions are sealed read-only: pruning still removes them.
+        for ver in ["1.0.0", "1.1.0", "2.0.0"] {
+            let dir = root.version_dir(&v(ver));
+            std::fs::create_dir_all(dir.join("bin")).expect("dir");
+            std::fs::write(dir.join("bin/run"), "x").expect("file");
+            crate::isolation::set_mode(&dir.join("bin/run"), 0o555).expect("mode");
+            crate::isolation::seal_tree(&dir).expect("seal");
+        }
         let removed = root.prune(2, &[v("2.0.0"), v("1.1.0")]).expect("prune");
         assert_eq!(removed, vec![v("1.0.0")]);
         assert_eq!(root.installed(), vec![v("1.1.0"), v("2.0.0")]);

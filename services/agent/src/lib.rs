@@ -12,9 +12,11 @@ pub mod crash_policy;
 pub mod fault;
 pub mod health;
 pub mod install;
+pub mod isolation;
 pub mod journal;
 mod memory;
 mod metrics;
+pub mod output;
 pub mod settings;
 pub mod supervisor;
 pub mod updater;
@@ -46,11 +48,19 @@ pub enum AgentError {
     Observe(#[from] ObserveError),
     #[error("app {app}: {source}")]
     App { app: String, source: UpdateError },
+    #[error("apps as their own users: {0}")]
+    Isolation(String),
 }
 
 /// Runs every configured app and keeps it on its desired version until `shutdown`.
 pub async fn run(settings: Settings, shutdown: CancellationToken) -> Result<(), AgentError> {
     settings.validate()?;
+    isolation::prepare_data_dir(&settings.data_dir).map_err(|e| {
+        AgentError::Isolation(format!("data_dir {}: {e}", settings.data_dir.display()))
+    })?;
+    if settings.apps.iter().any(|a| a.user.is_some()) {
+        isolation::check_capabilities().map_err(AgentError::Isolation)?;
+    }
     let trust = std::sync::Arc::new(settings.trust()?);
     // Opt-in: nothing of it exists (no task, no listener) unless `metrics_listen` is set.
     let mut observed = None;

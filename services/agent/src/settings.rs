@@ -80,6 +80,14 @@ pub struct AppSettings {
     /// Drain time between the stop signal and SIGKILL.
     #[serde(default = "default_grace", with = "humantime_serde")]
     pub grace: Duration,
+    /// The user the app, its hooks and its health command run as (a name or a numeric id),
+    /// with its supplementary groups cleared; unset: the agent's own user. Looked up once at
+    /// start (an unknown user stops the agent with an error). Not root.
+    #[serde(default)]
+    pub user: Option<String>,
+    /// Its group (name or id); default: the user's primary group. Only with `user`.
+    #[serde(default)]
+    pub group: Option<String>,
 }
 
 fn default_grace() -> Duration {

@@ -13,12 +13,13 @@ use std::time::Duration;
 
 use nix::sys::signal::{Signal, killpg};
 use nix::unistd::Pid;
-use tokio::io::{AsyncBufReadExt, BufReader};
+use tokio::io::BufReader;
 use tokio::process::{Child, Command};
 use tokio::sync::{broadcast, mpsc, oneshot};
 use tokio::time::Instant;
 
 use crate::crash_policy::{CrashHistory, CrashPolicy, Decision};
+use crate::output::{CUT_MARKER, MAX_LINE, read_line_bounded};
 
 /// How to run the app.
 #[derive(Debug, Clone, PartialEq, Eq)]
@@ -27,6 +28,8 @@ pub struct ProcessSpec {
     pub args: Vec<String>,
     pub env: BTreeMap<String, String>,
     pub cwd: PathBuf,
+    /// The user it runs as (`apps.user`); `None`: the agent's own.
+    pub run_as: Option<crate::isolation::RunAs>,
 }
 
 /// A program named by a command: relative names are looked up in the version's folder
@@ -286,6 +289,9 @@ impl Task {
             .stderr(Stdio::piped())
             // Its own process group: a stop reaches everything the app started.
             .process_group(0);
+        if let Some(run_as) = spec.run_as {
+            run_as.apply(&mut command);
+        }
         let started = Instant::now();
         match command.spawn() {
             Ok(mut child) => {
@@ -343,10 +349,15 @@ fn kill_group(pid: u32, signal: Signal) {
     }
 }
 
+/// Forwards the app's output line by line, each cut to [`MAX_LINE`] bytes: an app writing one
+/// endless line costs the agent no more than that.
 async fn forward(app: String, stream: &'static str, pipe: impl tokio::io::AsyncRead + Unpin) {
-    let mut lines = BufReader::new(pipe).lines();
-    while let Ok(Some(line)) = lines.next_line().await {
-        tracing::info!(target: "app", %app, stream, "{line}");
+    let mut reader = BufReader::new(pipe);
+    let mut line = Vec::new();
+    while let Ok(Some(cut)) = read_line_bounded(&mut reader, MAX_LINE, &mut line).await {
+        let text = String::from_utf8_lossy(&line);
+        let marker = if cut { CUT_MARKER } else { "" };
+        tracing::info!(target: "app", %app, stream, "{text}{marker}");
     }
 }
 

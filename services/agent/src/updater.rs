@@ -22,6 +22,7 @@ use crate::assemble::{AssembleError, LocalChunks, NatsChunks, assemble};
 use crate::fault;
 use crate::health::run_gate;
 use crate::install::InstallRoot;
+use crate::isolation::RunAs;
 use crate::journal::{Journal, JournalFile, Step};
 use crate::settings::{AppSettings, Settings};
 use crate::supervisor::{ProcessSpec, StopPolicy, Supervisor};
@@ -93,6 +94,10 @@ pub struct AppRunner {
     state: AppState,
     running_since: Option<Instant>,
     counts: Counts,
+    /// The user the app, its hooks and health command run as (`apps.user`), resolved at start.
+    run_as: Option<RunAs>,
+    /// Its own writable folder (`FLEETCAST_DATA_DIR`), owned by that user.
+    app_data: std::path::PathBuf,
 }
 
 impl AppRunner {
@@ -103,8 +108,26 @@ impl AppRunner {
         bus: Bus,
     ) -> Result<AppRunner, UpdateError> {
         let app_dir = host.data_dir.join("apps").join(&settings.name);
+        let run_as = match &settings.user {
+            Some(user) => Some(
+                RunAs::resolve(user, settings.group.as_deref())
+                    .map_err(|e| UpdateError::Refused(format!("apps.user: {e}")))?,
+            ),
+            None if settings.group.is_some() => {
+                return Err(UpdateError::Refused(
+                    "apps.group is set without apps.user".into(),
+                ));
+            }
+            None => None,
+        };
         let root = InstallRoot::new(&app_dir)
             .map_err(|e| UpdateError::Transient(format!("{}: {e}", app_dir.display())))?;
+        let app_data = crate::isolation::prepare_app_data(&app_dir, run_as).map_err(|e| {
+            UpdateError::Refused(format!(
+                "the app's data folder {}: {e}",
+                app_dir.join("data").display()
+            ))
+        })?;
         let (journal_file, journal) = JournalFile::open(&app_dir)
             .map_err(|e| UpdateError::Refused(format!("journal unreadable: {e}")))?;
         let windows = host
@@ -134,6 +157,8 @@ impl AppRunner {
             state: AppState::Stopped,
             running_since: None,
             counts: Counts::default(),
+            run_as,
+            app_data,
         })
     }
 
@@ -181,12 +206,17 @@ impl AppRunner {
         // The package's environment is a default; the host's config wins.
         let mut env = package.env;
         env.extend(self.settings.env.clone());
+        env.insert(
+            crate::isolation::DATA_DIR_ENV.into(),
+            self.app_data.display().to_string(),
+        );
         Ok(Launch {
             spec: ProcessSpec {
                 program: crate::supervisor::program_path(program, &dir),
                 args: args.to_vec(),
                 env,
                 cwd: dir,
+                run_as: self.run_as,
             },
             health: package
                 .health
@@ -247,9 +277,15 @@ impl AppRunner {
             env.insert("FLEETCAST_FROM_VERSION".into(), from.to_string());
         }
         tracing::info!(app = %self.settings.name, version = %target, hook = name, "running hook");
-        crate::health::run_command(&hook.command, &launch.spec.cwd, &env, hook.timeout)
-            .await
-            .map_err(|e| format!("{name} hook failed: {e}"))
+        crate::health::run_command(
+            &hook.command,
+            &launch.spec.cwd,
+            &env,
+            self.run_as,
+            hook.timeout,
+        )
+        .await
+        .map_err(|e| format!("{name} hook failed: {e}"))
     }
 
     /// Switches `current` to `version` if needed and starts it; `launch` when the caller has
@@ -541,6 +577,7 @@ impl AppRunner {
             &mut events,
             &launch.spec.cwd,
             &launch.spec.env,
+            self.run_as,
         )
         .await
         .map_err(|failure| failure.to_string());
@@ -682,6 +719,8 @@ mod tests {
             health: Default::default(),
             crash: Default::default(),
             grace: Duration::from_secs(1),
+            user: None,
+            group: None,
         };
         let settings = Settings {
             agent_id: "unit-1".into(),

@@ -55,9 +55,10 @@ async fn gate_for(script: &str, gate: HealthGate) -> Result<(), GateFailure> {
         args: vec!["-c".into(), script.into()],
         env: BTreeMap::new(),
         cwd: dir.path().into(),
+        run_as: None,
     };
     sup.start(spec).await;
-    let result = run_gate(&gate, &mut events, dir.path(), &Default::default()).await;
+    let result = run_gate(&gate, &mut events, dir.path(), &Default::default(), None).await;
     sup.stop().await;
     result
 }

@@ -14,6 +14,7 @@ fn script(dir: &Path, body: &str) -> ProcessSpec {
         args: vec!["-c".into(), body.into()],
         env: BTreeMap::from([("MARKER_DIR".to_string(), dir.display().to_string())]),
         cwd: dir.to_path_buf(),
+        run_as: None,
     }
 }
 
@@ -158,6 +159,7 @@ async fn a_program_that_cannot_start_is_reported_and_retried() {
         args: vec![],
         env: BTreeMap::new(),
         cwd: dir.path().into(),
+        run_as: None,
     };
     sup.start(spec).await;
     assert!(matches!(next(&mut events).await, Event::SpawnFailed { .. }));

@@ -93,6 +93,8 @@ async fn the_demo_app_is_updated_drained_and_rolled_back_by_a_real_agent() {
             },
             crash: Default::default(),
             grace: Duration::from_secs(10),
+            user: None,
+            group: None,
         }],
         ..Default::default()
     };

@@ -415,6 +415,8 @@ impl Pipeline {
                 },
                 crash: Default::default(),
                 grace: Duration::from_secs(5),
+                user: None,
+                group: None,
             }],
             ..Default::default()
         }
