@@ -156,6 +156,23 @@ impl Settings {
             if let Err(reason) = fleetcast_events::names::validate_app_name(&app.name) {
                 return invalid("apps.name", reason);
             }
+            // Looked up here, so an unknown user stops the agent before it connects.
+            match &app.user {
+                Some(user) => {
+                    if let Err(reason) =
+                        crate::isolation::RunAs::resolve(user, app.group.as_deref())
+                    {
+                        return invalid("apps.user", format!("app {}: {reason}", app.name));
+                    }
+                }
+                None if app.group.is_some() => {
+                    return invalid(
+                        "apps.group",
+                        format!("app {}: set without apps.user", app.name),
+                    );
+                }
+                None => {}
+            }
         }
         // The trust settings are checked where they are loaded, once ([`Settings::trust`]):
         // loading reads the root files and the state folder.
