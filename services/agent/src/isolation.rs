@@ -130,26 +130,81 @@ pub fn check_capabilities() -> Result<(), String> {
 }
 
 /// CAP_NET_BIND_SERVICE: the one capability the agent passes on (see below).
-const CAP_NET_BIND_SERVICE: libc::c_ulong = 10;
+const CAP_NET_BIND_SERVICE: u32 = 10;
 
-/// Lowers every ambient capability of this thread but CAP_NET_BIND_SERVICE, so programs it
-/// starts (apps, hooks, health commands) get none of the capabilities the agent is given to run
-/// them as their own users. systemd hands the agent its capabilities as ambient ones (the only
-/// way for a non-root `User=`), and ambient capabilities would otherwise pass on through every
-/// `execve`, also after a switch to the app's user (the kernel clears capabilities on a uid
-/// change only when leaving uid 0). The agent keeps them in its own permitted and effective
-/// sets. CAP_NET_BIND_SERVICE stays ambient when an operator grants it in a drop-in, for apps
-/// that listen on a port below 1024. Capabilities are per thread: call this before any other
-/// thread starts (threads started later inherit the result). With `NoNewPrivileges=yes`, file
-/// capabilities cannot give the others back.
+/// `struct __user_cap_header_struct` of `linux/capability.h`.
+#[cfg(target_os = "linux")]
+#[repr(C)]
+struct CapHeader {
+    version: u32,
+    pid: libc::c_int,
+}
+
+/// `struct __user_cap_data_struct`: one per 32 capabilities.
+#[cfg(target_os = "linux")]
+#[repr(C)]
+#[derive(Debug, Default, Clone, Copy)]
+struct CapData {
+    effective: u32,
+    permitted: u32,
+    inheritable: u32,
+}
+
+/// `_LINUX_CAPABILITY_VERSION_3` (two [`CapData`]).
+#[cfg(target_os = "linux")]
+const CAPABILITY_VERSION_3: u32 = 0x2008_0522;
+
+/// Empties this thread's inheritable and ambient capability sets but for CAP_NET_BIND_SERVICE,
+/// so programs it starts (apps, hooks, health commands) get none of the capabilities the agent
+/// is given to run them as their own users. systemd hands the agent its capabilities as
+/// ambient ones (the only way for a non-root `User=`; they are inheritable too), and those
+/// would pass on through every `execve`, also after a switch to the app's user (the kernel
+/// clears capabilities on a uid change only when leaving uid 0); inheritable ones would come
+/// back through a program with inheritable file capabilities. The agent keeps them in its own
+/// permitted and effective sets. CAP_NET_BIND_SERVICE stays when an operator grants it in a
+/// drop-in, for apps that listen on a port below 1024. Capabilities are per thread: call this
+/// before any other thread starts (threads started later inherit the result).
 #[cfg(target_os = "linux")]
 #[expect(
     unsafe_code,
-    reason = "prctl is a C function; no safe wrapper for PR_CAP_AMBIENT exists in nix or std"
+    reason = "capget, capset and prctl are system calls without a safe wrapper in nix or std"
 )]
-pub fn clear_ambient_capabilities() -> io::Result<()> {
+pub fn pass_on_no_capabilities() -> io::Result<()> {
+    let mut header = CapHeader {
+        version: CAPABILITY_VERSION_3,
+        pid: 0,
+    };
+    let mut data = [CapData::default(); 2];
+    // SAFETY: a version-3 header and two data structs, as capget writes for that version;
+    // both live across the call.
+    let rc = unsafe {
+        libc::syscall(
+            libc::SYS_capget,
+            &mut header as *mut CapHeader,
+            data.as_mut_ptr(),
+        )
+    };
+    if rc != 0 {
+        return Err(io::Error::last_os_error());
+    }
+    data[0].inheritable &= 1 << CAP_NET_BIND_SERVICE;
+    data[1].inheritable = 0;
+    // SAFETY: as above; capset only reads them. Lowering inheritable capabilities is always
+    // allowed, and lowers the matching ambient ones with them.
+    let rc = unsafe {
+        libc::syscall(
+            libc::SYS_capset,
+            &mut header as *mut CapHeader,
+            data.as_ptr(),
+        )
+    };
+    if rc != 0 {
+        return Err(io::Error::last_os_error());
+    }
+    // The kernel lowered the ambient ones with the inheritable ones; lowered again explicitly
+    // so this does not rest on that rule alone.
     for cap in 0..64 {
-        if cap == CAP_NET_BIND_SERVICE {
+        if cap == libc::c_ulong::from(CAP_NET_BIND_SERVICE) {
             continue;
         }
         // SAFETY: PR_CAP_AMBIENT_LOWER takes a capability number and no pointers (the other
@@ -177,7 +232,7 @@ pub fn clear_ambient_capabilities() -> io::Result<()> {
 }
 
 #[cfg(not(target_os = "linux"))]
-pub fn clear_ambient_capabilities() -> io::Result<()> {
+pub fn pass_on_no_capabilities() -> io::Result<()> {
     Ok(())
 }
 

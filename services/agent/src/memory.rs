@@ -34,7 +34,7 @@ pub(crate) fn release_freed_soon() {
 #[cfg(all(target_os = "linux", target_env = "gnu"))]
 #[expect(
     unsafe_code,
-    reason = "malloc_trim is a C function; one of fleetcast's two unsafe calls (the other: isolation.rs)"
+    reason = "malloc_trim is a C function; fleetcast's only other unsafe code is the capability calls in isolation.rs"
 )]
 fn release_freed() {
     // SAFETY: malloc_trim takes a padding size and has no caller-side invariants; it only
