@@ -8,13 +8,17 @@
 #
 # What it does, each step only when needed, so running it again changes nothing (and restarts
 # nothing) unless an input changed:
-#   - a system user and group `fleetcast` (no login shell, home /var/lib/fleetcast);
+#   - a system user and group `fleetcast` (no login shell, home /var/lib/fleetcast) for the agent,
+#     and one for each app (`fc-<app>` unless --app-user names another), which the agent runs the
+#     app, its hooks and health command as: an app cannot read the agent's credentials nor write
+#     its state or its own installed files (docs/operations.md, "Apps as their own users");
 #   - /usr/local/bin/fleetcast-agent from --binary (the one built with `--profile agent`, or
 #     copied out of the fleetcast image: /usr/local/bin/fleetcast-agent there);
 #   - /etc/fleetcast/agent.toml from the options below, written only if it does not exist yet
-#     (or with --overwrite-config); trusted public keys and NATS credentials are copied into
-#     /etc/fleetcast, readable by the agent but not writable by it;
-#   - /var/lib/fleetcast (the agent's data_dir lives below it), owned by the user;
+#     (or with --overwrite-config); trusted public keys are copied into /etc/fleetcast, readable
+#     by the agent but not writable by it; the NATS credentials 0600, the agent's alone;
+#   - /var/lib/fleetcast (the agent's data_dir lives below it), owned by the user, 0711 (apps
+#     pass through to their own folders, list nothing);
 #   - the systemd unit fleetcast-agent.service (installed next to this script), enabled and
 #     started; restarted when the binary, the unit or the config changed. Restarting the agent
 #     restarts its apps (drained first): update agents ring by ring, in a quiet hour.
@@ -32,12 +36,16 @@
 #   --ring RING              its ring (default: default)
 #   --app NAME[=COMMAND]     an app to supervise (repeatable); COMMAND is split on spaces; without
 #                            one, every package must name its command in its fleetcast.toml
-#   --apps-file FILE         [[apps]] tables (command, env, health, crash, grace) appended as
-#                            they are, for anything --app cannot say
+#   --app-user NAME=USER     run app NAME as USER (created as a system user if missing) instead
+#                            of fc-NAME; USER "-" runs it as the agent's own user (not isolated)
+#   --apps-file FILE         [[apps]] tables (command, env, health, crash, grace, user, group)
+#                            appended as they are, for anything --app cannot say; the users they
+#                            name (user = "name") are created if missing
 #   --overwrite-config       rewrite /etc/fleetcast/agent.toml from the options
 #   --uninstall              stop and disable the service, remove the unit and the binary
 #   --purge                  with --uninstall: also remove /etc/fleetcast, /var/lib/fleetcast
-#                            (every installed app version) and the user
+#                            (every installed app version and app data folder), the agent's user
+#                            and the app users this script created
 set -euo pipefail
 
 unit_name=fleetcast-agent.service
@@ -47,6 +55,8 @@ conf_dir=/etc/fleetcast
 config=$conf_dir/agent.toml
 state_dir=/var/lib/fleetcast
 user=fleetcast
+# The comment of the app users this script creates (how --purge finds them).
+app_user_comment="fleetcast app"
 here="$(cd "$(dirname "$0")" && pwd)"
 
 die() {
@@ -57,11 +67,11 @@ say() { echo "install-agent: $*"; }
 
 binary="" nats_url="" credentials="" agent_id="" ring="default" apps_file=""
 overwrite=false uninstall=false purge=false
-key_files=() keys=() apps=() root_file=""
+key_files=() keys=() apps=() root_file="" app_users=()
 while [[ $# -gt 0 ]]; do
     case "$1" in
         --binary | --nats-url | --credentials | --trusted-root-file | --trusted-key-file | --trusted-key | \
-            --agent-id | --ring | --app | --apps-file)
+            --agent-id | --ring | --app | --app-user | --apps-file)
             [[ $# -ge 2 ]] || die "$1 needs a value"
             case "$1" in
                 --binary) binary="$2" ;;
@@ -73,6 +83,7 @@ while [[ $# -gt 0 ]]; do
                 --agent-id) agent_id="$2" ;;
                 --ring) ring="$2" ;;
                 --app) apps+=("$2") ;;
+                --app-user) app_users+=("$2") ;;
                 --apps-file) apps_file="$2" ;;
             esac
             shift 2
@@ -89,7 +100,7 @@ while [[ $# -gt 0 ]]; do
 done
 [[ "$(id -u)" == 0 ]] || die "run as root"
 for value in "$binary" "$nats_url" "$credentials" "$agent_id" "$ring" "$apps_file" "$root_file" \
-    "${key_files[@]}" "${keys[@]}" "${apps[@]}"; do
+    "${key_files[@]}" "${keys[@]}" "${apps[@]}" "${app_users[@]}"; do
     [[ "$value" != *[[:cntrl:]]* ]] || die "control character in ${value@Q}"
 done
 # systemd is running (a booted host), or not (an image being built): units are then only enabled.
@@ -111,7 +122,11 @@ if $uninstall; then
     if $purge; then
         rm -rf "$conf_dir" "$state_dir"
         if id -u "$user" >/dev/null 2>&1; then userdel "$user"; fi
-        say "removed $conf_dir, $state_dir and the user $user"
+        # The app users this script created (marked by their comment).
+        while IFS=: read -r name _ _ _ comment _; do
+            if [[ "$comment" == "$app_user_comment" ]]; then userdel "$name"; fi
+        done < <(getent passwd)
+        say "removed $conf_dir, $state_dir, the user $user and the app users"
     else
         say "kept $conf_dir and $state_dir (installed app versions); --purge removes them"
     fi
@@ -137,6 +152,32 @@ if ! id -u "$user" >/dev/null 2>&1; then
         --shell /usr/sbin/nologin --comment "fleetcast agent" "$user"
     say "created the system user $user"
 fi
+# ensure_app_user NAME: a system user (and group) for an app, no login, no home, in no group of
+# the agent's.
+ensure_app_user() {
+    local name="$1"
+    if id -u "$name" >/dev/null 2>&1; then
+        [[ "$(id -u "$name")" != 0 && "$(id -u "$name")" != "$(id -u "$user")" ]] ||
+            die "app user $name: an app runs as a user of its own, not as root or $user"
+        return 0
+    fi
+    [[ "$name" =~ ^[a-z_][a-z0-9_-]{0,31}$ ]] ||
+        die "app user ${name@Q}: a-z, 0-9, '_' and '-', at most 32 characters (--app-user NAME=USER names another)"
+    useradd --system --user-group --home-dir /nonexistent --no-create-home \
+        --shell /usr/sbin/nologin --comment "$app_user_comment" "$name"
+    say "created the system user $name"
+}
+# app_user APP: the user an --app runs as ("-": the agent's own).
+app_user() {
+    local app="$1" pair
+    for pair in "${app_users[@]}"; do
+        if [[ "${pair%%=*}" == "$app" ]]; then
+            printf '%s' "${pair#*=}"
+            return
+        fi
+    done
+    printf 'fc-%s' "$app"
+}
 
 changed=false
 # install_file SRC DEST MODE OWNER:GROUP: copies when the content, mode or owner differs.
@@ -161,7 +202,9 @@ fi
 # 3. Folders. The agent only writes below /var/lib/fleetcast (the unit's ReadWritePaths).
 install -d -m 0755 -o root -g root "$conf_dir"
 install -d -m 0755 -o root -g root "$conf_dir/keys"
-install -d -m 0750 -o "$user" -g "$user" "$state_dir"
+# 0711: an app running as its own user passes through to its version and data folder (the agent
+# keeps its credentials, journals and trust state closed below it).
+install -d -m 0711 -o "$user" -g "$user" "$state_dir"
 
 # 4. The config, from the options, unless one is there already.
 if [[ ! -f "$config" ]] || $overwrite; then
@@ -178,6 +221,13 @@ if [[ ! -f "$config" ]] || $overwrite; then
     for app in "${apps[@]}"; do
         name_ok "${app%%=*}" ||
             die "app name ${app%%=*}: a-z, 0-9, '-' and '_', starting with a letter or digit"
+    done
+    for pair in "${app_users[@]}"; do
+        [[ "$pair" == *=* ]] || die "--app-user ${pair@Q}: NAME=USER"
+    done
+    for app in "${apps[@]}"; do
+        app_as="$(app_user "${app%%=*}")"
+        [[ "$app_as" == - ]] || ensure_app_user "$app_as"
     done
 
     # Keys and credentials first, into /etc/fleetcast where the agent can read but not write.
@@ -196,7 +246,8 @@ if [[ ! -f "$config" ]] || $overwrite; then
     for k in "${keys[@]}"; do inline_list+="${inline_list:+, }$(toml_string "$k")"; done
     if [[ -n "$credentials" ]]; then
         [[ -f "$credentials" ]] || die "credentials file $credentials not found"
-        install_file "$credentials" "$conf_dir/agent.creds" 0640 "root:$user"
+        # The agent's alone: no app user (nor anyone in the agent's group) may read them.
+        install_file "$credentials" "$conf_dir/agent.creds" 0600 "$user:$user"
         # Replies under the agent's own prefix: with a per-agent identity (ops/nats/gen-accounts)
         # it may read no other.
         creds_line="credentials = $(toml_string "$conf_dir/agent.creds")"$'\n'"inbox_prefix = $(toml_string "_INBOX.$agent_id")"
@@ -204,6 +255,9 @@ if [[ ! -f "$config" ]] || $overwrite; then
     if [[ -n "$apps_file" ]]; then
         [[ -f "$apps_file" ]] || die "$apps_file not found"
         grep -q '^\[\[apps\]\]' "$apps_file" || die "$apps_file has no [[apps]] table"
+        while IFS= read -r named; do
+            ensure_app_user "$named"
+        done < <(sed -n 's/^[[:space:]]*user[[:space:]]*=[[:space:]]*"\([^"]*\)".*/\1/p' "$apps_file")
     fi
 
     tmp="$(mktemp)"
@@ -227,6 +281,8 @@ if [[ ! -f "$config" ]] || $overwrite; then
             echo
             echo "[[apps]]"
             echo "name = $(toml_string "$name")"
+            app_as="$(app_user "$name")"
+            [[ "$app_as" == - ]] || echo "user = $(toml_string "$app_as")"
             if [[ "$app" == *=* ]]; then
                 read -r -a words <<<"${app#*=}"
                 list=""

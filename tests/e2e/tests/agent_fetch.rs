@@ -115,8 +115,9 @@ async fn versions_assemble_from_the_store_reusing_installed_chunks() {
             .expect("meta")
             .permissions()
             .mode()
-            & 0o777,
-        0o755
+            & 0o7777,
+        0o555,
+        "packed 0755, installed read-only"
     );
     assert_eq!(
         std::fs::read_link(dir1.join("bin/app-current"))
