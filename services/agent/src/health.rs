@@ -219,3 +219,34 @@ pub async fn run_command(
         Err(format!("{program} exited with {status}: {tail}"))
     }
 }
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    /// A command pouring out megabytes on both pipes is read to its end, and the error carries
+    /// the end of its stderr, not its start (the bound itself: `output::tests`).
+    #[tokio::test]
+    async fn a_noisy_command_is_captured_to_its_end() {
+        let dir = tempfile::tempdir().expect("tmp");
+        let command: Vec<String> = [
+            "sh",
+            "-c",
+            "head -c 8000000 /dev/zero | tr '\\0' x; head -c 8000000 /dev/zero | tr '\\0' y >&2; echo THE-END >&2; exit 4",
+        ]
+        .map(String::from)
+        .to_vec();
+        let error = run_command(
+            &command,
+            dir.path(),
+            &BTreeMap::new(),
+            None,
+            Duration::from_secs(60),
+        )
+        .await
+        .expect_err("exit 4");
+        assert!(error.contains("exit status: 4"), "{error}");
+        assert!(error.ends_with("yyyyTHE-END"), "{error}");
+        assert!(error.len() < 1024, "{} bytes", error.len());
+    }
+}

@@ -48,7 +48,7 @@ pub enum AgentError {
     Observe(#[from] ObserveError),
     #[error("app {app}: {source}")]
     App { app: String, source: UpdateError },
-    #[error("apps as their own users: {0}")]
+    #[error("isolating the apps: {0}")]
     Isolation(String),
 }
 
