@@ -314,7 +314,15 @@ pub fn ensure_mode(dir: &Path, mode: u32) -> io::Result<()> {
 pub fn prepare_data_dir(data_dir: &Path) -> io::Result<()> {
     for dir in [data_dir.to_path_buf(), data_dir.join("apps")] {
         std::fs::create_dir_all(&dir)?;
-        ensure_mode(&dir, PASS_THROUGH)?;
+        match ensure_mode(&dir, PASS_THROUGH) {
+            // A data_dir the operator made and gave the agent write access to without handing
+            // it over: its mode is the operator's call (apps as their own users may then not
+            // reach their folders; the docs say which mode they need).
+            Err(e) if e.kind() == io::ErrorKind::PermissionDenied => {
+                tracing::warn!(dir = %dir.display(), error = %e, "cannot set the folder's mode to 0711");
+            }
+            other => other?,
+        }
     }
     let trust = data_dir.join("trust");
     std::fs::create_dir_all(&trust)?;
