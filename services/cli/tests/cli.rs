@@ -8,6 +8,8 @@ fn fleetcast(args: &[&str], nats_url: &str) -> Output {
     Command::new(env!("CARGO_BIN_EXE_fleetcast"))
         .args(args)
         .env("FLEETCAST_NATS_URL", nats_url)
+        // The test servers have no accounts or TLS.
+        .env("FLEETCAST_NATS_INSECURE_DEV", "true")
         .output()
         .expect("run fleetcast")
 }

@@ -123,6 +123,20 @@ impl Pipeline {
         Ok(p)
     }
 
+    /// As [`Pipeline::new_with_permissions`] on nats-server started from the shipped
+    /// `ops/nats/secure.conf` (accounts and TLS issued by `ops/nats/gen-accounts --tls`): every
+    /// client needs its credentials and the CA, and connects with `insecure_dev` off.
+    pub async fn new_closed(
+        agents: &[fleetcast_harness::accounts::AgentSpec],
+    ) -> anyhow::Result<Pipeline> {
+        let accounts = fleetcast_harness::accounts::Accounts::generate_with_tls(agents)?;
+        let server =
+            NatsServer::start_shipped("secure.conf", &accounts, &accounts.creds("admin")).await?;
+        let mut p = Pipeline::on(vec![server])?;
+        p.accounts = Some(accounts);
+        Ok(p)
+    }
+
     fn on(mut servers: Vec<NatsServer>) -> anyhow::Result<Pipeline> {
         fleetcast_runtime::telemetry::init_tracing();
         if servers.is_empty() {
@@ -171,16 +185,33 @@ impl Pipeline {
             request_timeout: Duration::from_secs(5),
             replicas: urls.len(),
             credentials: self.accounts.as_ref().map(|a| a.creds("admin")),
-            tls: self.pki.as_ref().map(|pki| {
-                let (cert, key) = pki.pair("client");
-                fleetcast_runtime::TlsSettings {
-                    ca_file: pki.ca(),
-                    cert_file: Some(cert),
-                    key_file: Some(key),
+            // Test servers on 127.0.0.1: most have no accounts or no TLS, so they say so; one
+            // with both (the shipped configuration) gets the closed default.
+            insecure_dev: !self.closed(),
+            tls: match (&self.pki, self.accounts.as_ref().and_then(|a| a.ca())) {
+                (Some(pki), _) => {
+                    let (cert, key) = pki.pair("client");
+                    Some(fleetcast_runtime::TlsSettings {
+                        ca_file: pki.ca(),
+                        cert_file: Some(cert),
+                        key_file: Some(key),
+                    })
                 }
-            }),
+                (None, Some(ca_file)) => Some(fleetcast_runtime::TlsSettings {
+                    ca_file,
+                    cert_file: None,
+                    key_file: None,
+                }),
+                (None, None) => None,
+            },
             ..Default::default()
         }
+    }
+
+    /// Whether clients need credentials and TLS here (see [`Pipeline::new_closed`]).
+    fn closed(&self) -> bool {
+        self.accounts.is_some()
+            && (self.pki.is_some() || self.accounts.as_ref().and_then(|a| a.ca()).is_some())
     }
 
     /// The NATS settings of a `role` (`watcher`, `signer`, `distributor`, `tracker`, `ci`,
@@ -269,6 +300,8 @@ impl Pipeline {
         fleetcast_signer::Settings {
             nats: self.nats_settings(),
             key_file: self.dir.path().join("keys/signing.key"),
+            // Tests sign any app unless they say otherwise (the default signs none).
+            known_apps: vec![fleetcast_signer::ANY_APP.into()],
             work_dir: Some(self.work_dir()),
             ack_wait: Duration::from_secs(2),
             metrics_listen: any_port(),

@@ -28,6 +28,8 @@ pub struct NatsServer {
     tls: Option<(PathBuf, PathBuf, PathBuf)>,
     /// The text of a `.creds` file, when the server authenticates clients.
     credentials: Option<String>,
+    /// The CA of a server that requires TLS but no client certificate (the shipped configs).
+    tls_ca: Option<PathBuf>,
     binary: PathBuf,
     config: PathBuf,
     store: tempfile::TempDir,
@@ -103,6 +105,52 @@ impl NatsServer {
         }
         server.spawn().await?;
         Ok(server)
+    }
+
+    /// Starts nats-server from a configuration file the project ships, `ops/nats/<name>`, as
+    /// deployed: only its listen address (this test's loopback port), JetStream store (this
+    /// server's own) and `./auth/` includes (`accounts`' folder, issued with TLS) are rewritten,
+    /// and its monitoring port is left out. The harness connects with `credentials` and the
+    /// accounts' CA.
+    pub async fn start_shipped(
+        name: &str,
+        accounts: &accounts::Accounts,
+        credentials: &Path,
+    ) -> anyhow::Result<NatsServer> {
+        let path = workspace_root().join("ops/nats").join(name);
+        let shipped = std::fs::read_to_string(&path)
+            .with_context(|| format!("reading {}", path.display()))?;
+        let port = free_port()?;
+        let auth = format!("include \"{}/", accounts.dir().display());
+        let mut server = NatsServer::from_config(port, |store| {
+            let mut lines = Vec::new();
+            for line in shipped.lines() {
+                let trimmed = line.trim_start();
+                let top_level = trimmed.len() == line.len();
+                lines.push(if top_level && trimmed.starts_with("listen:") {
+                    format!("listen: 127.0.0.1:{port}")
+                } else if top_level && trimmed.starts_with("http:") {
+                    continue;
+                } else if trimmed.starts_with("store_dir:") {
+                    format!("  store_dir: \"{}\"", store.join("js").display())
+                } else {
+                    line.replace("include \"./auth/", &auth)
+                });
+            }
+            lines.join("\n") + "\n"
+        })?;
+        server.credentials = Some(
+            std::fs::read_to_string(credentials)
+                .with_context(|| format!("reading {}", credentials.display()))?,
+        );
+        server.tls_ca = accounts.ca();
+        server.spawn().await?;
+        Ok(server)
+    }
+
+    /// The configuration file the server runs with.
+    pub fn config_file(&self) -> &Path {
+        &self.config
     }
 
     /// Replaces the added configuration (as given to [`NatsServer::start_with_config`]) and
@@ -234,6 +282,7 @@ impl NatsServer {
             port,
             tls: None,
             credentials: None,
+            tls_ca: None,
             binary: nats_server_binary()?,
             config,
             store,
@@ -306,7 +355,12 @@ impl NatsServer {
                 .require_tls(true)
                 .add_root_certificates(ca.clone())
                 .add_client_certificate(cert.clone(), key.clone()),
-            None => async_nats::ConnectOptions::new(),
+            None => match &self.tls_ca {
+                Some(ca) => async_nats::ConnectOptions::new()
+                    .require_tls(true)
+                    .add_root_certificates(ca.clone()),
+                None => async_nats::ConnectOptions::new(),
+            },
         }
     }
 
