@@ -91,10 +91,22 @@ impl Pipeline {
     }
 
     /// As [`Pipeline::new`] on a JetStream hub, with a leaf node for a remote site's agents
-    /// (`ops/nats/leaf-site.conf`): point an agent's `nats.url` at the returned server.
+    /// (`ops/nats/leaf-site.conf`): point an agent's `nats.url` at the returned server. Both
+    /// are closed as shipped (accounts and TLS, issued for `agents`); everything connects as
+    /// `admin` unless given its own identity.
+    pub async fn new_with_leaf_for(
+        agents: &[fleetcast_harness::accounts::AgentSpec],
+    ) -> anyhow::Result<(Pipeline, NatsServer)> {
+        let accounts = fleetcast_harness::accounts::Accounts::generate_with_tls(agents)?;
+        let (hub, leaf) = NatsServer::start_hub_and_leaf(&accounts).await?;
+        let mut p = Pipeline::on(vec![hub])?;
+        p.accounts = Some(accounts);
+        Ok((p, leaf))
+    }
+
+    /// [`Pipeline::new_with_leaf_for`] without agent identities.
     pub async fn new_with_leaf() -> anyhow::Result<(Pipeline, NatsServer)> {
-        let (hub, leaf) = NatsServer::start_hub_and_leaf().await?;
-        Ok((Pipeline::on(vec![hub])?, leaf))
+        Pipeline::new_with_leaf_for(&[]).await
     }
 
     /// As [`Pipeline::new`] on a server that takes only TLS connections with a client

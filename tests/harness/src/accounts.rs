@@ -58,6 +58,19 @@ impl Accounts {
         Ok(accounts)
     }
 
+    /// A leaf node's files for a remote site (`gen-accounts --deliver site=…`, needs TLS):
+    /// auth.conf, files.conf, leaf.conf, its certificate and the leaf credentials, in a folder
+    /// of their own. Returns the folder.
+    pub fn deliver_site(&self) -> anyhow::Result<PathBuf> {
+        let site = self.dir.path().join("site");
+        self.run(std::iter::once(vec![
+            "--tls".to_string(),
+            "--deliver".into(),
+            format!("site={}", site.display()),
+        ]))?;
+        Ok(site)
+    }
+
     /// The CA the servers' certificate chains to, when issued with TLS.
     pub fn ca(&self) -> Option<PathBuf> {
         Some(self.dir.path().join("tls/ca.pem")).filter(|p| p.is_file())
