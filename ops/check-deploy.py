@@ -309,9 +309,9 @@ def host_port(conf, default_port):
 def nats_listeners(conf):
     """Every listener of a server: (what, host, port, authenticated, tls)."""
     operator = "operator" in conf or "trusted_keys" in conf or "trusted" in conf
-    accounts_users = any(isinstance(a, dict) and a.get("users")
-                         for a in (conf.get("accounts") or {}).values()
-                         if isinstance(conf.get("accounts"), dict))
+    accounts = conf.get("accounts")
+    accounts_users = isinstance(accounts, dict) and any(
+        isinstance(a, dict) and a.get("users") for a in accounts.values())
     authorization = isinstance(conf.get("authorization"), dict)
     client_auth = operator or accounts_users or authorization
     out = [("client", *host_port(conf, "4222"), client_auth, isinstance(conf.get("tls"), dict))]

@@ -567,10 +567,9 @@ mod tests {
             url: "nats://127.0.0.1:1".into(),
             ..Default::default()
         };
-        let e = connect(&open, "test", &shutdown)
-            .await
-            .err()
-            .expect("refused");
+        let Err(e) = connect(&open, "test", &shutdown).await else {
+            panic!("refused");
+        };
         assert!(matches!(e, BusError::Insecure { .. }), "{e}");
         let text = e.to_string();
         for named in ["nats.credentials", "nats.tls.ca_file", "nats.insecure_dev"] {
@@ -582,10 +581,9 @@ mod tests {
             credentials: Some("/nonexistent.creds".into()),
             ..open.clone()
         };
-        let e = connect(&creds_only, "test", &shutdown)
-            .await
-            .err()
-            .expect("refused");
+        let Err(e) = connect(&creds_only, "test", &shutdown).await else {
+            panic!("refused");
+        };
         assert!(
             e.to_string().contains("no nats.tls.ca_file")
                 && !e.to_string().contains("no nats.credentials"),
@@ -599,10 +597,9 @@ mod tests {
             }),
             ..open.clone()
         };
-        let e = connect(&tls_only, "test", &shutdown)
-            .await
-            .err()
-            .expect("refused");
+        let Err(e) = connect(&tls_only, "test", &shutdown).await else {
+            panic!("refused");
+        };
         assert!(e.to_string().contains("no nats.credentials"), "{e}");
 
         // insecure_dev lets it try: it gets as far as retrying an unreachable server, and
@@ -612,10 +609,9 @@ mod tests {
             ..open
         };
         shutdown.cancel();
-        let e = connect(&dev, "test", &shutdown)
-            .await
-            .err()
-            .expect("cancelled");
+        let Err(e) = connect(&dev, "test", &shutdown).await else {
+            panic!("cancelled");
+        };
         assert!(matches!(e, BusError::Cancelled), "{e}");
     }
 }

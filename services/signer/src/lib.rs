@@ -603,7 +603,9 @@ mod tests {
         std::fs::write(&path, key.to_text()).expect("write");
         for mode in [0o644, 0o640, 0o604, 0o620] {
             std::fs::set_permissions(&path, std::fs::Permissions::from_mode(mode)).expect("chmod");
-            let e = load_key(&path).err().expect("refused");
+            let Err(e) = load_key(&path) else {
+                panic!("mode {mode:o} refused");
+            };
             assert!(e.to_string().contains("chmod 600"), "{mode:o}: {e}");
         }
         std::fs::set_permissions(&path, std::fs::Permissions::from_mode(0o600)).expect("chmod");
