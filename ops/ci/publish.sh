@@ -13,6 +13,8 @@
 #
 # Environment:
 #   FLEETCAST_NATS_URL         the fleetcast NATS server (required), e.g. nats://nats.example.net:4222
+#   FLEETCAST_NATS_CREDENTIALS CI's credentials file (creds/ci.creds of ops/nats/gen-accounts)
+#   FLEETCAST_NATS_TLS_CA      the deployment's CA (tls/ca.pem); the CLI connects only with both
 #   FLEETCAST_BIN              the fleetcast command (default: fleetcast on PATH)
 #   FLEETCAST_PUBLISHED_BY     recorded with the release (default: CI's job if known, else user@host)
 #   FLEETCAST_STORE_TIMEOUT    how long to wait for the release to be signed and stored (15m)

@@ -2,6 +2,7 @@
 # Installs (or updates, or removes) the fleetcast agent on a Linux host with systemd.
 #
 #   install-agent.sh --binary ./fleetcast-agent --nats-url nats://nats.example.net:4222 \
+#       --credentials web-1.creds --ca ca.pem \
 #       --trusted-root-file root-1.json --ring canary --app collector='bin/collector --config c.yaml'
 #   install-agent.sh --binary ./fleetcast-agent            # later: update the binary and unit only
 #   install-agent.sh --uninstall [--purge]
@@ -15,19 +16,27 @@
 #   - /usr/local/bin/fleetcast-agent from --binary (the one built with `--profile agent`, or
 #     copied out of the fleetcast image: /usr/local/bin/fleetcast-agent there);
 #   - /etc/fleetcast/agent.toml from the options below, written only if it does not exist yet
-#     (or with --overwrite-config); trusted public keys are copied into /etc/fleetcast, readable
-#     by the agent but not writable by it; the NATS credentials 0600, the agent's alone;
+#     (or with --overwrite-config); trusted public keys and the CA are copied into
+#     /etc/fleetcast, readable by the agent but not writable by it; the NATS credentials
+#     (secret) are readable by the agent's user alone (0600, owned by it);
 #   - /var/lib/fleetcast (the agent's data_dir lives below it), owned by the user, 0711 (apps
 #     pass through to their own folders, list nothing);
 #   - the systemd unit fleetcast-agent.service (installed next to this script), enabled and
 #     started; restarted when the binary, the unit or the config changed. Restarting the agent
 #     restarts its apps (drained first): update agents ring by ring, in a quiet hour.
 #
-# Options (for a new config: --nats-url, one trusted key and one app are required):
+# Options (for a new config: --nats-url, --credentials and --ca (or --insecure-dev), one
+# trusted key and one app are required):
 #   --binary PATH            the fleetcast-agent binary to install
 #   --nats-url URL           NATS server, e.g. nats://hub.example.net:4222 or a site's leaf node;
 #                            a cluster's nodes as a comma-separated list
-#   --credentials FILE       a NATS .creds file for this agent (copied to /etc/fleetcast)
+#   --credentials FILE       this agent's own NATS .creds file (ops/nats/gen-accounts --agent;
+#                            copied to /etc/fleetcast/agent.creds, 0600, owned by the agent's
+#                            user)
+#   --ca FILE                the deployment's CA (gen-accounts' tls/ca.pem): the agent connects
+#                            only over TLS to a server whose certificate it signed
+#   --insecure-dev           neither: an unauthenticated, unencrypted connection, for a
+#                            development server on this machine only (nats.insecure_dev)
 #   --trusted-root-file FILE the first root of trust (`fleetcast root`; recommended: signing keys
 #                            then rotate without touching this host)
 #   --trusted-key-file FILE  or a pinned release-signing public key file (repeatable)
@@ -65,18 +74,19 @@ die() {
 }
 say() { echo "install-agent: $*"; }
 
-binary="" nats_url="" credentials="" agent_id="" ring="default" apps_file=""
-overwrite=false uninstall=false purge=false
+binary="" nats_url="" credentials="" ca_file="" agent_id="" ring="default" apps_file=""
+overwrite=false uninstall=false purge=false insecure_dev=false
 key_files=() keys=() apps=() root_file="" app_users=()
 while [[ $# -gt 0 ]]; do
     case "$1" in
-        --binary | --nats-url | --credentials | --trusted-root-file | --trusted-key-file | --trusted-key | \
-            --agent-id | --ring | --app | --app-user | --apps-file)
+        --binary | --nats-url | --credentials | --ca | --trusted-root-file | --trusted-key-file | \
+            --trusted-key | --agent-id | --ring | --app | --app-user | --apps-file)
             [[ $# -ge 2 ]] || die "$1 needs a value"
             case "$1" in
                 --binary) binary="$2" ;;
                 --nats-url) nats_url="$2" ;;
                 --credentials) credentials="$2" ;;
+                --ca) ca_file="$2" ;;
                 --trusted-root-file) root_file="$2" ;;
                 --trusted-key-file) key_files+=("$2") ;;
                 --trusted-key) keys+=("$2") ;;
@@ -89,6 +99,7 @@ while [[ $# -gt 0 ]]; do
             shift 2
             ;;
         --overwrite-config) overwrite=true && shift ;;
+        --insecure-dev) insecure_dev=true && shift ;;
         --uninstall) uninstall=true && shift ;;
         --purge) purge=true && shift ;;
         -h | --help)
@@ -99,7 +110,7 @@ while [[ $# -gt 0 ]]; do
     esac
 done
 [[ "$(id -u)" == 0 ]] || die "run as root"
-for value in "$binary" "$nats_url" "$credentials" "$agent_id" "$ring" "$apps_file" "$root_file" \
+for value in "$binary" "$nats_url" "$credentials" "$ca_file" "$agent_id" "$ring" "$apps_file" "$root_file" \
     "${key_files[@]}" "${keys[@]}" "${apps[@]}" "${app_users[@]}"; do
     [[ "$value" != *[[:cntrl:]]* ]] || die "control character in ${value@Q}"
 done
@@ -212,6 +223,11 @@ if [[ ! -f "$config" ]] || $overwrite; then
     [[ -n "$root_file" || ${#key_files[@]} -gt 0 || ${#keys[@]} -gt 0 ]] ||
         die "a --trusted-root-file, --trusted-key-file or --trusted-key is needed to write $config"
     [[ ${#apps[@]} -gt 0 || -n "$apps_file" ]] || die "an --app or --apps-file is needed to write $config"
+    # Closed by default: the agent's own identity and TLS, or an explicit development mode.
+    if ! $insecure_dev; then
+        [[ -n "$credentials" && -n "$ca_file" ]] ||
+            die "--credentials and --ca are needed to write $config (the agent refuses an unauthenticated or unencrypted connection); --insecure-dev for a development server on this machine only"
+    fi
     if [[ -z "$agent_id" ]]; then
         host="$(uname -n)"
         agent_id="$(printf '%s' "${host%%.*}" | tr -c 'A-Za-z0-9_-' '-')"
@@ -231,7 +247,7 @@ if [[ ! -f "$config" ]] || $overwrite; then
     done
 
     # Keys and credentials first, into /etc/fleetcast where the agent can read but not write.
-    key_list="" inline_list="" creds_line="" root_line=""
+    key_list="" inline_list="" creds_line="" root_line="" tls_line="" dev_line=""
     if [[ -n "$root_file" ]]; then
         [[ -f "$root_file" ]] || die "root file $root_file not found"
         install_file "$root_file" "$conf_dir/keys/root-1.json" 0644 root:root
@@ -251,6 +267,15 @@ if [[ ! -f "$config" ]] || $overwrite; then
         # Replies under the agent's own prefix: with a per-agent identity (ops/nats/gen-accounts)
         # it may read no other.
         creds_line="credentials = $(toml_string "$conf_dir/agent.creds")"$'\n'"inbox_prefix = $(toml_string "_INBOX.$agent_id")"
+    fi
+    if [[ -n "$ca_file" ]]; then
+        [[ -f "$ca_file" ]] || die "CA file $ca_file not found"
+        install_file "$ca_file" "$conf_dir/nats-ca.pem" 0644 root:root
+        tls_line="[nats.tls]"$'\n'"ca_file = $(toml_string "$conf_dir/nats-ca.pem")"
+    fi
+    if $insecure_dev && [[ -z "$credentials" || -z "$ca_file" ]]; then
+        say "WARNING: --insecure-dev: this agent connects without authentication or TLS (development only)"
+        dev_line="insecure_dev = true"
     fi
     if [[ -n "$apps_file" ]]; then
         [[ -f "$apps_file" ]] || die "$apps_file not found"
@@ -276,6 +301,8 @@ if [[ ! -f "$config" ]] || $overwrite; then
         echo "[nats]"
         echo "url = $(toml_string "$nats_url")"
         [[ -z "$creds_line" ]] || echo "$creds_line"
+        [[ -z "$dev_line" ]] || echo "$dev_line"
+        [[ -z "$tls_line" ]] || echo "$tls_line"
         for app in "${apps[@]}"; do
             name="${app%%=*}"
             echo

@@ -84,7 +84,7 @@ pub async fn run() -> anyhow::Result<String> {
     std::fs::write(
         &config,
         format!(
-            "agent_id = \"bench\"\ndata_dir = \"{}\"\ntrusted_keys = [\"{}\"]\n[nats]\nurl = \"{}\"\n\
+            "agent_id = \"bench\"\ndata_dir = \"{}\"\ntrusted_keys = [\"{}\"]\n[nats]\nurl = \"{}\"\ninsecure_dev = true\n\
              [[apps]]\nname = \"bench\"\ncommand = [\"{}\"]\ngrace = \"5s\"\n\
              [apps.env]\nFLEETCAST_DEMO_APP_PORT = \"{port}\"\nRUST_LOG = \"warn\"\n\
              [apps.health]\nstay_up = \"0s\"\nhttp = \"http://127.0.0.1:{port}/health\"\n\

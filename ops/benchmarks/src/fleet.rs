@@ -309,6 +309,8 @@ pub async fn run_agents() -> anyhow::Result<String> {
     let nats = fleetcast_runtime::NatsSettings {
         url,
         request_timeout: Duration::from_secs(30),
+        // The benchmark's own server on 127.0.0.1, without accounts or TLS.
+        insecure_dev: true,
         ..Default::default()
     };
     let shutdown = CancellationToken::new();

@@ -125,6 +125,8 @@ pub(crate) async fn fresh_store() -> anyhow::Result<(NatsServer, NatsSettings, B
     let settings = NatsSettings {
         url: nats.url(),
         request_timeout: Duration::from_secs(30),
+        // A server of the benchmark's own on 127.0.0.1, without accounts or TLS.
+        insecure_dev: true,
         ..Default::default()
     };
     let bus = Bus::connect(&settings, "bench", &CancellationToken::new()).await?;
@@ -231,10 +233,17 @@ async fn whole_pipeline(key: &SecretKey, zip: &Path, dir: &Path) -> anyhow::Resu
     let settings = NatsSettings {
         url: nats.url(),
         request_timeout: Duration::from_secs(30),
+        // A server of the benchmark's own on 127.0.0.1, without accounts or TLS.
+        insecure_dev: true,
         ..Default::default()
     };
     let key_file = dir.join("signing.key");
     std::fs::write(&key_file, key.to_text())?;
+    // The signer refuses a key others can read.
+    std::fs::set_permissions(
+        &key_file,
+        std::os::unix::fs::PermissionsExt::from_mode(0o600),
+    )?;
     let cancel = CancellationToken::new();
     let work = dir.join("work2");
     let w = fleetcast_watcher::Settings {

@@ -30,7 +30,7 @@ impl Case {
             &config,
             format!(
                 "agent_id = \"crash\"\ndata_dir = \"{}\"\ntrusted_keys = [\"{}\"]\nheartbeat = \"1s\"\nrecheck = \"2s\"\n\
-                 [nats]\nurl = \"{}\"\n[[apps]]\nname = \"shapp\"\ncommand = [\"bin/run\"]\ngrace = \"2s\"\n\
+                 [nats]\nurl = \"{}\"\ninsecure_dev = true\n[[apps]]\nname = \"shapp\"\ncommand = [\"bin/run\"]\ngrace = \"2s\"\n\
                  [apps.env]\nSTATE_DIR = \"{}\"\n[apps.health]\nstay_up = \"300ms\"\n",
                 data.display(),
                 p.key.public().to_text().trim(),

@@ -47,6 +47,15 @@ struct Args {
         requires = "nats_tls_cert"
     )]
     nats_tls_key: Option<PathBuf>,
+    /// Connect without credentials or TLS: local development on 127.0.0.1 only (without it,
+    /// a connection lacking either is refused).
+    #[arg(
+        long,
+        global = true,
+        env = "FLEETCAST_NATS_INSECURE_DEV",
+        value_parser = clap::builder::BoolishValueParser::new()
+    )]
+    nats_insecure_dev: bool,
     #[command(subcommand)]
     command: Command,
 }
@@ -65,6 +74,7 @@ impl Args {
                     cert_file: self.nats_tls_cert.clone(),
                     key_file: self.nats_tls_key.clone(),
                 }),
+            insecure_dev: self.nats_insecure_dev,
             ..Default::default()
         }
     }

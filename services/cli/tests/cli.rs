@@ -8,6 +8,8 @@ fn fleetcast(args: &[&str], nats_url: &str) -> Output {
     Command::new(env!("CARGO_BIN_EXE_fleetcast"))
         .args(args)
         .env("FLEETCAST_NATS_URL", nats_url)
+        // The test servers have no accounts or TLS.
+        .env("FLEETCAST_NATS_INSECURE_DEV", "true")
         .output()
         .expect("run fleetcast")
 }
@@ -125,5 +127,27 @@ async fn publish_wait_exits_zero_when_stored_and_three_when_rejected() {
     assert!(
         listing.contains("2.0.0") && listing.contains("stored") && listing.contains("rejected"),
         "{listing}"
+    );
+}
+
+/// Closed by default: without credentials and TLS, and without `--nats-insecure-dev`, the CLI
+/// refuses to connect at all, and says which settings would let it.
+#[test]
+fn without_credentials_and_tls_the_cli_refuses_to_connect() {
+    let out = Command::new(env!("CARGO_BIN_EXE_fleetcast"))
+        .args(["status"])
+        .env("FLEETCAST_NATS_URL", "nats://127.0.0.1:1")
+        .env_remove("FLEETCAST_NATS_INSECURE_DEV")
+        .env_remove("FLEETCAST_NATS_CREDENTIALS")
+        .env_remove("FLEETCAST_NATS_TLS_CA")
+        .output()
+        .expect("run fleetcast");
+    assert_eq!(out.status.code(), Some(1));
+    let err = text(&out.stderr);
+    assert!(
+        err.contains("nats.credentials")
+            && err.contains("nats.tls.ca_file")
+            && err.contains("--nats-insecure-dev"),
+        "{err}"
     );
 }

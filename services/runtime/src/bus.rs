@@ -17,6 +17,14 @@ use crate::settings::NatsSettings;
 pub enum BusError {
     #[error("cannot connect to NATS at {url}: {reason}")]
     Connect { url: String, reason: String },
+    /// Neither credentials and TLS nor `insecure_dev`: the connection would be open to anyone.
+    #[error(
+        "refusing to connect to NATS at {url} without authentication and TLS ({missing}): set \
+         nats.credentials and nats.tls.ca_file (docs/operations.md, \"NATS permissions\"), or, \
+         for local development on 127.0.0.1 only, nats.insecure_dev = true \
+         (FLEETCAST_<SERVICE>_NATS__INSECURE_DEV=true; the CLI: --nats-insecure-dev)"
+    )]
+    Insecure { url: String, missing: &'static str },
     #[error("shut down before NATS was reachable")]
     Cancelled,
     #[error("cannot set up {what}: {reason}")]
@@ -424,6 +432,29 @@ async fn add_republish(js: &jetstream::Context, store: &kv::Store, republish: st
     }
 }
 
+/// Refuses a connection without credentials and TLS unless `insecure_dev` is on, and then says
+/// loudly what it is: every service, the agent and the CLI connect through [`connect`], so no
+/// deployment can forget its credentials and still run.
+fn check_secure(settings: &NatsSettings, name: &str) -> Result<(), BusError> {
+    let Some(missing) = settings.missing_security() else {
+        return Ok(());
+    };
+    if !settings.insecure_dev {
+        return Err(BusError::Insecure {
+            url: settings.url.clone(),
+            missing,
+        });
+    }
+    tracing::warn!(
+        url = %settings.url,
+        client = name,
+        missing,
+        "INSECURE DEVELOPMENT MODE (nats.insecure_dev): this NATS connection is unauthenticated \
+         or unencrypted; for local development on 127.0.0.1 only, never in production"
+    );
+    Ok(())
+}
+
 /// Connects with unlimited reconnects; connection changes are logged, never fatal. The
 /// receiver counts connections (see [`Bus::connections`]).
 pub async fn connect(
@@ -450,6 +481,7 @@ pub async fn connect(
             reason: "no server URL".into(),
         });
     }
+    check_secure(settings, name)?;
     let mut delay = Duration::from_millis(200);
     let (count, connections) = watch::channel(0u64);
     let count = std::sync::Arc::new(count);
@@ -518,5 +550,68 @@ pub async fn connect(
                 delay = (delay * 2).min(Duration::from_secs(5));
             }
         }
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+    use crate::settings::TlsSettings;
+
+    /// No server is needed: the refusal comes before any connection attempt.
+    #[tokio::test]
+    async fn without_credentials_and_tls_a_connection_is_refused_unless_insecure_dev() {
+        let shutdown = CancellationToken::new();
+        // Port 1: nothing listens there, so an attempt would only retry.
+        let open = NatsSettings {
+            url: "nats://127.0.0.1:1".into(),
+            ..Default::default()
+        };
+        let Err(e) = connect(&open, "test", &shutdown).await else {
+            panic!("refused");
+        };
+        assert!(matches!(e, BusError::Insecure { .. }), "{e}");
+        let text = e.to_string();
+        for named in ["nats.credentials", "nats.tls.ca_file", "nats.insecure_dev"] {
+            assert!(text.contains(named), "{text}");
+        }
+
+        // Credentials alone (or TLS alone) are not enough.
+        let creds_only = NatsSettings {
+            credentials: Some("/nonexistent.creds".into()),
+            ..open.clone()
+        };
+        let Err(e) = connect(&creds_only, "test", &shutdown).await else {
+            panic!("refused");
+        };
+        assert!(
+            e.to_string().contains("no nats.tls.ca_file")
+                && !e.to_string().contains("no nats.credentials"),
+            "{e}"
+        );
+        let tls_only = NatsSettings {
+            tls: Some(TlsSettings {
+                ca_file: "/nonexistent.pem".into(),
+                cert_file: None,
+                key_file: None,
+            }),
+            ..open.clone()
+        };
+        let Err(e) = connect(&tls_only, "test", &shutdown).await else {
+            panic!("refused");
+        };
+        assert!(e.to_string().contains("no nats.credentials"), "{e}");
+
+        // insecure_dev lets it try: it gets as far as retrying an unreachable server, and
+        // returns only when shut down.
+        let dev = NatsSettings {
+            insecure_dev: true,
+            ..open
+        };
+        shutdown.cancel();
+        let Err(e) = connect(&dev, "test", &shutdown).await else {
+            panic!("cancelled");
+        };
+        assert!(matches!(e, BusError::Cancelled), "{e}");
     }
 }

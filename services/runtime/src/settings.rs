@@ -120,6 +120,11 @@ pub struct NatsSettings {
     /// Prefix of this client's reply subjects (default `_INBOX`). An agent whose NATS identity
     /// may read only its own replies uses `_INBOX.<agent id>` (see `ops/nats/gen-accounts`).
     pub inbox_prefix: Option<String>,
+    /// Connect without `credentials` or without `tls` (an unauthenticated or unencrypted
+    /// connection): for local development on 127.0.0.1 only. Off, the connection is refused
+    /// unless both are set, so a deployment that forgot them fails at start instead of
+    /// running open.
+    pub insecure_dev: bool,
 }
 
 impl Default for NatsSettings {
@@ -131,6 +136,19 @@ impl Default for NatsSettings {
             request_timeout: Duration::from_secs(10),
             replicas: 1,
             inbox_prefix: None,
+            insecure_dev: false,
+        }
+    }
+}
+
+impl NatsSettings {
+    /// What is missing for an authenticated, encrypted connection (`None`: nothing).
+    pub fn missing_security(&self) -> Option<&'static str> {
+        match (self.credentials.is_some(), self.tls.is_some()) {
+            (true, true) => None,
+            (false, true) => Some("no nats.credentials"),
+            (true, false) => Some("no nats.tls.ca_file"),
+            (false, false) => Some("no nats.credentials and no nats.tls.ca_file"),
         }
     }
 }
@@ -219,6 +237,8 @@ mod tests {
         .expect("write");
         let s: Demo = load_settings_from("demo", None, &[], env(&[])).expect("defaults");
         assert_eq!(s, Demo::default());
+        // Closed by default: no unauthenticated, unencrypted connection unless asked for.
+        assert!(!s.nats.insecure_dev);
         let s: Demo = load_settings_from(
             "demo",
             Some(&file),
@@ -226,6 +246,7 @@ mod tests {
             env(&[
                 ("FLEETCAST_DEMO_MAX_ENTRIES", "7"),
                 ("FLEETCAST_DEMO_NATS__REQUEST_TIMEOUT", "3s"),
+                ("FLEETCAST_DEMO_NATS__INSECURE_DEV", "true"),
             ]),
         )
         .expect("layered");
@@ -233,6 +254,7 @@ mod tests {
         assert_eq!(s.max_entries, 7);
         assert_eq!(s.nats.url, "nats://a:1");
         assert_eq!(s.nats.request_timeout, Duration::from_secs(3));
+        assert!(s.nats.insecure_dev);
     }
 
     #[test]

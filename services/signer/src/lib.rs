@@ -23,7 +23,7 @@ use serde::{Deserialize, Serialize};
 use time::OffsetDateTime;
 use tokio_util::sync::CancellationToken;
 
-pub use settings::Settings;
+pub use settings::{ANY_APP, Settings, Signs};
 
 pub const SERVICE: &str = "signer";
 
@@ -55,6 +55,22 @@ pub async fn run(settings: Settings, shutdown: CancellationToken) -> Result<(), 
         .collect::<Result<Vec<_>, _>>()?;
     for key in &keys {
         tracing::info!(key_id = %key.public().id(), "signing key loaded");
+    }
+    match settings.signs() {
+        settings::Signs::Any => {
+            tracing::info!("signing releases of any app (known_apps = [\"*\"])")
+        }
+        settings::Signs::AnyInsecureDev => tracing::warn!(
+            "signing releases of ANY app: known_apps is empty and nats.insecure_dev is on \
+             (local development only; in production list the apps in known_apps)"
+        ),
+        settings::Signs::Nothing => tracing::warn!(
+            "known_apps is empty: signing NO app (every release is rejected with unknown_app); \
+             list the apps this signer may sign, or \"*\" for any"
+        ),
+        settings::Signs::Only(apps) => {
+            tracing::info!(apps = %apps.join(","), "signing releases of these apps only")
+        }
     }
     // Only with a root: checks that what is signed will be accepted under the current root.
     let trust = settings
@@ -133,10 +149,15 @@ fn load_key(file: &std::path::Path) -> Result<SecretKey, SignerError> {
     #[cfg(unix)]
     {
         use std::os::unix::fs::PermissionsExt;
-        if let Ok(meta) = std::fs::metadata(file)
-            && meta.permissions().mode() & 0o077 != 0
-        {
-            tracing::warn!(path = %path, "signing key is readable by group or others; chmod 600 it");
+        // Refused, not warned about: a key others can read may already be theirs.
+        let meta = std::fs::metadata(file).map_err(|e| fail(e.to_string()))?;
+        let mode = meta.permissions().mode();
+        if mode & 0o077 != 0 {
+            return Err(fail(format!(
+                "mode {:04o}: readable or writable by group or others; chmod 600 it (and consider \
+                 the key exposed)",
+                mode & 0o7777
+            )));
         }
     }
     SecretKey::from_text(&text).map_err(|e| fail(e.to_string()))
@@ -385,8 +406,16 @@ impl Signer {
                     .await;
             }
         }
-        if !self.settings.known_apps.is_empty() && !self.settings.known_apps.contains(&event.app) {
-            let message = format!("app {:?} is not in the signer's known_apps", event.app);
+        let signs = self.settings.signs();
+        if !signs.allows(&event.app) {
+            let message = match signs {
+                settings::Signs::Nothing => format!(
+                    "app {:?}: the signer's known_apps is empty, so it signs no app (list the \
+                     apps it may sign, or \"*\" for any)",
+                    event.app
+                ),
+                _ => format!("app {:?} is not in the signer's known_apps", event.app),
+            };
             return self
                 .reject(
                     &event,
@@ -558,5 +587,31 @@ impl Signer {
             }
             Err(e) => Outcome::Retry(e.to_string()),
         }
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn a_key_readable_by_others_is_refused() {
+        use std::os::unix::fs::PermissionsExt;
+        let dir = tempfile::tempdir().expect("tmp");
+        let path = dir.path().join("signing.key");
+        let key = SecretKey::generate().expect("key");
+        std::fs::write(&path, key.to_text()).expect("write");
+        for mode in [0o644, 0o640, 0o604, 0o620] {
+            std::fs::set_permissions(&path, std::fs::Permissions::from_mode(mode)).expect("chmod");
+            let Err(e) = load_key(&path) else {
+                panic!("mode {mode:o} refused");
+            };
+            assert!(e.to_string().contains("chmod 600"), "{mode:o}: {e}");
+        }
+        std::fs::set_permissions(&path, std::fs::Permissions::from_mode(0o600)).expect("chmod");
+        assert_eq!(
+            load_key(&path).expect("0600 loads").public().id(),
+            key.public().id()
+        );
     }
 }

@@ -28,7 +28,9 @@ pub struct Settings {
     /// How long one timestamp stays valid.
     #[serde(with = "humantime_serde")]
     pub timestamp_ttl: Duration,
-    /// Apps the signer will sign; empty means any app.
+    /// Apps the signer will sign; `["*"]` is any app. Empty signs nothing (every release is
+    /// rejected with `unknown_app`), unless `nats.insecure_dev` is on, where it means any app:
+    /// a production signer signs only what it was told to.
     pub known_apps: Vec<String>,
     /// How long a signed manifest stays valid.
     #[serde(with = "humantime_serde")]
@@ -70,6 +72,29 @@ impl Default for Settings {
     }
 }
 
+/// `known_apps = ["*"]`: any app, said explicitly.
+pub const ANY_APP: &str = "*";
+
+/// The apps a signer signs (see [`Settings::signs`]).
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub enum Signs {
+    Any,
+    /// `known_apps` empty under `nats.insecure_dev`: any app, for local development.
+    AnyInsecureDev,
+    Nothing,
+    Only(Vec<String>),
+}
+
+impl Signs {
+    pub fn allows(&self, app: &str) -> bool {
+        match self {
+            Signs::Any | Signs::AnyInsecureDev => true,
+            Signs::Nothing => false,
+            Signs::Only(apps) => apps.iter().any(|a| a == app),
+        }
+    }
+}
+
 impl Settings {
     pub const LIST_KEYS: &'static [&'static str] = &["known_apps", "extra_key_files"];
 
@@ -86,6 +111,15 @@ impl Settings {
         if self.timestamp_ttl <= self.timestamp_interval {
             return invalid("timestamp_ttl", "must be longer than timestamp_interval");
         }
+        if self.known_apps.iter().any(|a| a == ANY_APP) {
+            if self.known_apps.len() > 1 {
+                return invalid(
+                    "known_apps",
+                    "\"*\" (any app) stands alone: list app names, or \"*\" only",
+                );
+            }
+            return Ok(());
+        }
         for app in &self.known_apps {
             if let Err(reason) = fleetcast_events::names::validate_app_name(app) {
                 return invalid("known_apps", reason);
@@ -94,7 +128,56 @@ impl Settings {
         Ok(())
     }
 
+    /// Which apps this signer signs, from `known_apps` (and `nats.insecure_dev` when empty).
+    pub fn signs(&self) -> Signs {
+        if self.known_apps.iter().any(|a| a == ANY_APP) {
+            Signs::Any
+        } else if self.known_apps.is_empty() {
+            if self.nats.insecure_dev {
+                Signs::AnyInsecureDev
+            } else {
+                Signs::Nothing
+            }
+        } else {
+            Signs::Only(self.known_apps.clone())
+        }
+    }
+
     pub fn work_dir(&self) -> PathBuf {
         self.work_dir.clone().unwrap_or_else(std::env::temp_dir)
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    fn with(apps: &[&str], insecure_dev: bool) -> Settings {
+        let mut s = Settings {
+            known_apps: apps.iter().map(|a| a.to_string()).collect(),
+            ..Default::default()
+        };
+        s.nats.insecure_dev = insecure_dev;
+        s
+    }
+
+    #[test]
+    fn an_empty_known_apps_signs_nothing_unless_insecure_dev() {
+        let production = with(&[], false);
+        assert_eq!(production.signs(), Signs::Nothing);
+        assert!(!production.signs().allows("collector"));
+        assert!(with(&[], true).signs().allows("collector"));
+        let listed = with(&["collector"], false);
+        assert!(listed.validate().is_ok());
+        assert!(listed.signs().allows("collector"));
+        assert!(!listed.signs().allows("web"));
+        // A list stays a list under insecure_dev too.
+        assert!(!with(&["collector"], true).signs().allows("web"));
+        let any = with(&["*"], false);
+        assert!(any.validate().is_ok());
+        assert_eq!(any.signs(), Signs::Any);
+        assert!(any.signs().allows("web"));
+        let e = with(&["*", "web"], false).validate().expect_err("mixed");
+        assert!(e.to_string().contains("known_apps"), "{e}");
     }
 }

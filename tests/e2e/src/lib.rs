@@ -91,10 +91,22 @@ impl Pipeline {
     }
 
     /// As [`Pipeline::new`] on a JetStream hub, with a leaf node for a remote site's agents
-    /// (`ops/nats/leaf-site.conf`): point an agent's `nats.url` at the returned server.
+    /// (`ops/nats/leaf-site.conf`): point an agent's `nats.url` at the returned server. Both
+    /// are closed as shipped (accounts and TLS, issued for `agents`); everything connects as
+    /// `admin` unless given its own identity.
+    pub async fn new_with_leaf_for(
+        agents: &[fleetcast_harness::accounts::AgentSpec],
+    ) -> anyhow::Result<(Pipeline, NatsServer)> {
+        let accounts = fleetcast_harness::accounts::Accounts::generate_with_tls(agents)?;
+        let (hub, leaf) = NatsServer::start_hub_and_leaf(&accounts).await?;
+        let mut p = Pipeline::on(vec![hub])?;
+        p.accounts = Some(accounts);
+        Ok((p, leaf))
+    }
+
+    /// [`Pipeline::new_with_leaf_for`] without agent identities.
     pub async fn new_with_leaf() -> anyhow::Result<(Pipeline, NatsServer)> {
-        let (hub, leaf) = NatsServer::start_hub_and_leaf().await?;
-        Ok((Pipeline::on(vec![hub])?, leaf))
+        Pipeline::new_with_leaf_for(&[]).await
     }
 
     /// As [`Pipeline::new`] on a server that takes only TLS connections with a client
@@ -118,6 +130,20 @@ impl Pipeline {
         let server =
             NatsServer::start_with_config(&accounts.auth_conf()?, Some(&accounts.creds("admin")))
                 .await?;
+        let mut p = Pipeline::on(vec![server])?;
+        p.accounts = Some(accounts);
+        Ok(p)
+    }
+
+    /// As [`Pipeline::new_with_permissions`] on nats-server started from the shipped
+    /// `ops/nats/secure.conf` (accounts and TLS issued by `ops/nats/gen-accounts --tls`): every
+    /// client needs its credentials and the CA, and connects with `insecure_dev` off.
+    pub async fn new_closed(
+        agents: &[fleetcast_harness::accounts::AgentSpec],
+    ) -> anyhow::Result<Pipeline> {
+        let accounts = fleetcast_harness::accounts::Accounts::generate_with_tls(agents)?;
+        let server =
+            NatsServer::start_shipped("secure.conf", &accounts, &accounts.creds("admin")).await?;
         let mut p = Pipeline::on(vec![server])?;
         p.accounts = Some(accounts);
         Ok(p)
@@ -171,16 +197,33 @@ impl Pipeline {
             request_timeout: Duration::from_secs(5),
             replicas: urls.len(),
             credentials: self.accounts.as_ref().map(|a| a.creds("admin")),
-            tls: self.pki.as_ref().map(|pki| {
-                let (cert, key) = pki.pair("client");
-                fleetcast_runtime::TlsSettings {
-                    ca_file: pki.ca(),
-                    cert_file: Some(cert),
-                    key_file: Some(key),
+            // Test servers on 127.0.0.1: most have no accounts or no TLS, so they say so; one
+            // with both (the shipped configuration) gets the closed default.
+            insecure_dev: !self.closed(),
+            tls: match (&self.pki, self.accounts.as_ref().and_then(|a| a.ca())) {
+                (Some(pki), _) => {
+                    let (cert, key) = pki.pair("client");
+                    Some(fleetcast_runtime::TlsSettings {
+                        ca_file: pki.ca(),
+                        cert_file: Some(cert),
+                        key_file: Some(key),
+                    })
                 }
-            }),
+                (None, Some(ca_file)) => Some(fleetcast_runtime::TlsSettings {
+                    ca_file,
+                    cert_file: None,
+                    key_file: None,
+                }),
+                (None, None) => None,
+            },
             ..Default::default()
         }
+    }
+
+    /// Whether clients need credentials and TLS here (see [`Pipeline::new_closed`]).
+    fn closed(&self) -> bool {
+        self.accounts.is_some()
+            && (self.pki.is_some() || self.accounts.as_ref().and_then(|a| a.ca()).is_some())
     }
 
     /// The NATS settings of a `role` (`watcher`, `signer`, `distributor`, `tracker`, `ci`,
@@ -269,6 +312,8 @@ impl Pipeline {
         fleetcast_signer::Settings {
             nats: self.nats_settings(),
             key_file: self.dir.path().join("keys/signing.key"),
+            // Tests sign any app unless they say otherwise (the default signs none).
+            known_apps: vec![fleetcast_signer::ANY_APP.into()],
             work_dir: Some(self.work_dir()),
             ack_wait: Duration::from_secs(2),
             metrics_listen: any_port(),

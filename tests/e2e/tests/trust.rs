@@ -20,6 +20,9 @@ fn key_file(dir: &Path, name: &str) -> (SecretKey, PathBuf) {
     let key = SecretKey::generate().expect("key");
     let path = dir.join(format!("{name}.key"));
     std::fs::write(&path, key.to_text()).expect("write key");
+    // The signer refuses a key others can read.
+    std::fs::set_permissions(&path, std::os::unix::fs::PermissionsExt::from_mode(0o600))
+        .expect("chmod key");
     (key, path)
 }
 

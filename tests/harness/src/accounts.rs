@@ -44,6 +44,38 @@ impl Accounts {
         Ok(accounts)
     }
 
+    /// As [`Accounts::generate`], with TLS material too (`--tls`: a CA and a certificate for
+    /// the servers, for 127.0.0.1 and localhost among others), as a production deployment.
+    pub fn generate_with_tls(agents: &[AgentSpec]) -> anyhow::Result<Accounts> {
+        let dir = tempfile::Builder::new()
+            .prefix("fleetcast-accounts-")
+            .tempdir()?;
+        let accounts = Accounts { dir };
+        accounts.run(
+            std::iter::once(vec!["--tls".to_string()])
+                .chain(agents.iter().map(|a| vec!["--agent".into(), a.arg()])),
+        )?;
+        Ok(accounts)
+    }
+
+    /// A leaf node's files for a remote site (`gen-accounts --deliver site=…`, needs TLS):
+    /// auth.conf, files.conf, leaf.conf, its certificate and the leaf credentials, in a folder
+    /// of their own. Returns the folder.
+    pub fn deliver_site(&self) -> anyhow::Result<PathBuf> {
+        let site = self.dir.path().join("site");
+        self.run(std::iter::once(vec![
+            "--tls".to_string(),
+            "--deliver".into(),
+            format!("site={}", site.display()),
+        ]))?;
+        Ok(site)
+    }
+
+    /// The CA the servers' certificate chains to, when issued with TLS.
+    pub fn ca(&self) -> Option<PathBuf> {
+        Some(self.dir.path().join("tls/ca.pem")).filter(|p| p.is_file())
+    }
+
     /// Issues more agents (or the same ones again) into the same folder.
     pub fn add(&self, agents: &[AgentSpec]) -> anyhow::Result<()> {
         self.run(agents.iter().map(|a| vec!["--agent".into(), a.arg()]))
@@ -80,7 +112,7 @@ impl Accounts {
     }
 
     /// A role's credentials: `ci`, `operator`, `watcher`, `signer`, `distributor`, `tracker`,
-    /// `admin`.
+    /// `admin`, `leaf`.
     pub fn creds(&self, role: &str) -> PathBuf {
         self.dir.path().join("creds").join(format!("{role}.creds"))
     }

@@ -28,6 +28,8 @@ pub struct NatsServer {
     tls: Option<(PathBuf, PathBuf, PathBuf)>,
     /// The text of a `.creds` file, when the server authenticates clients.
     credentials: Option<String>,
+    /// The CA of a server that requires TLS but no client certificate (the shipped configs).
+    tls_ca: Option<PathBuf>,
     binary: PathBuf,
     config: PathBuf,
     store: tempfile::TempDir,
@@ -105,6 +107,52 @@ impl NatsServer {
         Ok(server)
     }
 
+    /// Starts nats-server from a configuration file the project ships, `ops/nats/<name>`, as
+    /// deployed: only its listen address (this test's loopback port), JetStream store (this
+    /// server's own) and `./auth/` includes (`accounts`' folder, issued with TLS) are rewritten,
+    /// and its monitoring port is left out. The harness connects with `credentials` and the
+    /// accounts' CA.
+    pub async fn start_shipped(
+        name: &str,
+        accounts: &accounts::Accounts,
+        credentials: &Path,
+    ) -> anyhow::Result<NatsServer> {
+        let path = workspace_root().join("ops/nats").join(name);
+        let shipped = std::fs::read_to_string(&path)
+            .with_context(|| format!("reading {}", path.display()))?;
+        let port = free_port()?;
+        let mut server = NatsServer::from_config(port, |store| {
+            let auth = format!("include \"{}/", relative_to(store, accounts.dir()));
+            let mut lines = Vec::new();
+            for line in shipped.lines() {
+                let trimmed = line.trim_start();
+                let top_level = trimmed.len() == line.len();
+                lines.push(if top_level && trimmed.starts_with("listen:") {
+                    format!("listen: 127.0.0.1:{port}")
+                } else if top_level && trimmed.starts_with("http:") {
+                    continue;
+                } else if trimmed.starts_with("store_dir:") {
+                    format!("  store_dir: \"{}\"", store.join("js").display())
+                } else {
+                    line.replace("include \"./auth/", &auth)
+                });
+            }
+            lines.join("\n") + "\n"
+        })?;
+        server.credentials = Some(
+            std::fs::read_to_string(credentials)
+                .with_context(|| format!("reading {}", credentials.display()))?,
+        );
+        server.tls_ca = accounts.ca();
+        server.spawn().await?;
+        Ok(server)
+    }
+
+    /// The configuration file the server runs with.
+    pub fn config_file(&self) -> &Path {
+        &self.config
+    }
+
     /// Replaces the added configuration (as given to [`NatsServer::start_with_config`]) and
     /// has the running server reload it (SIGHUP), as an operator does after re-issuing
     /// accounts. Returns once the server has logged the reload.
@@ -176,38 +224,81 @@ impl NatsServer {
     }
 
     /// A hub (JetStream in domain `fleetcast`, as `ops/nats/cluster-common.conf`, accepting
-    /// leaf nodes) and a leaf node connected to it, configured by the shipped
-    /// `ops/nats/leaf-site.conf` (no JetStream of its own: its clients use the hub's through
-    /// it). Returns once JetStream answers through the leaf.
-    pub async fn start_hub_and_leaf() -> anyhow::Result<(NatsServer, NatsServer)> {
+    /// leaf nodes over TLS, with `accounts`' operator and accounts) and a leaf node connected to
+    /// it, configured by the shipped `ops/nats/leaf-site.conf` with the site's files that
+    /// `gen-accounts --deliver site=…` writes (the leaf credentials, the site's auth.conf; no
+    /// JetStream of its own: its clients use the hub's through it). `accounts` must be issued
+    /// with TLS; the harness connects to both as `admin`. Returns once the leaf is linked.
+    pub async fn start_hub_and_leaf(
+        accounts: &accounts::Accounts,
+    ) -> anyhow::Result<(NatsServer, NatsServer)> {
+        let ca = accounts
+            .ca()
+            .context("the accounts need TLS (generate_with_tls)")?;
+        let admin = std::fs::read_to_string(accounts.creds("admin"))?;
         let leaf_port = free_port()?;
-        let mut hub = NatsServer::configure(free_port()?, "")?;
-        // A later `jetstream` block replaces the first: the same store, in the hub's domain.
-        let extra = format!(
-            "jetstream {{\n  store_dir: \"{}\"\n  domain: fleetcast\n}}\nleafnodes {{\n  listen: 127.0.0.1:{leaf_port}\n}}\n",
-            hub.store.path().join("js").display()
-        );
-        let base = std::fs::read_to_string(&hub.config)?;
-        std::fs::write(&hub.config, format!("{base}{extra}"))?;
+        let tls =
+            "  cert_file: $FLEETCAST_TLS_CERT\n  key_file: $FLEETCAST_TLS_KEY\n  timeout: 2\n";
+        let hub_port = free_port()?;
+        let mut hub = NatsServer::from_config(hub_port, |store| {
+            let auth = relative_to(store, accounts.dir());
+            format!(
+                "listen: 127.0.0.1:{hub_port}\nmax_payload: 8MB\n\
+                 jetstream {{\n  store_dir: \"{}\"\n  domain: fleetcast\n}}\n\
+                 include \"{auth}/auth.conf\"\ninclude \"{auth}/files.conf\"\n\
+                 tls {{\n{tls}  ca_file: $FLEETCAST_TLS_CA\n}}\n\
+                 leafnodes {{\n  listen: 127.0.0.1:{leaf_port}\n  tls {{\n{tls}  }}\n}}\n",
+                store.join("js").display()
+            )
+        })?;
+        hub.credentials = Some(admin.clone());
+        hub.tls_ca = Some(ca.clone());
         hub.spawn().await?;
 
+        let site = accounts.deliver_site()?;
         let shipped = std::fs::read_to_string(workspace_root().join("ops/nats/leaf-site.conf"))?;
         let port = free_port()?;
-        let mut lines = Vec::new();
-        for line in shipped.lines() {
-            lines.push(if line.starts_with("listen:") {
-                format!("listen: 127.0.0.1:{port}")
-            } else if line.starts_with("http:") {
-                continue;
-            } else {
-                line.replace(
-                    "$FLEETCAST_HUB_LEAF_URL",
-                    &format!("\"nats-leaf://127.0.0.1:{leaf_port}\""),
-                )
-            });
+        let mut leaf = NatsServer::from_config(port, |store| {
+            let include = format!("include \"{}/", relative_to(store, &site));
+            let mut lines = Vec::new();
+            for line in shipped.lines() {
+                lines.push(if line.starts_with("listen:") {
+                    format!("listen: 127.0.0.1:{port}")
+                } else if line.starts_with("http:") {
+                    continue;
+                } else {
+                    line.replace(
+                        "$FLEETCAST_HUB_LEAF_URL",
+                        &format!("\"nats-leaf://127.0.0.1:{leaf_port}\""),
+                    )
+                    .replace("include \"./auth/", &include)
+                });
+            }
+            lines.join("\n") + "\n"
+        })?;
+        leaf.credentials = Some(admin);
+        leaf.tls_ca = Some(ca);
+        leaf.launch()?;
+        // Linked once the hub has taken the leaf connection in the FLEETCAST account (its
+        // clients' JetStream account query is not the leaf's to pass on, as an agent's is not).
+        let deadline = Instant::now() + Duration::from_secs(20);
+        while !leaf
+            .log()
+            .contains("Leafnode connection created for account")
+        {
+            if let Some(child) = leaf.child.as_mut()
+                && let Some(status) = child.try_wait()?
+            {
+                bail!("leaf nats-server exited with {status}: {}", leaf.log());
+            }
+            if Instant::now() > deadline {
+                bail!(
+                    "the leaf node did not link to the hub within 20 s: {}",
+                    leaf.log()
+                );
+            }
+            tokio::time::sleep(Duration::from_millis(50)).await;
         }
-        let mut leaf = NatsServer::from_config(port, |_| lines.join("\n"))?;
-        leaf.spawn().await?;
         Ok((hub, leaf))
     }
 
@@ -234,6 +325,7 @@ impl NatsServer {
             port,
             tls: None,
             credentials: None,
+            tls_ca: None,
             binary: nats_server_binary()?,
             config,
             store,
@@ -306,7 +398,12 @@ impl NatsServer {
                 .require_tls(true)
                 .add_root_certificates(ca.clone())
                 .add_client_certificate(cert.clone(), key.clone()),
-            None => async_nats::ConnectOptions::new(),
+            None => match &self.tls_ca {
+                Some(ca) => async_nats::ConnectOptions::new()
+                    .require_tls(true)
+                    .add_root_certificates(ca.clone()),
+                None => async_nats::ConnectOptions::new(),
+            },
         }
     }
 
@@ -343,6 +440,16 @@ impl Drop for NatsServer {
     fn drop(&mut self) {
         self.stop();
     }
+}
+
+/// `target` as a path relative to the folder `from`: nats-server resolves an `include` relative
+/// to the including file's folder, even an absolute one.
+fn relative_to(from: &Path, target: &Path) -> String {
+    let up = from.components().skip(1).map(|_| "..").collect::<Vec<_>>();
+    let down = target.strip_prefix("/").unwrap_or(target);
+    let mut path = PathBuf::from(up.join("/"));
+    path.push(down);
+    path.display().to_string()
 }
 
 /// A loopback port nothing listens on, for a server a test starts next. Drawn below Linux's
