@@ -111,6 +111,7 @@ pub async fn run(settings: Settings, shutdown: CancellationToken) -> Result<(), 
         following.run(settings.recheck, shutdown.clone()),
     ));
     let mut was_stale = false;
+    let mut last_notes: Vec<String> = Vec::new();
     let host_name = std::fs::read_to_string("/etc/hostname")
         .map(|h| h.trim().to_string())
         .unwrap_or_default();
@@ -122,13 +123,30 @@ pub async fn run(settings: Settings, shutdown: CancellationToken) -> Result<(), 
         tokio::select! {
             _ = shutdown.cancelled() => break,
             _ = ticker.tick() => {
-                let metadata = trust.status(OffsetDateTime::now_utc(), settings.max_metadata_age());
+                let accepted: Vec<_> = beats
+                    .iter()
+                    .map(|b| {
+                        let b = b.borrow();
+                        (b.beat.app.clone(), b.accepted.clone())
+                    })
+                    .collect();
+                let metadata = trust.status(
+                    OffsetDateTime::now_utc(),
+                    settings.max_metadata_age(),
+                    &accepted,
+                );
                 if metadata.stale != was_stale {
                     was_stale = metadata.stale;
                     match &metadata.reason {
                         Some(reason) => tracing::warn!(%reason, "stale metadata"),
                         None => tracing::info!("metadata fresh again"),
                     }
+                }
+                if metadata.notes != last_notes {
+                    for note in metadata.notes.iter().filter(|n| !last_notes.contains(n)) {
+                        tracing::warn!(%note, "trust state");
+                    }
+                    last_notes.clone_from(&metadata.notes);
                 }
                 let beat = AgentHeartbeat {
                     agent_id: settings.agent_id.clone(),

@@ -75,6 +75,9 @@ pub struct Counts {
 pub struct Snapshot {
     pub beat: AppHeartbeat,
     pub counts: Counts,
+    /// The highest version accepted from a signed announcement (freshness compares it with
+    /// the signer's timestamp).
+    pub accepted: Option<Version>,
 }
 
 pub struct AppRunner {
@@ -320,7 +323,7 @@ impl AppRunner {
         let manifest = self
             .trust
             .keys(now)
-            .and_then(|keys| desired.manifest.verify(&keys, now))
+            .and_then(|keys| desired.manifest.verify(&keys, self.trust.expiry_clock(now)))
             .map_err(|e| UpdateError::Refused(format!("manifest: {e}")))?;
         if manifest.app != self.settings.name || manifest.version != desired.version {
             return Err(UpdateError::Refused(format!(
@@ -650,6 +653,7 @@ impl AppRunner {
         Snapshot {
             beat: self.heartbeat(),
             counts: self.counts,
+            accepted: self.journal.highest_accepted.clone(),
         }
     }
 

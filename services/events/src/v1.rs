@@ -360,6 +360,13 @@ pub struct MetadataStatus {
     pub stale: bool,
     #[serde(default, skip_serializing_if = "Option::is_none")]
     pub reason: Option<String>,
+    /// What the verifier refused or noticed about its trust state besides staleness: a saved
+    /// root or timestamp that did not verify, a signed timestamp from beyond its clock's
+    /// tolerance, a newer root announced than it holds, an app behind the newest version
+    /// signed for it for longer than its `max_metadata_age` (which a rollout's rings can
+    /// explain). Empty from agents before fleetcast 0.3.
+    #[serde(default, skip_serializing_if = "Vec::is_empty")]
+    pub notes: Vec<String>,
 }
 
 #[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize, JsonSchema)]
