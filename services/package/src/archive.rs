@@ -2,7 +2,7 @@
 //! directory against the limits and path rules before a single byte of content is trusted, and
 //! every read of an entry is bounded by the size the directory declared.
 
-use std::collections::{HashMap, HashSet};
+use std::collections::HashSet;
 use std::fs::File;
 use std::io::{self, Read};
 use std::path::Path;

@@ -119,12 +119,11 @@ impl Trust {
         max_clock_skew: Duration,
         now: OffsetDateTime,
     ) -> Result<Trust, SettingsError> {
-        let max_clock_skew = time::Duration::try_from(max_clock_skew).map_err(|e| {
-            SettingsError::Value {
+        let max_clock_skew =
+            time::Duration::try_from(max_clock_skew).map_err(|e| SettingsError::Value {
                 key: "max_clock_skew".into(),
                 reason: e.to_string(),
-            }
-        })?;
+            })?;
         let mut load_notes = Vec::new();
         let anchor = match root_file {
             None => Anchor::Pinned(crate::settings::trusted_keys(
@@ -884,7 +883,10 @@ mod tests {
 
         // The real root 2 replaced by a forged one: back to the configured root, from where
         // the published rotations are followed again.
-        f.write_state("root.2.json", &f.root(2, &attacker, &attacker, &[&attacker]));
+        f.write_state(
+            "root.2.json",
+            &f.root(2, &attacker, &attacker, &[&attacker]),
+        );
         let fallen_back = f.load(f.now);
         assert_eq!(fallen_back.root_version(), 1);
         let status = fallen_back.status(f.now, None, &[]);
@@ -906,8 +908,13 @@ mod tests {
         // Issued a day later, so the agent would read as fresh for a day, and refuse every
         // real timestamp until then as replayed.
         let mut tampered = ts.clone();
-        let later = (f.now + time::Duration::days(1)).format(&time::format_description::well_known::Rfc3339).expect("format");
-        let issued = f.now.format(&time::format_description::well_known::Rfc3339).expect("format");
+        let later = (f.now + time::Duration::days(1))
+            .format(&time::format_description::well_known::Rfc3339)
+            .expect("format");
+        let issued = f
+            .now
+            .format(&time::format_description::well_known::Rfc3339)
+            .expect("format");
         tampered.signed = tampered.signed.replace(&issued, &later);
         assert_ne!(tampered.signed, ts.signed);
         f.write_state(TIMESTAMP_FILE, &tampered);
@@ -918,7 +925,10 @@ mod tests {
         assert!(noted(&status, "does not match"), "{status:?}");
         // A real timestamp is taken (no floor was set by the tampered one).
         let next = f.timestamp(f.now + time::Duration::minutes(1), 1, &[], &f.signing);
-        assert_eq!(again.apply_timestamp(&next, f.now + time::Duration::minutes(1)), Ok(true));
+        assert_eq!(
+            again.apply_timestamp(&next, f.now + time::Duration::minutes(1)),
+            Ok(true)
+        );
 
         let attacker = SecretKey::generate().expect("key");
         f.write_state(TIMESTAMP_FILE, &f.timestamp(f.now, 1, &[], &attacker));
@@ -936,7 +946,12 @@ mod tests {
         let trust = f.load(f.now);
         let max_age = Some(Duration::from_secs(15 * 60));
         let skew = time::Duration::try_from(DEFAULT_MAX_CLOCK_SKEW).expect("skew");
-        let far = f.timestamp(f.now + skew + time::Duration::seconds(1), 1, &[], &f.signing);
+        let far = f.timestamp(
+            f.now + skew + time::Duration::seconds(1),
+            1,
+            &[],
+            &f.signing,
+        );
         assert!(matches!(
             trust.apply_timestamp(&far, f.now),
             Err(TrustError::FromTheFuture { .. })
@@ -947,7 +962,12 @@ mod tests {
         let reason = status.reason.unwrap_or_default();
         assert!(reason.contains("ahead of this host's clock"), "{reason}");
 
-        let near = f.timestamp(f.now + skew - time::Duration::seconds(1), 1, &[], &f.signing);
+        let near = f.timestamp(
+            f.now + skew - time::Duration::seconds(1),
+            1,
+            &[],
+            &f.signing,
+        );
         assert_eq!(trust.apply_timestamp(&near, f.now), Ok(true));
         let status = trust.status(f.now, max_age, &[]);
         assert!(!status.stale, "within the tolerance: {status:?}");
@@ -985,7 +1005,11 @@ mod tests {
         let fixed = signer_now + time::Duration::minutes(1);
         let next = f.timestamp(fixed, 1, &[], &f.signing);
         assert_eq!(trust.apply_timestamp(&next, fixed), Ok(true));
-        assert!(!trust.status(fixed, Some(Duration::from_secs(900)), &[]).stale);
+        assert!(
+            !trust
+                .status(fixed, Some(Duration::from_secs(900)), &[])
+                .stale
+        );
 
         // Expiries with the tolerance: a timestamp expired a minute ago by this clock is still
         // taken (another clock within the tolerance may not have passed it), one expired longer
@@ -1014,7 +1038,12 @@ mod tests {
         let f = Fixture::new();
         let trust = f.load(f.now);
         let max_age = Some(Duration::from_secs(60));
-        let ts = f.timestamp(f.now, 1, &[("shapp", "2.0.0"), ("other", "1.0.0")], &f.signing);
+        let ts = f.timestamp(
+            f.now,
+            1,
+            &[("shapp", "2.0.0"), ("other", "1.0.0")],
+            &f.signing,
+        );
         assert_eq!(trust.apply_timestamp(&ts, f.now), Ok(true));
         let accepted = |v: &str| {
             vec![
@@ -1023,18 +1052,36 @@ mod tests {
             ]
         };
         let status = trust.status(f.now, max_age, &accepted("1.0.0"));
-        assert!(status.notes.is_empty() && !status.stale, "behind only now: {status:?}");
+        assert!(
+            status.notes.is_empty() && !status.stale,
+            "behind only now: {status:?}"
+        );
         let later = f.now + time::Duration::seconds(59);
         let next = f.timestamp(later, 1, &[("shapp", "2.0.0")], &f.signing);
         assert_eq!(trust.apply_timestamp(&next, later), Ok(true));
-        assert!(trust.status(later, max_age, &accepted("1.0.0")).notes.is_empty());
+        assert!(
+            trust
+                .status(later, max_age, &accepted("1.0.0"))
+                .notes
+                .is_empty()
+        );
         let too_long = f.now + time::Duration::seconds(61);
         let status = trust.status(too_long, max_age, &accepted("1.0.0"));
         assert!(noted(&status, "shapp: 2.0.0 is signed"), "{status:?}");
         assert!(!noted(&status, "other"), "{status:?}");
         // Caught up: nothing to report, and the lag starts again from zero next time.
-        assert!(trust.status(too_long, max_age, &accepted("2.0.0")).notes.is_empty());
-        assert!(trust.status(too_long, max_age, &accepted("1.0.0")).notes.is_empty());
+        assert!(
+            trust
+                .status(too_long, max_age, &accepted("2.0.0"))
+                .notes
+                .is_empty()
+        );
+        assert!(
+            trust
+                .status(too_long, max_age, &accepted("1.0.0"))
+                .notes
+                .is_empty()
+        );
 
         let ahead = f.timestamp(too_long, 2, &[], &f.signing);
         assert_eq!(trust.apply_timestamp(&ahead, too_long), Ok(true));
@@ -1042,7 +1089,10 @@ mod tests {
         let status = trust.status(too_long, max_age, &[]);
         assert!(status.stale, "{status:?}");
         assert!(
-            status.reason.as_deref().is_some_and(|r| r.contains("root version 2")),
+            status
+                .reason
+                .as_deref()
+                .is_some_and(|r| r.contains("root version 2")),
             "{status:?}"
         );
     }
