@@ -44,8 +44,6 @@ pub enum AgentError {
     Bus(#[from] BusError),
     #[error(transparent)]
     Observe(#[from] ObserveError),
-    #[error("app {app}: {source}")]
-    App { app: String, source: UpdateError },
 }
 
 /// Runs every configured app and keeps it on its desired version until `shutdown`.
@@ -86,26 +84,44 @@ pub async fn run(settings: Settings, shutdown: CancellationToken) -> Result<(), 
     let mut tasks = Vec::new();
     let mut beats = Vec::new();
     for app in &settings.apps {
-        let runner = AppRunner::new(app.clone(), host.clone(), trust.clone(), bus.clone())
-            .map_err(|source| AgentError::App {
-                app: app.name.clone(),
-                source,
-            })?;
-        let (tx, rx) = watch::channel(runner.snapshot());
+        // An app whose state cannot be read (both journal slots torn, its folder unusable) is
+        // isolated: reported failed, neither supervised nor updated until it can be read again,
+        // while every other app on the host goes on.
+        let runner = AppRunner::new(app.clone(), host.clone(), trust.clone(), bus.clone());
+        let first = match &runner {
+            Ok(runner) => runner.snapshot(),
+            Err(_) => updater::Snapshot::failed(&app.name),
+        };
+        let (tx, rx) = watch::channel(first);
         if let Some((metrics, _, _)) = &observed {
             tasks.push(tokio::spawn(metrics.follow(rx.clone())));
         }
         beats.push(rx);
         let recheck = spread(&settings.agent_id, &app.name, settings.recheck);
-        tasks.push(tokio::spawn(app_loop(
-            runner,
+        let (app, host, trust, bus, ring, shutdown) = (
+            app.clone(),
+            host.clone(),
+            trust.clone(),
             bus.clone(),
             settings.ring.clone(),
-            recheck,
-            trust.root_updates(),
-            tx,
             shutdown.clone(),
-        )));
+        );
+        tasks.push(tokio::spawn(async move {
+            let roots = trust.root_updates();
+            let runner = match runner {
+                Ok(runner) => runner,
+                Err(e) => {
+                    let made =
+                        || AppRunner::new(app.clone(), host.clone(), trust.clone(), bus.clone());
+                    match isolated(e, made, &app.name, &host, &bus, &shutdown).await {
+                        Some(runner) => runner,
+                        None => return,
+                    }
+                }
+            };
+            let _ = tx.send(runner.snapshot());
+            app_loop(runner, bus, ring, recheck, roots, tx, shutdown).await;
+        }));
     }
     tasks.push(tokio::spawn(
         following.run(settings.recheck, shutdown.clone()),
@@ -168,6 +184,49 @@ pub async fn run(settings: Settings, shutdown: CancellationToken) -> Result<(), 
         let _ = task.await;
     }
     Ok(())
+}
+
+/// An app that could not be set up (its journal unreadable: a crash tears one slot at most, so
+/// both torn is damage that guessing could make worse by starting the wrong version). It is
+/// reported failed with the reason, again on every `recheck` (a tracker that missed it hears
+/// it then), and set up again each time: once repaired (the journal restored or removed by an
+/// operator), it is supervised and updated from then on. `None`: shut down first.
+async fn isolated(
+    mut error: UpdateError,
+    mut made: impl FnMut() -> Result<AppRunner, UpdateError>,
+    app: &str,
+    host: &Settings,
+    bus: &Bus,
+    shutdown: &CancellationToken,
+) -> Option<AppRunner> {
+    loop {
+        let reason = format!("isolated, not supervised or updated until repaired: {error}");
+        tracing::error!(%app, %reason, "app isolated");
+        let status = fleetcast_events::v1::AgentStatus {
+            agent_id: host.agent_id.clone(),
+            app: app.to_string(),
+            state: fleetcast_events::v1::AppState::Failed,
+            version: None,
+            progress_bytes: None,
+            reason: Some(reason),
+            at: OffsetDateTime::now_utc(),
+        };
+        let subject = fleetcast_events::names::agent_status_subject(&host.agent_id);
+        if let Err(e) = bus.report_event(&subject, &status, Encoding::MsgPack).await {
+            tracing::warn!(%app, error = %e, "status not published");
+        }
+        tokio::select! {
+            _ = shutdown.cancelled() => return None,
+            _ = tokio::time::sleep(host.recheck.max(Duration::from_secs(1))) => {}
+        }
+        match made() {
+            Ok(runner) => {
+                tracing::info!(%app, "app state readable again; supervising it");
+                return Some(runner);
+            }
+            Err(e) => error = e,
+        }
+    }
 }
 
 /// A ticker of `period` whose first tick comes after a phase in `0..period` drawn from the

@@ -80,6 +80,25 @@ pub struct Snapshot {
     pub accepted: Option<Version>,
 }
 
+impl Snapshot {
+    /// An app the agent could not set up (see `isolated` in the agent's loop): failed, nothing
+    /// running, staged or accepted.
+    pub fn failed(app: &str) -> Snapshot {
+        Snapshot {
+            beat: AppHeartbeat {
+                app: app.to_string(),
+                state: AppState::Failed,
+                running: None,
+                staged: None,
+                previous: None,
+                uptime_s: 0,
+            },
+            counts: Counts::default(),
+            accepted: None,
+        }
+    }
+}
+
 pub struct AppRunner {
     pub settings: AppSettings,
     /// The agent's own settings (id, ring, limits, windows).

@@ -90,6 +90,10 @@ pub enum RejectCode {
     UnknownApp,
     /// The signed manifest does not verify or does not match the archive.
     ManifestMismatch,
+    /// A rollback request whose `from` is not the app's latest signed version (the signer's
+    /// own record): a directive replacing versions never signed would raise every agent's
+    /// highest accepted version and block the releases below it.
+    RollbackFromNotLatest,
 }
 
 /// The watcher refused a package. Nothing was stored for it.
