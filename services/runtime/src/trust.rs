@@ -635,10 +635,7 @@ fn walk_saved_roots(first: TrustedRoot, dir: &Path, notes: &mut Vec<String>) -> 
     }
     let mut current = first;
     let configured = current.version();
-    loop {
-        let Some(next) = current.version().checked_add(1) else {
-            break;
-        };
+    while let Some(next) = current.version().checked_add(1) {
         let Some(candidates) = saved.remove(&next) else {
             break;
         };
