@@ -203,6 +203,18 @@ fn archives() -> Vec<Seed> {
             "link-to-link-dir.zip",
             zip_of(&[Dir("sub/"), Link("d", "sub"), Link("e", "d/x")]),
         ),
+        // Issue 16: each link's text stays inside, but through `y` the second climbs out.
+        seed(
+            "symlink-chain-outside.zip",
+            zip_of(&[
+                File("a1/a2/a3/a4/a5/a6/a7/a8/keep", b"x", 0o644),
+                Link("a1/a2/a3/a4/a5/a6/a7/a8/y", "../../../../../../../../c"),
+                Link(
+                    "z",
+                    "a1/a2/a3/a4/a5/a6/a7/a8/y/../../../../../../../../../etc/passwd",
+                ),
+            ]),
+        ),
         seed(
             "symlink-long-target.zip",
             zip_of(&[Link("l", &"a/".repeat(2100))]),

@@ -4,7 +4,7 @@
 //! written, every file against the signed manifest before the folder is renamed to
 //! `versions/<v>/`. Memory stays at about `concurrency` chunks.
 
-use std::collections::{HashMap, HashSet};
+use std::collections::HashMap;
 use std::fs::File;
 use std::io;
 use std::os::unix::fs::{FileExt, PermissionsExt};
@@ -333,50 +333,20 @@ fn check_index(manifest: &VerifiedManifest, index: &ChunkIndex) -> Result<(), As
             index.files.len()
         ));
     }
-    let links: HashSet<&str> = manifest
-        .files
-        .iter()
-        .filter(|f| f.link.is_some())
-        .map(|f| f.path.as_str())
-        .collect();
+    // Every link resolved one component at a time through the version's own links, before
+    // anything is written (see `fleetcast_package::links`).
+    fleetcast_package::links::check(
+        manifest
+            .files
+            .iter()
+            .map(|f| (f.path.as_str(), f.link.as_deref())),
+    )
+    .map_err(|e| AssembleError::BadIndex(e.to_string()))?;
     for (entry, chunks) in manifest.files.iter().zip(&index.files) {
         if entry.path != chunks.path {
             return bad(format!("file {} listed as {}", entry.path, chunks.path));
         }
-        let mut prefix = String::new();
-        for part in entry
-            .path
-            .split('/')
-            .collect::<Vec<_>>()
-            .iter()
-            .rev()
-            .skip(1)
-            .rev()
-        {
-            if !prefix.is_empty() {
-                prefix.push('/');
-            }
-            prefix.push_str(part);
-            if links.contains(prefix.as_str()) {
-                return bad(format!("{} passes through the link {prefix}", entry.path));
-            }
-        }
-        if let Some(target) = &entry.link {
-            let depth = entry.path.matches('/').count() as i64;
-            let mut level = depth;
-            for part in target.split('/') {
-                match part {
-                    "" | "." => {}
-                    ".." => level -= 1,
-                    _ => level += 1,
-                }
-                if level < 0 || target.starts_with('/') {
-                    return bad(format!(
-                        "link {} points outside the version ({target})",
-                        entry.path
-                    ));
-                }
-            }
+        if entry.link.is_some() {
             continue;
         }
         let total: u64 = chunks.chunks.iter().map(|c| u64::from(c.len)).sum();
@@ -404,4 +374,124 @@ fn sync_tree(dir: &Path) -> io::Result<()> {
         }
     }
     sync_dir(dir)
+}
+
+#[cfg(test)]
+mod tests {
+    use fleetcast_events::v1::FileChunks;
+    use fleetcast_events::{FileEntry, Manifest, SecretKey, SignedManifest, TrustedKeys};
+    use semver::Version;
+
+    use super::*;
+
+    /// No chunk is needed: the files here are empty.
+    struct NoStore;
+
+    impl ChunkSource for NoStore {
+        async fn fetch(&self, id: &ChunkId, _len: u32) -> Result<Fetched, AssembleError> {
+            Err(AssembleError::Fetch {
+                id: id.to_hex(),
+                reason: "no store in this test".into(),
+            })
+        }
+    }
+
+    fn entry(path: &str, link: Option<String>) -> FileEntry {
+        FileEntry {
+            path: path.into(),
+            mode: 0o644,
+            size: 0,
+            blake3: blake3::hash(b"").to_hex().to_string(),
+            link,
+        }
+    }
+
+    /// `files` signed (as a signer would, were it fooled) and verified, with its index.
+    fn signed(files: Vec<FileEntry>) -> (VerifiedManifest, ChunkIndex) {
+        let key = SecretKey::generate().expect("key");
+        let now = time::OffsetDateTime::now_utc();
+        let version = Version::new(1, 0, 0);
+        let index = ChunkIndex {
+            app: "shapp".into(),
+            version: version.clone(),
+            files: files
+                .iter()
+                .map(|f| FileChunks {
+                    path: f.path.clone(),
+                    blake3: None,
+                    chunks: Vec::new(),
+                })
+                .collect(),
+        };
+        let manifest = Manifest {
+            app: "shapp".into(),
+            version,
+            files,
+            created: now,
+            expires: now + time::Duration::hours(1),
+            rollback_from: None,
+        };
+        let verified = SignedManifest::sign(&manifest, &[&key])
+            .expect("sign")
+            .verify(&TrustedKeys::new(vec![key.public()]), now)
+            .expect("verified");
+        (verified, index)
+    }
+
+    /// The chain of issue 16 in a signed manifest: `y` stays inside, `z`'s text does too, but
+    /// the file system follows `y` first and `z` then climbs out to `/etc/passwd`. Refused
+    /// before anything is written; the same version without `z` installs.
+    #[tokio::test]
+    async fn a_chain_of_links_that_climbs_out_is_refused_before_anything_is_written() {
+        let tmp = tempfile::tempdir().expect("tmp");
+        let root = InstallRoot::new(tmp.path()).expect("root");
+        let deep = "a1/a2/a3/a4/a5/a6/a7/a8";
+        let inside = vec![
+            entry(&format!("{deep}/keep"), None),
+            entry(
+                &format!("{deep}/y"),
+                Some("../../../../../../../../c".into()),
+            ),
+        ];
+        let mut hostile = inside.clone();
+        hostile.push(entry(
+            "z",
+            Some(format!("{deep}/y/{}etc/passwd", "../".repeat(9))),
+        ));
+        let (manifest, index) = signed(hostile);
+        let err = assemble(
+            &root,
+            &manifest,
+            &index,
+            &LocalChunks::default(),
+            &NoStore,
+            2,
+        )
+        .await
+        .expect_err("refused");
+        assert!(
+            matches!(&err, AssembleError::BadIndex(m) if m.contains("leaves the package")),
+            "{err}"
+        );
+        assert!(!err.is_transient());
+        assert!(!root.partial_dir(&manifest.version).exists());
+        assert!(!root.version_dir(&manifest.version).exists());
+
+        let (manifest, index) = signed(inside);
+        assemble(
+            &root,
+            &manifest,
+            &index,
+            &LocalChunks::default(),
+            &NoStore,
+            2,
+        )
+        .await
+        .expect("links that stay inside install");
+        let y = root.version_dir(&manifest.version).join(deep).join("y");
+        assert_eq!(
+            std::fs::read_link(y).expect("link"),
+            PathBuf::from("../../../../../../../../c")
+        );
+    }
 }

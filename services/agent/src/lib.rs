@@ -46,8 +46,6 @@ pub enum AgentError {
     Bus(#[from] BusError),
     #[error(transparent)]
     Observe(#[from] ObserveError),
-    #[error("app {app}: {source}")]
-    App { app: String, source: UpdateError },
     #[error("isolating the apps: {0}")]
     Isolation(String),
 }
@@ -96,31 +94,50 @@ pub async fn run(settings: Settings, shutdown: CancellationToken) -> Result<(), 
     let mut tasks = Vec::new();
     let mut beats = Vec::new();
     for app in &settings.apps {
-        let runner = AppRunner::new(app.clone(), host.clone(), trust.clone(), bus.clone())
-            .map_err(|source| AgentError::App {
-                app: app.name.clone(),
-                source,
-            })?;
-        let (tx, rx) = watch::channel(runner.snapshot());
+        // An app whose state cannot be read (both journal slots torn, its folder unusable) is
+        // isolated: reported failed, neither supervised nor updated until it can be read again,
+        // while every other app on the host goes on.
+        let runner = AppRunner::new(app.clone(), host.clone(), trust.clone(), bus.clone());
+        let first = match &runner {
+            Ok(runner) => runner.snapshot(),
+            Err(_) => updater::Snapshot::failed(&app.name),
+        };
+        let (tx, rx) = watch::channel(first);
         if let Some((metrics, _, _)) = &observed {
             tasks.push(tokio::spawn(metrics.follow(rx.clone())));
         }
         beats.push(rx);
         let recheck = spread(&settings.agent_id, &app.name, settings.recheck);
-        tasks.push(tokio::spawn(app_loop(
-            runner,
+        let (app, host, trust, bus, ring, shutdown) = (
+            app.clone(),
+            host.clone(),
+            trust.clone(),
             bus.clone(),
             settings.ring.clone(),
-            recheck,
-            trust.root_updates(),
-            tx,
             shutdown.clone(),
-        )));
+        );
+        tasks.push(tokio::spawn(async move {
+            let roots = trust.root_updates();
+            let runner = match runner {
+                Ok(runner) => runner,
+                Err(e) => {
+                    let made =
+                        || AppRunner::new(app.clone(), host.clone(), trust.clone(), bus.clone());
+                    match isolated(e, made, &app.name, &host, &bus, &shutdown).await {
+                        Some(runner) => runner,
+                        None => return,
+                    }
+                }
+            };
+            let _ = tx.send(runner.snapshot());
+            app_loop(runner, bus, ring, recheck, roots, tx, shutdown).await;
+        }));
     }
     tasks.push(tokio::spawn(
         following.run(settings.recheck, shutdown.clone()),
     ));
     let mut was_stale = false;
+    let mut last_notes: Vec<String> = Vec::new();
     let host_name = std::fs::read_to_string("/etc/hostname")
         .map(|h| h.trim().to_string())
         .unwrap_or_default();
@@ -132,13 +149,30 @@ pub async fn run(settings: Settings, shutdown: CancellationToken) -> Result<(), 
         tokio::select! {
             _ = shutdown.cancelled() => break,
             _ = ticker.tick() => {
-                let metadata = trust.status(OffsetDateTime::now_utc(), settings.max_metadata_age());
+                let accepted: Vec<_> = beats
+                    .iter()
+                    .map(|b| {
+                        let b = b.borrow();
+                        (b.beat.app.clone(), b.accepted.clone())
+                    })
+                    .collect();
+                let metadata = trust.status(
+                    OffsetDateTime::now_utc(),
+                    settings.max_metadata_age(),
+                    &accepted,
+                );
                 if metadata.stale != was_stale {
                     was_stale = metadata.stale;
                     match &metadata.reason {
                         Some(reason) => tracing::warn!(%reason, "stale metadata"),
                         None => tracing::info!("metadata fresh again"),
                     }
+                }
+                if metadata.notes != last_notes {
+                    for note in metadata.notes.iter().filter(|n| !last_notes.contains(n)) {
+                        tracing::warn!(%note, "trust state");
+                    }
+                    last_notes.clone_from(&metadata.notes);
                 }
                 let beat = AgentHeartbeat {
                     agent_id: settings.agent_id.clone(),
@@ -160,6 +194,49 @@ pub async fn run(settings: Settings, shutdown: CancellationToken) -> Result<(), 
         let _ = task.await;
     }
     Ok(())
+}
+
+/// An app that could not be set up (its journal unreadable: a crash tears one slot at most, so
+/// both torn is damage that guessing could make worse by starting the wrong version). It is
+/// reported failed with the reason, again on every `recheck` (a tracker that missed it hears
+/// it then), and set up again each time: once repaired (the journal restored or removed by an
+/// operator), it is supervised and updated from then on. `None`: shut down first.
+async fn isolated(
+    mut error: UpdateError,
+    mut made: impl FnMut() -> Result<AppRunner, UpdateError>,
+    app: &str,
+    host: &Settings,
+    bus: &Bus,
+    shutdown: &CancellationToken,
+) -> Option<AppRunner> {
+    loop {
+        let reason = format!("isolated, not supervised or updated until repaired: {error}");
+        tracing::error!(%app, %reason, "app isolated");
+        let status = fleetcast_events::v1::AgentStatus {
+            agent_id: host.agent_id.clone(),
+            app: app.to_string(),
+            state: fleetcast_events::v1::AppState::Failed,
+            version: None,
+            progress_bytes: None,
+            reason: Some(reason),
+            at: OffsetDateTime::now_utc(),
+        };
+        let subject = fleetcast_events::names::agent_status_subject(&host.agent_id);
+        if let Err(e) = bus.report_event(&subject, &status, Encoding::MsgPack).await {
+            tracing::warn!(%app, error = %e, "status not published");
+        }
+        tokio::select! {
+            _ = shutdown.cancelled() => return None,
+            _ = tokio::time::sleep(host.recheck.max(Duration::from_secs(1))) => {}
+        }
+        match made() {
+            Ok(runner) => {
+                tracing::info!(%app, "app state readable again; supervising it");
+                return Some(runner);
+            }
+            Err(e) => error = e,
+        }
+    }
 }
 
 /// A ticker of `period` whose first tick comes after a phase in `0..period` drawn from the

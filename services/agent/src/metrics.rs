@@ -168,6 +168,7 @@ mod tests {
                 uptime_s,
             },
             counts,
+            accepted: None,
         }
     }
 

@@ -31,6 +31,11 @@ pub struct Settings {
     /// stale metadata (an announcement may be withheld); `0s` turns the check off.
     #[serde(with = "humantime_serde")]
     pub max_metadata_age: Duration,
+    /// How far the signer's clock and this host's may disagree: a signed timestamp issued
+    /// further ahead of this host's clock is refused and the agent reports its clock as behind
+    /// (stale metadata); expiries of roots, timestamps and manifests are judged this much late.
+    #[serde(with = "humantime_serde")]
+    pub max_clock_skew: Duration,
     /// Complete versions kept on disk per app (current and previous always are).
     pub keep_versions: usize,
     /// Chunks fetched at once (memory stays near this many chunks).
@@ -108,6 +113,7 @@ impl Default for Settings {
             trusted_keys: Vec::new(),
             trusted_key_files: Vec::new(),
             max_metadata_age: Duration::from_secs(15 * 60),
+            max_clock_skew: fleetcast_runtime::trust::DEFAULT_MAX_CLOCK_SKEW,
             keep_versions: 3,
             concurrency: 8,
             fetch_delay: Duration::from_millis(100),
@@ -148,6 +154,9 @@ impl Settings {
         if !(1..=256).contains(&self.concurrency) {
             return invalid("concurrency", "must be between 1 and 256");
         }
+        if self.max_clock_skew > Duration::from_secs(24 * 3600) {
+            return invalid("max_clock_skew", "must be at most 24h");
+        }
         if self.fetch_delay > Duration::from_secs(60) {
             return invalid("fetch_delay", "must be at most 60s");
         }
@@ -182,11 +191,13 @@ impl Settings {
     /// The agent's trust, with its state kept in `<data_dir>/trust/` (outside the apps'
     /// install folders).
     pub fn trust(&self) -> Result<fleetcast_runtime::Trust, SettingsError> {
-        fleetcast_runtime::Trust::load(
+        fleetcast_runtime::Trust::load_with(
             &self.trusted_keys,
             &self.trusted_key_files,
             self.trusted_root_file.as_deref(),
             Some(&self.data_dir.join("trust")),
+            self.max_clock_skew,
+            time::OffsetDateTime::now_utc(),
         )
     }
 

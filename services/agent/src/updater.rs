@@ -76,6 +76,28 @@ pub struct Counts {
 pub struct Snapshot {
     pub beat: AppHeartbeat,
     pub counts: Counts,
+    /// The highest version accepted from a signed announcement (freshness compares it with
+    /// the signer's timestamp).
+    pub accepted: Option<Version>,
+}
+
+impl Snapshot {
+    /// An app the agent could not set up (see `isolated` in the agent's loop): failed, nothing
+    /// running, staged or accepted.
+    pub fn failed(app: &str) -> Snapshot {
+        Snapshot {
+            beat: AppHeartbeat {
+                app: app.to_string(),
+                state: AppState::Failed,
+                running: None,
+                staged: None,
+                previous: None,
+                uptime_s: 0,
+            },
+            counts: Counts::default(),
+            accepted: None,
+        }
+    }
 }
 
 pub struct AppRunner {
@@ -356,7 +378,7 @@ impl AppRunner {
         let manifest = self
             .trust
             .keys(now)
-            .and_then(|keys| desired.manifest.verify(&keys, now))
+            .and_then(|keys| desired.manifest.verify(&keys, self.trust.expiry_clock(now)))
             .map_err(|e| UpdateError::Refused(format!("manifest: {e}")))?;
         if manifest.app != self.settings.name || manifest.version != desired.version {
             return Err(UpdateError::Refused(format!(
@@ -687,6 +709,7 @@ impl AppRunner {
         Snapshot {
             beat: self.heartbeat(),
             counts: self.counts,
+            accepted: self.journal.highest_accepted.clone(),
         }
     }
 

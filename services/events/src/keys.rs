@@ -128,6 +128,17 @@ pub enum TrustError {
     RootExpired { version: u64, at: String },
     #[error("timestamp issued at {found} is older than the one already seen ({seen})")]
     TimestampReplayed { found: String, seen: String },
+    /// Issued further ahead of the verifier's clock than its tolerance: the verifier's clock is
+    /// behind (or the signer's ahead), so expiries cannot be judged.
+    #[error(
+        "timestamp issued at {issued} is {ahead_s}s ahead of this clock ({now}; tolerance {tolerance_s}s): this host's clock is behind or the signer's ahead"
+    )]
+    FromTheFuture {
+        issued: String,
+        now: String,
+        ahead_s: i64,
+        tolerance_s: u64,
+    },
 }
 
 /// The public keys a verifier accepts signatures from, and how many of them must sign: pinned

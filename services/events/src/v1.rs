@@ -90,6 +90,10 @@ pub enum RejectCode {
     UnknownApp,
     /// The signed manifest does not verify or does not match the archive.
     ManifestMismatch,
+    /// A rollback request whose `from` is not the app's latest signed version (the signer's
+    /// own record): a directive replacing versions never signed would raise every agent's
+    /// highest accepted version and block the releases below it.
+    RollbackFromNotLatest,
 }
 
 /// The watcher refused a package. Nothing was stored for it.
@@ -360,6 +364,13 @@ pub struct MetadataStatus {
     pub stale: bool,
     #[serde(default, skip_serializing_if = "Option::is_none")]
     pub reason: Option<String>,
+    /// What the verifier refused or noticed about its trust state besides staleness: a saved
+    /// root or timestamp that did not verify, a signed timestamp from beyond its clock's
+    /// tolerance, a newer root announced than it holds, an app behind the newest version
+    /// signed for it for longer than its `max_metadata_age` (which a rollout's rings can
+    /// explain). Empty from agents before fleetcast 0.3.
+    #[serde(default, skip_serializing_if = "Vec::is_empty")]
+    pub notes: Vec<String>,
 }
 
 #[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize, JsonSchema)]

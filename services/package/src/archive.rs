@@ -2,7 +2,7 @@
 //! directory against the limits and path rules before a single byte of content is trusted, and
 //! every read of an entry is bounded by the size the directory declared.
 
-use std::collections::{HashMap, HashSet};
+use std::collections::HashSet;
 use std::fs::File;
 use std::io::{self, Read};
 use std::path::Path;
@@ -52,6 +52,9 @@ pub enum ArchiveError {
     InvalidPath { path: String, reason: String },
     #[error("symbolic link {path:?} points outside the package (to {target:?})")]
     LinkOutside { path: String, target: String },
+    /// A link that resolves outside the package, component by component (see [`crate::links`]).
+    #[error("symbolic link {0}")]
+    Link(#[from] crate::links::LinkError),
     #[error("entry {0:?} appears more than once")]
     Duplicate(String),
     #[error("archive has {count} entries, the limit is {limit}")]
@@ -78,7 +81,9 @@ impl ArchiveError {
             }
             ArchiveError::PathTraversal(_) => RejectCode::PathTraversal,
             ArchiveError::AbsolutePath(_) => RejectCode::AbsolutePath,
-            ArchiveError::LinkOutside { .. } => RejectCode::LinkOutsidePackage,
+            ArchiveError::LinkOutside { .. } | ArchiveError::Link(_) => {
+                RejectCode::LinkOutsidePackage
+            }
             ArchiveError::Duplicate(_) => RejectCode::DuplicateEntry,
             ArchiveError::TooManyEntries { .. } => RejectCode::TooManyEntries,
             ArchiveError::TooLarge { .. } => RejectCode::TooLarge,
@@ -400,71 +405,13 @@ fn read_link_target(
     Ok(target)
 }
 
-/// A link must resolve, lexically, inside the package; and no entry or link may pass through
-/// another link, since then the lexical answer and the file system's could differ.
+/// Every link must resolve inside the package, followed one component at a time through the
+/// package's other links, and no entry may be placed through a link (see [`crate::links`]).
 fn check_links(entries: &[Entry]) -> Result<(), ArchiveError> {
-    let links: HashMap<&str, &str> = entries
-        .iter()
-        .filter_map(|e| match &e.kind {
-            EntryKind::Symlink { target } => Some((e.path.as_str(), target.as_str())),
-            _ => None,
-        })
-        .collect();
-    if links.is_empty() {
-        return Ok(());
-    }
-    let through_link = |path: &str| {
-        let mut prefix = String::new();
-        let parts: Vec<&str> = path.split('/').collect();
-        for part in &parts[..parts.len().saturating_sub(1)] {
-            if !prefix.is_empty() {
-                prefix.push('/');
-            }
-            prefix.push_str(part);
-            if links.contains_key(prefix.as_str()) {
-                return true;
-            }
-        }
-        false
-    };
-    for entry in entries {
-        if through_link(&entry.path) {
-            return Err(ArchiveError::LinkOutside {
-                path: entry.path.clone(),
-                target: "a path through another link".into(),
-            });
-        }
-    }
-    for (path, target) in &links {
-        let outside = || ArchiveError::LinkOutside {
-            path: path.to_string(),
-            target: target.to_string(),
-        };
-        if target.is_empty()
-            || target.starts_with('/')
-            || target.contains('\\')
-            || target.contains('\0')
-        {
-            return Err(outside());
-        }
-        let mut stack: Vec<&str> = path.split('/').collect();
-        stack.pop(); // relative to the link's own folder
-        for part in target.split('/') {
-            match part {
-                "" | "." => {}
-                ".." => {
-                    if stack.pop().is_none() {
-                        return Err(outside());
-                    }
-                }
-                p => stack.push(p),
-            }
-        }
-        let resolved = stack.join("/");
-        if resolved.is_empty() || through_link(&format!("{resolved}/x")) {
-            return Err(outside());
-        }
-    }
+    crate::links::check(entries.iter().map(|e| match &e.kind {
+        EntryKind::Symlink { target } => (e.path.as_str(), Some(target.as_str())),
+        _ => (e.path.as_str(), None),
+    }))?;
     Ok(())
 }
 
@@ -529,6 +476,18 @@ mod tests {
             w.start_file("d/x", opts()).expect("f");
         });
         assert_eq!(code_of(&z, &l), RejectCode::LinkOutsidePackage);
+        // A chain: `y` stays inside, `z`'s text too, but through `y` it climbs out (issue 16).
+        let z = zip_of(|w| {
+            let deep = "a1/a2/a3/a4/a5/a6/a7/a8";
+            w.start_file(format!("{deep}/keep"), opts()).expect("f");
+            w.add_symlink(format!("{deep}/y"), "../../../../../../../../c", opts())
+                .expect("l");
+            let through = format!("{deep}/y/{}etc/passwd", "../".repeat(9));
+            w.add_symlink("z", through, opts()).expect("l");
+        });
+        let err = Package::open(z.path(), &l).err().expect("refused");
+        assert_eq!(err.code(), RejectCode::LinkOutsidePackage);
+        assert!(err.to_string().contains("leaves the package"), "{err}");
     }
 
     #[test]

@@ -256,8 +256,9 @@ impl Signer {
         Ok(())
     }
 
-    /// A rollback request: `to` must be a release this signer signed and the distributor
-    /// stored; its manifest is re-signed with `rollback_from = from` and a short expiry.
+    /// A rollback request: `from` must be the latest version this signer signed for the app,
+    /// `to` a release this signer signed and the distributor stored; its manifest is re-signed
+    /// with `rollback_from = from` and a short expiry.
     async fn handle_rollback(&self, msg: &Message) -> Outcome {
         let request: RollbackRequested = match decode_or_reject(&self.bus, SERVICE, msg).await {
             Ok(e) => e,
@@ -268,16 +269,13 @@ impl Signer {
                 return outcome;
             }
         };
-        let refuse = |message: String| async move {
+        let refuse_with = |code: RejectCode, message: String| async move {
             tracing::warn!(%message, "rollback refused");
             let outcome = reject_event(
                 &self.bus,
                 SERVICE,
                 names::ROLLBACK_REQUESTED,
-                Rejection {
-                    code: RejectCode::InvalidEvent,
-                    message,
-                },
+                Rejection { code, message },
             )
             .await;
             if matches!(outcome, Outcome::Done) {
@@ -285,6 +283,7 @@ impl Signer {
             }
             outcome
         };
+        let refuse = |message: String| refuse_with(RejectCode::InvalidEvent, message);
         if let Err(e) = names::validate_app_name(&request.app) {
             return refuse(e).await;
         }
@@ -296,6 +295,24 @@ impl Signer {
                 "a rollback goes to an earlier version: {} is not before {}",
                 request.to, request.from
             ))
+            .await;
+        }
+        // `from` bounds what the directive withdraws and becomes every agent's highest
+        // accepted version: only the latest version this signer signed (its own record, not
+        // the request's word), so a typo such as 99.0.0 cannot block every release below it.
+        let latest = match self.last_signed(&request.app).await {
+            Ok((last, _)) => last.map(|l| l.version),
+            Err(e) => return Outcome::Retry(e),
+        };
+        if latest.as_ref() != Some(&request.from) {
+            let latest = latest.map_or_else(|| "none".to_string(), |v| v.to_string());
+            return refuse_with(
+                RejectCode::RollbackFromNotLatest,
+                format!(
+                    "a rollback of {} replaces versions up to {}, but the latest version signed is {latest}",
+                    request.app, request.from
+                ),
+            )
             .await;
         }
         let record = match self.bus.release_record(&request.app, &request.to).await {

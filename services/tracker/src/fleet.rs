@@ -184,6 +184,7 @@ mod tests {
                     timestamp: None,
                     stale: true,
                     reason: Some("no timestamp".into()),
+                    notes: Vec::new(),
                 }),
                 at: t0,
             },

@@ -183,11 +183,11 @@ async fn rotation_and_revocation() {
     let reason = Box::pin(refusal(&p, "3.5.0")).await;
     assert!(reason.contains("2 needed"), "{reason}");
 
-    // The agent keeps the newest root outside its install folders; restarted with the same
+    // The agent keeps each root it reached outside its install folders; restarted with the same
     // config (root 1), it still refuses what root 3 revoked.
     p.stop("agent-host-1").await;
     let kept: SignedMetadata = serde_json::from_slice(
-        &std::fs::read(host.path().join("data/trust/root.json")).expect("persisted root"),
+        &std::fs::read(host.path().join("data/trust/root.3.json")).expect("persisted root"),
     )
     .expect("root json");
     assert_eq!(kept, third);

@@ -135,6 +135,19 @@ pub mod hostile {
             .build()
     }
 
+    /// Issue 16's chain of links: `a1/…/a8/y` stays inside, and so does the text of `z`, but
+    /// the file system follows `y` (to `c` at the top) and the nine `..` after it climb out to
+    /// `/etc/passwd`. A check of each link's text alone passes it.
+    pub fn symlink_chain_outside() -> Vec<u8> {
+        let deep = "a1/a2/a3/a4/a5/a6/a7/a8";
+        PackageBuilder::new()
+            .file("bin/ok", "x", 0o755)
+            .file(&format!("{deep}/keep"), "x", 0o644)
+            .symlink(&format!("{deep}/y"), "../../../../../../../../c")
+            .symlink("z", &format!("{deep}/y/{}etc/passwd", "../".repeat(9)))
+            .build()
+    }
+
     /// Two entries named `bin/app`: the zip writer refuses to make one, so the second name is
     /// patched in the finished archive (local header and central directory alike).
     pub fn duplicate_entries() -> Vec<u8> {
