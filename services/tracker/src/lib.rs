@@ -45,7 +45,29 @@ pub async fn run(settings: Settings, shutdown: CancellationToken) -> Result<(), 
     // HTTPS when a certificate is configured (the API and dashboard then never go in clear).
     let http = HttpListener::new(listener, settings.tls.as_ref())
         .map_err(|e| TrackerError::Failed(format!("tls: {e}")))?;
-    let tracker = service::Tracker::load(bus, Arc::new(settings))
+    // Replies from a connection of their own whose identity may write inboxes only.
+    let replies = match &settings.reply_credentials {
+        Some(creds) => {
+            let nats = fleetcast_runtime::NatsSettings {
+                credentials: Some(creds.clone()),
+                ..settings.nats.clone()
+            };
+            match fleetcast_runtime::bus::connect(&nats, "tracker-reply", &shutdown).await {
+                Ok((client, _)) => client,
+                Err(BusError::Cancelled) => return Ok(()),
+                Err(e) => return Err(e.into()),
+            }
+        }
+        None => {
+            if settings.nats.credentials.is_some() {
+                tracing::warn!(
+                    "reply_credentials not set: replies go out on the tracker's main connection, whose identity may write the stores (issue a tracker-reply identity with ops/nats/gen-accounts)"
+                );
+            }
+            bus.client.clone()
+        }
+    };
+    let tracker = service::Tracker::load(bus, replies, Arc::new(settings))
         .await
         .map_err(TrackerError::Failed)?;
     tracing::info!(listen = %tracker.settings.listen, "tracker serving");

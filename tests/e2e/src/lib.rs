@@ -217,9 +217,10 @@ impl Pipeline {
         self.start_distributor_with("distributor", distributor);
     }
 
-    /// The tracker with its own role's identity.
+    /// The tracker with its own role's identity, and its replies sent as `tracker-reply`.
     pub fn start_tracker_as_role(&mut self, mut settings: fleetcast_tracker::Settings) {
         settings.nats = self.nats_settings_as("tracker");
+        settings.reply_credentials = self.accounts.as_ref().map(|a| a.creds("tracker-reply"));
         self.start_tracker_with(settings);
     }
 
