@@ -72,13 +72,7 @@ pub async fn run(settings: Settings, shutdown: CancellationToken) -> Result<(), 
     let mut nats = settings.nats.clone();
     nats.inbox_prefix
         .get_or_insert_with(|| fleetcast_events::names::agent_inbox_prefix(&settings.agent_id));
-    let bus = match Bus::attach(
-        &nats,
-        &format!("agent-{}", settings.agent_id),
-        &shutdown,
-    )
-    .await
-    {
+    let bus = match Bus::attach(&nats, &format!("agent-{}", settings.agent_id), &shutdown).await {
         Err(BusError::Cancelled) => return Ok(()),
         other => other?,
     };

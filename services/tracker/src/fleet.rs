@@ -79,10 +79,9 @@ impl Fleet {
             // A failure whose status was lost: the heartbeat's outcome says it, once.
             if let Some(update) = &app.last_update {
                 let state = update.outcome.state();
-                let known = view
-                    .last_error
-                    .as_ref()
-                    .is_some_and(|e| e.state == state && e.version.as_ref() == Some(&update.version));
+                let known = view.last_error.as_ref().is_some_and(|e| {
+                    e.state == state && e.version.as_ref() == Some(&update.version)
+                });
                 if state != AppState::Running && !known {
                     view.last_error = Some(AppError {
                         version: Some(update.version.clone()),

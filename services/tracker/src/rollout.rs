@@ -261,7 +261,8 @@ impl Rollout {
                 if self.failures.get(agent_id).map(String::as_str) == Some(reason) {
                     return freed;
                 }
-                self.failures.insert(agent_id.to_string(), reason.to_string());
+                self.failures
+                    .insert(agent_id.to_string(), reason.to_string());
                 true
             }
             _ => false,

@@ -15,10 +15,10 @@ use fleetcast_events::v1::{
     AgentHeartbeat, AgentStatus, ReleaseStored, RollbackSigned, SlotReply, SlotRequest,
 };
 use fleetcast_runtime::Bus;
-use fleetcast_runtime::metrics::{CounterVec, Exposition};
 use fleetcast_runtime::consume::{
     ConsumerSpec, Outcome, PULL_EXPIRES, decode_or_reject, run_consumer,
 };
+use fleetcast_runtime::metrics::{CounterVec, Exposition};
 use futures::StreamExt;
 use time::OffsetDateTime;
 use tokio::sync::Mutex;
@@ -761,27 +761,33 @@ impl Tracker {
             names::parse_slot_subject(&msg.subject)
                 .is_some_and(|from| names::is_agent_inbox(reply, from.agent_id))
         };
-        this.serve(SLOT_REQUESTS, "slot", agents_inbox, shutdown, |msg| async move {
-            let decoded = fleetcast_runtime::consume::decode_payload::<SlotRequest>(
-                msg.headers.as_ref(),
-                &msg.payload,
-            );
-            let reply = match (names::parse_slot_subject(&msg.subject), decoded) {
-                (Some(from), Ok(request)) => this.slot(from, &request).await,
-                (_, Err(e)) => SlotReply {
-                    granted: false,
-                    retry_after_ms: 60_000,
-                    reason: Some(format!("slot request does not decode: {e}")),
-                },
-                // Not reached: `agents_inbox` refused it already.
-                (None, Ok(_)) => SlotReply {
-                    granted: false,
-                    retry_after_ms: 60_000,
-                    reason: Some(format!("{} names no app and agent", msg.subject)),
-                },
-            };
-            Encoding::Json.encode(&reply).unwrap_or_default()
-        })
+        this.serve(
+            SLOT_REQUESTS,
+            "slot",
+            agents_inbox,
+            shutdown,
+            |msg| async move {
+                let decoded = fleetcast_runtime::consume::decode_payload::<SlotRequest>(
+                    msg.headers.as_ref(),
+                    &msg.payload,
+                );
+                let reply = match (names::parse_slot_subject(&msg.subject), decoded) {
+                    (Some(from), Ok(request)) => this.slot(from, &request).await,
+                    (_, Err(e)) => SlotReply {
+                        granted: false,
+                        retry_after_ms: 60_000,
+                        reason: Some(format!("slot request does not decode: {e}")),
+                    },
+                    // Not reached: `agents_inbox` refused it already.
+                    (None, Ok(_)) => SlotReply {
+                        granted: false,
+                        retry_after_ms: 60_000,
+                        reason: Some(format!("{} names no app and agent", msg.subject)),
+                    },
+                };
+                Encoding::Json.encode(&reply).unwrap_or_default()
+            },
+        )
         .await
     }
 
@@ -836,19 +842,27 @@ impl Tracker {
     ) -> Result<(), String> {
         let this = &*self;
         let inbox = |_: &async_nats::Message, reply: &str| names::is_inbox(reply);
-        this.serve(TRACKER_REQUESTS, "command", inbox, shutdown, |msg| async move {
-            let reply = match serde_json::from_slice::<Command>(&msg.payload) {
-                // Only on its own subject: permissions on the subject decide who may steer.
-                Ok(command) if command.subject() != msg.subject.as_str() => Reply::failed(format!(
-                    "this command is sent on {}, not {}",
-                    command.subject(),
-                    msg.subject
-                )),
-                Ok(command) => this.command(command).await,
-                Err(e) => Reply::failed(format!("not a command: {e}")),
-            };
-            serde_json::to_vec(&reply).unwrap_or_default()
-        })
+        this.serve(
+            TRACKER_REQUESTS,
+            "command",
+            inbox,
+            shutdown,
+            |msg| async move {
+                let reply = match serde_json::from_slice::<Command>(&msg.payload) {
+                    // Only on its own subject: permissions on the subject decide who may steer.
+                    Ok(command) if command.subject() != msg.subject.as_str() => {
+                        Reply::failed(format!(
+                            "this command is sent on {}, not {}",
+                            command.subject(),
+                            msg.subject
+                        ))
+                    }
+                    Ok(command) => this.command(command).await,
+                    Err(e) => Reply::failed(format!("not a command: {e}")),
+                };
+                serde_json::to_vec(&reply).unwrap_or_default()
+            },
+        )
         .await
     }
 
@@ -1143,8 +1157,12 @@ mod tests {
     fn a_slot_request_is_its_subjects_agent_in_its_reported_ring() {
         let subject = names::slot_subject("shapp", "h1");
         let from = names::parse_slot_subject(&subject).expect("subject");
-        let taken =
-            check_slot(&from, &slot_request("h1", "shapp", "canary"), Some("canary")).expect("ok");
+        let taken = check_slot(
+            &from,
+            &slot_request("h1", "shapp", "canary"),
+            Some("canary"),
+        )
+        .expect("ok");
         assert_eq!(taken, slot_request("h1", "shapp", "canary"));
         for (request, why) in [
             (slot_request("h2", "shapp", "canary"), "agent h2"),
@@ -1152,7 +1170,10 @@ mod tests {
             (slot_request("h1", "shapp", "broad"), "ring broad"),
         ] {
             let refusal = check_slot(&from, &request, Some("canary")).expect_err("forged");
-            assert!(refusal.forged && refusal.reason.contains(why), "{refusal:?}");
+            assert!(
+                refusal.forged && refusal.reason.contains(why),
+                "{refusal:?}"
+            );
         }
         let unknown = check_slot(&from, &slot_request("h1", "shapp", "canary"), None)
             .expect_err("unknown agent");

@@ -218,11 +218,14 @@ async fn an_agent_identity_is_refused_everything_but_its_own_business() {
         desired.get("shapp.default").await.expect("own desired"),
         Some(desired_before.clone())
     );
-    js.publish(names::agent_status_subject("h1", "default", "shapp"), "{}".into())
-        .await
-        .expect("publish")
-        .await
-        .expect("own status stored");
+    js.publish(
+        names::agent_status_subject("h1", "default", "shapp"),
+        "{}".into(),
+    )
+    .await
+    .expect("publish")
+    .await
+    .expect("own status stored");
 
     // Write desired state: its own key, another ring's.
     for key in ["shapp.default", "shapp.canary"] {
