@@ -61,7 +61,7 @@ pub async fn run(settings: Settings, shutdown: CancellationToken) -> Result<(), 
         None => {
             if settings.nats.credentials.is_some() {
                 tracing::warn!(
-                    "reply_credentials not set: replies go out on the tracker's main connection, whose identity may write the stores (issue a tracker-reply identity with ops/nats/gen-accounts)"
+                    "reply_credentials not set: replies go out on the tracker's main connection, which the tracker identity of ops/nats/gen-accounts may not use for them (agents get no slots, operators no answers); set reply_credentials to creds/tracker-reply.creds"
                 );
             }
             bus.client.clone()
