@@ -78,7 +78,10 @@ pub async fn run() -> anyhow::Result<String> {
 
     let demo_app = sibling_binary("fleetcast-demo-app")?;
     let port = free_port()?;
-    let mut statuses = bus.client.subscribe("fleetcast.v1.agent.*.status").await?;
+    let mut statuses = bus
+        .client
+        .subscribe(fleetcast_events::names::ALL_AGENT_STATUSES)
+        .await?;
     let data = dir.path().join("agent");
     let config = dir.path().join("agent.toml");
     std::fs::write(

@@ -137,7 +137,10 @@ pub async fn run() -> anyhow::Result<String> {
 
     eprintln!("v2 to every agent");
     let mut desired = bus.desired.watch(desired_key("fleet", "default")).await?;
-    let mut statuses = bus.client.subscribe("fleetcast.v1.agent.*.status").await?;
+    let mut statuses = bus
+        .client
+        .subscribe(fleetcast_events::names::ALL_AGENT_STATUSES)
+        .await?;
     let cpu_before = fleet_cpu()?;
     let start = Instant::now();
     let (_, stored) = ingest_once(&bus, &key, &v2_zip, "fleet", "2.0.0").await?;

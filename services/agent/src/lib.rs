@@ -74,13 +74,13 @@ pub async fn run(settings: Settings, shutdown: CancellationToken) -> Result<(), 
         .await?;
         observed = Some((metrics, endpoint, serving));
     }
-    let bus = match Bus::attach(
-        &settings.nats,
-        &format!("agent-{}", settings.agent_id),
-        &shutdown,
-    )
-    .await
-    {
+    // Replies to the agent's requests (slots, reads) come back under its own inbox prefix:
+    // its NATS identity may read nothing else, and the tracker answers a slot request only
+    // there.
+    let mut nats = settings.nats.clone();
+    nats.inbox_prefix
+        .get_or_insert_with(|| fleetcast_events::names::agent_inbox_prefix(&settings.agent_id));
+    let bus = match Bus::attach(&nats, &format!("agent-{}", settings.agent_id), &shutdown).await {
         Err(BusError::Cancelled) => return Ok(()),
         other => other?,
     };
@@ -183,7 +183,7 @@ pub async fn run(settings: Settings, shutdown: CancellationToken) -> Result<(), 
                     metadata: Some(metadata),
                     at: OffsetDateTime::now_utc(),
                 };
-                let subject = agent_heartbeat_subject(&settings.agent_id);
+                let subject = agent_heartbeat_subject(&settings.agent_id, &settings.ring);
                 if let Err(e) = bus.report_event(&subject, &beat, Encoding::MsgPack).await {
                     tracing::debug!(error = %e, "heartbeat not published");
                 }

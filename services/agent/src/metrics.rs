@@ -166,6 +166,7 @@ mod tests {
                 staged: None,
                 previous: None,
                 uptime_s,
+                last_update: None,
             },
             counts,
             accepted: None,

@@ -145,6 +145,15 @@ impl Settings {
                 format!("{:?} must be letters, digits, '-' or '_'", self.agent_id),
             );
         }
+        // The tracker answers this agent's slot requests only under its own inbox, the one its
+        // NATS identity may read (the default when unset).
+        let inbox = fleetcast_events::names::agent_inbox_prefix(&self.agent_id);
+        if self.nats.inbox_prefix.as_ref().is_some_and(|p| *p != inbox) {
+            return invalid(
+                "nats.inbox_prefix",
+                format!("must be {inbox:?} (or unset) for agent {:?}", self.agent_id),
+            );
+        }
         if fleetcast_events::names::validate_app_name(&self.ring).is_err() {
             return invalid("ring", format!("{:?} is not a valid ring name", self.ring));
         }
@@ -214,5 +223,25 @@ impl Settings {
                     .or_else(|reason: String| invalid("update_windows", reason))
             })
             .collect()
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn an_agents_inbox_prefix_is_its_own() {
+        let mut settings = Settings {
+            agent_id: "web-1".into(),
+            ..Default::default()
+        };
+        assert!(settings.validate().is_ok());
+        settings.nats.inbox_prefix = Some("_INBOX.web-1".into());
+        assert!(settings.validate().is_ok());
+        for other in ["_INBOX", "_INBOX.web-2", "_INBOX.web-1.x"] {
+            settings.nats.inbox_prefix = Some(other.into());
+            assert!(settings.validate().is_err(), "{other} accepted");
+        }
     }
 }

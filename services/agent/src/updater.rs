@@ -9,7 +9,8 @@ use std::time::Duration;
 
 use fleetcast_events::names::{agent_status_subject, slot_subject};
 use fleetcast_events::v1::{
-    AgentStatus, AppHeartbeat, AppState, ChunkIndex, DesiredState, SlotReply, SlotRequest,
+    AgentStatus, AppHeartbeat, AppState, ChunkIndex, DesiredState, LastUpdate, SlotReply,
+    SlotRequest, UpdateOutcome,
 };
 use fleetcast_events::{Encoding, VerifiedManifest};
 use fleetcast_package::package_config::{self, Hook, Hooks, PackageConfig};
@@ -120,6 +121,9 @@ pub struct AppRunner {
     run_as: Option<RunAs>,
     /// Its own writable folder (`FLEETCAST_DATA_DIR`), owned by that user.
     app_data: std::path::PathBuf,
+    /// How the last update ended, repeated in every heartbeat so that a status lost on the
+    /// way still reaches the rollout.
+    last_update: Option<LastUpdate>,
 }
 
 impl AppRunner {
@@ -181,6 +185,7 @@ impl AppRunner {
             counts: Counts::default(),
             run_as,
             app_data,
+            last_update: None,
         })
     }
 
@@ -261,7 +266,11 @@ impl AppRunner {
         };
         let answer: Result<SlotReply, _> = self
             .bus
-            .request_event(&slot_subject(&self.settings.name), &request, Encoding::Json)
+            .request_event(
+                &slot_subject(&self.settings.name, &self.host.agent_id),
+                &request,
+                Encoding::Json,
+            )
             .await;
         let (wait, reason) = match answer {
             Ok(reply) if reply.granted => {
@@ -356,6 +365,7 @@ impl AppRunner {
         if self.journal.step != Step::Idle {
             tracing::warn!(app = %self.settings.name, step = ?self.journal.step, "recovering an interrupted update");
         }
+        let rolled_back = recovery.refuse.clone();
         if let Some(refused) = recovery.refuse {
             // A rollback the killed agent had begun and this one finishes: counted here, as
             // the killed one never got to.
@@ -368,6 +378,15 @@ impl AppRunner {
         if let Some(version) = recovery.run {
             self.run_version(&version, None).await?;
             self.report(AppState::Running, Some(version), None).await;
+        }
+        // The killed agent never reported that rollback: the heartbeats say it.
+        if let Some((version, reason)) = rolled_back {
+            self.last_update = Some(LastUpdate {
+                version,
+                outcome: UpdateOutcome::RolledBack,
+                reason: Some(reason),
+                at: OffsetDateTime::now_utc(),
+            });
         }
         Ok(())
     }
@@ -657,6 +676,21 @@ impl AppRunner {
 
     async fn report(&mut self, state: AppState, version: Option<Version>, reason: Option<String>) {
         self.state = state;
+        let outcome = match state {
+            AppState::Running => Some(UpdateOutcome::Committed),
+            AppState::RolledBack => Some(UpdateOutcome::RolledBack),
+            AppState::Failed => Some(UpdateOutcome::Failed),
+            AppState::Refused => Some(UpdateOutcome::Refused),
+            _ => None,
+        };
+        if let (Some(outcome), Some(version)) = (outcome, &version) {
+            self.last_update = Some(LastUpdate {
+                version: version.clone(),
+                outcome,
+                reason: reason.clone(),
+                at: OffsetDateTime::now_utc(),
+            });
+        }
         let status = AgentStatus {
             agent_id: self.host.agent_id.clone(),
             app: self.settings.name.clone(),
@@ -666,7 +700,8 @@ impl AppRunner {
             reason,
             at: OffsetDateTime::now_utc(),
         };
-        let subject = agent_status_subject(&self.host.agent_id);
+        let subject =
+            agent_status_subject(&self.host.agent_id, &self.host.ring, &self.settings.name);
         if let Err(e) = self
             .bus
             .report_event(&subject, &status, Encoding::MsgPack)
@@ -702,6 +737,7 @@ impl AppRunner {
             staged,
             previous: self.journal.previous.clone(),
             uptime_s: self.running_since.map_or(0, |t| t.elapsed().as_secs()),
+            last_update: self.last_update.clone(),
         }
     }
 
@@ -803,6 +839,12 @@ mod tests {
         assert_eq!(beat.state, AppState::Failed);
         assert_eq!(beat.staged, Some(version.clone()));
         assert_eq!(beat.running, None);
+        let last = beat.last_update.expect("the heartbeat repeats the outcome");
+        assert_eq!(
+            (last.version, last.outcome),
+            (version.clone(), UpdateOutcome::Failed)
+        );
+        assert_eq!(last.reason.unwrap_or_default(), reason);
         assert!(!runner.journal().is_refused(&version));
         assert!(runner.root.installed().is_empty());
         assert_eq!(runner.root.current(), None);

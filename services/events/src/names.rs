@@ -34,6 +34,10 @@ pub const CHUNK_SUBJECT_PREFIX: &str = "fleetcast.v1.chunk.";
 /// Stream of agent status and heartbeats, kept for a limited age.
 pub const STATUS_STREAM: &str = "FLEETCAST_STATUS";
 pub const STATUS_STREAM_SUBJECTS: [&str; 1] = ["fleetcast.v1.agent.>"];
+/// Every agent's status reports (see [`agent_status_subject`]), for a subscription.
+pub const ALL_AGENT_STATUSES: &str = "fleetcast.v1.agent.*.*.status.*";
+/// Every agent's heartbeats (see [`agent_heartbeat_subject`]), for a subscription.
+pub const ALL_AGENT_HEARTBEATS: &str = "fleetcast.v1.agent.*.*.heartbeat";
 
 /// Archives waiting to be signed and chunked (object store).
 pub const INCOMING_BUCKET: &str = "fleetcast-incoming";
@@ -67,8 +71,12 @@ pub const TRACKER_COMMAND: &str = "fleetcast.v1.tracker.command";
 pub const TRACKER_QUERY: &str = "fleetcast.v1.tracker.query";
 /// Both, for the tracker's subscription.
 pub const TRACKER_REQUESTS: &str = "fleetcast.v1.tracker.*";
-/// Every app's slot requests, for the tracker's queue subscription.
-pub const SLOT_REQUESTS: &str = "fleetcast.v1.slot.*";
+/// Every app's and agent's slot requests, for the tracker's queue subscription.
+pub const SLOT_REQUESTS: &str = "fleetcast.v1.slot.*.*";
+
+/// The prefix of every reply subject the tracker answers (a requester's inbox): a request
+/// naming any other reply subject (a KV key's, an event's) is not answered.
+pub const INBOX_PREFIX: &str = "_INBOX";
 
 /// Durable consumers: one name per role, so several instances of a role share the work.
 pub const WATCHER_CONSUMER: &str = "watcher";
@@ -83,17 +91,110 @@ pub fn chunk_subject(chunk_hex: &str) -> String {
     format!("{CHUNK_SUBJECT_PREFIX}{chunk_hex}")
 }
 
-/// Rollout slot requests for one app (request/reply, answered by the tracker).
-pub fn slot_subject(app: &str) -> String {
-    format!("fleetcast.v1.slot.{app}")
+/// Where agent `agent_id` asks for a rollout slot for `app` (request/reply, answered by the
+/// tracker): `fleetcast.v1.slot.<app>.<agent id>`. An agent's credential may publish only on
+/// its own id and apps, so the tracker takes both from here, not from the request's body.
+pub fn slot_subject(app: &str, agent_id: &str) -> String {
+    format!("fleetcast.v1.slot.{app}.{agent_id}")
 }
 
-pub fn agent_status_subject(agent_id: &str) -> String {
-    format!("fleetcast.v1.agent.{agent_id}.status")
+/// Where agent `agent_id` of `ring` reports on `app`:
+/// `fleetcast.v1.agent.<id>.<ring>.status.<app>`. The agent's credential may publish only on
+/// its own id, ring and apps (`ops/nats/gen-accounts`), so the subject says who sent a report;
+/// the tracker refuses a body that says otherwise.
+pub fn agent_status_subject(agent_id: &str, ring: &str, app: &str) -> String {
+    format!("fleetcast.v1.agent.{agent_id}.{ring}.status.{app}")
 }
 
-pub fn agent_heartbeat_subject(agent_id: &str) -> String {
-    format!("fleetcast.v1.agent.{agent_id}.heartbeat")
+/// Where agent `agent_id` of `ring` publishes its heartbeats:
+/// `fleetcast.v1.agent.<id>.<ring>.heartbeat` (see [`agent_status_subject`]).
+pub fn agent_heartbeat_subject(agent_id: &str, ring: &str) -> String {
+    format!("fleetcast.v1.agent.{agent_id}.{ring}.heartbeat")
+}
+
+/// The inbox prefix of agent `agent_id`: its requests' replies come back under
+/// `_INBOX.<agent id>.`, which its credential alone may read, and which the tracker requires
+/// of the agent's slot requests.
+pub fn agent_inbox_prefix(agent_id: &str) -> String {
+    format!("{INBOX_PREFIX}.{agent_id}")
+}
+
+/// Who sent an agent report, and what it is, as its subject says.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub struct ReportSubject<'a> {
+    pub agent_id: &'a str,
+    pub ring: &'a str,
+    pub kind: ReportKind<'a>,
+}
+
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub enum ReportKind<'a> {
+    Heartbeat,
+    Status { app: &'a str },
+}
+
+/// Reads an agent report's subject ([`agent_status_subject`], [`agent_heartbeat_subject`]);
+/// `None` for anything else, or a token that is not a valid agent id, ring or app name.
+pub fn parse_report_subject(subject: &str) -> Option<ReportSubject<'_>> {
+    let rest = subject.strip_prefix("fleetcast.v1.agent.")?;
+    let tokens: Vec<&str> = rest.split('.').collect();
+    let (agent_id, ring, kind) = match tokens.as_slice() {
+        [agent_id, ring, "heartbeat"] => (*agent_id, *ring, ReportKind::Heartbeat),
+        [agent_id, ring, "status", app] => {
+            validate_app_name(app).ok()?;
+            (*agent_id, *ring, ReportKind::Status { app })
+        }
+        _ => return None,
+    };
+    validate_agent_id(agent_id).ok()?;
+    validate_app_name(ring).ok()?;
+    Some(ReportSubject {
+        agent_id,
+        ring,
+        kind,
+    })
+}
+
+/// The app and agent of a slot request's subject ([`slot_subject`]).
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub struct SlotSubject<'a> {
+    pub app: &'a str,
+    pub agent_id: &'a str,
+}
+
+/// Reads a slot request's subject; `None` for anything else or an invalid token.
+pub fn parse_slot_subject(subject: &str) -> Option<SlotSubject<'_>> {
+    let rest = subject.strip_prefix("fleetcast.v1.slot.")?;
+    let (app, agent_id) = rest.split_once('.')?;
+    validate_app_name(app).ok()?;
+    validate_agent_id(agent_id).ok()?;
+    Some(SlotSubject { app, agent_id })
+}
+
+/// Whether `reply` is a plain inbox subject (`_INBOX.<token>...`, no wildcard, no empty
+/// token): the only kind of reply subject the tracker answers.
+pub fn is_inbox(reply: &str) -> bool {
+    reply
+        .strip_prefix(INBOX_PREFIX)
+        .and_then(|rest| rest.strip_prefix('.'))
+        .is_some_and(|rest| {
+            rest.split('.').all(|token| {
+                !token.is_empty()
+                    && token
+                        .chars()
+                        .all(|c| c.is_ascii_graphic() && c != '*' && c != '>')
+            })
+        })
+}
+
+/// Whether `reply` is an inbox of agent `agent_id` (under [`agent_inbox_prefix`]): what a slot
+/// request of that agent must name, so that an agent cannot have the tracker write into
+/// another's inbox.
+pub fn is_agent_inbox(reply: &str, agent_id: &str) -> bool {
+    is_inbox(reply)
+        && reply
+            .strip_prefix(&agent_inbox_prefix(agent_id))
+            .is_some_and(|rest| rest.starts_with('.'))
 }
 
 /// Key of a release in the releases and index buckets: `<app>.<version>`. KV keys may not hold
@@ -128,6 +229,22 @@ pub fn desired_subject(app: &str, ring: &str) -> String {
     format!("{DESIRED_SUBJECT_PREFIX}{}", desired_key(app, ring))
 }
 
+/// Agent ids are subject tokens and KV keys (the tracker's inventory): letters, digits, `-`
+/// and `_`, at most 128.
+pub fn validate_agent_id(id: &str) -> Result<(), String> {
+    let ok = (1..=128).contains(&id.len())
+        && id
+            .chars()
+            .all(|c| c.is_ascii_alphanumeric() || c == '-' || c == '_');
+    if ok {
+        Ok(())
+    } else {
+        Err(format!(
+            "agent id {id:?} must be 1-128 characters of letters, digits, '-' and '_'"
+        ))
+    }
+}
+
 /// App names are used in subjects, keys and file names, so they are kept to a safe alphabet.
 pub fn validate_app_name(app: &str) -> Result<(), String> {
     let ok_len = (1..=64).contains(&app.len());
@@ -155,6 +272,98 @@ mod tests {
     fn release_key_escapes_build_metadata() {
         let v = semver::Version::parse("1.2.3-rc.1+build.5").expect("valid");
         assert_eq!(release_key("collector", &v), "collector.1.2.3-rc.1_build.5");
+    }
+
+    #[test]
+    fn report_subjects_name_their_sender() {
+        let hb = agent_heartbeat_subject("web-1", "canary");
+        assert_eq!(hb, "fleetcast.v1.agent.web-1.canary.heartbeat");
+        assert_eq!(
+            parse_report_subject(&hb),
+            Some(ReportSubject {
+                agent_id: "web-1",
+                ring: "canary",
+                kind: ReportKind::Heartbeat
+            })
+        );
+        let st = agent_status_subject("web-1", "canary", "shapp");
+        assert_eq!(st, "fleetcast.v1.agent.web-1.canary.status.shapp");
+        assert_eq!(
+            parse_report_subject(&st),
+            Some(ReportSubject {
+                agent_id: "web-1",
+                ring: "canary",
+                kind: ReportKind::Status { app: "shapp" }
+            })
+        );
+        for bad in [
+            // The subjects before agents' rings and apps were in them.
+            "fleetcast.v1.agent.web-1.status",
+            "fleetcast.v1.agent.web-1.heartbeat",
+            "fleetcast.v1.agent.web-1.canary.status",
+            "fleetcast.v1.agent.web-1.canary.heartbeat.x",
+            "fleetcast.v1.agent.web-1.canary.status.shapp.x",
+            "fleetcast.v1.agent.web-1.Canary.heartbeat",
+            "fleetcast.v1.agent.web-1.canary.status.Bad",
+            "fleetcast.v1.agent..canary.heartbeat",
+            "fleetcast.v1.agent.*.canary.heartbeat",
+            "fleetcast.v1.agent.web-1.canary.beat",
+            "fleetcast.v1.slot.shapp.web-1",
+        ] {
+            assert_eq!(parse_report_subject(bad), None, "{bad}");
+        }
+    }
+
+    #[test]
+    fn slot_subjects_name_app_and_agent() {
+        let s = slot_subject("shapp", "web-1");
+        assert_eq!(s, "fleetcast.v1.slot.shapp.web-1");
+        assert_eq!(
+            parse_slot_subject(&s),
+            Some(SlotSubject {
+                app: "shapp",
+                agent_id: "web-1"
+            })
+        );
+        for bad in [
+            "fleetcast.v1.slot.shapp",
+            "fleetcast.v1.slot.shapp.web-1.x",
+            "fleetcast.v1.slot.Shapp.web-1",
+            "fleetcast.v1.slot.shapp.",
+            "fleetcast.v1.agent.web-1.canary.heartbeat",
+        ] {
+            assert_eq!(parse_slot_subject(bad), None, "{bad}");
+        }
+    }
+
+    #[test]
+    fn only_inboxes_are_reply_subjects() {
+        assert!(is_inbox("_INBOX.abc.1"));
+        assert!(is_agent_inbox("_INBOX.web-1.abc.1", "web-1"));
+        assert!(!is_agent_inbox("_INBOX.web-2.abc.1", "web-1"));
+        assert!(!is_agent_inbox("_INBOX.web-10.abc", "web-1"));
+        assert!(!is_agent_inbox("_INBOX.web-1", "web-1"));
+        for bad in [
+            "$KV.fleetcast-desired.shapp.default",
+            "fleetcast.v1.release.stored",
+            "_INBOX",
+            "_INBOX.",
+            "_INBOX..x",
+            "_INBOX.>",
+            "_INBOX.a.*",
+            "_INBOXES.a",
+            "x._INBOX.a",
+        ] {
+            assert!(!is_inbox(bad), "{bad}");
+        }
+    }
+
+    #[test]
+    fn agent_ids() {
+        assert!(validate_agent_id("Web_1-a").is_ok());
+        for bad in ["", "a.b", "a b", "a*", "a>", &"x".repeat(129)] {
+            assert!(validate_agent_id(bad).is_err(), "{bad:?} accepted");
+        }
     }
 
     #[test]

@@ -263,13 +263,16 @@ pub struct DesiredState {
     pub manifest: SignedManifest,
     pub index_key: String,
     /// The rollout limits how many hosts switch at once: before its disruptive step an agent
-    /// asks the slot service ([`SlotRequest`] on `fleetcast.v1.slot.<app>`) and waits for a
-    /// grant. Downloading never waits for a slot.
+    /// asks the slot service ([`SlotRequest`] on `fleetcast.v1.slot.<app>.<agent id>`) and
+    /// waits for a grant. Downloading never waits for a slot.
     #[serde(default, skip_serializing_if = "std::ops::Not::not")]
     pub slot: bool,
 }
 
-/// An agent asking for a rollout slot before it stops its app to switch (request/reply).
+/// An agent asking for a rollout slot before it stops its app to switch (request/reply, on
+/// `fleetcast.v1.slot.<app>.<agent id>`). The tracker takes the agent and the app from the
+/// subject, which the agent's credential fixes, and the ring from the agent's reports; a body
+/// that disagrees is refused.
 #[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize, JsonSchema)]
 #[serde(deny_unknown_fields)]
 pub struct SlotRequest {
@@ -388,4 +391,50 @@ pub struct AppHeartbeat {
     #[schemars(with = "Option<String>")]
     pub previous: Option<Version>,
     pub uptime_s: u64,
+    /// How this agent's last update of the app ended, repeated in every heartbeat: a status
+    /// report that was lost (the agent's connection dropped as it published) still reaches the
+    /// rollout, which folds it as it would the status (absent from agents before fleetcast
+    /// 0.3, and until the agent's first outcome since it started).
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub last_update: Option<LastUpdate>,
+}
+
+/// The end of one update of an app on one agent.
+#[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize, JsonSchema)]
+#[serde(deny_unknown_fields)]
+pub struct LastUpdate {
+    #[schemars(with = "String")]
+    pub version: Version,
+    pub outcome: UpdateOutcome,
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub reason: Option<String>,
+    /// When it ended, on the agent's clock.
+    #[serde(with = "time::serde::rfc3339")]
+    #[schemars(with = "String")]
+    pub at: OffsetDateTime,
+}
+
+#[derive(Debug, Clone, Copy, PartialEq, Eq, Serialize, Deserialize, JsonSchema)]
+#[serde(rename_all = "snake_case")]
+pub enum UpdateOutcome {
+    /// The version passed its health gate and runs (the status `running`).
+    Committed,
+    /// It failed its health gate or a hook; the previous version runs again (`rolled_back`).
+    RolledBack,
+    /// Fetching or installing it failed for a reason that may pass; retried (`failed`).
+    Failed,
+    /// Its announcement was refused; nothing changed (`refused`).
+    Refused,
+}
+
+impl UpdateOutcome {
+    /// The status report this outcome repeats.
+    pub fn state(self) -> AppState {
+        match self {
+            UpdateOutcome::Committed => AppState::Running,
+            UpdateOutcome::RolledBack => AppState::RolledBack,
+            UpdateOutcome::Failed => AppState::Failed,
+            UpdateOutcome::Refused => AppState::Refused,
+        }
+    }
 }

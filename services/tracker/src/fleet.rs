@@ -76,13 +76,32 @@ impl Fleet {
             view.staged.clone_from(&app.staged);
             view.previous.clone_from(&app.previous);
             view.uptime_s = app.uptime_s;
+            // A failure whose status was lost: the heartbeat's outcome says it, once.
+            if let Some(update) = &app.last_update {
+                let state = update.outcome.state();
+                let known = view.last_error.as_ref().is_some_and(|e| {
+                    e.state == state && e.version.as_ref() == Some(&update.version)
+                });
+                if state != AppState::Running && !known {
+                    view.last_error = Some(AppError {
+                        version: Some(update.version.clone()),
+                        state,
+                        reason: update.reason.clone().unwrap_or_default(),
+                        at: now,
+                    });
+                }
+            }
         }
     }
 
-    /// A status event updates one app between heartbeats.
-    pub fn status(&mut self, st: &AgentStatus, now: OffsetDateTime) {
+    /// A status event updates one app between heartbeats. `ring` is the one its subject
+    /// names (which the agent's credential fixes).
+    pub fn status(&mut self, st: &AgentStatus, ring: &str, now: OffsetDateTime) {
         let agent = self.agent(&st.agent_id, now);
         agent.last_seen = now;
+        if agent.ring != ring {
+            agent.ring = ring.to_string();
+        }
         let view = agent.apps.entry(st.app.clone()).or_insert_with(|| AppView {
             state: st.state,
             running: None,
@@ -178,6 +197,7 @@ mod tests {
                     staged: None,
                     previous: None,
                     uptime_s: 5,
+                    last_update: None,
                 }],
                 metadata: Some(MetadataStatus {
                     root_version: 2,
@@ -199,9 +219,10 @@ mod tests {
             reason: reason.map(String::from),
             at: t0,
         };
-        fleet.status(&status(AppState::Running, "2.0.0", None), t0);
+        fleet.status(&status(AppState::Running, "2.0.0", None), "canary", t0);
         fleet.status(
             &status(AppState::Refused, "0.9.0", Some("older than 2.0.0")),
+            "canary",
             t0,
         );
         let a = &fleet.agents["a1"];

@@ -45,7 +45,29 @@ pub async fn run(settings: Settings, shutdown: CancellationToken) -> Result<(), 
     // HTTPS when a certificate is configured (the API and dashboard then never go in clear).
     let http = HttpListener::new(listener, settings.tls.as_ref())
         .map_err(|e| TrackerError::Failed(format!("tls: {e}")))?;
-    let tracker = service::Tracker::load(bus, Arc::new(settings))
+    // Replies from a connection of their own whose identity may write inboxes only.
+    let replies = match &settings.reply_credentials {
+        Some(creds) => {
+            let nats = fleetcast_runtime::NatsSettings {
+                credentials: Some(creds.clone()),
+                ..settings.nats.clone()
+            };
+            match fleetcast_runtime::bus::connect(&nats, "tracker-reply", &shutdown).await {
+                Ok((client, _)) => client,
+                Err(BusError::Cancelled) => return Ok(()),
+                Err(e) => return Err(e.into()),
+            }
+        }
+        // Closed by default: without an identity of their own, replies would go out on a
+        // connection that may write far more than inboxes.
+        None if !settings.nats.insecure_dev => {
+            return Err(TrackerError::Failed(
+                "reply_credentials not set: the tracker answers slot requests and commands from a connection whose identity may publish to inboxes only (creds/tracker-reply.creds of ops/nats/gen-accounts); set it, or nats.insecure_dev for local development".into(),
+            ));
+        }
+        None => bus.client.clone(),
+    };
+    let tracker = service::Tracker::load(bus, replies, Arc::new(settings))
         .await
         .map_err(TrackerError::Failed)?;
     tracing::info!(listen = %tracker.settings.listen, "tracker serving");

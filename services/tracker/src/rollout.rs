@@ -11,7 +11,7 @@
 use std::collections::BTreeMap;
 use std::time::Duration;
 
-use fleetcast_events::v1::{AgentStatus, AppState, SlotReply, SlotRequest};
+use fleetcast_events::v1::{AgentStatus, AppState, LastUpdate, SlotReply, SlotRequest};
 use semver::Version;
 use serde::{Deserialize, Serialize};
 use time::OffsetDateTime;
@@ -219,25 +219,53 @@ impl Rollout {
     }
 
     /// An agent's status: a result for this version frees its slot, a failure is recorded.
-    pub fn record_status(&mut self, status: &AgentStatus) {
-        if status.app != self.app || status.version.as_ref() != Some(&self.version) {
-            return;
+    /// Whether the rollout changed (a status repeated changes nothing).
+    pub fn record_status(&mut self, status: &AgentStatus) -> bool {
+        if status.app != self.app {
+            return false;
         }
-        match status.state {
-            AppState::Running => {
-                self.slots.remove(&status.agent_id);
-            }
+        self.record(
+            &status.agent_id,
+            status.version.as_ref(),
+            status.state,
+            status.reason.as_deref(),
+        )
+    }
+
+    /// An agent's last update outcome of this app as its heartbeat repeats it: folded as the
+    /// status it repeats would be, so that a lost status still counts (idempotent).
+    pub fn record_outcome(&mut self, agent_id: &str, update: &LastUpdate) -> bool {
+        self.record(
+            agent_id,
+            Some(&update.version),
+            update.outcome.state(),
+            update.reason.as_deref(),
+        )
+    }
+
+    fn record(
+        &mut self,
+        agent_id: &str,
+        version: Option<&Version>,
+        state: AppState,
+        reason: Option<&str>,
+    ) -> bool {
+        if version != Some(&self.version) {
+            return false;
+        }
+        match state {
+            AppState::Running => self.slots.remove(agent_id).is_some(),
             AppState::RolledBack | AppState::Refused => {
-                self.slots.remove(&status.agent_id);
-                self.failures.insert(
-                    status.agent_id.clone(),
-                    status
-                        .reason
-                        .clone()
-                        .unwrap_or_else(|| "no reason given".into()),
-                );
+                let freed = self.slots.remove(agent_id).is_some();
+                let reason = reason.unwrap_or("no reason given");
+                if self.failures.get(agent_id).map(String::as_str) == Some(reason) {
+                    return freed;
+                }
+                self.failures
+                    .insert(agent_id.to_string(), reason.to_string());
+                true
             }
-            _ => {}
+            _ => false,
         }
     }
 
@@ -619,7 +647,7 @@ mod tests {
             reason: None,
             at: t0(),
         };
-        fleet.status(&status, t0());
+        fleet.status(&status, &fleet.agents[agent].ring.clone(), t0());
         r.record_status(&status);
     }
 
@@ -633,6 +661,47 @@ mod tests {
             reason: Some(why.into()),
             at: t0(),
         });
+    }
+
+    /// A heartbeat repeating an agent's last outcome counts as the status it repeats, once:
+    /// a lost `rolled_back` still halts the ring, a heartbeat repeated changes nothing, and an
+    /// outcome of another version is not this rollout's.
+    #[test]
+    fn a_heartbeats_outcome_counts_as_its_status_once() {
+        let (p, mut fleet, now) = (policy(), fleet(), t0());
+        let (mut r, _) = Rollout::start("demo", v("2.0.0"), &p, now);
+        assert!(ask(&mut r, &fleet, "c1", now).granted);
+        let outcome = |version: &str, outcome| LastUpdate {
+            version: v(version),
+            outcome,
+            reason: Some("health gate: exited with 3".into()),
+            at: now,
+        };
+        use fleetcast_events::v1::UpdateOutcome;
+        assert!(!r.record_outcome("c1", &outcome("1.0.0", UpdateOutcome::RolledBack)));
+        assert!(r.failures.is_empty());
+        assert!(r.record_outcome("c1", &outcome("2.0.0", UpdateOutcome::RolledBack)));
+        assert!(!r.slots.contains_key("c1"), "the slot is freed");
+        assert!(
+            !r.record_outcome("c1", &outcome("2.0.0", UpdateOutcome::RolledBack)),
+            "the same outcome again changes nothing"
+        );
+        // The status, when it was not lost after all, changes nothing either.
+        failed(&mut r, "c1", "health gate: exited with 3");
+        assert_eq!(r.failures.len(), 1);
+        // Two failures in the canary ring (threshold 2): halted.
+        fleet.agents.get_mut("b1").expect("b1").ring = "canary".into();
+        assert!(r.record_outcome("b1", &outcome("2.0.0", UpdateOutcome::Refused)));
+        let effects = r.tick(&p, &fleet, now, TIMING);
+        assert!(
+            matches!(effects.as_slice(), [Effect::Halted { reason }] if reason.contains("c1: health gate")),
+            "{effects:?}"
+        );
+        assert_eq!(r.phase, Phase::Halted);
+        // A failed download is retried, not a failure of the rollout.
+        let (mut r, _) = Rollout::start("demo", v("2.0.0"), &p, now);
+        assert!(!r.record_outcome("c1", &outcome("2.0.0", UpdateOutcome::Failed)));
+        assert!(r.failures.is_empty());
     }
 
     #[test]

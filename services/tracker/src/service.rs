@@ -8,7 +8,9 @@ use std::sync::Arc;
 
 use async_nats::jetstream::consumer::{DeliverPolicy, pull};
 use fleetcast_events::Encoding;
-use fleetcast_events::names::{self, FLEET_BUCKET, SLOT_REQUESTS, TRACKER_REQUESTS};
+use fleetcast_events::names::{
+    self, FLEET_BUCKET, ReportKind, ReportSubject, SLOT_REQUESTS, SlotSubject, TRACKER_REQUESTS,
+};
 use fleetcast_events::v1::{
     AgentHeartbeat, AgentStatus, ReleaseStored, RollbackSigned, SlotReply, SlotRequest,
 };
@@ -16,6 +18,7 @@ use fleetcast_runtime::Bus;
 use fleetcast_runtime::consume::{
     ConsumerSpec, Outcome, PULL_EXPIRES, decode_or_reject, run_consumer,
 };
+use fleetcast_runtime::metrics::{CounterVec, Exposition};
 use futures::StreamExt;
 use time::OffsetDateTime;
 use tokio::sync::Mutex;
@@ -37,7 +40,13 @@ const CURSOR_KEY: &str = "cursor.status";
 
 pub struct Tracker {
     pub bus: Bus,
+    /// The connection replies are sent from: one whose credential may publish to inboxes
+    /// (`_INBOX.>`) and nothing else (`reply_credentials`), so that no reply subject a
+    /// requester names can make the tracker write a store or an event.
+    replies: async_nats::Client,
     pub settings: Arc<Settings>,
+    /// Reports and requests refused (forged identity, wrong reply subject, …).
+    refused: CounterVec,
     state: Mutex<State>,
     /// An agent reported on a rollout: move it on now rather than at the next tick, so a ring
     /// completes (or halts) when its last report arrives.
@@ -99,8 +108,13 @@ struct State {
 }
 
 impl Tracker {
-    /// Loads the saved inventory and rollouts.
-    pub async fn load(bus: Bus, settings: Arc<Settings>) -> Result<Arc<Tracker>, String> {
+    /// Loads the saved inventory and rollouts. Replies go out on `replies` (see
+    /// [`Tracker::replies`]).
+    pub async fn load(
+        bus: Bus,
+        replies: async_nats::Client,
+        settings: Arc<Settings>,
+    ) -> Result<Arc<Tracker>, String> {
         let mut state = State::default();
         let mut keys = bus.fleet.keys().await.map_err(|e| e.to_string())?;
         while let Some(key) = keys.next().await {
@@ -154,7 +168,9 @@ impl Tracker {
         );
         Ok(Arc::new(Tracker {
             bus,
+            replies,
             settings,
+            refused: refused_counter(),
             state: Mutex::new(state),
             reported: tokio::sync::Notify::new(),
         }))
@@ -232,36 +248,68 @@ impl Tracker {
         let state = &mut *state;
         state.cursor = state.cursor.max(seq);
         state.report_lag_s = (now - published).as_seconds_f64().max(0.0);
-        if msg.subject.ends_with(".heartbeat") {
-            match fleetcast_runtime::consume::decode::<AgentHeartbeat>(msg) {
-                Ok(hb) if valid_agent_id(&hb.agent_id) => {
-                    state.fleet.heartbeat(&hb, seen);
-                    state.dirty_agents.insert(hb.agent_id);
+        // Who sent it is what its subject says, which only that agent's credential may publish
+        // on; never what the body says.
+        let Some(from) = names::parse_report_subject(&msg.subject) else {
+            self.refused.inc(&["report", "subject"]);
+            tracing::warn!(subject = %msg.subject, "report on a subject that names no agent; ignored");
+            return;
+        };
+        match from.kind {
+            ReportKind::Heartbeat => {
+                let hb = match fleetcast_runtime::consume::decode::<AgentHeartbeat>(msg) {
+                    Ok(hb) => hb,
+                    Err(e) => {
+                        self.refused.inc(&["heartbeat", "decode"]);
+                        tracing::warn!(subject = %msg.subject, error = %e, "heartbeat does not decode; ignored");
+                        return;
+                    }
+                };
+                if let Err(why) = check_heartbeat(&from, &hb) {
+                    self.refused.inc(&["heartbeat", "identity"]);
+                    tracing::warn!(subject = %msg.subject, %why, "heartbeat refused");
+                    return;
                 }
-                Ok(hb) => {
-                    tracing::warn!(agent = %hb.agent_id, "heartbeat with an invalid agent id ignored")
-                }
-                Err(e) => {
-                    tracing::warn!(subject = %msg.subject, error = %e, "heartbeat does not decode; ignored")
-                }
-            }
-        } else if msg.subject.ends_with(".status") {
-            match fleetcast_runtime::consume::decode::<AgentStatus>(msg) {
-                Ok(st) if valid_agent_id(&st.agent_id) => {
-                    state.last_status = Some(tokio::time::Instant::now());
-                    state.fleet.status(&st, seen);
-                    state.dirty_agents.insert(st.agent_id.clone());
-                    if let Some(rollout) = state.rollouts.get_mut(&st.app) {
-                        rollout.record_status(&st);
-                        state.dirty_rollouts.insert(st.app.clone());
-                        self.reported.notify_one();
+                state.fleet.heartbeat(&hb, seen);
+                // A status lost on the way (the agent's connection dropped as it published)
+                // would leave its rollout waiting for ever: the outcome every heartbeat
+                // repeats counts as that status (once).
+                let mut moved = false;
+                for app in &hb.apps {
+                    if let (Some(update), Some(rollout)) =
+                        (&app.last_update, state.rollouts.get_mut(&app.app))
+                        && rollout.record_outcome(&hb.agent_id, update)
+                    {
+                        state.dirty_rollouts.insert(app.app.clone());
+                        moved = true;
                     }
                 }
-                Ok(st) => {
-                    tracing::warn!(agent = %st.agent_id, "status with an invalid agent id ignored")
+                if moved {
+                    self.reported.notify_one();
                 }
-                Err(e) => {
-                    tracing::warn!(subject = %msg.subject, error = %e, "status does not decode; ignored")
+                state.dirty_agents.insert(hb.agent_id);
+            }
+            ReportKind::Status { app } => {
+                let st = match fleetcast_runtime::consume::decode::<AgentStatus>(msg) {
+                    Ok(st) => st,
+                    Err(e) => {
+                        self.refused.inc(&["status", "decode"]);
+                        tracing::warn!(subject = %msg.subject, error = %e, "status does not decode; ignored");
+                        return;
+                    }
+                };
+                if let Err(why) = check_status(&from, app, &st) {
+                    self.refused.inc(&["status", "identity"]);
+                    tracing::warn!(subject = %msg.subject, %why, "status refused");
+                    return;
+                }
+                state.last_status = Some(tokio::time::Instant::now());
+                state.fleet.status(&st, from.ring, seen);
+                state.dirty_agents.insert(st.agent_id.clone());
+                if let Some(rollout) = state.rollouts.get_mut(&st.app) {
+                    rollout.record_status(&st);
+                    state.dirty_rollouts.insert(st.app.clone());
+                    self.reported.notify_one();
                 }
             }
         }
@@ -663,14 +711,20 @@ impl Tracker {
     }
 
     /// Answers requests on `subject` (in a queue group, so several trackers could share
-    /// them) with what `answer` makes of each.
-    async fn serve<F, Fut>(
+    /// them) with what `answer` makes of each, from the reply connection. A request whose
+    /// reply subject `reply_allowed` refuses (anything but the requester's inbox) is neither
+    /// answered nor acted on: its reply would be a write where the requester says, which
+    /// once overwrote a ring's desired state through `$KV.fleetcast-desired.<app>.<ring>`.
+    async fn serve<A, F, Fut>(
         &self,
         subject: &str,
+        what: &'static str,
+        reply_allowed: A,
         shutdown: CancellationToken,
         answer: F,
     ) -> Result<(), String>
     where
+        A: Fn(&async_nats::Message, &str) -> bool,
         F: Fn(async_nats::Message) -> Fut,
         Fut: std::future::Future<Output = Vec<u8>>,
     {
@@ -688,37 +742,80 @@ impl Tracker {
             let Some(reply_to) = msg.reply.clone() else {
                 continue;
             };
+            if !reply_allowed(&msg, reply_to.as_str()) {
+                self.refused.inc(&[what, "reply_to"]);
+                tracing::warn!(subject = %msg.subject, reply_to = %reply_to, "request naming a reply subject that is not the requester's inbox; not answered");
+                continue;
+            }
             let reply = answer(msg).await;
-            if let Err(e) = self.bus.client.publish(reply_to, reply.into()).await {
+            if let Err(e) = self.replies.publish(reply_to, reply.into()).await {
                 tracing::debug!(%subject, error = %e, "reply not sent");
             }
         }
     }
 
-    /// Answers agents' slot requests.
+    /// Answers agents' slot requests, each only to the inbox of the agent its subject names.
     pub async fn serve_slots(self: Arc<Self>, shutdown: CancellationToken) -> Result<(), String> {
         let this = &*self;
-        this.serve(SLOT_REQUESTS, shutdown, |msg| async move {
-            let reply = match fleetcast_runtime::consume::decode_payload::<SlotRequest>(
-                msg.headers.as_ref(),
-                &msg.payload,
-            ) {
-                Ok(request) => this.slot(&request).await,
-                Err(e) => SlotReply {
-                    granted: false,
-                    retry_after_ms: 60_000,
-                    reason: Some(format!("slot request does not decode: {e}")),
-                },
-            };
-            Encoding::Json.encode(&reply).unwrap_or_default()
-        })
+        let agents_inbox = |msg: &async_nats::Message, reply: &str| {
+            names::parse_slot_subject(&msg.subject)
+                .is_some_and(|from| names::is_agent_inbox(reply, from.agent_id))
+        };
+        this.serve(
+            SLOT_REQUESTS,
+            "slot",
+            agents_inbox,
+            shutdown,
+            |msg| async move {
+                let decoded = fleetcast_runtime::consume::decode_payload::<SlotRequest>(
+                    msg.headers.as_ref(),
+                    &msg.payload,
+                );
+                let reply = match (names::parse_slot_subject(&msg.subject), decoded) {
+                    (Some(from), Ok(request)) => this.slot(from, &request).await,
+                    (_, Err(e)) => SlotReply {
+                        granted: false,
+                        retry_after_ms: 60_000,
+                        reason: Some(format!("slot request does not decode: {e}")),
+                    },
+                    // Not reached: `agents_inbox` refused it already.
+                    (None, Ok(_)) => SlotReply {
+                        granted: false,
+                        retry_after_ms: 60_000,
+                        reason: Some(format!("{} names no app and agent", msg.subject)),
+                    },
+                };
+                Encoding::Json.encode(&reply).unwrap_or_default()
+            },
+        )
         .await
     }
 
-    async fn slot(&self, request: &SlotRequest) -> SlotReply {
+    /// A slot for the agent and app of the request's subject, in the ring the agent's reports
+    /// (their subjects) put it in.
+    async fn slot(&self, from: SlotSubject<'_>, request: &SlotRequest) -> SlotReply {
         let now = OffsetDateTime::now_utc();
         let mut state = self.state.lock().await;
         let state = &mut *state;
+        let known_ring = state
+            .fleet
+            .agents
+            .get(from.agent_id)
+            .map(|a| a.ring.as_str());
+        let request = match check_slot(&from, request, known_ring) {
+            Ok(request) => request,
+            Err(refusal) => {
+                if refusal.forged {
+                    self.refused.inc(&["slot", "identity"]);
+                    tracing::warn!(agent = %from.agent_id, app = %from.app, reason = %refusal.reason, "slot request refused");
+                }
+                return SlotReply {
+                    granted: false,
+                    retry_after_ms: refusal.retry.as_millis() as u64,
+                    reason: Some(refusal.reason),
+                };
+            }
+        };
         let Some(rollout) = state.rollouts.get_mut(&request.app) else {
             return SlotReply {
                 granted: false,
@@ -729,7 +826,7 @@ impl Tracker {
         let reply = rollout.request_slot(
             &self.settings.policy_for(rollout),
             &state.fleet,
-            request,
+            &request,
             now,
             self.settings.timing(),
         );
@@ -744,19 +841,28 @@ impl Tracker {
         shutdown: CancellationToken,
     ) -> Result<(), String> {
         let this = &*self;
-        this.serve(TRACKER_REQUESTS, shutdown, |msg| async move {
-            let reply = match serde_json::from_slice::<Command>(&msg.payload) {
-                // Only on its own subject: permissions on the subject decide who may steer.
-                Ok(command) if command.subject() != msg.subject.as_str() => Reply::failed(format!(
-                    "this command is sent on {}, not {}",
-                    command.subject(),
-                    msg.subject
-                )),
-                Ok(command) => this.command(command).await,
-                Err(e) => Reply::failed(format!("not a command: {e}")),
-            };
-            serde_json::to_vec(&reply).unwrap_or_default()
-        })
+        let inbox = |_: &async_nats::Message, reply: &str| names::is_inbox(reply);
+        this.serve(
+            TRACKER_REQUESTS,
+            "command",
+            inbox,
+            shutdown,
+            |msg| async move {
+                let reply = match serde_json::from_slice::<Command>(&msg.payload) {
+                    // Only on its own subject: permissions on the subject decide who may steer.
+                    Ok(command) if command.subject() != msg.subject.as_str() => {
+                        Reply::failed(format!(
+                            "this command is sent on {}, not {}",
+                            command.subject(),
+                            msg.subject
+                        ))
+                    }
+                    Ok(command) => this.command(command).await,
+                    Err(e) => Reply::failed(format!("not a command: {e}")),
+                };
+                serde_json::to_vec(&reply).unwrap_or_default()
+            },
+        )
         .await
     }
 
@@ -849,7 +955,11 @@ impl Tracker {
     /// The Prometheus exposition (HTTP `/metrics`).
     pub async fn metrics(&self) -> String {
         let lag = self.state.lock().await.report_lag_s;
-        crate::metrics::render(&self.agents().await, &self.rollouts().await, lag)
+        let mut out = crate::metrics::render(&self.agents().await, &self.rollouts().await, lag);
+        let mut refused = Exposition::new();
+        self.refused.render(&mut refused);
+        out.push_str(&refused.into_string());
+        out
     }
 
     /// Every agent, stale ones marked (HTTP API).
@@ -868,18 +978,207 @@ impl Tracker {
     }
 }
 
-fn valid_agent_id(id: &str) -> bool {
-    !id.is_empty()
-        && id.len() <= 128
-        && id
-            .chars()
-            .all(|c| c.is_ascii_alphanumeric() || c == '-' || c == '_')
+/// `fleetcast_tracker_refused_total{what, reason}`: what was refused (`heartbeat`, `status`,
+/// `report`, `slot`, `command`) and why: `identity` (the body names another agent, ring or app
+/// than the subject), `reply_to` (the reply subject is not the requester's inbox), `subject`
+/// (a report subject that names no agent), `decode`.
+fn refused_counter() -> CounterVec {
+    CounterVec::new(
+        "fleetcast_tracker_refused_total",
+        "Agent reports and requests the tracker refused, by what and why (identity: the body disagrees with its subject; reply_to: not the requester's inbox).",
+        &["what", "reason"],
+    )
+    .starting_at_zero(&[
+        &["heartbeat", "identity"],
+        &["status", "identity"],
+        &["slot", "identity"],
+        &["slot", "reply_to"],
+        &["command", "reply_to"],
+    ])
+}
+
+/// A heartbeat is the subject's agent's, in the subject's ring, or it is refused.
+fn check_heartbeat(from: &ReportSubject<'_>, hb: &AgentHeartbeat) -> Result<(), String> {
+    if hb.agent_id != from.agent_id {
+        return Err(format!(
+            "body says agent {:?}, the subject agent {:?}",
+            hb.agent_id, from.agent_id
+        ));
+    }
+    if hb.ring != from.ring {
+        return Err(format!(
+            "body says ring {:?}, the subject ring {:?}",
+            hb.ring, from.ring
+        ));
+    }
+    Ok(())
+}
+
+/// A status is the subject's agent's, about the subject's app, or it is refused.
+fn check_status(from: &ReportSubject<'_>, app: &str, st: &AgentStatus) -> Result<(), String> {
+    if st.agent_id != from.agent_id {
+        return Err(format!(
+            "body says agent {:?}, the subject agent {:?}",
+            st.agent_id, from.agent_id
+        ));
+    }
+    if st.app != app {
+        return Err(format!(
+            "body says app {:?}, the subject app {app:?}",
+            st.app
+        ));
+    }
+    Ok(())
+}
+
+/// Why a slot request is not considered.
+#[derive(Debug)]
+struct SlotRefusal {
+    /// The body names another agent, app or ring than the agent's credential and reports:
+    /// counted and logged as a forgery. (Else the agent is only not known yet.)
+    forged: bool,
+    reason: String,
+    retry: std::time::Duration,
+}
+
+/// The request as the tracker acts on it: the agent and app of its subject, the ring the
+/// agent's reports put it in (`ring`, `None` before its first report).
+fn check_slot(
+    from: &SlotSubject<'_>,
+    request: &SlotRequest,
+    ring: Option<&str>,
+) -> Result<SlotRequest, SlotRefusal> {
+    let forged = |reason: String| SlotRefusal {
+        forged: true,
+        reason,
+        retry: std::time::Duration::from_secs(60),
+    };
+    if request.agent_id != from.agent_id {
+        return Err(forged(format!(
+            "slot request on {}'s subject names agent {}",
+            from.agent_id, request.agent_id
+        )));
+    }
+    if request.app != from.app {
+        return Err(forged(format!(
+            "slot request on {}'s subject names app {}",
+            from.app, request.app
+        )));
+    }
+    let Some(ring) = ring else {
+        // Its first report is on its way (the agent reports before it asks).
+        return Err(SlotRefusal {
+            forged: false,
+            reason: format!("no report from {} yet", from.agent_id),
+            retry: std::time::Duration::from_secs(1),
+        });
+    };
+    if request.ring != ring {
+        return Err(SlotRefusal {
+            retry: std::time::Duration::from_secs(5),
+            ..forged(format!(
+                "slot request names ring {}, {}'s reports ring {ring}",
+                request.ring, from.agent_id
+            ))
+        });
+    }
+    Ok(SlotRequest {
+        agent_id: from.agent_id.to_string(),
+        app: from.app.to_string(),
+        ring: ring.to_string(),
+        version: request.version.clone(),
+    })
 }
 
 #[cfg(test)]
 mod tests {
     use super::*;
     use std::time::Duration;
+
+    fn heartbeat(agent_id: &str, ring: &str) -> AgentHeartbeat {
+        AgentHeartbeat {
+            agent_id: agent_id.into(),
+            host: "host".into(),
+            ring: ring.into(),
+            labels: Default::default(),
+            apps: Vec::new(),
+            metadata: None,
+            at: OffsetDateTime::UNIX_EPOCH,
+        }
+    }
+
+    fn status(agent_id: &str, app: &str) -> AgentStatus {
+        AgentStatus {
+            agent_id: agent_id.into(),
+            app: app.into(),
+            state: fleetcast_events::v1::AppState::RolledBack,
+            version: Some(semver::Version::new(2, 0, 0)),
+            progress_bytes: None,
+            reason: Some("forged".into()),
+            at: OffsetDateTime::UNIX_EPOCH,
+        }
+    }
+
+    fn slot_request(agent_id: &str, app: &str, ring: &str) -> SlotRequest {
+        SlotRequest {
+            agent_id: agent_id.into(),
+            app: app.into(),
+            ring: ring.into(),
+            version: semver::Version::new(2, 0, 0),
+        }
+    }
+
+    /// A report whose body names another agent, ring or app than its subject (which only
+    /// the subject's agent may publish on) is refused; one that agrees is taken.
+    #[test]
+    fn a_report_whose_body_disagrees_with_its_subject_is_refused() {
+        let hb_subject = names::agent_heartbeat_subject("h1", "canary");
+        let from = names::parse_report_subject(&hb_subject).expect("subject");
+        assert!(check_heartbeat(&from, &heartbeat("h1", "canary")).is_ok());
+        let other_agent = check_heartbeat(&from, &heartbeat("h2", "canary"));
+        assert!(other_agent.is_err_and(|e| e.contains("\"h2\"")));
+        let other_ring = check_heartbeat(&from, &heartbeat("h1", "broad"));
+        assert!(other_ring.is_err_and(|e| e.contains("\"broad\"")));
+
+        let st_subject = names::agent_status_subject("h1", "canary", "shapp");
+        let from = names::parse_report_subject(&st_subject).expect("subject");
+        let ReportKind::Status { app } = from.kind else {
+            panic!("a status subject")
+        };
+        assert!(check_status(&from, app, &status("h1", "shapp")).is_ok());
+        assert!(check_status(&from, app, &status("h2", "shapp")).is_err());
+        assert!(check_status(&from, app, &status("h1", "otherapp")).is_err());
+    }
+
+    /// A slot request is acted on as the subject's agent and app, in the ring the agent's
+    /// reports put it in; a body naming others is a forgery, an agent not heard of yet is
+    /// asked to wait.
+    #[test]
+    fn a_slot_request_is_its_subjects_agent_in_its_reported_ring() {
+        let subject = names::slot_subject("shapp", "h1");
+        let from = names::parse_slot_subject(&subject).expect("subject");
+        let taken = check_slot(
+            &from,
+            &slot_request("h1", "shapp", "canary"),
+            Some("canary"),
+        )
+        .expect("ok");
+        assert_eq!(taken, slot_request("h1", "shapp", "canary"));
+        for (request, why) in [
+            (slot_request("h2", "shapp", "canary"), "agent h2"),
+            (slot_request("h1", "otherapp", "canary"), "app otherapp"),
+            (slot_request("h1", "shapp", "broad"), "ring broad"),
+        ] {
+            let refusal = check_slot(&from, &request, Some("canary")).expect_err("forged");
+            assert!(
+                refusal.forged && refusal.reason.contains(why),
+                "{refusal:?}"
+            );
+        }
+        let unknown = check_slot(&from, &slot_request("h1", "shapp", "canary"), None)
+            .expect_err("unknown agent");
+        assert!(!unknown.forged, "{unknown:?}");
+    }
 
     #[test]
     fn agents_are_saved_between_report_bursts_and_at_least_every_few_seconds() {

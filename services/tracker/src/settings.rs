@@ -1,5 +1,6 @@
 use std::collections::BTreeMap;
 use std::net::SocketAddr;
+use std::path::PathBuf;
 use std::time::Duration;
 
 use fleetcast_runtime::settings::invalid;
@@ -13,6 +14,13 @@ use crate::rollout::{Rollout, Timing};
 #[serde(deny_unknown_fields, default)]
 pub struct Settings {
     pub nats: NatsSettings,
+    /// Credentials (`.creds`) of the second NATS connection the tracker answers slot requests
+    /// and operators' commands from: the `tracker-reply` identity of `ops/nats/gen-accounts`,
+    /// which may publish to `_INBOX.>` and nothing else, so that no reply subject a requester
+    /// names can make the tracker write a store. Unset: replies go out on the main
+    /// connection (development without NATS identities; with `nats.credentials` set, the
+    /// tracker warns).
+    pub reply_credentials: Option<PathBuf>,
     /// HTTP API and dashboard.
     pub listen: SocketAddr,
     /// Serve them over HTTPS with this certificate and key (PEM): set it whenever `listen` is
@@ -38,6 +46,7 @@ impl Default for Settings {
     fn default() -> Self {
         Settings {
             nats: NatsSettings::default(),
+            reply_credentials: None,
             listen: SocketAddr::from(([127, 0, 0, 1], 8430)),
             tls: None,
             stale_after: Duration::from_secs(45),

@@ -260,9 +260,10 @@ impl Pipeline {
         self.start_distributor_with("distributor", distributor);
     }
 
-    /// The tracker with its own role's identity.
+    /// The tracker with its own role's identity, and its replies sent as `tracker-reply`.
     pub fn start_tracker_as_role(&mut self, mut settings: fleetcast_tracker::Settings) {
         settings.nats = self.nats_settings_as("tracker");
+        settings.reply_credentials = self.accounts.as_ref().map(|a| a.creds("tracker-reply"));
         self.start_tracker_with(settings);
     }
 
@@ -406,6 +407,8 @@ impl Pipeline {
     pub fn tracker_settings(&self) -> fleetcast_tracker::Settings {
         fleetcast_tracker::Settings {
             nats: self.nats_settings(),
+            // Closed deployments answer from the identity that may write inboxes only.
+            reply_credentials: self.accounts.as_ref().map(|a| a.creds("tracker-reply")),
             listen: std::net::SocketAddr::from(([127, 0, 0, 1], 0)),
             tick: Duration::from_millis(200),
             stale_after: Duration::from_secs(5),

@@ -479,7 +479,10 @@ async fn a_rollout_with_slots_switches_only_once_granted_and_waits_while_nobody_
     )
     .await;
     let reason = status_reason(&p, AppState::WaitingForSlot, "2.0.0").await;
-    assert!(reason.contains("fleetcast.v1.slot.shapp"), "{reason}");
+    assert!(
+        reason.contains("fleetcast.v1.slot.shapp.host-1"),
+        "{reason}"
+    );
     assert!(
         data.join("apps/shapp/versions/2.0.0").is_dir(),
         "not staged"
@@ -487,7 +490,7 @@ async fn a_rollout_with_slots_switches_only_once_granted_and_waits_while_nobody_
     let bus = p.bus().await.expect("bus");
     let mut requests = bus
         .client
-        .subscribe(fleetcast_events::names::slot_subject("shapp"))
+        .subscribe(fleetcast_events::names::slot_subject("shapp", "host-1"))
         .await
         .expect("subscribe");
     // Still waiting after several retries with nobody answering... then a slot service: it

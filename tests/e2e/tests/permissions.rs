@@ -160,7 +160,7 @@ async fn a_release_reaches_every_agent_with_each_program_under_its_own_identity(
     }
     // Each agent reported under its own subject.
     for id in ["h1", "h2"] {
-        let subject = names::agent_status_subject(id);
+        let subject = names::agent_status_subject(id, "default", "shapp");
         assert!(
             p.bus()
                 .await
@@ -218,11 +218,14 @@ async fn an_agent_identity_is_refused_everything_but_its_own_business() {
         desired.get("shapp.default").await.expect("own desired"),
         Some(desired_before.clone())
     );
-    js.publish(names::agent_status_subject("h1"), "{}".into())
-        .await
-        .expect("publish")
-        .await
-        .expect("own status stored");
+    js.publish(
+        names::agent_status_subject("h1", "default", "shapp"),
+        "{}".into(),
+    )
+    .await
+    .expect("publish")
+    .await
+    .expect("own status stored");
 
     // Write desired state: its own key, another ring's.
     for key in ["shapp.default", "shapp.canary"] {
@@ -246,13 +249,17 @@ async fn an_agent_identity_is_refused_everything_but_its_own_business() {
     // Another agent's status and heartbeat; release events; another app's slots.
     let releases_before = p.count_events("fleetcast.v1.>").await.expect("count");
     for subject in [
-        names::agent_status_subject("h2"),
-        names::agent_heartbeat_subject("h2"),
+        names::agent_status_subject("h2", "default", "shapp"),
+        names::agent_heartbeat_subject("h2", "default"),
+        // Its own id in another ring, about another app.
+        names::agent_heartbeat_subject("h1", "canary"),
+        names::agent_status_subject("h1", "default", "otherapp"),
         names::RELEASE_PUBLISHED.to_string(),
         names::RELEASE_SIGNED.to_string(),
         names::RELEASE_STORED.to_string(),
         names::ROLLBACK_SIGNED.to_string(),
-        names::slot_subject("otherapp"),
+        names::slot_subject("otherapp", "h1"),
+        names::slot_subject("shapp", "h2"),
         names::TRACKER_COMMAND.to_string(),
         names::TRACKER_QUERY.to_string(),
         // Only the server republishes writes of the desired state and the trust.
@@ -378,7 +385,7 @@ async fn every_role_is_refused_what_is_not_its_job() {
             vec![
                 names::RELEASE_SIGNED.into(),
                 names::RELEASE_STORED.into(),
-                names::agent_status_subject("h1"),
+                names::agent_status_subject("h1", "default", "shapp"),
                 desired.clone(),
                 format!("$KV.{}.shapp.1.0.0", names::RELEASES_BUCKET),
                 names::chunk_subject("00"),

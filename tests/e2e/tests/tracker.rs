@@ -110,7 +110,7 @@ async fn statuses(p: &Pipeline) -> Vec<AgentStatus> {
     let consumer = bus
         .status_stream
         .create_consumer(async_nats::jetstream::consumer::pull::OrderedConfig {
-            filter_subject: "fleetcast.v1.agent.*.status".into(),
+            filter_subject: fleetcast_events::names::ALL_AGENT_STATUSES.into(),
             ..Default::default()
         })
         .await
