@@ -221,7 +221,7 @@ async fn isolated(
             reason: Some(reason),
             at: OffsetDateTime::now_utc(),
         };
-        let subject = fleetcast_events::names::agent_status_subject(&host.agent_id);
+        let subject = fleetcast_events::names::agent_status_subject(&host.agent_id, &host.ring, app);
         if let Err(e) = bus.report_event(&subject, &status, Encoding::MsgPack).await {
             tracing::warn!(%app, error = %e, "status not published");
         }

@@ -94,6 +94,8 @@ impl Snapshot {
                 staged: None,
                 previous: None,
                 uptime_s: 0,
+                // Not an update's outcome: the reason is in the app's status.
+                last_update: None,
             },
             counts: Counts::default(),
             accepted: None,

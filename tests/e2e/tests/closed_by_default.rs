@@ -331,7 +331,7 @@ async fn a_site_behind_a_leaf_node_is_closed_and_its_agent_updates() {
         .connect(leaf.url())
         .await
         .expect("the agent's credential connects at the site");
-    let forged = names::agent_status_subject("site-2");
+    let forged = names::agent_status_subject("site-2", "canary", "shapp");
     agent
         .publish(forged.clone(), "{}".into())
         .await
