@@ -100,6 +100,8 @@ fetch_delay = "0s"
 
 [nats]
 url = {url}
+# The test server on 127.0.0.1 has no accounts and no TLS.
+insecure_dev = true
 
 [[apps]]
 name = "shapp"
