@@ -25,7 +25,7 @@ use fleetcast_events::Encoding;
 use fleetcast_events::names::{agent_heartbeat_subject, desired_key, desired_subject};
 use fleetcast_events::v1::{AgentHeartbeat, DesiredState};
 use fleetcast_runtime::observe::{self, Endpoint, ObserveError};
-use fleetcast_runtime::{Bus, BusError};
+use fleetcast_runtime::{AgentBus, BusError};
 use futures::StreamExt;
 use time::OffsetDateTime;
 use tokio::sync::watch;
@@ -66,7 +66,7 @@ pub async fn run(settings: Settings, shutdown: CancellationToken) -> Result<(), 
         .await?;
         observed = Some((metrics, endpoint, serving));
     }
-    let bus = match Bus::attach(
+    let bus = match AgentBus::connect(
         &settings.nats,
         &format!("agent-{}", settings.agent_id),
         &shutdown,
@@ -215,7 +215,7 @@ impl Reads {
 /// on a slow re-check, retries with backoff after transient failures).
 async fn app_loop(
     mut runner: AppRunner,
-    bus: Bus,
+    bus: AgentBus,
     ring: String,
     mut ticker: tokio::time::Interval,
     mut roots: watch::Receiver<u64>,
@@ -241,7 +241,7 @@ async fn app_loop(
     // again soon: after a reconnect it may be the only way to learn of an announcement.
     let read_failed = std::sync::atomic::AtomicBool::new(false);
     let reads = std::sync::Mutex::new(Reads::default());
-    let stored = async |bus: &Bus| match bus.desired.entry(&key).await {
+    let stored = async |bus: &AgentBus| match bus.desired.entry(&key).await {
         Ok(Some(entry)) => {
             let fresh = reads
                 .lock()

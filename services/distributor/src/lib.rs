@@ -155,7 +155,13 @@ impl Distributor {
             let work_dir = self.settings.work_dir();
             match self
                 .bus
-                .fetch_archive(&event.object, &event.blake3, None, &work_dir)
+                .fetch_archive(
+                    &event.object,
+                    &event.blake3,
+                    None,
+                    self.settings.limits.max_archive_bytes(),
+                    &work_dir,
+                )
                 .await
             {
                 Ok(f) => Some(f),

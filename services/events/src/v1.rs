@@ -90,6 +90,9 @@ pub enum RejectCode {
     UnknownApp,
     /// The signed manifest does not verify or does not match the archive.
     ManifestMismatch,
+    /// The service had no room on its disk for the archive: refused rather than retried
+    /// forever; publish it again once there is room.
+    DiskFull,
 }
 
 /// The watcher refused a package. Nothing was stored for it.

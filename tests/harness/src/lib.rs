@@ -184,7 +184,7 @@ impl NatsServer {
         let mut hub = NatsServer::configure(free_port()?, "")?;
         // A later `jetstream` block replaces the first: the same store, in the hub's domain.
         let extra = format!(
-            "jetstream {{\n  store_dir: \"{}\"\n  domain: fleetcast\n}}\nleafnodes {{\n  listen: 127.0.0.1:{leaf_port}\n}}\n",
+            "jetstream {{\n  store_dir: \"{}\"\n  domain: fleetcast\n  max_file_store: 1TB\n}}\nleafnodes {{\n  listen: 127.0.0.1:{leaf_port}\n}}\n",
             hub.store.path().join("js").display()
         );
         let base = std::fs::read_to_string(&hub.config)?;
@@ -212,10 +212,13 @@ impl NatsServer {
     }
 
     /// A server's config on `port` with its own store, plus `extra` lines; not started.
+    /// `max_file_store` is set: JetStream reserves every stream's `max_bytes` (fleetcast's
+    /// quotas) against it, and its default (75% of the free disk) would make a test's streams
+    /// depend on how full the machine's disk is; tests store little.
     fn configure(port: u16, extra: &str) -> anyhow::Result<NatsServer> {
         NatsServer::from_config(port, |store| {
             format!(
-                "listen: 127.0.0.1:{port}\nmax_payload: 8MB\njetstream {{\n  store_dir: \"{}\"\n}}\n{CONFIG_MARK}{extra}",
+                "listen: 127.0.0.1:{port}\nmax_payload: 8MB\njetstream {{\n  store_dir: \"{}\"\n  max_file_store: 1TB\n}}\n{CONFIG_MARK}{extra}",
                 store.join("js").display(),
             )
         })
