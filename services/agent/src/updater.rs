@@ -472,6 +472,13 @@ impl AppRunner {
         let index: ChunkIndex = Encoding::MsgPack
             .decode(&bytes)
             .map_err(|e| UpdateError::Refused(format!("chunk index: {e}")))?;
+        if !index.per_app {
+            // Its chunks are under subjects this agent may not read; the distributor moves
+            // them under the app (docs/operations.md, "Upgrading"), then a retry succeeds.
+            return Err(UpdateError::Transient(format!(
+                "chunk index {index_key} was stored before chunks were per app; waiting for the distributor to move it"
+            )));
+        }
         let mut local = LocalChunks::default();
         for v in self.root.installed() {
             let meta = self.root.meta_dir(&v).join("index.msgpack");

@@ -11,7 +11,7 @@ use async_nats::jetstream::context::PublishErrorKind;
 use async_nats::jetstream::message::PublishMessage;
 use async_nats::jetstream::stream::DirectGetErrorKind;
 use fleetcast_events::manifest::FileEntry;
-use fleetcast_events::names::chunk_subject;
+use fleetcast_events::names::{CHUNK_SUBJECT_PREFIX, chunk_subject};
 use fleetcast_events::v1::{ChunkIndex, ChunkRef, FileChunks, RejectCode, Rejection};
 use fleetcast_events::{Encoding, VerifiedManifest};
 use fleetcast_package::chunking::{self, ChunkId, chunk_ref};
@@ -98,9 +98,20 @@ impl ChunkStore {
             let Ok(Some(bytes)) = self.bus.index.get(&key).await else {
                 continue;
             };
-            let Ok(index) = Encoding::MsgPack.decode::<ChunkIndex>(&bytes) else {
+            let Ok(mut index) = Encoding::MsgPack.decode::<ChunkIndex>(&bytes) else {
                 continue;
             };
+            // Stored before chunks were per app: moved under the app's subjects first, else
+            // its chunks are not known.
+            if !index.per_app {
+                match self.move_to_app(&key, &index).await {
+                    Ok(moved) => index = moved,
+                    Err(e) => {
+                        tracing::warn!(%key, error = %e, "release not moved to per-app chunks yet");
+                        continue;
+                    }
+                }
+            }
             for chunk in index.files.iter().flat_map(|f| &f.chunks) {
                 if let Ok(id) = ChunkId::from_hex(&chunk.id) {
                     self.remember(app, id);
@@ -113,8 +124,90 @@ impl ChunkStore {
         }
     }
 
+    /// Every release stored before chunks were per app, moved under its app's subjects (see
+    /// [`ChunkStore::move_to_app`]); what cannot be moved now is moved when the app's next
+    /// release is stored. Returns how many releases were moved.
+    pub async fn move_all_to_apps(&self) -> Result<u64, String> {
+        let mut keys = self.bus.index.keys().await.map_err(|e| e.to_string())?;
+        let mut moved = 0;
+        while let Some(key) = keys.next().await {
+            let key = key.map_err(|e| e.to_string())?;
+            let Ok(Some(bytes)) = self.bus.index.get(&key).await else {
+                continue;
+            };
+            let Ok(index) = Encoding::MsgPack.decode::<ChunkIndex>(&bytes) else {
+                continue;
+            };
+            if !index.per_app {
+                self.move_to_app(&key, &index).await?;
+                moved += 1;
+            }
+        }
+        Ok(moved)
+    }
+
+    /// Upgrade from chunks stored once for every app (`fleetcast.v1.chunk.<hash>`): copies a
+    /// release's chunks under its app's subjects (as stored, still compressed; each at most
+    /// once, as a new chunk is) and rewrites its index as per app. Agents may read only their
+    /// apps' subjects, so until then they cannot install the release. The old subjects stay
+    /// until an operator purges them.
+    async fn move_to_app(&self, key: &str, index: &ChunkIndex) -> Result<ChunkIndex, String> {
+        let app = index.app.as_str();
+        let ids: HashSet<&str> = index
+            .files
+            .iter()
+            .flat_map(|f| f.chunks.iter().map(|c| c.id.as_str()))
+            .collect();
+        for hex in ids {
+            let subject = chunk_subject(app, hex);
+            match self.bus.chunks.direct_get_last_for_subject(&subject).await {
+                Ok(_) => continue,
+                Err(e) if matches!(e.kind(), DirectGetErrorKind::NotFound) => {}
+                Err(e) => return Err(format!("checking chunk {hex}: {e}")),
+            }
+            let old = format!("{CHUNK_SUBJECT_PREFIX}{hex}");
+            let stored = self
+                .bus
+                .chunks
+                .direct_get_last_for_subject(&old)
+                .await
+                .map_err(|e| format!("reading chunk {hex}: {e}"))?;
+            let publish = PublishMessage::build()
+                .payload(stored.payload)
+                .expected_last_subject_sequence(0);
+            let ack = self
+                .bus
+                .js
+                .send_publish(subject, publish)
+                .await
+                .map_err(|e| format!("storing chunk {hex}: {e}"))?;
+            match ack.await {
+                Ok(_) => {}
+                Err(e) if matches!(e.kind(), PublishErrorKind::WrongLastSequence) => {}
+                Err(e) => return Err(format!("storing chunk {hex}: {e}")),
+            }
+        }
+        let moved = ChunkIndex {
+            per_app: true,
+            ..index.clone()
+        };
+        let bytes = Encoding::MsgPack
+            .encode(&moved)
+            .map_err(|e| format!("encoding index {key}: {e}"))?;
+        self.bus
+            .index
+            .put(key, bytes.into())
+            .await
+            .map_err(|e| format!("writing index {key}: {e}"))?;
+        tracing::info!(%key, "release moved to per-app chunks");
+        Ok(moved)
+    }
+
     /// Records the files of a stored release (those whose index carries their hash), for its app.
     pub fn remember_files(&self, index: &ChunkIndex) {
+        if !index.per_app {
+            return;
+        }
         let Ok(mut files) = self.files.lock() else {
             return;
         };
@@ -322,6 +415,7 @@ pub async fn ingest(
             app: manifest.app.clone(),
             version: manifest.version.clone(),
             files: index,
+            per_app: true,
         },
         files: manifest.files.len() as u64,
         total_bytes,

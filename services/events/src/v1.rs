@@ -229,6 +229,11 @@ pub struct ChunkIndex {
     #[schemars(with = "String")]
     pub version: Version,
     pub files: Vec<FileChunks>,
+    /// The chunks are stored under the app's subjects (`names::chunk_subject`). Absent (false)
+    /// in indexes written before chunks were per app, whose chunks agents can no longer read:
+    /// such a release has to be stored again (docs/operations.md, "Upgrading").
+    #[serde(default)]
+    pub per_app: bool,
 }
 
 #[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize, JsonSchema)]

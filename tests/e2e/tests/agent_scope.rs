@@ -379,3 +379,89 @@ async fn an_archive_over_the_limit_is_refused_before_anything_is_written() {
         .expect("fetched");
     assert_eq!(fetched.size, 3 << 20);
 }
+
+/// The upgrade from chunks stored once for every app (`fleetcast.v1.chunk.<hash>`): a release
+/// stored so (its chunks under the old subjects, its index not marked per app) is moved under
+/// its app by the distributor when it starts, and is then read with the app's subjects alone.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_release_stored_before_chunks_were_per_app_is_moved_under_its_app() {
+    use fleetcast_events::Encoding;
+    use fleetcast_events::v1::ChunkIndex;
+
+    let mut p = Pipeline::start().await.expect("pipeline");
+    let package = script_app("1.0.0", true);
+    p.release("shapp", "1.0.0", &package).await;
+    let admin = p.bus().await.expect("admin");
+    let key = names::release_key("shapp", &v("1.0.0"));
+
+    // Made as an earlier fleetcast stored it.
+    let bytes = admin.index.get(&key).await.expect("get").expect("index");
+    let mut index: ChunkIndex = Encoding::MsgPack.decode(&bytes).expect("index");
+    assert!(index.per_app, "a new index is per app");
+    let ids = fleetcast_e2e::chunk_ids(&admin, "shapp", &v("1.0.0"))
+        .await
+        .expect("ids");
+    for id in &ids {
+        let per_app = names::chunk_subject("shapp", id);
+        let stored = admin
+            .chunks
+            .direct_get_last_for_subject(&per_app)
+            .await
+            .expect("stored per app");
+        admin
+            .js
+            .publish(
+                format!("{}{id}", names::CHUNK_SUBJECT_PREFIX),
+                stored.payload,
+            )
+            .await
+            .expect("publish")
+            .await
+            .expect("stored under the old subject");
+        admin.chunks.purge().filter(per_app).await.expect("purged");
+    }
+    index.per_app = false;
+    admin
+        .index
+        .put(
+            &key,
+            Encoding::MsgPack.encode(&index).expect("encode").into(),
+        )
+        .await
+        .expect("old index");
+    let agent = fleetcast_runtime::AgentBus::from_bus(&admin)
+        .await
+        .expect("agent handles");
+    let one = ids.iter().next().expect("a chunk");
+    assert!(
+        agent.chunks.get("shapp", one).await.is_err(),
+        "not readable per app before the move"
+    );
+
+    // A distributor (of this version) starts: it moves the release.
+    p.stop("distributor").await;
+    p.start_distributor("distributor");
+    for _ in 0..600 {
+        let bytes = admin.index.get(&key).await.expect("get").expect("index");
+        let index: ChunkIndex = Encoding::MsgPack.decode(&bytes).expect("index");
+        if index.per_app {
+            break;
+        }
+        tokio::time::sleep(Duration::from_millis(100)).await;
+    }
+    let bytes = admin.index.get(&key).await.expect("get").expect("index");
+    let moved: ChunkIndex = Encoding::MsgPack.decode(&bytes).expect("index");
+    assert!(moved.per_app, "the index was not moved");
+    assert_eq!(moved.files, index.files, "the same chunks");
+    for id in &ids {
+        agent
+            .chunks
+            .get("shapp", id)
+            .await
+            .expect("every chunk readable per app");
+    }
+    let files = fleetcast_e2e::reassemble(&admin, &p.trusted(), "shapp", &v("1.0.0"))
+        .await
+        .expect("the release reassembles from per-app chunks");
+    assert!(!files.is_empty());
+}
