@@ -196,8 +196,8 @@ impl Bus {
             },
         )
         .await?;
-        // Buckets holding a signed manifest or a chunk index take records up to `record_bytes`;
-        // the others hold small state.
+        // Buckets holding a signed manifest or a chunk index, and the rollouts (a failure
+        // reason per host), take records up to `record_bytes`; the others hold small state.
         let bucket = |name: &'static str, history: i64, record: bool| BucketSpec {
             name,
             history,
@@ -221,7 +221,7 @@ impl Bus {
         )
         .await?;
         let fleet = kv_bucket(&js, resources, bucket(FLEET_BUCKET, 1, false), None).await?;
-        let rollouts = kv_bucket(&js, resources, bucket(ROLLOUTS_BUCKET, 10, false), None).await?;
+        let rollouts = kv_bucket(&js, resources, bucket(ROLLOUTS_BUCKET, 10, true), None).await?;
         let trust = kv_bucket(
             &js,
             resources,

@@ -163,10 +163,10 @@ pub struct StoreQuotas {
     /// Each KV bucket.
     pub bucket_bytes: i64,
     /// The largest event of the releases stream and value of the buckets that hold a signed
-    /// manifest or a chunk index (releases, index, desired): at most the server's
-    /// `max_payload`.
+    /// manifest or a chunk index (releases, index, desired) or a rollout (its failures, one per
+    /// host): at most the server's `max_payload`.
     pub record_bytes: i32,
-    /// The largest value of the other buckets (fleet, rollouts, signer, trust).
+    /// The largest value of the other buckets (fleet, signer, trust).
     pub state_bytes: i32,
 }
 
