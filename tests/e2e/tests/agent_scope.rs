@@ -241,7 +241,7 @@ async fn an_oversized_heartbeat_is_refused_by_the_server_and_nothing_is_stored()
     p.start_pipeline_as_roles();
     let admin = p.bus().await.expect("admin");
     let subject = names::agent_heartbeat_subject("h1");
-    let (h1, errors) = agent_client(&p, "h1").await;
+    let (h1, _) = agent_client(&p, "h1").await;
     // The server announces its own limit (8 MB) to every client, so the client sends; the
     // server checks the role's and cuts the connection (the client reconnects).
     assert_eq!(h1.server_info().max_payload, 8 << 20);
@@ -254,20 +254,20 @@ async fn an_oversized_heartbeat_is_refused_by_the_server_and_nothing_is_stored()
         .state
         .clone();
 
-    for (i, size) in [8 << 20, (64 << 10) + 1].into_iter().enumerate() {
+    for size in [8 << 20, (64 << 10) + 1] {
         h1.publish(subject.clone(), vec![b'x'; size].into())
             .await
             .expect("the client sends it");
         h1.flush().await.ok();
+        // The server logs each refusal with the role's limit (the client may not hear of it
+        // before the connection is cut).
         eventually(&format!("the server refuses {size} bytes"), || {
-            errors
-                .0
-                .lock()
-                .expect("lock")
-                .iter()
-                .filter(|e| e.to_lowercase().contains("maximum payload"))
-                .count()
-                > i
+            let refusals = p
+                .nats
+                .log()
+                .matches(&format!("maximum payload exceeded: {size} vs 65536"))
+                .count();
+            refusals > 0
         })
         .await;
     }
@@ -288,7 +288,7 @@ async fn an_oversized_heartbeat_is_refused_by_the_server_and_nothing_is_stored()
 
 /// Every stream and bucket fleetcast creates has a byte limit and a largest message; the
 /// status stream a size besides its age. A message over a stream's limit is refused by the
-/// stream (here with the admin identity, whose max payload would let it through).
+/// stream (here on a connection without role limits, whose max payload would let it through).
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn every_stream_has_quotas_and_refuses_an_oversized_message() {
     let p = Pipeline::new().await.expect("pipeline");
