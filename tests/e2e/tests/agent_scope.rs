@@ -468,3 +468,59 @@ async fn a_release_stored_before_chunks_were_per_app_is_moved_under_its_app() {
         .expect("the release reassembles from per-app chunks");
     assert!(!files.is_empty());
 }
+
+/// End to end through the watcher: CI uploads an archive larger than the watcher's limits can
+/// accept; the watcher refuses it from the object's stored size (not after unpacking it) and
+/// publishes the rejection, once: it is not retried.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn the_watcher_refuses_an_upload_over_its_limits_from_its_stored_size() {
+    use fleetcast_events::v1::{PackageRejected, RejectCode};
+    use fleetcast_harness::fixtures::{PackageBuilder, pseudo_random};
+
+    let mut p = Pipeline::new().await.expect("pipeline");
+    let mut watcher = p.watcher_settings();
+    watcher.limits = fleetcast_package::ArchiveLimits {
+        max_entries: 10,
+        max_total_bytes: 1 << 20,
+        ..Default::default()
+    };
+    assert!(watcher.limits.max_archive_bytes() < 2 << 20);
+    p.start_watcher_with(watcher);
+    let dir = tempfile::tempdir().expect("tmp");
+    let zip = dir.path().join("big-1.0.0.zip");
+    PackageBuilder::new()
+        .file("data.bin", pseudo_random(2 << 20, 5), 0o644)
+        .write_to(&zip)
+        .expect("zip");
+    let bus = p.bus().await.expect("bus");
+    fleetcast_cli::publish(
+        &bus,
+        fleetcast_cli::PublishRequest {
+            archive: &zip,
+            app: None,
+            version: None,
+            published_by: Some("ci".into()),
+            progress: None,
+        },
+    )
+    .await
+    .expect("uploaded and announced");
+    let rejected: PackageRejected = p
+        .wait_event(names::PACKAGE_REJECTED, |_: &PackageRejected| true)
+        .await
+        .expect("rejected");
+    assert_eq!(rejected.reason.code, RejectCode::TooLarge);
+    assert!(
+        rejected.reason.message.contains("an archive may have"),
+        "refused from its stored size, before download: {}",
+        rejected.reason.message
+    );
+    // Rejected once, acked: no redelivery after the watcher's ack wait rejects it again.
+    tokio::time::sleep(Duration::from_secs(3)).await;
+    assert_eq!(
+        p.count_events(names::PACKAGE_REJECTED)
+            .await
+            .expect("count"),
+        1
+    );
+}
