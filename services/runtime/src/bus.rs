@@ -202,7 +202,11 @@ impl Bus {
             name,
             history,
             replicas: settings.replicas,
-            max_bytes: quotas.bucket_bytes,
+            max_bytes: if record {
+                quotas.record_bucket_bytes
+            } else {
+                quotas.bucket_bytes
+            },
             max_value_size: if record {
                 quotas.record_bytes
             } else {

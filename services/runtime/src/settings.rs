@@ -160,7 +160,10 @@ pub struct StoreQuotas {
     pub status_stream_bytes: i64,
     /// The largest report the status stream takes (heartbeat, status).
     pub status_message_bytes: i32,
-    /// Each KV bucket.
+    /// Each KV bucket holding records (releases, index, desired, rollouts): they grow with
+    /// every release stored.
+    pub record_bucket_bytes: i64,
+    /// Each of the other KV buckets (fleet, signer, trust).
     pub bucket_bytes: i64,
     /// The largest event of the releases stream and value of the buckets that hold a signed
     /// manifest or a chunk index (releases, index, desired) or a rollout (its failures, one per
@@ -178,6 +181,7 @@ impl Default for StoreQuotas {
             releases_stream_bytes: 256 << 20,
             status_stream_bytes: 256 << 20,
             status_message_bytes: 64 << 10,
+            record_bucket_bytes: 512 << 20,
             bucket_bytes: 128 << 20,
             record_bytes: 8 << 20,
             state_bytes: 1 << 20,
