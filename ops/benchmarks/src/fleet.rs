@@ -449,7 +449,8 @@ async fn wait_completed(
     }
 }
 
-/// `n` clients, each with its own connection, fetching `chunks` by direct get.
+/// `n` clients, each with its own connection, fetching `chunks` (of the app `fleet`) by direct
+/// get.
 async fn floor(url: &str, n: usize, chunks: &[String]) -> anyhow::Result<Duration> {
     let mut clients = Vec::new();
     for _ in 0..n {
@@ -468,7 +469,7 @@ async fn floor(url: &str, n: usize, chunks: &[String]) -> anyhow::Result<Duratio
             let mut bytes = 0usize;
             for id in chunks {
                 bytes += stream
-                    .direct_get_last_for_subject(chunk_subject(&id))
+                    .direct_get_last_for_subject(chunk_subject("fleet", &id))
                     .await?
                     .payload
                     .len();

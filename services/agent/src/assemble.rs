@@ -12,7 +12,6 @@ use std::path::{Path, PathBuf};
 use std::sync::Arc;
 
 use fleetcast_events::VerifiedManifest;
-use fleetcast_events::names::chunk_subject;
 use fleetcast_events::v1::ChunkIndex;
 use fleetcast_package::chunking::{self, ChunkError, ChunkId, MAX_CHUNK, VerifiedChunk};
 use futures::StreamExt;
@@ -60,17 +59,19 @@ pub trait ChunkSource {
     -> impl Future<Output = Result<Fetched, AssembleError>>;
 }
 
-/// The chunk store: direct get on the chunk's own subject, so no consumer is created per fetch.
+/// The chunk store: direct get on the chunk's own subject (under its app), so no consumer is
+/// created per fetch and the agent's credential needs only its apps' chunk subjects.
 pub struct NatsChunks {
-    pub stream: async_nats::jetstream::stream::Stream,
+    pub chunks: fleetcast_runtime::agent_bus::DirectChunks,
+    pub app: String,
 }
 
 impl ChunkSource for NatsChunks {
     async fn fetch(&self, id: &ChunkId, len: u32) -> Result<Fetched, AssembleError> {
         let hex = id.to_hex();
         let message = self
-            .stream
-            .direct_get_last_for_subject(chunk_subject(&hex))
+            .chunks
+            .get(&self.app, &hex)
             .await
             .map_err(|e| AssembleError::Fetch {
                 id: hex,
@@ -422,6 +423,7 @@ mod tests {
                     chunks: Vec::new(),
                 })
                 .collect(),
+            per_app: true,
         };
         let manifest = Manifest {
             app: "shapp".into(),

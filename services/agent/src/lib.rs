@@ -27,7 +27,7 @@ use fleetcast_events::Encoding;
 use fleetcast_events::names::{agent_heartbeat_subject, desired_key, desired_subject};
 use fleetcast_events::v1::{AgentHeartbeat, DesiredState};
 use fleetcast_runtime::observe::{self, Endpoint, ObserveError};
-use fleetcast_runtime::{Bus, BusError};
+use fleetcast_runtime::{AgentBus, BusError};
 use futures::StreamExt;
 use time::OffsetDateTime;
 use tokio::sync::watch;
@@ -80,7 +80,7 @@ pub async fn run(settings: Settings, shutdown: CancellationToken) -> Result<(), 
     let mut nats = settings.nats.clone();
     nats.inbox_prefix
         .get_or_insert_with(|| fleetcast_events::names::agent_inbox_prefix(&settings.agent_id));
-    let bus = match Bus::attach(&nats, &format!("agent-{}", settings.agent_id), &shutdown).await {
+    let bus = match AgentBus::connect(&nats, &format!("agent-{}", settings.agent_id), &shutdown).await {
         Err(BusError::Cancelled) => return Ok(()),
         other => other?,
     };
@@ -206,7 +206,7 @@ async fn isolated(
     mut made: impl FnMut() -> Result<AppRunner, UpdateError>,
     app: &str,
     host: &Settings,
-    bus: &Bus,
+    bus: &AgentBus,
     shutdown: &CancellationToken,
 ) -> Option<AppRunner> {
     loop {
@@ -302,7 +302,7 @@ impl Reads {
 /// on a slow re-check, retries with backoff after transient failures).
 async fn app_loop(
     mut runner: AppRunner,
-    bus: Bus,
+    bus: AgentBus,
     ring: String,
     mut ticker: tokio::time::Interval,
     mut roots: watch::Receiver<u64>,
@@ -328,7 +328,7 @@ async fn app_loop(
     // again soon: after a reconnect it may be the only way to learn of an announcement.
     let read_failed = std::sync::atomic::AtomicBool::new(false);
     let reads = std::sync::Mutex::new(Reads::default());
-    let stored = async |bus: &Bus| match bus.desired.entry(&key).await {
+    let stored = async |bus: &AgentBus| match bus.desired.entry(&key).await {
         Ok(Some(entry)) => {
             let fresh = reads
                 .lock()

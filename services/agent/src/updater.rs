@@ -14,7 +14,7 @@ use fleetcast_events::v1::{
 };
 use fleetcast_events::{Encoding, VerifiedManifest};
 use fleetcast_package::package_config::{self, Hook, Hooks, PackageConfig};
-use fleetcast_runtime::{Bus, Trust};
+use fleetcast_runtime::{AgentBus, Trust};
 use semver::Version;
 use time::OffsetDateTime;
 use tokio::time::Instant;
@@ -113,7 +113,7 @@ pub struct AppRunner {
     journal: Journal,
     supervisor: Supervisor,
     trust: Arc<Trust>,
-    bus: Bus,
+    bus: AgentBus,
     /// Bytes fetched from the store for the update in progress (or the last one).
     fetched_bytes: u64,
     state: AppState,
@@ -133,7 +133,7 @@ impl AppRunner {
         settings: AppSettings,
         host: Arc<Settings>,
         trust: Arc<Trust>,
-        bus: Bus,
+        bus: AgentBus,
     ) -> Result<AppRunner, UpdateError> {
         let app_dir = host.data_dir.join("apps").join(&settings.name);
         let run_as = match &settings.user {
@@ -551,6 +551,13 @@ impl AppRunner {
         let index: ChunkIndex = Encoding::MsgPack
             .decode(&bytes)
             .map_err(|e| UpdateError::Refused(format!("chunk index: {e}")))?;
+        if !index.per_app {
+            // Its chunks are under subjects this agent may not read; the distributor moves
+            // them under the app (docs/operations.md, "Upgrading"), then a retry succeeds.
+            return Err(UpdateError::Transient(format!(
+                "chunk index {index_key} was stored before chunks were per app; waiting for the distributor to move it"
+            )));
+        }
         let mut local = LocalChunks::default();
         for v in self.root.installed() {
             let meta = self.root.meta_dir(&v).join("index.msgpack");
@@ -561,7 +568,8 @@ impl AppRunner {
             }
         }
         let store = NatsChunks {
-            stream: self.bus.chunks.clone(),
+            chunks: self.bus.chunks.clone(),
+            app: self.settings.name.clone(),
         };
         let report = assemble(
             &self.root,
@@ -771,7 +779,9 @@ mod tests {
     #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
     async fn a_transient_staging_failure_is_reported_and_nothing_is_installed() {
         let p = fleetcast_e2e::Pipeline::new().await.expect("pipeline");
-        let bus = p.bus().await.expect("bus");
+        let bus = AgentBus::from_bus(&p.bus().await.expect("bus"))
+            .await
+            .expect("agent bus");
         let host = tempfile::tempdir().expect("tmp");
         let app = AppSettings {
             name: "shapp".into(),

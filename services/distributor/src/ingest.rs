@@ -11,7 +11,7 @@ use async_nats::jetstream::context::PublishErrorKind;
 use async_nats::jetstream::message::PublishMessage;
 use async_nats::jetstream::stream::DirectGetErrorKind;
 use fleetcast_events::manifest::FileEntry;
-use fleetcast_events::names::chunk_subject;
+use fleetcast_events::names::{CHUNK_SUBJECT_PREFIX, chunk_subject};
 use fleetcast_events::v1::{ChunkIndex, ChunkRef, FileChunks, RejectCode, Rejection};
 use fleetcast_events::{Encoding, VerifiedManifest};
 use fleetcast_package::chunking::{self, ChunkId, chunk_ref};
@@ -42,16 +42,19 @@ pub struct IngestReport {
 /// hashing only. Bounded: past this many it starts over (the store itself is the truth).
 const MAX_KNOWN: usize = 4_000_000;
 
-/// The content-addressed chunk store: one subject per chunk in the chunks stream.
+/// The content-addressed chunk store: one subject per app and chunk in the chunks stream. What
+/// is known is known per app: a chunk (or file) stored for one app is stored again for another,
+/// whose agents may read only their own apps' chunks.
 #[derive(Clone)]
 pub struct ChunkStore {
     bus: Bus,
-    known: Arc<Mutex<HashSet<ChunkId>>>,
+    /// Per app, the chunks known to be stored under its subjects.
+    known: Arc<Mutex<HashMap<String, HashSet<ChunkId>>>>,
     /// Chunk indexes already read into `known`.
     learned: Arc<Mutex<HashSet<String>>>,
-    /// Files stored before, by BLAKE3: their chunk lists, so an unchanged file is never read
-    /// again (and a release whose files are all known needs no archive at all).
-    files: Arc<Mutex<HashMap<String, KnownFile>>>,
+    /// Files stored before, by app and BLAKE3: their chunk lists, so an unchanged file is never
+    /// read again (and a release whose files are all known needs no archive at all).
+    files: Arc<Mutex<HashMap<(String, String), KnownFile>>>,
 }
 
 #[derive(Clone)]
@@ -95,12 +98,23 @@ impl ChunkStore {
             let Ok(Some(bytes)) = self.bus.index.get(&key).await else {
                 continue;
             };
-            let Ok(index) = Encoding::MsgPack.decode::<ChunkIndex>(&bytes) else {
+            let Ok(mut index) = Encoding::MsgPack.decode::<ChunkIndex>(&bytes) else {
                 continue;
             };
+            // Stored before chunks were per app: moved under the app's subjects first, else
+            // its chunks are not known.
+            if !index.per_app {
+                match self.move_to_app(&key, &index).await {
+                    Ok(moved) => index = moved,
+                    Err(e) => {
+                        tracing::warn!(%key, error = %e, "release not moved to per-app chunks yet");
+                        continue;
+                    }
+                }
+            }
             for chunk in index.files.iter().flat_map(|f| &f.chunks) {
                 if let Ok(id) = ChunkId::from_hex(&chunk.id) {
-                    self.remember(id);
+                    self.remember(app, id);
                 }
             }
             self.remember_files(&index);
@@ -110,8 +124,90 @@ impl ChunkStore {
         }
     }
 
-    /// Records the files of a stored release (those whose index carries their hash).
+    /// Every release stored before chunks were per app, moved under its app's subjects (see
+    /// [`ChunkStore::move_to_app`]); what cannot be moved now is moved when the app's next
+    /// release is stored. Returns how many releases were moved.
+    pub async fn move_all_to_apps(&self) -> Result<u64, String> {
+        let mut keys = self.bus.index.keys().await.map_err(|e| e.to_string())?;
+        let mut moved = 0;
+        while let Some(key) = keys.next().await {
+            let key = key.map_err(|e| e.to_string())?;
+            let Ok(Some(bytes)) = self.bus.index.get(&key).await else {
+                continue;
+            };
+            let Ok(index) = Encoding::MsgPack.decode::<ChunkIndex>(&bytes) else {
+                continue;
+            };
+            if !index.per_app {
+                self.move_to_app(&key, &index).await?;
+                moved += 1;
+            }
+        }
+        Ok(moved)
+    }
+
+    /// Upgrade from chunks stored once for every app (`fleetcast.v1.chunk.<hash>`): copies a
+    /// release's chunks under its app's subjects (as stored, still compressed; each at most
+    /// once, as a new chunk is) and rewrites its index as per app. Agents may read only their
+    /// apps' subjects, so until then they cannot install the release. The old subjects stay
+    /// until an operator purges them.
+    async fn move_to_app(&self, key: &str, index: &ChunkIndex) -> Result<ChunkIndex, String> {
+        let app = index.app.as_str();
+        let ids: HashSet<&str> = index
+            .files
+            .iter()
+            .flat_map(|f| f.chunks.iter().map(|c| c.id.as_str()))
+            .collect();
+        for hex in ids {
+            let subject = chunk_subject(app, hex);
+            match self.bus.chunks.direct_get_last_for_subject(&subject).await {
+                Ok(_) => continue,
+                Err(e) if matches!(e.kind(), DirectGetErrorKind::NotFound) => {}
+                Err(e) => return Err(format!("checking chunk {hex}: {e}")),
+            }
+            let old = format!("{CHUNK_SUBJECT_PREFIX}{hex}");
+            let stored = self
+                .bus
+                .chunks
+                .direct_get_last_for_subject(&old)
+                .await
+                .map_err(|e| format!("reading chunk {hex}: {e}"))?;
+            let publish = PublishMessage::build()
+                .payload(stored.payload)
+                .expected_last_subject_sequence(0);
+            let ack = self
+                .bus
+                .js
+                .send_publish(subject, publish)
+                .await
+                .map_err(|e| format!("storing chunk {hex}: {e}"))?;
+            match ack.await {
+                Ok(_) => {}
+                Err(e) if matches!(e.kind(), PublishErrorKind::WrongLastSequence) => {}
+                Err(e) => return Err(format!("storing chunk {hex}: {e}")),
+            }
+        }
+        let moved = ChunkIndex {
+            per_app: true,
+            ..index.clone()
+        };
+        let bytes = Encoding::MsgPack
+            .encode(&moved)
+            .map_err(|e| format!("encoding index {key}: {e}"))?;
+        self.bus
+            .index
+            .put(key, bytes.into())
+            .await
+            .map_err(|e| format!("writing index {key}: {e}"))?;
+        tracing::info!(%key, "release moved to per-app chunks");
+        Ok(moved)
+    }
+
+    /// Records the files of a stored release (those whose index carries their hash), for its app.
     pub fn remember_files(&self, index: &ChunkIndex) {
+        if !index.per_app {
+            return;
+        }
         let Ok(mut files) = self.files.lock() else {
             return;
         };
@@ -122,7 +218,7 @@ impl ChunkStore {
             if let Some(hash) = &f.blake3 {
                 let size = f.chunks.iter().map(|c| u64::from(c.len)).sum();
                 files.insert(
-                    hash.clone(),
+                    (index.app.clone(), hash.clone()),
                     KnownFile {
                         size,
                         chunks: f.chunks.clone(),
@@ -132,43 +228,45 @@ impl ChunkStore {
         }
     }
 
-    /// The chunk list of a file stored before with this hash and size.
-    fn known_file(&self, blake3: &str, size: u64) -> Option<Vec<ChunkRef>> {
+    /// The chunk list of a file of `app` stored before with this hash and size.
+    fn known_file(&self, app: &str, blake3: &str, size: u64) -> Option<Vec<ChunkRef>> {
         let files = self.files.lock().ok()?;
         files
-            .get(blake3)
+            .get(&(app.to_string(), blake3.to_string()))
             .filter(|f| f.size == size)
             .map(|f| f.chunks.clone())
     }
 
     /// Whether ingesting `manifest` needs its archive: false when every file is known.
     pub fn needs_archive(&self, manifest: &VerifiedManifest) -> bool {
-        manifest
-            .files
-            .iter()
-            .any(|f| f.link.is_none() && self.known_file(&f.blake3, f.size).is_none())
+        manifest.files.iter().any(|f| {
+            f.link.is_none() && self.known_file(&manifest.app, &f.blake3, f.size).is_none()
+        })
     }
 
-    fn is_known(&self, id: &ChunkId) -> bool {
-        self.known.lock().is_ok_and(|k| k.contains(id))
+    fn is_known(&self, app: &str, id: &ChunkId) -> bool {
+        self.known
+            .lock()
+            .is_ok_and(|k| k.get(app).is_some_and(|ids| ids.contains(id)))
     }
 
-    fn remember(&self, id: ChunkId) {
+    fn remember(&self, app: &str, id: ChunkId) {
         if let Ok(mut known) = self.known.lock() {
-            if known.len() >= MAX_KNOWN {
+            if known.values().map(HashSet::len).sum::<usize>() >= MAX_KNOWN {
                 known.clear();
             }
-            known.insert(id);
+            known.entry(app.to_string()).or_default().insert(id);
         }
     }
 
-    /// Stores a chunk unless the store has it. The publish carries "expected last subject
-    /// sequence 0", so when two distributors race on the same chunk the server keeps one.
-    async fn store(&self, id: ChunkId, data: Vec<u8>) -> Result<Stored, String> {
-        if self.is_known(&id) {
+    /// Stores a chunk of `app` unless the store has it under the app's subject. The publish
+    /// carries "expected last subject sequence 0", so when two distributors race on the same
+    /// chunk the server keeps one.
+    async fn store(&self, app: &str, id: ChunkId, data: Vec<u8>) -> Result<Stored, String> {
+        if self.is_known(app, &id) {
             return Ok(Stored::Existing);
         }
-        let subject = chunk_subject(&id.to_hex());
+        let subject = chunk_subject(app, &id.to_hex());
         match self
             .bus
             .chunks
@@ -176,7 +274,7 @@ impl ChunkStore {
             .await
         {
             Ok(_) => {
-                self.remember(id);
+                self.remember(app, id);
                 return Ok(Stored::Existing);
             }
             Err(e) if matches!(e.kind(), DirectGetErrorKind::NotFound) => {}
@@ -198,11 +296,11 @@ impl ChunkStore {
             .map_err(|e| format!("storing chunk {id}: {e}"))?;
         match ack.await {
             Ok(_) => {
-                self.remember(id);
+                self.remember(app, id);
                 Ok(Stored::New(len))
             }
             Err(e) if matches!(e.kind(), PublishErrorKind::WrongLastSequence) => {
-                self.remember(id);
+                self.remember(app, id);
                 Ok(Stored::Existing)
             }
             Err(e) => Err(format!("storing chunk {id}: {e}")),
@@ -239,7 +337,7 @@ pub async fn ingest(
             if f.link.is_some() {
                 None
             } else {
-                store.known_file(&f.blake3, f.size)
+                store.known_file(&manifest.app, &f.blake3, f.size)
             }
         })
         .collect();
@@ -295,7 +393,7 @@ pub async fn ingest(
                 Some(w) => {
                     chunks += 1;
                     index[w.file].chunks.push(chunk_ref(&w.id, w.data.len()));
-                    inflight.push(store.store(w.id, w.data));
+                    inflight.push(store.store(&manifest.app, w.id, w.data));
                 }
                 None => done = true,
             },
@@ -317,6 +415,7 @@ pub async fn ingest(
             app: manifest.app.clone(),
             version: manifest.version.clone(),
             files: index,
+            per_app: true,
         },
         files: manifest.files.len() as u64,
         total_bytes,

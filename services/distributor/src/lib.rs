@@ -58,8 +58,21 @@ pub async fn run(settings: Settings, shutdown: CancellationToken) -> Result<(), 
     let trusted = Arc::new(trusted);
     let following = trusted.clone().start_following(bus.clone()).await;
     let following = tokio::spawn(following.run(trust::SERVICE_RECHECK, shutdown.clone()));
+    let store = ChunkStore::new(bus.clone());
+    // Releases stored before chunks were per app, moved under their apps in the background
+    // (idempotent: several distributors may do it at once).
+    let moving = store.clone();
+    tokio::spawn(async move {
+        match moving.move_all_to_apps().await {
+            Ok(0) => {}
+            Ok(n) => tracing::info!(releases = n, "releases moved to per-app chunks"),
+            Err(e) => {
+                tracing::warn!(error = %e, "releases not all moved to per-app chunks; retried when their app's next release is stored")
+            }
+        }
+    });
     let distributor = Distributor {
-        store: ChunkStore::new(bus.clone()),
+        store,
         bus: bus.clone(),
         settings: Arc::new(settings),
         trusted,
@@ -155,7 +168,13 @@ impl Distributor {
             let work_dir = self.settings.work_dir();
             match self
                 .bus
-                .fetch_archive(&event.object, &event.blake3, None, &work_dir)
+                .fetch_archive(
+                    &event.object,
+                    &event.blake3,
+                    None,
+                    self.settings.limits.max_archive_bytes(),
+                    &work_dir,
+                )
                 .await
             {
                 Ok(f) => Some(f),

@@ -26,10 +26,13 @@ pub const RELEASES_STREAM: &str = "FLEETCAST_RELEASES";
 pub const RELEASES_STREAM_SUBJECTS: [&str; 2] =
     ["fleetcast.v1.release.>", "fleetcast.v1.package.>"];
 
-/// Stream of content-addressed chunks: one subject per chunk, at most one message per subject,
-/// read with direct get so a fetch never creates a consumer on the server.
+/// Stream of content-addressed chunks: one subject per app and chunk, at most one message per
+/// subject, read with direct get so a fetch never creates a consumer on the server.
 pub const CHUNKS_STREAM: &str = "FLEETCAST_CHUNKS";
 pub const CHUNK_SUBJECT_PREFIX: &str = "fleetcast.v1.chunk.";
+/// What the chunks stream captures: `<prefix><app>.<hash>`, and the `<prefix><hash>` subjects
+/// fleetcast stored chunks under before they were per app (still kept, no longer read).
+pub const CHUNKS_STREAM_SUBJECTS: &str = "fleetcast.v1.chunk.>";
 
 /// Stream of agent status and heartbeats, kept for a limited age.
 pub const STATUS_STREAM: &str = "FLEETCAST_STATUS";
@@ -86,9 +89,11 @@ pub const TRACKER_CONSUMER: &str = "tracker";
 pub const SIGNER_ROLLBACK_CONSUMER: &str = "signer-rollback";
 pub const TRACKER_ROLLBACK_CONSUMER: &str = "tracker-rollback";
 
-/// Subject of one chunk, named by the hex BLAKE3 of its uncompressed content.
-pub fn chunk_subject(chunk_hex: &str) -> String {
-    format!("{CHUNK_SUBJECT_PREFIX}{chunk_hex}")
+/// Subject of one chunk of `app`, named by the hex BLAKE3 of its uncompressed content. Per app,
+/// so an agent's credential can be allowed the chunks of its own apps only (a direct get names
+/// the subject): the same content in two apps is stored twice, dedup works within an app.
+pub fn chunk_subject(app: &str, chunk_hex: &str) -> String {
+    format!("{CHUNK_SUBJECT_PREFIX}{app}.{chunk_hex}")
 }
 
 /// Where agent `agent_id` asks for a rollout slot for `app` (request/reply, answered by the

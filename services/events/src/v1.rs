@@ -94,6 +94,9 @@ pub enum RejectCode {
     /// own record): a directive replacing versions never signed would raise every agent's
     /// highest accepted version and block the releases below it.
     RollbackFromNotLatest,
+    /// The service had no room on its disk for the archive: refused rather than retried
+    /// forever; publish it again once there is room.
+    DiskFull,
 }
 
 /// The watcher refused a package. Nothing was stored for it.
@@ -230,6 +233,11 @@ pub struct ChunkIndex {
     #[schemars(with = "String")]
     pub version: Version,
     pub files: Vec<FileChunks>,
+    /// The chunks are stored under the app's subjects (`names::chunk_subject`). Absent (false)
+    /// in indexes written before chunks were per app, whose chunks agents can no longer read:
+    /// such a release has to be stored again (docs/operations.md, "Upgrading").
+    #[serde(default)]
+    pub per_app: bool,
 }
 
 #[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize, JsonSchema)]

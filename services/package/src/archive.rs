@@ -35,6 +35,18 @@ impl Default for ArchiveLimits {
     }
 }
 
+impl ArchiveLimits {
+    /// The largest archive file these limits can accept: its contents stored uncompressed, plus
+    /// generous room for each entry's headers and name (a local header and a central-directory
+    /// record, each with the name). Larger ones are refused before they are downloaded.
+    pub fn max_archive_bytes(&self) -> u64 {
+        const PER_ENTRY: u64 = 4096;
+        self.max_total_bytes
+            .saturating_add((self.max_entries as u64).saturating_mul(PER_ENTRY))
+            .saturating_add(PER_ENTRY)
+    }
+}
+
 /// Below this size a high ratio is harmless (a small file of zeros) and not checked per entry.
 const RATIO_FLOOR: u64 = 1 << 20;
 /// A symlink's target is read into memory; real ones are short.

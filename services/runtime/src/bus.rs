@@ -63,6 +63,19 @@ pub struct Bus {
 /// Largest chunk as stored (a 256 KiB chunk that zstd could not shrink, plus its frame).
 const MAX_CHUNK_MESSAGE: i32 = 300 * 1024;
 
+/// Largest message of the incoming object store: an archive's chunk (`ARCHIVE_CHUNK_SIZE` in
+/// `releases.rs`, 512 KiB; older uploads used async-nats's 128 KiB) or an object's metadata.
+const MAX_OBJECT_MESSAGE: i32 = 1 << 20;
+
+/// A KV bucket fleetcast creates.
+struct BucketSpec {
+    name: &'static str,
+    history: i64,
+    replicas: usize,
+    max_bytes: i64,
+    max_value_size: i32,
+}
+
 impl Bus {
     /// Connects (retrying with backoff until `shutdown`) and creates every stream and bucket
     /// that does not exist yet, with `settings.replicas`: what the fleetcast services do.
@@ -127,13 +140,7 @@ impl Bus {
         let js = jetstream::ContextBuilder::new()
             .timeout(settings.request_timeout)
             .build(client.clone());
-        let setup = |what: &str| {
-            let what = what.to_string();
-            move |e: Box<dyn std::error::Error + Send + Sync>| BusError::Setup {
-                what,
-                reason: e.to_string(),
-            }
-        };
+        let quotas = &settings.quotas;
         let releases_stream = stream_with(
             &js,
             resources,
@@ -144,6 +151,8 @@ impl Bus {
                     .map(|s| s.to_string())
                     .collect(),
                 max_age: Duration::from_secs(90 * 24 * 3600),
+                max_bytes: quotas.releases_stream_bytes,
+                max_message_size: quotas.record_bytes,
                 duplicate_window: Duration::from_secs(300),
                 storage: stream::StorageType::File,
                 num_replicas: settings.replicas,
@@ -156,10 +165,15 @@ impl Bus {
             resources,
             stream::Config {
                 name: CHUNKS_STREAM.into(),
-                subjects: vec![format!("{CHUNK_SUBJECT_PREFIX}*")],
-                // A chunk is immutable and named by its content: one message per subject.
+                subjects: vec![CHUNKS_STREAM_SUBJECTS.into()],
+                // A chunk is immutable and named by its app and content: one message per
+                // subject.
                 max_messages_per_subject: 1,
                 max_message_size: MAX_CHUNK_MESSAGE,
+                max_bytes: quotas.chunks_bytes,
+                // Full: new chunks are refused (the release is not stored), never old ones
+                // dropped from under the releases that use them.
+                discard: stream::DiscardPolicy::New,
                 allow_direct: true,
                 storage: stream::StorageType::File,
                 num_replicas: settings.replicas,
@@ -167,6 +181,9 @@ impl Bus {
             },
         )
         .await?;
+        if resources == Resources::Create {
+            widen_chunk_subjects(&js, &chunks).await;
+        }
         let status_stream = stream_with(
             &js,
             resources,
@@ -177,51 +194,90 @@ impl Bus {
                     .map(|s| s.to_string())
                     .collect(),
                 max_age: Duration::from_secs(7 * 24 * 3600),
+                // Full before a week: the oldest reports go first (the tracker's inventory
+                // holds what they said).
+                max_bytes: quotas.status_stream_bytes,
+                max_message_size: quotas.status_message_bytes,
                 storage: stream::StorageType::File,
                 num_replicas: settings.replicas,
                 ..Default::default()
             },
         )
         .await?;
-        let releases =
-            kv_bucket(&js, resources, RELEASES_BUCKET, 10, settings.replicas, None).await?;
-        let index = kv_bucket(&js, resources, INDEX_BUCKET, 1, settings.replicas, None).await?;
+        // Buckets holding a signed manifest or a chunk index, and the rollouts (a failure
+        // reason per host), take records up to `record_bytes`; the others hold small state.
+        let bucket = |name: &'static str, history: i64, record: bool| BucketSpec {
+            name,
+            history,
+            replicas: settings.replicas,
+            max_bytes: if record {
+                quotas.record_bucket_bytes
+            } else {
+                quotas.bucket_bytes
+            },
+            max_value_size: if record {
+                quotas.record_bytes
+            } else {
+                quotas.state_bytes
+            },
+        };
+        let releases = kv_bucket(&js, resources, bucket(RELEASES_BUCKET, 10, true), None).await?;
+        let index = kv_bucket(&js, resources, bucket(INDEX_BUCKET, 1, true), None).await?;
         let signer_state =
-            kv_bucket(&js, resources, SIGNER_BUCKET, 10, settings.replicas, None).await?;
+            kv_bucket(&js, resources, bucket(SIGNER_BUCKET, 10, false), None).await?;
         let desired = kv_bucket(
             &js,
             resources,
-            DESIRED_BUCKET,
-            10,
-            settings.replicas,
+            bucket(DESIRED_BUCKET, 10, true),
             Some(DESIRED_SUBJECT_PREFIX),
         )
         .await?;
-        let fleet = kv_bucket(&js, resources, FLEET_BUCKET, 1, settings.replicas, None).await?;
-        let rollouts =
-            kv_bucket(&js, resources, ROLLOUTS_BUCKET, 10, settings.replicas, None).await?;
+        let fleet = kv_bucket(&js, resources, bucket(FLEET_BUCKET, 1, false), None).await?;
+        let rollouts = kv_bucket(&js, resources, bucket(ROLLOUTS_BUCKET, 10, true), None).await?;
         let trust = kv_bucket(
             &js,
             resources,
-            TRUST_BUCKET,
-            1,
-            settings.replicas,
+            bucket(TRUST_BUCKET, 1, false),
             Some(TRUST_SUBJECT_PREFIX),
         )
         .await?;
         let incoming = match js.get_object_store(INCOMING_BUCKET).await {
             Ok(store) => store,
             Err(e) if resources == Resources::Bind => return Err(not_set_up(INCOMING_BUCKET, &e)),
-            Err(_) => js
-                .create_object_store(object_store::Config {
-                    bucket: INCOMING_BUCKET.into(),
-                    description: Some("release archives waiting to be signed and chunked".into()),
-                    storage: stream::StorageType::File,
-                    num_replicas: settings.replicas,
-                    ..Default::default()
-                })
-                .await
-                .map_err(|e| setup(INCOMING_BUCKET)(e.into()))?,
+            Err(_) => {
+                // The object store's own stream (as async-nats's `create_object_store` makes
+                // it), made here so it gets a largest message size too, which that call does
+                // not set.
+                stream_with(
+                    &js,
+                    resources,
+                    stream::Config {
+                        name: format!("OBJ_{INCOMING_BUCKET}"),
+                        description: Some(
+                            "release archives waiting to be signed and chunked".into(),
+                        ),
+                        subjects: vec![
+                            format!("$O.{INCOMING_BUCKET}.C.>"),
+                            format!("$O.{INCOMING_BUCKET}.M.>"),
+                        ],
+                        max_bytes: quotas.incoming_bytes,
+                        max_message_size: MAX_OBJECT_MESSAGE,
+                        storage: stream::StorageType::File,
+                        num_replicas: settings.replicas,
+                        discard: stream::DiscardPolicy::New,
+                        allow_rollup: true,
+                        allow_direct: true,
+                        ..Default::default()
+                    },
+                )
+                .await?;
+                js.get_object_store(INCOMING_BUCKET)
+                    .await
+                    .map_err(|e| BusError::Setup {
+                        what: INCOMING_BUCKET.into(),
+                        reason: e.to_string(),
+                    })?
+            }
         };
         Ok(Bus {
             client,
@@ -305,19 +361,29 @@ impl Bus {
         event: &T,
         encoding: Encoding,
     ) -> Result<(), BusError> {
-        let (headers, payload) = encode_event(subject, event, encoding)?;
-        self.client
-            .publish_with_headers(subject.to_string(), headers, payload.into())
-            .await
-            .map_err(|e| BusError::Publish {
-                subject: subject.into(),
-                reason: e.to_string(),
-            })
+        report_event(&self.client, subject, event, encoding).await
     }
 }
 
+/// See [`Bus::report_event`].
+pub(crate) async fn report_event<T: Serialize>(
+    client: &async_nats::Client,
+    subject: &str,
+    event: &T,
+    encoding: Encoding,
+) -> Result<(), BusError> {
+    let (headers, payload) = encode_event(subject, event, encoding)?;
+    client
+        .publish_with_headers(subject.to_string(), headers, payload.into())
+        .await
+        .map_err(|e| BusError::Publish {
+            subject: subject.into(),
+            reason: e.to_string(),
+        })
+}
+
 /// An event's payload and the headers naming its encoding.
-fn encode_event<T: Serialize>(
+pub(crate) fn encode_event<T: Serialize>(
     subject: &str,
     event: &T,
     encoding: Encoding,
@@ -372,11 +438,10 @@ async fn stream_with(
 async fn kv_bucket(
     js: &jetstream::Context,
     resources: Resources,
-    bucket: &str,
-    history: i64,
-    replicas: usize,
+    spec: BucketSpec,
     republish: Option<&str>,
 ) -> Result<kv::Store, BusError> {
+    let bucket = spec.name;
     let republish = republish.map(|prefix| stream::Republish {
         source: format!("$KV.{bucket}.>"),
         destination: format!("{prefix}>"),
@@ -396,9 +461,11 @@ async fn kv_bucket(
     }
     js.create_key_value(kv::Config {
         bucket: bucket.into(),
-        history,
+        history: spec.history,
         storage: stream::StorageType::File,
-        num_replicas: replicas,
+        num_replicas: spec.replicas,
+        max_bytes: spec.max_bytes,
+        max_value_size: spec.max_value_size,
         republish,
         ..Default::default()
     })
@@ -453,6 +520,32 @@ fn check_secure(settings: &NatsSettings, name: &str) -> Result<(), BusError> {
          or unencrypted; for local development on 127.0.0.1 only, never in production"
     );
     Ok(())
+}
+
+/// A chunks stream made before chunks were stored per app captures `fleetcast.v1.chunk.*`
+/// only: it is widened to [`CHUNKS_STREAM_SUBJECTS`] (which still holds the old subjects), else
+/// no per-app chunk could be stored. Only the distributor may update it; for the others a
+/// refusal is only logged.
+async fn widen_chunk_subjects(js: &jetstream::Context, chunks: &stream::Stream) {
+    let config = chunks.cached_info().config.clone();
+    if config.subjects == [CHUNKS_STREAM_SUBJECTS] {
+        return;
+    }
+    let updated = stream::Config {
+        subjects: vec![CHUNKS_STREAM_SUBJECTS.into()],
+        ..config
+    };
+    match js.update_stream(&updated).await {
+        Ok(_) => tracing::info!(
+            stream = CHUNKS_STREAM,
+            "chunk store now takes chunks per app"
+        ),
+        Err(e) => tracing::warn!(
+            stream = CHUNKS_STREAM,
+            error = %e,
+            "the chunk store does not take per-app chunks yet; the distributor widens it when it starts (docs/operations.md, Upgrading)"
+        ),
+    }
 }
 
 /// Connects with unlimited reconnects; connection changes are logged, never fatal. The

@@ -3,6 +3,7 @@
 //! windows (agents' update windows, the tracker's maintenance windows), Prometheus metrics and
 //! the `/health` + `/metrics` endpoint operators watch.
 
+pub mod agent_bus;
 pub mod bus;
 pub mod consume;
 pub mod fs;
@@ -17,6 +18,7 @@ pub mod telemetry;
 pub mod trust;
 pub mod window;
 
+pub use agent_bus::AgentBus;
 pub use bus::{Bus, BusError};
 pub use settings::{NatsSettings, SettingsError, TlsSettings, load_settings};
 pub use shutdown::shutdown_on_signals;

@@ -23,21 +23,49 @@ pub enum FetchError {
         got: String,
         want: String,
     },
+    /// Larger than any archive the limits accept: refused before a byte is written.
+    #[error("archive {object} is {size} bytes, more than the {limit} bytes an archive may have")]
+    TooLarge {
+        object: String,
+        size: u64,
+        limit: u64,
+    },
+    /// The local disk is full (or over quota): not retried, since a retry would only fill it
+    /// again while the message holds the queue.
+    #[error("no room for archive {object} in {dir}: {reason}")]
+    DiskFull {
+        object: String,
+        dir: String,
+        reason: String,
+    },
     #[error("cannot fetch archive {object}: {reason}")]
     Transient { object: String, reason: String },
 }
 
 impl FetchError {
-    /// The rejection to report for a missing or different archive; `None` when worth retrying.
+    /// The rejection to report for a missing, different, too large archive or a full disk;
+    /// `None` when worth retrying.
     pub fn rejection(&self) -> Option<Rejection> {
-        match self {
-            FetchError::NotFound(_) | FetchError::Mismatch { .. } => Some(Rejection {
-                code: fleetcast_events::v1::RejectCode::ArchiveMismatch,
-                message: self.to_string(),
-            }),
-            FetchError::Transient { .. } => None,
-        }
+        use fleetcast_events::v1::RejectCode;
+        let code = match self {
+            FetchError::NotFound(_) | FetchError::Mismatch { .. } => RejectCode::ArchiveMismatch,
+            FetchError::TooLarge { .. } => RejectCode::TooLarge,
+            FetchError::DiskFull { .. } => RejectCode::DiskFull,
+            FetchError::Transient { .. } => return None,
+        };
+        Some(Rejection {
+            code,
+            message: self.to_string(),
+        })
     }
+}
+
+/// Whether a local write failed for want of room: a full disk or an exhausted quota.
+pub fn is_disk_full(e: &std::io::Error) -> bool {
+    matches!(
+        e.kind(),
+        std::io::ErrorKind::StorageFull | std::io::ErrorKind::QuotaExceeded
+    )
 }
 
 /// An archive copied to a local temporary file (removed on drop), with its size and BLAKE3.
@@ -45,6 +73,32 @@ pub struct FetchedArchive {
     pub file: tempfile::NamedTempFile,
     pub size: u64,
     pub blake3: String,
+}
+
+/// The checks made on an object's stored size before it is downloaded: not over `max_size`,
+/// and the size the event announced, if any.
+fn check_size(
+    object: &str,
+    stored: u64,
+    announced: Option<u64>,
+    max_size: u64,
+    blake3: &str,
+) -> Result<(), FetchError> {
+    if stored > max_size {
+        return Err(FetchError::TooLarge {
+            object: object.into(),
+            size: stored,
+            limit: max_size,
+        });
+    }
+    if let Some(want) = announced.filter(|want| *want != stored) {
+        return Err(FetchError::Mismatch {
+            object: object.into(),
+            got: format!("{stored} bytes"),
+            want: format!("{want} bytes, BLAKE3 {blake3}"),
+        });
+    }
+    Ok(())
 }
 
 /// The waits before "not found" is believed. The event naming an object is published after
@@ -82,17 +136,32 @@ impl Bus {
     }
 
     /// Copies `object` to a temporary file, hashing it on the way, and checks that it is the
-    /// archive the event announced: its BLAKE3, and its size when the event gives one.
+    /// archive the event announced: its BLAKE3, and its size when the event gives one. An
+    /// object whose stored size is over `max_size` (or not the event's) is refused before
+    /// anything is written; a full disk is a [`FetchError::DiskFull`].
     pub async fn fetch_archive(
         &self,
         object: &str,
         blake3: &str,
         size: Option<u64>,
+        max_size: u64,
         work_dir: &Path,
     ) -> Result<FetchedArchive, FetchError> {
         let transient = |e: &dyn std::fmt::Display| FetchError::Transient {
             object: object.into(),
             reason: e.to_string(),
+        };
+        // A local write error: a full disk is final, anything else worth another try.
+        let local = |e: std::io::Error| {
+            if is_disk_full(&e) {
+                FetchError::DiskFull {
+                    object: object.into(),
+                    dir: work_dir.display().to_string(),
+                    reason: e.to_string(),
+                }
+            } else {
+                transient(&e)
+            }
         };
         let mut patience = NOT_FOUND_PATIENCE.iter();
         let mut reader = loop {
@@ -105,13 +174,17 @@ impl Bus {
                 Err(e) => return Err(transient(&e)),
             }
         };
-        std::fs::create_dir_all(work_dir).map_err(|e| transient(&e))?;
+        // The stored size, from the object's info, before a byte is written: an archive over
+        // the limits would be refused after filling the disk otherwise.
+        let stored = reader.info.size as u64;
+        check_size(object, stored, size, max_size, blake3)?;
+        std::fs::create_dir_all(work_dir).map_err(local)?;
         let file = tempfile::Builder::new()
             .prefix("archive-")
             .suffix(".zip")
             .tempfile_in(work_dir)
-            .map_err(|e| transient(&e))?;
-        let mut out = tokio::fs::File::from_std(file.reopen().map_err(|e| transient(&e))?);
+            .map_err(local)?;
+        let mut out = tokio::fs::File::from_std(file.reopen().map_err(local)?);
         let mut hasher = blake3::Hasher::new();
         let mut buf = vec![0u8; 256 * 1024];
         let mut read = 0u64;
@@ -120,11 +193,19 @@ impl Bus {
             if n == 0 {
                 break;
             }
-            hasher.update(&buf[..n]);
-            out.write_all(&buf[..n]).await.map_err(|e| transient(&e))?;
             read += n as u64;
+            // The object's chunks are not bounded by its info: stop at the size it gave.
+            if read > stored {
+                return Err(FetchError::Mismatch {
+                    object: object.into(),
+                    got: format!("more than the {stored} bytes its info gives"),
+                    want: format!("{stored} bytes"),
+                });
+            }
+            hasher.update(&buf[..n]);
+            out.write_all(&buf[..n]).await.map_err(local)?;
         }
-        out.flush().await.map_err(|e| transient(&e))?;
+        out.flush().await.map_err(local)?;
         let got = hasher.finalize().to_hex().to_string();
         if got != blake3 || size.is_some_and(|want| want != read) {
             let want_size = size.map_or(String::new(), |s| format!("{s} bytes, "));
@@ -252,5 +333,76 @@ impl Bus {
             updated: time::OffsetDateTime::now_utc(),
         })
         .await
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use std::io::Write;
+
+    use fleetcast_events::v1::RejectCode;
+
+    use super::*;
+
+    #[test]
+    fn an_object_over_the_limit_or_not_the_announced_size_is_refused_before_download() {
+        let blake3 = "ab".repeat(32);
+        assert!(check_size("a.zip", 1000, Some(1000), 1000, &blake3).is_ok());
+        assert!(check_size("a.zip", 1000, None, 1000, &blake3).is_ok());
+        let over = check_size("a.zip", 1001, None, 1000, &blake3).expect_err("over the limit");
+        assert!(
+            matches!(
+                over,
+                FetchError::TooLarge {
+                    size: 1001,
+                    limit: 1000,
+                    ..
+                }
+            ),
+            "{over}"
+        );
+        assert_eq!(
+            over.rejection().map(|r| r.code),
+            Some(RejectCode::TooLarge),
+            "a final refusal, not a retry"
+        );
+        // Over the limit even when the event announces that size.
+        assert!(matches!(
+            check_size("a.zip", 5000, Some(5000), 1000, &blake3),
+            Err(FetchError::TooLarge { .. })
+        ));
+        let other = check_size("a.zip", 900, Some(1000), 1000, &blake3).expect_err("other size");
+        assert_eq!(
+            other.rejection().map(|r| r.code),
+            Some(RejectCode::ArchiveMismatch)
+        );
+    }
+
+    #[test]
+    fn a_full_disk_is_a_final_refusal_other_write_errors_are_retried() {
+        // A real write to a device that is always full.
+        let mut full = std::fs::OpenOptions::new()
+            .write(true)
+            .open("/dev/full")
+            .expect("/dev/full");
+        let e = full.write_all(&[0u8; 4096]).and_then(|()| full.flush());
+        let e = e.expect_err("/dev/full took the write");
+        assert!(is_disk_full(&e), "{e:?}");
+        const EDQUOT: i32 = 122;
+        assert!(is_disk_full(&std::io::Error::from_raw_os_error(EDQUOT)));
+        const EACCES: i32 = 13;
+        assert!(!is_disk_full(&std::io::Error::from_raw_os_error(EACCES)));
+
+        let full = FetchError::DiskFull {
+            object: "a.zip".into(),
+            dir: "/work".into(),
+            reason: e.to_string(),
+        };
+        assert_eq!(full.rejection().map(|r| r.code), Some(RejectCode::DiskFull));
+        let transient = FetchError::Transient {
+            object: "a.zip".into(),
+            reason: "permission denied".into(),
+        };
+        assert!(transient.rejection().is_none());
     }
 }

@@ -125,6 +125,8 @@ pub struct NatsSettings {
     /// unless both are set, so a deployment that forgot them fails at start instead of
     /// running open.
     pub insecure_dev: bool,
+    /// Size limits of the streams and buckets this service creates (`[nats.quotas]`).
+    pub quotas: StoreQuotas,
 }
 
 impl Default for NatsSettings {
@@ -137,6 +139,7 @@ impl Default for NatsSettings {
             replicas: 1,
             inbox_prefix: None,
             insecure_dev: false,
+            quotas: StoreQuotas::default(),
         }
     }
 }
@@ -149,6 +152,57 @@ impl NatsSettings {
             (false, true) => Some("no nats.credentials"),
             (true, false) => Some("no nats.tls.ca_file"),
             (false, false) => Some("no nats.credentials and no nats.tls.ca_file"),
+        }
+    }
+}
+
+/// Size limits (bytes) of the streams and buckets fleetcast creates. JetStream reserves each
+/// `*_bytes` on every server holding a replica when it creates the stream, and refuses to
+/// create one it cannot reserve (its `max_file_store`, by default 75% of the free disk, or the
+/// account's `disk_storage`): size them to the servers' disks. They apply when a stream is
+/// created; existing streams keep theirs (change them with `nats stream edit`, see
+/// docs/operations.md, "Quotas").
+#[derive(Debug, Clone, Deserialize, PartialEq, Eq)]
+#[serde(deny_unknown_fields, default)]
+pub struct StoreQuotas {
+    /// The chunk store (FLEETCAST_CHUNKS): every stored version of every app, deduplicated
+    /// within each app. Full, the distributor's stores fail (retried, reported) until an
+    /// operator makes room.
+    pub chunks_bytes: i64,
+    /// Archives waiting to be signed and chunked (the `fleetcast-incoming` object store); the
+    /// largest archive CI can upload is bounded by it too.
+    pub incoming_bytes: i64,
+    /// The release pipeline's events (FLEETCAST_RELEASES), besides their 90-day age limit.
+    pub releases_stream_bytes: i64,
+    /// Agents' reports (FLEETCAST_STATUS), besides their 7-day age limit: oldest dropped first.
+    pub status_stream_bytes: i64,
+    /// The largest report the status stream takes (heartbeat, status).
+    pub status_message_bytes: i32,
+    /// Each KV bucket holding records (releases, index, desired, rollouts): they grow with
+    /// every release stored.
+    pub record_bucket_bytes: i64,
+    /// Each of the other KV buckets (fleet, signer, trust).
+    pub bucket_bytes: i64,
+    /// The largest event of the releases stream and value of the buckets that hold a signed
+    /// manifest or a chunk index (releases, index, desired) or a rollout (its failures, one per
+    /// host): at most the server's `max_payload`.
+    pub record_bytes: i32,
+    /// The largest value of the other buckets (fleet, signer, trust).
+    pub state_bytes: i32,
+}
+
+impl Default for StoreQuotas {
+    fn default() -> Self {
+        StoreQuotas {
+            chunks_bytes: 4 << 30,
+            incoming_bytes: 2 << 30,
+            releases_stream_bytes: 256 << 20,
+            status_stream_bytes: 256 << 20,
+            status_message_bytes: 64 << 10,
+            record_bucket_bytes: 512 << 20,
+            bucket_bytes: 128 << 20,
+            record_bytes: 8 << 20,
+            state_bytes: 1 << 20,
         }
     }
 }

@@ -24,7 +24,6 @@ use std::path::{Path, PathBuf};
 use std::sync::{Arc, Mutex};
 use std::time::Duration;
 
-use async_nats::jetstream::kv;
 use fleetcast_events::names::{TIMESTAMP_KEY, TRUST_SUBJECT_PREFIX, root_key};
 use fleetcast_events::v1::MetadataStatus;
 use fleetcast_events::{SignedMetadata, Timestamp, TrustError, TrustedKeys, TrustedRoot};
@@ -33,8 +32,8 @@ use semver::Version;
 use time::OffsetDateTime;
 use tokio_util::sync::CancellationToken;
 
-use crate::Bus;
 use crate::settings::SettingsError;
+use crate::{AgentBus, Bus};
 
 /// How often a service (signer, distributor) reads the trust bucket again behind the
 /// subscription; agents use their own `recheck`.
@@ -453,7 +452,7 @@ impl Trust {
 
     /// Walks forward through every published root after the current one, then takes the
     /// stored timestamp.
-    async fn refresh(&self, store: &kv::Store) -> Result<(), String> {
+    async fn refresh(&self, store: &impl TrustSource) -> Result<(), String> {
         for _ in 0..MAX_ROOTS_PER_REFRESH {
             if matches!(self.state().anchor, Anchor::Pinned(_)) {
                 break;
@@ -499,8 +498,8 @@ impl Trust {
     /// republishes its writes on, as for desired states), then reads what is published: roots walked in order, the
     /// timestamp. When this returns the trust is as current as the store, so a caller can
     /// judge announcements at once; [`Following::run`] keeps it current.
-    pub async fn start_following(self: Arc<Self>, bus: Bus) -> Following {
-        let mut connections = bus.connections.clone();
+    pub async fn start_following<S: TrustSource>(self: Arc<Self>, bus: S) -> Following<S> {
+        let mut connections = bus.connections();
         connections.mark_unchanged();
         let updates = self.subscribe_and_refresh(&bus).await;
         Following {
@@ -513,29 +512,65 @@ impl Trust {
 
     /// Subscribes first, then reads the store, so nothing published in between is missed.
     /// `None`: the subscription failed (the store was still read).
-    async fn subscribe_and_refresh(&self, bus: &Bus) -> Option<async_nats::Subscriber> {
+    async fn subscribe_and_refresh(
+        &self,
+        bus: &impl TrustSource,
+    ) -> Option<async_nats::Subscriber> {
         let updates = bus
-            .client
+            .client()
             .subscribe(format!("{TRUST_SUBJECT_PREFIX}>"))
             .await
             .map_err(|e| tracing::warn!(error = %e, "cannot subscribe to trust updates, retrying"))
             .ok();
-        if let Err(e) = self.refresh(&bus.trust).await {
+        if let Err(e) = self.refresh(bus).await {
             tracing::warn!(error = %e, "trust not refreshed");
         }
         updates
     }
 }
 
+/// Where a verifier follows the trust bucket from: a service's [`Bus`] (a `kv::Store`) or an
+/// agent's [`AgentBus`] (direct gets only, see `agent_bus`).
+pub trait TrustSource: Send + Sync + 'static {
+    fn client(&self) -> &async_nats::Client;
+    fn connections(&self) -> tokio::sync::watch::Receiver<u64>;
+    /// A key's value; `None` when absent or deleted.
+    fn get(&self, key: &str) -> impl Future<Output = Result<Option<bytes::Bytes>, String>> + Send;
+}
+
+impl TrustSource for Bus {
+    fn client(&self) -> &async_nats::Client {
+        &self.client
+    }
+    fn connections(&self) -> tokio::sync::watch::Receiver<u64> {
+        self.connections.clone()
+    }
+    async fn get(&self, key: &str) -> Result<Option<bytes::Bytes>, String> {
+        self.trust.get(key).await.map_err(|e| e.to_string())
+    }
+}
+
+impl TrustSource for AgentBus {
+    fn client(&self) -> &async_nats::Client {
+        &self.client
+    }
+    fn connections(&self) -> tokio::sync::watch::Receiver<u64> {
+        self.connections.clone()
+    }
+    async fn get(&self, key: &str) -> Result<Option<bytes::Bytes>, String> {
+        self.trust.get(key).await.map_err(|e| e.to_string())
+    }
+}
+
 /// A verifier's trust being kept current (see [`Trust::start_following`]).
-pub struct Following {
+pub struct Following<S = Bus> {
     trust: Arc<Trust>,
-    bus: Bus,
+    bus: S,
     connections: tokio::sync::watch::Receiver<u64>,
     updates: Option<async_nats::Subscriber>,
 }
 
-impl Following {
+impl<S: TrustSource> Following<S> {
     /// Until `shutdown`: new roots and timestamps as they are published, a full refresh after
     /// every reconnect and every `recheck`.
     pub async fn run(self, recheck: Duration, shutdown: CancellationToken) {
@@ -584,7 +619,7 @@ impl Following {
                     }
                     _ = ticker.tick() => true,
                 };
-                if refresh && let Err(e) = trust.refresh(&bus.trust).await {
+                if refresh && let Err(e) = trust.refresh(&bus).await {
                     tracing::warn!(error = %e, "trust not refreshed");
                 }
             }

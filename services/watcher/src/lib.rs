@@ -145,7 +145,13 @@ impl Watcher {
         let work_dir = self.settings.work_dir();
         let fetched = match self
             .bus
-            .fetch_archive(&event.object, &event.blake3, Some(event.size), &work_dir)
+            .fetch_archive(
+                &event.object,
+                &event.blake3,
+                Some(event.size),
+                self.settings.limits.max_archive_bytes(),
+                &work_dir,
+            )
             .await
         {
             Ok(f) => f,

@@ -593,7 +593,7 @@ pub async fn reassemble(
             let id = ChunkId::from_hex(&c.id)?;
             let msg = bus
                 .chunks
-                .direct_get_last_for_subject(names::chunk_subject(&c.id))
+                .direct_get_last_for_subject(names::chunk_subject(app, &c.id))
                 .await?;
             content.extend_from_slice(chunking::verify(&id, c.len, &msg.payload)?.data());
         }

@@ -98,7 +98,11 @@ async fn versions_assemble_from_the_store_reusing_installed_chunks() {
     let host = tempfile::tempdir().expect("tmp");
     let root = InstallRoot::new(host.path().join("app")).expect("root");
     let store = NatsChunks {
-        stream: bus.chunks.clone(),
+        chunks: fleetcast_runtime::AgentBus::from_bus(&bus)
+            .await
+            .expect("agent bus")
+            .chunks,
+        app: "app".into(),
     };
 
     let r1 = assemble(&root, &m1, &i1, &LocalChunks::default(), &store, 8)
@@ -163,7 +167,11 @@ async fn an_interrupted_download_resumes_and_a_tampered_chunk_is_refused() {
     let host = tempfile::tempdir().expect("tmp");
     let root = InstallRoot::new(host.path().join("app")).expect("root");
     let store = NatsChunks {
-        stream: bus.chunks.clone(),
+        chunks: fleetcast_runtime::AgentBus::from_bus(&bus)
+            .await
+            .expect("agent bus")
+            .chunks,
+        app: "app".into(),
     };
 
     let flaky = Flaky {
@@ -196,7 +204,7 @@ async fn an_interrupted_download_resumes_and_a_tampered_chunk_is_refused() {
     let forged = fleetcast_package::chunking::encode_stored(&vec![7u8; victim.len as usize])
         .expect("encode");
     bus.js
-        .publish(chunk_subject(&victim.id), forged.into())
+        .publish(chunk_subject("app", &victim.id), forged.into())
         .await
         .expect("publish")
         .await
@@ -220,7 +228,7 @@ async fn an_interrupted_download_resumes_and_a_tampered_chunk_is_refused() {
     bomb.extend(zstd::bulk::compress(&vec![0u8; 64 << 20], 19).expect("compress"));
     assert!(bomb.len() < 64 << 10, "{} bytes", bomb.len());
     bus.js
-        .publish(chunk_subject(&victim.id), bomb.into())
+        .publish(chunk_subject("app", &victim.id), bomb.into())
         .await
         .expect("publish")
         .await
@@ -235,7 +243,10 @@ async fn an_interrupted_download_resumes_and_a_tampered_chunk_is_refused() {
     assert!(!other.version_dir(&v("1.0.0")).exists());
     let oversized = bus
         .js
-        .publish(chunk_subject(&victim.id), vec![0u8; 512 << 10].into())
+        .publish(
+            chunk_subject("app", &victim.id),
+            vec![0u8; 512 << 10].into(),
+        )
         .await
         .expect("publish");
     assert!(oversized.await.is_err(), "the store took a 512 KiB chunk");

@@ -209,11 +209,11 @@ async fn an_agent_identity_is_refused_everything_but_its_own_business() {
     .await;
     let js = async_nats::jetstream::new(h1.clone());
 
-    // What it may do: read its own desired state, report its own status.
-    let desired = js
-        .get_key_value(names::DESIRED_BUCKET)
+    // What it may do: read its own desired state (by direct get, as the agent does: no stream
+    // info, see agent_scope.rs), report its own status.
+    let desired = fleetcast_runtime::agent_bus::DirectKv::new(&js, names::DESIRED_BUCKET)
         .await
-        .expect("bind desired");
+        .expect("desired");
     assert_eq!(
         desired.get("shapp.default").await.expect("own desired"),
         Some(desired_before.clone())
@@ -352,8 +352,11 @@ async fn an_agent_without_its_inbox_prefix_gets_no_replies() {
     let accounts = p.accounts.as_ref().expect("accounts");
     let (h1, refused) = client_as(&p, &accounts.agent_creds("h1"), None).await;
     let js = async_nats::jetstream::new(h1.clone());
+    let desired = fleetcast_runtime::agent_bus::DirectKv::new(&js, names::DESIRED_BUCKET)
+        .await
+        .expect("desired");
     assert!(
-        js.get_key_value(names::DESIRED_BUCKET).await.is_err(),
+        desired.get("shapp.default").await.is_err(),
         "a request without the agent's inbox gets no answer"
     );
     eventually("the shared inbox refused", || {
@@ -388,7 +391,7 @@ async fn every_role_is_refused_what_is_not_its_job() {
                 names::agent_status_subject("h1", "default", "shapp"),
                 desired.clone(),
                 format!("$KV.{}.shapp.1.0.0", names::RELEASES_BUCKET),
-                names::chunk_subject("00"),
+                names::chunk_subject("shapp", "00"),
                 delete_chunks.clone(),
                 // It may ask the tracker (rollout watch), not steer it.
                 names::TRACKER_COMMAND.into(),
@@ -407,7 +410,7 @@ async fn every_role_is_refused_what_is_not_its_job() {
             "signer",
             vec![
                 names::RELEASE_STORED.into(),
-                names::chunk_subject("00"),
+                names::chunk_subject("shapp", "00"),
                 desired.clone(),
                 format!("$KV.{}.root.2", TRUST_BUCKET),
                 delete_chunks.clone(),
@@ -428,7 +431,7 @@ async fn every_role_is_refused_what_is_not_its_job() {
             vec![
                 names::RELEASE_SIGNED.into(),
                 names::ROLLBACK_SIGNED.into(),
-                names::chunk_subject("00"),
+                names::chunk_subject("shapp", "00"),
                 format!("$KV.{}.shapp.1.0.0", names::RELEASES_BUCKET),
                 delete_chunks.clone(),
             ],

@@ -244,7 +244,7 @@ impl NatsServer {
             let auth = relative_to(store, accounts.dir());
             format!(
                 "listen: 127.0.0.1:{hub_port}\nmax_payload: 8MB\n\
-                 jetstream {{\n  store_dir: \"{}\"\n  domain: fleetcast\n}}\n\
+                 jetstream {{\n  store_dir: \"{}\"\n  domain: fleetcast\n  max_file_store: 1TB\n}}\n\
                  include \"{auth}/auth.conf\"\ninclude \"{auth}/files.conf\"\n\
                  tls {{\n{tls}  ca_file: $FLEETCAST_TLS_CA\n}}\n\
                  leafnodes {{\n  listen: 127.0.0.1:{leaf_port}\n  tls {{\n{tls}  }}\n}}\n",
@@ -303,10 +303,13 @@ impl NatsServer {
     }
 
     /// A server's config on `port` with its own store, plus `extra` lines; not started.
+    /// `max_file_store` is set: JetStream reserves every stream's `max_bytes` (fleetcast's
+    /// quotas) against it, and its default (75% of the free disk) would make a test's streams
+    /// depend on how full the machine's disk is; tests store little.
     fn configure(port: u16, extra: &str) -> anyhow::Result<NatsServer> {
         NatsServer::from_config(port, |store| {
             format!(
-                "listen: 127.0.0.1:{port}\nmax_payload: 8MB\njetstream {{\n  store_dir: \"{}\"\n}}\n{CONFIG_MARK}{extra}",
+                "listen: 127.0.0.1:{port}\nmax_payload: 8MB\njetstream {{\n  store_dir: \"{}\"\n  max_file_store: 1TB\n}}\n{CONFIG_MARK}{extra}",
                 store.join("js").display(),
             )
         })
