@@ -16,6 +16,13 @@
 //! - `cpu_s`: user + system CPU of this process and nats-server during the v2 rollout.
 //!
 //! The agents' folders are in /dev/shm when it exists (see `hosts` below).
+//!
+//! `FLEETCAST_BENCH_SECURE=1` runs the same fleet closed, as production does: nats-server from
+//! the shipped `ops/nats/secure.conf` with the accounts and TLS `ops/nats/gen-accounts --tls`
+//! issues, every agent under its own identity (one credential each), the distributor and tracker
+//! under their roles (the tracker's replies as `tracker-reply`), and the references' plain
+//! clients over TLS too, so each ratio compares like with like. Its `converge_vs_floor` against a
+//! run without it is the cost of authentication and TLS.
 
 use std::collections::HashSet;
 use std::time::{Duration, Instant};
@@ -32,6 +39,83 @@ use tokio_util::sync::CancellationToken;
 
 use crate::agent::cpu_ticks;
 use crate::ingest::{File, fresh_store, ingest_once, round, start_distributor, write_zip};
+use fleetcast_harness::NatsServer;
+use fleetcast_harness::accounts::{Accounts, AgentSpec};
+use fleetcast_runtime::{Bus, NatsSettings, TlsSettings};
+
+/// The fleet's NATS server, and the identities its programs use when it runs closed.
+struct FleetNats {
+    server: NatsServer,
+    /// `None`: the bench's own open server on 127.0.0.1 (insecure_dev).
+    accounts: Option<Accounts>,
+}
+
+impl FleetNats {
+    /// Open, or (`secure`) from the shipped secure.conf with `agents` agents issued.
+    async fn start(secure: bool, agents: usize) -> anyhow::Result<(FleetNats, Bus)> {
+        if !secure {
+            let (server, _, bus) = fresh_store().await?;
+            return Ok((
+                FleetNats {
+                    server,
+                    accounts: None,
+                },
+                bus,
+            ));
+        }
+        let specs: Vec<AgentSpec> = (0..agents)
+            .map(|i| AgentSpec::new(&agent_id(i), "default", &["fleet"]))
+            .collect();
+        let accounts = Accounts::generate_with_tls(&specs)?;
+        let server =
+            NatsServer::start_shipped("secure.conf", &accounts, &accounts.creds("admin")).await?;
+        let nats = FleetNats {
+            server,
+            accounts: Some(accounts),
+        };
+        let bus = Bus::connect(&nats.as_role("admin"), "bench", &CancellationToken::new()).await?;
+        Ok((nats, bus))
+    }
+
+    /// Settings for a program with `role`'s credentials (open: no credentials).
+    fn as_role(&self, role: &str) -> NatsSettings {
+        self.with_credentials(self.accounts.as_ref().map(|a| a.creds(role)))
+    }
+
+    fn with_credentials(&self, credentials: Option<std::path::PathBuf>) -> NatsSettings {
+        NatsSettings {
+            url: self.server.url(),
+            request_timeout: Duration::from_secs(30),
+            insecure_dev: self.accounts.is_none(),
+            credentials,
+            tls: self
+                .accounts
+                .as_ref()
+                .and_then(|a| a.ca())
+                .map(|ca_file| TlsSettings {
+                    ca_file,
+                    cert_file: None,
+                    key_file: None,
+                }),
+            ..Default::default()
+        }
+    }
+}
+
+fn agent_id(i: usize) -> String {
+    format!("a{i:05}")
+}
+
+/// A plain client for the references: as `settings` says (credentials and TLS when closed).
+async fn plain_client(settings: &NatsSettings) -> anyhow::Result<async_nats::Client> {
+    if settings.insecure_dev {
+        return Ok(async_nats::connect(settings.url.as_str()).await?);
+    }
+    let (client, _) =
+        fleetcast_runtime::bus::connect(settings, "bench-reference", &CancellationToken::new())
+            .await?;
+    Ok(client)
+}
 
 pub async fn run() -> anyhow::Result<String> {
     let agents: usize = std::env::var("FLEETCAST_BENCH_AGENTS")
@@ -53,14 +137,27 @@ pub async fn run() -> anyhow::Result<String> {
             .prefix("fleetcast-bench-hosts-")
             .tempdir()?,
     };
+    let secure = std::env::var("FLEETCAST_BENCH_SECURE").is_ok_and(|v| v == "1");
     let key = SecretKey::generate()?;
-    let (nats, settings, bus) = fresh_store().await?;
-    let distributor = start_distributor(&settings, &key, &dir.path().join("work"));
+    if secure {
+        eprintln!("closed: shipped secure.conf, {agents} agent identities, TLS");
+    }
+    let (fleet_nats, bus) = FleetNats::start(secure, agents).await?;
+    let nats = &fleet_nats.server;
+    let distributor = start_distributor(
+        &fleet_nats.as_role("distributor"),
+        &key,
+        &dir.path().join("work"),
+    );
     let shutdown = CancellationToken::new();
 
     let tracker = {
         let s = fleetcast_tracker::Settings {
-            nats: settings.clone(),
+            nats: fleet_nats.as_role("tracker"),
+            reply_credentials: fleet_nats
+                .accounts
+                .as_ref()
+                .map(|a| a.creds("tracker-reply")),
             listen: std::net::SocketAddr::from(([127, 0, 0, 1], 0)),
             tick: Duration::from_millis(200),
             stale_after: Duration::from_secs(120),
@@ -88,7 +185,16 @@ pub async fn run() -> anyhow::Result<String> {
         children.push(
             tokio::process::Command::new(std::env::current_exe()?)
                 .arg(AGENTS_COMMAND)
-                .env("FLEETCAST_BENCH_FLEET_NATS", &settings.url)
+                .env("FLEETCAST_BENCH_FLEET_NATS", nats.url())
+                // Closed: where each agent's credentials and the CA are (gen-accounts' folder).
+                .env(
+                    "FLEETCAST_BENCH_FLEET_ACCOUNTS",
+                    fleet_nats
+                        .accounts
+                        .as_ref()
+                        .map(|a| a.dir().as_os_str().to_owned())
+                        .unwrap_or_default(),
+                )
                 .env("FLEETCAST_BENCH_FLEET_HOSTS", hosts.path())
                 .env("FLEETCAST_BENCH_FLEET_KEY", key.public().to_text())
                 .env("FLEETCAST_BENCH_FLEET_RANGE", format!("{from}..{to}"))
@@ -217,7 +323,7 @@ pub async fn run() -> anyhow::Result<String> {
         .filter(|c| !old_ids.contains(c.id.as_str()))
         .map(|c| c.id.clone())
         .collect();
-    let floor = floor(&settings.url, agents, &changed).await?;
+    let floor = floor(&fleet_nats.as_role("admin"), agents, &changed).await?;
 
     // Closing their stdin stops the agents processes.
     for mut child in children {
@@ -258,6 +364,7 @@ pub async fn run() -> anyhow::Result<String> {
             "all_running_s": round3(all_running_s),
         },
         "agent_processes": processes,
+        "closed": secure,
         "supervised": "one /bin/sleep process per agent",
     });
     Ok(json.to_string())
@@ -309,20 +416,39 @@ pub async fn run_agents() -> anyhow::Result<String> {
     let range = var("FLEETCAST_BENCH_FLEET_RANGE")?;
     let (from, to) = range.split_once("..").context("range is FROM..TO")?;
     let (from, to): (usize, usize) = (from.parse()?, to.parse()?);
-    let nats = fleetcast_runtime::NatsSettings {
-        url,
+    // Closed (FLEETCAST_BENCH_SECURE): each agent its own credentials, everything over TLS.
+    let accounts = std::env::var_os("FLEETCAST_BENCH_FLEET_ACCOUNTS")
+        .filter(|d| !d.is_empty())
+        .map(std::path::PathBuf::from);
+    let nats_as = |credentials: Option<std::path::PathBuf>| NatsSettings {
+        url: url.clone(),
         request_timeout: Duration::from_secs(30),
-        // The benchmark's own server on 127.0.0.1, without accounts or TLS.
-        insecure_dev: true,
+        // The benchmark's own server on 127.0.0.1, without accounts or TLS, unless closed.
+        insecure_dev: accounts.is_none(),
+        credentials,
+        tls: accounts.as_ref().map(|dir| TlsSettings {
+            ca_file: dir.join("tls/ca.pem"),
+            cert_file: None,
+            key_file: None,
+        }),
         ..Default::default()
     };
+    let agent_nats = |id: &str| {
+        nats_as(
+            accounts
+                .as_ref()
+                .map(|dir| dir.join("creds/agents").join(format!("{id}.creds"))),
+        )
+    };
+    // The announcement floor's listeners subscribe to a bench subject no agent may read.
+    let listener_nats = nats_as(accounts.as_ref().map(|dir| dir.join("creds/admin.creds")));
     let shutdown = CancellationToken::new();
     let mut handles = Vec::new();
     for i in from..to {
         let s = fleetcast_agent::Settings {
-            nats: nats.clone(),
-            agent_id: format!("a{i:05}"),
-            data_dir: hosts.join(format!("a{i:05}")),
+            nats: agent_nats(&agent_id(i)),
+            agent_id: agent_id(i),
+            data_dir: hosts.join(agent_id(i)),
             trusted_keys: vec![key.clone()],
             slot_retry: Duration::from_secs(1),
             apps: vec![fleetcast_agent::settings::AppSettings {
@@ -350,7 +476,7 @@ pub async fn run_agents() -> anyhow::Result<String> {
     let mut listeners = Vec::new();
     for _ in from..to {
         let listening = async {
-            let client = async_nats::connect(nats.url.as_str()).await?;
+            let client = plain_client(&listener_nats).await?;
             let sub = client.subscribe(ANNOUNCE_SUBJECT).await?;
             // The server has the subscription before the bench publishes.
             client.flush().await?;
@@ -451,10 +577,10 @@ async fn wait_completed(
 
 /// `n` clients, each with its own connection, fetching `chunks` (of the app `fleet`) by direct
 /// get.
-async fn floor(url: &str, n: usize, chunks: &[String]) -> anyhow::Result<Duration> {
+async fn floor(settings: &NatsSettings, n: usize, chunks: &[String]) -> anyhow::Result<Duration> {
     let mut clients = Vec::new();
     for _ in 0..n {
-        let client = async_nats::connect(url).await?;
+        let client = plain_client(settings).await?;
         let js = async_nats::jetstream::new(client);
         clients.push(
             js.get_stream(fleetcast_events::names::CHUNKS_STREAM)

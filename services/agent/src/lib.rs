@@ -80,10 +80,11 @@ pub async fn run(settings: Settings, shutdown: CancellationToken) -> Result<(), 
     let mut nats = settings.nats.clone();
     nats.inbox_prefix
         .get_or_insert_with(|| fleetcast_events::names::agent_inbox_prefix(&settings.agent_id));
-    let bus = match AgentBus::connect(&nats, &format!("agent-{}", settings.agent_id), &shutdown).await {
-        Err(BusError::Cancelled) => return Ok(()),
-        other => other?,
-    };
+    let bus =
+        match AgentBus::connect(&nats, &format!("agent-{}", settings.agent_id), &shutdown).await {
+            Err(BusError::Cancelled) => return Ok(()),
+            other => other?,
+        };
     if let Some((_, endpoint, _)) = &observed {
         endpoint.connected(&bus.client);
     }
@@ -221,7 +222,8 @@ async fn isolated(
             reason: Some(reason),
             at: OffsetDateTime::now_utc(),
         };
-        let subject = fleetcast_events::names::agent_status_subject(&host.agent_id, &host.ring, app);
+        let subject =
+            fleetcast_events::names::agent_status_subject(&host.agent_id, &host.ring, app);
         if let Err(e) = bus.report_event(&subject, &status, Encoding::MsgPack).await {
             tracing::warn!(%app, error = %e, "status not published");
         }
