@@ -207,7 +207,11 @@ async fn an_app_running_as_its_own_user_cannot_touch_the_agent() {
     assert!(has("write-own-data allowed"), "{lines:?}");
     for what in ["hook-uid", "health-uid"] {
         // The health command runs once the app has been up for a while.
-        eventually(what, || own.join(what).exists()).await;
+        // Written by a shell redirection: created first, filled a moment later.
+        eventually(what, || {
+            std::fs::read_to_string(own.join(what)).is_ok_and(|uid| uid.ends_with('\n'))
+        })
+        .await;
         let uid = std::fs::read_to_string(own.join(what)).expect(what);
         assert_eq!(uid.trim(), NOBODY.to_string(), "{what}");
     }
