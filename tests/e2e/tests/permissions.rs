@@ -262,6 +262,9 @@ async fn an_agent_identity_is_refused_everything_but_its_own_business() {
         names::slot_subject("shapp", "h2"),
         names::TRACKER_COMMAND.to_string(),
         names::TRACKER_QUERY.to_string(),
+        // Upload an archive to the incoming store (its chunks and its metadata).
+        format!("$O.{}.C.forged", names::INCOMING_BUCKET),
+        format!("$O.{}.M.forged", names::INCOMING_BUCKET),
         // Only the server republishes writes of the desired state and the trust.
         names::desired_subject("shapp", "default"),
         format!("{}{}", names::TRUST_SUBJECT_PREFIX, names::TIMESTAMP_KEY),
