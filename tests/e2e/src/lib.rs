@@ -765,3 +765,91 @@ async fn wait_on<T: DeserializeOwned>(
     .await;
     found.with_context(|| format!("no matching event on {subject} within {TIMEOUT:?}"))?
 }
+
+/// The errors a NATS server sent one plain client. NATS refuses a publish or a subscription
+/// by dropping it and telling the client asynchronously (`-ERR 'Permissions Violation …'`, a
+/// connection event in async-nats, never an error from `publish`): red-team tests wait for
+/// that, then check the stores for no effect.
+#[derive(Clone, Default)]
+pub struct Violations(std::sync::Arc<std::sync::Mutex<Vec<String>>>);
+
+impl Violations {
+    /// `options` that also record every server error into this.
+    pub fn record(&self, options: async_nats::ConnectOptions) -> async_nats::ConnectOptions {
+        let seen = self.clone();
+        options.event_callback(move |event| {
+            let seen = seen.clone();
+            async move {
+                if let async_nats::Event::ServerError(e) = event {
+                    seen.0.lock().expect("lock").push(e.to_string());
+                }
+            }
+        })
+    }
+
+    /// Whether any error recorded so far passes `check`.
+    pub fn any(&self, check: impl Fn(&str) -> bool) -> bool {
+        self.0.lock().expect("lock").iter().any(|e| check(e))
+    }
+
+    /// Whether the server refused `what` ("Publish", "Subscription") on `subject`.
+    pub fn seen(&self, what: &str, subject: &str) -> bool {
+        let quoted = format!("\"{subject}\"");
+        self.any(|e| e.contains("Permissions Violation") && e.contains(what) && e.contains(&quoted))
+    }
+
+    /// Waits until the server refused a publish to `subject`.
+    pub async fn publish_refused(&self, subject: &str) {
+        eventually(&format!("publish to {subject} refused"), || {
+            self.seen("Publish", subject)
+        })
+        .await;
+    }
+
+    /// Waits until the server refused a subscription to `subject`.
+    pub async fn subscription_refused(&self, subject: &str) {
+        eventually(&format!("subscription to {subject} refused"), || {
+            self.seen("Subscription", subject)
+        })
+        .await;
+    }
+}
+
+impl Pipeline {
+    /// A plain client with `creds` (over TLS with the accounts' CA when they were issued with
+    /// one; an agent's inbox prefix when given), recording what the server refuses it.
+    pub async fn client_as(
+        &self,
+        creds: &Path,
+        inbox_prefix: Option<String>,
+    ) -> (async_nats::Client, Violations) {
+        let violations = Violations::default();
+        let mut options = async_nats::ConnectOptions::new()
+            .credentials_file(creds)
+            .await
+            .expect("credentials")
+            .request_timeout(Some(Duration::from_secs(5)));
+        if let Some(prefix) = inbox_prefix {
+            options = options.custom_inbox_prefix(prefix);
+        }
+        if let Some(ca) = self.accounts.as_ref().and_then(|a| a.ca()) {
+            options = options.require_tls(true).add_root_certificates(ca);
+        }
+        let client = violations
+            .record(options)
+            .connect(self.nats.url())
+            .await
+            .expect("connect");
+        (client, violations)
+    }
+
+    /// Agent `id`'s own plain client: its credentials and its inbox.
+    pub async fn agent_client(&self, id: &str) -> (async_nats::Client, Violations) {
+        let accounts = self.accounts.as_ref().expect("accounts");
+        self.client_as(
+            &accounts.agent_creds(id),
+            Some(fleetcast_harness::accounts::agent_inbox_prefix(id)),
+        )
+        .await
+    }
+}

@@ -6,70 +6,14 @@
 //! server refuses its oversized reports. Every stream and bucket has a byte and message-size
 //! limit, and an archive over the limits is refused before it is downloaded.
 
-use std::path::Path;
-use std::sync::{Arc, Mutex};
 use std::time::Duration;
 
 use fleetcast_e2e::{Pipeline, TIMEOUT, eventually, running, script_app};
 use fleetcast_events::names;
-use fleetcast_harness::accounts::{AgentSpec, agent_inbox_prefix};
+use fleetcast_harness::accounts::AgentSpec;
 use fleetcast_runtime::agent_bus::{DirectChunks, DirectKv};
 use fleetcast_runtime::releases::FetchError;
 use futures::StreamExt;
-
-/// Errors the server sent a client, as text.
-#[derive(Clone, Default)]
-struct ServerErrors(Arc<Mutex<Vec<String>>>);
-
-impl ServerErrors {
-    fn any(&self, check: impl Fn(&str) -> bool) -> bool {
-        self.0.lock().expect("lock").iter().any(|e| check(e))
-    }
-
-    /// Waits until the server refused a publish to `subject` for want of permission.
-    async fn publish_refused(&self, subject: &str) {
-        let quoted = format!("\"{subject}\"");
-        eventually(&format!("publish to {subject} refused"), || {
-            self.any(|e| {
-                e.contains("Permissions Violation") && e.contains("Publish") && e.contains(&quoted)
-            })
-        })
-        .await;
-    }
-}
-
-/// A plain client with an agent's credentials and inbox prefix, recording server errors.
-async fn agent_client(p: &Pipeline, id: &str) -> (async_nats::Client, ServerErrors) {
-    let accounts = p.accounts.as_ref().expect("accounts");
-    client_with(p, &accounts.agent_creds(id), Some(agent_inbox_prefix(id))).await
-}
-
-async fn client_with(
-    p: &Pipeline,
-    creds: &Path,
-    inbox_prefix: Option<String>,
-) -> (async_nats::Client, ServerErrors) {
-    let errors = ServerErrors::default();
-    let seen = errors.clone();
-    let mut options = async_nats::ConnectOptions::new()
-        .credentials_file(creds)
-        .await
-        .expect("credentials")
-        .request_timeout(Some(Duration::from_secs(3)))
-        .event_callback(move |event| {
-            let seen = seen.clone();
-            async move {
-                if let async_nats::Event::ServerError(e) = event {
-                    seen.0.lock().expect("lock").push(e.to_string());
-                }
-            }
-        });
-    if let Some(prefix) = inbox_prefix {
-        options = options.custom_inbox_prefix(prefix);
-    }
-    let client = options.connect(p.nats.url()).await.expect("connect");
-    (client, errors)
-}
 
 fn fleet() -> Vec<AgentSpec> {
     vec![
@@ -151,7 +95,7 @@ async fn an_agent_credential_cannot_list_streams_or_read_another_apps_chunks() {
         .await;
     assert!(stored.is_ok(), "otherapp's copy is stored");
 
-    let (h1, refused) = agent_client(&p, "h1").await;
+    let (h1, refused) = p.agent_client("h1").await;
     let js = async_nats::jetstream::new(h1.clone());
 
     // What it may: its own app's chunk and index, by direct get.
@@ -241,7 +185,7 @@ async fn an_oversized_heartbeat_is_refused_by_the_server_and_nothing_is_stored()
     p.start_pipeline_as_roles();
     let admin = p.bus().await.expect("admin");
     let subject = names::agent_heartbeat_subject("h1", "default");
-    let (h1, _) = agent_client(&p, "h1").await;
+    let (h1, _) = p.agent_client("h1").await;
     // The server announces its own limit (8 MB) to every client, so the client sends; the
     // server checks the role's and cuts the connection (the client reconnects).
     assert_eq!(h1.server_info().max_payload, 8 << 20);

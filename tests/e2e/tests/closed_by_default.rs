@@ -5,10 +5,9 @@
 //! more; and a fleetcast program given no credentials refuses to start rather than run open.
 
 use std::path::Path;
-use std::sync::{Arc, Mutex};
 use std::time::Duration;
 
-use fleetcast_e2e::{Pipeline, TIMEOUT, eventually, script_app};
+use fleetcast_e2e::{Pipeline, TIMEOUT, Violations, eventually, script_app};
 use fleetcast_events::names;
 use fleetcast_events::v1::ReleaseState;
 use fleetcast_harness::accounts::AgentSpec;
@@ -118,22 +117,6 @@ async fn a_service_without_credentials_or_tls_refuses_to_start() {
     }
 }
 
-/// Server errors (permission violations) a client was told about.
-#[derive(Clone, Default)]
-struct Violations(Arc<Mutex<Vec<String>>>);
-
-impl Violations {
-    async fn publish_refused(&self, subject: &str) {
-        let quoted = format!("\"{subject}\"");
-        eventually(&format!("publish to {subject} refused"), || {
-            self.0.lock().expect("lock").iter().any(|e| {
-                e.contains("Permissions Violation") && e.contains("Publish") && e.contains(&quoted)
-            })
-        })
-        .await;
-    }
-}
-
 /// CI's credential, against the shipped configuration with the services each under its own
 /// identity (none with `insecure_dev`): it uploads a release into the incoming store and
 /// announces it (`release.published`), and the release is stored. It cannot write any
@@ -184,23 +167,7 @@ async fn the_ci_credential_uploads_and_announces_and_does_nothing_else() {
 
     // The same credential on a plain client that records what the server refuses.
     let accounts = p.accounts.as_ref().expect("accounts");
-    let violations = Violations::default();
-    let seen = violations.clone();
-    let client = with_creds(&accounts.creds("ci"))
-        .await
-        .require_tls(true)
-        .add_root_certificates(accounts.ca().expect("ca"))
-        .event_callback(move |event| {
-            let seen = seen.clone();
-            async move {
-                if let async_nats::Event::ServerError(e) = event {
-                    seen.0.lock().expect("lock").push(e.to_string());
-                }
-            }
-        })
-        .connect(p.nats.url())
-        .await
-        .expect("ci connects");
+    let (client, violations) = p.client_as(&accounts.creds("ci"), None).await;
     let desired_key = format!("$KV.{}.shapp.default", names::DESIRED_BUCKET);
     for subject in [
         desired_key.clone(),
@@ -314,20 +281,14 @@ async fn a_site_behind_a_leaf_node_is_closed_and_its_agent_updates() {
     );
 
     let violations = Violations::default();
-    let seen = violations.clone();
-    let agent = with_creds(&accounts.agent_creds("site-1"))
-        .await
-        .require_tls(true)
-        .add_root_certificates(ca)
-        .custom_inbox_prefix(fleetcast_harness::accounts::agent_inbox_prefix("site-1"))
-        .event_callback(move |event| {
-            let seen = seen.clone();
-            async move {
-                if let async_nats::Event::ServerError(e) = event {
-                    seen.0.lock().expect("lock").push(e.to_string());
-                }
-            }
-        })
+    let agent = violations
+        .record(
+            with_creds(&accounts.agent_creds("site-1"))
+                .await
+                .require_tls(true)
+                .add_root_certificates(ca)
+                .custom_inbox_prefix(fleetcast_harness::accounts::agent_inbox_prefix("site-1")),
+        )
         .connect(leaf.url())
         .await
         .expect("the agent's credential connects at the site");

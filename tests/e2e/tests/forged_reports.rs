@@ -8,11 +8,9 @@
 //! And a `rolled_back` status that never reaches the tracker still halts the rollout, through
 //! the outcome every heartbeat repeats.
 
-use std::path::Path;
-use std::sync::{Arc, Mutex};
 use std::time::Duration;
 
-use fleetcast_e2e::{Pipeline, TIMEOUT, free_addr, http_get, running, script_app};
+use fleetcast_e2e::{Pipeline, TIMEOUT, Violations, free_addr, http_get, running, script_app};
 use fleetcast_events::names;
 use fleetcast_events::v1::{
     AgentHeartbeat, AgentStatus, AppHeartbeat, AppState, SlotReply, SlotRequest,
@@ -23,57 +21,6 @@ use fleetcast_tracker::policy::{Amount, AppPolicy, Approval, RingPolicy};
 use fleetcast_tracker::rollout::Phase;
 use futures::StreamExt;
 use time::OffsetDateTime;
-
-/// The server errors a client was told about (`Permissions Violation …`).
-#[derive(Clone, Default)]
-struct Violations(Arc<Mutex<Vec<String>>>);
-
-impl Violations {
-    /// Waits until the server refused a publish to `subject`.
-    async fn publish_refused(&self, subject: &str) {
-        let quoted = format!("\"{subject}\"");
-        fleetcast_e2e::eventually(&format!("publish to {subject} refused"), || {
-            self.0.lock().expect("lock").iter().any(|e| {
-                e.contains("Permissions Violation") && e.contains("Publish") && e.contains(&quoted)
-            })
-        })
-        .await;
-    }
-}
-
-/// A plain client with `creds` (and the inbox prefix an agent uses), recording server errors.
-async fn client_as(
-    p: &Pipeline,
-    creds: &Path,
-    inbox_prefix: Option<String>,
-) -> (async_nats::Client, Violations) {
-    let violations = Violations::default();
-    let seen = violations.clone();
-    let mut options = async_nats::ConnectOptions::new()
-        .credentials_file(creds)
-        .await
-        .expect("credentials")
-        .request_timeout(Some(Duration::from_secs(10)))
-        .event_callback(move |event| {
-            let seen = seen.clone();
-            async move {
-                if let async_nats::Event::ServerError(e) = event {
-                    seen.0.lock().expect("lock").push(e.to_string());
-                }
-            }
-        });
-    if let Some(prefix) = inbox_prefix {
-        options = options.custom_inbox_prefix(prefix);
-    }
-    let client = options.connect(p.nats.url()).await.expect("connect");
-    (client, violations)
-}
-
-/// Agent `id`'s own client: its credentials and its inbox.
-async fn agent_client(p: &Pipeline, id: &str) -> (async_nats::Client, Violations) {
-    let accounts = p.accounts.as_ref().expect("accounts");
-    client_as(p, &accounts.agent_creds(id), Some(agent_inbox_prefix(id))).await
-}
 
 fn v(s: &str) -> semver::Version {
     semver::Version::parse(s).expect("version")
@@ -220,7 +167,7 @@ async fn rolling_out() -> (Pipeline, u16, async_nats::Client, Violations) {
     let listen = free_addr();
     start_tracker(&mut p, listen, one_ring());
     until_tracker(&p, "the tracker up", |_| true).await;
-    let (h1, refused_h1) = agent_client(&p, "h1").await;
+    let (h1, refused_h1) = p.agent_client("h1").await;
     stored(
         &h1,
         names::agent_heartbeat_subject("h1", "default"),
@@ -412,12 +359,12 @@ async fn slot_requests_are_their_subjects_agent_and_replies_go_to_its_inbox_only
     }
     until_refused(port, "slot", "reply_to", 2).await;
     // An operator's question, answered to a KV key: not answered either.
-    let (operator, _) = client_as(
-        &p,
-        &p.accounts.as_ref().expect("accounts").creds("operator"),
-        None,
-    )
-    .await;
+    let (operator, _) = p
+        .client_as(
+            &p.accounts.as_ref().expect("accounts").creds("operator"),
+            None,
+        )
+        .await;
     operator
         .publish_with_reply(
             names::TRACKER_QUERY,
@@ -428,15 +375,15 @@ async fn slot_requests_are_their_subjects_agent_and_replies_go_to_its_inbox_only
         .expect("sent");
     until_refused(port, "command", "reply_to", 1).await;
     // The tracker's reply identity may write inboxes, nothing else.
-    let (replier, refused_reply) = client_as(
-        &p,
-        &p.accounts
-            .as_ref()
-            .expect("accounts")
-            .creds("tracker-reply"),
-        None,
-    )
-    .await;
+    let (replier, refused_reply) = p
+        .client_as(
+            &p.accounts
+                .as_ref()
+                .expect("accounts")
+                .creds("tracker-reply"),
+            None,
+        )
+        .await;
     replier
         .publish(kv_reply.clone(), "{\"app\":\"evil\"}".into())
         .await

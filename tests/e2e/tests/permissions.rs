@@ -6,10 +6,6 @@
 //! in async-nats, never an error from `publish`): each test waits for that event, and checks
 //! with the admin identity that nothing changed.
 
-use std::path::Path;
-use std::sync::{Arc, Mutex};
-use std::time::Duration;
-
 use fleetcast_e2e::{Pipeline, TIMEOUT, eventually, running, script_app};
 use fleetcast_events::names;
 use fleetcast_events::v1::ReleaseState;
@@ -17,65 +13,6 @@ use fleetcast_harness::accounts::{AgentSpec, agent_inbox_prefix};
 
 /// The trust bucket (roots and the signer's timestamp; `names::TRUST_BUCKET`).
 const TRUST_BUCKET: &str = "fleetcast-trust";
-
-/// The server errors a client was told about.
-#[derive(Clone, Default)]
-struct Violations(Arc<Mutex<Vec<String>>>);
-
-impl Violations {
-    fn seen(&self, what: &str, subject: &str) -> bool {
-        let quoted = format!("\"{subject}\"");
-        self.0
-            .lock()
-            .expect("lock")
-            .iter()
-            .any(|e| e.contains("Permissions Violation") && e.contains(what) && e.contains(&quoted))
-    }
-
-    /// Waits until the server refused a publish to `subject`.
-    async fn publish_refused(&self, subject: &str) {
-        eventually(&format!("publish to {subject} refused"), || {
-            self.seen("Publish", subject)
-        })
-        .await;
-    }
-
-    /// Waits until the server refused a subscription to `subject`.
-    async fn subscription_refused(&self, subject: &str) {
-        eventually(&format!("subscription to {subject} refused"), || {
-            self.seen("Subscription", subject)
-        })
-        .await;
-    }
-}
-
-/// A plain client with `creds` (and the inbox prefix an agent uses), recording server errors.
-async fn client_as(
-    p: &Pipeline,
-    creds: &Path,
-    inbox_prefix: Option<String>,
-) -> (async_nats::Client, Violations) {
-    let violations = Violations::default();
-    let seen = violations.clone();
-    let mut options = async_nats::ConnectOptions::new()
-        .credentials_file(creds)
-        .await
-        .expect("credentials")
-        .request_timeout(Some(Duration::from_secs(5)))
-        .event_callback(move |event| {
-            let seen = seen.clone();
-            async move {
-                if let async_nats::Event::ServerError(e) = event {
-                    seen.0.lock().expect("lock").push(e.to_string());
-                }
-            }
-        });
-    if let Some(prefix) = inbox_prefix {
-        options = options.custom_inbox_prefix(prefix);
-    }
-    let client = options.connect(p.nats.url()).await.expect("connect");
-    (client, violations)
-}
 
 fn fleet() -> Vec<AgentSpec> {
     vec![
@@ -201,12 +138,9 @@ async fn an_agent_identity_is_refused_everything_but_its_own_business() {
         .expect("desired state");
 
     let accounts = p.accounts.as_ref().expect("accounts");
-    let (h1, refused) = client_as(
-        &p,
-        &accounts.agent_creds("h1"),
-        Some(agent_inbox_prefix("h1")),
-    )
-    .await;
+    let (h1, refused) = p
+        .client_as(&accounts.agent_creds("h1"), Some(agent_inbox_prefix("h1")))
+        .await;
     let js = async_nats::jetstream::new(h1.clone());
 
     // What it may do: read its own desired state (by direct get, as the agent does: no stream
@@ -353,7 +287,7 @@ async fn an_agent_without_its_inbox_prefix_gets_no_replies() {
         .expect("pipeline");
     p.start_pipeline_as_roles();
     let accounts = p.accounts.as_ref().expect("accounts");
-    let (h1, refused) = client_as(&p, &accounts.agent_creds("h1"), None).await;
+    let (h1, refused) = p.client_as(&accounts.agent_creds("h1"), None).await;
     let js = async_nats::jetstream::new(h1.clone());
     let desired = fleetcast_runtime::agent_bus::DirectKv::new(&js, names::DESIRED_BUCKET)
         .await
@@ -363,12 +297,7 @@ async fn an_agent_without_its_inbox_prefix_gets_no_replies() {
         "a request without the agent's inbox gets no answer"
     );
     eventually("the shared inbox refused", || {
-        refused
-            .0
-            .lock()
-            .expect("lock")
-            .iter()
-            .any(|e| e.contains("Permissions Violation for Subscription to \"_INBOX."))
+        refused.any(|e| e.contains("Permissions Violation for Subscription to \"_INBOX."))
     })
     .await;
 }
@@ -453,7 +382,7 @@ async fn every_role_is_refused_what_is_not_its_job() {
     ];
     let accounts = p.accounts.as_ref().expect("accounts");
     for (role, subjects) in &table {
-        let (client, refused) = client_as(&p, &accounts.creds(role), None).await;
+        let (client, refused) = p.client_as(&accounts.creds(role), None).await;
         for subject in subjects {
             client
                 .publish(subject.clone(), "{}".into())
