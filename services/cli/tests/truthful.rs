@@ -393,3 +393,34 @@ async fn rollout_watch_off_a_terminal_prints_one_line_per_change_as_it_happens()
     // No bars or terminal escapes in a log.
     assert!(lines.iter().all(|l| !l.contains('\u{1b}')), "{lines:#?}");
 }
+
+/// One table of exit codes: `fleetcast --help` prints it, and README.md has the same codes.
+#[test]
+fn help_and_readme_document_every_exit_code() {
+    let out = std::process::Command::new(env!("CARGO_BIN_EXE_fleetcast"))
+        .arg("--help")
+        .output()
+        .expect("run fleetcast");
+    assert!(out.status.success());
+    let help = text(&out.stdout);
+    let table = help
+        .split_once("Exit codes:")
+        .unwrap_or_else(|| panic!("no exit codes in {help}"))
+        .1;
+    let readme = std::fs::read_to_string(
+        std::path::Path::new(env!("CARGO_MANIFEST_DIR")).join("../../README.md"),
+    )
+    .expect("README.md");
+    for code in 0..=6 {
+        assert!(
+            table
+                .lines()
+                .any(|l| l.trim_start().starts_with(&format!("{code} "))),
+            "exit {code} missing from --help: {table}"
+        );
+        assert!(
+            readme.contains(&format!("\n| {code} | ")),
+            "exit {code} missing from README.md's table"
+        );
+    }
+}
