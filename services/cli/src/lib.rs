@@ -337,6 +337,19 @@ pub async fn outcome_baseline(
         .map_err(anyhow::Error::msg)
 }
 
+/// The record of `prepared`'s archive when exactly these bytes are already stored.
+pub async fn already_stored(
+    bus: &Bus,
+    prepared: &PreparedRelease,
+    since: ReleaseRevisions,
+) -> anyhow::Result<Option<ReleaseRecord>> {
+    let outcome = bus
+        .archive_outcome(&prepared.app, &prepared.version, &prepared.blake3, since)
+        .await
+        .map_err(anyhow::Error::msg)?;
+    Ok(outcome.filter(|r| r.state == ReleaseState::Stored))
+}
+
 /// Waits for the outcome of *this* archive (by its BLAKE3), not of its version: stored, or
 /// rejected by the watcher, signer or distributor (a different archive reusing a stored
 /// version is refused without touching the version's record, under a key of its own).

@@ -358,6 +358,16 @@ async fn execute(args: Args) -> anyhow::Result<ExitCode> {
             let prepared = cli::prepare_release(&archive, app, version, &limits.archive()).await?;
             let bus = cli::connect(&nats, connect_timeout).await?;
             let baseline = cli::outcome_baseline(&bus, &prepared).await?;
+            // The same bytes again: the pipeline would only deduplicate them, and the upload
+            // would stay behind in the incoming store. That archive's outcome is known.
+            if let Some(record) = cli::already_stored(&bus, &prepared, baseline).await? {
+                print_records(std::slice::from_ref(&record));
+                println!(
+                    "stored {} {} (this archive, blake3 {}, already was: nothing uploaded)",
+                    prepared.app, prepared.version, prepared.blake3
+                );
+                return Ok(ExitCode::SUCCESS);
+            }
             let bar = ProgressBar::new(prepared.size);
             bar.set_style(
                 ProgressStyle::with_template(

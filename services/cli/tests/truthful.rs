@@ -77,6 +77,7 @@ async fn publish_wait_exits_with_its_own_archives_outcome_and_reason_code() {
     // The same bytes again: that archive is stored, which is the truth for it.
     let out = fleetcast(&["publish", good, "--wait", "--timeout", "60s"], &url).await;
     assert_eq!(out.status.code(), Some(0), "{}", both(&out));
+    assert!(text(&out.stdout).contains("already was"), "{}", both(&out));
 
     // Other content under the stored version: the signer refuses it. Before, this printed
     // the stored release's row and exited 0.
@@ -316,6 +317,11 @@ async fn rollout_watch_version_ends_at_once_for_an_unknown_or_superseded_version
     // The current one completed: 0.
     let out = fleetcast(&["rollout", "watch", "shapp", "--version", "2.0.0"], &url).await;
     assert_eq!(out.status.code(), Some(0), "{}", both(&out));
+
+    // A command the tracker refuses: 1, and the message is an error.
+    let out = fleetcast(&["approve", "nosuchapp"], &url).await;
+    assert_eq!(out.status.code(), Some(1), "{}", both(&out));
+    assert!(error_line(&out).len() > "error: ".len(), "{}", both(&out));
 }
 
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
