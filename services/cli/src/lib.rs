@@ -300,8 +300,9 @@ impl<R: tokio::io::AsyncRead + Unpin> tokio::io::AsyncRead for ProgressReader<'_
     }
 }
 
-/// Waits until the release is stored or rejected, reading its record (which the watcher, signer
-/// and distributor keep), and returns it.
+/// Waits until the *version* is stored or rejected, reading its record (which the watcher,
+/// signer and distributor keep), and returns it. It says nothing about which archive: to learn
+/// the outcome of one just published, use [`wait_for_archive`] (what `publish --wait` does).
 pub async fn wait_for_release(
     bus: &Bus,
     app: &str,
