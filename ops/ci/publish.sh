@@ -62,7 +62,7 @@ echo "publish: packaged $archive"
 "$fleetcast" publish "$archive" --published-by "$published_by" --wait --timeout "$store_timeout"
 
 # 3. Follow the rollout ring by ring: 0 completed, 3 halted, 4 aborted, 5 superseded by a newer
-#    release or a rollback before it ended.
+#    release or a rollback, 6 not a stored release.
 status=0
 timeout "$rollout_timeout" "$fleetcast" rollout watch "$app" --version "$version" || status=$?
 case "$status" in
@@ -70,6 +70,7 @@ case "$status" in
     3) echo "publish: the rollout of $app $version halted; see \`fleetcast status\` and the dashboard" >&2 ;;
     4) echo "publish: the rollout of $app $version was aborted" >&2 ;;
     5) echo "publish: $app $version was superseded (a newer release or a rollback) before its rollout ended" >&2 ;;
+    6) echo "publish: $app $version is not a stored release" >&2 ;;
     124) echo "publish: the rollout of $app $version did not finish within $rollout_timeout" >&2 ;;
 esac
 exit "$status"

@@ -8,9 +8,10 @@ use std::time::Duration;
 
 use anyhow::{Context, bail};
 use fleetcast_events::names::{self, RELEASE_PUBLISHED};
-use fleetcast_events::v1::{ReleasePublished, ReleaseRecord, ReleaseState};
+use fleetcast_events::v1::{RejectCode, Rejection, ReleasePublished, ReleaseRecord, ReleaseState};
 use fleetcast_events::{Encoding, SecretKey};
 use fleetcast_package::{ArchiveLimits, Package, parse_package_file_name};
+use fleetcast_runtime::releases::ReleaseRevisions;
 use fleetcast_runtime::{Bus, NatsSettings};
 use fleetcast_tracker::api::{Command, Reply, RolloutView};
 use fleetcast_tracker::rollout::Phase;
@@ -30,8 +31,94 @@ pub async fn connect(settings: &NatsSettings, timeout: Duration) -> anyhow::Resu
     });
     let bus = Bus::attach(settings, "fleetcast-cli", &cancel).await;
     timer.abort();
-    bus.with_context(|| format!("cannot reach NATS at {} within {timeout:?}", settings.url))
+    match bus {
+        Ok(bus) => Ok(bus),
+        // Our own timer stopped the attempt: the server did not answer (or its JetStream was
+        // not ready) in time, which is what the operator needs to hear, with where it tried.
+        Err(fleetcast_runtime::BusError::Cancelled) => bail!(
+            "cannot reach NATS at {}: unreachable, or JetStream not ready, within {}",
+            settings.url,
+            humantime_serde::re::humantime::format_duration(timeout)
+        ),
+        Err(e) => {
+            Err(anyhow::Error::new(e).context(format!("cannot reach NATS at {}", settings.url)))
+        }
+    }
 }
+
+/// `fleetcast`'s exit codes: one table, shown by `fleetcast --help` and in README.md.
+pub mod exit {
+    /// Done: published and stored, rollout completed, command accepted.
+    pub const OK: u8 = 0;
+    /// Could not do it: NATS unreachable, timeout, I/O, the tracker refused the command.
+    pub const ERROR: u8 = 1;
+    /// Bad arguments.
+    pub const USAGE: u8 = 2;
+    /// Rejected: the archive was refused (locally before uploading, or by the watcher, signer
+    /// or distributor; the reason code is printed), or the rollout halted.
+    pub const REJECTED: u8 = 3;
+    /// The rollout was aborted by an operator.
+    pub const ABORTED: u8 = 4;
+    /// `rollout watch --version V`: V's rollout was superseded (by a newer release or a
+    /// rollback), before it ended or already before the watch began.
+    pub const SUPERSEDED: u8 = 5;
+    /// `rollout watch --version V`: V is not a stored release of the app (never published,
+    /// or rejected).
+    pub const UNKNOWN_VERSION: u8 = 6;
+
+    /// The table as `fleetcast --help` prints it.
+    pub const TABLE: &str = "\
+Exit codes:
+  0  done: published and stored (publish --wait), rollout completed, command accepted
+  1  error: NATS unreachable, timeout, I/O, a command the tracker refused
+  2  bad arguments
+  3  rejected: the archive was refused, locally before uploading or by the pipeline (the
+     reason code is printed, e.g. version_not_newer), or the rollout halted
+  4  the rollout was aborted
+  5  rollout watch --version V: V was superseded by a newer release or a rollback
+  6  rollout watch --version V: V is not a stored release (never published, or rejected)";
+}
+
+/// The CLI refused an archive before uploading it, for the reason the watcher would give.
+#[derive(Debug)]
+pub struct LocalRefusal {
+    pub archive: PathBuf,
+    pub reason: Rejection,
+}
+
+impl std::fmt::Display for LocalRefusal {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        write!(
+            f,
+            "rejected {} before uploading: {}",
+            self.archive.display(),
+            self.reason
+        )
+    }
+}
+
+impl std::error::Error for LocalRefusal {}
+
+/// `rollout watch --version V` of a version that is not a stored release.
+#[derive(Debug)]
+pub struct UnknownVersion {
+    pub app: String,
+    pub version: Version,
+    /// What the releases bucket says instead (absent, or rejected with a reason).
+    pub detail: String,
+}
+
+impl std::fmt::Display for UnknownVersion {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        write!(
+            f,
+            "{} {} is not a stored release ({}): no rollout of it will come (publish with --wait first)",
+            self.app, self.version, self.detail
+        )
+    }
+}
+
+impl std::error::Error for UnknownVersion {}
 
 /// Writes `<dir>/<name>.key` (secret, mode 0600) and `<dir>/<name>.pub`.
 pub fn keygen(dir: &Path, name: &str, force: bool) -> anyhow::Result<(PathBuf, PathBuf, String)> {
@@ -84,13 +171,20 @@ pub struct PreparedRelease {
     pub blake3: String,
 }
 
-/// Checks the archive locally with the same rules the watcher applies (so CI fails early, even
-/// without NATS) and works out its app, version and hash.
+/// Checks the archive locally with the same rules the watcher applies, under `limits` (the
+/// watcher's `limits.*`; the defaults are the services' defaults), so CI fails early, even
+/// without NATS; and works out its app, version and hash. A refusal is a [`LocalRefusal`]
+/// carrying the watcher's reason code.
 pub async fn prepare_release(
     archive: &Path,
     app: Option<String>,
     version: Option<Version>,
+    limits: &ArchiveLimits,
 ) -> anyhow::Result<PreparedRelease> {
+    let refuse = |code: RejectCode, message: String| LocalRefusal {
+        archive: archive.to_path_buf(),
+        reason: Rejection { code, message },
+    };
     let file_name = archive
         .file_name()
         .and_then(|n| n.to_str())
@@ -98,18 +192,28 @@ pub async fn prepare_release(
     let (app, version) = match (app, version) {
         (Some(app), Some(version)) => (app, version),
         (app, version) => {
-            let parsed = parse_package_file_name(file_name)
-                .map_err(|e| anyhow::anyhow!("{e}; or give --app and --version"))?;
+            let parsed = parse_package_file_name(file_name).map_err(|e| {
+                refuse(
+                    RejectCode::InvalidName,
+                    format!("{e}; or give --app and --version"),
+                )
+            })?;
             (app.unwrap_or(parsed.app), version.unwrap_or(parsed.version))
         }
     };
-    names::validate_app_name(&app).map_err(anyhow::Error::msg)?;
+    names::validate_app_name(&app).map_err(|e| refuse(RejectCode::InvalidName, e))?;
     let path = archive.to_path_buf();
+    let limits = limits.clone();
     let (size, blake3) = tokio::task::spawn_blocking(move || -> anyhow::Result<(u64, String)> {
         let file =
             std::fs::File::open(&path).with_context(|| format!("reading {}", path.display()))?;
-        Package::open(&path, &ArchiveLimits::default())
-            .with_context(|| format!("{} is not a valid package", path.display()))?;
+        if let Err(e) = Package::open(&path, &limits) {
+            return Err(LocalRefusal {
+                archive: path,
+                reason: e.rejection(),
+            }
+            .into());
+        }
         let mut hasher = blake3::Hasher::new();
         let size = hasher.update_reader(file)?.count();
         Ok((size, hasher.finalize().to_hex().to_string()))
@@ -127,7 +231,8 @@ pub async fn prepare_release(
 /// The CI path: check the archive, upload it to the incoming store under its hash-derived name,
 /// and publish `release.published`.
 pub async fn publish(bus: &Bus, req: PublishRequest<'_>) -> anyhow::Result<ReleasePublished> {
-    let prepared = prepare_release(req.archive, req.app, req.version).await?;
+    let prepared =
+        prepare_release(req.archive, req.app, req.version, &ArchiveLimits::default()).await?;
     publish_prepared(bus, prepared, req.published_by, req.progress).await
 }
 
@@ -195,8 +300,9 @@ impl<R: tokio::io::AsyncRead + Unpin> tokio::io::AsyncRead for ProgressReader<'_
     }
 }
 
-/// Waits until the release is stored or rejected, reading its record (which the watcher, signer
-/// and distributor keep), and returns it.
+/// Waits until the *version* is stored or rejected, reading its record (which the watcher,
+/// signer and distributor keep), and returns it. It says nothing about which archive: to learn
+/// the outcome of one just published, use [`wait_for_archive`] (what `publish --wait` does).
 pub async fn wait_for_release(
     bus: &Bus,
     app: &str,
@@ -215,6 +321,62 @@ pub async fn wait_for_release(
         }
         if tokio::time::Instant::now() >= deadline {
             bail!("{app} {version} was neither stored nor rejected within {timeout:?}");
+        }
+        tokio::time::sleep(Duration::from_millis(200)).await;
+    }
+}
+
+/// The revisions of the records that will tell `published`'s outcome, read before publishing
+/// it: [`wait_for_archive`] judges only what is written after them (an earlier refusal of the
+/// same bytes is not this attempt's).
+pub async fn outcome_baseline(
+    bus: &Bus,
+    prepared: &PreparedRelease,
+) -> anyhow::Result<ReleaseRevisions> {
+    bus.release_revisions(&prepared.app, &prepared.version, &prepared.blake3)
+        .await
+        .map_err(anyhow::Error::msg)
+}
+
+/// The record of `prepared`'s archive when exactly these bytes are already stored.
+pub async fn already_stored(
+    bus: &Bus,
+    prepared: &PreparedRelease,
+    since: ReleaseRevisions,
+) -> anyhow::Result<Option<ReleaseRecord>> {
+    let outcome = bus
+        .archive_outcome(&prepared.app, &prepared.version, &prepared.blake3, since)
+        .await
+        .map_err(anyhow::Error::msg)?;
+    Ok(outcome.filter(|r| r.state == ReleaseState::Stored))
+}
+
+/// Waits for the outcome of *this* archive (by its BLAKE3), not of its version: stored, or
+/// rejected by the watcher, signer or distributor (a different archive reusing a stored
+/// version is refused without touching the version's record, under a key of its own).
+pub async fn wait_for_archive(
+    bus: &Bus,
+    published: &ReleasePublished,
+    since: ReleaseRevisions,
+    timeout: Duration,
+) -> anyhow::Result<ReleaseRecord> {
+    let deadline = tokio::time::Instant::now() + timeout;
+    loop {
+        if let Some(record) = bus
+            .archive_outcome(&published.app, &published.version, &published.blake3, since)
+            .await
+            .map_err(anyhow::Error::msg)?
+        {
+            return Ok(record);
+        }
+        if tokio::time::Instant::now() >= deadline {
+            bail!(
+                "{} {} (blake3 {}) was neither stored nor rejected within {}",
+                published.app,
+                published.version,
+                published.blake3,
+                humantime_serde::re::humantime::format_duration(timeout)
+            );
         }
         tokio::time::sleep(Duration::from_millis(200)).await;
     }
@@ -239,7 +401,20 @@ pub async fn releases(bus: &Bus, app: Option<&str>) -> anyhow::Result<Vec<Releas
             }
         }
     }
-    out.sort_by(|a, b| a.app.cmp(&b.app).then(b.version.cmp(&a.version)));
+    // A rejection is kept under its archive's key and, when nothing got further, as the
+    // version's record too: show it once.
+    out.sort_by(|a, b| {
+        a.app
+            .cmp(&b.app)
+            .then(b.version.cmp(&a.version))
+            .then(b.updated.cmp(&a.updated))
+    });
+    out.dedup_by(|later, earlier| {
+        later.app == earlier.app
+            && later.version == earlier.version
+            && later.state == earlier.state
+            && later.blake3 == earlier.blake3
+    });
     Ok(out)
 }
 
@@ -263,68 +438,226 @@ pub async fn tracker(bus: &Bus, command: &Command) -> anyhow::Result<Reply> {
     Ok(serde_json::from_slice(&answer.payload)?)
 }
 
-/// Follows `app`'s rollout until it completes, halts or is aborted, with a bar per ring
-/// (hosts done of the ring's live hosts). Returns how it ended. With `version`, first waits
-/// for the rollout of that version to exist (CI publishes, then watches at once).
+/// How long `rollout watch --version V` waits for V's rollout when V is an earlier version
+/// than the rollout under way: a rollback to V just requested takes the signer and tracker a
+/// moment; after this V counts as superseded.
+const ROLLBACK_GRACE: Duration = Duration::from_secs(15);
+
+/// Whether `app` `version` is a stored release: `Ok(true)` stored, `Ok(false)` still on its
+/// way (signed), [`UnknownVersion`] otherwise.
+async fn check_stored(bus: &Bus, app: &str, version: &Version) -> anyhow::Result<bool> {
+    let record = bus
+        .release_record(app, version)
+        .await
+        .map_err(anyhow::Error::msg)?;
+    let detail = match record {
+        Some(r) if r.state == ReleaseState::Stored => return Ok(true),
+        Some(r) if r.state == ReleaseState::Signed => return Ok(false),
+        Some(r) => match r.reason {
+            Some(reason) => format!("rejected: {reason}"),
+            None => "rejected".into(),
+        },
+        None => "never published".into(),
+    };
+    Err(UnknownVersion {
+        app: app.into(),
+        version: version.clone(),
+        detail,
+    }
+    .into())
+}
+
+/// Follows `app`'s rollout until it completes, halts or is aborted, and returns how it ended:
+/// on a terminal a bar per ring (hosts done of the ring's live hosts), otherwise one plain
+/// line per change (CI logs). With `version`, first waits for the rollout of that version
+/// (CI publishes, then watches at once); fails at once with [`UnknownVersion`] when it is not
+/// a stored release, and returns the rollout that replaced it when it was superseded (the
+/// returned view is then of another version).
 pub async fn watch_rollout(
     bus: &Bus,
     app: &str,
     version: Option<&Version>,
 ) -> anyhow::Result<RolloutView> {
-    let bars = MultiProgress::new();
-    let style = ProgressStyle::with_template("{prefix:>12} [{bar:30}] {pos}/{len} {msg}")?
-        .progress_chars("=> ");
-    let header = bars.add(ProgressBar::new_spinner());
-    let mut rings: Vec<ProgressBar> = Vec::new();
+    use std::io::IsTerminal;
+    let mut progress = if std::io::stdout().is_terminal() {
+        Progress::bars()?
+    } else {
+        Progress::lines()
+    };
+    let mut stored = false;
+    let mut earlier_since: Option<tokio::time::Instant> = None;
     loop {
+        if let Some(v) = version
+            && !stored
+        {
+            stored = check_stored(bus, app, v).await?;
+        }
         let reply = tracker(bus, &Command::Show { app: app.into() }).await?;
         let view = match (reply.rollout, version) {
             // The awaited version's rollout was replaced (by a newer release, or a rollback):
             // it will not come. The caller sees another version and says so.
-            (Some(view), Some(v)) if view.rollout.superseded.contains(v) => return Ok(view),
-            // Another version's rollout (an earlier one, or the one a rollback replaces).
-            (Some(view), Some(v)) if view.rollout.version != *v => None,
+            (Some(view), Some(v)) if view.rollout.superseded.contains(v) => {
+                progress.end(false);
+                return Ok(view);
+            }
+            // Another version's rollout. A newer stored V will replace it once the tracker
+            // takes V up; an earlier V (or any V while a rollback runs) only by a rollback to
+            // V, which comes within moments of being requested, or V is long superseded.
+            (Some(view), Some(v)) if view.rollout.version != *v => {
+                let newer_release = *v > view.rollout.version && view.rollout.directive.is_none();
+                if stored && !newer_release {
+                    let since = *earlier_since.get_or_insert_with(tokio::time::Instant::now);
+                    if since.elapsed() >= ROLLBACK_GRACE {
+                        progress.end(false);
+                        return Ok(view);
+                    }
+                } else {
+                    earlier_since = None;
+                }
+                None
+            }
             (Some(view), _) => Some(view),
             (None, Some(_)) => None,
             (None, None) => bail!("{}", reply.message),
         };
         let Some(view) = view else {
             if let Some(v) = version {
-                header.set_message(format!("waiting for the rollout of {app} {v}"));
-                header.tick();
+                progress.waiting(&format!("waiting for the rollout of {app} {v}"));
             }
             tokio::time::sleep(Duration::from_millis(500)).await;
             continue;
         };
+        progress.show(app, &view)?;
+        if !view.rollout.is_active() {
+            progress.end(view.rollout.phase == Phase::Completed);
+            return Ok(view);
+        }
+        tokio::time::sleep(Duration::from_millis(500)).await;
+    }
+}
+
+/// How `rollout watch` shows progress: bars on a terminal, plain lines elsewhere.
+enum Progress {
+    Bars {
+        bars: MultiProgress,
+        style: ProgressStyle,
+        header: ProgressBar,
+        rings: Vec<ProgressBar>,
+    },
+    /// The last line printed per subject (the header, each ring): a line is printed only when
+    /// its subject's state changed.
+    Lines { last: Vec<String> },
+}
+
+impl Progress {
+    fn bars() -> anyhow::Result<Progress> {
+        let bars = MultiProgress::new();
+        let style = ProgressStyle::with_template("{prefix:>12} [{bar:30}] {pos}/{len} {msg}")?
+            .progress_chars("=> ");
+        let header = bars.add(ProgressBar::new_spinner());
+        Ok(Progress::Bars {
+            bars,
+            style,
+            header,
+            rings: Vec::new(),
+        })
+    }
+
+    fn lines() -> Progress {
+        Progress::Lines { last: Vec::new() }
+    }
+
+    /// Prints `line` as subject `slot` unless it is what that subject last printed.
+    fn line(last: &mut Vec<String>, slot: usize, line: String) {
+        if last.len() <= slot {
+            last.resize(slot + 1, String::new());
+        }
+        if last[slot] != line {
+            println!("{line}");
+            last[slot] = line;
+        }
+    }
+
+    fn waiting(&mut self, message: &str) {
+        match self {
+            Progress::Bars { header, .. } => {
+                header.set_message(message.to_string());
+                header.tick();
+            }
+            Progress::Lines { last } => Progress::line(last, 0, message.to_string()),
+        }
+    }
+
+    fn show(&mut self, app: &str, view: &RolloutView) -> anyhow::Result<()> {
         let r = &view.rollout;
         let phase = match (r.phase, r.paused) {
             (_, true) => "paused".to_string(),
             (Phase::AwaitingApproval, _) => format!("awaiting approval (fleetcast approve {app})"),
             (phase, _) => fleetcast_runtime::metrics::label_value(&phase),
         };
-        header.set_message(format!("{app} {}: {phase}", r.version));
-        for (i, ring) in view.rings.iter().enumerate() {
-            if rings.len() <= i {
-                let bar = bars.add(ProgressBar::new(0).with_style(style.clone()));
-                bar.set_prefix(ring.ring.clone());
-                rings.push(bar);
+        let header_text = format!("{app} {}: {phase}", r.version);
+        match self {
+            Progress::Bars {
+                bars,
+                style,
+                header,
+                rings,
+            } => {
+                header.set_message(header_text);
+                for (i, ring) in view.rings.iter().enumerate() {
+                    if rings.len() <= i {
+                        let bar = bars.add(ProgressBar::new(0).with_style(style.clone()));
+                        bar.set_prefix(ring.ring.clone());
+                        rings.push(bar);
+                    }
+                    let bar = &rings[i];
+                    bar.set_length(ring.targets as u64);
+                    bar.set_position(ring.done as u64);
+                    bar.set_message(format!(
+                        "{} failed, {} switching, {} stale",
+                        ring.failed, ring.switching, ring.stale
+                    ));
+                }
             }
-            let bar = &rings[i];
-            bar.set_length(ring.targets as u64);
-            bar.set_position(ring.done as u64);
-            bar.set_message(format!(
-                "{} failed, {} switching, {} stale",
-                ring.failed, ring.switching, ring.stale
-            ));
-        }
-        if !r.is_active() {
-            header.finish();
-            for bar in &rings {
-                bar.finish();
+            Progress::Lines { last } => {
+                let header_text = match &r.reason {
+                    Some(reason) if !r.is_active() => format!("{header_text}: {reason}"),
+                    _ => header_text,
+                };
+                Progress::line(last, 0, header_text);
+                for (i, ring) in view.rings.iter().enumerate() {
+                    Progress::line(
+                        last,
+                        i + 1,
+                        format!(
+                            "{app} {} ring {}: {}/{} done, {} failed, {} switching, {} stale",
+                            r.version,
+                            ring.ring,
+                            ring.done,
+                            ring.targets,
+                            ring.failed,
+                            ring.switching,
+                            ring.stale
+                        ),
+                    );
+                }
             }
-            return Ok(view);
         }
-        tokio::time::sleep(Duration::from_millis(500)).await;
+        Ok(())
+    }
+
+    /// Ends the display: a completed rollout's bars finish; otherwise each bar stays where its
+    /// ring got to (`abandon`), so a ring that got nothing does not look complete.
+    fn end(&mut self, completed: bool) {
+        if let Progress::Bars { header, rings, .. } = self {
+            for bar in std::iter::once(&*header).chain(rings.iter()) {
+                if completed {
+                    bar.finish();
+                } else {
+                    bar.abandon();
+                }
+            }
+        }
     }
 }
 

@@ -7,6 +7,7 @@ use std::time::Duration;
 use clap::{Parser, Subcommand};
 use fleetcast_cli as cli;
 use fleetcast_events::v1::{ReleaseRecord, ReleaseState};
+use fleetcast_package::ArchiveLimits;
 use fleetcast_tracker::rollout::Phase;
 use indicatif::{ProgressBar, ProgressStyle};
 
@@ -14,7 +15,8 @@ use indicatif::{ProgressBar, ProgressStyle};
 #[command(
     name = "fleetcast",
     version,
-    about = "Publish releases and steer fleetcast"
+    about = "Publish releases and steer fleetcast",
+    after_help = cli::exit::TABLE
 )]
 struct Args {
     /// NATS server URL (a cluster's nodes: comma-separated).
@@ -112,6 +114,8 @@ enum Command {
         /// How long to try reaching NATS before giving up.
         #[arg(long, default_value = "10s", value_parser = humantime_parse)]
         connect_timeout: Duration,
+        #[command(flatten)]
+        limits: Limits,
     },
     /// Set the version an app's agents in a ring should run (what the tracker does during a
     /// rollout; by hand, it deploys at once).
@@ -158,6 +162,32 @@ enum Command {
     },
 }
 
+/// The archive limits `publish` checks locally before uploading: the watcher's `limits.*`
+/// (the defaults are the services' defaults; set the same values where the watcher's differ,
+/// the watcher's are the ones that count).
+#[derive(clap::Args)]
+struct Limits {
+    /// Most entries an archive may have (the watcher's limits.max_entries).
+    #[arg(long, env = "FLEETCAST_LIMITS_MAX_ENTRIES", default_value_t = ArchiveLimits::default().max_entries)]
+    limits_max_entries: usize,
+    /// Most uncompressed bytes in all (the watcher's limits.max_total_bytes).
+    #[arg(long, env = "FLEETCAST_LIMITS_MAX_TOTAL_BYTES", default_value_t = ArchiveLimits::default().max_total_bytes)]
+    limits_max_total_bytes: u64,
+    /// Highest compression ratio (the watcher's limits.max_ratio).
+    #[arg(long, env = "FLEETCAST_LIMITS_MAX_RATIO", default_value_t = ArchiveLimits::default().max_ratio)]
+    limits_max_ratio: u64,
+}
+
+impl Limits {
+    fn archive(&self) -> ArchiveLimits {
+        ArchiveLimits {
+            max_entries: self.limits_max_entries,
+            max_total_bytes: self.limits_max_total_bytes,
+            max_ratio: self.limits_max_ratio,
+        }
+    }
+}
+
 #[derive(Subcommand)]
 enum RootAction {
     /// Write a new, unsigned root (then each root key holder runs `root sign`).
@@ -197,8 +227,9 @@ enum RootAction {
 #[derive(Subcommand)]
 enum RolloutAction {
     /// Live progress per ring until the rollout completes (exit 0), halts (exit 3) or is
-    /// aborted (exit 4), or, with --version, is superseded by a newer release or a rollback
-    /// before it ends (exit 5): what CI waits on.
+    /// aborted (exit 4), or, with --version V, V is superseded by a newer release or a
+    /// rollback (exit 5) or is not a stored release (exit 6): what CI waits on. Bars on a
+    /// terminal; otherwise one plain line per change.
     Watch {
         app: String,
         /// Wait for the rollout of this version (e.g. the one CI just published).
@@ -290,7 +321,14 @@ fn main() -> ExitCode {
         Ok(code) => code,
         Err(e) => {
             eprintln!("error: {e:#}");
-            ExitCode::FAILURE
+            // A refusal is a verdict on the input, not a failure to act: its own code.
+            if e.downcast_ref::<cli::LocalRefusal>().is_some() {
+                ExitCode::from(cli::exit::REJECTED)
+            } else if e.downcast_ref::<cli::UnknownVersion>().is_some() {
+                ExitCode::from(cli::exit::UNKNOWN_VERSION)
+            } else {
+                ExitCode::from(cli::exit::ERROR)
+            }
         }
     }
 }
@@ -315,9 +353,21 @@ async fn execute(args: Args) -> anyhow::Result<ExitCode> {
             wait,
             timeout,
             connect_timeout,
+            limits,
         } => {
-            let prepared = cli::prepare_release(&archive, app, version).await?;
+            let prepared = cli::prepare_release(&archive, app, version, &limits.archive()).await?;
             let bus = cli::connect(&nats, connect_timeout).await?;
+            let baseline = cli::outcome_baseline(&bus, &prepared).await?;
+            // The same bytes again: the pipeline would only deduplicate them, and the upload
+            // would stay behind in the incoming store. That archive's outcome is known.
+            if let Some(record) = cli::already_stored(&bus, &prepared, baseline).await? {
+                print_records(std::slice::from_ref(&record));
+                println!(
+                    "stored {} {} (this archive, blake3 {}, already was: nothing uploaded)",
+                    prepared.app, prepared.version, prepared.blake3
+                );
+                return Ok(ExitCode::SUCCESS);
+            }
             let bar = ProgressBar::new(prepared.size);
             bar.set_style(
                 ProgressStyle::with_template(
@@ -336,13 +386,21 @@ async fn execute(args: Args) -> anyhow::Result<ExitCode> {
             if !wait {
                 return Ok(ExitCode::SUCCESS);
             }
-            let record = cli::wait_for_release(&bus, &event.app, &event.version, timeout).await?;
+            let record = cli::wait_for_archive(&bus, &event, baseline, timeout).await?;
             print_records(std::slice::from_ref(&record));
-            Ok(if record.state == ReleaseState::Stored {
-                ExitCode::SUCCESS
-            } else {
-                ExitCode::from(3)
-            })
+            if record.state == ReleaseState::Stored {
+                println!("stored {} {}", event.app, event.version);
+                return Ok(ExitCode::SUCCESS);
+            }
+            let reason = record
+                .reason
+                .as_ref()
+                .map_or_else(|| "no reason recorded".to_string(), ToString::to_string);
+            eprintln!(
+                "error: {} {} (blake3 {}) was rejected: {reason}",
+                event.app, event.version, event.blake3
+            );
+            Ok(ExitCode::from(cli::exit::REJECTED))
         }
         Command::Root { action } => root(&nats, action).await,
         Command::Desire { app, version, ring } => {
@@ -376,11 +434,8 @@ async fn execute(args: Args) -> anyhow::Result<ExitCode> {
                 } else {
                     "the rollout of"
                 };
-                println!(
-                    "{app} {v}: superseded by {by} {} before it ended",
-                    r.version
-                );
-                return Ok(ExitCode::from(5));
+                println!("{app} {v}: superseded by {by} {}", r.version);
+                return Ok(ExitCode::from(cli::exit::SUPERSEDED));
             }
             Ok(match r.phase {
                 Phase::Completed => {
@@ -398,11 +453,11 @@ async fn execute(args: Args) -> anyhow::Result<ExitCode> {
                 }
                 Phase::Halted => {
                     println!("{app} {}: halted: {reason}", r.version);
-                    ExitCode::from(3)
+                    ExitCode::from(cli::exit::REJECTED)
                 }
                 _ => {
                     println!("{app} {}: aborted: {reason}", r.version);
-                    ExitCode::from(4)
+                    ExitCode::from(cli::exit::ABORTED)
                 }
             })
         }
@@ -437,12 +492,13 @@ async fn steer(
 ) -> anyhow::Result<ExitCode> {
     let bus = cli::connect(nats, Duration::from_secs(10)).await?;
     let reply = cli::tracker(&bus, &command).await?;
-    println!("{}", reply.message);
-    Ok(if reply.ok {
-        ExitCode::SUCCESS
+    if reply.ok {
+        println!("{}", reply.message);
+        Ok(ExitCode::SUCCESS)
     } else {
-        ExitCode::FAILURE
-    })
+        eprintln!("error: {}", reply.message);
+        Ok(ExitCode::from(cli::exit::ERROR))
+    }
 }
 
 fn print_status(reply: &fleetcast_tracker::api::Reply) {
@@ -529,8 +585,8 @@ fn print_agents(agents: &[fleetcast_tracker::api::AgentRow]) {
 
 fn print_records(records: &[ReleaseRecord]) {
     println!(
-        "{:<20} {:<16} {:<9} {:>6} {:>12} {:>7} {:>7}  NOTE",
-        "APP", "VERSION", "STATE", "FILES", "BYTES", "CHUNKS", "NEW"
+        "{:<20} {:<16} {:<16} {:<9} {:>6} {:>12} {:>7} {:>7}  NOTE",
+        "APP", "VERSION", "ARCHIVE", "STATE", "FILES", "BYTES", "CHUNKS", "NEW"
     );
     for r in records {
         let state = fleetcast_runtime::metrics::label_value(&r.state);
@@ -546,12 +602,22 @@ fn print_records(records: &[ReleaseRecord]) {
         let note = r
             .reason
             .as_ref()
-            .map(|x| format!("{:?}: {}", x.code, x.message))
+            .map(ToString::to_string)
             .unwrap_or_default();
+        // The archive by the short hash its object name carries: a version published twice
+        // with other content has two rows.
+        let archive: String = r
+            .blake3
+            .as_deref()
+            .unwrap_or("-")
+            .chars()
+            .take(16)
+            .collect();
         println!(
-            "{:<20} {:<16} {:<9} {:>6} {:>12} {:>7} {:>7}  {}",
+            "{:<20} {:<16} {:<16} {:<9} {:>6} {:>12} {:>7} {:>7}  {}",
             r.app,
             r.version.to_string(),
+            archive,
             state,
             files,
             bytes,

@@ -46,10 +46,11 @@ fn publish_fails_clearly_on_a_bad_package_or_no_nats() {
         &["publish", evil.to_str().expect("utf8")],
         "nats://127.0.0.1:1",
     );
-    assert_eq!(out.status.code(), Some(1));
+    // Refused locally: exit 3 and the watcher's reason code, as when the pipeline refuses.
+    assert_eq!(out.status.code(), Some(3));
     let err = text(&out.stderr);
     assert!(
-        err.contains("not a valid package") && err.contains(".."),
+        err.contains("path_traversal: ") && err.contains(".."),
         "{err}"
     );
 
@@ -118,7 +119,7 @@ async fn publish_wait_exits_zero_when_stored_and_three_when_rejected() {
     .await
     .expect("join");
     assert_eq!(out.status.code(), Some(3), "{}", text(&out.stdout));
-    assert!(text(&out.stdout).contains("VersionNotNewer"));
+    assert!(text(&out.stderr).contains("version_not_newer"));
 
     let out = tokio::task::spawn_blocking(move || fleetcast(&["releases"], &url))
         .await

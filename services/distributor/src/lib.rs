@@ -249,6 +249,7 @@ impl Distributor {
                 app: event.app.clone(),
                 version: event.version.clone(),
                 state: ReleaseState::Stored,
+                blake3: Some(event.blake3.clone()),
                 reason: None,
                 manifest: Some(event.manifest.clone()),
                 stored: Some(stored.clone()),
@@ -272,10 +273,16 @@ impl Distributor {
 
     async fn reject(&self, event: &ReleaseSigned, code: RejectCode, message: String) -> Outcome {
         let reason = Rejection { code, message };
-        tracing::warn!(app = %event.app, version = %event.version, code = ?reason.code, reason = %reason.message, "release rejected");
+        tracing::warn!(app = %event.app, version = %event.version, code = %reason.code, reason = %reason.message, "release rejected");
         if let Err(e) = self
             .bus
-            .record_rejection(&event.app, &event.version, &reason, true)
+            .record_rejection(
+                &event.app,
+                &event.version,
+                Some(&event.blake3),
+                &reason,
+                true,
+            )
             .await
         {
             return Outcome::Retry(e);
@@ -285,6 +292,7 @@ impl Distributor {
             version: event.version.clone(),
             stage: SERVICE.into(),
             reason,
+            blake3: Some(event.blake3.clone()),
         };
         match self
             .bus

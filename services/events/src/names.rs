@@ -208,6 +208,16 @@ pub fn release_key(app: &str, version: &semver::Version) -> String {
     format!("{app}.{}", version.to_string().replace('+', "_"))
 }
 
+/// Key in the releases bucket of one archive's rejection: `<app>.<version>.<first 16 hex of its
+/// BLAKE3>`, the short hash of its object name. The record under [`release_key`] is the
+/// version's; a different archive reusing a stored version is refused there without replacing
+/// it, so its refusal is kept here, where its publisher (`publish --wait`) and `releases` find
+/// it. No version ends in `.<16 hex>` (semver has three numeric parts), so the keys never clash.
+pub fn release_rejection_key(app: &str, version: &semver::Version, blake3_hex: &str) -> String {
+    let short: String = blake3_hex.chars().take(16).collect();
+    format!("{}.{short}", release_key(app, version))
+}
+
 /// Object name of an archive in the incoming store. It carries the archive's hash, so a second
 /// upload of the same app+version with other content can never overwrite the first.
 pub fn archive_object(app: &str, version: &semver::Version, blake3_hex: &str) -> String {

@@ -99,6 +99,45 @@ pub enum RejectCode {
     DiskFull,
 }
 
+impl RejectCode {
+    /// The code as the schemas, metrics, logs, `.reason.txt` notes and the CLI spell it
+    /// (`path_traversal`): one spelling everywhere.
+    pub fn as_str(self) -> &'static str {
+        match self {
+            RejectCode::InvalidName => "invalid_name",
+            RejectCode::CorruptArchive => "corrupt_archive",
+            RejectCode::PathTraversal => "path_traversal",
+            RejectCode::AbsolutePath => "absolute_path",
+            RejectCode::LinkOutsidePackage => "link_outside_package",
+            RejectCode::DuplicateEntry => "duplicate_entry",
+            RejectCode::TooManyEntries => "too_many_entries",
+            RejectCode::TooLarge => "too_large",
+            RejectCode::CompressionRatio => "compression_ratio",
+            RejectCode::InvalidPackageConfig => "invalid_package_config",
+            RejectCode::InvalidEvent => "invalid_event",
+            RejectCode::ArchiveMismatch => "archive_mismatch",
+            RejectCode::VersionNotNewer => "version_not_newer",
+            RejectCode::UnknownApp => "unknown_app",
+            RejectCode::ManifestMismatch => "manifest_mismatch",
+            RejectCode::RollbackFromNotLatest => "rollback_from_not_latest",
+            RejectCode::DiskFull => "disk_full",
+        }
+    }
+}
+
+impl std::fmt::Display for RejectCode {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        f.write_str(self.as_str())
+    }
+}
+
+impl std::fmt::Display for Rejection {
+    /// `code: message`, the form of `.reason.txt`, `releases` and the CLI's errors.
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        write!(f, "{}: {}", self.code, self.message)
+    }
+}
+
 /// The watcher refused a package. Nothing was stored for it.
 #[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize, JsonSchema)]
 #[serde(deny_unknown_fields)]
@@ -110,6 +149,10 @@ pub struct PackageRejected {
     pub version: Option<Version>,
     pub source: PackageSource,
     pub reason: Rejection,
+    /// BLAKE3 of the refused archive, when known (always for a CI upload: the event names
+    /// it), so whoever published it finds *its* archive's outcome.
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub blake3: Option<String>,
 }
 
 /// A service refused an event it could not decode or that broke the contract. Nothing was done.
@@ -175,6 +218,9 @@ pub struct ReleaseRejected {
     /// `signer` or `distributor`.
     pub stage: String,
     pub reason: Rejection,
+    /// BLAKE3 of the refused archive, so whoever published it finds *its* archive's outcome.
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub blake3: Option<String>,
 }
 
 /// Every chunk and the chunk index are stored: agents can fetch the release.
@@ -213,6 +259,10 @@ pub struct ReleaseRecord {
     #[schemars(with = "String")]
     pub version: Version,
     pub state: ReleaseState,
+    /// BLAKE3 of the archive this record is about: the same version published again with
+    /// other content is another archive, with its own outcome.
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub blake3: Option<String>,
     #[serde(default, skip_serializing_if = "Option::is_none")]
     pub reason: Option<Rejection>,
     #[serde(default, skip_serializing_if = "Option::is_none")]
@@ -443,6 +493,39 @@ impl UpdateOutcome {
             UpdateOutcome::RolledBack => AppState::RolledBack,
             UpdateOutcome::Failed => AppState::Failed,
             UpdateOutcome::Refused => AppState::Refused,
+        }
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::RejectCode;
+
+    /// `as_str` (logs, notes, the CLI) and serde (events, schemas, metrics) spell every code
+    /// the same way.
+    #[test]
+    fn reject_codes_have_one_spelling() {
+        use RejectCode::*;
+        for code in [
+            InvalidName,
+            CorruptArchive,
+            PathTraversal,
+            AbsolutePath,
+            LinkOutsidePackage,
+            DuplicateEntry,
+            TooManyEntries,
+            TooLarge,
+            CompressionRatio,
+            InvalidPackageConfig,
+            InvalidEvent,
+            ArchiveMismatch,
+            VersionNotNewer,
+            UnknownApp,
+            ManifestMismatch,
+        ] {
+            let json = serde_json::to_value(code).expect("json");
+            assert_eq!(json.as_str(), Some(code.as_str()));
+            assert_eq!(code.to_string(), code.as_str());
         }
     }
 }

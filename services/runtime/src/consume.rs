@@ -160,7 +160,7 @@ pub async fn reject_event(
     subject: &str,
     reason: fleetcast_events::v1::Rejection,
 ) -> Outcome {
-    tracing::warn!(%stage, %subject, reason = %reason.message, "event rejected");
+    tracing::warn!(%stage, %subject, code = %reason.code, reason = %reason.message, "event rejected");
     let event = fleetcast_events::v1::EventRejected {
         stage: stage.into(),
         subject: subject.into(),

@@ -5,7 +5,7 @@ use std::path::Path;
 
 use async_nats::jetstream::object_store::GetErrorKind;
 use fleetcast_events::Encoding;
-use fleetcast_events::names::release_key;
+use fleetcast_events::names::{release_key, release_rejection_key};
 use fleetcast_events::v1::{Rejection, ReleaseRecord, ReleaseState};
 use semver::Version;
 use tokio::io::{AsyncReadExt, AsyncWriteExt};
@@ -303,16 +303,33 @@ impl Bus {
             .map_err(|e| e.to_string())
     }
 
-    /// Records a rejection, unless the same app+version already made it further: a refused
-    /// re-publish of a good release must not hide the good one. `of_signed` is for the
+    /// Records a rejection of the archive `blake3` (when known) of app+version: always under
+    /// that archive's own key ([`release_rejection_key`]), where its publisher looks; and as
+    /// the version's record too, unless the same app+version already made it further: a
+    /// refused re-publish of a good release must not hide the good one. `of_signed` is for the
     /// distributor, which refuses a release that is signed (and so replaces that state).
     pub async fn record_rejection(
         &self,
         app: &str,
         version: &Version,
+        blake3: Option<&str>,
         reason: &Rejection,
         of_signed: bool,
     ) -> Result<(), String> {
+        let record = ReleaseRecord {
+            app: app.into(),
+            version: version.clone(),
+            state: ReleaseState::Rejected,
+            blake3: blake3.map(String::from),
+            reason: Some(reason.clone()),
+            manifest: None,
+            stored: None,
+            updated: time::OffsetDateTime::now_utc(),
+        };
+        if let Some(blake3) = blake3 {
+            self.put_release_record_at(&release_rejection_key(app, version, blake3), &record)
+                .await?;
+        }
         if let Some(existing) = self.release_record(app, version).await? {
             let keep = match existing.state {
                 ReleaseState::Stored => true,
@@ -323,17 +340,95 @@ impl Bus {
                 return Ok(());
             }
         }
-        self.put_release_record(&ReleaseRecord {
-            app: app.into(),
-            version: version.clone(),
-            state: ReleaseState::Rejected,
-            reason: Some(reason.clone()),
-            manifest: None,
-            stored: None,
-            updated: time::OffsetDateTime::now_utc(),
-        })
-        .await
+        self.put_release_record(&record).await
     }
+
+    async fn put_release_record_at(&self, key: &str, record: &ReleaseRecord) -> Result<(), String> {
+        let bytes = Encoding::Json.encode(record).map_err(|e| e.to_string())?;
+        self.releases
+            .put(key, bytes.into())
+            .await
+            .map(|_| ())
+            .map_err(|e| e.to_string())
+    }
+
+    /// What became of the archive `blake3` published as app+version, judging only records
+    /// written after `since` (KV revisions read before it was published, see
+    /// [`Bus::release_revisions`]) for a rejection, so an earlier refusal of the same bytes is
+    /// not taken for this attempt's: `Some` once it is stored (at any time: stored is stored)
+    /// or rejected; `None` while undecided.
+    pub async fn archive_outcome(
+        &self,
+        app: &str,
+        version: &Version,
+        blake3: &str,
+        since: ReleaseRevisions,
+    ) -> Result<Option<ReleaseRecord>, String> {
+        let version_entry = self.release_entry(&release_key(app, version)).await?;
+        if let Some((_, record)) = &version_entry
+            && record.blake3.as_deref() == Some(blake3)
+            && record.state == ReleaseState::Stored
+        {
+            return Ok(version_entry.map(|(_, r)| r));
+        }
+        let own = self
+            .release_entry(&release_rejection_key(app, version, blake3))
+            .await?;
+        if let Some((revision, record)) = own
+            && revision > since.archive
+            && record.state == ReleaseState::Rejected
+        {
+            return Ok(Some(record));
+        }
+        match version_entry {
+            Some((revision, record))
+                if revision > since.version
+                    && record.state == ReleaseState::Rejected
+                    && record.blake3.as_deref() == Some(blake3) =>
+            {
+                Ok(Some(record))
+            }
+            _ => Ok(None),
+        }
+    }
+
+    /// The current revisions of the records [`Bus::archive_outcome`] reads (0: none yet).
+    pub async fn release_revisions(
+        &self,
+        app: &str,
+        version: &Version,
+        blake3: &str,
+    ) -> Result<ReleaseRevisions, String> {
+        let revision = |entry: Option<(u64, ReleaseRecord)>| entry.map_or(0, |(r, _)| r);
+        Ok(ReleaseRevisions {
+            version: revision(self.release_entry(&release_key(app, version)).await?),
+            archive: revision(
+                self.release_entry(&release_rejection_key(app, version, blake3))
+                    .await?,
+            ),
+        })
+    }
+
+    async fn release_entry(&self, key: &str) -> Result<Option<(u64, ReleaseRecord)>, String> {
+        let entry = self.releases.entry(key).await.map_err(|e| e.to_string())?;
+        match entry {
+            Some(entry) if matches!(entry.operation, async_nats::jetstream::kv::Operation::Put) => {
+                let record = Encoding::Json
+                    .decode(&entry.value)
+                    .map_err(|e| format!("release record {key}: {e}"))?;
+                Ok(Some((entry.revision, record)))
+            }
+            _ => Ok(None),
+        }
+    }
+}
+
+/// KV revisions of a version's record and of one archive's rejection record, taken before the
+/// archive is published.
+#[derive(Debug, Clone, Copy, Default)]
+pub struct ReleaseRevisions {
+    pub version: u64,
+    pub archive: u64,
 }
 
 #[cfg(test)]

@@ -527,6 +527,7 @@ impl Signer {
             app: signed.app.clone(),
             version: signed.version.clone(),
             state: ReleaseState::Signed,
+            blake3: Some(signed.blake3.clone()),
             reason: None,
             manifest: Some(signed.manifest.clone()),
             stored: None,
@@ -581,10 +582,16 @@ impl Signer {
     }
 
     async fn reject(&self, event: &PackageDetected, reason: Rejection) -> Outcome {
-        tracing::warn!(app = %event.app, version = %event.version, code = ?reason.code, reason = %reason.message, "release rejected");
+        tracing::warn!(app = %event.app, version = %event.version, code = %reason.code, reason = %reason.message, "release rejected");
         if let Err(e) = self
             .bus
-            .record_rejection(&event.app, &event.version, &reason, false)
+            .record_rejection(
+                &event.app,
+                &event.version,
+                Some(&event.blake3),
+                &reason,
+                false,
+            )
             .await
         {
             return Outcome::Retry(e);
@@ -598,6 +605,7 @@ impl Signer {
             version: event.version.clone(),
             stage: SERVICE.into(),
             reason,
+            blake3: Some(event.blake3.clone()),
         };
         match self
             .bus

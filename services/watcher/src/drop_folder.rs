@@ -206,13 +206,14 @@ impl Watcher {
         source: PackageSource,
         reason: Rejection,
     ) -> Result<(), String> {
-        let note = format!("{:?}: {}\n", reason.code, reason.message);
+        let note = format!("{reason}\n");
         match self
             .reject_package(
                 name.map(|n| n.app.as_str()),
                 name.map(|n| &n.version),
                 source,
                 reason,
+                None,
                 None,
             )
             .await

@@ -217,6 +217,7 @@ impl Watcher {
             source,
             reason,
             object,
+            Some(&event.blake3),
         )
         .await
     }
@@ -230,8 +231,9 @@ impl Watcher {
         source: PackageSource,
         reason: Rejection,
         object: Option<&str>,
+        blake3: Option<&str>,
     ) -> Outcome {
-        tracing::warn!(app = ?app, version = ?version.map(|v| v.to_string()), code = ?reason.code, reason = %reason.message, "package rejected");
+        tracing::warn!(app = ?app, version = ?version.map(|v| v.to_string()), code = %reason.code, reason = %reason.message, "package rejected");
         if let Some(object) = object
             && let Err(e) = self.bus.incoming.delete(object).await
         {
@@ -241,7 +243,7 @@ impl Watcher {
             && names::validate_app_name(app).is_ok()
             && let Err(e) = self
                 .bus
-                .record_rejection(app, version, &reason, false)
+                .record_rejection(app, version, blake3, &reason, false)
                 .await
         {
             return Outcome::Retry(e);
@@ -252,6 +254,7 @@ impl Watcher {
             version: version.cloned(),
             source,
             reason,
+            blake3: blake3.map(String::from),
         };
         match self
             .bus
