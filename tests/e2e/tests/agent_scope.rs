@@ -5,6 +5,9 @@
 //! every chunk hash and desired-state key), nor read another app's chunks or index; the
 //! server refuses its oversized reports. Every stream and bucket has a byte and message-size
 //! limit, and an archive over the limits is refused before it is downloaded.
+//!
+//! The server runs from the shipped `ops/nats/secure.conf` with the accounts and TLS that
+//! `ops/nats/gen-accounts --tls` issues (`Pipeline::new_closed`): what is tested is what ships.
 
 use std::time::Duration;
 
@@ -32,9 +35,7 @@ fn v(s: &str) -> semver::Version {
 /// violation at all: everything the agent does, its scope allows.
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn an_agent_installs_its_app_with_direct_gets_alone() {
-    let mut p = Pipeline::new_with_permissions(&fleet())
-        .await
-        .expect("pipeline");
+    let mut p = Pipeline::new_closed(&fleet()).await.expect("pipeline");
     p.start_pipeline_as_roles();
     let host = tempfile::tempdir().expect("tmp");
     let settings = p.agent_settings("h1", "default", host.path());
@@ -70,9 +71,7 @@ async fn an_agent_installs_its_app_with_direct_gets_alone() {
 /// app's chunks it reads.
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn an_agent_credential_cannot_list_streams_or_read_another_apps_chunks() {
-    let mut p = Pipeline::new_with_permissions(&fleet())
-        .await
-        .expect("pipeline");
+    let mut p = Pipeline::new_closed(&fleet()).await.expect("pipeline");
     p.start_pipeline_as_roles();
     // The same content in both apps: the same chunk hashes, under each app's own subjects.
     p.release("shapp", "1.0.0", &script_app("1.0.0", true))
@@ -179,9 +178,7 @@ async fn an_agent_credential_cannot_list_streams_or_read_another_apps_chunks() {
 /// the server's own 8 MB), while a normal one is stored. Nothing of the refused ones is stored.
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn an_oversized_heartbeat_is_refused_by_the_server_and_nothing_is_stored() {
-    let mut p = Pipeline::new_with_permissions(&fleet())
-        .await
-        .expect("pipeline");
+    let mut p = Pipeline::new_closed(&fleet()).await.expect("pipeline");
     p.start_pipeline_as_roles();
     let admin = p.bus().await.expect("admin");
     let subject = names::agent_heartbeat_subject("h1", "default");
@@ -217,17 +214,32 @@ async fn an_oversized_heartbeat_is_refused_by_the_server_and_nothing_is_stored()
     }
     // A normal heartbeat (reconnected, if the server cut the client off) is stored, so nothing
     // above would have gone unnoticed.
-    let small = async_nats::jetstream::new(h1.clone())
-        .publish(subject.clone(), vec![b'x'; 1024].into())
-        .await
-        .expect("publish")
-        .await
-        .expect("a normal heartbeat is stored");
+    // The client may still be reconnecting (with backoff) after the cuts: asked again until
+    // the stream acknowledges it.
+    let js = async_nats::jetstream::new(h1.clone());
+    let deadline = tokio::time::Instant::now() + TIMEOUT;
+    let small = loop {
+        let acked = match js.publish(subject.clone(), vec![b'x'; 1024].into()).await {
+            Ok(ack) => ack.await.map_err(|e| e.to_string()),
+            Err(e) => Err(e.to_string()),
+        };
+        match acked {
+            Ok(ack) => break ack,
+            Err(e) => assert!(
+                tokio::time::Instant::now() < deadline,
+                "a normal heartbeat is stored: {e}"
+            ),
+        }
+        tokio::time::sleep(std::time::Duration::from_millis(200)).await;
+    };
     let mut status = admin.status_stream.clone();
     let after = status.info().await.expect("info").state.clone();
-    assert_eq!(after.messages, before.messages + 1, "only the normal one");
+    // Only normal ones (one, or more if an acknowledgement was lost and it was asked again):
+    // each well under 2 KiB stored, none of the refused sizes.
+    let added = after.messages - before.messages;
+    assert!(added >= 1, "the normal one is stored");
     assert_eq!(after.last_sequence, small.sequence);
-    assert!(after.bytes < before.bytes + (64 << 10), "{after:?}");
+    assert!(after.bytes < before.bytes + added * 2048, "{after:?}");
 }
 
 /// Every stream and bucket fleetcast creates has a byte limit and a largest message; the

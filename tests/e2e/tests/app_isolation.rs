@@ -136,7 +136,7 @@ fn assert_sealed(dir: &Path) {
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn an_app_running_as_its_own_user_cannot_touch_the_agent() {
     require_root();
-    let mut p = Pipeline::new_with_permissions(&[AgentSpec::new("iso-1", "default", &["shapp"])])
+    let mut p = Pipeline::new_closed(&[AgentSpec::new("iso-1", "default", &["shapp"])])
         .await
         .expect("pipeline");
     p.start_pipeline_as_roles();

@@ -7,6 +7,9 @@
 //!
 //! And a `rolled_back` status that never reaches the tracker still halts the rollout, through
 //! the outcome every heartbeat repeats.
+//!
+//! The server runs from the shipped `ops/nats/secure.conf` with the accounts and TLS that
+//! `ops/nats/gen-accounts --tls` issues (`Pipeline::new_closed`): what is tested is what ships.
 
 use std::time::Duration;
 
@@ -156,7 +159,7 @@ async fn until_refused(port: u16, what: &str, reason: &str, n: u64) {
 /// A fleet of two agents in ring `default` (h1 and h2) and one in `canary` (c1), with a
 /// release of `shapp` rolling out: h1 reported (running nothing yet), so the ring waits for it.
 async fn rolling_out() -> (Pipeline, u16, async_nats::Client, Violations) {
-    let mut p = Pipeline::new_with_permissions(&[
+    let mut p = Pipeline::new_closed(&[
         AgentSpec::new("h1", "default", &["shapp"]),
         AgentSpec::new("h2", "default", &["shapp"]),
         AgentSpec::new("c1", "canary", &["shapp"]),
@@ -431,7 +434,7 @@ async fn slot_requests_are_their_subjects_agent_and_replies_go_to_its_inbox_only
 /// them, with the agent's reason.
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn a_lost_rolled_back_status_still_halts_the_rollout_through_the_heartbeats() {
-    let mut p = Pipeline::new_with_permissions(&[AgentSpec::new("h1", "default", &["shapp"])])
+    let mut p = Pipeline::new_closed(&[AgentSpec::new("h1", "default", &["shapp"])])
         .await
         .expect("pipeline");
     p.start_pipeline_as_roles();

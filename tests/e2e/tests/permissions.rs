@@ -5,6 +5,9 @@
 //! and telling the client asynchronously (`-ERR 'Permissions Violation …'`, a connection event
 //! in async-nats, never an error from `publish`): each test waits for that event, and checks
 //! with the admin identity that nothing changed.
+//!
+//! The server runs from the shipped `ops/nats/secure.conf` with the accounts and TLS that
+//! `ops/nats/gen-accounts --tls` issues (`Pipeline::new_closed`): what is tested is what ships.
 
 use fleetcast_e2e::{Pipeline, TIMEOUT, eventually, running, script_app};
 use fleetcast_events::names;
@@ -28,9 +31,7 @@ fn fleet() -> Vec<AgentSpec> {
 /// violation in the server's log: every role has what it uses.
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn a_release_reaches_every_agent_with_each_program_under_its_own_identity() {
-    let mut p = Pipeline::new_with_permissions(&fleet())
-        .await
-        .expect("pipeline");
+    let mut p = Pipeline::new_closed(&fleet()).await.expect("pipeline");
     p.start_pipeline_as_roles();
     p.start_tracker_as_role(p.tracker_settings());
     let hosts = tempfile::tempdir().expect("tmp");
@@ -122,9 +123,7 @@ async fn a_release_reaches_every_agent_with_each_program_under_its_own_identity(
 /// replies, no other app's or ring's desired state, no stream deleted or purged.
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn an_agent_identity_is_refused_everything_but_its_own_business() {
-    let mut p = Pipeline::new_with_permissions(&fleet())
-        .await
-        .expect("pipeline");
+    let mut p = Pipeline::new_closed(&fleet()).await.expect("pipeline");
     p.start_pipeline_as_roles();
     p.release("shapp", "1.0.0", &script_app("1.0.0", true))
         .await;
@@ -282,9 +281,7 @@ async fn an_agent_identity_is_refused_everything_but_its_own_business() {
 /// `_INBOX` is not its to read.
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn an_agent_without_its_inbox_prefix_gets_no_replies() {
-    let mut p = Pipeline::new_with_permissions(&fleet())
-        .await
-        .expect("pipeline");
+    let mut p = Pipeline::new_closed(&fleet()).await.expect("pipeline");
     p.start_pipeline_as_roles();
     let accounts = p.accounts.as_ref().expect("accounts");
     let (h1, refused) = p.client_as(&accounts.agent_creds("h1"), None).await;
@@ -308,9 +305,7 @@ async fn an_agent_without_its_inbox_prefix_gets_no_replies() {
 /// forge the signer's timestamp. And a client without credentials is turned away.
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn every_role_is_refused_what_is_not_its_job() {
-    let mut p = Pipeline::new_with_permissions(&fleet())
-        .await
-        .expect("pipeline");
+    let mut p = Pipeline::new_closed(&fleet()).await.expect("pipeline");
     p.start_pipeline_as_roles();
     let delete_chunks = format!("$JS.API.STREAM.DELETE.{}", names::CHUNKS_STREAM);
     let desired = format!("$KV.{}.shapp.default", names::DESIRED_BUCKET);
