@@ -180,7 +180,10 @@ pub async fn run(settings: Settings, shutdown: CancellationToken) -> Result<(), 
                     host: host_name.clone(),
                     ring: settings.ring.clone(),
                     labels: settings.labels.clone(),
-                    apps: beats.iter().map(|b| b.borrow().beat.clone()).collect(),
+                    apps: beats
+                        .iter()
+                        .map(|b| b.borrow().beat_at(tokio::time::Instant::now()))
+                        .collect(),
                     metadata: Some(metadata),
                     at: OffsetDateTime::now_utc(),
                 };

@@ -170,6 +170,7 @@ mod tests {
             },
             counts,
             accepted: None,
+            running_since: None,
         }
     }
 

@@ -80,9 +80,21 @@ pub struct Snapshot {
     /// The highest version accepted from a signed announcement (freshness compares it with
     /// the signer's timestamp).
     pub accepted: Option<Version>,
+    /// Since when the running version has been up: a snapshot is taken when the app's state
+    /// changes, so each heartbeat computes its uptime afresh (see [`Snapshot::beat_at`]).
+    pub running_since: Option<Instant>,
 }
 
 impl Snapshot {
+    /// The app's heartbeat as of `now`: its uptime counted to `now`, not to the snapshot.
+    pub fn beat_at(&self, now: Instant) -> AppHeartbeat {
+        let mut beat = self.beat.clone();
+        beat.uptime_s = self
+            .running_since
+            .map_or(0, |since| now.saturating_duration_since(since).as_secs());
+        beat
+    }
+
     /// An app the agent could not set up (see `isolated` in the agent's loop): failed, nothing
     /// running, staged or accepted.
     pub fn failed(app: &str) -> Snapshot {
@@ -99,6 +111,7 @@ impl Snapshot {
             },
             counts: Counts::default(),
             accepted: None,
+            running_since: None,
         }
     }
 }
@@ -756,6 +769,7 @@ impl AppRunner {
             beat: self.heartbeat(),
             counts: self.counts,
             accepted: self.journal.highest_accepted.clone(),
+            running_since: self.running_since,
         }
     }
 
@@ -772,6 +786,24 @@ mod tests {
     use fleetcast_events::{FileEntry, Manifest, SignedManifest};
 
     use super::*;
+
+    /// A snapshot is taken when the app's state changes; each heartbeat counts the uptime to
+    /// its own time, so it grows between two heartbeats (it used to stay at the value of the
+    /// last change, ~2 s after an update, for ever).
+    #[test]
+    fn uptime_grows_between_two_heartbeats() {
+        let since = Instant::now();
+        let mut snapshot = Snapshot::failed("web");
+        snapshot.running_since = Some(since);
+        let first = snapshot.beat_at(since + Duration::from_secs(2));
+        let second = snapshot.beat_at(since + Duration::from_secs(17));
+        assert_eq!((first.uptime_s, second.uptime_s), (2, 17));
+        snapshot.running_since = None;
+        assert_eq!(
+            snapshot.beat_at(since + Duration::from_secs(30)).uptime_s,
+            0
+        );
+    }
 
     /// A staging that fails for want of the store (here its chunk index cannot be had, as when
     /// a slow store times out) is reported as a failure with its reason, the heartbeat says so
