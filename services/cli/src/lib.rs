@@ -120,6 +120,19 @@ impl std::fmt::Display for UnknownVersion {
 
 impl std::error::Error for UnknownVersion {}
 
+/// How long ago `at` was, as a person reads it (`45s ago`, `12m ago`, `3h ago`, `5d ago`);
+/// a time ahead of `now` (clocks differ a little) reads `just now`.
+pub fn ago(at: time::OffsetDateTime, now: time::OffsetDateTime) -> String {
+    let s = (now - at).whole_seconds();
+    match s {
+        i64::MIN..=0 => "just now".into(),
+        1..=119 => format!("{s}s ago"),
+        120..=7199 => format!("{}m ago", s / 60),
+        7200..=172_799 => format!("{}h ago", s / 3600),
+        _ => format!("{}d ago", s / 86_400),
+    }
+}
+
 /// Writes `<dir>/<name>.key` (secret, mode 0600) and `<dir>/<name>.pub`.
 pub fn keygen(dir: &Path, name: &str, force: bool) -> anyhow::Result<(PathBuf, PathBuf, String)> {
     std::fs::create_dir_all(dir).with_context(|| format!("creating {}", dir.display()))?;
@@ -703,4 +716,20 @@ pub async fn request_rollback(
     )
     .await?;
     Ok(from)
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn ages_read_as_a_person_says_them() {
+        let now = time::macros::datetime!(2026-12-06 12:00 UTC);
+        let before = |s: i64| now - time::Duration::seconds(s);
+        assert_eq!(ago(now + time::Duration::seconds(3), now), "just now");
+        assert_eq!(ago(before(45), now), "45s ago");
+        assert_eq!(ago(before(12 * 60 + 5), now), "12m ago");
+        assert_eq!(ago(before(3 * 3600), now), "3h ago");
+        assert_eq!(ago(before(5 * 86_400), now), "5d ago");
+    }
 }

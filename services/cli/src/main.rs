@@ -546,6 +546,7 @@ fn print_agents(agents: &[fleetcast_tracker::api::AgentRow]) {
         "{:<20} {:<12} {:<16} {:<12} {:<16}  LAST ERROR",
         "AGENT", "RING", "APP", "RUNNING", "STATE"
     );
+    let now = time::OffsetDateTime::now_utc();
     for row in agents {
         let a = &row.agent;
         let stale = if row.stale {
@@ -570,7 +571,9 @@ fn print_agents(agents: &[fleetcast_tracker::api::AgentRow]) {
                         .as_ref()
                         .map(ToString::to_string)
                         .unwrap_or_default();
-                    format!("{version}: {}", e.reason)
+                    // When: an error from a long-past release reads as such.
+                    let when = fleetcast_cli::ago(e.at, now);
+                    format!("{version}: {} ({when})", e.reason)
                 })
                 .unwrap_or_default();
             println!(
