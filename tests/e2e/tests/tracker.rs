@@ -394,8 +394,17 @@ async fn the_dashboard_shows_the_fleet_rollouts_and_failures_as_a_person_sees_th
         "fleet summary missing: {dom}"
     );
     assert!(
-        dom.contains("<td>shapp</td><td>1.0.0</td><td>broad</td><td>2</td>"),
+        dom.contains("<td>shapp</td><td>1.0.0</td><td>broad</td><td>running</td><td>2</td>"),
         "fleet by version and ring: {dom}"
+    );
+    // The canary that rolled back is a row of its own, not counted with the healthy hosts.
+    assert!(
+        dom.contains("<td>shapp</td><td>1.0.0</td><td>canary</td><td>rolled back</td><td>1</td>"),
+        "a rolled-back host counted as such: {dom}"
+    );
+    assert!(
+        dom.contains("data-connected=\"true\""),
+        "a connected tracker shows no banner: {dom}"
     );
     assert!(dom.contains("shapp 2.0.0"), "rollout missing: {dom}");
     assert!(dom.contains("phase halted"), "halted phase missing: {dom}");
@@ -716,4 +725,38 @@ async fn a_rollout_completes_when_a_node_of_the_nats_cluster_dies_in_the_middle(
     for (id, _) in agents {
         converged(&hosts, id, "3.0.0").await;
     }
+}
+
+/// While the tracker is cut off from NATS, the page a person looks at says so, and since
+/// when its data is old, instead of looking live.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn the_dashboard_says_when_the_tracker_is_cut_off_from_nats() {
+    let policy = AppPolicy {
+        approval: Approval::Auto,
+        rings: vec![ring("canary", 1, 1)],
+    };
+    let (mut p, _hosts, port) = fleet_on(policy, &[("c1", "canary")]).await;
+    let live = fleetcast_e2e::dashboard_dom(port).await;
+    assert!(live.contains("data-connected=\"true\""), "{live}");
+    assert!(
+        live.contains("<div id=\"banner\" role=\"alert\" class=\"\"></div>")
+            || live.contains("<div id=\"banner\" role=\"alert\"></div>"),
+        "no banner while connected: {live}"
+    );
+
+    p.nats.stop();
+    fleetcast_e2e::eventually("the tracker reports it is cut off", || {
+        fleetcast_e2e::http_get(port, "/health").trim() != "ok"
+    })
+    .await;
+    let dom = fleetcast_e2e::dashboard_dom(port).await;
+    assert!(dom.contains("data-connected=\"false\""), "{dom}");
+    assert!(
+        dom.contains("class=\"shown\">The tracker is cut off from NATS"),
+        "no banner while cut off: {dom}"
+    );
+    assert!(
+        dom.contains("nothing was seen live yet") || dom.contains("what you see is as of"),
+        "{dom}"
+    );
 }
