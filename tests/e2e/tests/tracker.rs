@@ -417,6 +417,12 @@ async fn the_dashboard_shows_the_fleet_rollouts_and_failures_as_a_person_sees_th
         "failed host and its reason: {dom}"
     );
     assert!(dom.contains("data-agent=\"b2\""), "agent rows: {dom}");
+    // Last seen and each last error as an age; the exact time in the tooltip.
+    assert!(dom.contains(" ago</span>"), "ages: {dom}");
+    assert!(
+        dom.contains("exited during the health gate ("),
+        "the last error says when: {dom}"
+    );
 
     // The same view for machines.
     let metrics = fleetcast_e2e::http_get(port, "/metrics");
