@@ -561,7 +561,10 @@ fn print_agents(agents: &[fleetcast_tracker::api::AgentRow]) {
                 .running
                 .as_ref()
                 .map_or("-".to_string(), ToString::to_string);
-            let state = fleetcast_runtime::metrics::label_value(&view.state);
+            let mut state = fleetcast_runtime::metrics::label_value(&view.state);
+            if let Some(waiting) = &view.waiting {
+                state = format!("{state} ({waiting})");
+            }
             let error = view
                 .last_error
                 .as_ref()

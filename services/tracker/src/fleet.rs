@@ -39,6 +39,10 @@ pub struct AppView {
     pub uptime_s: u64,
     /// The last refusal, rollback or failed download, with its reason.
     pub last_error: Option<AppError>,
+    /// While the app waits to switch: for what (approval, a pause, a free slot, the update
+    /// window), as its agent last said.
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub waiting: Option<String>,
 }
 
 #[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize)]
@@ -48,6 +52,10 @@ pub struct AppError {
     pub reason: String,
     #[serde(with = "time::serde::rfc3339")]
     pub at: OffsetDateTime,
+}
+
+fn is_waiting(state: AppState) -> bool {
+    matches!(state, AppState::WaitingForSlot | AppState::WaitingForWindow)
 }
 
 impl Fleet {
@@ -70,12 +78,16 @@ impl Fleet {
                     previous: None,
                     uptime_s: 0,
                     last_error: None,
+                    waiting: None,
                 });
             view.state = app.state;
             view.running.clone_from(&app.running);
             view.staged.clone_from(&app.staged);
             view.previous.clone_from(&app.previous);
             view.uptime_s = app.uptime_s;
+            if !is_waiting(app.state) {
+                view.waiting = None;
+            }
             // A failure whose status was lost: the heartbeat's outcome says it, once.
             if let Some(update) = &app.last_update {
                 let state = update.outcome.state();
@@ -109,10 +121,18 @@ impl Fleet {
             previous: None,
             uptime_s: 0,
             last_error: None,
+            waiting: None,
         });
         // A refusal says nothing about what runs; every other state is the app's own.
         if st.state != AppState::Refused {
             view.state = st.state;
+            view.waiting = match st.state {
+                AppState::WaitingForSlot => {
+                    Some(st.reason.clone().unwrap_or_else(|| "a rollout slot".into()))
+                }
+                AppState::WaitingForWindow => Some("the host's update window".into()),
+                _ => None,
+            };
         }
         match st.state {
             AppState::Running => view.running.clone_from(&st.version),
@@ -243,6 +263,29 @@ mod tests {
             app.last_error.as_ref().map(|e| e.reason.as_str()),
             Some("older than 2.0.0")
         );
+
+        // What a waiting host waits for, until it moves on.
+        fleet.status(
+            &status(AppState::WaitingForSlot, "3.0.0", Some("awaiting approval")),
+            "canary",
+            t0,
+        );
+        assert_eq!(
+            fleet.agents["a1"].apps["demo"].waiting.as_deref(),
+            Some("awaiting approval")
+        );
+        fleet.status(
+            &status(AppState::WaitingForWindow, "3.0.0", None),
+            "canary",
+            t0,
+        );
+        assert_eq!(
+            fleet.agents["a1"].apps["demo"].waiting.as_deref(),
+            Some("the host's update window")
+        );
+        fleet.status(&status(AppState::Switching, "3.0.0", None), "canary", t0);
+        assert_eq!(fleet.agents["a1"].apps["demo"].waiting, None);
+        let a = &fleet.agents["a1"];
 
         let later = t0 + time::Duration::minutes(2);
         assert!(a.is_stale(later, Duration::from_secs(60)));

@@ -612,6 +612,7 @@ mod tests {
                             previous: None,
                             uptime_s: 1,
                             last_error: None,
+                            waiting: None,
                         },
                     )]),
                     last_seen: t0(),

@@ -276,6 +276,35 @@ async fn manual_approval_downloads_early_and_an_operator_steers_the_rollout() {
             "{id} switched before approval"
         );
     }
+    // The inventory says what each host waits for (`fleetcast agents`, the dashboard).
+    let deadline = tokio::time::Instant::now() + TIMEOUT;
+    loop {
+        let waiting: Vec<Option<String>> = match p.tracker_command(&Command::Status).await {
+            Ok(reply) => reply
+                .agents
+                .iter()
+                .map(|a| {
+                    a.agent
+                        .apps
+                        .get("shapp")
+                        .and_then(|app| app.waiting.clone())
+                })
+                .collect(),
+            Err(_) => Vec::new(),
+        };
+        if waiting.len() == 2
+            && waiting
+                .iter()
+                .all(|w| w.as_deref().is_some_and(|w| w.contains("approval")))
+        {
+            break;
+        }
+        assert!(
+            tokio::time::Instant::now() < deadline,
+            "hosts never shown waiting for approval: {waiting:?}"
+        );
+        tokio::time::sleep(Duration::from_millis(200)).await;
+    }
     let wrong = p
         .tracker_command(&Command::Approve {
             app: "shapp".into(),
