@@ -163,7 +163,12 @@ pub fn describe(root: &Root) -> String {
     format!(
         "root version {}, expires {}\n  root keys ({} of {}): {}\n  signing keys ({} of {}): {}",
         root.version,
-        root.expires,
+        // RFC 3339 to the second (`2027-12-06T10:28:10Z`), not the Debug-like default.
+        root.expires
+            .replace_nanosecond(0)
+            .unwrap_or(root.expires)
+            .format(&time::format_description::well_known::Rfc3339)
+            .unwrap_or_else(|_| root.expires.to_string()),
         root.root.threshold,
         root.root.keys.len(),
         ids(&root.root),
@@ -171,4 +176,31 @@ pub fn describe(root: &Root) -> String {
         root.signing.keys.len(),
         ids(&root.signing),
     )
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn a_root_is_described_with_its_expiry_to_the_second() {
+        let root = Root {
+            version: 2,
+            expires: time::macros::datetime!(2027-12-06 10:28:10.123456789 UTC),
+            root: Role {
+                keys: vec!["not a key".into()],
+                threshold: 1,
+            },
+            signing: Role {
+                keys: Vec::new(),
+                threshold: 1,
+            },
+        };
+        let text = describe(&root);
+        assert!(
+            text.starts_with("root version 2, expires 2027-12-06T10:28:10Z\n"),
+            "{text}"
+        );
+        assert!(text.contains("root keys (1 of 1): (invalid)"), "{text}");
+    }
 }
