@@ -149,6 +149,19 @@ impl Pipeline {
         Ok(p)
     }
 
+    /// As [`Pipeline::new_closed`] on the shipped production cluster (three nodes from
+    /// `ops/nats/cluster-node-N.conf`, [`NatsServer::start_shipped_cluster`]): every client
+    /// gets all three URLs, and streams and buckets are created with three replicas.
+    pub async fn new_closed_cluster(
+        agents: &[fleetcast_harness::accounts::AgentSpec],
+    ) -> anyhow::Result<Pipeline> {
+        let accounts = fleetcast_harness::accounts::Accounts::generate_with_tls(agents)?;
+        let servers = NatsServer::start_shipped_cluster(&accounts).await?;
+        let mut p = Pipeline::on(servers)?;
+        p.accounts = Some(accounts);
+        Ok(p)
+    }
+
     fn on(mut servers: Vec<NatsServer>) -> anyhow::Result<Pipeline> {
         fleetcast_runtime::telemetry::init_tracing();
         if servers.is_empty() {

@@ -223,6 +223,105 @@ impl NatsServer {
         Ok(servers)
     }
 
+    /// Starts the shipped production cluster, `ops/nats/cluster-node-{1,2,3}.conf` with their
+    /// shared `ops/nats/cluster-common.conf`, as three nats-server processes on loopback. Only
+    /// what must differ when three nodes share one machine is rewritten: each node's client,
+    /// route and leaf node ports, its store, the route URLs (`nats-N:6222` becomes that node's
+    /// loopback route port: the certificate `gen-accounts --tls` issues names 127.0.0.1 too),
+    /// `client_advertise`, and the `./auth/` includes (`accounts`' folder, issued with TLS);
+    /// monitoring is left out. Authentication, TLS (mutual on routes), the JetStream domain and
+    /// lame duck settings stay as shipped. The harness connects as `admin` with the accounts'
+    /// CA; returns once every node answers JetStream requests (the cluster has elected its meta
+    /// leader).
+    pub async fn start_shipped_cluster(
+        accounts: &accounts::Accounts,
+    ) -> anyhow::Result<Vec<NatsServer>> {
+        let dir = workspace_root().join("ops/nats");
+        let read = |name: &str| {
+            let path = dir.join(name);
+            std::fs::read_to_string(&path).with_context(|| format!("reading {}", path.display()))
+        };
+        let common = read("cluster-common.conf")?;
+        let ca = accounts
+            .ca()
+            .context("the accounts need TLS (generate_with_tls)")?;
+        let admin = std::fs::read_to_string(accounts.creds("admin"))?;
+        // (client, route, leaf node) port of each node.
+        let ports = (0..3)
+            .map(|_| Ok((free_port()?, free_port()?, free_port()?)))
+            .collect::<anyhow::Result<Vec<(u16, u16, u16)>>>()?;
+        let mut servers = Vec::new();
+        for (i, &(port, route, leaf)) in ports.iter().enumerate() {
+            let node = read(&format!("cluster-node-{}.conf", i + 1))?;
+            let mut server = NatsServer::from_config(port, |_| {
+                node.lines()
+                    .map(|line| {
+                        if line.starts_with("client_advertise:") {
+                            format!("client_advertise: \"127.0.0.1:{port}\"")
+                        } else {
+                            line.to_string()
+                        }
+                    })
+                    .collect::<Vec<_>>()
+                    .join("\n")
+                    + "\n"
+            })?;
+            // The node's file includes ./cluster-common.conf, beside it: this node's copy.
+            let store = server.store_dir().to_path_buf();
+            let auth = format!("include \"{}/", relative_to(&store, accounts.dir()));
+            let mut block = String::new();
+            let mut lines = Vec::new();
+            for line in common.lines() {
+                let trimmed = line.trim_start();
+                let top_level = trimmed.len() == line.len();
+                if top_level && let Some(name) = trimmed.strip_suffix('{') {
+                    block = name.trim().to_string();
+                } else if top_level && trimmed.starts_with('}') {
+                    block.clear();
+                }
+                let route_url = (1..=3).find_map(|n| {
+                    trimmed
+                        .starts_with(&format!("nats-route://nats-{n}:6222"))
+                        .then(|| ports[n - 1].1)
+                });
+                lines.push(if trimmed.starts_with("listen:") {
+                    let listen = match block.as_str() {
+                        "" => port,
+                        "cluster" => route,
+                        "leafnodes" => leaf,
+                        other => bail!("cluster-common.conf: a listen in {other:?}"),
+                    };
+                    let indent = &line[..line.len() - trimmed.len()];
+                    format!("{indent}listen: 127.0.0.1:{listen}")
+                } else if top_level && trimmed.starts_with("http:") {
+                    continue;
+                } else if trimmed.starts_with("store_dir:") {
+                    format!("  store_dir: \"{}\"", store.join("js").display())
+                } else if let Some(route_port) = route_url {
+                    format!("    nats-route://127.0.0.1:{route_port}")
+                } else if trimmed.starts_with("advertise:")
+                    || trimmed.starts_with("client_advertise:")
+                {
+                    bail!("cluster-common.conf: an advertise the harness does not rewrite: {line}");
+                } else {
+                    line.replace("include \"./auth/", &auth)
+                });
+            }
+            std::fs::write(store.join("cluster-common.conf"), lines.join("\n") + "\n")?;
+            server.credentials = Some(admin.clone());
+            server.tls_ca = Some(ca.clone());
+            servers.push(server);
+        }
+        // All started before any is waited for: JetStream needs a quorum to answer.
+        for server in &mut servers {
+            server.launch()?;
+        }
+        for server in &mut servers {
+            server.wait_ready().await?;
+        }
+        Ok(servers)
+    }
+
     /// A hub (JetStream in domain `fleetcast`, as `ops/nats/cluster-common.conf`, accepting
     /// leaf nodes over TLS, with `accounts`' operator and accounts) and a leaf node connected to
     /// it, configured by the shipped `ops/nats/leaf-site.conf` with the site's files that
