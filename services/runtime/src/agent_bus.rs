@@ -16,7 +16,7 @@ use serde::Serialize;
 use tokio::sync::watch;
 use tokio_util::sync::CancellationToken;
 
-use crate::bus::{Bus, BusError, connect, encode_event};
+use crate::bus::{Bus, BusError, connect};
 use crate::settings::NatsSettings;
 
 /// An agent's connection: its reads (direct gets, by subject) and its reports (core publishes
@@ -90,18 +90,7 @@ impl AgentBus {
         event: &T,
         encoding: Encoding,
     ) -> Result<R, BusError> {
-        let fail = |reason: String| BusError::Request {
-            subject: subject.into(),
-            reason,
-        };
-        let (headers, payload) = encode_event(subject, event, encoding)?;
-        let reply = self
-            .client
-            .request_with_headers(subject.to_string(), headers, payload.into())
-            .await
-            .map_err(|e| fail(e.to_string()))?;
-        crate::consume::decode_payload(reply.headers.as_ref(), &reply.payload)
-            .map_err(|e| fail(format!("reply does not decode: {e}")))
+        crate::bus::request_event(&self.client, subject, event, encoding).await
     }
 }
 

@@ -297,8 +297,6 @@ impl Bus {
         })
     }
 
-    /// Publishes an event to JetStream and waits for the stream's ack. `msg_id` makes the publish
-    /// idempotent within the stream's duplicate window (a retried handler publishes once).
     /// A core NATS request carrying an event (content type in its header); the reply is
     /// decoded by its own content type (JSON when it names none).
     pub async fn request_event<T: Serialize, R: serde::de::DeserializeOwned>(
@@ -307,20 +305,11 @@ impl Bus {
         event: &T,
         encoding: Encoding,
     ) -> Result<R, BusError> {
-        let fail = |reason: String| BusError::Request {
-            subject: subject.into(),
-            reason,
-        };
-        let (headers, payload) = encode_event(subject, event, encoding)?;
-        let reply = self
-            .client
-            .request_with_headers(subject.to_string(), headers, payload.into())
-            .await
-            .map_err(|e| fail(e.to_string()))?;
-        crate::consume::decode_payload(reply.headers.as_ref(), &reply.payload)
-            .map_err(|e| fail(format!("reply does not decode: {e}")))
+        request_event(&self.client, subject, event, encoding).await
     }
 
+    /// Publishes an event to JetStream and waits for the stream's ack. `msg_id` makes the publish
+    /// idempotent within the stream's duplicate window (a retried handler publishes once).
     pub async fn publish_event<T: Serialize>(
         &self,
         subject: &str,
@@ -380,6 +369,26 @@ pub(crate) async fn report_event<T: Serialize>(
             subject: subject.into(),
             reason: e.to_string(),
         })
+}
+
+/// See [`Bus::request_event`].
+pub(crate) async fn request_event<T: Serialize, R: serde::de::DeserializeOwned>(
+    client: &async_nats::Client,
+    subject: &str,
+    event: &T,
+    encoding: Encoding,
+) -> Result<R, BusError> {
+    let fail = |reason: String| BusError::Request {
+        subject: subject.into(),
+        reason,
+    };
+    let (headers, payload) = encode_event(subject, event, encoding)?;
+    let reply = client
+        .request_with_headers(subject.to_string(), headers, payload.into())
+        .await
+        .map_err(|e| fail(e.to_string()))?;
+    crate::consume::decode_payload(reply.headers.as_ref(), &reply.payload)
+        .map_err(|e| fail(format!("reply does not decode: {e}")))
 }
 
 /// An event's payload and the headers naming its encoding.
