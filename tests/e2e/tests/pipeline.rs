@@ -264,7 +264,7 @@ async fn hostile_packages_are_rejected_with_their_reason_and_nothing_is_stored()
         .expect("note");
         assert!(note.contains(&rejected.reason.message));
         // The schema's spelling of the code (`path_traversal`), as everywhere.
-        assert!(note.starts_with(&format!("{}: ", code.as_str())), "{note}");
+        assert!(note.starts_with(&format!("{code}: ")), "{note}");
     }
 
     // Content damaged inside a valid directory: the signer finds it when it hashes.
