@@ -837,10 +837,8 @@ impl Pipeline {
         inbox_prefix: Option<String>,
     ) -> (async_nats::Client, Violations) {
         let violations = Violations::default();
-        let mut options = async_nats::ConnectOptions::new()
-            .credentials_file(creds)
+        let mut options = with_creds(creds)
             .await
-            .expect("credentials")
             .request_timeout(Some(Duration::from_secs(5)));
         if let Some(prefix) = inbox_prefix {
             options = options.custom_inbox_prefix(prefix);
@@ -865,4 +863,25 @@ impl Pipeline {
         )
         .await
     }
+}
+
+/// How long a refused connection may take to be refused (a TLS handshake and a CONNECT).
+pub const REFUSAL: Duration = Duration::from_secs(10);
+
+/// Whether a client could connect and talk to the server with these options.
+pub async fn admitted(options: async_nats::ConnectOptions, url: &str) -> bool {
+    match tokio::time::timeout(REFUSAL, options.connect(url)).await {
+        Ok(Ok(client)) => tokio::time::timeout(REFUSAL, client.flush())
+            .await
+            .is_ok_and(|r| r.is_ok()),
+        _ => false,
+    }
+}
+
+/// Connect options with the credentials file `creds`.
+pub async fn with_creds(creds: &Path) -> async_nats::ConnectOptions {
+    async_nats::ConnectOptions::new()
+        .credentials_file(creds)
+        .await
+        .expect("credentials")
 }

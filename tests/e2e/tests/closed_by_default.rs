@@ -4,33 +4,10 @@
 //! and the deployment's CA; CI's credential can upload and announce a release and nothing
 //! more; and a fleetcast program given no credentials refuses to start rather than run open.
 
-use std::path::Path;
-use std::time::Duration;
-
-use fleetcast_e2e::{Pipeline, TIMEOUT, Violations, eventually, script_app};
+use fleetcast_e2e::{Pipeline, TIMEOUT, Violations, admitted, eventually, script_app, with_creds};
 use fleetcast_events::names;
 use fleetcast_events::v1::ReleaseState;
 use fleetcast_harness::accounts::AgentSpec;
-
-/// How long a refused connection may take to be refused (a TLS handshake and a CONNECT).
-const REFUSAL: Duration = Duration::from_secs(10);
-
-/// Whether a client could connect and talk to the server with these options.
-async fn admitted(options: async_nats::ConnectOptions, url: &str) -> bool {
-    match tokio::time::timeout(REFUSAL, options.connect(url)).await {
-        Ok(Ok(client)) => tokio::time::timeout(REFUSAL, client.flush())
-            .await
-            .is_ok_and(|r| r.is_ok()),
-        _ => false,
-    }
-}
-
-async fn with_creds(creds: &Path) -> async_nats::ConnectOptions {
-    async_nats::ConnectOptions::new()
-        .credentials_file(creds)
-        .await
-        .expect("credentials")
-}
 
 /// An anonymous client is refused at connect, over TLS or not; a client with valid
 /// credentials is refused without TLS and when it does not trust the deployment's CA (the

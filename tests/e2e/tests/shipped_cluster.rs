@@ -12,30 +12,10 @@ use std::net::TcpStream;
 use std::path::Path;
 use std::time::Duration;
 
-use fleetcast_e2e::{Pipeline, eventually, running, script_app};
+use fleetcast_e2e::{Pipeline, REFUSAL, admitted, eventually, running, script_app, with_creds};
 use fleetcast_harness::NatsServer;
 use fleetcast_harness::accounts::{Accounts, AgentSpec};
 use futures::StreamExt;
-
-/// How long a refused connection may take to be refused (a TLS handshake and a CONNECT).
-const REFUSAL: Duration = Duration::from_secs(10);
-
-/// Whether a client could connect and talk to the server with these options.
-async fn admitted(options: async_nats::ConnectOptions, url: &str) -> bool {
-    match tokio::time::timeout(REFUSAL, options.connect(url)).await {
-        Ok(Ok(client)) => tokio::time::timeout(REFUSAL, client.flush())
-            .await
-            .is_ok_and(|r| r.is_ok()),
-        _ => false,
-    }
-}
-
-async fn with_creds(creds: &Path) -> async_nats::ConnectOptions {
-    async_nats::ConnectOptions::new()
-        .credentials_file(creds)
-        .await
-        .expect("credentials")
-}
 
 /// The route port a node listens on, from its rewritten copy of cluster-common.conf (the
 /// `listen` of the `cluster` block).
