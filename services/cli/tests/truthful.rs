@@ -35,6 +35,16 @@ async fn fleetcast(args: &[&str], nats_url: &str) -> Output {
         .expect("run fleetcast")
 }
 
+/// `fleetcast publish ARCHIVE --wait`, as CI runs it.
+async fn publish_wait(archive: &std::path::Path, nats_url: &str) -> Output {
+    let archive = archive.to_str().expect("utf8");
+    fleetcast(
+        &["publish", archive, "--wait", "--timeout", "60s"],
+        nats_url,
+    )
+    .await
+}
+
 fn text(out: &[u8]) -> String {
     String::from_utf8_lossy(out).into_owned()
 }
@@ -65,8 +75,7 @@ async fn publish_wait_exits_with_its_own_archives_outcome_and_reason_code() {
 
     let good = dir.join("collector-2.0.0.zip");
     sample_package("2.0.0").write_to(&good).expect("zip");
-    let good = good.to_str().expect("utf8");
-    let out = fleetcast(&["publish", good, "--wait", "--timeout", "60s"], &url).await;
+    let out = publish_wait(&good, &url).await;
     assert_eq!(out.status.code(), Some(0), "{}", both(&out));
     assert!(
         text(&out.stdout).contains("stored collector 2.0.0"),
@@ -75,7 +84,7 @@ async fn publish_wait_exits_with_its_own_archives_outcome_and_reason_code() {
     );
 
     // The same bytes again: that archive is stored, which is the truth for it.
-    let out = fleetcast(&["publish", good, "--wait", "--timeout", "60s"], &url).await;
+    let out = publish_wait(&good, &url).await;
     assert_eq!(out.status.code(), Some(0), "{}", both(&out));
     assert!(text(&out.stdout).contains("already was"), "{}", both(&out));
 
@@ -84,17 +93,7 @@ async fn publish_wait_exits_with_its_own_archives_outcome_and_reason_code() {
     let other = p.dir.path().join("other").join("collector-2.0.0.zip");
     std::fs::create_dir_all(other.parent().expect("parent")).expect("dir");
     script_app("2.0.0", true).write_to(&other).expect("zip");
-    let out = fleetcast(
-        &[
-            "publish",
-            other.to_str().expect("utf8"),
-            "--wait",
-            "--timeout",
-            "60s",
-        ],
-        &url,
-    )
-    .await;
+    let out = publish_wait(&other, &url).await;
     assert_eq!(out.status.code(), Some(3), "{}", both(&out));
     assert!(
         error_line(&out).contains("version_not_newer"),
@@ -105,17 +104,7 @@ async fn publish_wait_exits_with_its_own_archives_outcome_and_reason_code() {
     // An older version.
     let old = dir.join("collector-1.0.0.zip");
     sample_package("1.0.0").write_to(&old).expect("zip");
-    let out = fleetcast(
-        &[
-            "publish",
-            old.to_str().expect("utf8"),
-            "--wait",
-            "--timeout",
-            "60s",
-        ],
-        &url,
-    )
-    .await;
+    let out = publish_wait(&old, &url).await;
     assert_eq!(out.status.code(), Some(3), "{}", both(&out));
     assert!(
         error_line(&out).contains("version_not_newer"),
@@ -285,17 +274,7 @@ async fn rollout_watch_version_ends_at_once_for_an_unknown_or_superseded_version
     // Published, but rejected (not newer): not a stored release either.
     let old = p.dir.path().join("shapp-0.5.0.zip");
     script_app("0.5.0", true).write_to(&old).expect("zip");
-    let out = fleetcast(
-        &[
-            "publish",
-            old.to_str().expect("utf8"),
-            "--wait",
-            "--timeout",
-            "60s",
-        ],
-        &url,
-    )
-    .await;
+    let out = publish_wait(&old, &url).await;
     assert_eq!(out.status.code(), Some(3), "{}", both(&out));
     let out = fleetcast(&["rollout", "watch", "shapp", "--version", "0.5.0"], &url).await;
     assert_eq!(out.status.code(), Some(6), "{}", both(&out));
