@@ -7,7 +7,7 @@ use std::path::{Path, PathBuf};
 use std::time::Duration;
 
 use anyhow::{Context, bail};
-use fleetcast_events::names::{self, RELEASE_PUBLISHED};
+use fleetcast_events::names;
 use fleetcast_events::v1::{RejectCode, Rejection, ReleasePublished, ReleaseRecord, ReleaseState};
 use fleetcast_events::{Encoding, SecretKey};
 use fleetcast_package::{ArchiveLimits, Package, parse_package_file_name};
@@ -284,7 +284,9 @@ pub async fn publish_prepared(
         published_by,
     };
     let msg_id = format!("published.{}", event.object);
-    bus.publish_event(RELEASE_PUBLISHED, &event, Encoding::Json, Some(&msg_id))
+    // On the subject of this connection's user: the history says who published it.
+    let subject = names::release_published_subject(&bus.user);
+    bus.publish_event(&subject, &event, Encoding::Json, Some(&msg_id))
         .await?;
     Ok(event)
 }
@@ -442,8 +444,10 @@ pub async fn desire(bus: &Bus, app: &str, ring: &str, version: &Version) -> anyh
 pub async fn tracker(bus: &Bus, command: &Command) -> anyhow::Result<Reply> {
     let answer = tokio::time::timeout(
         Duration::from_secs(10),
-        bus.client
-            .request(command.subject(), serde_json::to_vec(command)?.into()),
+        bus.client.request(
+            command.subject(&bus.user),
+            serde_json::to_vec(command)?.into(),
+        ),
     )
     .await
     .context("the tracker did not answer within 10 s")?
@@ -709,7 +713,7 @@ pub async fn request_rollback(
         ring.unwrap_or("all")
     );
     bus.publish_event(
-        names::ROLLBACK_REQUESTED,
+        &names::rollback_requested_subject(&bus.user),
         &request,
         Encoding::Json,
         Some(&msg_id),
@@ -718,9 +722,79 @@ pub async fn request_rollback(
     Ok(from)
 }
 
+/// One history entry on one line: when, what, about which app, version, ring and host, who,
+/// and why.
+pub fn history_line(e: &fleetcast_events::v1::HistoryEntry) -> String {
+    let at =
+        e.at.replace_nanosecond(0)
+            .ok()
+            .and_then(|t| {
+                t.format(&time::format_description::well_known::Rfc3339)
+                    .ok()
+            })
+            .unwrap_or_default();
+    let mut line = format!("{at}  {:<18}", e.kind.to_string());
+    if let Some(app) = &e.app {
+        line.push_str(&format!(" {app}"));
+    }
+    if let Some(v) = &e.version {
+        line.push_str(&format!(" {v}"));
+    }
+    if let Some(action) = &e.action {
+        line.push_str(&format!(" {action}"));
+        if e.refused {
+            line.push_str(" (refused)");
+        }
+    }
+    if let Some(ring) = &e.ring {
+        line.push_str(&format!(" ring={ring}"));
+    }
+    if let Some(agent) = &e.agent {
+        line.push_str(&format!(" host={agent}"));
+    }
+    if let Some(actor) = &e.actor {
+        line.push_str(&format!(" by={actor}"));
+    }
+    match (&e.code, &e.reason) {
+        (Some(code), Some(reason)) => line.push_str(&format!(": {code}: {reason}")),
+        (None, Some(reason)) => line.push_str(&format!(": {reason}")),
+        (Some(code), None) => line.push_str(&format!(": {code}")),
+        (None, None) => {}
+    }
+    line
+}
+
 #[cfg(test)]
 mod tests {
     use super::*;
+
+    #[test]
+    fn a_history_line_says_when_what_who_and_why() {
+        use fleetcast_events::v1::{HistoryEntry, HistoryKind, RejectCode};
+        let mut e = HistoryEntry::new(
+            HistoryKind::OperatorAction,
+            time::macros::datetime!(2026-12-06 12:00:00.123 UTC),
+        );
+        e.app = Some("demo".into());
+        e.version = Some("1.2.0".parse().unwrap());
+        e.action = Some("approve".into());
+        e.actor = Some("alice".into());
+        e.refused = true;
+        e.reason = Some("no rollout of demo".into());
+        assert_eq!(
+            history_line(&e),
+            "2026-12-06T12:00:00Z  operator.action    demo 1.2.0 approve (refused) by=alice: no rollout of demo"
+        );
+        let mut e = HistoryEntry::new(HistoryKind::ReleaseRejected, e.at);
+        e.app = Some("demo".into());
+        e.code = Some(RejectCode::VersionNotNewer);
+        e.reason = Some("1.0.0 is not newer than 1.2.0".into());
+        e.actor = Some("signer".into());
+        assert!(
+            history_line(&e)
+                .ends_with("by=signer: version_not_newer: 1.0.0 is not newer than 1.2.0")
+        );
+    }
 
     #[test]
     fn ages_read_as_a_person_says_them() {

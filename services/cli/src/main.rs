@@ -461,6 +461,19 @@ async fn execute(args: Args) -> anyhow::Result<ExitCode> {
                 }
             })
         }
+        Command::Steer(fleetcast_tracker::api::Command::History(query)) => {
+            let bus = cli::connect(&nats, Duration::from_secs(10)).await?;
+            let command = fleetcast_tracker::api::Command::History(query);
+            let reply = cli::tracker(&bus, &command).await?;
+            if !reply.ok {
+                eprintln!("error: {}", reply.message);
+                return Ok(ExitCode::from(cli::exit::ERROR));
+            }
+            for entry in &reply.history {
+                println!("{}", cli::history_line(entry));
+            }
+            Ok(ExitCode::SUCCESS)
+        }
         Command::Steer(command) => steer(&nats, command).await,
         Command::Rollback { app, to, ring } => {
             let bus = cli::connect(&nats, Duration::from_secs(10)).await?;

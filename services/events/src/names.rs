@@ -1,8 +1,10 @@
 //! Every subject, stream, consumer, bucket and key name in one place. Subjects are versioned
 //! (`fleetcast.v1.…`) so a v2 can run beside v1 during an upgrade of fleetcast itself.
 
-/// CI announces a release whose archive it uploaded to the incoming store (JSON).
-pub const RELEASE_PUBLISHED: &str = "fleetcast.v1.release.published";
+/// CI announces a release whose archive it uploaded to the incoming store (JSON), on
+/// `fleetcast.v1.release.published.<user>` ([`release_published_subject`]): every announcement,
+/// for a consumer.
+pub const RELEASE_PUBLISHED: &str = "fleetcast.v1.release.published.*";
 /// The watcher validated an archive and put it in the incoming store.
 pub const PACKAGE_DETECTED: &str = "fleetcast.v1.package.detected";
 /// The watcher refused an archive (from the drop folder or from CI).
@@ -13,8 +15,10 @@ pub const RELEASE_SIGNED: &str = "fleetcast.v1.release.signed";
 pub const RELEASE_REJECTED: &str = "fleetcast.v1.release.rejected";
 /// The distributor stored every chunk and the chunk index: the release can be announced.
 pub const RELEASE_STORED: &str = "fleetcast.v1.release.stored";
-/// An operator asks to move an app (or one ring) back to an earlier stored version.
-pub const ROLLBACK_REQUESTED: &str = "fleetcast.v1.release.rollback_requested";
+/// An operator asks to move an app (or one ring) back to an earlier stored version, on
+/// `fleetcast.v1.release.rollback_requested.<user>` ([`rollback_requested_subject`]): every
+/// request, for a consumer.
+pub const ROLLBACK_REQUESTED: &str = "fleetcast.v1.release.rollback_requested.*";
 /// The signer's rollback directive: the earlier version's manifest re-signed to replace later ones.
 pub const ROLLBACK_SIGNED: &str = "fleetcast.v1.release.rollback_signed";
 
@@ -67,13 +71,28 @@ pub const FLEET_BUCKET: &str = "fleetcast-fleet";
 /// The tracker's rollouts: one key per app (its current or last rollout).
 pub const ROLLOUTS_BUCKET: &str = "fleetcast-rollouts";
 /// Operators' commands that steer a rollout (request/reply, JSON): approve, pause, resume,
-/// abort. On a subject of their own so that a credential that may only look (CI's) cannot
-/// steer.
-pub const TRACKER_COMMAND: &str = "fleetcast.v1.tracker.command";
-/// Questions to the tracker (request/reply, JSON): status, show.
+/// abort, on `fleetcast.v1.tracker.command.<user>` ([`tracker_command_subject`]). On a subject
+/// of their own so that a credential that may only look (CI's) cannot steer.
+pub const TRACKER_COMMAND_PREFIX: &str = "fleetcast.v1.tracker.command.";
+/// Questions to the tracker (request/reply, JSON): status, show, history.
 pub const TRACKER_QUERY: &str = "fleetcast.v1.tracker.query";
 /// Both, for the tracker's subscription.
-pub const TRACKER_REQUESTS: &str = "fleetcast.v1.tracker.*";
+pub const TRACKER_REQUESTS: &str = "fleetcast.v1.tracker.>";
+
+/// What fleetcast did and who asked (`HistoryEntry`, JSON): every release step and rejection,
+/// every rollout and its outcome, every operator action, on
+/// `fleetcast.v1.history.<app>.<kind>` ([`history_subject`]; `<kind>` is dotted, e.g.
+/// `rollout.halted`). The history stream keeps them for its retention; anyone may subscribe
+/// to them as notifications (the tracker's webhooks do).
+pub const HISTORY_SUBJECT_PREFIX: &str = "fleetcast.v1.history.";
+pub const HISTORY_STREAM: &str = "FLEETCAST_HISTORY";
+pub const HISTORY_STREAM_SUBJECTS: &str = "fleetcast.v1.history.>";
+/// The app token of an entry about no known app (a package whose name did not parse).
+pub const NO_APP: &str = "_";
+
+/// The identity of a request in insecure development mode, where the connection has none:
+/// the history then says that nobody is known, rather than trusting a name the client gives.
+pub const UNAUTHENTICATED: &str = "unauthenticated";
 /// Every app's and agent's slot requests, for the tracker's queue subscription.
 pub const SLOT_REQUESTS: &str = "fleetcast.v1.slot.*.*";
 
@@ -88,12 +107,50 @@ pub const DISTRIBUTOR_CONSUMER: &str = "distributor";
 pub const TRACKER_CONSUMER: &str = "tracker";
 pub const SIGNER_ROLLBACK_CONSUMER: &str = "signer-rollback";
 pub const TRACKER_ROLLBACK_CONSUMER: &str = "tracker-rollback";
+/// The tracker's consumer of every pipeline event, which it records in the history.
+pub const TRACKER_HISTORY_CONSUMER: &str = "tracker-history";
 
 /// Subject of one chunk of `app`, named by the hex BLAKE3 of its uncompressed content. Per app,
 /// so an agent's credential can be allowed the chunks of its own apps only (a direct get names
 /// the subject): the same content in two apps is stored twice, dedup works within an app.
 pub fn chunk_subject(app: &str, chunk_hex: &str) -> String {
     format!("{CHUNK_SUBJECT_PREFIX}{app}.{chunk_hex}")
+}
+
+/// Where `user` (the NATS user of the connection: its credential may publish only on its own
+/// name, `ops/nats/gen-accounts`) announces a release.
+pub fn release_published_subject(user: &str) -> String {
+    format!("fleetcast.v1.release.published.{user}")
+}
+
+/// Where `user` asks for a rollback (see [`release_published_subject`]).
+pub fn rollback_requested_subject(user: &str) -> String {
+    format!("fleetcast.v1.release.rollback_requested.{user}")
+}
+
+/// Where `user` sends steering commands to the tracker (see [`release_published_subject`]).
+pub fn tracker_command_subject(user: &str) -> String {
+    format!("{TRACKER_COMMAND_PREFIX}{user}")
+}
+
+/// The user an identity-bearing subject names ([`release_published_subject`],
+/// [`rollback_requested_subject`], [`tracker_command_subject`]): its last token after
+/// `prefix`, when it is a valid user name. The server let only that user publish there.
+pub fn subject_user<'a>(subject: &'a str, prefix: &str) -> Option<&'a str> {
+    let user = subject.strip_prefix(prefix)?;
+    validate_user_name(user).ok()?;
+    Some(user)
+}
+
+/// A NATS user name fleetcast gives a person or CI job (`gen-accounts --person`): the rules of
+/// an agent id (one subject token, no wildcard), so it can stand in a subject.
+pub fn validate_user_name(user: &str) -> Result<(), String> {
+    validate_agent_id(user).map_err(|e| e.replace("agent id", "user name"))
+}
+
+/// Where the history entry `kind` about `app` is published (see [`HISTORY_SUBJECT_PREFIX`]).
+pub fn history_subject(app: Option<&str>, kind: &str) -> String {
+    format!("{HISTORY_SUBJECT_PREFIX}{}.{kind}", app.unwrap_or(NO_APP))
 }
 
 /// Where agent `agent_id` asks for a rollout slot for `app` (request/reply, answered by the

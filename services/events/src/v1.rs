@@ -355,6 +355,13 @@ pub enum AppState {
     Stopped,
 }
 
+impl AppState {
+    /// An update that did not take: rolled back by the agent, or refused.
+    pub fn is_failure(self) -> bool {
+        matches!(self, AppState::RolledBack | AppState::Refused)
+    }
+}
+
 #[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize, JsonSchema)]
 #[serde(deny_unknown_fields)]
 pub struct AgentStatus {
@@ -476,6 +483,170 @@ impl UpdateOutcome {
     }
 }
 
+/// One thing fleetcast did, or an operator asked, as the history stream keeps it and as
+/// notifications carry it (`names::history_subject`). The tracker writes every entry.
+#[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize, JsonSchema)]
+#[serde(deny_unknown_fields)]
+pub struct HistoryEntry {
+    /// When it happened: for a pipeline event, when the stream received it.
+    #[serde(with = "time::serde::rfc3339")]
+    #[schemars(with = "String")]
+    pub at: OffsetDateTime,
+    pub kind: HistoryKind,
+    /// Absent for a package whose name did not parse.
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub app: Option<String>,
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    #[schemars(with = "Option<String>")]
+    pub version: Option<Version>,
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub ring: Option<String>,
+    /// The host, for `host.rolled_back`.
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub agent: Option<String>,
+    /// Who did it, as authenticated: the NATS user of the request (its subject, which only
+    /// that user may publish on), `http:<token name>` for a dashboard or API action,
+    /// `drop-folder` for a package dropped on the watcher's disk, or the service that acted
+    /// (`tracker`, `signer`, …). `unauthenticated` in insecure development mode.
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub actor: Option<String>,
+    /// An operator action: its name (`approve`, `pause`, `resume`, `abort`).
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub action: Option<String>,
+    /// An operator action that was refused (no such rollout, not allowed, …).
+    #[serde(default, skip_serializing_if = "std::ops::Not::not")]
+    pub refused: bool,
+    /// A rejection's code.
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub code: Option<RejectCode>,
+    /// Why: a rejection's or a halt's reason, a refused action's, a host's rollback's.
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub reason: Option<String>,
+    /// The archive a release step is about (BLAKE3, hex).
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub blake3: Option<String>,
+}
+
+impl HistoryEntry {
+    /// An entry of `kind` at `at`, every other field empty.
+    pub fn new(kind: HistoryKind, at: OffsetDateTime) -> HistoryEntry {
+        HistoryEntry {
+            at,
+            kind,
+            app: None,
+            version: None,
+            ring: None,
+            agent: None,
+            actor: None,
+            action: None,
+            refused: false,
+            code: None,
+            reason: None,
+            blake3: None,
+        }
+    }
+}
+
+/// What a history entry records. Its name (serde's) is the last part of its subject.
+#[derive(
+    Debug, Clone, Copy, PartialEq, Eq, PartialOrd, Ord, Hash, Serialize, Deserialize, JsonSchema,
+)]
+pub enum HistoryKind {
+    /// CI or an operator announced an archive (`fleetcast publish`).
+    #[serde(rename = "release.published")]
+    ReleasePublished,
+    /// The watcher validated a package (dropped or published).
+    #[serde(rename = "package.detected")]
+    PackageDetected,
+    /// The watcher refused a package.
+    #[serde(rename = "package.rejected")]
+    PackageRejected,
+    #[serde(rename = "release.signed")]
+    ReleaseSigned,
+    /// The signer or the distributor refused a release.
+    #[serde(rename = "release.rejected")]
+    ReleaseRejected,
+    /// Every chunk is stored: the release can roll out.
+    #[serde(rename = "release.stored")]
+    ReleaseStored,
+    /// A service refused an event it could not decode or that broke the contract.
+    #[serde(rename = "event.rejected")]
+    EventRejected,
+    /// An operator asked for a rollback (`fleetcast rollback`).
+    #[serde(rename = "rollback.requested")]
+    RollbackRequested,
+    /// The signer issued the rollback directive.
+    #[serde(rename = "rollback.signed")]
+    RollbackSigned,
+    #[serde(rename = "rollout.started")]
+    RolloutStarted,
+    /// A ring's desired state was written: its hosts may switch.
+    #[serde(rename = "ring.started")]
+    RingStarted,
+    /// Enough of a ring's hosts run the version: the next ring may start.
+    #[serde(rename = "ring.completed")]
+    RingCompleted,
+    /// Too many hosts failed: the rollout stopped where it was (`reason`).
+    #[serde(rename = "rollout.halted")]
+    RolloutHalted,
+    #[serde(rename = "rollout.completed")]
+    RolloutCompleted,
+    #[serde(rename = "rollout.aborted")]
+    RolloutAborted,
+    /// A newer release replaced the rollout before it completed.
+    #[serde(rename = "rollout.superseded")]
+    RolloutSuperseded,
+    /// A host's update failed its health gate and the host went back by itself.
+    #[serde(rename = "host.rolled_back")]
+    HostRolledBack,
+    /// An operator's action (`action`), done or `refused`.
+    #[serde(rename = "operator.action")]
+    OperatorAction,
+}
+
+impl HistoryKind {
+    pub const ALL: [HistoryKind; 18] = [
+        HistoryKind::ReleasePublished,
+        HistoryKind::PackageDetected,
+        HistoryKind::PackageRejected,
+        HistoryKind::ReleaseSigned,
+        HistoryKind::ReleaseRejected,
+        HistoryKind::ReleaseStored,
+        HistoryKind::EventRejected,
+        HistoryKind::RollbackRequested,
+        HistoryKind::RollbackSigned,
+        HistoryKind::RolloutStarted,
+        HistoryKind::RingStarted,
+        HistoryKind::RingCompleted,
+        HistoryKind::RolloutHalted,
+        HistoryKind::RolloutCompleted,
+        HistoryKind::RolloutAborted,
+        HistoryKind::RolloutSuperseded,
+        HistoryKind::HostRolledBack,
+        HistoryKind::OperatorAction,
+    ];
+}
+
+impl std::fmt::Display for HistoryKind {
+    /// Serde's name (`rollout.halted`): the subject's last part, the API's and CLI's filter.
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        match serde_json::to_value(self) {
+            Ok(serde_json::Value::String(name)) => f.write_str(&name),
+            _ => f.write_str("unknown"),
+        }
+    }
+}
+
+impl std::str::FromStr for HistoryKind {
+    type Err = String;
+    fn from_str(s: &str) -> Result<Self, Self::Err> {
+        serde_json::from_value(serde_json::Value::String(s.to_string())).map_err(|_| {
+            let known: Vec<String> = HistoryKind::ALL.iter().map(|k| k.to_string()).collect();
+            format!("unknown history kind {s:?}; one of {}", known.join(", "))
+        })
+    }
+}
+
 #[cfg(test)]
 mod tests {
     use super::RejectCode;
@@ -489,5 +660,21 @@ mod tests {
             "rollback_from_not_latest"
         );
         assert_eq!(RejectCode::DiskFull.to_string(), "disk_full");
+    }
+
+    /// Every kind reads back from its name, and names are distinct subject parts.
+    #[test]
+    fn history_kinds_round_trip_through_their_names() {
+        let mut names = std::collections::BTreeSet::new();
+        for kind in super::HistoryKind::ALL {
+            let name = kind.to_string();
+            assert!(
+                name.contains('.') && !name.contains(['*', '>', ' ']),
+                "{name}"
+            );
+            assert_eq!(name.parse::<super::HistoryKind>(), Ok(kind));
+            assert!(names.insert(name));
+        }
+        assert!("rollout.exploded".parse::<super::HistoryKind>().is_err());
     }
 }

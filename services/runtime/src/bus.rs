@@ -55,6 +55,10 @@ pub struct Bus {
     /// Roots and the signer's timestamp (see `fleetcast_events::trust`).
     pub trust: kv::Store,
     pub incoming: object_store::ObjectStore,
+    /// The NATS user this connection authenticates as (its credentials' name), which the
+    /// server lets publish on its own subjects only (`names::tracker_command_subject`, …);
+    /// [`names::UNAUTHENTICATED`] without credentials (insecure development mode).
+    pub user: String,
     /// How many times the client has connected: it changes on every reconnect, after which
     /// a core subscription's holder re-reads what it may have missed while disconnected.
     pub connections: watch::Receiver<u64>,
@@ -104,6 +108,13 @@ impl Bus {
         shutdown: &CancellationToken,
         resources: Resources,
     ) -> Result<Bus, BusError> {
+        let user = match &settings.credentials {
+            Some(path) => credentials_user(path).map_err(|reason| BusError::Connect {
+                url: settings.url.clone(),
+                reason,
+            })?,
+            None => UNAUTHENTICATED.to_string(),
+        };
         // Boxed, as `ensure` below: async-nats's connect is a large future.
         let (client, connections) = Box::pin(connect(settings, name, shutdown)).await?;
         let mut delay = Duration::from_millis(200);
@@ -118,7 +129,7 @@ impl Bus {
             ))
             .await
             {
-                Ok(bus) => return Ok(bus),
+                Ok(bus) => return Ok(Bus { user, ..bus }),
                 Err(e) => {
                     tracing::warn!(error = %e, "JetStream not ready, retrying");
                     tokio::select! {
@@ -293,6 +304,7 @@ impl Bus {
             rollouts,
             trust,
             incoming,
+            user: String::new(),
             connections,
         })
     }
@@ -511,6 +523,37 @@ async fn add_republish(js: &jetstream::Context, store: &kv::Store, republish: st
 /// Refuses a connection without credentials and TLS unless `insecure_dev` is on, and then says
 /// loudly what it is: every service, the agent and the CLI connect through [`connect`], so no
 /// deployment can forget its credentials and still run.
+/// The user name a `.creds` file authenticates as: the `name` claim of its user JWT, which
+/// the server's permission templates (`{{name()}}`) use, so it is the name the server lets
+/// this connection publish under.
+pub fn credentials_user(path: &std::path::Path) -> Result<String, String> {
+    use base64::Engine;
+    let text = std::fs::read_to_string(path)
+        .map_err(|e| format!("cannot read credentials {}: {e}", path.display()))?;
+    let jwt = text
+        .lines()
+        .skip_while(|l| !l.contains("BEGIN NATS USER JWT"))
+        .nth(1)
+        .map(str::trim)
+        .ok_or_else(|| format!("{} holds no user JWT", path.display()))?;
+    let claims = jwt
+        .split('.')
+        .nth(1)
+        .and_then(|part| {
+            base64::engine::general_purpose::URL_SAFE_NO_PAD
+                .decode(part.trim_end_matches('='))
+                .ok()
+        })
+        .and_then(|bytes| serde_json::from_slice::<serde_json::Value>(&bytes).ok())
+        .ok_or_else(|| format!("{}: the user JWT does not decode", path.display()))?;
+    let name = claims
+        .get("name")
+        .and_then(|n| n.as_str())
+        .ok_or_else(|| format!("{}: the user JWT names no user", path.display()))?;
+    validate_user_name(name).map_err(|e| format!("{}: {e}", path.display()))?;
+    Ok(name.to_string())
+}
+
 fn check_secure(settings: &NatsSettings, name: &str) -> Result<(), BusError> {
     let Some(missing) = settings.missing_security() else {
         return Ok(());

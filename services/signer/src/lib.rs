@@ -274,7 +274,7 @@ impl Signer {
             let outcome = reject_event(
                 &self.bus,
                 SERVICE,
-                names::ROLLBACK_REQUESTED,
+                msg.subject.as_str(),
                 Rejection { code, message },
             )
             .await;

@@ -5,7 +5,10 @@
 use semver::Version;
 use serde::{Deserialize, Serialize};
 
+use fleetcast_events::v1::HistoryEntry;
+
 use crate::fleet::AgentView;
+pub use crate::history::HistoryQuery;
 use crate::rollout::{RingProgress, Rollout};
 
 /// With the `cli` feature, the steering commands are also the `fleetcast` CLI's subcommands of
@@ -32,18 +35,62 @@ pub enum Command {
     Resume { app: String },
     /// Stop a rollout for good (hosts already switched stay switched).
     Abort { app: String },
+    /// What fleetcast did and who asked: releases and their rejections, rollouts and their
+    /// outcomes, hosts that rolled back, operators' actions (oldest first).
+    History(HistoryQuery),
 }
 
 impl Command {
-    /// The subject it is sent on: questions and steering apart, so NATS permissions can let a
-    /// credential ask (CI's `rollout watch`) without letting it steer.
-    pub fn subject(&self) -> &'static str {
+    /// The subject `user` sends it on: questions and steering apart, so NATS permissions can
+    /// let a credential ask (CI's `rollout watch`) without letting it steer; steering on the
+    /// user's own subject, which says who steered.
+    pub fn subject(&self, user: &str) -> String {
+        if self.is_query() {
+            fleetcast_events::names::TRACKER_QUERY.to_string()
+        } else {
+            fleetcast_events::names::tracker_command_subject(user)
+        }
+    }
+
+    /// A question, which changes nothing.
+    pub fn is_query(&self) -> bool {
+        matches!(
+            self,
+            Command::Status | Command::Show { .. } | Command::History(_)
+        )
+    }
+
+    /// Its name, as the history records an action (`approve`, …).
+    pub fn name(&self) -> &'static str {
         match self {
-            Command::Status | Command::Show { .. } => fleetcast_events::names::TRACKER_QUERY,
-            Command::Approve { .. }
-            | Command::Pause { .. }
-            | Command::Resume { .. }
-            | Command::Abort { .. } => fleetcast_events::names::TRACKER_COMMAND,
+            Command::Status => "status",
+            Command::Show { .. } => "show",
+            Command::Approve { .. } => "approve",
+            Command::Pause { .. } => "pause",
+            Command::Resume { .. } => "resume",
+            Command::Abort { .. } => "abort",
+            Command::History(_) => "history",
+        }
+    }
+
+    /// The app it is about.
+    pub fn app(&self) -> Option<&str> {
+        match self {
+            Command::Status => None,
+            Command::History(q) => q.app.as_deref(),
+            Command::Show { app }
+            | Command::Approve { app, .. }
+            | Command::Pause { app }
+            | Command::Resume { app }
+            | Command::Abort { app } => Some(app),
+        }
+    }
+
+    /// The version it names, if any.
+    pub fn version(&self) -> Option<&Version> {
+        match self {
+            Command::Approve { version, .. } => version.as_ref(),
+            _ => None,
         }
     }
 }
@@ -58,16 +105,27 @@ pub struct Reply {
     pub rollouts: Vec<RolloutView>,
     #[serde(default)]
     pub agents: Vec<AgentRow>,
+    /// `History` only.
+    #[serde(default)]
+    pub history: Vec<HistoryEntry>,
 }
 
 impl Reply {
-    pub fn failed(message: String) -> Reply {
+    pub fn ok(message: String) -> Reply {
         Reply {
-            ok: false,
+            ok: true,
             message,
             rollout: None,
             rollouts: Vec::new(),
             agents: Vec::new(),
+            history: Vec::new(),
+        }
+    }
+
+    pub fn failed(message: String) -> Reply {
+        Reply {
+            ok: false,
+            ..Reply::ok(message)
         }
     }
 }

@@ -1,6 +1,6 @@
 //! HTTP: the dashboard (`/`), the JSON API (`/api/agents`: the inventory, stale ones marked;
 //! `/api/rollouts`: each app's rollout with its progress per ring; both filter with `?app=`,
-//! `?ring=`), Prometheus `/metrics`, `/health` (both as every service serves them, from
+//! `?ring=`; `/api/history`: what fleetcast did and who asked), Prometheus `/metrics`, `/health` (both as every service serves them, from
 //! `fleetcast_runtime::observe`, with the tracker's own gauges added to `/metrics`).
 
 use std::sync::Arc;
@@ -13,7 +13,7 @@ use fleetcast_runtime::metrics::Exposition;
 use fleetcast_runtime::observe;
 use serde::Deserialize;
 
-use crate::api::{AgentRow, RolloutView};
+use crate::api::{AgentRow, HistoryQuery, RolloutView};
 use crate::service::Tracker;
 
 pub fn router(tracker: Arc<Tracker>) -> Router {
@@ -23,6 +23,7 @@ pub fn router(tracker: Arc<Tracker>) -> Router {
         .route("/metrics", get(metrics))
         .route("/api/agents", get(agents))
         .route("/api/rollouts", get(rollouts))
+        .route("/api/history", get(history))
         .with_state(tracker)
 }
 
@@ -60,6 +61,18 @@ async fn rollouts(
         }
     }
     Json(views)
+}
+
+/// The history (`?app=`, `?kind=`, `?version=`, `?actor=`, `?limit=`), oldest first; 503 when
+/// it cannot be read (NATS unreachable).
+async fn history(
+    State(tracker): State<Arc<Tracker>>,
+    Query(query): Query<HistoryQuery>,
+) -> axum::response::Response {
+    match tracker.history.list(&query).await {
+        Ok(entries) => Json(entries).into_response(),
+        Err(e) => (axum::http::StatusCode::SERVICE_UNAVAILABLE, e).into_response(),
+    }
 }
 
 /// 503 while the tracker is cut off from NATS: it then neither hears agents nor moves rollouts.

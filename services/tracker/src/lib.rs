@@ -6,6 +6,7 @@
 
 pub mod api;
 pub mod fleet;
+pub mod history;
 pub mod http;
 pub mod metrics;
 pub mod policy;
@@ -81,6 +82,10 @@ pub async fn run(settings: Settings, shutdown: CancellationToken) -> Result<(), 
     tasks.spawn(logged(
         "rollback consumer",
         tracker.clone().follow_rollbacks(shutdown.clone()),
+    ));
+    tasks.spawn(logged(
+        "history of the pipeline",
+        tracker.clone().follow_pipeline(shutdown.clone()),
     ));
     tasks.spawn(logged(
         "slot service",

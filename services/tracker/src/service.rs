@@ -12,7 +12,8 @@ use fleetcast_events::names::{
     self, FLEET_BUCKET, ReportKind, ReportSubject, SLOT_REQUESTS, SlotSubject, TRACKER_REQUESTS,
 };
 use fleetcast_events::v1::{
-    AgentHeartbeat, AgentStatus, ReleaseStored, RollbackSigned, SlotReply, SlotRequest,
+    AgentHeartbeat, AgentStatus, HistoryEntry, HistoryKind, ReleaseStored, RollbackSigned,
+    SlotReply, SlotRequest,
 };
 use fleetcast_runtime::Bus;
 use fleetcast_runtime::consume::{
@@ -26,6 +27,7 @@ use tokio_util::sync::CancellationToken;
 
 use crate::api::{AgentRow, Command, Reply, RolloutView};
 use crate::fleet::{AgentView, Fleet};
+use crate::history::{self, History, Pending};
 use crate::rollout::{Effect, Phase, Rollout};
 use crate::settings::Settings;
 
@@ -47,6 +49,7 @@ pub struct Tracker {
     pub settings: Arc<Settings>,
     /// Reports and requests refused (forged identity, wrong reply subject, …).
     refused: CounterVec,
+    pub history: History,
     state: Mutex<State>,
     /// An agent reported on a rollout: move it on now rather than at the next tick, so a ring
     /// completes (or halts) when its last report arrives.
@@ -105,7 +108,14 @@ struct State {
     unwritten: BTreeSet<(String, semver::Version, String)>,
     /// How long the last report took from the stream to here (seconds).
     report_lag_s: f64,
+    /// History entries made under the lock, recorded after it (`Tracker::flush_history`);
+    /// kept for the next pass while the history cannot be written.
+    history: Vec<Pending>,
 }
+
+/// How many unrecorded history entries are kept while the history cannot be written (NATS
+/// unreachable); beyond, the oldest are dropped, with a warning.
+const HISTORY_BACKLOG: usize = 10_000;
 
 impl Tracker {
     /// Loads the saved inventory and rollouts. Replies go out on `replies` (see
@@ -166,11 +176,13 @@ impl Tracker {
             cursor = state.cursor,
             "state loaded"
         );
+        let history = History::open(&bus, &settings.history).await?;
         Ok(Arc::new(Tracker {
             bus,
             replies,
             settings,
             refused: refused_counter(),
+            history,
             state: Mutex::new(state),
             reported: tokio::sync::Notify::new(),
         }))
@@ -280,6 +292,12 @@ impl Tracker {
                         (&app.last_update, state.rollouts.get_mut(&app.app))
                         && rollout.record_outcome(&hb.agent_id, update)
                     {
+                        if let Some(reason) = rollout.failures.get(&hb.agent_id)
+                            && update.outcome.state().is_failure()
+                        {
+                            let entry = history::host_failed(rollout, &hb.agent_id, reason, now);
+                            state.history.push(entry);
+                        }
                         state.dirty_rollouts.insert(app.app.clone());
                         moved = true;
                     }
@@ -307,7 +325,13 @@ impl Tracker {
                 state.fleet.status(&st, from.ring, seen);
                 state.dirty_agents.insert(st.agent_id.clone());
                 if let Some(rollout) = state.rollouts.get_mut(&st.app) {
-                    rollout.record_status(&st);
+                    if rollout.record_status(&st)
+                        && st.state.is_failure()
+                        && let Some(reason) = rollout.failures.get(&st.agent_id)
+                    {
+                        let entry = history::host_failed(rollout, &st.agent_id, reason, now);
+                        state.history.push(entry);
+                    }
                     state.dirty_rollouts.insert(st.app.clone());
                     self.reported.notify_one();
                 }
@@ -341,6 +365,44 @@ impl Tracker {
             |me, signed: RollbackSigned| async move { me.start_rollback(signed).await },
         )
         .await
+    }
+
+    /// Records every pipeline event (published, detected, signed, stored, rejected, rollback
+    /// asked and signed) in the history, as it happened and by whom.
+    pub async fn follow_pipeline(
+        self: Arc<Self>,
+        shutdown: CancellationToken,
+    ) -> Result<(), String> {
+        let spec = ConsumerSpec {
+            durable: names::TRACKER_HISTORY_CONSUMER,
+            // Every subject of the stream.
+            filter_subject: "",
+            ack_wait: std::time::Duration::from_secs(30),
+        };
+        let me = self.clone();
+        run_consumer(&self.bus.releases_stream, spec, shutdown, move |msg| {
+            let me = me.clone();
+            async move {
+                let Ok((at, seq)) = msg.info().map(|i| (i.published, i.stream_sequence)) else {
+                    return Outcome::Done;
+                };
+                let Some((entry, id)) = history::from_pipeline(
+                    &msg.subject,
+                    &msg.payload,
+                    msg.headers.as_ref(),
+                    at,
+                    seq,
+                ) else {
+                    return Outcome::Done;
+                };
+                match me.history.record(&entry, &id).await {
+                    Ok(()) => Outcome::Done,
+                    Err(e) => Outcome::Retry(e),
+                }
+            }
+        })
+        .await
+        .map_err(|e| e.to_string())
     }
 
     /// Follows one event subject of the releases stream with a durable consumer: each event
@@ -400,8 +462,11 @@ impl Tracker {
                     &policy,
                     now,
                 );
-                rollout.replacing(state.rollouts.get(&signed.app));
+                let previous = state.rollouts.get(&signed.app);
+                rollout.replacing(previous);
                 tracing::warn!(app = %signed.app, to = %signed.to, from = %signed.from, ring = ?signed.ring, "rollback started");
+                let entries = history::transitions(previous, &rollout, &ring_names(&policy), now);
+                state.history.extend(entries);
                 state.rollouts.insert(signed.app.clone(), rollout);
                 state.dirty_rollouts.insert(signed.app.clone());
             }
@@ -421,6 +486,7 @@ impl Tracker {
                 .collect();
             (rollout, effects)
         };
+        self.flush_history().await;
         match self
             .apply(
                 &rollout.app,
@@ -464,12 +530,16 @@ impl Tracker {
                         Rollout::start(&stored.app, stored.version.clone(), &policy, now);
                     rollout.replacing(previous);
                     tracing::info!(app = %stored.app, version = %stored.version, phase = ?rollout.phase, "rollout started");
+                    let entries =
+                        history::transitions(previous, &rollout, &ring_names(&policy), now);
+                    state.history.extend(entries);
                     state.rollouts.insert(stored.app.clone(), rollout);
                     state.dirty_rollouts.insert(stored.app.clone());
                     effects
                 }
             }
         };
+        self.flush_history().await;
         match self
             .apply(&stored.app, &stored.version, None, effects)
             .await
@@ -543,14 +613,13 @@ impl Tracker {
                 let state = &mut *state;
                 for (app, rollout) in state.rollouts.iter_mut() {
                     let before = rollout.clone();
-                    let effects = rollout.tick(
-                        &self.settings.policy_for(rollout),
-                        &state.fleet,
-                        now,
-                        self.settings.timing(),
-                    );
+                    let policy = self.settings.policy_for(rollout);
+                    let effects = rollout.tick(&policy, &state.fleet, now, self.settings.timing());
                     if *rollout != before {
                         state.dirty_rollouts.insert(app.clone());
+                        let entries =
+                            history::transitions(Some(&before), rollout, &ring_names(&policy), now);
+                        state.history.extend(entries);
                     }
                     if !effects.is_empty() {
                         todo.push((
@@ -567,6 +636,7 @@ impl Tracker {
                 }
             }
             self.write_unwritten().await;
+            self.flush_history().await;
             for (app, version, directive, effects) in todo {
                 if let Err(e) = self
                     .apply(&app, &version, directive.as_ref(), effects)
@@ -580,6 +650,41 @@ impl Tracker {
             }
         }
         let _ = self.save(true).await;
+    }
+
+    /// Records the history entries made since the last call, in order; those that cannot be
+    /// recorded now are kept for the next (at most [`HISTORY_BACKLOG`]).
+    pub async fn flush_history(&self) {
+        let pending = std::mem::take(&mut self.state.lock().await.history);
+        if pending.is_empty() {
+            return;
+        }
+        let mut left = Vec::new();
+        for (entry, id) in pending {
+            if !left.is_empty() {
+                left.push((entry, id));
+                continue;
+            }
+            if let Err(e) = self.history.record(&entry, &id).await {
+                tracing::warn!(error = %e, kind = %entry.kind, "history entry not recorded yet; retried");
+                left.push((entry, id));
+            }
+        }
+        if left.is_empty() {
+            return;
+        }
+        let mut state = self.state.lock().await;
+        // Entries made meanwhile come after those left.
+        left.append(&mut state.history);
+        if left.len() > HISTORY_BACKLOG {
+            let dropped = left.len() - HISTORY_BACKLOG;
+            tracing::warn!(
+                dropped,
+                "history backlog full: oldest unrecorded entries dropped"
+            );
+            left.drain(..dropped);
+        }
+        state.history = left;
     }
 
     /// Writes the desired states that could not be written before (see `State::unwritten`),
@@ -848,16 +953,29 @@ impl Tracker {
             inbox,
             shutdown,
             |msg| async move {
+                // Who asks is the user the subject names, which only that user's credential
+                // may publish on; questions come on one subject, open to every reader.
+                let user = names::subject_user(&msg.subject, names::TRACKER_COMMAND_PREFIX);
+                let is_query = msg.subject.as_str() == names::TRACKER_QUERY;
                 let reply = match serde_json::from_slice::<Command>(&msg.payload) {
+                    Ok(command) if command.is_query() && is_query => this.query(command).await,
+                    Ok(command) if !command.is_query() && user.is_some() => {
+                        let actor = user.unwrap_or(names::UNAUTHENTICATED);
+                        this.command(actor, command).await
+                    }
                     // Only on its own subject: permissions on the subject decide who may steer.
-                    Ok(command) if command.subject() != msg.subject.as_str() => {
+                    Ok(command) => {
+                        this.refused.inc(&["command", "subject"]);
                         Reply::failed(format!(
-                            "this command is sent on {}, not {}",
-                            command.subject(),
-                            msg.subject
+                            "{} is not where this command is sent ({})",
+                            msg.subject,
+                            if command.is_query() {
+                                names::TRACKER_QUERY.to_string()
+                            } else {
+                                names::tracker_command_subject("<user>")
+                            }
                         ))
                     }
-                    Ok(command) => this.command(command).await,
                     Err(e) => Reply::failed(format!("not a command: {e}")),
                 };
                 serde_json::to_vec(&reply).unwrap_or_default()
@@ -866,31 +984,96 @@ impl Tracker {
         .await
     }
 
-    pub async fn command(&self, command: Command) -> Reply {
-        let now = OffsetDateTime::now_utc();
-        let app = match &command {
-            Command::Status => {
-                return Reply {
-                    ok: true,
-                    message: String::new(),
-                    rollout: None,
-                    rollouts: self.rollouts().await,
-                    agents: self.agents().await,
-                };
+    /// A question (status, show, history): changes nothing, recorded nowhere.
+    pub async fn query(&self, command: Command) -> Reply {
+        match command {
+            Command::Status => Reply {
+                rollouts: self.rollouts().await,
+                agents: self.agents().await,
+                ..Reply::ok(String::new())
+            },
+            Command::History(query) => match self.history.list(&query).await {
+                Ok(history) => Reply {
+                    history,
+                    ..Reply::ok(String::new())
+                },
+                Err(e) => Reply::failed(e),
+            },
+            Command::Show { app } => {
+                let now = OffsetDateTime::now_utc();
+                let state = self.state.lock().await;
+                match state.rollouts.get(&app) {
+                    Some(rollout) => Reply {
+                        rollout: Some(self.view(rollout, &state.fleet, now)),
+                        ..Reply::ok(String::new())
+                    },
+                    None => Reply::failed(format!("no rollout of {app}")),
+                }
             }
-            Command::Show { app }
-            | Command::Approve { app, .. }
-            | Command::Pause { app }
-            | Command::Resume { app }
-            | Command::Abort { app } => app.clone(),
+            steering => Reply::failed(format!("{steering:?} is not a question")),
+        }
+    }
+
+    /// An operator's steering command, as `actor` (the authenticated user: the NATS user of
+    /// the request's subject, or `http:<token>`), recorded in the history whatever its outcome.
+    pub async fn command(&self, actor: &str, command: Command) -> Reply {
+        let reply = self.steer(&command).await;
+        let mut entry = HistoryEntry::new(HistoryKind::OperatorAction, OffsetDateTime::now_utc());
+        entry.actor = Some(actor.to_string());
+        entry.action = Some(command.name().to_string());
+        entry.app = command.app().map(String::from);
+        entry.version = reply
+            .rollout
+            .as_ref()
+            .map(|v| v.rollout.version.clone())
+            .or_else(|| command.version().cloned());
+        entry.refused = !reply.ok;
+        entry.reason = Some(reply.message.clone()).filter(|m| !m.is_empty());
+        if entry
+            .app
+            .as_deref()
+            .is_some_and(|a| names::validate_app_name(a).is_err())
+        {
+            entry.app = None;
+        }
+        // Each request is one action: a random id (never deduplicated against another).
+        let id = format!("action:{}", uuid_like());
+        self.state.lock().await.history.push((entry, id));
+        self.flush_history().await;
+        reply
+    }
+
+    /// Records a refused action that never reached [`Tracker::command`] (e.g. an HTTP request
+    /// with a token that may only read).
+    pub async fn refused_action(&self, actor: &str, command: &Command, reason: &str) {
+        let mut entry = HistoryEntry::new(HistoryKind::OperatorAction, OffsetDateTime::now_utc());
+        entry.actor = Some(actor.to_string());
+        entry.action = Some(command.name().to_string());
+        entry.app = command
+            .app()
+            .filter(|a| names::validate_app_name(a).is_ok())
+            .map(String::from);
+        entry.version = command.version().cloned();
+        entry.refused = true;
+        entry.reason = Some(reason.to_string());
+        let id = format!("action:{}", uuid_like());
+        self.state.lock().await.history.push((entry, id));
+        self.flush_history().await;
+    }
+
+    async fn steer(&self, command: &Command) -> Reply {
+        let now = OffsetDateTime::now_utc();
+        let Some(app) = command.app().map(String::from) else {
+            return Reply::failed(format!("{} is not a steering command", command.name()));
         };
         let mut state = self.state.lock().await;
         let state = &mut *state;
         let Some(rollout) = state.rollouts.get_mut(&app) else {
             return Reply::failed(format!("no rollout of {app}"));
         };
-        let result = match command {
-            Command::Status | Command::Show { .. } => Ok(String::new()),
+        let before = rollout.clone();
+        let result = match command.clone() {
+            Command::Status | Command::Show { .. } | Command::History(_) => Ok(String::new()),
             Command::Approve { version, .. } => match version {
                 Some(v) if v != rollout.version => {
                     Err(format!("{app} is rolling out {}, not {v}", rollout.version))
@@ -911,25 +1094,30 @@ impl Tracker {
             }
         };
         state.dirty_rollouts.insert(app.clone());
-        let view = RolloutView {
-            rollout: rollout.clone(),
-            rings: rollout.progress(
-                &self.settings.policy_for(rollout),
-                &state.fleet,
-                now,
-                self.settings.timing(),
-            ),
-        };
+        let policy = self.settings.policy_for(rollout);
+        let entries = history::transitions(Some(&before), rollout, &ring_names(&policy), now);
+        let view = self.view(rollout, &state.fleet, now);
+        state.history.extend(entries);
         let (ok, message) = match result {
             Ok(m) => (true, m),
             Err(m) => (false, m),
         };
         Reply {
             ok,
-            message,
             rollout: Some(view),
-            rollouts: Vec::new(),
-            agents: Vec::new(),
+            ..Reply::ok(message)
+        }
+    }
+
+    fn view(&self, rollout: &Rollout, fleet: &Fleet, now: OffsetDateTime) -> RolloutView {
+        RolloutView {
+            rollout: rollout.clone(),
+            rings: rollout.progress(
+                &self.settings.policy_for(rollout),
+                fleet,
+                now,
+                self.settings.timing(),
+            ),
         }
     }
 
@@ -976,6 +1164,21 @@ impl Tracker {
             })
             .collect()
     }
+}
+
+/// The names of a policy's rings, in order (what history entries name a ring by).
+fn ring_names(policy: &crate::policy::AppPolicy) -> Vec<String> {
+    policy.rings.iter().map(|r| r.name.clone()).collect()
+}
+
+/// A unique id for a history entry that stands for itself (an operator's request).
+fn uuid_like() -> String {
+    let mut bytes = [0u8; 16];
+    // Without randomness (never on Linux), the time still tells requests apart.
+    if getrandom::fill(&mut bytes).is_err() {
+        return OffsetDateTime::now_utc().unix_timestamp_nanos().to_string();
+    }
+    bytes.iter().map(|b| format!("{b:02x}")).collect()
 }
 
 /// `fleetcast_tracker_refused_total{what, reason}`: what was refused (`heartbeat`, `status`,

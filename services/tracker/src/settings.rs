@@ -40,6 +40,8 @@ pub struct Settings {
     pub tick: Duration,
     /// Rollout policy per app; apps not listed get [`AppPolicy::default`].
     pub apps: BTreeMap<String, AppPolicy>,
+    /// How long the history (releases, rollouts, operators' actions) is kept.
+    pub history: crate::history::HistorySettings,
 }
 
 impl Default for Settings {
@@ -54,6 +56,7 @@ impl Default for Settings {
             slot_lease: Duration::from_secs(600),
             tick: Duration::from_secs(1),
             apps: BTreeMap::new(),
+            history: Default::default(),
         }
     }
 }

@@ -187,13 +187,13 @@ async fn an_agent_identity_is_refused_everything_but_its_own_business() {
         // Its own id in another ring, about another app.
         names::agent_heartbeat_subject("h1", "canary"),
         names::agent_status_subject("h1", "default", "otherapp"),
-        names::RELEASE_PUBLISHED.to_string(),
+        names::release_published_subject("h1"),
         names::RELEASE_SIGNED.to_string(),
         names::RELEASE_STORED.to_string(),
         names::ROLLBACK_SIGNED.to_string(),
         names::slot_subject("otherapp", "h1"),
         names::slot_subject("shapp", "h2"),
-        names::TRACKER_COMMAND.to_string(),
+        names::tracker_command_subject("h1"),
         names::TRACKER_QUERY.to_string(),
         // Upload an archive to the incoming store (its chunks and its metadata).
         format!("$O.{}.C.forged", names::INCOMING_BUCKET),
@@ -321,7 +321,9 @@ async fn every_role_is_refused_what_is_not_its_job() {
                 names::chunk_subject("shapp", "00"),
                 delete_chunks.clone(),
                 // It may ask the tracker (rollout watch), not steer it.
-                names::TRACKER_COMMAND.into(),
+                names::tracker_command_subject("ci"),
+                // Nor announce a release as somebody else (the history would name them).
+                names::release_published_subject("operator"),
             ],
         ),
         (
@@ -372,6 +374,11 @@ async fn every_role_is_refused_what_is_not_its_job() {
                 format!("$KV.{}.shapp.1.0.0", names::RELEASES_BUCKET),
                 delete_chunks.clone(),
                 format!("$JS.API.STREAM.PURGE.{}", names::RELEASES_STREAM),
+                // Nobody steers, publishes or writes history under another's name.
+                names::tracker_command_subject("alice"),
+                names::release_published_subject("ci"),
+                names::rollback_requested_subject("alice"),
+                names::history_subject(Some("shapp"), "operator.action"),
             ],
         ),
     ];

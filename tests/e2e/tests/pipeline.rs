@@ -287,15 +287,16 @@ async fn hostile_packages_are_rejected_with_their_reason_and_nothing_is_stored()
 
     // An event that does not decode.
     let bus = p.bus().await.expect("bus");
+    let subject = fleetcast_events::names::release_published_subject("ci");
     bus.js
-        .publish(RELEASE_PUBLISHED, "{\"app\": 42".into())
+        .publish(subject.clone(), "{\"app\": 42".into())
         .await
         .expect("publish")
         .await
         .expect("ack");
     let bad: EventRejected = p
-        .wait_event(EVENT_REJECTED, |e: &EventRejected| {
-            e.subject == RELEASE_PUBLISHED
+        .wait_event(EVENT_REJECTED, move |e: &EventRejected| {
+            e.subject == subject
         })
         .await
         .expect("event rejected");

@@ -9,9 +9,7 @@ use std::time::Duration;
 
 use fleetcast_e2e::{Pipeline, eventually, running, script_app};
 use fleetcast_events::Encoding;
-use fleetcast_events::names::{
-    EVENT_REJECTED, PACKAGE_REJECTED, ROLLBACK_REQUESTED, ROLLBACK_SIGNED,
-};
+use fleetcast_events::names::{EVENT_REJECTED, PACKAGE_REJECTED, ROLLBACK_SIGNED};
 use fleetcast_events::v1::{
     AgentHeartbeat, AgentStatus, AppState, EventRejected, PackageRejected, PackageSource,
     RejectCode, RollbackRequested, RollbackSigned,
@@ -59,7 +57,7 @@ async fn request_rollback(p: &Pipeline, to: &str, from: &str) {
         requested_by: "test".into(),
     };
     bus.publish_event(
-        ROLLBACK_REQUESTED,
+        &fleetcast_events::names::rollback_requested_subject("test"),
         &request,
         Encoding::Json,
         Some(&format!("rollback-test.{to}.{from}")),
@@ -82,7 +80,8 @@ async fn a_rollback_from_other_than_the_latest_signed_version_is_refused() {
         request_rollback(&p, "1.0.0", from).await;
         let refused: EventRejected = p
             .wait_event(EVENT_REJECTED, move |e: &EventRejected| {
-                e.subject == ROLLBACK_REQUESTED && e.reason.message.contains(from)
+                e.subject == fleetcast_events::names::rollback_requested_subject("test")
+                    && e.reason.message.contains(from)
             })
             .await
             .expect("refused");
