@@ -81,6 +81,20 @@ impl Accounts {
         self.run(agents.iter().map(|a| vec!["--agent".into(), a.arg()]))
     }
 
+    /// Issues a person's (or CI job's) own credentials as `role` (`operator` or `ci`):
+    /// `gen-accounts --person NAME=ROLE`.
+    pub fn add_person(&self, name: &str, role: &str) -> anyhow::Result<PathBuf> {
+        self.run(std::iter::once(vec![
+            "--person".into(),
+            format!("{name}={role}"),
+        ]))?;
+        Ok(self
+            .dir
+            .path()
+            .join("creds/people")
+            .join(format!("{name}.creds")))
+    }
+
     /// Revokes an agent's (or a role's) credentials: `auth_conf` then lists its key as revoked.
     pub fn revoke(&self, id: &str) -> anyhow::Result<()> {
         self.run(std::iter::once(vec!["--revoke".into(), id.into()]))
