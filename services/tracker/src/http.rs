@@ -69,6 +69,13 @@ async fn history(
     State(tracker): State<Arc<Tracker>>,
     Query(query): Query<HistoryQuery>,
 ) -> axum::response::Response {
+    if let Some(Err(e)) = query
+        .app
+        .as_deref()
+        .map(fleetcast_events::names::validate_app_name)
+    {
+        return (axum::http::StatusCode::BAD_REQUEST, e).into_response();
+    }
     match tracker.history.list(&query).await {
         Ok(entries) => Json(entries).into_response(),
         Err(e) => (axum::http::StatusCode::SERVICE_UNAVAILABLE, e).into_response(),
