@@ -776,7 +776,7 @@ mod tests {
             time::macros::datetime!(2026-12-06 12:00:00.123 UTC),
         );
         e.app = Some("demo".into());
-        e.version = Some("1.2.0".parse().unwrap());
+        e.version = Some("1.2.0".parse().expect("version"));
         e.action = Some("approve".into());
         e.actor = Some("alice".into());
         e.refused = true;
