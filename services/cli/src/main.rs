@@ -184,6 +184,7 @@ impl Limits {
             max_entries: self.limits_max_entries,
             max_total_bytes: self.limits_max_total_bytes,
             max_ratio: self.limits_max_ratio,
+            ..ArchiveLimits::default()
         }
     }
 }

@@ -97,6 +97,13 @@ pub enum RejectCode {
     /// The service had no room on its disk for the archive: refused rather than retried
     /// forever; publish it again once there is room.
     DiskFull,
+    /// A file or folder name over 255 bytes, or a path over 4,096: no filesystem takes it.
+    NameTooLong,
+    /// A name that is both a file (or link) and a folder; or, when refused by the limits,
+    /// names that differ only in case.
+    PathConflict,
+    /// No file at all.
+    EmptyPackage,
 }
 
 impl std::fmt::Display for RejectCode {

@@ -23,6 +23,9 @@ pub struct ArchiveLimits {
     pub max_total_bytes: u64,
     /// Uncompressed / compressed, per entry (for entries of at least 1 MiB) and for the archive.
     pub max_ratio: u64,
+    /// Refuse names that differ only in case (`README`, `readme`): they install on Linux but
+    /// not on a case-insensitive filesystem. Off, they are allowed and logged.
+    pub refuse_case_clashes: bool,
 }
 
 impl Default for ArchiveLimits {
@@ -31,6 +34,7 @@ impl Default for ArchiveLimits {
             max_entries: 50_000,
             max_total_bytes: 8 << 30,
             max_ratio: 200,
+            refuse_case_clashes: false,
         }
     }
 }
@@ -81,6 +85,9 @@ pub enum ArchiveError {
     },
     #[error("{0}")]
     PackageConfig(String),
+    /// No host could install it (see [`crate::installable`]).
+    #[error("no host can install it: {0}")]
+    Uninstallable(#[from] crate::installable::Uninstallable),
     #[error("cannot read the archive: {0}")]
     Io(#[from] io::Error),
 }
@@ -101,6 +108,14 @@ impl ArchiveError {
             ArchiveError::TooLarge { .. } => RejectCode::TooLarge,
             ArchiveError::Ratio { .. } => RejectCode::CompressionRatio,
             ArchiveError::PackageConfig(_) => RejectCode::InvalidPackageConfig,
+            ArchiveError::Uninstallable(u) => {
+                use crate::installable::Uninstallable as U;
+                match u {
+                    U::NameTooLong { .. } | U::PathTooLong { .. } => RejectCode::NameTooLong,
+                    U::FileAndFolder { .. } | U::CaseClash { .. } => RejectCode::PathConflict,
+                    U::Empty => RejectCode::EmptyPackage,
+                }
+            }
         }
     }
 
@@ -140,6 +155,7 @@ pub struct Entry {
 pub struct Package {
     zip: ZipArchive<File>,
     entries: Vec<Entry>,
+    warnings: crate::installable::Warnings,
 }
 
 impl Package {
@@ -222,7 +238,22 @@ impl Package {
             });
         }
         check_links(&entries)?;
-        Ok(Package { zip, entries })
+        let warnings = crate::installable::check(
+            entries
+                .iter()
+                .map(|e| (e.path.as_str(), e.kind == EntryKind::Dir)),
+            limits.refuse_case_clashes,
+        )?;
+        Ok(Package {
+            zip,
+            entries,
+            warnings,
+        })
+    }
+
+    /// What installs but deserves a warning (names that differ only in case).
+    pub fn warnings(&self) -> &crate::installable::Warnings {
+        &self.warnings
     }
 
     pub fn entries(&self) -> &[Entry] {

@@ -4,6 +4,7 @@
 
 pub mod archive;
 pub mod chunking;
+pub mod installable;
 pub mod links;
 pub mod name;
 pub mod package_config;

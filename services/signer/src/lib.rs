@@ -463,8 +463,15 @@ impl Signer {
         };
         let limits = self.settings.limits.clone();
         let path = fetched.file.path().to_path_buf();
+        let (app, version) = (event.app.clone(), event.version.clone());
         let files = match tokio::task::spawn_blocking(move || {
-            Package::open(&path, &limits)?.file_manifest()
+            let mut package = Package::open(&path, &limits)?;
+            // Installs on Linux, not on a case-insensitive filesystem (refused when
+            // `limits.refuse_case_clashes`).
+            for (a, b) in &package.warnings().case_clashes {
+                tracing::warn!(%app, %version, a, b, "names that differ only in case");
+            }
+            package.file_manifest()
         })
         .await
         {

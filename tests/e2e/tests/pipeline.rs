@@ -247,6 +247,22 @@ async fn hostile_packages_are_rejected_with_their_reason_and_nothing_is_stored()
             sample_package("1.0.0").build(),
             RejectCode::InvalidName,
         ),
+        // What no host could install: refused here, not retried by every agent of a ring.
+        (
+            "longname-1.0.0.zip",
+            hostile::name_too_long(),
+            RejectCode::NameTooLong,
+        ),
+        (
+            "clash-1.0.0.zip",
+            hostile::file_and_folder(),
+            RejectCode::PathConflict,
+        ),
+        (
+            "empty-1.0.0.zip",
+            hostile::no_file(),
+            RejectCode::EmptyPackage,
+        ),
     ];
     for (name, bytes, code) in &cases {
         let rejected = drop_rejected(&p, name, bytes).await;

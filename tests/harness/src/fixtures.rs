@@ -114,6 +114,27 @@ pub mod hostile {
             .build()
     }
 
+    /// A file name of 256 bytes: every host's filesystem refuses it ("File name too long").
+    pub fn name_too_long() -> Vec<u8> {
+        PackageBuilder::new()
+            .file("bin/ok", "x", 0o755)
+            .file(&format!("doc/{}", "n".repeat(256)), "x", 0o644)
+            .build()
+    }
+
+    /// `bin/tool` is a file and the folder of `bin/tool/config` ("File exists" on a host).
+    pub fn file_and_folder() -> Vec<u8> {
+        PackageBuilder::new()
+            .file("bin/tool", "x", 0o755)
+            .file("bin/tool/config", "y", 0o644)
+            .build()
+    }
+
+    /// A zip with no entry at all.
+    pub fn no_file() -> Vec<u8> {
+        PackageBuilder::new().build()
+    }
+
     /// A package whose own `fleetcast.toml` names an empty command.
     pub fn bad_package_config() -> Vec<u8> {
         PackageBuilder::new()
