@@ -34,10 +34,28 @@ pub enum AssembleError {
 }
 
 impl AssembleError {
-    /// Worth trying again later (the store or network), as opposed to bad data.
+    /// Worth trying again later (the store, the network, a disk error that may pass), as
+    /// opposed to bad data or a name this host's filesystem will never take: retrying those
+    /// would leave the host "switching" for ever and its ring waiting; refused, they count as
+    /// the ring's failures.
     pub fn is_transient(&self) -> bool {
-        matches!(self, AssembleError::Fetch { .. } | AssembleError::Io { .. })
+        match self {
+            AssembleError::Fetch { .. } => true,
+            AssembleError::Io { source, .. } => !is_permanent_io(source),
+            _ => false,
+        }
     }
+}
+
+/// A file-system refusal that the same package will meet again on every attempt: a name too
+/// long or not valid for this filesystem (`ENAMETOOLONG`, `EILSEQ`), a name that is a file
+/// where a folder must be or the reverse (`ENOTDIR`, `EISDIR`). A full disk is not among them:
+/// it may be cleaned up.
+fn is_permanent_io(e: &io::Error) -> bool {
+    matches!(
+        e.kind(),
+        io::ErrorKind::InvalidFilename | io::ErrorKind::NotADirectory | io::ErrorKind::IsADirectory
+    ) || e.raw_os_error() == Some(libc::EILSEQ)
 }
 
 fn io_err(path: &Path) -> impl FnOnce(io::Error) -> AssembleError + '_ {
@@ -379,6 +397,32 @@ fn sync_tree(dir: &Path) -> io::Result<()> {
 
 #[cfg(test)]
 mod tests {
+    #[test]
+    fn names_the_filesystem_refuses_are_permanent_other_disk_errors_are_not() {
+        let io = |e: std::io::Error| super::AssembleError::Io {
+            path: "x".into(),
+            source: e,
+        };
+        for errno in [
+            libc::ENAMETOOLONG,
+            libc::ENOTDIR,
+            libc::EISDIR,
+            libc::EILSEQ,
+        ] {
+            let e = io(std::io::Error::from_raw_os_error(errno));
+            assert!(!e.is_transient(), "errno {errno}: {e}");
+        }
+        for errno in [libc::ENOSPC, libc::EIO, libc::EEXIST, libc::EACCES] {
+            let e = io(std::io::Error::from_raw_os_error(errno));
+            assert!(e.is_transient(), "errno {errno}: {e}");
+        }
+        // A real one: a name over 255 bytes.
+        let dir = tempfile::tempdir().expect("tmp");
+        let long = dir.path().join("n".repeat(256));
+        let e = io(std::fs::write(&long, b"x").expect_err("too long"));
+        assert!(!e.is_transient(), "{e}");
+    }
+
     use fleetcast_events::v1::FileChunks;
     use fleetcast_events::{FileEntry, Manifest, SecretKey, SignedManifest, TrustedKeys};
     use semver::Version;
