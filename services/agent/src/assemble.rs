@@ -72,9 +72,14 @@ pub struct Fetched {
 }
 
 /// Where missing chunks come from.
-pub trait ChunkSource {
-    fn fetch(&self, id: &ChunkId, len: u32)
-    -> impl Future<Output = Result<Fetched, AssembleError>>;
+/// Shared by the jobs of one assembly (a fetch several files wait on), which runs on the
+/// agent's multi-threaded runtime: `Sync`, with `Send` fetches.
+pub trait ChunkSource: Sync {
+    fn fetch(
+        &self,
+        id: &ChunkId,
+        len: u32,
+    ) -> impl Future<Output = Result<Fetched, AssembleError>> + Send;
 }
 
 /// The chunk store: direct get on the chunk's own subject (under its app), so no consumer is
@@ -161,13 +166,51 @@ struct Job {
     resumable: bool,
 }
 
+#[derive(Clone, Copy)]
 enum Source {
     /// Fetched from the store, with the bytes it cost.
     Fetched(u64),
-    /// Copied from an installed version.
+    /// Copied from an installed version, or from another file of this version that holds
+    /// the same chunk (fetched once).
     Reused,
     /// Already in place from an interrupted attempt.
     Resumed,
+}
+
+/// One chunk being read or fetched, shared by every job that needs it while it is under way.
+type SharedChunk<'a> = futures::future::Shared<
+    futures::future::BoxFuture<'a, Result<(Arc<Vec<u8>>, Source), Arc<AssembleError>>>,
+>;
+
+/// A chunk from an installed version, else from the store.
+async fn get_chunk(
+    local: &LocalChunks,
+    remote: &impl ChunkSource,
+    id: ChunkId,
+    len: u32,
+) -> Result<(Arc<Vec<u8>>, Source), Arc<AssembleError>> {
+    if let Some(data) = local.read(&id) {
+        return Ok((Arc::new(data), Source::Reused));
+    }
+    let fetched = remote.fetch(&id, len).await.map_err(Arc::new)?;
+    let wire = fetched.wire_bytes;
+    Ok((Arc::new(fetched.chunk.into_data()), Source::Fetched(wire)))
+}
+
+/// The error of a shared fetch, for one of the jobs that waited on it: the same kind, so a
+/// refused chunk stays refused and a failed fetch stays worth retrying.
+fn unshare(id: &ChunkId, e: Arc<AssembleError>) -> AssembleError {
+    Arc::try_unwrap(e).unwrap_or_else(|e| match &*e {
+        AssembleError::Chunk(c) => AssembleError::Chunk(c.clone()),
+        AssembleError::Fetch { id, reason } => AssembleError::Fetch {
+            id: id.clone(),
+            reason: reason.clone(),
+        },
+        other => AssembleError::Fetch {
+            id: id.to_hex(),
+            reason: other.to_string(),
+        },
+    })
 }
 
 /// A regular file being assembled, hashed in order as its chunks arrive.
@@ -274,35 +317,57 @@ pub async fn assemble(
         f.finish()?;
     }
 
+    // A chunk that several files (or places in one) hold is fetched once: jobs in flight
+    // together share one fetch; a later job copies it from where this attempt wrote it.
+    let mut sharing: HashMap<ChunkId, SharedChunk<'_>> = HashMap::new();
+    let mut written: HashMap<ChunkId, (PathBuf, u64, u32)> = HashMap::new();
     let mut pending = jobs.into_iter();
     let mut inflight = FuturesOrdered::new();
     loop {
         while inflight.len() < concurrency.max(1) {
             let Some(job) = pending.next() else { break };
+            let copy_from = written.get(&job.id).cloned();
+            let (shared, first) = match sharing.get(&job.id) {
+                Some(shared) => (shared.clone(), false),
+                None => {
+                    use futures::FutureExt;
+                    let shared = get_chunk(local, remote, job.id, job.len).boxed().shared();
+                    if copy_from.is_none() {
+                        sharing.insert(job.id, shared.clone());
+                    }
+                    (shared, true)
+                }
+            };
             inflight.push_back(async move {
                 if job.resumable
                     && let Some(data) = read_verified(&job.path, job.offset, job.len, &job.id)
                 {
-                    return Ok((job.index, data, Source::Resumed));
+                    let place = (job.path, job.offset, job.len);
+                    return Ok((job.index, job.id, place, Arc::new(data), Source::Resumed));
                 }
-                let (data, source) = match local.read(&job.id) {
-                    Some(data) => (data, Source::Reused),
+                let copied = copy_from
+                    .and_then(|(path, offset, len)| read_verified(&path, offset, len, &job.id));
+                let (data, source) = match copied {
+                    Some(data) => (Arc::new(data), Source::Reused),
                     None => {
-                        let f = remote.fetch(&job.id, job.len).await?;
-                        let wire = f.wire_bytes;
-                        (f.chunk.into_data(), Source::Fetched(wire))
+                        let (data, source) = shared.await.map_err(|e| unshare(&job.id, e))?;
+                        (data, if first { source } else { Source::Reused })
                     }
                 };
                 job.file
                     .write_all_at(&data, job.offset)
                     .map_err(io_err(&job.path))?;
-                Ok::<_, AssembleError>((job.index, data, source))
+                let place = (job.path, job.offset, job.len);
+                Ok::<_, AssembleError>((job.index, job.id, place, data, source))
             });
         }
         let Some(result) = inflight.next().await else {
             break;
         };
-        let (index, data, source) = result?;
+        let (index, id, place, data, source) = result?;
+        // From now on a later job copies it from here instead of fetching it again.
+        sharing.remove(&id);
+        written.entry(id).or_insert(place);
         match source {
             Source::Fetched(wire) => {
                 report.fetched_chunks += 1;
@@ -482,6 +547,103 @@ mod tests {
             .verify(&TrustedKeys::new(vec![key.public()]), now)
             .expect("verified");
         (verified, index)
+    }
+
+    /// Serves chunks from memory and counts each fetch.
+    struct Counting {
+        stored: HashMap<ChunkId, Vec<u8>>,
+        fetches: std::sync::Mutex<Vec<ChunkId>>,
+    }
+
+    impl ChunkSource for Counting {
+        async fn fetch(&self, id: &ChunkId, len: u32) -> Result<Fetched, AssembleError> {
+            self.fetches.lock().expect("lock").push(*id);
+            // Let other jobs start meanwhile, as a network fetch does.
+            tokio::task::yield_now().await;
+            let stored = self.stored.get(id).ok_or_else(|| AssembleError::Fetch {
+                id: id.to_hex(),
+                reason: "not stored".into(),
+            })?;
+            Ok(Fetched {
+                chunk: chunking::verify(id, len, stored)?,
+                wire_bytes: stored.len() as u64,
+            })
+        }
+    }
+
+    /// Three copies of one file and a file that repeats one chunk: every distinct chunk is
+    /// fetched once, whether its other uses are in flight at the same time (shared) or come
+    /// later (copied from where it was written), and every file is whole.
+    #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+    async fn each_distinct_chunk_is_fetched_once_however_many_files_hold_it() {
+        // Incompressible, never repeating (xorshift): distinct chunks.
+        let mut x = 0x9E37_79B9_7F4A_7C15u64;
+        let data: Vec<u8> = (0..300_000)
+            .flat_map(|_| {
+                x ^= x << 13;
+                x ^= x >> 7;
+                x ^= x << 17;
+                x.to_le_bytes()
+            })
+            .collect();
+        let body = fleetcast_package::chunking::chunks(std::io::Cursor::new(data))
+            .map(|c| c.expect("chunk"))
+            .collect::<Vec<_>>();
+        assert!(body.len() > 3, "several chunks");
+        let mut stored = HashMap::new();
+        for (id, data) in &body {
+            stored.insert(*id, chunking::encode_stored(data).expect("encode"));
+        }
+        let whole: Vec<u8> = body.iter().flat_map(|(_, d)| d.clone()).collect();
+        // A file made of the first chunk three times.
+        let first = &body[0].1;
+        let repeated: Vec<u8> = [first.as_slice(); 3].concat();
+        let file = |path: &str, data: &[u8]| FileEntry {
+            path: path.into(),
+            mode: 0o644,
+            size: data.len() as u64,
+            blake3: blake3::hash(data).to_hex().to_string(),
+            link: None,
+        };
+        let files = vec![
+            file("a/one", &whole),
+            file("a/two", &whole),
+            file("b/three", &repeated),
+            file("c/four", &whole),
+        ];
+        let (manifest, mut index) = signed(files);
+        let refs = |ids: &[&(ChunkId, Vec<u8>)]| {
+            ids.iter()
+                .map(|(id, d)| chunking::chunk_ref(id, d.len()))
+                .collect::<Vec<_>>()
+        };
+        let all: Vec<&(ChunkId, Vec<u8>)> = body.iter().collect();
+        index.files[0].chunks = refs(&all);
+        index.files[1].chunks = refs(&all);
+        index.files[2].chunks = refs(&[&body[0], &body[0], &body[0]]);
+        index.files[3].chunks = refs(&all);
+        let store = Counting {
+            stored,
+            fetches: Default::default(),
+        };
+        let tmp = tempfile::tempdir().expect("tmp");
+        let root = InstallRoot::new(tmp.path()).expect("root");
+        let report = assemble(&root, &manifest, &index, &LocalChunks::default(), &store, 8)
+            .await
+            .expect("assembled");
+        let fetches = store.fetches.lock().expect("lock").clone();
+        let distinct: std::collections::HashSet<_> = fetches.iter().collect();
+        assert_eq!(fetches.len(), distinct.len(), "a chunk fetched twice");
+        assert_eq!(fetches.len(), body.len());
+        assert_eq!(report.fetched_chunks, body.len() as u64);
+        let dir = root.version_dir(&manifest.version);
+        for path in ["a/one", "a/two", "c/four"] {
+            assert!(
+                std::fs::read(dir.join(path)).expect("read") == whole,
+                "{path}"
+            );
+        }
+        assert_eq!(std::fs::read(dir.join("b/three")).expect("read"), repeated);
     }
 
     /// The chain of issue 16 in a signed manifest: `y` stays inside, `z`'s text does too, but

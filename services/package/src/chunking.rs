@@ -46,7 +46,7 @@ impl std::fmt::Debug for ChunkId {
     }
 }
 
-#[derive(Debug, thiserror::Error)]
+#[derive(Debug, Clone, PartialEq, Eq, thiserror::Error)]
 pub enum ChunkError {
     #[error("{0:?} is not a chunk id (64 hex digits)")]
     BadId(String),
