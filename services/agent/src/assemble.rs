@@ -108,16 +108,23 @@ impl ChunkSource for NatsChunks {
     }
 }
 
-/// Chunks present in installed versions: id → (file, offset, length), from their indexes.
+/// Chunks present in installed versions: id → (file, offset, length), from their indexes; and
+/// their whole files by content hash.
 #[derive(Default)]
 pub struct LocalChunks {
     places: HashMap<ChunkId, (PathBuf, u64, u32)>,
+    files: HashMap<String, PathBuf>,
 }
 
 impl LocalChunks {
     /// Learns the chunks of an installed version from its folder and chunk index.
     pub fn add_version(&mut self, dir: &Path, index: &ChunkIndex) {
         for file in &index.files {
+            if let Some(hash) = &file.blake3 {
+                self.files
+                    .entry(hash.clone())
+                    .or_insert_with(|| dir.join(&file.path));
+            }
             let mut offset = 0u64;
             for c in &file.chunks {
                 if let Ok(id) = ChunkId::from_hex(&c.id) {
@@ -128,6 +135,16 @@ impl LocalChunks {
                 offset += u64::from(c.len);
             }
         }
+    }
+
+    /// An installed file that can stand for `entry` as it is: the same content (by the signed
+    /// hash its version was verified against), size and installed mode.
+    fn same_file(&self, entry: &fleetcast_events::manifest::FileEntry) -> Option<&Path> {
+        let path = self.files.get(&entry.blake3)?;
+        let meta = std::fs::symlink_metadata(path).ok()?;
+        let mode = crate::isolation::installed_mode(entry.mode);
+        (meta.is_file() && meta.len() == entry.size && meta.permissions().mode() & 0o7777 == mode)
+            .then_some(path.as_path())
     }
 
     /// Reads a chunk from disk; `None` if it is not there (any more) or no longer matches.
@@ -152,6 +169,8 @@ pub struct AssembleReport {
     pub reused_chunks: u64,
     /// Chunks already in place from an interrupted attempt.
     pub resumed_chunks: u64,
+    /// Unchanged files taken from an installed version by a hard link: nothing written.
+    pub linked_files: u64,
 }
 
 struct Job {
@@ -278,6 +297,10 @@ pub async fn assemble(
         if let Some(parent) = path.parent() {
             std::fs::create_dir_all(parent).map_err(io_err(parent))?;
         }
+        if link_unchanged(local, entry, &path).map_err(io_err(&path))? {
+            report.linked_files += 1;
+            continue;
+        }
         let file = std::fs::OpenOptions::new()
             .read(true)
             .write(true)
@@ -402,6 +425,52 @@ pub async fn assemble(
     Ok(report)
 }
 
+/// Takes an unchanged file from an installed version by a hard link: the same inode, verified
+/// when its version was installed, sealed read-only and already durable, so nothing is written
+/// or synced for it. Whether it did; where the filesystem will not link (another device, too
+/// many links) the file is assembled as any other.
+fn link_unchanged(
+    local: &LocalChunks,
+    entry: &fleetcast_events::manifest::FileEntry,
+    path: &Path,
+) -> io::Result<bool> {
+    use std::os::unix::fs::MetadataExt;
+    let source = local.same_file(entry);
+    if let Ok(existing) = std::fs::symlink_metadata(path) {
+        let same_inode = source
+            .and_then(|s| std::fs::metadata(s).ok())
+            .is_some_and(|s| s.ino() == existing.ino() && s.dev() == existing.dev());
+        if same_inode {
+            // Linked by an interrupted attempt.
+            return Ok(true);
+        }
+        // A partly written copy (replaced by the link), or an inode an interrupted attempt
+        // linked, which must never be written through: it is an installed version's file.
+        if source.is_some() || existing.nlink() > 1 {
+            std::fs::remove_file(path)?;
+        }
+    }
+    let Some(source) = source else {
+        return Ok(false);
+    };
+    match std::fs::hard_link(source, path) {
+        Ok(()) => Ok(true),
+        Err(e)
+            if matches!(
+                e.kind(),
+                io::ErrorKind::CrossesDevices
+                    | io::ErrorKind::PermissionDenied
+                    | io::ErrorKind::TooManyLinks
+                    | io::ErrorKind::Unsupported
+            ) =>
+        {
+            tracing::debug!(path = %path.display(), error = %e, "not linked; written instead");
+            Ok(false)
+        }
+        Err(e) => Err(e),
+    }
+}
+
 /// The index must describe exactly the manifest's files, in order, with chunk lengths that add
 /// up to each file's size; links must stay inside the version and no path may pass through one.
 fn check_index(manifest: &VerifiedManifest, index: &ChunkIndex) -> Result<(), AssembleError> {
@@ -518,9 +587,12 @@ mod tests {
 
     /// `files` signed (as a signer would, were it fooled) and verified, with its index.
     fn signed(files: Vec<FileEntry>) -> (VerifiedManifest, ChunkIndex) {
+        signed_as(Version::new(1, 0, 0), files)
+    }
+
+    fn signed_as(version: Version, files: Vec<FileEntry>) -> (VerifiedManifest, ChunkIndex) {
         let key = SecretKey::generate().expect("key");
         let now = time::OffsetDateTime::now_utc();
-        let version = Version::new(1, 0, 0);
         let index = ChunkIndex {
             app: "shapp".into(),
             version: version.clone(),
@@ -528,7 +600,7 @@ mod tests {
                 .iter()
                 .map(|f| FileChunks {
                     path: f.path.clone(),
-                    blake3: None,
+                    blake3: Some(f.blake3.clone()),
                     chunks: Vec::new(),
                 })
                 .collect(),
@@ -644,6 +716,125 @@ mod tests {
             );
         }
         assert_eq!(std::fs::read(dir.join("b/three")).expect("read"), repeated);
+    }
+
+    /// Incompressible bytes that never repeat (xorshift from `seed`).
+    fn noise(len: usize, seed: u64) -> Vec<u8> {
+        let mut x = seed | 1;
+        let mut out: Vec<u8> = std::iter::repeat_with(|| {
+            x ^= x << 13;
+            x ^= x >> 7;
+            x ^= x << 17;
+            x.to_le_bytes()
+        })
+        .take(len.div_ceil(8))
+        .flatten()
+        .collect();
+        out.truncate(len);
+        out
+    }
+
+    /// `files` (path, content, mode) signed as `version`, their chunks put in `stored`.
+    fn release(
+        version: Version,
+        files: &[(&str, &[u8], u32)],
+        stored: &mut HashMap<ChunkId, Vec<u8>>,
+    ) -> (VerifiedManifest, ChunkIndex) {
+        let entries = files
+            .iter()
+            .map(|(path, data, mode)| FileEntry {
+                path: path.to_string(),
+                mode: *mode,
+                size: data.len() as u64,
+                blake3: blake3::hash(data).to_hex().to_string(),
+                link: None,
+            })
+            .collect();
+        let (manifest, mut index) = signed_as(version, entries);
+        for (file, (_, data, _)) in index.files.iter_mut().zip(files) {
+            for c in fleetcast_package::chunking::chunks(std::io::Cursor::new(data.to_vec())) {
+                let (id, chunk) = c.expect("chunk");
+                stored.insert(id, chunking::encode_stored(&chunk).expect("encode"));
+                file.chunks.push(chunking::chunk_ref(&id, chunk.len()));
+            }
+        }
+        (manifest, index)
+    }
+
+    /// v2 changes one file of three: the two others are hard links to v1's (the same inodes,
+    /// nothing fetched or written for them), the changed one is new; v2 is byte-identical to
+    /// its package and read-only; removing v1 leaves v2's shared files read-only and whole.
+    #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+    async fn unchanged_files_are_hard_links_to_the_installed_version() {
+        use std::os::unix::fs::MetadataExt;
+        let (a, b, c1, c2) = (
+            noise(300_000, 1),
+            noise(1000, 2),
+            noise(200_000, 3),
+            noise(200_000, 4),
+        );
+        let mut stored = HashMap::new();
+        let (m1, i1) = release(
+            Version::new(1, 0, 0),
+            &[
+                ("bin/app", &a, 0o755),
+                ("etc/conf", &b, 0o644),
+                ("lib/x", &c1, 0o644),
+            ],
+            &mut stored,
+        );
+        let (m2, i2) = release(
+            Version::new(2, 0, 0),
+            &[
+                ("bin/app", &a, 0o755),
+                ("etc/conf", &b, 0o644),
+                ("lib/x", &c2, 0o644),
+            ],
+            &mut stored,
+        );
+        let store = Counting {
+            stored,
+            fetches: Default::default(),
+        };
+        let tmp = tempfile::tempdir().expect("tmp");
+        let root = InstallRoot::new(tmp.path()).expect("root");
+        assemble(&root, &m1, &i1, &LocalChunks::default(), &store, 4)
+            .await
+            .expect("v1");
+        let before = store.fetches.lock().expect("lock").len();
+        let (d1, d2) = (root.version_dir(&m1.version), root.version_dir(&m2.version));
+        let mut local = LocalChunks::default();
+        local.add_version(&d1, &i1);
+        let report = assemble(&root, &m2, &i2, &local, &store, 4)
+            .await
+            .expect("v2");
+        assert_eq!(report.linked_files, 2, "{report:?}");
+        let fetched_for_v2 = store.fetches.lock().expect("lock").len() - before;
+        assert_eq!(
+            fetched_for_v2,
+            i2.files[2].chunks.len(),
+            "only lib/x's chunks"
+        );
+        let ino = |p: &Path| std::fs::metadata(p).expect("meta").ino();
+        for path in ["bin/app", "etc/conf"] {
+            assert_eq!(ino(&d1.join(path)), ino(&d2.join(path)), "{path} linked");
+        }
+        assert_ne!(ino(&d1.join("lib/x")), ino(&d2.join("lib/x")));
+        crate::isolation::remove_installed(&d1).expect("v1 removed");
+        for (path, data, mode) in [
+            ("bin/app", &a, 0o555),
+            ("etc/conf", &b, 0o444),
+            ("lib/x", &c2, 0o444),
+        ] {
+            let p = d2.join(path);
+            assert_eq!(&std::fs::read(&p).expect("read"), data, "{path}");
+            let meta = std::fs::metadata(&p).expect("meta");
+            assert_eq!(
+                meta.permissions().mode() & 0o7777,
+                mode,
+                "{path} stays read-only"
+            );
+        }
     }
 
     /// The chain of issue 16 in a signed manifest: `y` stays inside, `z`'s text does too, but

@@ -265,8 +265,11 @@ pub fn seal_tree(dir: &Path) -> io::Result<()> {
 
 /// Gives the agent (the owner) write access to every folder below and including `dir` and to
 /// its regular files, so an interrupted `.partial` can be resumed or a version removed. Links
-/// are not followed.
+/// are not followed. A file with other hard links stays as it is: it is an unchanged file
+/// shared with another installed version (see `assemble`), which must stay read-only there;
+/// removing it needs only its folder's write bit.
 pub fn unseal_tree(dir: &Path) -> io::Result<()> {
+    use std::os::unix::fs::MetadataExt;
     let mode = std::fs::symlink_metadata(dir)?.permissions().mode();
     set_mode(dir, (mode & 0o7777) | 0o700)?;
     for entry in std::fs::read_dir(dir)? {
@@ -276,8 +279,10 @@ pub fn unseal_tree(dir: &Path) -> io::Result<()> {
             unseal_tree(&entry.path())?;
         } else if kind.is_file() {
             let path = entry.path();
-            let mode = entry.metadata()?.permissions().mode();
-            set_mode(&path, (mode & 0o7777) | 0o600)?;
+            let meta = entry.metadata()?;
+            if meta.nlink() == 1 {
+                set_mode(&path, (meta.permissions().mode() & 0o7777) | 0o600)?;
+            }
         }
     }
     Ok(())
