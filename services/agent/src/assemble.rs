@@ -242,7 +242,8 @@ struct Hashing<'a> {
 }
 
 impl Hashing<'_> {
-    /// The whole file against the signed manifest, then its permissions and durability.
+    /// The whole file against the signed manifest, then its permissions. (Durability comes
+    /// once for the whole version, before its rename: see [`make_durable`].)
     fn finish(&mut self) -> Result<(), AssembleError> {
         if self.hasher.finalize().to_hex().as_str() != self.entry.blake3 {
             // Dropped so a retry fetches it afresh instead of resuming bad bytes.
@@ -254,8 +255,7 @@ impl Hashing<'_> {
             .set_permissions(std::fs::Permissions::from_mode(
                 crate::isolation::installed_mode(self.entry.mode),
             ))
-            .map_err(io_err(&self.path))?;
-        self.file.sync_all().map_err(io_err(&self.path))
+            .map_err(io_err(&self.path))
     }
 }
 
@@ -419,7 +419,7 @@ pub async fn assemble(
     }
     // No write bit anywhere in an installed version: the app cannot change its own code.
     crate::isolation::seal_tree(&partial).map_err(io_err(&partial))?;
-    sync_tree(&partial).map_err(io_err(&partial))?;
+    make_durable(&partial).map_err(io_err(&partial))?;
     std::fs::rename(&partial, &final_dir).map_err(io_err(&final_dir))?;
     sync_dir(final_dir.parent().unwrap_or(root.root())).map_err(io_err(&final_dir))?;
     Ok(report)
@@ -518,12 +518,29 @@ fn check_index(manifest: &VerifiedManifest, index: &ChunkIndex) -> Result<(), As
     Ok(())
 }
 
-/// fsync every folder below `dir` (files were synced as they were verified).
+/// Everything written into `partial` on disk before it is renamed into place: one `syncfs` of
+/// its filesystem rather than an fsync per file (a version of thousands of files spent most of
+/// its install in them). Where `syncfs` is refused, every file and folder is synced one by one.
+fn make_durable(partial: &Path) -> io::Result<()> {
+    let dir = File::open(partial)?;
+    match nix::unistd::syncfs(&dir) {
+        Ok(()) => Ok(()),
+        Err(e) => {
+            tracing::debug!(error = %e, "syncfs refused; syncing file by file");
+            sync_tree(partial)
+        }
+    }
+}
+
+/// fsync every file and folder below `dir`.
 fn sync_tree(dir: &Path) -> io::Result<()> {
     for entry in std::fs::read_dir(dir)? {
         let entry = entry?;
-        if entry.file_type()?.is_dir() {
+        let kind = entry.file_type()?;
+        if kind.is_dir() {
             sync_tree(&entry.path())?;
+        } else if kind.is_file() {
+            File::open(entry.path())?.sync_all()?;
         }
     }
     sync_dir(dir)
