@@ -19,6 +19,13 @@
 //! - `reaction_ms`: v2's desired state written (the server's timestamp) → the agent's
 //!   `downloading` report (sent once it has checked the signed manifest), as shipped: what an
 //!   idle host takes to act on an announcement.
+//! - Small files, a second app of the same agent: ~3,000 source-like text files (~30 MiB), 11
+//!   of them edited. `small_files_fetched_bytes`: everything the agent fetched for the update
+//!   (chunks, chunk index, the desired state with its signed manifest);
+//!   `small_files_changed_zstd_bytes`: the edited files alone, zstd level 3 (the reference);
+//!   `small_files_install_s`: v2's desired state written → v2 running (download, install,
+//!   switch, health gate); `small_files_write_hash_s`: writing, hashing and syncing just the
+//!   edited files on the same disk, in this process (the reference).
 
 use std::io::{Read, Write};
 use std::net::TcpStream;
@@ -67,6 +74,20 @@ pub async fn run() -> anyhow::Result<String> {
     write_zip(&v1, &v1_zip)?;
     write_zip(&v2, &v2_zip)?;
     drop((v1, v2));
+    let (mut s1, mut s2, edited) = small_files();
+    s1.push(File::text("VERSION", "1.0.0"));
+    s2.push(File::text("VERSION", "2.0.0"));
+    let (s1_zip, s2_zip) = (
+        dir.path().join("small-1.0.0.zip"),
+        dir.path().join("small-2.0.0.zip"),
+    );
+    write_zip(&s1, &s1_zip)?;
+    write_zip(&s2, &s2_zip)?;
+    let changed_files: Vec<(String, Vec<u8>)> = edited
+        .iter()
+        .map(|&i| (s2[i].path().to_string(), s2[i].data.clone()))
+        .collect();
+    drop((s1, s2));
 
     let key = SecretKey::generate()?;
     let (nats, settings, bus) = fresh_store().await?;
@@ -74,10 +95,13 @@ pub async fn run() -> anyhow::Result<String> {
     eprintln!("storing v1 and v2");
     ingest_once(&bus, &key, &v1_zip, "bench", "1.0.0").await?;
     ingest_once(&bus, &key, &v2_zip, "bench", "2.0.0").await?;
+    ingest_once(&bus, &key, &s1_zip, "small", "1.0.0").await?;
+    ingest_once(&bus, &key, &s2_zip, "small", "2.0.0").await?;
     distributor.cancel();
 
     let demo_app = sibling_binary("fleetcast-demo-app")?;
     let port = free_port()?;
+    let small_port = free_port()?;
     let mut statuses = bus
         .client
         .subscribe(fleetcast_events::names::ALL_AGENT_STATUSES)
@@ -91,10 +115,15 @@ pub async fn run() -> anyhow::Result<String> {
              [[apps]]\nname = \"bench\"\ncommand = [\"{}\"]\ngrace = \"5s\"\n\
              [apps.env]\nFLEETCAST_DEMO_APP_PORT = \"{port}\"\nRUST_LOG = \"warn\"\n\
              [apps.health]\nstay_up = \"0s\"\nhttp = \"http://127.0.0.1:{port}/health\"\n\
+             probe_interval = \"5ms\"\nprobe_attempts = 2000\nprobe_timeout = \"1s\"\n\
+             [[apps]]\nname = \"small\"\ncommand = [\"{}\"]\ngrace = \"5s\"\n\
+             [apps.env]\nFLEETCAST_DEMO_APP_PORT = \"{small_port}\"\nRUST_LOG = \"warn\"\n\
+             [apps.health]\nstay_up = \"0s\"\nhttp = \"http://127.0.0.1:{small_port}/health\"\n\
              probe_interval = \"5ms\"\nprobe_attempts = 2000\nprobe_timeout = \"1s\"\n",
             data.display(),
             key.public().to_text().trim(),
             nats.url(),
+            demo_app.display(),
             demo_app.display(),
         ),
     )?;
@@ -104,8 +133,8 @@ pub async fn run() -> anyhow::Result<String> {
     eprintln!("v1 from nothing");
     let install_start = Instant::now();
     fleetcast_cli::desire(&bus, "bench", "default", &semver::Version::new(1, 0, 0)).await?;
-    let (desired_v1, _) = desired_entry(&bus).await?;
-    let (first, _) = wait_running(&mut statuses, "1.0.0").await?;
+    let (desired_v1, _) = desired_entry(&bus, "bench").await?;
+    let (first, _) = wait_running(&mut statuses, "bench", "1.0.0").await?;
     let full_install = install_start.elapsed();
     wait_committed(&journal, "1.0.0").await?;
 
@@ -124,12 +153,29 @@ pub async fn run() -> anyhow::Result<String> {
     eprintln!("v1 -> v2, polling /version");
     let poller = Poller::start(port);
     fleetcast_cli::desire(&bus, "bench", "default", &semver::Version::new(2, 0, 0)).await?;
-    let (desired_v2, desired_at) = desired_entry(&bus).await?;
-    let (running, reacted_at) = wait_running(&mut statuses, "2.0.0").await?;
+    let (desired_v2, desired_at) = desired_entry(&bus, "bench").await?;
+    let (running, reacted_at) = wait_running(&mut statuses, "bench", "2.0.0").await?;
     let reaction = reacted_at.context("no downloading report for 2.0.0")? - desired_at;
     wait_committed(&journal, "2.0.0").await?;
     let downtime = poller.finish()?;
     let peak_rss = rss_kib(agent.id(), "VmHWM")?;
+
+    eprintln!("small files: v1, then v1 -> v2");
+    let small_journal = data.join("apps/small");
+    fleetcast_cli::desire(&bus, "small", "default", &semver::Version::new(1, 0, 0)).await?;
+    wait_running(&mut statuses, "small", "1.0.0").await?;
+    wait_committed(&small_journal, "1.0.0").await?;
+    fleetcast_cli::desire(&bus, "small", "default", &semver::Version::new(2, 0, 0)).await?;
+    let (small_desired, small_desired_at) = desired_entry(&bus, "small").await?;
+    let (small_running, _) = wait_running(&mut statuses, "small", "2.0.0").await?;
+    let small_install = small_running.at - small_desired_at;
+    wait_committed(&small_journal, "2.0.0").await?;
+    let small_fetched = small_running.progress_bytes.unwrap_or_default() + small_desired;
+    let changed_zstd: usize = changed_files
+        .iter()
+        .map(|(_, d)| zstd::bulk::compress(d, 3).map(|c| c.len()))
+        .sum::<Result<usize, _>>()?;
+    let write_hash = write_hash_s(&changed_files, &dir.path().join("write-hash"))?;
     let _ = nix::sys::signal::kill(
         nix::unistd::Pid::from_raw(agent.id() as i32),
         nix::sys::signal::Signal::SIGTERM,
@@ -158,8 +204,60 @@ pub async fn run() -> anyhow::Result<String> {
         "app_start_ms": round(app_start.as_secs_f64() * 1000.0),
         "switch_p99_us": switch_p99_us(dir.path())?,
         "reaction_ms": round(reaction.as_seconds_f64() * 1000.0),
+        "small_files_count": SMALL_FILES,
+        "small_files_fetched_bytes": small_fetched,
+        "small_files_changed_zstd_bytes": changed_zstd,
+        "small_files_install_s": round(small_install.as_seconds_f64()),
+        "small_files_write_hash_s": round(write_hash.as_secs_f64()),
     });
     Ok(json.to_string())
+}
+
+/// How many files the small-files package has.
+const SMALL_FILES: usize = 3000;
+
+/// ~3,000 source-like text files of 4–16 KiB (~30 MiB) in 300 folders, and v2 with 11 of them
+/// edited (a line inserted, a function added), with the edited files' indexes.
+fn small_files() -> (Vec<File>, Vec<File>, Vec<usize>) {
+    let v1: Vec<File> = (0..SMALL_FILES)
+        .map(|i| {
+            let len = 4096 + (i * 7919) % 12_288;
+            let text = crate::ingest::text(len, 10_000 + i as u64);
+            let text = String::from_utf8_lossy(&text).into_owned();
+            File::text(&format!("src/mod{}/file{i}.rs", i % 300), &text)
+        })
+        .collect();
+    let edited: Vec<usize> = (0..11).map(|k| 37 + k * 271).collect();
+    let mut v2 = v1.clone();
+    for &i in &edited {
+        let mut text = String::from_utf8_lossy(&v2[i].data).into_owned();
+        let middle = text.len() / 2;
+        let middle = (middle..text.len())
+            .find(|&m| text.is_char_boundary(m))
+            .unwrap_or(text.len());
+        text.insert_str(
+            middle,
+            "\n    // edited in 2.0.0: handle the empty case first\n",
+        );
+        text.push_str("\nfn added_in_v2() -> u32 { 42 }\n");
+        v2[i] = File::text(v2[i].path(), &text);
+    }
+    (v1, v2, edited)
+}
+
+/// The reference for installing the edited files: write each into `dir`, hash it and sync it
+/// and its folder, as an installer that writes only what changed must at least do.
+fn write_hash_s(files: &[(String, Vec<u8>)], dir: &Path) -> anyhow::Result<Duration> {
+    std::fs::create_dir_all(dir)?;
+    let start = Instant::now();
+    for (i, (_, data)) in files.iter().enumerate() {
+        let mut f = std::fs::File::create(dir.join(format!("f{i}")))?;
+        f.write_all(data)?;
+        let _ = blake3::hash(data);
+        f.sync_all()?;
+    }
+    std::fs::File::open(dir)?.sync_all()?;
+    Ok(start.elapsed())
 }
 
 /// A binary built next to this one (`ops/bench` builds them), or where `FLEETCAST_BENCH_<NAME>`
@@ -197,8 +295,9 @@ fn free_port() -> anyhow::Result<u16> {
 /// when the server stored it.
 async fn desired_entry(
     bus: &fleetcast_runtime::Bus,
+    app: &str,
 ) -> anyhow::Result<(u64, time::OffsetDateTime)> {
-    let key = fleetcast_events::names::desired_key("bench", "default");
+    let key = fleetcast_events::names::desired_key(app, "default");
     let entry = bus.desired.entry(&key).await?.context("desired state")?;
     Ok((entry.value.len() as u64, entry.created))
 }
@@ -371,16 +470,20 @@ async fn next_status(sub: &mut async_nats::Subscriber) -> anyhow::Result<AgentSt
     )?)
 }
 
-/// The `running` report of `version`, and when the first `downloading` one was sent.
+/// `app`'s `running` report of `version`, and when the first `downloading` one was sent.
 async fn wait_running(
     sub: &mut async_nats::Subscriber,
+    app: &str,
     version: &str,
 ) -> anyhow::Result<(AgentStatus, Option<time::OffsetDateTime>)> {
     let mut downloading = None;
     loop {
         let s = next_status(sub).await?;
+        if s.app != app {
+            continue;
+        }
         if matches!(s.state, AppState::RolledBack | AppState::Refused) {
-            bail!("{version}: {:?} {:?}", s.state, s.reason);
+            bail!("{app} {version}: {:?} {:?}", s.state, s.reason);
         }
         if s.version.as_ref().is_none_or(|v| v.to_string() != version) {
             continue;

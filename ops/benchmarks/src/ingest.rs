@@ -34,6 +34,7 @@ use zip::write::SimpleFileOptions;
 
 pub(crate) const MIB: f64 = 1024.0 * 1024.0;
 
+#[derive(Clone)]
 pub(crate) struct File {
     path: String,
     pub(crate) data: Vec<u8>,
@@ -47,6 +48,10 @@ impl File {
             data,
             compressible: false,
         }
+    }
+
+    pub(crate) fn path(&self) -> &str {
+        &self.path
     }
 
     pub(crate) fn text(path: &str, text: &str) -> File {
@@ -400,7 +405,7 @@ fn elf_files() -> Vec<PathBuf> {
     out
 }
 
-fn text(len: usize, seed: u64) -> Vec<u8> {
+pub(crate) fn text(len: usize, seed: u64) -> Vec<u8> {
     const WORDS: [&str; 16] = [
         "request",
         "served",
