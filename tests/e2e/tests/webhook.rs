@@ -254,7 +254,11 @@ async fn a_halted_rollout_reaches_a_receiver_that_was_down_once_and_signed() {
     // A retried entry keeps its delivery id (receivers dedupe on it); the next has another.
     let ids: Vec<u64> = hook
         .iter()
-        .map(|r| r.header("x-fleetcast-delivery").parse().expect("delivery id"))
+        .map(|r| {
+            r.header("x-fleetcast-delivery")
+                .parse()
+                .expect("delivery id")
+        })
         .collect();
     assert!(ids[0] == ids[1] && ids[2] > ids[1], "{ids:?}");
     let halted = hook[1].entry();
