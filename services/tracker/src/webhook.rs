@@ -417,7 +417,7 @@ pub async fn forward(
                 hook.settings.name
             )
         })?;
-    tracing::info!(webhook = %hook.settings.name, target = %hook.target, kinds = ?hook.settings.kinds, apps = ?hook.settings.apps, "forwarding history entries");
+    tracing::info!(webhook = %hook.settings.name, target = %hook.target, subjects = %hook.settings.filter_subjects().join(" "), "forwarding history entries");
     run_consumer_on(consumer, shutdown, move |msg| {
         let (tracker, hook) = (tracker.clone(), hook.clone());
         async move { hook.handle(&tracker.webhook_deliveries, msg).await }

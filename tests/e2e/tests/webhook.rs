@@ -2,7 +2,8 @@
 //! configuration with every program under its own identity (`Pipeline::new_closed`): a rollout
 //! halts while the receiver is down; once it is up (answering 503 to its first request) it
 //! gets the `rollout.halted` entry exactly once, signed, with the halt's reason; a receiver
-//! that refuses (410) gets each entry once and is not asked again.
+//! that refuses (410) gets each entry once and is not asked again; a restarted tracker goes
+//! on where its webhooks were.
 
 use std::sync::{Arc, Mutex};
 use std::time::Duration;
@@ -11,7 +12,8 @@ use axum::body::Bytes;
 use axum::extract::State;
 use axum::http::{HeaderMap, StatusCode, Uri};
 use fleetcast_e2e::{Pipeline, TIMEOUT, eventually, running, script_app};
-use fleetcast_events::names::{HISTORY_STREAM, webhook_consumer};
+use fleetcast_events::Encoding;
+use fleetcast_events::names::{HISTORY_STREAM, history_subject, webhook_consumer};
 use fleetcast_events::v1::{HistoryEntry, HistoryKind};
 use fleetcast_harness::accounts::AgentSpec;
 use fleetcast_tracker::api::Command;
@@ -113,7 +115,11 @@ async fn wait_deliveries(port: u16, webhook: &str, outcome: &str, at_least: u64)
     loop {
         let n = tokio::task::spawn_blocking({
             let (webhook, outcome) = (webhook.to_string(), outcome.to_string());
-            move || deliveries(port, &webhook, &outcome)
+            // A tracker (re)starting may not listen yet.
+            move || match std::net::TcpStream::connect(("127.0.0.1", port)) {
+                Ok(_) => deliveries(port, &webhook, &outcome),
+                Err(_) => 0,
+            }
         })
         .await
         .expect("join");
@@ -169,7 +175,7 @@ async fn a_halted_rollout_reaches_a_receiver_that_was_down_once_and_signed() {
         },
     );
     settings.webhooks = vec![hook("pager", "/hook"), hook("gone", "/gone")];
-    p.start_tracker_as_role(settings);
+    p.start_tracker_as_role(settings.clone());
     let hosts = tempfile::tempdir().expect("tmp");
     let agent = p.agent_settings("c1", "canary", &hosts.path().join("c1"));
     p.start_agent_as_itself(agent);
@@ -230,6 +236,33 @@ async fn a_halted_rollout_reaches_a_receiver_that_was_down_once_and_signed() {
     wait_deliveries(port, "pager", "delivered", 2).await;
     wait_deliveries(port, "gone", "refused", 2).await;
 
+    // As this tracker process counted them: twice down and once 503, nothing refused; the
+    // other receiver only refused.
+    assert!(deliveries(port, "pager", "failed") >= 3);
+    assert_eq!(deliveries(port, "pager", "refused"), 0);
+    assert_eq!(deliveries(port, "gone", "delivered"), 0);
+
+    // A restarted tracker goes on where its webhooks were: an entry recorded while it was
+    // stopped (published here as the tracker would) is delivered, and nothing before it again
+    // (a consumer made anew would start after it).
+    p.stop("tracker").await;
+    let mut away = HistoryEntry::new(HistoryKind::RolloutHalted, time::OffsetDateTime::now_utc());
+    away.app = Some("shapp".into());
+    away.reason = Some("recorded while the tracker was stopped".into());
+    admin
+        .publish_event(
+            &history_subject(Some("shapp"), "rollout.halted"),
+            &away,
+            Encoding::Json,
+            None,
+        )
+        .await
+        .expect("publish");
+    p.start_tracker_as_role(settings);
+    // The new process counts from zero.
+    wait_deliveries(port, "pager", "delivered", 1).await;
+    wait_deliveries(port, "gone", "refused", 1).await;
+
     let got = receiver.got();
     let hook: Vec<&Received> = got.iter().filter(|r| r.path == "/hook").collect();
     let summary: Vec<(String, u16)> = hook
@@ -242,9 +275,11 @@ async fn a_halted_rollout_reaches_a_receiver_that_was_down_once_and_signed() {
             ("rollout.halted".to_string(), 503),
             ("rollout.halted".to_string(), 200),
             ("operator.action".to_string(), 200),
+            ("rollout.halted".to_string(), 200),
         ],
-        "the halt once (after one more failure), then the action"
+        "the halt once (after one more failure), the action, then what came while stopped"
     );
+    assert_eq!(hook[3].entry().reason, away.reason);
     for r in &hook {
         assert!(r.signature_verifies(SECRET.as_bytes()), "{r:?}");
         assert!(!r.signature_verifies(b"another secret"), "{r:?}");
@@ -260,7 +295,10 @@ async fn a_halted_rollout_reaches_a_receiver_that_was_down_once_and_signed() {
                 .expect("delivery id")
         })
         .collect();
-    assert!(ids[0] == ids[1] && ids[2] > ids[1], "{ids:?}");
+    assert!(
+        ids[0] == ids[1] && ids[2] > ids[1] && ids[3] > ids[2],
+        "{ids:?}"
+    );
     let halted = hook[1].entry();
     assert_eq!(halted.app.as_deref(), Some("shapp"));
     assert_eq!(halted.version, Some("2.0.0".parse().expect("version")));
@@ -274,10 +312,10 @@ async fn a_halted_rollout_reaches_a_receiver_that_was_down_once_and_signed() {
         .filter(|r| r.path == "/gone")
         .map(|r| r.entry().kind.to_string())
         .collect();
-    assert_eq!(gone, ["rollout.halted", "operator.action"]);
-    assert_eq!(deliveries(port, "gone", "delivered"), 0);
-    assert_eq!(deliveries(port, "pager", "refused"), 0);
-    assert!(deliveries(port, "pager", "failed") >= 3);
+    assert_eq!(
+        gone,
+        ["rollout.halted", "operator.action", "rollout.halted"]
+    );
 
     // The tracker's identity had every permission this takes.
     let log = p.nats.log();
