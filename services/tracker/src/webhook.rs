@@ -275,12 +275,27 @@ pub fn prepare(hooks: &[WebhookSettings]) -> Result<Vec<Arc<Webhook>>, String> {
     if hooks.is_empty() {
         return Ok(Vec::new());
     }
-    let https = hyper_rustls::HttpsConnectorBuilder::new()
-        .with_provider_and_native_roots(rustls::crypto::ring::default_provider())
-        .map_err(|e| format!("webhooks: cannot load the system's CA certificates: {e}"))?
-        .https_or_http()
-        .enable_http1()
-        .build();
+    let provider = Arc::new(rustls::crypto::ring::default_provider());
+    let builder = hyper_rustls::HttpsConnectorBuilder::new();
+    let https_used = hooks.iter().any(|h| {
+        h.url
+            .parse::<Uri>()
+            .is_ok_and(|u| u.scheme_str() == Some("https"))
+    });
+    let builder = if https_used {
+        builder
+            .with_provider_and_native_roots(provider)
+            .map_err(|e| format!("webhooks: cannot load the system's CA certificates: {e}"))?
+    } else {
+        // Plain HTTP only: no CA roots needed (a machine may have none).
+        let tls = rustls::ClientConfig::builder_with_provider(provider)
+            .with_safe_default_protocol_versions()
+            .map_err(|e| format!("webhooks: TLS: {e}"))?
+            .with_root_certificates(rustls::RootCertStore::empty())
+            .with_no_client_auth();
+        builder.with_tls_config(tls)
+    };
+    let https = builder.https_or_http().enable_http1().build();
     let client: HttpClient = Client::builder(hyper_util::rt::TokioExecutor::new()).build(https);
     hooks
         .iter()
@@ -585,8 +600,14 @@ mod tests {
 
         let mut settings: WebhookSettings = hook(OK).expect("valid");
         settings.secret_file = empty;
-        let err = prepare(&[settings]).expect_err("refused");
+        let err = prepare(&[settings.clone()]).expect_err("refused");
         assert!(err.starts_with("webhook pager_1: "), "{err}");
+        settings.secret_file = good;
+        settings.url = "http://127.0.0.1:9/hook".into();
+        let ready = prepare(&[settings]).expect("ready");
+        assert_eq!(ready[0].secret, b"s3cret");
+        // Debug output (logs) never shows the secret.
+        assert!(!format!("{:?}", ready[0]).contains("s3cret"));
     }
 
     #[test]
