@@ -110,6 +110,12 @@ pub const TRACKER_ROLLBACK_CONSUMER: &str = "tracker-rollback";
 /// The tracker's consumer of every pipeline event, which it records in the history.
 pub const TRACKER_HISTORY_CONSUMER: &str = "tracker-history";
 
+/// The durable consumer of the history stream that forwards entries to the tracker's webhook
+/// `name` (a token of letters, digits, `-` and `_`): `webhook-<name>`.
+pub fn webhook_consumer(name: &str) -> String {
+    format!("webhook-{name}")
+}
+
 /// Subject of one chunk of `app`, named by the hex BLAKE3 of its uncompressed content. Per app,
 /// so an agent's credential can be allowed the chunks of its own apps only (a direct get names
 /// the subject): the same content in two apps is stored twice, dedup works within an app.

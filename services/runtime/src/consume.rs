@@ -25,6 +25,9 @@ pub enum Outcome {
     Done,
     /// A transient failure (NATS hiccup, store unavailable): deliver again after a delay.
     Retry(String),
+    /// As `Retry`, after this delay (a backoff the handler computes, e.g. from the message's
+    /// delivery count).
+    RetryAfter(String, Duration),
 }
 
 #[derive(Debug, Clone)]
@@ -41,7 +44,7 @@ pub async fn run_consumer<F, Fut>(
     stream: &jetstream::stream::Stream,
     spec: ConsumerSpec,
     shutdown: CancellationToken,
-    mut handler: F,
+    handler: F,
 ) -> Result<(), BusError>
 where
     F: FnMut(jetstream::Message) -> Fut,
@@ -65,7 +68,26 @@ where
         )
         .await
         .map_err(|e| setup(&e))?;
-    let progress_every = spec.ack_wait / 3;
+    run_consumer_on(consumer, shutdown, handler).await;
+    Ok(())
+}
+
+/// As [`run_consumer`], on a durable consumer the caller created (with settings of its own:
+/// several filter subjects, a deliver policy, one message in flight for strict order, …).
+/// Its `ack_wait` paces the progress acks.
+pub async fn run_consumer_on<F, Fut>(
+    consumer: jetstream::consumer::Consumer<pull::Config>,
+    shutdown: CancellationToken,
+    mut handler: F,
+) where
+    F: FnMut(jetstream::Message) -> Fut,
+    Fut: Future<Output = Outcome>,
+{
+    let config = &consumer.cached_info().config;
+    let durable = config.durable_name.clone().unwrap_or_default();
+    let durable = durable.as_str();
+    // The server fills in an ack_wait (30 s) when none was set; a zero would stop the ticker.
+    let progress_every = (config.ack_wait / 3).max(Duration::from_millis(100));
     while !shutdown.is_cancelled() {
         // One message at a time, asked for only once the last one is done: none waits in this
         // instance's buffer, its ack_wait running, while a long job runs (another instance
@@ -79,7 +101,7 @@ where
         let mut pull = match pull {
             Ok(p) => p,
             Err(e) => {
-                tracing::warn!(durable = spec.durable, error = %e, "cannot pull, retrying");
+                tracing::warn!(durable, error = %e, "cannot pull, retrying");
                 tokio::select! {
                     _ = shutdown.cancelled() => break,
                     _ = tokio::time::sleep(Duration::from_secs(1)) => continue,
@@ -87,13 +109,13 @@ where
             }
         };
         let next = tokio::select! {
-            _ = shutdown.cancelled() => return Ok(()),
+            _ = shutdown.cancelled() => return,
             next = pull.next() => next,
         };
         let message = match next {
             Some(Ok(m)) => m,
             Some(Err(e)) => {
-                tracing::debug!(durable = spec.durable, error = %e, "pull hiccup");
+                tracing::debug!(durable, error = %e, "pull hiccup");
                 continue;
             }
             // Nothing came within the pull's expiry: ask again.
@@ -119,18 +141,21 @@ where
         let ack = match outcome {
             Outcome::Done => acker.double_ack().await,
             Outcome::Retry(reason) => {
-                tracing::warn!(durable = spec.durable, %reason, "will retry");
+                tracing::warn!(durable, %reason, "will retry");
                 acker
                     .ack_with(AckKind::Nak(Some(Duration::from_secs(2))))
                     .await
             }
+            Outcome::RetryAfter(reason, delay) => {
+                tracing::warn!(durable, %reason, retry_in = ?delay, "will retry");
+                acker.ack_with(AckKind::Nak(Some(delay))).await
+            }
         };
         if let Err(e) = ack {
             // Not fatal: the message is redelivered and handlers are idempotent.
-            tracing::warn!(durable = spec.durable, error = %e, "ack failed");
+            tracing::warn!(durable, error = %e, "ack failed");
         }
     }
-    Ok(())
 }
 
 /// Decodes a consumed event according to its `Content-Type` header.

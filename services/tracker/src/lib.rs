@@ -2,7 +2,8 @@
 //!
 //! [`policy`] is the per-app rollout policy, [`fleet`] the inventory, [`rollout`] the pure
 //! state machine; [`service`] runs them on the bus, [`http`] serves the API, the dashboard and
-//! [`metrics`], [`api`] holds what operators exchange with it.
+//! [`metrics`], [`api`] holds what operators exchange with it; [`history`] records what
+//! happened and [`webhook`] forwards it to HTTP receivers.
 
 pub mod api;
 pub mod fleet;
@@ -13,6 +14,7 @@ pub mod policy;
 pub mod rollout;
 pub mod service;
 pub mod settings;
+pub mod webhook;
 
 use std::sync::Arc;
 
@@ -36,6 +38,8 @@ pub enum TrackerError {
 
 pub async fn run(settings: Settings, shutdown: CancellationToken) -> Result<(), TrackerError> {
     settings.validate()?;
+    // Secrets read before anything starts: a webhook that could not sign is a refusal to start.
+    let webhooks = webhook::prepare(&settings.webhooks).map_err(TrackerError::Failed)?;
     let bus = match Bus::connect(&settings.nats, SERVICE, &shutdown).await {
         Err(BusError::Cancelled) => return Ok(()),
         other => other?,
@@ -95,6 +99,12 @@ pub async fn run(settings: Settings, shutdown: CancellationToken) -> Result<(), 
         "command service",
         tracker.clone().serve_commands(shutdown.clone()),
     ));
+    for hook in webhooks {
+        tasks.spawn(logged(
+            "webhook",
+            webhook::forward(tracker.clone(), hook, shutdown.clone()),
+        ));
+    }
     {
         let s = shutdown.clone();
         let app = http::router(tracker.clone());

@@ -49,6 +49,8 @@ pub struct Tracker {
     pub settings: Arc<Settings>,
     /// Reports and requests refused (forged identity, wrong reply subject, …).
     refused: CounterVec,
+    /// Attempts to deliver history entries to each webhook, by outcome.
+    pub webhook_deliveries: CounterVec,
     pub history: History,
     state: Mutex<State>,
     /// An agent reported on a rollout: move it on now rather than at the next tick, so a ring
@@ -177,11 +179,13 @@ impl Tracker {
             "state loaded"
         );
         let history = History::open(&bus, &settings.history).await?;
+        let webhook_deliveries = crate::webhook::deliveries_counter(&settings.webhooks);
         Ok(Arc::new(Tracker {
             bus,
             replies,
             settings,
             refused: refused_counter(),
+            webhook_deliveries,
             history,
             state: Mutex::new(state),
             reported: tokio::sync::Notify::new(),
@@ -1146,6 +1150,7 @@ impl Tracker {
         let mut out = crate::metrics::render(&self.agents().await, &self.rollouts().await, lag);
         let mut refused = Exposition::new();
         self.refused.render(&mut refused);
+        self.webhook_deliveries.render(&mut refused);
         out.push_str(&refused.into_string());
         out
     }

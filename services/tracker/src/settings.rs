@@ -42,6 +42,8 @@ pub struct Settings {
     pub apps: BTreeMap<String, AppPolicy>,
     /// How long the history (releases, rollouts, operators' actions) is kept.
     pub history: crate::history::HistorySettings,
+    /// Receivers the history's entries are POSTed to, signed (`[[webhooks]]`).
+    pub webhooks: Vec<crate::webhook::WebhookSettings>,
 }
 
 impl Default for Settings {
@@ -57,6 +59,7 @@ impl Default for Settings {
             tick: Duration::from_secs(1),
             apps: BTreeMap::new(),
             history: Default::default(),
+            webhooks: Vec::new(),
         }
     }
 }
@@ -73,6 +76,9 @@ impl Settings {
         }
         if self.prune_after < self.stale_after {
             return invalid("prune_after", "must not be shorter than stale_after");
+        }
+        if let Err(reason) = crate::webhook::validate_all(&self.webhooks) {
+            return invalid("webhooks", reason);
         }
         Ok(())
     }

@@ -222,7 +222,7 @@ impl Watcher {
                 move_into(path, &self.settings.rejected_dir(), Some(&note));
                 Ok(())
             }
-            crate::Outcome::Retry(e) => Err(e),
+            crate::Outcome::Retry(e) | crate::Outcome::RetryAfter(e, _) => Err(e),
         }
     }
 }
