@@ -1,8 +1,9 @@
 //! Actions through the tracker's HTTP API and its dashboard, behind bearer tokens: an operator's
 //! token acts, and the history records it once as `http:<name>`; a read token is refused (403)
 //! and recorded as refused; no token (401) and a form's content type (415) do nothing. In
-//! headless Chromium, a person signed in with an operator's token approves a rollout from the
-//! page; without a token the page offers no way to.
+//! headless Chromium, a person signed in with an operator's token approves a rollout and rolls
+//! back from the page, each after a confirmation naming the app, version and release; signed
+//! in with a read token the page shows the refusal; without a token it offers no way to act.
 
 use std::time::Duration;
 
@@ -312,7 +313,8 @@ async fn reads_can_need_a_token_while_health_and_metrics_stay_open() {
 }
 
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
-async fn a_signed_in_operator_approves_from_the_page_and_without_a_token_nothing_is_possible() {
+async fn from_the_page_an_operator_approves_and_rolls_back_a_reader_is_refused_and_without_a_token_nothing_is_possible()
+ {
     let mut p = Pipeline::start().await.expect("pipeline");
     let (port, tokens) = start_tracker(&mut p, false);
     p.release("shapp", "1.0.0", &script_app("1.0.0", true))
@@ -419,4 +421,100 @@ async fn a_signed_in_operator_approves_from_the_page_and_without_a_token_nothing
     assert_eq!(done.len(), 1, "{done:?}");
     assert_eq!(done[0].action.as_deref(), Some("approve"));
     assert!(!done[0].refused);
+
+    // Signed in with a read token, the tracker's refusal is what the page shows.
+    p.release("shapp", "2.0.0", &script_app("2.0.0", true))
+        .await;
+    rollout_reaches(port, "2.0.0", Phase::AwaitingApproval).await;
+    page.click("#sign-out").await.expect("sign out");
+    page.type_into("#token", &tokens.read).await.expect("type");
+    page.click("#sign-in").await.expect("sign in");
+    page.wait_for(
+        "2.0.0 to approve",
+        &format!(
+            "document.querySelector('.rollout[data-app=shapp] b').textContent.includes('2.0.0') \
+             && !document.querySelector({approve:?}).disabled"
+        ),
+    )
+    .await
+    .expect("2.0.0 shown");
+    page.click(approve).await.expect("click approve");
+    page.wait_for(
+        "the confirmation with the release",
+        "document.getElementById('confirm').open && !document.getElementById('confirm-ok').disabled",
+    )
+    .await
+    .expect("dialog");
+    page.click("#confirm-ok").await.expect("confirm");
+    let shown = page
+        .wait_for(
+            "the refusal on the page",
+            "document.getElementById('action-result').textContent.includes('rita') \
+             && document.getElementById('action-result').textContent",
+        )
+        .await
+        .expect("refusal");
+    assert_eq!(shown, "refused: token rita may only read");
+    assert_eq!(
+        rollout(port).map(|v| v.rollout.phase),
+        Some(Phase::AwaitingApproval)
+    );
+
+    // An operator rolls back from the page, to the earlier stored release it offers.
+    page.click("#sign-out").await.expect("sign out");
+    page.type_into("#token", &tokens.operator)
+        .await
+        .expect("type");
+    page.click("#sign-in").await.expect("sign in");
+    let rollback = r#".rollout[data-app="shapp"] button[data-action="rollback"]"#;
+    page.wait_for(
+        "the rollback button enabled",
+        &format!(
+            "document.querySelector({rollback:?}) && !document.querySelector({rollback:?}).disabled"
+        ),
+    )
+    .await
+    .expect("signed in");
+    page.click(rollback).await.expect("click roll back");
+    page.wait_for(
+        "the rollback's confirmation",
+        "document.getElementById('confirm').open && document.getElementById('rollback-to')",
+    )
+    .await
+    .expect("dialog");
+    let asked = page
+        .eval("[document.getElementById('confirm-title').textContent, document.getElementById('confirm-release').textContent]")
+        .await
+        .expect("eval");
+    assert_eq!(asked[0], "Roll back shapp from 2.0.0 to 1.0.0?");
+    assert!(
+        asked[1]
+            .as_str()
+            .is_some_and(|r| r.starts_with("shapp 1.0.0: stored")),
+        "{asked}"
+    );
+    page.click("#confirm-ok").await.expect("confirm");
+    let shown = page
+        .wait_for(
+            "the rollback's answer",
+            "document.getElementById('action-result').textContent.startsWith('rollback') \
+             && document.getElementById('action-result').textContent",
+        )
+        .await
+        .expect("answer");
+    assert_eq!(
+        shown,
+        "rollback of shapp to 1.0.0 (replacing up to 2.0.0) requested"
+    );
+    let back = tokio::time::timeout(TIMEOUT, async {
+        loop {
+            if let Some(v) = rollout(port).filter(|v| v.rollout.directive.is_some()) {
+                return v;
+            }
+            tokio::time::sleep(Duration::from_millis(100)).await;
+        }
+    })
+    .await
+    .expect("the rollback never started");
+    assert_eq!(back.rollout.version.to_string(), "1.0.0");
 }
