@@ -33,6 +33,18 @@ use crate::service::Tracker;
 const ACTION_BODY_LIMIT: usize = 4 * 1024;
 
 pub fn router(tracker: Arc<Tracker>) -> Router {
+    routes()
+        // Around every route: any read under /api/ needs a token when reads do.
+        .layer(middleware::from_fn_with_state(
+            tracker.clone(),
+            reads_need_token,
+        ))
+        .layer(DefaultBodyLimit::max(ACTION_BODY_LIMIT))
+        .with_state(tracker)
+}
+
+/// Every page and endpoint (add new ones here: [`router`] puts its guards around them all).
+fn routes() -> Router<Arc<Tracker>> {
     let mut router = Router::new()
         .route("/", get(|| async { Html(include_str!("dashboard.html")) }))
         .route("/health", get(health))
@@ -49,13 +61,6 @@ pub fn router(tracker: Arc<Tracker>) -> Router {
         );
     }
     router
-        // Every read under /api/, whoever adds it, when reads need a token.
-        .layer(middleware::from_fn_with_state(
-            tracker.clone(),
-            reads_need_token,
-        ))
-        .layer(DefaultBodyLimit::max(ACTION_BODY_LIMIT))
-        .with_state(tracker)
 }
 
 /// `?app=` and `?ring=` narrow a listing.
