@@ -15,7 +15,6 @@ use fleetcast_runtime::releases::ReleaseRevisions;
 use fleetcast_runtime::{Bus, NatsSettings};
 use fleetcast_tracker::api::{Command, Reply, RolloutView};
 use fleetcast_tracker::rollout::Phase;
-use futures::StreamExt;
 use indicatif::{MultiProgress, ProgressBar, ProgressStyle};
 use semver::Version;
 use tokio_util::sync::CancellationToken;
@@ -397,40 +396,9 @@ pub async fn wait_for_archive(
     }
 }
 
-/// Every release record, newest version first within each app.
+/// Every release record, newest version first within each app ([`Bus::release_records`]).
 pub async fn releases(bus: &Bus, app: Option<&str>) -> anyhow::Result<Vec<ReleaseRecord>> {
-    let mut keys = match bus.releases.keys().await {
-        Ok(keys) => keys,
-        Err(e) => bail!("listing releases: {e}"),
-    };
-    let mut out = Vec::new();
-    while let Some(key) = keys.next().await {
-        let key = key?;
-        if app.is_some_and(|a| !key.starts_with(&format!("{a}."))) {
-            continue;
-        }
-        if let Some(bytes) = bus.releases.get(&key).await? {
-            match Encoding::Json.decode::<ReleaseRecord>(&bytes) {
-                Ok(record) => out.push(record),
-                Err(e) => tracing::warn!(%key, error = %e, "unreadable release record"),
-            }
-        }
-    }
-    // A rejection is kept under its archive's key and, when nothing got further, as the
-    // version's record too: show it once.
-    out.sort_by(|a, b| {
-        a.app
-            .cmp(&b.app)
-            .then(b.version.cmp(&a.version))
-            .then(b.updated.cmp(&a.updated))
-    });
-    out.dedup_by(|later, earlier| {
-        later.app == earlier.app
-            && later.version == earlier.version
-            && later.state == earlier.state
-            && later.blake3 == earlier.blake3
-    });
-    Ok(out)
+    bus.release_records(app).await.map_err(anyhow::Error::msg)
 }
 
 /// Writes the desired state of `app` in `ring` (no rollout slots: every host switches at once).
@@ -678,48 +646,18 @@ impl Progress {
     }
 }
 
-/// Asks for a rollback of `app` (or one `ring`) to `to`, an earlier stored release; it replaces
-/// every version up to the newest stored one. The signer issues the directive, the tracker
-/// rolls it out. Returns the newest version it replaces.
+/// Asks for a rollback of `app` (or one `ring`) to `to`, an earlier stored release, as this
+/// NATS user ([`Bus::request_rollback`]). Returns the newest version it replaces.
 pub async fn request_rollback(
     bus: &Bus,
     app: &str,
     to: &Version,
     ring: Option<&str>,
 ) -> anyhow::Result<Version> {
-    let stored: Vec<Version> = releases(bus, Some(app))
-        .await?
-        .into_iter()
-        .filter(|r| r.state == ReleaseState::Stored)
-        .map(|r| r.version)
-        .collect();
-    if !stored.contains(to) {
-        bail!("{app} {to} is not a stored release");
-    }
-    let from = stored
-        .into_iter()
-        .max()
-        .filter(|newest| newest > to)
-        .with_context(|| format!("no stored release of {app} newer than {to} to roll back from"))?;
-    let request = fleetcast_events::v1::RollbackRequested {
-        app: app.into(),
-        to: to.clone(),
-        from: from.clone(),
-        ring: ring.map(String::from),
-        requested_by: std::env::var("USER").unwrap_or_else(|_| "fleetcast".into()),
-    };
-    let msg_id = format!(
-        "rollback-requested.{app}.{to}.{from}.{}",
-        ring.unwrap_or("all")
-    );
-    bus.publish_event(
-        &names::rollback_requested_subject(&bus.user),
-        &request,
-        Encoding::Json,
-        Some(&msg_id),
-    )
-    .await?;
-    Ok(from)
+    let requested_by = std::env::var("USER").unwrap_or_else(|_| "fleetcast".into());
+    bus.request_rollback(app, to, ring, &bus.user, &requested_by)
+        .await
+        .map_err(anyhow::Error::from)
 }
 
 /// One history entry on one line: when, what, about which app, version, ring and host, who,

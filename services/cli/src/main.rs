@@ -152,6 +152,11 @@ enum Command {
         #[command(subcommand)]
         action: RootAction,
     },
+    /// Tokens for the tracker's HTTP API and dashboard.
+    Token {
+        #[command(subcommand)]
+        action: TokenAction,
+    },
     /// List releases and their state.
     Releases {
         #[arg(long)]
@@ -223,6 +228,24 @@ enum RootAction {
     Publish { file: PathBuf },
     /// Show the newest published root.
     Show,
+}
+
+#[derive(Subcommand)]
+enum TokenAction {
+    /// Make a fresh random token for NAME and print it with the tracker's settings entry that
+    /// admits it (only its hash: the settings never hold the token). The history records what
+    /// it does as `http:NAME`.
+    New {
+        #[arg(value_parser = token_name)]
+        name: fleetcast_tracker::auth::TokenName,
+        /// `operator` may approve, pause, resume, abort and roll back; `read` may only read.
+        #[arg(long, value_enum, default_value = "operator")]
+        role: fleetcast_tracker::auth::Role,
+    },
+}
+
+fn token_name(s: &str) -> Result<fleetcast_tracker::auth::TokenName, String> {
+    fleetcast_tracker::auth::TokenName::try_from(s.to_string())
 }
 
 #[derive(Subcommand)]
@@ -481,6 +504,17 @@ async fn execute(args: Args) -> anyhow::Result<ExitCode> {
             let from = cli::request_rollback(&bus, &app, &to, ring.as_deref()).await?;
             println!(
                 "rollback of {app} to {to} (replacing up to {from}) requested; follow it with: fleetcast rollout watch {app} --version {to}"
+            );
+            Ok(ExitCode::SUCCESS)
+        }
+        Command::Token {
+            action: TokenAction::New { name, role },
+        } => {
+            let token = fleetcast_tracker::auth::new_token().map_err(anyhow::Error::msg)?;
+            println!(
+                "token for {} (give it to its holder; it is shown only now):\n{token}\n\nadd to the tracker's settings:\n{}",
+                name.as_str(),
+                fleetcast_tracker::auth::settings_entry(&name, role, &token)
             );
             Ok(ExitCode::SUCCESS)
         }

@@ -7,6 +7,7 @@ use async_nats::jetstream::object_store::GetErrorKind;
 use fleetcast_events::Encoding;
 use fleetcast_events::names::{release_key, release_rejection_key};
 use fleetcast_events::v1::{Rejection, ReleaseRecord, ReleaseState};
+use futures::StreamExt;
 use semver::Version;
 use tokio::io::{AsyncReadExt, AsyncWriteExt};
 
@@ -343,6 +344,110 @@ impl Bus {
         self.put_release_record(&record).await
     }
 
+    /// Every release record (of `app` only, when given), newest version first within each
+    /// app; a rejection kept both under its archive's key and as the version's record is
+    /// listed once. What `fleetcast releases` shows and a rollback chooses from.
+    pub async fn release_records(&self, app: Option<&str>) -> Result<Vec<ReleaseRecord>, String> {
+        let mut keys = self
+            .releases
+            .keys()
+            .await
+            .map_err(|e| format!("listing releases: {e}"))?;
+        let mut out = Vec::new();
+        while let Some(key) = keys.next().await {
+            let key = key.map_err(|e| format!("listing releases: {e}"))?;
+            if app.is_some_and(|a| !key.starts_with(&format!("{a}."))) {
+                continue;
+            }
+            let bytes = self
+                .releases
+                .get(&key)
+                .await
+                .map_err(|e| format!("release record {key}: {e}"))?;
+            if let Some(bytes) = bytes {
+                match Encoding::Json.decode::<ReleaseRecord>(&bytes) {
+                    Ok(record) => out.push(record),
+                    Err(e) => tracing::warn!(%key, error = %e, "unreadable release record"),
+                }
+            }
+        }
+        out.sort_by(|a, b| {
+            a.app
+                .cmp(&b.app)
+                .then(b.version.cmp(&a.version))
+                .then(b.updated.cmp(&a.updated))
+        });
+        out.dedup_by(|later, earlier| {
+            later.app == earlier.app
+                && later.version == earlier.version
+                && later.state == earlier.state
+                && later.blake3 == earlier.blake3
+        });
+        Ok(out)
+    }
+
+    /// Asks the signer for a rollback of `app` (or one `ring`) to `to`, an earlier stored
+    /// release, replacing every version up to the newest stored one; the signer issues the
+    /// directive, the tracker rolls it out. Published on `user`'s own rollback subject (which
+    /// says who asked: the CLI's NATS user, or `tracker` for the HTTP API), `requested_by` in
+    /// the body for people reading it. Returns the newest version it replaces. The one place
+    /// both `fleetcast rollback` and the tracker's `POST /api/apps/{app}/rollback` ask.
+    pub async fn request_rollback(
+        &self,
+        app: &str,
+        to: &Version,
+        ring: Option<&str>,
+        user: &str,
+        requested_by: &str,
+    ) -> Result<Version, RollbackError> {
+        fleetcast_events::names::validate_app_name(app).map_err(RollbackError::Refused)?;
+        if let Some(Err(e)) = ring.map(fleetcast_events::names::validate_app_name) {
+            return Err(RollbackError::Refused(format!("ring: {e}")));
+        }
+        let stored: Vec<Version> = self
+            .release_records(Some(app))
+            .await
+            .map_err(RollbackError::Bus)?
+            .into_iter()
+            .filter(|r| r.app == app && r.state == ReleaseState::Stored)
+            .map(|r| r.version)
+            .collect();
+        if !stored.contains(to) {
+            return Err(RollbackError::Refused(format!(
+                "{app} {to} is not a stored release"
+            )));
+        }
+        let from = stored
+            .into_iter()
+            .max()
+            .filter(|newest| newest > to)
+            .ok_or_else(|| {
+                RollbackError::Refused(format!(
+                    "no stored release of {app} newer than {to} to roll back from"
+                ))
+            })?;
+        let request = fleetcast_events::v1::RollbackRequested {
+            app: app.into(),
+            to: to.clone(),
+            from: from.clone(),
+            ring: ring.map(String::from),
+            requested_by: requested_by.into(),
+        };
+        let msg_id = format!(
+            "rollback-requested.{app}.{to}.{from}.{}",
+            ring.unwrap_or("all")
+        );
+        self.publish_event(
+            &fleetcast_events::names::rollback_requested_subject(user),
+            &request,
+            Encoding::Json,
+            Some(&msg_id),
+        )
+        .await
+        .map_err(|e| RollbackError::Bus(format!("publishing the rollback request: {e}")))?;
+        Ok(from)
+    }
+
     async fn put_release_record_at(&self, key: &str, record: &ReleaseRecord) -> Result<(), String> {
         let bytes = Encoding::Json.encode(record).map_err(|e| e.to_string())?;
         self.releases
@@ -421,6 +526,17 @@ impl Bus {
             _ => Ok(None),
         }
     }
+}
+
+/// Why a rollback was not asked for.
+#[derive(Debug, Clone, PartialEq, Eq, thiserror::Error)]
+pub enum RollbackError {
+    /// Not a rollback that can be made: `to` not stored, nothing newer, a bad name.
+    #[error("{0}")]
+    Refused(String),
+    /// NATS did not answer: worth trying again.
+    #[error("{0}")]
+    Bus(String),
 }
 
 /// KV revisions of a version's record and of one archive's rejection record, taken before the

@@ -35,6 +35,15 @@ pub enum Command {
     Resume { app: String },
     /// Stop a rollout for good (hosts already switched stay switched).
     Abort { app: String },
+    /// Roll `app` (or one `ring`) back to `to`, an earlier stored release: the tracker asks
+    /// the signer on its own subject (`fleetcast rollback` asks it directly, as its user).
+    #[cfg_attr(feature = "cli", command(skip))]
+    Rollback {
+        app: String,
+        to: Version,
+        #[serde(default, skip_serializing_if = "Option::is_none")]
+        ring: Option<String>,
+    },
     /// What fleetcast did and who asked: releases and their rejections, rollouts and their
     /// outcomes, hosts that rolled back, operators' actions (oldest first).
     History(HistoryQuery),
@@ -69,6 +78,7 @@ impl Command {
             Command::Pause { .. } => "pause",
             Command::Resume { .. } => "resume",
             Command::Abort { .. } => "abort",
+            Command::Rollback { .. } => "rollback",
             Command::History(_) => "history",
         }
     }
@@ -82,7 +92,8 @@ impl Command {
             | Command::Approve { app, .. }
             | Command::Pause { app }
             | Command::Resume { app }
-            | Command::Abort { app } => Some(app),
+            | Command::Abort { app }
+            | Command::Rollback { app, .. } => Some(app),
         }
     }
 
@@ -90,6 +101,7 @@ impl Command {
     pub fn version(&self) -> Option<&Version> {
         match self {
             Command::Approve { version, .. } => version.as_ref(),
+            Command::Rollback { to, .. } => Some(to),
             _ => None,
         }
     }
@@ -143,4 +155,46 @@ pub struct AgentRow {
     #[serde(flatten)]
     pub agent: AgentView,
     pub stale: bool,
+}
+
+/// A release as the dashboard lists it (`/api/apps/{app}/releases`): its record without the
+/// manifest. Releases carry no notes: this is what there is to say about one.
+#[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize)]
+pub struct ReleaseSummary {
+    pub app: String,
+    pub version: Version,
+    pub state: fleetcast_events::v1::ReleaseState,
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub blake3: Option<String>,
+    /// Why it was rejected.
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub reason: Option<String>,
+    /// Files, their total size and chunks, once stored.
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub files: Option<u64>,
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub total_bytes: Option<u64>,
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub chunks: Option<u64>,
+    #[serde(with = "time::serde::rfc3339")]
+    pub updated: time::OffsetDateTime,
+}
+
+impl From<&fleetcast_events::v1::ReleaseRecord> for ReleaseSummary {
+    fn from(r: &fleetcast_events::v1::ReleaseRecord) -> Self {
+        ReleaseSummary {
+            app: r.app.clone(),
+            version: r.version.clone(),
+            state: r.state,
+            blake3: r.blake3.clone(),
+            reason: r
+                .reason
+                .as_ref()
+                .map(|why| format!("{}: {}", why.code, why.message)),
+            files: r.stored.as_ref().map(|s| s.files),
+            total_bytes: r.stored.as_ref().map(|s| s.total_bytes),
+            chunks: r.stored.as_ref().map(|s| s.chunks),
+            updated: r.updated,
+        }
+    }
 }

@@ -6,6 +6,7 @@
 //! happened and [`webhook`] forwards it to HTTP receivers.
 
 pub mod api;
+pub mod auth;
 pub mod fleet;
 pub mod history;
 pub mod http;
@@ -72,6 +73,13 @@ pub async fn run(settings: Settings, shutdown: CancellationToken) -> Result<(), 
         }
         None => bus.client.clone(),
     };
+    // Tokens sent in clear to a listener others reach can be read on the way.
+    if !settings.http.tokens.is_empty()
+        && settings.tls.is_none()
+        && !settings.listen.ip().is_loopback()
+    {
+        tracing::warn!(listen = %settings.listen, "http.tokens set but no tls: bearer tokens cross the network in clear; set tls.cert_file and tls.key_file");
+    }
     let tracker = service::Tracker::load(bus, replies, Arc::new(settings))
         .await
         .map_err(TrackerError::Failed)?;

@@ -1021,7 +1021,12 @@ impl Tracker {
     /// An operator's steering command, as `actor` (the authenticated user: the NATS user of
     /// the request's subject, or `http:<token>`), recorded in the history whatever its outcome.
     pub async fn command(&self, actor: &str, command: Command) -> Reply {
-        let reply = self.steer(&command).await;
+        let reply = match &command {
+            Command::Rollback { app, to, ring } => {
+                self.request_rollback(app, to, ring.as_deref(), actor).await
+            }
+            _ => self.steer(&command).await,
+        };
         let mut entry = HistoryEntry::new(HistoryKind::OperatorAction, OffsetDateTime::now_utc());
         entry.actor = Some(actor.to_string());
         entry.action = Some(command.name().to_string());
@@ -1065,6 +1070,28 @@ impl Tracker {
         self.flush_history().await;
     }
 
+    /// Asks the signer for a rollback, on the tracker's own subject; the rollout follows
+    /// when the directive is signed ([`Tracker::follow_rollbacks`]).
+    async fn request_rollback(
+        &self,
+        app: &str,
+        to: &semver::Version,
+        ring: Option<&str>,
+        actor: &str,
+    ) -> Reply {
+        match self
+            .bus
+            .request_rollback(app, to, ring, SERVICE, actor)
+            .await
+        {
+            Ok(from) => Reply::ok(format!(
+                "rollback of {app}{} to {to} (replacing up to {from}) requested",
+                ring.map(|r| format!(" ring {r}")).unwrap_or_default()
+            )),
+            Err(e) => Reply::failed(e.to_string()),
+        }
+    }
+
     async fn steer(&self, command: &Command) -> Reply {
         let now = OffsetDateTime::now_utc();
         let Some(app) = command.app().map(String::from) else {
@@ -1077,7 +1104,10 @@ impl Tracker {
         };
         let before = rollout.clone();
         let result = match command.clone() {
-            Command::Status | Command::Show { .. } | Command::History(_) => Ok(String::new()),
+            Command::Status
+            | Command::Show { .. }
+            | Command::History(_)
+            | Command::Rollback { .. } => Ok(String::new()),
             Command::Approve { version, .. } => match version {
                 Some(v) if v != rollout.version => {
                     Err(format!("{app} is rolling out {}, not {v}", rollout.version))

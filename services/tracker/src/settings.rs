@@ -26,6 +26,8 @@ pub struct Settings {
     /// Serve them over HTTPS with this certificate and key (PEM): set it whenever `listen` is
     /// reachable from other machines.
     pub tls: Option<fleetcast_runtime::https::HttpsSettings>,
+    /// Who may use the HTTP API, and whether reads need a token ([`crate::auth`]).
+    pub http: crate::auth::HttpSettings,
     /// An agent silent this long is stale: shown as such, left out of rollout denominators.
     #[serde(with = "humantime_serde")]
     pub stale_after: Duration,
@@ -53,6 +55,7 @@ impl Default for Settings {
             reply_credentials: None,
             listen: SocketAddr::from(([127, 0, 0, 1], 8430)),
             tls: None,
+            http: Default::default(),
             stale_after: Duration::from_secs(45),
             prune_after: Duration::from_secs(7 * 24 * 3600),
             slot_lease: Duration::from_secs(600),
@@ -73,6 +76,9 @@ impl Settings {
             if let Err(reason) = policy.validate() {
                 return invalid("apps", format!("{app}: {reason}"));
             }
+        }
+        if let Err(reason) = self.http.validate() {
+            return invalid("http.tokens", reason);
         }
         if self.prune_after < self.stale_after {
             return invalid("prune_after", "must not be shorter than stale_after");

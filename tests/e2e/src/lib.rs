@@ -19,6 +19,8 @@ use serde::de::DeserializeOwned;
 use tokio::task::JoinHandle;
 use tokio_util::sync::CancellationToken;
 
+pub mod browser;
+
 pub const TIMEOUT: Duration = Duration::from_secs(60);
 
 pub struct Pipeline {
@@ -653,19 +655,43 @@ pub async fn eventually(what: &str, check: impl Fn() -> bool) {
 
 /// `GET path` from the tracker's HTTP server on `port`: the body.
 pub fn http_get(port: u16, path: &str) -> String {
+    http_request(port, "GET", path, &[], "").1
+}
+
+/// `method path` with `headers` and `body` to the tracker's HTTP server on `port`: the status
+/// and the body.
+pub fn http_request(
+    port: u16,
+    method: &str,
+    path: &str,
+    headers: &[(&str, &str)],
+    body: &str,
+) -> (u16, String) {
     use std::io::{Read, Write};
     let mut s = std::net::TcpStream::connect(("127.0.0.1", port)).expect("connect");
-    write!(
-        s,
-        "GET {path} HTTP/1.1\r\nHost: localhost\r\nConnection: close\r\n\r\n"
-    )
-    .expect("send");
+    let mut request =
+        format!("{method} {path} HTTP/1.1\r\nHost: localhost\r\nConnection: close\r\n");
+    for (name, value) in headers {
+        request.push_str(&format!("{name}: {value}\r\n"));
+    }
+    if !body.is_empty() || method == "POST" {
+        request.push_str(&format!("Content-Length: {}\r\n", body.len()));
+    }
+    request.push_str("\r\n");
+    request.push_str(body);
+    s.write_all(request.as_bytes()).expect("send");
     let mut response = String::new();
     s.read_to_string(&mut response).expect("read");
-    response
+    let status = response
+        .split(' ')
+        .nth(1)
+        .and_then(|code| code.parse().ok())
+        .unwrap_or(0);
+    let body = response
         .split_once("\r\n\r\n")
         .map(|(_, b)| b.to_string())
-        .unwrap_or_default()
+        .unwrap_or_default();
+    (status, body)
 }
 
 /// The tracker's dashboard on `port` as a person sees it: headless Chromium loads the page,

@@ -363,6 +363,8 @@ async fn every_role_is_refused_what_is_not_its_job() {
                 names::chunk_subject("shapp", "00"),
                 format!("$KV.{}.shapp.1.0.0", names::RELEASES_BUCKET),
                 delete_chunks.clone(),
+                // Its own rollback subject only (rollbacks asked over HTTP).
+                names::rollback_requested_subject("alice"),
             ],
         ),
         (

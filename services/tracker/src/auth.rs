@@ -1,0 +1,253 @@
+//! Who may use the tracker's HTTP API: bearer tokens, each with a name (what the history
+//! records as `http:<name>`) and a role (`read` or `operator`). The settings hold only each
+//! token's BLAKE3, never the token: a leaked settings file lets nobody in. A token is 32 random
+//! bytes, so a plain hash suffices (nothing to guess, no need for a slow password hash).
+//!
+//! ```toml
+//! [http]
+//! read_requires_token = false   # true: GET /api/* needs a read or operator token too
+//! [[http.tokens]]
+//! name = "alice"
+//! role = "operator"
+//! hash = "<64 hex digits: BLAKE3 of the token>"   # fleetcast token new alice
+//! ```
+
+use serde::{Deserialize, Serialize};
+
+/// `[http]` of the tracker's settings.
+#[derive(Debug, Clone, Default, Deserialize)]
+#[serde(deny_unknown_fields, default)]
+pub struct HttpSettings {
+    /// Reads (`GET /api/*`) need a token too; without it they are open to whoever reaches the
+    /// listener (as `/health` and `/metrics` always are).
+    pub read_requires_token: bool,
+    /// Who may call the API, and as what. None: every action is refused (401).
+    pub tokens: Vec<TokenEntry>,
+}
+
+impl HttpSettings {
+    /// Names and hashes are each unique: a name is who the history says acted, and one token
+    /// must not stand for two names.
+    pub fn validate(&self) -> Result<(), String> {
+        let mut names = std::collections::BTreeSet::new();
+        let mut hashes = std::collections::BTreeSet::new();
+        for t in &self.tokens {
+            if !names.insert(t.name.as_str()) {
+                return Err(format!("token name {:?} is given twice", t.name.as_str()));
+            }
+            if !hashes.insert(t.hash.0.to_hex().to_string()) {
+                return Err(format!(
+                    "token {:?} has the hash of another token",
+                    t.name.as_str()
+                ));
+            }
+        }
+        Ok(())
+    }
+
+    /// The entry whose token `presented` is, comparing hashes in constant time (and every
+    /// entry, so the time taken does not tell which one matched).
+    pub fn identify(&self, presented: &str) -> Option<&TokenEntry> {
+        let hash = blake3::hash(presented.as_bytes());
+        let mut found = None;
+        for entry in &self.tokens {
+            // blake3::Hash's equality is constant-time.
+            if entry.hash.0 == hash {
+                found = Some(entry);
+            }
+        }
+        found
+    }
+}
+
+/// One token's entry: its name, role and hash.
+#[derive(Debug, Clone, Deserialize)]
+#[serde(deny_unknown_fields)]
+pub struct TokenEntry {
+    pub name: TokenName,
+    pub role: Role,
+    pub hash: TokenHash,
+}
+
+#[derive(Debug, Clone, Copy, PartialEq, Eq, Serialize, Deserialize)]
+#[cfg_attr(feature = "cli", derive(clap::ValueEnum))]
+#[serde(rename_all = "snake_case")]
+pub enum Role {
+    /// Reads only (when reads need a token); every action refused, and recorded as refused.
+    Read,
+    /// Reads and actions: approve, pause, resume, abort, rollback.
+    Operator,
+}
+
+/// A token's name: letters, digits, `-`, `_` and `.`, at most 64, so that `http:<name>` reads
+/// plainly in the history and in logs.
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub struct TokenName(String);
+
+impl TokenName {
+    pub fn as_str(&self) -> &str {
+        &self.0
+    }
+}
+
+impl TryFrom<String> for TokenName {
+    type Error = String;
+    fn try_from(name: String) -> Result<Self, String> {
+        let ok = !name.is_empty()
+            && name.len() <= 64
+            && name
+                .chars()
+                .all(|c| c.is_ascii_alphanumeric() || matches!(c, '-' | '_' | '.'));
+        if ok {
+            Ok(TokenName(name))
+        } else {
+            Err(format!(
+                "token name {name:?}: 1 to 64 letters, digits, '-', '_' or '.'"
+            ))
+        }
+    }
+}
+
+impl<'de> Deserialize<'de> for TokenName {
+    fn deserialize<D: serde::Deserializer<'de>>(d: D) -> Result<Self, D::Error> {
+        TokenName::try_from(String::deserialize(d)?).map_err(serde::de::Error::custom)
+    }
+}
+
+/// The BLAKE3 of a token, given as 64 hex digits.
+#[derive(Debug, Clone)]
+pub struct TokenHash(blake3::Hash);
+
+impl TryFrom<&str> for TokenHash {
+    type Error = String;
+    fn try_from(hex: &str) -> Result<Self, String> {
+        blake3::Hash::from_hex(hex.trim())
+            .map(TokenHash)
+            .map_err(|_| {
+                "token hash: 64 hex digits, the BLAKE3 of the token (fleetcast token new)"
+                    .to_string()
+            })
+    }
+}
+
+impl<'de> Deserialize<'de> for TokenHash {
+    fn deserialize<D: serde::Deserializer<'de>>(d: D) -> Result<Self, D::Error> {
+        TokenHash::try_from(String::deserialize(d)?.as_str()).map_err(serde::de::Error::custom)
+    }
+}
+
+/// A fresh token: 32 random bytes as 64 hex digits.
+pub fn new_token() -> Result<String, String> {
+    let mut bytes = [0u8; 32];
+    getrandom::fill(&mut bytes).map_err(|e| format!("no randomness for a token: {e}"))?;
+    Ok(bytes.iter().map(|b| format!("{b:02x}")).collect())
+}
+
+/// What the settings keep of `token`: its BLAKE3, in hex.
+pub fn token_hash(token: &str) -> String {
+    blake3::hash(token.as_bytes()).to_hex().to_string()
+}
+
+/// The settings lines (`[[http.tokens]]`) for a token named `name` with `role`.
+pub fn settings_entry(name: &TokenName, role: Role, token: &str) -> String {
+    let role = match role {
+        Role::Read => "read",
+        Role::Operator => "operator",
+    };
+    format!(
+        "[[http.tokens]]\nname = \"{}\"\nrole = \"{role}\"\nhash = \"{}\"\n",
+        name.as_str(),
+        token_hash(token)
+    )
+}
+
+/// The token of an `Authorization: Bearer <token>` header value; `None` for any other scheme.
+pub fn bearer(header: &str) -> Option<&str> {
+    let (scheme, token) = header.trim().split_once(' ')?;
+    let token = token.trim();
+    (scheme.eq_ignore_ascii_case("bearer") && !token.is_empty()).then_some(token)
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    fn settings(toml_text: &str) -> Result<HttpSettings, String> {
+        #[derive(Deserialize)]
+        struct Wrapper {
+            http: HttpSettings,
+        }
+        toml::from_str::<Wrapper>(toml_text)
+            .map(|w| w.http)
+            .map_err(|e| e.to_string())
+    }
+
+    #[test]
+    fn a_new_tokens_settings_entry_identifies_it_and_no_other() {
+        let token = new_token().expect("token");
+        assert_eq!(token.len(), 64);
+        assert!(token.chars().all(|c| c.is_ascii_hexdigit()));
+        assert_ne!(token, new_token().expect("another"), "random");
+        let name = TokenName::try_from("alice".to_string()).expect("name");
+        let text = settings_entry(&name, Role::Operator, &token);
+        assert!(
+            !text.contains(&token),
+            "the token itself is never written: {text}"
+        );
+        let http =
+            settings(&format!("[http]\nread_requires_token = true\n{text}")).expect("parses");
+        assert!(http.read_requires_token);
+        http.validate().expect("valid");
+        let found = http.identify(&token).expect("identified");
+        assert_eq!((found.name.as_str(), found.role), ("alice", Role::Operator));
+        assert!(http.identify(&new_token().expect("other")).is_none());
+        assert!(http.identify("").is_none());
+        // Its hash is not a token.
+        assert!(http.identify(&token_hash(&token)).is_none());
+    }
+
+    #[test]
+    fn bad_names_hashes_roles_and_duplicates_are_refused() {
+        let hash = token_hash("t1");
+        let entry = |name: &str, role: &str, hash: &str| {
+            format!("[[http.tokens]]\nname = \"{name}\"\nrole = \"{role}\"\nhash = \"{hash}\"\n")
+        };
+        for (text, why) in [
+            (entry("bob smith", "read", &hash), "token name"),
+            (entry("", "read", &hash), "token name"),
+            (entry("bob", "admin", &hash), "unknown variant"),
+            (entry("bob", "read", "abc"), "64 hex digits"),
+            (entry("bob", "read", &"zz".repeat(32)), "64 hex digits"),
+            (
+                format!("{}token = \"t1\"\n", entry("bob", "read", &hash)),
+                "unknown field",
+            ),
+        ] {
+            let err = settings(&text).expect_err(&text);
+            assert!(err.contains(why), "{text}: {err}");
+        }
+        let twice = settings(&format!(
+            "{}{}",
+            entry("bob", "read", &hash),
+            entry("bob", "operator", &token_hash("t2"))
+        ))
+        .expect("parses");
+        assert!(twice.validate().is_err_and(|e| e.contains("twice")));
+        let same = settings(&format!(
+            "{}{}",
+            entry("bob", "read", &hash),
+            entry("carol", "operator", &hash)
+        ))
+        .expect("parses");
+        assert!(same.validate().is_err_and(|e| e.contains("another token")));
+    }
+
+    #[test]
+    fn only_a_bearer_header_carries_a_token() {
+        assert_eq!(bearer("Bearer abc"), Some("abc"));
+        assert_eq!(bearer("bearer  abc "), Some("abc"));
+        assert_eq!(bearer("Basic abc"), None);
+        assert_eq!(bearer("Bearer "), None);
+        assert_eq!(bearer("abc"), None);
+    }
+}
