@@ -3,9 +3,20 @@
 //! agent set up as `ops/run-local` sets them up, and CI uploads whose event is refused do not
 //! stay in the incoming store.
 
+use std::time::Duration;
+
 use fleetcast_e2e::Pipeline;
-use fleetcast_events::names::PACKAGE_REJECTED;
-use fleetcast_events::v1::RejectCode;
+use fleetcast_events::names::{
+    EVENT_REJECTED, PACKAGE_REJECTED, RELEASE_PUBLISHED, archive_object,
+};
+use fleetcast_events::v1::{
+    EventRejected, PackageRejected, PackageSource, RejectCode, ReleasePublished,
+};
+use fleetcast_events::{Encoding, names};
+use fleetcast_harness::fixtures::sample_package;
+use fleetcast_runtime::{Bus, NatsSettings};
+use semver::Version;
+use tokio_util::sync::CancellationToken;
 
 /// A wheel or a tarball dropped into the watched folder is refused like a bad zip (event,
 /// note, moved aside); hidden and temporary files are left alone.
@@ -54,4 +65,146 @@ async fn non_zip_files_in_the_drop_folder_are_refused_visibly_and_temporary_ones
         refused.len() as u64,
         "only the non-zip files are refused"
     );
+}
+
+/// Whether the incoming store holds `object`.
+async fn in_incoming(bus: &Bus, object: &str) -> bool {
+    match bus.incoming.info(object).await {
+        Ok(info) => !info.deleted,
+        Err(e) => {
+            assert_eq!(
+                e.kind(),
+                async_nats::jetstream::object_store::InfoErrorKind::NotFound,
+                "{e}"
+            );
+            false
+        }
+    }
+}
+
+/// Uploads a zip as CI does, under `object`.
+async fn upload(bus: &Bus, object: &str) {
+    let bytes = sample_package("1.0.0").build();
+    bus.upload_archive(object, &mut bytes.as_slice())
+        .await
+        .expect("upload");
+    assert!(in_incoming(bus, object).await);
+}
+
+/// CI uploaded an archive, then published an event the watcher refuses: one that does not
+/// decode, one whose object is not named after its hash, one with an unsafe app name. Each
+/// refusal is published and the archive is gone from the incoming store.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_refused_ci_event_takes_its_archive_out_of_the_incoming_store() {
+    let mut p = Pipeline::new().await.expect("pipeline");
+    p.start_watcher();
+    let bus = p.bus().await.expect("bus");
+    let hash = "ab".repeat(32);
+    let version = Version::parse("1.0.0").expect("version");
+
+    // Does not decode (`size` is not a number), but names its archive.
+    let undecodable = archive_object("collector", &version, &hash);
+    upload(&bus, &undecodable).await;
+    let payload = serde_json::json!({
+        "app": "collector", "version": "1.0.0", "object": undecodable,
+        "size": "large", "blake3": hash,
+    });
+    bus.js
+        .publish(RELEASE_PUBLISHED, payload.to_string().into())
+        .await
+        .expect("publish")
+        .await
+        .expect("ack");
+    let want = undecodable.clone();
+    let refused: EventRejected = p
+        .wait_event(EVENT_REJECTED, move |e: &EventRejected| {
+            e.subject == RELEASE_PUBLISHED && e.reason.message.contains(&want)
+        })
+        .await
+        .expect("event rejected");
+    assert_eq!(refused.reason.code, RejectCode::InvalidEvent);
+    assert_eq!(refused.stage, "watcher");
+    assert!(
+        refused
+            .reason
+            .message
+            .contains("removed from the incoming store"),
+        "{}",
+        refused.reason.message
+    );
+    assert!(
+        !in_incoming(&bus, &undecodable).await,
+        "undecodable event's archive kept"
+    );
+
+    // Decodes, but refused: not named after its hash; an unsafe app name.
+    for (app, object, code) in [
+        (
+            "collector",
+            "collector-1.0.0-latest.zip".to_string(),
+            RejectCode::InvalidEvent,
+        ),
+        (
+            "Bad App",
+            archive_object("Bad App", &version, &hash),
+            RejectCode::InvalidName,
+        ),
+    ] {
+        upload(&bus, &object).await;
+        let event = ReleasePublished {
+            app: app.into(),
+            version: version.clone(),
+            object: object.clone(),
+            size: 1,
+            blake3: hash.clone(),
+            published_by: Some(format!("test {object}")),
+        };
+        bus.publish_event(RELEASE_PUBLISHED, &event, Encoding::Json, None)
+            .await
+            .expect("publish");
+        let by = event.published_by.clone();
+        let rejected: PackageRejected = p
+            .wait_event(PACKAGE_REJECTED, move |e: &PackageRejected| {
+                matches!(&e.source, PackageSource::Ci { published_by } if *published_by == by)
+            })
+            .await
+            .expect("package rejected");
+        assert_eq!(rejected.reason.code, code, "{}", rejected.reason.message);
+        assert!(!in_incoming(&bus, &object).await, "{object} kept");
+    }
+}
+
+/// An archive no event ever names (CI died between upload and announce) leaves the incoming
+/// store after `nats.quotas.incoming_max_age`.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn an_archive_no_event_names_expires_from_the_incoming_store() {
+    let p = Pipeline::new().await.expect("pipeline");
+    // The first to connect creates the store, with the age limit of its settings.
+    let mut settings: NatsSettings = p.nats_settings();
+    settings.quotas.incoming_max_age = Duration::from_secs(1);
+    let bus = Bus::connect(&settings, "e2e", &CancellationToken::new())
+        .await
+        .expect("bus");
+    let object = archive_object("orphan", &Version::new(1, 0, 0), &"cd".repeat(32));
+    upload(&bus, &object).await;
+    let info = bus
+        .js
+        .get_stream(format!("OBJ_{}", names::INCOMING_BUCKET))
+        .await
+        .expect("stream")
+        .info()
+        .await
+        .expect("info")
+        .config
+        .max_age;
+    assert_eq!(info, Duration::from_secs(1));
+    // Polled (up to the e2e timeout), not timed: the server expires it on its own schedule.
+    let deadline = tokio::time::Instant::now() + fleetcast_e2e::TIMEOUT;
+    while in_incoming(&bus, &object).await {
+        assert!(
+            tokio::time::Instant::now() < deadline,
+            "{object} still in the incoming store"
+        );
+        tokio::time::sleep(Duration::from_millis(200)).await;
+    }
 }
