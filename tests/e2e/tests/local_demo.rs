@@ -7,10 +7,11 @@ use std::time::Duration;
 
 use fleetcast_e2e::Pipeline;
 use fleetcast_events::names::{
-    EVENT_REJECTED, PACKAGE_REJECTED, RELEASE_PUBLISHED, archive_object,
+    EVENT_REJECTED, PACKAGE_REJECTED, RELEASE_PUBLISHED, RELEASE_STORED, archive_object,
 };
 use fleetcast_events::v1::{
-    EventRejected, PackageRejected, PackageSource, RejectCode, ReleasePublished,
+    AgentStatus, AppState, EventRejected, PackageRejected, PackageSource, RejectCode,
+    ReleasePublished, ReleaseStored,
 };
 use fleetcast_events::{Encoding, names};
 use fleetcast_harness::fixtures::sample_package;
@@ -207,4 +208,202 @@ async fn an_archive_no_event_names_expires_from_the_incoming_store() {
         );
         tokio::time::sleep(Duration::from_millis(200)).await;
     }
+}
+
+/// The demo app, built as a developer's `cargo build` leaves it, beside this test's binary.
+fn demo_app_binary() -> std::path::PathBuf {
+    let workspace = std::path::Path::new(env!("CARGO_MANIFEST_DIR")).join("../..");
+    let cargo = std::env::var("CARGO").unwrap_or_else(|_| "cargo".into());
+    // Only what cargo needs: variables the test runner sets for this test would make cargo
+    // rebuild dependencies whose build scripts watch them.
+    let keep = [
+        "PATH",
+        "HOME",
+        "CARGO_HOME",
+        "RUSTUP_HOME",
+        "RUSTUP_TOOLCHAIN",
+        "CARGO_TARGET_DIR",
+        "CARGO_INCREMENTAL",
+    ];
+    let built = std::process::Command::new(cargo)
+        .args(["build", "-p", "fleetcast-demo-app"])
+        .current_dir(&workspace)
+        .env_clear()
+        .envs(std::env::vars().filter(|(k, _)| keep.contains(&k.as_str())))
+        .status()
+        .expect("cargo build");
+    assert!(built.success(), "cargo build -p fleetcast-demo-app failed");
+    // <target>/debug/deps/<this test> → <target>/debug/fleetcast-demo-app
+    let exe = std::env::current_exe().expect("test binary");
+    let debug = exe
+        .parent()
+        .and_then(|deps| deps.parent())
+        .expect("target dir");
+    debug.join("fleetcast-demo-app")
+}
+
+/// `ops/demo-release VERSION ARGS…`, as a person runs it; its output.
+fn demo_release(version: &str, args: &[&str]) -> String {
+    let script = std::path::Path::new(env!("CARGO_MANIFEST_DIR")).join("../../ops/demo-release");
+    let out = std::process::Command::new(script)
+        .arg(version)
+        .args(args)
+        .output()
+        .expect("ops/demo-release");
+    let stdout = String::from_utf8_lossy(&out.stdout).into_owned();
+    assert!(
+        out.status.success(),
+        "ops/demo-release {version} {args:?}: {stdout}{}",
+        String::from_utf8_lossy(&out.stderr)
+    );
+    stdout
+}
+
+/// An agent set up as `ops/run-local` sets its agents up (the package's own
+/// `bin/fleetcast-demo-app`), or as the compose agents are (`fleetcast-demo-app` found on PATH).
+fn demo_agent(
+    p: &Pipeline,
+    id: &str,
+    host: &std::path::Path,
+    command: &str,
+    path: Option<&std::path::Path>,
+) -> (fleetcast_agent::Settings, u16) {
+    let port = fleetcast_harness::free_port().expect("port");
+    let mut settings = p.agent_settings(id, id, host);
+    let app = &mut settings.apps[0];
+    app.name = "demo".into();
+    app.command = vec![command.into()];
+    app.env = [("FLEETCAST_DEMO_APP_PORT".to_string(), port.to_string())].into();
+    if let Some(dir) = path {
+        let inherited = std::env::var("PATH").unwrap_or_default();
+        app.env
+            .insert("PATH".into(), format!("{}:{inherited}", dir.display()));
+    }
+    app.health.stay_up = Duration::from_secs(1);
+    app.health.http = Some(format!("http://127.0.0.1:{port}/health"));
+    (settings, port)
+}
+
+/// Waits until the demo app on `port` answers `/version` with `version`.
+async fn serves(port: u16, version: &str) {
+    let answer = || -> Option<String> {
+        use std::io::{Read, Write};
+        let mut s = std::net::TcpStream::connect(("127.0.0.1", port)).ok()?;
+        write!(
+            s,
+            "GET /version HTTP/1.1\r\nHost: localhost\r\nConnection: close\r\n\r\n"
+        )
+        .ok()?;
+        let mut response = String::new();
+        s.read_to_string(&mut response).ok()?;
+        Some(response.split_once("\r\n\r\n")?.1.trim().to_string())
+    };
+    fleetcast_e2e::eventually(&format!("port {port} serves {version}"), || {
+        answer().as_deref() == Some(version)
+    })
+    .await;
+}
+
+/// Waits for `agent`'s report that the demo app is in `state` at `version`; its reason.
+async fn demo_status(p: &Pipeline, agent: &str, state: AppState, version: &str) -> String {
+    let (agent, want) = (agent.to_string(), Version::parse(version).expect("version"));
+    let status: AgentStatus = p
+        .wait_status(move |s: &AgentStatus| {
+            s.agent_id == agent
+                && s.app == "demo"
+                && s.state == state
+                && s.version.as_ref() == Some(&want)
+        })
+        .await
+        .expect("status");
+    status.reason.unwrap_or_default()
+}
+
+/// Packages made by `ops/demo-release` run on a run-local agent and on a compose-style one: a
+/// good version answers `/version`; `--unhealthy` and `--crash` are rolled back by the agent.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn demo_releases_run_on_the_local_fleet_and_misbehave_as_asked() {
+    let binary = demo_app_binary();
+    let mut p = Pipeline::start().await.expect("pipeline");
+    let hosts = tempfile::tempdir().expect("hosts");
+    let (local, local_port) = demo_agent(
+        &p,
+        "local",
+        &hosts.path().join("local"),
+        "bin/fleetcast-demo-app",
+        None,
+    );
+    let (compose, compose_port) = demo_agent(
+        &p,
+        "compose",
+        &hosts.path().join("compose"),
+        "fleetcast-demo-app",
+        binary.parent(),
+    );
+    p.start_agent(local);
+    p.start_agent(compose);
+    let drop = p.drop_dir();
+    let drop_arg = drop.to_str().expect("utf-8 path");
+    let binary_arg = binary.to_str().expect("utf-8 path");
+    let store = |version: &'static str| {
+        let p = &p;
+        async move {
+            let want = Version::parse(version).expect("version");
+            p.wait_event(RELEASE_STORED, move |e: &ReleaseStored| {
+                e.app == "demo" && e.version == want
+            })
+            .await
+            .expect("stored")
+        }
+    };
+
+    // A good release with the binary: both kinds of agent run it.
+    let said = demo_release("1.0.0", &["--out", drop_arg, "--binary", binary_arg]);
+    assert!(
+        said.contains(&format!(
+            "made {drop_arg}/demo-1.0.0.zip (demo 1.0.0: a good release)"
+        )),
+        "{said}"
+    );
+    store("1.0.0").await;
+    for (agent, port) in [("local", local_port), ("compose", compose_port)] {
+        p.desire("demo", agent, "1.0.0").await;
+        serves(port, "1.0.0").await;
+    }
+
+    // The misbehaving ones roll back on the local agent, which keeps serving 1.0.0.
+    for (version, flag, why) in [
+        ("1.1.0", "--unhealthy", "503"),
+        ("1.2.0", "--crash", "exited"),
+    ] {
+        demo_release(version, &[flag, "--out", drop_arg, "--binary", binary_arg]);
+        store(version).await;
+        p.desire("demo", "local", version).await;
+        let reason = demo_status(&p, "local", AppState::RolledBack, version).await;
+        assert!(reason.contains(why), "{version}: {reason}");
+        serves(local_port, "1.0.0").await;
+    }
+
+    // Without the binary (how ops/compose/demo-release makes them): the compose agent runs it.
+    let out = tempfile::tempdir().expect("out");
+    let said = demo_release(
+        "1.3.0",
+        &[
+            "--no-binary",
+            "--out",
+            out.path().to_str().expect("utf-8 path"),
+        ],
+    );
+    assert!(
+        said.contains(" publish ") && said.contains("--wait"),
+        "{said}"
+    );
+    std::fs::rename(
+        out.path().join("demo-1.3.0.zip"),
+        drop.join("demo-1.3.0.zip"),
+    )
+    .expect("drop");
+    store("1.3.0").await;
+    p.desire("demo", "compose", "1.3.0").await;
+    serves(compose_port, "1.3.0").await;
 }
