@@ -407,3 +407,60 @@ async fn demo_releases_run_on_the_local_fleet_and_misbehave_as_asked() {
     p.desire("demo", "compose", "1.3.0").await;
     serves(compose_port, "1.3.0").await;
 }
+
+/// `ops/run-local` takes its ports from the environment (`--ports` prints what it would use,
+/// without building or starting anything); the defaults stay as documented.
+#[test]
+fn run_local_takes_its_ports_from_the_environment() {
+    let script = std::path::Path::new(env!("CARGO_MANIFEST_DIR")).join("../../ops/run-local");
+    let ports = |vars: &[(&str, &str)]| {
+        let out = std::process::Command::new(&script)
+            .arg("--ports")
+            .env_remove("FLEETCAST_NATS_PORT")
+            .env_remove("FLEETCAST_WATCHER_PORT")
+            .env_remove("FLEETCAST_AGENT_PORT")
+            .envs(vars.iter().copied())
+            .output()
+            .expect("ops/run-local --ports");
+        assert!(
+            out.status.success(),
+            "{}",
+            String::from_utf8_lossy(&out.stderr)
+        );
+        String::from_utf8(out.stdout).expect("utf-8")
+    };
+    let defaults = ports(&[]);
+    for line in [
+        "nats 4222\n",
+        "nats-monitor 8222\n",
+        "tracker 8430\n",
+        "watcher 8431\n",
+        "signer 8432\n",
+        "distributor 8433\n",
+        "agent local-1 off\n",
+        "demo-app local-1 18080\n",
+    ] {
+        assert!(defaults.contains(line), "{line:?} not in {defaults}");
+    }
+    let moved = ports(&[
+        ("FLEETCAST_NATS_PORT", "14222"),
+        ("FLEETCAST_WATCHER_PORT", "18431"),
+        ("FLEETCAST_AGENT_PORT", "18440"),
+    ]);
+    for line in [
+        "nats 14222\n",
+        "nats-monitor 18222\n",
+        "watcher 18431\n",
+        "signer 8432\n",
+        "agent local-1 18440\n",
+        "agent local-3 18442\n",
+    ] {
+        assert!(moved.contains(line), "{line:?} not in {moved}");
+    }
+    let refused = std::process::Command::new(&script)
+        .arg("--ports")
+        .env("FLEETCAST_TRACKER_PORT", "http")
+        .output()
+        .expect("ops/run-local --ports");
+    assert_eq!(refused.status.code(), Some(2));
+}
