@@ -16,6 +16,14 @@ pub const CUT_MARKER: &str = " [line cut at 16 KiB]";
 /// What a hook or health command's output is kept to (its end: where the error is).
 pub const MAX_CAPTURE: usize = 16 * 1024;
 
+/// Writes one line of the app's output into the agent's log as the event's message, as it
+/// is: the log's format escapes it once (JSON) or not at all (text). Never as a `?field`, whose
+/// Debug quoting a JSON log would escape a second time (`\\\"`).
+pub fn log_app_line(app: &str, stream: &'static str, text: &str, cut: bool) {
+    let marker = if cut { CUT_MARKER } else { "" };
+    tracing::info!(target: "app", %app, stream, "{text}{marker}");
+}
+
 /// Reads the next line (without its `\n`) into `line`, keeping at most `max` bytes of it and
 /// skipping the rest. `None` at the end of the input; else whether the line was cut.
 pub async fn read_line_bounded<R: AsyncBufRead + Unpin>(
@@ -79,6 +87,8 @@ pub async fn read_tail<R: AsyncRead + Unpin>(
 
 #[cfg(test)]
 mod tests {
+    use fleetcast_runtime::telemetry::{self, LogFormat};
+
     use super::*;
 
     async fn lines(input: &[u8], max: usize) -> Vec<(String, bool)> {
@@ -117,6 +127,59 @@ mod tests {
         assert_eq!(got[0].0.len(), MAX_LINE);
         assert!(got[0].1);
         assert_eq!(got[1], s("after", false));
+    }
+
+    /// The agent's log as its programs write it, for one app line.
+    fn logged(format: LogFormat, text: &str, cut: bool) -> String {
+        #[derive(Clone, Default)]
+        struct Buffer(std::sync::Arc<std::sync::Mutex<Vec<u8>>>);
+        impl std::io::Write for Buffer {
+            fn write(&mut self, bytes: &[u8]) -> io::Result<usize> {
+                self.0.lock().expect("lock").extend_from_slice(bytes);
+                Ok(bytes.len())
+            }
+            fn flush(&mut self) -> io::Result<()> {
+                Ok(())
+            }
+        }
+        let buffer = Buffer::default();
+        let writer = buffer.clone();
+        let subscriber = telemetry::subscriber(
+            telemetry::EnvFilter::new("info"),
+            format,
+            false,
+            move || writer.clone(),
+        );
+        tracing::subscriber::with_default(subscriber, || log_app_line("demo", "stdout", text, cut));
+        let bytes = buffer.0.lock().expect("lock").clone();
+        String::from_utf8(bytes).expect("utf-8")
+    }
+
+    #[test]
+    fn app_lines_are_escaped_once_in_json_and_not_at_all_in_text() {
+        use fleetcast_runtime::telemetry::LogFormat;
+        for line in [
+            r#"said "hi" to C:\temp\x and \"quoted\""#,
+            r#"{"level":"info","msg":"an app's own \"JSON\" line"}"#,
+            "tab\there, a lone \\ backslash",
+        ] {
+            let json = logged(LogFormat::Json, line, false);
+            let event: serde_json::Value =
+                serde_json::from_str(json.trim()).expect("one JSON line");
+            // Decoding the log line once gives the app's line back, byte for byte.
+            assert_eq!(event["fields"]["message"], line, "{json}");
+            assert_eq!(event["fields"]["app"], "demo");
+            assert_eq!(event["target"], "app");
+            let text = logged(LogFormat::Text, line, false);
+            assert!(text.contains(&format!(" app: {line} app=demo")), "{text}");
+        }
+        let event: serde_json::Value =
+            serde_json::from_str(logged(LogFormat::Json, "cut \"here", true).trim())
+                .expect("one JSON line");
+        assert_eq!(
+            event["fields"]["message"],
+            format!("cut \"here{CUT_MARKER}")
+        );
     }
 
     #[tokio::test]

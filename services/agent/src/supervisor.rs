@@ -19,7 +19,7 @@ use tokio::sync::{broadcast, mpsc, oneshot};
 use tokio::time::Instant;
 
 use crate::crash_policy::{CrashHistory, CrashPolicy, Decision};
-use crate::output::{CUT_MARKER, MAX_LINE, read_line_bounded};
+use crate::output::{MAX_LINE, log_app_line, read_line_bounded};
 
 /// How to run the app.
 #[derive(Debug, Clone, PartialEq, Eq)]
@@ -355,9 +355,7 @@ async fn forward(app: String, stream: &'static str, pipe: impl tokio::io::AsyncR
     let mut reader = BufReader::new(pipe);
     let mut line = Vec::new();
     while let Ok(Some(cut)) = read_line_bounded(&mut reader, MAX_LINE, &mut line).await {
-        let text = String::from_utf8_lossy(&line);
-        let marker = if cut { CUT_MARKER } else { "" };
-        tracing::info!(target: "app", %app, stream, "{text}{marker}");
+        log_app_line(&app, stream, &String::from_utf8_lossy(&line), cut);
     }
 }
 

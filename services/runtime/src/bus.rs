@@ -272,6 +272,7 @@ impl Bus {
                             format!("$O.{INCOMING_BUCKET}.M.>"),
                         ],
                         max_bytes: quotas.incoming_bytes,
+                        max_age: quotas.incoming_max_age,
                         max_message_size: MAX_OBJECT_MESSAGE,
                         storage: stream::StorageType::File,
                         num_replicas: settings.replicas,

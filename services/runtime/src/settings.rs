@@ -172,6 +172,12 @@ pub struct StoreQuotas {
     /// Archives waiting to be signed and chunked (the `fleetcast-incoming` object store); the
     /// largest archive CI can upload is bounded by it too.
     pub incoming_bytes: i64,
+    /// How long an archive may wait in the incoming store: one uploaded but never named by an
+    /// event that decodes (a publisher that died between upload and announce) is removed after
+    /// this. A release still waiting this long for the signer or a distributor is refused
+    /// then (`archive_mismatch`, not in the store).
+    #[serde(with = "humantime_serde")]
+    pub incoming_max_age: Duration,
     /// The release pipeline's events (FLEETCAST_RELEASES), besides their 90-day age limit.
     pub releases_stream_bytes: i64,
     /// Agents' reports (FLEETCAST_STATUS), besides their 7-day age limit: oldest dropped first.
@@ -196,6 +202,7 @@ impl Default for StoreQuotas {
         StoreQuotas {
             chunks_bytes: 4 << 30,
             incoming_bytes: 2 << 30,
+            incoming_max_age: Duration::from_secs(7 * 24 * 3600),
             releases_stream_bytes: 256 << 20,
             status_stream_bytes: 256 << 20,
             status_message_bytes: 64 << 10,

@@ -10,13 +10,14 @@ mod settings;
 use std::path::Path;
 use std::sync::Arc;
 
+use async_nats::jetstream::object_store::DeleteErrorKind;
 use fleetcast_events::Encoding;
 use fleetcast_events::names::{self, PACKAGE_DETECTED, PACKAGE_REJECTED, RELEASE_PUBLISHED};
 use fleetcast_events::v1::{
     PackageDetected, PackageRejected, PackageSource, RejectCode, Rejection, ReleasePublished,
 };
 use fleetcast_package::{ArchiveError, ArchiveLimits, Package};
-use fleetcast_runtime::consume::{ConsumerSpec, Outcome, decode_or_reject, run_consumer};
+use fleetcast_runtime::consume::{ConsumerSpec, Outcome, decode, reject_event, run_consumer};
 use fleetcast_runtime::observe::{self, Endpoint, ObserveError};
 use fleetcast_runtime::releases::FetchError;
 use fleetcast_runtime::{Bus, BusError};
@@ -99,6 +100,27 @@ pub(crate) fn inspect(path: &Path, limits: &ArchiveLimits) -> Result<Inspected, 
     })
 }
 
+/// The incoming-store object a published event names, read leniently from an event that does
+/// not decode as a whole: its `object` field, else the name its `app`, `version` and `blake3`
+/// give (how the CLI names uploads). Only a name the store could hold an archive under
+/// (`*.zip`, no path) is taken.
+fn archive_named_by(msg: &async_nats::jetstream::Message) -> Option<String> {
+    let value: serde_json::Value = decode(msg).ok()?;
+    let field = |name: &str| value.get(name).and_then(serde_json::Value::as_str);
+    let object = match field("object") {
+        Some(object) => object.to_string(),
+        None => {
+            let version = Version::parse(field("version")?).ok()?;
+            names::archive_object(field("app")?, &version, field("blake3")?)
+        }
+    };
+    let plausible = object.len() > ".zip".len()
+        && object.ends_with(".zip")
+        && !object.contains(['/', '\\'])
+        && !object.starts_with('.');
+    plausible.then_some(object)
+}
+
 impl Watcher {
     async fn consume_ci_releases(&self, shutdown: CancellationToken) -> Result<(), BusError> {
         let spec = ConsumerSpec {
@@ -114,22 +136,23 @@ impl Watcher {
     }
 
     async fn handle_ci_release(&self, msg: &async_nats::jetstream::Message) -> Outcome {
-        let event: ReleasePublished = match decode_or_reject(&self.bus, SERVICE, msg).await {
+        let event: ReleasePublished = match decode(msg) {
             Ok(e) => e,
-            Err(outcome) => {
-                if matches!(outcome, Outcome::Done) {
-                    self.metrics.rejected(RejectCode::InvalidEvent);
-                }
-                return outcome;
-            }
+            Err(e) => return self.reject_undecodable(msg, e.to_string()).await,
         };
         let source = PackageSource::Ci {
             published_by: event.published_by.clone(),
         };
         let reject = |code, message: String| Rejection { code, message };
+        // From here on, every refusal removes the archive the event names: no other event will
+        // ever name it, so it would stay in the incoming store for good.
         if let Err(message) = names::validate_app_name(&event.app) {
             return self
-                .reject_ci(&event, reject(RejectCode::InvalidName, message), None)
+                .reject_ci(
+                    &event,
+                    reject(RejectCode::InvalidName, message),
+                    Some(&event.object),
+                )
                 .await;
         }
         let expected = names::archive_object(&event.app, &event.version, &event.blake3);
@@ -139,7 +162,11 @@ impl Watcher {
                 event.object
             );
             return self
-                .reject_ci(&event, reject(RejectCode::InvalidEvent, message), None)
+                .reject_ci(
+                    &event,
+                    reject(RejectCode::InvalidEvent, message),
+                    Some(&event.object),
+                )
                 .await;
         }
         let work_dir = self.settings.work_dir();
@@ -156,10 +183,11 @@ impl Watcher {
         {
             Ok(f) => f,
             Err(e) => match e.rejection() {
-                // A different archive is removed; a missing one has nothing to remove.
+                // A different, too large or unfetchable archive is removed; a missing one has
+                // nothing to remove.
                 Some(r) => {
                     let object =
-                        matches!(e, FetchError::Mismatch { .. }).then_some(event.object.as_str());
+                        (!matches!(e, FetchError::NotFound(_))).then_some(event.object.as_str());
                     return self.reject_ci(&event, r, object).await;
                 }
                 None => return Outcome::Retry(e.to_string()),
@@ -188,6 +216,41 @@ impl Watcher {
             Ok(()) => Outcome::Done,
             Err(e) => Outcome::Retry(e.to_string()),
         }
+    }
+
+    /// Refuses a published event that does not decode (`event_rejected`), after removing the
+    /// archive it names, when it names one: the CLI uploads before it publishes, so a refused
+    /// event would otherwise leave its archive in the incoming store, which nothing else would
+    /// ever clean (past `nats.quotas.incoming_max_age`).
+    async fn reject_undecodable(
+        &self,
+        msg: &async_nats::jetstream::Message,
+        decode_error: String,
+    ) -> Outcome {
+        let mut message = decode_error;
+        if let Some(object) = archive_named_by(msg) {
+            match self.bus.incoming.delete(&object).await {
+                Ok(()) => message.push_str(&format!(
+                    "; archive {object:?} removed from the incoming store"
+                )),
+                // Never uploaded, already gone, or no name the store takes: nothing to clean.
+                Err(e)
+                    if matches!(
+                        e.kind(),
+                        DeleteErrorKind::NotFound | DeleteErrorKind::InvalidName
+                    ) => {}
+                Err(e) => return Outcome::Retry(format!("cannot delete archive {object}: {e}")),
+            }
+        }
+        let reason = Rejection {
+            code: RejectCode::InvalidEvent,
+            message,
+        };
+        let outcome = reject_event(&self.bus, SERVICE, &msg.subject, reason).await;
+        if matches!(outcome, Outcome::Done) {
+            self.metrics.rejected(RejectCode::InvalidEvent);
+        }
+        outcome
     }
 
     /// Publishes `package.detected`, idempotently (the message id names the exact archive).

@@ -767,6 +767,28 @@ impl Pipeline {
         .expect("stored");
     }
 
+    /// Drops `bytes` as `name` and returns the rejection the watcher published for it, once
+    /// the file was moved to `rejected/`.
+    pub async fn drop_rejected(
+        &self,
+        name: &str,
+        bytes: &[u8],
+    ) -> fleetcast_events::v1::PackageRejected {
+        use fleetcast_events::v1::{PackageRejected, PackageSource};
+        std::fs::create_dir_all(self.drop_dir()).expect("drop dir");
+        std::fs::write(self.drop_dir().join(name), bytes).expect("drop");
+        let want = name.to_string();
+        let rejected = self
+            .wait_event(names::PACKAGE_REJECTED, move |e: &PackageRejected| {
+                matches!(&e.source, PackageSource::DropFolder { file } if *file == want)
+            })
+            .await
+            .expect("rejected");
+        let moved = self.drop_dir().join("rejected").join(name);
+        eventually(&format!("{name} moved to rejected/"), || moved.is_file()).await;
+        rejected
+    }
+
     /// Writes the desired state for `app` in `ring`, as the tracker will (`fleetcast desire`).
     pub async fn desire(&self, app: &str, ring: &str, version: &str) {
         let bus = self.bus().await.expect("bus");

@@ -172,26 +172,6 @@ async fn ci_publish_gives_the_same_result_and_v2_stores_only_new_chunks() {
     assert!(listing.next().await.is_none(), "incoming store not emptied");
 }
 
-/// Drops `bytes` as `name` and returns the rejection the watcher published for it.
-async fn drop_rejected(p: &Pipeline, name: &str, bytes: &[u8]) -> PackageRejected {
-    std::fs::create_dir_all(p.drop_dir()).expect("drop dir");
-    std::fs::write(p.drop_dir().join(name), bytes).expect("drop");
-    let want = name.to_string();
-    let rejected = p
-        .wait_event(PACKAGE_REJECTED, move |e: &PackageRejected| matches!(&e.source, PackageSource::DropFolder { file } if *file == want))
-        .await
-        .expect("rejected");
-    let moved = p.drop_dir().join("rejected").join(name);
-    for _ in 0..50 {
-        if moved.is_file() {
-            break;
-        }
-        tokio::time::sleep(Duration::from_millis(100)).await;
-    }
-    assert!(moved.is_file(), "{name} not moved aside");
-    rejected
-}
-
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn hostile_packages_are_rejected_with_their_reason_and_nothing_is_stored() {
     let mut p = Pipeline::new().await.expect("pipeline");
@@ -265,7 +245,7 @@ async fn hostile_packages_are_rejected_with_their_reason_and_nothing_is_stored()
         ),
     ];
     for (name, bytes, code) in &cases {
-        let rejected = drop_rejected(&p, name, bytes).await;
+        let rejected = p.drop_rejected(name, bytes).await;
         assert_eq!(
             rejected.reason.code, *code,
             "{name}: {}",
