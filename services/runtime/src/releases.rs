@@ -343,6 +343,52 @@ impl Bus {
         self.put_release_record(&record).await
     }
 
+    /// Every release record (of `app` only, when given): newest version first within each
+    /// app, the latest record first within a version. A rejection kept both under its
+    /// archive's key and as the version's record is listed once. Unreadable records are
+    /// skipped, with a warning.
+    pub async fn release_records(&self, app: Option<&str>) -> Result<Vec<ReleaseRecord>, String> {
+        use futures::StreamExt;
+        let mut keys = self
+            .releases
+            .keys()
+            .await
+            .map_err(|e| format!("listing releases: {e}"))?;
+        let prefix = app.map(|a| format!("{a}."));
+        let mut out = Vec::new();
+        while let Some(key) = keys.next().await {
+            let key = key.map_err(|e| format!("listing releases: {e}"))?;
+            if prefix.as_ref().is_some_and(|p| !key.starts_with(p)) {
+                continue;
+            }
+            let Some(bytes) = self
+                .releases
+                .get(&key)
+                .await
+                .map_err(|e| format!("release record {key}: {e}"))?
+            else {
+                continue;
+            };
+            match Encoding::Json.decode::<ReleaseRecord>(&bytes) {
+                Ok(record) => out.push(record),
+                Err(e) => tracing::warn!(%key, error = %e, "unreadable release record"),
+            }
+        }
+        out.sort_by(|a, b| {
+            a.app
+                .cmp(&b.app)
+                .then(b.version.cmp(&a.version))
+                .then(b.updated.cmp(&a.updated))
+        });
+        out.dedup_by(|later, earlier| {
+            later.app == earlier.app
+                && later.version == earlier.version
+                && later.state == earlier.state
+                && later.blake3 == earlier.blake3
+        });
+        Ok(out)
+    }
+
     async fn put_release_record_at(&self, key: &str, record: &ReleaseRecord) -> Result<(), String> {
         let bytes = Encoding::Json.encode(record).map_err(|e| e.to_string())?;
         self.releases

@@ -459,7 +459,13 @@ mod tests {
     }
 
     fn rollout(now: OffsetDateTime) -> Rollout {
-        Rollout::start("web", "1.0.0".parse().unwrap(), &AppPolicy::default(), now).0
+        Rollout::start(
+            "web",
+            "1.0.0".parse().expect("version"),
+            &AppPolicy::default(),
+            now,
+        )
+        .0
     }
 
     const RINGS: [&str; 3] = ["canary", "early", "all"];
@@ -525,7 +531,7 @@ mod tests {
         let later = now + time::Duration::seconds(5);
         let next = Rollout::start(
             "web",
-            "1.1.0".parse().unwrap(),
+            "1.1.0".parse().expect("version"),
             &AppPolicy::default(),
             later,
         )
@@ -539,7 +545,7 @@ mod tests {
                 "ring.started canary"
             ]
         );
-        assert_eq!(out[0].0.version, Some("1.0.0".parse().unwrap()));
+        assert_eq!(out[0].0.version, Some("1.0.0".parse().expect("version")));
         // A halted rollout replaced is not "superseded": it had ended.
         let out = transitions(Some(&r), &next, &rings(), later);
         assert_eq!(kinds(&out), ["rollout.started", "ring.started canary"]);

@@ -1,6 +1,8 @@
 //! HTTP: the dashboard (`/`), the JSON API (`/api/agents`: the inventory, stale ones marked;
 //! `/api/rollouts`: each app's rollout with its progress per ring; both filter with `?app=`,
-//! `?ring=`; `/api/history`: what fleetcast did and who asked), Prometheus `/metrics`, `/health` (both as every service serves them, from
+//! `?ring=`; `/api/history`: what fleetcast did and who asked), the other pages and their
+//! API ([`crate::pages`]: `/history`, `/releases`, `/rollout`), Prometheus `/metrics`,
+//! `/health` (both as every service serves them, from
 //! `fleetcast_runtime::observe`, with the tracker's own gauges added to `/metrics`).
 
 use std::sync::Arc;
@@ -24,6 +26,7 @@ pub fn router(tracker: Arc<Tracker>) -> Router {
         .route("/api/agents", get(agents))
         .route("/api/rollouts", get(rollouts))
         .route("/api/history", get(history))
+        .merge(crate::pages::router())
         .with_state(tracker)
 }
 
