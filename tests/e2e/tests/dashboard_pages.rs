@@ -292,3 +292,27 @@ async fn every_page_says_when_the_tracker_is_cut_off_from_nats() {
         shot.count(BANNER)
     );
 }
+
+/// Under its own NATS identity (`ops/nats/gen-accounts`), the tracker may list the release
+/// records the releases page shows.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn the_tracker_lists_the_releases_under_its_own_identity() {
+    let mut p = Pipeline::new_with_permissions(&[]).await.expect("pipeline");
+    p.start_pipeline_as_roles();
+    let port = fleetcast_e2e::free_addr().port();
+    let mut settings = p.tracker_settings();
+    settings.listen = std::net::SocketAddr::from(([127, 0, 0, 1], port));
+    p.start_tracker_as_role(settings);
+    p.release("shapp", "1.0.0", &script_app("1.0.0", true))
+        .await;
+    fleetcast_e2e::eventually("the tracker listens", || {
+        std::net::TcpStream::connect(("127.0.0.1", port)).is_ok()
+    })
+    .await;
+    // Refused, the listing would be a 503 with NATS's reason, not JSON.
+    let apps = json(port, "/api/releases?app=shapp");
+    assert_eq!(apps[0]["app"], "shapp", "{apps}");
+    assert_eq!(apps[0]["releases"][0]["version"], "1.0.0", "{apps}");
+    assert_eq!(apps[0]["releases"][0]["state"], "stored", "{apps}");
+    assert_eq!(apps[0]["releases"][0]["stored"]["files"], 2, "{apps}");
+}
