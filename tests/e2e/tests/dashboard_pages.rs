@@ -225,9 +225,28 @@ async fn a_halted_rollout_is_marked_on_its_timeline_and_in_the_history() {
         "{dom}"
     );
 
+    // An older version dropped after: the signer refuses it, and the releases page says why.
+    script_app("1.5.0", true)
+        .write_to(&p.drop_dir().join("shapp-1.5.0.zip"))
+        .expect("drop");
+    json_when(port, "/api/releases?app=shapp", "1.5.0's rejection", |v| {
+        v[0]["releases"]
+            .as_array()
+            .into_iter()
+            .flatten()
+            .any(|r| r["version"] == "1.5.0" && r["state"] == "rejected")
+    })
+    .await;
+
     // The releases page: both versions stored, each with the hosts that run it (the canary
-    // went back to 1.0.0).
+    // went back to 1.0.0), the refused one marked with its reason.
     let dom = page_dom(port, "/releases").await;
+    let refused = row(&dom, "<tr class=\"alarm release\" data-version=\"1.5.0\"");
+    assert!(
+        refused.contains(">rejected</span>") && refused.contains("version_not_newer: "),
+        "{refused}"
+    );
+    screenshot(port, "/releases", "halted-releases").await;
     let v1 = row(&dom, "data-version=\"1.0.0\"");
     assert!(
         v1.contains("stored") && v1.contains("c1") && v1.contains("b1"),
