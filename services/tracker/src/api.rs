@@ -10,6 +10,7 @@ use fleetcast_events::v1::HistoryEntry;
 use crate::fleet::AgentView;
 pub use crate::history::HistoryQuery;
 use crate::rollout::{RingProgress, Rollout};
+use crate::timeline::Sample;
 
 /// With the `cli` feature, the steering commands are also the `fleetcast` CLI's subcommands of
 /// the same names (their doc comments are its help), so they are declared once.
@@ -147,6 +148,19 @@ pub struct RolloutView {
     #[serde(flatten)]
     pub rollout: Rollout,
     pub rings: Vec<RingProgress>,
+}
+
+/// A rollout's timeline as the rollout page plots it (`/api/rollouts/{app}/timeline`).
+#[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize)]
+pub struct TimelineView {
+    pub rollout: RolloutView,
+    /// Its hosts by state, at each change, oldest first.
+    pub samples: Vec<Sample>,
+    /// From the history, oldest first: its start and end, each ring's start and end, a halt.
+    pub marks: Vec<HistoryEntry>,
+    /// Why `marks` is empty though there may be some: the history could not be read (the
+    /// tracker is cut off from NATS).
+    pub marks_error: Option<String>,
 }
 
 /// An agent as the API shows it.

@@ -2,8 +2,8 @@
 //! `/api/rollouts`: each app's rollout with its progress per ring; both filter with `?app=`,
 //! `?ring=`; `/api/history`: what fleetcast did and who asked; `/api/apps/{app}/releases`: an
 //! app's releases, what a rollback can go back to), the actions (`POST /api/apps/{app}/approve`,
-//! `pause`, `resume`, `abort`, `rollback`, behind a bearer token, see [`crate::auth`]),
-//! Prometheus `/metrics`, `/health` (both as every service serves them, from
+//! `pause`, `resume`, `abort`, `rollback`, behind a bearer token, see [`crate::auth`]), the other pages and their API
+//! ([`crate::pages`]: `/history`, `/releases`, `/rollout`), Prometheus `/metrics`, `/health` (both as every service serves them, from
 //! `fleetcast_runtime::observe`, with the tracker's own gauges added to `/metrics`).
 //!
 //! Why actions are safe from cross-site requests: a token is only ever taken from the
@@ -52,7 +52,8 @@ fn routes() -> Router<Arc<Tracker>> {
         .route("/api/agents", get(agents))
         .route("/api/rollouts", get(rollouts))
         .route("/api/history", get(history))
-        .route("/api/apps/{app}/releases", get(app_releases));
+        .route("/api/apps/{app}/releases", get(app_releases))
+        .merge(crate::pages::router());
     for action in Action::ALL {
         let path = format!("/api/apps/{{app}}/{}", action.name());
         router = router.route(

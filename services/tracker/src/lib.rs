@@ -1,7 +1,8 @@
 //! The tracker: keeps the fleet inventory from agents' reports and drives staged rollouts.
 //!
 //! [`policy`] is the per-app rollout policy, [`fleet`] the inventory, [`rollout`] the pure
-//! state machine; [`service`] runs them on the bus, [`http`] serves the API, the dashboard and
+//! state machine ([`timeline`]: its hosts by state over time); [`service`] runs them on the
+//! bus, [`http`] serves the API, the dashboard, its other pages ([`pages`], [`releases`]) and
 //! [`metrics`], [`api`] holds what operators exchange with it; [`history`] records what
 //! happened and [`webhook`] forwards it to HTTP receivers.
 
@@ -11,10 +12,13 @@ pub mod fleet;
 pub mod history;
 pub mod http;
 pub mod metrics;
+pub mod pages;
 pub mod policy;
+pub mod releases;
 pub mod rollout;
 pub mod service;
 pub mod settings;
+pub mod timeline;
 pub mod webhook;
 
 use std::sync::Arc;

@@ -67,6 +67,11 @@ pub struct Rollout {
     /// them then ends instead of waiting for ever. The last [`SUPERSEDED_KEPT`].
     #[serde(default)]
     pub superseded: Vec<Version>,
+    /// Its hosts by state over time (the rollout page's plot), saved with it so a restart
+    /// keeps it; absent from rollouts saved before (`/api/rollouts/{app}/timeline` serves it,
+    /// [`Rollout::summary`] leaves it out of the other views).
+    #[serde(default, skip_serializing_if = "Vec::is_empty")]
+    pub timeline: Vec<crate::timeline::Sample>,
 }
 
 pub const SUPERSEDED_KEPT: usize = 20;
@@ -138,6 +143,7 @@ impl Rollout {
             only_ring: None,
             created: now,
             superseded: Vec::new(),
+            timeline: Vec::new(),
         };
         let effects = policy
             .rings
@@ -184,6 +190,14 @@ impl Rollout {
         }
         let excess = self.superseded.len().saturating_sub(SUPERSEDED_KEPT);
         self.superseded.drain(..excess);
+    }
+
+    /// The rollout as the views (`/api/rollouts`, the CLI, the dashboard every 2 s) show it:
+    /// without its timeline, which is served apart.
+    pub fn summary(&self) -> Rollout {
+        let mut r = self.clone();
+        r.timeline = Vec::new();
+        r
     }
 
     pub fn is_active(&self) -> bool {

@@ -25,11 +25,13 @@ use time::OffsetDateTime;
 use tokio::sync::Mutex;
 use tokio_util::sync::CancellationToken;
 
-use crate::api::{AgentRow, Command, Reply, RolloutView};
+use crate::api::{AgentRow, Command, HistoryQuery, Reply, RolloutView, TimelineView};
 use crate::fleet::{AgentView, Fleet};
 use crate::history::{self, History, Pending};
+use crate::releases::{self, AppReleases};
 use crate::rollout::{Effect, Phase, Rollout};
 use crate::settings::Settings;
+use crate::timeline::{self, Sample};
 
 const SERVICE: &str = "tracker";
 
@@ -114,6 +116,10 @@ struct State {
     /// kept for the next pass while the history cannot be written.
     history: Vec<Pending>,
 }
+
+/// How many of a version's newest history entries are read for a timeline's marks (rings,
+/// halts; its hosts' rollbacks and operators' actions are among them).
+const MARKS_READ: usize = 2_000;
 
 /// How many unrecorded history entries are kept while the history cannot be written (NATS
 /// unreachable); beyond, the oldest are dropped, with a warning.
@@ -619,6 +625,12 @@ impl Tracker {
                     let before = rollout.clone();
                     let policy = self.settings.policy_for(rollout);
                     let effects = rollout.tick(&policy, &state.fleet, now, self.settings.timing());
+                    // The timeline while it runs, and once more as it ends (halted, completed).
+                    if before.is_active() || rollout.is_active() {
+                        let rings =
+                            rollout.progress(&policy, &state.fleet, now, self.settings.timing());
+                        timeline::record(&mut rollout.timeline, Sample::of(&rings, now));
+                    }
                     if *rollout != before {
                         state.dirty_rollouts.insert(app.clone());
                         let entries =
@@ -1145,7 +1157,7 @@ impl Tracker {
 
     fn view(&self, rollout: &Rollout, fleet: &Fleet, now: OffsetDateTime) -> RolloutView {
         RolloutView {
-            rollout: rollout.clone(),
+            rollout: rollout.summary(),
             rings: rollout.progress(
                 &self.settings.policy_for(rollout),
                 fleet,
@@ -1163,7 +1175,7 @@ impl Tracker {
             .rollouts
             .values()
             .map(|r| RolloutView {
-                rollout: r.clone(),
+                rollout: r.summary(),
                 rings: r.progress(
                     &self.settings.policy_for(r),
                     &state.fleet,
@@ -1172,6 +1184,55 @@ impl Tracker {
                 ),
             })
             .collect()
+    }
+
+    /// Every release record (of `app` only, when given), by app, with the hosts that run
+    /// each version (HTTP API).
+    pub async fn releases(&self, app: Option<&str>) -> Result<Vec<AppReleases>, String> {
+        if let Some(app) = app {
+            names::validate_app_name(app)?;
+        }
+        let records = self.bus.release_records(app).await?;
+        Ok(releases::by_app(records, &self.agents().await))
+    }
+
+    /// The app's rollout with its timeline and the history's marks of it (HTTP API); `None`
+    /// when the app has no rollout.
+    pub async fn timeline(&self, app: &str) -> Option<TimelineView> {
+        let (rollout, samples) = {
+            let now = OffsetDateTime::now_utc();
+            let state = self.state.lock().await;
+            let r = state.rollouts.get(app)?;
+            (self.view(r, &state.fleet, now), r.timeline.clone())
+        };
+        let query = HistoryQuery {
+            app: Some(app.to_string()),
+            version: Some(rollout.rollout.version.clone()),
+            limit: Some(MARKS_READ),
+            ..Default::default()
+        };
+        // Cut off, the history cannot be read: the plot is drawn without its marks at once,
+        // rather than after a request's timeout.
+        let read = if self.is_connected() {
+            self.history.list(&query).await
+        } else {
+            Err("the tracker is cut off from NATS".to_string())
+        };
+        let (marks, marks_error) = match read {
+            Ok(entries) => (timeline::marks(entries, rollout.rollout.created), None),
+            Err(e) => (Vec::new(), Some(e)),
+        };
+        Some(TimelineView {
+            rollout,
+            samples,
+            marks,
+            marks_error,
+        })
+    }
+
+    /// Whether the tracker's connection to NATS is up now.
+    pub fn is_connected(&self) -> bool {
+        self.bus.client.connection_state() == async_nats::connection::State::Connected
     }
 
     /// The Prometheus exposition (HTTP `/metrics`).

@@ -697,29 +697,88 @@ pub fn http_request(
 /// The tracker's dashboard on `port` as a person sees it: headless Chromium loads the page,
 /// runs its script against the live API, and this is the DOM it ends with.
 pub async fn dashboard_dom(port: u16) -> String {
-    let url = format!("http://127.0.0.1:{port}/");
-    let chromium = std::env::var("FLEETCAST_CHROMIUM").unwrap_or_else(|_| "chromium".into());
-    let profile = tempfile::tempdir().expect("profile dir");
-    let out = tokio::task::spawn_blocking({
-        let profile = profile.path().to_path_buf();
-        move || {
-            std::process::Command::new(&chromium)
-                .args([
-                    "--headless",
-                    "--no-sandbox",
-                    "--disable-gpu",
-                    "--virtual-time-budget=5000",
-                ])
-                .arg(format!("--user-data-dir={}", profile.display()))
-                .arg("--dump-dom")
-                .arg(&url)
-                .output()
+    browser::page_dom(port, "/").await
+}
+
+/// A ring of `shapp`'s rollout policy: `parallel` hosts switching at once, halted at
+/// `max_failures`, no soak, no window.
+pub fn ring(
+    name: &str,
+    parallel: usize,
+    max_failures: usize,
+) -> fleetcast_tracker::policy::RingPolicy {
+    use fleetcast_tracker::policy::{Amount, RingPolicy};
+    RingPolicy {
+        name: name.into(),
+        parallel: Amount::Count(parallel),
+        soak: Duration::ZERO,
+        max_failures: Amount::Count(max_failures),
+        min_results: 1,
+        windows: vec![],
+    }
+}
+
+/// The tracker (with `settings`, its rollout policy for `shapp` `policy`) and agents
+/// `(id, ring)` of `shapp` ([`Pipeline::agent_settings`]) in pipeline `p`, every agent known
+/// to the tracker before this returns: the hosts' folder and the tracker's HTTP port.
+pub async fn fleet_in(
+    p: &mut Pipeline,
+    mut settings: fleetcast_tracker::Settings,
+    policy: fleetcast_tracker::policy::AppPolicy,
+    agents: &[(&str, &str)],
+) -> (tempfile::TempDir, u16) {
+    let port = free_addr().port();
+    settings.listen = std::net::SocketAddr::from(([127, 0, 0, 1], port));
+    settings.apps.insert("shapp".into(), policy);
+    p.start_tracker_with(settings);
+    let hosts = tempfile::tempdir().expect("tmp");
+    for (id, ring) in agents {
+        let s = p.agent_settings(id, ring, &hosts.path().join(id));
+        p.start_agent(s);
+    }
+    let bus = p.bus().await.expect("bus");
+    let deadline = tokio::time::Instant::now() + TIMEOUT;
+    loop {
+        let known = bus.fleet.keys().await.expect("keys").count().await;
+        // Every agent, plus the tracker's cursor key.
+        if known > agents.len() {
+            break;
         }
-    })
-    .await
-    .expect("join")
-    .expect("chromium runs (apt-get install chromium; .ci/run installs it)");
-    String::from_utf8_lossy(&out.stdout).into_owned()
+        assert!(
+            tokio::time::Instant::now() < deadline,
+            "agents never reported"
+        );
+        tokio::time::sleep(Duration::from_millis(100)).await;
+    }
+    (hosts, port)
+}
+
+/// Waits until `shapp`'s rollout is in phase `want` (asking the tracker as the CLI does).
+pub async fn rollout_phase(
+    p: &Pipeline,
+    want: fleetcast_tracker::rollout::Phase,
+) -> fleetcast_tracker::api::RolloutView {
+    let deadline = tokio::time::Instant::now() + TIMEOUT;
+    loop {
+        // A tracker just (re)started may not answer yet.
+        let reply = p
+            .tracker_command(&fleetcast_tracker::api::Command::Show {
+                app: "shapp".into(),
+            })
+            .await;
+        if let Some(r) = reply
+            .ok()
+            .and_then(|r| r.rollout)
+            .filter(|r| r.rollout.phase == want)
+        {
+            return r;
+        }
+        assert!(
+            tokio::time::Instant::now() < deadline,
+            "rollout never {want:?}"
+        );
+        tokio::time::sleep(Duration::from_millis(200)).await;
+    }
 }
 
 /// The version a [`script_app`] says runs, from its `STATE_DIR` (empty: none yet).

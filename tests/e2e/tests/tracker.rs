@@ -4,27 +4,16 @@
 
 use std::time::Duration;
 
-use fleetcast_e2e::{Pipeline, TIMEOUT, eventually, script_app};
+use fleetcast_e2e::{Pipeline, TIMEOUT, eventually, fleet_in, ring, rollout_phase, script_app};
 use fleetcast_events::v1::{AgentStatus, AppState, DesiredState};
 use fleetcast_tracker::api::Command;
-use fleetcast_tracker::policy::{Amount, AppPolicy, Approval, RingPolicy};
+use fleetcast_tracker::policy::{AppPolicy, Approval, RingPolicy};
 use fleetcast_tracker::rollout::Phase;
 use futures::StreamExt;
 use semver::Version;
 
 fn v(s: &str) -> Version {
     Version::parse(s).expect("version")
-}
-
-fn ring(name: &str, parallel: usize, max_failures: usize) -> RingPolicy {
-    RingPolicy {
-        name: name.into(),
-        parallel: Amount::Count(parallel),
-        soak: Duration::ZERO,
-        max_failures: Amount::Count(max_failures),
-        min_results: 1,
-        windows: vec![],
-    }
 }
 
 /// A pipeline, a tracker with `policy` for `shapp`, and agents `(id, ring)`, all known to the
@@ -43,64 +32,6 @@ async fn fleet_on(
     let settings = p.tracker_settings();
     let (hosts, port) = fleet_in(&mut p, settings, policy, agents).await;
     (p, hosts, port)
-}
-
-/// The tracker (with `settings`) and agents of [`fleet`] in pipeline `p`; the hosts and the
-/// tracker's HTTP port.
-async fn fleet_in(
-    p: &mut Pipeline,
-    mut settings: fleetcast_tracker::Settings,
-    policy: AppPolicy,
-    agents: &[(&str, &str)],
-) -> (tempfile::TempDir, u16) {
-    let port = fleetcast_e2e::free_addr().port();
-    settings.listen = std::net::SocketAddr::from(([127, 0, 0, 1], port));
-    settings.apps.insert("shapp".into(), policy);
-    p.start_tracker_with(settings);
-    let hosts = tempfile::tempdir().expect("tmp");
-    for (id, ring) in agents {
-        let s = p.agent_settings(id, ring, &hosts.path().join(id));
-        p.start_agent(s);
-    }
-    let bus = p.bus().await.expect("bus");
-    let deadline = tokio::time::Instant::now() + TIMEOUT;
-    loop {
-        let known = bus.fleet.keys().await.expect("keys").count().await;
-        // Every agent, plus the tracker's cursor key.
-        if known > agents.len() {
-            break;
-        }
-        assert!(
-            tokio::time::Instant::now() < deadline,
-            "agents never reported"
-        );
-        tokio::time::sleep(Duration::from_millis(100)).await;
-    }
-    (hosts, port)
-}
-
-async fn rollout_phase(p: &Pipeline, want: Phase) -> fleetcast_tracker::api::RolloutView {
-    let deadline = tokio::time::Instant::now() + TIMEOUT;
-    loop {
-        // A tracker just (re)started may not answer yet.
-        let reply = p
-            .tracker_command(&Command::Show {
-                app: "shapp".into(),
-            })
-            .await;
-        if let Some(r) = reply
-            .ok()
-            .and_then(|r| r.rollout)
-            .filter(|r| r.rollout.phase == want)
-        {
-            return r;
-        }
-        assert!(
-            tokio::time::Instant::now() < deadline,
-            "rollout never {want:?}"
-        );
-        tokio::time::sleep(Duration::from_millis(200)).await;
-    }
 }
 
 /// Every status event so far, in order.

@@ -1,0 +1,195 @@
+//! The releases page's data (`/api/releases?app=`): every release record of the releases
+//! bucket (signed, stored, or rejected with its reason), by app, newest version first, each
+//! with the hosts of the inventory that run it.
+
+use fleetcast_events::v1::{Rejection, ReleaseRecord, ReleaseState, ReleaseStored};
+use semver::Version;
+use serde::{Deserialize, Serialize};
+use time::OffsetDateTime;
+
+use crate::api::AgentRow;
+
+/// One app's releases.
+#[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize)]
+pub struct AppReleases {
+    pub app: String,
+    /// Newest version first; a version may have several rows (its stored archive, and another
+    /// archive refused for reusing it).
+    pub releases: Vec<ReleaseRow>,
+}
+
+/// A release record as the page shows it: without its signed manifest, with its hosts.
+#[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize)]
+pub struct ReleaseRow {
+    pub version: Version,
+    pub state: ReleaseState,
+    /// When the record was last written (signed, stored or rejected).
+    #[serde(with = "time::serde::rfc3339")]
+    pub updated: OffsetDateTime,
+    /// BLAKE3 of the archive.
+    pub blake3: Option<String>,
+    /// A rejection's code and message.
+    pub reason: Option<Rejection>,
+    /// Files, sizes and chunks, once stored.
+    pub stored: Option<ReleaseStored>,
+    /// Hosts whose agents report running this version (none for a rejected archive).
+    pub hosts: Vec<HostRef>,
+}
+
+#[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize)]
+pub struct HostRef {
+    pub agent_id: String,
+    pub ring: String,
+    /// Missed its heartbeats: running this version is what it last said.
+    pub stale: bool,
+}
+
+/// `records` (as [`fleetcast_runtime::Bus::release_records`] lists them: by app, newest
+/// version first) grouped by app, with the hosts among `agents` that run each version.
+pub fn by_app(records: Vec<ReleaseRecord>, agents: &[AgentRow]) -> Vec<AppReleases> {
+    let mut out: Vec<AppReleases> = Vec::new();
+    for record in records {
+        let hosts = if record.state == ReleaseState::Rejected {
+            Vec::new()
+        } else {
+            running(agents, &record.app, &record.version)
+        };
+        let row = ReleaseRow {
+            version: record.version,
+            state: record.state,
+            updated: record.updated,
+            blake3: record.blake3,
+            reason: record.reason,
+            stored: record.stored,
+            hosts,
+        };
+        match out.last_mut() {
+            Some(last) if last.app == record.app => last.releases.push(row),
+            _ => out.push(AppReleases {
+                app: record.app,
+                releases: vec![row],
+            }),
+        }
+    }
+    out
+}
+
+fn running(agents: &[AgentRow], app: &str, version: &Version) -> Vec<HostRef> {
+    agents
+        .iter()
+        .filter(|row| {
+            row.agent
+                .apps
+                .get(app)
+                .is_some_and(|a| a.running.as_ref() == Some(version))
+        })
+        .map(|row| HostRef {
+            agent_id: row.agent.agent_id.clone(),
+            ring: row.agent.ring.clone(),
+            stale: row.stale,
+        })
+        .collect()
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+    use crate::fleet::{AgentView, AppView};
+    use fleetcast_events::v1::{AppState, RejectCode};
+
+    fn record(app: &str, version: &str, state: ReleaseState) -> ReleaseRecord {
+        ReleaseRecord {
+            app: app.into(),
+            version: version.parse().expect("version"),
+            state,
+            blake3: None,
+            reason: (state == ReleaseState::Rejected).then(|| Rejection {
+                code: RejectCode::VersionNotNewer,
+                message: "not newer".into(),
+            }),
+            manifest: None,
+            stored: None,
+            updated: OffsetDateTime::UNIX_EPOCH,
+        }
+    }
+
+    fn agent(id: &str, app: &str, running: &str, stale: bool) -> AgentRow {
+        AgentRow {
+            agent: AgentView {
+                agent_id: id.into(),
+                host: id.into(),
+                ring: "canary".into(),
+                labels: Default::default(),
+                apps: [(
+                    app.to_string(),
+                    AppView {
+                        state: AppState::Running,
+                        running: Some(running.parse().expect("version")),
+                        staged: None,
+                        previous: None,
+                        uptime_s: 0,
+                        last_error: None,
+                        waiting: None,
+                    },
+                )]
+                .into(),
+                metadata: None,
+                last_seen: OffsetDateTime::UNIX_EPOCH,
+            },
+            stale,
+        }
+    }
+
+    #[test]
+    fn releases_are_grouped_by_app_with_the_hosts_that_run_them() {
+        let records = vec![
+            record("api", "2.0.0", ReleaseState::Signed),
+            record("web", "1.1.0", ReleaseState::Stored),
+            record("web", "1.1.0", ReleaseState::Rejected),
+            record("web", "1.0.0", ReleaseState::Stored),
+        ];
+        let agents = [
+            agent("h1", "web", "1.1.0", false),
+            agent("h2", "web", "1.0.0", true),
+            agent("h3", "api", "1.1.0", false),
+        ];
+        let apps = by_app(records, &agents);
+        // Per app, each row as "version state" with its hosts.
+        type Rows = Vec<(String, Vec<String>)>;
+        let summary: Vec<(String, Rows)> = apps
+            .iter()
+            .map(|a| {
+                let rows = a
+                    .releases
+                    .iter()
+                    .map(|r| {
+                        let hosts = r.hosts.iter().map(|h| h.agent_id.clone()).collect();
+                        (format!("{} {:?}", r.version, r.state), hosts)
+                    })
+                    .collect();
+                (a.app.clone(), rows)
+            })
+            .collect();
+        let s = |v: &str| v.to_string();
+        assert_eq!(
+            summary,
+            [
+                (s("api"), vec![(s("2.0.0 Signed"), vec![])]),
+                (
+                    s("web"),
+                    vec![
+                        (s("1.1.0 Stored"), vec![s("h1")]),
+                        // A refused archive of the same version runs nowhere.
+                        (s("1.1.0 Rejected"), vec![]),
+                        (s("1.0.0 Stored"), vec![s("h2")]),
+                    ]
+                ),
+            ]
+        );
+        assert!(apps[1].releases[2].hosts[0].stale);
+        assert_eq!(
+            apps[1].releases[1].reason.as_ref().map(|r| r.code),
+            Some(RejectCode::VersionNotNewer)
+        );
+    }
+}
