@@ -196,7 +196,12 @@ impl History {
                 break;
             }
         }
-        Ok(out.into())
+        // In the order things happened: two of the tracker's loops record concurrently (a
+        // release's `release.stored` from the pipeline, its `rollout.started` from the
+        // rollouts), so the stream's order may differ from the entries' times by a moment.
+        let mut out: Vec<HistoryEntry> = out.into();
+        out.sort_by_key(|e| e.at);
+        Ok(out)
     }
 }
 

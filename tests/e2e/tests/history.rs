@@ -241,7 +241,7 @@ async fn every_step_and_action_is_recorded_once_with_who_did_it() {
                 && e.reason.as_deref().is_some_and(|r| r.contains("h1"))
         },
     );
-    // In the order they happened.
+    // In the order they happened (the listing is by time).
     let position = |kind: HistoryKind| {
         all.iter()
             .position(|e| e.kind == kind && e.version == Some(v("1.0.0")))
