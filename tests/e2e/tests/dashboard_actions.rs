@@ -131,6 +131,21 @@ fn post(
 
 const JSON: &str = "application/json";
 
+/// Waits until the tracker rolls back to `to` (a rollout carrying the signer's directive).
+async fn rollback_started(port: u16, to: &str) {
+    let back = tokio::time::timeout(TIMEOUT, async {
+        loop {
+            if let Some(v) = rollout(port).filter(|v| v.rollout.directive.is_some()) {
+                return v;
+            }
+            tokio::time::sleep(Duration::from_millis(100)).await;
+        }
+    })
+    .await
+    .expect("the rollback never started");
+    assert_eq!(back.rollout.version.to_string(), to);
+}
+
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn http_actions_need_an_operators_token_and_each_is_recorded_with_its_name() {
     // Every service, the tracker included, with its own NATS identity: the tracker's may ask
@@ -233,17 +248,7 @@ async fn http_actions_need_an_operators_token_and_each_is_recorded_with_its_name
         r#"{"to":"1.0.0"}"#,
     );
     assert_eq!(status, 200, "{body}");
-    let back = tokio::time::timeout(TIMEOUT, async {
-        loop {
-            if let Some(v) = rollout(port).filter(|v| v.rollout.directive.is_some()) {
-                return v;
-            }
-            tokio::time::sleep(Duration::from_millis(100)).await;
-        }
-    })
-    .await
-    .expect("the rollback never started");
-    assert_eq!(back.rollout.version.to_string(), "1.0.0");
+    rollback_started(port, "1.0.0").await;
     let all = actions_reach(port, "http:alice", 3).await;
     assert_eq!(all[2].action.as_deref(), Some("rollback"));
     assert!(!all[2].refused, "{all:?}");
@@ -506,15 +511,5 @@ async fn from_the_page_an_operator_approves_and_rolls_back_a_reader_is_refused_a
         shown,
         "rollback of shapp to 1.0.0 (replacing up to 2.0.0) requested"
     );
-    let back = tokio::time::timeout(TIMEOUT, async {
-        loop {
-            if let Some(v) = rollout(port).filter(|v| v.rollout.directive.is_some()) {
-                return v;
-            }
-            tokio::time::sleep(Duration::from_millis(100)).await;
-        }
-    })
-    .await
-    .expect("the rollback never started");
-    assert_eq!(back.rollout.version.to_string(), "1.0.0");
+    rollback_started(port, "1.0.0").await;
 }
