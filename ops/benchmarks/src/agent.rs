@@ -207,8 +207,9 @@ pub async fn run() -> anyhow::Result<String> {
         "small_files_count": SMALL_FILES,
         "small_files_fetched_bytes": small_fetched,
         "small_files_changed_zstd_bytes": changed_zstd,
-        "small_files_install_s": round(small_install.as_seconds_f64()),
-        "small_files_write_hash_s": round(write_hash.as_secs_f64()),
+        // Milliseconds matter here: both are a fraction of a second.
+        "small_files_install_s": (small_install.as_seconds_f64() * 1000.0).round() / 1000.0,
+        "small_files_write_hash_s": (write_hash.as_secs_f64() * 1000.0).round() / 1000.0,
     });
     Ok(json.to_string())
 }
