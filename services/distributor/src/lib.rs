@@ -307,3 +307,15 @@ impl Distributor {
         }
     }
 }
+
+/// The `fleetcast-distributor` program: its settings from its config file and environment, run until
+/// a signal. (Also what the `fleetcast` binary runs when called by this name: the container
+/// image's multi-call binary.)
+pub fn main() -> std::process::ExitCode {
+    fleetcast_runtime::service::service_main(
+        SERVICE,
+        Settings::LIST_KEYS,
+        fleetcast_runtime::service::Threads::PerCore,
+        run,
+    )
+}

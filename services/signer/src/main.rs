@@ -1,9 +1,3 @@
 fn main() -> std::process::ExitCode {
-    use fleetcast_signer::{SERVICE, Settings, run};
-    fleetcast_runtime::service::service_main(
-        SERVICE,
-        Settings::LIST_KEYS,
-        fleetcast_runtime::service::Threads::PerCore,
-        run,
-    )
+    fleetcast_signer::main()
 }

@@ -136,3 +136,15 @@ async fn logged(what: &'static str, work: impl Future<Output = Result<(), String
         tracing::error!(error = %e, "{what} stopped");
     }
 }
+
+/// The `fleetcast-tracker` program: its settings from its config file and environment, run until
+/// a signal. (Also what the `fleetcast` binary runs when called by this name: the container
+/// image's multi-call binary.)
+pub fn main() -> std::process::ExitCode {
+    fleetcast_runtime::service::service_main(
+        SERVICE,
+        &[],
+        fleetcast_runtime::service::Threads::PerCore,
+        run,
+    )
+}
