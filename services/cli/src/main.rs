@@ -328,11 +328,14 @@ fn humantime_parse(s: &str) -> Result<Duration, String> {
         .map_err(|e| format!("{s:?}: {e} (try 90s, 10m or 1h)"))
 }
 
+/// A service's whole program (its library's `main`).
+type ServiceMain = fn() -> ExitCode;
+
 /// The services this binary also is, by the name it is called as: the container image ships
 /// `fleetcast` alone, with `fleetcast-watcher` … `fleetcast-tracker` as links to it (one copy
 /// of the code they share instead of five: about 50 MB less). Hosts may install the services'
 /// own binaries; they behave the same.
-const SERVICES: [(&str, fn() -> ExitCode); 4] = [
+const SERVICES: [(&str, ServiceMain); 4] = [
     ("fleetcast-watcher", fleetcast_watcher::main),
     ("fleetcast-signer", fleetcast_signer::main),
     ("fleetcast-distributor", fleetcast_distributor::main),
