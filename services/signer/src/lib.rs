@@ -628,6 +628,18 @@ impl Signer {
     }
 }
 
+/// The `fleetcast-signer` program: its settings from its config file and environment, run until
+/// a signal. (Also what the `fleetcast` binary runs when called by this name: the container
+/// image's multi-call binary.)
+pub fn main() -> std::process::ExitCode {
+    fleetcast_runtime::service::service_main(
+        SERVICE,
+        Settings::LIST_KEYS,
+        fleetcast_runtime::service::Threads::PerCore,
+        run,
+    )
+}
+
 #[cfg(test)]
 mod tests {
     use super::*;
@@ -652,16 +664,4 @@ mod tests {
             key.public().id()
         );
     }
-}
-
-/// The `fleetcast-signer` program: its settings from its config file and environment, run until
-/// a signal. (Also what the `fleetcast` binary runs when called by this name: the container
-/// image's multi-call binary.)
-pub fn main() -> std::process::ExitCode {
-    fleetcast_runtime::service::service_main(
-        SERVICE,
-        Settings::LIST_KEYS,
-        fleetcast_runtime::service::Threads::PerCore,
-        run,
-    )
 }
