@@ -126,12 +126,17 @@ pub fn chunk_subject(app: &str, chunk_hex: &str) -> String {
 /// Where `user` (the NATS user of the connection: its credential may publish only on its own
 /// name, `ops/nats/gen-accounts`) announces a release.
 pub fn release_published_subject(user: &str) -> String {
-    format!("fleetcast.v1.release.published.{user}")
+    format!("{RELEASE_PUBLISHED_PREFIX}{user}")
 }
+
+/// [`release_published_subject`] without its user, for [`subject_user`].
+pub const RELEASE_PUBLISHED_PREFIX: &str = "fleetcast.v1.release.published.";
+/// [`rollback_requested_subject`] without its user, for [`subject_user`].
+pub const ROLLBACK_REQUESTED_PREFIX: &str = "fleetcast.v1.release.rollback_requested.";
 
 /// Where `user` asks for a rollback (see [`release_published_subject`]).
 pub fn rollback_requested_subject(user: &str) -> String {
-    format!("fleetcast.v1.release.rollback_requested.{user}")
+    format!("{ROLLBACK_REQUESTED_PREFIX}{user}")
 }
 
 /// Where `user` sends steering commands to the tracker (see [`release_published_subject`]).

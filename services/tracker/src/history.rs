@@ -242,16 +242,14 @@ pub fn from_pipeline(
         fleetcast_runtime::consume::decode_payload(headers, payload).ok()
     }
     let mut e;
-    if let Some(user) = names::subject_user(subject, "fleetcast.v1.release.published.") {
+    if let Some(user) = names::subject_user(subject, names::RELEASE_PUBLISHED_PREFIX) {
         let p: ReleasePublished = decode(headers, payload)?;
         e = HistoryEntry::new(HistoryKind::ReleasePublished, at);
         e.app = Some(p.app);
         e.version = Some(p.version);
         e.blake3 = Some(p.blake3);
         e.actor = Some(user.to_string());
-    } else if let Some(user) =
-        names::subject_user(subject, "fleetcast.v1.release.rollback_requested.")
-    {
+    } else if let Some(user) = names::subject_user(subject, names::ROLLBACK_REQUESTED_PREFIX) {
         let r: RollbackRequested = decode(headers, payload)?;
         e = HistoryEntry::new(HistoryKind::RollbackRequested, at);
         e.reason = Some(format!("from {} back to {}", r.from, r.to));

@@ -1039,44 +1039,46 @@ impl Tracker {
             }
             _ => self.steer(&command).await,
         };
-        let mut entry = HistoryEntry::new(HistoryKind::OperatorAction, OffsetDateTime::now_utc());
-        entry.actor = Some(actor.to_string());
-        entry.action = Some(command.name().to_string());
-        entry.app = command.app().map(String::from);
-        entry.version = reply
+        let version = reply
             .rollout
             .as_ref()
             .map(|v| v.rollout.version.clone())
             .or_else(|| command.version().cloned());
-        entry.refused = !reply.ok;
-        entry.reason = Some(reply.message.clone()).filter(|m| !m.is_empty());
-        if entry
-            .app
-            .as_deref()
-            .is_some_and(|a| names::validate_app_name(a).is_err())
-        {
-            entry.app = None;
-        }
-        // Each request is one action: a random id (never deduplicated against another).
-        let id = format!("action:{}", uuid_like());
-        self.state.lock().await.history.push((entry, id));
-        self.flush_history().await;
+        let reason = Some(reply.message.clone()).filter(|m| !m.is_empty());
+        self.record_action(actor, &command, version, !reply.ok, reason)
+            .await;
         reply
     }
 
     /// Records a refused action that never reached [`Tracker::command`] (e.g. an HTTP request
     /// with a token that may only read).
     pub async fn refused_action(&self, actor: &str, command: &Command, reason: &str) {
+        let version = command.version().cloned();
+        self.record_action(actor, command, version, true, Some(reason.to_string()))
+            .await;
+    }
+
+    /// Records one operator action (`operator.action`) by `actor`, and writes it out.
+    async fn record_action(
+        &self,
+        actor: &str,
+        command: &Command,
+        version: Option<semver::Version>,
+        refused: bool,
+        reason: Option<String>,
+    ) {
         let mut entry = HistoryEntry::new(HistoryKind::OperatorAction, OffsetDateTime::now_utc());
         entry.actor = Some(actor.to_string());
         entry.action = Some(command.name().to_string());
+        // An app name that is not valid (a refused request's) cannot stand in a subject.
         entry.app = command
             .app()
             .filter(|a| names::validate_app_name(a).is_ok())
             .map(String::from);
-        entry.version = command.version().cloned();
-        entry.refused = true;
-        entry.reason = Some(reason.to_string());
+        entry.version = version;
+        entry.refused = refused;
+        entry.reason = reason;
+        // Each request is one action: a random id (never deduplicated against another).
         let id = format!("action:{}", uuid_like());
         self.state.lock().await.history.push((entry, id));
         self.flush_history().await;
