@@ -9,6 +9,8 @@ use std::io::Write;
 use std::path::Path;
 
 use base64::{Engine, engine::general_purpose::STANDARD as B64};
+use fleetcast_events::manifest::{FileEntry, TreeRoot};
+use fleetcast_events::tree::{self, Built, ChunkList, NodeRef, TreeFile, Walk};
 use fleetcast_events::v1::*;
 use fleetcast_events::{Encoding, SecretKey, SignedManifest};
 use fleetcast_fuzz::{now, signed_json};
@@ -28,7 +30,7 @@ fn main() {
         ("archive", archives(), fleetcast_fuzz::archive),
         ("manifest", manifests(), fleetcast_fuzz::manifest),
         ("event", events(), fleetcast_fuzz::event),
-        ("chunk_index", chunk_indexes(), fleetcast_fuzz::chunk_index),
+        ("tree", tree_nodes(), fleetcast_fuzz::tree),
     ];
     let mut total = 0;
     for (target, seeds, check) in targets {
@@ -349,14 +351,11 @@ fn archives() -> Vec<Seed> {
 /// Seeds are written as JSON values, the wire form, and turned into MessagePack through the
 /// Rust type: so they need no struct literals that each new optional field would break.
 fn sample_manifest() -> Value {
+    let (files, built) = sample_tree();
     json!({
         "app": "collector",
         "version": "1.2.3",
-        "files": [
-            {"path": "bin/collector", "mode": 0o755, "size": 3, "blake3": blake3_hex(b"abc")},
-            {"path": "bin/current", "mode": 0o777, "size": 9, "blake3": blake3_hex(b"collector"),
-             "link": "collector"},
-        ],
+        "tree": serde_json::to_value(TreeRoot::of(&built, &files)).expect("json"),
         "created": rfc3339(now() - Duration::days(1)),
         "expires": rfc3339(now() + Duration::days(30)),
     })
@@ -443,16 +442,25 @@ fn manifests() -> Vec<Seed> {
             s["signatures"] = sigs.into();
         })),
         seed("expired.json", with(&|m| m["expires"] = rfc3339(now() - Duration::seconds(1)).into())),
-        seed("path-traversal.json", with(&|m| m["files"][0]["path"] = "../../etc/passwd".into())),
-        seed("absolute-path.json", with(&|m| m["files"][0]["path"] = "/etc/passwd".into())),
-        seed("drive-path.json", with(&|m| m["files"][0]["path"] = "c:\\x".into())),
-        seed("nul-in-path.json", with(&|m| m["files"][0]["path"] = "bin/x\0y".into())),
-        seed("empty-path.json", with(&|m| m["files"][0]["path"] = "".into())),
-        seed("duplicate-path.json", with(&|m| m["files"][1]["path"] = "bin/collector".into())),
-        seed("link-outside.json", with(&|m| m["files"][1]["link"] = "../../../etc/shadow".into())),
+        // The paths are in the tree's nodes now (the `tree` target's seeds); here its root.
+        seed("tree-root-not-hex.json", with(&|m| m["tree"]["root"] = "not hex".into())),
+        seed("tree-root-uppercase.json", with(&|m| {
+            let upper = m["tree"]["root"].as_str().expect("root").to_uppercase();
+            m["tree"]["root"] = upper.into();
+        })),
+        seed("tree-root-short.json", with(&|m| m["tree"]["root"] = "abc".into())),
+        seed("tree-len-over-u32.json", with(&|m| m["tree"]["len"] = 4_294_967_296u64.into())),
+        seed("tree-unknown-field.json", with(&|m| m["tree"]["index_key"] = "collector.1.2.3".into())),
+        // The format before the tree: the files listed in the manifest itself.
+        seed("files-instead-of-tree.json", with(&|m| {
+            let files = json!([{"path": "bin/collector", "mode": 0o755, "size": 3, "blake3": blake3_hex(b"abc")}]);
+            let object = m.as_object_mut().expect("object");
+            object.remove("tree");
+            object.insert("files".into(), files);
+        })),
         seed("bad-app-name.json", with(&|m| m["app"] = "../collector".into())),
-        seed("huge-numbers.json", br#"{"app":"collector","version":"1.0.0","files":[{"path":"a","mode":4294967296,"size":18446744073709551616,"blake3":""}],"created":"2026-01-01T00:00:00Z","expires":"9999-12-31T23:59:60Z"}"#.to_vec()),
-        seed("odd-dates.json", br#"{"app":"collector","version":"1.0.0","files":[],"created":"0000-01-01T00:00:00-23:59","expires":"2026-12-31T23:59:60.999999999+23:59"}"#.to_vec()),
+        seed("huge-numbers.json", br#"{"app":"collector","version":"1.0.0","tree":{"root":"","len":4294967296,"files":18446744073709551616,"bytes":-1},"created":"2026-01-01T00:00:00Z","expires":"9999-12-31T23:59:60Z"}"#.to_vec()),
+        seed("odd-dates.json", br#"{"app":"collector","version":"1.0.0","tree":{"root":"af1349b9f5f9a1a6a0404dea36dcc9499bcb25c9adc112b7cc9a93cae41f3262","len":0,"files":0,"bytes":0},"created":"0000-01-01T00:00:00-23:59","expires":"2026-12-31T23:59:60.999999999+23:59"}"#.to_vec()),
         seed("unknown-field.json", br#"{"manifest":"{}","signatures":[],"threshold":2}"#.to_vec()),
         seed("deep-nesting.json", deep),
         seed("not-json", b"{\"manifest\": \"\\ud800\", ".to_vec()),
@@ -499,9 +507,8 @@ fn events() -> Vec<Seed> {
         json!({"code": "path_traversal", "message": "entry \"../x\" escapes the package"});
     let stored = json!({
         "app": "collector", "version": "1.2.3", "files": 2, "total_bytes": 12, "chunks": 2,
-        "new_chunks": 1, "new_stored_bytes": 10, "index_key": "collector.1.2.3",
+        "new_chunks": 1, "new_stored_bytes": 10, "tree_nodes": 3, "new_tree_nodes": 1,
     });
-    let index = sample_index();
     let app = json!({
         "app": "collector", "state": "running", "running": "1.2.3", "previous": "1.0.0",
         "uptime_s": 3600,
@@ -591,19 +598,17 @@ fn events() -> Vec<Seed> {
             "manifest": good.clone(), "stored": stored, "updated": rfc3339(now()),
         })
     );
-    both!("chunk-index", ChunkIndex, index.clone());
-    both!("file-chunks", FileChunks, index["files"][0].clone());
     both!(
         "chunk-ref",
         ChunkRef,
-        index["files"][0]["chunks"][0].clone()
+        json!({"id": blake3_hex(b"abc"), "len": 3})
     );
     both!(
         "desired-state",
         DesiredState,
         json!({
             "app": "collector", "ring": "canary", "version": "1.2.3", "manifest": good.clone(),
-            "index_key": "collector.1.2.3", "slot": true,
+            "slot": true,
         })
     );
     both!(
@@ -670,7 +675,7 @@ fn events() -> Vec<Seed> {
             "json-deep-nesting",
             format!("{}{}", "{\"a\":".repeat(3000), "}".repeat(3000)),
         ),
-        seed("json-truncated", bytes(&index)[..40].to_vec()),
+        seed("json-truncated", bytes(&stored)[..40].to_vec()),
         seed(
             "json-bad-semver",
             br#"{"agent_id":"a","app":"b","ring":"c","version":"01.2.3"}"#.to_vec(),
@@ -707,25 +712,204 @@ fn events() -> Vec<Seed> {
     out
 }
 
-fn sample_index() -> Value {
-    json!({
-        "app": "collector",
-        "version": "1.2.3",
-        "files": [
-            {"path": "bin/collector", "blake3": blake3_hex(b"abc"),
-             "chunks": [{"id": blake3_hex(b"abc"), "len": 3}]},
-            {"path": "data/empty", "chunks": []},
-        ],
-    })
+fn tree_file(path: &str, content: &[u8], mode: u32) -> TreeFile {
+    let hash = blake3_hex(content);
+    let chunks = if content.is_empty() {
+        Vec::new()
+    } else {
+        vec![chunking::chunk_ref(
+            &chunking::ChunkId::of(content),
+            content.len(),
+        )]
+    };
+    TreeFile {
+        entry: FileEntry {
+            path: path.into(),
+            mode,
+            size: content.len() as u64,
+            blake3: hash,
+            link: None,
+        },
+        chunks: ChunkList::Listed(chunks),
+    }
 }
 
-fn chunk_indexes() -> Vec<Seed> {
-    let index = sample_index();
-    let with = |id: &str| {
-        let mut i = index.clone();
-        i["files"][0]["chunks"][0]["id"] = id.into();
-        msgpack::<ChunkIndex>(&i)
+/// A release's files as the package gives them (path order): a file of one chunk, a link, an
+/// empty file, one of two chunks, one of 200 chunks (more than a leaf lists: a chunk tree of
+/// its own), and enough others for a level of branches.
+fn sample_tree() -> (Vec<TreeFile>, Built) {
+    let mut files = vec![
+        tree_file("bin/collector", b"#!/bin/sh\necho collector 1.2.3\n", 0o755),
+        tree_file("data/empty", b"", 0o644),
+        tree_file("VERSION", b"1.2.3", 0o644),
+    ];
+    let mut link = tree_file("bin/current", b"collector", 0o777);
+    link.entry.link = Some("collector".into());
+    link.chunks = ChunkList::Listed(Vec::new());
+    files.push(link);
+    let chunked = |path: &str, n: u32| {
+        let chunks: Vec<ChunkRef> = (0..n)
+            .map(|i| ChunkRef {
+                id: blake3_hex(format!("{path} {i}").as_bytes()),
+                len: 65_536,
+            })
+            .collect();
+        TreeFile {
+            entry: FileEntry {
+                path: path.into(),
+                mode: 0o644,
+                size: u64::from(n) * 65_536,
+                blake3: blake3_hex(path.as_bytes()),
+                link: None,
+            },
+            chunks: ChunkList::Listed(chunks),
+        }
     };
+    files.push(chunked("data/two-chunks.bin", 2));
+    files.push(chunked("data/big.bin", 200));
+    for i in 0..30 {
+        let body = format!("module {i}");
+        files.push(tree_file(
+            &format!("lib/mod_{i:02}.so"),
+            body.as_bytes(),
+            0o644,
+        ));
+    }
+    files.sort_by(|a, b| a.entry.path.cmp(&b.entry.path));
+    let built = tree::build(&files).expect("the sample tree builds");
+    (files, built)
+}
+
+/// What a node is, as a walk reads it: named in the seed's file name.
+fn node_kind(bytes: &[u8]) -> &'static str {
+    let name = NodeRef::of(bytes);
+    let mut files = Walk::files(name, u64::MAX);
+    let mut chunks = Walk::chunks(name, u64::MAX);
+    if files.supply(&[bytes]).is_ok() {
+        if files.wanted().is_empty() {
+            "files"
+        } else {
+            "branch"
+        }
+    } else if chunks.supply(&[bytes]).is_ok() {
+        "chunks"
+    } else {
+        "unreadable"
+    }
+}
+
+/// `bytes` with the first `from` replaced by `to` (same length).
+fn patch_once(mut bytes: Vec<u8>, from: &[u8], to: &[u8]) -> Vec<u8> {
+    assert_eq!(from.len(), to.len());
+    let at = bytes
+        .windows(from.len())
+        .position(|w| w == from)
+        .unwrap_or_else(|| panic!("{from:x?} not in {:x?}", &bytes[..bytes.len().min(60)]));
+    bytes[at..at + to.len()].copy_from_slice(to);
+    bytes
+}
+
+/// The one leaf of a tree of `files` (built without the checks a reader makes).
+fn leaf_of(files: &[TreeFile]) -> Vec<u8> {
+    let built = tree::build(files).expect("build");
+    assert_eq!(built.nodes.len(), 1);
+    built.nodes[0].1.clone()
+}
+
+fn tree_nodes() -> Vec<Seed> {
+    let (_, built) = sample_tree();
+    let mut out: Vec<Seed> = built
+        .nodes
+        .iter()
+        .enumerate()
+        .map(|(i, (r, bytes))| {
+            let root = if *r == built.root { "-root" } else { "" };
+            seed(
+                &format!("node-{i:02}-{}{root}", node_kind(bytes)),
+                bytes.clone(),
+            )
+        })
+        .collect();
+    let root = built
+        .nodes
+        .iter()
+        .find(|(r, _)| *r == built.root)
+        .map(|(_, b)| b.clone())
+        .expect("the root is a node");
+    let (_, first_leaf) = built
+        .nodes
+        .iter()
+        .find(|(_, b)| node_kind(b) == "files")
+        .expect("a leaf of files");
+    let mut flipped = first_leaf.clone();
+    let middle = flipped.len() / 2;
+    flipped[middle] ^= 0x01;
+    // A branch is [kind 2, level, [], [], children]: its level patched past the deepest.
+    let at_level = |level: u8| {
+        let mut b = root.clone();
+        assert_eq!(&b[..2], b"\x95\x02", "the root is a branch");
+        b[2] = level;
+        b
+    };
+    let pair = [
+        tree_file("bin/aa", b"a", 0o644),
+        tree_file("bin/zz", b"z", 0o644),
+    ];
+    // [prefix, suffix, ...]: the second path shares "bin/" and ends in "zz".
+    let duplicate = patch_once(leaf_of(&pair), b"\xa2zz", b"\xa2aa");
+    let out_of_order = patch_once(leaf_of(&pair), b"\xa2zz", b"\xa2a0");
+    let first_prefix = patch_once(leaf_of(&pair), b"\x98\x00\xa6bin/aa", b"\x98\x05\xa6bin/aa");
+    let prefix_past_end = patch_once(leaf_of(&pair), b"\x98\x04\xa2zz", b"\x98\x7f\xa2zz");
+    out.extend([
+        seed("truncated-root", root[..root.len() / 2].to_vec()),
+        seed(
+            "truncated-leaf",
+            first_leaf[..first_leaf.len() - 1].to_vec(),
+        ),
+        seed("flipped-leaf", flipped),
+        seed("branch-too-deep", at_level(17)),
+        seed("branch-at-level-0", at_level(0)),
+        seed(
+            "leaf-path-traversal",
+            leaf_of(&[tree_file("../etc/passwd", b"x", 0o644)]),
+        ),
+        seed(
+            "leaf-absolute-path",
+            leaf_of(&[tree_file("/etc/passwd", b"x", 0o644)]),
+        ),
+        seed(
+            "leaf-drive-path",
+            leaf_of(&[tree_file("c:\\x", b"x", 0o644)]),
+        ),
+        seed(
+            "leaf-nul-in-path",
+            leaf_of(&[tree_file("bin/x\0y", b"x", 0o644)]),
+        ),
+        seed("leaf-empty-path", leaf_of(&[tree_file("", b"x", 0o644)])),
+        seed("leaf-duplicate-path", duplicate),
+        seed("leaf-out-of-order", out_of_order),
+        seed("leaf-first-prefix-not-0", first_prefix),
+        seed("leaf-prefix-past-end", prefix_past_end),
+        seed(
+            "leaf-huge-file-count",
+            b"\x95\x00\x00\xdd\xff\xff\xff\xff".to_vec(),
+        ),
+        seed(
+            "leaf-huge-chunk-count",
+            b"\x95\x01\x00\x90\xdd\x7f\xff\xff\xff".to_vec(),
+        ),
+        seed(
+            "leaf-hash-not-32-bytes",
+            b"\x95\x01\x00\x90\x91\x92\xc4\x03abc\x01\x90".to_vec(),
+        ),
+        seed("unknown-kind", b"\x95\x07\x00\x90\x90\x90".to_vec()),
+    ]);
+    out.extend(chunks());
+    out
+}
+
+/// Stored chunks (tree nodes are stored alike) and file content to chunk.
+fn chunks() -> Vec<Seed> {
     let text = b"fleetcast ".repeat(2000);
     let zeros_bomb = {
         let mut b = vec![1u8];
@@ -745,20 +929,18 @@ fn chunk_indexes() -> Vec<Seed> {
     // Frame header: magic (4), descriptor, then the content size; claim far more.
     lying_size[6] = 0xff;
     vec![
-        seed("index.msgpack", msgpack::<ChunkIndex>(&index)),
-        seed("index.json", bytes(&index)),
-        seed("index-bad-hex-id.msgpack", with(&"zz".repeat(32))),
-        seed("index-uppercase-id.msgpack", with(&blake3_hex(b"abc").to_uppercase())),
-        seed("index-short-id.msgpack", with("abc")),
-        seed("index-huge-file-count.msgpack", b"\x83\xa3app\xa1a\xa7version\xa51.0.0\xa5files\xdd\xff\xff\xff\xff".to_vec()),
-        seed("index-huge-chunk-count.msgpack", b"\x83\xa3app\xa1a\xa7version\xa51.0.0\xa5files\x91\x82\xa4path\xa1p\xa6chunks\xdd\x7f\xff\xff\xff".to_vec()),
-        seed("index-len-over-u32.json", br#"{"app":"a","version":"1.0.0","files":[{"path":"p","chunks":[{"id":"","len":4294967296}]}]}"#.to_vec()),
-        seed("chunk-raw", chunking::encode_stored(&pseudo_random(2000, 3)).expect("encode")),
+        seed(
+            "chunk-raw",
+            chunking::encode_stored(&pseudo_random(2000, 3)).expect("encode"),
+        ),
         seed("chunk-zstd", zstd_text),
         seed("chunk-zstd-bomb", zeros_bomb),
         seed("chunk-zstd-streamed", streamed),
         seed("chunk-zstd-lying-size", lying_size),
-        seed("chunk-zstd-skippable-frame", b"\x01\x50\x2a\x4d\x18\x04\x00\x00\x00abcd".to_vec()),
+        seed(
+            "chunk-zstd-skippable-frame",
+            b"\x01\x50\x2a\x4d\x18\x04\x00\x00\x00abcd".to_vec(),
+        ),
         seed("chunk-unknown-encoding", b"\x07abc".to_vec()),
         seed("chunk-empty-raw", vec![0u8]),
         seed("file-content", text.clone()),

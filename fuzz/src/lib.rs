@@ -6,7 +6,9 @@ use std::io::{Read, Seek, SeekFrom, Write};
 use std::sync::OnceLock;
 
 use base64::{Engine, engine::general_purpose::STANDARD as B64};
-use fleetcast_events::v1::{self, ChunkIndex};
+use fleetcast_events::manifest::check_relative_path;
+use fleetcast_events::tree::{self, ChunkList, NodeRef, TreeError, Walk};
+use fleetcast_events::v1;
 use fleetcast_events::{
     Encoding, Manifest, SecretKey, SignedManifest, SignedMetadata, TrustedKeys, TrustedRoot,
 };
@@ -28,8 +30,9 @@ pub fn now() -> OffsetDateTime {
 }
 
 /// Archive validation: whatever the bytes, `Package::open` and everything a valid package
-/// offers (file manifest, package config, entry readers) return errors, never panic, and stay
-/// within the declared sizes.
+/// offers (file tree, package config, entry readers) return errors, never panic, and stay
+/// within the declared sizes; the files of an accepted package build into a tree that reads
+/// back as them.
 pub fn archive(data: &[u8]) {
     // One unnamed temporary file per process (nothing left behind when libFuzzer exits),
     // reopened by path through /proc (Linux) since `Package::open` takes a path.
@@ -48,16 +51,33 @@ pub fn archive(data: &[u8]) {
     let entries = package.entries().to_vec();
     for entry in &entries {
         assert!(
-            fleetcast_events::manifest::check_relative_path(&entry.path).is_ok(),
+            check_relative_path(&entry.path).is_ok(),
             "accepted an unsafe path {:?}",
             entry.path
         );
     }
-    if let Ok(files) = package.file_manifest() {
+    if let Ok(files) = package.file_tree() {
         for f in &files {
-            let entry = entries.iter().find(|e| e.path == f.path);
-            assert!(entry.is_some(), "manifest lists {:?}, not an entry", f.path);
+            let entry = entries.iter().find(|e| e.path == f.entry.path);
+            assert!(
+                entry.is_some(),
+                "tree lists {:?}, not an entry",
+                f.entry.path
+            );
         }
+        let built = tree::build(&files)
+            .unwrap_or_else(|e| panic!("the files of an accepted package build no tree: {e}"));
+        let nodes: std::collections::HashMap<NodeRef, &[u8]> = built
+            .nodes
+            .iter()
+            .map(|(r, bytes)| (*r, bytes.as_slice()))
+            .collect();
+        let read = tree::read_all(built.root, files.len() as u64, |r| nodes.get(r).copied());
+        assert_eq!(
+            read.as_ref(),
+            Ok(&files),
+            "a package's tree does not read back as its files"
+        );
     }
     let _ = package.config();
     for entry in &entries {
@@ -96,15 +116,12 @@ fn check_verified(signed: &SignedManifest, keys: &TrustedKeys) {
         return;
     };
     assert!(now() <= verified.expires, "accepted an expired manifest");
-    let mut seen = std::collections::HashSet::new();
-    for f in &verified.files {
-        assert!(
-            fleetcast_events::manifest::check_relative_path(&f.path).is_ok(),
-            "accepted an unsafe path {:?}",
-            f.path
-        );
-        assert!(seen.insert(&f.path), "accepted {:?} twice", f.path);
-    }
+    // The paths are checked as the tree is read (the `tree` target); the root must be a node.
+    assert!(
+        verified.tree.node().is_ok(),
+        "accepted a tree root that names no node: {:?}",
+        verified.tree
+    );
 }
 
 /// Manifest parsing and verification: a signed manifest decoded from JSON (and MessagePack, as
@@ -190,8 +207,6 @@ pub fn event(data: &[u8]) {
         round_trip::<v1::ReleaseStored>(encoding, data);
         round_trip::<v1::ReleaseState>(encoding, data);
         round_trip::<v1::ReleaseRecord>(encoding, data);
-        round_trip::<v1::ChunkIndex>(encoding, data);
-        round_trip::<v1::FileChunks>(encoding, data);
         round_trip::<v1::ChunkRef>(encoding, data);
         round_trip::<v1::DesiredState>(encoding, data);
         round_trip::<v1::SlotRequest>(encoding, data);
@@ -203,20 +218,185 @@ pub fn event(data: &[u8]) {
     }
 }
 
-/// Chunk index decoding and chunk verification: the index as agents read it (MessagePack; JSON
-/// too), every chunk id in it parsed; the bytes as a stored chunk checked by
+/// Tree nodes and chunk verification. The bytes as a release's tree (`fleetcast_events::tree`)
+/// that is this one node, read as agents read it: as the root of a release's files and as a
+/// file's chunk tree, errors allowed but no panic; what reads completely lists safe paths in
+/// strictly increasing order, names the nodes `tree::children` names, and builds into a tree
+/// that reads back as the same files; bytes that do not match a node's name are refused. Then
+/// the bytes as a stored chunk (tree nodes are stored like chunks), checked by
 /// `chunking::verify` (never more than the maximum chunk size decompressed); and the bytes as
 /// file content: chunked, stored and verified again, which must give them back.
-pub fn chunk_index(data: &[u8]) {
-    for encoding in [Encoding::MsgPack, Encoding::Json] {
-        if let Ok(index) = encoding.decode::<ChunkIndex>(data) {
-            for chunk in index.files.iter().flat_map(|f| &f.chunks) {
-                if let Ok(id) = ChunkId::from_hex(&chunk.id) {
-                    assert_eq!(id.to_hex(), chunk.id.to_ascii_lowercase());
-                }
-            }
+pub fn tree(data: &[u8]) {
+    tree_node(data);
+    chunk(data);
+}
+
+/// The signed total a walk is bounded by: far more than any one node lists.
+const MAX_ITEMS: u64 = 1_000_000;
+
+/// A walk of the tree that is `data`'s node, `data` supplied as its root.
+fn walk_of(data: &[u8], files: bool, bound: u64) -> (Walk, Result<(), TreeError>) {
+    let root = NodeRef::of(data);
+    let mut walk = if files {
+        Walk::files(root, bound)
+    } else {
+        Walk::chunks(root, bound)
+    };
+    let supplied = walk.supply(&[data]);
+    (walk, supplied)
+}
+
+/// A one-node walk that `data` completes with `bound` as the signed total.
+fn complete_walk(data: &[u8], files: bool, bound: u64) -> Option<Walk> {
+    let (walk, supplied) = walk_of(data, files, bound);
+    (supplied.is_ok() && walk.wanted().is_empty()).then_some(walk)
+}
+
+/// How many items a complete one-node walk lists, found through the public API only: a walk
+/// refuses a tree that lists more than its bound (and a bound of 0 counts as 1), so the least
+/// bound the node passes is its count; each item takes bytes, so it is at most `data.len()`.
+fn candidates(data: &[u8], files: bool) -> Vec<u64> {
+    let (mut low, mut high) = (1u64, (data.len() as u64).clamp(1, MAX_ITEMS));
+    while low < high {
+        let mid = low + (high - low) / 2;
+        if complete_walk(data, files, mid).is_some() {
+            high = mid;
+        } else {
+            low = mid + 1;
         }
     }
+    if low == 1 { vec![1, 0] } else { vec![low] }
+}
+
+fn tree_node(data: &[u8]) {
+    let _ = tree::children(data);
+    let name = NodeRef::of(data);
+    for files in [true, false] {
+        let (walk, supplied) = walk_of(data, files, MAX_ITEMS);
+        if supplied.is_err() {
+            continue;
+        }
+        let children = tree::children(data)
+            .unwrap_or_else(|e| panic!("a node a walk read has no children: {e}"));
+        if walk.wanted().is_empty() {
+            // A leaf (or a branch without children): the whole tree.
+            if files {
+                check_files(data, &children);
+            } else {
+                check_chunks(data, &children);
+            }
+        } else {
+            // A branch: it names its children, none of which is this node.
+            assert_eq!(walk.wanted(), &children[..], "a branch's children differ");
+            let mut walk = walk;
+            let copies = vec![data; walk.wanted().len()];
+            assert!(
+                matches!(walk.supply(&copies), Err(TreeError::Hash(_))),
+                "a node was taken for its child"
+            );
+        }
+    }
+    // Bytes that are not the node's: one more, one changed, or the right ones under a name
+    // with another length.
+    let mut longer = data.to_vec();
+    longer.push(0);
+    let mut changed = data.to_vec();
+    if let Some(b) = changed.last_mut() {
+        *b ^= 1;
+    }
+    let other_len = NodeRef {
+        len: name.len.wrapping_add(1),
+        ..name
+    };
+    for (r, bytes) in [(name, &longer[..]), (name, &changed[..]), (other_len, data)] {
+        if bytes == data && r == name {
+            continue;
+        }
+        for mut walk in [Walk::files(r, MAX_ITEMS), Walk::chunks(r, MAX_ITEMS)] {
+            let refused = walk.supply(&[bytes]);
+            assert!(
+                matches!(refused, Err(TreeError::Hash(_))),
+                "bytes that do not match the node's name were taken: {refused:?}"
+            );
+        }
+    }
+    // Too many or too few nodes.
+    assert!(Walk::files(name, MAX_ITEMS).supply(&[data, data]).is_err());
+    assert!(Walk::files(name, MAX_ITEMS).supply::<&[u8]>(&[]).is_err());
+}
+
+/// A leaf of files that reads completely: safe paths in strictly increasing order, its chunk
+/// trees the children it names, and a tree built of its files reads back as them.
+fn check_files(data: &[u8], children: &[NodeRef]) {
+    let files = candidates(data, true)
+        .into_iter()
+        .find_map(|n| complete_walk(data, true, n)?.into_files(n).ok())
+        .expect("a complete walk lists as many files as its least bound");
+    for f in &files {
+        assert!(
+            check_relative_path(&f.entry.path).is_ok(),
+            "the tree lists an unsafe path {:?}",
+            f.entry.path
+        );
+    }
+    for pair in files.windows(2) {
+        assert!(
+            pair[0].entry.path < pair[1].entry.path,
+            "{:?} listed after {:?}",
+            pair[1].entry.path,
+            pair[0].entry.path
+        );
+    }
+    let trees: Vec<NodeRef> = files
+        .iter()
+        .filter_map(|f| match f.chunks {
+            ChunkList::Tree { root, .. } => Some(root),
+            ChunkList::Listed(_) => None,
+        })
+        .collect();
+    assert_eq!(children, &trees[..], "a leaf's chunk trees differ");
+    // A file whose chunks are in a tree of their own needs that tree's nodes, not at hand; a
+    // path longer than a zip name (64 KiB) could make a node too big to read, and no package
+    // has one.
+    if !trees.is_empty()
+        || files
+            .iter()
+            .any(|f| f.entry.path.len() > usize::from(u16::MAX))
+    {
+        return;
+    }
+    let built = tree::build(&files).unwrap_or_else(|e| panic!("files read build no tree: {e}"));
+    let nodes: std::collections::HashMap<NodeRef, &[u8]> = built
+        .nodes
+        .iter()
+        .map(|(r, bytes)| (*r, bytes.as_slice()))
+        .collect();
+    let read = tree::read_all(built.root, files.len() as u64, |r| nodes.get(r).copied())
+        .unwrap_or_else(|e| panic!("a tree built of files read does not read: {e}"));
+    let entries =
+        |files: &[tree::TreeFile]| files.iter().map(|f| f.entry.clone()).collect::<Vec<_>>();
+    assert_eq!(
+        entries(&read),
+        entries(&files),
+        "the files changed by a rebuild"
+    );
+}
+
+/// A leaf of chunks that reads completely: chunk names that parse, no children.
+fn check_chunks(data: &[u8], children: &[NodeRef]) {
+    let chunks = candidates(data, false)
+        .into_iter()
+        .find_map(|n| complete_walk(data, false, n)?.into_chunks().ok())
+        .expect("a complete walk lists as many chunks as its least bound");
+    for c in &chunks {
+        let id = ChunkId::from_hex(&c.id).unwrap_or_else(|e| panic!("chunk {:?}: {e}", c.id));
+        assert_eq!(id.to_hex(), c.id);
+    }
+    assert!(children.is_empty(), "a leaf of chunks names nodes");
+}
+
+/// The bytes as a stored chunk and as file content.
+fn chunk(data: &[u8]) {
     // As a stored chunk: its length the first four bytes say, its name that of the bytes.
     let len = data
         .get(..4)

@@ -6,7 +6,7 @@
 //!   ticks of user+system CPU over 60 s, 100 ticks a second; RSS at the end of that minute).
 //!   `idle_rss_anon_mib` (heap, stacks) and `idle_rss_file_mib` (code and libraries) split it.
 //! - `update_peak_rss_mib`: the agent's peak RSS (VmHWM) over both installs.
-//! - `fetched_bytes` (v1→v2: chunks, chunk index and the desired state with its signed
+//! - `fetched_bytes` (v1→v2: chunks, tree nodes and the desired state with its signed
 //!   manifest) vs `changed_bytes`; `full_download_bytes` (v1 from nothing, same count).
 //!   `full_install_s`: v1 announced → running (download, verify, write, start, gate).
 //! - `bita_fetched_bytes`: what `bita clone --seed v1.zip v2.cba` takes from the archive (its
@@ -21,7 +21,7 @@
 //!   idle host takes to act on an announcement.
 //! - Small files, a second app of the same agent: ~3,000 source-like text files (~30 MiB), 11
 //!   of them edited. `small_files_fetched_bytes`: everything the agent fetched for the update
-//!   (chunks, chunk index, the desired state with its signed manifest);
+//!   (chunks, tree nodes, the desired state with its signed manifest);
 //!   `small_files_changed_zstd_bytes`: the edited files alone, zstd level 3 (the reference);
 //!   `small_files_install_s`: v2's desired state written → v2 running (download, install,
 //!   switch, health gate); `small_files_write_hash_s`: writing, hashing and syncing just the

@@ -29,7 +29,8 @@ use std::time::{Duration, Instant};
 
 use anyhow::{Context, bail};
 use fleetcast_events::names::{chunk_subject, desired_key};
-use fleetcast_events::v1::{AgentStatus, AppState, ChunkIndex};
+use fleetcast_events::tree::ChunkList;
+use fleetcast_events::v1::{AgentStatus, AppState};
 use fleetcast_events::{Encoding, SecretKey};
 use fleetcast_harness::fixtures::pseudo_random;
 use fleetcast_tracker::api::Command;
@@ -38,7 +39,7 @@ use futures::StreamExt;
 use tokio_util::sync::CancellationToken;
 
 use crate::agent::cpu_ticks;
-use crate::ingest::{File, fresh_store, ingest_once, round, start_distributor, write_zip};
+use crate::ingest::{File, fresh_store, ingest_once, round, start_distributor, tree_of, write_zip};
 use fleetcast_harness::NatsServer;
 use fleetcast_harness::accounts::{Accounts, AgentSpec};
 use fleetcast_runtime::{Bus, NatsSettings, TlsSettings};
@@ -249,7 +250,7 @@ pub async fn run() -> anyhow::Result<String> {
         .await?;
     let cpu_before = fleet_cpu()?;
     let start = Instant::now();
-    let (_, stored) = ingest_once(&bus, &key, &v2_zip, "fleet", "2.0.0").await?;
+    ingest_once(&bus, &key, &v2_zip, "fleet", "2.0.0").await?;
     let desired_at = loop {
         let entry = desired.next().await.context("desired watch ended")??;
         let d: fleetcast_events::v1::DesiredState = Encoding::Json.decode(&entry.value)?;
@@ -296,32 +297,20 @@ pub async fn run() -> anyhow::Result<String> {
     let cpu_after = fleet_cpu()?;
 
     eprintln!("floor: {agents} plain clients fetching the changed chunks");
-    let index: ChunkIndex = Encoding::MsgPack.decode(
-        &bus.index
-            .get(&stored.index_key)
-            .await?
-            .context("v2 index")?,
-    )?;
-    let old: ChunkIndex = Encoding::MsgPack.decode(
-        &bus.index
-            .get(fleetcast_events::names::release_key(
-                "fleet",
-                &semver::Version::new(1, 0, 0),
-            ))
-            .await?
-            .context("v1 index")?,
-    )?;
-    let old_ids: HashSet<&str> = old
-        .files
-        .iter()
-        .flat_map(|f| f.chunks.iter().map(|c| c.id.as_str()))
-        .collect();
-    let changed: Vec<String> = index
-        .files
-        .iter()
-        .flat_map(|f| f.chunks.iter())
-        .filter(|c| !old_ids.contains(c.id.as_str()))
-        .map(|c| c.id.clone())
+    let chunk_ids = |zip: &std::path::Path| -> anyhow::Result<Vec<String>> {
+        Ok(tree_of(zip)?
+            .0
+            .into_iter()
+            .flat_map(|f| match f.chunks {
+                ChunkList::Listed(list) => list.into_iter().map(|c| c.id).collect(),
+                ChunkList::Tree { .. } => Vec::new(),
+            })
+            .collect())
+    };
+    let old_ids: HashSet<String> = chunk_ids(&v1_zip)?.into_iter().collect();
+    let changed: Vec<String> = chunk_ids(&v2_zip)?
+        .into_iter()
+        .filter(|id| !old_ids.contains(id))
         .collect();
     let floor = floor(&fleet_nats.as_role("admin"), agents, &changed).await?;
 

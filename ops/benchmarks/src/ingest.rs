@@ -3,11 +3,12 @@
 //! distributor on a real nats-server.
 //!
 //! - `ingest_mib_s`: `release.signed` published → `release.stored` received, first time: the
-//!   distributor fetches the archive from the incoming store, checks it against the signed
-//!   manifest, chunks, hashes, compresses and stores every chunk.
+//!   distributor fetches the archive from the incoming store, chunks, hashes, compresses and
+//!   stores every chunk, builds the release's tree, checks its root against the signed one and
+//!   stores its nodes.
 //! - `reingest_mib_s`: the same content again as a new version of the same app, by a freshly
-//!   started distributor: it learns the app's stored files from their chunk indexes, so unchanged
-//!   files are not read again (here: none is, and the archive is not even fetched).
+//!   started distributor: the release's tree is stored already (its root, which the distributor
+//!   writes last, names the same files), so the archive is not even fetched.
 //! - `rechunk_mib_s`: the same content as a new app, by a freshly started distributor: every file
 //!   is fetched, inflated, chunked and hashed, every chunk found already stored (asked of the
 //!   store, which sends it back), nothing compressed or stored.
@@ -20,7 +21,9 @@ use std::path::{Path, PathBuf};
 use std::time::{Duration, Instant};
 
 use anyhow::{Context, bail};
+use fleetcast_events::manifest::TreeRoot;
 use fleetcast_events::names::{RELEASE_SIGNED, RELEASE_STORED, archive_object};
+use fleetcast_events::tree::TreeFile;
 use fleetcast_events::v1::{ReleaseSigned, ReleaseStored};
 use fleetcast_events::{Encoding, Manifest, SecretKey, SignedManifest};
 use fleetcast_harness::NatsServer;
@@ -173,10 +176,7 @@ pub(crate) async fn ingest_once(
 ) -> anyhow::Result<(Duration, ReleaseStored)> {
     let version = semver::Version::parse(version)?;
     let path = zip.to_path_buf();
-    let files = tokio::task::spawn_blocking(move || {
-        Package::open(&path, &ArchiveLimits::default())?.file_manifest()
-    })
-    .await??;
+    let (_, tree) = tokio::task::spawn_blocking(move || tree_of(&path)).await??;
     let blake3 = {
         let mut h = blake3::Hasher::new();
         h.update_reader(std::fs::File::open(zip)?)?;
@@ -192,7 +192,7 @@ pub(crate) async fn ingest_once(
         rollback_from: None,
         app: app.into(),
         version: version.clone(),
-        files,
+        tree,
         created: now,
         expires: now + time::Duration::days(1),
     };
@@ -209,6 +209,14 @@ pub(crate) async fn ingest_once(
         .await?;
     let stored = wait_stored(&mut stored_events, &version).await?;
     Ok((start.elapsed(), stored))
+}
+
+/// A package's files and the root of their tree, as the signer computes them.
+pub(crate) fn tree_of(zip: &Path) -> anyhow::Result<(Vec<TreeFile>, TreeRoot)> {
+    let files = Package::open(zip, &ArchiveLimits::default())?.file_tree()?;
+    let built = fleetcast_events::tree::build(&files)?;
+    let root = TreeRoot::of(&built, &files);
+    Ok((files, root))
 }
 
 async fn wait_stored(

@@ -1,4 +1,5 @@
-//! Builds `versions/<v>.partial/` from a signed manifest and its chunk index: chunks already on
+//! Builds `versions/<v>.partial/` from a release's files (read from its signed tree,
+//! `release_tree.rs`): unchanged files are hard links to an installed version; chunks already on
 //! the host (in installed versions, or written by an interrupted attempt) are reused, the rest
 //! fetched with bounded concurrency; every chunk is verified against its name before it is
 //! written, every file against the signed manifest before the folder is renamed to
@@ -11,18 +12,19 @@ use std::os::unix::fs::{FileExt, PermissionsExt};
 use std::path::{Path, PathBuf};
 use std::sync::Arc;
 
-use fleetcast_events::VerifiedManifest;
-use fleetcast_events::v1::ChunkIndex;
+use fleetcast_events::tree::{ChunkList, TreeFile};
+use fleetcast_events::v1::ChunkRef;
 use fleetcast_package::chunking::{self, ChunkError, ChunkId, MAX_CHUNK, VerifiedChunk};
 use futures::StreamExt;
 use futures::stream::FuturesOrdered;
+use semver::Version;
 
 use crate::install::{InstallRoot, sync_dir};
 
 #[derive(Debug, thiserror::Error)]
 pub enum AssembleError {
-    #[error("chunk index does not fit the signed manifest: {0}")]
-    BadIndex(String),
+    #[error("the release's tree cannot be installed: {0}")]
+    BadTree(String),
     #[error("refused a chunk: {0}")]
     Chunk(#[from] ChunkError),
     #[error("cannot fetch chunk {id}: {reason}")]
@@ -108,7 +110,7 @@ impl ChunkSource for NatsChunks {
     }
 }
 
-/// Chunks present in installed versions: id → (file, offset, length), from their indexes; and
+/// Chunks present in installed versions: id → (file, offset, length), from their trees; and
 /// their whole files by content hash.
 #[derive(Default)]
 pub struct LocalChunks {
@@ -117,20 +119,22 @@ pub struct LocalChunks {
 }
 
 impl LocalChunks {
-    /// Learns the chunks of an installed version from its folder and chunk index.
-    pub fn add_version(&mut self, dir: &Path, index: &ChunkIndex) {
-        for file in &index.files {
-            if let Some(hash) = &file.blake3 {
-                self.files
-                    .entry(hash.clone())
-                    .or_insert_with(|| dir.join(&file.path));
-            }
+    /// Learns the chunks of an installed version from its folder and its files.
+    pub fn add_version(&mut self, dir: &Path, files: &[TreeFile]) {
+        for file in files.iter().filter(|f| f.entry.link.is_none()) {
+            let path = dir.join(&file.entry.path);
+            self.files
+                .entry(file.entry.blake3.clone())
+                .or_insert_with(|| path.clone());
+            let ChunkList::Listed(chunks) = &file.chunks else {
+                continue;
+            };
             let mut offset = 0u64;
-            for c in &file.chunks {
+            for c in chunks {
                 if let Ok(id) = ChunkId::from_hex(&c.id) {
                     self.places
                         .entry(id)
-                        .or_insert_with(|| (dir.join(&file.path), offset, c.len));
+                        .or_insert_with(|| (path.clone(), offset, c.len));
                 }
                 offset += u64::from(c.len);
             }
@@ -259,22 +263,22 @@ impl Hashing<'_> {
     }
 }
 
-/// Assembles `manifest`'s version into its partial folder and renames it into place. Returns
-/// at once if the version is already installed.
+/// Assembles `version` from `files` (read from its signed tree) into its partial folder and
+/// renames it into place. Returns at once if the version is already installed.
 pub async fn assemble(
     root: &InstallRoot,
-    manifest: &VerifiedManifest,
-    index: &ChunkIndex,
+    version: &Version,
+    files: &[TreeFile],
     local: &LocalChunks,
     remote: &impl ChunkSource,
     concurrency: usize,
 ) -> Result<AssembleReport, AssembleError> {
-    let final_dir = root.version_dir(&manifest.version);
+    let final_dir = root.version_dir(version);
     if final_dir.is_dir() {
         return Ok(AssembleReport::default());
     }
-    check_index(manifest, index)?;
-    let partial = root.partial_dir(&manifest.version);
+    let listed = check_files(files)?;
+    let partial = root.partial_dir(version);
     if partial.is_dir() {
         // An interrupted attempt may have sealed files (or, just before its rename, the whole
         // folder): writable for the agent again, so it can be resumed without root.
@@ -288,8 +292,8 @@ pub async fn assemble(
     // each file's hash is computed from the verified chunks as they arrive instead of reading
     // the file back.
     let mut jobs = Vec::new();
-    let mut files = Vec::new();
-    for (entry, chunks) in manifest.files.iter().zip(&index.files) {
+    let mut hashing = Vec::new();
+    for (TreeFile { entry, .. }, chunks) in files.iter().zip(&listed) {
         if entry.link.is_some() {
             continue;
         }
@@ -314,11 +318,11 @@ pub async fn assemble(
         file.set_len(entry.size).map_err(io_err(&path))?;
         let file = Arc::new(file);
         let mut offset = 0u64;
-        for c in &chunks.chunks {
+        for c in *chunks {
             let id = ChunkId::from_hex(&c.id)?;
             jobs.push(Job {
                 file: file.clone(),
-                index: files.len(),
+                index: hashing.len(),
                 path: path.clone(),
                 offset,
                 id,
@@ -327,16 +331,16 @@ pub async fn assemble(
             });
             offset += u64::from(c.len);
         }
-        files.push(Hashing {
+        hashing.push(Hashing {
             entry,
             path,
             file,
             hasher: blake3::Hasher::new(),
-            chunks_left: chunks.chunks.len(),
+            chunks_left: chunks.len(),
         });
     }
     // Files without chunks (empty) are complete already.
-    for f in files.iter_mut().filter(|f| f.chunks_left == 0) {
+    for f in hashing.iter_mut().filter(|f| f.chunks_left == 0) {
         f.finish()?;
     }
 
@@ -399,7 +403,7 @@ pub async fn assemble(
             Source::Reused => report.reused_chunks += 1,
             Source::Resumed => report.resumed_chunks += 1,
         }
-        let file = &mut files[index];
+        let file = &mut hashing[index];
         file.hasher.update(&data);
         file.chunks_left -= 1;
         if file.chunks_left == 0 {
@@ -407,7 +411,7 @@ pub async fn assemble(
         }
     }
 
-    for entry in &manifest.files {
+    for TreeFile { entry, .. } in files {
         if let Some(target) = &entry.link {
             let path = partial.join(&entry.path);
             if let Some(parent) = path.parent() {
@@ -471,41 +475,30 @@ fn link_unchanged(
     }
 }
 
-/// The index must describe exactly the manifest's files, in order, with chunk lengths that add
-/// up to each file's size; links must stay inside the version and no path may pass through one.
-fn check_index(manifest: &VerifiedManifest, index: &ChunkIndex) -> Result<(), AssembleError> {
-    let bad = |m: String| Err(AssembleError::BadIndex(m));
-    if index.app != manifest.app
-        || index.version != manifest.version
-        || index.files.len() != manifest.files.len()
-    {
-        return bad(format!(
-            "index is for {} {} with {} files",
-            index.app,
-            index.version,
-            index.files.len()
-        ));
-    }
+/// Every file's chunk list must be resolved, with chunk lengths that add up to its size; links
+/// must stay inside the version and no path may pass through one. The chunk lists, in order.
+fn check_files(files: &[TreeFile]) -> Result<Vec<&[ChunkRef]>, AssembleError> {
+    let bad = |m: String| Err(AssembleError::BadTree(m));
     // Every link resolved one component at a time through the version's own links, before
     // anything is written (see `fleetcast_package::links`).
     fleetcast_package::links::check(
-        manifest
-            .files
+        files
             .iter()
-            .map(|f| (f.path.as_str(), f.link.as_deref())),
+            .map(|f| (f.entry.path.as_str(), f.entry.link.as_deref())),
     )
-    .map_err(|e| AssembleError::BadIndex(e.to_string()))?;
-    for (entry, chunks) in manifest.files.iter().zip(&index.files) {
-        if entry.path != chunks.path {
-            return bad(format!("file {} listed as {}", entry.path, chunks.path));
-        }
+    .map_err(|e| AssembleError::BadTree(e.to_string()))?;
+    let mut listed = Vec::with_capacity(files.len());
+    for TreeFile { entry, chunks } in files {
+        let ChunkList::Listed(chunks) = chunks else {
+            return bad(format!("the chunks of {} were not read", entry.path));
+        };
+        listed.push(chunks.as_slice());
         if entry.link.is_some() {
             continue;
         }
-        let total: u64 = chunks.chunks.iter().map(|c| u64::from(c.len)).sum();
+        let total: u64 = chunks.iter().map(|c| u64::from(c.len)).sum();
         if total != entry.size
             || chunks
-                .chunks
                 .iter()
                 .any(|c| c.len == 0 || c.len as usize > MAX_CHUNK)
         {
@@ -515,7 +508,7 @@ fn check_index(manifest: &VerifiedManifest, index: &ChunkIndex) -> Result<(), As
             ));
         }
     }
-    Ok(())
+    Ok(listed)
 }
 
 /// Everything written into `partial` on disk before it is renamed into place: one `syncfs` of
@@ -574,9 +567,7 @@ mod tests {
         assert!(!e.is_transient(), "{e}");
     }
 
-    use fleetcast_events::v1::FileChunks;
-    use fleetcast_events::{FileEntry, Manifest, SecretKey, SignedManifest, TrustedKeys};
-    use semver::Version;
+    use fleetcast_events::FileEntry;
 
     use super::*;
 
@@ -602,40 +593,20 @@ mod tests {
         }
     }
 
-    /// `files` signed (as a signer would, were it fooled) and verified, with its index.
-    fn signed(files: Vec<FileEntry>) -> (VerifiedManifest, ChunkIndex) {
+    /// `files` as a signed tree would list them (were its signer fooled), without chunks.
+    fn signed(files: Vec<FileEntry>) -> (Version, Vec<TreeFile>) {
         signed_as(Version::new(1, 0, 0), files)
     }
 
-    fn signed_as(version: Version, files: Vec<FileEntry>) -> (VerifiedManifest, ChunkIndex) {
-        let key = SecretKey::generate().expect("key");
-        let now = time::OffsetDateTime::now_utc();
-        let index = ChunkIndex {
-            app: "shapp".into(),
-            version: version.clone(),
-            files: files
-                .iter()
-                .map(|f| FileChunks {
-                    path: f.path.clone(),
-                    blake3: Some(f.blake3.clone()),
-                    chunks: Vec::new(),
-                })
-                .collect(),
-            per_app: true,
-        };
-        let manifest = Manifest {
-            app: "shapp".into(),
-            version,
-            files,
-            created: now,
-            expires: now + time::Duration::hours(1),
-            rollback_from: None,
-        };
-        let verified = SignedManifest::sign(&manifest, &[&key])
-            .expect("sign")
-            .verify(&TrustedKeys::new(vec![key.public()]), now)
-            .expect("verified");
-        (verified, index)
+    fn signed_as(version: Version, files: Vec<FileEntry>) -> (Version, Vec<TreeFile>) {
+        let files = files
+            .into_iter()
+            .map(|entry| TreeFile {
+                entry,
+                chunks: ChunkList::Listed(Vec::new()),
+            })
+            .collect();
+        (version, files)
     }
 
     /// Serves chunks from memory and counts each fetch.
@@ -700,24 +671,24 @@ mod tests {
             file("b/three", &repeated),
             file("c/four", &whole),
         ];
-        let (manifest, mut index) = signed(files);
+        let (version, mut tree) = signed(files);
         let refs = |ids: &[&(ChunkId, Vec<u8>)]| {
             ids.iter()
                 .map(|(id, d)| chunking::chunk_ref(id, d.len()))
                 .collect::<Vec<_>>()
         };
         let all: Vec<&(ChunkId, Vec<u8>)> = body.iter().collect();
-        index.files[0].chunks = refs(&all);
-        index.files[1].chunks = refs(&all);
-        index.files[2].chunks = refs(&[&body[0], &body[0], &body[0]]);
-        index.files[3].chunks = refs(&all);
+        tree[0].chunks = ChunkList::Listed(refs(&all));
+        tree[1].chunks = ChunkList::Listed(refs(&all));
+        tree[2].chunks = ChunkList::Listed(refs(&[&body[0], &body[0], &body[0]]));
+        tree[3].chunks = ChunkList::Listed(refs(&all));
         let store = Counting {
             stored,
             fetches: Default::default(),
         };
         let tmp = tempfile::tempdir().expect("tmp");
         let root = InstallRoot::new(tmp.path()).expect("root");
-        let report = assemble(&root, &manifest, &index, &LocalChunks::default(), &store, 8)
+        let report = assemble(&root, &version, &tree, &LocalChunks::default(), &store, 8)
             .await
             .expect("assembled");
         let fetches = store.fetches.lock().expect("lock").clone();
@@ -725,7 +696,7 @@ mod tests {
         assert_eq!(fetches.len(), distinct.len(), "a chunk fetched twice");
         assert_eq!(fetches.len(), body.len());
         assert_eq!(report.fetched_chunks, body.len() as u64);
-        let dir = root.version_dir(&manifest.version);
+        let dir = root.version_dir(&version);
         for path in ["a/one", "a/two", "c/four"] {
             assert!(
                 std::fs::read(dir.join(path)).expect("read") == whole,
@@ -756,7 +727,7 @@ mod tests {
         version: Version,
         files: &[(&str, &[u8], u32)],
         stored: &mut HashMap<ChunkId, Vec<u8>>,
-    ) -> (VerifiedManifest, ChunkIndex) {
+    ) -> (Version, Vec<TreeFile>) {
         let entries = files
             .iter()
             .map(|(path, data, mode)| FileEntry {
@@ -767,15 +738,17 @@ mod tests {
                 link: None,
             })
             .collect();
-        let (manifest, mut index) = signed_as(version, entries);
-        for (file, (_, data, _)) in index.files.iter_mut().zip(files) {
+        let (version, mut tree) = signed_as(version, entries);
+        for (file, (_, data, _)) in tree.iter_mut().zip(files) {
+            let mut list = Vec::new();
             for c in fleetcast_package::chunking::chunks(std::io::Cursor::new(data.to_vec())) {
                 let (id, chunk) = c.expect("chunk");
                 stored.insert(id, chunking::encode_stored(&chunk).expect("encode"));
-                file.chunks.push(chunking::chunk_ref(&id, chunk.len()));
+                list.push(chunking::chunk_ref(&id, chunk.len()));
             }
+            file.chunks = ChunkList::Listed(list);
         }
-        (manifest, index)
+        (version, tree)
     }
 
     /// v2 changes one file of three: the two others are hard links to v1's (the same inodes,
@@ -819,7 +792,7 @@ mod tests {
             .await
             .expect("v1");
         let before = store.fetches.lock().expect("lock").len();
-        let (d1, d2) = (root.version_dir(&m1.version), root.version_dir(&m2.version));
+        let (d1, d2) = (root.version_dir(&m1), root.version_dir(&m2));
         let mut local = LocalChunks::default();
         local.add_version(&d1, &i1);
         let report = assemble(&root, &m2, &i2, &local, &store, 4)
@@ -827,11 +800,10 @@ mod tests {
             .expect("v2");
         assert_eq!(report.linked_files, 2, "{report:?}");
         let fetched_for_v2 = store.fetches.lock().expect("lock").len() - before;
-        assert_eq!(
-            fetched_for_v2,
-            i2.files[2].chunks.len(),
-            "only lib/x's chunks"
-        );
+        let ChunkList::Listed(changed) = &i2[2].chunks else {
+            panic!("listed")
+        };
+        assert_eq!(fetched_for_v2, changed.len(), "only lib/x's chunks");
         let ino = |p: &Path| std::fs::metadata(p).expect("meta").ino();
         for path in ["bin/app", "etc/conf"] {
             assert_eq!(ino(&d1.join(path)), ino(&d2.join(path)), "{path} linked");
@@ -886,12 +858,12 @@ mod tests {
         .await
         .expect_err("refused");
         assert!(
-            matches!(&err, AssembleError::BadIndex(m) if m.contains("leaves the package")),
+            matches!(&err, AssembleError::BadTree(m) if m.contains("leaves the package")),
             "{err}"
         );
         assert!(!err.is_transient());
-        assert!(!root.partial_dir(&manifest.version).exists());
-        assert!(!root.version_dir(&manifest.version).exists());
+        assert!(!root.partial_dir(&manifest).exists());
+        assert!(!root.version_dir(&manifest).exists());
 
         let (manifest, index) = signed(inside);
         assemble(
@@ -904,7 +876,7 @@ mod tests {
         )
         .await
         .expect("links that stay inside install");
-        let y = root.version_dir(&manifest.version).join(deep).join("y");
+        let y = root.version_dir(&manifest).join(deep).join("y");
         assert_eq!(
             std::fs::read_link(y).expect("link"),
             PathBuf::from("../../../../../../../../c")

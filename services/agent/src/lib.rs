@@ -17,6 +17,7 @@ pub mod journal;
 mod memory;
 mod metrics;
 pub mod output;
+pub mod release_tree;
 pub mod settings;
 pub mod supervisor;
 pub mod updater;

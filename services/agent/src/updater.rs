@@ -9,8 +9,8 @@ use std::time::Duration;
 
 use fleetcast_events::names::{agent_status_subject, slot_subject};
 use fleetcast_events::v1::{
-    AgentStatus, AppHeartbeat, AppState, ChunkIndex, DesiredState, LastUpdate, SlotReply,
-    SlotRequest, UpdateOutcome,
+    AgentStatus, AppHeartbeat, AppState, DesiredState, LastUpdate, SlotReply, SlotRequest,
+    UpdateOutcome,
 };
 use fleetcast_events::{Encoding, VerifiedManifest};
 use fleetcast_package::package_config::{self, Hook, Hooks, PackageConfig};
@@ -19,12 +19,13 @@ use semver::Version;
 use time::OffsetDateTime;
 use tokio::time::Instant;
 
-use crate::assemble::{AssembleError, LocalChunks, NatsChunks, assemble};
+use crate::assemble::{AssembleError, NatsChunks};
 use crate::fault;
 use crate::health::run_gate;
 use crate::install::InstallRoot;
 use crate::isolation::RunAs;
 use crate::journal::{Journal, JournalFile, Step};
+use crate::release_tree::stage;
 use crate::settings::{AppSettings, Settings};
 use crate::supervisor::{ProcessSpec, StopPolicy, Supervisor};
 
@@ -516,7 +517,7 @@ impl AppRunner {
         desired: &DesiredState,
     ) -> Result<Launch, UpdateError> {
         let target = manifest.version.clone();
-        self.stage(manifest, &desired.index_key).await?;
+        self.stage(manifest).await?;
         fault::hit("staged");
         let launch = self.launch(&target).map_err(UpdateError::Refused)?;
         let now = OffsetDateTime::now_utc();
@@ -545,70 +546,28 @@ impl AppRunner {
         Ok(launch)
     }
 
-    async fn stage(
-        &mut self,
-        manifest: &VerifiedManifest,
-        index_key: &str,
-    ) -> Result<(), UpdateError> {
+    async fn stage(&mut self, manifest: &VerifiedManifest) -> Result<(), UpdateError> {
         if !self.root.version_dir(&manifest.version).is_dir() {
             // The rest of the fleet is still taking the announcement (see the setting).
             tokio::time::sleep(self.host.fetch_delay).await;
-        }
-        let bytes = self
-            .bus
-            .index
-            .get(index_key)
-            .await
-            .map_err(|e| UpdateError::Transient(format!("chunk index {index_key}: {e}")))?
-            .ok_or_else(|| UpdateError::Transient(format!("chunk index {index_key} not found")))?;
-        let index: ChunkIndex = Encoding::MsgPack
-            .decode(&bytes)
-            .map_err(|e| UpdateError::Refused(format!("chunk index: {e}")))?;
-        if !index.per_app {
-            // Its chunks are under subjects this agent may not read; the distributor moves
-            // them under the app (docs/operations.md, "Upgrading"), then a retry succeeds.
-            return Err(UpdateError::Transient(format!(
-                "chunk index {index_key} was stored before chunks were per app; waiting for the distributor to move it"
-            )));
-        }
-        let mut local = LocalChunks::default();
-        for v in self.root.installed() {
-            let meta = self.root.meta_dir(&v).join("index.msgpack");
-            if let Ok(Ok(idx)) =
-                std::fs::read(&meta).map(|b| Encoding::MsgPack.decode::<ChunkIndex>(&b))
-            {
-                local.add_version(&self.root.version_dir(&v), &idx);
-            }
         }
         let store = NatsChunks {
             chunks: self.bus.chunks.clone(),
             app: self.settings.name.clone(),
         };
-        let report = assemble(
-            &self.root,
-            manifest,
-            &index,
-            &local,
-            &store,
-            self.host.concurrency,
-        )
-        .await
-        .map_err(|e| match e {
-            e if e.is_transient() => UpdateError::Transient(e.to_string()),
-            AssembleError::Chunk(_) => {
-                UpdateError::Transient(format!("{e} (the store may be repaired; will retry)"))
-            }
-            e => UpdateError::Refused(e.to_string()),
-        })?;
-        tracing::info!(app = %manifest.app, version = %manifest.version, ?report, "version staged");
-        // What this update took from the store: the chunks and the chunk index itself.
-        self.fetched_bytes = report.fetched_bytes + bytes.len() as u64;
-        let meta = self.root.meta_dir(&manifest.version);
-        let written = std::fs::create_dir_all(&meta)
-            .and_then(|_| std::fs::write(meta.join("index.msgpack"), &bytes));
-        if let Err(e) = written {
-            tracing::warn!(error = %e, "chunk index not kept; later updates will fetch more");
-        }
+        let staged = stage(&self.root, manifest, &store, self.host.concurrency)
+            .await
+            .map_err(|e| match e {
+                e if e.is_transient() => UpdateError::Transient(e.to_string()),
+                AssembleError::Chunk(_) => {
+                    UpdateError::Transient(format!("{e} (the store may be repaired; will retry)"))
+                }
+                e => UpdateError::Refused(e.to_string()),
+            })?;
+        tracing::info!(app = %manifest.app, version = %manifest.version, ?staged, "version staged");
+        // What this update took from the store: the tree nodes and the chunks (the signed
+        // manifest came with the announcement).
+        self.fetched_bytes = staged.fetched_bytes();
         Ok(())
     }
 
@@ -782,7 +741,9 @@ impl AppRunner {
 mod tests {
     use std::collections::BTreeMap;
 
-    use fleetcast_events::names::release_key;
+    use fleetcast_events::manifest::TreeRoot;
+    use fleetcast_events::tree::{self, ChunkList, TreeFile};
+    use fleetcast_events::v1::ChunkRef;
     use fleetcast_events::{FileEntry, Manifest, SignedManifest};
 
     use super::*;
@@ -837,16 +798,23 @@ mod tests {
             AppRunner::new(app, Arc::new(settings), trust, bus.clone()).expect("runner");
         let version = Version::new(1, 0, 0);
         let now = OffsetDateTime::now_utc();
-        let manifest = Manifest {
-            app: "shapp".into(),
-            version: version.clone(),
-            files: vec![FileEntry {
+        // A signed tree never stored: its root cannot be fetched.
+        let hash = blake3::hash(b"hi\n").to_hex().to_string();
+        let files = [TreeFile {
+            entry: FileEntry {
                 path: "bin/run".into(),
                 mode: 0o755,
                 size: 3,
-                blake3: blake3::hash(b"hi\n").to_hex().to_string(),
+                blake3: hash.clone(),
                 link: None,
-            }],
+            },
+            chunks: ChunkList::Listed(vec![ChunkRef { id: hash, len: 3 }]),
+        }];
+        let built = tree::build(&files).expect("tree");
+        let manifest = Manifest {
+            app: "shapp".into(),
+            version: version.clone(),
+            tree: TreeRoot::of(&built, &files),
             created: now,
             expires: now + time::Duration::hours(1),
             rollback_from: None,
@@ -856,7 +824,6 @@ mod tests {
             ring: "default".into(),
             version: version.clone(),
             manifest: SignedManifest::sign(&manifest, &[&p.key]).expect("sign"),
-            index_key: release_key("shapp", &version), // never stored
             slot: false,
         };
 
@@ -876,7 +843,7 @@ mod tests {
             .expect("the failure is reported");
         let reason = status.reason.unwrap_or_default();
         assert!(
-            reason.contains("will retry") && reason.contains("not found"),
+            reason.contains("will retry") && reason.contains(&built.root.hash.to_hex()),
             "{reason}"
         );
         let beat = runner.heartbeat();

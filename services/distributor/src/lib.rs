@@ -1,6 +1,6 @@
-//! The distributor: for each signed release, verifies the signed manifest against the archive,
-//! stores the chunks the store lacks (content-addressed, compressed) and the chunk index, then
-//! announces `release.stored`. All instances share one durable consumer (one queue group), and
+//! The distributor: for each signed release, builds the release's tree from the archive, checks
+//! it has the root the signer signed, stores the chunks and tree nodes the store lacks
+//! (content-addressed, compressed), then announces `release.stored`. All instances share one durable consumer (one queue group), and
 //! a release already stored is a no-op.
 
 mod ingest;
@@ -59,18 +59,6 @@ pub async fn run(settings: Settings, shutdown: CancellationToken) -> Result<(), 
     let following = trusted.clone().start_following(bus.clone()).await;
     let following = tokio::spawn(following.run(trust::SERVICE_RECHECK, shutdown.clone()));
     let store = ChunkStore::new(bus.clone());
-    // Releases stored before chunks were per app, moved under their apps in the background
-    // (idempotent: several distributors may do it at once).
-    let moving = store.clone();
-    tokio::spawn(async move {
-        match moving.move_all_to_apps().await {
-            Ok(0) => {}
-            Ok(n) => tracing::info!(releases = n, "releases moved to per-app chunks"),
-            Err(e) => {
-                tracing::warn!(error = %e, "releases not all moved to per-app chunks; retried when their app's next release is stored")
-            }
-        }
-    });
     let distributor = Distributor {
         store,
         bus: bus.clone(),
@@ -162,9 +150,12 @@ impl Distributor {
             }
         };
         let started = std::time::Instant::now();
-        self.store.learn_app(&event.app).await;
-        // A release whose files were all stored before needs no archive: nothing to read.
-        let fetched = if self.store.needs_archive(&verified) {
+        // A release whose tree is stored already (published again) needs no archive.
+        let stored = match self.store.tree_stored(&event.app, &verified.tree).await {
+            Ok(stored) => stored,
+            Err(e) => return Outcome::Retry(e),
+        };
+        let fetched = if !stored {
             let work_dir = self.settings.work_dir();
             match self
                 .bus
@@ -220,19 +211,9 @@ impl Distributor {
         outcome
     }
 
-    /// Index, event, record, in that order: each step is repeatable, and the record that makes a
-    /// redelivery a no-op is written only once everything else is done.
+    /// Record, event, in that order: each step is repeatable.
     async fn finish(&self, event: &ReleaseSigned, report: &IngestReport) -> Result<(), String> {
         let key = release_key(&event.app, &event.version);
-        let index = Encoding::MsgPack
-            .encode(&report.index)
-            .map_err(|e| e.to_string())?;
-        self.bus
-            .index
-            .put(&key, index.into())
-            .await
-            .map_err(|e| format!("storing chunk index {key}: {e}"))?;
-        self.store.remember_files(&report.index);
         let stored = ReleaseStored {
             app: event.app.clone(),
             version: event.version.clone(),
@@ -241,7 +222,8 @@ impl Distributor {
             chunks: report.chunks,
             new_chunks: report.new_chunks,
             new_stored_bytes: report.new_stored_bytes,
-            index_key: key.clone(),
+            tree_nodes: report.tree_nodes,
+            new_tree_nodes: report.new_tree_nodes,
         };
         // The record first: whoever reacts to `release.stored` (the tracker) finds it stored.
         self.bus

@@ -7,6 +7,7 @@ pub mod keys;
 pub mod manifest;
 pub mod names;
 pub mod schema;
+pub mod tree;
 pub mod trust;
 pub mod v1;
 

@@ -1,4 +1,6 @@
-//! The file manifest the signer signs, and the only way to get a usable one back: verify it.
+//! The release manifest the signer signs, and the only way to get a usable one back: verify it.
+//! It names the release's file tree by its root node (`tree.rs`), so it stays a few hundred
+//! bytes whatever the package holds; every node read later is checked against that root.
 //!
 //! The signature covers the exact manifest bytes carried in the envelope; a verifier checks the
 //! signature first and parses afterwards, so no canonical-JSON rules are needed and nothing
@@ -9,6 +11,7 @@ use serde::{Deserialize, Serialize};
 use time::OffsetDateTime;
 
 use crate::keys::{SecretKey, Signature, TrustError, TrustedKeys};
+use crate::tree::{Built, Hash32, NodeRef, TreeError, TreeFile};
 
 #[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize, JsonSchema)]
 #[serde(deny_unknown_fields)]
@@ -16,7 +19,7 @@ pub struct Manifest {
     pub app: String,
     #[schemars(with = "String")]
     pub version: semver::Version,
-    pub files: Vec<FileEntry>,
+    pub tree: TreeRoot,
     #[serde(with = "time::serde::rfc3339")]
     #[schemars(with = "String")]
     pub created: OffsetDateTime,
@@ -33,6 +36,39 @@ pub struct Manifest {
     pub rollback_from: Option<semver::Version>,
 }
 
+/// The root of a release's file tree, with the totals it must add up to.
+#[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize, JsonSchema)]
+#[serde(deny_unknown_fields)]
+pub struct TreeRoot {
+    /// BLAKE3 of the root node's bytes, lowercase hex.
+    pub root: String,
+    /// The root node's length in bytes.
+    pub len: u32,
+    /// How many files (and links) the release has.
+    pub files: u64,
+    /// Sum of the files' sizes.
+    pub bytes: u64,
+}
+
+impl TreeRoot {
+    pub fn of(built: &Built, files: &[TreeFile]) -> Self {
+        TreeRoot {
+            root: built.root.hash.to_hex(),
+            len: built.root.len,
+            files: files.len() as u64,
+            bytes: files.iter().map(|f| f.entry.size).sum(),
+        }
+    }
+
+    pub fn node(&self) -> Result<NodeRef, TreeError> {
+        Ok(NodeRef {
+            hash: Hash32::from_hex(&self.root)?,
+            len: self.len,
+        })
+    }
+}
+
+/// One file as the tree holds it (in memory; on the wire it is a leaf item, `tree.rs`).
 #[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize, JsonSchema)]
 #[serde(deny_unknown_fields)]
 pub struct FileEntry {
@@ -91,16 +127,11 @@ impl SignedManifest {
             return Err(TrustError::Expired(manifest.expires.to_string()));
         }
         crate::names::validate_app_name(&manifest.app).map_err(TrustError::Malformed)?;
-        let mut seen = std::collections::HashSet::new();
-        for file in &manifest.files {
-            check_relative_path(&file.path).map_err(TrustError::UnsafePath)?;
-            if !seen.insert(file.path.as_str()) {
-                return Err(TrustError::UnsafePath(format!(
-                    "{} listed twice",
-                    file.path
-                )));
-            }
-        }
+        // Each path is checked as the tree is read (`tree::Walk`), against this root.
+        manifest
+            .tree
+            .node()
+            .map_err(|e| TrustError::Malformed(e.to_string()))?;
         Ok(VerifiedManifest(manifest))
     }
 }
@@ -136,13 +167,12 @@ mod tests {
             rollback_from: None,
             app: "collector".into(),
             version: semver::Version::new(2, 0, 0),
-            files: vec![FileEntry {
-                path: "bin/collector".into(),
-                mode: 0o755,
-                size: 3,
-                blake3: blake3::hash(b"abc").to_hex().to_string(),
-                link: None,
-            }],
+            tree: TreeRoot {
+                root: blake3::hash(b"root").to_hex().to_string(),
+                len: 100,
+                files: 1,
+                bytes: 3,
+            },
             created: now,
             expires: now + Duration::days(30),
         }
@@ -192,23 +222,14 @@ mod tests {
     }
 
     #[test]
-    fn unsafe_paths_in_a_signed_manifest_are_refused() {
+    fn a_root_that_is_no_hash_is_refused() {
         let (key, trusted, now) = setup();
-        for bad in [
-            "../etc/passwd",
-            "/etc/passwd",
-            "a/../../b",
-            "a//b",
-            "c:\\x",
-            "a\\b",
-        ] {
-            let mut m = manifest(now);
-            m.files[0].path = bad.into();
-            let signed = SignedManifest::sign(&m, &[&key]).expect("sign");
-            assert!(
-                matches!(signed.verify(&trusted, now), Err(TrustError::UnsafePath(_))),
-                "{bad}"
-            );
-        }
+        let mut m = manifest(now);
+        m.tree.root = "not hex".into();
+        let signed = SignedManifest::sign(&m, &[&key]).expect("sign");
+        assert!(matches!(
+            signed.verify(&trusted, now),
+            Err(TrustError::Malformed(_))
+        ));
     }
 }

@@ -13,7 +13,7 @@ pub const PACKAGE_REJECTED: &str = "fleetcast.v1.package.rejected";
 pub const RELEASE_SIGNED: &str = "fleetcast.v1.release.signed";
 /// The signer or the distributor refused a release.
 pub const RELEASE_REJECTED: &str = "fleetcast.v1.release.rejected";
-/// The distributor stored every chunk and the chunk index: the release can be announced.
+/// The distributor stored every chunk and tree node: the release can be announced.
 pub const RELEASE_STORED: &str = "fleetcast.v1.release.stored";
 /// An operator asks to move an app (or one ring) back to an earlier stored version, on
 /// `fleetcast.v1.release.rollback_requested.<user>` ([`rollback_requested_subject`]): every
@@ -50,8 +50,6 @@ pub const ALL_AGENT_HEARTBEATS: &str = "fleetcast.v1.agent.*.*.heartbeat";
 pub const INCOMING_BUCKET: &str = "fleetcast-incoming";
 /// Release records: state of every app+version through the pipeline, with its signed manifest.
 pub const RELEASES_BUCKET: &str = "fleetcast-releases";
-/// Chunk index of every stored release (transport data, checked against the signed manifest).
-pub const INDEX_BUCKET: &str = "fleetcast-index";
 /// The signer's own memory: last version signed per app (the "strictly newer" policy).
 pub const SIGNER_BUCKET: &str = "fleetcast-signer";
 /// Desired version per app and ring, watched by agents.
@@ -270,7 +268,7 @@ pub fn is_agent_inbox(reply: &str, agent_id: &str) -> bool {
             .is_some_and(|rest| rest.starts_with('.'))
 }
 
-/// Key of a release in the releases and index buckets: `<app>.<version>`. KV keys may not hold
+/// Key of a release in the releases bucket: `<app>.<version>`. KV keys may not hold
 /// `+`, which semver uses for build metadata, so it becomes `_` (never valid in semver).
 pub fn release_key(app: &str, version: &semver::Version) -> String {
     format!("{app}.{}", version.to_string().replace('+', "_"))

@@ -21,7 +21,6 @@ pub fn all() -> Vec<(&'static str, Schema)> {
         one::<RollbackRequested>("rollback-requested"),
         one::<RollbackSigned>("rollback-signed"),
         one::<ReleaseRecord>("release-record"),
-        one::<ChunkIndex>("chunk-index"),
         one::<crate::manifest::Manifest>("manifest"),
         one::<crate::manifest::SignedManifest>("signed-manifest"),
         one::<crate::trust::Root>("root"),

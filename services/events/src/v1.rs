@@ -209,7 +209,7 @@ pub struct ReleaseRejected {
     pub blake3: Option<String>,
 }
 
-/// Every chunk and the chunk index are stored: agents can fetch the release.
+/// Every chunk and every node of the release's tree are stored: agents can fetch the release.
 #[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize, JsonSchema)]
 #[serde(deny_unknown_fields)]
 pub struct ReleaseStored {
@@ -219,13 +219,16 @@ pub struct ReleaseStored {
     pub files: u64,
     /// Sum of the files' uncompressed sizes.
     pub total_bytes: u64,
+    /// Chunks cut from the archive: 0 when the release's tree was stored already (the same
+    /// files published before), as the archive was then not read.
     pub chunks: u64,
     /// Chunks this release added to the store (the others were already there).
     pub new_chunks: u64,
     /// Compressed bytes this release added to the store.
     pub new_stored_bytes: u64,
-    /// Key of the chunk index in the index bucket.
-    pub index_key: String,
+    /// Nodes of the release's file tree, and how many of them were new to the store.
+    pub tree_nodes: u64,
+    pub new_tree_nodes: u64,
 }
 
 /// A release's progress through the pipeline, as kept in the releases bucket.
@@ -260,33 +263,7 @@ pub struct ReleaseRecord {
     pub updated: OffsetDateTime,
 }
 
-/// How each file of a release is cut into chunks. Transport data, not signed: every chunk
-/// verifies against its name and every assembled file against the signed manifest.
-#[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize, JsonSchema)]
-#[serde(deny_unknown_fields)]
-pub struct ChunkIndex {
-    pub app: String,
-    #[schemars(with = "String")]
-    pub version: Version,
-    pub files: Vec<FileChunks>,
-    /// The chunks are stored under the app's subjects (`names::chunk_subject`). Absent (false)
-    /// in indexes written before chunks were per app, whose chunks agents can no longer read:
-    /// such a release has to be stored again (docs/operations.md, "Upgrading").
-    #[serde(default)]
-    pub per_app: bool,
-}
-
-#[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize, JsonSchema)]
-#[serde(deny_unknown_fields)]
-pub struct FileChunks {
-    pub path: String,
-    /// BLAKE3 of the whole file (from the signed manifest), so a later release with the same
-    /// file can reuse this chunk list without reading the file again.
-    #[serde(default, skip_serializing_if = "Option::is_none")]
-    pub blake3: Option<String>,
-    pub chunks: Vec<ChunkRef>,
-}
-
+/// One chunk of a file, as a release's tree lists it (`tree.rs`).
 #[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize, JsonSchema)]
 #[serde(deny_unknown_fields)]
 pub struct ChunkRef {
@@ -305,7 +282,6 @@ pub struct DesiredState {
     #[schemars(with = "String")]
     pub version: Version,
     pub manifest: SignedManifest,
-    pub index_key: String,
     /// The rollout limits how many hosts switch at once: before its disruptive step an agent
     /// asks the slot service ([`SlotRequest`] on `fleetcast.v1.slot.<app>.<agent id>`) and
     /// waits for a grant. Downloading never waits for a slot.

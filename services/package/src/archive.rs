@@ -8,10 +8,13 @@ use std::io::{self, Read};
 use std::path::Path;
 
 use fleetcast_events::manifest::FileEntry;
+use fleetcast_events::tree::{ChunkList, TreeFile};
+use fleetcast_events::v1::ChunkRef;
 use fleetcast_events::v1::{RejectCode, Rejection};
 use serde::Deserialize;
 use zip::ZipArchive;
 
+use crate::chunking::{self, ChunkId};
 use crate::package_config::{self, PackageConfig};
 
 /// Limits against zip bombs, from each service's config (`limits.*`).
@@ -349,38 +352,57 @@ impl Package {
         })
     }
 
-    /// Every file's path, mode, size and BLAKE3, read from the archive itself: what the signer
-    /// signs and what the distributor checks before chunking.
-    pub fn file_manifest(&mut self) -> Result<Vec<FileEntry>, ArchiveError> {
+    /// Every file's path, mode, size, BLAKE3 and chunk list, read from the archive itself, in
+    /// path order: the tree the signer signs (`fleetcast_events::tree`).
+    pub fn file_tree(&mut self) -> Result<Vec<TreeFile>, ArchiveError> {
         let entries = self.entries.clone();
         let mut out = Vec::new();
         for entry in entries {
             match &entry.kind {
                 EntryKind::Dir => {}
-                EntryKind::Symlink { target } => out.push(FileEntry {
-                    path: entry.path.clone(),
-                    mode: 0o777,
-                    size: target.len() as u64,
-                    blake3: blake3::hash(target.as_bytes()).to_hex().to_string(),
-                    link: Some(target.clone()),
-                }),
+                EntryKind::Symlink { target } => {
+                    out.push(TreeFile::link(entry.path.clone(), target.clone()))
+                }
                 EntryKind::File { mode } => {
-                    let mut hasher = blake3::Hasher::new();
-                    let size = self.read_entry(entry.index, |b| {
-                        hasher.update(b);
-                        Ok(())
-                    })?;
-                    out.push(FileEntry {
-                        path: entry.path.clone(),
-                        mode: *mode,
-                        size,
-                        blake3: hasher.finalize().to_hex().to_string(),
-                        link: None,
+                    let (entry, chunks) = self.chunk_entry(&entry, *mode, |_, _| Ok(()))?;
+                    out.push(TreeFile {
+                        entry,
+                        chunks: ChunkList::Listed(chunks),
                     });
                 }
             }
         }
+        out.sort_by(|a, b| a.entry.path.cmp(&b.entry.path));
         Ok(out)
+    }
+
+    /// Cuts one file entry into chunks (handing each to `sink`), hashing the whole file as it
+    /// goes: its manifest entry and chunk list.
+    pub fn chunk_entry(
+        &mut self,
+        entry: &Entry,
+        mode: u32,
+        mut sink: impl FnMut(ChunkId, Vec<u8>) -> Result<(), ArchiveError>,
+    ) -> Result<(FileEntry, Vec<ChunkRef>), ArchiveError> {
+        let mut hasher = blake3::Hasher::new();
+        let (mut size, mut chunks) = (0u64, Vec::new());
+        let reader = self.entry_reader(entry.index)?;
+        for chunk in chunking::chunks(reader) {
+            let (id, data) =
+                chunk.map_err(|e| ArchiveError::Corrupt(format!("entry {:?}: {e}", entry.path)))?;
+            hasher.update(&data);
+            size += data.len() as u64;
+            chunks.push(chunking::chunk_ref(&id, data.len()));
+            sink(id, data)?;
+        }
+        let file = FileEntry {
+            path: entry.path.clone(),
+            mode,
+            size,
+            blake3: hasher.finalize().to_hex().to_string(),
+            link: None,
+        };
+        Ok((file, chunks))
     }
 }
 
@@ -485,15 +507,17 @@ mod tests {
             w.add_symlink("bin/app-link", "app", opts()).expect("link");
         });
         let mut p = Package::open(z.path(), &ArchiveLimits::default()).expect("valid");
-        let files = p.file_manifest().expect("manifest");
+        let files = p.file_tree().expect("tree");
         assert_eq!(files.len(), 2);
-        assert_eq!(files[0].path, "bin/app");
-        assert_eq!(files[0].mode, 0o755);
+        assert_eq!(files[0].entry.path, "bin/app");
+        assert_eq!(files[0].entry.mode, 0o755);
+        let hash = blake3::hash(b"#!/bin/sh\necho hi\n").to_hex().to_string();
+        assert_eq!(files[0].entry.blake3, hash);
         assert_eq!(
-            files[0].blake3,
-            blake3::hash(b"#!/bin/sh\necho hi\n").to_hex().to_string()
+            files[0].chunks,
+            ChunkList::Listed(vec![ChunkRef { id: hash, len: 18 }])
         );
-        assert_eq!(files[1].link.as_deref(), Some("app"));
+        assert_eq!(files[1].entry.link.as_deref(), Some("app"));
     }
 
     fn code_of(z: &tempfile::NamedTempFile, limits: &ArchiveLimits) -> RejectCode {

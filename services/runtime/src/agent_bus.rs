@@ -4,14 +4,12 @@
 //! agent's credential needs neither stream info (which, given a subject filter, lists every
 //! subject of a stream: every chunk hash, every app's desired-state keys) nor consumers, and its
 //! permissions (`ops/nats/gen-accounts`, role `agent`) can name each subject it reads: its
-//! apps' desired states, chunk indexes and chunks, the trust metadata. The fields are that list.
+//! apps' desired states, their chunks and tree nodes, the trust metadata. The fields are that list.
 
 use async_nats::jetstream::{self, kv, stream};
 use bytes::Bytes;
 use fleetcast_events::Encoding;
-use fleetcast_events::names::{
-    CHUNKS_STREAM, DESIRED_BUCKET, INDEX_BUCKET, TRUST_BUCKET, chunk_subject,
-};
+use fleetcast_events::names::{CHUNKS_STREAM, DESIRED_BUCKET, TRUST_BUCKET, chunk_subject};
 use serde::Serialize;
 use tokio::sync::watch;
 use tokio_util::sync::CancellationToken;
@@ -26,9 +24,7 @@ pub struct AgentBus {
     pub client: async_nats::Client,
     /// Desired version per app and ring: the agent reads `<app>.<ring>` of its apps.
     pub desired: DirectKv,
-    /// Chunk indexes: the agent reads `<app>.<version>` of its apps.
-    pub index: DirectKv,
-    /// Chunks, under their app's subject.
+    /// Chunks and the nodes of release trees, under their app's subject.
     pub chunks: DirectChunks,
     /// Roots and the signer's timestamp.
     pub trust: DirectKv,
@@ -64,7 +60,6 @@ impl AgentBus {
     ) -> Result<AgentBus, BusError> {
         Ok(AgentBus {
             desired: DirectKv::new(js, DESIRED_BUCKET).await?,
-            index: DirectKv::new(js, INDEX_BUCKET).await?,
             chunks: DirectChunks::new(js).await?,
             trust: DirectKv::new(js, TRUST_BUCKET).await?,
             client,

@@ -47,7 +47,6 @@ pub struct Bus {
     pub chunks: stream::Stream,
     pub status_stream: stream::Stream,
     pub releases: kv::Store,
-    pub index: kv::Store,
     pub signer_state: kv::Store,
     pub desired: kv::Store,
     pub fleet: kv::Store,
@@ -215,7 +214,7 @@ impl Bus {
             },
         )
         .await?;
-        // Buckets holding a signed manifest or a chunk index, and the rollouts (a failure
+        // Buckets holding a signed manifest, and the rollouts (a failure
         // reason per host), take records up to `record_bytes`; the others hold small state.
         let bucket = |name: &'static str, history: i64, record: bool| BucketSpec {
             name,
@@ -233,7 +232,6 @@ impl Bus {
             },
         };
         let releases = kv_bucket(&js, resources, bucket(RELEASES_BUCKET, 10, true), None).await?;
-        let index = kv_bucket(&js, resources, bucket(INDEX_BUCKET, 1, true), None).await?;
         let signer_state =
             kv_bucket(&js, resources, bucket(SIGNER_BUCKET, 10, false), None).await?;
         let desired = kv_bucket(
@@ -298,7 +296,6 @@ impl Bus {
             chunks,
             status_stream,
             releases,
-            index,
             signer_state,
             desired,
             fleet,

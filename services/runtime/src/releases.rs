@@ -281,7 +281,6 @@ impl Bus {
             ring: ring.into(),
             version: version.clone(),
             manifest,
-            index_key: release_key(app, version),
             slot,
         };
         let bytes = Encoding::Json.encode(&desired).map_err(|e| e.to_string())?;

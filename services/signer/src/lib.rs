@@ -9,10 +9,12 @@ mod settings;
 use std::sync::Arc;
 
 use async_nats::jetstream::Message;
+use fleetcast_events::manifest::TreeRoot;
 use fleetcast_events::names::{self, PACKAGE_DETECTED, RELEASE_REJECTED, RELEASE_SIGNED};
+use fleetcast_events::tree;
 use fleetcast_events::v1::*;
 use fleetcast_events::{Encoding, Manifest, SecretKey, SignedManifest, SignedMetadata, Timestamp};
-use fleetcast_package::Package;
+use fleetcast_package::{ArchiveError, Package};
 use fleetcast_runtime::consume::{
     ConsumerSpec, Outcome, decode_or_reject, reject_event, run_consumer,
 };
@@ -464,18 +466,22 @@ impl Signer {
         let limits = self.settings.limits.clone();
         let path = fetched.file.path().to_path_buf();
         let (app, version) = (event.app.clone(), event.version.clone());
-        let files = match tokio::task::spawn_blocking(move || {
+        // The tree is built here but not stored: the distributor builds it again from the
+        // archive and stores it only if its root is the one signed.
+        let tree = match tokio::task::spawn_blocking(move || {
             let mut package = Package::open(&path, &limits)?;
             // Installs on Linux, not on a case-insensitive filesystem (refused when
             // `limits.refuse_case_clashes`).
             for (a, b) in &package.warnings().case_clashes {
                 tracing::warn!(%app, %version, a, b, "names that differ only in case");
             }
-            package.file_manifest()
+            let files = package.file_tree()?;
+            let built = tree::build(&files).map_err(|e| ArchiveError::Corrupt(e.to_string()))?;
+            Ok::<_, ArchiveError>(TreeRoot::of(&built, &files))
         })
         .await
         {
-            Ok(Ok(files)) => files,
+            Ok(Ok(tree)) => tree,
             Ok(Err(e)) => return self.reject(&event, e.rejection()).await,
             Err(e) => return Outcome::Retry(format!("hashing task failed: {e}")),
         };
@@ -484,7 +490,7 @@ impl Signer {
             rollback_from: None,
             app: event.app.clone(),
             version: event.version.clone(),
-            files,
+            tree,
             created: now,
             expires: now + self.settings.manifest_ttl,
         };
@@ -543,7 +549,7 @@ impl Signer {
         if let Err(e) = self.bus.put_release_record(&release).await {
             return Outcome::Retry(e);
         }
-        tracing::info!(app = %signed.app, version = %signed.version, files = manifest.files.len(), "release signed");
+        tracing::info!(app = %signed.app, version = %signed.version, files = manifest.tree.files, "release signed");
         // Counted here, once: a redelivery finds it in the signer's state and only announces.
         self.metrics.signed.inc();
         self.announce(&signed).await

@@ -8,9 +8,10 @@ use std::time::Duration;
 
 use anyhow::{Context, bail};
 use async_nats::jetstream::consumer::{DeliverPolicy, pull};
-use fleetcast_events::names::{self, release_key};
-use fleetcast_events::v1::{ChunkIndex, ReleaseRecord};
-use fleetcast_events::{Encoding, SecretKey, TrustedKeys};
+use fleetcast_events::names;
+use fleetcast_events::tree::{ChunkList, TreeFile};
+use fleetcast_events::v1::ReleaseRecord;
+use fleetcast_events::{SecretKey, TrustedKeys};
 use fleetcast_harness::NatsServer;
 use fleetcast_package::chunking::{self, ChunkId};
 use fleetcast_runtime::{Bus, NatsSettings};
@@ -550,7 +551,7 @@ impl Pipeline {
         Ok(total)
     }
 
-    /// Messages in the chunk stream.
+    /// Messages in the chunk stream: chunks and tree nodes.
     pub async fn stored_chunks(&self) -> anyhow::Result<u64> {
         let mut chunks = self.bus().await?.chunks;
         Ok(chunks.info().await?.state.messages)
@@ -570,15 +571,61 @@ pub fn free_addr() -> std::net::SocketAddr {
     std::net::SocketAddr::from(([127, 0, 0, 1], port))
 }
 
-/// A release read back the way an agent will: the record's signed manifest (verified), the
-/// chunk index, every chunk fetched by direct get and verified, every file reassembled and
-/// checked against the manifest. Returns path → content.
+/// A release read back the way an agent will: the record's signed manifest (verified), its
+/// tree and every chunk fetched by direct get and verified, every file reassembled and checked
+/// against its signed hash. Returns path → content.
 pub async fn reassemble(
     bus: &Bus,
     trusted: &TrustedKeys,
     app: &str,
     version: &semver::Version,
 ) -> anyhow::Result<HashMap<String, Vec<u8>>> {
+    let files = release_files(bus, trusted, app, version).await?;
+    let mut out = HashMap::new();
+    for TreeFile { entry, chunks } in files {
+        if entry.link.is_some() {
+            continue;
+        }
+        let ChunkList::Listed(chunks) = chunks else {
+            anyhow::bail!("chunk list of {} not read", entry.path);
+        };
+        let mut content = Vec::with_capacity(entry.size as usize);
+        for c in &chunks {
+            let id = ChunkId::from_hex(&c.id)?;
+            content.extend_from_slice(&stored_object(bus, app, &id, c.len).await?);
+        }
+        anyhow::ensure!(
+            blake3::hash(&content).to_hex().as_str() == entry.blake3,
+            "{} does not match the manifest",
+            entry.path
+        );
+        out.insert(entry.path.clone(), content);
+    }
+    Ok(out)
+}
+
+/// A chunk or tree node of `app` from the store, verified against its name.
+pub async fn stored_object(
+    bus: &Bus,
+    app: &str,
+    id: &ChunkId,
+    len: u32,
+) -> anyhow::Result<Vec<u8>> {
+    let msg = bus
+        .chunks
+        .direct_get_last_for_subject(names::chunk_subject(app, &id.to_hex()))
+        .await?;
+    Ok(chunking::verify(id, len, &msg.payload)?.into_data())
+}
+
+/// The files of a stored release, read from its signed tree in the store (chunk lists
+/// resolved), with the names of every tree node read.
+pub async fn release_files(
+    bus: &Bus,
+    trusted: &TrustedKeys,
+    app: &str,
+    version: &semver::Version,
+) -> anyhow::Result<Vec<TreeFile>> {
     let record: ReleaseRecord = bus
         .release_record(app, version)
         .await
@@ -588,56 +635,38 @@ pub async fn reassemble(
         .manifest
         .context("record has no manifest")?
         .verify(trusted, time::OffsetDateTime::now_utc())?;
-    let index_bytes = bus
-        .index
-        .get(release_key(app, version))
-        .await?
-        .context("no chunk index")?;
-    let index: ChunkIndex = Encoding::MsgPack.decode(&index_bytes)?;
-    let mut files = HashMap::new();
-    for (entry, chunks) in manifest.files.iter().zip(&index.files) {
-        anyhow::ensure!(
-            entry.path == chunks.path,
-            "index and manifest disagree on file order"
-        );
-        if entry.link.is_some() {
+    let mut nodes = HashMap::new();
+    let mut wanted = vec![manifest.tree.node()?];
+    // Every node reachable from the root, level by level (file lists, then chunk lists).
+    while let Some(r) = wanted.pop() {
+        if nodes.contains_key(&r.hash) {
             continue;
         }
-        let mut content = Vec::with_capacity(entry.size as usize);
-        for c in &chunks.chunks {
-            let id = ChunkId::from_hex(&c.id)?;
-            let msg = bus
-                .chunks
-                .direct_get_last_for_subject(names::chunk_subject(app, &c.id))
-                .await?;
-            content.extend_from_slice(chunking::verify(&id, c.len, &msg.payload)?.data());
-        }
-        anyhow::ensure!(
-            blake3::hash(&content).to_hex().as_str() == entry.blake3,
-            "{} does not match the manifest",
-            entry.path
-        );
-        files.insert(entry.path.clone(), content);
+        let bytes = stored_object(bus, app, &ChunkId(r.hash.0), r.len).await?;
+        wanted.extend(fleetcast_events::tree::children(&bytes)?);
+        nodes.insert(r.hash, bytes);
     }
-    Ok(files)
+    Ok(fleetcast_events::tree::read_all(
+        manifest.tree.node()?,
+        manifest.tree.files,
+        |r| nodes.get(&r.hash).map(Vec::as_slice),
+    )?)
 }
 
 /// Chunk ids of a stored release.
 pub async fn chunk_ids(
     bus: &Bus,
+    trusted: &TrustedKeys,
     app: &str,
     version: &semver::Version,
 ) -> anyhow::Result<std::collections::HashSet<String>> {
-    let bytes = bus
-        .index
-        .get(release_key(app, version))
+    Ok(release_files(bus, trusted, app, version)
         .await?
-        .context("no chunk index")?;
-    let index: ChunkIndex = Encoding::MsgPack.decode(&bytes)?;
-    Ok(index
-        .files
         .into_iter()
-        .flat_map(|f| f.chunks.into_iter().map(|c| c.id))
+        .flat_map(|f| match f.chunks {
+            ChunkList::Listed(list) => list.into_iter().map(|c| c.id).collect(),
+            ChunkList::Tree { .. } => Vec::new(),
+        })
         .collect())
 }
 

@@ -151,15 +151,14 @@ async fn status_reason(
 
 /// Writes a desired state for `shapp` carrying `manifest` as it is (however it was signed).
 async fn desire_raw(p: &Pipeline, version: &str, manifest: fleetcast_events::SignedManifest) {
-    desire_state(p, version, manifest, "2.0.0", false).await;
+    desire_state(p, version, manifest, false).await;
 }
 
-/// Writes a desired state for `shapp` in ring `default`, its chunk index that of `index_of`.
+/// Writes a desired state for `shapp` in ring `default`.
 async fn desire_state(
     p: &Pipeline,
     version: &str,
     manifest: fleetcast_events::SignedManifest,
-    index_of: &str,
     slot: bool,
 ) {
     let bus = p.bus().await.expect("bus");
@@ -168,7 +167,6 @@ async fn desire_state(
         ring: "default".into(),
         version: v(version),
         manifest,
-        index_key: fleetcast_events::names::release_key("shapp", &v(index_of)),
         slot,
     };
     let bytes = fleetcast_events::Encoding::Json
@@ -470,14 +468,7 @@ async fn a_rollout_with_slots_switches_only_once_granted_and_waits_while_nobody_
     eventually("v1 running", || running(&state) == "1.0.0").await;
 
     // The rollout asks for slots; no slot service runs: staged, waiting, still on v1.
-    desire_state(
-        &p,
-        "2.0.0",
-        stored_manifest(&p, "2.0.0").await,
-        "2.0.0",
-        true,
-    )
-    .await;
+    desire_state(&p, "2.0.0", stored_manifest(&p, "2.0.0").await, true).await;
     let reason = status_reason(&p, AppState::WaitingForSlot, "2.0.0").await;
     assert!(
         reason.contains("fleetcast.v1.slot.shapp.host-1"),
@@ -564,7 +555,7 @@ async fn a_signed_rollback_directive_moves_back_once_and_cannot_be_replayed() {
     m.rollback_from = Some(v("2.0.0"));
     m.expires = time::OffsetDateTime::now_utc() + time::Duration::days(1);
     let directive = SignedManifest::sign(&m, &[&p.key]).expect("sign");
-    desire_state(&p, "1.0.0", directive.clone(), "1.0.0", false).await;
+    desire_state(&p, "1.0.0", directive.clone(), false).await;
     committed(&journal, "1.0.0").await;
     assert_eq!(running(&state), "1.0.0");
     let j = Journal::load(&journal).expect("journal");
@@ -588,7 +579,7 @@ async fn a_signed_rollback_directive_moves_back_once_and_cannot_be_replayed() {
     );
 
     // The directive replayed after v3 cannot take the host back.
-    desire_state(&p, "1.0.0", directive, "1.0.0", false).await;
+    desire_state(&p, "1.0.0", directive, false).await;
     let reason = status_reason(&p, AppState::Refused, "1.0.0").await;
     assert!(reason.contains("replayed directive"), "{reason}");
     assert_eq!(running(&state), "3.0.0");

@@ -1,5 +1,6 @@
-//! The agent's side of a release: assembling a verified version from the real chunk store,
-//! reusing the chunks of the installed version, refusing tampered chunks, resuming.
+//! The agent's side of a release: reading its signed tree and assembling a verified version from
+//! the real chunk store, fetching only the tree nodes and chunks the installed version lacks,
+//! refusing tampered chunks and nodes, resuming.
 
 use std::os::unix::fs::PermissionsExt;
 use std::sync::atomic::{AtomicUsize, Ordering};
@@ -9,9 +10,9 @@ use fleetcast_agent::assemble::{
 };
 use fleetcast_agent::install::InstallRoot;
 use fleetcast_e2e::Pipeline;
-use fleetcast_events::names::{RELEASE_STORED, chunk_subject, release_key};
-use fleetcast_events::v1::{ChunkIndex, ReleaseStored};
-use fleetcast_events::{Encoding, VerifiedManifest};
+use fleetcast_events::names::{RELEASE_STORED, chunk_subject};
+use fleetcast_events::tree::{ChunkList, TreeFile};
+use fleetcast_events::v1::{ChunkRef, ReleaseStored};
 use fleetcast_harness::fixtures::{PackageBuilder, pseudo_random};
 use fleetcast_package::chunking::{ChunkError, ChunkId};
 use fleetcast_runtime::Bus;
@@ -28,11 +29,7 @@ fn package(version: &str, big: Vec<u8>) -> PackageBuilder {
         .symlink("bin/app-current", "app")
 }
 
-async fn release(
-    p: &Pipeline,
-    version: &str,
-    pkg: &PackageBuilder,
-) -> (VerifiedManifest, ChunkIndex) {
+async fn release(p: &Pipeline, version: &str, pkg: &PackageBuilder) -> (Version, Vec<TreeFile>) {
     std::fs::create_dir_all(p.drop_dir()).expect("dir");
     pkg.write_to(&p.drop_dir().join(format!("app-{version}.zip")))
         .expect("drop");
@@ -44,24 +41,33 @@ async fn release(
     load(&bus, p, version).await
 }
 
-async fn load(bus: &Bus, p: &Pipeline, version: &str) -> (VerifiedManifest, ChunkIndex) {
-    let record = bus
-        .release_record("app", &v(version))
+async fn load(bus: &Bus, p: &Pipeline, version: &str) -> (Version, Vec<TreeFile>) {
+    let files = fleetcast_e2e::release_files(bus, &p.trusted(), "app", &v(version))
         .await
-        .expect("record")
-        .expect("some");
-    let manifest = record
-        .manifest
-        .expect("manifest")
-        .verify(&p.trusted(), time::OffsetDateTime::now_utc())
-        .expect("verify");
-    let bytes = bus
-        .index
-        .get(release_key("app", &v(version)))
-        .await
-        .expect("get")
-        .expect("index");
-    (manifest, Encoding::MsgPack.decode(&bytes).expect("decode"))
+        .expect("tree");
+    (v(version), files)
+}
+
+/// The store as the agent reads it, for app `app`.
+async fn store(bus: &Bus) -> NatsChunks {
+    NatsChunks {
+        chunks: fleetcast_runtime::AgentBus::from_bus(bus)
+            .await
+            .expect("agent bus")
+            .chunks,
+        app: "app".into(),
+    }
+}
+
+/// Every chunk of `files`, in order.
+fn chunks(files: &[TreeFile]) -> Vec<&ChunkRef> {
+    files
+        .iter()
+        .flat_map(|f| match &f.chunks {
+            ChunkList::Listed(list) => list.iter().collect(),
+            ChunkList::Tree { .. } => Vec::new(),
+        })
+        .collect()
 }
 
 /// Serves chunks from the real store, but the connection "drops" after `fail_after` fetches.
@@ -99,13 +105,7 @@ async fn versions_assemble_from_the_store_reusing_installed_chunks() {
 
     let host = tempfile::tempdir().expect("tmp");
     let root = InstallRoot::new(host.path().join("app")).expect("root");
-    let store = NatsChunks {
-        chunks: fleetcast_runtime::AgentBus::from_bus(&bus)
-            .await
-            .expect("agent bus")
-            .chunks,
-        app: "app".into(),
-    };
+    let store = store(&bus).await;
 
     let r1 = assemble(&root, &m1, &i1, &LocalChunks::default(), &store, 8)
         .await
@@ -113,9 +113,9 @@ async fn versions_assemble_from_the_store_reusing_installed_chunks() {
     // Each distinct chunk once.
     assert_eq!(
         r1.fetched_chunks as usize,
-        i1.files
+        chunks(&i1)
             .iter()
-            .flat_map(|f| f.chunks.iter().map(|c| c.id.as_str()))
+            .map(|c| c.id.as_str())
             .collect::<std::collections::HashSet<_>>()
             .len()
     );
@@ -173,13 +173,7 @@ async fn an_interrupted_download_resumes_and_a_tampered_chunk_is_refused() {
     let (m, i) = release(&p, "1.0.0", &pkg).await;
     let host = tempfile::tempdir().expect("tmp");
     let root = InstallRoot::new(host.path().join("app")).expect("root");
-    let store = NatsChunks {
-        chunks: fleetcast_runtime::AgentBus::from_bus(&bus)
-            .await
-            .expect("agent bus")
-            .chunks,
-        app: "app".into(),
-    };
+    let store = store(&bus).await;
 
     let flaky = Flaky {
         inner: &store,
@@ -193,7 +187,7 @@ async fn an_interrupted_download_resumes_and_a_tampered_chunk_is_refused() {
         .await
         .expect("resumed");
     assert!(report.resumed_chunks >= 10, "{report:?}");
-    let total: usize = i.files.iter().map(|f| f.chunks.len()).sum();
+    let total = chunks(&i).len();
     assert_eq!(report.resumed_chunks + report.fetched_chunks, total as u64);
     let files = fleetcast_e2e::reassemble(&bus, &p.trusted(), "app", &v("1.0.0"))
         .await
@@ -207,7 +201,7 @@ async fn an_interrupted_download_resumes_and_a_tampered_chunk_is_refused() {
     }
 
     // The store now serves other bytes under one chunk's name: nothing gets installed.
-    let victim = &i.files[1].chunks[0];
+    let victim = chunks(&i)[1];
     let forged = fleetcast_package::chunking::encode_stored(&vec![7u8; victim.len as usize])
         .expect("encode");
     bus.js
@@ -257,4 +251,160 @@ async fn an_interrupted_download_resumes_and_a_tampered_chunk_is_refused() {
         .await
         .expect("publish");
     assert!(oversized.await.is_err(), "the store took a 512 KiB chunk");
+}
+
+/// Serves from the real store and records every object fetched.
+struct Counting<'a> {
+    inner: &'a NatsChunks,
+    fetched: std::sync::Mutex<Vec<ChunkId>>,
+}
+
+impl ChunkSource for Counting<'_> {
+    async fn fetch(&self, id: &ChunkId, len: u32) -> Result<Fetched, AssembleError> {
+        if let Ok(mut f) = self.fetched.lock() {
+            f.push(*id);
+        }
+        self.inner.fetch(id, len).await
+    }
+}
+
+async fn verified(bus: &Bus, p: &Pipeline, version: &str) -> fleetcast_events::VerifiedManifest {
+    bus.release_record("app", &v(version))
+        .await
+        .expect("record")
+        .expect("some")
+        .manifest
+        .expect("manifest")
+        .verify(&p.trusted(), time::OffsetDateTime::now_utc())
+        .expect("verify")
+}
+
+/// A source-code-like package: `n` small text files in 30 folders, `edited` of them changed.
+fn sources(version: &str, n: usize, edited: &[usize]) -> PackageBuilder {
+    let mut pkg =
+        PackageBuilder::new().file("bin/app", format!("#!/bin/sh\necho {version}\n"), 0o755);
+    for i in 0..n {
+        let mut text = format!("// file {i}\n").repeat(40 + i % 50);
+        if edited.contains(&i) {
+            text.push_str(&format!("// edited in {version}\n"));
+        }
+        pkg = pkg.file(&format!("src/m{:02}/f{i:04}.rs", i % 30), text, 0o644);
+    }
+    pkg
+}
+
+/// Ten edited files out of 3,000: the agent fetches exactly the new tree nodes and the edited
+/// files' chunks, each once; every other file is a hard link to the installed version; the
+/// result is the package. A forged tree node in the store is refused and nothing installed.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn ten_edited_files_of_three_thousand_fetch_only_their_nodes_and_chunks() {
+    use fleetcast_agent::release_tree::stage;
+    use std::collections::HashSet;
+    use std::os::unix::fs::MetadataExt;
+    let p = Pipeline::start().await.expect("pipeline");
+    let bus = p.bus().await.expect("bus");
+    let edited = [7, 300, 301, 999, 1200, 1500, 2001, 2500, 2750, 2999];
+    let (_, f1) = release(&p, "1.0.0", &sources("1.0.0", 3000, &[])).await;
+    let (_, f2) = release(&p, "2.0.0", &sources("2.0.0", 3000, &edited)).await;
+    let (m1, m2) = (
+        verified(&bus, &p, "1.0.0").await,
+        verified(&bus, &p, "2.0.0").await,
+    );
+    let store = store(&bus).await;
+    let host = tempfile::tempdir().expect("tmp");
+    let root = InstallRoot::new(host.path().join("app")).expect("root");
+    stage(&root, &m1, &store, 8).await.expect("v1");
+
+    // What v2 has that v1 has not: tree nodes (the tree is deterministic, so building it
+    // here gives the stored nodes) and the chunks of the edited files.
+    let nodes = |files: &[TreeFile]| -> HashSet<ChunkId> {
+        fleetcast_events::tree::build(files)
+            .expect("tree")
+            .nodes
+            .iter()
+            .map(|(r, _)| ChunkId(r.hash.0))
+            .collect()
+    };
+    let old_files: HashSet<&str> = f1.iter().map(|f| f.entry.blake3.as_str()).collect();
+    let changed: Vec<TreeFile> = f2
+        .iter()
+        .filter(|f| !old_files.contains(f.entry.blake3.as_str()))
+        .cloned()
+        .collect();
+    assert_eq!(changed.len(), edited.len() + 1, "the edits and bin/app");
+    let new_nodes: HashSet<ChunkId> = nodes(&f2).difference(&nodes(&f1)).copied().collect();
+    let new_chunks: HashSet<ChunkId> = chunks(&changed)
+        .iter()
+        .map(|c| ChunkId::from_hex(&c.id).expect("id"))
+        .collect();
+
+    let counting = Counting {
+        inner: &store,
+        fetched: Default::default(),
+    };
+    let staged = stage(&root, &m2, &counting, 8).await.expect("v2");
+    let fetched = counting.fetched.lock().expect("lock").clone();
+    let distinct: HashSet<ChunkId> = fetched.iter().copied().collect();
+    assert_eq!(fetched.len(), distinct.len(), "an object fetched twice");
+    let expected: HashSet<ChunkId> = new_nodes.union(&new_chunks).copied().collect();
+    assert_eq!(
+        distinct, expected,
+        "fetched exactly the new nodes and chunks"
+    );
+    assert!(
+        new_nodes.len() <= 4 * changed.len(),
+        "{} new tree nodes for {} changed files",
+        new_nodes.len(),
+        changed.len()
+    );
+    assert_eq!(staged.fetched_nodes as usize, new_nodes.len());
+    assert_eq!(staged.files.linked_files as usize, f2.len() - changed.len());
+
+    let (d1, d2) = (root.version_dir(&v("1.0.0")), root.version_dir(&v("2.0.0")));
+    let linked = f2
+        .iter()
+        .filter(|f| {
+            let ino = |d: &std::path::Path| {
+                std::fs::metadata(d.join(&f.entry.path))
+                    .map(|m| m.ino())
+                    .ok()
+            };
+            ino(&d1).is_some() && ino(&d1) == ino(&d2)
+        })
+        .count();
+    assert_eq!(
+        linked,
+        f2.len() - changed.len(),
+        "unchanged files share v1's inodes"
+    );
+    let package = fleetcast_e2e::reassemble(&bus, &p.trusted(), "app", &v("2.0.0"))
+        .await
+        .expect("reference");
+    assert_eq!(package.len(), f2.len());
+    for (path, content) in &package {
+        assert_eq!(
+            &std::fs::read(d2.join(path)).expect("read"),
+            content,
+            "{path}"
+        );
+    }
+
+    // A forged tree node: another node's bytes under one of v2's new nodes' name.
+    let victim = new_nodes.iter().next().expect("a new node");
+    let forged = fleetcast_package::chunking::encode_stored(b"not the node").expect("encode");
+    bus.js
+        .publish(chunk_subject("app", &victim.to_hex()), forged.into())
+        .await
+        .expect("publish")
+        .await
+        .expect("ack");
+    let other = InstallRoot::new(host.path().join("other")).expect("root");
+    let err = stage(&other, &m2, &store, 8)
+        .await
+        .expect_err("forged node");
+    assert!(matches!(err, AssembleError::Chunk(_)), "{err}");
+    assert!(
+        !other.version_dir(&v("2.0.0")).exists(),
+        "installed from a forged tree"
+    );
 }

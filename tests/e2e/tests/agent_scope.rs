@@ -14,7 +14,7 @@ use std::time::Duration;
 use fleetcast_e2e::{Pipeline, TIMEOUT, eventually, running, script_app};
 use fleetcast_events::names;
 use fleetcast_harness::accounts::AgentSpec;
-use fleetcast_runtime::agent_bus::{DirectChunks, DirectKv};
+use fleetcast_runtime::agent_bus::DirectChunks;
 use fleetcast_runtime::releases::FetchError;
 use futures::StreamExt;
 
@@ -66,8 +66,8 @@ async fn an_agent_installs_its_app_with_direct_gets_alone() {
 
 /// With one agent's credential: no stream info (with a subject filter it would list every
 /// chunk hash of every app, every desired-state key), no stream list or names, no consumer
-/// (which would deliver any subject of a stream), no direct get of another app's chunk or
-/// chunk index nor of a chunk under the subject chunks had before they were per app. Its own
+/// (which would deliver any subject of a stream), no direct get of another app's chunk (or
+/// tree node) nor of a chunk under the subject chunks had before they were per app. Its own
 /// app's chunks it reads.
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn an_agent_credential_cannot_list_streams_or_read_another_apps_chunks() {
@@ -79,10 +79,10 @@ async fn an_agent_credential_cannot_list_streams_or_read_another_apps_chunks() {
     p.release("otherapp", "1.0.0", &script_app("1.0.0", true))
         .await;
     let admin = p.bus().await.expect("admin");
-    let own = fleetcast_e2e::chunk_ids(&admin, "shapp", &v("1.0.0"))
+    let own = fleetcast_e2e::chunk_ids(&admin, &p.trusted(), "shapp", &v("1.0.0"))
         .await
         .expect("ids");
-    let theirs = fleetcast_e2e::chunk_ids(&admin, "otherapp", &v("1.0.0"))
+    let theirs = fleetcast_e2e::chunk_ids(&admin, &p.trusted(), "otherapp", &v("1.0.0"))
         .await
         .expect("ids");
     let chunk = own.iter().next().expect("a chunk").clone();
@@ -97,19 +97,12 @@ async fn an_agent_credential_cannot_list_streams_or_read_another_apps_chunks() {
     let (h1, refused) = p.agent_client("h1").await;
     let js = async_nats::jetstream::new(h1.clone());
 
-    // What it may: its own app's chunk and index, by direct get.
+    // What it may: its own app's chunk, by direct get.
     let own_chunks = DirectChunks::new(&js).await.expect("chunks");
     own_chunks
         .get("shapp", &chunk)
         .await
         .expect("h1 reads shapp's chunk");
-    let index = DirectKv::new(&js, names::INDEX_BUCKET)
-        .await
-        .expect("index");
-    assert!(
-        index.get("shapp.1.0.0").await.expect("own index").is_some(),
-        "h1 reads shapp's index"
-    );
 
     // Stream info (plain and with a subject filter, through the client library), listing,
     // names, consumers: each refused by the server.
@@ -131,7 +124,6 @@ async fn an_agent_credential_cannot_list_streams_or_read_another_apps_chunks() {
     for subject in [
         format!("$JS.API.STREAM.INFO.{}", names::CHUNKS_STREAM),
         format!("$JS.API.STREAM.INFO.KV_{}", names::DESIRED_BUCKET),
-        format!("$JS.API.STREAM.INFO.KV_{}", names::INDEX_BUCKET),
         "$JS.API.STREAM.LIST".to_string(),
         "$JS.API.STREAM.NAMES".to_string(),
         "$JS.API.INFO".to_string(),
@@ -146,15 +138,11 @@ async fn an_agent_credential_cannot_list_streams_or_read_another_apps_chunks() {
         refused.publish_refused(&subject).await;
     }
 
-    // Another app's chunk (the very same content) and index; a chunk under the old subject.
+    // Another app's chunk (the very same content); a chunk under the old subject.
     let direct = |subject: String| format!("$JS.API.DIRECT.GET.{}.{subject}", names::CHUNKS_STREAM);
     for subject in [
         direct(names::chunk_subject("otherapp", &chunk)),
         direct(format!("{}{chunk}", names::CHUNK_SUBJECT_PREFIX)),
-        format!(
-            "$JS.API.DIRECT.GET.KV_{0}.$KV.{0}.otherapp.1.0.0",
-            names::INDEX_BUCKET
-        ),
         // A bare direct get names no subject: it would serve any message by sequence.
         format!("$JS.API.DIRECT.GET.{}", names::CHUNKS_STREAM),
     ] {
@@ -166,10 +154,6 @@ async fn an_agent_credential_cannot_list_streams_or_read_another_apps_chunks() {
     assert!(
         own_chunks.get("otherapp", &chunk).await.is_err(),
         "the library's direct get of another app's chunk fails"
-    );
-    assert!(
-        index.get("otherapp.1.0.0").await.is_err(),
-        "another app's index cannot be read"
     );
 }
 
@@ -264,8 +248,8 @@ async fn every_stream_has_quotas_and_refuses_an_oversized_message() {
         seen += 1;
     }
     assert!(
-        seen >= 11,
-        "3 streams, 7 buckets, the incoming store: {seen}"
+        seen >= 10,
+        "3 streams, 6 buckets, the incoming store: {seen}"
     );
     let mut status = bus.status_stream.clone();
     let config = &status.info().await.expect("info").config;
@@ -337,92 +321,6 @@ async fn an_archive_over_the_limit_is_refused_before_anything_is_written() {
         .await
         .expect("fetched");
     assert_eq!(fetched.size, 3 << 20);
-}
-
-/// The upgrade from chunks stored once for every app (`fleetcast.v1.chunk.<hash>`): a release
-/// stored so (its chunks under the old subjects, its index not marked per app) is moved under
-/// its app by the distributor when it starts, and is then read with the app's subjects alone.
-#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
-async fn a_release_stored_before_chunks_were_per_app_is_moved_under_its_app() {
-    use fleetcast_events::Encoding;
-    use fleetcast_events::v1::ChunkIndex;
-
-    let mut p = Pipeline::start().await.expect("pipeline");
-    let package = script_app("1.0.0", true);
-    p.release("shapp", "1.0.0", &package).await;
-    let admin = p.bus().await.expect("admin");
-    let key = names::release_key("shapp", &v("1.0.0"));
-
-    // Made as an earlier fleetcast stored it.
-    let bytes = admin.index.get(&key).await.expect("get").expect("index");
-    let mut index: ChunkIndex = Encoding::MsgPack.decode(&bytes).expect("index");
-    assert!(index.per_app, "a new index is per app");
-    let ids = fleetcast_e2e::chunk_ids(&admin, "shapp", &v("1.0.0"))
-        .await
-        .expect("ids");
-    for id in &ids {
-        let per_app = names::chunk_subject("shapp", id);
-        let stored = admin
-            .chunks
-            .direct_get_last_for_subject(&per_app)
-            .await
-            .expect("stored per app");
-        admin
-            .js
-            .publish(
-                format!("{}{id}", names::CHUNK_SUBJECT_PREFIX),
-                stored.payload,
-            )
-            .await
-            .expect("publish")
-            .await
-            .expect("stored under the old subject");
-        admin.chunks.purge().filter(per_app).await.expect("purged");
-    }
-    index.per_app = false;
-    admin
-        .index
-        .put(
-            &key,
-            Encoding::MsgPack.encode(&index).expect("encode").into(),
-        )
-        .await
-        .expect("old index");
-    let agent = fleetcast_runtime::AgentBus::from_bus(&admin)
-        .await
-        .expect("agent handles");
-    let one = ids.iter().next().expect("a chunk");
-    assert!(
-        agent.chunks.get("shapp", one).await.is_err(),
-        "not readable per app before the move"
-    );
-
-    // A distributor (of this version) starts: it moves the release.
-    p.stop("distributor").await;
-    p.start_distributor("distributor");
-    for _ in 0..600 {
-        let bytes = admin.index.get(&key).await.expect("get").expect("index");
-        let index: ChunkIndex = Encoding::MsgPack.decode(&bytes).expect("index");
-        if index.per_app {
-            break;
-        }
-        tokio::time::sleep(Duration::from_millis(100)).await;
-    }
-    let bytes = admin.index.get(&key).await.expect("get").expect("index");
-    let moved: ChunkIndex = Encoding::MsgPack.decode(&bytes).expect("index");
-    assert!(moved.per_app, "the index was not moved");
-    assert_eq!(moved.files, index.files, "the same chunks");
-    for id in &ids {
-        agent
-            .chunks
-            .get("shapp", id)
-            .await
-            .expect("every chunk readable per app");
-    }
-    let files = fleetcast_e2e::reassemble(&admin, &p.trusted(), "shapp", &v("1.0.0"))
-        .await
-        .expect("the release reassembles from per-app chunks");
-    assert!(!files.is_empty());
 }
 
 /// End to end through the watcher: CI uploads an archive larger than the watcher's limits can

@@ -130,10 +130,10 @@ async fn ci_publish_gives_the_same_result_and_v2_stores_only_new_chunks() {
         .await
         .expect("stored");
     assert_reassembles(&p, "collector", "1.1.0", &v2).await;
-    let old = chunk_ids(&bus, "collector", &v("1.0.0"))
+    let old = chunk_ids(&bus, &p.trusted(), "collector", &v("1.0.0"))
         .await
         .expect("ids");
-    let new = chunk_ids(&bus, "collector", &v("1.1.0"))
+    let new = chunk_ids(&bus, &p.trusted(), "collector", &v("1.1.0"))
         .await
         .expect("ids");
     let fresh = new.difference(&old).count() as u64;
@@ -143,12 +143,13 @@ async fn ci_publish_gives_the_same_result_and_v2_stores_only_new_chunks() {
         "a 4 KiB patch stored {fresh} new chunks"
     );
     assert!(stored.new_stored_bytes <= 3 * 256 * 1024);
+    // The store holds the new chunks and the new nodes of v2's tree.
     assert_eq!(
         p.stored_chunks().await.expect("chunks"),
-        chunks_before + fresh
+        chunks_before + fresh + stored.new_tree_nodes
     );
-    // v1's content again as 1.0.1 (CI re-releasing unchanged files): every file is known, so
-    // nothing is read or stored, and the release is still complete.
+    // v1's content again as 1.2.0 (CI re-releasing unchanged files): the same tree, stored
+    // already, so the archive is not read, nothing is stored, and the release is complete.
     let request = fleetcast_cli::PublishRequest {
         archive: &zip,
         app: None,
@@ -163,8 +164,10 @@ async fn ci_publish_gives_the_same_result_and_v2_stores_only_new_chunks() {
         .wait_event(RELEASE_STORED, |e: &ReleaseStored| e.version == v("1.2.0"))
         .await
         .expect("stored");
-    let v1_chunks = record.stored.as_ref().expect("v1 summary").chunks;
-    assert_eq!((again.new_chunks, again.chunks), (0, v1_chunks));
+    assert_eq!(
+        (again.new_chunks, again.chunks, again.new_tree_nodes),
+        (0, 0, 0)
+    );
     assert_reassembles(&p, "collector", "1.2.0", &v1).await;
     // Archives are dropped from the incoming store once stored.
     let mut listing = bus.incoming.list().await.expect("list");
@@ -342,12 +345,18 @@ async fn hostile_packages_are_rejected_with_their_reason_and_nothing_is_stored()
         .expect("some");
     assert_eq!(record.state, ReleaseState::Stored);
 
-    // Nothing was kept for any refused package: only the good release's chunks, no archives.
-    let good_chunks = chunk_ids(&bus, "collector", &v("2.0.0"))
+    // Nothing was kept for any refused package: only the good release's chunks and tree nodes,
+    // no archives.
+    let good_chunks = chunk_ids(&bus, &p.trusted(), "collector", &v("2.0.0"))
         .await
         .expect("ids")
         .len() as u64;
-    assert_eq!(p.stored_chunks().await.expect("chunks"), good_chunks);
+    let nodes = record.stored.as_ref().map_or(0, |s| s.tree_nodes);
+    assert!(nodes >= 1);
+    assert_eq!(
+        p.stored_chunks().await.expect("chunks"),
+        good_chunks + nodes
+    );
     assert_eq!(p.count_events(RELEASE_STORED).await.expect("count"), 1);
     let mut listing = bus.incoming.list().await.expect("list");
     use futures::StreamExt;
@@ -444,13 +453,16 @@ async fn two_distributors_store_each_chunk_once_and_announce_once() {
     tokio::time::sleep(Duration::from_secs(3)).await;
     assert_eq!(p.count_events(RELEASE_STORED).await.expect("count"), 1);
     let bus = p.bus().await.expect("bus");
-    let unique = chunk_ids(&bus, "collector", &v("1.0.0"))
+    let unique = chunk_ids(&bus, &p.trusted(), "collector", &v("1.0.0"))
         .await
         .expect("ids")
         .len() as u64;
     assert_eq!(stored.chunks, 2 * unique);
     assert_eq!(stored.new_chunks, unique);
-    assert_eq!(p.stored_chunks().await.expect("chunks"), unique);
+    assert_eq!(
+        p.stored_chunks().await.expect("chunks"),
+        unique + stored.tree_nodes
+    );
     assert_reassembles(&p, "collector", "1.0.0", &package).await;
 }
 

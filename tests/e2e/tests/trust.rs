@@ -59,7 +59,6 @@ async fn announce_signed_by(p: &Pipeline, like: &str, version: &str, keys: &[&Se
         ring: "default".into(),
         version: v(version),
         manifest: SignedManifest::sign(&manifest, keys).expect("sign"),
-        index_key: fleetcast_events::names::release_key("shapp", &v(like)),
         slot: false,
     };
     bus.desired

@@ -1,0 +1,220 @@
+//! Reading a release's file tree (`fleetcast_events::tree`) from its signed root: nodes the
+//! installed versions hold are taken from disk, the others fetched from the store, a level at a
+//! time with bounded concurrency, each checked against its name. An update whose files mostly
+//! did not change fetches only the few nodes above the changed ones.
+//!
+//! Each installed version keeps the nodes of its tree in `meta/<v>/tree.nodes` (each node as a
+//! 4-byte little-endian length and its bytes) and its root in `meta/<v>/tree.root`. Nodes are
+//! hashed again when loaded, so a damaged file costs a fetch, never a wrong install.
+
+use std::collections::HashMap;
+use std::io::{self, Write};
+use std::path::Path;
+use std::sync::Arc;
+
+use fleetcast_events::VerifiedManifest;
+use fleetcast_events::manifest::TreeRoot;
+use fleetcast_events::tree::{self, ChunkList, Hash32, NodeRef, TreeFile, Walk};
+use fleetcast_package::chunking::ChunkId;
+use futures::StreamExt;
+
+use crate::assemble::{AssembleError, AssembleReport, ChunkSource, LocalChunks, assemble};
+use crate::install::InstallRoot;
+
+pub const NODES_FILE: &str = "tree.nodes";
+pub const ROOT_FILE: &str = "tree.root";
+
+/// Tree nodes at hand on this host, by name.
+#[derive(Default)]
+pub struct LocalNodes {
+    nodes: HashMap<Hash32, Arc<Vec<u8>>>,
+}
+
+impl LocalNodes {
+    /// Adds the nodes an installed version kept in `meta` (none if it kept none), and returns
+    /// that version's files, read from them, when its whole tree is there.
+    pub fn add_version(&mut self, meta: &Path) -> Option<Vec<TreeFile>> {
+        let bytes = std::fs::read(meta.join(NODES_FILE)).ok()?;
+        let mut rest = bytes.as_slice();
+        while let Some((len, tail)) = rest.split_first_chunk::<4>() {
+            let len = u32::from_le_bytes(*len) as usize;
+            let Some((node, tail)) = (len <= tail.len()).then(|| tail.split_at(len)) else {
+                break;
+            };
+            let r = NodeRef::of(node);
+            self.nodes
+                .entry(r.hash)
+                .or_insert_with(|| Arc::new(node.to_vec()));
+            rest = tail;
+        }
+        let root: TreeRoot =
+            serde_json::from_slice(&std::fs::read(meta.join(ROOT_FILE)).ok()?).ok()?;
+        tree::read_all(root.node().ok()?, root.files, |r| {
+            self.nodes.get(&r.hash).map(|b| b.as_slice())
+        })
+        .ok()
+    }
+
+    fn get(&self, r: &NodeRef) -> Option<Arc<Vec<u8>>> {
+        self.nodes
+            .get(&r.hash)
+            .filter(|b| b.len() == r.len as usize)
+            .cloned()
+    }
+}
+
+/// A release's files, every chunk list resolved, with what reading them cost.
+pub struct TreeRead {
+    pub files: Vec<TreeFile>,
+    /// Every node of the tree, to keep with the installed version.
+    pub nodes: Vec<Arc<Vec<u8>>>,
+    pub fetched_nodes: u64,
+    pub fetched_bytes: u64,
+}
+
+impl TreeRead {
+    /// Keeps the tree with its installed version, so the next update fetches only what changed.
+    pub fn keep(&self, meta: &Path, root: &TreeRoot) -> io::Result<()> {
+        std::fs::create_dir_all(meta)?;
+        let mut out = io::BufWriter::new(std::fs::File::create(meta.join(NODES_FILE))?);
+        for node in &self.nodes {
+            out.write_all(&(node.len() as u32).to_le_bytes())?;
+            out.write_all(node)?;
+        }
+        out.flush()?;
+        std::fs::write(meta.join(ROOT_FILE), serde_json::to_vec(root)?)
+    }
+}
+
+/// What staging a version cost.
+#[derive(Debug, Default, Clone)]
+pub struct Staged {
+    pub files: AssembleReport,
+    /// Tree nodes fetched from the store, and their bytes as transferred.
+    pub fetched_nodes: u64,
+    pub node_bytes: u64,
+}
+
+impl Staged {
+    /// Everything taken from the store: tree nodes and chunks.
+    pub fn fetched_bytes(&self) -> u64 {
+        self.files.fetched_bytes + self.node_bytes
+    }
+}
+
+/// Stages the version `manifest` signed into `root`: reads its tree (what the installed
+/// versions hold from disk, the rest from `remote`), assembles its files, and keeps its tree
+/// for the next update.
+pub async fn stage(
+    root: &InstallRoot,
+    manifest: &VerifiedManifest,
+    remote: &impl ChunkSource,
+    concurrency: usize,
+) -> Result<Staged, AssembleError> {
+    if root.version_dir(&manifest.version).is_dir() {
+        return Ok(Staged::default());
+    }
+    let mut nodes = LocalNodes::default();
+    let mut local = LocalChunks::default();
+    for v in root.installed() {
+        if let Some(files) = nodes.add_version(&root.meta_dir(&v)) {
+            local.add_version(&root.version_dir(&v), &files);
+        }
+    }
+    let tree = read_tree(manifest, &nodes, remote, concurrency).await?;
+    drop(nodes);
+    let files = assemble(
+        root,
+        &manifest.version,
+        &tree.files,
+        &local,
+        remote,
+        concurrency,
+    )
+    .await?;
+    if let Err(e) = tree.keep(&root.meta_dir(&manifest.version), &manifest.tree) {
+        tracing::warn!(error = %e, "release tree not kept; later updates will fetch more");
+    }
+    Ok(Staged {
+        files,
+        fetched_nodes: tree.fetched_nodes,
+        node_bytes: tree.fetched_bytes,
+    })
+}
+
+fn malformed(e: tree::TreeError) -> AssembleError {
+    AssembleError::BadTree(e.to_string())
+}
+
+/// Reads the tree `manifest` signed: local nodes first, the rest from `remote`.
+pub async fn read_tree(
+    manifest: &VerifiedManifest,
+    local: &LocalNodes,
+    remote: &impl ChunkSource,
+    concurrency: usize,
+) -> Result<TreeRead, AssembleError> {
+    let mut read = TreeRead {
+        files: Vec::new(),
+        nodes: Vec::new(),
+        fetched_nodes: 0,
+        fetched_bytes: 0,
+    };
+    let root = manifest.tree.node().map_err(malformed)?;
+    let mut walk = Walk::files(root, manifest.tree.files);
+    walk_all(&mut walk, local, remote, concurrency, &mut read).await?;
+    let mut files = walk.into_files(manifest.tree.files).map_err(malformed)?;
+    for file in &mut files {
+        if let ChunkList::Tree { root, count } = file.chunks {
+            let mut walk = Walk::chunks(root, count);
+            walk_all(&mut walk, local, remote, concurrency, &mut read).await?;
+            file.chunks = ChunkList::Listed(walk.into_chunks().map_err(malformed)?);
+        }
+    }
+    read.files = files;
+    Ok(read)
+}
+
+async fn walk_all(
+    walk: &mut Walk,
+    local: &LocalNodes,
+    remote: &impl ChunkSource,
+    concurrency: usize,
+    read: &mut TreeRead,
+) -> Result<(), AssembleError> {
+    while !walk.wanted().is_empty() {
+        let wanted = walk.wanted().to_vec();
+        let got: Vec<_> = futures::stream::iter(wanted.into_iter().map(|r| node(local, remote, r)))
+            .buffered(concurrency.max(1))
+            .collect()
+            .await;
+        let mut level = Vec::with_capacity(got.len());
+        for result in got {
+            let (node, wire) = result?;
+            if let Some(wire) = wire {
+                read.fetched_nodes += 1;
+                read.fetched_bytes += wire;
+            }
+            level.push(node);
+        }
+        walk.supply(&level.iter().map(|n| n.as_slice()).collect::<Vec<_>>())
+            .map_err(malformed)?;
+        read.nodes.extend(level);
+    }
+    Ok(())
+}
+
+/// One node: from disk if an installed version has it, else fetched (with its wire size).
+async fn node(
+    local: &LocalNodes,
+    remote: &impl ChunkSource,
+    r: NodeRef,
+) -> Result<(Arc<Vec<u8>>, Option<u64>), AssembleError> {
+    if let Some(node) = local.get(&r) {
+        return Ok((node, None));
+    }
+    let fetched = remote.fetch(&ChunkId(r.hash.0), r.len).await?;
+    Ok((
+        Arc::new(fetched.chunk.into_data()),
+        Some(fetched.wire_bytes),
+    ))
+}
