@@ -452,6 +452,7 @@ pub async fn run_agents() -> anyhow::Result<String> {
                 grace: Duration::from_secs(2),
                 user: None,
                 group: None,
+                verify_on_start: false,
             }],
             ..Default::default()
         };

@@ -316,6 +316,11 @@ async fn app_loop(
     shutdown: CancellationToken,
 ) {
     let app = runner.settings.name.clone();
+    // What the app does between updates (a start refused, a start that works again) is
+    // reported; what it does during one, the update itself reports, so each update starts a
+    // fresh subscription.
+    let mut app_events = runner.app_events();
+    let mut app_events_open = true;
     if let Err(e) = runner.recover().await {
         tracing::error!(%app, error = %e, "recovery failed");
     }
@@ -420,6 +425,15 @@ async fn app_loop(
                         stored(&bus).await
                     }
                     _ = ticker.tick() => stored(&bus).await,
+                    event = app_events.recv(), if app_events_open => {
+                        match event {
+                            Ok(event) => runner.app_event(event).await,
+                            Err(tokio::sync::broadcast::error::RecvError::Lagged(_)) => {}
+                            Err(tokio::sync::broadcast::error::RecvError::Closed) => app_events_open = false,
+                        }
+                        let _ = beat.send(runner.snapshot());
+                        None
+                    }
                     // A new root may accept what the old one refused.
                     Ok(()) = roots.changed() => stored(&bus).await,
                     _ = async { tokio::time::sleep_until(retry_at.unwrap_or_else(tokio::time::Instant::now)).await }, if retry_at.is_some() => {
@@ -450,6 +464,8 @@ async fn app_loop(
             };
             let outcome = runner.apply(&desired).await;
             if !matches!(outcome, Ok(Applied::AlreadyDone)) {
+                // What the app did during the update, the update reported.
+                app_events = runner.app_events();
                 // An update's buffers are free now; hand them back so an idle agent stays small.
                 memory::release_freed_soon();
             }

@@ -9,7 +9,7 @@
 
 use std::collections::HashMap;
 use std::io::{self, Write};
-use std::path::Path;
+use std::path::{Path, PathBuf};
 use std::sync::Arc;
 
 use fleetcast_events::VerifiedManifest;
@@ -140,6 +140,90 @@ pub async fn stage(
         fetched_nodes: tree.fetched_nodes,
         node_bytes: tree.fetched_bytes,
     })
+}
+
+/// A version folder as its signed tree says it must be (`apps[].verify_on_start`): checked
+/// before each start of the app, so a file changed, removed or added on disk after install is
+/// never run. The tree is the one the agent verified node by node at install and kept beside
+/// the version, as trusted as the journal.
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub struct InstalledTree {
+    dir: PathBuf,
+    files: Vec<TreeFile>,
+}
+
+impl InstalledTree {
+    pub fn load(root: &InstallRoot, version: &semver::Version) -> Result<Self, String> {
+        let files = LocalNodes::default()
+            .add_version(&root.meta_dir(version))
+            .ok_or_else(|| {
+                format!("{version} has no signed tree kept on this host (installed by an older agent?), so it cannot be verified")
+            })?;
+        Ok(InstalledTree {
+            dir: root.version_dir(version),
+            files,
+        })
+    }
+
+    /// Every file, link and folder of the version against the tree: content hash, size and
+    /// installed mode of each file, each link's target, nothing missing, nothing added.
+    pub fn check(&self) -> Result<(), String> {
+        use std::os::unix::fs::PermissionsExt;
+        let mut expected: HashMap<&str, &fleetcast_events::FileEntry> = self
+            .files
+            .iter()
+            .map(|f| (f.entry.path.as_str(), &f.entry))
+            .collect();
+        let mut folders = vec![self.dir.clone()];
+        while let Some(folder) = folders.pop() {
+            let entries =
+                std::fs::read_dir(&folder).map_err(|e| format!("{}: {e}", folder.display()))?;
+            for entry in entries {
+                let entry = entry.map_err(|e| format!("{}: {e}", folder.display()))?;
+                let path = entry.path();
+                let rel = path
+                    .strip_prefix(&self.dir)
+                    .map_err(|e| e.to_string())?
+                    .to_string_lossy()
+                    .into_owned();
+                let meta = std::fs::symlink_metadata(&path).map_err(|e| format!("{rel}: {e}"))?;
+                if meta.is_dir() {
+                    folders.push(path);
+                    continue;
+                }
+                let Some(want) = expected.remove(rel.as_str()) else {
+                    return Err(format!("{rel} is not in the signed tree"));
+                };
+                let same = match &want.link {
+                    Some(target) => {
+                        std::fs::read_link(&path).is_ok_and(|t| t.as_os_str() == target.as_str())
+                    }
+                    None => {
+                        meta.is_file()
+                            && meta.len() == want.size
+                            && meta.permissions().mode() & 0o7777
+                                == crate::isolation::installed_mode(want.mode)
+                            && hash_file(&path).is_ok_and(|h| h == want.blake3)
+                    }
+                };
+                if !same {
+                    return Err(format!(
+                        "{rel} differs from its signed hash, size, mode or link"
+                    ));
+                }
+            }
+        }
+        match expected.keys().next() {
+            Some(missing) => Err(format!("{missing} is missing")),
+            None => Ok(()),
+        }
+    }
+}
+
+fn hash_file(path: &Path) -> io::Result<String> {
+    let mut hasher = blake3::Hasher::new();
+    hasher.update_reader(std::fs::File::open(path)?)?;
+    Ok(hasher.finalize().to_hex().to_string())
 }
 
 fn malformed(e: tree::TreeError) -> AssembleError {

@@ -93,6 +93,10 @@ pub struct AppSettings {
     /// Its group (name or id); default: the user's primary group. Only with `user`.
     #[serde(default)]
     pub group: Option<String>,
+    /// Before every start, hash the version's files against its signed tree and refuse to
+    /// start a version whose folder changed since it was installed.
+    #[serde(default)]
+    pub verify_on_start: bool,
 }
 
 fn default_grace() -> Duration {

@@ -30,6 +30,9 @@ pub struct ProcessSpec {
     pub cwd: PathBuf,
     /// The user it runs as (`apps.user`); `None`: the agent's own.
     pub run_as: Option<crate::isolation::RunAs>,
+    /// Checked before every start (`apps[].verify_on_start`): a version folder that no longer
+    /// matches its signed tree is not run; the start fails with the reason.
+    pub verify: Option<std::sync::Arc<crate::release_tree::InstalledTree>>,
 }
 
 /// A program named by a command: relative names are looked up in the version's folder
@@ -279,6 +282,14 @@ impl Task {
     }
 
     fn spawn(&mut self, spec: ProcessSpec) -> State {
+        let started = Instant::now();
+        if let Some(Err(reason)) = spec.verify.as_ref().map(|v| v.check()) {
+            tracing::error!(app = %self.app, %reason, "not started: the version changed on disk since it was installed");
+            self.emit(Event::SpawnFailed {
+                reason: format!("verify_on_start: {reason}"),
+            });
+            return self.after_crash(started, spec);
+        }
         let mut command = Command::new(&spec.program);
         command
             .args(&spec.args)
@@ -292,7 +303,6 @@ impl Task {
         if let Some(run_as) = spec.run_as {
             run_as.apply(&mut command);
         }
-        let started = Instant::now();
         match command.spawn() {
             Ok(mut child) => {
                 let pid = child.id().unwrap_or(0);

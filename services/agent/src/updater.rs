@@ -25,7 +25,7 @@ use crate::health::run_gate;
 use crate::install::InstallRoot;
 use crate::isolation::RunAs;
 use crate::journal::{Journal, JournalFile, Step};
-use crate::release_tree::stage;
+use crate::release_tree::{InstalledTree, stage};
 use crate::settings::{AppSettings, Settings};
 use crate::supervisor::{ProcessSpec, StopPolicy, Supervisor};
 
@@ -246,6 +246,11 @@ impl AppRunner {
                 package_config::FILE_NAME
             ));
         };
+        let verify = if self.settings.verify_on_start {
+            Some(Arc::new(InstalledTree::load(&self.root, version)?))
+        } else {
+            None
+        };
         // The package's environment is a default; the host's config wins.
         let mut env = package.env;
         env.extend(self.settings.env.clone());
@@ -260,6 +265,7 @@ impl AppRunner {
                 env,
                 cwd: dir,
                 run_as: self.run_as,
+                verify,
             },
             health: package
                 .health
@@ -673,6 +679,41 @@ impl AppRunner {
                 at: OffsetDateTime::now_utc(),
             });
         }
+        self.publish_status(state, version, reason).await;
+    }
+
+    /// The app's supervisor events outside an update (see [`AppRunner::app_events`]).
+    pub fn app_events(&self) -> tokio::sync::broadcast::Receiver<crate::supervisor::Event> {
+        self.supervisor.subscribe()
+    }
+
+    /// The app outside an update: a start that failed (a program that cannot be run, or a
+    /// version folder changed since install under `verify_on_start`) is reported as `failed`
+    /// with the reason, and the next start that works as `running` again. The last update's
+    /// outcome stays as it was: no update happened.
+    pub async fn app_event(&mut self, event: crate::supervisor::Event) {
+        use crate::supervisor::Event;
+        let version = self.journal.committed.clone();
+        match event {
+            Event::SpawnFailed { reason } => {
+                self.state = AppState::Failed;
+                self.publish_status(AppState::Failed, version, Some(reason))
+                    .await;
+            }
+            Event::Started { .. } if self.state == AppState::Failed => {
+                self.state = AppState::Running;
+                self.publish_status(AppState::Running, version, None).await;
+            }
+            _ => {}
+        }
+    }
+
+    async fn publish_status(
+        &mut self,
+        state: AppState,
+        version: Option<Version>,
+        reason: Option<String>,
+    ) {
         let status = AgentStatus {
             agent_id: self.host.agent_id.clone(),
             app: self.settings.name.clone(),
@@ -785,6 +826,7 @@ mod tests {
             grace: Duration::from_secs(1),
             user: None,
             group: None,
+            verify_on_start: false,
         };
         let settings = Settings {
             agent_id: "unit-1".into(),

@@ -56,6 +56,7 @@ async fn gate_for(script: &str, gate: HealthGate) -> Result<(), GateFailure> {
         env: BTreeMap::new(),
         cwd: dir.path().into(),
         run_as: None,
+        verify: None,
     };
     sup.start(spec).await;
     let result = run_gate(&gate, &mut events, dir.path(), &Default::default(), None).await;

@@ -15,6 +15,7 @@ fn script(dir: &Path, body: &str) -> ProcessSpec {
         env: BTreeMap::from([("MARKER_DIR".to_string(), dir.display().to_string())]),
         cwd: dir.to_path_buf(),
         run_as: None,
+        verify: None,
     }
 }
 
@@ -160,6 +161,7 @@ async fn a_program_that_cannot_start_is_reported_and_retried() {
         env: BTreeMap::new(),
         cwd: dir.path().into(),
         run_as: None,
+        verify: None,
     };
     sup.start(spec).await;
     assert!(matches!(next(&mut events).await, Event::SpawnFailed { .. }));

@@ -95,6 +95,7 @@ async fn the_demo_app_is_updated_drained_and_rolled_back_by_a_real_agent() {
             grace: Duration::from_secs(10),
             user: None,
             group: None,
+            verify_on_start: false,
         }],
         ..Default::default()
     };

@@ -481,6 +481,7 @@ impl Pipeline {
                 grace: Duration::from_secs(5),
                 user: None,
                 group: None,
+                verify_on_start: false,
             }],
             ..Default::default()
         }

@@ -615,3 +615,53 @@ async fn an_agent_behind_a_leaf_node_gets_each_announcement_as_it_is_written() {
     p.desire("shapp", "canary", "2.0.0").await;
     eventually("site-1 runs 2.0.0", || running(&state) == "2.0.0").await;
 }
+
+/// `verify_on_start`: a file of the running version changed on disk after install. When the app
+/// next starts (here after a crash) the agent hashes the folder against the signed tree, does
+/// not start it, and reports `failed` with the changed path; the last update's outcome stays.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_version_changed_on_disk_is_not_started_with_verify_on_start() {
+    use std::os::unix::fs::PermissionsExt;
+    let p = Pipeline::start().await.expect("pipeline");
+    let (_host, data, state, journal) = host_dirs();
+    p.release("shapp", "1.0.0", &script_app("1.0.0", true))
+        .await;
+    p.desire("shapp", "default", "1.0.0").await;
+    let agent = start_agent_with(&p, &data, &state, |s| {
+        s.apps[0].verify_on_start = true;
+    });
+    eventually("v1 running (verified)", || running(&state) == "1.0.0").await;
+    committed(&journal, "1.0.0").await;
+
+    // Someone edits the installed program (made writable first: installs are read-only).
+    let dir = data.join("apps/shapp/versions/1.0.0");
+    let program = dir.join("bin/run");
+    std::fs::set_permissions(&program, std::fs::Permissions::from_mode(0o755)).expect("chmod");
+    let mut text = std::fs::read_to_string(&program).expect("read");
+    text = text.replace("exec sleep 300", "echo changed; exec sleep 300");
+    std::fs::write(&program, text).expect("tamper");
+    std::fs::set_permissions(&program, std::fs::Permissions::from_mode(0o555)).expect("chmod");
+    std::fs::remove_file(state.join("running")).expect("reset marker");
+
+    // The app crashes; its restart is refused.
+    // "<pid> <start time>"
+    let pid: i32 = std::fs::read_to_string(data.join("apps/shapp/app.pid"))
+        .expect("pid file")
+        .split_whitespace()
+        .next()
+        .and_then(|p| p.parse().ok())
+        .expect("pid");
+    nix::sys::signal::kill(
+        nix::unistd::Pid::from_raw(pid),
+        nix::sys::signal::Signal::SIGKILL,
+    )
+    .expect("kill");
+    let reason = status_reason(&p, fleetcast_events::v1::AppState::Failed, "1.0.0").await;
+    assert!(
+        reason.contains("verify_on_start") && reason.contains("bin/run"),
+        "{reason}"
+    );
+    tokio::time::sleep(Duration::from_secs(1)).await;
+    assert_eq!(running(&state), "", "the changed version was started");
+    agent.stop().await;
+}
