@@ -123,6 +123,33 @@ impl Collect for AgentMetrics {
                 view.uptime_s(now),
             );
         }
+        out.gauge(
+            "fleetcast_agent_last_update_bytes",
+            "What the app's last update took from the store: `fetched` in all, of which `metadata` (announcement and tree nodes) and `chunks`; `release` is what the version's files weigh.",
+        );
+        for view in apps.iter() {
+            let Some(update) = &view.last.beat.last_update else {
+                continue;
+            };
+            let Some(b) = update.bytes else { continue };
+            let version = update.version.to_string();
+            for (kind, n) in [
+                ("fetched", b.fetched),
+                ("metadata", b.metadata),
+                ("chunks", b.chunks),
+                ("release", b.release),
+            ] {
+                out.sample(
+                    "fleetcast_agent_last_update_bytes",
+                    &[
+                        ("app", &view.last.beat.app),
+                        ("version", &version),
+                        ("kind", kind),
+                    ],
+                    n as f64,
+                );
+            }
+        }
         out.counter(
             "fleetcast_agent_updates_total",
             "Times the running version changed since the agent started: updates, and rollbacks an operator ordered.",
@@ -193,8 +220,20 @@ mod tests {
             updates: 1,
             rollbacks: 2,
         };
-        tx.send(snap(AppState::RolledBack, Some("2.0.0"), 0, counts))
-            .expect("send");
+        let mut last = snap(AppState::RolledBack, Some("2.0.0"), 0, counts);
+        last.beat.last_update = Some(fleetcast_events::v1::LastUpdate {
+            version: semver::Version::new(3, 0, 0),
+            outcome: fleetcast_events::v1::UpdateOutcome::RolledBack,
+            reason: None,
+            at: time::OffsetDateTime::UNIX_EPOCH,
+            bytes: Some(fleetcast_events::v1::UpdateBytes {
+                fetched: 300,
+                metadata: 100,
+                chunks: 200,
+                release: 5000,
+            }),
+        });
+        tx.send(last).expect("send");
         drop(tx);
         follow.await.expect("follow ends with its app loop");
         let mut out = Exposition::new();
@@ -205,6 +244,9 @@ mod tests {
             "fleetcast_agent_app_uptime_seconds{app=\"web\"} 0\n",
             "fleetcast_agent_updates_total{app=\"web\"} 1\n",
             "fleetcast_agent_rollbacks_total{app=\"web\"} 2\n",
+            "fleetcast_agent_last_update_bytes{app=\"web\",version=\"3.0.0\",kind=\"fetched\"} 300\n",
+            "fleetcast_agent_last_update_bytes{app=\"web\",version=\"3.0.0\",kind=\"metadata\"} 100\n",
+            "fleetcast_agent_last_update_bytes{app=\"web\",version=\"3.0.0\",kind=\"release\"} 5000\n",
         ] {
             assert!(text.contains(line), "{line} missing from\n{text}");
         }

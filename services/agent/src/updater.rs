@@ -10,7 +10,7 @@ use std::time::Duration;
 use fleetcast_events::names::{agent_status_subject, slot_subject};
 use fleetcast_events::v1::{
     AgentStatus, AppHeartbeat, AppState, DesiredState, LastUpdate, SlotReply, SlotRequest,
-    UpdateOutcome,
+    UpdateBytes, UpdateOutcome,
 };
 use fleetcast_events::{Encoding, VerifiedManifest};
 use fleetcast_package::package_config::{self, Hook, Hooks, PackageConfig};
@@ -130,6 +130,8 @@ pub struct AppRunner {
     bus: AgentBus,
     /// Bytes fetched from the store for the update in progress (or the last one).
     fetched_bytes: u64,
+    /// What staging the current update's version cost, for its outcome report.
+    update_bytes: Option<(Version, UpdateBytes)>,
     state: AppState,
     running_since: Option<Instant>,
     counts: Counts,
@@ -196,6 +198,7 @@ impl AppRunner {
             trust,
             bus,
             fetched_bytes: 0,
+            update_bytes: None,
             state: AppState::Stopped,
             running_since: None,
             counts: Counts::default(),
@@ -408,6 +411,8 @@ impl AppRunner {
                 outcome: UpdateOutcome::RolledBack,
                 reason: Some(reason),
                 at: OffsetDateTime::now_utc(),
+                // Not known any more: a restarted agent does not remember.
+                bytes: None,
             });
         }
         Ok(())
@@ -445,6 +450,7 @@ impl AppRunner {
             self.journal.highest_accepted = Some(target.clone());
         }
         self.fetched_bytes = 0;
+        self.update_bytes = None;
         self.journal.step = Step::Staging {
             target: target.clone(),
         };
@@ -523,7 +529,9 @@ impl AppRunner {
         desired: &DesiredState,
     ) -> Result<Launch, UpdateError> {
         let target = manifest.version.clone();
-        self.stage(manifest).await?;
+        // What the announcement itself weighed, as the tracker writes it (JSON).
+        let announcement = Encoding::Json.encode(desired).map_or(0, |b| b.len() as u64);
+        self.stage(manifest, announcement).await?;
         fault::hit("staged");
         let launch = self.launch(&target).map_err(UpdateError::Refused)?;
         let now = OffsetDateTime::now_utc();
@@ -552,7 +560,11 @@ impl AppRunner {
         Ok(launch)
     }
 
-    async fn stage(&mut self, manifest: &VerifiedManifest) -> Result<(), UpdateError> {
+    async fn stage(
+        &mut self,
+        manifest: &VerifiedManifest,
+        announcement: u64,
+    ) -> Result<(), UpdateError> {
         if !self.root.version_dir(&manifest.version).is_dir() {
             // The rest of the fleet is still taking the announcement (see the setting).
             tokio::time::sleep(self.host.fetch_delay).await;
@@ -574,6 +586,13 @@ impl AppRunner {
         // What this update took from the store: the tree nodes and the chunks (the signed
         // manifest came with the announcement).
         self.fetched_bytes = staged.fetched_bytes();
+        let bytes = UpdateBytes {
+            fetched: announcement + staged.fetched_bytes(),
+            metadata: announcement + staged.node_bytes,
+            chunks: staged.files.fetched_bytes,
+            release: manifest.tree.bytes,
+        };
+        self.update_bytes = Some((manifest.version.clone(), bytes));
         Ok(())
     }
 
@@ -677,6 +696,11 @@ impl AppRunner {
                 outcome,
                 reason: reason.clone(),
                 at: OffsetDateTime::now_utc(),
+                bytes: self
+                    .update_bytes
+                    .as_ref()
+                    .filter(|(v, _)| v == version)
+                    .map(|(_, b)| *b),
             });
         }
         self.publish_status(state, version, reason).await;

@@ -132,6 +132,28 @@ pub fn ago(at: time::OffsetDateTime, now: time::OffsetDateTime) -> String {
     }
 }
 
+/// A size as a person reads it: `512 B`, `46.8 KiB`, `30 MiB`.
+pub fn size(n: u64) -> String {
+    if n < 1024 {
+        return format!("{n} B");
+    }
+    let mut v = n as f64 / 1024.0;
+    let mut units = ["KiB", "MiB", "GiB", "TiB"].iter().peekable();
+    let mut unit = "KiB";
+    while let Some(u) = units.next() {
+        unit = u;
+        if v < 1024.0 || units.peek().is_none() {
+            break;
+        }
+        v /= 1024.0;
+    }
+    if v < 10.0 {
+        format!("{v:.1} {unit}")
+    } else {
+        format!("{v:.0} {unit}")
+    }
+}
+
 /// Writes `<dir>/<name>.key` (secret, mode 0600) and `<dir>/<name>.pub`.
 pub fn keygen(dir: &Path, name: &str, force: bool) -> anyhow::Result<(PathBuf, PathBuf, String)> {
     std::fs::create_dir_all(dir).with_context(|| format!("creating {}", dir.display()))?;

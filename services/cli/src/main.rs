@@ -613,8 +613,8 @@ fn print_status(reply: &fleetcast_tracker::api::Reply) {
 
 fn print_agents(agents: &[fleetcast_tracker::api::AgentRow]) {
     println!(
-        "{:<20} {:<12} {:<16} {:<12} {:<16}  LAST ERROR",
-        "AGENT", "RING", "APP", "RUNNING", "STATE"
+        "{:<20} {:<12} {:<16} {:<12} {:<16} {:<28}  LAST ERROR",
+        "AGENT", "RING", "APP", "RUNNING", "STATE", "LAST UPDATE FETCHED"
     );
     let now = time::OffsetDateTime::now_utc();
     for row in agents {
@@ -649,8 +649,17 @@ fn print_agents(agents: &[fleetcast_tracker::api::AgentRow]) {
                     format!("{version}: {} ({when})", e.reason)
                 })
                 .unwrap_or_default();
+            // What the last update cost against what the version weighs: "-" when unknown.
+            let fetched = view.last_fetch.as_ref().map_or("-".to_string(), |f| {
+                format!(
+                    "{} of {} ({})",
+                    fleetcast_cli::size(f.bytes.fetched),
+                    fleetcast_cli::size(f.bytes.release),
+                    f.version
+                )
+            });
             println!(
-                "{:<20} {:<12} {app:<16} {running:<12} {:<16}  {error}",
+                "{:<20} {:<12} {app:<16} {running:<12} {:<16} {fetched:<28}  {error}",
                 format!("{}{stale}", a.agent_id),
                 a.ring,
                 state

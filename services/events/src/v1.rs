@@ -273,6 +273,21 @@ pub struct ChunkRef {
     pub len: u32,
 }
 
+/// What one update cost a host, against what its version weighs.
+#[derive(Debug, Clone, Copy, Default, PartialEq, Eq, Serialize, Deserialize, JsonSchema)]
+#[serde(deny_unknown_fields)]
+pub struct UpdateBytes {
+    /// Everything taken from the store: `metadata` + `chunks`.
+    pub fetched: u64,
+    /// The desired state with its signed manifest (as JSON) and the release tree's nodes the
+    /// host did not hold.
+    pub metadata: u64,
+    /// Chunks, as stored (compressed where that paid).
+    pub chunks: u64,
+    /// The version's files, uncompressed: what a full copy weighs.
+    pub release: u64,
+}
+
 /// Desired version of an app for one ring, written by the tracker and watched by agents.
 #[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize, JsonSchema)]
 #[serde(deny_unknown_fields)]
@@ -435,6 +450,9 @@ pub struct LastUpdate {
     pub outcome: UpdateOutcome,
     #[serde(default, skip_serializing_if = "Option::is_none")]
     pub reason: Option<String>,
+    /// What the update took from the store, when it took something to stage the version.
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub bytes: Option<UpdateBytes>,
     /// When it ended, on the agent's clock.
     #[serde(with = "time::serde::rfc3339")]
     #[schemars(with = "String")]

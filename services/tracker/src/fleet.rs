@@ -6,7 +6,7 @@
 use std::collections::BTreeMap;
 use std::time::Duration;
 
-use fleetcast_events::v1::{AgentHeartbeat, AgentStatus, AppState, MetadataStatus};
+use fleetcast_events::v1::{AgentHeartbeat, AgentStatus, AppState, MetadataStatus, UpdateBytes};
 use semver::Version;
 use serde::{Deserialize, Serialize};
 use time::OffsetDateTime;
@@ -43,6 +43,17 @@ pub struct AppView {
     /// window), as its agent last said.
     #[serde(default, skip_serializing_if = "Option::is_none")]
     pub waiting: Option<String>,
+    /// What the host's last update took from the store (against what its version weighs),
+    /// as its agent last said; the version it was for.
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub last_fetch: Option<LastFetch>,
+}
+
+#[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize)]
+pub struct LastFetch {
+    pub version: Version,
+    #[serde(flatten)]
+    pub bytes: UpdateBytes,
 }
 
 #[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize)]
@@ -79,6 +90,7 @@ impl Fleet {
                     uptime_s: 0,
                     last_error: None,
                     waiting: None,
+                    last_fetch: None,
                 });
             view.state = app.state;
             view.running.clone_from(&app.running);
@@ -87,6 +99,14 @@ impl Fleet {
             view.uptime_s = app.uptime_s;
             if !is_waiting(app.state) {
                 view.waiting = None;
+            }
+            if let Some(update) = &app.last_update
+                && let Some(bytes) = update.bytes
+            {
+                view.last_fetch = Some(LastFetch {
+                    version: update.version.clone(),
+                    bytes,
+                });
             }
             // A failure whose status was lost: the heartbeat's outcome says it, once.
             if let Some(update) = &app.last_update {
@@ -122,6 +142,7 @@ impl Fleet {
             uptime_s: 0,
             last_error: None,
             waiting: None,
+            last_fetch: None,
         });
         // A refusal says nothing about what runs; every other state is the app's own.
         if st.state != AppState::Refused {
@@ -217,7 +238,18 @@ mod tests {
                     staged: None,
                     previous: None,
                     uptime_s: 5,
-                    last_update: None,
+                    last_update: Some(fleetcast_events::v1::LastUpdate {
+                        version: v("1.0.0"),
+                        outcome: fleetcast_events::v1::UpdateOutcome::Committed,
+                        reason: None,
+                        at: t0,
+                        bytes: Some(UpdateBytes {
+                            fetched: 47_000,
+                            metadata: 15_000,
+                            chunks: 32_000,
+                            release: 30 << 20,
+                        }),
+                    }),
                 }],
                 metadata: Some(MetadataStatus {
                     root_version: 2,
@@ -253,6 +285,13 @@ mod tests {
                 .is_some_and(|m| m.stale && m.root_version == 2)
         );
         let app = &a.apps["demo"];
+        // What the last update cost, as its heartbeat said.
+        assert_eq!(
+            app.last_fetch
+                .as_ref()
+                .map(|f| (f.version.clone(), f.bytes.fetched)),
+            Some((v("1.0.0"), 47_000))
+        );
         assert_eq!(app.running, Some(v("2.0.0")));
         assert_eq!(
             app.state,

@@ -130,6 +130,7 @@ mod tests {
                         uptime_s: 0,
                         last_error: None,
                         waiting: None,
+                        last_fetch: None,
                     },
                 )]
                 .into(),

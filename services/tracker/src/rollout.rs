@@ -627,6 +627,7 @@ mod tests {
                             uptime_s: 1,
                             last_error: None,
                             waiting: None,
+                            last_fetch: None,
                         },
                     )]),
                     last_seen: t0(),
@@ -691,6 +692,7 @@ mod tests {
             outcome,
             reason: Some("health gate: exited with 3".into()),
             at: now,
+            bytes: None,
         };
         use fleetcast_events::v1::UpdateOutcome;
         assert!(!r.record_outcome("c1", &outcome("1.0.0", UpdateOutcome::RolledBack)));

@@ -246,8 +246,26 @@ async fn an_agent_asked_to_serves_its_apps_state_version_and_rollbacks() {
         "fleetcast_agent_rollbacks_total{app=\"shapp\"} 0".into(),
         "fleetcast_agent_nats_connected 1".into(),
     ];
-    metrics_with(addr, &lines).await;
+    let text = metrics_with(addr, &lines).await;
     healthy(addr).await;
+    // What the install took from the store, against what v1's files weigh.
+    let bytes = |kind: &str| -> u64 {
+        let prefix = format!(
+            "fleetcast_agent_last_update_bytes{{app=\"shapp\",version=\"1.0.0\",kind=\"{kind}\"}} "
+        );
+        text.lines()
+            .find_map(|l| l.strip_prefix(&prefix))
+            .and_then(|n| n.parse().ok())
+            .unwrap_or_else(|| panic!("no {kind} bytes in\n{text}"))
+    };
+    let release: usize = script_app("1.0.0", true)
+        .files()
+        .iter()
+        .map(|(_, data)| data.len())
+        .sum();
+    assert_eq!(bytes("release"), release as u64);
+    assert!(bytes("chunks") > 0 && bytes("metadata") > 0);
+    assert_eq!(bytes("fetched"), bytes("chunks") + bytes("metadata"));
 
     // 2.0.0 exits at once: the agent rolls back to 1.0.0 by itself.
     p.desire("shapp", "canary", "2.0.0").await;
