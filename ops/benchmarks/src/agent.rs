@@ -26,6 +26,7 @@
 //!   `small_files_install_s`: v2's desired state written → v2 running (download, install,
 //!   switch, health gate); `small_files_write_hash_s`: writing, hashing and syncing just the
 //!   edited files on the same disk, in this process (the reference).
+//! - Many files (`many_files_*`): see `many.rs`.
 
 use std::io::{Read, Write};
 use std::net::TcpStream;
@@ -187,7 +188,8 @@ pub async fn run() -> anyhow::Result<String> {
     eprintln!("bita");
     let bita = bita_fetch(&v1_zip, &v2_zip, dir.path())?;
 
-    let json = serde_json::json!({
+    let many = crate::many::run(dir.path()).await?;
+    let mut json = serde_json::json!({
         "idle_rss_mib": round(idle_rss as f64 / 1024.0),
         "idle_rss_anon_mib": round(idle_anon as f64 / 1024.0),
         "idle_rss_file_mib": round(idle_file as f64 / 1024.0),
@@ -211,6 +213,9 @@ pub async fn run() -> anyhow::Result<String> {
         "small_files_install_s": (small_install.as_seconds_f64() * 1000.0).round() / 1000.0,
         "small_files_write_hash_s": (write_hash.as_secs_f64() * 1000.0).round() / 1000.0,
     });
+    if let (Some(all), serde_json::Value::Object(many)) = (json.as_object_mut(), many) {
+        all.extend(many);
+    }
     Ok(json.to_string())
 }
 
@@ -263,7 +268,7 @@ fn write_hash_s(files: &[(String, Vec<u8>)], dir: &Path) -> anyhow::Result<Durat
 
 /// A binary built next to this one (`ops/bench` builds them), or where `FLEETCAST_BENCH_<NAME>`
 /// says (the agent is built with its own profile; bita lives in .tools).
-fn sibling_binary(name: &str) -> anyhow::Result<PathBuf> {
+pub(crate) fn sibling_binary(name: &str) -> anyhow::Result<PathBuf> {
     let var = format!(
         "FLEETCAST_BENCH_{}",
         name.trim_start_matches("fleetcast-")
@@ -294,7 +299,7 @@ fn free_port() -> anyhow::Result<u16> {
 
 /// Size of the desired-state value the agent receives (it carries the signed manifest), and
 /// when the server stored it.
-async fn desired_entry(
+pub(crate) async fn desired_entry(
     bus: &fleetcast_runtime::Bus,
     app: &str,
 ) -> anyhow::Result<(u64, time::OffsetDateTime)> {
@@ -450,7 +455,7 @@ fn bita_fetch(v1: &Path, v2: &Path, dir: &Path) -> anyhow::Result<BitaFetch> {
     })
 }
 
-fn spawn_agent(config: &Path) -> anyhow::Result<Child> {
+pub(crate) fn spawn_agent(config: &Path) -> anyhow::Result<Child> {
     let bin = sibling_binary("fleetcast-agent")?;
     Command::new(&bin)
         .arg("--config")
@@ -472,7 +477,7 @@ async fn next_status(sub: &mut async_nats::Subscriber) -> anyhow::Result<AgentSt
 }
 
 /// `app`'s `running` report of `version`, and when the first `downloading` one was sent.
-async fn wait_running(
+pub(crate) async fn wait_running(
     sub: &mut async_nats::Subscriber,
     app: &str,
     version: &str,
@@ -499,7 +504,7 @@ async fn wait_running(
     }
 }
 
-async fn wait_committed(journal: &Path, version: &str) -> anyhow::Result<()> {
+pub(crate) async fn wait_committed(journal: &Path, version: &str) -> anyhow::Result<()> {
     for _ in 0..6000 {
         if Journal::load(journal)
             .is_ok_and(|j| j.committed.is_some_and(|v| v.to_string() == version))
@@ -511,7 +516,7 @@ async fn wait_committed(journal: &Path, version: &str) -> anyhow::Result<()> {
     bail!("{version} never committed")
 }
 
-fn rss_kib(pid: u32, field: &str) -> anyhow::Result<u64> {
+pub(crate) fn rss_kib(pid: u32, field: &str) -> anyhow::Result<u64> {
     let status = std::fs::read_to_string(format!("/proc/{pid}/status"))?;
     let line = status
         .lines()

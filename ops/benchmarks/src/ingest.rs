@@ -219,7 +219,7 @@ pub(crate) fn tree_of(zip: &Path) -> anyhow::Result<(Vec<TreeFile>, TreeRoot)> {
     Ok((files, root))
 }
 
-async fn wait_stored(
+pub(crate) async fn wait_stored(
     sub: &mut async_nats::Subscriber,
     version: &semver::Version,
 ) -> anyhow::Result<ReleaseStored> {

@@ -4,6 +4,7 @@
 mod agent;
 mod fleet;
 mod ingest;
+mod many;
 
 use std::process::ExitCode;
 
@@ -27,10 +28,12 @@ fn main() -> ExitCode {
     let result = match which.as_str() {
         "ingest" => runtime.block_on(ingest::run()),
         "agent" => runtime.block_on(agent::run()),
+        // The many-files part of `agent` alone.
+        "many" => runtime.block_on(many::run_alone()),
         "fleet" => runtime.block_on(fleet::run()),
         fleet::AGENTS_COMMAND => runtime.block_on(fleet::run_agents()),
         _ => {
-            eprintln!("usage: ops/bench ingest|agent|fleet");
+            eprintln!("usage: ops/bench ingest|agent|many|fleet");
             return ExitCode::from(2);
         }
     };

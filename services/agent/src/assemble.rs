@@ -5,7 +5,7 @@
 //! written, every file against the signed manifest before the folder is renamed to
 //! `versions/<v>/`. Memory stays at about `concurrency` chunks.
 
-use std::collections::HashMap;
+use std::collections::{HashMap, VecDeque};
 use std::fs::File;
 use std::io;
 use std::os::unix::fs::{FileExt, PermissionsExt};
@@ -240,7 +240,8 @@ fn unshare(id: &ChunkId, e: Arc<AssembleError>) -> AssembleError {
 struct Hashing<'a> {
     entry: &'a fleetcast_events::manifest::FileEntry,
     path: PathBuf,
-    file: Arc<File>,
+    /// Open until the file is complete.
+    file: Option<Arc<File>>,
     hasher: blake3::Hasher,
     chunks_left: usize,
 }
@@ -255,11 +256,90 @@ impl Hashing<'_> {
             return Err(AssembleError::FileMismatch(self.entry.path.clone()));
         }
         // Read-only for everyone, no setuid/setgid/sticky bit, whatever the package says.
-        self.file
-            .set_permissions(std::fs::Permissions::from_mode(
-                crate::isolation::installed_mode(self.entry.mode),
-            ))
-            .map_err(io_err(&self.path))
+        let mode =
+            std::fs::Permissions::from_mode(crate::isolation::installed_mode(self.entry.mode));
+        match self.file.take() {
+            Some(file) => file.set_permissions(mode),
+            None => std::fs::set_permissions(&self.path, mode),
+        }
+        .map_err(io_err(&self.path))
+    }
+}
+
+/// Opens the files to assemble one at a time, as their chunks are needed, and hands out their
+/// chunks as jobs.
+struct Planner<'a, I> {
+    files: I,
+    partial: &'a Path,
+    local: &'a LocalChunks,
+    queue: VecDeque<Job>,
+}
+
+impl<'a, I: Iterator<Item = (&'a TreeFile, &'a &'a [ChunkRef])>> Planner<'a, I> {
+    /// The next chunk to place; `None` when every file has been planned. A file an installed
+    /// version holds is linked here; an empty one is complete at once.
+    fn next(
+        &mut self,
+        hashing: &mut Vec<Hashing<'a>>,
+        report: &mut AssembleReport,
+    ) -> Result<Option<Job>, AssembleError> {
+        loop {
+            if let Some(job) = self.queue.pop_front() {
+                return Ok(Some(job));
+            }
+            let Some((TreeFile { entry, .. }, chunks)) = self.files.next() else {
+                return Ok(None);
+            };
+            if entry.link.is_some() {
+                continue;
+            }
+            let path = self.partial.join(&entry.path);
+            if let Some(parent) = path.parent() {
+                std::fs::create_dir_all(parent).map_err(io_err(parent))?;
+            }
+            if link_unchanged(self.local, entry, &path).map_err(io_err(&path))? {
+                report.linked_files += 1;
+                continue;
+            }
+            let file = std::fs::OpenOptions::new()
+                .read(true)
+                .write(true)
+                .create(true)
+                .truncate(false)
+                .open(&path)
+                .map_err(io_err(&path))?;
+            // Only what an interrupted attempt wrote can be resumed: a new file has nothing to
+            // read back.
+            let written = file.metadata().map_err(io_err(&path))?.len();
+            file.set_len(entry.size).map_err(io_err(&path))?;
+            let file = Arc::new(file);
+            let mut offset = 0u64;
+            for c in chunks.iter() {
+                let id = ChunkId::from_hex(&c.id)?;
+                self.queue.push_back(Job {
+                    file: file.clone(),
+                    index: hashing.len(),
+                    path: path.clone(),
+                    offset,
+                    id,
+                    len: c.len,
+                    resumable: offset + u64::from(c.len) <= written,
+                });
+                offset += u64::from(c.len);
+            }
+            let mut this = Hashing {
+                entry,
+                path,
+                file: Some(file),
+                hasher: blake3::Hasher::new(),
+                chunks_left: chunks.len(),
+            };
+            // Files without chunks (empty) are complete already.
+            if this.chunks_left == 0 {
+                this.finish()?;
+            }
+            hashing.push(this);
+        }
     }
 }
 
@@ -290,69 +370,26 @@ pub async fn assemble(
     // Regular files first, so no write can pass through a link the manifest creates. Every
     // chunk of every file is a job, in file order: the results come back in that order, so
     // each file's hash is computed from the verified chunks as they arrive instead of reading
-    // the file back.
-    let mut jobs = Vec::new();
+    // the file back. Files are opened as their jobs come up, so only a few are open at a time
+    // however many the version holds.
     let mut hashing = Vec::new();
-    for (TreeFile { entry, .. }, chunks) in files.iter().zip(&listed) {
-        if entry.link.is_some() {
-            continue;
-        }
-        let path = partial.join(&entry.path);
-        if let Some(parent) = path.parent() {
-            std::fs::create_dir_all(parent).map_err(io_err(parent))?;
-        }
-        if link_unchanged(local, entry, &path).map_err(io_err(&path))? {
-            report.linked_files += 1;
-            continue;
-        }
-        let file = std::fs::OpenOptions::new()
-            .read(true)
-            .write(true)
-            .create(true)
-            .truncate(false)
-            .open(&path)
-            .map_err(io_err(&path))?;
-        // Only what an interrupted attempt wrote can be resumed: a new file has nothing to
-        // read back.
-        let written = file.metadata().map_err(io_err(&path))?.len();
-        file.set_len(entry.size).map_err(io_err(&path))?;
-        let file = Arc::new(file);
-        let mut offset = 0u64;
-        for c in *chunks {
-            let id = ChunkId::from_hex(&c.id)?;
-            jobs.push(Job {
-                file: file.clone(),
-                index: hashing.len(),
-                path: path.clone(),
-                offset,
-                id,
-                len: c.len,
-                resumable: offset + u64::from(c.len) <= written,
-            });
-            offset += u64::from(c.len);
-        }
-        hashing.push(Hashing {
-            entry,
-            path,
-            file,
-            hasher: blake3::Hasher::new(),
-            chunks_left: chunks.len(),
-        });
-    }
-    // Files without chunks (empty) are complete already.
-    for f in hashing.iter_mut().filter(|f| f.chunks_left == 0) {
-        f.finish()?;
-    }
+    let mut planner = Planner {
+        files: files.iter().zip(listed.iter()),
+        partial: &partial,
+        local,
+        queue: VecDeque::new(),
+    };
 
     // A chunk that several files (or places in one) hold is fetched once: jobs in flight
     // together share one fetch; a later job copies it from where this attempt wrote it.
     let mut sharing: HashMap<ChunkId, SharedChunk<'_>> = HashMap::new();
     let mut written: HashMap<ChunkId, (PathBuf, u64, u32)> = HashMap::new();
-    let mut pending = jobs.into_iter();
     let mut inflight = FuturesOrdered::new();
     loop {
         while inflight.len() < concurrency.max(1) {
-            let Some(job) = pending.next() else { break };
+            let Some(job) = planner.next(&mut hashing, &mut report)? else {
+                break;
+            };
             let copy_from = written.get(&job.id).cloned();
             let (shared, first) = match sharing.get(&job.id) {
                 Some(shared) => (shared.clone(), false),

@@ -34,8 +34,11 @@ pub struct ArchiveLimits {
 impl Default for ArchiveLimits {
     fn default() -> Self {
         ArchiveLimits {
-            max_entries: 50_000,
-            max_total_bytes: 8 << 30,
+            // A release's metadata is a tree of small nodes (fleetcast_events::tree), so no
+            // message limit bounds the file count: 200,000 files go through (ops/bench agent,
+            // many_files_*); 10 GiB needs the store quotas raised (nats.quotas).
+            max_entries: 250_000,
+            max_total_bytes: 16 << 30,
             max_ratio: 200,
             refuse_case_clashes: false,
         }
