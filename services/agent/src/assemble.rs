@@ -266,6 +266,27 @@ impl Hashing<'_> {
     }
 }
 
+/// The chunks listed more than once (in several files or places of one).
+fn repeated_chunks(listed: &[&[ChunkRef]]) -> std::collections::HashSet<ChunkId> {
+    let mut seen = std::collections::HashSet::new();
+    let mut repeated = std::collections::HashSet::new();
+    for c in listed.iter().flat_map(|l| l.iter()) {
+        if let Ok(id) = ChunkId::from_hex(&c.id)
+            && !seen.insert(id)
+        {
+            repeated.insert(id);
+        }
+    }
+    repeated
+}
+
+/// The files being hashed, by their place in the order of files: only those with chunks still
+/// to come (a hasher is 2 KiB; a version of 200,000 files must not hold one per file).
+struct Hashings<'a> {
+    open: HashMap<usize, Hashing<'a>>,
+    next: usize,
+}
+
 /// Opens the files to assemble one at a time, as their chunks are needed, and hands out their
 /// chunks as jobs.
 struct Planner<'a, I> {
@@ -280,7 +301,7 @@ impl<'a, I: Iterator<Item = (&'a TreeFile, &'a &'a [ChunkRef])>> Planner<'a, I> 
     /// version holds is linked here; an empty one is complete at once.
     fn next(
         &mut self,
-        hashing: &mut Vec<Hashing<'a>>,
+        hashing: &mut Hashings<'a>,
         report: &mut AssembleReport,
     ) -> Result<Option<Job>, AssembleError> {
         loop {
@@ -318,7 +339,7 @@ impl<'a, I: Iterator<Item = (&'a TreeFile, &'a &'a [ChunkRef])>> Planner<'a, I> 
                 let id = ChunkId::from_hex(&c.id)?;
                 self.queue.push_back(Job {
                     file: file.clone(),
-                    index: hashing.len(),
+                    index: hashing.next,
                     path: path.clone(),
                     offset,
                     id,
@@ -337,8 +358,10 @@ impl<'a, I: Iterator<Item = (&'a TreeFile, &'a &'a [ChunkRef])>> Planner<'a, I> 
             // Files without chunks (empty) are complete already.
             if this.chunks_left == 0 {
                 this.finish()?;
+            } else {
+                hashing.open.insert(hashing.next, this);
             }
-            hashing.push(this);
+            hashing.next += 1;
         }
     }
 }
@@ -372,7 +395,10 @@ pub async fn assemble(
     // each file's hash is computed from the verified chunks as they arrive instead of reading
     // the file back. Files are opened as their jobs come up, so only a few are open at a time
     // however many the version holds.
-    let mut hashing = Vec::new();
+    let mut hashing = Hashings {
+        open: HashMap::new(),
+        next: 0,
+    };
     let mut planner = Planner {
         files: files.iter().zip(listed.iter()),
         partial: &partial,
@@ -384,6 +410,8 @@ pub async fn assemble(
     // together share one fetch; a later job copies it from where this attempt wrote it.
     let mut sharing: HashMap<ChunkId, SharedChunk<'_>> = HashMap::new();
     let mut written: HashMap<ChunkId, (PathBuf, u64, u32)> = HashMap::new();
+    // Where a chunk was written is kept only for chunks the version holds more than once.
+    let repeated = repeated_chunks(&listed);
     let mut inflight = FuturesOrdered::new();
     loop {
         while inflight.len() < concurrency.max(1) {
@@ -431,7 +459,9 @@ pub async fn assemble(
         let (index, id, place, data, source) = result?;
         // From now on a later job copies it from here instead of fetching it again.
         sharing.remove(&id);
-        written.entry(id).or_insert(place);
+        if repeated.contains(&id) {
+            written.entry(id).or_insert(place);
+        }
         match source {
             Source::Fetched(wire) => {
                 report.fetched_chunks += 1;
@@ -440,11 +470,16 @@ pub async fn assemble(
             Source::Reused => report.reused_chunks += 1,
             Source::Resumed => report.resumed_chunks += 1,
         }
-        let file = &mut hashing[index];
+        let Some(file) = hashing.open.get_mut(&index) else {
+            return Err(AssembleError::BadTree(format!(
+                "chunk {id} of no open file"
+            )));
+        };
         file.hasher.update(&data);
         file.chunks_left -= 1;
         if file.chunks_left == 0 {
             file.finish()?;
+            hashing.open.remove(&index);
         }
     }
 

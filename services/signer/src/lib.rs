@@ -476,6 +476,8 @@ impl Signer {
                 tracing::warn!(%app, %version, a, b, "names that differ only in case");
             }
             let files = package.file_tree()?;
+            // The archive's parsed central directory is not needed for the tree.
+            drop(package);
             let built = tree::build(&files).map_err(|e| ArchiveError::Corrupt(e.to_string()))?;
             Ok::<_, ArchiveError>(TreeRoot::of(&built, &files))
         })
