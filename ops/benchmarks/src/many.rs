@@ -7,8 +7,11 @@
 //! - `many_files_ingest_s`: published → `release.stored` (the signer hashes, chunks and builds
 //!   the tree, the distributor builds it again, stores every chunk and node).
 //! - `many_files_install_s`: desired state written → the agent reports the version running.
+//! - `many_files_update_s` / `many_files_update_fetched_bytes`: then v2, ten files edited:
+//!   desired → running, and everything the agent fetched for it.
 //! - `many_files_peak_rss_mib`: the peak RSS (VmHWM) of the watcher, the signer, the
-//!   distributor and the agent over the whole run (the goal: at most 256 MiB each).
+//!   distributor and the agent over the whole run, both versions (the goal: at most 256 MiB
+//!   each); `many_files_install_peak_rss_mib`: the agent's after the first install alone.
 //! - `many_files_fetched_bytes` against `many_files_zip_bytes`: what the agent took from the
 //!   store (chunks, tree nodes, the announcement) against the archive CI uploaded.
 
@@ -47,7 +50,14 @@ pub(crate) async fn run(dir: &Path) -> anyhow::Result<serde_json::Value> {
     std::fs::create_dir_all(&dir)?;
     eprintln!("many files: a package of {count}");
     let zip = dir.join("many-1.0.0.zip");
-    write_package(&zip, count)?;
+    write_package(&zip, count, "1.0.0", &[])?;
+    // v2: ten files edited, spread over the package.
+    let edited: Vec<usize> = (0..10)
+        .map(|k| k * count / 10 + 7)
+        .filter(|&i| i < count)
+        .collect();
+    let zip2 = dir.join("many-2.0.0.zip");
+    write_package(&zip2, count, "2.0.0", &edited)?;
     let zip_bytes = std::fs::metadata(&zip)?.len();
 
     let (nats, _settings, bus) = fresh_store().await?;
@@ -92,17 +102,7 @@ pub(crate) async fn run(dir: &Path) -> anyhow::Result<serde_json::Value> {
     let version = semver::Version::new(1, 0, 0);
     let mut stored = bus.client.subscribe(RELEASE_STORED).await?;
     let started = Instant::now();
-    fleetcast_cli::publish(
-        &bus,
-        fleetcast_cli::PublishRequest {
-            archive: &zip,
-            app: Some("many".into()),
-            version: Some(version.clone()),
-            published_by: None,
-            progress: None,
-        },
-    )
-    .await?;
+    publish(&bus, &zip, &version).await?;
     let release = wait_stored(&mut stored, &version).await?;
     let ingest = started.elapsed();
     eprintln!(
@@ -140,6 +140,28 @@ pub(crate) async fn run(dir: &Path) -> anyhow::Result<serde_json::Value> {
         "{installed} files installed of {}",
         count + 1
     );
+    let install_peak = round(rss_kib(services.0[3].id(), "VmHWM")? as f64 / 1024.0);
+
+    // An update of the same size: ten files edited. The agent reads v1's tree from disk and
+    // fetches only what changed.
+    let v2 = semver::Version::new(2, 0, 0);
+    for (name, child) in ["watcher", "signer", "distributor", "agent"]
+        .iter()
+        .zip(&services.0)
+    {
+        eprintln!(
+            "many files: {name} between the releases: {} KiB resident, peak {} KiB",
+            rss_kib(child.id(), "VmRSS")?,
+            rss_kib(child.id(), "VmHWM")?
+        );
+    }
+    publish(&bus, &zip2, &v2).await?;
+    wait_stored(&mut stored, &v2).await?;
+    fleetcast_cli::desire(&bus, "many", "default", &v2).await?;
+    let (desired2, desired2_at) = desired_entry(&bus, "many").await?;
+    let (updated, _) = wait_running(&mut statuses, "many", "2.0.0").await?;
+    let update = updated.at - desired2_at;
+    wait_committed(&data.join("apps/many"), "2.0.0").await?;
     let peak = |child: &Child| -> anyhow::Result<f64> {
         Ok(round(rss_kib(child.id(), "VmHWM")? as f64 / 1024.0))
     };
@@ -149,6 +171,9 @@ pub(crate) async fn run(dir: &Path) -> anyhow::Result<serde_json::Value> {
         "many_files_ingest_s": round(ingest.as_secs_f64()),
         "many_files_install_s": round(install.as_seconds_f64()),
         "many_files_fetched_bytes": running.progress_bytes.unwrap_or_default() + desired,
+        "many_files_install_peak_rss_mib": install_peak,
+        "many_files_update_s": round(update.as_seconds_f64()),
+        "many_files_update_fetched_bytes": updated.progress_bytes.unwrap_or_default() + desired2,
         "many_files_peak_rss_mib": {
             "watcher": peak(&services.0[0])?,
             "signer": peak(&services.0[1])?,
@@ -161,8 +186,26 @@ pub(crate) async fn run(dir: &Path) -> anyhow::Result<serde_json::Value> {
     Ok(json)
 }
 
-/// `count` source-like text files of ~100–600 bytes in folders of 500, and a VERSION file.
-fn write_package(path: &Path, count: usize) -> anyhow::Result<()> {
+/// As CI does: `fleetcast publish` of `zip` as `many` `version`.
+async fn publish(
+    bus: &fleetcast_runtime::Bus,
+    zip: &Path,
+    version: &semver::Version,
+) -> anyhow::Result<()> {
+    let request = fleetcast_cli::PublishRequest {
+        archive: zip,
+        app: Some("many".into()),
+        version: Some(version.clone()),
+        published_by: None,
+        progress: None,
+    };
+    fleetcast_cli::publish(bus, request).await?;
+    Ok(())
+}
+
+/// `count` source-like text files of ~100–600 bytes in folders of 500, and a VERSION file;
+/// the files at `edited` have one more line.
+fn write_package(path: &Path, count: usize, version: &str, edited: &[usize]) -> anyhow::Result<()> {
     let mut zip = zip::ZipWriter::new(std::io::BufWriter::new(std::fs::File::create(path)?));
     let options = SimpleFileOptions::default().unix_permissions(0o644);
     for i in 0..count {
@@ -171,9 +214,12 @@ fn write_package(path: &Path, count: usize) -> anyhow::Result<()> {
         for l in 0..lines {
             writeln!(zip, "pub fn item_{i}_{l}() -> u64 {{ {} }}", i * 31 + l)?;
         }
+        if edited.contains(&i) {
+            writeln!(zip, "// edited in {version}")?;
+        }
     }
     zip.start_file("VERSION", options)?;
-    zip.write_all(b"1.0.0")?;
+    zip.write_all(version.as_bytes())?;
     zip.finish()?.flush()?;
     Ok(())
 }

@@ -14,7 +14,6 @@ pub mod health;
 pub mod install;
 pub mod isolation;
 pub mod journal;
-mod memory;
 mod metrics;
 pub mod output;
 pub mod release_tree;
@@ -467,7 +466,7 @@ async fn app_loop(
                 // What the app did during the update, the update reported.
                 app_events = runner.app_events();
                 // An update's buffers are free now; hand them back so an idle agent stays small.
-                memory::release_freed_soon();
+                fleetcast_runtime::memory::release_freed_soon();
             }
             match outcome {
                 Ok(_) => {

@@ -92,6 +92,9 @@ struct Distributor {
 impl Distributor {
     async fn handle(&self, msg: &Message) -> Outcome {
         let outcome = self.store_release(msg).await;
+        // A release's file list and tree are freed now; give the memory back so the next
+        // release (built on other threads, in other arenas) does not add to it.
+        fleetcast_runtime::memory::release_freed_soon();
         if matches!(outcome, Outcome::Retry(_)) {
             self.metrics.failures.inc();
         }

@@ -8,6 +8,7 @@ pub mod bus;
 pub mod consume;
 pub mod fs;
 pub mod https;
+pub mod memory;
 pub mod metrics;
 pub mod observe;
 pub mod releases;

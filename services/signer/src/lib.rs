@@ -487,6 +487,8 @@ impl Signer {
             Ok(Err(e)) => return self.reject(&event, e.rejection()).await,
             Err(e) => return Outcome::Retry(format!("hashing task failed: {e}")),
         };
+        // The archive's files and tree are freed: give the memory back before the next one.
+        fleetcast_runtime::memory::release_freed_soon();
         let now = now_seconds();
         let manifest = Manifest {
             rollback_from: None,
