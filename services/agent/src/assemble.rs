@@ -240,16 +240,16 @@ fn unshare(id: &ChunkId, e: Arc<AssembleError>) -> AssembleError {
 struct Hashing<'a> {
     entry: &'a fleetcast_events::manifest::FileEntry,
     path: PathBuf,
-    /// Open until the file is complete.
-    file: Option<Arc<File>>,
+    file: Arc<File>,
     hasher: blake3::Hasher,
     chunks_left: usize,
 }
 
 impl Hashing<'_> {
     /// The whole file against the signed manifest, then its permissions. (Durability comes
-    /// once for the whole version, before its rename: see [`make_durable`].)
-    fn finish(&mut self) -> Result<(), AssembleError> {
+    /// once for the whole version, before its rename: see [`make_durable`].) Consumed: the
+    /// file is closed once complete.
+    fn finish(self) -> Result<(), AssembleError> {
         if self.hasher.finalize().to_hex().as_str() != self.entry.blake3 {
             // Dropped so a retry fetches it afresh instead of resuming bad bytes.
             let _ = std::fs::remove_file(&self.path);
@@ -258,11 +258,7 @@ impl Hashing<'_> {
         // Read-only for everyone, no setuid/setgid/sticky bit, whatever the package says.
         let mode =
             std::fs::Permissions::from_mode(crate::isolation::installed_mode(self.entry.mode));
-        match self.file.take() {
-            Some(file) => file.set_permissions(mode),
-            None => std::fs::set_permissions(&self.path, mode),
-        }
-        .map_err(io_err(&self.path))
+        self.file.set_permissions(mode).map_err(io_err(&self.path))
     }
 }
 
@@ -348,10 +344,10 @@ impl<'a, I: Iterator<Item = (&'a TreeFile, &'a &'a [ChunkRef])>> Planner<'a, I> 
                 });
                 offset += u64::from(c.len);
             }
-            let mut this = Hashing {
+            let this = Hashing {
                 entry,
                 path,
-                file: Some(file),
+                file,
                 hasher: blake3::Hasher::new(),
                 chunks_left: chunks.len(),
             };
@@ -477,9 +473,10 @@ pub async fn assemble(
         };
         file.hasher.update(&data);
         file.chunks_left -= 1;
-        if file.chunks_left == 0 {
-            file.finish()?;
-            hashing.open.remove(&index);
+        if file.chunks_left == 0
+            && let Some(done) = hashing.open.remove(&index)
+        {
+            done.finish()?;
         }
     }
 
