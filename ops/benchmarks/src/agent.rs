@@ -26,6 +26,7 @@
 //!   `small_files_install_s`: v2's desired state written → v2 running (download, install,
 //!   switch, health gate); `small_files_write_hash_s`: writing, hashing and syncing just the
 //!   edited files on the same disk, in this process (the reference).
+//! - Rebuilt binary (`rebuilt_*`), a third app: see `rebuilt.rs`.
 //! - Many files (`many_files_*`): see `many.rs`.
 
 use std::io::{Read, Write};
@@ -89,6 +90,21 @@ pub async fn run() -> anyhow::Result<String> {
         .map(|&i| (s2[i].path().to_string(), s2[i].data.clone()))
         .collect();
     drop((s1, s2));
+    let (build1, build2) = crate::rebuilt::builds()?;
+    let (r1_zip, r2_zip) = (
+        dir.path().join("rebuilt-1.0.0.zip"),
+        dir.path().join("rebuilt-2.0.0.zip"),
+    );
+    for (build, zip, version) in [(&build1, &r1_zip, "1.0.0"), (&build2, &r2_zip, "2.0.0")] {
+        let files = vec![
+            File::bin("bin/server", std::fs::read(build)?),
+            File::text("VERSION", version),
+        ];
+        write_zip(&files, zip)?;
+    }
+    let rebuilt_patch_from = crate::rebuilt::zstd_cli(Some(&build1), &build2, dir.path())?;
+    let rebuilt_full = crate::rebuilt::zstd_cli(None, &build2, dir.path())?;
+    let rebuilt_binary = std::fs::metadata(&build2)?.len();
 
     let key = SecretKey::generate()?;
     let (nats, settings, bus) = fresh_store().await?;
@@ -98,11 +114,17 @@ pub async fn run() -> anyhow::Result<String> {
     ingest_once(&bus, &key, &v2_zip, "bench", "2.0.0").await?;
     ingest_once(&bus, &key, &s1_zip, "small", "1.0.0").await?;
     ingest_once(&bus, &key, &s2_zip, "small", "2.0.0").await?;
+    ingest_once(&bus, &key, &r1_zip, "rebuilt", "1.0.0").await?;
+    ingest_once(&bus, &key, &r2_zip, "rebuilt", "2.0.0").await?;
+    let r2_root = crate::ingest::tree_of(&r2_zip)?.1.root;
+    let patches = crate::rebuilt::wait_patches(&bus, "rebuilt", "2.0.0", "1.0.0", &r2_root).await?;
+    eprintln!("rebuilt: {} patch(es) listed", patches.patches.len());
     distributor.cancel();
 
     let demo_app = sibling_binary("fleetcast-demo-app")?;
     let port = free_port()?;
     let small_port = free_port()?;
+    let rebuilt_port = free_port()?;
     let mut statuses = bus
         .client
         .subscribe(fleetcast_events::names::ALL_AGENT_STATUSES)
@@ -120,10 +142,15 @@ pub async fn run() -> anyhow::Result<String> {
              [[apps]]\nname = \"small\"\ncommand = [\"{}\"]\ngrace = \"5s\"\n\
              [apps.env]\nFLEETCAST_DEMO_APP_PORT = \"{small_port}\"\nRUST_LOG = \"warn\"\n\
              [apps.health]\nstay_up = \"0s\"\nhttp = \"http://127.0.0.1:{small_port}/health\"\n\
+             probe_interval = \"5ms\"\nprobe_attempts = 2000\nprobe_timeout = \"1s\"\n\
+             [[apps]]\nname = \"rebuilt\"\ncommand = [\"{}\"]\ngrace = \"5s\"\n\
+             [apps.env]\nFLEETCAST_DEMO_APP_PORT = \"{rebuilt_port}\"\nRUST_LOG = \"warn\"\n\
+             [apps.health]\nstay_up = \"0s\"\nhttp = \"http://127.0.0.1:{rebuilt_port}/health\"\n\
              probe_interval = \"5ms\"\nprobe_attempts = 2000\nprobe_timeout = \"1s\"\n",
             data.display(),
             key.public().to_text().trim(),
             nats.url(),
+            demo_app.display(),
             demo_app.display(),
             demo_app.display(),
         ),
@@ -177,6 +204,18 @@ pub async fn run() -> anyhow::Result<String> {
         .map(|(_, d)| zstd::bulk::compress(d, 3).map(|c| c.len()))
         .sum::<Result<usize, _>>()?;
     let write_hash = write_hash_s(&changed_files, &dir.path().join("write-hash"))?;
+
+    eprintln!("rebuilt binary: build 1, then build 1 -> build 2");
+    let rebuilt_journal = data.join("apps/rebuilt");
+    fleetcast_cli::desire(&bus, "rebuilt", "default", &semver::Version::new(1, 0, 0)).await?;
+    wait_running(&mut statuses, "rebuilt", "1.0.0").await?;
+    wait_committed(&rebuilt_journal, "1.0.0").await?;
+    fleetcast_cli::desire(&bus, "rebuilt", "default", &semver::Version::new(2, 0, 0)).await?;
+    let (rebuilt_desired, _) = desired_entry(&bus, "rebuilt").await?;
+    let (rebuilt_running, _) = wait_running(&mut statuses, "rebuilt", "2.0.0").await?;
+    wait_committed(&rebuilt_journal, "2.0.0").await?;
+    let rebuilt_fetched = rebuilt_running.progress_bytes.unwrap_or_default() + rebuilt_desired;
+    let final_peak_rss = rss_kib(agent.id(), "VmHWM")?;
     let _ = nix::sys::signal::kill(
         nix::unistd::Pid::from_raw(agent.id() as i32),
         nix::sys::signal::Signal::SIGTERM,
@@ -212,6 +251,12 @@ pub async fn run() -> anyhow::Result<String> {
         // Milliseconds matter here: both are a fraction of a second.
         "small_files_install_s": (small_install.as_seconds_f64() * 1000.0).round() / 1000.0,
         "small_files_write_hash_s": (write_hash.as_secs_f64() * 1000.0).round() / 1000.0,
+        "rebuilt_fetched_bytes": rebuilt_fetched,
+        "rebuilt_patch_from_bytes": rebuilt_patch_from,
+        "rebuilt_full_bytes": rebuilt_full,
+        "rebuilt_binary_bytes": rebuilt_binary,
+        // Over every update of this run, the rebuilt binary's patch included.
+        "final_peak_rss_mib": round(final_peak_rss as f64 / 1024.0),
     });
     if let (Some(all), serde_json::Value::Object(many)) = (json.as_object_mut(), many) {
         all.extend(many);

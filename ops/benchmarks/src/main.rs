@@ -5,6 +5,7 @@ mod agent;
 mod fleet;
 mod ingest;
 mod many;
+mod rebuilt;
 
 use std::process::ExitCode;
 

@@ -12,6 +12,7 @@ use std::os::unix::fs::{FileExt, PermissionsExt};
 use std::path::{Path, PathBuf};
 use std::sync::Arc;
 
+use fleetcast_events::patches::{self, PatchList};
 use fleetcast_events::tree::{ChunkList, TreeFile};
 use fleetcast_events::v1::ChunkRef;
 use fleetcast_package::chunking::{self, ChunkError, ChunkId, MAX_CHUNK, VerifiedChunk};
@@ -82,6 +83,14 @@ pub trait ChunkSource: Sync {
         id: &ChunkId,
         len: u32,
     ) -> impl Future<Output = Result<Fetched, AssembleError>> + Send;
+
+    /// The binary patches listed for the release whose tree is `root` (hex), with the bytes
+    /// the list cost; `None` when there is none (or it cannot be read: patches only save
+    /// bytes, chunks always work).
+    fn patch_list(&self, root: &str) -> impl Future<Output = Option<(PatchList, u64)>> + Send {
+        let _ = root;
+        async { None }
+    }
 }
 
 /// The chunk store: direct get on the chunk's own subject (under its app), so no consumer is
@@ -108,6 +117,27 @@ impl ChunkSource for NatsChunks {
             wire_bytes: message.payload.len() as u64,
         })
     }
+
+    async fn patch_list(&self, root: &str) -> Option<(PatchList, u64)> {
+        let message = match self.chunks.get(&self.app, &patches::list_key(root)).await {
+            Ok(m) => m,
+            Err(e) if e.kind() == async_nats::jetstream::stream::DirectGetErrorKind::NotFound => {
+                return None;
+            }
+            Err(e) => {
+                tracing::info!(error = %e, "patch list not read: chunks only");
+                return None;
+            }
+        };
+        let wire = message.payload.len() as u64;
+        match PatchList::decode(&message.payload) {
+            Ok(list) => Some((list, wire)),
+            Err(e) => {
+                tracing::warn!(error = %e, "patch list refused: chunks only");
+                None
+            }
+        }
+    }
 }
 
 /// Chunks present in installed versions: id → (file, offset, length), from their trees; and
@@ -119,6 +149,11 @@ pub struct LocalChunks {
 }
 
 impl LocalChunks {
+    /// Whether no installed version is known.
+    pub fn is_empty(&self) -> bool {
+        self.files.is_empty()
+    }
+
     /// Learns the chunks of an installed version from its folder and its files.
     pub fn add_version(&mut self, dir: &Path, files: &[TreeFile]) {
         for file in files.iter().filter(|f| f.entry.link.is_none()) {
@@ -143,12 +178,22 @@ impl LocalChunks {
 
     /// An installed file that can stand for `entry` as it is: the same content (by the signed
     /// hash its version was verified against), size and installed mode.
-    fn same_file(&self, entry: &fleetcast_events::manifest::FileEntry) -> Option<&Path> {
+    pub(crate) fn same_file(&self, entry: &fleetcast_events::manifest::FileEntry) -> Option<&Path> {
         let path = self.files.get(&entry.blake3)?;
         let meta = std::fs::symlink_metadata(path).ok()?;
         let mode = crate::isolation::installed_mode(entry.mode);
         (meta.is_file() && meta.len() == entry.size && meta.permissions().mode() & 0o7777 == mode)
             .then_some(path.as_path())
+    }
+
+    /// An installed file with this content (hex BLAKE3), by its verified hash.
+    pub(crate) fn file(&self, blake3: &str) -> Option<&Path> {
+        self.files.get(blake3).map(PathBuf::as_path)
+    }
+
+    /// Whether an installed version holds this chunk.
+    pub(crate) fn has_chunk(&self, id: &ChunkId) -> bool {
+        self.places.contains_key(id)
     }
 
     /// Reads a chunk from disk; `None` if it is not there (any more) or no longer matches.
@@ -175,6 +220,12 @@ pub struct AssembleReport {
     pub resumed_chunks: u64,
     /// Unchanged files taken from an installed version by a hard link: nothing written.
     pub linked_files: u64,
+    /// Files made by a binary patch from an installed file, the patches' bytes as
+    /// transferred (also in `fetched_bytes`), and patches tried but refused (a piece not
+    /// matching its name, a result not matching the signed hash): those files came from chunks.
+    pub patched_files: u64,
+    pub patch_bytes: u64,
+    pub refused_patches: u64,
 }
 
 struct Job {
@@ -289,6 +340,8 @@ struct Planner<'a, I> {
     files: I,
     partial: &'a Path,
     local: &'a LocalChunks,
+    /// Files made by a patch already.
+    patched: &'a std::collections::HashSet<&'a str>,
     queue: VecDeque<Job>,
 }
 
@@ -307,7 +360,7 @@ impl<'a, I: Iterator<Item = (&'a TreeFile, &'a &'a [ChunkRef])>> Planner<'a, I> 
             let Some((TreeFile { entry, .. }, chunks)) = self.files.next() else {
                 return Ok(None);
             };
-            if entry.link.is_some() {
+            if entry.link.is_some() || self.patched.contains(entry.path.as_str()) {
                 continue;
             }
             let path = self.partial.join(&entry.path);
@@ -369,6 +422,7 @@ pub async fn assemble(
     version: &Version,
     files: &[TreeFile],
     local: &LocalChunks,
+    patches: &PatchList,
     remote: &impl ChunkSource,
     concurrency: usize,
 ) -> Result<AssembleReport, AssembleError> {
@@ -385,6 +439,18 @@ pub async fn assemble(
     }
     std::fs::create_dir_all(&partial).map_err(io_err(&partial))?;
     let mut report = AssembleReport::default();
+    // Rebuilt files a patch makes from an installed file for less than their chunks.
+    let patched = crate::patching::apply_patches(
+        &partial,
+        files,
+        &listed,
+        local,
+        patches,
+        remote,
+        concurrency,
+        &mut report,
+    )
+    .await?;
 
     // Regular files first, so no write can pass through a link the manifest creates. Every
     // chunk of every file is a job, in file order: the results come back in that order, so
@@ -399,6 +465,7 @@ pub async fn assemble(
         files: files.iter().zip(listed.iter()),
         partial: &partial,
         local,
+        patched: &patched,
         queue: VecDeque::new(),
     };
 
@@ -757,9 +824,17 @@ mod tests {
         };
         let tmp = tempfile::tempdir().expect("tmp");
         let root = InstallRoot::new(tmp.path()).expect("root");
-        let report = assemble(&root, &version, &tree, &LocalChunks::default(), &store, 8)
-            .await
-            .expect("assembled");
+        let report = assemble(
+            &root,
+            &version,
+            &tree,
+            &LocalChunks::default(),
+            &PatchList::default(),
+            &store,
+            8,
+        )
+        .await
+        .expect("assembled");
         let fetches = store.fetches.lock().expect("lock").clone();
         let distinct: std::collections::HashSet<_> = fetches.iter().collect();
         assert_eq!(fetches.len(), distinct.len(), "a chunk fetched twice");
@@ -857,14 +932,22 @@ mod tests {
         };
         let tmp = tempfile::tempdir().expect("tmp");
         let root = InstallRoot::new(tmp.path()).expect("root");
-        assemble(&root, &m1, &i1, &LocalChunks::default(), &store, 4)
-            .await
-            .expect("v1");
+        assemble(
+            &root,
+            &m1,
+            &i1,
+            &LocalChunks::default(),
+            &PatchList::default(),
+            &store,
+            4,
+        )
+        .await
+        .expect("v1");
         let before = store.fetches.lock().expect("lock").len();
         let (d1, d2) = (root.version_dir(&m1), root.version_dir(&m2));
         let mut local = LocalChunks::default();
         local.add_version(&d1, &i1);
-        let report = assemble(&root, &m2, &i2, &local, &store, 4)
+        let report = assemble(&root, &m2, &i2, &local, &PatchList::default(), &store, 4)
             .await
             .expect("v2");
         assert_eq!(report.linked_files, 2, "{report:?}");
@@ -921,6 +1004,7 @@ mod tests {
             &manifest,
             &index,
             &LocalChunks::default(),
+            &PatchList::default(),
             &NoStore,
             2,
         )
@@ -940,6 +1024,7 @@ mod tests {
             &manifest,
             &index,
             &LocalChunks::default(),
+            &PatchList::default(),
             &NoStore,
             2,
         )

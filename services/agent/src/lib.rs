@@ -16,6 +16,7 @@ pub mod isolation;
 pub mod journal;
 mod metrics;
 pub mod output;
+mod patching;
 pub mod release_tree;
 pub mod settings;
 pub mod supervisor;

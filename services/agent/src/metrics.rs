@@ -125,7 +125,7 @@ impl Collect for AgentMetrics {
         }
         out.gauge(
             "fleetcast_agent_last_update_bytes",
-            "What the app's last update took from the store: `fetched` in all, of which `metadata` (announcement and tree nodes) and `chunks`; `release` is what the version's files weigh.",
+            "What the app's last update took from the store: `fetched` in all, of which `metadata` (announcement, tree nodes, patch list), `chunks` and `patches` (binary patches of rebuilt files); `release` is what the version's files weigh.",
         );
         for view in apps.iter() {
             let Some(update) = &view.last.beat.last_update else {
@@ -137,6 +137,7 @@ impl Collect for AgentMetrics {
                 ("fetched", b.fetched),
                 ("metadata", b.metadata),
                 ("chunks", b.chunks),
+                ("patches", b.patches),
                 ("release", b.release),
             ] {
                 out.sample(
@@ -231,6 +232,7 @@ mod tests {
                 metadata: 100,
                 chunks: 200,
                 release: 5000,
+                patches: 0,
             }),
         });
         tx.send(last).expect("send");

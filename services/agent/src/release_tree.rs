@@ -14,6 +14,7 @@ use std::sync::Arc;
 
 use fleetcast_events::VerifiedManifest;
 use fleetcast_events::manifest::TreeRoot;
+use fleetcast_events::patches::PatchList;
 use fleetcast_events::tree::{self, ChunkList, Hash32, NodeRef, TreeFile, Walk};
 use fleetcast_package::chunking::ChunkId;
 use futures::StreamExt;
@@ -93,12 +94,19 @@ pub struct Staged {
     /// Tree nodes fetched from the store, and their bytes as transferred.
     pub fetched_nodes: u64,
     pub node_bytes: u64,
+    /// The release's patch list, when the host read one.
+    pub patch_list_bytes: u64,
 }
 
 impl Staged {
-    /// Everything taken from the store: tree nodes and chunks.
+    /// Everything taken from the store: tree nodes, the patch list, chunks and patches.
     pub fn fetched_bytes(&self) -> u64 {
-        self.files.fetched_bytes + self.node_bytes
+        self.files.fetched_bytes + self.metadata_bytes()
+    }
+
+    /// What describes the release rather than its content: tree nodes and the patch list.
+    pub fn metadata_bytes(&self) -> u64 {
+        self.node_bytes + self.patch_list_bytes
     }
 }
 
@@ -123,11 +131,21 @@ pub async fn stage(
     }
     let tree = read_tree(manifest, &nodes, remote, concurrency).await?;
     drop(nodes);
+    // Patches start from installed files: a host with none has no use for the list.
+    let (patches, list_bytes) = if local.is_empty() {
+        (PatchList::default(), 0)
+    } else {
+        remote
+            .patch_list(&manifest.tree.root)
+            .await
+            .unwrap_or_default()
+    };
     let files = assemble(
         root,
         &manifest.version,
         &tree.files,
         &local,
+        &patches,
         remote,
         concurrency,
     )
@@ -139,6 +157,7 @@ pub async fn stage(
         files,
         fetched_nodes: tree.fetched_nodes,
         node_bytes: tree.fetched_bytes,
+        patch_list_bytes: list_bytes,
     })
 }
 

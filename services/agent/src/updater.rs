@@ -583,13 +583,14 @@ impl AppRunner {
                 e => UpdateError::Refused(e.to_string()),
             })?;
         tracing::info!(app = %manifest.app, version = %manifest.version, ?staged, "version staged");
-        // What this update took from the store: the tree nodes and the chunks (the signed
-        // manifest came with the announcement).
+        // What this update took from the store: the tree nodes, the patch list, chunks and
+        // patches (the signed manifest came with the announcement).
         self.fetched_bytes = staged.fetched_bytes();
         let bytes = UpdateBytes {
             fetched: announcement + staged.fetched_bytes(),
-            metadata: announcement + staged.node_bytes,
-            chunks: staged.files.fetched_bytes,
+            metadata: announcement + staged.metadata_bytes(),
+            chunks: staged.files.fetched_bytes - staged.files.patch_bytes,
+            patches: staged.files.patch_bytes,
             release: manifest.tree.bytes,
         };
         self.update_bytes = Some((manifest.version.clone(), bytes));

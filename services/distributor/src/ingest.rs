@@ -16,6 +16,7 @@ use async_nats::jetstream::stream::DirectGetErrorKind;
 use fleetcast_events::VerifiedManifest;
 use fleetcast_events::manifest::TreeRoot;
 use fleetcast_events::names::chunk_subject;
+use fleetcast_events::patches::{self, PatchList};
 use fleetcast_events::tree::{self, ChunkList, TreeFile};
 use fleetcast_events::v1::{RejectCode, Rejection};
 use fleetcast_package::chunking::{self, ChunkId};
@@ -60,7 +61,7 @@ pub struct ChunkStore {
 /// Chunks up to this size are compressed on the task that stores them.
 const INLINE_COMPRESS: usize = 16 * 1024;
 
-enum Stored {
+pub(crate) enum Stored {
     New(u64),
     Existing,
 }
@@ -106,10 +107,101 @@ impl ChunkStore {
         }
     }
 
+    /// A stored chunk or tree node of `app`, checked against its name, with its size as
+    /// stored (what an agent pays to fetch it).
+    pub async fn get(&self, app: &str, id: ChunkId, len: u32) -> Result<(Vec<u8>, u64), String> {
+        let message = self
+            .bus
+            .chunks
+            .direct_get_last_for_subject(chunk_subject(app, &id.to_hex()))
+            .await
+            .map_err(|e| format!("reading chunk {id}: {e}"))?;
+        let chunk = chunking::verify(&id, len, &message.payload).map_err(|e| e.to_string())?;
+        Ok((chunk.into_data(), message.payload.len() as u64))
+    }
+
+    /// The files of a stored release, every chunk list resolved, read from its tree in the
+    /// store (each node checked against its name).
+    pub async fn tree_files(&self, app: &str, root: &TreeRoot) -> Result<Vec<TreeFile>, String> {
+        let malformed = |e: tree::TreeError| format!("tree {}: {e}", root.root);
+        let mut walk = tree::Walk::files(root.node().map_err(malformed)?, root.files);
+        self.walk(app, &mut walk).await?;
+        let mut files = walk.into_files(root.files).map_err(malformed)?;
+        for file in &mut files {
+            if let ChunkList::Tree {
+                root: chunks,
+                count,
+            } = file.chunks
+            {
+                let mut walk = tree::Walk::chunks(chunks, count);
+                self.walk(app, &mut walk).await?;
+                file.chunks = ChunkList::Listed(walk.into_chunks().map_err(malformed)?);
+            }
+        }
+        Ok(files)
+    }
+
+    async fn walk(&self, app: &str, walk: &mut tree::Walk) -> Result<(), String> {
+        while !walk.wanted().is_empty() {
+            let wanted = walk.wanted().to_vec();
+            // A batch at a time, in a plain loop (the service's tasks must stay `Send`).
+            let mut nodes = Vec::with_capacity(wanted.len());
+            for batch in wanted.chunks(16) {
+                let mut inflight = futures::stream::FuturesOrdered::new();
+                for r in batch {
+                    inflight.push_back(self.get(app, ChunkId(r.hash.0), r.len));
+                }
+                while let Some(node) = inflight.next().await {
+                    nodes.push(node?.0);
+                }
+            }
+            walk.supply(&nodes).map_err(|e| e.to_string())?;
+        }
+        Ok(())
+    }
+
+    /// The patch list of the release with tree `root` (empty if none was made yet).
+    pub async fn patch_list(&self, app: &str, root: &str) -> Result<PatchList, String> {
+        match self
+            .bus
+            .chunks
+            .direct_get_last_for_subject(chunk_subject(app, &patches::list_key(root)))
+            .await
+        {
+            Ok(message) => PatchList::decode(&message.payload).map_err(|e| e.to_string()),
+            Err(e) if matches!(e.kind(), DirectGetErrorKind::NotFound) => Ok(PatchList::default()),
+            Err(e) => Err(format!("reading the patch list of {root}: {e}")),
+        }
+    }
+
+    /// Replaces the patch list of the release with tree `root` (one message per subject: the
+    /// store keeps the last).
+    pub async fn put_patch_list(
+        &self,
+        app: &str,
+        root: &str,
+        list: &PatchList,
+    ) -> Result<(), String> {
+        let bytes = list.encode().map_err(|e| e.to_string())?;
+        self.bus
+            .js
+            .publish(chunk_subject(app, &patches::list_key(root)), bytes.into())
+            .await
+            .map_err(|e| format!("storing the patch list of {root}: {e}"))?
+            .await
+            .map_err(|e| format!("storing the patch list of {root}: {e}"))?;
+        Ok(())
+    }
+
     /// Stores a chunk of `app` unless the store has it under the app's subject. The publish
     /// carries "expected last subject sequence 0", so when two distributors race on the same
     /// chunk the server keeps one.
-    async fn store(&self, app: &str, id: ChunkId, data: Vec<u8>) -> Result<Stored, String> {
+    pub(crate) async fn store(
+        &self,
+        app: &str,
+        id: ChunkId,
+        data: Vec<u8>,
+    ) -> Result<Stored, String> {
         if self.is_known(app, &id) {
             return Ok(Stored::Existing);
         }

@@ -5,6 +5,7 @@
 
 mod ingest;
 mod metrics;
+mod patches;
 mod settings;
 
 use std::sync::Arc;
@@ -24,7 +25,8 @@ use time::OffsetDateTime;
 use tokio_util::sync::CancellationToken;
 
 pub use ingest::{ChunkStore, IngestError, IngestReport, ingest};
-pub use settings::Settings;
+pub use patches::{PatchReport, make_patches};
+pub use settings::{PatchSettings, Settings};
 
 pub const SERVICE: &str = "distributor";
 
@@ -66,16 +68,44 @@ pub async fn run(settings: Settings, shutdown: CancellationToken) -> Result<(), 
         trusted,
         metrics,
     };
+    // Patches, asked for once a release is stored, are made beside the next releases' ingest.
+    let patcher = distributor.clone();
+    let (stream, stop) = (bus.releases_stream.clone(), shutdown.clone());
+    // Boxed, as both run side by side in this task: their futures are large.
+    let patching = Box::pin(async move {
+        if !patcher.settings.patches.enabled {
+            return Ok(());
+        }
+        let spec = ConsumerSpec {
+            durable: names::DISTRIBUTOR_PATCHES_CONSUMER,
+            filter_subject: names::PATCHES_WANTED,
+            ack_wait: patcher.settings.ack_wait,
+        };
+        run_consumer(&stream, spec, stop, move |msg| {
+            let d = patcher.clone();
+            async move { d.patch(&msg).await }
+        })
+        .await
+    });
     let spec = ConsumerSpec {
         durable: names::DISTRIBUTOR_CONSUMER,
         filter_subject: RELEASE_SIGNED,
         ack_wait: distributor.settings.ack_wait,
     };
-    run_consumer(&bus.releases_stream, spec, shutdown, |msg| {
-        let d = distributor.clone();
-        async move { d.handle(&msg).await }
-    })
-    .await?;
+    let ingesting = Box::pin(run_consumer(
+        &bus.releases_stream,
+        spec,
+        shutdown.clone(),
+        |msg| {
+            let d = distributor.clone();
+            async move { d.handle(&msg).await }
+        },
+    ));
+    let (ingested, patched) = tokio::join!(ingesting, patching);
+    if let Err(e) = patched {
+        tracing::warn!(error = %e, "patch consumer stopped");
+    }
+    ingested?;
     let _ = following.await;
     Ok(())
 }
@@ -203,6 +233,97 @@ impl Distributor {
                 Outcome::Done
             }
             Err(e) => Outcome::Retry(e),
+        }
+    }
+
+    /// Makes the binary patches the tracker asked for (`patches_wanted`). A release or base not
+    /// stored (or whose record does not verify) is skipped: patches are an optimisation.
+    async fn patch(&self, msg: &Message) -> Outcome {
+        let wanted: PatchesWanted = match decode_or_reject(&self.bus, SERVICE, msg).await {
+            Ok(e) => e,
+            Err(outcome) => return self.invalid_event(outcome),
+        };
+        if let Err(message) = names::validate_app_name(&wanted.app) {
+            let outcome = reject_event(
+                &self.bus,
+                SERVICE,
+                names::PATCHES_WANTED,
+                Rejection {
+                    code: RejectCode::InvalidEvent,
+                    message,
+                },
+            )
+            .await;
+            return self.invalid_event(outcome);
+        }
+        let release = match self.stored_manifest(&wanted.app, &wanted.version).await {
+            Ok(Some(m)) => m,
+            Ok(None) => {
+                tracing::warn!(app = %wanted.app, version = %wanted.version, "patches asked for a release not stored: none made");
+                return Outcome::Done;
+            }
+            Err(e) => return Outcome::Retry(e),
+        };
+        let mut bases = Vec::new();
+        for version in wanted
+            .bases
+            .iter()
+            .filter(|v| **v != wanted.version)
+            .take(self.settings.patches.max_bases)
+        {
+            match self.stored_manifest(&wanted.app, version).await {
+                Ok(Some(m)) => bases.push(m),
+                Ok(None) => {
+                    tracing::info!(app = %wanted.app, base = %version, "base not stored: no patches from it")
+                }
+                Err(e) => return Outcome::Retry(e),
+            }
+        }
+        let started = std::time::Instant::now();
+        let outcome = match make_patches(&self.store, &release, &bases, &self.settings.patches)
+            .await
+        {
+            Ok(report) => {
+                tracing::info!(app = %wanted.app, version = %wanted.version, bases = bases.len(),
+                        made = report.made, patch_bytes = report.patch_bytes, chunk_bytes = report.delta_bytes,
+                        ms = started.elapsed().as_millis() as u64, "patches made");
+                self.metrics.patched(&report);
+                Outcome::Done
+            }
+            Err(e) => Outcome::Retry(e),
+        };
+        fleetcast_runtime::memory::release_freed_soon();
+        outcome
+    }
+
+    /// The verified manifest of a stored release; `None` if it is not stored or its record
+    /// does not verify.
+    async fn stored_manifest(
+        &self,
+        app: &str,
+        version: &semver::Version,
+    ) -> Result<Option<fleetcast_events::VerifiedManifest>, String> {
+        let Some(record) = self.bus.release_record(app, version).await? else {
+            return Ok(None);
+        };
+        let Some(signed) = record
+            .manifest
+            .filter(|_| record.state == ReleaseState::Stored)
+        else {
+            return Ok(None);
+        };
+        let now = OffsetDateTime::now_utc();
+        match self
+            .trusted
+            .keys(now)
+            .and_then(|keys| signed.verify(&keys, now))
+        {
+            Ok(v) if v.app == app && v.version == *version => Ok(Some(v)),
+            Ok(_) => Ok(None),
+            Err(e) => {
+                tracing::warn!(app, %version, error = %e, "stored release does not verify: no patches with it");
+                Ok(None)
+            }
         }
     }
 

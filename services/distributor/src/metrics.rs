@@ -5,6 +5,7 @@ use fleetcast_runtime::metrics::{Collect, Counter, CounterVec, Exposition, label
 use fleetcast_runtime::observe::Identity;
 
 use crate::IngestReport;
+use crate::patches::PatchReport;
 
 pub(crate) const IDENTITY: Identity = Identity {
     build_info: "fleetcast_distributor_build_info",
@@ -18,6 +19,8 @@ pub(crate) struct Metrics {
     stored_bytes: Counter,
     rejected: CounterVec,
     pub(crate) failures: Counter,
+    patches: Counter,
+    patch_bytes: CounterVec,
 }
 
 impl Metrics {
@@ -46,6 +49,16 @@ impl Metrics {
                 "fleetcast_distributor_ingest_failures_total",
                 "Ingest attempts that failed for a transient reason (NATS, the store, a task) and will be retried.",
             ),
+            patches: Counter::new(
+                "fleetcast_distributor_patches_total",
+                "Binary patches made and listed for rebuilt files.",
+            ),
+            patch_bytes: CounterVec::new(
+                "fleetcast_distributor_patch_bytes_total",
+                "Bytes of the patches made (patch), and of the chunks they stand for (chunks).",
+                &["kind"],
+            )
+            .starting_at_zero(&[&["patch"], &["chunks"]]),
         }
     }
 
@@ -60,6 +73,12 @@ impl Metrics {
         self.stored_bytes.add(report.new_stored_bytes);
     }
 
+    pub(crate) fn patched(&self, report: &PatchReport) {
+        self.patches.add(report.made);
+        self.patch_bytes.add(&["patch"], report.patch_bytes);
+        self.patch_bytes.add(&["chunks"], report.delta_bytes);
+    }
+
     pub(crate) fn rejected(&self, code: RejectCode) {
         self.rejected.inc(&[&label_value(&code)]);
     }
@@ -72,5 +91,7 @@ impl Collect for Metrics {
         self.stored_bytes.render(out);
         self.rejected.render(out);
         self.failures.render(out);
+        self.patches.render(out);
+        self.patch_bytes.render(out);
     }
 }

@@ -30,6 +30,37 @@ pub struct Settings {
     /// Serve `/health` and `/metrics` over HTTPS with this certificate and key (PEM), for when
     /// `metrics_listen` is reachable from other machines.
     pub metrics_tls: Option<fleetcast_runtime::https::HttpsSettings>,
+    /// Binary patches for rebuilt files (`[patches]`).
+    pub patches: PatchSettings,
+}
+
+/// Which files get binary patches, and how hard the distributor works on them. A patch is made
+/// in memory: about twice the file plus zstd's tables (some 10x the window at level 19), so
+/// `max_file_bytes` bounds the distributor's memory while it patches.
+#[derive(Debug, Clone, Deserialize)]
+#[serde(deny_unknown_fields, default)]
+pub struct PatchSettings {
+    /// Make patches when the tracker asks (after each stored release).
+    pub enabled: bool,
+    /// Smaller files cost little as chunks: no patch.
+    pub min_file_bytes: u64,
+    pub max_file_bytes: u64,
+    /// zstd level (1 to 22).
+    pub level: i32,
+    /// At most this many base versions per release (the tracker names the most run first).
+    pub max_bases: usize,
+}
+
+impl Default for PatchSettings {
+    fn default() -> Self {
+        PatchSettings {
+            enabled: true,
+            min_file_bytes: 64 * 1024,
+            max_file_bytes: 64 << 20,
+            level: fleetcast_package::patch::PATCH_LEVEL,
+            max_bases: 3,
+        }
+    }
 }
 
 impl Default for Settings {
@@ -45,6 +76,7 @@ impl Default for Settings {
             limits: ArchiveLimits::default(),
             metrics_listen: SocketAddr::from(([127, 0, 0, 1], 8433)),
             metrics_tls: None,
+            patches: PatchSettings::default(),
         }
     }
 }
@@ -59,6 +91,12 @@ impl Settings {
         }
         if self.ack_wait < Duration::from_secs(1) {
             return invalid("ack_wait", "must be at least 1s");
+        }
+        if !(1..=22).contains(&self.patches.level) {
+            return invalid("patches.level", "must be between 1 and 22");
+        }
+        if self.patches.max_file_bytes > 1 << 30 {
+            return invalid("patches.max_file_bytes", "must be at most 1 GiB");
         }
         // The trust settings are checked where they are loaded, once ([`Settings::trusted`]).
         Ok(())

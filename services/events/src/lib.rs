@@ -6,6 +6,7 @@ pub mod codec;
 pub mod keys;
 pub mod manifest;
 pub mod names;
+pub mod patches;
 pub mod schema;
 pub mod tree;
 pub mod trust;

@@ -15,6 +15,9 @@ pub const RELEASE_SIGNED: &str = "fleetcast.v1.release.signed";
 pub const RELEASE_REJECTED: &str = "fleetcast.v1.release.rejected";
 /// The distributor stored every chunk and tree node: the release can be announced.
 pub const RELEASE_STORED: &str = "fleetcast.v1.release.stored";
+/// The tracker asks for binary patches of a stored release from the versions agents run
+/// ([`crate::v1::PatchesWanted`]); the distributor makes them.
+pub const PATCHES_WANTED: &str = "fleetcast.v1.release.patches_wanted";
 /// An operator asks to move an app (or one ring) back to an earlier stored version, on
 /// `fleetcast.v1.release.rollback_requested.<user>` ([`rollback_requested_subject`]): every
 /// request, for a consumer.
@@ -103,6 +106,8 @@ pub const WATCHER_CONSUMER: &str = "watcher";
 pub const SIGNER_CONSUMER: &str = "signer";
 pub const DISTRIBUTOR_CONSUMER: &str = "distributor";
 pub const TRACKER_CONSUMER: &str = "tracker";
+/// The distributor's consumer of [`PATCHES_WANTED`].
+pub const DISTRIBUTOR_PATCHES_CONSUMER: &str = "distributor-patches";
 pub const SIGNER_ROLLBACK_CONSUMER: &str = "signer-rollback";
 pub const TRACKER_ROLLBACK_CONSUMER: &str = "tracker-rollback";
 /// The tracker's consumer of every pipeline event, which it records in the history.

@@ -18,6 +18,7 @@ pub fn all() -> Vec<(&'static str, Schema)> {
         one::<ReleaseRejected>("release-rejected"),
         one::<EventRejected>("event-rejected"),
         one::<ReleaseStored>("release-stored"),
+        one::<PatchesWanted>("patches-wanted"),
         one::<RollbackRequested>("rollback-requested"),
         one::<RollbackSigned>("rollback-signed"),
         one::<ReleaseRecord>("release-record"),

@@ -231,6 +231,19 @@ pub struct ReleaseStored {
     pub new_tree_nodes: u64,
 }
 
+/// The tracker asks the distributor for binary patches of `version`'s files from the same
+/// paths in `bases`: the versions of the app its agents run now (most run first, at most a
+/// few). Patches are an optimisation: a release rolls out without them.
+#[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize, JsonSchema)]
+#[serde(deny_unknown_fields)]
+pub struct PatchesWanted {
+    pub app: String,
+    #[schemars(with = "String")]
+    pub version: Version,
+    #[schemars(with = "Vec<String>")]
+    pub bases: Vec<Version>,
+}
+
 /// A release's progress through the pipeline, as kept in the releases bucket.
 #[derive(Debug, Clone, Copy, PartialEq, Eq, Serialize, Deserialize, JsonSchema)]
 #[serde(rename_all = "snake_case")]
@@ -273,17 +286,25 @@ pub struct ChunkRef {
     pub len: u32,
 }
 
+fn is_zero(n: &u64) -> bool {
+    *n == 0
+}
+
 /// What one update cost a host, against what its version weighs.
 #[derive(Debug, Clone, Copy, Default, PartialEq, Eq, Serialize, Deserialize, JsonSchema)]
 #[serde(deny_unknown_fields)]
 pub struct UpdateBytes {
-    /// Everything taken from the store: `metadata` + `chunks`.
+    /// Everything taken from the store: `metadata` + `chunks` + `patches`.
     pub fetched: u64,
-    /// The desired state with its signed manifest (as JSON) and the release tree's nodes the
-    /// host did not hold.
+    /// The desired state with its signed manifest (as JSON), the release tree's nodes the
+    /// host did not hold, and the release's patch list if it read one.
     pub metadata: u64,
     /// Chunks, as stored (compressed where that paid).
     pub chunks: u64,
+    /// Binary patches of rebuilt files (those refused included). Absent when none was used, as
+    /// agents before patches send it.
+    #[serde(default, skip_serializing_if = "is_zero")]
+    pub patches: u64,
     /// The version's files, uncompressed: what a full copy weighs.
     pub release: u64,
 }

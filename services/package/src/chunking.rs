@@ -157,10 +157,11 @@ pub fn verify(id: &ChunkId, expected_len: u32, stored: &[u8]) -> Result<Verified
 }
 
 #[cfg(test)]
-mod tests {
+pub(crate) mod tests {
     use super::*;
 
-    fn pseudo_random(len: usize, seed: u64) -> Vec<u8> {
+    /// xorshift: incompressible bytes without an RNG crate (also for `patch.rs`'s tests).
+    pub(crate) fn pseudo_random(len: usize, seed: u64) -> Vec<u8> {
         let mut x = seed | 1;
         (0..len)
             .map(|_| {

@@ -8,6 +8,7 @@ pub mod installable;
 pub mod links;
 pub mod name;
 pub mod package_config;
+pub mod patch;
 
 pub use archive::{ArchiveError, ArchiveLimits, Entry, EntryKind, Package};
 pub use chunking::{ChunkError, ChunkId, VerifiedChunk};

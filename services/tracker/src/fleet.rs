@@ -70,6 +70,27 @@ fn is_waiting(state: AppState) -> bool {
 }
 
 impl Fleet {
+    /// The versions of `app` agents run, most run first (then newest), without `except`, at
+    /// most `max`: what binary patches for a new release should start from.
+    pub fn running_versions(&self, app: &str, except: &Version, max: usize) -> Vec<Version> {
+        let mut counts: BTreeMap<&Version, usize> = BTreeMap::new();
+        for running in self
+            .agents
+            .values()
+            .filter_map(|a| a.apps.get(app)?.running.as_ref())
+            .filter(|v| *v != except)
+        {
+            *counts.entry(running).or_default() += 1;
+        }
+        let mut ranked: Vec<(&Version, usize)> = counts.into_iter().collect();
+        ranked.sort_by(|(va, a), (vb, b)| b.cmp(a).then(vb.cmp(va)));
+        ranked
+            .into_iter()
+            .take(max)
+            .map(|(v, _)| v.clone())
+            .collect()
+    }
+
     /// A heartbeat replaces what the agent said about itself (ring, labels, per-app state).
     pub fn heartbeat(&mut self, hb: &AgentHeartbeat, now: OffsetDateTime) {
         let agent = self.agent(&hb.agent_id, now);
@@ -222,6 +243,48 @@ mod tests {
     }
 
     #[test]
+    fn patch_bases_are_the_versions_most_run_without_the_new_one() {
+        let t0 = OffsetDateTime::UNIX_EPOCH + time::Duration::days(20_000);
+        let mut fleet = Fleet::default();
+        let runs = [
+            ("a1", "1.0.0"),
+            ("a2", "1.0.0"),
+            ("a3", "1.1.0"),
+            ("a4", "0.9.0"),
+            ("a5", "0.8.0"),
+            ("a6", "2.0.0"),
+        ];
+        for (id, version) in runs {
+            fleet.heartbeat(
+                &AgentHeartbeat {
+                    agent_id: id.into(),
+                    host: id.into(),
+                    ring: "all".into(),
+                    labels: BTreeMap::new(),
+                    apps: vec![AppHeartbeat {
+                        app: "demo".into(),
+                        state: AppState::Running,
+                        running: Some(v(version)),
+                        staged: None,
+                        previous: None,
+                        uptime_s: 5,
+                        last_update: None,
+                    }],
+                    metadata: None,
+                    at: t0,
+                },
+                t0,
+            );
+        }
+        // Most run first, then the newest of those run as often; never the new release.
+        assert_eq!(
+            fleet.running_versions("demo", &v("2.0.0"), 3),
+            vec![v("1.0.0"), v("1.1.0"), v("0.9.0")]
+        );
+        assert!(fleet.running_versions("other", &v("2.0.0"), 3).is_empty());
+    }
+
+    #[test]
     fn heartbeats_and_statuses_fold_into_the_inventory() {
         let t0 = OffsetDateTime::UNIX_EPOCH + time::Duration::days(20_000);
         let mut fleet = Fleet::default();
@@ -248,6 +311,7 @@ mod tests {
                             metadata: 15_000,
                             chunks: 32_000,
                             release: 30 << 20,
+                            patches: 0,
                         }),
                     }),
                 }],

@@ -10,10 +10,11 @@ use async_nats::jetstream::consumer::{DeliverPolicy, pull};
 use fleetcast_events::Encoding;
 use fleetcast_events::names::{
     self, FLEET_BUCKET, ReportKind, ReportSubject, SLOT_REQUESTS, SlotSubject, TRACKER_REQUESTS,
+    release_key,
 };
 use fleetcast_events::v1::{
-    AgentHeartbeat, AgentStatus, HistoryEntry, HistoryKind, ReleaseStored, RollbackSigned,
-    SlotReply, SlotRequest,
+    AgentHeartbeat, AgentStatus, HistoryEntry, HistoryKind, PatchesWanted, ReleaseStored,
+    RollbackSigned, SlotReply, SlotRequest,
 };
 use fleetcast_runtime::Bus;
 use fleetcast_runtime::consume::{
@@ -32,6 +33,9 @@ use crate::releases::{self, AppReleases};
 use crate::rollout::{Effect, Phase, Rollout};
 use crate::settings::Settings;
 use crate::timeline::{self, Sample};
+
+/// Binary patches are asked for from at most this many versions the fleet runs.
+const PATCH_BASES: usize = 3;
 
 const SERVICE: &str = "tracker";
 
@@ -550,12 +554,39 @@ impl Tracker {
             }
         };
         self.flush_history().await;
-        match self
+        if let Err(e) = self
             .apply(&stored.app, &stored.version, None, effects)
             .await
         {
-            Ok(()) => Outcome::Done,
-            Err(e) => Outcome::Retry(e),
+            return Outcome::Retry(e);
+        }
+        self.want_patches(stored).await;
+        Outcome::Done
+    }
+
+    /// Asks the distributor for binary patches of a new release from the versions the fleet
+    /// runs. Best effort: a release rolls out without patches (its hosts fetch chunks).
+    async fn want_patches(&self, stored: &ReleaseStored) {
+        let bases = self.state.lock().await.fleet.running_versions(
+            &stored.app,
+            &stored.version,
+            PATCH_BASES,
+        );
+        if bases.is_empty() {
+            return;
+        }
+        let wanted = PatchesWanted {
+            app: stored.app.clone(),
+            version: stored.version.clone(),
+            bases,
+        };
+        let id = format!("patches.{}", release_key(&stored.app, &stored.version));
+        if let Err(e) = self
+            .bus
+            .publish_event(names::PATCHES_WANTED, &wanted, Encoding::Json, Some(&id))
+            .await
+        {
+            tracing::warn!(app = %stored.app, version = %stored.version, error = %e, "patches not asked for; hosts will fetch chunks");
         }
     }
 

@@ -11,9 +11,10 @@ use fleetcast_agent::assemble::{
 use fleetcast_agent::install::InstallRoot;
 use fleetcast_e2e::Pipeline;
 use fleetcast_events::names::{RELEASE_STORED, chunk_subject};
+use fleetcast_events::patches::PatchList;
 use fleetcast_events::tree::{ChunkList, TreeFile};
 use fleetcast_events::v1::{ChunkRef, ReleaseStored};
-use fleetcast_harness::fixtures::{PackageBuilder, pseudo_random};
+use fleetcast_harness::fixtures::{PackageBuilder, pseudo_random, rebuilt};
 use fleetcast_package::chunking::{ChunkError, ChunkId};
 use fleetcast_runtime::Bus;
 use semver::Version;
@@ -107,9 +108,17 @@ async fn versions_assemble_from_the_store_reusing_installed_chunks() {
     let root = InstallRoot::new(host.path().join("app")).expect("root");
     let store = store(&bus).await;
 
-    let r1 = assemble(&root, &m1, &i1, &LocalChunks::default(), &store, 8)
-        .await
-        .expect("v1");
+    let r1 = assemble(
+        &root,
+        &m1,
+        &i1,
+        &LocalChunks::default(),
+        &PatchList::default(),
+        &store,
+        8,
+    )
+    .await
+    .expect("v1");
     // Each distinct chunk once.
     assert_eq!(
         r1.fetched_chunks as usize,
@@ -141,7 +150,7 @@ async fn versions_assemble_from_the_store_reusing_installed_chunks() {
 
     let mut local = LocalChunks::default();
     local.add_version(&dir1, &i1);
-    let r2 = assemble(&root, &m2, &i2, &local, &store, 8)
+    let r2 = assemble(&root, &m2, &i2, &local, &PatchList::default(), &store, 8)
         .await
         .expect("v2");
     assert!(
@@ -157,7 +166,7 @@ async fn versions_assemble_from_the_store_reusing_installed_chunks() {
     );
     // Assembling an installed version again is a no-op.
     assert_eq!(
-        assemble(&root, &m2, &i2, &local, &store, 8)
+        assemble(&root, &m2, &i2, &local, &PatchList::default(), &store, 8)
             .await
             .expect("again")
             .fetched_chunks,
@@ -179,13 +188,29 @@ async fn an_interrupted_download_resumes_and_a_tampered_chunk_is_refused() {
         inner: &store,
         fail_after: AtomicUsize::new(10),
     };
-    let err = assemble(&root, &m, &i, &LocalChunks::default(), &flaky, 1)
-        .await
-        .expect_err("interrupted");
+    let err = assemble(
+        &root,
+        &m,
+        &i,
+        &LocalChunks::default(),
+        &PatchList::default(),
+        &flaky,
+        1,
+    )
+    .await
+    .expect_err("interrupted");
     assert!(err.is_transient());
-    let report = assemble(&root, &m, &i, &LocalChunks::default(), &store, 4)
-        .await
-        .expect("resumed");
+    let report = assemble(
+        &root,
+        &m,
+        &i,
+        &LocalChunks::default(),
+        &PatchList::default(),
+        &store,
+        4,
+    )
+    .await
+    .expect("resumed");
     assert!(report.resumed_chunks >= 10, "{report:?}");
     let total = chunks(&i).len();
     assert_eq!(report.resumed_chunks + report.fetched_chunks, total as u64);
@@ -211,9 +236,17 @@ async fn an_interrupted_download_resumes_and_a_tampered_chunk_is_refused() {
         .await
         .expect("ack");
     let other = InstallRoot::new(host.path().join("other")).expect("root");
-    let err = assemble(&other, &m, &i, &LocalChunks::default(), &store, 4)
-        .await
-        .expect_err("tampered");
+    let err = assemble(
+        &other,
+        &m,
+        &i,
+        &LocalChunks::default(),
+        &PatchList::default(),
+        &store,
+        4,
+    )
+    .await
+    .expect_err("tampered");
     assert!(
         matches!(err, AssembleError::Chunk(ChunkError::Hash { .. })),
         "{err}"
@@ -234,9 +267,17 @@ async fn an_interrupted_download_resumes_and_a_tampered_chunk_is_refused() {
         .expect("publish")
         .await
         .expect("ack");
-    let err = assemble(&other, &m, &i, &LocalChunks::default(), &store, 4)
-        .await
-        .expect_err("endless chunk");
+    let err = assemble(
+        &other,
+        &m,
+        &i,
+        &LocalChunks::default(),
+        &PatchList::default(),
+        &store,
+        4,
+    )
+    .await
+    .expect_err("endless chunk");
     assert!(
         matches!(err, AssembleError::Chunk(ChunkError::Decompress { .. })),
         "{err}"
@@ -265,6 +306,10 @@ impl ChunkSource for Counting<'_> {
             f.push(*id);
         }
         self.inner.fetch(id, len).await
+    }
+
+    async fn patch_list(&self, root: &str) -> Option<(PatchList, u64)> {
+        self.inner.patch_list(root).await
     }
 }
 
@@ -406,5 +451,174 @@ async fn ten_edited_files_of_three_thousand_fetch_only_their_nodes_and_chunks() 
     assert!(
         !other.version_dir(&v("2.0.0")).exists(),
         "installed from a forged tree"
+    );
+}
+
+fn server(version: &str, binary: Vec<u8>) -> PackageBuilder {
+    PackageBuilder::new()
+        .file("bin/server", binary, 0o755)
+        .file("README", format!("server {version}\n"), 0o644)
+}
+
+/// Waits for the distributor's patch list of `m` (made after the tracker's `patches_wanted`).
+async fn patch_list(store: &NatsChunks, m: &fleetcast_events::VerifiedManifest) -> PatchList {
+    for _ in 0..600 {
+        if let Some((list, _)) = store.patch_list(&m.tree.root).await
+            && !list.patches.is_empty()
+        {
+            return list;
+        }
+        tokio::time::sleep(std::time::Duration::from_millis(50)).await;
+    }
+    panic!("no patch list for {}", m.version);
+}
+
+/// v1 installed, v2 a rebuilt binary: the patch from v1's file is fetched and applied, and none
+/// of the binary's chunks; the result is the signed file. A host holding another version reads
+/// the list but never fetches a patch it has no base for; a host with nothing installed does
+/// not even read the list. A tampered piece is refused and the file comes from its chunks.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_rebuilt_binary_comes_as_a_patch_from_the_installed_build() {
+    use fleetcast_agent::release_tree::stage;
+    use fleetcast_events::names::PATCHES_WANTED;
+    use fleetcast_events::v1::PatchesWanted;
+    use std::collections::HashSet;
+    let p = Pipeline::start().await.expect("pipeline");
+    let bus = p.bus().await.expect("bus");
+    let build1 = pseudo_random(3 << 20, 11);
+    let build2 = rebuilt(&build1, 2);
+    release(&p, "0.9.0", &server("0.9.0", pseudo_random(3 << 20, 99))).await;
+    release(&p, "1.0.0", &server("1.0.0", build1.clone())).await;
+    let (_, f2) = release(&p, "2.0.0", &server("2.0.0", build2.clone())).await;
+    let (m0, m1, m2) = (
+        verified(&bus, &p, "0.9.0").await,
+        verified(&bus, &p, "1.0.0").await,
+        verified(&bus, &p, "2.0.0").await,
+    );
+    // What the tracker asks once v2 is stored and its fleet runs v1.
+    let wanted = PatchesWanted {
+        app: "app".into(),
+        version: v("2.0.0"),
+        bases: vec![v("1.0.0")],
+    };
+    bus.publish_event(
+        PATCHES_WANTED,
+        &wanted,
+        fleetcast_events::Encoding::Json,
+        None,
+    )
+    .await
+    .expect("ask for patches");
+    let store = store(&bus).await;
+    let list = patch_list(&store, &m2).await;
+    assert_eq!(list.patches.len(), 1, "one rebuilt file, one base");
+    let patch = list.patches[0].clone();
+    assert_eq!(patch.file.to_hex(), blake3::hash(&build2).to_hex().as_str());
+    assert_eq!(patch.base.to_hex(), blake3::hash(&build1).to_hex().as_str());
+    assert!(
+        patch.len * 10 < patch.delta,
+        "patch {} bytes against {} of chunks",
+        patch.len,
+        patch.delta
+    );
+    let pieces: HashSet<ChunkId> = patch.pieces.iter().map(|p| ChunkId(p.id.0)).collect();
+    let binary = f2
+        .iter()
+        .find(|f| f.entry.path == "bin/server")
+        .expect("binary");
+    let binary_chunks: HashSet<ChunkId> = chunks(std::slice::from_ref(binary))
+        .iter()
+        .map(|c| ChunkId::from_hex(&c.id).expect("id"))
+        .collect();
+
+    // v1 installed: the patch, none of the binary's chunks.
+    let host = tempfile::tempdir().expect("tmp");
+    let root = InstallRoot::new(host.path().join("app")).expect("root");
+    stage(&root, &m1, &store, 8).await.expect("v1");
+    let counting = Counting {
+        inner: &store,
+        fetched: Default::default(),
+    };
+    let staged = stage(&root, &m2, &counting, 8).await.expect("v2");
+    let fetched: HashSet<ChunkId> = counting
+        .fetched
+        .lock()
+        .expect("lock")
+        .iter()
+        .copied()
+        .collect();
+    assert_eq!(staged.files.patched_files, 1);
+    assert_eq!(staged.files.refused_patches, 0);
+    assert!(fetched.is_superset(&pieces), "the patch was fetched");
+    assert!(
+        fetched.is_disjoint(&binary_chunks),
+        "a chunk of the patched binary was fetched"
+    );
+    assert!(staged.patch_list_bytes > 0);
+    // The pieces as stored: the patch, plus a byte of framing per piece.
+    assert!(staged.files.patch_bytes > 0 && staged.files.patch_bytes <= patch.len + 64);
+    let installed = root.version_dir(&v("2.0.0")).join("bin/server");
+    assert_eq!(std::fs::read(&installed).expect("read"), build2);
+    let mode = std::fs::metadata(&installed)
+        .expect("meta")
+        .permissions()
+        .mode();
+    assert_eq!(mode & 0o222, 0, "installed writable");
+
+    // Another version installed (no base for the patch): the list is read, no piece fetched.
+    let other = InstallRoot::new(host.path().join("other")).expect("root");
+    stage(&other, &m0, &store, 8).await.expect("v0.9");
+    let counting = Counting {
+        inner: &store,
+        fetched: Default::default(),
+    };
+    let staged = stage(&other, &m2, &counting, 8)
+        .await
+        .expect("v2 from chunks");
+    let fetched: HashSet<ChunkId> = counting
+        .fetched
+        .lock()
+        .expect("lock")
+        .iter()
+        .copied()
+        .collect();
+    assert_eq!(staged.files.patched_files, 0);
+    assert!(
+        fetched.is_disjoint(&pieces),
+        "a patch without its base was fetched"
+    );
+    assert!(fetched.is_superset(&binary_chunks));
+    assert!(staged.patch_list_bytes > 0);
+    assert_eq!(
+        std::fs::read(other.version_dir(&v("2.0.0")).join("bin/server")).expect("read"),
+        build2
+    );
+
+    // Nothing installed: not even the list.
+    let fresh = InstallRoot::new(host.path().join("fresh")).expect("root");
+    let staged = stage(&fresh, &m2, &store, 8).await.expect("v2 fresh");
+    assert_eq!(staged.patch_list_bytes, 0);
+    assert_eq!(staged.files.patched_files, 0);
+
+    // A tampered piece: refused, the file assembled from its chunks, and still the signed one.
+    let victim = patch.pieces[0];
+    let forged = fleetcast_package::chunking::encode_stored(&vec![7u8; victim.len as usize])
+        .expect("encode");
+    bus.js
+        .publish(chunk_subject("app", &victim.id.to_hex()), forged.into())
+        .await
+        .expect("publish")
+        .await
+        .expect("ack");
+    let third = InstallRoot::new(host.path().join("third")).expect("root");
+    stage(&third, &m1, &store, 8).await.expect("v1");
+    let staged = stage(&third, &m2, &store, 8)
+        .await
+        .expect("v2 despite the forged patch");
+    assert_eq!(staged.files.refused_patches, 1);
+    assert_eq!(staged.files.patched_files, 0);
+    assert_eq!(
+        std::fs::read(third.version_dir(&v("2.0.0")).join("bin/server")).expect("read"),
+        build2
     );
 }

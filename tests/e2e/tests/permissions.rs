@@ -13,6 +13,8 @@ use fleetcast_e2e::{Pipeline, TIMEOUT, eventually, running, script_app};
 use fleetcast_events::names;
 use fleetcast_events::v1::ReleaseState;
 use fleetcast_harness::accounts::{AgentSpec, agent_inbox_prefix};
+use fleetcast_harness::fixtures::{pseudo_random, rebuilt};
+use std::time::Duration;
 
 /// The trust bucket (roots and the signer's timestamp; `names::TRUST_BUCKET`).
 const TRUST_BUCKET: &str = "fleetcast-trust";
@@ -43,7 +45,12 @@ async fn a_release_reaches_every_agent_with_each_program_under_its_own_identity(
     // CI: `fleetcast publish --wait` with the ci identity.
     let ci = p.bus_as("ci").await.expect("ci connects");
     let zip = hosts.path().join("shapp-1.0.0.zip");
-    script_app("1.0.0", true).write_to(&zip).expect("zip");
+    // With a native library rebuilt between the versions: 1.1.0 gets a binary patch from it.
+    let engine = pseudo_random(300_000, 5);
+    script_app("1.0.0", true)
+        .file("lib/engine.so", engine.clone(), 0o644)
+        .write_to(&zip)
+        .expect("zip");
     fleetcast_cli::publish(
         &ci,
         fleetcast_cli::PublishRequest {
@@ -90,12 +97,47 @@ async fn a_release_reaches_every_agent_with_each_program_under_its_own_identity(
     assert_eq!(releases.len(), 1);
 
     // The drop-folder path (the watcher uploads), and an update of both agents.
-    p.release("shapp", "1.1.0", &script_app("1.1.0", true))
-        .await;
+    let engine2 = rebuilt(&engine, 2);
+    p.release(
+        "shapp",
+        "1.1.0",
+        &script_app("1.1.0", true).file("lib/engine.so", engine2.clone(), 0o644),
+    )
+    .await;
     for id in ["h1", "h2"] {
         let state = hosts.path().join(id).join("state");
         eventually(&format!("{id} runs 1.1.0"), || running(&state) == "1.1.0").await;
     }
+    // The tracker, seeing its fleet on 1.0.0, asked for patches; the distributor made one.
+    let admin = p.bus().await.expect("admin");
+    let m2 = admin
+        .release_record("shapp", &semver::Version::new(1, 1, 0))
+        .await
+        .expect("record")
+        .and_then(|r| r.manifest)
+        .expect("manifest")
+        .verify(&p.trusted(), time::OffsetDateTime::now_utc())
+        .expect("verifies");
+    let list_subject =
+        names::chunk_subject("shapp", &fleetcast_events::patches::list_key(&m2.tree.root));
+    let mut list = None;
+    for _ in 0..300 {
+        if let Ok(m) = admin
+            .chunks
+            .direct_get_last_for_subject(list_subject.clone())
+            .await
+        {
+            list = Some(fleetcast_events::patches::PatchList::decode(&m.payload).expect("list"));
+            break;
+        }
+        tokio::time::sleep(Duration::from_millis(100)).await;
+    }
+    let list = list.expect("a patch list for 1.1.0");
+    assert_eq!(list.patches.len(), 1, "{list:?}");
+    assert_eq!(
+        list.patches[0].file.to_hex(),
+        blake3::hash(&engine2).to_hex().as_str()
+    );
     // Each agent reported under its own subject.
     for id in ["h1", "h2"] {
         let subject = names::agent_status_subject(id, "default", "shapp");

@@ -103,6 +103,19 @@ pub fn pseudo_random(len: usize, seed: u64) -> Vec<u8> {
     out
 }
 
+/// A rebuilt executable: `base` with a few bytes changed every 24 KiB (addresses and offsets
+/// moved throughout), so nearly every chunk is new while a binary patch from the base is small.
+pub fn rebuilt(base: &[u8], build: u64) -> Vec<u8> {
+    let mut out = base.to_vec();
+    for (i, at) in (0..out.len().saturating_sub(16))
+        .step_by(24 << 10)
+        .enumerate()
+    {
+        out[at..at + 8].copy_from_slice(&(build * 1_000_003 + i as u64).to_le_bytes());
+    }
+    out
+}
+
 /// Hostile archives, one per rejection reason the pipeline must give.
 pub mod hostile {
     use super::*;
