@@ -41,8 +41,17 @@ pub fn make(base: &[u8], new: &[u8], level: i32) -> Result<Vec<u8>, PatchError> 
         base,
     )
     .map_err(corrupt)?;
-    encoder.window_log(window_log(largest)).map_err(corrupt)?;
+    let window = window_log(largest);
+    encoder.window_log(window).map_err(corrupt)?;
     encoder.long_distance_matching(true).map_err(corrupt)?;
+    // A larger match-finder hash for large files: measured on two builds of a 46 MiB Rust
+    // binary, 734 KB instead of 921 KB (the zstd CLI's own patch: 763 KB), for 48 MB more
+    // memory (310 MB peak with both files, about the CLI's 316).
+    if window >= 25 {
+        encoder
+            .set_parameter(zstd::zstd_safe::CParameter::HashLog((window - 2).min(24)))
+            .map_err(corrupt)?;
+    }
     encoder
         .set_pledged_src_size(Some(new.len() as u64))
         .map_err(corrupt)?;
