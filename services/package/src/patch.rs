@@ -4,7 +4,7 @@
 //! the two files, and its CLI is the reference `ops/bench agent` measures patches against
 //! (`rebuilt_patch_from_bytes`).
 
-use std::io::{self, Read, Write};
+use std::io::{self, Write};
 
 /// The level patches are made at: they are made once per release and fetched by every host.
 pub const PATCH_LEVEL: i32 = 19;
@@ -60,20 +60,26 @@ pub fn make(base: &[u8], new: &[u8], level: i32) -> Result<Vec<u8>, PatchError> 
 }
 
 /// Applies a patch to `base`; never makes more than `size` bytes (a hostile patch cannot
-/// expand without bound). The caller checks the result against the file's signed hash.
+/// expand without bound). Decoded in one call into a buffer of exactly `size` bytes, so zstd
+/// needs no window buffer of its own: memory is the base, the patch and the file. The caller
+/// checks the result against the file's signed hash.
 pub fn apply(base: &[u8], patch: &[u8], size: u64) -> Result<Vec<u8>, PatchError> {
-    let corrupt = |e: io::Error| PatchError::Corrupt(e.to_string());
-    let mut decoder = zstd::stream::read::Decoder::with_ref_prefix(patch, base).map_err(corrupt)?;
-    decoder.window_log_max(MAX_WINDOW_LOG).map_err(corrupt)?;
-    let mut out = Vec::with_capacity(size as usize);
-    decoder
-        .take(size + 1)
-        .read_to_end(&mut out)
-        .map_err(corrupt)?;
-    if out.len() as u64 > size {
-        return Err(PatchError::TooLong(size));
+    let size = usize::try_from(size).map_err(|_| PatchError::TooLong(size))?;
+    let mut context = zstd::zstd_safe::DCtx::create();
+    context
+        .ref_prefix(base)
+        .map_err(|code| PatchError::Corrupt(zstd::zstd_safe::get_error_name(code).into()))?;
+    let mut out = Vec::with_capacity(size);
+    match context.decompress(&mut out, patch) {
+        Ok(_) => Ok(out),
+        // A frame that makes more than `size` bytes does not fit the buffer.
+        Err(code) if zstd::zstd_safe::get_error_name(code).contains("too small") => {
+            Err(PatchError::TooLong(size as u64))
+        }
+        Err(code) => Err(PatchError::Corrupt(
+            zstd::zstd_safe::get_error_name(code).into(),
+        )),
     }
-    Ok(out)
 }
 
 #[cfg(test)]
