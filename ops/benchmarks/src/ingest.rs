@@ -129,8 +129,16 @@ pub async fn run() -> anyhow::Result<String> {
 
 /// A nats-server of its own and a connection to it with every stream and bucket.
 pub(crate) async fn fresh_store() -> anyhow::Result<(NatsServer, NatsSettings, Bus)> {
+    fresh_store_with(Default::default()).await
+}
+
+/// A fresh store whose streams this connection creates with `quotas`.
+pub(crate) async fn fresh_store_with(
+    quotas: fleetcast_runtime::settings::StoreQuotas,
+) -> anyhow::Result<(NatsServer, NatsSettings, Bus)> {
     let nats = NatsServer::start().await?;
     let settings = NatsSettings {
+        quotas,
         url: nats.url(),
         request_timeout: Duration::from_secs(30),
         // A server of the benchmark's own on 127.0.0.1, without accounts or TLS.

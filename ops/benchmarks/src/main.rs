@@ -31,10 +31,11 @@ fn main() -> ExitCode {
         "agent" => runtime.block_on(agent::run()),
         // The many-files part of `agent` alone.
         "many" => runtime.block_on(many::run_alone()),
+        "huge" => runtime.block_on(many::run_huge()),
         "fleet" => runtime.block_on(fleet::run()),
         fleet::AGENTS_COMMAND => runtime.block_on(fleet::run_agents()),
         _ => {
-            eprintln!("usage: ops/bench ingest|agent|many|fleet");
+            eprintln!("usage: ops/bench ingest|agent|many|huge|fleet");
             return ExitCode::from(2);
         }
     };

@@ -14,6 +14,10 @@
 //!   each); `many_files_install_peak_rss_mib`: the agent's after the first install alone.
 //! - `many_files_fetched_bytes` against `many_files_zip_bytes`: what the agent took from the
 //!   store (chunks, tree nodes, the announcement) against the archive CI uploaded.
+//!
+//! `ops/bench huge` runs the same path with one large package instead (`huge_*` keys, no
+//! update): 1,024 text-like files of 10 MiB, 10 GiB in all, with the store's quotas raised to
+//! hold it (`nats.quotas`).
 
 use std::io::Write;
 use std::os::unix::fs::PermissionsExt;
@@ -29,9 +33,21 @@ use zip::write::SimpleFileOptions;
 use crate::agent::{
     desired_entry, rss_kib, sibling_binary, spawn_agent, wait_committed, wait_running,
 };
-use crate::ingest::{fresh_store, round, wait_stored};
+use crate::ingest::{fresh_store_with, round, wait_stored};
 
 const DEFAULT_COUNT: usize = 200_000;
+
+/// What package goes through: many small files and an update, or a few large ones.
+#[derive(Clone, Copy)]
+struct Shape {
+    /// Prefix of the JSON keys.
+    name: &'static str,
+    count: usize,
+    /// Each file's size; `None`: small source-like files of ~100–600 bytes.
+    file_bytes: Option<usize>,
+    /// Then v2 with ten files edited.
+    update: bool,
+}
 
 /// `ops/bench many`: this part alone, its keys as a JSON object.
 pub(crate) async fn run_alone() -> anyhow::Result<String> {
@@ -41,31 +57,73 @@ pub(crate) async fn run_alone() -> anyhow::Result<String> {
     Ok(run(dir.path()).await?.to_string())
 }
 
+/// `ops/bench huge`: 10 GiB in 1,024 files.
+pub(crate) async fn run_huge() -> anyhow::Result<String> {
+    let dir = tempfile::Builder::new()
+        .prefix("fleetcast-bench-huge-")
+        .tempdir()?;
+    let shape = Shape {
+        name: "huge",
+        count: 1024,
+        file_bytes: Some(10 << 20),
+        update: false,
+    };
+    Ok(run_shape(dir.path(), shape).await?.to_string())
+}
+
 pub(crate) async fn run(dir: &Path) -> anyhow::Result<serde_json::Value> {
     let count = std::env::var("FLEETCAST_BENCH_MANY_FILES")
         .ok()
         .and_then(|n| n.parse().ok())
         .unwrap_or(DEFAULT_COUNT);
+    let shape = Shape {
+        name: "many_files",
+        count,
+        file_bytes: None,
+        update: true,
+    };
+    run_shape(dir, shape).await
+}
+
+async fn run_shape(dir: &Path, shape: Shape) -> anyhow::Result<serde_json::Value> {
+    let Shape { name, count, .. } = shape;
     let dir = dir.join("many");
     std::fs::create_dir_all(&dir)?;
-    eprintln!("many files: a package of {count}");
+    eprintln!("{name}: a package of {count} files");
     let zip = dir.join("many-1.0.0.zip");
-    write_package(&zip, count, "1.0.0", &[])?;
+    write_package(&zip, count, shape.file_bytes, "1.0.0", &[])?;
     // v2: ten files edited, spread over the package.
     let edited: Vec<usize> = (0..10)
         .map(|k| k * count / 10 + 7)
         .filter(|&i| i < count)
         .collect();
     let zip2 = dir.join("many-2.0.0.zip");
-    write_package(&zip2, count, "2.0.0", &edited)?;
+    if shape.update {
+        write_package(&zip2, count, shape.file_bytes, "2.0.0", &edited)?;
+    }
     let zip_bytes = std::fs::metadata(&zip)?.len();
-
-    let (nats, _settings, bus) = fresh_store().await?;
+    // Room in the store for the archive and its chunks, whatever their size.
+    let quotas = if shape.file_bytes.is_some() {
+        let room = (zip_bytes as i64 + (1 << 30)).max(2 << 30);
+        fleetcast_runtime::settings::StoreQuotas {
+            incoming_bytes: room,
+            chunks_bytes: 2 * room,
+            ..Default::default()
+        }
+    } else {
+        Default::default()
+    };
+    let (nats, _settings, bus) = fresh_store_with(quotas.clone()).await?;
     let key = SecretKey::generate()?;
     let key_file = dir.join("signing.key");
     std::fs::write(&key_file, key.to_text())?;
     std::fs::set_permissions(&key_file, std::fs::Permissions::from_mode(0o600))?;
-    let nats_toml = format!("[nats]\nurl = \"{}\"\ninsecure_dev = true\n", nats.url());
+    let nats_toml = format!(
+        "[nats]\nurl = \"{}\"\ninsecure_dev = true\n[nats.quotas]\nincoming_bytes = {}\nchunks_bytes = {}\n",
+        nats.url(),
+        quotas.incoming_bytes,
+        quotas.chunks_bytes
+    );
     let signer_toml = dir.join("signer.toml");
     std::fs::write(
         &signer_toml,
@@ -106,7 +164,7 @@ pub(crate) async fn run(dir: &Path) -> anyhow::Result<serde_json::Value> {
     let release = wait_stored(&mut stored, &version).await?;
     let ingest = started.elapsed();
     eprintln!(
-        "many files: stored in {:.1} s ({} chunks, {} tree nodes)",
+        "{name}: stored in {:.1} s ({} chunks, {} tree nodes)",
         ingest.as_secs_f64(),
         release.chunks,
         release.tree_nodes
@@ -145,42 +203,56 @@ pub(crate) async fn run(dir: &Path) -> anyhow::Result<serde_json::Value> {
     // An update of the same size: ten files edited. The agent reads v1's tree from disk and
     // fetches only what changed.
     let v2 = semver::Version::new(2, 0, 0);
-    for (name, child) in ["watcher", "signer", "distributor", "agent"]
+    for (service, child) in ["watcher", "signer", "distributor", "agent"]
         .iter()
         .zip(&services.0)
     {
         eprintln!(
-            "many files: {name} between the releases: {} KiB resident, peak {} KiB",
+            "{name}: {service} after the first release: {} KiB resident, peak {} KiB",
             rss_kib(child.id(), "VmRSS")?,
             rss_kib(child.id(), "VmHWM")?
         );
     }
-    publish(&bus, &zip2, &v2).await?;
-    wait_stored(&mut stored, &v2).await?;
-    fleetcast_cli::desire(&bus, "many", "default", &v2).await?;
-    let (desired2, desired2_at) = desired_entry(&bus, "many").await?;
-    let (updated, _) = wait_running(&mut statuses, "many", "2.0.0").await?;
-    let update = updated.at - desired2_at;
-    wait_committed(&data.join("apps/many"), "2.0.0").await?;
+    let mut json = serde_json::json!({
+        "count": count,
+        "zip_bytes": zip_bytes,
+        "ingest_s": round(ingest.as_secs_f64()),
+        "install_s": round(install.as_seconds_f64()),
+        "fetched_bytes": running.progress_bytes.unwrap_or_default() + desired,
+        "install_peak_rss_mib": install_peak,
+    });
+    if let Some(bytes) = shape.file_bytes {
+        json["total_bytes"] = serde_json::json!(bytes as u64 * count as u64);
+    }
+    if shape.update {
+        publish(&bus, &zip2, &v2).await?;
+        wait_stored(&mut stored, &v2).await?;
+        fleetcast_cli::desire(&bus, "many", "default", &v2).await?;
+        let (desired2, desired2_at) = desired_entry(&bus, "many").await?;
+        let (updated, _) = wait_running(&mut statuses, "many", "2.0.0").await?;
+        let update = updated.at - desired2_at;
+        wait_committed(&data.join("apps/many"), "2.0.0").await?;
+        json["update_s"] = serde_json::json!(round(update.as_seconds_f64()));
+        json["update_fetched_bytes"] =
+            serde_json::json!(updated.progress_bytes.unwrap_or_default() + desired2);
+    }
     let peak = |child: &Child| -> anyhow::Result<f64> {
         Ok(round(rss_kib(child.id(), "VmHWM")? as f64 / 1024.0))
     };
-    let json = serde_json::json!({
-        "many_files_count": count,
-        "many_files_zip_bytes": zip_bytes,
-        "many_files_ingest_s": round(ingest.as_secs_f64()),
-        "many_files_install_s": round(install.as_seconds_f64()),
-        "many_files_fetched_bytes": running.progress_bytes.unwrap_or_default() + desired,
-        "many_files_install_peak_rss_mib": install_peak,
-        "many_files_update_s": round(update.as_seconds_f64()),
-        "many_files_update_fetched_bytes": updated.progress_bytes.unwrap_or_default() + desired2,
-        "many_files_peak_rss_mib": {
-            "watcher": peak(&services.0[0])?,
-            "signer": peak(&services.0[1])?,
-            "distributor": peak(&services.0[2])?,
-            "agent": peak(&services.0[3])?,
-        },
+    json["peak_rss_mib"] = serde_json::json!({
+        "watcher": peak(&services.0[0])?,
+        "signer": peak(&services.0[1])?,
+        "distributor": peak(&services.0[2])?,
+        "agent": peak(&services.0[3])?,
     });
+    // Every key under the shape's name, as `ops/bench agent` prints them.
+    let json: serde_json::Map<String, serde_json::Value> = json
+        .as_object()
+        .into_iter()
+        .flatten()
+        .map(|(k, v)| (format!("{name}_{k}"), v.clone()))
+        .collect();
+    let json = serde_json::Value::Object(json);
     drop(services);
     drop(nats);
     Ok(json)
@@ -205,11 +277,37 @@ async fn publish(
 
 /// `count` source-like text files of ~100–600 bytes in folders of 500, and a VERSION file;
 /// the files at `edited` have one more line.
-fn write_package(path: &Path, count: usize, version: &str, edited: &[usize]) -> anyhow::Result<()> {
+fn write_package(
+    path: &Path,
+    count: usize,
+    file_bytes: Option<usize>,
+    version: &str,
+    edited: &[usize],
+) -> anyhow::Result<()> {
     let mut zip = zip::ZipWriter::new(std::io::BufWriter::new(std::fs::File::create(path)?));
-    let options = SimpleFileOptions::default().unix_permissions(0o644);
+    // Large files at deflate's fastest level: writing 10 GiB at its default takes minutes.
+    let options = SimpleFileOptions::default()
+        .unix_permissions(0o644)
+        .compression_level(file_bytes.map(|_| 1))
+        .large_file(file_bytes.is_some_and(|b| b as u64 >= u32::MAX as u64));
     for i in 0..count {
         zip.start_file(format!("src/d{:04}/f{i:06}.rs", i / 500), options)?;
+        if let Some(bytes) = file_bytes {
+            // Text-like and unique throughout (no chunk repeats), compressible a few times.
+            let mut written = 0;
+            let mut l = 0u64;
+            while written < bytes {
+                let line = format!(
+                    "pub fn item_{i}_{l}() -> u64 {{ {} }}\n",
+                    l * 2_654_435_761 % 1_000_003
+                );
+                let take = line.len().min(bytes - written);
+                zip.write_all(&line.as_bytes()[..take])?;
+                written += take;
+                l += 1;
+            }
+            continue;
+        }
         let lines = 2 + i % 12;
         for l in 0..lines {
             writeln!(zip, "pub fn item_{i}_{l}() -> u64 {{ {} }}", i * 31 + l)?;
