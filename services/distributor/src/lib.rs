@@ -30,6 +30,9 @@ pub use settings::{PatchSettings, Settings};
 
 pub const SERVICE: &str = "distributor";
 
+/// Deliveries of a `patches_wanted` job before its patches are given up.
+const PATCH_ATTEMPTS: i64 = 5;
+
 #[derive(Debug, thiserror::Error)]
 pub enum DistributorError {
     #[error(transparent)]
@@ -290,7 +293,19 @@ impl Distributor {
                 self.metrics.patched(&report);
                 Outcome::Done
             }
-            Err(e) => Outcome::Retry(e),
+            // Patches only save bytes: a job that keeps failing (a base's objects gone from
+            // the store, a store that keeps refusing) is given up after a few tries rather
+            // than hold up the patches of the releases after it.
+            Err(e) => {
+                let delivered = msg.info().map_or(1, |i| i.delivered);
+                if delivered >= PATCH_ATTEMPTS {
+                    tracing::warn!(app = %wanted.app, version = %wanted.version, error = %e, delivered,
+                        "patches given up; hosts fetch chunks");
+                    Outcome::Done
+                } else {
+                    Outcome::RetryAfter(e, std::time::Duration::from_secs(30))
+                }
+            }
         };
         fleetcast_runtime::memory::release_freed_soon();
         outcome
