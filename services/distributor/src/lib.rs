@@ -139,18 +139,8 @@ impl Distributor {
             Ok(e) => e,
             Err(outcome) => return self.invalid_event(outcome),
         };
-        if let Err(message) = names::validate_app_name(&event.app) {
-            let outcome = reject_event(
-                &self.bus,
-                SERVICE,
-                RELEASE_SIGNED,
-                Rejection {
-                    code: RejectCode::InvalidEvent,
-                    message,
-                },
-            )
-            .await;
-            return self.invalid_event(outcome);
+        if let Err(outcome) = self.valid_app(RELEASE_SIGNED, &event.app).await {
+            return outcome;
         }
         let record = match self.bus.release_record(&event.app, &event.version).await {
             Ok(r) => r,
@@ -163,25 +153,11 @@ impl Distributor {
             tracing::info!(app = %event.app, version = %event.version, "already stored, nothing to do");
             return Outcome::Done;
         }
-        let now = OffsetDateTime::now_utc();
-        let verified = match self
-            .trusted
-            .keys(now)
-            .and_then(|keys| event.manifest.verify(&keys, now))
-        {
-            Ok(v) if v.app == event.app && v.version == event.version => v,
-            Ok(v) => {
-                let message = format!(
-                    "manifest is for {} {}, the event for {} {}",
-                    v.app, v.version, event.app, event.version
-                );
+        let verified = match self.verify(&event.manifest, &event.app, &event.version) {
+            Ok(v) => v,
+            Err(message) => {
                 return self
                     .reject(&event, RejectCode::ManifestMismatch, message)
-                    .await;
-            }
-            Err(e) => {
-                return self
-                    .reject(&event, RejectCode::ManifestMismatch, e.to_string())
                     .await;
             }
         };
@@ -246,18 +222,8 @@ impl Distributor {
             Ok(e) => e,
             Err(outcome) => return self.invalid_event(outcome),
         };
-        if let Err(message) = names::validate_app_name(&wanted.app) {
-            let outcome = reject_event(
-                &self.bus,
-                SERVICE,
-                names::PATCHES_WANTED,
-                Rejection {
-                    code: RejectCode::InvalidEvent,
-                    message,
-                },
-            )
-            .await;
-            return self.invalid_event(outcome);
+        if let Err(outcome) = self.valid_app(names::PATCHES_WANTED, &wanted.app).await {
+            return outcome;
         }
         let release = match self.stored_manifest(&wanted.app, &wanted.version).await {
             Ok(Some(m)) => m,
@@ -327,19 +293,55 @@ impl Distributor {
         else {
             return Ok(None);
         };
-        let now = OffsetDateTime::now_utc();
-        match self
-            .trusted
-            .keys(now)
-            .and_then(|keys| signed.verify(&keys, now))
-        {
-            Ok(v) if v.app == app && v.version == *version => Ok(Some(v)),
-            Ok(_) => Ok(None),
-            Err(e) => {
-                tracing::warn!(app, %version, error = %e, "stored release does not verify: no patches with it");
+        match self.verify(&signed, app, version) {
+            Ok(v) => Ok(Some(v)),
+            Err(reason) => {
+                tracing::warn!(app, %version, %reason, "stored release does not verify: no patches with it");
                 Ok(None)
             }
         }
+    }
+
+    /// A signed manifest checked against the trusted keys now, and that it is for `app`
+    /// `version`; why not, otherwise.
+    fn verify(
+        &self,
+        signed: &fleetcast_events::SignedManifest,
+        app: &str,
+        version: &semver::Version,
+    ) -> Result<fleetcast_events::VerifiedManifest, String> {
+        let now = OffsetDateTime::now_utc();
+        let verified = self
+            .trusted
+            .keys(now)
+            .and_then(|keys| signed.verify(&keys, now))
+            .map_err(|e| e.to_string())?;
+        if verified.app != app || verified.version != *version {
+            return Err(format!(
+                "manifest is for {} {}, the event for {app} {version}",
+                verified.app, verified.version
+            ));
+        }
+        Ok(verified)
+    }
+
+    /// A valid app name, else the event refused (`event_rejected`) and counted: the outcome
+    /// to return.
+    async fn valid_app(&self, subject: &str, app: &str) -> Result<(), Outcome> {
+        let Err(message) = names::validate_app_name(app) else {
+            return Ok(());
+        };
+        let outcome = reject_event(
+            &self.bus,
+            SERVICE,
+            subject,
+            Rejection {
+                code: RejectCode::InvalidEvent,
+                message,
+            },
+        )
+        .await;
+        Err(self.invalid_event(outcome))
     }
 
     /// Counts a signed release refused as an invalid event once the refusal is published.

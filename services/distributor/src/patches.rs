@@ -29,17 +29,15 @@ pub struct PatchReport {
     pub not_smaller: u64,
 }
 
-/// A file's chunks, in order: a one-chunk file lists none, its chunk is the file itself.
+/// A file's chunks, in order, as `ChunkStore::tree_files` resolved them (a one-chunk file's
+/// single chunk included).
 fn chunks_of(file: &TreeFile) -> Vec<(ChunkId, u32)> {
     match &file.chunks {
-        ChunkList::Listed(list) if !list.is_empty() => list
+        ChunkList::Listed(list) => list
             .iter()
             .filter_map(|c| ChunkId::from_hex(&c.id).ok().map(|id| (id, c.len)))
             .collect(),
-        _ => ChunkId::from_hex(&file.entry.blake3)
-            .ok()
-            .map(|id| vec![(id, file.entry.size as u32)])
-            .unwrap_or_default(),
+        ChunkList::Tree { .. } => Vec::new(),
     }
 }
 
