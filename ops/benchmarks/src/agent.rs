@@ -189,15 +189,9 @@ pub async fn run() -> anyhow::Result<String> {
     let peak_rss = rss_kib(agent.id(), "VmHWM")?;
 
     eprintln!("small files: v1, then v1 -> v2");
-    let small_journal = data.join("apps/small");
-    fleetcast_cli::desire(&bus, "small", "default", &semver::Version::new(1, 0, 0)).await?;
-    wait_running(&mut statuses, "small", "1.0.0").await?;
-    wait_committed(&small_journal, "1.0.0").await?;
-    fleetcast_cli::desire(&bus, "small", "default", &semver::Version::new(2, 0, 0)).await?;
-    let (small_desired, small_desired_at) = desired_entry(&bus, "small").await?;
-    let (small_running, _) = wait_running(&mut statuses, "small", "2.0.0").await?;
+    let (small_running, small_desired, small_desired_at) =
+        install_then_update(&bus, &mut statuses, &data, "small").await?;
     let small_install = small_running.at - small_desired_at;
-    wait_committed(&small_journal, "2.0.0").await?;
     let small_fetched = small_running.progress_bytes.unwrap_or_default() + small_desired;
     let changed_zstd: usize = changed_files
         .iter()
@@ -206,14 +200,8 @@ pub async fn run() -> anyhow::Result<String> {
     let write_hash = write_hash_s(&changed_files, &dir.path().join("write-hash"))?;
 
     eprintln!("rebuilt binary: build 1, then build 1 -> build 2");
-    let rebuilt_journal = data.join("apps/rebuilt");
-    fleetcast_cli::desire(&bus, "rebuilt", "default", &semver::Version::new(1, 0, 0)).await?;
-    wait_running(&mut statuses, "rebuilt", "1.0.0").await?;
-    wait_committed(&rebuilt_journal, "1.0.0").await?;
-    fleetcast_cli::desire(&bus, "rebuilt", "default", &semver::Version::new(2, 0, 0)).await?;
-    let (rebuilt_desired, _) = desired_entry(&bus, "rebuilt").await?;
-    let (rebuilt_running, _) = wait_running(&mut statuses, "rebuilt", "2.0.0").await?;
-    wait_committed(&rebuilt_journal, "2.0.0").await?;
+    let (rebuilt_running, rebuilt_desired, _) =
+        install_then_update(&bus, &mut statuses, &data, "rebuilt").await?;
     let rebuilt_fetched = rebuilt_running.progress_bytes.unwrap_or_default() + rebuilt_desired;
     let final_peak_rss = rss_kib(agent.id(), "VmHWM")?;
     let _ = nix::sys::signal::kill(
@@ -344,6 +332,26 @@ fn free_port() -> anyhow::Result<u16> {
 
 /// Size of the desired-state value the agent receives (it carries the signed manifest), and
 /// when the server stored it.
+/// `app` of the agent whose data folder is `data` from nothing to 1.0.0, then to 2.0.0,
+/// each committed: 2.0.0's running report, the size of its desired state and when that was
+/// written.
+async fn install_then_update(
+    bus: &fleetcast_runtime::Bus,
+    statuses: &mut async_nats::Subscriber,
+    data: &Path,
+    app: &str,
+) -> anyhow::Result<(AgentStatus, u64, time::OffsetDateTime)> {
+    let journal = data.join("apps").join(app);
+    fleetcast_cli::desire(bus, app, "default", &semver::Version::new(1, 0, 0)).await?;
+    wait_running(statuses, app, "1.0.0").await?;
+    wait_committed(&journal, "1.0.0").await?;
+    fleetcast_cli::desire(bus, app, "default", &semver::Version::new(2, 0, 0)).await?;
+    let (desired, desired_at) = desired_entry(bus, app).await?;
+    let (running, _) = wait_running(statuses, app, "2.0.0").await?;
+    wait_committed(&journal, "2.0.0").await?;
+    Ok((running, desired, desired_at))
+}
+
 pub(crate) async fn desired_entry(
     bus: &fleetcast_runtime::Bus,
     app: &str,

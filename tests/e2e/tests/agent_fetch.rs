@@ -6,7 +6,7 @@ use std::os::unix::fs::PermissionsExt;
 use std::sync::atomic::{AtomicUsize, Ordering};
 
 use fleetcast_agent::assemble::{
-    AssembleError, ChunkSource, Fetched, LocalChunks, NatsChunks, assemble,
+    AssembleError, AssembleReport, ChunkSource, Fetched, LocalChunks, NatsChunks, assemble,
 };
 use fleetcast_agent::install::InstallRoot;
 use fleetcast_e2e::Pipeline;
@@ -47,6 +47,18 @@ async fn load(bus: &Bus, p: &Pipeline, version: &str) -> (Version, Vec<TreeFile>
         .await
         .expect("tree");
     (v(version), files)
+}
+
+/// Assembles `version` on a host with nothing installed (no local chunks, no patches).
+async fn from_nothing(
+    root: &InstallRoot,
+    version: &Version,
+    files: &[TreeFile],
+    source: &impl ChunkSource,
+    concurrency: usize,
+) -> Result<AssembleReport, AssembleError> {
+    let (local, patches) = (LocalChunks::default(), PatchList::default());
+    assemble(root, version, files, &local, &patches, source, concurrency).await
 }
 
 /// The store as the agent reads it, for app `app`.
@@ -108,17 +120,7 @@ async fn versions_assemble_from_the_store_reusing_installed_chunks() {
     let root = InstallRoot::new(host.path().join("app")).expect("root");
     let store = store(&bus).await;
 
-    let r1 = assemble(
-        &root,
-        &m1,
-        &i1,
-        &LocalChunks::default(),
-        &PatchList::default(),
-        &store,
-        8,
-    )
-    .await
-    .expect("v1");
+    let r1 = from_nothing(&root, &m1, &i1, &store, 8).await.expect("v1");
     // Each distinct chunk once.
     assert_eq!(
         r1.fetched_chunks as usize,
@@ -188,29 +190,13 @@ async fn an_interrupted_download_resumes_and_a_tampered_chunk_is_refused() {
         inner: &store,
         fail_after: AtomicUsize::new(10),
     };
-    let err = assemble(
-        &root,
-        &m,
-        &i,
-        &LocalChunks::default(),
-        &PatchList::default(),
-        &flaky,
-        1,
-    )
-    .await
-    .expect_err("interrupted");
+    let err = from_nothing(&root, &m, &i, &flaky, 1)
+        .await
+        .expect_err("interrupted");
     assert!(err.is_transient());
-    let report = assemble(
-        &root,
-        &m,
-        &i,
-        &LocalChunks::default(),
-        &PatchList::default(),
-        &store,
-        4,
-    )
-    .await
-    .expect("resumed");
+    let report = from_nothing(&root, &m, &i, &store, 4)
+        .await
+        .expect("resumed");
     assert!(report.resumed_chunks >= 10, "{report:?}");
     let total = chunks(&i).len();
     assert_eq!(report.resumed_chunks + report.fetched_chunks, total as u64);
@@ -236,17 +222,9 @@ async fn an_interrupted_download_resumes_and_a_tampered_chunk_is_refused() {
         .await
         .expect("ack");
     let other = InstallRoot::new(host.path().join("other")).expect("root");
-    let err = assemble(
-        &other,
-        &m,
-        &i,
-        &LocalChunks::default(),
-        &PatchList::default(),
-        &store,
-        4,
-    )
-    .await
-    .expect_err("tampered");
+    let err = from_nothing(&other, &m, &i, &store, 4)
+        .await
+        .expect_err("tampered");
     assert!(
         matches!(err, AssembleError::Chunk(ChunkError::Hash { .. })),
         "{err}"
@@ -267,17 +245,9 @@ async fn an_interrupted_download_resumes_and_a_tampered_chunk_is_refused() {
         .expect("publish")
         .await
         .expect("ack");
-    let err = assemble(
-        &other,
-        &m,
-        &i,
-        &LocalChunks::default(),
-        &PatchList::default(),
-        &store,
-        4,
-    )
-    .await
-    .expect_err("endless chunk");
+    let err = from_nothing(&other, &m, &i, &store, 4)
+        .await
+        .expect_err("endless chunk");
     assert!(
         matches!(err, AssembleError::Chunk(ChunkError::Decompress { .. })),
         "{err}"
