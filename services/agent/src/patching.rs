@@ -5,11 +5,10 @@
 //! The patch list is not signed, so nothing in it is trusted: every piece is checked against
 //! its name as it arrives, and the file the patch makes against the hash the signed tree gives
 //! it. A patch that fails either check is refused (logged, counted) and the file is assembled
-//! from its chunks like any other. A patch is applied in memory: about the base, the file and
-//! the patch together.
+//! from its chunks like any other. A patch is applied a segment at a time: memory is the patch,
+//! one region of the base and one segment of the file (`fleetcast_package::patch`).
 
 use std::collections::HashSet;
-use std::io::Write;
 use std::os::unix::fs::PermissionsExt;
 use std::path::Path;
 
@@ -18,6 +17,7 @@ use fleetcast_events::patches::{Patch, PatchList};
 use fleetcast_events::tree::{Hash32, TreeFile};
 use fleetcast_events::v1::ChunkRef;
 use fleetcast_package::chunking::ChunkId;
+use fleetcast_package::patch::PatchError;
 use futures::StreamExt;
 
 use crate::assemble::{AssembleError, AssembleReport, ChunkSource, LocalChunks};
@@ -134,41 +134,65 @@ async fn apply_one(
     if let Some(reason) = refused {
         return Err(refuse(reason));
     }
-    let base_bytes = std::fs::read(base).map_err(|e| refuse(format!("{}: {e}", base.display())))?;
+    let base_file =
+        std::fs::File::open(base).map_err(|e| refuse(format!("{}: {e}", base.display())))?;
+    let path = partial.join(&entry.path);
+    let mut file = create_file(&path).map_err(Failed::Write)?;
     let size = entry.size;
+    // Written as it is made, a segment at a time, and checked by the hash of what was written.
     let made = tokio::task::spawn_blocking(move || {
-        fleetcast_package::patch::apply(&base_bytes, &bytes, size)
+        fleetcast_package::patch::apply(&base_file, &bytes, size, &mut file).map(|h| (h, file))
     })
-    .await
-    .map_err(|e| refuse(format!("patch task failed: {e}")))?
-    .map_err(|e| refuse(e.to_string()))?;
-    if made.len() as u64 != size || blake3::hash(&made).to_hex().as_str() != entry.blake3 {
-        return Err(refuse(
-            "the patched file does not match the signed manifest".into(),
+    .await;
+    let failed = |path: &Path, failure: Failed| {
+        // Nothing half made is left for the chunks' assembly to trust.
+        let _ = std::fs::remove_file(path);
+        failure
+    };
+    let (hash, file) = match made {
+        Ok(Ok(made)) => made,
+        Ok(Err(PatchError::Write(source))) => {
+            return Err(failed(
+                &path,
+                Failed::Write(AssembleError::Io {
+                    path: path.clone(),
+                    source,
+                }),
+            ));
+        }
+        Ok(Err(e)) => return Err(failed(&path, refuse(e.to_string()))),
+        Err(e) => return Err(failed(&path, refuse(format!("patch task failed: {e}")))),
+    };
+    if hash.to_hex().as_str() != entry.blake3 {
+        return Err(failed(
+            &path,
+            refuse("the patched file does not match the signed manifest".into()),
         ));
     }
-    write_file(partial, entry, &made).map_err(Failed::Write)?;
+    let mode = std::fs::Permissions::from_mode(crate::isolation::installed_mode(entry.mode));
+    file.set_permissions(mode).map_err(|source| {
+        Failed::Write(AssembleError::Io {
+            path: path.clone(),
+            source,
+        })
+    })?;
     Ok(wire)
 }
 
-/// Writes a file of the version being assembled, read-only like every installed file.
-/// (Durability comes once for the whole version, before its rename.)
-fn write_file(partial: &Path, entry: &FileEntry, data: &[u8]) -> Result<(), AssembleError> {
-    let path = partial.join(&entry.path);
+/// Creates a file of the version being assembled; it is made read-only like every installed
+/// file once written. (Durability comes once for the whole version, before its rename.)
+fn create_file(path: &Path) -> Result<std::fs::File, AssembleError> {
     let io = |source| AssembleError::Io {
-        path: path.clone(),
+        path: path.to_path_buf(),
         source,
     };
     if let Some(parent) = path.parent() {
         std::fs::create_dir_all(parent).map_err(io)?;
     }
     // Never written through: what is there may be a link to an installed version's file.
-    match std::fs::remove_file(&path) {
+    match std::fs::remove_file(path) {
         Err(e) if e.kind() != std::io::ErrorKind::NotFound => return Err(io(e)),
         _ => {}
     }
-    let mut file = std::fs::File::create_new(&path).map_err(io)?;
-    file.write_all(data).map_err(io)?;
-    let mode = std::fs::Permissions::from_mode(crate::isolation::installed_mode(entry.mode));
-    file.set_permissions(mode).map_err(io)
+    std::fs::File::create_new(path).map_err(io)
 }

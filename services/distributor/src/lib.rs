@@ -435,8 +435,10 @@ impl Distributor {
 /// a signal. (Also what the `fleetcast` binary runs when called by this name: the container
 /// image's multi-call binary.)
 pub fn main() -> std::process::ExitCode {
-    // Consecutive large releases reuse one another's freed memory (see `limit_arenas`).
+    // Consecutive large releases reuse one another's freed memory (see `limit_arenas`), and
+    // release their large lists when done (`map_large_blocks`).
     fleetcast_runtime::memory::limit_arenas(2);
+    fleetcast_runtime::memory::map_large_blocks();
     fleetcast_runtime::service::service_main(
         SERVICE,
         Settings::LIST_KEYS,

@@ -54,9 +54,26 @@ pub async fn make_patches(
     let mut report = PatchReport::default();
     let mut list = store.patch_list(app, root).await?;
     let before = list.clone();
-    let files = store.tree_files(app, &release.tree).await?;
+    // Only files in the size range may get a patch: of a tree of many small files, next to
+    // nothing is kept (one tree in memory at a time, not the release's and each base's whole).
+    let sized = |f: &TreeFile| {
+        f.entry.link.is_none()
+            && (settings.min_file_bytes..=settings.max_file_bytes).contains(&f.entry.size)
+    };
+    let mut files = store.tree_files(app, &release.tree).await?;
+    files.retain(sized);
+    files.shrink_to_fit();
+    let paths: HashSet<&str> = files.iter().map(|f| f.entry.path.as_str()).collect();
     for base in bases {
-        let base_files = store.tree_files(app, &base.tree).await?;
+        if files.is_empty() {
+            break;
+        }
+        let mut base_files = store.tree_files(app, &base.tree).await?;
+        base_files.retain(|f| {
+            f.entry.link.is_none()
+                && f.entry.size <= settings.max_file_bytes
+                && paths.contains(f.entry.path.as_str())
+        });
         let by_path: HashMap<&str, &TreeFile> = base_files
             .iter()
             .map(|f| (f.entry.path.as_str(), f))
@@ -65,12 +82,7 @@ pub async fn make_patches(
             let Some(old) = by_path.get(file.entry.path.as_str()) else {
                 continue;
             };
-            if file.entry.link.is_some()
-                || old.entry.link.is_some()
-                || old.entry.blake3 == file.entry.blake3
-                || !(settings.min_file_bytes..=settings.max_file_bytes).contains(&file.entry.size)
-                || old.entry.size > settings.max_file_bytes
-            {
+            if old.entry.blake3 == file.entry.blake3 {
                 continue;
             }
             let (Ok(file_hash), Ok(base_hash)) = (

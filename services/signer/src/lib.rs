@@ -642,6 +642,8 @@ impl Signer {
 /// a signal. (Also what the `fleetcast` binary runs when called by this name: the container
 /// image's multi-call binary.)
 pub fn main() -> std::process::ExitCode {
+    // A large release's lists are returned to the OS when it is signed (`map_large_blocks`).
+    fleetcast_runtime::memory::map_large_blocks();
     fleetcast_runtime::service::service_main(
         SERVICE,
         Settings::LIST_KEYS,
