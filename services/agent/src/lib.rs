@@ -19,6 +19,7 @@ pub mod output;
 mod patching;
 pub mod release_tree;
 pub mod settings;
+pub mod sockets;
 pub mod supervisor;
 pub mod updater;
 
@@ -185,6 +186,7 @@ pub async fn run(settings: Settings, shutdown: CancellationToken) -> Result<(), 
                         .iter()
                         .map(|b| b.borrow().beat_at(tokio::time::Instant::now()))
                         .collect(),
+                    agent_version: Some(env!("CARGO_PKG_VERSION").into()),
                     metadata: Some(metadata),
                     at: OffsetDateTime::now_utc(),
                 };

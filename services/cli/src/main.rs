@@ -613,8 +613,8 @@ fn print_status(reply: &fleetcast_tracker::api::Reply) {
 
 fn print_agents(agents: &[fleetcast_tracker::api::AgentRow]) {
     println!(
-        "{:<20} {:<12} {:<16} {:<12} {:<16} {:<28}  LAST ERROR",
-        "AGENT", "RING", "APP", "RUNNING", "STATE", "LAST UPDATE FETCHED"
+        "{:<20} {:<10} {:<12} {:<16} {:<12} {:<16} {:<28}  LAST ERROR",
+        "AGENT", "AGENT VER", "RING", "APP", "RUNNING", "STATE", "LAST UPDATE FETCHED"
     );
     let now = time::OffsetDateTime::now_utc();
     for row in agents {
@@ -659,8 +659,10 @@ fn print_agents(agents: &[fleetcast_tracker::api::AgentRow]) {
                 )
             });
             println!(
-                "{:<20} {:<12} {app:<16} {running:<12} {:<16} {fetched:<28}  {error}",
+                "{:<20} {:<10} {:<12} {app:<16} {running:<12} {:<16} {fetched:<28}  {error}",
                 format!("{}{stale}", a.agent_id),
+                // "?": an agent too old to report its own version.
+                a.agent_version.as_deref().unwrap_or("?"),
                 a.ring,
                 state
             );

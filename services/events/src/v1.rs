@@ -408,6 +408,10 @@ pub struct AgentHeartbeat {
     #[serde(default)]
     pub labels: std::collections::BTreeMap<String, String>,
     pub apps: Vec<AppHeartbeat>,
+    /// The agent's own version (fleetcast's), so agent upgrades can be followed like any app's
+    /// (absent from older agents).
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub agent_version: Option<String>,
     /// How current the agent's signed metadata is (absent from agents before fleetcast 0.2).
     #[serde(default, skip_serializing_if = "Option::is_none")]
     pub metadata: Option<MetadataStatus>,

@@ -26,6 +26,9 @@ pub struct AgentView {
     /// The agent's trust metadata as it last reported it (root version, freshness).
     #[serde(default)]
     pub metadata: Option<MetadataStatus>,
+    /// The agent's own version as it last reported it (`None`: an agent too old to say).
+    #[serde(default)]
+    pub agent_version: Option<String>,
     #[serde(with = "time::serde::rfc3339")]
     pub last_seen: OffsetDateTime,
 }
@@ -98,6 +101,7 @@ impl Fleet {
         agent.ring.clone_from(&hb.ring);
         agent.labels.clone_from(&hb.labels);
         agent.metadata.clone_from(&hb.metadata);
+        agent.agent_version.clone_from(&hb.agent_version);
         agent.last_seen = now;
         for app in &hb.apps {
             let view = agent
@@ -201,6 +205,7 @@ impl Fleet {
                 ring: "default".into(),
                 labels: BTreeMap::new(),
                 apps: BTreeMap::new(),
+                agent_version: None,
                 metadata: None,
                 last_seen: now,
             })
@@ -270,6 +275,7 @@ mod tests {
                         uptime_s: 5,
                         last_update: None,
                     }],
+                    agent_version: None,
                     metadata: None,
                     at: t0,
                 },
@@ -315,6 +321,7 @@ mod tests {
                         }),
                     }),
                 }],
+                agent_version: Some("0.1.0".into()),
                 metadata: Some(MetadataStatus {
                     root_version: 2,
                     timestamp: None,
@@ -343,6 +350,7 @@ mod tests {
         );
         let a = &fleet.agents["a1"];
         assert_eq!(a.ring, "canary");
+        assert_eq!(a.agent_version.as_deref(), Some("0.1.0"));
         assert!(
             a.metadata
                 .as_ref()

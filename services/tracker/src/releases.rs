@@ -135,6 +135,7 @@ mod tests {
                 )]
                 .into(),
                 metadata: None,
+                agent_version: None,
                 last_seen: OffsetDateTime::UNIX_EPOCH,
             },
             stale,

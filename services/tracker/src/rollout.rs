@@ -617,6 +617,7 @@ mod tests {
                     ring: ring.into(),
                     labels: BTreeMap::new(),
                     metadata: None,
+                    agent_version: None,
                     apps: BTreeMap::from([(
                         "demo".to_string(),
                         AppView {

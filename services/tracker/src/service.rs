@@ -1434,6 +1434,7 @@ mod tests {
             ring: ring.into(),
             labels: Default::default(),
             apps: Vec::new(),
+            agent_version: None,
             metadata: None,
             at: OffsetDateTime::UNIX_EPOCH,
         }

@@ -44,6 +44,7 @@ fn heartbeat(agent_id: &str, ring: &str, running: Option<&str>) -> AgentHeartbea
             uptime_s: 1,
             last_update: None,
         }],
+        agent_version: None,
         metadata: None,
         at: OffsetDateTime::now_utc(),
     }

@@ -404,6 +404,19 @@ async fn the_dashboard_shows_the_fleet_rollouts_and_failures_as_a_person_sees_th
         serde_json::from_str(&fleetcast_e2e::http_get(port, "/api/agents?ring=broad"))
             .expect("json");
     assert_eq!(broad.as_array().map(Vec::len), Some(2), "{broad}");
+    // Each agent says which fleetcast it is, in the API and on the page.
+    assert_eq!(
+        broad[0]["agent_version"].as_str(),
+        Some(env!("CARGO_PKG_VERSION")),
+        "{broad}"
+    );
+    assert!(
+        dom.contains(&format!(
+            "<span class=\"agent-version\">{}</span>",
+            env!("CARGO_PKG_VERSION")
+        )),
+        "agent versions: {dom}"
+    );
 }
 
 /// Waits until the tracker sees agent `id` as stale (`true`) or live (`false`).
