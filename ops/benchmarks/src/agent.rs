@@ -28,6 +28,7 @@
 //!   edited files on the same disk, in this process (the reference).
 //! - Rebuilt binary (`rebuilt_*`), a third app: see `rebuilt.rs`.
 //! - Many files (`many_files_*`): see `many.rs`.
+//! - Socket hand-over (`handover_*`, `plain_*`), two more apps: see `handover.rs`.
 
 use std::io::{Read, Write};
 use std::net::TcpStream;
@@ -116,6 +117,11 @@ pub async fn run() -> anyhow::Result<String> {
     ingest_once(&bus, &key, &s2_zip, "small", "2.0.0").await?;
     ingest_once(&bus, &key, &r1_zip, "rebuilt", "1.0.0").await?;
     ingest_once(&bus, &key, &r2_zip, "rebuilt", "2.0.0").await?;
+    for (app, _) in crate::handover::APPS {
+        for (zip, version) in crate::handover::packages(dir.path(), app)? {
+            ingest_once(&bus, &key, &zip, app, &version).await?;
+        }
+    }
     let r2_root = crate::ingest::tree_of(&r2_zip)?.1.root;
     let patches = crate::rebuilt::wait_patches(&bus, "rebuilt", "2.0.0", "1.0.0", &r2_root).await?;
     eprintln!("rebuilt: {} patch(es) listed", patches.patches.len());
@@ -125,6 +131,7 @@ pub async fn run() -> anyhow::Result<String> {
     let port = free_port()?;
     let small_port = free_port()?;
     let rebuilt_port = free_port()?;
+    let handover_ports = [free_port()?, free_port()?];
     let mut statuses = bus
         .client
         .subscribe(fleetcast_events::names::ALL_AGENT_STATUSES)
@@ -153,7 +160,13 @@ pub async fn run() -> anyhow::Result<String> {
             demo_app.display(),
             demo_app.display(),
             demo_app.display(),
-        ),
+        ) + &crate::handover::APPS
+            .iter()
+            .zip(handover_ports)
+            .map(|((app, hand_over), port)| {
+                crate::handover::app_config(app, *hand_over, port, &demo_app)
+            })
+            .collect::<String>(),
     )?;
     let mut agent = spawn_agent(&config)?;
     let journal = data.join("apps/bench");
@@ -204,6 +217,15 @@ pub async fn run() -> anyhow::Result<String> {
         install_then_update(&bus, &mut statuses, &data, "rebuilt").await?;
     let rebuilt_fetched = rebuilt_running.progress_bytes.unwrap_or_default() + rebuilt_desired;
     let final_peak_rss = rss_kib(agent.id(), "VmHWM")?;
+
+    eprintln!("socket hand-over: a steady load across an update and a rollback");
+    let mut handover = serde_json::Map::new();
+    for ((app, _), port) in crate::handover::APPS.iter().zip(handover_ports) {
+        let (made, failed) =
+            crate::handover::under_load(&bus, &mut statuses, &data, app, port).await?;
+        handover.insert(format!("{app}_requests"), made.into());
+        handover.insert(format!("{app}_refused_requests"), failed.into());
+    }
     let _ = nix::sys::signal::kill(
         nix::unistd::Pid::from_raw(agent.id() as i32),
         nix::sys::signal::Signal::SIGTERM,
@@ -248,6 +270,7 @@ pub async fn run() -> anyhow::Result<String> {
     });
     if let (Some(all), serde_json::Value::Object(many)) = (json.as_object_mut(), many) {
         all.extend(many);
+        all.extend(handover);
     }
     Ok(json.to_string())
 }
@@ -363,11 +386,14 @@ pub(crate) async fn desired_entry(
 
 /// One `GET path` on loopback; the body when the answer is 200.
 fn http_get(port: u16, path: &str) -> Option<String> {
+    http_get_within(port, path, Duration::from_millis(500))
+}
+
+/// One `GET path` on loopback, answered within `wait`; the body when the answer is 200.
+pub(crate) fn http_get_within(port: u16, path: &str, wait: Duration) -> Option<String> {
     let addr = std::net::SocketAddr::from(([127, 0, 0, 1], port));
     let mut stream = TcpStream::connect_timeout(&addr, Duration::from_millis(100)).ok()?;
-    stream
-        .set_read_timeout(Some(Duration::from_millis(500)))
-        .ok()?;
+    stream.set_read_timeout(Some(wait)).ok()?;
     write!(
         stream,
         "GET {path} HTTP/1.1\r\nHost: 127.0.0.1\r\nConnection: close\r\n\r\n"
@@ -519,7 +545,7 @@ pub(crate) fn spawn_agent(config: &Path) -> anyhow::Result<Child> {
         .with_context(|| format!("starting {} (ops/bench builds it)", bin.display()))
 }
 
-async fn next_status(sub: &mut async_nats::Subscriber) -> anyhow::Result<AgentStatus> {
+pub(crate) async fn next_status(sub: &mut async_nats::Subscriber) -> anyhow::Result<AgentStatus> {
     let msg = tokio::time::timeout(Duration::from_secs(600), sub.next())
         .await?
         .context("status subscription ended")?;

@@ -453,6 +453,7 @@ pub async fn run_agents() -> anyhow::Result<String> {
                 user: None,
                 group: None,
                 verify_on_start: false,
+                listen: Vec::new(),
             }],
             ..Default::default()
         };

@@ -3,6 +3,7 @@
 
 mod agent;
 mod fleet;
+mod handover;
 mod ingest;
 mod many;
 mod rebuilt;

@@ -97,6 +97,13 @@ pub struct AppSettings {
     /// start a version whose folder changed since it was installed.
     #[serde(default)]
     pub verify_on_start: bool,
+    /// TCP addresses (e.g. `127.0.0.1:8080`) the agent listens on for the app and hands to each
+    /// of its processes by systemd's socket-activation protocol (`LISTEN_FDS`, fds 3, 4, …):
+    /// connections made while one version drains and the next starts wait in the kernel's
+    /// queue instead of being refused. Bound when the agent starts; the app must take them
+    /// instead of binding the addresses itself (the demo app does).
+    #[serde(default)]
+    pub listen: Vec<std::net::SocketAddr>,
 }
 
 fn default_grace() -> Duration {

@@ -33,6 +33,9 @@ pub struct ProcessSpec {
     /// Checked before every start (`apps[].verify_on_start`): a version folder that no longer
     /// matches its signed tree is not run; the start fails with the reason.
     pub verify: Option<std::sync::Arc<crate::release_tree::InstalledTree>>,
+    /// Listening sockets the agent holds for the app (`apps[].listen`), handed to it by the
+    /// socket-activation protocol.
+    pub sockets: Option<std::sync::Arc<crate::sockets::Sockets>>,
 }
 
 /// A program named by a command: relative names are looked up in the version's folder
@@ -290,9 +293,24 @@ impl Task {
             });
             return self.after_crash(started, spec);
         }
-        let mut command = Command::new(&spec.program);
+        let command = match &spec.sockets {
+            Some(sockets) => sockets.command(&spec.program, &spec.args),
+            None => {
+                let mut command = Command::new(&spec.program);
+                command.args(&spec.args);
+                Ok(command)
+            }
+        };
+        let mut command = match command {
+            Ok(command) => command,
+            Err(e) => {
+                self.emit(Event::SpawnFailed {
+                    reason: format!("handing over the listening sockets: {e}"),
+                });
+                return self.after_crash(started, spec);
+            }
+        };
         command
-            .args(&spec.args)
             .envs(&spec.env)
             .current_dir(&spec.cwd)
             .stdin(Stdio::null())

@@ -27,6 +27,7 @@ use crate::isolation::RunAs;
 use crate::journal::{Journal, JournalFile, Step};
 use crate::release_tree::{InstalledTree, stage};
 use crate::settings::{AppSettings, Settings};
+use crate::sockets::Sockets;
 use crate::supervisor::{ProcessSpec, StopPolicy, Supervisor};
 
 /// Bounds on the slot service's "ask again after": neither a busy loop nor a forgotten host.
@@ -142,6 +143,8 @@ pub struct AppRunner {
     /// How the last update ended, repeated in every heartbeat so that a status lost on the
     /// way still reaches the rollout.
     last_update: Option<LastUpdate>,
+    /// The listening sockets the agent holds for the app across its versions (`apps.listen`).
+    sockets: Option<Arc<Sockets>>,
 }
 
 impl AppRunner {
@@ -205,6 +208,7 @@ impl AppRunner {
             run_as,
             app_data,
             last_update: None,
+            sockets: None,
         })
     }
 
@@ -249,6 +253,12 @@ impl AppRunner {
                 package_config::FILE_NAME
             ));
         };
+        if !self.settings.listen.is_empty() && self.sockets.is_none() {
+            return Err(format!(
+                "apps.listen: the agent could not listen on {:?} when it started (see its log)",
+                self.settings.listen
+            ));
+        }
         let verify = if self.settings.verify_on_start {
             Some(Arc::new(InstalledTree::load(&self.root, version)?))
         } else {
@@ -269,6 +279,7 @@ impl AppRunner {
                 cwd: dir,
                 run_as: self.run_as,
                 verify,
+                sockets: self.sockets.clone(),
             },
             health: package
                 .health
@@ -386,6 +397,19 @@ impl AppRunner {
             self.settings.grace,
         )
         .await;
+        // Only now: an app a killed agent left running held the sockets until it was stopped.
+        if !self.settings.listen.is_empty() && self.sockets.is_none() {
+            match Sockets::bind(&self.settings.listen) {
+                Ok(sockets) => {
+                    tracing::info!(app = %self.settings.name, addrs = ?sockets.addrs(), "listening for the app");
+                    self.sockets = Some(Arc::new(sockets));
+                }
+                // Every start then fails with the reason (see `launch`).
+                Err(e) => {
+                    tracing::error!(app = %self.settings.name, error = %e, "apps.listen: cannot listen for the app")
+                }
+            }
+        }
         let recovery = self.journal.recovery();
         if self.journal.step != Step::Idle {
             tracing::warn!(app = %self.settings.name, step = ?self.journal.step, "recovering an interrupted update");
@@ -852,6 +876,7 @@ mod tests {
             user: None,
             group: None,
             verify_on_start: false,
+            listen: Vec::new(),
         };
         let settings = Settings {
             agent_id: "unit-1".into(),

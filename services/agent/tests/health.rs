@@ -57,6 +57,7 @@ async fn gate_for(script: &str, gate: HealthGate) -> Result<(), GateFailure> {
         cwd: dir.path().into(),
         run_as: None,
         verify: None,
+        sockets: None,
     };
     sup.start(spec).await;
     let result = run_gate(&gate, &mut events, dir.path(), &Default::default(), None).await;

@@ -16,6 +16,7 @@ fn script(dir: &Path, body: &str) -> ProcessSpec {
         cwd: dir.to_path_buf(),
         run_as: None,
         verify: None,
+        sockets: None,
     }
 }
 
@@ -162,6 +163,7 @@ async fn a_program_that_cannot_start_is_reported_and_retried() {
         cwd: dir.path().into(),
         run_as: None,
         verify: None,
+        sockets: None,
     };
     sup.start(spec).await;
     assert!(matches!(next(&mut events).await, Event::SpawnFailed { .. }));

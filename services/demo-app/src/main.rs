@@ -1,7 +1,8 @@
 //! The demo application the agent supervises in demos and tests. It serves `GET /version` and
-//! `GET /health`, and its own settings can make it misbehave on purpose: crash at start, fail
-//! its health check, start slowly, or take long to drain on SIGTERM. Settings come from
-//! `--config FILE` and `FLEETCAST_DEMO_APP_*` variables, like every fleetcast binary.
+//! `GET /health` (on a socket its supervisor hands over, `LISTEN_FDS`, or its own port), and
+//! its own settings can make it misbehave on purpose: crash at start, fail its health check,
+//! start slowly, or take long to drain on SIGTERM. Settings come from `--config FILE` and
+//! `FLEETCAST_DEMO_APP_*` variables, like every fleetcast binary.
 
 use std::path::PathBuf;
 use std::process::ExitCode;
@@ -12,10 +13,13 @@ use axum::http::StatusCode;
 use axum::routing::get;
 use serde::Deserialize;
 
+/// Least time a connection taken before the stop has to send its request (see `run`).
+const SETTLE: Duration = Duration::from_millis(100);
+
 #[derive(Debug, Clone, Deserialize)]
 #[serde(deny_unknown_fields, default)]
 struct Settings {
-    /// Loopback port to serve on.
+    /// Loopback port to serve on, unless a listening socket is handed over (`LISTEN_FDS`).
     port: u16,
     /// Version to report; default: the `VERSION` file in the working folder, else the build's.
     version: Option<String>,
@@ -27,7 +31,8 @@ struct Settings {
     /// Wait this long before listening (a slow start).
     #[serde(with = "humantime_serde")]
     start_delay: Duration,
-    /// On SIGTERM, keep finishing the current job this long before exiting.
+    /// On SIGTERM, stop taking connections and keep finishing the current job this long
+    /// before exiting.
     #[serde(with = "humantime_serde")]
     drain: Duration,
     /// File written once draining finished, so tests can tell a drained stop from a kill.
@@ -86,17 +91,48 @@ async fn run(
                 }
             }),
         );
-    let listener = tokio::net::TcpListener::bind(("127.0.0.1", settings.port)).await?;
-    tracing::info!(%version, port = settings.port, "demo-app serving");
+    // A socket its supervisor hands over (systemd's socket-activation protocol, as the
+    // fleetcast agent does with `apps[].listen`), else its own on `port`.
+    let listener = match listenfd::ListenFd::from_env().take_tcp_listener(0)? {
+        Some(listener) => {
+            listener.set_nonblocking(true)?;
+            tokio::net::TcpListener::from_std(listener)?
+        }
+        None => tokio::net::TcpListener::bind(("127.0.0.1", settings.port)).await?,
+    };
+    tracing::info!(%version, addr = %listener.local_addr()?, "demo-app serving");
     let drain = settings.drain;
     let marker = settings.drain_marker.clone();
-    axum::serve(listener, app)
-        .with_graceful_shutdown(async move {
-            shutdown.cancelled().await;
-            tracing::info!(?drain, "draining");
-            tokio::time::sleep(drain).await;
-        })
-        .await?;
+    let service = hyper_util::service::TowerToHyperService::new(app);
+    let connections = hyper_util::server::graceful::GracefulShutdown::new();
+    loop {
+        tokio::select! {
+            accepted = listener.accept() => {
+                let stream = match accepted {
+                    Ok((stream, _)) => stream,
+                    Err(e) => {
+                        tracing::warn!(error = %e, "accept failed");
+                        continue;
+                    }
+                };
+                let connection = hyper::server::conn::http1::Builder::new()
+                    .serve_connection(hyper_util::rt::TokioIo::new(stream), service.clone());
+                let connection = connections.watch(connection);
+                tokio::spawn(async move {
+                    let _ = connection.await;
+                });
+            }
+            () = shutdown.cancelled() => break,
+        }
+    }
+    // Drain: take no new connection (on a handed-over socket they wait in the kernel's queue
+    // for the next version), and finish the ones taken. A connection taken just before may not
+    // have sent its request yet, and hyper closes such a connection on shutdown as idle: each
+    // gets at least SETTLE to be read.
+    drop(listener);
+    tracing::info!(?drain, "draining");
+    tokio::time::sleep(drain.max(SETTLE)).await;
+    connections.shutdown().await;
     if let Some(marker) = marker {
         std::fs::write(marker, version)?;
     }

@@ -5,6 +5,8 @@
 use std::collections::BTreeMap;
 use std::io::{Read, Write};
 use std::net::TcpStream;
+use std::sync::Arc;
+use std::sync::atomic::{AtomicBool, Ordering};
 use std::time::Duration;
 
 use fleetcast_agent::health::HealthGate;
@@ -57,33 +59,30 @@ fn release(version: &str, env: &[(&str, &str)]) -> PackageBuilder {
         .file("fleetcast.toml", toml, 0o644)
 }
 
-#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
-async fn the_demo_app_is_updated_drained_and_rolled_back_by_a_real_agent() {
-    let p = Pipeline::start().await.expect("pipeline");
-    let host = tempfile::tempdir().expect("tmp");
-    let marker = host.path().join("drained");
-    let port = std::net::TcpListener::bind("127.0.0.1:0")
-        .and_then(|l| l.local_addr())
-        .expect("port")
-        .port();
-    let settings = fleetcast_agent::Settings {
+/// The agent's settings for the demo app on `port` with the host's `env` (the port added), on
+/// the host folder `host`: its health checked on `/health`, its sockets `listen`.
+fn demo_agent(
+    p: &Pipeline,
+    host: &std::path::Path,
+    port: u16,
+    env: &[(&str, String)],
+    listen: Vec<std::net::SocketAddr>,
+) -> fleetcast_agent::Settings {
+    let mut env: BTreeMap<String, String> = env
+        .iter()
+        .map(|(k, v)| (format!("FLEETCAST_DEMO_APP_{k}"), v.clone()))
+        .collect();
+    env.insert("FLEETCAST_DEMO_APP_PORT".into(), port.to_string());
+    fleetcast_agent::Settings {
         nats: p.nats_settings(),
         agent_id: "demo-host".into(),
-        data_dir: host.path().join("data"),
+        data_dir: host.join("data"),
         trusted_keys: vec![p.key.public().to_text()],
         heartbeat: Duration::from_secs(1),
         apps: vec![AppSettings {
             name: "demo".into(),
             command: vec![env!("CARGO_BIN_EXE_fleetcast-demo-app").into()],
-            // The host's settings: the port, and a job that takes a second to finish.
-            env: BTreeMap::from([
-                ("FLEETCAST_DEMO_APP_PORT".to_string(), port.to_string()),
-                ("FLEETCAST_DEMO_APP_DRAIN".to_string(), "1s".to_string()),
-                (
-                    "FLEETCAST_DEMO_APP_DRAIN_MARKER".to_string(),
-                    marker.display().to_string(),
-                ),
-            ]),
+            env,
             health: HealthGate {
                 stay_up: Duration::from_millis(300),
                 http: Some(format!("http://127.0.0.1:{port}/health")),
@@ -96,19 +95,60 @@ async fn the_demo_app_is_updated_drained_and_rolled_back_by_a_real_agent() {
             user: None,
             group: None,
             verify_on_start: false,
+            listen,
         }],
         ..Default::default()
-    };
-    let journal = host.path().join("data/apps/demo");
+    }
+}
+
+/// A real agent with `settings`, serving 1.0.0 of the demo app on `port`: its shutdown token
+/// and task.
+async fn agent_on_v1(
+    p: &Pipeline,
+    settings: fleetcast_agent::Settings,
+    port: u16,
+) -> (
+    CancellationToken,
+    tokio::task::JoinHandle<Result<(), fleetcast_agent::AgentError>>,
+) {
     let shutdown = CancellationToken::new();
     let agent = tokio::spawn({
         let shutdown = shutdown.clone();
         async move { fleetcast_agent::run(settings, shutdown).await }
     });
-
     p.release("demo", "1.0.0", &release("1.0.0", &[])).await;
     p.desire("demo", "default", "1.0.0").await;
     serving(port, "1.0.0").await;
+    (shutdown, agent)
+}
+
+/// A free loopback port.
+fn free_port() -> u16 {
+    std::net::TcpListener::bind("127.0.0.1:0")
+        .and_then(|l| l.local_addr())
+        .expect("port")
+        .port()
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn the_demo_app_is_updated_drained_and_rolled_back_by_a_real_agent() {
+    let p = Pipeline::start().await.expect("pipeline");
+    let host = tempfile::tempdir().expect("tmp");
+    let marker = host.path().join("drained");
+    let port = free_port();
+    // The host's settings: the port, and a job that takes a second to finish.
+    let settings = demo_agent(
+        &p,
+        host.path(),
+        port,
+        &[
+            ("DRAIN", "1s".into()),
+            ("DRAIN_MARKER", marker.display().to_string()),
+        ],
+        Vec::new(),
+    );
+    let journal = host.path().join("data/apps/demo");
+    let (shutdown, agent) = agent_on_v1(&p, settings, port).await;
 
     // v2: v1 finishes its job (drain marker written by v1 itself), then v2 serves.
     p.release("demo", "2.0.0", &release("2.0.0", &[])).await;
@@ -153,4 +193,109 @@ async fn the_demo_app_is_updated_drained_and_rolled_back_by_a_real_agent() {
     shutdown.cancel();
     agent.await.expect("join").expect("agent");
     assert_eq!(version_served(port), None, "the app outlived its agent");
+}
+
+/// What a steady loop of `GET /version` saw: answers per version, and requests refused or
+/// failed.
+#[derive(Debug, Default)]
+struct Load {
+    answered: BTreeMap<String, u64>,
+    failed: u64,
+}
+
+/// One request after another until `stop`; each waits up to 10 s for its answer (a request
+/// queued while no version runs is answered late, not lost).
+fn steady_load(port: u16, stop: Arc<AtomicBool>) -> std::thread::JoinHandle<Load> {
+    std::thread::spawn(move || {
+        let mut load = Load::default();
+        while !stop.load(Ordering::Relaxed) {
+            let answer = TcpStream::connect(("127.0.0.1", port))
+                .ok()
+                .and_then(|mut s| {
+                    s.set_read_timeout(Some(Duration::from_secs(10))).ok()?;
+                    write!(
+                        s,
+                        "GET /version HTTP/1.1\r\nHost: localhost\r\nConnection: close\r\n\r\n"
+                    )
+                    .ok()?;
+                    let mut response = String::new();
+                    s.read_to_string(&mut response).ok()?;
+                    let (head, body) = response.split_once("\r\n\r\n")?;
+                    head.starts_with("HTTP/1.1 200")
+                        .then(|| body.trim().to_string())
+                });
+            match answer {
+                Some(version) => *load.answered.entry(version).or_default() += 1,
+                None => load.failed += 1,
+            }
+        }
+        load
+    })
+}
+
+/// The demo app under an agent, with or without the socket hand-over (`apps.listen`), under a
+/// steady load through an update (v1 → v2) and a rollback (v3 fails its health check → v2).
+/// Each version drains for 200 ms and starts 200 ms late, so the switch has a gap to show.
+async fn update_and_roll_back_under_load(hand_over: bool) -> Load {
+    let p = Pipeline::start().await.expect("pipeline");
+    let host = tempfile::tempdir().expect("tmp");
+    let port = free_port();
+    let listen = if hand_over {
+        vec![([127, 0, 0, 1], port).into()]
+    } else {
+        Vec::new()
+    };
+    let settings = demo_agent(
+        &p,
+        host.path(),
+        port,
+        &[("DRAIN", "200ms".into()), ("START_DELAY", "200ms".into())],
+        listen,
+    );
+    let (shutdown, agent) = agent_on_v1(&p, settings, port).await;
+
+    let stop = Arc::new(AtomicBool::new(false));
+    let load = steady_load(port, stop.clone());
+    p.release("demo", "2.0.0", &release("2.0.0", &[])).await;
+    p.desire("demo", "default", "2.0.0").await;
+    serving(port, "2.0.0").await;
+    p.release(
+        "demo",
+        "3.0.0",
+        &release("3.0.0", &[("FAIL_HEALTH", "true")]),
+    )
+    .await;
+    p.desire("demo", "default", "3.0.0").await;
+    let want = v("3.0.0");
+    p.wait_status(move |s: &AgentStatus| {
+        s.state == AppState::RolledBack && s.version.as_ref() == Some(&want)
+    })
+    .await
+    .expect("v3 rolled back");
+    serving(port, "2.0.0").await;
+    stop.store(true, Ordering::Relaxed);
+    let load = tokio::task::spawn_blocking(move || load.join().expect("load thread"))
+        .await
+        .expect("join");
+    shutdown.cancel();
+    agent.await.expect("join").expect("agent");
+    load
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn with_the_socket_handed_over_no_request_is_refused_across_an_update_and_a_rollback() {
+    let load = update_and_roll_back_under_load(true).await;
+    assert_eq!(load.failed, 0, "{load:?}");
+    for version in ["1.0.0", "2.0.0", "3.0.0"] {
+        assert!(load.answered.contains_key(version), "{load:?}");
+    }
+}
+
+/// The reference for the test above, so that it can fail: each version binding the port
+/// itself, requests made between two versions are refused.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn without_the_hand_over_requests_between_two_versions_are_refused() {
+    let load = update_and_roll_back_under_load(false).await;
+    assert!(load.failed > 0, "{load:?}");
+    assert!(load.answered.contains_key("2.0.0"), "{load:?}");
 }

@@ -482,6 +482,7 @@ impl Pipeline {
                 user: None,
                 group: None,
                 verify_on_start: false,
+                listen: Vec::new(),
             }],
             ..Default::default()
         }
