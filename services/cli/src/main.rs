@@ -129,6 +129,12 @@ enum Command {
     Status,
     /// Every agent: ring, per app the running version and state, last error (tracker's view).
     Agents,
+    /// Hosts a rollout has reached that do not run its version, and why: offline, failing,
+    /// waiting (approval, a pause, a slot, the update window) or stuck.
+    Laggards {
+        /// Only this app's rollout.
+        app: Option<String>,
+    },
     /// Rollouts.
     Rollout {
         #[command(subcommand)]
@@ -467,6 +473,17 @@ async fn execute(args: Args) -> anyhow::Result<ExitCode> {
             print_agents(&reply.agents);
             Ok(ExitCode::SUCCESS)
         }
+        Command::Laggards { app } => {
+            let bus = cli::connect(&nats, Duration::from_secs(10)).await?;
+            let command = fleetcast_tracker::api::Command::Laggards { app };
+            let reply = cli::tracker(&bus, &command).await?;
+            if !reply.ok {
+                eprintln!("error: {}", reply.message);
+                return Ok(ExitCode::from(cli::exit::ERROR));
+            }
+            print_laggards(&reply.laggards);
+            Ok(ExitCode::SUCCESS)
+        }
         Command::Rollout {
             action: RolloutAction::Watch { app, version },
         } => {
@@ -667,6 +684,42 @@ fn print_agents(agents: &[fleetcast_tracker::api::AgentRow]) {
                 state
             );
         }
+    }
+}
+
+fn print_laggards(laggards: &[fleetcast_tracker::laggards::Laggard]) {
+    use fleetcast_tracker::laggards::Lag;
+    if laggards.is_empty() {
+        println!("no laggards: every host a rollout reached runs its version or is on its way");
+        return;
+    }
+    println!(
+        "{:<20} {:<16} {:<12} {:<12} {:<12} {:<9}  WHY",
+        "AGENT", "APP", "RING", "WANTED", "RUNNING", "LAG"
+    );
+    let now = time::OffsetDateTime::now_utc();
+    for l in laggards {
+        let why = match &l.lag {
+            Lag::Offline { last_seen } => {
+                format!("last seen {}", fleetcast_cli::ago(*last_seen, now))
+            }
+            Lag::Failing { reason } => reason.clone(),
+            Lag::Waiting { what } => format!("waiting for {what}"),
+            Lag::Stuck { since } => format!(
+                "{} since its ring started {}",
+                fleetcast_runtime::metrics::label_value(&l.state),
+                fleetcast_cli::ago(*since, now)
+            ),
+        };
+        println!(
+            "{:<20} {:<16} {:<12} {:<12} {:<12} {:<9}  {why}",
+            l.agent_id,
+            l.app,
+            l.ring,
+            l.version.to_string(),
+            l.running.as_ref().map_or("-".into(), ToString::to_string),
+            l.lag.kind()
+        );
     }
 }
 

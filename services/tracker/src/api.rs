@@ -45,6 +45,10 @@ pub enum Command {
         #[serde(default, skip_serializing_if = "Option::is_none")]
         ring: Option<String>,
     },
+    /// Hosts a rollout has reached that do not run its version, with why: offline, failing,
+    /// waiting (approval, a pause, a slot, the update window) or stuck.
+    #[cfg_attr(feature = "cli", command(skip))]
+    Laggards { app: Option<String> },
     /// What fleetcast did and who asked: releases and their rejections, rollouts and their
     /// outcomes, hosts that rolled back, operators' actions (oldest first).
     History(HistoryQuery),
@@ -66,7 +70,7 @@ impl Command {
     pub fn is_query(&self) -> bool {
         matches!(
             self,
-            Command::Status | Command::Show { .. } | Command::History(_)
+            Command::Status | Command::Show { .. } | Command::History(_) | Command::Laggards { .. }
         )
     }
 
@@ -81,6 +85,7 @@ impl Command {
             Command::Abort { .. } => "abort",
             Command::Rollback { .. } => "rollback",
             Command::History(_) => "history",
+            Command::Laggards { .. } => "laggards",
         }
     }
 
@@ -89,6 +94,7 @@ impl Command {
         match self {
             Command::Status => None,
             Command::History(q) => q.app.as_deref(),
+            Command::Laggards { app } => app.as_deref(),
             Command::Show { app }
             | Command::Approve { app, .. }
             | Command::Pause { app }
@@ -121,6 +127,9 @@ pub struct Reply {
     /// `History` only.
     #[serde(default)]
     pub history: Vec<HistoryEntry>,
+    /// `Laggards` only.
+    #[serde(default)]
+    pub laggards: Vec<crate::laggards::Laggard>,
 }
 
 impl Reply {
@@ -132,6 +141,7 @@ impl Reply {
             rollouts: Vec::new(),
             agents: Vec::new(),
             history: Vec::new(),
+            laggards: Vec::new(),
         }
     }
 

@@ -239,12 +239,40 @@ impl AgentView {
 }
 
 #[cfg(test)]
-mod tests {
+pub(crate) mod tests {
     use super::*;
     use fleetcast_events::v1::AppHeartbeat;
 
     fn v(s: &str) -> Version {
         Version::parse(s).expect("version")
+    }
+
+    /// A heartbeat of agent `id` of `ring` whose app `demo` runs `running` in `state`.
+    pub(crate) fn heartbeat(
+        id: &str,
+        ring: &str,
+        running: &str,
+        state: AppState,
+        at: OffsetDateTime,
+    ) -> AgentHeartbeat {
+        AgentHeartbeat {
+            agent_id: id.into(),
+            host: id.into(),
+            ring: ring.into(),
+            labels: BTreeMap::new(),
+            apps: vec![AppHeartbeat {
+                app: "demo".into(),
+                state,
+                running: Some(v(running)),
+                staged: None,
+                previous: None,
+                uptime_s: 5,
+                last_update: None,
+            }],
+            agent_version: None,
+            metadata: None,
+            at,
+        }
     }
 
     #[test]
@@ -260,27 +288,7 @@ mod tests {
             ("a6", "2.0.0"),
         ];
         for (id, version) in runs {
-            fleet.heartbeat(
-                &AgentHeartbeat {
-                    agent_id: id.into(),
-                    host: id.into(),
-                    ring: "all".into(),
-                    labels: BTreeMap::new(),
-                    apps: vec![AppHeartbeat {
-                        app: "demo".into(),
-                        state: AppState::Running,
-                        running: Some(v(version)),
-                        staged: None,
-                        previous: None,
-                        uptime_s: 5,
-                        last_update: None,
-                    }],
-                    agent_version: None,
-                    metadata: None,
-                    at: t0,
-                },
-                t0,
-            );
+            fleet.heartbeat(&heartbeat(id, "all", version, AppState::Running, t0), t0);
         }
         // Most run first, then the newest of those run as often; never the new release.
         assert_eq!(

@@ -51,6 +51,7 @@ fn routes() -> Router<Arc<Tracker>> {
         .route("/metrics", get(metrics))
         .route("/api/agents", get(agents))
         .route("/api/rollouts", get(rollouts))
+        .route("/api/laggards", get(laggards))
         .route("/api/history", get(history))
         .route("/api/apps/{app}/releases", get(app_releases))
         .merge(crate::pages::router());
@@ -84,6 +85,15 @@ async fn agents(
                 .is_none_or(|a| row.agent.apps.contains_key(a))
     });
     Json(rows)
+}
+
+async fn laggards(
+    State(tracker): State<Arc<Tracker>>,
+    Query(filter): Query<Filter>,
+) -> Json<Vec<crate::laggards::Laggard>> {
+    let mut laggards = tracker.laggards(filter.app.as_deref()).await;
+    laggards.retain(|l| filter.ring.as_ref().is_none_or(|r| l.ring == *r));
+    Json(laggards)
 }
 
 async fn rollouts(

@@ -11,6 +11,7 @@ pub mod auth;
 pub mod fleet;
 pub mod history;
 pub mod http;
+pub mod laggards;
 pub mod metrics;
 pub mod pages;
 pub mod policy;

@@ -1046,6 +1046,10 @@ impl Tracker {
                 },
                 Err(e) => Reply::failed(e),
             },
+            Command::Laggards { app } => Reply {
+                laggards: self.laggards(app.as_deref()).await,
+                ..Reply::ok(String::new())
+            },
             Command::Show { app } => {
                 let now = OffsetDateTime::now_utc();
                 let state = self.state.lock().await;
@@ -1152,6 +1156,7 @@ impl Tracker {
             Command::Status
             | Command::Show { .. }
             | Command::History(_)
+            | Command::Laggards { .. }
             | Command::Rollback { .. } => Ok(String::new()),
             Command::Approve { version, .. } => match version {
                 Some(v) if v != rollout.version => {
@@ -1277,6 +1282,27 @@ impl Tracker {
         self.webhook_deliveries.render(&mut refused);
         out.push_str(&refused.into_string());
         out
+    }
+
+    /// The laggards of every rollout, or of `app`'s (HTTP API, `fleetcast laggards`).
+    pub async fn laggards(&self, app: Option<&str>) -> Vec<crate::laggards::Laggard> {
+        let now = OffsetDateTime::now_utc();
+        let state = self.state.lock().await;
+        state
+            .rollouts
+            .values()
+            .filter(|r| app.is_none_or(|a| r.app == a))
+            .flat_map(|r| {
+                crate::laggards::laggards(
+                    r,
+                    &self.settings.policy_for(r),
+                    &state.fleet,
+                    now,
+                    self.settings.timing(),
+                    self.settings.stuck_after,
+                )
+            })
+            .collect()
     }
 
     /// Every agent, stale ones marked (HTTP API).

@@ -34,6 +34,10 @@ pub struct Settings {
     /// …and forgotten after this long.
     #[serde(with = "humantime_serde")]
     pub prune_after: Duration,
+    /// A live host that is neither failing nor waiting and still not on its ring's version
+    /// this long after the ring started is stuck (`fleetcast laggards`).
+    #[serde(with = "humantime_serde")]
+    pub stuck_after: Duration,
     /// A slot not finished within this is freed (the host died or hung).
     #[serde(with = "humantime_serde")]
     pub slot_lease: Duration,
@@ -58,6 +62,7 @@ impl Default for Settings {
             http: Default::default(),
             stale_after: Duration::from_secs(45),
             prune_after: Duration::from_secs(7 * 24 * 3600),
+            stuck_after: Duration::from_secs(900),
             slot_lease: Duration::from_secs(600),
             tick: Duration::from_secs(1),
             apps: BTreeMap::new(),

@@ -377,6 +377,15 @@ async fn the_dashboard_shows_the_fleet_rollouts_and_failures_as_a_person_sees_th
         "failed host and its reason: {dom}"
     );
     assert!(dom.contains("data-agent=\"b2\""), "agent rows: {dom}");
+    // The canary that rolled 2.0.0 back is the one laggard (broad was never reached).
+    assert!(
+        dom.contains("<tr class=\"laggard\" data-agent=\"c1\"><td>c1</td><td>shapp</td><td>canary</td><td>2.0.0</td><td>1.0.0</td><td><span class=\"lag failing\">failing</span></td>"),
+        "laggards: {dom}"
+    );
+    assert!(
+        !dom.contains("class=\"laggard\" data-agent=\"b"),
+        "laggards: {dom}"
+    );
     // Last seen and each last error as an age; the exact time in the tooltip.
     assert!(dom.contains(" ago</span>"), "ages: {dom}");
     assert!(
@@ -479,12 +488,42 @@ async fn a_stale_host_does_not_block_completion_and_converges_when_it_returns() 
         (2, 2, 1)
     );
     assert_eq!(running(&hosts, "h3"), "1.0.0");
+    // The one host behind, and why.
+    let laggards = p
+        .tracker_command(&Command::Laggards {
+            app: Some("shapp".into()),
+        })
+        .await
+        .expect("laggards")
+        .laggards;
+    assert_eq!(
+        laggards
+            .iter()
+            .map(|l| (l.agent_id.as_str(), l.lag.kind(), l.running.clone()))
+            .collect::<Vec<_>>(),
+        [("h3", "offline", Some(v("1.0.0")))],
+        "{laggards:?}"
+    );
 
     // It comes back: it reads its desired state, gets a slot and converges.
     let settings = p.agent_settings("h3", "default", &hosts.path().join("h3"));
     p.start_agent(settings);
     converged(&hosts, "h3", "2.0.0").await;
     agent_stale(&p, "h3", false).await;
+    // Once the tracker hears it runs 2.0.0, nobody lags.
+    let deadline = tokio::time::Instant::now() + TIMEOUT;
+    loop {
+        let laggards = p
+            .tracker_command(&Command::Laggards { app: None })
+            .await
+            .expect("laggards")
+            .laggards;
+        if laggards.is_empty() {
+            break;
+        }
+        assert!(tokio::time::Instant::now() < deadline, "{laggards:?}");
+        tokio::time::sleep(Duration::from_millis(100)).await;
+    }
 }
 
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
