@@ -711,6 +711,10 @@ fn print_laggards(laggards: &[fleetcast_tracker::laggards::Laggard]) {
                 fleetcast_cli::ago(*since, now)
             ),
         };
+        let why = match &l.remediation {
+            Some(done) => format!("{why}; {done}"),
+            None => why,
+        };
         println!(
             "{:<20} {:<16} {:<12} {:<12} {:<12} {:<9}  {why}",
             l.agent_id,

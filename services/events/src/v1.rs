@@ -628,10 +628,14 @@ pub enum HistoryKind {
     /// An operator's action (`action`), done or `refused`.
     #[serde(rename = "operator.action")]
     OperatorAction,
+    /// The tracker's replacement hook was called for a host offline or stuck too long (or,
+    /// in dry run, would have been); `reason` says why and how the call ended.
+    #[serde(rename = "host.replaced")]
+    HostReplaced,
 }
 
 impl HistoryKind {
-    pub const ALL: [HistoryKind; 18] = [
+    pub const ALL: [HistoryKind; 19] = [
         HistoryKind::ReleasePublished,
         HistoryKind::PackageDetected,
         HistoryKind::PackageRejected,
@@ -650,6 +654,7 @@ impl HistoryKind {
         HistoryKind::RolloutSuperseded,
         HistoryKind::HostRolledBack,
         HistoryKind::OperatorAction,
+        HistoryKind::HostReplaced,
     ];
 }
 

@@ -446,6 +446,29 @@ pub fn host_failed(rollout: &Rollout, agent: &str, reason: &str, now: OffsetDate
     (e, id)
 }
 
+/// A call of the replacement hook for `laggard` (or, in dry run, the call it would have been),
+/// and how it ended.
+pub fn host_replaced(
+    laggard: &crate::laggards::Laggard,
+    outcome: &str,
+    now: OffsetDateTime,
+) -> Pending {
+    let mut e = HistoryEntry::new(HistoryKind::HostReplaced, now);
+    e.app = Some(laggard.app.clone());
+    e.version = Some(laggard.version.clone());
+    e.ring = Some(laggard.ring.clone());
+    e.agent = Some(laggard.agent_id.clone());
+    e.actor = Some("tracker".into());
+    e.reason = Some(format!("{}: {outcome}", laggard.lag.kind()));
+    let id = format!(
+        "replace:{}:{}:{}",
+        laggard.app,
+        laggard.agent_id,
+        now.unix_timestamp_nanos()
+    );
+    (e, id)
+}
+
 #[cfg(test)]
 mod tests {
     use super::*;

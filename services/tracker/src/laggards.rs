@@ -3,6 +3,16 @@
 //! once which hosts hold a rollout back and why. Hosts on their way (downloading, switching,
 //! within `stuck_after` of their ring's start) are not laggards; hosts of rings the rollout has
 //! not reached are not either (their desired version is still the previous one).
+//!
+//! For immutable fleets a replacement hook ([`ReplaceSettings`]) is called with the identity of
+//! each host offline or stuck for longer than `after` (e.g. to terminate its instance in its
+//! auto-scaling group): at most `max_at_once` calls running, never while the host's ring has
+//! fewer than `min_healthy` healthy hosts (so a tracker cut off from the fleet, which sees
+//! every host offline, replaces nobody), once per host while it lags, each call recorded in the
+//! history. `dry_run` (the default) records what would be called and calls nothing.
+
+use std::collections::BTreeSet;
+use std::time::Duration;
 
 use serde::{Deserialize, Serialize};
 use time::OffsetDateTime;
@@ -26,6 +36,10 @@ pub struct Laggard {
     /// The app's state as its agent last said.
     pub state: AppState,
     pub lag: Lag,
+    /// What the tracker did about it (the replacement hook called, or would have been in dry
+    /// run); the history has each call and its outcome.
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub remediation: Option<String>,
 }
 
 /// Why a host lags, most telling first: a host that is offline cannot say anything else.
@@ -59,6 +73,87 @@ impl Lag {
             Lag::Stuck { .. } => "stuck",
         }
     }
+}
+
+/// The replacement hook (`[laggards.replace]` in the tracker's settings).
+#[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize)]
+#[serde(deny_unknown_fields, default)]
+pub struct ReplaceSettings {
+    /// Program and arguments, run with the host's identity in `FLEETCAST_REPLACE_AGENT`,
+    /// `_HOST`, `_RING`, `_APP`, `_VERSION` and `_LAG`; exit 0 means done. Empty: no hook.
+    pub command: Vec<String>,
+    /// How long a host must have been offline (since its last heartbeat) or stuck (since its
+    /// ring started) before it is replaced.
+    #[serde(with = "humantime_serde")]
+    pub after: Duration,
+    /// Calls running at once.
+    pub max_at_once: usize,
+    /// Healthy hosts (live, not failing, not stuck) its ring must have for a host to be
+    /// replaced.
+    pub min_healthy: usize,
+    /// Record what would be called, call nothing.
+    pub dry_run: bool,
+    /// A call still running after this is killed and counted as failed.
+    #[serde(with = "humantime_serde")]
+    pub timeout: Duration,
+}
+
+impl Default for ReplaceSettings {
+    fn default() -> Self {
+        ReplaceSettings {
+            command: Vec::new(),
+            after: Duration::from_secs(30 * 60),
+            max_at_once: 1,
+            min_healthy: 1,
+            dry_run: true,
+            timeout: Duration::from_secs(60),
+        }
+    }
+}
+
+/// The laggards to replace now, of `laggards`: offline or stuck for `after` or longer, not
+/// called for already (`called`), in rings with at least `min_healthy` healthy hosts, at most
+/// `max_at_once` minus the calls `running`.
+pub fn to_replace<'a>(
+    laggards: &'a [Laggard],
+    fleet: &Fleet,
+    now: OffsetDateTime,
+    timing: Timing,
+    settings: &ReplaceSettings,
+    called: &BTreeSet<String>,
+    running: usize,
+) -> Vec<&'a Laggard> {
+    if settings.command.is_empty() {
+        return Vec::new();
+    }
+    let healthy = |ring: &str, app: &str| {
+        fleet
+            .agents
+            .values()
+            .filter(|a| {
+                a.ring == ring && a.apps.contains_key(app) && !a.is_stale(now, timing.stale_after)
+            })
+            .filter(|a| {
+                !laggards.iter().any(|l| {
+                    l.agent_id == a.agent_id
+                        && l.app == app
+                        && matches!(l.lag, Lag::Failing { .. } | Lag::Stuck { .. })
+                })
+            })
+            .count()
+    };
+    laggards
+        .iter()
+        .filter(|l| !called.contains(&l.agent_id))
+        .filter(|l| match l.lag {
+            Lag::Offline { last_seen: since } | Lag::Stuck { since } => {
+                now - since >= settings.after
+            }
+            Lag::Failing { .. } | Lag::Waiting { .. } => false,
+        })
+        .filter(|l| healthy(&l.ring, &l.app) >= settings.min_healthy)
+        .take(settings.max_at_once.saturating_sub(running))
+        .collect()
 }
 
 /// The laggards of `rollout`, by ring in policy order, then by agent id. An aborted rollout
@@ -121,6 +216,7 @@ pub fn laggards(
                 running: app.running.clone(),
                 state: app.state,
                 lag,
+                remediation: None,
             });
         }
     }
@@ -231,5 +327,76 @@ mod tests {
         );
         rollout.phase = Phase::Aborted;
         assert!(laggards(&rollout, &policy, &fleet, later, TIMING, STUCK_AFTER).is_empty());
+    }
+
+    #[test]
+    fn replacements_wait_their_time_keep_a_healthy_ring_and_go_a_few_at_a_time() {
+        let t0 = OffsetDateTime::UNIX_EPOCH + time::Duration::days(20_000);
+        let policy: AppPolicy = toml::from_str("[[rings]]\nname = \"web\"\n").expect("policy");
+        let (mut rollout, _) = Rollout::start("demo", v("2.0.0"), &policy, t0);
+        rollout.ring_started = t0;
+        let mut fleet = fleet(
+            &[
+                ("w1", "web", "2.0.0", AppState::Running),
+                ("w2", "web", "1.0.0", AppState::Running),
+                ("w3", "web", "1.0.0", AppState::Running),
+                ("w4", "web", "1.0.0", AppState::Downloading),
+            ],
+            t0,
+        );
+        // w2 and w3 go silent at t0; w1 and w4 keep reporting; w4 never gets the version.
+        let later = t0 + time::Duration::minutes(40);
+        for id in ["w1", "w4"] {
+            if let Some(agent) = fleet.agents.get_mut(id) {
+                agent.last_seen = later;
+            }
+        }
+        let found = laggards(&rollout, &policy, &fleet, later, TIMING, STUCK_AFTER);
+        let settings = ReplaceSettings {
+            command: vec!["replace-host".into()],
+            after: Duration::from_secs(30 * 60),
+            max_at_once: 2,
+            min_healthy: 1,
+            ..Default::default()
+        };
+        let ids = |plan: Vec<&Laggard>| plan.iter().map(|l| l.agent_id.clone()).collect::<Vec<_>>();
+        let none = BTreeSet::new();
+        // Two at once, of the three; one already running leaves room for one.
+        assert_eq!(
+            ids(to_replace(
+                &found, &fleet, later, TIMING, &settings, &none, 0
+            )),
+            ["w2", "w3"]
+        );
+        assert_eq!(
+            ids(to_replace(
+                &found, &fleet, later, TIMING, &settings, &none, 1
+            )),
+            ["w2"]
+        );
+        // Once per host.
+        let called = BTreeSet::from(["w2".to_string(), "w3".to_string()]);
+        assert_eq!(
+            ids(to_replace(
+                &found, &fleet, later, TIMING, &settings, &called, 0
+            )),
+            ["w4"]
+        );
+        // Not before `after`.
+        let early = t0 + time::Duration::minutes(20);
+        let found_early = laggards(&rollout, &policy, &fleet, early, TIMING, STUCK_AFTER);
+        assert!(to_replace(&found_early, &fleet, early, TIMING, &settings, &none, 0).is_empty());
+        // Never below the ring's healthy minimum (w1 is its one healthy host), and no hook,
+        // no call.
+        let strict = ReplaceSettings {
+            min_healthy: 2,
+            ..settings.clone()
+        };
+        assert!(to_replace(&found, &fleet, later, TIMING, &strict, &none, 0).is_empty());
+        let no_hook = ReplaceSettings {
+            command: Vec::new(),
+            ..settings
+        };
+        assert!(to_replace(&found, &fleet, later, TIMING, &no_hook, &none, 0).is_empty());
     }
 }

@@ -29,6 +29,7 @@ use tokio_util::sync::CancellationToken;
 use crate::api::{AgentRow, Command, HistoryQuery, Reply, RolloutView, TimelineView};
 use crate::fleet::{AgentView, Fleet};
 use crate::history::{self, History, Pending};
+use crate::laggards::Laggard;
 use crate::releases::{self, AppReleases};
 use crate::rollout::{Effect, Phase, Rollout};
 use crate::settings::Settings;
@@ -119,6 +120,10 @@ struct State {
     /// History entries made under the lock, recorded after it (`Tracker::flush_history`);
     /// kept for the next pass while the history cannot be written.
     history: Vec<Pending>,
+    /// Hosts the replacement hook was called for (or, in dry run, would have been) while they
+    /// still lag; and the calls running.
+    replace_called: BTreeSet<String>,
+    replace_running: usize,
 }
 
 /// How many of a version's newest history entries are read for a timeline's marks (rings,
@@ -682,6 +687,7 @@ impl Tracker {
                     state.dirty_agents.insert(gone);
                 }
             }
+            self.replace_laggards(now).await;
             self.write_unwritten().await;
             self.flush_history().await;
             for (app, version, directive, effects) in todo {
@@ -697,6 +703,59 @@ impl Tracker {
             }
         }
         let _ = self.save(true).await;
+    }
+
+    /// Calls the replacement hook for the laggards [`crate::laggards::to_replace`] picks, each
+    /// on a task of its own; the calls and their outcomes go to the history.
+    async fn replace_laggards(self: &Arc<Self>, now: OffsetDateTime) {
+        let replace = &self.settings.replace;
+        if replace.command.is_empty() {
+            return;
+        }
+        let mut state = self.state.lock().await;
+        let state = &mut *state;
+        let all: Vec<Laggard> = self.laggards_of(state, None, now).collect();
+        // A host that caught up may be replaced if it lags again later.
+        state
+            .replace_called
+            .retain(|id| all.iter().any(|l| l.agent_id == *id));
+        let plan: Vec<Laggard> = crate::laggards::to_replace(
+            &all,
+            &state.fleet,
+            now,
+            self.settings.timing(),
+            replace,
+            &state.replace_called,
+            state.replace_running,
+        )
+        .into_iter()
+        .cloned()
+        .collect();
+        for laggard in plan {
+            state.replace_called.insert(laggard.agent_id.clone());
+            if replace.dry_run {
+                tracing::warn!(agent = %laggard.agent_id, app = %laggard.app, lag = laggard.lag.kind(), "would replace the host (replace.dry_run)");
+                let entry = history::host_replaced(&laggard, "dry run, nothing called", now);
+                state.history.push(entry);
+                continue;
+            }
+            let host = state
+                .fleet
+                .agents
+                .get(&laggard.agent_id)
+                .map(|a| a.host.clone())
+                .unwrap_or_default();
+            state.replace_running += 1;
+            let tracker = Arc::clone(self);
+            tokio::spawn(async move {
+                let outcome = call_replace(&tracker.settings.replace, &laggard, &host).await;
+                tracing::warn!(agent = %laggard.agent_id, app = %laggard.app, %outcome, "replacement hook called");
+                let entry = history::host_replaced(&laggard, &outcome, OffsetDateTime::now_utc());
+                let mut state = tracker.state.lock().await;
+                state.replace_running = state.replace_running.saturating_sub(1);
+                state.history.push(entry);
+            });
+        }
     }
 
     /// Records the history entries made since the last call, in order; those that cannot be
@@ -1284,15 +1343,18 @@ impl Tracker {
         out
     }
 
-    /// The laggards of every rollout, or of `app`'s (HTTP API, `fleetcast laggards`).
-    pub async fn laggards(&self, app: Option<&str>) -> Vec<crate::laggards::Laggard> {
-        let now = OffsetDateTime::now_utc();
-        let state = self.state.lock().await;
+    /// The laggards of every rollout, or of `app`'s.
+    fn laggards_of<'a>(
+        &'a self,
+        state: &'a State,
+        app: Option<&'a str>,
+        now: OffsetDateTime,
+    ) -> impl Iterator<Item = Laggard> + 'a {
         state
             .rollouts
             .values()
-            .filter(|r| app.is_none_or(|a| r.app == a))
-            .flat_map(|r| {
+            .filter(move |r| app.is_none_or(|a| r.app == a))
+            .flat_map(move |r| {
                 crate::laggards::laggards(
                     r,
                     &self.settings.policy_for(r),
@@ -1301,6 +1363,24 @@ impl Tracker {
                     self.settings.timing(),
                     self.settings.stuck_after,
                 )
+            })
+    }
+
+    /// The laggards of every rollout, or of `app`'s (HTTP API, `fleetcast laggards`).
+    pub async fn laggards(&self, app: Option<&str>) -> Vec<crate::laggards::Laggard> {
+        let now = OffsetDateTime::now_utc();
+        let state = self.state.lock().await;
+        let remediation = if self.settings.replace.dry_run {
+            "replacement: dry run, nothing called"
+        } else {
+            "replacement hook called"
+        };
+        self.laggards_of(&state, app, now)
+            .map(|mut l| {
+                if state.replace_called.contains(&l.agent_id) {
+                    l.remediation = Some(remediation.into());
+                }
+                l
             })
             .collect()
     }
@@ -1318,6 +1398,39 @@ impl Tracker {
                 stale: a.is_stale(now, self.settings.stale_after),
             })
             .collect()
+    }
+}
+
+/// Runs the replacement hook for `laggard` on `host`: how it ended, in words.
+async fn call_replace(
+    settings: &crate::laggards::ReplaceSettings,
+    laggard: &Laggard,
+    host: &str,
+) -> String {
+    let Some((program, args)) = settings.command.split_first() else {
+        return "no command".into();
+    };
+    let mut command = tokio::process::Command::new(program);
+    command
+        .args(args)
+        .env("FLEETCAST_REPLACE_AGENT", &laggard.agent_id)
+        .env("FLEETCAST_REPLACE_HOST", host)
+        .env("FLEETCAST_REPLACE_RING", &laggard.ring)
+        .env("FLEETCAST_REPLACE_APP", &laggard.app)
+        .env("FLEETCAST_REPLACE_VERSION", laggard.version.to_string())
+        .env("FLEETCAST_REPLACE_LAG", laggard.lag.kind())
+        .stdin(std::process::Stdio::null())
+        .kill_on_drop(true);
+    match tokio::time::timeout(settings.timeout, command.output()).await {
+        Err(_) => format!("failed: still running after {:?}, killed", settings.timeout),
+        Ok(Err(e)) => format!("failed: {program}: {e}"),
+        Ok(Ok(out)) if out.status.success() => "called, exit 0".into(),
+        Ok(Ok(out)) => {
+            // What it said goes to the log; the history keeps the outcome.
+            let stderr = String::from_utf8_lossy(&out.stderr);
+            tracing::warn!(agent = %laggard.agent_id, status = %out.status, stderr = %stderr.trim(), "replacement hook failed");
+            format!("failed: {}", out.status)
+        }
     }
 }
 

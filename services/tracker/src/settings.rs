@@ -38,6 +38,8 @@ pub struct Settings {
     /// this long after the ring started is stuck (`fleetcast laggards`).
     #[serde(with = "humantime_serde")]
     pub stuck_after: Duration,
+    /// The replacement hook for hosts offline or stuck too long (`[replace]`).
+    pub replace: crate::laggards::ReplaceSettings,
     /// A slot not finished within this is freed (the host died or hung).
     #[serde(with = "humantime_serde")]
     pub slot_lease: Duration,
@@ -63,6 +65,7 @@ impl Default for Settings {
             stale_after: Duration::from_secs(45),
             prune_after: Duration::from_secs(7 * 24 * 3600),
             stuck_after: Duration::from_secs(900),
+            replace: Default::default(),
             slot_lease: Duration::from_secs(600),
             tick: Duration::from_secs(1),
             apps: BTreeMap::new(),
@@ -87,6 +90,9 @@ impl Settings {
         }
         if self.prune_after < self.stale_after {
             return invalid("prune_after", "must not be shorter than stale_after");
+        }
+        if !self.replace.command.is_empty() && self.replace.timeout.is_zero() {
+            return invalid("replace.timeout", "must not be zero");
         }
         if let Err(reason) = crate::webhook::validate_all(&self.webhooks) {
             return invalid("webhooks", reason);

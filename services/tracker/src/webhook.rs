@@ -39,14 +39,15 @@ use tokio_util::sync::CancellationToken;
 use crate::service::Tracker;
 
 /// What a webhook forwards unless its `kinds` say otherwise: how rollouts start, progress and
-/// end, hosts that rolled back, releases refused.
-pub const DEFAULT_KINDS: [HistoryKind; 8] = [
+/// end, hosts that rolled back or were replaced, releases refused.
+pub const DEFAULT_KINDS: [HistoryKind; 9] = [
     HistoryKind::RolloutStarted,
     HistoryKind::RingCompleted,
     HistoryKind::RolloutHalted,
     HistoryKind::RolloutCompleted,
     HistoryKind::RolloutAborted,
     HistoryKind::HostRolledBack,
+    HistoryKind::HostReplaced,
     HistoryKind::ReleaseRejected,
     HistoryKind::PackageRejected,
 ];

@@ -428,6 +428,28 @@ async fn the_dashboard_shows_the_fleet_rollouts_and_failures_as_a_person_sees_th
     );
 }
 
+/// One ring of three hosts, `h1` to `h3`.
+fn three_hosts() -> AppPolicy {
+    AppPolicy {
+        approval: Approval::Auto,
+        rings: vec![ring("default", 3, 1)],
+    }
+}
+const THREE_AGENTS: [(&str, &str); 3] = [("h1", "default"), ("h2", "default"), ("h3", "default")];
+
+/// 1.0.0 rolls out to the three hosts; h3's host goes down and the tracker marks it stale
+/// (stale_after is 5 s in the tests); 2.0.0 rolls out without it. The completed rollout.
+async fn h3_left_behind(p: &mut Pipeline) -> fleetcast_tracker::api::RolloutView {
+    p.release("shapp", "1.0.0", &script_app("1.0.0", true))
+        .await;
+    rollout_phase(p, Phase::Completed).await;
+    p.stop("agent-h3").await;
+    agent_stale(p, "h3", true).await;
+    p.release("shapp", "2.0.0", &script_app("2.0.0", true))
+        .await;
+    rollout_phase(p, Phase::Completed).await
+}
+
 /// Waits until the tracker sees agent `id` as stale (`true`) or live (`false`).
 async fn agent_stale(p: &Pipeline, id: &str, stale: bool) {
     let deadline = tokio::time::Instant::now() + TIMEOUT;
@@ -462,22 +484,8 @@ async fn converged(hosts: &tempfile::TempDir, id: &str, version: &str) {
 
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn a_stale_host_does_not_block_completion_and_converges_when_it_returns() {
-    let policy = AppPolicy {
-        approval: Approval::Auto,
-        rings: vec![ring("default", 3, 1)],
-    };
-    let agents = [("h1", "default"), ("h2", "default"), ("h3", "default")];
-    let (mut p, hosts) = fleet(policy, &agents).await;
-    p.release("shapp", "1.0.0", &script_app("1.0.0", true))
-        .await;
-    rollout_phase(&p, Phase::Completed).await;
-
-    // h3's host goes down; the tracker marks it stale (stale_after is 5 s in the tests).
-    p.stop("agent-h3").await;
-    agent_stale(&p, "h3", true).await;
-    p.release("shapp", "2.0.0", &script_app("2.0.0", true))
-        .await;
-    let done = rollout_phase(&p, Phase::Completed).await;
+    let (mut p, hosts) = fleet(three_hosts(), &THREE_AGENTS).await;
+    let done = h3_left_behind(&mut p).await;
     assert_eq!(done.rollout.version, v("2.0.0"));
     assert_eq!(
         (
@@ -777,4 +785,94 @@ async fn the_dashboard_says_when_the_tracker_is_cut_off_from_nats() {
         dom.contains("nothing was seen live yet") || dom.contains("what you see is as of"),
         "{dom}"
     );
+}
+
+/// A host offline past `replace.after` in a ring that still has healthy hosts: the replacement
+/// hook is called for it once, with its identity, and the call is in the history; in dry run,
+/// only the history says what would have been called.
+async fn an_offline_laggard_is_replaced(dry_run: bool) {
+    let mut p = Pipeline::start().await.expect("pipeline");
+    let calls = tempfile::tempdir().expect("tmp");
+    let log = calls.path().join("replaced");
+    let mut settings = p.tracker_settings();
+    settings.replace = fleetcast_tracker::laggards::ReplaceSettings {
+        command: vec![
+            "/bin/sh".into(),
+            "-c".into(),
+            format!(
+                "echo \"$FLEETCAST_REPLACE_AGENT $FLEETCAST_REPLACE_RING $FLEETCAST_REPLACE_LAG\" >> {}",
+                log.display()
+            ),
+        ],
+        after: Duration::from_secs(1),
+        dry_run,
+        ..Default::default()
+    };
+    let (_hosts, _) = fleet_in(&mut p, settings, three_hosts(), &THREE_AGENTS).await;
+    h3_left_behind(&mut p).await;
+
+    let query = fleetcast_tracker::history::HistoryQuery {
+        app: Some("shapp".into()),
+        kind: Some(fleetcast_events::v1::HistoryKind::HostReplaced),
+        version: None,
+        actor: None,
+        limit: None,
+    };
+    let deadline = tokio::time::Instant::now() + TIMEOUT;
+    let entry = loop {
+        let history = p
+            .tracker_command(&Command::History(query.clone()))
+            .await
+            .expect("history")
+            .history;
+        if let Some(entry) = history.first() {
+            break entry.clone();
+        }
+        assert!(tokio::time::Instant::now() < deadline, "never replaced");
+        tokio::time::sleep(Duration::from_millis(200)).await;
+    };
+    assert_eq!(entry.agent.as_deref(), Some("h3"));
+    let reason = entry.reason.unwrap_or_default();
+    // A few more ticks: still called once.
+    tokio::time::sleep(Duration::from_secs(2)).await;
+    let history = p
+        .tracker_command(&Command::History(query))
+        .await
+        .expect("history")
+        .history;
+    assert_eq!(history.len(), 1, "{history:?}");
+    // The laggard says what was done about it.
+    let laggards = p
+        .tracker_command(&Command::Laggards { app: None })
+        .await
+        .expect("laggards")
+        .laggards;
+    assert_eq!(laggards.len(), 1, "{laggards:?}");
+    assert!(
+        laggards[0]
+            .remediation
+            .as_deref()
+            .is_some_and(|r| r.starts_with("replacement")),
+        "{laggards:?}"
+    );
+    if dry_run {
+        assert_eq!(reason, "offline: dry run, nothing called");
+        assert!(!log.exists(), "a dry run called the hook");
+    } else {
+        assert_eq!(reason, "offline: called, exit 0");
+        assert_eq!(
+            std::fs::read_to_string(&log).expect("the hook ran"),
+            "h3 default offline\n"
+        );
+    }
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn an_offline_laggard_is_replaced_once_by_the_hook() {
+    an_offline_laggard_is_replaced(false).await;
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_dry_run_of_the_replacement_hook_calls_nothing() {
+    an_offline_laggard_is_replaced(true).await;
 }
