@@ -144,38 +144,30 @@ async fn apply_one(
         fleetcast_package::patch::apply(&base_file, &bytes, size, &mut file).map(|h| (h, file))
     })
     .await;
-    let failed = |path: &Path, failure: Failed| {
-        // Nothing half made is left for the chunks' assembly to trust.
-        let _ = std::fs::remove_file(path);
-        failure
-    };
-    let (hash, file) = match made {
-        Ok(Ok(made)) => made,
-        Ok(Err(PatchError::Write(source))) => {
-            return Err(failed(
-                &path,
-                Failed::Write(AssembleError::Io {
-                    path: path.clone(),
-                    source,
-                }),
-            ));
-        }
-        Ok(Err(e)) => return Err(failed(&path, refuse(e.to_string()))),
-        Err(e) => return Err(failed(&path, refuse(format!("patch task failed: {e}")))),
-    };
-    if hash.to_hex().as_str() != entry.blake3 {
-        return Err(failed(
-            &path,
-            refuse("the patched file does not match the signed manifest".into()),
-        ));
-    }
-    let mode = std::fs::Permissions::from_mode(crate::isolation::installed_mode(entry.mode));
-    file.set_permissions(mode).map_err(|source| {
+    let write_failed = |source| {
         Failed::Write(AssembleError::Io {
             path: path.clone(),
             source,
         })
-    })?;
+    };
+    let failed = |failure: Failed| {
+        // Nothing half made is left for the chunks' assembly to trust.
+        let _ = std::fs::remove_file(&path);
+        failure
+    };
+    let (hash, file) = match made {
+        Ok(Ok(made)) => made,
+        Ok(Err(PatchError::Write(source))) => return Err(failed(write_failed(source))),
+        Ok(Err(e)) => return Err(failed(refuse(e.to_string()))),
+        Err(e) => return Err(failed(refuse(format!("patch task failed: {e}")))),
+    };
+    if hash.to_hex().as_str() != entry.blake3 {
+        return Err(failed(refuse(
+            "the patched file does not match the signed manifest".into(),
+        )));
+    }
+    let mode = std::fs::Permissions::from_mode(crate::isolation::installed_mode(entry.mode));
+    file.set_permissions(mode).map_err(write_failed)?;
     Ok(wire)
 }
 

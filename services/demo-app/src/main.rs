@@ -6,7 +6,6 @@
 
 use std::path::PathBuf;
 use std::process::ExitCode;
-use std::sync::atomic::Ordering;
 use std::time::Duration;
 
 use axum::Router;
@@ -107,8 +106,6 @@ async fn run(
     let marker = settings.drain_marker.clone();
     let service = hyper_util::service::TowerToHyperService::new(app);
     let connections = hyper_util::server::graceful::GracefulShutdown::new();
-    // Connections open now: a stop with none open waits for nothing.
-    let open = std::sync::Arc::new(std::sync::atomic::AtomicUsize::new(0));
     loop {
         tokio::select! {
             accepted = listener.accept() => {
@@ -122,11 +119,8 @@ async fn run(
                 let connection = hyper::server::conn::http1::Builder::new()
                     .serve_connection(hyper_util::rt::TokioIo::new(stream), service.clone());
                 let connection = connections.watch(connection);
-                let open = open.clone();
-                open.fetch_add(1, Ordering::AcqRel);
                 tokio::spawn(async move {
                     let _ = connection.await;
-                    open.fetch_sub(1, Ordering::AcqRel);
                 });
             }
             () = shutdown.cancelled() => break,
@@ -135,12 +129,13 @@ async fn run(
     // Drain: take no new connection (on a handed-over socket they wait in the kernel's queue
     // for the next version), and finish the ones taken. A connection taken just before may not
     // have sent its request yet, and hyper closes such a connection on shutdown as idle: the
-    // open ones get up to SETTLE to be served first.
+    // open ones (those it still watches) get up to SETTLE to be served first; a stop with
+    // none open waits for nothing.
     drop(listener);
     tracing::info!(?drain, "draining");
     tokio::time::sleep(drain).await;
     let settled = tokio::time::Instant::now() + SETTLE;
-    while open.load(Ordering::Acquire) > 0 && tokio::time::Instant::now() < settled {
+    while connections.count() > 0 && tokio::time::Instant::now() < settled {
         tokio::time::sleep(Duration::from_millis(2)).await;
     }
     connections.shutdown().await;

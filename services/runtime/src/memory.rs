@@ -80,7 +80,8 @@ pub fn limit_arenas(_per_core: usize) {}
 /// freed (up to 32 MiB), so after one large release the next one's big lists come from the heap,
 /// where they stay after they are freed, between blocks still in use. Measured with
 /// `ops/bench many` (two 200,000-file releases): the distributor held 24 MiB after the first
-/// release instead of 48–50, and its peak over both was 204 MiB instead of 233–268 (once 609).
+/// release instead of 48–50, and its peak over both was 188–204 MiB in 4 runs of 5 instead of
+/// 233–268 (one run still reached 394, unexplained; 609 once before).
 /// Called first thing in `main`, before any thread starts.
 #[cfg(all(target_os = "linux", target_env = "gnu"))]
 #[expect(

@@ -11,7 +11,7 @@
 //! every host offline, replaces nobody), once per host while it lags, each call recorded in the
 //! history. `dry_run` (the default) records what would be called and calls nothing.
 
-use std::collections::BTreeSet;
+use std::collections::{BTreeMap, BTreeSet};
 use std::time::Duration;
 
 use serde::{Deserialize, Serialize};
@@ -126,22 +126,26 @@ pub fn to_replace<'a>(
     if settings.command.is_empty() {
         return Vec::new();
     }
-    let healthy = |ring: &str, app: &str| {
-        fleet
-            .agents
-            .values()
-            .filter(|a| {
-                a.ring == ring && a.apps.contains_key(app) && !a.is_stale(now, timing.stale_after)
-            })
-            .filter(|a| {
-                !laggards.iter().any(|l| {
-                    l.agent_id == a.agent_id
-                        && l.app == app
-                        && matches!(l.lag, Lag::Failing { .. } | Lag::Stuck { .. })
-                })
-            })
-            .count()
-    };
+    // Healthy hosts per (ring, app), counted once: live, and neither failing nor stuck.
+    let unhealthy: BTreeSet<(&str, &str)> = laggards
+        .iter()
+        .filter(|l| matches!(l.lag, Lag::Failing { .. } | Lag::Stuck { .. }))
+        .map(|l| (l.agent_id.as_str(), l.app.as_str()))
+        .collect();
+    let mut healthy: BTreeMap<(&str, &str), usize> = BTreeMap::new();
+    for agent in fleet
+        .agents
+        .values()
+        .filter(|a| !a.is_stale(now, timing.stale_after))
+    {
+        for app in agent.apps.keys() {
+            if !unhealthy.contains(&(agent.agent_id.as_str(), app.as_str())) {
+                *healthy
+                    .entry((agent.ring.as_str(), app.as_str()))
+                    .or_default() += 1;
+            }
+        }
+    }
     laggards
         .iter()
         .filter(|l| !called.contains(&l.agent_id))
@@ -151,7 +155,10 @@ pub fn to_replace<'a>(
             }
             Lag::Failing { .. } | Lag::Waiting { .. } => false,
         })
-        .filter(|l| healthy(&l.ring, &l.app) >= settings.min_healthy)
+        .filter(|l| {
+            let ring = (l.ring.as_str(), l.app.as_str());
+            healthy.get(&ring).copied().unwrap_or(0) >= settings.min_healthy
+        })
         .take(settings.max_at_once.saturating_sub(running))
         .collect()
 }
