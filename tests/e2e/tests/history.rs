@@ -170,6 +170,12 @@ async fn every_step_and_action_is_recorded_once_with_who_did_it() {
     // 1.1.0 fails its health check: h1 goes back by itself and the rollout halts.
     p.release("shapp", "1.1.0", &script_app("1.1.0", false))
         .await;
+    // The test sees the release stored when the tracker does, not after it: approve only
+    // once the tracker has started the rollout.
+    wait_for(&job, "rollout.started of 1.1.0", |e| {
+        e.kind == HistoryKind::RolloutStarted && e.version == Some(v("1.1.0"))
+    })
+    .await;
     let reply = fleetcast_cli::tracker(
         &alice,
         &Command::Approve {
