@@ -169,6 +169,7 @@ pub async fn run_command(
         .stderr(Stdio::piped())
         .process_group(0)
         .kill_on_drop(true);
+    crate::launched::not_inherited(&mut builder);
     if let Some(run_as) = run_as {
         run_as.apply(&mut builder);
     }

@@ -14,6 +14,7 @@ pub mod health;
 pub mod install;
 pub mod isolation;
 pub mod journal;
+pub mod launched;
 mod metrics;
 pub mod output;
 mod patching;
@@ -62,6 +63,26 @@ pub async fn run(settings: Settings, shutdown: CancellationToken) -> Result<(), 
         isolation::check_capabilities().map_err(AgentError::Isolation)?;
     }
     let trust = std::sync::Arc::new(settings.trust()?);
+    let launcher = launched::init();
+    if let Some(launcher) = launcher {
+        tracing::info!(root = %launcher.root().display(), release = ?launcher.release(), trial = launcher.is_trial(), "started by fleetcast-launcher: the apps outlive this process and the next agent adopts them");
+        launched::on_exit_request(shutdown.clone());
+        // The launcher's "detach": exit and leave the apps running (a launcher restarted
+        // while this agent ran, or a trial that did not qualify in time).
+        match tokio::signal::unix::signal(tokio::signal::unix::SignalKind::user_defined2()) {
+            Ok(mut detach) => {
+                tokio::spawn(async move {
+                    if detach.recv().await.is_some() {
+                        tracing::warn!(
+                            "the launcher asks this agent to exit and leave the apps running"
+                        );
+                        launched::request_exit(launched::Exit::Detach);
+                    }
+                });
+            }
+            Err(e) => tracing::warn!(error = %e, "cannot handle SIGUSR2 (detach)"),
+        }
+    }
     // Opt-in: nothing of it exists (no task, no listener) unless `metrics_listen` is set.
     let mut observed = None;
     if let Some(addr) = settings.metrics_listen {
@@ -96,7 +117,18 @@ pub async fn run(settings: Settings, shutdown: CancellationToken) -> Result<(), 
     let host = std::sync::Arc::new(settings.clone());
     let mut tasks = Vec::new();
     let mut beats = Vec::new();
-    for app in &settings.apps {
+    let mut apps = settings.apps.clone();
+    // The agent's own releases, followed like an app's (only under the launcher, which runs
+    // the new agent on trial and goes back if it fails).
+    if launcher.is_some() && settings.self_update.enabled {
+        apps.push(settings::AppSettings::for_agent());
+    }
+    // A trial agent qualifies with its first heartbeat after it read its desired state, then
+    // becomes current after the soak (the agent's own app commits it).
+    let (soaked_tx, soaked_rx) = tokio::sync::oneshot::channel::<()>();
+    let mut soaked_tx = launcher.filter(|l| l.is_trial()).map(|_| soaked_tx);
+    let mut soaked_rx = Some(soaked_rx);
+    for app in &apps {
         // An app whose state cannot be read (both journal slots torn, its folder unusable) is
         // isolated: reported failed, neither supervised nor updated until it can be read again,
         // while every other app on the host goes on.
@@ -111,12 +143,16 @@ pub async fn run(settings: Settings, shutdown: CancellationToken) -> Result<(), 
         }
         beats.push(rx);
         let recheck = spread(&settings.agent_id, &app.name, settings.recheck);
-        let (app, host, trust, bus, ring, shutdown) = (
+        let soaked = if *app == settings::AppSettings::for_agent() {
+            soaked_rx.take()
+        } else {
+            None
+        };
+        let (app, host, trust, bus, shutdown) = (
             app.clone(),
             host.clone(),
             trust.clone(),
             bus.clone(),
-            settings.ring.clone(),
             shutdown.clone(),
         );
         tasks.push(tokio::spawn(async move {
@@ -133,7 +169,7 @@ pub async fn run(settings: Settings, shutdown: CancellationToken) -> Result<(), 
                 }
             };
             let _ = tx.send(runner.snapshot());
-            app_loop(runner, bus, ring, recheck, roots, tx, shutdown).await;
+            app_loop(runner, bus, recheck, roots, tx, soaked, shutdown).await;
         }));
     }
     tasks.push(tokio::spawn(
@@ -186,13 +222,20 @@ pub async fn run(settings: Settings, shutdown: CancellationToken) -> Result<(), 
                         .iter()
                         .map(|b| b.borrow().beat_at(tokio::time::Instant::now()))
                         .collect(),
-                    agent_version: Some(env!("CARGO_PKG_VERSION").into()),
+                    agent_version: Some(launched::agent_version()),
                     metadata: Some(metadata),
                     at: OffsetDateTime::now_utc(),
                 };
                 let subject = agent_heartbeat_subject(&settings.agent_id, &settings.ring);
-                if let Err(e) = bus.report_event(&subject, &beat, Encoding::MsgPack).await {
-                    tracing::debug!(error = %e, "heartbeat not published");
+                match bus.report_event(&subject, &beat, Encoding::MsgPack).await {
+                    Err(e) => tracing::debug!(error = %e, "heartbeat not published"),
+                    Ok(()) => {
+                        if launched::desired_was_read()
+                            && let (Some(tx), Some(launcher)) = (soaked_tx.take(), launcher)
+                        {
+                            qualified(launcher, tx, settings.self_update.soak);
+                        }
+                    }
                 }
             }
         }
@@ -201,6 +244,28 @@ pub async fn run(settings: Settings, shutdown: CancellationToken) -> Result<(), 
         let _ = task.await;
     }
     Ok(())
+}
+
+/// This trial agent has qualified: the launcher is told, and the soak begins.
+fn qualified(
+    launcher: &launched::Launcher,
+    soaked: tokio::sync::oneshot::Sender<()>,
+    soak: Duration,
+) {
+    match launcher.qualified() {
+        Ok(()) => {
+            tracing::info!(
+                ?soak,
+                "qualified: connected, state loaded, desired state read, heartbeat published; soaking"
+            );
+            tokio::spawn(async move {
+                tokio::time::sleep(soak).await;
+                let _ = soaked.send(());
+            });
+        }
+        // The launcher's deadline then sends this agent back.
+        Err(e) => tracing::error!(error = %e, "cannot tell the launcher this agent qualified"),
+    }
 }
 
 /// An app that could not be set up (its journal unreadable: a crash tears one slot at most, so
@@ -311,13 +376,14 @@ impl Reads {
 async fn app_loop(
     mut runner: AppRunner,
     bus: AgentBus,
-    ring: String,
     mut ticker: tokio::time::Interval,
     mut roots: watch::Receiver<u64>,
     beat: watch::Sender<updater::Snapshot>,
+    mut soaked: Option<tokio::sync::oneshot::Receiver<()>>,
     shutdown: CancellationToken,
 ) {
     let app = runner.settings.name.clone();
+    let ring = runner.ring().to_string();
     // What the app does between updates (a start refused, a start that works again) is
     // reported; what it does during one, the update itself reports, so each update starts a
     // fresh subscription.
@@ -436,6 +502,15 @@ async fn app_loop(
                         let _ = beat.send(runner.snapshot());
                         None
                     }
+                    // The trial of this agent ran its soak: it becomes current.
+                    result = async { match soaked.as_mut() { Some(rx) => rx.await, None => std::future::pending().await } }, if soaked.is_some() => {
+                        soaked = None;
+                        if result.is_ok() {
+                            runner.commit_trial().await;
+                            let _ = beat.send(runner.snapshot());
+                        }
+                        None
+                    }
                     // A new root may accept what the old one refused.
                     Ok(()) = roots.changed() => stored(&bus).await,
                     _ = async { tokio::time::sleep_until(retry_at.unwrap_or_else(tokio::time::Instant::now)).await }, if retry_at.is_some() => {
@@ -449,7 +524,11 @@ async fn app_loop(
                     }
                 }
             };
-            if read_failed.swap(false, std::sync::atomic::Ordering::Relaxed) {
+            let failed = read_failed.swap(false, std::sync::atomic::Ordering::Relaxed);
+            if !failed && runner.is_self() {
+                launched::desired_read();
+            }
+            if failed {
                 let soon = tokio::time::Instant::now() + Duration::from_secs(1);
                 retry_at = Some(retry_at.map_or(soon, |at| at.min(soon)));
             }
@@ -503,7 +582,11 @@ async fn app_loop(
             let _ = beat.send(runner.snapshot());
         }
     }
-    runner.stop().await;
+    if launched::detaching() {
+        runner.detach().await;
+    } else {
+        runner.stop().await;
+    }
 }
 
 #[cfg(test)]

@@ -6,10 +6,17 @@ fn main() -> std::process::ExitCode {
         eprintln!("fleetcast-agent: cannot drop the capabilities its children would inherit: {e}");
         return std::process::ExitCode::FAILURE;
     }
-    fleetcast_runtime::service::service_main(
+    let code = fleetcast_runtime::service::service_main(
         SERVICE,
         Settings::LIST_KEYS,
         fleetcast_runtime::service::Threads::One,
         run,
-    )
+    );
+    // Handing over to a new agent: the launcher runs it on trial next.
+    match fleetcast_agent::launched::exit() {
+        fleetcast_agent::launched::Exit::RunTrial => {
+            std::process::ExitCode::from(fleetcast_agent::launched::EXIT_RUN_TRIAL)
+        }
+        _ => code,
+    }
 }

@@ -66,6 +66,44 @@ pub struct Settings {
     /// …over HTTPS with this certificate and key (PEM).
     pub metrics_tls: Option<fleetcast_runtime::https::HttpsSettings>,
     pub apps: Vec<AppSettings>,
+    /// The agent's own updates (only under `fleetcast-launcher`; see docs/self-update.md).
+    pub self_update: SelfUpdate,
+}
+
+/// How the agent takes a release of itself (the reserved app [`SelfUpdate::app`]).
+#[derive(Debug, Clone, Deserialize, PartialEq)]
+#[serde(deny_unknown_fields, default)]
+pub struct SelfUpdate {
+    /// Off: releases of the agent are not followed (it is updated by hand).
+    pub enabled: bool,
+    /// A new agent must have loaded its state, connected, read its desired state and published
+    /// a heartbeat within this long of its start, or the launcher goes back to this one.
+    #[serde(with = "humantime_serde")]
+    pub qualify: Duration,
+    /// …and then run this long without exiting before it becomes current.
+    #[serde(with = "humantime_serde")]
+    pub soak: Duration,
+}
+
+impl Default for SelfUpdate {
+    fn default() -> Self {
+        SelfUpdate {
+            enabled: true,
+            qualify: Duration::from_secs(60),
+            soak: Duration::from_secs(30),
+        }
+    }
+}
+
+impl SelfUpdate {
+    /// The app the agent's releases are published as, one per platform (the binary in a
+    /// release runs on one): `fleetcast-agent-linux-x86_64`, `fleetcast-agent-linux-aarch64`.
+    pub fn app() -> String {
+        fleetcast_events::names::agent_app(std::env::consts::OS, std::env::consts::ARCH)
+    }
+
+    /// Where a release of the agent holds its binary.
+    pub const BINARY: &'static str = "bin/fleetcast-agent";
 }
 
 #[derive(Debug, Clone, Deserialize, PartialEq)]
@@ -106,6 +144,25 @@ pub struct AppSettings {
     pub listen: Vec<std::net::SocketAddr>,
 }
 
+impl AppSettings {
+    /// The agent's own releases as an app ([`SelfUpdate::app`]): nothing to start or check,
+    /// the launcher runs it.
+    pub fn for_agent() -> AppSettings {
+        AppSettings {
+            name: SelfUpdate::app(),
+            command: vec![SelfUpdate::BINARY.into()],
+            env: BTreeMap::new(),
+            health: HealthGate::default(),
+            crash: CrashPolicy::default(),
+            grace: default_grace(),
+            user: None,
+            group: None,
+            verify_on_start: false,
+            listen: Vec::new(),
+        }
+    }
+}
+
 fn default_grace() -> Duration {
     Duration::from_secs(10)
 }
@@ -135,6 +192,7 @@ impl Default for Settings {
             metrics_listen: None,
             metrics_tls: None,
             apps: Vec::new(),
+            self_update: SelfUpdate::default(),
         }
     }
 }
@@ -180,10 +238,27 @@ impl Settings {
         if self.fetch_delay > Duration::from_secs(60) {
             return invalid("fetch_delay", "must be at most 60s");
         }
+        if self.self_update.qualify.is_zero()
+            || self.self_update.qualify > Duration::from_secs(3600)
+        {
+            return invalid("self_update.qualify", "must be between 1s and 1h");
+        }
+        if self.self_update.soak > Duration::from_secs(24 * 3600) {
+            return invalid("self_update.soak", "must be at most 24h");
+        }
         self.windows()?;
         for app in &self.apps {
             if let Err(reason) = fleetcast_events::names::validate_app_name(&app.name) {
                 return invalid("apps.name", reason);
+            }
+            if fleetcast_events::names::is_agent_app(&app.name) {
+                return invalid(
+                    "apps.name",
+                    format!(
+                        "{} is reserved for the agent's own releases (see self_update)",
+                        app.name
+                    ),
+                );
             }
             // Looked up here, so an unknown user stops the agent before it connects.
             match &app.user {

@@ -76,6 +76,44 @@ impl Sockets {
         })
     }
 
+    /// Sockets a previous agent bound for the same addresses, kept by the launcher: each must
+    /// be a TCP socket bound to its configured address (any port where it says 0), or none is
+    /// taken (the caller binds anew).
+    pub fn from_held(addrs: &[SocketAddr], held: Vec<OwnedFd>) -> std::io::Result<Sockets> {
+        if held.len() != addrs.len() {
+            return Err(std::io::Error::other(format!(
+                "{} of {} sockets kept",
+                held.len(),
+                addrs.len()
+            )));
+        }
+        let mut sockets = Vec::with_capacity(addrs.len());
+        let mut bound = Vec::with_capacity(addrs.len());
+        for (addr, fd) in addrs.iter().zip(held) {
+            let socket = Socket::from(fd);
+            let local = socket.local_addr()?.as_socket().ok_or_else(|| {
+                std::io::Error::other(format!("the socket kept for {addr} is not a TCP socket"))
+            })?;
+            let same = local.ip() == addr.ip() && (addr.port() == 0 || addr.port() == local.port());
+            if !same || socket.r#type()? != Type::STREAM {
+                return Err(std::io::Error::other(format!(
+                    "the socket kept for {addr} listens on {local}"
+                )));
+            }
+            bound.push(local);
+            sockets.push(socket);
+        }
+        Ok(Sockets {
+            addrs: bound,
+            sockets,
+        })
+    }
+
+    /// Each socket, in the order of the addresses (to keep them in the launcher).
+    pub fn fds(&self) -> impl Iterator<Item = std::os::fd::BorrowedFd<'_>> {
+        self.sockets.iter().map(AsFd::as_fd)
+    }
+
     /// The addresses listened on (with the ports chosen for port 0).
     pub fn addrs(&self) -> &[SocketAddr] {
         &self.addrs

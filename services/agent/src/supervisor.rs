@@ -5,8 +5,15 @@
 //!
 //! A supervisor is a task owned through a [`Supervisor`] handle; what happens to the process is
 //! published as [`Event`]s (the agent turns them into status events).
+//!
+//! Under `fleetcast-launcher` an app outlives the agent process that started it: the launcher
+//! keeps its output pipes, and the next agent [adopts](Supervisor::adopt) the running process
+//! (found by its pid file: pid, start time, version folder) instead of starting it again. An
+//! adopted process is not the agent's child: its exit is seen through a pidfd and its status
+//! is what the launcher, its reaper, recorded.
 
 use std::collections::BTreeMap;
+use std::os::fd::{AsFd, OwnedFd};
 use std::path::{Path, PathBuf};
 use std::process::Stdio;
 use std::time::Duration;
@@ -104,7 +111,19 @@ pub enum StopOutcome {
 
 enum Command_ {
     Start(ProcessSpec),
+    Adopt(Adoption, ProcessSpec),
     Stop(oneshot::Sender<StopOutcome>),
+    /// End supervision and leave the process running (for the next agent to adopt).
+    Detach(oneshot::Sender<()>),
+}
+
+/// A running app process a previous agent started, to supervise as if this one had: its pid
+/// (and process group) and the read ends of its output pipes, kept by the launcher.
+#[derive(Debug)]
+pub struct Adoption {
+    pub pid: u32,
+    pub stdout: OwnedFd,
+    pub stderr: OwnedFd,
 }
 
 /// Handle to a supervisor task. Dropping it stops the app (gracefully) and ends the task.
@@ -150,6 +169,21 @@ impl Supervisor {
         let _ = self.commands.send(Command_::Start(spec)).await;
     }
 
+    /// Supervises `adoption` (running `spec`) as if it had been started here. Only when
+    /// nothing runs: otherwise the command is ignored.
+    pub async fn adopt(&self, adoption: Adoption, spec: ProcessSpec) {
+        let _ = self.commands.send(Command_::Adopt(adoption, spec)).await;
+    }
+
+    /// Ends supervision without stopping the app: it keeps running for the next agent to
+    /// adopt. Returns once the task has let go of it.
+    pub async fn detach(&self) {
+        let (reply, done) = oneshot::channel();
+        if self.commands.send(Command_::Detach(reply)).await.is_ok() {
+            let _ = done.await;
+        }
+    }
+
     /// Stops the app: drain signal, grace period, then kill. Returns once it is gone.
     pub async fn stop(&self) -> StopOutcome {
         let (reply, answer) = oneshot::channel();
@@ -163,10 +197,13 @@ impl Supervisor {
 enum State {
     Idle,
     Running {
-        child: Child,
+        process: Process,
         pid: u32,
         started: Instant,
         spec: ProcessSpec,
+        /// The read ends of its output pipes, by the names the launcher keeps them under:
+        /// given to it again when the agent detaches (a launcher started since has none).
+        kept: Vec<(String, OwnedFd)>,
     },
     Waiting {
         until: Instant,
@@ -183,13 +220,65 @@ struct Task {
     pid_file: Option<PathBuf>,
 }
 
+/// The app's process: a child of this agent, or adopted from a previous one.
+enum Process {
+    Child(Box<Child>),
+    Adopted(tokio::io::unix::AsyncFd<OwnedFd>),
+}
+
+impl Process {
+    /// Waits for the process to exit: `(code, signal)`, both `None` when it is not known.
+    async fn wait(&mut self, pid: u32) -> (Option<i32>, Option<i32>) {
+        match self {
+            Process::Child(child) => match child.wait().await {
+                Ok(s) => (s.code(), std::os::unix::process::ExitStatusExt::signal(&s)),
+                Err(_) => (None, None),
+            },
+            Process::Adopted(pidfd) => {
+                // Readable once the process has exited.
+                let _ = pidfd.readable().await;
+                // Its reaper is the launcher, which records the status on its next round.
+                for _ in 0..20 {
+                    if let Some(status) = crate::launched::exit_status(pid) {
+                        return status;
+                    }
+                    tokio::time::sleep(Duration::from_millis(50)).await;
+                }
+                (None, None)
+            }
+        }
+    }
+}
+
+/// A pidfd for `pid` (Linux 5.3): it becomes readable when the process exits, whoever its
+/// parent is, and unlike a pid it cannot come to name another process.
+fn pidfd_open(pid: u32) -> std::io::Result<OwnedFd> {
+    let pid = i32::try_from(pid)
+        .ok()
+        .and_then(rustix::process::Pid::from_raw)
+        .ok_or_else(|| std::io::Error::other(format!("{pid} is not a pid")))?;
+    Ok(rustix::process::pidfd_open(
+        pid,
+        rustix::process::PidfdFlags::empty(),
+    )?)
+}
+
+/// Waits for readiness of a pidfd. `AsyncFd::new` is deprecated because it is unsound for a
+/// descriptor the `AsyncFd` does not own (it could be closed while registered); this one owns
+/// its `OwnedFd`, which is closed only when the `AsyncFd` is dropped.
+#[allow(deprecated)]
+fn watch_pidfd(fd: OwnedFd) -> std::io::Result<tokio::io::unix::AsyncFd<OwnedFd>> {
+    tokio::io::unix::AsyncFd::new(fd)
+}
+
 impl Task {
-    fn record_pid(&self, pid: Option<u32>) {
+    fn record_pid(&self, pid: Option<u32>, cwd: &Path) {
         let Some(path) = &self.pid_file else { return };
         let result = match pid.and_then(|p| start_time(p).map(|t| (p, t))) {
             Some((pid, start)) => {
+                // The version folder last: a path may hold spaces.
                 let tmp = path.with_extension("tmp");
-                std::fs::write(&tmp, format!("{pid} {start}\n"))
+                std::fs::write(&tmp, format!("{pid} {start} {}\n", cwd.display()))
                     .and_then(|_| std::fs::rename(&tmp, path))
             }
             None => std::fs::remove_file(path).or_else(|e| {
@@ -216,48 +305,62 @@ impl Task {
             state = match state {
                 State::Idle => match commands.recv().await {
                     Some(Command_::Start(spec)) => self.spawn(spec),
+                    Some(Command_::Adopt(adoption, spec)) => self.adopt(adoption, spec),
                     Some(Command_::Stop(reply)) => {
                         let _ = reply.send(StopOutcome::NotRunning);
                         State::Idle
+                    }
+                    Some(Command_::Detach(reply)) => {
+                        let _ = reply.send(());
+                        return;
                     }
                     None => return,
                 },
                 State::Waiting { until, spec } => tokio::select! {
                     _ = tokio::time::sleep_until(until) => self.spawn(spec),
                     command = commands.recv() => match command {
-                        Some(Command_::Start(_)) => State::Waiting { until, spec },
+                        Some(Command_::Start(_) | Command_::Adopt(..)) => State::Waiting { until, spec },
                         Some(Command_::Stop(reply)) => {
                             let _ = reply.send(StopOutcome::NotRunning);
                             State::Idle
+                        }
+                        Some(Command_::Detach(reply)) => {
+                            let _ = reply.send(());
+                            return;
                         }
                         None => return,
                     },
                 },
                 State::Running {
-                    mut child,
+                    mut process,
                     pid,
                     started,
                     spec,
+                    kept,
                 } => tokio::select! {
-                    status = child.wait() => {
-                        let (code, signal) = match status {
-                            Ok(s) => (s.code(), std::os::unix::process::ExitStatusExt::signal(&s)),
-                            Err(_) => (None, None),
-                        };
-                        self.record_pid(None);
+                    (code, signal) = process.wait(pid) => {
+                        self.gone(&spec);
                         self.emit(Event::Exited { code, signal });
                         kill_group(pid, Signal::SIGKILL); // whatever it left behind
                         self.after_crash(started, spec)
                     }
                     command = commands.recv() => match command {
-                        Some(Command_::Start(_)) => State::Running { child, pid, started, spec },
+                        Some(Command_::Start(_) | Command_::Adopt(..)) => State::Running { process, pid, started, spec, kept },
                         Some(Command_::Stop(reply)) => {
-                            let outcome = self.stop_child(&mut child, pid).await;
+                            let outcome = self.stop_process(&mut process, pid, &spec).await;
                             let _ = reply.send(outcome);
                             State::Idle
                         }
+                        Some(Command_::Detach(reply)) => {
+                            for (name, fd) in &kept {
+                                crate::launched::store(name, fd.as_fd());
+                            }
+                            tracing::info!(app = %self.app, pid, "left running for the next agent");
+                            let _ = reply.send(());
+                            return;
+                        }
                         None => {
-                            self.stop_child(&mut child, pid).await;
+                            self.stop_process(&mut process, pid, &spec).await;
                             return;
                         }
                     },
@@ -310,6 +413,7 @@ impl Task {
                 return self.after_crash(started, spec);
             }
         };
+        crate::launched::not_inherited(&mut command);
         command
             .envs(&spec.env)
             .current_dir(&spec.cwd)
@@ -324,19 +428,25 @@ impl Task {
         match command.spawn() {
             Ok(mut child) => {
                 let pid = child.id().unwrap_or(0);
+                // The read ends of its output pipes are also kept by the launcher (if any): an
+                // agent that exits leaves the pipes open, and the next one reads them on.
+                let mut kept = Vec::new();
                 if let Some(out) = child.stdout.take() {
+                    kept.extend(self.keep(crate::launched::stdout_name(&self.app), out.as_fd()));
                     tokio::spawn(forward(self.app.clone(), "stdout", out));
                 }
                 if let Some(err) = child.stderr.take() {
+                    kept.extend(self.keep(crate::launched::stderr_name(&self.app), err.as_fd()));
                     tokio::spawn(forward(self.app.clone(), "stderr", err));
                 }
-                self.record_pid(Some(pid));
+                self.record_pid(Some(pid), &spec.cwd);
                 self.emit(Event::Started { pid });
                 State::Running {
-                    child,
+                    process: Process::Child(Box::new(child)),
                     pid,
                     started,
                     spec,
+                    kept,
                 }
             }
             Err(e) => {
@@ -348,17 +458,95 @@ impl Task {
         }
     }
 
-    async fn stop_child(&self, child: &mut Child, pid: u32) -> StopOutcome {
+    /// Supervises a process a previous agent started (see [`Adoption`]). One that is gone
+    /// already is an exit like any other: restarted after the crash policy's delay.
+    fn adopt(&mut self, adoption: Adoption, spec: ProcessSpec) -> State {
+        let started = Instant::now();
+        let Adoption {
+            pid,
+            stdout,
+            stderr,
+        } = adoption;
+        let mut kept = Vec::new();
+        let names = [
+            crate::launched::stdout_name(&self.app),
+            crate::launched::stderr_name(&self.app),
+        ];
+        for ((stream, fd), name) in [("stdout", stdout), ("stderr", stderr)]
+            .into_iter()
+            .zip(names)
+        {
+            kept.extend(self.keep(name, fd.as_fd()));
+            match tokio::net::unix::pipe::Receiver::from_owned_fd(fd) {
+                Ok(pipe) => {
+                    tokio::spawn(forward(self.app.clone(), stream, pipe));
+                }
+                Err(e) => {
+                    tracing::warn!(app = %self.app, pid, stream, error = %e, "the adopted app's output cannot be read")
+                }
+            }
+        }
+        let pidfd = pidfd_open(pid).and_then(watch_pidfd);
+        match pidfd {
+            Ok(pidfd) => {
+                tracing::info!(app = %self.app, pid, "adopted the running app from the previous agent");
+                State::Running {
+                    process: Process::Adopted(pidfd),
+                    pid,
+                    started,
+                    spec,
+                    kept,
+                }
+            }
+            Err(e) => {
+                tracing::warn!(app = %self.app, pid, error = %e, "the app to adopt is gone");
+                self.gone(&spec);
+                self.emit(Event::Exited {
+                    code: None,
+                    signal: None,
+                });
+                self.after_crash(started, spec)
+            }
+        }
+    }
+
+    /// Keeps `fd` in the launcher (if any) under `name`, and a duplicate here to keep it there
+    /// again on detach. `None` without a launcher.
+    fn keep(&self, name: String, fd: std::os::fd::BorrowedFd<'_>) -> Option<(String, OwnedFd)> {
+        crate::launched::launcher()?;
+        crate::launched::store(&name, fd);
+        match fd.try_clone_to_owned() {
+            Ok(dup) => Some((name, dup)),
+            Err(e) => {
+                tracing::warn!(app = %self.app, %name, error = %e, "cannot keep a duplicate for the launcher");
+                None
+            }
+        }
+    }
+
+    /// The process is gone: nothing of it is to be adopted any more.
+    fn gone(&self, spec: &ProcessSpec) {
+        self.record_pid(None, &spec.cwd);
+        crate::launched::remove(&crate::launched::stdout_name(&self.app));
+        crate::launched::remove(&crate::launched::stderr_name(&self.app));
+    }
+
+    async fn stop_process(
+        &self,
+        process: &mut Process,
+        pid: u32,
+        spec: &ProcessSpec,
+    ) -> StopOutcome {
         kill_group(pid, self.stop.signal);
-        let graceful = tokio::time::timeout(self.stop.grace, child.wait())
+        let graceful = tokio::time::timeout(self.stop.grace, process.wait(pid))
             .await
             .is_ok();
         // Also after a drained exit: the group may hold processes the app left behind.
         kill_group(pid, Signal::SIGKILL);
         if !graceful {
-            let _ = child.wait().await;
+            let _ = process.wait(pid).await;
         }
-        self.record_pid(None);
+        self.gone(spec);
         self.emit(Event::Stopped { graceful });
         if graceful {
             StopOutcome::Drained
@@ -400,24 +588,50 @@ fn start_time(pid: u32) -> Option<u64> {
         .ok()
 }
 
+/// How long `pid` has run: the system's uptime less the process's start time.
+pub fn age(pid: u32) -> Option<Duration> {
+    let start = start_time(pid)?;
+    let ticks = nix::unistd::sysconf(nix::unistd::SysconfVar::CLK_TCK)
+        .ok()
+        .flatten()
+        .filter(|t| *t > 0)?;
+    let uptime: f64 = std::fs::read_to_string("/proc/uptime")
+        .ok()?
+        .split_whitespace()
+        .next()?
+        .parse()
+        .ok()?;
+    let started = Duration::from_secs_f64(start as f64 / ticks as f64);
+    Duration::try_from_secs_f64(uptime)
+        .ok()?
+        .checked_sub(started)
+}
+
+/// The app process a previous agent recorded in `pid_file`, if it still runs: its pid and the
+/// version folder it was started in. Only when the pid still names the same process (same
+/// start time) and it has not exited.
+pub fn recorded(pid_file: &Path) -> Option<(u32, PathBuf)> {
+    let text = std::fs::read_to_string(pid_file).ok()?;
+    let mut parts = text.trim_end_matches('\n').splitn(3, ' ');
+    let pid: u32 = parts.next()?.parse().ok()?;
+    let start: u64 = parts.next()?.parse().ok()?;
+    // Written before the folder was recorded: unknown, never adopted.
+    let cwd = PathBuf::from(parts.next().unwrap_or_default());
+    (start_time(pid) == Some(start) && !is_zombie(pid)).then_some((pid, cwd))
+}
+
 /// Stops the app a previous agent process left running (it was killed before it could stop
 /// it): drain signal to the recorded process group, `grace`, then SIGKILL. Only when the pid
 /// still names the same process (same start time). Returns whether something was stopped.
 pub async fn reap_orphan(pid_file: &std::path::Path, signal: Signal, grace: Duration) -> bool {
-    let Ok(text) = std::fs::read_to_string(pid_file) else {
-        return false;
-    };
+    let found = recorded(pid_file);
     let _ = std::fs::remove_file(pid_file);
-    let mut parts = text.split_whitespace().map(str::parse::<u64>);
-    let (Some(Ok(pid)), Some(Ok(start))) = (parts.next(), parts.next()) else {
+    let Some((pid, _)) = found else {
         return false;
     };
-    let Ok(pid) = u32::try_from(pid) else {
+    let Some(start) = start_time(pid) else {
         return false;
     };
-    if start_time(pid) != Some(start) {
-        return false;
-    }
     tracing::warn!(pid, "stopping the app a previous agent left running");
     kill_group(pid, signal);
     let deadline = Instant::now() + grace;

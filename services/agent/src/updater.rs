@@ -145,6 +145,9 @@ pub struct AppRunner {
     last_update: Option<LastUpdate>,
     /// The listening sockets the agent holds for the app across its versions (`apps.listen`).
     sockets: Option<Arc<Sockets>>,
+    /// This is the agent's own release ([`crate::settings::SelfUpdate::app`]) under the
+    /// launcher: a switch is a trial of the new agent, not a process to start.
+    is_self: bool,
 }
 
 impl AppRunner {
@@ -190,6 +193,8 @@ impl AppRunner {
             stop,
             Some(app_dir.join("app.pid")),
         );
+        let is_self = settings.name == crate::settings::SelfUpdate::app()
+            && crate::launched::launcher().is_some();
         Ok(AppRunner {
             settings,
             host,
@@ -209,6 +214,7 @@ impl AppRunner {
             app_data,
             last_update: None,
             sockets: None,
+            is_self,
         })
     }
 
@@ -387,21 +393,44 @@ impl AppRunner {
     }
 
     /// First thing after (re)start: finish or revert what the journal says was in progress,
-    /// then run the committed version.
+    /// then run the committed version: under the launcher, by adopting the process the previous
+    /// agent left running when it runs that version (see [`AppRunner::adoptable`]).
     pub async fn recover(&mut self) -> Result<(), UpdateError> {
-        // A previous agent killed mid-flight may have left the app running.
+        if self.is_self {
+            return self.recover_self().await;
+        }
         let pid_file = self.root.root().join("app.pid");
-        crate::supervisor::reap_orphan(
-            &pid_file,
-            nix::sys::signal::Signal::SIGTERM,
-            self.settings.grace,
-        )
-        .await;
+        let recovery = self.journal.recovery();
+        if !self.settings.listen.is_empty() && self.sockets.is_none() {
+            self.sockets = self.held_sockets();
+        }
+        let adoption = match self.adoptable(&pid_file, &recovery) {
+            Ok(adoption) => Some(adoption),
+            Err(why) => {
+                if let Some(why) = why {
+                    tracing::warn!(app = %self.settings.name, reason = %why, "restarting the app the previous agent left running instead of adopting it");
+                }
+                // A previous agent killed mid-flight may have left the app running.
+                crate::supervisor::reap_orphan(
+                    &pid_file,
+                    nix::sys::signal::Signal::SIGTERM,
+                    self.settings.grace,
+                )
+                .await;
+                None
+            }
+        };
         // Only now: an app a killed agent left running held the sockets until it was stopped.
         if !self.settings.listen.is_empty() && self.sockets.is_none() {
             match Sockets::bind(&self.settings.listen) {
                 Ok(sockets) => {
                     tracing::info!(app = %self.settings.name, addrs = ?sockets.addrs(), "listening for the app");
+                    for (i, fd) in sockets.fds().enumerate() {
+                        crate::launched::store(
+                            &crate::launched::socket_name(&self.settings.name, i),
+                            fd,
+                        );
+                    }
                     self.sockets = Some(Arc::new(sockets));
                 }
                 // Every start then fails with the reason (see `launch`).
@@ -410,7 +439,6 @@ impl AppRunner {
                 }
             }
         }
-        let recovery = self.journal.recovery();
         if self.journal.step != Step::Idle {
             tracing::warn!(app = %self.settings.name, step = ?self.journal.step, "recovering an interrupted update");
         }
@@ -425,7 +453,14 @@ impl AppRunner {
         self.journal.committed = recovery.run.clone();
         self.save()?;
         if let Some(version) = recovery.run {
-            self.run_version(&version, None).await?;
+            match adoption {
+                Some((adoption, spec)) => {
+                    let age = crate::supervisor::age(adoption.pid).unwrap_or_default();
+                    self.supervisor.adopt(adoption, spec).await;
+                    self.running_since = Instant::now().checked_sub(age).or(Some(Instant::now()));
+                }
+                None => self.run_version(&version, None).await?,
+            }
             self.report(AppState::Running, Some(version), None).await;
         }
         // The killed agent never reported that rollback: the heartbeats say it.
@@ -440,6 +475,228 @@ impl AppRunner {
             });
         }
         Ok(())
+    }
+
+    /// The agent's own release after a restart: this agent may be the trial of a new release
+    /// (it qualifies, then commits after its soak, see `commit_trial`), the promoted one whose
+    /// predecessor exited before it recorded so, or the previous agent the launcher went back
+    /// to after a trial failed: that one refuses the release and reports the rollback with the
+    /// launcher's reason.
+    async fn recover_self(&mut self) -> Result<(), UpdateError> {
+        let Some(launcher) = crate::launched::launcher() else {
+            return Ok(());
+        };
+        let failure = launcher.take_trial_failure().unwrap_or_else(|e| {
+            tracing::warn!(error = %e, "the launcher's record of a failed trial is unreadable");
+            None
+        });
+        let running = launcher.release().and_then(|r| Version::parse(r).ok());
+        match self.journal.step.clone() {
+            Step::Switching { from, target } | Step::HealthChecking { from, target }
+                if running.as_ref() == Some(&target) =>
+            {
+                if launcher.is_trial() {
+                    tracing::info!(version = %target, "this agent is on trial: it qualifies, then becomes current after its soak");
+                    self.journal.step = Step::HealthChecking {
+                        from,
+                        target: target.clone(),
+                    };
+                    self.save()?;
+                    self.report(AppState::HealthChecking, Some(target), None)
+                        .await;
+                } else {
+                    self.commit_self(from, target).await?;
+                }
+            }
+            Step::Switching { target, .. } | Step::HealthChecking { target, .. } => {
+                let reason = failure
+                    .filter(|f| f.version == target.to_string())
+                    .map(|f| f.reason)
+                    .unwrap_or_else(|| {
+                        format!(
+                            "the new agent did not become current; the launcher runs {}",
+                            running.map_or("the installed agent".into(), |v| v.to_string())
+                        )
+                    });
+                tracing::error!(version = %target, %reason, "agent upgrade rolled back");
+                self.rolled_back(target, reason).await?;
+            }
+            _ => {
+                self.journal.step = Step::Idle;
+                self.save()?;
+                if let Some(version) = self.journal.committed.clone() {
+                    self.report(AppState::Running, Some(version), None).await;
+                }
+            }
+        }
+        Ok(())
+    }
+
+    /// Hands over to `target`, staged: the launcher is told to run it on trial and this agent
+    /// exits, leaving its apps running for the new one to adopt.
+    async fn switch_self(&mut self, target: Version) -> Result<(), UpdateError> {
+        let Some(launcher) = crate::launched::launcher() else {
+            return Err(UpdateError::Refused(
+                "this agent was not started by fleetcast-launcher: update it by hand".into(),
+            ));
+        };
+        let path = self
+            .root
+            .version_dir(&target)
+            .join(crate::settings::SelfUpdate::BINARY);
+        if !path.is_file() {
+            let reason = format!(
+                "the release holds no {}",
+                crate::settings::SelfUpdate::BINARY
+            );
+            self.journal.refused.insert((target, reason.clone()));
+            self.journal.step = Step::Idle;
+            self.save()?;
+            return Err(UpdateError::Refused(reason));
+        }
+        let from = self.journal.committed.clone();
+        self.journal.step = Step::Switching {
+            from,
+            target: target.clone(),
+        };
+        self.save()?;
+        self.report(AppState::Switching, Some(target.clone()), None)
+            .await;
+        let trial = crate::launched::Trial {
+            version: target.to_string(),
+            path,
+            qualify: self.host.self_update.qualify,
+            soak: self.host.self_update.soak,
+        };
+        if let Err(e) = launcher.begin_trial(&trial) {
+            self.journal.step = Step::Idle;
+            self.save()?;
+            return Err(UpdateError::Transient(format!(
+                "the launcher's trial file: {e}"
+            )));
+        }
+        tracing::warn!(version = %target, "handing over to the new agent on trial; the apps keep running");
+        crate::launched::request_exit(crate::launched::Exit::RunTrial);
+        Ok(())
+    }
+
+    /// The trial agent after its soak: it becomes current (the launcher first: a crash after
+    /// that and before the journal is written is finished by `recover_self`).
+    pub async fn commit_trial(&mut self) {
+        let Step::HealthChecking { from, target } = self.journal.step.clone() else {
+            return;
+        };
+        let Some(launcher) = crate::launched::launcher() else {
+            return;
+        };
+        if let Err(e) = launcher.promote() {
+            let reason = format!("the new agent cannot become current: {e}");
+            tracing::error!(version = %target, %reason, "exiting; the launcher goes back to the previous agent");
+            crate::launched::request_exit(crate::launched::Exit::Detach);
+            return;
+        }
+        if let Err(e) = self.commit_self(from, target).await {
+            tracing::error!(error = %e, "the agent's journal is not updated");
+        }
+    }
+
+    async fn commit_self(
+        &mut self,
+        from: Option<Version>,
+        target: Version,
+    ) -> Result<(), UpdateError> {
+        self.journal.previous = from.clone();
+        self.journal.committed = Some(target.clone());
+        self.journal.step = Step::Idle;
+        self.save()?;
+        self.counts.updates += 1;
+        tracing::info!(version = %target, "this agent is current");
+        let mut protect = vec![target.clone()];
+        protect.extend(from);
+        if let Err(e) = self.root.prune(self.host.keep_versions, &protect) {
+            tracing::warn!(error = %e, "old agent versions not pruned");
+        }
+        self.report(AppState::Running, Some(target), None).await;
+        Ok(())
+    }
+
+    /// The ring this host is in (whose desired state it follows).
+    pub fn ring(&self) -> &str {
+        &self.host.ring
+    }
+
+    pub fn is_self(&self) -> bool {
+        self.is_self
+    }
+
+    /// The listening sockets a previous agent bound for the app, from the launcher: binding
+    /// again would fail while the launcher (or the running app) holds them.
+    fn held_sockets(&self) -> Option<Arc<Sockets>> {
+        let app = &self.settings.name;
+        let held: Vec<_> = (0..self.settings.listen.len())
+            .map_while(|i| crate::launched::take(&crate::launched::socket_name(app, i)))
+            .collect();
+        if held.is_empty() {
+            return None;
+        }
+        match Sockets::from_held(&self.settings.listen, held) {
+            Ok(sockets) => {
+                tracing::info!(%app, addrs = ?sockets.addrs(), "listening for the app on the sockets the launcher kept");
+                Some(Arc::new(sockets))
+            }
+            Err(e) => {
+                tracing::warn!(%app, error = %e, "the sockets the launcher kept are not the configured ones; listening anew");
+                None
+            }
+        }
+    }
+
+    /// The process the previous agent left running, to adopt instead of starting the app
+    /// again: only under the launcher (which kept its output pipes), when no update was in
+    /// flight and it runs the version to run. `Err(None)`: nothing to adopt; `Err(Some(why))`:
+    /// a process runs that cannot be adopted (it is restarted, and the log says why).
+    fn adoptable(
+        &self,
+        pid_file: &std::path::Path,
+        recovery: &crate::journal::Recovery,
+    ) -> Result<(crate::supervisor::Adoption, ProcessSpec), Option<String>> {
+        if crate::launched::launcher().is_none() {
+            return Err(None);
+        }
+        let (pid, cwd) = crate::supervisor::recorded(pid_file).ok_or(None)?;
+        let app = &self.settings.name;
+        if !matches!(self.journal.step, Step::Idle | Step::Staging { .. }) {
+            return Err(Some(format!(
+                "an update was interrupted ({:?}): the version to run is started afresh",
+                self.journal.step
+            )));
+        }
+        let version = recovery
+            .run
+            .as_ref()
+            .ok_or_else(|| Some("no version is committed".to_string()))?;
+        if cwd != self.root.version_dir(version) {
+            return Err(Some(format!(
+                "it runs from {}, not {version}",
+                cwd.display()
+            )));
+        }
+        let pipes = (
+            crate::launched::take(&crate::launched::stdout_name(app)),
+            crate::launched::take(&crate::launched::stderr_name(app)),
+        );
+        let (Some(stdout), Some(stderr)) = pipes else {
+            return Err(Some("the launcher did not keep its output pipes".into()));
+        };
+        let spec = self.launch(version).map_err(Some)?.spec;
+        Ok((
+            crate::supervisor::Adoption {
+                pid,
+                stdout,
+                stderr,
+            },
+            spec,
+        ))
     }
 
     /// Brings the app to `desired`. Idempotent: a replayed or repeated announcement is a no-op.
@@ -458,6 +715,12 @@ impl AppRunner {
         }
         let target = manifest.version.clone();
         if self.journal.committed.as_ref() == Some(&target) || self.journal.is_refused(&target) {
+            return Ok(Applied::AlreadyDone);
+        }
+        // This agent is the trial of `target`: it becomes current after its soak.
+        if self.is_self
+            && matches!(&self.journal.step, Step::HealthChecking { target: t, .. } if *t == target)
+        {
             return Ok(Applied::AlreadyDone);
         }
         if let Some(highest) = self.journal.highest_accepted.clone()
@@ -623,6 +886,9 @@ impl AppRunner {
 
     /// The disruptive part: stop, switch, start, gate; commit or roll back.
     async fn switch(&mut self, target: Version, launch: Launch) -> Result<(), UpdateError> {
+        if self.is_self {
+            return self.switch_self(target).await;
+        }
         let from = self.journal.committed.clone();
         self.journal.step = Step::Switching {
             from: from.clone(),
@@ -693,17 +959,22 @@ impl AppRunner {
                     self.run_version(from, None).await?;
                 }
                 fault::hit("rollback-started");
-                self.journal
-                    .refused
-                    .insert((target.clone(), reason.clone()));
-                self.journal.step = Step::Idle;
-                self.save()?;
-                self.counts.rollbacks += 1;
-                self.report(AppState::RolledBack, Some(target), Some(reason))
-                    .await;
-                Ok(())
+                self.rolled_back(target, reason).await
             }
         }
+    }
+
+    /// `target` is back out: refused for good with `reason`, counted and reported.
+    async fn rolled_back(&mut self, target: Version, reason: String) -> Result<(), UpdateError> {
+        self.journal
+            .refused
+            .insert((target.clone(), reason.clone()));
+        self.journal.step = Step::Idle;
+        self.save()?;
+        self.counts.rollbacks += 1;
+        self.report(AppState::RolledBack, Some(target), Some(reason))
+            .await;
+        Ok(())
     }
 
     async fn report(&mut self, state: AppState, version: Option<Version>, reason: Option<String>) {
@@ -824,6 +1095,17 @@ impl AppRunner {
 
     pub async fn stop(&mut self) {
         self.supervisor.stop().await;
+    }
+
+    /// Lets go of the app without stopping it: the next agent adopts it. What the launcher
+    /// keeps is given to it again (a launcher started since this agent has none of it).
+    pub async fn detach(&mut self) {
+        if let Some(sockets) = &self.sockets {
+            for (i, fd) in sockets.fds().enumerate() {
+                crate::launched::store(&crate::launched::socket_name(&self.settings.name, i), fd);
+            }
+        }
+        self.supervisor.detach().await;
     }
 }
 

@@ -26,19 +26,7 @@ impl Case {
         let (data, state) = (dir.join(name).join("data"), dir.join(name).join("state"));
         std::fs::create_dir_all(&state).expect("state");
         let config = dir.join(name).join("agent.toml");
-        std::fs::write(
-            &config,
-            format!(
-                "agent_id = \"crash\"\ndata_dir = \"{}\"\ntrusted_keys = [\"{}\"]\nheartbeat = \"1s\"\nrecheck = \"2s\"\n\
-                 [nats]\nurl = \"{}\"\ninsecure_dev = true\n[[apps]]\nname = \"shapp\"\ncommand = [\"bin/run\"]\ngrace = \"2s\"\n\
-                 [apps.env]\nSTATE_DIR = \"{}\"\n[apps.health]\nstay_up = \"300ms\"\n",
-                data.display(),
-                p.key.public().to_text().trim(),
-                p.nats.url(),
-                state.display()
-            ),
-        )
-        .expect("config");
+        std::fs::write(&config, p.script_agent_config("crash", &data, &state, "")).expect("config");
         Case {
             config,
             data,
@@ -67,23 +55,11 @@ impl Case {
     /// Processes of this case's app still alive (found by their environment).
     fn app_processes(&self) -> usize {
         let needle = format!("STATE_DIR={}\0", self.state.display());
-        std::fs::read_dir("/proc")
+        fleetcast_e2e::live_processes()
             .into_iter()
-            .flatten()
-            .flatten()
-            .filter(|e| {
-                e.file_name()
-                    .to_str()
-                    .is_some_and(|n| n.bytes().all(|b| b.is_ascii_digit()))
-            })
-            .filter(|e| {
-                let stat = std::fs::read_to_string(e.path().join("stat")).unwrap_or_default();
-                let zombie = stat
-                    .rsplit_once(')')
-                    .is_some_and(|(_, r)| r.trim_start().starts_with('Z'));
-                !zombie
-                    && std::fs::read(e.path().join("environ"))
-                        .is_ok_and(|env| env.windows(needle.len()).any(|w| w == needle.as_bytes()))
+            .filter(|dir| {
+                std::fs::read(dir.join("environ"))
+                    .is_ok_and(|env| env.windows(needle.len()).any(|w| w == needle.as_bytes()))
             })
             .count()
     }

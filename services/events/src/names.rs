@@ -332,6 +332,20 @@ pub fn validate_agent_id(id: &str) -> Result<(), String> {
 }
 
 /// App names are used in subjects, keys and file names, so they are kept to a safe alphabet.
+/// The prefix of the apps the agent's own releases are published as (one per platform).
+pub const AGENT_APP_PREFIX: &str = "fleetcast-agent";
+
+/// The app of the agent's releases for `os` and `arch` (as Rust names them: `linux`,
+/// `x86_64`): `fleetcast-agent-linux-x86_64`.
+pub fn agent_app(os: &str, arch: &str) -> String {
+    format!("{AGENT_APP_PREFIX}-{os}-{arch}")
+}
+
+/// Whether `app` is reserved for the agent's own releases.
+pub fn is_agent_app(app: &str) -> bool {
+    app == AGENT_APP_PREFIX || app.starts_with(&format!("{AGENT_APP_PREFIX}-"))
+}
+
 pub fn validate_app_name(app: &str) -> Result<(), String> {
     let ok_len = (1..=64).contains(&app.len());
     let mut chars = app.chars();

@@ -812,6 +812,50 @@ pub async fn rollout_phase(
     }
 }
 
+impl Pipeline {
+    /// The config of an agent process (`fleetcast-agent --config`) on this pipeline's server
+    /// that runs the [`script_app`] `shapp` with its `STATE_DIR` at `state`; `extra` is more
+    /// top-level settings (TOML lines, before any table).
+    pub fn script_agent_config(
+        &self,
+        agent_id: &str,
+        data: &Path,
+        state: &Path,
+        extra: &str,
+    ) -> String {
+        format!(
+            "agent_id = \"{agent_id}\"\ndata_dir = \"{}\"\ntrusted_keys = [\"{}\"]\nheartbeat = \"1s\"\nrecheck = \"2s\"\n{extra}\
+             [nats]\nurl = \"{}\"\ninsecure_dev = true\n[[apps]]\nname = \"shapp\"\ncommand = [\"bin/run\"]\ngrace = \"2s\"\n\
+             [apps.env]\nSTATE_DIR = \"{}\"\n[apps.health]\nstay_up = \"300ms\"\n",
+            data.display(),
+            self.key.public().to_text().trim(),
+            self.nats.url(),
+            state.display()
+        )
+    }
+}
+
+/// The `/proc/<pid>` folder of every process alive (zombies left out).
+pub fn live_processes() -> Vec<PathBuf> {
+    std::fs::read_dir("/proc")
+        .into_iter()
+        .flatten()
+        .flatten()
+        .filter(|e| {
+            e.file_name()
+                .to_str()
+                .is_some_and(|n| n.bytes().all(|b| b.is_ascii_digit()))
+        })
+        .map(|e| e.path())
+        .filter(|dir| {
+            let stat = std::fs::read_to_string(dir.join("stat")).unwrap_or_default();
+            !stat
+                .rsplit_once(')')
+                .is_some_and(|(_, r)| r.trim_start().starts_with('Z'))
+        })
+        .collect()
+}
+
 /// The version a [`script_app`] says runs, from its `STATE_DIR` (empty: none yet).
 pub fn running(state: &Path) -> String {
     std::fs::read_to_string(state.join("running"))
