@@ -381,6 +381,7 @@ impl Daemon {
             self.check_trial_deadline();
             let idle = self.agent.is_none() && self.old.is_none();
             if self.stopping && idle {
+                self.kill_leftovers();
                 log!("stopped");
                 return;
             }
@@ -390,6 +391,28 @@ impl Daemon {
             if self.last_prune.elapsed() >= PRUNE_EVERY {
                 self.prune_exits();
             }
+        }
+    }
+
+    /// On stop, once the agent has stopped its apps and exited: what is still re-parented to
+    /// the launcher (a process an app left behind outside its process group) is killed, as
+    /// systemd would with `KillMode=mixed`. The unit says `KillMode=process` so that systemd
+    /// never kills the apps when the launcher itself dies (docs/self-update.md).
+    fn kill_leftovers(&mut self) {
+        let me = std::process::id();
+        for _ in 0..100 {
+            let left = files::children_of(me);
+            if left.is_empty() {
+                return;
+            }
+            for pid in left {
+                log!("killing pid {pid}, left behind by an app");
+                if let Ok(raw) = i32::try_from(pid) {
+                    let _ = kill(Pid::from_raw(raw), Signal::SIGKILL);
+                }
+            }
+            std::thread::sleep(Duration::from_millis(20));
+            self.reap();
         }
     }
 

@@ -380,6 +380,25 @@ pub fn sync_dir(dir: &Path) -> io::Result<()> {
 
 /// Field 22 of /proc/<pid>/stat (the start time in clock ticks since boot) and the state
 /// letter (field 3). A pid and its start time name one process: a reused pid has another.
+/// The live processes whose parent is `parent` (from `/proc/<pid>/stat`, field 4).
+pub fn children_of(parent: u32) -> Vec<u32> {
+    let Ok(dir) = fs::read_dir("/proc") else {
+        return Vec::new();
+    };
+    dir.flatten()
+        .filter_map(|e| e.file_name().to_str()?.parse::<u32>().ok())
+        .filter(|pid| {
+            fs::read_to_string(format!("/proc/{pid}/stat")).is_ok_and(|text| {
+                let fields: Vec<&str> = text
+                    .rsplit_once(')')
+                    .map(|(_, rest)| rest.split_whitespace().collect())
+                    .unwrap_or_default();
+                fields.first() != Some(&"Z") && fields.get(1) == Some(&parent.to_string().as_str())
+            })
+        })
+        .collect()
+}
+
 pub fn proc_stat(pid: u32) -> io::Result<(char, u64)> {
     let text = fs::read_to_string(format!("/proc/{pid}/stat"))?;
     parse_proc_stat(&text)

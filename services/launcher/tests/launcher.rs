@@ -489,22 +489,28 @@ exec sleep 1000"#,
 }
 
 #[test]
-fn sigterm_stops_the_agent_then_the_launcher() {
+fn sigterm_stops_the_agent_then_the_launcher_and_what_was_left_behind() {
     let s = Setup::new();
+    // The agent leaves a process behind in a session of its own (as an app that daemonizes
+    // would): the agent's stop does not reach it; the launcher, its reaper, kills it.
     let agent = s.script(
         "agent",
         r#"trap 'touch "$OUT/got-term"; exit 0' TERM
+setsid sh -c "echo \$\$ > '$OUT/stray.tmp'; mv '$OUT/stray.tmp' '$OUT/stray'; exec sleep 1000" &
 echo started > "$OUT/started"
 while :; do sleep 0.05; done"#,
     );
     let mut launcher = s.start(&agent);
     wait_until("the agent", || s.out().join("started").exists());
+    wait_until("the stray", || s.out().join("stray").exists());
+    let stray: i32 = s.read("stray").trim().parse().expect("stray pid");
     launcher.signal(Signal::SIGTERM);
     let status = launcher
         .wait(Duration::from_secs(20))
         .expect("the launcher exited");
     assert_eq!(status.code(), Some(0));
     assert!(s.out().join("got-term").exists());
+    assert!(!alive(stray), "the process left behind is killed");
 }
 
 #[test]
