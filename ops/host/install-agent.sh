@@ -14,7 +14,10 @@
 #     app, its hooks and health command as: an app cannot read the agent's credentials nor write
 #     its state or its own installed files (docs/operations.md, "Apps as their own users");
 #   - /usr/local/bin/fleetcast-agent from --binary (the one built with `--profile agent`, or
-#     copied out of the fleetcast image: /usr/local/bin/fleetcast-agent there);
+#     copied out of the fleetcast image: /usr/local/bin/fleetcast-agent there), and
+#     /usr/local/bin/fleetcast-launcher from --launcher (default: fleetcast-launcher beside
+#     --binary), which systemd starts and which runs the agent: agent releases published like an
+#     app's then update the agent without restarting the apps (docs/self-update.md);
 #   - /etc/fleetcast/agent.toml from the options below, written only if it does not exist yet
 #     (or with --overwrite-config); trusted public keys and the CA are copied into
 #     /etc/fleetcast, readable by the agent but not writable by it; the NATS credentials
@@ -22,12 +25,14 @@
 #   - /var/lib/fleetcast (the agent's data_dir lives below it), owned by the user, 0711 (apps
 #     pass through to their own folders, list nothing);
 #   - the systemd unit fleetcast-agent.service (installed next to this script), enabled and
-#     started; restarted when the binary, the unit or the config changed. Restarting the agent
-#     restarts its apps (drained first): update agents ring by ring, in a quiet hour.
+#     started; restarted when a binary, the unit or the config changed. Restarting the service
+#     restarts its apps (drained first): update agents by publishing agent releases instead
+#     (docs/self-update.md), or ring by ring in a quiet hour.
 #
 # Options (for a new config: --nats-url, --credentials and --ca (or --insecure-dev), one
 # trusted key and one app are required):
 #   --binary PATH            the fleetcast-agent binary to install
+#   --launcher PATH          the fleetcast-launcher binary (default: beside --binary)
 #   --nats-url URL           NATS server, e.g. nats://hub.example.net:4222 or a site's leaf node;
 #                            a cluster's nodes as a comma-separated list
 #   --credentials FILE       this agent's own NATS .creds file (ops/nats/gen-accounts --agent;
@@ -59,6 +64,7 @@ set -euo pipefail
 
 unit_name=fleetcast-agent.service
 bin_path=/usr/local/bin/fleetcast-agent
+launcher_path=/usr/local/bin/fleetcast-launcher
 unit_path=/etc/systemd/system/$unit_name
 conf_dir=/etc/fleetcast
 config=$conf_dir/agent.toml
@@ -74,16 +80,17 @@ die() {
 }
 say() { echo "install-agent: $*"; }
 
-binary="" nats_url="" credentials="" ca_file="" agent_id="" ring="default" apps_file=""
+binary="" launcher="" nats_url="" credentials="" ca_file="" agent_id="" ring="default" apps_file=""
 overwrite=false uninstall=false purge=false insecure_dev=false
 key_files=() keys=() apps=() root_file="" app_users=()
 while [[ $# -gt 0 ]]; do
     case "$1" in
-        --binary | --nats-url | --credentials | --ca | --trusted-root-file | --trusted-key-file | \
+        --binary | --launcher | --nats-url | --credentials | --ca | --trusted-root-file | --trusted-key-file | \
             --trusted-key | --agent-id | --ring | --app | --app-user | --apps-file)
             [[ $# -ge 2 ]] || die "$1 needs a value"
             case "$1" in
                 --binary) binary="$2" ;;
+                --launcher) launcher="$2" ;;
                 --nats-url) nats_url="$2" ;;
                 --credentials) credentials="$2" ;;
                 --ca) ca_file="$2" ;;
@@ -110,7 +117,7 @@ while [[ $# -gt 0 ]]; do
     esac
 done
 [[ "$(id -u)" == 0 ]] || die "run as root"
-for value in "$binary" "$nats_url" "$credentials" "$ca_file" "$agent_id" "$ring" "$apps_file" "$root_file" \
+for value in "$binary" "$launcher" "$nats_url" "$credentials" "$ca_file" "$agent_id" "$ring" "$apps_file" "$root_file" \
     "${key_files[@]}" "${keys[@]}" "${apps[@]}" "${app_users[@]}"; do
     [[ "$value" != *[[:cntrl:]]* ]] || die "control character in ${value@Q}"
 done
@@ -129,7 +136,7 @@ if $uninstall; then
         $systemd_running && systemctl daemon-reload
         say "removed $unit_path"
     fi
-    rm -f "$bin_path"
+    rm -f "$bin_path" "$launcher_path"
     if $purge; then
         rm -rf "$conf_dir" "$state_dir"
         if id -u "$user" >/dev/null 2>&1; then userdel "$user"; fi
@@ -147,6 +154,12 @@ fi
 [[ -f "$here/$unit_name" ]] || die "$here/$unit_name not found (keep this script next to it)"
 if [[ -z "$binary" && ! -x "$bin_path" ]]; then
     die "--binary is needed for a first install"
+fi
+if [[ -z "$launcher" && -n "$binary" ]]; then
+    launcher="$(dirname "$binary")/fleetcast-launcher"
+fi
+if [[ ! -f "$launcher" && ! -x "$launcher_path" ]]; then
+    die "the launcher ${launcher:-fleetcast-launcher} is needed for a first install (--launcher PATH; it comes with the agent, in the image at /usr/local/bin/fleetcast-launcher)"
 fi
 
 # TOML basic string: backslash and double quote escaped (control characters are refused below,
@@ -208,6 +221,10 @@ if [[ -n "$binary" ]]; then
     [[ -f "$binary" ]] || die "$binary not found"
     "$binary" --help >/dev/null 2>&1 || die "$binary does not run on this host (wrong architecture?)"
     install_file "$binary" "$bin_path" 0755 root:root
+fi
+if [[ -n "$launcher" && -f "$launcher" ]]; then
+    "$launcher" --version >/dev/null 2>&1 || die "$launcher does not run on this host (wrong architecture?)"
+    install_file "$launcher" "$launcher_path" 0755 root:root
 fi
 
 # 3. Folders. The agent only writes below /var/lib/fleetcast (the unit's ReadWritePaths).
