@@ -29,6 +29,8 @@
 //! - Rebuilt binary (`rebuilt_*`), a third app: see `rebuilt.rs`.
 //! - Many files (`many_files_*`): see `many.rs`.
 //! - Socket hand-over (`handover_*`, `plain_*`), two more apps: see `handover.rs`.
+//! - The agent updating itself under the launcher (`agent_*`, `launcher_*`): see
+//!   `selfupdate.rs`.
 
 use std::io::{Read, Write};
 use std::net::TcpStream;
@@ -238,6 +240,7 @@ pub async fn run() -> anyhow::Result<String> {
     let bita = bita_fetch(&v1_zip, &v2_zip, dir.path())?;
 
     let many = crate::many::run(dir.path()).await?;
+    let selfupdate = crate::selfupdate::run(dir.path()).await?;
     let mut json = serde_json::json!({
         "idle_rss_mib": round(idle_rss as f64 / 1024.0),
         "idle_rss_anon_mib": round(idle_anon as f64 / 1024.0),
@@ -268,9 +271,12 @@ pub async fn run() -> anyhow::Result<String> {
         // Over every update of this run, the rebuilt binary's patch included.
         "final_peak_rss_mib": round(final_peak_rss as f64 / 1024.0),
     });
-    if let (Some(all), serde_json::Value::Object(many)) = (json.as_object_mut(), many) {
+    if let (Some(all), serde_json::Value::Object(many), serde_json::Value::Object(selfupdate)) =
+        (json.as_object_mut(), many, selfupdate)
+    {
         all.extend(many);
         all.extend(handover);
+        all.extend(selfupdate);
     }
     Ok(json.to_string())
 }

@@ -508,9 +508,15 @@ pub(crate) fn write_zip(files: &[File], path: &Path) -> anyhow::Result<()> {
         } else {
             zip::CompressionMethod::Stored
         };
+        // Programs are executable, as a release's `bin/` holds them.
+        let mode = if f.path.starts_with("bin/") {
+            0o755
+        } else {
+            0o644
+        };
         let opts = SimpleFileOptions::default()
             .compression_method(method)
-            .unix_permissions(0o644);
+            .unix_permissions(mode);
         w.start_file(f.path.as_str(), opts)?;
         w.write_all(&f.data)?;
     }

@@ -7,6 +7,7 @@ mod handover;
 mod ingest;
 mod many;
 mod rebuilt;
+mod selfupdate;
 
 use std::process::ExitCode;
 
@@ -33,10 +34,12 @@ fn main() -> ExitCode {
         // The many-files part of `agent` alone.
         "many" => runtime.block_on(many::run_alone()),
         "huge" => runtime.block_on(many::run_huge()),
+        // The agent updating itself (also part of `agent`).
+        "selfupdate" => runtime.block_on(selfupdate::run_alone()),
         "fleet" => runtime.block_on(fleet::run()),
         fleet::AGENTS_COMMAND => runtime.block_on(fleet::run_agents()),
         _ => {
-            eprintln!("usage: ops/bench ingest|agent|many|huge|fleet");
+            eprintln!("usage: ops/bench ingest|agent|many|selfupdate|huge|fleet");
             return ExitCode::from(2);
         }
     };

@@ -187,6 +187,11 @@ pub async fn run(settings: Settings, shutdown: CancellationToken) -> Result<(), 
     loop {
         tokio::select! {
             _ = shutdown.cancelled() => break,
+            // A trial agent beats as soon as it has read its desired state: that beat
+            // qualifies it, and the launcher's deadline and the rollout are waiting on it.
+            _ = tokio::time::sleep(Duration::from_millis(20)), if soaked_tx.is_some() && launched::desired_was_read() => {
+                ticker.reset_immediately();
+            }
             _ = ticker.tick() => {
                 let accepted: Vec<_> = beats
                     .iter()
