@@ -73,19 +73,7 @@ pub(crate) async fn under_load(
     wait_running(statuses, app, "1.0.0").await?;
     wait_committed(&journal, "1.0.0").await?;
 
-    let stop = Arc::new(AtomicBool::new(false));
-    let flag = stop.clone();
-    let load = std::thread::spawn(move || {
-        let (mut made, mut failed) = (0u64, 0u64);
-        while !flag.load(Ordering::Relaxed) {
-            made += 1;
-            if http_get_within(port, "/version", Duration::from_secs(10)).is_none() {
-                failed += 1;
-            }
-            std::thread::sleep(Duration::from_millis(1));
-        }
-        (made, failed)
-    });
+    let load = Load::start(port);
     desire(bus, app, 2).await?;
     wait_running(statuses, app, "2.0.0").await?;
     wait_committed(&journal, "2.0.0").await?;
@@ -107,11 +95,42 @@ pub(crate) async fn under_load(
         }
         tokio::time::sleep(Duration::from_millis(10)).await;
     }
-    stop.store(true, Ordering::Relaxed);
-    let counts = tokio::task::spawn_blocking(move || load.join())
-        .await?
-        .map_err(|_| anyhow::anyhow!("load thread panicked"))?;
-    Ok(counts)
+    load.finish().await
+}
+
+/// A steady loopback load on `port`: one `GET /version` after another, a millisecond apart,
+/// each given 10 s to be answered.
+pub(crate) struct Load {
+    stop: Arc<AtomicBool>,
+    thread: std::thread::JoinHandle<(u64, u64)>,
+}
+
+impl Load {
+    pub(crate) fn start(port: u16) -> Load {
+        let stop = Arc::new(AtomicBool::new(false));
+        let flag = stop.clone();
+        let thread = std::thread::spawn(move || {
+            let (mut made, mut failed) = (0u64, 0u64);
+            while !flag.load(Ordering::Relaxed) {
+                made += 1;
+                if http_get_within(port, "/version", Duration::from_secs(10)).is_none() {
+                    failed += 1;
+                }
+                std::thread::sleep(Duration::from_millis(1));
+            }
+            (made, failed)
+        });
+        Load { stop, thread }
+    }
+
+    /// (requests made, requests refused or failed).
+    pub(crate) async fn finish(self) -> anyhow::Result<(u64, u64)> {
+        self.stop.store(true, Ordering::Relaxed);
+        let thread = self.thread;
+        tokio::task::spawn_blocking(move || thread.join())
+            .await?
+            .map_err(|_| anyhow::anyhow!("load thread panicked"))
+    }
 }
 
 async fn desire(bus: &fleetcast_runtime::Bus, app: &str, major: u64) -> anyhow::Result<()> {

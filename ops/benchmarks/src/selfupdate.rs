@@ -20,8 +20,6 @@
 
 use std::path::{Path, PathBuf};
 use std::process::{Child, Command, Stdio};
-use std::sync::Arc;
-use std::sync::atomic::{AtomicBool, Ordering};
 use std::time::{Duration, Instant, SystemTime};
 
 use anyhow::{Context, bail};
@@ -30,9 +28,7 @@ use fleetcast_events::SecretKey;
 use fleetcast_events::v1::{AgentStatus, AppState};
 use futures::StreamExt;
 
-use crate::agent::{
-    http_get_within, next_status, rss_kib, sibling_binary, wait_committed, wait_running,
-};
+use crate::agent::{next_status, rss_kib, sibling_binary, wait_committed, wait_running};
 use crate::ingest::{File, fresh_store, ingest_once, round, start_distributor, write_zip};
 
 pub(crate) async fn run_alone() -> anyhow::Result<String> {
@@ -122,19 +118,7 @@ pub(crate) async fn run(dir: &Path) -> anyhow::Result<serde_json::Value> {
     };
     let first_pid = app_pid().context("no app pid")?;
 
-    let stop = Arc::new(AtomicBool::new(false));
-    let flag = stop.clone();
-    let load = std::thread::spawn(move || {
-        let (mut made, mut failed) = (0u64, 0u64);
-        while !flag.load(Ordering::Relaxed) {
-            made += 1;
-            if http_get_within(port, "/version", Duration::from_secs(10)).is_none() {
-                failed += 1;
-            }
-            std::thread::sleep(Duration::from_millis(1));
-        }
-        (made, failed)
-    });
+    let load = crate::handover::Load::start(port);
 
     eprintln!("self-update: agent 2.0.0 under load");
     fleetcast_cli::desire(&bus, &agent_app, "default", &semver::Version::new(2, 0, 0)).await?;
@@ -166,10 +150,7 @@ pub(crate) async fn run(dir: &Path) -> anyhow::Result<serde_json::Value> {
         );
     }
     restarts += u64::from(app_pid().as_ref() != Some(&first_pid));
-    stop.store(true, Ordering::Relaxed);
-    let (made, failed) = tokio::task::spawn_blocking(move || load.join())
-        .await?
-        .map_err(|_| anyhow::anyhow!("load thread panicked"))?;
+    let (made, failed) = load.finish().await?;
     let rss = rss_kib(launcher.pid(), "VmRSS")?;
     let pss = pss_kib(launcher.pid())?;
     launcher.stop();
