@@ -201,6 +201,23 @@ async fn an_agent_identity_is_refused_everything_but_its_own_business() {
     .expect("publish")
     .await
     .expect("own status stored");
+    // And the agent's own releases, which every agent may take (gen-accounts adds them).
+    let own_agent = names::agent_app(std::env::consts::OS, std::env::consts::ARCH);
+    assert_eq!(
+        desired
+            .get(&format!("{own_agent}.default"))
+            .await
+            .expect("the agent release's desired state may be read"),
+        None
+    );
+    js.publish(
+        names::agent_status_subject("h1", "default", &own_agent),
+        "{}".into(),
+    )
+    .await
+    .expect("publish")
+    .await
+    .expect("status of the agent's own release stored");
 
     // Write desired state: its own key, another ring's.
     for key in ["shapp.default", "shapp.canary"] {
