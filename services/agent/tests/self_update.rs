@@ -380,7 +380,8 @@ async fn an_agent_or_launcher_killed_at_each_step_leaves_one_agent_and_the_app_r
             p.release(&agent, version, &good_agent()).await;
             p.desire(&agent, "default", version).await;
             until(&host, "the trial started", || {
-                host.root.join("trial.started").exists() && host.agent_pid() != before
+                host.root.join("trial.started").exists()
+                    && host.agent_pid().is_some_and(|pid| Some(pid) != before)
             })
             .await;
         }
@@ -437,4 +438,78 @@ async fn an_agent_or_launcher_killed_at_each_step_leaves_one_agent_and_the_app_r
     drop(launcher);
     until(&host, "no agent left after a stop", || host.agents() == 0).await;
     let _ = std::fs::remove_dir_all(&host.dir);
+}
+
+/// The agent's release as the tracker rolls it out, like any app's: 2.0.0 completes, with the
+/// host's agent version in the fleet view; a broken 3.0.0 is rolled back by the host and its
+/// failure halts the rollout, with the reason.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn the_tracker_rolls_an_agent_release_out_and_halts_a_broken_one() {
+    use fleetcast_tracker::api::Command;
+    use fleetcast_tracker::rollout::Phase;
+    let mut p = Pipeline::start().await.expect("pipeline");
+    p.start_tracker_with(p.tracker_settings());
+    let dir = tempfile::tempdir().expect("tmp");
+    let host = Host::new(&p, dir.path());
+    let agent = agent_app();
+    p.release("shapp", "1.0.0", &ticking_app("1.0.0")).await;
+    let launcher = host.launcher();
+    until(&host, "the app runs 1.0.0", || host.running() == "1.0.0").await;
+    let app = host.app_pid().expect("app pid");
+
+    // The rollout's phase and reason for the agent's release `version`, as the CLI asks.
+    let rollout = async |version: &str| {
+        let reply = p
+            .tracker_command(&Command::Show { app: agent.clone() })
+            .await
+            .ok()?;
+        let view = reply.rollout?;
+        (view.rollout.version == v(version)).then_some((view.rollout.phase, view.rollout.reason))
+    };
+    p.release(&agent, "2.0.0", &good_agent()).await;
+    let deadline = tokio::time::Instant::now() + Duration::from_secs(60);
+    while rollout("2.0.0").await.map(|r| r.0) != Some(Phase::Completed) {
+        assert!(
+            tokio::time::Instant::now() < deadline,
+            "the agent's 2.0.0 rollout never completed: {:?}\n{}",
+            rollout("2.0.0").await,
+            host.dump()
+        );
+        tokio::time::sleep(Duration::from_millis(200)).await;
+    }
+    assert_eq!(host.current(), "2.0.0");
+    let status = p.tracker_command(&Command::Status).await.expect("status");
+    let version = status
+        .agents
+        .iter()
+        .find(|a| a.agent.agent_id == "selfish")
+        .and_then(|a| a.agent.agent_version.clone());
+    assert_eq!(
+        version.as_deref(),
+        Some("2.0.0"),
+        "the fleet view's agent version"
+    );
+
+    p.release(&agent, "3.0.0", &agent_release("exit 3")).await;
+    let deadline = tokio::time::Instant::now() + Duration::from_secs(60);
+    let reason = loop {
+        if let Some((Phase::Halted, reason)) = rollout("3.0.0").await {
+            break reason.unwrap_or_default();
+        }
+        assert!(
+            tokio::time::Instant::now() < deadline,
+            "the broken agent's rollout never halted: {:?}\n{}",
+            rollout("3.0.0").await,
+            host.dump()
+        );
+        tokio::time::sleep(Duration::from_millis(200)).await;
+    };
+    assert!(
+        reason.contains("selfish") && reason.contains("exited with code 3"),
+        "{reason}"
+    );
+    assert_eq!(host.current(), "2.0.0");
+    until(&host, "one agent", || host.agents() == 1).await;
+    assert_eq!(host.app_pid(), Some(app), "the app was not restarted");
+    drop(launcher);
 }
