@@ -30,6 +30,9 @@ pub enum Exit {
     Detach = 1,
     /// Detach, and exit so that the launcher starts the trial of a new agent.
     RunTrial = 2,
+    /// Detach, and exit so that the launcher starts this agent again at once (the tracker's
+    /// remedy for an agent that hangs).
+    Restart = 3,
 }
 
 /// Takes what the launcher handed this process, if a launcher started it. Once, before any
@@ -61,6 +64,7 @@ pub fn exit() -> Exit {
     match EXIT.load(Ordering::SeqCst) {
         1 => Exit::Detach,
         2 => Exit::RunTrial,
+        3 => Exit::Restart,
         _ => Exit::Stop,
     }
 }

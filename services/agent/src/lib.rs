@@ -128,6 +128,8 @@ pub async fn run(settings: Settings, shutdown: CancellationToken) -> Result<(), 
     let (soaked_tx, soaked_rx) = tokio::sync::oneshot::channel::<()>();
     let mut soaked_tx = launcher.filter(|l| l.is_trial()).map(|_| soaked_tx);
     let mut soaked_rx = Some(soaked_rx);
+    // The tracker's "retry now" for one app, passed to its loop.
+    let mut retries = std::collections::BTreeMap::new();
     for app in &apps {
         // An app whose state cannot be read (both journal slots torn, its folder unusable) is
         // isolated: reported failed, neither supervised nor updated until it can be read again,
@@ -143,10 +145,15 @@ pub async fn run(settings: Settings, shutdown: CancellationToken) -> Result<(), 
         }
         beats.push(rx);
         let recheck = spread(&settings.agent_id, &app.name, settings.recheck);
-        let soaked = if *app == settings::AppSettings::for_agent() {
-            soaked_rx.take()
-        } else {
-            None
+        let (retry_tx, retry) = tokio::sync::mpsc::channel(1);
+        retries.insert(app.name.clone(), retry_tx);
+        let nudges = Nudges {
+            soaked: if *app == settings::AppSettings::for_agent() {
+                soaked_rx.take()
+            } else {
+                None
+            },
+            retry,
         };
         let (app, host, trust, bus, shutdown) = (
             app.clone(),
@@ -169,12 +176,25 @@ pub async fn run(settings: Settings, shutdown: CancellationToken) -> Result<(), 
                 }
             };
             let _ = tx.send(runner.snapshot());
-            app_loop(runner, bus, recheck, roots, tx, soaked, shutdown).await;
+            app_loop(runner, bus, recheck, roots, tx, nudges, shutdown).await;
         }));
     }
     tasks.push(tokio::spawn(
         following.run(settings.recheck, shutdown.clone()),
     ));
+    match bus
+        .client
+        .subscribe(fleetcast_events::names::remedy_subject(&settings.agent_id))
+        .await
+    {
+        Ok(remedies) => tasks.push(tokio::spawn(follow_remedies(
+            remedies,
+            settings.agent_id.clone(),
+            retries,
+            shutdown.clone(),
+        ))),
+        Err(e) => tracing::warn!(error = %e, "the tracker's remedies cannot be received"),
+    }
     let mut was_stale = false;
     let mut last_notes: Vec<String> = Vec::new();
     let host_name = std::fs::read_to_string("/etc/hostname")
@@ -249,6 +269,65 @@ pub async fn run(settings: Settings, shutdown: CancellationToken) -> Result<(), 
         let _ = task.await;
     }
     Ok(())
+}
+
+/// What reaches one app's loop besides its desired state: the end of this agent's soak (its
+/// own app, on trial), the tracker's "retry now".
+struct Nudges {
+    soaked: Option<tokio::sync::oneshot::Receiver<()>>,
+    retry: tokio::sync::mpsc::Receiver<()>,
+}
+
+/// The tracker's remedies for this agent ([`fleetcast_events::v1::AgentRemedy`]), on its own
+/// subject, which only the tracker may publish on: "retry now" goes to the app's loop,
+/// "restart" ends this agent for the launcher to start again (the apps keep running). A
+/// message that does not decode or names another agent is ignored, with a warning.
+async fn follow_remedies(
+    mut remedies: async_nats::Subscriber,
+    agent_id: String,
+    retries: std::collections::BTreeMap<String, tokio::sync::mpsc::Sender<()>>,
+    shutdown: CancellationToken,
+) {
+    use fleetcast_events::v1::{AgentRemedy, RemedyAction};
+    loop {
+        let message = tokio::select! {
+            _ = shutdown.cancelled() => return,
+            message = remedies.next() => match message {
+                Some(m) => m,
+                None => return,
+            },
+        };
+        let remedy: AgentRemedy = match Encoding::Json.decode(&message.payload) {
+            Ok(r) => r,
+            Err(e) => {
+                tracing::warn!(error = %e, "a remedy that does not decode; ignored");
+                continue;
+            }
+        };
+        if remedy.agent_id != agent_id {
+            tracing::warn!(to = %remedy.agent_id, "a remedy for another agent; ignored");
+            continue;
+        }
+        match remedy.action {
+            RemedyAction::Retry { app } => match retries.get(&app) {
+                Some(retry) => {
+                    tracing::info!(%app, reason = %remedy.reason, "the tracker asks to retry now");
+                    // A retry already waiting is enough.
+                    let _ = retry.try_send(());
+                }
+                None => {
+                    tracing::warn!(%app, "the tracker asks to retry an app this agent does not run; ignored")
+                }
+            },
+            RemedyAction::Restart if launched::launcher().is_some() => {
+                tracing::warn!(reason = %remedy.reason, "the tracker asks this agent to restart; the launcher starts it again and it adopts the apps");
+                launched::request_exit(launched::Exit::Restart);
+            }
+            RemedyAction::Restart => {
+                tracing::warn!(reason = %remedy.reason, "the tracker asks this agent to restart, but it was not started by fleetcast-launcher: a restart would restart its apps; ignored")
+            }
+        }
+    }
 }
 
 /// This trial agent has qualified: the launcher is told, and the soak begins.
@@ -384,9 +463,13 @@ async fn app_loop(
     mut ticker: tokio::time::Interval,
     mut roots: watch::Receiver<u64>,
     beat: watch::Sender<updater::Snapshot>,
-    mut soaked: Option<tokio::sync::oneshot::Receiver<()>>,
+    nudges: Nudges,
     shutdown: CancellationToken,
 ) {
+    let Nudges {
+        mut soaked,
+        mut retry,
+    } = nudges;
     let app = runner.settings.name.clone();
     let ring = runner.ring().to_string();
     // What the app does between updates (a start refused, a start that works again) is
@@ -515,6 +598,15 @@ async fn app_loop(
                             let _ = beat.send(runner.snapshot());
                         }
                         None
+                    }
+                    // The tracker's remedy for a host stuck behind its ring.
+                    Some(()) = retry.recv() => {
+                        retry_at = None;
+                        retry_delay = Duration::from_secs(1);
+                        match &pending {
+                            Some((_, bytes)) => Some(bytes.clone()),
+                            None => stored(&bus).await,
+                        }
                     }
                     // A new root may accept what the old one refused.
                     Ok(()) = roots.changed() => stored(&bus).await,

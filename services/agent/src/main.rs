@@ -12,9 +12,9 @@ fn main() -> std::process::ExitCode {
         fleetcast_runtime::service::Threads::One,
         run,
     );
-    // Handing over to a new agent: the launcher runs it on trial next.
+    // Handing over to a new agent (the launcher runs it on trial next), or to this one again.
     match fleetcast_agent::launched::exit() {
-        fleetcast_agent::launched::Exit::RunTrial => {
+        fleetcast_agent::launched::Exit::RunTrial | fleetcast_agent::launched::Exit::Restart => {
             std::process::ExitCode::from(fleetcast_agent::launched::EXIT_RUN_TRIAL)
         }
         _ => code,

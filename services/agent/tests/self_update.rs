@@ -344,6 +344,30 @@ async fn the_agent_updates_itself_adopting_its_app_and_goes_back_from_a_broken_r
     until(&host, "one agent", || host.agents() == 1).await;
     assert_eq!(host.app_pid(), Some(app), "the app was not restarted");
     assert_eq!(host.running(), "1.0.0");
+
+    // The tracker's remedy for an agent that hangs: restart. The launcher starts it again and
+    // the app keeps running.
+    let before = host.agent_pid();
+    let remedy = fleetcast_events::v1::AgentRemedy {
+        agent_id: "selfish".into(),
+        action: fleetcast_events::v1::RemedyAction::Restart,
+        reason: "stuck".into(),
+        at: time::OffsetDateTime::now_utc(),
+    };
+    let bus = p.bus().await.expect("bus");
+    bus.client
+        .publish(
+            fleetcast_events::names::remedy_subject("selfish"),
+            serde_json::to_vec(&remedy).expect("json").into(),
+        )
+        .await
+        .expect("publish");
+    bus.client.flush().await.expect("flush");
+    until(&host, "the agent restarted", || {
+        host.agent_pid().is_some_and(|pid| Some(pid) != before) && host.agents() == 1
+    })
+    .await;
+    assert_eq!(host.app_pid(), Some(app), "the app was not restarted");
     drop(launcher);
     until(&host, "no agent left after a stop", || host.agents() == 0).await;
 }

@@ -332,6 +332,13 @@ pub fn validate_agent_id(id: &str) -> Result<(), String> {
 }
 
 /// App names are used in subjects, keys and file names, so they are kept to a safe alphabet.
+/// The tracker's remedies for one agent ([`crate::v1::AgentRemedy`]): `<prefix>.<agent id>`.
+pub const REMEDY_PREFIX: &str = "fleetcast.v1.remedy";
+
+pub fn remedy_subject(agent_id: &str) -> String {
+    format!("{REMEDY_PREFIX}.{agent_id}")
+}
+
 /// The prefix of the apps the agent's own releases are published as (one per platform).
 pub const AGENT_APP_PREFIX: &str = "fleetcast-agent";
 

@@ -32,6 +32,7 @@ pub fn all() -> Vec<(&'static str, Schema)> {
         one::<SlotReply>("slot-reply"),
         one::<AgentStatus>("agent-status"),
         one::<AgentHeartbeat>("agent-heartbeat"),
+        one::<AgentRemedy>("agent-remedy"),
         one::<HistoryEntry>("history-entry"),
     ]
 }

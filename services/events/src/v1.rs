@@ -399,6 +399,32 @@ pub struct AgentStatus {
     pub at: OffsetDateTime,
 }
 
+/// The tracker asks one agent to act on a lag it does not get out of alone (the tracker's
+/// laggard remedies): published on `fleetcast.v1.remedy.<agent id>`, which only the tracker
+/// may publish on and only that agent read.
+#[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize, JsonSchema)]
+#[serde(deny_unknown_fields)]
+pub struct AgentRemedy {
+    pub agent_id: String,
+    pub action: RemedyAction,
+    /// Why, as the tracker's laggards say it.
+    pub reason: String,
+    #[serde(with = "time::serde::rfc3339")]
+    #[schemars(with = "String")]
+    pub at: OffsetDateTime,
+}
+
+#[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize, JsonSchema)]
+#[serde(rename_all = "snake_case", tag = "kind")]
+pub enum RemedyAction {
+    /// Read the app's desired state again and act on it now (a missed announcement, a wait
+    /// in a retry's backoff).
+    Retry { app: String },
+    /// Exit and be started again by the launcher, which keeps the apps running (an agent
+    /// that hangs). An agent not under the launcher ignores it: it would restart its apps.
+    Restart,
+}
+
 #[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize, JsonSchema)]
 #[serde(deny_unknown_fields)]
 pub struct AgentHeartbeat {
@@ -632,10 +658,14 @@ pub enum HistoryKind {
     /// in dry run, would have been); `reason` says why and how the call ended.
     #[serde(rename = "host.replaced")]
     HostReplaced,
+    /// The tracker asked a host stuck behind its ring to retry now or to restart its agent
+    /// (`reason` says which and why).
+    #[serde(rename = "host.remedied")]
+    HostRemedied,
 }
 
 impl HistoryKind {
-    pub const ALL: [HistoryKind; 19] = [
+    pub const ALL: [HistoryKind; 20] = [
         HistoryKind::ReleasePublished,
         HistoryKind::PackageDetected,
         HistoryKind::PackageRejected,
@@ -655,6 +685,7 @@ impl HistoryKind {
         HistoryKind::HostRolledBack,
         HistoryKind::OperatorAction,
         HistoryKind::HostReplaced,
+        HistoryKind::HostRemedied,
     ];
 }
 

@@ -446,6 +446,37 @@ pub fn host_failed(rollout: &Rollout, agent: &str, reason: &str, now: OffsetDate
     (e, id)
 }
 
+/// What the tracker did about `laggard` (`kind`), by itself: `<lag>: <what>`.
+fn laggard_entry(
+    kind: HistoryKind,
+    laggard: &crate::laggards::Laggard,
+    what: &str,
+    now: OffsetDateTime,
+) -> HistoryEntry {
+    let mut e = HistoryEntry::new(kind, now);
+    e.app = Some(laggard.app.clone());
+    e.version = Some(laggard.version.clone());
+    e.ring = Some(laggard.ring.clone());
+    e.agent = Some(laggard.agent_id.clone());
+    e.actor = Some("tracker".into());
+    e.reason = Some(format!("{}: {what}", laggard.lag.kind()));
+    e
+}
+
+/// A remedy sent to `laggard`'s agent.
+pub fn host_remedied(
+    laggard: &crate::laggards::Laggard,
+    remedy: crate::laggards::Remedied,
+    now: OffsetDateTime,
+) -> Pending {
+    let e = laggard_entry(HistoryKind::HostRemedied, laggard, remedy.said(), now);
+    let id = format!(
+        "remedy:{}:{}:{}:{remedy:?}",
+        laggard.app, laggard.agent_id, laggard.version
+    );
+    (e, id)
+}
+
 /// A call of the replacement hook for `laggard` (or, in dry run, the call it would have been),
 /// and how it ended.
 pub fn host_replaced(
@@ -453,13 +484,7 @@ pub fn host_replaced(
     outcome: &str,
     now: OffsetDateTime,
 ) -> Pending {
-    let mut e = HistoryEntry::new(HistoryKind::HostReplaced, now);
-    e.app = Some(laggard.app.clone());
-    e.version = Some(laggard.version.clone());
-    e.ring = Some(laggard.ring.clone());
-    e.agent = Some(laggard.agent_id.clone());
-    e.actor = Some("tracker".into());
-    e.reason = Some(format!("{}: {outcome}", laggard.lag.kind()));
+    let e = laggard_entry(HistoryKind::HostReplaced, laggard, outcome, now);
     let id = format!(
         "replace:{}:{}:{}",
         laggard.app,

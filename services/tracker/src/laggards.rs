@@ -111,6 +111,80 @@ impl Default for ReplaceSettings {
     }
 }
 
+/// The remedies the tracker sends a stuck host's agent (`[remedy]`): it is online and says
+/// nothing is wrong, yet it does not run its ring's version. First ask it to read its desired
+/// state again and act on it (`retry_after` after its ring started; it may have missed the
+/// announcement or be waiting out a retry's backoff), then to restart (`restart_after`: an agent
+/// that hangs; the launcher starts it again and it adopts the running apps). Each once per
+/// host and version; each recorded in the history (`host.remedied`).
+#[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize)]
+#[serde(deny_unknown_fields, default)]
+pub struct RemedySettings {
+    pub enabled: bool,
+    #[serde(with = "humantime_serde")]
+    pub retry_after: Duration,
+    #[serde(with = "humantime_serde")]
+    pub restart_after: Duration,
+}
+
+impl Default for RemedySettings {
+    fn default() -> Self {
+        RemedySettings {
+            enabled: true,
+            retry_after: Duration::from_secs(20 * 60),
+            restart_after: Duration::from_secs(40 * 60),
+        }
+    }
+}
+
+/// How far the remedies went for one host's lag on one version.
+#[derive(Debug, Clone, Copy, PartialEq, Eq, PartialOrd, Ord, Serialize, Deserialize)]
+#[serde(rename_all = "snake_case")]
+pub enum Remedied {
+    Retry,
+    Restart,
+}
+
+impl Remedied {
+    pub fn said(self) -> &'static str {
+        match self {
+            Remedied::Retry => "asked to retry now",
+            Remedied::Restart => "agent asked to restart",
+        }
+    }
+}
+
+/// The remedies to send now: each stuck laggard whose lag reached the next step that it was
+/// not sent yet (`sent`, by agent, app and version).
+pub fn to_remedy<'a>(
+    laggards: &'a [Laggard],
+    now: OffsetDateTime,
+    settings: &RemedySettings,
+    sent: &BTreeMap<(String, String, Version), Remedied>,
+) -> Vec<(&'a Laggard, Remedied)> {
+    if !settings.enabled {
+        return Vec::new();
+    }
+    laggards
+        .iter()
+        .filter_map(|l| {
+            let Lag::Stuck { since } = l.lag else {
+                return None;
+            };
+            let key = (l.agent_id.clone(), l.app.clone(), l.version.clone());
+            let done = sent.get(&key).copied();
+            let stuck = now - since;
+            if stuck >= settings.restart_after && done < Some(Remedied::Restart) {
+                Some((l, Remedied::Restart))
+            } else if stuck >= settings.retry_after && done.is_none() {
+                Some((l, Remedied::Retry))
+            } else {
+                None
+            }
+        })
+        .collect()
+}
+
 /// The laggards to replace now, of `laggards`: offline or stuck for `after` or longer, not
 /// called for already (`called`), in rings with at least `min_healthy` healthy hosts, at most
 /// `max_at_once` minus the calls `running`.
@@ -405,5 +479,55 @@ mod tests {
             ..settings
         };
         assert!(to_replace(&found, &fleet, later, TIMING, &no_hook, &none, 0).is_empty());
+    }
+
+    #[test]
+    fn a_stuck_host_is_asked_to_retry_then_to_restart_once_each() {
+        let now = OffsetDateTime::now_utc();
+        let stuck = |agent: &str, minutes: i64| Laggard {
+            app: "web".into(),
+            version: v("2.0.0"),
+            agent_id: agent.into(),
+            ring: "default".into(),
+            running: Some(v("1.0.0")),
+            state: AppState::Running,
+            lag: Lag::Stuck {
+                since: now - time::Duration::minutes(minutes),
+            },
+            remediation: None,
+        };
+        let mut offline = stuck("h4", 90);
+        offline.lag = Lag::Offline {
+            last_seen: now - time::Duration::minutes(90),
+        };
+        let laggards = vec![stuck("h1", 5), stuck("h2", 25), stuck("h3", 45), offline];
+        let settings = RemedySettings::default();
+        let mut sent = BTreeMap::new();
+        let plan: Vec<(&str, Remedied)> = to_remedy(&laggards, now, &settings, &sent)
+            .into_iter()
+            .map(|(l, r)| (l.agent_id.as_str(), r))
+            .collect();
+        // Not yet at 5 minutes; a retry at 25; straight to a restart at 45; nothing to an
+        // offline host (it hears nothing: the replacement hook is for it).
+        assert_eq!(plan, [("h2", Remedied::Retry), ("h3", Remedied::Restart)]);
+        for (agent, r) in plan {
+            sent.insert((agent.to_string(), "web".to_string(), v("2.0.0")), r);
+        }
+        assert!(
+            to_remedy(&laggards, now, &settings, &sent).is_empty(),
+            "once each"
+        );
+        // h2 still stuck at 45 minutes: now the restart.
+        let later = now + time::Duration::minutes(20);
+        let plan: Vec<(&str, Remedied)> = to_remedy(&laggards, later, &settings, &sent)
+            .into_iter()
+            .map(|(l, r)| (l.agent_id.as_str(), r))
+            .collect();
+        assert_eq!(plan, [("h1", Remedied::Retry), ("h2", Remedied::Restart)]);
+        let off = RemedySettings {
+            enabled: false,
+            ..settings
+        };
+        assert!(to_remedy(&laggards, later, &off, &BTreeMap::new()).is_empty());
     }
 }

@@ -124,6 +124,8 @@ struct State {
     /// still lag; and the calls running.
     replace_called: BTreeSet<String>,
     replace_running: usize,
+    /// Remedies sent to stuck hosts, by agent, app and version, while they still lag.
+    remedied: BTreeMap<(String, String, semver::Version), crate::laggards::Remedied>,
 }
 
 /// How many of a version's newest history entries are read for a timeline's marks (rings,
@@ -688,6 +690,7 @@ impl Tracker {
                 }
             }
             self.replace_laggards(now).await;
+            self.remedy_laggards(now).await;
             self.write_unwritten().await;
             self.flush_history().await;
             for (app, version, directive, effects) in todo {
@@ -755,6 +758,78 @@ impl Tracker {
                 state.replace_running = state.replace_running.saturating_sub(1);
                 state.history.push(entry);
             });
+        }
+    }
+
+    /// Sends the remedies [`crate::laggards::to_remedy`] picks to the stuck hosts' agents, each
+    /// on the agent's own subject (only the tracker may publish there), and records them.
+    async fn remedy_laggards(&self, now: OffsetDateTime) {
+        if !self.settings.remedy.enabled {
+            return;
+        }
+        let plan: Vec<(Laggard, crate::laggards::Remedied)> = {
+            let mut state = self.state.lock().await;
+            let state = &mut *state;
+            let all: Vec<Laggard> = self.laggards_of(state, None, now).collect();
+            // A host that caught up starts over if it lags again (another version).
+            state.remedied.retain(|(agent, app, version), _| {
+                all.iter()
+                    .any(|l| l.agent_id == *agent && l.app == *app && l.version == *version)
+            });
+            crate::laggards::to_remedy(&all, now, &self.settings.remedy, &state.remedied)
+                .into_iter()
+                .map(|(l, r)| (l.clone(), r))
+                .collect()
+        };
+        for (laggard, remedy) in plan {
+            let action = match remedy {
+                crate::laggards::Remedied::Retry => fleetcast_events::v1::RemedyAction::Retry {
+                    app: laggard.app.clone(),
+                },
+                crate::laggards::Remedied::Restart => fleetcast_events::v1::RemedyAction::Restart,
+            };
+            let message = fleetcast_events::v1::AgentRemedy {
+                agent_id: laggard.agent_id.clone(),
+                action,
+                reason: format!(
+                    "{} {} not running {} since {}",
+                    laggard.lag.kind(),
+                    laggard.app,
+                    laggard.version,
+                    match laggard.lag {
+                        crate::laggards::Lag::Stuck { since } => since.to_string(),
+                        _ => String::new(),
+                    }
+                ),
+                at: now,
+            };
+            let subject = fleetcast_events::names::remedy_subject(&laggard.agent_id);
+            let sent = match Encoding::Json.encode(&message) {
+                Ok(bytes) => self
+                    .bus
+                    .client
+                    .publish(subject, bytes.into())
+                    .await
+                    .map_err(|e| e.to_string()),
+                Err(e) => Err(e.to_string()),
+            };
+            if let Err(e) = sent {
+                tracing::warn!(agent = %laggard.agent_id, error = %e, "remedy not sent; tried again next tick");
+                continue;
+            }
+            tracing::warn!(agent = %laggard.agent_id, app = %laggard.app, version = %laggard.version, remedy = remedy.said(), "stuck host remedied");
+            let mut state = self.state.lock().await;
+            state.remedied.insert(
+                (
+                    laggard.agent_id.clone(),
+                    laggard.app.clone(),
+                    laggard.version.clone(),
+                ),
+                remedy,
+            );
+            state
+                .history
+                .push(history::host_remedied(&laggard, remedy, now));
         }
     }
 
@@ -1377,8 +1452,17 @@ impl Tracker {
         };
         self.laggards_of(&state, app, now)
             .map(|mut l| {
-                if state.replace_called.contains(&l.agent_id) {
-                    l.remediation = Some(remediation.into());
+                let remedied = state
+                    .remedied
+                    .get(&(l.agent_id.clone(), l.app.clone(), l.version.clone()))
+                    .map(|r| r.said());
+                let replaced = state
+                    .replace_called
+                    .contains(&l.agent_id)
+                    .then_some(remediation);
+                let done: Vec<&str> = remedied.into_iter().chain(replaced).collect();
+                if !done.is_empty() {
+                    l.remediation = Some(done.join("; "));
                 }
                 l
             })

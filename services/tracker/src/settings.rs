@@ -40,6 +40,8 @@ pub struct Settings {
     pub stuck_after: Duration,
     /// The replacement hook for hosts offline or stuck too long (`[replace]`).
     pub replace: crate::laggards::ReplaceSettings,
+    /// Remedies for stuck hosts: retry now, then restart the agent (`[remedy]`).
+    pub remedy: crate::laggards::RemedySettings,
     /// A slot not finished within this is freed (the host died or hung).
     #[serde(with = "humantime_serde")]
     pub slot_lease: Duration,
@@ -66,6 +68,7 @@ impl Default for Settings {
             prune_after: Duration::from_secs(7 * 24 * 3600),
             stuck_after: Duration::from_secs(900),
             replace: Default::default(),
+            remedy: Default::default(),
             slot_lease: Duration::from_secs(600),
             tick: Duration::from_secs(1),
             apps: BTreeMap::new(),

@@ -291,9 +291,18 @@ async fn an_agent_identity_is_refused_everything_but_its_own_business() {
         names::desired_subject("otherapp", "default"),
         names::desired_subject("shapp", "canary"),
         format!("{}>", names::DESIRED_SUBJECT_PREFIX),
+        // Another agent's remedies from the tracker.
+        names::remedy_subject("h2"),
     ] {
         let _sub = h1.subscribe(subject.clone()).await.expect("sent");
         refused.subscription_refused(&subject).await;
+    }
+    // Nor may it send one, to itself or another agent: only the tracker may.
+    for subject in [names::remedy_subject("h1"), names::remedy_subject("h2")] {
+        h1.publish(subject.clone(), "{}".into())
+            .await
+            .expect("sent");
+        refused.publish_refused(&subject).await;
     }
     let other_app = format!(
         "$JS.API.DIRECT.GET.KV_{0}.$KV.{0}.otherapp.default",

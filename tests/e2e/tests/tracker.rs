@@ -787,6 +787,52 @@ async fn the_dashboard_says_when_the_tracker_is_cut_off_from_nats() {
     );
 }
 
+/// The tracker's only laggard (there must be exactly one).
+async fn the_one_laggard(p: &Pipeline) -> fleetcast_tracker::laggards::Laggard {
+    let laggards = p
+        .tracker_command(&Command::Laggards { app: None })
+        .await
+        .expect("laggards")
+        .laggards;
+    assert_eq!(laggards.len(), 1, "{laggards:?}");
+    laggards[0].clone()
+}
+
+/// The query for `shapp`'s history entries of `kind`, and those entries once there are at
+/// least `count`.
+async fn shapp_history(
+    p: &Pipeline,
+    kind: fleetcast_events::v1::HistoryKind,
+    count: usize,
+) -> (
+    fleetcast_tracker::history::HistoryQuery,
+    Vec<fleetcast_events::v1::HistoryEntry>,
+) {
+    let query = fleetcast_tracker::history::HistoryQuery {
+        app: Some("shapp".into()),
+        kind: Some(kind),
+        version: None,
+        actor: None,
+        limit: None,
+    };
+    let deadline = tokio::time::Instant::now() + TIMEOUT;
+    loop {
+        let history = p
+            .tracker_command(&Command::History(query.clone()))
+            .await
+            .expect("history")
+            .history;
+        if history.len() >= count {
+            return (query, history);
+        }
+        assert!(
+            tokio::time::Instant::now() < deadline,
+            "fewer than {count} {kind} entries: {history:?}"
+        );
+        tokio::time::sleep(Duration::from_millis(200)).await;
+    }
+}
+
 /// A host offline past `replace.after` in a ring that still has healthy hosts: the replacement
 /// hook is called for it once, with its identity, and the call is in the history; in dry run,
 /// only the history says what would have been called.
@@ -811,26 +857,9 @@ async fn an_offline_laggard_is_replaced(dry_run: bool) {
     let (_hosts, _) = fleet_in(&mut p, settings, three_hosts(), &THREE_AGENTS).await;
     h3_left_behind(&mut p).await;
 
-    let query = fleetcast_tracker::history::HistoryQuery {
-        app: Some("shapp".into()),
-        kind: Some(fleetcast_events::v1::HistoryKind::HostReplaced),
-        version: None,
-        actor: None,
-        limit: None,
-    };
-    let deadline = tokio::time::Instant::now() + TIMEOUT;
-    let entry = loop {
-        let history = p
-            .tracker_command(&Command::History(query.clone()))
-            .await
-            .expect("history")
-            .history;
-        if let Some(entry) = history.first() {
-            break entry.clone();
-        }
-        assert!(tokio::time::Instant::now() < deadline, "never replaced");
-        tokio::time::sleep(Duration::from_millis(200)).await;
-    };
+    let (query, history) =
+        shapp_history(&p, fleetcast_events::v1::HistoryKind::HostReplaced, 1).await;
+    let entry = history[0].clone();
     assert_eq!(entry.agent.as_deref(), Some("h3"));
     let reason = entry.reason.unwrap_or_default();
     // A few more ticks: still called once.
@@ -842,18 +871,13 @@ async fn an_offline_laggard_is_replaced(dry_run: bool) {
         .history;
     assert_eq!(history.len(), 1, "{history:?}");
     // The laggard says what was done about it.
-    let laggards = p
-        .tracker_command(&Command::Laggards { app: None })
-        .await
-        .expect("laggards")
-        .laggards;
-    assert_eq!(laggards.len(), 1, "{laggards:?}");
+    let laggard = the_one_laggard(&p).await;
     assert!(
-        laggards[0]
+        laggard
             .remediation
             .as_deref()
             .is_some_and(|r| r.starts_with("replacement")),
-        "{laggards:?}"
+        "{laggard:?}"
     );
     if dry_run {
         assert_eq!(reason, "offline: dry run, nothing called");
@@ -875,4 +899,71 @@ async fn an_offline_laggard_is_replaced_once_by_the_hook() {
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn a_dry_run_of_the_replacement_hook_calls_nothing() {
     an_offline_laggard_is_replaced(true).await;
+}
+
+/// A host online but stuck behind its ring (here: its agent waits a minute before it fetches
+/// anything, `fetch_delay`): the tracker asks its agent to retry now, then to restart, each
+/// once, on the agent's own subject; each is in the history and the laggard says so.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_stuck_host_is_asked_to_retry_then_to_restart() {
+    use fleetcast_events::v1::{AgentRemedy, HistoryKind, RemedyAction};
+    let mut p = Pipeline::start().await.expect("pipeline");
+    let mut settings = p.tracker_settings();
+    settings.stuck_after = Duration::from_secs(1);
+    settings.remedy = fleetcast_tracker::laggards::RemedySettings {
+        enabled: true,
+        retry_after: Duration::from_secs(1),
+        restart_after: Duration::from_secs(3),
+    };
+    p.start_tracker_with(settings);
+    let hosts = tempfile::tempdir().expect("tmp");
+    let mut agent = p.agent_settings("h1", "default", &hosts.path().join("h1"));
+    agent.fetch_delay = Duration::from_secs(60);
+    p.start_agent(agent);
+    let bus = p.bus().await.expect("bus");
+    let mut remedies = bus
+        .client
+        .subscribe(fleetcast_events::names::remedy_subject("h1"))
+        .await
+        .expect("subscribe");
+    p.release("shapp", "1.0.0", &script_app("1.0.0", true))
+        .await;
+
+    let mut actions = Vec::new();
+    while actions.len() < 2 {
+        let message = tokio::time::timeout(TIMEOUT, remedies.next())
+            .await
+            .expect("a remedy in time")
+            .expect("subscription");
+        let remedy: AgentRemedy = serde_json::from_slice(&message.payload).expect("a remedy");
+        assert_eq!(remedy.agent_id, "h1");
+        actions.push(remedy.action);
+    }
+    assert_eq!(
+        actions,
+        [
+            RemedyAction::Retry {
+                app: "shapp".into()
+            },
+            RemedyAction::Restart
+        ]
+    );
+    let (_, history) = shapp_history(&p, HistoryKind::HostRemedied, 2).await;
+    let mut reasons: Vec<String> = history.iter().filter_map(|e| e.reason.clone()).collect();
+    reasons.sort();
+    assert_eq!(
+        reasons,
+        ["stuck: agent asked to restart", "stuck: asked to retry now"]
+    );
+    // Once each: nothing more a few ticks later.
+    assert!(
+        tokio::time::timeout(Duration::from_secs(2), remedies.next())
+            .await
+            .is_err(),
+        "a remedy sent twice"
+    );
+    assert_eq!(
+        the_one_laggard(&p).await.remediation.as_deref(),
+        Some("agent asked to restart")
+    );
 }
