@@ -1,6 +1,7 @@
 //! Crash points for the crash-matrix tests. With the `fault-points` feature, [`hit`] aborts the
-//! agent (no cleanup, no drop handlers: as a kill -9 would) when `FLEETCAST_AGENT_FAULT` names
-//! the point; without the feature it compiles to nothing.
+//! agent (no cleanup, no drop handlers: as a kill -9 would) when `FLEETCAST_FAULT_POINT` names
+//! the point; without the feature it compiles to nothing. (Not `FLEETCAST_AGENT_…`: the agent
+//! reads those as its settings, and refuses to start on one it does not know.)
 
 /// Every point, in the order an update passes them.
 pub const POINTS: &[&str] = &[
@@ -21,9 +22,17 @@ pub const POINTS: &[&str] = &[
     "rollback-started",
 ];
 
+/// The agent's own upgrade (docs/self-update.md): the old agent has told the launcher to run
+/// the new one on trial and not exited yet; the new one has become the launcher's current and
+/// not recorded it in its journal yet.
+pub const SELF_UPDATE_POINTS: &[&str] = &["trial-written", "promoted"];
+
+/// The variable naming the point to abort at.
+pub const ENV: &str = "FLEETCAST_FAULT_POINT";
+
 #[cfg(feature = "fault-points")]
 pub fn hit(point: &str) {
-    if std::env::var("FLEETCAST_AGENT_FAULT").is_ok_and(|p| p == point) {
+    if std::env::var(ENV).is_ok_and(|p| p == point) {
         eprintln!("fault point {point}: aborting");
         std::process::abort();
     }

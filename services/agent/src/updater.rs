@@ -575,6 +575,7 @@ impl AppRunner {
                 "the launcher's trial file: {e}"
             )));
         }
+        fault::hit("trial-written");
         tracing::warn!(version = %target, "handing over to the new agent on trial; the apps keep running");
         crate::launched::request_exit(crate::launched::Exit::RunTrial);
         Ok(())
@@ -595,6 +596,7 @@ impl AppRunner {
             crate::launched::request_exit(crate::launched::Exit::Detach);
             return;
         }
+        fault::hit("promoted");
         if let Err(e) = self.commit_self(from, target).await {
             tracing::error!(error = %e, "the agent's journal is not updated");
         }

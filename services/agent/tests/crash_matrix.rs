@@ -42,7 +42,7 @@ impl Case {
             .stdout(Stdio::null())
             .stderr(Stdio::null());
         if let Some(point) = fault {
-            cmd.env("FLEETCAST_AGENT_FAULT", point);
+            cmd.env(fleetcast_agent::fault::ENV, point);
         }
         cmd.spawn().expect("start agent")
     }
@@ -144,9 +144,11 @@ async fn every_crash_point_ends_with_one_complete_version_running() {
                 .await
                 .expect("join")
                 .expect("wait");
-            assert!(
-                !status.success(),
-                "{target} {point}: the agent did not stop at its fault point"
+            // Aborted there, and nowhere else (a config it refused would also fail).
+            assert_eq!(
+                std::os::unix::process::ExitStatusExt::signal(&status),
+                Some(libc::SIGABRT),
+                "{target} {point}: the agent did not stop at its fault point ({status})"
             );
 
             // Restarted: it finishes or reverts, and converges.

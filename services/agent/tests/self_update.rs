@@ -75,6 +75,10 @@ struct Host {
 
 impl Host {
     fn new(p: &Pipeline, dir: &Path) -> Host {
+        Host::in_ring(p, dir, "default")
+    }
+
+    fn in_ring(p: &Pipeline, dir: &Path, ring: &str) -> Host {
         let (data, state, root) = (dir.join("data"), dir.join("state"), dir.join("launcher"));
         std::fs::create_dir_all(&state).expect("state");
         let config = dir.join("agent.toml");
@@ -84,7 +88,9 @@ impl Host {
                 "selfish",
                 &data,
                 &state,
-                "fetch_delay = \"0s\"\n[self_update]\nqualify = \"6s\"\nsoak = \"2s\"\n",
+                &format!(
+                    "ring = \"{ring}\"\nfetch_delay = \"0s\"\n[self_update]\nqualify = \"6s\"\nsoak = \"2s\"\n"
+                ),
             ),
         )
         .expect("config");
@@ -99,6 +105,11 @@ impl Host {
     }
 
     fn launcher(&self) -> Launched {
+        self.launcher_with(None)
+    }
+
+    /// The launcher, its agents aborting at `fault` (the `fault-points` feature).
+    fn launcher_with(&self, fault: Option<&str>) -> Launched {
         let log = std::fs::OpenOptions::new()
             .create(true)
             .append(true)
@@ -114,6 +125,7 @@ impl Host {
             .arg(&self.config)
             .env("RUST_LOG", "info")
             .env("FLEETCAST_LOG_FORMAT", "json")
+            .envs(fault.map(|f| (fleetcast_agent::fault::ENV, f)))
             .stdout(Stdio::null())
             .stderr(log)
             .spawn()
@@ -536,4 +548,53 @@ async fn the_tracker_rolls_an_agent_release_out_and_halts_a_broken_one() {
     until(&host, "one agent", || host.agents() == 1).await;
     assert_eq!(host.app_pid(), Some(app), "the app was not restarted");
     drop(launcher);
+}
+
+/// The agents aborted (as a kill -9 would) inside the upgrade's own steps: the old one after it
+/// told the launcher to run the trial, before it exited; the new one after it became the
+/// launcher's current, before its journal said so. Each ends with the new agent current and
+/// committed, one agent, the app never restarted.
+#[cfg(feature = "fault-points")]
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn an_agent_aborted_inside_its_upgrade_ends_on_the_new_one_with_the_app_running() {
+    let p = Pipeline::start().await.expect("pipeline");
+    let agent = agent_app();
+    p.release(&agent, "2.0.0", &good_agent()).await;
+    p.release("shapp", "1.0.0", &ticking_app("1.0.0")).await;
+    let dir = tempfile::tempdir().expect("tmp");
+    for point in fleetcast_agent::fault::SELF_UPDATE_POINTS {
+        // One host per point, each in a ring of its own.
+        let host = Host::in_ring(&p, &dir.path().join(point), point);
+        p.desire("shapp", point, "1.0.0").await;
+        let launcher = host.launcher_with(Some(point));
+        until(&host, "the app runs 1.0.0", || host.running() == "1.0.0").await;
+        // Committed: an agent killed in the middle of an app's update restarts that app (the
+        // update is started afresh), which is not what this test is about.
+        until(&host, "the app's 1.0.0 committed", || {
+            Journal::load(&host.data.join("apps/shapp"))
+                .is_ok_and(|j| j.committed == Some(v("1.0.0")))
+        })
+        .await;
+        let app = host.app_pid().unwrap_or_default();
+        p.desire(&agent, point, "2.0.0").await;
+        until(&host, "agent 2.0.0 current and committed", || {
+            host.current() == "2.0.0" && host.agent_journal().committed == Some(v("2.0.0"))
+        })
+        .await;
+        let log = std::fs::read_to_string(&host.log).unwrap_or_default();
+        assert!(
+            log.contains(&format!("fault point {point}: aborting")),
+            "{point}: never reached\n{}",
+            host.dump()
+        );
+        until(&host, "one agent", || host.agents() == 1).await;
+        assert_eq!(
+            host.app_pid(),
+            Some(app),
+            "{point}: the app was not restarted\n{}",
+            host.dump()
+        );
+        drop(launcher);
+        until(&host, "no agent left", || host.agents() == 0).await;
+    }
 }
