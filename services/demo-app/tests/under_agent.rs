@@ -299,3 +299,110 @@ async fn without_the_hand_over_requests_between_two_versions_are_refused() {
     assert!(load.failed > 0, "{load:?}");
     assert!(load.answered.contains_key("2.0.0"), "{load:?}");
 }
+
+/// A binary the workspace builds beside the demo app (the agent, its launcher).
+fn sibling(name: &str) -> std::path::PathBuf {
+    let path = std::path::Path::new(env!("CARGO_BIN_EXE_fleetcast-demo-app")).with_file_name(name);
+    assert!(
+        path.is_file(),
+        "{} is missing: build it first (cargo build -p {name})",
+        path.display()
+    );
+    path
+}
+
+/// As a host runs it: `fleetcast-launcher` running the agent, which supervises the demo app on
+/// a socket it holds. Under a steady load, the agent takes a release of itself: the new agent
+/// adopts the running demo app (same process) and its socket, and hands that socket to the
+/// demo app's next version. No request is refused or lost throughout.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn the_agent_updates_itself_while_the_demo_app_keeps_answering() {
+    let p = Pipeline::start().await.expect("pipeline");
+    let host = tempfile::tempdir().expect("tmp");
+    let port = free_port();
+    let (agent_bin, launcher_bin) = (sibling("fleetcast-agent"), sibling("fleetcast-launcher"));
+    let data = host.path().join("data");
+    let config = host.path().join("agent.toml");
+    std::fs::write(
+        &config,
+        format!(
+            "agent_id = \"demo-host\"\ndata_dir = \"{}\"\ntrusted_keys = [\"{}\"]\nheartbeat = \"1s\"\nfetch_delay = \"0s\"\n\
+             [self_update]\nqualify = \"20s\"\nsoak = \"1s\"\n\
+             [nats]\nurl = \"{}\"\ninsecure_dev = true\n\
+             [[apps]]\nname = \"demo\"\ncommand = [\"{}\"]\ngrace = \"10s\"\nlisten = [\"127.0.0.1:{port}\"]\n\
+             [apps.env]\nFLEETCAST_DEMO_APP_PORT = \"{port}\"\nFLEETCAST_DEMO_APP_DRAIN = \"200ms\"\n\
+             [apps.health]\nstay_up = \"300ms\"\nhttp = \"http://127.0.0.1:{port}/health\"\nprobe_interval = \"100ms\"\nprobe_attempts = 20\n",
+            data.display(),
+            p.key.public().to_text().trim(),
+            p.nats.url(),
+            env!("CARGO_BIN_EXE_fleetcast-demo-app"),
+        ),
+    )
+    .expect("config");
+    let root = host.path().join("launcher");
+    let mut launcher = std::process::Command::new(&launcher_bin)
+        .arg("--root")
+        .arg(&root)
+        .arg("--agent")
+        .arg(&agent_bin)
+        .arg("--")
+        .arg("--config")
+        .arg(&config)
+        .env("RUST_LOG", "warn")
+        .spawn()
+        .expect("launcher");
+    p.release("demo", "1.0.0", &release("1.0.0", &[])).await;
+    p.desire("demo", "default", "1.0.0").await;
+    serving(port, "1.0.0").await;
+    let demo_pid = || {
+        std::fs::read_to_string(data.join("apps/demo/app.pid"))
+            .ok()
+            .and_then(|t| t.split_whitespace().next().map(String::from))
+    };
+    let journal = |app: &str| Journal::load(&data.join("apps").join(app)).ok();
+    eventually("demo 1.0.0 committed", || {
+        journal("demo").is_some_and(|j| j.committed == Some(v("1.0.0")))
+    })
+    .await;
+    let pid = demo_pid().expect("the demo app's pid");
+
+    let stop = Arc::new(AtomicBool::new(false));
+    let load = steady_load(port, stop.clone());
+    let agent_app =
+        fleetcast_events::names::agent_app(std::env::consts::OS, std::env::consts::ARCH);
+    p.release(
+        &agent_app,
+        "2.0.0",
+        &PackageBuilder::new().file(
+            "bin/fleetcast-agent",
+            format!("#!/bin/sh\nexec {} \"$@\"\n", agent_bin.display()),
+            0o755,
+        ),
+    )
+    .await;
+    p.desire(&agent_app, "default", "2.0.0").await;
+    eventually("agent 2.0.0 committed", || {
+        journal(&agent_app).is_some_and(|j| j.committed == Some(v("2.0.0")))
+    })
+    .await;
+    assert_eq!(demo_pid(), Some(pid), "the demo app was not restarted");
+    // The next switch of the demo app goes through the socket the new agent took over.
+    p.release("demo", "2.0.0", &release("2.0.0", &[])).await;
+    p.desire("demo", "default", "2.0.0").await;
+    serving(port, "2.0.0").await;
+    stop.store(true, Ordering::Relaxed);
+    let load = tokio::task::spawn_blocking(move || load.join().expect("load thread"))
+        .await
+        .expect("join");
+    assert_eq!(load.failed, 0, "{load:?}");
+    assert!(
+        load.answered.contains_key("1.0.0") && load.answered.contains_key("2.0.0"),
+        "{load:?}"
+    );
+    let _ = nix::sys::signal::kill(
+        nix::unistd::Pid::from_raw(launcher.id() as i32),
+        nix::sys::signal::Signal::SIGTERM,
+    );
+    let _ = launcher.wait();
+    assert_eq!(version_served(port), None, "the app outlived its launcher");
+}
