@@ -64,6 +64,21 @@ impl Case {
             .count()
     }
 
+    /// Whether the app's process is a child of `agent`: the restarted agent has taken over
+    /// (until then, what runs may still be what the aborted agent left, which the journal and
+    /// the state file alone cannot tell apart).
+    fn app_is_child_of(&self, agent: &Child) -> bool {
+        let pid = std::fs::read_to_string(self.data.join("apps/shapp/app.pid"))
+            .ok()
+            .and_then(|t| t.split_whitespace().next().map(String::from));
+        let Some(pid) = pid else { return false };
+        std::fs::read_to_string(format!("/proc/{pid}/status")).is_ok_and(|status| {
+            status.lines().any(|l| {
+                l.split_whitespace().collect::<Vec<_>>() == ["PPid:", &agent.id().to_string()]
+            })
+        })
+    }
+
     fn running(&self) -> String {
         std::fs::read_to_string(self.state.join("running"))
             .unwrap_or_default()
@@ -161,6 +176,7 @@ async fn every_crash_point_ends_with_one_complete_version_running() {
                     && (healthy || j.is_refused(&v(target)))
                     && case.running() == expected.to_string()
                     && case.app_processes() == 1
+                    && case.app_is_child_of(&agent)
             })
             .await;
             assert!(
