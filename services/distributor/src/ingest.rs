@@ -14,10 +14,10 @@ use async_nats::jetstream::context::PublishErrorKind;
 use async_nats::jetstream::message::PublishMessage;
 use async_nats::jetstream::stream::DirectGetErrorKind;
 use fleetcast_events::VerifiedManifest;
-use fleetcast_events::manifest::TreeRoot;
+use fleetcast_events::manifest::{FileEntry, TreeRoot};
 use fleetcast_events::names::chunk_subject;
 use fleetcast_events::patches::{self, PatchList};
-use fleetcast_events::tree::{self, ChunkList, TreeFile};
+use fleetcast_events::tree::{self, ChunkList, Hash32, TreeFile};
 use fleetcast_events::v1::{RejectCode, Rejection};
 use fleetcast_package::chunking::{self, ChunkId};
 use fleetcast_package::{ArchiveError, ArchiveLimits, EntryKind, Package};
@@ -373,23 +373,50 @@ pub async fn ingest(
     Ok(report)
 }
 
+/// What a chunking worker keeps of a file it read. Plain data, no allocation of its own: see
+/// [`produce`].
+struct ReadFile {
+    /// Index in the package's entries (its path is there).
+    entry: usize,
+    mode: u32,
+    size: u64,
+    blake3: Hash32,
+    /// Its chunks, in its worker's list: none for a file that is one chunk (on the wire such a
+    /// file lists no chunks: its chunk is the file itself, docs/tree.md).
+    chunks: std::ops::Range<usize>,
+}
+
+/// One worker's files, and the chunks of those that are more than one, in order.
+struct Share {
+    files: Vec<ReadFile>,
+    chunks: Vec<(ChunkId, u32)>,
+}
+
 /// The blocking half: reads every file of the archive on a few threads, feeds their chunks to
 /// `tx`, and returns the files in path order.
+///
+/// Memory: reading each zip entry allocates, then frees, a ~47 KiB inflate state. A small
+/// allocation that outlives its file (its path, its hash as text), made in between, splits
+/// that freed block, which is then too small for the next file's state: the heap grew by up
+/// to one state per file and held it (measured, `ops/bench many`, 200,000 files: 60 MiB of
+/// such holes per worker's arena, and 1.4–2.4 GiB when a worker shared the main arena, whose
+/// heap is not capped). So the workers keep nothing of a file but a fixed-size record in a
+/// list allocated once, and the files' text is made here, once every worker is done, in path
+/// order, with nothing freed in between.
 fn produce(
     path: &Path,
     limits: &ArchiveLimits,
     tx: tokio::sync::mpsc::Sender<Work>,
 ) -> Result<Vec<TreeFile>, IngestError> {
     let package = Package::open(path, limits).map_err(|e| IngestError::Rejected(e.rejection()))?;
-    let mut files = Vec::new();
+    let entries = package.entries();
     // (index in the package's entries, mode)
     let mut plan: Vec<(usize, u32)> = Vec::new();
-    for (i, entry) in package.entries().iter().enumerate() {
+    let mut links = 0;
+    for (i, entry) in entries.iter().enumerate() {
         match &entry.kind {
             EntryKind::Dir => {}
-            EntryKind::Symlink { target } => {
-                files.push(TreeFile::link(entry.path.clone(), target.clone()))
-            }
+            EntryKind::Symlink { .. } => links += 1,
             EntryKind::File { mode } => plan.push((i, *mode)),
         }
     }
@@ -400,7 +427,6 @@ fn produce(
         .map_or(1, |n| n.get())
         .min(plan.len())
         .max(1);
-    let entries = package.entries();
     let mut shares: Vec<(u64, Vec<(usize, u32)>)> = vec![(0, Vec::new()); workers];
     plan.sort_by_key(|(i, _)| std::cmp::Reverse(entries[*i].size));
     for item in plan {
@@ -410,7 +436,6 @@ fn produce(
         }
     }
     let read = std::thread::scope(|scope| {
-        let mut all: Vec<TreeFile> = Vec::new();
         let handles: Vec<_> = shares
             .into_iter()
             .map(|(_, share)| {
@@ -420,27 +445,72 @@ fn produce(
             })
             .collect();
         drop(tx);
+        let mut read = Vec::with_capacity(handles.len());
         for handle in handles {
             match handle.join() {
-                // The first share becomes the whole list: one copy fewer of the largest thing
-                // this service holds.
-                Ok(Ok(Some(read))) if all.is_empty() => all = read,
-                Ok(Ok(Some(mut read))) => all.append(&mut read),
+                Ok(Ok(Some(share))) => read.push(share),
                 Ok(Ok(None)) => return Ok(None),
                 Ok(Err(e)) => return Err(e),
                 Err(_) => return Err(IngestError::Transient("chunking thread panicked".into())),
             }
         }
-        Ok(Some(all))
+        Ok(Some(read))
     })?;
     // None: the store side stopped, and reports why.
-    let Some(mut read) = read else {
+    let Some(read) = read else {
         return Ok(Vec::new());
     };
-    // The links (few) join the files read (many), not the other way round: no second copy.
-    read.append(&mut files);
-    read.sort_by(|a, b| a.entry.path.cmp(&b.entry.path));
-    Ok(read)
+    // Every file and link, in path order: (entry, file's share and place in it; none for a link).
+    let mut order: Vec<(usize, Option<(usize, usize)>)> =
+        Vec::with_capacity(read.iter().map(|s| s.files.len()).sum::<usize>() + links);
+    for (s, share) in read.iter().enumerate() {
+        order.extend(
+            share
+                .files
+                .iter()
+                .enumerate()
+                .map(|(k, f)| (f.entry, Some((s, k)))),
+        );
+    }
+    order.extend(
+        entries
+            .iter()
+            .enumerate()
+            .filter(|(_, e)| matches!(e.kind, EntryKind::Symlink { .. }))
+            .map(|(i, _)| (i, None)),
+    );
+    // Paths are unique (the package refuses duplicates): an unstable sort, in place.
+    order.sort_unstable_by(|a, b| entries[a.0].path.cmp(&entries[b.0].path));
+    let mut files = Vec::with_capacity(order.len());
+    for (i, place) in order {
+        let entry = &entries[i];
+        let file = match (place, &entry.kind) {
+            (Some((s, k)), _) => {
+                let (share, read) = (&read[s], &read[s].files[k]);
+                TreeFile {
+                    entry: FileEntry {
+                        path: entry.path.clone(),
+                        mode: read.mode,
+                        size: read.size,
+                        blake3: read.blake3.to_hex(),
+                        link: None,
+                    },
+                    chunks: ChunkList::Listed(
+                        share.chunks[read.chunks.clone()]
+                            .iter()
+                            .map(|(id, len)| chunking::chunk_ref(id, *len as usize))
+                            .collect(),
+                    ),
+                }
+            }
+            (None, EntryKind::Symlink { target }) => {
+                TreeFile::link(entry.path.clone(), target.clone())
+            }
+            (None, _) => continue,
+        };
+        files.push(file);
+    }
+    Ok(files)
 }
 
 /// One worker's share of the files (index in the entries, mode); `None` if the store side
@@ -449,24 +519,28 @@ fn chunk_files(
     mut package: Package,
     share: &[(usize, u32)],
     tx: &tokio::sync::mpsc::Sender<Work>,
-) -> Result<Option<Vec<TreeFile>>, IngestError> {
-    if share.is_empty() {
-        return Ok(Some(Vec::new()));
-    }
+) -> Result<Option<Share>, IngestError> {
     let rejected = |e: ArchiveError| {
         IngestError::Rejected(Rejection {
             code: RejectCode::CorruptArchive,
             message: e.to_string(),
         })
     };
-    let mut out = Vec::with_capacity(share.len());
+    // The entries, from a second reader: `package` reads while they are borrowed.
+    let index = package.reader();
+    let mut out = Share {
+        files: Vec::with_capacity(share.len()),
+        chunks: Vec::new(),
+    };
     for &(i, mode) in share {
-        let Some(entry) = package.entries().get(i).cloned() else {
+        let Some(entry) = index.entries().get(i) else {
             continue;
         };
+        let start = out.chunks.len();
         let mut stopped = false;
-        let (file, chunks) = package
-            .chunk_entry(&entry, mode, |id, data| {
+        let (file, _) = package
+            .chunk_entry(entry, mode, |id, data| {
+                out.chunks.push((id, data.len() as u32));
                 if !stopped && tx.blocking_send(Work { id, data }).is_err() {
                     stopped = true;
                 }
@@ -476,13 +550,19 @@ fn chunk_files(
         if stopped {
             return Ok(None);
         }
-        // A file that is one chunk keeps no list: on the wire such a file lists no chunks (its
-        // chunk is the file itself, docs/tree.md), so the tree is the same, and 200,000 small
-        // files hold 200,000 fewer lists here.
-        let whole = chunks.len() == 1 && chunks[0].id == file.blake3;
-        out.push(TreeFile {
-            entry: file,
-            chunks: ChunkList::Listed(if whole { Vec::new() } else { chunks }),
+        let blake3 = Hash32::from_hex(&file.blake3)
+            .map_err(|e| IngestError::Transient(format!("{}: {e}", entry.path)))?;
+        // A file that is one chunk keeps no list (see `ReadFile::chunks`): 200,000 small files
+        // hold 200,000 fewer lists.
+        if out.chunks.len() == start + 1 && out.chunks[start].0.0 == blake3.0 {
+            out.chunks.truncate(start);
+        }
+        out.files.push(ReadFile {
+            entry: i,
+            mode,
+            size: file.size,
+            blake3,
+            chunks: start..out.chunks.len(),
         });
     }
     Ok(Some(out))

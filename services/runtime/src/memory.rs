@@ -60,7 +60,7 @@ fn release_freed() {}
 #[cfg(all(target_os = "linux", target_env = "gnu"))]
 #[expect(
     unsafe_code,
-    reason = "mallopt is a C function; fleetcast's only other unsafe code is the capability calls in the agent's isolation.rs"
+    reason = "mallopt is a C function; fleetcast's only other unsafe code is the capability calls in the agent's isolation.rs and the launcher's descriptor hand-over (fd.rs)"
 )]
 pub fn limit_arenas(per_core: usize) {
     let cores = std::thread::available_parallelism().map_or(1, |n| n.get());
@@ -81,12 +81,13 @@ pub fn limit_arenas(_per_core: usize) {}
 /// where they stay after they are freed, between blocks still in use. Measured with
 /// `ops/bench many` (two 200,000-file releases): the distributor held 24 MiB after the first
 /// release instead of 48–50, and its peak over both was 188–204 MiB in 4 runs of 5 instead of
-/// 233–268 (one run still reached 394, unexplained; 609 once before).
+/// 233–268. The runs that still reached 394–2,423 MiB were heap fragmentation by the
+/// distributor's chunking threads, fixed there (`produce` in services/distributor/src/ingest.rs).
 /// Called first thing in `main`, before any thread starts.
 #[cfg(all(target_os = "linux", target_env = "gnu"))]
 #[expect(
     unsafe_code,
-    reason = "mallopt is a C function; fleetcast's only other unsafe code is the capability calls in the agent's isolation.rs"
+    reason = "mallopt is a C function; fleetcast's only other unsafe code is the capability calls in the agent's isolation.rs and the launcher's descriptor hand-over (fd.rs)"
 )]
 pub fn map_large_blocks() {
     // SAFETY: mallopt sets an allocator tunable; M_MMAP_THRESHOLD is valid at any time and is
