@@ -610,14 +610,25 @@ pub fn age(pid: u32) -> Option<Duration> {
 /// The app process a previous agent recorded in `pid_file`, if it still runs: its pid and the
 /// version folder it was started in. Only when the pid still names the same process (same
 /// start time) and it has not exited.
-pub fn recorded(pid_file: &Path) -> Option<(u32, PathBuf)> {
+pub fn recorded(pid_file: &Path) -> Option<Recorded> {
     let text = std::fs::read_to_string(pid_file).ok()?;
     let mut parts = text.trim_end_matches('\n').splitn(3, ' ');
     let pid: u32 = parts.next()?.parse().ok()?;
     let start: u64 = parts.next()?.parse().ok()?;
     // Written before the folder was recorded: unknown, never adopted.
     let cwd = PathBuf::from(parts.next().unwrap_or_default());
-    (start_time(pid) == Some(start) && !is_zombie(pid)).then_some((pid, cwd))
+    (start_time(pid) == Some(start) && !is_zombie(pid)).then_some(Recorded { pid, start, cwd })
+}
+
+/// A live app process a pid file names ([`recorded`]).
+#[derive(Debug)]
+pub struct Recorded {
+    pub pid: u32,
+    /// Its start time (clock ticks since boot), which tells it from a later process that
+    /// reuses its pid.
+    pub start: u64,
+    /// The version folder it was started in.
+    pub cwd: PathBuf,
 }
 
 /// Stops the app a previous agent process left running (it was killed before it could stop
@@ -626,10 +637,7 @@ pub fn recorded(pid_file: &Path) -> Option<(u32, PathBuf)> {
 pub async fn reap_orphan(pid_file: &std::path::Path, signal: Signal, grace: Duration) -> bool {
     let found = recorded(pid_file);
     let _ = std::fs::remove_file(pid_file);
-    let Some((pid, _)) = found else {
-        return false;
-    };
-    let Some(start) = start_time(pid) else {
+    let Some(Recorded { pid, start, .. }) = found else {
         return false;
     };
     tracing::warn!(pid, "stopping the app a previous agent left running");

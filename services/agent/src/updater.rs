@@ -611,15 +611,23 @@ impl AppRunner {
         self.journal.committed = Some(target.clone());
         self.journal.step = Step::Idle;
         self.save()?;
-        self.counts.updates += 1;
         tracing::info!(version = %target, "this agent is current");
+        self.committed(from, target).await;
+        Ok(())
+    }
+
+    /// After `target`'s commit is on disk: counted (when it changed the version), versions
+    /// beyond `keep_versions` pruned (never it or `from`), reported running.
+    async fn committed(&mut self, from: Option<Version>, target: Version) {
+        if from.as_ref() != Some(&target) {
+            self.counts.updates += 1;
+        }
         let mut protect = vec![target.clone()];
         protect.extend(from);
         if let Err(e) = self.root.prune(self.host.keep_versions, &protect) {
-            tracing::warn!(error = %e, "old agent versions not pruned");
+            tracing::warn!(error = %e, "old versions not pruned");
         }
         self.report(AppState::Running, Some(target), None).await;
-        Ok(())
     }
 
     /// The ring this host is in (whose desired state it follows).
@@ -665,7 +673,8 @@ impl AppRunner {
         if crate::launched::launcher().is_none() {
             return Err(None);
         }
-        let (pid, cwd) = crate::supervisor::recorded(pid_file).ok_or(None)?;
+        let crate::supervisor::Recorded { pid, cwd, .. } =
+            crate::supervisor::recorded(pid_file).ok_or(None)?;
         let app = &self.settings.name;
         if !matches!(self.journal.step, Step::Idle | Step::Staging { .. }) {
             return Err(Some(format!(
@@ -935,15 +944,7 @@ impl AppRunner {
                 self.journal.step = Step::Idle;
                 self.save()?;
                 fault::hit("committed");
-                if from.as_ref() != Some(&target) {
-                    self.counts.updates += 1;
-                }
-                let mut protect = vec![target.clone()];
-                protect.extend(from);
-                if let Err(e) = self.root.prune(self.host.keep_versions, &protect) {
-                    tracing::warn!(error = %e, "old versions not pruned");
-                }
-                self.report(AppState::Running, Some(target), None).await;
+                self.committed(from, target).await;
                 Ok(())
             }
             Err(reason) => {
