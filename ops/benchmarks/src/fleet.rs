@@ -29,12 +29,12 @@ use std::time::{Duration, Instant};
 
 use anyhow::{Context, bail};
 use fleetcast_events::names::{chunk_subject, desired_key};
+use fleetcast_events::tracker::Command;
+use fleetcast_events::tracker::Phase;
 use fleetcast_events::tree::ChunkList;
 use fleetcast_events::v1::{AgentStatus, AppState};
 use fleetcast_events::{Encoding, SecretKey};
 use fleetcast_harness::fixtures::pseudo_random;
-use fleetcast_tracker::api::Command;
-use fleetcast_tracker::rollout::Phase;
 use futures::StreamExt;
 use tokio_util::sync::CancellationToken;
 
@@ -548,13 +548,13 @@ async fn wait_completed(
         )
         .await
             && let Some(view) = reply.rollout
-            && view.rollout.version == want
+            && view.version == want
         {
             let done: usize = view.rings.iter().map(|r| r.done).sum();
-            match view.rollout.phase {
+            match view.phase {
                 Phase::Completed if done >= n => return Ok(()),
                 Phase::Halted | Phase::Aborted => {
-                    bail!("rollout of {version}: {:?}", view.rollout.reason)
+                    bail!("rollout of {version}: {:?}", view.reason)
                 }
                 _ => {}
             }

@@ -481,8 +481,8 @@ async fn an_agent_or_launcher_killed_at_each_step_leaves_one_agent_and_the_app_r
 /// failure halts the rollout, with the reason.
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn the_tracker_rolls_an_agent_release_out_and_halts_a_broken_one() {
-    use fleetcast_tracker::api::Command;
-    use fleetcast_tracker::rollout::Phase;
+    use fleetcast_events::tracker::Command;
+    use fleetcast_events::tracker::Phase;
     let mut p = Pipeline::start().await.expect("pipeline");
     p.start_tracker_with(p.tracker_settings());
     let dir = tempfile::tempdir().expect("tmp");
@@ -500,7 +500,7 @@ async fn the_tracker_rolls_an_agent_release_out_and_halts_a_broken_one() {
             .await
             .ok()?;
         let view = reply.rollout?;
-        (view.rollout.version == v(version)).then_some((view.rollout.phase, view.rollout.reason))
+        (view.version == v(version)).then_some((view.phase, view.reason))
     };
     p.release(&agent, "2.0.0", &good_agent()).await;
     let deadline = tokio::time::Instant::now() + Duration::from_secs(60);
@@ -518,8 +518,8 @@ async fn the_tracker_rolls_an_agent_release_out_and_halts_a_broken_one() {
     let version = status
         .agents
         .iter()
-        .find(|a| a.agent.agent_id == "selfish")
-        .and_then(|a| a.agent.agent_version.clone());
+        .find(|a| a.agent_id == "selfish")
+        .and_then(|a| a.agent_version.clone());
     assert_eq!(
         version.as_deref(),
         Some("2.0.0"),

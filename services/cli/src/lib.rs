@@ -1,20 +1,22 @@
 //! The `fleetcast` operator command's actions, as a library so end-to-end tests drive exactly
 //! what CI runs.
 
+pub mod command_line;
 pub mod root;
+
+pub use command_line::main;
 
 use std::path::{Path, PathBuf};
 use std::time::Duration;
 
 use anyhow::{Context, bail};
 use fleetcast_events::names;
+use fleetcast_events::tracker::{Command, Phase, Reply, RolloutSummary};
 use fleetcast_events::v1::{RejectCode, Rejection, ReleasePublished, ReleaseRecord, ReleaseState};
 use fleetcast_events::{Encoding, SecretKey};
 use fleetcast_package::{ArchiveLimits, Package, parse_package_file_name};
 use fleetcast_runtime::releases::ReleaseRevisions;
 use fleetcast_runtime::{Bus, NatsSettings};
-use fleetcast_tracker::api::{Command, Reply, RolloutView};
-use fleetcast_tracker::rollout::Phase;
 use indicatif::{MultiProgress, ProgressBar, ProgressStyle};
 use semver::Version;
 use tokio_util::sync::CancellationToken;
@@ -484,7 +486,7 @@ pub async fn watch_rollout(
     bus: &Bus,
     app: &str,
     version: Option<&Version>,
-) -> anyhow::Result<RolloutView> {
+) -> anyhow::Result<RolloutSummary> {
     use std::io::IsTerminal;
     let mut progress = if std::io::stdout().is_terminal() {
         Progress::bars()?
@@ -503,15 +505,15 @@ pub async fn watch_rollout(
         let view = match (reply.rollout, version) {
             // The awaited version's rollout was replaced (by a newer release, or a rollback):
             // it will not come. The caller sees another version and says so.
-            (Some(view), Some(v)) if view.rollout.superseded.contains(v) => {
+            (Some(view), Some(v)) if view.superseded.contains(v) => {
                 progress.end(false);
                 return Ok(view);
             }
             // Another version's rollout. A newer stored V will replace it once the tracker
             // takes V up; an earlier V (or any V while a rollback runs) only by a rollback to
             // V, which comes within moments of being requested, or V is long superseded.
-            (Some(view), Some(v)) if view.rollout.version != *v => {
-                let newer_release = *v > view.rollout.version && view.rollout.directive.is_none();
+            (Some(view), Some(v)) if view.version != *v => {
+                let newer_release = *v > view.version && !view.rollback;
                 if stored && !newer_release {
                     let since = *earlier_since.get_or_insert_with(tokio::time::Instant::now);
                     if since.elapsed() >= ROLLBACK_GRACE {
@@ -535,8 +537,8 @@ pub async fn watch_rollout(
             continue;
         };
         progress.show(app, &view)?;
-        if !view.rollout.is_active() {
-            progress.end(view.rollout.phase == Phase::Completed);
+        if !view.phase.is_active() {
+            progress.end(view.phase == Phase::Completed);
             return Ok(view);
         }
         tokio::time::sleep(Duration::from_millis(500)).await;
@@ -595,8 +597,7 @@ impl Progress {
         }
     }
 
-    fn show(&mut self, app: &str, view: &RolloutView) -> anyhow::Result<()> {
-        let r = &view.rollout;
+    fn show(&mut self, app: &str, r: &RolloutSummary) -> anyhow::Result<()> {
         let phase = match (r.phase, r.paused) {
             (_, true) => "paused".to_string(),
             (Phase::AwaitingApproval, _) => format!("awaiting approval (fleetcast approve {app})"),
@@ -611,7 +612,7 @@ impl Progress {
                 rings,
             } => {
                 header.set_message(header_text);
-                for (i, ring) in view.rings.iter().enumerate() {
+                for (i, ring) in r.rings.iter().enumerate() {
                     if rings.len() <= i {
                         let bar = bars.add(ProgressBar::new(0).with_style(style.clone()));
                         bar.set_prefix(ring.ring.clone());
@@ -628,11 +629,11 @@ impl Progress {
             }
             Progress::Lines { last } => {
                 let header_text = match &r.reason {
-                    Some(reason) if !r.is_active() => format!("{header_text}: {reason}"),
+                    Some(reason) if !r.phase.is_active() => format!("{header_text}: {reason}"),
                     _ => header_text,
                 };
                 Progress::line(last, 0, header_text);
-                for (i, ring) in view.rings.iter().enumerate() {
+                for (i, ring) in r.rings.iter().enumerate() {
                     Progress::line(
                         last,
                         i + 1,

@@ -7,10 +7,10 @@ use std::process::{Output, Stdio};
 use std::time::Duration;
 
 use fleetcast_e2e::{Pipeline, TIMEOUT, script_app};
+use fleetcast_events::tracker::Command;
+use fleetcast_events::tracker::Phase;
 use fleetcast_harness::fixtures::{hostile, sample_package};
-use fleetcast_tracker::api::Command;
 use fleetcast_tracker::policy::{Amount, AppPolicy, Approval, RingPolicy};
-use fleetcast_tracker::rollout::Phase;
 use tokio::io::AsyncBufReadExt;
 
 /// Only a guard against a hang (the point of these tests is that nothing waits for ever);
@@ -239,7 +239,7 @@ async fn rollout_of(p: &Pipeline, version: &str, phase: Phase) {
         if reply
             .ok()
             .and_then(|r| r.rollout)
-            .is_some_and(|r| r.rollout.version.to_string() == version && r.rollout.phase == phase)
+            .is_some_and(|r| r.version.to_string() == version && r.phase == phase)
         {
             return;
         }

@@ -8,6 +8,7 @@ pub mod manifest;
 pub mod names;
 pub mod patches;
 pub mod schema;
+pub mod tracker;
 pub mod tree;
 pub mod trust;
 pub mod v1;

@@ -34,6 +34,14 @@ pub fn all() -> Vec<(&'static str, Schema)> {
         one::<AgentHeartbeat>("agent-heartbeat"),
         one::<AgentRemedy>("agent-remedy"),
         one::<HistoryEntry>("history-entry"),
+        one::<crate::tracker::Command>("tracker-command"),
+        one::<crate::tracker::Reply>("tracker-reply"),
+        one::<crate::tracker::RolloutSummary>("rollout-summary"),
+        one::<crate::tracker::TimelineView>("rollout-timeline"),
+        one::<crate::tracker::AgentSummary>("agent-summary"),
+        one::<crate::tracker::Laggard>("laggard"),
+        one::<crate::tracker::ReleaseSummary>("release-summary"),
+        one::<crate::tracker::AppReleases>("app-releases"),
     ]
 }
 

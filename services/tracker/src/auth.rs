@@ -12,7 +12,11 @@
 //! hash = "<64 hex digits: BLAKE3 of the token>"   # fleetcast token new alice
 //! ```
 
-use serde::{Deserialize, Serialize};
+use serde::Deserialize;
+
+// A token's name and role, and how a token and its settings entry are made, are the API's
+// contract (the CLI makes tokens too).
+pub use fleetcast_events::tracker::{TokenName, TokenRole, new_token, settings_entry, token_hash};
 
 /// `[http]` of the tracker's settings.
 #[derive(Debug, Clone, Default, Deserialize)]
@@ -65,53 +69,8 @@ impl HttpSettings {
 #[serde(deny_unknown_fields)]
 pub struct TokenEntry {
     pub name: TokenName,
-    pub role: Role,
+    pub role: TokenRole,
     pub hash: TokenHash,
-}
-
-#[derive(Debug, Clone, Copy, PartialEq, Eq, Serialize, Deserialize)]
-#[cfg_attr(feature = "cli", derive(clap::ValueEnum))]
-#[serde(rename_all = "snake_case")]
-pub enum Role {
-    /// Reads only (when reads need a token); every action refused, and recorded as refused.
-    Read,
-    /// Reads and actions: approve, pause, resume, abort, rollback.
-    Operator,
-}
-
-/// A token's name: letters, digits, `-`, `_` and `.`, at most 64, so that `http:<name>` reads
-/// plainly in the history and in logs.
-#[derive(Debug, Clone, PartialEq, Eq)]
-pub struct TokenName(String);
-
-impl TokenName {
-    pub fn as_str(&self) -> &str {
-        &self.0
-    }
-}
-
-impl TryFrom<String> for TokenName {
-    type Error = String;
-    fn try_from(name: String) -> Result<Self, String> {
-        let ok = !name.is_empty()
-            && name.len() <= 64
-            && name
-                .chars()
-                .all(|c| c.is_ascii_alphanumeric() || matches!(c, '-' | '_' | '.'));
-        if ok {
-            Ok(TokenName(name))
-        } else {
-            Err(format!(
-                "token name {name:?}: 1 to 64 letters, digits, '-', '_' or '.'"
-            ))
-        }
-    }
-}
-
-impl<'de> Deserialize<'de> for TokenName {
-    fn deserialize<D: serde::Deserializer<'de>>(d: D) -> Result<Self, D::Error> {
-        TokenName::try_from(String::deserialize(d)?).map_err(serde::de::Error::custom)
-    }
 }
 
 /// The BLAKE3 of a token, given as 64 hex digits.
@@ -134,31 +93,6 @@ impl<'de> Deserialize<'de> for TokenHash {
     fn deserialize<D: serde::Deserializer<'de>>(d: D) -> Result<Self, D::Error> {
         TokenHash::try_from(String::deserialize(d)?.as_str()).map_err(serde::de::Error::custom)
     }
-}
-
-/// A fresh token: 32 random bytes as 64 hex digits.
-pub fn new_token() -> Result<String, String> {
-    let mut bytes = [0u8; 32];
-    getrandom::fill(&mut bytes).map_err(|e| format!("no randomness for a token: {e}"))?;
-    Ok(bytes.iter().map(|b| format!("{b:02x}")).collect())
-}
-
-/// What the settings keep of `token`: its BLAKE3, in hex.
-pub fn token_hash(token: &str) -> String {
-    blake3::hash(token.as_bytes()).to_hex().to_string()
-}
-
-/// The settings lines (`[[http.tokens]]`) for a token named `name` with `role`.
-pub fn settings_entry(name: &TokenName, role: Role, token: &str) -> String {
-    let role = match role {
-        Role::Read => "read",
-        Role::Operator => "operator",
-    };
-    format!(
-        "[[http.tokens]]\nname = \"{}\"\nrole = \"{role}\"\nhash = \"{}\"\n",
-        name.as_str(),
-        token_hash(token)
-    )
 }
 
 /// The token of an `Authorization: Bearer <token>` header value; `None` for any other scheme.
@@ -189,7 +123,7 @@ mod tests {
         assert!(token.chars().all(|c| c.is_ascii_hexdigit()));
         assert_ne!(token, new_token().expect("another"), "random");
         let name = TokenName::try_from("alice".to_string()).expect("name");
-        let text = settings_entry(&name, Role::Operator, &token);
+        let text = settings_entry(&name, TokenRole::Operator, &token);
         assert!(
             !text.contains(&token),
             "the token itself is never written: {text}"
@@ -199,7 +133,10 @@ mod tests {
         assert!(http.read_requires_token);
         http.validate().expect("valid");
         let found = http.identify(&token).expect("identified");
-        assert_eq!((found.name.as_str(), found.role), ("alice", Role::Operator));
+        assert_eq!(
+            (found.name.as_str(), found.role),
+            ("alice", TokenRole::Operator)
+        );
         assert!(http.identify(&new_token().expect("other")).is_none());
         assert!(http.identify("").is_none());
         // Its hash is not a token.

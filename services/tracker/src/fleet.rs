@@ -6,7 +6,9 @@
 use std::collections::BTreeMap;
 use std::time::Duration;
 
-use fleetcast_events::v1::{AgentHeartbeat, AgentStatus, AppState, MetadataStatus, UpdateBytes};
+// An app's entry is exactly what its agent last reported, which is also how the API shows it.
+use fleetcast_events::tracker::{AgentSummary, AppError, AppSummary, LastFetch};
+use fleetcast_events::v1::{AgentHeartbeat, AgentStatus, AppState, MetadataStatus};
 use semver::Version;
 use serde::{Deserialize, Serialize};
 use time::OffsetDateTime;
@@ -16,13 +18,15 @@ pub struct Fleet {
     pub agents: BTreeMap<String, AgentView>,
 }
 
+/// An agent as the tracker keeps it (saved in its bucket); the API shows it as an
+/// [`AgentSummary`].
 #[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize)]
 pub struct AgentView {
     pub agent_id: String,
     pub host: String,
     pub ring: String,
     pub labels: BTreeMap<String, String>,
-    pub apps: BTreeMap<String, AppView>,
+    pub apps: BTreeMap<String, AppSummary>,
     /// The agent's trust metadata as it last reported it (root version, freshness).
     #[serde(default)]
     pub metadata: Option<MetadataStatus>,
@@ -33,39 +37,21 @@ pub struct AgentView {
     pub last_seen: OffsetDateTime,
 }
 
-#[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize)]
-pub struct AppView {
-    pub state: AppState,
-    pub running: Option<Version>,
-    pub staged: Option<Version>,
-    pub previous: Option<Version>,
-    pub uptime_s: u64,
-    /// The last refusal, rollback or failed download, with its reason.
-    pub last_error: Option<AppError>,
-    /// While the app waits to switch: for what (approval, a pause, a free slot, the update
-    /// window), as its agent last said.
-    #[serde(default, skip_serializing_if = "Option::is_none")]
-    pub waiting: Option<String>,
-    /// What the host's last update took from the store (against what its version weighs),
-    /// as its agent last said; the version it was for.
-    #[serde(default, skip_serializing_if = "Option::is_none")]
-    pub last_fetch: Option<LastFetch>,
-}
-
-#[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize)]
-pub struct LastFetch {
-    pub version: Version,
-    #[serde(flatten)]
-    pub bytes: UpdateBytes,
-}
-
-#[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize)]
-pub struct AppError {
-    pub version: Option<Version>,
-    pub state: AppState,
-    pub reason: String,
-    #[serde(with = "time::serde::rfc3339")]
-    pub at: OffsetDateTime,
+impl AgentView {
+    /// As the API shows it; `stale`: it missed its heartbeats.
+    pub fn summary(&self, stale: bool) -> AgentSummary {
+        AgentSummary {
+            agent_id: self.agent_id.clone(),
+            host: self.host.clone(),
+            ring: self.ring.clone(),
+            labels: self.labels.clone(),
+            apps: self.apps.clone(),
+            metadata: self.metadata.clone(),
+            agent_version: self.agent_version.clone(),
+            last_seen: self.last_seen,
+            stale,
+        }
+    }
 }
 
 fn is_waiting(state: AppState) -> bool {
@@ -107,16 +93,7 @@ impl Fleet {
             let view = agent
                 .apps
                 .entry(app.app.clone())
-                .or_insert_with(|| AppView {
-                    state: app.state,
-                    running: None,
-                    staged: None,
-                    previous: None,
-                    uptime_s: 0,
-                    last_error: None,
-                    waiting: None,
-                    last_fetch: None,
-                });
+                .or_insert_with(|| AppSummary::new(app.state));
             view.state = app.state;
             view.running.clone_from(&app.running);
             view.staged.clone_from(&app.staged);
@@ -159,16 +136,10 @@ impl Fleet {
         if agent.ring != ring {
             agent.ring = ring.to_string();
         }
-        let view = agent.apps.entry(st.app.clone()).or_insert_with(|| AppView {
-            state: st.state,
-            running: None,
-            staged: None,
-            previous: None,
-            uptime_s: 0,
-            last_error: None,
-            waiting: None,
-            last_fetch: None,
-        });
+        let view = agent
+            .apps
+            .entry(st.app.clone())
+            .or_insert_with(|| AppSummary::new(st.state));
         // A refusal says nothing about what runs; every other state is the app's own.
         if st.state != AppState::Refused {
             view.state = st.state;
@@ -241,7 +212,7 @@ impl AgentView {
 #[cfg(test)]
 pub(crate) mod tests {
     use super::*;
-    use fleetcast_events::v1::AppHeartbeat;
+    use fleetcast_events::v1::{AppHeartbeat, UpdateBytes};
 
     fn v(s: &str) -> Version {
         Version::parse(s).expect("version")

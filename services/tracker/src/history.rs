@@ -44,29 +44,7 @@ impl Default for HistorySettings {
     }
 }
 
-/// What a history listing asks for.
-#[derive(Debug, Clone, Default, PartialEq, Eq, serde::Serialize, Deserialize)]
-#[cfg_attr(feature = "cli", derive(clap::Args))]
-pub struct HistoryQuery {
-    /// Only this app's entries.
-    pub app: Option<String>,
-    /// Only entries of this kind (e.g. `rollout.halted`, `operator.action`).
-    #[cfg_attr(feature = "cli", arg(long))]
-    #[serde(default)]
-    pub kind: Option<HistoryKind>,
-    /// Only entries of this version.
-    #[cfg_attr(feature = "cli", arg(long))]
-    #[serde(default)]
-    pub version: Option<semver::Version>,
-    /// Only entries of this actor (a NATS user, `http:<token>`, a service).
-    #[cfg_attr(feature = "cli", arg(long))]
-    #[serde(default)]
-    pub actor: Option<String>,
-    /// The newest this many (default 100, at most 10,000).
-    #[cfg_attr(feature = "cli", arg(long))]
-    #[serde(default)]
-    pub limit: Option<usize>,
-}
+pub use fleetcast_events::tracker::HistoryQuery;
 
 pub const DEFAULT_LIMIT: usize = 100;
 pub const MAX_LIMIT: usize = 10_000;

@@ -25,9 +25,11 @@ use fleetcast_runtime::metrics::Exposition;
 use fleetcast_runtime::observe;
 use serde::{Deserialize, Serialize};
 
-use crate::api::{AgentRow, Command, HistoryQuery, ReleaseSummary, RolloutView};
-use crate::auth::{Role, TokenEntry};
+use crate::auth::{TokenEntry, TokenRole};
 use crate::service::Tracker;
+use fleetcast_events::tracker::{
+    AgentSummary, Command, HistoryQuery, ReleaseSummary, RolloutSummary,
+};
 
 /// An action's body is a few fields: anything larger is refused unread.
 const ACTION_BODY_LIMIT: usize = 4 * 1024;
@@ -75,14 +77,11 @@ struct Filter {
 async fn agents(
     State(tracker): State<Arc<Tracker>>,
     Query(filter): Query<Filter>,
-) -> Json<Vec<AgentRow>> {
+) -> Json<Vec<AgentSummary>> {
     let mut rows = tracker.agents().await;
     rows.retain(|row| {
-        filter.ring.as_ref().is_none_or(|r| row.agent.ring == *r)
-            && filter
-                .app
-                .as_ref()
-                .is_none_or(|a| row.agent.apps.contains_key(a))
+        filter.ring.as_ref().is_none_or(|r| row.ring == *r)
+            && filter.app.as_ref().is_none_or(|a| row.apps.contains_key(a))
     });
     Json(rows)
 }
@@ -99,9 +98,9 @@ async fn laggards(
 async fn rollouts(
     State(tracker): State<Arc<Tracker>>,
     Query(filter): Query<Filter>,
-) -> Json<Vec<RolloutView>> {
+) -> Json<Vec<RolloutSummary>> {
     let mut views = tracker.rollouts().await;
-    views.retain(|v| filter.app.as_ref().is_none_or(|a| v.rollout.app == *a));
+    views.retain(|v| filter.app.as_ref().is_none_or(|a| v.app == *a));
     if let Some(ring) = &filter.ring {
         for v in &mut views {
             v.rings.retain(|r| r.ring == *ring);
@@ -241,7 +240,7 @@ pub struct ActionReply {
     pub message: String,
     /// The rollout as the action left it (approve, pause, resume, abort).
     #[serde(default, skip_serializing_if = "Option::is_none")]
-    pub rollout: Option<RolloutView>,
+    pub rollout: Option<RolloutSummary>,
 }
 
 fn reply(status: StatusCode, message: impl Into<String>) -> Response {
@@ -312,7 +311,7 @@ async fn act(
         Err(e) => return reply(StatusCode::BAD_REQUEST, e),
     };
     let actor = format!("http:{}", who.name.as_str());
-    if who.role != Role::Operator {
+    if who.role != TokenRole::Operator {
         let why = format!("token {} may only read", who.name.as_str());
         tracing::warn!(%actor, action = action.name(), "action refused: read-only token");
         tracker.refused_action(&actor, &command, &why).await;

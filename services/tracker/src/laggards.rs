@@ -17,63 +17,13 @@ use std::time::Duration;
 use serde::{Deserialize, Serialize};
 use time::OffsetDateTime;
 
-use fleetcast_events::v1::AppState;
 use semver::Version;
+
+pub use fleetcast_events::tracker::{Lag, Laggard};
 
 use crate::fleet::Fleet;
 use crate::policy::AppPolicy;
 use crate::rollout::{Phase, Rollout, Timing};
-
-/// One host behind its ring's desired version.
-#[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize)]
-pub struct Laggard {
-    pub app: String,
-    /// The version its ring should run.
-    pub version: Version,
-    pub agent_id: String,
-    pub ring: String,
-    pub running: Option<Version>,
-    /// The app's state as its agent last said.
-    pub state: AppState,
-    pub lag: Lag,
-    /// What the tracker did about it (the replacement hook called, or would have been in dry
-    /// run); the history has each call and its outcome.
-    #[serde(default, skip_serializing_if = "Option::is_none")]
-    pub remediation: Option<String>,
-}
-
-/// Why a host lags, most telling first: a host that is offline cannot say anything else.
-#[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize)]
-#[serde(rename_all = "snake_case", tag = "kind")]
-pub enum Lag {
-    /// Its heartbeats stopped (stale).
-    Offline {
-        #[serde(with = "time::serde::rfc3339")]
-        last_seen: OffsetDateTime,
-    },
-    /// It rolled the version back or refused it.
-    Failing { reason: String },
-    /// It waits to switch: for approval, a pause, a slot or its update window.
-    Waiting { what: String },
-    /// Online, neither failing nor waiting, and still not on the version `stuck_after` after
-    /// its ring started.
-    Stuck {
-        #[serde(with = "time::serde::rfc3339")]
-        since: OffsetDateTime,
-    },
-}
-
-impl Lag {
-    /// Its kind, as the CLI and the dashboard name it.
-    pub fn kind(&self) -> &'static str {
-        match self {
-            Lag::Offline { .. } => "offline",
-            Lag::Failing { .. } => "failing",
-            Lag::Waiting { .. } => "waiting",
-            Lag::Stuck { .. } => "stuck",
-        }
-    }
-}
 
 /// The replacement hook (`[laggards.replace]` in the tracker's settings).
 #[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize)]
@@ -310,6 +260,7 @@ mod tests {
 
     use super::*;
     use crate::fleet::tests::heartbeat;
+    use fleetcast_events::v1::AppState;
 
     fn v(s: &str) -> Version {
         Version::parse(s).expect("version")

@@ -3,10 +3,10 @@
 //! [`policy`] is the per-app rollout policy, [`fleet`] the inventory, [`rollout`] the pure
 //! state machine ([`timeline`]: its hosts by state over time); [`service`] runs them on the
 //! bus, [`http`] serves the API, the dashboard, its other pages ([`pages`], [`releases`]) and
-//! [`metrics`], [`api`] holds what operators exchange with it; [`history`] records what
-//! happened and [`webhook`] forwards it to HTTP receivers.
+//! [`metrics`]; [`history`] records what happened and [`webhook`] forwards it to HTTP
+//! receivers. What operators exchange with it (commands, replies, the API's views) is the wire
+//! contract's, in `fleetcast_events::tracker`.
 
-pub mod api;
 pub mod auth;
 pub mod fleet;
 pub mod history;

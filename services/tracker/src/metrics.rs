@@ -7,7 +7,7 @@ use std::collections::BTreeMap;
 use fleetcast_runtime::metrics::{Exposition, label_value};
 use fleetcast_runtime::observe::Identity;
 
-use crate::api::{AgentRow, RolloutView};
+use fleetcast_events::tracker::{AgentSummary, RolloutSummary};
 
 /// What the tracker reports about itself, as every service does.
 pub const IDENTITY: Identity = Identity {
@@ -16,7 +16,7 @@ pub const IDENTITY: Identity = Identity {
     version: env!("CARGO_PKG_VERSION"),
 };
 
-pub fn render(agents: &[AgentRow], rollouts: &[RolloutView], report_lag_s: f64) -> String {
+pub fn render(agents: &[AgentSummary], rollouts: &[RolloutSummary], report_lag_s: f64) -> String {
     let mut out = Exposition::new();
     out.gauge(
         "fleetcast_agents",
@@ -35,7 +35,7 @@ pub fn render(agents: &[AgentRow], rollouts: &[RolloutView], report_lag_s: f64) 
     );
     let stale_metadata = agents
         .iter()
-        .filter(|a| !a.stale && a.agent.metadata.as_ref().is_some_and(|m| m.stale))
+        .filter(|a| !a.stale && a.metadata.as_ref().is_some_and(|m| m.stale))
         .count();
     out.sample(
         "fleetcast_agents_stale_metadata",
@@ -49,14 +49,14 @@ pub fn render(agents: &[AgentRow], rollouts: &[RolloutView], report_lag_s: f64) 
     );
     let mut counts: BTreeMap<(String, String, String, String), usize> = BTreeMap::new();
     for row in agents.iter().filter(|a| !a.stale) {
-        for (app, view) in &row.agent.apps {
+        for (app, view) in &row.apps {
             let version = view
                 .running
                 .as_ref()
                 .map_or_else(|| "none".into(), ToString::to_string);
             let state = label_value(&view.state);
             *counts
-                .entry((app.clone(), version, row.agent.ring.clone(), state))
+                .entry((app.clone(), version, row.ring.clone(), state))
                 .or_default() += 1;
         }
     }
@@ -78,7 +78,7 @@ pub fn render(agents: &[AgentRow], rollouts: &[RolloutView], report_lag_s: f64) 
         "Hosts of each ring of each app's current rollout: targets, done, failed, switching, stale.",
     );
     for view in rollouts {
-        let (app, version) = (&view.rollout.app, view.rollout.version.to_string());
+        let (app, version) = (&view.app, view.version.to_string());
         for ring in &view.rings {
             for (result, n) in [
                 ("targets", ring.targets),
@@ -105,12 +105,12 @@ pub fn render(agents: &[AgentRow], rollouts: &[RolloutView], report_lag_s: f64) 
         "1 for the phase each app's current rollout is in.",
     );
     for view in rollouts {
-        let phase = label_value(&view.rollout.phase);
+        let phase = label_value(&view.phase);
         out.sample(
             "fleetcast_rollout_phase",
             &[
-                ("app", &view.rollout.app),
-                ("version", &view.rollout.version.to_string()),
+                ("app", &view.app),
+                ("version", &view.version.to_string()),
                 ("phase", &phase),
             ],
             1.0,

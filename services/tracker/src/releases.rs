@@ -2,51 +2,13 @@
 //! bucket (signed, stored, or rejected with its reason), by app, newest version first, each
 //! with the hosts of the inventory that run it.
 
-use fleetcast_events::v1::{Rejection, ReleaseRecord, ReleaseState, ReleaseStored};
+use fleetcast_events::tracker::{AgentSummary, AppReleases, HostRef, ReleaseRow};
+use fleetcast_events::v1::{ReleaseRecord, ReleaseState};
 use semver::Version;
-use serde::{Deserialize, Serialize};
-use time::OffsetDateTime;
-
-use crate::api::AgentRow;
-
-/// One app's releases.
-#[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize)]
-pub struct AppReleases {
-    pub app: String,
-    /// Newest version first; a version may have several rows (its stored archive, and another
-    /// archive refused for reusing it).
-    pub releases: Vec<ReleaseRow>,
-}
-
-/// A release record as the page shows it: without its signed manifest, with its hosts.
-#[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize)]
-pub struct ReleaseRow {
-    pub version: Version,
-    pub state: ReleaseState,
-    /// When the record was last written (signed, stored or rejected).
-    #[serde(with = "time::serde::rfc3339")]
-    pub updated: OffsetDateTime,
-    /// BLAKE3 of the archive.
-    pub blake3: Option<String>,
-    /// A rejection's code and message.
-    pub reason: Option<Rejection>,
-    /// Files, sizes and chunks, once stored.
-    pub stored: Option<ReleaseStored>,
-    /// Hosts whose agents report running this version (none for a rejected archive).
-    pub hosts: Vec<HostRef>,
-}
-
-#[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize)]
-pub struct HostRef {
-    pub agent_id: String,
-    pub ring: String,
-    /// Missed its heartbeats: running this version is what it last said.
-    pub stale: bool,
-}
 
 /// `records` (as [`fleetcast_runtime::Bus::release_records`] lists them: by app, newest
 /// version first) grouped by app, with the hosts among `agents` that run each version.
-pub fn by_app(records: Vec<ReleaseRecord>, agents: &[AgentRow]) -> Vec<AppReleases> {
+pub fn by_app(records: Vec<ReleaseRecord>, agents: &[AgentSummary]) -> Vec<AppReleases> {
     let mut out: Vec<AppReleases> = Vec::new();
     for record in records {
         let hosts = if record.state == ReleaseState::Rejected {
@@ -74,18 +36,17 @@ pub fn by_app(records: Vec<ReleaseRecord>, agents: &[AgentRow]) -> Vec<AppReleas
     out
 }
 
-fn running(agents: &[AgentRow], app: &str, version: &Version) -> Vec<HostRef> {
+fn running(agents: &[AgentSummary], app: &str, version: &Version) -> Vec<HostRef> {
     agents
         .iter()
         .filter(|row| {
-            row.agent
-                .apps
+            row.apps
                 .get(app)
                 .is_some_and(|a| a.running.as_ref() == Some(version))
         })
         .map(|row| HostRef {
-            agent_id: row.agent.agent_id.clone(),
-            ring: row.agent.ring.clone(),
+            agent_id: row.agent_id.clone(),
+            ring: row.ring.clone(),
             stale: row.stale,
         })
         .collect()
@@ -94,8 +55,9 @@ fn running(agents: &[AgentRow], app: &str, version: &Version) -> Vec<HostRef> {
 #[cfg(test)]
 mod tests {
     use super::*;
-    use crate::fleet::{AgentView, AppView};
-    use fleetcast_events::v1::{AppState, RejectCode};
+    use fleetcast_events::tracker::AppSummary;
+    use fleetcast_events::v1::{AppState, RejectCode, Rejection};
+    use time::OffsetDateTime;
 
     fn record(app: &str, version: &str, state: ReleaseState) -> ReleaseRecord {
         ReleaseRecord {
@@ -113,31 +75,23 @@ mod tests {
         }
     }
 
-    fn agent(id: &str, app: &str, running: &str, stale: bool) -> AgentRow {
-        AgentRow {
-            agent: AgentView {
-                agent_id: id.into(),
-                host: id.into(),
-                ring: "canary".into(),
-                labels: Default::default(),
-                apps: [(
-                    app.to_string(),
-                    AppView {
-                        state: AppState::Running,
-                        running: Some(running.parse().expect("version")),
-                        staged: None,
-                        previous: None,
-                        uptime_s: 0,
-                        last_error: None,
-                        waiting: None,
-                        last_fetch: None,
-                    },
-                )]
-                .into(),
-                metadata: None,
-                agent_version: None,
-                last_seen: OffsetDateTime::UNIX_EPOCH,
-            },
+    fn agent(id: &str, app: &str, running: &str, stale: bool) -> AgentSummary {
+        AgentSummary {
+            agent_id: id.into(),
+            host: id.into(),
+            ring: "canary".into(),
+            labels: Default::default(),
+            apps: [(
+                app.to_string(),
+                AppSummary {
+                    running: Some(running.parse().expect("version")),
+                    ..AppSummary::new(AppState::Running)
+                },
+            )]
+            .into(),
+            metadata: None,
+            agent_version: None,
+            last_seen: OffsetDateTime::UNIX_EPOCH,
             stale,
         }
     }

@@ -12,26 +12,16 @@ use std::collections::BTreeMap;
 use std::time::Duration;
 
 use fleetcast_events::v1::{AgentStatus, AppState, LastUpdate, SlotReply, SlotRequest};
+// The wire's words for a rollout's phase, a slot and a ring's counts: the state machine keeps
+// them as they are shown.
+use fleetcast_events::tracker::RolloutSummary;
+pub use fleetcast_events::tracker::{Lease, Phase, RingProgress};
 use semver::Version;
 use serde::{Deserialize, Serialize};
 use time::OffsetDateTime;
 
 use crate::fleet::Fleet;
 use crate::policy::{Amount, AppPolicy, Approval};
-
-#[derive(Debug, Clone, Copy, PartialEq, Eq, Serialize, Deserialize)]
-#[serde(rename_all = "snake_case")]
-pub enum Phase {
-    /// Hosts of the first ring may download; nobody switches before `approve`.
-    AwaitingApproval,
-    Running,
-    /// Stopped by its failure threshold; the reason says which hosts failed and why.
-    Halted,
-    /// Every ring completed.
-    Completed,
-    /// Stopped by an operator.
-    Aborted,
-}
 
 #[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize)]
 pub struct Rollout {
@@ -76,13 +66,6 @@ pub struct Rollout {
 
 pub const SUPERSEDED_KEPT: usize = 20;
 
-#[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize)]
-pub struct Lease {
-    pub ring: String,
-    #[serde(with = "time::serde::rfc3339")]
-    pub until: OffsetDateTime,
-}
-
 /// What the service must do after a step.
 #[derive(Debug, Clone, PartialEq, Eq)]
 pub enum Effect {
@@ -94,19 +77,6 @@ pub enum Effect {
         reason: String,
     },
     Completed,
-}
-
-/// One ring's counts, as the API, CLI and dashboard show them.
-#[derive(Debug, Clone, Default, PartialEq, Eq, Serialize, Deserialize)]
-pub struct RingProgress {
-    pub ring: String,
-    /// Live hosts of the ring that run this app: the denominator.
-    pub targets: usize,
-    pub done: usize,
-    pub failed: usize,
-    pub switching: usize,
-    /// Hosts of the ring that missed their heartbeats (not counted in `targets`).
-    pub stale: usize,
 }
 
 /// The knobs of the tracker that the state machine needs.
@@ -194,14 +164,29 @@ impl Rollout {
 
     /// The rollout as the views (`/api/rollouts`, the CLI, the dashboard every 2 s) show it:
     /// without its timeline, which is served apart.
-    pub fn summary(&self) -> Rollout {
-        let mut r = self.clone();
-        r.timeline = Vec::new();
-        r
+    /// As the API shows it, with `rings`, its progress per ring ([`Rollout::progress`]).
+    pub fn summary(&self, rings: Vec<RingProgress>) -> RolloutSummary {
+        RolloutSummary {
+            app: self.app.clone(),
+            version: self.version.clone(),
+            phase: self.phase,
+            paused: self.paused,
+            ring: self.ring,
+            ring_started: self.ring_started,
+            ring_completed: self.ring_completed,
+            slots: self.slots.clone(),
+            failures: self.failures.clone(),
+            reason: self.reason.clone(),
+            rollback: self.directive.is_some(),
+            only_ring: self.only_ring.clone(),
+            created: self.created,
+            superseded: self.superseded.clone(),
+            rings,
+        }
     }
 
     pub fn is_active(&self) -> bool {
-        matches!(self.phase, Phase::AwaitingApproval | Phase::Running)
+        self.phase.is_active()
     }
 
     pub fn approve(&mut self, now: OffsetDateTime) -> Result<(), String> {
@@ -538,8 +523,9 @@ impl Rollout {
 #[cfg(test)]
 mod tests {
     use super::*;
-    use crate::fleet::{AgentView, AppView};
+    use crate::fleet::AgentView;
     use crate::policy::{Amount, RingPolicy};
+    use fleetcast_events::tracker::AppSummary;
 
     const TIMING: Timing = Timing {
         stale_after: Duration::from_secs(60),
@@ -620,15 +606,10 @@ mod tests {
                     agent_version: None,
                     apps: BTreeMap::from([(
                         "demo".to_string(),
-                        AppView {
-                            state: AppState::Running,
+                        AppSummary {
                             running: Some(v("1.0.0")),
-                            staged: None,
-                            previous: None,
                             uptime_s: 1,
-                            last_error: None,
-                            waiting: None,
-                            last_fetch: None,
+                            ..AppSummary::new(AppState::Running)
                         },
                     )]),
                     last_seen: t0(),

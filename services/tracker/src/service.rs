@@ -26,14 +26,17 @@ use time::OffsetDateTime;
 use tokio::sync::Mutex;
 use tokio_util::sync::CancellationToken;
 
-use crate::api::{AgentRow, Command, HistoryQuery, Reply, RolloutView, TimelineView};
 use crate::fleet::{AgentView, Fleet};
 use crate::history::{self, History, Pending};
 use crate::laggards::Laggard;
-use crate::releases::{self, AppReleases};
+use crate::releases;
 use crate::rollout::{Effect, Phase, Rollout};
 use crate::settings::Settings;
 use crate::timeline::{self, Sample};
+use fleetcast_events::tracker::AppReleases;
+use fleetcast_events::tracker::{
+    AgentSummary, Command, HistoryQuery, Reply, RolloutSummary, TimelineView,
+};
 
 /// Binary patches are asked for from at most this many versions the fleet runs.
 const PATCH_BASES: usize = 3;
@@ -1211,7 +1214,7 @@ impl Tracker {
         let version = reply
             .rollout
             .as_ref()
-            .map(|v| v.rollout.version.clone())
+            .map(|v| v.version.clone())
             .or_else(|| command.version().cloned());
         let reason = Some(reply.message.clone()).filter(|m| !m.is_empty());
         self.record_action(actor, &command, version, !reply.ok, reason)
@@ -1327,34 +1330,23 @@ impl Tracker {
         }
     }
 
-    fn view(&self, rollout: &Rollout, fleet: &Fleet, now: OffsetDateTime) -> RolloutView {
-        RolloutView {
-            rollout: rollout.summary(),
-            rings: rollout.progress(
-                &self.settings.policy_for(rollout),
-                fleet,
-                now,
-                self.settings.timing(),
-            ),
-        }
+    fn view(&self, rollout: &Rollout, fleet: &Fleet, now: OffsetDateTime) -> RolloutSummary {
+        rollout.summary(rollout.progress(
+            &self.settings.policy_for(rollout),
+            fleet,
+            now,
+            self.settings.timing(),
+        ))
     }
 
     /// Every rollout with its progress (HTTP API).
-    pub async fn rollouts(&self) -> Vec<RolloutView> {
+    pub async fn rollouts(&self) -> Vec<RolloutSummary> {
         let now = OffsetDateTime::now_utc();
         let state = self.state.lock().await;
         state
             .rollouts
             .values()
-            .map(|r| RolloutView {
-                rollout: r.summary(),
-                rings: r.progress(
-                    &self.settings.policy_for(r),
-                    &state.fleet,
-                    now,
-                    self.settings.timing(),
-                ),
-            })
+            .map(|r| self.view(r, &state.fleet, now))
             .collect()
     }
 
@@ -1379,7 +1371,7 @@ impl Tracker {
         };
         let query = HistoryQuery {
             app: Some(app.to_string()),
-            version: Some(rollout.rollout.version.clone()),
+            version: Some(rollout.version.clone()),
             limit: Some(MARKS_READ),
             ..Default::default()
         };
@@ -1391,7 +1383,7 @@ impl Tracker {
             Err("the tracker is cut off from NATS".to_string())
         };
         let (marks, marks_error) = match read {
-            Ok(entries) => (timeline::marks(entries, rollout.rollout.created), None),
+            Ok(entries) => (timeline::marks(entries, rollout.created), None),
             Err(e) => (Vec::new(), Some(e)),
         };
         Some(TimelineView {
@@ -1470,17 +1462,14 @@ impl Tracker {
     }
 
     /// Every agent, stale ones marked (HTTP API).
-    pub async fn agents(&self) -> Vec<AgentRow> {
+    pub async fn agents(&self) -> Vec<AgentSummary> {
         let now = OffsetDateTime::now_utc();
         let state = self.state.lock().await;
         state
             .fleet
             .agents
             .values()
-            .map(|a| AgentRow {
-                agent: a.clone(),
-                stale: a.is_stale(now, self.settings.stale_after),
-            })
+            .map(|a| a.summary(a.is_stale(now, self.settings.stale_after)))
             .collect()
     }
 }

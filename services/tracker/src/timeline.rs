@@ -6,54 +6,15 @@
 //! (a burst, a ring's hosts reporting within a second, is thinned first, which no plot of
 //! minutes shows anyway), and the first and the latest are always kept.
 
+pub use fleetcast_events::tracker::Sample;
 use fleetcast_events::v1::{HistoryEntry, HistoryKind};
-use serde::{Deserialize, Serialize};
 use time::OffsetDateTime;
-
-use crate::rollout::RingProgress;
 
 /// At most this many samples per rollout (about 40 KB as JSON, saved with the rollout).
 pub const MAX_SAMPLES: usize = 500;
 
-/// The rollout's hosts by state at one moment, summed over its rings.
-#[derive(Debug, Clone, Copy, PartialEq, Eq, Serialize, Deserialize)]
-pub struct Sample {
-    #[serde(with = "time::serde::rfc3339")]
-    pub at: OffsetDateTime,
-    /// Running the rollout's version.
-    pub done: usize,
-    /// Holding a rollout slot: switching now.
-    pub switching: usize,
-    /// Rolled the version back or refused it.
-    pub failed: usize,
-    /// Live hosts not there yet: their ring has not started, or they wait for a slot, the
-    /// approval or their window.
-    pub waiting: usize,
-}
-
-impl Sample {
-    /// The counts of `rings` (a rollout's progress) at `at`.
-    pub fn of(rings: &[RingProgress], at: OffsetDateTime) -> Sample {
-        let mut s = Sample {
-            at,
-            done: 0,
-            switching: 0,
-            failed: 0,
-            waiting: 0,
-        };
-        for r in rings {
-            s.done += r.done;
-            s.switching += r.switching;
-            s.failed += r.failed;
-            s.waiting += r.targets.saturating_sub(r.done + r.switching + r.failed);
-        }
-        s
-    }
-
-    fn same_counts(&self, other: &Sample) -> bool {
-        (self.done, self.switching, self.failed, self.waiting)
-            == (other.done, other.switching, other.failed, other.waiting)
-    }
+fn same_counts(a: &Sample, b: &Sample) -> bool {
+    (a.done, a.switching, a.failed, a.waiting) == (b.done, b.switching, b.failed, b.waiting)
 }
 
 /// Adds `sample` to `timeline` if its counts differ from the last one's (or it is the first),
@@ -61,7 +22,7 @@ impl Sample {
 pub fn record(timeline: &mut Vec<Sample>, sample: Sample) -> bool {
     if timeline
         .last()
-        .is_some_and(|last| last.same_counts(&sample))
+        .is_some_and(|last| same_counts(last, &sample))
     {
         return false;
     }
@@ -108,6 +69,7 @@ pub fn marks(entries: Vec<HistoryEntry>, created: OffsetDateTime) -> Vec<History
 #[cfg(test)]
 mod tests {
     use super::*;
+    use fleetcast_events::tracker::RingProgress;
 
     fn at(s: i64) -> OffsetDateTime {
         OffsetDateTime::UNIX_EPOCH + time::Duration::seconds(s)

@@ -443,8 +443,8 @@ impl Pipeline {
     /// Sends an operator command to the tracker, as the CLI does.
     pub async fn tracker_command(
         &self,
-        command: &fleetcast_tracker::api::Command,
-    ) -> anyhow::Result<fleetcast_tracker::api::Reply> {
+        command: &fleetcast_events::tracker::Command,
+    ) -> anyhow::Result<fleetcast_events::tracker::Reply> {
         fleetcast_cli::tracker(&self.bus().await?, command).await
     }
 
@@ -787,20 +787,20 @@ pub async fn fleet_in(
 /// Waits until `shapp`'s rollout is in phase `want` (asking the tracker as the CLI does).
 pub async fn rollout_phase(
     p: &Pipeline,
-    want: fleetcast_tracker::rollout::Phase,
-) -> fleetcast_tracker::api::RolloutView {
+    want: fleetcast_events::tracker::Phase,
+) -> fleetcast_events::tracker::RolloutSummary {
     let deadline = tokio::time::Instant::now() + TIMEOUT;
     loop {
         // A tracker just (re)started may not answer yet.
         let reply = p
-            .tracker_command(&fleetcast_tracker::api::Command::Show {
+            .tracker_command(&fleetcast_events::tracker::Command::Show {
                 app: "shapp".into(),
             })
             .await;
         if let Some(r) = reply
             .ok()
             .and_then(|r| r.rollout)
-            .filter(|r| r.rollout.phase == want)
+            .filter(|r| r.phase == want)
         {
             return r;
         }

@@ -9,11 +9,11 @@ use std::time::Duration;
 
 use fleetcast_e2e::browser::Browser;
 use fleetcast_e2e::{Pipeline, TIMEOUT, http_get, http_request, script_app};
+use fleetcast_events::tracker::Phase;
+use fleetcast_events::tracker::RolloutSummary;
 use fleetcast_events::v1::{HistoryEntry, HistoryKind};
-use fleetcast_tracker::api::RolloutView;
-use fleetcast_tracker::auth::{HttpSettings, Role, TokenEntry, TokenHash, TokenName};
+use fleetcast_tracker::auth::{HttpSettings, TokenEntry, TokenHash, TokenName, TokenRole};
 use fleetcast_tracker::policy::{AppPolicy, Approval, RingPolicy};
-use fleetcast_tracker::rollout::Phase;
 
 /// The operator's and the reader's tokens.
 struct Tokens {
@@ -21,11 +21,11 @@ struct Tokens {
     read: String,
 }
 
-fn token_entry(name: &str, role: Role, token: &str) -> TokenEntry {
+fn token_entry(name: &str, role: TokenRole, token: &str) -> TokenEntry {
     TokenEntry {
         name: TokenName::try_from(name.to_string()).expect("name"),
         role,
-        hash: TokenHash::try_from(fleetcast_tracker::auth::token_hash(token).as_str())
+        hash: TokenHash::try_from(fleetcast_events::tracker::token_hash(token).as_str())
             .expect("hash"),
     }
 }
@@ -34,8 +34,8 @@ fn token_entry(name: &str, role: Role, token: &str) -> TokenEntry {
 /// with an operator token `alice` and a read token `rita`. Returns its port.
 fn start_tracker(p: &mut Pipeline, as_role: bool) -> (u16, Tokens) {
     let tokens = Tokens {
-        operator: fleetcast_tracker::auth::new_token().expect("token"),
-        read: fleetcast_tracker::auth::new_token().expect("token"),
+        operator: fleetcast_events::tracker::new_token().expect("token"),
+        read: fleetcast_events::tracker::new_token().expect("token"),
     };
     let mut settings = p.tracker_settings();
     let port = fleetcast_e2e::free_addr().port();
@@ -43,8 +43,8 @@ fn start_tracker(p: &mut Pipeline, as_role: bool) -> (u16, Tokens) {
     settings.http = HttpSettings {
         read_requires_token: false,
         tokens: vec![
-            token_entry("alice", Role::Operator, &tokens.operator),
-            token_entry("rita", Role::Read, &tokens.read),
+            token_entry("alice", TokenRole::Operator, &tokens.operator),
+            token_entry("rita", TokenRole::Read, &tokens.read),
         ],
     };
     settings.apps.insert(
@@ -65,26 +65,26 @@ fn start_tracker(p: &mut Pipeline, as_role: bool) -> (u16, Tokens) {
     (port, tokens)
 }
 
-fn rollout(port: u16) -> Option<RolloutView> {
+fn rollout(port: u16) -> Option<RolloutSummary> {
     let body = http_get(port, "/api/rollouts?app=shapp");
-    let views: Vec<RolloutView> = serde_json::from_str(&body).ok()?;
+    let views: Vec<RolloutSummary> = serde_json::from_str(&body).ok()?;
     views.into_iter().next()
 }
 
 /// Waits until shapp's rollout is `version` in `phase`.
-async fn rollout_reaches(port: u16, version: &str, phase: Phase) -> RolloutView {
+async fn rollout_reaches(port: u16, version: &str, phase: Phase) -> RolloutSummary {
     let deadline = tokio::time::Instant::now() + TIMEOUT;
     loop {
         if let Some(view) = rollout(port)
-            && view.rollout.version.to_string() == version
-            && view.rollout.phase == phase
+            && view.version.to_string() == version
+            && view.phase == phase
         {
             return view;
         }
         assert!(
             tokio::time::Instant::now() < deadline,
             "shapp {version} never reached {phase:?}: {:?}",
-            rollout(port).map(|v| (v.rollout.version, v.rollout.phase))
+            rollout(port).map(|v| (v.version, v.phase))
         );
         tokio::time::sleep(Duration::from_millis(100)).await;
     }
@@ -135,7 +135,7 @@ const JSON: &str = "application/json";
 async fn rollback_started(port: u16, to: &str) {
     let back = tokio::time::timeout(TIMEOUT, async {
         loop {
-            if let Some(v) = rollout(port).filter(|v| v.rollout.directive.is_some()) {
+            if let Some(v) = rollout(port).filter(|v| v.rollback) {
                 return v;
             }
             tokio::time::sleep(Duration::from_millis(100)).await;
@@ -143,7 +143,7 @@ async fn rollback_started(port: u16, to: &str) {
     })
     .await
     .expect("the rollback never started");
-    assert_eq!(back.rollout.version.to_string(), to);
+    assert_eq!(back.version.to_string(), to);
 }
 
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
@@ -212,7 +212,7 @@ async fn http_actions_need_an_operators_token_and_each_is_recorded_with_its_name
     assert_eq!(status, 200, "{body}");
     let answer: serde_json::Value = serde_json::from_str(&body).expect("json");
     assert_eq!(answer["ok"], true, "{body}");
-    assert!(rollout(port).is_some_and(|v| v.rollout.phase != Phase::AwaitingApproval));
+    assert!(rollout(port).is_some_and(|v| v.phase != Phase::AwaitingApproval));
     let done = actions_reach(port, "http:alice", 1).await;
     assert_eq!(done.len(), 1, "{done:?}");
     assert_eq!(done[0].action.as_deref(), Some("approve"));
@@ -282,13 +282,13 @@ async fn http_actions_need_an_operators_token_and_each_is_recorded_with_its_name
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn reads_can_need_a_token_while_health_and_metrics_stay_open() {
     let mut p = Pipeline::start().await.expect("pipeline");
-    let token = fleetcast_tracker::auth::new_token().expect("token");
+    let token = fleetcast_events::tracker::new_token().expect("token");
     let mut settings = p.tracker_settings();
     let port = fleetcast_e2e::free_addr().port();
     settings.listen = std::net::SocketAddr::from(([127, 0, 0, 1], port));
     settings.http = HttpSettings {
         read_requires_token: true,
-        tokens: vec![token_entry("rita", Role::Read, &token)],
+        tokens: vec![token_entry("rita", TokenRole::Read, &token)],
     };
     p.start_tracker_with(settings);
     let deadline = tokio::time::Instant::now() + TIMEOUT;
@@ -364,7 +364,7 @@ async fn from_the_page_an_operator_approves_and_rolls_back_a_reader_is_refused_a
         .expect("fetch");
     assert_eq!(status, 401);
     assert_eq!(
-        rollout(port).map(|v| v.rollout.phase),
+        rollout(port).map(|v| v.phase),
         Some(Phase::AwaitingApproval)
     );
 
@@ -421,7 +421,7 @@ async fn from_the_page_an_operator_approves_and_rolls_back_a_reader_is_refused_a
     assert_eq!(shown, "shapp 1.0.0 approved");
 
     // The rollout moved on, and the history says who approved it.
-    assert!(rollout(port).is_some_and(|v| v.rollout.phase != Phase::AwaitingApproval));
+    assert!(rollout(port).is_some_and(|v| v.phase != Phase::AwaitingApproval));
     let done = actions_reach(port, "http:alice", 1).await;
     assert_eq!(done.len(), 1, "{done:?}");
     assert_eq!(done[0].action.as_deref(), Some("approve"));
@@ -461,7 +461,7 @@ async fn from_the_page_an_operator_approves_and_rolls_back_a_reader_is_refused_a
         .expect("refusal");
     assert_eq!(shown, "refused: token rita may only read");
     assert_eq!(
-        rollout(port).map(|v| v.rollout.phase),
+        rollout(port).map(|v| v.phase),
         Some(Phase::AwaitingApproval)
     );
 

@@ -10,8 +10,8 @@ use std::time::Duration;
 
 use fleetcast_e2e::browser::{Screenshot, page_dom};
 use fleetcast_e2e::{Pipeline, TIMEOUT, fleet_in, http_get, ring, rollout_phase, script_app};
+use fleetcast_events::tracker::Phase;
 use fleetcast_tracker::policy::{AppPolicy, Approval};
-use fleetcast_tracker::rollout::Phase;
 use serde_json::Value;
 
 /// The banner's background (`#fee2e2`, used by the banner alone).

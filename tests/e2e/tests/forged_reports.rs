@@ -15,13 +15,13 @@ use std::time::Duration;
 
 use fleetcast_e2e::{Pipeline, TIMEOUT, Violations, free_addr, http_get, running, script_app};
 use fleetcast_events::names;
+use fleetcast_events::tracker::Phase;
+use fleetcast_events::tracker::{Command, Reply, RolloutSummary};
 use fleetcast_events::v1::{
     AgentHeartbeat, AgentStatus, AppHeartbeat, AppState, SlotReply, SlotRequest,
 };
 use fleetcast_harness::accounts::{AgentSpec, agent_inbox_prefix};
-use fleetcast_tracker::api::{Command, Reply, RolloutView};
 use fleetcast_tracker::policy::{Amount, AppPolicy, Approval, RingPolicy};
-use fleetcast_tracker::rollout::Phase;
 use futures::StreamExt;
 use time::OffsetDateTime;
 
@@ -111,8 +111,8 @@ async fn try_tracker_status(p: &Pipeline) -> anyhow::Result<Reply> {
     fleetcast_cli::tracker(&operator, &Command::Status).await
 }
 
-fn rollout_of<'a>(reply: &'a Reply, app: &str) -> Option<&'a RolloutView> {
-    reply.rollouts.iter().find(|r| r.rollout.app == app)
+fn rollout_of<'a>(reply: &'a Reply, app: &str) -> Option<&'a RolloutSummary> {
+    reply.rollouts.iter().find(|r| r.app == app)
 }
 
 /// Waits until the tracker's view satisfies `check`; returns that view.
@@ -179,14 +179,13 @@ async fn rolling_out() -> (Pipeline, u16, async_nats::Client, Violations) {
     )
     .await;
     until_tracker(&p, "h1 known", |r| {
-        r.agents.iter().any(|a| a.agent.agent_id == "h1")
+        r.agents.iter().any(|a| a.agent_id == "h1")
     })
     .await;
     p.release("shapp", "1.0.0", &script_app("1.0.0", true))
         .await;
     until_tracker(&p, "the rollout of 1.0.0", |r| {
-        rollout_of(r, "shapp")
-            .is_some_and(|r| r.rollout.version == v("1.0.0") && r.rollout.phase == Phase::Running)
+        rollout_of(r, "shapp").is_some_and(|r| r.version == v("1.0.0") && r.phase == Phase::Running)
     })
     .await;
     (p, listen.port(), h1, refused_h1)
@@ -267,13 +266,9 @@ async fn one_agents_credentials_cannot_report_as_another_agent_ring_or_app() {
     until_refused(port, "status", "identity", 2).await;
 
     let reply = tracker_status(&p).await;
-    let ids: Vec<&str> = reply
-        .agents
-        .iter()
-        .map(|a| a.agent.agent_id.as_str())
-        .collect();
+    let ids: Vec<&str> = reply.agents.iter().map(|a| a.agent_id.as_str()).collect();
     assert_eq!(ids, ["h1"], "no other agent in the inventory: {reply:?}");
-    let h1_view = &reply.agents[0].agent;
+    let h1_view = &reply.agents[0];
     assert_eq!(h1_view.ring, "default");
     assert_eq!(
         h1_view.apps.get("shapp").and_then(|a| a.running.clone()),
@@ -282,8 +277,8 @@ async fn one_agents_credentials_cannot_report_as_another_agent_ring_or_app() {
     );
     assert!(!h1_view.apps.contains_key("otherapp"));
     let rollout = rollout_of(&reply, "shapp").expect("rollout");
-    assert_eq!(rollout.rollout.phase, Phase::Running, "{rollout:?}");
-    assert!(rollout.rollout.failures.is_empty(), "{rollout:?}");
+    assert_eq!(rollout.phase, Phase::Running, "{rollout:?}");
+    assert!(rollout.failures.is_empty(), "{rollout:?}");
     assert_eq!(
         rollout.rings[0].done, 0,
         "no host counted done: {rollout:?}"
@@ -408,7 +403,7 @@ async fn slot_requests_are_their_subjects_agent_and_replies_go_to_its_inbox_only
     let reply = tracker_status(&p).await;
     let rollout = rollout_of(&reply, "shapp").expect("rollout");
     assert!(
-        rollout.rollout.slots.is_empty(),
+        rollout.slots.is_empty(),
         "no slot taken by a refused request: {rollout:?}"
     );
 
@@ -422,11 +417,11 @@ async fn slot_requests_are_their_subjects_agent_and_replies_go_to_its_inbox_only
     let reply = tracker_status(&p).await;
     let rollout = rollout_of(&reply, "shapp").expect("rollout");
     assert_eq!(
-        rollout.rollout.slots.get("h1").map(|l| l.ring.as_str()),
+        rollout.slots.get("h1").map(|l| l.ring.as_str()),
         Some("default"),
         "{rollout:?}"
     );
-    assert_eq!(rollout.rollout.slots.len(), 1, "{rollout:?}");
+    assert_eq!(rollout.slots.len(), 1, "{rollout:?}");
 }
 
 /// A real agent rolls a bad version back, and its `rolled_back` status is lost: it never
@@ -457,7 +452,7 @@ async fn a_lost_rolled_back_status_still_halts_the_rollout_through_the_heartbeat
         .await;
     fleetcast_e2e::eventually("h1 runs 1.0.0", || running(&state) == "1.0.0").await;
     until_tracker(&p, "1.0.0 rolled out", |r| {
-        rollout_of(r, "shapp").is_some_and(|r| r.rollout.phase == Phase::Completed)
+        rollout_of(r, "shapp").is_some_and(|r| r.phase == Phase::Completed)
     })
     .await;
 
@@ -521,22 +516,15 @@ async fn a_lost_rolled_back_status_still_halts_the_rollout_through_the_heartbeat
     // The tracker comes back: it rolls 1.1.0 out, and halts on what the heartbeats say.
     start_tracker(&mut p, free_addr(), policy);
     let reply = until_tracker(&p, "the rollout of 1.1.0 halted", |r| {
-        rollout_of(r, "shapp")
-            .is_some_and(|r| r.rollout.version == v("1.1.0") && r.rollout.phase == Phase::Halted)
+        rollout_of(r, "shapp").is_some_and(|r| r.version == v("1.1.0") && r.phase == Phase::Halted)
     })
     .await;
     let rollout = rollout_of(&reply, "shapp").expect("rollout");
     // The agent's own reason, which only its heartbeats carried.
-    let why = rollout
-        .rollout
-        .failures
-        .get("h1")
-        .cloned()
-        .unwrap_or_default();
+    let why = rollout.failures.get("h1").cloned().unwrap_or_default();
     assert!(!why.is_empty() && why != "no reason given", "{rollout:?}");
     assert!(
         rollout
-            .rollout
             .reason
             .as_deref()
             .is_some_and(|r| r.contains(&format!("h1: {why}"))),
@@ -545,12 +533,9 @@ async fn a_lost_rolled_back_status_still_halts_the_rollout_through_the_heartbeat
     let h1 = reply
         .agents
         .iter()
-        .find(|a| a.agent.agent_id == "h1")
+        .find(|a| a.agent_id == "h1")
         .expect("h1");
-    let error = h1.agent.apps["shapp"]
-        .last_error
-        .clone()
-        .expect("last error");
+    let error = h1.apps["shapp"].last_error.clone().expect("last error");
     assert_eq!(
         (error.state, error.version),
         (AppState::RolledBack, Some(v("1.1.0")))

@@ -7,10 +7,10 @@ use std::time::Duration;
 
 use fleetcast_e2e::{Pipeline, TIMEOUT, eventually, running, script_app};
 use fleetcast_events::names;
+use fleetcast_events::tracker::{Command, HistoryQuery};
 use fleetcast_events::v1::{HistoryEntry, HistoryKind, RejectCode};
 use fleetcast_harness::accounts::AgentSpec;
 use fleetcast_runtime::{Bus, NatsSettings};
-use fleetcast_tracker::api::{Command, HistoryQuery};
 use fleetcast_tracker::policy::{Amount, AppPolicy, Approval, RingPolicy};
 use tokio_util::sync::CancellationToken;
 

@@ -80,11 +80,11 @@ async fn a_release_reaches_every_agent_with_each_program_under_its_own_identity(
     .await
     .expect("rollout ends")
     .expect("ci watches the rollout");
-    assert!(!view.rollout.is_active(), "{view:?}");
+    assert!(!view.phase.is_active(), "{view:?}");
     let operator = p.bus_as("operator").await.expect("operator connects");
     let reply = fleetcast_cli::tracker(
         &operator,
-        &fleetcast_tracker::api::Command::Show {
+        &fleetcast_events::tracker::Command::Show {
             app: "shapp".into(),
         },
     )

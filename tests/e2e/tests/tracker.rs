@@ -5,10 +5,10 @@
 use std::time::Duration;
 
 use fleetcast_e2e::{Pipeline, TIMEOUT, eventually, fleet_in, ring, rollout_phase, script_app};
+use fleetcast_events::tracker::Command;
+use fleetcast_events::tracker::Phase;
 use fleetcast_events::v1::{AgentStatus, AppState, DesiredState};
-use fleetcast_tracker::api::Command;
 use fleetcast_tracker::policy::{AppPolicy, Approval, RingPolicy};
-use fleetcast_tracker::rollout::Phase;
 use futures::StreamExt;
 use semver::Version;
 
@@ -113,7 +113,7 @@ async fn rings_roll_out_in_order_with_no_more_hosts_switching_than_allowed() {
     p.release("shapp", "2.0.0", &script_app("2.0.0", true))
         .await;
     let done = rollout_phase(&p, Phase::Completed).await;
-    assert_eq!(done.rollout.version, v("2.0.0"));
+    assert_eq!(done.version, v("2.0.0"));
     for ring in &done.rings {
         assert_eq!(ring.done, ring.targets, "{ring:?}");
     }
@@ -164,7 +164,7 @@ async fn a_failing_version_halts_the_rollout_before_later_rings_get_it() {
     p.release("shapp", "2.0.0", &script_app("2.0.0", false))
         .await;
     let halted = rollout_phase(&p, Phase::Halted).await;
-    let reason = halted.rollout.reason.unwrap_or_default();
+    let reason = halted.reason.unwrap_or_default();
     assert!(reason.contains("ring canary"), "{reason}");
     assert!(
         reason.contains("code Some(3)"),
@@ -197,7 +197,7 @@ async fn manual_approval_downloads_early_and_an_operator_steers_the_rollout() {
     p.release("shapp", "1.0.0", &script_app("1.0.0", true))
         .await;
     let waiting = rollout_phase(&p, Phase::AwaitingApproval).await;
-    assert_eq!(waiting.rollout.version, v("1.0.0"));
+    assert_eq!(waiting.version, v("1.0.0"));
     // Downloaded ahead of the approval, switched by nobody.
     for (id, _) in agents {
         let staged = hosts.path().join(id).join("data/apps/shapp/versions/1.0.0");
@@ -214,12 +214,7 @@ async fn manual_approval_downloads_early_and_an_operator_steers_the_rollout() {
             Ok(reply) => reply
                 .agents
                 .iter()
-                .map(|a| {
-                    a.agent
-                        .apps
-                        .get("shapp")
-                        .and_then(|app| app.waiting.clone())
-                })
+                .map(|a| a.apps.get("shapp").and_then(|app| app.waiting.clone()))
                 .collect(),
             Err(_) => Vec::new(),
         };
@@ -255,7 +250,7 @@ async fn manual_approval_downloads_early_and_an_operator_steers_the_rollout() {
     // `fleetcast rollout watch` ends when the rollout does.
     let bus = p.bus().await.expect("bus");
     let done = watch(&bus, None).await;
-    assert_eq!(done.rollout.phase, Phase::Completed);
+    assert_eq!(done.phase, Phase::Completed);
     assert_eq!(done.rings[0].done, 2);
 
     // v2: approved, then aborted: the watch reports it and nobody else switches later.
@@ -268,7 +263,7 @@ async fn manual_approval_downloads_early_and_an_operator_steers_the_rollout() {
         })
         .await
         .expect("pause");
-    assert!(paused.ok && paused.rollout.is_some_and(|r| r.rollout.paused));
+    assert!(paused.ok && paused.rollout.is_some_and(|r| r.paused));
     let aborted = p
         .tracker_command(&Command::Abort {
             app: "shapp".into(),
@@ -277,11 +272,8 @@ async fn manual_approval_downloads_early_and_an_operator_steers_the_rollout() {
         .expect("abort");
     assert!(aborted.ok, "{}", aborted.message);
     let ended = watch(&bus, None).await;
-    assert_eq!(ended.rollout.phase, Phase::Aborted);
-    assert_eq!(
-        ended.rollout.reason.as_deref(),
-        Some("aborted by an operator")
-    );
+    assert_eq!(ended.phase, Phase::Aborted);
+    assert_eq!(ended.reason.as_deref(), Some("aborted by an operator"));
 
     // v3 waits for approval when v4 arrives: whoever waits for v3 (CI's
     // `rollout watch --version 3.0.0`, exit 5) learns that it was superseded.
@@ -291,8 +283,8 @@ async fn manual_approval_downloads_early_and_an_operator_steers_the_rollout() {
     p.release("shapp", "4.0.0", &script_app("4.0.0", true))
         .await;
     let superseded = watch(&bus, Some(&v("3.0.0"))).await;
-    assert_eq!(superseded.rollout.version, v("4.0.0"));
-    assert!(superseded.rollout.superseded.contains(&v("3.0.0")));
+    assert_eq!(superseded.version, v("4.0.0"));
+    assert!(superseded.superseded.contains(&v("3.0.0")));
 }
 
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
@@ -321,7 +313,7 @@ async fn a_tracker_restarted_mid_rollout_continues_where_it_was() {
 async fn watch(
     bus: &fleetcast_runtime::Bus,
     version: Option<&Version>,
-) -> fleetcast_tracker::api::RolloutView {
+) -> fleetcast_events::tracker::RolloutSummary {
     tokio::time::timeout(TIMEOUT, fleetcast_cli::watch_rollout(bus, "shapp", version))
         .await
         .expect("the rollout never ended")
@@ -439,7 +431,7 @@ const THREE_AGENTS: [(&str, &str); 3] = [("h1", "default"), ("h2", "default"), (
 
 /// 1.0.0 rolls out to the three hosts; h3's host goes down and the tracker marks it stale
 /// (stale_after is 5 s in the tests); 2.0.0 rolls out without it. The completed rollout.
-async fn h3_left_behind(p: &mut Pipeline) -> fleetcast_tracker::api::RolloutView {
+async fn h3_left_behind(p: &mut Pipeline) -> fleetcast_events::tracker::RolloutSummary {
     p.release("shapp", "1.0.0", &script_app("1.0.0", true))
         .await;
     rollout_phase(p, Phase::Completed).await;
@@ -458,7 +450,7 @@ async fn agent_stale(p: &Pipeline, id: &str, stale: bool) {
             && reply
                 .agents
                 .iter()
-                .any(|a| a.agent.agent_id == id && a.stale == stale)
+                .any(|a| a.agent_id == id && a.stale == stale)
         {
             return;
         }
@@ -486,7 +478,7 @@ async fn converged(hosts: &tempfile::TempDir, id: &str, version: &str) {
 async fn a_stale_host_does_not_block_completion_and_converges_when_it_returns() {
     let (mut p, hosts) = fleet(three_hosts(), &THREE_AGENTS).await;
     let done = h3_left_behind(&mut p).await;
-    assert_eq!(done.rollout.version, v("2.0.0"));
+    assert_eq!(done.version, v("2.0.0"));
     assert_eq!(
         (
             done.rings[0].targets,
@@ -590,7 +582,7 @@ async fn a_rollback_goes_through_the_signer_and_rolls_out_ring_by_ring() {
     p.release("shapp", "2.0.0", &script_app("2.0.0", true))
         .await;
     let v2 = rollout_phase(&p, Phase::Completed).await;
-    assert_eq!(v2.rollout.version, v("2.0.0"));
+    assert_eq!(v2.version, v("2.0.0"));
 
     // One ring first: only the canary goes back.
     let bus = p.bus().await.expect("bus");
@@ -599,11 +591,8 @@ async fn a_rollback_goes_through_the_signer_and_rolls_out_ring_by_ring() {
         .expect("rollback");
     assert_eq!(from, v("2.0.0"));
     let back = watch(&bus, Some(&v("1.0.0"))).await;
-    assert_eq!(back.rollout.phase, Phase::Completed);
-    assert!(
-        back.rollout.directive.is_some(),
-        "carried by the signer's directive"
-    );
+    assert_eq!(back.phase, Phase::Completed);
+    assert!(back.rollback, "carried by the signer's directive");
     converged(&hosts, "c1", "1.0.0").await;
     assert_eq!(
         running(&hosts, "b1"),
@@ -741,7 +730,7 @@ async fn a_rollout_completes_when_a_node_of_the_nats_cluster_dies_in_the_middle(
         converged(&hosts, id, "2.0.0").await;
     }
     let done = rollout_phase(&p, Phase::Completed).await;
-    assert_eq!(done.rollout.version, v("2.0.0"));
+    assert_eq!(done.version, v("2.0.0"));
     assert_eq!(done.rings.iter().map(|r| r.done).sum::<usize>(), 3);
     assert_eq!(done.rings.iter().map(|r| r.stale).sum::<usize>(), 0);
     // The pipeline's consumers (watcher, signer, distributors, the tracker's) lost whatever
@@ -788,7 +777,7 @@ async fn the_dashboard_says_when_the_tracker_is_cut_off_from_nats() {
 }
 
 /// The tracker's only laggard (there must be exactly one).
-async fn the_one_laggard(p: &Pipeline) -> fleetcast_tracker::laggards::Laggard {
+async fn the_one_laggard(p: &Pipeline) -> fleetcast_events::tracker::Laggard {
     let laggards = p
         .tracker_command(&Command::Laggards { app: None })
         .await
@@ -805,10 +794,10 @@ async fn shapp_history(
     kind: fleetcast_events::v1::HistoryKind,
     count: usize,
 ) -> (
-    fleetcast_tracker::history::HistoryQuery,
+    fleetcast_events::tracker::HistoryQuery,
     Vec<fleetcast_events::v1::HistoryEntry>,
 ) {
-    let query = fleetcast_tracker::history::HistoryQuery {
+    let query = fleetcast_events::tracker::HistoryQuery {
         app: Some("shapp".into()),
         kind: Some(kind),
         version: None,

@@ -199,7 +199,7 @@ async fn rotation_and_revocation() {
 
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn an_agent_whose_timestamps_stop_reports_stale_metadata_and_the_tracker_shows_it() {
-    use fleetcast_tracker::api::Command;
+    use fleetcast_events::tracker::Command;
 
     let mut p = Pipeline::new().await.expect("pipeline");
     let signer = fleetcast_signer::Settings {
@@ -224,8 +224,8 @@ async fn an_agent_whose_timestamps_stop_reports_stale_metadata_and_the_tracker_s
         reply
             .agents
             .iter()
-            .find(|a| a.agent.agent_id == "host-1")
-            .and_then(|a| a.agent.metadata.clone())
+            .find(|a| a.agent_id == "host-1")
+            .and_then(|a| a.metadata.clone())
     };
     let deadline = tokio::time::Instant::now() + fleetcast_e2e::TIMEOUT;
     let fresh = loop {
