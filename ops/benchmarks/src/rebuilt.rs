@@ -81,23 +81,36 @@ fn manifest(root: &Path) -> anyhow::Result<String> {
         .and_then(|d| d.as_table())
         .context("no [workspace.dependencies]")?;
     let mut deps = toml::Table::new();
-    for name in app
+    for (name, own) in app
         .get("dependencies")
         .and_then(|d| d.as_table())
         .context("no [dependencies]")?
-        .keys()
     {
-        let mut spec = pinned
+        let mut spec = match pinned
             .get(name)
             .with_context(|| format!("{name} not pinned by the workspace"))?
-            .clone();
+        {
+            toml::Value::String(version) => {
+                toml::Table::from_iter([("version".to_string(), version.clone().into())])
+            }
+            toml::Value::Table(table) => table.clone(),
+            other => bail!("{name}: unexpected workspace dependency {other}"),
+        };
         if let Some(path) = spec.get("path").and_then(|p| p.as_str()) {
             let absolute = root.join(path).to_string_lossy().into_owned();
-            if let Some(table) = spec.as_table_mut() {
-                table.insert("path".into(), absolute.into());
-            }
+            spec.insert("path".into(), absolute.into());
         }
-        deps.insert(name.clone(), spec);
+        // The app's own features add to the workspace's (`{ workspace = true, features = … }`).
+        if let Some(extra) = own.get("features").and_then(|f| f.as_array()) {
+            let mut features = spec
+                .get("features")
+                .and_then(|f| f.as_array())
+                .cloned()
+                .unwrap_or_default();
+            features.extend(extra.iter().cloned());
+            spec.insert("features".into(), features.into());
+        }
+        deps.insert(name.clone(), spec.into());
     }
     let mut doc = toml::Table::new();
     let mut package = toml::Table::new();

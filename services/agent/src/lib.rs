@@ -481,7 +481,10 @@ async fn app_loop(
         tracing::error!(%app, error = %e, "recovery failed");
     }
     let _ = beat.send(runner.snapshot());
-    let mut retry_delay = Duration::from_secs(1);
+    // After a transient failure: 1 s, doubling to a minute; a fresh schedule after a success.
+    let retry_delays =
+        || fleetcast_runtime::retry::delays(Duration::from_secs(1), Duration::from_secs(60));
+    let mut retry_delay = retry_delays();
     let mut retry_at: Option<tokio::time::Instant> = None;
     // Announcements arrive on a plain subscription to the subject the server republishes each
     // write of the key on (with its revision): the server fans one message out to every agent
@@ -602,7 +605,7 @@ async fn app_loop(
                     // The tracker's remedy for a host stuck behind its ring.
                     Some(()) = retry.recv() => {
                         retry_at = None;
-                        retry_delay = Duration::from_secs(1);
+                        retry_delay = retry_delays();
                         match &pending {
                             Some((_, bytes)) => Some(bytes.clone()),
                             None => stored(&bus).await,
@@ -649,7 +652,7 @@ async fn app_loop(
             }
             match outcome {
                 Ok(_) => {
-                    retry_delay = Duration::from_secs(1);
+                    retry_delay = retry_delays();
                     pending = None;
                 }
                 Err(UpdateError::Refused(reason)) => {
@@ -671,9 +674,9 @@ async fn app_loop(
                 }
                 Err(UpdateError::Transient(reason)) => {
                     pending = Some((desired.version.clone(), bytes.clone()));
-                    tracing::warn!(%app, version = %desired.version, %reason, retry_in = ?retry_delay, "update failed, will retry");
-                    retry_at = Some(tokio::time::Instant::now() + retry_delay);
-                    retry_delay = (retry_delay * 2).min(Duration::from_secs(60));
+                    let delay = retry_delay.next().unwrap_or_default();
+                    tracing::warn!(%app, version = %desired.version, %reason, retry_in = ?delay, "update failed, will retry");
+                    retry_at = Some(tokio::time::Instant::now() + delay);
                 }
             }
             let _ = beat.send(runner.snapshot());

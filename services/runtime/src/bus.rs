@@ -116,7 +116,7 @@ impl Bus {
         };
         // Boxed, as `ensure` below: async-nats's connect is a large future.
         let (client, connections) = Box::pin(connect(settings, name, shutdown)).await?;
-        let mut delay = Duration::from_millis(200);
+        let mut delays = crate::retry::delays(Duration::from_millis(200), Duration::from_secs(5));
         loop {
             // Boxed: setting up every stream and bucket is a large future, and callers' own
             // futures (tests' included) should not carry it on their stacks.
@@ -131,11 +131,11 @@ impl Bus {
                 Ok(bus) => return Ok(Bus { user, ..bus }),
                 Err(e) => {
                     tracing::warn!(error = %e, "JetStream not ready, retrying");
+                    let delay = delays.next().unwrap_or_default();
                     tokio::select! {
                         _ = shutdown.cancelled() => return Err(BusError::Cancelled),
                         _ = tokio::time::sleep(delay) => {}
                     }
-                    delay = (delay * 2).min(Duration::from_secs(5));
                 }
             }
         }
@@ -625,7 +625,7 @@ pub async fn connect(
         });
     }
     check_secure(settings, name)?;
-    let mut delay = Duration::from_millis(200);
+    let mut delays = crate::retry::delays(Duration::from_millis(200), Duration::from_secs(5));
     let (count, connections) = watch::channel(0u64);
     let count = std::sync::Arc::new(count);
     loop {
@@ -686,11 +686,11 @@ pub async fn connect(
             Ok(client) => return Ok((client, connections)),
             Err(e) => {
                 tracing::warn!(url = %settings.url, error = %e, "NATS not reachable yet, retrying");
+                let delay = delays.next().unwrap_or_default();
                 tokio::select! {
                     _ = shutdown.cancelled() => return Err(BusError::Cancelled),
                     _ = tokio::time::sleep(delay) => {}
                 }
-                delay = (delay * 2).min(Duration::from_secs(5));
             }
         }
     }

@@ -12,6 +12,7 @@ pub mod memory;
 pub mod metrics;
 pub mod observe;
 pub mod releases;
+pub mod retry;
 pub mod service;
 pub mod settings;
 pub mod shutdown;
