@@ -13,6 +13,7 @@ use fleetcast_events::tracker::{
 use fleetcast_events::v1::HistoryKind;
 use fleetcast_events::v1::{ReleaseRecord, ReleaseState};
 use fleetcast_package::ArchiveLimits;
+use fleetcast_runtime::NatsSettings;
 use indicatif::{ProgressBar, ProgressStyle};
 
 #[derive(Parser)]
@@ -68,8 +69,8 @@ struct Args {
 
 impl Args {
     /// The same NATS settings a service reads from `[nats]`.
-    fn nats(&self) -> fleetcast_runtime::NatsSettings {
-        fleetcast_runtime::NatsSettings {
+    fn nats(&self) -> NatsSettings {
+        NatsSettings {
             url: self.nats_url.clone(),
             credentials: self.nats_credentials.clone(),
             tls: self
@@ -99,28 +100,7 @@ enum Command {
         force: bool,
     },
     /// Upload a release archive and announce it (the CI path).
-    Publish {
-        /// NAME-VERSION.zip, or any zip with --app and --version.
-        archive: PathBuf,
-        #[arg(long)]
-        app: Option<String>,
-        #[arg(long)]
-        version: Option<semver::Version>,
-        /// Who published it (e.g. the CI job), recorded in the event.
-        #[arg(long, env = "FLEETCAST_PUBLISHED_BY")]
-        published_by: Option<String>,
-        /// Wait until the release is stored or rejected; exit non-zero if rejected.
-        #[arg(long)]
-        wait: bool,
-        /// How long --wait waits.
-        #[arg(long, default_value = "10m", value_parser = humantime_parse)]
-        timeout: Duration,
-        /// How long to try reaching NATS before giving up.
-        #[arg(long, default_value = "10s", value_parser = humantime_parse)]
-        connect_timeout: Duration,
-        #[command(flatten)]
-        limits: Limits,
-    },
+    Publish(PublishArgs),
     /// Set the version an app's agents in a ring should run (what the tracker does during a
     /// rollout; by hand, it deploys at once).
     Desire {
@@ -187,6 +167,30 @@ enum Command {
         #[arg(long)]
         json: bool,
     },
+}
+
+#[derive(clap::Args)]
+struct PublishArgs {
+    /// NAME-VERSION.zip, or any zip with --app and --version.
+    archive: PathBuf,
+    #[arg(long)]
+    app: Option<String>,
+    #[arg(long)]
+    version: Option<semver::Version>,
+    /// Who published it (e.g. the CI job), recorded in the event.
+    #[arg(long, env = "FLEETCAST_PUBLISHED_BY")]
+    published_by: Option<String>,
+    /// Wait until the release is stored or rejected; exit non-zero if rejected.
+    #[arg(long)]
+    wait: bool,
+    /// How long --wait waits.
+    #[arg(long, default_value = "10m", value_parser = humantime_parse)]
+    timeout: Duration,
+    /// How long to try reaching NATS before giving up.
+    #[arg(long, default_value = "10s", value_parser = humantime_parse)]
+    connect_timeout: Duration,
+    #[command(flatten)]
+    limits: Limits,
 }
 
 #[derive(clap::Args)]
@@ -330,10 +334,7 @@ enum RolloutAction {
     },
 }
 
-async fn root(
-    nats: &fleetcast_runtime::NatsSettings,
-    action: RootAction,
-) -> anyhow::Result<ExitCode> {
+async fn root(nats: &NatsSettings, action: RootAction) -> anyhow::Result<ExitCode> {
     use cli::root;
     match action {
         RootAction::New {
@@ -371,7 +372,7 @@ written to {} (unsigned: each root key holder runs `fleetcast root sign`)",
         }
         RootAction::Publish { file } => {
             let signed = root::read(&file)?;
-            let bus = cli::connect(nats, Duration::from_secs(10)).await?;
+            let bus = cli::connect(nats, CONNECT_TIMEOUT).await?;
             let (newest, published) = root::publish(&bus, &signed).await?;
             let what = if published {
                 "published"
@@ -381,7 +382,7 @@ written to {} (unsigned: each root key holder runs `fleetcast root sign`)",
             println!("{what} {}", root::describe(newest.root()));
         }
         RootAction::Show => {
-            let bus = cli::connect(nats, Duration::from_secs(10)).await?;
+            let bus = cli::connect(nats, CONNECT_TIMEOUT).await?;
             match root::published(&bus).await? {
                 Some(root) => println!("{}", root::describe(root.root())),
                 None => println!("no root published (verifiers use pinned keys)"),
@@ -395,6 +396,9 @@ fn humantime_parse(s: &str) -> Result<Duration, String> {
     humantime_serde::re::humantime::parse_duration(s)
         .map_err(|e| format!("{s:?}: {e} (try 90s, 10m or 1h)"))
 }
+
+/// How long a command tries to reach NATS (`publish` has its own `--connect-timeout`).
+const CONNECT_TIMEOUT: Duration = Duration::from_secs(10);
 
 /// The whole `fleetcast` command: parses the arguments, runs the command, and says how it
 /// ended in its exit code ([`crate::exit`]).
@@ -439,153 +443,56 @@ async fn execute(args: Args) -> anyhow::Result<ExitCode> {
             );
             Ok(ExitCode::SUCCESS)
         }
-        Command::Publish {
-            archive,
-            app,
-            version,
-            published_by,
-            wait,
-            timeout,
-            connect_timeout,
-            limits,
-        } => {
-            let prepared = cli::prepare_release(&archive, app, version, &limits.archive()).await?;
-            let bus = cli::connect(&nats, connect_timeout).await?;
-            let baseline = cli::outcome_baseline(&bus, &prepared).await?;
-            // The same bytes again: the pipeline would only deduplicate them, and the upload
-            // would stay behind in the incoming store. That archive's outcome is known.
-            if let Some(record) = cli::already_stored(&bus, &prepared, baseline).await? {
-                print_records(std::slice::from_ref(&record));
-                println!(
-                    "stored {} {} (this archive, blake3 {}, already was: nothing uploaded)",
-                    prepared.app, prepared.version, prepared.blake3
-                );
-                return Ok(ExitCode::SUCCESS);
-            }
-            let bar = ProgressBar::new(prepared.size);
-            bar.set_style(
-                ProgressStyle::with_template(
-                    "uploading {bar:40} {bytes}/{total_bytes} {bytes_per_sec} {eta}",
-                )
-                .unwrap_or_else(|_| ProgressStyle::default_bar()),
-            );
-            let progress = |done: u64, _total: u64| bar.set_position(done);
-            let event =
-                cli::publish_prepared(&bus, prepared, published_by, Some(&progress)).await?;
-            bar.finish_and_clear();
-            println!(
-                "published {} {} ({} bytes, blake3 {})",
-                event.app, event.version, event.size, event.blake3
-            );
-            if !wait {
-                return Ok(ExitCode::SUCCESS);
-            }
-            let record = cli::wait_for_archive(&bus, &event, baseline, timeout).await?;
-            print_records(std::slice::from_ref(&record));
-            if record.state == ReleaseState::Stored {
-                println!("stored {} {}", event.app, event.version);
-                return Ok(ExitCode::SUCCESS);
-            }
-            let reason = record
-                .reason
-                .as_ref()
-                .map_or_else(|| "no reason recorded".to_string(), ToString::to_string);
-            eprintln!(
-                "error: {} {} (blake3 {}) was rejected: {reason}",
-                event.app, event.version, event.blake3
-            );
-            Ok(ExitCode::from(cli::exit::REJECTED))
-        }
+        Command::Publish(publish_args) => publish(&nats, publish_args).await,
         Command::Root { action } => root(&nats, action).await,
         Command::Desire { app, version, ring } => {
-            let bus = cli::connect(&nats, Duration::from_secs(10)).await?;
+            let bus = cli::connect(&nats, CONNECT_TIMEOUT).await?;
             cli::desire(&bus, &app, &ring, &version).await?;
             println!("{app} in ring {ring} should now run {version}");
             Ok(ExitCode::SUCCESS)
         }
-        Command::Status => {
-            let bus = cli::connect(&nats, Duration::from_secs(10)).await?;
-            let reply = cli::tracker(&bus, &TrackerCommand::Status).await?;
-            print_status(&reply);
-            Ok(ExitCode::SUCCESS)
-        }
-        Command::Agents => {
-            let bus = cli::connect(&nats, Duration::from_secs(10)).await?;
-            let reply = cli::tracker(&bus, &TrackerCommand::Status).await?;
-            print_agents(&reply.agents);
-            Ok(ExitCode::SUCCESS)
-        }
+        Command::Status => ask(&nats, TrackerCommand::Status, print_status).await,
+        Command::Agents => ask(&nats, TrackerCommand::Status, |r| print_agents(&r.agents)).await,
         Command::Laggards { app } => {
-            let bus = cli::connect(&nats, Duration::from_secs(10)).await?;
             let command = TrackerCommand::Laggards { app };
-            let reply = cli::tracker(&bus, &command).await?;
-            if !reply.ok {
-                eprintln!("error: {}", reply.message);
-                return Ok(ExitCode::from(cli::exit::ERROR));
-            }
-            print_laggards(&reply.laggards);
-            Ok(ExitCode::SUCCESS)
+            ask(&nats, command, |r| print_laggards(&r.laggards)).await
         }
         Command::Rollout {
             action: RolloutAction::Watch { app, version },
-        } => {
-            let bus = cli::connect(&nats, Duration::from_secs(10)).await?;
-            let r = cli::watch_rollout(&bus, &app, version.as_ref()).await?;
-            let reason = r.reason.clone().unwrap_or_default();
-            if let Some(v) = version.as_ref().filter(|v| **v != r.version) {
-                let by = if r.rollback {
-                    "a rollback to"
-                } else {
-                    "the rollout of"
-                };
-                println!("{app} {v}: superseded by {by} {}", r.version);
-                return Ok(ExitCode::from(cli::exit::SUPERSEDED));
-            }
-            Ok(match r.phase {
-                Phase::Completed => {
-                    let done: usize = r.rings.iter().map(|ring| ring.done).sum();
-                    println!("{app} {}: completed on {done} host(s)", r.version);
-                    if done == 0 {
-                        // Not a failure (no live host runs the app: nothing to update), but
-                        // rarely what CI meant; say so where its log shows it.
-                        eprintln!(
-                            "warning: no live host reported {app} {}: check the app name and that its agents are connected (fleetcast agents)",
-                            r.version
-                        );
-                    }
-                    ExitCode::SUCCESS
-                }
-                Phase::Halted => {
-                    println!("{app} {}: halted: {reason}", r.version);
-                    ExitCode::from(cli::exit::REJECTED)
-                }
-                _ => {
-                    println!("{app} {}: aborted: {reason}", r.version);
-                    ExitCode::from(cli::exit::ABORTED)
+        } => watch(&nats, &app, version.as_ref()).await,
+        Command::History(query) => {
+            let command = TrackerCommand::History(query.into());
+            ask(&nats, command, |reply| {
+                for entry in &reply.history {
+                    println!("{}", cli::history_line(entry));
                 }
             })
-        }
-        Command::History(query) => {
-            let bus = cli::connect(&nats, Duration::from_secs(10)).await?;
-            let command = TrackerCommand::History(query.into());
-            let reply = cli::tracker(&bus, &command).await?;
-            if !reply.ok {
-                eprintln!("error: {}", reply.message);
-                return Ok(ExitCode::from(cli::exit::ERROR));
-            }
-            for entry in &reply.history {
-                println!("{}", cli::history_line(entry));
-            }
-            Ok(ExitCode::SUCCESS)
+            .await
         }
         Command::Approve { app, version } => {
-            steer(&nats, TrackerCommand::Approve { app, version }).await
+            let command = TrackerCommand::Approve { app, version };
+            ask(&nats, command, |r| println!("{}", r.message)).await
         }
-        Command::Pause { app } => steer(&nats, TrackerCommand::Pause { app }).await,
-        Command::Resume { app } => steer(&nats, TrackerCommand::Resume { app }).await,
-        Command::Abort { app } => steer(&nats, TrackerCommand::Abort { app }).await,
+        Command::Pause { app } => {
+            ask(&nats, TrackerCommand::Pause { app }, |r| {
+                println!("{}", r.message)
+            })
+            .await
+        }
+        Command::Resume { app } => {
+            ask(&nats, TrackerCommand::Resume { app }, |r| {
+                println!("{}", r.message)
+            })
+            .await
+        }
+        Command::Abort { app } => {
+            ask(&nats, TrackerCommand::Abort { app }, |r| {
+                println!("{}", r.message)
+            })
+            .await
+        }
         Command::Rollback { app, to, ring } => {
-            let bus = cli::connect(&nats, Duration::from_secs(10)).await?;
+            let bus = cli::connect(&nats, CONNECT_TIMEOUT).await?;
             let from = cli::request_rollback(&bus, &app, &to, ring.as_deref()).await?;
             println!(
                 "rollback of {app} to {to} (replacing up to {from}) requested; follow it with: fleetcast rollout watch {app} --version {to}"
@@ -605,7 +512,7 @@ async fn execute(args: Args) -> anyhow::Result<ExitCode> {
             Ok(ExitCode::SUCCESS)
         }
         Command::Releases { app, json } => {
-            let bus = cli::connect(&nats, Duration::from_secs(10)).await?;
+            let bus = cli::connect(&nats, CONNECT_TIMEOUT).await?;
             let records = cli::releases(&bus, app.as_deref()).await?;
             if json {
                 println!("{}", serde_json::to_string_pretty(&records)?);
@@ -619,20 +526,119 @@ async fn execute(args: Args) -> anyhow::Result<ExitCode> {
     }
 }
 
-/// Sends a steering command; prints the tracker's answer; exit 1 when it refused.
-async fn steer(
-    nats: &fleetcast_runtime::NatsSettings,
-    command: TrackerCommand,
+/// Follows a rollout to its end; the exit code says how it ended (see [`crate::exit`]).
+async fn watch(
+    nats: &NatsSettings,
+    app: &str,
+    version: Option<&semver::Version>,
 ) -> anyhow::Result<ExitCode> {
-    let bus = cli::connect(nats, Duration::from_secs(10)).await?;
-    let reply = cli::tracker(&bus, &command).await?;
-    if reply.ok {
-        println!("{}", reply.message);
-        Ok(ExitCode::SUCCESS)
-    } else {
-        eprintln!("error: {}", reply.message);
-        Ok(ExitCode::from(cli::exit::ERROR))
+    let bus = cli::connect(nats, CONNECT_TIMEOUT).await?;
+    let r = cli::watch_rollout(&bus, app, version).await?;
+    let reason = r.reason.clone().unwrap_or_default();
+    if let Some(v) = version.filter(|v| **v != r.version) {
+        let by = if r.rollback {
+            "a rollback to"
+        } else {
+            "the rollout of"
+        };
+        println!("{app} {v}: superseded by {by} {}", r.version);
+        return Ok(ExitCode::from(cli::exit::SUPERSEDED));
     }
+    Ok(match r.phase {
+        Phase::Completed => {
+            let done: usize = r.rings.iter().map(|ring| ring.done).sum();
+            println!("{app} {}: completed on {done} host(s)", r.version);
+            if done == 0 {
+                // Not a failure (no live host runs the app: nothing to update), but
+                // rarely what CI meant; say so where its log shows it.
+                eprintln!(
+                    "warning: no live host reported {app} {}: check the app name and that its agents are connected (fleetcast agents)",
+                    r.version
+                );
+            }
+            ExitCode::SUCCESS
+        }
+        Phase::Halted => {
+            println!("{app} {}: halted: {reason}", r.version);
+            ExitCode::from(cli::exit::REJECTED)
+        }
+        _ => {
+            println!("{app} {}: aborted: {reason}", r.version);
+            ExitCode::from(cli::exit::ABORTED)
+        }
+    })
+}
+
+/// Asks the tracker `command` and prints its answer with `print`; exit 1 with its message when
+/// it refused.
+async fn ask(
+    nats: &NatsSettings,
+    command: TrackerCommand,
+    print: impl FnOnce(&Reply),
+) -> anyhow::Result<ExitCode> {
+    let bus = cli::connect(nats, CONNECT_TIMEOUT).await?;
+    let reply = cli::tracker(&bus, &command).await?;
+    if !reply.ok {
+        eprintln!("error: {}", reply.message);
+        return Ok(ExitCode::from(cli::exit::ERROR));
+    }
+    print(&reply);
+    Ok(ExitCode::SUCCESS)
+}
+
+/// Uploads and announces a release; with `--wait`, waits for its outcome.
+async fn publish(nats: &NatsSettings, args: PublishArgs) -> anyhow::Result<ExitCode> {
+    let prepared = cli::prepare_release(
+        &args.archive,
+        args.app,
+        args.version,
+        &args.limits.archive(),
+    )
+    .await?;
+    let bus = cli::connect(nats, args.connect_timeout).await?;
+    let baseline = cli::outcome_baseline(&bus, &prepared).await?;
+    // The same bytes again: the pipeline would only deduplicate them, and the upload
+    // would stay behind in the incoming store. That archive's outcome is known.
+    if let Some(record) = cli::already_stored(&bus, &prepared, baseline).await? {
+        print_records(std::slice::from_ref(&record));
+        println!(
+            "stored {} {} (this archive, blake3 {}, already was: nothing uploaded)",
+            prepared.app, prepared.version, prepared.blake3
+        );
+        return Ok(ExitCode::SUCCESS);
+    }
+    let bar = ProgressBar::new(prepared.size);
+    bar.set_style(
+        ProgressStyle::with_template(
+            "uploading {bar:40} {bytes}/{total_bytes} {bytes_per_sec} {eta}",
+        )
+        .unwrap_or_else(|_| ProgressStyle::default_bar()),
+    );
+    let progress = |done: u64, _total: u64| bar.set_position(done);
+    let event = cli::publish_prepared(&bus, prepared, args.published_by, Some(&progress)).await?;
+    bar.finish_and_clear();
+    println!(
+        "published {} {} ({} bytes, blake3 {})",
+        event.app, event.version, event.size, event.blake3
+    );
+    if !args.wait {
+        return Ok(ExitCode::SUCCESS);
+    }
+    let record = cli::wait_for_archive(&bus, &event, baseline, args.timeout).await?;
+    print_records(std::slice::from_ref(&record));
+    if record.state == ReleaseState::Stored {
+        println!("stored {} {}", event.app, event.version);
+        return Ok(ExitCode::SUCCESS);
+    }
+    let reason = record
+        .reason
+        .as_ref()
+        .map_or_else(|| "no reason recorded".to_string(), ToString::to_string);
+    eprintln!(
+        "error: {} {} (blake3 {}) was rejected: {reason}",
+        event.app, event.version, event.blake3
+    );
+    Ok(ExitCode::from(cli::exit::REJECTED))
 }
 
 fn print_status(reply: &Reply) {

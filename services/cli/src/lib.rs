@@ -349,10 +349,7 @@ pub async fn wait_for_release(
 ) -> anyhow::Result<ReleaseRecord> {
     let deadline = tokio::time::Instant::now() + timeout;
     loop {
-        if let Some(record) = bus
-            .release_record(app, version)
-            .await
-            .map_err(anyhow::Error::msg)?
+        if let Some(record) = bus.release_record(app, version).await?
             && record.state != ReleaseState::Signed
         {
             return Ok(record);
@@ -371,9 +368,9 @@ pub async fn outcome_baseline(
     bus: &Bus,
     prepared: &PreparedRelease,
 ) -> anyhow::Result<ReleaseRevisions> {
-    bus.release_revisions(&prepared.app, &prepared.version, &prepared.blake3)
-        .await
-        .map_err(anyhow::Error::msg)
+    Ok(bus
+        .release_revisions(&prepared.app, &prepared.version, &prepared.blake3)
+        .await?)
 }
 
 /// The record of `prepared`'s archive when exactly these bytes are already stored.
@@ -384,8 +381,7 @@ pub async fn already_stored(
 ) -> anyhow::Result<Option<ReleaseRecord>> {
     let outcome = bus
         .archive_outcome(&prepared.app, &prepared.version, &prepared.blake3, since)
-        .await
-        .map_err(anyhow::Error::msg)?;
+        .await?;
     Ok(outcome.filter(|r| r.state == ReleaseState::Stored))
 }
 
@@ -402,8 +398,7 @@ pub async fn wait_for_archive(
     loop {
         if let Some(record) = bus
             .archive_outcome(&published.app, &published.version, &published.blake3, since)
-            .await
-            .map_err(anyhow::Error::msg)?
+            .await?
         {
             return Ok(record);
         }
@@ -422,14 +417,12 @@ pub async fn wait_for_archive(
 
 /// Every release record, newest version first within each app ([`Bus::release_records`]).
 pub async fn releases(bus: &Bus, app: Option<&str>) -> anyhow::Result<Vec<ReleaseRecord>> {
-    bus.release_records(app).await.map_err(anyhow::Error::msg)
+    Ok(bus.release_records(app).await?)
 }
 
 /// Writes the desired state of `app` in `ring` (no rollout slots: every host switches at once).
 pub async fn desire(bus: &Bus, app: &str, ring: &str, version: &Version) -> anyhow::Result<()> {
-    bus.desire(app, ring, version, false)
-        .await
-        .map_err(anyhow::Error::msg)
+    Ok(bus.desire(app, ring, version, false).await?)
 }
 
 /// Sends an operator command to the tracker (request/reply on the command's subject).
@@ -455,10 +448,7 @@ const ROLLBACK_GRACE: Duration = Duration::from_secs(15);
 /// Whether `app` `version` is a stored release: `Ok(true)` stored, `Ok(false)` still on its
 /// way (signed), [`UnknownVersion`] otherwise.
 async fn check_stored(bus: &Bus, app: &str, version: &Version) -> anyhow::Result<bool> {
-    let record = bus
-        .release_record(app, version)
-        .await
-        .map_err(anyhow::Error::msg)?;
+    let record = bus.release_record(app, version).await?;
     let detail = match record {
         Some(r) if r.state == ReleaseState::Stored => return Ok(true),
         Some(r) if r.state == ReleaseState::Signed => return Ok(false),

@@ -144,7 +144,7 @@ impl Distributor {
         }
         let record = match self.bus.release_record(&event.app, &event.version).await {
             Ok(r) => r,
-            Err(e) => return Outcome::Retry(e),
+            Err(e) => return Outcome::Retry(e.to_string()),
         };
         if record
             .as_ref()
@@ -284,7 +284,8 @@ impl Distributor {
         app: &str,
         version: &semver::Version,
     ) -> Result<Option<fleetcast_events::VerifiedManifest>, String> {
-        let Some(record) = self.bus.release_record(app, version).await? else {
+        let record = (self.bus.release_record(app, version).await).map_err(|e| e.to_string())?;
+        let Some(record) = record else {
             return Ok(None);
         };
         let Some(signed) = record
@@ -378,7 +379,8 @@ impl Distributor {
                 stored: Some(stored.clone()),
                 updated: OffsetDateTime::now_utc(),
             })
-            .await?;
+            .await
+            .map_err(|e| e.to_string())?;
         let msg_id = format!("stored.{key}");
         self.bus
             .publish_event(RELEASE_STORED, &stored, Encoding::MsgPack, Some(&msg_id))
@@ -408,7 +410,7 @@ impl Distributor {
             )
             .await
         {
-            return Outcome::Retry(e);
+            return Outcome::Retry(e.to_string());
         }
         let rejected = ReleaseRejected {
             app: event.app.clone(),

@@ -61,6 +61,54 @@ impl FetchError {
     }
 }
 
+/// What went wrong reading or writing a release record or a desired state.
+#[derive(Debug, thiserror::Error)]
+pub enum RecordError {
+    /// The bucket could not be read or written (NATS unavailable, a timeout): worth retrying.
+    #[error("{bucket} {key}: {reason}")]
+    Store {
+        bucket: &'static str,
+        key: String,
+        reason: String,
+    },
+    /// A stored value that does not decode: a retry reads the same bytes.
+    #[error("{bucket} {key}: unreadable: {reason}")]
+    Corrupt {
+        bucket: &'static str,
+        key: String,
+        reason: String,
+    },
+    /// What was asked cannot be done: a bad ring name, a version that is not stored.
+    #[error("{0}")]
+    Refused(String),
+}
+
+impl RecordError {
+    /// Whether the same request may succeed later: NATS back, the store reachable again.
+    pub fn is_transient(&self) -> bool {
+        matches!(self, RecordError::Store { .. })
+    }
+
+    fn store(bucket: &'static str, key: &str, reason: impl std::fmt::Display) -> RecordError {
+        RecordError::Store {
+            bucket,
+            key: key.to_string(),
+            reason: reason.to_string(),
+        }
+    }
+
+    fn corrupt(bucket: &'static str, key: &str, reason: impl std::fmt::Display) -> RecordError {
+        RecordError::Corrupt {
+            bucket,
+            key: key.to_string(),
+            reason: reason.to_string(),
+        }
+    }
+}
+
+const RELEASES: &str = "releases";
+const DESIRED: &str = "desired state";
+
 /// Whether a local write failed for want of room: a full disk or an exhausted quota.
 pub fn is_disk_full(e: &std::io::Error) -> bool {
     matches!(
@@ -227,18 +275,16 @@ impl Bus {
         &self,
         app: &str,
         version: &Version,
-    ) -> Result<Option<ReleaseRecord>, String> {
-        let entry = self
-            .releases
-            .get(release_key(app, version))
-            .await
-            .map_err(|e| e.to_string())?;
+    ) -> Result<Option<ReleaseRecord>, RecordError> {
+        let key = release_key(app, version);
+        let entry =
+            (self.releases.get(&key).await).map_err(|e| RecordError::store(RELEASES, &key, e))?;
         match entry {
             None => Ok(None),
             Some(bytes) => Encoding::Json
                 .decode(&bytes)
                 .map(Some)
-                .map_err(|e| e.to_string()),
+                .map_err(|e| RecordError::corrupt(RELEASES, &key, e)),
         }
     }
 
@@ -251,17 +297,15 @@ impl Bus {
         ring: &str,
         version: &Version,
         slot: bool,
-    ) -> Result<(), String> {
-        fleetcast_events::names::validate_app_name(ring).map_err(|e| format!("ring: {e}"))?;
-        let record = self
-            .release_record(app, version)
-            .await?
-            .ok_or_else(|| format!("{app} {version} is not a known release"))?;
+    ) -> Result<(), RecordError> {
+        let record = self.release_record(app, version).await?.ok_or_else(|| {
+            RecordError::Refused(format!("{app} {version} is not a known release"))
+        })?;
         let (ReleaseState::Stored, Some(manifest)) = (record.state, record.manifest) else {
-            return Err(format!(
+            return Err(RecordError::Refused(format!(
                 "{app} {version} is not stored (state {:?})",
                 record.state
-            ));
+            )));
         };
         self.desire_with(app, ring, version, manifest, slot).await
     }
@@ -274,8 +318,9 @@ impl Bus {
         version: &Version,
         manifest: fleetcast_events::SignedManifest,
         slot: bool,
-    ) -> Result<(), String> {
-        fleetcast_events::names::validate_app_name(ring).map_err(|e| format!("ring: {e}"))?;
+    ) -> Result<(), RecordError> {
+        fleetcast_events::names::validate_app_name(ring)
+            .map_err(|e| RecordError::Refused(format!("ring: {e}")))?;
         let desired = fleetcast_events::v1::DesiredState {
             app: app.into(),
             ring: ring.into(),
@@ -283,24 +328,18 @@ impl Bus {
             manifest,
             slot,
         };
-        let bytes = Encoding::Json.encode(&desired).map_err(|e| e.to_string())?;
-        self.desired
-            .put(
-                fleetcast_events::names::desired_key(app, ring),
-                bytes.into(),
-            )
-            .await
-            .map_err(|e| e.to_string())?;
+        let key = fleetcast_events::names::desired_key(app, ring);
+        let bytes = Encoding::Json
+            .encode(&desired)
+            .map_err(|e| RecordError::corrupt(DESIRED, &key, e))?;
+        (self.desired.put(&key, bytes.into()).await)
+            .map_err(|e| RecordError::store(DESIRED, &key, e))?;
         Ok(())
     }
 
-    pub async fn put_release_record(&self, record: &ReleaseRecord) -> Result<(), String> {
-        let bytes = Encoding::Json.encode(record).map_err(|e| e.to_string())?;
-        self.releases
-            .put(release_key(&record.app, &record.version), bytes.into())
+    pub async fn put_release_record(&self, record: &ReleaseRecord) -> Result<(), RecordError> {
+        self.put_release_record_at(&release_key(&record.app, &record.version), record)
             .await
-            .map(|_| ())
-            .map_err(|e| e.to_string())
     }
 
     /// Records a rejection of the archive `blake3` (when known) of app+version: always under
@@ -315,7 +354,7 @@ impl Bus {
         blake3: Option<&str>,
         reason: &Rejection,
         of_signed: bool,
-    ) -> Result<(), String> {
+    ) -> Result<(), RecordError> {
         let record = ReleaseRecord {
             app: app.into(),
             version: version.clone(),
@@ -346,23 +385,20 @@ impl Bus {
     /// Every release record (of `app` only, when given), newest version first within each
     /// app; a rejection kept both under its archive's key and as the version's record is
     /// listed once. What `fleetcast releases` shows and a rollback chooses from.
-    pub async fn release_records(&self, app: Option<&str>) -> Result<Vec<ReleaseRecord>, String> {
-        let mut keys = self
-            .releases
-            .keys()
-            .await
-            .map_err(|e| format!("listing releases: {e}"))?;
+    pub async fn release_records(
+        &self,
+        app: Option<&str>,
+    ) -> Result<Vec<ReleaseRecord>, RecordError> {
+        let listing = |e| RecordError::store(RELEASES, "(listing)", e);
+        let mut keys = (self.releases.keys().await).map_err(|e| listing(e.to_string()))?;
         let mut out = Vec::new();
         while let Some(key) = keys.next().await {
-            let key = key.map_err(|e| format!("listing releases: {e}"))?;
+            let key = key.map_err(|e| listing(e.to_string()))?;
             if app.is_some_and(|a| !key.starts_with(&format!("{a}."))) {
                 continue;
             }
-            let bytes = self
-                .releases
-                .get(&key)
-                .await
-                .map_err(|e| format!("release record {key}: {e}"))?;
+            let bytes = (self.releases.get(&key).await)
+                .map_err(|e| RecordError::store(RELEASES, &key, e))?;
             if let Some(bytes) = bytes {
                 match Encoding::Json.decode::<ReleaseRecord>(&bytes) {
                     Ok(record) => out.push(record),
@@ -406,7 +442,7 @@ impl Bus {
         let stored: Vec<Version> = self
             .release_records(Some(app))
             .await
-            .map_err(RollbackError::Bus)?
+            .map_err(|e| RollbackError::Bus(e.to_string()))?
             .into_iter()
             .filter(|r| r.app == app && r.state == ReleaseState::Stored)
             .map(|r| r.version)
@@ -447,13 +483,17 @@ impl Bus {
         Ok(from)
     }
 
-    async fn put_release_record_at(&self, key: &str, record: &ReleaseRecord) -> Result<(), String> {
-        let bytes = Encoding::Json.encode(record).map_err(|e| e.to_string())?;
-        self.releases
-            .put(key, bytes.into())
-            .await
+    async fn put_release_record_at(
+        &self,
+        key: &str,
+        record: &ReleaseRecord,
+    ) -> Result<(), RecordError> {
+        let bytes = Encoding::Json
+            .encode(record)
+            .map_err(|e| RecordError::corrupt(RELEASES, key, e))?;
+        (self.releases.put(key, bytes.into()).await)
             .map(|_| ())
-            .map_err(|e| e.to_string())
+            .map_err(|e| RecordError::store(RELEASES, key, e))
     }
 
     /// What became of the archive `blake3` published as app+version, judging only records
@@ -467,7 +507,7 @@ impl Bus {
         version: &Version,
         blake3: &str,
         since: ReleaseRevisions,
-    ) -> Result<Option<ReleaseRecord>, String> {
+    ) -> Result<Option<ReleaseRecord>, RecordError> {
         let version_entry = self.release_entry(&release_key(app, version)).await?;
         if let Some((_, record)) = &version_entry
             && record.blake3.as_deref() == Some(blake3)
@@ -502,7 +542,7 @@ impl Bus {
         app: &str,
         version: &Version,
         blake3: &str,
-    ) -> Result<ReleaseRevisions, String> {
+    ) -> Result<ReleaseRevisions, RecordError> {
         let revision = |entry: Option<(u64, ReleaseRecord)>| entry.map_or(0, |(r, _)| r);
         Ok(ReleaseRevisions {
             version: revision(self.release_entry(&release_key(app, version)).await?),
@@ -513,13 +553,14 @@ impl Bus {
         })
     }
 
-    async fn release_entry(&self, key: &str) -> Result<Option<(u64, ReleaseRecord)>, String> {
-        let entry = self.releases.entry(key).await.map_err(|e| e.to_string())?;
+    async fn release_entry(&self, key: &str) -> Result<Option<(u64, ReleaseRecord)>, RecordError> {
+        let entry =
+            (self.releases.entry(key).await).map_err(|e| RecordError::store(RELEASES, key, e))?;
         match entry {
             Some(entry) if matches!(entry.operation, async_nats::jetstream::kv::Operation::Put) => {
                 let record = Encoding::Json
                     .decode(&entry.value)
-                    .map_err(|e| format!("release record {key}: {e}"))?;
+                    .map_err(|e| RecordError::corrupt(RELEASES, key, e))?;
                 Ok(Some((entry.revision, record)))
             }
             _ => Ok(None),

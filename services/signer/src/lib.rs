@@ -4,6 +4,7 @@
 //! signs the file manifest → `release.signed`, or `release.rejected` with the reason.
 
 mod metrics;
+mod policy;
 mod settings;
 
 use std::sync::Arc;
@@ -21,7 +22,7 @@ use fleetcast_runtime::consume::{
 use fleetcast_runtime::observe::{self, Endpoint, ObserveError};
 use fleetcast_runtime::{Bus, BusError, Trust, trust};
 use futures::StreamExt;
-use serde::{Deserialize, Serialize};
+use policy::{LastSigned, Verdict};
 use time::OffsetDateTime;
 use tokio_util::sync::CancellationToken;
 
@@ -39,14 +40,6 @@ pub enum SignerError {
     Observe(#[from] ObserveError),
     #[error("cannot load signing key {path}: {reason}")]
     Key { path: String, reason: String },
-}
-
-/// The signer's memory per app (in its own bucket): what it signed last, so "strictly newer" is
-/// enforced across restarts and a redelivered event re-announces instead of being refused.
-#[derive(Debug, Serialize, Deserialize)]
-struct LastSigned {
-    version: semver::Version,
-    signed: ReleaseSigned,
 }
 
 pub async fn run(settings: Settings, shutdown: CancellationToken) -> Result<(), SignerError> {
@@ -319,7 +312,7 @@ impl Signer {
         }
         let record = match self.bus.release_record(&request.app, &request.to).await {
             Ok(r) => r,
-            Err(e) => return Outcome::Retry(e),
+            Err(e) => return Outcome::Retry(e.to_string()),
         };
         let Some(stored) = record
             .filter(|r| r.state == ReleaseState::Stored)
@@ -387,64 +380,60 @@ impl Signer {
             Ok(e) => e,
             Err(outcome) => return self.invalid_event(outcome),
         };
-        if let Err(message) = names::validate_app_name(&event.app) {
-            let outcome = reject_event(
-                &self.bus,
-                SERVICE,
-                PACKAGE_DETECTED,
-                Rejection {
-                    code: RejectCode::InvalidEvent,
-                    message,
-                },
-            )
-            .await;
+        if let Err(message) = policy::admissible(&event) {
+            let reason = Rejection {
+                code: RejectCode::InvalidEvent,
+                message,
+            };
+            let outcome = reject_event(&self.bus, SERVICE, PACKAGE_DETECTED, reason).await;
             return self.invalid_event(outcome);
         }
         let (last, revision) = match self.last_signed(&event.app).await {
             Ok(found) => found,
             Err(e) => return Outcome::Retry(e),
         };
-        if let Some(last) = &last {
-            if last.version == event.version && last.signed.blake3 == event.blake3 {
-                // Redelivery after signing: announce again (deduplicated by message id).
-                return self.announce(&last.signed).await;
-            }
-            if event.version <= last.version {
-                let message = format!(
-                    "version {} is not newer than {}, the last one signed for {}",
-                    event.version, last.version, event.app
-                );
-                return self
-                    .reject(
-                        &event,
-                        Rejection {
-                            code: RejectCode::VersionNotNewer,
-                            message,
-                        },
-                    )
-                    .await;
-            }
+        match policy::judge(&event, last.as_ref(), &self.settings.signs()) {
+            // Redelivery after signing: announce again (deduplicated by message id).
+            Verdict::AnnounceAgain(signed) => return self.announce(signed).await,
+            Verdict::Refuse(reason) => return self.reject(&event, reason).await,
+            Verdict::Sign => {}
         }
-        let signs = self.settings.signs();
-        if !signs.allows(&event.app) {
-            let message = match signs {
-                settings::Signs::Nothing => format!(
-                    "app {:?}: the signer's known_apps is empty, so it signs no app (list the \
-                     apps it may sign, or \"*\" for any)",
-                    event.app
-                ),
-                _ => format!("app {:?} is not in the signer's known_apps", event.app),
-            };
-            return self
-                .reject(
-                    &event,
-                    Rejection {
-                        code: RejectCode::UnknownApp,
-                        message,
-                    },
-                )
-                .await;
+        let tree = match self.tree_of(&event).await {
+            Ok(tree) => tree,
+            Err(outcome) => return outcome,
+        };
+        let now = now_seconds();
+        let manifest = Manifest {
+            rollback_from: None,
+            app: event.app.clone(),
+            version: event.version.clone(),
+            tree,
+            created: now,
+            expires: now + self.settings.manifest_ttl,
+        };
+        let signed = match self.sign_manifest(&manifest) {
+            Ok(manifest) => ReleaseSigned {
+                app: event.app.clone(),
+                version: event.version.clone(),
+                object: event.object.clone(),
+                blake3: event.blake3.clone(),
+                manifest,
+            },
+            Err(e) => return Outcome::Retry(e),
+        };
+        if let Err(e) = self.remember(&signed, revision).await {
+            return Outcome::Retry(e);
         }
+        tracing::info!(app = %signed.app, version = %signed.version, files = manifest.tree.files, "release signed");
+        // Counted here, once: a redelivery finds it in the signer's state and only announces.
+        self.metrics.signed.inc();
+        self.announce(&signed).await
+    }
+
+    /// Reads the event's archive itself (trusting nothing the watcher said but its name,
+    /// hash and size) and builds its tree. `Err`: the outcome instead (a refusal of the
+    /// archive, or a retry).
+    async fn tree_of(&self, event: &PackageDetected) -> Result<TreeRoot, Outcome> {
         let work_dir = self.settings.work_dir();
         let fetched = match self
             .bus
@@ -459,8 +448,8 @@ impl Signer {
         {
             Ok(f) => f,
             Err(e) => match e.rejection() {
-                Some(reason) => return self.reject(&event, reason).await,
-                None => return Outcome::Retry(e.to_string()),
+                Some(reason) => return Err(self.reject(event, reason).await),
+                None => return Err(Outcome::Retry(e.to_string())),
             },
         };
         let limits = self.settings.limits.clone();
@@ -468,7 +457,7 @@ impl Signer {
         let (app, version) = (event.app.clone(), event.version.clone());
         // The tree is built here but not stored: the distributor builds it again from the
         // archive and stores it only if its root is the one signed.
-        let tree = match tokio::task::spawn_blocking(move || {
+        let built = tokio::task::spawn_blocking(move || {
             let mut package = Package::open(&path, &limits)?;
             // Installs on Linux, not on a case-insensitive filesystem (refused when
             // `limits.refuse_case_clashes`).
@@ -481,63 +470,35 @@ impl Signer {
             let built = tree::build(&files).map_err(|e| ArchiveError::Corrupt(e.to_string()))?;
             Ok::<_, ArchiveError>(TreeRoot::of(&built, &files))
         })
-        .await
-        {
-            Ok(Ok(tree)) => tree,
-            Ok(Err(e)) => return self.reject(&event, e.rejection()).await,
-            Err(e) => return Outcome::Retry(format!("hashing task failed: {e}")),
-        };
+        .await;
         // The archive's files and tree are freed: give the memory back before the next one.
         fleetcast_runtime::memory::release_freed_soon();
-        let now = now_seconds();
-        let manifest = Manifest {
-            rollback_from: None,
-            app: event.app.clone(),
-            version: event.version.clone(),
-            tree,
-            created: now,
-            expires: now + self.settings.manifest_ttl,
-        };
-        let signed_manifest = match self.sign_manifest(&manifest) {
-            Ok(s) => s,
-            Err(e) => return Outcome::Retry(e),
-        };
-        let signed = ReleaseSigned {
-            app: event.app.clone(),
-            version: event.version.clone(),
-            object: event.object.clone(),
-            blake3: event.blake3.clone(),
-            manifest: signed_manifest,
-        };
-        // Compare-and-set: two signers racing on the same app cannot both sign.
+        match built {
+            Ok(Ok(tree)) => Ok(tree),
+            Ok(Err(e)) => Err(self.reject(event, e.rejection()).await),
+            Err(e) => Err(Outcome::Retry(format!("hashing task failed: {e}"))),
+        }
+    }
+
+    /// Records `signed` as the app's last signed release (compare-and-set on `revision`, so
+    /// two signers racing on the same app cannot both sign) and writes its release record.
+    async fn remember(&self, signed: &ReleaseSigned, revision: Option<u64>) -> Result<(), String> {
         let record = LastSigned {
-            version: event.version.clone(),
+            version: signed.version.clone(),
             signed: signed.clone(),
         };
-        let bytes = match Encoding::Json.encode(&record) {
-            Ok(b) => b,
-            Err(e) => return Outcome::Retry(e.to_string()),
-        };
+        let bytes = Encoding::Json.encode(&record).map_err(|e| e.to_string())?;
+        let state = &self.bus.signer_state;
         let stored = match revision {
-            None => self
-                .bus
-                .signer_state
-                .create(&event.app, bytes.into())
-                .await
-                .map(|_| ())
-                .map_err(|e| e.to_string()),
-            Some(rev) => self
-                .bus
-                .signer_state
-                .update(&event.app, bytes.into(), rev)
-                .await
-                .map(|_| ())
-                .map_err(|e| e.to_string()),
+            None => (state.create(&signed.app, bytes.into()).await).map_err(|e| e.to_string()),
+            Some(rev) => {
+                (state.update(&signed.app, bytes.into(), rev).await).map_err(|e| e.to_string())
+            }
         };
         if let Err(e) = stored {
-            return Outcome::Retry(format!(
+            return Err(format!(
                 "signer state for {} changed meanwhile: {e}",
-                event.app
+                signed.app
             ));
         }
         let release = ReleaseRecord {
@@ -550,13 +511,7 @@ impl Signer {
             stored: None,
             updated: OffsetDateTime::now_utc(),
         };
-        if let Err(e) = self.bus.put_release_record(&release).await {
-            return Outcome::Retry(e);
-        }
-        tracing::info!(app = %signed.app, version = %signed.version, files = manifest.tree.files, "release signed");
-        // Counted here, once: a redelivery finds it in the signer's state and only announces.
-        self.metrics.signed.inc();
-        self.announce(&signed).await
+        (self.bus.put_release_record(&release).await).map_err(|e| e.to_string())
     }
 
     async fn last_signed(&self, app: &str) -> Result<(Option<LastSigned>, Option<u64>), String> {
@@ -611,7 +566,7 @@ impl Signer {
             )
             .await
         {
-            return Outcome::Retry(e);
+            return Outcome::Retry(e.to_string());
         }
         if let Err(e) = self.bus.incoming.delete(&event.object).await {
             tracing::debug!(object = %event.object, error = %e, "rejected archive not deleted");

@@ -160,7 +160,7 @@ async fn app_releases(State(tracker): State<Arc<Tracker>>, Path(app): Path<Strin
                 .collect::<Vec<_>>(),
         )
         .into_response(),
-        Err(e) => reply(StatusCode::SERVICE_UNAVAILABLE, e),
+        Err(e) => reply(StatusCode::SERVICE_UNAVAILABLE, e.to_string()),
     }
 }
 

@@ -521,7 +521,7 @@ impl Tracker {
             .await
         {
             Ok(()) => Outcome::Done,
-            Err(e) => Outcome::Retry(e),
+            Err(e) => Outcome::Retry(e.to_string()),
         }
     }
 
@@ -568,7 +568,7 @@ impl Tracker {
             .apply(&stored.app, &stored.version, None, effects)
             .await
         {
-            return Outcome::Retry(e);
+            return Outcome::Retry(e.to_string());
         }
         self.want_patches(stored).await;
         Outcome::Done
@@ -608,7 +608,7 @@ impl Tracker {
         version: &semver::Version,
         directive: Option<&fleetcast_events::SignedManifest>,
         effects: Vec<Effect>,
-    ) -> Result<(), String> {
+    ) -> Result<(), fleetcast_runtime::releases::RecordError> {
         let mut failed = Ok(());
         for effect in effects {
             match effect {
@@ -635,7 +635,7 @@ impl Tracker {
         version: &semver::Version,
         directive: Option<&fleetcast_events::SignedManifest>,
         ring: &str,
-    ) -> Result<(), String> {
+    ) -> Result<(), fleetcast_runtime::releases::RecordError> {
         match directive {
             Some(manifest) => {
                 self.bus
@@ -1356,7 +1356,7 @@ impl Tracker {
         if let Some(app) = app {
             names::validate_app_name(app)?;
         }
-        let records = self.bus.release_records(app).await?;
+        let records = (self.bus.release_records(app).await).map_err(|e| e.to_string())?;
         Ok(releases::by_app(records, &self.agents().await))
     }
 

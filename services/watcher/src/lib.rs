@@ -309,7 +309,7 @@ impl Watcher {
                 .record_rejection(app, version, blake3, &reason, false)
                 .await
         {
-            return Outcome::Retry(e);
+            return Outcome::Retry(e.to_string());
         }
         let code = reason.code;
         let event = PackageRejected {
