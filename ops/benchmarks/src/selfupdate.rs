@@ -217,7 +217,10 @@ impl Launcher {
             .arg("--")
             .arg("--config")
             .arg(config)
-            .env("RUST_LOG", "warn")
+            .env(
+                "RUST_LOG",
+                std::env::var("FLEETCAST_BENCH_AGENT_LOG").unwrap_or_else(|_| "warn".into()),
+            )
             .stdout(Stdio::null())
             .spawn()
             .map(Launcher)

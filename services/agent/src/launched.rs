@@ -135,13 +135,24 @@ pub fn request_exit(exit: Exit) {
     }
 }
 
+/// Wakes [`desired_read_now`] (a permit is kept when nobody waits yet).
+static DESIRED_READ_NOTIFY: tokio::sync::Notify = tokio::sync::Notify::const_new();
+
 /// The agent's own desired state was read (see [`DESIRED_READ`]).
 pub fn desired_read() {
     DESIRED_READ.store(true, Ordering::SeqCst);
+    DESIRED_READ_NOTIFY.notify_one();
 }
 
 pub fn desired_was_read() -> bool {
     DESIRED_READ.load(Ordering::SeqCst)
+}
+
+/// Returns once the agent's own desired state has been read: at once if it was.
+pub async fn desired_read_now() {
+    if !desired_was_read() {
+        DESIRED_READ_NOTIFY.notified().await;
+    }
 }
 
 /// The version this agent reports: the release of it the launcher runs, or the version it was

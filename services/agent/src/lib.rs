@@ -204,12 +204,22 @@ pub async fn run(settings: Settings, shutdown: CancellationToken) -> Result<(), 
     // own phase.
     let mut ticker = spread(&settings.agent_id, "heartbeat", settings.heartbeat);
     ticker.reset_immediately();
+    let (mut beat_failed, mut nudged) = (false, false);
     loop {
         tokio::select! {
             _ = shutdown.cancelled() => break,
             // A trial agent beats as soon as it has read its desired state: that beat
-            // qualifies it, and the launcher's deadline and the rollout are waiting on it.
-            _ = tokio::time::sleep(Duration::from_millis(20)), if soaked_tx.is_some() && launched::desired_was_read() => {
+            // qualifies it, and the launcher's deadline and the rollout are waiting on it. (A
+            // wait, not a condition of this arm: a condition is checked only when the select
+            // starts, and a read made just after would wait for the next tick.) Once per
+            // beat: again 20 ms after a beat that was not published.
+            _ = async {
+                launched::desired_read_now().await;
+                if beat_failed {
+                    tokio::time::sleep(Duration::from_millis(20)).await;
+                }
+            }, if soaked_tx.is_some() && !nudged => {
+                nudged = true;
                 ticker.reset_immediately();
             }
             _ = ticker.tick() => {
@@ -252,7 +262,10 @@ pub async fn run(settings: Settings, shutdown: CancellationToken) -> Result<(), 
                     at: OffsetDateTime::now_utc(),
                 };
                 let subject = agent_heartbeat_subject(&settings.agent_id, &settings.ring);
-                match bus.report_event(&subject, &beat, Encoding::MsgPack).await {
+                let published = bus.report_event(&subject, &beat, Encoding::MsgPack).await;
+                beat_failed = published.is_err();
+                nudged = false;
+                match published {
                     Err(e) => tracing::debug!(error = %e, "heartbeat not published"),
                     Ok(()) => {
                         if launched::desired_was_read()
