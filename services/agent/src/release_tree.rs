@@ -118,6 +118,7 @@ pub async fn stage(
     manifest: &VerifiedManifest,
     remote: &impl ChunkSource,
     concurrency: usize,
+    fetch_from: tokio::time::Instant,
 ) -> Result<Staged, AssembleError> {
     if root.version_dir(&manifest.version).is_dir() {
         return Ok(Staged::default());
@@ -129,6 +130,9 @@ pub async fn stage(
             local.add_version(&root.version_dir(&v), &files);
         }
     }
+    // What is already here was read while the rest of the fleet takes the announcement; the
+    // store is asked only from `fetch_from` on (the agent's `fetch_delay`).
+    tokio::time::sleep_until(fetch_from).await;
     let tree = read_tree(manifest, &nodes, remote, concurrency).await?;
     drop(nodes);
     // Patches start from installed files: a host with none has no use for the list.

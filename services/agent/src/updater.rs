@@ -863,23 +863,28 @@ impl AppRunner {
         manifest: &VerifiedManifest,
         announcement: u64,
     ) -> Result<(), UpdateError> {
-        if !self.root.version_dir(&manifest.version).is_dir() {
-            // The rest of the fleet is still taking the announcement (see the setting).
-            tokio::time::sleep(self.host.fetch_delay).await;
-        }
+        // The rest of the fleet is still taking the announcement (see the setting): no fetch
+        // before this.
+        let fetch_from = tokio::time::Instant::now() + self.host.fetch_delay;
         let store = NatsChunks {
             chunks: self.bus.chunks.clone(),
             app: self.settings.name.clone(),
         };
-        let staged = stage(&self.root, manifest, &store, self.host.concurrency)
-            .await
-            .map_err(|e| match e {
-                e if e.is_transient() => UpdateError::Transient(e.to_string()),
-                AssembleError::Chunk(_) => {
-                    UpdateError::Transient(format!("{e} (the store may be repaired; will retry)"))
-                }
-                e => UpdateError::Refused(e.to_string()),
-            })?;
+        let staged = stage(
+            &self.root,
+            manifest,
+            &store,
+            self.host.concurrency,
+            fetch_from,
+        )
+        .await
+        .map_err(|e| match e {
+            e if e.is_transient() => UpdateError::Transient(e.to_string()),
+            AssembleError::Chunk(_) => {
+                UpdateError::Transient(format!("{e} (the store may be repaired; will retry)"))
+            }
+            e => UpdateError::Refused(e.to_string()),
+        })?;
         tracing::info!(app = %manifest.app, version = %manifest.version, ?staged, "version staged");
         // What this update took from the store: the tree nodes, the patch list, chunks and
         // patches (the signed manifest came with the announcement).

@@ -328,7 +328,9 @@ async fn ten_edited_files_of_three_thousand_fetch_only_their_nodes_and_chunks() 
     let store = store(&bus).await;
     let host = tempfile::tempdir().expect("tmp");
     let root = InstallRoot::new(host.path().join("app")).expect("root");
-    stage(&root, &m1, &store, 8).await.expect("v1");
+    stage(&root, &m1, &store, 8, tokio::time::Instant::now())
+        .await
+        .expect("v1");
 
     // What v2 has that v1 has not: tree nodes (the tree is deterministic, so building it
     // here gives the stored nodes) and the chunks of the edited files.
@@ -357,7 +359,9 @@ async fn ten_edited_files_of_three_thousand_fetch_only_their_nodes_and_chunks() 
         inner: &store,
         fetched: Default::default(),
     };
-    let staged = stage(&root, &m2, &counting, 8).await.expect("v2");
+    let staged = stage(&root, &m2, &counting, 8, tokio::time::Instant::now())
+        .await
+        .expect("v2");
     let fetched = counting.fetched.lock().expect("lock").clone();
     let distinct: HashSet<ChunkId> = fetched.iter().copied().collect();
     assert_eq!(fetched.len(), distinct.len(), "an object fetched twice");
@@ -414,7 +418,7 @@ async fn ten_edited_files_of_three_thousand_fetch_only_their_nodes_and_chunks() 
         .await
         .expect("ack");
     let other = InstallRoot::new(host.path().join("other")).expect("root");
-    let err = stage(&other, &m2, &store, 8)
+    let err = stage(&other, &m2, &store, 8, tokio::time::Instant::now())
         .await
         .expect_err("forged node");
     assert!(matches!(err, AssembleError::Chunk(_)), "{err}");
@@ -504,12 +508,16 @@ async fn a_rebuilt_binary_comes_as_a_patch_from_the_installed_build() {
     // v1 installed: the patch, none of the binary's chunks.
     let host = tempfile::tempdir().expect("tmp");
     let root = InstallRoot::new(host.path().join("app")).expect("root");
-    stage(&root, &m1, &store, 8).await.expect("v1");
+    stage(&root, &m1, &store, 8, tokio::time::Instant::now())
+        .await
+        .expect("v1");
     let counting = Counting {
         inner: &store,
         fetched: Default::default(),
     };
-    let staged = stage(&root, &m2, &counting, 8).await.expect("v2");
+    let staged = stage(&root, &m2, &counting, 8, tokio::time::Instant::now())
+        .await
+        .expect("v2");
     let fetched: HashSet<ChunkId> = counting
         .fetched
         .lock()
@@ -537,12 +545,14 @@ async fn a_rebuilt_binary_comes_as_a_patch_from_the_installed_build() {
 
     // Another version installed (no base for the patch): the list is read, no piece fetched.
     let other = InstallRoot::new(host.path().join("other")).expect("root");
-    stage(&other, &m0, &store, 8).await.expect("v0.9");
+    stage(&other, &m0, &store, 8, tokio::time::Instant::now())
+        .await
+        .expect("v0.9");
     let counting = Counting {
         inner: &store,
         fetched: Default::default(),
     };
-    let staged = stage(&other, &m2, &counting, 8)
+    let staged = stage(&other, &m2, &counting, 8, tokio::time::Instant::now())
         .await
         .expect("v2 from chunks");
     let fetched: HashSet<ChunkId> = counting
@@ -566,7 +576,9 @@ async fn a_rebuilt_binary_comes_as_a_patch_from_the_installed_build() {
 
     // Nothing installed: not even the list.
     let fresh = InstallRoot::new(host.path().join("fresh")).expect("root");
-    let staged = stage(&fresh, &m2, &store, 8).await.expect("v2 fresh");
+    let staged = stage(&fresh, &m2, &store, 8, tokio::time::Instant::now())
+        .await
+        .expect("v2 fresh");
     assert_eq!(staged.patch_list_bytes, 0);
     assert_eq!(staged.files.patched_files, 0);
 
@@ -581,8 +593,10 @@ async fn a_rebuilt_binary_comes_as_a_patch_from_the_installed_build() {
         .await
         .expect("ack");
     let third = InstallRoot::new(host.path().join("third")).expect("root");
-    stage(&third, &m1, &store, 8).await.expect("v1");
-    let staged = stage(&third, &m2, &store, 8)
+    stage(&third, &m1, &store, 8, tokio::time::Instant::now())
+        .await
+        .expect("v1");
+    let staged = stage(&third, &m2, &store, 8, tokio::time::Instant::now())
         .await
         .expect("v2 despite the forged patch");
     assert_eq!(staged.files.refused_patches, 1);
