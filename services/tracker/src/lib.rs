@@ -38,8 +38,39 @@ pub enum TrackerError {
     Settings(#[from] fleetcast_runtime::SettingsError),
     #[error(transparent)]
     Bus(#[from] BusError),
+    /// One of the tracker's buckets could not be read or written (NATS unavailable, a
+    /// timeout); what was not saved is saved on the next pass.
+    #[error("{bucket} {key}: {reason}")]
+    Store {
+        bucket: &'static str,
+        key: String,
+        reason: String,
+    },
+    /// A release record or a desired state (see `RecordError::is_transient`).
+    #[error(transparent)]
+    Records(#[from] fleetcast_runtime::releases::RecordError),
+    /// A consumer, subscription or stream it needs could not be set up or followed.
+    #[error("{what}: {reason}")]
+    Follow { what: &'static str, reason: String },
     #[error("{0}")]
     Failed(String),
+}
+
+impl TrackerError {
+    pub(crate) fn store(bucket: &'static str, key: &str, reason: impl std::fmt::Display) -> Self {
+        TrackerError::Store {
+            bucket,
+            key: key.to_string(),
+            reason: reason.to_string(),
+        }
+    }
+
+    pub(crate) fn follow(what: &'static str, reason: impl std::fmt::Display) -> Self {
+        TrackerError::Follow {
+            what,
+            reason: reason.to_string(),
+        }
+    }
 }
 
 pub async fn run(settings: Settings, shutdown: CancellationToken) -> Result<(), TrackerError> {
@@ -85,9 +116,7 @@ pub async fn run(settings: Settings, shutdown: CancellationToken) -> Result<(), 
     {
         tracing::warn!(listen = %settings.listen, "http.tokens set but no tls: bearer tokens cross the network in clear; set tls.cert_file and tls.key_file");
     }
-    let tracker = service::Tracker::load(bus, replies, Arc::new(settings))
-        .await
-        .map_err(TrackerError::Failed)?;
+    let tracker = service::Tracker::load(bus, replies, Arc::new(settings)).await?;
     tracing::info!(listen = %tracker.settings.listen, "tracker serving");
     let mut tasks = tokio::task::JoinSet::new();
     tasks.spawn(tracker.clone().follow_reports(shutdown.clone()));
@@ -132,7 +161,10 @@ pub async fn run(settings: Settings, shutdown: CancellationToken) -> Result<(), 
 }
 
 /// Runs one of the tracker's loops, logging why it stopped if it could not go on.
-async fn logged(what: &'static str, work: impl Future<Output = Result<(), String>>) {
+async fn logged<E: std::fmt::Display>(
+    what: &'static str,
+    work: impl Future<Output = Result<(), E>>,
+) {
     if let Err(e) = work.await {
         tracing::error!(error = %e, "{what} stopped");
     }

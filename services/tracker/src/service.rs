@@ -9,8 +9,8 @@ use std::sync::Arc;
 use async_nats::jetstream::consumer::{DeliverPolicy, pull};
 use fleetcast_events::Encoding;
 use fleetcast_events::names::{
-    self, FLEET_BUCKET, ReportKind, ReportSubject, SLOT_REQUESTS, SlotSubject, TRACKER_REQUESTS,
-    release_key,
+    self, FLEET_BUCKET, ROLLOUTS_BUCKET, ReportKind, ReportSubject, SLOT_REQUESTS, SlotSubject,
+    TRACKER_REQUESTS, release_key,
 };
 use fleetcast_events::v1::{
     AgentHeartbeat, AgentStatus, HistoryEntry, HistoryKind, PatchesWanted, ReleaseStored,
@@ -26,6 +26,7 @@ use time::OffsetDateTime;
 use tokio::sync::Mutex;
 use tokio_util::sync::CancellationToken;
 
+use crate::TrackerError;
 use crate::fleet::{AgentView, Fleet};
 use crate::history::{self, History, Pending};
 use crate::laggards::Laggard;
@@ -146,12 +147,14 @@ impl Tracker {
         bus: Bus,
         replies: async_nats::Client,
         settings: Arc<Settings>,
-    ) -> Result<Arc<Tracker>, String> {
+    ) -> Result<Arc<Tracker>, TrackerError> {
         let mut state = State::default();
-        let mut keys = bus.fleet.keys().await.map_err(|e| e.to_string())?;
+        let mut keys = (bus.fleet.keys().await)
+            .map_err(|e| TrackerError::store(FLEET_BUCKET, "(listing)", e))?;
         while let Some(key) = keys.next().await {
-            let key = key.map_err(|e| e.to_string())?;
-            let Some(bytes) = bus.fleet.get(&key).await.map_err(|e| e.to_string())? else {
+            let key = key.map_err(|e| TrackerError::store(FLEET_BUCKET, "(listing)", e))?;
+            let got = bus.fleet.get(&key).await;
+            let Some(bytes) = got.map_err(|e| TrackerError::store(FLEET_BUCKET, &key, e))? else {
                 continue;
             };
             if key == CURSOR_KEY {
@@ -165,10 +168,12 @@ impl Tracker {
                 }
             }
         }
-        let mut keys = bus.rollouts.keys().await.map_err(|e| e.to_string())?;
+        let mut keys = (bus.rollouts.keys().await)
+            .map_err(|e| TrackerError::store(ROLLOUTS_BUCKET, "(listing)", e))?;
         while let Some(key) = keys.next().await {
-            let key = key.map_err(|e| e.to_string())?;
-            if let Some(bytes) = bus.rollouts.get(&key).await.map_err(|e| e.to_string())? {
+            let key = key.map_err(|e| TrackerError::store(ROLLOUTS_BUCKET, "(listing)", e))?;
+            let got = bus.rollouts.get(&key).await;
+            if let Some(bytes) = got.map_err(|e| TrackerError::store(ROLLOUTS_BUCKET, &key, e))? {
                 match serde_json::from_slice::<Rollout>(&bytes) {
                     Ok(r) => {
                         state.rollouts.insert(key, r);
@@ -198,7 +203,8 @@ impl Tracker {
             cursor = state.cursor,
             "state loaded"
         );
-        let history = History::open(&bus, &settings.history).await?;
+        let history = (History::open(&bus, &settings.history).await)
+            .map_err(|e| TrackerError::follow("history", e))?;
         let webhook_deliveries = crate::webhook::deliveries_counter(&settings.webhooks);
         Ok(Arc::new(Tracker {
             bus,
@@ -367,7 +373,7 @@ impl Tracker {
     pub async fn follow_releases(
         self: Arc<Self>,
         shutdown: CancellationToken,
-    ) -> Result<(), String> {
+    ) -> Result<(), TrackerError> {
         self.follow(
             names::TRACKER_CONSUMER,
             names::RELEASE_STORED,
@@ -381,7 +387,7 @@ impl Tracker {
     pub async fn follow_rollbacks(
         self: Arc<Self>,
         shutdown: CancellationToken,
-    ) -> Result<(), String> {
+    ) -> Result<(), TrackerError> {
         self.follow(
             names::TRACKER_ROLLBACK_CONSUMER,
             names::ROLLBACK_SIGNED,
@@ -396,7 +402,7 @@ impl Tracker {
     pub async fn follow_pipeline(
         self: Arc<Self>,
         shutdown: CancellationToken,
-    ) -> Result<(), String> {
+    ) -> Result<(), TrackerError> {
         let spec = ConsumerSpec {
             durable: names::TRACKER_HISTORY_CONSUMER,
             // Every subject of the stream.
@@ -426,7 +432,7 @@ impl Tracker {
             }
         })
         .await
-        .map_err(|e| e.to_string())
+        .map_err(|e| TrackerError::follow("the release stream", e))
     }
 
     /// Follows one event subject of the releases stream with a durable consumer: each event
@@ -437,7 +443,7 @@ impl Tracker {
         subject: &'static str,
         shutdown: CancellationToken,
         handle: F,
-    ) -> Result<(), String>
+    ) -> Result<(), TrackerError>
     where
         E: serde::de::DeserializeOwned,
         F: Fn(Arc<Tracker>, E) -> Fut + Copy,
@@ -459,7 +465,7 @@ impl Tracker {
             }
         })
         .await
-        .map_err(|e| e.to_string())
+        .map_err(|e| TrackerError::follow("the release stream", e))
     }
 
     async fn start_rollback(&self, signed: RollbackSigned) -> Outcome {
@@ -914,7 +920,7 @@ impl Tracker {
     /// Saves the rollouts that changed and, at most every [`AGENTS_SAVE_PERIOD`] (or when
     /// `all`), the agents that changed with the status-stream cursor they reflect. Whatever
     /// could not be written stays marked as changed for the next pass.
-    async fn save(&self, all: bool) -> Result<(), String> {
+    async fn save(&self, all: bool) -> Result<(), TrackerError> {
         let rollouts: Vec<(String, Vec<u8>)> = {
             let mut state = self.state.lock().await;
             let state = &mut *state;
@@ -929,10 +935,11 @@ impl Tracker {
         let mut unsaved = rollouts.into_iter();
         while let Some((app, bytes)) = unsaved.next() {
             if let Err(e) = self.bus.rollouts.put(&app, bytes.into()).await {
+                let error = TrackerError::store(ROLLOUTS_BUCKET, &app, e);
                 let mut state = self.state.lock().await;
                 state.dirty_rollouts.insert(app);
                 state.dirty_rollouts.extend(unsaved.map(|(app, _)| app));
-                return Err(e.to_string());
+                return Err(error);
             }
         }
         // The agents and the cursor are taken together, so the cursor saved never runs ahead
@@ -982,12 +989,12 @@ impl Tracker {
             .collect()
             .await;
         if let Some((id, reason)) = failed.first() {
-            let reason = format!("{FLEET_BUCKET}/{id}: {reason}");
+            let error = TrackerError::store(FLEET_BUCKET, id, reason);
             let mut state = self.state.lock().await;
             state
                 .dirty_agents
                 .extend(failed.into_iter().map(|(id, _)| id));
-            return Err(reason);
+            return Err(error);
         }
         // The cursor last: after a crash, reports since the saved agents are folded again,
         // which is harmless (folding is idempotent per report).
@@ -995,7 +1002,7 @@ impl Tracker {
             .fleet
             .put(CURSOR_KEY, cursor.to_string().into_bytes().into())
             .await
-            .map_err(|e| e.to_string())?;
+            .map_err(|e| TrackerError::store(FLEET_BUCKET, CURSOR_KEY, e))?;
         Ok(())
     }
 
@@ -1011,7 +1018,7 @@ impl Tracker {
         reply_allowed: A,
         shutdown: CancellationToken,
         answer: F,
-    ) -> Result<(), String>
+    ) -> Result<(), TrackerError>
     where
         A: Fn(&async_nats::Message, &str) -> bool,
         F: Fn(async_nats::Message) -> Fut,
@@ -1022,7 +1029,7 @@ impl Tracker {
             .client
             .queue_subscribe(subject.to_string(), "tracker".into())
             .await
-            .map_err(|e| e.to_string())?;
+            .map_err(|e| TrackerError::follow(what, e))?;
         loop {
             let msg = tokio::select! {
                 _ = shutdown.cancelled() => return Ok(()),
@@ -1044,7 +1051,10 @@ impl Tracker {
     }
 
     /// Answers agents' slot requests, each only to the inbox of the agent its subject names.
-    pub async fn serve_slots(self: Arc<Self>, shutdown: CancellationToken) -> Result<(), String> {
+    pub async fn serve_slots(
+        self: Arc<Self>,
+        shutdown: CancellationToken,
+    ) -> Result<(), TrackerError> {
         let this = &*self;
         let agents_inbox = |msg: &async_nats::Message, reply: &str| {
             names::parse_slot_subject(&msg.subject)
@@ -1128,7 +1138,7 @@ impl Tracker {
     pub async fn serve_commands(
         self: Arc<Self>,
         shutdown: CancellationToken,
-    ) -> Result<(), String> {
+    ) -> Result<(), TrackerError> {
         let this = &*self;
         let inbox = |_: &async_nats::Message, reply: &str| names::is_inbox(reply);
         this.serve(
