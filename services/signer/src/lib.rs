@@ -164,6 +164,49 @@ fn now_seconds() -> OffsetDateTime {
     now.replace_nanosecond(0).unwrap_or(now)
 }
 
+/// Why a step of signing could not be done now. Each is retried: the message is delivered
+/// again (a refusal of the release itself is a `Verdict`, not one of these).
+#[derive(Debug, thiserror::Error)]
+enum StepError {
+    /// The signer's bucket could not be read or written (NATS unavailable, a timeout).
+    #[error("signer state {key}: {reason}")]
+    Store { key: String, reason: String },
+    /// Another signer wrote the app's state between our read and our write.
+    #[error("signer state for {app} changed meanwhile: {reason}")]
+    Raced { app: String, reason: String },
+    /// The app's state does not decode (written by something else than a signer).
+    #[error("signer state for {app}: unreadable: {reason}")]
+    Corrupt { app: String, reason: String },
+    #[error(transparent)]
+    Records(#[from] fleetcast_runtime::releases::RecordError),
+    /// What the keys sign would be refused by every host under the current root.
+    #[error(
+        "the signer's keys are not accepted under root version {root}: {reason}; waiting for \
+         the keys or the root to be fixed"
+    )]
+    KeysNotTrusted { root: u64, reason: String },
+    #[error("cannot serialise {what}: {reason}")]
+    Encode { what: &'static str, reason: String },
+    #[error("cannot publish the timestamp: {0}")]
+    Publish(String),
+}
+
+impl StepError {
+    fn store(key: &str, reason: impl std::fmt::Display) -> StepError {
+        StepError::Store {
+            key: key.to_string(),
+            reason: reason.to_string(),
+        }
+    }
+
+    fn encode(what: &'static str, reason: impl std::fmt::Display) -> StepError {
+        StepError::Encode {
+            what,
+            reason: reason.to_string(),
+        }
+    }
+}
+
 #[derive(Clone)]
 struct Signer {
     bus: Bus,
@@ -181,22 +224,21 @@ impl Signer {
     /// Signs `manifest` with every key, and checks the result is what the current root
     /// accepts: a release signed with keys the root revoked (or too few for its threshold)
     /// would be announced only to be refused by every host.
-    fn sign_manifest(&self, manifest: &Manifest) -> Result<SignedManifest, String> {
+    fn sign_manifest(&self, manifest: &Manifest) -> Result<SignedManifest, StepError> {
         let signed = SignedManifest::sign(manifest, &self.key_refs())
-            .map_err(|e| format!("cannot serialise manifest: {e}"))?;
+            .map_err(|e| StepError::encode("the manifest", e))?;
         if let Some(trust) = &self.trust {
             let now = OffsetDateTime::now_utc();
             trust
                 .keys(now)
                 .and_then(|keys| signed.verify(&keys, now))
                 .map_err(|e| {
-                    let message = format!(
-                        "the signer's keys are not accepted under root version {}: {e}; \
-                         waiting for the keys or the root to be fixed",
-                        trust.root_version()
-                    );
-                    tracing::error!(%message);
-                    message
+                    let error = StepError::KeysNotTrusted {
+                        root: trust.root_version(),
+                        reason: e.to_string(),
+                    };
+                    tracing::error!(%error);
+                    error
                 })?;
         }
         Ok(signed)
@@ -218,16 +260,13 @@ impl Signer {
         }
     }
 
-    async fn publish_timestamp(&self) -> Result<(), String> {
+    async fn publish_timestamp(&self) -> Result<(), StepError> {
         let mut releases = std::collections::BTreeMap::new();
-        let mut apps = self
-            .bus
-            .signer_state
-            .keys()
-            .await
-            .map_err(|e| e.to_string())?;
+        let listing = "(listing)";
+        let mut apps =
+            (self.bus.signer_state.keys().await).map_err(|e| StepError::store(listing, e))?;
         while let Some(app) = apps.next().await {
-            let app = app.map_err(|e| e.to_string())?;
+            let app = app.map_err(|e| StepError::store(listing, e))?;
             if let (Some(last), _) = self.last_signed(&app).await? {
                 releases.insert(app, last.version);
             }
@@ -239,14 +278,16 @@ impl Signer {
             root_version: self.trust.as_ref().map_or(0, |t| t.root_version()),
             releases,
         };
-        let signed =
-            SignedMetadata::sign(&timestamp, &self.key_refs()).map_err(|e| e.to_string())?;
-        let bytes = Encoding::Json.encode(&signed).map_err(|e| e.to_string())?;
+        let signed = SignedMetadata::sign(&timestamp, &self.key_refs())
+            .map_err(|e| StepError::encode("the timestamp", e))?;
+        let bytes = Encoding::Json
+            .encode(&signed)
+            .map_err(|e| StepError::encode("the timestamp", e))?;
         self.bus
             .trust
             .put(names::TIMESTAMP_KEY, bytes.into())
             .await
-            .map_err(|e| e.to_string())?;
+            .map_err(|e| StepError::Publish(e.to_string()))?;
         self.metrics.timestamps.inc();
         Ok(())
     }
@@ -297,7 +338,7 @@ impl Signer {
         // the request's word), so a typo such as 99.0.0 cannot block every release below it.
         let latest = match self.last_signed(&request.app).await {
             Ok((last, _)) => last.map(|l| l.version),
-            Err(e) => return Outcome::Retry(e),
+            Err(e) => return Outcome::Retry(e.to_string()),
         };
         if latest.as_ref() != Some(&request.from) {
             let latest = latest.map_or_else(|| "none".to_string(), |v| v.to_string());
@@ -340,7 +381,7 @@ impl Signer {
         manifest.expires = now + self.settings.rollback_ttl;
         let signed = match self.sign_manifest(&manifest) {
             Ok(s) => s,
-            Err(e) => return Outcome::Retry(e),
+            Err(e) => return Outcome::Retry(e.to_string()),
         };
         let directive = RollbackSigned {
             app: request.app.clone(),
@@ -390,7 +431,7 @@ impl Signer {
         }
         let (last, revision) = match self.last_signed(&event.app).await {
             Ok(found) => found,
-            Err(e) => return Outcome::Retry(e),
+            Err(e) => return Outcome::Retry(e.to_string()),
         };
         match policy::judge(&event, last.as_ref(), &self.settings.signs()) {
             // Redelivery after signing: announce again (deduplicated by message id).
@@ -419,10 +460,10 @@ impl Signer {
                 blake3: event.blake3.clone(),
                 manifest,
             },
-            Err(e) => return Outcome::Retry(e),
+            Err(e) => return Outcome::Retry(e.to_string()),
         };
         if let Err(e) = self.remember(&signed, revision).await {
-            return Outcome::Retry(e);
+            return Outcome::Retry(e.to_string());
         }
         tracing::info!(app = %signed.app, version = %signed.version, files = manifest.tree.files, "release signed");
         // Counted here, once: a redelivery finds it in the signer's state and only announces.
@@ -482,12 +523,18 @@ impl Signer {
 
     /// Records `signed` as the app's last signed release (compare-and-set on `revision`, so
     /// two signers racing on the same app cannot both sign) and writes its release record.
-    async fn remember(&self, signed: &ReleaseSigned, revision: Option<u64>) -> Result<(), String> {
+    async fn remember(
+        &self,
+        signed: &ReleaseSigned,
+        revision: Option<u64>,
+    ) -> Result<(), StepError> {
         let record = LastSigned {
             version: signed.version.clone(),
             signed: signed.clone(),
         };
-        let bytes = Encoding::Json.encode(&record).map_err(|e| e.to_string())?;
+        let bytes = Encoding::Json
+            .encode(&record)
+            .map_err(|e| StepError::encode("the signer state", e))?;
         let state = &self.bus.signer_state;
         let stored = match revision {
             None => (state.create(&signed.app, bytes.into()).await).map_err(|e| e.to_string()),
@@ -495,11 +542,11 @@ impl Signer {
                 (state.update(&signed.app, bytes.into(), rev).await).map_err(|e| e.to_string())
             }
         };
-        if let Err(e) = stored {
-            return Err(format!(
-                "signer state for {} changed meanwhile: {e}",
-                signed.app
-            ));
+        if let Err(reason) = stored {
+            return Err(StepError::Raced {
+                app: signed.app.clone(),
+                reason,
+            });
         }
         let release = ReleaseRecord {
             app: signed.app.clone(),
@@ -511,21 +558,19 @@ impl Signer {
             stored: None,
             updated: OffsetDateTime::now_utc(),
         };
-        (self.bus.put_release_record(&release).await).map_err(|e| e.to_string())
+        Ok(self.bus.put_release_record(&release).await?)
     }
 
-    async fn last_signed(&self, app: &str) -> Result<(Option<LastSigned>, Option<u64>), String> {
-        match self
-            .bus
-            .signer_state
-            .entry(app)
-            .await
-            .map_err(|e| e.to_string())?
-        {
+    async fn last_signed(&self, app: &str) -> Result<(Option<LastSigned>, Option<u64>), StepError> {
+        let entry = self.bus.signer_state.entry(app).await;
+        match entry.map_err(|e| StepError::store(app, e))? {
             Some(entry) if matches!(entry.operation, async_nats::jetstream::kv::Operation::Put) => {
                 let last = Encoding::Json
                     .decode(&entry.value)
-                    .map_err(|e| format!("signer state for {app}: {e}"))?;
+                    .map_err(|e| StepError::Corrupt {
+                        app: app.to_string(),
+                        reason: e.to_string(),
+                    })?;
                 Ok((Some(last), Some(entry.revision)))
             }
             Some(entry) => Ok((None, Some(entry.revision))),

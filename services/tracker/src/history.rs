@@ -52,6 +52,23 @@ pub const MAX_LIMIT: usize = 10_000;
 /// stream may hold years of them; a filter that matches few reads no more than this.
 const SCAN_MAX: u64 = 200_000;
 
+/// Why the history could not be written or read.
+#[derive(Debug, thiserror::Error)]
+pub enum HistoryError {
+    /// The stream could not be set up or brought to the settings' limits.
+    #[error("history stream: {0}")]
+    Setup(String),
+    /// An entry was not published (retried: entries are idempotent by id).
+    #[error("history entry not published: {0}")]
+    Publish(String),
+    /// The query cannot be asked (a bad app name): the asker's mistake, not the tracker's.
+    #[error("{0}")]
+    Invalid(String),
+    /// The stream could not be read now (NATS unreachable, a timeout).
+    #[error("reading the history: {0}")]
+    Read(String),
+}
+
 /// The history stream, made (or brought to the settings' limits) by the tracker.
 pub struct History {
     js: jetstream::Context,
@@ -59,7 +76,7 @@ pub struct History {
 }
 
 impl History {
-    pub async fn open(bus: &Bus, settings: &HistorySettings) -> Result<History, String> {
+    pub async fn open(bus: &Bus, settings: &HistorySettings) -> Result<History, HistoryError> {
         let config = stream::Config {
             name: HISTORY_STREAM.into(),
             description: Some("what fleetcast did and who asked (the tracker writes it)".into()),
@@ -76,11 +93,11 @@ impl History {
         let mut existing = js
             .get_or_create_stream(config.clone())
             .await
-            .map_err(|e| format!("cannot set up the history stream: {e}"))?;
+            .map_err(|e| HistoryError::Setup(e.to_string()))?;
         let info = existing
             .info()
             .await
-            .map_err(|e| format!("cannot read the history stream: {e}"))?;
+            .map_err(|e| HistoryError::Setup(e.to_string()))?;
         // A retention changed in the settings applies to the stream made before.
         if info.config.max_age != config.max_age || info.config.max_bytes != config.max_bytes {
             let updated = stream::Config {
@@ -90,7 +107,7 @@ impl History {
             };
             js.update_stream(&updated)
                 .await
-                .map_err(|e| format!("cannot apply history retention: {e}"))?;
+                .map_err(|e| HistoryError::Setup(format!("applying its retention: {e}")))?;
             tracing::info!(retention = ?config.max_age, max_bytes = config.max_bytes, "history retention applied");
         }
         Ok(History {
@@ -100,21 +117,22 @@ impl History {
     }
 
     /// Publishes one entry (idempotent by `id` within the stream's duplicate window).
-    pub async fn record(&self, entry: &HistoryEntry, id: &str) -> Result<(), String> {
+    pub async fn record(&self, entry: &HistoryEntry, id: &str) -> Result<(), HistoryError> {
         let kind = entry.kind.to_string();
         let subject = names::history_subject(entry.app.as_deref(), &kind);
         self.bus
             .publish_event(&subject, entry, Encoding::Json, Some(id))
             .await
-            .map_err(|e| e.to_string())
+            .map_err(|e| HistoryError::Publish(e.to_string()))
     }
 
     /// The newest entries the query matches, oldest first.
-    pub async fn list(&self, query: &HistoryQuery) -> Result<Vec<HistoryEntry>, String> {
+    pub async fn list(&self, query: &HistoryQuery) -> Result<Vec<HistoryEntry>, HistoryError> {
         let limit = query.limit.unwrap_or(DEFAULT_LIMIT).clamp(1, MAX_LIMIT);
         if let Some(app) = &query.app {
-            names::validate_app_name(app)?;
+            names::validate_app_name(app).map_err(HistoryError::Invalid)?;
         }
+        let read = |e: String| HistoryError::Read(e);
         let filter = format!(
             "{}{}.{}",
             names::HISTORY_SUBJECT_PREFIX,
@@ -128,11 +146,11 @@ impl History {
             .js
             .get_stream(HISTORY_STREAM)
             .await
-            .map_err(|e| format!("no history stream: {e}"))?;
+            .map_err(|e| read(e.to_string()))?;
         let last = stream
             .info()
             .await
-            .map_err(|e| format!("cannot read the history stream: {e}"))?
+            .map_err(|e| read(e.to_string()))?
             .state
             .last_sequence;
         let consumer = stream
@@ -144,22 +162,19 @@ impl History {
                 ..Default::default()
             })
             .await
-            .map_err(|e| format!("cannot read the history: {e}"))?;
+            .map_err(|e| read(e.to_string()))?;
         let mut out = std::collections::VecDeque::new();
         if consumer.cached_info().num_pending == 0 {
             return Ok(Vec::new());
         }
-        let mut messages = consumer
-            .messages()
-            .await
-            .map_err(|e| format!("cannot read the history: {e}"))?;
+        let mut messages = consumer.messages().await.map_err(|e| read(e.to_string()))?;
         loop {
             let next = tokio::time::timeout(Duration::from_secs(5), messages.next()).await;
             let msg = match next {
                 Ok(Some(Ok(msg))) => msg,
-                Ok(Some(Err(e))) => return Err(format!("reading the history: {e}")),
+                Ok(Some(Err(e))) => return Err(read(e.to_string())),
                 Ok(None) => break,
-                Err(_) => return Err("reading the history timed out".into()),
+                Err(_) => return Err(read("timed out".into())),
             };
             let pending = msg.info().map(|i| i.pending).unwrap_or(0);
             if let Ok(entry) = serde_json::from_slice::<HistoryEntry>(&msg.payload)

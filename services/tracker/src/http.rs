@@ -26,6 +26,7 @@ use fleetcast_runtime::observe;
 use serde::{Deserialize, Serialize};
 
 use crate::auth::{TokenEntry, TokenRole};
+use crate::history::HistoryError;
 use crate::service::Tracker;
 use fleetcast_events::tracker::{
     AgentSummary, Command, HistoryQuery, ReleaseSummary, RolloutSummary,
@@ -109,22 +110,18 @@ async fn rollouts(
     Json(views)
 }
 
-/// The history (`?app=`, `?kind=`, `?version=`, `?actor=`, `?limit=`), oldest first; 503 when
-/// it cannot be read (NATS unreachable).
+/// The history (`?app=`, `?kind=`, `?version=`, `?actor=`, `?limit=`), oldest first; 400 for a
+/// bad app name, 503 when it cannot be read (NATS unreachable).
 async fn history(
     State(tracker): State<Arc<Tracker>>,
     Query(query): Query<HistoryQuery>,
 ) -> axum::response::Response {
-    if let Some(Err(e)) = query
-        .app
-        .as_deref()
-        .map(fleetcast_events::names::validate_app_name)
-    {
-        return (axum::http::StatusCode::BAD_REQUEST, e).into_response();
-    }
     match tracker.history.list(&query).await {
         Ok(entries) => Json(entries).into_response(),
-        Err(e) => (StatusCode::SERVICE_UNAVAILABLE, e).into_response(),
+        Err(e @ HistoryError::Invalid(_)) => {
+            (StatusCode::BAD_REQUEST, e.to_string()).into_response()
+        }
+        Err(e) => (StatusCode::SERVICE_UNAVAILABLE, e.to_string()).into_response(),
     }
 }
 

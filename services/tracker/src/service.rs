@@ -427,7 +427,7 @@ impl Tracker {
                 };
                 match me.history.record(&entry, &id).await {
                     Ok(()) => Outcome::Done,
-                    Err(e) => Outcome::Retry(e),
+                    Err(e) => Outcome::Retry(e.to_string()),
                 }
             }
         })
@@ -1191,7 +1191,7 @@ impl Tracker {
                     history,
                     ..Reply::ok(String::new())
                 },
-                Err(e) => Reply::failed(e),
+                Err(e) => Reply::failed(e.to_string()),
             },
             Command::Laggards { app } => Reply {
                 laggards: self.laggards(app.as_deref()).await,
@@ -1388,7 +1388,7 @@ impl Tracker {
         // Cut off, the history cannot be read: the plot is drawn without its marks at once,
         // rather than after a request's timeout.
         let read = if self.is_connected() {
-            self.history.list(&query).await
+            self.history.list(&query).await.map_err(|e| e.to_string())
         } else {
             Err("the tracker is cut off from NATS".to_string())
         };
