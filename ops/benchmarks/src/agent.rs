@@ -24,7 +24,9 @@
 //!   (chunks, tree nodes, the desired state with its signed manifest);
 //!   `small_files_changed_zstd_bytes`: the edited files alone, zstd level 3 (the reference);
 //!   `small_files_install_s`: v2's desired state written → v2 running (download, install,
-//!   switch, health gate); `small_files_write_hash_s`: writing, hashing and syncing just the
+//!   switch, health gate), and `small_files_phases_ms` when it first reported each state
+//!   (`downloading` once it checked the signed manifest, …, `running`), for where that time
+//!   goes; `small_files_write_hash_s`: writing, hashing and syncing just the
 //!   edited files on the same disk, in this process (the reference).
 //! - Rebuilt binary (`rebuilt_*`), a third app: see `rebuilt.rs`.
 //! - Many files (`many_files_*`): see `many.rs`.
@@ -197,14 +199,15 @@ pub async fn run() -> anyhow::Result<String> {
     let poller = Poller::start(port);
     fleetcast_cli::desire(&bus, "bench", "default", &semver::Version::new(2, 0, 0)).await?;
     let (desired_v2, desired_at) = desired_entry(&bus, "bench").await?;
-    let (running, reacted_at) = wait_running(&mut statuses, "bench", "2.0.0").await?;
+    let (running, phases) = wait_running(&mut statuses, "bench", "2.0.0").await?;
+    let reacted_at = phases.first(AppState::Downloading);
     let reaction = reacted_at.context("no downloading report for 2.0.0")? - desired_at;
     wait_committed(&journal, "2.0.0").await?;
     let downtime = poller.finish()?;
     let peak_rss = rss_kib(agent.id(), "VmHWM")?;
 
     eprintln!("small files: v1, then v1 -> v2");
-    let (small_running, small_desired, small_desired_at) =
+    let (small_running, small_desired, small_desired_at, small_phases) =
         install_then_update(&bus, &mut statuses, &data, "small").await?;
     let small_install = small_running.at - small_desired_at;
     let small_fetched = small_running.progress_bytes.unwrap_or_default() + small_desired;
@@ -215,7 +218,7 @@ pub async fn run() -> anyhow::Result<String> {
     let write_hash = write_hash_s(&changed_files, &dir.path().join("write-hash"))?;
 
     eprintln!("rebuilt binary: build 1, then build 1 -> build 2");
-    let (rebuilt_running, rebuilt_desired, _) =
+    let (rebuilt_running, rebuilt_desired, _, _) =
         install_then_update(&bus, &mut statuses, &data, "rebuilt").await?;
     let rebuilt_fetched = rebuilt_running.progress_bytes.unwrap_or_default() + rebuilt_desired;
     let final_peak_rss = rss_kib(agent.id(), "VmHWM")?;
@@ -263,6 +266,7 @@ pub async fn run() -> anyhow::Result<String> {
         "small_files_changed_zstd_bytes": changed_zstd,
         // Milliseconds matter here: both are a fraction of a second.
         "small_files_install_s": (small_install.as_seconds_f64() * 1000.0).round() / 1000.0,
+        "small_files_phases_ms": small_phases.since_ms(small_desired_at),
         "small_files_write_hash_s": (write_hash.as_secs_f64() * 1000.0).round() / 1000.0,
         "rebuilt_fetched_bytes": rebuilt_fetched,
         "rebuilt_patch_from_bytes": rebuilt_patch_from,
@@ -369,16 +373,16 @@ async fn install_then_update(
     statuses: &mut async_nats::Subscriber,
     data: &Path,
     app: &str,
-) -> anyhow::Result<(AgentStatus, u64, time::OffsetDateTime)> {
+) -> anyhow::Result<(AgentStatus, u64, time::OffsetDateTime, Phases)> {
     let journal = data.join("apps").join(app);
     fleetcast_cli::desire(bus, app, "default", &semver::Version::new(1, 0, 0)).await?;
     wait_running(statuses, app, "1.0.0").await?;
     wait_committed(&journal, "1.0.0").await?;
     fleetcast_cli::desire(bus, app, "default", &semver::Version::new(2, 0, 0)).await?;
     let (desired, desired_at) = desired_entry(bus, app).await?;
-    let (running, _) = wait_running(statuses, app, "2.0.0").await?;
+    let (running, phases) = wait_running(statuses, app, "2.0.0").await?;
     wait_committed(&journal, "2.0.0").await?;
-    Ok((running, desired, desired_at))
+    Ok((running, desired, desired_at, phases))
 }
 
 pub(crate) async fn desired_entry(
@@ -562,12 +566,37 @@ pub(crate) async fn next_status(sub: &mut async_nats::Subscriber) -> anyhow::Res
 }
 
 /// `app`'s `running` report of `version`, and when the first `downloading` one was sent.
+/// When an update first reported each state, by the agent's clock (this machine's).
+#[derive(Debug, Default)]
+pub(crate) struct Phases(Vec<(AppState, time::OffsetDateTime)>);
+
+impl Phases {
+    pub(crate) fn first(&self, state: AppState) -> Option<time::OffsetDateTime> {
+        self.0.iter().find(|(s, _)| *s == state).map(|(_, at)| *at)
+    }
+
+    /// Milliseconds from `from` to the first report of each state, by the state's name.
+    fn since_ms(&self, from: time::OffsetDateTime) -> serde_json::Value {
+        self.0
+            .iter()
+            .map(|(state, at)| {
+                let ms = (*at - from).as_seconds_f64() * 1000.0;
+                (
+                    fleetcast_runtime::metrics::label_value(state),
+                    serde_json::json!((ms * 10.0).round() / 10.0),
+                )
+            })
+            .collect::<serde_json::Map<_, _>>()
+            .into()
+    }
+}
+
 pub(crate) async fn wait_running(
     sub: &mut async_nats::Subscriber,
     app: &str,
     version: &str,
-) -> anyhow::Result<(AgentStatus, Option<time::OffsetDateTime>)> {
-    let mut downloading = None;
+) -> anyhow::Result<(AgentStatus, Phases)> {
+    let mut phases = Phases::default();
     loop {
         let s = next_status(sub).await?;
         if s.app != app {
@@ -579,12 +608,11 @@ pub(crate) async fn wait_running(
         if s.version.as_ref().is_none_or(|v| v.to_string() != version) {
             continue;
         }
-        match s.state {
-            AppState::Downloading => {
-                downloading.get_or_insert(s.at);
-            }
-            AppState::Running => return Ok((s, downloading)),
-            _ => {}
+        if phases.first(s.state).is_none() {
+            phases.0.push((s.state, s.at));
+        }
+        if s.state == AppState::Running {
+            return Ok((s, phases));
         }
     }
 }
