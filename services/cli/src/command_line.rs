@@ -681,8 +681,16 @@ fn print_status(reply: &Reply) {
 }
 
 fn print_agents(agents: &[AgentSummary]) {
+    // As wide as the longest app name (the agent's own is `fleetcast-agent-linux-x86_64`).
+    let app_width = agents
+        .iter()
+        .flat_map(|a| a.apps.keys())
+        .map(String::len)
+        .max()
+        .unwrap_or(0)
+        .max(16);
     println!(
-        "{:<20} {:<10} {:<12} {:<16} {:<12} {:<16} {:<28}  LAST ERROR",
+        "{:<20} {:<10} {:<12} {:<app_width$} {:<12} {:<16} {:<28}  LAST ERROR",
         "AGENT", "AGENT VER", "RING", "APP", "RUNNING", "STATE", "LAST UPDATE FETCHED"
     );
     let now = time::OffsetDateTime::now_utc();
@@ -727,7 +735,7 @@ fn print_agents(agents: &[AgentSummary]) {
                 )
             });
             println!(
-                "{:<20} {:<10} {:<12} {app:<16} {running:<12} {:<16} {fetched:<28}  {error}",
+                "{:<20} {:<10} {:<12} {app:<app_width$} {running:<12} {:<16} {fetched:<28}  {error}",
                 format!("{}{stale}", a.agent_id),
                 // "?": an agent too old to report its own version.
                 a.agent_version.as_deref().unwrap_or("?"),
