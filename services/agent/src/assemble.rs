@@ -647,23 +647,10 @@ fn check_files(files: &[TreeFile]) -> Result<Vec<&[ChunkRef]>, AssembleError> {
     Ok(listed)
 }
 
-/// Everything written into `partial` on disk before it is renamed into place, at the cost of
-/// the change. A file with one link is one this install wrote (fetched, patched, or copied
-/// where a link was refused); an unchanged file is a hard link to an installed version's,
-/// durable since that install. When there are few written files, they are synced one by one,
-/// then every folder (their entries, the links'): nothing of what other processes wrote is
-/// flushed with them. When there are many (a fresh install), one `syncfs` of the filesystem
-/// costs less than thousands of fsyncs. Where `syncfs` is refused, every file and folder is
-/// synced one by one.
+/// Everything written into `partial` on disk before it is renamed into place: one `syncfs` of
+/// its filesystem rather than an fsync per file (a version of thousands of files spent most of
+/// its install in them). Where `syncfs` is refused, every file and folder is synced one by one.
 fn make_durable(partial: &Path) -> io::Result<()> {
-    let (mut written, mut dirs) = (Vec::new(), vec![partial.to_path_buf()]);
-    written_below(partial, &mut written, &mut dirs)?;
-    if written.len() <= SYNC_ONE_BY_ONE_AT_MOST {
-        for file in &written {
-            File::open(file)?.sync_all()?;
-        }
-        return dirs.iter().try_for_each(|d| sync_dir(d));
-    }
     let dir = File::open(partial)?;
     match nix::unistd::syncfs(&dir) {
         Ok(()) => Ok(()),
@@ -672,29 +659,6 @@ fn make_durable(partial: &Path) -> io::Result<()> {
             sync_tree(partial)
         }
     }
-}
-
-/// Up to this many written files, an install syncs them one by one (see [`make_durable`]).
-const SYNC_ONE_BY_ONE_AT_MOST: usize = 64;
-
-/// The files below `dir` with a single link (`written`) and every folder (`dirs`).
-fn written_below(
-    dir: &Path,
-    written: &mut Vec<PathBuf>,
-    dirs: &mut Vec<PathBuf>,
-) -> io::Result<()> {
-    use std::os::unix::fs::MetadataExt;
-    for entry in std::fs::read_dir(dir)? {
-        let entry = entry?;
-        let meta = entry.metadata()?;
-        if meta.is_dir() {
-            dirs.push(entry.path());
-            written_below(&entry.path(), written, dirs)?;
-        } else if meta.is_file() && meta.nlink() == 1 {
-            written.push(entry.path());
-        }
-    }
-    Ok(())
 }
 
 /// fsync every file and folder below `dir`.
@@ -742,25 +706,6 @@ mod tests {
     use fleetcast_events::FileEntry;
 
     use super::*;
-
-    /// What an install must sync itself: files with one link (it wrote them) and every folder;
-    /// not a hard link to an installed file, nor a symbolic link.
-    #[test]
-    fn the_written_files_are_those_with_one_link() {
-        let root = tempfile::tempdir().expect("tmp");
-        let installed = root.path().join("installed");
-        let partial = root.path().join("partial");
-        std::fs::create_dir_all(partial.join("sub")).expect("dirs");
-        std::fs::write(&installed, b"old").expect("installed");
-        std::fs::hard_link(&installed, partial.join("unchanged")).expect("link");
-        std::fs::write(partial.join("sub/new"), b"new").expect("new");
-        std::os::unix::fs::symlink("new", partial.join("sub/alias")).expect("symlink");
-        let (mut written, mut dirs) = (Vec::new(), Vec::new());
-        written_below(&partial, &mut written, &mut dirs).expect("walk");
-        assert_eq!(written, [partial.join("sub/new")]);
-        assert_eq!(dirs, [partial.join("sub")]);
-        make_durable(&partial).expect("durable");
-    }
 
     /// No chunk is needed: the files here are empty.
     struct NoStore;
