@@ -629,6 +629,19 @@ mod tests {
         );
     }
 
+    /// What callers retry: a store that could not be reached; never bytes that do not decode
+    /// (a retry reads the same) nor a request that cannot be done.
+    #[test]
+    fn only_an_unreachable_store_is_worth_retrying() {
+        let store = RecordError::store(RELEASES, "web.1_0_0", "timed out");
+        assert!(store.is_transient());
+        assert_eq!(store.to_string(), "releases web.1_0_0: timed out");
+        let corrupt = RecordError::corrupt(RELEASES, "web.1_0_0", "expected value");
+        assert!(!corrupt.is_transient());
+        assert!(corrupt.to_string().contains("unreadable"), "{corrupt}");
+        assert!(!RecordError::Refused("web 1.0.0 is not stored".into()).is_transient());
+    }
+
     #[test]
     fn a_full_disk_is_a_final_refusal_other_write_errors_are_retried() {
         // A real write to a device that is always full.
