@@ -412,11 +412,12 @@ fn produce(
     let entries = package.entries();
     // (index in the package's entries, mode)
     let mut plan: Vec<(usize, u32)> = Vec::new();
-    let mut links = 0;
+    // Entries that are symbolic links (few): they join the files read, in path order, below.
+    let mut links: Vec<usize> = Vec::new();
     for (i, entry) in entries.iter().enumerate() {
         match &entry.kind {
             EntryKind::Dir => {}
-            EntryKind::Symlink { .. } => links += 1,
+            EntryKind::Symlink { .. } => links.push(i),
             EntryKind::File { mode } => plan.push((i, *mode)),
         }
     }
@@ -462,7 +463,7 @@ fn produce(
     };
     // Every file and link, in path order: (entry, file's share and place in it; none for a link).
     let mut order: Vec<(usize, Option<(usize, usize)>)> =
-        Vec::with_capacity(read.iter().map(|s| s.files.len()).sum::<usize>() + links);
+        Vec::with_capacity(read.iter().map(|s| s.files.len()).sum::<usize>() + links.len());
     for (s, share) in read.iter().enumerate() {
         order.extend(
             share
@@ -472,13 +473,7 @@ fn produce(
                 .map(|(k, f)| (f.entry, Some((s, k)))),
         );
     }
-    order.extend(
-        entries
-            .iter()
-            .enumerate()
-            .filter(|(_, e)| matches!(e.kind, EntryKind::Symlink { .. }))
-            .map(|(i, _)| (i, None)),
-    );
+    order.extend(links.into_iter().map(|i| (i, None)));
     // Paths are unique (the package refuses duplicates): an unstable sort, in place.
     order.sort_unstable_by(|a, b| entries[a.0].path.cmp(&entries[b.0].path));
     let mut files = Vec::with_capacity(order.len());

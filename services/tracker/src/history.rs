@@ -132,7 +132,7 @@ impl History {
         if let Some(app) = &query.app {
             names::validate_app_name(app).map_err(HistoryError::Invalid)?;
         }
-        let read = |e: String| HistoryError::Read(e);
+        let read = HistoryError::Read;
         let filter = format!(
             "{}{}.{}",
             names::HISTORY_SUBJECT_PREFIX,

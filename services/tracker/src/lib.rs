@@ -49,6 +49,8 @@ pub enum TrackerError {
     /// A release record or a desired state (see `RecordError::is_transient`).
     #[error(transparent)]
     Records(#[from] fleetcast_runtime::releases::RecordError),
+    #[error(transparent)]
+    History(#[from] crate::history::HistoryError),
     /// A consumer, subscription or stream it needs could not be set up or followed.
     #[error("{what}: {reason}")]
     Follow { what: &'static str, reason: String },

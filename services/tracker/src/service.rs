@@ -203,8 +203,7 @@ impl Tracker {
             cursor = state.cursor,
             "state loaded"
         );
-        let history = (History::open(&bus, &settings.history).await)
-            .map_err(|e| TrackerError::follow("history", e))?;
+        let history = History::open(&bus, &settings.history).await?;
         let webhook_deliveries = crate::webhook::deliveries_counter(&settings.webhooks);
         Ok(Arc::new(Tracker {
             bus,
