@@ -557,23 +557,36 @@ fn relative_to(from: &Path, target: &Path) -> String {
 /// A loopback port nothing listens on, for a server a test starts next. Drawn below Linux's
 /// ephemeral range (32768 and up): a port from that range can be taken by any outgoing
 /// connection between this check and the server's bind, and a test run opens thousands.
+/// A port is handed out at most once per process: a test that asks for several before any
+/// server binds (a cluster's client, route and leaf ports) must not get the same one twice.
 pub fn free_port() -> anyhow::Result<u16> {
     use std::hash::{BuildHasher, Hasher};
+    static HANDED_OUT: std::sync::Mutex<Vec<u16>> = std::sync::Mutex::new(Vec::new());
+    let mut handed_out = HANDED_OUT
+        .lock()
+        .unwrap_or_else(|poisoned| poisoned.into_inner());
     for attempt in 0u64..200 {
         let mut hasher = std::collections::hash_map::RandomState::new().build_hasher();
         hasher.write_u64(attempt);
         let port = 20_000 + (hasher.finish() % 12_000) as u16;
-        if TcpListener::bind(("127.0.0.1", port)).is_ok() {
+        if !handed_out.contains(&port) && TcpListener::bind(("127.0.0.1", port)).is_ok() {
+            handed_out.push(port);
             return Ok(port);
         }
     }
-    let listener = TcpListener::bind("127.0.0.1:0")?;
-    Ok(listener.local_addr()?.port())
+    bail!("no free loopback port between 20000 and 32000 after 200 draws")
 }
 
 #[cfg(test)]
 mod tests {
     use super::*;
+
+    #[test]
+    fn a_port_is_handed_out_once_even_before_anything_binds_it() {
+        let ports: Vec<u16> = (0..300).map(|_| free_port().expect("port")).collect();
+        let distinct: std::collections::HashSet<&u16> = ports.iter().collect();
+        assert_eq!(distinct.len(), ports.len());
+    }
 
     #[tokio::test]
     async fn server_starts_restarts_and_cleans_up() {
