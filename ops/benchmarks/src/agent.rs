@@ -177,7 +177,7 @@ pub async fn run() -> anyhow::Result<String> {
 
     eprintln!("v1 from nothing");
     let install_start = Instant::now();
-    fleetcast_cli::desire(&bus, "bench", "default", &semver::Version::new(1, 0, 0)).await?;
+    desire(&bus, "bench", &semver::Version::new(1, 0, 0)).await?;
     let (desired_v1, _) = desired_entry(&bus, "bench").await?;
     let (first, _) = wait_running(&mut statuses, "bench", "1.0.0").await?;
     let full_install = install_start.elapsed();
@@ -197,7 +197,7 @@ pub async fn run() -> anyhow::Result<String> {
 
     eprintln!("v1 -> v2, polling /version");
     let poller = Poller::start(port);
-    fleetcast_cli::desire(&bus, "bench", "default", &semver::Version::new(2, 0, 0)).await?;
+    desire(&bus, "bench", &semver::Version::new(2, 0, 0)).await?;
     let (desired_v2, desired_at) = desired_entry(&bus, "bench").await?;
     let (running, phases) = wait_running(&mut statuses, "bench", "2.0.0").await?;
     let reacted_at = phases.first(AppState::Downloading);
@@ -375,14 +375,25 @@ async fn install_then_update(
     app: &str,
 ) -> anyhow::Result<(AgentStatus, u64, time::OffsetDateTime, Phases)> {
     let journal = data.join("apps").join(app);
-    fleetcast_cli::desire(bus, app, "default", &semver::Version::new(1, 0, 0)).await?;
+    desire(bus, app, &semver::Version::new(1, 0, 0)).await?;
     wait_running(statuses, app, "1.0.0").await?;
     wait_committed(&journal, "1.0.0").await?;
-    fleetcast_cli::desire(bus, app, "default", &semver::Version::new(2, 0, 0)).await?;
+    desire(bus, app, &semver::Version::new(2, 0, 0)).await?;
     let (desired, desired_at) = desired_entry(bus, app).await?;
     let (running, phases) = wait_running(statuses, app, "2.0.0").await?;
     wait_committed(&journal, "2.0.0").await?;
     Ok((running, desired, desired_at, phases))
+}
+
+/// Every agent of the default ring should run `app` `version` at once (`fleetcast desire`).
+pub(crate) async fn desire(
+    bus: &fleetcast_runtime::Bus,
+    app: &str,
+    version: &semver::Version,
+) -> anyhow::Result<()> {
+    let app = fleetcast_events::AppName::try_from(app)?;
+    let ring = fleetcast_events::RingName::from_static("default");
+    fleetcast_cli::desire(bus, &app, &ring, version).await
 }
 
 pub(crate) async fn desired_entry(
@@ -549,10 +560,16 @@ pub(crate) fn spawn_agent(config: &Path) -> anyhow::Result<Child> {
     Command::new(&bin)
         .arg("--config")
         .arg(config)
-        .env("RUST_LOG", "warn")
+        .env("RUST_LOG", agent_log_filter())
         .stdout(Stdio::null())
         .spawn()
         .with_context(|| format!("starting {} (ops/bench builds it)", bin.display()))
+}
+
+/// The benched agents' log filter: warnings only, unless `FLEETCAST_BENCH_AGENT_LOG` says
+/// otherwise (e.g. `info,fleetcast_agent=debug` to see where an update's time goes).
+pub(crate) fn agent_log_filter() -> String {
+    std::env::var("FLEETCAST_BENCH_AGENT_LOG").unwrap_or_else(|_| "warn".into())
 }
 
 pub(crate) async fn next_status(sub: &mut async_nats::Subscriber) -> anyhow::Result<AgentStatus> {

@@ -441,7 +441,7 @@ pub async fn run_agents() -> anyhow::Result<String> {
             trusted_keys: vec![key.clone()],
             slot_retry: Duration::from_secs(1),
             apps: vec![fleetcast_agent::settings::AppSettings {
-                name: "fleet".into(),
+                name: fleetcast_events::AppName::from_static("fleet"),
                 command: vec!["/bin/sleep".into(), "3600".into()],
                 env: Default::default(),
                 health: fleetcast_agent::health::HealthGate {
@@ -543,7 +543,7 @@ async fn wait_completed(
         if let Ok(reply) = fleetcast_cli::tracker(
             bus,
             &Command::Show {
-                app: "fleet".into(),
+                app: fleetcast_events::AppName::from_static("fleet"),
             },
         )
         .await

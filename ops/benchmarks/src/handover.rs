@@ -134,6 +134,6 @@ impl Load {
 }
 
 async fn desire(bus: &fleetcast_runtime::Bus, app: &str, major: u64) -> anyhow::Result<()> {
-    fleetcast_cli::desire(bus, app, "default", &semver::Version::new(major, 0, 0)).await?;
+    crate::agent::desire(bus, app, &semver::Version::new(major, 0, 0)).await?;
     Ok(())
 }

@@ -198,14 +198,14 @@ pub(crate) async fn ingest_once(
     let now = time::OffsetDateTime::now_utc();
     let manifest = Manifest {
         rollback_from: None,
-        app: app.into(),
+        app: fleetcast_events::AppName::try_from(app)?,
         version: version.clone(),
         tree,
         created: now,
         expires: now + time::Duration::days(1),
     };
     let signed = ReleaseSigned {
-        app: app.into(),
+        app: fleetcast_events::AppName::try_from(app)?,
         version: version.clone(),
         object,
         blake3,

@@ -187,7 +187,7 @@ async fn run_shape(dir: &Path, shape: Shape) -> anyhow::Result<serde_json::Value
         .subscribe(fleetcast_events::names::ALL_AGENT_STATUSES)
         .await?;
     services.0.push(spawn_agent(&config)?);
-    fleetcast_cli::desire(&bus, "many", "default", &version).await?;
+    crate::agent::desire(&bus, "many", &version).await?;
     let (desired, desired_at) = desired_entry(&bus, "many").await?;
     let (running, _) = wait_running(&mut statuses, "many", "1.0.0").await?;
     let install = running.at - desired_at;
@@ -227,7 +227,7 @@ async fn run_shape(dir: &Path, shape: Shape) -> anyhow::Result<serde_json::Value
     if shape.update {
         publish(&bus, &zip2, &v2).await?;
         wait_stored(&mut stored, &v2).await?;
-        fleetcast_cli::desire(&bus, "many", "default", &v2).await?;
+        crate::agent::desire(&bus, "many", &v2).await?;
         let (desired2, desired2_at) = desired_entry(&bus, "many").await?;
         let (updated, _) = wait_running(&mut statuses, "many", "2.0.0").await?;
         let update = updated.at - desired2_at;

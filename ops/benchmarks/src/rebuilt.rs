@@ -157,7 +157,7 @@ pub(crate) async fn wait_patches(
     tree_root: &str,
 ) -> anyhow::Result<PatchList> {
     let wanted = PatchesWanted {
-        app: app.into(),
+        app: fleetcast_events::AppName::try_from(app)?,
         version: semver::Version::parse(version)?,
         bases: vec![semver::Version::parse(base)?],
     };

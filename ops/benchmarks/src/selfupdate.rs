@@ -107,7 +107,7 @@ pub(crate) async fn run(dir: &Path) -> anyhow::Result<serde_json::Value> {
         .await
         .context("no heartbeat from the agent the launcher started")?;
     let agent_start = started.elapsed();
-    fleetcast_cli::desire(&bus, "web", "default", &semver::Version::new(1, 0, 0)).await?;
+    crate::agent::desire(&bus, "web", &semver::Version::new(1, 0, 0)).await?;
     wait_running(&mut statuses, "web", "1.0.0").await?;
     wait_committed(&data.join("apps/web"), "1.0.0").await?;
     let pid_file = data.join("apps/web/app.pid");
@@ -121,7 +121,7 @@ pub(crate) async fn run(dir: &Path) -> anyhow::Result<serde_json::Value> {
     let load = crate::handover::Load::start(port);
 
     eprintln!("self-update: agent 2.0.0 under load");
-    fleetcast_cli::desire(&bus, &agent_app, "default", &semver::Version::new(2, 0, 0)).await?;
+    crate::agent::desire(&bus, &agent_app, &semver::Version::new(2, 0, 0)).await?;
     let (handed_over, trial_started, qualified) = trial_times(&root).await?;
     let upgrade = qualified.duration_since(handed_over)?;
     let old_exit = trial_started.duration_since(handed_over)?;
@@ -130,7 +130,7 @@ pub(crate) async fn run(dir: &Path) -> anyhow::Result<serde_json::Value> {
 
     eprintln!("self-update: a broken agent 3.0.0, taken back");
     let trial_seen = Instant::now();
-    fleetcast_cli::desire(&bus, &agent_app, "default", &semver::Version::new(3, 0, 0)).await?;
+    crate::agent::desire(&bus, &agent_app, &semver::Version::new(3, 0, 0)).await?;
     let rolled_back: AgentStatus = loop {
         let s = next_status(&mut statuses).await?;
         let three = s.version.as_ref().is_some_and(|v| v.major == 3);
@@ -217,10 +217,7 @@ impl Launcher {
             .arg("--")
             .arg("--config")
             .arg(config)
-            .env(
-                "RUST_LOG",
-                std::env::var("FLEETCAST_BENCH_AGENT_LOG").unwrap_or_else(|_| "warn".into()),
-            )
+            .env("RUST_LOG", crate::agent::agent_log_filter())
             .stdout(Stdio::null())
             .spawn()
             .map(Launcher)

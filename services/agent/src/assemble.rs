@@ -97,7 +97,7 @@ pub trait ChunkSource: Sync {
 /// created per fetch and the agent's credential needs only its apps' chunk subjects.
 pub struct NatsChunks {
     pub chunks: fleetcast_runtime::agent_bus::DirectChunks,
-    pub app: String,
+    pub app: fleetcast_events::AppName,
 }
 
 impl ChunkSource for NatsChunks {
@@ -559,7 +559,9 @@ pub async fn assemble(
     }
     // No write bit anywhere in an installed version: the app cannot change its own code.
     crate::isolation::seal_tree(&partial).map_err(io_err(&partial))?;
+    let syncing = std::time::Instant::now();
     make_durable(&partial).map_err(io_err(&partial))?;
+    tracing::debug!(ms = syncing.elapsed().as_millis(), "version made durable");
     std::fs::rename(&partial, &final_dir).map_err(io_err(&final_dir))?;
     sync_dir(final_dir.parent().unwrap_or(root.root())).map_err(io_err(&final_dir))?;
     Ok(report)

@@ -26,9 +26,9 @@ pub mod updater;
 
 use std::time::Duration;
 
-use fleetcast_events::Encoding;
 use fleetcast_events::names::{agent_heartbeat_subject, desired_key, desired_subject};
 use fleetcast_events::v1::{AgentHeartbeat, DesiredState};
+use fleetcast_events::{AgentId, AppName, Encoding};
 use fleetcast_runtime::observe::{self, Endpoint, ObserveError};
 use fleetcast_runtime::{AgentBus, BusError};
 use futures::StreamExt;
@@ -56,6 +56,7 @@ pub enum AgentError {
 /// Runs every configured app and keeps it on its desired version until `shutdown`.
 pub async fn run(settings: Settings, shutdown: CancellationToken) -> Result<(), AgentError> {
     settings.validate()?;
+    let agent_id = settings.id()?;
     isolation::prepare_data_dir(&settings.data_dir).map_err(|e| {
         AgentError::Isolation(format!("data_dir {}: {e}", settings.data_dir.display()))
     })?;
@@ -155,9 +156,10 @@ pub async fn run(settings: Settings, shutdown: CancellationToken) -> Result<(), 
             },
             retry,
         };
-        let (app, host, trust, bus, shutdown) = (
+        let (app, host, agent_id, trust, bus, shutdown) = (
             app.clone(),
             host.clone(),
+            agent_id.clone(),
             trust.clone(),
             bus.clone(),
             shutdown.clone(),
@@ -169,7 +171,7 @@ pub async fn run(settings: Settings, shutdown: CancellationToken) -> Result<(), 
                 Err(e) => {
                     let made =
                         || AppRunner::new(app.clone(), host.clone(), trust.clone(), bus.clone());
-                    match isolated(e, made, &app.name, &host, &bus, &shutdown).await {
+                    match isolated(e, made, &app.name, &host, &agent_id, &bus, &shutdown).await {
                         Some(runner) => runner,
                         None => return,
                     }
@@ -189,7 +191,7 @@ pub async fn run(settings: Settings, shutdown: CancellationToken) -> Result<(), 
     {
         Ok(remedies) => tasks.push(tokio::spawn(follow_remedies(
             remedies,
-            settings.agent_id.clone(),
+            agent_id.clone(),
             retries,
             shutdown.clone(),
         ))),
@@ -249,7 +251,7 @@ pub async fn run(settings: Settings, shutdown: CancellationToken) -> Result<(), 
                     last_notes.clone_from(&metadata.notes);
                 }
                 let beat = AgentHeartbeat {
-                    agent_id: settings.agent_id.clone(),
+                    agent_id: agent_id.clone(),
                     host: host_name.clone(),
                     ring: settings.ring.clone(),
                     labels: settings.labels.clone(),
@@ -297,8 +299,8 @@ struct Nudges {
 /// message that does not decode or names another agent is ignored, with a warning.
 async fn follow_remedies(
     mut remedies: async_nats::Subscriber,
-    agent_id: String,
-    retries: std::collections::BTreeMap<String, tokio::sync::mpsc::Sender<()>>,
+    agent_id: AgentId,
+    retries: std::collections::BTreeMap<AppName, tokio::sync::mpsc::Sender<()>>,
     shutdown: CancellationToken,
 ) {
     use fleetcast_events::v1::{AgentRemedy, RemedyAction};
@@ -373,8 +375,9 @@ fn qualified(
 async fn isolated(
     mut error: UpdateError,
     mut made: impl FnMut() -> Result<AppRunner, UpdateError>,
-    app: &str,
+    app: &AppName,
     host: &Settings,
+    agent_id: &AgentId,
     bus: &AgentBus,
     shutdown: &CancellationToken,
 ) -> Option<AppRunner> {
@@ -382,16 +385,15 @@ async fn isolated(
         let reason = format!("isolated, not supervised or updated until repaired: {error}");
         tracing::error!(%app, %reason, "app isolated");
         let status = fleetcast_events::v1::AgentStatus {
-            agent_id: host.agent_id.clone(),
-            app: app.to_string(),
+            agent_id: agent_id.clone(),
+            app: app.clone(),
             state: fleetcast_events::v1::AppState::Failed,
             version: None,
             progress_bytes: None,
             reason: Some(reason),
             at: OffsetDateTime::now_utc(),
         };
-        let subject =
-            fleetcast_events::names::agent_status_subject(&host.agent_id, &host.ring, app);
+        let subject = fleetcast_events::names::agent_status_subject(agent_id, &host.ring, app);
         if let Err(e) = bus.report_event(&subject, &status, Encoding::MsgPack).await {
             tracing::warn!(%app, error = %e, "status not published");
         }

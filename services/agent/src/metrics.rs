@@ -184,11 +184,12 @@ mod tests {
 
     use super::*;
     use crate::updater::Counts;
+    use fleetcast_events::AppName;
 
     fn snap(state: AppState, running: Option<&str>, uptime_s: u64, counts: Counts) -> Snapshot {
         Snapshot {
             beat: AppHeartbeat {
-                app: "web".into(),
+                app: AppName::from_static("web"),
                 state,
                 running: running.map(|v| semver::Version::parse(v).expect("version")),
                 staged: None,

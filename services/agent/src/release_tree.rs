@@ -123,6 +123,8 @@ pub async fn stage(
     if root.version_dir(&manifest.version).is_dir() {
         return Ok(Staged::default());
     }
+    // Where the time goes, at debug level: (step, milliseconds since the previous step).
+    let mut steps = Steps::default();
     let mut nodes = LocalNodes::default();
     let mut local = LocalChunks::default();
     for v in root.installed() {
@@ -130,11 +132,14 @@ pub async fn stage(
             local.add_version(&root.version_dir(&v), &files);
         }
     }
+    steps.done("indexed");
     // What is already here was read while the rest of the fleet takes the announcement; the
     // store is asked only from `fetch_from` on (the agent's `fetch_delay`).
     tokio::time::sleep_until(fetch_from).await;
+    steps.done("fetch_delay");
     let tree = read_tree(manifest, &nodes, remote, concurrency).await?;
     drop(nodes);
+    steps.done("tree");
     // Patches start from installed files: a host with none has no use for the list.
     let (patches, list_bytes) = if local.is_empty() {
         (PatchList::default(), 0)
@@ -144,6 +149,7 @@ pub async fn stage(
             .await
             .unwrap_or_default()
     };
+    steps.done("patch_list");
     let files = assemble(
         root,
         &manifest.version,
@@ -154,15 +160,41 @@ pub async fn stage(
         concurrency,
     )
     .await?;
+    steps.done("assembled");
     if let Err(e) = tree.keep(&root.meta_dir(&manifest.version), &manifest.tree) {
         tracing::warn!(error = %e, "release tree not kept; later updates will fetch more");
     }
+    steps.done("tree_kept");
+    tracing::debug!(steps = ?steps.taken, "staging took (ms)");
     Ok(Staged {
         files,
         fetched_nodes: tree.fetched_nodes,
         node_bytes: tree.fetched_bytes,
         patch_list_bytes: list_bytes,
     })
+}
+
+/// How long each step of a staging took, for the debug log.
+struct Steps {
+    last: std::time::Instant,
+    taken: Vec<(&'static str, u128)>,
+}
+
+impl Default for Steps {
+    fn default() -> Self {
+        Steps {
+            last: std::time::Instant::now(),
+            taken: Vec::new(),
+        }
+    }
+}
+
+impl Steps {
+    fn done(&mut self, step: &'static str) {
+        let now = std::time::Instant::now();
+        self.taken.push((step, (now - self.last).as_millis()));
+        self.last = now;
+    }
 }
 
 /// A version folder as its signed tree says it must be (`apps[].verify_on_start`): checked

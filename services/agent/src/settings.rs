@@ -3,6 +3,7 @@ use std::net::SocketAddr;
 use std::path::PathBuf;
 use std::time::Duration;
 
+use fleetcast_events::{AgentId, AppName, RingName};
 use fleetcast_runtime::settings::invalid;
 use fleetcast_runtime::{NatsSettings, SettingsError};
 use serde::Deserialize;
@@ -16,7 +17,7 @@ pub struct Settings {
     pub nats: NatsSettings,
     /// This host's name in the fleet (default: the host name).
     pub agent_id: String,
-    pub ring: String,
+    pub ring: RingName,
     pub labels: BTreeMap<String, String>,
     /// Install folders, journals and state: `<data_dir>/apps/<app>/`.
     pub data_dir: PathBuf,
@@ -98,8 +99,10 @@ impl Default for SelfUpdate {
 impl SelfUpdate {
     /// The app the agent's releases are published as, one per platform (the binary in a
     /// release runs on one): `fleetcast-agent-linux-x86_64`, `fleetcast-agent-linux-aarch64`.
-    pub fn app() -> String {
-        fleetcast_events::names::agent_app(std::env::consts::OS, std::env::consts::ARCH)
+    pub fn app() -> AppName {
+        let app = fleetcast_events::names::agent_app(std::env::consts::OS, std::env::consts::ARCH);
+        // Rust's OS and architecture names are lowercase letters, digits and '_'.
+        AppName::try_from(app).expect("the agent's app name is valid on every Rust platform")
     }
 
     /// Where a release of the agent holds its binary.
@@ -109,7 +112,7 @@ impl SelfUpdate {
 #[derive(Debug, Clone, Deserialize, PartialEq)]
 #[serde(deny_unknown_fields)]
 pub struct AppSettings {
-    pub name: String,
+    pub name: AppName,
     /// Program (in the version's folder, or on PATH) and arguments. May be left empty when
     /// every package names its own in its `fleetcast.toml`, which wins over this.
     #[serde(default)]
@@ -174,7 +177,7 @@ impl Default for Settings {
             agent_id: std::fs::read_to_string("/etc/hostname")
                 .map(|h| h.trim().to_string())
                 .unwrap_or_else(|_| "agent".into()),
-            ring: "default".into(),
+            ring: RingName::from_static("default"),
             labels: BTreeMap::new(),
             data_dir: PathBuf::from("/var/lib/fleetcast/agent"),
             trusted_root_file: None,
@@ -198,22 +201,18 @@ impl Default for Settings {
 }
 
 impl Settings {
+    /// This agent's id: `agent_id`, by default the host name, which must then be one (a host
+    /// named `web-1.example.com` needs `agent_id` set).
+    pub fn id(&self) -> Result<AgentId, SettingsError> {
+        AgentId::try_from(self.agent_id.as_str()).or_else(|e| invalid("agent_id", e.to_string()))
+    }
+
     pub const LIST_KEYS: &'static [&'static str] =
         &["trusted_keys", "trusted_key_files", "update_windows"];
 
     /// Every setting but the trust ones (see [`Settings::trust`]).
     pub fn validate(&self) -> Result<(), SettingsError> {
-        if self.agent_id.is_empty()
-            || !self
-                .agent_id
-                .chars()
-                .all(|c| c.is_ascii_alphanumeric() || c == '-' || c == '_')
-        {
-            return invalid(
-                "agent_id",
-                format!("{:?} must be letters, digits, '-' or '_'", self.agent_id),
-            );
-        }
+        self.id()?;
         // The tracker answers this agent's slot requests only under its own inbox, the one its
         // NATS identity may read (the default when unset).
         let inbox = fleetcast_events::names::agent_inbox_prefix(&self.agent_id);
@@ -222,9 +221,6 @@ impl Settings {
                 "nats.inbox_prefix",
                 format!("must be {inbox:?} (or unset) for agent {:?}", self.agent_id),
             );
-        }
-        if fleetcast_events::names::validate_app_name(&self.ring).is_err() {
-            return invalid("ring", format!("{:?} is not a valid ring name", self.ring));
         }
         if self.keep_versions < 2 {
             return invalid("keep_versions", "must be at least 2 (current and previous)");
@@ -248,9 +244,6 @@ impl Settings {
         }
         self.windows()?;
         for app in &self.apps {
-            if let Err(reason) = fleetcast_events::names::validate_app_name(&app.name) {
-                return invalid("apps.name", reason);
-            }
             if fleetcast_events::names::is_agent_app(&app.name) {
                 return invalid(
                     "apps.name",

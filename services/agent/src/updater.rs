@@ -12,7 +12,7 @@ use fleetcast_events::v1::{
     AgentStatus, AppHeartbeat, AppState, DesiredState, LastUpdate, SlotReply, SlotRequest,
     UpdateBytes, UpdateOutcome,
 };
-use fleetcast_events::{Encoding, VerifiedManifest};
+use fleetcast_events::{AgentId, AppName, Encoding, VerifiedManifest};
 use fleetcast_package::package_config::{self, Hook, Hooks, PackageConfig};
 use fleetcast_runtime::{AgentBus, Trust};
 use semver::Version;
@@ -99,10 +99,10 @@ impl Snapshot {
 
     /// An app the agent could not set up (see `isolated` in the agent's loop): failed, nothing
     /// running, staged or accepted.
-    pub fn failed(app: &str) -> Snapshot {
+    pub fn failed(app: &AppName) -> Snapshot {
         Snapshot {
             beat: AppHeartbeat {
-                app: app.to_string(),
+                app: app.clone(),
                 state: AppState::Failed,
                 running: None,
                 staged: None,
@@ -122,6 +122,8 @@ pub struct AppRunner {
     pub settings: AppSettings,
     /// The agent's own settings (id, ring, limits, windows).
     host: Arc<Settings>,
+    /// The agent's id (`host.agent_id`, checked).
+    agent_id: AgentId,
     windows: Vec<fleetcast_runtime::window::Window>,
     root: InstallRoot,
     journal_file: JournalFile,
@@ -183,6 +185,7 @@ impl AppRunner {
         let windows = host
             .windows()
             .map_err(|e| UpdateError::Refused(e.to_string()))?;
+        let agent_id = host.id().map_err(|e| UpdateError::Refused(e.to_string()))?;
         let stop = StopPolicy {
             grace: settings.grace,
             ..Default::default()
@@ -198,6 +201,7 @@ impl AppRunner {
         Ok(AppRunner {
             settings,
             host,
+            agent_id,
             windows,
             root,
             journal_file,
@@ -301,7 +305,7 @@ impl AppRunner {
     /// staged meanwhile, so the switch is quick once a slot is granted.
     async fn request_slot(&mut self, target: &Version) -> Result<(), UpdateError> {
         let request = SlotRequest {
-            agent_id: self.host.agent_id.clone(),
+            agent_id: self.agent_id.clone(),
             app: self.settings.name.clone(),
             ring: self.host.ring.clone(),
             version: target.clone(),
@@ -309,7 +313,7 @@ impl AppRunner {
         let answer: Result<SlotReply, _> = self
             .bus
             .request_event(
-                &slot_subject(&self.settings.name, &self.host.agent_id),
+                &slot_subject(&self.settings.name, &self.agent_id),
                 &request,
                 Encoding::Json,
             )
@@ -344,7 +348,7 @@ impl AppRunner {
         from: Option<&Version>,
     ) -> Result<(), String> {
         let mut env = launch.spec.env.clone();
-        env.insert("FLEETCAST_APP".into(), self.settings.name.clone());
+        env.insert("FLEETCAST_APP".into(), self.settings.name.to_string());
         env.insert("FLEETCAST_VERSION".into(), target.to_string());
         if let Some(from) = from {
             env.insert("FLEETCAST_FROM_VERSION".into(), from.to_string());
@@ -1043,7 +1047,7 @@ impl AppRunner {
         reason: Option<String>,
     ) {
         let status = AgentStatus {
-            agent_id: self.host.agent_id.clone(),
+            agent_id: self.agent_id.clone(),
             app: self.settings.name.clone(),
             state,
             version,
@@ -1051,8 +1055,7 @@ impl AppRunner {
             reason,
             at: OffsetDateTime::now_utc(),
         };
-        let subject =
-            agent_status_subject(&self.host.agent_id, &self.host.ring, &self.settings.name);
+        let subject = agent_status_subject(&self.agent_id, &self.host.ring, &self.settings.name);
         if let Err(e) = self
             .bus
             .report_event(&subject, &status, Encoding::MsgPack)
@@ -1127,6 +1130,7 @@ mod tests {
     use fleetcast_events::{FileEntry, Manifest, SignedManifest};
 
     use super::*;
+    use fleetcast_events::RingName;
 
     /// A snapshot is taken when the app's state changes; each heartbeat counts the uptime to
     /// its own time, so it grows between two heartbeats (it used to stay at the value of the
@@ -1134,7 +1138,7 @@ mod tests {
     #[test]
     fn uptime_grows_between_two_heartbeats() {
         let since = Instant::now();
-        let mut snapshot = Snapshot::failed("web");
+        let mut snapshot = Snapshot::failed(&AppName::from_static("web"));
         snapshot.running_since = Some(since);
         let first = snapshot.beat_at(since + Duration::from_secs(2));
         let second = snapshot.beat_at(since + Duration::from_secs(17));
@@ -1157,7 +1161,7 @@ mod tests {
             .expect("agent bus");
         let host = tempfile::tempdir().expect("tmp");
         let app = AppSettings {
-            name: "shapp".into(),
+            name: AppName::from_static("shapp"),
             command: vec!["bin/run".into()],
             env: BTreeMap::new(),
             health: Default::default(),
@@ -1194,7 +1198,7 @@ mod tests {
         }];
         let built = tree::build(&files).expect("tree");
         let manifest = Manifest {
-            app: "shapp".into(),
+            app: AppName::from_static("shapp"),
             version: version.clone(),
             tree: TreeRoot::of(&built, &files),
             created: now,
@@ -1202,8 +1206,8 @@ mod tests {
             rollback_from: None,
         };
         let desired = DesiredState {
-            app: "shapp".into(),
-            ring: "default".into(),
+            app: AppName::from_static("shapp"),
+            ring: RingName::from_static("default"),
             version: version.clone(),
             manifest: SignedManifest::sign(&manifest, &[&p.key]).expect("sign"),
             slot: false,

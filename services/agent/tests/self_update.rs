@@ -10,6 +10,7 @@
 //! test was built with (or fails as a broken one would): the package stays small, and what is
 //! tested (the trial, the adoption, the way back) is the same as with the binary inside.
 
+use fleetcast_events::AgentId;
 use std::path::{Path, PathBuf};
 use std::process::{Child, Command, Stdio};
 use std::time::Duration;
@@ -361,7 +362,7 @@ async fn the_agent_updates_itself_adopting_its_app_and_goes_back_from_a_broken_r
     // the app keeps running.
     let before = host.agent_pid();
     let remedy = fleetcast_events::v1::AgentRemedy {
-        agent_id: "selfish".into(),
+        agent_id: AgentId::from_static("selfish"),
         action: fleetcast_events::v1::RemedyAction::Restart,
         reason: "stuck".into(),
         at: time::OffsetDateTime::now_utc(),
@@ -496,7 +497,9 @@ async fn the_tracker_rolls_an_agent_release_out_and_halts_a_broken_one() {
     // The rollout's phase and reason for the agent's release `version`, as the CLI asks.
     let rollout = async |version: &str| {
         let reply = p
-            .tracker_command(&Command::Show { app: agent.clone() })
+            .tracker_command(&Command::Show {
+                app: fleetcast_events::AppName::try_from(agent.as_str()).expect("name"),
+            })
             .await
             .ok()?;
         let view = reply.rollout?;

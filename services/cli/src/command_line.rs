@@ -12,6 +12,7 @@ use fleetcast_events::tracker::{
 };
 use fleetcast_events::v1::HistoryKind;
 use fleetcast_events::v1::{ReleaseRecord, ReleaseState};
+use fleetcast_events::{AppName, RingName};
 use fleetcast_package::ArchiveLimits;
 use fleetcast_runtime::NatsSettings;
 use indicatif::{ProgressBar, ProgressStyle};
@@ -104,10 +105,10 @@ enum Command {
     /// Set the version an app's agents in a ring should run (what the tracker does during a
     /// rollout; by hand, it deploys at once).
     Desire {
-        app: String,
+        app: AppName,
         version: semver::Version,
         #[arg(long, default_value = "default")]
-        ring: String,
+        ring: RingName,
     },
     /// The fleet at a glance: agents per app, version and ring, and every app's rollout.
     Status,
@@ -117,7 +118,7 @@ enum Command {
     /// waiting (approval, a pause, a slot, the update window) or stuck.
     Laggards {
         /// Only this app's rollout.
-        app: Option<String>,
+        app: Option<AppName>,
     },
     /// Rollouts.
     Rollout {
@@ -126,28 +127,28 @@ enum Command {
     },
     /// Let a rollout that waits for approval start switching hosts.
     Approve {
-        app: String,
+        app: AppName,
         /// Refuse if the app's rollout is of another version.
         version: Option<semver::Version>,
     },
     /// Stop handing out rollout slots (hosts already switching finish).
-    Pause { app: String },
+    Pause { app: AppName },
     /// Hand out rollout slots again after a pause.
-    Resume { app: String },
+    Resume { app: AppName },
     /// Stop a rollout for good (hosts already switched stay switched).
-    Abort { app: String },
+    Abort { app: AppName },
     /// What fleetcast did and who asked: releases and their rejections, rollouts and their
     /// outcomes, hosts that rolled back, operators' actions (oldest first).
     History(HistoryArgs),
     /// Move an app (or one ring) back to an earlier stored release: the signer issues a signed
     /// rollback directive and the tracker rolls it out ring by ring.
     Rollback {
-        app: String,
+        app: AppName,
         #[arg(long)]
         to: semver::Version,
         /// Only this ring.
         #[arg(long)]
-        ring: Option<String>,
+        ring: Option<RingName>,
     },
     /// The root of trust: which keys sign releases, rotated without touching agents.
     Root {
@@ -162,7 +163,7 @@ enum Command {
     /// List releases and their state.
     Releases {
         #[arg(long)]
-        app: Option<String>,
+        app: Option<AppName>,
         /// Print JSON instead of a table.
         #[arg(long)]
         json: bool,
@@ -196,7 +197,7 @@ struct PublishArgs {
 #[derive(clap::Args)]
 struct HistoryArgs {
     /// Only this app's entries.
-    app: Option<String>,
+    app: Option<AppName>,
     /// Only entries of this kind (e.g. `rollout.halted`, `operator.action`).
     #[arg(long)]
     kind: Option<HistoryKind>,
@@ -292,16 +293,11 @@ enum TokenAction {
     /// admits it (only its hash: the settings never hold the token). The history records what
     /// it does as `http:NAME`.
     New {
-        #[arg(value_parser = token_name)]
         name: TokenName,
         /// `operator` may approve, pause, resume, abort and roll back; `read` may only read.
         #[arg(long, value_enum, default_value = "operator")]
         role: Role,
     },
-}
-
-fn token_name(s: &str) -> Result<TokenName, String> {
-    TokenName::try_from(s.to_string())
 }
 
 /// A token's role, as `token new --role` takes it.
@@ -327,7 +323,7 @@ enum RolloutAction {
     /// rollback (exit 5) or is not a stored release (exit 6): what CI waits on. Bars on a
     /// terminal; otherwise one plain line per change.
     Watch {
-        app: String,
+        app: AppName,
         /// Wait for the rollout of this version (e.g. the one CI just published).
         #[arg(long)]
         version: Option<semver::Version>,
@@ -493,7 +489,7 @@ async fn execute(args: Args) -> anyhow::Result<ExitCode> {
         }
         Command::Rollback { app, to, ring } => {
             let bus = cli::connect(&nats, CONNECT_TIMEOUT).await?;
-            let from = cli::request_rollback(&bus, &app, &to, ring.as_deref()).await?;
+            let from = cli::request_rollback(&bus, &app, &to, ring.as_ref()).await?;
             println!(
                 "rollback of {app} to {to} (replacing up to {from}) requested; follow it with: fleetcast rollout watch {app} --version {to}"
             );
@@ -529,7 +525,7 @@ async fn execute(args: Args) -> anyhow::Result<ExitCode> {
 /// Follows a rollout to its end; the exit code says how it ended (see [`crate::exit`]).
 async fn watch(
     nats: &NatsSettings,
-    app: &str,
+    app: &AppName,
     version: Option<&semver::Version>,
 ) -> anyhow::Result<ExitCode> {
     let bus = cli::connect(nats, CONNECT_TIMEOUT).await?;
@@ -652,7 +648,7 @@ fn print_status(reply: &Reply) {
                 .as_ref()
                 .map_or("-".to_string(), ToString::to_string);
             *counts
-                .entry((app.clone(), version, row.ring.clone()))
+                .entry((app.to_string(), version, row.ring.to_string()))
                 .or_default() += 1;
         }
     }
@@ -685,7 +681,7 @@ fn print_agents(agents: &[AgentSummary]) {
     let app_width = agents
         .iter()
         .flat_map(|a| a.apps.keys())
-        .map(String::len)
+        .map(|app| app.len())
         .max()
         .unwrap_or(0)
         .max(16);

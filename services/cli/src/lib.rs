@@ -13,7 +13,7 @@ use anyhow::{Context, bail};
 use fleetcast_events::names;
 use fleetcast_events::tracker::{Command, Phase, Reply, RolloutSummary};
 use fleetcast_events::v1::{RejectCode, Rejection, ReleasePublished, ReleaseRecord, ReleaseState};
-use fleetcast_events::{Encoding, SecretKey};
+use fleetcast_events::{AppName, Encoding, RingName, SecretKey};
 use fleetcast_package::{ArchiveLimits, Package, parse_package_file_name};
 use fleetcast_runtime::releases::ReleaseRevisions;
 use fleetcast_runtime::{Bus, NatsSettings};
@@ -201,7 +201,7 @@ pub struct PublishRequest<'a> {
 /// An archive checked locally and named: what `publish` uploads.
 pub struct PreparedRelease {
     pub archive: PathBuf,
-    pub app: String,
+    pub app: AppName,
     pub version: Version,
     pub size: u64,
     pub blake3: String,
@@ -234,10 +234,13 @@ pub async fn prepare_release(
                     format!("{e}; or give --app and --version"),
                 )
             })?;
-            (app.unwrap_or(parsed.app), version.unwrap_or(parsed.version))
+            (
+                app.unwrap_or_else(|| parsed.app.to_string()),
+                version.unwrap_or(parsed.version),
+            )
         }
     };
-    names::validate_app_name(&app).map_err(|e| refuse(RejectCode::InvalidName, e))?;
+    let app = AppName::try_from(app).map_err(|e| refuse(RejectCode::InvalidName, e.to_string()))?;
     let path = archive.to_path_buf();
     let limits = limits.clone();
     let (size, blake3) = tokio::task::spawn_blocking(move || -> anyhow::Result<(u64, String)> {
@@ -299,7 +302,7 @@ pub async fn publish_prepared(
         .await
         .map_err(anyhow::Error::msg)?;
     let event = ReleasePublished {
-        app,
+        app: app.to_string(),
         version,
         object,
         size,
@@ -421,7 +424,12 @@ pub async fn releases(bus: &Bus, app: Option<&str>) -> anyhow::Result<Vec<Releas
 }
 
 /// Writes the desired state of `app` in `ring` (no rollout slots: every host switches at once).
-pub async fn desire(bus: &Bus, app: &str, ring: &str, version: &Version) -> anyhow::Result<()> {
+pub async fn desire(
+    bus: &Bus,
+    app: &AppName,
+    ring: &RingName,
+    version: &Version,
+) -> anyhow::Result<()> {
     Ok(bus.desire(app, ring, version, false).await?)
 }
 
@@ -474,7 +482,7 @@ async fn check_stored(bus: &Bus, app: &str, version: &Version) -> anyhow::Result
 /// returned view is then of another version).
 pub async fn watch_rollout(
     bus: &Bus,
-    app: &str,
+    app: &AppName,
     version: Option<&Version>,
 ) -> anyhow::Result<RolloutSummary> {
     use std::io::IsTerminal;
@@ -491,7 +499,7 @@ pub async fn watch_rollout(
         {
             stored = check_stored(bus, app, v).await?;
         }
-        let reply = tracker(bus, &Command::Show { app: app.into() }).await?;
+        let reply = tracker(bus, &Command::Show { app: app.clone() }).await?;
         let view = match (reply.rollout, version) {
             // The awaited version's rollout was replaced (by a newer release, or a rollback):
             // it will not come. The caller sees another version and says so.
@@ -605,7 +613,7 @@ impl Progress {
                 for (i, ring) in r.rings.iter().enumerate() {
                     if rings.len() <= i {
                         let bar = bars.add(ProgressBar::new(0).with_style(style.clone()));
-                        bar.set_prefix(ring.ring.clone());
+                        bar.set_prefix(ring.ring.to_string());
                         rings.push(bar);
                     }
                     let bar = &rings[i];
@@ -663,9 +671,9 @@ impl Progress {
 /// NATS user ([`Bus::request_rollback`]). Returns the newest version it replaces.
 pub async fn request_rollback(
     bus: &Bus,
-    app: &str,
+    app: &AppName,
     to: &Version,
-    ring: Option<&str>,
+    ring: Option<&RingName>,
 ) -> anyhow::Result<Version> {
     let requested_by = std::env::var("USER").unwrap_or_else(|_| "fleetcast".into());
     bus.request_rollback(app, to, ring, &bus.user, &requested_by)
@@ -726,7 +734,7 @@ mod tests {
             HistoryKind::OperatorAction,
             time::macros::datetime!(2026-12-06 12:00:00.123 UTC),
         );
-        e.app = Some("demo".into());
+        e.app = Some(AppName::from_static("demo"));
         e.version = Some("1.2.0".parse().expect("version"));
         e.action = Some("approve".into());
         e.actor = Some("alice".into());
@@ -737,7 +745,7 @@ mod tests {
             "2026-12-06T12:00:00Z  operator.action    demo 1.2.0 approve (refused) by=alice: no rollout of demo"
         );
         let mut e = HistoryEntry::new(HistoryKind::ReleaseRejected, e.at);
-        e.app = Some("demo".into());
+        e.app = Some(AppName::from_static("demo"));
         e.code = Some(RejectCode::VersionNotNewer);
         e.reason = Some("1.0.0 is not newer than 1.2.0".into());
         e.actor = Some("signer".into());

@@ -3,6 +3,8 @@
 //! --version` ends at once for a version that is unknown or superseded, and its output off a
 //! terminal is one plain line per change.
 
+use fleetcast_events::AppName;
+use fleetcast_events::RingName;
 use std::process::{Output, Stdio};
 use std::time::Duration;
 
@@ -189,7 +191,7 @@ async fn an_archive_refused_locally_exits_three_with_the_watchers_code() {
 
 fn ring(name: &str) -> RingPolicy {
     RingPolicy {
-        name: name.into(),
+        name: RingName::try_from(name).expect("name"),
         parallel: Amount::Count(1),
         soak: Duration::ZERO,
         max_failures: Amount::Count(1),
@@ -204,7 +206,7 @@ async fn fleet(approval: Approval) -> (Pipeline, tempfile::TempDir) {
     let mut p = Pipeline::start().await.expect("pipeline");
     let mut settings = p.tracker_settings();
     settings.apps.insert(
-        "shapp".into(),
+        AppName::from_static("shapp"),
         AppPolicy {
             approval,
             rings: vec![ring("canary"), ring("broad")],
@@ -233,7 +235,7 @@ async fn rollout_of(p: &Pipeline, version: &str, phase: Phase) {
     loop {
         let reply = p
             .tracker_command(&Command::Show {
-                app: "shapp".into(),
+                app: AppName::from_static("shapp"),
             })
             .await;
         if reply
@@ -335,7 +337,7 @@ async fn rollout_watch_off_a_terminal_prints_one_line_per_change_as_it_happens()
 
     let reply = p
         .tracker_command(&Command::Approve {
-            app: "shapp".into(),
+            app: AppName::from_static("shapp"),
             version: None,
         })
         .await

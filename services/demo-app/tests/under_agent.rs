@@ -2,6 +2,7 @@
 //! pipeline, `/version` answers from the version the agent switched to, the old version is
 //! given its drain time, and unhealthy or crashing releases are rolled back by themselves.
 
+use fleetcast_events::AppName;
 use std::collections::BTreeMap;
 use std::io::{Read, Write};
 use std::net::TcpStream;
@@ -80,7 +81,7 @@ fn demo_agent(
         trusted_keys: vec![p.key.public().to_text()],
         heartbeat: Duration::from_secs(1),
         apps: vec![AppSettings {
-            name: "demo".into(),
+            name: AppName::from_static("demo"),
             command: vec![env!("CARGO_BIN_EXE_fleetcast-demo-app").into()],
             env,
             health: HealthGate {

@@ -16,9 +16,7 @@ use fleetcast_events::names::{
     self, RELEASE_REJECTED, RELEASE_SIGNED, RELEASE_STORED, release_key,
 };
 use fleetcast_events::v1::*;
-use fleetcast_runtime::consume::{
-    ConsumerSpec, Outcome, decode_or_reject, reject_event, run_consumer,
-};
+use fleetcast_runtime::consume::{ConsumerSpec, Outcome, decode_or_reject, run_consumer};
 use fleetcast_runtime::observe::{self, Endpoint, ObserveError};
 use fleetcast_runtime::{Bus, BusError, Trust, trust};
 use time::OffsetDateTime;
@@ -139,9 +137,6 @@ impl Distributor {
             Ok(e) => e,
             Err(outcome) => return self.invalid_event(outcome),
         };
-        if let Err(outcome) = self.valid_app(RELEASE_SIGNED, &event.app).await {
-            return outcome;
-        }
         let record = match self.bus.release_record(&event.app, &event.version).await {
             Ok(r) => r,
             Err(e) => return Outcome::Retry(e.to_string()),
@@ -222,9 +217,6 @@ impl Distributor {
             Ok(e) => e,
             Err(outcome) => return self.invalid_event(outcome),
         };
-        if let Err(outcome) = self.valid_app(names::PATCHES_WANTED, &wanted.app).await {
-            return outcome;
-        }
         let release = match self.stored_manifest(&wanted.app, &wanted.version).await {
             Ok(Some(m)) => m,
             Ok(None) => {
@@ -324,25 +316,6 @@ impl Distributor {
             ));
         }
         Ok(verified)
-    }
-
-    /// A valid app name, else the event refused (`event_rejected`) and counted: the outcome
-    /// to return.
-    async fn valid_app(&self, subject: &str, app: &str) -> Result<(), Outcome> {
-        let Err(message) = names::validate_app_name(app) else {
-            return Ok(());
-        };
-        let outcome = reject_event(
-            &self.bus,
-            SERVICE,
-            subject,
-            Rejection {
-                code: RejectCode::InvalidEvent,
-                message,
-            },
-        )
-        .await;
-        Err(self.invalid_event(outcome))
     }
 
     /// Counts a signed release refused as an invalid event once the refusal is published.

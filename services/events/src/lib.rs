@@ -3,6 +3,7 @@
 //! (and any outside tool) can depend on it without pulling in a transport.
 
 pub mod codec;
+pub mod ident;
 pub mod keys;
 pub mod manifest;
 pub mod names;
@@ -14,6 +15,7 @@ pub mod trust;
 pub mod v1;
 
 pub use codec::{CONTENT_TYPE, DecodeError, Encoding};
+pub use ident::{AgentId, AppName, InvalidName, RingName, TokenName};
 pub use keys::{KeyError, PublicKey, SecretKey, Signature, TrustError, TrustedKeys};
 pub use manifest::{FileEntry, Manifest, SignedManifest, VerifiedManifest};
 pub use trust::{Role, Root, SignedMetadata, Timestamp, TrustedRoot};

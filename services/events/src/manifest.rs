@@ -10,13 +10,14 @@ use schemars::JsonSchema;
 use serde::{Deserialize, Serialize};
 use time::OffsetDateTime;
 
+use crate::ident::AppName;
 use crate::keys::{SecretKey, Signature, TrustError, TrustedKeys};
 use crate::tree::{Built, Hash32, NodeRef, TreeError, TreeFile};
 
 #[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize, JsonSchema)]
 #[serde(deny_unknown_fields)]
 pub struct Manifest {
-    pub app: String,
+    pub app: AppName,
     #[schemars(with = "String")]
     pub version: semver::Version,
     pub tree: TreeRoot,
@@ -126,7 +127,6 @@ impl SignedManifest {
         if now > manifest.expires {
             return Err(TrustError::Expired(manifest.expires.to_string()));
         }
-        crate::names::validate_app_name(&manifest.app).map_err(TrustError::Malformed)?;
         // Each path is checked as the tree is read (`tree::Walk`), against this root.
         manifest
             .tree
@@ -165,7 +165,7 @@ mod tests {
     fn manifest(now: OffsetDateTime) -> Manifest {
         Manifest {
             rollback_from: None,
-            app: "collector".into(),
+            app: crate::AppName::from_static("collector"),
             version: semver::Version::new(2, 0, 0),
             tree: TreeRoot {
                 root: blake3::hash(b"root").to_hex().to_string(),

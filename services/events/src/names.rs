@@ -1,6 +1,8 @@
 //! Every subject, stream, consumer, bucket and key name in one place. Subjects are versioned
 //! (`fleetcast.v1.…`) so a v2 can run beside v1 during an upgrade of fleetcast itself.
 
+use crate::ident::{AgentId, AppName, RingName};
+
 /// CI announces a release whose archive it uploaded to the incoming store (JSON), on
 /// `fleetcast.v1.release.published.<user>` ([`release_published_subject`]): every announcement,
 /// for a consumer.
@@ -196,55 +198,57 @@ pub fn agent_inbox_prefix(agent_id: &str) -> String {
 }
 
 /// Who sent an agent report, and what it is, as its subject says.
-#[derive(Debug, Clone, Copy, PartialEq, Eq)]
-pub struct ReportSubject<'a> {
-    pub agent_id: &'a str,
-    pub ring: &'a str,
-    pub kind: ReportKind<'a>,
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub struct ReportSubject {
+    pub agent_id: AgentId,
+    pub ring: RingName,
+    pub kind: ReportKind,
 }
 
-#[derive(Debug, Clone, Copy, PartialEq, Eq)]
-pub enum ReportKind<'a> {
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub enum ReportKind {
     Heartbeat,
-    Status { app: &'a str },
+    Status { app: AppName },
 }
 
 /// Reads an agent report's subject ([`agent_status_subject`], [`agent_heartbeat_subject`]);
 /// `None` for anything else, or a token that is not a valid agent id, ring or app name.
-pub fn parse_report_subject(subject: &str) -> Option<ReportSubject<'_>> {
+pub fn parse_report_subject(subject: &str) -> Option<ReportSubject> {
     let rest = subject.strip_prefix("fleetcast.v1.agent.")?;
     let tokens: Vec<&str> = rest.split('.').collect();
     let (agent_id, ring, kind) = match tokens.as_slice() {
         [agent_id, ring, "heartbeat"] => (*agent_id, *ring, ReportKind::Heartbeat),
-        [agent_id, ring, "status", app] => {
-            validate_app_name(app).ok()?;
-            (*agent_id, *ring, ReportKind::Status { app })
-        }
+        [agent_id, ring, "status", app] => (
+            *agent_id,
+            *ring,
+            ReportKind::Status {
+                app: AppName::try_from(*app).ok()?,
+            },
+        ),
         _ => return None,
     };
-    validate_agent_id(agent_id).ok()?;
-    validate_app_name(ring).ok()?;
     Some(ReportSubject {
-        agent_id,
-        ring,
+        agent_id: AgentId::try_from(agent_id).ok()?,
+        ring: RingName::try_from(ring).ok()?,
         kind,
     })
 }
 
 /// The app and agent of a slot request's subject ([`slot_subject`]).
-#[derive(Debug, Clone, Copy, PartialEq, Eq)]
-pub struct SlotSubject<'a> {
-    pub app: &'a str,
-    pub agent_id: &'a str,
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub struct SlotSubject {
+    pub app: AppName,
+    pub agent_id: AgentId,
 }
 
 /// Reads a slot request's subject; `None` for anything else or an invalid token.
-pub fn parse_slot_subject(subject: &str) -> Option<SlotSubject<'_>> {
+pub fn parse_slot_subject(subject: &str) -> Option<SlotSubject> {
     let rest = subject.strip_prefix("fleetcast.v1.slot.")?;
     let (app, agent_id) = rest.split_once('.')?;
-    validate_app_name(app).ok()?;
-    validate_agent_id(agent_id).ok()?;
-    Some(SlotSubject { app, agent_id })
+    Some(SlotSubject {
+        app: AppName::try_from(app).ok()?,
+        agent_id: AgentId::try_from(agent_id).ok()?,
+    })
 }
 
 /// Whether `reply` is a plain inbox subject (`_INBOX.<token>...`, no wildcard, no empty
@@ -354,19 +358,28 @@ pub fn is_agent_app(app: &str) -> bool {
 }
 
 pub fn validate_app_name(app: &str) -> Result<(), String> {
-    let ok_len = (1..=64).contains(&app.len());
-    let mut chars = app.chars();
-    let ok_first = chars
+    validate_name("app", app)
+}
+
+/// Ring names share the app names' alphabet: they appear in subjects and keys too.
+pub fn validate_ring_name(ring: &str) -> Result<(), String> {
+    validate_name("ring", ring)
+}
+
+fn validate_name(kind: &str, name: &str) -> Result<(), String> {
+    let ok_len = (1..=64).contains(&name.len());
+    let ok_first = name
+        .chars()
         .next()
         .is_some_and(|c| c.is_ascii_lowercase() || c.is_ascii_digit());
-    let ok_rest = app
+    let ok_rest = name
         .chars()
         .all(|c| c.is_ascii_lowercase() || c.is_ascii_digit() || c == '-' || c == '_');
     if ok_len && ok_first && ok_rest {
         Ok(())
     } else {
         Err(format!(
-            "app name {app:?} must be 1-64 characters of a-z, 0-9, '-' and '_', starting with a letter or digit"
+            "{kind} name {name:?} must be 1-64 characters of a-z, 0-9, '-' and '_', starting with a letter or digit"
         ))
     }
 }
@@ -388,8 +401,8 @@ mod tests {
         assert_eq!(
             parse_report_subject(&hb),
             Some(ReportSubject {
-                agent_id: "web-1",
-                ring: "canary",
+                agent_id: crate::AgentId::from_static("web-1"),
+                ring: crate::RingName::from_static("canary"),
                 kind: ReportKind::Heartbeat
             })
         );
@@ -398,9 +411,11 @@ mod tests {
         assert_eq!(
             parse_report_subject(&st),
             Some(ReportSubject {
-                agent_id: "web-1",
-                ring: "canary",
-                kind: ReportKind::Status { app: "shapp" }
+                agent_id: crate::AgentId::from_static("web-1"),
+                ring: crate::RingName::from_static("canary"),
+                kind: ReportKind::Status {
+                    app: crate::AppName::from_static("shapp")
+                }
             })
         );
         for bad in [
@@ -428,8 +443,8 @@ mod tests {
         assert_eq!(
             parse_slot_subject(&s),
             Some(SlotSubject {
-                app: "shapp",
-                agent_id: "web-1"
+                app: crate::AppName::from_static("shapp"),
+                agent_id: crate::AgentId::from_static("web-1")
             })
         );
         for bad in [

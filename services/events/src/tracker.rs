@@ -12,6 +12,8 @@ use semver::Version;
 use serde::{Deserialize, Serialize};
 use time::OffsetDateTime;
 
+pub use crate::ident::TokenName;
+use crate::ident::{AgentId, AppName, RingName};
 use crate::v1::{
     AppState, HistoryEntry, HistoryKind, MetadataStatus, Rejection, ReleaseRecord, ReleaseState,
     ReleaseStored, UpdateBytes,
@@ -24,32 +26,32 @@ pub enum Command {
     /// Every agent and every app's rollout.
     Status,
     /// The app's current rollout with its progress per ring.
-    Show { app: String },
+    Show { app: AppName },
     /// Let a rollout that waits for approval start switching hosts.
     Approve {
-        app: String,
+        app: AppName,
         /// Refuse if the app's rollout is of another version.
         #[schemars(with = "Option<String>")]
         version: Option<Version>,
     },
     /// Stop handing out rollout slots (hosts already switching finish).
-    Pause { app: String },
+    Pause { app: AppName },
     /// Hand out rollout slots again after a pause.
-    Resume { app: String },
+    Resume { app: AppName },
     /// Stop a rollout for good (hosts already switched stay switched).
-    Abort { app: String },
+    Abort { app: AppName },
     /// Roll `app` (or one `ring`) back to `to`, an earlier stored release: the tracker asks
     /// the signer on its own subject.
     Rollback {
-        app: String,
+        app: AppName,
         #[schemars(with = "String")]
         to: Version,
         #[serde(default, skip_serializing_if = "Option::is_none")]
-        ring: Option<String>,
+        ring: Option<RingName>,
     },
     /// Hosts a rollout has reached that do not run its version, with why: offline, failing,
     /// waiting (approval, a pause, a slot, the update window) or stuck.
-    Laggards { app: Option<String> },
+    Laggards { app: Option<AppName> },
     /// What fleetcast did and who asked, oldest first.
     History(HistoryQuery),
 }
@@ -90,11 +92,11 @@ impl Command {
     }
 
     /// The app it is about.
-    pub fn app(&self) -> Option<&str> {
+    pub fn app(&self) -> Option<&AppName> {
         match self {
             Command::Status => None,
-            Command::History(q) => q.app.as_deref(),
-            Command::Laggards { app } => app.as_deref(),
+            Command::History(q) => q.app.as_ref(),
+            Command::Laggards { app } => app.as_ref(),
             Command::Show { app }
             | Command::Approve { app, .. }
             | Command::Pause { app }
@@ -118,7 +120,7 @@ impl Command {
 #[derive(Debug, Clone, Default, PartialEq, Eq, Serialize, Deserialize, JsonSchema)]
 pub struct HistoryQuery {
     /// Only this app's entries.
-    pub app: Option<String>,
+    pub app: Option<AppName>,
     /// Only entries of this kind (e.g. `rollout.halted`, `operator.action`).
     #[serde(default)]
     pub kind: Option<HistoryKind>,
@@ -201,16 +203,16 @@ impl Phase {
 /// A host's rollout slot: its ring, and the end of its lease (a host that dies frees it).
 #[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize, JsonSchema)]
 pub struct Lease {
-    pub ring: String,
+    pub ring: RingName,
     #[serde(with = "time::serde::rfc3339")]
     #[schemars(with = "String")]
     pub until: OffsetDateTime,
 }
 
 /// One ring's hosts for a rollout.
-#[derive(Debug, Clone, Default, PartialEq, Eq, Serialize, Deserialize, JsonSchema)]
+#[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize, JsonSchema)]
 pub struct RingProgress {
-    pub ring: String,
+    pub ring: RingName,
     /// Live hosts of the ring that run this app: the denominator.
     pub targets: usize,
     pub done: usize,
@@ -220,10 +222,24 @@ pub struct RingProgress {
     pub stale: usize,
 }
 
+impl RingProgress {
+    /// `ring` with no host counted yet.
+    pub fn new(ring: RingName) -> Self {
+        RingProgress {
+            ring,
+            targets: 0,
+            done: 0,
+            failed: 0,
+            switching: 0,
+            stale: 0,
+        }
+    }
+}
+
 /// An app's rollout as the API, the dashboard and `fleetcast rollout watch` show it.
 #[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize, JsonSchema)]
 pub struct RolloutSummary {
-    pub app: String,
+    pub app: AppName,
     #[schemars(with = "String")]
     pub version: Version,
     pub phase: Phase,
@@ -239,9 +255,9 @@ pub struct RolloutSummary {
     #[schemars(with = "Option<String>")]
     pub ring_completed: Option<OffsetDateTime>,
     /// Hosts holding a slot.
-    pub slots: BTreeMap<String, Lease>,
+    pub slots: BTreeMap<AgentId, Lease>,
     /// Hosts that rolled this version back or refused it, with the reason.
-    pub failures: BTreeMap<String, String>,
+    pub failures: BTreeMap<AgentId, String>,
     /// Why it halted or was aborted.
     pub reason: Option<String>,
     /// A rollback: its desired states carry the signer's directive (the earlier version's
@@ -249,7 +265,7 @@ pub struct RolloutSummary {
     pub rollback: bool,
     /// A rollback of this ring only.
     #[serde(default)]
-    pub only_ring: Option<String>,
+    pub only_ring: Option<RingName>,
     #[serde(with = "time::serde::rfc3339")]
     #[schemars(with = "String")]
     pub created: OffsetDateTime,
@@ -315,11 +331,11 @@ pub struct TimelineView {
 /// An agent as the API shows it (`/api/agents`, `Status`).
 #[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize, JsonSchema)]
 pub struct AgentSummary {
-    pub agent_id: String,
+    pub agent_id: AgentId,
     pub host: String,
-    pub ring: String,
+    pub ring: RingName,
     pub labels: BTreeMap<String, String>,
-    pub apps: BTreeMap<String, AppSummary>,
+    pub apps: BTreeMap<AppName, AppSummary>,
     /// The agent's trust metadata as it last reported it (root version, freshness).
     #[serde(default)]
     pub metadata: Option<MetadataStatus>,
@@ -394,12 +410,12 @@ pub struct AppError {
 /// One host behind its ring's desired version (`Laggards`, `/api/laggards`).
 #[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize, JsonSchema)]
 pub struct Laggard {
-    pub app: String,
+    pub app: AppName,
     /// The version its ring should run.
     #[schemars(with = "String")]
     pub version: Version,
-    pub agent_id: String,
-    pub ring: String,
+    pub agent_id: AgentId,
+    pub ring: RingName,
     #[schemars(with = "Option<String>")]
     pub running: Option<Version>,
     /// The app's state as its agent last said.
@@ -449,7 +465,7 @@ impl Lag {
 /// A release as `/api/apps/{app}/releases` lists it: its record without the manifest.
 #[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize, JsonSchema)]
 pub struct ReleaseSummary {
-    pub app: String,
+    pub app: AppName,
     #[schemars(with = "String")]
     pub version: Version,
     pub state: ReleaseState,
@@ -492,7 +508,7 @@ impl From<&ReleaseRecord> for ReleaseSummary {
 /// One app's releases (`/api/releases?app=`, the releases page).
 #[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize, JsonSchema)]
 pub struct AppReleases {
-    pub app: String,
+    pub app: AppName,
     /// Newest version first; a version may have several rows (its stored archive, and another
     /// archive refused for reusing it).
     pub releases: Vec<ReleaseRow>,
@@ -520,8 +536,8 @@ pub struct ReleaseRow {
 
 #[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize, JsonSchema)]
 pub struct HostRef {
-    pub agent_id: String,
-    pub ring: String,
+    pub agent_id: AgentId,
+    pub ring: RingName,
     /// Missed its heartbeats: running this version is what it last said.
     pub stale: bool,
 }
@@ -542,42 +558,6 @@ impl TokenRole {
             TokenRole::Read => "read",
             TokenRole::Operator => "operator",
         }
-    }
-}
-
-/// An HTTP API token's name: letters, digits, `-`, `_` and `.`, at most 64, so that
-/// `http:<name>` reads plainly in the history and in logs.
-#[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize)]
-#[serde(try_from = "String", into = "String")]
-pub struct TokenName(String);
-
-impl TokenName {
-    pub fn as_str(&self) -> &str {
-        &self.0
-    }
-}
-
-impl TryFrom<String> for TokenName {
-    type Error = String;
-    fn try_from(name: String) -> Result<Self, String> {
-        let ok = !name.is_empty()
-            && name.len() <= 64
-            && name
-                .chars()
-                .all(|c| c.is_ascii_alphanumeric() || matches!(c, '-' | '_' | '.'));
-        if ok {
-            Ok(TokenName(name))
-        } else {
-            Err(format!(
-                "token name {name:?}: 1 to 64 letters, digits, '-', '_' or '.'"
-            ))
-        }
-    }
-}
-
-impl From<TokenName> for String {
-    fn from(name: TokenName) -> String {
-        name.0
     }
 }
 
@@ -610,7 +590,7 @@ mod tests {
     #[test]
     fn commands_keep_their_json_shape() {
         let approve = Command::Approve {
-            app: "web".into(),
+            app: crate::AppName::from_static("web"),
             version: Some(Version::new(1, 2, 0)),
         };
         let json = serde_json::to_value(&approve).expect("encode");
@@ -623,7 +603,7 @@ mod tests {
         let history: Command =
             serde_json::from_str(r#"{"command":"history","app":"web","limit":5}"#).expect("decode");
         assert!(history.is_query());
-        assert_eq!(history.app(), Some("web"));
+        assert_eq!(history.app().map(AppName::as_str), Some("web"));
     }
 
     #[test]

@@ -6,12 +6,16 @@ use semver::Version;
 use serde::{Deserialize, Serialize};
 use time::OffsetDateTime;
 
+use crate::ident::{AgentId, AppName, RingName};
 use crate::manifest::SignedManifest;
 
 /// Published by CI (`fleetcast publish`) after uploading the archive to the incoming store. JSON.
 #[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize, JsonSchema)]
 #[serde(deny_unknown_fields)]
 pub struct ReleasePublished {
+    /// Checked by the watcher, not as the event is read: a CI job that names a bad app gets a
+    /// `package.rejected` (`invalid_name`) about its own publish, as for its other mistakes,
+    /// rather than an undecodable event.
     pub app: String,
     #[schemars(with = "String")]
     pub version: Version,
@@ -41,7 +45,7 @@ pub enum PackageSource {
 #[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize, JsonSchema)]
 #[serde(deny_unknown_fields)]
 pub struct PackageDetected {
-    pub app: String,
+    pub app: AppName,
     #[schemars(with = "String")]
     pub version: Version,
     pub object: String,
@@ -129,7 +133,7 @@ impl std::fmt::Display for Rejection {
 #[serde(deny_unknown_fields)]
 pub struct PackageRejected {
     #[serde(default, skip_serializing_if = "Option::is_none")]
-    pub app: Option<String>,
+    pub app: Option<AppName>,
     #[serde(default, skip_serializing_if = "Option::is_none")]
     #[schemars(with = "Option<String>")]
     pub version: Option<Version>,
@@ -155,7 +159,7 @@ pub struct EventRejected {
 #[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize, JsonSchema)]
 #[serde(deny_unknown_fields)]
 pub struct ReleaseSigned {
-    pub app: String,
+    pub app: AppName,
     #[schemars(with = "String")]
     pub version: Version,
     pub object: String,
@@ -169,13 +173,13 @@ pub struct ReleaseSigned {
 #[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize, JsonSchema)]
 #[serde(deny_unknown_fields)]
 pub struct RollbackRequested {
-    pub app: String,
+    pub app: AppName,
     #[schemars(with = "String")]
     pub to: Version,
     #[schemars(with = "String")]
     pub from: Version,
     #[serde(default, skip_serializing_if = "Option::is_none")]
-    pub ring: Option<String>,
+    pub ring: Option<RingName>,
     pub requested_by: String,
 }
 
@@ -184,13 +188,13 @@ pub struct RollbackRequested {
 #[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize, JsonSchema)]
 #[serde(deny_unknown_fields)]
 pub struct RollbackSigned {
-    pub app: String,
+    pub app: AppName,
     #[schemars(with = "String")]
     pub to: Version,
     #[schemars(with = "String")]
     pub from: Version,
     #[serde(default, skip_serializing_if = "Option::is_none")]
-    pub ring: Option<String>,
+    pub ring: Option<RingName>,
     pub manifest: SignedManifest,
 }
 
@@ -198,7 +202,7 @@ pub struct RollbackSigned {
 #[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize, JsonSchema)]
 #[serde(deny_unknown_fields)]
 pub struct ReleaseRejected {
-    pub app: String,
+    pub app: AppName,
     #[schemars(with = "String")]
     pub version: Version,
     /// `signer` or `distributor`.
@@ -213,7 +217,7 @@ pub struct ReleaseRejected {
 #[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize, JsonSchema)]
 #[serde(deny_unknown_fields)]
 pub struct ReleaseStored {
-    pub app: String,
+    pub app: AppName,
     #[schemars(with = "String")]
     pub version: Version,
     pub files: u64,
@@ -237,7 +241,7 @@ pub struct ReleaseStored {
 #[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize, JsonSchema)]
 #[serde(deny_unknown_fields)]
 pub struct PatchesWanted {
-    pub app: String,
+    pub app: AppName,
     #[schemars(with = "String")]
     pub version: Version,
     #[schemars(with = "Vec<String>")]
@@ -257,7 +261,7 @@ pub enum ReleaseState {
 #[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize, JsonSchema)]
 #[serde(deny_unknown_fields)]
 pub struct ReleaseRecord {
-    pub app: String,
+    pub app: AppName,
     #[schemars(with = "String")]
     pub version: Version,
     pub state: ReleaseState,
@@ -313,8 +317,8 @@ pub struct UpdateBytes {
 #[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize, JsonSchema)]
 #[serde(deny_unknown_fields)]
 pub struct DesiredState {
-    pub app: String,
-    pub ring: String,
+    pub app: AppName,
+    pub ring: RingName,
     #[schemars(with = "String")]
     pub version: Version,
     pub manifest: SignedManifest,
@@ -332,9 +336,9 @@ pub struct DesiredState {
 #[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize, JsonSchema)]
 #[serde(deny_unknown_fields)]
 pub struct SlotRequest {
-    pub agent_id: String,
-    pub app: String,
-    pub ring: String,
+    pub agent_id: AgentId,
+    pub app: AppName,
+    pub ring: RingName,
     #[schemars(with = "String")]
     pub version: Version,
 }
@@ -384,8 +388,8 @@ impl AppState {
 #[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize, JsonSchema)]
 #[serde(deny_unknown_fields)]
 pub struct AgentStatus {
-    pub agent_id: String,
-    pub app: String,
+    pub agent_id: AgentId,
+    pub app: AppName,
     pub state: AppState,
     #[serde(default, skip_serializing_if = "Option::is_none")]
     #[schemars(with = "Option<String>")]
@@ -405,7 +409,7 @@ pub struct AgentStatus {
 #[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize, JsonSchema)]
 #[serde(deny_unknown_fields)]
 pub struct AgentRemedy {
-    pub agent_id: String,
+    pub agent_id: AgentId,
     pub action: RemedyAction,
     /// Why, as the tracker's laggards say it.
     pub reason: String,
@@ -419,7 +423,7 @@ pub struct AgentRemedy {
 pub enum RemedyAction {
     /// Read the app's desired state again and act on it now (a missed announcement, a wait
     /// in a retry's backoff).
-    Retry { app: String },
+    Retry { app: AppName },
     /// Exit and be started again by the launcher, which keeps the apps running (an agent
     /// that hangs). An agent not under the launcher ignores it: it would restart its apps.
     Restart,
@@ -428,9 +432,9 @@ pub enum RemedyAction {
 #[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize, JsonSchema)]
 #[serde(deny_unknown_fields)]
 pub struct AgentHeartbeat {
-    pub agent_id: String,
+    pub agent_id: AgentId,
     pub host: String,
-    pub ring: String,
+    pub ring: RingName,
     #[serde(default)]
     pub labels: std::collections::BTreeMap<String, String>,
     pub apps: Vec<AppHeartbeat>,
@@ -472,7 +476,7 @@ pub struct MetadataStatus {
 #[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize, JsonSchema)]
 #[serde(deny_unknown_fields)]
 pub struct AppHeartbeat {
-    pub app: String,
+    pub app: AppName,
     pub state: AppState,
     #[serde(default, skip_serializing_if = "Option::is_none")]
     #[schemars(with = "Option<String>")]
@@ -547,15 +551,15 @@ pub struct HistoryEntry {
     pub kind: HistoryKind,
     /// Absent for a package whose name did not parse.
     #[serde(default, skip_serializing_if = "Option::is_none")]
-    pub app: Option<String>,
+    pub app: Option<AppName>,
     #[serde(default, skip_serializing_if = "Option::is_none")]
     #[schemars(with = "Option<String>")]
     pub version: Option<Version>,
     #[serde(default, skip_serializing_if = "Option::is_none")]
-    pub ring: Option<String>,
+    pub ring: Option<RingName>,
     /// The host, for `host.rolled_back`.
     #[serde(default, skip_serializing_if = "Option::is_none")]
-    pub agent: Option<String>,
+    pub agent: Option<AgentId>,
     /// Who did it, as authenticated: the NATS user of the request (its subject, which only
     /// that user may publish on), `http:<token name>` for a dashboard or API action,
     /// `drop-folder` for a package dropped on the watcher's disk, or the service that acted

@@ -1,11 +1,11 @@
 //! Drop-folder file names: `NAME-VERSION.zip`, e.g. `collector-2.1.0-rc.1.zip`.
 
-use fleetcast_events::names::validate_app_name;
+use fleetcast_events::AppName;
 use semver::Version;
 
 #[derive(Debug, Clone, PartialEq, Eq)]
 pub struct PackageName {
-    pub app: String,
+    pub app: AppName,
     pub version: Version,
 }
 
@@ -72,11 +72,8 @@ fn parse_stem(stem: &str) -> Result<PackageName, String> {
     for (i, _) in stem.match_indices('-') {
         let (app, rest) = (&stem[..i], &stem[i + 1..]);
         if let Ok(version) = Version::parse(rest) {
-            validate_app_name(app)?;
-            return Ok(PackageName {
-                app: app.to_string(),
-                version,
-            });
+            let app = AppName::try_from(app).map_err(|e| e.to_string())?;
+            return Ok(PackageName { app, version });
         }
     }
     Err(format!(

@@ -4,9 +4,9 @@
 use std::path::Path;
 
 use async_nats::jetstream::object_store::GetErrorKind;
-use fleetcast_events::Encoding;
 use fleetcast_events::names::{release_key, release_rejection_key};
 use fleetcast_events::v1::{Rejection, ReleaseRecord, ReleaseState};
+use fleetcast_events::{AppName, Encoding, RingName};
 use futures::StreamExt;
 use semver::Version;
 use tokio::io::{AsyncReadExt, AsyncWriteExt};
@@ -293,8 +293,8 @@ impl Bus {
     /// ask the tracker for a rollout slot before switching.
     pub async fn desire(
         &self,
-        app: &str,
-        ring: &str,
+        app: &AppName,
+        ring: &RingName,
         version: &Version,
         slot: bool,
     ) -> Result<(), RecordError> {
@@ -313,17 +313,15 @@ impl Bus {
     /// As [`Bus::desire`], with the signed manifest given (a rollback directive).
     pub async fn desire_with(
         &self,
-        app: &str,
-        ring: &str,
+        app: &AppName,
+        ring: &RingName,
         version: &Version,
         manifest: fleetcast_events::SignedManifest,
         slot: bool,
     ) -> Result<(), RecordError> {
-        fleetcast_events::names::validate_app_name(ring)
-            .map_err(|e| RecordError::Refused(format!("ring: {e}")))?;
         let desired = fleetcast_events::v1::DesiredState {
-            app: app.into(),
-            ring: ring.into(),
+            app: app.clone(),
+            ring: ring.clone(),
             version: version.clone(),
             manifest,
             slot,
@@ -349,14 +347,14 @@ impl Bus {
     /// distributor, which refuses a release that is signed (and so replaces that state).
     pub async fn record_rejection(
         &self,
-        app: &str,
+        app: &AppName,
         version: &Version,
         blake3: Option<&str>,
         reason: &Rejection,
         of_signed: bool,
     ) -> Result<(), RecordError> {
         let record = ReleaseRecord {
-            app: app.into(),
+            app: app.clone(),
             version: version.clone(),
             state: ReleaseState::Rejected,
             blake3: blake3.map(String::from),
@@ -429,22 +427,18 @@ impl Bus {
     /// both `fleetcast rollback` and the tracker's `POST /api/apps/{app}/rollback` ask.
     pub async fn request_rollback(
         &self,
-        app: &str,
+        app: &AppName,
         to: &Version,
-        ring: Option<&str>,
+        ring: Option<&RingName>,
         user: &str,
         requested_by: &str,
     ) -> Result<Version, RollbackError> {
-        fleetcast_events::names::validate_app_name(app).map_err(RollbackError::Refused)?;
-        if let Some(Err(e)) = ring.map(fleetcast_events::names::validate_app_name) {
-            return Err(RollbackError::Refused(format!("ring: {e}")));
-        }
         let stored: Vec<Version> = self
             .release_records(Some(app))
             .await
             .map_err(|e| RollbackError::Bus(e.to_string()))?
             .into_iter()
-            .filter(|r| r.app == app && r.state == ReleaseState::Stored)
+            .filter(|r| r.app == *app && r.state == ReleaseState::Stored)
             .map(|r| r.version)
             .collect();
         if !stored.contains(to) {
@@ -462,15 +456,15 @@ impl Bus {
                 ))
             })?;
         let request = fleetcast_events::v1::RollbackRequested {
-            app: app.into(),
+            app: app.clone(),
             to: to.clone(),
             from: from.clone(),
-            ring: ring.map(String::from),
+            ring: ring.cloned(),
             requested_by: requested_by.into(),
         };
         let msg_id = format!(
             "rollback-requested.{app}.{to}.{from}.{}",
-            ring.unwrap_or("all")
+            ring.map_or("all", |r| r.as_str())
         );
         self.publish_event(
             &fleetcast_events::names::rollback_requested_subject(user),

@@ -81,7 +81,7 @@ struct State {
     ahead: Option<(OffsetDateTime, OffsetDateTime)>,
     /// Per app: the newest version the timestamp lists that the host has not accepted, and
     /// since when (this clock) the host has been behind.
-    behind: BTreeMap<String, (Version, OffsetDateTime)>,
+    behind: BTreeMap<fleetcast_events::AppName, (Version, OffsetDateTime)>,
 }
 
 enum Anchor {
@@ -352,7 +352,7 @@ impl Trust {
         &self,
         now: OffsetDateTime,
         max_age: Option<Duration>,
-        accepted: &[(String, Option<Version>)],
+        accepted: &[(fleetcast_events::AppName, Option<Version>)],
     ) -> MetadataStatus {
         let root_version = self.root_version();
         let keys = self.keys(now).err().map(|e| e.to_string());
@@ -400,14 +400,17 @@ impl Trust {
             .unwrap_or_default();
         let mut behind = BTreeMap::new();
         for (app, accepted) in accepted {
-            let Some(newest) = releases.get(app) else {
+            let Some(newest) = releases.get(app.as_str()) else {
                 continue;
             };
             if accepted.as_ref().is_some_and(|a| a >= newest) {
                 continue;
             }
             // Behind since it was first seen behind, whichever newer version it lags.
-            let since = state.behind.get(app).map_or(now, |(_, since)| *since);
+            let since = state
+                .behind
+                .get(app.as_str())
+                .map_or(now, |(_, since)| *since);
             behind.insert(app.clone(), (newest.clone(), since));
             let lag = Duration::try_from(now - since).unwrap_or_default();
             if let Some(max_age) = max_age
@@ -1079,8 +1082,14 @@ mod tests {
         assert_eq!(trust.apply_timestamp(&ts, f.now), Ok(true));
         let accepted = |v: &str| {
             vec![
-                ("shapp".to_string(), Some(Version::parse(v).expect("v"))),
-                ("other".to_string(), Some(Version::new(1, 0, 0))),
+                (
+                    fleetcast_events::AppName::from_static("shapp"),
+                    Some(Version::parse(v).expect("v")),
+                ),
+                (
+                    fleetcast_events::AppName::from_static("other"),
+                    Some(Version::new(1, 0, 0)),
+                ),
             ]
         };
         let status = trust.status(f.now, max_age, &accepted("1.0.0"));

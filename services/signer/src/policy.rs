@@ -2,7 +2,6 @@
 //! package is signed, announced again, or refused, and why. `lib.rs` reads what the policy
 //! needs (the last release signed for the app), asks, and carries the verdict out.
 
-use fleetcast_events::names;
 use fleetcast_events::v1::{PackageDetected, RejectCode, Rejection, ReleaseSigned};
 use serde::{Deserialize, Serialize};
 
@@ -27,13 +26,8 @@ pub(crate) enum Verdict<'a> {
     Sign,
 }
 
-/// Whether the event itself is one the signer can act on: its app name is a valid name (it
-/// becomes a key of the signer's bucket). `Err`: the reason it is an invalid event.
-pub(crate) fn admissible(event: &PackageDetected) -> Result<(), String> {
-    names::validate_app_name(&event.app)
-}
-
-/// The policy for an admissible `event`, given what was signed last for its app and which apps
+/// The policy for `event` (whose app name is valid: it was checked as it was decoded, and
+/// becomes a key of the signer's bucket), given what was signed last for its app and which apps
 /// this signer signs: a version must be strictly newer than the last one signed, and the app
 /// one it may sign.
 pub(crate) fn judge<'a>(
@@ -74,14 +68,14 @@ pub(crate) fn judge<'a>(
 
 #[cfg(test)]
 mod tests {
-    use fleetcast_events::SignedManifest;
     use fleetcast_events::v1::PackageSource;
+    use fleetcast_events::{AppName, SignedManifest};
 
     use super::*;
 
     fn detected(app: &str, version: &str, blake3: &str) -> PackageDetected {
         PackageDetected {
-            app: app.into(),
+            app: AppName::try_from(app).expect("name"),
             version: version.parse().expect("version"),
             object: format!("{app}-{version}.zip"),
             size: 1,
@@ -94,7 +88,7 @@ mod tests {
         LastSigned {
             version: version.parse().expect("version"),
             signed: ReleaseSigned {
-                app: "web".into(),
+                app: AppName::from_static("web"),
                 version: version.parse().expect("version"),
                 object: format!("web-{version}.zip"),
                 blake3: blake3.into(),
@@ -164,9 +158,20 @@ mod tests {
 
     #[test]
     fn a_bad_app_name_is_an_invalid_event() {
-        assert!(admissible(&detected("web", "1.0.0", "a")).is_ok());
+        let event = detected("web", "1.0.0", "a");
+        let json = fleetcast_events::Encoding::Json
+            .encode(&event)
+            .expect("json");
+        let text = String::from_utf8(json).expect("utf-8");
         for bad in ["", "Web", "../x", "a b"] {
-            assert!(admissible(&detected(bad, "1.0.0", "a")).is_err(), "{bad:?}");
+            let forged = text.replace("\"app\":\"web\"", &format!("\"app\":{bad:?}"));
+            assert_ne!(forged, text);
+            let decoded =
+                fleetcast_events::Encoding::Json.decode::<PackageDetected>(forged.as_bytes());
+            assert!(
+                decoded.is_err_and(|e| e.to_string().contains("app name")),
+                "{bad:?}"
+            );
         }
     }
 }

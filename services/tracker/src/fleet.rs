@@ -9,24 +9,25 @@ use std::time::Duration;
 // An app's entry is exactly what its agent last reported, which is also how the API shows it.
 use fleetcast_events::tracker::{AgentSummary, AppError, AppSummary, LastFetch};
 use fleetcast_events::v1::{AgentHeartbeat, AgentStatus, AppState, MetadataStatus};
+use fleetcast_events::{AgentId, AppName, RingName};
 use semver::Version;
 use serde::{Deserialize, Serialize};
 use time::OffsetDateTime;
 
 #[derive(Debug, Clone, Default, PartialEq, Eq, Serialize, Deserialize)]
 pub struct Fleet {
-    pub agents: BTreeMap<String, AgentView>,
+    pub agents: BTreeMap<AgentId, AgentView>,
 }
 
 /// An agent as the tracker keeps it (saved in its bucket); the API shows it as an
 /// [`AgentSummary`].
 #[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize)]
 pub struct AgentView {
-    pub agent_id: String,
+    pub agent_id: AgentId,
     pub host: String,
-    pub ring: String,
+    pub ring: RingName,
     pub labels: BTreeMap<String, String>,
-    pub apps: BTreeMap<String, AppSummary>,
+    pub apps: BTreeMap<AppName, AppSummary>,
     /// The agent's trust metadata as it last reported it (root version, freshness).
     #[serde(default)]
     pub metadata: Option<MetadataStatus>,
@@ -130,11 +131,11 @@ impl Fleet {
 
     /// A status event updates one app between heartbeats. `ring` is the one its subject
     /// names (which the agent's credential fixes).
-    pub fn status(&mut self, st: &AgentStatus, ring: &str, now: OffsetDateTime) {
+    pub fn status(&mut self, st: &AgentStatus, ring: &RingName, now: OffsetDateTime) {
         let agent = self.agent(&st.agent_id, now);
         agent.last_seen = now;
-        if agent.ring != ring {
-            agent.ring = ring.to_string();
+        if agent.ring != *ring {
+            agent.ring = ring.clone();
         }
         let view = agent
             .apps
@@ -167,24 +168,22 @@ impl Fleet {
         }
     }
 
-    fn agent(&mut self, id: &str, now: OffsetDateTime) -> &mut AgentView {
-        self.agents
-            .entry(id.to_string())
-            .or_insert_with(|| AgentView {
-                agent_id: id.to_string(),
-                host: String::new(),
-                ring: "default".into(),
-                labels: BTreeMap::new(),
-                apps: BTreeMap::new(),
-                agent_version: None,
-                metadata: None,
-                last_seen: now,
-            })
+    fn agent(&mut self, id: &AgentId, now: OffsetDateTime) -> &mut AgentView {
+        self.agents.entry(id.clone()).or_insert_with(|| AgentView {
+            agent_id: id.clone(),
+            host: String::new(),
+            ring: RingName::from_static("default"),
+            labels: BTreeMap::new(),
+            apps: BTreeMap::new(),
+            agent_version: None,
+            metadata: None,
+            last_seen: now,
+        })
     }
 
     /// Removes agents silent for longer than `prune_after`; returns their ids.
-    pub fn prune(&mut self, now: OffsetDateTime, prune_after: Duration) -> Vec<String> {
-        let gone: Vec<String> = self
+    pub fn prune(&mut self, now: OffsetDateTime, prune_after: Duration) -> Vec<AgentId> {
+        let gone: Vec<AgentId> = self
             .agents
             .values()
             .filter(|a| silent_for(a, now) > prune_after)
@@ -227,12 +226,12 @@ pub(crate) mod tests {
         at: OffsetDateTime,
     ) -> AgentHeartbeat {
         AgentHeartbeat {
-            agent_id: id.into(),
+            agent_id: AgentId::try_from(id).expect("agent id"),
             host: id.into(),
-            ring: ring.into(),
+            ring: RingName::try_from(ring).expect("ring"),
             labels: BTreeMap::new(),
             apps: vec![AppHeartbeat {
-                app: "demo".into(),
+                app: AppName::from_static("demo"),
                 state,
                 running: Some(v(running)),
                 staged: None,
@@ -275,12 +274,12 @@ pub(crate) mod tests {
         let mut fleet = Fleet::default();
         fleet.heartbeat(
             &AgentHeartbeat {
-                agent_id: "a1".into(),
+                agent_id: AgentId::from_static("a1"),
                 host: "host-a1".into(),
-                ring: "canary".into(),
+                ring: RingName::from_static("canary"),
                 labels: BTreeMap::from([("dc".into(), "x".into())]),
                 apps: vec![AppHeartbeat {
-                    app: "demo".into(),
+                    app: AppName::from_static("demo"),
                     state: AppState::Running,
                     running: Some(v("1.0.0")),
                     staged: None,
@@ -313,18 +312,22 @@ pub(crate) mod tests {
             t0,
         );
         let status = |state, version: &str, reason: Option<&str>| AgentStatus {
-            agent_id: "a1".into(),
-            app: "demo".into(),
+            agent_id: AgentId::from_static("a1"),
+            app: AppName::from_static("demo"),
             state,
             version: Some(v(version)),
             progress_bytes: None,
             reason: reason.map(String::from),
             at: t0,
         };
-        fleet.status(&status(AppState::Running, "2.0.0", None), "canary", t0);
+        fleet.status(
+            &status(AppState::Running, "2.0.0", None),
+            &RingName::from_static("canary"),
+            t0,
+        );
         fleet.status(
             &status(AppState::Refused, "0.9.0", Some("older than 2.0.0")),
-            "canary",
+            &RingName::from_static("canary"),
             t0,
         );
         let a = &fleet.agents["a1"];
@@ -357,7 +360,7 @@ pub(crate) mod tests {
         // What a waiting host waits for, until it moves on.
         fleet.status(
             &status(AppState::WaitingForSlot, "3.0.0", Some("awaiting approval")),
-            "canary",
+            &RingName::from_static("canary"),
             t0,
         );
         assert_eq!(
@@ -366,14 +369,18 @@ pub(crate) mod tests {
         );
         fleet.status(
             &status(AppState::WaitingForWindow, "3.0.0", None),
-            "canary",
+            &RingName::from_static("canary"),
             t0,
         );
         assert_eq!(
             fleet.agents["a1"].apps["demo"].waiting.as_deref(),
             Some("the host's update window")
         );
-        fleet.status(&status(AppState::Switching, "3.0.0", None), "canary", t0);
+        fleet.status(
+            &status(AppState::Switching, "3.0.0", None),
+            &RingName::from_static("canary"),
+            t0,
+        );
         assert_eq!(fleet.agents["a1"].apps["demo"].waiting, None);
         let a = &fleet.agents["a1"];
 

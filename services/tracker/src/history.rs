@@ -10,13 +10,13 @@
 use std::time::Duration;
 
 use async_nats::jetstream::{self, consumer::DeliverPolicy, consumer::pull, stream};
-use fleetcast_events::Encoding;
 use fleetcast_events::names::{self, HISTORY_STREAM, HISTORY_STREAM_SUBJECTS};
 use fleetcast_events::v1::{
     EventRejected, HistoryEntry, HistoryKind, PackageDetected, PackageRejected, PackageSource,
     ReleasePublished, ReleaseRejected, ReleaseSigned, ReleaseStored, RollbackRequested,
     RollbackSigned,
 };
+use fleetcast_events::{AgentId, AppName, Encoding, RingName};
 use fleetcast_runtime::Bus;
 use futures::StreamExt;
 use serde::Deserialize;
@@ -61,9 +61,6 @@ pub enum HistoryError {
     /// An entry was not published (retried: entries are idempotent by id).
     #[error("history entry not published: {0}")]
     Publish(String),
-    /// The query cannot be asked (a bad app name): the asker's mistake, not the tracker's.
-    #[error("{0}")]
-    Invalid(String),
     /// The stream could not be read now (NATS unreachable, a timeout).
     #[error("reading the history: {0}")]
     Read(String),
@@ -129,9 +126,6 @@ impl History {
     /// The newest entries the query matches, oldest first.
     pub async fn list(&self, query: &HistoryQuery) -> Result<Vec<HistoryEntry>, HistoryError> {
         let limit = query.limit.unwrap_or(DEFAULT_LIMIT).clamp(1, MAX_LIMIT);
-        if let Some(app) = &query.app {
-            names::validate_app_name(app).map_err(HistoryError::Invalid)?;
-        }
         let read = HistoryError::Read;
         let filter = format!(
             "{}{}.{}",
@@ -238,7 +232,8 @@ pub fn from_pipeline(
     if let Some(user) = names::subject_user(subject, names::RELEASE_PUBLISHED_PREFIX) {
         let p: ReleasePublished = decode(headers, payload)?;
         e = HistoryEntry::new(HistoryKind::ReleasePublished, at);
-        e.app = Some(p.app);
+        // A name that is no app's (refused by the watcher) cannot stand in a subject.
+        e.app = AppName::try_from(p.app).ok();
         e.version = Some(p.version);
         e.blake3 = Some(p.blake3);
         e.actor = Some(user.to_string());
@@ -318,13 +313,6 @@ pub fn from_pipeline(
             _ => return None,
         }
     }
-    // An app name that is not valid (a refused package's) cannot stand in a subject.
-    if e.app
-        .as_deref()
-        .is_some_and(|a| names::validate_app_name(a).is_err())
-    {
-        e.app = None;
-    }
     Some((e, format!("pipeline:{seq}")))
 }
 
@@ -343,7 +331,7 @@ fn source_actor(source: &PackageSource) -> String {
 pub fn transitions(
     before: Option<&Rollout>,
     after: &Rollout,
-    rings: &[String],
+    rings: &[RingName],
     now: OffsetDateTime,
 ) -> Vec<Pending> {
     let mut out = Vec::new();
@@ -423,11 +411,16 @@ pub fn transitions(
 }
 
 /// A host's failed update (rolled back by itself, or refused) of a rollout's version.
-pub fn host_failed(rollout: &Rollout, agent: &str, reason: &str, now: OffsetDateTime) -> Pending {
+pub fn host_failed(
+    rollout: &Rollout,
+    agent: &AgentId,
+    reason: &str,
+    now: OffsetDateTime,
+) -> Pending {
     let mut e = HistoryEntry::new(HistoryKind::HostRolledBack, now);
     e.app = Some(rollout.app.clone());
     e.version = Some(rollout.version.clone());
-    e.agent = Some(agent.to_string());
+    e.agent = Some(agent.clone());
     e.reason = Some(reason.to_string());
     let id = format!(
         "host:{}:{}:{}:{agent}:{}",
@@ -491,6 +484,7 @@ pub fn host_replaced(
 mod tests {
     use super::*;
     use crate::policy::AppPolicy;
+    use fleetcast_events::AppName;
 
     fn kinds(entries: &[Pending]) -> Vec<String> {
         entries
@@ -504,7 +498,7 @@ mod tests {
 
     fn rollout(now: OffsetDateTime) -> Rollout {
         Rollout::start(
-            "web",
+            &AppName::from_static("web"),
             "1.0.0".parse().expect("version"),
             &AppPolicy::default(),
             now,
@@ -514,8 +508,8 @@ mod tests {
 
     const RINGS: [&str; 3] = ["canary", "early", "all"];
 
-    fn rings() -> Vec<String> {
-        RINGS.iter().map(|s| s.to_string()).collect()
+    fn rings() -> Vec<RingName> {
+        RINGS.iter().map(|s| RingName::from_static(s)).collect()
     }
 
     #[test]
@@ -574,7 +568,7 @@ mod tests {
 
         let later = now + time::Duration::seconds(5);
         let next = Rollout::start(
-            "web",
+            &AppName::from_static("web"),
             "1.1.0".parse().expect("version"),
             &AppPolicy::default(),
             later,

@@ -26,11 +26,11 @@ use fleetcast_runtime::observe;
 use serde::{Deserialize, Serialize};
 
 use crate::auth::{TokenEntry, TokenRole};
-use crate::history::HistoryError;
 use crate::service::Tracker;
 use fleetcast_events::tracker::{
     AgentSummary, Command, HistoryQuery, ReleaseSummary, RolloutSummary,
 };
+use fleetcast_events::{AppName, RingName};
 
 /// An action's body is a few fields: anything larger is refused unread.
 const ACTION_BODY_LIMIT: usize = 4 * 1024;
@@ -82,7 +82,10 @@ async fn agents(
     let mut rows = tracker.agents().await;
     rows.retain(|row| {
         filter.ring.as_ref().is_none_or(|r| row.ring == *r)
-            && filter.app.as_ref().is_none_or(|a| row.apps.contains_key(a))
+            && filter
+                .app
+                .as_ref()
+                .is_none_or(|a| row.apps.contains_key(a.as_str()))
     });
     Json(rows)
 }
@@ -111,16 +114,13 @@ async fn rollouts(
 }
 
 /// The history (`?app=`, `?kind=`, `?version=`, `?actor=`, `?limit=`), oldest first; 400 for a
-/// bad app name, 503 when it cannot be read (NATS unreachable).
+/// bad app name (refused as the query is read), 503 when it cannot be read (NATS unreachable).
 async fn history(
     State(tracker): State<Arc<Tracker>>,
     Query(query): Query<HistoryQuery>,
 ) -> axum::response::Response {
     match tracker.history.list(&query).await {
         Ok(entries) => Json(entries).into_response(),
-        Err(e @ HistoryError::Invalid(_)) => {
-            (StatusCode::BAD_REQUEST, e.to_string()).into_response()
-        }
         Err(e) => (StatusCode::SERVICE_UNAVAILABLE, e.to_string()).into_response(),
     }
 }
@@ -145,9 +145,10 @@ async fn metrics(State(tracker): State<Arc<Tracker>>) -> impl IntoResponse {
 /// An app's releases, newest first, summed up (no manifests): what the dashboard offers a
 /// rollback to and shows before one. 503 when they cannot be read (NATS unreachable).
 async fn app_releases(State(tracker): State<Arc<Tracker>>, Path(app): Path<String>) -> Response {
-    if let Err(e) = fleetcast_events::names::validate_app_name(&app) {
-        return reply(StatusCode::NOT_FOUND, e);
-    }
+    let app = match AppName::try_from(app) {
+        Ok(app) => app,
+        Err(e) => return reply(StatusCode::NOT_FOUND, e.to_string()),
+    };
     match tracker.bus.release_records(Some(&app)).await {
         Ok(records) => Json(
             records
@@ -191,7 +192,7 @@ impl Action {
     }
 
     /// The command `body` (JSON; empty for none) asks for on `app`.
-    fn command(self, app: String, body: &[u8]) -> Result<Command, String> {
+    fn command(self, app: AppName, body: &[u8]) -> Result<Command, String> {
         #[derive(Deserialize, Default)]
         #[serde(deny_unknown_fields)]
         struct Approve {
@@ -204,7 +205,7 @@ impl Action {
         #[serde(deny_unknown_fields)]
         struct Rollback {
             to: semver::Version,
-            ring: Option<String>,
+            ring: Option<RingName>,
         }
         fn parse<T: serde::de::DeserializeOwned>(body: &[u8]) -> Result<T, String> {
             let body = if body.iter().all(u8::is_ascii_whitespace) {
@@ -303,6 +304,11 @@ async fn act(
             "actions take Content-Type: application/json",
         );
     }
+    // No rollout can have a name that is not an app's.
+    let app = match AppName::try_from(app) {
+        Ok(app) => app,
+        Err(e) => return reply(StatusCode::NOT_FOUND, e.to_string()),
+    };
     let command = match action.command(app, &body) {
         Ok(c) => c,
         Err(e) => return reply(StatusCode::BAD_REQUEST, e),
@@ -353,7 +359,7 @@ mod tests {
 
     #[test]
     fn each_actions_body_is_its_own_and_may_be_empty_where_nothing_is_needed() {
-        let app = || "demo".to_string();
+        let app = || AppName::from_static("demo");
         let v = |s: &str| semver::Version::parse(s).expect("version");
         assert_eq!(
             Action::Approve.command(app(), b""),
@@ -384,7 +390,7 @@ mod tests {
             Ok(Command::Rollback {
                 app: app(),
                 to: v("1.0.0"),
-                ring: Some("canary".into())
+                ring: Some(RingName::from_static("canary"))
             })
         );
     }

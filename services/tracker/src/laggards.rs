@@ -11,6 +11,7 @@
 //! every host offline, replaces nobody), once per host while it lags, each call recorded in the
 //! history. `dry_run` (the default) records what would be called and calls nothing.
 
+use fleetcast_events::{AgentId, AppName, RingName};
 use std::collections::{BTreeMap, BTreeSet};
 use std::time::Duration;
 
@@ -110,7 +111,7 @@ pub fn to_remedy<'a>(
     laggards: &'a [Laggard],
     now: OffsetDateTime,
     settings: &RemedySettings,
-    sent: &BTreeMap<(String, String, Version), Remedied>,
+    sent: &BTreeMap<(AgentId, AppName, Version), Remedied>,
 ) -> Vec<(&'a Laggard, Remedied)> {
     if !settings.enabled {
         return Vec::new();
@@ -144,7 +145,7 @@ pub fn to_replace<'a>(
     now: OffsetDateTime,
     timing: Timing,
     settings: &ReplaceSettings,
-    called: &BTreeSet<String>,
+    called: &BTreeSet<AgentId>,
     running: usize,
 ) -> Vec<&'a Laggard> {
     if settings.command.is_empty() {
@@ -202,20 +203,20 @@ pub fn laggards(
     }
     // The rings whose desired state names this version: the first ones up to the current,
     // or the one ring a ring rollback is for.
-    let reached: Vec<&str> = match &rollout.only_ring {
-        Some(ring) => vec![ring.as_str()],
+    let reached: Vec<&RingName> = match &rollout.only_ring {
+        Some(ring) => vec![ring],
         None => policy
             .rings
             .iter()
             .take(rollout.ring.saturating_add(1))
-            .map(|r| r.name.as_str())
+            .map(|r| &r.name)
             .collect(),
     };
     let stuck_at = rollout.ring_started + stuck_after;
     let mut out = Vec::new();
     for ring in reached {
         // Agents are kept by id, so each ring's come out in id order.
-        for agent in fleet.agents.values().filter(|a| a.ring == ring) {
+        for agent in fleet.agents.values().filter(|a| a.ring == *ring) {
             let Some(app) = agent.apps.get(&rollout.app) else {
                 continue;
             };
@@ -243,7 +244,7 @@ pub fn laggards(
                 app: rollout.app.clone(),
                 version: rollout.version.clone(),
                 agent_id: agent.agent_id.clone(),
-                ring: ring.to_string(),
+                ring: ring.clone(),
                 running: app.running.clone(),
                 state: app.state,
                 lag,
@@ -288,12 +289,13 @@ mod tests {
             "[[rings]]\nname = \"canary\"\n[[rings]]\nname = \"broad\"\n[[rings]]\nname = \"rest\"\n",
         )
         .expect("policy");
-        let (mut rollout, _) = Rollout::start("demo", v("2.0.0"), &policy, t0);
+        let (mut rollout, _) =
+            Rollout::start(&AppName::from_static("demo"), v("2.0.0"), &policy, t0);
         rollout.ring = 1;
         rollout.ring_started = t0;
         rollout
             .failures
-            .insert("c2".into(), "health gate: status 503".into());
+            .insert(AgentId::from_static("c2"), "health gate: status 503".into());
         let mut fleet = fleet(
             &[
                 ("c1", "canary", "2.0.0", AppState::Running),
@@ -348,7 +350,7 @@ mod tests {
         assert!(found.iter().all(|l| l.agent_id != "b2"), "{found:?}");
 
         // A ring rollback reaches its one ring only; an aborted rollout has no laggards.
-        rollout.only_ring = Some("rest".into());
+        rollout.only_ring = Some(RingName::from_static("rest"));
         let found = laggards(&rollout, &policy, &fleet, later, TIMING, STUCK_AFTER);
         assert_eq!(
             found
@@ -365,7 +367,8 @@ mod tests {
     fn replacements_wait_their_time_keep_a_healthy_ring_and_go_a_few_at_a_time() {
         let t0 = OffsetDateTime::UNIX_EPOCH + time::Duration::days(20_000);
         let policy: AppPolicy = toml::from_str("[[rings]]\nname = \"web\"\n").expect("policy");
-        let (mut rollout, _) = Rollout::start("demo", v("2.0.0"), &policy, t0);
+        let (mut rollout, _) =
+            Rollout::start(&AppName::from_static("demo"), v("2.0.0"), &policy, t0);
         rollout.ring_started = t0;
         let mut fleet = fleet(
             &[
@@ -407,7 +410,7 @@ mod tests {
             ["w2"]
         );
         // Once per host.
-        let called = BTreeSet::from(["w2".to_string(), "w3".to_string()]);
+        let called = BTreeSet::from([AgentId::from_static("w2"), AgentId::from_static("w3")]);
         assert_eq!(
             ids(to_replace(
                 &found, &fleet, later, TIMING, &settings, &called, 0
@@ -436,10 +439,10 @@ mod tests {
     fn a_stuck_host_is_asked_to_retry_then_to_restart_once_each() {
         let now = OffsetDateTime::now_utc();
         let stuck = |agent: &str, minutes: i64| Laggard {
-            app: "web".into(),
+            app: AppName::from_static("web"),
             version: v("2.0.0"),
-            agent_id: agent.into(),
-            ring: "default".into(),
+            agent_id: AgentId::try_from(agent).expect("agent id"),
+            ring: RingName::from_static("default"),
             running: Some(v("1.0.0")),
             state: AppState::Running,
             lag: Lag::Stuck {
@@ -462,7 +465,14 @@ mod tests {
         // offline host (it hears nothing: the replacement hook is for it).
         assert_eq!(plan, [("h2", Remedied::Retry), ("h3", Remedied::Restart)]);
         for (agent, r) in plan {
-            sent.insert((agent.to_string(), "web".to_string(), v("2.0.0")), r);
+            sent.insert(
+                (
+                    AgentId::try_from(agent).expect("name"),
+                    AppName::from_static("web"),
+                    v("2.0.0"),
+                ),
+                r,
+            );
         }
         assert!(
             to_remedy(&laggards, now, &settings, &sent).is_empty(),

@@ -56,7 +56,7 @@ pub fn render(agents: &[AgentSummary], rollouts: &[RolloutSummary], report_lag_s
                 .map_or_else(|| "none".into(), ToString::to_string);
             let state = label_value(&view.state);
             *counts
-                .entry((app.clone(), version, row.ring.clone(), state))
+                .entry((app.to_string(), version, row.ring.to_string(), state))
                 .or_default() += 1;
         }
     }

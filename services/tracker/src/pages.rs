@@ -12,6 +12,7 @@ use axum::http::{StatusCode, header};
 use axum::response::{Html, IntoResponse, Response};
 use axum::routing::get;
 use axum::{Json, Router};
+use fleetcast_events::AppName;
 use serde::Deserialize;
 
 use crate::service::Tracker;
@@ -80,11 +81,10 @@ async fn releases(
     State(tracker): State<Arc<Tracker>>,
     Query(filter): Query<AppFilter>,
 ) -> Response {
-    if let Some(app) = &filter.app
-        && let Err(e) = fleetcast_events::names::validate_app_name(app)
-    {
-        return (StatusCode::BAD_REQUEST, e).into_response();
-    }
+    let app = match filter.app.map(AppName::try_from).transpose() {
+        Ok(app) => app,
+        Err(e) => return (StatusCode::BAD_REQUEST, e.to_string()).into_response(),
+    };
     if !tracker.is_connected() {
         return (
             StatusCode::SERVICE_UNAVAILABLE,
@@ -92,7 +92,7 @@ async fn releases(
         )
             .into_response();
     }
-    match tracker.releases(filter.app.as_deref()).await {
+    match tracker.releases(app.as_ref()).await {
         Ok(apps) => Json(apps).into_response(),
         Err(e) => (StatusCode::SERVICE_UNAVAILABLE, e).into_response(),
     }
@@ -100,6 +100,9 @@ async fn releases(
 
 /// The app's rollout with its timeline and marks; 404 when the app has no rollout.
 async fn timeline(State(tracker): State<Arc<Tracker>>, Path(app): Path<String>) -> Response {
+    let Ok(app) = AppName::try_from(app.as_str()) else {
+        return (StatusCode::NOT_FOUND, format!("no rollout of {app}")).into_response();
+    };
     match tracker.timeline(&app).await {
         Some(view) => Json(view).into_response(),
         None => (StatusCode::NOT_FOUND, format!("no rollout of {app}")).into_response(),

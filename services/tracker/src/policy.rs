@@ -4,6 +4,7 @@
 
 use std::time::Duration;
 
+use fleetcast_events::RingName;
 use fleetcast_runtime::window::Window;
 use serde::{Deserialize, Serialize};
 
@@ -79,7 +80,7 @@ pub enum Approval {
 #[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize)]
 #[serde(deny_unknown_fields)]
 pub struct RingPolicy {
-    pub name: String,
+    pub name: RingName,
     /// Hosts of this ring switching at once (the rollout slots).
     #[serde(default = "all")]
     pub parallel: Amount,
@@ -121,7 +122,7 @@ impl Default for AppPolicy {
         AppPolicy {
             approval: Approval::Auto,
             rings: vec![RingPolicy {
-                name: "default".into(),
+                name: RingName::from_static("default"),
                 parallel: all(),
                 soak: Duration::ZERO,
                 max_failures: one(),
@@ -139,8 +140,6 @@ impl AppPolicy {
         }
         let mut seen = std::collections::BTreeSet::new();
         for ring in &self.rings {
-            fleetcast_events::names::validate_app_name(&ring.name)
-                .map_err(|e| format!("ring {:?}: {e}", ring.name))?;
             if !seen.insert(&ring.name) {
                 return Err(format!("ring {:?} appears twice", ring.name));
             }

@@ -57,11 +57,12 @@ mod tests {
     use super::*;
     use fleetcast_events::tracker::AppSummary;
     use fleetcast_events::v1::{AppState, RejectCode, Rejection};
+    use fleetcast_events::{AgentId, AppName, RingName};
     use time::OffsetDateTime;
 
     fn record(app: &str, version: &str, state: ReleaseState) -> ReleaseRecord {
         ReleaseRecord {
-            app: app.into(),
+            app: AppName::try_from(app).expect("name"),
             version: version.parse().expect("version"),
             state,
             blake3: None,
@@ -77,12 +78,12 @@ mod tests {
 
     fn agent(id: &str, app: &str, running: &str, stale: bool) -> AgentSummary {
         AgentSummary {
-            agent_id: id.into(),
+            agent_id: AgentId::try_from(id).expect("name"),
             host: id.into(),
-            ring: "canary".into(),
+            ring: RingName::from_static("canary"),
             labels: Default::default(),
             apps: [(
-                app.to_string(),
+                AppName::try_from(app).expect("name"),
                 AppSummary {
                     running: Some(running.parse().expect("version")),
                     ..AppSummary::new(AppState::Running)
@@ -119,11 +120,11 @@ mod tests {
                     .releases
                     .iter()
                     .map(|r| {
-                        let hosts = r.hosts.iter().map(|h| h.agent_id.clone()).collect();
+                        let hosts = r.hosts.iter().map(|h| h.agent_id.to_string()).collect();
                         (format!("{} {:?}", r.version, r.state), hosts)
                     })
                     .collect();
-                (a.app.clone(), rows)
+                (a.app.to_string(), rows)
             })
             .collect();
         let s = |v: &str| v.to_string();

@@ -12,6 +12,7 @@ use std::collections::BTreeMap;
 use std::time::Duration;
 
 use fleetcast_events::v1::{AgentStatus, AppState, LastUpdate, SlotReply, SlotRequest};
+use fleetcast_events::{AgentId, AppName, RingName};
 // The wire's words for a rollout's phase, a slot and a ring's counts: the state machine keeps
 // them as they are shown.
 use fleetcast_events::tracker::RolloutSummary;
@@ -25,7 +26,7 @@ use crate::policy::{Amount, AppPolicy, Approval};
 
 #[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize)]
 pub struct Rollout {
-    pub app: String,
+    pub app: AppName,
     pub version: Version,
     pub phase: Phase,
     /// No new slots while paused (hosts already switching finish).
@@ -38,9 +39,9 @@ pub struct Rollout {
     #[serde(with = "time::serde::rfc3339::option")]
     pub ring_completed: Option<OffsetDateTime>,
     /// Hosts holding a slot, with their lease's end (a host that dies frees its slot).
-    pub slots: BTreeMap<String, Lease>,
+    pub slots: BTreeMap<AgentId, Lease>,
     /// Hosts that rolled this version back or refused it, with the reason.
-    pub failures: BTreeMap<String, String>,
+    pub failures: BTreeMap<AgentId, String>,
     /// Why it halted or was aborted.
     pub reason: Option<String>,
     /// A rollback: the signer's directive (the earlier version's manifest re-signed), which
@@ -49,7 +50,7 @@ pub struct Rollout {
     pub directive: Option<fleetcast_events::SignedManifest>,
     /// A rollback of one ring only.
     #[serde(default)]
-    pub only_ring: Option<String>,
+    pub only_ring: Option<RingName>,
     #[serde(with = "time::serde::rfc3339")]
     pub created: OffsetDateTime,
     /// Versions whose rollouts ended without completing because this one (or one it replaced)
@@ -71,7 +72,7 @@ pub const SUPERSEDED_KEPT: usize = 20;
 pub enum Effect {
     /// Write this ring's desired state: this version, slots required.
     Desire {
-        ring: String,
+        ring: RingName,
     },
     Halted {
         reason: String,
@@ -90,13 +91,13 @@ impl Rollout {
     /// A rollout for a stored release. The first ring's hosts get the desired state at once
     /// (download early), even while the rollout waits for approval.
     pub fn start(
-        app: &str,
+        app: &AppName,
         version: Version,
         policy: &AppPolicy,
         now: OffsetDateTime,
     ) -> (Rollout, Vec<Effect>) {
         let rollout = Rollout {
-            app: app.into(),
+            app: app.clone(),
             version,
             phase: match policy.approval {
                 Approval::Auto => Phase::Running,
@@ -129,10 +130,10 @@ impl Rollout {
     /// A rollback to `to` through the signer's `directive`: no approval (it answers an
     /// incident), otherwise paced like a release by `policy` (the one ring's, for a ring).
     pub fn start_rollback(
-        app: &str,
+        app: &AppName,
         to: Version,
         directive: fleetcast_events::SignedManifest,
-        only_ring: Option<String>,
+        only_ring: Option<RingName>,
         policy: &AppPolicy,
         now: OffsetDateTime,
     ) -> (Rollout, Vec<Effect>) {
@@ -233,7 +234,7 @@ impl Rollout {
 
     /// An agent's last update outcome of this app as its heartbeat repeats it: folded as the
     /// status it repeats would be, so that a lost status still counts (idempotent).
-    pub fn record_outcome(&mut self, agent_id: &str, update: &LastUpdate) -> bool {
+    pub fn record_outcome(&mut self, agent_id: &AgentId, update: &LastUpdate) -> bool {
         self.record(
             agent_id,
             Some(&update.version),
@@ -244,7 +245,7 @@ impl Rollout {
 
     fn record(
         &mut self,
-        agent_id: &str,
+        agent_id: &AgentId,
         version: Option<&Version>,
         state: AppState,
         reason: Option<&str>,
@@ -260,8 +261,7 @@ impl Rollout {
                 if self.failures.get(agent_id).map(String::as_str) == Some(reason) {
                     return freed;
                 }
-                self.failures
-                    .insert(agent_id.to_string(), reason.to_string());
+                self.failures.insert(agent_id.clone(), reason.to_string());
                 true
             }
             _ => false,
@@ -280,10 +280,7 @@ impl Rollout {
             .rings
             .iter()
             .map(|ring| {
-                let mut p = RingProgress {
-                    ring: ring.name.clone(),
-                    ..Default::default()
-                };
+                let mut p = RingProgress::new(ring.name.clone());
                 for agent in fleet.agents.values().filter(|a| a.ring == ring.name) {
                     let Some(app) = agent.apps.get(&self.app) else {
                         continue;
@@ -542,7 +539,7 @@ mod tests {
 
     fn ring(name: &str, parallel: Amount, soak_s: u64) -> RingPolicy {
         RingPolicy {
-            name: name.into(),
+            name: RingName::try_from(name).expect("name"),
             parallel,
             soak: Duration::from_secs(soak_s),
             max_failures: Amount::Count(2),
@@ -564,17 +561,18 @@ mod tests {
     #[test]
     fn a_rollout_replaced_before_it_ended_is_superseded_and_remembered() {
         let policy = policy();
-        let (mut v2, _) = Rollout::start("demo", v("2.0.0"), &policy, t0());
-        let (mut v3, _) = Rollout::start("demo", v("3.0.0"), &policy, t0());
+        let (mut v2, _) = Rollout::start(&AppName::from_static("demo"), v("2.0.0"), &policy, t0());
+        let (mut v3, _) = Rollout::start(&AppName::from_static("demo"), v("3.0.0"), &policy, t0());
         v3.replacing(Some(&v2));
         assert_eq!(v3.superseded, vec![v("2.0.0")]);
         // A rollback replacing v3 keeps the list and adds v3.
-        let (mut back, _) = Rollout::start("demo", v("1.0.0"), &policy, t0());
+        let (mut back, _) =
+            Rollout::start(&AppName::from_static("demo"), v("1.0.0"), &policy, t0());
         back.replacing(Some(&v3));
         assert_eq!(back.superseded, vec![v("2.0.0"), v("3.0.0")]);
         // A rollout that had ended (completed, halted, aborted) was not superseded.
         v2.phase = Phase::Completed;
-        let (mut v4, _) = Rollout::start("demo", v("4.0.0"), &policy, t0());
+        let (mut v4, _) = Rollout::start(&AppName::from_static("demo"), v("4.0.0"), &policy, t0());
         v4.replacing(Some(&v2));
         assert!(v4.superseded.is_empty());
         // Bounded.
@@ -596,16 +594,16 @@ mod tests {
             ("b4", "broad"),
         ] {
             fleet.agents.insert(
-                id.into(),
+                AgentId::try_from(id).expect("name"),
                 AgentView {
-                    agent_id: id.into(),
+                    agent_id: AgentId::try_from(id).expect("name"),
                     host: id.into(),
-                    ring: ring.into(),
+                    ring: RingName::try_from(ring).expect("name"),
                     labels: BTreeMap::new(),
                     metadata: None,
                     agent_version: None,
                     apps: BTreeMap::from([(
-                        "demo".to_string(),
+                        AppName::from_static("demo"),
                         AppSummary {
                             running: Some(v("1.0.0")),
                             uptime_s: 1,
@@ -625,8 +623,8 @@ mod tests {
             &policy(),
             fleet,
             &SlotRequest {
-                agent_id: agent.into(),
-                app: "demo".into(),
+                agent_id: AgentId::try_from(agent).expect("name"),
+                app: AppName::from_static("demo"),
                 ring,
                 version: v("2.0.0"),
             },
@@ -637,8 +635,8 @@ mod tests {
 
     fn switched(fleet: &mut Fleet, r: &mut Rollout, agent: &str) {
         let status = AgentStatus {
-            agent_id: agent.into(),
-            app: "demo".into(),
+            agent_id: AgentId::try_from(agent).expect("name"),
+            app: AppName::from_static("demo"),
             state: AppState::Running,
             version: Some(v("2.0.0")),
             progress_bytes: None,
@@ -651,8 +649,8 @@ mod tests {
 
     fn failed(r: &mut Rollout, agent: &str, why: &str) {
         r.record_status(&AgentStatus {
-            agent_id: agent.into(),
-            app: "demo".into(),
+            agent_id: AgentId::try_from(agent).expect("name"),
+            app: AppName::from_static("demo"),
             state: AppState::RolledBack,
             version: Some(v("2.0.0")),
             progress_bytes: None,
@@ -667,7 +665,7 @@ mod tests {
     #[test]
     fn a_heartbeats_outcome_counts_as_its_status_once() {
         let (p, mut fleet, now) = (policy(), fleet(), t0());
-        let (mut r, _) = Rollout::start("demo", v("2.0.0"), &p, now);
+        let (mut r, _) = Rollout::start(&AppName::from_static("demo"), v("2.0.0"), &p, now);
         assert!(ask(&mut r, &fleet, "c1", now).granted);
         let outcome = |version: &str, outcome| LastUpdate {
             version: v(version),
@@ -677,20 +675,32 @@ mod tests {
             bytes: None,
         };
         use fleetcast_events::v1::UpdateOutcome;
-        assert!(!r.record_outcome("c1", &outcome("1.0.0", UpdateOutcome::RolledBack)));
+        assert!(!r.record_outcome(
+            &AgentId::from_static("c1"),
+            &outcome("1.0.0", UpdateOutcome::RolledBack)
+        ));
         assert!(r.failures.is_empty());
-        assert!(r.record_outcome("c1", &outcome("2.0.0", UpdateOutcome::RolledBack)));
+        assert!(r.record_outcome(
+            &AgentId::from_static("c1"),
+            &outcome("2.0.0", UpdateOutcome::RolledBack)
+        ));
         assert!(!r.slots.contains_key("c1"), "the slot is freed");
         assert!(
-            !r.record_outcome("c1", &outcome("2.0.0", UpdateOutcome::RolledBack)),
+            !r.record_outcome(
+                &AgentId::from_static("c1"),
+                &outcome("2.0.0", UpdateOutcome::RolledBack)
+            ),
             "the same outcome again changes nothing"
         );
         // The status, when it was not lost after all, changes nothing either.
         failed(&mut r, "c1", "health gate: exited with 3");
         assert_eq!(r.failures.len(), 1);
         // Two failures in the canary ring (threshold 2): halted.
-        fleet.agents.get_mut("b1").expect("b1").ring = "canary".into();
-        assert!(r.record_outcome("b1", &outcome("2.0.0", UpdateOutcome::Refused)));
+        fleet.agents.get_mut("b1").expect("b1").ring = RingName::from_static("canary");
+        assert!(r.record_outcome(
+            &AgentId::from_static("b1"),
+            &outcome("2.0.0", UpdateOutcome::Refused)
+        ));
         let effects = r.tick(&p, &fleet, now, TIMING);
         assert!(
             matches!(effects.as_slice(), [Effect::Halted { reason }] if reason.contains("c1: health gate")),
@@ -698,19 +708,22 @@ mod tests {
         );
         assert_eq!(r.phase, Phase::Halted);
         // A failed download is retried, not a failure of the rollout.
-        let (mut r, _) = Rollout::start("demo", v("2.0.0"), &p, now);
-        assert!(!r.record_outcome("c1", &outcome("2.0.0", UpdateOutcome::Failed)));
+        let (mut r, _) = Rollout::start(&AppName::from_static("demo"), v("2.0.0"), &p, now);
+        assert!(!r.record_outcome(
+            &AgentId::from_static("c1"),
+            &outcome("2.0.0", UpdateOutcome::Failed)
+        ));
         assert!(r.failures.is_empty());
     }
 
     #[test]
     fn rings_go_in_order_with_their_slots_and_soak() {
         let (p, mut fleet, now) = (policy(), fleet(), t0());
-        let (mut r, effects) = Rollout::start("demo", v("2.0.0"), &p, now);
+        let (mut r, effects) = Rollout::start(&AppName::from_static("demo"), v("2.0.0"), &p, now);
         assert_eq!(
             effects,
             vec![Effect::Desire {
-                ring: "canary".into()
+                ring: RingName::from_static("canary")
             }]
         );
         let refused = ask(&mut r, &fleet, "b1", now);
@@ -734,7 +747,7 @@ mod tests {
         assert_eq!(
             r.tick(&p, &fleet, later, TIMING),
             vec![Effect::Desire {
-                ring: "broad".into()
+                ring: RingName::from_static("broad")
             }]
         );
         // 50% of four broad hosts: two at a time.
@@ -767,11 +780,11 @@ mod tests {
         let mut fleet = fleet();
         for id in ["c2", "c3"] {
             let mut a = fleet.agents["c1"].clone();
-            a.agent_id = id.into();
-            fleet.agents.insert(id.into(), a);
+            a.agent_id = AgentId::try_from(id).expect("name");
+            fleet.agents.insert(AgentId::try_from(id).expect("name"), a);
         }
         let now = t0();
-        let (mut r, _) = Rollout::start("demo", v("2.0.0"), &p, now);
+        let (mut r, _) = Rollout::start(&AppName::from_static("demo"), v("2.0.0"), &p, now);
         assert!(ask(&mut r, &fleet, "c1", now).granted);
         failed(&mut r, "c1", "exited during the health gate (code Some(3))");
         assert_eq!(
@@ -804,7 +817,7 @@ mod tests {
         let p = AppPolicy::default();
         let mut fleet = fleet();
         for a in fleet.agents.values_mut() {
-            a.ring = "default".into();
+            a.ring = RingName::from_static("default");
         }
         let now = t0() + time::Duration::minutes(5);
         // b4 went silent five minutes ago; the others just reported.
@@ -813,7 +826,7 @@ mod tests {
                 a.last_seen = now;
             }
         }
-        let (mut r, _) = Rollout::start("demo", v("2.0.0"), &p, now);
+        let (mut r, _) = Rollout::start(&AppName::from_static("demo"), v("2.0.0"), &p, now);
         for agent in ["c1", "b1", "b2", "b3"] {
             switched(&mut fleet, &mut r, agent);
             fleet.agents.get_mut(agent).expect("agent").last_seen = now;
@@ -825,9 +838,9 @@ mod tests {
             &p,
             &fleet,
             &SlotRequest {
-                agent_id: "b4".into(),
-                app: "demo".into(),
-                ring: "default".into(),
+                agent_id: AgentId::from_static("b4"),
+                app: AppName::from_static("demo"),
+                ring: RingName::from_static("default"),
                 version: v("2.0.0"),
             },
             now,
@@ -842,7 +855,7 @@ mod tests {
         p.approval = Approval::Manual;
         let fleet = fleet();
         let now = t0();
-        let (mut r, effects) = Rollout::start("demo", v("2.0.0"), &p, now);
+        let (mut r, effects) = Rollout::start(&AppName::from_static("demo"), v("2.0.0"), &p, now);
         assert_eq!(
             effects.len(),
             1,
@@ -869,9 +882,9 @@ mod tests {
             &p2,
             &other,
             &SlotRequest {
-                agent_id: "c1".into(),
-                app: "demo".into(),
-                ring: "canary".into(),
+                agent_id: AgentId::from_static("c1"),
+                app: AppName::from_static("demo"),
+                ring: RingName::from_static("canary"),
                 version: v("2.0.0"),
             },
             now,

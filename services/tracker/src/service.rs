@@ -7,7 +7,6 @@ use std::collections::{BTreeMap, BTreeSet};
 use std::sync::Arc;
 
 use async_nats::jetstream::consumer::{DeliverPolicy, pull};
-use fleetcast_events::Encoding;
 use fleetcast_events::names::{
     self, FLEET_BUCKET, ROLLOUTS_BUCKET, ReportKind, ReportSubject, SLOT_REQUESTS, SlotSubject,
     TRACKER_REQUESTS, release_key,
@@ -16,6 +15,7 @@ use fleetcast_events::v1::{
     AgentHeartbeat, AgentStatus, HistoryEntry, HistoryKind, PatchesWanted, ReleaseStored,
     RollbackSigned, SlotReply, SlotRequest,
 };
+use fleetcast_events::{AgentId, AppName, Encoding, RingName};
 use fleetcast_runtime::Bus;
 use fleetcast_runtime::consume::{
     ConsumerSpec, Outcome, PULL_EXPIRES, decode_or_reject, run_consumer,
@@ -105,9 +105,9 @@ fn agents_save_due(
 struct State {
     fleet: Fleet,
     /// Per app: its current (or last) rollout.
-    rollouts: BTreeMap<String, Rollout>,
-    dirty_agents: BTreeSet<String>,
-    dirty_rollouts: BTreeSet<String>,
+    rollouts: BTreeMap<AppName, Rollout>,
+    dirty_agents: BTreeSet<AgentId>,
+    dirty_rollouts: BTreeSet<AppName>,
     /// Last status-stream sequence folded into `fleet`.
     cursor: u64,
     /// When the agents were last saved.
@@ -118,7 +118,7 @@ struct State {
     /// failing, a cluster moving leaders), as (app, version, ring). Written again on every pass
     /// while that rollout is still the app's and has not halted or been aborted; the rollout
     /// has moved on and will not ask again.
-    unwritten: BTreeSet<(String, semver::Version, String)>,
+    unwritten: BTreeSet<(AppName, semver::Version, RingName)>,
     /// How long the last report took from the stream to here (seconds).
     report_lag_s: f64,
     /// History entries made under the lock, recorded after it (`Tracker::flush_history`);
@@ -126,10 +126,10 @@ struct State {
     history: Vec<Pending>,
     /// Hosts the replacement hook was called for (or, in dry run, would have been) while they
     /// still lag; and the calls running.
-    replace_called: BTreeSet<String>,
+    replace_called: BTreeSet<AgentId>,
     replace_running: usize,
     /// Remedies sent to stuck hosts, by agent, app and version, while they still lag.
-    remedied: BTreeMap<(String, String, semver::Version), crate::laggards::Remedied>,
+    remedied: BTreeMap<(AgentId, AppName, semver::Version), crate::laggards::Remedied>,
 }
 
 /// How many of a version's newest history entries are read for a timeline's marks (rings,
@@ -162,7 +162,7 @@ impl Tracker {
             } else {
                 match serde_json::from_slice::<AgentView>(&bytes) {
                     Ok(agent) => {
-                        state.fleet.agents.insert(key, agent);
+                        state.fleet.agents.insert(agent.agent_id.clone(), agent);
                     }
                     Err(e) => tracing::warn!(%key, error = %e, "unreadable agent record skipped"),
                 }
@@ -176,7 +176,7 @@ impl Tracker {
             if let Some(bytes) = got.map_err(|e| TrackerError::store(ROLLOUTS_BUCKET, &key, e))? {
                 match serde_json::from_slice::<Rollout>(&bytes) {
                     Ok(r) => {
-                        state.rollouts.insert(key, r);
+                        state.rollouts.insert(r.app.clone(), r);
                     }
                     Err(e) => tracing::warn!(%key, error = %e, "unreadable rollout skipped"),
                 }
@@ -296,7 +296,7 @@ impl Tracker {
             tracing::warn!(subject = %msg.subject, "report on a subject that names no agent; ignored");
             return;
         };
-        match from.kind {
+        match &from.kind {
             ReportKind::Heartbeat => {
                 let hb = match fleetcast_runtime::consume::decode::<AgentHeartbeat>(msg) {
                     Ok(hb) => hb,
@@ -351,7 +351,7 @@ impl Tracker {
                     return;
                 }
                 state.last_status = Some(tokio::time::Instant::now());
-                state.fleet.status(&st, from.ring, seen);
+                state.fleet.status(&st, &from.ring, seen);
                 state.dirty_agents.insert(st.agent_id.clone());
                 if let Some(rollout) = state.rollouts.get_mut(&st.app) {
                     if rollout.record_status(&st)
@@ -609,7 +609,7 @@ impl Tracker {
     /// to be written again (see `State::unwritten`); the first such error is returned.
     async fn apply(
         &self,
-        app: &str,
+        app: &AppName,
         version: &semver::Version,
         directive: Option<&fleetcast_events::SignedManifest>,
         effects: Vec<Effect>,
@@ -619,7 +619,7 @@ impl Tracker {
             match effect {
                 Effect::Desire { ring } => {
                     if let Err(e) = self.write_desired(app, version, directive, &ring).await {
-                        let key = (app.to_string(), version.clone(), ring);
+                        let key = (app.clone(), version.clone(), ring);
                         self.state.lock().await.unwritten.insert(key);
                         failed = failed.and(Err(e));
                     }
@@ -636,10 +636,10 @@ impl Tracker {
     /// Writes `ring`'s desired state: `version`, or the rollback `directive`.
     async fn write_desired(
         &self,
-        app: &str,
+        app: &AppName,
         version: &semver::Version,
         directive: Option<&fleetcast_events::SignedManifest>,
-        ring: &str,
+        ring: &RingName,
     ) -> Result<(), fleetcast_runtime::releases::RecordError> {
         match directive {
             Some(manifest) => {
@@ -920,7 +920,7 @@ impl Tracker {
     /// `all`), the agents that changed with the status-stream cursor they reflect. Whatever
     /// could not be written stays marked as changed for the next pass.
     async fn save(&self, all: bool) -> Result<(), TrackerError> {
-        let rollouts: Vec<(String, Vec<u8>)> = {
+        let rollouts: Vec<(AppName, Vec<u8>)> = {
             let mut state = self.state.lock().await;
             let state = &mut *state;
             std::mem::take(&mut state.dirty_rollouts)
@@ -955,7 +955,7 @@ impl Tracker {
                 return Ok(());
             }
             state.agents_saved = Some(tokio::time::Instant::now());
-            let agents: Vec<(String, Option<Vec<u8>>)> = std::mem::take(&mut state.dirty_agents)
+            let agents: Vec<(AgentId, Option<Vec<u8>>)> = std::mem::take(&mut state.dirty_agents)
                 .into_iter()
                 .map(|id| {
                     let bytes = state
@@ -969,7 +969,7 @@ impl Tracker {
             (agents, state.cursor)
         };
         // Many at once: a rollout's reports change hundreds of agents between two saves.
-        let failed: Vec<(String, String)> = futures::stream::iter(agents)
+        let failed: Vec<(AgentId, String)> = futures::stream::iter(agents)
             .map(|(id, bytes)| async move {
                 let written = match bytes {
                     Some(b) => self
@@ -1057,7 +1057,7 @@ impl Tracker {
         let this = &*self;
         let agents_inbox = |msg: &async_nats::Message, reply: &str| {
             names::parse_slot_subject(&msg.subject)
-                .is_some_and(|from| names::is_agent_inbox(reply, from.agent_id))
+                .is_some_and(|from| names::is_agent_inbox(reply, &from.agent_id))
         };
         this.serve(
             SLOT_REQUESTS,
@@ -1091,15 +1091,11 @@ impl Tracker {
 
     /// A slot for the agent and app of the request's subject, in the ring the agent's reports
     /// (their subjects) put it in.
-    async fn slot(&self, from: SlotSubject<'_>, request: &SlotRequest) -> SlotReply {
+    async fn slot(&self, from: SlotSubject, request: &SlotRequest) -> SlotReply {
         let now = OffsetDateTime::now_utc();
         let mut state = self.state.lock().await;
         let state = &mut *state;
-        let known_ring = state
-            .fleet
-            .agents
-            .get(from.agent_id)
-            .map(|a| a.ring.as_str());
+        let known_ring = state.fleet.agents.get(&from.agent_id).map(|a| &a.ring);
         let request = match check_slot(&from, request, known_ring) {
             Ok(request) => request,
             Err(refusal) => {
@@ -1216,7 +1212,7 @@ impl Tracker {
     pub async fn command(&self, actor: &str, command: Command) -> Reply {
         let reply = match &command {
             Command::Rollback { app, to, ring } => {
-                self.request_rollback(app, to, ring.as_deref(), actor).await
+                self.request_rollback(app, to, ring.as_ref(), actor).await
             }
             _ => self.steer(&command).await,
         };
@@ -1251,11 +1247,7 @@ impl Tracker {
         let mut entry = HistoryEntry::new(HistoryKind::OperatorAction, OffsetDateTime::now_utc());
         entry.actor = Some(actor.to_string());
         entry.action = Some(command.name().to_string());
-        // An app name that is not valid (a refused request's) cannot stand in a subject.
-        entry.app = command
-            .app()
-            .filter(|a| names::validate_app_name(a).is_ok())
-            .map(String::from);
+        entry.app = command.app().cloned();
         entry.version = version;
         entry.refused = refused;
         entry.reason = reason;
@@ -1269,9 +1261,9 @@ impl Tracker {
     /// when the directive is signed ([`Tracker::follow_rollbacks`]).
     async fn request_rollback(
         &self,
-        app: &str,
+        app: &AppName,
         to: &semver::Version,
-        ring: Option<&str>,
+        ring: Option<&RingName>,
         actor: &str,
     ) -> Reply {
         match self
@@ -1289,7 +1281,7 @@ impl Tracker {
 
     async fn steer(&self, command: &Command) -> Reply {
         let now = OffsetDateTime::now_utc();
-        let Some(app) = command.app().map(String::from) else {
+        let Some(app) = command.app().cloned() else {
             return Reply::failed(format!("{} is not a steering command", command.name()));
         };
         let mut state = self.state.lock().await;
@@ -1361,17 +1353,15 @@ impl Tracker {
 
     /// Every release record (of `app` only, when given), by app, with the hosts that run
     /// each version (HTTP API).
-    pub async fn releases(&self, app: Option<&str>) -> Result<Vec<AppReleases>, String> {
-        if let Some(app) = app {
-            names::validate_app_name(app)?;
-        }
+    pub async fn releases(&self, app: Option<&AppName>) -> Result<Vec<AppReleases>, String> {
+        let app = app.map(AppName::as_str);
         let records = (self.bus.release_records(app).await).map_err(|e| e.to_string())?;
         Ok(releases::by_app(records, &self.agents().await))
     }
 
     /// The app's rollout with its timeline and the history's marks of it (HTTP API); `None`
     /// when the app has no rollout.
-    pub async fn timeline(&self, app: &str) -> Option<TimelineView> {
+    pub async fn timeline(&self, app: &AppName) -> Option<TimelineView> {
         let (rollout, samples) = {
             let now = OffsetDateTime::now_utc();
             let state = self.state.lock().await;
@@ -1379,7 +1369,7 @@ impl Tracker {
             (self.view(r, &state.fleet, now), r.timeline.clone())
         };
         let query = HistoryQuery {
-            app: Some(app.to_string()),
+            app: Some(app.clone()),
             version: Some(rollout.version.clone()),
             limit: Some(MARKS_READ),
             ..Default::default()
@@ -1517,7 +1507,7 @@ async fn call_replace(
 }
 
 /// The names of a policy's rings, in order (what history entries name a ring by).
-fn ring_names(policy: &crate::policy::AppPolicy) -> Vec<String> {
+fn ring_names(policy: &crate::policy::AppPolicy) -> Vec<RingName> {
     policy.rings.iter().map(|r| r.name.clone()).collect()
 }
 
@@ -1551,7 +1541,7 @@ fn refused_counter() -> CounterVec {
 }
 
 /// A heartbeat is the subject's agent's, in the subject's ring, or it is refused.
-fn check_heartbeat(from: &ReportSubject<'_>, hb: &AgentHeartbeat) -> Result<(), String> {
+fn check_heartbeat(from: &ReportSubject, hb: &AgentHeartbeat) -> Result<(), String> {
     if hb.agent_id != from.agent_id {
         return Err(format!(
             "body says agent {:?}, the subject agent {:?}",
@@ -1568,14 +1558,14 @@ fn check_heartbeat(from: &ReportSubject<'_>, hb: &AgentHeartbeat) -> Result<(), 
 }
 
 /// A status is the subject's agent's, about the subject's app, or it is refused.
-fn check_status(from: &ReportSubject<'_>, app: &str, st: &AgentStatus) -> Result<(), String> {
+fn check_status(from: &ReportSubject, app: &AppName, st: &AgentStatus) -> Result<(), String> {
     if st.agent_id != from.agent_id {
         return Err(format!(
             "body says agent {:?}, the subject agent {:?}",
             st.agent_id, from.agent_id
         ));
     }
-    if st.app != app {
+    if st.app != *app {
         return Err(format!(
             "body says app {:?}, the subject app {app:?}",
             st.app
@@ -1597,9 +1587,9 @@ struct SlotRefusal {
 /// The request as the tracker acts on it: the agent and app of its subject, the ring the
 /// agent's reports put it in (`ring`, `None` before its first report).
 fn check_slot(
-    from: &SlotSubject<'_>,
+    from: &SlotSubject,
     request: &SlotRequest,
-    ring: Option<&str>,
+    ring: Option<&RingName>,
 ) -> Result<SlotRequest, SlotRefusal> {
     let forged = |reason: String| SlotRefusal {
         forged: true,
@@ -1626,7 +1616,7 @@ fn check_slot(
             retry: std::time::Duration::from_secs(1),
         });
     };
-    if request.ring != ring {
+    if request.ring != *ring {
         return Err(SlotRefusal {
             retry: std::time::Duration::from_secs(5),
             ..forged(format!(
@@ -1636,9 +1626,9 @@ fn check_slot(
         });
     }
     Ok(SlotRequest {
-        agent_id: from.agent_id.to_string(),
-        app: from.app.to_string(),
-        ring: ring.to_string(),
+        agent_id: from.agent_id.clone(),
+        app: from.app.clone(),
+        ring: ring.clone(),
         version: request.version.clone(),
     })
 }
@@ -1650,9 +1640,9 @@ mod tests {
 
     fn heartbeat(agent_id: &str, ring: &str) -> AgentHeartbeat {
         AgentHeartbeat {
-            agent_id: agent_id.into(),
+            agent_id: AgentId::try_from(agent_id).expect("name"),
             host: "host".into(),
-            ring: ring.into(),
+            ring: RingName::try_from(ring).expect("name"),
             labels: Default::default(),
             apps: Vec::new(),
             agent_version: None,
@@ -1663,8 +1653,8 @@ mod tests {
 
     fn status(agent_id: &str, app: &str) -> AgentStatus {
         AgentStatus {
-            agent_id: agent_id.into(),
-            app: app.into(),
+            agent_id: AgentId::try_from(agent_id).expect("name"),
+            app: AppName::try_from(app).expect("name"),
             state: fleetcast_events::v1::AppState::RolledBack,
             version: Some(semver::Version::new(2, 0, 0)),
             progress_bytes: None,
@@ -1675,9 +1665,9 @@ mod tests {
 
     fn slot_request(agent_id: &str, app: &str, ring: &str) -> SlotRequest {
         SlotRequest {
-            agent_id: agent_id.into(),
-            app: app.into(),
-            ring: ring.into(),
+            agent_id: AgentId::try_from(agent_id).expect("name"),
+            app: AppName::try_from(app).expect("name"),
+            ring: RingName::try_from(ring).expect("name"),
             version: semver::Version::new(2, 0, 0),
         }
     }
@@ -1696,7 +1686,7 @@ mod tests {
 
         let st_subject = names::agent_status_subject("h1", "canary", "shapp");
         let from = names::parse_report_subject(&st_subject).expect("subject");
-        let ReportKind::Status { app } = from.kind else {
+        let ReportKind::Status { app } = &from.kind else {
             panic!("a status subject")
         };
         assert!(check_status(&from, app, &status("h1", "shapp")).is_ok());
@@ -1714,7 +1704,7 @@ mod tests {
         let taken = check_slot(
             &from,
             &slot_request("h1", "shapp", "canary"),
-            Some("canary"),
+            Some(&RingName::from_static("canary")),
         )
         .expect("ok");
         assert_eq!(taken, slot_request("h1", "shapp", "canary"));
@@ -1723,7 +1713,8 @@ mod tests {
             (slot_request("h1", "otherapp", "canary"), "app otherapp"),
             (slot_request("h1", "shapp", "broad"), "ring broad"),
         ] {
-            let refusal = check_slot(&from, &request, Some("canary")).expect_err("forged");
+            let canary = RingName::from_static("canary");
+            let refusal = check_slot(&from, &request, Some(&canary)).expect_err("forged");
             assert!(
                 refusal.forged && refusal.reason.contains(why),
                 "{refusal:?}"

@@ -3,6 +3,7 @@ use std::net::SocketAddr;
 use std::path::PathBuf;
 use std::time::Duration;
 
+use fleetcast_events::{AppName, RingName};
 use fleetcast_runtime::settings::invalid;
 use fleetcast_runtime::{NatsSettings, SettingsError};
 use serde::Deserialize;
@@ -49,7 +50,7 @@ pub struct Settings {
     #[serde(with = "humantime_serde")]
     pub tick: Duration,
     /// Rollout policy per app; apps not listed get [`AppPolicy::default`].
-    pub apps: BTreeMap<String, AppPolicy>,
+    pub apps: BTreeMap<AppName, AppPolicy>,
     /// How long the history (releases, rollouts, operators' actions) is kept.
     pub history: crate::history::HistorySettings,
     /// Receivers the history's entries are POSTed to, signed (`[[webhooks]]`).
@@ -81,9 +82,6 @@ impl Default for Settings {
 impl Settings {
     pub fn validate(&self) -> Result<(), SettingsError> {
         for (app, policy) in &self.apps {
-            if let Err(reason) = fleetcast_events::names::validate_app_name(app) {
-                return invalid("apps", reason);
-            }
             if let Err(reason) = policy.validate() {
                 return invalid("apps", format!("{app}: {reason}"));
             }
@@ -109,21 +107,21 @@ impl Settings {
 
     /// The policy a rollout runs under: its app's, narrowed to one ring for a ring rollback.
     pub fn policy_for(&self, rollout: &Rollout) -> AppPolicy {
-        self.policy_narrowed(&rollout.app, rollout.only_ring.as_deref())
+        self.policy_narrowed(&rollout.app, rollout.only_ring.as_ref())
     }
 
     /// `app`'s policy, with only `ring` when given (a ring it lacks gets the default ring's).
-    pub fn policy_narrowed(&self, app: &str, ring: Option<&str>) -> AppPolicy {
+    pub fn policy_narrowed(&self, app: &str, ring: Option<&RingName>) -> AppPolicy {
         let mut policy = self.policy(app);
         if let Some(only) = ring {
             let ring = policy
                 .rings
                 .iter()
-                .find(|r| r.name == only)
+                .find(|r| r.name == *only)
                 .cloned()
                 .unwrap_or_else(|| {
                     let mut ring = AppPolicy::default().rings.remove(0);
-                    ring.name = only.to_string();
+                    ring.name = only.clone();
                     ring
                 });
             policy.rings = vec![ring];

@@ -69,6 +69,7 @@ pub fn marks(entries: Vec<HistoryEntry>, created: OffsetDateTime) -> Vec<History
 #[cfg(test)]
 mod tests {
     use super::*;
+    use fleetcast_events::RingName;
     use fleetcast_events::tracker::RingProgress;
 
     fn at(s: i64) -> OffsetDateTime {
@@ -89,7 +90,7 @@ mod tests {
     fn counts_sum_over_rings_and_the_rest_of_the_targets_wait() {
         let rings = [
             RingProgress {
-                ring: "canary".into(),
+                ring: RingName::from_static("canary"),
                 targets: 2,
                 done: 1,
                 failed: 1,
@@ -97,7 +98,7 @@ mod tests {
                 stale: 3,
             },
             RingProgress {
-                ring: "broad".into(),
+                ring: RingName::from_static("broad"),
                 targets: 5,
                 done: 1,
                 failed: 0,

@@ -23,6 +23,7 @@ use std::time::Duration;
 
 use async_nats::jetstream::{self, consumer::DeliverPolicy, consumer::pull};
 use bytes::Bytes;
+use fleetcast_events::AppName;
 use fleetcast_events::names::{self, HISTORY_STREAM, HISTORY_SUBJECT_PREFIX};
 use fleetcast_events::v1::HistoryKind;
 use fleetcast_runtime::consume::{Outcome, run_consumer_on};
@@ -83,7 +84,7 @@ pub struct WebhookSettings {
     pub kinds: Vec<HistoryKind>,
     /// Only entries about these apps; empty: every app's (and those about no app).
     #[serde(default)]
-    pub apps: Vec<String>,
+    pub apps: Vec<AppName>,
 }
 
 fn default_kinds() -> Vec<HistoryKind> {
@@ -123,9 +124,6 @@ impl WebhookSettings {
                 "{name}: kinds is empty, the webhook would get nothing (leave it out for the default)"
             ));
         }
-        for app in &self.apps {
-            names::validate_app_name(app).map_err(|e| format!("{name}: apps: {e}"))?;
-        }
         Ok(())
     }
 
@@ -135,7 +133,7 @@ impl WebhookSettings {
         let apps: BTreeSet<&str> = if self.apps.is_empty() {
             BTreeSet::from(["*"])
         } else {
-            self.apps.iter().map(String::as_str).collect()
+            self.apps.iter().map(AppName::as_str).collect()
         };
         apps.iter()
             .flat_map(|app| {

@@ -209,7 +209,7 @@ impl Watcher {
         let note = format!("{reason}\n");
         match self
             .reject_package(
-                name.map(|n| n.app.as_str()),
+                name.map(|n| &n.app),
                 name.map(|n| &n.version),
                 source,
                 reason,

@@ -11,11 +11,11 @@ use std::path::Path;
 use std::sync::Arc;
 
 use async_nats::jetstream::object_store::DeleteErrorKind;
-use fleetcast_events::Encoding;
 use fleetcast_events::names::{self, PACKAGE_DETECTED, PACKAGE_REJECTED, RELEASE_PUBLISHED};
 use fleetcast_events::v1::{
     PackageDetected, PackageRejected, PackageSource, RejectCode, Rejection, ReleasePublished,
 };
+use fleetcast_events::{AppName, Encoding};
 use fleetcast_package::{ArchiveError, ArchiveLimits, Package};
 use fleetcast_runtime::consume::{ConsumerSpec, Outcome, decode, reject_event, run_consumer};
 use fleetcast_runtime::observe::{self, Endpoint, ObserveError};
@@ -146,16 +146,16 @@ impl Watcher {
         let reject = |code, message: String| Rejection { code, message };
         // From here on, every refusal removes the archive the event names: no other event will
         // ever name it, so it would stay in the incoming store for good.
-        if let Err(message) = names::validate_app_name(&event.app) {
-            return self
-                .reject_ci(
-                    &event,
-                    reject(RejectCode::InvalidName, message),
-                    Some(&event.object),
-                )
-                .await;
-        }
-        let expected = names::archive_object(&event.app, &event.version, &event.blake3);
+        let app = match AppName::try_from(event.app.as_str()) {
+            Ok(app) => app,
+            Err(e) => {
+                let reason = reject(RejectCode::InvalidName, e.to_string());
+                return self
+                    .reject_ci(&event, None, reason, Some(&event.object))
+                    .await;
+            }
+        };
+        let expected = names::archive_object(&app, &event.version, &event.blake3);
         if event.object != expected || event.blake3.len() != 64 {
             let message = format!(
                 "object must be named {expected:?} after the archive's BLAKE3, got {:?}",
@@ -164,6 +164,7 @@ impl Watcher {
             return self
                 .reject_ci(
                     &event,
+                    Some(&app),
                     reject(RejectCode::InvalidEvent, message),
                     Some(&event.object),
                 )
@@ -188,7 +189,7 @@ impl Watcher {
                 Some(r) => {
                     let object =
                         (!matches!(e, FetchError::NotFound(_))).then_some(event.object.as_str());
-                    return self.reject_ci(&event, r, object).await;
+                    return self.reject_ci(&event, Some(&app), r, object).await;
                 }
                 None => return Outcome::Retry(e.to_string()),
             },
@@ -199,13 +200,13 @@ impl Watcher {
             Ok(Ok(())) => {}
             Ok(Err(e)) => {
                 return self
-                    .reject_ci(&event, e.rejection(), Some(&event.object))
+                    .reject_ci(&event, Some(&app), e.rejection(), Some(&event.object))
                     .await;
             }
             Err(e) => return Outcome::Retry(format!("validation task failed: {e}")),
         }
         let detected = PackageDetected {
-            app: event.app,
+            app,
             version: event.version,
             object: event.object,
             size: fetched.size,
@@ -265,9 +266,11 @@ impl Watcher {
     }
 
     /// Rejects a release CI published (removing `object` from the store when given).
+    /// Refuses the release `event` announced; `app`: its app, when the name is one.
     async fn reject_ci(
         &self,
         event: &ReleasePublished,
+        app: Option<&AppName>,
         reason: Rejection,
         object: Option<&str>,
     ) -> Outcome {
@@ -275,7 +278,7 @@ impl Watcher {
             published_by: event.published_by.clone(),
         };
         self.reject_package(
-            Some(&event.app),
+            app,
             Some(&event.version),
             source,
             reason,
@@ -289,7 +292,7 @@ impl Watcher {
     /// nothing is kept for a refused package.
     async fn reject_package(
         &self,
-        app: Option<&str>,
+        app: Option<&AppName>,
         version: Option<&Version>,
         source: PackageSource,
         reason: Rejection,
@@ -303,7 +306,6 @@ impl Watcher {
             tracing::warn!(%object, error = %e, "cannot delete rejected archive");
         }
         if let (Some(app), Some(version)) = (app, version)
-            && names::validate_app_name(app).is_ok()
             && let Err(e) = self
                 .bus
                 .record_rejection(app, version, blake3, &reason, false)
@@ -313,7 +315,7 @@ impl Watcher {
         }
         let code = reason.code;
         let event = PackageRejected {
-            app: app.map(String::from),
+            app: app.cloned(),
             version: version.cloned(),
             source,
             reason,

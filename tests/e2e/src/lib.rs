@@ -11,7 +11,7 @@ use async_nats::jetstream::consumer::{DeliverPolicy, pull};
 use fleetcast_events::names;
 use fleetcast_events::tree::{ChunkList, TreeFile};
 use fleetcast_events::v1::ReleaseRecord;
-use fleetcast_events::{SecretKey, TrustedKeys};
+use fleetcast_events::{AppName, RingName, SecretKey, TrustedKeys};
 use fleetcast_harness::NatsServer;
 use fleetcast_package::chunking::{self, ChunkId};
 use fleetcast_runtime::{Bus, NatsSettings};
@@ -461,13 +461,13 @@ impl Pipeline {
         fleetcast_agent::Settings {
             nats: self.nats_settings(),
             agent_id: id.into(),
-            ring: ring.into(),
+            ring: RingName::try_from(ring).expect("ring"),
             data_dir: host.join("data"),
             trusted_keys: vec![self.key.public().to_text()],
             heartbeat: Duration::from_secs(1),
             slot_retry: Duration::from_millis(500),
             apps: vec![fleetcast_agent::settings::AppSettings {
-                name: "shapp".into(),
+                name: AppName::from_static("shapp"),
                 command: vec!["bin/run".into()],
                 env: std::collections::BTreeMap::from([(
                     "STATE_DIR".to_string(),
@@ -740,7 +740,7 @@ pub fn ring(
 ) -> fleetcast_tracker::policy::RingPolicy {
     use fleetcast_tracker::policy::{Amount, RingPolicy};
     RingPolicy {
-        name: name.into(),
+        name: RingName::try_from(name).expect("ring"),
         parallel: Amount::Count(parallel),
         soak: Duration::ZERO,
         max_failures: Amount::Count(max_failures),
@@ -760,7 +760,7 @@ pub async fn fleet_in(
 ) -> (tempfile::TempDir, u16) {
     let port = free_addr().port();
     settings.listen = std::net::SocketAddr::from(([127, 0, 0, 1], port));
-    settings.apps.insert("shapp".into(), policy);
+    settings.apps.insert(AppName::from_static("shapp"), policy);
     p.start_tracker_with(settings);
     let hosts = tempfile::tempdir().expect("tmp");
     for (id, ring) in agents {
@@ -794,7 +794,7 @@ pub async fn rollout_phase(
         // A tracker just (re)started may not answer yet.
         let reply = p
             .tracker_command(&fleetcast_events::tracker::Command::Show {
-                app: "shapp".into(),
+                app: AppName::from_static("shapp"),
             })
             .await;
         if let Some(r) = reply
@@ -927,7 +927,9 @@ impl Pipeline {
     pub async fn desire(&self, app: &str, ring: &str, version: &str) {
         let bus = self.bus().await.expect("bus");
         let version = semver::Version::parse(version).expect("version");
-        fleetcast_cli::desire(&bus, app, ring, &version)
+        let app = AppName::try_from(app).expect("app");
+        let ring = RingName::try_from(ring).expect("ring");
+        fleetcast_cli::desire(&bus, &app, &ring, &version)
             .await
             .expect("desire");
     }

@@ -1,6 +1,7 @@
 //! The agent end to end: a real pipeline stores releases, the desired state is written to the
 //! bucket the agent watches, and the agent supervises real processes through each update.
 
+use fleetcast_events::{AppName, RingName};
 use std::path::Path;
 use std::time::Duration;
 
@@ -163,8 +164,8 @@ async fn desire_state(
 ) {
     let bus = p.bus().await.expect("bus");
     let desired = fleetcast_events::v1::DesiredState {
-        app: "shapp".into(),
-        ring: "default".into(),
+        app: AppName::from_static("shapp"),
+        ring: RingName::from_static("default"),
         version: v(version),
         manifest,
         slot,
@@ -221,7 +222,7 @@ async fn bad_announcements_are_refused_and_the_app_keeps_running() {
     // Wrong software: a valid release of another app, announced under this app's key.
     let other_app = {
         let mut m: Manifest = serde_json::from_str(&good.manifest).expect("manifest json");
-        m.app = "otherapp".into();
+        m.app = AppName::from_static("otherapp");
         m.version = v("9.3.0");
         SignedManifest::sign(&m, &[&p.key]).expect("sign")
     };

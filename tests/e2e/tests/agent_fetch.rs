@@ -2,6 +2,7 @@
 //! the real chunk store, fetching only the tree nodes and chunks the installed version lacks,
 //! refusing tampered chunks and nodes, resuming.
 
+use fleetcast_events::AppName;
 use std::os::unix::fs::PermissionsExt;
 use std::sync::atomic::{AtomicUsize, Ordering};
 
@@ -68,7 +69,7 @@ async fn store(bus: &Bus) -> NatsChunks {
             .await
             .expect("agent bus")
             .chunks,
-        app: "app".into(),
+        app: AppName::from_static("app"),
     }
 }
 
@@ -471,7 +472,7 @@ async fn a_rebuilt_binary_comes_as_a_patch_from_the_installed_build() {
     );
     // What the tracker asks once v2 is stored and its fleet runs v1.
     let wanted = PatchesWanted {
-        app: "app".into(),
+        app: AppName::from_static("app"),
         version: v("2.0.0"),
         bases: vec![v("1.0.0")],
     };

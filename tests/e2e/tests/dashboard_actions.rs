@@ -5,6 +5,7 @@
 //! back from the page, each after a confirmation naming the app, version and release; signed
 //! in with a read token the page shows the refusal; without a token it offers no way to act.
 
+use fleetcast_events::{AppName, RingName};
 use std::time::Duration;
 
 use fleetcast_e2e::browser::Browser;
@@ -48,11 +49,11 @@ fn start_tracker(p: &mut Pipeline, as_role: bool) -> (u16, Tokens) {
         ],
     };
     settings.apps.insert(
-        "shapp".into(),
+        AppName::from_static("shapp"),
         AppPolicy {
             approval: Approval::Manual,
             rings: vec![RingPolicy {
-                name: "canary".into(),
+                name: RingName::from_static("canary"),
                 ..AppPolicy::default().rings.remove(0)
             }],
         },

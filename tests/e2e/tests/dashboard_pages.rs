@@ -6,6 +6,7 @@
 //! `target/tmp/dashboard-screenshots/`) and the screenshot checked: not blank, the banner's or
 //! the halt mark's colour where it must be, and nowhere else.
 
+use fleetcast_events::AppName;
 use std::time::Duration;
 
 use fleetcast_e2e::browser::{Screenshot, page_dom};
@@ -260,7 +261,9 @@ async fn a_halted_rollout_is_marked_on_its_timeline_and_in_the_history() {
     p.stop("tracker").await;
     let mut settings = p.tracker_settings();
     settings.listen = std::net::SocketAddr::from(([127, 0, 0, 1], port));
-    settings.apps.insert("shapp".into(), policy());
+    settings
+        .apps
+        .insert(AppName::from_static("shapp"), policy());
     p.start_tracker_with(settings);
     fleetcast_e2e::eventually("the tracker listens again", || {
         std::net::TcpStream::connect(("127.0.0.1", port)).is_ok()

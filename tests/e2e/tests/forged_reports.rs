@@ -11,6 +11,7 @@
 //! The server runs from the shipped `ops/nats/secure.conf` with the accounts and TLS that
 //! `ops/nats/gen-accounts --tls` issues (`Pipeline::new_closed`): what is tested is what ships.
 
+use fleetcast_events::{AgentId, AppName, RingName};
 use std::time::Duration;
 
 use fleetcast_e2e::{Pipeline, TIMEOUT, Violations, free_addr, http_get, running, script_app};
@@ -31,12 +32,12 @@ fn v(s: &str) -> semver::Version {
 
 fn heartbeat(agent_id: &str, ring: &str, running: Option<&str>) -> AgentHeartbeat {
     AgentHeartbeat {
-        agent_id: agent_id.into(),
+        agent_id: AgentId::try_from(agent_id).expect("name"),
         host: agent_id.into(),
-        ring: ring.into(),
+        ring: RingName::try_from(ring).expect("name"),
         labels: Default::default(),
         apps: vec![AppHeartbeat {
-            app: "shapp".into(),
+            app: AppName::from_static("shapp"),
             state: AppState::Running,
             running: running.map(v),
             staged: None,
@@ -52,8 +53,8 @@ fn heartbeat(agent_id: &str, ring: &str, running: Option<&str>) -> AgentHeartbea
 
 fn status(agent_id: &str, app: &str, state: AppState, version: &str) -> AgentStatus {
     AgentStatus {
-        agent_id: agent_id.into(),
-        app: app.into(),
+        agent_id: AgentId::try_from(agent_id).expect("name"),
+        app: AppName::try_from(app).expect("name"),
         state,
         version: Some(v(version)),
         progress_bytes: None,
@@ -81,7 +82,7 @@ fn one_ring() -> AppPolicy {
     AppPolicy {
         approval: Approval::Auto,
         rings: vec![RingPolicy {
-            name: "default".into(),
+            name: RingName::from_static("default"),
             parallel: Amount::Count(1),
             soak: Duration::ZERO,
             max_failures: Amount::Count(1),
@@ -97,7 +98,7 @@ fn start_tracker(p: &mut Pipeline, listen: std::net::SocketAddr, policy: AppPoli
     settings.listen = listen;
     // The test's agents report when it says: they must not turn stale meanwhile.
     settings.stale_after = Duration::from_secs(600);
-    settings.apps.insert("shapp".into(), policy);
+    settings.apps.insert(AppName::from_static("shapp"), policy);
     p.start_tracker_as_role(settings);
 }
 
@@ -296,9 +297,9 @@ async fn one_agents_credentials_cannot_report_as_another_agent_ring_or_app() {
 async fn slot_requests_are_their_subjects_agent_and_replies_go_to_its_inbox_only() {
     let (p, port, h1, refused_by_server) = rolling_out().await;
     let request = |agent_id: &str, app: &str, ring: &str| SlotRequest {
-        agent_id: agent_id.into(),
-        app: app.into(),
-        ring: ring.into(),
+        agent_id: AgentId::try_from(agent_id).expect("name"),
+        app: AppName::try_from(app).expect("name"),
+        ring: RingName::try_from(ring).expect("name"),
         version: v("1.0.0"),
     };
 

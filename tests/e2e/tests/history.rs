@@ -3,6 +3,7 @@
 //! is recorded once, with who did it as the server authenticated them (the NATS user whose
 //! credential alone may publish on the subject), never what a message claims.
 
+use fleetcast_events::{AppName, RingName};
 use std::time::Duration;
 
 use fleetcast_e2e::{Pipeline, TIMEOUT, eventually, running, script_app};
@@ -48,7 +49,7 @@ async fn wait_for(
         let all = history(
             bus,
             HistoryQuery {
-                app: Some("shapp".into()),
+                app: Some(AppName::from_static("shapp")),
                 limit: Some(1000),
                 ..Default::default()
             },
@@ -73,11 +74,11 @@ async fn every_step_and_action_is_recorded_once_with_who_did_it() {
     p.start_pipeline_as_roles();
     let mut settings = p.tracker_settings();
     settings.apps.insert(
-        "shapp".into(),
+        AppName::from_static("shapp"),
         AppPolicy {
             approval: Approval::Manual,
             rings: vec![RingPolicy {
-                name: "default".into(),
+                name: RingName::from_static("default"),
                 parallel: Amount::Count(1),
                 soak: Duration::ZERO,
                 max_failures: Amount::Count(1),
@@ -131,7 +132,7 @@ async fn every_step_and_action_is_recorded_once_with_who_did_it() {
 
     // Alice approves; she also asks for an app that has no rollout (refused).
     let approve = Command::Approve {
-        app: "shapp".into(),
+        app: AppName::from_static("shapp"),
         version: Some(v("1.0.0")),
     };
     let reply = fleetcast_cli::tracker(&alice, &approve)
@@ -141,7 +142,7 @@ async fn every_step_and_action_is_recorded_once_with_who_did_it() {
     let reply = fleetcast_cli::tracker(
         &alice,
         &Command::Pause {
-            app: "nosuch".into(),
+            app: AppName::from_static("nosuch"),
         },
     )
     .await
@@ -179,7 +180,7 @@ async fn every_step_and_action_is_recorded_once_with_who_did_it() {
     let reply = fleetcast_cli::tracker(
         &alice,
         &Command::Approve {
-            app: "shapp".into(),
+            app: AppName::from_static("shapp"),
             version: Some(v("1.1.0")),
         },
     )

@@ -3,6 +3,7 @@
 //! agent set up as `ops/run-local` sets them up, and CI uploads whose event is refused do not
 //! stay in the incoming store.
 
+use fleetcast_events::AppName;
 use std::time::Duration;
 
 use fleetcast_e2e::Pipeline;
@@ -271,7 +272,7 @@ fn demo_agent(
     let port = fleetcast_harness::free_port().expect("port");
     let mut settings = p.agent_settings(id, id, host);
     let app = &mut settings.apps[0];
-    app.name = "demo".into();
+    app.name = AppName::from_static("demo");
     app.command = vec![command.into()];
     app.env = [("FLEETCAST_DEMO_APP_PORT".to_string(), port.to_string())].into();
     if let Some(dir) = path {

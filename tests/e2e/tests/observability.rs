@@ -1,6 +1,7 @@
 //! What operators watch: every service's `/health` and `/metrics`, after real work on a real
 //! nats-server, and `/health` turning 503 while a service is cut off from NATS.
 
+use fleetcast_events::AppName;
 use std::future::Future;
 use std::net::SocketAddr;
 use std::time::Duration;
@@ -108,7 +109,7 @@ async fn pipeline_services_count_their_work_and_report_health() {
     assert_eq!(refused.reason.code, RejectCode::VersionNotNewer);
     p.release("shapp", "1.1.0", &sample_package("1.1.0")).await;
     let bus = p.bus().await.expect("bus");
-    fleetcast_cli::request_rollback(&bus, "shapp", &v("1.0.0"), None)
+    fleetcast_cli::request_rollback(&bus, &AppName::from_static("shapp"), &v("1.0.0"), None)
         .await
         .expect("rollback requested");
     p.wait_event(ROLLBACK_SIGNED, |e: &RollbackSigned| e.to == v("1.0.0"))

@@ -10,6 +10,7 @@
 //! `ops/nats/gen-accounts --tls` issues (`Pipeline::new_closed`): what is tested is what ships.
 
 use fleetcast_e2e::{Pipeline, TIMEOUT, eventually, running, script_app};
+use fleetcast_events::AppName;
 use fleetcast_events::names;
 use fleetcast_events::v1::ReleaseState;
 use fleetcast_harness::accounts::{AgentSpec, agent_inbox_prefix};
@@ -75,7 +76,7 @@ async fn a_release_reaches_every_agent_with_each_program_under_its_own_identity(
     // CI follows the rollout (`fleetcast rollout watch`), an operator asks the tracker.
     let view = tokio::time::timeout(
         TIMEOUT,
-        fleetcast_cli::watch_rollout(&ci, "shapp", Some(&v1)),
+        fleetcast_cli::watch_rollout(&ci, &AppName::from_static("shapp"), Some(&v1)),
     )
     .await
     .expect("rollout ends")
@@ -85,7 +86,7 @@ async fn a_release_reaches_every_agent_with_each_program_under_its_own_identity(
     let reply = fleetcast_cli::tracker(
         &operator,
         &fleetcast_events::tracker::Command::Show {
-            app: "shapp".into(),
+            app: AppName::from_static("shapp"),
         },
     )
     .await

@@ -2,6 +2,7 @@
 //! at once than the ring allows (checked from the agents' own status events), and a version
 //! that fails crosses the threshold and halts before later rings receive it.
 
+use fleetcast_events::{AppName, RingName};
 use std::time::Duration;
 
 use fleetcast_e2e::{Pipeline, TIMEOUT, eventually, fleet_in, ring, rollout_phase, script_app};
@@ -72,7 +73,11 @@ async fn statuses(p: &Pipeline) -> Vec<AgentStatus> {
 fn spans(
     all: &[AgentStatus],
     version: &Version,
-) -> Vec<(String, time::OffsetDateTime, time::OffsetDateTime)> {
+) -> Vec<(
+    fleetcast_events::AgentId,
+    time::OffsetDateTime,
+    time::OffsetDateTime,
+)> {
     let mut out = Vec::new();
     for s in all
         .iter()
@@ -233,7 +238,7 @@ async fn manual_approval_downloads_early_and_an_operator_steers_the_rollout() {
     }
     let wrong = p
         .tracker_command(&Command::Approve {
-            app: "shapp".into(),
+            app: AppName::from_static("shapp"),
             version: Some(v("9.9.9")),
         })
         .await
@@ -241,7 +246,7 @@ async fn manual_approval_downloads_early_and_an_operator_steers_the_rollout() {
     assert!(!wrong.ok, "approving another version is refused");
     let approved = p
         .tracker_command(&Command::Approve {
-            app: "shapp".into(),
+            app: AppName::from_static("shapp"),
             version: None,
         })
         .await
@@ -259,14 +264,14 @@ async fn manual_approval_downloads_early_and_an_operator_steers_the_rollout() {
     rollout_phase(&p, Phase::AwaitingApproval).await;
     let paused = p
         .tracker_command(&Command::Pause {
-            app: "shapp".into(),
+            app: AppName::from_static("shapp"),
         })
         .await
         .expect("pause");
     assert!(paused.ok && paused.rollout.is_some_and(|r| r.paused));
     let aborted = p
         .tracker_command(&Command::Abort {
-            app: "shapp".into(),
+            app: AppName::from_static("shapp"),
         })
         .await
         .expect("abort");
@@ -303,7 +308,7 @@ async fn a_tracker_restarted_mid_rollout_continues_where_it_was() {
         .expect("first host switched");
     p.kill("tracker");
     let mut settings = p.tracker_settings();
-    settings.apps.insert("shapp".into(), policy);
+    settings.apps.insert(AppName::from_static("shapp"), policy);
     p.start_tracker_with(settings);
     let done = rollout_phase(&p, Phase::Completed).await;
     assert_eq!(done.rings.iter().map(|r| r.done).sum::<usize>(), 3);
@@ -314,10 +319,13 @@ async fn watch(
     bus: &fleetcast_runtime::Bus,
     version: Option<&Version>,
 ) -> fleetcast_events::tracker::RolloutSummary {
-    tokio::time::timeout(TIMEOUT, fleetcast_cli::watch_rollout(bus, "shapp", version))
-        .await
-        .expect("the rollout never ended")
-        .expect("watch")
+    tokio::time::timeout(
+        TIMEOUT,
+        fleetcast_cli::watch_rollout(bus, &AppName::from_static("shapp"), version),
+    )
+    .await
+    .expect("the rollout never ended")
+    .expect("watch")
 }
 
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
@@ -491,7 +499,7 @@ async fn a_stale_host_does_not_block_completion_and_converges_when_it_returns() 
     // The one host behind, and why.
     let laggards = p
         .tracker_command(&Command::Laggards {
-            app: Some("shapp".into()),
+            app: Some(AppName::from_static("shapp")),
         })
         .await
         .expect("laggards")
@@ -586,9 +594,14 @@ async fn a_rollback_goes_through_the_signer_and_rolls_out_ring_by_ring() {
 
     // One ring first: only the canary goes back.
     let bus = p.bus().await.expect("bus");
-    let from = fleetcast_cli::request_rollback(&bus, "shapp", &v("1.0.0"), Some("canary"))
-        .await
-        .expect("rollback");
+    let from = fleetcast_cli::request_rollback(
+        &bus,
+        &AppName::from_static("shapp"),
+        &v("1.0.0"),
+        Some(&RingName::from_static("canary")),
+    )
+    .await
+    .expect("rollback");
     assert_eq!(from, v("2.0.0"));
     let back = watch(&bus, Some(&v("1.0.0"))).await;
     assert_eq!(back.phase, Phase::Completed);
@@ -601,7 +614,7 @@ async fn a_rollback_goes_through_the_signer_and_rolls_out_ring_by_ring() {
     );
 
     // Then the whole app.
-    fleetcast_cli::request_rollback(&bus, "shapp", &v("1.0.0"), None)
+    fleetcast_cli::request_rollback(&bus, &AppName::from_static("shapp"), &v("1.0.0"), None)
         .await
         .expect("rollback");
     for id in ["b1", "b2"] {
@@ -609,7 +622,7 @@ async fn a_rollback_goes_through_the_signer_and_rolls_out_ring_by_ring() {
     }
     // A rollback to a version never stored is refused before anything is signed.
     assert!(
-        fleetcast_cli::request_rollback(&bus, "shapp", &v("0.5.0"), None)
+        fleetcast_cli::request_rollback(&bus, &AppName::from_static("shapp"), &v("0.5.0"), None)
             .await
             .is_err()
     );
@@ -798,7 +811,7 @@ async fn shapp_history(
     Vec<fleetcast_events::v1::HistoryEntry>,
 ) {
     let query = fleetcast_events::tracker::HistoryQuery {
-        app: Some("shapp".into()),
+        app: Some(AppName::from_static("shapp")),
         kind: Some(kind),
         version: None,
         actor: None,
@@ -932,7 +945,7 @@ async fn a_stuck_host_is_asked_to_retry_then_to_restart() {
         actions,
         [
             RemedyAction::Retry {
-                app: "shapp".into()
+                app: AppName::from_static("shapp")
             },
             RemedyAction::Restart
         ]

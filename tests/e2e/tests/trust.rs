@@ -3,6 +3,7 @@
 //! by too few keys is refused; an agent whose timestamps stop coming reports stale metadata and
 //! the tracker shows it.
 
+use fleetcast_events::{AppName, RingName};
 use std::path::{Path, PathBuf};
 use std::time::Duration;
 
@@ -55,8 +56,8 @@ async fn announce_signed_by(p: &Pipeline, like: &str, version: &str, keys: &[&Se
     let mut manifest: Manifest = serde_json::from_str(&stored.manifest).expect("manifest json");
     manifest.version = v(version);
     let desired = DesiredState {
-        app: "shapp".into(),
-        ring: "default".into(),
+        app: AppName::from_static("shapp"),
+        ring: RingName::from_static("default"),
         version: v(version),
         manifest: SignedManifest::sign(&manifest, keys).expect("sign"),
         slot: false,

@@ -4,6 +4,7 @@
 //! unreadable is isolated while the other apps on the host keep running and updating. (The
 //! saved trust state and the clock checks are unit tests of `fleetcast_runtime::trust`.)
 
+use fleetcast_events::AppName;
 use std::path::{Path, PathBuf};
 use std::time::Duration;
 
@@ -50,7 +51,7 @@ async fn a_chain_of_links_that_climbs_out_is_refused_by_the_watcher() {
 async fn request_rollback(p: &Pipeline, to: &str, from: &str) {
     let bus = p.bus().await.expect("bus");
     let request = RollbackRequested {
-        app: "shapp".into(),
+        app: AppName::from_static("shapp"),
         to: v(to),
         from: v(from),
         ring: None,
@@ -129,7 +130,7 @@ fn start_two_apps(p: &Pipeline, host: &Path) -> (Agent, PathBuf, PathBuf) {
     let other_state = host.join("state-other");
     std::fs::create_dir_all(&other_state).expect("state");
     let mut other = settings.apps[0].clone();
-    other.name = "other".into();
+    other.name = AppName::from_static("other");
     other
         .env
         .insert("STATE_DIR".into(), other_state.display().to_string());

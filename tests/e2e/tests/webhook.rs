@@ -5,6 +5,7 @@
 //! that refuses (410) gets each entry once and is not asked again; a restarted tracker goes
 //! on where its webhooks were.
 
+use fleetcast_events::{AppName, RingName};
 use std::sync::{Arc, Mutex};
 use std::time::Duration;
 
@@ -155,17 +156,17 @@ async fn a_halted_rollout_reaches_a_receiver_that_was_down_once_and_signed() {
         url: format!("http://{receiver_addr}{path}"),
         secret_file: secret_file.clone(),
         kinds: vec![HistoryKind::RolloutHalted, HistoryKind::OperatorAction],
-        apps: vec!["shapp".into()],
+        apps: vec![AppName::from_static("shapp")],
     };
     let mut settings = p.tracker_settings();
     let port = fleetcast_e2e::free_addr().port();
     settings.listen = std::net::SocketAddr::from(([127, 0, 0, 1], port));
     settings.apps.insert(
-        "shapp".into(),
+        AppName::from_static("shapp"),
         AppPolicy {
             approval: Approval::Auto,
             rings: vec![RingPolicy {
-                name: "canary".into(),
+                name: RingName::from_static("canary"),
                 parallel: Amount::Count(1),
                 soak: Duration::ZERO,
                 max_failures: Amount::Count(1),
@@ -228,7 +229,7 @@ async fn a_halted_rollout_reaches_a_receiver_that_was_down_once_and_signed() {
     // still to come about the halt (a duplicate) would come before it.
     let reply = p
         .tracker_command(&Command::Abort {
-            app: "shapp".into(),
+            app: AppName::from_static("shapp"),
         })
         .await
         .expect("abort");
@@ -247,7 +248,7 @@ async fn a_halted_rollout_reaches_a_receiver_that_was_down_once_and_signed() {
     // (a consumer made anew would start after it).
     p.stop("tracker").await;
     let mut away = HistoryEntry::new(HistoryKind::RolloutHalted, time::OffsetDateTime::now_utc());
-    away.app = Some("shapp".into());
+    away.app = Some(AppName::from_static("shapp"));
     away.reason = Some("recorded while the tracker was stopped".into());
     admin
         .publish_event(
