@@ -343,6 +343,12 @@ struct Planner<'a, I> {
     /// Files made by a patch already.
     patched: &'a std::collections::HashSet<&'a str>,
     queue: VecDeque<Job>,
+    /// The partial folder is an interrupted attempt's: a file may be there already.
+    resumed: bool,
+    /// The folder the last file went into, made already: files come in tree order, so most
+    /// share their predecessor's (a version of thousands of unchanged files is mostly links,
+    /// and each system call saved is a good part of one).
+    made_dir: Option<PathBuf>,
 }
 
 impl<'a, I: Iterator<Item = (&'a TreeFile, &'a &'a [ChunkRef])>> Planner<'a, I> {
@@ -364,10 +370,13 @@ impl<'a, I: Iterator<Item = (&'a TreeFile, &'a &'a [ChunkRef])>> Planner<'a, I> 
                 continue;
             }
             let path = self.partial.join(&entry.path);
-            if let Some(parent) = path.parent() {
+            if let Some(parent) = path.parent()
+                && self.made_dir.as_deref() != Some(parent)
+            {
                 std::fs::create_dir_all(parent).map_err(io_err(parent))?;
+                self.made_dir = Some(parent.to_path_buf());
             }
-            if link_unchanged(self.local, entry, &path).map_err(io_err(&path))? {
+            if link_unchanged(self.local, entry, &path, self.resumed).map_err(io_err(&path))? {
                 report.linked_files += 1;
                 continue;
             }
@@ -432,7 +441,8 @@ pub async fn assemble(
     }
     let listed = check_files(files)?;
     let partial = root.partial_dir(version);
-    if partial.is_dir() {
+    let resumed = partial.is_dir();
+    if resumed {
         // An interrupted attempt may have sealed files (or, just before its rename, the whole
         // folder): writable for the agent again, so it can be resumed without root.
         crate::isolation::unseal_tree(&partial).map_err(io_err(&partial))?;
@@ -467,6 +477,8 @@ pub async fn assemble(
         local,
         patched: &patched,
         queue: VecDeque::new(),
+        resumed,
+        made_dir: None,
     };
 
     // A chunk that several files (or places in one) hold is fetched once: jobs in flight
@@ -570,15 +582,21 @@ pub async fn assemble(
 /// Takes an unchanged file from an installed version by a hard link: the same inode, verified
 /// when its version was installed, sealed read-only and already durable, so nothing is written
 /// or synced for it. Whether it did; where the filesystem will not link (another device, too
-/// many links) the file is assembled as any other.
+/// many links) the file is assembled as any other. `resumed`: `path` may be there already,
+/// from an interrupted attempt.
 fn link_unchanged(
     local: &LocalChunks,
     entry: &fleetcast_events::manifest::FileEntry,
     path: &Path,
+    resumed: bool,
 ) -> io::Result<bool> {
     use std::os::unix::fs::MetadataExt;
     let source = local.same_file(entry);
-    if let Ok(existing) = std::fs::symlink_metadata(path) {
+    // A fresh attempt has nothing there (patched files never come here): no need to look.
+    let existing = resumed
+        .then(|| std::fs::symlink_metadata(path).ok())
+        .flatten();
+    if let Some(existing) = existing {
         let same_inode = source
             .and_then(|s| std::fs::metadata(s).ok())
             .is_some_and(|s| s.ino() == existing.ino() && s.dev() == existing.dev());
