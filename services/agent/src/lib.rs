@@ -10,6 +10,7 @@
 pub mod assemble;
 pub mod crash_policy;
 pub mod fault;
+mod follow;
 pub mod health;
 pub mod install;
 pub mod isolation;
@@ -26,7 +27,7 @@ pub mod updater;
 
 use std::time::Duration;
 
-use fleetcast_events::names::{agent_heartbeat_subject, desired_key, desired_subject};
+use fleetcast_events::names::agent_heartbeat_subject;
 use fleetcast_events::v1::{AgentHeartbeat, DesiredState};
 use fleetcast_events::{AgentId, AppName, Encoding};
 use fleetcast_runtime::observe::{self, Endpoint, ObserveError};
@@ -429,272 +430,172 @@ fn spread(agent_id: &str, what: &str, period: Duration) -> tokio::time::Interval
     ticker
 }
 
-/// How long after a read made on (re)connecting it is made again (see `app_loop`).
+/// How long after a read made on (re)connecting it is made again: a read is served by any
+/// replica of the bucket, and one that has not applied a write made while this agent was away
+/// would hide it until the slow re-check.
 const CONFIRM_READ_AFTER: Duration = Duration::from_secs(3);
 
-/// Reads in a row whose revision is older than one read before, ignored before it is believed.
-const MAX_STALE_READS: u32 = 5;
-
-/// The revisions of the desired state read so far. A read is served by any replica of the
-/// bucket, and one that is behind answers with an older revision than a read before it: its
-/// value is ignored (it would cancel a newer version waiting for its window, or be reported as
-/// a replayed announcement) and the store read again soon. After [`MAX_STALE_READS`] such
-/// reads in a row the older revision is believed: the bucket may have been made anew.
-#[derive(Debug, Default)]
-struct Reads {
-    newest: u64,
-    stale_in_a_row: u32,
+/// Everything an app's loop waits on besides its desired state's announcements.
+struct Signals {
+    connections: watch::Receiver<u64>,
+    /// The client is still there (not shutting down): reconnects are worth watching.
+    client_alive: bool,
+    /// When the read made on (re)connecting is made once more.
+    confirm_at: Option<tokio::time::Instant>,
+    /// The slow re-check of the stored value.
+    ticker: tokio::time::Interval,
+    /// A new root may accept what the old one refused.
+    roots: watch::Receiver<u64>,
+    /// What the app does between updates (a start refused, a start that works again) is
+    /// reported; what it does during one, the update itself reports, so each update starts a
+    /// fresh subscription.
+    app_events: tokio::sync::broadcast::Receiver<supervisor::Event>,
+    app_events_open: bool,
+    nudges: Nudges,
 }
 
-impl Reads {
-    /// Whether an announcement of `revision` is to be acted on: not when a read already
-    /// brought a later one (the two can cross).
-    fn pushed(&mut self, revision: u64) -> bool {
-        if revision < self.newest {
-            return false;
-        }
-        self.newest = revision;
-        true
-    }
+/// What an app's loop does next.
+enum Next {
+    /// Apply this desired state (as received or read); `None`: nothing to apply this time.
+    Desired(Option<Vec<u8>>),
+    /// The announcements' subscription ended: make it again.
+    Resubscribe,
+    Shutdown,
+}
 
-    /// Whether a read of `revision` is to be acted on.
-    fn fresh(&mut self, revision: u64) -> bool {
-        if revision < self.newest && self.stale_in_a_row < MAX_STALE_READS {
-            self.stale_in_a_row += 1;
-            return false;
-        }
-        self.newest = revision;
-        self.stale_in_a_row = 0;
-        true
+impl Signals {
+    /// Waits for the next thing to act on: an announcement, a reconnect, a re-check or retry
+    /// that is due, the tracker's retry, a new root (each a desired state to apply, read from
+    /// the store unless one waits), or the app's own events and this agent's soak (handled
+    /// here).
+    async fn next(
+        &mut self,
+        announcements: &mut async_nats::Subscriber,
+        feed: &mut follow::DesiredFeed,
+        retry: &mut follow::Retry,
+        runner: &mut AppRunner,
+        beat: &watch::Sender<updater::Snapshot>,
+        shutdown: &CancellationToken,
+    ) -> Next {
+        let at = |instant: Option<tokio::time::Instant>| async move {
+            tokio::time::sleep_until(instant.unwrap_or_else(tokio::time::Instant::now)).await
+        };
+        let desired = tokio::select! {
+            _ = shutdown.cancelled() => return Next::Shutdown,
+            message = announcements.next() => match message {
+                Some(m) => feed.announced(&m),
+                None => return Next::Resubscribe,
+            },
+            changed = self.connections.changed(), if self.client_alive => {
+                // An error: the client is gone (shutting down); stop asking.
+                self.client_alive = changed.is_ok();
+                if !self.client_alive {
+                    return Next::Desired(None);
+                }
+                self.confirm_at = Some(tokio::time::Instant::now() + CONFIRM_READ_AFTER);
+                feed.read().await
+            }
+            _ = at(self.confirm_at), if self.confirm_at.is_some() => {
+                self.confirm_at = None;
+                feed.read().await
+            }
+            _ = self.ticker.tick() => feed.read().await,
+            event = self.app_events.recv(), if self.app_events_open => {
+                match event {
+                    Ok(event) => runner.app_event(event).await,
+                    Err(tokio::sync::broadcast::error::RecvError::Lagged(_)) => {}
+                    Err(tokio::sync::broadcast::error::RecvError::Closed) => self.app_events_open = false,
+                }
+                let _ = beat.send(runner.snapshot());
+                None
+            }
+            // The trial of this agent ran its soak: it becomes current.
+            result = async { match self.nudges.soaked.as_mut() { Some(rx) => rx.await, None => std::future::pending().await } }, if self.nudges.soaked.is_some() => {
+                self.nudges.soaked = None;
+                if result.is_ok() {
+                    runner.commit_trial().await;
+                    let _ = beat.send(runner.snapshot());
+                }
+                None
+            }
+            // The tracker's remedy for a host stuck behind its ring.
+            Some(()) = self.nudges.retry.recv() => match retry.take(true) {
+                Some(waiting) => Some(waiting),
+                None => feed.read().await,
+            },
+            Ok(()) = self.roots.changed() => feed.read().await,
+            _ = at(retry.at()), if retry.at().is_some() => match retry.take(false) {
+                Some(waiting) => Some(waiting),
+                None => feed.read().await,
+            },
+        };
+        Next::Desired(desired)
     }
 }
 
 /// One app: recover, then follow its desired-state key (announcements as they are written,
 /// the stored value at start and after every reconnect, each read once more shortly after, and
-/// on a slow re-check, retries with backoff after transient failures).
+/// on a slow re-check), applying what it says, and again as the retry plan says after an
+/// update that could not finish.
 async fn app_loop(
     mut runner: AppRunner,
     bus: AgentBus,
-    mut ticker: tokio::time::Interval,
-    mut roots: watch::Receiver<u64>,
+    ticker: tokio::time::Interval,
+    roots: watch::Receiver<u64>,
     beat: watch::Sender<updater::Snapshot>,
     nudges: Nudges,
     shutdown: CancellationToken,
 ) {
-    let Nudges {
-        mut soaked,
-        mut retry,
-    } = nudges;
-    let app = runner.settings.name.clone();
-    let ring = runner.ring().to_string();
-    // What the app does between updates (a start refused, a start that works again) is
-    // reported; what it does during one, the update itself reports, so each update starts a
-    // fresh subscription.
-    let mut app_events = runner.app_events();
-    let mut app_events_open = true;
+    let mut feed = follow::DesiredFeed::new(bus.clone(), &runner.settings.name, runner.ring());
+    let mut signals = Signals {
+        connections: bus.connections.clone(),
+        client_alive: true,
+        confirm_at: None,
+        ticker,
+        roots,
+        app_events: runner.app_events(),
+        app_events_open: true,
+        nudges,
+    };
     if let Err(e) = runner.recover().await {
-        tracing::error!(%app, error = %e, "recovery failed");
+        tracing::error!(app = %runner.settings.name, error = %e, "recovery failed");
     }
     let _ = beat.send(runner.snapshot());
-    // After a transient failure: 1 s, doubling to a minute; a fresh schedule after a success.
-    let retry_delays =
-        || fleetcast_runtime::retry::delays(Duration::from_secs(1), Duration::from_secs(60));
-    let mut retry_delay = retry_delays();
-    let mut retry_at: Option<tokio::time::Instant> = None;
-    // Announcements arrive on a plain subscription to the subject the server republishes each
-    // write of the key on (with its revision): the server fans one message out to every agent
-    // at once, where a KV watch would cost a JetStream consumer per agent, each delivering on
-    // its own, and a plain subject crosses leaf nodes. A subscription misses what is written
-    // while it is disconnected, hence the reads of the stored value.
-    let subject = desired_subject(&app, &ring);
-    let key = desired_key(&app, &ring);
-    let mut connections = bus.connections.clone();
-    // A read that fails (the server just came back, a cluster is moving leaders) is tried
-    // again soon: after a reconnect it may be the only way to learn of an announcement.
-    let read_failed = std::sync::atomic::AtomicBool::new(false);
-    let reads = std::sync::Mutex::new(Reads::default());
-    let stored = async |bus: &AgentBus| match bus.desired.entry(&key).await {
-        Ok(Some(entry)) => {
-            let fresh = reads
-                .lock()
-                .unwrap_or_else(std::sync::PoisonError::into_inner)
-                .fresh(entry.revision);
-            if !fresh {
-                tracing::debug!(%key, revision = entry.revision, "read from a replica that is behind; reading again");
-                read_failed.store(true, std::sync::atomic::Ordering::Relaxed);
-                return None;
-            }
-            (entry.operation == async_nats::jetstream::kv::Operation::Put)
-                .then(|| entry.value.to_vec())
-        }
-        Ok(None) => None,
-        Err(e) => {
-            tracing::debug!(%key, error = %e, "desired state not read, retrying");
-            read_failed.store(true, std::sync::atomic::Ordering::Relaxed);
-            None
-        }
-    };
-    let mut client_alive = true;
-    // A desired state that was accepted but could not be finished yet (window, slot,
-    // transient failure): the retry applies it again.
-    let mut pending: Option<(semver::Version, Vec<u8>)> = None;
-    'follow: loop {
-        let mut announcements = match bus.client.subscribe(subject.clone()).await {
-            Ok(s) => s,
-            Err(e) => {
-                tracing::warn!(%app, error = %e, "cannot subscribe to announcements, retrying");
-                tokio::select! {
-                    _ = shutdown.cancelled() => break 'follow,
-                    _ = tokio::time::sleep(Duration::from_secs(1)) => continue,
-                }
-            }
-        };
-        connections.mark_unchanged();
-        let mut read_stored = true;
-        // Each read made because the connection was (re)made is made once more a little later:
-        // a read is served by any replica of the bucket, and one that has not applied a write
-        // made while this agent was away would hide it until the slow re-check.
-        let mut confirm_at: Option<tokio::time::Instant> = None;
+    let mut retry = follow::Retry::default();
+    'follow: while let Some(mut announcements) = feed.subscribe(&shutdown).await {
+        signals.connections.mark_unchanged();
+        // What was written while there was no subscription, read first.
+        signals.confirm_at = Some(tokio::time::Instant::now() + CONFIRM_READ_AFTER);
+        let mut desired = feed.read().await;
         loop {
-            let desired: Option<Vec<u8>> = if std::mem::take(&mut read_stored) {
-                confirm_at = Some(tokio::time::Instant::now() + CONFIRM_READ_AFTER);
-                stored(&bus).await
-            } else {
-                tokio::select! {
-                    _ = shutdown.cancelled() => break 'follow,
-                    message = announcements.next() => match message {
-                        Some(m) => {
-                            let headers = m.headers.as_ref();
-                            let revision = headers
-                                .and_then(|h| h.get("Nats-Sequence"))
-                                .and_then(|v| v.as_str().parse::<u64>().ok());
-                            let newer = revision.is_none_or(|r| {
-                                reads.lock().unwrap_or_else(std::sync::PoisonError::into_inner).pushed(r)
-                            });
-                            if !newer {
-                                // Overtaken by a read of a later revision; read again to be sure.
-                                read_failed.store(true, std::sync::atomic::Ordering::Relaxed);
-                                None
-                            } else if headers.is_some_and(|h| h.get("KV-Operation").is_some()) {
-                                // A delete or purge of the key carries its operation in a header.
-                                None
-                            } else {
-                                Some(m.payload.to_vec())
-                            }
-                        }
-                        None => break, // subscription ended: make it again
-                    },
-                    changed = connections.changed(), if client_alive => {
-                        // An error: the client is gone (shutting down); stop asking.
-                        client_alive = changed.is_ok();
-                        if client_alive {
-                            confirm_at = Some(tokio::time::Instant::now() + CONFIRM_READ_AFTER);
-                            stored(&bus).await
-                        } else {
-                            None
-                        }
-                    }
-                    _ = async { tokio::time::sleep_until(confirm_at.unwrap_or_else(tokio::time::Instant::now)).await }, if confirm_at.is_some() => {
-                        confirm_at = None;
-                        stored(&bus).await
-                    }
-                    _ = ticker.tick() => stored(&bus).await,
-                    event = app_events.recv(), if app_events_open => {
-                        match event {
-                            Ok(event) => runner.app_event(event).await,
-                            Err(tokio::sync::broadcast::error::RecvError::Lagged(_)) => {}
-                            Err(tokio::sync::broadcast::error::RecvError::Closed) => app_events_open = false,
-                        }
-                        let _ = beat.send(runner.snapshot());
-                        None
-                    }
-                    // The trial of this agent ran its soak: it becomes current.
-                    result = async { match soaked.as_mut() { Some(rx) => rx.await, None => std::future::pending().await } }, if soaked.is_some() => {
-                        soaked = None;
-                        if result.is_ok() {
-                            runner.commit_trial().await;
-                            let _ = beat.send(runner.snapshot());
-                        }
-                        None
-                    }
-                    // The tracker's remedy for a host stuck behind its ring.
-                    Some(()) = retry.recv() => {
-                        retry_at = None;
-                        retry_delay = retry_delays();
-                        match &pending {
-                            Some((_, bytes)) => Some(bytes.clone()),
-                            None => stored(&bus).await,
-                        }
-                    }
-                    // A new root may accept what the old one refused.
-                    Ok(()) = roots.changed() => stored(&bus).await,
-                    _ = async { tokio::time::sleep_until(retry_at.unwrap_or_else(tokio::time::Instant::now)).await }, if retry_at.is_some() => {
-                        retry_at = None;
-                        // The announcement that has to wait, as received: a read of the store
-                        // now may come from a replica that has not caught up with it yet.
-                        match &pending {
-                            Some((_, bytes)) => Some(bytes.clone()),
-                            None => stored(&bus).await,
-                        }
-                    }
-                }
-            };
-            let failed = read_failed.swap(false, std::sync::atomic::Ordering::Relaxed);
-            if !failed && runner.is_self() {
+            if feed.take_failed() {
+                retry.soon(tokio::time::Instant::now());
+            } else if runner.is_self() {
                 launched::desired_read();
             }
-            if failed {
-                let soon = tokio::time::Instant::now() + Duration::from_secs(1);
-                retry_at = Some(retry_at.map_or(soon, |at| at.min(soon)));
-            }
-            let Some(bytes) = desired else { continue };
-            let desired: DesiredState = match Encoding::Json
-                .decode(&bytes)
-                .or_else(|_| Encoding::MsgPack.decode(&bytes))
-            {
-                Ok(d) => d,
-                Err(e) => {
-                    tracing::warn!(%app, error = %e, "desired state does not decode; ignored");
-                    continue;
+            if let Some(bytes) = desired {
+                if apply(&mut runner, &mut retry, &bytes).await {
+                    // What the app did during the update, the update reported.
+                    signals.app_events = runner.app_events();
+                    // An update's buffers are free now; hand them back so an idle agent stays
+                    // small.
+                    fleetcast_runtime::memory::release_freed_soon();
                 }
+                let _ = beat.send(runner.snapshot());
+            }
+            let next = signals.next(
+                &mut announcements,
+                &mut feed,
+                &mut retry,
+                &mut runner,
+                &beat,
+                &shutdown,
+            );
+            desired = match next.await {
+                Next::Desired(desired) => desired,
+                Next::Resubscribe => continue 'follow,
+                Next::Shutdown => break 'follow,
             };
-            let outcome = runner.apply(&desired).await;
-            if !matches!(outcome, Ok(Applied::AlreadyDone)) {
-                // What the app did during the update, the update reported.
-                app_events = runner.app_events();
-                // An update's buffers are free now; hand them back so an idle agent stays small.
-                fleetcast_runtime::memory::release_freed_soon();
-            }
-            match outcome {
-                Ok(_) => {
-                    retry_delay = retry_delays();
-                    pending = None;
-                }
-                Err(UpdateError::Refused(reason)) => {
-                    tracing::warn!(%app, version = %desired.version, %reason, "update refused");
-                    runner.refused(&desired.version, &reason).await;
-                    // An older state read from a lagging replica does not cancel a newer one
-                    // still waiting.
-                    if pending.as_ref().is_some_and(|(v, _)| *v == desired.version) {
-                        pending = None;
-                    }
-                }
-                Err(UpdateError::NotNow(opens)) => {
-                    pending = Some((desired.version.clone(), bytes.clone()));
-                    let wait = (opens - OffsetDateTime::now_utc()).max(time::Duration::ZERO);
-                    tracing::info!(%app, version = %desired.version, %opens, "staged; the switch waits");
-                    retry_at = Some(
-                        tokio::time::Instant::now() + Duration::try_from(wait).unwrap_or_default(),
-                    );
-                }
-                Err(UpdateError::Transient(reason)) => {
-                    pending = Some((desired.version.clone(), bytes.clone()));
-                    let delay = retry_delay.next().unwrap_or_default();
-                    tracing::warn!(%app, version = %desired.version, %reason, retry_in = ?delay, "update failed, will retry");
-                    retry_at = Some(tokio::time::Instant::now() + delay);
-                }
-            }
-            let _ = beat.send(runner.snapshot());
         }
     }
     if launched::detaching() {
@@ -704,32 +605,36 @@ async fn app_loop(
     }
 }
 
-#[cfg(test)]
-mod tests {
-    use super::*;
-
-    #[test]
-    fn reads_behind_an_earlier_read_are_ignored_a_few_times_then_believed() {
-        let mut reads = Reads::default();
-        assert!(reads.fresh(7));
-        assert!(
-            reads.fresh(7),
-            "the same revision again is acted on (idempotent)"
-        );
-        assert!(reads.fresh(9));
-        // A replica behind: ignored, and again after a newer read.
-        assert!(!reads.fresh(8));
-        assert!(reads.fresh(10));
-        for _ in 0..MAX_STALE_READS {
-            assert!(!reads.fresh(2));
+/// Applies the desired state `bytes` and puts its outcome in the retry plan; whether anything
+/// was done (not a replay).
+async fn apply(runner: &mut AppRunner, retry: &mut follow::Retry, bytes: &[u8]) -> bool {
+    let app = runner.settings.name.clone();
+    let desired: DesiredState = match Encoding::Json
+        .decode(bytes)
+        .or_else(|_| Encoding::MsgPack.decode(bytes))
+    {
+        Ok(d) => d,
+        Err(e) => {
+            tracing::warn!(%app, error = %e, "desired state does not decode; ignored");
+            return false;
         }
-        // Still 2 after that many reads: the bucket was made anew; from now on it is the base.
-        assert!(reads.fresh(2));
-        assert!(reads.fresh(3));
-        assert!(!reads.fresh(2));
-        // Announcements: one older than a read is dropped; a newer one moves the base on.
-        assert!(!reads.pushed(1));
-        assert!(reads.pushed(4));
-        assert!(!reads.fresh(3));
+    };
+    let outcome = runner.apply(&desired).await;
+    let version = &desired.version;
+    let (now, utc) = (tokio::time::Instant::now(), OffsetDateTime::now_utc());
+    let wait = retry.applied(version, bytes, &outcome, now, utc);
+    match &outcome {
+        Ok(_) => {}
+        Err(UpdateError::Refused(reason)) => {
+            tracing::warn!(%app, %version, %reason, "update refused");
+            runner.refused(version, reason).await;
+        }
+        Err(UpdateError::NotNow(opens)) => {
+            tracing::info!(%app, %version, %opens, "staged; the switch waits");
+        }
+        Err(UpdateError::Transient(reason)) => {
+            tracing::warn!(%app, %version, %reason, retry_in = ?wait, "update failed, will retry");
+        }
     }
+    !matches!(outcome, Ok(Applied::AlreadyDone))
 }

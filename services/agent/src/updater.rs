@@ -12,7 +12,7 @@ use fleetcast_events::v1::{
     AgentStatus, AppHeartbeat, AppState, DesiredState, LastUpdate, SlotReply, SlotRequest,
     UpdateBytes, UpdateOutcome,
 };
-use fleetcast_events::{AgentId, AppName, Encoding, VerifiedManifest};
+use fleetcast_events::{AgentId, AppName, Encoding, RingName, VerifiedManifest};
 use fleetcast_package::package_config::{self, Hook, Hooks, PackageConfig};
 use fleetcast_runtime::{AgentBus, Trust};
 use semver::Version;
@@ -635,7 +635,7 @@ impl AppRunner {
     }
 
     /// The ring this host is in (whose desired state it follows).
-    pub fn ring(&self) -> &str {
+    pub fn ring(&self) -> &RingName {
         &self.host.ring
     }
 
@@ -1130,7 +1130,6 @@ mod tests {
     use fleetcast_events::{FileEntry, Manifest, SignedManifest};
 
     use super::*;
-    use fleetcast_events::RingName;
 
     /// A snapshot is taken when the app's state changes; each heartbeat counts the uptime to
     /// its own time, so it grows between two heartbeats (it used to stay at the value of the
