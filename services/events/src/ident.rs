@@ -16,7 +16,7 @@ use serde::{Deserialize, Serialize};
 #[error("{0}")]
 pub struct InvalidName(pub String);
 
-/// One name type: a `String` that passed `$check` (a `fn(&str) -> Result<(), String>`), read
+/// One name type: a `String` that passed `$check` (a `fn(&str) -> Result<(), InvalidName>`), read
 /// as a `&str` everywhere, written and read back as a plain JSON or MessagePack string, and
 /// described in the JSON Schemas by `$pattern`.
 macro_rules! name_type {
@@ -47,7 +47,7 @@ macro_rules! name_type {
         impl TryFrom<String> for $name {
             type Error = InvalidName;
             fn try_from(value: String) -> Result<Self, InvalidName> {
-                $check(&value).map_err(InvalidName)?;
+                $check(&value)?;
                 Ok($name(value))
             }
         }
@@ -181,7 +181,7 @@ name_type!(
     "^[A-Za-z0-9._-]{1,64}$"
 );
 
-fn validate_token_name(name: &str) -> Result<(), String> {
+fn validate_token_name(name: &str) -> Result<(), InvalidName> {
     let ok = (1..=64).contains(&name.len())
         && name
             .chars()
@@ -189,9 +189,9 @@ fn validate_token_name(name: &str) -> Result<(), String> {
     if ok {
         Ok(())
     } else {
-        Err(format!(
+        Err(InvalidName(format!(
             "token name {name:?}: 1 to 64 letters, digits, '-', '_' or '.'"
-        ))
+        )))
     }
 }
 

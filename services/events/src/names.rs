@@ -1,7 +1,7 @@
 //! Every subject, stream, consumer, bucket and key name in one place. Subjects are versioned
 //! (`fleetcast.v1.…`) so a v2 can run beside v1 during an upgrade of fleetcast itself.
 
-use crate::ident::{AgentId, AppName, RingName};
+use crate::ident::{AgentId, AppName, InvalidName, RingName};
 
 /// CI announces a release whose archive it uploaded to the incoming store (JSON), on
 /// `fleetcast.v1.release.published.<user>` ([`release_published_subject`]): every announcement,
@@ -160,8 +160,8 @@ pub fn subject_user<'a>(subject: &'a str, prefix: &str) -> Option<&'a str> {
 
 /// A NATS user name fleetcast gives a person or CI job (`gen-accounts --person`): the rules of
 /// an agent id (one subject token, no wildcard), so it can stand in a subject.
-pub fn validate_user_name(user: &str) -> Result<(), String> {
-    validate_agent_id(user).map_err(|e| e.replace("agent id", "user name"))
+pub fn validate_user_name(user: &str) -> Result<(), InvalidName> {
+    validate_agent_id(user).map_err(|e| InvalidName(e.0.replace("agent id", "user name")))
 }
 
 /// Where the history entry `kind` about `app` is published (see [`HISTORY_SUBJECT_PREFIX`]).
@@ -321,7 +321,7 @@ pub fn desired_subject(app: &str, ring: &str) -> String {
 
 /// Agent ids are subject tokens and KV keys (the tracker's inventory): letters, digits, `-`
 /// and `_`, at most 128.
-pub fn validate_agent_id(id: &str) -> Result<(), String> {
+pub fn validate_agent_id(id: &str) -> Result<(), InvalidName> {
     let ok = (1..=128).contains(&id.len())
         && id
             .chars()
@@ -329,9 +329,9 @@ pub fn validate_agent_id(id: &str) -> Result<(), String> {
     if ok {
         Ok(())
     } else {
-        Err(format!(
+        Err(InvalidName(format!(
             "agent id {id:?} must be 1-128 characters of letters, digits, '-' and '_'"
-        ))
+        )))
     }
 }
 
@@ -357,16 +357,16 @@ pub fn is_agent_app(app: &str) -> bool {
     app == AGENT_APP_PREFIX || app.starts_with(&format!("{AGENT_APP_PREFIX}-"))
 }
 
-pub fn validate_app_name(app: &str) -> Result<(), String> {
+pub fn validate_app_name(app: &str) -> Result<(), InvalidName> {
     validate_name("app", app)
 }
 
 /// Ring names share the app names' alphabet: they appear in subjects and keys too.
-pub fn validate_ring_name(ring: &str) -> Result<(), String> {
+pub fn validate_ring_name(ring: &str) -> Result<(), InvalidName> {
     validate_name("ring", ring)
 }
 
-fn validate_name(kind: &str, name: &str) -> Result<(), String> {
+fn validate_name(kind: &str, name: &str) -> Result<(), InvalidName> {
     let ok_len = (1..=64).contains(&name.len());
     let ok_first = name
         .chars()
@@ -378,9 +378,9 @@ fn validate_name(kind: &str, name: &str) -> Result<(), String> {
     if ok_len && ok_first && ok_rest {
         Ok(())
     } else {
-        Err(format!(
+        Err(InvalidName(format!(
             "{kind} name {name:?} must be 1-64 characters of a-z, 0-9, '-' and '_', starting with a letter or digit"
-        ))
+        )))
     }
 }
 

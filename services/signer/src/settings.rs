@@ -122,7 +122,7 @@ impl Settings {
         }
         for app in &self.known_apps {
             if let Err(reason) = fleetcast_events::names::validate_app_name(app) {
-                return invalid("known_apps", reason);
+                return invalid("known_apps", reason.to_string());
             }
         }
         Ok(())
