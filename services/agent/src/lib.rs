@@ -25,6 +25,7 @@ pub mod sockets;
 pub mod supervisor;
 pub mod updater;
 
+use std::sync::Arc;
 use std::time::Duration;
 
 use fleetcast_events::names::agent_heartbeat_subject;
@@ -37,6 +38,7 @@ use time::OffsetDateTime;
 use tokio::sync::watch;
 use tokio_util::sync::CancellationToken;
 
+use launched::Launcher;
 pub use settings::Settings;
 use updater::{AppRunner, Applied, UpdateError};
 
@@ -64,227 +66,315 @@ pub async fn run(settings: Settings, shutdown: CancellationToken) -> Result<(), 
     if settings.apps.iter().any(|a| a.user.is_some()) {
         isolation::check_capabilities().map_err(AgentError::Isolation)?;
     }
-    let trust = std::sync::Arc::new(settings.trust()?);
+    let trust = Arc::new(settings.trust()?);
     let launcher = launched::init();
     if let Some(launcher) = launcher {
-        tracing::info!(root = %launcher.root().display(), release = ?launcher.release(), trial = launcher.is_trial(), "started by fleetcast-launcher: the apps outlive this process and the next agent adopts them");
-        launched::on_exit_request(shutdown.clone());
-        // The launcher's "detach": exit and leave the apps running (a launcher restarted
-        // while this agent ran, or a trial that did not qualify in time).
-        match tokio::signal::unix::signal(tokio::signal::unix::SignalKind::user_defined2()) {
-            Ok(mut detach) => {
-                tokio::spawn(async move {
-                    if detach.recv().await.is_some() {
-                        tracing::warn!(
-                            "the launcher asks this agent to exit and leave the apps running"
-                        );
-                        launched::request_exit(launched::Exit::Detach);
-                    }
-                });
-            }
-            Err(e) => tracing::warn!(error = %e, "cannot handle SIGUSR2 (detach)"),
-        }
+        follow_launcher(launcher, &shutdown);
     }
     // Opt-in: nothing of it exists (no task, no listener) unless `metrics_listen` is set.
-    let mut observed = None;
-    if let Some(addr) = settings.metrics_listen {
+    let observed = match settings.metrics_listen {
+        Some(addr) => Some(Observed::serve(addr, &settings, &shutdown).await?),
+        None => None,
+    };
+    // Replies to the agent's requests (slots, reads) come back under its own inbox prefix:
+    // its NATS identity may read nothing else, and the tracker answers a slot request only
+    // there.
+    let mut nats = settings.nats.clone();
+    nats.inbox_prefix
+        .get_or_insert_with(|| fleetcast_events::names::agent_inbox_prefix(&agent_id));
+    let bus = match AgentBus::connect(&nats, &format!("agent-{agent_id}"), &shutdown).await {
+        Err(BusError::Cancelled) => return Ok(()),
+        other => other?,
+    };
+    if let Some(observed) = &observed {
+        observed.endpoint.connected(&bus.client);
+    }
+    // Roots published while the agent was away are walked before any announcement is
+    // judged, so a release signed by a newly rotated key is not refused first.
+    let following = trust.clone().start_following(bus.clone()).await;
+    let host = Host {
+        settings: Arc::new(settings),
+        agent_id,
+        trust,
+        bus,
+        shutdown,
+    };
+    let mut apps = host.settings.apps.clone();
+    // The agent's own releases, followed like an app's (only under the launcher, which runs
+    // the new agent on trial and goes back if it fails).
+    if launcher.is_some() && host.settings.self_update.enabled {
+        apps.push(settings::AppSettings::for_agent());
+    }
+    // A trial agent qualifies with its first heartbeat after it read its desired state, then
+    // becomes current after the soak (the agent's own app commits it).
+    let (soaked_tx, soaked_rx) = tokio::sync::oneshot::channel::<()>();
+    let soaked_tx = launcher.filter(|l| l.is_trial()).map(|_| soaked_tx);
+    let (mut tasks, beats) = host.start_apps(&apps, observed.as_ref(), soaked_rx);
+    tasks.push(tokio::spawn(
+        following.run(host.settings.recheck, host.shutdown.clone()),
+    ));
+    host.beat(&beats, launcher.zip(soaked_tx)).await;
+    for task in tasks {
+        let _ = task.await;
+    }
+    Ok(())
+}
+
+/// Under the launcher: its exit requests, and its "detach" (SIGUSR2: exit and leave the apps
+/// running, when a launcher restarted while this agent ran, or a trial did not qualify in
+/// time).
+fn follow_launcher(launcher: &'static Launcher, shutdown: &CancellationToken) {
+    tracing::info!(root = %launcher.root().display(), release = ?launcher.release(), trial = launcher.is_trial(), "started by fleetcast-launcher: the apps outlive this process and the next agent adopts them");
+    launched::on_exit_request(shutdown.clone());
+    match tokio::signal::unix::signal(tokio::signal::unix::SignalKind::user_defined2()) {
+        Ok(mut detach) => {
+            tokio::spawn(async move {
+                if detach.recv().await.is_some() {
+                    tracing::warn!(
+                        "the launcher asks this agent to exit and leave the apps running"
+                    );
+                    launched::request_exit(launched::Exit::Detach);
+                }
+            });
+        }
+        Err(e) => tracing::warn!(error = %e, "cannot handle SIGUSR2 (detach)"),
+    }
+}
+
+/// The agent's `/metrics` endpoint (`metrics_listen`).
+struct Observed {
+    metrics: Arc<metrics::AgentMetrics>,
+    endpoint: Arc<Endpoint>,
+    /// Kept for as long as the agent runs: the endpoint serves until it is dropped.
+    _serving: observe::Serving,
+}
+
+impl Observed {
+    async fn serve(
+        addr: std::net::SocketAddr,
+        settings: &Settings,
+        shutdown: &CancellationToken,
+    ) -> Result<Self, AgentError> {
         let metrics = metrics::AgentMetrics::new();
         let endpoint = Endpoint::new(metrics::IDENTITY, metrics.clone());
         let serving = observe::serve(
             addr,
             settings.metrics_tls.as_ref(),
             endpoint.clone(),
-            &shutdown,
+            shutdown,
         )
         .await?;
-        observed = Some((metrics, endpoint, serving));
+        Ok(Observed {
+            metrics,
+            endpoint,
+            _serving: serving,
+        })
     }
-    // Replies to the agent's requests (slots, reads) come back under its own inbox prefix:
-    // its NATS identity may read nothing else, and the tracker answers a slot request only
-    // there.
-    let mut nats = settings.nats.clone();
-    nats.inbox_prefix
-        .get_or_insert_with(|| fleetcast_events::names::agent_inbox_prefix(&settings.agent_id));
-    let bus =
-        match AgentBus::connect(&nats, &format!("agent-{}", settings.agent_id), &shutdown).await {
-            Err(BusError::Cancelled) => return Ok(()),
-            other => other?,
-        };
-    if let Some((_, endpoint, _)) = &observed {
-        endpoint.connected(&bus.client);
-    }
-    // Roots published while the agent was away are walked before any announcement is
-    // judged, so a release signed by a newly rotated key is not refused first.
-    let following = trust.clone().start_following(bus.clone()).await;
-    let host = std::sync::Arc::new(settings.clone());
-    let mut tasks = Vec::new();
-    let mut beats = Vec::new();
-    let mut apps = settings.apps.clone();
-    // The agent's own releases, followed like an app's (only under the launcher, which runs
-    // the new agent on trial and goes back if it fails).
-    if launcher.is_some() && settings.self_update.enabled {
-        apps.push(settings::AppSettings::for_agent());
-    }
-    // A trial agent qualifies with its first heartbeat after it read its desired state, then
-    // becomes current after the soak (the agent's own app commits it).
-    let (soaked_tx, soaked_rx) = tokio::sync::oneshot::channel::<()>();
-    let mut soaked_tx = launcher.filter(|l| l.is_trial()).map(|_| soaked_tx);
-    let mut soaked_rx = Some(soaked_rx);
-    // The tracker's "retry now" for one app, passed to its loop.
-    let mut retries = std::collections::BTreeMap::new();
-    for app in &apps {
-        // An app whose state cannot be read (both journal slots torn, its folder unusable) is
-        // isolated: reported failed, neither supervised nor updated until it can be read again,
-        // while every other app on the host goes on.
-        let runner = AppRunner::new(app.clone(), host.clone(), trust.clone(), bus.clone());
-        let first = match &runner {
-            Ok(runner) => runner.snapshot(),
-            Err(_) => updater::Snapshot::failed(&app.name),
-        };
-        let (tx, rx) = watch::channel(first);
-        if let Some((metrics, _, _)) = &observed {
-            tasks.push(tokio::spawn(metrics.follow(rx.clone())));
-        }
-        beats.push(rx);
-        let recheck = spread(&settings.agent_id, &app.name, settings.recheck);
-        let (retry_tx, retry) = tokio::sync::mpsc::channel(1);
-        retries.insert(app.name.clone(), retry_tx);
-        let nudges = Nudges {
-            soaked: if *app == settings::AppSettings::for_agent() {
-                soaked_rx.take()
-            } else {
-                None
-            },
-            retry,
-        };
-        let (app, host, agent_id, trust, bus, shutdown) = (
-            app.clone(),
-            host.clone(),
-            agent_id.clone(),
-            trust.clone(),
-            bus.clone(),
-            shutdown.clone(),
-        );
-        tasks.push(tokio::spawn(async move {
-            let roots = trust.root_updates();
-            let runner = match runner {
-                Ok(runner) => runner,
-                Err(e) => {
-                    let made =
-                        || AppRunner::new(app.clone(), host.clone(), trust.clone(), bus.clone());
-                    match isolated(e, made, &app.name, &host, &agent_id, &bus, &shutdown).await {
-                        Some(runner) => runner,
-                        None => return,
-                    }
-                }
+}
+
+/// What every app's loop and the heartbeat share.
+#[derive(Clone)]
+struct Host {
+    settings: Arc<Settings>,
+    agent_id: AgentId,
+    trust: Arc<fleetcast_runtime::Trust>,
+    bus: AgentBus,
+    shutdown: CancellationToken,
+}
+
+impl Host {
+    /// A loop per app (see `app_loop`), and the task that passes the tracker's remedies on to
+    /// them: the tasks, and each app's latest state for the heartbeat.
+    fn start_apps(
+        &self,
+        apps: &[settings::AppSettings],
+        observed: Option<&Observed>,
+        soaked: tokio::sync::oneshot::Receiver<()>,
+    ) -> (Vec<tokio::task::JoinHandle<()>>, Vec<Beat>) {
+        let mut soaked = Some(soaked);
+        let (mut tasks, mut beats) = (Vec::new(), Vec::new());
+        // The tracker's "retry now" for one app, passed to its loop.
+        let mut retries = std::collections::BTreeMap::new();
+        for app in apps {
+            let runner = self.runner(app);
+            let first = match &runner {
+                Ok(runner) => runner.snapshot(),
+                Err(_) => updater::Snapshot::failed(&app.name),
             };
-            let _ = tx.send(runner.snapshot());
-            app_loop(runner, bus, recheck, roots, tx, nudges, shutdown).await;
-        }));
-    }
-    tasks.push(tokio::spawn(
-        following.run(settings.recheck, shutdown.clone()),
-    ));
-    match bus
-        .client
-        .subscribe(fleetcast_events::names::remedy_subject(&settings.agent_id))
-        .await
-    {
-        Ok(remedies) => tasks.push(tokio::spawn(follow_remedies(
-            remedies,
-            agent_id.clone(),
-            retries,
-            shutdown.clone(),
-        ))),
-        Err(e) => tracing::warn!(error = %e, "the tracker's remedies cannot be received"),
-    }
-    let mut was_stale = false;
-    let mut last_notes: Vec<String> = Vec::new();
-    let host_name = std::fs::read_to_string("/etc/hostname")
-        .map(|h| h.trim().to_string())
-        .unwrap_or_default();
-    // The first beat at once (the tracker learns of the agent), the next ones on the agent's
-    // own phase.
-    let mut ticker = spread(&settings.agent_id, "heartbeat", settings.heartbeat);
-    ticker.reset_immediately();
-    let (mut beat_failed, mut nudged) = (false, false);
-    loop {
-        tokio::select! {
-            _ = shutdown.cancelled() => break,
-            // A trial agent beats as soon as it has read its desired state: that beat
-            // qualifies it, and the launcher's deadline and the rollout are waiting on it. (A
-            // wait, not a condition of this arm: a condition is checked only when the select
-            // starts, and a read made just after would wait for the next tick.) Once per
-            // beat: again 20 ms after a beat that was not published.
-            _ = async {
-                launched::desired_read_now().await;
-                if beat_failed {
-                    tokio::time::sleep(Duration::from_millis(20)).await;
-                }
-            }, if soaked_tx.is_some() && !nudged => {
-                nudged = true;
-                ticker.reset_immediately();
+            let (beat, rx) = watch::channel(first);
+            if let Some(observed) = observed {
+                tasks.push(tokio::spawn(observed.metrics.follow(rx.clone())));
             }
-            _ = ticker.tick() => {
-                let accepted: Vec<_> = beats
-                    .iter()
-                    .map(|b| {
-                        let b = b.borrow();
-                        (b.beat.app.clone(), b.accepted.clone())
-                    })
-                    .collect();
-                let metadata = trust.status(
-                    OffsetDateTime::now_utc(),
-                    settings.max_metadata_age(),
-                    &accepted,
-                );
-                if metadata.stale != was_stale {
-                    was_stale = metadata.stale;
-                    match &metadata.reason {
-                        Some(reason) => tracing::warn!(%reason, "stale metadata"),
-                        None => tracing::info!("metadata fresh again"),
-                    }
+            beats.push(rx);
+            let (retry_tx, retry) = tokio::sync::mpsc::channel(1);
+            retries.insert(app.name.clone(), retry_tx);
+            let is_agent = *app == settings::AppSettings::for_agent();
+            let nudges = Nudges {
+                soaked: if is_agent { soaked.take() } else { None },
+                retry,
+            };
+            let follow = self.clone().follow_app(app.clone(), runner, beat, nudges);
+            tasks.push(tokio::spawn(follow));
+        }
+        let remedies = fleetcast_events::names::remedy_subject(&self.agent_id);
+        let this = self.clone();
+        tasks.push(tokio::spawn(async move {
+            match this.bus.client.subscribe(remedies).await {
+                Ok(remedies) => {
+                    follow_remedies(remedies, this.agent_id, retries, this.shutdown).await
                 }
-                if metadata.notes != last_notes {
-                    for note in metadata.notes.iter().filter(|n| !last_notes.contains(n)) {
-                        tracing::warn!(%note, "trust state");
-                    }
-                    last_notes.clone_from(&metadata.notes);
+                Err(e) => tracing::warn!(error = %e, "the tracker's remedies cannot be received"),
+            }
+        }));
+        (tasks, beats)
+    }
+
+    fn runner(&self, app: &settings::AppSettings) -> Result<AppRunner, UpdateError> {
+        let (settings, trust) = (self.settings.clone(), self.trust.clone());
+        AppRunner::new(app.clone(), settings, trust, self.bus.clone())
+    }
+
+    /// One app, for as long as the agent runs. An app whose state cannot be read (both
+    /// journal slots torn, its folder unusable: `runner` failed) is isolated: reported failed,
+    /// neither supervised nor updated until it can be read again, while every other app on the
+    /// host goes on.
+    async fn follow_app(
+        self,
+        app: settings::AppSettings,
+        runner: Result<AppRunner, UpdateError>,
+        beat: watch::Sender<updater::Snapshot>,
+        nudges: Nudges,
+    ) {
+        let roots = self.trust.root_updates();
+        let runner = match runner {
+            Ok(runner) => runner,
+            Err(e) => {
+                let made = || self.runner(&app);
+                let (name, settings, id) = (&app.name, &self.settings, &self.agent_id);
+                match isolated(e, made, name, settings, id, &self.bus, &self.shutdown).await {
+                    Some(runner) => runner,
+                    None => return,
                 }
-                let beat = AgentHeartbeat {
-                    agent_id: agent_id.clone(),
-                    host: host_name.clone(),
-                    ring: settings.ring.clone(),
-                    labels: settings.labels.clone(),
-                    apps: beats
-                        .iter()
-                        .map(|b| b.borrow().beat_at(tokio::time::Instant::now()))
-                        .collect(),
-                    agent_version: Some(launched::agent_version()),
-                    metadata: Some(metadata),
-                    at: OffsetDateTime::now_utc(),
-                };
-                let subject = agent_heartbeat_subject(&settings.agent_id, &settings.ring);
-                let published = bus.report_event(&subject, &beat, Encoding::MsgPack).await;
-                beat_failed = published.is_err();
-                nudged = false;
-                match published {
-                    Err(e) => tracing::debug!(error = %e, "heartbeat not published"),
-                    Ok(()) => {
-                        if launched::desired_was_read()
-                            && let (Some(tx), Some(launcher)) = (soaked_tx.take(), launcher)
-                        {
-                            qualified(launcher, tx, settings.self_update.soak);
+            }
+        };
+        let _ = beat.send(runner.snapshot());
+        let recheck = spread(&self.agent_id, &app.name, self.settings.recheck);
+        let (bus, shutdown) = (self.bus.clone(), self.shutdown.clone());
+        app_loop(runner, bus, recheck, roots, beat, nudges, shutdown).await;
+    }
+
+    /// Heartbeats until shutdown: at once (the tracker learns of the agent), then on the
+    /// agent's own phase. A trial agent (`trial`: the launcher, and the soak to start once
+    /// qualified) beats as soon as it has read its desired state: that beat qualifies it.
+    async fn beat(&self, beats: &[Beat], mut trial: Option<(&'static Launcher, Soaked)>) {
+        let mut heartbeat = Heartbeat::default();
+        let mut ticker = spread(&self.agent_id, "heartbeat", self.settings.heartbeat);
+        ticker.reset_immediately();
+        let (mut beat_failed, mut nudged) = (false, false);
+        loop {
+            tokio::select! {
+                _ = self.shutdown.cancelled() => break,
+                // The launcher's deadline and the rollout are waiting on the trial's beat. (A
+                // wait, not a condition of this arm: a condition is checked only when the
+                // select starts, and a read made just after would wait for the next tick.)
+                // Once per beat: again 20 ms after a beat that was not published.
+                _ = async {
+                    launched::desired_read_now().await;
+                    if beat_failed {
+                        tokio::time::sleep(Duration::from_millis(20)).await;
+                    }
+                }, if trial.is_some() && !nudged => {
+                    nudged = true;
+                    ticker.reset_immediately();
+                }
+                _ = ticker.tick() => {
+                    let beat = heartbeat.next(self, beats);
+                    let subject = agent_heartbeat_subject(&self.agent_id, &self.settings.ring);
+                    let published = self.bus.report_event(&subject, &beat, Encoding::MsgPack).await;
+                    beat_failed = published.is_err();
+                    nudged = false;
+                    match published {
+                        Err(e) => tracing::debug!(error = %e, "heartbeat not published"),
+                        Ok(()) => {
+                            if launched::desired_was_read()
+                                && let Some((launcher, tx)) = trial.take()
+                            {
+                                qualified(launcher, tx, self.settings.self_update.soak);
+                            }
                         }
                     }
                 }
             }
         }
     }
-    for task in tasks {
-        let _ = task.await;
+}
+
+/// One app's latest state, for the heartbeat.
+type Beat = watch::Receiver<updater::Snapshot>;
+
+/// Ends the trial's soak: the agent's own app commits it.
+type Soaked = tokio::sync::oneshot::Sender<()>;
+
+/// What the heartbeat remembers between beats: the trust state it last logged.
+#[derive(Default)]
+struct Heartbeat {
+    was_stale: bool,
+    last_notes: Vec<String>,
+    host_name: Option<String>,
+}
+
+impl Heartbeat {
+    /// The next heartbeat: every app's state and the trust metadata's, whose changes are
+    /// logged once.
+    fn next(&mut self, host: &Host, beats: &[Beat]) -> AgentHeartbeat {
+        let accepted: Vec<_> = beats
+            .iter()
+            .map(|b| {
+                let b = b.borrow();
+                (b.beat.app.clone(), b.accepted.clone())
+            })
+            .collect();
+        let metadata = host.trust.status(
+            OffsetDateTime::now_utc(),
+            host.settings.max_metadata_age(),
+            &accepted,
+        );
+        if metadata.stale != self.was_stale {
+            self.was_stale = metadata.stale;
+            match &metadata.reason {
+                Some(reason) => tracing::warn!(%reason, "stale metadata"),
+                None => tracing::info!("metadata fresh again"),
+            }
+        }
+        if metadata.notes != self.last_notes {
+            for note in metadata
+                .notes
+                .iter()
+                .filter(|n| !self.last_notes.contains(n))
+            {
+                tracing::warn!(%note, "trust state");
+            }
+            self.last_notes.clone_from(&metadata.notes);
+        }
+        let host_name = self.host_name.get_or_insert_with(|| {
+            std::fs::read_to_string("/etc/hostname")
+                .map(|h| h.trim().to_string())
+                .unwrap_or_default()
+        });
+        AgentHeartbeat {
+            agent_id: host.agent_id.clone(),
+            host: host_name.clone(),
+            ring: host.settings.ring.clone(),
+            labels: host.settings.labels.clone(),
+            apps: beats
+                .iter()
+                .map(|b| b.borrow().beat_at(tokio::time::Instant::now()))
+                .collect(),
+            agent_version: Some(launched::agent_version()),
+            metadata: Some(metadata),
+            at: OffsetDateTime::now_utc(),
+        }
     }
-    Ok(())
 }
 
 /// What reaches one app's loop besides its desired state: the end of this agent's soak (its
