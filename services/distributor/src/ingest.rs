@@ -31,6 +31,51 @@ pub enum IngestError {
     Rejected(Rejection),
     /// NATS or the local disk failed: try again later.
     Transient(String),
+    /// The chunk store failed (see [`StoreError::is_transient`]).
+    Store(StoreError),
+}
+
+impl From<StoreError> for IngestError {
+    fn from(e: StoreError) -> Self {
+        IngestError::Store(e)
+    }
+}
+
+/// What went wrong with the chunk store, and whether trying again can help.
+#[derive(Debug, Clone, PartialEq, Eq, thiserror::Error)]
+pub enum StoreError {
+    /// The store did not answer or refused the request (NATS unreachable, a cluster moving
+    /// leaders, the stream full): it may work later.
+    #[error("{what}: {reason}")]
+    Unavailable { what: String, reason: String },
+    /// Nothing is stored under that name (a base release's objects gone from the store).
+    #[error("{what}: not in the store")]
+    Missing { what: String },
+    /// What the store holds under a name is not what the name says, or does not decode:
+    /// reading it again gives the same.
+    #[error("{what}: {reason}")]
+    Corrupt { what: String, reason: String },
+}
+
+impl StoreError {
+    /// Whether trying again may succeed: only when the store was unavailable.
+    pub fn is_transient(&self) -> bool {
+        matches!(self, StoreError::Unavailable { .. })
+    }
+
+    fn unavailable(what: impl Into<String>, reason: impl std::fmt::Display) -> Self {
+        StoreError::Unavailable {
+            what: what.into(),
+            reason: reason.to_string(),
+        }
+    }
+
+    fn corrupt(what: impl Into<String>, reason: impl std::fmt::Display) -> Self {
+        StoreError::Corrupt {
+            what: what.into(),
+            reason: reason.to_string(),
+        }
+    }
 }
 
 #[derive(Debug, Clone, Default)]
@@ -75,8 +120,8 @@ impl ChunkStore {
     }
 
     /// Whether the release with this tree is stored already: its root is written last.
-    pub async fn tree_stored(&self, app: &str, tree: &TreeRoot) -> Result<bool, String> {
-        let id = ChunkId::from_hex(&tree.root).map_err(|e| e.to_string())?;
+    pub async fn tree_stored(&self, app: &str, tree: &TreeRoot) -> Result<bool, StoreError> {
+        let id = ChunkId::from_hex(&tree.root).map_err(|e| StoreError::corrupt("tree root", e))?;
         if self.is_known(app, &id) {
             return Ok(true);
         }
@@ -88,7 +133,10 @@ impl ChunkStore {
         {
             Ok(_) => Ok(true),
             Err(e) if matches!(e.kind(), DirectGetErrorKind::NotFound) => Ok(false),
-            Err(e) => Err(format!("checking tree root {}: {e}", tree.root)),
+            Err(e) => Err(StoreError::unavailable(
+                format!("checking tree root {}", tree.root),
+                e,
+            )),
         }
     }
 
@@ -109,21 +157,38 @@ impl ChunkStore {
 
     /// A stored chunk or tree node of `app`, checked against its name, with its size as
     /// stored (what an agent pays to fetch it).
-    pub async fn get(&self, app: &str, id: ChunkId, len: u32) -> Result<(Vec<u8>, u64), String> {
-        let message = self
+    pub async fn get(
+        &self,
+        app: &str,
+        id: ChunkId,
+        len: u32,
+    ) -> Result<(Vec<u8>, u64), StoreError> {
+        let what = || format!("chunk {id}");
+        let message = match self
             .bus
             .chunks
             .direct_get_last_for_subject(chunk_subject(app, &id.to_hex()))
             .await
-            .map_err(|e| format!("reading chunk {id}: {e}"))?;
-        let chunk = chunking::verify(&id, len, &message.payload).map_err(|e| e.to_string())?;
+        {
+            Ok(message) => message,
+            Err(e) if matches!(e.kind(), DirectGetErrorKind::NotFound) => {
+                return Err(StoreError::Missing { what: what() });
+            }
+            Err(e) => return Err(StoreError::unavailable(what(), e)),
+        };
+        let chunk = chunking::verify(&id, len, &message.payload)
+            .map_err(|e| StoreError::corrupt(what(), e))?;
         Ok((chunk.into_data(), message.payload.len() as u64))
     }
 
     /// The files of a stored release, every chunk list resolved, read from its tree in the
     /// store (each node checked against its name).
-    pub async fn tree_files(&self, app: &str, root: &TreeRoot) -> Result<Vec<TreeFile>, String> {
-        let malformed = |e: tree::TreeError| format!("tree {}: {e}", root.root);
+    pub async fn tree_files(
+        &self,
+        app: &str,
+        root: &TreeRoot,
+    ) -> Result<Vec<TreeFile>, StoreError> {
+        let malformed = |e: tree::TreeError| StoreError::corrupt(format!("tree {}", root.root), e);
         let mut walk = tree::Walk::files(root.node().map_err(malformed)?, root.files);
         self.walk(app, &mut walk).await?;
         let mut files = walk.into_files(root.files).map_err(malformed)?;
@@ -141,7 +206,7 @@ impl ChunkStore {
         Ok(files)
     }
 
-    async fn walk(&self, app: &str, walk: &mut tree::Walk) -> Result<(), String> {
+    async fn walk(&self, app: &str, walk: &mut tree::Walk) -> Result<(), StoreError> {
         while !walk.wanted().is_empty() {
             let wanted = walk.wanted().to_vec();
             // A batch at a time, in a plain loop (the service's tasks must stay `Send`).
@@ -155,22 +220,26 @@ impl ChunkStore {
                     nodes.push(node?.0);
                 }
             }
-            walk.supply(&nodes).map_err(|e| e.to_string())?;
+            walk.supply(&nodes)
+                .map_err(|e| StoreError::corrupt("a tree node", e))?;
         }
         Ok(())
     }
 
     /// The patch list of the release with tree `root` (empty if none was made yet).
-    pub async fn patch_list(&self, app: &str, root: &str) -> Result<PatchList, String> {
+    pub async fn patch_list(&self, app: &str, root: &str) -> Result<PatchList, StoreError> {
+        let what = || format!("the patch list of {root}");
         match self
             .bus
             .chunks
             .direct_get_last_for_subject(chunk_subject(app, &patches::list_key(root)))
             .await
         {
-            Ok(message) => PatchList::decode(&message.payload).map_err(|e| e.to_string()),
+            Ok(message) => {
+                PatchList::decode(&message.payload).map_err(|e| StoreError::corrupt(what(), e))
+            }
             Err(e) if matches!(e.kind(), DirectGetErrorKind::NotFound) => Ok(PatchList::default()),
-            Err(e) => Err(format!("reading the patch list of {root}: {e}")),
+            Err(e) => Err(StoreError::unavailable(what(), e)),
         }
     }
 
@@ -181,15 +250,16 @@ impl ChunkStore {
         app: &str,
         root: &str,
         list: &PatchList,
-    ) -> Result<(), String> {
-        let bytes = list.encode().map_err(|e| e.to_string())?;
+    ) -> Result<(), StoreError> {
+        let what = || format!("storing the patch list of {root}");
+        let bytes = list.encode().map_err(|e| StoreError::corrupt(what(), e))?;
         self.bus
             .js
             .publish(chunk_subject(app, &patches::list_key(root)), bytes.into())
             .await
-            .map_err(|e| format!("storing the patch list of {root}: {e}"))?
+            .map_err(|e| StoreError::unavailable(what(), e))?
             .await
-            .map_err(|e| format!("storing the patch list of {root}: {e}"))?;
+            .map_err(|e| StoreError::unavailable(what(), e))?;
         Ok(())
     }
 
@@ -201,7 +271,7 @@ impl ChunkStore {
         app: &str,
         id: ChunkId,
         data: Vec<u8>,
-    ) -> Result<Stored, String> {
+    ) -> Result<Stored, StoreError> {
         if self.is_known(app, &id) {
             return Ok(Stored::Existing);
         }
@@ -217,7 +287,7 @@ impl ChunkStore {
                 return Ok(Stored::Existing);
             }
             Err(e) if matches!(e.kind(), DirectGetErrorKind::NotFound) => {}
-            Err(e) => return Err(format!("checking chunk {id}: {e}")),
+            Err(e) => return Err(StoreError::unavailable(format!("checking chunk {id}"), e)),
         }
         // A small chunk (a small file, a tree node) compresses in microseconds: here, rather
         // than on a blocking thread whose hand-off costs more than the work (and whose many
@@ -227,9 +297,9 @@ impl ChunkStore {
         } else {
             tokio::task::spawn_blocking(move || chunking::encode_stored(&data))
                 .await
-                .map_err(|e| e.to_string())?
+                .map_err(|e| StoreError::unavailable(format!("compressing chunk {id}"), e))?
         }
-        .map_err(|e| format!("compressing chunk {id}: {e}"))?;
+        .map_err(|e| StoreError::corrupt(format!("compressing chunk {id}"), e))?;
         let len = compressed.len() as u64;
         let publish = PublishMessage::build()
             .payload(compressed.into())
@@ -239,7 +309,7 @@ impl ChunkStore {
             .js
             .send_publish(subject, publish)
             .await
-            .map_err(|e| format!("storing chunk {id}: {e}"))?;
+            .map_err(|e| StoreError::unavailable(format!("storing chunk {id}"), e))?;
         match ack.await {
             Ok(_) => {
                 self.remember(app, id);
@@ -249,7 +319,7 @@ impl ChunkStore {
                 self.remember(app, id);
                 Ok(Stored::Existing)
             }
-            Err(e) => Err(format!("storing chunk {id}: {e}")),
+            Err(e) => Err(StoreError::unavailable(format!("storing chunk {id}"), e)),
         }
     }
 }
@@ -277,11 +347,7 @@ pub async fn ingest(
 ) -> Result<IngestReport, IngestError> {
     let app = manifest.app.as_str();
     let signed = &manifest.tree;
-    if store
-        .tree_stored(app, signed)
-        .await
-        .map_err(IngestError::Transient)?
-    {
+    if store.tree_stored(app, signed).await? {
         return Ok(IngestReport {
             files: signed.files,
             total_bytes: signed.bytes,
@@ -327,7 +393,7 @@ pub async fn ingest(
         .await
         .map_err(|e| IngestError::Transient(format!("reader task failed: {e}")))?;
     if let Some(e) = failure {
-        return Err(IngestError::Transient(e));
+        return Err(IngestError::Store(e));
     }
     let files = files?;
     let built = tree::build(&files).map_err(|e| mismatch(e.to_string()))?;
@@ -359,14 +425,13 @@ pub async fn ingest(
         match inflight.next().await {
             Some(Ok(Stored::New(_))) => report.new_tree_nodes += 1,
             Some(Ok(Stored::Existing)) => {}
-            Some(Err(e)) => return Err(IngestError::Transient(e)),
+            Some(Err(e)) => return Err(e.into()),
             None => break,
         }
     }
     if let Stored::New(_) = store
         .store(app, ChunkId(root.hash.0), root_bytes.clone())
-        .await
-        .map_err(IngestError::Transient)?
+        .await?
     {
         report.new_tree_nodes += 1;
     }
@@ -561,4 +626,56 @@ fn chunk_files(
         });
     }
     Ok(Some(out))
+}
+
+#[cfg(test)]
+mod tests {
+    use std::time::Duration;
+
+    use fleetcast_runtime::NatsSettings;
+    use tokio_util::sync::CancellationToken;
+
+    use super::*;
+
+    /// What decides whether a patch job is tried again: a chunk missing from the store or not
+    /// what its name says will be the same next time; a store that does not answer may not.
+    #[tokio::test]
+    async fn a_missing_or_corrupt_chunk_is_not_worth_another_try_an_absent_store_is() {
+        let server = fleetcast_harness::NatsServer::start().await.expect("nats");
+        let settings = NatsSettings {
+            url: server.url(),
+            insecure_dev: true,
+            request_timeout: Duration::from_millis(500),
+            ..NatsSettings::default()
+        };
+        let bus = Bus::connect(&settings, "test", &CancellationToken::new())
+            .await
+            .expect("bus");
+        let store = ChunkStore::new(bus.clone());
+        let id = ChunkId::of(b"hello");
+
+        let missing = store.get("app", id, 5).await.expect_err("missing");
+        assert!(matches!(missing, StoreError::Missing { .. }), "{missing}");
+        assert!(!missing.is_transient());
+
+        // Something else stored under its name.
+        let other = chunking::encode_stored(b"other").expect("encode");
+        bus.js
+            .publish(chunk_subject("app", &id.to_hex()), other.into())
+            .await
+            .expect("publish")
+            .await
+            .expect("ack");
+        let corrupt = store.get("app", id, 5).await.expect_err("corrupt");
+        assert!(matches!(corrupt, StoreError::Corrupt { .. }), "{corrupt}");
+        assert!(!corrupt.is_transient());
+
+        drop(server);
+        let gone = store.get("app", id, 5).await.expect_err("no store");
+        assert!(gone.is_transient(), "{gone}");
+        assert!(
+            gone.to_string().starts_with(&format!("chunk {id}")),
+            "{gone}"
+        );
+    }
 }

@@ -160,7 +160,7 @@ impl Distributor {
         // A release whose tree is stored already (published again) needs no archive.
         let stored = match self.store.tree_stored(&event.app, &verified.tree).await {
             Ok(stored) => stored,
-            Err(e) => return Outcome::Retry(e),
+            Err(e) => return Outcome::Retry(e.to_string()),
         };
         let fetched = if !stored {
             let work_dir = self.settings.work_dir();
@@ -197,6 +197,7 @@ impl Distributor {
             Ok(r) => r,
             Err(IngestError::Rejected(r)) => return self.reject(&event, r.code, r.message).await,
             Err(IngestError::Transient(e)) => return Outcome::Retry(e),
+            Err(IngestError::Store(e)) => return Outcome::Retry(e.to_string()),
         };
         let ingest_ms = started.elapsed().as_millis() as u64 - fetch_ms;
         tracing::info!(app = %event.app, version = %event.version, fetch_ms, ingest_ms, "release ingested");
@@ -251,17 +252,18 @@ impl Distributor {
                 self.metrics.patched(&report);
                 Outcome::Done
             }
-            // Patches only save bytes: a job that keeps failing (a base's objects gone from
-            // the store, a store that keeps refusing) is given up after a few tries rather
-            // than hold up the patches of the releases after it.
+            // Patches only save bytes: a job that cannot succeed (a base's objects gone from
+            // the store or corrupt) is given up at once, one that keeps failing (a store that
+            // keeps refusing) after a few tries, rather than hold up the patches of the
+            // releases after it.
             Err(e) => {
                 let delivered = msg.info().map_or(1, |i| i.delivered);
-                if delivered >= PATCH_ATTEMPTS {
+                if !e.is_transient() || delivered >= PATCH_ATTEMPTS {
                     tracing::warn!(app = %wanted.app, version = %wanted.version, error = %e, delivered,
                         "patches given up; hosts fetch chunks");
                     Outcome::Done
                 } else {
-                    Outcome::RetryAfter(e, std::time::Duration::from_secs(30))
+                    Outcome::RetryAfter(e.to_string(), std::time::Duration::from_secs(30))
                 }
             }
         };

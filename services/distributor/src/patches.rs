@@ -13,7 +13,7 @@ use fleetcast_events::tree::{ChunkList, Hash32, TreeFile};
 use fleetcast_package::chunking::ChunkId;
 use fleetcast_package::patch;
 
-use crate::ingest::ChunkStore;
+use crate::ingest::{ChunkStore, StoreError};
 use crate::settings::PatchSettings;
 
 #[derive(Debug, Default, Clone, PartialEq, Eq)]
@@ -41,6 +41,27 @@ fn chunks_of(file: &TreeFile) -> Vec<(ChunkId, u32)> {
     }
 }
 
+/// Why a patch job did not finish.
+#[derive(Debug, thiserror::Error)]
+pub enum PatchError {
+    #[error(transparent)]
+    Store(#[from] StoreError),
+    /// The task making a patch ended without an answer.
+    #[error("patch task failed: {0}")]
+    Task(String),
+}
+
+impl PatchError {
+    /// Whether the job is worth trying again: not when the store holds a base's objects no
+    /// more, or holds them corrupt (the hosts fetch chunks instead).
+    pub fn is_transient(&self) -> bool {
+        match self {
+            PatchError::Store(e) => e.is_transient(),
+            PatchError::Task(_) => true,
+        }
+    }
+}
+
 /// Makes the patches of `release` from each of `bases` that the store does not list yet, and
 /// stores them and the release's patch list.
 pub async fn make_patches(
@@ -48,7 +69,7 @@ pub async fn make_patches(
     release: &VerifiedManifest,
     bases: &[VerifiedManifest],
     settings: &PatchSettings,
-) -> Result<PatchReport, String> {
+) -> Result<PatchReport, PatchError> {
     let app = release.app.as_str();
     let root = release.tree.root.as_str();
     let mut report = PatchReport::default();
@@ -111,7 +132,7 @@ pub async fn make_patches(
             let level = settings.level;
             let made = tokio::task::spawn_blocking(move || patch::make(&old_bytes, &new, level))
                 .await
-                .map_err(|e| format!("patch task failed: {e}"))?;
+                .map_err(|e| PatchError::Task(e.to_string()))?;
             let bytes = match made {
                 Ok(bytes) => bytes,
                 Err(e) => {
@@ -165,7 +186,7 @@ async fn read_file(
     app: &str,
     chunks: &[(ChunkId, u32)],
     held: &HashSet<ChunkId>,
-) -> Result<(Vec<u8>, u64), String> {
+) -> Result<(Vec<u8>, u64), StoreError> {
     let mut out = Vec::with_capacity(chunks.iter().map(|(_, l)| *l as usize).sum());
     let mut cost = 0;
     let mut counted = HashSet::new();
