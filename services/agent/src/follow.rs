@@ -5,7 +5,7 @@
 
 use std::time::Duration;
 
-use fleetcast_events::names::{desired_key, desired_subject};
+use fleetcast_events::names::{self, desired_key, desired_subject};
 use fleetcast_events::{AppName, RingName};
 use fleetcast_runtime::agent_bus::AgentBus;
 use semver::Version;
@@ -136,7 +136,7 @@ impl DesiredFeed {
             self.read_failed = true;
             return None;
         }
-        if headers.is_some_and(|h| h.get("KV-Operation").is_some()) {
+        if headers.is_some_and(|h| h.get(names::KV_OPERATION_HEADER).is_some()) {
             return None;
         }
         Some(message.payload.to_vec())

@@ -310,6 +310,11 @@ pub fn desired_key(app: &str, ring: &str) -> String {
 /// node does not pass on, so agents behind one would only learn of a write when they read.
 pub const DESIRED_SUBJECT_PREFIX: &str = "fleetcast.v1.desired.";
 
+/// The header a KV delete or purge carries its operation in (`DEL`, `PURGE`), on a read of the
+/// bucket's stream and on the subject a write is republished on. async-nats reads it but does
+/// not export its name.
+pub const KV_OPERATION_HEADER: &str = "KV-Operation";
+
 /// Where the server republishes every write of the trust bucket (roots, the timestamp), for
 /// the same reason.
 pub const TRUST_SUBJECT_PREFIX: &str = "fleetcast.v1.trust.";

@@ -9,7 +9,7 @@
 use async_nats::jetstream::{self, kv, stream};
 use bytes::Bytes;
 use fleetcast_events::Encoding;
-use fleetcast_events::names::{CHUNKS_STREAM, DESIRED_BUCKET, TRUST_BUCKET, chunk_subject};
+use fleetcast_events::names::{self, CHUNKS_STREAM, DESIRED_BUCKET, TRUST_BUCKET, chunk_subject};
 use serde::Serialize;
 use tokio::sync::watch;
 use tokio_util::sync::CancellationToken;
@@ -133,11 +133,11 @@ impl DirectKv {
         {
             Ok(message) => {
                 // As async-nats reads it: the operation header, else a server marker, else a put.
-                let operation = match message.headers.get("KV-Operation") {
+                let operation = match message.headers.get(names::KV_OPERATION_HEADER) {
                     Some(op) => op.as_str().parse().unwrap_or(kv::Operation::Put),
                     None => match message
                         .headers
-                        .get("Nats-Marker-Reason")
+                        .get(async_nats::header::NATS_MARKER_REASON)
                         .map(|r| r.as_str())
                     {
                         Some("MaxAge" | "Purge") => kv::Operation::Purge,

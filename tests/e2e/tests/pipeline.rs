@@ -517,7 +517,7 @@ async fn a_bucket_made_before_the_republish_setting_gets_it() {
     let sequence = message
         .headers
         .as_ref()
-        .and_then(|h| h.get("Nats-Sequence"))
+        .and_then(|h| h.get(async_nats::header::NATS_SEQUENCE))
         .map(|v| v.as_str().to_string());
     assert_eq!(sequence, Some(revision.to_string()), "with its revision");
 }
