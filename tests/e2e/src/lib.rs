@@ -940,15 +940,31 @@ async fn wait_on<T: DeserializeOwned>(
     subject: &str,
     accept: impl Fn(&T) -> bool,
 ) -> anyhow::Result<T> {
-    let consumer = stream
-        .create_consumer(pull::OrderedConfig {
-            filter_subject: subject.into(),
-            deliver_policy: DeliverPolicy::All,
-            ..Default::default()
-        })
-        .await?;
-    let mut messages = consumer.messages().await?;
-    let found = tokio::time::timeout(TIMEOUT, async {
+    let deadline = tokio::time::Instant::now() + TIMEOUT;
+    // A cluster that just lost a node answers no JetStream request until its leaders are
+    // elected again: the consumer is asked for until then.
+    let mut messages = loop {
+        let consumer = stream
+            .create_consumer(pull::OrderedConfig {
+                filter_subject: subject.into(),
+                deliver_policy: DeliverPolicy::All,
+                ..Default::default()
+            })
+            .await;
+        let messages = match consumer {
+            Ok(consumer) => consumer.messages().await.map_err(anyhow::Error::from),
+            Err(e) => Err(e.into()),
+        };
+        match messages {
+            Ok(messages) => break messages,
+            Err(e) if tokio::time::Instant::now() < deadline => {
+                tracing::debug!(error = %e, %subject, "no consumer yet, asking again");
+                tokio::time::sleep(Duration::from_millis(500)).await;
+            }
+            Err(e) => return Err(e.context(format!("a consumer of {subject}"))),
+        }
+    };
+    let found = tokio::time::timeout_at(deadline, async {
         while let Some(msg) = messages.next().await {
             let msg = msg?;
             if let Ok(event) = fleetcast_runtime::consume::decode::<T>(&msg)
