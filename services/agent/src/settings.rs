@@ -323,4 +323,30 @@ mod tests {
             assert!(settings.validate().is_err(), "{other} accepted");
         }
     }
+
+    /// A bad ring or app name in the settings file stops the agent at start, saying which
+    /// setting and why; a host name that is no agent id needs `agent_id`.
+    #[test]
+    fn bad_names_in_the_settings_are_refused_with_the_setting_that_holds_them() {
+        let dir = tempfile::tempdir().expect("tmp");
+        let load = |toml: &str| {
+            let path = dir.path().join("agent.toml");
+            std::fs::write(&path, toml).expect("write");
+            fleetcast_runtime::settings::load_settings_from::<Settings>(
+                "agent",
+                Some(&path),
+                Settings::LIST_KEYS,
+                Vec::new(),
+            )
+        };
+        let err = load("agent_id = \"h1\"\nring = \"Prod\"\n").expect_err("bad ring");
+        let text = err.to_string();
+        assert!(text.contains("ring") && text.contains("\"Prod\""), "{text}");
+        let err = load("agent_id = \"h1\"\n[[apps]]\nname = \"Web App\"\ncommand = [\"x\"]\n")
+            .expect_err("bad app");
+        assert!(err.to_string().contains("\"Web App\""), "{err}");
+        let fqdn = load("agent_id = \"web-1.example.com\"\n").expect("loads");
+        let err = fqdn.validate().expect_err("no id");
+        assert!(err.to_string().contains("agent_id"), "{err}");
+    }
 }
