@@ -184,6 +184,16 @@ async fn http_actions_need_an_operators_token_and_each_is_recorded_with_its_name
         "version=1.0.0",
     );
     assert_eq!(status, 415, "{body}");
+    // A path that names no app: 404, nothing done.
+    let (status, body) = post(
+        port,
+        "/api/apps/Bad_App/approve",
+        Some(&tokens.operator),
+        JSON,
+        "{}",
+    );
+    assert_eq!(status, 404, "{body}");
+    assert!(body.contains("app name"), "{body}");
     // A read token: 403, recorded as refused.
     let (status, body) = post(port, approve, Some(&tokens.read), JSON, "{}");
     assert_eq!(status, 403, "{body}");
