@@ -12,11 +12,11 @@ use std::sync::Arc;
 
 use async_nats::jetstream::Message;
 use fleetcast_events::Encoding;
-use fleetcast_events::names::{
-    self, RELEASE_REJECTED, RELEASE_SIGNED, RELEASE_STORED, release_key,
-};
+use fleetcast_events::names::{self, RELEASE_SIGNED, RELEASE_STORED, release_key};
 use fleetcast_events::v1::*;
-use fleetcast_runtime::consume::{ConsumerSpec, Outcome, decode_or_reject, run_consumer};
+use fleetcast_runtime::consume::{
+    ConsumerSpec, Outcome, RefusedRelease, decode_or_reject, reject_release, run_consumer,
+};
 use fleetcast_runtime::observe::{self, Endpoint, ObserveError};
 use fleetcast_runtime::{Bus, BusError, Trust, trust};
 use time::OffsetDateTime;
@@ -372,39 +372,18 @@ impl Distributor {
     }
 
     async fn reject(&self, event: &ReleaseSigned, code: RejectCode, message: String) -> Outcome {
-        let reason = Rejection { code, message };
-        tracing::warn!(app = %event.app, version = %event.version, code = %reason.code, reason = %reason.message, "release rejected");
-        if let Err(e) = self
-            .bus
-            .record_rejection(
-                &event.app,
-                &event.version,
-                Some(&event.blake3),
-                &reason,
-                true,
-            )
-            .await
-        {
-            return Outcome::Retry(e.to_string());
-        }
-        let rejected = ReleaseRejected {
-            app: event.app.clone(),
-            version: event.version.clone(),
-            stage: SERVICE.into(),
-            reason,
-            blake3: Some(event.blake3.clone()),
+        let release = RefusedRelease {
+            app: &event.app,
+            version: &event.version,
+            blake3: &event.blake3,
+            archive: None,
         };
-        match self
-            .bus
-            .publish_event(RELEASE_REJECTED, &rejected, Encoding::Json, None)
-            .await
-        {
-            Ok(()) => {
-                self.metrics.rejected(code);
-                Outcome::Done
-            }
-            Err(e) => Outcome::Retry(e.to_string()),
+        let reason = Rejection { code, message };
+        let outcome = reject_release(&self.bus, SERVICE, release, reason, true).await;
+        if matches!(outcome, Outcome::Done) {
+            self.metrics.rejected(code);
         }
+        outcome
     }
 }
 

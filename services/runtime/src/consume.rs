@@ -177,6 +177,66 @@ pub fn decode_payload<T: serde::de::DeserializeOwned>(
     fleetcast_events::codec::decode(content_type.as_deref(), payload)
 }
 
+/// The release a pipeline stage refuses: its app, version and archive.
+pub struct RefusedRelease<'a> {
+    pub app: &'a fleetcast_events::AppName,
+    pub version: &'a semver::Version,
+    pub blake3: &'a str,
+    /// The incoming archive, removed once the refusal is recorded (nothing is kept for a
+    /// refused package); `None` where it stays (the distributor's).
+    pub archive: Option<&'a str>,
+}
+
+/// Refuses `release` at `stage` (the signer, the distributor) for `reason`: records it where
+/// its publisher looks (`Bus::record_rejection`; `of_signed` for a release that is signed
+/// already), removes its archive, and publishes `release.rejected`, each step repeatable.
+/// `Outcome::Done` once the event is out; retried if recording or publishing failed.
+pub async fn reject_release(
+    bus: &crate::Bus,
+    stage: &str,
+    release: RefusedRelease<'_>,
+    reason: fleetcast_events::v1::Rejection,
+    of_signed: bool,
+) -> Outcome {
+    let RefusedRelease {
+        app,
+        version,
+        blake3,
+        archive,
+    } = release;
+    tracing::warn!(%app, %version, code = %reason.code, reason = %reason.message, "release rejected");
+    let recorded = bus
+        .record_rejection(app, version, Some(blake3), &reason, of_signed)
+        .await;
+    if let Err(e) = recorded {
+        return Outcome::Retry(e.to_string());
+    }
+    if let Some(object) = archive
+        && let Err(e) = bus.incoming.delete(object).await
+    {
+        tracing::debug!(%object, error = %e, "rejected archive not deleted");
+    }
+    let rejected = fleetcast_events::v1::ReleaseRejected {
+        app: app.clone(),
+        version: version.clone(),
+        stage: stage.into(),
+        reason,
+        blake3: Some(blake3.to_string()),
+    };
+    refusal_out(bus, fleetcast_events::names::RELEASE_REJECTED, &rejected).await
+}
+
+/// Publishes a refusal (JSON): done once it is out, retried otherwise.
+async fn refusal_out<T: serde::Serialize>(bus: &crate::Bus, subject: &str, refusal: &T) -> Outcome {
+    let published = bus
+        .publish_event(subject, refusal, fleetcast_events::Encoding::Json, None)
+        .await;
+    match published {
+        Ok(()) => Outcome::Done,
+        Err(e) => Outcome::Retry(e.to_string()),
+    }
+}
+
 /// Publishes `event_rejected` for a message that could not be decoded or broke the contract,
 /// so the refusal is visible, then lets the message go: retrying a malformed event is pointless.
 pub async fn reject_event(
@@ -191,18 +251,7 @@ pub async fn reject_event(
         subject: subject.into(),
         reason,
     };
-    let published = bus
-        .publish_event(
-            fleetcast_events::names::EVENT_REJECTED,
-            &event,
-            fleetcast_events::Encoding::Json,
-            None,
-        )
-        .await;
-    match published {
-        Ok(()) => Outcome::Done,
-        Err(e) => Outcome::Retry(e.to_string()),
-    }
+    refusal_out(bus, fleetcast_events::names::EVENT_REJECTED, &event).await
 }
 
 /// Decodes an event, or refuses it with an `event_rejected` event. `Err` carries the outcome the

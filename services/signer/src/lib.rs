@@ -11,7 +11,7 @@ use std::sync::Arc;
 
 use async_nats::jetstream::Message;
 use fleetcast_events::manifest::TreeRoot;
-use fleetcast_events::names::{self, PACKAGE_DETECTED, RELEASE_REJECTED, RELEASE_SIGNED};
+use fleetcast_events::names::{self, PACKAGE_DETECTED, RELEASE_SIGNED};
 use fleetcast_events::tree;
 use fleetcast_events::v1::*;
 use fleetcast_events::{
@@ -19,7 +19,8 @@ use fleetcast_events::{
 };
 use fleetcast_package::{ArchiveError, Package};
 use fleetcast_runtime::consume::{
-    ConsumerSpec, Outcome, decode_or_reject, reject_event, run_consumer,
+    ConsumerSpec, Outcome, RefusedRelease, decode_or_reject, reject_event, reject_release,
+    run_consumer,
 };
 use fleetcast_runtime::observe::{self, Endpoint, ObserveError};
 use fleetcast_runtime::{Bus, BusError, Trust, trust};
@@ -595,42 +596,18 @@ impl Signer {
     }
 
     async fn reject(&self, event: &PackageDetected, reason: Rejection) -> Outcome {
-        tracing::warn!(app = %event.app, version = %event.version, code = %reason.code, reason = %reason.message, "release rejected");
-        if let Err(e) = self
-            .bus
-            .record_rejection(
-                &event.app,
-                &event.version,
-                Some(&event.blake3),
-                &reason,
-                false,
-            )
-            .await
-        {
-            return Outcome::Retry(e.to_string());
-        }
-        if let Err(e) = self.bus.incoming.delete(&event.object).await {
-            tracing::debug!(object = %event.object, error = %e, "rejected archive not deleted");
-        }
         let code = reason.code;
-        let rejected = ReleaseRejected {
-            app: event.app.clone(),
-            version: event.version.clone(),
-            stage: SERVICE.into(),
-            reason,
-            blake3: Some(event.blake3.clone()),
+        let release = RefusedRelease {
+            app: &event.app,
+            version: &event.version,
+            blake3: &event.blake3,
+            archive: Some(&event.object),
         };
-        match self
-            .bus
-            .publish_event(RELEASE_REJECTED, &rejected, Encoding::Json, None)
-            .await
-        {
-            Ok(()) => {
-                self.metrics.rejected(code);
-                Outcome::Done
-            }
-            Err(e) => Outcome::Retry(e.to_string()),
+        let outcome = reject_release(&self.bus, SERVICE, release, reason, false).await;
+        if matches!(outcome, Outcome::Done) {
+            self.metrics.rejected(code);
         }
+        outcome
     }
 }
 
