@@ -132,10 +132,13 @@ pub async fn run() -> anyhow::Result<String> {
     distributor.cancel();
 
     let demo_app = sibling_binary("fleetcast-demo-app")?;
-    let port = free_port()?;
-    let small_port = free_port()?;
-    let rebuilt_port = free_port()?;
-    let handover_ports = [free_port()?, free_port()?];
+    let port = fleetcast_harness::free_port()?;
+    let small_port = fleetcast_harness::free_port()?;
+    let rebuilt_port = fleetcast_harness::free_port()?;
+    let handover_ports = [
+        fleetcast_harness::free_port()?,
+        fleetcast_harness::free_port()?,
+    ];
     let mut statuses = bus
         .client
         .subscribe(fleetcast_events::names::ALL_AGENT_STATUSES)
@@ -357,12 +360,6 @@ pub(crate) fn sibling_binary(name: &str) -> anyhow::Result<PathBuf> {
     Ok(path)
 }
 
-fn free_port() -> anyhow::Result<u16> {
-    Ok(std::net::TcpListener::bind("127.0.0.1:0")?
-        .local_addr()?
-        .port())
-}
-
 /// Size of the desired-state value the agent receives (it carries the signed manifest), and
 /// when the server stored it.
 /// `app` of the agent whose data folder is `data` from nothing to 1.0.0, then to 2.0.0,
@@ -475,7 +472,7 @@ fn app_start_ms(demo_app: &Path, dir: &Path) -> anyhow::Result<Duration> {
     std::fs::create_dir_all(dir)?;
     let mut times = Vec::new();
     for _ in 0..5 {
-        let port = free_port()?;
+        let port = fleetcast_harness::free_port()?;
         let start = Instant::now();
         let mut child = Command::new(demo_app)
             .current_dir(dir)

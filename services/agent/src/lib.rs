@@ -248,19 +248,65 @@ impl Host {
         let roots = self.trust.root_updates();
         let runner = match runner {
             Ok(runner) => runner,
-            Err(e) => {
-                let made = || self.runner(&app);
-                let (name, settings, id) = (&app.name, &self.settings, &self.agent_id);
-                match isolated(e, made, name, settings, id, &self.bus, &self.shutdown).await {
-                    Some(runner) => runner,
-                    None => return,
-                }
-            }
+            Err(e) => match self.isolated(e, &app).await {
+                Some(runner) => runner,
+                None => return,
+            },
         };
         let _ = beat.send(runner.snapshot());
         let recheck = spread(&self.agent_id, &app.name, self.settings.recheck);
         let (bus, shutdown) = (self.bus.clone(), self.shutdown.clone());
         app_loop(runner, bus, recheck, roots, beat, nudges, shutdown).await;
+    }
+
+    /// An app that could not be set up (its journal unreadable: a crash tears one slot at
+    /// most, so both torn is damage that guessing could make worse by starting the wrong
+    /// version). It is reported failed with the reason, again on every `recheck` (a tracker
+    /// that missed it hears it then), and set up again each time: once repaired (the journal
+    /// restored or removed by an operator), it is supervised and updated from then on. `None`:
+    /// shut down first.
+    async fn isolated(
+        &self,
+        mut error: UpdateError,
+        app: &settings::AppSettings,
+    ) -> Option<AppRunner> {
+        let name = &app.name;
+        loop {
+            let reason = format!("isolated, not supervised or updated until repaired: {error}");
+            tracing::error!(app = %name, %reason, "app isolated");
+            let status = fleetcast_events::v1::AgentStatus {
+                agent_id: self.agent_id.clone(),
+                app: name.clone(),
+                state: fleetcast_events::v1::AppState::Failed,
+                version: None,
+                progress_bytes: None,
+                reason: Some(reason),
+                at: OffsetDateTime::now_utc(),
+            };
+            let subject = fleetcast_events::names::agent_status_subject(
+                &self.agent_id,
+                &self.settings.ring,
+                name,
+            );
+            if let Err(e) = self
+                .bus
+                .report_event(&subject, &status, Encoding::MsgPack)
+                .await
+            {
+                tracing::warn!(app = %name, error = %e, "status not published");
+            }
+            tokio::select! {
+                _ = self.shutdown.cancelled() => return None,
+                _ = tokio::time::sleep(self.settings.recheck.max(Duration::from_secs(1))) => {}
+            }
+            match self.runner(app) {
+                Ok(runner) => {
+                    tracing::info!(app = %name, "app state readable again; supervising it");
+                    return Some(runner);
+                }
+                Err(e) => error = e,
+            }
+        }
     }
 
     /// Heartbeats until shutdown: at once (the tracker learns of the agent), then on the
@@ -455,50 +501,6 @@ fn qualified(
         }
         // The launcher's deadline then sends this agent back.
         Err(e) => tracing::error!(error = %e, "cannot tell the launcher this agent qualified"),
-    }
-}
-
-/// An app that could not be set up (its journal unreadable: a crash tears one slot at most, so
-/// both torn is damage that guessing could make worse by starting the wrong version). It is
-/// reported failed with the reason, again on every `recheck` (a tracker that missed it hears
-/// it then), and set up again each time: once repaired (the journal restored or removed by an
-/// operator), it is supervised and updated from then on. `None`: shut down first.
-async fn isolated(
-    mut error: UpdateError,
-    mut made: impl FnMut() -> Result<AppRunner, UpdateError>,
-    app: &AppName,
-    host: &Settings,
-    agent_id: &AgentId,
-    bus: &AgentBus,
-    shutdown: &CancellationToken,
-) -> Option<AppRunner> {
-    loop {
-        let reason = format!("isolated, not supervised or updated until repaired: {error}");
-        tracing::error!(%app, %reason, "app isolated");
-        let status = fleetcast_events::v1::AgentStatus {
-            agent_id: agent_id.clone(),
-            app: app.clone(),
-            state: fleetcast_events::v1::AppState::Failed,
-            version: None,
-            progress_bytes: None,
-            reason: Some(reason),
-            at: OffsetDateTime::now_utc(),
-        };
-        let subject = fleetcast_events::names::agent_status_subject(agent_id, &host.ring, app);
-        if let Err(e) = bus.report_event(&subject, &status, Encoding::MsgPack).await {
-            tracing::warn!(%app, error = %e, "status not published");
-        }
-        tokio::select! {
-            _ = shutdown.cancelled() => return None,
-            _ = tokio::time::sleep(host.recheck.max(Duration::from_secs(1))) => {}
-        }
-        match made() {
-            Ok(runner) => {
-                tracing::info!(%app, "app state readable again; supervising it");
-                return Some(runner);
-            }
-            Err(e) => error = e,
-        }
     }
 }
 

@@ -5,12 +5,9 @@ use std::net::TcpStream;
 use std::process::{Child, Command};
 use std::time::Duration;
 
+/// A free loopback port (see `fleetcast_harness::free_port`).
 fn free_port() -> u16 {
-    std::net::TcpListener::bind("127.0.0.1:0")
-        .expect("bind")
-        .local_addr()
-        .expect("addr")
-        .port()
+    fleetcast_harness::free_port().expect("free port")
 }
 
 fn start(dir: &std::path::Path, port: u16, extra: &[(&str, &str)]) -> Child {

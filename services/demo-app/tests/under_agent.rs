@@ -123,12 +123,9 @@ async fn agent_on_v1(
     (shutdown, agent)
 }
 
-/// A free loopback port.
+/// A free loopback port (see `fleetcast_harness::free_port`).
 fn free_port() -> u16 {
-    std::net::TcpListener::bind("127.0.0.1:0")
-        .and_then(|l| l.local_addr())
-        .expect("port")
-        .port()
+    fleetcast_harness::free_port().expect("free port")
 }
 
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
