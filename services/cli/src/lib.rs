@@ -225,6 +225,11 @@ pub async fn prepare_release(
         .file_name()
         .and_then(|n| n.to_str())
         .unwrap_or_default();
+    // A name given is checked here; one read from the file name was checked as it was read.
+    let app = app
+        .map(AppName::try_from)
+        .transpose()
+        .map_err(|e| refuse(RejectCode::InvalidName, e.to_string()))?;
     let (app, version) = match (app, version) {
         (Some(app), Some(version)) => (app, version),
         (app, version) => {
@@ -234,13 +239,9 @@ pub async fn prepare_release(
                     format!("{e}; or give --app and --version"),
                 )
             })?;
-            (
-                app.unwrap_or_else(|| parsed.app.to_string()),
-                version.unwrap_or(parsed.version),
-            )
+            (app.unwrap_or(parsed.app), version.unwrap_or(parsed.version))
         }
     };
-    let app = AppName::try_from(app).map_err(|e| refuse(RejectCode::InvalidName, e.to_string()))?;
     let path = archive.to_path_buf();
     let limits = limits.clone();
     let (size, blake3) = tokio::task::spawn_blocking(move || -> anyhow::Result<(u64, String)> {
