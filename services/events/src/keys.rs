@@ -118,6 +118,9 @@ pub enum TrustError {
     BelowThreshold { valid: usize, needed: usize },
     #[error("malformed: {0}")]
     Malformed(String),
+    /// A root's signing threshold that its keys cannot meet (or that anyone meets).
+    #[error("malformed: threshold {threshold} must be between 1 and the {keys} distinct key(s)")]
+    Threshold { threshold: usize, keys: usize },
     #[error("expired at {0}")]
     Expired(String),
     #[error("lists an unsafe path: {0}")]
@@ -166,16 +169,16 @@ impl TrustedKeys {
     }
 
     /// `threshold` distinct keys of `keys` must sign; it must be between 1 and their number.
-    pub fn with_threshold(keys: Vec<PublicKey>, threshold: usize) -> Result<Self, String> {
+    pub fn with_threshold(keys: Vec<PublicKey>, threshold: usize) -> Result<Self, TrustError> {
         let keys = TrustedKeys::new(keys).keys;
         let mut ids: Vec<&str> = keys.iter().map(|(id, _)| id.as_str()).collect();
         ids.sort();
         ids.dedup();
         if threshold == 0 || threshold > ids.len() {
-            return Err(format!(
-                "threshold {threshold} must be between 1 and the {} distinct key(s)",
-                ids.len()
-            ));
+            return Err(TrustError::Threshold {
+                threshold,
+                keys: ids.len(),
+            });
         }
         Ok(TrustedKeys { keys, threshold })
     }

@@ -138,22 +138,36 @@ impl SignedManifest {
 
 /// A path that stays inside the directory it is joined to: relative, `/`-separated, no empty,
 /// `.` or `..` components, no backslashes or NULs (which other tools read as separators or ends).
-pub fn check_relative_path(path: &str) -> Result<(), String> {
+pub fn check_relative_path(path: &str) -> Result<(), UnsafePath> {
+    let unsafe_path = |why: &'static str| {
+        Err(UnsafePath {
+            path: path.to_string(),
+            why,
+        })
+    };
     if path.is_empty() {
-        return Err("empty path".into());
+        return unsafe_path("is empty");
     }
     if path.starts_with('/') || path.contains('\\') || path.contains('\0') {
-        return Err(format!("{path:?} is absolute or has a forbidden character"));
+        return unsafe_path("is absolute or has a forbidden character");
     }
     if path.len() > 1 && path.as_bytes().get(1) == Some(&b':') {
-        return Err(format!("{path:?} looks like a drive path"));
+        return unsafe_path("looks like a drive path");
     }
     for part in path.trim_end_matches('/').split('/') {
         if part.is_empty() || part == "." || part == ".." {
-            return Err(format!("{path:?} has an empty, '.' or '..' component"));
+            return unsafe_path("has an empty, '.' or '..' component");
         }
     }
     Ok(())
+}
+
+/// A path that could leave the directory it is joined to (see [`check_relative_path`]).
+#[derive(Debug, Clone, PartialEq, Eq, thiserror::Error)]
+#[error("{path:?} {why}")]
+pub struct UnsafePath {
+    pub path: String,
+    pub why: &'static str,
 }
 
 #[cfg(test)]

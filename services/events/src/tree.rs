@@ -488,7 +488,7 @@ impl Walk {
                 ));
             }
             let path = format!("{}{}", &previous[..prefix], item.suffix);
-            check_relative_path(&path).map_err(TreeError::Malformed)?;
+            check_relative_path(&path).map_err(|e| TreeError::Malformed(e.to_string()))?;
             if self.files.last().is_some_and(|f| f.entry.path >= path) {
                 return Err(TreeError::Malformed(format!(
                     "{path} is out of order or listed twice"

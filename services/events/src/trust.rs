@@ -32,7 +32,7 @@ impl Role {
             .iter()
             .map(|k| PublicKey::from_text(k).map_err(|e| TrustError::Malformed(e.to_string())))
             .collect::<Result<Vec<_>, _>>()?;
-        TrustedKeys::with_threshold(keys, self.threshold).map_err(TrustError::Malformed)
+        TrustedKeys::with_threshold(keys, self.threshold)
     }
 }
 

@@ -28,24 +28,42 @@ pub struct HttpsSettings {
 
 impl HttpsSettings {
     /// The TLS configuration, or why the files do not make one.
-    pub fn server_config(&self) -> Result<rustls::ServerConfig, String> {
+    pub fn server_config(&self) -> Result<rustls::ServerConfig, HttpsError> {
+        let pem = |path: &PathBuf| {
+            let path = path.clone();
+            move |e: rustls::pki_types::pem::Error| HttpsError::Pem {
+                path,
+                reason: e.to_string(),
+            }
+        };
         let certs = CertificateDer::pem_file_iter(&self.cert_file)
             .and_then(|certs| certs.collect::<Result<Vec<_>, _>>())
-            .map_err(|e| format!("{}: {e}", self.cert_file.display()))?;
+            .map_err(pem(&self.cert_file))?;
         if certs.is_empty() {
-            return Err(format!("{}: no certificate", self.cert_file.display()));
+            return Err(HttpsError::NoCertificate(self.cert_file.clone()));
         }
-        let key = PrivateKeyDer::from_pem_file(&self.key_file)
-            .map_err(|e| format!("{}: {e}", self.key_file.display()))?;
-        rustls::ServerConfig::builder_with_provider(Arc::new(
+        let key = PrivateKeyDer::from_pem_file(&self.key_file).map_err(pem(&self.key_file))?;
+        let config = rustls::ServerConfig::builder_with_provider(Arc::new(
             rustls::crypto::ring::default_provider(),
         ))
-        .with_safe_default_protocol_versions()
-        .map_err(|e| e.to_string())?
+        .with_safe_default_protocol_versions()?
         .with_no_client_auth()
-        .with_single_cert(certs, key)
-        .map_err(|e| format!("certificate and key: {e}"))
+        .with_single_cert(certs, key)?;
+        Ok(config)
     }
+}
+
+/// Why an endpoint cannot serve HTTPS (all configuration errors: nothing to retry).
+#[derive(Debug, thiserror::Error)]
+pub enum HttpsError {
+    #[error("{}: {reason}", path.display())]
+    Pem { path: PathBuf, reason: String },
+    #[error("{}: no certificate", .0.display())]
+    NoCertificate(PathBuf),
+    #[error("certificate and key: {0}")]
+    Tls(#[from] rustls::Error),
+    #[error("listener: {0}")]
+    Listener(#[from] std::io::Error),
 }
 
 /// What an HTTP endpoint serves on: plain, or TLS when a certificate is configured.
@@ -55,7 +73,7 @@ pub enum HttpListener {
 }
 
 impl HttpListener {
-    pub fn new(listener: TcpListener, tls: Option<&HttpsSettings>) -> Result<Self, String> {
+    pub fn new(listener: TcpListener, tls: Option<&HttpsSettings>) -> Result<Self, HttpsError> {
         Ok(match tls {
             None => HttpListener::Plain(listener),
             Some(tls) => HttpListener::Tls(TlsListener::new(listener, tls)?),
@@ -97,9 +115,9 @@ pub struct TlsListener {
 
 impl TlsListener {
     /// Accepts on `listener` until this is dropped.
-    pub fn new(listener: TcpListener, settings: &HttpsSettings) -> Result<TlsListener, String> {
+    pub fn new(listener: TcpListener, settings: &HttpsSettings) -> Result<TlsListener, HttpsError> {
         let acceptor = TlsAcceptor::from(Arc::new(settings.server_config()?));
-        let local = listener.local_addr().map_err(|e| e.to_string())?;
+        let local = listener.local_addr()?;
         let (tx, ready) = mpsc::channel(64);
         tokio::spawn(async move {
             loop {

@@ -4,9 +4,11 @@
 //! `/health` answers 200 `ok` while the service runs and is connected to NATS, 503 with the
 //! reason while it is not (still connecting at start, or reconnecting after losing the
 //! connection): a service cut off from NATS does no work, and container health checks and load
-//! balancers should see that. `/metrics` is the service's own [`Collect`] plus two samples every
-//! service exports: `fleetcast_<service>_build_info` and `fleetcast_<service>_nats_connected`.
+//! balancers should see that. `/metrics` is the service's own registry (see [`crate::metrics`])
+//! plus two gauges every service exports, which the endpoint adds to it:
+//! `fleetcast_<service>_build_info` and `fleetcast_<service>_nats_connected`.
 
+use std::fmt;
 use std::net::SocketAddr;
 use std::sync::{Arc, OnceLock};
 use std::time::Duration;
@@ -15,12 +17,15 @@ use async_nats::connection::State;
 use axum::Router;
 use axum::extract::State as Shared;
 use axum::http::{StatusCode, header};
-use axum::response::IntoResponse;
+use axum::response::{IntoResponse, Response};
 use axum::routing::get;
+use prometheus_client::collector::Collector;
+use prometheus_client::encoding::DescriptorEncoder;
+use prometheus_client::registry::Registry;
 use tokio_util::sync::{CancellationToken, DropGuard};
 
 use crate::https::HttpsSettings;
-use crate::metrics::{self, Collect, Exposition};
+use crate::metrics::{self, NO_LABELS};
 use crate::{Bus, BusError, NatsSettings};
 
 #[derive(Debug, thiserror::Error)]
@@ -63,44 +68,74 @@ pub fn health_response(nats: Option<&async_nats::Client>) -> impl IntoResponse +
     )
 }
 
-/// The samples every service exports about itself.
-pub fn write_identity(
-    out: &mut Exposition,
-    identity: &Identity,
-    nats: Option<&async_nats::Client>,
-) {
-    out.gauge(
-        identity.build_info,
-        "Always 1; the service's version is in the `version` label.",
-    );
-    out.sample(identity.build_info, &[("version", identity.version)], 1.0);
-    out.gauge(
-        identity.nats_connected,
-        "1 while the service is connected to NATS, 0 while it is connecting or reconnecting.",
-    );
-    let connected = if health(nats).is_ok() { 1.0 } else { 0.0 };
-    out.sample(identity.nats_connected, &[], connected);
-}
-
-/// A `/metrics` body as an HTTP response.
-pub fn metrics_response(body: String) -> impl IntoResponse {
-    ([(header::CONTENT_TYPE, metrics::CONTENT_TYPE)], body)
-}
-
-/// What a service's endpoint serves: its identity, its NATS client once connected, its metrics.
-pub struct Endpoint {
+/// Adds the gauges every service exports about itself to its `registry`; `nats` is the
+/// service's client once it has connected (`nats_connected` is read from it at each scrape).
+pub fn register_identity(
+    registry: &mut Registry,
     identity: Identity,
-    nats: OnceLock<async_nats::Client>,
-    metrics: Arc<dyn Collect>,
+    nats: Arc<OnceLock<async_nats::Client>>,
+) {
+    registry.register_collector(Box::new(Reported { identity, nats }));
+}
+
+/// The identity gauges: `nats_connected` changes with the connection, so it is read per scrape.
+#[derive(Debug)]
+struct Reported {
+    identity: Identity,
+    nats: Arc<OnceLock<async_nats::Client>>,
+}
+
+impl Collector for Reported {
+    fn encode(&self, mut out: DescriptorEncoder) -> fmt::Result {
+        let Identity {
+            build_info,
+            nats_connected,
+            version,
+        } = self.identity;
+        metrics::gauges(
+            &mut out,
+            build_info,
+            "Always 1; the service's version is in the `version` label.",
+            [([("version", version)], 1)],
+        )?;
+        let connected = u32::from(health(self.nats.get()).is_ok());
+        metrics::gauges(
+            &mut out,
+            nats_connected,
+            "1 while the service is connected to NATS, 0 while it is connecting or reconnecting.",
+            [(NO_LABELS, connected)],
+        )
+    }
+}
+
+/// A `/metrics` body as an HTTP response. Encoding into a string fails only if a collector
+/// does: then the scrape fails visibly rather than serving part of the metrics.
+pub fn metrics_response(body: Result<String, fmt::Error>) -> Response {
+    match body {
+        Ok(body) => ([(header::CONTENT_TYPE, metrics::CONTENT_TYPE)], body).into_response(),
+        Err(_) => {
+            tracing::error!("/metrics: a collector failed to encode its metrics");
+            (
+                StatusCode::INTERNAL_SERVER_ERROR,
+                "cannot encode the metrics",
+            )
+                .into_response()
+        }
+    }
+}
+
+/// What a service's endpoint serves: its NATS client once connected, its registry.
+pub struct Endpoint {
+    nats: Arc<OnceLock<async_nats::Client>>,
+    registry: Registry,
 }
 
 impl Endpoint {
-    pub fn new(identity: Identity, metrics: Arc<dyn Collect>) -> Arc<Endpoint> {
-        Arc::new(Endpoint {
-            identity,
-            nats: OnceLock::new(),
-            metrics,
-        })
+    /// `registry` holds the service's own metrics; the endpoint adds its identity to it.
+    pub fn new(identity: Identity, mut registry: Registry) -> Arc<Endpoint> {
+        let nats = Arc::new(OnceLock::new());
+        register_identity(&mut registry, identity, nats.clone());
+        Arc::new(Endpoint { nats, registry })
     }
 
     /// The service is connected: health and `nats_connected` follow this client from now on
@@ -109,11 +144,8 @@ impl Endpoint {
         let _ = self.nats.set(client.clone());
     }
 
-    pub fn render(&self) -> String {
-        let mut out = Exposition::new();
-        write_identity(&mut out, &self.identity, self.nats.get());
-        self.metrics.collect(&mut out);
-        out.into_string()
+    pub fn render(&self) -> Result<String, fmt::Error> {
+        metrics::encode(&[&self.registry])
     }
 }
 
@@ -161,8 +193,11 @@ pub async fn serve(
     let local = listener.local_addr().map_err(fail)?;
     let stop = shutdown.child_token();
     let stopped = stop.clone();
-    let listener = crate::https::HttpListener::new(listener, tls)
-        .map_err(|reason| ObserveError::Listen { addr, reason })?;
+    let listener =
+        crate::https::HttpListener::new(listener, tls).map_err(|e| ObserveError::Listen {
+            addr,
+            reason: e.to_string(),
+        })?;
     tokio::spawn(async move {
         if let Err(e) = listener.serve(router(endpoint), stopped).await {
             tracing::error!(error = %e, "/health and /metrics endpoint stopped");
@@ -220,11 +255,6 @@ async fn bind(addr: SocketAddr) -> std::io::Result<tokio::net::TcpListener> {
 mod tests {
     use super::*;
 
-    struct Nothing;
-    impl Collect for Nothing {
-        fn collect(&self, _: &mut Exposition) {}
-    }
-
     const IDENTITY: Identity = Identity {
         build_info: "demo_build_info",
         nats_connected: "demo_nats_connected",
@@ -234,7 +264,9 @@ mod tests {
     #[test]
     fn not_connected_yet_is_unhealthy_and_reported() {
         assert_eq!(health(None), Err("not connected to NATS yet"));
-        let body = Endpoint::new(IDENTITY, Arc::new(Nothing)).render();
+        let body = Endpoint::new(IDENTITY, Registry::default())
+            .render()
+            .expect("encode");
         assert!(
             body.contains("demo_build_info{version=\"1.2.3\"} 1\n"),
             "{body}"
@@ -249,7 +281,7 @@ mod tests {
         let serving = serve(
             SocketAddr::from(([127, 0, 0, 1], 0)),
             None,
-            Endpoint::new(IDENTITY, Arc::new(Nothing)),
+            Endpoint::new(IDENTITY, Registry::default()),
             &shutdown,
         )
         .await

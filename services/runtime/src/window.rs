@@ -14,20 +14,29 @@ pub struct Window {
     end: Time,
 }
 
-impl FromStr for Window {
-    type Err = String;
+/// A window that does not parse, or covers no time at all.
+#[derive(Debug, Clone, PartialEq, Eq, thiserror::Error)]
+pub enum WindowError {
+    #[error("{0:?} is not a UTC range like \"22:00-04:00\"")]
+    Malformed(String),
+    #[error("{0:?} is empty")]
+    Empty(String),
+}
 
-    fn from_str(s: &str) -> Result<Self, String> {
-        let err = || format!("{s:?} is not a UTC range like \"22:00-04:00\"");
+impl FromStr for Window {
+    type Err = WindowError;
+
+    fn from_str(s: &str) -> Result<Self, WindowError> {
+        let err = || WindowError::Malformed(s.to_string());
         let (a, b) = s.split_once('-').ok_or_else(err)?;
-        let parse = |t: &str| -> Result<Time, String> {
+        let parse = |t: &str| -> Result<Time, WindowError> {
             let (h, m) = t.trim().split_once(':').ok_or_else(err)?;
             let (h, m): (u8, u8) = (h.parse().map_err(|_| err())?, m.parse().map_err(|_| err())?);
             Time::from_hms(h, m, 0).map_err(|_| err())
         };
         let (start, end) = (parse(a)?, parse(b)?);
         if start == end {
-            return Err(format!("{s:?} is empty"));
+            return Err(WindowError::Empty(s.to_string()));
         }
         Ok(Window { start, end })
     }
