@@ -32,18 +32,15 @@ pub struct HttpSettings {
 impl HttpSettings {
     /// Names and hashes are each unique: a name is who the history says acted, and one token
     /// must not stand for two names.
-    pub fn validate(&self) -> Result<(), String> {
+    pub fn validate(&self) -> Result<(), TokensError> {
         let mut names = std::collections::BTreeSet::new();
         let mut hashes = std::collections::BTreeSet::new();
         for t in &self.tokens {
             if !names.insert(t.name.as_str()) {
-                return Err(format!("token name {:?} is given twice", t.name.as_str()));
+                return Err(TokensError::NameTwice(t.name.as_str().to_string()));
             }
             if !hashes.insert(t.hash.0.to_hex().to_string()) {
-                return Err(format!(
-                    "token {:?} has the hash of another token",
-                    t.name.as_str()
-                ));
+                return Err(TokensError::SameHash(t.name.as_str().to_string()));
             }
         }
         Ok(())
@@ -64,6 +61,16 @@ impl HttpSettings {
     }
 }
 
+/// Why `http.tokens` is refused.
+#[derive(Debug, Clone, PartialEq, Eq, thiserror::Error)]
+pub enum TokensError {
+    #[error("token name {0:?} is given twice")]
+    NameTwice(String),
+    /// Two names for one token: the history could not say who acted.
+    #[error("token {0:?} has the hash of another token")]
+    SameHash(String),
+}
+
 /// One token's entry: its name, role and hash.
 #[derive(Debug, Clone, Deserialize)]
 #[serde(deny_unknown_fields)]
@@ -77,15 +84,18 @@ pub struct TokenEntry {
 #[derive(Debug, Clone)]
 pub struct TokenHash(blake3::Hash);
 
+/// A token hash that is not 64 hex digits.
+#[derive(Debug, Clone, PartialEq, Eq, thiserror::Error)]
+#[error("token hash: 64 hex digits, the BLAKE3 of the token (fleetcast token new)")]
+pub struct NotATokenHash;
+
 impl TryFrom<&str> for TokenHash {
-    type Error = String;
-    fn try_from(hex: &str) -> Result<Self, String> {
+    type Error = NotATokenHash;
+    fn try_from(hex: &str) -> Result<Self, NotATokenHash> {
+        // What is wrong with the digits adds nothing to what they should be.
         blake3::Hash::from_hex(hex.trim())
             .map(TokenHash)
-            .map_err(|_| {
-                "token hash: 64 hex digits, the BLAKE3 of the token (fleetcast token new)"
-                    .to_string()
-            })
+            .map_err(|_| NotATokenHash)
     }
 }
 
@@ -106,14 +116,12 @@ pub fn bearer(header: &str) -> Option<&str> {
 mod tests {
     use super::*;
 
-    fn settings(toml_text: &str) -> Result<HttpSettings, String> {
+    fn settings(toml_text: &str) -> Result<HttpSettings, toml::de::Error> {
         #[derive(Deserialize)]
         struct Wrapper {
             http: HttpSettings,
         }
-        toml::from_str::<Wrapper>(toml_text)
-            .map(|w| w.http)
-            .map_err(|e| e.to_string())
+        toml::from_str::<Wrapper>(toml_text).map(|w| w.http)
     }
 
     #[test]
@@ -160,7 +168,7 @@ mod tests {
                 "unknown field",
             ),
         ] {
-            let err = settings(&text).expect_err(&text);
+            let err = settings(&text).expect_err(&text).to_string();
             assert!(err.contains(why), "{text}: {err}");
         }
         let twice = settings(&format!(
@@ -169,14 +177,23 @@ mod tests {
             entry("bob", "operator", &token_hash("t2"))
         ))
         .expect("parses");
-        assert!(twice.validate().is_err_and(|e| e.contains("twice")));
+        assert_eq!(twice.validate(), Err(TokensError::NameTwice("bob".into())));
+        assert!(
+            twice
+                .validate()
+                .is_err_and(|e| e.to_string().contains("twice"))
+        );
         let same = settings(&format!(
             "{}{}",
             entry("bob", "read", &hash),
             entry("carol", "operator", &hash)
         ))
         .expect("parses");
-        assert!(same.validate().is_err_and(|e| e.contains("another token")));
+        assert_eq!(same.validate(), Err(TokensError::SameHash("carol".into())));
+        assert!(
+            same.validate()
+                .is_err_and(|e| e.to_string().contains("another token"))
+        );
     }
 
     #[test]

@@ -55,15 +55,35 @@ const SCAN_MAX: u64 = 200_000;
 /// Why the history could not be written or read.
 #[derive(Debug, thiserror::Error)]
 pub enum HistoryError {
-    /// The stream could not be set up or brought to the settings' limits.
+    /// The stream could not be set up.
     #[error("history stream: {0}")]
-    Setup(String),
-    /// An entry was not published (retried: entries are idempotent by id).
+    Setup(async_nats::Error),
+    /// The stream could not be brought to the settings' retention.
+    #[error("history stream: applying its retention: {0}")]
+    Retention(async_nats::Error),
+    /// An entry was not published (see [`HistoryError::is_transient`]).
     #[error("history entry not published: {0}")]
-    Publish(String),
-    /// The stream could not be read now (NATS unreachable, a timeout).
+    Publish(fleetcast_runtime::BusError),
+    /// The stream could not be read now (NATS unreachable).
     #[error("reading the history: {0}")]
-    Read(String),
+    Read(async_nats::Error),
+    #[error("reading the history: timed out")]
+    ReadTimedOut,
+    /// Not even tried: the tracker is cut off from NATS.
+    #[error("the tracker is cut off from NATS")]
+    CutOff,
+}
+
+impl HistoryError {
+    /// Whether the same entry, recorded again later, may be recorded: NATS back, a leader
+    /// elected. An entry that cannot be encoded never will be, and is not tried again (it
+    /// would hold up every entry after it).
+    pub fn is_transient(&self) -> bool {
+        !matches!(
+            self,
+            HistoryError::Publish(fleetcast_runtime::BusError::Encode { .. })
+        )
+    }
 }
 
 /// The history stream, made (or brought to the settings' limits) by the tracker.
@@ -90,11 +110,11 @@ impl History {
         let mut existing = js
             .get_or_create_stream(config.clone())
             .await
-            .map_err(|e| HistoryError::Setup(e.to_string()))?;
+            .map_err(|e| HistoryError::Setup(e.into()))?;
         let info = existing
             .info()
             .await
-            .map_err(|e| HistoryError::Setup(e.to_string()))?;
+            .map_err(|e| HistoryError::Setup(e.into()))?;
         // A retention changed in the settings applies to the stream made before.
         if info.config.max_age != config.max_age || info.config.max_bytes != config.max_bytes {
             let updated = stream::Config {
@@ -104,7 +124,7 @@ impl History {
             };
             js.update_stream(&updated)
                 .await
-                .map_err(|e| HistoryError::Setup(format!("applying its retention: {e}")))?;
+                .map_err(|e| HistoryError::Retention(e.into()))?;
             tracing::info!(retention = ?config.max_age, max_bytes = config.max_bytes, "history retention applied");
         }
         Ok(History {
@@ -120,13 +140,12 @@ impl History {
         self.bus
             .publish_event(&subject, entry, Encoding::Json, Some(id))
             .await
-            .map_err(|e| HistoryError::Publish(e.to_string()))
+            .map_err(HistoryError::Publish)
     }
 
     /// The newest entries the query matches, oldest first.
     pub async fn list(&self, query: &HistoryQuery) -> Result<Vec<HistoryEntry>, HistoryError> {
         let limit = query.limit.unwrap_or(DEFAULT_LIMIT).clamp(1, MAX_LIMIT);
-        let read = HistoryError::Read;
         let filter = format!(
             "{}{}.{}",
             names::HISTORY_SUBJECT_PREFIX,
@@ -140,11 +159,11 @@ impl History {
             .js
             .get_stream(HISTORY_STREAM)
             .await
-            .map_err(|e| read(e.to_string()))?;
+            .map_err(|e| HistoryError::Read(e.into()))?;
         let last = stream
             .info()
             .await
-            .map_err(|e| read(e.to_string()))?
+            .map_err(|e| HistoryError::Read(e.into()))?
             .state
             .last_sequence;
         let consumer = stream
@@ -156,19 +175,22 @@ impl History {
                 ..Default::default()
             })
             .await
-            .map_err(|e| read(e.to_string()))?;
+            .map_err(|e| HistoryError::Read(e.into()))?;
         let mut out = std::collections::VecDeque::new();
         if consumer.cached_info().num_pending == 0 {
             return Ok(Vec::new());
         }
-        let mut messages = consumer.messages().await.map_err(|e| read(e.to_string()))?;
+        let mut messages = consumer
+            .messages()
+            .await
+            .map_err(|e| HistoryError::Read(e.into()))?;
         loop {
             let next = tokio::time::timeout(Duration::from_secs(5), messages.next()).await;
             let msg = match next {
                 Ok(Some(Ok(msg))) => msg,
-                Ok(Some(Err(e))) => return Err(read(e.to_string())),
+                Ok(Some(Err(e))) => return Err(HistoryError::Read(e.into())),
                 Ok(None) => break,
-                Err(_) => return Err(read("timed out".into())),
+                Err(_) => return Err(HistoryError::ReadTimedOut),
             };
             let pending = msg.info().map(|i| i.pending).unwrap_or(0);
             if let Ok(entry) = serde_json::from_slice::<HistoryEntry>(&msg.payload)
@@ -222,98 +244,127 @@ pub fn from_pipeline(
     at: OffsetDateTime,
     seq: u64,
 ) -> Option<Pending> {
-    fn decode<T: serde::de::DeserializeOwned>(
-        headers: Option<&async_nats::HeaderMap>,
-        payload: &[u8],
-    ) -> Option<T> {
-        fleetcast_runtime::consume::decode_payload(headers, payload).ok()
-    }
-    let mut e;
-    if let Some(user) = names::subject_user(subject, names::RELEASE_PUBLISHED_PREFIX) {
-        let p: ReleasePublished = decode(headers, payload)?;
-        e = HistoryEntry::new(HistoryKind::ReleasePublished, at);
-        // A name that is no app's (refused by the watcher) cannot stand in a subject.
-        e.app = AppName::try_from(p.app).ok();
-        e.version = Some(p.version);
-        e.blake3 = Some(p.blake3);
-        e.actor = Some(user.to_string());
+    let event = Event { headers, payload };
+    // Who announced a release or asked for a rollback is the user the subject names.
+    let entry = if let Some(user) = names::subject_user(subject, names::RELEASE_PUBLISHED_PREFIX) {
+        release_published(event.decode()?, user, at)
     } else if let Some(user) = names::subject_user(subject, names::ROLLBACK_REQUESTED_PREFIX) {
-        let r: RollbackRequested = decode(headers, payload)?;
-        e = HistoryEntry::new(HistoryKind::RollbackRequested, at);
-        e.reason = Some(format!("from {} back to {}", r.from, r.to));
-        e.app = Some(r.app);
-        e.version = Some(r.to);
-        e.ring = r.ring;
-        e.actor = Some(user.to_string());
+        rollback_requested(event.decode()?, user, at)
     } else {
         match subject {
-            names::PACKAGE_DETECTED => {
-                let d: PackageDetected = decode(headers, payload)?;
-                e = HistoryEntry::new(HistoryKind::PackageDetected, at);
-                e.actor = Some(source_actor(&d.source));
-                e.app = Some(d.app);
-                e.version = Some(d.version);
-                e.blake3 = Some(d.blake3);
-            }
-            names::PACKAGE_REJECTED => {
-                let r: PackageRejected = decode(headers, payload)?;
-                e = HistoryEntry::new(HistoryKind::PackageRejected, at);
-                e.actor = Some(source_actor(&r.source));
-                e.app = r.app;
-                e.version = r.version;
-                e.blake3 = r.blake3;
-                e.code = Some(r.reason.code);
-                e.reason = Some(r.reason.message);
-            }
-            names::RELEASE_SIGNED => {
-                let s: ReleaseSigned = decode(headers, payload)?;
-                e = HistoryEntry::new(HistoryKind::ReleaseSigned, at);
-                e.actor = Some("signer".into());
-                e.app = Some(s.app);
-                e.version = Some(s.version);
-                e.blake3 = Some(s.blake3);
-            }
-            names::RELEASE_REJECTED => {
-                let r: ReleaseRejected = decode(headers, payload)?;
-                e = HistoryEntry::new(HistoryKind::ReleaseRejected, at);
-                e.actor = Some(r.stage);
-                e.app = Some(r.app);
-                e.version = Some(r.version);
-                e.blake3 = r.blake3;
-                e.code = Some(r.reason.code);
-                e.reason = Some(r.reason.message);
-            }
-            names::RELEASE_STORED => {
-                let s: ReleaseStored = decode(headers, payload)?;
-                e = HistoryEntry::new(HistoryKind::ReleaseStored, at);
-                e.actor = Some("distributor".into());
-                e.reason = Some(format!(
-                    "{} files, {} chunks ({} new, {} bytes added)",
-                    s.files, s.chunks, s.new_chunks, s.new_stored_bytes
-                ));
-                e.app = Some(s.app);
-                e.version = Some(s.version);
-            }
-            names::ROLLBACK_SIGNED => {
-                let s: RollbackSigned = decode(headers, payload)?;
-                e = HistoryEntry::new(HistoryKind::RollbackSigned, at);
-                e.actor = Some("signer".into());
-                e.reason = Some(format!("from {} back to {}", s.from, s.to));
-                e.app = Some(s.app);
-                e.version = Some(s.to);
-                e.ring = s.ring;
-            }
-            names::EVENT_REJECTED => {
-                let r: EventRejected = decode(headers, payload)?;
-                e = HistoryEntry::new(HistoryKind::EventRejected, at);
-                e.actor = Some(r.stage);
-                e.code = Some(r.reason.code);
-                e.reason = Some(format!("{}: {}", r.subject, r.reason.message));
-            }
+            names::PACKAGE_DETECTED => package_detected(event.decode()?, at),
+            names::PACKAGE_REJECTED => package_rejected(event.decode()?, at),
+            names::RELEASE_SIGNED => release_signed(event.decode()?, at),
+            names::RELEASE_REJECTED => release_rejected(event.decode()?, at),
+            names::RELEASE_STORED => release_stored(event.decode()?, at),
+            names::ROLLBACK_SIGNED => rollback_signed(event.decode()?, at),
+            names::EVENT_REJECTED => event_rejected(event.decode()?, at),
             _ => return None,
         }
+    };
+    Some((entry, format!("pipeline:{seq}")))
+}
+
+/// A pipeline event as received, decoded as the type its subject says.
+struct Event<'a> {
+    headers: Option<&'a async_nats::HeaderMap>,
+    payload: &'a [u8],
+}
+
+impl Event<'_> {
+    fn decode<T: serde::de::DeserializeOwned>(&self) -> Option<T> {
+        fleetcast_runtime::consume::decode_payload(self.headers, self.payload).ok()
     }
-    Some((e, format!("pipeline:{seq}")))
+}
+
+fn release_published(p: ReleasePublished, user: &str, at: OffsetDateTime) -> HistoryEntry {
+    let mut e = HistoryEntry::new(HistoryKind::ReleasePublished, at);
+    // A name that is no app's (refused by the watcher) cannot stand in a subject.
+    e.app = AppName::try_from(p.app).ok();
+    e.version = Some(p.version);
+    e.blake3 = Some(p.blake3);
+    e.actor = Some(user.to_string());
+    e
+}
+
+fn rollback_requested(r: RollbackRequested, user: &str, at: OffsetDateTime) -> HistoryEntry {
+    let mut e = HistoryEntry::new(HistoryKind::RollbackRequested, at);
+    e.reason = Some(format!("from {} back to {}", r.from, r.to));
+    e.app = Some(r.app);
+    e.version = Some(r.to);
+    e.ring = r.ring;
+    e.actor = Some(user.to_string());
+    e
+}
+
+fn package_detected(d: PackageDetected, at: OffsetDateTime) -> HistoryEntry {
+    let mut e = HistoryEntry::new(HistoryKind::PackageDetected, at);
+    e.actor = Some(source_actor(&d.source));
+    e.app = Some(d.app);
+    e.version = Some(d.version);
+    e.blake3 = Some(d.blake3);
+    e
+}
+
+fn package_rejected(r: PackageRejected, at: OffsetDateTime) -> HistoryEntry {
+    let mut e = HistoryEntry::new(HistoryKind::PackageRejected, at);
+    e.actor = Some(source_actor(&r.source));
+    e.app = r.app;
+    e.version = r.version;
+    e.blake3 = r.blake3;
+    e.code = Some(r.reason.code);
+    e.reason = Some(r.reason.message);
+    e
+}
+
+fn release_signed(s: ReleaseSigned, at: OffsetDateTime) -> HistoryEntry {
+    let mut e = HistoryEntry::new(HistoryKind::ReleaseSigned, at);
+    e.actor = Some("signer".into());
+    e.app = Some(s.app);
+    e.version = Some(s.version);
+    e.blake3 = Some(s.blake3);
+    e
+}
+
+fn release_rejected(r: ReleaseRejected, at: OffsetDateTime) -> HistoryEntry {
+    let mut e = HistoryEntry::new(HistoryKind::ReleaseRejected, at);
+    e.actor = Some(r.stage);
+    e.app = Some(r.app);
+    e.version = Some(r.version);
+    e.blake3 = r.blake3;
+    e.code = Some(r.reason.code);
+    e.reason = Some(r.reason.message);
+    e
+}
+
+fn release_stored(s: ReleaseStored, at: OffsetDateTime) -> HistoryEntry {
+    let mut e = HistoryEntry::new(HistoryKind::ReleaseStored, at);
+    e.actor = Some("distributor".into());
+    e.reason = Some(format!(
+        "{} files, {} chunks ({} new, {} bytes added)",
+        s.files, s.chunks, s.new_chunks, s.new_stored_bytes
+    ));
+    e.app = Some(s.app);
+    e.version = Some(s.version);
+    e
+}
+
+fn rollback_signed(s: RollbackSigned, at: OffsetDateTime) -> HistoryEntry {
+    let mut e = HistoryEntry::new(HistoryKind::RollbackSigned, at);
+    e.actor = Some("signer".into());
+    e.reason = Some(format!("from {} back to {}", s.from, s.to));
+    e.app = Some(s.app);
+    e.version = Some(s.to);
+    e.ring = s.ring;
+    e
+}
+
+fn event_rejected(r: EventRejected, at: OffsetDateTime) -> HistoryEntry {
+    let mut e = HistoryEntry::new(HistoryKind::EventRejected, at);
+    e.actor = Some(r.stage);
+    e.code = Some(r.reason.code);
+    e.reason = Some(format!("{}: {}", r.subject, r.reason.message));
+    e
 }
 
 fn source_actor(source: &PackageSource) -> String {
@@ -334,13 +385,37 @@ pub fn transitions(
     rings: &[RingName],
     now: OffsetDateTime,
 ) -> Vec<Pending> {
+    let entries = RolloutEntries { rings, now };
+    // The same rollout moved on; else `after` took the app's place.
+    let same = before.filter(|b| b.version == after.version && b.created == after.created);
     let mut out = Vec::new();
-    let entry = |kind: HistoryKind, r: &Rollout, ring: Option<usize>| {
-        let mut e = HistoryEntry::new(kind, now);
+    if same.is_none() {
+        out.extend(entries.replacing(before, after));
+    }
+    out.extend(entries.rings_moved(same, after));
+    let phase_changed = same.is_none_or(|b| b.phase.kind() != after.phase.kind());
+    if phase_changed {
+        out.extend(entries.ended(after));
+    }
+    out
+}
+
+/// The history entries of a rollout's steps, by the tracker, at `now`.
+struct RolloutEntries<'a> {
+    /// The names of the rollout's rings, in order.
+    rings: &'a [RingName],
+    now: OffsetDateTime,
+}
+
+impl RolloutEntries<'_> {
+    /// An entry about `r` (and its ring at `ring`), with an id made of what it says: a step
+    /// replayed (a redelivery, a restart) is recorded once.
+    fn entry(&self, kind: HistoryKind, r: &Rollout, ring: Option<usize>) -> Pending {
+        let mut e = HistoryEntry::new(kind, self.now);
         e.app = Some(r.app.clone());
         e.version = Some(r.version.clone());
         e.actor = Some("tracker".into());
-        e.ring = ring.and_then(|i| rings.get(i).cloned());
+        e.ring = ring.and_then(|i| self.rings.get(i).cloned());
         let id = format!(
             "rollout:{}:{}:{}:{kind}:{}",
             r.app,
@@ -349,65 +424,79 @@ pub fn transitions(
             ring.map(|i| i.to_string()).unwrap_or_default()
         );
         (e, id)
-    };
-    let same = before.filter(|b| b.version == after.version && b.created == after.created);
-    if same.is_none() {
+    }
+
+    /// `after` started, superseding `before` if that had not ended.
+    fn replacing(&self, before: Option<&Rollout>, after: &Rollout) -> Vec<Pending> {
+        let mut out = Vec::new();
         if let Some(old) = before.filter(|b| b.is_active()) {
-            let (mut e, id) = entry(HistoryKind::RolloutSuperseded, old, None);
+            let (mut e, id) = self.entry(HistoryKind::RolloutSuperseded, old, None);
             e.reason = Some(format!("replaced by {}", after.version));
             out.push((e, id));
         }
-        let (mut e, id) = entry(HistoryKind::RolloutStarted, after, None);
-        e.reason = match (&after.directive, after.phase) {
+        let (mut e, id) = self.entry(HistoryKind::RolloutStarted, after, None);
+        e.reason = match (&after.directive, &after.phase) {
             (Some(_), _) => Some("rollback".into()),
-            (None, Phase::AwaitingApproval) => Some("waiting for approval".into()),
+            (None, Phase::AwaitingApproval { .. }) => Some("waiting for approval".into()),
             _ => None,
         };
         out.push((e, id));
+        out
     }
-    // Rings started: every ring up to the current one, once the rollout left approval (an
-    // abort starts none; the rings it had started were recorded before).
-    let started = |r: &Rollout| {
-        (!matches!(r.phase, Phase::AwaitingApproval | Phase::Aborted)).then_some(r.ring)
-    };
-    // Rings completed: those before the current one, and the current one once its hosts are
-    // done (its soak then runs) or the rollout completed.
-    let completed = |r: &Rollout| {
-        started(r)?;
-        if r.phase == Phase::Completed || r.ring_completed.is_some() {
-            Some(r.ring)
-        } else {
-            r.ring.checked_sub(1)
-        }
-    };
-    let was_started = same.and_then(started);
-    let was_completed = same.and_then(completed);
-    if let Some(last) = started(after) {
-        let now_completed = completed(after);
+
+    /// The rings `after` started and completed since it was `same` (`None`: it is new).
+    fn rings_moved(&self, same: Option<&Rollout>, after: &Rollout) -> Vec<Pending> {
+        let Some(last) = last_started(after) else {
+            return Vec::new();
+        };
+        let was_started = same.and_then(last_started);
+        let was_completed = same.and_then(last_completed);
+        let now_completed = last_completed(after);
+        let mut out = Vec::new();
         for i in 0..=last {
             if was_started.is_none_or(|s| i > s) {
-                out.push(entry(HistoryKind::RingStarted, after, Some(i)));
+                out.push(self.entry(HistoryKind::RingStarted, after, Some(i)));
             }
             if now_completed.is_some_and(|c| i <= c) && was_completed.is_none_or(|c| i > c) {
-                out.push(entry(HistoryKind::RingCompleted, after, Some(i)));
+                out.push(self.entry(HistoryKind::RingCompleted, after, Some(i)));
             }
         }
+        out
     }
-    let phase_changed = same.is_none_or(|b| b.phase != after.phase);
-    if phase_changed {
+
+    /// How `after` ended, with why, if it just did.
+    fn ended(&self, after: &Rollout) -> Option<Pending> {
         let kind = match after.phase {
-            Phase::Halted => Some(HistoryKind::RolloutHalted),
-            Phase::Completed => Some(HistoryKind::RolloutCompleted),
-            Phase::Aborted => Some(HistoryKind::RolloutAborted),
-            Phase::AwaitingApproval | Phase::Running => None,
+            Phase::Halted { .. } => HistoryKind::RolloutHalted,
+            Phase::Completed => HistoryKind::RolloutCompleted,
+            Phase::Aborted { .. } => HistoryKind::RolloutAborted,
+            Phase::AwaitingApproval { .. } | Phase::Running { .. } => return None,
         };
-        if let Some(kind) = kind {
-            let (mut e, id) = entry(kind, after, Some(after.ring));
-            e.reason.clone_from(&after.reason);
-            out.push((e, id));
-        }
+        let (mut e, id) = self.entry(kind, after, Some(after.ring));
+        e.reason = after.phase.reason().map(str::to_string);
+        Some((e, id))
     }
-    out
+}
+
+/// The last ring started: every ring up to the current one, once the rollout left approval
+/// (an abort starts none; the rings it had started were recorded before).
+fn last_started(r: &Rollout) -> Option<usize> {
+    (!matches!(
+        r.phase,
+        Phase::AwaitingApproval { .. } | Phase::Aborted { .. }
+    ))
+    .then_some(r.ring)
+}
+
+/// The last ring completed: the one before the current, or the current one once its hosts are
+/// done (its soak then runs) or the rollout completed.
+fn last_completed(r: &Rollout) -> Option<usize> {
+    last_started(r)?;
+    if r.phase == Phase::Completed || r.phase.ring_completed().is_some() {
+        Some(r.ring)
+    } else {
+        r.ring.checked_sub(1)
+    }
 }
 
 /// A host's failed update (rolled back by itself, or refused) of a rollout's version.
@@ -527,7 +616,10 @@ mod tests {
         let now = OffsetDateTime::UNIX_EPOCH;
         let before = rollout(now);
         let mut r = before.clone();
-        r.ring_completed = Some(now);
+        r.phase = Phase::Running {
+            paused: false,
+            ring_completed: Some(now),
+        };
         assert_eq!(
             kinds(&transitions(Some(&before), &r, &rings(), now)),
             ["ring.completed canary"]
@@ -535,7 +627,7 @@ mod tests {
         let mid = r.clone();
         // Chained: two rings at once (an empty ring with no soak).
         r.ring = 2;
-        r.ring_completed = None;
+        r.phase = Phase::RUNNING;
         assert_eq!(
             kinds(&transitions(Some(&mid), &r, &rings(), now)),
             [
@@ -546,7 +638,6 @@ mod tests {
         );
         let mid = r.clone();
         r.phase = Phase::Completed;
-        r.ring_completed = Some(now);
         assert_eq!(
             kinds(&transitions(Some(&mid), &r, &rings(), now)),
             ["ring.completed all", "rollout.completed all"]
@@ -560,11 +651,12 @@ mod tests {
         let now = OffsetDateTime::UNIX_EPOCH;
         let before = rollout(now);
         let mut r = before.clone();
-        r.phase = Phase::Halted;
-        r.reason = Some("ring canary: 1 of 1 hosts failed".into());
+        r.phase = Phase::Halted {
+            reason: "ring canary: 1 of 1 hosts failed".into(),
+        };
         let out = transitions(Some(&before), &r, &rings(), now);
         assert_eq!(kinds(&out), ["rollout.halted canary"]);
-        assert_eq!(out[0].0.reason, r.reason);
+        assert_eq!(out[0].0.reason.as_deref(), r.phase.reason());
 
         let later = now + time::Duration::seconds(5);
         let next = Rollout::start(

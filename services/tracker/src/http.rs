@@ -21,7 +21,6 @@ use axum::middleware::{self, Next};
 use axum::response::{Html, IntoResponse, Response};
 use axum::routing::{get, post};
 use axum::{Json, Router};
-use fleetcast_runtime::metrics::Exposition;
 use fleetcast_runtime::observe;
 use serde::{Deserialize, Serialize};
 
@@ -130,16 +129,8 @@ async fn health(State(tracker): State<Arc<Tracker>>) -> impl IntoResponse {
     observe::health_response(Some(&tracker.bus.client))
 }
 
-async fn metrics(State(tracker): State<Arc<Tracker>>) -> impl IntoResponse {
-    let mut out = Exposition::new();
-    observe::write_identity(
-        &mut out,
-        &crate::metrics::IDENTITY,
-        Some(&tracker.bus.client),
-    );
-    let mut body = out.into_string();
-    body.push_str(&tracker.metrics().await);
-    observe::metrics_response(body)
+async fn metrics(State(tracker): State<Arc<Tracker>>) -> Response {
+    observe::metrics_response(tracker.metrics().await)
 }
 
 /// An app's releases, newest first, summed up (no manifests): what the dashboard offers a
@@ -192,7 +183,7 @@ impl Action {
     }
 
     /// The command `body` (JSON; empty for none) asks for on `app`.
-    fn command(self, app: AppName, body: &[u8]) -> Result<Command, String> {
+    fn command(self, app: AppName, body: &[u8]) -> Result<Command, BadBody> {
         #[derive(Deserialize, Default)]
         #[serde(deny_unknown_fields)]
         struct Approve {
@@ -207,13 +198,13 @@ impl Action {
             to: semver::Version,
             ring: Option<RingName>,
         }
-        fn parse<T: serde::de::DeserializeOwned>(body: &[u8]) -> Result<T, String> {
+        fn parse<T: serde::de::DeserializeOwned>(body: &[u8]) -> Result<T, BadBody> {
             let body = if body.iter().all(u8::is_ascii_whitespace) {
                 b"{}".as_slice()
             } else {
                 body
             };
-            serde_json::from_slice(body).map_err(|e| format!("body: {e}"))
+            serde_json::from_slice(body).map_err(BadBody)
         }
         Ok(match self {
             Action::Approve => Command::Approve {
@@ -230,6 +221,11 @@ impl Action {
         })
     }
 }
+
+/// An action's body that is not the action's (answered 400 with why).
+#[derive(Debug, thiserror::Error)]
+#[error("body: {0}")]
+struct BadBody(serde_json::Error);
 
 /// What an action answers: whether it was done, and what the tracker said.
 #[derive(Debug, Serialize, Deserialize)]
@@ -311,7 +307,7 @@ async fn act(
     };
     let command = match action.command(app, &body) {
         Ok(c) => c,
-        Err(e) => return reply(StatusCode::BAD_REQUEST, e),
+        Err(e) => return reply(StatusCode::BAD_REQUEST, e.to_string()),
     };
     let actor = format!("http:{}", who.name.as_str());
     if who.role != TokenRole::Operator {
@@ -362,22 +358,24 @@ mod tests {
         let app = || AppName::from_static("demo");
         let v = |s: &str| semver::Version::parse(s).expect("version");
         assert_eq!(
-            Action::Approve.command(app(), b""),
-            Ok(Command::Approve {
+            Action::Approve.command(app(), b"").ok(),
+            Some(Command::Approve {
                 app: app(),
                 version: None
             })
         );
         assert_eq!(
-            Action::Approve.command(app(), br#"{"version":"1.2.0"}"#),
-            Ok(Command::Approve {
+            Action::Approve
+                .command(app(), br#"{"version":"1.2.0"}"#)
+                .ok(),
+            Some(Command::Approve {
                 app: app(),
                 version: Some(v("1.2.0"))
             })
         );
         assert_eq!(
-            Action::Pause.command(app(), b"{}"),
-            Ok(Command::Pause { app: app() })
+            Action::Pause.command(app(), b"{}").ok(),
+            Some(Command::Pause { app: app() })
         );
         assert!(Action::Abort.command(app(), br#"{"force":true}"#).is_err());
         assert!(Action::Approve.command(app(), b"version=1.2.0").is_err());
@@ -386,8 +384,10 @@ mod tests {
             "to is needed"
         );
         assert_eq!(
-            Action::Rollback.command(app(), br#"{"to":"1.0.0","ring":"canary"}"#),
-            Ok(Command::Rollback {
+            Action::Rollback
+                .command(app(), br#"{"to":"1.0.0","ring":"canary"}"#)
+                .ok(),
+            Some(Command::Rollback {
                 app: app(),
                 to: v("1.0.0"),
                 ring: Some(RingName::from_static("canary"))

@@ -198,7 +198,7 @@ pub fn laggards(
     timing: Timing,
     stuck_after: std::time::Duration,
 ) -> Vec<Laggard> {
-    if rollout.phase == Phase::Aborted {
+    if matches!(rollout.phase, Phase::Aborted { .. }) {
         return Vec::new();
     }
     // The rings whose desired state names this version: the first ones up to the current,
@@ -359,7 +359,9 @@ mod tests {
                 .collect::<Vec<_>>(),
             ["r1"]
         );
-        rollout.phase = Phase::Aborted;
+        rollout.phase = Phase::Aborted {
+            reason: "operator".into(),
+        };
         assert!(laggards(&rollout, &policy, &fleet, later, TIMING, STUCK_AFTER).is_empty());
     }
 

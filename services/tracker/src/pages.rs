@@ -94,7 +94,7 @@ async fn releases(
     }
     match tracker.releases(app.as_ref()).await {
         Ok(apps) => Json(apps).into_response(),
-        Err(e) => (StatusCode::SERVICE_UNAVAILABLE, e).into_response(),
+        Err(e) => (StatusCode::SERVICE_UNAVAILABLE, e.to_string()).into_response(),
     }
 }
 

@@ -5,7 +5,7 @@
 use std::time::Duration;
 
 use fleetcast_events::RingName;
-use fleetcast_runtime::window::Window;
+use fleetcast_runtime::window::{Window, WindowError};
 use serde::{Deserialize, Serialize};
 
 /// A count (`3`) or a share of the ring's live hosts (`"25%"`).
@@ -23,10 +23,19 @@ enum AmountText {
     Text(String),
 }
 
-impl TryFrom<AmountText> for Amount {
-    type Error = String;
+/// Why a text is not an [`Amount`].
+#[derive(Debug, Clone, PartialEq, Eq, thiserror::Error)]
+pub enum AmountError {
+    #[error("{0:?}: a percentage is 1% to 100%")]
+    Percent(String),
+    #[error("{0:?} is neither a count nor a percentage")]
+    NotAnAmount(String),
+}
 
-    fn try_from(value: AmountText) -> Result<Self, String> {
+impl TryFrom<AmountText> for Amount {
+    type Error = AmountError;
+
+    fn try_from(value: AmountText) -> Result<Self, AmountError> {
         match value {
             AmountText::Number(n) => Ok(Amount::Count(n)),
             AmountText::Text(t) => {
@@ -34,12 +43,12 @@ impl TryFrom<AmountText> for Amount {
                 if let Some(p) = t.strip_suffix('%') {
                     match p.trim().parse::<u8>() {
                         Ok(p) if (1..=100).contains(&p) => Ok(Amount::Percent(p)),
-                        _ => Err(format!("{t:?}: a percentage is 1% to 100%")),
+                        _ => Err(AmountError::Percent(t.to_string())),
                     }
                 } else {
                     t.parse()
                         .map(Amount::Count)
-                        .map_err(|_| format!("{t:?} is neither a count nor a percentage"))
+                        .map_err(|_| AmountError::NotAnAmount(t.to_string()))
                 }
             }
         }
@@ -133,34 +142,49 @@ impl Default for AppPolicy {
     }
 }
 
+/// Why an app's policy is refused (the settings name the app).
+#[derive(Debug, Clone, PartialEq, Eq, thiserror::Error)]
+pub enum PolicyError {
+    #[error("a policy needs at least one ring")]
+    NoRing,
+    #[error("ring {0:?} appears twice")]
+    RingTwice(RingName),
+    #[error("ring {0:?}: parallel must be at least 1")]
+    NoParallel(RingName),
+    /// One of the ring's `windows` is not a UTC range.
+    #[error("ring {ring:?}: {cause}")]
+    Window { ring: RingName, cause: WindowError },
+}
+
 impl AppPolicy {
-    pub fn validate(&self) -> Result<(), String> {
+    pub fn validate(&self) -> Result<(), PolicyError> {
         if self.rings.is_empty() {
-            return Err("a policy needs at least one ring".into());
+            return Err(PolicyError::NoRing);
         }
         let mut seen = std::collections::BTreeSet::new();
         for ring in &self.rings {
             if !seen.insert(&ring.name) {
-                return Err(format!("ring {:?} appears twice", ring.name));
+                return Err(PolicyError::RingTwice(ring.name.clone()));
             }
             if ring.parallel == Amount::Count(0) {
-                return Err(format!("ring {:?}: parallel must be at least 1", ring.name));
+                return Err(PolicyError::NoParallel(ring.name.clone()));
             }
             ring.windows()?;
         }
         Ok(())
     }
-
-    pub fn ring_index(&self, ring: &str) -> Option<usize> {
-        self.rings.iter().position(|r| r.name == ring)
-    }
 }
 
 impl RingPolicy {
-    pub fn windows(&self) -> Result<Vec<Window>, String> {
+    pub fn windows(&self) -> Result<Vec<Window>, PolicyError> {
         self.windows
             .iter()
-            .map(|w| w.parse().map_err(|e| format!("ring {:?}: {e}", self.name)))
+            .map(|w| {
+                w.parse::<Window>().map_err(|cause| PolicyError::Window {
+                    ring: self.name.clone(),
+                    cause,
+                })
+            })
             .collect()
     }
 }
@@ -171,14 +195,15 @@ mod tests {
 
     #[test]
     fn amounts_parse_and_scale() {
-        let parse = |t: &str| -> Result<Amount, String> {
-            serde_json::from_str::<Amount>(t).map_err(|e| e.to_string())
-        };
-        assert_eq!(parse("3"), Ok(Amount::Count(3)));
-        assert_eq!(parse("\"25%\""), Ok(Amount::Percent(25)));
-        assert_eq!(parse("\"7\""), Ok(Amount::Count(7)));
-        assert!(parse("\"0%\"").is_err());
-        assert!(parse("\"lots\"").is_err());
+        let parse = |t: &str| serde_json::from_str::<Amount>(t).ok();
+        assert_eq!(parse("3"), Some(Amount::Count(3)));
+        assert_eq!(parse("\"25%\""), Some(Amount::Percent(25)));
+        assert_eq!(parse("\"7\""), Some(Amount::Count(7)));
+        assert!(parse("\"0%\"").is_none());
+        assert!(parse("\"lots\"").is_none());
+        let why = |t: &str| AmountText::Text(t.into()).try_into().map(|_: Amount| ());
+        assert_eq!(why("0%"), Err(AmountError::Percent("0%".into())));
+        assert_eq!(why("lots"), Err(AmountError::NotAnAmount("lots".into())));
         assert_eq!(Amount::Percent(25).of(10), 3);
         assert_eq!(
             Amount::Percent(1).of(3),
@@ -194,10 +219,14 @@ mod tests {
         assert!(AppPolicy::default().validate().is_ok());
         let mut p = AppPolicy::default();
         p.rings.push(p.rings[0].clone());
-        assert!(p.validate().expect_err("dup").contains("twice"));
+        assert_eq!(
+            p.validate(),
+            Err(PolicyError::RingTwice(RingName::from_static("default")))
+        );
+        assert!(p.validate().is_err_and(|e| e.to_string().contains("twice")));
         let mut p = AppPolicy::default();
         p.rings[0].windows = vec!["25:00-02:00".into()];
-        assert!(p.validate().is_err());
+        assert!(matches!(p.validate(), Err(PolicyError::Window { .. })));
         assert!(
             AppPolicy {
                 approval: Approval::Auto,

@@ -13,37 +13,33 @@ use std::time::Duration;
 
 use fleetcast_events::v1::{AgentStatus, AppState, LastUpdate, SlotReply, SlotRequest};
 use fleetcast_events::{AgentId, AppName, RingName};
-// The wire's words for a rollout's phase, a slot and a ring's counts: the state machine keeps
-// them as they are shown.
-use fleetcast_events::tracker::RolloutSummary;
-pub use fleetcast_events::tracker::{Lease, Phase, RingProgress};
+// The wire's words for a slot and a ring's counts: the state machine keeps them as they are
+// shown. Its phase is its own ([`Phase`]), named on the wire by `tracker::Phase`.
+use fleetcast_events::tracker::{self, RolloutSummary};
+pub use fleetcast_events::tracker::{Lease, RingProgress};
 use semver::Version;
 use serde::{Deserialize, Serialize};
 use time::OffsetDateTime;
 
 use crate::fleet::Fleet;
-use crate::policy::{Amount, AppPolicy, Approval};
+use crate::policy::{Amount, AppPolicy, Approval, RingPolicy};
 
 #[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize)]
 pub struct Rollout {
     pub app: AppName,
     pub version: Version,
+    /// Saved as the flat fields `phase`, `paused`, `ring_completed` and `reason` (see
+    /// [`PhaseRecord`]), as rollouts always were.
+    #[serde(flatten)]
     pub phase: Phase,
-    /// No new slots while paused (hosts already switching finish).
-    pub paused: bool,
     /// Index in the policy's rings of the ring being rolled out.
     pub ring: usize,
     #[serde(with = "time::serde::rfc3339")]
     pub ring_started: OffsetDateTime,
-    /// When the current ring completed; the next starts after its soak.
-    #[serde(with = "time::serde::rfc3339::option")]
-    pub ring_completed: Option<OffsetDateTime>,
     /// Hosts holding a slot, with their lease's end (a host that dies frees its slot).
     pub slots: BTreeMap<AgentId, Lease>,
     /// Hosts that rolled this version back or refused it, with the reason.
     pub failures: BTreeMap<AgentId, String>,
-    /// Why it halted or was aborted.
-    pub reason: Option<String>,
     /// A rollback: the signer's directive (the earlier version's manifest re-signed), which
     /// the desired states carry instead of the release's own manifest.
     #[serde(default)]
@@ -66,6 +62,148 @@ pub struct Rollout {
 }
 
 pub const SUPERSEDED_KEPT: usize = 20;
+
+/// Where a rollout is, with what only that phase has: a pause and a ring's soak belong to a
+/// rollout still going, a reason to one that stopped. (The wire names the phase only, as
+/// [`tracker::Phase`], beside loose `paused`, `ring_completed` and `reason`.)
+#[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize)]
+#[serde(from = "PhaseRecord", into = "PhaseRecord")]
+pub enum Phase {
+    /// Hosts of the first ring may download; nobody switches before `approve`. A pause asked
+    /// for meanwhile holds after the approval.
+    AwaitingApproval { paused: bool },
+    Running {
+        /// No new slots while paused (hosts already switching finish).
+        paused: bool,
+        /// When the current ring completed; the next starts after its soak.
+        ring_completed: Option<OffsetDateTime>,
+    },
+    /// Stopped by its failure threshold; the reason says which hosts failed and why.
+    Halted { reason: String },
+    /// Every ring completed.
+    Completed,
+    /// Stopped by an operator.
+    Aborted { reason: String },
+}
+
+impl Phase {
+    /// Running from its current ring's start: not paused, the ring not completed yet.
+    pub const RUNNING: Phase = Phase::Running {
+        paused: false,
+        ring_completed: None,
+    };
+
+    /// The phase's name, as the API shows it.
+    pub fn kind(&self) -> tracker::Phase {
+        match self {
+            Phase::AwaitingApproval { .. } => tracker::Phase::AwaitingApproval,
+            Phase::Running { .. } => tracker::Phase::Running,
+            Phase::Halted { .. } => tracker::Phase::Halted,
+            Phase::Completed => tracker::Phase::Completed,
+            Phase::Aborted { .. } => tracker::Phase::Aborted,
+        }
+    }
+
+    /// Still moving: waiting for approval or running (a pause included).
+    pub fn is_active(&self) -> bool {
+        matches!(self, Phase::AwaitingApproval { .. } | Phase::Running { .. })
+    }
+
+    /// Halted or aborted: ended before it completed, so no later ring may get its version.
+    pub fn is_stopped(&self) -> bool {
+        matches!(self, Phase::Halted { .. } | Phase::Aborted { .. })
+    }
+
+    pub fn is_paused(&self) -> bool {
+        match self {
+            Phase::AwaitingApproval { paused } | Phase::Running { paused, .. } => *paused,
+            Phase::Halted { .. } | Phase::Completed | Phase::Aborted { .. } => false,
+        }
+    }
+
+    /// When the current ring completed, while its soak runs.
+    pub fn ring_completed(&self) -> Option<OffsetDateTime> {
+        match self {
+            Phase::Running { ring_completed, .. } => *ring_completed,
+            _ => None,
+        }
+    }
+
+    /// Why it halted or was aborted.
+    pub fn reason(&self) -> Option<&str> {
+        match self {
+            Phase::Halted { reason } | Phase::Aborted { reason } => Some(reason),
+            _ => None,
+        }
+    }
+}
+
+/// A [`Phase`] as the rollouts bucket holds it: the flat fields every rollout was saved with
+/// (and a tracker of an earlier version reads), flattened into the rollout's record.
+#[derive(Serialize, Deserialize)]
+struct PhaseRecord {
+    phase: tracker::Phase,
+    paused: bool,
+    #[serde(with = "time::serde::rfc3339::option")]
+    ring_completed: Option<OffsetDateTime>,
+    reason: Option<String>,
+}
+
+impl From<PhaseRecord> for Phase {
+    /// What a record of an ended rollout holds beside its reason (a pause, a soak's start)
+    /// no longer means anything, and is dropped.
+    fn from(record: PhaseRecord) -> Phase {
+        let PhaseRecord {
+            phase,
+            paused,
+            ring_completed,
+            reason,
+        } = record;
+        match phase {
+            tracker::Phase::AwaitingApproval => Phase::AwaitingApproval { paused },
+            tracker::Phase::Running => Phase::Running {
+                paused,
+                ring_completed,
+            },
+            tracker::Phase::Halted => Phase::Halted {
+                reason: reason.unwrap_or_default(),
+            },
+            tracker::Phase::Completed => Phase::Completed,
+            tracker::Phase::Aborted => Phase::Aborted {
+                reason: reason.unwrap_or_default(),
+            },
+        }
+    }
+}
+
+impl From<Phase> for PhaseRecord {
+    fn from(phase: Phase) -> PhaseRecord {
+        PhaseRecord {
+            phase: phase.kind(),
+            paused: phase.is_paused(),
+            ring_completed: phase.ring_completed(),
+            reason: phase.reason().map(str::to_string),
+        }
+    }
+}
+
+/// Why an operator's steering command was refused by the rollout.
+#[derive(Debug, Clone, PartialEq, Eq, thiserror::Error)]
+pub enum SteerError {
+    /// Approval is for a rollout waiting for it (a running one is approved already).
+    #[error("cannot approve a rollout that is {0:?}")]
+    CannotApprove(tracker::Phase),
+    /// A rollout that ended can be neither paused nor resumed.
+    #[error("the rollout is {0:?}")]
+    Ended(tracker::Phase),
+    /// The command names another version than the one rolling out.
+    #[error("{app} is rolling out {rolling_out}, not {asked}")]
+    OtherVersion {
+        app: AppName,
+        rolling_out: Version,
+        asked: Version,
+    },
+}
 
 /// What the service must do after a step.
 #[derive(Debug, Clone, PartialEq, Eq)]
@@ -100,16 +238,13 @@ impl Rollout {
             app: app.clone(),
             version,
             phase: match policy.approval {
-                Approval::Auto => Phase::Running,
-                Approval::Manual => Phase::AwaitingApproval,
+                Approval::Auto => Phase::RUNNING,
+                Approval::Manual => Phase::AwaitingApproval { paused: false },
             },
-            paused: false,
             ring: 0,
             ring_started: now,
-            ring_completed: None,
             slots: BTreeMap::new(),
             failures: BTreeMap::new(),
-            reason: None,
             directive: None,
             only_ring: None,
             created: now,
@@ -138,7 +273,7 @@ impl Rollout {
         now: OffsetDateTime,
     ) -> (Rollout, Vec<Effect>) {
         let (mut rollout, effects) = Rollout::start(app, to, policy, now);
-        rollout.phase = Phase::Running;
+        rollout.phase = Phase::RUNNING;
         rollout.directive = Some(directive);
         rollout.only_ring = only_ring;
         (rollout, effects)
@@ -170,14 +305,14 @@ impl Rollout {
         RolloutSummary {
             app: self.app.clone(),
             version: self.version.clone(),
-            phase: self.phase,
-            paused: self.paused,
+            phase: self.phase.kind(),
+            paused: self.phase.is_paused(),
             ring: self.ring,
             ring_started: self.ring_started,
-            ring_completed: self.ring_completed,
+            ring_completed: self.phase.ring_completed(),
             slots: self.slots.clone(),
             failures: self.failures.clone(),
-            reason: self.reason.clone(),
+            reason: self.phase.reason().map(str::to_string),
             rollback: self.directive.is_some(),
             only_ring: self.only_ring.clone(),
             created: self.created,
@@ -190,30 +325,47 @@ impl Rollout {
         self.phase.is_active()
     }
 
-    pub fn approve(&mut self, now: OffsetDateTime) -> Result<(), String> {
+    /// Lets a rollout waiting for approval run (`asked`: the version the operator approves,
+    /// when they name one); its first ring starts now.
+    pub fn approve(
+        &mut self,
+        asked: Option<&Version>,
+        now: OffsetDateTime,
+    ) -> Result<(), SteerError> {
+        if let Some(asked) = asked.filter(|v| **v != self.version) {
+            return Err(SteerError::OtherVersion {
+                app: self.app.clone(),
+                rolling_out: self.version.clone(),
+                asked: asked.clone(),
+            });
+        }
         match self.phase {
-            Phase::AwaitingApproval => {
-                self.phase = Phase::Running;
+            Phase::AwaitingApproval { paused } => {
+                self.phase = Phase::Running {
+                    paused,
+                    ring_completed: None,
+                };
                 self.ring_started = now;
                 Ok(())
             }
-            Phase::Running => Ok(()),
-            other => Err(format!("cannot approve a rollout that is {other:?}")),
+            Phase::Running { .. } => Ok(()),
+            ref ended => Err(SteerError::CannotApprove(ended.kind())),
         }
     }
 
-    pub fn set_paused(&mut self, paused: bool) -> Result<(), String> {
-        if !self.is_active() {
-            return Err(format!("the rollout is {:?}", self.phase));
+    pub fn set_paused(&mut self, paused: bool) -> Result<(), SteerError> {
+        match &mut self.phase {
+            Phase::AwaitingApproval { paused: now } | Phase::Running { paused: now, .. } => {
+                *now = paused;
+                Ok(())
+            }
+            ended => Err(SteerError::Ended(ended.kind())),
         }
-        self.paused = paused;
-        Ok(())
     }
 
     pub fn abort(&mut self, reason: String) {
         if self.is_active() {
-            self.phase = Phase::Aborted;
-            self.reason = Some(reason);
+            self.phase = Phase::Aborted { reason };
             self.slots.clear();
         }
     }
@@ -341,45 +493,35 @@ impl Rollout {
             lease.until > now && !done
         });
         let mut effects = Vec::new();
-        if self.phase != Phase::Running || self.paused {
-            return effects;
-        }
         // Chained: an empty ring with no soak completes at once and the next one starts.
-        while let Some(ring) = policy.rings.get(self.ring) {
+        while let Phase::Running {
+            paused: false,
+            ring_completed,
+        } = self.phase
+        {
+            let Some(ring) = policy.rings.get(self.ring) else {
+                break;
+            };
             let progress = self.progress(policy, fleet, now, timing);
             let Some(p) = progress.get(self.ring) else {
                 break;
             };
-            let threshold = ring.max_failures.of(p.targets).max(1);
-            if p.failed >= threshold && p.done + p.failed >= ring.min_results {
-                let reasons: Vec<String> = self
-                    .failures
-                    .iter()
-                    .filter(|(agent, _)| {
-                        fleet
-                            .agents
-                            .get(*agent)
-                            .is_some_and(|a| a.ring == ring.name)
-                    })
-                    .map(|(agent, why)| format!("{agent}: {why}"))
-                    .collect();
-                let reason = format!(
-                    "ring {}: {} of {} hosts failed (threshold {threshold}): {}",
-                    ring.name,
-                    p.failed,
-                    p.targets,
-                    reasons.join("; ")
-                );
-                self.phase = Phase::Halted;
-                self.reason = Some(reason.clone());
+            if let Some(reason) = self.failed_too_often(ring, p, fleet) {
+                self.phase = Phase::Halted {
+                    reason: reason.clone(),
+                };
                 self.slots.clear();
                 effects.push(Effect::Halted { reason });
-                return effects;
+                break;
             }
             if p.done + p.failed < p.targets {
                 break;
             }
-            let completed = *self.ring_completed.get_or_insert(now);
+            let completed = ring_completed.unwrap_or(now);
+            self.phase = Phase::Running {
+                paused: false,
+                ring_completed: Some(completed),
+            };
             if now < completed + ring.soak {
                 break;
             }
@@ -387,7 +529,7 @@ impl Rollout {
                 Some(next) => {
                     self.ring += 1;
                     self.ring_started = now;
-                    self.ring_completed = None;
+                    self.phase = Phase::RUNNING;
                     effects.push(Effect::Desire {
                         ring: next.name.clone(),
                     });
@@ -395,15 +537,47 @@ impl Rollout {
                 None => {
                     self.phase = Phase::Completed;
                     effects.push(Effect::Completed);
-                    break;
                 }
             }
         }
         effects
     }
 
+    /// Why `ring` halts the rollout, with its progress `p`: its failures reached the
+    /// threshold once enough of its hosts reported (`None`: they did not).
+    fn failed_too_often(
+        &self,
+        ring: &RingPolicy,
+        p: &RingProgress,
+        fleet: &Fleet,
+    ) -> Option<String> {
+        let threshold = ring.max_failures.of(p.targets).max(1);
+        if p.failed < threshold || p.done + p.failed < ring.min_results {
+            return None;
+        }
+        let reasons: Vec<String> = self
+            .failures
+            .iter()
+            .filter(|(agent, _)| {
+                fleet
+                    .agents
+                    .get(*agent)
+                    .is_some_and(|a| a.ring == ring.name)
+            })
+            .map(|(agent, why)| format!("{agent}: {why}"))
+            .collect();
+        Some(format!(
+            "ring {}: {} of {} hosts failed (threshold {threshold}): {}",
+            ring.name,
+            p.failed,
+            p.targets,
+            reasons.join("; ")
+        ))
+    }
+
     /// An agent asks to switch. Granted while its ring is the one rolling out (or done), the
-    /// rollout runs, the ring's window is open and a slot is free.
+    /// rollout runs, the ring's window is open and a slot is free; the slot is then its own
+    /// for `timing.slot_lease` (asking again renews it).
     pub fn request_slot(
         &mut self,
         policy: &AppPolicy,
@@ -412,109 +586,175 @@ impl Rollout {
         now: OffsetDateTime,
         timing: Timing,
     ) -> SlotReply {
-        let refuse = |retry: Duration, reason: String| SlotReply {
-            granted: false,
-            retry_after_ms: retry.as_millis() as u64,
-            reason: Some(reason),
-        };
-        let grant = SlotReply {
-            granted: true,
-            retry_after_ms: 0,
-            reason: None,
-        };
+        let decided = self
+            .may_switch(policy, request)
+            .and_then(|slot| match slot {
+                Slot::Unpaced => Ok(None),
+                Slot::Paced { index, ring } => {
+                    window_open(ring, now)?;
+                    self.slot_free(index, ring, &request.agent_id, fleet, now, timing)?;
+                    Ok(Some(ring))
+                }
+            });
+        match decided {
+            Ok(paced) => {
+                if let Some(ring) = paced {
+                    self.lease(&request.agent_id, &ring.name, now + timing.slot_lease);
+                }
+                SlotReply {
+                    granted: true,
+                    retry_after_ms: 0,
+                    reason: None,
+                }
+            }
+            Err(no) => SlotReply {
+                granted: false,
+                retry_after_ms: no.retry.as_millis() as u64,
+                reason: Some(no.reason),
+            },
+        }
+    }
+
+    /// Whether the rollout lets the request's host switch at all: its version, its ring
+    /// started, the rollout running.
+    fn may_switch<'p>(
+        &self,
+        policy: &'p AppPolicy,
+        request: &SlotRequest,
+    ) -> Result<Slot<'p>, NoSlot> {
         if request.version != self.version {
-            return refuse(
-                Duration::from_secs(30),
+            return Err(NoSlot::after(
+                30,
                 format!(
                     "{} is rolling out {}, not {}",
                     self.app, self.version, request.version
                 ),
-            );
+            ));
         }
-        let Some(ring_index) = policy.ring_index(&request.ring) else {
-            return refuse(
-                Duration::from_secs(60),
+        let Some((index, ring)) = policy
+            .rings
+            .iter()
+            .enumerate()
+            .find(|(_, r)| r.name == request.ring)
+        else {
+            return Err(NoSlot::after(
+                60,
                 format!("ring {} is not in the policy of {}", request.ring, self.app),
-            );
+            ));
         };
-        match self.phase {
-            Phase::Completed => return grant,
-            Phase::Halted | Phase::Aborted => {
-                return refuse(
-                    Duration::from_secs(60),
-                    format!(
-                        "rollout {:?}: {}",
-                        self.phase,
-                        self.reason.clone().unwrap_or_default()
-                    ),
-                );
+        match &self.phase {
+            Phase::Completed => return Ok(Slot::Unpaced),
+            Phase::Halted { reason } | Phase::Aborted { reason } => {
+                let phase = self.phase.kind();
+                return Err(NoSlot::after(60, format!("rollout {phase:?}: {reason}")));
             }
-            Phase::AwaitingApproval => {
-                return refuse(
-                    Duration::from_secs(5),
+            Phase::AwaitingApproval { .. } => {
+                return Err(NoSlot::after(
+                    5,
                     format!(
                         "waiting for approval (fleetcast approve {} {})",
                         self.app, self.version
                     ),
-                );
+                ));
             }
-            Phase::Running => {}
+            Phase::Running { paused: true, .. } => {
+                return Err(NoSlot::after(5, "rollout paused".into()));
+            }
+            Phase::Running { paused: false, .. } => {}
         }
-        if self.paused {
-            return refuse(Duration::from_secs(5), "rollout paused".into());
-        }
-        if ring_index > self.ring {
-            return refuse(
-                Duration::from_secs(10),
+        if index > self.ring {
+            return Err(NoSlot::after(
+                10,
                 format!("ring {} has not started", request.ring),
-            );
+            ));
         }
-        let ring = &policy.rings[ring_index];
-        let windows = ring.windows().unwrap_or_default();
-        if !fleetcast_runtime::window::allows(&windows, now) {
-            let opens = fleetcast_runtime::window::next_open(&windows, now);
-            let wait = Duration::try_from(opens - now).unwrap_or(Duration::from_secs(60));
-            return refuse(
-                wait,
-                format!(
-                    "ring {} is outside its maintenance window until {opens}",
-                    ring.name
-                ),
-            );
-        }
-        let until = now + timing.slot_lease;
-        if let Some(lease) = self.slots.get_mut(&request.agent_id) {
-            lease.until = until;
-            return grant;
-        }
-        if ring_index == self.ring {
-            // Only a percentage needs the ring's size, counted over the fleet: done for every
-            // request of a 1,000-agent ring it was most of the tracker's work.
-            let limit = match ring.parallel {
-                Amount::Count(n) => n.max(1),
-                Amount::Percent(100) => usize::MAX,
-                Amount::Percent(_) => ring
-                    .parallel
-                    .of(self.ring_targets(&ring.name, fleet, now, timing))
-                    .max(1),
-            };
-            let taken = self.slots.values().filter(|l| l.ring == ring.name).count();
-            if taken >= limit {
-                return refuse(
-                    Duration::from_secs(1),
-                    format!("ring {}: {taken} of {limit} slots taken", ring.name),
-                );
-            }
-        }
-        self.slots.insert(
-            request.agent_id.clone(),
-            Lease {
-                ring: ring.name.clone(),
-                until,
-            },
-        );
-        grant
+        Ok(Slot::Paced { index, ring })
     }
+
+    /// Whether `agent` may hold a slot of `ring` (at `index` in the policy): one it holds
+    /// already, any in a ring done before, one of the current ring's `parallel` if one is free.
+    fn slot_free(
+        &self,
+        index: usize,
+        ring: &RingPolicy,
+        agent: &AgentId,
+        fleet: &Fleet,
+        now: OffsetDateTime,
+        timing: Timing,
+    ) -> Result<(), NoSlot> {
+        if index != self.ring || self.slots.contains_key(agent) {
+            return Ok(());
+        }
+        // Only a percentage needs the ring's size, counted over the fleet: done for every
+        // request of a 1,000-agent ring it was most of the tracker's work.
+        let limit = match ring.parallel {
+            Amount::Count(n) => n.max(1),
+            Amount::Percent(100) => usize::MAX,
+            Amount::Percent(_) => ring
+                .parallel
+                .of(self.ring_targets(&ring.name, fleet, now, timing))
+                .max(1),
+        };
+        let taken = self.slots.values().filter(|l| l.ring == ring.name).count();
+        if taken >= limit {
+            return Err(NoSlot::after(
+                1,
+                format!("ring {}: {taken} of {limit} slots taken", ring.name),
+            ));
+        }
+        Ok(())
+    }
+
+    /// Gives `agent` a slot of `ring` until `until`, or extends the one it holds.
+    fn lease(&mut self, agent: &AgentId, ring: &RingName, until: OffsetDateTime) {
+        self.slots
+            .entry(agent.clone())
+            .and_modify(|lease| lease.until = until)
+            .or_insert_with(|| Lease {
+                ring: ring.clone(),
+                until,
+            });
+    }
+}
+
+/// What a slot request gets when nothing refuses it.
+enum Slot<'p> {
+    /// The rollout completed: a host that comes late switches at once, unpaced.
+    Unpaced,
+    /// One of the slots of `ring`, at `index` in the policy.
+    Paced { index: usize, ring: &'p RingPolicy },
+}
+
+/// Why a host may not switch now, and when it should ask again.
+struct NoSlot {
+    retry: Duration,
+    reason: String,
+}
+
+impl NoSlot {
+    fn after(retry_s: u64, reason: String) -> NoSlot {
+        NoSlot {
+            retry: Duration::from_secs(retry_s),
+            reason,
+        }
+    }
+}
+
+/// Whether `ring`'s maintenance windows let its hosts switch `now` (else until when not).
+/// Windows were checked as the settings were read: one that does not parse is none.
+fn window_open(ring: &RingPolicy, now: OffsetDateTime) -> Result<(), NoSlot> {
+    let windows = ring.windows().unwrap_or_default();
+    if fleetcast_runtime::window::allows(&windows, now) {
+        return Ok(());
+    }
+    let opens = fleetcast_runtime::window::next_open(&windows, now);
+    Err(NoSlot {
+        retry: Duration::try_from(opens - now).unwrap_or(Duration::from_secs(60)),
+        reason: format!(
+            "ring {} is outside its maintenance window until {opens}",
+            ring.name
+        ),
+    })
 }
 
 #[cfg(test)]
@@ -706,7 +946,7 @@ mod tests {
             matches!(effects.as_slice(), [Effect::Halted { reason }] if reason.contains("c1: health gate")),
             "{effects:?}"
         );
-        assert_eq!(r.phase, Phase::Halted);
+        assert_eq!(r.phase.kind(), tracker::Phase::Halted);
         // A failed download is retried, not a failure of the rollout.
         let (mut r, _) = Rollout::start(&AppName::from_static("demo"), v("2.0.0"), &p, now);
         assert!(!r.record_outcome(
@@ -768,7 +1008,7 @@ mod tests {
             switched(&mut fleet, &mut r, agent);
         }
         assert_eq!(r.tick(&p, &fleet, later, TIMING), vec![Effect::Completed]);
-        assert_eq!(r.phase, Phase::Completed);
+        assert_eq!(r.phase.kind(), tracker::Phase::Completed);
         let progress = r.progress(&p, &fleet, later, TIMING);
         assert_eq!((progress[1].targets, progress[1].done), (4, 4));
     }
@@ -803,7 +1043,7 @@ mod tests {
             reason.contains("c1: exited") && reason.contains("c2: health probe"),
             "{reason}"
         );
-        assert_eq!(r.phase, Phase::Halted);
+        assert_eq!(r.phase.kind(), tracker::Phase::Halted);
         let refused = ask(&mut r, &fleet, "c3", now);
         assert!(!refused.granted && refused.reason.unwrap_or_default().contains("Halted"));
         assert_eq!(
@@ -862,7 +1102,7 @@ mod tests {
             "the first ring may download while awaiting approval"
         );
         assert!(!ask(&mut r, &fleet, "c1", now).granted);
-        r.approve(now).expect("approve");
+        r.approve(None, now).expect("approve");
         r.set_paused(true).expect("pause");
         assert_eq!(
             ask(&mut r, &fleet, "c1", now).reason.as_deref(),
@@ -899,7 +1139,113 @@ mod tests {
         );
         assert!(reply.retry_after_ms >= 11 * 3600 * 1000);
         r.abort("operator".into());
-        assert_eq!(r.phase, Phase::Aborted);
-        assert!(r.approve(now).is_err());
+        assert_eq!(r.phase.kind(), tracker::Phase::Aborted);
+        assert!(r.approve(None, now).is_err());
+    }
+
+    /// A rollout as trackers saved them before the phase carried its data: flat `phase`,
+    /// `paused`, `ring_completed` and `reason`.
+    const SAVED_RUNNING: &str = r#"{
+        "app": "demo",
+        "version": "2.0.0",
+        "phase": "running",
+        "paused": true,
+        "ring": 1,
+        "ring_started": "2024-10-04T12:00:00Z",
+        "ring_completed": "2024-10-04T12:05:00Z",
+        "slots": {"b1": {"ring": "broad", "until": "2024-10-04T12:10:00Z"}},
+        "failures": {"b2": "health gate: exited with 3"},
+        "reason": null,
+        "directive": null,
+        "only_ring": null,
+        "created": "2024-10-04T11:00:00Z",
+        "superseded": ["1.5.0"]
+    }"#;
+
+    #[test]
+    fn rollouts_saved_with_a_flat_phase_still_load_and_save_the_same() {
+        let r: Rollout = serde_json::from_str(SAVED_RUNNING).expect("decodes");
+        assert_eq!(
+            r.phase,
+            Phase::Running {
+                paused: true,
+                ring_completed: Some(t("2024-10-04T12:05:00Z")),
+            }
+        );
+        assert_eq!(r.ring, 1);
+        assert_eq!(r.failures.len(), 1);
+        // Saved again, it is what it was.
+        let saved: serde_json::Value = serde_json::to_value(&r).expect("encodes");
+        let before: serde_json::Value = serde_json::from_str(SAVED_RUNNING).expect("json");
+        assert_eq!(saved, before);
+        let again: Rollout = serde_json::from_value(saved).expect("decodes again");
+        assert_eq!(again, r);
+
+        // A halted one keeps its reason; what no longer means anything (a pause, a soak
+        // under way when it halted) is dropped.
+        let halted = SAVED_RUNNING
+            .replace(r#""phase": "running""#, r#""phase": "halted""#)
+            .replace(
+                r#""reason": null"#,
+                r#""reason": "ring broad: 1 of 4 hosts failed""#,
+            );
+        let r: Rollout = serde_json::from_str(&halted).expect("decodes");
+        assert_eq!(
+            r.phase,
+            Phase::Halted {
+                reason: "ring broad: 1 of 4 hosts failed".into()
+            }
+        );
+        let saved = serde_json::to_value(&r).expect("encodes");
+        assert_eq!(saved["phase"], "halted");
+        assert_eq!(saved["paused"], false);
+        assert_eq!(saved["ring_completed"], serde_json::Value::Null);
+        assert_eq!(saved["reason"], "ring broad: 1 of 4 hosts failed");
+        let summary = r.summary(Vec::new());
+        assert_eq!(
+            (summary.phase, summary.paused, summary.reason.as_deref()),
+            (
+                tracker::Phase::Halted,
+                false,
+                Some("ring broad: 1 of 4 hosts failed")
+            )
+        );
+    }
+
+    fn t(rfc3339: &str) -> OffsetDateTime {
+        OffsetDateTime::parse(rfc3339, &time::format_description::well_known::Rfc3339)
+            .expect("time")
+    }
+
+    /// A pause asked for while waiting for approval holds after it; a rollout that ended is
+    /// neither approved nor paused, and approving another version is refused, saying which.
+    #[test]
+    fn steering_follows_the_phase() {
+        let mut p = policy();
+        p.approval = Approval::Manual;
+        let now = t0();
+        let (mut r, _) = Rollout::start(&AppName::from_static("demo"), v("2.0.0"), &p, now);
+        r.set_paused(true).expect("pause");
+        assert_eq!(
+            r.approve(Some(&v("3.0.0")), now),
+            Err(SteerError::OtherVersion {
+                app: AppName::from_static("demo"),
+                rolling_out: v("2.0.0"),
+                asked: v("3.0.0"),
+            })
+        );
+        r.approve(Some(&v("2.0.0")), now).expect("approve");
+        assert!(r.phase.is_paused() && r.phase.kind() == tracker::Phase::Running);
+        r.abort("operator".into());
+        assert_eq!(r.phase.reason(), Some("operator"));
+        assert!(!r.phase.is_paused(), "an aborted rollout is not paused");
+        assert_eq!(
+            r.set_paused(false),
+            Err(SteerError::Ended(tracker::Phase::Aborted))
+        );
+        assert_eq!(
+            r.approve(None, now).expect_err("ended").to_string(),
+            "cannot approve a rollout that is Aborted"
+        );
     }
 }

@@ -20,18 +20,19 @@ use fleetcast_runtime::Bus;
 use fleetcast_runtime::consume::{
     ConsumerSpec, Outcome, PULL_EXPIRES, decode_or_reject, run_consumer,
 };
-use fleetcast_runtime::metrics::{CounterVec, Exposition};
+use fleetcast_runtime::metrics::CounterFamily;
 use futures::StreamExt;
 use time::OffsetDateTime;
 use tokio::sync::Mutex;
 use tokio_util::sync::CancellationToken;
+use tracing::Instrument;
 
 use crate::TrackerError;
 use crate::fleet::{AgentView, Fleet};
 use crate::history::{self, History, Pending};
 use crate::laggards::Laggard;
 use crate::releases;
-use crate::rollout::{Effect, Phase, Rollout};
+use crate::rollout::{Effect, Rollout};
 use crate::settings::Settings;
 use crate::timeline::{self, Sample};
 use fleetcast_events::tracker::AppReleases;
@@ -59,9 +60,12 @@ pub struct Tracker {
     replies: async_nats::Client,
     pub settings: Arc<Settings>,
     /// Reports and requests refused (forged identity, wrong reply subject, …).
-    refused: CounterVec,
+    refused: CounterFamily<2>,
     /// Attempts to deliver history entries to each webhook, by outcome.
-    pub webhook_deliveries: CounterVec,
+    pub webhook_deliveries: CounterFamily<2>,
+    /// The two counters above and the tracker's identity; its view of the fleet is added at
+    /// each scrape ([`crate::metrics::render`]).
+    registry: prometheus_client::registry::Registry,
     pub history: History,
     state: Mutex<State>,
     /// An agent reported on a rollout: move it on now rather than at the next tick, so a ring
@@ -132,6 +136,63 @@ struct State {
     remedied: BTreeMap<(AgentId, AppName, semver::Version), crate::laggards::Remedied>,
 }
 
+impl State {
+    /// Folds an agent's heartbeat (received at `seen`). A status lost on the way (the agent's
+    /// connection dropped as it published) would leave its rollout waiting for ever: the
+    /// outcome every heartbeat repeats counts as that status (once). Whether a rollout moved.
+    fn fold_heartbeat(
+        &mut self,
+        hb: AgentHeartbeat,
+        seen: OffsetDateTime,
+        now: OffsetDateTime,
+    ) -> bool {
+        self.fleet.heartbeat(&hb, seen);
+        let mut moved = false;
+        for app in &hb.apps {
+            if let (Some(update), Some(rollout)) =
+                (&app.last_update, self.rollouts.get_mut(&app.app))
+                && rollout.record_outcome(&hb.agent_id, update)
+            {
+                if let Some(reason) = rollout.failures.get(&hb.agent_id)
+                    && update.outcome.state().is_failure()
+                {
+                    let entry = history::host_failed(rollout, &hb.agent_id, reason, now);
+                    self.history.push(entry);
+                }
+                self.dirty_rollouts.insert(app.app.clone());
+                moved = true;
+            }
+        }
+        self.dirty_agents.insert(hb.agent_id);
+        moved
+    }
+
+    /// Folds an agent's status of one app (the agent in `ring`, received at `seen`). Whether
+    /// it concerns a rollout (which then moves on at once).
+    fn fold_status(
+        &mut self,
+        st: &AgentStatus,
+        ring: &RingName,
+        seen: OffsetDateTime,
+        now: OffsetDateTime,
+    ) -> bool {
+        self.fleet.status(st, ring, seen);
+        self.dirty_agents.insert(st.agent_id.clone());
+        let Some(rollout) = self.rollouts.get_mut(&st.app) else {
+            return false;
+        };
+        if rollout.record_status(st)
+            && st.state.is_failure()
+            && let Some(reason) = rollout.failures.get(&st.agent_id)
+        {
+            let entry = history::host_failed(rollout, &st.agent_id, reason, now);
+            self.history.push(entry);
+        }
+        self.dirty_rollouts.insert(st.app.clone());
+        true
+    }
+}
+
 /// How many of a version's newest history entries are read for a timeline's marks (rings,
 /// halts; its hosts' rollbacks and operators' actions are among them).
 const MARKS_READ: usize = 2_000;
@@ -186,7 +247,7 @@ impl Tracker {
         // ring's desired state would otherwise never write it: the write is made again (the
         // same state again is a no-op for agents).
         for rollout in state.rollouts.values() {
-            if matches!(rollout.phase, Phase::Halted | Phase::Aborted) {
+            if rollout.phase.is_stopped() {
                 continue;
             }
             if let Some(ring) = settings.policy_for(rollout).rings.get(rollout.ring) {
@@ -204,13 +265,17 @@ impl Tracker {
             "state loaded"
         );
         let history = History::open(&bus, &settings.history).await?;
-        let webhook_deliveries = crate::webhook::deliveries_counter(&settings.webhooks);
+        let mut registry = crate::metrics::registry(&bus.client);
+        let refused = refused_counter(&mut registry);
+        let webhook_deliveries =
+            crate::webhook::deliveries_counter(&mut registry, &settings.webhooks);
         Ok(Arc::new(Tracker {
             bus,
             replies,
             settings,
-            refused: refused_counter(),
+            refused,
             webhook_deliveries,
+            registry,
             history,
             state: Mutex::new(state),
             reported: tokio::sync::Notify::new(),
@@ -276,6 +341,8 @@ impl Tracker {
         }
     }
 
+    /// Folds one agent report into the inventory and the rollouts, unless its body disagrees
+    /// with its subject (or does not decode): then it is counted as refused and ignored.
     async fn fold_report(&self, msg: &async_nats::jetstream::Message) {
         let Ok((seq, published)) = msg.info().map(|i| (i.stream_sequence, i.published)) else {
             return;
@@ -286,7 +353,6 @@ impl Tracker {
         // gone silent since look alive. Never later than now (clocks differ a little).
         let seen = published.min(now);
         let mut state = self.state.lock().await;
-        let state = &mut *state;
         state.cursor = state.cursor.max(seq);
         state.report_lag_s = (now - published).as_seconds_f64().max(0.0);
         // Who sent it is what its subject says, which only that agent's credential may publish
@@ -296,76 +362,49 @@ impl Tracker {
             tracing::warn!(subject = %msg.subject, "report on a subject that names no agent; ignored");
             return;
         };
-        match &from.kind {
+        let moved = match &from.kind {
             ReportKind::Heartbeat => {
-                let hb = match fleetcast_runtime::consume::decode::<AgentHeartbeat>(msg) {
-                    Ok(hb) => hb,
-                    Err(e) => {
-                        self.refused.inc(&["heartbeat", "decode"]);
-                        tracing::warn!(subject = %msg.subject, error = %e, "heartbeat does not decode; ignored");
-                        return;
-                    }
-                };
-                if let Err(why) = check_heartbeat(&from, &hb) {
-                    self.refused.inc(&["heartbeat", "identity"]);
-                    tracing::warn!(subject = %msg.subject, %why, "heartbeat refused");
+                let Some(hb) = self.accept("heartbeat", msg, |hb| check_heartbeat(&from, hb))
+                else {
                     return;
-                }
-                state.fleet.heartbeat(&hb, seen);
-                // A status lost on the way (the agent's connection dropped as it published)
-                // would leave its rollout waiting for ever: the outcome every heartbeat
-                // repeats counts as that status (once).
-                let mut moved = false;
-                for app in &hb.apps {
-                    if let (Some(update), Some(rollout)) =
-                        (&app.last_update, state.rollouts.get_mut(&app.app))
-                        && rollout.record_outcome(&hb.agent_id, update)
-                    {
-                        if let Some(reason) = rollout.failures.get(&hb.agent_id)
-                            && update.outcome.state().is_failure()
-                        {
-                            let entry = history::host_failed(rollout, &hb.agent_id, reason, now);
-                            state.history.push(entry);
-                        }
-                        state.dirty_rollouts.insert(app.app.clone());
-                        moved = true;
-                    }
-                }
-                if moved {
-                    self.reported.notify_one();
-                }
-                state.dirty_agents.insert(hb.agent_id);
+                };
+                state.fold_heartbeat(hb, seen, now)
             }
             ReportKind::Status { app } => {
-                let st = match fleetcast_runtime::consume::decode::<AgentStatus>(msg) {
-                    Ok(st) => st,
-                    Err(e) => {
-                        self.refused.inc(&["status", "decode"]);
-                        tracing::warn!(subject = %msg.subject, error = %e, "status does not decode; ignored");
-                        return;
-                    }
-                };
-                if let Err(why) = check_status(&from, app, &st) {
-                    self.refused.inc(&["status", "identity"]);
-                    tracing::warn!(subject = %msg.subject, %why, "status refused");
+                let Some(st) = self.accept("status", msg, |st| check_status(&from, app, st)) else {
                     return;
-                }
+                };
                 state.last_status = Some(tokio::time::Instant::now());
-                state.fleet.status(&st, &from.ring, seen);
-                state.dirty_agents.insert(st.agent_id.clone());
-                if let Some(rollout) = state.rollouts.get_mut(&st.app) {
-                    if rollout.record_status(&st)
-                        && st.state.is_failure()
-                        && let Some(reason) = rollout.failures.get(&st.agent_id)
-                    {
-                        let entry = history::host_failed(rollout, &st.agent_id, reason, now);
-                        state.history.push(entry);
-                    }
-                    state.dirty_rollouts.insert(st.app.clone());
-                    self.reported.notify_one();
-                }
+                state.fold_status(&st, &from.ring, seen, now)
             }
+        };
+        if moved {
+            self.reported.notify_one();
         }
+    }
+
+    /// The report `msg` carries (`what`: `heartbeat` or `status`) if it decodes and `check`
+    /// finds it is its subject's; else `None`, counted and logged as refused.
+    fn accept<T: serde::de::DeserializeOwned>(
+        &self,
+        what: &'static str,
+        msg: &async_nats::jetstream::Message,
+        check: impl FnOnce(&T) -> Result<(), IdentityMismatch>,
+    ) -> Option<T> {
+        let report = match fleetcast_runtime::consume::decode::<T>(msg) {
+            Ok(report) => report,
+            Err(e) => {
+                self.refused.inc(&[what, "decode"]);
+                tracing::warn!(subject = %msg.subject, error = %e, "{what} does not decode; ignored");
+                return None;
+            }
+        };
+        if let Err(why) = check(&report) {
+            self.refused.inc(&[what, "identity"]);
+            tracing::warn!(subject = %msg.subject, %why, "{what} refused");
+            return None;
+        }
+        Some(report)
     }
 
     /// Starts a rollout for every stored release newer than the app's current one.
@@ -426,7 +465,7 @@ impl Tracker {
                 };
                 match me.history.record(&entry, &id).await {
                     Ok(()) => Outcome::Done,
-                    Err(e) => Outcome::Retry(e.to_string()),
+                    Err(e) => retry_unless_permanent(&e),
                 }
             }
         })
@@ -467,6 +506,7 @@ impl Tracker {
         .map_err(|e| TrackerError::follow("the release stream", e))
     }
 
+    #[tracing::instrument(skip_all, fields(app = %signed.app, version = %signed.to))]
     async fn start_rollback(&self, signed: RollbackSigned) -> Outcome {
         let now = OffsetDateTime::now_utc();
         let (rollout, effects) = {
@@ -493,7 +533,7 @@ impl Tracker {
                 );
                 let previous = state.rollouts.get(&signed.app);
                 rollout.replacing(previous);
-                tracing::warn!(app = %signed.app, to = %signed.to, from = %signed.from, ring = ?signed.ring, "rollback started");
+                tracing::warn!(from = %signed.from, ring = ?signed.ring, "rollback started");
                 let entries = history::transitions(previous, &rollout, &ring_names(&policy), now);
                 state.history.extend(entries);
                 state.rollouts.insert(signed.app.clone(), rollout);
@@ -526,10 +566,11 @@ impl Tracker {
             .await
         {
             Ok(()) => Outcome::Done,
-            Err(e) => Outcome::Retry(e.to_string()),
+            Err(e) => retry_unless_permanent(&e),
         }
     }
 
+    #[tracing::instrument(skip_all, fields(app = %stored.app, version = %stored.version))]
     async fn start_rollout(&self, stored: &ReleaseStored) -> Outcome {
         let policy = self.settings.policy(&stored.app);
         let now = OffsetDateTime::now_utc();
@@ -558,7 +599,7 @@ impl Tracker {
                     let (mut rollout, effects) =
                         Rollout::start(&stored.app, stored.version.clone(), &policy, now);
                     rollout.replacing(previous);
-                    tracing::info!(app = %stored.app, version = %stored.version, phase = ?rollout.phase, "rollout started");
+                    tracing::info!(phase = ?rollout.phase.kind(), "rollout started");
                     let entries =
                         history::transitions(previous, &rollout, &ring_names(&policy), now);
                     state.history.extend(entries);
@@ -573,14 +614,15 @@ impl Tracker {
             .apply(&stored.app, &stored.version, None, effects)
             .await
         {
-            return Outcome::Retry(e.to_string());
+            return retry_unless_permanent(&e);
         }
         self.want_patches(stored).await;
         Outcome::Done
     }
 
     /// Asks the distributor for binary patches of a new release from the versions the fleet
-    /// runs. Best effort: a release rolls out without patches (its hosts fetch chunks).
+    /// runs (in the span of the rollout it starts). Best effort: a release rolls out without
+    /// patches (its hosts fetch chunks).
     async fn want_patches(&self, stored: &ReleaseStored) {
         let bases = self.state.lock().await.fleet.running_versions(
             &stored.app,
@@ -601,12 +643,13 @@ impl Tracker {
             .publish_event(names::PATCHES_WANTED, &wanted, Encoding::Json, Some(&id))
             .await
         {
-            tracing::warn!(app = %stored.app, version = %stored.version, error = %e, "patches not asked for; hosts will fetch chunks");
+            tracing::warn!(error = %e, "patches not asked for; hosts will fetch chunks");
         }
     }
 
-    /// Carries out a rollout's effects. A ring's desired state that cannot be written is kept
-    /// to be written again (see `State::unwritten`); the first such error is returned.
+    /// Carries out a rollout's effects (in the span of the rollout: its callers say which). A
+    /// ring's desired state that cannot be written is kept to be written again (see
+    /// `State::unwritten`); the first such error is returned.
     async fn apply(
         &self,
         app: &AppName,
@@ -624,16 +667,16 @@ impl Tracker {
                         failed = failed.and(Err(e));
                     }
                 }
-                Effect::Halted { reason } => {
-                    tracing::warn!(%app, %version, %reason, "rollout halted");
-                }
-                Effect::Completed => tracing::info!(%app, %version, "rollout completed"),
+                Effect::Halted { reason } => tracing::warn!(%reason, "rollout halted"),
+                Effect::Completed => tracing::info!("rollout completed"),
             }
         }
         failed
     }
 
-    /// Writes `ring`'s desired state: `version`, or the rollback `directive`.
+    /// Writes `ring`'s desired state: `version`, or the rollback `directive` (in the span of
+    /// the rollout).
+    #[tracing::instrument(skip_all, fields(%ring))]
     async fn write_desired(
         &self,
         app: &AppName,
@@ -649,7 +692,7 @@ impl Tracker {
             }
             None => self.bus.desire(app, ring, version, true).await?,
         }
-        tracing::info!(%app, %version, %ring, "ring started: desired state written");
+        tracing::info!("ring started: desired state written");
         Ok(())
     }
 
@@ -702,12 +745,15 @@ impl Tracker {
             self.write_unwritten().await;
             self.flush_history().await;
             for (app, version, directive, effects) in todo {
-                if let Err(e) = self
-                    .apply(&app, &version, directive.as_ref(), effects)
-                    .await
-                {
-                    tracing::warn!(%app, error = %e, "rollout effect failed; retried next tick");
+                let span = tracing::info_span!("rollout", %app, %version);
+                async {
+                    let applied = self.apply(&app, &version, directive.as_ref(), effects);
+                    if let Err(e) = applied.await {
+                        tracing::warn!(error = %e, "rollout effect failed; retried next tick");
+                    }
                 }
+                .instrument(span)
+                .await;
             }
             if let Err(e) = self.save(false).await {
                 tracing::warn!(error = %e, "state not saved; retried next tick");
@@ -758,14 +804,17 @@ impl Tracker {
                 .unwrap_or_default();
             state.replace_running += 1;
             let tracker = Arc::clone(self);
-            tokio::spawn(async move {
+            let span =
+                tracing::info_span!("replace", agent = %laggard.agent_id, app = %laggard.app);
+            let call = async move {
                 let outcome = call_replace(&tracker.settings.replace, &laggard, &host).await;
-                tracing::warn!(agent = %laggard.agent_id, app = %laggard.app, %outcome, "replacement hook called");
+                tracing::warn!(%outcome, "replacement hook called");
                 let entry = history::host_replaced(&laggard, &outcome, OffsetDateTime::now_utc());
                 let mut state = tracker.state.lock().await;
                 state.replace_running = state.replace_running.saturating_sub(1);
                 state.history.push(entry);
-            });
+            };
+            tokio::spawn(call.instrument(span));
         }
     }
 
@@ -790,55 +839,42 @@ impl Tracker {
                 .collect()
         };
         for (laggard, remedy) in plan {
-            let action = match remedy {
-                crate::laggards::Remedied::Retry => fleetcast_events::v1::RemedyAction::Retry {
-                    app: laggard.app.clone(),
-                },
-                crate::laggards::Remedied::Restart => fleetcast_events::v1::RemedyAction::Restart,
-            };
-            let message = fleetcast_events::v1::AgentRemedy {
-                agent_id: laggard.agent_id.clone(),
-                action,
-                reason: format!(
-                    "{} {} not running {} since {}",
-                    laggard.lag.kind(),
-                    laggard.app,
-                    laggard.version,
-                    match laggard.lag {
-                        crate::laggards::Lag::Stuck { since } => since.to_string(),
-                        _ => String::new(),
-                    }
-                ),
-                at: now,
-            };
-            let subject = fleetcast_events::names::remedy_subject(&laggard.agent_id);
-            let sent = match Encoding::Json.encode(&message) {
-                Ok(bytes) => self
-                    .bus
-                    .client
-                    .publish(subject, bytes.into())
-                    .await
-                    .map_err(|e| e.to_string()),
-                Err(e) => Err(e.to_string()),
-            };
-            if let Err(e) = sent {
-                tracing::warn!(agent = %laggard.agent_id, error = %e, "remedy not sent; tried again next tick");
-                continue;
-            }
-            tracing::warn!(agent = %laggard.agent_id, app = %laggard.app, version = %laggard.version, remedy = remedy.said(), "stuck host remedied");
-            let mut state = self.state.lock().await;
-            state.remedied.insert(
-                (
-                    laggard.agent_id.clone(),
-                    laggard.app.clone(),
-                    laggard.version.clone(),
-                ),
-                remedy,
-            );
-            state
-                .history
-                .push(history::host_remedied(&laggard, remedy, now));
+            self.remedy(laggard, remedy, now).await;
         }
+    }
+
+    /// Sends `remedy` to `laggard`'s agent, on the agent's own subject, and records it; one
+    /// not sent is tried again on the next tick.
+    #[tracing::instrument(skip_all, fields(agent = %laggard.agent_id, app = %laggard.app, version = %laggard.version))]
+    async fn remedy(
+        &self,
+        laggard: Laggard,
+        remedy: crate::laggards::Remedied,
+        now: OffsetDateTime,
+    ) {
+        let message = remedy_message(&laggard, remedy, now);
+        if let Err(e) = self.send_remedy(&message).await {
+            tracing::warn!(error = %e, "remedy not sent; tried again next tick");
+            return;
+        }
+        tracing::warn!(remedy = remedy.said(), "stuck host remedied");
+        let mut state = self.state.lock().await;
+        state
+            .history
+            .push(history::host_remedied(&laggard, remedy, now));
+        let key = (laggard.agent_id, laggard.app, laggard.version);
+        state.remedied.insert(key, remedy);
+    }
+
+    /// Publishes `message` on its agent's remedy subject (only the tracker may publish there).
+    async fn send_remedy(
+        &self,
+        message: &fleetcast_events::v1::AgentRemedy,
+    ) -> Result<(), async_nats::Error> {
+        let bytes = Encoding::Json.encode(message)?;
+        let subject = fleetcast_events::names::remedy_subject(&message.agent_id);
+        self.bus.client.publish(subject, bytes.into()).await?;
+        Ok(())
     }
 
     /// Records the history entries made since the last call, in order; those that cannot be
@@ -854,9 +890,16 @@ impl Tracker {
                 left.push((entry, id));
                 continue;
             }
-            if let Err(e) = self.history.record(&entry, &id).await {
-                tracing::warn!(error = %e, kind = %entry.kind, "history entry not recorded yet; retried");
-                left.push((entry, id));
+            match self.history.record(&entry, &id).await {
+                Ok(()) => {}
+                Err(e) if e.is_transient() => {
+                    tracing::warn!(error = %e, kind = %entry.kind, "history entry not recorded yet; retried");
+                    left.push((entry, id));
+                }
+                // Kept, it would hold up every entry after it for ever.
+                Err(e) => {
+                    tracing::error!(error = %e, kind = %entry.kind, "history entry cannot be recorded; dropped");
+                }
             }
         }
         if left.is_empty() {
@@ -884,9 +927,9 @@ impl Tracker {
             let state = &mut *state;
             let rollouts = &state.rollouts;
             state.unwritten.retain(|(app, version, _)| {
-                rollouts.get(app).is_some_and(|r| {
-                    r.version == *version && !matches!(r.phase, Phase::Halted | Phase::Aborted)
-                })
+                rollouts
+                    .get(app)
+                    .is_some_and(|r| r.version == *version && !r.phase.is_stopped())
             });
             state
                 .unwritten
@@ -898,21 +941,21 @@ impl Tracker {
                 .collect()
         };
         for ((app, version, ring), directive) in todo {
-            match self
-                .write_desired(&app, &version, directive.as_ref(), &ring)
-                .await
-            {
-                Ok(()) => {
-                    self.state
-                        .lock()
-                        .await
-                        .unwritten
-                        .remove(&(app, version, ring));
-                }
-                Err(e) => {
-                    tracing::warn!(%app, %version, %ring, error = %e, "desired state still not written; retried next tick");
+            let span = tracing::info_span!("rollout", %app, %version);
+            async {
+                let written = self.write_desired(&app, &version, directive.as_ref(), &ring);
+                match written.await {
+                    Ok(()) => {
+                        let key = (app.clone(), version.clone(), ring);
+                        self.state.lock().await.unwritten.remove(&key);
+                    }
+                    Err(e) => {
+                        tracing::warn!(%ring, error = %e, "desired state still not written; retried next tick");
+                    }
                 }
             }
+            .instrument(span)
+            .await;
         }
     }
 
@@ -920,6 +963,24 @@ impl Tracker {
     /// `all`), the agents that changed with the status-stream cursor they reflect. Whatever
     /// could not be written stays marked as changed for the next pass.
     async fn save(&self, all: bool) -> Result<(), TrackerError> {
+        self.save_rollouts().await?;
+        let Some((agents, cursor)) = self.take_agents(all).await else {
+            return Ok(());
+        };
+        self.save_agents(agents).await?;
+        // The cursor last: after a crash, reports since the saved agents are folded again,
+        // which is harmless (folding is idempotent per report).
+        self.bus
+            .fleet
+            .put(CURSOR_KEY, cursor.to_string().into_bytes().into())
+            .await
+            .map_err(|e| TrackerError::store(FLEET_BUCKET, CURSOR_KEY, e))?;
+        Ok(())
+    }
+
+    /// Writes the rollouts that changed, in order; at the first that cannot be written, it
+    /// and those after it stay marked.
+    async fn save_rollouts(&self) -> Result<(), TrackerError> {
         let rollouts: Vec<(AppName, Vec<u8>)> = {
             let mut state = self.state.lock().await;
             let state = &mut *state;
@@ -941,45 +1002,55 @@ impl Tracker {
                 return Err(error);
             }
         }
-        // The agents and the cursor are taken together, so the cursor saved never runs ahead
-        // of the records saved with it.
-        let (agents, cursor) = {
-            let mut state = self.state.lock().await;
-            let state = &mut *state;
-            let due = all
-                || agents_save_due(
-                    state.agents_saved.map(|at| at.elapsed()),
-                    state.last_status.map(|at| at.elapsed()),
-                );
-            if !due {
-                return Ok(());
-            }
-            state.agents_saved = Some(tokio::time::Instant::now());
-            let agents: Vec<(AgentId, Option<Vec<u8>>)> = std::mem::take(&mut state.dirty_agents)
-                .into_iter()
-                .map(|id| {
-                    let bytes = state
-                        .fleet
-                        .agents
-                        .get(&id)
-                        .and_then(|a| serde_json::to_vec(a).ok());
-                    (id, bytes)
-                })
-                .collect();
-            (agents, state.cursor)
-        };
-        // Many at once: a rollout's reports change hundreds of agents between two saves.
-        let failed: Vec<(AgentId, String)> = futures::stream::iter(agents)
+        Ok(())
+    }
+
+    /// The agents that changed, each with its record (`None`: pruned, to delete), and the
+    /// cursor they reflect, when their save is due ([`agents_save_due`]) or `all`. Taken
+    /// together, so the cursor saved never runs ahead of the records saved with it.
+    async fn take_agents(&self, all: bool) -> Option<(Vec<(AgentId, Option<Vec<u8>>)>, u64)> {
+        let mut state = self.state.lock().await;
+        let state = &mut *state;
+        let due = all
+            || agents_save_due(
+                state.agents_saved.map(|at| at.elapsed()),
+                state.last_status.map(|at| at.elapsed()),
+            );
+        if !due {
+            return None;
+        }
+        state.agents_saved = Some(tokio::time::Instant::now());
+        let agents = std::mem::take(&mut state.dirty_agents)
+            .into_iter()
+            .map(|id| {
+                let bytes = state
+                    .fleet
+                    .agents
+                    .get(&id)
+                    .and_then(|a| serde_json::to_vec(a).ok());
+                (id, bytes)
+            })
+            .collect();
+        Some((agents, state.cursor))
+    }
+
+    /// Writes (or deletes) the agents' records, many at once: a rollout's reports change
+    /// hundreds of agents between two saves. Those not written stay marked.
+    async fn save_agents(
+        &self,
+        agents: Vec<(AgentId, Option<Vec<u8>>)>,
+    ) -> Result<(), TrackerError> {
+        let failed: Vec<(AgentId, async_nats::Error)> = futures::stream::iter(agents)
             .map(|(id, bytes)| async move {
-                let written = match bytes {
+                let written: Result<(), async_nats::Error> = match bytes {
                     Some(b) => self
                         .bus
                         .fleet
                         .put(&id, b.into())
                         .await
-                        .map(|_| ())
-                        .map_err(|e| e.to_string()),
-                    None => self.bus.fleet.delete(&id).await.map_err(|e| e.to_string()),
+                        .map(drop)
+                        .map_err(Into::into),
+                    None => self.bus.fleet.delete(&id).await.map_err(Into::into),
                 };
                 written.err().map(|e| (id, e))
             })
@@ -987,22 +1058,14 @@ impl Tracker {
             .filter_map(std::future::ready)
             .collect()
             .await;
-        if let Some((id, reason)) = failed.first() {
-            let error = TrackerError::store(FLEET_BUCKET, id, reason);
-            let mut state = self.state.lock().await;
-            state
-                .dirty_agents
-                .extend(failed.into_iter().map(|(id, _)| id));
-            return Err(error);
-        }
-        // The cursor last: after a crash, reports since the saved agents are folded again,
-        // which is harmless (folding is idempotent per report).
-        self.bus
-            .fleet
-            .put(CURSOR_KEY, cursor.to_string().into_bytes().into())
-            .await
-            .map_err(|e| TrackerError::store(FLEET_BUCKET, CURSOR_KEY, e))?;
-        Ok(())
+        let mut failed = failed.into_iter();
+        let Some((id, cause)) = failed.next() else {
+            return Ok(());
+        };
+        let mut state = self.state.lock().await;
+        state.dirty_agents.extend(failed.map(|(id, _)| id));
+        state.dirty_agents.insert(id.clone());
+        Err(TrackerError::store(FLEET_BUCKET, &id, cause))
     }
 
     /// Answers requests on `subject` (in a queue group, so several trackers could share
@@ -1296,14 +1359,9 @@ impl Tracker {
             | Command::History(_)
             | Command::Laggards { .. }
             | Command::Rollback { .. } => Ok(String::new()),
-            Command::Approve { version, .. } => match version {
-                Some(v) if v != rollout.version => {
-                    Err(format!("{app} is rolling out {}, not {v}", rollout.version))
-                }
-                _ => rollout
-                    .approve(now)
-                    .map(|()| format!("{app} {} approved", rollout.version)),
-            },
+            Command::Approve { version, .. } => rollout
+                .approve(version.as_ref(), now)
+                .map(|()| format!("{app} {} approved", rollout.version)),
             Command::Pause { .. } => rollout
                 .set_paused(true)
                 .map(|()| format!("{app} {} paused", rollout.version)),
@@ -1322,7 +1380,7 @@ impl Tracker {
         state.history.extend(entries);
         let (ok, message) = match result {
             Ok(m) => (true, m),
-            Err(m) => (false, m),
+            Err(e) => (false, e.to_string()),
         };
         Reply {
             ok,
@@ -1353,9 +1411,11 @@ impl Tracker {
 
     /// Every release record (of `app` only, when given), by app, with the hosts that run
     /// each version (HTTP API).
-    pub async fn releases(&self, app: Option<&AppName>) -> Result<Vec<AppReleases>, String> {
-        let app = app.map(AppName::as_str);
-        let records = (self.bus.release_records(app).await).map_err(|e| e.to_string())?;
+    pub async fn releases(
+        &self,
+        app: Option<&AppName>,
+    ) -> Result<Vec<AppReleases>, fleetcast_runtime::releases::RecordError> {
+        let records = self.bus.release_records(app.map(AppName::as_str)).await?;
         Ok(releases::by_app(records, &self.agents().await))
     }
 
@@ -1377,13 +1437,13 @@ impl Tracker {
         // Cut off, the history cannot be read: the plot is drawn without its marks at once,
         // rather than after a request's timeout.
         let read = if self.is_connected() {
-            self.history.list(&query).await.map_err(|e| e.to_string())
+            self.history.list(&query).await
         } else {
-            Err("the tracker is cut off from NATS".to_string())
+            Err(history::HistoryError::CutOff)
         };
         let (marks, marks_error) = match read {
             Ok(entries) => (timeline::marks(entries, rollout.created), None),
-            Err(e) => (Vec::new(), Some(e)),
+            Err(e) => (Vec::new(), Some(e.to_string())),
         };
         Some(TimelineView {
             rollout,
@@ -1398,15 +1458,15 @@ impl Tracker {
         self.bus.client.connection_state() == async_nats::connection::State::Connected
     }
 
-    /// The Prometheus exposition (HTTP `/metrics`).
-    pub async fn metrics(&self) -> String {
-        let lag = self.state.lock().await.report_lag_s;
-        let mut out = crate::metrics::render(&self.agents().await, &self.rollouts().await, lag);
-        let mut refused = Exposition::new();
-        self.refused.render(&mut refused);
-        self.webhook_deliveries.render(&mut refused);
-        out.push_str(&refused.into_string());
-        out
+    /// The Prometheus text exposition (HTTP `/metrics`).
+    pub async fn metrics(&self) -> Result<String, std::fmt::Error> {
+        let report_lag_s = self.state.lock().await.report_lag_s;
+        let view = crate::metrics::FleetView {
+            agents: self.agents().await,
+            rollouts: self.rollouts().await,
+            report_lag_s,
+        };
+        crate::metrics::render(&self.registry, view)
     }
 
     /// The laggards of every rollout, or of `app`'s.
@@ -1473,7 +1533,37 @@ impl Tracker {
     }
 }
 
-/// Runs the replacement hook for `laggard` on `host`: how it ended, in words.
+/// What `laggard`'s agent is told to do (`remedy`), and why.
+fn remedy_message(
+    laggard: &Laggard,
+    remedy: crate::laggards::Remedied,
+    now: OffsetDateTime,
+) -> fleetcast_events::v1::AgentRemedy {
+    let action = match remedy {
+        crate::laggards::Remedied::Retry => fleetcast_events::v1::RemedyAction::Retry {
+            app: laggard.app.clone(),
+        },
+        crate::laggards::Remedied::Restart => fleetcast_events::v1::RemedyAction::Restart,
+    };
+    fleetcast_events::v1::AgentRemedy {
+        agent_id: laggard.agent_id.clone(),
+        action,
+        reason: format!(
+            "{} {} not running {} since {}",
+            laggard.lag.kind(),
+            laggard.app,
+            laggard.version,
+            match laggard.lag {
+                crate::laggards::Lag::Stuck { since } => since.to_string(),
+                _ => String::new(),
+            }
+        ),
+        at: now,
+    }
+}
+
+/// Runs the replacement hook for `laggard` on `host`: how it ended, in words (its log lines in
+/// the span of the laggard the caller made).
 async fn call_replace(
     settings: &crate::laggards::ReplaceSettings,
     laggard: &Laggard,
@@ -1500,10 +1590,38 @@ async fn call_replace(
         Ok(Ok(out)) => {
             // What it said goes to the log; the history keeps the outcome.
             let stderr = String::from_utf8_lossy(&out.stderr);
-            tracing::warn!(agent = %laggard.agent_id, status = %out.status, stderr = %stderr.trim(), "replacement hook failed");
+            tracing::warn!(status = %out.status, stderr = %stderr.trim(), "replacement hook failed");
             format!("failed: {}", out.status)
         }
     }
+}
+
+/// An error that may pass by itself (NATS back, a leader elected), so that what met it is
+/// worth doing again.
+trait Transient: std::fmt::Display {
+    fn is_transient(&self) -> bool;
+}
+
+impl Transient for fleetcast_runtime::releases::RecordError {
+    fn is_transient(&self) -> bool {
+        fleetcast_runtime::releases::RecordError::is_transient(self)
+    }
+}
+
+impl Transient for history::HistoryError {
+    fn is_transient(&self) -> bool {
+        history::HistoryError::is_transient(self)
+    }
+}
+
+/// What a consumer does with an event it could not handle: deliver it again when the failure
+/// may pass; else drop it, saying so (delivered again, it would fail the same way, for ever).
+fn retry_unless_permanent(error: &impl Transient) -> Outcome {
+    if error.is_transient() {
+        return Outcome::Retry(error.to_string());
+    }
+    tracing::error!(%error, "event dropped: handling it again would fail the same way");
+    Outcome::Done
 }
 
 /// The names of a policy's rings, in order (what history entries name a ring by).
@@ -1525,51 +1643,68 @@ fn uuid_like() -> String {
 /// `report`, `slot`, `command`) and why: `identity` (the body names another agent, ring or app
 /// than the subject), `reply_to` (the reply subject is not the requester's inbox), `subject`
 /// (a report subject that names no agent), `decode`.
-fn refused_counter() -> CounterVec {
-    CounterVec::new(
+fn refused_counter(registry: &mut prometheus_client::registry::Registry) -> CounterFamily<2> {
+    CounterFamily::new(
+        registry,
         "fleetcast_tracker_refused_total",
         "Agent reports and requests the tracker refused, by what and why (identity: the body disagrees with its subject; reply_to: not the requester's inbox).",
-        &["what", "reason"],
+        ["what", "reason"],
     )
     .starting_at_zero(&[
-        &["heartbeat", "identity"],
-        &["status", "identity"],
-        &["slot", "identity"],
-        &["slot", "reply_to"],
-        &["command", "reply_to"],
+        ["heartbeat", "identity"],
+        ["status", "identity"],
+        ["slot", "identity"],
+        ["slot", "reply_to"],
+        ["command", "reply_to"],
     ])
 }
 
+/// A report whose body names another agent, ring or app than its subject: a forgery (only
+/// the subject's agent may publish there), or a badly broken agent.
+#[derive(Debug, Clone, PartialEq, Eq, thiserror::Error)]
+enum IdentityMismatch {
+    #[error("body says agent {body:?}, the subject agent {subject:?}")]
+    Agent { body: AgentId, subject: AgentId },
+    #[error("body says ring {body:?}, the subject ring {subject:?}")]
+    Ring { body: RingName, subject: RingName },
+    #[error("body says app {body:?}, the subject app {subject:?}")]
+    App { body: AppName, subject: AppName },
+}
+
 /// A heartbeat is the subject's agent's, in the subject's ring, or it is refused.
-fn check_heartbeat(from: &ReportSubject, hb: &AgentHeartbeat) -> Result<(), String> {
+fn check_heartbeat(from: &ReportSubject, hb: &AgentHeartbeat) -> Result<(), IdentityMismatch> {
     if hb.agent_id != from.agent_id {
-        return Err(format!(
-            "body says agent {:?}, the subject agent {:?}",
-            hb.agent_id, from.agent_id
-        ));
+        return Err(IdentityMismatch::Agent {
+            body: hb.agent_id.clone(),
+            subject: from.agent_id.clone(),
+        });
     }
     if hb.ring != from.ring {
-        return Err(format!(
-            "body says ring {:?}, the subject ring {:?}",
-            hb.ring, from.ring
-        ));
+        return Err(IdentityMismatch::Ring {
+            body: hb.ring.clone(),
+            subject: from.ring.clone(),
+        });
     }
     Ok(())
 }
 
 /// A status is the subject's agent's, about the subject's app, or it is refused.
-fn check_status(from: &ReportSubject, app: &AppName, st: &AgentStatus) -> Result<(), String> {
+fn check_status(
+    from: &ReportSubject,
+    app: &AppName,
+    st: &AgentStatus,
+) -> Result<(), IdentityMismatch> {
     if st.agent_id != from.agent_id {
-        return Err(format!(
-            "body says agent {:?}, the subject agent {:?}",
-            st.agent_id, from.agent_id
-        ));
+        return Err(IdentityMismatch::Agent {
+            body: st.agent_id.clone(),
+            subject: from.agent_id.clone(),
+        });
     }
     if st.app != *app {
-        return Err(format!(
-            "body says app {:?}, the subject app {app:?}",
-            st.app
-        ));
+        return Err(IdentityMismatch::App {
+            body: st.app.clone(),
+            subject: app.clone(),
+        });
     }
     Ok(())
 }
@@ -1680,9 +1815,16 @@ mod tests {
         let from = names::parse_report_subject(&hb_subject).expect("subject");
         assert!(check_heartbeat(&from, &heartbeat("h1", "canary")).is_ok());
         let other_agent = check_heartbeat(&from, &heartbeat("h2", "canary"));
-        assert!(other_agent.is_err_and(|e| e.contains("\"h2\"")));
+        assert!(other_agent.is_err_and(|e| e.to_string().contains("\"h2\"")));
         let other_ring = check_heartbeat(&from, &heartbeat("h1", "broad"));
-        assert!(other_ring.is_err_and(|e| e.contains("\"broad\"")));
+        assert_eq!(
+            other_ring,
+            Err(IdentityMismatch::Ring {
+                body: RingName::from_static("broad"),
+                subject: RingName::from_static("canary"),
+            })
+        );
+        assert!(other_ring.is_err_and(|e| e.to_string().contains("\"broad\"")));
 
         let st_subject = names::agent_status_subject("h1", "canary", "shapp");
         let from = names::parse_report_subject(&st_subject).expect("subject");
@@ -1690,8 +1832,14 @@ mod tests {
             panic!("a status subject")
         };
         assert!(check_status(&from, app, &status("h1", "shapp")).is_ok());
-        assert!(check_status(&from, app, &status("h2", "shapp")).is_err());
-        assert!(check_status(&from, app, &status("h1", "otherapp")).is_err());
+        assert!(matches!(
+            check_status(&from, app, &status("h2", "shapp")),
+            Err(IdentityMismatch::Agent { .. })
+        ));
+        assert!(matches!(
+            check_status(&from, app, &status("h1", "otherapp")),
+            Err(IdentityMismatch::App { .. })
+        ));
     }
 
     /// A slot request is acted on as the subject's agent and app, in the ring the agent's
@@ -1723,6 +1871,42 @@ mod tests {
         let unknown = check_slot(&from, &slot_request("h1", "shapp", "canary"), None)
             .expect_err("unknown agent");
         assert!(!unknown.forged, "{unknown:?}");
+    }
+
+    /// An event whose handling failed is delivered again only when the failure may pass: a
+    /// store that did not answer, not a release that is not known or an entry that cannot be
+    /// encoded (those would fail the same way for ever).
+    #[test]
+    fn only_failures_that_may_pass_are_retried() {
+        use fleetcast_runtime::BusError;
+        use fleetcast_runtime::releases::RecordError;
+        let unreachable = RecordError::Store {
+            bucket: "fleetcast-desired",
+            key: "web.canary".into(),
+            reason: "timed out".into(),
+        };
+        assert!(matches!(
+            retry_unless_permanent(&unreachable),
+            Outcome::Retry(why) if why.contains("timed out")
+        ));
+        let unknown = RecordError::Refused("web 1.0.0 is not a known release".into());
+        assert!(matches!(retry_unless_permanent(&unknown), Outcome::Done));
+        let unpublished = history::HistoryError::Publish(BusError::Publish {
+            subject: "fleetcast.v1.history.web.rollout.started".into(),
+            reason: "no responders".into(),
+        });
+        assert!(matches!(
+            retry_unless_permanent(&unpublished),
+            Outcome::Retry(_)
+        ));
+        let unencodable = history::HistoryError::Publish(BusError::Encode {
+            subject: "fleetcast.v1.history.web.rollout.started".into(),
+            reason: "key must be a string".into(),
+        });
+        assert!(matches!(
+            retry_unless_permanent(&unencodable),
+            Outcome::Done
+        ));
     }
 
     #[test]

@@ -87,7 +87,7 @@ impl Settings {
             }
         }
         if let Err(reason) = self.http.validate() {
-            return invalid("http.tokens", reason);
+            return invalid("http.tokens", reason.to_string());
         }
         if self.prune_after < self.stale_after {
             return invalid("prune_after", "must not be shorter than stale_after");
@@ -96,7 +96,7 @@ impl Settings {
             return invalid("replace.timeout", "must not be zero");
         }
         if let Err(reason) = crate::webhook::validate_all(&self.webhooks) {
-            return invalid("webhooks", reason);
+            return invalid("webhooks", reason.to_string());
         }
         Ok(())
     }

@@ -27,9 +27,10 @@ use fleetcast_events::AppName;
 use fleetcast_events::names::{self, HISTORY_STREAM, HISTORY_SUBJECT_PREFIX};
 use fleetcast_events::v1::HistoryKind;
 use fleetcast_runtime::consume::{Outcome, run_consumer_on};
-use fleetcast_runtime::metrics::CounterVec;
+use fleetcast_runtime::metrics::CounterFamily;
 use hmac::{Hmac, KeyInit, Mac};
 use http_body_util::Full;
+use hyper::http::uri::InvalidUri;
 use hyper::{StatusCode, Uri};
 use hyper_rustls::HttpsConnector;
 use hyper_util::client::legacy::{Client, connect::HttpConnector};
@@ -91,8 +92,27 @@ fn default_kinds() -> Vec<HistoryKind> {
     DEFAULT_KINDS.to_vec()
 }
 
+/// Why a `[[webhooks]]` entry is refused (the tracker does not start); each names the webhook.
+#[derive(Debug, thiserror::Error)]
+pub enum InvalidWebhook {
+    #[error("name {0:?}: 1 to {MAX_NAME_LEN} letters, digits, '-' or '_'")]
+    Name(String),
+    #[error("{name}: url is not a URL: {cause}")]
+    NotAUrl { name: String, cause: InvalidUri },
+    #[error("{name}: url must start with http:// or https://")]
+    Scheme { name: String },
+    #[error("{name}: url has no host")]
+    NoHost { name: String },
+    #[error("{name}: secret_file is required (the HMAC key requests are signed with)")]
+    NoSecretFile { name: String },
+    #[error("{name}: kinds is empty, the webhook would get nothing (leave it out for the default)")]
+    NoKinds { name: String },
+    #[error("{name}: two webhooks have this name")]
+    NameTwice { name: String },
+}
+
 impl WebhookSettings {
-    fn validate(&self) -> Result<(), String> {
+    fn validate(&self) -> Result<(), InvalidWebhook> {
         let name = &self.name;
         if name.is_empty()
             || name.len() > MAX_NAME_LEN
@@ -100,29 +120,24 @@ impl WebhookSettings {
                 .chars()
                 .all(|c| c.is_ascii_alphanumeric() || c == '-' || c == '_')
         {
-            return Err(format!(
-                "name {name:?}: 1 to {MAX_NAME_LEN} letters, digits, '-' or '_'"
-            ));
+            return Err(InvalidWebhook::Name(name.clone()));
         }
-        let uri: Uri = self
-            .url
-            .parse()
-            .map_err(|e| format!("{name}: url is not a URL: {e}"))?;
+        let name = || name.clone();
+        let uri: Uri = self.url.parse().map_err(|cause| InvalidWebhook::NotAUrl {
+            name: name(),
+            cause,
+        })?;
         if !matches!(uri.scheme_str(), Some("http" | "https")) {
-            return Err(format!("{name}: url must start with http:// or https://"));
+            return Err(InvalidWebhook::Scheme { name: name() });
         }
         if uri.host().is_none_or(str::is_empty) {
-            return Err(format!("{name}: url has no host"));
+            return Err(InvalidWebhook::NoHost { name: name() });
         }
         if self.secret_file.as_os_str().is_empty() {
-            return Err(format!(
-                "{name}: secret_file is required (the HMAC key requests are signed with)"
-            ));
+            return Err(InvalidWebhook::NoSecretFile { name: name() });
         }
         if self.kinds.is_empty() {
-            return Err(format!(
-                "{name}: kinds is empty, the webhook would get nothing (leave it out for the default)"
-            ));
+            return Err(InvalidWebhook::NoKinds { name: name() });
         }
         Ok(())
     }
@@ -160,25 +175,43 @@ impl WebhookSettings {
 }
 
 /// Checks every webhook of the settings (see `[[webhooks]]` in docs/operations.md).
-pub fn validate_all(hooks: &[WebhookSettings]) -> Result<(), String> {
+pub fn validate_all(hooks: &[WebhookSettings]) -> Result<(), InvalidWebhook> {
     let mut seen = BTreeSet::new();
     for hook in hooks {
         hook.validate()?;
         if !seen.insert(hook.name.as_str()) {
-            return Err(format!("{}: two webhooks have this name", hook.name));
+            return Err(InvalidWebhook::NameTwice {
+                name: hook.name.clone(),
+            });
         }
     }
     Ok(())
 }
 
+/// Why a webhook's secret file cannot be used: it names the file, never its content.
+#[derive(Debug, thiserror::Error)]
+pub enum SecretError {
+    #[error("cannot read the secret file {}: {cause}", path.display())]
+    Unreadable {
+        path: PathBuf,
+        cause: std::io::Error,
+    },
+    #[error("the secret file {} is empty", path.display())]
+    Empty { path: PathBuf },
+}
+
 /// The secret in `path`, without the whitespace around it; an error if it cannot be read or
-/// is empty. The error names the file, never its content.
-pub fn load_secret(path: &std::path::Path) -> Result<Vec<u8>, String> {
-    let bytes = std::fs::read(path)
-        .map_err(|e| format!("cannot read the secret file {}: {e}", path.display()))?;
+/// is empty.
+pub fn load_secret(path: &std::path::Path) -> Result<Vec<u8>, SecretError> {
+    let bytes = std::fs::read(path).map_err(|cause| SecretError::Unreadable {
+        path: path.to_path_buf(),
+        cause,
+    })?;
     let secret = bytes.trim_ascii();
     if secret.is_empty() {
-        return Err(format!("the secret file {} is empty", path.display()));
+        return Err(SecretError::Empty {
+            path: path.to_path_buf(),
+        });
     }
     Ok(secret.to_vec())
 }
@@ -232,17 +265,20 @@ pub fn retry_delay(delivered: i64) -> Duration {
 }
 
 /// Deliveries per webhook and outcome, for `/metrics`.
-pub fn deliveries_counter(hooks: &[WebhookSettings]) -> CounterVec {
+pub fn deliveries_counter(
+    registry: &mut prometheus_client::registry::Registry,
+    hooks: &[WebhookSettings],
+) -> CounterFamily<2> {
     let outcomes = ["delivered", "failed", "refused"];
     let series: Vec<[&str; 2]> = hooks
         .iter()
         .flat_map(|h| outcomes.iter().map(|o| [h.name.as_str(), *o]))
         .collect();
-    let series: Vec<&[&str]> = series.iter().map(|s| s.as_slice()).collect();
-    CounterVec::new(
+    CounterFamily::new(
+        registry,
         "fleetcast_tracker_webhook_deliveries_total",
         "Attempts to deliver a history entry to each webhook, by outcome (delivered: 2xx; failed: no answer, 5xx, 3xx, 408 or 429, tried again later; refused: another 4xx, not tried again).",
-        &["webhook", "outcome"],
+        ["webhook", "outcome"],
     )
     .starting_at_zero(&series)
 }
@@ -268,9 +304,34 @@ impl std::fmt::Debug for Webhook {
     }
 }
 
+/// Why the webhooks cannot forward: the tracker does not start (a secret, TLS), or one
+/// webhook stops (its consumer).
+#[derive(Debug, thiserror::Error)]
+pub enum WebhookError {
+    #[error("webhooks: cannot load the system's CA certificates: {0}")]
+    CaRoots(std::io::Error),
+    #[error("webhooks: TLS: {0}")]
+    Tls(rustls::Error),
+    #[error("webhook {webhook}: {cause}")]
+    Secret { webhook: String, cause: SecretError },
+    #[error("webhook {webhook}: url: {cause}")]
+    Url { webhook: String, cause: InvalidUri },
+    #[error("webhook {webhook}: no history stream: {cause}")]
+    NoHistory {
+        webhook: String,
+        cause: jetstream::context::GetStreamError,
+    },
+    #[error("webhook {webhook}: cannot set up consumer {consumer}: {cause}")]
+    Consumer {
+        webhook: String,
+        consumer: String,
+        cause: jetstream::stream::ConsumerError,
+    },
+}
+
 /// The settings' webhooks with their secrets read (validated settings): an error for a secret
 /// that cannot be read or is empty, or no CA roots for HTTPS.
-pub fn prepare(hooks: &[WebhookSettings]) -> Result<Vec<Arc<Webhook>>, String> {
+pub fn prepare(hooks: &[WebhookSettings]) -> Result<Vec<Arc<Webhook>>, WebhookError> {
     if hooks.is_empty() {
         return Ok(Vec::new());
     }
@@ -284,12 +345,12 @@ pub fn prepare(hooks: &[WebhookSettings]) -> Result<Vec<Arc<Webhook>>, String> {
     let builder = if https_used {
         builder
             .with_provider_and_native_roots(provider)
-            .map_err(|e| format!("webhooks: cannot load the system's CA certificates: {e}"))?
+            .map_err(WebhookError::CaRoots)?
     } else {
         // Plain HTTP only: no CA roots needed (a machine may have none).
         let tls = rustls::ClientConfig::builder_with_provider(provider)
             .with_safe_default_protocol_versions()
-            .map_err(|e| format!("webhooks: TLS: {e}"))?
+            .map_err(WebhookError::Tls)?
             .with_root_certificates(rustls::RootCertStore::empty())
             .with_no_client_auth();
         builder.with_tls_config(tls)
@@ -299,12 +360,16 @@ pub fn prepare(hooks: &[WebhookSettings]) -> Result<Vec<Arc<Webhook>>, String> {
     hooks
         .iter()
         .map(|settings| {
-            let secret = load_secret(&settings.secret_file)
-                .map_err(|e| format!("webhook {}: {e}", settings.name))?;
-            let uri = settings
-                .url
-                .parse()
-                .map_err(|e| format!("webhook {}: url: {e}", settings.name))?;
+            let webhook = || settings.name.clone();
+            let secret =
+                load_secret(&settings.secret_file).map_err(|cause| WebhookError::Secret {
+                    webhook: webhook(),
+                    cause,
+                })?;
+            let uri = settings.url.parse().map_err(|cause| WebhookError::Url {
+                webhook: webhook(),
+                cause,
+            })?;
             Ok(Arc::new(Webhook {
                 target: settings.target(),
                 settings: settings.clone(),
@@ -343,12 +408,13 @@ impl Webhook {
     }
 
     /// Delivers one entry of the history stream and says what to do with it.
-    async fn handle(&self, deliveries: &CounterVec, msg: jetstream::Message) -> Outcome {
+    #[tracing::instrument(skip_all, fields(webhook = %self.settings.name, target = %self.target))]
+    async fn handle(&self, deliveries: &CounterFamily<2>, msg: jetstream::Message) -> Outcome {
         let name = self.settings.name.as_str();
         let (delivery, delivered) = match msg.info() {
             Ok(info) => (info.stream_sequence, info.delivered),
             Err(e) => {
-                tracing::warn!(webhook = name, error = %e, "a history message without metadata; skipped");
+                tracing::warn!(error = %e, "a history message without metadata; skipped");
                 return Outcome::Done;
             }
         };
@@ -356,12 +422,12 @@ impl Webhook {
         match self.post(delivery, msg.payload.clone(), now).await {
             Answer::Delivered(status) => {
                 deliveries.inc(&[name, "delivered"]);
-                tracing::info!(webhook = name, target = %self.target, delivery, subject = %msg.subject, %status, "history entry delivered");
+                tracing::info!(delivery, subject = %msg.subject, %status, "history entry delivered");
                 Outcome::Done
             }
             Answer::Refused(status) => {
                 deliveries.inc(&[name, "refused"]);
-                tracing::warn!(webhook = name, target = %self.target, delivery, subject = %msg.subject, %status, "the receiver refused the history entry; it is not sent again");
+                tracing::warn!(delivery, subject = %msg.subject, %status, "the receiver refused the history entry; it is not sent again");
                 Outcome::Done
             }
             Answer::Failed(reason) => {
@@ -396,14 +462,18 @@ pub async fn forward(
     tracker: Arc<Tracker>,
     hook: Arc<Webhook>,
     shutdown: CancellationToken,
-) -> Result<(), String> {
+) -> Result<(), WebhookError> {
     let name = names::webhook_consumer(&hook.settings.name);
+    let webhook = || hook.settings.name.clone();
     let stream = tracker
         .bus
         .js
         .get_stream(HISTORY_STREAM)
         .await
-        .map_err(|e| format!("webhook {}: no history stream: {e}", hook.settings.name))?;
+        .map_err(|cause| WebhookError::NoHistory {
+            webhook: webhook(),
+            cause,
+        })?;
     // Create or update: a changed `kinds` or `apps` applies to the consumer made before; the
     // deliver policy of one that exists stays (it goes on from where it was).
     let consumer = stream
@@ -425,11 +495,10 @@ pub async fn forward(
             ..Default::default()
         })
         .await
-        .map_err(|e| {
-            format!(
-                "webhook {}: cannot set up consumer {name}: {e}",
-                hook.settings.name
-            )
+        .map_err(|cause| WebhookError::Consumer {
+            webhook: webhook(),
+            consumer: name.clone(),
+            cause,
         })?;
     tracing::info!(webhook = %hook.settings.name, target = %hook.target, subjects = %hook.settings.filter_subjects().join(" "), "forwarding history entries");
     run_consumer_on(consumer, shutdown, move |msg| {
@@ -444,12 +513,13 @@ pub async fn forward(
 mod tests {
     use super::*;
 
-    fn hook(toml: &str) -> Result<WebhookSettings, String> {
+    /// The first webhook of `toml`, parsed and checked; why not, in words.
+    fn hook(toml: &str) -> Result<WebhookSettings, Box<dyn std::error::Error>> {
         #[derive(Deserialize)]
         struct Wrap {
             webhooks: Vec<WebhookSettings>,
         }
-        let w: Wrap = toml::from_str(toml).map_err(|e| e.to_string())?;
+        let w: Wrap = toml::from_str(toml)?;
         validate_all(&w.webhooks)?;
         w.webhooks.into_iter().next().ok_or_else(|| "none".into())
     }
@@ -566,7 +636,7 @@ mod tests {
             ),
         ];
         for (toml, why) in cases {
-            let err = hook(&toml).expect_err(&toml);
+            let err = hook(&toml).expect_err(&toml).to_string();
             assert!(err.contains(why), "{toml}: {err} (expected {why:?})");
         }
         // The tracker's settings check them, naming the key.
@@ -588,11 +658,19 @@ mod tests {
         let dir = tempfile::tempdir().expect("tmp");
         let missing = dir.path().join("missing");
         let err = load_secret(&missing).expect_err("missing");
-        assert!(err.contains("cannot read the secret file"), "{err}");
+        assert!(
+            matches!(&err, SecretError::Unreadable { cause, .. } if cause.kind() == std::io::ErrorKind::NotFound),
+            "{err}"
+        );
+        assert!(
+            err.to_string().contains("cannot read the secret file"),
+            "{err}"
+        );
         let empty = dir.path().join("empty");
         std::fs::write(&empty, "\n  \n").expect("write");
         let err = load_secret(&empty).expect_err("empty");
-        assert!(err.contains("is empty"), "{err}");
+        assert!(matches!(err, SecretError::Empty { .. }), "{err}");
+        assert!(err.to_string().contains("is empty"), "{err}");
         let good = dir.path().join("good");
         std::fs::write(&good, "s3cret\n").expect("write");
         assert_eq!(load_secret(&good).expect("read"), b"s3cret");
@@ -600,7 +678,7 @@ mod tests {
         let mut settings: WebhookSettings = hook(OK).expect("valid");
         settings.secret_file = empty;
         let err = prepare(&[settings.clone()]).expect_err("refused");
-        assert!(err.starts_with("webhook pager_1: "), "{err}");
+        assert!(err.to_string().starts_with("webhook pager_1: "), "{err}");
         settings.secret_file = good;
         settings.url = "http://127.0.0.1:9/hook".into();
         let ready = prepare(&[settings]).expect("ready");
