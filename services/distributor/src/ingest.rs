@@ -17,27 +17,51 @@ use fleetcast_events::VerifiedManifest;
 use fleetcast_events::manifest::{FileEntry, TreeRoot};
 use fleetcast_events::names::chunk_subject;
 use fleetcast_events::patches::{self, PatchList};
-use fleetcast_events::tree::{self, ChunkList, Hash32, TreeFile};
+use fleetcast_events::tree::{self, ChunkList, Hash32, NodeRef, TreeFile};
 use fleetcast_events::v1::{RejectCode, Rejection};
 use fleetcast_package::chunking::{self, ChunkId};
-use fleetcast_package::{ArchiveError, ArchiveLimits, EntryKind, Package};
+use fleetcast_package::{ArchiveError, ArchiveLimits, Entry, EntryKind, Package};
 use fleetcast_runtime::Bus;
 use futures::StreamExt;
 use futures::stream::FuturesUnordered;
 
-#[derive(Debug)]
+/// Why a release was not stored.
+#[derive(Debug, thiserror::Error)]
 pub enum IngestError {
     /// The archive does not match its signed manifest, or cannot be read: refuse the release.
+    #[error("{0}")]
     Rejected(Rejection),
-    /// NATS or the local disk failed: try again later.
-    Transient(String),
-    /// The chunk store failed (see [`StoreError::is_transient`]).
-    Store(StoreError),
+    /// The release is not stored, and its caller fetched no archive.
+    #[error("the release is not stored, but no archive was fetched")]
+    NoArchive,
+    /// A thread reading the archive ended without an answer.
+    #[error("reader task failed: {0}")]
+    Reader(#[from] tokio::task::JoinError),
+    #[error("chunking thread panicked")]
+    ChunkingPanicked,
+    /// The hash the package gives a file is not one (never, from its own hasher).
+    #[error("{path}: {source}")]
+    FileHash {
+        path: String,
+        source: tree::TreeError,
+    },
+    /// The chunk store failed (whether that may pass: [`StoreError::is_transient`]).
+    #[error(transparent)]
+    Store(#[from] StoreError),
 }
 
-impl From<StoreError> for IngestError {
-    fn from(e: StoreError) -> Self {
-        IngestError::Store(e)
+impl IngestError {
+    /// The refusal of the release this is; `None` for a failure of this distributor or of
+    /// the store, which is tried again.
+    pub fn rejection(&self) -> Option<&Rejection> {
+        match self {
+            IngestError::Rejected(reason) => Some(reason),
+            IngestError::NoArchive
+            | IngestError::Reader(_)
+            | IngestError::ChunkingPanicked
+            | IngestError::FileHash { .. }
+            | IngestError::Store(_) => None,
+        }
     }
 }
 
@@ -354,16 +378,41 @@ pub async fn ingest(
             ..IngestReport::default()
         });
     }
-    let Some(archive) = archive else {
-        return Err(IngestError::Transient(
-            "the release is not stored, but no archive was fetched".into(),
-        ));
-    };
-    let (tx, mut rx) = tokio::sync::mpsc::channel::<Work>(64);
+    let archive = archive.ok_or(IngestError::NoArchive)?;
+    let (tx, rx) = tokio::sync::mpsc::channel::<Work>(64);
     let (path, limits_owned) = (PathBuf::from(archive), limits.clone());
     let producer = tokio::task::spawn_blocking(move || produce(&path, &limits_owned, tx));
-
     let mut report = IngestReport::default();
+    let stored = store_chunks(store, app, rx, concurrency, &mut report).await;
+    let files = producer.await?;
+    // The store's failure first: the readers stopped because of it.
+    stored?;
+    let files = files?;
+    let built = tree::build(&files).map_err(|e| mismatch(e.to_string()))?;
+    let ours = TreeRoot::of(&built, &files);
+    drop(files);
+    if ours != *signed {
+        return Err(mismatch(format!(
+            "the archive's files make tree {} ({} files, {} bytes), the signed manifest names {} ({} files, {} bytes)",
+            ours.root, ours.files, ours.bytes, signed.root, signed.files, signed.bytes
+        )));
+    }
+    report.files = ours.files;
+    report.total_bytes = ours.bytes;
+    store_tree(store, app, &built.nodes, concurrency, &mut report).await?;
+    Ok(report)
+}
+
+/// Stores the chunks the readers send, `concurrency` at a time, counting them in `report`.
+/// On the store's first failure the readers are stopped (`rx` closed), what is in flight is
+/// finished, and the failure returned.
+async fn store_chunks(
+    store: &ChunkStore,
+    app: &str,
+    mut rx: tokio::sync::mpsc::Receiver<Work>,
+    concurrency: usize,
+    report: &mut IngestReport,
+) -> Result<(), StoreError> {
     let mut inflight = FuturesUnordered::new();
     let mut failure = None;
     let mut done = false;
@@ -377,7 +426,7 @@ pub async fn ingest(
                 Ok(Stored::Existing) => {}
                 Err(e) => {
                     failure.get_or_insert(e);
-                    rx.close(); // stop the readers; finish what is in flight
+                    rx.close();
                 }
             },
             work = rx.recv(), if !done && inflight.len() < concurrency => match work {
@@ -389,31 +438,25 @@ pub async fn ingest(
             },
         }
     }
-    let files = producer
-        .await
-        .map_err(|e| IngestError::Transient(format!("reader task failed: {e}")))?;
-    if let Some(e) = failure {
-        return Err(IngestError::Store(e));
-    }
-    let files = files?;
-    let built = tree::build(&files).map_err(|e| mismatch(e.to_string()))?;
-    let ours = TreeRoot::of(&built, &files);
-    drop(files);
-    if ours != *signed {
-        return Err(mismatch(format!(
-            "the archive's files make tree {} ({} files, {} bytes), the signed manifest names {} ({} files, {} bytes)",
-            ours.root, ours.files, ours.bytes, signed.root, signed.files, signed.bytes
-        )));
-    }
-    report.files = ours.files;
-    report.total_bytes = ours.bytes;
+    failure.map_or(Ok(()), Err)
+}
+
+/// Stores a release's tree nodes (children before parents, the root last), counting them in
+/// `report`: so a stored root means the whole release is stored.
+async fn store_tree(
+    store: &ChunkStore,
+    app: &str,
+    nodes: &[(NodeRef, Vec<u8>)],
+    concurrency: usize,
+    report: &mut IngestReport,
+) -> Result<(), IngestError> {
     // Children before parents, one at a time per level would be slow: every node of a level is
     // independent, so they go in parallel, and the root, last in the list, alone at the end.
-    let Some(((root, root_bytes), nodes)) = built.nodes.split_last() else {
+    let Some(((root, root_bytes), below)) = nodes.split_last() else {
         return Err(mismatch("empty tree".into()));
     };
-    report.tree_nodes = built.nodes.len() as u64;
-    let mut pending = nodes.iter();
+    report.tree_nodes = nodes.len() as u64;
+    let mut pending = below.iter();
     let mut inflight = FuturesUnordered::new();
     loop {
         while inflight.len() < concurrency {
@@ -435,7 +478,7 @@ pub async fn ingest(
     {
         report.new_tree_nodes += 1;
     }
-    Ok(report)
+    Ok(())
 }
 
 /// What a chunking worker keeps of a file it read. Plain data, no allocation of its own: see
@@ -474,10 +517,22 @@ fn produce(
     tx: tokio::sync::mpsc::Sender<Work>,
 ) -> Result<Vec<TreeFile>, IngestError> {
     let package = Package::open(path, limits).map_err(|e| IngestError::Rejected(e.rejection()))?;
-    let entries = package.entries();
-    // (index in the package's entries, mode)
+    let workers = std::thread::available_parallelism().map_or(1, |n| n.get());
+    let (shares, links) = plan_reading(package.entries(), workers);
+    // None: the store side stopped, and reports why.
+    let Some(read) = read_shares(&package, shares, tx)? else {
+        return Ok(Vec::new());
+    };
+    Ok(in_path_order(package.entries(), &read, links))
+}
+
+/// Which worker reads which file (index in `entries`, mode), and the entries that are
+/// symbolic links (few: they join the files read, in path order, afterwards).
+///
+/// Files are spread over up to `workers` workers, largest first, each to the least loaded:
+/// inflating, chunking and hashing are what bound ingest speed.
+fn plan_reading(entries: &[Entry], workers: usize) -> (Vec<Vec<(usize, u32)>>, Vec<usize>) {
     let mut plan: Vec<(usize, u32)> = Vec::new();
-    // Entries that are symbolic links (few): they join the files read, in path order, below.
     let mut links: Vec<usize> = Vec::new();
     for (i, entry) in entries.iter().enumerate() {
         match &entry.kind {
@@ -486,13 +541,7 @@ fn produce(
             EntryKind::File { mode } => plan.push((i, *mode)),
         }
     }
-    // Files are spread over the cores, largest first, each worker with its own reader of the
-    // archive (sharing its parsed central directory): inflating, chunking and hashing are what
-    // bound ingest speed.
-    let workers = std::thread::available_parallelism()
-        .map_or(1, |n| n.get())
-        .min(plan.len())
-        .max(1);
+    let workers = workers.min(plan.len()).max(1);
     let mut shares: Vec<(u64, Vec<(usize, u32)>)> = vec![(0, Vec::new()); workers];
     plan.sort_by_key(|(i, _)| std::cmp::Reverse(entries[*i].size));
     for item in plan {
@@ -501,10 +550,22 @@ fn produce(
             least.1.push(item);
         }
     }
-    let read = std::thread::scope(|scope| {
+    let shares = shares.into_iter().map(|(_, share)| share).collect();
+    (shares, links)
+}
+
+/// Reads each share on a thread of its own, with its own reader of the archive (sharing its
+/// parsed central directory), feeding the chunks to `tx`. `None` if the store side stopped
+/// taking chunks.
+fn read_shares(
+    package: &Package,
+    shares: Vec<Vec<(usize, u32)>>,
+    tx: tokio::sync::mpsc::Sender<Work>,
+) -> Result<Option<Vec<Share>>, IngestError> {
+    std::thread::scope(|scope| {
         let handles: Vec<_> = shares
             .into_iter()
-            .map(|(_, share)| {
+            .map(|share| {
                 let tx = tx.clone();
                 let reader = package.reader();
                 scope.spawn(move || chunk_files(reader, &share, &tx))
@@ -517,15 +578,16 @@ fn produce(
                 Ok(Ok(Some(share))) => read.push(share),
                 Ok(Ok(None)) => return Ok(None),
                 Ok(Err(e)) => return Err(e),
-                Err(_) => return Err(IngestError::Transient("chunking thread panicked".into())),
+                Err(_) => return Err(IngestError::ChunkingPanicked),
             }
         }
         Ok(Some(read))
-    })?;
-    // None: the store side stopped, and reports why.
-    let Some(read) = read else {
-        return Ok(Vec::new());
-    };
+    })
+}
+
+/// Every file read and every link of `entries`, in path order: the files of the release's
+/// tree. Their text (paths, hashes) is made here, once every worker is done (see [`produce`]).
+fn in_path_order(entries: &[Entry], read: &[Share], links: Vec<usize>) -> Vec<TreeFile> {
     // Every file and link, in path order: (entry, file's share and place in it; none for a link).
     let mut order: Vec<(usize, Option<(usize, usize)>)> =
         Vec::with_capacity(read.iter().map(|s| s.files.len()).sum::<usize>() + links.len());
@@ -570,7 +632,7 @@ fn produce(
         };
         files.push(file);
     }
-    Ok(files)
+    files
 }
 
 /// One worker's share of the files (index in the entries, mode); `None` if the store side
@@ -610,8 +672,10 @@ fn chunk_files(
         if stopped {
             return Ok(None);
         }
-        let blake3 = Hash32::from_hex(&file.blake3)
-            .map_err(|e| IngestError::Transient(format!("{}: {e}", entry.path)))?;
+        let blake3 = Hash32::from_hex(&file.blake3).map_err(|source| IngestError::FileHash {
+            path: entry.path.clone(),
+            source,
+        })?;
         // A file that is one chunk keeps no list (see `ReadFile::chunks`): 200,000 small files
         // hold 200,000 fewer lists.
         if out.chunks.len() == start + 1 && out.chunks[start].0.0 == blake3.0 {
@@ -636,6 +700,42 @@ mod tests {
     use tokio_util::sync::CancellationToken;
 
     use super::*;
+
+    #[test]
+    fn files_are_spread_largest_first_to_the_least_loaded_worker_links_kept_apart() {
+        let entry = |index: usize, size: u64, kind: EntryKind| Entry {
+            index,
+            path: format!("f{index}"),
+            kind,
+            size,
+        };
+        let file = |index, size| entry(index, size, EntryKind::File { mode: 0o644 });
+        let entries = [
+            file(0, 10),
+            entry(1, 0, EntryKind::Dir),
+            file(1, 70),
+            entry(
+                3,
+                0,
+                EntryKind::Symlink {
+                    target: "f0".into(),
+                },
+            ),
+            file(4, 40),
+            file(5, 30),
+        ];
+        let (shares, links) = plan_reading(&entries, 2);
+        assert_eq!(links, [3]);
+        // 70 to the first; 40, 30 to the second (70 ≥ 40 + 30); 10 to the first again.
+        let sizes: Vec<Vec<u64>> = shares
+            .iter()
+            .map(|share| share.iter().map(|(i, _)| entries[*i].size).collect())
+            .collect();
+        assert_eq!(sizes, [vec![70, 10], vec![40, 30]]);
+        // Never more workers than files, and one even for none.
+        assert_eq!(plan_reading(&entries, 64).0.len(), 4);
+        assert_eq!(plan_reading(&[], 8).0.len(), 1);
+    }
 
     /// What decides whether a patch job is tried again: a chunk missing from the store or not
     /// what its name says will be the same next time; a store that does not answer may not.

@@ -12,17 +12,19 @@ use std::sync::Arc;
 
 use async_nats::jetstream::Message;
 use fleetcast_events::Encoding;
+use fleetcast_events::TrustError;
 use fleetcast_events::names::{self, RELEASE_SIGNED, RELEASE_STORED, release_key};
 use fleetcast_events::v1::*;
 use fleetcast_runtime::consume::{
     ConsumerSpec, Outcome, RefusedRelease, decode_or_reject, reject_release, run_consumer,
 };
 use fleetcast_runtime::observe::{self, Endpoint, ObserveError};
+use fleetcast_runtime::releases::{FetchError, RecordError};
 use fleetcast_runtime::{Bus, BusError, Trust, trust};
 use time::OffsetDateTime;
 use tokio_util::sync::CancellationToken;
 
-pub use ingest::{ChunkStore, IngestError, IngestReport, ingest};
+pub use ingest::{ChunkStore, IngestError, IngestReport, StoreError, ingest};
 pub use patches::{PatchReport, make_patches};
 pub use settings::{PatchSettings, Settings};
 
@@ -44,8 +46,8 @@ pub enum DistributorError {
 pub async fn run(settings: Settings, shutdown: CancellationToken) -> Result<(), DistributorError> {
     settings.validate()?;
     let trusted = settings.trusted()?;
-    let metrics = Arc::new(metrics::Metrics::new());
-    let endpoint = Endpoint::new(metrics::IDENTITY, metrics.clone());
+    let (metrics, registry) = metrics::Metrics::registered();
+    let endpoint = Endpoint::new(metrics::IDENTITY, registry);
     let Some((bus, _serving)) = observe::serve_and_connect::<DistributorError>(
         SERVICE,
         &settings.nats,
@@ -120,9 +122,63 @@ struct Distributor {
     metrics: Arc<metrics::Metrics>,
 }
 
+/// Why a signed release was not stored: refused for what it is, or a failure that may pass
+/// (see [`ReleaseError::rejection`]).
+#[derive(Debug, thiserror::Error)]
+enum ReleaseError {
+    /// The release record could not be read or written.
+    #[error(transparent)]
+    Record(#[from] RecordError),
+    #[error(transparent)]
+    Manifest(#[from] ManifestError),
+    #[error(transparent)]
+    Fetch(#[from] FetchError),
+    /// The chunk store could not say whether the release's tree is stored.
+    #[error(transparent)]
+    Store(#[from] StoreError),
+    #[error(transparent)]
+    Ingest(#[from] IngestError),
+    /// `release.stored` could not be published.
+    #[error(transparent)]
+    Announce(#[from] BusError),
+}
+
+impl ReleaseError {
+    /// The refusal of the release this is, or `None` if it may pass and the event is
+    /// delivered again: a manifest that does not verify or is for another release, an archive
+    /// missing, different, too large, unreadable or not what the manifest names, no room to
+    /// fetch it; not the record, the store or NATS failing (even a corrupt chunk in the store
+    /// is not the release's fault).
+    fn rejection(&self) -> Option<Rejection> {
+        match self {
+            ReleaseError::Manifest(e) => Some(Rejection {
+                code: RejectCode::ManifestMismatch,
+                message: e.to_string(),
+            }),
+            ReleaseError::Fetch(e) => e.rejection(),
+            ReleaseError::Ingest(e) => e.rejection().cloned(),
+            ReleaseError::Record(_) | ReleaseError::Store(_) | ReleaseError::Announce(_) => None,
+        }
+    }
+}
+
+/// Why a signed manifest is not the one of a release.
+#[derive(Debug, thiserror::Error)]
+enum ManifestError {
+    /// Not signed by the keys trusted now (or expired, or malformed).
+    #[error(transparent)]
+    Untrusted(#[from] TrustError),
+    /// Signed for another app or version than the event's (each as `APP VERSION`).
+    #[error("manifest is for {manifest}, the event for {event}")]
+    OtherRelease { manifest: String, event: String },
+}
+
 impl Distributor {
     async fn handle(&self, msg: &Message) -> Outcome {
-        let outcome = self.store_release(msg).await;
+        let outcome = match decode_or_reject(&self.bus, SERVICE, msg).await {
+            Ok(event) => self.store_release(&event).await,
+            Err(outcome) => self.invalid_event(outcome),
+        };
         // A release's file list and tree are freed now; give the memory back so the next
         // release (built on other threads, in other arenas) does not add to it.
         fleetcast_runtime::memory::release_freed_soon();
@@ -132,99 +188,82 @@ impl Distributor {
         outcome
     }
 
-    async fn store_release(&self, msg: &Message) -> Outcome {
-        let event: ReleaseSigned = match decode_or_reject(&self.bus, SERVICE, msg).await {
-            Ok(e) => e,
-            Err(outcome) => return self.invalid_event(outcome),
-        };
-        let record = match self.bus.release_record(&event.app, &event.version).await {
-            Ok(r) => r,
-            Err(e) => return Outcome::Retry(e.to_string()),
-        };
-        if record
-            .as_ref()
-            .is_some_and(|r| r.state == ReleaseState::Stored)
-        {
-            tracing::info!(app = %event.app, version = %event.version, "already stored, nothing to do");
-            return Outcome::Done;
+    /// Stores the release `event` signed, or refuses it.
+    #[tracing::instrument(skip_all, fields(app = %event.app, version = %event.version))]
+    async fn store_release(&self, event: &ReleaseSigned) -> Outcome {
+        match self.ingest_release(event).await {
+            Ok(()) => Outcome::Done,
+            Err(e) => match e.rejection() {
+                Some(r) => self.reject(event, r.code, r.message).await,
+                None => Outcome::Retry(e.to_string()),
+            },
         }
-        let verified = match self.verify(&event.manifest, &event.app, &event.version) {
-            Ok(v) => v,
-            Err(message) => {
-                return self
-                    .reject(&event, RejectCode::ManifestMismatch, message)
-                    .await;
-            }
-        };
+    }
+
+    /// Stores the release `event` signed and announces it, unless it is stored already.
+    async fn ingest_release(&self, event: &ReleaseSigned) -> Result<(), ReleaseError> {
+        let record = self.bus.release_record(&event.app, &event.version).await?;
+        if record.is_some_and(|r| r.state == ReleaseState::Stored) {
+            tracing::info!("already stored, nothing to do");
+            return Ok(());
+        }
+        let verified = self.verify(&event.manifest, &event.app, &event.version)?;
         let started = std::time::Instant::now();
         // A release whose tree is stored already (published again) needs no archive.
-        let stored = match self.store.tree_stored(&event.app, &verified.tree).await {
-            Ok(stored) => stored,
-            Err(e) => return Outcome::Retry(e.to_string()),
-        };
-        let fetched = if !stored {
-            let work_dir = self.settings.work_dir();
-            match self
+        let fetched = if self.store.tree_stored(&event.app, &verified.tree).await? {
+            None
+        } else {
+            let fetched = self
                 .bus
                 .fetch_archive(
                     &event.object,
                     &event.blake3,
                     None,
                     self.settings.limits.max_archive_bytes(),
-                    &work_dir,
+                    &self.settings.work_dir(),
                 )
-                .await
-            {
-                Ok(f) => Some(f),
-                Err(e) => match e.rejection() {
-                    Some(r) => return self.reject(&event, r.code, r.message).await,
-                    None => return Outcome::Retry(e.to_string()),
-                },
-            }
-        } else {
-            None
+                .await?;
+            Some(fetched)
         };
+
         let fetch_ms = started.elapsed().as_millis() as u64;
-        let report = match ingest(
+        let report = ingest(
             &self.store,
             fetched.as_ref().map(|f| f.file.path()),
             &verified,
             &self.settings.limits,
             self.settings.concurrency,
         )
-        .await
-        {
-            Ok(r) => r,
-            Err(IngestError::Rejected(r)) => return self.reject(&event, r.code, r.message).await,
-            Err(IngestError::Transient(e)) => return Outcome::Retry(e),
-            Err(IngestError::Store(e)) => return Outcome::Retry(e.to_string()),
-        };
+        .await?;
         let ingest_ms = started.elapsed().as_millis() as u64 - fetch_ms;
-        tracing::info!(app = %event.app, version = %event.version, fetch_ms, ingest_ms, "release ingested");
+        tracing::info!(fetch_ms, ingest_ms, "release ingested");
         self.metrics.ingested(&report);
-        match self.finish(&event, &report).await {
-            Ok(()) => {
-                self.metrics.stored.inc();
-                Outcome::Done
-            }
-            Err(e) => Outcome::Retry(e),
-        }
+        self.finish(event, &report).await?;
+        self.metrics.stored.inc();
+        Ok(())
     }
 
-    /// Makes the binary patches the tracker asked for (`patches_wanted`). A release or base not
-    /// stored (or whose record does not verify) is skipped: patches are an optimisation.
+    /// Makes the binary patches the tracker asked for (`patches_wanted`).
     async fn patch(&self, msg: &Message) -> Outcome {
-        let wanted: PatchesWanted = match decode_or_reject(&self.bus, SERVICE, msg).await {
-            Ok(e) => e,
-            Err(outcome) => return self.invalid_event(outcome),
+        let outcome = match decode_or_reject(&self.bus, SERVICE, msg).await {
+            Ok(wanted) => self.make_wanted_patches(&wanted, msg).await,
+            Err(outcome) => self.invalid_event(outcome),
         };
+        fleetcast_runtime::memory::release_freed_soon();
+        outcome
+    }
+
+    /// A release or base not stored (or whose record does not verify) is skipped: patches
+    /// are an optimisation.
+    #[tracing::instrument(skip_all, fields(app = %wanted.app, version = %wanted.version))]
+    async fn make_wanted_patches(&self, wanted: &PatchesWanted, msg: &Message) -> Outcome {
         let release = match self.stored_manifest(&wanted.app, &wanted.version).await {
             Ok(Some(m)) => m,
             Ok(None) => {
-                tracing::warn!(app = %wanted.app, version = %wanted.version, "patches asked for a release not stored: none made");
+                tracing::warn!("patches asked for a release not stored: none made");
                 return Outcome::Done;
             }
-            Err(e) => return Outcome::Retry(e),
+            Err(e) => return Outcome::Retry(e.to_string()),
         };
         let mut bases = Vec::new();
         for version in wanted
@@ -235,20 +274,21 @@ impl Distributor {
         {
             match self.stored_manifest(&wanted.app, version).await {
                 Ok(Some(m)) => bases.push(m),
-                Ok(None) => {
-                    tracing::info!(app = %wanted.app, base = %version, "base not stored: no patches from it")
-                }
-                Err(e) => return Outcome::Retry(e),
+                Ok(None) => tracing::info!(base = %version, "base not stored: no patches from it"),
+                Err(e) => return Outcome::Retry(e.to_string()),
             }
         }
         let started = std::time::Instant::now();
-        let outcome = match make_patches(&self.store, &release, &bases, &self.settings.patches)
-            .await
-        {
+        match make_patches(&self.store, &release, &bases, &self.settings.patches).await {
             Ok(report) => {
-                tracing::info!(app = %wanted.app, version = %wanted.version, bases = bases.len(),
-                        made = report.made, patch_bytes = report.patch_bytes, chunk_bytes = report.delta_bytes,
-                        ms = started.elapsed().as_millis() as u64, "patches made");
+                tracing::info!(
+                    bases = bases.len(),
+                    made = report.made,
+                    patch_bytes = report.patch_bytes,
+                    chunk_bytes = report.delta_bytes,
+                    ms = started.elapsed().as_millis() as u64,
+                    "patches made"
+                );
                 self.metrics.patched(&report);
                 Outcome::Done
             }
@@ -259,16 +299,13 @@ impl Distributor {
             Err(e) => {
                 let delivered = msg.info().map_or(1, |i| i.delivered);
                 if !e.is_transient() || delivered >= PATCH_ATTEMPTS {
-                    tracing::warn!(app = %wanted.app, version = %wanted.version, error = %e, delivered,
-                        "patches given up; hosts fetch chunks");
+                    tracing::warn!(error = %e, delivered, "patches given up; hosts fetch chunks");
                     Outcome::Done
                 } else {
                     Outcome::RetryAfter(e.to_string(), std::time::Duration::from_secs(30))
                 }
             }
-        };
-        fleetcast_runtime::memory::release_freed_soon();
-        outcome
+        }
     }
 
     /// The verified manifest of a stored release; `None` if it is not stored or its record
@@ -277,8 +314,8 @@ impl Distributor {
         &self,
         app: &str,
         version: &semver::Version,
-    ) -> Result<Option<fleetcast_events::VerifiedManifest>, String> {
-        let record = (self.bus.release_record(app, version).await).map_err(|e| e.to_string())?;
+    ) -> Result<Option<fleetcast_events::VerifiedManifest>, RecordError> {
+        let record = self.bus.release_record(app, version).await?;
         let Some(record) = record else {
             return Ok(None);
         };
@@ -291,7 +328,7 @@ impl Distributor {
         match self.verify(&signed, app, version) {
             Ok(v) => Ok(Some(v)),
             Err(reason) => {
-                tracing::warn!(app, %version, %reason, "stored release does not verify: no patches with it");
+                tracing::warn!(release = %version, %reason, "stored release does not verify: no patches with it");
                 Ok(None)
             }
         }
@@ -304,18 +341,17 @@ impl Distributor {
         signed: &fleetcast_events::SignedManifest,
         app: &str,
         version: &semver::Version,
-    ) -> Result<fleetcast_events::VerifiedManifest, String> {
+    ) -> Result<fleetcast_events::VerifiedManifest, ManifestError> {
         let now = OffsetDateTime::now_utc();
         let verified = self
             .trusted
             .keys(now)
-            .and_then(|keys| signed.verify(&keys, now))
-            .map_err(|e| e.to_string())?;
+            .and_then(|keys| signed.verify(&keys, now))?;
         if verified.app != app || verified.version != *version {
-            return Err(format!(
-                "manifest is for {} {}, the event for {app} {version}",
-                verified.app, verified.version
-            ));
+            return Err(ManifestError::OtherRelease {
+                manifest: format!("{} {}", verified.app, verified.version),
+                event: format!("{app} {version}"),
+            });
         }
         Ok(verified)
     }
@@ -329,7 +365,11 @@ impl Distributor {
     }
 
     /// Record, event, in that order: each step is repeatable.
-    async fn finish(&self, event: &ReleaseSigned, report: &IngestReport) -> Result<(), String> {
+    async fn finish(
+        &self,
+        event: &ReleaseSigned,
+        report: &IngestReport,
+    ) -> Result<(), ReleaseError> {
         let key = release_key(&event.app, &event.version);
         let stored = ReleaseStored {
             app: event.app.clone(),
@@ -354,19 +394,19 @@ impl Distributor {
                 stored: Some(stored.clone()),
                 updated: OffsetDateTime::now_utc(),
             })
-            .await
-            .map_err(|e| e.to_string())?;
+            .await?;
         let msg_id = format!("stored.{key}");
         self.bus
             .publish_event(RELEASE_STORED, &stored, Encoding::MsgPack, Some(&msg_id))
-            .await
-            .map_err(|e| e.to_string())?;
+            .await?;
         if let Err(e) = self.bus.incoming.delete(&event.object).await {
             tracing::warn!(object = %event.object, error = %e, "stored, but the incoming archive was not deleted");
         }
         tracing::info!(
-            app = %event.app, version = %event.version, chunks = report.chunks, new_chunks = report.new_chunks,
-            new_stored_bytes = report.new_stored_bytes, "release stored"
+            chunks = report.chunks,
+            new_chunks = report.new_chunks,
+            new_stored_bytes = report.new_stored_bytes,
+            "release stored"
         );
         Ok(())
     }
@@ -401,4 +441,60 @@ pub fn main() -> std::process::ExitCode {
         fleetcast_runtime::service::Threads::PerCore,
         run,
     )
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+    use crate::ingest::StoreError;
+
+    /// The nak-or-reject of a signed release: what the release is (a manifest that is not
+    /// its own, an archive missing, too large or not what was signed) is refused; the record,
+    /// the store or NATS failing is tried again, even when what the store holds is corrupt.
+    #[test]
+    fn what_the_release_is_is_refused_and_a_failure_that_may_pass_is_retried() {
+        let code = |e: ReleaseError| e.rejection().map(|r| r.code);
+        let other = ManifestError::OtherRelease {
+            manifest: "web 1.0.0".into(),
+            event: "api 1.0.0".into(),
+        };
+        assert_eq!(code(other.into()), Some(RejectCode::ManifestMismatch));
+        let expired = ManifestError::Untrusted(TrustError::Expired("yesterday".into()));
+        assert_eq!(code(expired.into()), Some(RejectCode::ManifestMismatch));
+        let too_large = FetchError::TooLarge {
+            object: "web.zip".into(),
+            size: 2,
+            limit: 1,
+        };
+        assert_eq!(code(too_large.into()), Some(RejectCode::TooLarge));
+        let mismatch = IngestError::Rejected(Rejection {
+            code: RejectCode::ManifestMismatch,
+            message: "the archive's files make another tree".into(),
+        });
+        assert_eq!(code(mismatch.into()), Some(RejectCode::ManifestMismatch));
+
+        let record = RecordError::Store {
+            bucket: "releases",
+            key: "web.1.0.0".into(),
+            reason: "timed out".into(),
+        };
+        assert_eq!(code(record.into()), None);
+        let unreachable = FetchError::Transient {
+            object: "web.zip".into(),
+            reason: "timed out".into(),
+        };
+        assert_eq!(code(unreachable.into()), None);
+        let corrupt = StoreError::Corrupt {
+            what: "chunk 00".into(),
+            reason: "not what its name says".into(),
+        };
+        assert_eq!(code(IngestError::Store(corrupt.clone()).into()), None);
+        assert_eq!(code(corrupt.into()), None);
+        assert_eq!(code(IngestError::NoArchive.into()), None);
+        let announce = BusError::Publish {
+            subject: RELEASE_STORED.into(),
+            reason: "no responders".into(),
+        };
+        assert_eq!(code(announce.into()), None);
+    }
 }

@@ -1,8 +1,12 @@
 //! What the distributor counts, served at `/metrics` on `metrics_listen` with its `/health`.
 
+use std::sync::Arc;
+
 use fleetcast_events::v1::RejectCode;
-use fleetcast_runtime::metrics::{Collect, Counter, CounterVec, Exposition, label_value};
+use fleetcast_runtime::metrics::{CounterFamily, counter, label_value};
 use fleetcast_runtime::observe::Identity;
+use prometheus_client::metrics::counter::Counter;
+use prometheus_client::registry::Registry;
 
 use crate::IngestReport;
 use crate::patches::PatchReport;
@@ -15,51 +19,62 @@ pub(crate) const IDENTITY: Identity = Identity {
 
 pub(crate) struct Metrics {
     pub(crate) stored: Counter,
-    chunks: CounterVec,
+    chunks: CounterFamily<1>,
     stored_bytes: Counter,
-    rejected: CounterVec,
+    rejected: CounterFamily<1>,
     pub(crate) failures: Counter,
     patches: Counter,
-    patch_bytes: CounterVec,
+    patch_bytes: CounterFamily<1>,
 }
 
 impl Metrics {
-    pub(crate) fn new() -> Self {
-        Metrics {
-            stored: Counter::new(
+    /// The distributor's counters, and the registry they are in (its endpoint's).
+    pub(crate) fn registered() -> (Arc<Self>, Registry) {
+        let mut registry = Registry::default();
+        let r = &mut registry;
+        let metrics = Metrics {
+            stored: counter(
+                r,
                 "fleetcast_distributor_releases_stored_total",
                 "Releases stored by this instance: chunks, chunk index, record and release.stored.",
             ),
-            chunks: CounterVec::new(
+            chunks: CounterFamily::new(
+                r,
                 "fleetcast_distributor_chunks_total",
                 "Chunks of ingested releases, by result: stored (new) or present (already in the store).",
-                &["result"],
+                ["result"],
             )
-            .starting_at_zero(&[&["stored"], &["present"]]),
-            stored_bytes: Counter::new(
+            .starting_at_zero(&[["stored"], ["present"]]),
+            stored_bytes: counter(
+                r,
                 "fleetcast_distributor_stored_bytes_total",
                 "Bytes of new chunks written to the chunk store, as stored (compressed).",
             ),
-            rejected: CounterVec::new(
+            rejected: CounterFamily::new(
+                r,
                 "fleetcast_distributor_releases_rejected_total",
                 "Signed releases refused (release.rejected, or an invalid event), by reason code.",
-                &["code"],
+                ["code"],
             ),
-            failures: Counter::new(
+            failures: counter(
+                r,
                 "fleetcast_distributor_ingest_failures_total",
                 "Ingest attempts that failed for a transient reason (NATS, the store, a task) and will be retried.",
             ),
-            patches: Counter::new(
+            patches: counter(
+                r,
                 "fleetcast_distributor_patches_total",
                 "Binary patches made and listed for rebuilt files.",
             ),
-            patch_bytes: CounterVec::new(
+            patch_bytes: CounterFamily::new(
+                r,
                 "fleetcast_distributor_patch_bytes_total",
                 "Bytes of the patches made (patch), and of the chunks they stand for (chunks).",
-                &["kind"],
+                ["kind"],
             )
-            .starting_at_zero(&[&["patch"], &["chunks"]]),
-        }
+            .starting_at_zero(&[["patch"], ["chunks"]]),
+        };
+        (Arc::new(metrics), registry)
     }
 
     /// One ingest's chunk work, counted when it happened (a retried release whose chunks were
@@ -70,28 +85,16 @@ impl Metrics {
             &["present"],
             report.chunks.saturating_sub(report.new_chunks),
         );
-        self.stored_bytes.add(report.new_stored_bytes);
+        self.stored_bytes.inc_by(report.new_stored_bytes);
     }
 
     pub(crate) fn patched(&self, report: &PatchReport) {
-        self.patches.add(report.made);
+        self.patches.inc_by(report.made);
         self.patch_bytes.add(&["patch"], report.patch_bytes);
         self.patch_bytes.add(&["chunks"], report.delta_bytes);
     }
 
     pub(crate) fn rejected(&self, code: RejectCode) {
-        self.rejected.inc(&[&label_value(&code)]);
-    }
-}
-
-impl Collect for Metrics {
-    fn collect(&self, out: &mut Exposition) {
-        self.stored.render(out);
-        self.chunks.render(out);
-        self.stored_bytes.render(out);
-        self.rejected.render(out);
-        self.failures.render(out);
-        self.patches.render(out);
-        self.patch_bytes.render(out);
+        self.rejected.inc(&[label_value(&code).as_str()]);
     }
 }

@@ -8,7 +8,7 @@
 use std::collections::{HashMap, HashSet};
 
 use fleetcast_events::VerifiedManifest;
-use fleetcast_events::patches::{MAX_LIST_BYTES, MAX_PIECE, Patch, Piece};
+use fleetcast_events::patches::{MAX_LIST_BYTES, MAX_PIECE, Patch, PatchList, Piece};
 use fleetcast_events::tree::{ChunkList, Hash32, TreeFile};
 use fleetcast_package::chunking::ChunkId;
 use fleetcast_package::patch;
@@ -48,7 +48,7 @@ pub enum PatchError {
     Store(#[from] StoreError),
     /// The task making a patch ended without an answer.
     #[error("patch task failed: {0}")]
-    Task(String),
+    Task(#[from] tokio::task::JoinError),
 }
 
 impl PatchError {
@@ -77,24 +77,18 @@ pub async fn make_patches(
     let before = list.clone();
     // Only files in the size range may get a patch: of a tree of many small files, next to
     // nothing is kept (one tree in memory at a time, not the release's and each base's whole).
-    let sized = |f: &TreeFile| {
+    let mut files = store.tree_files(app, &release.tree).await?;
+    files.retain(|f| {
         f.entry.link.is_none()
             && (settings.min_file_bytes..=settings.max_file_bytes).contains(&f.entry.size)
-    };
-    let mut files = store.tree_files(app, &release.tree).await?;
-    files.retain(sized);
+    });
     files.shrink_to_fit();
     let paths: HashSet<&str> = files.iter().map(|f| f.entry.path.as_str()).collect();
     for base in bases {
         if files.is_empty() {
             break;
         }
-        let mut base_files = store.tree_files(app, &base.tree).await?;
-        base_files.retain(|f| {
-            f.entry.link.is_none()
-                && f.entry.size <= settings.max_file_bytes
-                && paths.contains(f.entry.path.as_str())
-        });
+        let base_files = base_files(store, app, base, &paths, settings).await?;
         let by_path: HashMap<&str, &TreeFile> = base_files
             .iter()
             .map(|f| (f.entry.path.as_str(), f))
@@ -103,81 +97,145 @@ pub async fn make_patches(
             let Some(old) = by_path.get(file.entry.path.as_str()) else {
                 continue;
             };
-            if old.entry.blake3 == file.entry.blake3 {
-                continue;
-            }
-            let (Ok(file_hash), Ok(base_hash)) = (
-                Hash32::from_hex(&file.entry.blake3),
-                Hash32::from_hex(&old.entry.blake3),
-            ) else {
+            let Some(candidate) = Candidate::of(file, old, &list) else {
                 continue;
             };
-            if list.find(&file_hash, &base_hash).is_some() {
-                continue;
-            }
-            let new_chunks = chunks_of(file);
-            let held: HashSet<ChunkId> = chunks_of(old).into_iter().map(|(id, _)| id).collect();
-            let missing: u64 = new_chunks
-                .iter()
-                .filter(|(id, _)| !held.contains(id))
-                .map(|(_, len)| u64::from(*len))
-                .sum();
-            // Mostly shared with the base: chunks already fetch little.
-            if missing * 2 < file.entry.size {
-                continue;
-            }
             report.candidates += 1;
-            let (new, delta) = read_file(store, app, &new_chunks, &held).await?;
-            let (old_bytes, _) = read_file(store, app, &chunks_of(old), &HashSet::new()).await?;
-            let level = settings.level;
-            let made = tokio::task::spawn_blocking(move || patch::make(&old_bytes, &new, level))
-                .await
-                .map_err(|e| PatchError::Task(e.to_string()))?;
-            let bytes = match made {
-                Ok(bytes) => bytes,
-                Err(e) => {
-                    tracing::warn!(app, path = %file.entry.path, error = %e, "no patch made");
-                    continue;
-                }
+            let Some((bytes, delta)) = make_patch(store, app, &candidate, settings.level).await?
+            else {
+                continue;
             };
             if bytes.len() as u64 >= delta {
                 report.not_smaller += 1;
                 continue;
             }
-            let mut pieces = Vec::new();
-            for piece in bytes.chunks(MAX_PIECE) {
-                let id = ChunkId::of(piece);
-                store.store(app, id, piece.to_vec()).await?;
-                pieces.push(Piece {
-                    id: Hash32(id.0),
-                    len: piece.len() as u32,
-                });
-            }
             let entry = Patch {
-                file: file_hash,
-                base: base_hash,
+                file: candidate.file_hash,
+                base: candidate.base_hash,
                 len: bytes.len() as u64,
                 delta,
-                pieces,
+                pieces: store_pieces(store, app, &bytes).await?,
             };
             let mut grown = list.clone();
             grown.insert(entry);
             if grown.encode().is_err() {
-                tracing::warn!(app, version = %release.version, max = MAX_LIST_BYTES, "patch list full: no more patches for this release");
+                tracing::warn!(
+                    max = MAX_LIST_BYTES,
+                    "patch list full: no more patches for this release"
+                );
                 break;
             }
             list = grown;
             report.made += 1;
             report.patch_bytes += bytes.len() as u64;
             report.delta_bytes += delta;
-            tracing::info!(app, version = %release.version, base = %base.version, path = %file.entry.path,
-                patch_bytes = bytes.len(), chunk_bytes = delta, "patch made");
+            tracing::info!(base = %base.version, path = %file.entry.path, patch_bytes = bytes.len(),
+                chunk_bytes = delta, "patch made");
         }
     }
     if list != before {
         store.put_patch_list(app, root, &list).await?;
     }
     Ok(report)
+}
+
+/// The files of `base` a patch may start from: those of `paths` (the release's candidates),
+/// not links, and not over the size limit.
+async fn base_files(
+    store: &ChunkStore,
+    app: &str,
+    base: &VerifiedManifest,
+    paths: &HashSet<&str>,
+    settings: &PatchSettings,
+) -> Result<Vec<TreeFile>, StoreError> {
+    let mut files = store.tree_files(app, &base.tree).await?;
+    files.retain(|f| {
+        f.entry.link.is_none()
+            && f.entry.size <= settings.max_file_bytes
+            && paths.contains(f.entry.path.as_str())
+    });
+    Ok(files)
+}
+
+/// A file worth a patch from the same path in a base version.
+struct Candidate<'a> {
+    file: &'a TreeFile,
+    old: &'a TreeFile,
+    file_hash: Hash32,
+    base_hash: Hash32,
+    /// The new file's chunks, in order.
+    chunks: Vec<(ChunkId, u32)>,
+    /// The chunks of the base file, which a host holding the base has.
+    held: HashSet<ChunkId>,
+}
+
+impl<'a> Candidate<'a> {
+    /// `file` as a candidate for a patch from `old`: changed, not listed in `list` yet, and
+    /// mostly new chunk by chunk (a file mostly shared with the base fetches little as
+    /// chunks already).
+    fn of(file: &'a TreeFile, old: &'a TreeFile, list: &PatchList) -> Option<Candidate<'a>> {
+        if old.entry.blake3 == file.entry.blake3 {
+            return None;
+        }
+        let file_hash = Hash32::from_hex(&file.entry.blake3).ok()?;
+        let base_hash = Hash32::from_hex(&old.entry.blake3).ok()?;
+        if list.find(&file_hash, &base_hash).is_some() {
+            return None;
+        }
+        let held: HashSet<ChunkId> = chunks_of(old).into_iter().map(|(id, _)| id).collect();
+        let chunks = chunks_of(file);
+        let missing: u64 = chunks
+            .iter()
+            .filter(|(id, _)| !held.contains(id))
+            .map(|(_, len)| u64::from(*len))
+            .sum();
+        (missing * 2 >= file.entry.size).then_some(Candidate {
+            file,
+            old,
+            file_hash,
+            base_hash,
+            chunks,
+            held,
+        })
+    }
+}
+
+/// The patch from the base file to the new one, and what the new file's chunks a host holding
+/// the base lacks cost as stored; `None` if no patch could be made of them.
+async fn make_patch(
+    store: &ChunkStore,
+    app: &str,
+    candidate: &Candidate<'_>,
+    level: i32,
+) -> Result<Option<(Vec<u8>, u64)>, PatchError> {
+    let (new, delta) = read_file(store, app, &candidate.chunks, &candidate.held).await?;
+    let (old, _) = read_file(store, app, &chunks_of(candidate.old), &HashSet::new()).await?;
+    let made = tokio::task::spawn_blocking(move || patch::make(&old, &new, level)).await?;
+    match made {
+        Ok(bytes) => Ok(Some((bytes, delta))),
+        Err(e) => {
+            tracing::warn!(path = %candidate.file.entry.path, error = %e, "no patch made");
+            Ok(None)
+        }
+    }
+}
+
+/// Stores a patch's bytes as pieces of at most [`MAX_PIECE`] bytes: its pieces, in order.
+async fn store_pieces(
+    store: &ChunkStore,
+    app: &str,
+    bytes: &[u8],
+) -> Result<Vec<Piece>, StoreError> {
+    let mut pieces = Vec::new();
+    for piece in bytes.chunks(MAX_PIECE) {
+        let id = ChunkId::of(piece);
+        store.store(app, id, piece.to_vec()).await?;
+        pieces.push(Piece {
+            id: Hash32(id.0),
+            len: piece.len() as u32,
+        });
+    }
+    Ok(pieces)
 }
 
 /// A stored file's bytes, from its chunks; and what the chunks not in `held` cost as stored.
@@ -199,4 +257,64 @@ async fn read_file(
         out.extend_from_slice(&data);
     }
     Ok((out, cost))
+}
+
+#[cfg(test)]
+mod tests {
+    use fleetcast_events::manifest::FileEntry;
+    use fleetcast_package::chunking;
+
+    use super::*;
+
+    /// A file of `path` whose chunks hold `parts`, one chunk each.
+    fn file(path: &str, parts: &[&[u8]]) -> TreeFile {
+        let content = parts.concat();
+        TreeFile {
+            entry: FileEntry {
+                path: path.into(),
+                mode: 0o644,
+                size: content.len() as u64,
+                blake3: blake3::hash(&content).to_hex().to_string(),
+                link: None,
+            },
+            chunks: ChunkList::Listed(
+                parts
+                    .iter()
+                    .map(|p| chunking::chunk_ref(&ChunkId::of(p), p.len()))
+                    .collect(),
+            ),
+        }
+    }
+
+    #[test]
+    fn a_file_mostly_new_chunk_by_chunk_is_a_candidate_once() {
+        let (a, b, c, d) = (
+            &[1u8; 100][..],
+            &[2u8; 100][..],
+            &[3u8; 100][..],
+            &[4u8; 100][..],
+        );
+        let old = file("bin/app", &[a, b, c, d]);
+        let empty = PatchList::default();
+        // Half of it new: worth a patch.
+        let rebuilt = file("bin/app", &[a, b, &[5; 100], &[6; 100]]);
+        let candidate = Candidate::of(&rebuilt, &old, &empty).expect("half new");
+        assert_eq!(candidate.chunks.len(), 4);
+        assert_eq!(candidate.held.len(), 4);
+        // Mostly shared: its few new chunks fetch little already.
+        let touched = file("bin/app", &[a, b, c, &[5; 100]]);
+        assert!(Candidate::of(&touched, &old, &empty).is_none());
+        // Unchanged: nothing to patch.
+        assert!(Candidate::of(&old, &old, &empty).is_none());
+        // Listed already: made before.
+        let mut listed = PatchList::default();
+        listed.insert(Patch {
+            file: candidate.file_hash,
+            base: candidate.base_hash,
+            len: 1,
+            delta: 200,
+            pieces: Vec::new(),
+        });
+        assert!(Candidate::of(&rebuilt, &old, &listed).is_none());
+    }
 }

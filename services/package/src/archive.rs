@@ -15,7 +15,7 @@ use serde::Deserialize;
 use zip::ZipArchive;
 
 use crate::chunking::{self, ChunkId};
-use crate::package_config::{self, PackageConfig};
+use crate::package_config::{self, PackageConfig, PackageConfigError};
 
 /// Limits against zip bombs, from each service's config (`limits.*`).
 #[derive(Debug, Clone, Deserialize, PartialEq, Eq)]
@@ -89,8 +89,8 @@ pub enum ArchiveError {
         ratio: u64,
         limit: u64,
     },
-    #[error("{0}")]
-    PackageConfig(String),
+    #[error(transparent)]
+    PackageConfig(#[from] PackageConfigError),
     /// No host could install it (see [`crate::installable`]).
     #[error("no host can install it: {0}")]
     Uninstallable(#[from] crate::installable::Uninstallable),
@@ -219,67 +219,18 @@ impl Package {
             ));
         }
         let mut entries = Vec::with_capacity(zip.len());
-        let mut seen = HashSet::new();
-        let mut total: u64 = 0;
+        let mut tally = Tally::default();
         for index in 0..zip.len() {
-            let f = zip.by_index_raw(index)?;
-            let raw_name = String::from_utf8(f.name_raw().to_vec()).map_err(|_| {
-                ArchiveError::Corrupt(format!("entry {index} has a non-UTF-8 name"))
-            })?;
-            let path = check_entry_path(&raw_name)?;
-            if !seen.insert(path.clone()) {
-                return Err(ArchiveError::Duplicate(path));
+            let (mut entry, compressed) = directory_record(&mut zip, index)?;
+            tally.admit(&entry, compressed, limits)?;
+            // A link's target is content: read only once its record passed the limits.
+            if let EntryKind::Symlink { target } = &mut entry.kind {
+                *target = read_link_target(&mut zip, index, &entry.path)?;
             }
-            let size = f.size();
-            total = total.saturating_add(size);
-            if total > limits.max_total_bytes {
-                return Err(ArchiveError::TooLarge {
-                    total,
-                    limit: limits.max_total_bytes,
-                });
-            }
-            let ratio = size / f.compressed_size().max(1);
-            if size >= RATIO_FLOOR && ratio > limits.max_ratio {
-                return Err(ArchiveError::Ratio {
-                    what: format!("entry {path:?}"),
-                    ratio,
-                    limit: limits.max_ratio,
-                });
-            }
-            let kind = if f.is_symlink() {
-                EntryKind::Symlink {
-                    target: String::new(),
-                } // read below, once the raw borrow ends
-            } else if f.is_dir() || raw_name.ends_with('/') {
-                EntryKind::Dir
-            } else {
-                // Permission bits only: setuid/setgid/sticky from an archive are never honoured.
-                EntryKind::File {
-                    mode: f.unix_mode().map_or(0o644, |m| m & 0o777),
-                }
-            };
-            drop(f);
-            let kind = match kind {
-                EntryKind::Symlink { .. } => EntryKind::Symlink {
-                    target: read_link_target(&mut zip, index, &path)?,
-                },
-                other => other,
-            };
-            entries.push(Entry {
-                index,
-                path,
-                kind,
-                size,
-            });
+            entries.push(entry);
         }
-        let ratio = total / archive_len.max(1);
-        if total >= RATIO_FLOOR && ratio > limits.max_ratio {
-            return Err(ArchiveError::Ratio {
-                what: "the archive".into(),
-                ratio,
-                limit: limits.max_ratio,
-            });
-        }
+        check_ratio(|| "the archive".into(), tally.total, archive_len, limits)?;
+
         check_links(&entries)?;
         let warnings = crate::installable::check(
             entries
@@ -366,29 +317,18 @@ impl Package {
             return Ok(None);
         };
         if !matches!(entry.kind, EntryKind::File { .. }) {
-            return Err(ArchiveError::PackageConfig(format!(
-                "{} must be a regular file",
-                entry.path
-            )));
+            return Err(PackageConfigError::NotAFile.into());
         }
         if entry.size > package_config::MAX_SIZE {
-            return Err(ArchiveError::PackageConfig(format!(
-                "{} is {} bytes, the limit is {}",
-                entry.path,
-                entry.size,
-                package_config::MAX_SIZE
-            )));
+            return Err(PackageConfigError::TooLarge { size: entry.size }.into());
         }
         let mut text = Vec::new();
         self.read_entry(entry.index, |b| {
             text.extend_from_slice(b);
             Ok(())
         })?;
-        let text = String::from_utf8(text)
-            .map_err(|_| ArchiveError::PackageConfig(format!("{} is not UTF-8", entry.path)))?;
-        PackageConfig::parse(&text)
-            .map(Some)
-            .map_err(ArchiveError::PackageConfig)
+        let text = String::from_utf8(text).map_err(|_| PackageConfigError::NotUtf8)?;
+        Ok(Some(PackageConfig::parse(&text)?))
     }
 
     /// A reader over one entry, for streaming consumers (chunking). It fails on more bytes than
@@ -481,6 +421,91 @@ impl<R: Read> Read for BoundedReader<R> {
     }
 }
 
+/// What the central directory says of entry `index` (its path checked; a link's target left
+/// empty), and its compressed size.
+fn directory_record(
+    zip: &mut ZipArchive<SharedFile>,
+    index: usize,
+) -> Result<(Entry, u64), ArchiveError> {
+    let f = zip.by_index_raw(index)?;
+    let raw_name = String::from_utf8(f.name_raw().to_vec())
+        .map_err(|_| ArchiveError::Corrupt(format!("entry {index} has a non-UTF-8 name")))?;
+    let path = check_entry_path(&raw_name)?;
+    let kind = if f.is_symlink() {
+        EntryKind::Symlink {
+            target: String::new(),
+        }
+    } else if f.is_dir() || raw_name.ends_with('/') {
+        EntryKind::Dir
+    } else {
+        // Permission bits only: setuid/setgid/sticky from an archive are never honoured.
+        EntryKind::File {
+            mode: f.unix_mode().map_or(0o644, |m| m & 0o777),
+        }
+    };
+    let entry = Entry {
+        index,
+        path,
+        kind,
+        size: f.size(),
+    };
+    Ok((entry, f.compressed_size()))
+}
+
+/// The entries admitted so far: their paths, each once, and the sum of their sizes.
+#[derive(Default)]
+struct Tally {
+    seen: HashSet<String>,
+    total: u64,
+}
+
+impl Tally {
+    /// Admits one more entry: a path not seen before, the sum of sizes within the limit, and
+    /// a compression ratio within it.
+    fn admit(
+        &mut self,
+        entry: &Entry,
+        compressed: u64,
+        limits: &ArchiveLimits,
+    ) -> Result<(), ArchiveError> {
+        if !self.seen.insert(entry.path.clone()) {
+            return Err(ArchiveError::Duplicate(entry.path.clone()));
+        }
+        self.total = self.total.saturating_add(entry.size);
+        if self.total > limits.max_total_bytes {
+            return Err(ArchiveError::TooLarge {
+                total: self.total,
+                limit: limits.max_total_bytes,
+            });
+        }
+        check_ratio(
+            || format!("entry {:?}", entry.path),
+            entry.size,
+            compressed,
+            limits,
+        )
+    }
+}
+
+/// Refuses `size` bytes stored in `compressed` beyond the limit's ratio; below [`RATIO_FLOOR`]
+/// any ratio passes. `what`: the entry or the archive, named only when refused.
+fn check_ratio(
+    what: impl FnOnce() -> String,
+    size: u64,
+    compressed: u64,
+    limits: &ArchiveLimits,
+) -> Result<(), ArchiveError> {
+    let ratio = size / compressed.max(1);
+    if size >= RATIO_FLOOR && ratio > limits.max_ratio {
+        return Err(ArchiveError::Ratio {
+            what: what(),
+            ratio,
+            limit: limits.max_ratio,
+        });
+    }
+    Ok(())
+}
+
 /// Classifies a raw entry name: absolute, traversal, otherwise-invalid, or a clean relative path.
 fn check_entry_path(raw: &str) -> Result<String, ArchiveError> {
     let bytes = raw.as_bytes();
@@ -492,10 +517,10 @@ fn check_entry_path(raw: &str) -> Result<String, ArchiveError> {
         return Err(ArchiveError::PathTraversal(raw.to_string()));
     }
     let path = raw.strip_suffix('/').unwrap_or(raw);
-    fleetcast_events::manifest::check_relative_path(path).map_err(|reason| {
+    fleetcast_events::manifest::check_relative_path(path).map_err(|e| {
         ArchiveError::InvalidPath {
             path: raw.to_string(),
-            reason,
+            reason: e.why.to_string(),
         }
     })?;
     Ok(path.to_string())

@@ -12,5 +12,5 @@ pub mod patch;
 
 pub use archive::{ArchiveError, ArchiveLimits, Entry, EntryKind, Package};
 pub use chunking::{ChunkError, ChunkId, VerifiedChunk};
-pub use name::{PackageName, parse_package_file_name};
-pub use package_config::{HealthGate, PackageConfig};
+pub use name::{NameError, PackageName, parse_package_file_name};
+pub use package_config::{HealthGate, PackageConfig, PackageConfigError};

@@ -25,7 +25,45 @@ pub const MAX_FOLLOWS: u32 = 40;
 pub struct LinkError {
     /// The entry refused.
     pub path: String,
-    pub reason: String,
+    pub reason: LinkProblem,
+}
+
+/// What is wrong with an entry, as far as links go.
+#[derive(Debug, Clone, PartialEq, Eq, thiserror::Error)]
+pub enum LinkProblem {
+    /// The entry would be written through a link (`bin -> /usr/bin`, then `bin/x`).
+    #[error("passes through the link {link}")]
+    PlacedThrough { link: String },
+    #[error("link to {target:?} is not a plain relative path")]
+    NotPlain { target: String },
+    /// A link to the package's top makes every path below it a loop.
+    #[error("link to {target:?} points at the package's top")]
+    PackageTop { target: String },
+    #[error("link to {target:?} {escape}")]
+    Escapes { target: String, escape: Escape },
+}
+
+/// How resolving a link's target, component by component, leaves the package.
+#[derive(Debug, Clone, PartialEq, Eq, thiserror::Error)]
+pub enum Escape {
+    #[error("the target {target:?} is absolute")]
+    Absolute { target: String },
+    /// A `..` above the package's top; `via`: the last link followed before it, which is how
+    /// a target whose text stays inside gets out.
+    #[error(
+        "leaves the package{}",
+        via.as_ref().map(|link| format!(" (after following the link {link})")).unwrap_or_default()
+    )]
+    LeavesPackage { via: Option<String> },
+    #[error("more than {MAX_FOLLOWS} links in a row (a loop?)")]
+    TooManyFollows,
+    /// Resolving the target of `link`, met on the way, went wrong.
+    #[error("through the link {link} ({target:?}): {escape}")]
+    Through {
+        link: String,
+        target: String,
+        escape: Box<Escape>,
+    },
 }
 
 /// The package's links, by their path.
@@ -41,9 +79,11 @@ impl<'a> Tree<'a> {
         mut at: Vec<&'a str>,
         target: &'a str,
         follows: &mut u32,
-    ) -> Result<Vec<&'a str>, String> {
+    ) -> Result<Vec<&'a str>, Escape> {
         if target.starts_with('/') {
-            return Err(format!("the target {target:?} is absolute"));
+            return Err(Escape::Absolute {
+                target: target.to_string(),
+            });
         }
         // The last link followed on this path, to say how an escape came about.
         let mut via: Option<String> = None;
@@ -52,12 +92,7 @@ impl<'a> Tree<'a> {
                 "" | "." => {}
                 ".." => {
                     if at.pop().is_none() {
-                        return Err(match &via {
-                            Some(link) => {
-                                format!("leaves the package (after following the link {link})")
-                            }
-                            None => "leaves the package".into(),
-                        });
+                        return Err(Escape::LeavesPackage { via });
                     }
                 }
                 name => {
@@ -66,14 +101,16 @@ impl<'a> Tree<'a> {
                     if let Some(next) = self.links.get(here.as_str()) {
                         *follows += 1;
                         if *follows > MAX_FOLLOWS {
-                            return Err(format!(
-                                "more than {MAX_FOLLOWS} links in a row (a loop?)"
-                            ));
+                            return Err(Escape::TooManyFollows);
                         }
                         at.pop();
                         at = self
                             .resolve(at, next, follows)
-                            .map_err(|e| format!("through the link {here} ({next:?}): {e}"))?;
+                            .map_err(|e| Escape::Through {
+                                link: here.clone(),
+                                target: next.to_string(),
+                                escape: Box::new(e),
+                            })?;
                         via = Some(here);
                     }
                 }
@@ -110,26 +147,37 @@ pub fn check<'a>(
             if tree.links.contains_key(prefix.as_str()) {
                 return Err(LinkError {
                     path: path.to_string(),
-                    reason: format!("passes through the link {prefix}"),
+                    reason: LinkProblem::PlacedThrough { link: prefix },
                 });
             }
         }
     }
     for (path, target) in &tree.links {
-        let refuse = |reason: String| LinkError {
+        let refuse = |reason: LinkProblem| LinkError {
             path: path.to_string(),
-            reason: format!("link to {target:?} {reason}"),
+            reason,
         };
+        let target_text = || target.to_string();
         if target.is_empty() || target.contains('\\') || target.contains('\0') {
-            return Err(refuse("is not a plain relative path".into()));
+            return Err(refuse(LinkProblem::NotPlain {
+                target: target_text(),
+            }));
         }
         let mut folder: Vec<&str> = path.split('/').collect();
         folder.pop();
         let mut follows = 0;
-        let resolved = tree.resolve(folder, target, &mut follows).map_err(refuse)?;
-        // The package's top itself: a link to it makes every path below it a loop.
+        let resolved = tree
+            .resolve(folder, target, &mut follows)
+            .map_err(|escape| {
+                refuse(LinkProblem::Escapes {
+                    target: target_text(),
+                    escape,
+                })
+            })?;
         if resolved.is_empty() {
-            return Err(refuse("points at the package's top".into()));
+            return Err(refuse(LinkProblem::PackageTop {
+                target: target_text(),
+            }));
         }
     }
     Ok(())
@@ -167,10 +215,18 @@ mod tests {
             .expect_err("escapes through y");
         assert_eq!(err.path, "z");
         assert!(
-            err.reason.contains("the link a1/a2/a3/a4/a5/a6/a7/a8/y"),
+            matches!(&err.reason, LinkProblem::Escapes {
+                escape: Escape::LeavesPackage { via: Some(link) }, ..
+            } if link == "a1/a2/a3/a4/a5/a6/a7/a8/y"),
+            "{err:?}"
+        );
+        assert!(
+            err.to_string().contains(
+                "leaves the package (after following the link a1/a2/a3/a4/a5/a6/a7/a8/y)"
+            ),
             "{err}"
         );
-        assert!(err.reason.contains("leaves the package"), "{err}");
+
         // Each link alone is fine: y by itself stays inside.
         assert_eq!(
             check(chain[..2].iter().map(|(p, t)| (p.as_str(), t.as_deref()))),

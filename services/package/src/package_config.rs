@@ -101,12 +101,38 @@ impl Default for HealthGate {
 /// Longest a hook may be given: a hook that needs longer is better run as its own release step.
 const MAX_HOOK_TIMEOUT: Duration = Duration::from_secs(3600);
 
+/// Why a package's `fleetcast.toml` is refused (and with it the package).
+#[derive(Debug, Clone, PartialEq, Eq, thiserror::Error)]
+pub enum PackageConfigError {
+    #[error("{FILE_NAME} must be a regular file")]
+    NotAFile,
+    #[error("{FILE_NAME} is {size} bytes, the limit is {MAX_SIZE}")]
+    TooLarge { size: u64 },
+    #[error("{FILE_NAME} is not UTF-8")]
+    NotUtf8,
+    /// Not TOML, or not the fields this file has (the parser's own words).
+    #[error("{FILE_NAME}: {0}")]
+    Syntax(String),
+    /// `field` (a command, the health gate's or a hook's) names no program.
+    #[error("{FILE_NAME}: {field} is an empty command")]
+    EmptyCommand { field: &'static str },
+    #[error("{FILE_NAME}: health.http {url:?} must be an http:// URL")]
+    HealthUrl { url: String },
+    #[error(
+        "{FILE_NAME}: {hook}.timeout must be between 1 s and {} s",
+        MAX_HOOK_TIMEOUT.as_secs()
+    )]
+    HookTimeout { hook: &'static str },
+    #[error("{FILE_NAME}: env has an invalid variable name")]
+    EnvName,
+}
+
 impl PackageConfig {
     /// Parses and checks the file's text; the error says what is wrong, for the refusal.
-    pub fn parse(text: &str) -> Result<PackageConfig, String> {
-        let config: PackageConfig =
-            toml::from_str(text).map_err(|e| format!("{FILE_NAME}: {}", e.message()))?;
-        let empty = |what: &str| Err(format!("{FILE_NAME}: {what} is an empty command"));
+    pub fn parse(text: &str) -> Result<PackageConfig, PackageConfigError> {
+        let config: PackageConfig = toml::from_str(text)
+            .map_err(|e| PackageConfigError::Syntax(e.message().to_string()))?;
+        let empty = |field| Err(PackageConfigError::EmptyCommand { field });
         if config.command.as_ref().is_some_and(|c| c.is_empty()) {
             return empty("command");
         }
@@ -117,32 +143,28 @@ impl PackageConfig {
             if let Some(url) = &health.http
                 && !url.starts_with("http://")
             {
-                return Err(format!(
-                    "{FILE_NAME}: health.http {url:?} must be an http:// URL"
-                ));
+                return Err(PackageConfigError::HealthUrl { url: url.clone() });
             }
         }
-        for (name, hook) in [
+        for (field, hook) in [
             ("hooks.pre_switch", &config.hooks.pre_switch),
             ("hooks.post_switch", &config.hooks.post_switch),
         ] {
             let Some(hook) = hook else { continue };
             if hook.command.is_empty() {
-                return empty(name);
+                return empty(field);
             }
             if hook.timeout.is_zero() || hook.timeout > MAX_HOOK_TIMEOUT {
-                return Err(format!(
-                    "{FILE_NAME}: {name}.timeout must be between 1 s and {} s",
-                    MAX_HOOK_TIMEOUT.as_secs()
-                ));
+                return Err(PackageConfigError::HookTimeout { hook: field });
             }
         }
+
         if config
             .env
             .keys()
             .any(|k| k.is_empty() || k.contains(['=', '\0']))
         {
-            return Err(format!("{FILE_NAME}: env has an invalid variable name"));
+            return Err(PackageConfigError::EnvName);
         }
         Ok(config)
     }
@@ -211,7 +233,7 @@ mod tests {
             ("command = [\"a\"", "fleetcast.toml"),
         ] {
             let err = PackageConfig::parse(text).expect_err(text);
-            assert!(err.contains(expected), "{text:?}: {err}");
+            assert!(err.to_string().contains(expected), "{text:?}: {err}");
         }
     }
 }

@@ -10,6 +10,8 @@ mod settings;
 use std::sync::Arc;
 
 use async_nats::jetstream::Message;
+use async_nats::jetstream::kv::{CreateErrorKind, UpdateErrorKind};
+use fleetcast_events::TrustedKeys;
 use fleetcast_events::manifest::TreeRoot;
 use fleetcast_events::names::{self, PACKAGE_DETECTED, RELEASE_SIGNED};
 use fleetcast_events::tree;
@@ -23,6 +25,7 @@ use fleetcast_runtime::consume::{
     run_consumer,
 };
 use fleetcast_runtime::observe::{self, Endpoint, ObserveError};
+use fleetcast_runtime::releases::FetchError;
 use fleetcast_runtime::{Bus, BusError, Trust, trust};
 use futures::StreamExt;
 use policy::{LastSigned, Verdict};
@@ -54,22 +57,7 @@ pub async fn run(settings: Settings, shutdown: CancellationToken) -> Result<(), 
     for key in &keys {
         tracing::info!(key_id = %key.public().id(), "signing key loaded");
     }
-    match settings.signs() {
-        settings::Signs::Any => {
-            tracing::info!("signing releases of any app (known_apps = [\"*\"])")
-        }
-        settings::Signs::AnyInsecureDev => tracing::warn!(
-            "signing releases of ANY app: known_apps is empty and nats.insecure_dev is on \
-             (local development only; in production list the apps in known_apps)"
-        ),
-        settings::Signs::Nothing => tracing::warn!(
-            "known_apps is empty: signing NO app (every release is rejected with unknown_app); \
-             list the apps this signer may sign, or \"*\" for any"
-        ),
-        settings::Signs::Only(apps) => {
-            tracing::info!(apps = %apps.join(","), "signing releases of these apps only")
-        }
-    }
+    log_what_it_signs(&settings.signs());
     // Only with a root: checks that what is signed will be accepted under the current root.
     let trust = settings
         .trusted_root_file
@@ -77,8 +65,8 @@ pub async fn run(settings: Settings, shutdown: CancellationToken) -> Result<(), 
         .map(|root| Trust::load(&[], &[], Some(root), None))
         .transpose()?
         .map(Arc::new);
-    let metrics = Arc::new(metrics::Metrics::new());
-    let endpoint = Endpoint::new(metrics::IDENTITY, metrics.clone());
+    let (metrics, registry) = metrics::Metrics::registered();
+    let endpoint = Endpoint::new(metrics::IDENTITY, registry);
     let Some((bus, _serving)) = observe::serve_and_connect::<SignerError>(
         SERVICE,
         &settings.nats,
@@ -108,26 +96,7 @@ pub async fn run(settings: Settings, shutdown: CancellationToken) -> Result<(), 
         None => None,
     };
     let timestamps = tokio::spawn(signer.clone().publish_timestamps(shutdown.clone()));
-    let spec = ConsumerSpec {
-        durable: names::SIGNER_CONSUMER,
-        filter_subject: PACKAGE_DETECTED,
-        ack_wait: signer.settings.ack_wait,
-    };
-    let rollbacks = ConsumerSpec {
-        durable: names::SIGNER_ROLLBACK_CONSUMER,
-        filter_subject: names::ROLLBACK_REQUESTED,
-        ack_wait: signer.settings.ack_wait,
-    };
-    let (releases, directives) = tokio::join!(
-        run_consumer(&bus.releases_stream, spec, shutdown.clone(), |msg| {
-            let signer = signer.clone();
-            async move { signer.handle(&msg).await }
-        }),
-        run_consumer(&bus.releases_stream, rollbacks, shutdown, |msg| {
-            let signer = signer.clone();
-            async move { signer.handle_rollback(&msg).await }
-        }),
-    );
+    let (releases, directives) = signer.consume(&bus, shutdown).await;
     let _ = timestamps.await;
     if let Some(following) = following {
         let _ = following.await;
@@ -135,6 +104,25 @@ pub async fn run(settings: Settings, shutdown: CancellationToken) -> Result<(), 
     releases?;
     directives?;
     Ok(())
+}
+
+/// Says at start-up which apps this signer signs: a list that signs nothing, or anything, is
+/// a warning.
+fn log_what_it_signs(signs: &Signs) {
+    match signs {
+        Signs::Any => tracing::info!("signing releases of any app (known_apps = [\"*\"])"),
+        Signs::AnyInsecureDev => tracing::warn!(
+            "signing releases of ANY app: known_apps is empty and nats.insecure_dev is on \
+             (local development only; in production list the apps in known_apps)"
+        ),
+        Signs::Nothing => tracing::warn!(
+            "known_apps is empty: signing NO app (every release is rejected with unknown_app); \
+             list the apps this signer may sign, or \"*\" for any"
+        ),
+        Signs::Only(apps) => {
+            tracing::info!(apps = %apps.join(","), "signing releases of these apps only")
+        }
+    }
 }
 
 fn load_key(file: &std::path::Path) -> Result<SecretKey, SignerError> {
@@ -192,6 +180,39 @@ enum StepError {
     Encode { what: &'static str, reason: String },
     #[error("cannot publish the timestamp: {0}")]
     Publish(String),
+    #[error(transparent)]
+    Announce(#[from] BusError),
+}
+
+/// Why a detected package was not signed: refused for what it is, or a failure that may
+/// pass (see [`SignError::rejection`]).
+#[derive(Debug, thiserror::Error)]
+enum SignError {
+    /// The policy refuses it (an app this signer does not sign, a version not newer).
+    #[error("{0}")]
+    Refused(Rejection),
+    #[error(transparent)]
+    Fetch(#[from] FetchError),
+    #[error(transparent)]
+    Archive(#[from] ArchiveError),
+    #[error("hashing task failed: {0}")]
+    Hashing(#[from] tokio::task::JoinError),
+    #[error(transparent)]
+    Step(#[from] StepError),
+}
+
+impl SignError {
+    /// The refusal of the package this is, or `None` if it may pass and the event is
+    /// delivered again: the archive missing, different, too large or invalid, or the policy's
+    /// refusal, are what the package is; the store, a task or the keys failing are not.
+    fn rejection(&self) -> Option<Rejection> {
+        match self {
+            SignError::Refused(reason) => Some(reason.clone()),
+            SignError::Fetch(e) => e.rejection(),
+            SignError::Archive(e) => Some(e.rejection()),
+            SignError::Hashing(_) | SignError::Step(_) => None,
+        }
+    }
 }
 
 impl StepError {
@@ -199,6 +220,19 @@ impl StepError {
         StepError::Store {
             key: key.to_string(),
             reason: reason.to_string(),
+        }
+    }
+
+    /// A failed write of `app`'s state: `raced` when another signer wrote it in between (the
+    /// revision it was read at is no longer the last), the bucket failing otherwise.
+    fn write(app: &AppName, raced: bool, reason: impl std::fmt::Display) -> StepError {
+        if raced {
+            StepError::Raced {
+                app: app.clone(),
+                reason: reason.to_string(),
+            }
+        } else {
+            StepError::store(app, reason)
         }
     }
 
@@ -220,6 +254,32 @@ struct Signer {
 }
 
 impl Signer {
+    /// Signs detected packages and rollback requests until `shutdown`: how each consumer ended.
+    async fn consume(
+        &self,
+        bus: &Bus,
+        shutdown: CancellationToken,
+    ) -> (Result<(), BusError>, Result<(), BusError>) {
+        let releases = ConsumerSpec {
+            durable: names::SIGNER_CONSUMER,
+            filter_subject: PACKAGE_DETECTED,
+            ack_wait: self.settings.ack_wait,
+        };
+        let rollbacks = ConsumerSpec {
+            durable: names::SIGNER_ROLLBACK_CONSUMER,
+            filter_subject: names::ROLLBACK_REQUESTED,
+            ack_wait: self.settings.ack_wait,
+        };
+        tokio::join!(
+            run_consumer(&bus.releases_stream, releases, shutdown.clone(), |msg| {
+                async move { self.handle(&msg).await }
+            }),
+            run_consumer(&bus.releases_stream, rollbacks, shutdown, |msg| {
+                async move { self.handle_rollback(&msg).await }
+            }),
+        )
+    }
+
     fn key_refs(&self) -> Vec<&SecretKey> {
         self.keys.iter().collect()
     }
@@ -302,95 +362,66 @@ impl Signer {
 
     /// A rollback request: `from` must be the latest version this signer signed for the app,
     /// `to` a release this signer signed and the distributor stored; its manifest is re-signed
-    /// with `rollback_from = from` and a short expiry.
+    /// with `rollback_from = from` and a short expiry (`policy::judge_rollback`).
     async fn handle_rollback(&self, msg: &Message) -> Outcome {
-        let request: RollbackRequested = match decode_or_reject(&self.bus, SERVICE, msg).await {
-            Ok(e) => e,
-            Err(outcome) => {
-                if matches!(outcome, Outcome::Done) {
-                    self.metrics.rollbacks_refused.inc();
-                }
-                return outcome;
-            }
-        };
-        let refuse_with = |code: RejectCode, message: String| async move {
-            tracing::warn!(%message, "rollback refused");
-            let outcome = reject_event(
-                &self.bus,
-                SERVICE,
-                msg.subject.as_str(),
-                Rejection { code, message },
-            )
-            .await;
-            if matches!(outcome, Outcome::Done) {
-                self.metrics.rollbacks_refused.inc();
-            }
-            outcome
-        };
-        let refuse = |message: String| refuse_with(RejectCode::InvalidEvent, message);
-        if request.to >= request.from {
-            return refuse(format!(
-                "a rollback goes to an earlier version: {} is not before {}",
-                request.to, request.from
-            ))
-            .await;
+        match decode_or_reject(&self.bus, SERVICE, msg).await {
+            Ok(request) => self.sign_rollback(&request, &msg.subject).await,
+            Err(outcome) => self.rollback_refused(outcome),
         }
-        // `from` bounds what the directive withdraws and becomes every agent's highest
-        // accepted version: only the latest version this signer signed (its own record, not
-        // the request's word), so a typo such as 99.0.0 cannot block every release below it.
-        let latest = match self.last_signed(&request.app).await {
-            Ok((last, _)) => last.map(|l| l.version),
+    }
+
+    /// Reads what the policy needs, asks it, and signs the directive or refuses the request
+    /// (received on `subject`).
+    #[tracing::instrument(skip_all, fields(app = %request.app, to = %request.to, from = %request.from))]
+    async fn sign_rollback(&self, request: &RollbackRequested, subject: &str) -> Outcome {
+        let (latest, target) = match self.rollback_facts(request).await {
+            Ok(facts) => facts,
             Err(e) => return Outcome::Retry(e.to_string()),
         };
-        if latest.as_ref() != Some(&request.from) {
-            let latest = latest.map_or_else(|| "none".to_string(), |v| v.to_string());
-            return refuse_with(
-                RejectCode::RollbackFromNotLatest,
-                format!(
-                    "a rollback of {} replaces versions up to {}, but the latest version signed is {latest}",
-                    request.app, request.from
-                ),
-            )
-            .await;
-        }
-        let record = match self.bus.release_record(&request.app, &request.to).await {
-            Ok(r) => r,
-            Err(e) => return Outcome::Retry(e.to_string()),
-        };
-        let Some(stored) = record
-            .filter(|r| r.state == ReleaseState::Stored)
-            .and_then(|r| r.manifest)
-        else {
-            return refuse(format!(
-                "{} {} is not a stored release",
-                request.app, request.to
-            ))
-            .await;
-        };
-        // Only what this signer signed is re-signed.
-        let ours =
-            fleetcast_events::TrustedKeys::new(self.keys.iter().map(SecretKey::public).collect());
+        let ours = TrustedKeys::new(self.keys.iter().map(SecretKey::public).collect());
         let now = now_seconds();
-        let verified = match stored.verify(&ours, now) {
-            Ok(v) => v,
-            Err(e) => {
-                return refuse(format!("stored manifest of {}: {e}", request.to)).await;
+        let ttl = self.settings.rollback_ttl;
+        match policy::judge_rollback(request, latest.as_ref(), target, &ours, now, ttl) {
+            Ok(manifest) => match self.publish_rollback(request, &manifest).await {
+                Ok(()) => {
+                    tracing::info!("rollback directive signed");
+                    self.metrics.rollbacks_signed.inc();
+                    Outcome::Done
+                }
+                Err(e) => Outcome::Retry(e.to_string()),
+            },
+            Err(reason) => {
+                tracing::warn!(message = %reason.message, "rollback refused");
+                let outcome = reject_event(&self.bus, SERVICE, subject, reason).await;
+                self.rollback_refused(outcome)
             }
-        };
-        let mut manifest: Manifest = (*verified).clone();
-        manifest.rollback_from = Some(request.from.clone());
-        manifest.created = now;
-        manifest.expires = now + self.settings.rollback_ttl;
-        let signed = match self.sign_manifest(&manifest) {
-            Ok(s) => s,
-            Err(e) => return Outcome::Retry(e.to_string()),
-        };
+        }
+    }
+
+    /// What the rollback policy judges by: the latest version this signer signed for the
+    /// app, and the release record of the version rolled back to.
+    async fn rollback_facts(
+        &self,
+        request: &RollbackRequested,
+    ) -> Result<(Option<semver::Version>, Option<ReleaseRecord>), StepError> {
+        let (last, _) = self.last_signed(&request.app).await?;
+        let target = self.bus.release_record(&request.app, &request.to).await?;
+        Ok((last.map(|l| l.version), target))
+    }
+
+    /// Signs the rollback `manifest` and publishes the directive (deduplicated by a message
+    /// id naming the request).
+    async fn publish_rollback(
+        &self,
+        request: &RollbackRequested,
+        manifest: &Manifest,
+    ) -> Result<(), StepError> {
         let directive = RollbackSigned {
             app: request.app.clone(),
             to: request.to.clone(),
             from: request.from.clone(),
             ring: request.ring.clone(),
-            manifest: signed,
+            manifest: self.sign_manifest(manifest)?,
         };
         let msg_id = format!(
             "rollback-signed.{}.{}.{}.{}",
@@ -399,105 +430,104 @@ impl Signer {
             request.from,
             request.ring.as_deref().unwrap_or("all")
         );
-        match self
-            .bus
+        self.bus
             .publish_event(
                 names::ROLLBACK_SIGNED,
                 &directive,
                 Encoding::Json,
                 Some(&msg_id),
             )
-            .await
-        {
-            Ok(()) => {
-                tracing::info!(app = %request.app, to = %request.to, from = %request.from, "rollback directive signed");
-                self.metrics.rollbacks_signed.inc();
-                Outcome::Done
-            }
-            Err(e) => Outcome::Retry(e.to_string()),
+            .await?;
+        Ok(())
+    }
+
+    /// Counts a rollback request refused once the refusal is published.
+    fn rollback_refused(&self, outcome: Outcome) -> Outcome {
+        if matches!(outcome, Outcome::Done) {
+            self.metrics.rollbacks_refused.inc();
         }
+        outcome
     }
 
     async fn handle(&self, msg: &Message) -> Outcome {
-        let event: PackageDetected = match decode_or_reject(&self.bus, SERVICE, msg).await {
-            Ok(e) => e,
-            Err(outcome) => return self.invalid_event(outcome),
-        };
-        let (last, revision) = match self.last_signed(&event.app).await {
-            Ok(found) => found,
-            Err(e) => return Outcome::Retry(e.to_string()),
-        };
-        match policy::judge(&event, last.as_ref(), &self.settings.signs()) {
+        match decode_or_reject(&self.bus, SERVICE, msg).await {
+            Ok(event) => self.sign_release(&event).await,
+            Err(outcome) => self.invalid_event(outcome),
+        }
+    }
+
+    /// Signs the detected package `event` and announces it (again, for a redelivery after
+    /// signing), or refuses it.
+    #[tracing::instrument(skip_all, fields(app = %event.app, version = %event.version))]
+    async fn sign_release(&self, event: &PackageDetected) -> Outcome {
+        match self.signed(event).await {
+            Ok(signed) => self.announce(&signed).await,
+            Err(e) => match e.rejection() {
+                Some(reason) => self.reject(event, reason).await,
+                None => Outcome::Retry(e.to_string()),
+            },
+        }
+    }
+
+    /// The release `event` is signed as: signed now and remembered, or, for a redelivery
+    /// after signing, as it was signed then.
+    async fn signed(&self, event: &PackageDetected) -> Result<ReleaseSigned, SignError> {
+        let (last, revision) = self.last_signed(&event.app).await?;
+        match policy::judge(event, last.as_ref(), &self.settings.signs()) {
             // Redelivery after signing: announce again (deduplicated by message id).
-            Verdict::AnnounceAgain(signed) => return self.announce(signed).await,
-            Verdict::Refuse(reason) => return self.reject(&event, reason).await,
+            Verdict::AnnounceAgain(signed) => return Ok(signed.clone()),
+            Verdict::Refuse(reason) => return Err(SignError::Refused(reason)),
             Verdict::Sign => {}
         }
-        let tree = match self.tree_of(&event).await {
-            Ok(tree) => tree,
-            Err(outcome) => return outcome,
-        };
         let now = now_seconds();
         let manifest = Manifest {
             rollback_from: None,
             app: event.app.clone(),
             version: event.version.clone(),
-            tree,
+            tree: self.tree_of(event).await?,
             created: now,
             expires: now + self.settings.manifest_ttl,
         };
-        let signed = match self.sign_manifest(&manifest) {
-            Ok(manifest) => ReleaseSigned {
-                app: event.app.clone(),
-                version: event.version.clone(),
-                object: event.object.clone(),
-                blake3: event.blake3.clone(),
-                manifest,
-            },
-            Err(e) => return Outcome::Retry(e.to_string()),
+        let signed = ReleaseSigned {
+            app: event.app.clone(),
+            version: event.version.clone(),
+            object: event.object.clone(),
+            blake3: event.blake3.clone(),
+            manifest: self.sign_manifest(&manifest)?,
         };
-        if let Err(e) = self.remember(&signed, revision).await {
-            return Outcome::Retry(e.to_string());
-        }
-        tracing::info!(app = %signed.app, version = %signed.version, files = manifest.tree.files, "release signed");
+        self.remember(&signed, revision).await?;
+        tracing::info!(files = manifest.tree.files, "release signed");
         // Counted here, once: a redelivery finds it in the signer's state and only announces.
         self.metrics.signed.inc();
-        self.announce(&signed).await
+        Ok(signed)
     }
 
     /// Reads the event's archive itself (trusting nothing the watcher said but its name,
-    /// hash and size) and builds its tree. `Err`: the outcome instead (a refusal of the
-    /// archive, or a retry).
-    async fn tree_of(&self, event: &PackageDetected) -> Result<TreeRoot, Outcome> {
-        let work_dir = self.settings.work_dir();
-        let fetched = match self
+    /// hash and size) and builds its tree.
+    async fn tree_of(&self, event: &PackageDetected) -> Result<TreeRoot, SignError> {
+        let fetched = self
             .bus
             .fetch_archive(
                 &event.object,
                 &event.blake3,
                 Some(event.size),
                 self.settings.limits.max_archive_bytes(),
-                &work_dir,
+                &self.settings.work_dir(),
             )
-            .await
-        {
-            Ok(f) => f,
-            Err(e) => match e.rejection() {
-                Some(reason) => return Err(self.reject(event, reason).await),
-                None => return Err(Outcome::Retry(e.to_string())),
-            },
-        };
+            .await?;
         let limits = self.settings.limits.clone();
         let path = fetched.file.path().to_path_buf();
-        let (app, version) = (event.app.clone(), event.version.clone());
+        // The blocking thread logs in this handler's span (app, version).
+        let span = tracing::Span::current();
         // The tree is built here but not stored: the distributor builds it again from the
         // archive and stores it only if its root is the one signed.
         let built = tokio::task::spawn_blocking(move || {
+            let _handler = span.enter();
             let mut package = Package::open(&path, &limits)?;
             // Installs on Linux, not on a case-insensitive filesystem (refused when
             // `limits.refuse_case_clashes`).
             for (a, b) in &package.warnings().case_clashes {
-                tracing::warn!(%app, %version, a, b, "names that differ only in case");
+                tracing::warn!(a, b, "names that differ only in case");
             }
             let files = package.file_tree()?;
             // The archive's parsed central directory is not needed for the tree.
@@ -508,11 +538,7 @@ impl Signer {
         .await;
         // The archive's files and tree are freed: give the memory back before the next one.
         fleetcast_runtime::memory::release_freed_soon();
-        match built {
-            Ok(Ok(tree)) => Ok(tree),
-            Ok(Err(e)) => Err(self.reject(event, e.rejection()).await),
-            Err(e) => Err(Outcome::Retry(format!("hashing task failed: {e}"))),
-        }
+        Ok(built??)
     }
 
     /// Records `signed` as the app's last signed release (compare-and-set on `revision`, so
@@ -529,19 +555,15 @@ impl Signer {
         let bytes = Encoding::Json
             .encode(&record)
             .map_err(|e| StepError::encode("the signer state", e))?;
-        let state = &self.bus.signer_state;
-        let stored = match revision {
-            None => (state.create(&signed.app, bytes.into()).await).map_err(|e| e.to_string()),
-            Some(rev) => {
-                (state.update(&signed.app, bytes.into(), rev).await).map_err(|e| e.to_string())
-            }
+        let (state, app) = (&self.bus.signer_state, &signed.app);
+        let written = match revision {
+            None => (state.create(app, bytes.into()).await)
+                .map_err(|e| StepError::write(app, e.kind() == CreateErrorKind::AlreadyExists, e)),
+            Some(rev) => (state.update(app, bytes.into(), rev).await).map_err(|e| {
+                StepError::write(app, e.kind() == UpdateErrorKind::WrongLastRevision, e)
+            }),
         };
-        if let Err(reason) = stored {
-            return Err(StepError::Raced {
-                app: signed.app.clone(),
-                reason,
-            });
-        }
+        written?;
         let release = ReleaseRecord {
             app: signed.app.clone(),
             version: signed.version.clone(),
@@ -628,6 +650,54 @@ pub fn main() -> std::process::ExitCode {
 #[cfg(test)]
 mod tests {
     use super::*;
+
+    /// The nak-or-reject of a detected package: what the package is (refused by the policy,
+    /// its archive missing, different, too large or invalid, no room to read it) is refused;
+    /// the store or the signer's state failing is tried again.
+    #[test]
+    fn what_the_package_is_is_refused_and_a_failure_that_may_pass_is_retried() {
+        let code = |e: SignError| e.rejection().map(|r| r.code);
+        let not_newer = Rejection {
+            code: RejectCode::VersionNotNewer,
+            message: "1.0.0 is not newer".into(),
+        };
+        assert_eq!(
+            SignError::Refused(not_newer.clone()).rejection(),
+            Some(not_newer)
+        );
+        let object = || "web-1.0.0-ab.zip".to_string();
+        assert_eq!(
+            code(FetchError::NotFound(object()).into()),
+            Some(RejectCode::ArchiveMismatch)
+        );
+        let disk_full = FetchError::DiskFull {
+            object: object(),
+            dir: "/var/tmp".into(),
+            reason: "no space left on device".into(),
+        };
+        assert_eq!(code(disk_full.into()), Some(RejectCode::DiskFull));
+        assert_eq!(
+            code(ArchiveError::AbsolutePath("/etc/x".into()).into()),
+            Some(RejectCode::AbsolutePath)
+        );
+
+        let unreachable = FetchError::Transient {
+            object: object(),
+            reason: "timed out".into(),
+        };
+        assert_eq!(code(unreachable.into()), None);
+        let web = AppName::from_static("web");
+        assert_eq!(code(StepError::store(&web, "timed out").into()), None);
+        assert_eq!(
+            code(StepError::write(&web, true, "wrong last revision").into()),
+            None
+        );
+        let corrupt = StepError::Corrupt {
+            app: web,
+            reason: "expected value".into(),
+        };
+        assert_eq!(code(corrupt.into()), None);
+    }
 
     #[test]
     fn a_key_readable_by_others_is_refused() {

@@ -1,8 +1,12 @@
 //! What the signer counts, served at `/metrics` on `metrics_listen` with its `/health`.
 
+use std::sync::Arc;
+
 use fleetcast_events::v1::RejectCode;
-use fleetcast_runtime::metrics::{Collect, Counter, CounterVec, Exposition, label_value};
+use fleetcast_runtime::metrics::{CounterFamily, counter, label_value};
 use fleetcast_runtime::observe::Identity;
+use prometheus_client::metrics::counter::Counter;
+use prometheus_client::registry::Registry;
 
 pub(crate) const IDENTITY: Identity = Identity {
     build_info: "fleetcast_signer_build_info",
@@ -12,50 +16,49 @@ pub(crate) const IDENTITY: Identity = Identity {
 
 pub(crate) struct Metrics {
     pub(crate) signed: Counter,
-    rejected: CounterVec,
+    rejected: CounterFamily<1>,
     pub(crate) rollbacks_signed: Counter,
     pub(crate) rollbacks_refused: Counter,
     pub(crate) timestamps: Counter,
 }
 
 impl Metrics {
-    pub(crate) fn new() -> Self {
-        Metrics {
-            signed: Counter::new(
+    /// The signer's counters, and the registry they are in (its endpoint's).
+    pub(crate) fn registered() -> (Arc<Self>, Registry) {
+        let mut registry = Registry::default();
+        let r = &mut registry;
+        let metrics = Metrics {
+            signed: counter(
+                r,
                 "fleetcast_signer_releases_signed_total",
                 "Releases whose file manifest was signed (release.signed); a redelivered one is counted once.",
             ),
-            rejected: CounterVec::new(
+            rejected: CounterFamily::new(
+                r,
                 "fleetcast_signer_releases_rejected_total",
                 "Detected packages refused (release.rejected, or an invalid event), by reason code.",
-                &["code"],
+                ["code"],
             ),
-            rollbacks_signed: Counter::new(
+            rollbacks_signed: counter(
+                r,
                 "fleetcast_signer_rollbacks_signed_total",
                 "Rollback directives signed (rollback.signed).",
             ),
-            rollbacks_refused: Counter::new(
+            rollbacks_refused: counter(
+                r,
                 "fleetcast_signer_rollbacks_refused_total",
                 "Rollback requests refused (not an earlier stored release, or not signed by this key).",
             ),
-            timestamps: Counter::new(
+            timestamps: counter(
+                r,
                 "fleetcast_signer_timestamps_published_total",
                 "Timestamps published to the trust bucket (agents' freshness signal).",
             ),
-        }
+        };
+        (Arc::new(metrics), registry)
     }
 
     pub(crate) fn rejected(&self, code: RejectCode) {
-        self.rejected.inc(&[&label_value(&code)]);
-    }
-}
-
-impl Collect for Metrics {
-    fn collect(&self, out: &mut Exposition) {
-        self.signed.render(out);
-        self.rejected.render(out);
-        self.rollbacks_signed.render(out);
-        self.rollbacks_refused.render(out);
-        self.timestamps.render(out);
+        self.rejected.inc(&[label_value(&code).as_str()]);
     }
 }

@@ -1,9 +1,17 @@
 //! The signer's policy, decided without IO (and tested without NATS): whether a detected
-//! package is signed, announced again, or refused, and why. `lib.rs` reads what the policy
-//! needs (the last release signed for the app), asks, and carries the verdict out.
+//! package is signed, announced again, or refused, and why; and what a rollback request
+//! re-signs, or why not. `lib.rs` reads what the policy needs (the last release signed for the
+//! app, the release record rolled back to), asks, and carries the verdict out.
 
-use fleetcast_events::v1::{PackageDetected, RejectCode, Rejection, ReleaseSigned};
+use std::time::Duration;
+
+use fleetcast_events::v1::{
+    PackageDetected, RejectCode, Rejection, ReleaseRecord, ReleaseSigned, ReleaseState,
+    RollbackRequested,
+};
+use fleetcast_events::{Manifest, TrustedKeys};
 use serde::{Deserialize, Serialize};
+use time::OffsetDateTime;
 
 use crate::settings::Signs;
 
@@ -64,6 +72,61 @@ pub(crate) fn judge<'a>(
         });
     }
     Verdict::Sign
+}
+
+/// The policy for a rollback request: the manifest to sign (the stored manifest of `to`,
+/// with `rollback_from = from` and a short expiry from `now`), or why not.
+///
+/// `from` bounds what the directive withdraws and becomes every agent's highest accepted
+/// version: it must be `latest`, the latest version this signer signed for the app (its own
+/// record, not the request's word), so a typo such as 99.0.0 cannot block every release below
+/// it. `to` must be an earlier version, stored (`target`: its release record), and signed by
+/// this signer (`ours`: its keys): only what it signed is re-signed.
+pub(crate) fn judge_rollback(
+    request: &RollbackRequested,
+    latest: Option<&semver::Version>,
+    target: Option<ReleaseRecord>,
+    ours: &TrustedKeys,
+    now: OffsetDateTime,
+    ttl: Duration,
+) -> Result<Manifest, Rejection> {
+    let invalid = |message: String| Rejection {
+        code: RejectCode::InvalidEvent,
+        message,
+    };
+    if request.to >= request.from {
+        return Err(invalid(format!(
+            "a rollback goes to an earlier version: {} is not before {}",
+            request.to, request.from
+        )));
+    }
+    if latest != Some(&request.from) {
+        let latest = latest.map_or_else(|| "none".to_string(), |v| v.to_string());
+        return Err(Rejection {
+            code: RejectCode::RollbackFromNotLatest,
+            message: format!(
+                "a rollback of {} replaces versions up to {}, but the latest version signed is {latest}",
+                request.app, request.from
+            ),
+        });
+    }
+    let Some(stored) = target
+        .filter(|r| r.state == ReleaseState::Stored)
+        .and_then(|r| r.manifest)
+    else {
+        return Err(invalid(format!(
+            "{} {} is not a stored release",
+            request.app, request.to
+        )));
+    };
+    let verified = stored
+        .verify(ours, now)
+        .map_err(|e| invalid(format!("stored manifest of {}: {e}", request.to)))?;
+    let mut manifest: Manifest = (*verified).clone();
+    manifest.rollback_from = Some(request.from.clone());
+    manifest.created = now;
+    manifest.expires = now + ttl;
+    Ok(manifest)
 }
 
 #[cfg(test)]
@@ -154,6 +217,128 @@ mod tests {
         let (code, message) = refused(judge(&event, None, &Signs::Nothing));
         assert_eq!(code, RejectCode::UnknownApp);
         assert!(message.contains("signs no app"), "{message}");
+    }
+
+    mod rollback {
+        use fleetcast_events::manifest::TreeRoot;
+        use fleetcast_events::{SecretKey, SignedManifest};
+
+        use super::*;
+
+        const TTL: Duration = Duration::from_secs(600);
+
+        fn request(to: &str, from: &str) -> RollbackRequested {
+            RollbackRequested {
+                app: AppName::from_static("web"),
+                to: to.parse().expect("to"),
+                from: from.parse().expect("from"),
+                ring: None,
+                requested_by: "ops".into(),
+            }
+        }
+
+        /// The release record of web `version`, stored, its manifest signed by `key`.
+        fn stored(version: &str, key: &SecretKey, now: OffsetDateTime) -> ReleaseRecord {
+            let manifest = Manifest {
+                app: AppName::from_static("web"),
+                version: version.parse().expect("version"),
+                tree: TreeRoot {
+                    root: "ab".repeat(32),
+                    len: 0,
+                    files: 0,
+                    bytes: 0,
+                },
+                created: now,
+                expires: now + Duration::from_secs(3600),
+                rollback_from: None,
+            };
+            ReleaseRecord {
+                app: manifest.app.clone(),
+                version: manifest.version.clone(),
+                state: ReleaseState::Stored,
+                blake3: Some("b".into()),
+                reason: None,
+                manifest: Some(SignedManifest::sign(&manifest, &[key]).expect("sign")),
+                stored: None,
+                updated: now,
+            }
+        }
+
+        /// The verdict on `request` when `latest` is the latest version signed and `ours`
+        /// this signer's key.
+        fn judged(
+            request: &RollbackRequested,
+            latest: Option<&str>,
+            target: Option<ReleaseRecord>,
+            ours: &SecretKey,
+            now: OffsetDateTime,
+        ) -> Result<Manifest, Rejection> {
+            let latest: Option<semver::Version> = latest.map(|v| v.parse().expect("latest"));
+            let ours = TrustedKeys::new(vec![ours.public()]);
+            judge_rollback(request, latest.as_ref(), target, &ours, now, TTL)
+        }
+
+        /// Checks that `verdict` refuses with `code`, saying `says`.
+        fn assert_refused(verdict: Result<Manifest, Rejection>, code: RejectCode, says: &str) {
+            let refused = verdict.expect_err(says);
+            assert_eq!(refused.code, code, "{}", refused.message);
+            assert!(refused.message.contains(says), "{}", refused.message);
+        }
+
+        #[test]
+        fn the_stored_release_this_signer_signed_is_re_signed_as_a_rollback() {
+            let key = SecretKey::generate().expect("key");
+            let now = OffsetDateTime::now_utc()
+                .replace_nanosecond(0)
+                .expect("now");
+            let target = Some(stored("1.0.0", &key, now));
+            let manifest = judged(&request("1.0.0", "1.1.0"), Some("1.1.0"), target, &key, now)
+                .expect("signed");
+            assert_eq!(manifest.version, semver::Version::new(1, 0, 0));
+            assert_eq!(manifest.rollback_from, Some(semver::Version::new(1, 1, 0)));
+            assert_eq!((manifest.created, manifest.expires), (now, now + TTL));
+        }
+
+        #[test]
+        fn a_rollback_forward_or_from_a_version_not_the_latest_is_refused() {
+            let key = SecretKey::generate().expect("key");
+            let now = OffsetDateTime::now_utc();
+            let target = || Some(stored("1.0.0", &key, now));
+            for (to, from) in [("1.1.0", "1.1.0"), ("1.2.0", "1.1.0")] {
+                let verdict = judged(&request(to, from), Some(from), target(), &key, now);
+                assert_refused(verdict, RejectCode::InvalidEvent, "earlier version");
+            }
+            let typo = request("1.0.0", "99.0.0");
+            let verdict = judged(&typo, Some("1.1.0"), target(), &key, now);
+            let code = RejectCode::RollbackFromNotLatest;
+            assert_refused(verdict, code, "the latest version signed is 1.1.0");
+            let verdict = judged(&request("1.0.0", "1.1.0"), None, target(), &key, now);
+            assert_refused(verdict, code, "the latest version signed is none");
+        }
+
+        #[test]
+        fn a_release_not_stored_or_not_signed_here_is_not_re_signed() {
+            let key = SecretKey::generate().expect("key");
+            let now = OffsetDateTime::now_utc();
+            let rollback = request("1.0.0", "1.1.0");
+            let latest = Some("1.1.0");
+            let code = RejectCode::InvalidEvent;
+            let verdict = judged(&rollback, latest, None, &key, now);
+            assert_refused(verdict, code, "web 1.0.0 is not a stored release");
+            let mut signed_only = stored("1.0.0", &key, now);
+            signed_only.state = ReleaseState::Signed;
+            let verdict = judged(&rollback, latest, Some(signed_only), &key, now);
+            assert_refused(verdict, code, "web 1.0.0 is not a stored release");
+            let other = SecretKey::generate().expect("key");
+            let verdict = judged(
+                &rollback,
+                latest,
+                Some(stored("1.0.0", &other, now)),
+                &key,
+                now,
+            );
+            assert_refused(verdict, code, "stored manifest of 1.0.0");
+        }
     }
 
     #[test]

@@ -15,7 +15,7 @@ use fleetcast_events::names::{self, PACKAGE_DETECTED, PACKAGE_REJECTED, RELEASE_
 use fleetcast_events::v1::{
     PackageDetected, PackageRejected, PackageSource, RejectCode, Rejection, ReleasePublished,
 };
-use fleetcast_events::{AppName, Encoding};
+use fleetcast_events::{AppName, DecodeError, Encoding};
 use fleetcast_package::{ArchiveError, ArchiveLimits, Package};
 use fleetcast_runtime::consume::{ConsumerSpec, Outcome, decode, reject_event, run_consumer};
 use fleetcast_runtime::observe::{self, Endpoint, ObserveError};
@@ -40,10 +40,19 @@ pub enum WatcherError {
     Watch { path: String, reason: String },
 }
 
+impl WatcherError {
+    fn watch(path: &Path, reason: impl std::fmt::Display) -> Self {
+        WatcherError::Watch {
+            path: path.display().to_string(),
+            reason: reason.to_string(),
+        }
+    }
+}
+
 pub async fn run(settings: Settings, shutdown: CancellationToken) -> Result<(), WatcherError> {
     settings.validate()?;
-    let metrics = Arc::new(metrics::Metrics::new());
-    let endpoint = Endpoint::new(metrics::IDENTITY, metrics.clone());
+    let (metrics, registry) = metrics::Metrics::registered();
+    let endpoint = Endpoint::new(metrics::IDENTITY, registry);
     let Some((bus, _serving)) = observe::serve_and_connect::<WatcherError>(
         SERVICE,
         &settings.nats,
@@ -100,6 +109,70 @@ pub(crate) fn inspect(path: &Path, limits: &ArchiveLimits) -> Result<Inspected, 
     })
 }
 
+/// The app of a release CI published, when its name is one and the event names the archive
+/// as uploads are named (after the archive's BLAKE3); otherwise the refusal, with the app
+/// when its name is one.
+fn published_app(event: &ReleasePublished) -> Result<AppName, (Option<AppName>, Rejection)> {
+    let app = AppName::try_from(event.app.as_str()).map_err(|e| {
+        let reason = Rejection {
+            code: RejectCode::InvalidName,
+            message: e.to_string(),
+        };
+        (None, reason)
+    })?;
+    let expected = names::archive_object(&app, &event.version, &event.blake3);
+    if event.object != expected || event.blake3.len() != 64 {
+        let reason = Rejection {
+            code: RejectCode::InvalidEvent,
+            message: format!(
+                "object must be named {expected:?} after the archive's BLAKE3, got {:?}",
+                event.object
+            ),
+        };
+        return Err((Some(app), reason));
+    }
+    Ok(app)
+}
+
+/// Why the archive of a release CI published was not validated.
+#[derive(Debug, thiserror::Error)]
+enum CiError {
+    #[error(transparent)]
+    Fetch(#[from] FetchError),
+    #[error(transparent)]
+    Invalid(#[from] ArchiveError),
+    #[error("validation task failed: {0}")]
+    Validation(tokio::task::JoinError),
+}
+
+/// A release refused for what it is (not for a failure that may pass).
+#[derive(Debug, PartialEq)]
+struct Refusal {
+    reason: Rejection,
+    /// Whether the archive the event names is removed: not when it is not in the store.
+    remove_archive: bool,
+}
+
+impl CiError {
+    /// The refusal this failure is, or `None` if it may pass and the event is tried again
+    /// (the store unreachable, a task lost).
+    fn refusal(&self) -> Option<Refusal> {
+        match self {
+            // A different, too large or unfetchable archive is removed; a missing one has
+            // nothing to remove.
+            CiError::Fetch(e) => e.rejection().map(|reason| Refusal {
+                reason,
+                remove_archive: !matches!(e, FetchError::NotFound(_)),
+            }),
+            CiError::Invalid(e) => Some(Refusal {
+                reason: e.rejection(),
+                remove_archive: true,
+            }),
+            CiError::Validation(_) => None,
+        }
+    }
+}
+
 /// The incoming-store object a published event names, read leniently from an event that does
 /// not decode as a whole: its `object` field, else the name its `app`, `version` and `blake3`
 /// give (how the CLI names uploads). Only a name the store could hold an archive under
@@ -136,87 +209,75 @@ impl Watcher {
     }
 
     async fn handle_ci_release(&self, msg: &async_nats::jetstream::Message) -> Outcome {
-        let event: ReleasePublished = match decode(msg) {
-            Ok(e) => e,
-            Err(e) => return self.reject_undecodable(msg, e.to_string()).await,
-        };
-        let source = PackageSource::Ci {
-            published_by: event.published_by.clone(),
-        };
-        let reject = |code, message: String| Rejection { code, message };
-        // From here on, every refusal removes the archive the event names: no other event will
-        // ever name it, so it would stay in the incoming store for good.
-        let app = match AppName::try_from(event.app.as_str()) {
+        match decode::<ReleasePublished>(msg) {
+            Ok(event) => self.take_ci_release(&event).await,
+            Err(e) => self.reject_undecodable(msg, e).await,
+        }
+    }
+
+    /// Announces the release `event` names once its archive is fetched and valid, or refuses
+    /// it. Every refusal removes the archive the event names (unless it is not there): no
+    /// other event will ever name it, so it would stay in the incoming store for good.
+    #[tracing::instrument(skip_all, fields(app = %event.app, version = %event.version))]
+    async fn take_ci_release(&self, event: &ReleasePublished) -> Outcome {
+        let app = match published_app(event) {
             Ok(app) => app,
-            Err(e) => {
-                let reason = reject(RejectCode::InvalidName, e.to_string());
+            Err((app, reason)) => {
                 return self
-                    .reject_ci(&event, None, reason, Some(&event.object))
+                    .reject_ci(event, app.as_ref(), reason, Some(&event.object))
                     .await;
             }
         };
-        let expected = names::archive_object(&app, &event.version, &event.blake3);
-        if event.object != expected || event.blake3.len() != 64 {
-            let message = format!(
-                "object must be named {expected:?} after the archive's BLAKE3, got {:?}",
-                event.object
-            );
-            return self
-                .reject_ci(
-                    &event,
-                    Some(&app),
-                    reject(RejectCode::InvalidEvent, message),
-                    Some(&event.object),
-                )
-                .await;
+        match self.validate_ci_release(event, &app).await {
+            Ok(detected) => match self.announce(&detected).await {
+                Ok(()) => Outcome::Done,
+                Err(e) => Outcome::Retry(e.to_string()),
+            },
+            Err(e) => match e.refusal() {
+                Some(Refusal {
+                    reason,
+                    remove_archive,
+                }) => {
+                    let object = remove_archive.then_some(event.object.as_str());
+                    self.reject_ci(event, Some(&app), reason, object).await
+                }
+                None => Outcome::Retry(e.to_string()),
+            },
         }
-        let work_dir = self.settings.work_dir();
-        let fetched = match self
+    }
+
+    /// Fetches the archive of `event` (whose name [`published_app`] checked) and validates it:
+    /// the `package.detected` it makes.
+    async fn validate_ci_release(
+        &self,
+        event: &ReleasePublished,
+        app: &AppName,
+    ) -> Result<PackageDetected, CiError> {
+        let fetched = self
             .bus
             .fetch_archive(
                 &event.object,
                 &event.blake3,
                 Some(event.size),
                 self.settings.limits.max_archive_bytes(),
-                &work_dir,
+                &self.settings.work_dir(),
             )
-            .await
-        {
-            Ok(f) => f,
-            Err(e) => match e.rejection() {
-                // A different, too large or unfetchable archive is removed; a missing one has
-                // nothing to remove.
-                Some(r) => {
-                    let object =
-                        (!matches!(e, FetchError::NotFound(_))).then_some(event.object.as_str());
-                    return self.reject_ci(&event, Some(&app), r, object).await;
-                }
-                None => return Outcome::Retry(e.to_string()),
-            },
-        };
+            .await?;
         let limits = self.settings.limits.clone();
         let path = fetched.file.path().to_path_buf();
-        match tokio::task::spawn_blocking(move || Package::open(&path, &limits).map(|_| ())).await {
-            Ok(Ok(())) => {}
-            Ok(Err(e)) => {
-                return self
-                    .reject_ci(&event, Some(&app), e.rejection(), Some(&event.object))
-                    .await;
-            }
-            Err(e) => return Outcome::Retry(format!("validation task failed: {e}")),
-        }
-        let detected = PackageDetected {
-            app,
-            version: event.version,
-            object: event.object,
+        tokio::task::spawn_blocking(move || Package::open(&path, &limits).map(|_| ()))
+            .await
+            .map_err(CiError::Validation)??;
+        Ok(PackageDetected {
+            app: app.clone(),
+            version: event.version.clone(),
+            object: event.object.clone(),
             size: fetched.size,
             blake3: fetched.blake3,
-            source,
-        };
-        match self.announce(&detected).await {
-            Ok(()) => Outcome::Done,
-            Err(e) => Outcome::Retry(e.to_string()),
-        }
+            source: PackageSource::Ci {
+                published_by: event.published_by.clone(),
+            },
+        })
     }
 
     /// Refuses a published event that does not decode (`event_rejected`), after removing the
@@ -226,9 +287,9 @@ impl Watcher {
     async fn reject_undecodable(
         &self,
         msg: &async_nats::jetstream::Message,
-        decode_error: String,
+        decode_error: DecodeError,
     ) -> Outcome {
-        let mut message = decode_error;
+        let mut message = decode_error.to_string();
         if let Some(object) = archive_named_by(msg) {
             match self.bus.incoming.delete(&object).await {
                 Ok(()) => message.push_str(&format!(
@@ -261,7 +322,8 @@ impl Watcher {
             .publish_event(PACKAGE_DETECTED, detected, Encoding::MsgPack, Some(&msg_id))
             .await?;
         self.metrics.detected(&detected.source);
-        tracing::info!(app = %detected.app, version = %detected.version, object = %detected.object, "package detected");
+        // The app and version are the span's (the CI release's or the dropped file's).
+        tracing::info!(object = %detected.object, "package detected");
         Ok(())
     }
 
@@ -299,7 +361,7 @@ impl Watcher {
         object: Option<&str>,
         blake3: Option<&str>,
     ) -> Outcome {
-        tracing::warn!(app = ?app, version = ?version.map(|v| v.to_string()), code = %reason.code, reason = %reason.message, "package rejected");
+        tracing::warn!(code = %reason.code, reason = %reason.message, "package rejected");
         if let Some(object) = object
             && let Err(e) = self.bus.incoming.delete(object).await
         {
@@ -345,4 +407,90 @@ pub fn main() -> std::process::ExitCode {
         fleetcast_runtime::service::Threads::PerCore,
         run,
     )
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    fn published(app: &str, object: Option<&str>) -> ReleasePublished {
+        let version = Version::new(1, 2, 3);
+        let blake3 = "ab".repeat(32);
+        let object = object.map_or_else(
+            || names::archive_object(app, &version, &blake3),
+            str::to_string,
+        );
+        ReleasePublished {
+            app: app.into(),
+            version,
+            object,
+            size: 10,
+            blake3,
+            published_by: None,
+        }
+    }
+
+    #[test]
+    fn a_release_is_taken_only_under_an_app_name_and_the_archive_name_uploads_have() {
+        let good = published("web", None);
+        assert_eq!(published_app(&good).expect("valid").as_str(), "web");
+
+        let (app, reason) = published_app(&published("Web App", None)).expect_err("bad name");
+        assert_eq!((app, reason.code), (None, RejectCode::InvalidName));
+
+        let (app, reason) =
+            published_app(&published("web", Some("web-1.2.3.zip"))).expect_err("renamed");
+        assert_eq!(app.as_ref().map(AppName::as_str), Some("web"));
+        assert_eq!(reason.code, RejectCode::InvalidEvent);
+        assert!(
+            reason.message.contains("after the archive's BLAKE3"),
+            "{}",
+            reason.message
+        );
+    }
+
+    /// The nak-or-reject of a CI release: what the archive is (missing, different, too large,
+    /// invalid) is refused, and its archive removed unless it is not there; a store that does
+    /// not answer is tried again.
+    #[tokio::test]
+    async fn a_bad_archive_is_refused_and_a_store_that_fails_is_retried() {
+        let refusal = |e: CiError| e.refusal().map(|r| (r.reason.code, r.remove_archive));
+        let object = || "web-1.2.3-ab.zip".to_string();
+        assert_eq!(
+            refusal(FetchError::NotFound(object()).into()),
+            Some((RejectCode::ArchiveMismatch, false))
+        );
+        let mismatch = FetchError::Mismatch {
+            object: object(),
+            got: "a".into(),
+            want: "b".into(),
+        };
+        assert_eq!(
+            refusal(mismatch.into()),
+            Some((RejectCode::ArchiveMismatch, true))
+        );
+        let too_large = FetchError::TooLarge {
+            object: object(),
+            size: 2,
+            limit: 1,
+        };
+        assert_eq!(
+            refusal(too_large.into()),
+            Some((RejectCode::TooLarge, true))
+        );
+        assert_eq!(
+            refusal(ArchiveError::PathTraversal("../x".into()).into()),
+            Some((RejectCode::PathTraversal, true))
+        );
+
+        let unreachable = FetchError::Transient {
+            object: object(),
+            reason: "timed out".into(),
+        };
+        assert_eq!(refusal(unreachable.into()), None);
+        let lost = tokio::spawn(std::future::pending::<()>());
+        lost.abort();
+        let lost = lost.await.expect_err("aborted");
+        assert_eq!(refusal(CiError::Validation(lost)), None);
+    }
 }

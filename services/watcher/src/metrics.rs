@@ -1,8 +1,11 @@
 //! What the watcher counts, served at `/metrics` on `metrics_listen` with its `/health`.
 
+use std::sync::Arc;
+
 use fleetcast_events::v1::{PackageSource, RejectCode};
-use fleetcast_runtime::metrics::{Collect, CounterVec, Exposition, label_value};
+use fleetcast_runtime::metrics::{CounterFamily, label_value};
 use fleetcast_runtime::observe::Identity;
+use prometheus_client::registry::Registry;
 
 pub(crate) const IDENTITY: Identity = Identity {
     build_info: "fleetcast_watcher_build_info",
@@ -11,25 +14,30 @@ pub(crate) const IDENTITY: Identity = Identity {
 };
 
 pub(crate) struct Metrics {
-    detected: CounterVec,
-    rejected: CounterVec,
+    detected: CounterFamily<1>,
+    rejected: CounterFamily<1>,
 }
 
 impl Metrics {
-    pub(crate) fn new() -> Self {
-        Metrics {
-            detected: CounterVec::new(
+    /// The watcher's counters, and the registry they are in (its endpoint's).
+    pub(crate) fn registered() -> (Arc<Self>, Registry) {
+        let mut registry = Registry::default();
+        let metrics = Metrics {
+            detected: CounterFamily::new(
+                &mut registry,
                 "fleetcast_watcher_packages_detected_total",
                 "Packages validated and announced (package.detected), by source: drop_folder or ci.",
-                &["source"],
+                ["source"],
             )
-            .starting_at_zero(&[&["drop_folder"], &["ci"]]),
-            rejected: CounterVec::new(
+            .starting_at_zero(&[["drop_folder"], ["ci"]]),
+            rejected: CounterFamily::new(
+                &mut registry,
                 "fleetcast_watcher_packages_rejected_total",
                 "Packages refused, by reason code (schemas/package-rejected.schema.json).",
-                &["code"],
+                ["code"],
             ),
-        }
+        };
+        (Arc::new(metrics), registry)
     }
 
     pub(crate) fn detected(&self, source: &PackageSource) {
@@ -41,13 +49,6 @@ impl Metrics {
     }
 
     pub(crate) fn rejected(&self, code: RejectCode) {
-        self.rejected.inc(&[&label_value(&code)]);
-    }
-}
-
-impl Collect for Metrics {
-    fn collect(&self, out: &mut Exposition) {
-        self.detected.render(out);
-        self.rejected.render(out);
+        self.rejected.inc(&[label_value(&code).as_str()]);
     }
 }
