@@ -228,6 +228,20 @@ pub struct AssembleReport {
     pub refused_patches: u64,
 }
 
+impl AssembleReport {
+    /// One chunk placed, counted by where it came from.
+    fn count(&mut self, source: Source) {
+        match source {
+            Source::Fetched(wire) => {
+                self.fetched_chunks += 1;
+                self.fetched_bytes += wire;
+            }
+            Source::Reused => self.reused_chunks += 1,
+            Source::Resumed => self.resumed_chunks += 1,
+        }
+    }
+}
+
 struct Job {
     file: Arc<File>,
     /// Which of the files being hashed.
@@ -332,6 +346,26 @@ fn repeated_chunks(listed: &[&[ChunkRef]]) -> std::collections::HashSet<ChunkId>
 struct Hashings<'a> {
     open: HashMap<usize, Hashing<'a>>,
     next: usize,
+}
+
+impl Hashings<'_> {
+    /// The chunk `id` of file `index`, verified and written: hashed, and the file checked
+    /// against the manifest once its last chunk is in.
+    fn received(&mut self, index: usize, id: &ChunkId, data: &[u8]) -> Result<(), AssembleError> {
+        let Some(file) = self.open.get_mut(&index) else {
+            return Err(AssembleError::BadTree(format!(
+                "chunk {id} of no open file"
+            )));
+        };
+        file.hasher.update(data);
+        file.chunks_left -= 1;
+        if file.chunks_left == 0
+            && let Some(done) = self.open.remove(&index)
+        {
+            done.finish()?;
+        }
+        Ok(())
+    }
 }
 
 /// Opens the files to assemble one at a time, as their chunks are needed, and hands out their
@@ -441,13 +475,7 @@ pub async fn assemble(
     }
     let listed = check_files(files)?;
     let partial = root.partial_dir(version);
-    let resumed = partial.is_dir();
-    if resumed {
-        // An interrupted attempt may have sealed files (or, just before its rename, the whole
-        // folder): writable for the agent again, so it can be resumed without root.
-        crate::isolation::unseal_tree(&partial).map_err(io_err(&partial))?;
-    }
-    std::fs::create_dir_all(&partial).map_err(io_err(&partial))?;
+    let resumed = open_partial(&partial)?;
     let mut report = AssembleReport::default();
     // Rebuilt files a patch makes from an installed file for less than their chunks.
     let patched = crate::patching::apply_patches(
@@ -461,17 +489,8 @@ pub async fn assemble(
         &mut report,
     )
     .await?;
-
-    // Regular files first, so no write can pass through a link the manifest creates. Every
-    // chunk of every file is a job, in file order: the results come back in that order, so
-    // each file's hash is computed from the verified chunks as they arrive instead of reading
-    // the file back. Files are opened as their jobs come up, so only a few are open at a time
-    // however many the version holds.
-    let mut hashing = Hashings {
-        open: HashMap::new(),
-        next: 0,
-    };
-    let mut planner = Planner {
+    // Regular files first, so no write can pass through a link the manifest creates.
+    let planner = Planner {
         files: files.iter().zip(listed.iter()),
         partial: &partial,
         local,
@@ -480,17 +499,54 @@ pub async fn assemble(
         resumed,
         made_dir: None,
     };
+    let repeated = repeated_chunks(&listed);
+    place_chunks(planner, &repeated, local, remote, concurrency, &mut report).await?;
+    make_links(files, &partial)?;
+    install(root, &partial, &final_dir)?;
+    Ok(report)
+}
 
+/// Makes the partial folder; whether it is an interrupted attempt's (then resumed).
+fn open_partial(partial: &Path) -> Result<bool, AssembleError> {
+    let resumed = partial.is_dir();
+    if resumed {
+        // An interrupted attempt may have sealed files (or, just before its rename, the whole
+        // folder): writable for the agent again, so it can be resumed without root.
+        crate::isolation::unseal_tree(partial).map_err(io_err(partial))?;
+    }
+    std::fs::create_dir_all(partial).map_err(io_err(partial))?;
+    Ok(resumed)
+}
+
+/// Where a chunk was written: the file, the offset and the length.
+type Place = (PathBuf, u64, u32);
+
+/// Every chunk of every regular file the planner hands out, `concurrency` at a time. Every
+/// chunk is a job, in file order: the results come back in that order, so each file's hash is
+/// computed from the verified chunks as they arrive instead of reading the file back. Files
+/// are opened as their jobs come up, so only a few are open at a time however many the
+/// version holds. `repeated`: the chunks the version holds more than once.
+async fn place_chunks<'a, I: Iterator<Item = (&'a TreeFile, &'a &'a [ChunkRef])>>(
+    mut planner: Planner<'a, I>,
+    repeated: &std::collections::HashSet<ChunkId>,
+    local: &LocalChunks,
+    remote: &impl ChunkSource,
+    concurrency: usize,
+    report: &mut AssembleReport,
+) -> Result<(), AssembleError> {
+    let mut hashing = Hashings {
+        open: HashMap::new(),
+        next: 0,
+    };
     // A chunk that several files (or places in one) hold is fetched once: jobs in flight
     // together share one fetch; a later job copies it from where this attempt wrote it.
     let mut sharing: HashMap<ChunkId, SharedChunk<'_>> = HashMap::new();
-    let mut written: HashMap<ChunkId, (PathBuf, u64, u32)> = HashMap::new();
-    // Where a chunk was written is kept only for chunks the version holds more than once.
-    let repeated = repeated_chunks(&listed);
+    // Kept only for the repeated chunks.
+    let mut written: HashMap<ChunkId, Place> = HashMap::new();
     let mut inflight = FuturesOrdered::new();
     loop {
         while inflight.len() < concurrency.max(1) {
-            let Some(job) = planner.next(&mut hashing, &mut report)? else {
+            let Some(job) = planner.next(&mut hashing, report)? else {
                 break;
             };
             let copy_from = written.get(&job.id).cloned();
@@ -505,31 +561,10 @@ pub async fn assemble(
                     (shared, true)
                 }
             };
-            inflight.push_back(async move {
-                if job.resumable
-                    && let Some(data) = read_verified(&job.path, job.offset, job.len, &job.id)
-                {
-                    let place = (job.path, job.offset, job.len);
-                    return Ok((job.index, job.id, place, Arc::new(data), Source::Resumed));
-                }
-                let copied = copy_from
-                    .and_then(|(path, offset, len)| read_verified(&path, offset, len, &job.id));
-                let (data, source) = match copied {
-                    Some(data) => (Arc::new(data), Source::Reused),
-                    None => {
-                        let (data, source) = shared.await.map_err(|e| unshare(&job.id, e))?;
-                        (data, if first { source } else { Source::Reused })
-                    }
-                };
-                job.file
-                    .write_all_at(&data, job.offset)
-                    .map_err(io_err(&job.path))?;
-                let place = (job.path, job.offset, job.len);
-                Ok::<_, AssembleError>((job.index, job.id, place, data, source))
-            });
+            inflight.push_back(place_chunk(job, copy_from, shared, first));
         }
         let Some(result) = inflight.next().await else {
-            break;
+            return Ok(());
         };
         let (index, id, place, data, source) = result?;
         // From now on a later job copies it from here instead of fetching it again.
@@ -537,28 +572,44 @@ pub async fn assemble(
         if repeated.contains(&id) {
             written.entry(id).or_insert(place);
         }
-        match source {
-            Source::Fetched(wire) => {
-                report.fetched_chunks += 1;
-                report.fetched_bytes += wire;
-            }
-            Source::Reused => report.reused_chunks += 1,
-            Source::Resumed => report.resumed_chunks += 1,
-        }
-        let Some(file) = hashing.open.get_mut(&index) else {
-            return Err(AssembleError::BadTree(format!(
-                "chunk {id} of no open file"
-            )));
-        };
-        file.hasher.update(&data);
-        file.chunks_left -= 1;
-        if file.chunks_left == 0
-            && let Some(done) = hashing.open.remove(&index)
-        {
-            done.finish()?;
-        }
+        report.count(source);
+        hashing.received(index, &id, &data)?;
     }
+}
 
+/// Places one chunk: what an interrupted attempt left there if it is whole, else a copy from
+/// where this attempt wrote it already, else the (shared) read or fetch; `first`: this job
+/// started that fetch (the others count it as reused).
+async fn place_chunk(
+    job: Job,
+    copy_from: Option<Place>,
+    shared: SharedChunk<'_>,
+    first: bool,
+) -> Result<(usize, ChunkId, Place, Arc<Vec<u8>>, Source), AssembleError> {
+    if job.resumable
+        && let Some(data) = read_verified(&job.path, job.offset, job.len, &job.id)
+    {
+        let place = (job.path, job.offset, job.len);
+        return Ok((job.index, job.id, place, Arc::new(data), Source::Resumed));
+    }
+    let copied =
+        copy_from.and_then(|(path, offset, len)| read_verified(&path, offset, len, &job.id));
+    let (data, source) = match copied {
+        Some(data) => (Arc::new(data), Source::Reused),
+        None => {
+            let (data, source) = shared.await.map_err(|e| unshare(&job.id, e))?;
+            (data, if first { source } else { Source::Reused })
+        }
+    };
+    job.file
+        .write_all_at(&data, job.offset)
+        .map_err(io_err(&job.path))?;
+    let place = (job.path, job.offset, job.len);
+    Ok((job.index, job.id, place, data, source))
+}
+
+/// The links the manifest creates, once every regular file is written.
+fn make_links(files: &[TreeFile], partial: &Path) -> Result<(), AssembleError> {
     for TreeFile { entry, .. } in files {
         if let Some(target) = &entry.link {
             let path = partial.join(&entry.path);
@@ -569,14 +620,19 @@ pub async fn assemble(
             std::os::unix::fs::symlink(target, &path).map_err(io_err(&path))?;
         }
     }
+    Ok(())
+}
+
+/// Seals the complete version, makes it durable and renames it into place.
+fn install(root: &InstallRoot, partial: &Path, final_dir: &Path) -> Result<(), AssembleError> {
     // No write bit anywhere in an installed version: the app cannot change its own code.
-    crate::isolation::seal_tree(&partial).map_err(io_err(&partial))?;
+    crate::isolation::seal_tree(partial).map_err(io_err(partial))?;
     let syncing = std::time::Instant::now();
-    make_durable(&partial).map_err(io_err(&partial))?;
+    make_durable(partial).map_err(io_err(partial))?;
     tracing::debug!(ms = syncing.elapsed().as_millis(), "version made durable");
-    std::fs::rename(&partial, &final_dir).map_err(io_err(&final_dir))?;
-    sync_dir(final_dir.parent().unwrap_or(root.root())).map_err(io_err(&final_dir))?;
-    Ok(report)
+    std::fs::rename(partial, final_dir).map_err(io_err(final_dir))?;
+    sync_dir(final_dir.parent().unwrap_or(root.root())).map_err(io_err(final_dir))?;
+    Ok(())
 }
 
 /// Takes an unchanged file from an installed version by a hard link: the same inode, verified

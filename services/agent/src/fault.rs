@@ -30,6 +30,25 @@ pub const SELF_UPDATE_POINTS: &[&str] = &["trial-written", "promoted"];
 /// The variable naming the point to abort at.
 pub const ENV: &str = "FLEETCAST_FAULT_POINT";
 
+/// Whether this build has the points: the end-to-end tests build the agent binary they run with
+/// the same feature as the agent library they link, or the crash matrix would never abort.
+pub const ENABLED: bool = cfg!(feature = "fault-points");
+
+/// The items given, only when this build has the fault points: a test in another crate cannot
+/// test this crate's features with `cfg`, and one without the points would never see its abort.
+#[cfg(feature = "fault-points")]
+#[macro_export]
+macro_rules! with_fault_points {
+    ($($item:item)*) => { $($item)* };
+}
+
+/// Without the points: nothing.
+#[cfg(not(feature = "fault-points"))]
+#[macro_export]
+macro_rules! with_fault_points {
+    ($($item:item)*) => {};
+}
+
 #[cfg(feature = "fault-points")]
 pub fn hit(point: &str) {
     if std::env::var(ENV).is_ok_and(|p| p == point) {

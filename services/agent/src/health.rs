@@ -19,19 +19,60 @@ use crate::supervisor::Event;
 pub use fleetcast_package::HealthGate;
 
 /// Why a version failed its gate: the reason reported with `rolled_back`.
-#[derive(Debug, Clone, PartialEq, Eq, thiserror::Error)]
+#[derive(Debug, thiserror::Error)]
 pub enum GateFailure {
     #[error("exited during the health gate (code {code:?}, signal {signal:?})")]
     Exited {
         code: Option<i32>,
         signal: Option<i32>,
     },
+    /// The supervisor's reason (it could not start the process, or is gone).
     #[error("could not be started: {0}")]
     SpawnFailed(String),
     #[error("health probe {url} failed: {detail}")]
-    Http { url: String, detail: String },
+    Http { url: String, detail: ProbeError },
     #[error("health command failed: {0}")]
-    Command(String),
+    Command(CommandError),
+}
+
+/// Why one HTTP probe failed (the gate reports its last attempt's).
+#[derive(Debug, thiserror::Error)]
+pub enum ProbeError {
+    #[error("{url}: only http:// probes are supported")]
+    NotHttp { url: String },
+    /// Connecting, sending or reading the answer.
+    #[error("{0}")]
+    Io(#[from] std::io::Error),
+    #[error("no HTTP status line")]
+    NoStatusLine,
+    /// Answered, but not 2xx: the status and the start of the body (what a health endpoint
+    /// says is wrong).
+    #[error("status {status}: {body}")]
+    Status { status: u16, body: String },
+    #[error("no answer within {0:?}")]
+    Timeout(Duration),
+}
+
+/// Why a command (a health command or a package's hook) failed.
+#[derive(Debug, thiserror::Error)]
+pub enum CommandError {
+    #[error("empty command")]
+    Empty,
+    /// It could not be started, or its output not read.
+    #[error("{program}: {source}")]
+    Io {
+        program: String,
+        source: std::io::Error,
+    },
+    #[error("{program}: no exit within {timeout:?}, killed")]
+    TimedOut { program: String, timeout: Duration },
+    /// It ran and failed: its exit status and the end of its stderr.
+    #[error("{program} exited with {status}: {stderr}")]
+    Failed {
+        program: String,
+        status: std::process::ExitStatus,
+        stderr: String,
+    },
 }
 
 /// Runs the gate against the supervisor's events for the freshly started version.
@@ -79,56 +120,49 @@ pub async fn run_gate(
     Ok(())
 }
 
-async fn retry<F, Fut>(gate: &HealthGate, mut probe: F) -> Result<(), String>
+/// `probe` until it passes, at most `probe_attempts` times (at least once) `probe_interval`
+/// apart: the last attempt's error if none passed.
+async fn retry<F, Fut, E>(gate: &HealthGate, mut probe: F) -> Result<(), E>
 where
     F: FnMut() -> Fut,
-    Fut: Future<Output = Result<(), String>>,
+    Fut: Future<Output = Result<(), E>>,
 {
-    let mut last = String::from("no attempt");
-    for attempt in 0..gate.probe_attempts.max(1) {
-        if attempt > 0 {
-            tokio::time::sleep(gate.probe_interval).await;
-        }
+    let attempts = gate.probe_attempts.max(1);
+    let mut attempt = 1;
+    loop {
         match probe().await {
             Ok(()) => return Ok(()),
-            Err(e) => last = e,
+            Err(e) if attempt >= attempts => return Err(e),
+            Err(_) => {}
         }
+        attempt += 1;
+        tokio::time::sleep(gate.probe_interval).await;
     }
-    Err(last)
 }
 
 /// One `GET` over plain HTTP/1.1 to a loopback address. Deliberately tiny: probes are local,
 /// unencrypted and need only the status line, so a full HTTP client would be dead weight.
-pub async fn http_probe(url: &str, timeout: Duration) -> Result<(), String> {
+pub async fn http_probe(url: &str, timeout: Duration) -> Result<(), ProbeError> {
     let rest = url
         .strip_prefix("http://")
-        .ok_or_else(|| format!("{url}: only http:// probes are supported"))?;
+        .ok_or_else(|| ProbeError::NotHttp { url: url.into() })?;
     let (authority, path) = rest
         .split_once('/')
         .map_or((rest, "/".to_string()), |(a, p)| (a, format!("/{p}")));
     let attempt = async {
-        let mut stream = tokio::net::TcpStream::connect(authority)
-            .await
-            .map_err(|e| e.to_string())?;
+        let mut stream = tokio::net::TcpStream::connect(authority).await?;
         let request = format!(
             "GET {path} HTTP/1.1\r\nHost: {authority}\r\nConnection: close\r\nUser-Agent: fleetcast-agent\r\n\r\n"
         );
-        stream
-            .write_all(request.as_bytes())
-            .await
-            .map_err(|e| e.to_string())?;
+        stream.write_all(request.as_bytes()).await?;
         let mut response = Vec::new();
-        stream
-            .take(64 * 1024)
-            .read_to_end(&mut response)
-            .await
-            .map_err(|e| e.to_string())?;
+        stream.take(64 * 1024).read_to_end(&mut response).await?;
         let text = String::from_utf8_lossy(&response);
         let status: u16 = text
             .split_whitespace()
             .nth(1)
             .and_then(|s| s.parse().ok())
-            .ok_or("no HTTP status line")?;
+            .ok_or(ProbeError::NoStatusLine)?;
         if (200..300).contains(&status) {
             Ok(())
         } else {
@@ -139,12 +173,15 @@ pub async fn http_probe(url: &str, timeout: Duration) -> Result<(), String> {
                 .chars()
                 .take(200)
                 .collect::<String>();
-            Err(format!("status {status}: {}", body.trim()))
+            Err(ProbeError::Status {
+                status,
+                body: body.trim().to_string(),
+            })
         }
     };
     tokio::time::timeout(timeout, attempt)
         .await
-        .map_err(|_| format!("no answer within {timeout:?}"))?
+        .map_err(|_| ProbeError::Timeout(timeout))?
 }
 
 /// Runs a command (health probe or hook) to completion in its own process group, as the app's
@@ -157,8 +194,8 @@ pub async fn run_command(
     env: &BTreeMap<String, String>,
     run_as: Option<RunAs>,
     timeout: Duration,
-) -> Result<(), String> {
-    let (program, args) = command.split_first().ok_or("empty command")?;
+) -> Result<(), CommandError> {
+    let (program, args) = command.split_first().ok_or(CommandError::Empty)?;
     let mut builder = tokio::process::Command::new(crate::supervisor::program_path(program, cwd));
     builder
         .args(args)
@@ -173,7 +210,11 @@ pub async fn run_command(
     if let Some(run_as) = run_as {
         run_as.apply(&mut builder);
     }
-    let mut child = builder.spawn().map_err(|e| format!("{program}: {e}"))?;
+    let io = |source| CommandError::Io {
+        program: program.clone(),
+        source,
+    };
+    let mut child = builder.spawn().map_err(io)?;
     let group = child.id().map(|id| Pid::from_raw(id as i32));
     let (stdout, stderr) = (child.stdout.take(), child.stderr.take());
     let finished = async {
@@ -193,12 +234,15 @@ pub async fn run_command(
         Ok::<_, std::io::Error>((out?, err?, status?))
     };
     let ((stdout, _), (stderr, _), status) = match tokio::time::timeout(timeout, finished).await {
-        Ok(output) => output.map_err(|e| format!("{program}: {e}"))?,
+        Ok(output) => output.map_err(io)?,
         Err(_) => {
             if let Some(group) = group {
                 let _ = killpg(group, Signal::SIGKILL);
             }
-            return Err(format!("{program}: no exit within {timeout:?}, killed"));
+            return Err(CommandError::TimedOut {
+                program: program.clone(),
+                timeout,
+            });
         }
     };
     for line in String::from_utf8_lossy(&stdout).lines() {
@@ -217,7 +261,11 @@ pub async fn run_command(
             .into_iter()
             .rev()
             .collect();
-        Err(format!("{program} exited with {status}: {tail}"))
+        Err(CommandError::Failed {
+            program: program.clone(),
+            status,
+            stderr: tail,
+        })
     }
 }
 
@@ -245,7 +293,8 @@ mod tests {
             Duration::from_secs(60),
         )
         .await
-        .expect_err("exit 4");
+        .expect_err("exit 4")
+        .to_string();
         assert!(error.contains("exit status: 4"), "{error}");
         assert!(error.ends_with("yyyyTHE-END"), "{error}");
         assert!(error.len() < 1024, "{} bytes", error.len());

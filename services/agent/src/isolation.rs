@@ -27,6 +27,36 @@ pub const DATA_DIR_ENV: &str = "FLEETCAST_DATA_DIR";
 /// only the agent writes).
 pub const PASS_THROUGH: u32 = 0o711;
 
+/// Why an app cannot run as its configured user, or the agent cannot run apps as other users:
+/// each a fault of the host's settings, found at start, never worth retrying.
+#[derive(Debug, thiserror::Error)]
+pub enum IsolationError {
+    #[error("user {user:?}: cannot look it up: {source}")]
+    UserLookup { user: String, source: nix::Error },
+    #[error("user {user:?} does not exist on this host")]
+    NoSuchUser { user: String },
+    #[error("group {group:?}: cannot look it up: {source}")]
+    GroupLookup { group: String, source: nix::Error },
+    #[error("group {group:?} does not exist on this host")]
+    NoSuchGroup { group: String },
+    /// A numeric user the host does not know has no primary group to fall back on.
+    #[error("user {user} is not in the host's user database: give apps.group too")]
+    NoGroupFor { user: String },
+    #[error("user {user:?} is root: leave apps.user unset to run the app as the agent's user")]
+    Root { user: String },
+    #[error("cannot read /proc/self/status for the capabilities: {0}")]
+    ProcStatus(#[source] io::Error),
+    #[error("no CapEff line in /proc/self/status")]
+    NoCapEff,
+    #[error(
+        "an app is configured to run as its own user (apps.user), but the agent lacks {}: \
+         run it with AmbientCapabilities=CAP_SETUID CAP_SETGID CAP_KILL CAP_CHOWN \
+         (ops/host/fleetcast-agent.service) or as root",
+        .missing.join(", ")
+    )]
+    MissingCapabilities { missing: Vec<&'static str> },
+}
+
 /// The user (and group) an app, its hooks and its health command run as; supplementary groups
 /// are cleared when they start.
 #[derive(Debug, Clone, Copy, PartialEq, Eq)]
@@ -38,17 +68,20 @@ pub struct RunAs {
 impl RunAs {
     /// Looks up `user` and `group` (names or numeric ids). Without a group, the user's primary
     /// group; a numeric user unknown to the host needs a group given.
-    pub fn resolve(user: &str, group: Option<&str>) -> Result<RunAs, String> {
+    pub fn resolve(user: &str, group: Option<&str>) -> Result<RunAs, IsolationError> {
         use nix::unistd::{Gid, Group, Uid, User};
         let entry = match user.parse::<u32>() {
             Ok(uid) => User::from_uid(Uid::from_raw(uid)),
             Err(_) => User::from_name(user),
         }
-        .map_err(|e| format!("user {user:?}: cannot look it up: {e}"))?;
+        .map_err(|source| IsolationError::UserLookup {
+            user: user.into(),
+            source,
+        })?;
         let uid = match (&entry, user.parse::<u32>()) {
             (Some(u), _) => u.uid.as_raw(),
             (None, Ok(uid)) => uid,
-            (None, Err(_)) => return Err(format!("user {user:?} does not exist on this host")),
+            (None, Err(_)) => return Err(IsolationError::NoSuchUser { user: user.into() }),
         };
         let gid = match group {
             Some(group) => {
@@ -56,28 +89,27 @@ impl RunAs {
                     Ok(gid) => Group::from_gid(Gid::from_raw(gid)).map(|g| g.map(|g| g.gid)),
                     Err(_) => Group::from_name(group).map(|g| g.map(|g| g.gid)),
                 }
-                .map_err(|e| format!("group {group:?}: cannot look it up: {e}"))?;
+                .map_err(|source| IsolationError::GroupLookup {
+                    group: group.into(),
+                    source,
+                })?;
                 match (found, group.parse::<u32>()) {
                     (Some(gid), _) => gid.as_raw(),
                     (None, Ok(gid)) => gid,
                     (None, Err(_)) => {
-                        return Err(format!("group {group:?} does not exist on this host"));
+                        return Err(IsolationError::NoSuchGroup {
+                            group: group.into(),
+                        });
                     }
                 }
             }
             None => match &entry {
                 Some(u) => u.gid.as_raw(),
-                None => {
-                    return Err(format!(
-                        "user {user} is not in the host's user database: give apps.group too"
-                    ));
-                }
+                None => return Err(IsolationError::NoGroupFor { user: user.into() }),
             },
         };
         if uid == 0 {
-            return Err(format!(
-                "user {user:?} is root: leave apps.user unset to run the app as the agent's user"
-            ));
+            return Err(IsolationError::Root { user: user.into() });
         }
         Ok(RunAs { uid, gid })
     }
@@ -104,14 +136,14 @@ const NEEDED: [(u32, &str); 4] = [
 /// Checks that the agent holds what running apps as other users needs, from its effective
 /// capability set (`/proc/self/status`); root holds them all. A clear error at start instead
 /// of an app that fails to start (or keeps the agent's groups).
-pub fn check_capabilities() -> Result<(), String> {
-    let status = std::fs::read_to_string("/proc/self/status")
-        .map_err(|e| format!("cannot read /proc/self/status for the capabilities: {e}"))?;
+pub fn check_capabilities() -> Result<(), IsolationError> {
+    let status =
+        std::fs::read_to_string("/proc/self/status").map_err(IsolationError::ProcStatus)?;
     let effective = status
         .lines()
         .find_map(|l| l.strip_prefix("CapEff:"))
         .and_then(|hex| u64::from_str_radix(hex.trim(), 16).ok())
-        .ok_or("no CapEff line in /proc/self/status")?;
+        .ok_or(IsolationError::NoCapEff)?;
     let missing: Vec<&str> = NEEDED
         .iter()
         .filter(|(bit, _)| effective & (1 << bit) == 0)
@@ -120,12 +152,7 @@ pub fn check_capabilities() -> Result<(), String> {
     if missing.is_empty() {
         Ok(())
     } else {
-        Err(format!(
-            "an app is configured to run as its own user (apps.user), but the agent lacks {}: \
-             run it with AmbientCapabilities=CAP_SETUID CAP_SETGID CAP_KILL CAP_CHOWN \
-             (ops/host/fleetcast-agent.service) or as root",
-            missing.join(", ")
-        ))
+        Err(IsolationError::MissingCapabilities { missing })
     }
 }
 
@@ -458,13 +485,19 @@ mod tests {
                 gid: 61234
             }
         );
-        let unknown = RunAs::resolve("no-such-user-fc", None).expect_err("unknown user");
+        let unknown = RunAs::resolve("no-such-user-fc", None)
+            .expect_err("unknown user")
+            .to_string();
         assert!(unknown.contains("does not exist"), "{unknown}");
-        let unknown = RunAs::resolve("nobody", Some("no-such-group-fc")).expect_err("group");
+        let unknown = RunAs::resolve("nobody", Some("no-such-group-fc"))
+            .expect_err("group")
+            .to_string();
         assert!(unknown.contains("does not exist"), "{unknown}");
-        let bare = RunAs::resolve("61234", None).expect_err("needs a group");
+        let bare = RunAs::resolve("61234", None)
+            .expect_err("needs a group")
+            .to_string();
         assert!(bare.contains("apps.group"), "{bare}");
-        let root = RunAs::resolve("root", None).expect_err("root");
+        let root = RunAs::resolve("root", None).expect_err("root").to_string();
         assert!(root.contains("root"), "{root}");
     }
 

@@ -129,7 +129,27 @@ const MAGIC: &str = "fleetcast-journal";
 
 /// What one slot file holds: nothing yet, a whole record (its sequence and journal), or why
 /// it is torn.
-type Slot = Result<Option<(u64, Journal)>, String>;
+type Slot = Result<Option<(u64, Journal)>, TornRecord>;
+
+/// Why a slot's record is not whole (a crash mid-write tears one slot; the other is read).
+#[derive(Debug, thiserror::Error)]
+pub enum TornRecord {
+    #[error("no header line")]
+    NoHeader,
+    #[error("header not text")]
+    HeaderNotText,
+    #[error("not a journal record")]
+    NotARecord,
+    /// The header lacks this field (`sequence`, `length`, `checksum`) or it is no number.
+    #[error("no {0} in the header")]
+    NoField(&'static str),
+    #[error("record cut short")]
+    CutShort,
+    #[error("checksum does not match (torn write)")]
+    Checksum,
+    #[error("{0}")]
+    Body(#[from] serde_json::Error),
+}
 
 impl JournalFile {
     /// Reads the journal from `app_dir`: nothing there is a fresh host. Both slots unreadable
@@ -142,7 +162,7 @@ impl JournalFile {
             slots.push(match std::fs::read(&path) {
                 Ok(bytes) => {
                     lens[i] = Some(bytes.len() as u64);
-                    parse_record(&bytes).map_err(|reason| format!("{}: {reason}", path.display()))
+                    parse_record(&bytes).map_err(|reason| (path, reason))
                 }
                 Err(e) if e.kind() == io::ErrorKind::NotFound => Ok(None),
                 Err(e) => return Err(io::Error::new(e.kind(), format!("{}: {e}", path.display()))),
@@ -180,7 +200,7 @@ impl JournalFile {
                     (file.seq, file.newest, best) = (seq, Some(i), Some(journal));
                 }
                 Ok(_) => {}
-                Err(reason) => torn.push(reason),
+                Err((path, reason)) => torn.push(format!("{}: {reason}", path.display())),
             }
         }
         if let Some((i, journal)) = file.newest.zip(best) {
@@ -266,29 +286,29 @@ fn parse_record(bytes: &[u8]) -> Slot {
     let newline = bytes
         .iter()
         .position(|&b| b == b'\n')
-        .ok_or("no header line")?;
-    let header = std::str::from_utf8(&bytes[..newline]).map_err(|_| "header not text")?;
+        .ok_or(TornRecord::NoHeader)?;
+    let header = std::str::from_utf8(&bytes[..newline]).map_err(|_| TornRecord::HeaderNotText)?;
     let mut fields = header.split(' ');
     if fields.next() != Some(MAGIC) {
-        return Err("not a journal record".into());
+        return Err(TornRecord::NotARecord);
     }
-    let mut number = |what: &str| -> Result<u64, String> {
+    let mut number = |what| {
         fields
             .next()
-            .and_then(|f| f.parse().ok())
-            .ok_or_else(|| format!("no {what} in the header"))
+            .and_then(|f| f.parse::<u64>().ok())
+            .ok_or(TornRecord::NoField(what))
     };
     let seq = number("sequence")?;
     let len = number("length")?;
-    let hash = fields.next().ok_or("no checksum in the header")?;
+    let hash = fields.next().ok_or(TornRecord::NoField("checksum"))?;
     let body = usize::try_from(len)
         .ok()
         .and_then(|len| bytes.get(newline + 1..newline + 1 + len))
-        .ok_or("record cut short")?;
+        .ok_or(TornRecord::CutShort)?;
     if blake3::hash(body).to_hex().as_str() != hash {
-        return Err("checksum does not match (torn write)".into());
+        return Err(TornRecord::Checksum);
     }
-    let journal = serde_json::from_slice(body).map_err(|e| e.to_string())?;
+    let journal = serde_json::from_slice(body)?;
     Ok(Some((seq, journal)))
 }
 

@@ -52,19 +52,25 @@ pub enum AgentError {
     Bus(#[from] BusError),
     #[error(transparent)]
     Observe(#[from] ObserveError),
+    #[error("isolating the apps: data_dir {}: {source}", .path.display())]
+    DataDir {
+        path: std::path::PathBuf,
+        source: std::io::Error,
+    },
     #[error("isolating the apps: {0}")]
-    Isolation(String),
+    Isolation(#[from] isolation::IsolationError),
 }
 
 /// Runs every configured app and keeps it on its desired version until `shutdown`.
 pub async fn run(settings: Settings, shutdown: CancellationToken) -> Result<(), AgentError> {
     settings.validate()?;
     let agent_id = settings.id()?;
-    isolation::prepare_data_dir(&settings.data_dir).map_err(|e| {
-        AgentError::Isolation(format!("data_dir {}: {e}", settings.data_dir.display()))
+    isolation::prepare_data_dir(&settings.data_dir).map_err(|source| AgentError::DataDir {
+        path: settings.data_dir.clone(),
+        source,
     })?;
     if settings.apps.iter().any(|a| a.user.is_some()) {
-        isolation::check_capabilities().map_err(AgentError::Isolation)?;
+        isolation::check_capabilities()?;
     }
     let trust = Arc::new(settings.trust()?);
     let launcher = launched::init();
@@ -155,8 +161,8 @@ impl Observed {
         settings: &Settings,
         shutdown: &CancellationToken,
     ) -> Result<Self, AgentError> {
-        let metrics = metrics::AgentMetrics::new();
-        let endpoint = Endpoint::new(metrics::IDENTITY, metrics.clone());
+        let (metrics, registry) = metrics::AgentMetrics::registered();
+        let endpoint = Endpoint::new(metrics::IDENTITY, registry);
         let serving = observe::serve(
             addr,
             settings.metrics_tls.as_ref(),
@@ -237,7 +243,8 @@ impl Host {
     /// One app, for as long as the agent runs. An app whose state cannot be read (both
     /// journal slots torn, its folder unusable: `runner` failed) is isolated: reported failed,
     /// neither supervised nor updated until it can be read again, while every other app on the
-    /// host goes on.
+    /// host goes on. Everything logged for the app, here and by its runner, is in its span.
+    #[tracing::instrument(name = "app", skip_all, fields(app = %app.name))]
     async fn follow_app(
         self,
         app: settings::AppSettings,
@@ -273,7 +280,7 @@ impl Host {
         let name = &app.name;
         loop {
             let reason = format!("isolated, not supervised or updated until repaired: {error}");
-            tracing::error!(app = %name, %reason, "app isolated");
+            tracing::error!(%reason, "app isolated");
             let status = fleetcast_events::v1::AgentStatus {
                 agent_id: self.agent_id.clone(),
                 app: name.clone(),
@@ -293,7 +300,7 @@ impl Host {
                 .report_event(&subject, &status, Encoding::MsgPack)
                 .await
             {
-                tracing::warn!(app = %name, error = %e, "status not published");
+                tracing::warn!(error = %e, "status not published");
             }
             tokio::select! {
                 _ = self.shutdown.cancelled() => return None,
@@ -301,7 +308,7 @@ impl Host {
             }
             match self.runner(app) {
                 Ok(runner) => {
-                    tracing::info!(app = %name, "app state readable again; supervising it");
+                    tracing::info!("app state readable again; supervising it");
                     return Some(runner);
                 }
                 Err(e) => error = e,
@@ -650,7 +657,7 @@ async fn app_loop(
         nudges,
     };
     if let Err(e) = runner.recover().await {
-        tracing::error!(app = %runner.settings.name, error = %e, "recovery failed");
+        tracing::error!(error = %e, "recovery failed");
     }
     let _ = beat.send(runner.snapshot());
     let mut retry = follow::Retry::default();
@@ -700,14 +707,13 @@ async fn app_loop(
 /// Applies the desired state `bytes` and puts its outcome in the retry plan; whether anything
 /// was done (not a replay).
 async fn apply(runner: &mut AppRunner, retry: &mut follow::Retry, bytes: &[u8]) -> bool {
-    let app = runner.settings.name.clone();
     let desired: DesiredState = match Encoding::Json
         .decode(bytes)
         .or_else(|_| Encoding::MsgPack.decode(bytes))
     {
         Ok(d) => d,
         Err(e) => {
-            tracing::warn!(%app, error = %e, "desired state does not decode; ignored");
+            tracing::warn!(error = %e, "desired state does not decode; ignored");
             return false;
         }
     };
@@ -718,14 +724,14 @@ async fn apply(runner: &mut AppRunner, retry: &mut follow::Retry, bytes: &[u8]) 
     match &outcome {
         Ok(_) => {}
         Err(UpdateError::Refused(reason)) => {
-            tracing::warn!(%app, %version, %reason, "update refused");
+            tracing::warn!(%version, %reason, "update refused");
             runner.refused(version, reason).await;
         }
         Err(UpdateError::NotNow(opens)) => {
-            tracing::info!(%app, %version, %opens, "staged; the switch waits");
+            tracing::info!(%version, %opens, "staged; the switch waits");
         }
         Err(UpdateError::Transient(reason)) => {
-            tracing::warn!(%app, %version, %reason, retry_in = ?wait, "update failed, will retry");
+            tracing::warn!(%version, %reason, retry_in = ?wait, "update failed, will retry");
         }
     }
     !matches!(outcome, Ok(Applied::AlreadyDone))

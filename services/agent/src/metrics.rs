@@ -6,11 +6,15 @@
 //! The counts are kept by the runner itself, not read from changes between values: two failed
 //! updates in a row look the same as one, and a watch channel keeps only the latest value.
 
+use std::fmt;
 use std::sync::{Arc, Mutex, PoisonError};
 
 use fleetcast_events::v1::AppState;
-use fleetcast_runtime::metrics::{Collect, Exposition, label_value};
+use fleetcast_runtime::metrics::{counters, gauges, label_value};
 use fleetcast_runtime::observe::Identity;
+use prometheus_client::collector::Collector;
+use prometheus_client::encoding::DescriptorEncoder;
+use prometheus_client::registry::Registry;
 use tokio::sync::watch;
 use tokio::time::Instant;
 
@@ -22,12 +26,15 @@ pub(crate) const IDENTITY: Identity = Identity {
     version: env!("CARGO_PKG_VERSION"),
 };
 
-#[derive(Default)]
+/// The apps' latest values, turned into samples at each scrape (a collector: nothing is counted
+/// here, the runners keep the counts).
+#[derive(Debug, Default)]
 pub(crate) struct AgentMetrics {
     apps: Mutex<Vec<AppView>>,
 }
 
 /// The last value of one app.
+#[derive(Debug)]
 struct AppView {
     last: Snapshot,
     /// When `last` was taken: its uptime is as of then, and a value is taken only when an
@@ -40,20 +47,62 @@ impl AppView {
         AppView { last, seen: now }
     }
 
-    fn uptime_s(&self, now: Instant) -> f64 {
+    /// Whole seconds, as the heartbeat reports them.
+    fn uptime_s(&self, now: Instant) -> u64 {
         let beat = &self.last.beat;
         let running = beat.running.is_some() && beat.state != AppState::Stopped;
         if running {
-            beat.uptime_s as f64 + now.duration_since(self.seen).as_secs_f64().floor()
+            beat.uptime_s + now.duration_since(self.seen).as_secs()
         } else {
-            0.0
+            0
         }
+    }
+
+    /// Its last update's bytes by kind (none before the first update that fetched anything).
+    fn last_update_bytes(&self) -> Vec<([(&'static str, String); 3], u64)> {
+        let Some(update) = &self.last.beat.last_update else {
+            return Vec::new();
+        };
+        let Some(b) = update.bytes else {
+            return Vec::new();
+        };
+        [
+            ("fetched", b.fetched),
+            ("metadata", b.metadata),
+            ("chunks", b.chunks),
+            ("patches", b.patches),
+            ("release", b.release),
+        ]
+        .into_iter()
+        .map(|(kind, n)| {
+            let labels = [
+                ("app", self.app()),
+                ("version", update.version.to_string()),
+                ("kind", kind.to_owned()),
+            ];
+            (labels, n)
+        })
+        .collect()
+    }
+
+    fn app(&self) -> String {
+        self.last.beat.app.as_str().to_owned()
+    }
+
+    /// The `version` label: what the app runs, `none` before its first install.
+    fn running(&self) -> String {
+        let running = self.last.beat.running.as_ref();
+        running.map_or_else(|| "none".into(), ToString::to_string)
     }
 }
 
 impl AgentMetrics {
-    pub(crate) fn new() -> Arc<Self> {
-        Arc::new(Self::default())
+    /// The agent's metrics, and the registry they are collected in (its endpoint's).
+    pub(crate) fn registered() -> (Arc<Self>, Registry) {
+        let metrics = Arc::new(Self::default());
+        let mut registry = Registry::default();
+        registry.register_collector(Box::new(metrics.clone()));
+        (metrics, registry)
     }
 
     /// Follows one app's heartbeat values until its loop ends (the sender is dropped).
@@ -86,93 +135,51 @@ impl AgentMetrics {
     }
 }
 
-impl Collect for AgentMetrics {
-    fn collect(&self, out: &mut Exposition) {
+impl Collector for AgentMetrics {
+    fn encode(&self, mut out: DescriptorEncoder) -> fmt::Result {
         let now = Instant::now();
         let apps = self.lock();
-        out.gauge(
+        gauges(
+            &mut out,
             "fleetcast_agent_app_state",
             "1 for each app's state; `version` is the version it runs (`none` before the first install).",
-        );
-        for view in apps.iter() {
-            let version = view
-                .last
-                .beat
-                .running
-                .as_ref()
-                .map_or_else(|| "none".into(), ToString::to_string);
-            let state = label_value(&view.last.beat.state);
-            out.sample(
-                "fleetcast_agent_app_state",
-                &[
-                    ("app", &view.last.beat.app),
-                    ("state", &state),
-                    ("version", &version),
-                ],
-                1.0,
-            );
-        }
-        out.gauge(
+            apps.iter().map(|view| {
+                let state = label_value(&view.last.beat.state);
+                let labels = [
+                    ("app", view.app()),
+                    ("state", state),
+                    ("version", view.running()),
+                ];
+                (labels, 1)
+            }),
+        )?;
+        gauges(
+            &mut out,
             "fleetcast_agent_app_uptime_seconds",
             "How long the app's running version has run since the agent started it (0 when none runs).",
-        );
-        for view in apps.iter() {
-            out.sample(
-                "fleetcast_agent_app_uptime_seconds",
-                &[("app", &view.last.beat.app)],
-                view.uptime_s(now),
-            );
-        }
-        out.gauge(
+            apps.iter()
+                .map(|view| ([("app", view.app())], view.uptime_s(now))),
+        )?;
+        gauges(
+            &mut out,
             "fleetcast_agent_last_update_bytes",
             "What the app's last update took from the store: `fetched` in all, of which `metadata` (announcement, tree nodes, patch list), `chunks` and `patches` (binary patches of rebuilt files); `release` is what the version's files weigh.",
-        );
-        for view in apps.iter() {
-            let Some(update) = &view.last.beat.last_update else {
-                continue;
-            };
-            let Some(b) = update.bytes else { continue };
-            let version = update.version.to_string();
-            for (kind, n) in [
-                ("fetched", b.fetched),
-                ("metadata", b.metadata),
-                ("chunks", b.chunks),
-                ("patches", b.patches),
-                ("release", b.release),
-            ] {
-                out.sample(
-                    "fleetcast_agent_last_update_bytes",
-                    &[
-                        ("app", &view.last.beat.app),
-                        ("version", &version),
-                        ("kind", kind),
-                    ],
-                    n as f64,
-                );
-            }
-        }
-        out.counter(
+            apps.iter().flat_map(AppView::last_update_bytes),
+        )?;
+        counters(
+            &mut out,
             "fleetcast_agent_updates_total",
             "Times the running version changed since the agent started: updates, and rollbacks an operator ordered.",
-        );
-        for view in apps.iter() {
-            out.sample(
-                "fleetcast_agent_updates_total",
-                &[("app", &view.last.beat.app)],
-                view.last.counts.updates as f64,
-            );
-        }
-        out.counter(
+            apps.iter()
+                .map(|view| ([("app", view.app())], view.last.counts.updates)),
+        )?;
+        counters(
+            &mut out,
             "fleetcast_agent_rollbacks_total",
             "Updates the agent rolled back by itself (health gate or post-switch hook failed) since it started.",
-        );
-        for view in apps.iter() {
-            out.sample(
-                "fleetcast_agent_rollbacks_total",
-                &[("app", &view.last.beat.app)],
-                view.last.counts.rollbacks as f64,
-            );
-        }
+            apps.iter()
+                .map(|view| ([("app", view.app())], view.last.counts.rollbacks)),
+        )
     }
 }
 
@@ -208,14 +215,14 @@ mod tests {
         let t0 = Instant::now();
         let none = Counts::default();
         let view = AppView::new(snap(AppState::Running, Some("1.0.0"), 10, none), t0);
-        assert_eq!(view.uptime_s(t0 + Duration::from_millis(5_500)), 15.0);
+        assert_eq!(view.uptime_s(t0 + Duration::from_millis(5_500)), 15);
         let idle = AppView::new(snap(AppState::Downloading, None, 0, none), t0);
-        assert_eq!(idle.uptime_s(t0 + Duration::from_secs(5)), 0.0);
+        assert_eq!(idle.uptime_s(t0 + Duration::from_secs(5)), 0);
     }
 
     #[tokio::test]
     async fn exports_each_app_from_its_latest_value() {
-        let metrics = AgentMetrics::new();
+        let (metrics, registry) = AgentMetrics::registered();
         let (tx, rx) = watch::channel(snap(AppState::Stopped, None, 0, Counts::default()));
         let follow = tokio::spawn(metrics.follow(rx));
         let counts = Counts {
@@ -239,9 +246,7 @@ mod tests {
         tx.send(last).expect("send");
         drop(tx);
         follow.await.expect("follow ends with its app loop");
-        let mut out = Exposition::new();
-        metrics.collect(&mut out);
-        let text = out.into_string();
+        let text = fleetcast_runtime::metrics::encode(&[&registry]).expect("encode");
         for line in [
             "fleetcast_agent_app_state{app=\"web\",state=\"rolled_back\",version=\"2.0.0\"} 1\n",
             "fleetcast_agent_app_uptime_seconds{app=\"web\"} 0\n",

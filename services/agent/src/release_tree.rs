@@ -197,6 +197,24 @@ impl Steps {
     }
 }
 
+/// Why an installed version is not as its signed tree says (`apps[].verify_on_start`): it is
+/// not started.
+#[derive(Debug, thiserror::Error)]
+pub enum VerifyError {
+    #[error(
+        "{version} has no signed tree kept on this host (installed by an older agent?), so it cannot be verified"
+    )]
+    NoTree { version: semver::Version },
+    #[error("{}: {source}", .path.display())]
+    Io { path: PathBuf, source: io::Error },
+    #[error("{path} is not in the signed tree")]
+    Added { path: String },
+    #[error("{path} differs from its signed hash, size, mode or link")]
+    Differs { path: String },
+    #[error("{path} is missing")]
+    Missing { path: String },
+}
+
 /// A version folder as its signed tree says it must be (`apps[].verify_on_start`): checked
 /// before each start of the app, so a file changed, removed or added on disk after install is
 /// never run. The tree is the one the agent verified node by node at install and kept beside
@@ -208,11 +226,11 @@ pub struct InstalledTree {
 }
 
 impl InstalledTree {
-    pub fn load(root: &InstallRoot, version: &semver::Version) -> Result<Self, String> {
+    pub fn load(root: &InstallRoot, version: &semver::Version) -> Result<Self, VerifyError> {
         let files = LocalNodes::default()
             .add_version(&root.meta_dir(version))
-            .ok_or_else(|| {
-                format!("{version} has no signed tree kept on this host (installed by an older agent?), so it cannot be verified")
+            .ok_or_else(|| VerifyError::NoTree {
+                version: version.clone(),
             })?;
         Ok(InstalledTree {
             dir: root.version_dir(version),
@@ -222,7 +240,7 @@ impl InstalledTree {
 
     /// Every file, link and folder of the version against the tree: content hash, size and
     /// installed mode of each file, each link's target, nothing missing, nothing added.
-    pub fn check(&self) -> Result<(), String> {
+    pub fn check(&self) -> Result<(), VerifyError> {
         use std::os::unix::fs::PermissionsExt;
         let mut expected: HashMap<&str, &fleetcast_events::FileEntry> = self
             .files
@@ -231,23 +249,29 @@ impl InstalledTree {
             .collect();
         let mut folders = vec![self.dir.clone()];
         while let Some(folder) = folders.pop() {
-            let entries =
-                std::fs::read_dir(&folder).map_err(|e| format!("{}: {e}", folder.display()))?;
+            let in_folder = |source| VerifyError::Io {
+                path: folder.clone(),
+                source,
+            };
+            let entries = std::fs::read_dir(&folder).map_err(in_folder)?;
             for entry in entries {
-                let entry = entry.map_err(|e| format!("{}: {e}", folder.display()))?;
-                let path = entry.path();
+                let path = entry.map_err(in_folder)?.path();
+                // Walked down from `self.dir`: always under it.
                 let rel = path
                     .strip_prefix(&self.dir)
-                    .map_err(|e| e.to_string())?
+                    .unwrap_or(&path)
                     .to_string_lossy()
                     .into_owned();
-                let meta = std::fs::symlink_metadata(&path).map_err(|e| format!("{rel}: {e}"))?;
+                let meta = std::fs::symlink_metadata(&path).map_err(|source| VerifyError::Io {
+                    path: rel.clone().into(),
+                    source,
+                })?;
                 if meta.is_dir() {
                     folders.push(path);
                     continue;
                 }
                 let Some(want) = expected.remove(rel.as_str()) else {
-                    return Err(format!("{rel} is not in the signed tree"));
+                    return Err(VerifyError::Added { path: rel });
                 };
                 let same = match &want.link {
                     Some(target) => {
@@ -262,14 +286,14 @@ impl InstalledTree {
                     }
                 };
                 if !same {
-                    return Err(format!(
-                        "{rel} differs from its signed hash, size, mode or link"
-                    ));
+                    return Err(VerifyError::Differs { path: rel });
                 }
             }
         }
         match expected.keys().next() {
-            Some(missing) => Err(format!("{missing} is missing")),
+            Some(missing) => Err(VerifyError::Missing {
+                path: missing.to_string(),
+            }),
             None => Ok(()),
         }
     }

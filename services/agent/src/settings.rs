@@ -5,6 +5,7 @@ use std::time::Duration;
 
 use fleetcast_events::{AgentId, AppName, RingName};
 use fleetcast_runtime::settings::invalid;
+use fleetcast_runtime::window::{Window, WindowError};
 use fleetcast_runtime::{NatsSettings, SettingsError};
 use serde::Deserialize;
 
@@ -294,12 +295,12 @@ impl Settings {
     }
 
     /// The parsed update windows.
-    pub fn windows(&self) -> Result<Vec<fleetcast_runtime::window::Window>, SettingsError> {
+    pub fn windows(&self) -> Result<Vec<Window>, SettingsError> {
         self.update_windows
             .iter()
             .map(|w| {
                 w.parse()
-                    .or_else(|reason: String| invalid("update_windows", reason))
+                    .or_else(|e: WindowError| invalid("update_windows", e.to_string()))
             })
             .collect()
     }

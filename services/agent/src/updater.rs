@@ -13,6 +13,7 @@ use fleetcast_events::v1::{
     UpdateBytes, UpdateOutcome,
 };
 use fleetcast_events::{AgentId, AppName, Encoding, RingName, VerifiedManifest};
+use fleetcast_package::PackageConfigError;
 use fleetcast_package::package_config::{self, Hook, Hooks, PackageConfig};
 use fleetcast_runtime::{AgentBus, Trust};
 use semver::Version;
@@ -21,11 +22,11 @@ use tokio::time::Instant;
 
 use crate::assemble::{AssembleError, NatsChunks};
 use crate::fault;
-use crate::health::run_gate;
+use crate::health::{CommandError, GateFailure, run_gate};
 use crate::install::InstallRoot;
 use crate::isolation::RunAs;
 use crate::journal::{Journal, JournalFile, Step};
-use crate::release_tree::{InstalledTree, stage};
+use crate::release_tree::{InstalledTree, VerifyError, stage};
 use crate::settings::{AppSettings, Settings};
 use crate::sockets::Sockets;
 use crate::supervisor::{ProcessSpec, StopPolicy, Supervisor};
@@ -52,6 +53,84 @@ pub enum UpdateError {
     /// Staged; the switch waits (update window, rollout slot) until this instant.
     #[error("staged; the switch waits until {0}")]
     NotNow(OffsetDateTime),
+}
+
+impl UpdateError {
+    /// A staging failure, classified: the store, the network or a disk error that may pass is
+    /// retried, and so is a chunk refused for not matching its name (the store may be
+    /// repaired); a tree that cannot be installed, a file that does not match the manifest or
+    /// a name this host's filesystem never takes is refused, for retrying it would leave the
+    /// host "switching" for ever and its ring waiting.
+    pub fn staging(e: AssembleError) -> UpdateError {
+        match e {
+            e if e.is_transient() => UpdateError::Transient(e.to_string()),
+            AssembleError::Chunk(_) => {
+                UpdateError::Transient(format!("{e} (the store may be repaired; will retry)"))
+            }
+            e => UpdateError::Refused(e.to_string()),
+        }
+    }
+
+    /// A staged version that cannot run as configured (its `fleetcast.toml`, no command, its
+    /// tree not kept): never installable, refused before anything running is touched.
+    pub fn not_runnable(e: LaunchError) -> UpdateError {
+        UpdateError::Refused(e.to_string())
+    }
+
+    /// A version already switched to or committed that cannot be started now (a rollback, a
+    /// restart): retried, since what runs must be brought back.
+    pub fn cannot_restart(version: &Version, e: LaunchError) -> UpdateError {
+        UpdateError::Transient(format!("cannot run {version}: {e}"))
+    }
+
+    /// Not worth retrying for the same announcement: the version is refused for good.
+    pub fn is_permanent(&self) -> bool {
+        matches!(self, UpdateError::Refused(_))
+    }
+}
+
+/// Why a version cannot run as configured (see [`AppRunner::launch`]).
+#[derive(Debug, thiserror::Error)]
+pub enum LaunchError {
+    #[error("{}: {source}", .path.display())]
+    Read {
+        path: std::path::PathBuf,
+        source: std::io::Error,
+    },
+    #[error(
+        "{} must be a regular file of at most {} bytes",
+        package_config::FILE_NAME,
+        package_config::MAX_SIZE
+    )]
+    NotAFile,
+    #[error(transparent)]
+    PackageConfig(#[from] PackageConfigError),
+    #[error(
+        "no command to run {app} {version}: neither the agent's config nor the package's {} names one",
+        package_config::FILE_NAME
+    )]
+    NoCommand { app: AppName, version: Version },
+    #[error("apps.listen: the agent could not listen on {listen:?} when it started (see its log)")]
+    NotListening { listen: Vec<std::net::SocketAddr> },
+    #[error(transparent)]
+    Verify(#[from] VerifyError),
+}
+
+/// A package's hook (`pre-switch`, `post-switch`) failed: the version is refused.
+#[derive(Debug, thiserror::Error)]
+#[error("{hook} hook failed: {source}")]
+pub struct HookError {
+    hook: &'static str,
+    source: CommandError,
+}
+
+/// Why a version just switched to is rolled back.
+#[derive(Debug, thiserror::Error)]
+enum Rejected {
+    #[error(transparent)]
+    Gate(#[from] GateFailure),
+    #[error(transparent)]
+    Hook(#[from] HookError),
 }
 
 /// What [`AppRunner::apply`] did with an announcement it accepted.
@@ -226,6 +305,11 @@ impl AppRunner {
         &self.journal
     }
 
+    /// The app's installed versions (what a failed update must have left untouched).
+    pub fn install_root(&self) -> &InstallRoot {
+        &self.root
+    }
+
     fn save(&mut self) -> Result<(), UpdateError> {
         self.journal_file
             .save(&self.journal)
@@ -234,40 +318,35 @@ impl AppRunner {
 
     /// How `version` runs: the agent's config for this app, with the package's own
     /// `fleetcast.toml` (verified with the rest of the version) over it.
-    fn launch(&self, version: &Version) -> Result<Launch, String> {
+    fn launch(&self, version: &Version) -> Result<Launch, LaunchError> {
         let dir = self.root.version_dir(version);
         let file = dir.join(package_config::FILE_NAME);
+        let unreadable = |source| LaunchError::Read {
+            path: file.clone(),
+            source,
+        };
         let package = match std::fs::symlink_metadata(&file) {
             Ok(meta) if meta.is_file() && meta.len() <= package_config::MAX_SIZE => {
-                let text = std::fs::read_to_string(&file)
-                    .map_err(|e| format!("{}: {e}", file.display()))?;
+                let text = std::fs::read_to_string(&file).map_err(unreadable)?;
                 PackageConfig::parse(&text)?
             }
-            Ok(_) => {
-                return Err(format!(
-                    "{} must be a regular file of at most {} bytes",
-                    package_config::FILE_NAME,
-                    package_config::MAX_SIZE
-                ));
-            }
+            Ok(_) => return Err(LaunchError::NotAFile),
             Err(e) if e.kind() == std::io::ErrorKind::NotFound => PackageConfig::default(),
-            Err(e) => return Err(format!("{}: {e}", file.display())),
+            Err(e) => return Err(unreadable(e)),
         };
         let command = package
             .command
             .unwrap_or_else(|| self.settings.command.clone());
         let Some((program, args)) = command.split_first() else {
-            return Err(format!(
-                "no command to run {} {version}: neither the agent's config nor the package's {} names one",
-                self.settings.name,
-                package_config::FILE_NAME
-            ));
+            return Err(LaunchError::NoCommand {
+                app: self.settings.name.clone(),
+                version: version.clone(),
+            });
         };
         if !self.settings.listen.is_empty() && self.sockets.is_none() {
-            return Err(format!(
-                "apps.listen: the agent could not listen on {:?} when it started (see its log)",
-                self.settings.listen
-            ));
+            return Err(LaunchError::NotListening {
+                listen: self.settings.listen.clone(),
+            });
         }
         let verify = if self.settings.verify_on_start {
             Some(Arc::new(InstalledTree::load(&self.root, version)?))
@@ -320,7 +399,7 @@ impl AppRunner {
             .await;
         let (wait, reason) = match answer {
             Ok(reply) if reply.granted => {
-                tracing::info!(app = %self.settings.name, version = %target, "rollout slot granted");
+                tracing::info!(version = %target, "rollout slot granted");
                 return Ok(());
             }
             Ok(reply) => (
@@ -329,7 +408,7 @@ impl AppRunner {
             ),
             Err(e) => (self.host.slot_retry, e.to_string()),
         };
-        tracing::info!(app = %self.settings.name, version = %target, %reason, retry_in = ?wait, "waiting for a rollout slot");
+        tracing::info!(version = %target, %reason, retry_in = ?wait, "waiting for a rollout slot");
         self.report(AppState::WaitingForSlot, Some(target.clone()), Some(reason))
             .await;
         Err(UpdateError::NotNow(
@@ -341,19 +420,19 @@ impl AppRunner {
     /// migration needs to know.
     async fn run_hook(
         &self,
-        name: &str,
+        name: &'static str,
         hook: &Hook,
         launch: &Launch,
         target: &Version,
         from: Option<&Version>,
-    ) -> Result<(), String> {
+    ) -> Result<(), HookError> {
         let mut env = launch.spec.env.clone();
         env.insert("FLEETCAST_APP".into(), self.settings.name.to_string());
         env.insert("FLEETCAST_VERSION".into(), target.to_string());
         if let Some(from) = from {
             env.insert("FLEETCAST_FROM_VERSION".into(), from.to_string());
         }
-        tracing::info!(app = %self.settings.name, version = %target, hook = name, "running hook");
+        tracing::info!(version = %target, hook = name, "running hook");
         crate::health::run_command(
             &hook.command,
             &launch.spec.cwd,
@@ -362,7 +441,7 @@ impl AppRunner {
             hook.timeout,
         )
         .await
-        .map_err(|e| format!("{name} hook failed: {e}"))
+        .map_err(|source| HookError { hook: name, source })
     }
 
     /// Switches `current` to `version` if needed and starts it; `launch` when the caller has
@@ -387,7 +466,7 @@ impl AppRunner {
             Some(launch) => launch.spec.clone(),
             None => {
                 self.launch(version)
-                    .map_err(|e| UpdateError::Transient(format!("cannot run {version}: {e}")))?
+                    .map_err(|e| UpdateError::cannot_restart(version, e))?
                     .spec
             }
         };
@@ -412,7 +491,7 @@ impl AppRunner {
             Ok(adoption) => Some(adoption),
             Err(why) => {
                 if let Some(why) = why {
-                    tracing::warn!(app = %self.settings.name, reason = %why, "restarting the app the previous agent left running instead of adopting it");
+                    tracing::warn!(reason = %why, "restarting the app the previous agent left running instead of adopting it");
                 }
                 // A previous agent killed mid-flight may have left the app running.
                 crate::supervisor::reap_orphan(
@@ -425,26 +504,9 @@ impl AppRunner {
             }
         };
         // Only now: an app a killed agent left running held the sockets until it was stopped.
-        if !self.settings.listen.is_empty() && self.sockets.is_none() {
-            match Sockets::bind(&self.settings.listen) {
-                Ok(sockets) => {
-                    tracing::info!(app = %self.settings.name, addrs = ?sockets.addrs(), "listening for the app");
-                    for (i, fd) in sockets.fds().enumerate() {
-                        crate::launched::store(
-                            &crate::launched::socket_name(&self.settings.name, i),
-                            fd,
-                        );
-                    }
-                    self.sockets = Some(Arc::new(sockets));
-                }
-                // Every start then fails with the reason (see `launch`).
-                Err(e) => {
-                    tracing::error!(app = %self.settings.name, error = %e, "apps.listen: cannot listen for the app")
-                }
-            }
-        }
+        self.listen_for_app();
         if self.journal.step != Step::Idle {
-            tracing::warn!(app = %self.settings.name, step = ?self.journal.step, "recovering an interrupted update");
+            tracing::warn!(step = ?self.journal.step, "recovering an interrupted update");
         }
         let rolled_back = recovery.refuse.clone();
         if let Some(refused) = recovery.refuse {
@@ -479,6 +541,30 @@ impl AppRunner {
             });
         }
         Ok(())
+    }
+
+    /// Binds the app's `apps.listen` sockets when nothing holds them yet, and gives them to
+    /// the launcher to keep across agents. A socket that cannot be bound is logged: every
+    /// start then fails with the reason (see `launch`).
+    fn listen_for_app(&mut self) {
+        if self.settings.listen.is_empty() || self.sockets.is_some() {
+            return;
+        }
+        match Sockets::bind(&self.settings.listen) {
+            Ok(sockets) => {
+                tracing::info!(addrs = ?sockets.addrs(), "listening for the app");
+                for (i, fd) in sockets.fds().enumerate() {
+                    crate::launched::store(
+                        &crate::launched::socket_name(&self.settings.name, i),
+                        fd,
+                    );
+                }
+                self.sockets = Some(Arc::new(sockets));
+            }
+            Err(e) => {
+                tracing::error!(error = %e, "apps.listen: cannot listen for the app")
+            }
+        }
     }
 
     /// The agent's own release after a restart: this agent may be the trial of a new release
@@ -655,11 +741,11 @@ impl AppRunner {
         }
         match Sockets::from_held(&self.settings.listen, held) {
             Ok(sockets) => {
-                tracing::info!(%app, addrs = ?sockets.addrs(), "listening for the app on the sockets the launcher kept");
+                tracing::info!(addrs = ?sockets.addrs(), "listening for the app on the sockets the launcher kept");
                 Some(Arc::new(sockets))
             }
             Err(e) => {
-                tracing::warn!(%app, error = %e, "the sockets the launcher kept are not the configured ones; listening anew");
+                tracing::warn!(error = %e, "the sockets the launcher kept are not the configured ones; listening anew");
                 None
             }
         }
@@ -703,7 +789,7 @@ impl AppRunner {
         let (Some(stdout), Some(stderr)) = pipes else {
             return Err(Some("the launcher did not keep its output pipes".into()));
         };
-        let spec = self.launch(version).map_err(Some)?.spec;
+        let spec = self.launch(version).map_err(|e| Some(e.to_string()))?.spec;
         Ok((
             crate::supervisor::Adoption {
                 pid,
@@ -805,7 +891,7 @@ impl AppRunner {
                 "rollback directive to {target} covers versions up to {from}, but {highest} was accepted since (replayed directive?)"
             )));
         }
-        tracing::warn!(app = %self.settings.name, version = %target, replaces_up_to = %from, "signed rollback directive accepted");
+        tracing::warn!(version = %target, replaces_up_to = %from, "signed rollback directive accepted");
         let reason = format!("withdrawn by a signed rollback to {target}");
         let withdrawn = [
             self.journal.committed.clone(),
@@ -835,7 +921,7 @@ impl AppRunner {
         let announcement = Encoding::Json.encode(desired).map_or(0, |b| b.len() as u64);
         self.stage(manifest, announcement).await?;
         fault::hit("staged");
-        let launch = self.launch(&target).map_err(UpdateError::Refused)?;
+        let launch = self.launch(&target).map_err(UpdateError::not_runnable)?;
         let now = OffsetDateTime::now_utc();
         if !fleetcast_runtime::window::allows(&self.windows, now) {
             self.report(AppState::WaitingForWindow, Some(target.clone()), None)
@@ -850,10 +936,11 @@ impl AppRunner {
         }
         if let Some(hook) = &launch.hooks.pre_switch {
             let from = self.journal.committed.clone();
-            if let Err(reason) = self
+            if let Err(failed) = self
                 .run_hook("pre-switch", hook, &launch, &target, from.as_ref())
                 .await
             {
+                let reason = failed.to_string();
                 self.journal.refused.insert((target, reason.clone()));
                 return Err(UpdateError::Refused(reason));
             }
@@ -882,14 +969,8 @@ impl AppRunner {
             fetch_from,
         )
         .await
-        .map_err(|e| match e {
-            e if e.is_transient() => UpdateError::Transient(e.to_string()),
-            AssembleError::Chunk(_) => {
-                UpdateError::Transient(format!("{e} (the store may be repaired; will retry)"))
-            }
-            e => UpdateError::Refused(e.to_string()),
-        })?;
-        tracing::info!(app = %manifest.app, version = %manifest.version, ?staged, "version staged");
+        .map_err(UpdateError::staging)?;
+        tracing::info!(version = %manifest.version, ?staged, "version staged");
         // What this update took from the store: the tree nodes, the patch list, chunks and
         // patches (the signed manifest came with the announcement).
         self.fetched_bytes = staged.fetched_bytes();
@@ -939,11 +1020,12 @@ impl AppRunner {
             self.run_as,
         )
         .await
-        .map_err(|failure| failure.to_string());
+        .map_err(Rejected::from);
         if let (Ok(()), Some(hook)) = (&verdict, &launch.hooks.post_switch) {
             verdict = self
                 .run_hook("post-switch", hook, &launch, &target, from.as_ref())
-                .await;
+                .await
+                .map_err(Rejected::from);
         }
         match verdict {
             Ok(()) => {
@@ -956,8 +1038,9 @@ impl AppRunner {
                 self.committed(from, target).await;
                 Ok(())
             }
-            Err(reason) => {
-                tracing::warn!(app = %self.settings.name, version = %target, %reason, "health gate failed, rolling back");
+            Err(rejected) => {
+                let reason = rejected.to_string();
+                tracing::warn!(version = %target, %reason, "health gate failed, rolling back");
                 self.journal.step = Step::RollingBack {
                     from: from.clone(),
                     target: target.clone(),
@@ -1122,14 +1205,75 @@ impl AppRunner {
 
 #[cfg(test)]
 mod tests {
-    use std::collections::BTreeMap;
-
-    use fleetcast_events::manifest::TreeRoot;
-    use fleetcast_events::tree::{self, ChunkList, TreeFile};
-    use fleetcast_events::v1::ChunkRef;
-    use fleetcast_events::{FileEntry, Manifest, SignedManifest};
-
     use super::*;
+
+    /// The retry decision of each staging failure: what the store, the network or a passing
+    /// disk error caused is retried; what the same package meets on every attempt is refused.
+    #[test]
+    fn staging_failures_are_retried_or_refused_by_their_cause() {
+        let io = |errno| AssembleError::Io {
+            path: "versions/2.0.0.partial/x".into(),
+            source: std::io::Error::from_raw_os_error(errno),
+        };
+        let retried = [
+            AssembleError::Fetch {
+                id: "ab".into(),
+                reason: "timed out".into(),
+            },
+            io(libc::ENOSPC),
+            io(libc::EIO),
+            AssembleError::Chunk(fleetcast_package::ChunkError::Hash { id: "ab".into() }),
+        ];
+        for e in retried {
+            let what = e.to_string();
+            let classified = UpdateError::staging(e);
+            assert!(
+                matches!(&classified, UpdateError::Transient(r) if r.starts_with(&what)),
+                "{what}: {classified:?}"
+            );
+            assert!(!classified.is_permanent());
+        }
+        let refused = [
+            AssembleError::BadTree("a node does not decode".into()),
+            AssembleError::FileMismatch("bin/run".into()),
+            io(libc::ENAMETOOLONG),
+            io(libc::EILSEQ),
+        ];
+        for e in refused {
+            let what = e.to_string();
+            let classified = UpdateError::staging(e);
+            assert!(
+                matches!(&classified, UpdateError::Refused(r) if *r == what),
+                "{what}: {classified:?}"
+            );
+            assert!(classified.is_permanent());
+        }
+    }
+
+    /// A version that cannot run as configured is never installable before the switch, and
+    /// retried when it is the one to bring back.
+    #[test]
+    fn a_version_that_cannot_run_is_refused_before_the_switch_and_retried_after() {
+        let no_command = || LaunchError::NoCommand {
+            app: AppName::from_static("web"),
+            version: Version::new(2, 0, 0),
+        };
+        let before = UpdateError::not_runnable(no_command());
+        assert!(before.is_permanent(), "{before:?}");
+        assert!(
+            before.to_string().contains("no command to run web 2.0.0"),
+            "{before}"
+        );
+        let after = UpdateError::cannot_restart(&Version::new(2, 0, 0), no_command());
+        assert!(!after.is_permanent(), "{after:?}");
+        assert!(
+            after
+                .to_string()
+                .starts_with("will retry: cannot run 2.0.0"),
+            "{after}"
+        );
+        assert!(!UpdateError::NotNow(OffsetDateTime::now_utc()).is_permanent());
+    }
 
     /// A snapshot is taken when the app's state changes; each heartbeat counts the uptime to
     /// its own time, so it grows between two heartbeats (it used to stay at the value of the
@@ -1147,102 +1291,5 @@ mod tests {
             snapshot.beat_at(since + Duration::from_secs(30)).uptime_s,
             0
         );
-    }
-
-    /// A staging that fails for want of the store (here its chunk index cannot be had, as when
-    /// a slow store times out) is reported as a failure with its reason, the heartbeat says so
-    /// too, and nothing is refused or installed: the retry can still succeed.
-    #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
-    async fn a_transient_staging_failure_is_reported_and_nothing_is_installed() {
-        let p = fleetcast_e2e::Pipeline::new().await.expect("pipeline");
-        let bus = AgentBus::from_bus(&p.bus().await.expect("bus"))
-            .await
-            .expect("agent bus");
-        let host = tempfile::tempdir().expect("tmp");
-        let app = AppSettings {
-            name: AppName::from_static("shapp"),
-            command: vec!["bin/run".into()],
-            env: BTreeMap::new(),
-            health: Default::default(),
-            crash: Default::default(),
-            grace: Duration::from_secs(1),
-            user: None,
-            group: None,
-            verify_on_start: false,
-            listen: Vec::new(),
-        };
-        let settings = Settings {
-            agent_id: "unit-1".into(),
-            data_dir: host.path().join("data"),
-            trusted_keys: vec![p.key.public().to_text()],
-            apps: vec![app.clone()],
-            ..Default::default()
-        };
-        let trust = Arc::new(settings.trust().expect("trust"));
-        let mut runner =
-            AppRunner::new(app, Arc::new(settings), trust, bus.clone()).expect("runner");
-        let version = Version::new(1, 0, 0);
-        let now = OffsetDateTime::now_utc();
-        // A signed tree never stored: its root cannot be fetched.
-        let hash = blake3::hash(b"hi\n").to_hex().to_string();
-        let files = [TreeFile {
-            entry: FileEntry {
-                path: "bin/run".into(),
-                mode: 0o755,
-                size: 3,
-                blake3: hash.clone(),
-                link: None,
-            },
-            chunks: ChunkList::Listed(vec![ChunkRef { id: hash, len: 3 }]),
-        }];
-        let built = tree::build(&files).expect("tree");
-        let manifest = Manifest {
-            app: AppName::from_static("shapp"),
-            version: version.clone(),
-            tree: TreeRoot::of(&built, &files),
-            created: now,
-            expires: now + time::Duration::hours(1),
-            rollback_from: None,
-        };
-        let desired = DesiredState {
-            app: AppName::from_static("shapp"),
-            ring: RingName::from_static("default"),
-            version: version.clone(),
-            manifest: SignedManifest::sign(&manifest, &[&p.key]).expect("sign"),
-            slot: false,
-        };
-
-        let outcome = runner.apply(&desired).await;
-        assert!(
-            matches!(outcome, Err(UpdateError::Transient(_))),
-            "{outcome:?}"
-        );
-        let want = version.clone();
-        let status: AgentStatus = p
-            .wait_status(move |s: &AgentStatus| {
-                s.agent_id == "unit-1"
-                    && s.state == AppState::Failed
-                    && s.version == Some(want.clone())
-            })
-            .await
-            .expect("the failure is reported");
-        let reason = status.reason.unwrap_or_default();
-        assert!(
-            reason.contains("will retry") && reason.contains(&built.root.hash.to_hex()),
-            "{reason}"
-        );
-        let beat = runner.heartbeat();
-        assert_eq!(beat.state, AppState::Failed);
-        assert_eq!(beat.staged, Some(version.clone()));
-        assert_eq!(beat.running, None);
-        let last = beat.last_update.expect("the heartbeat repeats the outcome");
-        assert_eq!(
-            (last.version, last.outcome),
-            (version.clone(), UpdateOutcome::Failed)
-        );
-        assert_eq!(last.reason.unwrap_or_default(), reason);
-        assert!(!runner.journal().is_refused(&version));
-        assert!(runner.root.installed().is_empty());
-        assert_eq!(runner.root.current(), None);
     }
 }

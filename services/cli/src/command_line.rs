@@ -388,9 +388,20 @@ written to {} (unsigned: each root key holder runs `fleetcast root sign`)",
     Ok(ExitCode::SUCCESS)
 }
 
-fn humantime_parse(s: &str) -> Result<Duration, String> {
-    humantime_serde::re::humantime::parse_duration(s)
-        .map_err(|e| format!("{s:?}: {e} (try 90s, 10m or 1h)"))
+/// A duration given on the command line that does not parse (clap prints it with the
+/// option's name).
+#[derive(Debug, thiserror::Error)]
+#[error("{input:?}: {source} (try 90s, 10m or 1h)")]
+struct BadDuration {
+    input: String,
+    source: humantime_serde::re::humantime::DurationError,
+}
+
+fn humantime_parse(s: &str) -> Result<Duration, BadDuration> {
+    humantime_serde::re::humantime::parse_duration(s).map_err(|source| BadDuration {
+        input: s.to_owned(),
+        source,
+    })
 }
 
 /// How long a command tries to reach NATS (`publish` has its own `--connect-timeout`).
@@ -430,23 +441,10 @@ pub fn main() -> ExitCode {
 async fn execute(args: Args) -> anyhow::Result<ExitCode> {
     let nats = args.nats();
     match args.command {
-        Command::Keygen { dir, name, force } => {
-            let (secret, public, id) = cli::keygen(&dir, &name, force)?;
-            println!(
-                "key id {id}\nsecret key: {} (keep it secret: a signing key goes to the signer only, a root key stays offline with its holder)\npublic key: {}",
-                secret.display(),
-                public.display()
-            );
-            Ok(ExitCode::SUCCESS)
-        }
+        Command::Keygen { dir, name, force } => keygen(&dir, &name, force),
         Command::Publish(publish_args) => publish(&nats, publish_args).await,
         Command::Root { action } => root(&nats, action).await,
-        Command::Desire { app, version, ring } => {
-            let bus = cli::connect(&nats, CONNECT_TIMEOUT).await?;
-            cli::desire(&bus, &app, &ring, &version).await?;
-            println!("{app} in ring {ring} should now run {version}");
-            Ok(ExitCode::SUCCESS)
-        }
+        Command::Desire { app, version, ring } => desire(&nats, &app, &ring, &version).await,
         Command::Status => ask(&nats, TrackerCommand::Status, print_status).await,
         Command::Agents => ask(&nats, TrackerCommand::Status, |r| print_agents(&r.agents)).await,
         Command::Laggards { app } => {
@@ -458,67 +456,93 @@ async fn execute(args: Args) -> anyhow::Result<ExitCode> {
         } => watch(&nats, &app, version.as_ref()).await,
         Command::History(query) => {
             let command = TrackerCommand::History(query.into());
-            ask(&nats, command, |reply| {
-                for entry in &reply.history {
-                    println!("{}", cli::history_line(entry));
-                }
-            })
-            .await
+            ask(&nats, command, print_history).await
         }
         Command::Approve { app, version } => {
             let command = TrackerCommand::Approve { app, version };
-            ask(&nats, command, |r| println!("{}", r.message)).await
+            ask(&nats, command, print_message).await
         }
-        Command::Pause { app } => {
-            ask(&nats, TrackerCommand::Pause { app }, |r| {
-                println!("{}", r.message)
-            })
-            .await
-        }
-        Command::Resume { app } => {
-            ask(&nats, TrackerCommand::Resume { app }, |r| {
-                println!("{}", r.message)
-            })
-            .await
-        }
-        Command::Abort { app } => {
-            ask(&nats, TrackerCommand::Abort { app }, |r| {
-                println!("{}", r.message)
-            })
-            .await
-        }
-        Command::Rollback { app, to, ring } => {
-            let bus = cli::connect(&nats, CONNECT_TIMEOUT).await?;
-            let from = cli::request_rollback(&bus, &app, &to, ring.as_ref()).await?;
-            println!(
-                "rollback of {app} to {to} (replacing up to {from}) requested; follow it with: fleetcast rollout watch {app} --version {to}"
-            );
-            Ok(ExitCode::SUCCESS)
-        }
+        Command::Pause { app } => ask(&nats, TrackerCommand::Pause { app }, print_message).await,
+        Command::Resume { app } => ask(&nats, TrackerCommand::Resume { app }, print_message).await,
+        Command::Abort { app } => ask(&nats, TrackerCommand::Abort { app }, print_message).await,
+        Command::Rollback { app, to, ring } => rollback(&nats, &app, &to, ring.as_ref()).await,
         Command::Token {
             action: TokenAction::New { name, role },
-        } => {
-            let token = fleetcast_events::tracker::new_token()
-                .map_err(|e| anyhow::anyhow!("no randomness for a token: {e}"))?;
-            println!(
-                "token for {} (give it to its holder; it is shown only now):\n{token}\n\nadd to the tracker's settings:\n{}",
-                name.as_str(),
-                fleetcast_events::tracker::settings_entry(&name, role.into(), &token)
-            );
-            Ok(ExitCode::SUCCESS)
-        }
-        Command::Releases { app, json } => {
-            let bus = cli::connect(&nats, CONNECT_TIMEOUT).await?;
-            let records = cli::releases(&bus, app.as_deref()).await?;
-            if json {
-                println!("{}", serde_json::to_string_pretty(&records)?);
-            } else if records.is_empty() {
-                println!("no releases");
-            } else {
-                print_records(&records);
-            }
-            Ok(ExitCode::SUCCESS)
-        }
+        } => new_token(&name, role),
+        Command::Releases { app, json } => releases(&nats, app.as_deref(), json).await,
+    }
+}
+
+/// `fleetcast keygen`: a new key pair in `dir`.
+fn keygen(dir: &std::path::Path, name: &str, force: bool) -> anyhow::Result<ExitCode> {
+    let (secret, public, id) = cli::keygen(dir, name, force)?;
+    println!(
+        "key id {id}\nsecret key: {} (keep it secret: a signing key goes to the signer only, a root key stays offline with its holder)\npublic key: {}",
+        secret.display(),
+        public.display()
+    );
+    Ok(ExitCode::SUCCESS)
+}
+
+async fn desire(
+    nats: &NatsSettings,
+    app: &AppName,
+    ring: &RingName,
+    version: &semver::Version,
+) -> anyhow::Result<ExitCode> {
+    let bus = cli::connect(nats, CONNECT_TIMEOUT).await?;
+    cli::desire(&bus, app, ring, version).await?;
+    println!("{app} in ring {ring} should now run {version}");
+    Ok(ExitCode::SUCCESS)
+}
+
+async fn rollback(
+    nats: &NatsSettings,
+    app: &AppName,
+    to: &semver::Version,
+    ring: Option<&RingName>,
+) -> anyhow::Result<ExitCode> {
+    let bus = cli::connect(nats, CONNECT_TIMEOUT).await?;
+    let from = cli::request_rollback(&bus, app, to, ring).await?;
+    println!(
+        "rollback of {app} to {to} (replacing up to {from}) requested; follow it with: fleetcast rollout watch {app} --version {to}"
+    );
+    Ok(ExitCode::SUCCESS)
+}
+
+/// `fleetcast token new`: printed once, with the tracker's settings entry for it.
+fn new_token(name: &TokenName, role: Role) -> anyhow::Result<ExitCode> {
+    let token = fleetcast_events::tracker::new_token()
+        .map_err(|e| anyhow::anyhow!("no randomness for a token: {e}"))?;
+    println!(
+        "token for {} (give it to its holder; it is shown only now):\n{token}\n\nadd to the tracker's settings:\n{}",
+        name.as_str(),
+        fleetcast_events::tracker::settings_entry(name, role.into(), &token)
+    );
+    Ok(ExitCode::SUCCESS)
+}
+
+async fn releases(nats: &NatsSettings, app: Option<&str>, json: bool) -> anyhow::Result<ExitCode> {
+    let bus = cli::connect(nats, CONNECT_TIMEOUT).await?;
+    let records = cli::releases(&bus, app).await?;
+    if json {
+        println!("{}", serde_json::to_string_pretty(&records)?);
+    } else if records.is_empty() {
+        println!("no releases");
+    } else {
+        print_records(&records);
+    }
+    Ok(ExitCode::SUCCESS)
+}
+
+/// A tracker's answer that is only its message (approve, pause, resume, abort).
+fn print_message(reply: &Reply) {
+    println!("{}", reply.message);
+}
+
+fn print_history(reply: &Reply) {
+    for entry in &reply.history {
+        println!("{}", cli::history_line(entry));
     }
 }
 

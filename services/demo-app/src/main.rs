@@ -68,20 +68,40 @@ async fn run(
     settings: Settings,
     shutdown: tokio_util::sync::CancellationToken,
 ) -> anyhow::Result<()> {
-    let version = settings.version.clone().unwrap_or_else(|| {
-        std::fs::read_to_string("VERSION")
-            .map(|v| v.trim().to_string())
-            .unwrap_or_else(|_| env!("CARGO_PKG_VERSION").into())
-    });
+    let version = version(&settings);
     if settings.crash_at_start {
         eprintln!("demo-app {version}: crashing at start, as configured");
         std::process::exit(settings.exit_code.into());
     }
     tokio::time::sleep(settings.start_delay).await;
-    let healthy = !settings.fail_health;
-    let reported = version.clone();
-    let app = Router::new()
-        .route("/version", get(move || async move { reported }))
+    let app = router(version.clone(), !settings.fail_health);
+    let listener = listener(settings.port).await?;
+    tracing::info!(%version, addr = %listener.local_addr()?, "demo-app serving");
+    let connections = hyper_util::server::graceful::GracefulShutdown::new();
+    accept_until(&listener, app, &connections, &shutdown).await;
+    // Drain: take no new connection (on a handed-over socket they wait in the kernel's queue
+    // for the next version), and finish the ones taken.
+    drop(listener);
+    drain(settings.drain, connections).await;
+    if let Some(marker) = settings.drain_marker {
+        std::fs::write(marker, version)?;
+    }
+    tracing::info!("drained, exiting");
+    Ok(())
+}
+
+/// The version it says it is: the setting, else the package's `VERSION` file, else its own.
+fn version(settings: &Settings) -> String {
+    settings.version.clone().unwrap_or_else(|| {
+        std::fs::read_to_string("VERSION")
+            .map(|v| v.trim().to_string())
+            .unwrap_or_else(|_| env!("CARGO_PKG_VERSION").into())
+    })
+}
+
+fn router(version: String, healthy: bool) -> Router {
+    Router::new()
+        .route("/version", get(move || async move { version }))
         .route(
             "/health",
             get(move || async move {
@@ -91,21 +111,29 @@ async fn run(
                     (StatusCode::SERVICE_UNAVAILABLE, "unhealthy, as configured")
                 }
             }),
-        );
-    // A socket its supervisor hands over (systemd's socket-activation protocol, as the
-    // fleetcast agent does with `apps[].listen`), else its own on `port`.
-    let listener = match listenfd::ListenFd::from_env().take_tcp_listener(0)? {
+        )
+}
+
+/// A socket its supervisor hands over (systemd's socket-activation protocol, as the fleetcast
+/// agent does with `apps[].listen`), else its own on `port`.
+async fn listener(port: u16) -> anyhow::Result<tokio::net::TcpListener> {
+    Ok(match listenfd::ListenFd::from_env().take_tcp_listener(0)? {
         Some(listener) => {
             listener.set_nonblocking(true)?;
             tokio::net::TcpListener::from_std(listener)?
         }
-        None => tokio::net::TcpListener::bind(("127.0.0.1", settings.port)).await?,
-    };
-    tracing::info!(%version, addr = %listener.local_addr()?, "demo-app serving");
-    let drain = settings.drain;
-    let marker = settings.drain_marker.clone();
+        None => tokio::net::TcpListener::bind(("127.0.0.1", port)).await?,
+    })
+}
+
+/// Serves each connection `listener` takes, watched by `connections`, until `shutdown`.
+async fn accept_until(
+    listener: &tokio::net::TcpListener,
+    app: Router,
+    connections: &hyper_util::server::graceful::GracefulShutdown,
+    shutdown: &tokio_util::sync::CancellationToken,
+) {
     let service = hyper_util::service::TowerToHyperService::new(app);
-    let connections = hyper_util::server::graceful::GracefulShutdown::new();
     loop {
         tokio::select! {
             accepted = listener.accept() => {
@@ -126,12 +154,13 @@ async fn run(
             () = shutdown.cancelled() => break,
         }
     }
-    // Drain: take no new connection (on a handed-over socket they wait in the kernel's queue
-    // for the next version), and finish the ones taken. A connection taken just before may not
-    // have sent its request yet, and hyper closes such a connection on shutdown as idle: the
-    // open ones (those it still watches) get up to SETTLE to be served first; a stop with
-    // none open waits for nothing.
-    drop(listener);
+}
+
+/// Waits `drain`, then finishes the connections taken. A connection taken just before may not
+/// have sent its request yet, and hyper closes such a connection on shutdown as idle: the open
+/// ones (those it still watches) get up to SETTLE to be served first; a stop with none open
+/// waits for nothing.
+async fn drain(drain: Duration, connections: hyper_util::server::graceful::GracefulShutdown) {
     tracing::info!(?drain, "draining");
     tokio::time::sleep(drain).await;
     let settled = tokio::time::Instant::now() + SETTLE;
@@ -139,9 +168,4 @@ async fn run(
         tokio::time::sleep(Duration::from_millis(2)).await;
     }
     connections.shutdown().await;
-    if let Some(marker) = marker {
-        std::fs::write(marker, version)?;
-    }
-    tracing::info!("drained, exiting");
-    Ok(())
 }

@@ -78,7 +78,22 @@ pub enum Cli {
     Version,
 }
 
-pub fn parse_args(args: impl IntoIterator<Item = OsString>) -> Result<Cli, String> {
+/// Why the command line is refused (printed with the usage, exit code 2).
+#[derive(Debug, Clone, PartialEq, Eq, thiserror::Error)]
+pub enum ArgsError {
+    #[error("--root needs a directory")]
+    RootWithoutDir,
+    #[error("--agent needs a path")]
+    AgentWithoutPath,
+    #[error("unexpected argument {0:?}")]
+    Unexpected(OsString),
+    #[error("--root DIR is required")]
+    NoRoot,
+    #[error("--agent PATH is required")]
+    NoAgent,
+}
+
+pub fn parse_args(args: impl IntoIterator<Item = OsString>) -> Result<Cli, ArgsError> {
     let mut args = args.into_iter();
     let (mut root, mut agent, mut agent_args) = (None, None, Vec::new());
     while let Some(arg) = args.next() {
@@ -86,25 +101,21 @@ pub fn parse_args(args: impl IntoIterator<Item = OsString>) -> Result<Cli, Strin
             Some("--help" | "-h") => return Ok(Cli::Help),
             Some("--version" | "-V") => return Ok(Cli::Version),
             Some("--root") => {
-                root = Some(args.next().ok_or("--root needs a directory")?);
+                root = Some(args.next().ok_or(ArgsError::RootWithoutDir)?);
             }
             Some("--agent") => {
-                agent = Some(args.next().ok_or("--agent needs a path")?);
+                agent = Some(args.next().ok_or(ArgsError::AgentWithoutPath)?);
             }
             Some(s) if s.starts_with("--root=") => root = Some(s["--root=".len()..].into()),
             Some(s) if s.starts_with("--agent=") => agent = Some(s["--agent=".len()..].into()),
             Some("--") => {
                 agent_args = args.by_ref().collect();
             }
-            _ => return Err(format!("unexpected argument {arg:?}")),
+            _ => return Err(ArgsError::Unexpected(arg)),
         }
     }
-    let root = root
-        .filter(|r| !r.is_empty())
-        .ok_or("--root DIR is required")?;
-    let agent = agent
-        .filter(|a| !a.is_empty())
-        .ok_or("--agent PATH is required")?;
+    let root = root.filter(|r| !r.is_empty()).ok_or(ArgsError::NoRoot)?;
+    let agent = agent.filter(|a| !a.is_empty()).ok_or(ArgsError::NoAgent)?;
     Ok(Cli::Run(Config {
         root: root.into(),
         agent: agent.into(),

@@ -74,31 +74,46 @@ fn bad(file: &str, why: impl std::fmt::Display) -> io::Error {
     io::Error::new(io::ErrorKind::InvalidData, format!("{file}: {why}"))
 }
 
+/// Why a version or a path cannot be written to (or was read from) the launcher's files.
+#[derive(Debug, Clone, PartialEq, Eq, thiserror::Error)]
+pub enum FieldError {
+    #[error("empty version")]
+    EmptyVersion,
+    #[error("`-` is not a version")]
+    DashVersion,
+    #[error("version {0:?} has whitespace or control characters")]
+    VersionSpaces(String),
+    #[error("path {} is not UTF-8", .0.display())]
+    PathNotUtf8(PathBuf),
+    #[error("path {0:?} is not absolute")]
+    PathNotAbsolute(String),
+    #[error("path {0:?} has a line break")]
+    PathLineBreak(String),
+}
+
 /// A version: non-empty, no whitespace, and not `-` (which stands for "no release" in
 /// `trial.started`).
-pub fn check_version(version: &str) -> Result<(), String> {
+pub fn check_version(version: &str) -> Result<(), FieldError> {
     if version.is_empty() {
-        Err("empty version".to_owned())
+        Err(FieldError::EmptyVersion)
     } else if version == "-" {
-        Err("`-` is not a version".to_owned())
+        Err(FieldError::DashVersion)
     } else if version.chars().any(|c| c.is_whitespace() || c.is_control()) {
-        Err(format!(
-            "version {version:?} has whitespace or control characters"
-        ))
+        Err(FieldError::VersionSpaces(version.to_owned()))
     } else {
         Ok(())
     }
 }
 
 /// A path: absolute, UTF-8 (the files are text) and on one line.
-pub fn check_path(path: &Path) -> Result<&str, String> {
+pub fn check_path(path: &Path) -> Result<&str, FieldError> {
     let text = path
         .to_str()
-        .ok_or_else(|| format!("path {} is not UTF-8", path.display()))?;
+        .ok_or_else(|| FieldError::PathNotUtf8(path.to_path_buf()))?;
     if !path.is_absolute() {
-        Err(format!("path {text:?} is not absolute"))
+        Err(FieldError::PathNotAbsolute(text.to_owned()))
     } else if text.contains(['\n', '\r']) {
-        Err(format!("path {text:?} has a line break"))
+        Err(FieldError::PathLineBreak(text.to_owned()))
     } else {
         Ok(text)
     }

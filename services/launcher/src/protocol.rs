@@ -17,6 +17,39 @@ pub const MAX_REQUEST: usize = 512;
 /// The answer to `sync`.
 pub const OK: &str = "ok";
 
+/// Why a name is refused.
+#[derive(Debug, Clone, PartialEq, Eq, thiserror::Error)]
+pub enum NameError {
+    #[error("empty name")]
+    Empty,
+    #[error("name longer than {MAX_NAME} bytes")]
+    TooLong,
+    #[error("name {name:?} has {c:?} (allowed: A-Z a-z 0-9 . _ / -)")]
+    BadChar { name: String, c: char },
+}
+
+/// Why a request, or the fd list the agent inherits, is refused (answered `err <reason>`).
+#[derive(Debug, Clone, PartialEq, Eq, thiserror::Error)]
+pub enum ProtocolError {
+    #[error("request is not UTF-8")]
+    NotUtf8,
+    #[error(transparent)]
+    Name(#[from] NameError),
+    /// The request's first 40 characters.
+    #[error("unknown request {0:?} (expected store NAME, remove NAME or sync)")]
+    Unknown(String),
+    #[error("entry {entry:?} is not FD=NAME")]
+    NotFdName { entry: String },
+    #[error("entry {entry:?}: {fd:?} is not an fd number")]
+    NotAnFd { entry: String, fd: String },
+    #[error("entry {entry:?}: fd {fd} is stdin, stdout or stderr")]
+    StdFd { entry: String, fd: i32 },
+    #[error("entry {entry:?}: {source}")]
+    EntryName { entry: String, source: NameError },
+    #[error("entry {entry:?}: fd or name given twice")]
+    Twice { entry: String },
+}
+
 #[derive(Debug, Clone, Copy, PartialEq, Eq)]
 pub enum Request<'a> {
     Store(&'a str),
@@ -26,35 +59,33 @@ pub enum Request<'a> {
 
 /// A name: 1 to 200 bytes of `[A-Za-z0-9._/-]`. The charset keeps names out of the way of the
 /// `3=NAME,4=NAME` list the agent inherits and of anything shell- or log-sensitive.
-pub fn check_name(name: &str) -> Result<(), String> {
+pub fn check_name(name: &str) -> Result<(), NameError> {
     if name.is_empty() {
-        return Err("empty name".to_owned());
+        return Err(NameError::Empty);
     }
     if name.len() > MAX_NAME {
-        return Err(format!("name longer than {MAX_NAME} bytes"));
+        return Err(NameError::TooLong);
     }
     if let Some(c) = name
         .chars()
         .find(|c| !(c.is_ascii_alphanumeric() || matches!(c, '.' | '_' | '/' | '-')))
     {
-        return Err(format!(
-            "name {name:?} has {c:?} (allowed: A-Z a-z 0-9 . _ / -)"
-        ));
+        return Err(NameError::BadChar {
+            name: name.to_owned(),
+            c,
+        });
     }
     Ok(())
 }
 
-pub fn parse_request(bytes: &[u8]) -> Result<Request<'_>, String> {
-    let text = std::str::from_utf8(bytes).map_err(|_| "request is not UTF-8".to_owned())?;
+pub fn parse_request(bytes: &[u8]) -> Result<Request<'_>, ProtocolError> {
+    let text = std::str::from_utf8(bytes).map_err(|_| ProtocolError::NotUtf8)?;
     let (verb, name) = text.split_once(' ').unwrap_or((text, ""));
     match verb {
         "sync" if name.is_empty() && !text.contains(' ') => Ok(Request::Sync),
-        "store" => check_name(name).map(|()| Request::Store(name)),
-        "remove" => check_name(name).map(|()| Request::Remove(name)),
-        _ => Err(format!(
-            "unknown request {:?} (expected store NAME, remove NAME or sync)",
-            text.chars().take(40).collect::<String>()
-        )),
+        "store" => Ok(check_name(name).map(|()| Request::Store(name))?),
+        "remove" => Ok(check_name(name).map(|()| Request::Remove(name))?),
+        _ => Err(ProtocolError::Unknown(text.chars().take(40).collect())),
     }
 }
 
@@ -77,7 +108,7 @@ pub fn format_fd_list<'a>(names: impl IntoIterator<Item = &'a str>) -> String {
 }
 
 /// The inverse of [`format_fd_list`] (any fd numbers ≥ 3, each at most once).
-pub fn parse_fd_list(text: &str) -> Result<Vec<(i32, String)>, String> {
+pub fn parse_fd_list(text: &str) -> Result<Vec<(i32, String)>, ProtocolError> {
     let mut out: Vec<(i32, String)> = Vec::new();
     if text.is_empty() {
         return Ok(out);
@@ -85,18 +116,27 @@ pub fn parse_fd_list(text: &str) -> Result<Vec<(i32, String)>, String> {
     for entry in text.split(',') {
         let (fd, name) = entry
             .split_once('=')
-            .ok_or_else(|| format!("entry {entry:?} is not FD=NAME"))?;
-        let fd: i32 = fd
-            .parse()
-            .map_err(|_| format!("entry {entry:?}: {fd:?} is not an fd number"))?;
+            .ok_or_else(|| ProtocolError::NotFdName {
+                entry: entry.to_owned(),
+            })?;
+        let fd: i32 = fd.parse().map_err(|_| ProtocolError::NotAnFd {
+            entry: entry.to_owned(),
+            fd: fd.to_owned(),
+        })?;
         if fd < 3 {
-            return Err(format!(
-                "entry {entry:?}: fd {fd} is stdin, stdout or stderr"
-            ));
+            return Err(ProtocolError::StdFd {
+                entry: entry.to_owned(),
+                fd,
+            });
         }
-        check_name(name).map_err(|e| format!("entry {entry:?}: {e}"))?;
+        check_name(name).map_err(|source| ProtocolError::EntryName {
+            entry: entry.to_owned(),
+            source,
+        })?;
         if out.iter().any(|(f, n)| *f == fd || n == name) {
-            return Err(format!("entry {entry:?}: fd or name given twice"));
+            return Err(ProtocolError::Twice {
+                entry: entry.to_owned(),
+            });
         }
         out.push((fd, name.to_owned()));
     }

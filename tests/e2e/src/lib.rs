@@ -20,6 +20,7 @@ use serde::de::DeserializeOwned;
 use tokio::task::JoinHandle;
 use tokio_util::sync::CancellationToken;
 
+pub mod binaries;
 pub mod browser;
 
 pub const TIMEOUT: Duration = Duration::from_secs(60);

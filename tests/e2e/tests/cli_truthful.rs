@@ -8,6 +8,7 @@ use fleetcast_events::RingName;
 use std::process::{Output, Stdio};
 use std::time::Duration;
 
+use fleetcast_e2e::binaries::binary;
 use fleetcast_e2e::{Pipeline, TIMEOUT, script_app};
 use fleetcast_events::tracker::Command;
 use fleetcast_events::tracker::Phase;
@@ -20,7 +21,7 @@ use tokio::io::AsyncBufReadExt;
 const HANG_GUARD: Duration = Duration::from_secs(180);
 
 fn command(args: &[&str], nats_url: &str) -> tokio::process::Command {
-    let mut cmd = tokio::process::Command::new(env!("CARGO_BIN_EXE_fleetcast"));
+    let mut cmd = tokio::process::Command::new(binary("fleetcast"));
     cmd.args(args)
         .env("FLEETCAST_NATS_URL", nats_url)
         // The test servers have no accounts or TLS.
@@ -384,7 +385,7 @@ async fn rollout_watch_off_a_terminal_prints_one_line_per_change_as_it_happens()
 /// One table of exit codes: `fleetcast --help` prints it, and README.md has the same codes.
 #[test]
 fn help_and_readme_document_every_exit_code() {
-    let out = std::process::Command::new(env!("CARGO_BIN_EXE_fleetcast"))
+    let out = std::process::Command::new(binary("fleetcast"))
         .arg("--help")
         .output()
         .expect("run fleetcast");

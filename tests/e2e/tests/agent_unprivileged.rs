@@ -128,9 +128,9 @@ stay_up = "300ms"
             "--bounding-set=-all,+setuid,+setgid,+kill,+chown",
             "--no-new-privs",
             "--",
-            env!("CARGO_BIN_EXE_fleetcast-agent"),
-            "--config",
         ])
+        .arg(fleetcast_e2e::binaries::binary("fleetcast-agent"))
+        .arg("--config")
         .arg(&config)
         .stdin(Stdio::null())
         .stdout(log.try_clone().expect("log"))

@@ -13,6 +13,7 @@ use std::time::Duration;
 use fleetcast_agent::health::HealthGate;
 use fleetcast_agent::journal::Journal;
 use fleetcast_agent::settings::AppSettings;
+use fleetcast_e2e::binaries::binary;
 use fleetcast_e2e::{Pipeline, TIMEOUT, eventually};
 use fleetcast_events::v1::{AgentStatus, AppState};
 use fleetcast_harness::fixtures::PackageBuilder;
@@ -82,7 +83,7 @@ fn demo_agent(
         heartbeat: Duration::from_secs(1),
         apps: vec![AppSettings {
             name: AppName::from_static("demo"),
-            command: vec![env!("CARGO_BIN_EXE_fleetcast-demo-app").into()],
+            command: vec![demo_app_bin()],
             env,
             health: HealthGate {
                 stay_up: Duration::from_millis(300),
@@ -298,15 +299,9 @@ async fn without_the_hand_over_requests_between_two_versions_are_refused() {
     assert!(load.answered.contains_key("2.0.0"), "{load:?}");
 }
 
-/// A binary the workspace builds beside the demo app (the agent, its launcher).
-fn sibling(name: &str) -> std::path::PathBuf {
-    let path = std::path::Path::new(env!("CARGO_BIN_EXE_fleetcast-demo-app")).with_file_name(name);
-    assert!(
-        path.is_file(),
-        "{} is missing: build it first (cargo build -p {name})",
-        path.display()
-    );
-    path
+/// The demo app's binary, as the agent's config names it.
+fn demo_app_bin() -> String {
+    binary("fleetcast-demo-app").display().to_string()
 }
 
 /// As a host runs it: `fleetcast-launcher` running the agent, which supervises the demo app on
@@ -318,7 +313,7 @@ async fn the_agent_updates_itself_while_the_demo_app_keeps_answering() {
     let p = Pipeline::start().await.expect("pipeline");
     let host = tempfile::tempdir().expect("tmp");
     let port = free_port();
-    let (agent_bin, launcher_bin) = (sibling("fleetcast-agent"), sibling("fleetcast-launcher"));
+    let (agent_bin, launcher_bin) = (binary("fleetcast-agent"), binary("fleetcast-launcher"));
     let data = host.path().join("data");
     let config = host.path().join("agent.toml");
     std::fs::write(
@@ -333,7 +328,7 @@ async fn the_agent_updates_itself_while_the_demo_app_keeps_answering() {
             data.display(),
             p.key.public().to_text().trim(),
             p.nats.url(),
-            env!("CARGO_BIN_EXE_fleetcast-demo-app"),
+            demo_app_bin(),
         ),
     )
     .expect("config");

@@ -35,7 +35,7 @@ impl Case {
     }
 
     fn agent(&self, fault: Option<&str>) -> Child {
-        let mut cmd = Command::new(env!("CARGO_BIN_EXE_fleetcast-agent"));
+        let mut cmd = Command::new(fleetcast_e2e::binaries::binary("fleetcast-agent"));
         cmd.arg("--config")
             .arg(&self.config)
             .env("RUST_LOG", "warn")
@@ -162,7 +162,7 @@ async fn every_crash_point_ends_with_one_complete_version_running() {
             // Aborted there, and nowhere else (a config it refused would also fail).
             assert_eq!(
                 std::os::unix::process::ExitStatusExt::signal(&status),
-                Some(libc::SIGABRT),
+                Some(nix::libc::SIGABRT),
                 "{target} {point}: the agent did not stop at its fault point ({status})"
             );
 

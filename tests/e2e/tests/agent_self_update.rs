@@ -6,9 +6,10 @@
 //! which refuses the release and reports why. Then the crash matrix: the agent or the launcher
 //! killed at each step of an upgrade ends with exactly one agent and the app never restarted.
 //!
-//! The releases hold `bin/fleetcast-agent` as a small script that execs the agent binary this
-//! test was built with (or fails as a broken one would): the package stays small, and what is
-//! tested (the trial, the adoption, the way back) is the same as with the binary inside.
+//! The releases hold `bin/fleetcast-agent` as a small script that execs the workspace's agent
+//! binary (built by [`fleetcast_e2e::binaries`]; or fails as a broken one would): the package
+//! stays small, and what is tested (the trial, the adoption, the way back) is the same as with
+//! the binary inside.
 
 use fleetcast_events::AgentId;
 use std::path::{Path, PathBuf};
@@ -31,16 +32,12 @@ fn agent_app() -> String {
     fleetcast_events::names::agent_app(std::env::consts::OS, std::env::consts::ARCH)
 }
 
-/// The launcher binary, built beside the agent's (the workspace's tests build every binary).
 fn launcher_bin() -> PathBuf {
-    let path =
-        Path::new(env!("CARGO_BIN_EXE_fleetcast-agent")).with_file_name("fleetcast-launcher");
-    assert!(
-        path.is_file(),
-        "{} is missing: build it first (cargo build -p fleetcast-launcher)",
-        path.display()
-    );
-    path
+    fleetcast_e2e::binaries::binary("fleetcast-launcher")
+}
+
+fn agent_bin() -> PathBuf {
+    fleetcast_e2e::binaries::binary("fleetcast-agent")
 }
 
 /// An app that says which version runs and prints a numbered line every 200 ms.
@@ -59,10 +56,7 @@ fn agent_release(body: &str) -> PackageBuilder {
 }
 
 fn good_agent() -> PackageBuilder {
-    agent_release(&format!(
-        "exec {} \"$@\"",
-        env!("CARGO_BIN_EXE_fleetcast-agent")
-    ))
+    agent_release(&format!("exec {} \"$@\"", agent_bin().display()))
 }
 
 struct Host {
@@ -120,7 +114,7 @@ impl Host {
             .arg("--root")
             .arg(&self.root)
             .arg("--agent")
-            .arg(env!("CARGO_BIN_EXE_fleetcast-agent"))
+            .arg(agent_bin())
             .arg("--")
             .arg("--config")
             .arg(&self.config)
@@ -304,7 +298,7 @@ async fn the_agent_updates_itself_adopting_its_app_and_goes_back_from_a_broken_r
         "4.0.0",
         &agent_release(&format!(
             "FLEETCAST_AGENT_NATS__URL=nats://127.0.0.1:9 exec {} \"$@\"",
-            env!("CARGO_BIN_EXE_fleetcast-agent")
+            agent_bin().display()
         )),
     )
     .await;
@@ -553,51 +547,53 @@ async fn the_tracker_rolls_an_agent_release_out_and_halts_a_broken_one() {
     drop(launcher);
 }
 
-/// The agents aborted (as a kill -9 would) inside the upgrade's own steps: the old one after it
-/// told the launcher to run the trial, before it exited; the new one after it became the
-/// launcher's current, before its journal said so. Each ends with the new agent current and
-/// committed, one agent, the app never restarted.
-#[cfg(feature = "fault-points")]
-#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
-async fn an_agent_aborted_inside_its_upgrade_ends_on_the_new_one_with_the_app_running() {
-    let p = Pipeline::start().await.expect("pipeline");
-    let agent = agent_app();
-    p.release(&agent, "2.0.0", &good_agent()).await;
-    p.release("shapp", "1.0.0", &ticking_app("1.0.0")).await;
-    let dir = tempfile::tempdir().expect("tmp");
-    for point in fleetcast_agent::fault::SELF_UPDATE_POINTS {
-        // One host per point, each in a ring of its own.
-        let host = Host::in_ring(&p, &dir.path().join(point), point);
-        p.desire("shapp", point, "1.0.0").await;
-        let launcher = host.launcher_with(Some(point));
-        until(&host, "the app runs 1.0.0", || host.running() == "1.0.0").await;
-        // Committed: an agent killed in the middle of an app's update restarts that app (the
-        // update is started afresh), which is not what this test is about.
-        until(&host, "the app's 1.0.0 committed", || {
-            Journal::load(&host.data.join("apps/shapp"))
-                .is_ok_and(|j| j.committed == Some(v("1.0.0")))
-        })
-        .await;
-        let app = host.app_pid().unwrap_or_default();
-        p.desire(&agent, point, "2.0.0").await;
-        until(&host, "agent 2.0.0 current and committed", || {
-            host.current() == "2.0.0" && host.agent_journal().committed == Some(v("2.0.0"))
-        })
-        .await;
-        let log = std::fs::read_to_string(&host.log).unwrap_or_default();
-        assert!(
-            log.contains(&format!("fault point {point}: aborting")),
-            "{point}: never reached\n{}",
-            host.dump()
-        );
-        until(&host, "one agent", || host.agents() == 1).await;
-        assert_eq!(
-            host.app_pid(),
-            Some(app),
-            "{point}: the app was not restarted\n{}",
-            host.dump()
-        );
-        drop(launcher);
-        until(&host, "no agent left", || host.agents() == 0).await;
+// Only with the agent's fault points (the `fault-points` feature).
+fleetcast_agent::with_fault_points! {
+    /// The agents aborted (as a kill -9 would) inside the upgrade's own steps: the old one after it
+    /// told the launcher to run the trial, before it exited; the new one after it became the
+    /// launcher's current, before its journal said so. Each ends with the new agent current and
+    /// committed, one agent, the app never restarted.
+    #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+    async fn an_agent_aborted_inside_its_upgrade_ends_on_the_new_one_with_the_app_running() {
+        let p = Pipeline::start().await.expect("pipeline");
+        let agent = agent_app();
+        p.release(&agent, "2.0.0", &good_agent()).await;
+        p.release("shapp", "1.0.0", &ticking_app("1.0.0")).await;
+        let dir = tempfile::tempdir().expect("tmp");
+        for point in fleetcast_agent::fault::SELF_UPDATE_POINTS {
+            // One host per point, each in a ring of its own.
+            let host = Host::in_ring(&p, &dir.path().join(point), point);
+            p.desire("shapp", point, "1.0.0").await;
+            let launcher = host.launcher_with(Some(point));
+            until(&host, "the app runs 1.0.0", || host.running() == "1.0.0").await;
+            // Committed: an agent killed in the middle of an app's update restarts that app (the
+            // update is started afresh), which is not what this test is about.
+            until(&host, "the app's 1.0.0 committed", || {
+                Journal::load(&host.data.join("apps/shapp"))
+                    .is_ok_and(|j| j.committed == Some(v("1.0.0")))
+            })
+            .await;
+            let app = host.app_pid().unwrap_or_default();
+            p.desire(&agent, point, "2.0.0").await;
+            until(&host, "agent 2.0.0 current and committed", || {
+                host.current() == "2.0.0" && host.agent_journal().committed == Some(v("2.0.0"))
+            })
+            .await;
+            let log = std::fs::read_to_string(&host.log).unwrap_or_default();
+            assert!(
+                log.contains(&format!("fault point {point}: aborting")),
+                "{point}: never reached\n{}",
+                host.dump()
+            );
+            until(&host, "one agent", || host.agents() == 1).await;
+            assert_eq!(
+                host.app_pid(),
+                Some(app),
+                "{point}: the app was not restarted\n{}",
+                host.dump()
+            );
+            drop(launcher);
+            until(&host, "no agent left", || host.agents() == 0).await;
+        }
     }
 }
