@@ -11,14 +11,16 @@ mod settings;
 use std::sync::Arc;
 
 use async_nats::jetstream::Message;
+use async_nats::jetstream::stream;
 use fleetcast_events::Encoding;
 use fleetcast_events::names::{self, RELEASE_SIGNED, RELEASE_STORED, release_key};
 use fleetcast_events::v1::*;
+use fleetcast_runtime::bus::Role;
 use fleetcast_runtime::consume::{
-    ConsumerSpec, Outcome, RefusedRelease, decode_or_reject, reject_release, run_consumer,
+    ConsumerSpec, Outcome, RefusedRelease, Refuser, decode_or_reject, reject_release, run_consumer,
 };
 use fleetcast_runtime::observe::{self, Endpoint, ObserveError};
-use fleetcast_runtime::{Bus, BusError, Trust, trust};
+use fleetcast_runtime::{Bus, BusError, Incoming, Records, Trust, TrustBucket, trust};
 use time::OffsetDateTime;
 use tokio_util::sync::CancellationToken;
 
@@ -46,7 +48,7 @@ pub async fn run(settings: Settings, shutdown: CancellationToken) -> Result<(), 
     let trusted = settings.trusted()?;
     let metrics = Arc::new(metrics::Metrics::new());
     let endpoint = Endpoint::new(metrics::IDENTITY, metrics.clone());
-    let Some((bus, _serving)) = observe::serve_and_connect::<DistributorError>(
+    let Some((bus, _serving)) = observe::serve_and_connect::<DistributorError, DistributorBus>(
         SERVICE,
         &settings.nats,
         settings.metrics_listen,
@@ -59,11 +61,10 @@ pub async fn run(settings: Settings, shutdown: CancellationToken) -> Result<(), 
         return Ok(());
     };
     let trusted = Arc::new(trusted);
-    let following = trusted.clone().start_following(bus.clone()).await;
+    let following = trusted.clone().start_following(bus.trust.clone()).await;
     let following = tokio::spawn(following.run(trust::SERVICE_RECHECK, shutdown.clone()));
-    let store = ChunkStore::new(bus.clone());
     let distributor = Distributor {
-        store,
+        store: bus.chunks.clone(),
         bus: bus.clone(),
         settings: Arc::new(settings),
         trusted,
@@ -111,9 +112,37 @@ pub async fn run(settings: Settings, shutdown: CancellationToken) -> Result<(), 
     Ok(())
 }
 
+/// What the distributor uses of the bus: the release events (signed releases and patch
+/// requests in, stored releases and refusals out), the release records, the incoming archives,
+/// the chunk store, and the trust bucket (roots read).
+#[derive(Clone)]
+struct DistributorBus {
+    bus: Bus,
+    releases_stream: stream::Stream,
+    records: Records,
+    incoming: Incoming,
+    chunks: ChunkStore,
+    trust: TrustBucket,
+}
+
+fleetcast_runtime::bus_role!(DistributorBus);
+
+impl Role for DistributorBus {
+    async fn bind(bus: &Bus) -> Result<Self, BusError> {
+        Ok(DistributorBus {
+            releases_stream: bus.stream(names::RELEASES_STREAM).await?,
+            records: bus.records().await?,
+            incoming: bus.incoming().await?,
+            chunks: ChunkStore::bind(bus).await?,
+            trust: TrustBucket::bind(bus).await?,
+            bus: bus.clone(),
+        })
+    }
+}
+
 #[derive(Clone)]
 struct Distributor {
-    bus: Bus,
+    bus: DistributorBus,
     settings: Arc<Settings>,
     trusted: Arc<Trust>,
     store: ChunkStore,
@@ -137,7 +166,12 @@ impl Distributor {
             Ok(e) => e,
             Err(outcome) => return self.invalid_event(outcome),
         };
-        let record = match self.bus.release_record(&event.app, &event.version).await {
+        let record = match self
+            .bus
+            .records
+            .release_record(&event.app, &event.version)
+            .await
+        {
             Ok(r) => r,
             Err(e) => return Outcome::Retry(e.to_string()),
         };
@@ -166,6 +200,7 @@ impl Distributor {
             let work_dir = self.settings.work_dir();
             match self
                 .bus
+                .incoming
                 .fetch_archive(
                     &event.object,
                     &event.blake3,
@@ -278,7 +313,8 @@ impl Distributor {
         app: &str,
         version: &semver::Version,
     ) -> Result<Option<fleetcast_events::VerifiedManifest>, String> {
-        let record = (self.bus.release_record(app, version).await).map_err(|e| e.to_string())?;
+        let record =
+            (self.bus.records.release_record(app, version).await).map_err(|e| e.to_string())?;
         let Some(record) = record else {
             return Ok(None);
         };
@@ -344,6 +380,7 @@ impl Distributor {
         };
         // The record first: whoever reacts to `release.stored` (the tracker) finds it stored.
         self.bus
+            .records
             .put_release_record(&ReleaseRecord {
                 app: event.app.clone(),
                 version: event.version.clone(),
@@ -379,7 +416,18 @@ impl Distributor {
             archive: None,
         };
         let reason = Rejection { code, message };
-        let outcome = reject_release(&self.bus, SERVICE, release, reason, true).await;
+        let outcome = reject_release(
+            Refuser {
+                stage: SERVICE,
+                bus: &self.bus,
+                records: &self.bus.records,
+                incoming: &self.bus.incoming,
+            },
+            release,
+            reason,
+            true,
+        )
+        .await;
         if matches!(outcome, Outcome::Done) {
             self.metrics.rejected(code);
         }

@@ -3,7 +3,7 @@
 
 use std::time::Duration;
 
-use async_nats::jetstream::{self, kv, object_store, stream};
+use async_nats::jetstream::{self, kv, stream};
 use async_nats::{ConnectOptions, HeaderMap};
 use fleetcast_events::names::*;
 use fleetcast_events::{CONTENT_TYPE, Encoding};
@@ -38,22 +38,14 @@ pub enum BusError {
     Request { subject: String, reason: String },
 }
 
-/// A connected client with handles to every stream, bucket and store.
+/// A connection to NATS: the client, its JetStream context and who it is. Each role binds the
+/// streams, buckets and stores it uses into a handle of its own (the signer's `SignerBus`, the
+/// agent's [`AgentBus`](crate::AgentBus), …), so what a role does not use it never looks up,
+/// and its NATS permissions need not allow it.
 #[derive(Clone)]
 pub struct Bus {
     pub client: async_nats::Client,
     pub js: jetstream::Context,
-    pub releases_stream: stream::Stream,
-    pub chunks: stream::Stream,
-    pub status_stream: stream::Stream,
-    pub releases: kv::Store,
-    pub signer_state: kv::Store,
-    pub desired: kv::Store,
-    pub fleet: kv::Store,
-    pub rollouts: kv::Store,
-    /// Roots and the signer's timestamp (see `fleetcast_events::trust`).
-    pub trust: kv::Store,
-    pub incoming: object_store::ObjectStore,
     /// The NATS user this connection authenticates as (its credentials' name), which the
     /// server lets publish on its own subjects only (`names::tracker_command_subject`, …);
     /// [`names::UNAUTHENTICATED`] without credentials (insecure development mode).
@@ -61,6 +53,27 @@ pub struct Bus {
     /// How many times the client has connected: it changes on every reconnect, after which
     /// a core subscription's holder re-reads what it may have missed while disconnected.
     pub connections: watch::Receiver<u64>,
+}
+
+/// A role's handle on the bus: its connection and what it binds of the streams, buckets and
+/// stores (the signer's `SignerBus`, …). Bound once at start ([`Bus::bind`] waits until they
+/// exist); a role that does not bind a stream needs no permission to look it up.
+pub trait Role: Sized {
+    fn bind(bus: &Bus) -> impl std::future::Future<Output = Result<Self, BusError>> + Send;
+}
+
+/// Lets a role's handle (a struct with a `bus: Bus` field) be used where its connection is:
+/// publishing, requests, refusals.
+#[macro_export]
+macro_rules! bus_role {
+    ($role:ty) => {
+        impl ::std::ops::Deref for $role {
+            type Target = $crate::Bus;
+            fn deref(&self) -> &$crate::Bus {
+                &self.bus
+            }
+        }
+    };
 }
 
 /// Largest chunk as stored (a 256 KiB chunk that zstd could not shrink, plus its frame).
@@ -77,58 +90,73 @@ struct BucketSpec {
     replicas: usize,
     max_bytes: i64,
     max_value_size: i32,
+    /// Where the server republishes every write of its keys (prefix + key; see
+    /// [`DESIRED_SUBJECT_PREFIX`] for why).
+    republish: Option<&'static str>,
 }
 
 impl Bus {
     /// Connects (retrying with backoff until `shutdown`) and creates every stream and bucket
-    /// that does not exist yet, with `settings.replicas`: what the fleetcast services do.
+    /// that does not exist yet, with `settings.replicas`: what the fleetcast services do, so
+    /// that any of them can start first.
     pub async fn connect(
         settings: &NatsSettings,
         name: &str,
         shutdown: &CancellationToken,
     ) -> Result<Bus, BusError> {
-        Bus::open(settings, name, shutdown, Resources::Create).await
+        let bus = Bus::attach(settings, name, shutdown).await?;
+        // Boxed: setting up every stream and bucket is a large future, and callers' own
+        // futures (tests' included) should not carry it on their stacks.
+        bus.bind(shutdown, || Box::pin(provision(&bus.js, settings)))
+            .await?;
+        Ok(bus)
     }
 
-    /// Connects and binds to the streams and buckets the services created, waiting until they
-    /// exist: what agents and the CLI do. They never create one, so none ends up with their
-    /// defaults (a single replica on a cluster), and their credentials need no right to.
+    /// Connects without creating anything: what agents and the CLI do. They bind what they
+    /// use ([`Bus::bind`] waits until a service has created it) and never create a stream or
+    /// bucket, so none ends up with their defaults (a single replica on a cluster), and their
+    /// credentials need no right to.
     pub async fn attach(
         settings: &NatsSettings,
         name: &str,
         shutdown: &CancellationToken,
     ) -> Result<Bus, BusError> {
-        Bus::open(settings, name, shutdown, Resources::Bind).await
-    }
-
-    async fn open(
-        settings: &NatsSettings,
-        name: &str,
-        shutdown: &CancellationToken,
-        resources: Resources,
-    ) -> Result<Bus, BusError> {
         let user = match &settings.credentials {
-            Some(path) => credentials_user(path).map_err(|reason| BusError::Connect {
+            Some(path) => credentials_user(path).map_err(|e| BusError::Connect {
                 url: settings.url.clone(),
-                reason,
+                reason: e.to_string(),
             })?,
             None => UNAUTHENTICATED.to_string(),
         };
-        // Boxed, as `ensure` below: async-nats's connect is a large future.
+        // Boxed: async-nats's connect is a large future.
         let (client, connections) = Box::pin(connect(settings, name, shutdown)).await?;
+        let js = jetstream::ContextBuilder::new()
+            .timeout(settings.request_timeout)
+            .build(client.clone());
+        Ok(Bus {
+            client,
+            js,
+            user,
+            connections,
+        })
+    }
+
+    /// Runs `bind` (a role binding its handles, or a service setting up the store) until it
+    /// succeeds, retrying with backoff until `shutdown`: JetStream may not be ready yet, or a
+    /// stream not created yet by the service that creates it.
+    pub async fn bind<T, F, Fut>(
+        &self,
+        shutdown: &CancellationToken,
+        bind: F,
+    ) -> Result<T, BusError>
+    where
+        F: Fn() -> Fut,
+        Fut: std::future::Future<Output = Result<T, BusError>>,
+    {
         let mut delays = crate::retry::delays(Duration::from_millis(200), Duration::from_secs(5));
         loop {
-            // Boxed: setting up every stream and bucket is a large future, and callers' own
-            // futures (tests' included) should not carry it on their stacks.
-            match Box::pin(Bus::ensure(
-                client.clone(),
-                connections.clone(),
-                settings,
-                resources,
-            ))
-            .await
-            {
-                Ok(bus) => return Ok(Bus { user, ..bus }),
+            match bind().await {
+                Ok(bound) => return Ok(bound),
                 Err(e) => {
                     tracing::warn!(error = %e, "JetStream not ready, retrying");
                     let delay = delays.next().unwrap_or_default();
@@ -141,170 +169,44 @@ impl Bus {
         }
     }
 
-    async fn ensure(
-        client: async_nats::Client,
-        connections: watch::Receiver<u64>,
-        settings: &NatsSettings,
-        resources: Resources,
-    ) -> Result<Bus, BusError> {
-        let js = jetstream::ContextBuilder::new()
-            .timeout(settings.request_timeout)
-            .build(client.clone());
-        let quotas = &settings.quotas;
-        let releases_stream = stream_with(
-            &js,
-            resources,
-            stream::Config {
-                name: RELEASES_STREAM.into(),
-                subjects: RELEASES_STREAM_SUBJECTS
-                    .iter()
-                    .map(|s| s.to_string())
-                    .collect(),
-                max_age: Duration::from_secs(90 * 24 * 3600),
-                max_bytes: quotas.releases_stream_bytes,
-                max_message_size: quotas.record_bytes,
-                duplicate_window: Duration::from_secs(300),
-                storage: stream::StorageType::File,
-                num_replicas: settings.replicas,
-                ..Default::default()
-            },
-        )
-        .await?;
-        let chunks = stream_with(
-            &js,
-            resources,
-            stream::Config {
-                name: CHUNKS_STREAM.into(),
-                subjects: vec![CHUNKS_STREAM_SUBJECTS.into()],
-                // A chunk is immutable and named by its app and content: one message per
-                // subject.
-                max_messages_per_subject: 1,
-                max_message_size: MAX_CHUNK_MESSAGE,
-                max_bytes: quotas.chunks_bytes,
-                // Full: new chunks are refused (the release is not stored), never old ones
-                // dropped from under the releases that use them.
-                discard: stream::DiscardPolicy::New,
-                allow_direct: true,
-                storage: stream::StorageType::File,
-                num_replicas: settings.replicas,
-                ..Default::default()
-            },
-        )
-        .await?;
-        if resources == Resources::Create {
-            widen_chunk_subjects(&js, &chunks).await;
-        }
-        let status_stream = stream_with(
-            &js,
-            resources,
-            stream::Config {
-                name: STATUS_STREAM.into(),
-                subjects: STATUS_STREAM_SUBJECTS
-                    .iter()
-                    .map(|s| s.to_string())
-                    .collect(),
-                max_age: Duration::from_secs(7 * 24 * 3600),
-                // Full before a week: the oldest reports go first (the tracker's inventory
-                // holds what they said).
-                max_bytes: quotas.status_stream_bytes,
-                max_message_size: quotas.status_message_bytes,
-                storage: stream::StorageType::File,
-                num_replicas: settings.replicas,
-                ..Default::default()
-            },
-        )
-        .await?;
-        // Buckets holding a signed manifest, and the rollouts (a failure
-        // reason per host), take records up to `record_bytes`; the others hold small state.
-        let bucket = |name: &'static str, history: i64, record: bool| BucketSpec {
-            name,
-            history,
-            replicas: settings.replicas,
-            max_bytes: if record {
-                quotas.record_bucket_bytes
-            } else {
-                quotas.bucket_bytes
-            },
-            max_value_size: if record {
-                quotas.record_bytes
-            } else {
-                quotas.state_bytes
-            },
-        };
-        let releases = kv_bucket(&js, resources, bucket(RELEASES_BUCKET, 10, true), None).await?;
-        let signer_state =
-            kv_bucket(&js, resources, bucket(SIGNER_BUCKET, 10, false), None).await?;
-        let desired = kv_bucket(
-            &js,
-            resources,
-            bucket(DESIRED_BUCKET, 10, true),
-            Some(DESIRED_SUBJECT_PREFIX),
-        )
-        .await?;
-        let fleet = kv_bucket(&js, resources, bucket(FLEET_BUCKET, 1, false), None).await?;
-        let rollouts = kv_bucket(&js, resources, bucket(ROLLOUTS_BUCKET, 10, true), None).await?;
-        let trust = kv_bucket(
-            &js,
-            resources,
-            bucket(TRUST_BUCKET, 1, false),
-            Some(TRUST_SUBJECT_PREFIX),
-        )
-        .await?;
-        let incoming = match js.get_object_store(INCOMING_BUCKET).await {
-            Ok(store) => store,
-            Err(e) if resources == Resources::Bind => return Err(not_set_up(INCOMING_BUCKET, &e)),
-            Err(_) => {
-                // The object store's own stream (as async-nats's `create_object_store` makes
-                // it), made here so it gets a largest message size too, which that call does
-                // not set.
-                stream_with(
-                    &js,
-                    resources,
-                    stream::Config {
-                        name: format!("OBJ_{INCOMING_BUCKET}"),
-                        description: Some(
-                            "release archives waiting to be signed and chunked".into(),
-                        ),
-                        subjects: vec![
-                            format!("$O.{INCOMING_BUCKET}.C.>"),
-                            format!("$O.{INCOMING_BUCKET}.M.>"),
-                        ],
-                        max_bytes: quotas.incoming_bytes,
-                        max_age: quotas.incoming_max_age,
-                        max_message_size: MAX_OBJECT_MESSAGE,
-                        storage: stream::StorageType::File,
-                        num_replicas: settings.replicas,
-                        discard: stream::DiscardPolicy::New,
-                        allow_rollup: true,
-                        allow_direct: true,
-                        ..Default::default()
-                    },
-                )
-                .await?;
-                js.get_object_store(INCOMING_BUCKET)
-                    .await
-                    .map_err(|e| BusError::Setup {
-                        what: INCOMING_BUCKET.into(),
-                        reason: e.to_string(),
-                    })?
-            }
-        };
-        Ok(Bus {
-            client,
-            js,
-            releases_stream,
-            chunks,
-            status_stream,
-            releases,
-            signer_state,
-            desired,
-            fleet,
-            rollouts,
-            trust,
-            incoming,
-            user: String::new(),
-            connections,
-        })
+    /// A stream a service created (see [`names`]).
+    pub async fn stream(&self, name: &str) -> Result<stream::Stream, BusError> {
+        self.js
+            .get_stream(name)
+            .await
+            .map_err(|e| not_set_up(name, &e))
+    }
+
+    /// A KV bucket a service created (see [`names`]).
+    pub async fn bucket(&self, name: &str) -> Result<kv::Store, BusError> {
+        self.js
+            .get_key_value(name)
+            .await
+            .map_err(|e| not_set_up(name, &e))
+    }
+
+    /// The incoming object store, where archives wait to be signed and chunked.
+    pub async fn incoming(&self) -> Result<crate::releases::Incoming, BusError> {
+        let store = self
+            .js
+            .get_object_store(INCOMING_BUCKET)
+            .await
+            .map_err(|e| not_set_up(INCOMING_BUCKET, &e))?;
+        Ok(crate::releases::Incoming::new(store))
+    }
+
+    /// The release records (`fleetcast releases`, what each stage decided).
+    pub async fn records(&self) -> Result<crate::releases::Records, BusError> {
+        Ok(crate::releases::Records::new(
+            self.bucket(RELEASES_BUCKET).await?,
+        ))
+    }
+
+    /// The desired states agents follow.
+    pub async fn desired(&self) -> Result<crate::releases::Desired, BusError> {
+        Ok(crate::releases::Desired::new(
+            self.bucket(DESIRED_BUCKET).await?,
+        ))
     }
 
     /// A core NATS request carrying an event (content type in its header); the reply is
@@ -416,11 +318,127 @@ pub(crate) fn encode_event<T: Serialize>(
     Ok((headers, payload))
 }
 
-/// Whether a client creates the streams and buckets that are missing or only binds to them.
-#[derive(Debug, Clone, Copy, PartialEq, Eq)]
-enum Resources {
-    Create,
-    Bind,
+/// The streams fleetcast creates: the release events, the chunks, the agents' reports.
+fn streams(settings: &NatsSettings) -> [stream::Config; 3] {
+    let quotas = &settings.quotas;
+    let subjects = |list: &[&str]| list.iter().map(|s| s.to_string()).collect();
+    let releases = stream::Config {
+        name: RELEASES_STREAM.into(),
+        subjects: subjects(&RELEASES_STREAM_SUBJECTS),
+        max_age: Duration::from_secs(90 * 24 * 3600),
+        max_bytes: quotas.releases_stream_bytes,
+        max_message_size: quotas.record_bytes,
+        duplicate_window: Duration::from_secs(300),
+        storage: stream::StorageType::File,
+        num_replicas: settings.replicas,
+        ..Default::default()
+    };
+    let chunks = stream::Config {
+        name: CHUNKS_STREAM.into(),
+        subjects: vec![CHUNKS_STREAM_SUBJECTS.into()],
+        // A chunk is immutable and named by its app and content: one message per subject.
+        max_messages_per_subject: 1,
+        max_message_size: MAX_CHUNK_MESSAGE,
+        max_bytes: quotas.chunks_bytes,
+        // Full: new chunks are refused (the release is not stored), never old ones dropped
+        // from under the releases that use them.
+        discard: stream::DiscardPolicy::New,
+        allow_direct: true,
+        storage: stream::StorageType::File,
+        num_replicas: settings.replicas,
+        ..Default::default()
+    };
+    let status = stream::Config {
+        name: STATUS_STREAM.into(),
+        subjects: subjects(&STATUS_STREAM_SUBJECTS),
+        max_age: Duration::from_secs(7 * 24 * 3600),
+        // Full before a week: the oldest reports go first (the tracker's inventory holds what
+        // they said).
+        max_bytes: quotas.status_stream_bytes,
+        max_message_size: quotas.status_message_bytes,
+        storage: stream::StorageType::File,
+        num_replicas: settings.replicas,
+        ..Default::default()
+    };
+    [releases, chunks, status]
+}
+
+/// The KV buckets fleetcast creates: release records, the signer's state, desired states, the
+/// inventory, rollouts, trust. Buckets holding a signed manifest, and the rollouts (a failure
+/// reason per host), take records up to `record_bytes`; the others hold small state.
+fn buckets(settings: &NatsSettings) -> [BucketSpec; 6] {
+    let quotas = &settings.quotas;
+    let bucket = |name: &'static str, history: i64, record: bool| BucketSpec {
+        name,
+        history,
+        replicas: settings.replicas,
+        max_bytes: if record {
+            quotas.record_bucket_bytes
+        } else {
+            quotas.bucket_bytes
+        },
+        max_value_size: if record {
+            quotas.record_bytes
+        } else {
+            quotas.state_bytes
+        },
+        republish: None,
+    };
+    [
+        bucket(RELEASES_BUCKET, 10, true),
+        bucket(SIGNER_BUCKET, 10, false),
+        BucketSpec {
+            republish: Some(DESIRED_SUBJECT_PREFIX),
+            ..bucket(DESIRED_BUCKET, 10, true)
+        },
+        bucket(FLEET_BUCKET, 1, false),
+        bucket(ROLLOUTS_BUCKET, 10, true),
+        BucketSpec {
+            republish: Some(TRUST_SUBJECT_PREFIX),
+            ..bucket(TRUST_BUCKET, 1, false)
+        },
+    ]
+}
+
+/// The incoming object store's own stream (as async-nats's `create_object_store` makes it),
+/// made here so it gets a largest message size and the incoming quotas too, which that call
+/// does not set.
+fn incoming_stream(settings: &NatsSettings) -> stream::Config {
+    let quotas = &settings.quotas;
+    stream::Config {
+        name: format!("OBJ_{INCOMING_BUCKET}"),
+        description: Some("release archives waiting to be signed and chunked".into()),
+        subjects: vec![
+            format!("$O.{INCOMING_BUCKET}.C.>"),
+            format!("$O.{INCOMING_BUCKET}.M.>"),
+        ],
+        max_bytes: quotas.incoming_bytes,
+        max_age: quotas.incoming_max_age,
+        max_message_size: MAX_OBJECT_MESSAGE,
+        storage: stream::StorageType::File,
+        num_replicas: settings.replicas,
+        discard: stream::DiscardPolicy::New,
+        allow_rollup: true,
+        allow_direct: true,
+        ..Default::default()
+    }
+}
+
+/// Creates every stream, bucket and store that does not exist yet ([`streams`], [`buckets`],
+/// [`incoming_stream`]), and brings older ones up to date (chunk subjects, republishing).
+async fn provision(js: &jetstream::Context, settings: &NatsSettings) -> Result<(), BusError> {
+    let [releases, chunks, status] = streams(settings);
+    create_stream(js, releases).await?;
+    let chunks = create_stream(js, chunks).await?;
+    widen_chunk_subjects(js, &chunks).await;
+    create_stream(js, status).await?;
+    for spec in buckets(settings) {
+        kv_bucket(js, spec).await?;
+    }
+    if js.get_object_store(INCOMING_BUCKET).await.is_err() {
+        create_stream(js, incoming_stream(settings)).await?;
+    }
+    Ok(())
 }
 
 fn not_set_up(what: &str, e: &dyn std::fmt::Display) -> BusError {
@@ -430,53 +448,33 @@ fn not_set_up(what: &str, e: &dyn std::fmt::Display) -> BusError {
     }
 }
 
-async fn stream_with(
+async fn create_stream(
     js: &jetstream::Context,
-    resources: Resources,
     config: stream::Config,
 ) -> Result<stream::Stream, BusError> {
     let name = config.name.clone();
-    match resources {
-        Resources::Create => js
-            .get_or_create_stream(config)
-            .await
-            .map_err(|e| BusError::Setup {
-                what: name,
-                reason: e.to_string(),
-            }),
-        Resources::Bind => js
-            .get_stream(&name)
-            .await
-            .map_err(|e| not_set_up(&name, &e)),
-    }
+    js.get_or_create_stream(config)
+        .await
+        .map_err(|e| BusError::Setup {
+            what: name,
+            reason: e.to_string(),
+        })
 }
 
-/// Looks up a KV bucket, or creates it when missing (and allowed). With `republish`, the server
-/// republishes every write of its keys on that prefix + key (see [`DESIRED_SUBJECT_PREFIX`]
-/// for why).
-async fn kv_bucket(
-    js: &jetstream::Context,
-    resources: Resources,
-    spec: BucketSpec,
-    republish: Option<&str>,
-) -> Result<kv::Store, BusError> {
+/// Looks up a KV bucket, or creates it when missing, with its republish setting when it has
+/// one (added to a bucket made before fleetcast set it).
+async fn kv_bucket(js: &jetstream::Context, spec: BucketSpec) -> Result<kv::Store, BusError> {
     let bucket = spec.name;
-    let republish = republish.map(|prefix| stream::Republish {
+    let republish = spec.republish.map(|prefix| stream::Republish {
         source: format!("$KV.{bucket}.>"),
         destination: format!("{prefix}>"),
         headers_only: false,
     });
-    match js.get_key_value(bucket).await {
-        Ok(store) => {
-            if resources == Resources::Create
-                && let Some(republish) = republish
-            {
-                add_republish(js, &store, republish).await;
-            }
-            return Ok(store);
+    if let Ok(store) = js.get_key_value(bucket).await {
+        if let Some(republish) = republish {
+            add_republish(js, &store, republish).await;
         }
-        Err(e) if resources == Resources::Bind => return Err(not_set_up(bucket, &e)),
-        Err(_) => {}
+        return Ok(store);
     }
     js.create_key_value(kv::Config {
         bucket: bucket.into(),
@@ -518,22 +516,22 @@ async fn add_republish(js: &jetstream::Context, store: &kv::Store, republish: st
     }
 }
 
-/// Refuses a connection without credentials and TLS unless `insecure_dev` is on, and then says
-/// loudly what it is: every service, the agent and the CLI connect through [`connect`], so no
-/// deployment can forget its credentials and still run.
 /// The user name a `.creds` file authenticates as: the `name` claim of its user JWT, which
 /// the server's permission templates (`{{name()}}`) use, so it is the name the server lets
 /// this connection publish under.
-pub fn credentials_user(path: &std::path::Path) -> Result<String, String> {
+fn credentials_user(path: &std::path::Path) -> Result<String, CredentialsError> {
     use base64::Engine;
-    let text = std::fs::read_to_string(path)
-        .map_err(|e| format!("cannot read credentials {}: {e}", path.display()))?;
+    let unreadable = |reason: &str| CredentialsError {
+        path: path.to_path_buf(),
+        reason: reason.to_string(),
+    };
+    let text = std::fs::read_to_string(path).map_err(|e| unreadable(&e.to_string()))?;
     let jwt = text
         .lines()
         .skip_while(|l| !l.contains("BEGIN NATS USER JWT"))
         .nth(1)
         .map(str::trim)
-        .ok_or_else(|| format!("{} holds no user JWT", path.display()))?;
+        .ok_or_else(|| unreadable("holds no user JWT"))?;
     let claims = jwt
         .split('.')
         .nth(1)
@@ -543,15 +541,26 @@ pub fn credentials_user(path: &std::path::Path) -> Result<String, String> {
                 .ok()
         })
         .and_then(|bytes| serde_json::from_slice::<serde_json::Value>(&bytes).ok())
-        .ok_or_else(|| format!("{}: the user JWT does not decode", path.display()))?;
+        .ok_or_else(|| unreadable("the user JWT does not decode"))?;
     let name = claims
         .get("name")
         .and_then(|n| n.as_str())
-        .ok_or_else(|| format!("{}: the user JWT names no user", path.display()))?;
-    validate_user_name(name).map_err(|e| format!("{}: {e}", path.display()))?;
+        .ok_or_else(|| unreadable("the user JWT names no user"))?;
+    validate_user_name(name).map_err(|e| unreadable(&e.to_string()))?;
     Ok(name.to_string())
 }
 
+/// A credentials file that names no usable user.
+#[derive(Debug, thiserror::Error)]
+#[error("credentials {}: {reason}", path.display())]
+struct CredentialsError {
+    path: std::path::PathBuf,
+    reason: String,
+}
+
+/// Refuses a connection without credentials and TLS unless `insecure_dev` is on, and then says
+/// loudly what it is: every service, the agent and the CLI connect through [`connect`], so no
+/// deployment can forget its credentials and still run.
 fn check_secure(settings: &NatsSettings, name: &str) -> Result<(), BusError> {
     let Some(missing) = settings.missing_security() else {
         return Ok(());
@@ -605,83 +614,13 @@ pub async fn connect(
     name: &str,
     shutdown: &CancellationToken,
 ) -> Result<(async_nats::Client, watch::Receiver<u64>), BusError> {
-    // Several servers (a cluster's nodes) as a comma-separated list: the client tries them in
-    // turn and learns the rest of the cluster from the one it reaches.
-    let servers = settings
-        .url
-        .split(',')
-        .map(str::trim)
-        .filter(|u| !u.is_empty())
-        .map(|u| u.parse::<async_nats::ServerAddr>())
-        .collect::<Result<Vec<_>, _>>()
-        .map_err(|e| BusError::Connect {
-            url: settings.url.clone(),
-            reason: e.to_string(),
-        })?;
-    if servers.is_empty() {
-        return Err(BusError::Connect {
-            url: settings.url.clone(),
-            reason: "no server URL".into(),
-        });
-    }
+    let servers = server_addrs(settings)?;
     check_secure(settings, name)?;
     let mut delays = crate::retry::delays(Duration::from_millis(200), Duration::from_secs(5));
     let (count, connections) = watch::channel(0u64);
     let count = std::sync::Arc::new(count);
     loop {
-        let count = count.clone();
-        let mut options = ConnectOptions::new()
-            .name(name)
-            .max_reconnects(None)
-            .request_timeout(Some(settings.request_timeout))
-            .reconnect_delay_callback(|attempts| {
-                Duration::from_millis((100 * attempts as u64).min(2_000))
-            })
-            .event_callback(move |event| {
-                let count = count.clone();
-                async move {
-                    match event {
-                        async_nats::Event::Connected => {
-                            tracing::info!("connected to NATS");
-                            count.send_modify(|n| *n += 1);
-                        }
-                        async_nats::Event::Disconnected => {
-                            tracing::warn!("disconnected from NATS, reconnecting")
-                        }
-                        async_nats::Event::Closed => tracing::debug!("NATS connection closed"),
-                        other => tracing::warn!(event = %other, "NATS connection event"),
-                    }
-                }
-            });
-        if let Some(prefix) = &settings.inbox_prefix {
-            options = options.custom_inbox_prefix(prefix);
-        }
-        if let Some(tls) = &settings.tls {
-            options = options
-                .require_tls(true)
-                .add_root_certificates(tls.ca_file.clone());
-            match (&tls.cert_file, &tls.key_file) {
-                (Some(cert), Some(key)) => {
-                    options = options.add_client_certificate(cert.clone(), key.clone())
-                }
-                (None, None) => {}
-                _ => {
-                    return Err(BusError::Connect {
-                        url: settings.url.clone(),
-                        reason: "nats.tls: cert_file and key_file go together".into(),
-                    });
-                }
-            }
-        }
-        if let Some(creds) = &settings.credentials {
-            options = options
-                .credentials_file(creds)
-                .await
-                .map_err(|e| BusError::Connect {
-                    url: settings.url.clone(),
-                    reason: format!("credentials {}: {e}", creds.display()),
-                })?;
-        }
+        let options = connect_options(settings, name, count.clone()).await?;
         match options.connect(servers.as_slice()).await {
             Ok(client) => return Ok((client, connections)),
             Err(e) => {
@@ -696,10 +635,129 @@ pub async fn connect(
     }
 }
 
+/// The servers of `nats.url`: several (a cluster's nodes) as a comma-separated list, which the
+/// client tries in turn, learning the rest of the cluster from the one it reaches.
+fn server_addrs(settings: &NatsSettings) -> Result<Vec<async_nats::ServerAddr>, BusError> {
+    let fail = |reason: String| BusError::Connect {
+        url: settings.url.clone(),
+        reason,
+    };
+    let servers = settings
+        .url
+        .split(',')
+        .map(str::trim)
+        .filter(|u| !u.is_empty())
+        .map(|u| u.parse::<async_nats::ServerAddr>())
+        .collect::<Result<Vec<_>, _>>()
+        .map_err(|e| fail(e.to_string()))?;
+    if servers.is_empty() {
+        return Err(fail("no server URL".into()));
+    }
+    Ok(servers)
+}
+
+/// The client's options: reconnecting for ever, counting connections into `count`, with the
+/// settings' inbox prefix, TLS and credentials.
+async fn connect_options(
+    settings: &NatsSettings,
+    name: &str,
+    count: std::sync::Arc<watch::Sender<u64>>,
+) -> Result<ConnectOptions, BusError> {
+    let fail = |reason: String| BusError::Connect {
+        url: settings.url.clone(),
+        reason,
+    };
+    let mut options = ConnectOptions::new()
+        .name(name)
+        .max_reconnects(None)
+        .request_timeout(Some(settings.request_timeout))
+        .reconnect_delay_callback(|attempts| {
+            Duration::from_millis((100 * attempts as u64).min(2_000))
+        })
+        .event_callback(move |event| {
+            let count = count.clone();
+            async move {
+                match event {
+                    async_nats::Event::Connected => {
+                        tracing::info!("connected to NATS");
+                        count.send_modify(|n| *n += 1);
+                    }
+                    async_nats::Event::Disconnected => {
+                        tracing::warn!("disconnected from NATS, reconnecting")
+                    }
+                    async_nats::Event::Closed => tracing::debug!("NATS connection closed"),
+                    other => tracing::warn!(event = %other, "NATS connection event"),
+                }
+            }
+        });
+    if let Some(prefix) = &settings.inbox_prefix {
+        options = options.custom_inbox_prefix(prefix);
+    }
+    if let Some(tls) = &settings.tls {
+        options = options
+            .require_tls(true)
+            .add_root_certificates(tls.ca_file.clone());
+        match (&tls.cert_file, &tls.key_file) {
+            (Some(cert), Some(key)) => {
+                options = options.add_client_certificate(cert.clone(), key.clone())
+            }
+            (None, None) => {}
+            _ => return Err(fail("nats.tls: cert_file and key_file go together".into())),
+        }
+    }
+    if let Some(creds) = &settings.credentials {
+        options = options
+            .credentials_file(creds)
+            .await
+            .map_err(|e| fail(format!("credentials {}: {e}", creds.display())))?;
+    }
+    Ok(options)
+}
+
 #[cfg(test)]
 mod tests {
     use super::*;
     use crate::settings::TlsSettings;
+
+    #[test]
+    fn every_store_has_the_deployments_replicas_and_a_size_limit() {
+        let settings = NatsSettings {
+            replicas: 3,
+            ..Default::default()
+        };
+        let streams = streams(&settings)
+            .into_iter()
+            .chain([incoming_stream(&settings)]);
+        for config in streams {
+            assert_eq!(config.num_replicas, 3, "{}", config.name);
+            assert!(config.max_bytes > 0, "{}", config.name);
+            assert!(config.max_message_size > 0, "{}", config.name);
+        }
+        let buckets = buckets(&settings);
+        for spec in &buckets {
+            assert_eq!(spec.replicas, 3, "{}", spec.name);
+            assert!(
+                spec.max_bytes > 0 && spec.max_value_size > 0,
+                "{}",
+                spec.name
+            );
+        }
+        // Agents learn of writes to these two by subscription (leaf nodes included).
+        let republished: Vec<_> = buckets
+            .iter()
+            .filter(|b| b.republish.is_some())
+            .map(|b| b.name)
+            .collect();
+        assert_eq!(republished, [DESIRED_BUCKET, TRUST_BUCKET]);
+    }
+
+    #[test]
+    fn a_full_chunk_store_refuses_new_chunks_and_keeps_the_old() {
+        let [_, chunks, _] = streams(&NatsSettings::default());
+        assert_eq!(chunks.discard, stream::DiscardPolicy::New);
+        assert_eq!(chunks.max_messages_per_subject, 1);
+        assert!(chunks.allow_direct, "agents read chunks by direct get");
+    }
 
     /// No server is needed: the refusal comes before any connection attempt.
     #[tokio::test]

@@ -187,13 +187,21 @@ pub struct RefusedRelease<'a> {
     pub archive: Option<&'a str>,
 }
 
-/// Refuses `release` at `stage` (the signer, the distributor) for `reason`: records it where
-/// its publisher looks (`Bus::record_rejection`; `of_signed` for a release that is signed
-/// already), removes its archive, and publishes `release.rejected`, each step repeatable.
-/// `Outcome::Done` once the event is out; retried if recording or publishing failed.
+/// What a pipeline stage (the signer, the distributor) refuses releases with: where it records
+/// them, where their archives are, where it announces them.
+pub struct Refuser<'a> {
+    pub stage: &'a str,
+    pub bus: &'a crate::Bus,
+    pub records: &'a crate::releases::Records,
+    pub incoming: &'a crate::releases::Incoming,
+}
+
+/// Refuses `release` for `reason`: records it where its publisher looks
+/// (`Records::record_rejection`; `of_signed` for a release that is signed already), removes its
+/// archive, and publishes `release.rejected`, each step repeatable. `Outcome::Done` once the
+/// event is out; retried if recording or publishing failed.
 pub async fn reject_release(
-    bus: &crate::Bus,
-    stage: &str,
+    refuser: Refuser<'_>,
     release: RefusedRelease<'_>,
     reason: fleetcast_events::v1::Rejection,
     of_signed: bool,
@@ -204,15 +212,21 @@ pub async fn reject_release(
         blake3,
         archive,
     } = release;
+    let Refuser {
+        stage,
+        bus,
+        records,
+        incoming,
+    } = refuser;
     tracing::warn!(%app, %version, code = %reason.code, reason = %reason.message, "release rejected");
-    let recorded = bus
+    let recorded = records
         .record_rejection(app, version, Some(blake3), &reason, of_signed)
         .await;
     if let Err(e) = recorded {
         return Outcome::Retry(e.to_string());
     }
     if let Some(object) = archive
-        && let Err(e) = bus.incoming.delete(object).await
+        && let Err(e) = incoming.delete(object).await
     {
         tracing::debug!(%object, error = %e, "rejected archive not deleted");
     }

@@ -11,6 +11,8 @@ use futures::StreamExt;
 use semver::Version;
 use tokio::io::{AsyncReadExt, AsyncWriteExt};
 
+use async_nats::jetstream::{kv, object_store};
+
 use crate::bus::Bus;
 
 #[derive(Debug, thiserror::Error)]
@@ -165,7 +167,25 @@ const NOT_FOUND_PATIENCE: [std::time::Duration; 4] = [
 /// bigger messages (well under the 1 MB default `max_payload` of a NATS server).
 const ARCHIVE_CHUNK_SIZE: usize = 512 * 1024;
 
-impl Bus {
+/// The incoming object store: archives waiting to be signed and chunked.
+#[derive(Clone)]
+pub struct Incoming(object_store::ObjectStore);
+
+impl Incoming {
+    pub(crate) fn new(store: object_store::ObjectStore) -> Self {
+        Incoming(store)
+    }
+
+    /// The object store itself (listing, metadata).
+    pub fn store(&self) -> &object_store::ObjectStore {
+        &self.0
+    }
+
+    /// Removes `object` (an archive whose release is stored or refused).
+    pub async fn delete(&self, object: &str) -> Result<(), object_store::DeleteError> {
+        self.0.delete(object).await
+    }
+
     /// Uploads an archive to the incoming store as `object`.
     pub async fn upload_archive(
         &self,
@@ -177,7 +197,7 @@ impl Bus {
             chunk_size: Some(ARCHIVE_CHUNK_SIZE),
             ..Default::default()
         };
-        self.incoming
+        self.0
             .put(meta, data)
             .await
             .map(|_| ())
@@ -214,7 +234,7 @@ impl Bus {
         };
         let mut patience = NOT_FOUND_PATIENCE.iter();
         let mut reader = loop {
-            match self.incoming.get(object).await {
+            match self.0.get(object).await {
                 Ok(r) => break r,
                 Err(e) if matches!(e.kind(), GetErrorKind::NotFound) => match patience.next() {
                     Some(wait) => tokio::time::sleep(*wait).await,
@@ -270,6 +290,17 @@ impl Bus {
             blake3: got,
         })
     }
+}
+
+/// The release records: what became of each published archive, which `fleetcast releases`,
+/// the tracker and each stage read.
+#[derive(Clone)]
+pub struct Records(kv::Store);
+
+impl Records {
+    pub(crate) fn new(store: kv::Store) -> Self {
+        Records(store)
+    }
 
     pub async fn release_record(
         &self,
@@ -277,8 +308,7 @@ impl Bus {
         version: &Version,
     ) -> Result<Option<ReleaseRecord>, RecordError> {
         let key = release_key(app, version);
-        let entry =
-            (self.releases.get(&key).await).map_err(|e| RecordError::store(RELEASES, &key, e))?;
+        let entry = (self.0.get(&key).await).map_err(|e| RecordError::store(RELEASES, &key, e))?;
         match entry {
             None => Ok(None),
             Some(bytes) => Encoding::Json
@@ -288,16 +318,12 @@ impl Bus {
         }
     }
 
-    /// Writes the desired state of `app` in `ring`: the stored release's signed manifest and
-    /// chunk index key, which agents watching that key verify and install; `slot` makes them
-    /// ask the tracker for a rollout slot before switching.
-    pub async fn desire(
+    /// The signed manifest of a stored release: what a desired state may name.
+    pub async fn stored_manifest(
         &self,
         app: &AppName,
-        ring: &RingName,
         version: &Version,
-        slot: bool,
-    ) -> Result<(), RecordError> {
+    ) -> Result<fleetcast_events::SignedManifest, RecordError> {
         let record = self.release_record(app, version).await?.ok_or_else(|| {
             RecordError::Refused(format!("{app} {version} is not a known release"))
         })?;
@@ -307,32 +333,7 @@ impl Bus {
                 record.state
             )));
         };
-        self.desire_with(app, ring, version, manifest, slot).await
-    }
-
-    /// As [`Bus::desire`], with the signed manifest given (a rollback directive).
-    pub async fn desire_with(
-        &self,
-        app: &AppName,
-        ring: &RingName,
-        version: &Version,
-        manifest: fleetcast_events::SignedManifest,
-        slot: bool,
-    ) -> Result<(), RecordError> {
-        let desired = fleetcast_events::v1::DesiredState {
-            app: app.clone(),
-            ring: ring.clone(),
-            version: version.clone(),
-            manifest,
-            slot,
-        };
-        let key = fleetcast_events::names::desired_key(app, ring);
-        let bytes = Encoding::Json
-            .encode(&desired)
-            .map_err(|e| RecordError::corrupt(DESIRED, &key, e))?;
-        (self.desired.put(&key, bytes.into()).await)
-            .map_err(|e| RecordError::store(DESIRED, &key, e))?;
-        Ok(())
+        Ok(manifest)
     }
 
     pub async fn put_release_record(&self, record: &ReleaseRecord) -> Result<(), RecordError> {
@@ -388,15 +389,15 @@ impl Bus {
         app: Option<&str>,
     ) -> Result<Vec<ReleaseRecord>, RecordError> {
         let listing = |e| RecordError::store(RELEASES, "(listing)", e);
-        let mut keys = (self.releases.keys().await).map_err(|e| listing(e.to_string()))?;
+        let mut keys = (self.0.keys().await).map_err(|e| listing(e.to_string()))?;
         let mut out = Vec::new();
         while let Some(key) = keys.next().await {
             let key = key.map_err(|e| listing(e.to_string()))?;
             if app.is_some_and(|a| !key.starts_with(&format!("{a}."))) {
                 continue;
             }
-            let bytes = (self.releases.get(&key).await)
-                .map_err(|e| RecordError::store(RELEASES, &key, e))?;
+            let bytes =
+                (self.0.get(&key).await).map_err(|e| RecordError::store(RELEASES, &key, e))?;
             if let Some(bytes) = bytes {
                 match Encoding::Json.decode::<ReleaseRecord>(&bytes) {
                     Ok(record) => out.push(record),
@@ -427,6 +428,7 @@ impl Bus {
     /// both `fleetcast rollback` and the tracker's `POST /api/apps/{app}/rollback` ask.
     pub async fn request_rollback(
         &self,
+        bus: &Bus,
         app: &AppName,
         to: &Version,
         ring: Option<&RingName>,
@@ -466,7 +468,7 @@ impl Bus {
             "rollback-requested.{app}.{to}.{from}.{}",
             ring.map_or("all", |r| r.as_str())
         );
-        self.publish_event(
+        bus.publish_event(
             &fleetcast_events::names::rollback_requested_subject(user),
             &request,
             Encoding::Json,
@@ -485,14 +487,14 @@ impl Bus {
         let bytes = Encoding::Json
             .encode(record)
             .map_err(|e| RecordError::corrupt(RELEASES, key, e))?;
-        (self.releases.put(key, bytes.into()).await)
+        (self.0.put(key, bytes.into()).await)
             .map(|_| ())
             .map_err(|e| RecordError::store(RELEASES, key, e))
     }
 
     /// What became of the archive `blake3` published as app+version, judging only records
     /// written after `since` (KV revisions read before it was published, see
-    /// [`Bus::release_revisions`]) for a rejection, so an earlier refusal of the same bytes is
+    /// [`Records::release_revisions`]) for a rejection, so an earlier refusal of the same bytes is
     /// not taken for this attempt's: `Some` once it is stored (at any time: stored is stored)
     /// or rejected; `None` while undecided.
     pub async fn archive_outcome(
@@ -530,7 +532,7 @@ impl Bus {
         }
     }
 
-    /// The current revisions of the records [`Bus::archive_outcome`] reads (0: none yet).
+    /// The current revisions of the records [`Records::archive_outcome`] reads (0: none yet).
     pub async fn release_revisions(
         &self,
         app: &str,
@@ -548,8 +550,7 @@ impl Bus {
     }
 
     async fn release_entry(&self, key: &str) -> Result<Option<(u64, ReleaseRecord)>, RecordError> {
-        let entry =
-            (self.releases.entry(key).await).map_err(|e| RecordError::store(RELEASES, key, e))?;
+        let entry = (self.0.entry(key).await).map_err(|e| RecordError::store(RELEASES, key, e))?;
         match entry {
             Some(entry) if matches!(entry.operation, async_nats::jetstream::kv::Operation::Put) => {
                 let record = Encoding::Json
@@ -559,6 +560,60 @@ impl Bus {
             }
             _ => Ok(None),
         }
+    }
+}
+
+/// The desired states: per app and ring, the version its agents install.
+#[derive(Clone)]
+pub struct Desired(kv::Store);
+
+impl Desired {
+    pub(crate) fn new(store: kv::Store) -> Self {
+        Desired(store)
+    }
+
+    /// The bucket itself (reads, watches).
+    pub fn store(&self) -> &kv::Store {
+        &self.0
+    }
+
+    /// Writes the desired state of `app` in `ring`: the stored release's signed manifest,
+    /// which agents watching that key verify and install; `slot` makes them ask the tracker
+    /// for a rollout slot before switching.
+    pub async fn desire(
+        &self,
+        records: &Records,
+        app: &AppName,
+        ring: &RingName,
+        version: &Version,
+        slot: bool,
+    ) -> Result<(), RecordError> {
+        let manifest = records.stored_manifest(app, version).await?;
+        self.desire_with(app, ring, version, manifest, slot).await
+    }
+
+    /// As [`Desired::desire`], with the signed manifest given (a rollback directive).
+    pub async fn desire_with(
+        &self,
+        app: &AppName,
+        ring: &RingName,
+        version: &Version,
+        manifest: fleetcast_events::SignedManifest,
+        slot: bool,
+    ) -> Result<(), RecordError> {
+        let desired = fleetcast_events::v1::DesiredState {
+            app: app.clone(),
+            ring: ring.clone(),
+            version: version.clone(),
+            manifest,
+            slot,
+        };
+        let key = fleetcast_events::names::desired_key(app, ring);
+        let bytes = Encoding::Json
+            .encode(&desired)
+            .map_err(|e| RecordError::corrupt(DESIRED, &key, e))?;
+        (self.0.put(&key, bytes.into()).await).map_err(|e| RecordError::store(DESIRED, &key, e))?;
+        Ok(())
     }
 }
 

@@ -130,9 +130,9 @@ impl Trust {
                 pinned_key_files,
             )?),
             Some(path) => {
-                let fail = |reason: String| SettingsError::Value {
+                let fail = |e: MetadataError| SettingsError::Value {
                     key: "trusted_root_file".into(),
-                    reason: format!("{}: {reason}", path.display()),
+                    reason: format!("{}: {e}", path.display()),
                 };
                 let first = read_root(path).map_err(fail)?;
                 match dir {
@@ -183,7 +183,10 @@ impl Trust {
         };
         let signed = match decode(&bytes) {
             Ok(signed) => signed,
-            Err(e) => return self.load_note(format!("saved timestamp {}: {e}", path.display())),
+            Err(e) => {
+                let e = MetadataError::from(e);
+                return self.load_note(format!("saved timestamp {}: {e}", path.display()));
+            }
         };
         let checked = self.keys(now).and_then(|keys| {
             keys.check(&signed.signed, &signed.signatures)?;
@@ -455,7 +458,7 @@ impl Trust {
 
     /// Walks forward through every published root after the current one, then takes the
     /// stored timestamp.
-    async fn refresh(&self, store: &impl TrustSource) -> Result<(), String> {
+    async fn refresh(&self, store: &impl TrustSource) -> Result<(), FollowError> {
         for _ in 0..MAX_ROOTS_PER_REFRESH {
             if matches!(self.state().anchor, Anchor::Pinned(_)) {
                 break;
@@ -464,17 +467,30 @@ impl Trust {
                 break;
             };
             let key = root_key(next);
-            let Some(bytes) = store.get(&key).await.map_err(|e| format!("{key}: {e}"))? else {
+            let unreadable = |source| FollowError::Unreadable {
+                key: key.clone(),
+                source,
+            };
+            let Some(bytes) = store.get(&key).await.map_err(unreadable)? else {
                 break;
             };
-            let signed = decode(&bytes).map_err(|e| format!("{key}: {e}"))?;
-            self.apply_root(&signed)
-                .map_err(|e| format!("{key} refused: {e}"))?;
+            let signed = decode(&bytes).map_err(|e| FollowError::Refused {
+                key: key.clone(),
+                source: e.into(),
+            })?;
+            self.apply_root(&signed).map_err(|e| FollowError::Refused {
+                key: key.clone(),
+                source: e.into(),
+            })?;
         }
-        let Some(bytes) = store
-            .get(TIMESTAMP_KEY)
-            .await
-            .map_err(|e| format!("{TIMESTAMP_KEY}: {e}"))?
+        let Some(bytes) =
+            store
+                .get(TIMESTAMP_KEY)
+                .await
+                .map_err(|source| FollowError::Unreadable {
+                    key: TIMESTAMP_KEY.into(),
+                    source,
+                })?
         else {
             return Ok(());
         };
@@ -485,10 +501,10 @@ impl Trust {
     /// Takes a published timestamp; returns whether it names a newer root than the one held
     /// (the caller walks the roots then).
     fn take_timestamp(&self, bytes: &[u8]) -> bool {
-        match decode(bytes).and_then(|s| {
-            self.apply_timestamp(&s, OffsetDateTime::now_utc())
-                .map_err(|e| e.to_string())
-        }) {
+        let taken = decode(bytes)
+            .map_err(MetadataError::from)
+            .and_then(|s| Ok(self.apply_timestamp(&s, OffsetDateTime::now_utc())?));
+        match taken {
             Ok(_) => {}
             // A lagging replica may serve an older one: not an attack by itself. One from the
             // future was logged and is reported by `status`.
@@ -532,24 +548,48 @@ impl Trust {
     }
 }
 
-/// Where a verifier follows the trust bucket from: a service's [`Bus`] (a `kv::Store`) or an
+/// Where a verifier follows the trust bucket from: a service's [`TrustBucket`] or an
 /// agent's [`AgentBus`] (direct gets only, see `agent_bus`).
 pub trait TrustSource: Send + Sync + 'static {
     fn client(&self) -> &async_nats::Client;
     fn connections(&self) -> tokio::sync::watch::Receiver<u64>;
     /// A key's value; `None` when absent or deleted.
-    fn get(&self, key: &str) -> impl Future<Output = Result<Option<bytes::Bytes>, String>> + Send;
+    fn get(
+        &self,
+        key: &str,
+    ) -> impl Future<Output = Result<Option<bytes::Bytes>, async_nats::Error>> + Send;
 }
 
-impl TrustSource for Bus {
+/// A service's handle on the trust bucket: roots and the signer's timestamp.
+#[derive(Clone)]
+pub struct TrustBucket {
+    bus: Bus,
+    kv: async_nats::jetstream::kv::Store,
+}
+
+impl TrustBucket {
+    pub async fn bind(bus: &Bus) -> Result<TrustBucket, crate::BusError> {
+        Ok(TrustBucket {
+            bus: bus.clone(),
+            kv: bus.bucket(fleetcast_events::names::TRUST_BUCKET).await?,
+        })
+    }
+
+    /// The bucket itself (the signer writes the timestamp, operators the roots).
+    pub fn store(&self) -> &async_nats::jetstream::kv::Store {
+        &self.kv
+    }
+}
+
+impl TrustSource for TrustBucket {
     fn client(&self) -> &async_nats::Client {
-        &self.client
+        &self.bus.client
     }
     fn connections(&self) -> tokio::sync::watch::Receiver<u64> {
-        self.connections.clone()
+        self.bus.connections.clone()
     }
-    async fn get(&self, key: &str) -> Result<Option<bytes::Bytes>, String> {
-        self.trust.get(key).await.map_err(|e| e.to_string())
+    async fn get(&self, key: &str) -> Result<Option<bytes::Bytes>, async_nats::Error> {
+        Ok(self.kv.get(key).await?)
     }
 }
 
@@ -560,13 +600,13 @@ impl TrustSource for AgentBus {
     fn connections(&self) -> tokio::sync::watch::Receiver<u64> {
         self.connections.clone()
     }
-    async fn get(&self, key: &str) -> Result<Option<bytes::Bytes>, String> {
-        self.trust.get(key).await.map_err(|e| e.to_string())
+    async fn get(&self, key: &str) -> Result<Option<bytes::Bytes>, async_nats::Error> {
+        Ok(self.trust.get(key).await?)
     }
 }
 
 /// A verifier's trust being kept current (see [`Trust::start_following`]).
-pub struct Following<S = Bus> {
+pub struct Following<S = TrustBucket> {
     trust: Arc<Trust>,
     bus: S,
     connections: tokio::sync::watch::Receiver<u64>,
@@ -656,14 +696,10 @@ fn walk_saved_roots(first: TrustedRoot, dir: &Path, notes: &mut Vec<String>) -> 
             continue;
         }
         let path = entry.path();
-        let read = std::fs::read(&path)
-            .map_err(|e| e.to_string())
-            .and_then(|bytes| decode(&bytes))
-            .and_then(|signed| {
-                let root: fleetcast_events::Root =
-                    signed.unverified().map_err(|e| e.to_string())?;
-                Ok((root.version, signed))
-            });
+        let read = read_metadata(&path).and_then(|signed| {
+            let root: fleetcast_events::Root = signed.unverified()?;
+            Ok((root.version, signed))
+        });
         match read {
             // The version inside is what counts; a file named for another one is only
             // mislabelled (the chain check decides).
@@ -714,14 +750,41 @@ fn walk_saved_roots(first: TrustedRoot, dir: &Path, notes: &mut Vec<String>) -> 
     current
 }
 
-fn read_root(path: &Path) -> Result<TrustedRoot, String> {
-    let bytes = std::fs::read(path).map_err(|e| e.to_string())?;
-    let signed = decode(&bytes)?;
-    TrustedRoot::bootstrap(&signed).map_err(|e| e.to_string())
+fn read_root(path: &Path) -> Result<TrustedRoot, MetadataError> {
+    Ok(TrustedRoot::bootstrap(&read_metadata(path)?)?)
 }
 
-fn decode(bytes: &[u8]) -> Result<SignedMetadata, String> {
-    serde_json::from_slice(bytes).map_err(|e| format!("not signed metadata: {e}"))
+fn read_metadata(path: &Path) -> Result<SignedMetadata, MetadataError> {
+    Ok(decode(&std::fs::read(path)?)?)
+}
+
+fn decode(bytes: &[u8]) -> Result<SignedMetadata, serde_json::Error> {
+    serde_json::from_slice(bytes)
+}
+
+/// Why a root or timestamp (from a file or the bus) is not taken.
+#[derive(Debug, thiserror::Error)]
+pub enum MetadataError {
+    #[error("{0}")]
+    Read(#[from] std::io::Error),
+    #[error("not signed metadata: {0}")]
+    Decode(#[from] serde_json::Error),
+    #[error("{0}")]
+    Refused(#[from] TrustError),
+}
+
+/// Why following the published trust metadata stopped short: the store could not be read
+/// (the next refresh tries again) or held metadata that is refused (it stays refused until
+/// something newer is published).
+#[derive(Debug, thiserror::Error)]
+pub enum FollowError {
+    #[error("{key}: cannot read: {source}")]
+    Unreadable {
+        key: String,
+        source: async_nats::Error,
+    },
+    #[error("{key} refused: {source}")]
+    Refused { key: String, source: MetadataError },
 }
 
 #[cfg(test)]

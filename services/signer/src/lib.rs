@@ -9,7 +9,7 @@ mod settings;
 
 use std::sync::Arc;
 
-use async_nats::jetstream::Message;
+use async_nats::jetstream::{Message, kv, stream};
 use fleetcast_events::manifest::TreeRoot;
 use fleetcast_events::names::{self, PACKAGE_DETECTED, RELEASE_SIGNED};
 use fleetcast_events::tree;
@@ -18,12 +18,13 @@ use fleetcast_events::{
     AppName, Encoding, Manifest, SecretKey, SignedManifest, SignedMetadata, Timestamp,
 };
 use fleetcast_package::{ArchiveError, Package};
+use fleetcast_runtime::bus::Role;
 use fleetcast_runtime::consume::{
-    ConsumerSpec, Outcome, RefusedRelease, decode_or_reject, reject_event, reject_release,
+    ConsumerSpec, Outcome, RefusedRelease, Refuser, decode_or_reject, reject_event, reject_release,
     run_consumer,
 };
 use fleetcast_runtime::observe::{self, Endpoint, ObserveError};
-use fleetcast_runtime::{Bus, BusError, Trust, trust};
+use fleetcast_runtime::{Bus, BusError, Incoming, Records, Trust, TrustBucket, trust};
 use futures::StreamExt;
 use policy::{LastSigned, Verdict};
 use time::OffsetDateTime;
@@ -79,7 +80,7 @@ pub async fn run(settings: Settings, shutdown: CancellationToken) -> Result<(), 
         .map(Arc::new);
     let metrics = Arc::new(metrics::Metrics::new());
     let endpoint = Endpoint::new(metrics::IDENTITY, metrics.clone());
-    let Some((bus, _serving)) = observe::serve_and_connect::<SignerError>(
+    let Some((bus, _serving)) = observe::serve_and_connect::<SignerError, SignerBus>(
         SERVICE,
         &settings.nats,
         settings.metrics_listen,
@@ -100,7 +101,7 @@ pub async fn run(settings: Settings, shutdown: CancellationToken) -> Result<(), 
     };
     let following = match trust {
         Some(trust) => {
-            let following = trust.start_following(bus.clone()).await;
+            let following = trust.start_following(bus.trust.clone()).await;
             Some(tokio::spawn(
                 following.run(trust::SERVICE_RECHECK, shutdown.clone()),
             ))
@@ -210,9 +211,37 @@ impl StepError {
     }
 }
 
+/// What the signer uses of the bus: the release events (detected packages and rollback
+/// requests in, signatures and refusals out), the release records, the incoming archives, its
+/// own state (each app's last version), and the trust bucket (roots read, timestamps written).
+#[derive(Clone)]
+struct SignerBus {
+    bus: Bus,
+    releases_stream: stream::Stream,
+    records: Records,
+    incoming: Incoming,
+    signer_state: kv::Store,
+    trust: TrustBucket,
+}
+
+fleetcast_runtime::bus_role!(SignerBus);
+
+impl Role for SignerBus {
+    async fn bind(bus: &Bus) -> Result<Self, BusError> {
+        Ok(SignerBus {
+            releases_stream: bus.stream(names::RELEASES_STREAM).await?,
+            records: bus.records().await?,
+            incoming: bus.incoming().await?,
+            signer_state: bus.bucket(names::SIGNER_BUCKET).await?,
+            trust: TrustBucket::bind(bus).await?,
+            bus: bus.clone(),
+        })
+    }
+}
+
 #[derive(Clone)]
 struct Signer {
-    bus: Bus,
+    bus: SignerBus,
     settings: Arc<Settings>,
     keys: Arc<Vec<SecretKey>>,
     trust: Option<Arc<Trust>>,
@@ -293,6 +322,7 @@ impl Signer {
             .map_err(|e| StepError::encode("the timestamp", e))?;
         self.bus
             .trust
+            .store()
             .put(names::TIMESTAMP_KEY, bytes.into())
             .await
             .map_err(|e| StepError::Publish(e.to_string()))?;
@@ -353,7 +383,12 @@ impl Signer {
             )
             .await;
         }
-        let record = match self.bus.release_record(&request.app, &request.to).await {
+        let record = match self
+            .bus
+            .records
+            .release_record(&request.app, &request.to)
+            .await
+        {
             Ok(r) => r,
             Err(e) => return Outcome::Retry(e.to_string()),
         };
@@ -472,6 +507,7 @@ impl Signer {
         let work_dir = self.settings.work_dir();
         let fetched = match self
             .bus
+            .incoming
             .fetch_archive(
                 &event.object,
                 &event.blake3,
@@ -552,7 +588,7 @@ impl Signer {
             stored: None,
             updated: OffsetDateTime::now_utc(),
         };
-        Ok(self.bus.put_release_record(&release).await?)
+        Ok(self.bus.records.put_release_record(&release).await?)
     }
 
     async fn last_signed(
@@ -595,6 +631,15 @@ impl Signer {
         outcome
     }
 
+    fn refuser(&self) -> Refuser<'_> {
+        Refuser {
+            stage: SERVICE,
+            bus: &self.bus,
+            records: &self.bus.records,
+            incoming: &self.bus.incoming,
+        }
+    }
+
     async fn reject(&self, event: &PackageDetected, reason: Rejection) -> Outcome {
         let code = reason.code;
         let release = RefusedRelease {
@@ -603,7 +648,7 @@ impl Signer {
             blake3: &event.blake3,
             archive: Some(&event.object),
         };
-        let outcome = reject_release(&self.bus, SERVICE, release, reason, false).await;
+        let outcome = reject_release(self.refuser(), release, reason, false).await;
         if matches!(outcome, Outcome::Done) {
             self.metrics.rejected(code);
         }

@@ -185,7 +185,7 @@ impl Watcher {
         let mut file = tokio::fs::File::open(path)
             .await
             .map_err(|e| e.to_string())?;
-        self.bus.upload_archive(&object, &mut file).await?;
+        self.bus.incoming.upload_archive(&object, &mut file).await?;
         let detected = PackageDetected {
             app: name.app,
             version: name.version,
