@@ -124,37 +124,50 @@ pub async fn run_consumer_on<F, Fut>(
         // The pull is over (one message); nothing more comes on its subscription.
         drop(pull);
         let acker = message.clone();
-        let job = handler(message);
-        tokio::pin!(job);
-        let mut ticker =
-            tokio::time::interval_at(tokio::time::Instant::now() + progress_every, progress_every);
-        let outcome = loop {
-            tokio::select! {
-                outcome = &mut job => break outcome,
-                _ = ticker.tick() => {
-                    if let Err(e) = acker.ack_with(AckKind::Progress).await {
-                        tracing::debug!(error = %e, "progress ack failed");
-                    }
+        let outcome = with_progress_acks(&acker, progress_every, handler(message)).await;
+        settle(durable, &acker, outcome).await;
+    }
+}
+
+/// Runs `job`, telling the server every `every` that its message is still being worked on, so
+/// a long job (a large archive) is not redelivered to another instance meanwhile.
+async fn with_progress_acks(
+    acker: &jetstream::Message,
+    every: Duration,
+    job: impl Future<Output = Outcome>,
+) -> Outcome {
+    tokio::pin!(job);
+    let mut ticker = tokio::time::interval_at(tokio::time::Instant::now() + every, every);
+    loop {
+        tokio::select! {
+            outcome = &mut job => return outcome,
+            _ = ticker.tick() => {
+                if let Err(e) = acker.ack_with(AckKind::Progress).await {
+                    tracing::debug!(error = %e, "progress ack failed");
                 }
             }
-        };
-        let ack = match outcome {
-            Outcome::Done => acker.double_ack().await,
-            Outcome::Retry(reason) => {
-                tracing::warn!(durable, %reason, "will retry");
-                acker
-                    .ack_with(AckKind::Nak(Some(Duration::from_secs(2))))
-                    .await
-            }
-            Outcome::RetryAfter(reason, delay) => {
-                tracing::warn!(durable, %reason, retry_in = ?delay, "will retry");
-                acker.ack_with(AckKind::Nak(Some(delay))).await
-            }
-        };
-        if let Err(e) = ack {
-            // Not fatal: the message is redelivered and handlers are idempotent.
-            tracing::warn!(durable, error = %e, "ack failed");
         }
+    }
+}
+
+/// Acks a handled message (confirmed by the server), or naks it for a retry after a delay.
+async fn settle(durable: &str, acker: &jetstream::Message, outcome: Outcome) {
+    let ack = match outcome {
+        Outcome::Done => acker.double_ack().await,
+        Outcome::Retry(reason) => {
+            tracing::warn!(durable, %reason, "will retry");
+            acker
+                .ack_with(AckKind::Nak(Some(Duration::from_secs(2))))
+                .await
+        }
+        Outcome::RetryAfter(reason, delay) => {
+            tracing::warn!(durable, %reason, retry_in = ?delay, "will retry");
+            acker.ack_with(AckKind::Nak(Some(delay))).await
+        }
+    };
+    if let Err(e) = ack {
+        // Not fatal: the message is redelivered and handlers are idempotent.
+        tracing::warn!(durable, error = %e, "ack failed");
     }
 }
 

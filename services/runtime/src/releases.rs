@@ -232,17 +232,7 @@ impl Incoming {
                 transient(&e)
             }
         };
-        let mut patience = NOT_FOUND_PATIENCE.iter();
-        let mut reader = loop {
-            match self.0.get(object).await {
-                Ok(r) => break r,
-                Err(e) if matches!(e.kind(), GetErrorKind::NotFound) => match patience.next() {
-                    Some(wait) => tokio::time::sleep(*wait).await,
-                    None => return Err(FetchError::NotFound(object.into())),
-                },
-                Err(e) => return Err(transient(&e)),
-            }
-        };
+        let mut reader = self.open_patiently(object).await?;
         // The stored size, from the object's info, before a byte is written: an archive over
         // the limits would be refused after filling the disk otherwise.
         let stored = reader.info.size as u64;
@@ -289,6 +279,27 @@ impl Incoming {
             size: read,
             blake3: got,
         })
+    }
+
+    /// `object`, waiting a little before believing it is not there (see
+    /// [`NOT_FOUND_PATIENCE`]).
+    async fn open_patiently(&self, object: &str) -> Result<object_store::Object, FetchError> {
+        let mut patience = NOT_FOUND_PATIENCE.iter();
+        loop {
+            match self.0.get(object).await {
+                Ok(reader) => return Ok(reader),
+                Err(e) if matches!(e.kind(), GetErrorKind::NotFound) => match patience.next() {
+                    Some(wait) => tokio::time::sleep(*wait).await,
+                    None => return Err(FetchError::NotFound(object.into())),
+                },
+                Err(e) => {
+                    return Err(FetchError::Transient {
+                        object: object.into(),
+                        reason: e.to_string(),
+                    });
+                }
+            }
+        }
     }
 }
 
