@@ -700,15 +700,20 @@ impl std::fmt::Display for HistoryKind {
 impl std::str::FromStr for HistoryKind {
     type Err = UnknownHistoryKind;
     fn from_str(s: &str) -> Result<Self, Self::Err> {
-        serde_json::from_value(serde_json::Value::String(s.to_string()))
-            .map_err(|_| UnknownHistoryKind(s.to_string()))
+        serde_json::from_value(serde_json::Value::String(s.to_string())).map_err(|_| {
+            UnknownHistoryKind {
+                given: s.to_string(),
+            }
+        })
     }
 }
 
 /// A history kind no entry has (a filter's typo).
 #[derive(Debug, Clone, PartialEq, Eq, thiserror::Error)]
-#[error("unknown history kind {0:?}; one of {}", HistoryKind::ALL.map(|k| k.to_string()).join(", "))]
-pub struct UnknownHistoryKind(pub String);
+#[error("unknown history kind {given:?}; one of {}", HistoryKind::ALL.map(|k| k.to_string()).join(", "))]
+pub struct UnknownHistoryKind {
+    pub given: String,
+}
 
 /// A unit variant's name as serde spells it (`path_traversal`, `rollout.halted`).
 fn write_serde_name(value: &impl Serialize, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
