@@ -366,7 +366,7 @@ pub(crate) fn sibling_binary(name: &str) -> anyhow::Result<PathBuf> {
 /// each committed: 2.0.0's running report, the size of its desired state and when that was
 /// written.
 async fn install_then_update(
-    bus: &fleetcast_runtime::Bus,
+    bus: &fleetcast_cli::CliBus,
     statuses: &mut async_nats::Subscriber,
     data: &Path,
     app: &str,
@@ -384,7 +384,7 @@ async fn install_then_update(
 
 /// Every agent of the default ring should run `app` `version` at once (`fleetcast desire`).
 pub(crate) async fn desire(
-    bus: &fleetcast_runtime::Bus,
+    bus: &fleetcast_cli::CliBus,
     app: &str,
     version: &semver::Version,
 ) -> anyhow::Result<()> {
@@ -394,11 +394,16 @@ pub(crate) async fn desire(
 }
 
 pub(crate) async fn desired_entry(
-    bus: &fleetcast_runtime::Bus,
+    bus: &fleetcast_cli::CliBus,
     app: &str,
 ) -> anyhow::Result<(u64, time::OffsetDateTime)> {
     let key = fleetcast_events::names::desired_key(app, "default");
-    let entry = bus.desired.entry(&key).await?.context("desired state")?;
+    let desired = bus.desired().await?;
+    let entry = desired
+        .store()
+        .entry(&key)
+        .await?
+        .context("desired state")?;
     Ok((entry.value.len() as u64, entry.created))
 }
 

@@ -40,6 +40,7 @@ use tokio_util::sync::CancellationToken;
 
 use crate::agent::cpu_ticks;
 use crate::ingest::{File, fresh_store, ingest_once, round, start_distributor, tree_of, write_zip};
+use fleetcast_cli::CliBus;
 use fleetcast_harness::NatsServer;
 use fleetcast_harness::accounts::{Accounts, AgentSpec};
 use fleetcast_runtime::{Bus, NatsSettings, TlsSettings};
@@ -53,7 +54,7 @@ struct FleetNats {
 
 impl FleetNats {
     /// Open, or (`secure`) from the shipped secure.conf with `agents` agents issued.
-    async fn start(secure: bool, agents: usize) -> anyhow::Result<(FleetNats, Bus)> {
+    async fn start(secure: bool, agents: usize) -> anyhow::Result<(FleetNats, CliBus)> {
         if !secure {
             let (server, _, bus) = fresh_store().await?;
             return Ok((
@@ -74,8 +75,9 @@ impl FleetNats {
             server,
             accounts: Some(accounts),
         };
-        let bus = Bus::connect(&nats.as_role("admin"), "bench", &CancellationToken::new()).await?;
-        Ok((nats, bus))
+        let admin = nats.as_role("admin");
+        let bus = Bus::connect(&admin, "bench", &CancellationToken::new()).await?;
+        Ok((nats, CliBus::on(bus, &admin.url, admin.request_timeout)))
     }
 
     /// Settings for a program with `role`'s credentials (open: no credentials).
@@ -243,7 +245,12 @@ pub async fn run() -> anyhow::Result<String> {
     let announce_floor_ms = (!floors.is_empty()).then(|| percentile(&floors, 50));
 
     eprintln!("v2 to every agent");
-    let mut desired = bus.desired.watch(desired_key("fleet", "default")).await?;
+    let mut desired = bus
+        .desired()
+        .await?
+        .store()
+        .watch(desired_key("fleet", "default"))
+        .await?;
     let mut statuses = bus
         .client
         .subscribe(fleetcast_events::names::ALL_AGENT_STATUSES)
@@ -375,7 +382,7 @@ const ANNOUNCE_SUBJECT: &str = "fleetcast-bench.announce";
 const HEARD_SUBJECT: &str = "fleetcast-bench.heard";
 
 /// One message published to `n` plain listeners (see [`run_agents`]) → the last one to hear it.
-async fn announce_floor(bus: &fleetcast_runtime::Bus, n: usize) -> anyhow::Result<i128> {
+async fn announce_floor(bus: &fleetcast_cli::CliBus, n: usize) -> anyhow::Result<i128> {
     let mut heard = bus.client.subscribe(HEARD_SUBJECT).await?;
     bus.client.flush().await?;
     let sent = time::OffsetDateTime::now_utc().unix_timestamp_nanos();
@@ -516,7 +523,7 @@ fn round3(x: f64) -> f64 {
 }
 
 /// Until the tracker knows `n` agents.
-async fn wait_known(bus: &fleetcast_runtime::Bus, n: usize) -> anyhow::Result<()> {
+async fn wait_known(bus: &fleetcast_cli::CliBus, n: usize) -> anyhow::Result<()> {
     let deadline = Instant::now() + Duration::from_secs(300);
     loop {
         let reply = fleetcast_cli::tracker(bus, &Command::Status).await;
@@ -533,7 +540,7 @@ async fn wait_known(bus: &fleetcast_runtime::Bus, n: usize) -> anyhow::Result<()
 }
 
 async fn wait_completed(
-    bus: &fleetcast_runtime::Bus,
+    bus: &fleetcast_cli::CliBus,
     version: &str,
     n: usize,
 ) -> anyhow::Result<()> {

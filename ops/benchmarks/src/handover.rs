@@ -62,7 +62,7 @@ pub(crate) fn app_config(app: &str, hand_over: bool, port: u16, demo_app: &Path)
 
 /// (requests made, requests refused or failed) across the update and the rollback of `app`.
 pub(crate) async fn under_load(
-    bus: &fleetcast_runtime::Bus,
+    bus: &fleetcast_cli::CliBus,
     statuses: &mut async_nats::Subscriber,
     data: &Path,
     app: &str,
@@ -133,7 +133,7 @@ impl Load {
     }
 }
 
-async fn desire(bus: &fleetcast_runtime::Bus, app: &str, major: u64) -> anyhow::Result<()> {
+async fn desire(bus: &fleetcast_cli::CliBus, app: &str, major: u64) -> anyhow::Result<()> {
     crate::agent::desire(bus, app, &semver::Version::new(major, 0, 0)).await?;
     Ok(())
 }

@@ -21,6 +21,7 @@ use std::path::{Path, PathBuf};
 use std::time::{Duration, Instant};
 
 use anyhow::{Context, bail};
+use fleetcast_cli::CliBus;
 use fleetcast_events::manifest::TreeRoot;
 use fleetcast_events::names::{RELEASE_SIGNED, RELEASE_STORED, archive_object};
 use fleetcast_events::tree::TreeFile;
@@ -128,14 +129,14 @@ pub async fn run() -> anyhow::Result<String> {
 }
 
 /// A nats-server of its own and a connection to it with every stream and bucket.
-pub(crate) async fn fresh_store() -> anyhow::Result<(NatsServer, NatsSettings, Bus)> {
+pub(crate) async fn fresh_store() -> anyhow::Result<(NatsServer, NatsSettings, CliBus)> {
     fresh_store_with(Default::default()).await
 }
 
 /// A fresh store whose streams this connection creates with `quotas`.
 pub(crate) async fn fresh_store_with(
     quotas: fleetcast_runtime::settings::StoreQuotas,
-) -> anyhow::Result<(NatsServer, NatsSettings, Bus)> {
+) -> anyhow::Result<(NatsServer, NatsSettings, CliBus)> {
     let nats = NatsServer::start().await?;
     let settings = NatsSettings {
         quotas,
@@ -146,6 +147,7 @@ pub(crate) async fn fresh_store_with(
         ..Default::default()
     };
     let bus = Bus::connect(&settings, "bench", &CancellationToken::new()).await?;
+    let bus = CliBus::on(bus, &settings.url, settings.request_timeout);
     Ok((nats, settings, bus))
 }
 
@@ -176,7 +178,7 @@ pub(crate) fn start_distributor(
 
 /// Uploads and signs (untimed, as the signer would), then times signed → stored.
 pub(crate) async fn ingest_once(
-    bus: &Bus,
+    bus: &CliBus,
     key: &SecretKey,
     zip: &Path,
     app: &str,
@@ -192,9 +194,10 @@ pub(crate) async fn ingest_once(
     };
     let object = archive_object(app, &version, &blake3);
     let mut file = tokio::fs::File::open(zip).await?;
-    bus.upload_archive(&object, &mut file)
-        .await
-        .map_err(anyhow::Error::msg)?;
+    bus.incoming()
+        .await?
+        .upload_archive(&object, &mut file)
+        .await?;
     let now = time::OffsetDateTime::now_utc();
     let manifest = Manifest {
         rollback_from: None,
@@ -292,6 +295,7 @@ async fn whole_pipeline(key: &SecretKey, zip: &Path, dir: &Path) -> anyhow::Resu
     });
     let distributor = start_distributor(&settings, key, &work);
     let bus = Bus::connect(&settings, "bench", &cancel).await?;
+    let bus = CliBus::on(bus, &settings.url, settings.request_timeout);
     let version = semver::Version::new(1, 0, 0);
     let mut stored_events = bus.client.subscribe(RELEASE_STORED).await?;
     let start = Instant::now();

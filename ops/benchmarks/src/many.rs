@@ -260,7 +260,7 @@ async fn run_shape(dir: &Path, shape: Shape) -> anyhow::Result<serde_json::Value
 
 /// As CI does: `fleetcast publish` of `zip` as `many` `version`.
 async fn publish(
-    bus: &fleetcast_runtime::Bus,
+    bus: &fleetcast_cli::CliBus,
     zip: &Path,
     version: &semver::Version,
 ) -> anyhow::Result<()> {

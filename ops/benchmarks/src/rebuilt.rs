@@ -15,10 +15,10 @@ use std::process::Command;
 use std::time::Duration;
 
 use anyhow::{Context, bail};
+use fleetcast_cli::CliBus;
 use fleetcast_events::names::{PATCHES_WANTED, chunk_subject};
 use fleetcast_events::patches::{PatchList, list_key};
 use fleetcast_events::v1::PatchesWanted;
-use fleetcast_runtime::Bus;
 
 /// The source edit between the two builds.
 const EDIT_AT: &str = "fn main() -> ExitCode {\n";
@@ -150,7 +150,7 @@ pub(crate) fn zstd_cli(base: Option<&Path>, file: &Path, dir: &Path) -> anyhow::
 /// Asks for `version`'s patches from `base` (as the tracker does once its fleet runs `base`)
 /// and waits until the distributor has listed them.
 pub(crate) async fn wait_patches(
-    bus: &Bus,
+    bus: &CliBus,
     app: &str,
     version: &str,
     base: &str,
@@ -169,12 +169,9 @@ pub(crate) async fn wait_patches(
     )
     .await?;
     let subject = chunk_subject(app, &list_key(tree_root));
+    let chunks = bus.stream(fleetcast_events::names::CHUNKS_STREAM).await?;
     for _ in 0..1200 {
-        if let Ok(message) = bus
-            .chunks
-            .direct_get_last_for_subject(subject.clone())
-            .await
-        {
+        if let Ok(message) = chunks.direct_get_last_for_subject(subject.clone()).await {
             return Ok(PatchList::decode(&message.payload)?);
         }
         tokio::time::sleep(Duration::from_millis(100)).await;

@@ -10,40 +10,134 @@ use std::path::{Path, PathBuf};
 use std::time::Duration;
 
 use anyhow::{Context, bail};
+use async_nats::jetstream::kv;
 use fleetcast_events::names;
 use fleetcast_events::tracker::{Command, Phase, Reply, RolloutSummary};
 use fleetcast_events::v1::{RejectCode, Rejection, ReleasePublished, ReleaseRecord, ReleaseState};
 use fleetcast_events::{AppName, Encoding, RingName, SecretKey};
 use fleetcast_package::{ArchiveLimits, Package, parse_package_file_name};
 use fleetcast_runtime::releases::ReleaseRevisions;
-use fleetcast_runtime::{Bus, NatsSettings};
+use fleetcast_runtime::{Bus, Desired, Incoming, NatsSettings, Records};
 use indicatif::{MultiProgress, ProgressBar, ProgressStyle};
 use semver::Version;
+use tokio::sync::OnceCell;
 use tokio_util::sync::CancellationToken;
 
-/// Connects and ensures the streams and stores exist, or fails after `timeout` with a message
-/// that says where it tried.
-pub async fn connect(settings: &NatsSettings, timeout: Duration) -> anyhow::Result<Bus> {
+/// The CLI's connection. Each command binds only what it uses, on first use (CI's credentials
+/// may publish and watch rollouts, and nothing of desired states or trust), waiting up to the
+/// connect timeout for a service to have created it.
+pub struct CliBus {
+    bus: Bus,
+    url: String,
+    timeout: Duration,
+    records: OnceCell<Records>,
+    incoming: OnceCell<Incoming>,
+    desired: OnceCell<Desired>,
+    trust: OnceCell<kv::Store>,
+}
+
+fleetcast_runtime::bus_role!(CliBus);
+
+impl CliBus {
+    /// The CLI's handle on a connection made elsewhere (tools and benchmarks that also create
+    /// the streams), binding with the same `timeout`; `url` names it in errors.
+    pub fn on(bus: Bus, url: &str, timeout: Duration) -> CliBus {
+        CliBus {
+            bus,
+            url: url.to_string(),
+            timeout,
+            records: OnceCell::new(),
+            incoming: OnceCell::new(),
+            desired: OnceCell::new(),
+            trust: OnceCell::new(),
+        }
+    }
+
+    /// The release records.
+    pub async fn records(&self) -> anyhow::Result<&Records> {
+        self.records
+            .get_or_try_init(|| self.bind(|| self.bus.records()))
+            .await
+    }
+
+    /// The incoming archives.
+    pub async fn incoming(&self) -> anyhow::Result<&Incoming> {
+        self.incoming
+            .get_or_try_init(|| self.bind(|| self.bus.incoming()))
+            .await
+    }
+
+    /// The desired states.
+    pub async fn desired(&self) -> anyhow::Result<&Desired> {
+        self.desired
+            .get_or_try_init(|| self.bind(|| self.bus.desired()))
+            .await
+    }
+
+    /// The trust bucket (roots, timestamp).
+    pub async fn trust(&self) -> anyhow::Result<&kv::Store> {
+        self.trust
+            .get_or_try_init(|| self.bind(|| self.bus.bucket(names::TRUST_BUCKET)))
+            .await
+    }
+
+    async fn bind<T, F, Fut>(&self, bind: F) -> anyhow::Result<T>
+    where
+        F: Fn() -> Fut,
+        Fut: std::future::Future<Output = Result<T, fleetcast_runtime::BusError>>,
+    {
+        let bound = within(self.timeout, |cancel| async move {
+            self.bus.bind(&cancel, bind).await
+        })
+        .await;
+        bound.map_err(|e| self.unreachable(e))
+    }
+
+    fn unreachable(&self, e: fleetcast_runtime::BusError) -> anyhow::Error {
+        unreachable_error(&self.url, self.timeout, e)
+    }
+}
+
+/// Connects, or fails after `timeout` with a message that says where it tried.
+pub async fn connect(settings: &NatsSettings, timeout: Duration) -> anyhow::Result<CliBus> {
+    let bus = within(timeout, |cancel| async move {
+        Bus::attach(settings, "fleetcast-cli", &cancel).await
+    })
+    .await
+    .map_err(|e| unreachable_error(&settings.url, timeout, e))?;
+    Ok(CliBus::on(bus, &settings.url, timeout))
+}
+
+/// Runs `attempt` with a cancellation token that fires after `timeout`.
+async fn within<T, F, Fut>(timeout: Duration, attempt: F) -> T
+where
+    F: FnOnce(CancellationToken) -> Fut,
+    Fut: std::future::Future<Output = T>,
+{
     let cancel = CancellationToken::new();
     let guard = cancel.clone();
     let timer = tokio::spawn(async move {
         tokio::time::sleep(timeout).await;
         guard.cancel();
     });
-    let bus = Bus::attach(settings, "fleetcast-cli", &cancel).await;
+    let out = attempt(cancel).await;
     timer.abort();
-    match bus {
-        Ok(bus) => Ok(bus),
+    out
+}
+
+fn unreachable_error(
+    url: &str,
+    timeout: Duration,
+    e: fleetcast_runtime::BusError,
+) -> anyhow::Error {
+    match e {
         // Our own timer stopped the attempt: the server did not answer (or its JetStream was
         // not ready) in time, which is what the operator needs to hear, with where it tried.
-        Err(fleetcast_runtime::BusError::Cancelled) => bail!(
-            "cannot reach NATS at {}: unreachable, or JetStream not ready, within {}",
-            settings.url,
+        fleetcast_runtime::BusError::Cancelled => anyhow::anyhow!(
+            "cannot reach NATS at {url}: unreachable, or JetStream not ready, within {}",
             humantime_serde::re::humantime::format_duration(timeout)
         ),
-        Err(e) => {
-            Err(anyhow::Error::new(e).context(format!("cannot reach NATS at {}", settings.url)))
-        }
+        e => anyhow::Error::new(e).context(format!("cannot reach NATS at {url}")),
     }
 }
 
@@ -270,14 +364,14 @@ pub async fn prepare_release(
 
 /// The CI path: check the archive, upload it to the incoming store under its hash-derived name,
 /// and publish `release.published`.
-pub async fn publish(bus: &Bus, req: PublishRequest<'_>) -> anyhow::Result<ReleasePublished> {
+pub async fn publish(bus: &CliBus, req: PublishRequest<'_>) -> anyhow::Result<ReleasePublished> {
     let prepared =
         prepare_release(req.archive, req.app, req.version, &ArchiveLimits::default()).await?;
     publish_prepared(bus, prepared, req.published_by, req.progress).await
 }
 
 pub async fn publish_prepared(
-    bus: &Bus,
+    bus: &CliBus,
     prepared: PreparedRelease,
     published_by: Option<String>,
     progress: Option<&(dyn Fn(u64, u64) + Sync)>,
@@ -299,9 +393,10 @@ pub async fn publish_prepared(
         total: size,
         progress,
     };
-    bus.upload_archive(&object, &mut reader)
-        .await
-        .map_err(anyhow::Error::msg)?;
+    bus.incoming()
+        .await?
+        .upload_archive(&object, &mut reader)
+        .await?;
     let event = ReleasePublished {
         app: app.to_string(),
         version,
@@ -346,14 +441,14 @@ impl<R: tokio::io::AsyncRead + Unpin> tokio::io::AsyncRead for ProgressReader<'_
 /// signer and distributor keep), and returns it. It says nothing about which archive: to learn
 /// the outcome of one just published, use [`wait_for_archive`] (what `publish --wait` does).
 pub async fn wait_for_release(
-    bus: &Bus,
+    bus: &CliBus,
     app: &str,
     version: &Version,
     timeout: Duration,
 ) -> anyhow::Result<ReleaseRecord> {
     let deadline = tokio::time::Instant::now() + timeout;
     loop {
-        if let Some(record) = bus.release_record(app, version).await?
+        if let Some(record) = bus.records().await?.release_record(app, version).await?
             && record.state != ReleaseState::Signed
         {
             return Ok(record);
@@ -369,21 +464,25 @@ pub async fn wait_for_release(
 /// it: [`wait_for_archive`] judges only what is written after them (an earlier refusal of the
 /// same bytes is not this attempt's).
 pub async fn outcome_baseline(
-    bus: &Bus,
+    bus: &CliBus,
     prepared: &PreparedRelease,
 ) -> anyhow::Result<ReleaseRevisions> {
     Ok(bus
+        .records()
+        .await?
         .release_revisions(&prepared.app, &prepared.version, &prepared.blake3)
         .await?)
 }
 
 /// The record of `prepared`'s archive when exactly these bytes are already stored.
 pub async fn already_stored(
-    bus: &Bus,
+    bus: &CliBus,
     prepared: &PreparedRelease,
     since: ReleaseRevisions,
 ) -> anyhow::Result<Option<ReleaseRecord>> {
     let outcome = bus
+        .records()
+        .await?
         .archive_outcome(&prepared.app, &prepared.version, &prepared.blake3, since)
         .await?;
     Ok(outcome.filter(|r| r.state == ReleaseState::Stored))
@@ -393,7 +492,7 @@ pub async fn already_stored(
 /// rejected by the watcher, signer or distributor (a different archive reusing a stored
 /// version is refused without touching the version's record, under a key of its own).
 pub async fn wait_for_archive(
-    bus: &Bus,
+    bus: &CliBus,
     published: &ReleasePublished,
     since: ReleaseRevisions,
     timeout: Duration,
@@ -401,6 +500,8 @@ pub async fn wait_for_archive(
     let deadline = tokio::time::Instant::now() + timeout;
     loop {
         if let Some(record) = bus
+            .records()
+            .await?
             .archive_outcome(&published.app, &published.version, &published.blake3, since)
             .await?
         {
@@ -420,22 +521,27 @@ pub async fn wait_for_archive(
 }
 
 /// Every release record, newest version first within each app ([`Bus::release_records`]).
-pub async fn releases(bus: &Bus, app: Option<&str>) -> anyhow::Result<Vec<ReleaseRecord>> {
-    Ok(bus.release_records(app).await?)
+pub async fn releases(bus: &CliBus, app: Option<&str>) -> anyhow::Result<Vec<ReleaseRecord>> {
+    Ok(bus.records().await?.release_records(app).await?)
 }
 
 /// Writes the desired state of `app` in `ring` (no rollout slots: every host switches at once).
 pub async fn desire(
-    bus: &Bus,
+    bus: &CliBus,
     app: &AppName,
     ring: &RingName,
     version: &Version,
 ) -> anyhow::Result<()> {
-    Ok(bus.desire(app, ring, version, false).await?)
+    let records = bus.records().await?;
+    Ok(bus
+        .desired()
+        .await?
+        .desire(records, app, ring, version, false)
+        .await?)
 }
 
 /// Sends an operator command to the tracker (request/reply on the command's subject).
-pub async fn tracker(bus: &Bus, command: &Command) -> anyhow::Result<Reply> {
+pub async fn tracker(bus: &CliBus, command: &Command) -> anyhow::Result<Reply> {
     let answer = tokio::time::timeout(
         Duration::from_secs(10),
         bus.client.request(
@@ -456,8 +562,8 @@ const ROLLBACK_GRACE: Duration = Duration::from_secs(15);
 
 /// Whether `app` `version` is a stored release: `Ok(true)` stored, `Ok(false)` still on its
 /// way (signed), [`UnknownVersion`] otherwise.
-async fn check_stored(bus: &Bus, app: &str, version: &Version) -> anyhow::Result<bool> {
-    let record = bus.release_record(app, version).await?;
+async fn check_stored(bus: &CliBus, app: &str, version: &Version) -> anyhow::Result<bool> {
+    let record = bus.records().await?.release_record(app, version).await?;
     let detail = match record {
         Some(r) if r.state == ReleaseState::Stored => return Ok(true),
         Some(r) if r.state == ReleaseState::Signed => return Ok(false),
@@ -482,7 +588,7 @@ async fn check_stored(bus: &Bus, app: &str, version: &Version) -> anyhow::Result
 /// a stored release, and returns the rollout that replaced it when it was superseded (the
 /// returned view is then of another version).
 pub async fn watch_rollout(
-    bus: &Bus,
+    bus: &CliBus,
     app: &AppName,
     version: Option<&Version>,
 ) -> anyhow::Result<RolloutSummary> {
@@ -671,13 +777,15 @@ impl Progress {
 /// Asks for a rollback of `app` (or one `ring`) to `to`, an earlier stored release, as this
 /// NATS user ([`Bus::request_rollback`]). Returns the newest version it replaces.
 pub async fn request_rollback(
-    bus: &Bus,
+    bus: &CliBus,
     app: &AppName,
     to: &Version,
     ring: Option<&RingName>,
 ) -> anyhow::Result<Version> {
     let requested_by = std::env::var("USER").unwrap_or_else(|_| "fleetcast".into());
-    bus.request_rollback(app, to, ring, &bus.user, &requested_by)
+    bus.records()
+        .await?
+        .request_rollback(bus, app, to, ring, &bus.user, &requested_by)
         .await
         .map_err(anyhow::Error::from)
 }

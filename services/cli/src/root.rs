@@ -5,10 +5,10 @@
 use std::path::Path;
 use std::time::Duration;
 
+use crate::CliBus;
 use anyhow::{Context, bail};
 use fleetcast_events::names::root_key;
 use fleetcast_events::{PublicKey, Role, Root, SecretKey, SignedMetadata, TrustedRoot};
-use fleetcast_runtime::Bus;
 use time::OffsetDateTime;
 
 /// A role's keys from arguments: public key files (`fleetcast keygen` writes `<name>.pub`) or
@@ -90,7 +90,7 @@ pub fn check(
 }
 
 /// The newest published root, walked from `root.1` and checked link by link.
-pub async fn published(bus: &Bus) -> anyhow::Result<Option<TrustedRoot>> {
+pub async fn published(bus: &CliBus) -> anyhow::Result<Option<TrustedRoot>> {
     let mut current: Option<TrustedRoot> = None;
     loop {
         let version = match &current {
@@ -101,7 +101,13 @@ pub async fn published(bus: &Bus) -> anyhow::Result<Option<TrustedRoot>> {
             },
         };
         let key = root_key(version);
-        let Some(bytes) = bus.trust.get(&key).await.with_context(|| key.clone())? else {
+        let Some(bytes) = bus
+            .trust()
+            .await?
+            .get(&key)
+            .await
+            .with_context(|| key.clone())?
+        else {
             return Ok(current);
         };
         let signed: SignedMetadata =
@@ -114,7 +120,7 @@ pub async fn published(bus: &Bus) -> anyhow::Result<Option<TrustedRoot>> {
 /// Publishes the next root, after checking it as agents will. A published version is never
 /// replaced; publishing the very same root again does nothing (so a deployment step can run on
 /// every start). Returns the newest published root and whether this call published it.
-pub async fn publish(bus: &Bus, signed: &SignedMetadata) -> anyhow::Result<(TrustedRoot, bool)> {
+pub async fn publish(bus: &CliBus, signed: &SignedMetadata) -> anyhow::Result<(TrustedRoot, bool)> {
     let root: Root = signed.unverified()?;
     let previous = published(bus).await?;
     if let Some(newest) = &previous
@@ -122,7 +128,8 @@ pub async fn publish(bus: &Bus, signed: &SignedMetadata) -> anyhow::Result<(Trus
     {
         let key = root_key(root.version);
         let same = bus
-            .trust
+            .trust()
+            .await?
             .get(&key)
             .await
             .with_context(|| key.clone())?
@@ -144,7 +151,8 @@ pub async fn publish(bus: &Bus, signed: &SignedMetadata) -> anyhow::Result<(Trus
     }
     let trusted = check(previous.as_ref(), signed)?;
     let bytes = serde_json::to_vec(signed)?;
-    bus.trust
+    bus.trust()
+        .await?
         .create(root_key(root.version), bytes.into())
         .await
         .with_context(|| format!("publishing root version {}", root.version))?;

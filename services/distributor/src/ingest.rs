@@ -21,7 +21,7 @@ use fleetcast_events::tree::{self, ChunkList, Hash32, NodeRef, TreeFile};
 use fleetcast_events::v1::{RejectCode, Rejection};
 use fleetcast_package::chunking::{self, ChunkId};
 use fleetcast_package::{ArchiveError, ArchiveLimits, Entry, EntryKind, Package};
-use fleetcast_runtime::Bus;
+use fleetcast_runtime::{Bus, BusError};
 use futures::StreamExt;
 use futures::stream::FuturesUnordered;
 
@@ -122,7 +122,8 @@ const MAX_KNOWN: usize = 4_000_000;
 /// for another, whose agents may read only their own apps' objects.
 #[derive(Clone)]
 pub struct ChunkStore {
-    bus: Bus,
+    js: async_nats::jetstream::Context,
+    chunks: async_nats::jetstream::stream::Stream,
     /// Per app, the objects known to be stored under its subjects.
     known: Arc<Mutex<HashMap<String, HashSet<ChunkId>>>>,
 }
@@ -136,11 +137,13 @@ pub(crate) enum Stored {
 }
 
 impl ChunkStore {
-    pub fn new(bus: Bus) -> Self {
-        ChunkStore {
-            bus,
+    /// The chunks stream of `bus` (which a service created).
+    pub async fn bind(bus: &Bus) -> Result<Self, BusError> {
+        Ok(ChunkStore {
+            js: bus.js.clone(),
+            chunks: bus.stream(fleetcast_events::names::CHUNKS_STREAM).await?,
             known: Arc::default(),
-        }
+        })
     }
 
     /// Whether the release with this tree is stored already: its root is written last.
@@ -150,7 +153,6 @@ impl ChunkStore {
             return Ok(true);
         }
         match self
-            .bus
             .chunks
             .direct_get_last_for_subject(chunk_subject(app, &tree.root))
             .await
@@ -189,7 +191,6 @@ impl ChunkStore {
     ) -> Result<(Vec<u8>, u64), StoreError> {
         let what = || format!("chunk {id}");
         let message = match self
-            .bus
             .chunks
             .direct_get_last_for_subject(chunk_subject(app, &id.to_hex()))
             .await
@@ -254,7 +255,6 @@ impl ChunkStore {
     pub async fn patch_list(&self, app: &str, root: &str) -> Result<PatchList, StoreError> {
         let what = || format!("the patch list of {root}");
         match self
-            .bus
             .chunks
             .direct_get_last_for_subject(chunk_subject(app, &patches::list_key(root)))
             .await
@@ -277,8 +277,7 @@ impl ChunkStore {
     ) -> Result<(), StoreError> {
         let what = || format!("storing the patch list of {root}");
         let bytes = list.encode().map_err(|e| StoreError::corrupt(what(), e))?;
-        self.bus
-            .js
+        self.js
             .publish(chunk_subject(app, &patches::list_key(root)), bytes.into())
             .await
             .map_err(|e| StoreError::unavailable(what(), e))?
@@ -301,7 +300,6 @@ impl ChunkStore {
         }
         let subject = chunk_subject(app, &id.to_hex());
         match self
-            .bus
             .chunks
             .direct_get_last_for_subject(subject.clone())
             .await
@@ -329,7 +327,6 @@ impl ChunkStore {
             .payload(compressed.into())
             .expected_last_subject_sequence(0);
         let ack = self
-            .bus
             .js
             .send_publish(subject, publish)
             .await
@@ -751,7 +748,7 @@ mod tests {
         let bus = Bus::connect(&settings, "test", &CancellationToken::new())
             .await
             .expect("bus");
-        let store = ChunkStore::new(bus.clone());
+        let store = ChunkStore::bind(&bus).await.expect("chunk store");
         let id = ChunkId::of(b"hello");
 
         let missing = store.get("app", id, 5).await.expect_err("missing");

@@ -11,16 +11,18 @@ mod settings;
 use std::sync::Arc;
 
 use async_nats::jetstream::Message;
+use async_nats::jetstream::stream;
 use fleetcast_events::Encoding;
 use fleetcast_events::TrustError;
 use fleetcast_events::names::{self, RELEASE_SIGNED, RELEASE_STORED, release_key};
 use fleetcast_events::v1::*;
+use fleetcast_runtime::bus::Role;
 use fleetcast_runtime::consume::{
-    ConsumerSpec, Outcome, RefusedRelease, decode_or_reject, reject_release, run_consumer,
+    ConsumerSpec, Outcome, RefusedRelease, Refuser, decode_or_reject, reject_release, run_consumer,
 };
 use fleetcast_runtime::observe::{self, Endpoint, ObserveError};
 use fleetcast_runtime::releases::{FetchError, RecordError};
-use fleetcast_runtime::{Bus, BusError, Trust, trust};
+use fleetcast_runtime::{Bus, BusError, Incoming, Records, Trust, TrustBucket, trust};
 use time::OffsetDateTime;
 use tokio_util::sync::CancellationToken;
 
@@ -48,7 +50,7 @@ pub async fn run(settings: Settings, shutdown: CancellationToken) -> Result<(), 
     let trusted = settings.trusted()?;
     let (metrics, registry) = metrics::Metrics::registered();
     let endpoint = Endpoint::new(metrics::IDENTITY, registry);
-    let Some((bus, _serving)) = observe::serve_and_connect::<DistributorError>(
+    let Some((bus, _serving)) = observe::serve_and_connect::<DistributorError, DistributorBus>(
         SERVICE,
         &settings.nats,
         settings.metrics_listen,
@@ -61,11 +63,10 @@ pub async fn run(settings: Settings, shutdown: CancellationToken) -> Result<(), 
         return Ok(());
     };
     let trusted = Arc::new(trusted);
-    let following = trusted.clone().start_following(bus.clone()).await;
+    let following = trusted.clone().start_following(bus.trust.clone()).await;
     let following = tokio::spawn(following.run(trust::SERVICE_RECHECK, shutdown.clone()));
-    let store = ChunkStore::new(bus.clone());
     let distributor = Distributor {
-        store,
+        store: bus.chunks.clone(),
         bus: bus.clone(),
         settings: Arc::new(settings),
         trusted,
@@ -113,9 +114,37 @@ pub async fn run(settings: Settings, shutdown: CancellationToken) -> Result<(), 
     Ok(())
 }
 
+/// What the distributor uses of the bus: the release events (signed releases and patch
+/// requests in, stored releases and refusals out), the release records, the incoming archives,
+/// the chunk store, and the trust bucket (roots read).
+#[derive(Clone)]
+struct DistributorBus {
+    bus: Bus,
+    releases_stream: stream::Stream,
+    records: Records,
+    incoming: Incoming,
+    chunks: ChunkStore,
+    trust: TrustBucket,
+}
+
+fleetcast_runtime::bus_role!(DistributorBus);
+
+impl Role for DistributorBus {
+    async fn bind(bus: &Bus) -> Result<Self, BusError> {
+        Ok(DistributorBus {
+            releases_stream: bus.stream(names::RELEASES_STREAM).await?,
+            records: bus.records().await?,
+            incoming: bus.incoming().await?,
+            chunks: ChunkStore::bind(bus).await?,
+            trust: TrustBucket::bind(bus).await?,
+            bus: bus.clone(),
+        })
+    }
+}
+
 #[derive(Clone)]
 struct Distributor {
-    bus: Bus,
+    bus: DistributorBus,
     settings: Arc<Settings>,
     trusted: Arc<Trust>,
     store: ChunkStore,
@@ -202,7 +231,11 @@ impl Distributor {
 
     /// Stores the release `event` signed and announces it, unless it is stored already.
     async fn ingest_release(&self, event: &ReleaseSigned) -> Result<(), ReleaseError> {
-        let record = self.bus.release_record(&event.app, &event.version).await?;
+        let record = self
+            .bus
+            .records
+            .release_record(&event.app, &event.version)
+            .await?;
         if record.is_some_and(|r| r.state == ReleaseState::Stored) {
             tracing::info!("already stored, nothing to do");
             return Ok(());
@@ -215,6 +248,7 @@ impl Distributor {
         } else {
             let fetched = self
                 .bus
+                .incoming
                 .fetch_archive(
                     &event.object,
                     &event.blake3,
@@ -315,7 +349,7 @@ impl Distributor {
         app: &str,
         version: &semver::Version,
     ) -> Result<Option<fleetcast_events::VerifiedManifest>, RecordError> {
-        let record = self.bus.release_record(app, version).await?;
+        let record = self.bus.records.release_record(app, version).await?;
         let Some(record) = record else {
             return Ok(None);
         };
@@ -384,6 +418,7 @@ impl Distributor {
         };
         // The record first: whoever reacts to `release.stored` (the tracker) finds it stored.
         self.bus
+            .records
             .put_release_record(&ReleaseRecord {
                 app: event.app.clone(),
                 version: event.version.clone(),
@@ -419,7 +454,18 @@ impl Distributor {
             archive: None,
         };
         let reason = Rejection { code, message };
-        let outcome = reject_release(&self.bus, SERVICE, release, reason, true).await;
+        let outcome = reject_release(
+            Refuser {
+                stage: SERVICE,
+                bus: &self.bus,
+                records: &self.bus.records,
+                incoming: &self.bus.incoming,
+            },
+            release,
+            reason,
+            true,
+        )
+        .await;
         if matches!(outcome, Outcome::Done) {
             self.metrics.rejected(code);
         }

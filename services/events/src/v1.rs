@@ -114,10 +114,7 @@ impl std::fmt::Display for RejectCode {
     /// The code as serde names it (`path_traversal`): the schemas, metrics, logs,
     /// `.reason.txt` notes and the CLI all spell it this one way.
     fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
-        match serde_json::to_value(self) {
-            Ok(serde_json::Value::String(name)) => f.write_str(&name),
-            _ => f.write_str("unknown"),
-        }
+        write_serde_name(self, f)
     }
 }
 
@@ -696,20 +693,33 @@ impl HistoryKind {
 impl std::fmt::Display for HistoryKind {
     /// Serde's name (`rollout.halted`): the subject's last part, the API's and CLI's filter.
     fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
-        match serde_json::to_value(self) {
-            Ok(serde_json::Value::String(name)) => f.write_str(&name),
-            _ => f.write_str("unknown"),
-        }
+        write_serde_name(self, f)
     }
 }
 
 impl std::str::FromStr for HistoryKind {
-    type Err = String;
+    type Err = UnknownHistoryKind;
     fn from_str(s: &str) -> Result<Self, Self::Err> {
         serde_json::from_value(serde_json::Value::String(s.to_string())).map_err(|_| {
-            let known: Vec<String> = HistoryKind::ALL.iter().map(|k| k.to_string()).collect();
-            format!("unknown history kind {s:?}; one of {}", known.join(", "))
+            UnknownHistoryKind {
+                given: s.to_string(),
+            }
         })
+    }
+}
+
+/// A history kind no entry has (a filter's typo).
+#[derive(Debug, Clone, PartialEq, Eq, thiserror::Error)]
+#[error("unknown history kind {given:?}; one of {}", HistoryKind::ALL.map(|k| k.to_string()).join(", "))]
+pub struct UnknownHistoryKind {
+    pub given: String,
+}
+
+/// A unit variant's name as serde spells it (`path_traversal`, `rollout.halted`).
+fn write_serde_name(value: &impl Serialize, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+    match serde_json::to_value(value) {
+        Ok(serde_json::Value::String(name)) => f.write_str(&name),
+        _ => f.write_str("unknown"),
     }
 }
 

@@ -3,7 +3,7 @@
 
 use std::time::Duration;
 
-use async_nats::jetstream::{self, kv, object_store, stream};
+use async_nats::jetstream::{self, kv, stream};
 use async_nats::{ConnectOptions, HeaderMap};
 use fleetcast_events::names::*;
 use fleetcast_events::{CONTENT_TYPE, Encoding};
@@ -38,22 +38,14 @@ pub enum BusError {
     Request { subject: String, reason: String },
 }
 
-/// A connected client with handles to every stream, bucket and store.
+/// A connection to NATS: the client, its JetStream context and who it is. Each role binds the
+/// streams, buckets and stores it uses into a handle of its own (the signer's `SignerBus`, the
+/// agent's [`AgentBus`](crate::AgentBus), …), so what a role does not use it never looks up,
+/// and its NATS permissions need not allow it.
 #[derive(Clone)]
 pub struct Bus {
     pub client: async_nats::Client,
     pub js: jetstream::Context,
-    pub releases_stream: stream::Stream,
-    pub chunks: stream::Stream,
-    pub status_stream: stream::Stream,
-    pub releases: kv::Store,
-    pub signer_state: kv::Store,
-    pub desired: kv::Store,
-    pub fleet: kv::Store,
-    pub rollouts: kv::Store,
-    /// Roots and the signer's timestamp (see `fleetcast_events::trust`).
-    pub trust: kv::Store,
-    pub incoming: object_store::ObjectStore,
     /// The NATS user this connection authenticates as (its credentials' name), which the
     /// server lets publish on its own subjects only (`names::tracker_command_subject`, …);
     /// [`names::UNAUTHENTICATED`] without credentials (insecure development mode).
@@ -61,6 +53,27 @@ pub struct Bus {
     /// How many times the client has connected: it changes on every reconnect, after which
     /// a core subscription's holder re-reads what it may have missed while disconnected.
     pub connections: watch::Receiver<u64>,
+}
+
+/// A role's handle on the bus: its connection and what it binds of the streams, buckets and
+/// stores (the signer's `SignerBus`, …). Bound once at start ([`Bus::bind`] waits until they
+/// exist); a role that does not bind a stream needs no permission to look it up.
+pub trait Role: Sized {
+    fn bind(bus: &Bus) -> impl std::future::Future<Output = Result<Self, BusError>> + Send;
+}
+
+/// Lets a role's handle (a struct with a `bus: Bus` field) be used where its connection is:
+/// publishing, requests, refusals.
+#[macro_export]
+macro_rules! bus_role {
+    ($role:ty) => {
+        impl ::std::ops::Deref for $role {
+            type Target = $crate::Bus;
+            fn deref(&self) -> &$crate::Bus {
+                &self.bus
+            }
+        }
+    };
 }
 
 /// Largest chunk as stored (a 256 KiB chunk that zstd could not shrink, plus its frame).
@@ -84,31 +97,29 @@ struct BucketSpec {
 
 impl Bus {
     /// Connects (retrying with backoff until `shutdown`) and creates every stream and bucket
-    /// that does not exist yet, with `settings.replicas`: what the fleetcast services do.
+    /// that does not exist yet, with `settings.replicas`: what the fleetcast services do, so
+    /// that any of them can start first.
     pub async fn connect(
         settings: &NatsSettings,
         name: &str,
         shutdown: &CancellationToken,
     ) -> Result<Bus, BusError> {
-        Bus::open(settings, name, shutdown, Resources::Create).await
+        let bus = Bus::attach(settings, name, shutdown).await?;
+        // Boxed: setting up every stream and bucket is a large future, and callers' own
+        // futures (tests' included) should not carry it on their stacks.
+        bus.bind(shutdown, || Box::pin(provision(&bus.js, settings)))
+            .await?;
+        Ok(bus)
     }
 
-    /// Connects and binds to the streams and buckets the services created, waiting until they
-    /// exist: what agents and the CLI do. They never create one, so none ends up with their
-    /// defaults (a single replica on a cluster), and their credentials need no right to.
+    /// Connects without creating anything: what agents and the CLI do. They bind what they
+    /// use ([`Bus::bind`] waits until a service has created it) and never create a stream or
+    /// bucket, so none ends up with their defaults (a single replica on a cluster), and their
+    /// credentials need no right to.
     pub async fn attach(
         settings: &NatsSettings,
         name: &str,
         shutdown: &CancellationToken,
-    ) -> Result<Bus, BusError> {
-        Bus::open(settings, name, shutdown, Resources::Bind).await
-    }
-
-    async fn open(
-        settings: &NatsSettings,
-        name: &str,
-        shutdown: &CancellationToken,
-        resources: Resources,
     ) -> Result<Bus, BusError> {
         let user = match &settings.credentials {
             Some(path) => credentials_user(path).map_err(|e| BusError::Connect {
@@ -117,21 +128,35 @@ impl Bus {
             })?,
             None => UNAUTHENTICATED.to_string(),
         };
-        // Boxed, as `ensure` below: async-nats's connect is a large future.
+        // Boxed: async-nats's connect is a large future.
         let (client, connections) = Box::pin(connect(settings, name, shutdown)).await?;
+        let js = jetstream::ContextBuilder::new()
+            .timeout(settings.request_timeout)
+            .build(client.clone());
+        Ok(Bus {
+            client,
+            js,
+            user,
+            connections,
+        })
+    }
+
+    /// Runs `bind` (a role binding its handles, or a service setting up the store) until it
+    /// succeeds, retrying with backoff until `shutdown`: JetStream may not be ready yet, or a
+    /// stream not created yet by the service that creates it.
+    pub async fn bind<T, F, Fut>(
+        &self,
+        shutdown: &CancellationToken,
+        bind: F,
+    ) -> Result<T, BusError>
+    where
+        F: Fn() -> Fut,
+        Fut: std::future::Future<Output = Result<T, BusError>>,
+    {
         let mut delays = crate::retry::delays(Duration::from_millis(200), Duration::from_secs(5));
         loop {
-            // Boxed: setting up every stream and bucket is a large future, and callers' own
-            // futures (tests' included) should not carry it on their stacks.
-            match Box::pin(Bus::ensure(
-                client.clone(),
-                connections.clone(),
-                settings,
-                resources,
-            ))
-            .await
-            {
-                Ok(bus) => return Ok(Bus { user, ..bus }),
+            match bind().await {
+                Ok(bound) => return Ok(bound),
                 Err(e) => {
                     tracing::warn!(error = %e, "JetStream not ready, retrying");
                     let delay = delays.next().unwrap_or_default();
@@ -144,41 +169,44 @@ impl Bus {
         }
     }
 
-    /// Binds (or, with [`Resources::Create`], creates) every stream, bucket and store: the
-    /// specifications are [`streams`] and [`buckets`], the IO is here.
-    async fn ensure(
-        client: async_nats::Client,
-        connections: watch::Receiver<u64>,
-        settings: &NatsSettings,
-        resources: Resources,
-    ) -> Result<Bus, BusError> {
-        let js = jetstream::ContextBuilder::new()
-            .timeout(settings.request_timeout)
-            .build(client.clone());
-        let [releases_config, chunks_config, status_config] = streams(settings);
-        let releases_stream = stream_with(&js, resources, releases_config).await?;
-        let chunks = stream_with(&js, resources, chunks_config).await?;
-        if resources == Resources::Create {
-            widen_chunk_subjects(&js, &chunks).await;
-        }
-        let status_stream = stream_with(&js, resources, status_config).await?;
-        let [releases, signer_state, desired, fleet, rollouts, trust] = buckets(settings);
-        Ok(Bus {
-            releases: kv_bucket(&js, resources, releases).await?,
-            signer_state: kv_bucket(&js, resources, signer_state).await?,
-            desired: kv_bucket(&js, resources, desired).await?,
-            fleet: kv_bucket(&js, resources, fleet).await?,
-            rollouts: kv_bucket(&js, resources, rollouts).await?,
-            trust: kv_bucket(&js, resources, trust).await?,
-            incoming: incoming_store(&js, settings, resources).await?,
-            client,
-            js,
-            releases_stream,
-            chunks,
-            status_stream,
-            user: String::new(),
-            connections,
-        })
+    /// A stream a service created (see [`names`]).
+    pub async fn stream(&self, name: &str) -> Result<stream::Stream, BusError> {
+        self.js
+            .get_stream(name)
+            .await
+            .map_err(|e| not_set_up(name, &e))
+    }
+
+    /// A KV bucket a service created (see [`names`]).
+    pub async fn bucket(&self, name: &str) -> Result<kv::Store, BusError> {
+        self.js
+            .get_key_value(name)
+            .await
+            .map_err(|e| not_set_up(name, &e))
+    }
+
+    /// The incoming object store, where archives wait to be signed and chunked.
+    pub async fn incoming(&self) -> Result<crate::releases::Incoming, BusError> {
+        let store = self
+            .js
+            .get_object_store(INCOMING_BUCKET)
+            .await
+            .map_err(|e| not_set_up(INCOMING_BUCKET, &e))?;
+        Ok(crate::releases::Incoming::new(store))
+    }
+
+    /// The release records (`fleetcast releases`, what each stage decided).
+    pub async fn records(&self) -> Result<crate::releases::Records, BusError> {
+        Ok(crate::releases::Records::new(
+            self.bucket(RELEASES_BUCKET).await?,
+        ))
+    }
+
+    /// The desired states agents follow.
+    pub async fn desired(&self) -> Result<crate::releases::Desired, BusError> {
+        Ok(crate::releases::Desired::new(
+            self.bucket(DESIRED_BUCKET).await?,
+        ))
     }
 
     /// A core NATS request carrying an event (content type in its header); the reply is
@@ -396,31 +424,21 @@ fn incoming_stream(settings: &NatsSettings) -> stream::Config {
     }
 }
 
-/// Looks up the incoming object store, or creates its stream when missing (and allowed).
-async fn incoming_store(
-    js: &jetstream::Context,
-    settings: &NatsSettings,
-    resources: Resources,
-) -> Result<object_store::ObjectStore, BusError> {
-    match js.get_object_store(INCOMING_BUCKET).await {
-        Ok(store) => return Ok(store),
-        Err(e) if resources == Resources::Bind => return Err(not_set_up(INCOMING_BUCKET, &e)),
-        Err(_) => {}
+/// Creates every stream, bucket and store that does not exist yet ([`streams`], [`buckets`],
+/// [`incoming_stream`]), and brings older ones up to date (chunk subjects, republishing).
+async fn provision(js: &jetstream::Context, settings: &NatsSettings) -> Result<(), BusError> {
+    let [releases, chunks, status] = streams(settings);
+    create_stream(js, releases).await?;
+    let chunks = create_stream(js, chunks).await?;
+    widen_chunk_subjects(js, &chunks).await;
+    create_stream(js, status).await?;
+    for spec in buckets(settings) {
+        kv_bucket(js, spec).await?;
     }
-    stream_with(js, resources, incoming_stream(settings)).await?;
-    js.get_object_store(INCOMING_BUCKET)
-        .await
-        .map_err(|e| BusError::Setup {
-            what: INCOMING_BUCKET.into(),
-            reason: e.to_string(),
-        })
-}
-
-/// Whether a client creates the streams and buckets that are missing or only binds to them.
-#[derive(Debug, Clone, Copy, PartialEq, Eq)]
-enum Resources {
-    Create,
-    Bind,
+    if js.get_object_store(INCOMING_BUCKET).await.is_err() {
+        create_stream(js, incoming_stream(settings)).await?;
+    }
+    Ok(())
 }
 
 fn not_set_up(what: &str, e: &dyn std::fmt::Display) -> BusError {
@@ -430,51 +448,33 @@ fn not_set_up(what: &str, e: &dyn std::fmt::Display) -> BusError {
     }
 }
 
-async fn stream_with(
+async fn create_stream(
     js: &jetstream::Context,
-    resources: Resources,
     config: stream::Config,
 ) -> Result<stream::Stream, BusError> {
     let name = config.name.clone();
-    match resources {
-        Resources::Create => js
-            .get_or_create_stream(config)
-            .await
-            .map_err(|e| BusError::Setup {
-                what: name,
-                reason: e.to_string(),
-            }),
-        Resources::Bind => js
-            .get_stream(&name)
-            .await
-            .map_err(|e| not_set_up(&name, &e)),
-    }
+    js.get_or_create_stream(config)
+        .await
+        .map_err(|e| BusError::Setup {
+            what: name,
+            reason: e.to_string(),
+        })
 }
 
-/// Looks up a KV bucket, or creates it when missing (and allowed), with its republish setting
-/// when it has one.
-async fn kv_bucket(
-    js: &jetstream::Context,
-    resources: Resources,
-    spec: BucketSpec,
-) -> Result<kv::Store, BusError> {
+/// Looks up a KV bucket, or creates it when missing, with its republish setting when it has
+/// one (added to a bucket made before fleetcast set it).
+async fn kv_bucket(js: &jetstream::Context, spec: BucketSpec) -> Result<kv::Store, BusError> {
     let bucket = spec.name;
     let republish = spec.republish.map(|prefix| stream::Republish {
         source: format!("$KV.{bucket}.>"),
         destination: format!("{prefix}>"),
         headers_only: false,
     });
-    match js.get_key_value(bucket).await {
-        Ok(store) => {
-            if resources == Resources::Create
-                && let Some(republish) = republish
-            {
-                add_republish(js, &store, republish).await;
-            }
-            return Ok(store);
+    if let Ok(store) = js.get_key_value(bucket).await {
+        if let Some(republish) = republish {
+            add_republish(js, &store, republish).await;
         }
-        Err(e) if resources == Resources::Bind => return Err(not_set_up(bucket, &e)),
-        Err(_) => {}
+        return Ok(store);
     }
     js.create_key_value(kv::Config {
         bucket: bucket.into(),

@@ -124,37 +124,50 @@ pub async fn run_consumer_on<F, Fut>(
         // The pull is over (one message); nothing more comes on its subscription.
         drop(pull);
         let acker = message.clone();
-        let job = handler(message);
-        tokio::pin!(job);
-        let mut ticker =
-            tokio::time::interval_at(tokio::time::Instant::now() + progress_every, progress_every);
-        let outcome = loop {
-            tokio::select! {
-                outcome = &mut job => break outcome,
-                _ = ticker.tick() => {
-                    if let Err(e) = acker.ack_with(AckKind::Progress).await {
-                        tracing::debug!(error = %e, "progress ack failed");
-                    }
+        let outcome = with_progress_acks(&acker, progress_every, handler(message)).await;
+        settle(durable, &acker, outcome).await;
+    }
+}
+
+/// Runs `job`, telling the server every `every` that its message is still being worked on, so
+/// a long job (a large archive) is not redelivered to another instance meanwhile.
+async fn with_progress_acks(
+    acker: &jetstream::Message,
+    every: Duration,
+    job: impl Future<Output = Outcome>,
+) -> Outcome {
+    tokio::pin!(job);
+    let mut ticker = tokio::time::interval_at(tokio::time::Instant::now() + every, every);
+    loop {
+        tokio::select! {
+            outcome = &mut job => return outcome,
+            _ = ticker.tick() => {
+                if let Err(e) = acker.ack_with(AckKind::Progress).await {
+                    tracing::debug!(error = %e, "progress ack failed");
                 }
             }
-        };
-        let ack = match outcome {
-            Outcome::Done => acker.double_ack().await,
-            Outcome::Retry(reason) => {
-                tracing::warn!(durable, %reason, "will retry");
-                acker
-                    .ack_with(AckKind::Nak(Some(Duration::from_secs(2))))
-                    .await
-            }
-            Outcome::RetryAfter(reason, delay) => {
-                tracing::warn!(durable, %reason, retry_in = ?delay, "will retry");
-                acker.ack_with(AckKind::Nak(Some(delay))).await
-            }
-        };
-        if let Err(e) = ack {
-            // Not fatal: the message is redelivered and handlers are idempotent.
-            tracing::warn!(durable, error = %e, "ack failed");
         }
+    }
+}
+
+/// Acks a handled message (confirmed by the server), or naks it for a retry after a delay.
+async fn settle(durable: &str, acker: &jetstream::Message, outcome: Outcome) {
+    let ack = match outcome {
+        Outcome::Done => acker.double_ack().await,
+        Outcome::Retry(reason) => {
+            tracing::warn!(durable, %reason, "will retry");
+            acker
+                .ack_with(AckKind::Nak(Some(Duration::from_secs(2))))
+                .await
+        }
+        Outcome::RetryAfter(reason, delay) => {
+            tracing::warn!(durable, %reason, retry_in = ?delay, "will retry");
+            acker.ack_with(AckKind::Nak(Some(delay))).await
+        }
+    };
+    if let Err(e) = ack {
+        // Not fatal: the message is redelivered and handlers are idempotent.
+        tracing::warn!(durable, error = %e, "ack failed");
     }
 }
 
@@ -187,13 +200,21 @@ pub struct RefusedRelease<'a> {
     pub archive: Option<&'a str>,
 }
 
-/// Refuses `release` at `stage` (the signer, the distributor) for `reason`: records it where
-/// its publisher looks (`Bus::record_rejection`; `of_signed` for a release that is signed
-/// already), removes its archive, and publishes `release.rejected`, each step repeatable.
-/// `Outcome::Done` once the event is out; retried if recording or publishing failed.
+/// What a pipeline stage (the signer, the distributor) refuses releases with: where it records
+/// them, where their archives are, where it announces them.
+pub struct Refuser<'a> {
+    pub stage: &'a str,
+    pub bus: &'a crate::Bus,
+    pub records: &'a crate::releases::Records,
+    pub incoming: &'a crate::releases::Incoming,
+}
+
+/// Refuses `release` for `reason`: records it where its publisher looks
+/// (`Records::record_rejection`; `of_signed` for a release that is signed already), removes its
+/// archive, and publishes `release.rejected`, each step repeatable. `Outcome::Done` once the
+/// event is out; retried if recording or publishing failed.
 pub async fn reject_release(
-    bus: &crate::Bus,
-    stage: &str,
+    refuser: Refuser<'_>,
     release: RefusedRelease<'_>,
     reason: fleetcast_events::v1::Rejection,
     of_signed: bool,
@@ -204,15 +225,21 @@ pub async fn reject_release(
         blake3,
         archive,
     } = release;
+    let Refuser {
+        stage,
+        bus,
+        records,
+        incoming,
+    } = refuser;
     tracing::warn!(%app, %version, code = %reason.code, reason = %reason.message, "release rejected");
-    let recorded = bus
+    let recorded = records
         .record_rejection(app, version, Some(blake3), &reason, of_signed)
         .await;
     if let Err(e) = recorded {
         return Outcome::Retry(e.to_string());
     }
     if let Some(object) = archive
-        && let Err(e) = bus.incoming.delete(object).await
+        && let Err(e) = incoming.delete(object).await
     {
         tracing::debug!(%object, error = %e, "rejected archive not deleted");
     }

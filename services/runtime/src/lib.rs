@@ -22,6 +22,7 @@ pub mod window;
 
 pub use agent_bus::AgentBus;
 pub use bus::{Bus, BusError};
+pub use releases::{Desired, Incoming, Records};
 pub use settings::{NatsSettings, SettingsError, TlsSettings, load_settings};
 pub use shutdown::shutdown_on_signals;
-pub use trust::Trust;
+pub use trust::{Trust, TrustBucket};

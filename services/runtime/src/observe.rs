@@ -212,16 +212,16 @@ pub async fn serve(
 
 /// How a pipeline service starts: its endpoint first (an address it cannot listen on is a
 /// configuration error found at once, and `/health` says "not connected" meanwhile), then
-/// NATS, creating the streams and buckets that are missing ([`Bus::connect`]). `None`: shut
-/// down before NATS was reachable.
-pub async fn serve_and_connect<E>(
+/// NATS, creating the streams and buckets that are missing ([`Bus::connect`]), then its role's
+/// handle `R`. `None`: shut down before NATS was reachable.
+pub async fn serve_and_connect<E, R: crate::bus::Role>(
     service: &str,
     nats: &NatsSettings,
     listen: SocketAddr,
     tls: Option<&HttpsSettings>,
     endpoint: Arc<Endpoint>,
     shutdown: &CancellationToken,
-) -> Result<Option<(Bus, Serving)>, E>
+) -> Result<Option<(R, Serving)>, E>
 where
     E: From<ObserveError> + From<BusError>,
 {
@@ -231,7 +231,11 @@ where
         other => other?,
     };
     endpoint.connected(&bus.client);
-    Ok(Some((bus, serving)))
+    let role = match bus.bind(shutdown, || R::bind(&bus)).await {
+        Err(BusError::Cancelled) => return Ok(None),
+        other => other?,
+    };
+    Ok(Some((role, serving)))
 }
 
 /// Binds, waiting briefly while the address is in use: a service restarted within its process

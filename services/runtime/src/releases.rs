@@ -11,6 +11,8 @@ use futures::StreamExt;
 use semver::Version;
 use tokio::io::{AsyncReadExt, AsyncWriteExt};
 
+use async_nats::jetstream::{kv, object_store};
+
 use crate::bus::Bus;
 
 #[derive(Debug, thiserror::Error)]
@@ -165,23 +167,43 @@ const NOT_FOUND_PATIENCE: [std::time::Duration; 4] = [
 /// bigger messages (well under the 1 MB default `max_payload` of a NATS server).
 const ARCHIVE_CHUNK_SIZE: usize = 512 * 1024;
 
-impl Bus {
+/// The incoming object store: archives waiting to be signed and chunked.
+#[derive(Clone)]
+pub struct Incoming(object_store::ObjectStore);
+
+impl Incoming {
+    pub(crate) fn new(store: object_store::ObjectStore) -> Self {
+        Incoming(store)
+    }
+
+    /// The object store itself (listing, metadata).
+    pub fn store(&self) -> &object_store::ObjectStore {
+        &self.0
+    }
+
+    /// Removes `object` (an archive whose release is stored or refused).
+    pub async fn delete(&self, object: &str) -> Result<(), object_store::DeleteError> {
+        self.0.delete(object).await
+    }
+
     /// Uploads an archive to the incoming store as `object`.
     pub async fn upload_archive(
         &self,
         object: &str,
         data: &mut (impl tokio::io::AsyncRead + Unpin),
-    ) -> Result<(), String> {
+    ) -> Result<(), UploadError> {
         let meta = async_nats::jetstream::object_store::ObjectMetadata {
             name: object.into(),
             chunk_size: Some(ARCHIVE_CHUNK_SIZE),
             ..Default::default()
         };
-        self.incoming
-            .put(meta, data)
-            .await
-            .map(|_| ())
-            .map_err(|e| format!("uploading {object}: {e}"))
+        match self.0.put(meta, data).await {
+            Ok(_) => Ok(()),
+            Err(source) => Err(UploadError {
+                object: object.into(),
+                source,
+            }),
+        }
     }
 
     /// Copies `object` to a temporary file, hashing it on the way, and checks that it is the
@@ -212,17 +234,7 @@ impl Bus {
                 transient(&e)
             }
         };
-        let mut patience = NOT_FOUND_PATIENCE.iter();
-        let mut reader = loop {
-            match self.incoming.get(object).await {
-                Ok(r) => break r,
-                Err(e) if matches!(e.kind(), GetErrorKind::NotFound) => match patience.next() {
-                    Some(wait) => tokio::time::sleep(*wait).await,
-                    None => return Err(FetchError::NotFound(object.into())),
-                },
-                Err(e) => return Err(transient(&e)),
-            }
-        };
+        let mut reader = self.open_patiently(object).await?;
         // The stored size, from the object's info, before a byte is written: an archive over
         // the limits would be refused after filling the disk otherwise.
         let stored = reader.info.size as u64;
@@ -271,14 +283,45 @@ impl Bus {
         })
     }
 
+    /// `object`, waiting a little before believing it is not there (see
+    /// [`NOT_FOUND_PATIENCE`]).
+    async fn open_patiently(&self, object: &str) -> Result<object_store::Object, FetchError> {
+        let mut patience = NOT_FOUND_PATIENCE.iter();
+        loop {
+            match self.0.get(object).await {
+                Ok(reader) => return Ok(reader),
+                Err(e) if matches!(e.kind(), GetErrorKind::NotFound) => match patience.next() {
+                    Some(wait) => tokio::time::sleep(*wait).await,
+                    None => return Err(FetchError::NotFound(object.into())),
+                },
+                Err(e) => {
+                    return Err(FetchError::Transient {
+                        object: object.into(),
+                        reason: e.to_string(),
+                    });
+                }
+            }
+        }
+    }
+}
+
+/// The release records: what became of each published archive, which `fleetcast releases`,
+/// the tracker and each stage read.
+#[derive(Clone)]
+pub struct Records(kv::Store);
+
+impl Records {
+    pub(crate) fn new(store: kv::Store) -> Self {
+        Records(store)
+    }
+
     pub async fn release_record(
         &self,
         app: &str,
         version: &Version,
     ) -> Result<Option<ReleaseRecord>, RecordError> {
         let key = release_key(app, version);
-        let entry =
-            (self.releases.get(&key).await).map_err(|e| RecordError::store(RELEASES, &key, e))?;
+        let entry = (self.0.get(&key).await).map_err(|e| RecordError::store(RELEASES, &key, e))?;
         match entry {
             None => Ok(None),
             Some(bytes) => Encoding::Json
@@ -288,16 +331,12 @@ impl Bus {
         }
     }
 
-    /// Writes the desired state of `app` in `ring`: the stored release's signed manifest and
-    /// chunk index key, which agents watching that key verify and install; `slot` makes them
-    /// ask the tracker for a rollout slot before switching.
-    pub async fn desire(
+    /// The signed manifest of a stored release: what a desired state may name.
+    pub async fn stored_manifest(
         &self,
         app: &AppName,
-        ring: &RingName,
         version: &Version,
-        slot: bool,
-    ) -> Result<(), RecordError> {
+    ) -> Result<fleetcast_events::SignedManifest, RecordError> {
         let record = self.release_record(app, version).await?.ok_or_else(|| {
             RecordError::Refused(format!("{app} {version} is not a known release"))
         })?;
@@ -307,32 +346,7 @@ impl Bus {
                 record.state
             )));
         };
-        self.desire_with(app, ring, version, manifest, slot).await
-    }
-
-    /// As [`Bus::desire`], with the signed manifest given (a rollback directive).
-    pub async fn desire_with(
-        &self,
-        app: &AppName,
-        ring: &RingName,
-        version: &Version,
-        manifest: fleetcast_events::SignedManifest,
-        slot: bool,
-    ) -> Result<(), RecordError> {
-        let desired = fleetcast_events::v1::DesiredState {
-            app: app.clone(),
-            ring: ring.clone(),
-            version: version.clone(),
-            manifest,
-            slot,
-        };
-        let key = fleetcast_events::names::desired_key(app, ring);
-        let bytes = Encoding::Json
-            .encode(&desired)
-            .map_err(|e| RecordError::corrupt(DESIRED, &key, e))?;
-        (self.desired.put(&key, bytes.into()).await)
-            .map_err(|e| RecordError::store(DESIRED, &key, e))?;
-        Ok(())
+        Ok(manifest)
     }
 
     pub async fn put_release_record(&self, record: &ReleaseRecord) -> Result<(), RecordError> {
@@ -388,15 +402,15 @@ impl Bus {
         app: Option<&str>,
     ) -> Result<Vec<ReleaseRecord>, RecordError> {
         let listing = |e| RecordError::store(RELEASES, "(listing)", e);
-        let mut keys = (self.releases.keys().await).map_err(|e| listing(e.to_string()))?;
+        let mut keys = (self.0.keys().await).map_err(|e| listing(e.to_string()))?;
         let mut out = Vec::new();
         while let Some(key) = keys.next().await {
             let key = key.map_err(|e| listing(e.to_string()))?;
             if app.is_some_and(|a| !key.starts_with(&format!("{a}."))) {
                 continue;
             }
-            let bytes = (self.releases.get(&key).await)
-                .map_err(|e| RecordError::store(RELEASES, &key, e))?;
+            let bytes =
+                (self.0.get(&key).await).map_err(|e| RecordError::store(RELEASES, &key, e))?;
             if let Some(bytes) = bytes {
                 match Encoding::Json.decode::<ReleaseRecord>(&bytes) {
                     Ok(record) => out.push(record),
@@ -427,6 +441,7 @@ impl Bus {
     /// both `fleetcast rollback` and the tracker's `POST /api/apps/{app}/rollback` ask.
     pub async fn request_rollback(
         &self,
+        bus: &Bus,
         app: &AppName,
         to: &Version,
         ring: Option<&RingName>,
@@ -466,7 +481,7 @@ impl Bus {
             "rollback-requested.{app}.{to}.{from}.{}",
             ring.map_or("all", |r| r.as_str())
         );
-        self.publish_event(
+        bus.publish_event(
             &fleetcast_events::names::rollback_requested_subject(user),
             &request,
             Encoding::Json,
@@ -485,14 +500,14 @@ impl Bus {
         let bytes = Encoding::Json
             .encode(record)
             .map_err(|e| RecordError::corrupt(RELEASES, key, e))?;
-        (self.releases.put(key, bytes.into()).await)
+        (self.0.put(key, bytes.into()).await)
             .map(|_| ())
             .map_err(|e| RecordError::store(RELEASES, key, e))
     }
 
     /// What became of the archive `blake3` published as app+version, judging only records
     /// written after `since` (KV revisions read before it was published, see
-    /// [`Bus::release_revisions`]) for a rejection, so an earlier refusal of the same bytes is
+    /// [`Records::release_revisions`]) for a rejection, so an earlier refusal of the same bytes is
     /// not taken for this attempt's: `Some` once it is stored (at any time: stored is stored)
     /// or rejected; `None` while undecided.
     pub async fn archive_outcome(
@@ -530,7 +545,7 @@ impl Bus {
         }
     }
 
-    /// The current revisions of the records [`Bus::archive_outcome`] reads (0: none yet).
+    /// The current revisions of the records [`Records::archive_outcome`] reads (0: none yet).
     pub async fn release_revisions(
         &self,
         app: &str,
@@ -548,8 +563,7 @@ impl Bus {
     }
 
     async fn release_entry(&self, key: &str) -> Result<Option<(u64, ReleaseRecord)>, RecordError> {
-        let entry =
-            (self.releases.entry(key).await).map_err(|e| RecordError::store(RELEASES, key, e))?;
+        let entry = (self.0.entry(key).await).map_err(|e| RecordError::store(RELEASES, key, e))?;
         match entry {
             Some(entry) if matches!(entry.operation, async_nats::jetstream::kv::Operation::Put) => {
                 let record = Encoding::Json
@@ -560,6 +574,68 @@ impl Bus {
             _ => Ok(None),
         }
     }
+}
+
+/// The desired states: per app and ring, the version its agents install.
+#[derive(Clone)]
+pub struct Desired(kv::Store);
+
+impl Desired {
+    pub(crate) fn new(store: kv::Store) -> Self {
+        Desired(store)
+    }
+
+    /// The bucket itself (reads, watches).
+    pub fn store(&self) -> &kv::Store {
+        &self.0
+    }
+
+    /// Writes the desired state of `app` in `ring`: the stored release's signed manifest,
+    /// which agents watching that key verify and install; `slot` makes them ask the tracker
+    /// for a rollout slot before switching.
+    pub async fn desire(
+        &self,
+        records: &Records,
+        app: &AppName,
+        ring: &RingName,
+        version: &Version,
+        slot: bool,
+    ) -> Result<(), RecordError> {
+        let manifest = records.stored_manifest(app, version).await?;
+        self.desire_with(app, ring, version, manifest, slot).await
+    }
+
+    /// As [`Desired::desire`], with the signed manifest given (a rollback directive).
+    pub async fn desire_with(
+        &self,
+        app: &AppName,
+        ring: &RingName,
+        version: &Version,
+        manifest: fleetcast_events::SignedManifest,
+        slot: bool,
+    ) -> Result<(), RecordError> {
+        let desired = fleetcast_events::v1::DesiredState {
+            app: app.clone(),
+            ring: ring.clone(),
+            version: version.clone(),
+            manifest,
+            slot,
+        };
+        let key = fleetcast_events::names::desired_key(app, ring);
+        let bytes = Encoding::Json
+            .encode(&desired)
+            .map_err(|e| RecordError::corrupt(DESIRED, &key, e))?;
+        (self.0.put(&key, bytes.into()).await).map_err(|e| RecordError::store(DESIRED, &key, e))?;
+        Ok(())
+    }
+}
+
+/// An archive that did not reach the incoming store (the store is full, or NATS unreachable).
+#[derive(Debug, thiserror::Error)]
+#[error("uploading {object}: {source}")]
+pub struct UploadError {
+    pub object: String,
+    pub source: object_store::PutError,
 }
 
 /// Why a rollback was not asked for.

@@ -358,10 +358,45 @@ impl Trust {
         accepted: &[(fleetcast_events::AppName, Option<Version>)],
     ) -> MetadataStatus {
         let root_version = self.root_version();
-        let keys = self.keys(now).err().map(|e| e.to_string());
         let mut state = self.state();
         let issued = state.timestamp.as_ref().map(|t| t.issued);
-        let mut reasons: Vec<String> = keys.into_iter().collect();
+        let mut reasons: Vec<String> = self
+            .keys(now)
+            .err()
+            .map(|e| e.to_string())
+            .into_iter()
+            .collect();
+        reasons.extend(self.stale_reasons(&state, root_version, now, max_age));
+        let mut notes = state.load_notes.clone();
+        let (behind, lagging) = behind_the_signer(&state, now, max_age, accepted);
+        state.behind = behind;
+        drop(state);
+        notes.extend(lagging);
+        let mut reasons = reasons.into_iter();
+        let reason = reasons.next();
+        // More than one reason: the first is the reason, the rest are noted.
+        notes.extend(reasons);
+        MetadataStatus {
+            root_version,
+            timestamp: issued,
+            stale: reason.is_some(),
+            reason,
+            notes,
+        }
+    }
+
+    /// Why the metadata held cannot be trusted to be current: a timestamp from beyond the
+    /// clock's tolerance, none (or only an old one) within `max_age`, a newer root the signer
+    /// signs under that this verifier does not hold.
+    fn stale_reasons(
+        &self,
+        state: &State,
+        root_version: u64,
+        now: OffsetDateTime,
+        max_age: Option<Duration>,
+    ) -> Vec<String> {
+        let mut reasons = Vec::new();
+        let issued = state.timestamp.as_ref().map(|t| t.issued);
         if let Some((ahead, at)) = state.ahead {
             reasons.push(format!(
                 "a signed timestamp issued at {ahead} was {}s ahead of this host's clock at {at} (tolerance {}s): this host's clock is behind or the signer's ahead; expiries cannot be judged",
@@ -395,53 +430,7 @@ impl Trust {
                 t.root_version
             ));
         }
-        let mut notes = state.load_notes.clone();
-        let releases = state
-            .timestamp
-            .as_ref()
-            .map(|t| t.releases.clone())
-            .unwrap_or_default();
-        let mut behind = BTreeMap::new();
-        for (app, accepted) in accepted {
-            let Some(newest) = releases.get(app.as_str()) else {
-                continue;
-            };
-            if accepted.as_ref().is_some_and(|a| a >= newest) {
-                continue;
-            }
-            // Behind since it was first seen behind, whichever newer version it lags.
-            let since = state
-                .behind
-                .get(app.as_str())
-                .map_or(now, |(_, since)| *since);
-            behind.insert(app.clone(), (newest.clone(), since));
-            let lag = Duration::try_from(now - since).unwrap_or_default();
-            if let Some(max_age) = max_age
-                && lag > max_age
-            {
-                notes.push(format!(
-                    "{app}: {newest} is signed (the signer's timestamp), this host accepted {} and has been behind for {}s (limit {}s): its announcement may be withheld, or its ring is not due yet",
-                    accepted
-                        .as_ref()
-                        .map_or_else(|| "none".to_string(), Version::to_string),
-                    lag.as_secs(),
-                    max_age.as_secs()
-                ));
-            }
-        }
-        state.behind = behind;
-        drop(state);
-        let mut reasons = reasons.into_iter();
-        let reason = reasons.next();
-        // More than one reason: the first is the reason, the rest are noted.
-        notes.extend(reasons);
-        MetadataStatus {
-            root_version,
-            timestamp: issued,
-            stale: reason.is_some(),
-            reason,
-            notes,
-        }
+        reasons
     }
 
     fn persist(&self, file: &str, signed: &SignedMetadata) {
@@ -548,7 +537,7 @@ impl Trust {
     }
 }
 
-/// Where a verifier follows the trust bucket from: a service's [`Bus`] (a `kv::Store`) or an
+/// Where a verifier follows the trust bucket from: a service's [`TrustBucket`] or an
 /// agent's [`AgentBus`] (direct gets only, see `agent_bus`).
 pub trait TrustSource: Send + Sync + 'static {
     fn client(&self) -> &async_nats::Client;
@@ -560,15 +549,36 @@ pub trait TrustSource: Send + Sync + 'static {
     ) -> impl Future<Output = Result<Option<bytes::Bytes>, async_nats::Error>> + Send;
 }
 
-impl TrustSource for Bus {
+/// A service's handle on the trust bucket: roots and the signer's timestamp.
+#[derive(Clone)]
+pub struct TrustBucket {
+    bus: Bus,
+    kv: async_nats::jetstream::kv::Store,
+}
+
+impl TrustBucket {
+    pub async fn bind(bus: &Bus) -> Result<TrustBucket, crate::BusError> {
+        Ok(TrustBucket {
+            bus: bus.clone(),
+            kv: bus.bucket(fleetcast_events::names::TRUST_BUCKET).await?,
+        })
+    }
+
+    /// The bucket itself (the signer writes the timestamp, operators the roots).
+    pub fn store(&self) -> &async_nats::jetstream::kv::Store {
+        &self.kv
+    }
+}
+
+impl TrustSource for TrustBucket {
     fn client(&self) -> &async_nats::Client {
-        &self.client
+        &self.bus.client
     }
     fn connections(&self) -> tokio::sync::watch::Receiver<u64> {
-        self.connections.clone()
+        self.bus.connections.clone()
     }
     async fn get(&self, key: &str) -> Result<Option<bytes::Bytes>, async_nats::Error> {
-        Ok(self.trust.get(key).await?)
+        Ok(self.kv.get(key).await?)
     }
 }
 
@@ -585,7 +595,7 @@ impl TrustSource for AgentBus {
 }
 
 /// A verifier's trust being kept current (see [`Trust::start_following`]).
-pub struct Following<S = Bus> {
+pub struct Following<S = TrustBucket> {
     trust: Arc<Trust>,
     bus: S,
     connections: tokio::sync::watch::Receiver<u64>,
@@ -727,6 +737,53 @@ fn walk_saved_roots(first: TrustedRoot, dir: &Path, notes: &mut Vec<String>) -> 
         tracing::warn!(%note, "trust state refused");
     }
     current
+}
+
+/// The apps whose accepted version is older than the newest the signer's timestamp lists, each
+/// with that version and since when it has been behind (kept from `state` while it stays
+/// behind, whichever newer version it lags); and a note for each behind for longer than
+/// `max_age`.
+fn behind_the_signer(
+    state: &State,
+    now: OffsetDateTime,
+    max_age: Option<Duration>,
+    accepted: &[(fleetcast_events::AppName, Option<Version>)],
+) -> (
+    BTreeMap<fleetcast_events::AppName, (Version, OffsetDateTime)>,
+    Vec<String>,
+) {
+    let mut behind = BTreeMap::new();
+    let mut notes = Vec::new();
+    let Some(timestamp) = &state.timestamp else {
+        return (behind, notes);
+    };
+    for (app, accepted) in accepted {
+        let Some(newest) = timestamp.releases.get(app.as_str()) else {
+            continue;
+        };
+        if accepted.as_ref().is_some_and(|a| a >= newest) {
+            continue;
+        }
+        let since = state
+            .behind
+            .get(app.as_str())
+            .map_or(now, |(_, since)| *since);
+        behind.insert(app.clone(), (newest.clone(), since));
+        let lag = Duration::try_from(now - since).unwrap_or_default();
+        if let Some(max_age) = max_age
+            && lag > max_age
+        {
+            notes.push(format!(
+                "{app}: {newest} is signed (the signer's timestamp), this host accepted {} and has been behind for {}s (limit {}s): its announcement may be withheld, or its ring is not due yet",
+                accepted
+                    .as_ref()
+                    .map_or_else(|| "none".to_string(), Version::to_string),
+                lag.as_secs(),
+                max_age.as_secs()
+            ));
+        }
+    }
+    (behind, notes)
 }
 
 fn read_root(path: &Path) -> Result<TrustedRoot, MetadataError> {

@@ -9,8 +9,8 @@ mod settings;
 
 use std::sync::Arc;
 
-use async_nats::jetstream::Message;
 use async_nats::jetstream::kv::{CreateErrorKind, UpdateErrorKind};
+use async_nats::jetstream::{Message, kv, stream};
 use fleetcast_events::TrustedKeys;
 use fleetcast_events::manifest::TreeRoot;
 use fleetcast_events::names::{self, PACKAGE_DETECTED, RELEASE_SIGNED};
@@ -20,13 +20,14 @@ use fleetcast_events::{
     AppName, Encoding, Manifest, SecretKey, SignedManifest, SignedMetadata, Timestamp,
 };
 use fleetcast_package::{ArchiveError, Package};
+use fleetcast_runtime::bus::Role;
 use fleetcast_runtime::consume::{
-    ConsumerSpec, Outcome, RefusedRelease, decode_or_reject, reject_event, reject_release,
+    ConsumerSpec, Outcome, RefusedRelease, Refuser, decode_or_reject, reject_event, reject_release,
     run_consumer,
 };
 use fleetcast_runtime::observe::{self, Endpoint, ObserveError};
 use fleetcast_runtime::releases::FetchError;
-use fleetcast_runtime::{Bus, BusError, Trust, trust};
+use fleetcast_runtime::{Bus, BusError, Incoming, Records, Trust, TrustBucket, trust};
 use futures::StreamExt;
 use policy::{LastSigned, Verdict};
 use time::OffsetDateTime;
@@ -67,7 +68,7 @@ pub async fn run(settings: Settings, shutdown: CancellationToken) -> Result<(), 
         .map(Arc::new);
     let (metrics, registry) = metrics::Metrics::registered();
     let endpoint = Endpoint::new(metrics::IDENTITY, registry);
-    let Some((bus, _serving)) = observe::serve_and_connect::<SignerError>(
+    let Some((bus, _serving)) = observe::serve_and_connect::<SignerError, SignerBus>(
         SERVICE,
         &settings.nats,
         settings.metrics_listen,
@@ -88,7 +89,7 @@ pub async fn run(settings: Settings, shutdown: CancellationToken) -> Result<(), 
     };
     let following = match trust {
         Some(trust) => {
-            let following = trust.start_following(bus.clone()).await;
+            let following = trust.start_following(bus.trust.clone()).await;
             Some(tokio::spawn(
                 following.run(trust::SERVICE_RECHECK, shutdown.clone()),
             ))
@@ -244,9 +245,37 @@ impl StepError {
     }
 }
 
+/// What the signer uses of the bus: the release events (detected packages and rollback
+/// requests in, signatures and refusals out), the release records, the incoming archives, its
+/// own state (each app's last version), and the trust bucket (roots read, timestamps written).
+#[derive(Clone)]
+struct SignerBus {
+    bus: Bus,
+    releases_stream: stream::Stream,
+    records: Records,
+    incoming: Incoming,
+    signer_state: kv::Store,
+    trust: TrustBucket,
+}
+
+fleetcast_runtime::bus_role!(SignerBus);
+
+impl Role for SignerBus {
+    async fn bind(bus: &Bus) -> Result<Self, BusError> {
+        Ok(SignerBus {
+            releases_stream: bus.stream(names::RELEASES_STREAM).await?,
+            records: bus.records().await?,
+            incoming: bus.incoming().await?,
+            signer_state: bus.bucket(names::SIGNER_BUCKET).await?,
+            trust: TrustBucket::bind(bus).await?,
+            bus: bus.clone(),
+        })
+    }
+}
+
 #[derive(Clone)]
 struct Signer {
-    bus: Bus,
+    bus: SignerBus,
     settings: Arc<Settings>,
     keys: Arc<Vec<SecretKey>>,
     trust: Option<Arc<Trust>>,
@@ -257,7 +286,7 @@ impl Signer {
     /// Signs detected packages and rollback requests until `shutdown`: how each consumer ended.
     async fn consume(
         &self,
-        bus: &Bus,
+        bus: &SignerBus,
         shutdown: CancellationToken,
     ) -> (Result<(), BusError>, Result<(), BusError>) {
         let releases = ConsumerSpec {
@@ -353,6 +382,7 @@ impl Signer {
             .map_err(|e| StepError::encode("the timestamp", e))?;
         self.bus
             .trust
+            .store()
             .put(names::TIMESTAMP_KEY, bytes.into())
             .await
             .map_err(|e| StepError::Publish(e.to_string()))?;
@@ -405,7 +435,11 @@ impl Signer {
         request: &RollbackRequested,
     ) -> Result<(Option<semver::Version>, Option<ReleaseRecord>), StepError> {
         let (last, _) = self.last_signed(&request.app).await?;
-        let target = self.bus.release_record(&request.app, &request.to).await?;
+        let target = self
+            .bus
+            .records
+            .release_record(&request.app, &request.to)
+            .await?;
         Ok((last.map(|l| l.version), target))
     }
 
@@ -507,6 +541,7 @@ impl Signer {
     async fn tree_of(&self, event: &PackageDetected) -> Result<TreeRoot, SignError> {
         let fetched = self
             .bus
+            .incoming
             .fetch_archive(
                 &event.object,
                 &event.blake3,
@@ -574,7 +609,7 @@ impl Signer {
             stored: None,
             updated: OffsetDateTime::now_utc(),
         };
-        Ok(self.bus.put_release_record(&release).await?)
+        Ok(self.bus.records.put_release_record(&release).await?)
     }
 
     async fn last_signed(
@@ -617,6 +652,15 @@ impl Signer {
         outcome
     }
 
+    fn refuser(&self) -> Refuser<'_> {
+        Refuser {
+            stage: SERVICE,
+            bus: &self.bus,
+            records: &self.bus.records,
+            incoming: &self.bus.incoming,
+        }
+    }
+
     async fn reject(&self, event: &PackageDetected, reason: Rejection) -> Outcome {
         let code = reason.code;
         let release = RefusedRelease {
@@ -625,7 +669,7 @@ impl Signer {
             blake3: &event.blake3,
             archive: Some(&event.object),
         };
-        let outcome = reject_release(&self.bus, SERVICE, release, reason, false).await;
+        let outcome = reject_release(self.refuser(), release, reason, false).await;
         if matches!(outcome, Outcome::Done) {
             self.metrics.rejected(code);
         }

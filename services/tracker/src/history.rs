@@ -93,7 +93,13 @@ pub struct History {
 }
 
 impl History {
-    pub async fn open(bus: &Bus, settings: &HistorySettings) -> Result<History, HistoryError> {
+    /// Opens (creating when missing) the history stream, with as many replicas as the stream
+    /// of release events `releases` (made with the deployment's replicas).
+    pub async fn open(
+        bus: &Bus,
+        releases: &stream::Stream,
+        settings: &HistorySettings,
+    ) -> Result<History, HistoryError> {
         let config = stream::Config {
             name: HISTORY_STREAM.into(),
             description: Some("what fleetcast did and who asked (the tracker writes it)".into()),
@@ -103,7 +109,7 @@ impl History {
             max_message_size: 64 * 1024,
             duplicate_window: Duration::from_secs(300),
             storage: stream::StorageType::File,
-            num_replicas: bus_replicas(bus),
+            num_replicas: releases.cached_info().config.num_replicas.max(1),
             ..Default::default()
         };
         let js = bus.js.clone();
@@ -212,11 +218,6 @@ impl History {
         out.sort_by_key(|e| e.at);
         Ok(out)
     }
-}
-
-fn bus_replicas(bus: &Bus) -> usize {
-    // The releases stream was made with the deployment's replicas: the history gets as many.
-    bus.releases_stream.cached_info().config.num_replicas.max(1)
 }
 
 /// What the subject filter cannot narrow.

@@ -140,7 +140,7 @@ async fn app_releases(State(tracker): State<Arc<Tracker>>, Path(app): Path<Strin
         Ok(app) => app,
         Err(e) => return reply(StatusCode::NOT_FOUND, e.to_string()),
     };
-    match tracker.bus.release_records(Some(&app)).await {
+    match tracker.bus.records.release_records(Some(&app)).await {
         Ok(records) => Json(
             records
                 .iter()

@@ -24,6 +24,7 @@ pub mod webhook;
 
 use std::sync::Arc;
 
+use fleetcast_runtime::bus::Role;
 use fleetcast_runtime::https::HttpListener;
 use fleetcast_runtime::{Bus, BusError};
 use tokio_util::sync::CancellationToken;
@@ -98,11 +99,20 @@ impl TrackerError {
     }
 }
 
+/// Connects, creating what is missing, and binds what the tracker uses.
+async fn connect(
+    nats: &fleetcast_runtime::NatsSettings,
+    shutdown: &CancellationToken,
+) -> Result<service::TrackerBus, BusError> {
+    let bus = Bus::connect(nats, SERVICE, shutdown).await?;
+    bus.bind(shutdown, || service::TrackerBus::bind(&bus)).await
+}
+
 pub async fn run(settings: Settings, shutdown: CancellationToken) -> Result<(), TrackerError> {
     settings.validate()?;
     // Secrets read before anything starts: a webhook that could not sign is a refusal to start.
     let webhooks = webhook::prepare(&settings.webhooks)?;
-    let bus = match Bus::connect(&settings.nats, SERVICE, &shutdown).await {
+    let bus = match connect(&settings.nats, &shutdown).await {
         Err(BusError::Cancelled) => return Ok(()),
         other => other?,
     };

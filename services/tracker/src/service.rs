@@ -7,6 +7,7 @@ use std::collections::{BTreeMap, BTreeSet};
 use std::sync::Arc;
 
 use async_nats::jetstream::consumer::{DeliverPolicy, pull};
+use async_nats::jetstream::{kv, stream};
 use fleetcast_events::names::{
     self, FLEET_BUCKET, ROLLOUTS_BUCKET, ReportKind, ReportSubject, SLOT_REQUESTS, SlotSubject,
     TRACKER_REQUESTS, release_key,
@@ -16,11 +17,12 @@ use fleetcast_events::v1::{
     RollbackSigned, SlotReply, SlotRequest,
 };
 use fleetcast_events::{AgentId, AppName, Encoding, RingName};
-use fleetcast_runtime::Bus;
+use fleetcast_runtime::bus::Role;
 use fleetcast_runtime::consume::{
     ConsumerSpec, Outcome, PULL_EXPIRES, decode_or_reject, run_consumer,
 };
 use fleetcast_runtime::metrics::CounterFamily;
+use fleetcast_runtime::{Bus, BusError, Desired, Records};
 use futures::StreamExt;
 use time::OffsetDateTime;
 use tokio::sync::Mutex;
@@ -52,8 +54,38 @@ const IDLE_POLL: std::time::Duration = std::time::Duration::from_secs(1);
 /// dots, so it cannot collide with one).
 const CURSOR_KEY: &str = "cursor.status";
 
-pub struct Tracker {
+/// What the tracker uses of the bus: the release events (stored releases and rollback
+/// directives in, patch requests and rollback requests out), the agents' reports, the release
+/// records, the desired states it writes, its inventory and rollouts.
+#[derive(Clone)]
+pub struct TrackerBus {
     pub bus: Bus,
+    pub releases_stream: stream::Stream,
+    pub status_stream: stream::Stream,
+    pub records: Records,
+    pub desired: Desired,
+    pub fleet: kv::Store,
+    pub rollouts: kv::Store,
+}
+
+fleetcast_runtime::bus_role!(TrackerBus);
+
+impl Role for TrackerBus {
+    async fn bind(bus: &Bus) -> Result<Self, BusError> {
+        Ok(TrackerBus {
+            releases_stream: bus.stream(names::RELEASES_STREAM).await?,
+            status_stream: bus.stream(names::STATUS_STREAM).await?,
+            records: bus.records().await?,
+            desired: bus.desired().await?,
+            fleet: bus.bucket(names::FLEET_BUCKET).await?,
+            rollouts: bus.bucket(names::ROLLOUTS_BUCKET).await?,
+            bus: bus.clone(),
+        })
+    }
+}
+
+pub struct Tracker {
+    pub bus: TrackerBus,
     /// The connection replies are sent from: one whose credential may publish to inboxes
     /// (`_INBOX.>`) and nothing else (`reply_credentials`), so that no reply subject a
     /// requester names can make the tracker write a store or an event.
@@ -205,7 +237,7 @@ impl Tracker {
     /// Loads the saved inventory and rollouts. Replies go out on `replies` (see
     /// [`Tracker::replies`]).
     pub async fn load(
-        bus: Bus,
+        bus: TrackerBus,
         replies: async_nats::Client,
         settings: Arc<Settings>,
     ) -> Result<Arc<Tracker>, TrackerError> {
@@ -264,7 +296,7 @@ impl Tracker {
             cursor = state.cursor,
             "state loaded"
         );
-        let history = History::open(&bus, &settings.history).await?;
+        let history = History::open(&bus, &bus.releases_stream, &settings.history).await?;
         let mut registry = crate::metrics::registry(&bus.client);
         let refused = refused_counter(&mut registry);
         let webhook_deliveries =
@@ -687,10 +719,17 @@ impl Tracker {
         match directive {
             Some(manifest) => {
                 self.bus
+                    .desired
                     .desire_with(app, ring, version, manifest.clone(), true)
                     .await?
             }
-            None => self.bus.desire(app, ring, version, true).await?,
+            None => {
+                let records = &self.bus.records;
+                self.bus
+                    .desired
+                    .desire(records, app, ring, version, true)
+                    .await?
+            }
         }
         tracing::info!("ring started: desired state written");
         Ok(())
@@ -1331,7 +1370,8 @@ impl Tracker {
     ) -> Reply {
         match self
             .bus
-            .request_rollback(app, to, ring, SERVICE, actor)
+            .records
+            .request_rollback(&self.bus, app, to, ring, SERVICE, actor)
             .await
         {
             Ok(from) => Reply::ok(format!(
@@ -1415,7 +1455,8 @@ impl Tracker {
         &self,
         app: Option<&AppName>,
     ) -> Result<Vec<AppReleases>, fleetcast_runtime::releases::RecordError> {
-        let records = self.bus.release_records(app.map(AppName::as_str)).await?;
+        let app = app.map(AppName::as_str);
+        let records = self.bus.records.release_records(app).await?;
         Ok(releases::by_app(records, &self.agents().await))
     }
 

@@ -29,9 +29,9 @@ pub(crate) enum DropError {
         path: String,
         source: std::io::Error,
     },
-    /// The incoming store refused the upload (its words name the object).
-    #[error("{0}")]
-    Upload(String),
+    /// The incoming store refused the upload.
+    #[error(transparent)]
+    Upload(#[from] fleetcast_runtime::releases::UploadError),
     #[error(transparent)]
     Announce(#[from] BusError),
     /// The refusal could not be recorded or published.
@@ -258,8 +258,7 @@ impl Watcher {
                 path: path.display().to_string(),
                 source,
             })?;
-        (self.bus.upload_archive(&object, &mut file).await)
-            .map_err(|e| DropError::Upload(e.to_string()))?;
+        self.bus.incoming.upload_archive(&object, &mut file).await?;
         let detected = PackageDetected {
             app: name.app,
             version: name.version,

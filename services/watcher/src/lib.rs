@@ -11,16 +11,18 @@ use std::path::Path;
 use std::sync::Arc;
 
 use async_nats::jetstream::object_store::DeleteErrorKind;
+use async_nats::jetstream::stream;
 use fleetcast_events::names::{self, PACKAGE_DETECTED, PACKAGE_REJECTED, RELEASE_PUBLISHED};
 use fleetcast_events::v1::{
     PackageDetected, PackageRejected, PackageSource, RejectCode, Rejection, ReleasePublished,
 };
 use fleetcast_events::{AppName, DecodeError, Encoding};
 use fleetcast_package::{ArchiveError, ArchiveLimits, Package};
+use fleetcast_runtime::bus::Role;
 use fleetcast_runtime::consume::{ConsumerSpec, Outcome, decode, reject_event, run_consumer};
 use fleetcast_runtime::observe::{self, Endpoint, ObserveError};
 use fleetcast_runtime::releases::FetchError;
-use fleetcast_runtime::{Bus, BusError};
+use fleetcast_runtime::{Bus, BusError, Incoming, Records};
 use semver::Version;
 use tokio_util::sync::CancellationToken;
 
@@ -53,7 +55,7 @@ pub async fn run(settings: Settings, shutdown: CancellationToken) -> Result<(), 
     settings.validate()?;
     let (metrics, registry) = metrics::Metrics::registered();
     let endpoint = Endpoint::new(metrics::IDENTITY, registry);
-    let Some((bus, _serving)) = observe::serve_and_connect::<WatcherError>(
+    let Some((bus, _serving)) = observe::serve_and_connect::<WatcherError, WatcherBus>(
         SERVICE,
         &settings.nats,
         settings.metrics_listen,
@@ -84,9 +86,32 @@ pub async fn run(settings: Settings, shutdown: CancellationToken) -> Result<(), 
     folder
 }
 
+/// What the watcher uses of the bus: the release events (CI's announcements in, its own out),
+/// the release records (its refusals), the incoming archives.
+#[derive(Clone)]
+pub(crate) struct WatcherBus {
+    bus: Bus,
+    releases_stream: stream::Stream,
+    records: Records,
+    incoming: Incoming,
+}
+
+fleetcast_runtime::bus_role!(WatcherBus);
+
+impl Role for WatcherBus {
+    async fn bind(bus: &Bus) -> Result<Self, BusError> {
+        Ok(WatcherBus {
+            releases_stream: bus.stream(names::RELEASES_STREAM).await?,
+            records: bus.records().await?,
+            incoming: bus.incoming().await?,
+            bus: bus.clone(),
+        })
+    }
+}
+
 #[derive(Clone)]
 pub(crate) struct Watcher {
-    bus: Bus,
+    bus: WatcherBus,
     settings: Arc<Settings>,
     metrics: Arc<metrics::Metrics>,
 }
@@ -255,6 +280,7 @@ impl Watcher {
     ) -> Result<PackageDetected, CiError> {
         let fetched = self
             .bus
+            .incoming
             .fetch_archive(
                 &event.object,
                 &event.blake3,
@@ -370,6 +396,7 @@ impl Watcher {
         if let (Some(app), Some(version)) = (app, version)
             && let Err(e) = self
                 .bus
+                .records
                 .record_rejection(app, version, blake3, &reason, false)
                 .await
         {

@@ -8,13 +8,15 @@ use std::time::Duration;
 
 use anyhow::{Context, bail};
 use async_nats::jetstream::consumer::{DeliverPolicy, pull};
+use async_nats::jetstream::{kv, stream};
 use fleetcast_events::names;
 use fleetcast_events::tree::{ChunkList, TreeFile};
 use fleetcast_events::v1::ReleaseRecord;
 use fleetcast_events::{AppName, RingName, SecretKey, TrustedKeys};
 use fleetcast_harness::NatsServer;
 use fleetcast_package::chunking::{self, ChunkId};
-use fleetcast_runtime::{Bus, NatsSettings};
+use fleetcast_runtime::bus::Role;
+use fleetcast_runtime::{Bus, BusError, Incoming, NatsSettings, Records};
 use futures::StreamExt;
 use serde::de::DeserializeOwned;
 use tokio::task::JoinHandle;
@@ -291,15 +293,10 @@ impl Pipeline {
     }
 
     /// A connection as `role`, binding to what the services created (as the CLI does).
-    pub async fn bus_as(&self, role: &str) -> anyhow::Result<Bus> {
-        let cancel = CancellationToken::new();
-        tokio::time::timeout(
-            Duration::from_secs(20),
-            Bus::attach(&self.nats_settings_as(role), role, &cancel),
-        )
-        .await
-        .context("NATS not reachable within 20 s")?
-        .with_context(|| format!("connecting as {role}"))
+    pub async fn bus_as(&self, role: &str) -> anyhow::Result<fleetcast_cli::CliBus> {
+        fleetcast_cli::connect(&self.nats_settings_as(role), Duration::from_secs(20))
+            .await
+            .with_context(|| format!("connecting as {role}"))
     }
 
     pub fn drop_dir(&self) -> PathBuf {
@@ -446,7 +443,7 @@ impl Pipeline {
         &self,
         command: &fleetcast_events::tracker::Command,
     ) -> anyhow::Result<fleetcast_events::tracker::Reply> {
-        fleetcast_cli::tracker(&self.bus().await?, command).await
+        fleetcast_cli::tracker(&self.cli().await?, command).await
     }
 
     /// An agent `id` in `ring` supervising `shapp` (a [`script_app`]), its state under `host`:
@@ -508,18 +505,28 @@ impl Pipeline {
         }
     }
 
-    /// The tests' own connection. It creates what is missing, as the services do, so a test
-    /// can write before any service runs.
-    pub async fn bus(&self) -> anyhow::Result<Bus> {
+    /// The tests' own connection, with everything bound. It creates what is missing, as the
+    /// services do, so a test can write before any service runs.
+    pub async fn bus(&self) -> anyhow::Result<TestBus> {
         let cancel = CancellationToken::new();
+        let settings = self.nats_settings();
+        let connected = async {
+            let bus = Bus::connect(&settings, "e2e", &cancel).await?;
+            bus.bind(&cancel, || TestBus::bind(&bus)).await
+        };
         tokio::time::timeout(
             Duration::from_secs(20),
             // Boxed: tests hold many of these futures, and a test thread's stack is small.
-            Box::pin(Bus::connect(&self.nats_settings(), "e2e", &cancel)),
+            Box::pin(connected),
         )
         .await
         .context("NATS not reachable within 20 s")?
         .context("connecting")
+    }
+
+    /// A connection as the CLI makes it.
+    pub async fn cli(&self) -> anyhow::Result<fleetcast_cli::CliBus> {
+        fleetcast_cli::connect(&self.nats_settings(), Duration::from_secs(20)).await
     }
 
     /// Waits for the first event on `subject` (from the stream's start) that `accept` takes.
@@ -578,7 +585,7 @@ pub fn free_addr() -> std::net::SocketAddr {
 /// tree and every chunk fetched by direct get and verified, every file reassembled and checked
 /// against its signed hash. Returns path → content.
 pub async fn reassemble(
-    bus: &Bus,
+    bus: &TestBus,
     trusted: &TrustedKeys,
     app: &str,
     version: &semver::Version,
@@ -609,7 +616,7 @@ pub async fn reassemble(
 
 /// A chunk or tree node of `app` from the store, verified against its name.
 pub async fn stored_object(
-    bus: &Bus,
+    bus: &TestBus,
     app: &str,
     id: &ChunkId,
     len: u32,
@@ -624,12 +631,13 @@ pub async fn stored_object(
 /// The files of a stored release, read from its signed tree in the store (chunk lists
 /// resolved), with the names of every tree node read.
 pub async fn release_files(
-    bus: &Bus,
+    bus: &TestBus,
     trusted: &TrustedKeys,
     app: &str,
     version: &semver::Version,
 ) -> anyhow::Result<Vec<TreeFile>> {
     let record: ReleaseRecord = bus
+        .records
         .release_record(app, version)
         .await
         .map_err(anyhow::Error::msg)?
@@ -658,7 +666,7 @@ pub async fn release_files(
 
 /// Chunk ids of a stored release.
 pub async fn chunk_ids(
-    bus: &Bus,
+    bus: &TestBus,
     trusted: &TrustedKeys,
     app: &str,
     version: &semver::Version,
@@ -926,13 +934,48 @@ impl Pipeline {
 
     /// Writes the desired state for `app` in `ring`, as the tracker will (`fleetcast desire`).
     pub async fn desire(&self, app: &str, ring: &str, version: &str) {
-        let bus = self.bus().await.expect("bus");
+        let cli = self.cli().await.expect("bus");
         let version = semver::Version::parse(version).expect("version");
         let app = AppName::try_from(app).expect("app");
         let ring = RingName::try_from(ring).expect("ring");
-        fleetcast_cli::desire(&bus, &app, &ring, &version)
+        fleetcast_cli::desire(&cli, &app, &ring, &version)
             .await
             .expect("desire");
+    }
+}
+
+/// Every stream, bucket and store, bound: what tests look at and set up (an administrator's
+/// view; no fleetcast role binds them all).
+#[derive(Clone)]
+pub struct TestBus {
+    pub bus: Bus,
+    pub releases_stream: stream::Stream,
+    pub status_stream: stream::Stream,
+    pub chunks: stream::Stream,
+    pub records: Records,
+    pub incoming: Incoming,
+    pub desired: kv::Store,
+    pub fleet: kv::Store,
+    pub rollouts: kv::Store,
+    pub trust: kv::Store,
+}
+
+fleetcast_runtime::bus_role!(TestBus);
+
+impl Role for TestBus {
+    async fn bind(bus: &Bus) -> Result<Self, BusError> {
+        Ok(TestBus {
+            releases_stream: bus.stream(names::RELEASES_STREAM).await?,
+            status_stream: bus.stream(names::STATUS_STREAM).await?,
+            chunks: bus.stream(names::CHUNKS_STREAM).await?,
+            records: bus.records().await?,
+            incoming: bus.incoming().await?,
+            desired: bus.bucket(names::DESIRED_BUCKET).await?,
+            fleet: bus.bucket(names::FLEET_BUCKET).await?,
+            rollouts: bus.bucket(names::ROLLOUTS_BUCKET).await?,
+            trust: bus.bucket(names::TRUST_BUCKET).await?,
+            bus: bus.clone(),
+        })
     }
 }
 

@@ -187,6 +187,7 @@ async fn stored_manifest(p: &Pipeline, version: &str) -> fleetcast_events::Signe
     p.bus()
         .await
         .expect("bus")
+        .records
         .release_record("shapp", &v(version))
         .await
         .expect("record")

@@ -11,13 +11,13 @@ use fleetcast_agent::assemble::{
 };
 use fleetcast_agent::install::InstallRoot;
 use fleetcast_e2e::Pipeline;
+use fleetcast_e2e::TestBus;
 use fleetcast_events::names::{RELEASE_STORED, chunk_subject};
 use fleetcast_events::patches::PatchList;
 use fleetcast_events::tree::{ChunkList, TreeFile};
 use fleetcast_events::v1::{ChunkRef, ReleaseStored};
 use fleetcast_harness::fixtures::{PackageBuilder, pseudo_random, rebuilt};
 use fleetcast_package::chunking::{ChunkError, ChunkId};
-use fleetcast_runtime::Bus;
 use semver::Version;
 
 fn v(s: &str) -> Version {
@@ -43,7 +43,7 @@ async fn release(p: &Pipeline, version: &str, pkg: &PackageBuilder) -> (Version,
     load(&bus, p, version).await
 }
 
-async fn load(bus: &Bus, p: &Pipeline, version: &str) -> (Version, Vec<TreeFile>) {
+async fn load(bus: &TestBus, p: &Pipeline, version: &str) -> (Version, Vec<TreeFile>) {
     let files = fleetcast_e2e::release_files(bus, &p.trusted(), "app", &v(version))
         .await
         .expect("tree");
@@ -63,7 +63,7 @@ async fn from_nothing(
 }
 
 /// The store as the agent reads it, for app `app`.
-async fn store(bus: &Bus) -> NatsChunks {
+async fn store(bus: &TestBus) -> NatsChunks {
     NatsChunks {
         chunks: fleetcast_runtime::AgentBus::from_bus(bus)
             .await
@@ -284,8 +284,13 @@ impl ChunkSource for Counting<'_> {
     }
 }
 
-async fn verified(bus: &Bus, p: &Pipeline, version: &str) -> fleetcast_events::VerifiedManifest {
-    bus.release_record("app", &v(version))
+async fn verified(
+    bus: &TestBus,
+    p: &Pipeline,
+    version: &str,
+) -> fleetcast_events::VerifiedManifest {
+    bus.records
+        .release_record("app", &v(version))
         .await
         .expect("record")
         .expect("some")

@@ -299,12 +299,14 @@ async fn an_archive_over_the_limit_is_refused_before_anything_is_written() {
     let bus = p.bus().await.expect("bus");
     let data = vec![7u8; 3 << 20];
     let blake3 = blake3::hash(&data).to_hex().to_string();
-    bus.upload_archive("big.zip", &mut data.as_slice())
+    bus.incoming
+        .upload_archive("big.zip", &mut data.as_slice())
         .await
         .expect("upload");
     let work = tempfile::tempdir().expect("tmp");
     let dir = work.path().join("work");
     let refused = bus
+        .incoming
         .fetch_archive("big.zip", &blake3, None, 1 << 20, &dir)
         .await
         .err()
@@ -317,6 +319,7 @@ async fn an_archive_over_the_limit_is_refused_before_anything_is_written() {
     assert!(!dir.exists(), "nothing was written");
     // Within the limit it is fetched whole.
     let fetched = bus
+        .incoming
         .fetch_archive("big.zip", &blake3, Some(3 << 20), 4 << 20, &dir)
         .await
         .expect("fetched");
@@ -346,9 +349,9 @@ async fn the_watcher_refuses_an_upload_over_its_limits_from_its_stored_size() {
         .file("data.bin", pseudo_random(2 << 20, 5), 0o644)
         .write_to(&zip)
         .expect("zip");
-    let bus = p.bus().await.expect("bus");
+    let cli = p.cli().await.expect("bus");
     fleetcast_cli::publish(
-        &bus,
+        &cli,
         fleetcast_cli::PublishRequest {
             archive: &zip,
             app: None,

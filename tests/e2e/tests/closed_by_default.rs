@@ -162,9 +162,16 @@ async fn the_ci_credential_uploads_and_announces_and_does_nothing_else() {
     }
     // Through the JetStream API as the CLI would: each fails.
     assert!(
-        tokio::time::timeout(TIMEOUT, ci.desired.put("shapp.default", "9.9.9".into()))
-            .await
-            .map_or(true, |r| r.is_err()),
+        tokio::time::timeout(TIMEOUT, async {
+            ci.desired()
+                .await?
+                .store()
+                .put("shapp.default", "9.9.9".into())
+                .await?;
+            anyhow::Ok(())
+        })
+        .await
+        .map_or(true, |r| r.is_err()),
         "writing desired state fails"
     );
     assert!(

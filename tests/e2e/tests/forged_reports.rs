@@ -473,7 +473,7 @@ async fn a_lost_rolled_back_status_still_halts_the_rollout_through_the_heartbeat
     // Its status is lost.
     let admin = p.bus().await.expect("admin");
     let subject = names::agent_status_subject("h1", "default", "shapp");
-    let rolled_back = |admin: fleetcast_runtime::Bus, subject: String| async move {
+    let rolled_back = |admin: fleetcast_e2e::TestBus, subject: String| async move {
         let consumer = admin
             .status_stream
             .create_consumer(async_nats::jetstream::consumer::pull::OrderedConfig {

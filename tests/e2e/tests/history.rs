@@ -6,31 +6,26 @@
 use fleetcast_events::{AppName, RingName};
 use std::time::Duration;
 
+use fleetcast_cli::CliBus;
 use fleetcast_e2e::{Pipeline, TIMEOUT, eventually, running, script_app};
 use fleetcast_events::names;
 use fleetcast_events::tracker::{Command, HistoryQuery};
 use fleetcast_events::v1::{HistoryEntry, HistoryKind, RejectCode};
 use fleetcast_harness::accounts::AgentSpec;
-use fleetcast_runtime::{Bus, NatsSettings};
+use fleetcast_runtime::NatsSettings;
 use fleetcast_tracker::policy::{Amount, AppPolicy, Approval, RingPolicy};
-use tokio_util::sync::CancellationToken;
 
 fn v(s: &str) -> semver::Version {
     s.parse().expect("version")
 }
 
-async fn bus_with(settings: NatsSettings) -> Bus {
-    let cancel = CancellationToken::new();
-    tokio::time::timeout(
-        Duration::from_secs(20),
-        Bus::attach(&settings, "history-test", &cancel),
-    )
-    .await
-    .expect("NATS reachable")
-    .expect("connects")
+async fn bus_with(settings: NatsSettings) -> CliBus {
+    fleetcast_cli::connect(&settings, Duration::from_secs(20))
+        .await
+        .expect("connects")
 }
 
-async fn history(bus: &Bus, query: HistoryQuery) -> Vec<HistoryEntry> {
+async fn history(bus: &CliBus, query: HistoryQuery) -> Vec<HistoryEntry> {
     let reply = fleetcast_cli::tracker(bus, &Command::History(query))
         .await
         .expect("tracker answers");
@@ -40,7 +35,7 @@ async fn history(bus: &Bus, query: HistoryQuery) -> Vec<HistoryEntry> {
 
 /// Waits until the history holds an entry `matching`, and returns every entry of the app.
 async fn wait_for(
-    bus: &Bus,
+    bus: &CliBus,
     what: &str,
     matching: impl Fn(&HistoryEntry) -> bool,
 ) -> Vec<HistoryEntry> {

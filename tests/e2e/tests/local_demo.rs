@@ -7,6 +7,7 @@ use fleetcast_events::AppName;
 use std::time::Duration;
 
 use fleetcast_e2e::Pipeline;
+use fleetcast_e2e::TestBus;
 use fleetcast_events::names::{
     EVENT_REJECTED, PACKAGE_REJECTED, RELEASE_PUBLISHED, RELEASE_STORED, archive_object,
 };
@@ -16,6 +17,7 @@ use fleetcast_events::v1::{
 };
 use fleetcast_events::{Encoding, names};
 use fleetcast_harness::fixtures::sample_package;
+use fleetcast_runtime::bus::Role;
 use fleetcast_runtime::{Bus, NatsSettings};
 use semver::Version;
 use tokio_util::sync::CancellationToken;
@@ -70,8 +72,8 @@ async fn non_zip_files_in_the_drop_folder_are_refused_visibly_and_temporary_ones
 }
 
 /// Whether the incoming store holds `object`.
-async fn in_incoming(bus: &Bus, object: &str) -> bool {
-    match bus.incoming.info(object).await {
+async fn in_incoming(bus: &TestBus, object: &str) -> bool {
+    match bus.incoming.store().info(object).await {
         Ok(info) => !info.deleted,
         Err(e) => {
             assert_eq!(
@@ -85,9 +87,10 @@ async fn in_incoming(bus: &Bus, object: &str) -> bool {
 }
 
 /// Uploads a zip as CI does, under `object`.
-async fn upload(bus: &Bus, object: &str) {
+async fn upload(bus: &TestBus, object: &str) {
     let bytes = sample_package("1.0.0").build();
-    bus.upload_archive(object, &mut bytes.as_slice())
+    bus.incoming
+        .upload_archive(object, &mut bytes.as_slice())
         .await
         .expect("upload");
     assert!(in_incoming(bus, object).await);
@@ -187,6 +190,7 @@ async fn an_archive_no_event_names_expires_from_the_incoming_store() {
     let bus = Bus::connect(&settings, "e2e", &CancellationToken::new())
         .await
         .expect("bus");
+    let bus = TestBus::bind(&bus).await.expect("bound");
     let object = archive_object("orphan", &Version::new(1, 0, 0), &"cd".repeat(32));
     upload(&bus, &object).await;
     let info = bus

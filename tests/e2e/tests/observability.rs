@@ -108,7 +108,7 @@ async fn pipeline_services_count_their_work_and_report_health() {
         .expect("0.9.0 refused");
     assert_eq!(refused.reason.code, RejectCode::VersionNotNewer);
     p.release("shapp", "1.1.0", &sample_package("1.1.0")).await;
-    let bus = p.bus().await.expect("bus");
+    let bus = p.cli().await.expect("bus");
     fleetcast_cli::request_rollback(&bus, &AppName::from_static("shapp"), &v("1.0.0"), None)
         .await
         .expect("rollback requested");

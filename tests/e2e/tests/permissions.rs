@@ -112,6 +112,7 @@ async fn a_release_reaches_every_agent_with_each_program_under_its_own_identity(
     // The tracker, seeing its fleet on 1.0.0, asked for patches; the distributor made one.
     let admin = p.bus().await.expect("admin");
     let m2 = admin
+        .records
         .release_record("shapp", &semver::Version::new(1, 1, 0))
         .await
         .expect("record")

@@ -71,6 +71,7 @@ async fn dropped_zip_is_signed_chunked_and_stored() {
         .bus()
         .await
         .expect("bus")
+        .records
         .release_record("collector", &v("1.0.0"))
         .await
         .expect("record")
@@ -95,13 +96,17 @@ async fn ci_publish_gives_the_same_result_and_v2_stores_only_new_chunks() {
         published_by: Some("ci-test".into()),
         progress: None,
     };
-    fleetcast_cli::publish(&bus, request)
+    fleetcast_cli::publish(&p.cli().await.expect("cli"), request)
         .await
         .expect("publish");
-    let record =
-        fleetcast_cli::wait_for_release(&bus, "collector", &v("1.0.0"), fleetcast_e2e::TIMEOUT)
-            .await
-            .expect("wait");
+    let record = fleetcast_cli::wait_for_release(
+        &p.cli().await.expect("cli"),
+        "collector",
+        &v("1.0.0"),
+        fleetcast_e2e::TIMEOUT,
+    )
+    .await
+    .expect("wait");
     assert_eq!(record.state, ReleaseState::Stored, "{:?}", record.reason);
     assert_reassembles(&p, "collector", "1.0.0", &v1).await;
 
@@ -122,7 +127,7 @@ async fn ci_publish_gives_the_same_result_and_v2_stores_only_new_chunks() {
         published_by: None,
         progress: None,
     };
-    fleetcast_cli::publish(&bus, request)
+    fleetcast_cli::publish(&p.cli().await.expect("cli"), request)
         .await
         .expect("publish v2");
     let stored: ReleaseStored = p
@@ -157,7 +162,7 @@ async fn ci_publish_gives_the_same_result_and_v2_stores_only_new_chunks() {
         published_by: None,
         progress: None,
     };
-    fleetcast_cli::publish(&bus, request)
+    fleetcast_cli::publish(&p.cli().await.expect("cli"), request)
         .await
         .expect("publish again");
     let again: ReleaseStored = p
@@ -170,7 +175,7 @@ async fn ci_publish_gives_the_same_result_and_v2_stores_only_new_chunks() {
     );
     assert_reassembles(&p, "collector", "1.2.0", &v1).await;
     // Archives are dropped from the incoming store once stored.
-    let mut listing = bus.incoming.list().await.expect("list");
+    let mut listing = bus.incoming.store().list().await.expect("list");
     use futures::StreamExt;
     assert!(listing.next().await.is_none(), "incoming store not emptied");
 }
@@ -339,6 +344,7 @@ async fn hostile_packages_are_rejected_with_their_reason_and_nothing_is_stored()
         .expect("rejected");
     assert_eq!(again.reason.code, RejectCode::VersionNotNewer);
     let record = bus
+        .records
         .release_record("collector", &v("2.0.0"))
         .await
         .expect("record")
@@ -358,7 +364,7 @@ async fn hostile_packages_are_rejected_with_their_reason_and_nothing_is_stored()
         good_chunks + nodes
     );
     assert_eq!(p.count_events(RELEASE_STORED).await.expect("count"), 1);
-    let mut listing = bus.incoming.list().await.expect("list");
+    let mut listing = bus.incoming.store().list().await.expect("list");
     use futures::StreamExt;
     assert!(
         listing.next().await.is_none(),

@@ -253,7 +253,7 @@ async fn manual_approval_downloads_early_and_an_operator_steers_the_rollout() {
         .expect("approve");
     assert!(approved.ok, "{}", approved.message);
     // `fleetcast rollout watch` ends when the rollout does.
-    let bus = p.bus().await.expect("bus");
+    let bus = p.cli().await.expect("bus");
     let done = watch(&bus, None).await;
     assert_eq!(done.phase, Phase::Completed);
     assert_eq!(done.rings[0].done, 2);
@@ -316,7 +316,7 @@ async fn a_tracker_restarted_mid_rollout_continues_where_it_was() {
 
 /// `fleetcast rollout watch shapp [--version V]`, bounded in time.
 async fn watch(
-    bus: &fleetcast_runtime::Bus,
+    bus: &fleetcast_cli::CliBus,
     version: Option<&Version>,
 ) -> fleetcast_events::tracker::RolloutSummary {
     tokio::time::timeout(
@@ -593,7 +593,7 @@ async fn a_rollback_goes_through_the_signer_and_rolls_out_ring_by_ring() {
     assert_eq!(v2.version, v("2.0.0"));
 
     // One ring first: only the canary goes back.
-    let bus = p.bus().await.expect("bus");
+    let bus = p.cli().await.expect("bus");
     let from = fleetcast_cli::request_rollback(
         &bus,
         &AppName::from_static("shapp"),

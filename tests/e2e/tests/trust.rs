@@ -48,6 +48,7 @@ fn signed_root(version: u64, root_keys: Role, signing: Role, by: &[&SecretKey]) 
 async fn announce_signed_by(p: &Pipeline, like: &str, version: &str, keys: &[&SecretKey]) {
     let bus = p.bus().await.expect("bus");
     let stored = bus
+        .records
         .release_record("shapp", &v(like))
         .await
         .expect("record")
@@ -102,7 +103,7 @@ async fn rotation_and_revocation() {
     let first = signed_root(1, roots.clone(), role(&[&p.key], 1), &[r0, r1]);
     let first_file = p.dir.path().join("root-1.json");
     root::write(&first_file, &first).expect("write root");
-    let bus = p.bus().await.expect("bus");
+    let bus = p.cli().await.expect("bus");
     let (_, published) = Box::pin(root::publish(&bus, &first))
         .await
         .expect("publish root 1");

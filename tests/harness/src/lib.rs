@@ -251,7 +251,7 @@ impl NatsServer {
             .map(|_| Ok((free_port()?, free_port()?, free_port()?)))
             .collect::<anyhow::Result<Vec<(u16, u16, u16)>>>()?;
         let mut servers = Vec::new();
-        for (i, &(port, route, leaf)) in ports.iter().enumerate() {
+        for (i, &(port, _, _)) in ports.iter().enumerate() {
             let node = read(&format!("cluster-node-{}.conf", i + 1))?;
             let mut server = NatsServer::from_config(port, |_| {
                 node.lines()
@@ -269,44 +269,7 @@ impl NatsServer {
             // The node's file includes ./cluster-common.conf, beside it: this node's copy.
             let store = server.store_dir().to_path_buf();
             let auth = format!("include \"{}/", relative_to(&store, accounts.dir()));
-            let mut block = String::new();
-            let mut lines = Vec::new();
-            for line in common.lines() {
-                let trimmed = line.trim_start();
-                let top_level = trimmed.len() == line.len();
-                if top_level && let Some(name) = trimmed.strip_suffix('{') {
-                    block = name.trim().to_string();
-                } else if top_level && trimmed.starts_with('}') {
-                    block.clear();
-                }
-                let route_url = (1..=3).find_map(|n| {
-                    trimmed
-                        .starts_with(&format!("nats-route://nats-{n}:6222"))
-                        .then(|| ports[n - 1].1)
-                });
-                lines.push(if trimmed.starts_with("listen:") {
-                    let listen = match block.as_str() {
-                        "" => port,
-                        "cluster" => route,
-                        "leafnodes" => leaf,
-                        other => bail!("cluster-common.conf: a listen in {other:?}"),
-                    };
-                    let indent = &line[..line.len() - trimmed.len()];
-                    format!("{indent}listen: 127.0.0.1:{listen}")
-                } else if top_level && trimmed.starts_with("http:") {
-                    continue;
-                } else if trimmed.starts_with("store_dir:") {
-                    format!("  store_dir: \"{}\"", store.join("js").display())
-                } else if let Some(route_port) = route_url {
-                    format!("    nats-route://127.0.0.1:{route_port}")
-                } else if trimmed.starts_with("advertise:")
-                    || trimmed.starts_with("client_advertise:")
-                {
-                    bail!("cluster-common.conf: an advertise the harness does not rewrite: {line}");
-                } else {
-                    line.replace("include \"./auth/", &auth)
-                });
-            }
+            let lines = cluster_common_for_node(&common, &ports, i, &store, &auth)?;
             std::fs::write(store.join("cluster-common.conf"), lines.join("\n") + "\n")?;
             server.credentials = Some(admin.clone());
             server.tls_ca = Some(ca.clone());
@@ -542,6 +505,57 @@ impl Drop for NatsServer {
     fn drop(&mut self) {
         self.stop();
     }
+}
+
+/// `cluster-common.conf` as node `node` of three on one machine has it (see
+/// [`NatsServer::start_shipped_cluster`]): its listen ports from `ports` (client, route, leaf
+/// node per node), its store under `store`, the routes to the others' loopback ports, `auth`
+/// for the `./auth/` includes, and no monitoring port.
+fn cluster_common_for_node(
+    common: &str,
+    ports: &[(u16, u16, u16)],
+    node: usize,
+    store: &Path,
+    auth: &str,
+) -> anyhow::Result<Vec<String>> {
+    let (port, route, leaf) = ports[node];
+    let mut block = String::new();
+    let mut lines = Vec::new();
+    for line in common.lines() {
+        let trimmed = line.trim_start();
+        let top_level = trimmed.len() == line.len();
+        if top_level && let Some(name) = trimmed.strip_suffix('{') {
+            block = name.trim().to_string();
+        } else if top_level && trimmed.starts_with('}') {
+            block.clear();
+        }
+        let route_url = (1..=3).find_map(|n| {
+            trimmed
+                .starts_with(&format!("nats-route://nats-{n}:6222"))
+                .then(|| ports[n - 1].1)
+        });
+        lines.push(if trimmed.starts_with("listen:") {
+            let listen = match block.as_str() {
+                "" => port,
+                "cluster" => route,
+                "leafnodes" => leaf,
+                other => bail!("cluster-common.conf: a listen in {other:?}"),
+            };
+            let indent = &line[..line.len() - trimmed.len()];
+            format!("{indent}listen: 127.0.0.1:{listen}")
+        } else if top_level && trimmed.starts_with("http:") {
+            continue;
+        } else if trimmed.starts_with("store_dir:") {
+            format!("  store_dir: \"{}\"", store.join("js").display())
+        } else if let Some(route_port) = route_url {
+            format!("    nats-route://127.0.0.1:{route_port}")
+        } else if trimmed.starts_with("advertise:") || trimmed.starts_with("client_advertise:") {
+            bail!("cluster-common.conf: an advertise the harness does not rewrite: {line}");
+        } else {
+            line.replace("include \"./auth/", auth)
+        });
+    }
+    Ok(lines)
 }
 
 /// `target` as a path relative to the folder `from`: nats-server resolves an `include` relative
