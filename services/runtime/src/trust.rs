@@ -358,14 +358,15 @@ impl Trust {
         accepted: &[(fleetcast_events::AppName, Option<Version>)],
     ) -> MetadataStatus {
         let root_version = self.root_version();
-        let mut state = self.state();
-        let issued = state.timestamp.as_ref().map(|t| t.issued);
+        // Before the state is locked: `keys` locks it too.
         let mut reasons: Vec<String> = self
             .keys(now)
             .err()
             .map(|e| e.to_string())
             .into_iter()
             .collect();
+        let mut state = self.state();
+        let issued = state.timestamp.as_ref().map(|t| t.issued);
         reasons.extend(self.stale_reasons(&state, root_version, now, max_age));
         let mut notes = state.load_notes.clone();
         let (behind, lagging) = behind_the_signer(&state, now, max_age, accepted);
