@@ -67,6 +67,168 @@ pub async fn run() -> anyhow::Result<String> {
         .prefix("fleetcast-bench-agent-")
         .tempdir()?;
     eprintln!("generating packages in {}", dir.path().display());
+    let bench = write_bench_packages(dir.path())?;
+    let small = write_small_packages(dir.path())?;
+    let rebuilt = write_rebuilt_packages(dir.path())?;
+    let store = store_releases(dir.path(), &bench, &small, &rebuilt).await?;
+    let bus = &store.bus;
+    let mut host = BenchHost::start(dir.path(), &store).await?;
+
+    let full = host.install_v1(bus).await?;
+    let idle = host.idle_minute().await?;
+    let update = host.update_polled(bus).await?;
+    let small_update = host.small_files_update(bus, &small, dir.path()).await?;
+    let rebuilt_update = host.rebuilt_update(bus).await?;
+    let handover = host.handover_under_load(bus).await?;
+    host.stop_agent();
+
+    eprintln!("demo app start time");
+    let app_start = app_start_ms(&host.demo_app, &dir.path().join("bench-app"))?;
+    eprintln!("bita");
+    let bita = bita_fetch(&bench.v1_zip, &bench.v2_zip, dir.path())?;
+
+    let many = crate::many::run(dir.path()).await?;
+    let selfupdate = crate::selfupdate::run(dir.path()).await?;
+    let measured = Measured {
+        full,
+        idle,
+        update,
+        small: small_update,
+        rebuilt: rebuilt_update,
+        app_start,
+        bita,
+        switch_p99_us: switch_p99_us(dir.path())?,
+        handover,
+        many,
+        selfupdate,
+    };
+    Ok(figures(&bench, &rebuilt, measured).to_string())
+}
+
+/// The demo app's packages: the ingest benchmark's ~256 MiB v1, and v2 with ~1% changed.
+struct BenchPackages {
+    v1_zip: PathBuf,
+    v2_zip: PathBuf,
+    /// v1's size.
+    package: usize,
+    /// Bytes v2 changed.
+    changed: u64,
+}
+
+/// The small-files app's packages, and v2's edited files (path, content).
+struct SmallPackages {
+    s1_zip: PathBuf,
+    s2_zip: PathBuf,
+    changed_files: Vec<(String, Vec<u8>)>,
+}
+
+/// The rebuilt-binary app's packages, and the sizes zstd's references take.
+struct RebuiltPackages {
+    r1_zip: PathBuf,
+    r2_zip: PathBuf,
+    /// Build 2 as a zstd patch from build 1.
+    patch_from: u64,
+    /// Build 2 compressed whole.
+    full: u64,
+    /// Build 2 itself.
+    binary: u64,
+}
+
+/// The store the agent fetches from (its server, a connection) and the key releases are
+/// signed with.
+struct Store {
+    bus: fleetcast_cli::CliBus,
+    nats: fleetcast_harness::NatsServer,
+    key: SecretKey,
+}
+
+/// The agent under test: its process, its folder, its apps' ports and its reports.
+struct BenchHost {
+    agent: Child,
+    data: PathBuf,
+    statuses: async_nats::Subscriber,
+    demo_app: PathBuf,
+    ports: Ports,
+}
+
+/// The ports the agent's apps listen on.
+struct Ports {
+    bench: u16,
+    small: u16,
+    rebuilt: u16,
+    handover: [u16; 2],
+}
+
+/// v1 from nothing: its running report, the size of its desired state, announced → running.
+struct FullInstall {
+    running: AgentStatus,
+    desired: u64,
+    install: Duration,
+}
+
+/// The idle agent: CPU ticks over the idle minute, then its memory (KiB).
+struct Idle {
+    ticks: u64,
+    rss: u64,
+    anon: u64,
+    file: u64,
+}
+
+/// v1 → v2 of the demo app, polled.
+struct Update {
+    running: AgentStatus,
+    /// Size of v2's desired state.
+    desired: u64,
+    /// Desired state written → the agent's `downloading` report.
+    reaction: time::Duration,
+    /// The last v1 answer → the first v2 answer.
+    downtime: Duration,
+    /// The agent's peak RSS (KiB) over both installs.
+    peak_rss: u64,
+}
+
+/// The small-files update and its references.
+struct SmallUpdate {
+    /// v2's desired state written → v2 running.
+    install: time::Duration,
+    /// Everything the agent fetched for v2.
+    fetched: u64,
+    desired_at: time::OffsetDateTime,
+    phases: Phases,
+    /// The edited files, zstd level 3.
+    changed_zstd: usize,
+    /// Writing, hashing and syncing the edited files.
+    write_hash: Duration,
+}
+
+/// The rebuilt binary's update.
+struct RebuiltUpdate {
+    /// Everything the agent fetched for build 2.
+    fetched: u64,
+    /// The agent's peak RSS (KiB) over every update so far.
+    final_peak_rss: u64,
+}
+
+/// Everything `run` measured after the packages, for [`figures`].
+struct Measured {
+    full: FullInstall,
+    idle: Idle,
+    update: Update,
+    small: SmallUpdate,
+    rebuilt: RebuiltUpdate,
+    app_start: Duration,
+    bita: BitaFetch,
+    switch_p99_us: u64,
+    /// The `handover_*` and `plain_*` keys.
+    handover: serde_json::Map<String, serde_json::Value>,
+    /// The `many_files_*` keys.
+    many: serde_json::Value,
+    /// The `agent_*` and `launcher_*` keys.
+    selfupdate: serde_json::Value,
+}
+
+/// The demo app's v1 and v2 as zips in `dir`, with a VERSION file the demo app serves.
+fn write_bench_packages(dir: &Path) -> anyhow::Result<BenchPackages> {
     let mut v1 = generate_v1();
     let (mut v2, mut changed) = make_v2(&v1);
     // The demo app serves the VERSION file of the folder it runs in.
@@ -74,32 +236,40 @@ pub async fn run() -> anyhow::Result<String> {
     v2.push(File::text("VERSION", "2.0.0"));
     changed += 5;
     let package: usize = v1.iter().map(|f| f.data.len()).sum();
-    let (v1_zip, v2_zip) = (
-        dir.path().join("bench-1.0.0.zip"),
-        dir.path().join("bench-2.0.0.zip"),
-    );
+    let (v1_zip, v2_zip) = (dir.join("bench-1.0.0.zip"), dir.join("bench-2.0.0.zip"));
     write_zip(&v1, &v1_zip)?;
     write_zip(&v2, &v2_zip)?;
-    drop((v1, v2));
+    Ok(BenchPackages {
+        v1_zip,
+        v2_zip,
+        package,
+        changed,
+    })
+}
+
+/// The small-files app's v1 and v2 as zips in `dir`, and v2's edited files.
+fn write_small_packages(dir: &Path) -> anyhow::Result<SmallPackages> {
     let (mut s1, mut s2, edited) = small_files();
     s1.push(File::text("VERSION", "1.0.0"));
     s2.push(File::text("VERSION", "2.0.0"));
-    let (s1_zip, s2_zip) = (
-        dir.path().join("small-1.0.0.zip"),
-        dir.path().join("small-2.0.0.zip"),
-    );
+    let (s1_zip, s2_zip) = (dir.join("small-1.0.0.zip"), dir.join("small-2.0.0.zip"));
     write_zip(&s1, &s1_zip)?;
     write_zip(&s2, &s2_zip)?;
     let changed_files: Vec<(String, Vec<u8>)> = edited
         .iter()
         .map(|&i| (s2[i].path().to_string(), s2[i].data.clone()))
         .collect();
-    drop((s1, s2));
+    Ok(SmallPackages {
+        s1_zip,
+        s2_zip,
+        changed_files,
+    })
+}
+
+/// The demo app built twice (see `rebuilt.rs`) as zips in `dir`, and zstd's references.
+fn write_rebuilt_packages(dir: &Path) -> anyhow::Result<RebuiltPackages> {
     let (build1, build2) = crate::rebuilt::builds()?;
-    let (r1_zip, r2_zip) = (
-        dir.path().join("rebuilt-1.0.0.zip"),
-        dir.path().join("rebuilt-2.0.0.zip"),
-    );
+    let (r1_zip, r2_zip) = (dir.join("rebuilt-1.0.0.zip"), dir.join("rebuilt-2.0.0.zip"));
     for (build, zip, version) in [(&build1, &r1_zip, "1.0.0"), (&build2, &r2_zip, "2.0.0")] {
         let files = vec![
             File::bin("bin/server", std::fs::read(build)?),
@@ -107,185 +277,280 @@ pub async fn run() -> anyhow::Result<String> {
         ];
         write_zip(&files, zip)?;
     }
-    let rebuilt_patch_from = crate::rebuilt::zstd_cli(Some(&build1), &build2, dir.path())?;
-    let rebuilt_full = crate::rebuilt::zstd_cli(None, &build2, dir.path())?;
-    let rebuilt_binary = std::fs::metadata(&build2)?.len();
+    Ok(RebuiltPackages {
+        patch_from: crate::rebuilt::zstd_cli(Some(&build1), &build2, dir)?,
+        full: crate::rebuilt::zstd_cli(None, &build2, dir)?,
+        binary: std::fs::metadata(&build2)?.len(),
+        r1_zip,
+        r2_zip,
+    })
+}
 
+/// A fresh store with every app's releases in it (and the rebuilt binary's patch listed).
+async fn store_releases(
+    dir: &Path,
+    bench: &BenchPackages,
+    small: &SmallPackages,
+    rebuilt: &RebuiltPackages,
+) -> anyhow::Result<Store> {
     let key = SecretKey::generate()?;
     let (nats, settings, bus) = fresh_store().await?;
-    let distributor = start_distributor(&settings, &key, &dir.path().join("work"));
+    let distributor = start_distributor(&settings, &key, &dir.join("work"));
     eprintln!("storing v1 and v2");
-    ingest_once(&bus, &key, &v1_zip, "bench", "1.0.0").await?;
-    ingest_once(&bus, &key, &v2_zip, "bench", "2.0.0").await?;
-    ingest_once(&bus, &key, &s1_zip, "small", "1.0.0").await?;
-    ingest_once(&bus, &key, &s2_zip, "small", "2.0.0").await?;
-    ingest_once(&bus, &key, &r1_zip, "rebuilt", "1.0.0").await?;
-    ingest_once(&bus, &key, &r2_zip, "rebuilt", "2.0.0").await?;
+    ingest_once(&bus, &key, &bench.v1_zip, "bench", "1.0.0").await?;
+    ingest_once(&bus, &key, &bench.v2_zip, "bench", "2.0.0").await?;
+    ingest_once(&bus, &key, &small.s1_zip, "small", "1.0.0").await?;
+    ingest_once(&bus, &key, &small.s2_zip, "small", "2.0.0").await?;
+    ingest_once(&bus, &key, &rebuilt.r1_zip, "rebuilt", "1.0.0").await?;
+    ingest_once(&bus, &key, &rebuilt.r2_zip, "rebuilt", "2.0.0").await?;
     for (app, _) in crate::handover::APPS {
-        for (zip, version) in crate::handover::packages(dir.path(), app)? {
+        for (zip, version) in crate::handover::packages(dir, app)? {
             ingest_once(&bus, &key, &zip, app, &version).await?;
         }
     }
-    let r2_root = crate::ingest::tree_of(&r2_zip)?.1.root;
+    let r2_root = crate::ingest::tree_of(&rebuilt.r2_zip)?.1.root;
     let patches = crate::rebuilt::wait_patches(&bus, "rebuilt", "2.0.0", "1.0.0", &r2_root).await?;
     eprintln!("rebuilt: {} patch(es) listed", patches.patches.len());
     distributor.cancel();
+    Ok(Store { bus, nats, key })
+}
 
-    let demo_app = sibling_binary("fleetcast-demo-app")?;
-    let port = fleetcast_harness::free_port()?;
-    let small_port = fleetcast_harness::free_port()?;
-    let rebuilt_port = fleetcast_harness::free_port()?;
-    let handover_ports = [
-        fleetcast_harness::free_port()?,
-        fleetcast_harness::free_port()?,
-    ];
-    let mut statuses = bus
-        .client
-        .subscribe(fleetcast_events::names::ALL_AGENT_STATUSES)
-        .await?;
-    let data = dir.path().join("agent");
-    let config = dir.path().join("agent.toml");
-    std::fs::write(
-        &config,
-        format!(
-            "agent_id = \"bench\"\ndata_dir = \"{}\"\ntrusted_keys = [\"{}\"]\n[nats]\nurl = \"{}\"\ninsecure_dev = true\n\
-             [[apps]]\nname = \"bench\"\ncommand = [\"{}\"]\ngrace = \"5s\"\n\
-             [apps.env]\nFLEETCAST_DEMO_APP_PORT = \"{port}\"\nRUST_LOG = \"warn\"\n\
-             [apps.health]\nstay_up = \"0s\"\nhttp = \"http://127.0.0.1:{port}/health\"\n\
-             probe_interval = \"5ms\"\nprobe_attempts = 2000\nprobe_timeout = \"1s\"\n\
-             [[apps]]\nname = \"small\"\ncommand = [\"{}\"]\ngrace = \"5s\"\n\
-             [apps.env]\nFLEETCAST_DEMO_APP_PORT = \"{small_port}\"\nRUST_LOG = \"warn\"\n\
-             [apps.health]\nstay_up = \"0s\"\nhttp = \"http://127.0.0.1:{small_port}/health\"\n\
-             probe_interval = \"5ms\"\nprobe_attempts = 2000\nprobe_timeout = \"1s\"\n\
-             [[apps]]\nname = \"rebuilt\"\ncommand = [\"{}\"]\ngrace = \"5s\"\n\
-             [apps.env]\nFLEETCAST_DEMO_APP_PORT = \"{rebuilt_port}\"\nRUST_LOG = \"warn\"\n\
-             [apps.health]\nstay_up = \"0s\"\nhttp = \"http://127.0.0.1:{rebuilt_port}/health\"\n\
-             probe_interval = \"5ms\"\nprobe_attempts = 2000\nprobe_timeout = \"1s\"\n",
-            data.display(),
-            key.public().to_text().trim(),
-            nats.url(),
-            demo_app.display(),
-            demo_app.display(),
-            demo_app.display(),
-        ) + &crate::handover::APPS
-            .iter()
-            .zip(handover_ports)
-            .map(|((app, hand_over), port)| {
-                crate::handover::app_config(app, *hand_over, port, &demo_app)
-            })
-            .collect::<String>(),
-    )?;
-    let mut agent = spawn_agent(&config)?;
-    let journal = data.join("apps/bench");
-
-    eprintln!("v1 from nothing");
-    let install_start = Instant::now();
-    desire(&bus, "bench", &semver::Version::new(1, 0, 0)).await?;
-    let (desired_v1, _) = desired_entry(&bus, "bench").await?;
-    let (first, _) = wait_running(&mut statuses, "bench", "1.0.0").await?;
-    let full_install = install_start.elapsed();
-    wait_committed(&journal, "1.0.0").await?;
-
-    eprintln!("idle for {} s", idle().as_secs());
-    tokio::time::sleep(Duration::from_secs(3)).await;
-    let ticks_before = cpu_ticks(agent.id())?;
-    tokio::time::sleep(idle()).await;
-    let idle_ticks = cpu_ticks(agent.id())? - ticks_before;
-    // Memory at the end of the idle minute: what an idle agent holds, steady.
-    let idle_rss = rss_kib(agent.id(), "VmRSS")?;
-    let (idle_anon, idle_file) = (
-        rss_kib(agent.id(), "RssAnon")?,
-        rss_kib(agent.id(), "RssFile")?,
-    );
-
-    eprintln!("v1 -> v2, polling /version");
-    let poller = Poller::start(port);
-    desire(&bus, "bench", &semver::Version::new(2, 0, 0)).await?;
-    let (desired_v2, desired_at) = desired_entry(&bus, "bench").await?;
-    let (running, phases) = wait_running(&mut statuses, "bench", "2.0.0").await?;
-    let reacted_at = phases.first(AppState::Downloading);
-    let reaction = reacted_at.context("no downloading report for 2.0.0")? - desired_at;
-    wait_committed(&journal, "2.0.0").await?;
-    let downtime = poller.finish()?;
-    let peak_rss = rss_kib(agent.id(), "VmHWM")?;
-
-    eprintln!("small files: v1, then v1 -> v2");
-    let (small_running, small_desired, small_desired_at, small_phases) =
-        install_then_update(&bus, &mut statuses, &data, "small").await?;
-    let small_install = small_running.at - small_desired_at;
-    let small_fetched = small_running.progress_bytes.unwrap_or_default() + small_desired;
-    let changed_zstd: usize = changed_files
-        .iter()
-        .map(|(_, d)| zstd::bulk::compress(d, 3).map(|c| c.len()))
-        .sum::<Result<usize, _>>()?;
-    let write_hash = write_hash_s(&changed_files, &dir.path().join("write-hash"))?;
-
-    eprintln!("rebuilt binary: build 1, then build 1 -> build 2");
-    let (rebuilt_running, rebuilt_desired, _, _) =
-        install_then_update(&bus, &mut statuses, &data, "rebuilt").await?;
-    let rebuilt_fetched = rebuilt_running.progress_bytes.unwrap_or_default() + rebuilt_desired;
-    let final_peak_rss = rss_kib(agent.id(), "VmHWM")?;
-
-    eprintln!("socket hand-over: a steady load across an update and a rollback");
-    let mut handover = serde_json::Map::new();
-    for ((app, _), port) in crate::handover::APPS.iter().zip(handover_ports) {
-        let (made, failed) =
-            crate::handover::under_load(&bus, &mut statuses, &data, app, port).await?;
-        handover.insert(format!("{app}_requests"), made.into());
-        handover.insert(format!("{app}_refused_requests"), failed.into());
+impl BenchHost {
+    /// The agent, as shipped, with its five apps configured and none desired yet.
+    async fn start(dir: &Path, store: &Store) -> anyhow::Result<BenchHost> {
+        let demo_app = sibling_binary("fleetcast-demo-app")?;
+        let ports = Ports {
+            bench: fleetcast_harness::free_port()?,
+            small: fleetcast_harness::free_port()?,
+            rebuilt: fleetcast_harness::free_port()?,
+            handover: [
+                fleetcast_harness::free_port()?,
+                fleetcast_harness::free_port()?,
+            ],
+        };
+        let statuses = store
+            .bus
+            .client
+            .subscribe(fleetcast_events::names::ALL_AGENT_STATUSES)
+            .await?;
+        let data = dir.join("agent");
+        let config = dir.join("agent.toml");
+        std::fs::write(&config, agent_config(&data, store, &demo_app, &ports))?;
+        let agent = spawn_agent(&config)?;
+        Ok(BenchHost {
+            agent,
+            data,
+            statuses,
+            demo_app,
+            ports,
+        })
     }
-    let _ = nix::sys::signal::kill(
-        nix::unistd::Pid::from_raw(agent.id() as i32),
-        nix::sys::signal::Signal::SIGTERM,
-    );
-    let _ = agent.wait();
 
-    eprintln!("demo app start time");
-    let app_start = app_start_ms(&demo_app, &dir.path().join("bench-app"))?;
-    eprintln!("bita");
-    let bita = bita_fetch(&v1_zip, &v2_zip, dir.path())?;
+    /// `full_install_s`: v1 announced → running, from nothing.
+    async fn install_v1(&mut self, bus: &fleetcast_cli::CliBus) -> anyhow::Result<FullInstall> {
+        eprintln!("v1 from nothing");
+        let install_start = Instant::now();
+        desire(bus, "bench", &semver::Version::new(1, 0, 0)).await?;
+        let (desired, _) = desired_entry(bus, "bench").await?;
+        let (running, _) = wait_running(&mut self.statuses, "bench", "1.0.0").await?;
+        let install = install_start.elapsed();
+        wait_committed(&self.data.join("apps/bench"), "1.0.0").await?;
+        Ok(FullInstall {
+            running,
+            desired,
+            install,
+        })
+    }
 
-    let many = crate::many::run(dir.path()).await?;
-    let selfupdate = crate::selfupdate::run(dir.path()).await?;
+    /// The agent with its app running, doing nothing for the idle minute: its CPU, then its memory.
+    async fn idle_minute(&self) -> anyhow::Result<Idle> {
+        eprintln!("idle for {} s", idle().as_secs());
+        tokio::time::sleep(Duration::from_secs(3)).await;
+        let ticks_before = cpu_ticks(self.agent.id())?;
+        tokio::time::sleep(idle()).await;
+        let ticks = cpu_ticks(self.agent.id())? - ticks_before;
+        // Memory at the end of the idle minute: what an idle agent holds, steady.
+        let rss = rss_kib(self.agent.id(), "VmRSS")?;
+        let (anon, file) = (
+            rss_kib(self.agent.id(), "RssAnon")?,
+            rss_kib(self.agent.id(), "RssFile")?,
+        );
+        Ok(Idle {
+            ticks,
+            rss,
+            anon,
+            file,
+        })
+    }
+
+    /// v1 → v2 with `/version` polled: the downtime, the agent's reaction and its peak RSS.
+    async fn update_polled(&mut self, bus: &fleetcast_cli::CliBus) -> anyhow::Result<Update> {
+        eprintln!("v1 -> v2, polling /version");
+        let poller = Poller::start(self.ports.bench);
+        desire(bus, "bench", &semver::Version::new(2, 0, 0)).await?;
+        let (desired, desired_at) = desired_entry(bus, "bench").await?;
+        let (running, phases) = wait_running(&mut self.statuses, "bench", "2.0.0").await?;
+        let reacted_at = phases.first(AppState::Downloading);
+        let reaction = reacted_at.context("no downloading report for 2.0.0")? - desired_at;
+        wait_committed(&self.data.join("apps/bench"), "2.0.0").await?;
+        let downtime = poller.finish()?;
+        let peak_rss = rss_kib(self.agent.id(), "VmHWM")?;
+        Ok(Update {
+            running,
+            desired,
+            reaction,
+            downtime,
+            peak_rss,
+        })
+    }
+
+    /// The small-files app to v1, then v2; then the references on its edited files, in `dir`.
+    async fn small_files_update(
+        &mut self,
+        bus: &fleetcast_cli::CliBus,
+        small: &SmallPackages,
+        dir: &Path,
+    ) -> anyhow::Result<SmallUpdate> {
+        eprintln!("small files: v1, then v1 -> v2");
+        let (running, desired, desired_at, phases) =
+            install_then_update(bus, &mut self.statuses, &self.data, "small").await?;
+        let install = running.at - desired_at;
+        let fetched = running.progress_bytes.unwrap_or_default() + desired;
+        let changed_zstd: usize = small
+            .changed_files
+            .iter()
+            .map(|(_, d)| zstd::bulk::compress(d, 3).map(|c| c.len()))
+            .sum::<Result<usize, _>>()?;
+        let write_hash = write_hash_s(&small.changed_files, &dir.join("write-hash"))?;
+        Ok(SmallUpdate {
+            install,
+            fetched,
+            desired_at,
+            phases,
+            changed_zstd,
+            write_hash,
+        })
+    }
+
+    /// The rebuilt binary from nothing to build 1, then to build 2 (a patch).
+    async fn rebuilt_update(
+        &mut self,
+        bus: &fleetcast_cli::CliBus,
+    ) -> anyhow::Result<RebuiltUpdate> {
+        eprintln!("rebuilt binary: build 1, then build 1 -> build 2");
+        let (running, desired, _, _) =
+            install_then_update(bus, &mut self.statuses, &self.data, "rebuilt").await?;
+        Ok(RebuiltUpdate {
+            fetched: running.progress_bytes.unwrap_or_default() + desired,
+            final_peak_rss: rss_kib(self.agent.id(), "VmHWM")?,
+        })
+    }
+
+    /// The hand-over apps' requests made and refused across an update and a rollback, by key.
+    async fn handover_under_load(
+        &mut self,
+        bus: &fleetcast_cli::CliBus,
+    ) -> anyhow::Result<serde_json::Map<String, serde_json::Value>> {
+        eprintln!("socket hand-over: a steady load across an update and a rollback");
+        let mut handover = serde_json::Map::new();
+        for ((app, _), port) in crate::handover::APPS.iter().zip(self.ports.handover) {
+            let (made, failed) =
+                crate::handover::under_load(bus, &mut self.statuses, &self.data, app, port).await?;
+            handover.insert(format!("{app}_requests"), made.into());
+            handover.insert(format!("{app}_refused_requests"), failed.into());
+        }
+        Ok(handover)
+    }
+
+    /// SIGTERM to the agent (it stops its apps), then waited for.
+    fn stop_agent(&mut self) {
+        let _ = nix::sys::signal::kill(
+            nix::unistd::Pid::from_raw(self.agent.id() as i32),
+            nix::sys::signal::Signal::SIGTERM,
+        );
+        let _ = self.agent.wait();
+    }
+}
+
+/// The agent's config: the demo app as `bench`, `small` and `rebuilt`, and the hand-over apps.
+fn agent_config(data: &Path, store: &Store, demo_app: &Path, ports: &Ports) -> String {
+    let Ports {
+        bench: port,
+        small: small_port,
+        rebuilt: rebuilt_port,
+        handover: handover_ports,
+    } = *ports;
+    format!(
+        "agent_id = \"bench\"\ndata_dir = \"{}\"\ntrusted_keys = [\"{}\"]\n[nats]\nurl = \"{}\"\ninsecure_dev = true\n\
+         [[apps]]\nname = \"bench\"\ncommand = [\"{}\"]\ngrace = \"5s\"\n\
+         [apps.env]\nFLEETCAST_DEMO_APP_PORT = \"{port}\"\nRUST_LOG = \"warn\"\n\
+         [apps.health]\nstay_up = \"0s\"\nhttp = \"http://127.0.0.1:{port}/health\"\n\
+         probe_interval = \"5ms\"\nprobe_attempts = 2000\nprobe_timeout = \"1s\"\n\
+         [[apps]]\nname = \"small\"\ncommand = [\"{}\"]\ngrace = \"5s\"\n\
+         [apps.env]\nFLEETCAST_DEMO_APP_PORT = \"{small_port}\"\nRUST_LOG = \"warn\"\n\
+         [apps.health]\nstay_up = \"0s\"\nhttp = \"http://127.0.0.1:{small_port}/health\"\n\
+         probe_interval = \"5ms\"\nprobe_attempts = 2000\nprobe_timeout = \"1s\"\n\
+         [[apps]]\nname = \"rebuilt\"\ncommand = [\"{}\"]\ngrace = \"5s\"\n\
+         [apps.env]\nFLEETCAST_DEMO_APP_PORT = \"{rebuilt_port}\"\nRUST_LOG = \"warn\"\n\
+         [apps.health]\nstay_up = \"0s\"\nhttp = \"http://127.0.0.1:{rebuilt_port}/health\"\n\
+         probe_interval = \"5ms\"\nprobe_attempts = 2000\nprobe_timeout = \"1s\"\n",
+        data.display(),
+        store.key.public().to_text().trim(),
+        store.nats.url(),
+        demo_app.display(),
+        demo_app.display(),
+        demo_app.display(),
+    ) + &crate::handover::APPS
+        .iter()
+        .zip(handover_ports)
+        .map(|((app, hand_over), port)| {
+            crate::handover::app_config(app, *hand_over, port, demo_app)
+        })
+        .collect::<String>()
+}
+
+/// The benchmark's JSON object: its keys, then the many-files, hand-over and self-update ones.
+fn figures(bench: &BenchPackages, rebuilt: &RebuiltPackages, m: Measured) -> serde_json::Value {
+    let (full, idle, update, small) = (&m.full, &m.idle, &m.update, &m.small);
     let mut json = serde_json::json!({
-        "idle_rss_mib": round(idle_rss as f64 / 1024.0),
-        "idle_rss_anon_mib": round(idle_anon as f64 / 1024.0),
-        "idle_rss_file_mib": round(idle_file as f64 / 1024.0),
-        "idle_cpu_ticks_60s": idle_ticks,
-        "update_peak_rss_mib": round(peak_rss as f64 / 1024.0),
-        "package_mib": round(package as f64 / MIB),
-        "changed_bytes": changed,
-        "fetched_bytes": running.progress_bytes.unwrap_or_default() + desired_v2,
-        "bita_fetched_bytes": bita.chunks + bita.header,
-        "bita_chunk_bytes": bita.chunks,
-        "full_download_bytes": first.progress_bytes.unwrap_or_default() + desired_v1,
-        "full_install_s": round(full_install.as_secs_f64()),
-        "downtime_ms": round(downtime.as_secs_f64() * 1000.0),
-        "app_start_ms": round(app_start.as_secs_f64() * 1000.0),
-        "switch_p99_us": switch_p99_us(dir.path())?,
-        "reaction_ms": round(reaction.as_seconds_f64() * 1000.0),
+        "idle_rss_mib": round(idle.rss as f64 / 1024.0),
+        "idle_rss_anon_mib": round(idle.anon as f64 / 1024.0),
+        "idle_rss_file_mib": round(idle.file as f64 / 1024.0),
+        "idle_cpu_ticks_60s": idle.ticks,
+        "update_peak_rss_mib": round(update.peak_rss as f64 / 1024.0),
+        "package_mib": round(bench.package as f64 / MIB),
+        "changed_bytes": bench.changed,
+        "fetched_bytes": update.running.progress_bytes.unwrap_or_default() + update.desired,
+        "bita_fetched_bytes": m.bita.chunks + m.bita.header,
+        "bita_chunk_bytes": m.bita.chunks,
+        "full_download_bytes": full.running.progress_bytes.unwrap_or_default() + full.desired,
+        "full_install_s": round(full.install.as_secs_f64()),
+        "downtime_ms": round(update.downtime.as_secs_f64() * 1000.0),
+        "app_start_ms": round(m.app_start.as_secs_f64() * 1000.0),
+        "switch_p99_us": m.switch_p99_us,
+        "reaction_ms": round(update.reaction.as_seconds_f64() * 1000.0),
         "small_files_count": SMALL_FILES,
-        "small_files_fetched_bytes": small_fetched,
-        "small_files_changed_zstd_bytes": changed_zstd,
+        "small_files_fetched_bytes": small.fetched,
+        "small_files_changed_zstd_bytes": small.changed_zstd,
         // Milliseconds matter here: both are a fraction of a second.
-        "small_files_install_s": (small_install.as_seconds_f64() * 1000.0).round() / 1000.0,
-        "small_files_phases_ms": small_phases.since_ms(small_desired_at),
-        "small_files_write_hash_s": (write_hash.as_secs_f64() * 1000.0).round() / 1000.0,
-        "rebuilt_fetched_bytes": rebuilt_fetched,
-        "rebuilt_patch_from_bytes": rebuilt_patch_from,
-        "rebuilt_full_bytes": rebuilt_full,
-        "rebuilt_binary_bytes": rebuilt_binary,
+        "small_files_install_s": (small.install.as_seconds_f64() * 1000.0).round() / 1000.0,
+        "small_files_phases_ms": small.phases.since_ms(small.desired_at),
+        "small_files_write_hash_s": (small.write_hash.as_secs_f64() * 1000.0).round() / 1000.0,
+        "rebuilt_fetched_bytes": m.rebuilt.fetched,
+        "rebuilt_patch_from_bytes": rebuilt.patch_from,
+        "rebuilt_full_bytes": rebuilt.full,
+        "rebuilt_binary_bytes": rebuilt.binary,
         // Over every update of this run, the rebuilt binary's patch included.
-        "final_peak_rss_mib": round(final_peak_rss as f64 / 1024.0),
+        "final_peak_rss_mib": round(m.rebuilt.final_peak_rss as f64 / 1024.0),
     });
     if let (Some(all), serde_json::Value::Object(many), serde_json::Value::Object(selfupdate)) =
-        (json.as_object_mut(), many, selfupdate)
+        (json.as_object_mut(), m.many, m.selfupdate)
     {
         all.extend(many);
-        all.extend(handover);
+        all.extend(m.handover);
         all.extend(selfupdate);
     }
-    Ok(json.to_string())
+    json
 }
 
 /// How many files the small-files package has.

@@ -21,13 +21,14 @@
 
 use std::io::Write;
 use std::os::unix::fs::PermissionsExt;
-use std::path::Path;
+use std::path::{Path, PathBuf};
 use std::process::{Child, Command, Stdio};
-use std::time::Instant;
+use std::time::{Duration, Instant};
 
 use anyhow::Context;
 use fleetcast_events::SecretKey;
 use fleetcast_events::names::RELEASE_STORED;
+use fleetcast_harness::NatsServer;
 use zip::write::SimpleFileOptions;
 
 use crate::agent::{
@@ -90,6 +91,93 @@ async fn run_shape(dir: &Path, shape: Shape) -> anyhow::Result<serde_json::Value
     let dir = dir.join("many");
     std::fs::create_dir_all(&dir)?;
     eprintln!("{name}: a package of {count} files");
+    let packages = write_versions(&dir, shape)?;
+    let mut pipeline = Pipeline::start(&dir, shape, packages.zip_bytes).await?;
+    let ingest = pipeline.ingest_v1(name, &packages.zip).await?;
+    let (mut agent, install) = pipeline.install_v1(&dir, count).await?;
+
+    pipeline.log_rss(name)?;
+    // An update of the same size: ten files edited. The agent reads v1's tree from disk and
+    // fetches only what changed.
+    let update = if shape.update {
+        Some(pipeline.update_v2(&mut agent, &packages.zip2).await?)
+    } else {
+        None
+    };
+    let measured = Measured {
+        zip_bytes: packages.zip_bytes,
+        ingest,
+        install,
+        update,
+        peak_rss_mib: pipeline.peak_rss_mib()?,
+    };
+    let json = figures(shape, &measured);
+    // The services stopped, then the server, before the connection closes.
+    drop(pipeline.services);
+    drop(pipeline.nats);
+    Ok(json)
+}
+
+/// v1 and v2 (written only when `shape.update`) of the package.
+struct Packages {
+    zip: PathBuf,
+    zip2: PathBuf,
+    /// v1's archive.
+    zip_bytes: u64,
+}
+
+/// This part's pipeline: a server of its own, the services as shipped (and the agent, once
+/// started), a connection and the signing key.
+struct Pipeline {
+    /// Every `release.stored`, from before v1 is published.
+    stored: async_nats::Subscriber,
+    /// Watcher, signer, distributor, then the agent.
+    services: Services,
+    bus: fleetcast_cli::CliBus,
+    nats: NatsServer,
+    key: SecretKey,
+    /// The `[nats]` section of every program's config.
+    nats_toml: String,
+}
+
+/// The agent's reports and its folder.
+struct ManyAgent {
+    statuses: async_nats::Subscriber,
+    data: PathBuf,
+}
+
+/// v1 from nothing on the agent.
+struct Install {
+    /// Desired state written → running.
+    install: time::Duration,
+    /// Everything the agent fetched.
+    fetched: u64,
+    /// The agent's peak RSS (MiB) after it.
+    peak_rss_mib: f64,
+}
+
+/// The update to v2.
+struct Update {
+    /// Desired state written → running.
+    update: time::Duration,
+    /// Everything the agent fetched.
+    fetched: u64,
+}
+
+/// What this part measured, for [`figures`].
+struct Measured {
+    zip_bytes: u64,
+    /// Published → stored.
+    ingest: Duration,
+    install: Install,
+    update: Option<Update>,
+    /// Watcher, signer, distributor, agent.
+    peak_rss_mib: [f64; 4],
+}
+
+/// The package's versions as zips in `dir`: v1, and v2 with ten files edited.
+fn write_versions(dir: &Path, shape: Shape) -> anyhow::Result<Packages> {
+    let count = shape.count;
     let zip = dir.join("many-1.0.0.zip");
     write_package(&zip, count, shape.file_bytes, "1.0.0", &[])?;
     // v2: ten files edited, spread over the package.
@@ -102,8 +190,17 @@ async fn run_shape(dir: &Path, shape: Shape) -> anyhow::Result<serde_json::Value
         write_package(&zip2, count, shape.file_bytes, "2.0.0", &edited)?;
     }
     let zip_bytes = std::fs::metadata(&zip)?.len();
+    Ok(Packages {
+        zip,
+        zip2,
+        zip_bytes,
+    })
+}
+
+/// The store's quotas: the defaults, or room for large files' archive and chunks.
+fn store_quotas(shape: Shape, zip_bytes: u64) -> fleetcast_runtime::settings::StoreQuotas {
     // Room in the store for the archive and its chunks, whatever their size.
-    let quotas = if shape.file_bytes.is_some() {
+    if shape.file_bytes.is_some() {
         let room = (zip_bytes as i64 + (1 << 30)).max(2 << 30);
         fleetcast_runtime::settings::StoreQuotas {
             incoming_bytes: room,
@@ -112,18 +209,149 @@ async fn run_shape(dir: &Path, shape: Shape) -> anyhow::Result<serde_json::Value
         }
     } else {
         Default::default()
-    };
-    let (nats, _settings, bus) = fresh_store_with(quotas.clone()).await?;
-    let key = SecretKey::generate()?;
-    let key_file = dir.join("signing.key");
-    std::fs::write(&key_file, key.to_text())?;
-    std::fs::set_permissions(&key_file, std::fs::Permissions::from_mode(0o600))?;
-    let nats_toml = format!(
-        "[nats]\nurl = \"{}\"\ninsecure_dev = true\n[nats.quotas]\nincoming_bytes = {}\nchunks_bytes = {}\n",
-        nats.url(),
-        quotas.incoming_bytes,
-        quotas.chunks_bytes
-    );
+    }
+}
+
+impl Pipeline {
+    /// A fresh store, a signing key, and the watcher, signer and distributor running.
+    async fn start(dir: &Path, shape: Shape, zip_bytes: u64) -> anyhow::Result<Pipeline> {
+        let quotas = store_quotas(shape, zip_bytes);
+        let (nats, _settings, bus) = fresh_store_with(quotas.clone()).await?;
+        let key = SecretKey::generate()?;
+        let key_file = dir.join("signing.key");
+        std::fs::write(&key_file, key.to_text())?;
+        std::fs::set_permissions(&key_file, std::fs::Permissions::from_mode(0o600))?;
+        let nats_toml = format!(
+            "[nats]\nurl = \"{}\"\ninsecure_dev = true\n[nats.quotas]\nincoming_bytes = {}\nchunks_bytes = {}\n",
+            nats.url(),
+            quotas.incoming_bytes,
+            quotas.chunks_bytes
+        );
+        let services = spawn_pipeline(dir, &key, &key_file, &nats_toml)?;
+        let stored = bus.client.subscribe(RELEASE_STORED).await?;
+        Ok(Pipeline {
+            stored,
+            services,
+            bus,
+            nats,
+            key,
+            nats_toml,
+        })
+    }
+
+    /// `ingest_s`: v1 published → stored.
+    async fn ingest_v1(&mut self, name: &str, zip: &Path) -> anyhow::Result<Duration> {
+        let version = semver::Version::new(1, 0, 0);
+        let started = Instant::now();
+        publish(&self.bus, zip, &version).await?;
+        let release = wait_stored(&mut self.stored, &version).await?;
+        let ingest = started.elapsed();
+        eprintln!(
+            "{name}: stored in {:.1} s ({} chunks, {} tree nodes)",
+            ingest.as_secs_f64(),
+            release.chunks,
+            release.tree_nodes
+        );
+        Ok(ingest)
+    }
+
+    /// The agent started, then v1 from nothing: desired → running, every file installed.
+    async fn install_v1(
+        &mut self,
+        dir: &Path,
+        count: usize,
+    ) -> anyhow::Result<(ManyAgent, Install)> {
+        let data = dir.join("agent");
+        let config = dir.join("agent.toml");
+        std::fs::write(
+            &config,
+            format!(
+                "agent_id = \"many\"\ndata_dir = \"{}\"\ntrusted_keys = [\"{}\"]\n{}\
+                 [[apps]]\nname = \"many\"\ncommand = [\"sleep\", \"3600\"]\ngrace = \"1s\"\n\
+                 [apps.health]\nstay_up = \"0s\"\n",
+                data.display(),
+                self.key.public().to_text().trim(),
+                self.nats_toml,
+            ),
+        )?;
+        let mut statuses = self
+            .bus
+            .client
+            .subscribe(fleetcast_events::names::ALL_AGENT_STATUSES)
+            .await?;
+        self.services.0.push(spawn_agent(&config)?);
+        let version = semver::Version::new(1, 0, 0);
+        crate::agent::desire(&self.bus, "many", &version).await?;
+        let (desired, desired_at) = desired_entry(&self.bus, "many").await?;
+        let (running, _) = wait_running(&mut statuses, "many", "1.0.0").await?;
+        let install = running.at - desired_at;
+        wait_committed(&data.join("apps/many"), "1.0.0").await?;
+        let installed = count_files(&data.join("apps/many/versions/1.0.0"))?;
+        anyhow::ensure!(
+            installed == count + 1,
+            "{installed} files installed of {}",
+            count + 1
+        );
+        let install = Install {
+            install,
+            fetched: running.progress_bytes.unwrap_or_default() + desired,
+            peak_rss_mib: round(rss_kib(self.services.0[3].id(), "VmHWM")? as f64 / 1024.0),
+        };
+        Ok((ManyAgent { statuses, data }, install))
+    }
+
+    /// Each process's resident and peak memory after the first release, on stderr.
+    fn log_rss(&self, name: &str) -> anyhow::Result<()> {
+        for (service, child) in ["watcher", "signer", "distributor", "agent"]
+            .iter()
+            .zip(&self.services.0)
+        {
+            eprintln!(
+                "{name}: {service} after the first release: {} KiB resident, peak {} KiB",
+                rss_kib(child.id(), "VmRSS")?,
+                rss_kib(child.id(), "VmHWM")?
+            );
+        }
+        Ok(())
+    }
+
+    /// v2 published and stored, then desired → running on the agent.
+    async fn update_v2(&mut self, agent: &mut ManyAgent, zip2: &Path) -> anyhow::Result<Update> {
+        let v2 = semver::Version::new(2, 0, 0);
+        publish(&self.bus, zip2, &v2).await?;
+        wait_stored(&mut self.stored, &v2).await?;
+        crate::agent::desire(&self.bus, "many", &v2).await?;
+        let (desired2, desired2_at) = desired_entry(&self.bus, "many").await?;
+        let (updated, _) = wait_running(&mut agent.statuses, "many", "2.0.0").await?;
+        let update = updated.at - desired2_at;
+        wait_committed(&agent.data.join("apps/many"), "2.0.0").await?;
+        Ok(Update {
+            update,
+            fetched: updated.progress_bytes.unwrap_or_default() + desired2,
+        })
+    }
+
+    /// The peak RSS (MiB) of the watcher, the signer, the distributor and the agent.
+    fn peak_rss_mib(&self) -> anyhow::Result<[f64; 4]> {
+        let peak = |child: &Child| -> anyhow::Result<f64> {
+            Ok(round(rss_kib(child.id(), "VmHWM")? as f64 / 1024.0))
+        };
+        Ok([
+            peak(&self.services.0[0])?,
+            peak(&self.services.0[1])?,
+            peak(&self.services.0[2])?,
+            peak(&self.services.0[3])?,
+        ])
+    }
+}
+
+/// Starts the watcher, the signer (`key_file`) and the distributor (trusting `key`), as shipped.
+fn spawn_pipeline(
+    dir: &Path,
+    key: &SecretKey,
+    key_file: &Path,
+    nats_toml: &str,
+) -> anyhow::Result<Services> {
     let signer_toml = dir.join("signer.toml");
     std::fs::write(
         &signer_toml,
@@ -151,99 +379,37 @@ async fn run_shape(dir: &Path, shape: Shape) -> anyhow::Result<serde_json::Value
             dir.join("distributor-work").display(),
         ),
     )?;
-    let mut services = Services(vec![
+    Ok(Services(vec![
         spawn_service("fleetcast-watcher", &watcher_toml)?,
         spawn_service("fleetcast-signer", &signer_toml)?,
         spawn_service("fleetcast-distributor", &distributor_toml)?,
-    ]);
+    ]))
+}
 
-    let version = semver::Version::new(1, 0, 0);
-    let mut stored = bus.client.subscribe(RELEASE_STORED).await?;
-    let started = Instant::now();
-    publish(&bus, &zip, &version).await?;
-    let release = wait_stored(&mut stored, &version).await?;
-    let ingest = started.elapsed();
-    eprintln!(
-        "{name}: stored in {:.1} s ({} chunks, {} tree nodes)",
-        ingest.as_secs_f64(),
-        release.chunks,
-        release.tree_nodes
-    );
-
-    let data = dir.join("agent");
-    let config = dir.join("agent.toml");
-    std::fs::write(
-        &config,
-        format!(
-            "agent_id = \"many\"\ndata_dir = \"{}\"\ntrusted_keys = [\"{}\"]\n{nats_toml}\
-             [[apps]]\nname = \"many\"\ncommand = [\"sleep\", \"3600\"]\ngrace = \"1s\"\n\
-             [apps.health]\nstay_up = \"0s\"\n",
-            data.display(),
-            key.public().to_text().trim(),
-        ),
-    )?;
-    let mut statuses = bus
-        .client
-        .subscribe(fleetcast_events::names::ALL_AGENT_STATUSES)
-        .await?;
-    services.0.push(spawn_agent(&config)?);
-    crate::agent::desire(&bus, "many", &version).await?;
-    let (desired, desired_at) = desired_entry(&bus, "many").await?;
-    let (running, _) = wait_running(&mut statuses, "many", "1.0.0").await?;
-    let install = running.at - desired_at;
-    wait_committed(&data.join("apps/many"), "1.0.0").await?;
-    let installed = count_files(&data.join("apps/many/versions/1.0.0"))?;
-    anyhow::ensure!(
-        installed == count + 1,
-        "{installed} files installed of {}",
-        count + 1
-    );
-    let install_peak = round(rss_kib(services.0[3].id(), "VmHWM")? as f64 / 1024.0);
-
-    // An update of the same size: ten files edited. The agent reads v1's tree from disk and
-    // fetches only what changed.
-    let v2 = semver::Version::new(2, 0, 0);
-    for (service, child) in ["watcher", "signer", "distributor", "agent"]
-        .iter()
-        .zip(&services.0)
-    {
-        eprintln!(
-            "{name}: {service} after the first release: {} KiB resident, peak {} KiB",
-            rss_kib(child.id(), "VmRSS")?,
-            rss_kib(child.id(), "VmHWM")?
-        );
-    }
+/// This part's JSON object, every key under the shape's name.
+fn figures(shape: Shape, m: &Measured) -> serde_json::Value {
+    let Shape { name, count, .. } = shape;
     let mut json = serde_json::json!({
         "count": count,
-        "zip_bytes": zip_bytes,
-        "ingest_s": round(ingest.as_secs_f64()),
-        "install_s": round(install.as_seconds_f64()),
-        "fetched_bytes": running.progress_bytes.unwrap_or_default() + desired,
-        "install_peak_rss_mib": install_peak,
+        "zip_bytes": m.zip_bytes,
+        "ingest_s": round(m.ingest.as_secs_f64()),
+        "install_s": round(m.install.install.as_seconds_f64()),
+        "fetched_bytes": m.install.fetched,
+        "install_peak_rss_mib": m.install.peak_rss_mib,
     });
     if let Some(bytes) = shape.file_bytes {
         json["total_bytes"] = serde_json::json!(bytes as u64 * count as u64);
     }
-    if shape.update {
-        publish(&bus, &zip2, &v2).await?;
-        wait_stored(&mut stored, &v2).await?;
-        crate::agent::desire(&bus, "many", &v2).await?;
-        let (desired2, desired2_at) = desired_entry(&bus, "many").await?;
-        let (updated, _) = wait_running(&mut statuses, "many", "2.0.0").await?;
-        let update = updated.at - desired2_at;
-        wait_committed(&data.join("apps/many"), "2.0.0").await?;
-        json["update_s"] = serde_json::json!(round(update.as_seconds_f64()));
-        json["update_fetched_bytes"] =
-            serde_json::json!(updated.progress_bytes.unwrap_or_default() + desired2);
+    if let Some(update) = &m.update {
+        json["update_s"] = serde_json::json!(round(update.update.as_seconds_f64()));
+        json["update_fetched_bytes"] = serde_json::json!(update.fetched);
     }
-    let peak = |child: &Child| -> anyhow::Result<f64> {
-        Ok(round(rss_kib(child.id(), "VmHWM")? as f64 / 1024.0))
-    };
+    let [watcher, signer, distributor, agent] = m.peak_rss_mib;
     json["peak_rss_mib"] = serde_json::json!({
-        "watcher": peak(&services.0[0])?,
-        "signer": peak(&services.0[1])?,
-        "distributor": peak(&services.0[2])?,
-        "agent": peak(&services.0[3])?,
+        "watcher": watcher,
+        "signer": signer,
+        "distributor": distributor,
+        "agent": agent,
     });
     // Every key under the shape's name, as `ops/bench agent` prints them.
     let json: serde_json::Map<String, serde_json::Value> = json
@@ -252,10 +418,7 @@ async fn run_shape(dir: &Path, shape: Shape) -> anyhow::Result<serde_json::Value
         .flatten()
         .map(|(k, v)| (format!("{name}_{k}"), v.clone()))
         .collect();
-    let json = serde_json::Value::Object(json);
-    drop(services);
-    drop(nats);
-    Ok(json)
+    serde_json::Value::Object(json)
 }
 
 /// As CI does: `fleetcast publish` of `zip` as `many` `version`.
