@@ -56,21 +56,21 @@ impl CliBus {
     /// The release records.
     pub async fn records(&self) -> anyhow::Result<&Records> {
         self.records
-            .get_or_try_init(|| self.bind(|| self.bus.records()))
+            .get_or_try_init(|| self.bind(|| Records::bind(&self.bus)))
             .await
     }
 
     /// The incoming archives.
     pub async fn incoming(&self) -> anyhow::Result<&Incoming> {
         self.incoming
-            .get_or_try_init(|| self.bind(|| self.bus.incoming()))
+            .get_or_try_init(|| self.bind(|| Incoming::bind(&self.bus)))
             .await
     }
 
     /// The desired states.
     pub async fn desired(&self) -> anyhow::Result<&Desired> {
         self.desired
-            .get_or_try_init(|| self.bind(|| self.bus.desired()))
+            .get_or_try_init(|| self.bind(|| Desired::bind(&self.bus)))
             .await
     }
 

@@ -133,8 +133,8 @@ impl Role for DistributorBus {
     async fn bind(bus: &Bus) -> Result<Self, BusError> {
         Ok(DistributorBus {
             releases_stream: bus.stream(names::RELEASES_STREAM).await?,
-            records: bus.records().await?,
-            incoming: bus.incoming().await?,
+            records: Records::bind(bus).await?,
+            incoming: Incoming::bind(bus).await?,
             chunks: ChunkStore::bind(bus).await?,
             trust: TrustBucket::bind(bus).await?,
             bus: bus.clone(),

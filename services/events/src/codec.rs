@@ -71,6 +71,16 @@ pub fn decode<T: DeserializeOwned>(
     Encoding::from_content_type(content_type)?.decode(bytes)
 }
 
+/// The wire name of a unit enum value as serde spells it (`RejectCode::TooLarge` →
+/// `too_large`, `HistoryKind::RolloutHalted` → `rollout.halted`): the one spelling events,
+/// schemas, logs, metric labels and the CLI share.
+pub fn wire_name<T: serde::Serialize>(value: &T) -> String {
+    match serde_json::to_value(value) {
+        Ok(serde_json::Value::String(name)) => name,
+        _ => "unknown".into(),
+    }
+}
+
 #[cfg(test)]
 mod tests {
     use super::*;

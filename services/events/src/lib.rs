@@ -14,7 +14,7 @@ pub mod tree;
 pub mod trust;
 pub mod v1;
 
-pub use codec::{CONTENT_TYPE, DecodeError, Encoding};
+pub use codec::{CONTENT_TYPE, DecodeError, Encoding, wire_name};
 pub use ident::{AgentId, AppName, InvalidName, RingName, TokenName};
 pub use keys::{KeyError, PublicKey, SecretKey, Signature, TrustError, TrustedKeys};
 pub use manifest::{FileEntry, Manifest, SignedManifest, VerifiedManifest};

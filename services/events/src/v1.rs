@@ -114,7 +114,7 @@ impl std::fmt::Display for RejectCode {
     /// The code as serde names it (`path_traversal`): the schemas, metrics, logs,
     /// `.reason.txt` notes and the CLI all spell it this one way.
     fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
-        write_serde_name(self, f)
+        f.write_str(&crate::wire_name(self))
     }
 }
 
@@ -693,7 +693,7 @@ impl HistoryKind {
 impl std::fmt::Display for HistoryKind {
     /// Serde's name (`rollout.halted`): the subject's last part, the API's and CLI's filter.
     fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
-        write_serde_name(self, f)
+        f.write_str(&crate::wire_name(self))
     }
 }
 
@@ -713,14 +713,6 @@ impl std::str::FromStr for HistoryKind {
 #[error("unknown history kind {given:?}; one of {}", HistoryKind::ALL.map(|k| k.to_string()).join(", "))]
 pub struct UnknownHistoryKind {
     pub given: String,
-}
-
-/// A unit variant's name as serde spells it (`path_traversal`, `rollout.halted`).
-fn write_serde_name(value: &impl Serialize, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
-    match serde_json::to_value(value) {
-        Ok(serde_json::Value::String(name)) => f.write_str(&name),
-        _ => f.write_str("unknown"),
-    }
 }
 
 #[cfg(test)]

@@ -68,7 +68,7 @@ impl AgentBus {
     }
 
     /// Publishes a report (status, heartbeat) without waiting for an ack (see
-    /// [`Bus::report_event`]).
+    /// [`crate::bus::report_event`] for why).
     pub async fn report_event<T: Serialize>(
         &self,
         subject: &str,

@@ -185,30 +185,6 @@ impl Bus {
             .map_err(|e| not_set_up(name, &e))
     }
 
-    /// The incoming object store, where archives wait to be signed and chunked.
-    pub async fn incoming(&self) -> Result<crate::releases::Incoming, BusError> {
-        let store = self
-            .js
-            .get_object_store(INCOMING_BUCKET)
-            .await
-            .map_err(|e| not_set_up(INCOMING_BUCKET, &e))?;
-        Ok(crate::releases::Incoming::new(store))
-    }
-
-    /// The release records (`fleetcast releases`, what each stage decided).
-    pub async fn records(&self) -> Result<crate::releases::Records, BusError> {
-        Ok(crate::releases::Records::new(
-            self.bucket(RELEASES_BUCKET).await?,
-        ))
-    }
-
-    /// The desired states agents follow.
-    pub async fn desired(&self) -> Result<crate::releases::Desired, BusError> {
-        Ok(crate::releases::Desired::new(
-            self.bucket(DESIRED_BUCKET).await?,
-        ))
-    }
-
     /// A core NATS request carrying an event (content type in its header); the reply is
     /// decoded by its own content type (JSON when it names none).
     pub async fn request_event<T: Serialize, R: serde::de::DeserializeOwned>(
@@ -250,23 +226,11 @@ impl Bus {
     }
 }
 
-impl Bus {
-    /// Publishes a report without waiting for the stream's ack: what agents send about
-    /// themselves (status, heartbeats). The stream captures it all the same; a lost one is not
-    /// sent again in any case (the next heartbeat says it all again), so waiting for an ack
-    /// per report would only cost a round trip and, across a fleet announced to at once, a
-    /// server reply per host.
-    pub async fn report_event<T: Serialize>(
-        &self,
-        subject: &str,
-        event: &T,
-        encoding: Encoding,
-    ) -> Result<(), BusError> {
-        report_event(&self.client, subject, event, encoding).await
-    }
-}
-
-/// See [`Bus::report_event`].
+/// Publishes a report without waiting for the stream's ack: what agents send about themselves
+/// (status, heartbeats; [`AgentBus::report_event`](crate::AgentBus::report_event)). The stream
+/// captures it all the same; a lost one is not sent again in any case (the next heartbeat says
+/// it all again), so waiting for an ack per report would only cost a round trip and, across a
+/// fleet announced to at once, a server reply per host.
 pub(crate) async fn report_event<T: Serialize>(
     client: &async_nats::Client,
     subject: &str,
@@ -299,8 +263,20 @@ pub(crate) async fn request_event<T: Serialize, R: serde::de::DeserializeOwned>(
         .request_with_headers(subject.to_string(), headers, payload.into())
         .await
         .map_err(|e| fail(e.to_string()))?;
-    crate::consume::decode_payload(reply.headers.as_ref(), &reply.payload)
+    decode_payload(reply.headers.as_ref(), &reply.payload)
         .map_err(|e| fail(format!("reply does not decode: {e}")))
+}
+
+/// Decodes any NATS payload (a reply, a core message) by the `Content-Type` in its headers;
+/// JSON when there is none.
+pub fn decode_payload<T: serde::de::DeserializeOwned>(
+    headers: Option<&async_nats::HeaderMap>,
+    payload: &[u8],
+) -> Result<T, fleetcast_events::DecodeError> {
+    let content_type = headers
+        .and_then(|h| h.get(fleetcast_events::CONTENT_TYPE))
+        .map(|v| v.as_str().to_string());
+    fleetcast_events::codec::decode(content_type.as_deref(), payload)
 }
 
 /// An event's payload and the headers naming its encoding.
@@ -441,7 +417,7 @@ async fn provision(js: &jetstream::Context, settings: &NatsSettings) -> Result<(
     Ok(())
 }
 
-fn not_set_up(what: &str, e: &dyn std::fmt::Display) -> BusError {
+pub(crate) fn not_set_up(what: &str, e: &dyn std::fmt::Display) -> BusError {
     BusError::Setup {
         what: what.into(),
         reason: format!("not set up yet (a fleetcast service creates it): {e}"),

@@ -178,17 +178,7 @@ pub fn decode<T: serde::de::DeserializeOwned>(
     decode_payload(message.headers.as_ref(), &message.payload)
 }
 
-/// Decodes any NATS payload (a reply, a core message) by the `Content-Type` in its headers;
-/// JSON when there is none.
-pub fn decode_payload<T: serde::de::DeserializeOwned>(
-    headers: Option<&async_nats::HeaderMap>,
-    payload: &[u8],
-) -> Result<T, fleetcast_events::DecodeError> {
-    let content_type = headers
-        .and_then(|h| h.get(fleetcast_events::CONTENT_TYPE))
-        .map(|v| v.as_str().to_string());
-    fleetcast_events::codec::decode(content_type.as_deref(), payload)
-}
+pub use crate::bus::decode_payload;
 
 /// The release a pipeline stage refuses: its app, version and archive.
 pub struct RefusedRelease<'a> {

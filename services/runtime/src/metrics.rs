@@ -40,12 +40,7 @@ pub fn encode(registries: &[&Registry]) -> Result<String, fmt::Error> {
 
 /// The wire name of a unit enum value (`RejectCode::TooLarge` → `too_large`), so a label says
 /// what the events and the API say.
-pub fn label_value<T: serde::Serialize>(value: &T) -> String {
-    match serde_json::to_value(value) {
-        Ok(serde_json::Value::String(s)) => s,
-        _ => "unknown".into(),
-    }
-}
+pub use fleetcast_events::wire_name as label_value;
 
 /// prometheus-client appends `_total` to a counter's name; declarations keep the full name.
 fn counter_family(name: &'static str) -> &'static str {

@@ -13,7 +13,9 @@ use tokio::io::{AsyncReadExt, AsyncWriteExt};
 
 use async_nats::jetstream::{kv, object_store};
 
-use crate::bus::Bus;
+use fleetcast_events::names::{DESIRED_BUCKET, INCOMING_BUCKET, RELEASES_BUCKET};
+
+use crate::bus::{Bus, BusError};
 
 #[derive(Debug, thiserror::Error)]
 pub enum FetchError {
@@ -172,8 +174,14 @@ const ARCHIVE_CHUNK_SIZE: usize = 512 * 1024;
 pub struct Incoming(object_store::ObjectStore);
 
 impl Incoming {
-    pub(crate) fn new(store: object_store::ObjectStore) -> Self {
-        Incoming(store)
+    /// The incoming object store a service created.
+    pub async fn bind(bus: &Bus) -> Result<Self, BusError> {
+        let store = bus
+            .js
+            .get_object_store(INCOMING_BUCKET)
+            .await
+            .map_err(|e| crate::bus::not_set_up(INCOMING_BUCKET, &e))?;
+        Ok(Incoming(store))
     }
 
     /// The object store itself (listing, metadata).
@@ -311,8 +319,9 @@ impl Incoming {
 pub struct Records(kv::Store);
 
 impl Records {
-    pub(crate) fn new(store: kv::Store) -> Self {
-        Records(store)
+    /// The release records' bucket a service created.
+    pub async fn bind(bus: &Bus) -> Result<Self, BusError> {
+        Ok(Records(bus.bucket(RELEASES_BUCKET).await?))
     }
 
     pub async fn release_record(
@@ -581,8 +590,9 @@ impl Records {
 pub struct Desired(kv::Store);
 
 impl Desired {
-    pub(crate) fn new(store: kv::Store) -> Self {
-        Desired(store)
+    /// The desired states' bucket a service created.
+    pub async fn bind(bus: &Bus) -> Result<Self, BusError> {
+        Ok(Desired(bus.bucket(DESIRED_BUCKET).await?))
     }
 
     /// The bucket itself (reads, watches).

@@ -264,8 +264,8 @@ impl Role for SignerBus {
     async fn bind(bus: &Bus) -> Result<Self, BusError> {
         Ok(SignerBus {
             releases_stream: bus.stream(names::RELEASES_STREAM).await?,
-            records: bus.records().await?,
-            incoming: bus.incoming().await?,
+            records: Records::bind(bus).await?,
+            incoming: Incoming::bind(bus).await?,
             signer_state: bus.bucket(names::SIGNER_BUCKET).await?,
             trust: TrustBucket::bind(bus).await?,
             bus: bus.clone(),

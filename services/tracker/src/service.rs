@@ -75,8 +75,8 @@ impl Role for TrackerBus {
         Ok(TrackerBus {
             releases_stream: bus.stream(names::RELEASES_STREAM).await?,
             status_stream: bus.stream(names::STATUS_STREAM).await?,
-            records: bus.records().await?,
-            desired: bus.desired().await?,
+            records: Records::bind(bus).await?,
+            desired: Desired::bind(bus).await?,
             fleet: bus.bucket(names::FLEET_BUCKET).await?,
             rollouts: bus.bucket(names::ROLLOUTS_BUCKET).await?,
             bus: bus.clone(),

@@ -102,8 +102,8 @@ impl Role for WatcherBus {
     async fn bind(bus: &Bus) -> Result<Self, BusError> {
         Ok(WatcherBus {
             releases_stream: bus.stream(names::RELEASES_STREAM).await?,
-            records: bus.records().await?,
-            incoming: bus.incoming().await?,
+            records: Records::bind(bus).await?,
+            incoming: Incoming::bind(bus).await?,
             bus: bus.clone(),
         })
     }

@@ -69,7 +69,8 @@ fn build() -> HashMap<String, PathBuf> {
         .lines()
         .filter_map(|line| serde_json::from_str::<serde_json::Value>(line).ok())
         .filter(|m| m["reason"] == "compiler-artifact")
-        .filter(|m| m["target"]["kind"][0] == "bin")
+        // The programs, not their unit tests (built too, under the same target name).
+        .filter(|m| m["target"]["kind"][0] == "bin" && m["profile"]["test"] == false)
         .filter_map(|m| {
             let name = m["target"]["name"].as_str()?.to_string();
             if !PROGRAMS.contains(&name.as_str()) {
