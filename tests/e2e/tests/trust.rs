@@ -103,6 +103,9 @@ async fn rotation_and_revocation() {
     let first = signed_root(1, roots.clone(), role(&[&p.key], 1), &[r0, r1]);
     let first_file = p.dir.path().join("root-1.json");
     root::write(&first_file, &first).expect("write root");
+    // No service runs yet: the tests' own connection creates the stores, then the operator's
+    // command publishes.
+    p.bus().await.expect("stores");
     let bus = p.cli().await.expect("bus");
     let (_, published) = Box::pin(root::publish(&bus, &first))
         .await
