@@ -215,38 +215,6 @@ async fn an_archive_no_event_names_expires_from_the_incoming_store() {
     }
 }
 
-/// The demo app, built as a developer's `cargo build` leaves it, beside this test's binary.
-fn demo_app_binary() -> std::path::PathBuf {
-    let workspace = std::path::Path::new(env!("CARGO_MANIFEST_DIR")).join("../..");
-    let cargo = std::env::var("CARGO").unwrap_or_else(|_| "cargo".into());
-    // Only what cargo needs: variables the test runner sets for this test would make cargo
-    // rebuild dependencies whose build scripts watch them.
-    let keep = [
-        "PATH",
-        "HOME",
-        "CARGO_HOME",
-        "RUSTUP_HOME",
-        "RUSTUP_TOOLCHAIN",
-        "CARGO_TARGET_DIR",
-        "CARGO_INCREMENTAL",
-    ];
-    let built = std::process::Command::new(cargo)
-        .args(["build", "-p", "fleetcast-demo-app"])
-        .current_dir(&workspace)
-        .env_clear()
-        .envs(std::env::vars().filter(|(k, _)| keep.contains(&k.as_str())))
-        .status()
-        .expect("cargo build");
-    assert!(built.success(), "cargo build -p fleetcast-demo-app failed");
-    // <target>/debug/deps/<this test> → <target>/debug/fleetcast-demo-app
-    let exe = std::env::current_exe().expect("test binary");
-    let debug = exe
-        .parent()
-        .and_then(|deps| deps.parent())
-        .expect("target dir");
-    debug.join("fleetcast-demo-app")
-}
-
 /// `ops/demo-release VERSION ARGS…`, as a person runs it; its output.
 fn demo_release(version: &str, args: &[&str]) -> String {
     let script = std::path::Path::new(env!("CARGO_MANIFEST_DIR")).join("../../ops/demo-release");
@@ -328,7 +296,7 @@ async fn demo_status(p: &Pipeline, agent: &str, state: AppState, version: &str) 
 /// good version answers `/version`; `--unhealthy` and `--crash` are rolled back by the agent.
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn demo_releases_run_on_the_local_fleet_and_misbehave_as_asked() {
-    let binary = demo_app_binary();
+    let binary = fleetcast_e2e::binaries::binary("fleetcast-demo-app");
     let mut p = Pipeline::start().await.expect("pipeline");
     let hosts = tempfile::tempdir().expect("hosts");
     let (local, local_port) = demo_agent(
