@@ -15,6 +15,7 @@ use fleetcast_events::v1::*;
 use fleetcast_events::{Encoding, SecretKey, SignedManifest};
 use fleetcast_fuzz::{now, signed_json};
 use fleetcast_package::chunking;
+use fleetcast_package::testing::{pseudo_random, replace_all};
 use serde_json::{Value, json};
 use time::Duration;
 use zip::write::SimpleFileOptions;
@@ -51,19 +52,6 @@ fn seed(name: &str, bytes: impl Into<Vec<u8>>) -> Seed {
     (name.to_string(), bytes.into())
 }
 
-/// xorshift: incompressible bytes without an RNG crate.
-fn pseudo_random(len: usize, seed: u64) -> Vec<u8> {
-    let mut x = seed.wrapping_mul(0x9E37_79B9_7F4A_7C15) | 1;
-    (0..len)
-        .map(|_| {
-            x ^= x << 13;
-            x ^= x >> 7;
-            x ^= x << 17;
-            x as u8
-        })
-        .collect()
-}
-
 enum Item<'a> {
     File(&'a str, &'a [u8], u32),
     Link(&'a str, &'a str),
@@ -90,25 +78,15 @@ fn zip_with(items: &[Item], base: SimpleFileOptions) -> Vec<u8> {
     w.finish().expect("zip finish").into_inner()
 }
 
-/// Replaces every occurrence of `from` (local headers and central directory alike).
-fn patch(mut bytes: Vec<u8>, from: &[u8], to: &[u8]) -> Vec<u8> {
-    assert_eq!(from.len(), to.len());
-    let mut i = 0;
-    while i + from.len() <= bytes.len() {
-        if &bytes[i..i + from.len()] == from {
-            bytes[i..i + to.len()].copy_from_slice(to);
-        }
-        i += 1;
-    }
-    bytes
-}
-
 fn find(bytes: &[u8], what: &[u8]) -> usize {
     bytes
         .windows(what.len())
         .rposition(|w| w == what)
         .expect("signature present")
 }
+
+/// Bytes written over an archive's own: at this offset, these.
+type Overwrite<'a> = (usize, &'a [u8]);
 
 const CENTRAL: &[u8] = b"PK\x01\x02";
 const EOCD: &[u8] = b"PK\x05\x06";
@@ -139,10 +117,6 @@ fn archives() -> Vec<Seed> {
     );
     // Central directory fields of the one entry in `stored`: sizes at +20 and +24.
     let cd = find(&stored, CENTRAL);
-    let set = |mut b: Vec<u8>, at: usize, v: &[u8]| {
-        b[at..at + v.len()].copy_from_slice(v);
-        b
-    };
     let eocd = find(&one, EOCD);
     let mut out = vec![
         seed("valid-package.zip", valid.clone()),
@@ -163,67 +137,8 @@ fn archives() -> Vec<Seed> {
                 .collect::<Vec<_>>(),
         ),
         seed(
-            "path-traversal.zip",
-            zip_of(&[
-                File("bin/ok", b"x", 0o755),
-                File("../../etc/cron.d/evil", b"* * * * * root sh", 0o644),
-            ]),
-        ),
-        seed(
-            "path-traversal-inner.zip",
-            zip_of(&[File("a/../../b", b"x", 0o644)]),
-        ),
-        seed(
-            "backslash-traversal.zip",
-            zip_of(&[File("a\\..\\..\\b", b"x", 0o644)]),
-        ),
-        seed(
-            "absolute-path.zip",
-            zip_of(&[File("/etc/passwd", b"root::0:0::/:/bin/sh", 0o644)]),
-        ),
-        seed(
-            "drive-path.zip",
-            zip_of(&[File("C:/windows/x", b"x", 0o644)]),
-        ),
-        seed(
-            "symlink-outside.zip",
-            zip_of(&[
-                File("bin/ok", b"x", 0o755),
-                Link("bin/shadow", "../../../etc/shadow"),
-            ]),
-        ),
-        seed(
-            "symlink-absolute.zip",
-            zip_of(&[Link("lib", "/etc/passwd")]),
-        ),
-        seed("symlink-to-root.zip", zip_of(&[Link("a/self", "..")])),
-        seed(
-            "link-through-link.zip",
-            zip_of(&[Link("d", "sub"), File("d/x", b"x", 0o644)]),
-        ),
-        seed(
-            "link-to-link-dir.zip",
-            zip_of(&[Dir("sub/"), Link("d", "sub"), Link("e", "d/x")]),
-        ),
-        // Issue 16: each link's text stays inside, but through `y` the second climbs out.
-        seed(
-            "symlink-chain-outside.zip",
-            zip_of(&[
-                File("a1/a2/a3/a4/a5/a6/a7/a8/keep", b"x", 0o644),
-                Link("a1/a2/a3/a4/a5/a6/a7/a8/y", "../../../../../../../../c"),
-                Link(
-                    "z",
-                    "a1/a2/a3/a4/a5/a6/a7/a8/y/../../../../../../../../../etc/passwd",
-                ),
-            ]),
-        ),
-        seed(
-            "symlink-long-target.zip",
-            zip_of(&[Link("l", &"a/".repeat(2100))]),
-        ),
-        seed(
             "duplicate-entries.zip",
-            patch(
+            replace_all(
                 zip_of(&[
                     File("bin/app", b"good", 0o755),
                     File("bin/apq", b"evil", 0o755),
@@ -233,13 +148,8 @@ fn archives() -> Vec<Seed> {
             ),
         ),
         seed(
-            "duplicate-after-normalising.zip",
-            zip_of(&[Dir("bin/"), File("bin", b"x", 0o644)]),
-        ),
-        seed("setuid-mode.zip", zip_of(&[File("bin/su", b"x", 0o4755)])),
-        seed(
             "non-utf8-name.zip",
-            patch(
+            replace_all(
                 zip_of(&[File("bin/xx", b"x", 0o644)]),
                 b"bin/xx",
                 b"bin/\xff\xfe",
@@ -247,46 +157,11 @@ fn archives() -> Vec<Seed> {
         ),
         seed(
             "nul-in-name.zip",
-            patch(
+            replace_all(
                 zip_of(&[File("bin/xx", b"x", 0o644)]),
                 b"bin/xx",
                 b"bin/x\0",
             ),
-        ),
-        seed(
-            "zip-bomb.zip",
-            zip_of(&[File("bomb", &vec![0u8; 3 << 20], 0o644)]),
-        ),
-        seed(
-            "zip-bomb-spread.zip",
-            zip_of(
-                &(0..4)
-                    .map(|i| File(["z0", "z1", "z2", "z3"][i], &[0u8; 600_000], 0o644))
-                    .collect::<Vec<_>>(),
-            ),
-        ),
-        seed(
-            "bad-package-config.zip",
-            zip_of(&[
-                File("bin/ok", b"x", 0o755),
-                File("fleetcast.toml", b"command = []\n", 0o644),
-            ]),
-        ),
-        seed(
-            "package-config-not-utf8.zip",
-            zip_of(&[File("fleetcast.toml", b"command = [\"\xff\"]\n", 0o644)]),
-        ),
-        seed(
-            "package-config-is-link.zip",
-            zip_of(&[File("x", b"x", 0o644), Link("fleetcast.toml", "x")]),
-        ),
-        seed(
-            "package-config-huge-timeout.zip",
-            zip_of(&[File(
-                "fleetcast.toml",
-                b"[hooks.post_switch]\ncommand = [\"x\"]\ntimeout = \"99999999999999999999y\"\n",
-                0o644,
-            )]),
         ),
         seed("truncated.zip", valid[..valid.len() / 2].to_vec()),
         seed(
@@ -306,45 +181,75 @@ fn archives() -> Vec<Seed> {
             b[14] ^= 0xff;
             b
         }),
-        seed(
-            "huge-declared-size.zip",
-            set(stored.clone(), cd + 24, &[0xff; 4]),
-        ),
-        seed(
-            "lying-compressed-size.zip",
-            set(stored.clone(), cd + 20, &[0xff, 0xff, 0xff, 0x7f]),
-        ),
-        seed(
-            "declared-shorter.zip",
-            set(stored.clone(), cd + 24, &[2, 0, 0, 0]),
-        ),
-        seed(
-            "eocd-claims-65535-entries.zip",
-            set(
-                set(one.clone(), eocd + 8, &[0xff, 0xff]),
-                eocd + 10,
-                &[0xff, 0xff],
-            ),
-        ),
-        seed(
-            "eocd-offset-out-of-range.zip",
-            set(one.clone(), eocd + 16, &[0xff, 0xff, 0xff, 0x7f]),
-        ),
-        seed(
-            "eocd-size-out-of-range.zip",
-            set(one.clone(), eocd + 12, &[0xff, 0xff, 0xff, 0x7f]),
-        ),
         seed("eocd-only.zip", one[eocd..].to_vec()),
-        seed(
-            "unknown-compression-method.zip",
-            set(set(stored.clone(), cd + 10, &[99, 0]), 8, &[99, 0]),
-        ),
         seed("not-a-zip", b"this is not a zip".to_vec()),
     ];
     // Prefixed with junk (a self-extracting stub): offsets no longer match.
     let mut prefixed = b"#!/bin/sh\nexit 0\n".to_vec();
     prefixed.extend_from_slice(&stored);
     out.push(seed("junk-prefix.zip", prefixed));
+    // Archives with fields overwritten: (name, archive, [(offset, new bytes)]), one line each.
+    #[rustfmt::skip]
+    let overwritten: &[(&str, &[u8], &[Overwrite])] = &[
+        ("huge-declared-size.zip", &stored, &[(cd + 24, &[0xff; 4])]),
+        ("lying-compressed-size.zip", &stored, &[(cd + 20, &[0xff, 0xff, 0xff, 0x7f])]),
+        ("declared-shorter.zip", &stored, &[(cd + 24, &[2, 0, 0, 0])]),
+        ("eocd-claims-65535-entries.zip", &one, &[(eocd + 8, &[0xff, 0xff]), (eocd + 10, &[0xff, 0xff])]),
+        ("eocd-offset-out-of-range.zip", &one, &[(eocd + 16, &[0xff, 0xff, 0xff, 0x7f])]),
+        ("eocd-size-out-of-range.zip", &one, &[(eocd + 12, &[0xff, 0xff, 0xff, 0x7f])]),
+        ("unknown-compression-method.zip", &stored, &[(cd + 10, &[99, 0]), (8, &[99, 0])]),
+    ];
+    out.extend(overwritten.iter().map(|(name, archive, fields)| {
+        let mut b = archive.to_vec();
+        for (at, v) in *fields {
+            b[*at..*at + v.len()].copy_from_slice(v);
+        }
+        seed(name, b)
+    }));
+    // The seeds that are only their entries zipped: a table, one line a seed.
+    let long_target = "a/".repeat(2100);
+    let bomb = vec![0u8; 3 << 20];
+    // Issue 16: each link's text stays inside, but through `y` the second climbs out.
+    let chain = [
+        File("a1/a2/a3/a4/a5/a6/a7/a8/keep", b"x", 0o644),
+        Link("a1/a2/a3/a4/a5/a6/a7/a8/y", "../../../../../../../../c"),
+        Link(
+            "z",
+            "a1/a2/a3/a4/a5/a6/a7/a8/y/../../../../../../../../../etc/passwd",
+        ),
+    ];
+    let spread: Vec<Item> = ["z0", "z1", "z2", "z3"]
+        .into_iter()
+        .map(|name| File(name, &[0u8; 600_000], 0o644))
+        .collect();
+    #[rustfmt::skip]
+    let entries: &[(&str, &[Item])] = &[
+        ("path-traversal.zip", &[File("bin/ok", b"x", 0o755), File("../../etc/cron.d/evil", b"* * * * * root sh", 0o644)]),
+        ("path-traversal-inner.zip", &[File("a/../../b", b"x", 0o644)]),
+        ("backslash-traversal.zip", &[File("a\\..\\..\\b", b"x", 0o644)]),
+        ("absolute-path.zip", &[File("/etc/passwd", b"root::0:0::/:/bin/sh", 0o644)]),
+        ("drive-path.zip", &[File("C:/windows/x", b"x", 0o644)]),
+        ("symlink-outside.zip", &[File("bin/ok", b"x", 0o755), Link("bin/shadow", "../../../etc/shadow")]),
+        ("symlink-absolute.zip", &[Link("lib", "/etc/passwd")]),
+        ("symlink-to-root.zip", &[Link("a/self", "..")]),
+        ("link-through-link.zip", &[Link("d", "sub"), File("d/x", b"x", 0o644)]),
+        ("link-to-link-dir.zip", &[Dir("sub/"), Link("d", "sub"), Link("e", "d/x")]),
+        ("symlink-chain-outside.zip", &chain),
+        ("symlink-long-target.zip", &[Link("l", &long_target)]),
+        ("duplicate-after-normalising.zip", &[Dir("bin/"), File("bin", b"x", 0o644)]),
+        ("setuid-mode.zip", &[File("bin/su", b"x", 0o4755)]),
+        ("zip-bomb.zip", &[File("bomb", &bomb, 0o644)]),
+        ("zip-bomb-spread.zip", &spread),
+        ("bad-package-config.zip", &[File("bin/ok", b"x", 0o755), File("fleetcast.toml", b"command = []\n", 0o644)]),
+        ("package-config-not-utf8.zip", &[File("fleetcast.toml", b"command = [\"\xff\"]\n", 0o644)]),
+        ("package-config-is-link.zip", &[File("x", b"x", 0o644), Link("fleetcast.toml", "x")]),
+        ("package-config-huge-timeout.zip", &[File("fleetcast.toml", b"[hooks.post_switch]\ncommand = [\"x\"]\ntimeout = \"99999999999999999999y\"\n", 0o644)]),
+    ];
+    out.extend(
+        entries
+            .iter()
+            .map(|(name, items)| seed(name, zip_of(items))),
+    );
     out
 }
 
@@ -869,23 +774,6 @@ fn tree_nodes() -> Vec<Seed> {
         seed("flipped-leaf", flipped),
         seed("branch-too-deep", at_level(17)),
         seed("branch-at-level-0", at_level(0)),
-        seed(
-            "leaf-path-traversal",
-            leaf_of(&[tree_file("../etc/passwd", b"x", 0o644)]),
-        ),
-        seed(
-            "leaf-absolute-path",
-            leaf_of(&[tree_file("/etc/passwd", b"x", 0o644)]),
-        ),
-        seed(
-            "leaf-drive-path",
-            leaf_of(&[tree_file("c:\\x", b"x", 0o644)]),
-        ),
-        seed(
-            "leaf-nul-in-path",
-            leaf_of(&[tree_file("bin/x\0y", b"x", 0o644)]),
-        ),
-        seed("leaf-empty-path", leaf_of(&[tree_file("", b"x", 0o644)])),
         seed("leaf-duplicate-path", duplicate),
         seed("leaf-out-of-order", out_of_order),
         seed("leaf-first-prefix-not-0", first_prefix),
@@ -904,6 +792,17 @@ fn tree_nodes() -> Vec<Seed> {
         ),
         seed("unknown-kind", b"\x95\x07\x00\x90\x90\x90".to_vec()),
     ]);
+    // A leaf of one file at a path a reader must refuse.
+    let refused_paths = [
+        ("leaf-path-traversal", "../etc/passwd"),
+        ("leaf-absolute-path", "/etc/passwd"),
+        ("leaf-drive-path", "c:\\x"),
+        ("leaf-nul-in-path", "bin/x\0y"),
+        ("leaf-empty-path", ""),
+    ];
+    out.extend(
+        refused_paths.map(|(name, path)| seed(name, leaf_of(&[tree_file(path, b"x", 0o644)]))),
+    );
     out.extend(chunks());
     out
 }

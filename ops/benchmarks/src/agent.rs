@@ -475,38 +475,52 @@ impl BenchHost {
 /// The agent's config: the demo app as `bench`, `small` and `rebuilt`, and the hand-over apps.
 fn agent_config(data: &Path, store: &Store, demo_app: &Path, ports: &Ports) -> String {
     let Ports {
-        bench: port,
-        small: small_port,
-        rebuilt: rebuilt_port,
+        bench,
+        small,
+        rebuilt,
         handover: handover_ports,
     } = *ports;
+    let own = [("bench", bench), ("small", small), ("rebuilt", rebuilt)]
+        .into_iter()
+        .map(|(app, port)| demo_app_config(app, port, false, "", 2000, demo_app));
+    let handover =
+        crate::handover::APPS
+            .iter()
+            .zip(handover_ports)
+            .map(|((app, hand_over), port)| {
+                crate::handover::app_config(app, *hand_over, port, demo_app)
+            });
     format!(
-        "agent_id = \"bench\"\ndata_dir = \"{}\"\ntrusted_keys = [\"{}\"]\n[nats]\nurl = \"{}\"\ninsecure_dev = true\n\
-         [[apps]]\nname = \"bench\"\ncommand = [\"{}\"]\ngrace = \"5s\"\n\
-         [apps.env]\nFLEETCAST_DEMO_APP_PORT = \"{port}\"\nRUST_LOG = \"warn\"\n\
-         [apps.health]\nstay_up = \"0s\"\nhttp = \"http://127.0.0.1:{port}/health\"\n\
-         probe_interval = \"5ms\"\nprobe_attempts = 2000\nprobe_timeout = \"1s\"\n\
-         [[apps]]\nname = \"small\"\ncommand = [\"{}\"]\ngrace = \"5s\"\n\
-         [apps.env]\nFLEETCAST_DEMO_APP_PORT = \"{small_port}\"\nRUST_LOG = \"warn\"\n\
-         [apps.health]\nstay_up = \"0s\"\nhttp = \"http://127.0.0.1:{small_port}/health\"\n\
-         probe_interval = \"5ms\"\nprobe_attempts = 2000\nprobe_timeout = \"1s\"\n\
-         [[apps]]\nname = \"rebuilt\"\ncommand = [\"{}\"]\ngrace = \"5s\"\n\
-         [apps.env]\nFLEETCAST_DEMO_APP_PORT = \"{rebuilt_port}\"\nRUST_LOG = \"warn\"\n\
-         [apps.health]\nstay_up = \"0s\"\nhttp = \"http://127.0.0.1:{rebuilt_port}/health\"\n\
-         probe_interval = \"5ms\"\nprobe_attempts = 2000\nprobe_timeout = \"1s\"\n",
+        "agent_id = \"bench\"\ndata_dir = \"{}\"\ntrusted_keys = [\"{}\"]\n[nats]\nurl = \"{}\"\ninsecure_dev = true\n",
         data.display(),
         store.key.public().to_text().trim(),
         store.nats.url(),
-        demo_app.display(),
-        demo_app.display(),
-        demo_app.display(),
-    ) + &crate::handover::APPS
-        .iter()
-        .zip(handover_ports)
-        .map(|((app, hand_over), port)| {
-            crate::handover::app_config(app, *hand_over, port, demo_app)
-        })
-        .collect::<String>()
+    ) + &own.chain(handover).collect::<String>()
+}
+
+/// An app of the agent's config: the demo app as `app`, serving on `port` (a socket the agent
+/// holds and hands over, when `listen`), with the `env` lines (TOML) added to its environment,
+/// healthy once `/health` answers within `probe_attempts` probes 5 ms apart.
+pub(crate) fn demo_app_config(
+    app: &str,
+    port: u16,
+    listen: bool,
+    env: &str,
+    probe_attempts: u32,
+    demo_app: &Path,
+) -> String {
+    let listen = if listen {
+        format!("listen = [\"127.0.0.1:{port}\"]\n")
+    } else {
+        String::new()
+    };
+    format!(
+        "[[apps]]\nname = \"{app}\"\ncommand = [\"{}\"]\ngrace = \"5s\"\n{listen}\
+         [apps.env]\nFLEETCAST_DEMO_APP_PORT = \"{port}\"\n{env}RUST_LOG = \"warn\"\n\
+         [apps.health]\nstay_up = \"0s\"\nhttp = \"http://127.0.0.1:{port}/health\"\n\
+         probe_interval = \"5ms\"\nprobe_attempts = {probe_attempts}\nprobe_timeout = \"1s\"\n",
+        demo_app.display()
+    )
 }
 
 /// The benchmark's JSON object: its keys, then the many-files, hand-over and self-update ones.

@@ -44,20 +44,11 @@ pub(crate) fn packages(dir: &Path, app: &str) -> anyhow::Result<Vec<(std::path::
     Ok(out)
 }
 
-/// The agent's config for `app` on `port`.
+/// The agent's config for `app` on `port`: drained 100 ms before it stops, and given 1 s to
+/// be healthy.
 pub(crate) fn app_config(app: &str, hand_over: bool, port: u16, demo_app: &Path) -> String {
-    let listen = if hand_over {
-        format!("listen = [\"127.0.0.1:{port}\"]\n")
-    } else {
-        String::new()
-    };
-    format!(
-        "[[apps]]\nname = \"{app}\"\ncommand = [\"{}\"]\ngrace = \"5s\"\n{listen}\
-         [apps.env]\nFLEETCAST_DEMO_APP_PORT = \"{port}\"\nFLEETCAST_DEMO_APP_DRAIN = \"100ms\"\nRUST_LOG = \"warn\"\n\
-         [apps.health]\nstay_up = \"0s\"\nhttp = \"http://127.0.0.1:{port}/health\"\n\
-         probe_interval = \"5ms\"\nprobe_attempts = 200\nprobe_timeout = \"1s\"\n",
-        demo_app.display()
-    )
+    let drain = "FLEETCAST_DEMO_APP_DRAIN = \"100ms\"\n";
+    crate::agent::demo_app_config(app, port, hand_over, drain, 200, demo_app)
 }
 
 /// (requests made, requests refused or failed) across the update and the rollback of `app`.

@@ -352,38 +352,38 @@ fn spawn_pipeline(
     key_file: &Path,
     nats_toml: &str,
 ) -> anyhow::Result<Services> {
-    let signer_toml = dir.join("signer.toml");
-    std::fs::write(
-        &signer_toml,
-        format!(
-            "key_file = \"{}\"\nknown_apps = [\"many\"]\nwork_dir = \"{}\"\nmetrics_listen = \"127.0.0.1:0\"\n{nats_toml}",
-            key_file.display(),
-            dir.join("signer-work").display(),
+    // Each service's own settings; then what all three take alike: a work folder of its own,
+    // metrics on a free port, the NATS connection.
+    let own = [
+        (
+            "watcher",
+            format!("drop_dir = \"{}\"\n", dir.join("drop").display()),
         ),
-    )?;
-    let watcher_toml = dir.join("watcher.toml");
-    std::fs::write(
-        &watcher_toml,
-        format!(
-            "drop_dir = \"{}\"\nwork_dir = \"{}\"\nmetrics_listen = \"127.0.0.1:0\"\n{nats_toml}",
-            dir.join("drop").display(),
-            dir.join("watcher-work").display(),
+        (
+            "signer",
+            format!(
+                "key_file = \"{}\"\nknown_apps = [\"many\"]\n",
+                key_file.display()
+            ),
         ),
-    )?;
-    let distributor_toml = dir.join("distributor.toml");
-    std::fs::write(
-        &distributor_toml,
-        format!(
-            "trusted_keys = [\"{}\"]\nwork_dir = \"{}\"\nmetrics_listen = \"127.0.0.1:0\"\n{nats_toml}",
-            key.public().to_text().trim(),
-            dir.join("distributor-work").display(),
+        (
+            "distributor",
+            format!("trusted_keys = [\"{}\"]\n", key.public().to_text().trim()),
         ),
-    )?;
-    Ok(Services(vec![
-        spawn_service("fleetcast-watcher", &watcher_toml)?,
-        spawn_service("fleetcast-signer", &signer_toml)?,
-        spawn_service("fleetcast-distributor", &distributor_toml)?,
-    ]))
+    ];
+    let mut services = Vec::new();
+    for (name, settings) in own {
+        let config = dir.join(format!("{name}.toml"));
+        std::fs::write(
+            &config,
+            format!(
+                "{settings}work_dir = \"{}\"\nmetrics_listen = \"127.0.0.1:0\"\n{nats_toml}",
+                dir.join(format!("{name}-work")).display(),
+            ),
+        )?;
+        services.push(spawn_service(&format!("fleetcast-{name}"), &config)?);
+    }
+    Ok(Services(services))
 }
 
 /// This part's JSON object, every key under the shape's name.

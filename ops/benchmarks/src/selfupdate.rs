@@ -193,15 +193,11 @@ impl SelfHost {
             format!(
                 "agent_id = \"self\"\ndata_dir = \"{}\"\ntrusted_keys = [\"{}\"]\nheartbeat = \"1s\"\n\
                  [self_update]\nqualify = \"60s\"\nsoak = \"2s\"\n\
-                 [nats]\nurl = \"{}\"\ninsecure_dev = true\n\
-                 [[apps]]\nname = \"web\"\ncommand = [\"{}\"]\ngrace = \"5s\"\nlisten = [\"127.0.0.1:{port}\"]\n\
-                 [apps.env]\nFLEETCAST_DEMO_APP_PORT = \"{port}\"\nRUST_LOG = \"warn\"\n\
-                 [apps.health]\nstay_up = \"0s\"\nhttp = \"http://127.0.0.1:{port}/health\"\n\
-                 probe_interval = \"5ms\"\nprobe_attempts = 2000\nprobe_timeout = \"1s\"\n",
+                 [nats]\nurl = \"{}\"\ninsecure_dev = true\n{}",
                 data.display(),
                 store.key.public().to_text().trim(),
                 store.nats.url(),
-                demo_app.display(),
+                crate::agent::demo_app_config("web", port, true, "", 2000, demo_app),
             ),
         )?;
         let statuses = store

@@ -739,16 +739,13 @@ fn make_durable(partial: &Path) -> io::Result<()> {
 
 /// fsync every file and folder below `dir`.
 fn sync_tree(dir: &Path) -> io::Result<()> {
-    for entry in std::fs::read_dir(dir)? {
-        let entry = entry?;
-        let kind = entry.file_type()?;
-        if kind.is_dir() {
-            sync_tree(&entry.path())?;
-        } else if kind.is_file() {
-            File::open(entry.path())?.sync_all()?;
-        }
-    }
-    sync_dir(dir)
+    use crate::isolation::{Visit, walk_tree};
+    walk_tree(dir, &mut |visit| match visit {
+        Visit::File(entry) => File::open(entry.path())?.sync_all(),
+        // After what it holds, so the folder's own entries are final.
+        Visit::Leave(folder) => sync_dir(folder),
+        Visit::Enter(_) => Ok(()),
+    })
 }
 
 #[cfg(test)]
@@ -821,6 +818,27 @@ mod tests {
         (version, files)
     }
 
+    /// `assemble` with nothing installed before (no local chunks, no patches): every chunk
+    /// comes from `store`.
+    async fn assemble_from(
+        store: &impl ChunkSource,
+        root: &InstallRoot,
+        version: &Version,
+        files: &[TreeFile],
+        concurrency: usize,
+    ) -> Result<AssembleReport, AssembleError> {
+        assemble(
+            root,
+            version,
+            files,
+            &LocalChunks::default(),
+            &PatchList::default(),
+            store,
+            concurrency,
+        )
+        .await
+    }
+
     /// Serves chunks from memory and counts each fetch.
     struct Counting {
         stored: HashMap<ChunkId, Vec<u8>>,
@@ -848,16 +866,8 @@ mod tests {
     /// later (copied from where it was written), and every file is whole.
     #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
     async fn each_distinct_chunk_is_fetched_once_however_many_files_hold_it() {
-        // Incompressible, never repeating (xorshift): distinct chunks.
-        let mut x = 0x9E37_79B9_7F4A_7C15u64;
-        let data: Vec<u8> = (0..300_000)
-            .flat_map(|_| {
-                x ^= x << 13;
-                x ^= x >> 7;
-                x ^= x << 17;
-                x.to_le_bytes()
-            })
-            .collect();
+        // Incompressible, never repeating: distinct chunks.
+        let data = noise(2_400_000, 0x9E37_79B9_7F4A_7C15);
         let body = fleetcast_package::chunking::chunks(std::io::Cursor::new(data))
             .map(|c| c.expect("chunk"))
             .collect::<Vec<_>>();
@@ -900,17 +910,9 @@ mod tests {
         };
         let tmp = tempfile::tempdir().expect("tmp");
         let root = InstallRoot::new(tmp.path()).expect("root");
-        let report = assemble(
-            &root,
-            &version,
-            &tree,
-            &LocalChunks::default(),
-            &PatchList::default(),
-            &store,
-            8,
-        )
-        .await
-        .expect("assembled");
+        let report = assemble_from(&store, &root, &version, &tree, 8)
+            .await
+            .expect("assembled");
         let fetches = store.fetches.lock().expect("lock").clone();
         let distinct: std::collections::HashSet<_> = fetches.iter().collect();
         assert_eq!(fetches.len(), distinct.len(), "a chunk fetched twice");
@@ -984,41 +986,27 @@ mod tests {
             noise(200_000, 4),
         );
         let mut stored = HashMap::new();
-        let (m1, i1) = release(
-            Version::new(1, 0, 0),
-            &[
-                ("bin/app", &a, 0o755),
-                ("etc/conf", &b, 0o644),
-                ("lib/x", &c1, 0o644),
-            ],
-            &mut stored,
-        );
-        let (m2, i2) = release(
-            Version::new(2, 0, 0),
-            &[
-                ("bin/app", &a, 0o755),
-                ("etc/conf", &b, 0o644),
-                ("lib/x", &c2, 0o644),
-            ],
-            &mut stored,
-        );
+        // v1 and v2: the same files but for `lib/x`.
+        let mut release_with_lib = |version: Version, lib: &Vec<u8>| {
+            release(
+                version,
+                &[
+                    ("bin/app", &a, 0o755),
+                    ("etc/conf", &b, 0o644),
+                    ("lib/x", lib, 0o644),
+                ],
+                &mut stored,
+            )
+        };
+        let (m1, i1) = release_with_lib(Version::new(1, 0, 0), &c1);
+        let (m2, i2) = release_with_lib(Version::new(2, 0, 0), &c2);
         let store = Counting {
             stored,
             fetches: Default::default(),
         };
         let tmp = tempfile::tempdir().expect("tmp");
         let root = InstallRoot::new(tmp.path()).expect("root");
-        assemble(
-            &root,
-            &m1,
-            &i1,
-            &LocalChunks::default(),
-            &PatchList::default(),
-            &store,
-            4,
-        )
-        .await
-        .expect("v1");
+        assemble_from(&store, &root, &m1, &i1, 4).await.expect("v1");
         let before = store.fetches.lock().expect("lock").len();
         let (d1, d2) = (root.version_dir(&m1), root.version_dir(&m2));
         let mut local = LocalChunks::default();
@@ -1075,17 +1063,9 @@ mod tests {
             Some(format!("{deep}/y/{}etc/passwd", "../".repeat(9))),
         ));
         let (manifest, index) = signed(hostile);
-        let err = assemble(
-            &root,
-            &manifest,
-            &index,
-            &LocalChunks::default(),
-            &PatchList::default(),
-            &NoStore,
-            2,
-        )
-        .await
-        .expect_err("refused");
+        let err = assemble_from(&NoStore, &root, &manifest, &index, 2)
+            .await
+            .expect_err("refused");
         assert!(
             matches!(&err, AssembleError::BadTree(m) if m.contains("leaves the package")),
             "{err}"
@@ -1095,17 +1075,9 @@ mod tests {
         assert!(!root.version_dir(&manifest).exists());
 
         let (manifest, index) = signed(inside);
-        assemble(
-            &root,
-            &manifest,
-            &index,
-            &LocalChunks::default(),
-            &PatchList::default(),
-            &NoStore,
-            2,
-        )
-        .await
-        .expect("links that stay inside install");
+        assemble_from(&NoStore, &root, &manifest, &index, 2)
+            .await
+            .expect("links that stay inside install");
         let y = root.version_dir(&manifest).join(deep).join("y");
         assert_eq!(
             std::fs::read_link(y).expect("link"),

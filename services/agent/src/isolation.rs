@@ -181,6 +181,29 @@ struct CapData {
 #[cfg(target_os = "linux")]
 const CAPABILITY_VERSION_3: u32 = 0x2008_0522;
 
+/// Calls capget or capset (`call`) for this thread with a version-3 header and the two data
+/// structs that version takes: capget writes them, capset only reads them.
+#[cfg(target_os = "linux")]
+#[expect(
+    unsafe_code,
+    reason = "capget and capset are system calls without a safe wrapper in nix or std"
+)]
+fn capabilities(
+    call: libc::c_long,
+    header: &mut CapHeader,
+    data: &mut [CapData; 2],
+) -> io::Result<()> {
+    // Any other system call would get pointers it does not expect.
+    assert!(call == libc::SYS_capget || call == libc::SYS_capset);
+    // SAFETY: a version-3 header and two data structs, as both calls take for that version;
+    // both live across the call.
+    let rc = unsafe { libc::syscall(call, header as *mut CapHeader, data.as_mut_ptr()) };
+    if rc != 0 {
+        return Err(io::Error::last_os_error());
+    }
+    Ok(())
+}
+
 /// Empties this thread's inheritable and ambient capability sets but for CAP_NET_BIND_SERVICE,
 /// so programs it starts (apps, hooks, health commands) get none of the capabilities the agent
 /// is given to run them as their own users. systemd hands the agent its capabilities as
@@ -194,7 +217,7 @@ const CAPABILITY_VERSION_3: u32 = 0x2008_0522;
 #[cfg(target_os = "linux")]
 #[expect(
     unsafe_code,
-    reason = "capget, capset and prctl are system calls without a safe wrapper in nix or std"
+    reason = "prctl is a system call without a safe wrapper in nix or std"
 )]
 pub fn pass_on_no_capabilities() -> io::Result<()> {
     let mut header = CapHeader {
@@ -202,32 +225,12 @@ pub fn pass_on_no_capabilities() -> io::Result<()> {
         pid: 0,
     };
     let mut data = [CapData::default(); 2];
-    // SAFETY: a version-3 header and two data structs, as capget writes for that version;
-    // both live across the call.
-    let rc = unsafe {
-        libc::syscall(
-            libc::SYS_capget,
-            &mut header as *mut CapHeader,
-            data.as_mut_ptr(),
-        )
-    };
-    if rc != 0 {
-        return Err(io::Error::last_os_error());
-    }
+    capabilities(libc::SYS_capget, &mut header, &mut data)?;
     data[0].inheritable &= 1 << CAP_NET_BIND_SERVICE;
     data[1].inheritable = 0;
-    // SAFETY: as above; capset only reads them. Lowering inheritable capabilities is always
-    // allowed, and lowers the matching ambient ones with them.
-    let rc = unsafe {
-        libc::syscall(
-            libc::SYS_capset,
-            &mut header as *mut CapHeader,
-            data.as_ptr(),
-        )
-    };
-    if rc != 0 {
-        return Err(io::Error::last_os_error());
-    }
+    // Lowering inheritable capabilities is always allowed, and lowers the matching ambient
+    // ones with them.
+    capabilities(libc::SYS_capset, &mut header, &mut data)?;
     // The kernel lowered the ambient ones with the inheritable ones; lowered again explicitly
     // so this does not rest on that rule alone.
     for cap in 0..64 {
@@ -278,16 +281,40 @@ pub fn installed_mode(package_mode: u32) -> u32 {
 /// The mode of every folder of an installed version.
 pub const INSTALLED_DIR: u32 = 0o555;
 
+/// A step of [`walk_tree`].
+pub enum Visit<'a> {
+    /// A folder, before what it holds.
+    Enter(&'a Path),
+    /// A regular file.
+    File(&'a std::fs::DirEntry),
+    /// A folder, after what it holds.
+    Leave(&'a Path),
+}
+
+/// Walks `dir` and every folder below it, without following links (nor visiting them): each
+/// folder is entered, what it holds visited in the order the folder lists it, then left. The
+/// first error stops the walk.
+pub fn walk_tree(dir: &Path, visit: &mut impl FnMut(Visit) -> io::Result<()>) -> io::Result<()> {
+    visit(Visit::Enter(dir))?;
+    for entry in std::fs::read_dir(dir)? {
+        let entry = entry?;
+        let kind = entry.file_type()?;
+        if kind.is_dir() {
+            walk_tree(&entry.path(), visit)?;
+        } else if kind.is_file() {
+            visit(Visit::File(&entry))?;
+        }
+    }
+    visit(Visit::Leave(dir))
+}
+
 /// Makes every folder below and including `dir` read-only (0555), deepest first. Files got
 /// their mode as they were verified; links are not followed (a link's own mode means nothing).
 pub fn seal_tree(dir: &Path) -> io::Result<()> {
-    for entry in std::fs::read_dir(dir)? {
-        let entry = entry?;
-        if entry.file_type()?.is_dir() {
-            seal_tree(&entry.path())?;
-        }
-    }
-    set_mode(dir, INSTALLED_DIR)
+    walk_tree(dir, &mut |visit| match visit {
+        Visit::Leave(folder) => set_mode(folder, INSTALLED_DIR),
+        Visit::Enter(_) | Visit::File(_) => Ok(()),
+    })
 }
 
 /// Gives the agent (the owner) write access to every folder below and including `dir` and to
@@ -297,22 +324,21 @@ pub fn seal_tree(dir: &Path) -> io::Result<()> {
 /// removing it needs only its folder's write bit.
 pub fn unseal_tree(dir: &Path) -> io::Result<()> {
     use std::os::unix::fs::MetadataExt;
-    let mode = std::fs::symlink_metadata(dir)?.permissions().mode();
-    set_mode(dir, (mode & 0o7777) | 0o700)?;
-    for entry in std::fs::read_dir(dir)? {
-        let entry = entry?;
-        let kind = entry.file_type()?;
-        if kind.is_dir() {
-            unseal_tree(&entry.path())?;
-        } else if kind.is_file() {
-            let path = entry.path();
+    walk_tree(dir, &mut |visit| match visit {
+        // Before what it holds, so it can be listed and changed however it was left.
+        Visit::Enter(folder) => {
+            let mode = std::fs::symlink_metadata(folder)?.permissions().mode();
+            set_mode(folder, (mode & 0o7777) | 0o700)
+        }
+        Visit::File(entry) => {
             let meta = entry.metadata()?;
             if meta.nlink() == 1 {
-                set_mode(&path, (meta.permissions().mode() & 0o7777) | 0o600)?;
+                set_mode(&entry.path(), (meta.permissions().mode() & 0o7777) | 0o600)?;
             }
+            Ok(())
         }
-    }
-    Ok(())
+        Visit::Leave(_) => Ok(()),
+    })
 }
 
 /// Removes an installed (sealed) version: unsealed first, as the agent need not be root.
@@ -405,22 +431,14 @@ mod tests {
 
     #[test]
     fn installed_modes_have_no_write_setuid_setgid_or_sticky_bit() {
-        for (packed, installed) in [
-            (0o777, 0o555),
-            (0o666, 0o444),
-            (0o644, 0o444),
-            (0o600, 0o444),
-            (0o755, 0o555),
-            (0o700, 0o555),
-            (0o4755, 0o555),
-            (0o2755, 0o555),
-            (0o1777, 0o555),
-            (0o6644, 0o444),
-            (0o000, 0o444),
-            (0o001, 0o555),
-        ] {
-            assert_eq!(installed_mode(packed), installed, "{packed:o}");
-            assert_eq!(installed_mode(packed) & 0o7222, 0, "{packed:o}");
+        // Executable by anyone in the package: 0555 installed; otherwise 0444.
+        let executable = [0o777, 0o755, 0o700, 0o4755, 0o2755, 0o1777, 0o001];
+        let not_executable = [0o666, 0o644, 0o600, 0o6644, 0o000];
+        for (packed_modes, installed) in [(&executable[..], 0o555), (&not_executable[..], 0o444)] {
+            for &packed in packed_modes {
+                assert_eq!(installed_mode(packed), installed, "{packed:o}");
+                assert_eq!(installed_mode(packed) & 0o7222, 0, "{packed:o}");
+            }
         }
     }
 

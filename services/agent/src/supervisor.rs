@@ -211,6 +211,24 @@ enum State {
     },
 }
 
+/// A command while no process runs (idle, or waiting to restart one): the state it leads to,
+/// or `None` when the task ends (detached, or every handle dropped). A start or an adoption
+/// leaves it in `current`: while waiting, a restart is already due (idle, `Task::run` acts on
+/// them before asking here).
+fn without_process(command: Option<Command_>, current: State) -> Option<State> {
+    match command? {
+        Command_::Start(_) | Command_::Adopt(..) => Some(current),
+        Command_::Stop(reply) => {
+            let _ = reply.send(StopOutcome::NotRunning);
+            Some(State::Idle)
+        }
+        Command_::Detach(reply) => {
+            let _ = reply.send(());
+            None
+        }
+    }
+}
+
 struct Task {
     app: String,
     crash: CrashPolicy,
@@ -306,28 +324,15 @@ impl Task {
                 State::Idle => match commands.recv().await {
                     Some(Command_::Start(spec)) => self.spawn(spec),
                     Some(Command_::Adopt(adoption, spec)) => self.adopt(adoption, spec),
-                    Some(Command_::Stop(reply)) => {
-                        let _ = reply.send(StopOutcome::NotRunning);
-                        State::Idle
-                    }
-                    Some(Command_::Detach(reply)) => {
-                        let _ = reply.send(());
-                        return;
-                    }
-                    None => return,
+                    command => match without_process(command, State::Idle) {
+                        Some(next) => next,
+                        None => return,
+                    },
                 },
                 State::Waiting { until, spec } => tokio::select! {
                     _ = tokio::time::sleep_until(until) => self.spawn(spec),
-                    command = commands.recv() => match command {
-                        Some(Command_::Start(_) | Command_::Adopt(..)) => State::Waiting { until, spec },
-                        Some(Command_::Stop(reply)) => {
-                            let _ = reply.send(StopOutcome::NotRunning);
-                            State::Idle
-                        }
-                        Some(Command_::Detach(reply)) => {
-                            let _ = reply.send(());
-                            return;
-                        }
+                    command = commands.recv() => match without_process(command, State::Waiting { until, spec }) {
+                        Some(next) => next,
                         None => return,
                     },
                 },

@@ -124,6 +124,15 @@ pub struct HookError {
     source: CommandError,
 }
 
+/// The two phases of [`AppRunner::switch`], each journaled before it begins.
+#[derive(Debug, Clone, Copy)]
+enum Phase {
+    /// Stopping the running version, starting the new one.
+    Switching,
+    /// The new one runs, on probation until its health gate passes.
+    HealthChecking,
+}
+
 /// Why a version just switched to is rolled back.
 #[derive(Debug, thiserror::Error)]
 enum Rejected {
@@ -985,33 +994,48 @@ impl AppRunner {
         Ok(())
     }
 
+    /// Journals `phase` of the switch from `from` to `target` (on disk before any of it is
+    /// done, then its fault point) and reports it.
+    async fn begin(
+        &mut self,
+        phase: Phase,
+        from: &Option<Version>,
+        target: &Version,
+    ) -> Result<(), UpdateError> {
+        let reported = Some(target.clone());
+        let (from, target) = (from.clone(), target.clone());
+        let (step, state, journaled) = match phase {
+            Phase::Switching => (
+                Step::Switching { from, target },
+                AppState::Switching,
+                "switching-journaled",
+            ),
+            Phase::HealthChecking => (
+                Step::HealthChecking { from, target },
+                AppState::HealthChecking,
+                "health-journaled",
+            ),
+        };
+        self.journal.step = step;
+        self.save()?;
+        fault::hit(journaled);
+        self.report(state, reported, None).await;
+        Ok(())
+    }
+
     /// The disruptive part: stop, switch, start, gate; commit or roll back.
     async fn switch(&mut self, target: Version, launch: Launch) -> Result<(), UpdateError> {
         if self.is_self {
             return self.switch_self(target).await;
         }
         let from = self.journal.committed.clone();
-        self.journal.step = Step::Switching {
-            from: from.clone(),
-            target: target.clone(),
-        };
-        self.save()?;
-        fault::hit("switching-journaled");
-        self.report(AppState::Switching, Some(target.clone()), None)
-            .await;
+        self.begin(Phase::Switching, &from, &target).await?;
         let mut events = self.supervisor.subscribe();
         self.supervisor.stop().await;
         fault::hit("old-stopped");
         self.run_version(&target, Some(&launch)).await?;
         fault::hit("new-started");
-        self.journal.step = Step::HealthChecking {
-            from: from.clone(),
-            target: target.clone(),
-        };
-        self.save()?;
-        fault::hit("health-journaled");
-        self.report(AppState::HealthChecking, Some(target.clone()), None)
-            .await;
+        self.begin(Phase::HealthChecking, &from, &target).await?;
         let mut verdict = run_gate(
             &launch.health,
             &mut events,

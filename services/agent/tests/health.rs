@@ -1,12 +1,15 @@
 //! The health gate against real processes and a real HTTP endpoint.
 
-use std::collections::BTreeMap;
 use std::time::Duration;
 
 use fleetcast_agent::crash_policy::CrashPolicy;
 use fleetcast_agent::health::{GateFailure, HealthGate, run_gate};
-use fleetcast_agent::supervisor::{ProcessSpec, StopPolicy, Supervisor};
+use fleetcast_agent::supervisor::Supervisor;
 use tokio::io::{AsyncReadExt, AsyncWriteExt};
+
+mod common;
+
+use common::{grace, shell};
 
 /// Serves every request with `status` and `body`; returns the URL.
 async fn endpoint(status: &'static str, body: &'static str) -> String {
@@ -44,22 +47,10 @@ async fn gate_for(script: &str, gate: HealthGate) -> Result<(), GateFailure> {
     let sup = Supervisor::new(
         "gated",
         CrashPolicy::default(),
-        StopPolicy {
-            grace: Duration::from_secs(1),
-            ..Default::default()
-        },
+        grace(Duration::from_secs(1)),
     );
     let mut events = sup.subscribe();
-    let spec = ProcessSpec {
-        program: "/bin/sh".into(),
-        args: vec!["-c".into(), script.into()],
-        env: BTreeMap::new(),
-        cwd: dir.path().into(),
-        run_as: None,
-        verify: None,
-        sockets: None,
-    };
-    sup.start(spec).await;
+    sup.start(shell(dir.path(), script)).await;
     let result = run_gate(&gate, &mut events, dir.path(), &Default::default(), None).await;
     sup.stop().await;
     result

@@ -8,15 +8,15 @@ use fleetcast_agent::crash_policy::CrashPolicy;
 use fleetcast_agent::supervisor::{Event, ProcessSpec, StopOutcome, StopPolicy, Supervisor};
 use tokio::sync::broadcast::Receiver;
 
+mod common;
+
+use common::{grace, shell};
+
+/// `sh -c body` in `dir`, told where to leave its markers (`MARKER_DIR`: `dir`).
 fn script(dir: &Path, body: &str) -> ProcessSpec {
     ProcessSpec {
-        program: "/bin/sh".into(),
-        args: vec!["-c".into(), body.into()],
         env: BTreeMap::from([("MARKER_DIR".to_string(), dir.display().to_string())]),
-        cwd: dir.to_path_buf(),
-        run_as: None,
-        verify: None,
-        sockets: None,
+        ..shell(dir, body)
     }
 }
 
@@ -80,11 +80,7 @@ async fn a_crashing_app_is_restarted_with_backoff_then_paused_as_a_crash_loop() 
 #[tokio::test]
 async fn stop_gives_the_app_its_grace_period_to_drain() {
     let dir = tempfile::tempdir().expect("tmp");
-    let stop = StopPolicy {
-        grace: Duration::from_secs(20),
-        ..Default::default()
-    };
-    let sup = Supervisor::new("drainer", quick_policy(), stop);
+    let sup = Supervisor::new("drainer", quick_policy(), grace(Duration::from_secs(20)));
     let mut events = sup.subscribe();
     // On SIGTERM: finish the "job" (0.5 s), leave a marker, exit 0.
     let body = "trap 'sleep 0.5; echo drained > \"$MARKER_DIR/drained\"; exit 0' TERM; touch \"$MARKER_DIR/up\"; while :; do sleep 0.05; done";
@@ -106,11 +102,11 @@ async fn stop_gives_the_app_its_grace_period_to_drain() {
 #[tokio::test]
 async fn an_app_ignoring_the_drain_signal_is_killed_with_its_children() {
     let dir = tempfile::tempdir().expect("tmp");
-    let stop = StopPolicy {
-        grace: Duration::from_millis(300),
-        ..Default::default()
-    };
-    let sup = Supervisor::new("stubborn", quick_policy(), stop);
+    let sup = Supervisor::new(
+        "stubborn",
+        quick_policy(),
+        grace(Duration::from_millis(300)),
+    );
     let mut events = sup.subscribe();
     // Ignores SIGTERM and starts a grandchild that would outlive a plain kill of the leader.
     let body = "trap '' TERM; sleep 300 & echo $! > \"$MARKER_DIR/child.pid\"; while :; do sleep 0.05; done";
@@ -159,11 +155,7 @@ async fn a_program_that_cannot_start_is_reported_and_retried() {
     let spec = ProcessSpec {
         program: dir.path().join("no-such-binary"),
         args: vec![],
-        env: BTreeMap::new(),
-        cwd: dir.path().into(),
-        run_as: None,
-        verify: None,
-        sockets: None,
+        ..shell(dir.path(), "")
     };
     sup.start(spec).await;
     assert!(matches!(next(&mut events).await, Event::SpawnFailed { .. }));

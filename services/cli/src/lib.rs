@@ -802,26 +802,26 @@ pub fn history_line(e: &fleetcast_events::v1::HistoryEntry) -> String {
             })
             .unwrap_or_default();
     let mut line = format!("{at}  {:<18}", e.kind.to_string());
-    if let Some(app) = &e.app {
-        line.push_str(&format!(" {app}"));
-    }
-    if let Some(v) = &e.version {
-        line.push_str(&format!(" {v}"));
-    }
-    if let Some(action) = &e.action {
-        line.push_str(&format!(" {action}"));
+    let action = e.action.as_ref().map(|action| {
         if e.refused {
-            line.push_str(" (refused)");
+            format!("{action} (refused)")
+        } else {
+            action.clone()
         }
-    }
-    if let Some(ring) = &e.ring {
-        line.push_str(&format!(" ring={ring}"));
-    }
-    if let Some(agent) = &e.agent {
-        line.push_str(&format!(" host={agent}"));
-    }
-    if let Some(actor) = &e.actor {
-        line.push_str(&format!(" by={actor}"));
+    });
+    // The fields an entry has, in this order, each after its label.
+    let fields = [
+        ("", e.app.as_ref().map(ToString::to_string)),
+        ("", e.version.as_ref().map(ToString::to_string)),
+        ("", action),
+        ("ring=", e.ring.as_ref().map(ToString::to_string)),
+        ("host=", e.agent.as_ref().map(ToString::to_string)),
+        ("by=", e.actor.clone()),
+    ];
+    for (label, value) in fields {
+        if let Some(value) = value {
+            line.push_str(&format!(" {label}{value}"));
+        }
     }
     match (&e.code, &e.reason) {
         (Some(code), Some(reason)) => line.push_str(&format!(": {code}: {reason}")),

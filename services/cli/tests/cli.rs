@@ -2,20 +2,13 @@
 
 use std::process::{Command, Output};
 
+use fleetcast_harness::cli::{command, text};
 use fleetcast_harness::fixtures::{hostile, sample_package};
 
 fn fleetcast(args: &[&str], nats_url: &str) -> Output {
-    Command::new(env!("CARGO_BIN_EXE_fleetcast"))
-        .args(args)
-        .env("FLEETCAST_NATS_URL", nats_url)
-        // The test servers have no accounts or TLS.
-        .env("FLEETCAST_NATS_INSECURE_DEV", "true")
+    command(env!("CARGO_BIN_EXE_fleetcast"), args, nats_url)
         .output()
         .expect("run fleetcast")
-}
-
-fn text(out: &[u8]) -> String {
-    String::from_utf8_lossy(out).into_owned()
 }
 
 #[test]

@@ -1,7 +1,5 @@
 //! The demo app as the agent runs it: a real process, real HTTP, real signals.
 
-use std::io::{Read, Write};
-use std::net::TcpStream;
 use std::process::{Child, Command};
 use std::time::Duration;
 
@@ -22,23 +20,7 @@ fn start(dir: &std::path::Path, port: u16, extra: &[(&str, &str)]) -> Child {
 
 /// `GET path` → (status, body); `None` while nothing listens yet.
 fn get(port: u16, path: &str) -> Option<(u16, String)> {
-    let mut s = TcpStream::connect(("127.0.0.1", port)).ok()?;
-    write!(
-        s,
-        "GET {path} HTTP/1.1\r\nHost: localhost\r\nConnection: close\r\n\r\n"
-    )
-    .ok()?;
-    let mut response = String::new();
-    s.read_to_string(&mut response).ok()?;
-    let status = response.split_whitespace().nth(1)?.parse().ok()?;
-    Some((
-        status,
-        response
-            .split("\r\n\r\n")
-            .nth(1)
-            .unwrap_or_default()
-            .to_string(),
-    ))
+    fleetcast_harness::http::get(port, path, None)
 }
 
 fn wait_get(port: u16, path: &str) -> (u16, String) {

@@ -11,7 +11,6 @@ mod settings;
 use std::sync::Arc;
 
 use async_nats::jetstream::Message;
-use async_nats::jetstream::stream;
 use fleetcast_events::Encoding;
 use fleetcast_events::TrustError;
 use fleetcast_events::names::{self, RELEASE_SIGNED, RELEASE_STORED, release_key};
@@ -20,9 +19,9 @@ use fleetcast_runtime::bus::Role;
 use fleetcast_runtime::consume::{
     ConsumerSpec, Outcome, RefusedRelease, Refuser, decode_or_reject, reject_release, run_consumer,
 };
-use fleetcast_runtime::observe::{self, Endpoint, ObserveError};
-use fleetcast_runtime::releases::{FetchError, RecordError};
-use fleetcast_runtime::{Bus, BusError, Incoming, Records, Trust, TrustBucket, trust};
+use fleetcast_runtime::observe::ObserveError;
+use fleetcast_runtime::releases::{FetchError, PipelineBus, RecordError};
+use fleetcast_runtime::{Bus, BusError, Trust, TrustBucket, trust};
 use time::OffsetDateTime;
 use tokio_util::sync::CancellationToken;
 
@@ -48,18 +47,10 @@ pub enum DistributorError {
 pub async fn run(settings: Settings, shutdown: CancellationToken) -> Result<(), DistributorError> {
     settings.validate()?;
     let trusted = settings.trusted()?;
-    let (metrics, registry) = metrics::Metrics::registered();
-    let endpoint = Endpoint::new(metrics::IDENTITY, registry);
-    let Some((bus, _serving)) = observe::serve_and_connect::<DistributorError, DistributorBus>(
-        SERVICE,
-        &settings.nats,
-        settings.metrics_listen,
-        settings.metrics_tls.as_ref(),
-        endpoint,
-        &shutdown,
-    )
-    .await?
-    else {
+    let (metrics, endpoint) = metrics::Metrics::registered();
+    let starting =
+        endpoint.start::<DistributorError, DistributorBus>(SERVICE, &settings, &shutdown);
+    let Some((bus, _serving)) = starting.await? else {
         return Ok(());
     };
     let trusted = Arc::new(trusted);
@@ -119,25 +110,20 @@ pub async fn run(settings: Settings, shutdown: CancellationToken) -> Result<(), 
 /// the chunk store, and the trust bucket (roots read).
 #[derive(Clone)]
 struct DistributorBus {
-    bus: Bus,
-    releases_stream: stream::Stream,
-    records: Records,
-    incoming: Incoming,
+    /// The release events, records and incoming archives (as every pipeline service).
+    bus: PipelineBus,
     chunks: ChunkStore,
     trust: TrustBucket,
 }
 
-fleetcast_runtime::bus_role!(DistributorBus);
+fleetcast_runtime::bus_role!(DistributorBus => PipelineBus);
 
 impl Role for DistributorBus {
     async fn bind(bus: &Bus) -> Result<Self, BusError> {
         Ok(DistributorBus {
-            releases_stream: bus.stream(names::RELEASES_STREAM).await?,
-            records: Records::bind(bus).await?,
-            incoming: Incoming::bind(bus).await?,
+            bus: PipelineBus::bind(bus).await?,
             chunks: ChunkStore::bind(bus).await?,
             trust: TrustBucket::bind(bus).await?,
-            bus: bus.clone(),
         })
     }
 }

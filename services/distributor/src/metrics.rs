@@ -4,7 +4,7 @@ use std::sync::Arc;
 
 use fleetcast_events::v1::RejectCode;
 use fleetcast_runtime::metrics::{CounterFamily, counter, label_value};
-use fleetcast_runtime::observe::Identity;
+use fleetcast_runtime::observe::{Endpoint, Identity};
 use prometheus_client::metrics::counter::Counter;
 use prometheus_client::registry::Registry;
 
@@ -28,8 +28,8 @@ pub(crate) struct Metrics {
 }
 
 impl Metrics {
-    /// The distributor's counters, and the registry they are in (its endpoint's).
-    pub(crate) fn registered() -> (Arc<Self>, Registry) {
+    /// The distributor's counters, and the endpoint serving them (with its identity).
+    pub(crate) fn registered() -> (Arc<Self>, Arc<Endpoint>) {
         let mut registry = Registry::default();
         let r = &mut registry;
         let metrics = Metrics {
@@ -74,7 +74,7 @@ impl Metrics {
             )
             .starting_at_zero(&[["patch"], ["chunks"]]),
         };
-        (Arc::new(metrics), registry)
+        (Arc::new(metrics), Endpoint::new(IDENTITY, registry))
     }
 
     /// One ingest's chunk work, counted when it happened (a retried release whose chunks were

@@ -63,6 +63,8 @@ impl Default for PatchSettings {
     }
 }
 
+fleetcast_runtime::endpoint_settings!(Settings);
+
 impl Default for Settings {
     fn default() -> Self {
         Settings {

@@ -239,6 +239,33 @@ impl TrustedKeys {
             },
         })
     }
+
+    /// `text` as a `T`, once at least the threshold of these keys is found to have signed it:
+    /// the signatures are checked first, so nothing unsigned is ever interpreted.
+    pub(crate) fn parse_signed<T: serde::de::DeserializeOwned>(
+        &self,
+        text: &str,
+        signatures: &[Signature],
+    ) -> Result<T, TrustError> {
+        self.check(text, signatures)?;
+        parse_document(text)
+    }
+}
+
+/// A signed document's text (a manifest, a root, a timestamp) as a `T`; `Malformed` if it is not one.
+pub(crate) fn parse_document<T: serde::de::DeserializeOwned>(text: &str) -> Result<T, TrustError> {
+    serde_json::from_str(text).map_err(|e| TrustError::Malformed(e.to_string()))
+}
+
+/// `Expired` once `now` is past a signed document's `expires` (a manifest's, a timestamp's).
+pub(crate) fn refuse_expired(
+    expires: time::OffsetDateTime,
+    now: time::OffsetDateTime,
+) -> Result<(), TrustError> {
+    if now > expires {
+        return Err(TrustError::Expired(expires.to_string()));
+    }
+    Ok(())
 }
 
 #[cfg(test)]

@@ -11,7 +11,7 @@ use serde::{Deserialize, Serialize};
 use time::OffsetDateTime;
 
 use crate::ident::AppName;
-use crate::keys::{SecretKey, Signature, TrustError, TrustedKeys};
+use crate::keys::{SecretKey, Signature, TrustError, TrustedKeys, refuse_expired};
 use crate::tree::{Built, Hash32, NodeRef, TreeError, TreeFile};
 
 #[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize, JsonSchema)]
@@ -121,12 +121,8 @@ impl SignedManifest {
         keys: &TrustedKeys,
         now: OffsetDateTime,
     ) -> Result<VerifiedManifest, TrustError> {
-        keys.check(&self.manifest, &self.signatures)?;
-        let manifest: Manifest = serde_json::from_str(&self.manifest)
-            .map_err(|e| TrustError::Malformed(e.to_string()))?;
-        if now > manifest.expires {
-            return Err(TrustError::Expired(manifest.expires.to_string()));
-        }
+        let manifest: Manifest = keys.parse_signed(&self.manifest, &self.signatures)?;
+        refuse_expired(manifest.expires, now)?;
         // Each path is checked as the tree is read (`tree::Walk`), against this root.
         manifest
             .tree

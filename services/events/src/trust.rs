@@ -14,7 +14,9 @@ use schemars::JsonSchema;
 use serde::{Deserialize, Serialize};
 use time::OffsetDateTime;
 
-use crate::keys::{PublicKey, SecretKey, Signature, TrustError, TrustedKeys};
+use crate::keys::{
+    PublicKey, SecretKey, Signature, TrustError, TrustedKeys, parse_document, refuse_expired,
+};
 
 /// A set of keys and how many of them must sign.
 #[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize, JsonSchema)]
@@ -93,7 +95,7 @@ impl SignedMetadata {
     }
 
     fn parse<T: serde::de::DeserializeOwned>(&self) -> Result<T, TrustError> {
-        serde_json::from_str(&self.signed).map_err(|e| TrustError::Malformed(e.to_string()))
+        parse_document(&self.signed)
     }
 
     /// Parses the text without checking a signature: only for showing a document to a person
@@ -108,11 +110,8 @@ impl SignedMetadata {
         keys: &TrustedKeys,
         now: OffsetDateTime,
     ) -> Result<Timestamp, TrustError> {
-        keys.check(&self.signed, &self.signatures)?;
-        let timestamp: Timestamp = self.parse()?;
-        if now > timestamp.expires {
-            return Err(TrustError::Expired(timestamp.expires.to_string()));
-        }
+        let timestamp: Timestamp = keys.parse_signed(&self.signed, &self.signatures)?;
+        refuse_expired(timestamp.expires, now)?;
         Ok(timestamp)
     }
 }
@@ -140,8 +139,9 @@ impl TrustedRoot {
     /// keys (so only the current key holders can rotate) and of its own (so its new keys are
     /// really held).
     pub fn next(&self, signed: &SignedMetadata) -> Result<Self, TrustError> {
-        self.root_keys.check(&signed.signed, &signed.signatures)?;
-        let root: Root = signed.parse()?;
+        let root: Root = self
+            .root_keys
+            .parse_signed(&signed.signed, &signed.signatures)?;
         // A root at the largest version has no successor (found by fuzzing: the sum overflowed).
         let Some(expected) = self.root.version.checked_add(1) else {
             return Err(TrustError::Malformed(format!(

@@ -74,6 +74,11 @@ fn bad(file: &str, why: impl std::fmt::Display) -> io::Error {
     io::Error::new(io::ErrorKind::InvalidData, format!("{file}: {why}"))
 }
 
+/// The error for a line of `file` whose fields are not the `expected` ones.
+fn not_shaped(file: &'static str, expected: &'static str) -> impl Fn() -> io::Error + Copy {
+    move || bad(file, format!("expected `{expected}`"))
+}
+
 /// Why a version or a path cannot be written to (or was read from) the launcher's files.
 #[derive(Debug, Clone, PartialEq, Eq, thiserror::Error)]
 pub enum FieldError {
@@ -156,7 +161,7 @@ pub fn parse_current(text: &str) -> io::Result<Release> {
     // The path is the rest of the line: it may hold spaces.
     let (version, path) = line
         .split_once(' ')
-        .ok_or_else(|| bad(CURRENT, "expected `<version> <path>`"))?;
+        .ok_or_else(not_shaped(CURRENT, "<version> <path>"))?;
     Ok(Release {
         version: parse_version(CURRENT, version)?,
         path: parse_path(CURRENT, path)?,
@@ -171,12 +176,7 @@ pub fn format_current(release: &Release) -> io::Result<String> {
 
 pub fn parse_trial(text: &str) -> io::Result<Trial> {
     let line = one_line(TRIAL, text)?;
-    let shape = || {
-        bad(
-            TRIAL,
-            "expected `<version> <path> <qualify_secs> <soak_secs>`",
-        )
-    };
+    let shape = not_shaped(TRIAL, "<version> <path> <qualify_secs> <soak_secs>");
     // Version first, the two numbers last, the path (which may hold spaces) in between.
     let (version, rest) = line.split_once(' ').ok_or_else(shape)?;
     let (rest, soak) = rest.rsplit_once(' ').ok_or_else(shape)?;
@@ -202,12 +202,7 @@ pub fn format_trial(trial: &Trial) -> io::Result<String> {
 
 pub fn parse_trial_started(text: &str) -> io::Result<TrialStarted> {
     let line = one_line(TRIAL_STARTED, text)?;
-    let shape = || {
-        bad(
-            TRIAL_STARTED,
-            "expected `<unix_secs> <version or -> <path>`",
-        )
-    };
+    let shape = not_shaped(TRIAL_STARTED, "<unix_secs> <version or -> <path>");
     let (at, rest) = line.split_once(' ').ok_or_else(shape)?;
     let (version, path) = rest.split_once(' ').ok_or_else(shape)?;
     Ok(TrialStarted {
@@ -263,7 +258,7 @@ pub fn parse_agent_pid(text: &str) -> io::Result<(u32, u64)> {
     let line = one_line(AGENT_PID, text)?;
     let (pid, start) = line
         .split_once(' ')
-        .ok_or_else(|| bad(AGENT_PID, "expected `<pid> <start time>`"))?;
+        .ok_or_else(not_shaped(AGENT_PID, "<pid> <start time>"))?;
     let pid = pid
         .parse::<u32>()
         .map_err(|_| bad(AGENT_PID, format!("pid {pid:?} is not a number")))?;

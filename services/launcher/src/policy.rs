@@ -228,24 +228,31 @@ mod tests {
         );
     }
 
-    #[test]
-    fn backoff_five_at_once_then_doubling_to_a_minute() {
-        let mut b = Backoff::default();
-        let t0 = Instant::now();
-        let short = Duration::from_secs(1);
-        for i in 0..5 {
+    /// How long a crashing agent ran.
+    const SHORT: Duration = Duration::from_secs(1);
+
+    /// `count` short runs, crashing `apart` from `first` on: each restarted at once.
+    fn crashes_restarted_at_once(b: &mut Backoff, first: Instant, apart: Duration, count: u32) {
+        for i in 0..count {
             assert_eq!(
-                b.crashed(t0 + short * i, short),
+                b.crashed(first + apart * i, SHORT),
                 Duration::ZERO,
                 "crash {i}"
             );
         }
+    }
+
+    #[test]
+    fn backoff_five_at_once_then_doubling_to_a_minute() {
+        let mut b = Backoff::default();
+        let t0 = Instant::now();
+        crashes_restarted_at_once(&mut b, t0, SHORT, 5);
         let mut now = t0 + Duration::from_secs(5);
         let mut delays = Vec::new();
         for _ in 0..9 {
-            let d = b.crashed(now, short);
+            let d = b.crashed(now, SHORT);
             delays.push(d.as_secs());
-            now += d + short;
+            now += d + SHORT;
         }
         assert_eq!(delays, [1, 2, 4, 8, 16, 32, 60, 60, 60]);
     }
@@ -253,33 +260,21 @@ mod tests {
     #[test]
     fn backoff_window_forgets_old_crashes() {
         let mut b = Backoff::default();
-        let t0 = Instant::now();
-        let short = Duration::from_secs(1);
         // Crashes 31 s apart never pile up to more than 5 within 30 s.
-        for i in 0..20 {
-            assert_eq!(
-                b.crashed(t0 + Duration::from_secs(31) * i, short),
-                Duration::ZERO
-            );
-        }
+        crashes_restarted_at_once(&mut b, Instant::now(), Duration::from_secs(31), 20);
     }
 
     #[test]
     fn backoff_resets_after_a_healthy_run() {
         let mut b = Backoff::default();
         let t0 = Instant::now();
-        let short = Duration::from_secs(1);
-        for _ in 0..5 {
-            assert_eq!(b.crashed(t0, short), Duration::ZERO);
-        }
-        assert_eq!(b.crashed(t0, short), Duration::from_secs(1));
-        assert_eq!(b.crashed(t0, short), Duration::from_secs(2));
+        crashes_restarted_at_once(&mut b, t0, Duration::ZERO, 5);
+        assert_eq!(b.crashed(t0, SHORT), Duration::from_secs(1));
+        assert_eq!(b.crashed(t0, SHORT), Duration::from_secs(2));
         // An agent that ran a minute: back to restarting at once, five times again.
         let later = t0 + Duration::from_secs(100);
         assert_eq!(b.crashed(later, HEALTHY_RUN), Duration::ZERO);
-        for _ in 0..4 {
-            assert_eq!(b.crashed(later, short), Duration::ZERO);
-        }
-        assert_eq!(b.crashed(later, short), Duration::from_secs(1));
+        crashes_restarted_at_once(&mut b, later, Duration::ZERO, 4);
+        assert_eq!(b.crashed(later, SHORT), Duration::from_secs(1));
     }
 }

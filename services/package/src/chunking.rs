@@ -157,21 +157,9 @@ pub fn verify(id: &ChunkId, expected_len: u32, stored: &[u8]) -> Result<Verified
 }
 
 #[cfg(test)]
-pub(crate) mod tests {
+mod tests {
     use super::*;
-
-    /// xorshift: incompressible bytes without an RNG crate (also for `patch.rs`'s tests).
-    pub(crate) fn pseudo_random(len: usize, seed: u64) -> Vec<u8> {
-        let mut x = seed | 1;
-        (0..len)
-            .map(|_| {
-                x ^= x << 13;
-                x ^= x >> 7;
-                x ^= x << 17;
-                x as u8
-            })
-            .collect()
-    }
+    use crate::testing::pseudo_random;
 
     #[test]
     fn chunks_cover_the_input_and_stay_in_bounds() {

@@ -9,6 +9,8 @@ pub mod links;
 pub mod name;
 pub mod package_config;
 pub mod patch;
+#[cfg(any(test, feature = "testing"))]
+pub mod testing;
 
 pub use archive::{ArchiveError, ArchiveLimits, Entry, EntryKind, Package};
 pub use chunking::{ChunkError, ChunkId, VerifiedChunk};

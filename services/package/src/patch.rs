@@ -272,7 +272,7 @@ pub fn apply(
 #[cfg(test)]
 mod tests {
     use super::*;
-    use crate::chunking::tests::pseudo_random as noise;
+    use crate::testing::pseudo_random as noise;
 
     fn applied(base: &[u8], patch: &[u8], size: u64) -> Result<Vec<u8>, PatchError> {
         let mut out = Vec::new();

@@ -63,13 +63,18 @@ pub trait Role: Sized {
 }
 
 /// Lets a role's handle (a struct with a `bus: Bus` field) be used where its connection is:
-/// publishing, requests, refusals.
+/// publishing, requests, refusals. `bus_role!(Role => Handle)`: its `bus` field is another
+/// role's handle (e.g. [`crate::releases::PipelineBus`]) whose parts it shares, and through
+/// which it reaches the connection.
 #[macro_export]
 macro_rules! bus_role {
     ($role:ty) => {
+        $crate::bus_role!($role => $crate::Bus);
+    };
+    ($role:ty => $handle:ty) => {
         impl ::std::ops::Deref for $role {
-            type Target = $crate::Bus;
-            fn deref(&self) -> &$crate::Bus {
+            type Target = $handle;
+            fn deref(&self) -> &$handle {
                 &self.bus
             }
         }

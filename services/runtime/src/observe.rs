@@ -238,6 +238,60 @@ where
     Ok(Some((role, serving)))
 }
 
+/// What a pipeline service's settings say about its start-up: how it reaches NATS and where
+/// its endpoint listens. Implemented with [`crate::endpoint_settings!`] over the settings'
+/// fields of those names (operators set them as `nats`, `metrics_listen`, `metrics_tls`).
+pub trait EndpointSettings {
+    fn nats(&self) -> &NatsSettings;
+    fn metrics_listen(&self) -> SocketAddr;
+    fn metrics_tls(&self) -> Option<&HttpsSettings>;
+}
+
+/// Implements [`EndpointSettings`] for a settings struct from its `nats`, `metrics_listen` and
+/// `metrics_tls` fields. A macro, as the settings stay flat structs (their fields are the
+/// configuration keys, and serde's `deny_unknown_fields` does not work through a shared,
+/// flattened part).
+#[macro_export]
+macro_rules! endpoint_settings {
+    ($settings:ty) => {
+        impl $crate::observe::EndpointSettings for $settings {
+            fn nats(&self) -> &$crate::NatsSettings {
+                &self.nats
+            }
+            fn metrics_listen(&self) -> ::std::net::SocketAddr {
+                self.metrics_listen
+            }
+            fn metrics_tls(&self) -> ::std::option::Option<&$crate::https::HttpsSettings> {
+                self.metrics_tls.as_ref()
+            }
+        }
+    };
+}
+
+impl Endpoint {
+    /// Starts a pipeline service as its `settings` say: [`serve_and_connect`] with this
+    /// endpoint. `None`: shut down before NATS was reachable.
+    pub async fn start<E, R: crate::bus::Role>(
+        self: Arc<Self>,
+        service: &str,
+        settings: &impl EndpointSettings,
+        shutdown: &CancellationToken,
+    ) -> Result<Option<(R, Serving)>, E>
+    where
+        E: From<ObserveError> + From<BusError>,
+    {
+        serve_and_connect(
+            service,
+            settings.nats(),
+            settings.metrics_listen(),
+            settings.metrics_tls(),
+            self,
+            shutdown,
+        )
+        .await
+    }
+}
+
 /// Binds, waiting briefly while the address is in use: a service restarted within its process
 /// (tests, benchmarks) can start before its predecessor's endpoint, told to stop, has let go.
 async fn bind(addr: SocketAddr) -> std::io::Result<tokio::net::TcpListener> {

@@ -11,11 +11,35 @@ use futures::StreamExt;
 use semver::Version;
 use tokio::io::{AsyncReadExt, AsyncWriteExt};
 
-use async_nats::jetstream::{kv, object_store};
+use async_nats::jetstream::{kv, object_store, stream};
 
-use fleetcast_events::names::{DESIRED_BUCKET, INCOMING_BUCKET, RELEASES_BUCKET};
+use fleetcast_events::names::{DESIRED_BUCKET, INCOMING_BUCKET, RELEASES_BUCKET, RELEASES_STREAM};
 
 use crate::bus::{Bus, BusError};
+
+/// What every release-pipeline service (watcher, signer, distributor) uses of the bus: the
+/// release events stream, the release records (its refusals), the incoming archives. A
+/// service that binds more holds this as its `bus` (see [`crate::bus_role!`]).
+#[derive(Clone)]
+pub struct PipelineBus {
+    bus: Bus,
+    pub releases_stream: stream::Stream,
+    pub records: Records,
+    pub incoming: Incoming,
+}
+
+crate::bus_role!(PipelineBus);
+
+impl crate::bus::Role for PipelineBus {
+    async fn bind(bus: &Bus) -> Result<Self, BusError> {
+        Ok(PipelineBus {
+            releases_stream: bus.stream(RELEASES_STREAM).await?,
+            records: Records::bind(bus).await?,
+            incoming: Incoming::bind(bus).await?,
+            bus: bus.clone(),
+        })
+    }
+}
 
 #[derive(Debug, thiserror::Error)]
 pub enum FetchError {

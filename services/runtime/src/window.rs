@@ -94,7 +94,7 @@ pub fn next_open(windows: &[Window], now: OffsetDateTime) -> OffsetDateTime {
 #[cfg(test)]
 mod tests {
     use super::*;
-    use time::macros::datetime;
+    use time::macros::{datetime, time};
 
     fn w(s: &str) -> Window {
         s.parse().expect("window")
@@ -122,23 +122,18 @@ mod tests {
         assert!(allows(&nightly, datetime!(2026-11-23 03:59 UTC)));
         assert!(!allows(&nightly, datetime!(2026-11-23 04:00 UTC)));
         assert!(!allows(&nightly, datetime!(2026-11-23 12:00 UTC)));
-        assert_eq!(
-            next_open(&nightly, datetime!(2026-11-23 12:00 UTC)),
-            datetime!(2026-11-23 22:00 UTC)
-        );
-        assert_eq!(
-            next_open(&nightly, datetime!(2026-11-23 23:00 UTC)),
-            datetime!(2026-11-23 23:00 UTC)
-        );
         let two = [w("09:00-10:00"), w("13:00-14:00")];
-        assert_eq!(
-            next_open(&two, datetime!(2026-11-23 10:30 UTC)),
-            datetime!(2026-11-23 13:00 UTC)
-        );
-        assert_eq!(
-            next_open(&two, datetime!(2026-11-23 15:00 UTC)),
-            datetime!(2026-11-24 09:00 UTC)
-        );
+        // (windows, now on 2026-11-23, when they next open): now itself while one is open.
+        let cases = [
+            (&nightly[..], time!(12:00), datetime!(2026-11-23 22:00 UTC)),
+            (&nightly[..], time!(23:00), datetime!(2026-11-23 23:00 UTC)),
+            (&two[..], time!(10:30), datetime!(2026-11-23 13:00 UTC)),
+            (&two[..], time!(15:00), datetime!(2026-11-24 09:00 UTC)),
+        ];
+        for (windows, at, opens) in cases {
+            let now = datetime!(2026-11-23 00:00 UTC).replace_time(at);
+            assert_eq!(next_open(windows, now), opens, "{windows:?} at {now}");
+        }
         assert!(allows(&[], datetime!(2026-11-23 15:00 UTC)));
         // Offsets other than UTC are converted, not misread.
         assert!(allows(&nightly, datetime!(2026-11-23 00:30 +02:00)));

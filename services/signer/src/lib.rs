@@ -10,7 +10,7 @@ mod settings;
 use std::sync::Arc;
 
 use async_nats::jetstream::kv::{CreateErrorKind, UpdateErrorKind};
-use async_nats::jetstream::{Message, kv, stream};
+use async_nats::jetstream::{Message, kv};
 use fleetcast_events::TrustedKeys;
 use fleetcast_events::manifest::TreeRoot;
 use fleetcast_events::names::{self, PACKAGE_DETECTED, RELEASE_SIGNED};
@@ -25,9 +25,9 @@ use fleetcast_runtime::consume::{
     ConsumerSpec, Outcome, RefusedRelease, Refuser, decode_or_reject, reject_event, reject_release,
     run_consumer,
 };
-use fleetcast_runtime::observe::{self, Endpoint, ObserveError};
-use fleetcast_runtime::releases::FetchError;
-use fleetcast_runtime::{Bus, BusError, Incoming, Records, Trust, TrustBucket, trust};
+use fleetcast_runtime::observe::ObserveError;
+use fleetcast_runtime::releases::{FetchError, PipelineBus};
+use fleetcast_runtime::{Bus, BusError, Trust, TrustBucket, trust};
 use futures::StreamExt;
 use policy::{LastSigned, Verdict};
 use time::OffsetDateTime;
@@ -66,18 +66,9 @@ pub async fn run(settings: Settings, shutdown: CancellationToken) -> Result<(), 
         .map(|root| Trust::load(&[], &[], Some(root), None))
         .transpose()?
         .map(Arc::new);
-    let (metrics, registry) = metrics::Metrics::registered();
-    let endpoint = Endpoint::new(metrics::IDENTITY, registry);
-    let Some((bus, _serving)) = observe::serve_and_connect::<SignerError, SignerBus>(
-        SERVICE,
-        &settings.nats,
-        settings.metrics_listen,
-        settings.metrics_tls.as_ref(),
-        endpoint,
-        &shutdown,
-    )
-    .await?
-    else {
+    let (metrics, endpoint) = metrics::Metrics::registered();
+    let starting = endpoint.start::<SignerError, SignerBus>(SERVICE, &settings, &shutdown);
+    let Some((bus, _serving)) = starting.await? else {
         return Ok(());
     };
     let signer = Signer {
@@ -250,25 +241,20 @@ impl StepError {
 /// own state (each app's last version), and the trust bucket (roots read, timestamps written).
 #[derive(Clone)]
 struct SignerBus {
-    bus: Bus,
-    releases_stream: stream::Stream,
-    records: Records,
-    incoming: Incoming,
+    /// The release events, records and incoming archives (as every pipeline service).
+    bus: PipelineBus,
     signer_state: kv::Store,
     trust: TrustBucket,
 }
 
-fleetcast_runtime::bus_role!(SignerBus);
+fleetcast_runtime::bus_role!(SignerBus => PipelineBus);
 
 impl Role for SignerBus {
     async fn bind(bus: &Bus) -> Result<Self, BusError> {
         Ok(SignerBus {
-            releases_stream: bus.stream(names::RELEASES_STREAM).await?,
-            records: Records::bind(bus).await?,
-            incoming: Incoming::bind(bus).await?,
+            bus: PipelineBus::bind(bus).await?,
             signer_state: bus.bucket(names::SIGNER_BUCKET).await?,
             trust: TrustBucket::bind(bus).await?,
-            bus: bus.clone(),
         })
     }
 }

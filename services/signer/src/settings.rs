@@ -51,6 +51,8 @@ pub struct Settings {
     pub metrics_tls: Option<fleetcast_runtime::https::HttpsSettings>,
 }
 
+fleetcast_runtime::endpoint_settings!(Settings);
+
 impl Default for Settings {
     fn default() -> Self {
         Settings {

@@ -357,31 +357,32 @@ pub(crate) mod tests {
             Some("older than 2.0.0")
         );
 
-        // What a waiting host waits for, until it moves on.
-        fleet.status(
-            &status(AppState::WaitingForSlot, "3.0.0", Some("awaiting approval")),
-            &RingName::from_static("canary"),
-            t0,
-        );
-        assert_eq!(
-            fleet.agents["a1"].apps["demo"].waiting.as_deref(),
-            Some("awaiting approval")
-        );
-        fleet.status(
-            &status(AppState::WaitingForWindow, "3.0.0", None),
-            &RingName::from_static("canary"),
-            t0,
-        );
-        assert_eq!(
-            fleet.agents["a1"].apps["demo"].waiting.as_deref(),
-            Some("the host's update window")
-        );
-        fleet.status(
-            &status(AppState::Switching, "3.0.0", None),
-            &RingName::from_static("canary"),
-            t0,
-        );
-        assert_eq!(fleet.agents["a1"].apps["demo"].waiting, None);
+        // What a waiting host waits for, until it moves on: (state reported, its reason,
+        // what the fleet then says it waits for).
+        for (state, reason, waiting) in [
+            (
+                AppState::WaitingForSlot,
+                Some("awaiting approval"),
+                Some("awaiting approval"),
+            ),
+            (
+                AppState::WaitingForWindow,
+                None,
+                Some("the host's update window"),
+            ),
+            (AppState::Switching, None, None),
+        ] {
+            fleet.status(
+                &status(state, "3.0.0", reason),
+                &RingName::from_static("canary"),
+                t0,
+            );
+            assert_eq!(
+                fleet.agents["a1"].apps["demo"].waiting.as_deref(),
+                waiting,
+                "{state:?}"
+            );
+        }
         let a = &fleet.agents["a1"];
 
         let later = t0 + time::Duration::minutes(2);

@@ -1,9 +1,9 @@
 //! The dashboard's pages besides the main one, and what they read: `/history` (the history,
 //! filtered), `/releases` (every release and the hosts that run it, from
 //! `/api/releases?app=`), `/rollout?app=` (a rollout's hosts by state over time, from
-//! `/api/rollouts/{app}/timeline`), and the files they share under `/assets/` (the banner and
-//! the links between pages, the style, the vendored uPlot the timeline is drawn with). Every
-//! file is compiled in: the tracker serves no file from disk.
+//! `/api/rollouts/{app}/timeline`), and the files they share under `/assets/` (the helpers the
+//! main page uses too, the banner and the links between pages, the style, the vendored uPlot
+//! the timeline is drawn with). Every file is compiled in: the tracker serves no file from disk.
 
 use std::sync::Arc;
 
@@ -37,11 +37,16 @@ pub fn router() -> Router<Arc<Tracker>> {
 }
 
 /// The shared files, by name: (content type, content).
-const ASSETS: [(&str, &str, &str); 4] = [
+const ASSETS: [(&str, &str, &str); 5] = [
     (
         "common.js",
         "text/javascript; charset=utf-8",
         include_str!("assets/common.js"),
+    ),
+    (
+        "pages.js",
+        "text/javascript; charset=utf-8",
+        include_str!("assets/pages.js"),
     ),
     (
         "common.css",

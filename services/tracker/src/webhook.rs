@@ -533,42 +533,18 @@ mod tests {
 
     #[test]
     fn the_signature_is_hmac_sha256_of_timestamp_dot_body() {
+        const BODY: &[u8] = br#"{"kind":"rollout.halted"}"#;
         // python3 -c 'import hmac,hashlib; print(hmac.new(b"whsec_test",
         //   b"1700000000.{\"kind\":\"rollout.halted\"}", hashlib.sha256).hexdigest())'
+        let signed = sign(b"whsec_test", 1_700_000_000, BODY);
         assert_eq!(
-            sign(
-                b"whsec_test",
-                1_700_000_000,
-                br#"{"kind":"rollout.halted"}"#
-            ),
+            signed,
             "021d184b9ee4249c1ab8427e8ff87c6e25933449d32f46a2e78f5af5eaef5f9d"
         );
         // Another timestamp or secret: another signature (a replayed body with a new time
         // does not verify).
-        assert_ne!(
-            sign(
-                b"whsec_test",
-                1_700_000_001,
-                br#"{"kind":"rollout.halted"}"#
-            ),
-            sign(
-                b"whsec_test",
-                1_700_000_000,
-                br#"{"kind":"rollout.halted"}"#
-            )
-        );
-        assert_ne!(
-            sign(
-                b"whsec_other",
-                1_700_000_000,
-                br#"{"kind":"rollout.halted"}"#
-            ),
-            sign(
-                b"whsec_test",
-                1_700_000_000,
-                br#"{"kind":"rollout.halted"}"#
-            )
-        );
+        assert_ne!(sign(b"whsec_test", 1_700_000_001, BODY), signed);
+        assert_ne!(sign(b"whsec_other", 1_700_000_000, BODY), signed);
     }
 
     #[test]

@@ -11,18 +11,16 @@ use std::path::Path;
 use std::sync::Arc;
 
 use async_nats::jetstream::object_store::DeleteErrorKind;
-use async_nats::jetstream::stream;
 use fleetcast_events::names::{self, PACKAGE_DETECTED, PACKAGE_REJECTED, RELEASE_PUBLISHED};
 use fleetcast_events::v1::{
     PackageDetected, PackageRejected, PackageSource, RejectCode, Rejection, ReleasePublished,
 };
 use fleetcast_events::{AppName, DecodeError, Encoding};
 use fleetcast_package::{ArchiveError, ArchiveLimits, Package};
-use fleetcast_runtime::bus::Role;
+use fleetcast_runtime::BusError;
 use fleetcast_runtime::consume::{ConsumerSpec, Outcome, decode, reject_event, run_consumer};
-use fleetcast_runtime::observe::{self, Endpoint, ObserveError};
-use fleetcast_runtime::releases::FetchError;
-use fleetcast_runtime::{Bus, BusError, Incoming, Records};
+use fleetcast_runtime::observe::ObserveError;
+use fleetcast_runtime::releases::{FetchError, PipelineBus};
 use semver::Version;
 use tokio_util::sync::CancellationToken;
 
@@ -53,18 +51,9 @@ impl WatcherError {
 
 pub async fn run(settings: Settings, shutdown: CancellationToken) -> Result<(), WatcherError> {
     settings.validate()?;
-    let (metrics, registry) = metrics::Metrics::registered();
-    let endpoint = Endpoint::new(metrics::IDENTITY, registry);
-    let Some((bus, _serving)) = observe::serve_and_connect::<WatcherError, WatcherBus>(
-        SERVICE,
-        &settings.nats,
-        settings.metrics_listen,
-        settings.metrics_tls.as_ref(),
-        endpoint,
-        &shutdown,
-    )
-    .await?
-    else {
+    let (metrics, endpoint) = metrics::Metrics::registered();
+    let starting = endpoint.start::<WatcherError, WatcherBus>(SERVICE, &settings, &shutdown);
+    let Some((bus, _serving)) = starting.await? else {
         return Ok(());
     };
     let watcher = Watcher {
@@ -88,26 +77,7 @@ pub async fn run(settings: Settings, shutdown: CancellationToken) -> Result<(), 
 
 /// What the watcher uses of the bus: the release events (CI's announcements in, its own out),
 /// the release records (its refusals), the incoming archives.
-#[derive(Clone)]
-pub(crate) struct WatcherBus {
-    bus: Bus,
-    releases_stream: stream::Stream,
-    records: Records,
-    incoming: Incoming,
-}
-
-fleetcast_runtime::bus_role!(WatcherBus);
-
-impl Role for WatcherBus {
-    async fn bind(bus: &Bus) -> Result<Self, BusError> {
-        Ok(WatcherBus {
-            releases_stream: bus.stream(names::RELEASES_STREAM).await?,
-            records: Records::bind(bus).await?,
-            incoming: Incoming::bind(bus).await?,
-            bus: bus.clone(),
-        })
-    }
-}
+pub(crate) type WatcherBus = PipelineBus;
 
 #[derive(Clone)]
 pub(crate) struct Watcher {

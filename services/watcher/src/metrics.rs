@@ -4,7 +4,7 @@ use std::sync::Arc;
 
 use fleetcast_events::v1::{PackageSource, RejectCode};
 use fleetcast_runtime::metrics::{CounterFamily, label_value};
-use fleetcast_runtime::observe::Identity;
+use fleetcast_runtime::observe::{Endpoint, Identity};
 use prometheus_client::registry::Registry;
 
 pub(crate) const IDENTITY: Identity = Identity {
@@ -19,8 +19,8 @@ pub(crate) struct Metrics {
 }
 
 impl Metrics {
-    /// The watcher's counters, and the registry they are in (its endpoint's).
-    pub(crate) fn registered() -> (Arc<Self>, Registry) {
+    /// The watcher's counters, and the endpoint serving them (with its identity).
+    pub(crate) fn registered() -> (Arc<Self>, Arc<Endpoint>) {
         let mut registry = Registry::default();
         let metrics = Metrics {
             detected: CounterFamily::new(
@@ -37,7 +37,7 @@ impl Metrics {
                 ["code"],
             ),
         };
-        (Arc::new(metrics), registry)
+        (Arc::new(metrics), Endpoint::new(IDENTITY, registry))
     }
 
     pub(crate) fn detected(&self, source: &PackageSource) {

@@ -6,7 +6,11 @@ use std::path::Path;
 use std::time::Duration;
 
 use fleetcast_agent::journal::Journal;
-use fleetcast_e2e::{Pipeline, TIMEOUT, eventually, running, script_app};
+use fleetcast_e2e::checks::status_of;
+use fleetcast_e2e::{
+    Pipeline, TIMEOUT, eventually, journal_commits as committed, journal_refuses, running,
+    script_app,
+};
 use semver::Version;
 use tokio_util::sync::CancellationToken;
 
@@ -14,12 +18,13 @@ fn v(s: &str) -> Version {
     Version::parse(s).expect("version")
 }
 
-/// Waits until the journal says `version` is committed.
-async fn committed(journal: &Path, version: &str) {
-    eventually(&format!("{version} committed"), || {
-        Journal::load(journal).is_ok_and(|j| j.committed == Some(v(version)))
-    })
-    .await;
+/// Releases `version` of the script app, desires it and waits until the host's journal (in
+/// `journal`) commits it.
+async fn update_to(p: &Pipeline, journal: &Path, version: &str) {
+    p.release("shapp", version, &script_app(version, true))
+        .await;
+    p.desire("shapp", "default", version).await;
+    committed(journal, version).await;
 }
 
 /// A host's folders: (guard, data dir, app state dir, the app's folder holding its journal).
@@ -36,22 +41,37 @@ fn host_dirs() -> (
     (host, data, state, journal)
 }
 
-/// A host whose agent runs v1 of `shapp`: where most tests start.
-async fn host_on_v1(
-    p: &Pipeline,
-) -> (
+/// A host with its agent running: (guard, data dir, app state dir, journal folder, agent), as
+/// [`host_dirs`] and [`start_agent_with`] give them.
+type RunningHost = (
     tempfile::TempDir,
     std::path::PathBuf,
     std::path::PathBuf,
     std::path::PathBuf,
     Agent,
-) {
+);
+
+/// A host whose agent runs v1 of `shapp`: where most tests start.
+async fn host_on_v1(p: &Pipeline) -> RunningHost {
+    host_running(p, &["1.0.0"], "1.0.0", |_| {}).await
+}
+
+/// A host whose agent (its settings changed by `tweak`, see [`start_agent_with`]) runs
+/// `version` of `shapp`, once every one of `releases` is stored.
+async fn host_running(
+    p: &Pipeline,
+    releases: &[&str],
+    version: &str,
+    tweak: impl FnOnce(&mut fleetcast_agent::Settings),
+) -> RunningHost {
     let (host, data, state, journal) = host_dirs();
-    p.release("shapp", "1.0.0", &script_app("1.0.0", true))
-        .await;
-    p.desire("shapp", "default", "1.0.0").await;
-    let agent = start_agent(p, &data, &state);
-    eventually("v1 running", || running(&state) == "1.0.0").await;
+    for release in releases {
+        p.release("shapp", release, &script_app(release, true))
+            .await;
+    }
+    p.desire("shapp", "default", version).await;
+    let agent = start_agent_with(p, &data, &state, tweak);
+    eventually(&format!("{version} running"), || running(&state) == version).await;
     (host, data, state, journal, agent)
 }
 
@@ -99,10 +119,7 @@ async fn agent_updates_rolls_back_a_crashing_version_and_converges_after_being_o
     let (_host, data, state, journal, agent) = host_on_v1(&p).await;
 
     // Happy path: v2 replaces v1, v1 is kept as previous.
-    p.release("shapp", "2.0.0", &script_app("2.0.0", true))
-        .await;
-    p.desire("shapp", "default", "2.0.0").await;
-    committed(&journal, "2.0.0").await;
+    update_to(&p, &journal, "2.0.0").await;
     assert_eq!(running(&state), "2.0.0");
     let j = Journal::load(&journal).expect("journal");
     assert_eq!(j.previous, Some(v("1.0.0")));
@@ -112,10 +129,7 @@ async fn agent_updates_rolls_back_a_crashing_version_and_converges_after_being_o
     p.release("shapp", "3.0.0", &script_app("3.0.0", false))
         .await;
     p.desire("shapp", "default", "3.0.0").await;
-    eventually("v3 refused", || {
-        Journal::load(&journal).is_ok_and(|j| j.is_refused(&v("3.0.0")))
-    })
-    .await;
+    journal_refuses(&journal, "3.0.0").await;
     let j = Journal::load(&journal).expect("journal");
     assert_eq!(j.committed, Some(v("2.0.0")));
     let reason = &j.refused.iter().next().expect("refused").1;
@@ -140,14 +154,10 @@ async fn status_reason(
     state: fleetcast_events::v1::AppState,
     version: &str,
 ) -> String {
-    let want = v(version);
-    let status: fleetcast_events::v1::AgentStatus = p
-        .wait_status(move |s: &fleetcast_events::v1::AgentStatus| {
-            s.state == state && s.version.as_ref() == Some(&want)
-        })
+    status_of(p, state, version)
         .await
-        .expect("status");
-    status.reason.unwrap_or_default()
+        .reason
+        .unwrap_or_default()
 }
 
 /// Writes a desired state for `shapp` carrying `manifest` as it is (however it was signed).
@@ -184,32 +194,20 @@ async fn desire_state(
 
 /// The stored, signed manifest of a release of `shapp`.
 async fn stored_manifest(p: &Pipeline, version: &str) -> fleetcast_events::SignedManifest {
-    p.bus()
+    let bus = p.bus().await.expect("bus");
+    fleetcast_e2e::stored_manifest(&bus, "shapp", &v(version))
         .await
-        .expect("bus")
-        .records
-        .release_record("shapp", &v(version))
-        .await
-        .expect("record")
-        .expect("some")
-        .manifest
         .expect("manifest")
 }
 
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn bad_announcements_are_refused_and_the_app_keeps_running() {
-    use fleetcast_events::v1::{AgentStatus, AppState};
+    use fleetcast_events::v1::AppState;
     use fleetcast_events::{Manifest, SecretKey, SignedManifest};
 
     let p = Pipeline::start().await.expect("pipeline");
-    let (_host, data, state, journal) = host_dirs();
-    p.release("shapp", "1.0.0", &script_app("1.0.0", true))
-        .await;
-    p.release("shapp", "2.0.0", &script_app("2.0.0", true))
-        .await;
-    p.desire("shapp", "default", "2.0.0").await;
-    let agent = start_agent(&p, &data, &state);
-    eventually("v2 running", || running(&state) == "2.0.0").await;
+    let (_host, _data, state, journal, agent) =
+        host_running(&p, &["1.0.0", "2.0.0"], "2.0.0", |_| {}).await;
 
     let good = stored_manifest(&p, "2.0.0").await;
     let signed_as = |version: &str, key: &SecretKey, expires_in: time::Duration| {
@@ -252,12 +250,7 @@ async fn bad_announcements_are_refused_and_the_app_keeps_running() {
     }
     // A replayed, validly signed, older announcement cannot downgrade.
     p.desire("shapp", "default", "1.0.0").await;
-    let refused: AgentStatus = p
-        .wait_status(|s: &AgentStatus| {
-            s.state == AppState::Refused && s.version == Some(v("1.0.0"))
-        })
-        .await
-        .expect("replay refused");
+    let refused = status_of(&p, AppState::Refused, "1.0.0").await;
     assert!(refused.reason.unwrap_or_default().contains("older"));
 
     let j = Journal::load(&journal).expect("journal");
@@ -302,14 +295,13 @@ async fn a_nats_restart_in_the_middle_of_a_download_still_converges() {
 
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn outside_its_update_window_the_agent_downloads_but_does_not_switch() {
-    use fleetcast_events::v1::{AgentStatus, AppState};
+    use fleetcast_events::v1::AppState;
     let p = Pipeline::start().await.expect("pipeline");
-    let (_host, data, state, journal) = host_dirs();
-    p.release("shapp", "1.0.0", &script_app("1.0.0", true))
-        .await;
-    p.release("shapp", "2.0.0", &script_app("2.0.0", true))
-        .await;
-    p.desire("shapp", "default", "1.0.0").await;
+    // Every switch waits for the window, the first install too: v1 is installed first by an
+    // agent without windows.
+    let (_host, data, state, journal, agent) =
+        host_running(&p, &["1.0.0", "2.0.0"], "1.0.0", |_| {}).await;
+    agent.stop().await;
     // A one-minute window twelve hours from now.
     let opens = time::OffsetDateTime::now_utc() + time::Duration::hours(12);
     let closes = opens + time::Duration::minutes(1);
@@ -320,20 +312,10 @@ async fn outside_its_update_window_the_agent_downloads_but_does_not_switch() {
         closes.hour(),
         closes.minute()
     );
-    // Every switch waits for the window, the first install too: v1 is installed first by an
-    // agent without windows.
-    let agent = start_agent(&p, &data, &state);
-    eventually("v1 running", || running(&state) == "1.0.0").await;
-    agent.stop().await;
     let agent = start_agent_with(&p, &data, &state, |s| s.update_windows = vec![window]);
     eventually("v1 running again", || running(&state) == "1.0.0").await;
     p.desire("shapp", "default", "2.0.0").await;
-    let waiting: AgentStatus = p
-        .wait_status(|s: &AgentStatus| {
-            s.state == AppState::WaitingForWindow && s.version == Some(v("2.0.0"))
-        })
-        .await
-        .expect("waiting status");
+    let waiting = status_of(&p, AppState::WaitingForWindow, "2.0.0").await;
     assert_eq!(waiting.app, "shapp");
     assert!(
         data.join("apps/shapp/versions/2.0.0").is_dir(),
@@ -361,6 +343,13 @@ fn own_package(version: &str, hooks: &str) -> fleetcast_harness::fixtures::Packa
         )
 }
 
+/// Releases `shapp` `version` as [`own_package`] with `hooks`, and desires it.
+async fn desire_own_package(p: &Pipeline, version: &str, hooks: &str) {
+    p.release("shapp", version, &own_package(version, hooks))
+        .await;
+    p.desire("shapp", "default", version).await;
+}
+
 fn sh_hook(name: &str, script: &str, timeout: &str) -> String {
     format!(
         "[hooks.{name}]\ncommand = [\"/bin/sh\", \"-c\", {script:?}]\ntimeout = \"{timeout}\"\n"
@@ -384,9 +373,7 @@ async fn a_package_brings_its_command_and_hooks_and_a_failing_hook_protects_the_
         "cp \"$STATE_DIR/running\" \"$STATE_DIR/post\"",
         "10s",
     );
-    p.release("shapp", "2.0.0", &own_package("2.0.0", &hooks))
-        .await;
-    p.desire("shapp", "default", "2.0.0").await;
+    desire_own_package(&p, "2.0.0", &hooks).await;
     committed(&journal, "2.0.0").await;
     assert_eq!(running(&state), "2.0.0-own", "the package's command runs");
     let read = |f: &str| std::fs::read_to_string(state.join(f)).unwrap_or_default();
@@ -410,9 +397,7 @@ async fn a_package_brings_its_command_and_hooks_and_a_failing_hook_protects_the_
         ),
         ("4.0.0", hanging, "no exit within 1s, killed"),
     ] {
-        p.release("shapp", version, &own_package(version, &hooks))
-            .await;
-        p.desire("shapp", "default", version).await;
+        desire_own_package(&p, version, &hooks).await;
         let reason = status_reason(&p, AppState::Refused, version).await;
         assert!(reason.contains("pre-switch hook failed"), "{reason}");
         assert!(reason.contains(why), "{version}: {reason}");
@@ -437,9 +422,7 @@ async fn a_package_brings_its_command_and_hooks_and_a_failing_hook_protects_the_
         "echo cache warm-up failed >&2; exit 1",
         "10s",
     );
-    p.release("shapp", "5.0.0", &own_package("5.0.0", &post_fails))
-        .await;
-    p.desire("shapp", "default", "5.0.0").await;
+    desire_own_package(&p, "5.0.0", &post_fails).await;
     let reason = status_reason(&p, AppState::RolledBack, "5.0.0").await;
     assert!(
         reason.contains("post-switch hook failed") && reason.contains("cache warm-up failed"),
@@ -458,16 +441,11 @@ async fn a_rollout_with_slots_switches_only_once_granted_and_waits_while_nobody_
     use fleetcast_events::v1::{AppState, SlotReply, SlotRequest};
     use futures::StreamExt;
     let p = Pipeline::start().await.expect("pipeline");
-    let (_host, data, state, journal) = host_dirs();
-    p.release("shapp", "1.0.0", &script_app("1.0.0", true))
+    let (_host, data, state, journal, agent) =
+        host_running(&p, &["1.0.0", "2.0.0"], "1.0.0", |s| {
+            s.slot_retry = Duration::from_millis(300)
+        })
         .await;
-    p.release("shapp", "2.0.0", &script_app("2.0.0", true))
-        .await;
-    p.desire("shapp", "default", "1.0.0").await;
-    let agent = start_agent_with(&p, &data, &state, |s| {
-        s.slot_retry = Duration::from_millis(300)
-    });
-    eventually("v1 running", || running(&state) == "1.0.0").await;
 
     // The rollout asks for slots; no slot service runs: staged, waiting, still on v1.
     desire_state(&p, "2.0.0", stored_manifest(&p, "2.0.0").await, true).await;
@@ -545,10 +523,7 @@ async fn a_signed_rollback_directive_moves_back_once_and_cannot_be_replayed() {
     use fleetcast_events::{Manifest, SignedManifest};
     let p = Pipeline::start().await.expect("pipeline");
     let (_host, _data, state, journal, agent) = host_on_v1(&p).await;
-    p.release("shapp", "2.0.0", &script_app("2.0.0", true))
-        .await;
-    p.desire("shapp", "default", "2.0.0").await;
-    committed(&journal, "2.0.0").await;
+    update_to(&p, &journal, "2.0.0").await;
 
     // The directive: v1's manifest re-signed as replacing everything up to v2 (what the signer
     // issues when an operator rolls back).
@@ -571,10 +546,7 @@ async fn a_signed_rollback_directive_moves_back_once_and_cannot_be_replayed() {
     // The withdrawn v2 announced again is ignored; a fixed v3 goes through (straight from v1:
     // v2 never ran in between).
     p.desire("shapp", "default", "2.0.0").await;
-    p.release("shapp", "3.0.0", &script_app("3.0.0", true))
-        .await;
-    p.desire("shapp", "default", "3.0.0").await;
-    committed(&journal, "3.0.0").await;
+    update_to(&p, &journal, "3.0.0").await;
     assert_eq!(
         Journal::load(&journal).expect("journal").previous,
         Some(v("1.0.0"))
@@ -625,14 +597,10 @@ async fn an_agent_behind_a_leaf_node_gets_each_announcement_as_it_is_written() {
 async fn a_version_changed_on_disk_is_not_started_with_verify_on_start() {
     use std::os::unix::fs::PermissionsExt;
     let p = Pipeline::start().await.expect("pipeline");
-    let (_host, data, state, journal) = host_dirs();
-    p.release("shapp", "1.0.0", &script_app("1.0.0", true))
-        .await;
-    p.desire("shapp", "default", "1.0.0").await;
-    let agent = start_agent_with(&p, &data, &state, |s| {
+    let (_host, data, state, journal, agent) = host_running(&p, &["1.0.0"], "1.0.0", |s| {
         s.apps[0].verify_on_start = true;
-    });
-    eventually("v1 running (verified)", || running(&state) == "1.0.0").await;
+    })
+    .await;
     committed(&journal, "1.0.0").await;
 
     // Someone edits the installed program (made writable first: installs are read-only).

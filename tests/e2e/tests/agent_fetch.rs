@@ -216,12 +216,7 @@ async fn an_interrupted_download_resumes_and_a_tampered_chunk_is_refused() {
     let victim = chunks(&i)[1];
     let forged = fleetcast_package::chunking::encode_stored(&vec![7u8; victim.len as usize])
         .expect("encode");
-    bus.js
-        .publish(chunk_subject("app", &victim.id), forged.into())
-        .await
-        .expect("publish")
-        .await
-        .expect("ack");
+    overwrite_chunk(&bus, &victim.id, forged).await;
     let other = InstallRoot::new(host.path().join("other")).expect("root");
     let err = from_nothing(&other, &m, &i, &store, 4)
         .await
@@ -240,12 +235,7 @@ async fn an_interrupted_download_resumes_and_a_tampered_chunk_is_refused() {
     let mut bomb = vec![1u8]; // the zstd encoding
     bomb.extend(zstd::bulk::compress(&vec![0u8; 64 << 20], 19).expect("compress"));
     assert!(bomb.len() < 64 << 10, "{} bytes", bomb.len());
-    bus.js
-        .publish(chunk_subject("app", &victim.id), bomb.into())
-        .await
-        .expect("publish")
-        .await
-        .expect("ack");
+    overwrite_chunk(&bus, &victim.id, bomb).await;
     let err = from_nothing(&other, &m, &i, &store, 4)
         .await
         .expect_err("endless chunk");
@@ -282,6 +272,55 @@ impl ChunkSource for Counting<'_> {
     async fn patch_list(&self, root: &str) -> Option<(PatchList, u64)> {
         self.inner.patch_list(root).await
     }
+}
+
+/// Stages `m` into `root` from `store`, counting: what was staged and every object fetched,
+/// in order (an object fetched twice is there twice).
+async fn stage_counting(
+    root: &InstallRoot,
+    m: &fleetcast_events::VerifiedManifest,
+    store: &NatsChunks,
+    what: &str,
+) -> (fleetcast_agent::release_tree::Staged, Vec<ChunkId>) {
+    let counting = Counting {
+        inner: store,
+        fetched: Default::default(),
+    };
+    let staged =
+        fleetcast_agent::release_tree::stage(root, m, &counting, 8, tokio::time::Instant::now())
+            .await
+            .expect(what);
+    let fetched = counting.fetched.lock().expect("lock").clone();
+    (staged, fetched)
+}
+
+/// Installs `base` in `root`, then stages `m` over it from `store`, counting: what was staged
+/// and the objects fetched for `m`.
+async fn stage_over(
+    root: &InstallRoot,
+    base: &fleetcast_events::VerifiedManifest,
+    m: &fleetcast_events::VerifiedManifest,
+    store: &NatsChunks,
+) -> (
+    fleetcast_agent::release_tree::Staged,
+    std::collections::HashSet<ChunkId>,
+) {
+    fleetcast_agent::release_tree::stage(root, base, store, 8, tokio::time::Instant::now())
+        .await
+        .expect("the base installed");
+    let (staged, fetched) = stage_counting(root, m, store, "staged over the base").await;
+    (staged, fetched.into_iter().collect())
+}
+
+/// Stores `bytes` under the name of the chunk (or tree node) `id` of the app, as a forger with
+/// write access to the store would: the store itself checks nothing but the size.
+async fn overwrite_chunk(bus: &TestBus, id: &str, bytes: Vec<u8>) {
+    bus.js
+        .publish(chunk_subject("app", id), bytes.into())
+        .await
+        .expect("publish")
+        .await
+        .expect("ack");
 }
 
 async fn verified(
@@ -361,14 +400,7 @@ async fn ten_edited_files_of_three_thousand_fetch_only_their_nodes_and_chunks() 
         .map(|c| ChunkId::from_hex(&c.id).expect("id"))
         .collect();
 
-    let counting = Counting {
-        inner: &store,
-        fetched: Default::default(),
-    };
-    let staged = stage(&root, &m2, &counting, 8, tokio::time::Instant::now())
-        .await
-        .expect("v2");
-    let fetched = counting.fetched.lock().expect("lock").clone();
+    let (staged, fetched) = stage_counting(&root, &m2, &store, "v2").await;
     let distinct: HashSet<ChunkId> = fetched.iter().copied().collect();
     assert_eq!(fetched.len(), distinct.len(), "an object fetched twice");
     let expected: HashSet<ChunkId> = new_nodes.union(&new_chunks).copied().collect();
@@ -417,12 +449,7 @@ async fn ten_edited_files_of_three_thousand_fetch_only_their_nodes_and_chunks() 
     // A forged tree node: another node's bytes under one of v2's new nodes' name.
     let victim = new_nodes.iter().next().expect("a new node");
     let forged = fleetcast_package::chunking::encode_stored(b"not the node").expect("encode");
-    bus.js
-        .publish(chunk_subject("app", &victim.to_hex()), forged.into())
-        .await
-        .expect("publish")
-        .await
-        .expect("ack");
+    overwrite_chunk(&bus, &victim.to_hex(), forged).await;
     let other = InstallRoot::new(host.path().join("other")).expect("root");
     let err = stage(&other, &m2, &store, 8, tokio::time::Instant::now())
         .await
@@ -514,23 +541,7 @@ async fn a_rebuilt_binary_comes_as_a_patch_from_the_installed_build() {
     // v1 installed: the patch, none of the binary's chunks.
     let host = tempfile::tempdir().expect("tmp");
     let root = InstallRoot::new(host.path().join("app")).expect("root");
-    stage(&root, &m1, &store, 8, tokio::time::Instant::now())
-        .await
-        .expect("v1");
-    let counting = Counting {
-        inner: &store,
-        fetched: Default::default(),
-    };
-    let staged = stage(&root, &m2, &counting, 8, tokio::time::Instant::now())
-        .await
-        .expect("v2");
-    let fetched: HashSet<ChunkId> = counting
-        .fetched
-        .lock()
-        .expect("lock")
-        .iter()
-        .copied()
-        .collect();
+    let (staged, fetched) = stage_over(&root, &m1, &m2, &store).await;
     assert_eq!(staged.files.patched_files, 1);
     assert_eq!(staged.files.refused_patches, 0);
     assert!(fetched.is_superset(&pieces), "the patch was fetched");
@@ -551,23 +562,7 @@ async fn a_rebuilt_binary_comes_as_a_patch_from_the_installed_build() {
 
     // Another version installed (no base for the patch): the list is read, no piece fetched.
     let other = InstallRoot::new(host.path().join("other")).expect("root");
-    stage(&other, &m0, &store, 8, tokio::time::Instant::now())
-        .await
-        .expect("v0.9");
-    let counting = Counting {
-        inner: &store,
-        fetched: Default::default(),
-    };
-    let staged = stage(&other, &m2, &counting, 8, tokio::time::Instant::now())
-        .await
-        .expect("v2 from chunks");
-    let fetched: HashSet<ChunkId> = counting
-        .fetched
-        .lock()
-        .expect("lock")
-        .iter()
-        .copied()
-        .collect();
+    let (staged, fetched) = stage_over(&other, &m0, &m2, &store).await;
     assert_eq!(staged.files.patched_files, 0);
     assert!(
         fetched.is_disjoint(&pieces),
@@ -592,12 +587,7 @@ async fn a_rebuilt_binary_comes_as_a_patch_from_the_installed_build() {
     let victim = patch.pieces[0];
     let forged = fleetcast_package::chunking::encode_stored(&vec![7u8; victim.len as usize])
         .expect("encode");
-    bus.js
-        .publish(chunk_subject("app", &victim.id.to_hex()), forged.into())
-        .await
-        .expect("publish")
-        .await
-        .expect("ack");
+    overwrite_chunk(&bus, &victim.id.to_hex(), forged).await;
     let third = InstallRoot::new(host.path().join("third")).expect("root");
     stage(&third, &m1, &store, 8, tokio::time::Instant::now())
         .await

@@ -11,6 +11,7 @@
 
 use std::time::Duration;
 
+use fleetcast_e2e::checks::publish;
 use fleetcast_e2e::{Pipeline, TIMEOUT, eventually, running, script_app};
 use fleetcast_events::names;
 use fleetcast_harness::accounts::AgentSpec;
@@ -170,14 +171,8 @@ async fn an_oversized_heartbeat_is_refused_by_the_server_and_nothing_is_stored()
     // The server announces its own limit (8 MB) to every client, so the client sends; the
     // server checks the role's and cuts the connection (the client reconnects).
     assert_eq!(h1.server_info().max_payload, 8 << 20);
-    let before = admin
-        .status_stream
-        .clone()
-        .info()
-        .await
-        .expect("info")
-        .state
-        .clone();
+    let mut status = admin.status_stream.clone();
+    let before = status.info().await.expect("info").state.clone();
 
     for size in [8 << 20, (64 << 10) + 1] {
         h1.publish(subject.clone(), vec![b'x'; size].into())
@@ -216,7 +211,6 @@ async fn an_oversized_heartbeat_is_refused_by_the_server_and_nothing_is_stored()
         }
         tokio::time::sleep(std::time::Duration::from_millis(200)).await;
     };
-    let mut status = admin.status_stream.clone();
     let after = status.info().await.expect("info").state.clone();
     // Only normal ones (one, or more if an acknowledgement was lost and it was asked again):
     // each well under 2 KiB stored, none of the refused sizes.
@@ -350,18 +344,9 @@ async fn the_watcher_refuses_an_upload_over_its_limits_from_its_stored_size() {
         .write_to(&zip)
         .expect("zip");
     let cli = p.cli().await.expect("bus");
-    fleetcast_cli::publish(
-        &cli,
-        fleetcast_cli::PublishRequest {
-            archive: &zip,
-            app: None,
-            version: None,
-            published_by: Some("ci".into()),
-            progress: None,
-        },
-    )
-    .await
-    .expect("uploaded and announced");
+    publish(&cli, &zip, Some("ci"))
+        .await
+        .expect("uploaded and announced");
     let rejected: PackageRejected = p
         .wait_event(names::PACKAGE_REJECTED, |_: &PackageRejected| true)
         .await

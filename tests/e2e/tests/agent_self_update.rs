@@ -17,7 +17,7 @@ use std::process::{Child, Command, Stdio};
 use std::time::Duration;
 
 use fleetcast_agent::journal::Journal;
-use fleetcast_e2e::Pipeline;
+use fleetcast_e2e::{Pipeline, rollout_of_in_phase};
 use fleetcast_events::v1::{AgentStatus, AppState};
 use fleetcast_harness::fixtures::PackageBuilder;
 use nix::sys::signal::{Signal, kill};
@@ -130,12 +130,7 @@ impl Host {
 
     /// The app's pid as the agent recorded it.
     fn app_pid(&self) -> Option<u32> {
-        std::fs::read_to_string(self.data.join("apps/shapp/app.pid"))
-            .ok()?
-            .split_whitespace()
-            .next()?
-            .parse()
-            .ok()
+        first_word(&self.data.join("apps/shapp/app.pid"))
     }
 
     fn running(&self) -> String {
@@ -144,12 +139,7 @@ impl Host {
 
     /// The release the launcher runs (`current`), empty for the installed agent.
     fn current(&self) -> String {
-        std::fs::read_to_string(self.root.join("current"))
-            .unwrap_or_default()
-            .split_whitespace()
-            .next()
-            .unwrap_or_default()
-            .to_string()
+        first_word(&self.root.join("current")).unwrap_or_default()
     }
 
     fn agent_journal(&self) -> Journal {
@@ -158,12 +148,7 @@ impl Host {
 
     /// The pid of the agent the launcher runs now.
     fn agent_pid(&self) -> Option<i32> {
-        std::fs::read_to_string(self.root.join("agent.pid"))
-            .ok()?
-            .split_whitespace()
-            .next()?
-            .parse()
-            .ok()
+        first_word(&self.root.join("agent.pid"))
     }
 
     /// Agent processes of this host (found by their config path), launchers left out.
@@ -225,6 +210,16 @@ fn processes_with(needle: &Path) -> Vec<String> {
                 .to_string()
         })
         .collect()
+}
+
+/// The first word of the file at `path`, parsed: a pid file holds "<pid> <start time>".
+fn first_word<T: std::str::FromStr>(path: &Path) -> Option<T> {
+    std::fs::read_to_string(path)
+        .ok()?
+        .split_whitespace()
+        .next()?
+        .parse()
+        .ok()
 }
 
 async fn until(host: &Host, what: &str, check: impl Fn() -> bool) {
@@ -488,28 +483,10 @@ async fn the_tracker_rolls_an_agent_release_out_and_halts_a_broken_one() {
     until(&host, "the app runs 1.0.0", || host.running() == "1.0.0").await;
     let app = host.app_pid().expect("app pid");
 
-    // The rollout's phase and reason for the agent's release `version`, as the CLI asks.
-    let rollout = async |version: &str| {
-        let reply = p
-            .tracker_command(&Command::Show {
-                app: fleetcast_events::AppName::try_from(agent.as_str()).expect("name"),
-            })
-            .await
-            .ok()?;
-        let view = reply.rollout?;
-        (view.version == v(version)).then_some((view.phase, view.reason))
-    };
+    // The rollouts of the agent's releases, as the CLI asks for them.
+    let dump = || host.dump();
     p.release(&agent, "2.0.0", &good_agent()).await;
-    let deadline = tokio::time::Instant::now() + Duration::from_secs(60);
-    while rollout("2.0.0").await.map(|r| r.0) != Some(Phase::Completed) {
-        assert!(
-            tokio::time::Instant::now() < deadline,
-            "the agent's 2.0.0 rollout never completed: {:?}\n{}",
-            rollout("2.0.0").await,
-            host.dump()
-        );
-        tokio::time::sleep(Duration::from_millis(200)).await;
-    }
+    rollout_of_in_phase(&p, &agent, Some(&v("2.0.0")), Phase::Completed, dump).await;
     assert_eq!(host.current(), "2.0.0");
     let status = p.tracker_command(&Command::Status).await.expect("status");
     let version = status
@@ -524,19 +501,10 @@ async fn the_tracker_rolls_an_agent_release_out_and_halts_a_broken_one() {
     );
 
     p.release(&agent, "3.0.0", &agent_release("exit 3")).await;
-    let deadline = tokio::time::Instant::now() + Duration::from_secs(60);
-    let reason = loop {
-        if let Some((Phase::Halted, reason)) = rollout("3.0.0").await {
-            break reason.unwrap_or_default();
-        }
-        assert!(
-            tokio::time::Instant::now() < deadline,
-            "the broken agent's rollout never halted: {:?}\n{}",
-            rollout("3.0.0").await,
-            host.dump()
-        );
-        tokio::time::sleep(Duration::from_millis(200)).await;
-    };
+    let reason = rollout_of_in_phase(&p, &agent, Some(&v("3.0.0")), Phase::Halted, dump)
+        .await
+        .reason
+        .unwrap_or_default();
     assert!(
         reason.contains("selfish") && reason.contains("exited with code 3"),
         "{reason}"

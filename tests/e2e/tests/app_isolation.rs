@@ -12,7 +12,7 @@ use std::os::unix::fs::{MetadataExt, PermissionsExt};
 use std::path::{Path, PathBuf};
 
 use fleetcast_agent::journal::Journal;
-use fleetcast_e2e::{Pipeline, eventually};
+use fleetcast_e2e::{Pipeline, eventually, journal_commits, journal_refuses};
 use fleetcast_harness::accounts::AgentSpec;
 use fleetcast_harness::fixtures::PackageBuilder;
 use semver::Version;
@@ -251,10 +251,7 @@ async fn an_app_running_as_its_own_user_cannot_touch_the_agent() {
         assert!(lines.iter().any(|l| l == "write-installed-file denied"));
     }
     let journal = app_root.clone();
-    eventually("3.0.0 committed", || {
-        Journal::load(&journal).is_ok_and(|j| j.committed == Some(v("3.0.0")))
-    })
-    .await;
+    journal_commits(&journal, "3.0.0").await;
     eventually("1.0.0 pruned", || !installed.exists()).await;
     for version in ["2.0.0", "3.0.0"] {
         assert_sealed(&app_root.join("versions").join(version));
@@ -264,10 +261,7 @@ async fn an_app_running_as_its_own_user_cannot_touch_the_agent() {
     p.release("shapp", "4.0.0", &probe_app("4.0.0", false))
         .await;
     p.desire("shapp", "default", "4.0.0").await;
-    eventually("4.0.0 refused after its gate failed", || {
-        Journal::load(&journal).is_ok_and(|j| j.is_refused(&v("4.0.0")))
-    })
-    .await;
+    journal_refuses(&journal, "4.0.0").await;
     eventually("3.0.0 started again", || {
         starts(&own).iter().filter(|s| *s == "3.0.0").count() == 2
     })

@@ -4,16 +4,17 @@
 //! terminal is one plain line per change.
 
 use fleetcast_events::AppName;
-use fleetcast_events::RingName;
 use std::process::{Output, Stdio};
 use std::time::Duration;
 
 use fleetcast_e2e::binaries::binary;
-use fleetcast_e2e::{Pipeline, TIMEOUT, script_app};
+use fleetcast_e2e::checks::approve;
+use fleetcast_e2e::{Pipeline, TIMEOUT, ring, rollout_of_in_phase, script_app};
 use fleetcast_events::tracker::Command;
 use fleetcast_events::tracker::Phase;
+use fleetcast_harness::cli::text;
 use fleetcast_harness::fixtures::{hostile, sample_package};
-use fleetcast_tracker::policy::{Amount, AppPolicy, Approval, RingPolicy};
+use fleetcast_tracker::policy::{AppPolicy, Approval};
 use tokio::io::AsyncBufReadExt;
 
 /// Only a guard against a hang (the point of these tests is that nothing waits for ever);
@@ -21,13 +22,12 @@ use tokio::io::AsyncBufReadExt;
 const HANG_GUARD: Duration = Duration::from_secs(180);
 
 fn command(args: &[&str], nats_url: &str) -> tokio::process::Command {
-    let mut cmd = tokio::process::Command::new(binary("fleetcast"));
-    cmd.args(args)
-        .env("FLEETCAST_NATS_URL", nats_url)
-        // The test servers have no accounts or TLS.
-        .env("FLEETCAST_NATS_INSECURE_DEV", "true")
-        .stdin(Stdio::null())
-        .kill_on_drop(true);
+    let mut cmd = tokio::process::Command::from(fleetcast_harness::cli::command(
+        binary("fleetcast"),
+        args,
+        nats_url,
+    ));
+    cmd.stdin(Stdio::null()).kill_on_drop(true);
     cmd
 }
 
@@ -46,10 +46,6 @@ async fn publish_wait(archive: &std::path::Path, nats_url: &str) -> Output {
         nats_url,
     )
     .await
-}
-
-fn text(out: &[u8]) -> String {
-    String::from_utf8_lossy(out).into_owned()
 }
 
 /// The CLI's error message: the stderr line starting `error: ` (other stderr lines are logs).
@@ -142,39 +138,25 @@ async fn an_archive_refused_locally_exits_three_with_the_watchers_code() {
     let dir = tempfile::tempdir().expect("tmp");
     let evil = dir.path().join("evil-1.0.0.zip");
     std::fs::write(&evil, hostile::path_traversal()).expect("zip");
-    let out = fleetcast(
-        &["publish", evil.to_str().expect("utf8"), "--wait"],
-        &nowhere,
-    )
-    .await;
-    assert_eq!(out.status.code(), Some(3), "{}", both(&out));
-    assert!(
-        error_line(&out).contains("path_traversal: "),
-        "{}",
-        both(&out)
-    );
-
     let unnamed = dir.path().join("release.zip");
     sample_package("1.0.0").write_to(&unnamed).expect("zip");
-    let out = fleetcast(&["publish", unnamed.to_str().expect("utf8")], &nowhere).await;
-    assert_eq!(out.status.code(), Some(3), "{}", both(&out));
-    assert!(
-        error_line(&out).contains("invalid_name: "),
-        "{}",
-        both(&out)
-    );
-
-    // The watcher's limits, set the same way (`limits.*`): one entry allowed.
     let good = dir.path().join("collector-1.0.0.zip");
     sample_package("1.0.0").write_to(&good).expect("zip");
-    let good = good.to_str().expect("utf8");
-    let out = fleetcast(&["publish", good, "--limits-max-entries", "1"], &nowhere).await;
-    assert_eq!(out.status.code(), Some(3), "{}", both(&out));
-    assert!(
-        error_line(&out).contains("too_many_entries: "),
-        "{}",
-        both(&out)
-    );
+    let [evil, unnamed, good] = [&evil, &unnamed, &good].map(|p| p.to_str().expect("utf8"));
+    // A hostile archive, one not named `<app>-<version>.zip`, and one over the watcher's
+    // limits, set the same way (`limits.*`): one entry allowed.
+    for (args, code) in [
+        (&["publish", evil, "--wait"][..], "path_traversal: "),
+        (&["publish", unnamed], "invalid_name: "),
+        (
+            &["publish", good, "--limits-max-entries", "1"],
+            "too_many_entries: ",
+        ),
+    ] {
+        let out = fleetcast(args, &nowhere).await;
+        assert_eq!(out.status.code(), Some(3), "{}", both(&out));
+        assert!(error_line(&out).contains(code), "{}", both(&out));
+    }
 
     // A good archive passes the local checks; then NATS is simply unreachable, and it says so.
     let out = fleetcast(&["publish", good, "--connect-timeout", "1s"], &nowhere).await;
@@ -190,17 +172,6 @@ async fn an_archive_refused_locally_exits_three_with_the_watchers_code() {
     assert!(!err.contains("shut down"), "{err}");
 }
 
-fn ring(name: &str) -> RingPolicy {
-    RingPolicy {
-        name: RingName::try_from(name).expect("name"),
-        parallel: Amount::Count(1),
-        soak: Duration::ZERO,
-        max_failures: Amount::Count(1),
-        min_results: 1,
-        windows: vec![],
-    }
-}
-
 /// A pipeline, a tracker with `approval` for `shapp` (rings canary and broad), and one agent
 /// per ring, known to the tracker.
 async fn fleet(approval: Approval) -> (Pipeline, tempfile::TempDir) {
@@ -210,7 +181,7 @@ async fn fleet(approval: Approval) -> (Pipeline, tempfile::TempDir) {
         AppName::from_static("shapp"),
         AppPolicy {
             approval,
-            rings: vec![ring("canary"), ring("broad")],
+            rings: vec![ring("canary", 1, 1), ring("broad", 1, 1)],
         },
     );
     p.start_tracker_with(settings);
@@ -231,39 +202,20 @@ async fn fleet(approval: Approval) -> (Pipeline, tempfile::TempDir) {
     (p, hosts)
 }
 
-async fn rollout_of(p: &Pipeline, version: &str, phase: Phase) {
-    let deadline = tokio::time::Instant::now() + TIMEOUT;
-    loop {
-        let reply = p
-            .tracker_command(&Command::Show {
-                app: AppName::from_static("shapp"),
-            })
-            .await;
-        if reply
-            .ok()
-            .and_then(|r| r.rollout)
-            .is_some_and(|r| r.version.to_string() == version && r.phase == phase)
-        {
-            return;
-        }
-        assert!(
-            tokio::time::Instant::now() < deadline,
-            "no {phase:?} rollout of {version}"
-        );
-        tokio::time::sleep(Duration::from_millis(200)).await;
-    }
+/// Releases the script app `shapp` `version` and waits until its rollout is in `phase`.
+async fn release_until(p: &Pipeline, version: &str, phase: Phase) {
+    p.release("shapp", version, &script_app(version, true))
+        .await;
+    let version = version.parse().expect("version");
+    rollout_of_in_phase(p, "shapp", Some(&version), phase, String::new).await;
 }
 
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn rollout_watch_version_ends_at_once_for_an_unknown_or_superseded_version() {
     let (p, _hosts) = fleet(Approval::Auto).await;
     let url = p.nats.url();
-    p.release("shapp", "1.0.0", &script_app("1.0.0", true))
-        .await;
-    rollout_of(&p, "1.0.0", Phase::Completed).await;
-    p.release("shapp", "2.0.0", &script_app("2.0.0", true))
-        .await;
-    rollout_of(&p, "2.0.0", Phase::Completed).await;
+    release_until(&p, "1.0.0", Phase::Completed).await;
+    release_until(&p, "2.0.0", Phase::Completed).await;
 
     // Never published. Before, this waited for ever.
     let out = fleetcast(&["rollout", "watch", "shapp", "--version", "9.9.9"], &url).await;
@@ -310,9 +262,7 @@ async fn rollout_watch_version_ends_at_once_for_an_unknown_or_superseded_version
 async fn rollout_watch_off_a_terminal_prints_one_line_per_change_as_it_happens() {
     let (p, _hosts) = fleet(Approval::Manual).await;
     let url = p.nats.url();
-    p.release("shapp", "1.0.0", &script_app("1.0.0", true))
-        .await;
-    rollout_of(&p, "1.0.0", Phase::AwaitingApproval).await;
+    release_until(&p, "1.0.0", Phase::AwaitingApproval).await;
 
     // stdout is a pipe here, as in a CI log.
     let mut child = command(&["rollout", "watch", "shapp", "--version", "1.0.0"], &url)
@@ -336,13 +286,7 @@ async fn rollout_watch_off_a_terminal_prints_one_line_per_change_as_it_happens()
     .await
     .expect("no line while the rollout waited for approval");
 
-    let reply = p
-        .tracker_command(&Command::Approve {
-            app: AppName::from_static("shapp"),
-            version: None,
-        })
-        .await
-        .expect("approve");
+    let reply = approve(&p, None).await;
     assert!(reply.ok, "{}", reply.message);
     let status = tokio::time::timeout(HANG_GUARD, async {
         while let Some(line) = stdout.next_line().await.expect("read") {

@@ -4,9 +4,12 @@
 //! and the deployment's CA; CI's credential can upload and announce a release and nothing
 //! more; and a fleetcast program given no credentials refuses to start rather than run open.
 
+use fleetcast_e2e::checks::{
+    assert_anonymous_refused, assert_chunks_kept, assert_only_verified_clients_admitted,
+    ci_publishes, closed_pipeline, stream_messages,
+};
 use fleetcast_e2e::{Pipeline, TIMEOUT, Violations, admitted, eventually, script_app, with_creds};
 use fleetcast_events::names;
-use fleetcast_events::v1::ReleaseState;
 use fleetcast_harness::accounts::AgentSpec;
 
 /// An anonymous client is refused at connect, over TLS or not; a client with valid
@@ -16,41 +19,9 @@ use fleetcast_harness::accounts::AgentSpec;
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn the_shipped_server_config_refuses_anonymous_plaintext_and_unverified_clients() {
     let p = Pipeline::new_closed(&[]).await.expect("pipeline");
-    let url = p.nats.url();
     let accounts = p.accounts.as_ref().expect("accounts");
     let ca = accounts.ca().expect("the accounts were issued with TLS");
-    let ci = accounts.creds("ci");
-
-    // Anonymous: no credentials, with the CA and without.
-    let tls = async_nats::ConnectOptions::new()
-        .require_tls(true)
-        .add_root_certificates(ca.clone());
-    assert!(!admitted(tls, &url).await, "anonymous over TLS");
-    assert!(
-        !admitted(async_nats::ConnectOptions::new(), &url).await,
-        "anonymous, plain"
-    );
-
-    // Valid credentials, but the server's certificate unverified: no CA (the system roots),
-    // or another CA.
-    assert!(!admitted(with_creds(&ci).await, &url).await, "no CA");
-    let other = fleetcast_harness::tls::TestPki::generate().expect("pki");
-    let wrong_ca = with_creds(&ci)
-        .await
-        .require_tls(true)
-        .add_root_certificates(other.ca());
-    assert!(!admitted(wrong_ca, &url).await, "another CA");
-
-    let right = with_creds(&ci)
-        .await
-        .require_tls(true)
-        .add_root_certificates(ca);
-    assert!(admitted(right, &url).await, "credentials and the CA");
-    let log = p.nats.log();
-    assert!(
-        log.contains("authentication error") && log.contains("unknown certificate authority"),
-        "the server logged the anonymous and the unverified attempts: {log}"
-    );
+    assert_only_verified_clients_admitted(&p.nats, &ca, &accounts.creds("ci"), "the server").await;
 }
 
 /// A service given no credentials (or no TLS) and no `insecure_dev` does not start: it fails
@@ -101,42 +72,16 @@ async fn a_service_without_credentials_or_tls_refuses_to_start() {
 /// by the server, and the stores show no effect.
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn the_ci_credential_uploads_and_announces_and_does_nothing_else() {
-    let mut p = Pipeline::new_closed(&[AgentSpec::new("h1", "default", &["shapp"])])
-        .await
-        .expect("pipeline");
-    p.start_pipeline_as_roles();
+    let p = closed_pipeline(&[AgentSpec::new("h1", "default", &["shapp"])]).await;
 
     let ci = p.bus_as("ci").await.expect("ci connects");
     let dir = tempfile::tempdir().expect("tmp");
     let zip = dir.path().join("shapp-1.0.0.zip");
     script_app("1.0.0", true).write_to(&zip).expect("zip");
-    fleetcast_cli::publish(
-        &ci,
-        fleetcast_cli::PublishRequest {
-            archive: &zip,
-            app: None,
-            version: None,
-            published_by: Some("ci".into()),
-            progress: None,
-        },
-    )
-    .await
-    .expect("ci uploads and announces");
-    let v1 = semver::Version::parse("1.0.0").expect("version");
-    let record = fleetcast_cli::wait_for_release(&ci, "shapp", &v1, TIMEOUT)
-        .await
-        .expect("ci reads the record");
-    assert_eq!(record.state, ReleaseState::Stored, "{record:?}");
+    ci_publishes(&ci, &zip, "shapp", "1.0.0").await;
 
     let admin = p.bus().await.expect("admin");
-    let releases_before = admin
-        .releases_stream
-        .clone()
-        .info()
-        .await
-        .expect("info")
-        .state
-        .messages;
+    let releases_before = stream_messages(&admin.releases_stream).await;
     assert_eq!(
         p.count_events(names::RELEASE_SIGNED).await.expect("count"),
         1
@@ -191,20 +136,8 @@ async fn the_ci_credential_uploads_and_announces_and_does_nothing_else() {
             .is_none(),
         "no desired state was written"
     );
-    let mut chunks = admin
-        .js
-        .get_stream(names::CHUNKS_STREAM)
-        .await
-        .expect("the chunk stream still exists");
-    assert!(chunks.info().await.expect("info").state.messages > 0);
-    let releases_after = admin
-        .releases_stream
-        .clone()
-        .info()
-        .await
-        .expect("info")
-        .state
-        .messages;
+    assert_chunks_kept(&admin).await;
+    let releases_after = stream_messages(&admin.releases_stream).await;
     assert!(releases_after >= releases_before, "nothing purged");
     assert_eq!(
         p.count_events(names::RELEASE_SIGNED).await.expect("count"),
@@ -245,16 +178,7 @@ async fn a_site_behind_a_leaf_node_is_closed_and_its_agent_updates() {
 
     let accounts = p.accounts.as_ref().expect("accounts");
     let ca = accounts.ca().expect("ca");
-    let tls = || {
-        async_nats::ConnectOptions::new()
-            .require_tls(true)
-            .add_root_certificates(ca.clone())
-    };
-    assert!(!admitted(tls(), &leaf.url()).await, "anonymous at the site");
-    assert!(
-        !admitted(async_nats::ConnectOptions::new(), &leaf.url()).await,
-        "anonymous and plain at the site"
-    );
+    assert_anonymous_refused(&leaf.url(), &ca, "the site").await;
     let leaf_as_client = with_creds(&accounts.creds("leaf"))
         .await
         .require_tls(true)

@@ -9,6 +9,7 @@ use fleetcast_events::{AppName, RingName};
 use std::time::Duration;
 
 use fleetcast_e2e::browser::Browser;
+use fleetcast_e2e::checks::{poll, until};
 use fleetcast_e2e::{Pipeline, TIMEOUT, http_get, http_request, script_app};
 use fleetcast_events::tracker::Phase;
 use fleetcast_events::tracker::RolloutSummary;
@@ -74,21 +75,21 @@ fn rollout(port: u16) -> Option<RolloutSummary> {
 
 /// Waits until shapp's rollout is `version` in `phase`.
 async fn rollout_reaches(port: u16, version: &str, phase: Phase) -> RolloutSummary {
-    let deadline = tokio::time::Instant::now() + TIMEOUT;
-    loop {
-        if let Some(view) = rollout(port)
-            && view.version.to_string() == version
-            && view.phase == phase
-        {
-            return view;
-        }
-        assert!(
-            tokio::time::Instant::now() < deadline,
+    poll(Duration::from_millis(100), async || match rollout(port) {
+        Some(view) if view.version.to_string() == version && view.phase == phase => Ok(view),
+        other => Err(format!(
             "shapp {version} never reached {phase:?}: {:?}",
-            rollout(port).map(|v| (v.version, v.phase))
-        );
-        tokio::time::sleep(Duration::from_millis(100)).await;
-    }
+            other.map(|v| (v.version, v.phase))
+        )),
+    })
+    .await
+}
+
+/// Drops `shapp` `version` and waits until its rollout waits for approval.
+async fn awaiting_approval(p: &Pipeline, port: u16, version: &str) {
+    p.release("shapp", version, &script_app(version, true))
+        .await;
+    rollout_reaches(port, version, Phase::AwaitingApproval).await;
 }
 
 fn actions(port: u16, actor: &str) -> Vec<HistoryEntry> {
@@ -101,18 +102,13 @@ fn actions(port: u16, actor: &str) -> Vec<HistoryEntry> {
 
 /// Waits until the history holds `n` operator actions of `actor`, and returns them.
 async fn actions_reach(port: u16, actor: &str, n: usize) -> Vec<HistoryEntry> {
-    let deadline = tokio::time::Instant::now() + TIMEOUT;
-    loop {
-        let found = actions(port, actor);
-        if found.len() >= n {
-            return found;
-        }
-        assert!(
-            tokio::time::Instant::now() < deadline,
-            "{actor}'s actions never reached {n}: {found:?}"
-        );
-        tokio::time::sleep(Duration::from_millis(100)).await;
-    }
+    until(
+        Duration::from_millis(100),
+        &format!("{n} actions of {actor}"),
+        async || actions(port, actor),
+        |found| found.len() >= n,
+    )
+    .await
 }
 
 fn post(
@@ -132,6 +128,11 @@ fn post(
 
 const JSON: &str = "application/json";
 
+/// `POST body` (JSON) to `path` with the operator's token: the status and the body.
+fn operator_posts(port: u16, tokens: &Tokens, path: &str, body: &str) -> (u16, String) {
+    post(port, path, Some(&tokens.operator), JSON, body)
+}
+
 /// Waits until the tracker rolls back to `to` (a rollout carrying the signer's directive).
 async fn rollback_started(port: u16, to: &str) {
     let back = tokio::time::timeout(TIMEOUT, async {
@@ -147,6 +148,39 @@ async fn rollback_started(port: u16, to: &str) {
     assert_eq!(back.version.to_string(), to);
 }
 
+/// A script true once the button `selector` is on the page and enabled.
+fn enabled(selector: &str) -> String {
+    format!(
+        "document.querySelector({selector:?}) && !document.querySelector({selector:?}).disabled"
+    )
+}
+
+/// Signs in on `page` with `token`, and waits until `ready` (a script) holds.
+async fn sign_in(page: &mut Browser, token: &str, what: &str, ready: &str) {
+    page.type_into("#token", token).await.expect("type");
+    page.click("#sign-in").await.expect("sign in");
+    page.wait_for(what, ready).await.expect("signed in");
+}
+
+/// Clicks `button` on `page` and waits until the confirmation dialog is open and `ready` (a
+/// script) holds.
+async fn ask_confirmation(page: &mut Browser, button: &str, what: &str, ready: &str) {
+    page.click(button).await.expect("click");
+    page.wait_for(
+        what,
+        &format!("document.getElementById('confirm').open && {ready}"),
+    )
+    .await
+    .expect("dialog");
+}
+
+/// Confirms in the open dialog on `page`: what `answer` (a script) is once it holds, the
+/// tracker's answer shown on the page.
+async fn confirm(page: &mut Browser, what: &str, answer: &str) -> serde_json::Value {
+    page.click("#confirm-ok").await.expect("confirm");
+    page.wait_for(what, answer).await.expect("answer")
+}
+
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn http_actions_need_an_operators_token_and_each_is_recorded_with_its_name() {
     // Every service, the tracker included, with its own NATS identity: the tracker's may ask
@@ -154,10 +188,9 @@ async fn http_actions_need_an_operators_token_and_each_is_recorded_with_its_name
     let mut p = Pipeline::new_with_permissions(&[]).await.expect("pipeline");
     p.start_pipeline_as_roles();
     let (port, tokens) = start_tracker(&mut p, true);
-    p.release("shapp", "1.0.0", &script_app("1.0.0", true))
-        .await;
-    rollout_reaches(port, "1.0.0", Phase::AwaitingApproval).await;
+    awaiting_approval(&p, port, "1.0.0").await;
     let approve = "/api/apps/shapp/approve";
+    let rollback = "/api/apps/shapp/rollback";
 
     // No token, an unknown one, another scheme: 401, nothing done or recorded.
     for auth in [None, Some("not-a-token")] {
@@ -185,13 +218,7 @@ async fn http_actions_need_an_operators_token_and_each_is_recorded_with_its_name
     );
     assert_eq!(status, 415, "{body}");
     // A path that names no app: 404, nothing done.
-    let (status, body) = post(
-        port,
-        "/api/apps/Bad_App/approve",
-        Some(&tokens.operator),
-        JSON,
-        "{}",
-    );
+    let (status, body) = operator_posts(port, &tokens, "/api/apps/Bad_App/approve", "{}");
     assert_eq!(status, 404, "{body}");
     assert!(body.contains("app name"), "{body}");
     // A read token: 403, recorded as refused.
@@ -213,13 +240,7 @@ async fn http_actions_need_an_operators_token_and_each_is_recorded_with_its_name
     assert!(actions(port, "http:alice").is_empty());
 
     // The operator: done, 200, recorded once as http:alice.
-    let (status, body) = post(
-        port,
-        approve,
-        Some(&tokens.operator),
-        JSON,
-        r#"{"version":"1.0.0"}"#,
-    );
+    let (status, body) = operator_posts(port, &tokens, approve, r#"{"version":"1.0.0"}"#);
     assert_eq!(status, 200, "{body}");
     let answer: serde_json::Value = serde_json::from_str(&body).expect("json");
     assert_eq!(answer["ok"], true, "{body}");
@@ -236,28 +257,14 @@ async fn http_actions_need_an_operators_token_and_each_is_recorded_with_its_name
 
     // What the tracker refuses (approving a version it is not rolling out) is a 409,
     // recorded as refused.
-    let (status, body) = post(
-        port,
-        approve,
-        Some(&tokens.operator),
-        JSON,
-        r#"{"version":"9.9.9"}"#,
-    );
+    let (status, body) = operator_posts(port, &tokens, approve, r#"{"version":"9.9.9"}"#);
     assert_eq!(status, 409, "{body}");
     let both = actions_reach(port, "http:alice", 2).await;
     assert!(both[1].refused, "{both:?}");
 
     // A rollback over HTTP: asked by the tracker on its own subject, signed, rolled out.
-    p.release("shapp", "2.0.0", &script_app("2.0.0", true))
-        .await;
-    rollout_reaches(port, "2.0.0", Phase::AwaitingApproval).await;
-    let (status, body) = post(
-        port,
-        "/api/apps/shapp/rollback",
-        Some(&tokens.operator),
-        JSON,
-        r#"{"to":"1.0.0"}"#,
-    );
+    awaiting_approval(&p, port, "2.0.0").await;
+    let (status, body) = operator_posts(port, &tokens, rollback, r#"{"to":"1.0.0"}"#);
     assert_eq!(status, 200, "{body}");
     rollback_started(port, "1.0.0").await;
     let all = actions_reach(port, "http:alice", 3).await;
@@ -279,13 +286,7 @@ async fn http_actions_need_an_operators_token_and_each_is_recorded_with_its_name
     assert_eq!(asked.len(), 1, "{asked:?}");
     assert_eq!(asked[0].actor.as_deref(), Some("tracker"));
     // A version that is not stored: refused by the tracker, nothing asked.
-    let (status, body) = post(
-        port,
-        "/api/apps/shapp/rollback",
-        Some(&tokens.operator),
-        JSON,
-        r#"{"to":"0.9.0"}"#,
-    );
+    let (status, body) = operator_posts(port, &tokens, rollback, r#"{"to":"0.9.0"}"#);
     assert_eq!(status, 409, "{body}");
     assert!(body.contains("not a stored release"), "{body}");
 }
@@ -333,9 +334,7 @@ async fn from_the_page_an_operator_approves_and_rolls_back_a_reader_is_refused_a
  {
     let mut p = Pipeline::start().await.expect("pipeline");
     let (port, tokens) = start_tracker(&mut p, false);
-    p.release("shapp", "1.0.0", &script_app("1.0.0", true))
-        .await;
-    rollout_reaches(port, "1.0.0", Phase::AwaitingApproval).await;
+    awaiting_approval(&p, port, "1.0.0").await;
 
     let mut page = Browser::open(&format!("http://127.0.0.1:{port}/"))
         .await
@@ -380,18 +379,13 @@ async fn from_the_page_an_operator_approves_and_rolls_back_a_reader_is_refused_a
     );
 
     // Signed in with the operator's token: kept in the tab's session storage, never a cookie.
-    page.type_into("#token", &tokens.operator)
-        .await
-        .expect("type");
-    page.click("#sign-in").await.expect("sign in");
-    page.wait_for(
+    sign_in(
+        &mut page,
+        &tokens.operator,
         "the approve button enabled",
-        &format!(
-            "document.querySelector({approve:?}) && !document.querySelector({approve:?}).disabled"
-        ),
+        &enabled(approve),
     )
-    .await
-    .expect("signed in");
+    .await;
     let kept = page
         .eval("[sessionStorage.getItem('fleetcast.token'), document.cookie]")
         .await
@@ -399,13 +393,13 @@ async fn from_the_page_an_operator_approves_and_rolls_back_a_reader_is_refused_a
     assert_eq!(kept, serde_json::json!([tokens.operator, ""]));
 
     // Approve asks first, naming the app, version and action, with the release's summary.
-    page.click(approve).await.expect("click approve");
-    page.wait_for(
+    ask_confirmation(
+        &mut page,
+        approve,
         "the confirmation with the release",
-        "document.getElementById('confirm').open && document.querySelector('#confirm-release .release')",
+        "document.querySelector('#confirm-release .release')",
     )
-    .await
-    .expect("dialog");
+    .await;
     let title = page
         .eval("document.getElementById('confirm-title').textContent")
         .await
@@ -421,14 +415,12 @@ async fn from_the_page_an_operator_approves_and_rolls_back_a_reader_is_refused_a
             .is_some_and(|r| r.starts_with("shapp 1.0.0: stored")),
         "{release}"
     );
-    page.click("#confirm-ok").await.expect("confirm");
-    let shown = page
-        .wait_for(
-            "the tracker's answer on the page",
-            "document.getElementById('action-result').textContent",
-        )
-        .await
-        .expect("answer");
+    let shown = confirm(
+        &mut page,
+        "the tracker's answer on the page",
+        "document.getElementById('action-result').textContent",
+    )
+    .await;
     assert_eq!(shown, "shapp 1.0.0 approved");
 
     // The rollout moved on, and the history says who approved it.
@@ -439,37 +431,33 @@ async fn from_the_page_an_operator_approves_and_rolls_back_a_reader_is_refused_a
     assert!(!done[0].refused);
 
     // Signed in with a read token, the tracker's refusal is what the page shows.
-    p.release("shapp", "2.0.0", &script_app("2.0.0", true))
-        .await;
-    rollout_reaches(port, "2.0.0", Phase::AwaitingApproval).await;
+    awaiting_approval(&p, port, "2.0.0").await;
     page.click("#sign-out").await.expect("sign out");
-    page.type_into("#token", &tokens.read).await.expect("type");
-    page.click("#sign-in").await.expect("sign in");
-    page.wait_for(
+    sign_in(
+        &mut page,
+        &tokens.read,
         "2.0.0 to approve",
         &format!(
             "document.querySelector('.rollout[data-app=shapp] b').textContent.includes('2.0.0') \
-             && !document.querySelector({approve:?}).disabled"
+             && {}",
+            enabled(approve)
         ),
     )
-    .await
-    .expect("2.0.0 shown");
-    page.click(approve).await.expect("click approve");
-    page.wait_for(
+    .await;
+    ask_confirmation(
+        &mut page,
+        approve,
         "the confirmation with the release",
-        "document.getElementById('confirm').open && !document.getElementById('confirm-ok').disabled",
+        "!document.getElementById('confirm-ok').disabled",
     )
-    .await
-    .expect("dialog");
-    page.click("#confirm-ok").await.expect("confirm");
-    let shown = page
-        .wait_for(
-            "the refusal on the page",
-            "document.getElementById('action-result').textContent.includes('rita') \
-             && document.getElementById('action-result').textContent",
-        )
-        .await
-        .expect("refusal");
+    .await;
+    let shown = confirm(
+        &mut page,
+        "the refusal on the page",
+        "document.getElementById('action-result').textContent.includes('rita') \
+         && document.getElementById('action-result').textContent",
+    )
+    .await;
     assert_eq!(shown, "refused: token rita may only read");
     assert_eq!(
         rollout(port).map(|v| v.phase),
@@ -478,26 +466,21 @@ async fn from_the_page_an_operator_approves_and_rolls_back_a_reader_is_refused_a
 
     // An operator rolls back from the page, to the earlier stored release it offers.
     page.click("#sign-out").await.expect("sign out");
-    page.type_into("#token", &tokens.operator)
-        .await
-        .expect("type");
-    page.click("#sign-in").await.expect("sign in");
     let rollback = r#".rollout[data-app="shapp"] button[data-action="rollback"]"#;
-    page.wait_for(
+    sign_in(
+        &mut page,
+        &tokens.operator,
         "the rollback button enabled",
-        &format!(
-            "document.querySelector({rollback:?}) && !document.querySelector({rollback:?}).disabled"
-        ),
+        &enabled(rollback),
     )
-    .await
-    .expect("signed in");
-    page.click(rollback).await.expect("click roll back");
-    page.wait_for(
+    .await;
+    ask_confirmation(
+        &mut page,
+        rollback,
         "the rollback's confirmation",
-        "document.getElementById('confirm').open && document.getElementById('rollback-to')",
+        "document.getElementById('rollback-to')",
     )
-    .await
-    .expect("dialog");
+    .await;
     let asked = page
         .eval("[document.getElementById('confirm-title').textContent, document.getElementById('confirm-release').textContent]")
         .await
@@ -509,15 +492,13 @@ async fn from_the_page_an_operator_approves_and_rolls_back_a_reader_is_refused_a
             .is_some_and(|r| r.starts_with("shapp 1.0.0: stored")),
         "{asked}"
     );
-    page.click("#confirm-ok").await.expect("confirm");
-    let shown = page
-        .wait_for(
-            "the rollback's answer",
-            "document.getElementById('action-result').textContent.startsWith('rollback') \
-             && document.getElementById('action-result').textContent",
-        )
-        .await
-        .expect("answer");
+    let shown = confirm(
+        &mut page,
+        "the rollback's answer",
+        "document.getElementById('action-result').textContent.startsWith('rollback') \
+         && document.getElementById('action-result').textContent",
+    )
+    .await;
     assert_eq!(
         shown,
         "rollback of shapp to 1.0.0 (replacing up to 2.0.0) requested"

@@ -10,9 +10,10 @@ use fleetcast_events::AppName;
 use std::time::Duration;
 
 use fleetcast_e2e::browser::{Screenshot, page_dom};
-use fleetcast_e2e::{Pipeline, TIMEOUT, fleet_in, http_get, ring, rollout_phase, script_app};
+use fleetcast_e2e::checks::{auto_approved, release_until, until};
+use fleetcast_e2e::{Pipeline, fleet_in, http_get, ring, script_app};
 use fleetcast_events::tracker::Phase;
-use fleetcast_tracker::policy::{AppPolicy, Approval};
+use fleetcast_tracker::policy::AppPolicy;
 use serde_json::Value;
 
 /// The banner's background (`#fee2e2`, used by the banner alone).
@@ -23,10 +24,7 @@ const HALT: [u8; 3] = [0xb9, 0x1c, 0x1c];
 const ALARM_ROW: [u8; 3] = [0xff, 0xf7, 0xed];
 
 fn policy() -> AppPolicy {
-    AppPolicy {
-        approval: Approval::Auto,
-        rings: vec![ring("canary", 1, 1), ring("broad", 2, 1)],
-    }
+    auto_approved(vec![ring("canary", 1, 1), ring("broad", 2, 1)])
 }
 
 /// A pipeline, a tracker with [`policy`] for `shapp`, and `agents`: the hosts and the
@@ -46,6 +44,16 @@ async fn screenshot(port: u16, path: &str, name: &str) -> Screenshot {
     fleetcast_e2e::browser::page_screenshot(port, path, &file).await
 }
 
+/// `shot` has more than `pixels` pixels of `colour`, the colour of `what`.
+fn assert_more_than(shot: &Screenshot, colour: [u8; 3], pixels: usize, what: &str) {
+    let count = shot.count(colour);
+    assert!(
+        count > pixels,
+        "{}: {what} is missing ({count} pixels of its colour)",
+        shot.file.display()
+    );
+}
+
 fn json(port: u16, path: &str) -> Value {
     let body = http_get(port, path);
     serde_json::from_str(&body).unwrap_or_else(|e| panic!("{path}: {e}: {body}"))
@@ -62,18 +70,13 @@ fn row<'a>(dom: &'a str, attr: &str) -> &'a str {
 
 /// Waits until `check` holds of the JSON at `path`, and returns it.
 async fn json_when(port: u16, path: &str, what: &str, check: impl Fn(&Value) -> bool) -> Value {
-    let deadline = tokio::time::Instant::now() + TIMEOUT;
-    loop {
-        let value = json(port, path);
-        if check(&value) {
-            return value;
-        }
-        assert!(
-            tokio::time::Instant::now() < deadline,
-            "timed out waiting for {what}: {value}"
-        );
-        tokio::time::sleep(Duration::from_millis(200)).await;
-    }
+    until(
+        Duration::from_millis(200),
+        what,
+        async || json(port, path),
+        check,
+    )
+    .await
 }
 
 fn kinds(entries: &Value) -> Vec<&str> {
@@ -129,12 +132,8 @@ async fn with_nothing_released_the_pages_say_so() {
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn a_halted_rollout_is_marked_on_its_timeline_and_in_the_history() {
     let (mut p, _hosts, port) = start(&[("c1", "canary"), ("b1", "broad")]).await;
-    p.release("shapp", "1.0.0", &script_app("1.0.0", true))
-        .await;
-    rollout_phase(&p, Phase::Completed).await;
-    p.release("shapp", "2.0.0", &script_app("2.0.0", false))
-        .await;
-    rollout_phase(&p, Phase::Halted).await;
+    release_until(&p, "1.0.0", true, Phase::Completed).await;
+    release_until(&p, "2.0.0", false, Phase::Halted).await;
 
     // The timeline's data: its samples (a failed host among them) and its marks, from the
     // history (recorded just after the halt).
@@ -183,12 +182,7 @@ async fn a_halted_rollout_is_marked_on_its_timeline_and_in_the_history() {
     assert!(mark.contains("ring canary: 1 of 1 hosts failed"), "{mark}");
     let shot = screenshot(port, "/rollout?app=shapp", "halted-rollout").await;
     // The halt's bar spans the plot's height (a few hundred pixels, a few wide).
-    assert!(
-        shot.count(HALT) > 500,
-        "{}: the halt is not marked ({} pixels)",
-        shot.file.display(),
-        shot.count(HALT)
-    );
+    assert_more_than(&shot, HALT, 500, "the halt's mark");
     assert_eq!(shot.count(BANNER), 0, "{}", shot.file.display());
 
     // The history page: the halt, marked, with its reason; the canary's rollback too.
@@ -276,9 +270,7 @@ async fn a_halted_rollout_is_marked_on_its_timeline_and_in_the_history() {
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn every_page_says_when_the_tracker_is_cut_off_from_nats() {
     let (mut p, _hosts, port) = start(&[("c1", "canary")]).await;
-    p.release("shapp", "1.0.0", &script_app("1.0.0", true))
-        .await;
-    rollout_phase(&p, Phase::Completed).await;
+    release_until(&p, "1.0.0", true, Phase::Completed).await;
     let live = screenshot(port, "/history", "connected-history").await;
     assert_eq!(
         live.count(BANNER),
@@ -307,12 +299,7 @@ async fn every_page_says_when_the_tracker_is_cut_off_from_nats() {
 
     let shot = screenshot(port, "/history", "disconnected-history").await;
     // The banner is a wide band across the top of the page.
-    assert!(
-        shot.count(BANNER) > 5_000,
-        "{}: no banner ({} pixels of its colour)",
-        shot.file.display(),
-        shot.count(BANNER)
-    );
+    assert_more_than(&shot, BANNER, 5_000, "the banner");
 }
 
 /// Under its own NATS identity (`ops/nats/gen-accounts`), the tracker may list the release

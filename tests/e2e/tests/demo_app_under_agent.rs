@@ -4,8 +4,6 @@
 
 use fleetcast_events::AppName;
 use std::collections::BTreeMap;
-use std::io::{Read, Write};
-use std::net::TcpStream;
 use std::sync::Arc;
 use std::sync::atomic::{AtomicBool, Ordering};
 use std::time::Duration;
@@ -14,7 +12,8 @@ use fleetcast_agent::health::HealthGate;
 use fleetcast_agent::journal::Journal;
 use fleetcast_agent::settings::AppSettings;
 use fleetcast_e2e::binaries::binary;
-use fleetcast_e2e::{Pipeline, TIMEOUT, eventually};
+use fleetcast_e2e::checks::status_of;
+use fleetcast_e2e::{Pipeline, TIMEOUT, eventually, journal_commits};
 use fleetcast_events::v1::{AgentStatus, AppState};
 use fleetcast_harness::fixtures::PackageBuilder;
 use semver::Version;
@@ -26,15 +25,8 @@ fn v(s: &str) -> Version {
 
 /// `GET /version`'s body, `None` while nothing answers.
 fn version_served(port: u16) -> Option<String> {
-    let mut s = TcpStream::connect(("127.0.0.1", port)).ok()?;
-    write!(
-        s,
-        "GET /version HTTP/1.1\r\nHost: localhost\r\nConnection: close\r\n\r\n"
-    )
-    .ok()?;
-    let mut response = String::new();
-    s.read_to_string(&mut response).ok()?;
-    Some(response.split("\r\n\r\n").nth(1)?.trim().to_string())
+    let (_, body) = fleetcast_harness::http::get(port, "/version", None)?;
+    Some(body.trim().to_string())
 }
 
 async fn serving(port: u16, version: &str) {
@@ -157,10 +149,7 @@ async fn the_demo_app_is_updated_drained_and_rolled_back_by_a_real_agent() {
         std::fs::read_to_string(&marker).expect("v1 was killed, not drained"),
         "1.0.0"
     );
-    eventually("v2 committed", || {
-        Journal::load(&journal).is_ok_and(|j| j.committed == Some(v("2.0.0")))
-    })
-    .await;
+    journal_commits(&journal, "2.0.0").await;
     assert_eq!(
         Journal::load(&journal).expect("journal").previous,
         Some(v("1.0.0"))
@@ -174,13 +163,7 @@ async fn the_demo_app_is_updated_drained_and_rolled_back_by_a_real_agent() {
     ] {
         p.release("demo", version, &release(version, &env)).await;
         p.desire("demo", "default", version).await;
-        let want = v(version);
-        let rolled: AgentStatus = p
-            .wait_status(move |s: &AgentStatus| {
-                s.state == AppState::RolledBack && s.version.as_ref() == Some(&want)
-            })
-            .await
-            .expect("rolled back");
+        let rolled = status_of(&p, AppState::RolledBack, version).await;
         let reason = rolled.reason.unwrap_or_default();
         assert!(reason.contains(why), "{version}: {reason}");
         serving(port, "2.0.0").await;
@@ -208,21 +191,9 @@ fn steady_load(port: u16, stop: Arc<AtomicBool>) -> std::thread::JoinHandle<Load
     std::thread::spawn(move || {
         let mut load = Load::default();
         while !stop.load(Ordering::Relaxed) {
-            let answer = TcpStream::connect(("127.0.0.1", port))
-                .ok()
-                .and_then(|mut s| {
-                    s.set_read_timeout(Some(Duration::from_secs(10))).ok()?;
-                    write!(
-                        s,
-                        "GET /version HTTP/1.1\r\nHost: localhost\r\nConnection: close\r\n\r\n"
-                    )
-                    .ok()?;
-                    let mut response = String::new();
-                    s.read_to_string(&mut response).ok()?;
-                    let (head, body) = response.split_once("\r\n\r\n")?;
-                    head.starts_with("HTTP/1.1 200")
-                        .then(|| body.trim().to_string())
-                });
+            let answer =
+                fleetcast_harness::http::get(port, "/version", Some(Duration::from_secs(10)))
+                    .and_then(|(status, body)| (status == 200).then(|| body.trim().to_string()));
             match answer {
                 Some(version) => *load.answered.entry(version).or_default() += 1,
                 None => load.failed += 1,

@@ -14,7 +14,12 @@
 use fleetcast_events::{AgentId, AppName, RingName};
 use std::time::Duration;
 
-use fleetcast_e2e::{Pipeline, TIMEOUT, Violations, free_addr, http_get, running, script_app};
+use fleetcast_e2e::checks::{
+    auto_approved, closed_pipeline, own_agent_runs_first_release, poll, status_of,
+};
+use fleetcast_e2e::{
+    Pipeline, TIMEOUT, TestBus, Violations, free_addr, http_get, ring, running, script_app,
+};
 use fleetcast_events::names;
 use fleetcast_events::tracker::Phase;
 use fleetcast_events::tracker::{Command, Reply, RolloutSummary};
@@ -22,7 +27,7 @@ use fleetcast_events::v1::{
     AgentHeartbeat, AgentStatus, AppHeartbeat, AppState, SlotReply, SlotRequest,
 };
 use fleetcast_harness::accounts::{AgentSpec, agent_inbox_prefix};
-use fleetcast_tracker::policy::{Amount, AppPolicy, Approval, RingPolicy};
+use fleetcast_tracker::policy::{Amount, AppPolicy, RingPolicy};
 use futures::StreamExt;
 use time::OffsetDateTime;
 
@@ -79,17 +84,7 @@ async fn stored(client: &async_nats::Client, subject: String, payload: Vec<u8>) 
 
 /// One ring, `default`, one slot at a time, halted by the first failure.
 fn one_ring() -> AppPolicy {
-    AppPolicy {
-        approval: Approval::Auto,
-        rings: vec![RingPolicy {
-            name: RingName::from_static("default"),
-            parallel: Amount::Count(1),
-            soak: Duration::ZERO,
-            max_failures: Amount::Count(1),
-            min_results: 1,
-            windows: Vec::new(),
-        }],
-    }
+    auto_approved(vec![ring("default", 1, 1)])
 }
 
 /// The tracker under its own identity (replies as `tracker-reply`), serving HTTP on `listen`.
@@ -118,21 +113,24 @@ fn rollout_of<'a>(reply: &'a Reply, app: &str) -> Option<&'a RolloutSummary> {
 
 /// Waits until the tracker's view satisfies `check`; returns that view.
 async fn until_tracker(p: &Pipeline, what: &str, check: impl Fn(&Reply) -> bool) -> Reply {
-    let deadline = tokio::time::Instant::now() + TIMEOUT;
-    loop {
+    poll(Duration::from_millis(100), async || {
         // Not answered yet: the tracker is starting.
-        let reply = try_tracker_status(p).await;
-        if let Ok(reply) = &reply
-            && check(reply)
-        {
-            return reply.clone();
+        match try_tracker_status(p).await {
+            Ok(reply) if check(&reply) => Ok(reply),
+            reply => Err(format!("timed out waiting for: {what}; tracker: {reply:?}")),
         }
-        assert!(
-            tokio::time::Instant::now() < deadline,
-            "timed out waiting for: {what}; tracker: {reply:?}"
-        );
-        tokio::time::sleep(Duration::from_millis(100)).await;
-    }
+    })
+    .await
+}
+
+/// The desired state of `shapp` in ring `default`, as stored (with its revision).
+async fn desired_entry(admin: &TestBus) -> async_nats::jetstream::kv::Entry {
+    admin
+        .desired
+        .entry("shapp.default")
+        .await
+        .expect("read")
+        .expect("the rollout's desired state")
 }
 
 /// `fleetcast_tracker_refused_total{what, reason}` from the tracker's `/metrics`.
@@ -161,14 +159,12 @@ async fn until_refused(port: u16, what: &str, reason: &str, n: u64) {
 /// A fleet of two agents in ring `default` (h1 and h2) and one in `canary` (c1), with a
 /// release of `shapp` rolling out: h1 reported (running nothing yet), so the ring waits for it.
 async fn rolling_out() -> (Pipeline, u16, async_nats::Client, Violations) {
-    let mut p = Pipeline::new_closed(&[
+    let mut p = closed_pipeline(&[
         AgentSpec::new("h1", "default", &["shapp"]),
         AgentSpec::new("h2", "default", &["shapp"]),
         AgentSpec::new("c1", "canary", &["shapp"]),
     ])
-    .await
-    .expect("pipeline");
-    p.start_pipeline_as_roles();
+    .await;
     let listen = free_addr();
     start_tracker(&mut p, listen, one_ring());
     until_tracker(&p, "the tracker up", |_| true).await;
@@ -338,12 +334,7 @@ async fn slot_requests_are_their_subjects_agent_and_replies_go_to_its_inbox_only
 
     // Reply subjects that are not h1's inbox: a KV key of the desired state, h2's inbox.
     let admin = p.bus().await.expect("admin");
-    let desired_before = admin
-        .desired
-        .entry("shapp.default")
-        .await
-        .expect("read")
-        .expect("the rollout's desired state");
+    let desired_before = desired_entry(&admin).await;
     let kv_reply = format!("$KV.{}.shapp.default", names::DESIRED_BUCKET);
     for reply_to in [
         kv_reply.clone(),
@@ -390,12 +381,7 @@ async fn slot_requests_are_their_subjects_agent_and_replies_go_to_its_inbox_only
         .expect("sent");
     refused_reply.publish_refused(&kv_reply).await;
 
-    let desired_after = admin
-        .desired
-        .entry("shapp.default")
-        .await
-        .expect("read")
-        .expect("desired state");
+    let desired_after = desired_entry(&admin).await;
     assert_eq!(
         (desired_after.revision, desired_after.value),
         (desired_before.revision, desired_before.value),
@@ -431,10 +417,7 @@ async fn slot_requests_are_their_subjects_agent_and_replies_go_to_its_inbox_only
 /// them, with the agent's reason.
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn a_lost_rolled_back_status_still_halts_the_rollout_through_the_heartbeats() {
-    let mut p = Pipeline::new_closed(&[AgentSpec::new("h1", "default", &["shapp"])])
-        .await
-        .expect("pipeline");
-    p.start_pipeline_as_roles();
+    let mut p = closed_pipeline(&[AgentSpec::new("h1", "default", &["shapp"])]).await;
     let policy = AppPolicy {
         // Every host at once: no slot to ask for while the tracker is down.
         rings: vec![RingPolicy {
@@ -444,14 +427,7 @@ async fn a_lost_rolled_back_status_still_halts_the_rollout_through_the_heartbeat
         ..one_ring()
     };
     start_tracker(&mut p, free_addr(), policy.clone());
-    let host = tempfile::tempdir().expect("tmp");
-    let settings = p.agent_settings("h1", "default", host.path());
-    p.start_agent_as_itself(settings);
-    let state = host.path().join("state");
-
-    p.release("shapp", "1.0.0", &script_app("1.0.0", true))
-        .await;
-    fleetcast_e2e::eventually("h1 runs 1.0.0", || running(&state) == "1.0.0").await;
+    let (_host, state) = own_agent_runs_first_release(&mut p, "h1", "default").await;
     until_tracker(&p, "1.0.0 rolled out", |r| {
         rollout_of(r, "shapp").is_some_and(|r| r.phase == Phase::Completed)
     })
@@ -462,11 +438,7 @@ async fn a_lost_rolled_back_status_still_halts_the_rollout_through_the_heartbeat
     p.release("shapp", "1.1.0", &script_app("1.1.0", false))
         .await;
     p.desire("shapp", "default", "1.1.0").await;
-    p.wait_status(|s: &AgentStatus| {
-        s.state == AppState::RolledBack && s.version == Some(v("1.1.0"))
-    })
-    .await
-    .expect("h1 rolls 1.1.0 back");
+    status_of(&p, AppState::RolledBack, "1.1.0").await;
     // (The app writes the file again as it restarts: read until it has.)
     fleetcast_e2e::eventually("h1 runs 1.0.0 again", || running(&state) == "1.0.0").await;
 

@@ -6,9 +6,10 @@ use std::future::Future;
 use std::net::SocketAddr;
 use std::time::Duration;
 
-use fleetcast_e2e::{Pipeline, TIMEOUT, free_addr, script_app};
-use fleetcast_events::names::{RELEASE_REJECTED, RELEASE_STORED, ROLLBACK_SIGNED};
-use fleetcast_events::v1::{RejectCode, ReleaseRejected, ReleaseStored, RollbackSigned};
+use fleetcast_e2e::checks::{poll, signer_refuses};
+use fleetcast_e2e::{Pipeline, free_addr, script_app};
+use fleetcast_events::names::{RELEASE_STORED, ROLLBACK_SIGNED};
+use fleetcast_events::v1::{RejectCode, ReleaseStored, RollbackSigned};
 use fleetcast_harness::fixtures::sample_package;
 use semver::Version;
 use tokio::io::{AsyncReadExt, AsyncWriteExt};
@@ -33,20 +34,15 @@ async fn get(addr: SocketAddr, path: &str) -> Option<(u16, String)> {
 /// Asks `GET path` until the answer satisfies `ok` (a counter is incremented just after the
 /// event the test waited for is published, and a server may still be starting).
 async fn until(addr: SocketAddr, path: &str, ok: impl Fn(u16, &str) -> bool) -> String {
-    let deadline = tokio::time::Instant::now() + TIMEOUT;
-    loop {
-        let answer = get(addr, path).await;
-        if let Some((status, body)) = &answer
-            && ok(*status, body)
-        {
-            return body.clone();
+    poll(Duration::from_millis(100), async || {
+        match get(addr, path).await {
+            Some((status, body)) if ok(status, &body) => Ok(body),
+            answer => Err(format!(
+                "{path} on {addr} never became as expected; last answer: {answer:?}"
+            )),
         }
-        assert!(
-            tokio::time::Instant::now() < deadline,
-            "{path} on {addr} never became as expected; last answer: {answer:?}"
-        );
-        tokio::time::sleep(Duration::from_millis(100)).await;
-    }
+    })
+    .await
 }
 
 /// `/metrics` once it holds every one of `lines`.
@@ -55,6 +51,18 @@ async fn metrics_with(addr: SocketAddr, lines: &[String]) -> String {
         status == 200 && lines.iter().all(|l| body.lines().any(|b| b == l))
     })
     .await
+}
+
+/// An agent's series for `shapp`, in `state` on `version` after one update and `rollbacks`
+/// rollbacks.
+fn app_series(state: &str, version: &str, rollbacks: u64) -> Vec<String> {
+    vec![
+        format!(
+            "fleetcast_agent_app_state{{app=\"shapp\",state=\"{state}\",version=\"{version}\"}} 1"
+        ),
+        "fleetcast_agent_updates_total{app=\"shapp\"} 1".into(),
+        format!("fleetcast_agent_rollbacks_total{{app=\"shapp\"}} {rollbacks}"),
+    ]
 }
 
 async fn healthy(addr: SocketAddr) {
@@ -95,17 +103,7 @@ async fn pipeline_services_count_their_work_and_report_health() {
     // and a rollback from the second release to the first.
     p.release("shapp", "1.0.0", &sample_package("1.0.0")).await;
     std::fs::write(p.drop_dir().join("shapp-latest.zip"), b"not even a zip").expect("drop");
-    std::fs::write(
-        p.drop_dir().join("shapp-0.9.0.zip"),
-        sample_package("0.9.0").build(),
-    )
-    .expect("drop");
-    let refused: ReleaseRejected = p
-        .wait_event(RELEASE_REJECTED, |e: &ReleaseRejected| {
-            e.version == v("0.9.0")
-        })
-        .await
-        .expect("0.9.0 refused");
+    let refused = signer_refuses(&p, "shapp", "0.9.0", &sample_package("0.9.0")).await;
     assert_eq!(refused.reason.code, RejectCode::VersionNotNewer);
     p.release("shapp", "1.1.0", &sample_package("1.1.0")).await;
     let bus = p.cli().await.expect("bus");
@@ -240,13 +238,8 @@ async fn an_agent_asked_to_serves_its_apps_state_version_and_rollbacks() {
     p.start_agent(settings);
 
     p.desire("shapp", "canary", "1.0.0").await;
-    let lines = [
-        "fleetcast_agent_app_state{app=\"shapp\",state=\"running\",version=\"1.0.0\"} 1"
-            .to_string(),
-        "fleetcast_agent_updates_total{app=\"shapp\"} 1".into(),
-        "fleetcast_agent_rollbacks_total{app=\"shapp\"} 0".into(),
-        "fleetcast_agent_nats_connected 1".into(),
-    ];
+    let mut lines = app_series("running", "1.0.0", 0);
+    lines.push("fleetcast_agent_nats_connected 1".into());
     let text = metrics_with(addr, &lines).await;
     healthy(addr).await;
     // What the install took from the store, against what v1's files weigh.
@@ -270,13 +263,7 @@ async fn an_agent_asked_to_serves_its_apps_state_version_and_rollbacks() {
 
     // 2.0.0 exits at once: the agent rolls back to 1.0.0 by itself.
     p.desire("shapp", "canary", "2.0.0").await;
-    let lines = [
-        "fleetcast_agent_app_state{app=\"shapp\",state=\"rolled_back\",version=\"1.0.0\"} 1"
-            .to_string(),
-        "fleetcast_agent_updates_total{app=\"shapp\"} 1".into(),
-        "fleetcast_agent_rollbacks_total{app=\"shapp\"} 1".into(),
-    ];
-    let text = metrics_with(addr, &lines).await;
+    let text = metrics_with(addr, &app_series("rolled_back", "1.0.0", 1)).await;
     assert!(
         text.contains("fleetcast_agent_app_uptime_seconds{app=\"shapp\"} "),
         "{text}"

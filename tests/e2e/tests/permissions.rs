@@ -9,10 +9,12 @@
 //! The server runs from the shipped `ops/nats/secure.conf` with the accounts and TLS that
 //! `ops/nats/gen-accounts --tls` issues (`Pipeline::new_closed`): what is tested is what ships.
 
+use fleetcast_e2e::checks::{
+    api_refuses, assert_chunks_kept, assert_no_permission_violations, ci_publishes, closed_pipeline,
+};
 use fleetcast_e2e::{Pipeline, TIMEOUT, eventually, running, script_app};
 use fleetcast_events::AppName;
 use fleetcast_events::names;
-use fleetcast_events::v1::ReleaseState;
 use fleetcast_harness::accounts::{AgentSpec, agent_inbox_prefix};
 use fleetcast_harness::fixtures::{pseudo_random, rebuilt};
 use std::time::Duration;
@@ -34,8 +36,7 @@ fn fleet() -> Vec<AgentSpec> {
 /// violation in the server's log: every role has what it uses.
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn a_release_reaches_every_agent_with_each_program_under_its_own_identity() {
-    let mut p = Pipeline::new_closed(&fleet()).await.expect("pipeline");
-    p.start_pipeline_as_roles();
+    let mut p = closed_pipeline(&fleet()).await;
     p.start_tracker_as_role(p.tracker_settings());
     let hosts = tempfile::tempdir().expect("tmp");
     for id in ["h1", "h2"] {
@@ -52,23 +53,7 @@ async fn a_release_reaches_every_agent_with_each_program_under_its_own_identity(
         .file("lib/engine.so", engine.clone(), 0o644)
         .write_to(&zip)
         .expect("zip");
-    fleetcast_cli::publish(
-        &ci,
-        fleetcast_cli::PublishRequest {
-            archive: &zip,
-            app: None,
-            version: None,
-            published_by: Some("ci".into()),
-            progress: None,
-        },
-    )
-    .await
-    .expect("ci publishes");
-    let v1 = semver::Version::parse("1.0.0").expect("version");
-    let record = fleetcast_cli::wait_for_release(&ci, "shapp", &v1, TIMEOUT)
-        .await
-        .expect("ci reads the record");
-    assert_eq!(record.state, ReleaseState::Stored, "{record:?}");
+    let v1 = ci_publishes(&ci, &zip, "shapp", "1.0.0").await.version;
     for id in ["h1", "h2"] {
         let state = hosts.path().join(id).join("state");
         eventually(&format!("{id} runs 1.0.0"), || running(&state) == "1.0.0").await;
@@ -154,12 +139,7 @@ async fn a_release_reaches_every_agent_with_each_program_under_its_own_identity(
             "no status from {id}"
         );
     }
-    let log = p.nats.log();
-    let violations: Vec<&str> = log
-        .lines()
-        .filter(|l| l.contains("Publish Violation") || l.contains("Subscription Violation"))
-        .collect();
-    assert!(violations.is_empty(), "{}", violations.join("\n"));
+    assert_no_permission_violations(&p.nats);
 }
 
 /// An agent's credentials let it do nothing but read what it needs and report about itself:
@@ -167,8 +147,7 @@ async fn a_release_reaches_every_agent_with_each_program_under_its_own_identity(
 /// replies, no other app's or ring's desired state, no stream deleted or purged.
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn an_agent_identity_is_refused_everything_but_its_own_business() {
-    let mut p = Pipeline::new_closed(&fleet()).await.expect("pipeline");
-    p.start_pipeline_as_roles();
+    let p = closed_pipeline(&fleet()).await;
     p.release("shapp", "1.0.0", &script_app("1.0.0", true))
         .await;
     p.desire("shapp", "default", "1.0.0").await;
@@ -330,18 +309,10 @@ async fn an_agent_identity_is_refused_everything_but_its_own_business() {
         refused.publish_refused(&subject).await;
     }
     assert!(
-        tokio::time::timeout(TIMEOUT, js.delete_stream(names::CHUNKS_STREAM))
-            .await
-            .expect("answer or time-out")
-            .is_err(),
+        api_refuses(js.delete_stream(names::CHUNKS_STREAM)).await,
         "deleting a stream through the API fails"
     );
-    let mut chunks = admin
-        .js
-        .get_stream(names::CHUNKS_STREAM)
-        .await
-        .expect("the chunk stream still exists");
-    assert!(chunks.info().await.expect("info").state.messages > 0);
+    assert_chunks_kept(&admin).await;
     // The server logs what it refused (what the allowed-path test finds none of).
     let log = p.nats.log();
     assert!(log.contains("Publish Violation") && log.contains("Subscription Violation"));
@@ -351,8 +322,7 @@ async fn an_agent_identity_is_refused_everything_but_its_own_business() {
 /// `_INBOX` is not its to read.
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn an_agent_without_its_inbox_prefix_gets_no_replies() {
-    let mut p = Pipeline::new_closed(&fleet()).await.expect("pipeline");
-    p.start_pipeline_as_roles();
+    let p = closed_pipeline(&fleet()).await;
     let accounts = p.accounts.as_ref().expect("accounts");
     let (h1, refused) = p.client_as(&accounts.agent_creds("h1"), None).await;
     let js = async_nats::jetstream::new(h1.clone());
@@ -375,8 +345,7 @@ async fn an_agent_without_its_inbox_prefix_gets_no_replies() {
 /// forge the signer's timestamp. And a client without credentials is turned away.
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn every_role_is_refused_what_is_not_its_job() {
-    let mut p = Pipeline::new_closed(&fleet()).await.expect("pipeline");
-    p.start_pipeline_as_roles();
+    let p = closed_pipeline(&fleet()).await;
     let delete_chunks = format!("$JS.API.STREAM.DELETE.{}", names::CHUNKS_STREAM);
     let desired = format!("$KV.{}.shapp.default", names::DESIRED_BUCKET);
     let table: [(&str, Vec<String>); 6] = [

@@ -3,7 +3,8 @@
 
 use std::time::Duration;
 
-use fleetcast_e2e::{Pipeline, chunk_ids, reassemble};
+use fleetcast_e2e::checks::{publish, signer_refuses};
+use fleetcast_e2e::{Pipeline, TestBus, chunk_ids, reassemble};
 use fleetcast_events::names::*;
 use fleetcast_events::v1::*;
 use fleetcast_harness::fixtures::{PackageBuilder, hostile, pseudo_random, sample_package};
@@ -26,6 +27,26 @@ async fn assert_reassembles(p: &Pipeline, app: &str, version: &str, package: &Pa
             "{path} differs after reassembly"
         );
     }
+}
+
+/// The `release.stored` event of `version`, once published.
+async fn stored_event(p: &Pipeline, version: &str) -> ReleaseStored {
+    let want = v(version);
+    p.wait_event(RELEASE_STORED, move |e: &ReleaseStored| e.version == want)
+        .await
+        .expect("stored")
+}
+
+/// `collector`'s release record of `version`, which says stored.
+async fn assert_stored(bus: &TestBus, version: &str) -> ReleaseRecord {
+    let record = bus
+        .records
+        .release_record("collector", &v(version))
+        .await
+        .expect("record")
+        .expect("some");
+    assert_eq!(record.state, ReleaseState::Stored);
+    record
 }
 
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
@@ -67,16 +88,7 @@ async fn dropped_zip_is_signed_chunked_and_stored() {
         p.drop_dir().join("collector-1.0.0.zip.part").is_file(),
         "temporary file touched"
     );
-    let record = p
-        .bus()
-        .await
-        .expect("bus")
-        .records
-        .release_record("collector", &v("1.0.0"))
-        .await
-        .expect("record")
-        .expect("some");
-    assert_eq!(record.state, ReleaseState::Stored);
+    assert_stored(&p.bus().await.expect("bus"), "1.0.0").await;
 }
 
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
@@ -89,14 +101,7 @@ async fn ci_publish_gives_the_same_result_and_v2_stores_only_new_chunks() {
         .file("README", "hello\n".repeat(1000), 0o644);
     let zip = p.dir.path().join("collector-1.0.0.zip");
     v1.write_to(&zip).expect("zip");
-    let request = fleetcast_cli::PublishRequest {
-        archive: &zip,
-        app: None,
-        version: None,
-        published_by: Some("ci-test".into()),
-        progress: None,
-    };
-    fleetcast_cli::publish(&p.cli().await.expect("cli"), request)
+    publish(&p.cli().await.expect("cli"), &zip, Some("ci-test"))
         .await
         .expect("publish");
     let record = fleetcast_cli::wait_for_release(
@@ -120,20 +125,10 @@ async fn ci_publish_gives_the_same_result_and_v2_stores_only_new_chunks() {
     let zip2 = p.dir.path().join("collector-1.1.0.zip");
     v2.write_to(&zip2).expect("zip");
     let chunks_before = p.stored_chunks().await.expect("chunks");
-    let request = fleetcast_cli::PublishRequest {
-        archive: &zip2,
-        app: None,
-        version: None,
-        published_by: None,
-        progress: None,
-    };
-    fleetcast_cli::publish(&p.cli().await.expect("cli"), request)
+    publish(&p.cli().await.expect("cli"), &zip2, None)
         .await
         .expect("publish v2");
-    let stored: ReleaseStored = p
-        .wait_event(RELEASE_STORED, |e: &ReleaseStored| e.version == v("1.1.0"))
-        .await
-        .expect("stored");
+    let stored = stored_event(&p, "1.1.0").await;
     assert_reassembles(&p, "collector", "1.1.0", &v2).await;
     let old = chunk_ids(&bus, &p.trusted(), "collector", &v("1.0.0"))
         .await
@@ -165,10 +160,7 @@ async fn ci_publish_gives_the_same_result_and_v2_stores_only_new_chunks() {
     fleetcast_cli::publish(&p.cli().await.expect("cli"), request)
         .await
         .expect("publish again");
-    let again: ReleaseStored = p
-        .wait_event(RELEASE_STORED, |e: &ReleaseStored| e.version == v("1.2.0"))
-        .await
-        .expect("stored");
+    let again = stored_event(&p, "1.2.0").await;
     assert_eq!(
         (again.new_chunks, again.chunks, again.new_tree_nodes),
         (0, 0, 0)
@@ -313,17 +305,7 @@ async fn hostile_packages_are_rejected_with_their_reason_and_nothing_is_stored()
     p.wait_event(RELEASE_STORED, |e: &ReleaseStored| e.app == "collector")
         .await
         .expect("stored");
-    std::fs::write(
-        p.drop_dir().join("collector-1.9.0.zip"),
-        sample_package("1.9.0").build(),
-    )
-    .expect("drop");
-    let old: ReleaseRejected = p
-        .wait_event(RELEASE_REJECTED, |e: &ReleaseRejected| {
-            e.version == v("1.9.0")
-        })
-        .await
-        .expect("rejected");
+    let old = signer_refuses(&p, "collector", "1.9.0", &sample_package("1.9.0")).await;
     assert_eq!(
         old.reason.code,
         RejectCode::VersionNotNewer,
@@ -331,25 +313,9 @@ async fn hostile_packages_are_rejected_with_their_reason_and_nothing_is_stored()
         old.reason.message
     );
     // The same version again with other content is refused too, and the good one stays stored.
-    std::fs::write(
-        p.drop_dir().join("collector-2.0.0.zip"),
-        sample_package("2.0.0-other").build(),
-    )
-    .expect("drop");
-    let again: ReleaseRejected = p
-        .wait_event(RELEASE_REJECTED, |e: &ReleaseRejected| {
-            e.version == v("2.0.0")
-        })
-        .await
-        .expect("rejected");
+    let again = signer_refuses(&p, "collector", "2.0.0", &sample_package("2.0.0-other")).await;
     assert_eq!(again.reason.code, RejectCode::VersionNotNewer);
-    let record = bus
-        .records
-        .release_record("collector", &v("2.0.0"))
-        .await
-        .expect("record")
-        .expect("some");
-    assert_eq!(record.state, ReleaseState::Stored);
+    let record = assert_stored(&bus, "2.0.0").await;
 
     // Nothing was kept for any refused package: only the good release's chunks and tree nodes,
     // no archives.

@@ -12,7 +12,11 @@ use std::net::TcpStream;
 use std::path::Path;
 use std::time::Duration;
 
-use fleetcast_e2e::{Pipeline, REFUSAL, admitted, eventually, running, script_app, with_creds};
+use fleetcast_e2e::checks::{
+    assert_no_permission_violations, assert_only_verified_clients_admitted,
+    own_agent_runs_first_release, tls_connect,
+};
+use fleetcast_e2e::{Pipeline, REFUSAL, eventually, running, script_app};
 use fleetcast_harness::NatsServer;
 use fleetcast_harness::accounts::{Accounts, AgentSpec};
 use futures::StreamExt;
@@ -35,6 +39,15 @@ fn route_port(node: &NatsServer) -> u16 {
     panic!("no cluster listen in {common}");
 }
 
+/// The three shipped nodes, running, with the accounts and TLS material they were issued.
+async fn shipped_cluster() -> (Accounts, Vec<NatsServer>) {
+    let accounts = Accounts::generate_with_tls(&[]).expect("accounts");
+    let nodes = NatsServer::start_shipped_cluster(&accounts)
+        .await
+        .expect("the shipped cluster starts");
+    (accounts, nodes)
+}
+
 /// What a route port answers a connection from 127.0.0.1: a TLS handshake trusting `ca`,
 /// presenting `client` (certificate and key files) if given, then the first line the node
 /// sends (its route INFO once it accepted the peer). An error or an empty line: refused.
@@ -43,42 +56,9 @@ async fn route_answer(
     ca: &Path,
     client: Option<(&Path, &Path)>,
 ) -> std::io::Result<String> {
-    use rustls::pki_types::pem::PemObject;
     use tokio::io::AsyncBufReadExt;
 
-    let mut roots = rustls::RootCertStore::empty();
-    for cert in
-        rustls::pki_types::CertificateDer::pem_file_iter(ca).map_err(std::io::Error::other)?
-    {
-        roots
-            .add(cert.map_err(std::io::Error::other)?)
-            .map_err(std::io::Error::other)?;
-    }
-    let builder = rustls::ClientConfig::builder_with_provider(std::sync::Arc::new(
-        rustls::crypto::ring::default_provider(),
-    ))
-    .with_safe_default_protocol_versions()
-    .map_err(std::io::Error::other)?
-    .with_root_certificates(roots);
-    let config = match client {
-        Some((cert, key)) => {
-            let chain = rustls::pki_types::CertificateDer::pem_file_iter(cert)
-                .map_err(std::io::Error::other)?
-                .collect::<Result<Vec<_>, _>>()
-                .map_err(std::io::Error::other)?;
-            let key = rustls::pki_types::PrivateKeyDer::from_pem_file(key)
-                .map_err(std::io::Error::other)?;
-            builder
-                .with_client_auth_cert(chain, key)
-                .map_err(std::io::Error::other)?
-        }
-        None => builder.with_no_client_auth(),
-    };
-    let tcp = tokio::net::TcpStream::connect(("127.0.0.1", port)).await?;
-    let name = rustls::pki_types::ServerName::IpAddress(std::net::Ipv4Addr::LOCALHOST.into());
-    let tls = tokio_rustls::TlsConnector::from(std::sync::Arc::new(config))
-        .connect(name, tcp)
-        .await?;
+    let tls = tls_connect(port, ca, client).await?;
     let mut line = String::new();
     tokio::time::timeout(REFUSAL, tokio::io::BufReader::new(tls).read_line(&mut line))
         .await
@@ -95,10 +75,7 @@ async fn route_answer(
 /// two.
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn the_shipped_nodes_form_a_jetstream_cluster_over_mutual_tls_routes() {
-    let accounts = Accounts::generate_with_tls(&[]).expect("accounts");
-    let nodes = NatsServer::start_shipped_cluster(&accounts)
-        .await
-        .expect("the shipped cluster starts");
+    let (accounts, nodes) = shipped_cluster().await;
     assert_eq!(nodes.len(), 3);
 
     let first = async_nats::jetstream::new(
@@ -212,42 +189,11 @@ async fn the_shipped_nodes_form_a_jetstream_cluster_over_mutual_tls_routes() {
 /// credentials with the CA are admitted at each (so the refusals are the servers').
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn every_shipped_node_refuses_anonymous_and_unverified_clients() {
-    let accounts = Accounts::generate_with_tls(&[]).expect("accounts");
-    let nodes = NatsServer::start_shipped_cluster(&accounts)
-        .await
-        .expect("the shipped cluster starts");
+    let (accounts, nodes) = shipped_cluster().await;
     let ca = accounts.ca().expect("TLS");
     let ci = accounts.creds("ci");
-    let other = fleetcast_harness::tls::TestPki::generate().expect("pki");
     for (i, node) in nodes.iter().enumerate() {
-        let url = node.url();
-        let anonymous = async_nats::ConnectOptions::new()
-            .require_tls(true)
-            .add_root_certificates(ca.clone());
-        assert!(!admitted(anonymous, &url).await, "node {i}: anonymous, TLS");
-        assert!(
-            !admitted(async_nats::ConnectOptions::new(), &url).await,
-            "node {i}: anonymous, plain"
-        );
-        let wrong_ca = with_creds(&ci)
-            .await
-            .require_tls(true)
-            .add_root_certificates(other.ca());
-        assert!(!admitted(wrong_ca, &url).await, "node {i}: another CA");
-        assert!(
-            !admitted(with_creds(&ci).await, &url).await,
-            "node {i}: no CA"
-        );
-        let right = with_creds(&ci)
-            .await
-            .require_tls(true)
-            .add_root_certificates(ca.clone());
-        assert!(admitted(right, &url).await, "node {i}: credentials and CA");
-        let log = node.log();
-        assert!(
-            log.contains("authentication error") && log.contains("unknown certificate authority"),
-            "node {i} logged the refusals: {log}"
-        );
+        assert_only_verified_clients_admitted(node, &ca, &ci, &format!("node {i}")).await;
     }
 }
 
@@ -263,14 +209,7 @@ async fn a_release_flows_on_the_shipped_cluster_and_survives_a_node_dying() {
     assert_eq!(p.nats_settings().replicas, 3);
     p.start_pipeline_as_roles();
     p.start_tracker_as_role(p.tracker_settings());
-    let host = tempfile::tempdir().expect("tmp");
-    let settings = p.agent_settings("h1", "default", host.path());
-    p.start_agent_as_itself(settings);
-    let state = host.path().join("state");
-
-    p.release("shapp", "1.0.0", &script_app("1.0.0", true))
-        .await;
-    eventually("h1 runs 1.0.0", || running(&state) == "1.0.0").await;
+    let (_host, state) = own_agent_runs_first_release(&mut p, "h1", "default").await;
 
     // Every stream (buckets included) the services created has a replica on each node.
     let admin = async_nats::jetstream::new(
@@ -305,11 +244,6 @@ async fn a_release_flows_on_the_shipped_cluster_and_survives_a_node_dying() {
     .await;
 
     for node in std::iter::once(&p.nats).chain(&p.cluster) {
-        let log = node.log();
-        let violations: Vec<&str> = log
-            .lines()
-            .filter(|l| l.contains("Publish Violation") || l.contains("Subscription Violation"))
-            .collect();
-        assert!(violations.is_empty(), "{}", violations.join("\n"));
+        assert_no_permission_violations(node);
     }
 }

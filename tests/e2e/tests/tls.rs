@@ -5,6 +5,7 @@
 
 use std::time::Duration;
 
+use fleetcast_e2e::checks::{poll, tls_connect};
 use fleetcast_e2e::{Pipeline, eventually, running, script_app};
 
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
@@ -63,29 +64,9 @@ async fn every_service_and_agent_talk_tls_and_clients_without_a_certificate_are_
 
 /// `GET path` over HTTPS to 127.0.0.1:`port`, trusting only the CA in `ca`: the response.
 async fn https_get(port: u16, ca: &std::path::Path, path: &str) -> std::io::Result<String> {
-    use rustls::pki_types::pem::PemObject;
     use tokio::io::{AsyncReadExt, AsyncWriteExt};
 
-    let mut roots = rustls::RootCertStore::empty();
-    for cert in
-        rustls::pki_types::CertificateDer::pem_file_iter(ca).map_err(std::io::Error::other)?
-    {
-        roots
-            .add(cert.map_err(std::io::Error::other)?)
-            .map_err(std::io::Error::other)?;
-    }
-    let config = rustls::ClientConfig::builder_with_provider(std::sync::Arc::new(
-        rustls::crypto::ring::default_provider(),
-    ))
-    .with_safe_default_protocol_versions()
-    .map_err(std::io::Error::other)?
-    .with_root_certificates(roots)
-    .with_no_client_auth();
-    let tcp = tokio::net::TcpStream::connect(("127.0.0.1", port)).await?;
-    let name = rustls::pki_types::ServerName::IpAddress(std::net::Ipv4Addr::LOCALHOST.into());
-    let mut tls = tokio_rustls::TlsConnector::from(std::sync::Arc::new(config))
-        .connect(name, tcp)
-        .await?;
+    let mut tls = tls_connect(port, ca, None).await?;
     tls.write_all(
         format!("GET {path} HTTP/1.1\r\nHost: 127.0.0.1\r\nConnection: close\r\n\r\n").as_bytes(),
     )
@@ -109,19 +90,13 @@ async fn the_tracker_and_every_service_serve_http_over_https_only() {
         }),
         ..p.tracker_settings()
     });
-    let deadline = tokio::time::Instant::now() + fleetcast_e2e::TIMEOUT;
-    let health = loop {
+    let health = poll(Duration::from_millis(100), async || {
         match https_get(port, &pki.ca(), "/health").await {
-            Ok(r) if r.starts_with("HTTP/1.1 200") => break r,
-            other => {
-                assert!(
-                    tokio::time::Instant::now() < deadline,
-                    "no HTTPS answer: {other:?}"
-                );
-                tokio::time::sleep(Duration::from_millis(100)).await;
-            }
+            Ok(r) if r.starts_with("HTTP/1.1 200") => Ok(r),
+            other => Err(format!("no HTTPS answer: {other:?}")),
         }
-    };
+    })
+    .await;
     assert!(health.contains("ok"), "{health}");
     let page = https_get(port, &pki.ca(), "/").await.expect("dashboard");
     assert!(page.contains("<title>"), "{page}");
@@ -161,17 +136,11 @@ async fn the_tracker_and_every_service_serve_http_over_https_only() {
         }),
         ..p.signer_settings()
     });
-    let deadline = tokio::time::Instant::now() + fleetcast_e2e::TIMEOUT;
-    loop {
+    poll(Duration::from_millis(100), async || {
         match https_get(metrics.port(), &pki.ca(), "/metrics").await {
-            Ok(r) if r.contains("fleetcast_signer_build_info") => break,
-            other => {
-                assert!(
-                    tokio::time::Instant::now() < deadline,
-                    "no HTTPS metrics: {other:?}"
-                );
-                tokio::time::sleep(Duration::from_millis(100)).await;
-            }
+            Ok(r) if r.contains("fleetcast_signer_build_info") => Ok(()),
+            other => Err(format!("no HTTPS metrics: {other:?}")),
         }
-    }
+    })
+    .await;
 }

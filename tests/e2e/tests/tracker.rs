@@ -5,6 +5,9 @@
 use fleetcast_events::{AppName, RingName};
 use std::time::Duration;
 
+use fleetcast_e2e::checks::{
+    approve, auto_approved, poll, release_until, status_of, stream_messages, until,
+};
 use fleetcast_e2e::{Pipeline, TIMEOUT, eventually, fleet_in, ring, rollout_phase, script_app};
 use fleetcast_events::tracker::Command;
 use fleetcast_events::tracker::Phase;
@@ -47,14 +50,7 @@ async fn statuses(p: &Pipeline) -> Vec<AgentStatus> {
         })
         .await
         .expect("consumer");
-    let pending = bus
-        .status_stream
-        .clone()
-        .info()
-        .await
-        .expect("info")
-        .state
-        .messages;
+    let pending = stream_messages(&bus.status_stream).await;
     let mut messages = consumer.messages().await.expect("messages");
     while let Ok(Some(Ok(msg))) =
         tokio::time::timeout(Duration::from_millis(500), messages.next()).await
@@ -100,10 +96,7 @@ fn spans(
 
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn rings_roll_out_in_order_with_no_more_hosts_switching_than_allowed() {
-    let policy = AppPolicy {
-        approval: Approval::Auto,
-        rings: vec![ring("canary", 1, 1), ring("broad", 1, 1)],
-    };
+    let policy = auto_approved(vec![ring("canary", 1, 1), ring("broad", 1, 1)]);
     let agents = [
         ("c1", "canary"),
         ("b1", "broad"),
@@ -112,12 +105,8 @@ async fn rings_roll_out_in_order_with_no_more_hosts_switching_than_allowed() {
     ];
     let (p, _hosts) = fleet(policy, &agents).await;
 
-    p.release("shapp", "1.0.0", &script_app("1.0.0", true))
-        .await;
-    rollout_phase(&p, Phase::Completed).await;
-    p.release("shapp", "2.0.0", &script_app("2.0.0", true))
-        .await;
-    let done = rollout_phase(&p, Phase::Completed).await;
+    release_until(&p, "1.0.0", true, Phase::Completed).await;
+    let done = release_until(&p, "2.0.0", true, Phase::Completed).await;
     assert_eq!(done.version, v("2.0.0"));
     for ring in &done.rings {
         assert_eq!(ring.done, ring.targets, "{ring:?}");
@@ -156,19 +145,12 @@ async fn rings_roll_out_in_order_with_no_more_hosts_switching_than_allowed() {
 
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn a_failing_version_halts_the_rollout_before_later_rings_get_it() {
-    let policy = AppPolicy {
-        approval: Approval::Auto,
-        rings: vec![ring("canary", 2, 1), ring("broad", 2, 1)],
-    };
+    let policy = auto_approved(vec![ring("canary", 2, 1), ring("broad", 2, 1)]);
     let agents = [("c1", "canary"), ("c2", "canary"), ("b1", "broad")];
     let (p, _hosts) = fleet(policy, &agents).await;
-    p.release("shapp", "1.0.0", &script_app("1.0.0", true))
-        .await;
-    rollout_phase(&p, Phase::Completed).await;
+    release_until(&p, "1.0.0", true, Phase::Completed).await;
 
-    p.release("shapp", "2.0.0", &script_app("2.0.0", false))
-        .await;
-    let halted = rollout_phase(&p, Phase::Halted).await;
+    let halted = release_until(&p, "2.0.0", false, Phase::Halted).await;
     let reason = halted.reason.unwrap_or_default();
     assert!(reason.contains("ring canary"), "{reason}");
     assert!(
@@ -199,9 +181,7 @@ async fn manual_approval_downloads_early_and_an_operator_steers_the_rollout() {
     };
     let agents = [("h1", "default"), ("h2", "default")];
     let (p, hosts) = fleet(policy, &agents).await;
-    p.release("shapp", "1.0.0", &script_app("1.0.0", true))
-        .await;
-    let waiting = rollout_phase(&p, Phase::AwaitingApproval).await;
+    let waiting = release_until(&p, "1.0.0", true, Phase::AwaitingApproval).await;
     assert_eq!(waiting.version, v("1.0.0"));
     // Downloaded ahead of the approval, switched by nobody.
     for (id, _) in agents {
@@ -213,8 +193,7 @@ async fn manual_approval_downloads_early_and_an_operator_steers_the_rollout() {
         );
     }
     // The inventory says what each host waits for (`fleetcast agents`, the dashboard).
-    let deadline = tokio::time::Instant::now() + TIMEOUT;
-    loop {
+    poll(Duration::from_millis(200), async || {
         let waiting: Vec<Option<String>> = match p.tracker_command(&Command::Status).await {
             Ok(reply) => reply
                 .agents
@@ -223,34 +202,22 @@ async fn manual_approval_downloads_early_and_an_operator_steers_the_rollout() {
                 .collect(),
             Err(_) => Vec::new(),
         };
-        if waiting.len() == 2
+        let shown = waiting.len() == 2
             && waiting
                 .iter()
-                .all(|w| w.as_deref().is_some_and(|w| w.contains("approval")))
-        {
-            break;
+                .all(|w| w.as_deref().is_some_and(|w| w.contains("approval")));
+        if shown {
+            Ok(())
+        } else {
+            Err(format!(
+                "hosts never shown waiting for approval: {waiting:?}"
+            ))
         }
-        assert!(
-            tokio::time::Instant::now() < deadline,
-            "hosts never shown waiting for approval: {waiting:?}"
-        );
-        tokio::time::sleep(Duration::from_millis(200)).await;
-    }
-    let wrong = p
-        .tracker_command(&Command::Approve {
-            app: AppName::from_static("shapp"),
-            version: Some(v("9.9.9")),
-        })
-        .await
-        .expect("approve");
+    })
+    .await;
+    let wrong = approve(&p, Some("9.9.9")).await;
     assert!(!wrong.ok, "approving another version is refused");
-    let approved = p
-        .tracker_command(&Command::Approve {
-            app: AppName::from_static("shapp"),
-            version: None,
-        })
-        .await
-        .expect("approve");
+    let approved = approve(&p, None).await;
     assert!(approved.ok, "{}", approved.message);
     // `fleetcast rollout watch` ends when the rollout does.
     let bus = p.cli().await.expect("bus");
@@ -259,9 +226,7 @@ async fn manual_approval_downloads_early_and_an_operator_steers_the_rollout() {
     assert_eq!(done.rings[0].done, 2);
 
     // v2: approved, then aborted: the watch reports it and nobody else switches later.
-    p.release("shapp", "2.0.0", &script_app("2.0.0", true))
-        .await;
-    rollout_phase(&p, Phase::AwaitingApproval).await;
+    release_until(&p, "2.0.0", true, Phase::AwaitingApproval).await;
     let paused = p
         .tracker_command(&Command::Pause {
             app: AppName::from_static("shapp"),
@@ -282,9 +247,7 @@ async fn manual_approval_downloads_early_and_an_operator_steers_the_rollout() {
 
     // v3 waits for approval when v4 arrives: whoever waits for v3 (CI's
     // `rollout watch --version 3.0.0`, exit 5) learns that it was superseded.
-    p.release("shapp", "3.0.0", &script_app("3.0.0", true))
-        .await;
-    rollout_phase(&p, Phase::AwaitingApproval).await;
+    release_until(&p, "3.0.0", true, Phase::AwaitingApproval).await;
     p.release("shapp", "4.0.0", &script_app("4.0.0", true))
         .await;
     let superseded = watch(&bus, Some(&v("3.0.0"))).await;
@@ -294,18 +257,13 @@ async fn manual_approval_downloads_early_and_an_operator_steers_the_rollout() {
 
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn a_tracker_restarted_mid_rollout_continues_where_it_was() {
-    let policy = AppPolicy {
-        approval: Approval::Auto,
-        rings: vec![ring("canary", 1, 1), ring("broad", 1, 1)],
-    };
+    let policy = auto_approved(vec![ring("canary", 1, 1), ring("broad", 1, 1)]);
     let agents = [("c1", "canary"), ("b1", "broad"), ("b2", "broad")];
     let (mut p, _hosts) = fleet(policy.clone(), &agents).await;
     p.release("shapp", "1.0.0", &script_app("1.0.0", true))
         .await;
     // Stopped as soon as the first host runs 1.0.0, while the others still wait.
-    p.wait_status(|s: &AgentStatus| s.state == AppState::Running && s.version == Some(v("1.0.0")))
-        .await
-        .expect("first host switched");
+    status_of(&p, AppState::Running, "1.0.0").await;
     p.kill("tracker");
     let mut settings = p.tracker_settings();
     settings.apps.insert(AppName::from_static("shapp"), policy);
@@ -330,18 +288,11 @@ async fn watch(
 
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn the_dashboard_shows_the_fleet_rollouts_and_failures_as_a_person_sees_them() {
-    let policy = AppPolicy {
-        approval: Approval::Auto,
-        rings: vec![ring("canary", 1, 1), ring("broad", 2, 1)],
-    };
+    let policy = auto_approved(vec![ring("canary", 1, 1), ring("broad", 2, 1)]);
     let agents = [("c1", "canary"), ("b1", "broad"), ("b2", "broad")];
     let (p, _hosts, port) = fleet_on(policy, &agents).await;
-    p.release("shapp", "1.0.0", &script_app("1.0.0", true))
-        .await;
-    rollout_phase(&p, Phase::Completed).await;
-    p.release("shapp", "2.0.0", &script_app("2.0.0", false))
-        .await;
-    rollout_phase(&p, Phase::Halted).await;
+    release_until(&p, "1.0.0", true, Phase::Completed).await;
+    release_until(&p, "2.0.0", false, Phase::Halted).await;
 
     let dom = fleetcast_e2e::dashboard_dom(port).await;
 
@@ -430,44 +381,35 @@ async fn the_dashboard_shows_the_fleet_rollouts_and_failures_as_a_person_sees_th
 
 /// One ring of three hosts, `h1` to `h3`.
 fn three_hosts() -> AppPolicy {
-    AppPolicy {
-        approval: Approval::Auto,
-        rings: vec![ring("default", 3, 1)],
-    }
+    auto_approved(vec![ring("default", 3, 1)])
 }
 const THREE_AGENTS: [(&str, &str); 3] = [("h1", "default"), ("h2", "default"), ("h3", "default")];
 
 /// 1.0.0 rolls out to the three hosts; h3's host goes down and the tracker marks it stale
 /// (stale_after is 5 s in the tests); 2.0.0 rolls out without it. The completed rollout.
 async fn h3_left_behind(p: &mut Pipeline) -> fleetcast_events::tracker::RolloutSummary {
-    p.release("shapp", "1.0.0", &script_app("1.0.0", true))
-        .await;
-    rollout_phase(p, Phase::Completed).await;
+    release_until(p, "1.0.0", true, Phase::Completed).await;
     p.stop("agent-h3").await;
     agent_stale(p, "h3", true).await;
-    p.release("shapp", "2.0.0", &script_app("2.0.0", true))
-        .await;
-    rollout_phase(p, Phase::Completed).await
+    release_until(p, "2.0.0", true, Phase::Completed).await
 }
 
 /// Waits until the tracker sees agent `id` as stale (`true`) or live (`false`).
 async fn agent_stale(p: &Pipeline, id: &str, stale: bool) {
-    let deadline = tokio::time::Instant::now() + TIMEOUT;
-    loop {
-        if let Ok(reply) = p.tracker_command(&Command::Status).await
-            && reply
-                .agents
-                .iter()
-                .any(|a| a.agent_id == id && a.stale == stale)
-        {
-            return;
+    poll(Duration::from_millis(200), async || {
+        match p.tracker_command(&Command::Status).await {
+            Ok(reply)
+                if reply
+                    .agents
+                    .iter()
+                    .any(|a| a.agent_id == id && a.stale == stale) =>
+            {
+                Ok(())
+            }
+            _ => Err(format!("{id} never stale={stale}")),
         }
-        assert!(
-            tokio::time::Instant::now() < deadline,
-            "{id} never stale={stale}"
-        );
-        tokio::time::sleep(Duration::from_millis(200)).await;
-    }
+    })
+    .await
 }
 
 /// The version host `id`'s app runs.
@@ -519,19 +461,18 @@ async fn a_stale_host_does_not_block_completion_and_converges_when_it_returns() 
     converged(&hosts, "h3", "2.0.0").await;
     agent_stale(&p, "h3", false).await;
     // Once the tracker hears it runs 2.0.0, nobody lags.
-    let deadline = tokio::time::Instant::now() + TIMEOUT;
-    loop {
-        let laggards = p
-            .tracker_command(&Command::Laggards { app: None })
-            .await
-            .expect("laggards")
-            .laggards;
-        if laggards.is_empty() {
-            break;
-        }
-        assert!(tokio::time::Instant::now() < deadline, "{laggards:?}");
-        tokio::time::sleep(Duration::from_millis(100)).await;
-    }
+    until(
+        Duration::from_millis(100),
+        "no laggard",
+        async || {
+            p.tracker_command(&Command::Laggards { app: None })
+                .await
+                .expect("laggards")
+                .laggards
+        },
+        |laggards| laggards.is_empty(),
+    )
+    .await;
 }
 
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
@@ -578,18 +519,11 @@ async fn hosts_cut_off_from_nats_during_the_announcement_converge_after_reconnec
 
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn a_rollback_goes_through_the_signer_and_rolls_out_ring_by_ring() {
-    let policy = AppPolicy {
-        approval: Approval::Auto,
-        rings: vec![ring("canary", 1, 1), ring("broad", 2, 1)],
-    };
+    let policy = auto_approved(vec![ring("canary", 1, 1), ring("broad", 2, 1)]);
     let agents = [("c1", "canary"), ("b1", "broad"), ("b2", "broad")];
     let (p, hosts) = fleet(policy, &agents).await;
-    p.release("shapp", "1.0.0", &script_app("1.0.0", true))
-        .await;
-    rollout_phase(&p, Phase::Completed).await;
-    p.release("shapp", "2.0.0", &script_app("2.0.0", true))
-        .await;
-    let v2 = rollout_phase(&p, Phase::Completed).await;
+    release_until(&p, "1.0.0", true, Phase::Completed).await;
+    let v2 = release_until(&p, "2.0.0", true, Phase::Completed).await;
     assert_eq!(v2.version, v("2.0.0"));
 
     // One ring first: only the canary goes back.
@@ -635,13 +569,10 @@ async fn a_ring_outside_its_maintenance_window_downloads_but_does_not_switch() {
     let hour = time::OffsetDateTime::now_utc().hour();
     // One hour that starts two hours from now (UTC): closed for the whole test.
     let window = format!("{:02}:00-{:02}:00", (hour + 2) % 24, (hour + 3) % 24);
-    let policy = AppPolicy {
-        approval: Approval::Auto,
-        rings: vec![RingPolicy {
-            windows: vec![window],
-            ..ring("default", 2, 1)
-        }],
-    };
+    let policy = auto_approved(vec![RingPolicy {
+        windows: vec![window],
+        ..ring("default", 2, 1)
+    }]);
     let agents = [("h1", "default"), ("h2", "default")];
     let (p, hosts) = fleet(policy, &agents).await;
     p.release("shapp", "1.0.0", &script_app("1.0.0", true))
@@ -681,10 +612,7 @@ async fn a_rollout_completes_when_a_node_of_the_nats_cluster_dies_in_the_middle(
     p.start_signer();
     p.start_distributor("distributor-1");
     p.start_distributor("distributor-2");
-    let policy = AppPolicy {
-        approval: Approval::Auto,
-        rings: vec![ring("canary", 1, 1), ring("broad", 1, 1)],
-    };
+    let policy = auto_approved(vec![ring("canary", 1, 1), ring("broad", 1, 1)]);
     let agents = [("c1", "canary"), ("b1", "broad"), ("b2", "broad")];
     // Agents' reports pause while the cluster moves the lost node's leaderships (seconds):
     // they must not count as gone meanwhile, or their ring would complete without them.
@@ -759,10 +687,7 @@ async fn a_rollout_completes_when_a_node_of_the_nats_cluster_dies_in_the_middle(
 /// when its data is old, instead of looking live.
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn the_dashboard_says_when_the_tracker_is_cut_off_from_nats() {
-    let policy = AppPolicy {
-        approval: Approval::Auto,
-        rings: vec![ring("canary", 1, 1)],
-    };
+    let policy = auto_approved(vec![ring("canary", 1, 1)]);
     let (mut p, _hosts, port) = fleet_on(policy, &[("c1", "canary")]).await;
     let live = fleetcast_e2e::dashboard_dom(port).await;
     assert!(live.contains("data-connected=\"true\""), "{live}");
@@ -817,22 +742,19 @@ async fn shapp_history(
         actor: None,
         limit: None,
     };
-    let deadline = tokio::time::Instant::now() + TIMEOUT;
-    loop {
-        let history = p
-            .tracker_command(&Command::History(query.clone()))
-            .await
-            .expect("history")
-            .history;
-        if history.len() >= count {
-            return (query, history);
-        }
-        assert!(
-            tokio::time::Instant::now() < deadline,
-            "fewer than {count} {kind} entries: {history:?}"
-        );
-        tokio::time::sleep(Duration::from_millis(200)).await;
-    }
+    let history = until(
+        Duration::from_millis(200),
+        &format!("{count} {kind} entries"),
+        async || {
+            p.tracker_command(&Command::History(query.clone()))
+                .await
+                .expect("history")
+                .history
+        },
+        |history| history.len() >= count,
+    )
+    .await;
+    (query, history)
 }
 
 /// A host offline past `replace.after` in a ring that still has healthy hosts: the replacement

@@ -8,8 +8,9 @@ use std::path::{Path, PathBuf};
 use std::time::Duration;
 
 use fleetcast_cli::root;
+use fleetcast_e2e::checks::{poll, status_of};
 use fleetcast_e2e::{Pipeline, eventually, running, script_app};
-use fleetcast_events::v1::{AgentStatus, AppState, DesiredState};
+use fleetcast_events::v1::{AppState, DesiredState};
 use fleetcast_events::{Encoding, Manifest, Role, SecretKey, SignedManifest, SignedMetadata};
 use semver::Version;
 
@@ -73,13 +74,7 @@ async fn announce_signed_by(p: &Pipeline, like: &str, version: &str, keys: &[&Se
 }
 
 async fn refusal(p: &Pipeline, version: &str) -> String {
-    let want = v(version);
-    let status: AgentStatus = p
-        .wait_status(move |s: &AgentStatus| {
-            s.state == AppState::Refused && s.version.as_ref() == Some(&want)
-        })
-        .await
-        .expect("refused");
+    let status = status_of(p, AppState::Refused, version).await;
     status.reason.unwrap_or_default()
 }
 
@@ -232,29 +227,24 @@ async fn an_agent_whose_timestamps_stop_reports_stale_metadata_and_the_tracker_s
             .find(|a| a.agent_id == "host-1")
             .and_then(|a| a.metadata.clone())
     };
-    let deadline = tokio::time::Instant::now() + fleetcast_e2e::TIMEOUT;
-    let fresh = loop {
+    let fresh = poll(Duration::from_millis(200), async || {
         match metadata(&p).await {
-            Some(m) if m.timestamp.is_some() && !m.stale => break m,
-            _ => {
-                assert!(tokio::time::Instant::now() < deadline, "never fresh");
-                tokio::time::sleep(Duration::from_millis(200)).await;
-            }
+            Some(m) if m.timestamp.is_some() && !m.stale => Ok(m),
+            _ => Err("never fresh".to_string()),
         }
-    };
+    })
+    .await;
     assert_eq!(fresh.root_version, 0, "pinned keys");
 
     // Timestamps stop, as when a broker withholds what the signer publishes.
     p.stop("signer").await;
-    let stale = loop {
+    let stale = poll(Duration::from_millis(200), async || {
         match metadata(&p).await {
-            Some(m) if m.stale => break m,
-            _ => {
-                assert!(tokio::time::Instant::now() < deadline, "never stale");
-                tokio::time::sleep(Duration::from_millis(200)).await;
-            }
+            Some(m) if m.stale => Ok(m),
+            _ => Err("never stale".to_string()),
         }
-    };
+    })
+    .await;
     let reason = stale.reason.unwrap_or_default();
     assert!(reason.contains("withheld"), "{reason}");
     // As an operator sees it: marked on the dashboard, counted in the metrics.
@@ -273,14 +263,11 @@ async fn an_agent_whose_timestamps_stop_reports_stale_metadata_and_the_tracker_s
 
     // The signer's timestamps come back: fresh again.
     p.start_signer_with(signer);
-    let deadline = tokio::time::Instant::now() + fleetcast_e2e::TIMEOUT;
-    loop {
+    poll(Duration::from_millis(200), async || {
         match metadata(&p).await {
-            Some(m) if !m.stale => break,
-            _ => {
-                assert!(tokio::time::Instant::now() < deadline, "never fresh again");
-                tokio::time::sleep(Duration::from_millis(200)).await;
-            }
+            Some(m) if !m.stale => Ok(()),
+            _ => Err("never fresh again".to_string()),
         }
-    }
+    })
+    .await;
 }

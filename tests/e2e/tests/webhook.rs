@@ -5,20 +5,22 @@
 //! that refuses (410) gets each entry once and is not asked again; a restarted tracker goes
 //! on where its webhooks were.
 
-use fleetcast_events::{AppName, RingName};
+use fleetcast_events::AppName;
 use std::sync::{Arc, Mutex};
 use std::time::Duration;
 
 use axum::body::Bytes;
 use axum::extract::State;
 use axum::http::{HeaderMap, StatusCode, Uri};
-use fleetcast_e2e::{Pipeline, TIMEOUT, eventually, running, script_app};
+use fleetcast_e2e::checks::{
+    assert_no_permission_violations, auto_approved, closed_pipeline, poll, until,
+};
+use fleetcast_e2e::{eventually, ring, running, script_app};
 use fleetcast_events::Encoding;
 use fleetcast_events::names::{HISTORY_STREAM, history_subject, webhook_consumer};
 use fleetcast_events::tracker::Command;
 use fleetcast_events::v1::{HistoryEntry, HistoryKind};
 use fleetcast_harness::accounts::AgentSpec;
-use fleetcast_tracker::policy::{Amount, AppPolicy, Approval, RingPolicy};
 use fleetcast_tracker::webhook::WebhookSettings;
 use hmac::{KeyInit, Mac};
 
@@ -112,9 +114,8 @@ fn deliveries(port: u16, webhook: &str, outcome: &str) -> u64 {
 }
 
 async fn wait_deliveries(port: u16, webhook: &str, outcome: &str, at_least: u64) {
-    let deadline = tokio::time::Instant::now() + TIMEOUT;
-    loop {
-        let n = tokio::task::spawn_blocking({
+    let counted = async || {
+        tokio::task::spawn_blocking({
             let (webhook, outcome) = (webhook.to_string(), outcome.to_string());
             // A tracker (re)starting may not listen yet.
             move || match std::net::TcpStream::connect(("127.0.0.1", port)) {
@@ -123,24 +124,20 @@ async fn wait_deliveries(port: u16, webhook: &str, outcome: &str, at_least: u64)
             }
         })
         .await
-        .expect("join");
-        if n >= at_least {
-            return;
-        }
-        assert!(
-            tokio::time::Instant::now() < deadline,
-            "{webhook}: never {at_least} {outcome} (at {n})"
-        );
-        tokio::time::sleep(Duration::from_millis(100)).await;
-    }
+        .expect("join")
+    };
+    until(
+        Duration::from_millis(100),
+        &format!("{webhook}: {at_least} {outcome}"),
+        counted,
+        |n| *n >= at_least,
+    )
+    .await;
 }
 
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn a_halted_rollout_reaches_a_receiver_that_was_down_once_and_signed() {
-    let mut p = Pipeline::new_closed(&[AgentSpec::new("c1", "canary", &["shapp"])])
-        .await
-        .expect("pipeline");
-    p.start_pipeline_as_roles();
+    let mut p = closed_pipeline(&[AgentSpec::new("c1", "canary", &["shapp"])]).await;
 
     // The receiver's port is taken now (bound, so nothing else gets it) but not listened on:
     // connections to it are refused until the receiver comes up.
@@ -163,17 +160,7 @@ async fn a_halted_rollout_reaches_a_receiver_that_was_down_once_and_signed() {
     settings.listen = std::net::SocketAddr::from(([127, 0, 0, 1], port));
     settings.apps.insert(
         AppName::from_static("shapp"),
-        AppPolicy {
-            approval: Approval::Auto,
-            rings: vec![RingPolicy {
-                name: RingName::from_static("canary"),
-                parallel: Amount::Count(1),
-                soak: Duration::ZERO,
-                max_failures: Amount::Count(1),
-                min_results: 1,
-                windows: vec![],
-            }],
-        },
+        auto_approved(vec![ring("canary", 1, 1)]),
     );
     settings.webhooks = vec![hook("pager", "/hook"), hook("gone", "/gone")];
     p.start_tracker_as_role(settings.clone());
@@ -184,21 +171,13 @@ async fn a_halted_rollout_reaches_a_receiver_that_was_down_once_and_signed() {
     // A new webhook gets what is recorded from its creation on: wait for its consumer.
     let admin = p.bus().await.expect("admin");
     for name in ["pager", "gone"] {
-        let deadline = tokio::time::Instant::now() + TIMEOUT;
-        loop {
-            let made = match admin.js.get_stream(HISTORY_STREAM).await {
-                Ok(stream) => stream.consumer_info(webhook_consumer(name)).await.is_ok(),
-                Err(_) => false,
-            };
-            if made {
-                break;
+        poll(Duration::from_millis(100), async || {
+            match admin.js.get_stream(HISTORY_STREAM).await {
+                Ok(stream) if stream.consumer_info(webhook_consumer(name)).await.is_ok() => Ok(()),
+                _ => Err(format!("webhook {name}'s consumer never made")),
             }
-            assert!(
-                tokio::time::Instant::now() < deadline,
-                "webhook {name}'s consumer never made"
-            );
-            tokio::time::sleep(Duration::from_millis(100)).await;
-        }
+        })
+        .await;
     }
 
     p.release("shapp", "1.0.0", &script_app("1.0.0", true))
@@ -319,10 +298,5 @@ async fn a_halted_rollout_reaches_a_receiver_that_was_down_once_and_signed() {
     );
 
     // The tracker's identity had every permission this takes.
-    let log = p.nats.log();
-    let violations: Vec<&str> = log
-        .lines()
-        .filter(|l| l.contains("Publish Violation") || l.contains("Subscription Violation"))
-        .collect();
-    assert!(violations.is_empty(), "{}", violations.join("\n"));
+    assert_no_permission_violations(&p.nats);
 }

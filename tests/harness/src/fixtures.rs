@@ -120,17 +120,21 @@ pub fn rebuilt(base: &[u8], build: u64) -> Vec<u8> {
 pub mod hostile {
     use super::*;
 
+    /// A harmless program, beside which each hostile archive puts its one bad entry: the
+    /// refusal is then for that entry, not for an archive with nothing to run.
+    fn beside_a_good_file() -> PackageBuilder {
+        PackageBuilder::new().file("bin/ok", "x", 0o755)
+    }
+
     pub fn path_traversal() -> Vec<u8> {
-        PackageBuilder::new()
-            .file("bin/ok", "x", 0o755)
+        beside_a_good_file()
             .file("../../etc/cron.d/evil", "* * * * * root sh", 0o644)
             .build()
     }
 
     /// A file name of 256 bytes: every host's filesystem refuses it ("File name too long").
     pub fn name_too_long() -> Vec<u8> {
-        PackageBuilder::new()
-            .file("bin/ok", "x", 0o755)
+        beside_a_good_file()
             .file(&format!("doc/{}", "n".repeat(256)), "x", 0o644)
             .build()
     }
@@ -150,8 +154,7 @@ pub mod hostile {
 
     /// A package whose own `fleetcast.toml` names an empty command.
     pub fn bad_package_config() -> Vec<u8> {
-        PackageBuilder::new()
-            .file("bin/ok", "x", 0o755)
+        beside_a_good_file()
             .file("fleetcast.toml", "command = []\n", 0o644)
             .build()
     }
@@ -163,8 +166,7 @@ pub mod hostile {
     }
 
     pub fn symlink_outside() -> Vec<u8> {
-        PackageBuilder::new()
-            .file("bin/ok", "x", 0o755)
+        beside_a_good_file()
             .symlink("bin/shadow", "../../../etc/shadow")
             .build()
     }
@@ -174,8 +176,7 @@ pub mod hostile {
     /// `/etc/passwd`. A check of each link's text alone passes it.
     pub fn symlink_chain_outside() -> Vec<u8> {
         let deep = "a1/a2/a3/a4/a5/a6/a7/a8";
-        PackageBuilder::new()
-            .file("bin/ok", "x", 0o755)
+        beside_a_good_file()
             .file(&format!("{deep}/keep"), "x", 0o644)
             .symlink(&format!("{deep}/y"), "../../../../../../../../c")
             .symlink("z", &format!("{deep}/y/{}etc/passwd", "../".repeat(9)))
@@ -185,19 +186,11 @@ pub mod hostile {
     /// Two entries named `bin/app`: the zip writer refuses to make one, so the second name is
     /// patched in the finished archive (local header and central directory alike).
     pub fn duplicate_entries() -> Vec<u8> {
-        let mut bytes = PackageBuilder::new()
+        let bytes = PackageBuilder::new()
             .file("bin/app", "good", 0o755)
             .file("bin/apq", "evil", 0o755)
             .build();
-        let (from, to) = (b"bin/apq", b"bin/app");
-        let mut i = 0;
-        while i + from.len() <= bytes.len() {
-            if &bytes[i..i + from.len()] == from {
-                bytes[i..i + to.len()].copy_from_slice(to);
-            }
-            i += 1;
-        }
-        bytes
+        fleetcast_package::testing::replace_all(bytes, b"bin/apq", b"bin/app")
     }
 
     /// 64 MiB of zeros deflated to about 64 KiB: over any sane ratio limit.

@@ -1,10 +1,12 @@
 //! Test harness: a real nats-server with JetStream on an ephemeral loopback port and a temporary
 //! store, which can be stopped and restarted (same port, same store) and is always killed and
 //! cleaned up on drop; or a cluster of them. Also builders for test packages, hostile ones
-//! included.
+//! included, and the plain clients tests run against what they start (`fleetcast`, HTTP).
 
 pub mod accounts;
+pub mod cli;
 pub mod fixtures;
+pub mod http;
 pub mod proxy;
 pub mod tls;
 
@@ -213,7 +215,12 @@ impl NatsServer {
             );
             servers.push(NatsServer::configure(*port, &cluster)?);
         }
-        // All started before any is waited for: JetStream needs a quorum to answer.
+        NatsServer::launch_cluster(servers).await
+    }
+
+    /// Starts the configured nodes of one cluster, and waits until each answers JetStream
+    /// requests. All are started before any is waited for: JetStream needs a quorum to answer.
+    async fn launch_cluster(mut servers: Vec<NatsServer>) -> anyhow::Result<Vec<NatsServer>> {
         for server in &mut servers {
             server.launch()?;
         }
@@ -275,14 +282,7 @@ impl NatsServer {
             server.tls_ca = Some(ca.clone());
             servers.push(server);
         }
-        // All started before any is waited for: JetStream needs a quorum to answer.
-        for server in &mut servers {
-            server.launch()?;
-        }
-        for server in &mut servers {
-            server.wait_ready().await?;
-        }
-        Ok(servers)
+        NatsServer::launch_cluster(servers).await
     }
 
     /// A hub (JetStream in domain `fleetcast`, as `ops/nats/cluster-common.conf`, accepting

@@ -1,11 +1,9 @@
-// What the dashboard's pages share: the links between them, the banner that says when the
-// tracker is cut off from NATS (or unreachable) and since when the page's data is old, and
-// small helpers to build the page. Every page loads it before its own script; the main page
-// (dashboard.html) has its own copy of the banner logic and only a line of these links.
+// What every page of the dashboard shares, the main one included: small helpers to build the
+// page from the API's JSON, and what its banner says when the tracker is cut off from NATS (or
+// unreachable). Every page loads it before its own script. The links between the pages and
+// how the pages besides the main one refresh are in pages.js.
 "use strict";
 window.fleetcast = (() => {
-  const PAGES = [["./", "fleet"], ["history", "history"], ["releases", "releases"], ["rollout", "rollouts"]];
-
   // Text only, never HTML from the API: app names, reasons and agent ids are untrusted.
   function el(tag, attrs, ...children) {
     const node = document.createElement(tag);
@@ -41,66 +39,45 @@ window.fleetcast = (() => {
     return `${v.toFixed(v < 10 ? 1 : 0)} ${units[i]}`;
   }
 
-  // The links and the banner, at the top of the page.
-  const here = location.pathname.replace(/\/+$/, "").split("/").pop() || "./";
-  const nav = el("nav", { class: "pages" }, ...PAGES.map(([href, name]) =>
-    el("a", { href, "aria-current": href === here ? "page" : null }, name)));
-  const banner = el("div", { id: "banner", role: "alert" });
-  document.body.prepend(nav);
-  const title = document.querySelector("h1");
-  (title || nav).after(banner);
-
-  let lastLive = null;
-  function showBanner(text) {
-    banner.textContent = text;
-    banner.classList.toggle("shown", text !== "");
-    document.body.dataset.connected = text === "" ? "true" : "false";
-  }
-  function asOf() {
-    return lastLive ? `what you see is as of ${lastLive.toISOString()}` : "nothing was seen live yet";
-  }
-
-  // Runs `load(connected)` now and every `period` ms, with the tracker's health: the page
-  // says when the tracker is cut off from NATS (`load` is still called, with false, so the
-  // page can show what it holds and skip what needs NATS) or unreachable. A `load` that
-  // throws counts as the tracker being unreachable.
-  function live(load, period) {
-    async function refresh() {
-      let health;
-      try {
-        health = await fetch("health");
-      } catch (e) {
-        showBanner(`The tracker is unreachable (${e}); ${asOf()}.`);
-        return;
-      }
-      const reason = health.ok ? "" : (await health.text()).trim();
-      try {
-        await load(health.ok);
-        document.body.dataset.loaded = "true";
-      } catch (e) {
-        showBanner(`The tracker is unreachable (${e}); ${asOf()}.`);
-        return;
-      }
-      if (health.ok) {
+  // The banner `node` (hidden by the style unless "shown"): what it says when the tracker is
+  // cut off from NATS or unreachable, and since when what the page shows is old. The page tells
+  // it how each refresh went.
+  function banner(node) {
+    let lastLive = null;
+    function show(text) {
+      node.textContent = text;
+      node.classList.toggle("shown", text !== "");
+      document.body.dataset.connected = text === "" ? "true" : "false";
+    }
+    function asOf() {
+      return lastLive ? `what you see is as of ${lastLive.toISOString()}` : "nothing was seen live yet";
+    }
+    function unreachable(e) {
+      show(`The tracker is unreachable (${e}); ${asOf()}.`);
+    }
+    return {
+      // The tracker's `/health` answer, which a refresh starts with; null when the tracker
+      // cannot be reached (the banner says so).
+      async health() {
+        try {
+          return await fetch("health");
+        } catch (e) {
+          unreachable(e);
+          return null;
+        }
+      },
+      // The data just came from a tracker connected to NATS: nothing to say. Returns when.
+      live() {
         lastLive = new Date();
-        showBanner("");
-      } else {
-        showBanner(`The tracker is cut off from NATS (${reason}): it hears no agent and moves no rollout; ${asOf()}.`);
-      }
-    }
-    // One refresh at a time; asked for during one (a filter changed), one more runs after it.
-    let busy = null, again = false;
-    function run() {
-      if (busy) { again = true; return busy; }
-      busy = refresh().finally(() => {
-        busy = null;
-        if (again) { again = false; run(); }
-      });
-      return busy;
-    }
-    run();
-    setInterval(run, period);
-    return run;
+        show("");
+        return lastLive;
+      },
+      unreachable,
+      unreadable(message) { show(`The tracker cannot be read (${message}); ${asOf()}.`); },
+      cutOff(reason) {
+        show(`The tracker is cut off from NATS (${reason}): it hears no agent and moves no rollout; ${asOf()}.`);
+      },
+    };
   }
 
   // `fetch` of a JSON API: the value, or an Error carrying the API's own message.
@@ -114,5 +91,5 @@ window.fleetcast = (() => {
     return r.json();
   }
 
-  return { el, table, duration, ago, bytes, live, json };
+  return { el, table, duration, ago, bytes, banner, json };
 })();
