@@ -12,7 +12,7 @@ use fleetcast_events::tracker::{
 };
 use fleetcast_events::v1::HistoryKind;
 use fleetcast_events::v1::{ReleaseRecord, ReleaseState};
-use fleetcast_events::{AppName, RingName};
+use fleetcast_events::{AppName, RingName, Selector};
 use fleetcast_package::ArchiveLimits;
 use fleetcast_runtime::NatsSettings;
 use indicatif::{ProgressBar, ProgressStyle};
@@ -112,8 +112,13 @@ enum Command {
     },
     /// The fleet at a glance: agents per app, version and ring, and every app's rollout.
     Status,
-    /// Every agent: ring, per app the running version and state, last error (tracker's view).
-    Agents,
+    /// Every agent: ring, labels, per app the running version and state, last error (tracker's
+    /// view).
+    Agents {
+        /// Only agents whose labels match, e.g. `role=web,region!=us`.
+        #[arg(long = "where", value_name = "SELECTOR")]
+        selector: Option<Selector>,
+    },
     /// Hosts a rollout has reached that do not run its version, and why: offline, failing,
     /// waiting (approval, a pause, a slot, the update window) or stuck.
     Laggards {
@@ -130,6 +135,10 @@ enum Command {
         app: AppName,
         /// Refuse if the app's rollout is of another version.
         version: Option<semver::Version>,
+        /// Only hosts whose labels match switch, e.g. `role=web,region=eu`; the others keep
+        /// what they run.
+        #[arg(long = "where", value_name = "SELECTOR")]
+        target: Option<Selector>,
     },
     /// Stop handing out rollout slots (hosts already switching finish).
     Pause { app: AppName },
@@ -446,7 +455,16 @@ async fn execute(args: Args) -> anyhow::Result<ExitCode> {
         Command::Root { action } => root(&nats, action).await,
         Command::Desire { app, version, ring } => desire(&nats, &app, &ring, &version).await,
         Command::Status => ask(&nats, TrackerCommand::Status, print_status).await,
-        Command::Agents => ask(&nats, TrackerCommand::Status, |r| print_agents(&r.agents)).await,
+        Command::Agents { selector } => {
+            let print = |r: &Reply| {
+                let selected = r
+                    .agents
+                    .iter()
+                    .filter(|a| selector.as_ref().is_none_or(|s| s.matches(&a.labels)));
+                print_agents(&selected.collect::<Vec<_>>());
+            };
+            ask(&nats, TrackerCommand::Status, print).await
+        }
         Command::Laggards { app } => {
             let command = TrackerCommand::Laggards { app };
             ask(&nats, command, |r| print_laggards(&r.laggards)).await
@@ -458,8 +476,16 @@ async fn execute(args: Args) -> anyhow::Result<ExitCode> {
             let command = TrackerCommand::History(query.into());
             ask(&nats, command, print_history).await
         }
-        Command::Approve { app, version } => {
-            let command = TrackerCommand::Approve { app, version };
+        Command::Approve {
+            app,
+            version,
+            target,
+        } => {
+            let command = TrackerCommand::Approve {
+                app,
+                version,
+                target,
+            };
             ask(&nats, command, print_message).await
         }
         Command::Pause { app } => ask(&nats, TrackerCommand::Pause { app }, print_message).await,
@@ -687,7 +713,11 @@ fn print_status(reply: &Reply) {
     for r in &reply.rollouts {
         let phase = fleetcast_runtime::metrics::label_value(&r.phase);
         let paused = if r.paused { " (paused)" } else { "" };
-        println!("\nrollout {} {}: {phase}{paused}", r.app, r.version);
+        let target = r
+            .target
+            .as_ref()
+            .map_or(String::new(), |t| format!(", for the hosts where {t}"));
+        println!("\nrollout {} {}: {phase}{paused}{target}", r.app, r.version);
         for ring in &r.rings {
             println!(
                 "  {:<12} {}/{} done, {} failed, {} switching, {} stale",
@@ -700,7 +730,7 @@ fn print_status(reply: &Reply) {
     }
 }
 
-fn print_agents(agents: &[AgentSummary]) {
+fn print_agents(agents: &[&AgentSummary]) {
     // As wide as the longest app name (the agent's own is `fleetcast-agent-linux-x86_64`).
     let app_width = agents
         .iter()
@@ -710,8 +740,8 @@ fn print_agents(agents: &[AgentSummary]) {
         .unwrap_or(0)
         .max(16);
     println!(
-        "{:<20} {:<10} {:<12} {:<app_width$} {:<12} {:<16} {:<28}  LAST ERROR",
-        "AGENT", "AGENT VER", "RING", "APP", "RUNNING", "STATE", "LAST UPDATE FETCHED"
+        "{:<20} {:<10} {:<12} {:<app_width$} {:<12} {:<16} {:<28} {:<20}  LAST ERROR",
+        "AGENT", "AGENT VER", "RING", "APP", "RUNNING", "STATE", "LAST UPDATE FETCHED", "LABELS"
     );
     let now = time::OffsetDateTime::now_utc();
     for a in agents {
@@ -721,6 +751,12 @@ fn print_agents(agents: &[AgentSummary]) {
             " (stale metadata)"
         } else {
             ""
+        };
+        let labels: Vec<String> = a.labels.iter().map(|(k, v)| format!("{k}={v}")).collect();
+        let labels = if labels.is_empty() {
+            "-".to_string()
+        } else {
+            labels.join(",")
         };
         for (app, view) in &a.apps {
             let running = view
@@ -755,7 +791,7 @@ fn print_agents(agents: &[AgentSummary]) {
                 )
             });
             println!(
-                "{:<20} {:<10} {:<12} {app:<app_width$} {running:<12} {:<16} {fetched:<28}  {error}",
+                "{:<20} {:<10} {:<12} {app:<app_width$} {running:<12} {:<16} {fetched:<28} {labels:<20}  {error}",
                 format!("{}{stale}", a.agent_id),
                 // "?": an agent too old to report its own version.
                 a.agent_version.as_deref().unwrap_or("?"),

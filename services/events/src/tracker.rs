@@ -14,6 +14,7 @@ use time::OffsetDateTime;
 
 pub use crate::ident::TokenName;
 use crate::ident::{AgentId, AppName, RingName};
+use crate::selector::Selector;
 use crate::v1::{
     AppState, HistoryEntry, HistoryKind, MetadataStatus, Rejection, ReleaseRecord, ReleaseState,
     ReleaseStored, UpdateBytes,
@@ -33,6 +34,10 @@ pub enum Command {
         /// Refuse if the app's rollout is of another version.
         #[schemars(with = "Option<String>")]
         version: Option<Version>,
+        /// Only hosts whose labels match switch (`--where role=web`); the others keep what
+        /// they run. Absent: every host of each ring.
+        #[serde(default, skip_serializing_if = "Option::is_none")]
+        target: Option<Selector>,
     },
     /// Stop handing out rollout slots (hosts already switching finish).
     Pause { app: AppName },
@@ -266,6 +271,9 @@ pub struct RolloutSummary {
     /// A rollback of this ring only.
     #[serde(default)]
     pub only_ring: Option<RingName>,
+    /// Only hosts whose labels match are the rollout's (its counts, slots and laggards).
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub target: Option<Selector>,
     #[serde(with = "time::serde::rfc3339")]
     #[schemars(with = "String")]
     pub created: OffsetDateTime,
@@ -493,10 +501,7 @@ impl From<&ReleaseRecord> for ReleaseSummary {
             version: r.version.clone(),
             state: r.state,
             blake3: r.blake3.clone(),
-            reason: r
-                .reason
-                .as_ref()
-                .map(|why| format!("{}: {}", why.code, why.message)),
+            reason: r.reason.as_ref().map(Rejection::to_string),
             files: r.stored.as_ref().map(|s| s.files),
             total_bytes: r.stored.as_ref().map(|s| s.total_bytes),
             chunks: r.stored.as_ref().map(|s| s.chunks),
@@ -592,11 +597,19 @@ mod tests {
         let approve = Command::Approve {
             app: crate::AppName::from_static("web"),
             version: Some(Version::new(1, 2, 0)),
+            target: None,
         };
         let json = serde_json::to_value(&approve).expect("encode");
         assert_eq!(
             json,
             serde_json::json!({"command": "approve", "app": "web", "version": "1.2.0"})
+        );
+        let targeted: Command = serde_json::from_value(
+            serde_json::json!({"command": "approve", "app": "web", "target": "role=web"}),
+        )
+        .expect("decode");
+        assert!(
+            matches!(&targeted, Command::Approve { target: Some(t), .. } if t.to_string() == "role=web")
         );
         assert!(!approve.is_query());
         assert_eq!(approve.subject("ci"), "fleetcast.v1.tracker.command.ci");

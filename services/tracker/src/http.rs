@@ -67,16 +67,24 @@ fn routes() -> Router<Arc<Tracker>> {
     router
 }
 
-/// `?app=` and `?ring=` narrow a listing.
+/// `?app=` and `?ring=` narrow a listing (`/api/agents` also takes `?where=role=web`).
 #[derive(Debug, Default, Deserialize)]
 struct Filter {
     app: Option<String>,
     ring: Option<String>,
 }
 
+/// `?where=`: the agents whose labels match (a bad selector is refused as the query is read).
+#[derive(Debug, Default, Deserialize)]
+struct Labelled {
+    #[serde(rename = "where")]
+    selector: Option<fleetcast_events::Selector>,
+}
+
 async fn agents(
     State(tracker): State<Arc<Tracker>>,
     Query(filter): Query<Filter>,
+    Query(labelled): Query<Labelled>,
 ) -> Json<Vec<AgentSummary>> {
     let mut rows = tracker.agents().await;
     rows.retain(|row| {
@@ -85,6 +93,10 @@ async fn agents(
                 .app
                 .as_ref()
                 .is_none_or(|a| row.apps.contains_key(a.as_str()))
+            && labelled
+                .selector
+                .as_ref()
+                .is_none_or(|s| s.matches(&row.labels))
     });
     Json(rows)
 }
@@ -188,6 +200,7 @@ impl Action {
         #[serde(deny_unknown_fields)]
         struct Approve {
             version: Option<semver::Version>,
+            target: Option<fleetcast_events::Selector>,
         }
         #[derive(Deserialize, Default)]
         #[serde(deny_unknown_fields)]
@@ -207,10 +220,14 @@ impl Action {
             serde_json::from_slice(body).map_err(BadBody)
         }
         Ok(match self {
-            Action::Approve => Command::Approve {
-                app,
-                version: parse::<Approve>(body)?.version,
-            },
+            Action::Approve => {
+                let Approve { version, target } = parse(body)?;
+                Command::Approve {
+                    app,
+                    version,
+                    target,
+                }
+            }
             Action::Pause => parse::<Nothing>(body).map(|_| Command::Pause { app })?,
             Action::Resume => parse::<Nothing>(body).map(|_| Command::Resume { app })?,
             Action::Abort => parse::<Nothing>(body).map(|_| Command::Abort { app })?,
@@ -361,7 +378,8 @@ mod tests {
             Action::Approve.command(app(), b"").ok(),
             Some(Command::Approve {
                 app: app(),
-                version: None
+                version: None,
+                target: None,
             })
         );
         assert_eq!(
@@ -370,8 +388,25 @@ mod tests {
                 .ok(),
             Some(Command::Approve {
                 app: app(),
-                version: Some(v("1.2.0"))
+                version: Some(v("1.2.0")),
+                target: None,
             })
+        );
+        assert_eq!(
+            Action::Approve
+                .command(app(), br#"{"target":"role=web"}"#)
+                .ok(),
+            Some(Command::Approve {
+                app: app(),
+                version: None,
+                target: "role=web".parse().ok(),
+            })
+        );
+        assert!(
+            Action::Approve
+                .command(app(), br#"{"target":"web"}"#)
+                .is_err_and(|e| e.to_string().contains("key=value")),
+            "a bad selector is refused with why"
         );
         assert_eq!(
             Action::Pause.command(app(), b"{}").ok(),

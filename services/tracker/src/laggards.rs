@@ -216,7 +216,11 @@ pub fn laggards(
     let mut out = Vec::new();
     for ring in reached {
         // Agents are kept by id, so each ring's come out in id order.
-        for agent in fleet.agents.values().filter(|a| a.ring == *ring) {
+        for agent in fleet
+            .agents
+            .values()
+            .filter(|a| a.ring == *ring && rollout.targets(a))
+        {
             let Some(app) = agent.apps.get(&rollout.app) else {
                 continue;
             };

@@ -12,7 +12,7 @@ use std::collections::BTreeMap;
 use std::time::Duration;
 
 use fleetcast_events::v1::{AgentStatus, AppState, LastUpdate, SlotReply, SlotRequest};
-use fleetcast_events::{AgentId, AppName, RingName};
+use fleetcast_events::{AgentId, AppName, RingName, Selector};
 // The wire's words for a slot and a ring's counts: the state machine keeps them as they are
 // shown. Its phase is its own ([`Phase`]), named on the wire by `tracker::Phase`.
 use fleetcast_events::tracker::{self, RolloutSummary};
@@ -21,7 +21,7 @@ use semver::Version;
 use serde::{Deserialize, Serialize};
 use time::OffsetDateTime;
 
-use crate::fleet::Fleet;
+use crate::fleet::{AgentView, Fleet};
 use crate::policy::{Amount, AppPolicy, Approval, RingPolicy};
 
 #[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize)]
@@ -47,6 +47,10 @@ pub struct Rollout {
     /// A rollback of one ring only.
     #[serde(default)]
     pub only_ring: Option<RingName>,
+    /// Only hosts whose labels match are this rollout's (`approve --where role=web`): they are
+    /// what it counts, paces and waits for; the others keep what they run.
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub target: Option<Selector>,
     #[serde(with = "time::serde::rfc3339")]
     pub created: OffsetDateTime,
     /// Versions whose rollouts ended without completing because this one (or one it replaced)
@@ -203,6 +207,19 @@ pub enum SteerError {
         rolling_out: Version,
         asked: Version,
     },
+    /// Hosts are switching already: which hosts a running rollout is for is settled.
+    #[error("{app} is rolling out to {} already; which hosts it is for cannot change now", hosts(.target))]
+    TargetFixed {
+        app: AppName,
+        target: Option<Selector>,
+    },
+}
+
+/// The hosts a rollout with `target` is for, in words.
+fn hosts(target: &Option<Selector>) -> String {
+    target
+        .as_ref()
+        .map_or("every host".to_string(), |t| format!("the hosts where {t}"))
 }
 
 /// What the service must do after a step.
@@ -247,6 +264,7 @@ impl Rollout {
             failures: BTreeMap::new(),
             directive: None,
             only_ring: None,
+            target: None,
             created: now,
             superseded: Vec::new(),
             timeline: Vec::new(),
@@ -315,6 +333,7 @@ impl Rollout {
             reason: self.phase.reason().map(str::to_string),
             rollback: self.directive.is_some(),
             only_ring: self.only_ring.clone(),
+            target: self.target.clone(),
             created: self.created,
             superseded: self.superseded.clone(),
             rings,
@@ -325,11 +344,21 @@ impl Rollout {
         self.phase.is_active()
     }
 
+    /// Whether `agent` is one of this rollout's hosts: all are, unless it has a target.
+    pub fn targets(&self, agent: &AgentView) -> bool {
+        self.target
+            .as_ref()
+            .is_none_or(|target| target.matches(&agent.labels))
+    }
+
     /// Lets a rollout waiting for approval run (`asked`: the version the operator approves,
-    /// when they name one); its first ring starts now.
+    /// when they name one), on the hosts `target` selects if one is given; its first ring
+    /// starts now. Approving a running rollout again changes nothing, so a target cannot be
+    /// set (or widened) once hosts have switched under another.
     pub fn approve(
         &mut self,
         asked: Option<&Version>,
+        target: Option<&Selector>,
         now: OffsetDateTime,
     ) -> Result<(), SteerError> {
         if let Some(asked) = asked.filter(|v| **v != self.version) {
@@ -346,9 +375,14 @@ impl Rollout {
                     ring_completed: None,
                 };
                 self.ring_started = now;
+                self.target = target.cloned();
                 Ok(())
             }
-            Phase::Running { .. } => Ok(()),
+            Phase::Running { .. } if target.is_none() || target == self.target.as_ref() => Ok(()),
+            Phase::Running { .. } => Err(SteerError::TargetFixed {
+                app: self.app.clone(),
+                target: self.target.clone(),
+            }),
             ref ended => Err(SteerError::CannotApprove(ended.kind())),
         }
     }
@@ -433,7 +467,11 @@ impl Rollout {
             .iter()
             .map(|ring| {
                 let mut p = RingProgress::new(ring.name.clone());
-                for agent in fleet.agents.values().filter(|a| a.ring == ring.name) {
+                for agent in fleet
+                    .agents
+                    .values()
+                    .filter(|a| a.ring == ring.name && self.targets(a))
+                {
                     let Some(app) = agent.apps.get(&self.app) else {
                         continue;
                     };
@@ -469,6 +507,7 @@ impl Rollout {
             .values()
             .filter(|a| {
                 a.ring == ring
+                    && self.targets(a)
                     && a.apps.contains_key(&self.app)
                     && !a.is_stale(now, timing.stale_after)
             })
@@ -586,8 +625,10 @@ impl Rollout {
         now: OffsetDateTime,
         timing: Timing,
     ) -> SlotReply {
+        // A host outside the rollout's target hears so first: nothing else will let it switch.
         let decided = self
-            .may_switch(policy, request)
+            .is_target(&request.agent_id, fleet)
+            .and_then(|()| self.may_switch(policy, request))
             .and_then(|slot| match slot {
                 Slot::Unpaced => Ok(None),
                 Slot::Paced { index, ring } => {
@@ -669,6 +710,25 @@ impl Rollout {
             ));
         }
         Ok(Slot::Paced { index, ring })
+    }
+
+    /// Whether the asking agent is one of this rollout's hosts. One the tracker has not heard
+    /// from yet cannot be judged by its labels, so a targeted rollout makes it ask again.
+    fn is_target(&self, agent: &AgentId, fleet: &Fleet) -> Result<(), NoSlot> {
+        let Some(target) = &self.target else {
+            return Ok(());
+        };
+        match fleet.agents.get(agent) {
+            Some(view) if target.matches(&view.labels) => Ok(()),
+            Some(_) => Err(NoSlot::after(
+                60,
+                format!("not a host of this rollout (it is for the hosts where {target})"),
+            )),
+            None => Err(NoSlot::after(
+                5,
+                format!("labels not known yet (this rollout is for the hosts where {target})"),
+            )),
+        }
     }
 
     /// Whether `agent` may hold a slot of `ring` (at `index` in the policy): one it holds
@@ -873,6 +933,13 @@ mod tests {
         )
     }
 
+    /// `reply` refuses the slot, saying `why`.
+    fn assert_refused(reply: &SlotReply, why: &str) {
+        assert!(!reply.granted, "{reply:?}");
+        let reason = reply.reason.as_deref().unwrap_or_default();
+        assert!(reason.contains(why), "{reason:?} does not say {why:?}");
+    }
+
     fn switched(fleet: &mut Fleet, r: &mut Rollout, agent: &str) {
         let status = AgentStatus {
             agent_id: AgentId::try_from(agent).expect("name"),
@@ -897,6 +964,62 @@ mod tests {
             reason: Some(why.into()),
             at: t0(),
         });
+    }
+
+    /// A rollout approved for the hosts where `role=web` counts, paces and waits for those
+    /// only: the others are refused a slot (even once it completed), are not laggards, and
+    /// the target cannot change while it runs.
+    #[test]
+    fn a_targeted_rollout_is_for_the_matching_hosts_only() {
+        let (mut p, mut fleet, now) = (policy(), fleet(), t0());
+        p.approval = Approval::Manual;
+        for id in ["c1", "b1", "b2"] {
+            let agent = fleet.agents.get_mut(id).expect("agent");
+            agent.labels.insert("role".into(), "web".into());
+        }
+        let web: Selector = "role=web".parse().expect("selector");
+        let (mut r, _) = Rollout::start(&AppName::from_static("demo"), v("2.0.0"), &p, now);
+        r.approve(None, Some(&web), now).expect("approve");
+        assert_eq!(r.summary(Vec::new()).target, Some(web.clone()));
+        let targets: Vec<usize> = r
+            .progress(&p, &fleet, now, TIMING)
+            .iter()
+            .map(|g| g.targets)
+            .collect();
+        assert_eq!(targets, vec![1, 2], "b3 and b4 are not web hosts");
+        assert_refused(
+            &ask(&mut r, &fleet, "b3", now),
+            "for the hosts where role=web",
+        );
+        assert!(ask(&mut r, &fleet, "c1", now).granted);
+        assert_eq!(
+            r.approve(None, Some(&"role=db".parse().expect("selector")), now),
+            Err(SteerError::TargetFixed {
+                app: AppName::from_static("demo"),
+                target: Some(web.clone()),
+            })
+        );
+        r.approve(None, Some(&web), now)
+            .expect("the same target again changes nothing");
+        switched(&mut fleet, &mut r, "c1");
+        r.tick(&p, &fleet, now, TIMING);
+        let later = now + time::Duration::seconds(31);
+        r.tick(&p, &fleet, later, TIMING);
+        assert_eq!(r.ring, 1, "the canary ring completed with its one web host");
+        // 50% of the broad ring's two web hosts: one slot.
+        assert!(ask(&mut r, &fleet, "b1", later).granted);
+        assert_refused(&ask(&mut r, &fleet, "b2", later), "slots taken");
+        switched(&mut fleet, &mut r, "b1");
+        assert!(ask(&mut r, &fleet, "b2", later).granted);
+        let stalled = crate::laggards::laggards(&r, &p, &fleet, later, TIMING, Duration::ZERO);
+        let ids: Vec<&str> = stalled.iter().map(|l| l.agent_id.as_str()).collect();
+        assert_eq!(ids, vec!["b2"], "only web hosts lag behind a web rollout");
+        switched(&mut fleet, &mut r, "b2");
+        assert_eq!(r.tick(&p, &fleet, later, TIMING), vec![Effect::Completed]);
+        assert_refused(
+            &ask(&mut r, &fleet, "b4", later),
+            "for the hosts where role=web",
+        );
     }
 
     /// A heartbeat repeating an agent's last outcome counts as the status it repeats, once:
@@ -966,14 +1089,7 @@ mod tests {
                 ring: RingName::from_static("canary")
             }]
         );
-        let refused = ask(&mut r, &fleet, "b1", now);
-        assert!(!refused.granted);
-        assert!(
-            refused
-                .reason
-                .unwrap_or_default()
-                .contains("has not started")
-        );
+        assert_refused(&ask(&mut r, &fleet, "b1", now), "has not started");
         assert!(ask(&mut r, &fleet, "c1", now).granted);
         assert!(
             ask(&mut r, &fleet, "c1", now).granted,
@@ -1044,8 +1160,7 @@ mod tests {
             "{reason}"
         );
         assert_eq!(r.phase.kind(), tracker::Phase::Halted);
-        let refused = ask(&mut r, &fleet, "c3", now);
-        assert!(!refused.granted && refused.reason.unwrap_or_default().contains("Halted"));
+        assert_refused(&ask(&mut r, &fleet, "c3", now), "Halted");
         assert_eq!(
             r.tick(&p, &fleet, now + time::Duration::hours(1), TIMING),
             vec![]
@@ -1102,7 +1217,7 @@ mod tests {
             "the first ring may download while awaiting approval"
         );
         assert!(!ask(&mut r, &fleet, "c1", now).granted);
-        r.approve(None, now).expect("approve");
+        r.approve(None, None, now).expect("approve");
         r.set_paused(true).expect("pause");
         assert_eq!(
             ask(&mut r, &fleet, "c1", now).reason.as_deref(),
@@ -1130,17 +1245,11 @@ mod tests {
             now,
             TIMING,
         );
-        assert!(!reply.granted);
-        assert!(
-            reply
-                .reason
-                .unwrap_or_default()
-                .contains("maintenance window")
-        );
+        assert_refused(&reply, "maintenance window");
         assert!(reply.retry_after_ms >= 11 * 3600 * 1000);
         r.abort("operator".into());
         assert_eq!(r.phase.kind(), tracker::Phase::Aborted);
-        assert!(r.approve(None, now).is_err());
+        assert!(r.approve(None, None, now).is_err());
     }
 
     /// A rollout as trackers saved them before the phase carried its data: flat `phase`,
@@ -1227,14 +1336,14 @@ mod tests {
         let (mut r, _) = Rollout::start(&AppName::from_static("demo"), v("2.0.0"), &p, now);
         r.set_paused(true).expect("pause");
         assert_eq!(
-            r.approve(Some(&v("3.0.0")), now),
+            r.approve(Some(&v("3.0.0")), None, now),
             Err(SteerError::OtherVersion {
                 app: AppName::from_static("demo"),
                 rolling_out: v("2.0.0"),
                 asked: v("3.0.0"),
             })
         );
-        r.approve(Some(&v("2.0.0")), now).expect("approve");
+        r.approve(Some(&v("2.0.0")), None, now).expect("approve");
         assert!(r.phase.is_paused() && r.phase.kind() == tracker::Phase::Running);
         r.abort("operator".into());
         assert_eq!(r.phase.reason(), Some("operator"));
@@ -1244,7 +1353,7 @@ mod tests {
             Err(SteerError::Ended(tracker::Phase::Aborted))
         );
         assert_eq!(
-            r.approve(None, now).expect_err("ended").to_string(),
+            r.approve(None, None, now).expect_err("ended").to_string(),
             "cannot approve a rollout that is Aborted"
         );
     }

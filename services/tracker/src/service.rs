@@ -1399,9 +1399,16 @@ impl Tracker {
             | Command::History(_)
             | Command::Laggards { .. }
             | Command::Rollback { .. } => Ok(String::new()),
-            Command::Approve { version, .. } => rollout
-                .approve(version.as_ref(), now)
-                .map(|()| format!("{app} {} approved", rollout.version)),
+            Command::Approve {
+                version, target, ..
+            } => rollout
+                .approve(version.as_ref(), target.as_ref(), now)
+                .map(|()| match &target {
+                    Some(t) => {
+                        format!("{app} {} approved for the hosts where {t}", rollout.version)
+                    }
+                    None => format!("{app} {} approved", rollout.version),
+                }),
             Command::Pause { .. } => rollout
                 .set_paused(true)
                 .map(|()| format!("{app} {} paused", rollout.version)),

@@ -24,6 +24,7 @@ use tokio_util::sync::CancellationToken;
 
 pub mod binaries;
 pub mod browser;
+pub mod checks;
 
 pub const TIMEOUT: Duration = Duration::from_secs(60);
 
@@ -136,9 +137,7 @@ impl Pipeline {
         let server =
             NatsServer::start_with_config(&accounts.auth_conf()?, Some(&accounts.creds("admin")))
                 .await?;
-        let mut p = Pipeline::on(vec![server])?;
-        p.accounts = Some(accounts);
-        Ok(p)
+        Pipeline::on_with_accounts(vec![server], accounts)
     }
 
     /// As [`Pipeline::new_with_permissions`] on nats-server started from the shipped
@@ -150,9 +149,7 @@ impl Pipeline {
         let accounts = fleetcast_harness::accounts::Accounts::generate_with_tls(agents)?;
         let server =
             NatsServer::start_shipped("secure.conf", &accounts, &accounts.creds("admin")).await?;
-        let mut p = Pipeline::on(vec![server])?;
-        p.accounts = Some(accounts);
-        Ok(p)
+        Pipeline::on_with_accounts(vec![server], accounts)
     }
 
     /// As [`Pipeline::new_closed`] on the shipped production cluster (three nodes from
@@ -163,6 +160,15 @@ impl Pipeline {
     ) -> anyhow::Result<Pipeline> {
         let accounts = fleetcast_harness::accounts::Accounts::generate_with_tls(agents)?;
         let servers = NatsServer::start_shipped_cluster(&accounts).await?;
+        Pipeline::on_with_accounts(servers, accounts)
+    }
+
+    /// As [`Pipeline::on`], on servers that were started with `accounts`: the pipeline's
+    /// clients are given those accounts' credentials.
+    fn on_with_accounts(
+        servers: Vec<NatsServer>,
+        accounts: fleetcast_harness::accounts::Accounts,
+    ) -> anyhow::Result<Pipeline> {
         let mut p = Pipeline::on(servers)?;
         p.accounts = Some(accounts);
         Ok(p)
@@ -636,15 +642,8 @@ pub async fn release_files(
     app: &str,
     version: &semver::Version,
 ) -> anyhow::Result<Vec<TreeFile>> {
-    let record: ReleaseRecord = bus
-        .records
-        .release_record(app, version)
-        .await
-        .map_err(anyhow::Error::msg)?
-        .context("no release record")?;
-    let manifest = record
-        .manifest
-        .context("record has no manifest")?
+    let manifest = stored_manifest(bus, app, version)
+        .await?
         .verify(trusted, time::OffsetDateTime::now_utc())?;
     let mut nodes = HashMap::new();
     let mut wanted = vec![manifest.tree.node()?];
@@ -662,6 +661,21 @@ pub async fn release_files(
         manifest.tree.files,
         |r| nodes.get(&r.hash).map(Vec::as_slice),
     )?)
+}
+
+/// The signed manifest of `app` `version` as its release record holds it.
+pub async fn stored_manifest(
+    bus: &TestBus,
+    app: &str,
+    version: &semver::Version,
+) -> anyhow::Result<fleetcast_events::SignedManifest> {
+    let record: ReleaseRecord = bus
+        .records
+        .release_record(app, version)
+        .await
+        .map_err(anyhow::Error::msg)?
+        .context("no release record")?;
+    record.manifest.context("record has no manifest")
 }
 
 /// Chunk ids of a stored release.
@@ -691,6 +705,38 @@ pub async fn eventually(what: &str, check: impl Fn() -> bool) {
         );
         tokio::time::sleep(Duration::from_millis(50)).await;
     }
+}
+
+/// Waits until the agent's journal of an app (kept in the app's folder `app_dir`) says
+/// `version` is committed.
+pub async fn journal_commits(app_dir: &Path, version: &str) {
+    let want = semver::Version::parse(version).expect("version");
+    journal_until(app_dir, &format!("{version} committed"), |j| {
+        j.committed.as_ref() == Some(&want)
+    })
+    .await;
+}
+
+/// Waits until the agent's journal of an app (kept in `app_dir`) says `version` is refused
+/// (rolled back, or never started).
+pub async fn journal_refuses(app_dir: &Path, version: &str) {
+    let want = semver::Version::parse(version).expect("version");
+    journal_until(app_dir, &format!("{version} refused"), |j| {
+        j.is_refused(&want)
+    })
+    .await;
+}
+
+/// Waits until the journal in `app_dir` can be read and `check` holds of it.
+async fn journal_until(
+    app_dir: &Path,
+    what: &str,
+    check: impl Fn(&fleetcast_agent::journal::Journal) -> bool,
+) {
+    eventually(what, || {
+        fleetcast_agent::journal::Journal::load(app_dir).is_ok_and(|j| check(&j))
+    })
+    .await;
 }
 
 /// `GET path` from the tracker's HTTP server on `port`: the body.
@@ -763,17 +809,38 @@ pub fn ring(
 /// to the tracker before this returns: the hosts' folder and the tracker's HTTP port.
 pub async fn fleet_in(
     p: &mut Pipeline,
-    mut settings: fleetcast_tracker::Settings,
+    settings: fleetcast_tracker::Settings,
     policy: fleetcast_tracker::policy::AppPolicy,
     agents: &[(&str, &str)],
+) -> (tempfile::TempDir, u16) {
+    let agents: Vec<LabelledAgent> = agents
+        .iter()
+        .map(|&(id, ring)| (id, ring, &[][..]))
+        .collect();
+    fleet_labelled_in(p, settings, policy, &agents).await
+}
+
+/// An agent of [`fleet_labelled_in`]: its id, its ring and its labels (name, value).
+pub type LabelledAgent<'a> = (&'a str, &'a str, &'a [(&'a str, &'a str)]);
+
+/// As [`fleet_in`], each agent `(id, ring, labels)` carrying its labels.
+pub async fn fleet_labelled_in(
+    p: &mut Pipeline,
+    mut settings: fleetcast_tracker::Settings,
+    policy: fleetcast_tracker::policy::AppPolicy,
+    agents: &[LabelledAgent<'_>],
 ) -> (tempfile::TempDir, u16) {
     let port = free_addr().port();
     settings.listen = std::net::SocketAddr::from(([127, 0, 0, 1], port));
     settings.apps.insert(AppName::from_static("shapp"), policy);
     p.start_tracker_with(settings);
     let hosts = tempfile::tempdir().expect("tmp");
-    for (id, ring) in agents {
-        let s = p.agent_settings(id, ring, &hosts.path().join(id));
+    for (id, ring, labels) in agents {
+        let mut s = p.agent_settings(id, ring, &hosts.path().join(id));
+        s.labels = labels
+            .iter()
+            .map(|(k, v)| (k.to_string(), v.to_string()))
+            .collect();
         p.start_agent(s);
     }
     let bus = p.bus().await.expect("bus");
@@ -798,24 +865,38 @@ pub async fn rollout_phase(
     p: &Pipeline,
     want: fleetcast_events::tracker::Phase,
 ) -> fleetcast_events::tracker::RolloutSummary {
+    rollout_of_in_phase(p, "shapp", None, want, String::new).await
+}
+
+/// Waits until `app`'s rollout (of `version`, when given) is in phase `want`, asking the
+/// tracker as the CLI does; on time-out the failure names the last rollout seen and what
+/// `context` then says (the state of a host, say).
+pub async fn rollout_of_in_phase(
+    p: &Pipeline,
+    app: &str,
+    version: Option<&semver::Version>,
+    want: fleetcast_events::tracker::Phase,
+    context: impl Fn() -> String,
+) -> fleetcast_events::tracker::RolloutSummary {
+    let app = AppName::try_from(app).expect("app name");
     let deadline = tokio::time::Instant::now() + TIMEOUT;
     loop {
         // A tracker just (re)started may not answer yet.
         let reply = p
-            .tracker_command(&fleetcast_events::tracker::Command::Show {
-                app: AppName::from_static("shapp"),
-            })
+            .tracker_command(&fleetcast_events::tracker::Command::Show { app: app.clone() })
             .await;
-        if let Some(r) = reply
+        let seen = reply
             .ok()
             .and_then(|r| r.rollout)
-            .filter(|r| r.phase == want)
-        {
-            return r;
+            .filter(|r| version.is_none_or(|v| r.version == *v));
+        if let Some(r) = seen.as_ref().filter(|r| r.phase == want) {
+            return r.clone();
         }
         assert!(
             tokio::time::Instant::now() < deadline,
-            "rollout never {want:?}"
+            "{app}'s rollout{} never {want:?}: {seen:?}\n{}",
+            version.map(|v| format!(" of {v}")).unwrap_or_default(),
+            context()
         );
         tokio::time::sleep(Duration::from_millis(200)).await;
     }

@@ -3,17 +3,18 @@
 //! is recorded once, with who did it as the server authenticated them (the NATS user whose
 //! credential alone may publish on the subject), never what a message claims.
 
-use fleetcast_events::{AppName, RingName};
+use fleetcast_events::AppName;
 use std::time::Duration;
 
 use fleetcast_cli::CliBus;
-use fleetcast_e2e::{Pipeline, TIMEOUT, eventually, running, script_app};
+use fleetcast_e2e::checks::{closed_pipeline, publish, until};
+use fleetcast_e2e::{eventually, ring, running, script_app};
 use fleetcast_events::names;
 use fleetcast_events::tracker::{Command, HistoryQuery};
 use fleetcast_events::v1::{HistoryEntry, HistoryKind, RejectCode};
 use fleetcast_harness::accounts::AgentSpec;
 use fleetcast_runtime::NatsSettings;
-use fleetcast_tracker::policy::{Amount, AppPolicy, Approval, RingPolicy};
+use fleetcast_tracker::policy::{AppPolicy, Approval};
 
 fn v(s: &str) -> semver::Version {
     s.parse().expect("version")
@@ -39,47 +40,29 @@ async fn wait_for(
     what: &str,
     matching: impl Fn(&HistoryEntry) -> bool,
 ) -> Vec<HistoryEntry> {
-    let deadline = tokio::time::Instant::now() + TIMEOUT;
-    loop {
-        let all = history(
-            bus,
-            HistoryQuery {
-                app: Some(AppName::from_static("shapp")),
-                limit: Some(1000),
-                ..Default::default()
-            },
-        )
-        .await;
-        if all.iter().any(&matching) {
-            return all;
-        }
-        assert!(
-            tokio::time::Instant::now() < deadline,
-            "no {what} in the history: {all:#?}"
-        );
-        tokio::time::sleep(Duration::from_millis(200)).await;
-    }
+    let query = HistoryQuery {
+        app: Some(AppName::from_static("shapp")),
+        limit: Some(1000),
+        ..Default::default()
+    };
+    until(
+        Duration::from_millis(200),
+        &format!("{what} in the history"),
+        async || history(bus, query.clone()).await,
+        |all| all.iter().any(&matching),
+    )
+    .await
 }
 
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn every_step_and_action_is_recorded_once_with_who_did_it() {
-    let mut p = Pipeline::new_closed(&[AgentSpec::new("h1", "default", &["shapp"])])
-        .await
-        .expect("pipeline");
-    p.start_pipeline_as_roles();
+    let mut p = closed_pipeline(&[AgentSpec::new("h1", "default", &["shapp"])]).await;
     let mut settings = p.tracker_settings();
     settings.apps.insert(
         AppName::from_static("shapp"),
         AppPolicy {
             approval: Approval::Manual,
-            rings: vec![RingPolicy {
-                name: RingName::from_static("default"),
-                parallel: Amount::Count(1),
-                soak: Duration::ZERO,
-                max_failures: Amount::Count(1),
-                min_results: 1,
-                windows: vec![],
-            }],
+            rings: vec![ring("default", 1, 1)],
         },
     );
     p.start_tracker_as_role(settings);
@@ -108,18 +91,7 @@ async fn every_step_and_action_is_recorded_once_with_who_did_it() {
     // The CI job publishes 1.0.0; the body claims somebody else published it.
     let zip = hosts.path().join("shapp-1.0.0.zip");
     script_app("1.0.0", true).write_to(&zip).expect("zip");
-    let published = fleetcast_cli::publish(
-        &job,
-        fleetcast_cli::PublishRequest {
-            archive: &zip,
-            app: None,
-            version: None,
-            published_by: Some("alice".into()),
-            progress: None,
-        },
-    )
-    .await
-    .expect("published");
+    let published = publish(&job, &zip, Some("alice")).await.expect("published");
     wait_for(&job, "rollout.started", |e| {
         e.kind == HistoryKind::RolloutStarted
     })
@@ -129,6 +101,7 @@ async fn every_step_and_action_is_recorded_once_with_who_did_it() {
     let approve = Command::Approve {
         app: AppName::from_static("shapp"),
         version: Some(v("1.0.0")),
+        target: None,
     };
     let reply = fleetcast_cli::tracker(&alice, &approve)
         .await
@@ -150,18 +123,7 @@ async fn every_step_and_action_is_recorded_once_with_who_did_it() {
     let other = hosts.path().join("other").join("shapp-1.0.0.zip");
     std::fs::create_dir_all(other.parent().expect("parent")).expect("dir");
     script_app("1.0.0", false).write_to(&other).expect("zip");
-    let refused = fleetcast_cli::publish(
-        &job,
-        fleetcast_cli::PublishRequest {
-            archive: &other,
-            app: None,
-            version: None,
-            published_by: None,
-            progress: None,
-        },
-    )
-    .await
-    .expect("published");
+    let refused = publish(&job, &other, None).await.expect("published");
 
     // 1.1.0 fails its health check: h1 goes back by itself and the rollout halts.
     p.release("shapp", "1.1.0", &script_app("1.1.0", false))
@@ -177,6 +139,7 @@ async fn every_step_and_action_is_recorded_once_with_who_did_it() {
         &Command::Approve {
             app: AppName::from_static("shapp"),
             version: Some(v("1.1.0")),
+            target: None,
         },
     )
     .await
