@@ -815,6 +815,7 @@ pub fn history_line(e: &fleetcast_events::v1::HistoryEntry) -> String {
         ("", e.version.as_ref().map(ToString::to_string)),
         ("", action),
         ("ring=", e.ring.as_ref().map(ToString::to_string)),
+        ("where ", e.target.as_ref().map(ToString::to_string)),
         ("host=", e.agent.as_ref().map(ToString::to_string)),
         ("by=", e.actor.clone()),
     ];

@@ -119,6 +119,14 @@ impl Command {
             _ => None,
         }
     }
+
+    /// The hosts it is for, when it picks them by their labels.
+    pub fn target(&self) -> Option<&Selector> {
+        match self {
+            Command::Approve { target, .. } => target.as_ref(),
+            _ => None,
+        }
+    }
 }
 
 /// What a history listing asks for (`history` command, `/api/history`).

@@ -578,6 +578,9 @@ pub struct HistoryEntry {
     /// The archive a release step is about (BLAKE3, hex).
     #[serde(default, skip_serializing_if = "Option::is_none")]
     pub blake3: Option<String>,
+    /// An approval for some hosts only: the label selector they were picked by.
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub target: Option<crate::Selector>,
 }
 
 impl HistoryEntry {
@@ -596,6 +599,7 @@ impl HistoryEntry {
             code: None,
             reason: None,
             blake3: None,
+            target: None,
         }
     }
 }

@@ -1351,6 +1351,7 @@ impl Tracker {
         entry.action = Some(command.name().to_string());
         entry.app = command.app().cloned();
         entry.version = version;
+        entry.target = command.target().cloned();
         entry.refused = refused;
         entry.reason = reason;
         // Each request is one action: a random id (never deduplicated against another).

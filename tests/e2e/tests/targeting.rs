@@ -1,19 +1,22 @@
 //! Targeting by labels, with real agents and the `fleetcast` binary: a rollout approved
 //! `--where role=web` switches only the hosts whose agents carry that label; the others keep
 //! what they run, are told why, and are nobody's laggards. `fleetcast agents --where` and
-//! `/api/agents?where=` list the hosts a selector picks, and refuse one that is not a selector.
+//! `/api/agents?where=` list the hosts a selector picks, and refuse one that is not a selector;
+//! the dashboard shows the rollout's target and filters its agents the same way.
 
 use std::process::Output;
 use std::time::Duration;
 
 use fleetcast_e2e::binaries::binary;
+use fleetcast_e2e::browser::Browser;
 use fleetcast_e2e::checks::{approve, until};
 use fleetcast_e2e::{
     LabelledAgent, Pipeline, eventually, fleet_labelled_in, http_get, http_request, ring,
     rollout_phase, running, script_app,
 };
 use fleetcast_events::AppName;
-use fleetcast_events::tracker::{AgentSummary, Command, Phase};
+use fleetcast_events::tracker::{AgentSummary, Command, HistoryQuery, Phase};
+use fleetcast_events::v1::HistoryKind;
 use fleetcast_harness::cli::text;
 use fleetcast_tracker::policy::{AppPolicy, Approval};
 
@@ -71,6 +74,23 @@ async fn a_rollout_where_role_is_web_reaches_only_the_web_hosts() {
         "{}",
         text(&out.stdout)
     );
+    // The history says who approved it, and for which hosts.
+    let actions = p
+        .tracker_command(&Command::History(HistoryQuery {
+            app: Some(AppName::from_static("shapp")),
+            kind: Some(HistoryKind::OperatorAction),
+            version: Some("2.0.0".parse().expect("version")),
+            ..Default::default()
+        }))
+        .await
+        .expect("history");
+    let approved: Vec<Option<String>> = actions
+        .history
+        .iter()
+        .filter(|e| !e.refused)
+        .map(|e| e.target.as_ref().map(ToString::to_string))
+        .collect();
+    assert_eq!(approved, vec![Some("role=web".to_string())]);
     let done = rollout_phase(&p, Phase::Completed).await;
     assert_eq!(
         done.target.map(|t| t.to_string()).as_deref(),
@@ -129,4 +149,56 @@ async fn a_rollout_where_role_is_web_reaches_only_the_web_hosts() {
     let (status, body) = http_request(port, "GET", "/api/agents?where=nonsense", &[], "");
     assert_eq!(status, 400, "{body}");
     assert!(body.contains("key=value"), "{body}");
+
+    // The dashboard, as a person sees it: the rollout says whose it is, and the agents box
+    // narrows the list (and says why it will not for a text that is not a selector).
+    let mut page = Browser::open(&format!("http://127.0.0.1:{port}/"))
+        .await
+        .expect("browser");
+    let card = page
+        .wait_for(
+            "the rollout's target on its card",
+            "document.querySelector('.rollout[data-app=shapp] .target')?.textContent",
+        )
+        .await
+        .expect("card");
+    assert_eq!(card, " for the hosts where role=web");
+    let agents =
+        "[...document.querySelectorAll('#agents tr.agent')].map(r => r.dataset.agent).join(' ')";
+    page.type_into("#agents-where", "role!=web")
+        .await
+        .expect("type");
+    page.eval("document.getElementById('agent-filter').requestSubmit()")
+        .await
+        .expect("submit");
+    let shown = page
+        .wait_for(
+            "only d1 listed",
+            &format!("(() => {{ const a = {agents}; return a === 'd1' && a; }})()"),
+        )
+        .await
+        .expect("filtered");
+    assert_eq!(shown, "d1");
+    page.eval("document.getElementById('agents-where').value = 'nonsense'; document.getElementById('agent-filter').requestSubmit()")
+        .await
+        .expect("submit");
+    let why = page
+        .wait_for(
+            "the refusal beside the box",
+            "document.getElementById('agents-where-error').textContent",
+        )
+        .await
+        .expect("refusal");
+    assert!(
+        why.as_str().is_some_and(|w| w.contains("key=value")),
+        "{why}"
+    );
+    let all = page
+        .wait_for(
+            "the whole list again",
+            &format!("(() => {{ const a = {agents}; return a.split(' ').length === 3 && a; }})()"),
+        )
+        .await
+        .expect("all");
+    assert_eq!(all, "d1 w1 w2");
 }
