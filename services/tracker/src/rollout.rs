@@ -719,7 +719,7 @@ impl Rollout {
             return Ok(());
         };
         match fleet.agents.get(agent) {
-            Some(view) if target.matches(&view.labels) => Ok(()),
+            Some(view) if self.targets(view) => Ok(()),
             Some(_) => Err(NoSlot::after(
                 60,
                 format!("not a host of this rollout (it is for the hosts where {target})"),
